@@ -1,0 +1,50 @@
+"""hermes_orm: exactly-once persistence of LLM-agent sessions on SQLAlchemy 2.x.
+
+The session row holds the flush cursor (``flushed_idx``), advanced in the same
+transaction as the message inserts: whatever fails, the database holds a
+prefix of the conversation and the cursor is its length.
+"""
+
+from hermes_orm._dialects import RetryPolicy, create_store_engine
+from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    HermesOrmError,
+    HistoryDivergedError,
+    InvalidMessageError,
+    InvalidSessionError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from hermes_orm.migrations import check as check_schema
+from hermes_orm.migrations import downgrade, upgrade
+from hermes_orm.models import Base, Message, Session
+from hermes_orm.store import FlushResult, SessionPage, SessionStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Base",
+    "DatabaseBusyError",
+    "DatabaseError",
+    "FlushResult",
+    "HermesOrmError",
+    "HistoryDivergedError",
+    "InvalidMessageError",
+    "InvalidSessionError",
+    "Message",
+    "RetryPolicy",
+    "SchemaOutOfDateError",
+    "SchemaTooNewError",
+    "Session",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "SessionPage",
+    "SessionStore",
+    "check_schema",
+    "create_store_engine",
+    "downgrade",
+    "upgrade",
+]

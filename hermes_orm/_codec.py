@@ -1,0 +1,247 @@
+"""Message dicts to rows and back, validation, and digests.
+
+The mapping is one rule: a key with a column of its own stores a non-``None``
+value there; every other key, and any known key given as ``None``, goes into
+the row's ``extra`` JSON. Reading a row applies the rule backwards, so a dict
+reads back equal to the dict flushed, and its digest is unchanged by the trip.
+
+Validation happens here, before any statement runs: a message that cannot be
+stored exactly raises :class:`~hermes_orm.errors.InvalidMessageError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hermes_orm.errors import InvalidMessageError
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+#: Keys stored in a text column.
+TEXT_KEYS = (
+    "tool_call_id",
+    "tool_name",
+    "reasoning",
+    "reasoning_content",
+    "finish_reason",
+    "effect_disposition",
+    "platform_message_id",
+    "api_content",
+)
+#: Keys stored in a JSON column, any JSON value.
+JSON_KEYS = ("tool_calls", "reasoning_details", "codex_reasoning_items", "codex_message_items")
+#: Keys stored in a boolean column.
+BOOL_KEYS = ("observed", "active", "compacted")
+
+#: Every column ``encode_message`` fills, besides ``session_id`` and ``idx``.
+ROW_COLUMNS = (
+    "role",
+    "content",
+    "content_parts",
+    *TEXT_KEYS,
+    *JSON_KEYS,
+    "token_count",
+    "timestamp",
+    *BOOL_KEYS,
+    "digest",
+    "extra",
+)
+
+_INT64 = 2**63
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedMessage:
+    """A validated message ready to insert."""
+
+    row: dict[str, Any]
+    digest: bytes
+    tool_calls: int
+
+
+def _check_str(value: str, index: int | None, key: str) -> None:
+    if "\x00" in value:
+        raise InvalidMessageError(
+            "strings may not contain NUL characters (PostgreSQL cannot store them)",
+            index=index,
+            key=key,
+        )
+
+
+def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None:
+    """Refuse what JSON cannot carry exactly (tuples, sets, bytes, NaN, non-str keys)."""
+    if depth > 100:
+        raise InvalidMessageError("JSON nested deeper than 100 levels", index=index, key=key)
+    if isinstance(value, str):
+        _check_str(value, index, key)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMessageError(
+                f"{value!r} is not a finite number (JSON has no NaN or infinity)",
+                index=index,
+                key=key,
+            )
+    elif isinstance(value, bool | int) or value is None:
+        pass
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, index, key, depth + 1)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise InvalidMessageError(
+                    f"JSON object keys must be strings, got {type(k).__name__}",
+                    index=index,
+                    key=key,
+                )
+            _check_str(k, index, key)
+            _check_json(item, index, key, depth + 1)
+    else:
+        raise InvalidMessageError(
+            f"{type(value).__name__} is not a JSON value (use str, int, float, bool, "
+            "None, list or dict)",
+            index=index,
+            key=key,
+        )
+
+
+def _canonical(message: Mapping[str, Any], index: int | None) -> bytes:
+    try:
+        text = json.dumps(
+            message, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError(
+            "text is not valid Unicode (lone surrogate characters cannot be stored)",
+            index=index,
+        ) from exc
+
+
+def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
+    """Validate ``message`` and map it onto the columns of ``hermes_messages``.
+
+    Args:
+        message: A message dict (``role`` required, see the module docstring).
+        index: Its position in the caller's list, for error messages.
+
+    Returns:
+        The row values (without ``session_id`` and ``idx``), the digest, and
+        the number of tool calls the message carries.
+
+    Raises:
+        InvalidMessageError: The message cannot be stored exactly.
+    """
+    if not isinstance(message, Mapping):
+        raise InvalidMessageError(
+            f"a message must be a dict, got {type(message).__name__}", index=index
+        )
+    role = message.get("role")
+    if role is None:
+        raise InvalidMessageError("missing 'role'", index=index, key="role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidMessageError(
+            f"unknown role {role!r}; expected one of {sorted(ROLES)}", index=index, key="role"
+        )
+
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+    row["role"] = role
+    extra: dict[str, Any] = {}
+    canonical_source: Mapping[str, Any] = message if type(message) is dict else dict(message)
+    tool_calls = 0
+    for key, value in message.items():
+        if not isinstance(key, str):
+            raise InvalidMessageError(
+                f"message keys must be strings, got {type(key).__name__} {key!r}", index=index
+            )
+        if key == "role":
+            continue
+        if value is None:
+            _check_str(key, index, key)
+            extra[key] = None
+        elif key == "content":
+            if isinstance(value, str):
+                _check_str(value, index, key)
+                row["content"] = value
+            elif isinstance(value, list):
+                _check_json(value, index, key)
+                row["content_parts"] = value
+            else:
+                raise InvalidMessageError(
+                    f"content must be a str, a list of parts or None, got {type(value).__name__}",
+                    index=index,
+                    key=key,
+                )
+        elif key in TEXT_KEYS:
+            if not isinstance(value, str):
+                raise InvalidMessageError(
+                    f"must be a str or None, got {type(value).__name__}", index=index, key=key
+                )
+            _check_str(value, index, key)
+            row[key] = value
+        elif key in JSON_KEYS:
+            _check_json(value, index, key)
+            row[key] = value
+            if key == "tool_calls":
+                tool_calls = len(value) if isinstance(value, list) else 1
+        elif key in BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise InvalidMessageError(
+                    f"must be a bool or None, got {type(value).__name__}", index=index, key=key
+                )
+            row[key] = value
+        elif key == "token_count":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (-_INT64 <= value < _INT64)
+            ):
+                raise InvalidMessageError("must be a 64-bit int or None", index=index, key=key)
+            row[key] = value
+        elif key == "timestamp":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidMessageError(
+                    "must be Unix epoch seconds (int or float) or None", index=index, key=key
+                )
+            stamp = float(value)
+            if not math.isfinite(stamp):
+                raise InvalidMessageError("must be a finite number", index=index, key=key)
+            row[key] = stamp
+            if type(value) is not float:
+                # It reads back as a float: digest the form that is stored.
+                canonical_source = {**message, "timestamp": stamp}
+        else:
+            _check_str(key, index, key)
+            _check_json(value, index, key)
+            extra[key] = value
+    row["extra"] = extra or None
+    digest = hashlib.blake2b(_canonical(canonical_source, index), digest_size=16).digest()
+    row["digest"] = digest
+    return EncodedMessage(row=row, digest=digest, tool_calls=tool_calls)
+
+
+def message_digest(message: Any, index: int | None = None) -> bytes:
+    """Digest of a message as :func:`encode_message` would store it."""
+    return encode_message(message, index).digest
+
+
+def row_to_message(row: Any) -> dict[str, Any]:
+    """Rebuild the message dict from a row (an ORM object or a Core row)."""
+    extra = row.extra
+    message: dict[str, Any] = dict(extra) if extra else {}
+    message["role"] = row.role
+    if row.content is not None:
+        message["content"] = row.content
+    elif row.content_parts is not None:
+        message["content"] = row.content_parts
+    for key in (*TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS, "token_count", "timestamp"):
+        value = getattr(row, key)
+        if value is not None:
+            message[key] = value
+    return message

@@ -1,0 +1,231 @@
+"""What differs per backend: engine setup, write locks, transient errors.
+
+SQLite: WAL, ``busy_timeout``, ``foreign_keys=ON`` on every connection, and
+write transactions open with ``BEGIN IMMEDIATE`` so the write lock is taken
+before the cursor is read (a deferred transaction that upgrades its lock later
+is what fails with "database is locked" half-way through).
+
+PostgreSQL: the cursor is read with ``SELECT ... FOR UPDATE`` on the session
+row, which serialises writers of one session and nobody else.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+
+from hermes_orm.errors import DatabaseBusyError, DatabaseError
+
+T = TypeVar("T")
+
+#: How long one SQLite connection waits for the write lock before failing.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+#: How long one PostgreSQL statement waits for a row lock (engines we create).
+PG_LOCK_TIMEOUT_MS = 5000
+
+_SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended codes keep them in the low byte).
+_SQLITE_TRANSIENT = {5, 6}
+# serialization_failure, deadlock_detected, lock_not_available, admin/crash shutdown,
+# cannot_connect_now; class 08 is "connection exception".
+_PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded, jittered retry of transient database errors.
+
+    A write is one atomic transaction and the cursor makes it idempotent, so
+    running it again after a busy database or a lost connection is safe.
+
+    Attributes:
+        attempts: Tries in all, the first included.
+        base_delay: Seconds before the second try; doubles each time.
+        max_delay: Ceiling of one wait, in seconds.
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.02
+    max_delay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (0-based): full jitter."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+def hermes_home() -> Path:
+    """Directory of the embedded default database: ``$HERMES_HOME`` or ``~/.hermes``."""
+    return Path(os.environ.get("HERMES_HOME") or Path.home() / ".hermes")
+
+
+def default_url() -> str:
+    """URL from ``HERMES_ORM_URL``, else the SQLite file ``hermes_orm.db`` in hermes_home()."""
+    env = os.environ.get("HERMES_ORM_URL")
+    if env:
+        return env
+    return f"sqlite:///{hermes_home() / 'hermes_orm.db'}"
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url``; a bare ``postgresql://`` URL gets the psycopg (3) driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file owner-only (0600) before SQLite creates it world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+
+
+def create_store_engine(
+    url: str | URL, *, sqlite_synchronous: str = "FULL", **engine_kwargs: Any
+) -> Engine:
+    """Create an engine set up for hermes_orm from a URL.
+
+    SQLite files are created 0600 with their directory; PostgreSQL connections
+    get a ``lock_timeout`` so a writer stuck behind a held row lock fails (and
+    is retried, then reported) instead of waiting for ever. ``engine_kwargs``
+    go to :func:`sqlalchemy.create_engine`.
+    """
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = dict(engine_kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        path = _sqlite_file(parsed)
+        if path is not None:
+            _create_private_file(path)
+    elif parsed.get_backend_name() == "postgresql":
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args.setdefault("options", f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
+    engine = create_engine(parsed, **kwargs)
+    configure_engine(engine, sqlite_synchronous=sqlite_synchronous)
+    return engine
+
+
+def configure_engine(engine: Engine, *, sqlite_synchronous: str = "FULL") -> None:
+    """Apply the per-connection SQLite settings to ``engine`` (no-op elsewhere).
+
+    Connections opened from then on get WAL, ``busy_timeout``,
+    ``foreign_keys=ON`` and the given ``synchronous`` level.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    level = sqlite_synchronous.upper()
+    if level not in _SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite_synchronous must be one of {_SQLITE_SYNCHRONOUS}, got {level!r}")
+    if getattr(engine, "_hermes_orm_configured", None) == level:
+        return
+    memory = _sqlite_file(engine.url) is None
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA synchronous={level}")
+        finally:
+            cursor.close()
+
+    event.listen(engine, "connect", on_connect)
+    engine._hermes_orm_configured = level  # type: ignore[attr-defined]
+
+
+def begin_write(conn: Connection) -> None:
+    """Open a write transaction on ``conn`` that holds the write lock from the start."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether running the whole transaction again may succeed."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in _SQLITE_TRANSIENT
+        message = str(orig).lower()
+        return "database is locked" in message or "database is busy" in message
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
+    # psycopg raises OperationalError without a SQLSTATE when the server goes away.
+    return type(orig).__name__ == "OperationalError" and sqlstate is None
+
+
+def describe_busy(engine: Engine, exc: DBAPIError) -> str:
+    """Say what held the lock, as far as the backend can tell."""
+    if engine.dialect.name == "sqlite":
+        where = _sqlite_file(engine.url) or "the in-memory database"
+        return (
+            f"another connection to {where} held the SQLite write lock past "
+            f"busy_timeout ({exc.orig})"
+        )
+    try:
+        with engine.connect() as conn:
+            holders = conn.execute(
+                text(
+                    "SELECT a.pid, a.application_name, a.state, "
+                    "extract(epoch FROM now() - a.xact_start) AS age "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.relation = 'hermes_sessions'::regclass AND l.granted "
+                    "AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL "
+                    "ORDER BY a.xact_start LIMIT 3"
+                )
+            ).all()
+    except DBAPIError:
+        holders = []
+    if not holders:
+        return f"PostgreSQL reported {exc.orig}"
+    who = "; ".join(
+        f"pid {h.pid} ({h.application_name or 'no application_name'}, {h.state}, "
+        f"transaction open {h.age:.1f}s)"
+        for h in holders
+    )
+    return f"PostgreSQL reported {exc.orig}; holding locks on hermes_sessions: {who}"
+
+
+def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -> T:
+    """Run ``work`` (one whole transaction) again on transient errors, within ``policy``."""
+    for attempt in range(policy.attempts):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise DatabaseError(f"database error: {exc.orig}") from exc
+            if attempt + 1 == policy.attempts:
+                raise DatabaseBusyError(
+                    describe_busy(engine, exc), attempts=policy.attempts
+                ) from exc
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,85 @@
+"""Alembic environment of hermes_orm.
+
+Uses the connection injected through ``config.attributes["connection"]`` when
+there is one (``hermes_orm.upgrade``, the CLI, pytest-alembic, a host app), and
+only builds an engine otherwise, from ``-x url=...``, ``sqlalchemy.url``,
+``HERMES_ORM_URL`` or the embedded SQLite default, in that order.
+"""
+
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import Connection, pool
+
+from hermes_orm._dialects import create_store_engine, default_url
+from hermes_orm.migrations import TABLE_PREFIX, VERSION_TABLE
+from hermes_orm.models import Base
+
+config = context.config
+if config.config_file_name is not None and "connection" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _only_hermes_tables(name: str | None, type_: str, parent_names: object) -> bool:
+    # Only our tables: a host database's own tables are never proposed for DROP.
+    if type_ == "table":
+        return name is not None and name.startswith(TABLE_PREFIX)
+    return True
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        include_name=_only_hermes_tables,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+        compare_server_default=False,
+        transaction_per_migration=True,
+    )
+
+
+def _url() -> str:
+    return (
+        context.get_x_argument(as_dictionary=True).get("url")
+        or config.get_main_option("sqlalchemy.url")
+        or default_url()
+    )
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=_url(),
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_store_engine(_url(), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            _configure(conn)
+            with context.begin_transaction():
+                context.run_migrations()
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

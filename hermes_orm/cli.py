@@ -1,0 +1,165 @@
+"""The ``hermes-orm`` command line.
+
+The database URL comes from ``--url``, else ``HERMES_ORM_URL``, else the
+embedded SQLite file ``hermes_orm.db`` under ``$HERMES_HOME`` (default
+``~/.hermes``), created readable by its owner only. Passwords are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from hermes_orm import migrations
+from hermes_orm._dialects import create_store_engine, default_url
+from hermes_orm.errors import HermesOrmError
+from hermes_orm.store import SessionStore
+
+
+def _safe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _db(args: argparse.Namespace) -> int:
+    engine = create_store_engine(args.url)
+    try:
+        if args.db_command == "upgrade":
+            migrations.upgrade(engine, args.revision)
+            print(f"{_safe(args.url)}: at {migrations.current(engine)}")
+        elif args.db_command == "downgrade":
+            migrations.downgrade(engine, args.revision)
+            print(f"{_safe(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
+        elif args.db_command == "current":
+            revision = migrations.current(engine)
+            head = migrations.head()
+            state = "up to date" if revision == head else f"head is {head}"
+            print(f"{_safe(args.url)}: {revision or 'no hermes_orm schema'} ({state})")
+        else:  # check
+            migrations.check(engine)
+            print(f"{_safe(args.url)}: schema is at head ({migrations.head()})")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    store = SessionStore(args.url)
+    try:
+        if args.sessions_command == "show":
+            session = store.get_session(args.session_id)
+            if session is None:
+                print(f"no session {args.session_id!r}", file=sys.stderr)
+                return 1
+            messages = store.get_messages(args.session_id)
+            if args.json:
+                print(
+                    json.dumps(
+                        {"session": session, "messages": messages}, indent=2, ensure_ascii=False
+                    )
+                )
+                return 0
+            for key, value in session.items():
+                if value is not None:
+                    print(f"{key:>34}: {value}")
+            print()
+            for idx, message in enumerate(messages):
+                print(f"[{idx}] {_one_line(message)}")
+            return 0
+        page = store.list_sessions(source=args.source, user_id=args.user_id, limit=args.limit)
+        if args.json:
+            print(json.dumps(page.sessions, indent=2, ensure_ascii=False))
+            return 0
+        print(f"{'id':<32} {'source':<10} {'messages':>8}  {'model':<24} title")
+        for s in page.sessions:
+            print(
+                f"{s['id']:<32} {s['source']:<10} {s['message_count']:>8}  "
+                f"{(s['model'] or '-'):<24} {s['title'] or ''}"
+            )
+        return 0
+    finally:
+        store.close()
+
+
+def _one_line(message: dict[str, Any], width: int = 100) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = " ".join(
+            str(p.get("text", f"<{p.get('type')}>")) for p in content if isinstance(p, dict)
+        )
+    text = (content or "").replace("\n", " ")
+    if message.get("tool_calls"):
+        names = [
+            c.get("function", {}).get("name", "?")
+            for c in message["tool_calls"]
+            if isinstance(c, dict)
+        ]
+        text = f"{text} -> calls {', '.join(names)}".strip()
+    line = f"{message['role']:<9} {text}"
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hermes_orm._demo import run_demo
+
+    return run_demo(args.url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hermes-orm``."""
+    parser = argparse.ArgumentParser(
+        prog="hermes-orm", description="Exactly-once storage of LLM-agent sessions."
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="database URL (default: $HERMES_ORM_URL, else $HERMES_HOME/hermes_orm.db)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    db = commands.add_parser("db", help="schema migrations")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    up = db_commands.add_parser("upgrade", help="migrate to the newest schema")
+    up.add_argument("revision", nargs="?", default="head")
+    down = db_commands.add_parser("downgrade", help="migrate down (base drops every table)")
+    down.add_argument("revision")
+    db_commands.add_parser("current", help="show the schema revision")
+    db_commands.add_parser("check", help="exit non-zero unless the schema is at head")
+    db.set_defaults(handler=_db)
+
+    sessions = commands.add_parser("sessions", help="inspect stored sessions")
+    s_commands = sessions.add_subparsers(dest="sessions_command", required=True)
+    listing = s_commands.add_parser("list", help="newest sessions first")
+    listing.add_argument("--source")
+    listing.add_argument("--user-id")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    show = s_commands.add_parser("show", help="one session and its messages")
+    show.add_argument("session_id")
+    show.add_argument("--json", action="store_true")
+    sessions.set_defaults(handler=_sessions)
+
+    demo = commands.add_parser(
+        "demo", help="run a simulated agent conversation with failures and a second writer"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hermes-orm``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    args.url = args.url or default_url()
+    try:
+        return int(args.handler(args))
+    except HermesOrmError as exc:
+        print(f"hermes-orm: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Typed exceptions raised by hermes_orm.
+
+Every error the library raises on purpose derives from :class:`HermesOrmError`,
+so callers can catch the whole family with one ``except`` clause. Each message
+says what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class HermesOrmError(Exception):
+    """Base class of every error hermes_orm raises."""
+
+
+class SessionNotFoundError(HermesOrmError, LookupError):
+    """The session id names no stored session."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"no session {session_id!r}: create it first with "
+            "SessionStore.create_session() or ensure_session()"
+        )
+
+
+class SessionExistsError(HermesOrmError):
+    """``create_session`` was given an id that is already stored."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} already exists; use ensure_session() to "
+            "create it only when missing"
+        )
+
+
+class InvalidSessionError(HermesOrmError, ValueError):
+    """Session fields that cannot be stored (unknown name, wrong type)."""
+
+
+class InvalidMessageError(HermesOrmError, ValueError):
+    """A message that cannot be stored; raised before anything is written.
+
+    Attributes:
+        index: Position of the offending message in the list given to ``flush``
+            (``None`` for a single message).
+        key: The offending key of the message dict, when one is to blame.
+    """
+
+    def __init__(self, reason: str, *, index: int | None = None, key: str | None = None) -> None:
+        self.reason = reason
+        self.index = index
+        self.key = key
+        where = []
+        if index is not None:
+            where.append(f"message {index}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(f"{prefix}{reason}; nothing was written")
+
+
+class HistoryDivergedError(HermesOrmError):
+    """The messages given no longer continue the stored history.
+
+    The stored session holds ``stored`` messages; the caller's list of
+    ``given`` messages differs from them at position ``index``. This happens when a
+    conversation was rewritten (compaction, edits) after it was flushed. Nothing
+    was written: start a new session for the rewritten conversation, or clear
+    the stored one deliberately.
+    """
+
+    def __init__(self, session_id: str, *, stored: int, given: int, index: int) -> None:
+        self.session_id = session_id
+        self.stored = stored
+        self.given = given
+        self.index = index
+        super().__init__(
+            f"history of session {session_id!r} diverged: message {index} of the "
+            f"{given} given differs from the stored one ({stored} stored); nothing was "
+            "written (a rewritten conversation belongs in a new session)"
+        )
+
+
+class DatabaseBusyError(HermesOrmError):
+    """A transient database error outlasted the retry bound."""
+
+    def __init__(self, detail: str, *, attempts: int) -> None:
+        self.attempts = attempts
+        super().__init__(
+            f"database still busy after {attempts} attempts: {detail}; another "
+            "writer held the lock for longer than the retry bound, so check for "
+            "long-running transactions or raise SessionStore(retry=...)"
+        )
+
+
+class SchemaOutOfDateError(HermesOrmError):
+    """The database schema is not at the revision this hermes_orm expects."""
+
+    def __init__(self, current: str | None, expected: str) -> None:
+        self.current = current
+        self.expected = expected
+        if current is None:
+            state = "has no hermes_orm schema"
+        else:
+            state = f"is at schema revision {current}"
+        super().__init__(
+            f"the database {state}, this hermes_orm needs {expected}: run "
+            "`hermes-orm db upgrade` (or hermes_orm.upgrade(engine))"
+        )
+
+
+class SchemaTooNewError(HermesOrmError):
+    """The database was migrated by a newer hermes_orm than the one running."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        super().__init__(
+            f"the database is at schema revision {current}, which this "
+            "hermes_orm does not know: upgrade the hermes-orm package"
+        )
+
+
+class DatabaseError(HermesOrmError):
+    """A database error that is neither transient nor caused by the input."""

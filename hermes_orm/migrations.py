@@ -1,0 +1,126 @@
+"""Run the shipped Alembic migrations from Python, and check a database is current.
+
+The migration scripts are package data (``hermes_orm/alembic``), so the same
+revisions run from a repository checkout, from ``hermes-orm db ...`` and from an
+installed wheel. They record their state in their own version table,
+``hermes_orm_alembic_version``, so a host application's ``alembic_version`` is
+never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine
+
+from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError
+
+VERSION_TABLE = "hermes_orm_alembic_version"
+SCRIPT_LOCATION = str(Path(__file__).with_name("alembic"))
+#: Tables the migrations own; host apps pass :func:`include_name` to their autogenerate.
+TABLE_PREFIX = "hermes_"
+
+Bind = Engine | Connection
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic ``Config`` for the shipped scripts, built without any ini file.
+
+    Args:
+        url: Database URL for ``env.py`` to connect to when no connection is
+            injected through ``config.attributes["connection"]``.
+    """
+    config = Config()
+    config.set_main_option("script_location", SCRIPT_LOCATION)
+    if url is not None:
+        # ConfigParser interpolates "%": escape it so passwords survive.
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+@contextmanager
+def _connected(bind: Bind) -> Iterator[Connection]:
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            yield conn
+    else:
+        yield bind
+
+
+def _run(bind: Bind, fn: Any, *args: Any) -> None:
+    config = alembic_config()
+    with _connected(bind) as conn:
+        config.attributes["connection"] = conn
+        fn(config, *args)
+
+
+def upgrade(bind: Bind, revision: str = "head") -> None:
+    """Migrate the database behind ``bind`` up to ``revision`` (default: head)."""
+    _run(bind, command.upgrade, revision)
+
+
+def downgrade(bind: Bind, revision: str) -> None:
+    """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all)."""
+    _run(bind, command.downgrade, revision)
+
+
+@cache
+def head() -> str:
+    """The single head revision of the shipped scripts.
+
+    Raises:
+        RuntimeError: The scripts have more than one head (a broken install).
+    """
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"hermes_orm migrations must have one head, found {sorted(heads)}")
+    return heads[0]
+
+
+@cache
+def _known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def current(bind: Bind) -> str | None:
+    """The revision the database is at, or ``None`` when it has no hermes_orm schema."""
+    with _connected(bind) as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def check(bind: Bind) -> None:
+    """Refuse a database whose schema is not at :func:`head`.
+
+    Raises:
+        SchemaOutOfDateError: Missing or older schema; ``hermes-orm db upgrade`` fixes it.
+        SchemaTooNewError: Migrated by a newer hermes_orm.
+    """
+    revision = current(bind)
+    expected = head()
+    if revision == expected:
+        return
+    if revision is not None and revision not in _known_revisions():
+        raise SchemaTooNewError(revision)
+    raise SchemaOutOfDateError(revision, expected)
+
+
+def include_name(name: str | None, type_: str, _parent_names: Any = None) -> bool:
+    """Alembic ``include_name`` hook that leaves hermes_orm's tables out.
+
+    A host application passes it (or combines it with its own) to
+    ``context.configure(include_name=...)`` so its autogenerate never proposes
+    to drop or alter the tables hermes_orm migrates itself.
+    """
+    if type_ == "table" and name is not None:
+        return not (name.startswith(TABLE_PREFIX) or name == VERSION_TABLE)
+    return True

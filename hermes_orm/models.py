@@ -1,0 +1,212 @@
+"""The schema: declarative models for sessions and their messages.
+
+Tables are prefixed with ``hermes_`` so they can live in a host application's
+database beside its own tables. Alembic migrations (``hermes_orm/alembic``) own
+the schema; these models are the definition the migrations are checked against.
+
+Times are Unix epoch seconds as ``float`` (UTC by definition, so no naive or
+aware datetime can be confused with another), the representation Hermes Agent
+uses too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: 64-bit integer primary key that is still SQLite's rowid alias.
+_BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+#: JSON documents are kept as written (``json``, not ``jsonb``, on PostgreSQL):
+#: numbers and strings read back exactly as flushed, and nothing queries inside
+#: them on a hot path.
+JSON_DOCUMENT = JSON(none_as_null=True)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every hermes_orm model; one MetaData with stable names."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads it as a class attribute
+        float: Double(),
+        int: BigInteger(),
+        str: Text(),
+        bytes: LargeBinary(),
+    }
+
+
+class Session(Base):
+    """An agent session: one conversation and its flush cursor.
+
+    ``flushed_idx`` is the number of messages stored for the session and the
+    ``idx`` the next one gets; ``flushed_digest`` is the digest of the message
+    at ``flushed_idx - 1``. Both advance in the same transaction as the message
+    inserts, which is what makes a flush exactly-once.
+    """
+
+    __tablename__ = "hermes_sessions"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    flushed_idx: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    flushed_digest: Mapped[bytes | None]
+    message_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    tool_call_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+    # Everything Hermes Agent keeps on its sessions row (state.db schema v22).
+    source: Mapped[str]
+    user_id: Mapped[str | None]
+    session_key: Mapped[str | None]
+    chat_id: Mapped[str | None]
+    chat_type: Mapped[str | None]
+    thread_id: Mapped[str | None]
+    display_name: Mapped[str | None]
+    origin_json: Mapped[str | None]
+    expiry_finalized: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    model: Mapped[str | None]
+    model_config: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    system_prompt: Mapped[str | None]
+    parent_session_id: Mapped[str | None] = mapped_column(
+        String(255), ForeignKey("hermes_sessions.id", ondelete="SET NULL"), index=True
+    )
+    started_at: Mapped[float]
+    ended_at: Mapped[float | None]
+    end_reason: Mapped[str | None]
+    input_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    output_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    cache_read_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    cache_write_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    reasoning_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    cwd: Mapped[str | None]
+    git_branch: Mapped[str | None]
+    git_repo_root: Mapped[str | None]
+    billing_provider: Mapped[str | None]
+    billing_base_url: Mapped[str | None]
+    billing_mode: Mapped[str | None]
+    estimated_cost_usd: Mapped[float | None]
+    actual_cost_usd: Mapped[float | None]
+    cost_status: Mapped[str | None]
+    cost_source: Mapped[str | None]
+    pricing_version: Mapped[str | None]
+    title: Mapped[str | None]
+    api_call_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    handoff_state: Mapped[str | None]
+    handoff_platform: Mapped[str | None]
+    handoff_error: Mapped[str | None]
+    compression_failure_cooldown_until: Mapped[float | None]
+    compression_failure_error: Mapped[str | None]
+    compression_fallback_streak: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    profile_name: Mapped[str | None]
+    rewind_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    archived: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    extra: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+
+    messages: WriteOnlyMapped[Message] = relationship(
+        back_populates="session",
+        order_by="Message.idx",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    __table_args__ = (
+        Index("ix_hermes_sessions_started_at_id", "started_at", "id"),
+        Index("ix_hermes_sessions_source_started_at", "source", "started_at"),
+        Index("ix_hermes_sessions_user_id_started_at", "user_id", "started_at"),
+        Index(
+            "ix_hermes_sessions_title_unique",
+            "title",
+            unique=True,
+            sqlite_where=text("title IS NOT NULL"),
+            postgresql_where=text("title IS NOT NULL"),
+        ),
+    )
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id!r} flushed_idx={self.flushed_idx}>"
+
+
+class Message(Base):
+    """One message of a session at position ``idx`` (0-based, dense, unique).
+
+    A message dict maps onto columns by key (see ``hermes_orm._codec``): text
+    ``content`` goes to ``content``, a list of parts to ``content_parts``, and
+    keys without a column (or given as ``None``) to ``extra``, so the dict
+    reads back equal to the one flushed.
+    """
+
+    __tablename__ = "hermes_messages"
+
+    id: Mapped[int] = mapped_column(_BIGINT_ID, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("hermes_sessions.id", ondelete="CASCADE")
+    )
+    idx: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(32))
+    content: Mapped[str | None]
+    content_parts: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    tool_calls: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    tool_call_id: Mapped[str | None]
+    tool_name: Mapped[str | None]
+    reasoning: Mapped[str | None]
+    reasoning_content: Mapped[str | None]
+    reasoning_details: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    codex_reasoning_items: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    codex_message_items: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    finish_reason: Mapped[str | None]
+    token_count: Mapped[int | None]
+    timestamp: Mapped[float | None]
+    effect_disposition: Mapped[str | None]
+    platform_message_id: Mapped[str | None]
+    observed: Mapped[bool | None]
+    active: Mapped[bool | None]
+    compacted: Mapped[bool | None]
+    api_content: Mapped[str | None]
+    digest: Mapped[bytes]
+    extra: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+
+    session: Mapped[Session] = relationship(back_populates="messages")
+
+    __table_args__ = (UniqueConstraint("session_id", "idx"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the message dict this row stores."""
+        from hermes_orm._codec import row_to_message
+
+        return row_to_message(self)
+
+    @classmethod
+    def from_dict(cls, message: dict[str, Any]) -> Message:
+        """Build an unsaved row from a message dict (validated when flushed)."""
+        from hermes_orm._codec import encode_message
+
+        return cls(**encode_message(message).row)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.session_id!r}[{self.idx}] {self.role}>"
+
+
+# The ORM flush rule lives beside the models so that it is in force wherever they are.
+from hermes_orm import _unit_of_work  # noqa: E402, F401

@@ -1,0 +1,609 @@
+"""SessionStore: the repository of sessions and their messages.
+
+Every write is one transaction, retried whole on transient errors. The flush
+cursor (``hermes_sessions.flushed_idx``) is read under the session row's write
+lock and advanced in the same transaction as the message inserts, so whatever
+fails, the database holds a prefix of the conversation and the cursor is its
+length: a retry, a restart or a second process all continue from there.
+
+The hot path runs Core statements on the model tables; the ORM models define
+the schema and serve applications that use the ORM themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+
+from hermes_orm import _codec, _dialects, migrations
+from hermes_orm._dialects import RetryPolicy
+from hermes_orm.errors import (
+    HistoryDivergedError,
+    InvalidMessageError,
+    InvalidSessionError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from hermes_orm.models import Message, Session
+
+T = TypeVar("T")
+
+_sessions: Table = Session.__table__  # type: ignore[assignment]
+_messages: Table = Message.__table__  # type: ignore[assignment]
+
+#: Columns set by the store itself, never by callers.
+_MANAGED = frozenset({"id", "flushed_idx", "flushed_digest", "message_count", "tool_call_count"})
+#: Session fields a caller may set, with the Python type each accepts.
+SESSION_FIELDS: dict[str, type] = {
+    c.name: c.type.python_type if c.name not in ("model_config", "extra") else object
+    for c in _sessions.columns
+    if c.name not in _MANAGED
+}
+_NULLABLE = frozenset(c.name for c in _sessions.columns if c.nullable)
+
+#: ``SELECT cursor ... WHERE id = :session_id FOR UPDATE``: the row lock on
+#: PostgreSQL. On SQLite the write lock is already held (``BEGIN IMMEDIATE``)
+#: and the dialect renders no ``FOR UPDATE``.
+_LOCK_SESSION = (
+    select(_sessions.c.flushed_idx, _sessions.c.flushed_digest, _sessions.c.tool_call_count)
+    .where(_sessions.c.id == bindparam("session_id"))
+    .with_for_update()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    """What a flush did.
+
+    Attributes:
+        written: Messages this call inserted (0 when everything was stored already).
+        cursor: The session's ``flushed_idx`` afterwards: the number of stored messages.
+    """
+
+    written: int
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of :meth:`SessionStore.list_sessions`.
+
+    Attributes:
+        sessions: Session dicts, newest first.
+        next_cursor: Pass as ``cursor=`` for the next page; ``None`` on the last.
+    """
+
+    sessions: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _check_session_id(session_id: Any) -> str:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
+        raise InvalidSessionError(
+            f"a session id must be a non-empty str of at most 255 characters, got {session_id!r}"
+        )
+    if "\x00" in session_id:
+        raise InvalidSessionError("a session id may not contain NUL characters")
+    return session_id
+
+
+def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate caller-supplied session fields before anything is written."""
+    for name, value in fields.items():
+        expected = SESSION_FIELDS.get(name)
+        if expected is None:
+            hint = "it is managed by the store" if name in _MANAGED else "no such column"
+            raise InvalidSessionError(
+                f"unknown session field {name!r} ({hint}); put free-form data in extra={{...}}"
+            )
+        if value is None:
+            if name not in _NULLABLE:
+                raise InvalidSessionError(f"session field {name!r} may not be None")
+            continue
+        if expected is object:
+            try:
+                _codec._check_json(value, None, name)
+            except InvalidMessageError as exc:
+                raise InvalidSessionError(f"session field {exc.reason}") from None
+        elif expected is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidSessionError(f"session field {name!r} must be a number")
+            if not math.isfinite(value):
+                raise InvalidSessionError(f"session field {name!r} must be finite")
+        elif expected is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidSessionError(f"session field {name!r} must be an int")
+        elif not isinstance(value, expected):
+            raise InvalidSessionError(
+                f"session field {name!r} must be {expected.__name__}, got {type(value).__name__}"
+            )
+        elif isinstance(value, str) and "\x00" in value:
+            raise InvalidSessionError(f"session field {name!r} may not contain NUL characters")
+    return fields
+
+
+def _session_dict(row: Row[Any]) -> dict[str, Any]:
+    data = dict(row._mapping)
+    digest = data.get("flushed_digest")
+    data["flushed_digest"] = digest.hex() if digest is not None else None
+    return data
+
+
+def _encode_cursor(started_at: float, session_id: str) -> str:
+    raw = json.dumps([started_at, session_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        started_at, session_id = json.loads(raw)
+        if isinstance(started_at, bool) or not isinstance(started_at, int | float):
+            raise TypeError
+        if not isinstance(session_id, str):
+            raise TypeError
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidSessionError(
+            f"invalid pagination cursor {cursor!r}: pass back a SessionPage.next_cursor"
+        ) from None
+    return float(started_at), session_id
+
+
+class SessionStore:
+    """Sessions and their messages in one database, written exactly once.
+
+    Args:
+        bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
+            existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
+            uses psycopg 3. On a SQLite engine given here, connections opened
+            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
+        retry: Bound on retries of transient errors (busy database, lost
+            connection, serialization failure).
+        sqlite_synchronous: SQLite ``synchronous`` level for connections this
+            store configures. ``FULL`` (default) also survives power loss;
+            ``NORMAL`` in WAL mode survives process crashes and is faster.
+        check_schema: Refuse to work on a database whose schema is not at the
+            shipped head revision (the first operation checks once).
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        sqlite_synchronous: str = "FULL",
+        check_schema: bool = True,
+    ) -> None:
+        if isinstance(bind, Engine):
+            self._engine = bind
+            _dialects.configure_engine(bind, sqlite_synchronous=sqlite_synchronous)
+        else:
+            self._engine = _dialects.create_store_engine(
+                bind, sqlite_synchronous=sqlite_synchronous
+            )
+        self._retry = retry or RetryPolicy()
+        self._schema_checked = not check_schema
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine this store runs on."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._engine.dispose()
+
+    # -- schema ------------------------------------------------------------------
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the shipped migrations up to ``revision`` (default: the head)."""
+        migrations.upgrade(self._engine, revision)
+        self._schema_checked = False
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            migrations.check(self._engine)
+            self._schema_checked = True
+
+    # -- transactions --------------------------------------------------------------
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one write transaction, retried whole on transient errors."""
+        self._ensure_schema()
+
+        def attempt() -> T:
+            with self._engine.connect() as conn:
+                _dialects.begin_write(conn)
+                result = work(conn)
+                conn.commit()
+                return result
+
+        return _dialects.run_with_retry(self._engine, self._retry, attempt)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        self._ensure_schema()
+
+        def attempt() -> T:
+            with self._engine.connect() as conn:
+                return work(conn)
+
+        return _dialects.run_with_retry(self._engine, self._retry, attempt)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def _session_values(
+        self, session_id: str, source: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_session_id(session_id)
+        values = _check_fields({"source": source, **fields})
+        values["id"] = session_id
+        if values.get("started_at") is None:
+            values["started_at"] = time.time()
+        return values
+
+    def create_session(self, session_id: str, source: str, **fields: Any) -> dict[str, Any]:
+        """Create a session and return it as :meth:`get_session` would.
+
+        Args:
+            session_id: The new session's id (at most 255 characters).
+            source: Where it comes from (``cli``, ``telegram``, ...).
+            **fields: Any other session column (``model``, ``user_id``,
+                ``parent_session_id``, ``title``, ``extra={...}``, ...).
+
+        Raises:
+            SessionExistsError: The id is taken.
+            InvalidSessionError: Unknown field or a value of the wrong type.
+        """
+        values = self._session_values(session_id, source, fields)
+
+        def work(conn: Connection) -> dict[str, Any]:
+            inserted = conn.execute(self._insert_ignore(values)).rowcount
+            if inserted != 1:
+                raise SessionExistsError(session_id)
+            row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).one()
+            return _session_dict(row)
+
+        return self._write(work)
+
+    def ensure_session(self, session_id: str, source: str = "unknown", **fields: Any) -> bool:
+        """Create the session unless it exists; safe when processes race to create it.
+
+        On an existing session, fields given here fill columns that are still
+        NULL and never overwrite a value already set.
+
+        Returns:
+            True when this call created the session.
+        """
+        values = self._session_values(session_id, source, fields)
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(self._insert_ignore(values)).rowcount == 1:
+                return True
+            fill = {
+                name: func.coalesce(_sessions.c[name], value)
+                for name, value in fields.items()
+                if value is not None and name in _NULLABLE
+            }
+            if fill:
+                conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(fill))
+            return False
+
+        return self._write(work)
+
+    def _insert_ignore(self, values: dict[str, Any]) -> Any:
+        make = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2).
+        return (
+            make(_sessions)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .execution_options(preserve_rowcount=True)
+        )
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session as a dict of its columns (``flushed_digest`` in hex), or None."""
+
+        def work(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
+            return None if row is None else _session_dict(row)
+
+        return self._read(work)
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        """Mark the session ended now, with ``reason``.
+
+        Raises:
+            SessionNotFoundError: No such session.
+        """
+        if not isinstance(reason, str):
+            raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
+        _check_fields({"end_reason": reason})
+
+        def work(conn: Connection) -> None:
+            done = conn.execute(
+                update(_sessions)
+                .where(_sessions.c.id == session_id)
+                .values(ended_at=time.time(), end_reason=reason)
+            ).rowcount
+            if done != 1:
+                raise SessionNotFoundError(session_id)
+
+        self._write(work)
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session and its messages; its children lose their parent link.
+
+        Returns:
+            True when a session was deleted, False when there was none.
+        """
+
+        def work(conn: Connection) -> bool:
+            # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
+            conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.parent_session_id == session_id)
+                .values(parent_session_id=None)
+            )
+            return conn.execute(delete(_sessions).where(_sessions.c.id == session_id)).rowcount == 1
+
+        return self._write(work)
+
+    def list_sessions(
+        self,
+        *,
+        source: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """Sessions newest first (by ``started_at``, then id), one page at a time.
+
+        Args:
+            source: Only sessions from this source.
+            user_id: Only sessions of this user.
+            limit: Page size, 1 to 1000.
+            cursor: ``next_cursor`` of the previous page.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidSessionError(f"limit must be an int from 1 to 1000, got {limit!r}")
+        query = select(_sessions)
+        if source is not None:
+            query = query.where(_sessions.c.source == source)
+        if user_id is not None:
+            query = query.where(_sessions.c.user_id == user_id)
+        if cursor is not None:
+            started_at, last_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    _sessions.c.started_at < started_at,
+                    and_(_sessions.c.started_at == started_at, _sessions.c.id < last_id),
+                )
+            )
+        query = query.order_by(_sessions.c.started_at.desc(), _sessions.c.id.desc()).limit(
+            limit + 1
+        )
+
+        def work(conn: Connection) -> SessionPage:
+            rows = conn.execute(query).all()
+            page = [_session_dict(r) for r in rows[:limit]]
+            more = len(rows) > limit
+            next_cursor = (
+                _encode_cursor(page[-1]["started_at"], page[-1]["id"]) if more and page else None
+            )
+            return SessionPage(sessions=page, next_cursor=next_cursor)
+
+        return self._read(work)
+
+    # -- messages -----------------------------------------------------------------------
+
+    def flush(
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        verify: Literal["last", "full"] = "last",
+    ) -> FlushResult:
+        """Write exactly ``messages[flushed_idx:]`` and advance the cursor with them.
+
+        Call it with the whole conversation list whenever you like (end of turn,
+        error, shutdown): what is stored already is skipped, and a failure at
+        any point leaves the session as it was, so calling again is the retry.
+        A list shorter than the stored history, whose messages match it, comes
+        from a writer that lags behind another and writes nothing.
+
+        Args:
+            session_id: An existing session.
+            messages: The conversation so far, oldest first.
+            verify: ``"last"`` checks the message at the cursor against the
+                stored digest (O(1)); ``"full"`` checks every stored message.
+
+        Raises:
+            SessionNotFoundError: No such session.
+            HistoryDivergedError: ``messages`` no longer continues the stored
+                history; nothing was written.
+            InvalidMessageError: A new message cannot be stored; nothing was written.
+            DatabaseBusyError: Transient errors outlasted the retry bound.
+        """
+        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+            raise InvalidMessageError(
+                f"messages must be a list of dicts, got {type(messages).__name__}"
+            )
+        if verify not in ("last", "full"):
+            raise ValueError(f"verify must be 'last' or 'full', got {verify!r}")
+
+        def work(conn: Connection) -> FlushResult:
+            stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+            if stored is None:
+                raise SessionNotFoundError(session_id)
+            cursor = stored.flushed_idx
+            self._check_continues(
+                conn,
+                session_id,
+                messages,
+                cursor=cursor,
+                digest=stored.flushed_digest,
+                verify=verify,
+            )
+            if len(messages) <= cursor:
+                return FlushResult(written=0, cursor=cursor)
+            encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+            self._insert(conn, session_id, cursor, encoded)
+            return FlushResult(written=len(encoded), cursor=cursor + len(encoded))
+
+        return self._write(work)
+
+    def append(self, session_id: str, message: dict[str, Any]) -> int:
+        """Store one message at the session's cursor; returns its ``idx``.
+
+        Raises:
+            SessionNotFoundError: No such session.
+            InvalidMessageError: The message cannot be stored; nothing was written.
+        """
+        encoded = _codec.encode_message(message)
+
+        def work(conn: Connection) -> int:
+            stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+            if stored is None:
+                raise SessionNotFoundError(session_id)
+            self._insert(conn, session_id, stored.flushed_idx, [encoded])
+            return int(stored.flushed_idx)
+
+        return self._write(work)
+
+    @staticmethod
+    def _check_continues(
+        conn: Connection,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        cursor: int,
+        digest: bytes | None,
+        verify: str,
+    ) -> None:
+        """Refuse ``messages`` unless it is a prefix or a continuation of the stored history.
+
+        A list shorter than the stored history is a lagging writer (another
+        process got there first) when its last message is the stored one at
+        that position; it then writes nothing.
+        """
+        given = len(messages)
+        overlap = min(given, cursor)
+        if overlap == 0:
+            return
+        if verify == "full":
+            stored = conn.execute(
+                select(_messages.c.digest)
+                .where(_messages.c.session_id == session_id, _messages.c.idx < overlap)
+                .order_by(_messages.c.idx)
+            ).scalars()
+            for i, stored_digest in enumerate(stored):
+                if _digest_or_none(messages[i], i) != stored_digest:
+                    raise HistoryDivergedError(session_id, stored=cursor, given=given, index=i)
+            return
+        if overlap < cursor:
+            digest = conn.execute(
+                select(_messages.c.digest).where(
+                    _messages.c.session_id == session_id, _messages.c.idx == overlap - 1
+                )
+            ).scalar_one_or_none()
+        if _digest_or_none(messages[overlap - 1], overlap - 1) != digest:
+            raise HistoryDivergedError(session_id, stored=cursor, given=given, index=overlap - 1)
+
+    @staticmethod
+    def _insert(
+        conn: Connection, session_id: str, cursor: int, encoded: list[_codec.EncodedMessage]
+    ) -> None:
+        rows = [
+            {**item.row, "session_id": session_id, "idx": cursor + offset}
+            for offset, item in enumerate(encoded)
+        ]
+        conn.execute(insert(_messages), rows)
+        end = cursor + len(encoded)
+        advanced = conn.execute(
+            update(_sessions)
+            .where(_sessions.c.id == session_id, _sessions.c.flushed_idx == cursor)
+            .values(
+                flushed_idx=end,
+                message_count=end,
+                flushed_digest=encoded[-1].digest,
+                tool_call_count=_sessions.c.tool_call_count + sum(e.tool_calls for e in encoded),
+            )
+        ).rowcount
+        if advanced != 1:  # pragma: no cover - the row lock makes this unreachable
+            raise RuntimeError(f"flush cursor of session {session_id!r} moved under its lock")
+
+    def get_messages(
+        self, session_id: str, *, offset: int = 0, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages of a session in ``idx`` order, as the dicts that were flushed.
+
+        Args:
+            session_id: An existing session.
+            offset: First ``idx`` to return.
+            limit: Most messages to return (all when None).
+
+        Raises:
+            SessionNotFoundError: No such session.
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+        # idx is dense, so a range on the unique (session_id, idx) index pages
+        # in O(limit) where OFFSET would scan the skipped rows.
+        query = select(_messages).where(_messages.c.session_id == session_id)
+        if offset:
+            query = query.where(_messages.c.idx >= offset)
+        if limit is not None:
+            query = query.where(_messages.c.idx < offset + limit)
+        query = query.order_by(_messages.c.idx)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(query).all()
+            if (
+                not rows
+                and conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
+                is None
+            ):
+                raise SessionNotFoundError(session_id)
+            return [_codec.row_to_message(r) for r in rows]
+
+        return self._read(work)
+
+
+def _digest_or_none(message: Any, index: int) -> bytes | None:
+    """Digest of a caller's already-stored message; None when it is no longer valid."""
+    try:
+        return _codec.message_digest(message, index)
+    except InvalidMessageError:
+        return None

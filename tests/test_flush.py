@@ -1,0 +1,377 @@
+"""Invariants 1-5 of the design: exact prefix, idempotent flush, divergence, recovery."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from hermes_orm import (
+    DatabaseBusyError,
+    DatabaseError,
+    FlushResult,
+    HistoryDivergedError,
+    InvalidMessageError,
+    RetryPolicy,
+    SessionNotFoundError,
+    SessionStore,
+)
+from hermes_orm.models import Message
+from tests.conftest import count_rows
+
+
+def conversation(turns: int, tag: str = "") -> list[dict[str, Any]]:
+    """A realistic transcript: user, assistant with a tool call, tool result, per turn."""
+    out: list[dict[str, Any]] = []
+    for t in range(turns):
+        call = f"call_{tag}{t}"
+        out.append(
+            {"role": "user", "content": f"question {tag}{t}", "timestamp": 1_700_000_000.0 + t}
+        )
+        out.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call,
+                        "type": "function",
+                        "function": {"name": "search", "arguments": f'{{"q": "{t}"}}'},
+                    }
+                ],
+                "finish_reason": "tool_calls",
+            }
+        )
+        out.append(
+            {
+                "role": "tool",
+                "content": f"result {t} ✓",
+                "tool_call_id": call,
+                "tool_name": "search",
+            }
+        )
+    return out
+
+
+def assert_exact(store: SessionStore, session_id: str, expected: list[dict[str, Any]]) -> None:
+    """Invariant 1: idx 0..n-1 once each, in order, flushed_idx == n == message_count."""
+    with store.engine.connect() as conn:
+        idxs = (
+            conn.execute(
+                select(Message.idx).where(Message.session_id == session_id).order_by(Message.idx)
+            )
+            .scalars()
+            .all()
+        )
+    assert idxs == list(range(len(expected)))
+    session = store.get_session(session_id)
+    assert session is not None
+    assert session["flushed_idx"] == len(expected) == session["message_count"]
+    assert session["tool_call_count"] == sum(len(m.get("tool_calls") or []) for m in expected)
+    assert store.get_messages(session_id) == expected
+
+
+def test_flush_writes_only_the_new_suffix(store: SessionStore) -> None:
+    store.create_session("s", source="cli")
+    msgs = conversation(4)
+    assert store.flush("s", msgs[:3]).written == 3
+    result = store.flush("s", msgs)
+    assert (result.written, result.cursor) == (9, 12)
+    assert store.flush("s", msgs).written == 0
+    assert_exact(store, "s", msgs)
+
+
+def test_append_takes_the_cursor(store: SessionStore) -> None:
+    store.create_session("s", source="cli")
+    msgs = conversation(2)
+    assert [store.append("s", m) for m in msgs] == list(range(6))
+    # flush after append continues from the same cursor
+    more = msgs + conversation(1, "b")
+    assert store.flush("s", more).written == 3
+    assert_exact(store, "s", more)
+
+
+def test_flush_unknown_session(store: SessionStore) -> None:
+    with pytest.raises(SessionNotFoundError):
+        store.flush("nope", conversation(1))
+    with pytest.raises(SessionNotFoundError):
+        store.append("nope", {"role": "user", "content": "x"})
+
+
+def test_diverged_history_is_refused_and_nothing_written(store: SessionStore) -> None:
+    store.create_session("s", source="cli")
+    msgs = conversation(2)
+    store.flush("s", msgs)
+    rewritten = [*msgs[:5], {**msgs[5], "content": "compacted"}, *conversation(1, "x")]
+    with pytest.raises(HistoryDivergedError) as err:
+        store.flush("s", rewritten)
+    assert err.value.index == 5
+    with pytest.raises(HistoryDivergedError) as short:
+        store.flush("s", [*msgs[:1], {"role": "user", "content": "summary of the rest"}])
+    assert (short.value.stored, short.value.given, short.value.index) == (6, 2, 1)
+    assert_exact(store, "s", msgs)
+
+
+def test_a_lagging_writer_with_a_prefix_writes_nothing(store: SessionStore) -> None:
+    """A second process whose list is behind the stored history is not an error."""
+    store.create_session("s", source="cli")
+    msgs = conversation(3)
+    store.flush("s", msgs)
+    for end in range(len(msgs) + 1):
+        assert store.flush("s", msgs[:end]) == FlushResult(written=0, cursor=9)
+        assert store.flush("s", msgs[:end], verify="full").written == 0
+    assert_exact(store, "s", msgs)
+
+
+def test_full_verify_finds_a_change_before_the_cursor(store: SessionStore) -> None:
+    store.create_session("s", source="cli")
+    msgs = conversation(2)
+    store.flush("s", msgs)
+    edited = [{"role": "user", "content": "edited"}, *msgs[1:], *conversation(1, "n")]
+    # the O(1) check only looks at the message at the cursor...
+    assert store.flush("s", edited[:6], verify="last").written == 0
+    # ...the full check compares every stored digest
+    with pytest.raises(HistoryDivergedError) as err:
+        store.flush("s", edited, verify="full")
+    assert err.value.index == 0
+    assert store.flush("s", [*msgs, *conversation(1, "n")], verify="full").written == 3
+
+
+def test_invalid_message_writes_nothing(store: SessionStore) -> None:
+    store.create_session("s", source="cli")
+    msgs = conversation(1)
+    store.flush("s", msgs)
+    bad = [*msgs, {"role": "user", "content": "fine"}, {"role": "user", "content": b"bytes"}]
+    with pytest.raises(InvalidMessageError) as err:
+        store.flush("s", bad)
+    assert err.value.index == 4
+    assert_exact(store, "s", msgs)
+
+
+def test_stored_messages_read_back_continue_the_history(store: SessionStore) -> None:
+    """A restarted agent reloads its history from the store and keeps flushing."""
+    store.create_session("s", source="cli")
+    msgs = [{"role": "user", "content": "int stamp", "timestamp": 1700000000}, *conversation(1)]
+    store.flush("s", msgs)
+    reloaded = store.get_messages("s")
+    assert store.flush("s", [*reloaded, {"role": "user", "content": "again"}]).written == 1
+
+
+# -- failures at every statement, and lost acknowledgements ----------------------------
+
+
+class Boom(Exception):
+    """The injected failure."""
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """SQL statements the engine runs, recorded."""
+    seen: list[str] = []
+
+    def record(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
+    """Make the engine's ``n``-th statement from now raise ``exc``."""
+    count = {"i": 0}
+
+    def hook(*_a: Any) -> None:
+        count["i"] += 1
+        if count["i"] == n:
+            raise exc
+
+    event.listen(engine, "before_cursor_execute", hook)
+    return hook
+
+
+def test_failure_at_every_statement_then_retry_is_exact(
+    store: SessionStore, engine: Engine, statements: list[str]
+) -> None:
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+    # count the statements of one flush of a new turn, on a copy of the session
+    store.create_session("probe", source="cli")
+    store.flush("probe", history)
+    statements.clear()
+    store.flush("probe", turn)
+    per_flush = len(statements)
+    assert per_flush >= 3  # lock, insert, update (+ BEGIN on SQLite)
+
+    for n in range(1, per_flush + 1):
+        sid = f"fail-{n}"
+        store.create_session(sid, source="cli")
+        store.flush(sid, history)
+        hook = _fail_at(engine, n, Boom(f"statement {n}"))
+        try:
+            with pytest.raises((Boom, DatabaseError)):
+                store.flush(sid, turn)
+        finally:
+            event.remove(engine, "before_cursor_execute", hook)
+        assert_exact(store, sid, history)  # nothing half-written
+        assert store.flush(sid, turn).written == 3
+        assert_exact(store, sid, turn)
+
+
+def test_failed_commit_then_retry_is_exact(
+    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+
+    def refuse(_dbapi_connection: Any) -> None:
+        raise Boom("COMMIT failed")
+
+    monkeypatch.setattr(engine.dialect, "do_commit", refuse)
+    with pytest.raises(Boom):
+        store.flush("s", turn)
+    monkeypatch.undo()
+    assert_exact(store, "s", history)
+    assert store.flush("s", turn).written == 3
+    assert_exact(store, "s", turn)
+
+
+def test_lost_commit_acknowledgement_then_retry_is_exact(
+    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+    real_commit = engine.dialect.do_commit
+
+    def commit_then_lose_ack(dbapi_connection: Any) -> None:
+        real_commit(dbapi_connection)
+        raise Boom("connection dropped after COMMIT")
+
+    monkeypatch.setattr(engine.dialect, "do_commit", commit_then_lose_ack)
+    with pytest.raises(Boom):
+        store.flush("s", turn)
+    monkeypatch.undo()
+    assert_exact(store, "s", turn)  # the commit did land
+    assert store.flush("s", turn).written == 0  # the client's retry writes nothing
+    assert_exact(store, "s", turn)
+
+
+def _transient(backend: str) -> OperationalError:
+    if backend == "sqlite":
+        import sqlite3
+
+        orig: Exception = sqlite3.OperationalError("database is locked")
+        orig.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    else:
+        import psycopg
+
+        orig = psycopg.errors.SerializationFailure("could not serialize access")
+    return OperationalError("injected", {}, orig)
+
+
+def test_transient_error_mid_flush_is_retried_inside_flush(
+    store: SessionStore, engine: Engine, backend: str, statements: list[str]
+) -> None:
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+    statements.clear()
+    store.flush("s", history)
+    # fail the statement after the lock: the retry must start from a fresh transaction
+    hook = _fail_at(engine, len(statements), _transient(backend))
+    try:
+        assert store.flush("s", turn).written == 3
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+    assert_exact(store, "s", turn)
+
+
+def test_retry_bound_raises_a_typed_busy_error(engine: Engine, backend: str) -> None:
+    store = SessionStore(engine, retry=RetryPolicy(attempts=3, base_delay=0.001))
+    store.create_session("s", source="cli")
+
+    def always(*_a: Any) -> None:
+        raise _transient(backend)
+
+    event.listen(engine, "before_cursor_execute", always)
+    try:
+        with pytest.raises(DatabaseBusyError) as err:
+            store.flush("s", conversation(1))
+    finally:
+        event.remove(engine, "before_cursor_execute", always)
+    assert err.value.attempts == 3
+    assert count_rows(engine, "hermes_messages") == 0
+
+
+def test_unique_session_idx_backs_the_cursor(store: SessionStore, engine: Engine) -> None:
+    """Invariant 5: even a writer that ignores the cursor cannot store a position twice."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(1))
+    from hermes_orm._codec import encode_message
+
+    row = {**encode_message({"role": "user", "content": "dup"}).row, "session_id": "s", "idx": 0}
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(Message.__table__.insert(), [row])
+
+
+# -- concurrent writers ----------------------------------------------------------------------
+
+
+def _writer(url: str, session_id: str, rounds: int, barrier: Any) -> None:
+    store = SessionStore(url, retry=RetryPolicy(attempts=50, base_delay=0.005, max_delay=0.1))
+    full = conversation(rounds)
+    barrier.wait()
+    # Each process holds the same growing conversation (gateway + CLI) and flushes
+    # after every message, as an agent loop with several exit paths would.
+    for end in range(1, len(full) + 1):
+        store.flush(session_id, full[:end])
+    store.close()
+
+
+def test_two_processes_flushing_one_session(store: SessionStore, db_url: str) -> None:
+    store.create_session("shared", source="gateway")
+    rounds = 15
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_writer, args=(db_url, "shared", rounds, barrier)) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert_exact(store, "shared", conversation(rounds))
+
+
+def test_threads_flushing_one_session(store: SessionStore) -> None:
+    store.create_session("shared", source="gateway")
+    full = conversation(10)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for end in range(1, len(full) + 1):
+                store.flush("shared", full[:end])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert_exact(store, "shared", full)
