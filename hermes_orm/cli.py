@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import migrations
 from hermes_orm._dialects import create_store_engine, default_url
@@ -158,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except HermesOrmError as exc:
         print(f"hermes-orm: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        detail = getattr(exc, "orig", None) or exc
+        print(f"hermes-orm: database {_safe(args.url)}: {detail}", file=sys.stderr)
         return 2
 
 

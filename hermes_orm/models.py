@@ -27,6 +27,8 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -41,10 +43,25 @@ NAMING_CONVENTION = {
 _BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
-#: JSON documents are kept as written (``json``, not ``jsonb``, on PostgreSQL):
-#: numbers and strings read back exactly as flushed, and nothing queries inside
-#: them on a hot path.
-JSON_DOCUMENT = JSON(none_as_null=True)
+class _SQLiteJSONText(sqlite.JSON):
+    """JSON stored in a TEXT column on SQLite.
+
+    A column declared ``JSON`` has NUMERIC affinity there, which turns the
+    document ``0.0`` into the integer ``0``; TEXT affinity keeps it as written.
+    """
+
+    cache_ok = True
+
+
+@compiles(_SQLiteJSONText, "sqlite")
+def _compile_sqlite_json_text(_type: Any, _compiler: Any, **_kw: Any) -> str:
+    return "TEXT"
+
+
+#: JSON documents kept as written (``json``, not ``jsonb``, on PostgreSQL; TEXT on
+#: SQLite): numbers and strings read back exactly as flushed, and nothing
+#: queries inside them on a hot path.
+JSON_DOCUMENT = JSON(none_as_null=True).with_variant(_SQLiteJSONText(none_as_null=True), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -154,7 +171,9 @@ class Message(Base):
     A message dict maps onto columns by key (see ``hermes_orm._codec``): text
     ``content`` goes to ``content``, a list of parts to ``content_parts``, and
     keys without a column (or given as ``None``) to ``extra``, so the dict
-    reads back equal to the one flushed.
+    reads back equal to the one flushed. Keyword construction
+    (``Message(role="user", content="hi")``) cannot tell a key set to ``None``
+    from a missing one; :meth:`from_dict` keeps a dict's exact shape.
     """
 
     __tablename__ = "hermes_messages"

@@ -9,7 +9,7 @@ only builds an engine otherwise, from ``-x url=...``, ``sqlalchemy.url``,
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, Engine, pool
 
 from hermes_orm._dialects import create_store_engine, default_url
 from hermes_orm.migrations import TABLE_PREFIX, VERSION_TABLE
@@ -63,12 +63,16 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
-    if connection is not None:
+    if isinstance(connection, Connection):
         _configure(connection)
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_store_engine(_url(), poolclass=pool.NullPool)
+    # An injected Engine (some tools pass one) is used as is, never disposed here.
+    injected = isinstance(connection, Engine)
+    engine: Engine = (
+        connection if injected else create_store_engine(_url(), poolclass=pool.NullPool)
+    )
     try:
         with engine.connect() as conn:
             _configure(conn)
@@ -76,7 +80,8 @@ def run_migrations_online() -> None:
                 context.run_migrations()
             conn.commit()
     finally:
-        engine.dispose()
+        if not injected:
+            engine.dispose()
 
 
 if context.is_offline_mode():

@@ -10,6 +10,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+# JSON as written: ``json`` on PostgreSQL, TEXT on SQLite (a column declared JSON
+# has NUMERIC affinity there and would turn the document "0.0" into 0).
+JSON_DOCUMENT = sa.JSON(none_as_null=True).with_variant(sa.Text(), "sqlite")
+
 revision: str = "0001_baseline"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -36,7 +40,7 @@ def upgrade() -> None:
             "expiry_finalized", sa.Boolean(), server_default=sa.text("(false)"), nullable=False
         ),
         sa.Column("model", sa.Text(), nullable=True),
-        sa.Column("model_config", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("model_config", JSON_DOCUMENT, nullable=True),
         sa.Column("system_prompt", sa.Text(), nullable=True),
         sa.Column("parent_session_id", sa.String(length=255), nullable=True),
         sa.Column("started_at", sa.Double(), nullable=False),
@@ -78,7 +82,7 @@ def upgrade() -> None:
         sa.Column("profile_name", sa.Text(), nullable=True),
         sa.Column("rewind_count", sa.BigInteger(), server_default=sa.text("0"), nullable=False),
         sa.Column("archived", sa.Boolean(), server_default=sa.text("(false)"), nullable=False),
-        sa.Column("extra", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("extra", JSON_DOCUMENT, nullable=True),
         sa.ForeignKeyConstraint(
             ["parent_session_id"],
             ["hermes_sessions.id"],
@@ -118,15 +122,15 @@ def upgrade() -> None:
         sa.Column("idx", sa.Integer(), nullable=False),
         sa.Column("role", sa.String(length=32), nullable=False),
         sa.Column("content", sa.Text(), nullable=True),
-        sa.Column("content_parts", sa.JSON(none_as_null=True), nullable=True),
-        sa.Column("tool_calls", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("content_parts", JSON_DOCUMENT, nullable=True),
+        sa.Column("tool_calls", JSON_DOCUMENT, nullable=True),
         sa.Column("tool_call_id", sa.Text(), nullable=True),
         sa.Column("tool_name", sa.Text(), nullable=True),
         sa.Column("reasoning", sa.Text(), nullable=True),
         sa.Column("reasoning_content", sa.Text(), nullable=True),
-        sa.Column("reasoning_details", sa.JSON(none_as_null=True), nullable=True),
-        sa.Column("codex_reasoning_items", sa.JSON(none_as_null=True), nullable=True),
-        sa.Column("codex_message_items", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("reasoning_details", JSON_DOCUMENT, nullable=True),
+        sa.Column("codex_reasoning_items", JSON_DOCUMENT, nullable=True),
+        sa.Column("codex_message_items", JSON_DOCUMENT, nullable=True),
         sa.Column("finish_reason", sa.Text(), nullable=True),
         sa.Column("token_count", sa.BigInteger(), nullable=True),
         sa.Column("timestamp", sa.Double(), nullable=True),
@@ -137,7 +141,7 @@ def upgrade() -> None:
         sa.Column("compacted", sa.Boolean(), nullable=True),
         sa.Column("api_content", sa.Text(), nullable=True),
         sa.Column("digest", sa.LargeBinary(), nullable=False),
-        sa.Column("extra", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("extra", JSON_DOCUMENT, nullable=True),
         sa.ForeignKeyConstraint(
             ["session_id"],
             ["hermes_sessions.id"],

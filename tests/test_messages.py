@@ -1,0 +1,194 @@
+"""Invariant 6: what goes in comes out; bad input is refused before anything is written."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
+from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS
+from tests.conftest import count_rows
+
+_ids = itertools.count()
+KNOWN = {"role", "content", "token_count", "timestamp", *TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS}
+
+# Text PostgreSQL and UTF-8 can store: no NUL, no lone surrogates.
+text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=12,
+)
+parts = st.lists(
+    st.one_of(
+        st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+        st.fixed_dictionaries(
+            {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": text})}
+        ),
+    ),
+    max_size=3,
+)
+tool_calls = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": text,
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries({"name": text, "arguments": text}),
+        }
+    ),
+    max_size=3,
+)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": draw(st.sampled_from(sorted(ROLES)))}
+    if draw(st.booleans()):
+        msg["content"] = draw(st.none() | text | parts)
+    for key in TEXT_KEYS:
+        if draw(st.integers(0, 4)) == 0:
+            msg[key] = draw(st.none() | text)
+    if draw(st.booleans()):
+        msg["tool_calls"] = draw(st.none() | tool_calls)
+    for key in JSON_KEYS[1:]:
+        if draw(st.integers(0, 5)) == 0:
+            msg[key] = draw(json_values)
+    for key in BOOL_KEYS:
+        if draw(st.integers(0, 5)) == 0:
+            msg[key] = draw(st.none() | st.booleans())
+    if draw(st.booleans()):
+        msg["token_count"] = draw(st.none() | st.integers(-(2**63), 2**63 - 1))
+    if draw(st.booleans()):
+        msg["timestamp"] = draw(st.floats(0, 4e9) | st.integers(0, 4_000_000_000))
+    extra = draw(st.dictionaries(text.filter(lambda k: k not in KNOWN), json_values, max_size=3))
+    msg.update(extra)
+    return msg
+
+
+HYPOTHESIS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@HYPOTHESIS
+@given(batch=st.lists(messages(), min_size=1, max_size=4))
+def test_round_trip(store: SessionStore, batch: list[dict[str, Any]]) -> None:
+    sid = f"rt-{next(_ids)}"
+    store.create_session(sid, source="test")
+    assert store.flush(sid, batch).written == len(batch)
+    back = store.get_messages(sid)
+    assert back == batch
+    # read back, the dicts continue the stored history (same digests)
+    assert store.flush(sid, back, verify="full").written == 0
+
+
+class Opaque:
+    pass
+
+
+BAD_VALUES: list[tuple[Any, str | None]] = [
+    ("not a dict", None),
+    ({"content": "no role"}, "role"),
+    ({"role": "wizard", "content": "x"}, "role"),
+    ({"role": 3, "content": "x"}, "role"),
+    ({"role": "user", "content": b"bytes"}, "content"),
+    ({"role": "user", "content": {"a": 1}}, "content"),
+    ({"role": "user", "content": "nul \x00 inside"}, "content"),
+    ({"role": "user", "content": "lone \ud800 surrogate"}, None),
+    ({"role": "user", "content": [{"type": "text", "text": math.nan}]}, "content"),
+    ({"role": "user", "content": "x", "tool_calls": ({"id": 1},)}, "tool_calls"),
+    ({"role": "user", "content": "x", "tool_calls": [{1: "int key"}]}, "tool_calls"),
+    ({"role": "user", "content": "x", "tool_call_id": 7}, "tool_call_id"),
+    ({"role": "user", "content": "x", "token_count": "7"}, "token_count"),
+    ({"role": "user", "content": "x", "token_count": 2**64}, "token_count"),
+    ({"role": "user", "content": "x", "token_count": True}, "token_count"),
+    ({"role": "user", "content": "x", "timestamp": "2024-01-01"}, "timestamp"),
+    ({"role": "user", "content": "x", "timestamp": math.inf}, "timestamp"),
+    ({"role": "user", "content": "x", "observed": 1}, "observed"),
+    ({"role": "user", "content": "x", "custom": {1, 2}}, "custom"),
+    ({"role": "user", "content": "x", "custom": Opaque()}, "custom"),
+    ({"role": "user", "content": "x", 5: "int key"}, None),
+]
+
+
+@pytest.mark.parametrize(("bad", "key"), BAD_VALUES)
+def test_bad_message_is_refused_before_writing(
+    store: SessionStore, bad: Any, key: str | None
+) -> None:
+    store.create_session("s", source="test")
+    good = {"role": "user", "content": "fine"}
+    with pytest.raises(InvalidMessageError) as err:
+        store.flush("s", [good, bad])
+    assert err.value.index == 1
+    assert err.value.key == key
+    assert "nothing was written" in str(err.value)
+    with pytest.raises(InvalidMessageError):
+        store.append("s", bad)
+    assert count_rows(store.engine, "hermes_messages") == 0
+    session = store.get_session("s")
+    assert session is not None
+    assert session["flushed_idx"] == 0
+
+
+@pytest.mark.parametrize("bad", ["a string", b"bytes", {"role": "user"}, 42])
+def test_messages_must_be_a_list(store: SessionStore, bad: Any) -> None:
+    store.create_session("s", source="test")
+    with pytest.raises(InvalidMessageError):
+        store.flush("s", bad)
+
+
+@HYPOTHESIS
+@given(junk=st.lists(st.one_of(json_values, messages()), min_size=1, max_size=3))
+def test_arbitrary_input_is_stored_exactly_or_refused_whole(
+    store: SessionStore, junk: list[Any]
+) -> None:
+    sid = f"junk-{next(_ids)}"
+    store.create_session(sid, source="test")
+    try:
+        store.flush(sid, junk)
+    except InvalidMessageError:
+        assert store.get_messages(sid) == []
+    else:
+        assert store.get_messages(sid) == junk
+
+
+def test_get_messages_pages_by_idx(store: SessionStore) -> None:
+    store.create_session("s", source="test")
+    msgs = [{"role": "user", "content": str(i)} for i in range(10)]
+    store.flush("s", msgs)
+    assert store.get_messages("s", offset=3, limit=4) == msgs[3:7]
+    assert store.get_messages("s", offset=8) == msgs[8:]
+    assert store.get_messages("s", limit=0) == []
+    assert store.get_messages("s", offset=20) == []
+    with pytest.raises(ValueError, match="offset"):
+        store.get_messages("s", offset=-1)
+    with pytest.raises(SessionNotFoundError):
+        store.get_messages("missing")
+
+
+def test_json_numbers_keep_their_type(store: SessionStore) -> None:
+    """1e300 and 0.0 stay floats, big ints stay ints, on both backends."""
+    store.create_session("s", source="test")
+    msg = {
+        "role": "assistant",
+        "content": None,
+        "codex_message_items": 0.0,
+        "reasoning_details": [1e300, 2**70, -0.5, True],
+        "custom": {"n": 1.0},
+    }
+    store.flush("s", [msg])
+    (back,) = store.get_messages("s")
+    assert repr(back["codex_message_items"]) == "0.0"
+    assert [type(v) for v in back["reasoning_details"]] == [float, int, float, bool]
+    assert repr(back["custom"]["n"]) == "1.0"

@@ -1,0 +1,124 @@
+"""Migrations on both dialects: pytest-alembic's built-in tests, and every way to run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pytest_alembic.tests import (  # the four built-in tests, on each backend
+    test_model_definitions_match_ddl,
+    test_single_head_revision,
+    test_up_down_consistency,
+    test_upgrade,
+)
+from sqlalchemy import inspect
+from sqlalchemy.pool import NullPool
+
+import hermes_orm
+from hermes_orm import SchemaOutOfDateError, SchemaTooNewError, create_store_engine, migrations
+
+__all__ = [
+    "test_model_definitions_match_ddl",
+    "test_single_head_revision",
+    "test_up_down_consistency",
+    "test_upgrade",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_TABLES = {"hermes_sessions", "hermes_messages", "hermes_orm_alembic_version"}
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _alembic(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_alembic_cli_from_repo_root_up_down_up(empty_db_url: str) -> None:
+    for step in (("upgrade", "head"), ("downgrade", "base"), ("upgrade", "head")):
+        result = _alembic("-x", f"url={empty_db_url}", *step)
+        assert result.returncode == 0, result.stderr
+        expected = OUR_TABLES if step[0] == "upgrade" else {"hermes_orm_alembic_version"}
+        assert _tables(empty_db_url) == expected
+    current = _alembic("-x", f"url={empty_db_url}", "current")
+    assert migrations.head() in current.stdout
+
+
+def test_python_api_and_check(empty_db_url: str) -> None:
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with pytest.raises(SchemaOutOfDateError):
+        hermes_orm.check_schema(engine)
+    hermes_orm.upgrade(engine)
+    hermes_orm.check_schema(engine)
+    assert migrations.current(engine) == migrations.head()
+    hermes_orm.downgrade(engine, "base")
+    assert migrations.current(engine) is None
+    assert _tables(empty_db_url) == {"hermes_orm_alembic_version"}
+    engine.dispose()
+
+
+def test_a_newer_schema_is_refused(db_url: str) -> None:
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_orm_alembic_version SET version_num = 'zzzz_future'")
+    with pytest.raises(SchemaTooNewError, match="upgrade the hermes-orm package"):
+        hermes_orm.check_schema(engine)
+    engine.dispose()
+
+
+def test_host_tables_and_version_table_untouched(empty_db_url: str) -> None:
+    """Our migrations live beside a host app's own tables and alembic_version."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('host_rev_1')")
+        conn.exec_driver_sql("CREATE TABLE host_users (id INTEGER PRIMARY KEY)")
+    hermes_orm.upgrade(engine)
+    hermes_orm.downgrade(engine, "base")
+    hermes_orm.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == (
+            "host_rev_1"
+        )
+    assert {"host_users", "alembic_version"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert migrations.include_name("host_users", "table") is True
+    assert migrations.include_name("hermes_sessions", "table") is False
+    assert migrations.include_name("hermes_orm_alembic_version", "table") is False
+
+
+def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "HERMES_ORM_URL": empty_db_url, "HERMES_HOME": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hermes_orm.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+
+    check = cli("db", "check")
+    assert check.returncode == 2
+    assert "hermes-orm db upgrade" in check.stderr
+    assert cli("db", "upgrade").returncode == 0
+    assert cli("db", "check").returncode == 0
+    assert "up to date" in cli("db", "current").stdout
+    assert cli("db", "downgrade", "base").returncode == 0
+    assert "no hermes_orm schema" in cli("db", "current").stdout

@@ -1,0 +1,171 @@
+"""Sessions: create, ensure (racing), read, end, delete, list with keyset pagination."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+
+from hermes_orm import (
+    InvalidSessionError,
+    SchemaOutOfDateError,
+    SessionExistsError,
+    SessionNotFoundError,
+    SessionStore,
+)
+from tests.conftest import count_rows
+
+
+def test_create_and_get(store: SessionStore) -> None:
+    created = store.create_session(
+        "s1",
+        source="cli",
+        model="openai/gpt-5",
+        model_config={"temperature": 0.7},
+        user_id="u1",
+        title="first",
+        extra={"labels": ["a"]},
+        started_at=1700000000.5,
+    )
+    got = store.get_session("s1")
+    assert got == created
+    assert got is not None
+    assert got["flushed_idx"] == 0 == got["message_count"]
+    assert got["model_config"] == {"temperature": 0.7}
+    assert got["extra"] == {"labels": ["a"]}
+    assert got["started_at"] == 1700000000.5
+    assert store.get_session("missing") is None
+
+
+def test_create_twice_is_a_typed_error(store: SessionStore) -> None:
+    store.create_session("s1", source="cli")
+    with pytest.raises(SessionExistsError):
+        store.create_session("s1", source="cli")
+
+
+@pytest.mark.parametrize(
+    ("session_id", "fields"),
+    [
+        ("", {}),
+        ("x" * 256, {}),
+        ("nul\x00", {}),
+        (5, {}),
+        ("ok", {"no_such_column": 1}),
+        ("ok", {"flushed_idx": 3}),
+        ("ok", {"message_count": 3}),
+        ("ok", {"model": 5}),
+        ("ok", {"input_tokens": "many"}),
+        ("ok", {"input_tokens": True}),
+        ("ok", {"started_at": float("nan")}),
+        ("ok", {"archived": "yes"}),
+        ("ok", {"extra": {"bad": {1, 2}}}),
+        ("ok", {"model_config": {1: "int key"}}),
+        ("ok", {"started_at": None}),
+        ("ok", {"source": None}),
+    ],
+)
+def test_bad_session_input_is_refused(
+    store: SessionStore, session_id: Any, fields: dict[str, Any]
+) -> None:
+    fields = dict(fields)  # the parameter is shared between backends
+    source = fields.pop("source", "cli")
+    with pytest.raises(InvalidSessionError):
+        store.create_session(session_id, source=source, **fields)
+    assert count_rows(store.engine, "hermes_sessions") == 0
+
+
+def test_ensure_session_fills_only_missing_fields(store: SessionStore) -> None:
+    assert store.ensure_session("s1", source="gateway", user_id="u1") is True
+    assert store.ensure_session("s1", source="cli", model="m", user_id="other") is False
+    got = store.get_session("s1")
+    assert got is not None
+    assert (got["source"], got["user_id"], got["model"]) == ("gateway", "u1", "m")
+
+
+def _ensure(url: str, barrier: Any, results: Any) -> None:
+    store = SessionStore(url)
+    barrier.wait()
+    results.put(store.ensure_session("raced", source="gateway"))
+    store.close()
+
+
+def test_ensure_session_race_between_processes(store: SessionStore, db_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_ensure, args=(db_url, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(results.get(timeout=5) for _ in procs) == [False, False, True]
+    assert count_rows(store.engine, "hermes_sessions") == 1
+
+
+def test_end_session(store: SessionStore) -> None:
+    store.create_session("s1", source="cli")
+    store.end_session("s1", "user_exit")
+    got = store.get_session("s1")
+    assert got is not None
+    assert got["end_reason"] == "user_exit"
+    assert got["ended_at"] >= got["started_at"]
+    with pytest.raises(SessionNotFoundError):
+        store.end_session("missing", "x")
+
+
+def test_delete_session_removes_messages_and_unlinks_children(store: SessionStore) -> None:
+    store.create_session("parent", source="cli")
+    store.create_session("child", source="cli", parent_session_id="parent")
+    store.create_session("other", source="cli")
+    store.flush("parent", [{"role": "user", "content": "hi"}])
+    store.flush("other", [{"role": "user", "content": "keep"}])
+    assert store.delete_session("parent") is True
+    assert store.delete_session("parent") is False
+    assert store.get_session("parent") is None
+    child = store.get_session("child")
+    assert child is not None
+    assert child["parent_session_id"] is None
+    assert count_rows(store.engine, "hermes_messages") == 1
+    assert store.get_messages("other") == [{"role": "user", "content": "keep"}]
+
+
+def test_list_sessions_keyset_pages_and_filters(store: SessionStore) -> None:
+    for i in range(7):
+        store.create_session(
+            f"s{i}",
+            source="cli" if i % 2 else "telegram",
+            user_id=f"u{i % 3}",
+            started_at=1000.0 + i // 2,
+        )
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = store.list_sessions(limit=3, cursor=cursor)
+        seen += [s["id"] for s in page.sessions]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    # newest first; ties on started_at broken by id, descending
+    assert seen == ["s6", "s5", "s4", "s3", "s2", "s1", "s0"]
+    assert [s["id"] for s in store.list_sessions(source="cli").sessions] == ["s5", "s3", "s1"]
+    assert [s["id"] for s in store.list_sessions(user_id="u0").sessions] == ["s6", "s3", "s0"]
+    with pytest.raises(InvalidSessionError):
+        store.list_sessions(cursor="not-a-cursor")
+    with pytest.raises(InvalidSessionError):
+        store.list_sessions(limit=0)
+
+
+def test_store_refuses_a_database_without_schema(empty_db_url: str) -> None:
+    store = SessionStore(empty_db_url)
+    with pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"):
+        store.create_session("s", source="cli")
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.close()
+
+
+def test_repr_hides_the_password() -> None:
+    store = SessionStore("postgresql://user:secret@127.0.0.1:1/db")
+    assert "secret" not in repr(store)
+    assert "***" in repr(store)
