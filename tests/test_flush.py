@@ -375,3 +375,46 @@ def test_threads_flushing_one_session(store: SessionStore) -> None:
         t.join()
     assert errors == []
     assert_exact(store, "shared", full)
+
+
+# -- the same harness against the design this library replaces -----------------------------
+
+
+class InMemoryCursorFlusher:
+    """A cursor kept in process memory, one commit per message, advanced after the loop."""
+
+    def __init__(self, engine: Engine, session_id: str) -> None:
+        self.engine, self.session_id, self.cursor = engine, session_id, 0
+
+    def flush(self, messages: list[dict[str, Any]]) -> None:
+        from hermes_orm._codec import encode_message
+
+        for offset, message in enumerate(messages[self.cursor :]):
+            row = {
+                **encode_message(message).row,
+                "session_id": self.session_id,
+                "idx": self.cursor + offset,
+            }
+            with self.engine.begin() as conn:
+                conn.execute(Message.__table__.insert(), [row])
+        self.cursor = len(messages)
+
+
+def test_the_failure_harness_catches_an_in_memory_cursor(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Proof that the failure test has teeth: the old design cannot pass it."""
+    store.create_session("naive", source="cli")
+    naive = InMemoryCursorFlusher(engine, "naive")
+    turn = conversation(1)
+    hook = _fail_at(engine, 2, Boom("second message fails"))
+    try:
+        with pytest.raises(Boom):
+            naive.flush(turn)
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+    # the retry rewrites message 0: only UNIQUE(session_id, idx) stops the duplicate
+    with pytest.raises(IntegrityError):
+        naive.flush(turn)
+    with pytest.raises(AssertionError):
+        assert_exact(store, "naive", turn)

@@ -70,9 +70,10 @@ def run_migrations_online() -> None:
         return
     # An injected Engine (some tools pass one) is used as is, never disposed here.
     injected = isinstance(connection, Engine)
-    engine: Engine = (
-        connection if injected else create_store_engine(_url(), poolclass=pool.NullPool)
-    )
+    if isinstance(connection, Engine):
+        engine = connection
+    else:
+        engine = create_store_engine(_url(), poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
             _configure(conn)
