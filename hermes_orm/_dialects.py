@@ -28,10 +28,9 @@ from hermes_orm.errors import DatabaseBusyError, DatabaseError
 
 T = TypeVar("T")
 
-#: How long one SQLite connection waits for the write lock before failing.
-SQLITE_BUSY_TIMEOUT_MS = 5000
-#: How long one PostgreSQL statement waits for a row lock (engines we create).
-PG_LOCK_TIMEOUT_MS = 5000
+#: Default seconds one attempt waits for a lock: SQLite ``busy_timeout``, and
+#: PostgreSQL ``lock_timeout`` on engines built from a URL.
+LOCK_TIMEOUT = 5.0
 
 _SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # SQLITE_BUSY, SQLITE_LOCKED (primary codes; extended codes keep them in the low byte).
@@ -106,7 +105,11 @@ def _create_private_file(path: Path) -> None:
 
 
 def create_store_engine(
-    url: str | URL, *, sqlite_synchronous: str = "FULL", **engine_kwargs: Any
+    url: str | URL,
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float = LOCK_TIMEOUT,
+    **engine_kwargs: Any,
 ) -> Engine:
     """Create an engine set up for hermes_orm from a URL.
 
@@ -123,24 +126,34 @@ def create_store_engine(
             _create_private_file(path)
     elif parsed.get_backend_name() == "postgresql":
         connect_args = kwargs.setdefault("connect_args", {})
-        connect_args.setdefault("options", f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}")
+        connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
     engine = create_engine(parsed, **kwargs)
-    configure_engine(engine, sqlite_synchronous=sqlite_synchronous)
+    configure_engine(engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout)
     return engine
 
 
-def configure_engine(engine: Engine, *, sqlite_synchronous: str = "FULL") -> None:
+def _millis(seconds: float) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+        raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {seconds!r}")
+    return int(seconds * 1000)
+
+
+def configure_engine(
+    engine: Engine, *, sqlite_synchronous: str = "FULL", lock_timeout: float = LOCK_TIMEOUT
+) -> None:
     """Apply the per-connection SQLite settings to ``engine`` (no-op elsewhere).
 
-    Connections opened from then on get WAL, ``busy_timeout``,
-    ``foreign_keys=ON`` and the given ``synchronous`` level.
+    Connections opened from then on get WAL, ``busy_timeout`` (``lock_timeout``
+    seconds), ``foreign_keys=ON`` and the given ``synchronous`` level.
     """
     if engine.dialect.name != "sqlite":
         return
     level = sqlite_synchronous.upper()
     if level not in _SQLITE_SYNCHRONOUS:
         raise ValueError(f"sqlite_synchronous must be one of {_SQLITE_SYNCHRONOUS}, got {level!r}")
-    if getattr(engine, "_hermes_orm_configured", None) == level:
+    busy_ms = _millis(lock_timeout)
+    settings = (level, busy_ms)
+    if getattr(engine, "_hermes_orm_configured", None) == settings:
         return
     memory = _sqlite_file(engine.url) is None
 
@@ -149,14 +162,14 @@ def configure_engine(engine: Engine, *, sqlite_synchronous: str = "FULL") -> Non
         try:
             if not memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA synchronous={level}")
         finally:
             cursor.close()
 
     event.listen(engine, "connect", on_connect)
-    engine._hermes_orm_configured = level  # type: ignore[attr-defined]
+    engine._hermes_orm_configured = settings  # type: ignore[attr-defined]
 
 
 def begin_write(conn: Connection) -> None:

@@ -186,6 +186,9 @@ class SessionStore:
         sqlite_synchronous: SQLite ``synchronous`` level for connections this
             store configures. ``FULL`` (default) also survives power loss;
             ``NORMAL`` in WAL mode survives process crashes and is faster.
+        lock_timeout: Seconds one attempt waits for a lock: SQLite's
+            ``busy_timeout``, and PostgreSQL's ``lock_timeout`` on engines built
+            from a URL (an Engine passed in keeps its own PostgreSQL settings).
         check_schema: Refuse to work on a database whose schema is not at the
             shipped head revision (the first operation checks once).
     """
@@ -196,15 +199,18 @@ class SessionStore:
         *,
         retry: RetryPolicy | None = None,
         sqlite_synchronous: str = "FULL",
+        lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
     ) -> None:
+        settings: dict[str, Any] = {
+            "sqlite_synchronous": sqlite_synchronous,
+            "lock_timeout": lock_timeout,
+        }
         if isinstance(bind, Engine):
             self._engine = bind
-            _dialects.configure_engine(bind, sqlite_synchronous=sqlite_synchronous)
+            _dialects.configure_engine(bind, **settings)
         else:
-            self._engine = _dialects.create_store_engine(
-                bind, sqlite_synchronous=sqlite_synchronous
-            )
+            self._engine = _dialects.create_store_engine(bind, **settings)
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
 

@@ -418,3 +418,33 @@ def test_the_failure_harness_catches_an_in_memory_cursor(
         naive.flush(turn)
     with pytest.raises(AssertionError):
         assert_exact(store, "naive", turn)
+
+
+def test_a_held_lock_ends_in_a_busy_error_that_names_the_holder(db_url: str, backend: str) -> None:
+    from hermes_orm import create_store_engine
+
+    store = SessionStore(
+        create_store_engine(db_url, lock_timeout=0.2),
+        lock_timeout=0.2,
+        retry=RetryPolicy(attempts=2, base_delay=0.01),
+    )
+    store.create_session("s", source="cli")
+    holder = create_store_engine(
+        db_url, connect_args={"application_name": "long-writer"} if backend == "postgresql" else {}
+    )
+    with holder.connect() as conn:
+        if backend == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("SELECT 1 FROM hermes_sessions WHERE id = 's' FOR UPDATE")
+        with pytest.raises(DatabaseBusyError) as err:
+            store.flush("s", conversation(1))
+        conn.rollback()
+    assert err.value.attempts == 2
+    if backend == "sqlite":
+        assert "held the SQLite write lock" in str(err.value)
+    else:
+        assert "long-writer" in str(err.value)
+    assert store.flush("s", conversation(1)).written == 3
+    holder.dispose()
+    store.close()
