@@ -53,7 +53,6 @@ ROW_COLUMNS = (
 )
 
 _INT64 = 2**63
-_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,21 +110,72 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
         )
 
 
-def _canonical(message: Mapping[str, Any], index: int | None) -> bytes:
-    try:
-        text = json.dumps(
-            message, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        )
-        return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+_dumps = json.JSONEncoder(
+    sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+).encode
+_loads = json.loads
+
+
+def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessageError | None:
+    """Walk ``message`` for what makes it unstorable, for a precise error (the slow path)."""
+    for key, value in message.items():
+        if not isinstance(key, str):
+            return InvalidMessageError(
+                f"message keys must be strings, got {type(key).__name__} {key!r}", index=index
+            )
+        try:
+            _check_str(key, index, key)
+            _check_json(value, index, key)
+        except InvalidMessageError as exc:
+            return exc
+    return None
+
+
+def _diagnose(message: Mapping[str, Any], index: int | None) -> InvalidMessageError:
+    return _find_problem(message, index) or InvalidMessageError(
+        "the message does not survive a JSON round trip", index=index
+    )
+
+
+def _column_value(key: str, value: Any, index: int | None) -> Any:
+    """Type-check the value of a key that has a column; return what the column stores."""
+    if key in TEXT_KEYS:
+        if not isinstance(value, str):
+            raise InvalidMessageError(
+                f"must be a str or None, got {type(value).__name__}", index=index, key=key
+            )
+        return value
+    if key in BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise InvalidMessageError(
+                f"must be a bool or None, got {type(value).__name__}", index=index, key=key
+            )
+        return value
+    if key == "token_count":
+        if isinstance(value, bool) or not isinstance(value, int) or not -_INT64 <= value < _INT64:
+            raise InvalidMessageError("must be a 64-bit int or None", index=index, key=key)
+        return value
+    # timestamp
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMessageError(
-            "text is not valid Unicode (lone surrogate characters cannot be stored)",
-            index=index,
-        ) from exc
+            "must be Unix epoch seconds (int or float) or None", index=index, key=key
+        )
+    stamp = float(value)
+    if not math.isfinite(stamp):
+        raise InvalidMessageError("must be a finite number", index=index, key=key)
+    return stamp
+
+
+_SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
 
 
 def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     """Validate ``message`` and map it onto the columns of ``hermes_messages``.
+
+    A message is storable when its canonical JSON (sorted keys, no NaN) parses
+    back equal to it, contains no NUL and is valid UTF-8, and the keys with a
+    column of their own hold values of that column's type. The canonical JSON
+    is also what the digest is taken of.
 
     Args:
         message: A message dict (``role`` required, see the module docstring).
@@ -138,10 +188,12 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     Raises:
         InvalidMessageError: The message cannot be stored exactly.
     """
-    if not isinstance(message, Mapping):
-        raise InvalidMessageError(
-            f"a message must be a dict, got {type(message).__name__}", index=index
-        )
+    if type(message) is not dict:
+        if not isinstance(message, Mapping):
+            raise InvalidMessageError(
+                f"a message must be a dict, got {type(message).__name__}", index=index
+            )
+        message = dict(message)
     role = message.get("role")
     if role is None:
         raise InvalidMessageError("missing 'role'", index=index, key="role")
@@ -153,75 +205,57 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
     row["role"] = role
     extra: dict[str, Any] = {}
-    canonical_source: Mapping[str, Any] = message if type(message) is dict else dict(message)
+    canonical_source = message
     tool_calls = 0
     for key, value in message.items():
-        if not isinstance(key, str):
-            raise InvalidMessageError(
-                f"message keys must be strings, got {type(key).__name__} {key!r}", index=index
-            )
         if key == "role":
             continue
         if value is None:
-            _check_str(key, index, key)
             extra[key] = None
         elif key == "content":
-            if isinstance(value, str):
-                _check_str(value, index, key)
+            if type(value) is str:
                 row["content"] = value
             elif isinstance(value, list):
-                _check_json(value, index, key)
                 row["content_parts"] = value
+            elif isinstance(value, str):
+                row["content"] = value
             else:
                 raise InvalidMessageError(
                     f"content must be a str, a list of parts or None, got {type(value).__name__}",
                     index=index,
                     key=key,
                 )
-        elif key in TEXT_KEYS:
-            if not isinstance(value, str):
-                raise InvalidMessageError(
-                    f"must be a str or None, got {type(value).__name__}", index=index, key=key
-                )
-            _check_str(value, index, key)
-            row[key] = value
+        elif key in _SCALAR_COLUMNS:
+            stored = row[key] = _column_value(key, value, index)
+            if stored is not value and type(value) is not float and key == "timestamp":
+                # It reads back as a float: digest the form that is stored.
+                canonical_source = {**message, "timestamp": stored}
         elif key in JSON_KEYS:
-            _check_json(value, index, key)
             row[key] = value
             if key == "tool_calls":
                 tool_calls = len(value) if isinstance(value, list) else 1
-        elif key in BOOL_KEYS:
-            if not isinstance(value, bool):
-                raise InvalidMessageError(
-                    f"must be a bool or None, got {type(value).__name__}", index=index, key=key
-                )
-            row[key] = value
-        elif key == "token_count":
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or not (-_INT64 <= value < _INT64)
-            ):
-                raise InvalidMessageError("must be a 64-bit int or None", index=index, key=key)
-            row[key] = value
-        elif key == "timestamp":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidMessageError(
-                    "must be Unix epoch seconds (int or float) or None", index=index, key=key
-                )
-            stamp = float(value)
-            if not math.isfinite(stamp):
-                raise InvalidMessageError("must be a finite number", index=index, key=key)
-            row[key] = stamp
-            if type(value) is not float:
-                # It reads back as a float: digest the form that is stored.
-                canonical_source = {**message, "timestamp": stamp}
         else:
-            _check_str(key, index, key)
-            _check_json(value, index, key)
             extra[key] = value
     row["extra"] = extra or None
-    digest = hashlib.blake2b(_canonical(canonical_source, index), digest_size=16).digest()
+
+    try:
+        text = _dumps(canonical_source)
+    except (TypeError, ValueError):
+        raise _diagnose(message, index) from None
+    # JSON escapes NUL as backslash-u0000, but the same six characters also
+    # follow an escaped backslash in harmless text: only the walk can tell.
+    if "\\u0000" in text and (problem := _find_problem(message, index)) is not None:
+        raise problem
+    if _loads(text) != canonical_source:
+        raise _diagnose(message, index)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError(
+            "text is not valid Unicode (lone surrogate characters cannot be stored)",
+            index=index,
+        ) from exc
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
     row["digest"] = digest
     return EncodedMessage(row=row, digest=digest, tool_calls=tool_calls)
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec, _dialects, migrations
 from hermes_orm._dialects import RetryPolicy
@@ -73,6 +74,27 @@ _LOCK_SESSION = (
     .where(_sessions.c.id == bindparam("session_id"))
     .with_for_update()
 )
+
+#: Advance the cursor from ``b_expected`` to ``b_end``: the compare-and-swap
+#: that makes a flush on a remembered cursor safe (0 rows: someone else moved it).
+_ADVANCE = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("b_id"), _sessions.c.flushed_idx == bindparam("b_expected"))
+    .values(
+        flushed_idx=bindparam("b_end"),
+        message_count=bindparam("b_end"),
+        flushed_digest=bindparam("b_digest"),
+        tool_call_count=_sessions.c.tool_call_count + bindparam("b_tool_calls"),
+    )
+)
+_ADVANCE_IF_DIGEST = _ADVANCE.where(_sessions.c.flushed_digest == bindparam("b_expected_digest"))
+_INSERT_MESSAGES = insert(_messages)
+#: Sessions whose cursor a store remembers; past this it forgets them all.
+_HINTS_MAX = 10_000
+
+
+class _StaleHint(Exception):
+    """The remembered cursor was not the stored one; nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +235,9 @@ class SessionStore:
             self._engine = _dialects.create_store_engine(bind, **settings)
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
+        # session id -> (cursor, digest at it) after this store's last write: a
+        # hint that saves reading the row; every use is verified in the database.
+        self._hints: dict[str, tuple[int, bytes | None]] = {}
 
     @property
     def engine(self) -> Engine:
@@ -380,6 +405,7 @@ class SessionStore:
             )
             return conn.execute(delete(_sessions).where(_sessions.c.id == session_id)).rowcount == 1
 
+        self._hints.pop(session_id, None)
         return self._write(work)
 
     def list_sessions(
@@ -465,7 +491,14 @@ class SessionStore:
         if verify not in ("last", "full"):
             raise ValueError(f"verify must be 'last' or 'full', got {verify!r}")
 
-        def work(conn: Connection) -> FlushResult:
+        hint = self._hints.get(session_id) if verify == "last" else None
+        if hint is not None and len(messages) > hint[0]:
+            try:
+                return self._flush_on_hint(session_id, messages, *hint)
+            except _StaleHint:
+                self._hints.pop(session_id, None)
+
+        def work(conn: Connection) -> tuple[FlushResult, bytes | None]:
             stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
             if stored is None:
                 raise SessionNotFoundError(session_id)
@@ -479,12 +512,51 @@ class SessionStore:
                 verify=verify,
             )
             if len(messages) <= cursor:
-                return FlushResult(written=0, cursor=cursor)
-            encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
-            self._insert(conn, session_id, cursor, encoded)
+                return FlushResult(written=0, cursor=cursor), stored.flushed_digest
+            encoded = [
+                _codec.encode_message(messages[i], i) for i in range(cursor, len(messages))
+            ]
+            self._insert(conn, session_id, cursor, stored.flushed_digest, encoded)
+            return FlushResult(len(encoded), cursor + len(encoded)), encoded[-1].digest
+
+        result, digest = self._write(work)
+        self._remember(session_id, result.cursor, digest)
+        return result
+
+    def _flush_on_hint(
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        cursor: int,
+        digest: bytes | None,
+    ) -> FlushResult:
+        """Flush on the remembered cursor: no read, the UPDATE checks it in the database.
+
+        The inserts and the cursor's compare-and-swap are one transaction; if
+        the stored cursor or digest is not the remembered one, it rolls back and
+        :class:`_StaleHint` sends the caller to the locked read.
+        """
+        if cursor and _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
+            raise _StaleHint
+        # Validated before the transaction begins: bad input never takes a lock.
+        encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+
+        def work(conn: Connection) -> FlushResult:
+            try:
+                self._insert(conn, session_id, cursor, digest, encoded)
+            except IntegrityError:
+                # Positions taken (another writer) or the session is gone.
+                raise _StaleHint from None
             return FlushResult(written=len(encoded), cursor=cursor + len(encoded))
 
-        return self._write(work)
+        result = self._write(work)
+        self._remember(session_id, result.cursor, encoded[-1].digest)
+        return result
+
+    def _remember(self, session_id: str, cursor: int, digest: bytes | None) -> None:
+        if len(self._hints) >= _HINTS_MAX:
+            self._hints.clear()
+        self._hints[session_id] = (cursor, digest)
 
     def append(self, session_id: str, message: dict[str, Any]) -> int:
         """Store one message at the session's cursor; returns its ``idx``.
@@ -499,10 +571,12 @@ class SessionStore:
             stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
             if stored is None:
                 raise SessionNotFoundError(session_id)
-            self._insert(conn, session_id, stored.flushed_idx, [encoded])
+            self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [encoded])
             return int(stored.flushed_idx)
 
-        return self._write(work)
+        idx = self._write(work)
+        self._remember(session_id, idx + 1, encoded.digest)
+        return idx
 
     @staticmethod
     def _check_continues(
@@ -543,28 +617,39 @@ class SessionStore:
         if _digest_or_none(messages[overlap - 1], overlap - 1) != digest:
             raise HistoryDivergedError(session_id, stored=cursor, given=given, index=overlap - 1)
 
-    @staticmethod
     def _insert(
-        conn: Connection, session_id: str, cursor: int, encoded: list[_codec.EncodedMessage]
+        self,
+        conn: Connection,
+        session_id: str,
+        cursor: int,
+        digest: bytes | None,
+        encoded: list[_codec.EncodedMessage],
     ) -> None:
-        rows = [
-            {**item.row, "session_id": session_id, "idx": cursor + offset}
-            for offset, item in enumerate(encoded)
-        ]
-        conn.execute(insert(_messages), rows)
+        """Write the rows at ``cursor`` and move the cursor past them, if it is still there.
+
+        Raises:
+            _StaleHint: The stored cursor is not ``cursor`` / ``digest``.
+        """
+        conn.execute(
+            _INSERT_MESSAGES,
+            [
+                {**item.row, "session_id": session_id, "idx": cursor + offset}
+                for offset, item in enumerate(encoded)
+            ],
+        )
         end = cursor + len(encoded)
-        advanced = conn.execute(
-            update(_sessions)
-            .where(_sessions.c.id == session_id, _sessions.c.flushed_idx == cursor)
-            .values(
-                flushed_idx=end,
-                message_count=end,
-                flushed_digest=encoded[-1].digest,
-                tool_call_count=_sessions.c.tool_call_count + sum(e.tool_calls for e in encoded),
-            )
-        ).rowcount
-        if advanced != 1:  # pragma: no cover - the row lock makes this unreachable
-            raise RuntimeError(f"flush cursor of session {session_id!r} moved under its lock")
+        last = encoded[-1].digest
+        params = {
+            "b_id": session_id,
+            "b_expected": cursor,
+            "b_expected_digest": digest,
+            "b_end": end,
+            "b_digest": last,
+            "b_tool_calls": sum(e.tool_calls for e in encoded),
+        }
+        statement = _ADVANCE_IF_DIGEST if cursor else _ADVANCE
+        if conn.execute(statement, params).rowcount != 1:
+            raise _StaleHint
 
     def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None

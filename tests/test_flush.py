@@ -195,20 +195,33 @@ def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
     return hook
 
 
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_failure_at_every_statement_then_retry_is_exact(
-    store: SessionStore, engine: Engine, statements: list[str]
+    store: SessionStore, engine: Engine, statements: list[str], path: str
 ) -> None:
-    store.create_session("s", source="cli")
+    """Fail each statement of a flush in turn; the retry must leave exactly one copy.
+
+    A store remembers the cursor it last wrote and verifies it in the UPDATE
+    ("remembered cursor"); a store that knows nothing reads it under the row
+    lock first ("locked read"). Both paths are broken at every statement.
+    """
     history = conversation(2)
-    store.flush("s", history)
     turn = [*history, *conversation(1, "t")]
-    # count the statements of one flush of a new turn, on a copy of the session
+
+    def writer() -> SessionStore:
+        if path == "remembered cursor":
+            return store
+        return SessionStore(engine, check_schema=False)  # a store with no memory
+
     store.create_session("probe", source="cli")
     store.flush("probe", history)
     statements.clear()
-    store.flush("probe", turn)
+    writer().flush("probe", turn)
     per_flush = len(statements)
-    assert per_flush >= 3  # lock, insert, update (+ BEGIN on SQLite)
+    expected = {"remembered cursor": 2, "locked read": 3}[path]
+    if engine.dialect.name == "sqlite":
+        expected += 1  # BEGIN IMMEDIATE
+    assert per_flush == expected
 
     for n in range(1, per_flush + 1):
         sid = f"fail-{n}"
@@ -217,11 +230,11 @@ def test_failure_at_every_statement_then_retry_is_exact(
         hook = _fail_at(engine, n, Boom(f"statement {n}"))
         try:
             with pytest.raises((Boom, DatabaseError)):
-                store.flush(sid, turn)
+                writer().flush(sid, turn)
         finally:
             event.remove(engine, "before_cursor_execute", hook)
         assert_exact(store, sid, history)  # nothing half-written
-        assert store.flush(sid, turn).written == 3
+        assert writer().flush(sid, turn).written == 3
         assert_exact(store, sid, turn)
 
 
@@ -448,3 +461,19 @@ def test_a_held_lock_ends_in_a_busy_error_that_names_the_holder(db_url: str, bac
     assert store.flush("s", conversation(1)).written == 3
     holder.dispose()
     store.close()
+
+
+def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Engine) -> None:
+    """Another store moving the cursor, or recreating the session, is never missed."""
+    other = SessionStore(engine, check_schema=False)
+    store.create_session("s", source="cli")
+    first, second, third = conversation(1, "a"), conversation(1, "b"), conversation(1, "c")
+    store.flush("s", first)  # store now remembers cursor 3
+    other.flush("s", [*first, *second])  # ...which another writer moves to 6
+    assert store.flush("s", [*first, *second, *third]) == FlushResult(written=3, cursor=9)
+    assert_exact(store, "s", [*first, *second, *third])
+
+    other.delete_session("s")  # the session is recreated empty behind store's back
+    other.create_session("s", source="cli")
+    assert store.flush("s", [*first, *second]) == FlushResult(written=6, cursor=6)
+    assert_exact(store, "s", [*first, *second])

@@ -192,3 +192,10 @@ def test_json_numbers_keep_their_type(store: SessionStore) -> None:
     assert repr(back["codex_message_items"]) == "0.0"
     assert [type(v) for v in back["reasoning_details"]] == [float, int, float, bool]
     assert repr(back["custom"]["n"]) == "1.0"
+
+
+def test_text_that_only_looks_like_a_nul_escape_is_stored(store: SessionStore) -> None:
+    store.create_session("s", source="test")
+    msg = {"role": "user", "content": "a literal \\u0000 is six characters", "k": ["\\u0000"]}
+    store.flush("s", [msg])
+    assert store.get_messages("s") == [msg]

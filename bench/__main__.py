@@ -1,0 +1,474 @@
+"""Benchmarks of hermes_orm, side by side in one run, as ratios against baselines.
+
+    python -m bench                 # full run; writes docs/benchmarks.md and the chart
+    python -m bench --quick         # tiny sizes, nothing written, targets not enforced
+
+Each measurement runs its baseline in the same process on an identical fresh
+database; ratios are of medians over ``--repeat`` runs. The run exits non-zero
+when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+import hermes_orm
+from bench._replay import record, replay_psycopg, replay_sqlite
+from bench._workload import conversations, history
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    name: str
+    ours: str
+    baseline: str
+    ratio: float | None
+    target: str
+    ok: bool | None
+
+    def cells(self) -> list[str]:
+        ratio = "" if self.ratio is None else f"{self.ratio:.2f}x"
+        verdict = {True: "met", False: "MISSED", None: ""}[self.ok]
+        return [self.name, self.ours, self.baseline, ratio, self.target, verdict]
+
+
+@dataclass
+class Sizes:
+    sessions: int
+    turns: int
+    lengths: tuple[int, ...]
+    flat_turns: int
+    bulk: int
+    read: int
+    repeat: int
+
+
+FULL = Sizes(sessions=20, turns=25, lengths=(10, 10_000, 100_000), flat_turns=60,
+             bulk=100_000, read=10_000, repeat=5)
+QUICK = Sizes(sessions=2, turns=3, lengths=(10, 200), flat_turns=3, bulk=500, read=100,
+              repeat=1)
+
+
+# -- databases ----------------------------------------------------------------------------
+
+
+class Databases:
+    """Fresh, identical databases: SQLite files copied from a template, PG from a template DB."""
+
+    def __init__(self, workdir: Path, pg_url: str | None) -> None:
+        self.workdir = workdir
+        self.pg_url = pg_url
+        self._n = 0
+
+    def _name(self) -> str:
+        self._n += 1
+        return f"bench_{self._n}"
+
+    def sqlite_template(self, sessions: int) -> Path:
+        path = self.workdir / f"{self._name()}.db"
+        store = hermes_orm.SessionStore(f"sqlite:///{path}")
+        store.upgrade()
+        for s in range(sessions):
+            store.create_session(f"s{s}", source="bench", started_at=1.0)
+        store.close()
+        return path
+
+    def sqlite_copy(self, template: Path) -> Path:
+        path = self.workdir / f"{self._name()}.db"
+        shutil.copyfile(template, path)
+        return path
+
+    def _pg_admin(self) -> Engine:
+        assert self.pg_url is not None
+        return create_engine(make_url(self.pg_url), poolclass=NullPool,
+                             isolation_level="AUTOCOMMIT")
+
+    def pg_template(self, sessions: int) -> str:
+        name = self._name()
+        admin = self._pg_admin()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        admin.dispose()
+        store = hermes_orm.SessionStore(self._pg_db_url(name))
+        store.upgrade()
+        for s in range(sessions):
+            store.create_session(f"s{s}", source="bench", started_at=1.0)
+        store.close()
+        return name
+
+    def pg_copy(self, template: str) -> str:
+        name = self._name()
+        admin = self._pg_admin()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY'
+            )
+        admin.dispose()
+        return self._pg_db_url(name)
+
+    def _pg_db_url(self, name: str) -> str:
+        assert self.pg_url is not None
+        return make_url(self.pg_url).set(database=name).render_as_string(hide_password=False)
+
+
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+
+def _turn_workload(store: hermes_orm.SessionStore, convs: list[list[list[dict[str, Any]]]]) -> float:
+    """Flush every session after each of its turns, interleaved as a gateway would."""
+    lists: list[list[dict[str, Any]]] = [[] for _ in convs]
+    start = time.perf_counter()
+    for t in range(len(convs[0])):
+        for s, conv in enumerate(convs):
+            lists[s].extend(conv[t])
+            store.flush(f"s{s}", lists[s])
+    return time.perf_counter() - start
+
+
+def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str) -> tuple[float, float, int]:
+    """Median seconds of ours and of the sqlite3 replay, and the message count."""
+    convs = conversations(sizes.sessions, sizes.turns)
+    template = dbs.sqlite_template(sizes.sessions)
+    ours_t, floor_t = [], []
+    for _ in range(sizes.repeat):
+        rec_store = hermes_orm.SessionStore(f"sqlite:///{dbs.sqlite_copy(template)}",
+                                            sqlite_synchronous=synchronous)
+        rec_store.get_session("s0")
+        with record(rec_store.engine) as rec:
+            _turn_workload(rec_store, convs)
+        rec_store.close()
+
+        store = hermes_orm.SessionStore(f"sqlite:///{dbs.sqlite_copy(template)}",
+                                        sqlite_synchronous=synchronous)
+        store.get_session("s0")  # schema check and a warm connection, as in a live agent
+        ours_t.append(_turn_workload(store, convs))
+        store.close()
+        floor_t.append(replay_sqlite(str(dbs.sqlite_copy(template)), rec, synchronous))
+    return statistics.median(ours_t), statistics.median(floor_t), sizes.sessions * sizes.turns * 3
+
+
+def hermes_turns(dbs: Databases, sizes: Sizes, synchronous: str) -> float | None:
+    """Median seconds of the same workload through Hermes Agent's SessionDB.append_message."""
+    try:
+        from hermes_state import SessionDB
+    except ImportError:
+        return None
+    convs = conversations(sizes.sessions, sizes.turns)
+    times = []
+    for _ in range(sizes.repeat):
+        db = SessionDB(dbs.workdir / f"hermes-{time.monotonic_ns()}.db")
+        db._conn.execute(f"PRAGMA synchronous={synchronous}")
+        for s in range(sizes.sessions):
+            db.create_session(f"s{s}", source="bench")
+        start = time.perf_counter()
+        for t in range(sizes.turns):
+            for s, conv in enumerate(convs):
+                for m in conv[t]:
+                    db.append_message(
+                        f"s{s}", m["role"], content=m.get("content"),
+                        tool_name=m.get("tool_name"), tool_calls=m.get("tool_calls"),
+                        tool_call_id=m.get("tool_call_id"), finish_reason=m.get("finish_reason"),
+                        reasoning=m.get("reasoning"), timestamp=m.get("timestamp"),
+                    )
+        times.append(time.perf_counter() - start)
+        db.close()
+    return statistics.median(times)
+
+
+def pg_turns(dbs: Databases, sizes: Sizes) -> tuple[float, float]:
+    convs = conversations(sizes.sessions, sizes.turns)
+    template = dbs.pg_template(sizes.sessions)
+    ours_t, floor_t = [], []
+    for _ in range(sizes.repeat):
+        rec_store = hermes_orm.SessionStore(dbs.pg_copy(template))
+        rec_store.get_session("s0")
+        with record(rec_store.engine) as rec:
+            _turn_workload(rec_store, convs)
+        rec_store.close()
+        store = hermes_orm.SessionStore(dbs.pg_copy(template))
+        store.get_session("s0")
+        ours_t.append(_turn_workload(store, convs))
+        store.close()
+        floor_t.append(replay_psycopg(libpq(dbs.pg_copy(template)), rec))
+    return statistics.median(ours_t), statistics.median(floor_t)
+
+
+def flush_cost_by_length(url: str, sizes: Sizes) -> dict[int, float]:
+    """Median seconds of one turn's flush into a session already holding N messages."""
+    store = hermes_orm.SessionStore(url)
+    costs: dict[int, float] = {}
+    extra = conversations(1, sizes.flat_turns, seed=99)[0]
+    for length in sizes.lengths:
+        sid = f"len{length}"
+        store.create_session(sid, source="bench")
+        msgs = history(length)
+        store.flush(sid, msgs)
+        samples = []
+        for turn_msgs in extra:
+            msgs.extend(turn_msgs)
+            start = time.perf_counter()
+            store.flush(sid, msgs)
+            samples.append(time.perf_counter() - start)
+        costs[length] = statistics.median(samples)
+    store.close()
+    return costs
+
+
+def read_vs_raw(path: Path, sizes: Sizes) -> tuple[float, float]:
+    """get_messages of a long session vs the bare sqlite3 fetch of the same rows."""
+    import sqlite3
+
+    store = hermes_orm.SessionStore(f"sqlite:///{path}")
+    store.create_session("read", source="bench")
+    store.flush("read", history(sizes.read))
+    ours, raw = [], []
+    conn = sqlite3.connect(path)
+    for _ in range(max(3, sizes.repeat)):
+        start = time.perf_counter()
+        got = store.get_messages("read")
+        ours.append(time.perf_counter() - start)
+        assert len(got) == sizes.read
+        start = time.perf_counter()
+        conn.execute(
+            "SELECT * FROM hermes_messages WHERE session_id = ? ORDER BY idx", ("read",)
+        ).fetchall()
+        raw.append(time.perf_counter() - start)
+    conn.close()
+    store.close()
+    return statistics.median(ours), statistics.median(raw)
+
+
+def bulk_flush(path: Path, count: int) -> tuple[float, float]:
+    """Messages/s of one flush of ``count`` messages, and its peak traced memory in MiB."""
+    store = hermes_orm.SessionStore(f"sqlite:///{path}", sqlite_synchronous="NORMAL")
+    msgs = history(count)
+    store.create_session("bulk", source="bench")
+    start = time.perf_counter()
+    store.flush("bulk", msgs)
+    rate = count / (time.perf_counter() - start)
+    store.create_session("bulk-mem", source="bench")
+    tracemalloc.start()
+    store.flush("bulk-mem", msgs)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    store.close()
+    return rate, peak / 2**20
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres(skip: bool) -> Iterator[str | None]:
+    if skip:
+        yield None
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests._postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def run(sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]) -> tuple[list[Row], dict[str, dict[int, float]]]:
+    rows: list[Row] = []
+    curves: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="hermes-orm-bench-") as tmp, postgres(skip_pg) as pg:
+        dbs = Databases(Path(tmp), pg)
+        n_msgs = sizes.sessions * sizes.turns * 3
+        label = f"{sizes.sessions} sessions x {sizes.turns} turns"
+        for sync, limit in (("NORMAL", 2.0), ("FULL", 1.2)):
+            progress(f"sqlite turns, synchronous={sync}")
+            ours, floor, _ = sqlite_turns(dbs, sizes, sync)
+            rows.append(Row(f"SQLite flush per turn ({label}), synchronous={sync}",
+                            _ms(ours / (n_msgs / 3)), _ms(floor / (n_msgs / 3)) + " sqlite3 replay",
+                            ours / floor, f"<= {limit}x", ours / floor <= limit))
+            if sync == "FULL":
+                progress("hermes SessionDB.append_message, synchronous=FULL")
+                hermes = hermes_turns(dbs, sizes, sync)
+                if hermes is None:
+                    rows.append(Row("Messages/s vs Hermes SessionDB.append_message", f"{n_msgs / ours:,.0f}/s",
+                                    "hermes-agent not installed", None, ">= 4x", False))
+                else:
+                    speedup = (n_msgs / ours) / (n_msgs / hermes)
+                    rows.append(Row(f"Messages/s vs Hermes SessionDB.append_message, synchronous={sync}",
+                                    f"{n_msgs / ours:,.0f}/s", f"{n_msgs / hermes:,.0f}/s",
+                                    speedup, ">= 4x", speedup >= 4.0))
+        if pg is not None:
+            progress("postgresql turns")
+            ours, floor = pg_turns(dbs, sizes)
+            rows.append(Row(f"PostgreSQL flush per turn ({label})", _ms(ours / (n_msgs / 3)),
+                            _ms(floor / (n_msgs / 3)) + " psycopg replay", ours / floor,
+                            "<= 1.3x", ours / floor <= 1.3))
+        backends = [("SQLite", f"sqlite:///{dbs.sqlite_template(0)}")]
+        if pg is not None:
+            backends.append(("PostgreSQL", dbs.pg_copy(dbs.pg_template(0))))
+        for name, url in backends:
+            progress(f"{name} flush cost by session length")
+            costs = flush_cost_by_length(url, sizes)
+            curves[name] = costs
+            lo, hi = min(costs), max(costs)
+            ratio = costs[hi] / costs[lo]
+            rows.append(Row(f"{name} flush of a turn into {hi:,} vs {lo:,} stored messages",
+                            _ms(costs[hi]), _ms(costs[lo]), ratio, "<= 1.2x", ratio <= 1.2))
+        progress("get_messages vs raw fetch")
+        ours, raw = read_vs_raw(dbs.sqlite_template(0), sizes)
+        rows.append(Row(f"SQLite get_messages of {sizes.read:,} messages (dicts) vs sqlite3 fetchall (tuples)",
+                        _ms(ours), _ms(raw), ours / raw, "report", None))
+        progress("bulk flush")
+        rate, peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk)
+        _, small_peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk // 10)
+        rows.append(Row(f"SQLite bulk flush of {sizes.bulk:,} messages (synchronous=NORMAL)",
+                        f"{rate:,.0f} msg/s", "", None, ">= 10,000 msg/s", rate >= 10_000))
+        rows.append(Row(f"Peak memory of that flush vs one of {sizes.bulk // 10:,}",
+                        f"{peak:.1f} MiB", f"{small_peak:.1f} MiB", peak / small_peak,
+                        "<= 2x (streams in chunks)", peak / small_peak <= 2.0))
+    return rows, curves
+
+
+def table(rows: list[Row]) -> str:
+    head = ["measurement", "hermes_orm", "baseline", "ratio", "target", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def chart(curves: dict[str, dict[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, costs in curves.items():
+        xs = sorted(costs)
+        ax.plot(xs, [costs[x] * 1000 for x in xs], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("messages already stored in the session")
+    ax.set_ylabel("flush of one turn (ms, median)")
+    ax.set_title("hermes_orm: flush cost vs session length")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    import sqlite3
+
+    pg = "not run"
+    try:
+        pg = subprocess.run(["psql", "--version"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; Linux {platform.release()}; Python "
+            f"{platform.python_version()}; SQLAlchemy {sqlalchemy.__version__}; "
+            f"SQLite {sqlite3.sqlite_version}; {pg}")
+
+
+def write_docs(rows: list[Row], curves: dict[str, dict[int, float]], sizes: Sizes) -> None:
+    DOCS.mkdir(exist_ok=True)
+    chart(curves, DOCS / "flush-vs-length.png")
+    text = f"""# Benchmarks
+
+Generated by `python -m bench` (from the repository root, after
+`pip install -e '.[test,bench]'`) on {time.strftime('%Y-%m-%d')}. Every ratio
+compares hermes_orm with its baseline measured in the same run, on an identical
+fresh database, as medians of {sizes.repeat} runs. The run exits non-zero when a
+target is missed.
+
+Machine: {machine()}.
+
+{table(rows)}
+
+- **Replay floor.** The baseline of a flush is the bare driver (`sqlite3` or
+  `psycopg`) replaying the very statements, parameters and transaction
+  boundaries hermes_orm emitted for the workload (recorded with SQLAlchemy's
+  `before_cursor_execute`/`commit` events): the database work alone.
+- **Workload.** One turn is a user message, an assistant message with a tool
+  call and reasoning, and the tool's result; each of the sessions gets a turn in
+  round-robin, and the agent flushes its whole list after each turn.
+- **Hermes Agent** (`hermes-agent` from PyPI) stores the same messages with
+  `SessionDB.append_message`, one transaction per message, with its FTS5
+  triggers; both sides run at the same `synchronous` level.
+- **Flat cost.** A flush reads the cursor and the digest at it, and writes only
+  the new messages: its cost does not grow with the stored history.
+
+![flush cost vs session length](flush-vs-length.png)
+"""
+    (DOCS / "benchmarks.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes; nothing written; targets reported, not enforced")
+    parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--no-write", action="store_true", help="do not write docs/")
+    parser.add_argument("--repeat", type=int, help="runs per measurement (median)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeat:
+        sizes.repeat = args.repeat
+
+    def progress(msg: str) -> None:
+        print(f"... {msg}", file=sys.stderr, flush=True)
+
+    rows, curves = run(sizes, skip_pg=args.no_postgres, progress=progress)
+    print(table(rows))
+    if not (args.quick or args.no_write):
+        write_docs(rows, curves, sizes)
+        print(f"\nwrote {DOCS / 'benchmarks.md'} and {DOCS / 'flush-vs-length.png'}")
+    missed = [r.name for r in rows if r.ok is False]
+    if missed and not args.quick:
+        print(f"\nmissed {len(missed)} target(s): " + "; ".join(missed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Record what hermes_orm sends to the driver, and replay it with the bare driver.
+
+The replay is the floor of every flush benchmark: the very statements,
+parameters and transaction boundaries hermes_orm emitted, run by ``sqlite3`` or
+``psycopg`` alone on an identical fresh database. What it costs is the database
+work; what hermes_orm costs beyond it is our overhead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, event
+
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+
+@dataclass
+class Recording:
+    """Driver calls in order: ``(sql, params, executemany)``, or COMMIT/ROLLBACK."""
+
+    calls: list[tuple[str, Any, bool]] = field(default_factory=list)
+
+    @property
+    def statements(self) -> int:
+        return sum(1 for sql, _, _ in self.calls if sql not in (COMMIT, ROLLBACK))
+
+
+@contextmanager
+def record(engine: Engine) -> Iterator[Recording]:
+    """Record the engine's driver calls while the block runs."""
+    rec = Recording()
+
+    def on_execute(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        rec.calls.append((sql, params, many))
+
+    def on_commit(_c: Any) -> None:
+        rec.calls.append((COMMIT, None, False))
+
+    def on_rollback(_c: Any) -> None:
+        rec.calls.append((ROLLBACK, None, False))
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine, "rollback", on_rollback)
+    try:
+        yield rec
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+        event.remove(engine, "rollback", on_rollback)
+
+
+def replay_sqlite(path: str, rec: Recording, synchronous: str) -> float:
+    """Replay on the SQLite file at ``path``; returns seconds."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    cur = conn.cursor()
+    start = time.perf_counter()
+    for sql, params, many in rec.calls:
+        if sql is COMMIT:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        elif sql is ROLLBACK:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        elif many:
+            cur.executemany(sql, params)
+        else:
+            cur.execute(sql, params)
+            if cur.description is not None:
+                cur.fetchall()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def replay_psycopg(url: str, rec: Recording) -> float:
+    """Replay on the PostgreSQL database at ``url`` (libpq form); returns seconds."""
+    import psycopg
+
+    conn = psycopg.connect(url)
+    cur = conn.cursor()
+    start = time.perf_counter()
+    for sql, params, many in rec.calls:
+        if sql is COMMIT:
+            conn.commit()
+        elif sql is ROLLBACK:
+            conn.rollback()
+        elif many:
+            cur.executemany(sql, params)
+        else:
+            cur.execute(sql, params)
+            if cur.description is not None:
+                cur.fetchall()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
