@@ -66,10 +66,16 @@ class Sizes:
     repeat: int
 
 
-FULL = Sizes(sessions=20, turns=25, lengths=(10, 10_000, 100_000), flat_turns=60,
-             bulk=100_000, read=10_000, repeat=5)
-QUICK = Sizes(sessions=2, turns=3, lengths=(10, 200), flat_turns=3, bulk=500, read=100,
-              repeat=1)
+FULL = Sizes(
+    sessions=20,
+    turns=25,
+    lengths=(10, 10_000, 100_000),
+    flat_turns=60,
+    bulk=100_000,
+    read=10_000,
+    repeat=5,
+)
+QUICK = Sizes(sessions=2, turns=3, lengths=(10, 200), flat_turns=3, bulk=500, read=100, repeat=1)
 
 
 # -- databases ----------------------------------------------------------------------------
@@ -103,8 +109,9 @@ class Databases:
 
     def _pg_admin(self) -> Engine:
         assert self.pg_url is not None
-        return create_engine(make_url(self.pg_url), poolclass=NullPool,
-                             isolation_level="AUTOCOMMIT")
+        return create_engine(
+            make_url(self.pg_url), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
 
     def pg_template(self, sessions: int) -> str:
         name = self._name()
@@ -141,7 +148,9 @@ def libpq(url: str) -> str:
 # -- measurements ---------------------------------------------------------------------------
 
 
-def _turn_workload(store: hermes_orm.SessionStore, convs: list[list[list[dict[str, Any]]]]) -> float:
+def _turn_workload(
+    store: hermes_orm.SessionStore, convs: list[list[list[dict[str, Any]]]]
+) -> float:
     """Flush every session after each of its turns, interleaved as a gateway would."""
     lists: list[list[dict[str, Any]]] = [[] for _ in convs]
     start = time.perf_counter()
@@ -158,15 +167,17 @@ def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str) -> tuple[float,
     template = dbs.sqlite_template(sizes.sessions)
     ours_t, floor_t = [], []
     for _ in range(sizes.repeat):
-        rec_store = hermes_orm.SessionStore(f"sqlite:///{dbs.sqlite_copy(template)}",
-                                            sqlite_synchronous=synchronous)
+        rec_store = hermes_orm.SessionStore(
+            f"sqlite:///{dbs.sqlite_copy(template)}", sqlite_synchronous=synchronous
+        )
         rec_store.get_session("s0")
         with record(rec_store.engine) as rec:
             _turn_workload(rec_store, convs)
         rec_store.close()
 
-        store = hermes_orm.SessionStore(f"sqlite:///{dbs.sqlite_copy(template)}",
-                                        sqlite_synchronous=synchronous)
+        store = hermes_orm.SessionStore(
+            f"sqlite:///{dbs.sqlite_copy(template)}", sqlite_synchronous=synchronous
+        )
         store.get_session("s0")  # schema check and a warm connection, as in a live agent
         ours_t.append(_turn_workload(store, convs))
         store.close()
@@ -192,10 +203,15 @@ def hermes_turns(dbs: Databases, sizes: Sizes, synchronous: str) -> float | None
             for s, conv in enumerate(convs):
                 for m in conv[t]:
                     db.append_message(
-                        f"s{s}", m["role"], content=m.get("content"),
-                        tool_name=m.get("tool_name"), tool_calls=m.get("tool_calls"),
-                        tool_call_id=m.get("tool_call_id"), finish_reason=m.get("finish_reason"),
-                        reasoning=m.get("reasoning"), timestamp=m.get("timestamp"),
+                        f"s{s}",
+                        m["role"],
+                        content=m.get("content"),
+                        tool_name=m.get("tool_name"),
+                        tool_calls=m.get("tool_calls"),
+                        tool_call_id=m.get("tool_call_id"),
+                        finish_reason=m.get("finish_reason"),
+                        reasoning=m.get("reasoning"),
+                        timestamp=m.get("timestamp"),
                     )
         times.append(time.perf_counter() - start)
         db.close()
@@ -301,7 +317,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def run(sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]) -> tuple[list[Row], dict[str, dict[int, float]]]:
+def run(
+    sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]
+) -> tuple[list[Row], dict[str, dict[int, float]]]:
     rows: list[Row] = []
     curves: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory(prefix="hermes-orm-bench-") as tmp, postgres(skip_pg) as pg:
@@ -311,26 +329,55 @@ def run(sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]) -> tupl
         for sync, limit in (("NORMAL", 2.0), ("FULL", 1.2)):
             progress(f"sqlite turns, synchronous={sync}")
             ours, floor, _ = sqlite_turns(dbs, sizes, sync)
-            rows.append(Row(f"SQLite flush per turn ({label}), synchronous={sync}",
-                            _ms(ours / (n_msgs / 3)), _ms(floor / (n_msgs / 3)) + " sqlite3 replay",
-                            ours / floor, f"<= {limit}x", ours / floor <= limit))
+            rows.append(
+                Row(
+                    f"SQLite flush per turn ({label}), synchronous={sync}",
+                    _ms(ours / (n_msgs / 3)),
+                    _ms(floor / (n_msgs / 3)) + " sqlite3 replay",
+                    ours / floor,
+                    f"<= {limit}x",
+                    ours / floor <= limit,
+                )
+            )
             if sync == "FULL":
                 progress("hermes SessionDB.append_message, synchronous=FULL")
                 hermes = hermes_turns(dbs, sizes, sync)
                 if hermes is None:
-                    rows.append(Row("Messages/s vs Hermes SessionDB.append_message", f"{n_msgs / ours:,.0f}/s",
-                                    "hermes-agent not installed", None, ">= 4x", False))
+                    rows.append(
+                        Row(
+                            "Messages/s vs Hermes SessionDB.append_message",
+                            f"{n_msgs / ours:,.0f}/s",
+                            "hermes-agent not installed",
+                            None,
+                            ">= 4x",
+                            False,
+                        )
+                    )
                 else:
                     speedup = (n_msgs / ours) / (n_msgs / hermes)
-                    rows.append(Row(f"Messages/s vs Hermes SessionDB.append_message, synchronous={sync}",
-                                    f"{n_msgs / ours:,.0f}/s", f"{n_msgs / hermes:,.0f}/s",
-                                    speedup, ">= 4x", speedup >= 4.0))
+                    rows.append(
+                        Row(
+                            f"Messages/s vs Hermes SessionDB.append_message, synchronous={sync}",
+                            f"{n_msgs / ours:,.0f}/s",
+                            f"{n_msgs / hermes:,.0f}/s",
+                            speedup,
+                            ">= 4x",
+                            speedup >= 4.0,
+                        )
+                    )
         if pg is not None:
             progress("postgresql turns")
             ours, floor = pg_turns(dbs, sizes)
-            rows.append(Row(f"PostgreSQL flush per turn ({label})", _ms(ours / (n_msgs / 3)),
-                            _ms(floor / (n_msgs / 3)) + " psycopg replay", ours / floor,
-                            "<= 1.3x", ours / floor <= 1.3))
+            rows.append(
+                Row(
+                    f"PostgreSQL flush per turn ({label})",
+                    _ms(ours / (n_msgs / 3)),
+                    _ms(floor / (n_msgs / 3)) + " psycopg replay",
+                    ours / floor,
+                    "<= 1.3x",
+                    ours / floor <= 1.3,
+                )
+            )
         backends = [("SQLite", f"sqlite:///{dbs.sqlite_template(0)}")]
         if pg is not None:
             backends.append(("PostgreSQL", dbs.pg_copy(dbs.pg_template(0))))
@@ -340,20 +387,51 @@ def run(sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]) -> tupl
             curves[name] = costs
             lo, hi = min(costs), max(costs)
             ratio = costs[hi] / costs[lo]
-            rows.append(Row(f"{name} flush of a turn into {hi:,} vs {lo:,} stored messages",
-                            _ms(costs[hi]), _ms(costs[lo]), ratio, "<= 1.2x", ratio <= 1.2))
+            rows.append(
+                Row(
+                    f"{name} flush of a turn into {hi:,} vs {lo:,} stored messages",
+                    _ms(costs[hi]),
+                    _ms(costs[lo]),
+                    ratio,
+                    "<= 1.2x",
+                    ratio <= 1.2,
+                )
+            )
         progress("get_messages vs raw fetch")
         ours, raw = read_vs_raw(dbs.sqlite_template(0), sizes)
-        rows.append(Row(f"SQLite get_messages of {sizes.read:,} messages (dicts) vs sqlite3 fetchall (tuples)",
-                        _ms(ours), _ms(raw), ours / raw, "report", None))
+        rows.append(
+            Row(
+                f"SQLite get_messages of {sizes.read:,} messages (dicts) vs sqlite3 fetchall (tuples)",
+                _ms(ours),
+                _ms(raw),
+                ours / raw,
+                "report",
+                None,
+            )
+        )
         progress("bulk flush")
         rate, peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk)
         _, small_peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk // 10)
-        rows.append(Row(f"SQLite bulk flush of {sizes.bulk:,} messages (synchronous=NORMAL)",
-                        f"{rate:,.0f} msg/s", "", None, ">= 10,000 msg/s", rate >= 10_000))
-        rows.append(Row(f"Peak memory of that flush vs one of {sizes.bulk // 10:,}",
-                        f"{peak:.1f} MiB", f"{small_peak:.1f} MiB", peak / small_peak,
-                        "<= 2x (streams in chunks)", peak / small_peak <= 2.0))
+        rows.append(
+            Row(
+                f"SQLite bulk flush of {sizes.bulk:,} messages (synchronous=NORMAL)",
+                f"{rate:,.0f} msg/s",
+                "",
+                None,
+                ">= 10,000 msg/s",
+                rate >= 10_000,
+            )
+        )
+        rows.append(
+            Row(
+                f"Peak memory of that flush vs one of {sizes.bulk // 10:,}",
+                f"{peak:.1f} MiB",
+                f"{small_peak:.1f} MiB",
+                peak / small_peak,
+                "<= 2x (streams in chunks)",
+                peak / small_peak <= 2.0,
+            )
+        )
     return rows, curves
 
 
@@ -400,13 +478,16 @@ def machine() -> str:
 
     pg = "not run"
     try:
-        pg = subprocess.run(["psql", "--version"], capture_output=True, text=True,
-                            check=False).stdout.strip()
+        pg = subprocess.run(
+            ["psql", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores; Linux {platform.release()}; Python "
-            f"{platform.python_version()}; SQLAlchemy {sqlalchemy.__version__}; "
-            f"SQLite {sqlite3.sqlite_version}; {pg}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores; Linux {platform.release()}; Python "
+        f"{platform.python_version()}; SQLAlchemy {sqlalchemy.__version__}; "
+        f"SQLite {sqlite3.sqlite_version}; {pg}"
+    )
 
 
 def write_docs(rows: list[Row], curves: dict[str, dict[int, float]], sizes: Sizes) -> None:
@@ -415,7 +496,7 @@ def write_docs(rows: list[Row], curves: dict[str, dict[int, float]], sizes: Size
     text = f"""# Benchmarks
 
 Generated by `python -m bench` (from the repository root, after
-`pip install -e '.[test,bench]'`) on {time.strftime('%Y-%m-%d')}. Every ratio
+`pip install -e '.[test,bench]'`) on {time.strftime("%Y-%m-%d")}. Every ratio
 compares hermes_orm with its baseline measured in the same run, on an identical
 fresh database, as medians of {sizes.repeat} runs. The run exits non-zero when a
 target is missed.
@@ -443,10 +524,16 @@ Machine: {machine()}.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes; nothing written; targets reported, not enforced")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes; nothing written; targets reported, not enforced",
+    )
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/")
     parser.add_argument("--repeat", type=int, help="runs per measurement (median)")

@@ -53,15 +53,35 @@ ROW_COLUMNS = (
 )
 
 _INT64 = 2**63
+_EMPTY_ROW: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+_RANK = {column: i for i, column in enumerate(ROW_COLUMNS)}
+
+
+def _rank(item: tuple[str, Any]) -> int:
+    return _RANK[item[0]]
 
 
 @dataclass(frozen=True, slots=True)
 class EncodedMessage:
-    """A validated message ready to insert."""
+    """A validated message ready to insert.
 
-    row: dict[str, Any]
+    Attributes:
+        cols: The columns that hold a value, as Python objects.
+        params: Every column in :data:`PARAM_COLUMNS` order, JSON columns as
+            their canonical JSON text (for the flush's driver-level statement).
+        digest: 16-byte BLAKE2b of the stored column values.
+        tool_calls: How many tool calls the message carries.
+    """
+
+    cols: dict[str, Any]
+    params: tuple[Any, ...]
     digest: bytes
     tool_calls: int
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """Every column of :data:`ROW_COLUMNS`, ``None`` where it holds nothing."""
+        return {**_EMPTY_ROW, **self.cols}
 
 
 def _check_str(value: str, index: int | None, key: str) -> None:
@@ -115,6 +135,12 @@ _dumps = json.JSONEncoder(
 ).encode
 _loads = json.loads
 
+#: JSON-typed columns, in :data:`ROW_COLUMNS` order.
+JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
+_SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
+#: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
+PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
+
 
 def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessageError | None:
     """Walk ``message`` for what makes it unstorable, for a precise error (the slow path)."""
@@ -131,20 +157,35 @@ def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessa
     return None
 
 
-def _diagnose(message: Mapping[str, Any], index: int | None) -> InvalidMessageError:
-    return _find_problem(message, index) or InvalidMessageError(
-        "the message does not survive a JSON round trip", index=index
-    )
+def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) -> str:
+    """Canonical JSON of ``value`` (sorted keys), refused unless it parses back equal."""
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError):
+        raise _find_problem(whole, index) or InvalidMessageError(
+            "not a JSON value", index=index, key=key
+        ) from None
+    # JSON escapes NUL as backslash-u0000, but the same six characters also
+    # follow an escaped backslash in harmless text: only the walk can tell.
+    if "\\u0000" in text and (problem := _find_problem(whole, index)) is not None:
+        raise problem
+    if _loads(text) != value:
+        # Tuples, non-str keys: JSON would read them back as something else.
+        raise _find_problem(whole, index) or InvalidMessageError(
+            "does not survive a JSON round trip", index=index, key=key
+        )
+    return text
 
 
 def _column_value(key: str, value: Any, index: int | None) -> Any:
-    """Type-check the value of a key that has a column; return what the column stores."""
+    """Type-check the value of a key that has a scalar column; return what it stores."""
     if key in TEXT_KEYS:
         if not isinstance(value, str):
             raise InvalidMessageError(
                 f"must be a str or None, got {type(value).__name__}", index=index, key=key
             )
-        return value
+        _check_str(value, index, key)
+        return value if type(value) is str else str.__str__(value)
     if key in BOOL_KEYS:
         if not isinstance(value, bool):
             raise InvalidMessageError(
@@ -154,8 +195,8 @@ def _column_value(key: str, value: Any, index: int | None) -> Any:
     if key == "token_count":
         if isinstance(value, bool) or not isinstance(value, int) or not -_INT64 <= value < _INT64:
             raise InvalidMessageError("must be a 64-bit int or None", index=index, key=key)
-        return value
-    # timestamp
+        return int(value)
+    # timestamp: stored, and digested, as the float it reads back as
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMessageError(
             "must be Unix epoch seconds (int or float) or None", index=index, key=key
@@ -166,16 +207,13 @@ def _column_value(key: str, value: Any, index: int | None) -> Any:
     return stamp
 
 
-_SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
-
-
 def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     """Validate ``message`` and map it onto the columns of ``hermes_messages``.
 
-    A message is storable when its canonical JSON (sorted keys, no NaN) parses
-    back equal to it, contains no NUL and is valid UTF-8, and the keys with a
-    column of their own hold values of that column's type. The canonical JSON
-    is also what the digest is taken of.
+    Keys with a column of their own must hold that column's type; JSON values
+    must parse back equal from their canonical JSON (sorted keys, no NaN);
+    no string may hold NUL or a lone surrogate. The digest is taken of the
+    stored column values, so a message read back digests the same.
 
     Args:
         message: A message dict (``role`` required, see the module docstring).
@@ -202,23 +240,27 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             f"unknown role {role!r}; expected one of {sorted(ROLES)}", index=index, key="role"
         )
 
-    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
-    row["role"] = role
+    # Only the columns that hold a value; the rest are NULL.
+    cols: dict[str, Any] = {"role": role}
+    texts: dict[str, str] = {}
     extra: dict[str, Any] = {}
-    canonical_source = message
     tool_calls = 0
     for key, value in message.items():
         if key == "role":
             continue
+        if type(key) is not str:
+            raise _find_problem(message, index) or InvalidMessageError(
+                "message keys must be strings", index=index
+            )
         if value is None:
             extra[key] = None
         elif key == "content":
-            if type(value) is str:
-                row["content"] = value
+            if isinstance(value, str):
+                _check_str(value, index, key)
+                cols["content"] = value if type(value) is str else str.__str__(value)
             elif isinstance(value, list):
-                row["content_parts"] = value
-            elif isinstance(value, str):
-                row["content"] = value
+                cols["content_parts"] = value
+                texts["content_parts"] = _to_json(value, index, key, message)
             else:
                 raise InvalidMessageError(
                     f"content must be a str, a list of parts or None, got {type(value).__name__}",
@@ -226,38 +268,38 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                     key=key,
                 )
         elif key in _SCALAR_COLUMNS:
-            stored = row[key] = _column_value(key, value, index)
-            if stored is not value and type(value) is not float and key == "timestamp":
-                # It reads back as a float: digest the form that is stored.
-                canonical_source = {**message, "timestamp": stored}
+            cols[key] = _column_value(key, value, index)
         elif key in JSON_KEYS:
-            row[key] = value
+            cols[key] = value
+            texts[key] = _to_json(value, index, key, message)
             if key == "tool_calls":
                 tool_calls = len(value) if isinstance(value, list) else 1
         else:
+            _check_str(key, index, key)
             extra[key] = value
-    row["extra"] = extra or None
+    if extra:
+        cols["extra"] = extra
+        texts["extra"] = _to_json(extra, index, "extra", message)
 
+    # What is stored, JSON columns as their text: the digest input and the params.
+    stored = {**cols, **texts}
+    # Digest input: "column NUL value" per stored column, in column order. No
+    # stored text holds NUL (refused above, escaped in JSON): it is unambiguous.
+    fields = [
+        f"{column}\x00{v if type(v) is str else repr(v)}"  # repr: bool, int, float
+        for column, v in sorted(stored.items(), key=_rank)
+    ]
     try:
-        text = _dumps(canonical_source)
-    except (TypeError, ValueError):
-        raise _diagnose(message, index) from None
-    # JSON escapes NUL as backslash-u0000, but the same six characters also
-    # follow an escaped backslash in harmless text: only the walk can tell.
-    if "\\u0000" in text and (problem := _find_problem(message, index)) is not None:
-        raise problem
-    if _loads(text) != canonical_source:
-        raise _diagnose(message, index)
-    try:
-        raw = text.encode("utf-8")
+        raw = "\x00".join(fields).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidMessageError(
             "text is not valid Unicode (lone surrogate characters cannot be stored)",
             index=index,
         ) from exc
     digest = hashlib.blake2b(raw, digest_size=16).digest()
-    row["digest"] = digest
-    return EncodedMessage(row=row, digest=digest, tool_calls=tool_calls)
+    cols["digest"] = stored["digest"] = digest
+    params = tuple(map(stored.get, PARAM_COLUMNS))
+    return EncodedMessage(cols=cols, params=params, digest=digest, tool_calls=tool_calls)
 
 
 def message_digest(message: Any, index: int | None = None) -> bytes:

@@ -172,6 +172,44 @@ def configure_engine(
     engine._hermes_orm_configured = settings  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class FlushSQL:
+    """The flush's statements in one dialect's driver SQL, rendered once.
+
+    The flush runs them with ``exec_driver_sql``: SQLAlchemy still runs them
+    (events, transaction, pool), without compiling or processing parameters
+    on every call. Only schema identifiers go into the text; every value is a
+    bound parameter.
+    """
+
+    insert_messages: str
+    advance: str
+    advance_if_digest: str
+
+
+def flush_sql(
+    dialect: str, insert_columns: tuple[str, ...], json_columns: frozenset[str]
+) -> FlushSQL:
+    """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``)."""
+    if dialect == "sqlite":
+        mark, json_mark = "?", "?"
+    else:
+        mark, json_mark = "%s", "%s::json"
+    values = ", ".join(json_mark if c in json_columns else mark for c in insert_columns)
+    advance = (
+        f"UPDATE hermes_sessions SET flushed_idx = {mark}, message_count = {mark}, "
+        f"flushed_digest = {mark}, tool_call_count = tool_call_count + {mark} "
+        f"WHERE id = {mark} AND flushed_idx = {mark}"
+    )
+    return FlushSQL(
+        insert_messages=(
+            f"INSERT INTO hermes_messages ({', '.join(insert_columns)}) VALUES ({values})"
+        ),
+        advance=advance,
+        advance_if_digest=f"{advance} AND flushed_digest = {mark}",
+    )
+
+
 def begin_write(conn: Connection) -> None:
     """Open a write transaction on ``conn`` that holds the write lock from the start."""
     if conn.dialect.name == "sqlite":

@@ -16,6 +16,8 @@ import base64
 import binascii
 import json
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     update,
@@ -75,20 +76,7 @@ _LOCK_SESSION = (
     .with_for_update()
 )
 
-#: Advance the cursor from ``b_expected`` to ``b_end``: the compare-and-swap
-#: that makes a flush on a remembered cursor safe (0 rows: someone else moved it).
-_ADVANCE = (
-    update(_sessions)
-    .where(_sessions.c.id == bindparam("b_id"), _sessions.c.flushed_idx == bindparam("b_expected"))
-    .values(
-        flushed_idx=bindparam("b_end"),
-        message_count=bindparam("b_end"),
-        flushed_digest=bindparam("b_digest"),
-        tool_call_count=_sessions.c.tool_call_count + bindparam("b_tool_calls"),
-    )
-)
-_ADVANCE_IF_DIGEST = _ADVANCE.where(_sessions.c.flushed_digest == bindparam("b_expected_digest"))
-_INSERT_MESSAGES = insert(_messages)
+_INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
 #: Sessions whose cursor a store remembers; past this it forgets them all.
 _HINTS_MAX = 10_000
 
@@ -228,16 +216,23 @@ class SessionStore:
             "sqlite_synchronous": sqlite_synchronous,
             "lock_timeout": lock_timeout,
         }
+        self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             self._engine = bind
             _dialects.configure_engine(bind, **settings)
         else:
             self._engine = _dialects.create_store_engine(bind, **settings)
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._connections_lock = threading.Lock()
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
         # session id -> (cursor, digest at it) after this store's last write: a
         # hint that saves reading the row; every use is verified in the database.
         self._hints: dict[str, tuple[int, bytes | None]] = {}
+        self._sql = _dialects.flush_sql(
+            self._engine.dialect.name, _INSERT_COLUMNS, _codec.JSON_COLUMNS
+        )
 
     @property
     def engine(self) -> Engine:
@@ -248,8 +243,14 @@ class SessionStore:
         return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
 
     def close(self) -> None:
-        """Release pooled connections."""
-        self._engine.dispose()
+        """Close the connections this store holds; dispose of the engine if it made it."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            if not conn.closed:
+                conn.close()
+        if self._owns_engine:
+            self._engine.dispose()
 
     # -- schema ------------------------------------------------------------------
 
@@ -265,27 +266,66 @@ class SessionStore:
 
     # -- transactions --------------------------------------------------------------
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one write transaction, retried whole on transient errors."""
+    def _connection(self) -> Connection:
+        """This thread's connection, kept between calls: no pool round trip per flush.
+
+        Every call ends its transaction (commit, or rollback), so an idle kept
+        connection holds no lock and no snapshot.
+        """
+        local = self._local
+        conn: Connection | None = getattr(local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated or local.pid != os.getpid():
+            conn = self._engine.connect()
+            local.conn, local.pid = conn, os.getpid()
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _discard_failed(self, conn: Connection) -> None:
+        """After a failure: roll back, or drop the connection if even that fails.
+
+        The driver connection is rolled back too: after a failed COMMIT,
+        SQLAlchemy considers the transaction over while the driver may still
+        hold it open, which a kept connection must not carry into the next call.
+        """
+        try:
+            conn.rollback()
+            dbapi_connection = conn.connection.dbapi_connection
+            if dbapi_connection is not None:
+                dbapi_connection.rollback()
+        except Exception:
+            self._local.conn = None
+            try:
+                conn.invalidate()
+            except Exception:  # pragma: no cover - the connection is beyond use
+                pass
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        """Run ``work`` in one transaction, retried whole on transient errors."""
         self._ensure_schema()
 
         def attempt() -> T:
-            with self._engine.connect() as conn:
-                _dialects.begin_write(conn)
+            conn = self._connection()
+            try:
+                if write:
+                    _dialects.begin_write(conn)
                 result = work(conn)
-                conn.commit()
+                if write:
+                    conn.commit()
+                elif conn.in_transaction():
+                    conn.rollback()  # end the read: no snapshot or idle transaction kept
                 return result
+            except BaseException:
+                self._discard_failed(conn)
+                raise
 
         return _dialects.run_with_retry(self._engine, self._retry, attempt)
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        return self._run(work, write=True)
 
     def _read(self, work: Callable[[Connection], T]) -> T:
-        self._ensure_schema()
-
-        def attempt() -> T:
-            with self._engine.connect() as conn:
-                return work(conn)
-
-        return _dialects.run_with_retry(self._engine, self._retry, attempt)
+        return self._run(work, write=False)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -513,9 +553,7 @@ class SessionStore:
             )
             if len(messages) <= cursor:
                 return FlushResult(written=0, cursor=cursor), stored.flushed_digest
-            encoded = [
-                _codec.encode_message(messages[i], i) for i in range(cursor, len(messages))
-            ]
+            encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
             self._insert(conn, session_id, cursor, stored.flushed_digest, encoded)
             return FlushResult(len(encoded), cursor + len(encoded)), encoded[-1].digest
 
@@ -630,25 +668,19 @@ class SessionStore:
         Raises:
             _StaleHint: The stored cursor is not ``cursor`` / ``digest``.
         """
-        conn.execute(
-            _INSERT_MESSAGES,
-            [
-                {**item.row, "session_id": session_id, "idx": cursor + offset}
-                for offset, item in enumerate(encoded)
-            ],
+        sql = self._sql
+        conn.exec_driver_sql(
+            sql.insert_messages,
+            [(session_id, cursor + offset, *item.params) for offset, item in enumerate(encoded)],
         )
         end = cursor + len(encoded)
-        last = encoded[-1].digest
-        params = {
-            "b_id": session_id,
-            "b_expected": cursor,
-            "b_expected_digest": digest,
-            "b_end": end,
-            "b_digest": last,
-            "b_tool_calls": sum(e.tool_calls for e in encoded),
-        }
-        statement = _ADVANCE_IF_DIGEST if cursor else _ADVANCE
-        if conn.execute(statement, params).rowcount != 1:
+        tool_calls = sum(e.tool_calls for e in encoded)
+        advance = (end, end, encoded[-1].digest, tool_calls, session_id, cursor)
+        if cursor:
+            moved = conn.exec_driver_sql(sql.advance_if_digest, (*advance, digest)).rowcount
+        else:
+            moved = conn.exec_driver_sql(sql.advance, advance).rowcount
+        if moved != 1:
             raise _StaleHint
 
     def get_messages(

@@ -477,3 +477,25 @@ def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Eng
     other.create_session("s", source="cli")
     assert store.flush("s", [*first, *second]) == FlushResult(written=6, cursor=6)
     assert_exact(store, "s", [*first, *second])
+
+
+def test_no_transaction_is_left_open_between_calls(
+    store: SessionStore, engine: Engine, backend: str
+) -> None:
+    """A kept connection holds no lock, snapshot or idle transaction after any call."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(2))
+    store.get_messages("s")
+    store.get_session("s")
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", [{"role": "user", "content": "rewritten"}])
+    with engine.connect() as conn:
+        if backend == "sqlite":
+            busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            assert busy == 0
+        else:
+            idle = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state = 'idle in transaction'"
+            ).scalar_one()
+            assert idle == 0
