@@ -6,9 +6,10 @@ import random
 from typing import Any
 
 _WORDS = (
-    "session flush cursor commit sqlite postgres alembic migration index transcript "
-    "message tool result agent gateway retry lock exactly once prefix digest"
-).split()
+    "session", "flush", "cursor", "commit", "sqlite", "postgres", "alembic", "migration",
+    "index", "transcript", "message", "tool", "result", "agent", "gateway", "retry", "lock",
+    "exactly", "once", "prefix", "digest",
+)  # fmt: skip
 
 
 def _text(rng: random.Random, words: int) -> str:

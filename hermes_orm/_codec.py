@@ -57,10 +57,6 @@ _EMPTY_ROW: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
 _RANK = {column: i for i, column in enumerate(ROW_COLUMNS)}
 
 
-def _rank(item: tuple[str, Any]) -> int:
-    return _RANK[item[0]]
-
-
 @dataclass(frozen=True, slots=True)
 class EncodedMessage:
     """A validated message ready to insert.
@@ -138,6 +134,8 @@ _loads = json.loads
 #: JSON-typed columns, in :data:`ROW_COLUMNS` order.
 JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
 _SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
+_TEXT_KEYS = frozenset(TEXT_KEYS)
+_JSON_KEYS = frozenset(JSON_KEYS)
 #: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
 PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
 
@@ -254,6 +252,8 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             )
         if value is None:
             extra[key] = None
+        elif key in _TEXT_KEYS and type(value) is str and "\x00" not in value:
+            cols[key] = value  # the common case, checked inline
         elif key == "content":
             if isinstance(value, str):
                 _check_str(value, index, key)
@@ -269,7 +269,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                 )
         elif key in _SCALAR_COLUMNS:
             cols[key] = _column_value(key, value, index)
-        elif key in JSON_KEYS:
+        elif key in _JSON_KEYS:
             cols[key] = value
             texts[key] = _to_json(value, index, key, message)
             if key == "tool_calls":
@@ -285,10 +285,10 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     stored = {**cols, **texts}
     # Digest input: "column NUL value" per stored column, in column order. No
     # stored text holds NUL (refused above, escaped in JSON): it is unambiguous.
-    fields = [
-        f"{column}\x00{v if type(v) is str else repr(v)}"  # repr: bool, int, float
-        for column, v in sorted(stored.items(), key=_rank)
-    ]
+    fields = []
+    for column in sorted(stored, key=_RANK.__getitem__):
+        v = stored[column]
+        fields.append(f"{column}\x00{v if type(v) is str else repr(v)}")  # repr: bool, int, float
     try:
         raw = "\x00".join(fields).encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -79,6 +80,8 @@ _LOCK_SESSION = (
 _INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
 #: Sessions whose cursor a store remembers; past this it forgets them all.
 _HINTS_MAX = 10_000
+#: Messages per INSERT of a flush; a longer flush streams in batches of this size.
+_BATCH = 500
 
 
 class _StaleHint(Exception):
@@ -295,10 +298,8 @@ class SessionStore:
                 dbapi_connection.rollback()
         except Exception:
             self._local.conn = None
-            try:
+            with contextlib.suppress(Exception):  # the connection is beyond use
                 conn.invalidate()
-            except Exception:  # pragma: no cover - the connection is beyond use
-                pass
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Run ``work`` in one transaction, retried whole on transient errors."""
@@ -553,9 +554,9 @@ class SessionStore:
             )
             if len(messages) <= cursor:
                 return FlushResult(written=0, cursor=cursor), stored.flushed_digest
-            encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
-            self._insert(conn, session_id, cursor, stored.flushed_digest, encoded)
-            return FlushResult(len(encoded), cursor + len(encoded)), encoded[-1].digest
+            batches = _encode_batches(messages, cursor)
+            end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
+            return FlushResult(end - cursor, end), last
 
         result, digest = self._write(work)
         self._remember(session_id, result.cursor, digest)
@@ -576,20 +577,23 @@ class SessionStore:
         """
         if cursor and _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
             raise _StaleHint
-        # Validated before the transaction begins: bad input never takes a lock.
-        encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+        batches: Iterable[list[_codec.EncodedMessage]]
+        if len(messages) - cursor <= _BATCH:
+            # Validated before the transaction begins: bad input never takes a lock.
+            batches = list(_encode_batches(messages, cursor))
+        else:
+            batches = _encode_batches(messages, cursor)  # bounded memory; errors roll back
 
-        def work(conn: Connection) -> FlushResult:
+        def work(conn: Connection) -> tuple[int, bytes | None]:
             try:
-                self._insert(conn, session_id, cursor, digest, encoded)
+                return self._insert(conn, session_id, cursor, digest, batches)
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
                 raise _StaleHint from None
-            return FlushResult(written=len(encoded), cursor=cursor + len(encoded))
 
-        result = self._write(work)
-        self._remember(session_id, result.cursor, encoded[-1].digest)
-        return result
+        end, last = self._write(work)
+        self._remember(session_id, end, last)
+        return FlushResult(written=end - cursor, cursor=end)
 
     def _remember(self, session_id: str, cursor: int, digest: bytes | None) -> None:
         if len(self._hints) >= _HINTS_MAX:
@@ -609,7 +613,7 @@ class SessionStore:
             stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
             if stored is None:
                 raise SessionNotFoundError(session_id)
-            self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [encoded])
+            self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
         idx = self._write(work)
@@ -661,27 +665,34 @@ class SessionStore:
         session_id: str,
         cursor: int,
         digest: bytes | None,
-        encoded: list[_codec.EncodedMessage],
-    ) -> None:
+        batches: Iterable[list[_codec.EncodedMessage]],
+    ) -> tuple[int, bytes | None]:
         """Write the rows at ``cursor`` and move the cursor past them, if it is still there.
+
+        Returns:
+            The new cursor and the digest at it.
 
         Raises:
             _StaleHint: The stored cursor is not ``cursor`` / ``digest``.
         """
         sql = self._sql
-        conn.exec_driver_sql(
-            sql.insert_messages,
-            [(session_id, cursor + offset, *item.params) for offset, item in enumerate(encoded)],
-        )
-        end = cursor + len(encoded)
-        tool_calls = sum(e.tool_calls for e in encoded)
-        advance = (end, end, encoded[-1].digest, tool_calls, session_id, cursor)
+        end, last, tool_calls = cursor, digest, 0
+        for batch in batches:
+            conn.exec_driver_sql(
+                sql.insert_messages,
+                [(session_id, end + offset, *item.params) for offset, item in enumerate(batch)],
+            )
+            end += len(batch)
+            last = batch[-1].digest
+            tool_calls += sum(e.tool_calls for e in batch)
+        advance = (end, end, last, tool_calls, session_id, cursor)
         if cursor:
             moved = conn.exec_driver_sql(sql.advance_if_digest, (*advance, digest)).rowcount
         else:
             moved = conn.exec_driver_sql(sql.advance, advance).rowcount
         if moved != 1:
             raise _StaleHint
+        return end, last
 
     def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None
@@ -722,6 +733,15 @@ class SessionStore:
             return [_codec.row_to_message(r) for r in rows]
 
         return self._read(work)
+
+
+def _encode_batches(
+    messages: Sequence[dict[str, Any]], start: int
+) -> Iterator[list[_codec.EncodedMessage]]:
+    """Encode ``messages[start:]`` in batches of :data:`_BATCH` (bulk flushes stream)."""
+    for first in range(start, len(messages), _BATCH):
+        stop = min(first + _BATCH, len(messages))
+        yield [_codec.encode_message(messages[i], i) for i in range(first, stop)]
 
 
 def _digest_or_none(message: Any, index: int) -> bytes | None:

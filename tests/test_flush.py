@@ -499,3 +499,18 @@ def test_no_transaction_is_left_open_between_calls(
                 "WHERE datname = current_database() AND state = 'idle in transaction'"
             ).scalar_one()
             assert idle == 0
+
+
+def test_a_bulk_flush_streams_in_batches_and_stays_atomic(store: SessionStore) -> None:
+    from hermes_orm.store import _BATCH
+
+    store.create_session("bulk", source="import")
+    msgs = [{"role": "user", "content": f"m{i}"} for i in range(2 * _BATCH + 7)]
+    store.flush("bulk", msgs[:3])
+    bad = [*msgs, {"role": "user", "content": float("nan")}]
+    with pytest.raises(InvalidMessageError) as err:
+        store.flush("bulk", bad)  # the bad message is in the last batch
+    assert err.value.index == len(msgs)
+    assert_exact(store, "bulk", msgs[:3])
+    assert store.flush("bulk", msgs).written == len(msgs) - 3
+    assert_exact(store, "bulk", msgs)

@@ -1,0 +1,33 @@
+"""The benchmark runner at tiny sizes, so it cannot rot (its numbers are not checked here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "HERMES_ORM_TEST_PG_URL": pg_server_url, "HERMES_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name in (
+        "SQLite flush per turn",
+        "synchronous=NORMAL",
+        "synchronous=FULL",
+        "Hermes SessionDB.append_message",
+        "PostgreSQL flush per turn",
+        "stored messages",
+        "get_messages",
+        "bulk flush",
+        "Peak memory",
+    ):
+        assert name in out, name
+    assert "hermes-agent not installed" not in out
