@@ -20,7 +20,7 @@ from hermes_orm.errors import (
 )
 from hermes_orm.migrations import check as check_schema
 from hermes_orm.migrations import downgrade, upgrade
-from hermes_orm.models import Base, Message, Session
+from hermes_orm.models import Base, Message, Meta, ModelUsage, Session
 from hermes_orm.store import FlushResult, SessionPage, SessionStore
 
 __version__ = "0.1.0"
@@ -35,6 +35,8 @@ __all__ = [
     "InvalidMessageError",
     "InvalidSessionError",
     "Message",
+    "Meta",
+    "ModelUsage",
     "RetryPolicy",
     "SchemaOutOfDateError",
     "SchemaTooNewError",

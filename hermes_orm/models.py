@@ -227,5 +227,41 @@ class Message(Base):
         return f"<Message {self.session_id!r}[{self.idx}] {self.role}>"
 
 
+class ModelUsage(Base):
+    """Tokens and cost of one session per model and billing route (Hermes' per-model usage)."""
+
+    __tablename__ = "hermes_session_model_usage"
+
+    session_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("hermes_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    billing_provider: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    billing_base_url: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    billing_mode: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    task: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    api_call_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    input_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    output_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    cache_read_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    cache_write_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    reasoning_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    estimated_cost_usd: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    actual_cost_usd: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    cost_status: Mapped[str | None]
+    cost_source: Mapped[str | None]
+    first_seen: Mapped[float | None]
+    last_seen: Mapped[float | None]
+
+
+class Meta(Base):
+    """Key/value settings of the store (Hermes' ``state_meta``)."""
+
+    __tablename__ = "hermes_meta"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str | None]
+
+
 # The ORM flush rule lives beside the models so that it is in force wherever they are.
 from hermes_orm import _unit_of_work  # noqa: E402, F401

@@ -14,7 +14,12 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "HERMES_ORM_TEST_PG_URL": pg_server_url, "HERMES_HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

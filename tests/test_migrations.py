@@ -28,7 +28,13 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_TABLES = {"hermes_sessions", "hermes_messages", "hermes_orm_alembic_version"}
+OUR_TABLES = {
+    "hermes_sessions",
+    "hermes_messages",
+    "hermes_session_model_usage",
+    "hermes_meta",
+    "hermes_orm_alembic_version",
+}
 
 
 def _tables(url: str) -> set[str]:
