@@ -104,6 +104,12 @@ def _one_line(message: dict[str, Any], width: int = 100) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _import(args: argparse.Namespace) -> int:
+    from hermes_orm.integrations.hermes.importer import main_import
+
+    return main_import(args.path, args.url)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hermes_orm._demo import run_demo
 
@@ -143,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("session_id")
     show.add_argument("--json", action="store_true")
     sessions.set_defaults(handler=_sessions)
+
+    importer = commands.add_parser(
+        "import", help="copy a Hermes Agent state.db (read-only) into the database"
+    )
+    importer.add_argument("path", help="the Hermes state.db, e.g. ~/.hermes/state.db")
+    importer.set_defaults(handler=_import)
 
     demo = commands.add_parser(
         "demo", help="run a simulated agent conversation with failures and a second writer"

@@ -1,0 +1,1 @@
+"""Integrations of hermes_orm with agent frameworks."""

@@ -1,0 +1,210 @@
+"""Importing a real Hermes Agent state.db: lossless, read-only, idempotent, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from hermes_orm import ModelUsage, SessionStore
+from hermes_orm.integrations.hermes import StateDbError, import_state_db
+from tests._hermes import (
+    digest_file,
+    expected_message,
+    fixture_copy,
+    grow,
+    source_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+_BOOL_SESSION = {"expiry_finalized", "archived"}
+
+
+def assert_same_as_source(store: SessionStore, source: Path) -> None:
+    """Every session and message of the source, field by field, in the destination."""
+    sessions, messages = source_rows(source)
+    for row in sessions:
+        got = store.get_session(row["id"])
+        assert got is not None, row["id"]
+        for key, value in row.items():
+            if key == "model_config" and value is not None:
+                assert got[key] == json.loads(value), key
+            elif key in _BOOL_SESSION:
+                assert got[key] == bool(value), key
+            else:
+                assert got[key] == value, (row["id"], key)
+        stored = store.get_messages(row["id"])
+        assert stored == [expected_message(m) for m in messages.get(row["id"], [])], row["id"]
+        assert got["flushed_idx"] == len(stored) == got["message_count"]
+
+
+def test_fixture_imports_losslessly_and_twice_writes_nothing(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    (tmp_path / "hermes").mkdir()
+    source = fixture_copy(tmp_path / "hermes")
+    before = digest_file(source)
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert (report.sessions_written, report.messages_written, report.usage_written) == (40, 877, 40)
+    assert_same_as_source(store, source)
+    # parent/child lineage came through
+    children = [s for s in store.list_sessions(limit=100).sessions if s["parent_session_id"]]
+    assert len(children) == 6
+    with store.engine.connect() as conn:
+        assert len(conn.execute(select(ModelUsage)).all()) == 40
+
+    again = import_state_db(source, store)
+    assert (again.sessions_written, again.messages_written, again.usage_written) == (0, 0, 0)
+    assert again.ok
+    # the source was only read: same bytes, and no -wal/-shm appeared beside it
+    assert digest_file(source) == before
+    assert sorted(p.name for p in (tmp_path / "hermes").iterdir()) == ["state.db"]
+
+
+def test_incremental_import_copies_only_what_hermes_appended(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from hermes_state import SessionDB  # the real Hermes Agent
+
+    source = fixture_copy(tmp_path)
+    import_state_db(source, store)
+    hermes = SessionDB(source)
+    sid = source_rows(source)[0][0]["id"]
+    hermes.append_message(sid, "user", content="one more, with 日本語")
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    hermes.append_message(sid, "assistant", content=parts)  # stored as "\x00json:[...]"
+    hermes.create_session("brand-new", source="cli", model="m")
+    hermes.append_message("brand-new", "user", content="hello")
+    report = import_state_db(source, store)  # Hermes still has it open: the WAL path
+    hermes.close()
+    assert report.ok, report.table()
+    assert report.messages_written == 3
+    assert_same_as_source(store, source)
+    assert store.get_messages(sid)[-1]["content"] == parts
+
+
+def test_a_rewritten_source_session_is_reported_not_overwritten(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    source = fixture_copy(tmp_path)
+    import_state_db(source, store)
+    sid = source_rows(source)[0][0]["id"]
+    conn = sqlite3.connect(source)
+    last = conn.execute("SELECT max(id) FROM messages WHERE session_id = ?", (sid,)).fetchone()[0]
+    conn.execute("UPDATE messages SET content = 'edited' WHERE id = ?", (last,))
+    conn.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) VALUES (?, 'user', 'x', 1)",
+        (sid,),
+    )
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == [sid]
+    assert not report.ok
+    assert "diverged" in report.table()
+
+
+def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) -> None:
+    with pytest.raises(StateDbError):
+        import_state_db(tmp_path / "missing.db", store)
+    junk = tmp_path / "junk.db"
+    junk.write_text("not sqlite")
+    with pytest.raises(StateDbError):
+        import_state_db(junk, store)
+
+
+def test_killed_import_resumes_with_every_row_once(db_url: str, tmp_path: Path) -> None:
+    source = fixture_copy(tmp_path)
+    total = grow(source, 15)
+    code = (
+        "import sys\n"
+        "from hermes_orm.integrations.hermes import import_state_db\n"
+        "import_state_db(sys.argv[1], sys.argv[2], batch=20)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(source), db_url], cwd=ROOT)
+    store = SessionStore(db_url, check_schema=False)
+    deadline = time.monotonic() + 120
+    copied = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with store.engine.connect() as conn:
+                copied = conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar_one()
+        except Exception:  # the schema may not be there yet
+            copied = 0
+        if copied > total // 4:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the import finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < copied < total
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.counts["messages"].destination == total
+    assert_same_as_source(store, source)
+    store.close()
+
+
+def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path) -> None:
+    from hermes_state import SessionDB
+
+    source = fixture_copy(tmp_path)
+    grow(source, 3)
+    sid = source_rows(source)[0][0]["id"]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hermes_writer() -> None:
+        db = SessionDB(source)
+        try:
+            n = 0
+            while not stop.is_set() and n < 400:
+                db.append_message(sid, "user", content=f"live {n}")
+                db.append_message("live-session", "assistant", content=f"live {n}") if n else (
+                    db.create_session("live-session", source="cli")
+                )
+                n += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            db.close()
+
+    writer = threading.Thread(target=hermes_writer)
+    writer.start()
+    first = import_state_db(source, store, batch=50)
+    stop.set()
+    writer.join()
+    assert errors == []
+    assert not first.mismatched_sessions, first.table()
+    assert not first.diverged_sessions, first.table()
+    second = import_state_db(source, store)
+    assert second.ok, second.table()
+    assert_same_as_source(store, source)
+
+
+def test_cli_import(db_url: str, tmp_path: Path) -> None:
+    source = fixture_copy(tmp_path)
+    env = {**os.environ, "HERMES_HOME": str(tmp_path)}
+    run: Any = subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", "--url", db_url, "import", str(source)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "messages" in run.stdout
+    assert "877" in run.stdout
+    assert "sessions 40/40" in run.stderr  # plain progress lines when not on a terminal
