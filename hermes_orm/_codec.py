@@ -136,6 +136,7 @@ JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
 _SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
 _TEXT_KEYS = frozenset(TEXT_KEYS)
 _JSON_KEYS = frozenset(JSON_KEYS)
+_BOOL_KEYS_SET = frozenset(BOOL_KEYS)
 #: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
 PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
 
@@ -253,7 +254,9 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
         if value is None:
             extra[key] = None
         elif key in _TEXT_KEYS and type(value) is str and "\x00" not in value:
-            cols[key] = value  # the common case, checked inline
+            cols[key] = value  # the common cases, checked inline
+        elif (key in _BOOL_KEYS_SET and type(value) is bool) or (key == "timestamp" and type(value) is float and math.isfinite(value)):
+            cols[key] = value
         elif key == "content":
             if isinstance(value, str):
                 _check_str(value, index, key)

@@ -539,28 +539,45 @@ class SessionStore:
             except _StaleHint:
                 self._hints.pop(session_id, None)
 
-        def work(conn: Connection) -> tuple[FlushResult, bytes | None]:
-            stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
-            if stored is None:
-                raise SessionNotFoundError(session_id)
-            cursor = stored.flushed_idx
-            self._check_continues(
-                conn,
-                session_id,
-                messages,
-                cursor=cursor,
-                digest=stored.flushed_digest,
-                verify=verify,
-            )
-            if len(messages) <= cursor:
-                return FlushResult(written=0, cursor=cursor), stored.flushed_digest
-            batches = _encode_batches(messages, cursor)
-            end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
-            return FlushResult(end - cursor, end), last
-
-        result, digest = self._write(work)
+        result, digest = self._write(
+            lambda conn: self._flush_locked(conn, session_id, messages, verify)
+        )
         self._remember(session_id, result.cursor, digest)
         return result
+
+    def _flush_locked(
+        self,
+        conn: Connection,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        verify: str = "last",
+    ) -> tuple[FlushResult, bytes | None]:
+        """The flush inside a write transaction: read the cursor under the row lock, then write.
+
+        Several of these can share one transaction (a bulk import of many short
+        sessions); a :class:`HistoryDivergedError` is raised before anything of
+        this session is written.
+
+        Returns:
+            The result and the digest at the new cursor.
+        """
+        stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+        if stored is None:
+            raise SessionNotFoundError(session_id)
+        cursor = stored.flushed_idx
+        self._check_continues(
+            conn,
+            session_id,
+            messages,
+            cursor=cursor,
+            digest=stored.flushed_digest,
+            verify=verify,
+        )
+        if len(messages) <= cursor:
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest
+        batches = _encode_batches(messages, cursor)
+        end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
+        return FlushResult(end - cursor, end), last
 
     def _flush_on_hint(
         self,

@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hermes_orm import _codec
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError
 from hermes_orm.models import Message, ModelUsage, Session
-from hermes_orm.store import SESSION_FIELDS, SessionStore
+from hermes_orm.store import SESSION_FIELDS, FlushResult, SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -332,16 +332,15 @@ def import_state_db(
             else None
         )
         report.sessions_written = _upsert_sessions(store, session_rows)
-        for row in session_rows:
-            sid = row["id"]
-            try:
-                report.messages_written += _copy_messages(
-                    store, src, sid, batch=batch, bar=bar, on_batch=on_batch
-                )
-            except HistoryDivergedError:
-                report.diverged_sessions.append(sid)
-            if bar is not None:
-                bar.update(sessions=1)
+        _copy_messages(
+            store,
+            src,
+            [r["id"] for r in session_rows],
+            batch=batch,
+            bar=bar,
+            on_batch=on_batch,
+            report=report,
+        )
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src)
         if bar is not None:
@@ -391,22 +390,30 @@ def _upsert_sessions(store: SessionStore, rows: list[sqlite3.Row]) -> int:
         wanted[row["id"]] = fields
 
     def work(conn: Connection) -> int:
-        written = 0
         existing = {}
         id_list = list(wanted)
         for start in range(0, len(id_list), 500):
             chunk = id_list[start : start + 500]
             for r in conn.execute(select(_sessions).where(_sessions.c.id.in_(chunk))):
                 existing[r.id] = r._mapping
-        for sid, fields in wanted.items():
-            have = existing.get(sid)
-            if have is None:
-                conn.execute(_sessions.insert().values(id=sid, **fields))
-                written += 1
-            elif any(have[k] != v for k, v in fields.items()):
-                conn.execute(_sessions.update().where(_sessions.c.id == sid).values(**fields))
-                written += 1
-        return written
+        # One statement each, run for many rows: every row has the same keys.
+        new = [{"id": sid, **f} for sid, f in wanted.items() if sid not in existing]
+        changed = [
+            {"b_id": sid, **f}
+            for sid, f in wanted.items()
+            if sid in existing and any(existing[sid][k] != v for k, v in f.items())
+        ]
+        for start in range(0, len(new), 500):
+            conn.execute(_sessions.insert(), new[start : start + 500])
+        if changed:
+            keys = [k for k in changed[0] if k != "b_id"]
+            conn.execute(
+                _sessions.update()
+                .where(_sessions.c.id == bindparam("b_id"))
+                .values({k: bindparam(k) for k in keys}),
+                changed,
+            )
+        return len(new) + len(changed)
 
     return store._write(work)
 
@@ -414,44 +421,87 @@ def _upsert_sessions(store: SessionStore, rows: list[sqlite3.Row]) -> int:
 def _copy_messages(
     store: SessionStore,
     src: Source,
-    session_id: str,
+    session_ids: list[str],
     *,
     batch: int,
     bar: _Progress | None,
     on_batch: Callable[[str, int], None] | None,
-) -> int:
-    """Flush the session's messages the destination does not hold yet, batch by batch."""
-    session = store.get_session(session_id)
-    assert session is not None
-    cursor = session["flushed_idx"]
-    written = 0
-    before = None
-    if cursor:
-        found = src.execute(
-            "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?",
-            (session_id, cursor - 1),
-        )
-        before = message_dict(found[0]) if found else None
-        if before is None:
-            # The source holds fewer messages than were imported: it was rewritten.
-            raise HistoryDivergedError(session_id, stored=cursor, given=0, index=0)
-    while True:
-        rows = src.execute(
-            "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?",
-            (session_id, batch, cursor),
-        )
-        if not rows:
-            return written
-        messages = [message_dict(r) for r in rows]
-        result = store.flush(session_id, _Tail(cursor, before, messages))
-        written += result.written
+    report: ImportReport,
+) -> None:
+    """Flush what the destination does not hold yet, ``batch`` messages a transaction.
+
+    Short sessions share a transaction; a long one takes several. Each
+    transaction is whole or nothing, and the cursors say where a re-run resumes.
+    """
+    cursors = _cursors(store, session_ids)
+    group: list[tuple[str, _Tail, int]] = []
+    size = 0
+
+    def commit_group() -> None:
+        nonlocal size
+        if not group:
+            return
+
+        def work(conn: Connection) -> list[tuple[str, FlushResult]]:
+            done = []
+            for sid, tail, _ in group:
+                try:
+                    done.append((sid, store._flush_locked(conn, sid, tail)[0]))
+                except HistoryDivergedError:  # raised before this session wrote anything
+                    report.diverged_sessions.append(sid)
+            return done
+
+        for sid, result in store._write(work):
+            report.messages_written += result.written
+            cursors[sid] = result.cursor
+            if on_batch is not None:
+                on_batch(sid, result.cursor)
         if bar is not None:
-            bar.update(messages=len(rows))
-        cursor, before = result.cursor, messages[-1]
-        if on_batch is not None:
-            on_batch(session_id, cursor)
-        if len(rows) < batch:
-            return written
+            bar.update(messages=size)
+        group.clear()
+        size = 0
+
+    for sid in session_ids:
+        cursor = cursors.get(sid, 0)
+        before = None
+        if cursor:
+            found = src.execute(
+                "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?",
+                (sid, cursor - 1),
+            )
+            if not found:  # the source holds fewer messages than were imported
+                report.diverged_sessions.append(sid)
+                continue
+            before = message_dict(found[0])
+        while True:
+            rows = src.execute(
+                "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?",
+                (sid, batch, cursor),
+            )
+            if rows:
+                messages = [message_dict(r) for r in rows]
+                group.append((sid, _Tail(cursor, before, messages), len(rows)))
+                size += len(rows)
+                cursor, before = cursor + len(rows), messages[-1]
+            if size >= batch:
+                commit_group()
+            if len(rows) < batch:
+                break
+        if bar is not None:
+            bar.update(sessions=1)
+    commit_group()
+
+
+def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, int]:
+    def work(conn: Connection) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(session_ids), 500):
+            chunk = session_ids[start : start + 500]
+            query = select(_sessions.c.id, _sessions.c.flushed_idx).where(_sessions.c.id.in_(chunk))
+            found.update({sid: n for sid, n in conn.execute(query)})
+        return found
+
+    return store._read(work)
 
 
 def _upsert_usage(store: SessionStore, src: Source) -> int:
