@@ -253,10 +253,12 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             )
         if value is None:
             extra[key] = None
-        elif key in _TEXT_KEYS and type(value) is str and "\x00" not in value:
+        elif (
+            (key in _TEXT_KEYS and type(value) is str and "\x00" not in value)
+            or (key in _BOOL_KEYS_SET and type(value) is bool)
+            or (key == "timestamp" and type(value) is float and math.isfinite(value))
+        ):
             cols[key] = value  # the common cases, checked inline
-        elif (key in _BOOL_KEYS_SET and type(value) is bool) or (key == "timestamp" and type(value) is float and math.isfinite(value)):
-            cols[key] = value
         elif key == "content":
             if isinstance(value, str):
                 _check_str(value, index, key)
