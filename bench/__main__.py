@@ -64,6 +64,7 @@ class Sizes:
     lengths: tuple[int, ...]
     flat_turns: int
     bulk: int
+    import_copies: int
     read: int
     repeat: int
 
@@ -76,8 +77,18 @@ FULL = Sizes(
     bulk=100_000,
     read=10_000,
     repeat=5,
+    import_copies=1140,  # the 877-message fixture and 1,140 clones: 1,000,657 messages
 )
-QUICK = Sizes(sessions=2, turns=3, lengths=(10, 200), flat_turns=3, bulk=500, read=100, repeat=1)
+QUICK = Sizes(
+    sessions=2,
+    turns=3,
+    lengths=(10, 200),
+    flat_turns=3,
+    bulk=500,
+    read=100,
+    repeat=1,
+    import_copies=0,
+)
 
 
 # -- databases ----------------------------------------------------------------------------
@@ -310,6 +321,25 @@ def read_vs_raw(path: Path, sizes: Sizes) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(raw)
 
 
+def import_rate(workdir: Path, copies: int) -> tuple[int, float, bool]:
+    """Import a grown copy of the Hermes fixture into SQLite; messages, msg/s, verified."""
+    sys.path.insert(0, str(ROOT))
+    from hermes_orm.integrations.hermes import import_state_db
+    from tests._hermes import fixture_copy, grow
+
+    source_dir = workdir / f"hermes-{copies}"
+    source_dir.mkdir()
+    source = fixture_copy(source_dir)
+    total = grow(source, copies)
+    store = hermes_orm.SessionStore(f"sqlite:///{workdir / f'import-{copies}.db'}")
+    store.upgrade()
+    start = time.perf_counter()
+    report = import_state_db(source, store)
+    elapsed = time.perf_counter() - start
+    store.close()
+    return total, report.messages_written / elapsed, report.ok
+
+
 def bulk_flush(path: Path, count: int) -> tuple[float, float]:
     """Messages/s of one flush of ``count`` messages, and its peak traced memory in MiB."""
     store = hermes_orm.SessionStore(f"sqlite:///{path}", sqlite_synchronous="NORMAL")
@@ -460,6 +490,19 @@ def run(
                 peak / small_peak,
                 "<= 2x (streams in chunks)",
                 peak / small_peak <= 2.0,
+            )
+        )
+        progress("import of a Hermes state.db")
+        total, rate, verified = import_rate(Path(tmp), sizes.import_copies)
+        rows.append(
+            Row(
+                f"Import of a Hermes state.db of {total:,} messages into SQLite"
+                + ("" if verified else " (VERIFICATION FAILED)"),
+                f"{rate:,.0f} msg/s",
+                "",
+                None,
+                ">= 20,000 msg/s",
+                verified and rate >= 20_000,
             )
         )
     return rows, curves

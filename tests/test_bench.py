@@ -33,6 +33,8 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         "get_messages",
         "bulk flush",
         "Peak memory",
+        "Import of a Hermes state.db",
     ):
         assert name in out, name
     assert "hermes-agent not installed" not in out
+    assert "VERIFICATION FAILED" not in out
