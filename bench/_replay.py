@@ -57,29 +57,36 @@ def record(engine: Engine) -> Iterator[Recording]:
         event.remove(engine, "rollback", on_rollback)
 
 
-def replay_sqlite(path: str, rec: Recording, synchronous: str) -> float:
-    """Replay on the SQLite file at ``path``; returns seconds."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    cur = conn.cursor()
+def _replay(cur: Any, commit: Any, rollback: Any, rec: Recording) -> float:
+    """Run the recorded calls on a driver cursor; returns seconds."""
     start = time.perf_counter()
     for sql, params, many in rec.calls:
         if sql is COMMIT:
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+            commit()
         elif sql is ROLLBACK:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            rollback()
         elif many:
             cur.executemany(sql, params)
         else:
             cur.execute(sql, params)
             if cur.description is not None:
                 cur.fetchall()
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def replay_sqlite(path: str, rec: Recording, synchronous: str) -> float:
+    """Replay on the SQLite file at ``path`` (the pragmas hermes_orm sets); returns seconds."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+
+    def end(statement: str) -> None:
+        if conn.in_transaction:
+            conn.execute(statement)
+
+    elapsed = _replay(conn.cursor(), lambda: end("COMMIT"), lambda: end("ROLLBACK"), rec)
     conn.close()
     return elapsed
 
@@ -89,19 +96,6 @@ def replay_psycopg(url: str, rec: Recording) -> float:
     import psycopg
 
     conn = psycopg.connect(url)
-    cur = conn.cursor()
-    start = time.perf_counter()
-    for sql, params, many in rec.calls:
-        if sql is COMMIT:
-            conn.commit()
-        elif sql is ROLLBACK:
-            conn.rollback()
-        elif many:
-            cur.executemany(sql, params)
-        else:
-            cur.execute(sql, params)
-            if cur.description is not None:
-                cur.fetchall()
-    elapsed = time.perf_counter() - start
+    elapsed = _replay(conn.cursor(), conn.commit, conn.rollback, rec)
     conn.close()
     return elapsed

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,18 @@ def alembic_engine(empty_db_url: str) -> Iterator[Engine]:
     eng = create_store_engine(empty_db_url, poolclass=NullPool)
     yield eng
     eng.dispose()
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``hermes-orm ARGS`` in a new process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
 
 
 def count_rows(engine: Engine, table: str, **where: Any) -> int:

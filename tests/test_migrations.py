@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import SchemaOutOfDateError, SchemaTooNewError, create_store_engine, migrations
+from tests.conftest import run_cli
 
 __all__ = [
     "test_model_definitions_match_ddl",
@@ -112,13 +113,7 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "HERMES_ORM_URL": empty_db_url, "HERMES_HOME": str(tmp_path)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "hermes_orm.cli", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
+        return run_cli(*args, env=env)
 
     check = cli("db", "check")
     assert check.returncode == 2
