@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hermes-state-v22.db"
+
+
+def _find_fixture(name: str = "hermes-state-v22.db") -> Path:
+    """``$HERMES_ORM_FIXTURES/NAME``, else ``shared/fixtures/NAME`` beside the checkout."""
+    env = os.environ.get("HERMES_ORM_FIXTURES")
+    if env:
+        return Path(env) / name
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "fixtures" / name
+        if candidate.exists():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "shared" / "fixtures" / name
+
+
+FIXTURE = _find_fixture()
 _JSON_COLUMNS = {"tool_calls", "reasoning_details", "codex_reasoning_items", "codex_message_items"}
 _BOOL_COLUMNS = {"observed", "active", "compacted"}
 
