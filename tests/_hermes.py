@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _find_fixture(name: str = "hermes-state-v22.db") -> Path:
     """``$HERMES_ORM_FIXTURES/NAME``, else ``shared/fixtures/NAME`` beside the checkout."""
     env = os.environ.get("HERMES_ORM_FIXTURES")
