@@ -208,3 +208,29 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     assert "messages" in run.stdout
     assert "877" in run.stdout
     assert "sessions 40/40" in run.stderr  # plain progress lines when not on a terminal
+
+
+def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_path: Path) -> None:
+    import sqlite3
+
+    source = fixture_copy(tmp_path)
+    sessions, _ = source_rows(source)
+    bad = sessions[1]["id"]
+    conn = sqlite3.connect(source)
+    conn.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) VALUES (?, 'tool', ?, 1)",
+        (bad, "binary \x00 output"),
+    )
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert list(report.invalid_sessions) == [bad]
+    assert "NUL" in report.invalid_sessions[bad]
+    assert not report.ok
+    assert "cannot be stored" in report.table()
+    # every other session came through whole
+    others = [s["id"] for s in sessions if s["id"] != bad]
+    assert all(store.get_session(sid) is not None for sid in others)
+    # the bad session's messages are refused whole (they share one batch)
+    assert store.get_messages(bad) == []
+    assert report.counts["messages"].destination == 877 - (len(source_rows(source)[1][bad]) - 1)

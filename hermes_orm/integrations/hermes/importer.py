@@ -28,11 +28,12 @@ from urllib.parse import quote
 from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec
-from hermes_orm.errors import HermesOrmError, HistoryDivergedError
+from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
 from hermes_orm.models import Message, ModelUsage, Session
-from hermes_orm.store import SESSION_FIELDS, FlushResult, SessionStore
+from hermes_orm.store import SESSION_FIELDS, SessionStore, _StaleHint
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -78,6 +79,7 @@ class ImportReport:
     mismatched_sessions: list[str] = field(default_factory=list)
     diverged_sessions: list[str] = field(default_factory=list)
     grown_sessions: list[str] = field(default_factory=list)
+    invalid_sessions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -86,7 +88,12 @@ class ImportReport:
         counts_ok = all(c.ok for c in self.counts.values()) or (
             self.grown_sessions and not self.mismatched_sessions
         )
-        return bool(counts_ok) and not self.mismatched_sessions and not self.diverged_sessions
+        return (
+            bool(counts_ok)
+            and not self.mismatched_sessions
+            and not self.diverged_sessions
+            and not self.invalid_sessions
+        )
 
     def table(self) -> str:
         """The verification table, as text."""
@@ -98,6 +105,8 @@ class ImportReport:
             lines.append(f"session {sid}: message count differs")
         for sid in self.diverged_sessions[:10]:
             lines.append(f"session {sid}: stored messages differ from the source (diverged)")
+        for sid, reason in list(self.invalid_sessions.items())[:10]:
+            lines.append(f"session {sid}: a message cannot be stored ({reason})")
         if self.grown_sessions:
             lines.append(
                 f"{len(self.grown_sessions)} session(s) grew in the source during the import: "
@@ -121,6 +130,7 @@ class Source:
         if not self.path.is_file():
             raise StateDbError(f"no Hermes state.db at {self.path}")
         self.live = self._wal_exists()
+        self._checked = time.monotonic()
         self.conn = self._connect()
         try:
             tables = {
@@ -141,19 +151,19 @@ class Source:
 
     def _connect(self) -> sqlite3.Connection:
         mode = "mode=ro" if self.live else "mode=ro&immutable=1"
-        conn = sqlite3.connect(f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30)
-        conn.row_factory = sqlite3.Row
-        return conn
+        return sqlite3.connect(f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30)
 
     def _go_live(self) -> None:
         self.conn.close()
         self.live = True
         self.conn = self._connect()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and fetch all its rows (reopening live when Hermes shows up)."""
-        if not self.live and self._wal_exists():
-            self._go_live()
+        if not self.live and time.monotonic() - self._checked > 0.2:
+            self._checked = time.monotonic()
+            if self._wal_exists():
+                self._go_live()
         try:
             return self.conn.execute(sql, params).fetchall()
         except sqlite3.DatabaseError:
@@ -161,6 +171,17 @@ class Source:
                 raise
             self._go_live()  # a checkpoint changed the file under an immutable read
             return self.conn.execute(sql, params).fetchall()
+
+    def columns(self, table: str) -> list[str]:
+        """Column names of ``table``, in ``SELECT *`` order."""
+        return [row[1] for row in self.execute(f"PRAGMA table_info({table})")]
+
+    def dicts(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a (small) table as a dict."""
+        names = self.columns(table)
+        return [
+            dict(zip(names, row, strict=True)) for row in self.execute(f"SELECT * FROM {table}")
+        ]
 
     def close(self) -> None:
         """Close the connection."""
@@ -190,12 +211,11 @@ def _json_or_text(value: Any) -> Any:
         return value
 
 
-def session_fields(row: sqlite3.Row) -> dict[str, Any]:
+def session_fields(row: dict[str, Any]) -> dict[str, Any]:
     """Map a Hermes sessions row onto hermes_orm session fields (unknown ones to ``extra``)."""
     fields: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for key in row.keys():  # noqa: SIM118 - sqlite3.Row iterates values, not keys
-        value = row[key]
+    for key, value in row.items():
         if key == "id":
             continue
         if key in _COUNTERS:
@@ -216,25 +236,24 @@ def session_fields(row: sqlite3.Row) -> dict[str, Any]:
     return fields
 
 
-def message_dict(row: sqlite3.Row) -> dict[str, Any]:
-    """Map a Hermes messages row onto a message dict (NULL columns are left out)."""
-    message: dict[str, Any] = {}
-    for key in row.keys():  # noqa: SIM118
-        value = row[key]
-        if key in ("id", "session_id") or value is None:
-            continue
-        if key == "content":
-            if isinstance(value, str) and value.startswith(CONTENT_JSON_PREFIX):
-                value = _json_or_text(value[len(CONTENT_JSON_PREFIX) :])
-            message["content"] = value
-        elif key in _JSON_MESSAGE:
-            message[key] = _json_or_text(value)
-        elif key in _BOOL_MESSAGE:
-            message[key] = bool(value)
-        else:
-            message[key] = value
-    if "content" not in message:
+def message_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    """Map a Hermes messages row (``SELECT *`` order) onto a message dict.
+
+    NULL columns are left out, but ``content`` is always there.
+    """
+    # Every column as is, then the few that need converting.
+    message = {k: v for k, v in zip(columns, row, strict=True) if v is not None}
+    message.pop("id", None)
+    message.pop("session_id", None)
+    content = message.get("content")
+    if content is None:
         message["content"] = None
+    elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
+        message["content"] = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
+    for key in _JSON_MESSAGE.intersection(message):
+        message[key] = _json_or_text(message[key])
+    for key in _BOOL_MESSAGE.intersection(message):
+        message[key] = bool(message[key])
     return message
 
 
@@ -324,7 +343,7 @@ def import_state_db(
     src = open_source(source)
     report = ImportReport()
     try:
-        session_rows = src.execute("SELECT * FROM sessions")
+        session_rows = src.dicts("sessions")
         totals = _counts_by_session(src)
         bar = (
             _Progress(progress, len(session_rows), sum(totals.values()))
@@ -354,18 +373,18 @@ def import_state_db(
     return report
 
 
-def _parents_first(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
+def _parents_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Order sessions so that every parent is written before its children."""
     by_id = {r["id"]: r for r in rows}
-    ordered: list[sqlite3.Row] = []
+    ordered: list[dict[str, Any]] = []
     seen: set[str] = set()
 
-    def visit(row: sqlite3.Row) -> None:
+    def visit(row: dict[str, Any]) -> None:
         chain = []
         while row["id"] not in seen:
             seen.add(row["id"])
             chain.append(row)
-            parent = row["parent_session_id"] if "parent_session_id" in row.keys() else None  # noqa: SIM118
+            parent = row.get("parent_session_id")
             if parent is None or parent not in by_id:
                 break
             row = by_id[parent]
@@ -376,7 +395,7 @@ def _parents_first(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
     return ordered
 
 
-def _upsert_sessions(store: SessionStore, rows: list[sqlite3.Row]) -> int:
+def _upsert_sessions(store: SessionStore, rows: list[dict[str, Any]]) -> int:
     """Insert new sessions and update changed ones; returns how many rows were written."""
     ids = {r["id"] for r in rows}
     wanted = {}
@@ -418,6 +437,18 @@ def _upsert_sessions(store: SessionStore, rows: list[sqlite3.Row]) -> int:
     return store._write(work)
 
 
+@dataclass
+class _Chunk:
+    """Messages of one session to store at ``cursor``, read and encoded."""
+
+    session_id: str
+    cursor: int
+    before: dict[str, Any] | None  # the message at cursor - 1, as the source has it
+    before_digest: bytes | None
+    messages: list[dict[str, Any]]
+    encoded: list[_codec.EncodedMessage]
+
+
 def _copy_messages(
     store: SessionStore,
     src: Source,
@@ -432,37 +463,59 @@ def _copy_messages(
 
     Short sessions share a transaction; a long one takes several. Each
     transaction is whole or nothing, and the cursors say where a re-run resumes.
+    A transaction first writes on the cursors read at the start, each checked
+    by the cursor's compare-and-swap; if any moved (another writer), it is
+    rolled back and written again reading each cursor under its row lock.
     """
     cursors = _cursors(store, session_ids)
-    group: list[tuple[str, _Tail, int]] = []
+    columns = src.columns("messages")
+    group: list[_Chunk] = []
     size = 0
+
+    def on_cursors(conn: Connection) -> list[tuple[str, int, int]]:
+        done = []
+        for chunk in group:
+            try:
+                end, _ = store._insert(
+                    conn, chunk.session_id, chunk.cursor, chunk.before_digest, [chunk.encoded]
+                )
+            except IntegrityError:
+                raise _StaleHint from None
+            done.append((chunk.session_id, end - chunk.cursor, end))
+        return done
+
+    def locked(conn: Connection) -> list[tuple[str, int, int]]:
+        done = []
+        for chunk in group:
+            tail = _Tail(chunk.cursor, chunk.before, chunk.messages)
+            try:
+                result = store._flush_locked(conn, chunk.session_id, tail)[0]
+            except HistoryDivergedError:  # raised before this session wrote anything
+                report.diverged_sessions.append(chunk.session_id)
+                continue
+            done.append((chunk.session_id, result.written, result.cursor))
+        return done
 
     def commit_group() -> None:
         nonlocal size
         if not group:
             return
-
-        def work(conn: Connection) -> list[tuple[str, FlushResult]]:
-            done = []
-            for sid, tail, _ in group:
-                try:
-                    done.append((sid, store._flush_locked(conn, sid, tail)[0]))
-                except HistoryDivergedError:  # raised before this session wrote anything
-                    report.diverged_sessions.append(sid)
-            return done
-
-        for sid, result in store._write(work):
-            report.messages_written += result.written
-            cursors[sid] = result.cursor
+        try:
+            done = store._write(on_cursors)
+        except _StaleHint:
+            done = store._write(locked)
+        for sid, written, cursor in done:
+            report.messages_written += written
+            cursors[sid] = (cursor, None)
             if on_batch is not None:
-                on_batch(sid, result.cursor)
+                on_batch(sid, cursor)
         if bar is not None:
             bar.update(messages=size)
         group.clear()
         size = 0
 
     for sid in session_ids:
-        cursor = cursors.get(sid, 0)
+        cursor, stored_digest = cursors.get(sid, (0, None))
         before = None
         if cursor:
             found = src.execute(
@@ -472,17 +525,27 @@ def _copy_messages(
             if not found:  # the source holds fewer messages than were imported
                 report.diverged_sessions.append(sid)
                 continue
-            before = message_dict(found[0])
+            before = message_dict(columns, found[0])
+        before_digest = stored_digest if before is None else _digest_or_none(before)
         while True:
             rows = src.execute(
                 "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?",
                 (sid, batch, cursor),
             )
             if rows:
-                messages = [message_dict(r) for r in rows]
-                group.append((sid, _Tail(cursor, before, messages), len(rows)))
+                messages = [message_dict(columns, r) for r in rows]
+                try:
+                    encoded = [_codec.encode_message(m, cursor + i) for i, m in enumerate(messages)]
+                except InvalidMessageError as exc:
+                    report.invalid_sessions[sid] = str(exc)
+                    break
+                group.append(_Chunk(sid, cursor, before, before_digest, messages, encoded))
                 size += len(rows)
-                cursor, before = cursor + len(rows), messages[-1]
+                cursor, before, before_digest = (
+                    cursor + len(rows),
+                    messages[-1],
+                    encoded[-1].digest,
+                )
             if size >= batch:
                 commit_group()
             if len(rows) < batch:
@@ -492,13 +555,24 @@ def _copy_messages(
     commit_group()
 
 
-def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, int]:
-    def work(conn: Connection) -> dict[str, int]:
-        found: dict[str, int] = {}
+def _digest_or_none(message: dict[str, Any]) -> bytes | None:
+    try:
+        return _codec.message_digest(message)
+    except InvalidMessageError:
+        return None
+
+
+def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, tuple[int, bytes | None]]:
+    """Each destination session's cursor and the digest at it, in one query per 500."""
+
+    def work(conn: Connection) -> dict[str, tuple[int, bytes | None]]:
+        found: dict[str, tuple[int, bytes | None]] = {}
         for start in range(0, len(session_ids), 500):
             chunk = session_ids[start : start + 500]
-            query = select(_sessions.c.id, _sessions.c.flushed_idx).where(_sessions.c.id.in_(chunk))
-            found.update({sid: n for sid, n in conn.execute(query)})
+            query = select(
+                _sessions.c.id, _sessions.c.flushed_idx, _sessions.c.flushed_digest
+            ).where(_sessions.c.id.in_(chunk))
+            found.update({sid: (n, d) for sid, n, d in conn.execute(query)})
         return found
 
     return store._read(work)
@@ -508,8 +582,8 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
     """Copy per-model usage rows, writing only new or changed ones."""
     ours = {c.name for c in _usage.columns}
     rows = []
-    for row in src.execute("SELECT * FROM session_model_usage"):
-        values = {k: row[k] for k in row.keys() if k in ours}  # noqa: SIM118
+    for row in src.dicts("session_model_usage"):
+        values = {k: v for k, v in row.items() if k in ours}
         for key in _USAGE_KEY[1:]:
             if values.get(key) is None:
                 values[key] = ""
@@ -545,7 +619,7 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
 def _verify(
     store: SessionStore,
     src: Source,
-    session_rows: list[sqlite3.Row],
+    session_rows: list[dict[str, Any]],
     totals: dict[str, int],
     report: ImportReport,
 ) -> None:
@@ -586,7 +660,7 @@ def _verify(
             continue
         if before <= have < after:
             report.grown_sessions.append(sid)
-        elif sid not in report.diverged_sessions:
+        elif sid not in report.diverged_sessions and sid not in report.invalid_sessions:
             report.mismatched_sessions.append(sid)
     if _has_table(src, "session_model_usage"):
         n = src.execute("SELECT count(*) FROM session_model_usage")[0][0]
