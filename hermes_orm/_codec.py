@@ -1,8 +1,9 @@
 """Message dicts to rows and back, validation, and digests.
 
 The mapping is one rule: a key with a column of its own stores a non-``None``
-value there; every other key, and any known key given as ``None``, goes into
-the row's ``extra`` JSON. Reading a row applies the rule backwards, so a dict
+value there; every other key, any known key given as ``None``, and text with
+NUL characters (which PostgreSQL text cannot hold) go into the row's ``extra``
+JSON. Reading a row applies the rule backwards, so a dict
 reads back equal to the dict flushed, and its digest is unchanged by the trip.
 
 Validation happens here, before any statement runs: a message that cannot be
@@ -80,21 +81,12 @@ class EncodedMessage:
         return {**_EMPTY_ROW, **self.cols}
 
 
-def _check_str(value: str, index: int | None, key: str) -> None:
-    if "\x00" in value:
-        raise InvalidMessageError(
-            "strings may not contain NUL characters (PostgreSQL cannot store them)",
-            index=index,
-            key=key,
-        )
-
-
 def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None:
     """Refuse what JSON cannot carry exactly (tuples, sets, bytes, NaN, non-str keys)."""
     if depth > 100:
         raise InvalidMessageError("JSON nested deeper than 100 levels", index=index, key=key)
     if isinstance(value, str):
-        _check_str(value, index, key)
+        pass
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidMessageError(
@@ -115,7 +107,6 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
                     index=index,
                     key=key,
                 )
-            _check_str(k, index, key)
             _check_json(item, index, key, depth + 1)
     else:
         raise InvalidMessageError(
@@ -149,7 +140,6 @@ def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessa
                 f"message keys must be strings, got {type(key).__name__} {key!r}", index=index
             )
         try:
-            _check_str(key, index, key)
             _check_json(value, index, key)
         except InvalidMessageError as exc:
             return exc
@@ -164,10 +154,6 @@ def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) 
         raise _find_problem(whole, index) or InvalidMessageError(
             "not a JSON value", index=index, key=key
         ) from None
-    # JSON escapes NUL as backslash-u0000, but the same six characters also
-    # follow an escaped backslash in harmless text: only the walk can tell.
-    if "\\u0000" in text and (problem := _find_problem(whole, index)) is not None:
-        raise problem
     if _loads(text) != value:
         # Tuples, non-str keys: JSON would read them back as something else.
         raise _find_problem(whole, index) or InvalidMessageError(
@@ -183,7 +169,6 @@ def _column_value(key: str, value: Any, index: int | None) -> Any:
             raise InvalidMessageError(
                 f"must be a str or None, got {type(value).__name__}", index=index, key=key
             )
-        _check_str(value, index, key)
         return value if type(value) is str else str.__str__(value)
     if key in BOOL_KEYS:
         if not isinstance(value, bool):
@@ -211,8 +196,8 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
 
     Keys with a column of their own must hold that column's type; JSON values
     must parse back equal from their canonical JSON (sorted keys, no NaN);
-    no string may hold NUL or a lone surrogate. The digest is taken of the
-    stored column values, so a message read back digests the same.
+    no string may hold a lone surrogate. The digest is taken of the stored
+    column values, so a message read back digests the same.
 
     Args:
         message: A message dict (``role`` required, see the module docstring).
@@ -259,9 +244,11 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             or (key == "timestamp" and type(value) is float and math.isfinite(value))
         ):
             cols[key] = value  # the common cases, checked inline
+        elif isinstance(value, str) and "\x00" in value and (key in _TEXT_KEYS or key == "content"):
+            # PostgreSQL text cannot hold NUL; the extra JSON can (escaped), losslessly.
+            extra[key] = value if type(value) is str else str.__str__(value)
         elif key == "content":
             if isinstance(value, str):
-                _check_str(value, index, key)
                 cols["content"] = value if type(value) is str else str.__str__(value)
             elif isinstance(value, list):
                 cols["content_parts"] = value
@@ -280,7 +267,6 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             if key == "tool_calls":
                 tool_calls = len(value) if isinstance(value, list) else 1
         else:
-            _check_str(key, index, key)
             extra[key] = value
     if extra:
         cols["extra"] = extra
@@ -289,7 +275,8 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     # What is stored, JSON columns as their text: the digest input and the params.
     stored = {**cols, **texts}
     # Digest input: "column NUL value" per stored column, in column order. No
-    # stored text holds NUL (refused above, escaped in JSON): it is unambiguous.
+    # stored value holds a raw NUL (text with NUL goes to the JSON, which escapes
+    # it), so the encoding is unambiguous.
     fields = []
     for column in sorted(stored, key=_RANK.__getitem__):
         v = stored[column]

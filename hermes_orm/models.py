@@ -170,7 +170,7 @@ class Message(Base):
 
     A message dict maps onto columns by key (see ``hermes_orm._codec``): text
     ``content`` goes to ``content``, a list of parts to ``content_parts``, and
-    keys without a column (or given as ``None``) to ``extra``, so the dict
+    keys without a column (or given as ``None``, or text with NUL) to ``extra``, so the dict
     reads back equal to the one flushed. Keyword construction
     (``Message(role="user", content="hi")``) cannot tell a key set to ``None``
     from a missing one; :meth:`from_dict` keeps a dict's exact shape.
