@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,6 +297,55 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
 def message_digest(message: Any, index: int | None = None) -> bytes:
     """Digest of a message as :func:`encode_message` would store it."""
     return encode_message(message, index).digest
+
+
+#: Columns a message is read back from, in the order :func:`decode_row` expects.
+READ_COLUMNS = (
+    "extra",
+    "role",
+    "content",
+    "content_parts",
+    *TEXT_KEYS,
+    *JSON_KEYS,
+    *BOOL_KEYS,
+    "token_count",
+    "timestamp",
+)
+_READ_JSON = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in JSON_COLUMNS)
+_READ_BOOL = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in BOOL_KEYS)
+
+
+def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, Any]:
+    """Rebuild the message dict from driver values in :data:`READ_COLUMNS` order.
+
+    Args:
+        values: One row as the driver returned it.
+        driver_parses_json: The driver returns JSON columns parsed (psycopg);
+            otherwise they are text (sqlite3), and booleans are 0/1.
+    """
+    if not driver_parses_json:
+        values = [
+            None
+            if v is None
+            else _loads(v)
+            if i in _READ_JSON
+            else bool(v)
+            if i in _READ_BOOL
+            else v
+            for i, v in enumerate(values)
+        ]
+    extra = values[0]
+    message: dict[str, Any] = dict(extra) if extra else {}
+    message["role"] = values[1]
+    content, parts = values[2], values[3]
+    if content is not None:
+        message["content"] = content
+    elif parts is not None:
+        message["content"] = parts
+    for key, value in zip(READ_COLUMNS[4:], values[4:], strict=True):
+        if value is not None:
+            message[key] = value
+    return message
 
 
 def row_to_message(row: Any) -> dict[str, Any]:

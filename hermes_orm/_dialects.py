@@ -174,7 +174,7 @@ def configure_engine(
 
 @dataclass(frozen=True, slots=True)
 class FlushSQL:
-    """The flush's statements in one dialect's driver SQL, rendered once.
+    """The hot statements in one dialect's driver SQL, rendered once.
 
     The flush runs them with ``exec_driver_sql``: SQLAlchemy still runs them
     (events, transaction, pool), without compiling or processing parameters
@@ -185,10 +185,17 @@ class FlushSQL:
     insert_messages: str
     advance: str
     advance_if_digest: str
+    read_messages: str
+    read_where: str
+    read_from: str
+    read_until: str
 
 
 def flush_sql(
-    dialect: str, insert_columns: tuple[str, ...], json_columns: frozenset[str]
+    dialect: str,
+    insert_columns: tuple[str, ...],
+    json_columns: frozenset[str],
+    read_columns: tuple[str, ...],
 ) -> FlushSQL:
     """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``)."""
     if dialect == "sqlite":
@@ -207,6 +214,10 @@ def flush_sql(
         ),
         advance=advance,
         advance_if_digest=f"{advance} AND flushed_digest = {mark}",
+        read_messages=f"SELECT {', '.join(read_columns)} FROM hermes_messages",
+        read_where=f" WHERE session_id = {mark}",
+        read_from=f" AND idx >= {mark}",
+        read_until=f" AND idx < {mark}",
     )
 
 

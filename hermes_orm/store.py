@@ -234,7 +234,7 @@ class SessionStore:
         # hint that saves reading the row; every use is verified in the database.
         self._hints: dict[str, tuple[int, bytes | None]] = {}
         self._sql = _dialects.flush_sql(
-            self._engine.dialect.name, _INSERT_COLUMNS, _codec.JSON_COLUMNS
+            self._engine.dialect.name, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS
         )
 
     @property
@@ -732,22 +732,27 @@ class SessionStore:
             raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
         # idx is dense, so a range on the unique (session_id, idx) index pages
         # in O(limit) where OFFSET would scan the skipped rows.
-        query = select(_messages).where(_messages.c.session_id == session_id)
+        sql = self._sql
+        where = sql.read_where
+        params: list[Any] = [session_id]
         if offset:
-            query = query.where(_messages.c.idx >= offset)
+            where += sql.read_from
+            params.append(offset)
         if limit is not None:
-            query = query.where(_messages.c.idx < offset + limit)
-        query = query.order_by(_messages.c.idx)
+            where += sql.read_until
+            params.append(offset + limit)
+        statement = f"{sql.read_messages}{where} ORDER BY idx"
+        parses_json = self._engine.dialect.name == "postgresql"
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            rows = conn.execute(query).all()
+            rows = conn.exec_driver_sql(statement, tuple(params)).all()
             if (
                 not rows
                 and conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
                 is None
             ):
                 raise SessionNotFoundError(session_id)
-            return [_codec.row_to_message(r) for r in rows]
+            return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 
         return self._read(work)
 
