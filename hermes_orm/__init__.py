@@ -17,6 +17,7 @@ from hermes_orm.errors import (
     SchemaTooNewError,
     SessionExistsError,
     SessionNotFoundError,
+    UnsupportedBackendError,
 )
 from hermes_orm.migrations import check as check_schema
 from hermes_orm.migrations import downgrade, upgrade
@@ -45,6 +46,7 @@ __all__ = [
     "SessionNotFoundError",
     "SessionPage",
     "SessionStore",
+    "UnsupportedBackendError",
     "check_schema",
     "create_store_engine",
     "downgrade",

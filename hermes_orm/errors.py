@@ -34,6 +34,17 @@ class SessionExistsError(HermesOrmError):
         )
 
 
+class UnsupportedBackendError(HermesOrmError, ValueError):
+    """The database is neither SQLite nor PostgreSQL."""
+
+    def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
+        super().__init__(
+            f"hermes_orm runs on SQLite and PostgreSQL, not {dialect}: use a sqlite:/// "
+            "or postgresql:// URL"
+        )
+
+
 class InvalidSessionError(HermesOrmError, ValueError):
     """Session fields that cannot be stored (unknown name, wrong type)."""
 

@@ -50,6 +50,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionExistsError,
     SessionNotFoundError,
+    UnsupportedBackendError,
 )
 from hermes_orm.models import Message, Session
 
@@ -204,6 +205,13 @@ class SessionStore:
             from a URL (an Engine passed in keeps its own PostgreSQL settings).
         check_schema: Refuse to work on a database whose schema is not at the
             shipped head revision (the first operation checks once).
+
+    A store keeps one connection per thread that uses it (no pool round trip
+    per flush) and ends every transaction before returning, so a kept
+    connection holds no lock; :meth:`close` closes them all.
+
+    Raises:
+        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
     """
 
     def __init__(
@@ -225,6 +233,8 @@ class SessionStore:
             _dialects.configure_engine(bind, **settings)
         else:
             self._engine = _dialects.create_store_engine(bind, **settings)
+        if self._engine.dialect.name not in ("sqlite", "postgresql"):
+            raise UnsupportedBackendError(self._engine.dialect.name)
         self._local = threading.local()
         self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
@@ -281,6 +291,7 @@ class SessionStore:
             conn = self._engine.connect()
             local.conn, local.pid = conn, os.getpid()
             with self._connections_lock:
+                self._connections = [c for c in self._connections if not c.closed]
                 self._connections.append(conn)
         return conn
 
