@@ -390,7 +390,10 @@ class SessionStore:
             if conn.execute(self._insert_ignore(values)).rowcount == 1:
                 return True
             fill = {
-                name: func.coalesce(_sessions.c[name], value)
+                # typed bind: a JSON column's value is serialized like the column's
+                name: func.coalesce(
+                    _sessions.c[name], bindparam(None, value, type_=_sessions.c[name].type)
+                )
                 for name, value in fields.items()
                 if value is not None and name in _NULLABLE
             }

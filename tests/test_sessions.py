@@ -77,10 +77,23 @@ def test_bad_session_input_is_refused(
 
 def test_ensure_session_fills_only_missing_fields(store: SessionStore) -> None:
     assert store.ensure_session("s1", source="gateway", user_id="u1") is True
-    assert store.ensure_session("s1", source="cli", model="m", user_id="other") is False
+    assert (
+        store.ensure_session(
+            "s1",
+            source="cli",
+            model="m",
+            user_id="other",
+            model_config={"temperature": 0.5},
+            extra={"k": [1]},
+            started_at=5.0,
+        )
+        is False
+    )
     got = store.get_session("s1")
     assert got is not None
     assert (got["source"], got["user_id"], got["model"]) == ("gateway", "u1", "m")
+    assert (got["model_config"], got["extra"]) == ({"temperature": 0.5}, {"k": [1]})
+    assert got["started_at"] != 5.0  # set at creation, never overwritten
 
 
 def _ensure(url: str, barrier: Any, results: Any) -> None:
