@@ -185,11 +185,11 @@ def test_repr_hides_the_password() -> None:
 
 
 def test_other_backends_are_refused_with_a_typed_error() -> None:
+    import types
+
     from sqlalchemy import create_engine
 
     from hermes_orm import UnsupportedBackendError
-
-    import types
 
     driver = types.SimpleNamespace(paramstyle="format", version_info=(2, 2, 0), Error=Exception)
     engine = create_engine("mysql://user@127.0.0.1/db", module=driver)  # never connects
