@@ -160,6 +160,22 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _check_references(conn: Connection, session_id: str, values: dict[str, Any]) -> None:
+    """Refuse a missing parent or a title another session holds, before writing."""
+    parent = values.get("parent_session_id")
+    if parent is not None and parent != session_id:
+        found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == parent)).first()
+        if found is None:
+            raise InvalidSessionError(f"parent session {parent!r} does not exist")
+    title = values.get("title")
+    if title is not None:
+        holder = conn.execute(
+            select(_sessions.c.id).where(_sessions.c.title == title, _sessions.c.id != session_id)
+        ).first()
+        if holder is not None:
+            raise InvalidSessionError(f"title {title!r} is already used by session {holder.id!r}")
+
+
 def _session_dict(row: Row[Any]) -> dict[str, Any]:
     data = dict(row._mapping)
     digest = data.get("flushed_digest")
@@ -367,6 +383,7 @@ class SessionStore:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> dict[str, Any]:
+            _check_references(conn, session_id, values)
             inserted = conn.execute(self._insert_ignore(values)).rowcount
             if inserted != 1:
                 raise SessionExistsError(session_id)
@@ -387,6 +404,7 @@ class SessionStore:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> bool:
+            _check_references(conn, session_id, values)
             if conn.execute(self._insert_ignore(values)).rowcount == 1:
                 return True
             fill = {

@@ -195,3 +195,15 @@ def test_other_backends_are_refused_with_a_typed_error() -> None:
     engine = create_engine("mysql://user@127.0.0.1/db", module=driver)  # never connects
     with pytest.raises(UnsupportedBackendError, match="SQLite and PostgreSQL"):
         SessionStore(engine)
+
+
+def test_missing_parent_and_taken_title_are_typed_errors(store: SessionStore) -> None:
+    store.create_session("a", source="cli", title="Shared title")
+    with pytest.raises(InvalidSessionError, match="parent session 'nope' does not exist"):
+        store.create_session("b", source="cli", parent_session_id="nope")
+    with pytest.raises(InvalidSessionError, match="already used by session 'a'"):
+        store.create_session("b", source="cli", title="Shared title")
+    with pytest.raises(InvalidSessionError, match="already used"):
+        store.ensure_session("a2", source="cli", title="Shared title")
+    assert store.get_session("b") is None
+    assert store.ensure_session("a", source="cli", title="Shared title") is False
