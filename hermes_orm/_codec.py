@@ -65,7 +65,7 @@ class EncodedMessage:
     Attributes:
         cols: The columns that hold a value, as Python objects.
         params: Every column in :data:`PARAM_COLUMNS` order, JSON columns as
-            their canonical JSON text (for the flush's driver-level statement).
+            their JSON text (for the flush's driver-level statement).
         digest: 16-byte BLAKE2b of the stored column values.
         tool_calls: How many tool calls the message carries.
     """
@@ -117,9 +117,10 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
         )
 
 
-_dumps = json.JSONEncoder(
-    sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-).encode
+# Keys keep their order: the text stored is the document as given, so it reads
+# back in the same order (both backends keep JSON text as written), and digests
+# of the stored text agree before and after the round trip.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
 
 #: JSON-typed columns, in :data:`ROW_COLUMNS` order.
@@ -147,7 +148,7 @@ def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessa
 
 
 def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) -> str:
-    """Canonical JSON of ``value`` (sorted keys), refused unless it parses back equal."""
+    """JSON text of ``value`` (keys in their order), refused unless it parses back equal."""
     try:
         text = _dumps(value)
     except (TypeError, ValueError):
@@ -195,7 +196,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     """Validate ``message`` and map it onto the columns of ``hermes_messages``.
 
     Keys with a column of their own must hold that column's type; JSON values
-    must parse back equal from their canonical JSON (sorted keys, no NaN);
+    must parse back equal from their JSON text (keys in order, no NaN);
     no string may hold a lone surrogate. The digest is taken of the stored
     column values, so a message read back digests the same.
 

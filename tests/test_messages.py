@@ -206,3 +206,14 @@ def test_nul_characters_are_stored_losslessly(store: SessionStore) -> None:
     back = store.get_messages("s")
     assert back == msgs
     assert store.flush("s", back, verify="full").written == 0
+
+
+def test_json_objects_keep_their_key_order(store: SessionStore) -> None:
+    """Read back byte for byte: a tool call re-sent to an API serializes the same."""
+    store.create_session("s", source="test")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msg = {"role": "assistant", "content": None, "tool_calls": [call], "zeta": {"b": 1, "a": 2}}
+    store.flush("s", [msg])
+    (back,) = store.get_messages("s")
+    assert list(back["tool_calls"][0]) == ["id", "type", "function"]
+    assert list(back["zeta"]) == ["b", "a"]
