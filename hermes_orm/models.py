@@ -208,7 +208,8 @@ class Message(Base):
 
     session: Mapped[Session] = relationship(back_populates="messages")
 
-    __table_args__ = (UniqueConstraint("session_id", "idx"),)
+    # AUTOINCREMENT on SQLite: ids are never reused, as on PostgreSQL.
+    __table_args__ = (UniqueConstraint("session_id", "idx"), {"sqlite_autoincrement": True})
 
     def to_dict(self) -> dict[str, Any]:
         """Return the message dict this row stores."""

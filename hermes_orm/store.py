@@ -478,7 +478,7 @@ class SessionStore:
             )
             return conn.execute(delete(_sessions).where(_sessions.c.id == session_id)).rowcount == 1
 
-        self._hints.pop(session_id, None)
+        self._forget(session_id)
         return self._write(work)
 
     def list_sessions(
@@ -643,6 +643,10 @@ class SessionStore:
         end, last = self._write(work)
         self._remember(session_id, end, last)
         return FlushResult(written=end - cursor, cursor=end)
+
+    def _forget(self, session_id: str) -> None:
+        """Drop the remembered cursor (before rewriting a session's history)."""
+        self._hints.pop(session_id, None)
 
     def _remember(self, session_id: str, cursor: int, digest: bytes | None) -> None:
         if len(self._hints) >= _HINTS_MAX:

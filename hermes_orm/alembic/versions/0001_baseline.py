@@ -150,6 +150,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_hermes_messages")),
         sa.UniqueConstraint("session_id", "idx", name=op.f("uq_hermes_messages_session_id_idx")),
+        sqlite_autoincrement=True,  # ids never reused, as on PostgreSQL
     )
 
 

@@ -1,9 +1,10 @@
-"""Hermes Agent: import a ``state.db`` losslessly into any hermes_orm database."""
+"""Hermes Agent: import a ``state.db`` losslessly, and its ``SessionDB`` API on any database."""
 
 from hermes_orm.integrations.hermes.importer import (
     ImportReport,
     StateDbError,
     import_state_db,
 )
+from hermes_orm.integrations.hermes.sessiondb import SessionDB
 
-__all__ = ["ImportReport", "StateDbError", "import_state_db"]
+__all__ = ["ImportReport", "SessionDB", "StateDbError", "import_state_db"]

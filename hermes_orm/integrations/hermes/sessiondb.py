@@ -1,0 +1,406 @@
+"""A subset of Hermes Agent's ``SessionDB`` API on top of :class:`SessionStore`.
+
+Code written against ``hermes_state.SessionDB`` (hermes-agent 0.19) keeps its
+calls and gets the same return shapes, on any database hermes_orm runs on:
+session dicts with Hermes' ``sessions`` columns, message dicts with Hermes'
+``messages`` columns (``content`` and ``tool_calls`` decoded, the other JSON
+columns as JSON text, flags as 0/1), ids and counts as Hermes gives them.
+
+Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
+``reopen_session``, ``get_session``, ``resolve_session_id``,
+``update_system_prompt``, ``update_session_model``, ``set_session_title``,
+``get_session_title``, ``get_session_by_title``, ``append_message``,
+``get_messages``, ``message_count``, ``clear_messages``, ``get_meta``,
+``set_meta`` and ``close``; each is checked call for call against the real
+``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
+``set_session_title`` does not move a title off a compressed ancestor, and
+``create_session`` on an existing session also fills a missing ``user_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Table, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from hermes_orm.models import Message, Meta, Session
+from hermes_orm.store import SessionStore
+
+_sessions: Table = Session.__table__  # type: ignore[assignment]
+_messages: Table = Message.__table__  # type: ignore[assignment]
+_meta: Table = Meta.__table__  # type: ignore[assignment]
+
+#: Hermes Agent's ``sessions`` columns (state.db schema v22), in its order.
+SESSION_COLUMNS = (
+    "id", "source", "user_id", "session_key", "chat_id", "chat_type", "thread_id",
+    "display_name", "origin_json", "expiry_finalized", "model", "model_config",
+    "system_prompt", "parent_session_id", "started_at", "ended_at", "end_reason",
+    "message_count", "tool_call_count", "input_tokens", "output_tokens",
+    "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cwd", "git_branch",
+    "git_repo_root", "billing_provider", "billing_base_url", "billing_mode",
+    "estimated_cost_usd", "actual_cost_usd", "cost_status", "cost_source", "pricing_version",
+    "title", "api_call_count", "handoff_state", "handoff_platform", "handoff_error",
+    "compression_failure_cooldown_until", "compression_failure_error",
+    "compression_fallback_streak", "profile_name", "rewind_count", "archived",
+)  # fmt: skip
+#: Hermes Agent's ``messages`` columns, in its order.
+MESSAGE_COLUMNS = (
+    "id", "session_id", "role", "content", "tool_call_id", "tool_calls", "tool_name",
+    "effect_disposition", "timestamp", "token_count", "finish_reason", "reasoning",
+    "reasoning_content", "reasoning_details", "codex_reasoning_items",
+    "codex_message_items", "platform_message_id", "observed", "active", "compacted",
+    "api_content",
+)  # fmt: skip
+_FLAG_SESSION = ("expiry_finalized", "archived")
+_TEXT_JSON_MESSAGE = ("reasoning_details", "codex_reasoning_items", "codex_message_items")
+_FLAG_MESSAGE = ("observed", "active", "compacted")
+#: Fields ``create_session`` takes besides id and source (Hermes' keyword arguments).
+_CREATE_FIELDS = (
+    "model", "model_config", "system_prompt", "user_id", "session_key", "chat_id",
+    "chat_type", "thread_id", "parent_session_id", "cwd", "profile_name",
+)  # fmt: skip
+MAX_TITLE_LENGTH = 100
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_INVISIBLE = re.compile(r"[\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufffc\ufff9-\ufffb]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _scrub(value: Any) -> Any:
+    """Replace lone surrogates, which no database can store, as Hermes does."""
+    if isinstance(value, str) and _LONE_SURROGATE.search(value):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def sanitize_title(title: str | None) -> str | None:
+    """Clean a title as Hermes does; None for an empty one.
+
+    Raises:
+        ValueError: Longer than :data:`MAX_TITLE_LENGTH` once cleaned.
+    """
+    if not title:
+        return None
+    cleaned = _INVISIBLE.sub("", _CONTROL.sub("", _scrub(title)))
+    cleaned = re.sub(r"\s+", " ", cleaned).strip()
+    if not cleaned:
+        return None
+    if len(cleaned) > MAX_TITLE_LENGTH:
+        raise ValueError(f"Title too long ({len(cleaned)} chars, max {MAX_TITLE_LENGTH})")
+    return cleaned
+
+
+def _json_text(value: Any) -> str | None:
+    """A JSON column as Hermes returns it: the text ``json.dumps`` wrote."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class SessionDB:
+    """Hermes Agent's ``SessionDB`` calls, stored by a :class:`SessionStore`.
+
+    Args:
+        store: A store, or a database URL (or a ``Path`` to a SQLite file, as
+            Hermes takes), migrated to the newest schema on opening.
+    """
+
+    MAX_TITLE_LENGTH = MAX_TITLE_LENGTH
+
+    def __init__(self, store: SessionStore | str | Path) -> None:
+        if isinstance(store, SessionStore):
+            self._store, self._owned = store, False
+        else:
+            url = f"sqlite:///{store}" if isinstance(store, Path) else store
+            self._store, self._owned = SessionStore(url), True
+            self._store.upgrade()
+
+    @property
+    def store(self) -> SessionStore:
+        """The store underneath."""
+        return self._store
+
+    def close(self) -> None:
+        """Release the store's connections (and its engine, if this object made it)."""
+        if self._owned:
+            self._store.close()
+
+    sanitize_title = staticmethod(sanitize_title)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, session_id: str, source: str, **kwargs: Any) -> str:
+        """Create the session, or fill its missing fields; returns its id."""
+        return self.ensure_session(session_id, source, **kwargs)
+
+    def ensure_session(
+        self, session_id: str, source: str = "unknown", model: str | None = None, **kwargs: Any
+    ) -> str:
+        """Like Hermes: insert, or fill the fields still NULL; returns the id."""
+        unknown = set(kwargs) - set(_CREATE_FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        fields = {k: v for k, v in {"model": model, **kwargs}.items() if v is not None}
+        if not fields.get("model_config"):
+            fields.pop("model_config", None)  # Hermes stores a falsy config as NULL
+        self._store.ensure_session(session_id, source, started_at=time.time(), **fields)
+        return session_id
+
+    def _set(self, session_id: str, **values: Any) -> int:
+        def work(conn: Connection) -> int:
+            statement = update(_sessions).where(_sessions.c.id == session_id).values(**values)
+            return int(conn.execute(statement).rowcount)
+
+        return self._store._write(work)
+
+    def end_session(self, session_id: str, end_reason: str) -> None:
+        """End the session; the first end wins (no-op on an ended or missing one)."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.id == session_id, _sessions.c.ended_at.is_(None))
+                .values(ended_at=time.time(), end_reason=end_reason)
+            )
+
+        self._store._write(work)
+
+    def reopen_session(self, session_id: str) -> None:
+        """Clear ``ended_at`` and ``end_reason``."""
+        self._set(session_id, ended_at=None, end_reason=None)
+
+    def update_system_prompt(self, session_id: str, system_prompt: str) -> None:
+        """Store the assembled system prompt."""
+        self._set(session_id, system_prompt=system_prompt)
+
+    def update_session_model(self, session_id: str, model: str) -> None:
+        """Set the session's model (after a mid-session switch)."""
+        self._set(session_id, model=model)
+
+    def _hermes_session(self, row: Any) -> dict[str, Any]:
+        data = dict(row._mapping)
+        extra = data.get("extra") or {}
+        out: dict[str, Any] = {}
+        for column in SESSION_COLUMNS:
+            value = data[column] if column in data else extra.get(column)
+            if column in _FLAG_SESSION and value is not None:
+                value = int(value)
+            elif column == "model_config":
+                value = _json_text(value)
+            out[column] = value
+        for key, value in extra.items():  # columns of newer Hermes schemas, imported
+            out.setdefault(key, value)
+        return out
+
+    def _one_session(self, *where: Any) -> dict[str, Any] | None:
+        def work(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(_sessions).where(*where)).first()
+            return None if row is None else self._hermes_session(row)
+
+        return self._store._read(work)
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session as Hermes' sessions row, or None."""
+        return self._one_session(_sessions.c.id == session_id)
+
+    def get_session_by_title(self, title: str) -> dict[str, Any] | None:
+        """The session with exactly this title, or None."""
+        return self._one_session(_sessions.c.title == title)
+
+    def get_session_title(self, session_id: str) -> str | None:
+        """The session's title, or None."""
+        session = self.get_session(session_id)
+        return None if session is None else session["title"]
+
+    def resolve_session_id(self, session_id_or_prefix: str) -> str | None:
+        """The id itself if it exists, else the one id it is a unique prefix of."""
+        if self.get_session(session_id_or_prefix) is not None:
+            return session_id_or_prefix
+        escaped = session_id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+        def work(conn: Connection) -> list[str]:
+            query = (
+                select(_sessions.c.id)
+                .where(_sessions.c.id.like(f"{escaped}%", escape="\\"))
+                .order_by(_sessions.c.started_at.desc())
+                .limit(2)
+            )
+            return list(conn.execute(query).scalars())
+
+        matches = self._store._read(work)
+        return matches[0] if len(matches) == 1 else None
+
+    def set_session_title(self, session_id: str, title: str) -> bool:
+        """Set (or, with an empty title, clear) the title; False for a missing session.
+
+        Raises:
+            ValueError: Too long, or used by another session.
+        """
+        cleaned = sanitize_title(title)
+
+        def work(conn: Connection) -> int:
+            if cleaned:
+                holder = conn.execute(
+                    select(_sessions.c.id).where(
+                        _sessions.c.title == cleaned, _sessions.c.id != session_id
+                    )
+                ).first()
+                if holder is not None:
+                    raise ValueError(f"Title '{cleaned}' is already in use by session {holder.id}")
+            statement = update(_sessions).where(_sessions.c.id == session_id)
+            return int(conn.execute(statement.values(title=cleaned)).rowcount)
+
+        return self._store._write(work) > 0
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def append_message(  # noqa: PLR0917 - Hermes' signature, positional arguments included
+        self,
+        session_id: str,
+        role: str,
+        content: Any = None,
+        tool_name: str | None = None,
+        tool_calls: Any = None,
+        tool_call_id: str | None = None,
+        token_count: int | None = None,
+        finish_reason: str | None = None,
+        reasoning: str | None = None,
+        reasoning_content: str | None = None,
+        reasoning_details: Any = None,
+        codex_reasoning_items: Any = None,
+        codex_message_items: Any = None,
+        platform_message_id: str | None = None,
+        observed: bool = False,
+        effect_disposition: str | None = None,
+        timestamp: Any = None,
+        api_content: str | None = None,
+    ) -> int:
+        """Store one message at the end of the session; returns its row id."""
+        stamp = time.time()
+        if timestamp is not None:
+            with contextlib.suppress(TypeError, ValueError):  # Hermes ignores a bad one too
+                stamp = float(
+                    timestamp.timestamp() if hasattr(timestamp, "timestamp") else timestamp
+                )
+        message: dict[str, Any] = {"role": role, "content": _scrub(content)}
+        optional = {
+            "tool_call_id": tool_call_id,
+            # Hermes stores falsy JSON values as NULL
+            "tool_calls": tool_calls or None,
+            "tool_name": _scrub(tool_name),
+            "effect_disposition": effect_disposition,
+            "token_count": token_count,
+            "finish_reason": finish_reason,
+            "reasoning": _scrub(reasoning),
+            "reasoning_content": _scrub(reasoning_content),
+            "reasoning_details": reasoning_details or None,
+            "codex_reasoning_items": codex_reasoning_items or None,
+            "codex_message_items": codex_message_items or None,
+            "platform_message_id": platform_message_id,
+            "api_content": _scrub(api_content) if isinstance(api_content, str) else None,
+        }
+        message.update({k: v for k, v in optional.items() if v is not None})
+        message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
+        idx = self._store.append(session_id, message)
+
+        def work(conn: Connection) -> int:
+            query = select(_messages.c.id).where(
+                _messages.c.session_id == session_id, _messages.c.idx == idx
+            )
+            return int(conn.execute(query).scalar_one())
+
+        return self._store._read(work)
+
+    def _hermes_message(self, row: Any) -> dict[str, Any]:
+        from hermes_orm._codec import row_to_message
+
+        message = row_to_message(row)
+        out: dict[str, Any] = {}
+        for column in MESSAGE_COLUMNS:
+            own = column in ("id", "session_id")
+            value = getattr(row, column) if own else message.get(column)
+            if column in _TEXT_JSON_MESSAGE:
+                value = _json_text(value)
+            elif column in _FLAG_MESSAGE:
+                # NULL: written through flush() without the key (active, not compacted)
+                value = int(value) if value is not None else (1 if column == "active" else 0)
+            out[column] = value
+        return out
+
+    def get_messages(
+        self,
+        session_id: str,
+        include_inactive: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """The session's messages in insertion order, as Hermes' rows."""
+        query = select(_messages).where(_messages.c.session_id == session_id)
+        if not include_inactive:
+            # NULL: written through flush() without an "active" key, i.e. active
+            query = query.where(func.coalesce(_messages.c.active, True).is_(True))
+        query = query.order_by(_messages.c.idx)
+        if limit is not None or offset:
+            query = query.offset(offset)
+            if limit is not None:
+                query = query.limit(limit)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            return [self._hermes_message(r) for r in conn.execute(query)]
+
+        return self._store._read(work)
+
+    def message_count(self, session_id: str | None = None) -> int:
+        """Messages of one session, or of all."""
+
+        def work(conn: Connection) -> int:
+            query = select(func.count()).select_from(_messages)
+            if session_id:
+                query = query.where(_messages.c.session_id == session_id)
+            return int(conn.execute(query).scalar_one())
+
+        return self._store._read(work)
+
+    def clear_messages(self, session_id: str) -> None:
+        """Delete the session's messages and reset its counters (and cursor)."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.id == session_id)
+                .values(flushed_idx=0, flushed_digest=None, message_count=0, tool_call_count=0)
+            )
+
+        self._store._forget(session_id)
+        self._store._write(work)
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the key/value store, or None."""
+
+        def work(conn: Connection) -> str | None:
+            return conn.execute(select(_meta.c.value).where(_meta.c.key == key)).scalar()
+
+        return self._store._read(work)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the key/value store."""
+
+        def work(conn: Connection) -> None:
+            make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            statement = make(_meta).values(key=key, value=value)
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["key"], set_={"value": statement.excluded.value}
+                )
+            )
+
+        self._store._write(work)

@@ -1,0 +1,178 @@
+"""hermes_orm's SessionDB against Hermes Agent's own, call for call, on every backend.
+
+The same sequence of calls runs against ``hermes_state.SessionDB`` (the real
+package, on its own SQLite file) and against ours; every return value (or the
+fact that both raise) must match, with the clock's readings set aside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hermes_orm import SessionStore
+from hermes_orm.integrations.hermes import SessionDB
+
+_CLOCK = {"started_at", "ended_at", "timestamp"}
+
+
+def _no_clock(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("<time>" if k in _CLOCK and v is not None else _no_clock(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_no_clock(v) for v in value]
+    return value
+
+
+class Both:
+    """Runs each call on Hermes' SessionDB and on ours, and compares."""
+
+    def __init__(self, hermes: Any, ours: SessionDB) -> None:
+        self.hermes, self.ours = hermes, ours
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            results = []
+            for db in (self.hermes, self.ours):
+                try:
+                    results.append(("ok", getattr(db, name)(*args, **kwargs)))
+                except Exception as exc:  # both must fail, not necessarily alike
+                    results.append(("raised", type(exc).__name__))
+            (h_kind, h_value), (o_kind, o_value) = results
+            assert h_kind == o_kind, (name, args, results)
+            if h_kind == "ok":
+                assert _no_clock(o_value) == _no_clock(h_value), (name, args)
+                return h_value
+            return None
+
+        return call
+
+
+@pytest.fixture
+def both(store: SessionStore, tmp_path: Path) -> Any:
+    from hermes_state import SessionDB as HermesSessionDB
+
+    hermes = HermesSessionDB(tmp_path / "hermes-state.db")
+    yield Both(hermes, SessionDB(store))
+    hermes.close()
+
+
+def test_sessions_titles_and_lifecycle(both: Any) -> None:
+    assert (
+        both.create_session(
+            "s1",
+            "cli",
+            model="openai/gpt-5",
+            model_config={"temperature": 0.7, "max_tokens": 4096},
+            system_prompt="You are Hermes.",
+            user_id="u1",
+        )
+        == "s1"
+    )
+    both.create_session("s1", "telegram", model="other", cwd="/tmp")  # fills only NULLs
+    both.ensure_session("s2", model="m2")
+    both.ensure_session("child", source="cli", parent_session_id="s1")
+    both.get_session("s1")
+    both.get_session("child")
+    both.get_session("missing")
+    both.update_system_prompt("s1", "A new prompt ✨")
+    both.update_session_model("s1", "anthropic/claude")
+    both.end_session("s1", "user_exit")
+    both.end_session("s1", "compression")  # the first end wins
+    both.get_session("s1")
+    both.reopen_session("s1")
+    both.get_session("s1")
+    both.end_session("missing", "x")
+    assert both.set_session_title("s1", "  My\tfirst   session\u200b ") is True
+    both.get_session_title("s1")
+    both.get_session_by_title("My first session")
+    both.set_session_title("s2", "My first session")  # taken: both raise
+    both.set_session_title("s2", "x" * 101)  # too long: both raise
+    assert both.set_session_title("missing", "Nobody") is False
+    both.set_session_title("s1", "")  # clears it
+    both.get_session_title("s1")
+    both.get_session_by_title("My first session")
+    both.resolve_session_id("s1")
+    both.resolve_session_id("s")  # ambiguous
+    both.resolve_session_id("chi")
+    both.resolve_session_id("nope")
+    both.create_session("s3", "cli", parent_session_id="no-such-parent")  # both refuse
+    both.get_meta("last_vacuum")
+    both.set_meta("last_vacuum", "2026-11-26")
+    both.set_meta("last_vacuum", "2026-11-27")
+    both.get_meta("last_vacuum")
+    assert both.calls > 30
+
+
+def test_messages_unicode_tools_multimodal(both: Any) -> None:
+    both.create_session("s", "cli", model="m")
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "terminal", "arguments": '{"cmd": "ls"}'},
+    }
+    ids = [
+        both.append_message("s", "user", content="数据库迁移失败了怎么办 🚀", timestamp=1.5),
+        both.append_message(
+            "s",
+            "assistant",
+            content=None,
+            tool_calls=[call],
+            finish_reason="tool_calls",
+            reasoning="think 🤔",
+            reasoning_details=[{"type": "reasoning.text", "text": "a"}],
+            codex_reasoning_items=[{"id": "r1", "z": 1, "a": 2}],
+        ),
+        both.append_message(
+            "s",
+            "tool",
+            content="README.md\n",
+            tool_call_id="call_1",
+            tool_name="terminal",
+            token_count=12,
+            effect_disposition="read",
+        ),
+        both.append_message(
+            "s",
+            "user",
+            content=[
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+            observed=True,
+            platform_message_id="tg-42",
+        ),
+        both.append_message(
+            "s",
+            "assistant",
+            content="It is a logo.",
+            api_content="It is a logo.",
+            codex_message_items=[{"k": "v"}],
+            reasoning_content="plain",
+        ),
+        both.append_message("s", "assistant", content="", tool_calls=[]),
+    ]
+    assert ids == sorted(ids)
+    both.get_messages("s")
+    both.get_messages("s", limit=2)
+    both.get_messages("s", limit=2, offset=3)
+    both.get_messages("s", offset=4)
+    both.get_messages("s", include_inactive=True)
+    both.get_messages("missing")
+    both.message_count("s")
+    both.message_count()
+    both.get_session("s")  # message_count and tool_call_count
+    both.append_message("missing", "user", content="x")  # both refuse
+    both.clear_messages("s")
+    both.get_messages("s")
+    both.get_session("s")
+    both.append_message("s", "user", content="after clearing")  # ids are never reused
+    both.get_messages("s")
