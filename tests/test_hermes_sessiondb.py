@@ -16,7 +16,7 @@ import pytest
 from hermes_orm import SessionStore
 from hermes_orm.integrations.hermes import SessionDB
 
-_CLOCK = {"started_at", "ended_at", "timestamp"}
+_CLOCK = {"started_at", "ended_at", "timestamp", "last_active"}
 
 
 def _no_clock(value: Any) -> Any:
@@ -176,3 +176,34 @@ def test_messages_unicode_tools_multimodal(both: Any) -> None:
     both.get_session("s")
     both.append_message("s", "user", content="after clearing")  # ids are never reused
     both.get_messages("s")
+
+
+def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
+    both.create_session("root", "cli", model="m")
+    both.create_session("delegate", "cli", parent_session_id="root",
+                        model_config={"_delegate_from": "root", "role": "researcher"})
+    both.create_session("grand", "cli", parent_session_id="delegate",
+                        model_config={"_delegate_from": "delegate"})
+    both.create_session("branch", "cli", parent_session_id="root")
+    both.create_session("other", "telegram")
+    for sid in ("root", "delegate", "branch", "other"):
+        both.append_message(sid, "user", content=f"hello from {sid}", timestamp=10.0)
+    both.append_message("other", "assistant", content="newest", timestamp=99.0)
+    both.export_session("root")
+    both.export_session("missing")
+    both.search_sessions()
+    both.search_sessions(source="telegram")
+    both.search_sessions(limit=2, offset=1)
+    both.export_all()
+    both.export_all(source="cli")
+
+    sessions_dir = tmp_path / "sessions"
+    sessions_dir.mkdir()
+    for name in ("root.json", "root.jsonl", "request_dump_root_1.json", "keep.json"):
+        (sessions_dir / name).write_text("{}")
+    assert both.delete_session("root", sessions_dir=sessions_dir) is True
+    assert sorted(p.name for p in sessions_dir.iterdir()) == ["keep.json"]
+    for sid in ("root", "delegate", "grand", "branch"):
+        both.get_session(sid)  # delegates gone, the branch kept without its parent
+    both.message_count()
+    assert both.delete_session("root") is False

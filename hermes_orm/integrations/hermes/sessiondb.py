@@ -10,7 +10,8 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``reopen_session``, ``get_session``, ``resolve_session_id``,
 ``update_system_prompt``, ``update_session_model``, ``set_session_title``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
-``get_messages``, ``message_count``, ``clear_messages``, ``get_meta``,
+``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
+``export_all`` (with ``search_sessions``), ``delete_session``, ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor, and
@@ -101,6 +102,40 @@ def _json_text(value: Any) -> str | None:
     if value is None:
         return None
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _delegate_children(conn: Connection, parent: str) -> list[str]:
+    """Sessions created as delegates of ``parent``, and of those, recursively."""
+    rows = conn.execute(
+        select(_sessions.c.id, _sessions.c.parent_session_id, _sessions.c.model_config).where(
+            _sessions.c.model_config.is_not(None)
+        )
+    ).all()
+    delegate_of: dict[str, set[str]] = {}
+    for sid, parent_id, config in rows:
+        marker = config.get("_delegate_from") if isinstance(config, dict) else None
+        if marker is None:
+            continue
+        for owner in {marker, parent_id} - {None}:
+            delegate_of.setdefault(owner, set()).add(sid)
+    found: set[str] = {parent}
+    frontier = [parent]
+    while frontier:
+        frontier = [c for p in frontier for c in delegate_of.get(p, ()) if c not in found]
+        found.update(frontier)
+    found.discard(parent)
+    return sorted(found)
+
+
+def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
+    """Remove the transcript files Hermes keeps for a session, if any."""
+    if sessions_dir is None:
+        return
+    paths = [sessions_dir / f"{session_id}{suffix}" for suffix in (".json", ".jsonl")]
+    paths += sessions_dir.glob(f"request_dump_{session_id}_*.json")
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 class SessionDB:
@@ -380,6 +415,87 @@ class SessionDB:
 
         self._store._forget(session_id)
         self._store._write(work)
+
+    # -- export and delete --------------------------------------------------------------
+
+    def export_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session with its messages under ``"messages"``, or None."""
+        session = self.get_session(session_id)
+        if session is None:
+            return None
+        return {**session, "messages": self.get_messages(session_id)}
+
+    def search_sessions(
+        self, source: str | None = None, limit: int = 20, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Sessions most recently active first, each with ``last_active``.
+
+        ``last_active`` is the newest message's timestamp, else ``started_at``.
+        """
+        newest = (
+            select(_messages.c.session_id, func.max(_messages.c.timestamp).label("last"))
+            .group_by(_messages.c.session_id)
+            .subquery()
+        )
+        last_active = func.coalesce(newest.c.last, _sessions.c.started_at).label("last_active")
+        query = select(_sessions, last_active).outerjoin(
+            newest, newest.c.session_id == _sessions.c.id
+        )
+        if source:
+            query = query.where(_sessions.c.source == source)
+        query = (
+            query.order_by(last_active.desc(), _sessions.c.started_at.desc(), _sessions.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            return [
+                {**self._hermes_session(row), "last_active": row.last_active}
+                for row in conn.execute(query)
+            ]
+
+        return self._store._read(work)
+
+    def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Every session (of ``source``) with its messages, most recently active first."""
+        return [
+            {**session, "messages": self.get_messages(session["id"])}
+            for session in self.search_sessions(source=source, limit=100000)
+        ]
+
+    def delete_session(self, session_id: str, sessions_dir: Path | None = None) -> bool:
+        """Delete a session, its messages and its delegate sub-agent sessions.
+
+        Delegate children (``model_config["_delegate_from"]``, followed down their
+        own delegates) go with it; other children keep living without the parent
+        link. With ``sessions_dir``, their transcript files there go too.
+        Returns False when there was no such session.
+        """
+        removed: list[str] = []
+
+        def work(conn: Connection) -> bool:
+            if (
+                conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
+                is None
+            ):
+                return False
+            doomed = [session_id, *_delegate_children(conn, session_id)]
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.parent_session_id.in_(doomed))
+                .values(parent_session_id=None)
+            )
+            conn.execute(delete(_messages).where(_messages.c.session_id.in_(doomed)))
+            conn.execute(delete(_sessions).where(_sessions.c.id.in_(doomed)))
+            removed[:] = doomed
+            return True
+
+        deleted = self._store._write(work)
+        for sid in removed:
+            self._store._forget(sid)
+            _remove_session_files(sessions_dir, sid)
+        return deleted
 
     # -- meta ---------------------------------------------------------------------------------
 
