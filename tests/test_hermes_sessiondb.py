@@ -180,10 +180,15 @@ def test_messages_unicode_tools_multimodal(both: Any) -> None:
 
 def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
     both.create_session("root", "cli", model="m")
-    both.create_session("delegate", "cli", parent_session_id="root",
-                        model_config={"_delegate_from": "root", "role": "researcher"})
-    both.create_session("grand", "cli", parent_session_id="delegate",
-                        model_config={"_delegate_from": "delegate"})
+    both.create_session(
+        "delegate",
+        "cli",
+        parent_session_id="root",
+        model_config={"_delegate_from": "root", "role": "researcher"},
+    )
+    both.create_session(
+        "grand", "cli", parent_session_id="delegate", model_config={"_delegate_from": "delegate"}
+    )
     both.create_session("branch", "cli", parent_session_id="root")
     both.create_session("other", "telegram")
     for sid in ("root", "delegate", "branch", "other"):
@@ -207,3 +212,29 @@ def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
         both.get_session(sid)  # delegates gone, the branch kept without its parent
     both.message_count()
     assert both.delete_session("root") is False
+
+
+def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
+    import time
+
+    both.create_session("live", "cli", model="openai/gpt-5", cwd="/work/repo")
+    both.create_session("done-cli", "cli", model="openai/gpt-5", cwd="/work/repo/sub")
+    both.create_session("done-tg", "telegram", model="anthropic/claude", user_id="u9")
+    both.create_session("done-child", "cli", parent_session_id="done-tg")
+    for sid in ("done-cli", "done-tg", "done-child"):
+        both.append_message(sid, "user", content="x", timestamp=1.0)
+        both.end_session(sid, "user_exit")
+    both.set_session_title("done-cli", "Refactor the Parser")
+    # nothing is old enough by default
+    assert both.prune_sessions() == 0
+    assert both.prune_sessions(older_than_days=None, title_like="parser", source="cli") == 1
+    both.get_session("done-cli")
+    assert both.prune_sessions(older_than_days=None, model_like="CLAUDE", min_messages=2) == 0
+    assert both.prune_sessions(older_than_days=None, started_before=time.time() + 60,
+                               user_id="u9", cwd_prefix=None, max_tool_calls=0) == 1
+    both.get_session("done-child")  # kept, parent link cleared
+    both.prune_sessions(older_than_days=None, cwd_prefix="/work/repo")  # "live" is not ended
+    both.get_session("live")
+    both.prune_sessions(older_than_days=None, archived=False, min_cost=0, max_tokens=0)
+    both.message_count()
+    both.prune_sessions(no_such_filter=1)  # both refuse

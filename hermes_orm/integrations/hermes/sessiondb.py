@@ -11,7 +11,8 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``update_system_prompt``, ``update_session_model``, ``set_session_title``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
 ``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
-``export_all`` (with ``search_sessions``), ``delete_session``, ``get_meta``,
+``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
+``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor, and
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, func, select, update
+from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -125,6 +126,81 @@ def _delegate_children(conn: Connection, parent: str) -> list[str]:
         found.update(frontier)
     found.discard(parent)
     return sorted(found)
+
+
+def _contains(column: Any, needle: str) -> Any:
+    """Hermes' case-insensitive substring match (its LIKE wildcards included)."""
+    return func.lower(func.coalesce(column, "")).like(f"%{needle.lower()}%")
+
+
+def _prune_where(
+    *,
+    started_before: float | None = None,
+    started_after: float | None = None,
+    source: str | None = None,
+    title_like: str | None = None,
+    end_reason: str | None = None,
+    cwd_prefix: str | None = None,
+    min_messages: int | None = None,
+    max_messages: int | None = None,
+    archived: bool | None = None,
+    model_like: str | None = None,
+    provider: str | None = None,
+    user_id: str | None = None,
+    chat_id: str | None = None,
+    chat_type: str | None = None,
+    branch_like: str | None = None,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+    min_cost: float | None = None,
+    max_cost: float | None = None,
+    min_tool_calls: int | None = None,
+    max_tool_calls: int | None = None,
+) -> list[Any]:
+    """The prune filters of Hermes' ``SessionDB`` as conditions (only ended sessions)."""
+    c = _sessions.c
+    where: list[Any] = [c.ended_at.is_not(None)]
+    if started_before is not None:
+        where.append(c.started_at < started_before)
+    if started_after is not None:
+        where.append(c.started_at >= started_after)
+    exact = {
+        c.source: source,
+        c.end_reason: end_reason,
+        c.user_id: user_id,
+        c.chat_id: chat_id,
+        c.chat_type: chat_type,
+    }
+    where += [column == value for column, value in exact.items() if value]
+    for column, needle in (
+        (c.title, title_like),
+        (c.model, model_like),
+        (c.git_branch, branch_like),
+    ):
+        if needle:
+            where.append(_contains(column, needle))
+    if provider:
+        where.append(func.lower(func.coalesce(c.billing_provider, "")) == provider.lower())
+    if cwd_prefix:
+        prefix = cwd_prefix.rstrip("/\\") or cwd_prefix
+        where.append(or_(c.cwd == prefix, c.cwd.like(f"{prefix}/%"), c.cwd.like(f"{prefix}\\%")))
+    tokens = func.coalesce(c.input_tokens, 0) + func.coalesce(c.output_tokens, 0)
+    cost = func.coalesce(c.actual_cost_usd, c.estimated_cost_usd, 0)
+    tool_calls = func.coalesce(c.tool_call_count, 0)
+    bounds = (
+        (c.message_count, min_messages, max_messages),
+        (tokens, min_tokens, max_tokens),
+        (cost, min_cost, max_cost),
+        (tool_calls, min_tool_calls, max_tool_calls),
+    )
+    for expression, low, high in bounds:
+        if low is not None:
+            where.append(expression >= low)
+        if high is not None:
+            where.append(expression <= high)
+    if archived is not None:
+        where.append(c.archived.is_(archived))
+    return where
 
 
 def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
@@ -496,6 +572,46 @@ class SessionDB:
             self._store._forget(sid)
             _remove_session_files(sessions_dir, sid)
         return deleted
+
+    def prune_sessions(
+        self,
+        older_than_days: float | None = 90,
+        source: str | None = None,
+        sessions_dir: Path | None = None,
+        **filters: Any,
+    ) -> int:
+        """Delete ended sessions matching the filters (Hermes' set); returns how many.
+
+        Without filters: ended sessions started more than ``older_than_days``
+        days ago (of ``source``). Children of pruned sessions lose the link.
+
+        Raises:
+            TypeError: A filter Hermes does not have.
+        """
+        if filters.get("started_before") is None and older_than_days is not None:
+            filters["started_before"] = time.time() - older_than_days * 86400
+        where = _prune_where(source=source, **filters)
+        removed: list[str] = []
+
+        def work(conn: Connection) -> int:
+            doomed = list(conn.execute(select(_sessions.c.id).where(*where)).scalars())
+            if not doomed:
+                return 0
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.parent_session_id.in_(doomed))
+                .values(parent_session_id=None)
+            )
+            conn.execute(delete(_messages).where(_messages.c.session_id.in_(doomed)))
+            conn.execute(delete(_sessions).where(_sessions.c.id.in_(doomed)))
+            removed[:] = doomed
+            return len(doomed)
+
+        count = self._store._write(work)
+        for sid in removed:
+            self._store._forget(sid)
+            _remove_session_files(sessions_dir, sid)
+        return count
 
     # -- meta ---------------------------------------------------------------------------------
 
