@@ -230,8 +230,16 @@ def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     assert both.prune_sessions(older_than_days=None, title_like="parser", source="cli") == 1
     both.get_session("done-cli")
     assert both.prune_sessions(older_than_days=None, model_like="CLAUDE", min_messages=2) == 0
-    assert both.prune_sessions(older_than_days=None, started_before=time.time() + 60,
-                               user_id="u9", cwd_prefix=None, max_tool_calls=0) == 1
+    assert (
+        both.prune_sessions(
+            older_than_days=None,
+            started_before=time.time() + 60,
+            user_id="u9",
+            cwd_prefix=None,
+            max_tool_calls=0,
+        )
+        == 1
+    )
     both.get_session("done-child")  # kept, parent link cleared
     both.prune_sessions(older_than_days=None, cwd_prefix="/work/repo")  # "live" is not ended
     both.get_session("live")
