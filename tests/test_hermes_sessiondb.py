@@ -246,3 +246,30 @@ def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     both.prune_sessions(older_than_days=None, archived=False, min_cost=0, max_tokens=0)
     both.message_count()
     both.prune_sessions(no_such_filter=1)  # both refuse
+
+
+def test_session_count_filters(both: Any) -> None:
+    both.create_session("root", "cli", cwd="/work/repo")
+    both.create_session(
+        "sub", "cli", parent_session_id="root", model_config={"_delegate_from": "root"}
+    )
+    both.create_session(
+        "tagged-branch", "cli", parent_session_id="root", model_config={"_branched_from": "root"}
+    )
+    both.create_session("tg", "telegram", cwd="/work/repo/x")
+    both.append_message("tg", "user", content="hi")
+    both.end_session("root", "branched")
+    both.create_session("late-branch", "cli", parent_session_id="root")  # after the branch end
+    both.create_session("compressed", "cron")
+    both.end_session("compressed", "compression")
+    both.create_session("continuation", "cron", parent_session_id="compressed")
+    assert both.session_count() == 7
+    both.session_count(source="cli")
+    both.session_count(exclude_sources=["cron"])
+    both.session_count(cwd_prefix="/work/repo/")
+    both.session_count(min_message_count=1)
+    # roots and branches, not the delegate or the compression continuation
+    assert both.session_count(exclude_children=True) == 5
+    both.session_count(exclude_children=True, source="cron")
+    both.session_count(archived_only=True)
+    both.session_count(include_archived=True)

@@ -12,7 +12,7 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
 ``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
 ``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
-``get_meta``,
+``session_count``, ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor, and
@@ -133,6 +133,29 @@ def _contains(column: Any, needle: str) -> Any:
     return func.lower(func.coalesce(column, "")).like(f"%{needle.lower()}%")
 
 
+def _under(cwd_prefix: str) -> Any:
+    """Hermes' "cwd is this directory or below it" condition."""
+    prefix = cwd_prefix.rstrip("/\\") or cwd_prefix
+    cwd = _sessions.c.cwd
+    return or_(cwd == prefix, cwd.like(f"{prefix}/%"), cwd.like(f"{prefix}\\%"))
+
+
+def _listable(row: Any, parents: dict[str, Any]) -> bool:
+    """Hermes' picker rule: roots and /branch children, never delegate sub-agents."""
+    config = row.model_config if isinstance(row.model_config, dict) else {}
+    if config.get("_delegate_from") is not None:
+        return False
+    if row.parent_session_id is None or config.get("_branched_from") is not None:
+        return True
+    parent = parents.get(row.parent_session_id)
+    return (
+        parent is not None
+        and parent.end_reason == "branched"
+        and parent.ended_at is not None
+        and row.started_at >= parent.ended_at
+    )
+
+
 def _prune_where(
     *,
     started_before: float | None = None,
@@ -182,8 +205,7 @@ def _prune_where(
     if provider:
         where.append(func.lower(func.coalesce(c.billing_provider, "")) == provider.lower())
     if cwd_prefix:
-        prefix = cwd_prefix.rstrip("/\\") or cwd_prefix
-        where.append(or_(c.cwd == prefix, c.cwd.like(f"{prefix}/%"), c.cwd.like(f"{prefix}\\%")))
+        where.append(_under(cwd_prefix))
     tokens = func.coalesce(c.input_tokens, 0) + func.coalesce(c.output_tokens, 0)
     cost = func.coalesce(c.actual_cost_usd, c.estimated_cost_usd, 0)
     tool_calls = func.coalesce(c.tool_call_count, 0)
@@ -491,6 +513,54 @@ class SessionDB:
 
         self._store._forget(session_id)
         self._store._write(work)
+
+    def session_count(  # noqa: PLR0917 - Hermes' signature
+        self,
+        source: str | None = None,
+        cwd_prefix: str | None = None,
+        min_message_count: int = 0,
+        include_archived: bool = False,
+        archived_only: bool = False,
+        exclude_children: bool = False,
+        exclude_sources: list[str] | None = None,
+    ) -> int:
+        """Count sessions as Hermes does, with its filters.
+
+        ``exclude_children`` counts what Hermes' session pickers list: roots and
+        /branch children, not sub-agent runs or compression continuations.
+        """
+        c = _sessions.c
+        where: list[Any] = []
+        if source:
+            where.append(c.source == source)
+        if exclude_sources:
+            where.append(c.source.not_in(exclude_sources))
+        if cwd_prefix:
+            where.append(_under(cwd_prefix))
+        if min_message_count > 0:
+            where.append(c.message_count >= min_message_count)
+        if archived_only:
+            where.append(c.archived.is_(True))
+        elif not include_archived:
+            where.append(c.archived.is_(False))
+
+        def work(conn: Connection) -> int:
+            if not exclude_children:
+                query = select(func.count()).select_from(_sessions).where(*where)
+                return int(conn.execute(query).scalar_one())
+            rows = conn.execute(
+                select(c.id, c.parent_session_id, c.model_config, c.started_at).where(*where)
+            ).all()
+            parent_ids = {r.parent_session_id for r in rows} - {None}
+            parents = {
+                p.id: p
+                for p in conn.execute(
+                    select(c.id, c.end_reason, c.ended_at).where(c.id.in_(parent_ids))
+                )
+            }
+            return sum(1 for r in rows if _listable(r, parents))
+
+        return self._store._read(work)
 
     # -- export and delete --------------------------------------------------------------
 
