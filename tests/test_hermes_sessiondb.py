@@ -273,3 +273,79 @@ def test_session_count_filters(both: Any) -> None:
     both.session_count(exclude_children=True, source="cron")
     both.session_count(archived_only=True)
     both.session_count(include_archived=True)
+
+
+def _usage_rows(
+    hermes: Any, ours: SessionDB
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    from sqlalchemy import select
+
+    from hermes_orm import ModelUsage
+
+    columns = [
+        "session_id", "model", "billing_provider", "billing_base_url", "billing_mode", "task",
+        "api_call_count", "input_tokens", "output_tokens", "cache_read_tokens",
+        "cache_write_tokens", "reasoning_tokens", "estimated_cost_usd", "actual_cost_usd",
+        "cost_status", "cost_source",
+    ]  # fmt: skip
+    theirs = [
+        tuple(r)
+        for r in hermes._conn.execute(
+            f"SELECT {', '.join(columns)} FROM session_model_usage ORDER BY 1, 2, 3"
+        ).fetchall()
+    ]
+    table = ModelUsage.__table__
+    with ours.store.engine.connect() as conn:
+        query = select(*(table.c[k] for k in columns)).order_by(
+            table.c.session_id, table.c.model, table.c.billing_provider
+        )
+        mine = [tuple(r) for r in conn.execute(query)]
+    return theirs, mine
+
+
+def test_update_token_counts_and_model_usage(both: Any) -> None:
+    both.create_session("s", "cli")
+    both.update_token_counts(
+        "s",
+        input_tokens=100,
+        output_tokens=20,
+        model="openai/gpt-5",
+        billing_provider="openrouter",
+        api_call_count=1,
+        estimated_cost_usd=0.5,
+        cost_status="estimated",
+    )
+    both.update_token_counts(
+        "s",
+        input_tokens=50,
+        cache_read_tokens=7,
+        reasoning_tokens=3,
+        api_call_count=1,
+        actual_cost_usd=0.25,
+        cost_source="provider",
+    )
+    both.update_token_counts(
+        "s",
+        input_tokens=5,
+        model="anthropic/claude",
+        billing_provider="anthropic",
+        api_call_count=1,
+    )
+    both.get_session("s")
+    both.update_token_counts(
+        "s",
+        input_tokens=1000,
+        output_tokens=200,
+        api_call_count=9,
+        absolute=True,
+        estimated_cost_usd=None,
+        pricing_version="v2",
+    )
+    both.get_session("s")
+    both.update_token_counts("new-session", output_tokens=3, model="m", api_call_count=1)
+    both.get_session("new-session")
+    both.update_token_counts("s")  # nothing accounted: no usage row
+    both.get_session("s")
+    theirs, mine = _usage_rows(both.hermes, both.ours)
+    assert mine == theirs
+    assert len(mine) == 3

@@ -12,7 +12,7 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
 ``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
 ``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
-``session_count``, ``get_meta``,
+``session_count``, ``update_token_counts``, ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor, and
@@ -32,12 +32,13 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hermes_orm.models import Message, Meta, Session
+from hermes_orm.models import Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
 _meta: Table = Meta.__table__  # type: ignore[assignment]
+_usage: Table = ModelUsage.__table__  # type: ignore[assignment]
 
 #: Hermes Agent's ``sessions`` columns (state.db schema v22), in its order.
 SESSION_COLUMNS = (
@@ -225,6 +226,55 @@ def _prune_where(
     return where
 
 
+def _add_usage(
+    conn: Connection,
+    *,
+    session_id: str,
+    model: str,
+    billing_provider: str,
+    billing_base_url: str,
+    billing_mode: str,
+    counts: dict[str, Any],
+    cost_status: str | None,
+    cost_source: str | None,
+) -> None:
+    """Accumulate one call's usage into the per-model row (created on first use)."""
+    now = time.time()
+    make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = make(_usage).values(
+        session_id=session_id,
+        model=model,
+        billing_provider=billing_provider,
+        billing_base_url=billing_base_url,
+        billing_mode=billing_mode,
+        task="",
+        cost_status=cost_status,
+        cost_source=cost_source,
+        first_seen=now,
+        last_seen=now,
+        **counts,
+    )
+    excluded = statement.excluded
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[
+                "session_id",
+                "model",
+                "billing_provider",
+                "billing_base_url",
+                "billing_mode",
+                "task",
+            ],
+            set_={
+                **{k: _usage.c[k] + excluded[k] for k in counts},
+                "cost_status": func.coalesce(excluded.cost_status, _usage.c.cost_status),
+                "cost_source": func.coalesce(excluded.cost_source, _usage.c.cost_source),
+                "last_seen": excluded.last_seen,
+            },
+        )
+    )
+
+
 def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
     """Remove the transcript files Hermes keeps for a session, if any."""
     if sessions_dir is None:
@@ -315,6 +365,133 @@ class SessionDB:
     def update_session_model(self, session_id: str, model: str) -> None:
         """Set the session's model (after a mid-session switch)."""
         self._set(session_id, model=model)
+
+    def update_token_counts(  # noqa: PLR0917 - Hermes' signature
+        self,
+        session_id: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        model: str | None = None,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        estimated_cost_usd: float | None = None,
+        actual_cost_usd: float | None = None,
+        cost_status: str | None = None,
+        cost_source: str | None = None,
+        pricing_version: str | None = None,
+        billing_provider: str | None = None,
+        billing_base_url: str | None = None,
+        billing_mode: str | None = None,
+        api_call_count: int = 0,
+        absolute: bool = False,
+    ) -> None:
+        """Add (or, with ``absolute``, set) token and cost counters, as Hermes does.
+
+        Creates the session if missing, fills its model and billing route on
+        the first accounted call, and, for deltas, accumulates the per-model
+        usage row (:class:`~hermes_orm.models.ModelUsage`).
+        """
+        self.ensure_session(session_id, "unknown", model=model)
+        c = _sessions.c
+        accounted = bool(
+            input_tokens or output_tokens or cache_read_tokens or cache_write_tokens
+            or reasoning_tokens or api_call_count or estimated_cost_usd or actual_cost_usd
+        )  # fmt: skip
+        counters = {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_read_tokens": cache_read_tokens,
+            "cache_write_tokens": cache_write_tokens,
+            "reasoning_tokens": reasoning_tokens,
+        }
+        values: dict[str, Any]
+        if absolute:
+            values = dict(counters)
+            values["estimated_cost_usd"] = estimated_cost_usd or 0.0
+            values["api_call_count"] = api_call_count
+            if actual_cost_usd is not None:
+                values["actual_cost_usd"] = actual_cost_usd
+        else:
+            values = {k: c[k] + v for k, v in counters.items()}
+            values["estimated_cost_usd"] = func.coalesce(c.estimated_cost_usd, 0.0) + (
+                estimated_cost_usd or 0.0
+            )
+            values["api_call_count"] = func.coalesce(c.api_call_count, 0) + api_call_count
+            if actual_cost_usd is not None:
+                values["actual_cost_usd"] = func.coalesce(c.actual_cost_usd, 0.0) + actual_cost_usd
+        for name, value in (
+            ("cost_status", cost_status),
+            ("cost_source", cost_source),
+            ("pricing_version", pricing_version),
+        ):
+            if value is not None:
+                values[name] = value
+        if accounted:
+            for name, value in (
+                ("billing_provider", billing_provider),
+                ("billing_base_url", billing_base_url),
+                ("billing_mode", billing_mode),
+                ("model", model),
+            ):
+                if value is not None:
+                    values[name] = func.coalesce(c[name], value)
+        usage_delta = (not absolute) and bool(
+            input_tokens or output_tokens or cache_read_tokens or cache_write_tokens
+            or reasoning_tokens or api_call_count or estimated_cost_usd
+        )  # fmt: skip
+
+        def work(conn: Connection) -> None:
+            row = conn.execute(
+                select(c.model, c.billing_provider, c.api_call_count).where(c.id == session_id)
+            ).first()
+            first_route = (
+                int((row.api_call_count if row is not None else 0) or 0) == 0
+                and accounted
+                and bool(model)
+                and bool(billing_provider)
+                and (row is None or row.model != model or row.billing_provider != billing_provider)
+            )
+            if first_route:
+                conn.execute(
+                    update(_sessions)
+                    .where(c.id == session_id)
+                    .values(
+                        model=model,
+                        billing_provider=billing_provider,
+                        billing_base_url=billing_base_url,
+                        billing_mode=billing_mode,
+                    )
+                )
+            conn.execute(update(_sessions).where(c.id == session_id).values(values))
+            if usage_delta:
+                route = conn.execute(
+                    select(c.model, c.billing_provider, c.billing_base_url, c.billing_mode).where(
+                        c.id == session_id
+                    )
+                ).first()
+                _add_usage(
+                    conn,
+                    session_id=session_id,
+                    model=model or (route.model if route else None) or "unknown",
+                    billing_provider=billing_provider
+                    or (route.billing_provider if route else None)
+                    or "",
+                    billing_base_url=billing_base_url
+                    or (route.billing_base_url if route else None)
+                    or "",
+                    billing_mode=billing_mode or (route.billing_mode if route else None) or "",
+                    counts={
+                        "api_call_count": api_call_count or 0,
+                        **{k: v or 0 for k, v in counters.items()},
+                        "estimated_cost_usd": float(estimated_cost_usd or 0.0),
+                        "actual_cost_usd": float(actual_cost_usd or 0.0),
+                    },
+                    cost_status=cost_status,
+                    cost_source=cost_source,
+                )
+
+        self._store._write(work)
 
     def _hermes_session(self, row: Any) -> dict[str, Any]:
         data = dict(row._mapping)
