@@ -349,3 +349,44 @@ def test_update_token_counts_and_model_usage(both: Any) -> None:
     theirs, mine = _usage_rows(both.hermes, both.ours)
     assert mine == theirs
     assert len(mine) == 3
+
+
+def test_messages_as_conversation_with_lineage(both: Any) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+    both.create_session("parent", "cli")
+    both.append_message("parent", "user", content="  first question  ", timestamp=1.0)
+    both.append_message(
+        "parent",
+        "assistant",
+        content=None,
+        tool_calls=[call],
+        reasoning_details=[{"type": "reasoning.text", "text": "r"}],
+    )
+    both.append_message("parent", "tool", content="out", tool_call_id="c1", tool_name="t")
+    both.append_message(
+        "parent",
+        "assistant",
+        content="answer <memory-context>secret</memory-context> done",
+        finish_reason="stop",
+        reasoning_content="",
+    )
+    both.end_session("parent", "compression")
+    both.create_session("child", "cli", parent_session_id="parent")
+    both.append_message(
+        "child",
+        "user",
+        content="first question",  # replayed by compression
+        platform_message_id="tg-1",
+        observed=True,
+    )
+    both.append_message(
+        "child", "user", content="Review the conversation above and consider saving to memory"
+    )
+    both.append_message("child", "assistant", content="curator reply")
+    both.append_message("child", "user", content="second")
+    both.append_message("child", "user", content="second, again")  # user;user
+    both.get_messages_as_conversation("child")
+    both.get_messages_as_conversation("child", include_ancestors=True)
+    both.get_messages_as_conversation("child", include_ancestors=True, repair_alternation=True)
+    both.get_messages_as_conversation("parent", include_inactive=True)
+    both.get_messages_as_conversation("missing")

@@ -12,7 +12,8 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
 ``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
 ``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
-``session_count``, ``update_token_counts``, ``get_meta``,
+``session_count``, ``update_token_counts``, ``get_messages_as_conversation``
+(which needs hermes-agent installed, for its content clean-ups), ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor, and
@@ -665,6 +666,90 @@ class SessionDB:
             return [self._hermes_message(r) for r in conn.execute(query)]
 
         return self._store._read(work)
+
+    def _lineage(self, session_id: str) -> list[str]:
+        """The session's ancestors and itself, root first (at most 100, cycles cut)."""
+
+        def work(conn: Connection) -> list[str]:
+            chain: list[str] = []
+            current: str | None = session_id
+            while current is not None and current not in chain and len(chain) < 100:
+                chain.append(current)
+                current = conn.execute(
+                    select(_sessions.c.parent_session_id).where(_sessions.c.id == current)
+                ).scalar()
+            return chain[::-1]
+
+        return self._store._read(work) if session_id else [session_id]
+
+    def get_messages_as_conversation(
+        self,
+        session_id: str,
+        include_ancestors: bool = False,
+        include_inactive: bool = False,
+        repair_alternation: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The conversation as the agent replays it (role + content dicts).
+
+        The content clean-ups are Hermes Agent's own (``sanitize_context``,
+        dropping background-review prompts, and with ``repair_alternation``
+        its ``repair_message_sequence``), taken from the installed
+        ``hermes-agent`` so a replay matches it exactly.
+
+        Raises:
+            ModuleNotFoundError: hermes-agent is not installed.
+        """
+        import hermes_state
+        from agent.memory_manager import sanitize_context
+
+        sessions = self._lineage(session_id) if include_ancestors else [session_id]
+        query = select(_messages).where(_messages.c.session_id.in_(sessions))
+        if not include_inactive:
+            query = query.where(func.coalesce(_messages.c.active, True).is_(True))
+        query = query.order_by(_messages.c.id)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            return [self._hermes_message(r) for r in conn.execute(query)]
+
+        messages: list[dict[str, Any]] = []
+        for row in self._store._read(work):
+            content = row["content"]
+            if row["role"] in {"user", "assistant"} and isinstance(content, str):
+                content = sanitize_context(content).strip()
+            msg: dict[str, Any] = {"role": row["role"], "content": content}
+            for column, key in (
+                ("api_content", "api_content"),
+                ("timestamp", "timestamp"),
+                ("tool_call_id", "tool_call_id"),
+                ("tool_name", "tool_name"),
+                ("effect_disposition", "effect_disposition"),
+                ("tool_calls", "tool_calls"),
+                ("platform_message_id", "message_id"),
+            ):
+                if row[column]:
+                    msg[key] = row[column]
+            if row["observed"]:
+                msg["observed"] = True
+            if row["role"] == "assistant":
+                for column in ("finish_reason", "reasoning"):
+                    if row[column]:
+                        msg[column] = row[column]
+                if row["reasoning_content"] is not None:
+                    msg["reasoning_content"] = row["reasoning_content"]
+                for column in _TEXT_JSON_MESSAGE:
+                    if row[column]:
+                        msg[column] = json.loads(row[column])
+            if include_ancestors and hermes_state.SessionDB._is_duplicate_replayed_user_message(
+                messages, msg
+            ):
+                continue
+            messages.append(msg)
+        messages = hermes_state._strip_background_review_harness(messages)
+        if repair_alternation and messages:
+            from agent.agent_runtime_helpers import repair_message_sequence
+
+            repair_message_sequence(None, messages)
+        return messages
 
     def message_count(self, session_id: str | None = None) -> int:
         """Messages of one session, or of all."""
