@@ -467,19 +467,33 @@ class SessionStore:
         Returns:
             True when a session was deleted, False when there was none.
         """
+        return self._delete_sessions(lambda _conn: [session_id]) == 1
 
-        def work(conn: Connection) -> bool:
+    def _delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+        """Delete the sessions ``pick`` names (in the same transaction) and their messages.
+
+        Their children lose the parent link. Returns how many sessions went.
+        """
+        picked: list[str] = []
+
+        def work(conn: Connection) -> int:
+            ids = list(pick(conn))
+            if not ids:
+                return 0
             # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
-            conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
+            conn.execute(delete(_messages).where(_messages.c.session_id.in_(ids)))
             conn.execute(
                 update(_sessions)
-                .where(_sessions.c.parent_session_id == session_id)
+                .where(_sessions.c.parent_session_id.in_(ids))
                 .values(parent_session_id=None)
             )
-            return conn.execute(delete(_sessions).where(_sessions.c.id == session_id)).rowcount == 1
+            picked[:] = ids
+            return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
 
-        self._forget(session_id)
-        return self._write(work)
+        deleted = self._write(work)
+        for session_id in picked:
+            self._forget(session_id)
+        return deleted
 
     def list_sessions(
         self,

@@ -882,26 +882,15 @@ class SessionDB:
         """
         removed: list[str] = []
 
-        def work(conn: Connection) -> bool:
-            if (
-                conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
-                is None
-            ):
-                return False
-            doomed = [session_id, *_delegate_children(conn, session_id)]
-            conn.execute(
-                update(_sessions)
-                .where(_sessions.c.parent_session_id.in_(doomed))
-                .values(parent_session_id=None)
-            )
-            conn.execute(delete(_messages).where(_messages.c.session_id.in_(doomed)))
-            conn.execute(delete(_sessions).where(_sessions.c.id.in_(doomed)))
-            removed[:] = doomed
-            return True
+        def pick(conn: Connection) -> list[str]:
+            found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id))
+            if found.first() is None:
+                return []
+            removed[:] = [session_id, *_delegate_children(conn, session_id)]
+            return removed
 
-        deleted = self._store._write(work)
-        for sid in removed:
-            self._store._forget(sid)
+        deleted = self._store._delete_sessions(pick) > 0
+        for sid in removed if deleted else []:
             _remove_session_files(sessions_dir, sid)
         return deleted
 
@@ -925,23 +914,12 @@ class SessionDB:
         where = _prune_where(source=source, **filters)
         removed: list[str] = []
 
-        def work(conn: Connection) -> int:
-            doomed = list(conn.execute(select(_sessions.c.id).where(*where)).scalars())
-            if not doomed:
-                return 0
-            conn.execute(
-                update(_sessions)
-                .where(_sessions.c.parent_session_id.in_(doomed))
-                .values(parent_session_id=None)
-            )
-            conn.execute(delete(_messages).where(_messages.c.session_id.in_(doomed)))
-            conn.execute(delete(_sessions).where(_sessions.c.id.in_(doomed)))
-            removed[:] = doomed
-            return len(doomed)
+        def pick(conn: Connection) -> list[str]:
+            removed[:] = conn.execute(select(_sessions.c.id).where(*where)).scalars()
+            return removed
 
-        count = self._store._write(work)
-        for sid in removed:
-            self._store._forget(sid)
+        count = self._store._delete_sessions(pick)
+        for sid in removed if count else []:
             _remove_session_files(sessions_dir, sid)
         return count
 
