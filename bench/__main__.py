@@ -106,13 +106,18 @@ class Databases:
         self._n += 1
         return f"bench_{self._n}"
 
-    def sqlite_template(self, sessions: int) -> Path:
-        path = self.workdir / f"{self._name()}.db"
-        store = hermes_orm.SessionStore(f"sqlite:///{path}")
+    @staticmethod
+    def _seed(url: str, sessions: int) -> None:
+        """Migrate the database at ``url`` and create sessions s0, s1, ..."""
+        store = hermes_orm.SessionStore(url)
         store.upgrade()
         for s in range(sessions):
             store.create_session(f"s{s}", source="bench", started_at=1.0)
         store.close()
+
+    def sqlite_template(self, sessions: int) -> Path:
+        path = self.workdir / f"{self._name()}.db"
+        self._seed(f"sqlite:///{path}", sessions)
         return path
 
     def sqlite_copy(self, template: Path) -> Path:
@@ -126,28 +131,21 @@ class Databases:
             make_url(self.pg_url), poolclass=NullPool, isolation_level="AUTOCOMMIT"
         )
 
-    def pg_template(self, sessions: int) -> str:
+    def _create_pg_database(self, template: str, strategy: str = "") -> str:
         name = self._name()
         admin = self._pg_admin()
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}" {strategy}')
         admin.dispose()
-        store = hermes_orm.SessionStore(self._pg_db_url(name))
-        store.upgrade()
-        for s in range(sessions):
-            store.create_session(f"s{s}", source="bench", started_at=1.0)
-        store.close()
+        return name
+
+    def pg_template(self, sessions: int) -> str:
+        name = self._create_pg_database("template0")
+        self._seed(self._pg_db_url(name), sessions)
         return name
 
     def pg_copy(self, template: str) -> str:
-        name = self._name()
-        admin = self._pg_admin()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY'
-            )
-        admin.dispose()
-        return self._pg_db_url(name)
+        return self._pg_db_url(self._create_pg_database(template, "STRATEGY FILE_COPY"))
 
     def _pg_db_url(self, name: str) -> str:
         assert self.pg_url is not None
