@@ -19,7 +19,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -468,52 +468,67 @@ def _copy_messages(
     rolled back and written again reading each cursor under its row lock.
     """
     cursors = _cursors(store, session_ids)
+
+    def on_cursors(group: list[_Chunk]) -> Callable[[Connection], list[tuple[str, int, int]]]:
+        def work(conn: Connection) -> list[tuple[str, int, int]]:
+            done = []
+            for chunk in group:
+                try:
+                    end, _ = store._insert(
+                        conn, chunk.session_id, chunk.cursor, chunk.before_digest, [chunk.encoded]
+                    )
+                except IntegrityError:
+                    raise _StaleHint from None
+                done.append((chunk.session_id, end - chunk.cursor, end))
+            return done
+
+        return work
+
+    def locked(group: list[_Chunk]) -> Callable[[Connection], list[tuple[str, int, int]]]:
+        def work(conn: Connection) -> list[tuple[str, int, int]]:
+            done = []
+            for chunk in group:
+                tail = _Tail(chunk.cursor, chunk.before, chunk.messages)
+                try:
+                    result = store._flush_locked(conn, chunk.session_id, tail)[0]
+                except HistoryDivergedError:  # raised before this session wrote anything
+                    report.diverged_sessions.append(chunk.session_id)
+                    continue
+                done.append((chunk.session_id, result.written, result.cursor))
+            return done
+
+        return work
+
+    for group, sessions_done in _read_groups(src, session_ids, cursors, batch=batch, report=report):
+        if group:
+            try:
+                done = store._write(on_cursors(group))
+            except _StaleHint:
+                done = store._write(locked(group))
+            for sid, written, cursor in done:
+                report.messages_written += written
+                if on_batch is not None:
+                    on_batch(sid, cursor)
+        if bar is not None:
+            bar.update(messages=sum(len(c.encoded) for c in group), sessions=sessions_done)
+
+
+def _read_groups(
+    src: Source,
+    session_ids: list[str],
+    cursors: dict[str, tuple[int, bytes | None]],
+    *,
+    batch: int,
+    report: ImportReport,
+) -> Iterator[tuple[list[_Chunk], int]]:
+    """Read and encode what each session lacks; yield groups of about ``batch`` messages.
+
+    Each item is a group to write in one transaction and how many sessions
+    were finished while reading it.
+    """
     columns = src.columns("messages")
     group: list[_Chunk] = []
-    size = 0
-
-    def on_cursors(conn: Connection) -> list[tuple[str, int, int]]:
-        done = []
-        for chunk in group:
-            try:
-                end, _ = store._insert(
-                    conn, chunk.session_id, chunk.cursor, chunk.before_digest, [chunk.encoded]
-                )
-            except IntegrityError:
-                raise _StaleHint from None
-            done.append((chunk.session_id, end - chunk.cursor, end))
-        return done
-
-    def locked(conn: Connection) -> list[tuple[str, int, int]]:
-        done = []
-        for chunk in group:
-            tail = _Tail(chunk.cursor, chunk.before, chunk.messages)
-            try:
-                result = store._flush_locked(conn, chunk.session_id, tail)[0]
-            except HistoryDivergedError:  # raised before this session wrote anything
-                report.diverged_sessions.append(chunk.session_id)
-                continue
-            done.append((chunk.session_id, result.written, result.cursor))
-        return done
-
-    def commit_group() -> None:
-        nonlocal size
-        if not group:
-            return
-        try:
-            done = store._write(on_cursors)
-        except _StaleHint:
-            done = store._write(locked)
-        for sid, written, cursor in done:
-            report.messages_written += written
-            cursors[sid] = (cursor, None)
-            if on_batch is not None:
-                on_batch(sid, cursor)
-        if bar is not None:
-            bar.update(messages=size)
-        group.clear()
-        size = 0
-
+    size = finished = 0
     for sid in session_ids:
         cursor, stored_digest = cursors.get(sid, (0, None))
         before = None
@@ -524,6 +539,7 @@ def _copy_messages(
             )
             if not found:  # the source holds fewer messages than were imported
                 report.diverged_sessions.append(sid)
+                finished += 1
                 continue
             before = message_dict(columns, found[0])
         before_digest = stored_digest if before is None else _digest_or_none(before)
@@ -547,12 +563,12 @@ def _copy_messages(
                     encoded[-1].digest,
                 )
             if size >= batch:
-                commit_group()
+                yield group, finished
+                group, size, finished = [], 0, 0
             if len(rows) < batch:
                 break
-        if bar is not None:
-            bar.update(sessions=1)
-    commit_group()
+        finished += 1
+    yield group, finished
 
 
 def _digest_or_none(message: dict[str, Any]) -> bytes | None:
