@@ -126,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="database URL (default: $HERMES_ORM_URL, else $HERMES_HOME/hermes_orm.db)",
     )
+    # --url is accepted after the command too (hermes-orm import PATH --url URL).
+    url_option = argparse.ArgumentParser(add_help=False)
+    url_option.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    db = commands.add_parser("db", help="schema migrations")
+    db = commands.add_parser("db", help="schema migrations", parents=[url_option])
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate to the newest schema")
     up.add_argument("revision", nargs="?", default="head")
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("check", help="exit non-zero unless the schema is at head")
     db.set_defaults(handler=_db)
 
-    sessions = commands.add_parser("sessions", help="inspect stored sessions")
+    sessions = commands.add_parser("sessions", help="inspect stored sessions", parents=[url_option])
     s_commands = sessions.add_subparsers(dest="sessions_command", required=True)
     listing = s_commands.add_parser("list", help="newest sessions first")
     listing.add_argument("--source")
@@ -151,13 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.set_defaults(handler=_sessions)
 
     importer = commands.add_parser(
-        "import", help="copy a Hermes Agent state.db (read-only) into the database"
+        "import",
+        help="copy a Hermes Agent state.db (read-only) into the database",
+        parents=[url_option],
     )
     importer.add_argument("path", help="the Hermes state.db, e.g. ~/.hermes/state.db")
     importer.set_defaults(handler=_import)
 
     demo = commands.add_parser(
-        "demo", help="run a simulated agent conversation with failures and a second writer"
+        "demo",
+        help="run a simulated agent conversation with failures and a second writer",
+        parents=[url_option],
     )
     demo.set_defaults(handler=_demo)
     return parser

@@ -198,7 +198,7 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     source = fixture_copy(tmp_path)
     env = {**os.environ, "HERMES_HOME": str(tmp_path)}
     run: Any = subprocess.run(
-        [sys.executable, "-m", "hermes_orm.cli", "--url", db_url, "import", str(source)],
+        [sys.executable, "-m", "hermes_orm.cli", "import", str(source), "--url", db_url],
         capture_output=True,
         text=True,
         env=env,
