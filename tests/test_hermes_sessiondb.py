@@ -390,3 +390,81 @@ def test_messages_as_conversation_with_lineage(both: Any) -> None:
     both.get_messages_as_conversation("child", include_ancestors=True, repair_alternation=True)
     both.get_messages_as_conversation("parent", include_inactive=True)
     both.get_messages_as_conversation("missing")
+
+
+# -- any message Hermes' append_message takes reads back the same through ours ---------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# any text: NUL, lone surrogates (both scrub them), CJK, emoji
+_text = st.text(st.characters(exclude_categories=[]), max_size=30)
+# JSON values: no lone surrogates (Hermes keeps them escaped; ours replaces them, documented)
+_json_text = st.text(max_size=10)
+_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _json_text}), max_size=2)
+_calls = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": _json_text,
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries({"name": _json_text, "arguments": _json_text}),
+        }
+    ),
+    max_size=2,
+)
+_appends = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
+        optional={
+            "content": st.none() | _text | _parts,
+            "tool_calls": st.none() | _calls,
+            "tool_call_id": st.none() | _text,
+            "tool_name": st.none() | _text,
+            "reasoning": st.none() | _text,
+            "reasoning_details": st.none()
+            | st.lists(st.dictionaries(_json_text, _json_text, max_size=2)),
+            "token_count": st.none() | st.integers(0, 10**9),
+            "finish_reason": st.none() | st.sampled_from(["stop", "tool_calls", "length"]),
+            "observed": st.booleans(),
+            "timestamp": st.floats(0, 4e9),
+        },
+    ),
+    min_size=1,
+    max_size=4,
+)
+_sequence = iter(range(10**9))
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(appends=_appends, title=st.none() | _text)
+def test_any_append_reads_back_as_hermes_gives_it(
+    both: Any, appends: list[dict[str, Any]], title: str | None
+) -> None:
+    sid = f"h{next(_sequence)}"
+    both.create_session(sid, "cli")
+    for kwargs in appends:
+        both.append_message(sid, **kwargs)
+    both.get_messages(sid)
+    both.get_messages_as_conversation(sid)
+    both.get_session(sid)
+    if title is not None:
+        both.set_session_title(sid, title)  # both clean it, both may refuse it
+        both.get_session_title(sid)
+
+
+def test_lone_surrogates_in_json_values_become_replacement_characters(store: SessionStore) -> None:
+    ours = SessionDB(store)
+    ours.create_session("s", "cli")
+    ours.append_message(
+        "s",
+        "assistant",
+        content=[{"type": "text", "text": "a\ud800"}],
+        reasoning_details=[{"k\udfff": "v"}],
+    )
+    (row,) = ours.get_messages("s")
+    assert row["content"] == [{"type": "text", "text": "a\ufffd"}]
+    assert row["reasoning_details"] == '[{"k\\ufffd": "v"}]'

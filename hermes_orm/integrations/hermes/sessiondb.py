@@ -16,8 +16,9 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 (which needs hermes-agent installed, for its content clean-ups), ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
-``set_session_title`` does not move a title off a compressed ancestor, and
-``create_session`` on an existing session also fills a missing ``user_id``.
+``set_session_title`` does not move a title off a compressed ancestor,
+``create_session`` on an existing session also fills a missing ``user_id``, and
+lone surrogates inside JSON values become U+FFFD (Hermes keeps them escaped).
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def _scrub(value: Any) -> Any:
     """Replace lone surrogates, which no database can store, as Hermes does."""
     if isinstance(value, str) and _LONE_SURROGATE.search(value):
         return _LONE_SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _scrub_json(value: Any) -> Any:
+    """:func:`_scrub` through a JSON structure, keys included.
+
+    Hermes keeps lone surrogates inside its JSON columns (escaped); PostgreSQL's
+    json cannot hold them, so here they become U+FFFD like in text columns.
+    """
+    if isinstance(value, str):
+        return _scrub(value)
+    if isinstance(value, list):
+        return [_scrub_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k) if isinstance(k, str) else k: _scrub_json(v) for k, v in value.items()}
     return value
 
 
@@ -599,20 +615,20 @@ class SessionDB:
                 stamp = float(
                     timestamp.timestamp() if hasattr(timestamp, "timestamp") else timestamp
                 )
-        message: dict[str, Any] = {"role": role, "content": _scrub(content)}
+        message: dict[str, Any] = {"role": role, "content": _scrub_json(content)}
         optional = {
             "tool_call_id": tool_call_id,
             # Hermes stores falsy JSON values as NULL
-            "tool_calls": tool_calls or None,
+            "tool_calls": _scrub_json(tool_calls) or None,
             "tool_name": _scrub(tool_name),
             "effect_disposition": effect_disposition,
             "token_count": token_count,
             "finish_reason": finish_reason,
             "reasoning": _scrub(reasoning),
             "reasoning_content": _scrub(reasoning_content),
-            "reasoning_details": reasoning_details or None,
-            "codex_reasoning_items": codex_reasoning_items or None,
-            "codex_message_items": codex_message_items or None,
+            "reasoning_details": _scrub_json(reasoning_details) or None,
+            "codex_reasoning_items": _scrub_json(codex_reasoning_items) or None,
+            "codex_message_items": _scrub_json(codex_message_items) or None,
             "platform_message_id": platform_message_id,
             "api_content": _scrub(api_content) if isinstance(api_content, str) else None,
         }
