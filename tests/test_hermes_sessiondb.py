@@ -468,3 +468,38 @@ def test_lone_surrogates_in_json_values_become_replacement_characters(store: Ses
     (row,) = ours.get_messages("s")
     assert row["content"] == [{"type": "text", "text": "a\ufffd"}]
     assert row["reasoning_details"] == '[{"k\\ufffd": "v"}]'
+
+
+def test_list_sessions_rich(both: Any) -> None:
+    both.create_session("a-root", "cli", model="m1", cwd="/work/a")
+    both.append_message("a-root", "system", content="system first", timestamp=1.0)
+    both.append_message("a-root", "user", content="line one\nline two " + "x" * 80, timestamp=2.0)
+    both.set_session_title("a-root", "AN-94 rifle notes")
+    both.end_session("a-root", "compression")
+    both.create_session("a-cont", "cli", parent_session_id="a-root", model="m2")
+    both.append_message("a-cont", "user", content="continued", timestamp=50.0)
+    both.set_session_title("a-cont", "AN-94 rifle notes #2")
+    both.create_session("b", "telegram")
+    both.append_message(
+        "b", "user", content=[{"type": "text", "text": "see image"}], timestamp=30.0
+    )
+    both.create_session(
+        "b-delegate", "telegram", parent_session_id="b", model_config={"_delegate_from": "b"}
+    )
+    both.create_session("c", "cli")
+    both.append_message("c", "user", content=None, timestamp=5.0)
+    both.append_message("c", "user", content="  \r\n  ", timestamp=6.0)
+    both.list_sessions_rich()
+    both.list_sessions_rich(include_children=True)
+    both.list_sessions_rich(project_compression_tips=False)
+    both.list_sessions_rich(order_by_last_active=True)
+    both.list_sessions_rich(order_by_last_active=True, search_query="an94")
+    both.list_sessions_rich(order_by_last_active=True, search_query="RIFLE")
+    both.list_sessions_rich(order_by_last_active=True, id_query="cont")
+    both.list_sessions_rich(order_by_last_active=True, id_query="zzz")
+    both.list_sessions_rich(compact_rows=True, source="cli")
+    both.list_sessions_rich(exclude_sources=["cli"], limit=1)
+    both.list_sessions_rich(cwd_prefix="/work", min_message_count=1)
+    both.list_sessions_rich(limit=2, offset=1)
+    both.get_compression_tip("a-root")
+    both.get_compression_tip("b")

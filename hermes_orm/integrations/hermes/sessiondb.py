@@ -12,7 +12,8 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``get_session_title``, ``get_session_by_title``, ``append_message``,
 ``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
 ``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
-``session_count``, ``update_token_counts``, ``get_messages_as_conversation``
+``session_count``, ``update_token_counts``, ``list_sessions_rich`` (with
+``get_compression_tip``), ``get_messages_as_conversation``
 (which needs hermes-agent installed, for its content clean-ups), ``get_meta``,
 ``set_meta`` and ``close``; each is checked call for call against the real
 ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
@@ -144,6 +145,153 @@ def _delegate_children(conn: Connection, parent: str) -> list[str]:
         found.update(frontier)
     found.discard(parent)
     return sorted(found)
+
+
+#: What a compressed conversation's listing entry takes from its live continuation.
+_TIP_KEYS = (
+    "id", "ended_at", "end_reason", "message_count", "tool_call_count", "title",
+    "last_active", "preview", "model", "system_prompt", "cwd", "git_branch", "git_repo_root",
+)  # fmt: skip
+
+
+def _hermes_content_text(message: dict[str, Any]) -> str | None:
+    """The ``content`` text Hermes would hold for a message (structured: its JSON form)."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content
+    return "\x00json:" + json.dumps(content)
+
+
+def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
+    """Each session's first user message (by time, then insertion), as Hermes previews it."""
+    from hermes_orm._codec import row_to_message
+
+    if not session_ids:
+        return {}
+    query = (
+        select(_messages)
+        .where(_messages.c.session_id.in_(session_ids), _messages.c.role == "user")
+        .order_by(_messages.c.session_id, _messages.c.timestamp, _messages.c.id)
+    )
+    previews: dict[str, str] = {}
+    for row in conn.execute(query):
+        if row.session_id in previews:
+            continue
+        text = _hermes_content_text(row_to_message(row))
+        if text is None:
+            continue
+        # SQLite's text functions, which Hermes previews with, stop at a NUL.
+        text = text.split("\x00", 1)[0]
+        raw = text.replace("\n", " ").replace("\r", " ")[:63].strip()
+        previews[row.session_id] = raw[:60] + ("..." if len(raw) > 60 else "") if raw else ""
+    return previews
+
+
+class _Sessions:
+    """Every session row and its last activity, for lineage walks done in Python."""
+
+    def __init__(self, rows: dict[str, Any], last: dict[str, float]) -> None:
+        self.rows, self.last = rows, last
+        self.children: dict[str, list[Any]] = {}
+        for row in rows.values():
+            if row.parent_session_id is not None:
+                self.children.setdefault(row.parent_session_id, []).append(row)
+
+    @classmethod
+    def load(cls, conn: Connection) -> _Sessions:
+        rows = {r.id: r for r in conn.execute(select(_sessions))}
+        newest = select(_messages.c.session_id, func.max(_messages.c.timestamp)).group_by(
+            _messages.c.session_id
+        )
+        return cls(rows, {sid: ts for sid, ts in conn.execute(newest) if ts is not None})
+
+    def last_active(self, session_id: str) -> float:
+        found = self.last.get(session_id)
+        return float(found if found is not None else self.rows[session_id].started_at)
+
+    def continuations(self, session_id: str) -> list[Any]:
+        """Children that continue a compressed session (no branches, delegates, tools)."""
+        parent = self.rows.get(session_id)
+        if parent is None or parent.end_reason != "compression":
+            return []
+        out = []
+        for child in self.children.get(session_id, []):
+            config = child.model_config if isinstance(child.model_config, dict) else {}
+            if config.get("_branched_from") is not None:
+                continue
+            if config.get("_delegate_from") is not None or (child.source or "") == "tool":
+                continue
+            out.append(child)
+        return out
+
+    def chain(self, root: str) -> list[str]:
+        """``root`` and every session reached through compression continuations."""
+        found, frontier = [root], [root]
+        while frontier:
+            frontier = [
+                child.id
+                for sid in frontier
+                for child in self.continuations(sid)
+                if child.id not in found
+            ]
+            found.extend(frontier)
+        return found
+
+    def chain_last_active(self, root: str) -> float:
+        return max(self.last_active(sid) for sid in self.chain(root))
+
+    def tip(self, session_id: str) -> str:
+        """Follow the best continuation forward: compressed again, then live, then latest."""
+        current, seen = session_id, {session_id}
+        for _ in range(100):
+            children = self.continuations(current)
+            if not children:
+                return current
+            best = min(
+                children,
+                key=lambda ch: (
+                    0 if ch.end_reason == "compression" else 1 if ch.ended_at is None else 2,
+                    -self.last_active(ch.id),
+                    -ch.started_at,
+                    _Descending(ch.id),
+                ),
+            )
+            if best.id in seen:
+                return current
+            seen.add(best.id)
+            current = best.id
+        return current
+
+    def matches(self, root: str, id_query: str | None, search_query: str | None) -> bool:
+        """Hermes' id/title search over a conversation's compression chain."""
+        members = self.chain(root)
+        id_needle = (id_query or "").strip().lower()
+        if id_needle and not any(id_needle in sid.lower() for sid in members):
+            return False
+        needle = (search_query or "").strip().lower()
+        if not needle:
+            return True
+        compact = re.sub(r"[\W_]+", "", needle)
+        for sid in members:
+            title = (self.rows[sid].title or "").lower()
+            squeezed = title.replace("-", "").replace("_", "").replace(".", "").replace(" ", "")
+            if needle in title or needle in sid.lower() or (compact and compact in squeezed):
+                return True
+        return False
+
+    def rich(self, session: dict[str, Any], previews: dict[str, str]) -> dict[str, Any]:
+        """A listing entry: the session with ``preview`` and ``last_active``."""
+        sid = session["id"]
+        return {**session, "preview": previews.get(sid, ""), "last_active": self.last_active(sid)}
+
+
+class _Descending(str):
+    """A string that sorts in reverse, for one key of a mixed ascending sort."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: str) -> bool:
+        return str.__gt__(self, other)
 
 
 def _contains(column: Any, needle: str) -> Any:
@@ -837,6 +985,84 @@ class SessionDB:
                 )
             }
             return sum(1 for r in rows if _listable(r, parents))
+
+        return self._store._read(work)
+
+    def get_compression_tip(self, session_id: str) -> str | None:
+        """The live end of the compression chain that starts at ``session_id``."""
+        return self._store._read(lambda conn: _Sessions.load(conn).tip(session_id))
+
+    def list_sessions_rich(  # noqa: PLR0917 - Hermes' signature
+        self,
+        source: str | None = None,
+        exclude_sources: list[str] | None = None,
+        cwd_prefix: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        include_children: bool = False,
+        min_message_count: int = 0,
+        project_compression_tips: bool = True,
+        order_by_last_active: bool = False,
+        include_archived: bool = False,
+        archived_only: bool = False,
+        id_query: str | None = None,
+        search_query: str | None = None,
+        compact_rows: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Sessions for a picker, as Hermes lists them: preview, last activity, tips.
+
+        Children are left out unless asked for (roots and /branch children
+        stay); a compressed conversation shows as its live continuation; with
+        ``order_by_last_active`` the order (and ``id_query``/``search_query``)
+        follows each conversation's whole compression chain.
+        """
+        c = _sessions.c
+        where: list[Any] = []
+        if source:
+            where.append(c.source == source)
+        if exclude_sources:
+            where.append(c.source.not_in(exclude_sources))
+        if cwd_prefix:
+            where.append(_under(cwd_prefix))
+        if min_message_count > 0:
+            where.append(c.message_count >= min_message_count)
+        if archived_only:
+            where.append(c.archived.is_(True))
+        elif not include_archived:
+            where.append(c.archived.is_(False))
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            known = _Sessions.load(conn)
+            ids = set(conn.execute(select(c.id).where(*where)).scalars())
+            rows = [r for sid, r in known.rows.items() if sid in ids]
+            if not include_children:
+                rows = [r for r in rows if _listable(r, known.rows)]
+            if order_by_last_active:
+                rows = [r for r in rows if known.matches(r.id, id_query, search_query)]
+                rows.sort(
+                    key=lambda r: (known.chain_last_active(r.id), r.started_at, r.id),
+                    reverse=True,
+                )
+            else:
+                rows.sort(key=lambda r: r.started_at, reverse=True)
+            page = rows[offset : offset + limit]
+            tips = {}
+            if project_compression_tips and not include_children:
+                tips = {r.id: known.tip(r.id) for r in page if r.end_reason == "compression"}
+            previews = _previews(conn, [r.id for r in page] + list(tips.values()))
+            out = []
+            for row in page:
+                entry = known.rich(self._hermes_session(row), previews)
+                tip = tips.get(row.id)
+                if tip is not None and tip != row.id and tip in known.rows:
+                    tip_entry = known.rich(self._hermes_session(known.rows[tip]), previews)
+                    for key in _TIP_KEYS:
+                        entry[key] = tip_entry[key]
+                    entry["_lineage_root_id"] = row.id
+                if compact_rows:
+                    entry.pop("system_prompt", None)
+                out.append(entry)
+            return out
 
         return self._store._read(work)
 
