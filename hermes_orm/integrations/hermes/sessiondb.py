@@ -306,6 +306,33 @@ def _under(cwd_prefix: str) -> Any:
     return or_(cwd == prefix, cwd.like(f"{prefix}/%"), cwd.like(f"{prefix}\\%"))
 
 
+def _listing_where(
+    *,
+    source: str | None,
+    exclude_sources: list[str] | None,
+    cwd_prefix: str | None,
+    min_message_count: int,
+    include_archived: bool,
+    archived_only: bool,
+) -> list[Any]:
+    """The filters ``session_count`` and ``list_sessions_rich`` share, as conditions."""
+    c = _sessions.c
+    where: list[Any] = []
+    if source:
+        where.append(c.source == source)
+    if exclude_sources:
+        where.append(c.source.not_in(exclude_sources))
+    if cwd_prefix:
+        where.append(_under(cwd_prefix))
+    if min_message_count > 0:
+        where.append(c.message_count >= min_message_count)
+    if archived_only:
+        where.append(c.archived.is_(True))
+    elif not include_archived:
+        where.append(c.archived.is_(False))
+    return where
+
+
 def _listable(row: Any, parents: dict[str, Any]) -> bool:
     """Hermes' picker rule: roots and /branch children, never delegate sub-agents."""
     config = row.model_config if isinstance(row.model_config, dict) else {}
@@ -956,19 +983,14 @@ class SessionDB:
         /branch children, not sub-agent runs or compression continuations.
         """
         c = _sessions.c
-        where: list[Any] = []
-        if source:
-            where.append(c.source == source)
-        if exclude_sources:
-            where.append(c.source.not_in(exclude_sources))
-        if cwd_prefix:
-            where.append(_under(cwd_prefix))
-        if min_message_count > 0:
-            where.append(c.message_count >= min_message_count)
-        if archived_only:
-            where.append(c.archived.is_(True))
-        elif not include_archived:
-            where.append(c.archived.is_(False))
+        where = _listing_where(
+            source=source,
+            exclude_sources=exclude_sources,
+            cwd_prefix=cwd_prefix,
+            min_message_count=min_message_count,
+            include_archived=include_archived,
+            archived_only=archived_only,
+        )
 
         def work(conn: Connection) -> int:
             if not exclude_children:
@@ -1017,19 +1039,14 @@ class SessionDB:
         follows each conversation's whole compression chain.
         """
         c = _sessions.c
-        where: list[Any] = []
-        if source:
-            where.append(c.source == source)
-        if exclude_sources:
-            where.append(c.source.not_in(exclude_sources))
-        if cwd_prefix:
-            where.append(_under(cwd_prefix))
-        if min_message_count > 0:
-            where.append(c.message_count >= min_message_count)
-        if archived_only:
-            where.append(c.archived.is_(True))
-        elif not include_archived:
-            where.append(c.archived.is_(False))
+        where = _listing_where(
+            source=source,
+            exclude_sources=exclude_sources,
+            cwd_prefix=cwd_prefix,
+            min_message_count=min_message_count,
+            include_archived=include_archived,
+            archived_only=archived_only,
+        )
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             known = _Sessions.load(conn)
