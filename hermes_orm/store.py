@@ -640,14 +640,15 @@ class SessionStore:
         """
         if cursor and _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
             raise _StaleHint
-        batches: Iterable[list[_codec.EncodedMessage]]
+        encoded: list[list[_codec.EncodedMessage]] | None = None
         if len(messages) - cursor <= _BATCH:
             # Validated before the transaction begins: bad input never takes a lock.
-            batches = list(_encode_batches(messages, cursor))
-        else:
-            batches = _encode_batches(messages, cursor)  # bounded memory; errors roll back
+            encoded = list(_encode_batches(messages, cursor))
 
         def work(conn: Connection) -> tuple[int, bytes | None]:
+            # A longer flush streams (bounded memory; errors roll back) from a new
+            # stream on every attempt: a retry must never resume a used one.
+            batches = encoded if encoded is not None else _encode_batches(messages, cursor)
             try:
                 return self._insert(conn, session_id, cursor, digest, batches)
             except IntegrityError:

@@ -514,3 +514,32 @@ def test_a_bulk_flush_streams_in_batches_and_stays_atomic(store: SessionStore) -
     assert_exact(store, "bulk", msgs[:3])
     assert store.flush("bulk", msgs).written == len(msgs) - 3
     assert_exact(store, "bulk", msgs)
+
+
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
+    store: SessionStore, engine: Engine, backend: str, path: str
+) -> None:
+    """The retry of a streamed flush must re-encode from the start, not resume a stream."""
+    from hermes_orm.store import _BATCH
+
+    store.create_session("bulk", source="import")
+    store.flush("bulk", [{"role": "user", "content": "first"}])
+    msgs = [{"role": "user", "content": "first"}]
+    msgs += [{"role": "user", "content": f"m{i}"} for i in range(2 * _BATCH + 3)]
+    writer = store if path == "remembered cursor" else SessionStore(engine, check_schema=False)
+    inserts = {"n": 0}
+
+    def fail_second_insert(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO HERMES_MESSAGES"):
+            inserts["n"] += 1
+            if inserts["n"] == 2:
+                raise _transient(backend)
+
+    event.listen(engine, "before_cursor_execute", fail_second_insert)
+    try:
+        assert writer.flush("bulk", msgs).written == len(msgs) - 1
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_second_insert)
+    assert inserts["n"] > 3  # the whole transaction ran again
+    assert_exact(store, "bulk", msgs)
