@@ -492,7 +492,7 @@ def _copy_messages(
                 try:
                     result = store._flush_locked(conn, chunk.session_id, tail)[0]
                 except HistoryDivergedError:  # raised before this session wrote anything
-                    report.diverged_sessions.append(chunk.session_id)
+                    done.append((chunk.session_id, -1, -1))  # reported once committed
                     continue
                 done.append((chunk.session_id, result.written, result.cursor))
             return done
@@ -506,6 +506,9 @@ def _copy_messages(
             except _StaleHint:
                 done = store._write(locked(group))
             for sid, written, cursor in done:
+                if written < 0:
+                    report.diverged_sessions.append(sid)
+                    continue
                 report.messages_written += written
                 if on_batch is not None:
                     on_batch(sid, cursor)
