@@ -37,11 +37,19 @@ def _session_key(message: Message) -> Session | str:
 @event.listens_for(OrmSession, "before_flush")
 def assign_message_positions(session: OrmSession, _ctx: UOWTransaction, _instances: Any) -> None:
     """Give new messages their ``idx`` and advance their session's cursor."""
-    groups: dict[int, tuple[Session | str, list[Message]]] = {}
+    # Grouped by session id, whether a message names its session by object or
+    # by id: one group per session, so one cursor read and one range of idx.
+    groups: dict[str, tuple[Session | str, list[Message]]] = {}
     for obj in session.new:  # insertion ordered: idx follows the order of add()
         if isinstance(obj, Message):
             key = _session_key(obj)
-            groups.setdefault(id(key), (key, []))[1].append(obj)
+            session_id = key.id if isinstance(key, Session) else key
+            if session_id is None:
+                raise InvalidMessageError("a Message's session has no id yet")
+            known, members = groups.setdefault(session_id, (key, []))
+            if isinstance(key, Session) and not isinstance(known, Session):
+                groups[session_id] = (key, members)
+            members.append(obj)
     for key, new in groups.values():
         _advance(session, key, new)
 

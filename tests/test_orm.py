@@ -138,3 +138,19 @@ def _orm_message_dict(obj: Any) -> dict[str, Any]:
 def test_to_dict_from_dict_round_trip() -> None:
     msg = {"role": "user", "content": [{"type": "text", "text": "hi"}], "custom": [1]}
     assert _orm_message_dict(Message.from_dict(msg)) == msg
+
+
+def test_messages_naming_their_session_both_ways_share_one_cursor(engine: Engine) -> None:
+    store = SessionStore(engine)
+    store.create_session("s", source="app")
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "s")
+        chat.messages.add(Message(role="user", content="by object"))
+        orm.add(Message(session_id="s", role="assistant", content="by id"))
+        chat.messages.add(Message(role="user", content="by object again"))
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("s")] == [
+        "by object",
+        "by id",
+        "by object again",
+    ]
