@@ -3,19 +3,19 @@
 Adding :class:`~hermes_orm.models.Message` objects to a session's ``messages``
 (or with ``session_id`` set) in any :class:`sqlalchemy.orm.Session` assigns
 their ``idx`` from the stored ``flushed_idx`` and advances it in the same ORM
-flush. The cursor is read with ``SELECT ... FOR UPDATE`` (PostgreSQL); on
-SQLite a concurrent writer that committed since this transaction's snapshot
-makes the flush fail with "database is locked" rather than write a duplicate.
-``UNIQUE(session_id, idx)`` stands behind both.
+flush. The cursor is moved first, by one atomic ``UPDATE ... RETURNING``
+that takes the write lock, so concurrent writers queue instead of reading
+the same cursor; ``UNIQUE(session_id, idx)`` stands behind it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, event, select, update
+from sqlalchemy import Table, event, update
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import UOWTransaction
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from hermes_orm import _codec
@@ -55,31 +55,62 @@ def assign_message_positions(session: OrmSession, _ctx: UOWTransaction, _instanc
 
 
 def _advance(session: OrmSession, key: Session | str, new: list[Message]) -> None:
+    """Take positions for ``new`` by moving the session's cursor first.
+
+    For a stored session, one ``UPDATE ... SET flushed_idx = flushed_idx + n
+    ... RETURNING flushed_idx`` moves the cursor: it takes the row's write
+    lock (PostgreSQL) or the database's (SQLite) before anything else of the
+    flush is written, so a concurrent writer waits rather than reading the
+    same cursor. If the flush fails later, the rollback moves it back.
+    """
     if isinstance(key, Session):
         parent: Session | None = key
     else:
         loaded = session.identity_map.get(identity_key(Session, key))
         parent = loaded if isinstance(loaded, Session) else None
-    pending = parent is not None and parent in session.new
-    if pending:
-        assert parent is not None
-        cursor = parent.flushed_idx or 0
-        tool_calls = parent.tool_call_count or 0
+
+    encoded = []
+    for offset, message in enumerate(new):
+        item = _codec.encode_message(_codec.row_to_message(message), offset)
+        encoded.append(item)
+    count = len(new)
+    tool_calls = sum(e.tool_calls for e in encoded)
+    digest = encoded[-1].digest
+
+    if parent is not None and parent in session.new:
+        cursor = parent.flushed_idx or 0  # not stored yet: nobody else can write it
+        parent.flushed_idx = parent.message_count = cursor + count
+        parent.tool_call_count = (parent.tool_call_count or 0) + tool_calls
+        parent.flushed_digest = digest
     else:
         session_id = parent.id if parent is not None else key
         assert isinstance(session_id, str)
-        stored = session.execute(
-            select(_sessions.c.flushed_idx, _sessions.c.tool_call_count)
-            .where(_sessions.c.id == session_id)
-            .with_for_update()
+        c = _sessions.c
+        moved = session.execute(
+            update(_sessions)
+            .where(c.id == session_id)
+            .values(
+                flushed_idx=c.flushed_idx + count,
+                message_count=c.flushed_idx + count,
+                tool_call_count=c.tool_call_count + tool_calls,
+                flushed_digest=digest,
+            )
+            .returning(c.flushed_idx, c.tool_call_count)
         ).first()
-        if stored is None:
+        if moved is None:
             raise SessionNotFoundError(session_id)
-        cursor, tool_calls = stored.flushed_idx, stored.tool_call_count
+        cursor = moved.flushed_idx - count
+        if parent is not None:
+            # Keep the loaded object in step without flushing it again.
+            for column, value in (
+                ("flushed_idx", moved.flushed_idx),
+                ("message_count", moved.flushed_idx),
+                ("tool_call_count", moved.tool_call_count),
+                ("flushed_digest", digest),
+            ):
+                set_committed_value(parent, column, value)
 
-    digest = b""
-    for offset, message in enumerate(new):
-        encoded = _codec.encode_message(_codec.row_to_message(message), offset)
+    for offset, (message, item) in enumerate(zip(new, encoded, strict=True)):
         idx = cursor + offset
         if message.idx is not None and message.idx != idx:
             raise InvalidMessageError(
@@ -87,24 +118,6 @@ def _advance(session: OrmSession, key: Session | str, new: list[Message]) -> Non
                 "leave idx unset",
                 index=offset,
             )
-        for column, value in encoded.row.items():
+        for column, value in item.row.items():
             setattr(message, column, value)
         message.idx = idx
-        tool_calls += encoded.tool_calls
-        digest = encoded.digest
-    end = cursor + len(new)
-    values = {
-        "flushed_idx": end,
-        "message_count": end,
-        "flushed_digest": digest,
-        "tool_call_count": tool_calls,
-    }
-    if parent is not None:
-        for column, value in values.items():
-            setattr(parent, column, value)
-    else:
-        session.execute(
-            update(_sessions)
-            .where(_sessions.c.id == key, _sessions.c.flushed_idx == cursor)
-            .values(values)
-        )

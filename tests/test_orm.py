@@ -154,3 +154,22 @@ def test_messages_naming_their_session_both_ways_share_one_cursor(engine: Engine
         "by id",
         "by object again",
     ]
+
+
+def test_a_session_loaded_before_another_writer_committed_continues_after_it(
+    engine: Engine,
+) -> None:
+    store = SessionStore(engine)
+    store.create_session("s", source="app")
+    with OrmSession(engine) as first:
+        chat = first.get_one(Session, "s")  # loaded with flushed_idx 0
+        with OrmSession(engine) as second:
+            second.add(Message(session_id="s", role="user", content="second writer"))
+            second.commit()
+        chat.messages.add(Message(role="assistant", content="first writer"))
+        first.commit()
+        assert chat.flushed_idx == 2
+    assert [m["content"] for m in store.get_messages("s")] == ["second writer", "first writer"]
+    session = store.get_session("s")
+    assert session is not None
+    assert session["flushed_idx"] == session["message_count"] == 2
