@@ -234,3 +234,23 @@ def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_pa
     # the bad session's messages are refused whole (they share one batch)
     assert store.get_messages(bad) == []
     assert report.counts["messages"].destination == 877 - (len(source_rows(source)[1][bad]) - 1)
+
+
+def test_a_title_already_used_in_the_destination_is_kept_in_extra(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source = fixture_copy(tmp_path)
+    sessions, _ = source_rows(source)
+    titled = [s for s in sessions if s["title"]]
+    assert titled, "the fixture has titled sessions"
+    store.create_session("app-own", source="app", title=titled[0]["title"])
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.retitled_sessions == [titled[0]["id"]]
+    got = store.get_session(titled[0]["id"])
+    assert got is not None
+    assert got["title"] is None
+    assert got["extra"]["title"] == titled[0]["title"]
+    assert "kept in extra['title']" in report.table()
+    again = import_state_db(source, store)  # stable: nothing to rewrite
+    assert again.sessions_written == 0

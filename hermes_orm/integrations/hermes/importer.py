@@ -80,6 +80,7 @@ class ImportReport:
     diverged_sessions: list[str] = field(default_factory=list)
     grown_sessions: list[str] = field(default_factory=list)
     invalid_sessions: dict[str, str] = field(default_factory=dict)
+    retitled_sessions: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -107,6 +108,11 @@ class ImportReport:
             lines.append(f"session {sid}: stored messages differ from the source (diverged)")
         for sid, reason in list(self.invalid_sessions.items())[:10]:
             lines.append(f"session {sid}: a message cannot be stored ({reason})")
+        if self.retitled_sessions:
+            lines.append(
+                f"{len(self.retitled_sessions)} session title(s) already used in the "
+                "destination were kept in extra['title']"
+            )
         if self.grown_sessions:
             lines.append(
                 f"{len(self.grown_sessions)} session(s) grew in the source during the import: "
@@ -350,7 +356,7 @@ def import_state_db(
             if progress is not None
             else None
         )
-        report.sessions_written = _upsert_sessions(store, session_rows)
+        report.sessions_written = _upsert_sessions(store, session_rows, report)
         _copy_messages(
             store,
             src,
@@ -395,8 +401,14 @@ def _parents_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
-def _upsert_sessions(store: SessionStore, rows: list[dict[str, Any]]) -> int:
-    """Insert new sessions and update changed ones; returns how many rows were written."""
+def _upsert_sessions(
+    store: SessionStore, rows: list[dict[str, Any]], report: ImportReport | None = None
+) -> int:
+    """Insert new sessions and update changed ones; returns how many rows were written.
+
+    A title that another session of the destination already holds (titles are
+    unique) is kept in the imported session's ``extra`` instead, and reported.
+    """
     ids = {r["id"] for r in rows}
     wanted = {}
     for row in _parents_first(rows):
@@ -409,6 +421,21 @@ def _upsert_sessions(store: SessionStore, rows: list[dict[str, Any]]) -> int:
         wanted[row["id"]] = fields
 
     def work(conn: Connection) -> int:
+        titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
+        taken: dict[str, str] = {}
+        title_list = list(titles)
+        for start in range(0, len(title_list), 500):
+            query = select(_sessions.c.id, _sessions.c.title).where(
+                _sessions.c.title.in_(title_list[start : start + 500])
+            )
+            for holder, title in conn.execute(query):
+                if titles[title] != holder and holder not in wanted:
+                    taken[titles[title]] = title
+        for sid, title in taken.items():
+            fields = wanted[sid]
+            fields["extra"] = {**(fields["extra"] or {}), "title": title}
+            fields["title"] = None
+        retitled[:] = sorted(taken)
         existing = {}
         id_list = list(wanted)
         for start in range(0, len(id_list), 500):
@@ -434,7 +461,11 @@ def _upsert_sessions(store: SessionStore, rows: list[dict[str, Any]]) -> int:
             )
         return len(new) + len(changed)
 
-    return store._write(work)
+    retitled: list[str] = []
+    written = store._write(work)
+    if report is not None:
+        report.retitled_sessions = retitled
+    return written
 
 
 @dataclass
