@@ -255,6 +255,10 @@ class ModelUsage(Base):
     last_seen: Mapped[float | None]
 
 
+#: The columns that identify a per-model usage row (its primary key), in order.
+MODEL_USAGE_KEY: tuple[str, ...] = tuple(c.name for c in ModelUsage.__table__.primary_key)
+
+
 class Meta(Base):
     """Key/value settings of the store (Hermes' ``state_meta``)."""
 

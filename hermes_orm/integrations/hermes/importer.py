@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
-from hermes_orm.models import Message, ModelUsage, Session
+from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import SESSION_FIELDS, SessionStore, _StaleHint
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -48,7 +48,7 @@ _COUNTERS = ("message_count", "tool_call_count")
 _BOOL_SESSION = frozenset({"expiry_finalized", "archived"})
 _JSON_MESSAGE = frozenset(_codec.JSON_KEYS)
 _BOOL_MESSAGE = frozenset(_codec.BOOL_KEYS)
-_USAGE_KEY = ("session_id", "model", "billing_provider", "billing_base_url", "billing_mode", "task")
+_USAGE_KEY = MODEL_USAGE_KEY
 
 
 class StateDbError(HermesOrmError):

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hermes_orm.models import Message, Meta, ModelUsage, Session
+from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -449,14 +449,7 @@ def _add_usage(
     excluded = statement.excluded
     conn.execute(
         statement.on_conflict_do_update(
-            index_elements=[
-                "session_id",
-                "model",
-                "billing_provider",
-                "billing_base_url",
-                "billing_mode",
-                "task",
-            ],
+            index_elements=list(MODEL_USAGE_KEY),
             set_={
                 **{k: _usage.c[k] + excluded[k] for k in counts},
                 "cost_status": func.coalesce(excluded.cost_status, _usage.c.cost_status),
