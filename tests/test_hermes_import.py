@@ -254,3 +254,24 @@ def test_a_title_already_used_in_the_destination_is_kept_in_extra(
     assert "kept in extra['title']" in report.table()
     again = import_state_db(source, store)  # stable: nothing to rewrite
     assert again.sessions_written == 0
+
+
+def test_an_immutable_read_is_not_trusted_once_the_file_changed(tmp_path: Path) -> None:
+    import sqlite3
+
+    from hermes_orm.integrations.hermes.importer import Source
+
+    source = fixture_copy(tmp_path)
+    src = Source(source)
+    assert not src.live  # nobody had it open: read as an immutable file
+    before = src.execute("SELECT count(*) FROM messages")[0][0]
+    writer = sqlite3.connect(source)  # a writer comes and goes, checkpointing into the file
+    writer.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) "
+        "SELECT id, 'user', 'late', 1 FROM sessions LIMIT 1"
+    )
+    writer.commit()
+    writer.close()
+    assert src.execute("SELECT count(*) FROM messages")[0][0] == before + 1
+    assert src.live
+    src.close()

@@ -125,9 +125,11 @@ class Source:
     """A Hermes state.db opened for reading only, creating and changing nothing beside it.
 
     While no Hermes process has the file open (no ``-wal``/``-shm`` beside it),
-    it is read as an immutable file: no lock taken, no file created. Once one
-    appears (Hermes started writing), or a read sees pages changing under it,
-    it is reopened through SQLite's read-only WAL protocol, which is safe
+    it is read as an immutable file: no lock taken, no file created. Such a
+    read is kept only if the file did not change from the moment it was opened
+    until the read ended (Hermes writes its WAL first, and changes the file
+    itself only when it checkpoints). Otherwise the read is thrown away, and the
+    file reopened through SQLite's read-only WAL protocol, which is safe
     against a concurrent writer and uses the files that writer made.
     """
 
@@ -136,7 +138,7 @@ class Source:
         if not self.path.is_file():
             raise StateDbError(f"no Hermes state.db at {self.path}")
         self.live = self._wal_exists()
-        self._checked = time.monotonic()
+        self._stamp = self._file_stamp()
         self.conn = self._connect()
         try:
             tables = {
@@ -152,6 +154,10 @@ class Source:
             )
         self.tables = tables
 
+    def _file_stamp(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def _wal_exists(self) -> bool:
         return Path(f"{self.path}-wal").exists() or Path(f"{self.path}-shm").exists()
 
@@ -166,17 +172,15 @@ class Source:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and fetch all its rows (reopening live when Hermes shows up)."""
-        if not self.live and time.monotonic() - self._checked > 0.2:
-            self._checked = time.monotonic()
-            if self._wal_exists():
-                self._go_live()
-        try:
-            return self.conn.execute(sql, params).fetchall()
-        except sqlite3.DatabaseError:
-            if self.live:
-                raise
-            self._go_live()  # a checkpoint changed the file under an immutable read
-            return self.conn.execute(sql, params).fetchall()
+        if not self.live:
+            try:
+                rows = self.conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError:
+                rows = None  # pages changed under the read: a checkpoint ran
+            if rows is not None and self._file_stamp() == self._stamp:
+                return rows
+            self._go_live()
+        return self.conn.execute(sql, params).fetchall()
 
     def columns(self, table: str) -> list[str]:
         """Column names of ``table``, in ``SELECT *`` order."""
