@@ -15,6 +15,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SchemaOutOfDateError,
     SchemaTooNewError,
+    SearchQueryError,
     SessionExistsError,
     SessionNotFoundError,
     UnsupportedBackendError,
@@ -22,6 +23,7 @@ from hermes_orm.errors import (
 from hermes_orm.migrations import check as check_schema
 from hermes_orm.migrations import downgrade, upgrade
 from hermes_orm.models import Base, Message, Meta, ModelUsage, Session
+from hermes_orm.search import SearchHit, SearchPage
 from hermes_orm.store import FlushResult, SessionPage, SessionStore
 
 __version__ = "0.1.0"
@@ -41,6 +43,9 @@ __all__ = [
     "RetryPolicy",
     "SchemaOutOfDateError",
     "SchemaTooNewError",
+    "SearchHit",
+    "SearchPage",
+    "SearchQueryError",
     "Session",
     "SessionExistsError",
     "SessionNotFoundError",

@@ -104,6 +104,41 @@ def _one_line(message: dict[str, Any], width: int = 100) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _search(args: argparse.Namespace) -> int:
+    store = SessionStore(args.url)
+    try:
+        if args.query == ["rebuild"]:
+            count = store.rebuild_search_index()
+            print(f"{_safe(args.url)}: search index rebuilt over {count} messages")
+            return 0
+        page = store.search(
+            " ".join(args.query),
+            session_id=args.session,
+            source=args.source,
+            role=args.role,
+            limit=args.limit,
+            cursor=args.cursor,
+        )
+        if args.json:
+            document = {
+                "hits": [hit.to_dict() for hit in page.hits],
+                "next_cursor": page.next_cursor,
+            }
+            print(json.dumps(document, indent=2, ensure_ascii=False))
+            return 0
+        # Matches in bold on a terminal, in [brackets] otherwise.
+        before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
+        for hit in page.hits:
+            print(f"{hit.session_id}[{hit.idx}] {hit.role:<9} {hit.marked(before, after)}")
+        if not page.hits:
+            print("no hits", file=sys.stderr)
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}")
+        return 0
+    finally:
+        store.close()
+
+
 def _import(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.importer import main_import
 
@@ -152,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("session_id")
     show.add_argument("--json", action="store_true")
     sessions.set_defaults(handler=_sessions)
+
+    finder = commands.add_parser(
+        "search",
+        help="find messages ('search rebuild' rebuilds the index)",
+        description='Search stored messages: words, "phrases", OR, -excluded, prefix*. '
+        "'hermes-orm search rebuild' rebuilds the search index; to look for the "
+        "word itself, quote it: hermes-orm search '\"rebuild\"'.",
+        parents=[url_option],
+    )
+    finder.add_argument("query", nargs="+", help="the query (several arguments are joined)")
+    finder.add_argument("--session", help="only this session")
+    finder.add_argument("--source", help="only sessions of this source")
+    finder.add_argument("--role", help="only messages of this role")
+    finder.add_argument("--limit", type=int, default=20)
+    finder.add_argument("--cursor", help="next page: the cursor the previous page printed")
+    finder.add_argument("--json", action="store_true")
+    finder.set_defaults(handler=_search)
 
     importer = commands.add_parser(
         "import",

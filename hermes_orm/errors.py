@@ -134,3 +134,7 @@ class SchemaTooNewError(HermesOrmError):
 
 class DatabaseError(HermesOrmError):
     """A database error that is neither transient nor caused by the input."""
+
+
+class SearchQueryError(HermesOrmError, ValueError):
+    """A search that cannot run: a query with nothing to look for, a bad limit or cursor."""

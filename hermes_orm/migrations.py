@@ -27,6 +27,10 @@ VERSION_TABLE = "hermes_orm_alembic_version"
 SCRIPT_LOCATION = str(Path(__file__).with_name("alembic"))
 #: Tables the migrations own; host apps pass :func:`include_name` to their autogenerate.
 TABLE_PREFIX = "hermes_"
+#: Tables, views and indexes of the search index, and its PostgreSQL columns;
+#: written as SQL by the migrations, outside the models.
+SEARCH_PREFIX = "hermes_search"
+SEARCH_COLUMNS = frozenset({"search_body", "search_vector"})
 
 Bind = Engine | Connection
 

@@ -43,16 +43,19 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec, _dialects, migrations
+from hermes_orm import search as _search
 from hermes_orm._dialects import RetryPolicy
 from hermes_orm.errors import (
     HistoryDivergedError,
     InvalidMessageError,
     InvalidSessionError,
+    SearchQueryError,
     SessionExistsError,
     SessionNotFoundError,
     UnsupportedBackendError,
 )
 from hermes_orm.models import Message, Session
+from hermes_orm.search import SearchPage
 
 T = TypeVar("T")
 
@@ -806,6 +809,85 @@ class SessionStore:
             return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 
         return self._read(work)
+
+    # -- search ------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        *,
+        session_id: str | None = None,
+        source: str | Sequence[str] | None = None,
+        user_id: str | None = None,
+        role: str | Sequence[str] | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """Messages matching ``query``, newest first, one page at a time.
+
+        The query language (words, ``"phrases"``, ``OR``, ``-excluded``,
+        ``prefix*``, substrings in CJK-like scripts) is described in
+        :mod:`hermes_orm.search`; it is the same on SQLite and PostgreSQL.
+
+        Args:
+            query: What to look for, as a user typed it.
+            session_id: Only messages of this session.
+            source: Only sessions of this source (or of any of these).
+            user_id: Only sessions of this user.
+            role: Only messages of this role (or of any of these).
+            limit: Most hits on the page, 1 to ``search.MAX_LIMIT``.
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            SearchQueryError: Nothing to look for in ``query``, or a bad limit,
+                cursor or filter.
+        """
+        parsed = _search.parse_query(query)
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= _search.MAX_LIMIT
+        ):
+            raise SearchQueryError(
+                f"limit must be an int from 1 to {_search.MAX_LIMIT}, got {limit!r}"
+            )
+        after = None if cursor is None else _search.decode_cursor(cursor)
+        filters = _search.Filters(
+            session_id=_optional_str("session_id", session_id),
+            sources=_str_tuple("source", source),
+            user_id=_optional_str("user_id", user_id),
+            roles=_str_tuple("role", role),
+        )
+        return self._read(lambda conn: _search.run(conn, parsed, filters, after, limit))
+
+    def rebuild_search_index(self) -> int:
+        """Rebuild the search index from the stored messages; returns how many there are.
+
+        Triggers (SQLite) and generated columns (PostgreSQL) keep the index in
+        step with every write; a rebuild repairs an index damaged outside
+        hermes_orm, or compacts one after heavy deletes.
+        """
+        return self._write(_search.rebuild)
+
+
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SearchQueryError(f"{name} must be a str or None, got {type(value).__name__}")
+    return value
+
+
+def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
+    """A filter given as one str or a sequence of them."""
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(values, Sequence)
+        or not values
+        or not all(isinstance(v, str) for v in values)
+    ):
+        raise SearchQueryError(f"{name} must be a str or a non-empty list of str, got {value!r}")
+    return tuple(values)
 
 
 def _encode_batches(

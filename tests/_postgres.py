@@ -90,7 +90,7 @@ def postgres_server() -> Iterator[str]:
             "trust",
             "-E",
             "UTF8",
-            "--locale=C",
+            "--locale=C.UTF-8",
             "--no-sync",
         )
         options = (

@@ -12,7 +12,7 @@ from alembic import context
 from sqlalchemy import Connection, Engine, pool
 
 from hermes_orm._dialects import create_store_engine, default_url
-from hermes_orm.migrations import TABLE_PREFIX, VERSION_TABLE
+from hermes_orm.migrations import SEARCH_COLUMNS, SEARCH_PREFIX, TABLE_PREFIX, VERSION_TABLE
 from hermes_orm.models import Base
 
 config = context.config
@@ -23,7 +23,16 @@ if config.config_file_name is not None and "connection" not in config.attributes
 def _only_hermes_tables(name: str | None, type_: str, parent_names: object) -> bool:
     # Only our tables: a host database's own tables are never proposed for DROP.
     if type_ == "table":
-        return name is not None and name.startswith(TABLE_PREFIX)
+        return (
+            name is not None
+            and name.startswith(TABLE_PREFIX)
+            and not name.startswith(SEARCH_PREFIX)
+        )
+    # The search index (0003_search) is SQL the models do not describe.
+    if type_ == "column":
+        return name not in SEARCH_COLUMNS
+    if type_ == "index":
+        return name is None or not name.startswith("ix_" + SEARCH_PREFIX)
     return True
 
 

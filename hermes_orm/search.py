@@ -1,0 +1,615 @@
+"""Full-text search over stored messages, one query language on both backends.
+
+A query is parsed here, never handed to the database as syntax:
+
+- ``docker compose``: every word must match (whole words, any letter case);
+- ``"exact phrase"``: the words next to each other, in this order;
+- ``docker OR podman``: either; ``OR`` (upper case) binds tighter than the
+  implicit AND, so ``docker OR podman compose`` means (docker or podman) and compose;
+- ``-excluded`` / ``-"a phrase"``: hits must not contain it;
+- ``deploy*``: words starting with ``deploy``.
+
+Words are cut where FTS5's ``unicode61`` tokenizer cuts them (see
+:mod:`hermes_orm._search_text`): ``foo.bar`` is the phrase ``"foo bar"``.
+Tokens in scripts written without spaces (CJK, kana, Hangul, Thai, ...) match
+anywhere inside the text, so ``部署`` finds ``我们部署项目``. Whatever string a
+user types yields hits or a :class:`~hermes_orm.errors.SearchQueryError` (a
+query with nothing to look for); quotes that do not close, a stray ``OR`` or
+``-`` and punctuation are read leniently.
+
+Hits come newest first (by message id, the order messages were written), so a
+keyset cursor pages through them stably while new messages arrive. ``rank``
+counts the places the query matched in the hit, and ``snippet`` shows the best
+window with ``highlights`` giving the matched spans.
+
+What is indexed is each message's *body*: text content, the text of its
+content parts, its tool name and its tool calls' names and arguments, up to
+``BODY_LIMIT`` characters (a huge tool output is searchable by its beginning).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from hermes_orm._search_text import (
+    MAX_TOKEN_CHARS,
+    UNSEGMENTED_RANGES,
+    is_unsegmented,
+    regex_class,
+    token_pattern,
+)
+from hermes_orm.errors import SearchQueryError
+
+#: Longest query accepted, in characters.
+MAX_QUERY_CHARS = 2_048
+#: Most hits one page may hold.
+MAX_LIMIT = 1_000
+#: Characters of body shown around the matches.
+SNIPPET_CHARS = 160
+
+
+# -- the parsed query -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One thing a message must contain.
+
+    ``words`` leaves are a word or a phrase (tokens next to each other, the last
+    one a prefix when ``prefix``); a ``substring`` leaf is one token of a script
+    written without spaces, matched anywhere in the text.
+    """
+
+    tokens: tuple[str, ...]
+    substring: bool = False
+    prefix: bool = False
+
+
+#: Leaves that must all match (a quoted phrase mixing scripts gives several).
+Term = tuple[Leaf, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A parsed query: every group must match (one of its terms), no excluded term may."""
+
+    groups: tuple[tuple[Term, ...], ...]
+    excluded: tuple[Term, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    text: str
+    negated: bool
+    prefix: bool
+    quoted: bool
+
+
+_ITEM = re.compile(r'(-?)(?:"([^"]*)"?|([^\s"]+))(\**)')
+
+
+def _items(query: str) -> list[_Item]:
+    items = []
+    for match in _ITEM.finditer(query):
+        minus, phrase, word, stars = match.groups()
+        if phrase is not None:
+            items.append(_Item(phrase, bool(minus), bool(stars), True))
+            continue
+        word += stars
+        negated = bool(minus)
+        if word.startswith("-"):  # "--x": one minus is enough
+            word = word.lstrip("-")
+            negated = True
+        stripped = word.rstrip("*")
+        items.append(_Item(stripped, negated, stripped != word, False))
+    return items
+
+
+def _term(item: _Item) -> Term:
+    tokens = token_pattern().findall(item.text)
+    leaves: list[Leaf] = []
+    run: list[str] = []
+    for token in tokens:
+        if len(token) > MAX_TOKEN_CHARS:
+            # Longer words are not indexed on PostgreSQL: match by their start.
+            run.append(token[:MAX_TOKEN_CHARS])
+            leaves.append(Leaf(tuple(run), prefix=True))
+            run = []
+        elif is_unsegmented(token):
+            if run:
+                leaves.append(Leaf(tuple(run)))
+                run = []
+            leaves.append(Leaf((token,), substring=True))
+        else:
+            run.append(token)
+    if run:
+        leaves.append(Leaf(tuple(run), prefix=item.prefix))
+    return tuple(leaves)
+
+
+def parse_query(query: str) -> Query:
+    """Parse ``query`` into a :class:`Query`.
+
+    Raises:
+        SearchQueryError: ``query`` is not a string, is too long, or has nothing
+            to look for (only spaces, punctuation or exclusions).
+    """
+    if not isinstance(query, str):
+        raise SearchQueryError(f"a search query must be a str, got {type(query).__name__}")
+    if len(query) > MAX_QUERY_CHARS:
+        raise SearchQueryError(
+            f"a search query holds at most {MAX_QUERY_CHARS} characters, got {len(query)}"
+        )
+    items = _items(query)
+    groups: list[list[Term]] = []
+    excluded: list[Term] = []
+    join_next = False
+    for position, item in enumerate(items):
+        is_or = item.text == "OR" and not item.quoted and not item.negated and not item.prefix
+        if is_or:
+            following = items[position + 1] if position + 1 < len(items) else None
+            # OR between two positive terms joins them; anywhere else it is a word.
+            if groups and not join_next and following is not None and not following.negated:
+                join_next = True
+                continue
+        term = _term(_Item("or", False, False, True) if is_or else item)
+        if not term:
+            join_next = join_next and not item.negated
+            continue
+        if item.negated:
+            excluded.append(term)
+        elif join_next:
+            groups[-1].append(term)
+        else:
+            groups.append([term])
+        join_next = False
+    if not groups:
+        raise SearchQueryError(
+            f"search query {query!r} has nothing to look for: give at least one word "
+            "(exclusions alone are not a search)"
+        )
+    return Query(tuple(tuple(group) for group in groups), tuple(excluded))
+
+
+# -- hits ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A message that matched.
+
+    Attributes:
+        session_id, idx: Where the message is (``get_messages(session_id)[idx]``).
+        message_id: The row id; hits are ordered by it, newest first.
+        role, timestamp: Of the message.
+        rank: How many places of the message the query matched.
+        snippet: The best window of the message's text, on one line.
+        highlights: ``(start, end)`` offsets of the matches in ``snippet``.
+    """
+
+    session_id: str
+    idx: int
+    message_id: int
+    role: str
+    timestamp: float | None
+    rank: float
+    snippet: str
+    highlights: tuple[tuple[int, int], ...]
+
+    def marked(self, before: str = "[", after: str = "]") -> str:
+        """The snippet with every match wrapped in ``before`` ... ``after``."""
+        parts = []
+        position = 0
+        for start, end in self.highlights:
+            parts += [self.snippet[position:start], before, self.snippet[start:end], after]
+            position = end
+        parts.append(self.snippet[position:])
+        return "".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the hit."""
+        return {
+            "session_id": self.session_id,
+            "idx": self.idx,
+            "message_id": self.message_id,
+            "role": self.role,
+            "timestamp": self.timestamp,
+            "rank": self.rank,
+            "snippet": self.snippet,
+            "highlights": [list(span) for span in self.highlights],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    """One page of hits; pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    hits: list[SearchHit]
+    next_cursor: str | None
+
+
+def _word_spans(leaf: Leaf, words: list[tuple[int, int, str]]) -> list[tuple[int, int]]:
+    wanted = [token.lower() for token in leaf.tokens]
+    width = len(wanted)
+    spans = []
+    for i in range(len(words) - width + 1):
+        if all(words[i + k][2] == wanted[k] for k in range(width - 1)) and (
+            words[i + width - 1][2].startswith(wanted[-1])
+            if leaf.prefix
+            else words[i + width - 1][2] == wanted[-1]
+        ):
+            spans.append((words[i][0], words[i + width - 1][1]))
+    return spans
+
+
+def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
+    """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping."""
+    words = [(m.start(), m.end(), m.group().lower()) for m in token_pattern().finditer(body)]
+    spans: set[tuple[int, int]] = set()
+    for group in query.groups:
+        for term in group:
+            for leaf in term:
+                if leaf.substring:
+                    pattern = re.compile(re.escape(leaf.tokens[0]), re.IGNORECASE)
+                    spans.update(m.span() for m in pattern.finditer(body))
+                else:
+                    spans.update(_word_spans(leaf, words))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def snippet(body: str, spans: list[tuple[int, int]]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The window of ``body`` with the most matches, and their offsets in it.
+
+    Whitespace in the window is folded to single spaces, so a snippet is one line.
+    """
+    start = 0
+    if spans:
+        best, first, window_start = 0, 0, spans[0][0]
+        for last, (_, end) in enumerate(spans):  # sliding window over sorted spans
+            while end - spans[first][0] > SNIPPET_CHARS and first < last:
+                first += 1
+            if last - first + 1 > best:
+                best, window_start = last - first + 1, spans[first][0]
+        start = max(0, window_start - SNIPPET_CHARS // 4)
+        space = body.find(" ", start, window_start)
+        if start and space != -1:
+            start = space + 1  # begin at a word
+    stop = min(len(body), start + SNIPPET_CHARS)
+    if stop < len(body):
+        space = body.rfind(" ", start, stop)
+        if space > start + SNIPPET_CHARS // 2:
+            stop = space  # end at a word
+    chars: list[str] = []
+    offsets = {}
+    for position in range(start, stop):
+        offsets[position] = len(chars)
+        char = body[position]
+        if not char.isspace():
+            chars.append(char)
+        elif chars and chars[-1] != " ":
+            chars.append(" ")
+    offsets[stop] = len(chars)
+    text = "".join(chars).rstrip()
+    highlights = tuple(
+        (offsets[s], min(offsets[e], len(text))) for s, e in spans if start <= s and e <= stop
+    )
+    if start > 0:
+        text = "…" + text
+        highlights = tuple((s + 1, e + 1) for s, e in highlights)
+    if body[stop:].strip():
+        text += "…"
+    return text, highlights
+
+
+def encode_cursor(message_id: int) -> str:
+    """The opaque cursor of the page that follows message ``message_id``."""
+    return f"m{message_id}"
+
+
+def decode_cursor(cursor: str) -> int:
+    """The message id a cursor from :func:`encode_cursor` stands for.
+
+    Raises:
+        SearchQueryError: ``cursor`` did not come from a :class:`SearchPage`.
+    """
+    if isinstance(cursor, str) and cursor.startswith("m") and cursor[1:].isdecimal():
+        return int(cursor[1:])
+    raise SearchQueryError(f"{cursor!r} is not a cursor from SearchPage.next_cursor")
+
+
+# -- SQL ----------------------------------------------------------------------------------
+
+
+def _fts_leaf(leaf: Leaf) -> str:
+    return '"' + " ".join(leaf.tokens) + '"' + ("*" if leaf.prefix else "")
+
+
+def _fts_terms(terms: Sequence[Term]) -> str:
+    """An FTS5 expression of ``terms`` (OR), each an AND of word leaves."""
+    parts = []
+    for term in terms:
+        leaves = [_fts_leaf(leaf) for leaf in term]
+        parts.append(leaves[0] if len(leaves) == 1 else "(" + " AND ".join(leaves) + ")")
+    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+
+def _tsquery_leaf(leaf: Leaf) -> str:
+    return " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+
+
+def _tsquery_terms(terms: Sequence[Term]) -> str:
+    parts = []
+    for term in terms:
+        leaves = [_tsquery_leaf(leaf) for leaf in term]
+        parts.append("(" + " & ".join(leaves) + ")")
+    return "(" + " | ".join(parts) + ")"
+
+
+def _words_only(terms: Sequence[Term]) -> bool:
+    return all(not leaf.substring for term in terms for leaf in term)
+
+
+def _substring_only(terms: Sequence[Term]) -> bool:
+    return all(leaf.substring for term in terms for leaf in term)
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Restrictions besides the query (None: no restriction)."""
+
+    session_id: str | None = None
+    sources: tuple[str, ...] | None = None
+    user_id: str | None = None
+    roles: tuple[str, ...] | None = None
+    #: Leave out messages a Hermes user took back (``active`` false, not compacted).
+    skip_rewound: bool = False
+
+
+class _Builder:
+    """Collects SQL fragments and their positional parameters."""
+
+    def __init__(self, placeholder: str) -> None:
+        self.mark = placeholder
+        self.where: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, sql: str, *params: Any) -> None:
+        self.where.append(sql)
+        self.params.extend(params)
+
+
+def _sqlite_leaf(leaf: Leaf, row: str, params: list[Any]) -> str:
+    if leaf.substring:
+        params.append(f"%{leaf.tokens[0]}%")
+        return f"EXISTS (SELECT 1 FROM hermes_search_cjk WHERE rowid = {row} AND +body LIKE ?)"
+    params.append(_fts_leaf(leaf))
+    return f"EXISTS (SELECT 1 FROM hermes_search WHERE hermes_search MATCH ? AND rowid = {row})"
+
+
+def _sqlite_terms(terms: Sequence[Term], row: str, params: list[Any]) -> str:
+    ors = []
+    for term in terms:
+        ands = [_sqlite_leaf(leaf, row, params) for leaf in term]
+        ors.append("(" + " AND ".join(ands) + ")")
+    return "(" + " OR ".join(ors) + ")"
+
+
+def _sqlite_like_terms(terms: Sequence[Term], column: str, params: list[Any]) -> str:
+    ors = []
+    for term in terms:
+        ands = []
+        for leaf in term:
+            params.append(f"%{leaf.tokens[0]}%")
+            # FTS5 answers a LIKE of fewer than 3 characters with no rows (SQLite
+            # 3.40): "+" keeps such a pattern out of the index, checked row by row.
+            unindexed = "+" if len(leaf.tokens[0]) < 3 else ""
+            ands.append(f"{unindexed}{column} LIKE ?")
+        ors.append("(" + " AND ".join(ands) + ")")
+    return "(" + " OR ".join(ors) + ")"
+
+
+def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
+    """Add the filters to ``builder``; True when they need the sessions table."""
+    mark = builder.mark
+    if filters.session_id is not None:
+        builder.add(f"m.session_id = {mark}", filters.session_id)
+    if filters.roles is not None:
+        builder.add(f"m.role IN ({', '.join(mark for _ in filters.roles)})", *filters.roles)
+    if filters.sources is not None:
+        builder.add(f"s.source IN ({', '.join(mark for _ in filters.sources)})", *filters.sources)
+    if filters.user_id is not None:
+        builder.add(f"s.user_id = {mark}", filters.user_id)
+    if filters.skip_rewound:
+        builder.add(
+            "(m.active IS NOT 0 OR m.compacted = 1)"
+            if dialect == "sqlite"
+            else "(m.active IS NOT FALSE OR m.compacted IS TRUE)"
+        )
+    return filters.sources is not None or filters.user_id is not None
+
+
+_SELECT = "SELECT m.id, m.session_id, m.idx, m.role, m.timestamp"
+
+
+def sqlite_statement(
+    query: Query, filters: Filters, after: int | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The SQLite SELECT of one page of hits, and its parameters.
+
+    One table drives the scan in descending rowid order, so a page stops after
+    ``limit`` rows: the session's messages when a session is given, else the
+    word index when the query has word-only groups, else the CJK index; every
+    other condition is a per-row check.
+    """
+    words = [g for g in query.groups if _words_only(g)]
+    substrings = [g for g in query.groups if _substring_only(g)]
+    driver_params: list[Any] = []
+    checks: list[str] = []
+    check_params: list[Any] = []
+    if filters.session_id is not None:
+        source, row = "hermes_messages m", "m.id"
+        rest = list(query.groups)
+        excluded = list(query.excluded)
+    elif words:
+        expression = " AND ".join(_fts_terms(g) for g in words)
+        word_excluded = [t for t in query.excluded if _words_only([t])]
+        if word_excluded:
+            expression += " NOT " + _fts_terms(word_excluded)
+        # FTS5 tables keep their name (no alias): MATCH names the table.
+        source = "hermes_search JOIN hermes_messages m ON m.id = hermes_search.rowid"
+        row = "hermes_search.rowid"
+        checks.append("hermes_search MATCH ?")
+        driver_params.append(expression)
+        rest = [g for g in query.groups if g not in words]
+        excluded = [t for t in query.excluded if t not in word_excluded]
+    elif substrings:
+        source = "hermes_search_cjk JOIN hermes_messages m ON m.id = hermes_search_cjk.rowid"
+        row = "hermes_search_cjk.rowid"
+        for group in substrings:
+            checks.append(_sqlite_like_terms(group, "hermes_search_cjk.body", driver_params))
+        rest = [g for g in query.groups if g not in substrings]
+        excluded = list(query.excluded)
+    else:
+        source, row = "hermes_messages m", "m.id"
+        rest = list(query.groups)
+        excluded = list(query.excluded)
+    # Per-row checks name m.id: inside them the FTS5 tables are the inner ones.
+    for group in rest:
+        checks.append(_sqlite_terms(group, "m.id", check_params))
+    for term in excluded:
+        checks.append("NOT " + _sqlite_terms([term], "m.id", check_params))
+    builder = _Builder("?")
+    builder.where, builder.params = checks, driver_params + check_params
+    if _filters(filters, builder, "sqlite"):
+        source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    if after is not None:
+        builder.add(f"{row} < ?", after)
+    where = " AND ".join(builder.where) or "1"
+    statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {row} DESC LIMIT {limit}"
+    return statement, builder.params
+
+
+#: CJK-like bodies; spelled as in the partial indexes of migration 0003 so they apply.
+_PG_UNSEGMENTED = "m.search_body ~ '" + regex_class(UNSEGMENTED_RANGES) + "'"
+
+
+def _pg_terms(terms: Sequence[Term], builder: _Builder) -> str:
+    ors = []
+    for term in terms:
+        ands = []
+        for leaf in term:
+            if leaf.substring:
+                ands.append(f"({_PG_UNSEGMENTED} AND m.search_body ILIKE %s)")
+                builder.params.append(f"%{leaf.tokens[0]}%")
+            else:
+                ands.append("m.search_vector @@ lower(%s)::tsquery")
+                builder.params.append(_tsquery_leaf(leaf))
+        ors.append("(" + " AND ".join(ands) + ")")
+    return "(" + " OR ".join(ors) + ")"
+
+
+def postgresql_statement(
+    query: Query, filters: Filters, after: int | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The PostgreSQL SELECT of one page of hits (with bodies), and its parameters."""
+    builder = _Builder("%s")
+    words = [g for g in query.groups if _words_only(g)]
+    word_excluded = [t for t in query.excluded if _words_only([t])] if words else []
+    if words:
+        tsquery = " & ".join(_tsquery_terms(g) for g in words)
+        if word_excluded:
+            tsquery += " & !" + _tsquery_terms(word_excluded)
+        builder.add("m.search_vector @@ lower(%s)::tsquery", tsquery)
+    for group in query.groups:
+        if group not in words:
+            builder.where.append(_pg_terms(group, builder))
+    for term in query.excluded:
+        if term not in word_excluded:
+            builder.where.append("NOT " + _pg_terms([term], builder))
+    source = "hermes_messages m"
+    if _filters(filters, builder, "postgresql"):
+        source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    if after is not None:
+        builder.add("m.id < %s", after)
+    statement = (
+        f"{_SELECT}, m.search_body FROM {source} WHERE {' AND '.join(builder.where)} "
+        f"ORDER BY m.id DESC LIMIT {limit}"
+    )
+    return statement, builder.params
+
+
+def run(
+    conn: Connection, query: Query, filters: Filters, after: int | None, limit: int
+) -> SearchPage:
+    """One page of hits for ``query`` on ``conn`` (SQLite or PostgreSQL)."""
+    dialect = conn.dialect.name
+    build = sqlite_statement if dialect == "sqlite" else postgresql_statement
+    statement, params = build(query, filters, after, limit + 1)
+    rows = conn.exec_driver_sql(statement, tuple(params)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if dialect == "sqlite":
+        bodies = dict(_sqlite_bodies(conn, [row[0] for row in rows]))
+    else:
+        bodies = {row[0]: row[5] for row in rows}
+    hits = []
+    for row in rows:
+        body = bodies.get(row[0]) or ""
+        spans = match_spans(query, body)
+        text, highlights = snippet(body, spans)
+        hits.append(
+            SearchHit(
+                session_id=row[1],
+                idx=row[2],
+                message_id=row[0],
+                role=row[3],
+                timestamp=row[4],
+                rank=float(len(spans)),
+                snippet=text,
+                highlights=highlights,
+            )
+        )
+    return SearchPage(hits, encode_cursor(rows[-1][0]) if more and rows else None)
+
+
+def _sqlite_bodies(conn: Connection, ids: list[int]) -> list[Any]:
+    if not ids:
+        return []
+    marks = ", ".join("?" for _ in ids)
+    # As bytes: a lone surrogate escaped in a JSON document (written by some other
+    # client) comes out of SQLite's JSON functions as bytes that are not UTF-8.
+    statement = f"SELECT id, CAST(body AS BLOB) FROM hermes_search_source WHERE id IN ({marks})"
+    rows = conn.exec_driver_sql(statement, tuple(ids)).all()
+    return [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
+
+
+def rebuild(conn: Connection) -> int:
+    """Rebuild the search index from the messages; returns how many messages it covers."""
+    if conn.dialect.name == "sqlite":
+        for statement in (
+            "INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')",
+            "INSERT INTO hermes_search(rowid, body) SELECT id, body FROM hermes_search_source",
+            "INSERT INTO hermes_search(hermes_search) VALUES ('optimize')",
+            "DELETE FROM hermes_search_cjk",
+            "INSERT INTO hermes_search_cjk(rowid, body) "
+            "SELECT id, body FROM hermes_search_cjk_source",
+            "INSERT INTO hermes_search_cjk(hermes_search_cjk) VALUES ('optimize')",
+        ):
+            conn.exec_driver_sql(statement)
+    else:
+        # The generated columns cannot fall behind their row; the indexes can bloat.
+        for index in ("ix_hermes_search_vector", "ix_hermes_search_cjk", "ix_hermes_search_cjk_id"):
+            conn.exec_driver_sql(f"REINDEX INDEX {index}")
+    count = conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar_one()
+    return int(count)

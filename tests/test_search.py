@@ -1,0 +1,505 @@
+"""Full-text search: one query language, the same hits on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+from sqlalchemy.pool import NullPool
+
+from hermes_orm import SearchQueryError, SessionStore, create_store_engine
+from hermes_orm._search_text import BODY_LIMIT, SEPARATOR_RANGES, is_unsegmented, tokens
+from hermes_orm.integrations.hermes import import_state_db
+from hermes_orm.search import Leaf, Query, parse_query
+from tests._hermes import fixture_copy
+from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+
+# -- the query language ---------------------------------------------------------------
+
+
+def words(*tokens: str, prefix: bool = False) -> tuple[Leaf, ...]:
+    return (Leaf(tokens, prefix=prefix),)
+
+
+def cjk(token: str) -> tuple[Leaf, ...]:
+    return (Leaf((token,), substring=True),)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("docker", Query(((words("docker"),),), ())),
+        ("docker  compose", Query(((words("docker"),), (words("compose"),)), ())),
+        ('"compose up"', Query(((words("compose", "up"),),), ())),
+        ("deploy*", Query(((words("deploy", prefix=True),),), ())),
+        ('"compose up"*', Query(((words("compose", "up", prefix=True),),), ())),
+        # OR binds tighter than the implicit AND
+        (
+            "docker OR podman compose",
+            Query(((words("docker"), words("podman")), (words("compose"),)), ()),
+        ),
+        ("a OR b OR c", Query(((words("a"), words("b"), words("c")),), ())),
+        ("docker -swarm", Query(((words("docker"),),), (words("swarm"),))),
+        ('docker -"docker swarm"', Query(((words("docker"),),), (words("docker", "swarm"),))),
+        # punctuation inside a word makes a phrase, as in the index
+        ("foo.bar", Query(((words("foo", "bar"),),), ())),
+        ("don't", Query(((words("don", "t"),),), ())),
+        # CJK-like scripts: substrings
+        ("部署", Query(((cjk("部署"),),), ())),
+        ('"大别山 项目"', Query(((cjk("大别山") + cjk("项目"),),), ())),
+        ("python教程", Query(((cjk("python教程"),),), ())),
+        ('"deploy 部署 now"', Query(((words("deploy") + cjk("部署") + words("now"),),), ())),
+        # lenient reading of what is not syntax
+        ('"unterminated phrase', Query(((words("unterminated", "phrase"),),), ())),
+        ("OR docker", Query(((words("or"),), (words("docker"),)), ())),
+        ("docker OR", Query(((words("docker"),), (words("or"),)), ())),
+        ("docker OR -swarm", Query(((words("docker"),), (words("or"),)), (words("swarm"),))),
+        ('"OR"', Query(((words("OR"),),), ())),
+        ("docker or podman", Query(((words("docker"),), (words("or"),), (words("podman"),)), ())),
+        ("--x y", Query(((words("y"),),), (words("x"),))),
+        ("** docker ! ?", Query(((words("docker"),),), ())),
+        ("NOT AND", Query(((words("NOT"),), (words("AND"),)), ())),
+    ],
+)
+def test_parse_query(query: str, expected: Query) -> None:
+    assert parse_query(query) == expected
+
+
+@pytest.mark.parametrize("query", ["", "   ", "!!! ???", "-docker", '""', "*", "-", "- -x"])
+def test_a_query_with_nothing_to_look_for_is_a_typed_error(query: str) -> None:
+    with pytest.raises(SearchQueryError, match="nothing to look for"):
+        parse_query(query)
+
+
+def test_not_a_string_or_too_long_is_a_typed_error() -> None:
+    with pytest.raises(SearchQueryError, match="must be a str"):
+        parse_query(b"docker")  # type: ignore[arg-type]
+    with pytest.raises(SearchQueryError, match="at most"):
+        parse_query("docker " * 1000)
+
+
+def test_separators_are_exactly_those_of_sqlite_unicode61() -> None:
+    """The code point table sits between FTS5 and PostgreSQL: prove it is FTS5's.
+
+    Every character of the Basic and Supplementary Multilingual Planes goes
+    through the tokenizer of the SQLite in use; those that make no token are
+    the separators.
+    """
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='unicode61 remove_diacritics 0')")
+    conn.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+    codes = [c for c in range(1, 0x20000) if not 0xD800 <= c <= 0xDFFF]
+    conn.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((c, chr(c)) for c in codes))
+    tokenized = {doc for (doc,) in conn.execute("SELECT doc FROM v")}
+    separators = {c for c in codes if c not in tokenized}
+    table = {c for first, last in SEPARATOR_RANGES for c in range(first, last + 1) if c < 0x20000}
+    table.discard(0)  # NUL: a separator of ours, never in stored text
+    assert separators == table
+    assert tokens("a,b c—d 你好。x") == ["a", "b", "c", "d", "你好", "x"]
+
+
+# -- an oracle: the query language evaluated in Python over message dicts -----------------
+
+
+def body_of(message: dict[str, Any]) -> str:
+    """What the index holds for a message, computed here independently of the SQL."""
+    content = message.get("content")
+    parts = content if isinstance(content, list) else []
+    part_texts = [
+        p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)
+    ]
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        function = function if isinstance(function, dict) else {}
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+        calls.append(f"{function.get('name') or ''}\n{arguments or ''}")
+    fields = [
+        content if isinstance(content, str) else "",
+        "\n".join(part_texts),
+        message.get("tool_name") or "",
+        "\n".join(calls),
+    ]
+    return "\n".join(fields).replace("\x00", " ")[:BODY_LIMIT]
+
+
+def leaf_matches(leaf: Leaf, body: str) -> bool:
+    if leaf.substring:
+        return leaf.tokens[0].lower() in body.lower()
+    found = [t.lower() for t in tokens(body)]
+    wanted = [t.lower() for t in leaf.tokens]
+    for i in range(len(found) - len(wanted) + 1):
+        head, last = found[i : i + len(wanted) - 1], found[i + len(wanted) - 1]
+        if head == wanted[:-1] and (
+            last.startswith(wanted[-1]) if leaf.prefix else last == wanted[-1]
+        ):
+            return True
+    return False
+
+
+def oracle(query: Query, body: str) -> bool:
+    def term(t: tuple[Leaf, ...]) -> bool:
+        return all(leaf_matches(leaf, body) for leaf in t)
+
+    return all(any(term(t) for t in group) for group in query.groups) and not any(
+        term(t) for t in query.excluded
+    )
+
+
+# -- the fixture, imported into both backends ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixture_stores(
+    tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str
+) -> Iterator[dict[str, SessionStore]]:
+    directory = tmp_path_factory.mktemp("search")
+    source = fixture_copy(directory)
+    pg_url = _create_pg_database(pg_server_url, pg_template)
+    stores = {
+        "sqlite": SessionStore(create_store_engine(f"sqlite:///{directory / 'hermes.db'}")),
+        "postgresql": SessionStore(create_store_engine(pg_url, poolclass=NullPool)),
+    }
+    for store in stores.values():
+        store.upgrade()
+        assert import_state_db(source, store).ok
+    yield stores
+    for store in stores.values():
+        store.close()
+        store.engine.dispose()
+    _drop_pg_database(pg_server_url, pg_url)
+
+
+@pytest.fixture(scope="module")
+def fixture_bodies(fixture_stores: dict[str, SessionStore]) -> dict[tuple[str, int], str]:
+    store = fixture_stores["sqlite"]
+    bodies = {}
+    for session in store.list_sessions(limit=1000).sessions:
+        for idx, message in enumerate(store.get_messages(session["id"])):
+            bodies[(session["id"], idx)] = body_of(message)
+    return bodies
+
+
+def all_hits(store: SessionStore, query: str, **filters: Any) -> list[tuple[str, int, str]]:
+    hits: list[tuple[str, int, str]] = []
+    cursor = None
+    while True:
+        page = store.search(query, limit=7, cursor=cursor, **filters)
+        hits += [(h.session_id, h.idx, h.marked()) for h in page.hits]
+        if page.next_cursor is None:
+            return hits
+        cursor = page.next_cursor
+
+
+PARITY_QUERIES = [
+    # (query, at least this many hits in the fixture)
+    ("postgres", 50),
+    ("Postgres SQLITE", 10),
+    ('"exactly once"', 0),
+    ('"flush message"', 1),
+    ("migrat*", 50),
+    ("sess*", 50),
+    ("cursor OR rollback", 100),
+    ("cursor OR rollback alembic", 20),
+    ("postgres -sqlite", 10),
+    ('transcript -"once transcript"', 10),
+    ("検索", 1),
+    ("セッション", 1),
+    ("セッションの検索", 1),
+    ("検索 -セッション", 0),
+    ("检索 OR 検索", 1),
+    ("search 検索", 0),
+    ("duplicate OR 検索", 10),
+    ("agent's", 0),
+    ("'postgres'", 50),
+    ('"postgres', 50),
+    ("postgres)", 50),
+    ("(sqlite", 50),
+    ("sqlite:postgres", 0),
+    ("AND", 0),
+    ("NOT postgres", 0),
+    ("^retry", 10),
+    ("retry*", 10),
+    ("%", None),
+    ("_", None),
+]
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize(("query", "at_least"), PARITY_QUERIES)
+def test_same_hits_on_sqlite_and_postgresql_as_the_oracle(
+    fixture_stores: dict[str, SessionStore],
+    fixture_bodies: dict[tuple[str, int], str],
+    query: str,
+    at_least: int | None,
+) -> None:
+    if at_least is None:
+        with pytest.raises(SearchQueryError):
+            fixture_stores["sqlite"].search(query)
+        with pytest.raises(SearchQueryError):
+            fixture_stores["postgresql"].search(query)
+        return
+    on_sqlite = all_hits(fixture_stores["sqlite"], query)
+    on_postgresql = all_hits(fixture_stores["postgresql"], query)
+    assert on_sqlite == on_postgresql  # same hits, order, snippets and highlights
+    parsed = parse_query(query)
+    expected = {key for key, body in fixture_bodies.items() if oracle(parsed, body)}
+    assert {(s, i) for s, i, _ in on_sqlite} == expected
+    assert len(expected) >= at_least
+    assert len(on_sqlite) == len(expected)  # no hit twice across pages
+
+
+def test_the_fixture_has_what_the_parity_table_needs(
+    fixture_bodies: dict[tuple[str, int], str],
+) -> None:
+    assert sum(is_unsegmented(body) for body in fixture_bodies.values()) >= 10
+    assert any("'" in body or '"' in body for body in fixture_bodies.values())
+
+
+# -- behaviour on each backend ---------------------------------------------------------------------
+
+
+def turn(text_: str, **extra: Any) -> dict[str, Any]:
+    return {"role": "user", "content": text_, **extra}
+
+
+def test_hits_carry_where_they_are_and_a_marked_snippet(store: SessionStore) -> None:
+    store.create_session("s1", "cli")
+    store.flush(
+        "s1",
+        [
+            turn("How do I deploy with Docker compose?", timestamp=10.0),
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "terminal", "arguments": '{"cmd": "docker ps"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "tool_name": "terminal", "content": "ok"},
+            {"role": "user", "content": [{"type": "text", "text": "see 部署项目 here"}]},
+        ],
+    )
+    page = store.search("docker")
+    assert [(h.session_id, h.idx, h.role) for h in page.hits] == [
+        ("s1", 1, "assistant"),
+        ("s1", 0, "user"),
+    ]
+    assert page.next_cursor is None
+    first = page.hits[1]
+    assert first.timestamp == 10.0
+    assert first.marked() == "How do I deploy with [Docker] compose?"
+    assert first.marked("<b>", "</b>") == "How do I deploy with <b>Docker</b> compose?"
+    assert first.rank == 1.0
+    assert page.hits[0].marked() == 'terminal {"cmd": "[docker] ps"}'
+    # tool name, and multimodal text parts, are searched
+    assert [h.idx for h in store.search("terminal").hits] == [2, 1]
+    assert store.search("部署").hits[0].marked() == "see [部署]项目 here"
+    assert store.search("docker compose").hits[0].rank == 2.0
+
+
+def test_keyset_pages_are_stable_while_messages_arrive(store: SessionStore) -> None:
+    store.create_session("s", "cli")
+    store.flush("s", [turn(f"needle {i}") for i in range(45)])
+    first = store.search("needle", limit=20)
+    assert [h.idx for h in first.hits] == list(range(44, 24, -1))
+    store.flush("s", [turn(f"needle {i}") for i in range(50)])  # 5 newer ones
+    seen = [h.idx for h in first.hits]
+    cursor = first.next_cursor
+    while cursor is not None:
+        page = store.search("needle", limit=20, cursor=cursor)
+        seen += [h.idx for h in page.hits]
+        cursor = page.next_cursor
+    assert seen == list(range(44, -1, -1))
+
+
+def test_filters(store: SessionStore) -> None:
+    store.create_session("a", "cli", user_id="u1")
+    store.create_session("b", "telegram", user_id="u2")
+    store.flush("a", [turn("alpha note"), {"role": "assistant", "content": "alpha reply"}])
+    store.flush("b", [turn("alpha other")])
+
+    def found(**filters: Any) -> list[tuple[str, int]]:
+        return [(h.session_id, h.idx) for h in store.search("alpha", **filters).hits]
+
+    assert found() == [("b", 0), ("a", 1), ("a", 0)]
+    assert found(session_id="a") == [("a", 1), ("a", 0)]
+    assert found(source="telegram") == [("b", 0)]
+    assert found(source=["cli", "telegram"]) == [("b", 0), ("a", 1), ("a", 0)]
+    assert found(user_id="u1") == [("a", 1), ("a", 0)]
+    assert found(role="assistant") == [("a", 1)]
+    assert found(role=["user"], session_id="a") == [("a", 0)]
+    assert found(session_id="missing") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"cursor": "42"}, "cursor"),
+        ({"cursor": 42}, "cursor"),
+        ({"role": []}, "role"),
+        ({"source": [1]}, "source"),
+        ({"session_id": 5}, "session_id"),
+    ],
+)
+def test_bad_arguments_are_typed_errors(
+    store: SessionStore, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SearchQueryError, match=message):
+        store.search("docker", **kwargs)
+
+
+def test_deleting_a_session_removes_its_hits(store: SessionStore) -> None:
+    for session_id in ("keep", "drop"):
+        store.create_session(session_id, "cli")
+        store.flush(session_id, [turn("shared words 共享文字"), turn("more")])
+    assert store.delete_session("drop")
+    assert [h.session_id for h in store.search("shared").hits] == ["keep"]
+    assert [h.session_id for h in store.search("共享").hits] == ["keep"]
+    assert [h.session_id for h in store.search("共享文字").hits] == ["keep"]
+
+
+def test_updating_a_message_updates_its_hits(store: SessionStore, engine: Engine) -> None:
+    store.create_session("s", "cli")
+    store.flush("s", [turn("original wording 旧的内容")])
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE hermes_messages SET content = :c WHERE session_id = 's'"),
+            {"c": "revised wording 新的文本"},
+        )
+    assert store.search("original").hits == []
+    assert store.search("旧的内容").hits == []
+    assert store.search("旧的").hits == []
+    assert [h.idx for h in store.search("revised").hits] == [0]
+    assert [h.idx for h in store.search("新的文本").hits] == [0]
+    assert [h.idx for h in store.search("wording").hits] == [0]
+
+
+def test_a_huge_body_is_searchable_by_its_beginning(store: SessionStore) -> None:
+    store.create_session("s", "cli")
+    filler = "lorem " * (BODY_LIMIT // 6)
+    store.flush("s", [{"role": "tool", "content": "headword " + filler + " tailword"}])
+    assert [h.idx for h in store.search("headword").hits] == [0]
+    assert store.search("tailword").hits == []
+
+
+def test_json_text_that_postgresql_cannot_extract_is_indexed_not_refused(
+    store: SessionStore, engine: Engine
+) -> None:
+    """NUL and lone surrogates are valid JSON escapes; ``->>`` refuses them.
+
+    A message holding one must still be written (the index is computed in the
+    same INSERT) and be found by its other words.
+    """
+    store.create_session("s", "cli")
+    call = {
+        "id": "c",
+        "type": "function",
+        "function": {"name": "run", "arguments": "left\x00right"},
+    }
+    store.flush("s", [{"role": "assistant", "content": None, "tool_calls": [call]}])
+    with engine.begin() as conn:  # as another client could write them
+        conn.execute(
+            text(
+                "INSERT INTO hermes_messages (session_id, idx, role, content_parts, digest) "
+                "VALUES ('s', 1, 'user', :parts, :digest)"
+            ),
+            {
+                "parts": '[{"type": "text", "text": "lone \\ud800 high \\udc00 low"}]',
+                "digest": b"0" * 16,
+            },
+        )
+    assert [h.idx for h in store.search("left right").hits] == [0]
+    assert store.search("leftright").hits == []
+    assert [h.idx for h in store.search("lone high low").hits] == [1]
+
+
+def test_rebuild_restores_a_damaged_index(store: SessionStore, engine: Engine) -> None:
+    store.create_session("s", "cli")
+    store.flush("s", [turn("rebuild me 重建索引")])
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:  # damage it: the index forgets everything
+            conn.exec_driver_sql("INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')")
+            conn.exec_driver_sql("DELETE FROM hermes_search_cjk")
+        assert store.search("rebuild").hits == []
+    assert store.rebuild_search_index() == 1
+    assert [h.idx for h in store.search("rebuild").hits] == [0]
+    assert [h.idx for h in store.search("重建索引").hits] == [0]
+    # and the triggers still work after a rebuild
+    store.flush("s", [turn("rebuild me 重建索引"), turn("after the rebuild")])
+    assert [h.idx for h in store.search("rebuild").hits] == [1, 0]
+
+
+_QUERY_PIECES = st.sampled_from(
+    [
+        '"', "-", "*", "OR", "AND", "NOT", "(", ")", ":", "'", "\\", "^", "%", "_", "NEAR",
+        "docker", "部署", "検", "a", " ", "  ", "\x00", "\n", "é", "🙂", "--", "**", "{", "}",
+    ]
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    query=st.one_of(
+        st.text(max_size=60),
+        st.lists(st.one_of(_QUERY_PIECES, st.text(max_size=4)), max_size=12).map("".join),
+    )
+)
+def test_any_string_gives_hits_or_the_typed_error(store: SessionStore, query: str) -> None:
+    if not store.list_sessions().sessions:
+        store.create_session("s", "cli")
+        store.flush("s", [turn('docker "quoted" 部署 é 🙂 a_b a-b NEAR(x) 100%')])
+    try:
+        page = store.search(query)
+    except SearchQueryError:
+        with pytest.raises(SearchQueryError):  # the query itself, nothing else, was refused
+            parse_query(query)
+        return
+    assert all(hit.session_id == "s" for hit in page.hits)
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_search_and_rebuild(db_url: str, tmp_path: Path) -> None:
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    store = SessionStore(engine)
+    store.create_session("s", "cli")
+    store.flush("s", [turn("the deploy finished"), turn("部署完成了")])
+    store.close()
+    engine.dispose()
+    env = {"HERMES_ORM_URL": db_url, "PATH": "/usr/bin:/bin"}
+    shown = run_cli("search", "deploy", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "s[0] user      the [deploy] finished" in shown.stdout
+    as_json = run_cli("search", "部署", "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    hits = json.loads(as_json.stdout)["hits"]
+    assert [(h["session_id"], h["idx"], h["snippet"]) for h in hits] == [("s", 1, "部署完成了")]
+    assert hits[0]["highlights"] == [[0, 2]]
+    rebuilt = run_cli("search", "rebuild", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "2 messages" in rebuilt.stdout
+    empty = run_cli("search", "!!!", env=env)
+    assert empty.returncode == 2
+    assert "nothing to look for" in empty.stderr
