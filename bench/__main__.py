@@ -2,6 +2,7 @@
 
     python -m bench                 # full run; writes docs/benchmarks.md and the chart
     python -m bench --quick         # tiny sizes, nothing written, targets not enforced
+    python -m bench --only search   # one part, nothing written
 
 Each measurement runs its baseline in the same process on an identical fresh
 database; ratios are of medians over ``--repeat`` runs. The run exits non-zero
@@ -33,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
+from bench import _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 
@@ -67,6 +69,8 @@ class Sizes:
     import_copies: int
     read: int
     repeat: int
+    search: int
+    search_repeat: int
 
 
 FULL = Sizes(
@@ -78,6 +82,8 @@ FULL = Sizes(
     read=10_000,
     repeat=5,
     import_copies=1140,  # the 877-message fixture and 1,140 clones: 1,000,657 messages
+    search=1_000_000,
+    search_repeat=5,
 )
 QUICK = Sizes(
     sessions=2,
@@ -88,6 +94,8 @@ QUICK = Sizes(
     read=100,
     repeat=1,
     import_copies=0,
+    search=3_000,
+    search_repeat=1,
 )
 
 
@@ -355,6 +363,96 @@ def bulk_flush(path: Path, count: int) -> tuple[float, float]:
     return rate, peak / 2**20
 
 
+def search_section(
+    dbs: Databases, sizes: Sizes, progress: Callable[[str], None]
+) -> tuple[list[Row], str]:
+    """Search latency on both backends and Hermes' on one corpus; index sizes.
+
+    Returns the rows of the results table and a per-query markdown table.
+    """
+    corpus = _search.Corpus(sizes.search)
+    progress(f"search: {sizes.search:,} messages into SQLite")
+    sqlite_path = dbs.workdir / "search.db"
+    stores = {"SQLite": _search.load_ours(f"sqlite:///{sqlite_path}", corpus)}
+    if dbs.pg_url is not None:
+        progress(f"search: {sizes.search:,} messages into PostgreSQL")
+        pg_store = _search.load_ours(dbs.pg_copy(dbs.pg_template(0)), corpus)
+        with pg_store.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE hermes_messages")  # as autovacuum would
+            conn.commit()
+        stores["PostgreSQL"] = pg_store
+    progress(f"search: {sizes.search:,} messages into a Hermes state.db")
+    hermes_path = dbs.workdir / "hermes-search.db"
+    hermes = _search.load_hermes(hermes_path, corpus)
+    progress("search: queries")
+    baseline = _search.time_queries(_search.hermes_runner(hermes), sizes.search_repeat)
+    timings = {
+        name: _search.time_queries(_search.ours_runner(store), sizes.search_repeat)
+        for name, store in stores.items()
+    }
+    hits = {
+        query: len(stores["SQLite"].search(query, **filters).hits)
+        for query, filters in _search.QUERIES
+    }
+    rows = []
+    count = f"{sizes.search:,} messages, {len(_search.QUERIES)} queries"
+    hermes_p50, hermes_p95 = baseline.percentile(0.5), baseline.percentile(0.95)
+    for name, timing in timings.items():
+        p50, p95 = timing.percentile(0.5), timing.percentile(0.95)
+        rows += [
+            Row(f"{name} search p50 ({count})", _ms(p50), f"{_ms(hermes_p50)} Hermes",
+                p50 / hermes_p50, "< 20 ms", p50 < 0.020),
+            Row(f"{name} search p95 ({count})", _ms(p95), f"{_ms(hermes_p95)} Hermes",
+                p95 / hermes_p95, "< 100 ms", p95 < 0.100),
+        ]  # fmt: skip
+        slower = [q for q in timing.medians if timing.medians[q] > baseline.medians[q]]
+        rows.append(
+            Row(
+                f"{name} queries slower than Hermes search_messages (median of each)",
+                f"{len(slower)} of {len(timing.medians)}",
+                ", ".join(slower),
+                None,
+                "none",
+                not slower,
+            )
+        )
+    index, text = _search.sqlite_sizes(sqlite_path, "hermes_search")
+    hermes_index, _ = _search.sqlite_sizes(hermes_path, "messages_fts")
+    rows.append(
+        Row(
+            "SQLite search index vs the text it indexes",
+            f"{index / 2**20:,.1f} MiB",
+            f"{text / 2**20:,.1f} MiB text (Hermes FTS5: {hermes_index / 2**20:,.1f} MiB)",
+            index / text,
+            "<= 1.5x",
+            index / text <= 1.5,
+        )
+    )
+    if "PostgreSQL" in stores:
+        pg_index, pg_text = _search.postgresql_sizes(stores["PostgreSQL"])
+        rows.append(
+            Row(
+                "PostgreSQL search columns and indexes vs the text",
+                f"{pg_index / 2**20:,.1f} MiB",
+                f"{pg_text / 2**20:,.1f} MiB text",
+                pg_index / pg_text,
+                "report",
+                None,
+            )
+        )
+    head = ["query", "filter", "hits (page of 20)", *(f"{n} ms" for n in timings), "Hermes ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for query, filters in _search.QUERIES:
+        cells = [f"`{query}`", ", ".join(f"{k}={v}" for k, v in filters.items()), str(hits[query])]
+        cells += [f"{t.medians[query] * 1000:.2f}" for t in timings.values()]
+        cells.append(f"{baseline.medians[query] * 1000:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for store in stores.values():
+        store.close()
+    hermes.close()
+    return rows, "\n".join(lines)
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -374,136 +472,152 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def run(
-    sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]
+def flush_section(
+    dbs: Databases, sizes: Sizes, progress: Callable[[str], None]
 ) -> tuple[list[Row], dict[str, dict[int, float]]]:
+    """Flush, read, bulk and import measurements; rows and the flush-cost curves."""
     rows: list[Row] = []
     curves: dict[str, dict[int, float]] = {}
+    pg = dbs.pg_url
+    n_msgs = sizes.sessions * sizes.turns * 3
+    label = f"{sizes.sessions} sessions x {sizes.turns} turns"
+    for sync, limit in (("NORMAL", 2.0), ("FULL", 1.2)):
+        progress(f"sqlite turns, synchronous={sync}")
+        ours, floor, ratio = sqlite_turns(dbs, sizes, sync)
+        rows.append(
+            Row(
+                f"SQLite flush per turn ({label}), synchronous={sync}",
+                _ms(ours / (n_msgs / 3)),
+                _ms(floor / (n_msgs / 3)) + " sqlite3 replay",
+                ratio,
+                f"<= {limit}x",
+                ratio <= limit,
+            )
+        )
+        if sync == "FULL":
+            progress("hermes SessionDB.append_message, synchronous=FULL")
+            hermes = hermes_turns(dbs, sizes, sync)
+            if hermes is None:
+                rows.append(
+                    Row(
+                        "Messages/s vs Hermes SessionDB.append_message",
+                        f"{n_msgs / ours:,.0f}/s",
+                        "hermes-agent not installed",
+                        None,
+                        ">= 4x",
+                        False,
+                    )
+                )
+            else:
+                speedup = (n_msgs / ours) / (n_msgs / hermes)
+                rows.append(
+                    Row(
+                        f"Messages/s vs Hermes SessionDB.append_message, synchronous={sync}",
+                        f"{n_msgs / ours:,.0f}/s",
+                        f"{n_msgs / hermes:,.0f}/s",
+                        speedup,
+                        ">= 4x",
+                        speedup >= 4.0,
+                    )
+                )
+    if pg is not None:
+        progress("postgresql turns")
+        ours, floor, ratio = pg_turns(dbs, sizes)
+        rows.append(
+            Row(
+                f"PostgreSQL flush per turn ({label})",
+                _ms(ours / (n_msgs / 3)),
+                _ms(floor / (n_msgs / 3)) + " psycopg replay",
+                ratio,
+                "<= 1.3x",
+                ratio <= 1.3,
+            )
+        )
+    backends = [("SQLite", f"sqlite:///{dbs.sqlite_template(0)}")]
+    if pg is not None:
+        backends.append(("PostgreSQL", dbs.pg_copy(dbs.pg_template(0))))
+    for name, url in backends:
+        progress(f"{name} flush cost by session length")
+        costs = flush_cost_by_length(url, sizes)
+        curves[name] = costs
+        lo, hi = min(costs), max(costs)
+        ratio = costs[hi] / costs[lo]
+        rows.append(
+            Row(
+                f"{name} flush of a turn into {hi:,} vs {lo:,} stored messages",
+                _ms(costs[hi]),
+                _ms(costs[lo]),
+                ratio,
+                "<= 1.2x",
+                ratio <= 1.2,
+            )
+        )
+    progress("get_messages vs raw fetch")
+    ours, raw = read_vs_raw(dbs.sqlite_template(0), sizes)
+    rows.append(
+        Row(
+            f"SQLite get_messages of {sizes.read:,} messages (dicts) vs sqlite3 fetchall (tuples)",
+            _ms(ours),
+            _ms(raw),
+            ours / raw,
+            "report",
+            None,
+        )
+    )
+    progress("bulk flush")
+    rate, peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk)
+    _, small_peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk // 10)
+    rows.append(
+        Row(
+            f"SQLite bulk flush of {sizes.bulk:,} messages (synchronous=NORMAL)",
+            f"{rate:,.0f} msg/s",
+            "",
+            None,
+            ">= 10,000 msg/s",
+            rate >= 10_000,
+        )
+    )
+    rows.append(
+        Row(
+            f"Peak memory of that flush vs one of {sizes.bulk // 10:,}",
+            f"{peak:.1f} MiB",
+            f"{small_peak:.1f} MiB",
+            peak / small_peak,
+            "<= 2x (streams in chunks)",
+            peak / small_peak <= 2.0,
+        )
+    )
+    progress("import of a Hermes state.db")
+    total, rate, verified = import_rate(dbs.workdir, sizes.import_copies)
+    rows.append(
+        Row(
+            f"Import of a Hermes state.db of {total:,} messages into SQLite"
+            + ("" if verified else " (VERIFICATION FAILED)"),
+            f"{rate:,.0f} msg/s",
+            "",
+            None,
+            ">= 20,000 msg/s",
+            verified and rate >= 20_000,
+        )
+    )
+    return rows, curves
+
+
+def run(
+    sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None], only: str | None = None
+) -> tuple[list[Row], dict[str, dict[int, float]], str]:
+    """Every measurement (or ``only`` one part); rows, curves and the per-query table."""
+    rows: list[Row] = []
+    curves: dict[str, dict[int, float]] = {}
+    search_table = ""
     with tempfile.TemporaryDirectory(prefix="hermes-orm-bench-") as tmp, postgres(skip_pg) as pg:
         dbs = Databases(Path(tmp), pg)
-        n_msgs = sizes.sessions * sizes.turns * 3
-        label = f"{sizes.sessions} sessions x {sizes.turns} turns"
-        for sync, limit in (("NORMAL", 2.0), ("FULL", 1.2)):
-            progress(f"sqlite turns, synchronous={sync}")
-            ours, floor, ratio = sqlite_turns(dbs, sizes, sync)
-            rows.append(
-                Row(
-                    f"SQLite flush per turn ({label}), synchronous={sync}",
-                    _ms(ours / (n_msgs / 3)),
-                    _ms(floor / (n_msgs / 3)) + " sqlite3 replay",
-                    ratio,
-                    f"<= {limit}x",
-                    ratio <= limit,
-                )
-            )
-            if sync == "FULL":
-                progress("hermes SessionDB.append_message, synchronous=FULL")
-                hermes = hermes_turns(dbs, sizes, sync)
-                if hermes is None:
-                    rows.append(
-                        Row(
-                            "Messages/s vs Hermes SessionDB.append_message",
-                            f"{n_msgs / ours:,.0f}/s",
-                            "hermes-agent not installed",
-                            None,
-                            ">= 4x",
-                            False,
-                        )
-                    )
-                else:
-                    speedup = (n_msgs / ours) / (n_msgs / hermes)
-                    rows.append(
-                        Row(
-                            f"Messages/s vs Hermes SessionDB.append_message, synchronous={sync}",
-                            f"{n_msgs / ours:,.0f}/s",
-                            f"{n_msgs / hermes:,.0f}/s",
-                            speedup,
-                            ">= 4x",
-                            speedup >= 4.0,
-                        )
-                    )
-        if pg is not None:
-            progress("postgresql turns")
-            ours, floor, ratio = pg_turns(dbs, sizes)
-            rows.append(
-                Row(
-                    f"PostgreSQL flush per turn ({label})",
-                    _ms(ours / (n_msgs / 3)),
-                    _ms(floor / (n_msgs / 3)) + " psycopg replay",
-                    ratio,
-                    "<= 1.3x",
-                    ratio <= 1.3,
-                )
-            )
-        backends = [("SQLite", f"sqlite:///{dbs.sqlite_template(0)}")]
-        if pg is not None:
-            backends.append(("PostgreSQL", dbs.pg_copy(dbs.pg_template(0))))
-        for name, url in backends:
-            progress(f"{name} flush cost by session length")
-            costs = flush_cost_by_length(url, sizes)
-            curves[name] = costs
-            lo, hi = min(costs), max(costs)
-            ratio = costs[hi] / costs[lo]
-            rows.append(
-                Row(
-                    f"{name} flush of a turn into {hi:,} vs {lo:,} stored messages",
-                    _ms(costs[hi]),
-                    _ms(costs[lo]),
-                    ratio,
-                    "<= 1.2x",
-                    ratio <= 1.2,
-                )
-            )
-        progress("get_messages vs raw fetch")
-        ours, raw = read_vs_raw(dbs.sqlite_template(0), sizes)
-        rows.append(
-            Row(
-                f"SQLite get_messages of {sizes.read:,} messages (dicts) vs sqlite3 fetchall "
-                "(tuples)",
-                _ms(ours),
-                _ms(raw),
-                ours / raw,
-                "report",
-                None,
-            )
-        )
-        progress("bulk flush")
-        rate, peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk)
-        _, small_peak = bulk_flush(dbs.sqlite_template(0), sizes.bulk // 10)
-        rows.append(
-            Row(
-                f"SQLite bulk flush of {sizes.bulk:,} messages (synchronous=NORMAL)",
-                f"{rate:,.0f} msg/s",
-                "",
-                None,
-                ">= 10,000 msg/s",
-                rate >= 10_000,
-            )
-        )
-        rows.append(
-            Row(
-                f"Peak memory of that flush vs one of {sizes.bulk // 10:,}",
-                f"{peak:.1f} MiB",
-                f"{small_peak:.1f} MiB",
-                peak / small_peak,
-                "<= 2x (streams in chunks)",
-                peak / small_peak <= 2.0,
-            )
-        )
-        progress("import of a Hermes state.db")
-        total, rate, verified = import_rate(Path(tmp), sizes.import_copies)
-        rows.append(
-            Row(
-                f"Import of a Hermes state.db of {total:,} messages into SQLite"
-                + ("" if verified else " (VERIFICATION FAILED)"),
-                f"{rate:,.0f} msg/s",
-                "",
-                None,
-                ">= 20,000 msg/s",
-                verified and rate >= 20_000,
-            )
-        )
-    return rows, curves
+        if only in (None, "flush"):
+            rows, curves = flush_section(dbs, sizes, progress)
+        if only in (None, "search"):
+            search_rows, search_table = search_section(dbs, sizes, progress)
+            rows += search_rows
+    return rows, curves, search_table
 
 
 def table(rows: list[Row]) -> str:
@@ -558,7 +672,9 @@ def machine() -> str:
     )
 
 
-def write_docs(rows: list[Row], curves: dict[str, dict[int, float]], sizes: Sizes) -> None:
+def write_docs(
+    rows: list[Row], curves: dict[str, dict[int, float]], search_table: str, sizes: Sizes
+) -> None:
     DOCS.mkdir(exist_ok=True)
     chart(curves, DOCS / "flush-vs-length.png")
     text = f"""# Benchmarks
@@ -587,6 +703,21 @@ Machine: {machine()}.
   the new messages: its cost does not grow with the stored history.
 
 ![flush cost vs session length](flush-vs-length.png)
+
+## Search
+
+{_search.__doc__.split(chr(10), 2)[2].strip()}
+
+Each of the {len(_search.QUERIES)} queries asks for the first page of 20 hits
+(with snippets; Hermes also reads each hit's neighbours, as its
+`search_messages` always does), once to warm up and then {sizes.search_repeat}
+times; p50 and p95 are over all those runs, and a query counts as slower than
+Hermes when its median is. Exclusion is written `NOT` for Hermes. PostgreSQL's
+statistics are gathered (`ANALYZE`) after the load, as autovacuum would. The
+index size counts every table of the search index (dbstat), against the bytes of
+the text it indexes.
+
+{search_table}
 """
     (DOCS / "benchmarks.md").write_text(text)
 
@@ -605,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/")
     parser.add_argument("--repeat", type=int, help="runs per measurement (median)")
+    parser.add_argument(
+        "--only", choices=("flush", "search"), help="run one part; docs/ is not written"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.repeat:
@@ -613,10 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"... {msg}", file=sys.stderr, flush=True)
 
-    rows, curves = run(sizes, skip_pg=args.no_postgres, progress=progress)
+    rows, curves, search_table = run(
+        sizes, skip_pg=args.no_postgres, progress=progress, only=args.only
+    )
     print(table(rows))
-    if not (args.quick or args.no_write):
-        write_docs(rows, curves, sizes)
+    if search_table:
+        print("\n" + search_table)
+    if not (args.quick or args.no_write or args.only):
+        write_docs(rows, curves, search_table, sizes)
         print(f"\nwrote {DOCS / 'benchmarks.md'} and {DOCS / 'flush-vs-length.png'}")
     missed = [r.name for r in rows if r.ok is False]
     if missed and not args.quick:

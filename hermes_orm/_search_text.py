@@ -132,10 +132,22 @@ def glob_class(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 @cache
+def separator_class() -> str:
+    """A Python bracket expression of the separators (NUL included)."""
+    # NUL is left out of regex_class (PostgreSQL patterns cannot hold it): add it.
+    return "[\\x00" + regex_class(SEPARATOR_RANGES)[1:]
+
+
+@cache
+def token_class() -> str:
+    """A Python bracket expression of the characters tokens are made of."""
+    return "[^" + separator_class()[1:]
+
+
+@cache
 def token_pattern() -> re.Pattern[str]:
     """Matches one token: a maximal run of characters that are not separators."""
-    # NUL is left out of regex_class (PostgreSQL patterns cannot hold it): add it.
-    return re.compile("[^\\x00" + regex_class(SEPARATOR_RANGES)[1:] + "+")
+    return re.compile(token_class() + "+")
 
 
 @cache

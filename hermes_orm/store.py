@@ -842,7 +842,7 @@ class SessionStore:
             SearchQueryError: Nothing to look for in ``query``, or a bad limit,
                 cursor or filter.
         """
-        parsed = _search.parse_query(query)
+        _search.parse_query(query)  # the query's error first
         if (
             isinstance(limit, bool)
             or not isinstance(limit, int)
@@ -858,12 +858,12 @@ class SessionStore:
             user_id=_optional_str("user_id", user_id),
             roles=_str_tuple("role", role),
         )
-        return self._read(lambda conn: _search.run(conn, parsed, filters, after, limit))
+        return self._read(lambda conn: _search.run(conn, query, filters, after, limit))
 
     def rebuild_search_index(self) -> int:
         """Rebuild the search index from the stored messages; returns how many there are.
 
-        Triggers (SQLite) and generated columns (PostgreSQL) keep the index in
+        Triggers keep the index in
         step with every write; a rebuild repairs an index damaged outside
         hermes_orm, or compacts one after heavy deletes.
         """

@@ -34,6 +34,13 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         "bulk flush",
         "Peak memory",
         "Import of a Hermes state.db",
+        "SQLite search p50",
+        "SQLite search p95",
+        "PostgreSQL search p95",
+        "queries slower than Hermes search_messages",
+        "SQLite search index vs the text it indexes",
+        "PostgreSQL search columns and indexes",
+        "| `docker 部署` |",
     ):
         assert name in out, name
     assert "hermes-agent not installed" not in out
