@@ -388,8 +388,11 @@ class Filters:
     sources: tuple[str, ...] | None = None
     user_id: str | None = None
     roles: tuple[str, ...] | None = None
+    excluded_sources: tuple[str, ...] | None = None
     #: Leave out messages a Hermes user took back (``active`` false, not compacted).
     skip_rewound: bool = False
+    #: Oldest hits first (the cursor then pages forward in time).
+    oldest_first: bool = False
 
 
 class _Builder:
@@ -444,6 +447,9 @@ def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
         builder.add(f"m.role IN ({', '.join(mark for _ in filters.roles)})", *filters.roles)
     if filters.sources is not None:
         builder.add(f"s.source IN ({', '.join(mark for _ in filters.sources)})", *filters.sources)
+    if filters.excluded_sources:
+        marks = ", ".join(mark for _ in filters.excluded_sources)
+        builder.add(f"s.source NOT IN ({marks})", *filters.excluded_sources)
     if filters.user_id is not None:
         builder.add(f"s.user_id = {mark}", filters.user_id)
     if filters.skip_rewound:
@@ -452,7 +458,9 @@ def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
             if dialect == "sqlite"
             else "(m.active IS NOT FALSE OR m.compacted IS TRUE)"
         )
-    return filters.sources is not None or filters.user_id is not None
+    return bool(
+        filters.sources is not None or filters.user_id is not None or filters.excluded_sources
+    )
 
 
 _SELECT = "SELECT m.id, m.session_id, m.idx, m.role, m.timestamp"
@@ -511,10 +519,11 @@ def sqlite_statement(
     builder.where, builder.params = checks, driver_params + check_params
     if _filters(filters, builder, "sqlite"):
         source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    later, order = (">", "ASC") if filters.oldest_first else ("<", "DESC")
     if paged:
-        builder.add(f"{row} < ?")
+        builder.add(f"{row} {later} ?")
     where = " AND ".join(builder.where) or "1"
-    statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {row} DESC LIMIT {limit}"
+    statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {row} {order} LIMIT {limit}"
     return statement, builder.params
 
 
@@ -561,11 +570,12 @@ def postgresql_statement(
     source = "hermes_messages m"
     if _filters(filters, builder, "postgresql"):
         source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    later, order = (">", "ASC") if filters.oldest_first else ("<", "DESC")
     if paged:
-        builder.add("m.id < %s")
+        builder.add(f"m.id {later} %s")
     statement = (
         f"{_SELECT}, m.search_body FROM {source} WHERE {' AND '.join(builder.where)} "
-        f"ORDER BY m.id DESC LIMIT {limit}"
+        f"ORDER BY m.id {order} LIMIT {limit}"
     )
     return statement, builder.params
 

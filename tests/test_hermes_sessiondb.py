@@ -16,7 +16,7 @@ import pytest
 from hermes_orm import SessionStore
 from hermes_orm.integrations.hermes import SessionDB
 
-_CLOCK = {"started_at", "ended_at", "timestamp", "last_active"}
+_CLOCK = {"started_at", "ended_at", "timestamp", "last_active", "session_started"}
 
 
 def _no_clock(value: Any) -> Any:
@@ -503,3 +503,63 @@ def test_list_sessions_rich(both: Any) -> None:
     both.list_sessions_rich(limit=2, offset=1)
     both.get_compression_tip("a-root")
     both.get_compression_tip("b")
+
+
+def _search_view(results: list[dict[str, Any]], ordered: bool) -> list[dict[str, Any]]:
+    """Search results without their snippets (each engine cuts its own), in order or by id."""
+    rows = [{k: v for k, v in r.items() if k != "snippet"} for r in results]
+    return rows if ordered else sorted(rows, key=lambda r: r["id"])
+
+
+def test_search_messages(both: Any) -> None:
+    hermes, ours = both.hermes, both.ours
+    for db in (hermes, ours):
+        db.create_session("a", "cli", model="m1")
+        db.create_session("b", "telegram", model="m2")
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "terminal", "arguments": '{"cmd": "docker compose up"}'},
+    }
+    turns = [
+        ("a", "user", {"content": "How do I deploy with docker compose?"}),
+        ("a", "assistant", {"content": None, "tool_calls": [call]}),
+        ("a", "tool", {"content": "compose started", "tool_name": "terminal"}),
+        ("a", "assistant", {"content": "Deployed. 数据库迁移完成了"}),
+        ("b", "user", {"content": "docker swarm or podman? 迁移计划"}),
+        ("b", "assistant", {"content": [{"type": "text", "text": "podman deployment notes"}]}),
+        ("b", "user", {"content": "thanks, deploying now"}),
+    ]
+    for n, (session_id, role, fields) in enumerate(turns):
+        for db in (hermes, ours):
+            db.append_message(session_id, role, timestamp=100.0 + n, **fields)
+    cases: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        (("docker",), {}),
+        (("docker compose",), {}),
+        (('"compose up"',), {}),
+        (("deploy*",), {}),
+        (("docker OR podman",), {}),
+        (("docker NOT swarm",), {}),
+        (("数据库迁移",), {}),
+        (("迁移",), {}),
+        (("docker",), {"role_filter": ["user"]}),
+        (("docker",), {"source_filter": ["telegram"]}),
+        (("docker",), {"exclude_sources": ["telegram"]}),
+        (("docker",), {"source_filter": []}),
+        (("deploy*",), {"sort": "newest"}),
+        (("deploy*",), {"sort": "oldest"}),
+        (("deploy*",), {"sort": "newest", "limit": 2, "offset": 1}),
+        (("",), {}),
+        (("   ",), {}),
+        (("nothinglikethis",), {}),
+    ]
+    for args, kwargs in cases:
+        expected = hermes.search_messages(*args, **kwargs)
+        got = ours.search_messages(*args, **kwargs)
+        ordered = kwargs.get("sort") is not None
+        assert _no_clock(_search_view(got, ordered)) == _no_clock(
+            _search_view(expected, ordered)
+        ), (args, kwargs)
+        for result in got:
+            assert ">>>" in result["snippet"], (args, result)
+    assert len(ours.search_messages("deploy*")) == 4  # the cases above are not all empty

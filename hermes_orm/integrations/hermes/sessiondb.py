@@ -14,12 +14,14 @@ Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
 ``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
 ``session_count``, ``update_token_counts``, ``list_sessions_rich`` (with
 ``get_compression_tip``), ``get_messages_as_conversation``
-(which needs hermes-agent installed, for its content clean-ups), ``get_meta``,
-``set_meta`` and ``close``; each is checked call for call against the real
-``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
+(which needs hermes-agent installed, for its content clean-ups),
+``search_messages``, ``get_meta``, ``set_meta`` and ``close``; each is checked
+call for call against the real ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
 ``set_session_title`` does not move a title off a compressed ancestor,
 ``create_session`` on an existing session also fills a missing ``user_id``, and
-lone surrogates inside JSON values become U+FFFD (Hermes keeps them escaped).
+lone surrogates inside JSON values become U+FFFD (Hermes keeps them escaped);
+``search_messages`` reads queries with hermes_orm's language, orders hits newest
+first where Hermes ranks by relevance, and makes its own snippets.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from hermes_orm import search as _search
+from hermes_orm.errors import SearchQueryError
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
 
@@ -160,6 +164,15 @@ def _hermes_content_text(message: dict[str, Any]) -> str | None:
     if content is None or isinstance(content, str):
         return content
     return "\x00json:" + json.dumps(content)
+
+
+def _hermes_search_query(query: str) -> str:
+    """Hermes' FTS5 exclusion (``a NOT b``) in hermes_orm's spelling (``a -b``).
+
+    ``AND`` (implied anyway) is dropped.
+    """
+    query = re.sub(r"(?<![^\s(])NOT\s+(?=\S)", "-", query)
+    return re.sub(r"(?<!\S)AND(?!\S)", " ", query)
 
 
 def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
@@ -934,6 +947,101 @@ class SessionDB:
 
             repair_message_sequence(None, messages)
         return messages
+
+    def search_messages(  # noqa: PLR0917 - Hermes' signature
+        self,
+        query: str,
+        source_filter: list[str] | None = None,
+        exclude_sources: list[str] | None = None,
+        role_filter: list[str] | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        sort: str | None = None,
+        include_inactive: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Messages matching ``query``, with a snippet and their neighbours as context.
+
+        The query is read by hermes_orm's search (:mod:`hermes_orm.search`), with
+        Hermes' ``NOT term`` taken as ``-term``; a query with nothing to look for
+        gives ``[]``, as in Hermes. Hits come newest first, ``sort="oldest"``
+        reverses that; Hermes' default order is FTS5 relevance, which this
+        index does not compute. Messages taken back (``active`` 0, not
+        compacted) are left out unless ``include_inactive``.
+        """
+        if not isinstance(query, str) or not query.strip() or source_filter == []:
+            return []
+        order = sort.strip().lower() if isinstance(sort, str) else None
+        filters = _search.Filters(
+            sources=None if source_filter is None else tuple(source_filter),
+            excluded_sources=tuple(exclude_sources) if exclude_sources else None,
+            roles=tuple(role_filter) if role_filter else None,
+            skip_rewound=not include_inactive,
+            oldest_first=order == "oldest",
+        )
+        first = max(0, offset)
+        wanted = min(first + max(0, limit), _search.MAX_LIMIT)
+        if wanted <= first:
+            return []
+        text = _hermes_search_query(query)
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            try:
+                hits = _search.run(conn, text, filters, None, wanted).hits[first:]
+            except SearchQueryError:
+                return []
+            return [self._search_result(conn, hit) for hit in hits]
+
+        return self._store._read(work)
+
+    def _search_result(self, conn: Connection, hit: _search.SearchHit) -> dict[str, Any]:
+        from hermes_orm._codec import row_to_message
+
+        row = conn.execute(
+            select(
+                _messages.c.tool_name, _sessions.c.source, _sessions.c.model, _sessions.c.started_at
+            )
+            .join(_sessions, _sessions.c.id == _messages.c.session_id)
+            .where(_messages.c.id == hit.message_id)
+        ).one()
+        around = conn.execute(
+            select(_messages)
+            .where(
+                _messages.c.session_id == hit.session_id,
+                _messages.c.idx.between(hit.idx - 1, hit.idx + 1),
+            )
+            .order_by(_messages.c.idx)
+        )
+        context = []
+        for neighbour in around:
+            message = row_to_message(neighbour)
+            content = message.get("content")
+            if isinstance(content, list):
+                texts = [
+                    p.get("text", "")
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "text"
+                ]
+                preview = " ".join(t for t in texts if t).strip() or "[multimodal content]"
+            else:
+                preview = content if isinstance(content, str) else ""
+            context.append({"role": message["role"], "content": preview[:200]})
+        snippet = hit.marked(">>>", "<<<")
+        if snippet.startswith("…"):
+            snippet = "..." + snippet[1:]
+        if snippet.endswith("…"):
+            snippet = snippet[:-1] + "..."
+        return {
+            "id": hit.message_id,
+            "session_id": hit.session_id,
+            "role": hit.role,
+            "snippet": snippet,
+            "timestamp": hit.timestamp,
+            "tool_name": row.tool_name,
+            "source": row.source,
+            "model": row.model,
+            "session_started": row.started_at,
+            "context": context,
+        }
 
     def message_count(self, session_id: str | None = None) -> int:
         """Messages of one session, or of all."""
