@@ -692,7 +692,8 @@ Machine: {machine()}.
 - **Replay floor.** The baseline of a flush is the bare driver (`sqlite3` or
   `psycopg`) replaying the very statements, parameters and transaction
   boundaries hermes_orm emitted for the workload (recorded with SQLAlchemy's
-  `before_cursor_execute`/`commit` events): the database work alone.
+  `before_cursor_execute`/`commit` events): the database work alone, on the same
+  schema, so the search index's triggers run in both.
 - **Workload.** One turn is a user message, an assistant message with a tool
   call and reasoning, and the tool's result; each of the sessions gets a turn in
   round-robin, and the agent flushes its whole list after each turn.

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import Connection
@@ -361,7 +362,12 @@ def _fts_terms(terms: Sequence[Term]) -> str:
 
 
 def _tsquery_leaf(leaf: Leaf) -> str:
-    return " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+    phrase = " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+    # The word pairs the index holds as lexemes (migration 0003) narrow a phrase
+    # to the rows that hold it before positions are checked.
+    whole = leaf.tokens[:-1] if leaf.prefix else leaf.tokens
+    pairs = [f"'{a} {b}'" for a, b in pairwise(whole)]
+    return "(" + " & ".join([*pairs, phrase]) + ")" if pairs else phrase
 
 
 def _tsquery_terms(terms: Sequence[Term]) -> str:
@@ -531,27 +537,39 @@ def sqlite_statement(
 _PG_UNSEGMENTED = "m.search_body ~ '" + regex_class(UNSEGMENTED_RANGES) + "'"
 
 
-def _pg_terms(terms: Sequence[Term], builder: _Builder) -> str:
+def _pg_match(condition: str, by_index: bool) -> str:
+    """``condition`` as an index may serve it, or (``IS TRUE``) as only a row filter."""
+    return condition if by_index else f"({condition}) IS TRUE"
+
+
+def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
     ors = []
     for term in terms:
         ands = []
         for leaf in term:
             if leaf.substring:
-                ands.append(f"({_PG_UNSEGMENTED} AND m.search_body ILIKE %s)")
+                like = _pg_match("m.search_body ILIKE %s", by_index)
+                ands.append(f"({_PG_UNSEGMENTED} AND {like})")
                 builder.params.append(f"%{leaf.tokens[0]}%")
             else:
-                ands.append("m.search_vector @@ lower(%s)::tsquery")
+                ands.append(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index))
                 builder.params.append(_tsquery_leaf(leaf))
         ors.append("(" + " AND ".join(ands) + ")")
     return "(" + " OR ".join(ors) + ")"
 
 
-def postgresql_statement(
-    query: Query, filters: Filters, paged: bool, limit: int
-) -> tuple[str, list[Any]]:
-    """The PostgreSQL SELECT of one page of hits (with bodies), and its parameters.
+#: Newest message ids a PostgreSQL search scans first, in id order (see run()).
+PG_WINDOW = 5_000
 
-    With ``paged``, the last placeholder is the message id the page starts below.
+
+def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> tuple[str, list[Any]]:
+    """The PostgreSQL SELECT of hits (with bodies) and its parameters.
+
+    Its last three placeholders are the id range (both ends excluded) and the
+    LIMIT. ``by_index`` orders by an expression the primary key cannot provide,
+    so the rows come from the search indexes (bitmap scans) and are then sorted;
+    without it the search conditions are row filters only, so the rows come in
+    id order from the primary key (or the CJK-like bodies' index) over the range.
     """
     builder = _Builder("%s")
     words = [g for g in query.groups if _words_only(g)]
@@ -560,34 +578,75 @@ def postgresql_statement(
         tsquery = " & ".join(_tsquery_terms(g) for g in words)
         if word_excluded:
             tsquery += " & !" + _tsquery_terms(word_excluded)
-        builder.add("m.search_vector @@ lower(%s)::tsquery", tsquery)
+        builder.add(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index), tsquery)
     for group in query.groups:
         if group not in words:
-            builder.where.append(_pg_terms(group, builder))
+            builder.where.append(_pg_terms(group, builder, by_index))
     for term in query.excluded:
         if term not in word_excluded:
-            builder.where.append("NOT " + _pg_terms([term], builder))
+            builder.where.append("NOT " + _pg_terms([term], builder, by_index))
     source = "hermes_messages m"
     if _filters(filters, builder, "postgresql"):
         source += " JOIN hermes_sessions s ON s.id = m.session_id"
-    later, order = (">", "ASC") if filters.oldest_first else ("<", "DESC")
-    if paged:
-        builder.add(f"m.id {later} %s")
+    builder.add("m.id > %s AND m.id < %s")
+    key = "m.id + 0" if by_index else "m.id"
+    order = "ASC" if filters.oldest_first else "DESC"
     statement = (
         f"{_SELECT}, m.search_body FROM {source} WHERE {' AND '.join(builder.where)} "
-        f"ORDER BY m.id {order} LIMIT {limit}"
+        f"ORDER BY {key} {order} LIMIT %s"
     )
     return statement, builder.params
 
 
 @lru_cache(maxsize=512)
-def _compiled(
-    dialect: str, query: str, filters: Filters, paged: bool, limit: int
+def _pg_compiled(
+    query: str, filters: Filters, by_index: bool
+) -> tuple[Query, str, tuple[Any, ...]]:
+    parsed = parse_query(query)
+    statement, params = postgresql_statement(parsed, filters, by_index)
+    return parsed, statement, tuple(params)
+
+
+def _pg_rows(
+    conn: Connection, query: str, filters: Filters, after: int | None, wanted: int
+) -> tuple[Query, list[Any]]:
+    """Hits newest (or oldest) first in two steps, each fast whatever the term's frequency.
+
+    Ordered by id with a LIMIT, PostgreSQL walks the primary key until enough
+    rows match, which for a rare term means the whole table (seconds on a
+    million messages), while a GIN scan of a frequent term fetches every match.
+    So the newest ``PG_WINDOW`` ids are searched first, in id order (bounded
+    work); only if they hold too few hits is the rest searched through the
+    indexes, where the term is known to be rare.
+    """
+    parsed, in_order, params = _pg_compiled(query, filters, False)
+    _, by_index, _ = _pg_compiled(query, filters, True)
+    oldest = filters.oldest_first
+    if after is None:
+        edge = conn.exec_driver_sql(
+            f"SELECT {'min' if oldest else 'max'}(id) FROM hermes_messages"
+        ).scalar()
+        if edge is None:
+            return parsed, []
+        after = edge - 1 if oldest else edge + 1
+    if oldest:
+        bounds, rest = (after, after + PG_WINDOW), (after + PG_WINDOW - 1, 2**63 - 1)
+    else:
+        bounds, rest = (after - PG_WINDOW, after), (-(2**63), after - PG_WINDOW + 1)
+    rows = list(conn.exec_driver_sql(in_order, (*params, *bounds, wanted)).all())
+    if len(rows) < wanted:
+        more = conn.exec_driver_sql(by_index, (*params, *rest, wanted - len(rows)))
+        rows += more.all()
+    return parsed, rows
+
+
+@lru_cache(maxsize=512)
+def _sqlite_compiled(
+    query: str, filters: Filters, paged: bool, limit: int
 ) -> tuple[Query, str, tuple[Any, ...]]:
     """Parsed query, statement and parameters, kept for queries asked again."""
     parsed = parse_query(query)
-    build = sqlite_statement if dialect == "sqlite" else postgresql_statement
-    statement, params = build(parsed, filters, paged, limit)
+    statement, params = sqlite_statement(parsed, filters, paged, limit)
     return parsed, statement, tuple(params)
 
 
@@ -600,10 +659,10 @@ def run(
         SearchQueryError: ``query`` has nothing to look for.
     """
     dialect = conn.dialect.name
-    parsed, statement, params = _compiled(dialect, query, filters, after is not None, limit + 1)
-    if after is not None:
-        params += (after,)
     if dialect == "sqlite":
+        parsed, statement, params = _sqlite_compiled(query, filters, after is not None, limit + 1)
+        if after is not None:
+            params += (after,)
         # The driver's cursor straight away: a SELECT opens no transaction in
         # pysqlite, and the result needs none of SQLAlchemy's processing.
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -612,7 +671,7 @@ def run(
         finally:
             cursor.close()
     else:
-        rows = list(conn.exec_driver_sql(statement, params).all())
+        parsed, rows = _pg_rows(conn, query, filters, after, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     if dialect == "sqlite":

@@ -842,7 +842,8 @@ class SessionStore:
             SearchQueryError: Nothing to look for in ``query``, or a bad limit,
                 cursor or filter.
         """
-        _search.parse_query(query)  # the query's error first
+        if not isinstance(query, str):  # parsed (and refused) once reading, cached by text
+            raise SearchQueryError(f"a search query must be a str, got {type(query).__name__}")
         if (
             isinstance(limit, bool)
             or not isinstance(limit, int)
