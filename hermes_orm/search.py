@@ -30,7 +30,7 @@ content parts, its tool name and its tool calls' names and arguments, up to
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -46,6 +46,7 @@ from hermes_orm._search_text import (
     separator_class,
     token_class,
     token_pattern,
+    tokens,
 )
 from hermes_orm.errors import SearchQueryError
 
@@ -115,10 +116,9 @@ def _items(query: str) -> list[_Item]:
 
 
 def _term(item: _Item) -> Term:
-    tokens = token_pattern().findall(item.text)
     leaves: list[Leaf] = []
     run: list[str] = []
-    for token in tokens:
+    for token in tokens(item.text):
         if len(token) > MAX_TOKEN_CHARS:
             # Longer words are not indexed on PostgreSQL: match by their start.
             run.append(token[:MAX_TOKEN_CHARS])
@@ -352,13 +352,23 @@ def _fts_leaf(leaf: Leaf) -> str:
     return '"' + " ".join(leaf.tokens) + '"' + ("*" if leaf.prefix else "")
 
 
+def _any_of_all(
+    terms: Sequence[Term],
+    leaf_sql: Callable[[Leaf], str],
+    conjunction: str = " AND ",
+    disjunction: str = " OR ",
+) -> str:
+    """``terms`` as one expression: any of the terms, each with all of its leaves.
+
+    ``leaf_sql`` is called on the leaves in order (it may collect parameters).
+    """
+    alternatives = ("(" + conjunction.join(leaf_sql(leaf) for leaf in term) + ")" for term in terms)
+    return "(" + disjunction.join(alternatives) + ")"
+
+
 def _fts_terms(terms: Sequence[Term]) -> str:
     """An FTS5 expression of ``terms`` (OR), each an AND of word leaves."""
-    parts = []
-    for term in terms:
-        leaves = [_fts_leaf(leaf) for leaf in term]
-        parts.append(leaves[0] if len(leaves) == 1 else "(" + " AND ".join(leaves) + ")")
-    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+    return _any_of_all(terms, _fts_leaf)
 
 
 def _tsquery_leaf(leaf: Leaf) -> str:
@@ -371,11 +381,7 @@ def _tsquery_leaf(leaf: Leaf) -> str:
 
 
 def _tsquery_terms(terms: Sequence[Term]) -> str:
-    parts = []
-    for term in terms:
-        leaves = [_tsquery_leaf(leaf) for leaf in term]
-        parts.append("(" + " & ".join(leaves) + ")")
-    return "(" + " | ".join(parts) + ")"
+    return _any_of_all(terms, _tsquery_leaf, " & ", " | ")
 
 
 def _words_only(terms: Sequence[Term]) -> bool:
@@ -423,25 +429,18 @@ def _sqlite_leaf(leaf: Leaf, row: str, params: list[Any]) -> str:
 
 
 def _sqlite_terms(terms: Sequence[Term], row: str, params: list[Any]) -> str:
-    ors = []
-    for term in terms:
-        ands = [_sqlite_leaf(leaf, row, params) for leaf in term]
-        ors.append("(" + " AND ".join(ands) + ")")
-    return "(" + " OR ".join(ors) + ")"
+    return _any_of_all(terms, lambda leaf: _sqlite_leaf(leaf, row, params))
 
 
 def _sqlite_like_terms(terms: Sequence[Term], column: str, params: list[Any]) -> str:
-    ors = []
-    for term in terms:
-        ands = []
-        for leaf in term:
-            params.append(f"%{leaf.tokens[0]}%")
-            # FTS5 answers a LIKE of fewer than 3 characters with no rows (SQLite
-            # 3.40): "+" keeps such a pattern out of the index, checked row by row.
-            unindexed = "+" if len(leaf.tokens[0]) < 3 else ""
-            ands.append(f"{unindexed}{column} LIKE ?")
-        ors.append("(" + " AND ".join(ands) + ")")
-    return "(" + " OR ".join(ors) + ")"
+    def like(leaf: Leaf) -> str:
+        params.append(f"%{leaf.tokens[0]}%")
+        # FTS5 answers a LIKE of fewer than 3 characters with no rows (SQLite
+        # 3.40): "+" keeps such a pattern out of the index, checked row by row.
+        unindexed = "+" if len(leaf.tokens[0]) < 3 else ""
+        return f"{unindexed}{column} LIKE ?"
+
+    return _any_of_all(terms, like)
 
 
 def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
@@ -543,19 +542,14 @@ def _pg_match(condition: str, by_index: bool) -> str:
 
 
 def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
-    ors = []
-    for term in terms:
-        ands = []
-        for leaf in term:
-            if leaf.substring:
-                like = _pg_match("m.search_body ILIKE %s", by_index)
-                ands.append(f"({_PG_UNSEGMENTED} AND {like})")
-                builder.params.append(f"%{leaf.tokens[0]}%")
-            else:
-                ands.append(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index))
-                builder.params.append(_tsquery_leaf(leaf))
-        ors.append("(" + " AND ".join(ands) + ")")
-    return "(" + " OR ".join(ors) + ")"
+    def condition(leaf: Leaf) -> str:
+        if leaf.substring:
+            builder.params.append(f"%{leaf.tokens[0]}%")
+            return f"({_PG_UNSEGMENTED} AND {_pg_match('m.search_body ILIKE %s', by_index)})"
+        builder.params.append(_tsquery_leaf(leaf))
+        return _pg_match("m.search_vector @@ lower(%s)::tsquery", by_index)
+
+    return _any_of_all(terms, condition)
 
 
 #: Newest message ids a PostgreSQL search scans first, in id order (see run()).
