@@ -175,6 +175,19 @@ def _hermes_search_query(query: str) -> str:
     return re.sub(r"(?<!\S)AND(?!\S)", " ", query)
 
 
+def _preview(message: dict[str, Any]) -> str:
+    """A message's text as Hermes shows it around a search hit (200 characters)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        ]
+        preview = " ".join(t for t in texts if t).strip() or "[multimodal content]"
+    else:
+        preview = content if isinstance(content, str) else ""
+    return preview[:200]
+
+
 def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
     """Each session's first user message (by time, then insertion), as Hermes previews it."""
     from hermes_orm._codec import row_to_message
@@ -989,59 +1002,73 @@ class SessionDB:
                 hits = _search.run(conn, text, filters, None, wanted).hits[first:]
             except SearchQueryError:
                 return []
-            return [self._search_result(conn, hit) for hit in hits]
+            return self._search_results(conn, hits)
 
         return self._store._read(work)
 
-    def _search_result(self, conn: Connection, hit: _search.SearchHit) -> dict[str, Any]:
+    @staticmethod
+    def _search_results(conn: Connection, hits: list[_search.SearchHit]) -> list[dict[str, Any]]:
+        """Hermes' result dicts of ``hits``: two queries for the whole page."""
         from hermes_orm._codec import row_to_message
 
-        row = conn.execute(
-            select(
-                _messages.c.tool_name, _sessions.c.source, _sessions.c.model, _sessions.c.started_at
+        if not hits:
+            return []
+        details = {
+            row.id: row
+            for row in conn.execute(
+                select(
+                    _messages.c.id,
+                    _messages.c.tool_name,
+                    _sessions.c.source,
+                    _sessions.c.model,
+                    _sessions.c.started_at,
+                )
+                .join(_sessions, _sessions.c.id == _messages.c.session_id)
+                .where(_messages.c.id.in_([hit.message_id for hit in hits]))
             )
-            .join(_sessions, _sessions.c.id == _messages.c.session_id)
-            .where(_messages.c.id == hit.message_id)
-        ).one()
-        around = conn.execute(
-            select(_messages)
-            .where(
-                _messages.c.session_id == hit.session_id,
-                _messages.c.idx.between(hit.idx - 1, hit.idx + 1),
-            )
-            .order_by(_messages.c.idx)
-        )
-        context = []
-        for neighbour in around:
-            message = row_to_message(neighbour)
-            content = message.get("content")
-            if isinstance(content, list):
-                texts = [
-                    p.get("text", "")
-                    for p in content
-                    if isinstance(p, dict) and p.get("type") == "text"
-                ]
-                preview = " ".join(t for t in texts if t).strip() or "[multimodal content]"
-            else:
-                preview = content if isinstance(content, str) else ""
-            context.append({"role": message["role"], "content": preview[:200]})
-        snippet = hit.marked(">>>", "<<<")
-        if snippet.startswith("…"):
-            snippet = "..." + snippet[1:]
-        if snippet.endswith("…"):
-            snippet = snippet[:-1] + "..."
-        return {
-            "id": hit.message_id,
-            "session_id": hit.session_id,
-            "role": hit.role,
-            "snippet": snippet,
-            "timestamp": hit.timestamp,
-            "tool_name": row.tool_name,
-            "source": row.source,
-            "model": row.model,
-            "session_started": row.started_at,
-            "context": context,
         }
+        neighbours = {
+            (row.session_id, row.idx): row_to_message(row)
+            for row in conn.execute(
+                select(_messages).where(
+                    or_(
+                        *(
+                            (_messages.c.session_id == hit.session_id)
+                            & _messages.c.idx.between(hit.idx - 1, hit.idx + 1)
+                            for hit in hits
+                        )
+                    )
+                )
+            )
+        }
+        results = []
+        for hit in hits:
+            context = []
+            for idx in (hit.idx - 1, hit.idx, hit.idx + 1):
+                message = neighbours.get((hit.session_id, idx))
+                if message is not None:
+                    context.append({"role": message["role"], "content": _preview(message)})
+            snippet = hit.marked(">>>", "<<<")
+            if snippet.startswith("…"):
+                snippet = "..." + snippet[1:]
+            if snippet.endswith("…"):
+                snippet = snippet[:-1] + "..."
+            row = details[hit.message_id]
+            results.append(
+                {
+                    "id": hit.message_id,
+                    "session_id": hit.session_id,
+                    "role": hit.role,
+                    "snippet": snippet,
+                    "timestamp": hit.timestamp,
+                    "tool_name": row.tool_name,
+                    "source": row.source,
+                    "model": row.model,
+                    "session_started": row.started_at,
+                    "context": context,
+                }
+            )
+        return results
 
     def message_count(self, session_id: str | None = None) -> int:
         """Messages of one session, or of all."""
