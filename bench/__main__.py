@@ -419,8 +419,9 @@ def search_section(
                 not slower if like_for_like else None,
             )
         )
-    index, text = _search.sqlite_sizes(sqlite_path, "hermes_search")
-    hermes_index, _ = _search.sqlite_sizes(hermes_path, "messages_fts")
+    index = _search.sqlite_index_bytes(sqlite_path, "hermes_search")
+    text = _search.sqlite_text_bytes(sqlite_path)
+    hermes_index = _search.sqlite_index_bytes(hermes_path, "messages_fts")
     rows.append(
         Row(
             "SQLite search index vs the text it indexes",

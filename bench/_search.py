@@ -11,6 +11,7 @@ in batches).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sqlite3
@@ -251,30 +252,25 @@ def hermes_runner(db: Any) -> Callable[[str, dict[str, Any]], Any]:
     return run
 
 
-def sqlite_sizes(path: Path, prefix: str) -> tuple[int, int]:
-    """Bytes of the tables named ``prefix*`` (search index), and of the text they index."""
-    conn = sqlite3.connect(path)
-    try:
-        index = conn.execute(
-            "SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name LIKE ?", (prefix + "%",)
-        ).fetchone()[0]
-        text = 0
-        if prefix == "hermes_search":
-            text = conn.execute(
-                "SELECT sum(length(CAST(body AS BLOB))) FROM hermes_search_source"
+def sqlite_index_bytes(path: Path, prefix: str) -> int:
+    """Bytes of the tables named ``prefix*`` (a search index and its shadow tables)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(
+            conn.execute(
+                "SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name LIKE ?", (prefix + "%",)
             ).fetchone()[0]
-        else:
-            text = conn.execute(
-                "SELECT sum(length(CAST(coalesce(content, '') || ' ' || coalesce(tool_name, '')"
-                " || ' ' || coalesce(tool_calls, '') AS BLOB))) FROM messages"
-            ).fetchone()[0]
-        return int(index), int(text)
-    finally:
-        conn.close()
+        )
+
+
+def sqlite_text_bytes(path: Path) -> int:
+    """Bytes of the text hermes_orm's search indexes (every message's body)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        statement = "SELECT sum(length(CAST(body AS BLOB))) FROM hermes_search_source"
+        return int(conn.execute(statement).fetchone()[0])
 
 
 def postgresql_sizes(store: hermes_orm.SessionStore) -> tuple[int, int]:
-    """Bytes of the search indexes plus the generated columns, and of the indexed text."""
+    """Bytes of the search indexes plus the search columns, and of the indexed text."""
     with store.engine.connect() as conn:
         indexes = conn.exec_driver_sql(
             "SELECT sum(pg_relation_size(indexrelid)) FROM pg_index i "
