@@ -593,12 +593,12 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> tupl
 
 
 @lru_cache(maxsize=512)
-def _pg_compiled(
-    query: str, filters: Filters, by_index: bool
-) -> tuple[Query, str, tuple[Any, ...]]:
+def _pg_compiled(query: str, filters: Filters) -> tuple[Query, str, str, tuple[Any, ...]]:
+    """Parsed query, its in-order and by-index statements, and their common parameters."""
     parsed = parse_query(query)
-    statement, params = postgresql_statement(parsed, filters, by_index)
-    return parsed, statement, tuple(params)
+    in_order, params = postgresql_statement(parsed, filters, by_index=False)
+    by_index, _ = postgresql_statement(parsed, filters, by_index=True)
+    return parsed, in_order, by_index, tuple(params)
 
 
 def _pg_rows(
@@ -613,8 +613,7 @@ def _pg_rows(
     work); only if they hold too few hits is the rest searched through the
     indexes, where the term is known to be rare.
     """
-    parsed, in_order, params = _pg_compiled(query, filters, False)
-    _, by_index, _ = _pg_compiled(query, filters, True)
+    parsed, in_order, by_index, params = _pg_compiled(query, filters)
     oldest = filters.oldest_first
     if after is None:
         edge = conn.exec_driver_sql(
