@@ -748,14 +748,19 @@ class SessionStore:
         """
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
+        most = sql.insert_rows_max
         for batch in batches:
-            conn.exec_driver_sql(
-                sql.insert_messages,
-                [(session_id, end + offset, *item.params) for offset, item in enumerate(batch)],
-            )
-            end += len(batch)
+            for start in range(0, len(batch), most):
+                rows = batch[start : start + most]
+                params: list[Any] = []
+                for item in rows:
+                    params.append(session_id)
+                    params.append(end)
+                    params.extend(item.params)
+                    end += 1
+                    tool_calls += item.tool_calls
+                conn.exec_driver_sql(sql.insert_messages(len(rows)), tuple(params))
             last = batch[-1].digest
-            tool_calls += sum(e.tool_calls for e in batch)
         advance = (end, end, last, tool_calls, session_id, cursor)
         if cursor:
             moved = conn.exec_driver_sql(sql.advance_if_digest, (*advance, digest)).rowcount

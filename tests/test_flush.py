@@ -195,6 +195,38 @@ def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
     return hook
 
 
+def test_messages_go_in_as_one_multi_row_insert_per_batch(
+    store: SessionStore, engine: Engine
+) -> None:
+    """A row per statement would make SQLite's FTS5 write a segment per message.
+
+    (A statement whose triggers write into FTS5 opens a savepoint, and FTS5
+    flushes its pending terms at every savepoint.)
+    """
+    inserts: list[tuple[int, bool]] = []
+
+    def record(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+        if statement.startswith("INSERT INTO hermes_messages"):
+            inserts.append((statement.count("), ("), many))
+
+    most = store._sql.insert_rows_max
+    store.create_session("s", source="cli")
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        store.flush("s", conversation(1))
+        assert inserts == [(2, False)]  # three rows, one statement
+        inserts.clear()
+        turns = (2 * most) // 3 + 2  # a little over two statements' worth
+        msgs = conversation(turns)
+        store.flush("s", msgs)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    rows = [n + 1 for n, _ in inserts]
+    assert rows == [most, most, len(msgs) - 3 - 2 * most]
+    assert not any(many for _, many in inserts)
+    assert_exact(store, "s", msgs)
+
+
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_failure_at_every_statement_then_retry_is_exact(
     store: SessionStore, engine: Engine, statements: list[str], path: str
