@@ -430,6 +430,40 @@ def test_json_text_that_postgresql_cannot_extract_is_indexed_not_refused(
     assert [h.idx for h in store.search("lone high low").hits] == [1]
 
 
+def test_cjk_text_written_as_json_escapes_is_found(store: SessionStore, engine: Engine) -> None:
+    """Another client may write JSON with ``\\uXXXX`` escapes and no raw CJK character.
+
+    On SQLite the trigram table is filled only for messages whose raw columns
+    may hold CJK-like text; escapes must count as such, plain ASCII must not.
+    """
+    store.create_session("s", "cli")
+    store.flush("s", [turn("plain ascii words only")])
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO hermes_messages (session_id, idx, role, content_parts, digest) "
+                "VALUES ('s', 1, 'user', :parts, :digest)"
+            ),
+            {"parts": '[{"type": "text", "text": "\\u90e8\\u7f72 escaped"}]', "digest": b"0" * 16},
+        )
+        conn.execute(
+            text("UPDATE hermes_messages SET content = :c WHERE session_id = 's' AND idx = 0"),
+            {"c": "now with 中文内容 after an update"},
+        )
+    assert [h.idx for h in store.search("部署").hits] == [1]
+    assert [h.idx for h in store.search("中文内容").hits] == [0]
+    assert [h.idx for h in store.search("escaped").hits] == [1]
+    if engine.dialect.name == "sqlite":
+        store.create_session("t", "cli")
+        store.flush("t", [turn(f"ascii {i} \\u escape-like") for i in range(3)])
+        with engine.connect() as conn:
+            cjk = conn.exec_driver_sql("SELECT rowid FROM hermes_search_cjk").scalars().all()
+            ids = conn.exec_driver_sql(
+                "SELECT id FROM hermes_messages WHERE session_id = 's' ORDER BY id"
+            ).scalars()
+            assert sorted(cjk) == list(ids)  # the ASCII messages never went in
+
+
 def test_rebuild_restores_a_damaged_index(store: SessionStore, engine: Engine) -> None:
     store.create_session("s", "cli")
     store.flush("s", [turn("rebuild me 重建索引")])
