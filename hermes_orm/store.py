@@ -88,6 +88,20 @@ _HINTS_MAX = 10_000
 _BATCH = 500
 
 
+#: Messages of one session to store from a cursor: (session id, cursor, encoded
+#: messages, the digest stored at that cursor or None at 0).
+Chunk = tuple[str, int, list[_codec.EncodedMessage], bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedWrite:
+    """Driver statements storing several sessions' messages, built ahead of the write."""
+
+    inserts: list[tuple[str, tuple[Any, ...]]]
+    advance: tuple[str, tuple[Any, ...]]
+    sessions: int
+
+
 class _StaleHint(Exception):
     """The remembered cursor was not the stored one; nothing was written."""
 
@@ -748,19 +762,12 @@ class SessionStore:
         """
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
-        most = sql.insert_rows_max
         for batch in batches:
-            for start in range(0, len(batch), most):
-                rows = batch[start : start + most]
-                params: list[Any] = []
-                for item in rows:
-                    params.append(session_id)
-                    params.append(end)
-                    params.extend(item.params)
-                    end += 1
-                    tool_calls += item.tool_calls
-                conn.exec_driver_sql(sql.insert_messages(len(rows)), tuple(params))
+            for statement, params in _insert_statements(sql, [(session_id, end, batch, None)]):
+                conn.exec_driver_sql(statement, params)
+            end += len(batch)
             last = batch[-1].digest
+            tool_calls += sum(item.tool_calls for item in batch)
         advance = (end, end, last, tool_calls, session_id, cursor)
         if cursor:
             moved = conn.exec_driver_sql(sql.advance_if_digest, (*advance, digest)).rowcount
@@ -769,6 +776,54 @@ class SessionStore:
         if moved != 1:
             raise _StaleHint
         return end, last
+
+    def _prepare_many(self, chunks: Sequence[Chunk]) -> PreparedWrite:
+        """Statements that store each chunk's rows and move each cursor past them.
+
+        Any thread may build them (it is pure Python); :meth:`_write_prepared`
+        runs them. Every session may appear once.
+        """
+        ids = [chunk[0] for chunk in chunks]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a session may appear once in a prepared write")
+        inserts = _insert_statements(self._sql, chunks)
+        mark = "?" if self._engine.dialect.name == "sqlite" else "%s"
+        sets: dict[str, list[Any]] = {"idx": [], "digest": [], "calls": []}
+        where: list[str] = []
+        where_params: list[Any] = []
+        for session_id, cursor, batch, digest in chunks:
+            end = cursor + len(batch)
+            sets["idx"] += (session_id, end)
+            sets["digest"] += (session_id, batch[-1].digest if batch else digest)
+            sets["calls"] += (session_id, sum(item.tool_calls for item in batch))
+            if cursor:
+                where.append(f"(id = {mark} AND flushed_idx = {mark} AND flushed_digest = {mark})")
+                where_params += (session_id, cursor, digest)
+            else:
+                where.append(f"(id = {mark} AND flushed_idx = {mark})")
+                where_params += (session_id, cursor)
+        case = "CASE id " + f"WHEN {mark} THEN {mark} " * len(chunks) + "END"
+        advance = (
+            f"UPDATE hermes_sessions SET flushed_idx = {case}, message_count = {case}, "
+            f"flushed_digest = {case}, tool_call_count = tool_call_count + {case} "
+            f"WHERE {' OR '.join(where)}"
+        )
+        params = (*sets["idx"], *sets["idx"], *sets["digest"], *sets["calls"], *where_params)
+        return PreparedWrite(inserts, (advance, params), len(chunks))
+
+    @staticmethod
+    def _write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
+        """Run a :meth:`_prepare_many` write in ``conn``'s transaction.
+
+        Raises:
+            _StaleHint: A cursor was not where the chunk said (nothing to keep:
+                the caller rolls the transaction back).
+        """
+        for statement, params in prepared.inserts:
+            conn.exec_driver_sql(statement, params)
+        statement, params = prepared.advance
+        if conn.exec_driver_sql(statement, params).rowcount != prepared.sessions:
+            raise _StaleHint
 
     def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None
@@ -894,6 +949,28 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     ):
         raise SearchQueryError(f"{name} must be a str or a non-empty list of str, got {value!r}")
     return tuple(values)
+
+
+def _insert_statements(
+    sql: _dialects.FlushSQL, chunks: Iterable[Chunk]
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """Multi-row INSERTs of the chunks' rows (``idx`` from each chunk's cursor on)."""
+    most = sql.insert_rows_max
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    params: list[Any] = []
+    rows = 0
+    for session_id, cursor, batch, _ in chunks:
+        for idx, item in enumerate(batch, cursor):
+            params.append(session_id)
+            params.append(idx)
+            params.extend(item.params)
+            rows += 1
+            if rows == most:
+                statements.append((sql.insert_messages(rows), tuple(params)))
+                params, rows = [], 0
+    if rows:
+        statements.append((sql.insert_messages(rows), tuple(params)))
+    return statements
 
 
 def _encode_batches(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from hermes_orm import ModelUsage, SessionStore
-from hermes_orm.integrations.hermes import StateDbError, import_state_db
+from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
 from tests._hermes import (
     digest_file,
     expected_message,
@@ -191,6 +192,95 @@ def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path) -> 
     assert not first.diverged_sessions, first.table()
     second = import_state_db(source, store)
     assert second.ok, second.table()
+    assert_same_as_source(store, source)
+
+
+def test_a_session_another_writer_filled_meanwhile_gets_only_the_rest(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The import writes on the cursors it read at the start, each checked as it moves.
+
+    Here another process flushes half of a session the import has not reached
+    yet; the import's write of that session must see the cursor moved, and
+    store only the other half, under the row lock.
+    """
+    source = fixture_copy(tmp_path)
+    _, messages = source_rows(source)
+    store = SessionStore(db_url, check_schema=False)
+    other = SessionStore(db_url, check_schema=False)
+    # Sessions are imported in the source's row order; the last long one is reached late.
+    import_order = [r[0] for r in sqlite3.connect(source).execute("SELECT id FROM sessions")]
+    target = next(sid for sid in reversed(import_order) if len(messages.get(sid, [])) >= 4)
+    wanted = [expected_message(m) for m in messages[target]]
+    half = len(wanted) // 2
+    moved: list[int] = []
+
+    def meanwhile(session_id: str, _cursor: int) -> None:
+        if not moved and session_id != target:
+            moved.append(other.flush(target, wanted[:half]).written)
+
+    report = import_state_db(source, store, batch=40, on_batch=meanwhile)
+    assert moved == [half]
+    assert report.ok, report.table()
+    assert report.messages_written == sum(len(v) for v in messages.values()) - half
+    assert_same_as_source(store, source)
+    other.close()
+    store.close()
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hermes-import-reader"]
+
+
+def test_a_failing_write_stops_the_reader_and_a_rerun_finishes(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source = fixture_copy(tmp_path)
+    inserts = {"n": 0}
+
+    def fail_third_insert(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.startswith("INSERT INTO hermes_messages"):
+            inserts["n"] += 1
+            if inserts["n"] == 3:
+                raise RuntimeError("disk full")
+
+    event.listen(store.engine, "before_cursor_execute", fail_third_insert)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            import_state_db(source, store, batch=20)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", fail_third_insert)
+    assert _reader_threads() == []
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert_same_as_source(store, source)
+
+
+def test_a_failing_source_read_is_a_typed_error_and_a_rerun_finishes(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = fixture_copy(tmp_path)
+    real = sqlite3.Connection.execute
+    calls = {"n": 0}
+
+    class Failing(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            if sql.startswith("SELECT * FROM messages"):
+                calls["n"] += 1
+                if calls["n"] >= 5:  # and when read again, live
+                    raise sqlite3.OperationalError("disk I/O error")
+            return real(self, sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        importer.sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=Failing)
+    )
+    with pytest.raises(StateDbError, match="disk I/O error"):
+        import_state_db(source, store, batch=20)
+    assert _reader_threads() == []
+    monkeypatch.undo()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
     assert_same_as_source(store, source)
 
 

@@ -16,13 +16,15 @@ half-way is finished by the next one with every row once.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Table, bindparam, select
@@ -33,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from hermes_orm import _codec
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
-from hermes_orm.store import SESSION_FIELDS, SessionStore, _StaleHint
+from hermes_orm.store import SESSION_FIELDS, Chunk, PreparedWrite, SessionStore, _StaleHint
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -49,6 +51,7 @@ _BOOL_SESSION = frozenset({"expiry_finalized", "archived"})
 _JSON_MESSAGE = frozenset(_codec.JSON_KEYS)
 _BOOL_MESSAGE = frozenset(_codec.BOOL_KEYS)
 _USAGE_KEY = MODEL_USAGE_KEY
+_T = TypeVar("_T")
 
 
 class StateDbError(HermesOrmError):
@@ -144,9 +147,9 @@ class Source:
             tables = {
                 r[0] for r in self.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
-        except sqlite3.DatabaseError as exc:
+        except StateDbError as exc:
             self.close()
-            raise StateDbError(f"{self.path} is not a SQLite database: {exc}") from exc
+            raise StateDbError(f"{self.path} is not a SQLite database: {exc.__cause__}") from exc
         if not {"sessions", "messages"} <= tables:
             self.close()
             raise StateDbError(
@@ -163,7 +166,10 @@ class Source:
 
     def _connect(self) -> sqlite3.Connection:
         mode = "mode=ro" if self.live else "mode=ro&immutable=1"
-        return sqlite3.connect(f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30)
+        # Read by the import's reader thread, then by the caller's: never at once.
+        return sqlite3.connect(
+            f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30, check_same_thread=False
+        )
 
     def _go_live(self) -> None:
         self.conn.close()
@@ -171,7 +177,11 @@ class Source:
         self.conn = self._connect()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a query and fetch all its rows (reopening live when Hermes shows up)."""
+        """Run a query and fetch all its rows (reopening live when Hermes shows up).
+
+        Raises:
+            StateDbError: SQLite could not read the file.
+        """
         if not self.live:
             try:
                 rows = self.conn.execute(sql, params).fetchall()
@@ -180,7 +190,10 @@ class Source:
             if rows is not None and self._file_stamp() == self._stamp:
                 return rows
             self._go_live()
-        return self.conn.execute(sql, params).fetchall()
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StateDbError(f"reading {self.path} failed: {exc}") from exc
 
     def columns(self, table: str) -> list[str]:
         """Column names of ``table``, in ``SELECT *`` order."""
@@ -483,6 +496,10 @@ class _Chunk:
     messages: list[dict[str, Any]]
     encoded: list[_codec.EncodedMessage]
 
+    def as_store_chunk(self) -> Chunk:
+        """What :meth:`SessionStore._prepare_many` takes."""
+        return (self.session_id, self.cursor, self.encoded, self.before_digest)
+
 
 def _copy_messages(
     store: SessionStore,
@@ -504,18 +521,15 @@ def _copy_messages(
     """
     cursors = _cursors(store, session_ids)
 
-    def on_cursors(group: list[_Chunk]) -> Callable[[Connection], list[tuple[str, int, int]]]:
+    def on_cursors(
+        group: list[_Chunk], prepared: PreparedWrite
+    ) -> Callable[[Connection], list[tuple[str, int, int]]]:
         def work(conn: Connection) -> list[tuple[str, int, int]]:
-            done = []
-            for chunk in group:
-                try:
-                    end, _ = store._insert(
-                        conn, chunk.session_id, chunk.cursor, chunk.before_digest, [chunk.encoded]
-                    )
-                except IntegrityError:
-                    raise _StaleHint from None
-                done.append((chunk.session_id, end - chunk.cursor, end))
-            return done
+            try:
+                store._write_prepared(conn, prepared)
+            except IntegrityError:
+                raise _StaleHint from None
+            return [(c.session_id, len(c.encoded), c.cursor + len(c.encoded)) for c in group]
 
         return work
 
@@ -534,10 +548,19 @@ def _copy_messages(
 
         return work
 
-    for group, sessions_done in _read_groups(src, session_ids, cursors, batch=batch, report=report):
-        if group:
+    # Read, encode and render the statements ahead, in the reader thread.
+    groups = (
+        (
+            group,
+            finished,
+            store._prepare_many([c.as_store_chunk() for c in group]) if group else None,
+        )
+        for group, finished in _read_groups(src, session_ids, cursors, batch=batch, report=report)
+    )
+    for group, sessions_done, prepared in _read_ahead(groups):
+        if prepared is not None:
             try:
-                done = store._write(on_cursors(group))
+                done = store._write(on_cursors(group, prepared))
             except _StaleHint:
                 done = store._write(locked(group))
             for sid, written, cursor in done:
@@ -549,6 +572,55 @@ def _copy_messages(
                     on_batch(sid, cursor)
         if bar is not None:
             bar.update(messages=sum(len(c.encoded) for c in group), sessions=sessions_done)
+
+
+#: Groups read and encoded ahead of the writer.
+_READ_AHEAD = 2
+
+
+def _read_ahead(groups: Iterator[_T]) -> Iterator[_T]:
+    """Run ``groups`` in a thread of its own, up to ``_READ_AHEAD`` items ahead.
+
+    Reading the source and encoding messages is Python work; writing them is
+    mostly SQLite work, done without the GIL: the two overlap. The reader
+    stops when the consumer does (an error, an interrupt): it is told to, and
+    waited for, so the source is never read by two threads at once.
+    """
+    items: queue.Queue[tuple[bool, Any]] = queue.Queue(_READ_AHEAD)
+    stop = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for group in groups:
+                if not put((True, group)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+            return
+        put((False, None))
+
+    reader = threading.Thread(target=read, name="hermes-import-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            more, item = items.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _read_groups(
