@@ -15,7 +15,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,6 +189,7 @@ class FlushSQL:
     per message (about 3x the FTS5 work of a batch).
     """
 
+    mark: str
     insert_head: str
     insert_row: str
     insert_rows_max: int
@@ -203,10 +204,31 @@ class FlushSQL:
         """``INSERT`` of ``rows`` messages (1 to ``insert_rows_max``) in one statement."""
         return self.insert_head + ", ".join([self.insert_row] * rows)
 
+    def advance_many(self, checks_digest: Sequence[bool]) -> str:
+        """One UPDATE moving several sessions' cursors, each compared and swapped.
 
-#: Bound parameters one statement may hold: SQLite's limit (999 before 3.32),
-#: and psycopg's (65,535) on PostgreSQL.
+        Its parameters: (id, new cursor) per session, twice (cursor and message
+        count); (id, digest at the new cursor) per session; (id, tool calls
+        added) per session; then per session its id, its expected cursor and,
+        where ``checks_digest`` says so, its expected digest (as in
+        ``advance_if_digest``; a session at cursor 0 has none to check).
+        """
+        m = self.mark
+        case = "CASE id " + f"WHEN {m} THEN {m} " * len(checks_digest) + "END"
+        where = " OR ".join(
+            f"(id = {m} AND flushed_idx = {m} AND flushed_digest = {m})"
+            if digest
+            else f"(id = {m} AND flushed_idx = {m})"
+            for digest in checks_digest
+        )
+        return (
+            f"UPDATE hermes_sessions SET flushed_idx = {case}, message_count = {case}, "
+            f"flushed_digest = {case}, tool_call_count = tool_call_count + {case} WHERE {where}"
+        )
+
+
 def _max_parameters(dialect: str) -> int:
+    """Bound parameters one statement may hold (SQLite: 999 before 3.32; psycopg: 65,535)."""
     if dialect == "sqlite":
         return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
     return 65535
@@ -230,6 +252,7 @@ def flush_sql(
         f"WHERE id = {mark} AND flushed_idx = {mark}"
     )
     return FlushSQL(
+        mark=mark,
         insert_head=f"INSERT INTO hermes_messages ({', '.join(insert_columns)}) VALUES ",
         insert_row=f"({values})",
         # Rows of a few hundred already amortise the statement; more only grow it.

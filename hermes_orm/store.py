@@ -783,32 +783,20 @@ class SessionStore:
         Any thread may build them (it is pure Python); :meth:`_write_prepared`
         runs them. Every session may appear once.
         """
-        ids = [chunk[0] for chunk in chunks]
-        if len(set(ids)) != len(ids):
+        if len({chunk[0] for chunk in chunks}) != len(chunks):
             raise ValueError("a session may appear once in a prepared write")
-        inserts = _insert_statements(self._sql, chunks)
-        mark = "?" if self._engine.dialect.name == "sqlite" else "%s"
-        sets: dict[str, list[Any]] = {"idx": [], "digest": [], "calls": []}
-        where: list[str] = []
-        where_params: list[Any] = []
+        cursors: list[Any] = []
+        digests: list[Any] = []
+        calls: list[Any] = []
+        expected: list[Any] = []
         for session_id, cursor, batch, digest in chunks:
-            end = cursor + len(batch)
-            sets["idx"] += (session_id, end)
-            sets["digest"] += (session_id, batch[-1].digest if batch else digest)
-            sets["calls"] += (session_id, sum(item.tool_calls for item in batch))
-            if cursor:
-                where.append(f"(id = {mark} AND flushed_idx = {mark} AND flushed_digest = {mark})")
-                where_params += (session_id, cursor, digest)
-            else:
-                where.append(f"(id = {mark} AND flushed_idx = {mark})")
-                where_params += (session_id, cursor)
-        case = "CASE id " + f"WHEN {mark} THEN {mark} " * len(chunks) + "END"
-        advance = (
-            f"UPDATE hermes_sessions SET flushed_idx = {case}, message_count = {case}, "
-            f"flushed_digest = {case}, tool_call_count = tool_call_count + {case} "
-            f"WHERE {' OR '.join(where)}"
-        )
-        params = (*sets["idx"], *sets["idx"], *sets["digest"], *sets["calls"], *where_params)
+            cursors += (session_id, cursor + len(batch))
+            digests += (session_id, batch[-1].digest if batch else digest)
+            calls += (session_id, sum(item.tool_calls for item in batch))
+            expected += (session_id, cursor, digest) if cursor else (session_id, cursor)
+        advance = self._sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
+        params = (*cursors, *cursors, *digests, *calls, *expected)
+        inserts = _insert_statements(self._sql, chunks)
         return PreparedWrite(inserts, (advance, params), len(chunks))
 
     @staticmethod
