@@ -16,8 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hermes_orm.errors import InvalidMessageError
 
@@ -58,8 +57,7 @@ _EMPTY_ROW: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
 _RANK = {column: i for i, column in enumerate(ROW_COLUMNS)}
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedMessage:
+class EncodedMessage(NamedTuple):
     """A validated message ready to insert.
 
     Attributes:
@@ -122,6 +120,8 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
 # of the stored text agree before and after the round trip.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
+# Parses text that _dumps wrote (nothing around the document): skips loads' checks.
+_parse_dumped = json.JSONDecoder().raw_decode
 
 #: JSON-typed columns, in :data:`ROW_COLUMNS` order.
 JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
@@ -131,6 +131,8 @@ _JSON_KEYS = frozenset(JSON_KEYS)
 _BOOL_KEYS_SET = frozenset(BOOL_KEYS)
 #: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
 PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
+# Merged under the stored values, its keys keep PARAM_COLUMNS order: the params.
+_EMPTY_PARAMS: dict[str, Any] = dict.fromkeys(PARAM_COLUMNS)
 
 
 def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessageError | None:
@@ -155,7 +157,7 @@ def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) 
         raise _find_problem(whole, index) or InvalidMessageError(
             "not a JSON value", index=index, key=key
         ) from None
-    if _loads(text) != value:
+    if _parse_dumped(text)[0] != value:
         # Tuples, non-str keys: JSON would read them back as something else.
         raise _find_problem(whole, index) or InvalidMessageError(
             "does not survive a JSON round trip", index=index, key=key
@@ -275,24 +277,29 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
 
     # What is stored, JSON columns as their text: the digest input and the params.
     stored = {**cols, **texts}
-    # Digest input: "column NUL value" per stored column, in column order. No
-    # stored value holds a raw NUL (text with NUL goes to the JSON, which escapes
-    # it), so the encoding is unambiguous.
-    fields = []
-    for column in sorted(stored, key=_RANK.__getitem__):
-        v = stored[column]
-        fields.append(f"{column}\x00{v if type(v) is str else repr(v)}")  # repr: bool, int, float
+    digest = _digest(stored, index)
+    cols["digest"] = stored["digest"] = digest
+    params = tuple({**_EMPTY_PARAMS, **stored}.values())
+    return EncodedMessage(cols, params, digest, tool_calls)
+
+
+def _digest(stored: dict[str, Any], index: int | None) -> bytes:
+    """BLAKE2b-128 of "column NUL value" per stored column, NUL-joined, in column order.
+
+    No stored value holds a raw NUL (text with NUL goes to the JSON, which
+    escapes it), so the encoding is unambiguous. The values are str, or the
+    bool, int and float whose ``str`` is their ``repr``.
+    """
     try:
-        raw = "\x00".join(fields).encode("utf-8")
+        raw = "\x00".join(
+            [f"{column}\x00{stored[column]}" for column in sorted(stored, key=_RANK.__getitem__)]
+        ).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidMessageError(
             "text is not valid Unicode (lone surrogate characters cannot be stored)",
             index=index,
         ) from exc
-    digest = hashlib.blake2b(raw, digest_size=16).digest()
-    cols["digest"] = stored["digest"] = digest
-    params = tuple(map(stored.get, PARAM_COLUMNS))
-    return EncodedMessage(cols=cols, params=params, digest=digest, tool_calls=tool_calls)
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def message_digest(message: Any, index: int | None = None) -> bytes:
