@@ -88,6 +88,10 @@ _HINTS_MAX = 10_000
 _BATCH = 500
 
 
+#: The caller's message at a remembered cursor and a shallow copy of it; see :func:`_pin`.
+Pin = tuple[dict[str, Any], dict[str, Any]]
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
 #: Messages of one session to store from a cursor: (session id, cursor, encoded
 #: messages, the digest stored at that cursor or None at 0).
 Chunk = tuple[str, int, list[_codec.EncodedMessage], bytes | None]
@@ -273,9 +277,10 @@ class SessionStore:
         self._connections_lock = threading.Lock()
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
-        # session id -> (cursor, digest at it) after this store's last write: a
-        # hint that saves reading the row; every use is verified in the database.
-        self._hints: dict[str, tuple[int, bytes | None]] = {}
+        # session id -> (cursor, digest at it, the caller's message there pinned
+        # or None) after this store's last write: a hint that saves reading the
+        # row; every use is verified in the database.
+        self._hints: dict[str, tuple[int, bytes | None, Pin | None]] = {}
         self._sql = _dialects.flush_sql(
             self._engine.dialect.name, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS
         )
@@ -588,24 +593,30 @@ class SessionStore:
             InvalidMessageError: A new message cannot be stored; nothing was written.
             DatabaseBusyError: Transient errors outlasted the retry bound.
         """
-        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        if type(messages) is not list and (
+            isinstance(messages, str | bytes) or not isinstance(messages, Sequence)
+        ):
             raise InvalidMessageError(
                 f"messages must be a list of dicts, got {type(messages).__name__}"
             )
         if verify not in ("last", "full"):
             raise ValueError(f"verify must be 'last' or 'full', got {verify!r}")
 
+        # Taken before anything is encoded: the copy is of what gets stored.
+        pin = _pin(messages[-1]) if messages else None
         hint = self._hints.get(session_id) if verify == "last" else None
         if hint is not None and len(messages) > hint[0]:
             try:
-                return self._flush_on_hint(session_id, messages, *hint)
+                return self._flush_on_hint(session_id, messages, hint, pin)
             except _StaleHint:
                 self._hints.pop(session_id, None)
 
         result, digest = self._write(
             lambda conn: self._flush_locked(conn, session_id, messages, verify)
         )
-        self._remember(session_id, result.cursor, digest)
+        self._remember(
+            session_id, result.cursor, digest, pin if result.cursor == len(messages) else None
+        )
         return result
 
     def _flush_locked(
@@ -646,17 +657,23 @@ class SessionStore:
         self,
         session_id: str,
         messages: Sequence[dict[str, Any]],
-        cursor: int,
-        digest: bytes | None,
+        hint: tuple[int, bytes | None, Pin | None],
+        pin: Pin | None,
     ) -> FlushResult:
         """Flush on the remembered cursor: no read, the UPDATE checks it in the database.
 
         The inserts and the cursor's compare-and-swap are one transaction; if
         the stored cursor or digest is not the remembered one, it rolls back and
-        :class:`_StaleHint` sends the caller to the locked read.
+        :class:`_StaleHint` sends the caller to the locked read. ``messages``
+        must continue at the cursor: the message there is digested, unless it
+        is the one the hint pinned, unchanged. ``pin`` is that of the last message.
         """
-        if cursor and _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
-            raise _StaleHint
+        cursor, digest, pinned = hint
+        if cursor:
+            held = messages[cursor - 1]
+            unchanged = pinned is not None and held is pinned[0] and held == pinned[1]
+            if not unchanged and _digest_or_none(held, cursor - 1) != digest:
+                raise _StaleHint
         encoded: list[list[_codec.EncodedMessage]] | None = None
         if len(messages) - cursor <= _BATCH:
             # Validated before the transaction begins: bad input never takes a lock.
@@ -673,17 +690,19 @@ class SessionStore:
                 raise _StaleHint from None
 
         end, last = self._write(work)
-        self._remember(session_id, end, last)
+        self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
     def _forget(self, session_id: str) -> None:
         """Drop the remembered cursor (before rewriting a session's history)."""
         self._hints.pop(session_id, None)
 
-    def _remember(self, session_id: str, cursor: int, digest: bytes | None) -> None:
+    def _remember(
+        self, session_id: str, cursor: int, digest: bytes | None, pin: Pin | None = None
+    ) -> None:
         if len(self._hints) >= _HINTS_MAX:
             self._hints.clear()
-        self._hints[session_id] = (cursor, digest)
+        self._hints[session_id] = (cursor, digest, pin)
 
     def append(self, session_id: str, message: dict[str, Any]) -> int:
         """Store one message at the session's cursor; returns its ``idx``.
@@ -764,15 +783,15 @@ class SessionStore:
         end, last, tool_calls = cursor, digest, 0
         for batch in batches:
             for statement, params in _insert_statements(sql, [(session_id, end, batch, None)]):
-                conn.exec_driver_sql(statement, params)
+                _dialects.execute_driver_sql(conn, statement, params)
             end += len(batch)
             last = batch[-1].digest
             tool_calls += sum(item.tool_calls for item in batch)
         advance = (end, end, last, tool_calls, session_id, cursor)
         if cursor:
-            moved = conn.exec_driver_sql(sql.advance_if_digest, (*advance, digest)).rowcount
+            moved = _dialects.execute_driver_sql(conn, sql.advance_if_digest, (*advance, digest))
         else:
-            moved = conn.exec_driver_sql(sql.advance, advance).rowcount
+            moved = _dialects.execute_driver_sql(conn, sql.advance, advance)
         if moved != 1:
             raise _StaleHint
         return end, last
@@ -808,9 +827,9 @@ class SessionStore:
                 the caller rolls the transaction back).
         """
         for statement, params in prepared.inserts:
-            conn.exec_driver_sql(statement, params)
+            _dialects.execute_driver_sql(conn, statement, params)
         statement, params = prepared.advance
-        if conn.exec_driver_sql(statement, params).rowcount != prepared.sessions:
+        if _dialects.execute_driver_sql(conn, statement, params) != prepared.sessions:
             raise _StaleHint
 
     def get_messages(
@@ -968,6 +987,19 @@ def _encode_batches(
     for first in range(start, len(messages), _BATCH):
         stop = min(first + _BATCH, len(messages))
         yield [_codec.encode_message(messages[i], i) for i in range(first, stop)]
+
+
+def _pin(message: Any) -> Pin | None:
+    """``message`` and a shallow copy of it, if the copy fixes its content.
+
+    Every value must be a str, number, bool or None: immutable, so while the
+    caller's dict still equals the copy it holds what was stored, and the next
+    flush need not digest it again. A message holding a list or dict (tool
+    calls, content parts) could change inside it unseen: it is not pinned.
+    """
+    if type(message) is dict and all(type(v) in _SCALARS for v in message.values()):
+        return message, dict(message)
+    return None
 
 
 def _digest_or_none(message: Any, index: int) -> bytes | None:

@@ -270,6 +270,117 @@ def test_failure_at_every_statement_then_retry_is_exact(
         assert_exact(store, sid, turn)
 
 
+class _DriverTrap:
+    """Driver cursors that count their statements and can fail the ``n``-th one.
+
+    The failure is injected below SQLAlchemy, in the driver connection's own
+    cursors, so it reaches a flush that runs its statements straight on the
+    driver as well as one that goes through SQLAlchemy.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.fail_at = 0
+        self.exc: Exception | None = None
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count == self.fail_at and self.exc is not None:
+            raise self.exc
+
+    def arm(self, n: int, exc: Exception) -> None:
+        self.count, self.fail_at, self.exc = 0, n, exc
+
+    def connect_args(self, backend: str) -> dict[str, Any]:
+        trap = self
+        if backend == "sqlite":
+            import sqlite3
+
+            class SqliteCursor(sqlite3.Cursor):
+                def execute(self, *args: Any) -> Any:
+                    trap.hit()
+                    return super().execute(*args)
+
+            class SqliteConnection(sqlite3.Connection):
+                def cursor(self, factory: Any = SqliteCursor) -> Any:
+                    return super().cursor(factory)
+
+            return {"factory": SqliteConnection}
+        import psycopg
+
+        class PgCursor(psycopg.Cursor[Any]):
+            def execute(self, *args: Any, **kwargs: Any) -> Any:
+                trap.hit()
+                return super().execute(*args, **kwargs)
+
+        return {"cursor_factory": PgCursor}
+
+
+def _driver_transient(backend: str) -> Exception:
+    """A transient error as the driver itself raises it (not yet wrapped by SQLAlchemy)."""
+    if backend == "sqlite":
+        import sqlite3
+
+        return sqlite3.OperationalError("database is locked")
+    import psycopg.errors
+
+    return psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
+
+
+@pytest.mark.parametrize("failure", ["fatal", "transient"])
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
+    db_url: str, backend: str, path: str, failure: str
+) -> None:
+    """With nothing listening to the engine, a flush runs its statements on the driver cursor.
+
+    Break each of them there: a fatal error leaves the session as it was and a
+    re-flush is exact; a transient one is retried inside the same call.
+    """
+    from hermes_orm import _dialects, create_store_engine
+
+    trap = _DriverTrap()
+    engine = create_store_engine(db_url, connect_args=trap.connect_args(backend))
+    store = SessionStore(engine)
+    assert not _dialects._observed(store._connection())
+    history = conversation(2)
+    turn = [*history, *conversation(1, "t")]
+
+    def writer() -> SessionStore:
+        if path == "remembered cursor":
+            return store
+        return SessionStore(engine, check_schema=False)  # a store with no memory
+
+    store.create_session("probe", source="cli")
+    store.flush("probe", history)
+    flusher = writer()
+    flusher._connection()  # its connection is open before counting
+    trap.arm(0, Boom("never"))
+    flusher.flush("probe", turn)
+    per_flush = trap.count
+    assert per_flush == {"remembered cursor": 2, "locked read": 3}[path] + (backend == "sqlite")
+
+    for n in range(1, per_flush + 1):
+        sid = f"fail-{n}"
+        store.create_session(sid, source="cli")
+        store.flush(sid, history)
+        flusher = writer()
+        flusher._connection()
+        if failure == "transient":
+            trap.arm(n, _driver_transient(backend))
+            assert flusher.flush(sid, turn).written == 3
+            assert trap.count == per_flush + n  # the whole transaction ran again
+        else:
+            trap.arm(n, Boom(f"statement {n}"))
+            with pytest.raises((Boom, DatabaseError)):
+                flusher.flush(sid, turn)
+            assert_exact(store, sid, history)  # nothing half-written
+            assert writer().flush(sid, turn).written == 3
+        assert_exact(store, sid, turn)
+    store.close()
+    engine.dispose()
+
+
 def test_failed_commit_then_retry_is_exact(
     store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -509,6 +620,61 @@ def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Eng
     other.create_session("s", source="cli")
     assert store.flush("s", [*first, *second]) == FlushResult(written=6, cursor=6)
     assert_exact(store, "s", [*first, *second])
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["text replaced", "key added", "key removed", "tool call edited inside"],
+)
+def test_a_stored_message_changed_in_place_is_refused(store: SessionStore, change: str) -> None:
+    """The next flush sees a change to the caller's last stored dict, however it was made."""
+    store.create_session("s", source="cli")
+    msgs = conversation(1)
+    if change == "tool call edited inside":
+        msgs.pop()  # the assistant message with its tool call list is last
+    store.flush("s", msgs)
+    last = msgs[-1]
+    if change == "text replaced":
+        last["content"] = "result 0 (edited)"
+    elif change == "key added":
+        last["reasoning"] = "added after the flush"
+    elif change == "key removed":
+        del last["tool_call_id"]
+    else:
+        last["tool_calls"][0]["function"]["arguments"] = '{"q": "edited"}'
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", [*msgs, {"role": "user", "content": "next"}])
+    assert store.get_session("s")["flushed_idx"] == len(msgs)
+
+
+def test_a_turn_encodes_only_its_new_messages(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored message at the cursor is not digested again while the caller's dict is unchanged.
+
+    A message holding lists or dicts is: what is inside may have changed.
+    """
+    from hermes_orm import _codec
+
+    encoded: list[dict[str, Any]] = []
+    encode = _codec.encode_message
+
+    def counting(message: Any, index: int | None = None) -> _codec.EncodedMessage:
+        encoded.append(message)
+        return encode(message, index)
+
+    monkeypatch.setattr(_codec, "encode_message", counting)
+    store.create_session("s", source="cli")
+    msgs = conversation(1)
+    store.flush("s", msgs)  # ends with the tool result: text only
+    encoded.clear()
+    msgs += conversation(1, "b")[:2]  # ends with the assistant's tool call
+    store.flush("s", msgs)
+    assert encoded == msgs[3:]
+    encoded.clear()
+    msgs.append(conversation(1, "b")[2])
+    store.flush("s", msgs)
+    assert encoded == [msgs[4], msgs[5]]  # the tool call list is digested again
 
 
 def test_no_transaction_is_left_open_between_calls(
