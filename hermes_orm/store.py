@@ -281,9 +281,7 @@ class SessionStore:
         # or None) after this store's last write: a hint that saves reading the
         # row; every use is verified in the database.
         self._hints: dict[str, tuple[int, bytes | None, Pin | None]] = {}
-        self._sql = _dialects.flush_sql(
-            self._engine.dialect.name, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS
-        )
+        self._sql = flush_sql(self._engine.dialect.name)
 
     @property
     def engine(self) -> Engine:
@@ -796,31 +794,9 @@ class SessionStore:
             raise _StaleHint
         return end, last
 
-    def _prepare_many(self, chunks: Sequence[Chunk]) -> PreparedWrite:
-        """Statements that store each chunk's rows and move each cursor past them.
-
-        Any thread may build them (it is pure Python); :meth:`_write_prepared`
-        runs them. Every session may appear once.
-        """
-        if len({chunk[0] for chunk in chunks}) != len(chunks):
-            raise ValueError("a session may appear once in a prepared write")
-        cursors: list[Any] = []
-        digests: list[Any] = []
-        calls: list[Any] = []
-        expected: list[Any] = []
-        for session_id, cursor, batch, digest in chunks:
-            cursors += (session_id, cursor + len(batch))
-            digests += (session_id, batch[-1].digest if batch else digest)
-            calls += (session_id, sum(item.tool_calls for item in batch))
-            expected += (session_id, cursor, digest) if cursor else (session_id, cursor)
-        advance = self._sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
-        params = (*cursors, *cursors, *digests, *calls, *expected)
-        inserts = _insert_statements(self._sql, chunks)
-        return PreparedWrite(inserts, (advance, params), len(chunks))
-
     @staticmethod
     def _write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
-        """Run a :meth:`_prepare_many` write in ``conn``'s transaction.
+        """Run a :func:`prepare_many` write in ``conn``'s transaction.
 
         Raises:
             _StaleHint: A cursor was not where the chunk said (nothing to keep:
@@ -956,6 +932,33 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     ):
         raise SearchQueryError(f"{name} must be a str or a non-empty list of str, got {value!r}")
     return tuple(values)
+
+
+def flush_sql(dialect: str) -> _dialects.FlushSQL:
+    """The flush's statements for ``dialect`` (``sqlite`` or ``postgresql``)."""
+    return _dialects.flush_sql(dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS)
+
+
+def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWrite:
+    """Statements that store each chunk's rows and move each cursor past them.
+
+    Pure Python, so any thread or process may build them;
+    :meth:`SessionStore._write_prepared` runs them. Every session may appear once.
+    """
+    if len({chunk[0] for chunk in chunks}) != len(chunks):
+        raise ValueError("a session may appear once in a prepared write")
+    cursors: list[Any] = []
+    digests: list[Any] = []
+    calls: list[Any] = []
+    expected: list[Any] = []
+    for session_id, cursor, batch, digest in chunks:
+        cursors += (session_id, cursor + len(batch))
+        digests += (session_id, batch[-1].digest if batch else digest)
+        calls += (session_id, sum(item.tool_calls for item in batch))
+        expected += (session_id, cursor, digest) if cursor else (session_id, cursor)
+    advance = sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
+    params = (*cursors, *cursors, *digests, *calls, *expected)
+    return PreparedWrite(_insert_statements(sql, chunks), (advance, params), len(chunks))
 
 
 def _insert_statements(

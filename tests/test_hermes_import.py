@@ -30,6 +30,37 @@ ROOT = Path(__file__).resolve().parents[1]
 _BOOL_SESSION = {"expiry_finalized", "archived"}
 
 
+@pytest.fixture(params=["thread", "process"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the import reads the source: a thread (small imports) or a child process (large)."""
+    threshold = 0 if request.param == "process" else 10**12
+    monkeypatch.setattr(importer, "PROCESS_READER_FROM", threshold)
+    return str(request.param)
+
+
+class _Children:
+    """The reader processes an import started (``subprocess.Popen`` spied on, not replaced)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        real = subprocess.Popen
+
+        def spy(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+            proc = real(*args, **kwargs)
+            self.started.append(proc)
+            return proc
+
+        monkeypatch.setattr(importer.subprocess, "Popen", spy)
+
+    def all_ended(self) -> bool:
+        return all(proc.poll() is not None for proc in self.started)
+
+
+@pytest.fixture
+def reader_processes(monkeypatch: pytest.MonkeyPatch) -> _Children:
+    return _Children(monkeypatch)
+
+
 def assert_same_as_source(store: SessionStore, source: Path) -> None:
     """Every session and message of the source, field by field, in the destination."""
     sessions, messages = source_rows(source)
@@ -49,7 +80,7 @@ def assert_same_as_source(store: SessionStore, source: Path) -> None:
 
 
 def test_fixture_imports_losslessly_and_twice_writes_nothing(
-    store: SessionStore, tmp_path: Path
+    store: SessionStore, tmp_path: Path, reader: str, reader_processes: _Children
 ) -> None:
     (tmp_path / "hermes").mkdir()
     source = fixture_copy(tmp_path / "hermes")
@@ -70,6 +101,8 @@ def test_fixture_imports_losslessly_and_twice_writes_nothing(
     # the source was only read: same bytes, and no -wal/-shm appeared beside it
     assert digest_file(source) == before
     assert sorted(p.name for p in (tmp_path / "hermes").iterdir()) == ["state.db"]
+    assert len(reader_processes.started) == (2 if reader == "process" else 0)
+    assert reader_processes.all_ended()
 
 
 def test_incremental_import_copies_only_what_hermes_appended(
@@ -126,12 +159,28 @@ def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) ->
         import_state_db(junk, store)
 
 
-def test_killed_import_resumes_with_every_row_once(db_url: str, tmp_path: Path) -> None:
+def _reader_processes_alive() -> list[int]:
+    """Pids of running import reader processes (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if entry.name.isdigit() and importer._READER_MODULE.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_import_resumes_with_every_row_once(
+    db_url: str, tmp_path: Path, reader: str
+) -> None:
     source = fixture_copy(tmp_path)
     total = grow(source, 15)
     code = (
         "import sys\n"
-        "from hermes_orm.integrations.hermes import import_state_db\n"
+        "from hermes_orm.integrations.hermes import import_state_db, importer\n"
+        f"importer.PROCESS_READER_FROM = {importer.PROCESS_READER_FROM}\n"
         "import_state_db(sys.argv[1], sys.argv[2], batch=20)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(source), db_url], cwd=ROOT)
@@ -151,6 +200,11 @@ def test_killed_import_resumes_with_every_row_once(db_url: str, tmp_path: Path) 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < copied < total
+    # An orphaned reader ends at its next write to the pipe nobody reads.
+    deadline = time.monotonic() + 30
+    while _reader_processes_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _reader_processes_alive() == []
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert report.counts["messages"].destination == total
@@ -158,7 +212,7 @@ def test_killed_import_resumes_with_every_row_once(db_url: str, tmp_path: Path) 
     store.close()
 
 
-def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path) -> None:
+def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path, reader: str) -> None:
     from hermes_state import SessionDB
 
     source = fixture_copy(tmp_path)
@@ -196,7 +250,7 @@ def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path) -> 
 
 
 def test_a_session_another_writer_filled_meanwhile_gets_only_the_rest(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, reader: str
 ) -> None:
     """The import writes on the cursors it read at the start, each checked as it moves.
 
@@ -233,7 +287,7 @@ def _reader_threads() -> list[threading.Thread]:
 
 
 def test_a_failing_write_stops_the_reader_and_a_rerun_finishes(
-    store: SessionStore, tmp_path: Path
+    store: SessionStore, tmp_path: Path, reader: str, reader_processes: _Children
 ) -> None:
     source = fixture_copy(tmp_path)
     inserts = {"n": 0}
@@ -251,6 +305,8 @@ def test_a_failing_write_stops_the_reader_and_a_rerun_finishes(
     finally:
         event.remove(store.engine, "before_cursor_execute", fail_third_insert)
     assert _reader_threads() == []
+    assert reader_processes.all_ended()
+    assert len(reader_processes.started) == (reader == "process")
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert_same_as_source(store, source)
@@ -279,6 +335,64 @@ def test_a_failing_source_read_is_a_typed_error_and_a_rerun_finishes(
         import_state_db(source, store, batch=20)
     assert _reader_threads() == []
     monkeypatch.undo()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert_same_as_source(store, source)
+
+
+def _corrupt_a_message_page(path: Path) -> None:
+    """Overwrite one page of the messages table (its indexes stay whole).
+
+    Counting messages per session reads an index only, so the import gets as far
+    as reading the messages themselves, and fails there: a real read error.
+    """
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = [
+        r[0]
+        for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'messages' AND pagetype = 'leaf'"
+        )
+    ]
+    conn.close()
+    with path.open("r+b") as f:
+        f.seek((pages[len(pages) // 2] - 1) * page_size)
+        f.write(b"\xff" * page_size)
+
+
+def test_a_corrupt_source_is_a_typed_error_and_a_rerun_after_repair_finishes(
+    store: SessionStore, tmp_path: Path, reader: str, reader_processes: _Children
+) -> None:
+    source = fixture_copy(tmp_path)
+    intact = tmp_path / "intact.db"
+    intact.write_bytes(source.read_bytes())
+    _corrupt_a_message_page(source)
+    with pytest.raises(StateDbError, match="malformed"):
+        import_state_db(source, store, batch=20)
+    assert _reader_threads() == []
+    assert reader_processes.all_ended()
+    source.write_bytes(intact.read_bytes())  # the user restores a backup
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert_same_as_source(store, source)
+
+
+def test_a_killed_reader_process_is_a_typed_error_and_a_rerun_finishes(
+    store: SessionStore,
+    tmp_path: Path,
+    reader_processes: _Children,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(importer, "PROCESS_READER_FROM", 0)
+    source = fixture_copy(tmp_path)
+
+    def kill_reader(_session_id: str, _cursor: int) -> None:
+        for proc in reader_processes.started:
+            proc.kill()
+
+    with pytest.raises(StateDbError, match="reader process stopped"):
+        import_state_db(source, store, batch=20, on_batch=kill_reader)
+    assert _reader_threads() == []
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert_same_as_source(store, source)

@@ -15,13 +15,16 @@ half-way is finished by the next one with every row once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import queue
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -35,7 +38,15 @@ from sqlalchemy.exc import IntegrityError
 from hermes_orm import _codec
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
-from hermes_orm.store import SESSION_FIELDS, Chunk, PreparedWrite, SessionStore, _StaleHint
+from hermes_orm.store import (
+    SESSION_FIELDS,
+    Chunk,
+    PreparedWrite,
+    SessionStore,
+    _StaleHint,
+    flush_sql,
+    prepare_many,
+)
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -166,7 +177,7 @@ class Source:
 
     def _connect(self) -> sqlite3.Connection:
         mode = "mode=ro" if self.live else "mode=ro&immutable=1"
-        # Read by the import's reader thread, then by the caller's: never at once.
+        # The reader's own Source may be closed by whichever thread ends its generator.
         return sqlite3.connect(
             f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30, check_same_thread=False
         )
@@ -378,6 +389,7 @@ def import_state_db(
             store,
             src,
             [r["id"] for r in session_rows],
+            totals=totals,
             batch=batch,
             bar=bar,
             on_batch=on_batch,
@@ -491,14 +503,63 @@ class _Chunk:
 
     session_id: str
     cursor: int
-    before: dict[str, Any] | None  # the message at cursor - 1, as the source has it
-    before_digest: bytes | None
-    messages: list[dict[str, Any]]
+    before_digest: bytes | None  # of the message at cursor - 1, as the source has it
     encoded: list[_codec.EncodedMessage]
 
     def as_store_chunk(self) -> Chunk:
-        """What :meth:`SessionStore._prepare_many` takes."""
+        """What :func:`hermes_orm.store.prepare_many` takes."""
         return (self.session_id, self.cursor, self.encoded, self.before_digest)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One transaction's worth of messages, read, encoded and rendered by the reader.
+
+    ``pieces`` names each session's part: (session id, cursor, how many).
+    """
+
+    pieces: list[tuple[str, int, int]]
+    prepared: PreparedWrite | None
+    sessions_done: int
+    invalid: dict[str, str]
+    diverged: list[str]
+
+
+@dataclass(frozen=True)
+class ReadJob:
+    """What the reader needs: it opens the source itself, in its thread or process."""
+
+    source: Path
+    dialect: str
+    session_ids: list[str]
+    cursors: dict[str, tuple[int, bytes | None]]
+    batch: int
+
+
+def read_batches(job: ReadJob) -> Iterator[_Batch]:
+    """Read and encode what each session lacks, and render the statements that write it."""
+    src = open_source(job.source)
+    sql = flush_sql(job.dialect)
+    scratch = ImportReport()
+    try:
+        for group, finished in _read_groups(
+            src, job.session_ids, job.cursors, batch=job.batch, report=scratch
+        ):
+            yield _Batch(
+                [(c.session_id, c.cursor, len(c.encoded)) for c in group],
+                prepare_many(sql, [c.as_store_chunk() for c in group]) if group else None,
+                finished,
+                dict(scratch.invalid_sessions),
+                list(scratch.diverged_sessions),
+            )
+            scratch.invalid_sessions.clear()
+            scratch.diverged_sessions.clear()
+    finally:
+        src.close()
+
+
+#: Messages to copy from which the reader runs in a process of its own.
+PROCESS_READER_FROM = 50_000
 
 
 def _copy_messages(
@@ -506,6 +567,7 @@ def _copy_messages(
     src: Source,
     session_ids: list[str],
     *,
+    totals: dict[str, int],
     batch: int,
     bar: _Progress | None,
     on_batch: Callable[[str, int], None] | None,
@@ -518,73 +580,140 @@ def _copy_messages(
     A transaction first writes on the cursors read at the start, each checked
     by the cursor's compare-and-swap; if any moved (another writer), it is
     rolled back and written again reading each cursor under its row lock.
-    """
-    cursors = _cursors(store, session_ids)
 
-    def on_cursors(
-        group: list[_Chunk], prepared: PreparedWrite
-    ) -> Callable[[Connection], list[tuple[str, int, int]]]:
+    Reading the source and encoding the messages run ahead of the writer, in a
+    thread, or, when :data:`PROCESS_READER_FROM` messages or more are to be
+    copied, in a child process: that Python work then runs on another core instead of
+    taking turns with the writer's for the interpreter lock.
+    """
+    columns = src.columns("messages")
+    cursors = _cursors(store, session_ids)
+    job = ReadJob(src.path, store.engine.dialect.name, session_ids, cursors, batch)
+    remaining = sum(max(0, n - cursors.get(sid, (0, None))[0]) for sid, n in totals.items())
+
+    def on_cursors(item: _Batch, prepared: PreparedWrite) -> Callable[[Connection], list[Any]]:
         def work(conn: Connection) -> list[tuple[str, int, int]]:
             try:
                 store._write_prepared(conn, prepared)
             except IntegrityError:
                 raise _StaleHint from None
-            return [(c.session_id, len(c.encoded), c.cursor + len(c.encoded)) for c in group]
+            return [(sid, count, cursor + count) for sid, cursor, count in item.pieces]
 
         return work
 
-    def locked(group: list[_Chunk]) -> Callable[[Connection], list[tuple[str, int, int]]]:
+    def locked(item: _Batch) -> Callable[[Connection], list[tuple[str, int, int]]]:
+        # Read again from the source: the reader sends statements, not messages.
+        tails = [
+            (sid, _source_tail(src, columns, sid, cursor, n)) for sid, cursor, n in item.pieces
+        ]
+
         def work(conn: Connection) -> list[tuple[str, int, int]]:
             done = []
-            for chunk in group:
-                tail = _Tail(chunk.cursor, chunk.before, chunk.messages)
+            for sid, tail in tails:
                 try:
-                    result = store._flush_locked(conn, chunk.session_id, tail)[0]
+                    result = store._flush_locked(conn, sid, tail)[0]
                 except HistoryDivergedError:  # raised before this session wrote anything
-                    done.append((chunk.session_id, -1, -1))  # reported once committed
+                    done.append((sid, -1, -1))  # reported once committed
                     continue
-                done.append((chunk.session_id, result.written, result.cursor))
+                done.append((sid, result.written, result.cursor))
             return done
 
         return work
 
-    # Read, encode and render the statements ahead, in the reader thread.
-    groups = (
-        (
-            group,
-            finished,
-            store._prepare_many([c.as_store_chunk() for c in group]) if group else None,
-        )
-        for group, finished in _read_groups(src, session_ids, cursors, batch=batch, report=report)
-    )
-    for group, sessions_done, prepared in _read_ahead(groups):
-        if prepared is not None:
-            try:
-                done = store._write(on_cursors(group, prepared))
-            except _StaleHint:
-                done = store._write(locked(group))
-            for sid, written, cursor in done:
-                if written < 0:
-                    report.diverged_sessions.append(sid)
-                    continue
-                report.messages_written += written
-                if on_batch is not None:
-                    on_batch(sid, cursor)
-        if bar is not None:
-            bar.update(messages=sum(len(c.encoded) for c in group), sessions=sessions_done)
+    reader = _read_in_process(job) if remaining >= PROCESS_READER_FROM else _read_in_thread(job)
+    with contextlib.closing(reader):  # the reader stops here, however the loop ends
+        for item in reader:
+            report.invalid_sessions.update(item.invalid)
+            report.diverged_sessions.extend(item.diverged)
+            if item.prepared is not None:
+                try:
+                    done = store._write(on_cursors(item, item.prepared))
+                except _StaleHint:
+                    done = store._write(locked(item))
+                for sid, written, cursor in done:
+                    if written < 0:
+                        report.diverged_sessions.append(sid)
+                        continue
+                    report.messages_written += written
+                    if on_batch is not None:
+                        on_batch(sid, cursor)
+            if bar is not None:
+                bar.update(messages=sum(n for _, _, n in item.pieces), sessions=item.sessions_done)
 
 
-#: Groups read and encoded ahead of the writer.
+def _source_tail(
+    src: Source, columns: list[str], session_id: str, cursor: int, count: int
+) -> _Tail:
+    """The source's messages ``cursor`` to ``cursor + count`` of a session, and the one before."""
+    before = None
+    if cursor:
+        found = src.execute(_READ_ONE, (session_id, cursor - 1))
+        before = message_dict(columns, found[0]) if found else None
+    rows = src.execute(_READ_MANY, (session_id, count, cursor))
+    return _Tail(cursor, before, [message_dict(columns, r) for r in rows])
+
+
+_READ_ONE = "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?"
+_READ_MANY = "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?"
+#: Batches read and encoded ahead of the writer.
 _READ_AHEAD = 2
+_READER_MODULE = "hermes_orm.integrations.hermes._reader"
 
 
-def _read_ahead(groups: Iterator[_T]) -> Iterator[_T]:
-    """Run ``groups`` in a thread of its own, up to ``_READ_AHEAD`` items ahead.
+def _read_in_thread(job: ReadJob) -> Generator[_Batch, None, None]:
+    return _read_ahead(read_batches(job))
+
+
+def _read_in_process(job: ReadJob) -> Generator[_Batch, None, None]:
+    """Run :func:`read_batches` in a child Python (``python -m`` of our reader module).
+
+    The job goes to its stdin and the batches come back pickled on its stdout,
+    taken off the pipe by a thread ahead of the writer. The child is killed
+    when the import ends, however it ends; if the importing process dies, the
+    child's next write to the closed pipe ends it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", _READER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    out = proc.stdout
+
+    def batches() -> Iterator[_Batch]:
+        while True:
+            try:
+                kind, payload = pickle.load(out)
+            except (EOFError, pickle.UnpicklingError, OSError) as exc:
+                raise StateDbError(
+                    f"the import's reader process stopped (exit code {proc.poll()}): {exc!r}"
+                ) from None
+            if kind == "batch":
+                yield payload
+            elif kind == "error":
+                raise payload
+            else:
+                return
+
+    try:
+        pickle.dump(job, proc.stdin)
+        proc.stdin.close()
+        yield from _read_ahead(batches(), on_stop=proc.kill)
+    finally:
+        proc.kill()
+        proc.wait()
+        out.close()
+
+
+def _read_ahead(
+    items_in: Iterator[_T], on_stop: Callable[[], None] | None = None
+) -> Generator[_T, None, None]:
+    """Run ``items_in`` in a thread of its own, up to ``_READ_AHEAD`` items ahead.
 
     Reading the source and encoding messages is Python work; writing them is
     mostly SQLite work, done without the GIL: the two overlap. The reader
-    stops when the consumer does (an error, an interrupt): it is told to, and
-    waited for, so the source is never read by two threads at once.
+    stops when the consumer does (an error, an interrupt): it is told to
+    (``on_stop`` too, to end what it waits on), and waited for, so the source
+    is never read by two threads at once.
     """
     items: queue.Queue[tuple[bool, Any]] = queue.Queue(_READ_AHEAD)
     stop = threading.Event()
@@ -600,8 +729,8 @@ def _read_ahead(groups: Iterator[_T]) -> Iterator[_T]:
 
     def read() -> None:
         try:
-            for group in groups:
-                if not put((True, group)):
+            for item in items_in:
+                if not put((True, item)):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
             put((False, exc))
@@ -620,6 +749,8 @@ def _read_ahead(groups: Iterator[_T]) -> Iterator[_T]:
             yield item
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
         reader.join()
 
 
@@ -641,23 +772,16 @@ def _read_groups(
     size = finished = 0
     for sid in session_ids:
         cursor, stored_digest = cursors.get(sid, (0, None))
-        before = None
+        before_digest = stored_digest
         if cursor:
-            found = src.execute(
-                "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?",
-                (sid, cursor - 1),
-            )
+            found = src.execute(_READ_ONE, (sid, cursor - 1))
             if not found:  # the source holds fewer messages than were imported
                 report.diverged_sessions.append(sid)
                 finished += 1
                 continue
-            before = message_dict(columns, found[0])
-        before_digest = stored_digest if before is None else _digest_or_none(before)
+            before_digest = _digest_or_none(message_dict(columns, found[0]))
         while True:
-            rows = src.execute(
-                "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?",
-                (sid, batch, cursor),
-            )
+            rows = src.execute(_READ_MANY, (sid, batch, cursor))
             if rows:
                 messages = [message_dict(columns, r) for r in rows]
                 try:
@@ -665,13 +789,9 @@ def _read_groups(
                 except InvalidMessageError as exc:
                     report.invalid_sessions[sid] = str(exc)
                     break
-                group.append(_Chunk(sid, cursor, before, before_digest, messages, encoded))
+                group.append(_Chunk(sid, cursor, before_digest, encoded))
                 size += len(rows)
-                cursor, before, before_digest = (
-                    cursor + len(rows),
-                    messages[-1],
-                    encoded[-1].digest,
-                )
+                cursor, before_digest = cursor + len(rows), encoded[-1].digest
             if size >= batch:
                 yield group, finished
                 group, size, finished = [], 0, 0
