@@ -54,8 +54,11 @@ _usage: Table = ModelUsage.__table__  # type: ignore[assignment]
 
 #: Prefix Hermes puts before JSON-encoded (multimodal) content.
 CONTENT_JSON_PREFIX = "\x00json:"
-#: Messages read and flushed per transaction.
-BATCH = 2000
+#: Messages read and flushed per transaction. Into SQLite, a million messages went in
+#: 15% faster in batches of 8,000 than of 2,000 (fewer commits, fewer and larger
+#: search index segments to merge); 20,000 was no faster. A batch holds the
+#: destination's write lock for well under a second.
+BATCH = 8000
 #: Session columns whose Hermes value is kept as is but whose meaning is ours.
 _COUNTERS = ("message_count", "tool_call_count")
 _BOOL_SESSION = frozenset({"expiry_finalized", "archived"})
