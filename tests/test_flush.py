@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -227,33 +227,40 @@ def test_messages_go_in_as_one_multi_row_insert_per_batch(
     assert_exact(store, "s", msgs)
 
 
+def _flusher(path: str, store: SessionStore, engine: Engine) -> Callable[[], SessionStore]:
+    """The store that flushes on ``path``.
+
+    A store remembers the cursor it last wrote and verifies it in the UPDATE
+    ("remembered cursor"); a store that knows nothing reads it under the row
+    lock first ("locked read").
+    """
+    if path == "remembered cursor":
+        return lambda: store
+    return lambda: SessionStore(engine, check_schema=False)  # a store with no memory
+
+
+def _statements_per_flush(path: str, dialect: str) -> int:
+    """A flush's statements on ``path``; SQLite's writes begin with BEGIN IMMEDIATE."""
+    return {"remembered cursor": 2, "locked read": 3}[path] + (dialect == "sqlite")
+
+
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_failure_at_every_statement_then_retry_is_exact(
     store: SessionStore, engine: Engine, statements: list[str], path: str
 ) -> None:
     """Fail each statement of a flush in turn; the retry must leave exactly one copy.
 
-    A store remembers the cursor it last wrote and verifies it in the UPDATE
-    ("remembered cursor"); a store that knows nothing reads it under the row
-    lock first ("locked read"). Both paths are broken at every statement.
+    Both paths (see :func:`_flusher`) are broken at every statement.
     """
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
-
-    def writer() -> SessionStore:
-        if path == "remembered cursor":
-            return store
-        return SessionStore(engine, check_schema=False)  # a store with no memory
-
+    writer = _flusher(path, store, engine)
     store.create_session("probe", source="cli")
     store.flush("probe", history)
     statements.clear()
     writer().flush("probe", turn)
     per_flush = len(statements)
-    expected = {"remembered cursor": 2, "locked read": 3}[path]
-    if engine.dialect.name == "sqlite":
-        expected += 1  # BEGIN IMMEDIATE
-    assert per_flush == expected
+    assert per_flush == _statements_per_flush(path, engine.dialect.name)
 
     for n in range(1, per_flush + 1):
         sid = f"fail-{n}"
@@ -345,12 +352,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     assert not _dialects._observed(store._connection())
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
-
-    def writer() -> SessionStore:
-        if path == "remembered cursor":
-            return store
-        return SessionStore(engine, check_schema=False)  # a store with no memory
-
+    writer = _flusher(path, store, engine)
     store.create_session("probe", source="cli")
     store.flush("probe", history)
     flusher = writer()
@@ -358,7 +360,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     trap.arm(0, Boom("never"))
     flusher.flush("probe", turn)
     per_flush = trap.count
-    assert per_flush == {"remembered cursor": 2, "locked read": 3}[path] + (backend == "sqlite")
+    assert per_flush == _statements_per_flush(path, backend)
 
     for n in range(1, per_flush + 1):
         sid = f"fail-{n}"
