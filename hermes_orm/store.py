@@ -794,20 +794,6 @@ class SessionStore:
             raise _StaleHint
         return end, last
 
-    @staticmethod
-    def _write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
-        """Run a :func:`prepare_many` write in ``conn``'s transaction.
-
-        Raises:
-            _StaleHint: A cursor was not where the chunk said (nothing to keep:
-                the caller rolls the transaction back).
-        """
-        for statement, params in prepared.inserts:
-            _dialects.execute_driver_sql(conn, statement, params)
-        statement, params = prepared.advance
-        if _dialects.execute_driver_sql(conn, statement, params) != prepared.sessions:
-            raise _StaleHint
-
     def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None
     ) -> list[dict[str, Any]]:
@@ -942,8 +928,8 @@ def flush_sql(dialect: str) -> _dialects.FlushSQL:
 def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWrite:
     """Statements that store each chunk's rows and move each cursor past them.
 
-    Pure Python, so any thread or process may build them;
-    :meth:`SessionStore._write_prepared` runs them. Every session may appear once.
+    Pure Python, so any thread or process may build them; :func:`write_prepared`
+    runs them. Every session may appear once.
     """
     if len({chunk[0] for chunk in chunks}) != len(chunks):
         raise ValueError("a session may appear once in a prepared write")
@@ -959,6 +945,20 @@ def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWr
     advance = sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
     params = (*cursors, *cursors, *digests, *calls, *expected)
     return PreparedWrite(_insert_statements(sql, chunks), (advance, params), len(chunks))
+
+
+def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
+    """Run a :func:`prepare_many` write in ``conn``'s transaction.
+
+    Raises:
+        _StaleHint: A cursor was not where the chunk said (nothing to keep:
+            the caller rolls the transaction back).
+    """
+    for statement, params in prepared.inserts:
+        _dialects.execute_driver_sql(conn, statement, params)
+    statement, params = prepared.advance
+    if _dialects.execute_driver_sql(conn, statement, params) != prepared.sessions:
+        raise _StaleHint
 
 
 def _insert_statements(

@@ -46,6 +46,7 @@ from hermes_orm.store import (
     _StaleHint,
     flush_sql,
     prepare_many,
+    write_prepared,
 )
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -500,20 +501,6 @@ def _upsert_sessions(
     return written
 
 
-@dataclass
-class _Chunk:
-    """Messages of one session to store at ``cursor``, read and encoded."""
-
-    session_id: str
-    cursor: int
-    before_digest: bytes | None  # of the message at cursor - 1, as the source has it
-    encoded: list[_codec.EncodedMessage]
-
-    def as_store_chunk(self) -> Chunk:
-        """What :func:`hermes_orm.store.prepare_many` takes."""
-        return (self.session_id, self.cursor, self.encoded, self.before_digest)
-
-
 @dataclass(frozen=True)
 class _Batch:
     """One transaction's worth of messages, read, encoded and rendered by the reader.
@@ -549,8 +536,8 @@ def read_batches(job: ReadJob) -> Iterator[_Batch]:
             src, job.session_ids, job.cursors, batch=job.batch, report=scratch
         ):
             yield _Batch(
-                [(c.session_id, c.cursor, len(c.encoded)) for c in group],
-                prepare_many(sql, [c.as_store_chunk() for c in group]) if group else None,
+                [(sid, cursor, len(encoded)) for sid, cursor, encoded, _ in group],
+                prepare_many(sql, group) if group else None,
                 finished,
                 dict(scratch.invalid_sessions),
                 list(scratch.diverged_sessions),
@@ -597,7 +584,7 @@ def _copy_messages(
     def on_cursors(item: _Batch, prepared: PreparedWrite) -> Callable[[Connection], list[Any]]:
         def work(conn: Connection) -> list[tuple[str, int, int]]:
             try:
-                store._write_prepared(conn, prepared)
+                write_prepared(conn, prepared)
             except IntegrityError:
                 raise _StaleHint from None
             return [(sid, count, cursor + count) for sid, cursor, count in item.pieces]
@@ -715,8 +702,8 @@ def _read_ahead(
     Reading the source and encoding messages is Python work; writing them is
     mostly SQLite work, done without the GIL: the two overlap. The reader
     stops when the consumer does (an error, an interrupt): it is told to
-    (``on_stop`` too, to end what it waits on), and waited for, so the source
-    is never read by two threads at once.
+    (``on_stop`` too, to end what it waits on), and waited for, so no reading
+    goes on once the import has returned.
     """
     items: queue.Queue[tuple[bool, Any]] = queue.Queue(_READ_AHEAD)
     stop = threading.Event()
@@ -764,14 +751,14 @@ def _read_groups(
     *,
     batch: int,
     report: ImportReport,
-) -> Iterator[tuple[list[_Chunk], int]]:
+) -> Iterator[tuple[list[Chunk], int]]:
     """Read and encode what each session lacks; yield groups of about ``batch`` messages.
 
     Each item is a group to write in one transaction and how many sessions
     were finished while reading it.
     """
     columns = src.columns("messages")
-    group: list[_Chunk] = []
+    group: list[Chunk] = []
     size = finished = 0
     for sid in session_ids:
         cursor, stored_digest = cursors.get(sid, (0, None))
@@ -792,7 +779,7 @@ def _read_groups(
                 except InvalidMessageError as exc:
                     report.invalid_sessions[sid] = str(exc)
                     break
-                group.append(_Chunk(sid, cursor, before_digest, encoded))
+                group.append((sid, cursor, encoded, before_digest))
                 size += len(rows)
                 cursor, before_digest = cursor + len(rows), encoded[-1].digest
             if size >= batch:
