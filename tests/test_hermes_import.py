@@ -312,6 +312,35 @@ def test_a_failing_write_stops_the_reader_and_a_rerun_finishes(
     assert_same_as_source(store, source)
 
 
+def test_the_reader_runs_while_sessions_are_written_and_stops_if_they_fail(
+    store: SessionStore,
+    tmp_path: Path,
+    reader: str,
+    reader_processes: _Children,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = fixture_copy(tmp_path)
+    seen: list[tuple[int, int]] = []
+    write_sessions = importer._upsert_sessions
+
+    def sessions_then_fail(*args: Any, **kwargs: Any) -> int:
+        alive = [proc for proc in reader_processes.started if proc.poll() is None]
+        seen.append((len(_reader_threads()), len(alive)))
+        write_sessions(*args, **kwargs)
+        raise RuntimeError("lost the database")
+
+    monkeypatch.setattr(importer, "_upsert_sessions", sessions_then_fail)
+    with pytest.raises(RuntimeError, match="lost the database"):
+        import_state_db(source, store)
+    # Already reading (a thread; for a child process, the thread feeding it too).
+    assert seen == [(1, 1 if reader == "process" else 0)]
+    assert _reader_threads() == []
+    assert reader_processes.all_ended()
+    monkeypatch.setattr(importer, "_upsert_sessions", write_sessions)
+    assert import_state_db(source, store).ok
+    assert_same_as_source(store, source)
+
+
 def test_a_failing_source_read_is_a_typed_error_and_a_rerun_finishes(
     store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

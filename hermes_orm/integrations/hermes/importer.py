@@ -388,17 +388,15 @@ def import_state_db(
             if progress is not None
             else None
         )
-        report.sessions_written = _upsert_sessions(store, session_rows, report)
-        _copy_messages(
-            store,
-            src,
-            [r["id"] for r in session_rows],
-            totals=totals,
-            batch=batch,
-            bar=bar,
-            on_batch=on_batch,
-            report=report,
-        )
+        ids = [r["id"] for r in session_rows]
+        cursors = _cursors(store, ids)  # what the sessions' upsert leaves as it is
+        job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
+        remaining = sum(max(0, n - cursors.get(sid, (0, None))[0]) for sid, n in totals.items())
+        reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
+        # The reader starts first: it reads the first batches while the sessions are written.
+        with reading(job) as batches:
+            report.sessions_written = _upsert_sessions(store, session_rows, report)
+            _copy_messages(store, src, batches, bar=bar, on_batch=on_batch, report=report)
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src)
         if bar is not None:
@@ -555,15 +553,13 @@ PROCESS_READER_FROM = 50_000
 def _copy_messages(
     store: SessionStore,
     src: Source,
-    session_ids: list[str],
+    batches: Iterator[_Batch],
     *,
-    totals: dict[str, int],
-    batch: int,
     bar: _Progress | None,
     on_batch: Callable[[str, int], None] | None,
     report: ImportReport,
 ) -> None:
-    """Flush what the destination does not hold yet, ``batch`` messages a transaction.
+    """Write the reader's batches: what the destination does not hold yet, a transaction each.
 
     Short sessions share a transaction; a long one takes several. Each
     transaction is whole or nothing, and the cursors say where a re-run resumes.
@@ -577,9 +573,6 @@ def _copy_messages(
     taking turns with the writer's for the interpreter lock.
     """
     columns = src.columns("messages")
-    cursors = _cursors(store, session_ids)
-    job = ReadJob(src.path, store.engine.dialect.name, session_ids, cursors, batch)
-    remaining = sum(max(0, n - cursors.get(sid, (0, None))[0]) for sid, n in totals.items())
 
     def on_cursors(item: _Batch, prepared: PreparedWrite) -> Callable[[Connection], list[Any]]:
         def work(conn: Connection) -> list[tuple[str, int, int]]:
@@ -610,25 +603,23 @@ def _copy_messages(
 
         return work
 
-    reader = _read_in_process(job) if remaining >= PROCESS_READER_FROM else _read_in_thread(job)
-    with contextlib.closing(reader):  # the reader stops here, however the loop ends
-        for item in reader:
-            report.invalid_sessions.update(item.invalid)
-            report.diverged_sessions.extend(item.diverged)
-            if item.prepared is not None:
-                try:
-                    done = store._write(on_cursors(item, item.prepared))
-                except _StaleHint:
-                    done = store._write(locked(item))
-                for sid, written, cursor in done:
-                    if written < 0:
-                        report.diverged_sessions.append(sid)
-                        continue
-                    report.messages_written += written
-                    if on_batch is not None:
-                        on_batch(sid, cursor)
-            if bar is not None:
-                bar.update(messages=sum(n for _, _, n in item.pieces), sessions=item.sessions_done)
+    for item in batches:
+        report.invalid_sessions.update(item.invalid)
+        report.diverged_sessions.extend(item.diverged)
+        if item.prepared is not None:
+            try:
+                done = store._write(on_cursors(item, item.prepared))
+            except _StaleHint:
+                done = store._write(locked(item))
+            for sid, written, cursor in done:
+                if written < 0:
+                    report.diverged_sessions.append(sid)
+                    continue
+                report.messages_written += written
+                if on_batch is not None:
+                    on_batch(sid, cursor)
+        if bar is not None:
+            bar.update(messages=sum(n for _, _, n in item.pieces), sessions=item.sessions_done)
 
 
 def _source_tail(
@@ -650,60 +641,70 @@ _READ_AHEAD = 2
 _READER_MODULE = "hermes_orm.integrations.hermes._reader"
 
 
-def _read_in_thread(job: ReadJob) -> Generator[_Batch, None, None]:
-    return _read_ahead(read_batches(job))
+@contextlib.contextmanager
+def _read_in_thread(job: ReadJob) -> Iterator[Iterator[_Batch]]:
+    """Run :func:`read_batches` in a thread, from now until the block ends."""
+    with _read_ahead(read_batches(job)) as batches:
+        yield batches
 
 
-def _read_in_process(job: ReadJob) -> Generator[_Batch, None, None]:
+@contextlib.contextmanager
+def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
     """Run :func:`read_batches` in a child Python (``python -m`` of our reader module).
 
-    The job goes to its stdin and the batches come back pickled on its stdout,
-    taken off the pipe by a thread ahead of the writer. The child is killed
-    when the import ends, however it ends; if the importing process dies, the
-    child's next write to the closed pipe ends it.
+    The child starts at once (its start-up overlaps whatever the block does
+    first). The job goes to its stdin and the batches come back pickled on its
+    stdout, both through a thread that reads ahead of the writer. The child is
+    killed when the block ends, however it ends; if the importing process
+    dies, the child's next write to the closed pipe ends it.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", _READER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     assert proc.stdin is not None
     assert proc.stdout is not None
-    out = proc.stdout
+    into, out = proc.stdin, proc.stdout
 
     def batches() -> Iterator[_Batch]:
-        while True:
-            try:
+        try:
+            with into:
+                pickle.dump(job, into)
+            while True:
                 kind, payload = pickle.load(out)
-            except (EOFError, pickle.UnpicklingError, OSError) as exc:
-                raise StateDbError(
-                    f"the import's reader process stopped (exit code {proc.poll()}): {exc!r}"
-                ) from None
-            if kind == "batch":
-                yield payload
-            elif kind == "error":
-                raise payload
-            else:
-                return
+                if kind == "batch":
+                    yield payload
+                elif kind == "error":
+                    raise payload
+                else:
+                    return
+        except (EOFError, pickle.UnpicklingError, OSError) as exc:
+            raise StateDbError(
+                f"the import's reader process stopped (exit code {proc.poll()}): {exc!r}"
+            ) from None
 
     try:
-        pickle.dump(job, proc.stdin)
-        proc.stdin.close()
-        yield from _read_ahead(batches(), on_stop=proc.kill)
+        with _read_ahead(batches(), on_stop=proc.kill) as items:
+            yield items
     finally:
         proc.kill()
         proc.wait()
         out.close()
+        with contextlib.suppress(OSError):  # a job the child never took
+            into.close()
 
 
+@contextlib.contextmanager
 def _read_ahead(
     items_in: Iterator[_T], on_stop: Callable[[], None] | None = None
-) -> Generator[_T, None, None]:
+) -> Iterator[Iterator[_T]]:
     """Run ``items_in`` in a thread of its own, up to ``_READ_AHEAD`` items ahead.
 
     Reading the source and encoding messages is Python work; writing them is
-    mostly SQLite work, done without the GIL: the two overlap. The reader
-    stops when the consumer does (an error, an interrupt): it is told to
-    (``on_stop`` too, to end what it waits on), and waited for, so no reading
-    goes on once the import has returned.
+    mostly SQLite work, done without the GIL: the two overlap. The thread
+    starts at once and stops when the block ends (an error, an interrupt, or
+    the last item taken): it is told to (``on_stop`` too, to end what it
+    waits on), and waited for, so no reading goes on once the import has
+    returned.
     """
     items: queue.Queue[tuple[bool, Any]] = queue.Queue(_READ_AHEAD)
     stop = threading.Event()
@@ -725,11 +726,12 @@ def _read_ahead(
         except BaseException as exc:  # handed to the consumer, raised there
             put((False, exc))
             return
+        finally:
+            if isinstance(items_in, Generator):
+                items_in.close()  # what it holds open (the source) is let go here
         put((False, None))
 
-    reader = threading.Thread(target=read, name="hermes-import-reader", daemon=True)
-    reader.start()
-    try:
+    def take() -> Iterator[_T]:
         while True:
             more, item = items.get()
             if not more:
@@ -737,6 +739,11 @@ def _read_ahead(
                     raise item
                 return
             yield item
+
+    reader = threading.Thread(target=read, name="hermes-import-reader", daemon=True)
+    reader.start()
+    try:
+        yield take()
     finally:
         stop.set()
         if on_stop is not None:
