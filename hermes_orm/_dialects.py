@@ -226,7 +226,7 @@ class FlushSQL:
         )
 
 
-def _max_parameters(dialect: str) -> int:
+def max_parameters(dialect: str) -> int:
     """Bound parameters one statement may hold (SQLite: 999 before 3.32; psycopg: 65,535)."""
     if dialect == "sqlite":
         return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
@@ -255,7 +255,7 @@ def flush_sql(
         insert_head=f"INSERT INTO hermes_messages ({', '.join(insert_columns)}) VALUES ",
         insert_row=f"({values})",
         # Rows of a few hundred already amortise the statement; more only grow it.
-        insert_rows_max=min(500, _max_parameters(dialect) // len(insert_columns)),
+        insert_rows_max=min(500, max_parameters(dialect) // len(insert_columns)),
         advance=advance,
         advance_if_digest=f"{advance} AND flushed_digest = {mark}",
         read_messages=f"SELECT {', '.join(read_columns)} FROM hermes_messages",

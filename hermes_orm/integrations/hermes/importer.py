@@ -16,6 +16,7 @@ half-way is finished by the next one with every row once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 import queue
@@ -35,7 +36,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
-from hermes_orm import _codec
+from hermes_orm import _codec, _dialects
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import (
@@ -249,28 +250,33 @@ def _json_or_text(value: Any) -> Any:
         return value
 
 
+@functools.cache
+def _session_columns(keys: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Of a Hermes sessions row's columns: those copied as fields, and those kept in ``extra``.
+
+    Not copied: the id, and the counters, which ours count from what is stored
+    (they are checked, not copied). ``model_config`` is a field, decoded from
+    JSON; the flags are fields, made bools.
+    """
+    skipped = ("id", *_COUNTERS)
+    fields = tuple(k for k in keys if k in SESSION_FIELDS and k != "extra" and k not in skipped)
+    return fields, tuple(k for k in keys if k not in fields and k not in skipped)
+
+
 def session_fields(row: dict[str, Any]) -> dict[str, Any]:
     """Map a Hermes sessions row onto hermes_orm session fields (unknown ones to ``extra``)."""
-    fields: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in row.items():
-        if key == "id":
-            continue
-        if key in _COUNTERS:
-            continue  # ours count what is stored; they are checked, not copied
-        if key == "model_config":
-            fields[key] = _json_or_text(value)
-        elif key in _BOOL_SESSION:
-            fields[key] = None if value is None else bool(value)
-        elif key in SESSION_FIELDS and key != "extra":
-            fields[key] = value
-        else:
-            extra[key] = value
+    copied, kept = _session_columns(tuple(row))
+    fields = {key: row[key] for key in copied}
+    if "model_config" in fields:
+        fields["model_config"] = _json_or_text(fields["model_config"])
+    for key in _BOOL_SESSION.intersection(fields):
+        value = fields[key]
+        fields[key] = None if value is None else bool(value)
     if fields.get("source") is None:
         fields["source"] = "unknown"
     if fields.get("started_at") is None:
         fields["started_at"] = 0.0
-    fields["extra"] = extra or None
+    fields["extra"] = {key: row[key] for key in kept} or None
     return fields
 
 
@@ -480,8 +486,8 @@ def _upsert_sessions(
             for sid, f in wanted.items()
             if sid in existing and any(existing[sid][k] != v for k, v in f.items())
         ]
-        for start in range(0, len(new), 500):
-            conn.execute(_sessions.insert(), new[start : start + 500])
+        if new:
+            _insert_sessions(conn, new)
         if changed:
             keys = [k for k in changed[0] if k != "b_id"]
             conn.execute(
@@ -497,6 +503,37 @@ def _upsert_sessions(
     if report is not None:
         report.retitled_sessions = retitled
     return written
+
+
+def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """INSERT new session rows (all with the same keys), many a statement.
+
+    Each value goes through its column's bind processor (JSON documents,
+    booleans), so the driver gets what ``conn.execute(insert, rows)`` would
+    give it, without that call's per-row cost: most of the time an import of
+    tens of thousands of sessions spent writing them.
+    """
+    keys = list(rows[0])
+    dialect = conn.dialect
+    processors = [
+        (i, processor)
+        for i, key in enumerate(keys)
+        if (processor := _sessions.c[key].type.dialect_impl(dialect).bind_processor(dialect))
+    ]
+    quote = dialect.identifier_preparer.quote
+    row_marks = "(" + ", ".join([flush_sql(dialect.name).mark] * len(keys)) + ")"
+    head = f"INSERT INTO {_sessions.name} ({', '.join(quote(k) for k in keys)}) VALUES "
+    per_statement = max(1, min(500, _dialects.max_parameters(dialect.name) // len(keys)))
+    for start in range(0, len(rows), per_statement):
+        part = rows[start : start + per_statement]
+        params: list[Any] = []
+        for row in part:
+            values = list(row.values())
+            for i, processor in processors:
+                values[i] = processor(values[i])
+            params += values
+        statement = head + ", ".join([row_marks] * len(part))
+        _dialects.execute_driver_sql(conn, statement, params)
 
 
 @dataclass(frozen=True)
