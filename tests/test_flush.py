@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -743,3 +745,42 @@ def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
         event.remove(engine, "before_cursor_execute", fail_second_insert)
     assert inserts["n"] > 3  # the whole transaction ran again
     assert_exact(store, "bulk", msgs)
+
+
+_ADAPTED = ((type(None), None), (bytes, b"\x00digest"))
+
+
+def test_a_sqlite_store_binds_none_and_bytes_through_adapters_that_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for kind, _ in _ADAPTED:
+        monkeypatch.delitem(sqlite3.adapters, (kind, sqlite3.PrepareProtocol), raising=False)
+    store = SessionStore(f"sqlite:///{tmp_path / 'a.db'}")
+    for kind, value in _ADAPTED:
+        assert sqlite3.adapters[(kind, sqlite3.PrepareProtocol)](value) is value
+    plain = sqlite3.connect(":memory:")
+    assert plain.execute("SELECT ? IS NULL, typeof(?)", (None, b"x")).fetchone() == (1, "blob")
+    plain.close()
+    store.upgrade()
+    store.create_session("s", "cli")
+    store.flush("s", [{"role": "user", "content": None}, {"role": "user", "content": "x"}])
+    with store.engine.connect() as conn:
+        row = conn.exec_driver_sql(
+            "SELECT content IS NULL, typeof(digest) FROM hermes_messages WHERE idx = 0"
+        ).one()
+    assert tuple(row) == (1, "blob")
+    assert store.get_messages("s")[0]["content"] is None
+    store.close()
+
+
+def test_an_adapter_the_application_registered_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def theirs(value: Any) -> Any:
+        return value
+
+    for kind, _ in _ADAPTED:
+        monkeypatch.setitem(sqlite3.adapters, (kind, sqlite3.PrepareProtocol), theirs)
+    SessionStore(f"sqlite:///{tmp_path / 'a.db'}").close()
+    for kind, _ in _ADAPTED:
+        assert sqlite3.adapters[(kind, sqlite3.PrepareProtocol)] is theirs
