@@ -37,6 +37,7 @@ import hermes_orm
 from bench import _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
+from hermes_orm import _dialects
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -625,6 +626,9 @@ def run(
     rows: list[Row] = []
     curves: dict[str, dict[int, float]] = {}
     search_table = ""
+    # hermes_orm's sqlite3 adapters serve the whole process once a store exists:
+    # registered first, every sqlite3 side (replays, Hermes) binds alike from the start.
+    _dialects.register_sqlite_adapters()
     with tempfile.TemporaryDirectory(prefix="hermes-orm-bench-") as tmp, postgres(skip_pg) as pg:
         dbs = Databases(Path(tmp), pg)
         if only in (None, "flush"):
