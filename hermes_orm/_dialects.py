@@ -250,11 +250,34 @@ class FlushSQL:
         )
 
 
-def max_parameters(dialect: str) -> int:
+def _max_parameters(dialect: str) -> int:
     """Bound parameters one statement may hold (SQLite: 999 before 3.32; psycopg: 65,535)."""
     if dialect == "sqlite":
         return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
     return 65535
+
+
+def _marks(dialect: str) -> tuple[str, str]:
+    """The driver's placeholder for a value, and for a JSON document."""
+    return ("?", "?") if dialect == "sqlite" else ("%s", "%s::json")
+
+
+def rows_insert(
+    dialect: str, table: str, columns: Sequence[str], json_columns: frozenset[str] = frozenset()
+) -> tuple[str, str, int]:
+    """A multi-row ``INSERT`` into ``table``, in ``dialect``'s driver SQL.
+
+    Returns its head (up to ``VALUES``), one row's placeholders, and how many
+    rows one statement holds: a few hundred already amortise the statement,
+    more only grow it, and the driver bounds the parameters.
+    """
+    mark, json_mark = _marks(dialect)
+    values = ", ".join(json_mark if c in json_columns else mark for c in columns)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ",
+        f"({values})",
+        max(1, min(500, _max_parameters(dialect) // len(columns))),
+    )
 
 
 def flush_sql(
@@ -264,11 +287,10 @@ def flush_sql(
     read_columns: tuple[str, ...],
 ) -> FlushSQL:
     """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``)."""
-    if dialect == "sqlite":
-        mark, json_mark = "?", "?"
-    else:
-        mark, json_mark = "%s", "%s::json"
-    values = ", ".join(json_mark if c in json_columns else mark for c in insert_columns)
+    mark = _marks(dialect)[0]
+    insert_head, insert_row, insert_rows_max = rows_insert(
+        dialect, "hermes_messages", insert_columns, json_columns
+    )
     advance = (
         f"UPDATE hermes_sessions SET flushed_idx = {mark}, message_count = {mark}, "
         f"flushed_digest = {mark}, tool_call_count = tool_call_count + {mark} "
@@ -276,10 +298,9 @@ def flush_sql(
     )
     return FlushSQL(
         mark=mark,
-        insert_head=f"INSERT INTO hermes_messages ({', '.join(insert_columns)}) VALUES ",
-        insert_row=f"({values})",
-        # Rows of a few hundred already amortise the statement; more only grow it.
-        insert_rows_max=min(500, max_parameters(dialect) // len(insert_columns)),
+        insert_head=insert_head,
+        insert_row=insert_row,
+        insert_rows_max=insert_rows_max,
         advance=advance,
         advance_if_digest=f"{advance} AND flushed_digest = {mark}",
         read_messages=f"SELECT {', '.join(read_columns)} FROM hermes_messages",

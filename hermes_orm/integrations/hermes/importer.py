@@ -520,10 +520,8 @@ def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
         for i, key in enumerate(keys)
         if (processor := _sessions.c[key].type.dialect_impl(dialect).bind_processor(dialect))
     ]
-    quote = dialect.identifier_preparer.quote
-    row_marks = "(" + ", ".join([flush_sql(dialect.name).mark] * len(keys)) + ")"
-    head = f"INSERT INTO {_sessions.name} ({', '.join(quote(k) for k in keys)}) VALUES "
-    per_statement = max(1, min(500, _dialects.max_parameters(dialect.name) // len(keys)))
+    # The keys are our column names (session_fields' output): plain identifiers.
+    head, row_marks, per_statement = _dialects.rows_insert(dialect.name, _sessions.name, keys)
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
         params: list[Any] = []
