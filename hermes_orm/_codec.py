@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from hermes_orm.errors import InvalidMessageError
@@ -53,30 +53,33 @@ ROW_COLUMNS = (
 )
 
 _INT64 = 2**63
-_EMPTY_ROW: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
-_RANK = {column: i for i, column in enumerate(ROW_COLUMNS)}
 
 
 class EncodedMessage(NamedTuple):
     """A validated message ready to insert.
 
     Attributes:
-        cols: The columns that hold a value, as Python objects.
-        params: Every column in :data:`PARAM_COLUMNS` order, JSON columns as
-            their JSON text (for the flush's driver-level statement).
+        params: Every column in :data:`PARAM_COLUMNS` order, ``None`` where it
+            holds nothing, JSON columns as their JSON text (for the flush's
+            driver-level statement).
         digest: 16-byte BLAKE2b of the stored column values.
         tool_calls: How many tool calls the message carries.
+        documents: The JSON columns that hold a value, as the Python objects
+            their text encodes; ``None`` when there are none.
     """
 
-    cols: dict[str, Any]
     params: tuple[Any, ...]
     digest: bytes
     tool_calls: int
+    documents: dict[str, Any] | None
 
     @property
     def row(self) -> dict[str, Any]:
-        """Every column of :data:`ROW_COLUMNS`, ``None`` where it holds nothing."""
-        return {**_EMPTY_ROW, **self.cols}
+        """Every column of :data:`ROW_COLUMNS` as Python objects (``None``: it holds nothing)."""
+        row = dict(zip(PARAM_COLUMNS, self.params, strict=True))
+        if self.documents:
+            row.update(self.documents)
+        return row
 
 
 def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None:
@@ -118,21 +121,58 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
 # Keys keep their order: the text stored is the document as given, so it reads
 # back in the same order (both backends keep JSON text as written), and digests
 # of the stored text agree before and after the round trip.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
-# Parses text that _dumps wrote (nothing around the document): skips loads' checks.
-_parse_dumped = json.JSONDecoder().raw_decode
+
+
+def _make_dumps() -> Callable[[Any], str]:
+    """``JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode``.
+
+    Each message's JSON values are encoded on every flush, so where CPython's
+    C encoder is there, it is made once and called directly (``encode`` makes
+    a new one each call). It has no check for circular references: a cycle
+    fails at the recursion limit instead, and is reported as too deep.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    chunks = make(
+        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    return lambda value: "".join(chunks(value, 0))
+
+
+_dumps = _make_dumps()
+# Parses text that _dumps wrote (nothing around the document): (value, end).
+_parse_dumped: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 #: JSON-typed columns, in :data:`ROW_COLUMNS` order.
 JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
-_SCALAR_COLUMNS = frozenset((*TEXT_KEYS, *BOOL_KEYS, "token_count", "timestamp"))
-_TEXT_KEYS = frozenset(TEXT_KEYS)
-_JSON_KEYS = frozenset(JSON_KEYS)
-_BOOL_KEYS_SET = frozenset(BOOL_KEYS)
 #: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
 PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
-# Merged under the stored values, its keys keep PARAM_COLUMNS order: the params.
-_EMPTY_PARAMS: dict[str, Any] = dict.fromkeys(PARAM_COLUMNS)
+# Apart from the digest, the params are in ROW_COLUMNS order, the order the
+# digest takes the columns in: its input is each non-NULL param behind its
+# prefix, in slot order.
+_DIGEST_PREFIXES = tuple(f"{column}\x00" for column in PARAM_COLUMNS)
+_NO_PARAMS: list[Any] = [None] * len(PARAM_COLUMNS)
+_SLOT = {column: i for i, column in enumerate(PARAM_COLUMNS)}
+_CONTENT_PARTS = _SLOT["content_parts"]
+_EXTRA = _SLOT["extra"]
+_BLAKE2B_128 = hashlib.blake2b(digest_size=16)
+
+# What a message key holds, and its column's slot in the params.
+_ROLE, _CONTENT, _TEXT, _BOOL, _STAMP, _COUNT, _JSON, _OTHER = range(8)
+_KEYS: dict[str, tuple[int, int]] = {
+    "role": (_ROLE, _SLOT["role"]),
+    "content": (_CONTENT, _SLOT["content"]),
+    **{key: (_TEXT, _SLOT[key]) for key in TEXT_KEYS},
+    **{key: (_BOOL, _SLOT[key]) for key in BOOL_KEYS},
+    "timestamp": (_STAMP, _SLOT["timestamp"]),
+    "token_count": (_COUNT, _SLOT["token_count"]),
+    **{key: (_JSON, _SLOT[key]) for key in JSON_KEYS},
+}
+_UNKNOWN = (_OTHER, _EXTRA)
+_STR_KINDS = frozenset((_CONTENT, _TEXT))
 
 
 def _find_problem(message: Mapping[str, Any], index: int | None) -> InvalidMessageError | None:
@@ -153,11 +193,11 @@ def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) 
     """JSON text of ``value`` (keys in their order), refused unless it parses back equal."""
     try:
         text = _dumps(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise _find_problem(whole, index) or InvalidMessageError(
             "not a JSON value", index=index, key=key
         ) from None
-    if _parse_dumped(text)[0] != value:
+    if _parse_dumped(text, 0)[0] != value:
         # Tuples, non-str keys: JSON would read them back as something else.
         raise _find_problem(whole, index) or InvalidMessageError(
             "does not survive a JSON round trip", index=index, key=key
@@ -227,79 +267,76 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             f"unknown role {role!r}; expected one of {sorted(ROLES)}", index=index, key="role"
         )
 
-    # Only the columns that hold a value; the rest are NULL.
-    cols: dict[str, Any] = {"role": role}
-    texts: dict[str, str] = {}
+    # Every flush encodes each new message: the common cases cost one dict
+    # lookup and an exact type check; anything else takes the long way.
+    params = _NO_PARAMS.copy()
+    params[0] = role
+    filled = [0]  # the slots that hold a value
+    documents: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     tool_calls = 0
     for key, value in message.items():
-        if key == "role":
-            continue
         if type(key) is not str:
             raise _find_problem(message, index) or InvalidMessageError(
                 "message keys must be strings", index=index
             )
-        if value is None:
-            extra[key] = None
-        elif (
-            (key in _TEXT_KEYS and type(value) is str and "\x00" not in value)
-            or (key in _BOOL_KEYS_SET and type(value) is bool)
-            or (key == "timestamp" and type(value) is float and math.isfinite(value))
-        ):
-            cols[key] = value  # the common cases, checked inline
-        elif isinstance(value, str) and "\x00" in value and (key in _TEXT_KEYS or key == "content"):
-            # PostgreSQL text cannot hold NUL; the extra JSON can (escaped), losslessly.
-            extra[key] = value if type(value) is str else str.__str__(value)
-        elif key == "content":
-            if isinstance(value, str):
-                cols["content"] = value if type(value) is str else str.__str__(value)
-            elif isinstance(value, list):
-                cols["content_parts"] = value
-                texts["content_parts"] = _to_json(value, index, key, message)
-            else:
-                raise InvalidMessageError(
-                    f"content must be a str, a list of parts or None, got {type(value).__name__}",
-                    index=index,
-                    key=key,
-                )
-        elif key in _SCALAR_COLUMNS:
-            cols[key] = _column_value(key, value, index)
-        elif key in _JSON_KEYS:
-            cols[key] = value
-            texts[key] = _to_json(value, index, key, message)
+        kind, slot = _KEYS.get(key, _UNKNOWN)
+        if kind == _ROLE:
+            continue
+        if value is None or kind == _OTHER:
+            extra[key] = value
+            continue
+        stored = value  # what the column holds
+        if kind in _STR_KINDS:
+            if type(value) is not str:
+                if isinstance(value, str):
+                    stored = str.__str__(value)
+                elif kind == _TEXT:
+                    stored = _column_value(key, value, index)  # raises: not a str
+                elif isinstance(value, list):
+                    documents["content_parts"] = value
+                    slot = _CONTENT_PARTS
+                    stored = _to_json(value, index, key, message)  # escapes any NUL
+                else:
+                    raise InvalidMessageError(
+                        "content must be a str, a list of parts or None, "
+                        f"got {type(value).__name__}",
+                        index=index,
+                        key=key,
+                    )
+            if "\x00" in stored:
+                # PostgreSQL text cannot hold NUL; the extra JSON can (escaped), losslessly.
+                extra[key] = stored
+                continue
+        elif kind == _STAMP and type(value) is float and math.isfinite(value):
+            pass
+        elif kind == _JSON:
+            documents[key] = value
             if key == "tool_calls":
                 tool_calls = len(value) if isinstance(value, list) else 1
-        else:
-            extra[key] = value
+            stored = _to_json(value, index, key, message)
+        elif kind != _BOOL or type(value) is not bool:
+            stored = _column_value(key, value, index)
+        params[slot] = stored
+        filled.append(slot)
     if extra:
-        cols["extra"] = extra
-        texts["extra"] = _to_json(extra, index, "extra", message)
+        params[_EXTRA] = _to_json(extra, index, "extra", message)
+        documents["extra"] = extra
+        filled.append(_EXTRA)
 
-    # What is stored, JSON columns as their text: the digest input and the params.
-    stored = {**cols, **texts}
-    digest = _digest(stored, index)
-    cols["digest"] = stored["digest"] = digest
-    params = tuple({**_EMPTY_PARAMS, **stored}.values())
-    return EncodedMessage(cols, params, digest, tool_calls)
-
-
-def _digest(stored: dict[str, Any], index: int | None) -> bytes:
-    """BLAKE2b-128 of "column NUL value" per stored column, NUL-joined, in column order.
-
-    No stored value holds a raw NUL (text with NUL goes to the JSON, which
-    escapes it), so the encoding is unambiguous. The values are str, or the
-    bool, int and float whose ``str`` is their ``repr``.
-    """
+    filled.sort()
+    digest_input = "\x00".join([f"{_DIGEST_PREFIXES[i]}{params[i]}" for i in filled])
     try:
-        raw = "\x00".join(
-            [f"{column}\x00{stored[column]}" for column in sorted(stored, key=_RANK.__getitem__)]
-        ).encode("utf-8")
+        raw = digest_input.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidMessageError(
             "text is not valid Unicode (lone surrogate characters cannot be stored)",
             index=index,
         ) from exc
-    return hashlib.blake2b(raw, digest_size=16).digest()
+    hasher = _BLAKE2B_128.copy()
+    hasher.update(raw)
+    params[-1] = digest = hasher.digest()
+    return EncodedMessage(tuple(params), digest, tool_calls, documents or None)
 
 
 def message_digest(message: Any, index: int | None = None) -> bytes:

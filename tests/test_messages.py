@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
-from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS
+from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS, message_digest
 from tests.conftest import count_rows
 
 _ids = itertools.count()
@@ -98,6 +98,13 @@ class Opaque:
     pass
 
 
+def cycle() -> list[Any]:
+    """A list that holds itself: JSON cannot write it."""
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
 BAD_VALUES: list[tuple[Any, str | None]] = [
     ("not a dict", None),
     ({"content": "no role"}, "role"),
@@ -118,6 +125,8 @@ BAD_VALUES: list[tuple[Any, str | None]] = [
     ({"role": "user", "content": "x", "observed": 1}, "observed"),
     ({"role": "user", "content": "x", "custom": {1, 2}}, "custom"),
     ({"role": "user", "content": "x", "custom": Opaque()}, "custom"),
+    ({"role": "user", "content": "x", "custom": cycle()}, "custom"),
+    ({"role": "user", "content": "x", "tool_calls": [{"args": cycle()}]}, "tool_calls"),
     ({"role": "user", "content": "x", 5: "int key"}, None),
 ]
 
@@ -217,3 +226,50 @@ def test_json_objects_keep_their_key_order(store: SessionStore) -> None:
     (back,) = store.get_messages("s")
     assert list(back["tool_calls"][0]) == ["id", "type", "function"]
     assert list(back["zeta"]) == ["b", "a"]
+
+
+# Digests of these messages as every release has stored them. A database written
+# by an earlier release holds them in flushed_digest and in each message row:
+# if the digest changed, its sessions would no longer continue.
+STORED_DIGESTS: list[tuple[dict[str, Any], str]] = [
+    (
+        {"role": "user", "content": "héllo 世界", "timestamp": 1760000000.5},
+        "8f873d04d0be58b49e9fa0cc022ed7bf",
+    ),
+    (
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "terminal", "arguments": '{"cmd": "ls"}'},
+                }
+            ],
+            "reasoning": "think",
+            "finish_reason": "tool_calls",
+            "token_count": 42,
+            "observed": True,
+        },
+        "9c32934a5e83163c18e4ff7aad46e93e",
+    ),
+    (
+        {
+            "role": "tool",
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "data:,"}},
+            ],
+            "tool_call_id": "c1",
+            "tool_name": "terminal\x00x",
+            "custom": {"k": [1, 2.5, None]},
+        },
+        "e6525a8bf8496cce9bd4d9728e489aec",
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "digest"), STORED_DIGESTS)
+def test_digests_do_not_change_between_releases(message: dict[str, Any], digest: str) -> None:
+    assert message_digest(message).hex() == digest
