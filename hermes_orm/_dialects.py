@@ -16,7 +16,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -196,6 +196,10 @@ def register_sqlite_adapters() -> None:
         sqlite3.adapters.setdefault((kind, sqlite3.PrepareProtocol), adapter)
 
 
+#: Message INSERTs of up to this many rows (a turn's flush) are rendered once.
+_KEPT_INSERTS = 32
+
+
 @dataclass(frozen=True, slots=True)
 class FlushSQL:
     """The hot statements in one dialect's driver SQL, rendered once.
@@ -223,9 +227,18 @@ class FlushSQL:
     read_from: str
     read_until: str
 
+    inserts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+
     def insert_messages(self, rows: int) -> str:
         """``INSERT`` of ``rows`` messages (1 to ``insert_rows_max``) in one statement."""
-        return self.insert_head + ", ".join([self.insert_row] * rows)
+        statement = self.inserts.get(rows)
+        if statement is None:
+            statement = self.insert_head + ", ".join([self.insert_row] * rows)
+            if rows <= _KEPT_INSERTS:
+                # The same object each time: the driver's statement cache finds it
+                # by its hash, which a str computes once.
+                self.inserts[rows] = statement
+        return statement
 
     def advance_many(self, checks_digest: Sequence[bool]) -> str:
         """One UPDATE moving several sessions' cursors, each compared and swapped.
@@ -327,12 +340,14 @@ def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] =
     The same statement, parameters and transaction whichever way it goes:
 
     - when no event listener and no SQL logging watch the connection, straight
-      on a DBAPI cursor of ``conn``'s driver connection. SQLAlchemy's execution
-      context and result set-up cost more than the database work of a small
-      statement (about 13 µs a statement on SQLite, a third of a flush's Python
-      time), and nothing would see them;
+      on a DBAPI cursor of ``conn``'s driver connection, in the driver's own
+      transaction (opened by ``BEGIN IMMEDIATE`` on SQLite, by the statement
+      itself on psycopg) that :func:`end_transaction` ends. SQLAlchemy's
+      execution context, result and transaction objects cost more than the
+      database work of a small statement (about 13 µs a statement on SQLite,
+      a third of a flush's Python time), and nothing would see them;
     - otherwise through ``exec_driver_sql``, so tracing, logging and recording
-      tools see every statement of a flush.
+      tools see every statement, and the commit, of a flush.
 
     A driver error is raised as SQLAlchemy raises it (its ``DBAPIError``
     subclasses, the connection invalidated on a disconnect) either way; any
@@ -340,11 +355,7 @@ def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] =
     """
     if _observed(conn):
         return int(conn.exec_driver_sql(statement, tuple(params)).rowcount)
-    if not conn.in_transaction():
-        conn.begin()  # what exec_driver_sql's autobegin would do: commit() ends it
-    dbapi_connection = conn.connection.driver_connection
-    assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor()
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.execute(statement, params)
         return int(cursor.rowcount)
@@ -352,6 +363,30 @@ def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] =
         conn._handle_dbapi_exception(exc, statement, params, cursor, None)
     finally:
         cursor.close()
+
+
+def end_transaction(conn: Connection, *, commit: bool) -> None:
+    """Commit, or roll back, what ``conn`` ran since its last commit or rollback.
+
+    Through SQLAlchemy when it began a transaction (its ``commit`` events
+    fire); otherwise only :func:`execute_driver_sql` ran statements, and the
+    dialect's ``do_commit``/``do_rollback`` end the driver connection's own
+    transaction (a no-op when it has none).
+    """
+    if conn.in_transaction():
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()
+        return
+    dialect = conn.dialect
+    try:
+        if commit:
+            dialect.do_commit(conn.connection)
+        else:
+            dialect.do_rollback(conn.connection)
+    except dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, None, None, None, None)
 
 
 def begin_write(conn: Connection) -> None:

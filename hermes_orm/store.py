@@ -17,6 +17,7 @@ import binascii
 import contextlib
 import json
 import math
+import operator
 import os
 import threading
 import time
@@ -91,6 +92,7 @@ _BATCH = 500
 #: The caller's message at a remembered cursor and a shallow copy of it; see :func:`_pin`.
 Pin = tuple[dict[str, Any], dict[str, Any]]
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_TOOL_CALLS = operator.attrgetter("tool_calls")
 
 #: Messages of one session to store from a cursor: (session id, cursor, encoded
 #: messages, the digest stored at that cursor or None at 0).
@@ -358,10 +360,8 @@ class SessionStore:
                 if write:
                     _dialects.begin_write(conn)
                 result = work(conn)
-                if write:
-                    conn.commit()
-                elif conn.in_transaction():
-                    conn.rollback()  # end the read: no snapshot or idle transaction kept
+                # A read ends too: no snapshot or idle transaction is kept.
+                _dialects.end_transaction(conn, commit=write)
                 return result
             except BaseException:
                 self._discard_failed(conn)
@@ -784,7 +784,7 @@ class SessionStore:
                 _dialects.execute_driver_sql(conn, statement, params)
             end += len(batch)
             last = batch[-1].digest
-            tool_calls += sum(item.tool_calls for item in batch)
+            tool_calls += sum(map(_TOOL_CALLS, batch))
         advance = (end, end, last, tool_calls, session_id, cursor)
         if cursor:
             moved = _dialects.execute_driver_sql(conn, sql.advance_if_digest, (*advance, digest))
@@ -940,7 +940,7 @@ def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWr
     for session_id, cursor, batch, digest in chunks:
         cursors += (session_id, cursor + len(batch))
         digests += (session_id, batch[-1].digest if batch else digest)
-        calls += (session_id, sum(item.tool_calls for item in batch))
+        calls += (session_id, sum(map(_TOOL_CALLS, batch)))
         expected += (session_id, cursor, digest) if cursor else (session_id, cursor)
     advance = sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
     params = (*cursors, *cursors, *digests, *calls, *expected)
@@ -971,9 +971,8 @@ def _insert_statements(
     rows = 0
     for session_id, cursor, batch, _ in chunks:
         for idx, item in enumerate(batch, cursor):
-            params.append(session_id)
-            params.append(idx)
-            params.extend(item.params)
+            params += (session_id, idx)
+            params += item.params
             rows += 1
             if rows == most:
                 statements.append((sql.insert_messages(rows), tuple(params)))
@@ -1000,7 +999,7 @@ def _pin(message: Any) -> Pin | None:
     flush need not digest it again. A message holding a list or dict (tool
     calls, content parts) could change inside it unseen: it is not pinned.
     """
-    if type(message) is dict and all(type(v) in _SCALARS for v in message.values()):
+    if type(message) is dict and _SCALARS.issuperset(map(type, message.values())):
         return message, dict(message)
     return None
 

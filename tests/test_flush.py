@@ -229,6 +229,19 @@ def test_messages_go_in_as_one_multi_row_insert_per_batch(
     assert_exact(store, "s", msgs)
 
 
+def test_a_turns_insert_is_rendered_once_and_a_bulk_ones_each_time(store: SessionStore) -> None:
+    """The statement of a small flush is kept (the driver finds it in its cache
+    by a hash computed once); those of long flushes are not kept in memory."""
+    sql = store._sql
+    small, large = 3, sql.insert_rows_max
+    for rows in (small, large):
+        rendered = sql.insert_head + ", ".join([sql.insert_row] * rows)
+        assert sql.insert_messages(rows) == rendered
+    assert sql.insert_messages(small) is sql.insert_messages(small)
+    assert sql.insert_messages(large) is not sql.insert_messages(large)
+    assert large not in sql.inserts
+
+
 def _flusher(path: str, store: SessionStore, engine: Engine) -> Callable[[], SessionStore]:
     """The store that flushes on ``path``.
 
