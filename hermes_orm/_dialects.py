@@ -15,7 +15,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -337,27 +337,40 @@ def _observed(conn: Connection) -> bool:
 def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] = ()) -> int:
     """Run one hot statement in ``conn``'s transaction; returns its row count.
 
-    The same statement, parameters and transaction whichever way it goes:
+    See :func:`execute_driver_script`.
+    """
+    return execute_driver_script(conn, ((statement, params),))
+
+
+def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequence[Any]]]) -> int:
+    """Run hot statements in order in ``conn``'s transaction; returns the last one's row count.
+
+    The same statements, parameters and transaction whichever way they go:
 
     - when no event listener and no SQL logging watch the connection, straight
-      on a DBAPI cursor of ``conn``'s driver connection, in the driver's own
-      transaction (opened by ``BEGIN IMMEDIATE`` on SQLite, by the statement
-      itself on psycopg) that :func:`end_transaction` ends. SQLAlchemy's
+      on one DBAPI cursor of ``conn``'s driver connection, in the driver's own
+      transaction (opened by ``BEGIN IMMEDIATE`` on SQLite, by the first
+      statement on psycopg) that :func:`end_transaction` ends. SQLAlchemy's
       execution context, result and transaction objects cost more than the
       database work of a small statement (about 13 µs a statement on SQLite,
       a third of a flush's Python time), and nothing would see them;
-    - otherwise through ``exec_driver_sql``, so tracing, logging and recording
-      tools see every statement, and the commit, of a flush.
+    - otherwise each through ``exec_driver_sql``, so tracing, logging and
+      recording tools see every statement, and the commit, of a flush.
 
     A driver error is raised as SQLAlchemy raises it (its ``DBAPIError``
     subclasses, the connection invalidated on a disconnect) either way; any
     other exception passes through as it is.
     """
+    rowcount = 0
     if _observed(conn):
-        return int(conn.exec_driver_sql(statement, tuple(params)).rowcount)
+        for statement, params in statements:
+            rowcount = conn.exec_driver_sql(statement, tuple(params)).rowcount
+        return int(rowcount)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    statement, params = "", ()
     try:
-        cursor.execute(statement, params)
+        for statement, params in statements:
+            cursor.execute(statement, params)
         return int(cursor.rowcount)
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, statement, params, cursor, None)
@@ -389,10 +402,16 @@ def end_transaction(conn: Connection, *, commit: bool) -> None:
         conn._handle_dbapi_exception(exc, None, None, None, None)
 
 
+def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
+    """The statements that open a write transaction holding the write lock from the start."""
+    return (("BEGIN IMMEDIATE", ()),) if dialect == "sqlite" else ()
+
+
 def begin_write(conn: Connection) -> None:
     """Open a write transaction on ``conn`` that holds the write lock from the start."""
-    if conn.dialect.name == "sqlite":
-        execute_driver_sql(conn, "BEGIN IMMEDIATE")
+    begin = write_begin(conn.dialect.name)
+    if begin:
+        execute_driver_script(conn, begin)
 
 
 def is_transient(exc: DBAPIError) -> bool:

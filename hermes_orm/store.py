@@ -94,6 +94,13 @@ Pin = tuple[dict[str, Any], dict[str, Any]]
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _TOOL_CALLS = operator.attrgetter("tool_calls")
 
+# Forks of this process so far, as the child sees it: a connection kept from
+# before a fork is the parent's, never used in the child (checked per call,
+# so cheaper than os.getpid(), a system call).
+_forks = [0]
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
 #: Messages of one session to store from a cursor: (session id, cursor, encoded
 #: messages, the digest stored at that cursor or None at 0).
 Chunk = tuple[str, int, list[_codec.EncodedMessage], bytes | None]
@@ -325,9 +332,9 @@ class SessionStore:
         """
         local = self._local
         conn: Connection | None = getattr(local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated or local.pid != os.getpid():
+        if conn is None or conn.closed or conn.invalidated or local.forks != _forks[0]:
             conn = self._engine.connect()
-            local.conn, local.pid = conn, os.getpid()
+            local.conn, local.forks = conn, _forks[0]
             with self._connections_lock:
                 self._connections = [c for c in self._connections if not c.closed]
                 self._connections.append(conn)
@@ -672,19 +679,47 @@ class SessionStore:
             unchanged = pinned is not None and held is pinned[0] and held == pinned[1]
             if not unchanged and _digest_or_none(held, cursor - 1) != digest:
                 raise _StaleHint
-        encoded: list[list[_codec.EncodedMessage]] | None = None
-        if len(messages) - cursor <= _BATCH:
-            # Validated before the transaction begins: bad input never takes a lock.
-            encoded = list(_encode_batches(messages, cursor))
+        if len(messages) - cursor > _BATCH:
+            return self._stream_on_hint(session_id, messages, cursor, digest, pin)
+        # Validated before the transaction begins: bad input never takes a lock.
+        encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+        end, last = len(messages), encoded[-1].digest
+        statements = [
+            *_insert_statements(self._sql, [(session_id, cursor, encoded, None)]),
+            _advance(self._sql, session_id, cursor, digest, end=end, last=last, added=encoded),
+        ]
 
-        def work(conn: Connection) -> tuple[int, bytes | None]:
-            # A longer flush streams (bounded memory; errors roll back) from a new
-            # stream on every attempt: a retry must never resume a used one.
-            batches = encoded if encoded is not None else _encode_batches(messages, cursor)
+        def work(conn: Connection) -> None:
             try:
-                return self._insert(conn, session_id, cursor, digest, batches)
+                moved = _dialects.execute_driver_script(conn, statements)
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
+                raise _StaleHint from None
+            if moved != 1:
+                raise _StaleHint
+
+        self._write(work)
+        self._remember(session_id, end, last, pin)
+        return FlushResult(written=end - cursor, cursor=end)
+
+    def _stream_on_hint(
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        cursor: int,
+        digest: bytes | None,
+        pin: Pin | None,
+    ) -> FlushResult:
+        """:meth:`_flush_on_hint` of a long list: encoded and written a batch at a time."""
+
+        def work(conn: Connection) -> tuple[int, bytes | None]:
+            # Bounded memory; errors roll back. A new stream on every attempt:
+            # a retry must never resume a used one.
+            try:
+                return self._insert(
+                    conn, session_id, cursor, digest, _encode_batches(messages, cursor)
+                )
+            except IntegrityError:
                 raise _StaleHint from None
 
         end, last = self._write(work)
@@ -780,17 +815,19 @@ class SessionStore:
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
         for batch in batches:
-            for statement, params in _insert_statements(sql, [(session_id, end, batch, None)]):
-                _dialects.execute_driver_sql(conn, statement, params)
+            _dialects.execute_driver_script(
+                conn, _insert_statements(sql, [(session_id, end, batch, None)])
+            )
             end += len(batch)
             last = batch[-1].digest
             tool_calls += sum(map(_TOOL_CALLS, batch))
-        advance = (end, end, last, tool_calls, session_id, cursor)
-        if cursor:
-            moved = _dialects.execute_driver_sql(conn, sql.advance_if_digest, (*advance, digest))
-        else:
-            moved = _dialects.execute_driver_sql(conn, sql.advance, advance)
-        if moved != 1:
+        if (
+            _dialects.execute_driver_script(
+                conn,
+                [_advance(sql, session_id, cursor, digest, end=end, last=last, added=tool_calls)],
+            )
+            != 1
+        ):
             raise _StaleHint
         return end, last
 
@@ -954,11 +991,32 @@ def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
         _StaleHint: A cursor was not where the chunk said (nothing to keep:
             the caller rolls the transaction back).
     """
-    for statement, params in prepared.inserts:
-        _dialects.execute_driver_sql(conn, statement, params)
-    statement, params = prepared.advance
-    if _dialects.execute_driver_sql(conn, statement, params) != prepared.sessions:
+    if _dialects.execute_driver_script(conn, [*prepared.inserts, prepared.advance]) != (
+        prepared.sessions
+    ):
         raise _StaleHint
+
+
+def _advance(
+    sql: _dialects.FlushSQL,
+    session_id: str,
+    cursor: int,
+    digest: bytes | None,
+    *,
+    end: int,
+    last: bytes | None,
+    added: int | list[_codec.EncodedMessage],
+) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE moving the cursor from ``cursor`` (at ``digest``) to ``end`` (at ``last``).
+
+    It changes one row only if the stored cursor and digest are still those;
+    ``added`` is the tool calls the new messages carry, or the messages.
+    """
+    tool_calls = added if isinstance(added, int) else sum(map(_TOOL_CALLS, added))
+    params = (end, end, last, tool_calls, session_id, cursor)
+    if cursor:
+        return sql.advance_if_digest, (*params, digest)
+    return sql.advance, params
 
 
 def _insert_statements(

@@ -797,3 +797,26 @@ def test_an_adapter_the_application_registered_is_kept(
     SessionStore(f"sqlite:///{tmp_path / 'a.db'}").close()
     for kind, _ in _ADAPTED:
         assert sqlite3.adapters[(kind, sqlite3.PrepareProtocol)] is theirs
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    """A connection kept by the parent is never used by a child it forks."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'forked.db'}")
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(1))
+    inherited = store._connection()
+    results: Any = multiprocessing.get_context("fork").SimpleQueue()
+
+    def child() -> None:
+        results.put(store._connection() is not inherited)
+        store.flush("s", conversation(2))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    assert results.get() is True
+    assert store._connection() is inherited  # the parent keeps its own
+    assert_exact(store, "s", conversation(2))
+    store.close()
