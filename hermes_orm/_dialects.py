@@ -204,9 +204,10 @@ _KEPT_INSERTS = 32
 class FlushSQL:
     """The hot statements in one dialect's driver SQL, rendered once.
 
-    The flush runs them with :func:`execute_driver_sql`: no compiling or
+    The flush runs them with :func:`execute_driver_script`: no compiling or
     parameter processing on any call. Only schema identifiers go into the
-    text; every value is a bound parameter.
+    text; every value is a bound parameter. ``begin`` opens a write
+    transaction holding the write lock (see :func:`write_begin`).
 
     Messages go in as multi-row ``INSERT ... VALUES (...), (...)``: one
     statement a batch of up to ``insert_rows_max`` rows. On SQLite this is what
@@ -217,6 +218,7 @@ class FlushSQL:
     """
 
     mark: str
+    begin: tuple[tuple[str, tuple[()]], ...]
     insert_head: str
     insert_row: str
     insert_rows_max: int
@@ -311,6 +313,7 @@ def flush_sql(
     )
     return FlushSQL(
         mark=mark,
+        begin=write_begin(dialect),
         insert_head=insert_head,
         insert_row=insert_row,
         insert_rows_max=insert_rows_max,

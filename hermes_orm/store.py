@@ -357,14 +357,19 @@ class SessionStore:
             with contextlib.suppress(Exception):  # the connection is beyond use
                 conn.invalidate()
 
-    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
-        """Run ``work`` in one transaction, retried whole on transient errors."""
+    def _run(self, work: Callable[[Connection], T], *, write: bool, begins: bool = False) -> T:
+        """Run ``work`` in one transaction, retried whole on transient errors.
+
+        A write's transaction opens holding the write lock, unless ``begins``
+        says ``work`` runs the statements that do (``FlushSQL.begin``) itself,
+        first.
+        """
         self._ensure_schema()
 
         def attempt() -> T:
             conn = self._connection()
             try:
-                if write:
+                if write and not begins:
                     _dialects.begin_write(conn)
                 result = work(conn)
                 # A read ends too: no snapshot or idle transaction is kept.
@@ -685,6 +690,7 @@ class SessionStore:
         encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
         end, last = len(messages), encoded[-1].digest
         statements = [
+            *self._sql.begin,
             *_insert_statements(self._sql, [(session_id, cursor, encoded, None)]),
             _advance(self._sql, session_id, cursor, digest, end=end, last=last, added=encoded),
         ]
@@ -698,7 +704,7 @@ class SessionStore:
             if moved != 1:
                 raise _StaleHint
 
-        self._write(work)
+        self._run(work, write=True, begins=True)
         self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
