@@ -396,11 +396,14 @@ def end_transaction(conn: Connection, *, commit: bool) -> None:
             conn.rollback()
         return
     dialect = conn.dialect
+    # The DBAPI connection itself: its pool proxy would find commit() and
+    # rollback() only after a failed attribute lookup.
+    dbapi_connection: Any = conn.connection.dbapi_connection
     try:
         if commit:
-            dialect.do_commit(conn.connection)
+            dialect.do_commit(dbapi_connection)
         else:
-            dialect.do_rollback(conn.connection)
+            dialect.do_rollback(dbapi_connection)
     except dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, None, None, None, None)
 
