@@ -761,10 +761,11 @@ Machine: {machine()}.
   default `synchronous=FULL`; the time includes the verification, and the
   search index's triggers index every message as it goes in. A child process
   reads and encodes the source while the importing process writes. Its baseline
-  is the replay of the statements it ran, as for a flush. The disk of a shared
-  machine makes the absolute rates vary from run to run: on the day of this
-  run, the replay alone of a million-message import ran at 17,000 to 24,500
-  msg/s.
+  is the replay of the statements it ran, as for a flush, recorded during the
+  timed import itself (so its statements, 500 rows each, go through
+  SQLAlchemy's `exec_driver_sql`). The disk of a shared machine makes the
+  absolute rates vary from run to run, the replay's as much as the import's:
+  compare the two within a run.
 
 ![flush cost vs session length](flush-vs-length.png)
 
