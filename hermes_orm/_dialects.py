@@ -385,7 +385,7 @@ def end_transaction(conn: Connection, *, commit: bool) -> None:
     """Commit, or roll back, what ``conn`` ran since its last commit or rollback.
 
     Through SQLAlchemy when it began a transaction (its ``commit`` events
-    fire); otherwise only :func:`execute_driver_sql` ran statements, and the
+    fire); otherwise only :func:`execute_driver_script` ran statements, and the
     dialect's ``do_commit``/``do_rollback`` end the driver connection's own
     transaction (a no-op when it has none).
     """
@@ -411,13 +411,6 @@ def end_transaction(conn: Connection, *, commit: bool) -> None:
 def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
     """The statements that open a write transaction holding the write lock from the start."""
     return (("BEGIN IMMEDIATE", ()),) if dialect == "sqlite" else ()
-
-
-def begin_write(conn: Connection) -> None:
-    """Open a write transaction on ``conn`` that holds the write lock from the start."""
-    begin = write_begin(conn.dialect.name)
-    if begin:
-        execute_driver_script(conn, begin)
 
 
 def is_transient(exc: DBAPIError) -> bool:

@@ -369,8 +369,8 @@ class SessionStore:
         def attempt() -> T:
             conn = self._connection()
             try:
-                if write and not begins:
-                    _dialects.begin_write(conn)
+                if write and not begins and self._sql.begin:
+                    _dialects.execute_driver_script(conn, self._sql.begin)
                 result = work(conn)
                 # A read ends too: no snapshot or idle transaction is kept.
                 _dialects.end_transaction(conn, commit=write)
@@ -684,51 +684,41 @@ class SessionStore:
             unchanged = pinned is not None and held is pinned[0] and held == pinned[1]
             if not unchanged and _digest_or_none(held, cursor - 1) != digest:
                 raise _StaleHint
-        if len(messages) - cursor > _BATCH:
-            return self._stream_on_hint(session_id, messages, cursor, digest, pin)
-        # Validated before the transaction begins: bad input never takes a lock.
-        encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
-        end, last = len(messages), encoded[-1].digest
-        statements = [
-            *self._sql.begin,
-            *_insert_statements(self._sql, [(session_id, cursor, encoded, None)]),
-            _advance(self._sql, session_id, cursor, digest, end=end, last=last, added=encoded),
-        ]
+        statements: list[tuple[str, Sequence[Any]]] | None = None
+        written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
+        if len(messages) - cursor <= _BATCH:
+            # Validated before the transaction begins: bad input never takes a lock.
+            encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+            written = (len(messages), encoded[-1].digest)
+            statements = [
+                *self._sql.begin,
+                *_insert_statements(self._sql, [(session_id, cursor, encoded, None)]),
+                _advance(
+                    self._sql,
+                    session_id,
+                    cursor,
+                    digest,
+                    end=written[0],
+                    last=written[1],
+                    tool_calls=sum(map(_TOOL_CALLS, encoded)),
+                ),
+            ]
 
-        def work(conn: Connection) -> None:
+        def work(conn: Connection) -> tuple[int, bytes | None]:
             try:
-                moved = _dialects.execute_driver_script(conn, statements)
+                if statements is None:
+                    # A longer flush streams (bounded memory; errors roll back) from
+                    # a new stream on every attempt: a retry never resumes a used one.
+                    batches = _encode_batches(messages, cursor)
+                    return self._insert(conn, session_id, cursor, digest, batches)
+                if _dialects.execute_driver_script(conn, statements) != 1:
+                    raise _StaleHint
+                return written
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
                 raise _StaleHint from None
-            if moved != 1:
-                raise _StaleHint
 
-        self._run(work, write=True, begins=True)
-        self._remember(session_id, end, last, pin)
-        return FlushResult(written=end - cursor, cursor=end)
-
-    def _stream_on_hint(
-        self,
-        session_id: str,
-        messages: Sequence[dict[str, Any]],
-        cursor: int,
-        digest: bytes | None,
-        pin: Pin | None,
-    ) -> FlushResult:
-        """:meth:`_flush_on_hint` of a long list: encoded and written a batch at a time."""
-
-        def work(conn: Connection) -> tuple[int, bytes | None]:
-            # Bounded memory; errors roll back. A new stream on every attempt:
-            # a retry must never resume a used one.
-            try:
-                return self._insert(
-                    conn, session_id, cursor, digest, _encode_batches(messages, cursor)
-                )
-            except IntegrityError:
-                raise _StaleHint from None
-
-        end, last = self._write(work)
+        end, last = self._run(work, write=True, begins=statements is not None)
         self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
@@ -830,7 +820,11 @@ class SessionStore:
         if (
             _dialects.execute_driver_script(
                 conn,
-                [_advance(sql, session_id, cursor, digest, end=end, last=last, added=tool_calls)],
+                [
+                    _advance(
+                        sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
+                    )
+                ],
             )
             != 1
         ):
@@ -1011,14 +1005,13 @@ def _advance(
     *,
     end: int,
     last: bytes | None,
-    added: int | list[_codec.EncodedMessage],
+    tool_calls: int,
 ) -> tuple[str, tuple[Any, ...]]:
     """The UPDATE moving the cursor from ``cursor`` (at ``digest``) to ``end`` (at ``last``).
 
     It changes one row only if the stored cursor and digest are still those;
-    ``added`` is the tool calls the new messages carry, or the messages.
+    ``tool_calls`` is how many the new messages carry.
     """
-    tool_calls = added if isinstance(added, int) else sum(map(_TOOL_CALLS, added))
     params = (end, end, last, tool_calls, session_id, cursor)
     if cursor:
         return sql.advance_if_digest, (*params, digest)
