@@ -69,6 +69,7 @@ class Sizes:
     flat_turns: int
     bulk: int
     import_copies: int
+    import_repeat: int
     read: int
     repeat: int
     turn_repeat: int
@@ -86,6 +87,7 @@ FULL = Sizes(
     repeat=5,
     turn_repeat=15,
     import_copies=1140,  # the 877-message fixture and 1,140 clones: 1,000,657 messages
+    import_repeat=3,
     search=1_000_000,
     search_repeat=5,
 )
@@ -99,6 +101,7 @@ QUICK = Sizes(
     repeat=1,
     turn_repeat=1,
     import_copies=0,
+    import_repeat=1,
     search=3_000,
     search_repeat=1,
 )
@@ -353,12 +356,13 @@ def read_vs_raw(path: Path, sizes: Sizes) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(raw)
 
 
-def import_rate(workdir: Path, copies: int) -> tuple[int, float, float, bool]:
-    """Import a grown copy of the Hermes fixture into SQLite.
+def import_rate(workdir: Path, copies: int, repeat: int) -> tuple[int, float, float, bool]:
+    """Import a grown copy of the Hermes fixture into SQLite, ``repeat`` times.
 
-    Returns the messages, the import's msg/s, the msg/s of the sqlite3 replay
-    of the statements it ran (on an identical fresh file), and whether the
-    import verified.
+    Each round imports into a fresh file, then replays with sqlite3, on
+    another fresh file, the statements that import ran. Returns the messages,
+    the median of the imports' msg/s, the median of the replays' msg/s, and
+    whether every import verified.
     """
     sys.path.insert(0, str(ROOT))
     from hermes_orm.integrations.hermes import import_state_db
@@ -368,19 +372,29 @@ def import_rate(workdir: Path, copies: int) -> tuple[int, float, float, bool]:
     source_dir.mkdir()
     source = fixture_copy(source_dir)
     total = grow(source, copies)
-    paths = [workdir / f"import-{copies}-{side}.db" for side in ("ours", "replay")]
-    for path in paths:
-        hermes_orm.SessionStore(f"sqlite:///{path}").upgrade()
-    os.sync()  # the source just written is not flushed during the timed run
-    store = hermes_orm.SessionStore(f"sqlite:///{paths[0]}")
-    with record(store.engine) as rec:
-        start = time.perf_counter()
-        report = import_state_db(source, store)
-        elapsed = time.perf_counter() - start
-    store.close()
-    os.sync()
-    floor = replay_sqlite(str(paths[1]), rec, "FULL")
-    return total, report.messages_written / elapsed, report.messages_written / floor, report.ok
+    rates: list[float] = []
+    floors: list[float] = []
+    verified = True
+    for round_ in range(repeat):
+        paths = [workdir / f"import-{copies}-{round_}-{side}.db" for side in ("ours", "replay")]
+        for path in paths:
+            hermes_orm.SessionStore(f"sqlite:///{path}").upgrade()
+        os.sync()  # nothing written before is flushed during the timed run
+        store = hermes_orm.SessionStore(f"sqlite:///{paths[0]}")
+        with record(store.engine) as rec:
+            start = time.perf_counter()
+            report = import_state_db(source, store)
+            elapsed = time.perf_counter() - start
+        store.close()
+        os.sync()
+        floor = replay_sqlite(str(paths[1]), rec, "FULL")
+        rates.append(report.messages_written / elapsed)
+        floors.append(report.messages_written / floor)
+        verified = verified and report.ok
+        for path in paths:
+            for file in path.parent.glob(f"{path.name}*"):
+                file.unlink()
+    return total, statistics.median(rates), statistics.median(floors), verified
 
 
 def bulk_flush(path: Path, count: int) -> tuple[float, float]:
@@ -632,7 +646,9 @@ def flush_section(
         )
     )
     progress("import of a Hermes state.db")
-    total, rate, floor_rate, verified = import_rate(dbs.workdir, sizes.import_copies)
+    total, rate, floor_rate, verified = import_rate(
+        dbs.workdir, sizes.import_copies, sizes.import_repeat
+    )
     rows.append(
         Row(
             f"Import of a Hermes state.db of {total:,} messages into SQLite"
@@ -763,9 +779,10 @@ Machine: {machine()}.
   reads and encodes the source while the importing process writes. Its baseline
   is the replay of the statements it ran, as for a flush, recorded during the
   timed import itself (so its statements, 500 rows each, go through
-  SQLAlchemy's `exec_driver_sql`). The disk of a shared machine makes the
-  absolute rates vary from run to run, the replay's as much as the import's:
-  compare the two within a run.
+  SQLAlchemy's `exec_driver_sql`). It runs in {sizes.import_repeat} rounds, each
+  an import into a fresh file and the replay of its statements into another;
+  both rates are medians of the rounds. The disk of a shared machine makes the
+  absolute rates vary from run to run, the replay's as much as the import's.
 
 ![flush cost vs session length](flush-vs-length.png)
 
@@ -813,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.repeat:
-        sizes.repeat = sizes.turn_repeat = args.repeat
+        sizes.repeat = sizes.turn_repeat = sizes.import_repeat = args.repeat
 
     def progress(msg: str) -> None:
         print(f"... {msg}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -425,6 +426,22 @@ def test_a_killed_reader_process_is_a_typed_error_and_a_rerun_finishes(
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert_same_as_source(store, source)
+
+
+def test_reader_frames_carry_whole_items_and_a_cut_one_is_an_eof() -> None:
+    out = io.BytesIO()
+    importer.write_frame(out, ("batch", [1, "two", b"3"]))
+    importer.write_frame(out, ("done", None))
+    whole = out.getvalue()
+    inp = io.BytesIO(whole)
+    assert importer._read_frame(inp) == ("batch", [1, "two", b"3"])
+    assert importer._read_frame(inp) == ("done", None)
+    with pytest.raises(EOFError):
+        importer._read_frame(io.BytesIO(whole[:3]))  # inside the length
+    inp = io.BytesIO(whole[:-1])
+    importer._read_frame(inp)
+    with pytest.raises(EOFError):
+        importer._read_frame(inp)  # inside the item
 
 
 def test_cli_import(db_url: str, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The import's reader as a child process: ``python -m hermes_orm.integrations.hermes._reader``.
 
 It reads a pickled :class:`~hermes_orm.integrations.hermes.importer.ReadJob`
-from stdin and writes to stdout, pickled, each batch of
+from stdin and writes to stdout, each in a frame of
+:func:`~hermes_orm.integrations.hermes.importer.write_frame`, every batch of
 :func:`~hermes_orm.integrations.hermes.importer.read_batches` as
 ``("batch", batch)``, then ``("done", None)``, or ``("error", exception)``
 if reading failed. The importing process starts it and writes the batches.
@@ -13,7 +14,7 @@ import pickle
 import sys
 from typing import BinaryIO
 
-from hermes_orm.integrations.hermes.importer import StateDbError, read_batches
+from hermes_orm.integrations.hermes.importer import StateDbError, read_batches, write_frame
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
@@ -21,18 +22,15 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     job = pickle.load(stdin)
     try:
         for batch in read_batches(job):
-            pickle.dump(("batch", batch), stdout, protocol=pickle.HIGHEST_PROTOCOL)
-            stdout.flush()
+            write_frame(stdout, ("batch", batch))
     except Exception as exc:
         try:
-            frame = pickle.dumps(("error", exc))
-            pickle.loads(frame)
+            pickle.loads(pickle.dumps(exc))
         except Exception:  # an exception that does not survive pickling is described instead
-            frame = pickle.dumps(("error", StateDbError(f"reading the source failed: {exc!r}")))
-        stdout.write(frame)
+            exc = StateDbError(f"reading the source failed: {exc!r}")
+        write_frame(stdout, ("error", exc))
     else:
-        pickle.dump(("done", None), stdout)
-    stdout.flush()
+        write_frame(stdout, ("done", None))
 
 
 if __name__ == "__main__":
