@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -420,12 +421,35 @@ def test_a_killed_reader_process_is_a_typed_error_and_a_rerun_finishes(
         for proc in reader_processes.started:
             proc.kill()
 
-    with pytest.raises(StateDbError, match="reader process stopped"):
+    with pytest.raises(StateDbError, match=r"reader process stopped \(exit code -9\)"):
         import_state_db(source, store, batch=20, on_batch=kill_reader)
     assert _reader_threads() == []
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert_same_as_source(store, source)
+
+
+def test_a_reader_process_that_cannot_start_leaves_the_reading_to_a_thread(
+    store: SessionStore,
+    tmp_path: Path,
+    reader_processes: _Children,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As when sys.executable is not a Python that can import hermes_orm.
+    monkeypatch.setattr(importer, "PROCESS_READER_FROM", 0)
+    monkeypatch.setattr(importer, "_READER_MODULE", "hermes_orm_reader_that_is_not_there")
+    source = fixture_copy(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=importer.__name__):
+        report = import_state_db(source, store, batch=20)
+    assert report.ok, report.table()
+    assert_same_as_source(store, source)
+    assert len(reader_processes.started) == 1
+    assert reader_processes.all_ended()
+    assert _reader_threads() == []
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "did not start (exit code 1; it said: " in warning
+    assert "No module named hermes_orm_reader_that_is_not_there" in warning
 
 
 def test_reader_frames_carry_whole_items_and_a_cut_one_is_an_eof() -> None:

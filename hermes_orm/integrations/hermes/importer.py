@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import pickle
 import queue
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -68,6 +70,7 @@ _JSON_MESSAGE = frozenset(_codec.JSON_KEYS)
 _BOOL_MESSAGE = frozenset(_codec.BOOL_KEYS)
 _USAGE_KEY = MODEL_USAGE_KEY
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 
 class StateDbError(HermesOrmError):
@@ -689,45 +692,70 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
 
     The child starts at once (its start-up overlaps whatever the block does
     first). The job goes to its stdin and the batches come back on its stdout
-    (:func:`write_frame`), through a thread that reads ahead of the writer. The child is
-    killed when the block ends, however it ends; if the importing process
-    dies, the child's next write to the closed pipe ends it.
+    (:func:`write_frame`), through a thread that reads ahead of the writer.
+    The child is killed when the block ends, however it ends; if the importing
+    process dies, the child's next write to the closed pipe ends it.
+
+    A child that ends before its first batch (``sys.executable`` cannot import
+    hermes_orm: an embedded interpreter, a path added at run time) is not an
+    error: that thread reads the source itself, as for a small import, and a
+    warning logs what the child wrote to stderr. A child that ends later is a
+    :class:`StateDbError` carrying the same.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", _READER_MODULE],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    into, out = proc.stdin, proc.stdout
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", _READER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        into, out = proc.stdin, proc.stdout
 
-    def batches() -> Iterator[_Batch]:
-        try:
-            with into:
-                pickle.dump(job, into)
-            while True:
+        def batches() -> Iterator[_Batch]:
+            try:
+                with into:
+                    pickle.dump(job, into)
                 kind, payload = _read_frame(out)
-                if kind == "batch":
-                    yield payload
-                elif kind == "error":
-                    raise payload
-                else:
-                    return
-        except (EOFError, pickle.UnpicklingError, OSError) as exc:
-            raise StateDbError(
-                f"the import's reader process stopped (exit code {proc.poll()}): {exc!r}"
-            ) from None
+            except (EOFError, pickle.UnpicklingError, OSError):
+                said = _said(proc, errors)
+                _log.warning("the import's reader process did not start (%s); reading here", said)
+                yield from read_batches(job)
+                return
+            while kind == "batch":
+                yield payload
+                try:
+                    kind, payload = _read_frame(out)
+                except (EOFError, pickle.UnpicklingError, OSError) as exc:
+                    said = _said(proc, errors)
+                    raise StateDbError(
+                        f"the import's reader process stopped ({said}): {exc!r}"
+                    ) from None
+            if kind == "error":
+                raise payload
 
+        try:
+            with _read_ahead(batches(), on_stop=proc.kill) as items:
+                yield items
+        finally:
+            proc.kill()
+            proc.wait()
+            out.close()
+            with contextlib.suppress(OSError):  # a job the child never took
+                into.close()
+
+
+def _said(proc: subprocess.Popen[bytes], errors: IO[bytes]) -> str:
+    """The exit code of a reader process that ended (or is made to), and the end of its stderr."""
     try:
-        with _read_ahead(batches(), on_stop=proc.kill) as items:
-            yield items
-    finally:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # alive, but its output made no sense
         proc.kill()
-        proc.wait()
-        out.close()
-        with contextlib.suppress(OSError):  # a job the child never took
-            into.close()
+        code = proc.wait()
+    errors.seek(0)
+    lines = errors.read().decode(errors="replace").strip().splitlines()
+    return f"exit code {code}" + (f"; it said: {lines[-1]}" if lines else "")
 
 
 def write_frame(out: IO[bytes], item: Any) -> None:
