@@ -56,7 +56,9 @@ class Row:
     ok: bool | None
 
     def cells(self) -> list[str]:
-        ratio = "" if self.ratio is None else f"{self.ratio:.2f}x"
+        # A missed target shows by how much: 1.204x, not a 1.20x that reads as met.
+        places = 3 if self.ok is False else 2
+        ratio = "" if self.ratio is None else f"{self.ratio:.{places}f}x"
         verdict = {True: "met", False: "MISSED", None: ""}[self.ok]
         return [self.name, self.ours, self.baseline, ratio, self.target, verdict]
 

@@ -45,3 +45,12 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         assert name in out, name
     assert "hermes-agent not installed" not in out
     assert "VERIFICATION FAILED" not in out
+
+
+def test_a_missed_ratio_shows_how_far_off_it_is() -> None:
+    from bench.__main__ import Row
+
+    missed = Row("flush", "0.9 ms", "0.8 ms", 1.2041, "<= 1.2x", False)
+    met = Row("flush", "0.9 ms", "0.8 ms", 1.1961, "<= 1.2x", True)
+    assert missed.cells()[3:] == ["1.204x", "<= 1.2x", "MISSED"]
+    assert met.cells()[3:] == ["1.20x", "<= 1.2x", "met"]
