@@ -817,17 +817,10 @@ class SessionStore:
             end += len(batch)
             last = batch[-1].digest
             tool_calls += sum(map(_TOOL_CALLS, batch))
-        if (
-            _dialects.execute_driver_script(
-                conn,
-                [
-                    _advance(
-                        sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
-                    )
-                ],
-            )
-            != 1
-        ):
+        advance = _advance(
+            sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
+        )
+        if _dialects.execute_driver_sql(conn, *advance) != 1:
             raise _StaleHint
         return end, last
 

@@ -677,6 +677,8 @@ _READ_MANY = "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OF
 #: Batches read and encoded ahead of the writer.
 _READ_AHEAD = 2
 _READER_MODULE = "hermes_orm.integrations.hermes._reader"
+#: What reading the reader's pipe raises when the child is gone or its output is garbled.
+_PIPE_BROKEN = (EOFError, pickle.UnpicklingError, OSError)
 
 
 @contextlib.contextmanager
@@ -718,7 +720,7 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
                 with into:
                     pickle.dump(job, into)
                 kind, payload = _read_frame(out)
-            except (EOFError, pickle.UnpicklingError, OSError):
+            except _PIPE_BROKEN:
                 said = _said(proc, errors)
                 _log.warning("the import's reader process did not start (%s); reading here", said)
                 yield from read_batches(job)
@@ -727,7 +729,7 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
                 yield payload
                 try:
                     kind, payload = _read_frame(out)
-                except (EOFError, pickle.UnpicklingError, OSError) as exc:
+                except _PIPE_BROKEN as exc:
                     said = _said(proc, errors)
                     raise StateDbError(
                         f"the import's reader process stopped ({said}): {exc!r}"
