@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy
 from sqlalchemy import Engine, create_engine
@@ -39,6 +39,8 @@ from bench import _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from hermes_orm import _dialects
+
+_K = TypeVar("_K")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -83,7 +85,7 @@ FULL = Sizes(
     sessions=20,
     turns=25,
     lengths=(10, 10_000, 100_000),
-    flat_turns=60,
+    flat_turns=120,
     bulk=100_000,
     read=10_000,
     repeat=5,
@@ -212,14 +214,19 @@ def _rounds(runs: dict[str, Callable[[], float]], repeat: int) -> Rounds:
     A shared machine drifts (clock, disk, neighbours) over seconds: taking each
     ratio within a round, between runs seconds apart, keeps the drift out of it.
     """
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeat):
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for order in rotations(list(runs), repeat):
         os.sync()  # the copies just made are not flushed during a timed run
-        first = rep % len(names)
-        for name in names[first:] + names[:first]:
+        for name in order:
             times[name].append(runs[name]())
     return Rounds(times)
+
+
+def rotations(names: list[_K], rounds: int) -> Iterator[list[_K]]:
+    """The order of each round: every name once, the first one moving on a place each round."""
+    for round_ in range(rounds):
+        first = round_ % len(names)
+        yield names[first:] + names[:first]
 
 
 def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str, *, hermes: bool) -> Rounds:
@@ -314,24 +321,29 @@ def pg_turns(dbs: Databases, sizes: Sizes) -> Rounds:
 
 
 def flush_cost_by_length(url: str, sizes: Sizes) -> dict[int, float]:
-    """Median seconds of one turn's flush into a session already holding N messages."""
+    """Median seconds of one turn's flush into a session already holding N messages.
+
+    The sessions of every length take the same turns in rotation, one flush
+    each a round, the order rotating: a drift of the machine during the run
+    falls on every length alike, instead of on whichever length ran last.
+    """
     store = hermes_orm.SessionStore(url)
-    costs: dict[int, float] = {}
     extra = conversations(1, sizes.flat_turns, seed=99)[0]
+    lists: dict[int, list[dict[str, Any]]] = {}
     for length in sizes.lengths:
-        sid = f"len{length}"
-        store.create_session(sid, source="bench")
-        msgs = history(length)
-        store.flush(sid, msgs)
-        samples = []
-        for turn_msgs in extra:
+        store.create_session(f"len{length}", source="bench")
+        lists[length] = history(length)
+        store.flush(f"len{length}", lists[length])
+    samples: dict[int, list[float]] = {length: [] for length in sizes.lengths}
+    for turn_msgs, order in zip(extra, rotations(list(sizes.lengths), len(extra)), strict=True):
+        for length in order:
+            msgs = lists[length]
             msgs.extend(turn_msgs)
             start = time.perf_counter()
-            store.flush(sid, msgs)
-            samples.append(time.perf_counter() - start)
-        costs[length] = statistics.median(samples)
+            store.flush(f"len{length}", msgs)
+            samples[length].append(time.perf_counter() - start)
     store.close()
-    return costs
+    return {length: statistics.median(times) for length, times in samples.items()}
 
 
 def read_vs_raw(path: Path, sizes: Sizes) -> tuple[float, float]:
@@ -773,7 +785,10 @@ Machine: {machine()}.
   `SessionDB.append_message`, one transaction per message, with its FTS5
   triggers; both sides run at the same `synchronous` level.
 - **Flat cost.** A flush reads the cursor and the digest at it, and writes only
-  the new messages: its cost does not grow with the stored history.
+  the new messages: its cost does not grow with the stored history. Sessions
+  holding {", ".join(f"{n:,}" for n in sizes.lengths)} messages each take
+  {sizes.flat_turns} more turns, in rotation (the order rotating each turn),
+  and each length's figure is the median of its flushes.
 - **Import.** The Hermes fixture (schema v22) grown with clones of its sessions
   under new ids, imported by `import_state_db` into a fresh SQLite file at the
   default `synchronous=FULL`; the time includes the verification, and the

@@ -54,3 +54,14 @@ def test_a_missed_ratio_shows_how_far_off_it_is() -> None:
     met = Row("flush", "0.9 ms", "0.8 ms", 1.1961, "<= 1.2x", True)
     assert missed.cells()[3:] == ["1.204x", "<= 1.2x", "MISSED"]
     assert met.cells()[3:] == ["1.20x", "<= 1.2x", "met"]
+
+
+def test_each_round_rotates_the_order_of_what_it_measures() -> None:
+    from bench.__main__ import rotations
+
+    assert list(rotations(["a", "b", "c"], 4)) == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
