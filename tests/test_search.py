@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 from sqlalchemy.pool import NullPool
 
+import hermes_orm
 from hermes_orm import SearchQueryError, SessionStore, create_store_engine
 from hermes_orm._search_text import BODY_LIMIT, SEPARATOR_RANGES, is_unsegmented, tokens
 from hermes_orm.integrations.hermes import import_state_db
@@ -481,6 +482,108 @@ def test_rebuild_restores_a_damaged_index(store: SessionStore, engine: Engine) -
     # and the triggers still work after a rebuild
     store.flush("s", [turn("rebuild me 重建索引"), turn("after the rebuild")])
     assert [h.idx for h in store.search("rebuild").hits] == [1, 0]
+
+
+#: Rows as other clients may write them: every shape the search triggers distinguish.
+_INDEXED_ROWS: list[dict[str, Any]] = [
+    {"content": "plain ascii words"},
+    {"content": "café naïve, outside ASCII but not CJK"},
+    {"content": "部署 docker 中文内容", "tool_name": "search"},
+    {
+        "content": None,
+        "content_parts": json.dumps(
+            [
+                {"type": "text", "text": "\u90e8\u7f72 escaped"},
+                {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "text", "text": "nul \u0000 inside"},
+            ]
+        ),
+    },
+    {"content": "raw parts", "content_parts": '[{"type": "text", "text": "\\u90e8"}]'},
+    {
+        "content": "",
+        "tool_calls": json.dumps(
+            [{"type": "function", "function": {"name": "run", "arguments": '{"q": "中"}'}}]
+        ),  # json.dumps writes the ideograph as a \\u escape: the column is ASCII
+    },
+    {"content": "calls that are not JSON", "tool_calls": "not json {"},
+    {"content": "parts that are no array", "content_parts": '{"text": "hidden"}'},
+    {"content": "ends in a backslash \\", "content_parts": "u then text, not JSON"},
+    {"content": "long " * (BODY_LIMIT // 4)},
+]
+
+
+def _search_shadow_tables(path: Path) -> dict[str, list[Any]]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in (
+                "hermes_search_data",
+                "hermes_search_idx",
+                "hermes_search_cjk_data",
+                "hermes_search_cjk_idx",
+                "hermes_search_cjk_content",
+            )
+        }
+    finally:
+        conn.close()
+
+
+def _triggers(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def test_sqlite_triggers_index_exactly_what_the_previous_revision_did(tmp_path: Path) -> None:
+    """0005 builds each body from the new row instead of reading it back: same index, byte for byte.
+
+    The same rows, inserted and updated in the same transactions under 0004's
+    triggers and under head's, leave identical pages in every search table; a
+    downgrade to 0004 puts its triggers back as they were.
+    """
+    previous, head = tmp_path / "0004.db", tmp_path / "head.db"
+    for path, revision in ((previous, "0004_search_upkeep"), (head, "head")):
+        engine = create_store_engine(f"sqlite:///{path}", poolclass=NullPool)
+        hermes_orm.upgrade(engine, revision)
+        engine.dispose()
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute(
+                "INSERT INTO hermes_sessions (id, source, started_at) VALUES ('s', 'cli', 0)"
+            )
+        for first in range(0, len(_INDEXED_ROWS), 4):  # several transactions, several segments
+            with conn:
+                for idx, row in enumerate(_INDEXED_ROWS[first : first + 4], first):
+                    conn.execute(
+                        "INSERT INTO hermes_messages (session_id, idx, role, content, "
+                        "content_parts, tool_calls, tool_name, digest) "
+                        "VALUES ('s', ?, 'user', ?, ?, ?, ?, ?)",
+                        (
+                            idx,
+                            row["content"],
+                            row.get("content_parts"),
+                            row.get("tool_calls"),
+                            row.get("tool_name"),
+                            b"0" * 16,
+                        ),
+                    )
+        with conn:
+            conn.execute("UPDATE hermes_messages SET content = '更新 updated' WHERE idx = 0")
+            conn.execute("UPDATE hermes_messages SET tool_name = 'grep' WHERE idx = 2")
+        conn.close()
+    tables = _search_shadow_tables(head)
+    assert len(tables["hermes_search_cjk_content"]) == 5  # rows 0 (updated), 2, 3, 4, 5
+    assert tables == _search_shadow_tables(previous)
+    engine = create_store_engine(f"sqlite:///{head}", poolclass=NullPool)
+    hermes_orm.downgrade(engine, "0004_search_upkeep")
+    engine.dispose()
+    assert _triggers(head) == _triggers(previous)
 
 
 _QUERY_PIECES = st.sampled_from(
