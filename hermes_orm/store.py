@@ -83,7 +83,8 @@ _LOCK_SESSION = (
 )
 
 _INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
-#: Sessions whose cursor a store remembers; past this it forgets them all.
+#: Sessions whose cursor a store remembers; past this it forgets the half it
+#: flushed least recently (a gateway's idle sessions), not the busy ones.
 _HINTS_MAX = 10_000
 #: Messages per INSERT of a flush; a longer flush streams in batches of this size.
 _BATCH = 500
@@ -729,9 +730,13 @@ class SessionStore:
     def _remember(
         self, session_id: str, cursor: int, digest: bytes | None, pin: Pin | None = None
     ) -> None:
-        if len(self._hints) >= _HINTS_MAX:
-            self._hints.clear()
-        self._hints[session_id] = (cursor, digest, pin)
+        hints = self._hints
+        hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
+        if len(hints) >= _HINTS_MAX:
+            # list() copies the keys in one step, safe against other threads' flushes.
+            for stale in list(hints)[: len(hints) // 2]:
+                hints.pop(stale, None)
+        hints[session_id] = (cursor, digest, pin)
 
     def append(self, session_id: str, message: dict[str, Any]) -> int:
         """Store one message at the session's cursor; returns its ``idx``.

@@ -23,6 +23,7 @@ from hermes_orm import (
     SessionNotFoundError,
     SessionStore,
 )
+from hermes_orm import store as store_module
 from hermes_orm.models import Message
 from tests.conftest import count_rows
 
@@ -257,6 +258,30 @@ def _flusher(path: str, store: SessionStore, engine: Engine) -> Callable[[], Ses
 def _statements_per_flush(path: str, dialect: str) -> int:
     """A flush's statements on ``path``; SQLite's writes begin with BEGIN IMMEDIATE."""
     return {"remembered cursor": 2, "locked read": 3}[path] + (dialect == "sqlite")
+
+
+def test_a_full_cursor_memory_forgets_the_sessions_flushed_least_recently(
+    store: SessionStore, statements: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush on a remembered cursor reads nothing; past the bound, idle sessions are forgotten."""
+    monkeypatch.setattr(store_module, "_HINTS_MAX", 4)
+    lists = {f"s{i}": [{"role": "user", "content": f"first {i}"}] for i in range(5)}
+    for sid in lists:
+        store.create_session(sid, "cli")
+
+    def flush(sid: str) -> bool:
+        """Flush one more message; True if the cursor was read (the session was forgotten)."""
+        lists[sid].append({"role": "user", "content": f"more {len(lists[sid])}"})
+        statements.clear()
+        store.flush(sid, lists[sid])
+        return any(s.lstrip().upper().startswith("SELECT") for s in statements)
+
+    for sid in ("s0", "s1", "s2", "s3"):
+        assert flush(sid)  # new to this store: read under the row lock
+    assert not flush("s0")  # remembered, and now the most recent
+    assert flush("s4")  # the memory is full: s1 and s2, the least recent, are forgotten
+    assert [flush(sid) for sid in ("s0", "s3", "s4")] == [False, False, False]
+    assert [flush(sid) for sid in ("s1", "s2")] == [True, True]
 
 
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
