@@ -513,31 +513,28 @@ _INDEXED_ROWS: list[dict[str, Any]] = [
 ]
 
 
+def _fetch(path: Path, statement: str) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(statement).fetchall()
+    finally:
+        conn.close()
+
+
 def _search_shadow_tables(path: Path) -> dict[str, list[Any]]:
-    conn = sqlite3.connect(path)
-    try:
-        return {
-            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
-            for table in (
-                "hermes_search_data",
-                "hermes_search_idx",
-                "hermes_search_cjk_data",
-                "hermes_search_cjk_idx",
-                "hermes_search_cjk_content",
-            )
-        }
-    finally:
-        conn.close()
+    return {
+        table: _fetch(path, f"SELECT * FROM {table} ORDER BY 1, 2")
+        for table in (
+            "hermes_search_data",
+            "hermes_search_idx",
+            "hermes_search_cjk_data",
+            "hermes_search_cjk_idx",
+            "hermes_search_cjk_content",
+        )
+    }
 
 
-def _triggers(path: Path) -> list[tuple[str, str]]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
-        ).fetchall()
-    finally:
-        conn.close()
+_TRIGGERS = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
 
 
 def test_sqlite_triggers_index_exactly_what_the_previous_revision_did(tmp_path: Path) -> None:
@@ -583,7 +580,7 @@ def test_sqlite_triggers_index_exactly_what_the_previous_revision_did(tmp_path: 
     engine = create_store_engine(f"sqlite:///{head}", poolclass=NullPool)
     hermes_orm.downgrade(engine, "0004_search_upkeep")
     engine.dispose()
-    assert _triggers(head) == _triggers(previous)
+    assert _fetch(head, _TRIGGERS) == _fetch(previous, _TRIGGERS)
 
 
 _QUERY_PIECES = st.sampled_from(
