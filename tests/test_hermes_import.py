@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import delete, event, select
 
-from hermes_orm import ModelUsage, SessionStore
+from hermes_orm import Message, ModelUsage, SessionStore
 from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
 from tests._hermes import (
     digest_file,
@@ -482,6 +482,64 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     assert "messages" in run.stdout
     assert "877" in run.stdout
     assert "sessions 40/40" in run.stderr  # plain progress lines when not on a terminal
+
+
+class _OnceWhole:
+    """An ``on_batch`` that calls ``then(session id, cursor)`` once: for the first
+    session written whole whose length is no multiple of ``batch`` (the reader
+    is then done with it: its last read came back short)."""
+
+    def __init__(self, counts: dict[str, int], batch: int, then: Any) -> None:
+        self.counts, self.batch, self.then = counts, batch, then
+        self.sessions: list[str] = []
+
+    def __call__(self, session_id: str, cursor: int) -> None:
+        if not self.sessions and cursor == self.counts[session_id] and cursor % self.batch:
+            self.sessions.append(session_id)
+            self.then(session_id, cursor)
+
+
+def test_the_verification_counts_stored_rows(store: SessionStore, tmp_path: Path) -> None:
+    """A message missing from the destination is a mismatch, whatever the cursor says."""
+    source = fixture_copy(tmp_path)
+    counts = {sid: len(m) for sid, m in source_rows(source)[1].items()}
+
+    def lose_last(session_id: str, cursor: int) -> None:
+        lost = delete(Message).where(Message.session_id == session_id, Message.idx == cursor - 1)
+        with store.engine.begin() as conn:
+            assert conn.execute(lost).rowcount == 1
+
+    on_batch = _OnceWhole(counts, 40, lose_last)
+    report = import_state_db(source, store, batch=40, on_batch=on_batch)
+    assert report.mismatched_sessions == on_batch.sessions
+    assert not report.ok
+    assert report.counts["messages"].destination == sum(counts.values()) - 1
+    assert "message count differs" in report.table()
+
+
+def test_a_session_hermes_appended_to_after_it_was_read_grew(
+    store: SessionStore, tmp_path: Path, reader: str
+) -> None:
+    source = fixture_copy(tmp_path)
+    counts = {sid: len(m) for sid, m in source_rows(source)[1].items()}
+
+    def hermes_appends(session_id: str, _cursor: int) -> None:
+        from hermes_state import SessionDB
+
+        db = SessionDB(source)
+        db.append_message(session_id, "user", content="one more")
+        db.close()
+
+    on_batch = _OnceWhole(counts, 40, hermes_appends)
+    report = import_state_db(source, store, batch=40, on_batch=on_batch)
+    assert report.grown_sessions == on_batch.sessions
+    assert report.mismatched_sessions == []
+    assert report.ok, report.table()
+    again = import_state_db(source, store)
+    assert again.messages_written == 1
+    assert again.ok, again.table()
+    assert again.grown_sessions == []
+    assert_same_as_source(store, source)
 
 
 def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_path: Path) -> None:

@@ -391,26 +391,26 @@ def import_state_db(
     report = ImportReport()
     try:
         session_rows = src.dicts("sessions")
-        totals = _counts_by_session(src)
-        bar = (
-            _Progress(progress, len(session_rows), sum(totals.values()))
-            if progress is not None
-            else None
-        )
+        total = int(src.execute("SELECT count(*) FROM messages")[0][0])
+        bar = _Progress(progress, len(session_rows), total) if progress is not None else None
         ids = [r["id"] for r in session_rows]
         cursors = _cursors(store, ids)  # what the sessions' upsert leaves as it is
         job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
-        remaining = sum(max(0, n - cursors.get(sid, (0, None))[0]) for sid, n in totals.items())
+        # About what is left to copy (sessions the destination holds more of make it low).
+        remaining = total - sum(n for n, _ in cursors.values())
         reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
+        seen = {sid: n for sid, (n, _) in cursors.items()}
         # The reader starts first: it reads the first batches while the sessions are written.
         with reading(job) as batches:
             report.sessions_written = _upsert_sessions(store, session_rows, report)
-            _copy_messages(store, src, batches, bar=bar, on_batch=on_batch, report=report)
+            _copy_messages(
+                store, src, batches, bar=bar, on_batch=on_batch, report=report, seen=seen
+            )
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src)
         if bar is not None:
             bar.update(final=True)
-        _verify(store, src, session_rows, totals, report)
+        _verify(store, src, ids, seen, report)
     finally:
         src.close()
         if not isinstance(destination, SessionStore):
@@ -596,8 +596,12 @@ def _copy_messages(
     bar: _Progress | None,
     on_batch: Callable[[str, int], None] | None,
     report: ImportReport,
+    seen: dict[str, int],
 ) -> None:
     """Write the reader's batches: what the destination does not hold yet, a transaction each.
+
+    ``seen`` gets, for each session the reader read messages of, how many the
+    source held as far as the reader read it.
 
     Short sessions share a transaction; a long one takes several. Each
     transaction is whole or nothing, and the cursors say where a re-run resumes.
@@ -642,6 +646,7 @@ def _copy_messages(
         return work
 
     for item in batches:
+        seen.update((sid, cursor + n) for sid, cursor, n in item.pieces)
         report.invalid_sessions.update(item.invalid)
         report.diverged_sessions.extend(item.diverged)
         if item.prepared is not None:
@@ -901,18 +906,17 @@ def _digest_or_none(message: dict[str, Any]) -> bytes | None:
         return None
 
 
+_READ_CURSORS = (
+    f"SELECT id, flushed_idx, flushed_digest FROM {_sessions.name} WHERE id IN ({{ids}})"
+)
+
+
 def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, tuple[int, bytes | None]]:
     """Each destination session's cursor and the digest at it, in one query per 500."""
 
     def work(conn: Connection) -> dict[str, tuple[int, bytes | None]]:
-        found: dict[str, tuple[int, bytes | None]] = {}
-        for start in range(0, len(session_ids), 500):
-            chunk = session_ids[start : start + 500]
-            query = select(
-                _sessions.c.id, _sessions.c.flushed_idx, _sessions.c.flushed_digest
-            ).where(_sessions.c.id.in_(chunk))
-            found.update({sid: (n, d) for sid, n, d in conn.execute(query)})
-        return found
+        rows = _dialects.rows_for_ids(conn, _READ_CURSORS, session_ids)
+        return {sid: (n, digest) for sid, n, digest in rows}
 
     return store._read(work)
 
@@ -955,49 +959,43 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
     return store._write(work)
 
 
+#: Each session and its stored messages, counted as rows.
+_COUNT_MESSAGES = (
+    f"SELECT s.id, (SELECT count(*) FROM {_messages.name} m WHERE m.session_id = s.id)"
+    f" FROM {_sessions.name} s WHERE s.id IN ({{ids}})"
+)
+_COUNT_USAGE = f"SELECT count(*) FROM {_usage.name} WHERE session_id IN ({{ids}})"
+
+
 def _verify(
-    store: SessionStore,
-    src: Source,
-    session_rows: list[dict[str, Any]],
-    totals: dict[str, int],
-    report: ImportReport,
+    store: SessionStore, src: Source, ids: list[str], seen: dict[str, int], report: ImportReport
 ) -> None:
-    ids = [r["id"] for r in session_rows]
+    """Count what the destination holds against what the source holds now.
 
-    def work(conn: Connection) -> tuple[int, dict[str, int], int]:
-        sessions = 0
-        counts: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            for sid, n in conn.execute(
-                select(_sessions.c.id, _sessions.c.flushed_idx).where(_sessions.c.id.in_(chunk))
-            ):
-                sessions += 1
-                counts[sid] = n
-        usage = 0
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            usage += len(
-                conn.execute(
-                    select(_usage.c.session_id).where(_usage.c.session_id.in_(chunk))
-                ).all()
-            )
-        return sessions, counts, usage
+    Messages are counted as rows on both sides, per session. Hermes may append
+    while the import runs: a session whose destination count is what the
+    reader found in the source (``seen``), and less than the source holds
+    now, grew meanwhile (the next run copies the rest); any other difference
+    is a mismatch.
+    """
 
-    sessions, counts, usage = store._read(work)
-    # Hermes may append while the import runs: count the source again now. A
-    # session holding at least what it had at the start but less than now grew
-    # meanwhile (the next run copies the rest); anything else is a mismatch.
+    def work(conn: Connection) -> tuple[dict[str, int], int]:
+        counted = _dialects.rows_for_ids(conn, _COUNT_MESSAGES, ids)
+        usage = _dialects.rows_for_ids(conn, _COUNT_USAGE, ids)
+        return dict(counted), sum(n for (n,) in usage)
+
+    counts, usage = store._read(work)  # a session missing here is not in the destination
     now = _counts_by_session(src)
-    report.counts["sessions"] = TableCount(len(session_rows), sessions)
+    report.counts["sessions"] = TableCount(len(ids), len(counts))
     report.counts["messages"] = TableCount(
         sum(now.get(sid, 0) for sid in ids), sum(counts.values())
     )
     for sid in ids:
-        have, before, after = counts.get(sid, -1), totals.get(sid, 0), now.get(sid, 0)
+        have = counts.get(sid, -1)
+        after = now.get(sid, 0)
         if have == after:
             continue
-        if before <= have < after:
+        if have == seen.get(sid, 0) < after:
             report.grown_sessions.append(sid)
         elif sid not in report.diverged_sessions and sid not in report.invalid_sessions:
             report.mismatched_sessions.append(sid)
