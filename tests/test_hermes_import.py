@@ -107,6 +107,28 @@ def test_fixture_imports_losslessly_and_twice_writes_nothing(
     assert reader_processes.all_ended()
 
 
+def test_columns_of_a_newer_hermes_schema_come_through_in_extra(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source = fixture_copy(tmp_path)
+    conn = sqlite3.connect(source)
+    conn.execute('ALTER TABLE sessions ADD COLUMN "mood ""quoted""" TEXT')
+    conn.execute("ALTER TABLE messages ADD COLUMN sentiment REAL")
+    sid = conn.execute("SELECT id FROM sessions ORDER BY id LIMIT 1").fetchone()[0]
+    conn.execute('UPDATE sessions SET "mood ""quoted""" = ? WHERE id = ?', ("calm", sid))
+    conn.execute("UPDATE messages SET sentiment = 0.5 WHERE session_id = ?", (sid,))
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    got = store.get_session(sid)
+    assert got is not None
+    assert got["extra"] == {'mood "quoted"': "calm"}
+    stored = store.get_messages(sid)
+    assert {m["sentiment"] for m in stored} == {0.5}
+    assert stored == [expected_message(m) for m in source_rows(source)[1][sid]]
+
+
 def test_incremental_import_copies_only_what_hermes_appended(
     store: SessionStore, tmp_path: Path
 ) -> None:
