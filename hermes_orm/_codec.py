@@ -159,6 +159,9 @@ _SLOT = {column: i for i, column in enumerate(PARAM_COLUMNS)}
 _CONTENT_PARTS = _SLOT["content_parts"]
 _EXTRA = _SLOT["extra"]
 _BLAKE2B_128 = hashlib.blake2b(digest_size=16)
+_ROLE_PREFIX = _DIGEST_PREFIXES[0]
+# EncodedMessage without its generated __new__'s Python frame (the hot path).
+_new_encoded = tuple.__new__
 
 # What a message key holds, and its column's slot in the params.
 _ROLE, _CONTENT, _TEXT, _BOOL, _STAMP, _COUNT, _JSON, _OTHER = range(8)
@@ -271,15 +274,15 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     # lookup and an exact type check; anything else takes the long way.
     params = _NO_PARAMS.copy()
     params[0] = role
-    filled = [0]  # the slots that hold a value
+    # Each column's part of the digest input, by slot (see _DIGEST_PREFIXES).
+    pieces = _NO_PARAMS.copy()
+    pieces[0] = _ROLE_PREFIX + role
     documents: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     tool_calls = 0
     for key, value in message.items():
-        if type(key) is not str:
-            raise _find_problem(message, index) or InvalidMessageError(
-                "message keys must be strings", index=index
-            )
+        # A key that is not a str finds no column: it goes to extra, whose JSON
+        # round trip refuses it (with _find_problem's precise error).
         kind, slot = _KEYS.get(key, _UNKNOWN)
         if kind == _ROLE:
             continue
@@ -308,8 +311,10 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                 # PostgreSQL text cannot hold NUL; the extra JSON can (escaped), losslessly.
                 extra[key] = stored
                 continue
-        elif kind == _STAMP and type(value) is float and math.isfinite(value):
-            pass
+        elif (kind == _STAMP and type(value) is float and math.isfinite(value)) or (
+            kind == _COUNT and type(value) is int and -_INT64 <= value < _INT64
+        ):
+            pass  # stored as given
         elif kind == _JSON:
             documents[key] = value
             if key == "tool_calls":
@@ -318,16 +323,14 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
         elif kind != _BOOL or type(value) is not bool:
             stored = _column_value(key, value, index)
         params[slot] = stored
-        filled.append(slot)
+        pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{stored}"
     if extra:
-        params[_EXTRA] = _to_json(extra, index, "extra", message)
+        params[_EXTRA] = text = _to_json(extra, index, "extra", message)
+        pieces[_EXTRA] = _DIGEST_PREFIXES[_EXTRA] + text
         documents["extra"] = extra
-        filled.append(_EXTRA)
 
-    filled.sort()
-    digest_input = "\x00".join([f"{_DIGEST_PREFIXES[i]}{params[i]}" for i in filled])
     try:
-        raw = digest_input.encode("utf-8")
+        raw = "\x00".join(filter(None, pieces)).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidMessageError(
             "text is not valid Unicode (lone surrogate characters cannot be stored)",
@@ -336,7 +339,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     hasher = _BLAKE2B_128.copy()
     hasher.update(raw)
     params[-1] = digest = hasher.digest()
-    return EncodedMessage(tuple(params), digest, tool_calls, documents or None)
+    return _new_encoded(EncodedMessage, (tuple(params), digest, tool_calls, documents or None))
 
 
 def message_digest(message: Any, index: int | None = None) -> bytes:

@@ -128,6 +128,8 @@ BAD_VALUES: list[tuple[Any, str | None]] = [
     ({"role": "user", "content": "x", "custom": cycle()}, "custom"),
     ({"role": "user", "content": "x", "tool_calls": [{"args": cycle()}]}, "tool_calls"),
     ({"role": "user", "content": "x", 5: "int key"}, None),
+    ({"role": "user", "content": "x", ("a",): "tuple key"}, None),
+    ({"role": "user", "content": "x", None: None}, None),
 ]
 
 
