@@ -374,7 +374,7 @@ def test_a_failing_source_read_is_a_typed_error_and_a_rerun_finishes(
 
     class Failing(sqlite3.Connection):
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
-            if sql.startswith("SELECT * FROM messages"):
+            if " FROM messages WHERE session_id = ?" in sql:  # the reader's reads
                 calls["n"] += 1
                 if calls["n"] >= 5:  # and when read again, live
                     raise sqlite3.OperationalError("disk I/O error")

@@ -275,7 +275,7 @@ def session_rows(src: Source) -> list[dict[str, Any]]:
     """
     copied, kept = _session_columns(tuple(src.columns("sessions")))
     keys = ("id", *copied)
-    select_list = ", ".join('"{}"'.format(k.replace('"', '""')) for k in (*keys, *kept))
+    select_list = ", ".join(map(_quoted, (*keys, *kept)))
     bools = sorted(_BOOL_SESSION.intersection(copied))
     rows = []
     for row in src.execute(f"SELECT {select_list} FROM sessions"):
@@ -294,25 +294,54 @@ def session_rows(src: Source) -> list[dict[str, Any]]:
     return rows
 
 
-def message_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
-    """Map a Hermes messages row (``SELECT *`` order) onto a message dict.
+def _quoted(name: str) -> str:
+    return '"{}"'.format(name.replace('"', '""'))
 
-    NULL columns are left out, but ``content`` is always there.
-    """
-    # Every column as is, then the few that need converting.
-    message = {k: v for k, v in zip(columns, row, strict=True) if v is not None}
-    message.pop("id", None)
-    message.pop("session_id", None)
-    content = message.get("content")
-    if content is None:
-        message["content"] = None
-    elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
-        message["content"] = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
-    for key in _JSON_MESSAGE.intersection(message):
-        message[key] = _json_or_text(message[key])
-    for key in _BOOL_MESSAGE.intersection(message):
-        message[key] = bool(message[key])
-    return message
+
+@dataclass(frozen=True)
+class MessageColumns:
+    """How a Hermes messages table is read: the queries, and the dict each row becomes."""
+
+    names: tuple[str, ...]
+    read_one: str
+    read_many: str
+    json_keys: tuple[str, ...]
+    bool_keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, columns: Sequence[str]) -> MessageColumns:
+        """For a messages table of ``columns`` (any schema version)."""
+        names = tuple(c for c in columns if c not in ("id", "session_id"))
+        head = f"SELECT {', '.join(map(_quoted, names))} FROM messages WHERE session_id = ?"
+        return cls(
+            names,
+            f"{head} ORDER BY id LIMIT 1 OFFSET ?",
+            f"{head} ORDER BY id LIMIT ? OFFSET ?",
+            tuple(c for c in names if c in _JSON_MESSAGE),
+            tuple(c for c in names if c in _BOOL_MESSAGE),
+        )
+
+    def message(self, row: Sequence[Any]) -> dict[str, Any]:
+        """The message dict of a row of ``read_one``/``read_many``.
+
+        NULL columns are left out, but ``content`` is always there.
+        """
+        # Every column as is, then the few that need converting.
+        message = {k: v for k, v in zip(self.names, row, strict=True) if v is not None}
+        content = message.get("content")
+        if content is None:
+            message["content"] = None
+        elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
+            message["content"] = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
+        for key in self.json_keys:
+            value = message.get(key)
+            if value is not None:
+                message[key] = _json_or_text(value)
+        for key in self.bool_keys:
+            value = message.get(key)
+            if value is not None:
+                message[key] = bool(value)
+        return message
 
 
 class _Tail(Sequence[dict[str, Any]]):
@@ -628,7 +657,7 @@ def _copy_messages(
     copied, in a child process: that Python work then runs on another core instead of
     taking turns with the writer's for the interpreter lock.
     """
-    columns = src.columns("messages")
+    columns = MessageColumns.of(src.columns("messages"))
 
     def on_cursors(item: _Batch, prepared: PreparedWrite) -> Callable[[Connection], list[Any]]:
         def work(conn: Connection) -> list[tuple[str, int, int]]:
@@ -680,19 +709,17 @@ def _copy_messages(
 
 
 def _source_tail(
-    src: Source, columns: list[str], session_id: str, cursor: int, count: int
+    src: Source, columns: MessageColumns, session_id: str, cursor: int, count: int
 ) -> _Tail:
     """The source's messages ``cursor`` to ``cursor + count`` of a session, and the one before."""
     before = None
     if cursor:
-        found = src.execute(_READ_ONE, (session_id, cursor - 1))
-        before = message_dict(columns, found[0]) if found else None
-    rows = src.execute(_READ_MANY, (session_id, count, cursor))
-    return _Tail(cursor, before, [message_dict(columns, r) for r in rows])
+        found = src.execute(columns.read_one, (session_id, cursor - 1))
+        before = columns.message(found[0]) if found else None
+    rows = src.execute(columns.read_many, (session_id, count, cursor))
+    return _Tail(cursor, before, [columns.message(r) for r in rows])
 
 
-_READ_ONE = "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?"
-_READ_MANY = "SELECT * FROM messages WHERE session_id = ? ORDER BY id LIMIT ? OFFSET ?"
 #: Batches read and encoded ahead of the writer.
 _READ_AHEAD = 2
 _READER_MODULE = "hermes_orm.integrations.hermes._reader"
@@ -879,23 +906,23 @@ def _read_groups(
     Each item is a group to write in one transaction and how many sessions
     were finished while reading it.
     """
-    columns = src.columns("messages")
+    columns = MessageColumns.of(src.columns("messages"))
     group: list[Chunk] = []
     size = finished = 0
     for sid in session_ids:
         cursor, stored_digest = cursors.get(sid, (0, None))
         before_digest = stored_digest
         if cursor:
-            found = src.execute(_READ_ONE, (sid, cursor - 1))
+            found = src.execute(columns.read_one, (sid, cursor - 1))
             if not found:  # the source holds fewer messages than were imported
                 report.diverged_sessions.append(sid)
                 finished += 1
                 continue
-            before_digest = _digest_or_none(message_dict(columns, found[0]))
+            before_digest = _digest_or_none(columns.message(found[0]))
         while True:
-            rows = src.execute(_READ_MANY, (sid, batch, cursor))
+            rows = src.execute(columns.read_many, (sid, batch, cursor))
             if rows:
-                messages = [message_dict(columns, r) for r in rows]
+                messages = [columns.message(r) for r in rows]
                 try:
                     encoded = [_codec.encode_message(m, cursor + i) for i, m in enumerate(messages)]
                 except InvalidMessageError as exc:
