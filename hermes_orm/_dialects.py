@@ -277,20 +277,21 @@ def _marks(dialect: str) -> tuple[str, str]:
     return ("?", "?") if dialect == "sqlite" else ("%s", "%s::json")
 
 
-def rows_for_ids(conn: Connection, query: str, ids: Sequence[Any]) -> list[Any]:
-    """Run driver SQL ``query`` for each few hundred of ``ids``; all the rows.
+def rows_for_values(conn: Connection, query: str, values: Sequence[Any]) -> list[Any]:
+    """Run driver SQL ``query`` for each few hundred of ``values``; all the rows.
 
-    ``{ids}`` in ``query`` stands for the placeholders of one part of ``ids``
-    (as in ``WHERE id IN ({ids})``). SQLAlchemy's expanding ``IN`` renders
-    and processes the parameter list anew at every execution, which cost
-    several times the database work of counting a few hundred sessions.
+    ``{values}`` in ``query`` stands for the placeholders of one part of
+    ``values`` (as in ``WHERE id IN ({values})``). SQLAlchemy's expanding ``IN``
+    renders and processes the parameter list anew at every execution, which
+    cost several times the database work of counting a few hundred sessions.
     """
     mark = _marks(conn.dialect.name)[0]
     per = max(1, min(500, _max_parameters(conn.dialect.name)))
     rows: list[Any] = []  # rows, each unpacking like a tuple
-    for start in range(0, len(ids), per):
-        part = tuple(ids[start : start + per])
-        rows += conn.exec_driver_sql(query.format(ids=", ".join([mark] * len(part))), part).all()
+    for start in range(0, len(values), per):
+        part = tuple(values[start : start + per])
+        statement = query.format(values=", ".join([mark] * len(part)))
+        rows += conn.exec_driver_sql(statement, part).all()
     return rows
 
 

@@ -502,21 +502,16 @@ def _upsert_sessions(
     def work(conn: Connection) -> int:
         titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
         taken: dict[str, str] = {}
-        title_list = list(titles)
-        for start in range(0, len(title_list), 500):
-            query = select(_sessions.c.id, _sessions.c.title).where(
-                _sessions.c.title.in_(title_list[start : start + 500])
-            )
-            for holder, title in conn.execute(query):
-                if titles[title] != holder and holder not in wanted:
-                    taken[titles[title]] = title
+        for holder, title in _dialects.rows_for_values(conn, _TITLE_HOLDERS, list(titles)):
+            if titles[title] != holder and holder not in wanted:
+                taken[titles[title]] = title
         for sid, title in taken.items():
             fields = wanted[sid]
             fields["extra"] = {**(fields["extra"] or {}), "title": title}
             fields["title"] = None
         retitled[:] = sorted(taken)
         # Which sessions the destination holds, then (typed, to compare) those rows.
-        present = [sid for (sid,) in _dialects.rows_for_ids(conn, _SESSION_IDS, list(wanted))]
+        present = [sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))]
         existing = {}
         for start in range(0, len(present), 500):
             chunk = present[start : start + 500]
@@ -548,7 +543,8 @@ def _upsert_sessions(
     return written
 
 
-_SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{ids}})"
+_SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
+_TITLE_HOLDERS = f"SELECT id, title FROM {_sessions.name} WHERE title IN ({{values}})"
 
 
 def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -948,7 +944,7 @@ def _digest_or_none(message: dict[str, Any]) -> bytes | None:
 
 
 _READ_CURSORS = (
-    f"SELECT id, flushed_idx, flushed_digest FROM {_sessions.name} WHERE id IN ({{ids}})"
+    f"SELECT id, flushed_idx, flushed_digest FROM {_sessions.name} WHERE id IN ({{values}})"
 )
 
 
@@ -956,7 +952,7 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, tuple[int
     """Each destination session's cursor and the digest at it, in one query per 500."""
 
     def work(conn: Connection) -> dict[str, tuple[int, bytes | None]]:
-        rows = _dialects.rows_for_ids(conn, _READ_CURSORS, session_ids)
+        rows = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
         return {sid: (n, digest) for sid, n, digest in rows}
 
     return store._read(work)
@@ -1003,9 +999,9 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
 #: Each session and its stored messages, counted as rows.
 _COUNT_MESSAGES = (
     f"SELECT s.id, (SELECT count(*) FROM {_messages.name} m WHERE m.session_id = s.id)"
-    f" FROM {_sessions.name} s WHERE s.id IN ({{ids}})"
+    f" FROM {_sessions.name} s WHERE s.id IN ({{values}})"
 )
-_COUNT_USAGE = f"SELECT count(*) FROM {_usage.name} WHERE session_id IN ({{ids}})"
+_COUNT_USAGE = f"SELECT count(*) FROM {_usage.name} WHERE session_id IN ({{values}})"
 
 
 def _verify(
@@ -1021,8 +1017,8 @@ def _verify(
     """
 
     def work(conn: Connection) -> tuple[dict[str, int], int]:
-        counted = _dialects.rows_for_ids(conn, _COUNT_MESSAGES, ids)
-        usage = _dialects.rows_for_ids(conn, _COUNT_USAGE, ids)
+        counted = _dialects.rows_for_values(conn, _COUNT_MESSAGES, ids)
+        usage = _dialects.rows_for_values(conn, _COUNT_USAGE, ids)
         return dict(counted), sum(n for (n,) in usage)
 
     counts, usage = store._read(work)  # a session missing here is not in the destination
