@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +80,23 @@ def default_url() -> str:
     if env:
         return env
     return f"sqlite:///{hermes_home() / 'hermes_orm.db'}"
+
+
+#: A password in a URL: ``scheme://user:PASSWORD@``.
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _PASSWORD.sub(r"\g<head>***@", text)
+
+
+def safe_url(url: str | URL) -> str:
+    """``url`` with its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # unparsable: shown without anything that may be a secret
+        return redact(str(url))
 
 
 def normalize_url(url: str | URL) -> URL:

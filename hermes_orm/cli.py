@@ -11,19 +11,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import migrations
-from hermes_orm._dialects import create_store_engine, default_url
+from hermes_orm._dialects import create_store_engine, default_url, hermes_home, redact, safe_url
 from hermes_orm.errors import HermesOrmError
 from hermes_orm.store import SessionStore
-
-
-def _safe(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -31,18 +26,18 @@ def _db(args: argparse.Namespace) -> int:
     try:
         if args.db_command == "upgrade":
             migrations.upgrade(engine, args.revision)
-            print(f"{_safe(args.url)}: at {migrations.current(engine)}")
+            print(f"{safe_url(args.url)}: at {migrations.current(engine)}")
         elif args.db_command == "downgrade":
             migrations.downgrade(engine, args.revision)
-            print(f"{_safe(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
+            print(f"{safe_url(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
         elif args.db_command == "current":
             revision = migrations.current(engine)
             head = migrations.head()
             state = "up to date" if revision == head else f"head is {head}"
-            print(f"{_safe(args.url)}: {revision or 'no hermes_orm schema'} ({state})")
+            print(f"{safe_url(args.url)}: {revision or 'no hermes_orm schema'} ({state})")
         else:  # check
             migrations.check(engine)
-            print(f"{_safe(args.url)}: schema is at head ({migrations.head()})")
+            print(f"{safe_url(args.url)}: schema is at head ({migrations.head()})")
     finally:
         engine.dispose()
     return 0
@@ -109,7 +104,7 @@ def _search(args: argparse.Namespace) -> int:
     try:
         if args.query == ["rebuild"]:
             count = store.rebuild_search_index()
-            print(f"{_safe(args.url)}: search index rebuilt over {count} messages")
+            print(f"{safe_url(args.url)}: search index rebuilt over {count} messages")
             return 0
         page = store.search(
             " ".join(args.query),
@@ -142,7 +137,8 @@ def _search(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.importer import main_import
 
-    return main_import(args.path, args.url)
+    path = args.path or str(hermes_home() / "state.db")
+    return main_import(path, args.url)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -151,39 +147,56 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.url)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``hermes-orm``."""
-    parser = argparse.ArgumentParser(
-        prog="hermes-orm", description="Exactly-once storage of LLM-agent sessions."
-    )
-    parser.add_argument(
-        "--url",
-        default=None,
-        help="database URL (default: $HERMES_ORM_URL, else $HERMES_HOME/hermes_orm.db)",
-    )
-    # --url is accepted after the command too (hermes-orm import PATH --url URL).
-    url_option = argparse.ArgumentParser(add_help=False)
-    url_option.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _status(args: argparse.Namespace) -> int:
+    from hermes_orm.integrations.hermes.plugin import print_status
 
-    db = commands.add_parser("db", help="schema migrations", parents=[url_option])
+    return print_status(args.url, getattr(args, "url_origin", None))
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error messages never show a URL's password."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+
+
+def url_option() -> argparse.ArgumentParser:
+    """A parent parser that accepts ``--url`` after a command too."""
+    option = _Parser(add_help=False)
+    option.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return option
+
+
+def add_commands(commands: Any, *, demo: bool = True) -> None:
+    """Add the commands to ``commands`` (an ``add_subparsers`` action).
+
+    ``hermes-orm`` and Hermes Agent's ``hermes orm`` share them; each sub-parser
+    sets ``handler``, which :func:`run` calls.
+    """
+    url = url_option()
+    db = commands.add_parser("db", help="schema migrations", parents=[url])
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    up = db_commands.add_parser("upgrade", help="migrate to the newest schema")
+    up = db_commands.add_parser("upgrade", help="migrate to the newest schema", parents=[url])
     up.add_argument("revision", nargs="?", default="head")
-    down = db_commands.add_parser("downgrade", help="migrate down (base drops every table)")
+    down = db_commands.add_parser(
+        "downgrade", help="migrate down (base drops every table)", parents=[url]
+    )
     down.add_argument("revision")
-    db_commands.add_parser("current", help="show the schema revision")
-    db_commands.add_parser("check", help="exit non-zero unless the schema is at head")
+    db_commands.add_parser("current", help="show the schema revision", parents=[url])
+    db_commands.add_parser(
+        "check", help="exit non-zero unless the schema is at head", parents=[url]
+    )
     db.set_defaults(handler=_db)
 
-    sessions = commands.add_parser("sessions", help="inspect stored sessions", parents=[url_option])
+    sessions = commands.add_parser("sessions", help="inspect stored sessions", parents=[url])
     s_commands = sessions.add_subparsers(dest="sessions_command", required=True)
-    listing = s_commands.add_parser("list", help="newest sessions first")
+    listing = s_commands.add_parser("list", help="newest sessions first", parents=[url])
     listing.add_argument("--source")
     listing.add_argument("--user-id")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
-    show = s_commands.add_parser("show", help="one session and its messages")
+    show = s_commands.add_parser("show", help="one session and its messages", parents=[url])
     show.add_argument("session_id")
     show.add_argument("--json", action="store_true")
     sessions.set_defaults(handler=_sessions)
@@ -192,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "search",
         help="find messages ('search rebuild' rebuilds the index)",
         description='Search stored messages: words, "phrases", OR, -excluded, prefix*. '
-        "'hermes-orm search rebuild' rebuilds the search index; to look for the "
-        "word itself, quote it: hermes-orm search '\"rebuild\"'.",
-        parents=[url_option],
+        "'search rebuild' rebuilds the search index; to look for the "
+        "word itself, quote it: search '\"rebuild\"'.",
+        parents=[url],
     )
     finder.add_argument("query", nargs="+", help="the query (several arguments are joined)")
     finder.add_argument("--session", help="only this session")
@@ -208,24 +221,46 @@ def build_parser() -> argparse.ArgumentParser:
     importer = commands.add_parser(
         "import",
         help="copy a Hermes Agent state.db (read-only) into the database",
-        parents=[url_option],
+        parents=[url],
     )
-    importer.add_argument("path", help="the Hermes state.db, e.g. ~/.hermes/state.db")
+    importer.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="the Hermes state.db (default: $HERMES_HOME/state.db, ~/.hermes/state.db)",
+    )
     importer.set_defaults(handler=_import)
 
-    demo = commands.add_parser(
-        "demo",
-        help="run a simulated agent conversation with failures and a second writer",
-        parents=[url_option],
+    status = commands.add_parser(
+        "status",
+        help="the database, its schema, and the Hermes mirror's last error",
+        parents=[url],
     )
-    demo.set_defaults(handler=_demo)
+    status.set_defaults(handler=_status)
+
+    if demo:
+        runner = commands.add_parser(
+            "demo",
+            help="run a simulated agent conversation with failures and a second writer",
+            parents=[url],
+        )
+        runner.set_defaults(handler=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hermes-orm``."""
+    parser = _Parser(prog="hermes-orm", description="Exactly-once storage of LLM-agent sessions.")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="database URL (default: $HERMES_ORM_URL, else $HERMES_HOME/hermes_orm.db)",
+    )
+    add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hermes-orm``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    args.url = args.url or default_url()
+def run(args: argparse.Namespace) -> int:
+    """Run the command ``args`` holds (``args.url`` set); returns the exit status."""
     try:
         return int(args.handler(args))
     except HermesOrmError as exc:
@@ -233,8 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SQLAlchemyError as exc:
         detail = getattr(exc, "orig", None) or exc
-        print(f"hermes-orm: database {_safe(args.url)}: {detail}", file=sys.stderr)
+        print(f"hermes-orm: database {safe_url(args.url)}: {detail}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hermes-orm``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    args.url = args.url or default_url()
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,301 @@
+"""The Hermes Agent plugin: every live Hermes session mirrored, exactly once, into a database.
+
+Installed with hermes_orm (entry point ``hermes_orm`` in the group
+``hermes_agent.plugins``) and switched on in ``$HERMES_HOME/config.yaml``::
+
+    plugins:
+      enabled: [hermes_orm]
+    hermes_orm:                                  # optional
+      url: postgresql://user@db.example/hermes   # else $HERMES_ORM_URL, else the SQLite default
+      wait: 1.0                                  # seconds a turn waits for its write
+
+After every completed turn Hermes calls ``post_llm_call`` with the whole
+conversation, which the :class:`~hermes_orm.integrations.hermes.mirror.Mirror`
+flushes (``HERMES_ORM_URL`` wins over the config, as for ``hermes-orm``);
+``on_session_finalize`` (CLI exit, ``/new``, gateway expiry) ends the session.
+The turns of Hermes' background memory/skill review, which run in a forked
+agent under the user's session id, are not the user's conversation and are
+left out. ``hermes orm status|sessions|search|db|import`` works on the same
+database.
+
+Nothing here breaks or stalls the agent: a hook never raises, and waits for the
+database at most ``wait`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.engine import make_url
+
+from hermes_orm import cli, migrations
+from hermes_orm._dialects import create_store_engine, default_url, hermes_home, redact, safe_url
+from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
+from hermes_orm.integrations.hermes.mirror import (
+    DEFAULT_WAIT,
+    HermesSessions,
+    Mirror,
+    StatusFile,
+    Turn,
+    conversation,
+)
+from hermes_orm.models import Message, Session
+
+logger = logging.getLogger(__name__)
+
+#: The key of this plugin in Hermes' ``plugins.enabled`` and of its config section.
+NAME = "hermes_orm"
+_URL_FROM_ENV = "HERMES_ORM_URL"
+_URL_FROM_CONFIG = "config.yaml hermes_orm.url"
+_URL_DEFAULT = "the default, $HERMES_HOME/hermes_orm.db"
+
+
+def status_file() -> StatusFile:
+    """Where the mirror records its last error: ``$HERMES_HOME/hermes_orm_status.json``."""
+    return StatusFile(hermes_home() / "hermes_orm_status.json")
+
+
+def hermes_config() -> Mapping[str, Any]:
+    """Hermes' config.yaml as Hermes reads it; empty when Hermes is not installed."""
+    try:
+        from hermes_cli.config import load_config
+
+        config = load_config()
+    except Exception as exc:  # no Hermes, or a config.yaml Hermes itself cannot read
+        logger.debug("hermes_orm: cannot read Hermes' config: %s", exc)
+        return {}
+    return config if isinstance(config, Mapping) else {}
+
+
+def _section(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    section = config.get(NAME)
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"config.yaml: {NAME} must be a mapping, got {type(section).__name__}")
+    return section
+
+
+def resolve_url(config: Mapping[str, Any]) -> tuple[str, str]:
+    """The database URL and where it came from: the env, config.yaml, or the default."""
+    if os.environ.get(_URL_FROM_ENV):
+        return default_url(), _URL_FROM_ENV
+    url = _section(config).get("url")
+    if url is not None:
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"config.yaml: {NAME}.url must be a database URL string")
+        return url, _URL_FROM_CONFIG
+    return default_url(), _URL_DEFAULT
+
+
+def _wait(config: Mapping[str, Any]) -> float:
+    wait = _section(config).get("wait", DEFAULT_WAIT)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 60:
+        raise ValueError(f"config.yaml: {NAME}.wait must be seconds from 0 to 60, got {wait!r}")
+    return float(wait)
+
+
+def _check_url(url: str) -> None:
+    """Refuse, before any turn, a URL that cannot work: unparsable, other backend, no driver."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UnsupportedBackendError(parsed.get_backend_name())
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    parsed.get_dialect().import_dbapi()
+
+
+def hermes_sessions() -> HermesSessions:
+    """A reader of Hermes' own session rows (its ``state.db``, opened read-only when it exists)."""
+    opened: list[Any] = []
+    lock = threading.Lock()
+
+    def read(session_id: str) -> dict[str, Any] | None:
+        with lock:
+            if not opened:
+                from hermes_state import DEFAULT_DB_PATH, SessionDB
+
+                if not Path(DEFAULT_DB_PATH).exists():
+                    return None
+                opened.append(SessionDB(read_only=True))
+            row = opened[0].get_session(session_id)
+        return dict(row) if row else None
+
+    return read
+
+
+def _in_background_review() -> bool:
+    """Whether this hook runs in Hermes' background review fork, not the user's turn."""
+    if threading.current_thread().name == "bg-review":
+        return True
+    try:
+        from tools.skill_provenance import is_background_review
+
+        return bool(is_background_review())
+    except Exception:  # an older or newer Hermes without it: the thread name decides
+        return False
+
+
+def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
+    """The Hermes hook callbacks over ``mirror``; none of them ever raises."""
+
+    def post_llm_call(
+        session_id: Any = None,
+        conversation_history: Any = None,
+        model: Any = None,
+        platform: Any = None,
+        **_: Any,
+    ) -> None:
+        try:
+            if _in_background_review():
+                return
+            if not isinstance(session_id, str) or not isinstance(conversation_history, list):
+                return
+            turn = Turn(
+                session_id,
+                conversation(conversation_history),
+                model if isinstance(model, str) else None,
+                platform if isinstance(platform, str) and platform else None,
+            )
+            if not mirror.turn(turn):
+                logger.info(
+                    "hermes_orm mirror: session %s is still being written; the agent goes on",
+                    session_id,
+                )
+        except Exception:
+            logger.exception("hermes_orm mirror: post_llm_call failed")
+
+    def on_session_finalize(
+        session_id: Any = None, platform: Any = None, reason: Any = None, **_: Any
+    ) -> None:
+        try:
+            if isinstance(session_id, str) and not _in_background_review():
+                mirror.finalize(session_id, reason if isinstance(reason, str) else "finalized")
+        except Exception:
+            logger.exception("hermes_orm mirror: on_session_finalize failed")
+
+    return {"post_llm_call": post_llm_call, "on_session_finalize": on_session_finalize}
+
+
+def register(ctx: Any) -> None:
+    """Hermes' plugin entry: the ``hermes orm`` command, and the mirror's hooks.
+
+    A configuration that cannot work (a bad URL, a missing driver) leaves the
+    hooks out and says why in ``hermes orm status`` and Hermes' log.
+    """
+    ctx.register_cli_command(
+        name="orm",
+        help="hermes_orm: the mirror's status, its sessions, search, migrations",
+        setup_fn=setup_cli,
+        handler_fn=run_cli,
+        description="The hermes_orm database this Hermes mirrors its sessions into.",
+    )
+    status = status_file()
+    try:
+        config = hermes_config()
+        url, _ = resolve_url(config)
+        wait = _wait(config)
+        _check_url(url)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("hermes_orm: the mirror is off: %s", message)
+        status.write(register_error={"at": time.time(), "message": message})
+        return
+    if status.read().get("register_error"):
+        status.write(register_error=None)
+    mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
+    for name, callback in make_hooks(mirror).items():
+        ctx.register_hook(name, callback)
+    atexit.register(mirror.close)
+
+
+# -- hermes orm ...  ------------------------------------------------------------------------
+
+
+def setup_cli(parser: argparse.ArgumentParser) -> None:
+    """Hermes' ``hermes orm`` sub-parser: the commands of ``hermes-orm``."""
+    parser.add_argument("--url", default=None, help="database URL (default: the mirror's)")
+    cli.add_commands(parser.add_subparsers(dest="orm_command", required=True), demo=False)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    """Run ``hermes orm ...`` and exit with its status (Hermes ignores a return value)."""
+    if args.url is None:
+        try:
+            args.url, args.url_origin = resolve_url(hermes_config())
+        except ValueError as exc:
+            print(f"hermes orm: {exc}", file=sys.stderr)
+            sys.exit(2)
+    sys.exit(cli.run(args))
+
+
+def _when(at: Any) -> str:
+    if isinstance(at, int | float):
+        return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+    return "?"
+
+
+def print_status(url: str, origin: str | None = None) -> int:
+    """Print the database, its schema and the mirror's recorded errors; 0 when all is well."""
+    problems = 0
+    print(f"database:  {safe_url(url)}" + (f"  (from {origin})" if origin else ""))
+    try:
+        _check_url(url)
+        engine = create_store_engine(url)
+    except Exception as exc:
+        print(redact(f"database:  cannot be used: {type(exc).__name__}: {exc}"))
+        problems += 1
+    else:
+        problems += _print_schema(engine)
+    recorded = status_file().read()
+    register_error = recorded.get("register_error")
+    if isinstance(register_error, dict):
+        since = _when(register_error.get("at"))
+        print(f"plugin:    off since {since}: {register_error.get('message')}")
+        problems += 1
+    error = recorded.get("error")
+    if isinstance(error, dict):
+        print(
+            f"last error: {_when(error.get('at'))}, session {error.get('session_id')}: "
+            f"{error.get('message')}; {error.get('todo')}"
+        )
+        problems += 1
+    else:
+        print("last error: none")
+    return 1 if problems else 0
+
+
+def _print_schema(engine: Engine) -> int:
+    """Print the schema state and what is stored; 1 when something is wrong."""
+    try:
+        revision = migrations.current(engine)
+        if revision is None:
+            print("schema:    none yet (the mirror creates it on the first turn)")
+            return 0
+        migrations.check(engine)
+        with engine.connect() as conn:
+            sessions = conn.execute(select(func.count()).select_from(Session)).scalar_one()
+            messages = conn.execute(select(func.count()).select_from(Message)).scalar_one()
+    except (SchemaOutOfDateError, SchemaTooNewError) as exc:
+        print(f"schema:    {exc}")
+        return 1
+    except Exception as exc:
+        detail = getattr(exc, "orig", None) or exc
+        print(redact(f"database:  unreachable: {str(detail).strip()}"))
+        return 1
+    finally:
+        engine.dispose()
+    print(f"schema:    at head ({revision})")
+    print(f"stored:    {sessions} sessions, {messages} messages")
+    return 0

@@ -1,0 +1,405 @@
+"""The Hermes mirror on real databases: what it stores, revisions, bounded waits, the plugin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+from hermes_orm import SessionStore
+from hermes_orm.integrations.hermes.mirror import (
+    SCAFFOLDING_FLAGS,
+    Mirror,
+    StatusFile,
+    Turn,
+    conversation,
+)
+from hermes_orm.integrations.hermes.plugin import make_hooks
+
+
+def _turn(n: int) -> list[dict[str, Any]]:
+    """Turn ``n`` as Hermes keeps it: user, a tool call, its result, the answer."""
+    return [
+        {"role": "user", "content": f"question {n}"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": f"call_{n}",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"path": "a.txt"}'},
+                }
+            ],
+            "finish_reason": "tool_calls",
+        },
+        {"role": "tool", "content": f"file {n}", "tool_call_id": f"call_{n}"},
+        {"role": "assistant", "content": f"answer {n}", "finish_reason": "stop"},
+    ]
+
+
+@pytest.fixture
+def status(tmp_path: Path) -> StatusFile:
+    return StatusFile(tmp_path / "status.json")
+
+
+@pytest.fixture
+def mirror(db_url: str, status: StatusFile) -> Iterator[Mirror]:
+    m = Mirror(db_url, status=status, wait=5.0)
+    yield m
+    m.close()
+
+
+def _stored(store: SessionStore, session_id: str) -> list[dict[str, Any]]:
+    return store.get_messages(session_id)
+
+
+def test_hermes_marks_and_scaffolding_are_not_stored() -> None:
+    history = [
+        {"role": "user", "content": "hi", "_db_persisted": True},
+        {"role": "assistant", "content": "(empty)", "_empty_terminal_sentinel": True},
+        {"role": "assistant", "content": "hello", "_tool_output_risk": {"x": 1}},
+    ]
+    assert conversation(history) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    assert history[0]["_db_persisted"] is True  # Hermes' own dicts are left as they are
+
+
+def test_scaffolding_flags_match_the_installed_hermes() -> None:
+    run_agent = pytest.importorskip("run_agent")
+    assert set(SCAFFOLDING_FLAGS) == set(run_agent._EPHEMERAL_SCAFFOLDING_FLAGS)
+
+
+def test_turns_are_flushed_once_and_later_stamps_do_not_diverge(
+    mirror: Mirror, store: SessionStore
+) -> None:
+    history = _turn(1)
+    assert mirror.turn(Turn("s1", conversation(history), "gpt", "telegram"))
+    for message in history:  # Hermes marks what it saved, in place
+        message["_db_persisted"] = True
+    history[0]["timestamp"] = 1700000000.0  # and adds keys to old messages
+    history += _turn(2)
+    assert mirror.turn(Turn("s1", conversation(history)))
+    assert mirror.turn(Turn("s1", conversation(history)))  # the same list again
+
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    session = store.get_session("s1")
+    assert session is not None
+    assert (session["source"], session["model"], session["message_count"]) == ("telegram", "gpt", 8)
+    assert store.get_session("s1#2") is None
+
+
+def test_a_new_mirror_continues_a_reloaded_conversation(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    first = Mirror(db_url, status=status)
+    assert first.turn(Turn("s1", _turn(1)))
+    first.close()
+    # As Hermes reloads it from state.db: other keys, "" for a missing content.
+    reloaded = [{**m, "timestamp": 1.0, "content": m["content"] or None} for m in _turn(1)]
+    second = Mirror(db_url, status=status)
+    assert second.turn(Turn("s1", reloaded + _turn(2)))
+    second.close()
+
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    assert store.get_session("s1#2") is None
+
+
+def test_a_rewritten_history_is_kept_beside_the_stored_one(
+    mirror: Mirror, store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert mirror.turn(Turn("s1", _turn(1) + _turn(2), "gpt"))
+    compacted = [{"role": "user", "content": "[summary of turn 1]"}, *_turn(2)]
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        assert mirror.turn(Turn("s1", compacted))
+    assert mirror.turn(Turn("s1", [*compacted, *_turn(3)]))
+
+    assert _stored(store, "s1") == _turn(1) + _turn(2)  # never appended to
+    assert _stored(store, "s1#2") == [*compacted, *_turn(3)]
+    revision = store.get_session("s1#2")
+    assert revision is not None
+    assert revision["parent_session_id"] == "s1"
+    assert revision["extra"] == {"hermes_session_id": "s1", "revision": 2, "diverged_at": 0}
+    assert revision["model"] == "gpt"
+    original = store.get_session("s1")
+    assert original is not None
+    assert original["end_reason"] == "rewritten"
+    assert "no longer continues its stored history" in caplog.text
+
+
+def test_a_restarted_mirror_finds_the_revision_the_conversation_continues(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    first = Mirror(db_url, status=status)
+    first.turn(Turn("s1", _turn(1)))
+    first.turn(Turn("s1", _turn(2)))  # rewritten: revision 2
+    first.close()
+    second = Mirror(db_url, status=status)
+    assert second.turn(Turn("s1", _turn(2) + _turn(3)))
+    second.close()
+
+    assert _stored(store, "s1") == _turn(1)
+    assert _stored(store, "s1#2") == _turn(2) + _turn(3)
+    assert store.get_session("s1#3") is None
+
+
+def test_a_stored_duplicate_is_reported_and_the_live_conversation_kept(
+    mirror: Mirror, store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A history imported from a Hermes state.db holding one message twice.
+    store.create_session("s1", source="cli")
+    duplicated = _turn(1)
+    store.flush("s1", [*duplicated[:3], duplicated[2], duplicated[3]])
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        assert mirror.turn(Turn("s1", _turn(1) + _turn(2)))
+    assert _stored(store, "s1#2") == _turn(1) + _turn(2)
+    assert "message 3 differs" in caplog.text
+
+
+def test_a_lagging_list_writes_nothing(mirror: Mirror, store: SessionStore) -> None:
+    assert mirror.turn(Turn("s1", _turn(1) + _turn(2)))
+    assert mirror.turn(Turn("s1", _turn(1)))
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    assert store.get_session("s1#2") is None
+
+
+def test_compression_child_is_linked_to_its_parent(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    hermes_rows = {
+        "s1": {"source": "telegram", "user_id": "u1", "end_reason": "compression"},
+        "s2": {"source": "telegram", "user_id": "u1", "parent_session_id": "s1"},
+        "s3": {"source": "cli", "parent_session_id": "never-mirrored"},
+    }
+    m = Mirror(db_url, status=status, hermes_sessions=hermes_rows.get)
+    m.turn(Turn("s1", _turn(1)))
+    m.turn(Turn("s2", [{"role": "user", "content": "[summary]"}, *_turn(2)]))
+    m.turn(Turn("s3", _turn(3)))
+    m.close()
+
+    child = store.get_session("s2")
+    assert child is not None
+    assert (child["parent_session_id"], child["user_id"], child["source"]) == (
+        "s1",
+        "u1",
+        "telegram",
+    )
+    parent = store.get_session("s1")
+    assert parent is not None
+    assert parent["end_reason"] == "compression"
+    orphan = store.get_session("s3")
+    assert orphan is not None
+    assert orphan["parent_session_id"] is None
+    assert orphan["extra"] == {"hermes_parent_session_id": "never-mirrored"}
+
+
+def test_finalize_ends_the_current_revision(mirror: Mirror, store: SessionStore) -> None:
+    mirror.turn(Turn("s1", _turn(1)))
+    mirror.turn(Turn("s1", _turn(2)))
+    assert mirror.finalize("s1", "shutdown")
+    assert mirror.finalize("never-seen", "shutdown")  # nothing to end, no error
+    revision = store.get_session("s1#2")
+    assert revision is not None
+    assert revision["end_reason"] == "shutdown"
+
+
+class _Locked:
+    """The mirror's database held by another writer (a real lock, not a mock)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self._release: Any = None
+
+    def __enter__(self) -> _Locked:
+        if self.url.get_backend_name() == "sqlite":
+            conn = sqlite3.connect(self.url.database, isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            self._release = lambda: (conn.execute("ROLLBACK"), conn.close())
+        else:
+            engine = create_engine(self.url)
+            conn = engine.connect()
+            conn.exec_driver_sql("LOCK TABLE hermes_sessions IN ACCESS EXCLUSIVE MODE")
+            self._release = lambda: (conn.rollback(), conn.close(), engine.dispose())
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._release()
+
+
+def test_a_locked_database_costs_a_turn_at_most_the_wait_and_the_next_turn_catches_up(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    m = Mirror(db_url, status=status, wait=0.3)
+    assert m.turn(Turn("s1", _turn(1)))
+    with _Locked(db_url):
+        began = time.monotonic()
+        assert not m.turn(Turn("s1", _turn(1) + _turn(2)))
+        # The store's own schedule (lock timeout and retries) is several seconds.
+        assert time.monotonic() - began < 1.5
+        assert m._worker.drain(30)
+    error = status.read()["error"]
+    assert error["session_id"] == "s1"
+    assert "catches up" in error["todo"]
+    assert m.turn(Turn("s1", _turn(1) + _turn(2) + _turn(3)))
+    m.close()
+
+    assert _stored(store, "s1") == _turn(1) + _turn(2) + _turn(3)
+    assert "error" not in status.read()
+
+
+def test_an_unreachable_database_is_recorded_without_its_password(status: StatusFile) -> None:
+    url = "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere"
+    m = Mirror(url, status=status, wait=10)
+    assert m.turn(Turn("s1", _turn(1)))  # ran, and failed
+    m.close()
+    error = status.read()["error"]
+    assert "unreachable" in error["todo"]
+    assert "S3CRET" not in status.path.read_text()
+
+
+def test_background_review_turns_are_left_out(mirror: Mirror, store: SessionStore) -> None:
+    hooks = make_hooks(mirror)
+    history = _turn(1)
+    hooks["post_llm_call"](session_id="s1", conversation_history=history, model="m", platform="")
+    review = [*history, {"role": "user", "content": "Review the conversation above"}]
+    fork = threading.Thread(
+        target=hooks["post_llm_call"],
+        kwargs={"session_id": "s1", "conversation_history": review, "platform": ""},
+        name="bg-review",
+    )
+    fork.start()
+    fork.join()
+    assert _stored(store, "s1") == _turn(1)
+    session = store.get_session("s1")
+    assert session is not None
+    assert session["source"] == "cli"  # "" platform: the default
+    assert session["ended_at"] is None
+
+
+def test_hooks_never_raise(status: StatusFile, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")  # no directory can be made under a file
+    m = Mirror(f"sqlite:///{tmp_path / 'a-file' / 'y.db'}", status=status)
+    hooks = make_hooks(m)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    hooks["post_llm_call"](session_id=None, conversation_history="not a list")
+    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="shutdown")
+    m.close()
+    assert status.read()["error"]["session_id"] == "s1"
+
+
+# -- the plugin as Hermes loads it ------------------------------------------------------------
+
+
+def _hermes_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    return {**env, "HERMES_HOME": str(home), **extra}
+
+
+def _write_config(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.yaml").write_text(text)
+
+
+_DISCOVER = """
+import json
+from hermes_cli.plugins import PluginManager
+pm = PluginManager()
+pm.discover_and_load(force=True)
+print(json.dumps({
+    "plugins": {p["name"]: p for p in pm.list_plugins()},
+    "post_llm_call": pm.has_hook("post_llm_call"),
+    "on_session_finalize": pm.has_hook("on_session_finalize"),
+}, default=str))
+"""
+
+
+def _discover(home: Path, **env: str) -> dict[str, Any]:
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DISCOVER],
+        env=_hermes_env(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_hermes_discovers_the_plugin_only_when_enabled(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _write_config(home, "model:\n  default: x\n")
+    off = _discover(home)
+    assert off["plugins"]["hermes_orm"]["enabled"] is False
+    assert not off["post_llm_call"]
+
+    _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
+    on = _discover(home)
+    assert on["plugins"]["hermes_orm"]["enabled"] is True
+    assert on["post_llm_call"]
+    assert on["on_session_finalize"]
+
+    safe = _discover(home, HERMES_SAFE_MODE="1")
+    assert "hermes_orm" not in safe["plugins"]
+
+
+def _hermes(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    hermes = Path(sys.executable).with_name("hermes")
+    return subprocess.run(
+        [str(hermes), *args],
+        env=_hermes_env(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_hermes_orm_status_says_what_is_wrong_without_the_password(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    url = "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere"
+    _write_config(home, f"plugins:\n  enabled: [hermes_orm]\nhermes_orm:\n  url: {url}\n")
+    down = _hermes(home, "orm", "status")
+    assert down.returncode == 1, down.stderr
+    assert "unreachable" in down.stdout
+    assert "config.yaml hermes_orm.url" in down.stdout
+    assert "S3CRET" not in down.stdout + down.stderr
+
+    _write_config(home, "plugins:\n  enabled: [hermes_orm]\nhermes_orm:\n  url: mysql://x@h/db\n")
+    off = _hermes(home, "orm", "status")
+    assert off.returncode == 1
+    assert "plugin:    off" in off.stdout
+    assert "UnsupportedBackendError" in off.stdout
+
+
+def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
+    url = f"sqlite:///{home / 'hermes_orm.db'}"
+    m = Mirror(url, status=StatusFile(home / "hermes_orm_status.json"))
+    m.turn(Turn("s1", _turn(1)))
+    m.close()
+
+    status = _hermes(home, "orm", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "1 sessions, 4 messages" in status.stdout
+    assert "last error: none" in status.stdout
+    listing = _hermes(home, "orm", "sessions", "list")
+    assert "s1" in listing.stdout
+    found = _hermes(home, "orm", "search", "answer")
+    assert "s1[3]" in found.stdout
