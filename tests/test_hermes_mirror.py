@@ -403,3 +403,33 @@ def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None
     assert "s1" in listing.stdout
     found = _hermes(home, "orm", "search", "answer")
     assert "s1[3]" in found.stdout
+
+
+def test_a_message_edited_in_place_is_a_rewrite_not_an_append(
+    mirror: Mirror, store: SessionStore
+) -> None:
+    """Hermes' live dicts are reused from turn to turn; a changed content is still seen."""
+    hooks = make_hooks(mirror)
+    history = _turn(1)
+    hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    history[2]["content"] = "file 1 [truncated]"  # an old tool output cut in place
+    history += _turn(2)
+    hooks["post_llm_call"](session_id="s1", conversation_history=history)
+
+    assert _stored(store, "s1") == _turn(1)
+    assert [m["content"] for m in _stored(store, "s1#2")][2] == "file 1 [truncated]"
+    assert len(_stored(store, "s1#2")) == 8
+
+
+def test_scaffolding_dropped_later_does_not_shift_the_history(
+    mirror: Mirror, store: SessionStore
+) -> None:
+    hooks = make_hooks(mirror)
+    nudge = {"role": "user", "content": "continue", "_verification_stop_synthetic": True}
+    history = [*_turn(1)[:2], nudge, *_turn(1)[2:]]
+    hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    history.remove(nudge)  # Hermes pops its scaffolding
+    history += _turn(2)
+    hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    assert store.get_session("s1#2") is None

@@ -31,8 +31,10 @@ status file that ``hermes orm status`` shows; the next turn catches up exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -143,6 +145,12 @@ def _text_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     return {name: _text(row.get(name)) for name in _SESSION_FIELDS if _text(row.get(name))}
 
 
+def shared_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items of ``a`` and ``b`` are the very same objects (C-speed loop)."""
+    same = list(map(operator.is_, a, b))
+    return same.index(False) if False in same else len(same)
+
+
 def revision_id(session_id: str, revision: int) -> str:
     """The mirrored session holding revision ``revision`` (1 is the session itself)."""
     return session_id if revision == 1 else f"{session_id}{REVISION_MARK}{revision}"
@@ -150,11 +158,73 @@ def revision_id(session_id: str, revision: int) -> str:
 
 @dataclass
 class _Tracked:
-    """What the mirror knows of one Hermes session: its current revision and what it holds."""
+    """What the writer knows of one Hermes session.
+
+    ``stored`` is what its current revision holds, as passed to (or read from)
+    the store; ``seen`` is the last snapshot written, whose leading messages are
+    those of ``stored`` by content: a later snapshot sharing them (the very same
+    objects) needs no comparison.
+    """
 
     revision: int
     stored: list[dict[str, Any]]
     source: str
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+
+_CONTENT = itertools.repeat("content")
+_TOOL_CALLS_KEY = itertools.repeat("tool_calls")
+
+
+@dataclass
+class _Snapshot:
+    """Hermes' list as the last turn of a session saw it, and the cleaned copies made of it.
+
+    The next turn cleans only what is new or changed: a message that is the same
+    dict, holding the same content and tool calls objects, keeps its copy.
+    ``counts[i]`` is how many copies ``history[:i]`` gave (scaffolding gives none).
+    """
+
+    history: list[Any]
+    contents: list[Any]
+    calls: list[Any]
+    cleaned: list[dict[str, Any]]
+    counts: list[int]
+
+    @classmethod
+    def of(cls, history: list[Any], previous: _Snapshot | None) -> _Snapshot:
+        keep = 0
+        if previous is not None:
+            keep = shared_prefix(history, previous.history)
+            if keep:
+                head = history[:keep]
+                keep = min(
+                    keep,
+                    shared_prefix(list(map(_get, head, _CONTENT)), previous.contents),
+                    shared_prefix(list(map(_get, head, _TOOL_CALLS_KEY)), previous.calls),
+                )
+        new = history[keep:]
+        fresh = [m if isinstance(m, dict) else {} for m in new]
+        copies = conversation(new)
+        if previous is None or keep == 0:
+            counts, cleaned = [0], copies
+            contents: list[Any] = []
+            calls: list[Any] = []
+        else:
+            counts = previous.counts[: keep + 1]
+            cleaned = previous.cleaned[: counts[-1]] + copies
+            contents, calls = previous.contents[:keep], previous.calls[:keep]
+        total = counts[-1]
+        for message in new:
+            total += isinstance(message, dict) and not is_scaffolding(message)
+            counts.append(total)
+        contents += [m.get("content") for m in fresh]
+        calls += [m.get("tool_calls") for m in fresh]
+        return cls(list(history), contents, calls, cleaned, counts)
+
+
+def _get(message: Any, key: str) -> Any:
+    return message.get(key) if isinstance(message, dict) else None
 
 
 @dataclass(frozen=True)
@@ -291,10 +361,26 @@ class Mirror:
         self._hermes_sessions = hermes_sessions
         self._store: SessionStore | None = None
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+        self._snapshots: OrderedDict[str, _Snapshot] = OrderedDict()
+        self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
         self._failing: str | None = None
 
     # -- hooks (Hermes' thread): snapshot, queue, wait a bounded time -------------------
+
+    def snapshot(self, session_id: str, history: list[Any]) -> list[dict[str, Any]]:
+        """Hermes' live list as the mirror stores it (:func:`conversation`), at this moment.
+
+        Messages unchanged since the session's previous snapshot keep their
+        copies, so a turn costs about the new messages, not the whole list.
+        """
+        with self._snapshots_lock:
+            previous = self._snapshots.pop(session_id, None)
+            snap = _Snapshot.of(history, previous)
+            self._snapshots[session_id] = snap
+            while len(self._snapshots) > _TRACKED_MAX:
+                self._snapshots.popitem(last=False)
+        return snap.cleaned
 
     def turn(self, turn: Turn) -> bool:
         """Queue ``turn``'s flush and wait for it at most ``wait`` seconds; True if it ran."""
@@ -353,7 +439,10 @@ class Mirror:
             )
         else:
             if self._failing is not None:
-                logger.warning("hermes_orm mirror: %s is written again", safe_url(self.url))
+                logger.warning(
+                    "hermes_orm mirror: %s is reachable again; the mirror has caught up",
+                    safe_url(self.url),
+                )
                 self._failing = None
                 self.status.write(error=None)
 
@@ -383,9 +472,11 @@ class Mirror:
         else:
             self._tracked.move_to_end(turn.session_id)
         live, stored = turn.messages, tracked.stored
-        if first_difference(live, stored) >= 0:
+        same = shared_prefix(live, tracked.seen)
+        if same < len(stored) and first_difference(live[same:], stored[same:]) >= 0:
             self._revise(store, turn, tracked)
             return
+        tracked.seen = live
         if len(live) <= len(stored):
             return
         messages = stored + live[len(stored) :]
@@ -400,6 +491,7 @@ class Mirror:
                 return
             messages = tracked.stored + live[len(tracked.stored) :]
             store.flush(revision_id(turn.session_id, tracked.revision), messages)
+            tracked.seen = live
         tracked.stored = messages
 
     def _resolve(self, store: SessionStore, turn: Turn) -> _Tracked:
@@ -499,7 +591,7 @@ class Mirror:
             old,
             new,
         )
-        self._track(sid, _Tracked(revision, list(turn.messages), tracked.source))
+        self._track(sid, _Tracked(revision, turn.messages, tracked.source, turn.messages))
 
     def _end(self, session_id: str, reason: str) -> None:
         def work(store: SessionStore) -> None:

@@ -48,7 +48,6 @@ from hermes_orm.integrations.hermes.mirror import (
     Mirror,
     StatusFile,
     Turn,
-    conversation,
 )
 from hermes_orm.models import Message, Session
 
@@ -164,7 +163,7 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
                 return
             turn = Turn(
                 session_id,
-                conversation(conversation_history),
+                mirror.snapshot(session_id, conversation_history),
                 model if isinstance(model, str) else None,
                 platform if isinstance(platform, str) and platform else None,
             )

@@ -1,0 +1,293 @@
+"""Child process of ``tests/_hermes_agent.py``: one real Hermes ``AIAgent`` over some turns.
+
+Usage: ``python tests/_agent_runner.py SPEC_JSON_PATH OUT_PATH``
+
+Everything that isolates Hermes (``HERMES_HOME``, config.yaml, the environment) is set
+up before ``run_agent``/``hermes_state`` are imported: Hermes computes its home and
+installs its log handlers at import time, and ``import run_agent`` discovers (and
+registers) the enabled plugins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+if not __package__:
+    # Run by path, this script has its own directory as sys.path[0]; the checkout root
+    # instead makes the harness importable under the name the tests use.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from tests._hermes_agent import TOOL_FILES, AgentSpec
+
+# Keys of the caller's environment that could route Hermes elsewhere or change it.
+_SCRUBBED_PREFIXES = ("HERMES_",)
+_SCRUBBED_NAMES = ("OPENAI_BASE_URL", "OPENROUTER_BASE_URL")
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _config(spec: AgentSpec) -> dict[str, Any]:
+    """config.yaml for the agent (read by ``hermes_cli.config.load_config``)."""
+    compression: dict[str, Any] = {
+        "enabled": True,
+        # Small protected ends so one [compress] turn has something to summarise.
+        "protect_first_n": 0,
+        "protect_last_n": 3,
+    }
+    if spec.compression_in_place is not None:
+        compression["in_place"] = spec.compression_in_place
+    config: dict[str, Any] = {
+        # An explicit window skips the /models context probe; 64,000 is the
+        # smallest Hermes accepts, so [compress]'s 60,000 prompt tokens cross it.
+        "model": {"context_length": 64_000},
+        "agent": {"environment_probe": False},  # no python3/pip probe subprocesses
+        "memory": {
+            # The review fork needs a memory store; nudge_interval 0 disables it.
+            "memory_enabled": spec.review,
+            "user_profile_enabled": False,
+            "nudge_interval": 1 if spec.review else 0,
+        },
+        "skills": {"creation_nudge_interval": 0},  # no skill review fork
+        "compression": compression,
+        "plugins": {"enabled": ["hermes_orm"] if spec.plugin_enabled else []},
+    }
+    return _deep_merge(config, spec.extra_config)
+
+
+def _prepare(spec: AgentSpec) -> None:
+    """Isolate this process's Hermes: environment, config.yaml and the tool files."""
+    home = spec.hermes_home
+    work = home.with_name(home.name + ".work")
+    tmp = home.with_name(home.name + ".tmp")
+    for directory in (home, work, tmp):
+        directory.mkdir(parents=True, exist_ok=True)
+    for key in list(os.environ):
+        if key.startswith(_SCRUBBED_PREFIXES) or key.endswith("_API_KEY") or key in _SCRUBBED_NAMES:
+            del os.environ[key]  # no real provider keys or Hermes settings leak in
+    os.environ["HERMES_HOME"] = str(home)
+    os.environ["TERMINAL_CWD"] = str(work)  # read_file resolves relative paths here
+    os.environ["TMPDIR"] = str(tmp)  # the terminal backend writes hermes-snap-*.sh here
+    if spec.mirror_url:
+        os.environ["HERMES_ORM_URL"] = spec.mirror_url
+    # JSON is YAML, and spares this script a YAML dependency.
+    (home / "config.yaml").write_text(json.dumps(_config(spec), indent=2))
+    for name in TOOL_FILES:
+        (work / name).write_text(f"contents of {name}\n")
+
+
+class _Fault:
+    """Make ``SessionDB.append_message`` raise once, for one turn's chosen row."""
+
+    def __init__(self, fault: dict[str, Any]) -> None:
+        self.turn = int(fault["turn"])
+        self.when = str(fault["when"])
+        self.target = str(fault["target"])
+        if self.when not in ("before", "after") or self.target not in ("tool", "final"):
+            raise ValueError(f"bad hermes_fault: {fault}")
+        self.current_turn = -1
+        self.fired: list[dict[str, Any]] = []
+
+    def _hits(self, role: str, content: Any, tool_calls: Any) -> bool:
+        if self.fired or self.current_turn != self.turn:
+            return False
+        if self.target == "tool":
+            return role == "tool"
+        return (
+            role == "assistant"
+            and not tool_calls
+            and isinstance(content, str)
+            and content.startswith("Answer to:")
+        )
+
+    def install(self, session_db_class: Any) -> None:
+        original: Callable[..., Any] = session_db_class.append_message
+        signature = inspect.signature(original)
+        fault = self
+
+        def append_message(db: Any, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(db, *args, **kwargs)
+            hit = fault._hits(
+                bound.arguments["role"],
+                bound.arguments.get("content"),
+                bound.arguments.get("tool_calls"),
+            )
+            if hit and fault.when == "before":
+                fault.fired.append({"turn": fault.turn, "when": "before", "row_id": None})
+                raise RuntimeError("injected append_message failure (before commit)")
+            row_id = original(db, *args, **kwargs)
+            if hit:
+                fault.fired.append({"turn": fault.turn, "when": "after", "row_id": row_id})
+                raise RuntimeError("injected append_message failure (after commit)")
+            return row_id
+
+        session_db_class.append_message = append_message
+
+
+@contextlib.contextmanager
+def _mirror_down(spec: AgentSpec) -> Iterator[None]:
+    """Keep the mirror database unavailable to this process's plugin for the block."""
+    if not spec.mirror_url:
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    url = make_url(spec.mirror_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        # An exclusive transaction from another connection: every write (and, in
+        # rollback-journal mode, every read) gets SQLITE_BUSY until ROLLBACK. In WAL
+        # mode readers still get through; only writes are refused.
+        conn = sqlite3.connect(url.database or "", timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    elif backend == "postgresql":
+        if not spec.mirror_admin_url:
+            raise ValueError("mirror_down_turns on PostgreSQL needs mirror_admin_url")
+        import psycopg
+        from psycopg import sql
+
+        admin = make_url(spec.mirror_admin_url).set(drivername="postgresql")
+        database = sql.Identifier(url.database or "")
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as pg:
+            # Refuse new connections, then drop the pooled ones the plugin holds.
+            pg.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+            pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (url.database,),
+            )
+            try:
+                yield
+            finally:
+                pg.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+    else:
+        raise ValueError(f"mirror_down_turns: unsupported mirror URL {spec.mirror_url!r}")
+
+
+def _write_result(out: Path, result: dict[str, Any]) -> None:
+    """Replace ``out`` atomically, so a killed run leaves the last complete result."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out)
+
+
+def _public(message: dict[str, Any]) -> dict[str, Any]:
+    """A message without Hermes' internal ``_``-prefixed bookkeeping keys."""
+    return {k: v for k, v in message.items() if not k.startswith("_")}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    """Run the spec's turns and write the result after each one."""
+    spec = AgentSpec.from_json(Path(spec_path).read_text())
+    out = Path(out_path)
+    _prepare(spec)
+
+    import hermes_state
+    import run_agent  # type: ignore[import-untyped]
+
+    fault = _Fault(spec.hermes_fault) if spec.hermes_fault else None
+    if fault is not None:
+        fault.install(hermes_state.SessionDB)
+
+    db = hermes_state.SessionDB()  # $HERMES_HOME/state.db; AIAgent never opens one itself
+    session_id = spec.session_id
+    history: list[dict[str, Any]] | None = None
+    if spec.resume:
+        # What `hermes --resume ID` does (hermes_cli/cli_agent_setup_mixin.py): follow a
+        # compression chain to its live tip, load that transcript with the alternation
+        # repair used for live replay, and reopen the ended session row.
+        session_id = db.resolve_resume_session_id(session_id) or session_id
+        history = [
+            m
+            for m in db.get_messages_as_conversation(session_id, repair_alternation=True)
+            if m.get("role") != "session_meta"
+        ]
+        db.reopen_session(session_id)
+
+    sessions: list[str] = []
+
+    def seen(sid: str | None) -> None:
+        if sid and sid not in sessions:
+            sessions.append(sid)
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        # Compression may rotate the session id mid-turn (in_place: false).
+        if name == "session:compress":
+            seen(data.get("session_id"))
+
+    review = spec.review
+    agent = run_agent.AIAgent(
+        base_url=spec.llm_url,
+        api_key="sk-fake",
+        provider="custom",
+        model="fake-model",
+        quiet_mode=True,
+        enabled_toolsets=["file", "memory"] if review else ["file"],
+        skip_context_files=True,  # no AGENTS.md / SOUL.md from the working directory
+        skip_memory=not review,  # the memory review fork needs a MemoryStore
+        session_db=db,
+        session_id=session_id,
+        max_iterations=10,
+        tool_delay=0,
+        event_callback=on_event,
+    )
+    seen(agent.session_id)
+    result: dict[str, Any] = {"turns": [], "sessions": sessions, "faults": []}
+    _write_result(out, result)
+    for index, text in enumerate(spec.turns):
+        if fault is not None:
+            fault.current_turn = index
+        down = _mirror_down(spec) if index in spec.mirror_down_turns else contextlib.nullcontext()
+        with down:
+            started = time.perf_counter()
+            res = agent.run_conversation(text, conversation_history=history)
+            seconds = time.perf_counter() - started
+        history = res["messages"]
+        seen(agent.session_id)
+        result["turns"].append(
+            {
+                "session_id": agent.session_id,
+                "messages": [_public(m) for m in history],
+                "seconds": seconds,
+            }
+        )
+        result["faults"] = fault.fired if fault is not None else []
+        _write_result(out, result)
+
+    # The review forks are daemon threads: exiting now would cut them off mid-request.
+    for thread in threading.enumerate():
+        if thread.name == "bg-review":
+            thread.join(timeout=60)
+    # close() kills tool subprocesses and terminal sandboxes, closes the HTTP client and
+    # ends the session row in Hermes' state.db (end_reason 'agent_close'). It fires no
+    # plugin hook: on_session_end fired after every turn, and on_session_finalize only
+    # comes from the CLI/gateway shutdown paths, not from AIAgent.
+    agent.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: _agent_runner.py SPEC_JSON_PATH OUT_PATH")
+    main(sys.argv[1], sys.argv[2])
