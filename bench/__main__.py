@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
-from bench import _search
+from bench import _plugin, _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from hermes_orm import _dialects
@@ -79,6 +79,8 @@ class Sizes:
     turn_repeat: int
     search: int
     search_repeat: int
+    plugin_lengths: tuple[int, ...]
+    plugin_turns: int
 
 
 FULL = Sizes(
@@ -94,6 +96,8 @@ FULL = Sizes(
     import_repeat=3,
     search=1_000_000,
     search_repeat=5,
+    plugin_lengths=(10, 1_000, 5_000),
+    plugin_turns=120,
 )
 QUICK = Sizes(
     sessions=2,
@@ -108,6 +112,8 @@ QUICK = Sizes(
     import_repeat=1,
     search=3_000,
     search_repeat=1,
+    plugin_lengths=(10, 200),
+    plugin_turns=3,
 )
 
 
@@ -677,6 +683,26 @@ def flush_section(
     return rows, curves
 
 
+def plugin_section(dbs: Databases, sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+    """What the Hermes plugin's hook costs a turn, against a bare flush of the same turn."""
+    progress("hermes plugin hook per turn")
+    template = dbs.sqlite_template(0)
+    costs = _plugin.plugin_cost(
+        lambda: f"sqlite:///{dbs.sqlite_copy(template)}", sizes.plugin_lengths, sizes.plugin_turns
+    )
+    return [
+        Row(
+            f"Hermes plugin: post_llm_call of a turn, {length:,} messages in the conversation",
+            _ms(hook),
+            _ms(flush) + " SessionStore.flush",
+            hook / flush,
+            "report",
+            None,
+        )
+        for length, (hook, flush) in costs.items()
+    ]
+
+
 def run(
     sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None], only: str | None = None
 ) -> tuple[list[Row], dict[str, dict[int, float]], str]:
@@ -691,6 +717,8 @@ def run(
         dbs = Databases(Path(tmp), pg)
         if only in (None, "flush"):
             rows, curves = flush_section(dbs, sizes, progress)
+        if only in (None, "plugin"):
+            rows += plugin_section(dbs, sizes, progress)
         if only in (None, "search"):
             search_rows, search_table = search_section(dbs, sizes, progress)
             rows += search_rows
@@ -801,6 +829,16 @@ Machine: {machine()}.
   both rates are medians of the rounds. The disk of a shared machine makes the
   absolute rates vary from run to run, the replay's as much as the import's.
 
+- **Hermes plugin.** The time Hermes spends in the plugin's `post_llm_call`
+  hook per turn (what the plugin adds to a healthy turn: snapshotting Hermes'
+  live list, handing it to the writer thread and waiting for the write),
+  against `SessionStore.flush` of the same turn on an identical database.
+  Hermes' list grows by a turn of three messages each time, with its
+  `_db_persisted` marks; {sizes.plugin_turns} turns per length, in rotation
+  with the bare flushes, medians. A turn's hook looks at every message of the
+  conversation (a rewrite anywhere is caught), at C speed for the messages
+  unchanged since the previous turn.
+
 ![flush cost vs session length](flush-vs-length.png)
 
 ## Search
@@ -842,7 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write docs/")
     parser.add_argument("--repeat", type=int, help="runs (or rounds) per measurement (median)")
     parser.add_argument(
-        "--only", choices=("flush", "search"), help="run one part; docs/ is not written"
+        "--only",
+        choices=("flush", "plugin", "search"),
+        help="run one part; docs/ is not written",
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL

@@ -82,21 +82,25 @@ def default_url() -> str:
     return f"sqlite:///{hermes_home() / 'hermes_orm.db'}"
 
 
-#: A password in a URL: ``scheme://user:PASSWORD@``.
+#: A password in a URL: ``scheme://user:PASSWORD@``, or libpq's ``password=`` parameter.
 _PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+_PASSWORD_PARAMETER = re.compile(r"(?P<head>[?&]password=)[^&\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """``text`` with the password of every URL in it replaced by ``***``."""
-    return _PASSWORD.sub(r"\g<head>***@", text)
+    return _PASSWORD_PARAMETER.sub(r"\g<head>***", _PASSWORD.sub(r"\g<head>***@", text))
 
 
 def safe_url(url: str | URL) -> str:
-    """``url`` with its password hidden."""
+    """``url`` with its password hidden, in its user part and in its query."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
         return redact(str(url))
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def normalize_url(url: str | URL) -> URL:

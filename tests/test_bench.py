@@ -41,6 +41,7 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         "SQLite search index vs the text it indexes",
         "PostgreSQL search columns and indexes",
         "| `docker 部署` |",
+        "Hermes plugin: post_llm_call of a turn",
     ):
         assert name in out, name
     assert "hermes-agent not installed" not in out

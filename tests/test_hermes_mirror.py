@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+import hermes_orm
 from hermes_orm import SessionStore
 from hermes_orm.integrations.hermes.mirror import (
     SCAFFOLDING_FLAGS,
     Mirror,
     StatusFile,
-    Turn,
     conversation,
 )
 from hermes_orm.integrations.hermes.plugin import make_hooks
@@ -87,13 +87,13 @@ def test_turns_are_flushed_once_and_later_stamps_do_not_diverge(
     mirror: Mirror, store: SessionStore
 ) -> None:
     history = _turn(1)
-    assert mirror.turn(Turn("s1", conversation(history), "gpt", "telegram"))
+    assert mirror.turn("s1", history, "gpt", "telegram")
     for message in history:  # Hermes marks what it saved, in place
         message["_db_persisted"] = True
     history[0]["timestamp"] = 1700000000.0  # and adds keys to old messages
     history += _turn(2)
-    assert mirror.turn(Turn("s1", conversation(history)))
-    assert mirror.turn(Turn("s1", conversation(history)))  # the same list again
+    assert mirror.turn("s1", history)
+    assert mirror.turn("s1", history)  # the same list again
 
     assert _stored(store, "s1") == _turn(1) + _turn(2)
     session = store.get_session("s1")
@@ -106,12 +106,12 @@ def test_a_new_mirror_continues_a_reloaded_conversation(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     first = Mirror(db_url, status=status)
-    assert first.turn(Turn("s1", _turn(1)))
+    assert first.turn("s1", _turn(1))
     first.close()
     # As Hermes reloads it from state.db: other keys, "" for a missing content.
     reloaded = [{**m, "timestamp": 1.0, "content": m["content"] or None} for m in _turn(1)]
     second = Mirror(db_url, status=status)
-    assert second.turn(Turn("s1", reloaded + _turn(2)))
+    assert second.turn("s1", reloaded + _turn(2))
     second.close()
 
     assert _stored(store, "s1") == _turn(1) + _turn(2)
@@ -121,11 +121,11 @@ def test_a_new_mirror_continues_a_reloaded_conversation(
 def test_a_rewritten_history_is_kept_beside_the_stored_one(
     mirror: Mirror, store: SessionStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert mirror.turn(Turn("s1", _turn(1) + _turn(2), "gpt"))
+    assert mirror.turn("s1", _turn(1) + _turn(2), "gpt")
     compacted = [{"role": "user", "content": "[summary of turn 1]"}, *_turn(2)]
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
-        assert mirror.turn(Turn("s1", compacted))
-    assert mirror.turn(Turn("s1", [*compacted, *_turn(3)]))
+        assert mirror.turn("s1", compacted)
+    assert mirror.turn("s1", [*compacted, *_turn(3)])
 
     assert _stored(store, "s1") == _turn(1) + _turn(2)  # never appended to
     assert _stored(store, "s1#2") == [*compacted, *_turn(3)]
@@ -144,11 +144,11 @@ def test_a_restarted_mirror_finds_the_revision_the_conversation_continues(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     first = Mirror(db_url, status=status)
-    first.turn(Turn("s1", _turn(1)))
-    first.turn(Turn("s1", _turn(2)))  # rewritten: revision 2
+    first.turn("s1", _turn(1))
+    first.turn("s1", _turn(2))  # rewritten: revision 2
     first.close()
     second = Mirror(db_url, status=status)
-    assert second.turn(Turn("s1", _turn(2) + _turn(3)))
+    assert second.turn("s1", _turn(2) + _turn(3))
     second.close()
 
     assert _stored(store, "s1") == _turn(1)
@@ -164,14 +164,14 @@ def test_a_stored_duplicate_is_reported_and_the_live_conversation_kept(
     duplicated = _turn(1)
     store.flush("s1", [*duplicated[:3], duplicated[2], duplicated[3]])
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
-        assert mirror.turn(Turn("s1", _turn(1) + _turn(2)))
+        assert mirror.turn("s1", _turn(1) + _turn(2))
     assert _stored(store, "s1#2") == _turn(1) + _turn(2)
     assert "message 3 differs" in caplog.text
 
 
 def test_a_lagging_list_writes_nothing(mirror: Mirror, store: SessionStore) -> None:
-    assert mirror.turn(Turn("s1", _turn(1) + _turn(2)))
-    assert mirror.turn(Turn("s1", _turn(1)))
+    assert mirror.turn("s1", _turn(1) + _turn(2))
+    assert mirror.turn("s1", _turn(1))
     assert _stored(store, "s1") == _turn(1) + _turn(2)
     assert store.get_session("s1#2") is None
 
@@ -185,9 +185,9 @@ def test_compression_child_is_linked_to_its_parent(
         "s3": {"source": "cli", "parent_session_id": "never-mirrored"},
     }
     m = Mirror(db_url, status=status, hermes_sessions=hermes_rows.get)
-    m.turn(Turn("s1", _turn(1)))
-    m.turn(Turn("s2", [{"role": "user", "content": "[summary]"}, *_turn(2)]))
-    m.turn(Turn("s3", _turn(3)))
+    m.turn("s1", _turn(1))
+    m.turn("s2", [{"role": "user", "content": "[summary]"}, *_turn(2)])
+    m.turn("s3", _turn(3))
     m.close()
 
     child = store.get_session("s2")
@@ -207,8 +207,8 @@ def test_compression_child_is_linked_to_its_parent(
 
 
 def test_finalize_ends_the_current_revision(mirror: Mirror, store: SessionStore) -> None:
-    mirror.turn(Turn("s1", _turn(1)))
-    mirror.turn(Turn("s1", _turn(2)))
+    mirror.turn("s1", _turn(1))
+    mirror.turn("s1", _turn(2))
     assert mirror.finalize("s1", "shutdown")
     assert mirror.finalize("never-seen", "shutdown")  # nothing to end, no error
     revision = store.get_session("s1#2")
@@ -243,31 +243,43 @@ def test_a_locked_database_costs_a_turn_at_most_the_wait_and_the_next_turn_catch
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     m = Mirror(db_url, status=status, wait=0.3)
-    assert m.turn(Turn("s1", _turn(1)))
+    assert m.turn("s1", _turn(1))
     with _Locked(db_url):
         began = time.monotonic()
-        assert not m.turn(Turn("s1", _turn(1) + _turn(2)))
-        # The store's own schedule (lock timeout and retries) is several seconds.
-        assert time.monotonic() - began < 1.5
-        assert m._worker.drain(30)
+        assert not m.turn("s1", _turn(1) + _turn(2))  # the turn goes on ...
+        waited = time.monotonic() - began
+        assert m._worker.drain(30)  # ... while the write tries the store's whole schedule
+        tried = time.monotonic() - began
+    assert waited < tried / 2
     error = status.read()["error"]
     assert error["session_id"] == "s1"
     assert "catches up" in error["todo"]
-    assert m.turn(Turn("s1", _turn(1) + _turn(2) + _turn(3)))
+    assert m.turn("s1", _turn(1) + _turn(2) + _turn(3))
     m.close()
 
     assert _stored(store, "s1") == _turn(1) + _turn(2) + _turn(3)
     assert "error" not in status.read()
 
 
-def test_an_unreachable_database_is_recorded_without_its_password(status: StatusFile) -> None:
-    url = "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere"
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere",
+        "postgresql://hermes@127.0.0.1:1/nowhere?password=S3CRET&connect_timeout=1",
+    ],
+)
+def test_an_unreachable_database_is_recorded_without_its_password(
+    status: StatusFile, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     m = Mirror(url, status=status, wait=10)
-    assert m.turn(Turn("s1", _turn(1)))  # ran, and failed
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        assert m.turn("s1", _turn(1))  # ran, and failed
     m.close()
     error = status.read()["error"]
-    assert "unreachable" in error["todo"]
-    assert "S3CRET" not in status.path.read_text()
+    assert "Connection refused" in error["message"]
+    assert "catches up" in error["todo"]
+    assert "127.0.0.1:1/nowhere" in caplog.text
+    assert "S3CRET" not in status.path.read_text() + caplog.text
 
 
 def test_background_review_turns_are_left_out(mirror: Mirror, store: SessionStore) -> None:
@@ -289,7 +301,7 @@ def test_background_review_turns_are_left_out(mirror: Mirror, store: SessionStor
     assert session["ended_at"] is None
 
 
-def test_hooks_never_raise(status: StatusFile, tmp_path: Path) -> None:
+def test_hooks_record_failures_instead_of_raising(status: StatusFile, tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")  # no directory can be made under a file
     m = Mirror(f"sqlite:///{tmp_path / 'a-file' / 'y.db'}", status=status)
     hooks = make_hooks(m)
@@ -372,8 +384,8 @@ def _hermes(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
 
 def test_hermes_orm_status_says_what_is_wrong_without_the_password(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    url = "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere"
-    _write_config(home, f"plugins:\n  enabled: [hermes_orm]\nhermes_orm:\n  url: {url}\n")
+    url = "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere?password=S3CRET"
+    _write_config(home, f"plugins:\n  enabled: [hermes_orm]\nhermes_orm:\n  url: '{url}'\n")
     down = _hermes(home, "orm", "status")
     assert down.returncode == 1, down.stderr
     assert "unreachable" in down.stdout
@@ -392,7 +404,7 @@ def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None
     _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
     url = f"sqlite:///{home / 'hermes_orm.db'}"
     m = Mirror(url, status=StatusFile(home / "hermes_orm_status.json"))
-    m.turn(Turn("s1", _turn(1)))
+    m.turn("s1", _turn(1))
     m.close()
 
     status = _hermes(home, "orm", "status")
@@ -433,3 +445,116 @@ def test_scaffolding_dropped_later_does_not_shift_the_history(
     hooks["post_llm_call"](session_id="s1", conversation_history=history)
     assert _stored(store, "s1") == _turn(1) + _turn(2)
     assert store.get_session("s1#2") is None
+
+
+def test_a_database_without_the_schema_gets_it_on_the_first_turn(
+    empty_db_url: str, status: StatusFile
+) -> None:
+    m = Mirror(empty_db_url, status=status)
+    assert m.turn("s1", _turn(1))
+    m.close()
+    store = SessionStore(empty_db_url)
+    assert _stored(store, "s1") == _turn(1)
+    store.close()
+
+
+def test_a_schema_behind_the_head_is_left_to_its_operator(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    hermes_orm.downgrade(store.engine, "0004")
+    m = Mirror(db_url, status=status)
+    assert m.turn("s1", _turn(1))
+    m.close()
+    assert hermes_orm.migrations.current(store.engine) == "0004_search_upkeep"
+    error = status.read()["error"]
+    assert "hermes-orm db upgrade" in error["message"] + error["todo"]
+    with store.engine.connect() as conn:  # nothing was written
+        assert conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar_one() == 0
+
+
+def test_two_processes_rewriting_one_session_make_one_revision(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    gateway, cli = (Mirror(db_url, status=status) for _ in range(2))
+    for m in (gateway, cli):
+        assert m.turn("s1", _turn(1))
+    compacted = [{"role": "user", "content": "[summary]"}, *_turn(2)]
+    for m in (gateway, cli):
+        assert m.turn("s1", [dict(x) for x in compacted])
+    for m in (gateway, cli):
+        m.close()
+    assert _stored(store, "s1#2") == compacted
+    assert store.get_session("s1#3") is None
+
+
+def test_a_rewrite_queued_behind_a_slow_write_loses_no_turn(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    m = Mirror(db_url, status=status, wait=0.05)
+    assert m.turn("s1", _turn(1))
+    history = _turn(1) + _turn(2)
+    with _Locked(db_url):
+        m.turn("other", _turn(9))  # the writer waits for the lock with this one ...
+        m.turn("s1", history)  # ... while these two queue behind it
+        m.turn("s1", [{"role": "user", "content": "[summary]"}, *_turn(3)])
+    assert m.close(60)
+    assert _stored(store, "s1") == history
+    assert _stored(store, "s1#2")[1:] == _turn(3)
+
+
+def test_a_tool_call_edited_in_place_is_seen(mirror: Mirror, store: SessionStore) -> None:
+    history = _turn(1)
+    history[1]["tool_calls"][0]["function"]["arguments"] = ""
+    assert mirror.turn("s1", history)
+    history[1]["tool_calls"][0]["function"]["arguments"] = "{}"  # as Hermes repairs it
+    assert mirror.turn("s1", history + _turn(2))
+    assert _stored(store, "s1")[1]["tool_calls"][0]["function"]["arguments"] == ""
+    assert _stored(store, "s1#2")[1]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_an_error_left_by_an_earlier_process_is_cleared_by_a_write(
+    db_url: str, status: StatusFile
+) -> None:
+    status.write(error={"at": 1.0, "session_id": "old", "message": "M", "todo": "T"})
+    m = Mirror(db_url, status=status)
+    assert m.turn("s1", _turn(1))
+    m.close()
+    assert "error" not in status.read()
+
+
+def test_a_failing_session_keeps_its_error_while_others_are_written(
+    db_url: str, status: StatusFile, store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = Mirror(db_url, status=status)
+    bad = [{"role": "user", "content": "x", "score": float("nan")}]
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        for _ in range(2):
+            assert m.turn("bad", bad)
+            assert m.turn("good", _turn(1))
+    m.close()
+    error = status.read()["error"]
+    assert error["session_id"] == "bad"
+    assert "not mirrored while that message is in its conversation" in error["todo"]
+    assert caplog.text.count("session bad not written") == 1  # once, not once a turn
+    assert "again" not in caplog.text
+    assert _stored(store, "good") == _turn(1)
+
+
+def test_status_shows_the_mirror_error_only_for_its_database(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hermes_orm.integrations.hermes.plugin import print_status, status_file
+
+    monkeypatch.setenv("HERMES_HOME", str(tmp_path))
+    mirrored = "postgresql://hermes@127.0.0.1:1/nowhere?password=S3CRET"
+    m = Mirror(mirrored, status=status_file(), wait=10)
+    m.turn("s1", _turn(1))
+    m.close()
+
+    assert print_status(mirrored) == 1
+    out = capsys.readouterr().out
+    assert "last error:" in out
+    assert "session s1" in out
+    assert "S3CRET" not in out
+    assert print_status(db_url) == 0  # another database: not its error
+    assert "last error: none" in capsys.readouterr().out

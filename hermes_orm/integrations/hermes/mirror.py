@@ -39,18 +39,20 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import migrations
 from hermes_orm._dialects import RetryPolicy, create_store_engine, redact, safe_url
 from hermes_orm.errors import (
     HermesOrmError,
     HistoryDivergedError,
+    InvalidMessageError,
     SchemaOutOfDateError,
     SchemaTooNewError,
     SessionNotFoundError,
@@ -84,9 +86,25 @@ _SESSION_FIELDS = ("user_id", "model", "system_prompt", "cwd", "profile_name")
 REVISION_MARK = "#"
 
 
+def _copy(value: Any) -> Any:
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
+
+
 def clean(message: Mapping[str, Any]) -> dict[str, Any]:
-    """``message`` without Hermes' internal ``_``-prefixed keys (a new dict)."""
-    return {k: v for k, v in message.items() if not (type(k) is str and k[:1] == "_")}
+    """A copy of ``message`` without Hermes' internal ``_``-prefixed keys.
+
+    Lists and dicts are copied too: Hermes edits its messages in place (tool
+    call arguments, surrogates), and what the mirror holds must stay as it was.
+    """
+    return {
+        k: _copy(v) if type(v) in (dict, list) else v
+        for k, v in message.items()
+        if not (type(k) is str and k[:1] == "_")
+    }
 
 
 def is_scaffolding(message: Mapping[str, Any]) -> bool:
@@ -142,13 +160,13 @@ def _text(value: Any) -> str | None:
 
 def _text_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     """The text columns of a session row worth copying (Hermes' or the mirror's own)."""
-    return {name: _text(row.get(name)) for name in _SESSION_FIELDS if _text(row.get(name))}
+    return {name: value for name in _SESSION_FIELDS if (value := _text(row.get(name)))}
 
 
-def shared_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items of ``a`` and ``b`` are the very same objects (C-speed loop)."""
-    same = list(map(operator.is_, a, b))
-    return same.index(False) if False in same else len(same)
+def shared_prefix(a: Sequence[Any], b: Sequence[Any], same: Any = operator.is_) -> int:
+    """How many leading items of ``a`` and ``b`` are ``same`` (identical), at C speed."""
+    flags = list(map(same, a, b))
+    return flags.index(False) if False in flags else len(flags)
 
 
 def revision_id(session_id: str, revision: int) -> str:
@@ -161,9 +179,9 @@ class _Tracked:
     """What the writer knows of one Hermes session.
 
     ``stored`` is what its current revision holds, as passed to (or read from)
-    the store; ``seen`` is the last snapshot written, whose leading messages are
-    those of ``stored`` by content: a later snapshot sharing them (the very same
-    objects) needs no comparison.
+    the store; ``seen`` is the last list written, whose leading messages match
+    ``stored``: a later list sharing those very copies needs no comparison
+    (copies never change).
     """
 
     revision: int
@@ -173,16 +191,30 @@ class _Tracked:
 
 
 _CONTENT = itertools.repeat("content")
-_TOOL_CALLS_KEY = itertools.repeat("tool_calls")
+_TOOL_CALLS = itertools.repeat("tool_calls")
+
+
+def _get(message: Any, key: str) -> Any:
+    return message.get(key) if isinstance(message, dict) else None
+
+
+def _values(messages: list[Any], keys: Iterator[str]) -> list[Any]:
+    """Each message's value of the key (None for a non-dict), at C speed when all are dicts."""
+    try:
+        return list(map(dict.get, messages, keys))
+    except TypeError:  # an item that is not a dict
+        return list(map(_get, messages, keys))
 
 
 @dataclass
 class _Snapshot:
-    """Hermes' list as the last turn of a session saw it, and the cleaned copies made of it.
+    """Hermes' list as a session's last turn saw it, and the copies the mirror made of it.
 
-    The next turn cleans only what is new or changed: a message that is the same
-    dict, holding the same content and tool calls objects, keeps its copy.
-    ``counts[i]`` is how many copies ``history[:i]`` gave (scaffolding gives none).
+    The next turn copies only what is new or changed: the same dict whose
+    content and tool calls still equal those of its copy keeps the copy. (A
+    role or tool call id changed in place on the same dict is not looked for.)
+    ``counts[i]`` is how many copies ``history[:i]`` gave (scaffolding gives
+    none); ``contents`` and ``calls`` hold each message's values as copied.
     """
 
     history: list[Any]
@@ -191,45 +223,48 @@ class _Snapshot:
     cleaned: list[dict[str, Any]]
     counts: list[int]
 
+    def extended_by(self, history: list[Any]) -> _Snapshot:
+        """The snapshot of ``history``, the session's list one turn later."""
+        keep = shared_prefix(history, self.history)
+        if keep:
+            head = history[:keep]
+            keep = min(
+                keep,
+                shared_prefix(_values(head, _CONTENT), self.contents, operator.eq),
+                shared_prefix(_values(head, _TOOL_CALLS), self.calls, operator.eq),
+            )
+        counts = self.counts[: keep + 1]
+        kept = _Snapshot(
+            self.history,
+            self.contents[:keep],
+            self.calls[:keep],
+            self.cleaned[: counts[-1]],
+            counts,
+        )
+        return kept.grown(history, keep)
+
     @classmethod
-    def of(cls, history: list[Any], previous: _Snapshot | None) -> _Snapshot:
-        keep = 0
-        if previous is not None:
-            keep = shared_prefix(history, previous.history)
-            if keep:
-                head = history[:keep]
-                keep = min(
-                    keep,
-                    shared_prefix(list(map(_get, head, _CONTENT)), previous.contents),
-                    shared_prefix(list(map(_get, head, _TOOL_CALLS_KEY)), previous.calls),
-                )
-        new = history[keep:]
-        fresh = [m if isinstance(m, dict) else {} for m in new]
-        copies = conversation(new)
-        if previous is None or keep == 0:
-            counts, cleaned = [0], copies
-            contents: list[Any] = []
-            calls: list[Any] = []
-        else:
-            counts = previous.counts[: keep + 1]
-            cleaned = previous.cleaned[: counts[-1]] + copies
-            contents, calls = previous.contents[:keep], previous.calls[:keep]
-        total = counts[-1]
-        for message in new:
-            total += isinstance(message, dict) and not is_scaffolding(message)
-            counts.append(total)
-        contents += [m.get("content") for m in fresh]
-        calls += [m.get("tool_calls") for m in fresh]
-        return cls(list(history), contents, calls, cleaned, counts)
+    def of(cls, history: list[Any]) -> _Snapshot:
+        """The first snapshot of a session's list."""
+        return cls([], [], [], [], [0]).grown(history, 0)
 
-
-def _get(message: Any, key: str) -> Any:
-    return message.get(key) if isinstance(message, dict) else None
+    def grown(self, history: list[Any], keep: int) -> _Snapshot:
+        """This snapshot of ``history[:keep]``, with ``history[keep:]`` copied after it."""
+        for message in history[keep:]:
+            kept = isinstance(message, dict) and not is_scaffolding(message)
+            source = clean(message) if kept else message if isinstance(message, dict) else {}
+            if kept:
+                self.cleaned.append(source)
+            self.counts.append(len(self.cleaned))
+            self.contents.append(source.get("content"))
+            self.calls.append(source.get("tool_calls"))
+        self.history = list(history)
+        return self
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One completed turn as the hook saw it: the conversation, cleaned, at that moment."""
+    """One completed turn: the conversation as the mirror stores it, copied when the hook ran."""
 
     session_id: str
     messages: list[dict[str, Any]]
@@ -244,24 +279,26 @@ class _Job:
 
 
 class _Worker:
-    """One daemon thread running queued writes in order; a newer write replaces its queued twin.
+    """One daemon thread running queued writes in the order they were last queued.
 
-    The cursor makes the newest snapshot of a conversation enough: it carries
-    whatever an older, not yet written one held.
+    A write queued under the key of one still waiting replaces it (whoever
+    waits for the older one is released by the newer): the mirror queues a
+    session's turns under one key while each list extends the one before, so
+    the newest carries whatever an older one held.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: OrderedDict[tuple[str, str], _Job] = OrderedDict()
+        self._queue: OrderedDict[tuple[str, str, int], _Job] = OrderedDict()
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: tuple[str, str], run: Callable[[], None]) -> threading.Event:
+    def submit(self, key: tuple[str, str, int], run: Callable[[], None]) -> threading.Event:
         with self._cond:
             queued = self._queue.get(key)
-            # Whoever waits for the replaced write is released by this one.
             job = _Job(run, queued.done if queued is not None else threading.Event())
             self._queue[key] = job
+            self._queue.move_to_end(key)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="hermes-orm-mirror", daemon=True
@@ -335,6 +372,8 @@ class StatusFile:
 #: Reads Hermes' own row of a session (a dict of its columns), or None.
 HermesSessions = Callable[[str], dict[str, Any] | None]
 
+_CATCH_UP = "the next completed turn of the session catches up"
+
 
 class Mirror:
     """Flushes Hermes' conversations into a hermes_orm database, one background writer.
@@ -361,49 +400,68 @@ class Mirror:
         self._hermes_sessions = hermes_sessions
         self._store: SessionStore | None = None
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
-        self._snapshots: OrderedDict[str, _Snapshot] = OrderedDict()
+        # Hook side: per session, its last snapshot and how many times its list
+        # stopped extending the one before (the key its writes queue under).
+        self._snapshots: OrderedDict[str, tuple[_Snapshot, int]] = OrderedDict()
         self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
-        self._failing: str | None = None
+        # Writer side: the sessions whose last write failed, with the error.
+        self._failing: dict[str, str] = {}
+        self._status_checked = False
 
-    # -- hooks (Hermes' thread): snapshot, queue, wait a bounded time -------------------
+    # -- hooks (Hermes' thread): copy, queue, wait a bounded time --------------------------
 
-    def snapshot(self, session_id: str, history: list[Any]) -> list[dict[str, Any]]:
-        """Hermes' live list as the mirror stores it (:func:`conversation`), at this moment.
+    def turn(
+        self,
+        session_id: str,
+        history: list[Any],
+        model: str | None = None,
+        platform: str | None = None,
+    ) -> bool:
+        """Queue the flush of Hermes' live list ``history``; wait for it at most ``wait`` s.
 
-        Messages unchanged since the session's previous snapshot keep their
-        copies, so a turn costs about the new messages, not the whole list.
+        The list is copied now (:func:`conversation`): what Hermes changes
+        afterwards is the next turn's. Messages unchanged since the session's
+        previous turn keep their copies, so a turn costs about its new messages.
+
+        Returns:
+            True if the write ran (or failed, and said so) within ``wait``.
         """
         with self._snapshots_lock:
-            previous = self._snapshots.pop(session_id, None)
-            snap = _Snapshot.of(history, previous)
-            self._snapshots[session_id] = snap
+            previous, generation = self._snapshots.pop(session_id, (None, 0))
+            if previous is None:
+                snapshot = _Snapshot.of(history)
+            else:
+                snapshot = previous.extended_by(history)
+                if shared_prefix(snapshot.cleaned, previous.cleaned) < len(previous.cleaned):
+                    generation += 1  # not an extension: both lists must be written
+            self._snapshots[session_id] = (snapshot, generation)
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
-        return snap.cleaned
-
-    def turn(self, turn: Turn) -> bool:
-        """Queue ``turn``'s flush and wait for it at most ``wait`` seconds; True if it ran."""
-        done = self._worker.submit(("flush", turn.session_id), lambda: self._flush(turn))
+        job = Turn(session_id, snapshot.cleaned, model, platform)
+        done = self._worker.submit(("flush", session_id, generation), lambda: self._flush(job))
         return done.wait(self.wait)
 
     def finalize(self, session_id: str, reason: str) -> bool:
-        """Queue the end of a session (after its queued flush); True if it ran in ``wait``."""
-        done = self._worker.submit(("end", session_id), lambda: self._end(session_id, reason))
+        """Queue the end of a session (after its queued flushes); True if it ran in ``wait``."""
+        with self._snapshots_lock:
+            self._snapshots.pop(session_id, None)
+        done = self._worker.submit(("end", session_id, 0), lambda: self._end(session_id, reason))
         return done.wait(self.wait)
 
     def close(self, timeout: float = EXIT_WAIT) -> bool:
         """Wait for queued writes (at most ``timeout`` seconds), then close the store."""
-        drained = self._worker.drain(timeout)
-        if not drained:
+        if not self._worker.drain(timeout):
             logger.warning(
                 "hermes_orm mirror: writes still queued at exit; the next turn of those "
-                "sessions (or `hermes-orm import`) catches up"
+                "sessions catches up"
             )
+            return False
         store, self._store = self._store, None
-        if store is not None and drained:
+        if store is not None:
             store.close()
-        return drained
+            store.engine.dispose()  # made by _open: the store does not own it
+        return True
 
     # -- the writer thread ---------------------------------------------------------------
 
@@ -415,40 +473,51 @@ class Mirror:
                 engine_kwargs["connect_args"] = {"connect_timeout": 2}
             engine = create_store_engine(self.url, lock_timeout=_LOCK_TIMEOUT, **engine_kwargs)
             try:
-                if migrations.current(engine) is None:
-                    # A database that has no hermes_orm schema yet gets it; one
-                    # behind the shipped head is left to its operator (the store
-                    # refuses it, naming the command).
-                    migrations.upgrade(engine)
+                self._create_schema(engine)
             except BaseException:
                 engine.dispose()
                 raise
             self._store = SessionStore(engine, retry=_RETRY, lock_timeout=_LOCK_TIMEOUT)
         return self._store
 
+    @staticmethod
+    def _create_schema(engine: Any) -> None:
+        """Give a database without hermes_orm's schema the schema.
+
+        One behind the shipped head is left to its operator: the store refuses
+        it, naming the command. Another process may be creating it at the same
+        moment: its success is as good as ours.
+        """
+        if migrations.current(engine) is not None:
+            return
+        try:
+            migrations.upgrade(engine)
+        except Exception:
+            if migrations.current(engine) is None:
+                raise
+
     def _guarded(self, session_id: str, work: Callable[[SessionStore], None]) -> None:
         try:
             work(self._open())
         except (SchemaOutOfDateError, SchemaTooNewError) as exc:
-            self._failed(session_id, exc, f"{exc}")
-        except HermesOrmError as exc:
-            self._failed(session_id, exc, "the next completed turn catches up")
-        except Exception as exc:  # driver, network, disk: the next turn retries
+            self._failed(session_id, exc, "the mirror writes nothing until then")
+        except InvalidMessageError as exc:
             self._failed(
-                session_id, exc, "the database is unreachable; the next completed turn catches up"
+                session_id,
+                exc,
+                "this session is not mirrored while that message is in its conversation",
             )
+        except (HermesOrmError, SQLAlchemyError, OSError) as exc:
+            self._failed(session_id, exc, _CATCH_UP)
+        except Exception as exc:
+            logger.exception("hermes_orm mirror: unexpected error writing session %s", session_id)
+            self._failed(session_id, exc, _CATCH_UP)
         else:
-            if self._failing is not None:
-                logger.warning(
-                    "hermes_orm mirror: %s is reachable again; the mirror has caught up",
-                    safe_url(self.url),
-                )
-                self._failing = None
-                self.status.write(error=None)
+            self._succeeded(session_id)
 
     def _failed(self, session_id: str, exc: BaseException, todo: str) -> None:
         message = redact(f"{type(exc).__name__}: {exc}")
-        if message != self._failing:  # one line per new failure, not one per turn
+        if self._failing.get(session_id) != message:  # one line per new failure, not per turn
             logger.warning(
                 "hermes_orm mirror: session %s not written to %s (%s); %s",
                 session_id,
@@ -456,66 +525,90 @@ class Mirror:
                 message,
                 todo,
             )
-        self._failing = message
+        self._failing[session_id] = message
         self._tracked.pop(session_id, None)  # read again from the database next time
         self.status.write(
-            error={"at": time.time(), "session_id": session_id, "message": message, "todo": todo}
+            error={
+                "at": time.time(),
+                "url": safe_url(self.url),
+                "session_id": session_id,
+                "message": message,
+                "todo": todo,
+            }
         )
+
+    def _succeeded(self, session_id: str) -> None:
+        if self._failing.pop(session_id, None) is not None:
+            logger.warning(
+                "hermes_orm mirror: session %s is written to %s again, caught up",
+                session_id,
+                safe_url(self.url),
+            )
+        elif self._status_checked:
+            return
+        self._status_checked = True
+        if self._failing:  # another session still fails: its error stays on record
+            return
+        error = self.status.read().get("error")
+        if isinstance(error, dict) and error.get("url") in (None, safe_url(self.url)):
+            self.status.write(error=None)  # left by this process, or an earlier one
 
     def _flush(self, turn: Turn) -> None:
         self._guarded(turn.session_id, lambda store: self._flush_in(store, turn))
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
-        tracked = self._tracked.get(turn.session_id)
+        sid, live = turn.session_id, turn.messages
+        tracked = self._tracked.get(sid)
         if tracked is None:
             tracked = self._resolve(store, turn)
-        else:
-            self._tracked.move_to_end(turn.session_id)
-        live, stored = turn.messages, tracked.stored
-        same = shared_prefix(live, tracked.seen)
-        if same < len(stored) and first_difference(live[same:], stored[same:]) >= 0:
-            self._revise(store, turn, tracked)
-            return
-        tracked.seen = live
-        if len(live) <= len(stored):
-            return
-        messages = stored + live[len(stored) :]
-        try:
-            store.flush(revision_id(turn.session_id, tracked.revision), messages)
-        except HistoryDivergedError:
-            # Another writer stored something else meanwhile: decide on what is stored.
-            self._tracked.pop(turn.session_id, None)
+        self._tracked.move_to_end(sid)
+        if not _continues(live, tracked):
+            # Read what is stored now: another process may have written this list,
+            # or made the revision it continues.
             tracked = self._resolve(store, turn)
-            if first_difference(live, tracked.stored) >= 0:
-                self._revise(store, turn, tracked)
-                return
+            if not _continues(live, tracked):
+                tracked = self._revise(store, turn, tracked)
+        if len(live) > len(tracked.stored):
             messages = tracked.stored + live[len(tracked.stored) :]
-            store.flush(revision_id(turn.session_id, tracked.revision), messages)
-            tracked.seen = live
-        tracked.stored = messages
+            try:
+                store.flush(revision_id(sid, tracked.revision), messages)
+            except HistoryDivergedError:
+                self._tracked.pop(sid, None)  # another writer moved on: the next turn reads it
+                raise
+            tracked.stored = messages
+        tracked.seen = live
+
+    def _revisions(self, store: SessionStore, session_id: str) -> list[dict[str, Any]]:
+        """The stored revisions of a Hermes session, oldest first."""
+        rows: list[dict[str, Any]] = []
+        while (row := store.get_session(revision_id(session_id, len(rows) + 1))) is not None:
+            rows.append(row)
+        return rows
 
     def _resolve(self, store: SessionStore, turn: Turn) -> _Tracked:
-        """The session's revision the live list continues, read from the database.
+        """The newest stored revision the live list continues, else the newest one.
 
         A session seen for the first time is created, with Hermes' own fields.
         """
         sid = turn.session_id
-        revisions: list[dict[str, Any]] = []
-        while (row := store.get_session(revision_id(sid, len(revisions) + 1))) is not None:
-            revisions.append(row)
+        revisions = self._revisions(store, sid)
         if not revisions:
-            source = self._create(store, turn)
-            tracked = _Tracked(1, [], source)
+            tracked = _Tracked(1, [], self._create(store, turn))
         else:
-            source = revisions[0]["source"]
-            tracked = _Tracked(len(revisions), [], source)
+            source = str(revisions[0]["source"])
+            newest = _Tracked(len(revisions), [], source)
+            tracked = newest
             for revision in range(len(revisions), 0, -1):
-                stored = store.get_messages(revision_id(sid, revision))
-                if first_difference(turn.messages, stored) < 0:
-                    tracked = _Tracked(revision, stored, source)
+                candidate = _Tracked(
+                    revision, store.get_messages(revision_id(sid, revision)), source
+                )
+                if revision == len(revisions):
+                    newest = candidate
+                if _continues(turn.messages, candidate):
+                    tracked = candidate
                     break
-            else:  # continues none: the next turn's check makes a new revision
-                tracked.stored = store.get_messages(revision_id(sid, len(revisions)))
+            else:
+                tracked = newest
         self._track(sid, tracked)
         return tracked
 
@@ -544,7 +637,7 @@ class Mirror:
             else:  # Hermes' parent was never mirrored: name it without a link
                 fields["extra"] = {"hermes_parent_session_id": parent}
         store.ensure_session(turn.session_id, source, **fields)
-        return str(source)
+        return source
 
     def _hermes_row(self, session_id: str) -> dict[str, Any]:
         if self._hermes_sessions is None:
@@ -560,25 +653,21 @@ class Mirror:
             logger.debug("hermes_orm mirror: cannot read Hermes' row of %s: %s", session_id, exc)
             return {}
 
-    def _revise(self, store: SessionStore, turn: Turn, tracked: _Tracked) -> None:
-        """Keep ``turn``'s list as a new revision of the session, linked to the one it replaces."""
+    def _revise(self, store: SessionStore, turn: Turn, tracked: _Tracked) -> _Tracked:
+        """A new, empty revision of the session for ``turn``'s list, linked to ``tracked``'s."""
         sid = turn.session_id
         old = revision_id(sid, tracked.revision)
         at = first_difference(turn.messages, tracked.stored)
-        revision = tracked.revision + 1
-        while store.get_session(revision_id(sid, revision)) is not None:
-            revision += 1  # another process made one meanwhile
+        revision = len(self._revisions(store, sid)) + 1
         new = revision_id(sid, revision)
         old_row = store.get_session(old) or {}
-        fields = _text_fields(old_row)
         store.ensure_session(
             new,
             tracked.source,
             parent_session_id=old,
             extra={"hermes_session_id": sid, "revision": revision, "diverged_at": at},
-            **fields,
+            **_text_fields(old_row),
         )
-        store.flush(new, turn.messages)
         with contextlib.suppress(SessionNotFoundError):
             if old_row.get("ended_at") is None:
                 store.end_session(old, "rewritten")
@@ -591,16 +680,22 @@ class Mirror:
             old,
             new,
         )
-        self._track(sid, _Tracked(revision, turn.messages, tracked.source, turn.messages))
+        revised = _Tracked(revision, [], tracked.source)
+        self._track(sid, revised)
+        return revised
 
     def _end(self, session_id: str, reason: str) -> None:
         def work(store: SessionStore) -> None:
-            tracked = self._tracked.get(session_id)
-            revision = tracked.revision if tracked is not None else 1
-            if tracked is None:
-                while store.get_session(revision_id(session_id, revision + 1)) is not None:
-                    revision += 1
-            with contextlib.suppress(SessionNotFoundError):  # never mirrored: nothing to end
+            tracked = self._tracked.pop(session_id, None)
+            revision = tracked.revision if tracked else len(self._revisions(store, session_id))
+            if revision:  # never mirrored: nothing to end
                 store.end_session(revision_id(session_id, revision), reason)
 
         self._guarded(session_id, work)
+
+
+def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
+    """Whether ``live`` repeats what ``tracked`` holds (the very copies, or the same messages)."""
+    stored = tracked.stored
+    same = shared_prefix(live, tracked.seen)
+    return same >= len(stored) or first_difference(live[same:], stored[same:]) < 0

@@ -37,17 +37,22 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.engine import make_url
 
 from hermes_orm import cli, migrations
-from hermes_orm._dialects import create_store_engine, default_url, hermes_home, redact, safe_url
+from hermes_orm._dialects import (
+    create_store_engine,
+    default_url,
+    hermes_home,
+    normalize_url,
+    redact,
+    safe_url,
+)
 from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
 from hermes_orm.integrations.hermes.mirror import (
     DEFAULT_WAIT,
     HermesSessions,
     Mirror,
     StatusFile,
-    Turn,
 )
 from hermes_orm.models import Message, Session
 
@@ -101,17 +106,17 @@ def resolve_url(config: Mapping[str, Any]) -> tuple[str, str]:
 def _wait(config: Mapping[str, Any]) -> float:
     wait = _section(config).get("wait", DEFAULT_WAIT)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 60:
-        raise ValueError(f"config.yaml: {NAME}.wait must be seconds from 0 to 60, got {wait!r}")
+        raise ValueError(
+            f"config.yaml: {NAME}.wait must be seconds, over 0 and up to 60, got {wait!r}"
+        )
     return float(wait)
 
 
 def _check_url(url: str) -> None:
     """Refuse, before any turn, a URL that cannot work: unparsable, other backend, no driver."""
-    parsed = make_url(url)
+    parsed = normalize_url(url)
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
     parsed.get_dialect().import_dbapi()
 
 
@@ -161,13 +166,12 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
                 return
             if not isinstance(session_id, str) or not isinstance(conversation_history, list):
                 return
-            turn = Turn(
+            if not mirror.turn(
                 session_id,
-                mirror.snapshot(session_id, conversation_history),
+                conversation_history,
                 model if isinstance(model, str) else None,
                 platform if isinstance(platform, str) and platform else None,
-            )
-            if not mirror.turn(turn):
+            ):
                 logger.info(
                     "hermes_orm mirror: session %s is still being written; the agent goes on",
                     session_id,
@@ -207,7 +211,7 @@ def register(ctx: Any) -> None:
         wait = _wait(config)
         _check_url(url)
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
+        message = redact(f"{type(exc).__name__}: {exc}")
         logger.warning("hermes_orm: the mirror is off: %s", message)
         status.write(register_error={"at": time.time(), "message": message})
         return
@@ -264,7 +268,7 @@ def print_status(url: str, origin: str | None = None) -> int:
         print(f"plugin:    off since {since}: {register_error.get('message')}")
         problems += 1
     error = recorded.get("error")
-    if isinstance(error, dict):
+    if isinstance(error, dict) and error.get("url") in (None, safe_url(url)):
         print(
             f"last error: {_when(error.get('at'))}, session {error.get('session_id')}: "
             f"{error.get('message')}; {error.get('todo')}"
