@@ -38,6 +38,8 @@ import hermes_orm
 from bench import _plugin, _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
+from devtools.hermes_fixture import fixture_copy, grow
+from devtools.postgres import postgres_server
 from hermes_orm import _dialects
 
 _K = TypeVar("_K")
@@ -384,9 +386,7 @@ def import_rate(workdir: Path, copies: int, repeat: int) -> tuple[int, float, fl
     the median of the imports' msg/s, the median of the replays' msg/s, and
     whether every import verified.
     """
-    sys.path.insert(0, str(ROOT))
     from hermes_orm.integrations.hermes import import_state_db
-    from tests._hermes import fixture_copy, grow
 
     source_dir = workdir / f"hermes-{copies}"
     source_dir.mkdir()
@@ -536,9 +536,6 @@ def postgres(skip: bool) -> Iterator[str | None]:
     if skip:
         yield None
         return
-    sys.path.insert(0, str(ROOT))
-    from tests._postgres import postgres_server
-
     with postgres_server() as url:
         yield url
 
@@ -817,14 +814,15 @@ Machine: {machine()}.
   holding {", ".join(f"{n:,}" for n in sizes.lengths)} messages each take
   {sizes.flat_turns} more turns, in rotation (the order rotating each turn),
   and each length's figure is the median of its flushes.
-- **Import.** The Hermes fixture (schema v22) grown with clones of its sessions
-  under new ids, imported by `import_state_db` into a fresh SQLite file at the
-  default `synchronous=FULL`; the time includes the verification, and the
-  search index's triggers index every message as it goes in. A child process
-  reads and encodes the source while the importing process writes. Its baseline
-  is the replay of the statements it ran, as for a flush, recorded during the
-  timed import itself (so its statements, 500 rows each, go through
-  SQLAlchemy's `exec_driver_sql`). It runs in {sizes.import_repeat} rounds, each
+- **Import.** The Hermes fixture (`tests/fixtures/hermes-state.db`, schema v22,
+  synthetic: `scripts/make_hermes_fixture.py` writes it with hermes-agent) grown
+  with clones of its sessions under new ids, imported by `import_state_db` into
+  a fresh SQLite file at the default `synchronous=FULL`; the time includes the
+  verification, and the search index's triggers index every message as it goes
+  in. A child process reads and encodes the source while the importing process
+  writes. Its baseline is the replay of the statements it ran, as for a flush,
+  recorded during the timed import itself (so its statements, 500 rows each, go
+  through SQLAlchemy's `exec_driver_sql`). It runs in {sizes.import_repeat} rounds, each
   an import into a fresh file and the replay of its statements into another;
   both rates are medians of the rounds. The disk of a shared machine makes the
   absolute rates vary from run to run, the replay's as much as the import's.

@@ -15,11 +15,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
+from devtools.hermes_fixture import fixture_copy
 from hermes_orm import SearchQueryError, SessionStore, create_store_engine
 from hermes_orm._search_text import BODY_LIMIT, SEPARATOR_RANGES, is_unsegmented, tokens
 from hermes_orm.integrations.hermes import import_state_db
 from hermes_orm.search import Leaf, Query, parse_query
-from tests._hermes import fixture_copy
 from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
 
 # -- the query language ---------------------------------------------------------------
