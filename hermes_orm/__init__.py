@@ -5,7 +5,7 @@ transaction as the message inserts: whatever fails, the database holds a
 prefix of the conversation and the cursor is its length.
 """
 
-from hermes_orm._dialects import RetryPolicy, create_store_engine
+from hermes_orm._dialects import RetryPolicy, create_async_store_engine, create_store_engine
 from hermes_orm.errors import (
     DatabaseBusyError,
     DatabaseError,
@@ -26,9 +26,21 @@ from hermes_orm.models import Base, Message, Meta, ModelUsage, Session
 from hermes_orm.search import SearchHit, SearchPage
 from hermes_orm.store import FlushResult, SessionPage, SessionStore
 
+
+def __getattr__(name: str) -> object:
+    # The asyncio store needs SQLAlchemy's asyncio extension (greenlet), an
+    # optional dependency: imported when first asked for.
+    if name == "AsyncSessionStore":
+        from hermes_orm.async_store import AsyncSessionStore
+
+        return AsyncSessionStore
+    raise AttributeError(f"module 'hermes_orm' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSessionStore",
     "Base",
     "DatabaseBusyError",
     "DatabaseError",
@@ -53,6 +65,7 @@ __all__ = [
     "SessionStore",
     "UnsupportedBackendError",
     "check_schema",
+    "create_async_store_engine",
     "create_store_engine",
     "downgrade",
     "upgrade",

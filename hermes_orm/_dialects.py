@@ -11,6 +11,7 @@ row, which serialises writers of one session and nobody else.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -18,14 +19,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
 from hermes_orm.errors import DatabaseBusyError, DatabaseError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 
@@ -151,6 +156,43 @@ def create_store_engine(
         connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
     engine = create_engine(parsed, **kwargs)
     configure_engine(engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout)
+    return engine
+
+
+def create_async_store_engine(
+    url: str | URL,
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float = LOCK_TIMEOUT,
+    **engine_kwargs: Any,
+) -> AsyncEngine:
+    """Create an asyncio engine set up for hermes_orm from a URL.
+
+    ``sqlite://`` runs on aiosqlite, a bare ``postgresql://`` on psycopg's
+    async connections (``postgresql+asyncpg://`` on asyncpg); otherwise as
+    :func:`create_store_engine`.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = dict(engine_kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        path = _sqlite_file(parsed)
+        if path is not None:
+            _create_private_file(path)
+    elif parsed.get_backend_name() == "postgresql":
+        connect_args = kwargs.setdefault("connect_args", {})
+        if parsed.get_driver_name() == "asyncpg":
+            settings = connect_args.setdefault("server_settings", {})
+            settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
+        else:
+            connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
+    engine = create_async_engine(parsed, **kwargs)
+    configure_engine(
+        engine.sync_engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout
+    )
     return engine
 
 
@@ -299,6 +341,25 @@ def _marks(dialect: str) -> tuple[str, str]:
     return ("?", "?") if dialect == "sqlite" else ("%s", "%s::json")
 
 
+_PLACEHOLDER = re.compile(r"%%|%s")
+
+
+@lru_cache(maxsize=4096)
+def _numbered(statement: str) -> str:
+    """``statement`` with its ``%s`` placeholders as ``$1``, ``$2``, ... (and ``%%`` as ``%``)."""
+    count = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda m: "%" if m[0] == "%%" else f"${next(count)}", statement)
+
+
+def driver_sql(conn: Connection, statement: str) -> str:
+    """``statement``, written with psycopg's ``%s`` on PostgreSQL, in ``conn``'s driver's style.
+
+    asyncpg numbers its placeholders (``$1``); every other driver here takes
+    the statement as written (SQLite's are ``?`` already).
+    """
+    return _numbered(statement) if conn.dialect.driver == "asyncpg" else statement
+
+
 def rows_for_values(conn: Connection, query: str, values: Sequence[Any]) -> list[Any]:
     """Run driver SQL ``query`` for each few hundred of ``values``; all the rows.
 
@@ -313,7 +374,7 @@ def rows_for_values(conn: Connection, query: str, values: Sequence[Any]) -> list
     for start in range(0, len(values), per):
         part = tuple(values[start : start + per])
         statement = query.format(values=", ".join([mark] * len(part)))
-        rows += conn.exec_driver_sql(statement, part).all()
+        rows += conn.exec_driver_sql(driver_sql(conn, statement), part).all()
     return rows
 
 
@@ -405,15 +466,17 @@ def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequ
     other exception passes through as it is.
     """
     rowcount = 0
+    numbered = conn.dialect.driver == "asyncpg"
     if _observed(conn):
         for statement, params in statements:
-            rowcount = conn.exec_driver_sql(statement, tuple(params)).rowcount
+            text = _numbered(statement) if numbered else statement
+            rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
         return int(rowcount)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     statement, params = "", ()
     try:
         for statement, params in statements:
-            cursor.execute(statement, params)
+            cursor.execute(_numbered(statement) if numbered else statement, params)
         return int(cursor.rowcount)
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, statement, params, cursor, None)
@@ -471,28 +534,40 @@ def is_transient(exc: DBAPIError) -> bool:
     return type(orig).__name__ == "OperationalError" and sqlstate is None
 
 
-def describe_busy(engine: Engine, exc: DBAPIError) -> str:
-    """Say what held the lock, as far as the backend can tell."""
+def busy_holders(conn: Connection) -> list[Any]:
+    """PostgreSQL: the sessions holding locks on ``hermes_sessions``, oldest transaction first."""
+    return list(
+        conn.execute(
+            text(
+                "SELECT a.pid, a.application_name, a.state, "
+                "extract(epoch FROM now() - a.xact_start) AS age "
+                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.relation = 'hermes_sessions'::regclass AND l.granted "
+                "AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL "
+                "ORDER BY a.xact_start LIMIT 3"
+            )
+        ).all()
+    )
+
+
+def describe_busy(engine: Engine, exc: DBAPIError, holders: Sequence[Any] | None = None) -> str:
+    """Say what held the lock, as far as the backend can tell.
+
+    On PostgreSQL the lock holders are looked up on a new connection of
+    ``engine``, unless ``holders`` (:func:`busy_holders`) were read already.
+    """
     if engine.dialect.name == "sqlite":
         where = _sqlite_file(engine.url) or "the in-memory database"
         return (
             f"another connection to {where} held the SQLite write lock past "
             f"busy_timeout ({exc.orig})"
         )
-    try:
-        with engine.connect() as conn:
-            holders = conn.execute(
-                text(
-                    "SELECT a.pid, a.application_name, a.state, "
-                    "extract(epoch FROM now() - a.xact_start) AS age "
-                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                    "WHERE l.relation = 'hermes_sessions'::regclass AND l.granted "
-                    "AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL "
-                    "ORDER BY a.xact_start LIMIT 3"
-                )
-            ).all()
-    except DBAPIError:
-        holders = []
+    if holders is None:
+        try:
+            with engine.connect() as conn:
+                holders = busy_holders(conn)
+        except DBAPIError:
+            holders = []
     if not holders:
         return f"PostgreSQL reported {exc.orig}"
     who = "; ".join(
@@ -503,17 +578,32 @@ def describe_busy(engine: Engine, exc: DBAPIError) -> str:
     return f"PostgreSQL reported {exc.orig}; holding locks on hermes_sessions: {who}"
 
 
+def retry_delay(policy: RetryPolicy, attempt: int, exc: DBAPIError) -> float | None:
+    """Seconds to wait before trying again after try ``attempt`` (0-based) failed with ``exc``.
+
+    Returns:
+        None when ``policy`` allows no more tries (the caller reports the database busy).
+
+    Raises:
+        DatabaseError: ``exc`` is not transient: trying again cannot help.
+    """
+    if not is_transient(exc):
+        raise DatabaseError(f"database error: {exc.orig}") from exc
+    if attempt + 1 >= policy.attempts:
+        return None
+    return policy.delay(attempt)
+
+
 def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -> T:
     """Run ``work`` (one whole transaction) again on transient errors, within ``policy``."""
     for attempt in range(policy.attempts):
         try:
             return work()
         except DBAPIError as exc:
-            if not is_transient(exc):
-                raise DatabaseError(f"database error: {exc.orig}") from exc
-            if attempt + 1 == policy.attempts:
+            delay = retry_delay(policy, attempt, exc)
+            if delay is None:
                 raise DatabaseBusyError(
                     describe_busy(engine, exc), attempts=policy.attempts
                 ) from exc
-            time.sleep(policy.delay(attempt))
+            time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from hermes_orm._dialects import driver_sql
 from hermes_orm._search_text import (
     MAX_TOKEN_CHARS,
     UNSEGMENTED_RANGES,
@@ -626,6 +627,7 @@ def _pg_rows(
         bounds, rest = (after, after + PG_WINDOW), (after + PG_WINDOW - 1, 2**63 - 1)
     else:
         bounds, rest = (after - PG_WINDOW, after), (-(2**63), after - PG_WINDOW + 1)
+    in_order, by_index = driver_sql(conn, in_order), driver_sql(conn, by_index)
     rows = list(conn.exec_driver_sql(in_order, (*params, *bounds, wanted)).all())
     if len(rows) < wanted:
         more = conn.exec_driver_sql(by_index, (*params, *rest, wanted - len(rows)))
@@ -660,7 +662,8 @@ def run(
         # pysqlite, and the result needs none of SQLAlchemy's processing.
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            rows = cursor.execute(statement, params).fetchall()
+            cursor.execute(statement, params)  # what execute returns differs by driver
+            rows = cursor.fetchall()
         finally:
             cursor.close()
     else:

@@ -19,11 +19,10 @@ import json
 import math
 import operator
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -234,159 +233,94 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     return float(started_at), session_id
 
 
-class SessionStore:
-    """Sessions and their messages in one database, written exactly once.
+@dataclass(frozen=True, slots=True)
+class Run(Generic[T]):
+    """One transaction a store's steps ask for: ``work`` on a connection, retried whole.
 
-    Args:
-        bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
-            existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
-            uses psycopg 3. On a SQLite engine given here, connections opened
-            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
-        retry: Bound on retries of transient errors (busy database, lost
-            connection, serialization failure).
-        sqlite_synchronous: SQLite ``synchronous`` level for connections this
-            store configures. ``FULL`` (default) also survives power loss;
-            ``NORMAL`` in WAL mode survives process crashes and is faster.
-        lock_timeout: Seconds one attempt waits for a lock: SQLite's
-            ``busy_timeout``, and PostgreSQL's ``lock_timeout`` on engines built
-            from a URL (an Engine passed in keeps its own PostgreSQL settings).
-        check_schema: Refuse to work on a database whose schema is not at the
-            shipped head revision (the first operation checks once).
-
-    A store keeps one connection per thread that uses it (no pool round trip
-    per flush) and ends every transaction before returning, so a kept
-    connection holds no lock; :meth:`close` closes them all.
-
-    Raises:
-        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
+    A write's transaction opens holding the write lock, unless ``begins`` says
+    ``work`` runs the statements that do (``FlushSQL.begin``) itself, first.
     """
 
-    def __init__(
-        self,
-        bind: str | URL | Engine,
-        *,
-        retry: RetryPolicy | None = None,
-        sqlite_synchronous: str = "FULL",
-        lock_timeout: float = _dialects.LOCK_TIMEOUT,
-        check_schema: bool = True,
-    ) -> None:
-        settings: dict[str, Any] = {
-            "sqlite_synchronous": sqlite_synchronous,
-            "lock_timeout": lock_timeout,
-        }
-        self._owns_engine = not isinstance(bind, Engine)
-        if isinstance(bind, Engine):
-            self._engine = bind
-            _dialects.configure_engine(bind, **settings)
-        else:
-            self._engine = _dialects.create_store_engine(bind, **settings)
-        if self._engine.dialect.name not in ("sqlite", "postgresql"):
-            raise UnsupportedBackendError(self._engine.dialect.name)
-        self._local = threading.local()
-        self._connections: list[Connection] = []
-        self._connections_lock = threading.Lock()
-        self._retry = retry or RetryPolicy()
-        self._schema_checked = not check_schema
-        # session id -> (cursor, digest at it, the caller's message there pinned
-        # or None) after this store's last write: a hint that saves reading the
-        # row; every use is verified in the database.
-        self._hints: dict[str, tuple[int, bytes | None, Pin | None]] = {}
-        self._sql = flush_sql(self._engine.dialect.name)
+    work: Callable[[Connection], T]
+    write: bool
+    begins: bool = False
 
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine this store runs on."""
-        return self._engine
 
-    def __repr__(self) -> str:
-        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+#: What an operation does, without doing I/O: it yields the transactions it
+#: needs, gets each one's result (or its exception) back, and returns its own.
+#: :class:`SessionStore` drives steps with blocking calls, ``AsyncSessionStore``
+#: with ``await``: one write path for both.
+Steps = Generator[Run[Any], Any, T]
 
-    def close(self) -> None:
-        """Close the connections this store holds; dispose of the engine if it made it."""
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            if not conn.closed:
-                conn.close()
-        if self._owns_engine:
-            self._engine.dispose()
 
-    # -- schema ------------------------------------------------------------------
+def _read(work: Callable[[Connection], T]) -> Steps[T]:
+    return (yield Run(work, write=False))  # type: ignore[no-any-return]
 
-    def upgrade(self, revision: str = "head") -> None:
-        """Run the shipped migrations up to ``revision`` (default: the head)."""
-        migrations.upgrade(self._engine, revision)
-        self._schema_checked = False
 
-    def _ensure_schema(self) -> None:
-        if not self._schema_checked:
-            migrations.check(self._engine)
-            self._schema_checked = True
+def _write(work: Callable[[Connection], T]) -> Steps[T]:
+    return (yield Run(work, write=True))  # type: ignore[no-any-return]
 
-    # -- transactions --------------------------------------------------------------
 
-    def _connection(self) -> Connection:
-        """This thread's connection, kept between calls: no pool round trip per flush.
+def drive(steps: Steps[T], run: Callable[[Run[Any]], Any]) -> T:
+    """Run ``steps`` to their end with ``run`` doing each transaction (blocking)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            value, error = run(request), None
+        except Exception as exc:  # handed to the steps, which decide
+            value, error = None, exc
 
-        Every call ends its transaction (commit, or rollback), so an idle kept
-        connection holds no lock and no snapshot.
-        """
-        local = self._local
-        conn: Connection | None = getattr(local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated or local.forks != _forks[0]:
-            conn = self._engine.connect()
-            local.conn, local.forks = conn, _forks[0]
-            with self._connections_lock:
-                self._connections = [c for c in self._connections if not c.closed]
-                self._connections.append(conn)
-        return conn
 
-    def _discard_failed(self, conn: Connection) -> None:
-        """After a failure: roll back, or drop the connection if even that fails.
+def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequence[Any]]]) -> T:
+    """One try of ``request`` in ``conn``: begin, work, commit (or roll back on any error).
 
-        The driver connection is rolled back too: after a failed COMMIT,
-        SQLAlchemy considers the transaction over while the driver may still
-        hold it open, which a kept connection must not carry into the next call.
-        """
+    After a failure the driver connection is rolled back too: after a failed
+    COMMIT, SQLAlchemy considers the transaction over while the driver may
+    still hold it open. A connection that cannot even roll back is invalidated.
+    """
+    try:
+        if request.write and not request.begins and begin:
+            _dialects.execute_driver_script(conn, begin)
+        result = request.work(conn)
+        # A read ends too: no snapshot or idle transaction is kept.
+        _dialects.end_transaction(conn, commit=request.write)
+        return result
+    except BaseException:
         try:
             conn.rollback()
             dbapi_connection = conn.connection.dbapi_connection
             if dbapi_connection is not None:
                 dbapi_connection.rollback()
         except Exception:
-            self._local.conn = None
             with contextlib.suppress(Exception):  # the connection is beyond use
                 conn.invalidate()
+        raise
 
-    def _run(self, work: Callable[[Connection], T], *, write: bool, begins: bool = False) -> T:
-        """Run ``work`` in one transaction, retried whole on transient errors.
 
-        A write's transaction opens holding the write lock, unless ``begins``
-        says ``work`` runs the statements that do (``FlushSQL.begin``) itself,
-        first.
-        """
-        self._ensure_schema()
+class StoreCore:
+    """What a store does, for :class:`SessionStore` and ``AsyncSessionStore`` alike.
 
-        def attempt() -> T:
-            conn = self._connection()
-            try:
-                if write and not begins and self._sql.begin:
-                    _dialects.execute_driver_script(conn, self._sql.begin)
-                result = work(conn)
-                # A read ends too: no snapshot or idle transaction is kept.
-                _dialects.end_transaction(conn, commit=write)
-                return result
-            except BaseException:
-                self._discard_failed(conn)
-                raise
+    Every operation is a generator of :class:`Run` requests (its *steps*): the
+    decisions (the cursor check, the encoding, the statements, what a stale
+    cursor means) are made here once; the stores only run the transactions.
+    """
 
-        return _dialects.run_with_retry(self._engine, self._retry, attempt)
-
-    def _write(self, work: Callable[[Connection], T]) -> T:
-        return self._run(work, write=True)
-
-    def _read(self, work: Callable[[Connection], T]) -> T:
-        return self._run(work, write=False)
+    def __init__(self, engine: Engine, *, retry: RetryPolicy | None, check_schema: bool) -> None:
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise UnsupportedBackendError(engine.dialect.name)
+        self._engine = engine
+        self._retry = retry or RetryPolicy()
+        self._schema_checked = not check_schema
+        # session id -> (cursor, digest at it, the caller's message there pinned
+        # or None) after this store's last write: a hint that saves reading the
+        # row; every use is verified in the database.
+        self._hints: dict[str, tuple[int, bytes | None, Pin | None]] = {}
+        self._sql = flush_sql(engine.dialect.name)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -400,19 +334,9 @@ class SessionStore:
             values["started_at"] = time.time()
         return values
 
-    def create_session(self, session_id: str, source: str, **fields: Any) -> dict[str, Any]:
-        """Create a session and return it as :meth:`get_session` would.
-
-        Args:
-            session_id: The new session's id (at most 255 characters).
-            source: Where it comes from (``cli``, ``telegram``, ...).
-            **fields: Any other session column (``model``, ``user_id``,
-                ``parent_session_id``, ``title``, ``extra={...}``, ...).
-
-        Raises:
-            SessionExistsError: The id is taken.
-            InvalidSessionError: Unknown field or a value of the wrong type.
-        """
+    def _create_session(
+        self, session_id: str, source: str, fields: dict[str, Any]
+    ) -> Steps[dict[str, Any]]:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> dict[str, Any]:
@@ -423,17 +347,9 @@ class SessionStore:
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).one()
             return _session_dict(row)
 
-        return self._write(work)
+        return _write(work)
 
-    def ensure_session(self, session_id: str, source: str = "unknown", **fields: Any) -> bool:
-        """Create the session unless it exists; safe when processes race to create it.
-
-        On an existing session, fields given here fill columns that are still
-        NULL and never overwrite a value already set.
-
-        Returns:
-            True when this call created the session.
-        """
+    def _ensure_session(self, session_id: str, source: str, fields: dict[str, Any]) -> Steps[bool]:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> bool:
@@ -452,7 +368,7 @@ class SessionStore:
                 conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(fill))
             return False
 
-        return self._write(work)
+        return _write(work)
 
     def _insert_ignore(self, values: dict[str, Any]) -> Any:
         make = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
@@ -464,21 +380,16 @@ class SessionStore:
             .execution_options(preserve_rowcount=True)
         )
 
-    def get_session(self, session_id: str) -> dict[str, Any] | None:
-        """The session as a dict of its columns (``flushed_digest`` in hex), or None."""
-
+    @staticmethod
+    def _get_session(session_id: str) -> Steps[dict[str, Any] | None]:
         def work(conn: Connection) -> dict[str, Any] | None:
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
             return None if row is None else _session_dict(row)
 
-        return self._read(work)
+        return _read(work)
 
-    def end_session(self, session_id: str, reason: str) -> None:
-        """Mark the session ended now, with ``reason``.
-
-        Raises:
-            SessionNotFoundError: No such session.
-        """
+    @staticmethod
+    def _end_session(session_id: str, reason: str) -> Steps[None]:
         if not isinstance(reason, str):
             raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
         _check_fields({"end_reason": reason})
@@ -492,17 +403,9 @@ class SessionStore:
             if done != 1:
                 raise SessionNotFoundError(session_id)
 
-        self._write(work)
+        return _write(work)
 
-    def delete_session(self, session_id: str) -> bool:
-        """Delete a session and its messages; its children lose their parent link.
-
-        Returns:
-            True when a session was deleted, False when there was none.
-        """
-        return self._delete_sessions(lambda _conn: [session_id]) == 1
-
-    def _delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+    def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:
         """Delete the sessions ``pick`` names (in the same transaction) and their messages.
 
         Their children lose the parent link. Returns how many sessions went.
@@ -523,27 +426,15 @@ class SessionStore:
             picked[:] = ids
             return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
 
-        deleted = self._write(work)
+        deleted: int = yield Run(work, write=True)
         for session_id in picked:
             self._forget(session_id)
         return deleted
 
-    def list_sessions(
-        self,
-        *,
-        source: str | None = None,
-        user_id: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> SessionPage:
-        """Sessions newest first (by ``started_at``, then id), one page at a time.
-
-        Args:
-            source: Only sessions from this source.
-            user_id: Only sessions of this user.
-            limit: Page size, 1 to 1000.
-            cursor: ``next_cursor`` of the previous page.
-        """
+    @staticmethod
+    def _list_sessions(
+        source: str | None, user_id: str | None, limit: int, cursor: str | None
+    ) -> Steps[SessionPage]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidSessionError(f"limit must be an int from 1 to 1000, got {limit!r}")
         query = select(_sessions)
@@ -572,38 +463,13 @@ class SessionStore:
             )
             return SessionPage(sessions=page, next_cursor=next_cursor)
 
-        return self._read(work)
+        return _read(work)
 
     # -- messages -----------------------------------------------------------------------
 
-    def flush(
-        self,
-        session_id: str,
-        messages: Sequence[dict[str, Any]],
-        *,
-        verify: Literal["last", "full"] = "last",
-    ) -> FlushResult:
-        """Write exactly ``messages[flushed_idx:]`` and advance the cursor with them.
-
-        Call it with the whole conversation list whenever you like (end of turn,
-        error, shutdown): what is stored already is skipped, and a failure at
-        any point leaves the session as it was, so calling again is the retry.
-        A list shorter than the stored history, whose messages match it, comes
-        from a writer that lags behind another and writes nothing.
-
-        Args:
-            session_id: An existing session.
-            messages: The conversation so far, oldest first.
-            verify: ``"last"`` checks the message at the cursor against the
-                stored digest (O(1)); ``"full"`` checks every stored message.
-
-        Raises:
-            SessionNotFoundError: No such session.
-            HistoryDivergedError: ``messages`` no longer continues the stored
-                history; nothing was written.
-            InvalidMessageError: A new message cannot be stored; nothing was written.
-            DatabaseBusyError: Transient errors outlasted the retry bound.
-        """
+    def _flush(
+        self, session_id: str, messages: Sequence[dict[str, Any]], verify: str
+    ) -> Steps[FlushResult]:
         if type(messages) is not list and (
             isinstance(messages, str | bytes) or not isinstance(messages, Sequence)
         ):
@@ -618,12 +484,13 @@ class SessionStore:
         hint = self._hints.get(session_id) if verify == "last" else None
         if hint is not None and len(messages) > hint[0]:
             try:
-                return self._flush_on_hint(session_id, messages, hint, pin)
+                return (yield from self._flush_on_hint(session_id, messages, hint, pin))
             except _StaleHint:
                 self._hints.pop(session_id, None)
 
-        result, digest = self._write(
-            lambda conn: self._flush_locked(conn, session_id, messages, verify)
+        result: FlushResult
+        result, digest = yield Run(
+            lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
         self._remember(
             session_id, result.cursor, digest, pin if result.cursor == len(messages) else None
@@ -670,7 +537,7 @@ class SessionStore:
         messages: Sequence[dict[str, Any]],
         hint: tuple[int, bytes | None, Pin | None],
         pin: Pin | None,
-    ) -> FlushResult:
+    ) -> Steps[FlushResult]:
         """Flush on the remembered cursor: no read, the UPDATE checks it in the database.
 
         The inserts and the cursor's compare-and-swap are one transaction; if
@@ -719,7 +586,7 @@ class SessionStore:
                 # Positions taken (another writer) or the session is gone.
                 raise _StaleHint from None
 
-        end, last = self._run(work, write=True, begins=statements is not None)
+        end, last = yield Run(work, write=True, begins=statements is not None)
         self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
@@ -738,13 +605,7 @@ class SessionStore:
                 hints.pop(stale, None)
         hints[session_id] = (cursor, digest, pin)
 
-    def append(self, session_id: str, message: dict[str, Any]) -> int:
-        """Store one message at the session's cursor; returns its ``idx``.
-
-        Raises:
-            SessionNotFoundError: No such session.
-            InvalidMessageError: The message cannot be stored; nothing was written.
-        """
+    def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
         encoded = _codec.encode_message(message)
 
         def work(conn: Connection) -> int:
@@ -754,7 +615,7 @@ class SessionStore:
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
-        idx = self._write(work)
+        idx: int = yield Run(work, write=True)
         self._remember(session_id, idx + 1, encoded.digest)
         return idx
 
@@ -829,19 +690,9 @@ class SessionStore:
             raise _StaleHint
         return end, last
 
-    def get_messages(
-        self, session_id: str, *, offset: int = 0, limit: int | None = None
-    ) -> list[dict[str, Any]]:
-        """Messages of a session in ``idx`` order, as the dicts that were flushed.
-
-        Args:
-            session_id: An existing session.
-            offset: First ``idx`` to return.
-            limit: Most messages to return (all when None).
-
-        Raises:
-            SessionNotFoundError: No such session.
-        """
+    def _get_messages(
+        self, session_id: str, offset: int, limit: int | None
+    ) -> Steps[list[dict[str, Any]]]:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be an int >= 0, got {offset!r}")
         if limit is not None and (
@@ -863,7 +714,7 @@ class SessionStore:
         parses_json = self._engine.dialect.name == "postgresql"
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            rows = conn.exec_driver_sql(statement, tuple(params)).all()
+            rows = conn.exec_driver_sql(_dialects.driver_sql(conn, statement), tuple(params)).all()
             if (
                 not rows
                 and conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
@@ -872,9 +723,264 @@ class SessionStore:
                 raise SessionNotFoundError(session_id)
             return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 
-        return self._read(work)
+        return _read(work)
 
     # -- search ------------------------------------------------------------------------
+
+    @staticmethod
+    def _search(
+        query: str,
+        *,
+        session_id: str | None,
+        source: str | Sequence[str] | None,
+        user_id: str | None,
+        role: str | Sequence[str] | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Steps[SearchPage]:
+        if not isinstance(query, str):  # parsed (and refused) once reading, cached by text
+            raise SearchQueryError(f"a search query must be a str, got {type(query).__name__}")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= _search.MAX_LIMIT
+        ):
+            raise SearchQueryError(
+                f"limit must be an int from 1 to {_search.MAX_LIMIT}, got {limit!r}"
+            )
+        after = None if cursor is None else _search.decode_cursor(cursor)
+        filters = _search.Filters(
+            session_id=_optional_str("session_id", session_id),
+            sources=_str_tuple("source", source),
+            user_id=_optional_str("user_id", user_id),
+            roles=_str_tuple("role", role),
+        )
+        return _read(lambda conn: _search.run(conn, query, filters, after, limit))
+
+
+class SessionStore(StoreCore):
+    """Sessions and their messages in one database, written exactly once.
+
+    Args:
+        bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
+            existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
+            uses psycopg 3. On a SQLite engine given here, connections opened
+            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
+        retry: Bound on retries of transient errors (busy database, lost
+            connection, serialization failure).
+        sqlite_synchronous: SQLite ``synchronous`` level for connections this
+            store configures. ``FULL`` (default) also survives power loss;
+            ``NORMAL`` in WAL mode survives process crashes and is faster.
+        lock_timeout: Seconds one attempt waits for a lock: SQLite's
+            ``busy_timeout``, and PostgreSQL's ``lock_timeout`` on engines built
+            from a URL (an Engine passed in keeps its own PostgreSQL settings).
+        check_schema: Refuse to work on a database whose schema is not at the
+            shipped head revision (the first operation checks once).
+
+    Each operation takes a connection from the engine's pool and gives it back
+    when its transaction ends, so a store holds no connection between calls
+    (however many threads use it) and the application's own sessions keep
+    their share of the pool.
+
+    Raises:
+        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        sqlite_synchronous: str = "FULL",
+        lock_timeout: float = _dialects.LOCK_TIMEOUT,
+        check_schema: bool = True,
+    ) -> None:
+        settings: dict[str, Any] = {
+            "sqlite_synchronous": sqlite_synchronous,
+            "lock_timeout": lock_timeout,
+        }
+        self._owns_engine = not isinstance(bind, Engine)
+        if isinstance(bind, Engine):
+            engine = bind
+            _dialects.configure_engine(bind, **settings)
+        else:
+            engine = _dialects.create_store_engine(bind, **settings)
+        super().__init__(engine, retry=retry, check_schema=check_schema)
+        self._forks_seen = _forks[0]
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine this store runs on."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Dispose of the engine if the store made it (an Engine passed in stays open)."""
+        if self._owns_engine:
+            self._engine.dispose()
+
+    # -- schema ------------------------------------------------------------------
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the shipped migrations up to ``revision`` (default: the head)."""
+        migrations.upgrade(self._engine, revision)
+        self._schema_checked = False
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            migrations.check(self._engine)
+            self._schema_checked = True
+
+    # -- transactions --------------------------------------------------------------
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool, begins: bool = False) -> T:
+        """Run ``work`` in one transaction on a pooled connection, retried whole."""
+        return self._transaction(Run(work, write, begins))  # type: ignore[no-any-return]
+
+    def _transaction(self, request: Run[Any]) -> Any:
+        self._ensure_schema()
+        if self._forks_seen != _forks[0]:
+            # A forked child must not use its parent's pooled connections.
+            self._engine.dispose(close=False)
+            self._forks_seen = _forks[0]
+        begin = self._sql.begin
+
+        def once() -> Any:
+            with self._engine.connect() as conn:
+                return attempt(conn, request, begin)
+
+        return _dialects.run_with_retry(self._engine, self._retry, once)
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        return self._run(work, write=True)
+
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        return self._run(work, write=False)
+
+    def _delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+        return drive(self._delete_sessions_steps(pick), self._transaction)
+
+    # -- the API --------------------------------------------------------------------------
+
+    def create_session(self, session_id: str, source: str, **fields: Any) -> dict[str, Any]:
+        """Create a session and return it as :meth:`get_session` would.
+
+        Args:
+            session_id: The new session's id (at most 255 characters).
+            source: Where it comes from (``cli``, ``telegram``, ...).
+            **fields: Any other session column (``model``, ``user_id``,
+                ``parent_session_id``, ``title``, ``extra={...}``, ...).
+
+        Raises:
+            SessionExistsError: The id is taken.
+            InvalidSessionError: Unknown field or a value of the wrong type.
+        """
+        return drive(self._create_session(session_id, source, fields), self._transaction)
+
+    def ensure_session(self, session_id: str, source: str = "unknown", **fields: Any) -> bool:
+        """Create the session unless it exists; safe when processes race to create it.
+
+        On an existing session, fields given here fill columns that are still
+        NULL and never overwrite a value already set.
+
+        Returns:
+            True when this call created the session.
+        """
+        return drive(self._ensure_session(session_id, source, fields), self._transaction)
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session as a dict of its columns (``flushed_digest`` in hex), or None."""
+        return drive(self._get_session(session_id), self._transaction)
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        """Mark the session ended now, with ``reason``.
+
+        Raises:
+            SessionNotFoundError: No such session.
+        """
+        drive(self._end_session(session_id, reason), self._transaction)
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session and its messages; its children lose their parent link.
+
+        Returns:
+            True when a session was deleted, False when there was none.
+        """
+        return self._delete_sessions(lambda _conn: [session_id]) == 1
+
+    def list_sessions(
+        self,
+        *,
+        source: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """Sessions newest first (by ``started_at``, then id), one page at a time.
+
+        Args:
+            source: Only sessions from this source.
+            user_id: Only sessions of this user.
+            limit: Page size, 1 to 1000.
+            cursor: ``next_cursor`` of the previous page.
+        """
+        return drive(self._list_sessions(source, user_id, limit, cursor), self._transaction)
+
+    def flush(
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        verify: Literal["last", "full"] = "last",
+    ) -> FlushResult:
+        """Write exactly ``messages[flushed_idx:]`` and advance the cursor with them.
+
+        Call it with the whole conversation list whenever you like (end of turn,
+        error, shutdown): what is stored already is skipped, and a failure at
+        any point leaves the session as it was, so calling again is the retry.
+        A list shorter than the stored history, whose messages match it, comes
+        from a writer that lags behind another and writes nothing.
+
+        Args:
+            session_id: An existing session.
+            messages: The conversation so far, oldest first.
+            verify: ``"last"`` checks the message at the cursor against the
+                stored digest (O(1)); ``"full"`` checks every stored message.
+
+        Raises:
+            SessionNotFoundError: No such session.
+            HistoryDivergedError: ``messages`` no longer continues the stored
+                history; nothing was written.
+            InvalidMessageError: A new message cannot be stored; nothing was written.
+            DatabaseBusyError: Transient errors outlasted the retry bound.
+        """
+        return drive(self._flush(session_id, messages, verify), self._transaction)
+
+    def append(self, session_id: str, message: dict[str, Any]) -> int:
+        """Store one message at the session's cursor; returns its ``idx``.
+
+        Raises:
+            SessionNotFoundError: No such session.
+            InvalidMessageError: The message cannot be stored; nothing was written.
+        """
+        return drive(self._append(session_id, message), self._transaction)
+
+    def get_messages(
+        self, session_id: str, *, offset: int = 0, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages of a session in ``idx`` order, as the dicts that were flushed.
+
+        Args:
+            session_id: An existing session.
+            offset: First ``idx`` to return.
+            limit: Most messages to return (all when None).
+
+        Raises:
+            SessionNotFoundError: No such session.
+        """
+        return drive(self._get_messages(session_id, offset, limit), self._transaction)
 
     def search(
         self,
@@ -906,31 +1012,22 @@ class SessionStore:
             SearchQueryError: Nothing to look for in ``query``, or a bad limit,
                 cursor or filter.
         """
-        if not isinstance(query, str):  # parsed (and refused) once reading, cached by text
-            raise SearchQueryError(f"a search query must be a str, got {type(query).__name__}")
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= _search.MAX_LIMIT
-        ):
-            raise SearchQueryError(
-                f"limit must be an int from 1 to {_search.MAX_LIMIT}, got {limit!r}"
-            )
-        after = None if cursor is None else _search.decode_cursor(cursor)
-        filters = _search.Filters(
-            session_id=_optional_str("session_id", session_id),
-            sources=_str_tuple("source", source),
-            user_id=_optional_str("user_id", user_id),
-            roles=_str_tuple("role", role),
+        steps = self._search(
+            query,
+            session_id=session_id,
+            source=source,
+            user_id=user_id,
+            role=role,
+            limit=limit,
+            cursor=cursor,
         )
-        return self._read(lambda conn: _search.run(conn, query, filters, after, limit))
+        return drive(steps, self._transaction)
 
     def rebuild_search_index(self) -> int:
         """Rebuild the search index from the stored messages; returns how many there are.
 
-        Triggers keep the index in
-        step with every write; a rebuild repairs an index damaged outside
-        hermes_orm, or compacts one after heavy deletes.
+        Triggers keep the index in step with every write; a rebuild repairs an
+        index damaged outside hermes_orm, or compacts one after heavy deletes.
         """
         return self._write(_search.rebuild)
 

@@ -7,6 +7,8 @@ PostgreSQL test passed fails (``CI`` set, or ``--require-postgresql``).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import os
 import shutil
@@ -24,9 +26,11 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import SessionStore, create_store_engine
+from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.migrations import SCRIPT_LOCATION
 from tests._postgres import postgres_server
 
+API = ["sync", "async", "asyncpg"]
 BACKENDS = [
     pytest.param("sqlite", marks=pytest.mark.sqlite),
     pytest.param("postgresql", marks=pytest.mark.postgresql),
@@ -121,8 +125,9 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
+    """The test's backend: parametrized by :func:`pytest_generate_tests`."""
     return str(request.param)
 
 
@@ -159,9 +164,78 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
+class BlockingStore:
+    """An :class:`AsyncSessionStore` called like a :class:`SessionStore`, for the shared tests.
+
+    Every coroutine method runs to its end on this store's own event loop, so
+    one test body exercises both APIs (``api`` is ``sync`` or ``async``).
+    ``engine`` is the async engine's ``sync_engine``: the events a test
+    attaches to it see the async store's statements and commits.
+    """
+
+    def __init__(
+        self, store: AsyncSessionStore, check_engine: Engine, runner: asyncio.Runner | None = None
+    ) -> None:
+        self.async_store = store
+        #: A blocking engine on the same database, for a test's own queries.
+        self.check_engine = check_engine
+        # Stores on one async engine share its loop: its connections belong to it.
+        self._runner = runner or asyncio.Runner()
+        self._owns_runner = runner is None
+
+    @property
+    def engine(self) -> Engine:
+        return self.async_store.engine.sync_engine
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.async_store, name)
+        if not inspect.iscoroutinefunction(value):
+            return value
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            return self._runner.run(value(*args, **kwargs))
+
+        return blocking
+
+    def close(self) -> None:
+        self._runner.run(self.async_store.close())
+        if self._owns_runner:
+            self._runner.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of ``store`` run on every backend and API, unless marked ``sync_only``.
+
+    ``async`` is aiosqlite on SQLite and psycopg's async connections on
+    PostgreSQL; ``asyncpg`` is PostgreSQL's other asyncio driver.
+    """
+    if "backend" not in metafunc.fixturenames:
+        return
+    if "api" not in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS)
+        return
+    sync_only = metafunc.definition.get_closest_marker("sync_only") is not None
+    combos = [
+        pytest.param(backend, api, marks=getattr(pytest.mark, backend), id=f"{backend}-{api}")
+        for backend, apis in (("sqlite", API[:2]), ("postgresql", API))
+        for api in apis
+        if api == "sync" or not sync_only
+    ]
+    metafunc.parametrize(("backend", "api"), combos)
+
+
 @pytest.fixture
-def store(engine: Engine) -> SessionStore:
-    return SessionStore(engine)
+def store(engine: Engine, db_url: str, api: str) -> Iterator[SessionStore]:
+    """The store of the test's backend, blocking (``sync``) or asyncio (``async``)."""
+    if api == "sync":
+        yield SessionStore(engine)
+        return
+    url = make_url(db_url)
+    if api == "asyncpg":
+        url = url.set(drivername="postgresql+asyncpg")
+    blocking = BlockingStore(AsyncSessionStore(url), engine)
+    yield blocking  # type: ignore[misc]
+    blocking.close()
 
 
 # -- pytest-alembic ----------------------------------------------------------------------------
@@ -189,6 +263,19 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         check=False,
         timeout=300,
     )
+
+
+def fresh_store(store: Any) -> Any:
+    """A store with no memory of its own, on ``store``'s engine and API."""
+    if isinstance(store, BlockingStore):
+        fresh = AsyncSessionStore(store.async_store.engine, check_schema=False)
+        return BlockingStore(fresh, store.check_engine, store._runner)
+    return SessionStore(store.engine, check_schema=False)
+
+
+def sync_engine(store: Any) -> Engine:
+    """A blocking engine on ``store``'s database, for a test's own queries (either API)."""
+    return store.check_engine if isinstance(store, BlockingStore) else store.engine
 
 
 def count_rows(engine: Engine, table: str, **where: Any) -> int:

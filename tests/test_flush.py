@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing
 import sqlite3
 import threading
@@ -24,8 +26,9 @@ from hermes_orm import (
     SessionStore,
 )
 from hermes_orm import store as store_module
+from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.models import Message
-from tests.conftest import count_rows
+from tests.conftest import count_rows, fresh_store, sync_engine
 
 
 def conversation(turns: int, tag: str = "") -> list[dict[str, Any]]:
@@ -63,7 +66,7 @@ def conversation(turns: int, tag: str = "") -> list[dict[str, Any]]:
 
 def assert_exact(store: SessionStore, session_id: str, expected: list[dict[str, Any]]) -> None:
     """Invariant 1: idx 0..n-1 once each, in order, flushed_idx == n == message_count."""
-    with store.engine.connect() as conn:
+    with sync_engine(store).connect() as conn:
         idxs = (
             conn.execute(
                 select(Message.idx).where(Message.session_id == session_id).order_by(Message.idx)
@@ -173,16 +176,16 @@ class Boom(Exception):
 
 
 @pytest.fixture
-def statements(engine: Engine) -> Iterator[list[str]]:
-    """SQL statements the engine runs, recorded."""
+def statements(store: SessionStore) -> Iterator[list[str]]:
+    """SQL statements the store's engine runs, recorded (either API: its events are sync)."""
     seen: list[str] = []
 
     def record(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
+    event.listen(store.engine, "before_cursor_execute", record)
     yield seen
-    event.remove(engine, "before_cursor_execute", record)
+    event.remove(store.engine, "before_cursor_execute", record)
 
 
 def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
@@ -198,9 +201,7 @@ def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
     return hook
 
 
-def test_messages_go_in_as_one_multi_row_insert_per_batch(
-    store: SessionStore, engine: Engine
-) -> None:
+def test_messages_go_in_as_one_multi_row_insert_per_batch(store: SessionStore) -> None:
     """A row per statement would make SQLite's FTS5 write a segment per message.
 
     (A statement whose triggers write into FTS5 opens a savepoint, and FTS5
@@ -214,7 +215,7 @@ def test_messages_go_in_as_one_multi_row_insert_per_batch(
 
     most = store._sql.insert_rows_max
     store.create_session("s", source="cli")
-    event.listen(engine, "before_cursor_execute", record)
+    event.listen(store.engine, "before_cursor_execute", record)
     try:
         store.flush("s", conversation(1))
         assert inserts == [(2, False)]  # three rows, one statement
@@ -223,7 +224,7 @@ def test_messages_go_in_as_one_multi_row_insert_per_batch(
         msgs = conversation(turns)
         store.flush("s", msgs)
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        event.remove(store.engine, "before_cursor_execute", record)
     rows = [n + 1 for n, _ in inserts]
     assert rows == [most, most, len(msgs) - 3 - 2 * most]
     assert not any(many for _, many in inserts)
@@ -243,7 +244,7 @@ def test_a_turns_insert_is_rendered_once_and_a_bulk_ones_each_time(store: Sessio
     assert large not in sql.inserts
 
 
-def _flusher(path: str, store: SessionStore, engine: Engine) -> Callable[[], SessionStore]:
+def _flusher(path: str, store: SessionStore) -> Callable[[], SessionStore]:
     """The store that flushes on ``path``.
 
     A store remembers the cursor it last wrote and verifies it in the UPDATE
@@ -252,7 +253,7 @@ def _flusher(path: str, store: SessionStore, engine: Engine) -> Callable[[], Ses
     """
     if path == "remembered cursor":
         return lambda: store
-    return lambda: SessionStore(engine, check_schema=False)  # a store with no memory
+    return lambda: fresh_store(store)  # a store with no memory, on the same engine
 
 
 def _statements_per_flush(path: str, dialect: str) -> int:
@@ -294,7 +295,7 @@ def test_failure_at_every_statement_then_retry_is_exact(
     """
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
-    writer = _flusher(path, store, engine)
+    writer = _flusher(path, store)
     store.create_session("probe", source="cli")
     store.flush("probe", history)
     statements.clear()
@@ -306,12 +307,12 @@ def test_failure_at_every_statement_then_retry_is_exact(
         sid = f"fail-{n}"
         store.create_session(sid, source="cli")
         store.flush(sid, history)
-        hook = _fail_at(engine, n, Boom(f"statement {n}"))
+        hook = _fail_at(store.engine, n, Boom(f"statement {n}"))
         try:
             with pytest.raises((Boom, DatabaseError)):
                 writer().flush(sid, turn)
         finally:
-            event.remove(engine, "before_cursor_execute", hook)
+            event.remove(store.engine, "before_cursor_execute", hook)
         assert_exact(store, sid, history)  # nothing half-written
         assert writer().flush(sid, turn).written == 3
         assert_exact(store, sid, turn)
@@ -389,14 +390,14 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     trap = _DriverTrap()
     engine = create_store_engine(db_url, connect_args=trap.connect_args(backend))
     store = SessionStore(engine)
-    assert not _dialects._observed(store._connection())
+    with store.engine.connect() as conn:
+        assert not _dialects._observed(conn)
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
-    writer = _flusher(path, store, engine)
+    writer = _flusher(path, store)
     store.create_session("probe", source="cli")
     store.flush("probe", history)
-    flusher = writer()
-    flusher._connection()  # its connection is open before counting
+    flusher = writer()  # its engine's pool holds an open connection: nothing to count
     trap.arm(0, Boom("never"))
     flusher.flush("probe", turn)
     per_flush = trap.count
@@ -407,7 +408,6 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
         store.create_session(sid, source="cli")
         store.flush(sid, history)
         flusher = writer()
-        flusher._connection()
         if failure == "transient":
             trap.arm(n, _driver_transient(backend))
             assert flusher.flush(sid, turn).written == 3
@@ -424,7 +424,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
 
 
 def test_failed_commit_then_retry_is_exact(
-    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
@@ -434,7 +434,7 @@ def test_failed_commit_then_retry_is_exact(
     def refuse(_dbapi_connection: Any) -> None:
         raise Boom("COMMIT failed")
 
-    monkeypatch.setattr(engine.dialect, "do_commit", refuse)
+    monkeypatch.setattr(store.engine.dialect, "do_commit", refuse)
     with pytest.raises(Boom):
         store.flush("s", turn)
     monkeypatch.undo()
@@ -444,12 +444,13 @@ def test_failed_commit_then_retry_is_exact(
 
 
 def test_lost_commit_acknowledgement_then_retry_is_exact(
-    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
     store.flush("s", history)
     turn = [*history, *conversation(1, "t")]
+    engine = store.engine
     real_commit = engine.dialect.do_commit
 
     def commit_then_lose_ack(dbapi_connection: Any) -> None:
@@ -488,11 +489,11 @@ def test_transient_error_mid_flush_is_retried_inside_flush(
     statements.clear()
     store.flush("s", history)
     # fail the statement after the lock: the retry must start from a fresh transaction
-    hook = _fail_at(engine, len(statements), _transient(backend))
+    hook = _fail_at(store.engine, len(statements), _transient(backend))
     try:
         assert store.flush("s", turn).written == 3
     finally:
-        event.remove(engine, "before_cursor_execute", hook)
+        event.remove(store.engine, "before_cursor_execute", hook)
     assert_exact(store, "s", turn)
 
 
@@ -554,6 +555,7 @@ def test_two_processes_flushing_one_session(store: SessionStore, db_url: str) ->
     assert_exact(store, "shared", conversation(rounds))
 
 
+@pytest.mark.sync_only  # threads share a blocking store; tasks share an async one, below
 def test_threads_flushing_one_session(store: SessionStore) -> None:
     store.create_session("shared", source="gateway")
     full = conversation(10)
@@ -573,6 +575,113 @@ def test_threads_flushing_one_session(store: SessionStore) -> None:
         t.join()
     assert errors == []
     assert_exact(store, "shared", full)
+
+
+def _async_url(db_url: str) -> str:
+    return db_url  # AsyncSessionStore picks aiosqlite, or psycopg's async connections
+
+
+def test_tasks_flushing_one_session(db_url: str) -> None:
+    """Concurrent tasks of one event loop (an async web app) on one async store."""
+
+    async def main() -> None:
+        store = AsyncSessionStore(_async_url(db_url))
+        await store.create_session("shared", source="gateway")
+        full = conversation(10)
+
+        async def run() -> None:
+            for end in range(1, len(full) + 1):
+                await store.flush("shared", full[:end])
+
+        await asyncio.gather(*(run() for _ in range(4)))
+        assert await store.get_messages("shared") == full
+        session = await store.get_session("shared")
+        assert session is not None
+        assert session["flushed_idx"] == session["message_count"] == len(full)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_task_cancelled_at_any_statement_leaves_the_session_exact(
+    db_url: str, engine: Engine
+) -> None:
+    """Cancel a flush at each of its statements (and at its commit); a re-flush is exact."""
+
+    async def main() -> None:
+        store = AsyncSessionStore(_async_url(db_url))
+        history, turn = conversation(2), [*conversation(2), *conversation(1, "t")]
+        seen: list[str] = []
+        target: dict[str, Any] = {}
+
+        def record(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+            seen.append(statement)
+            if len(seen) == target.get("at"):
+                target["task"].cancel()
+
+        def at_commit(_conn: Any) -> None:
+            if target.get("at") == "commit":
+                target["task"].cancel()
+
+        sync = store.engine.sync_engine
+        event.listen(sync, "before_cursor_execute", record)
+        event.listen(sync, "commit", at_commit)
+        await store.create_session("probe", source="cli")
+        await store.flush("probe", history)
+        seen.clear()
+        await store.flush("probe", turn)
+        points: list[Any] = [*range(1, len(seen) + 1), "commit"]
+        for point in points:
+            sid = f"cancel-{point}"
+            await store.create_session(sid, source="cli")
+            await store.flush(sid, history)
+            seen.clear()
+            target["at"] = point
+            target["task"] = asyncio.ensure_future(store.flush(sid, turn))
+            with contextlib.suppress(asyncio.CancelledError):
+                await target["task"]
+            target.clear()
+            stored = await store.get_messages(sid)
+            assert stored in (history, turn)  # all of the transaction, or none of it
+            await store.flush(sid, turn)
+            assert await store.get_messages(sid) == turn
+            assert_exact(SessionStore(engine), sid, turn)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
+    """A store holds a connection only while it works: 50 threads, a pool of 2+2."""
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(db_url, pool_size=2, max_overflow=2, pool_timeout=10)
+    store = SessionStore(engine)
+    errors: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        try:
+            sid = f"t{n}"
+            store.create_session(sid, source="gateway")
+            for end in range(1, 4):
+                store.flush(sid, conversation(end))
+            store.get_messages(sid)
+            with engine.connect() as conn:  # the application's own work keeps its share
+                conn.exec_driver_sql("SELECT 1")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert engine.pool.checkedout() == 0  # nothing kept between calls
+    for n in range(50):
+        assert_exact(store, f"t{n}", conversation(3))
+    store.close()
+    engine.dispose()
 
 
 # -- the same harness against the design this library replaces -----------------------------
@@ -650,7 +759,7 @@ def test_a_held_lock_ends_in_a_busy_error_that_names_the_holder(db_url: str, bac
 
 def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Engine) -> None:
     """Another store moving the cursor, or recreating the session, is never missed."""
-    other = SessionStore(engine, check_schema=False)
+    other = fresh_store(store)
     store.create_session("s", source="cli")
     first, second, third = conversation(1, "a"), conversation(1, "b"), conversation(1, "c")
     store.flush("s", first)  # store now remembers cursor 3
@@ -767,7 +876,7 @@ def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
     store.flush("bulk", [{"role": "user", "content": "first"}])
     msgs = [{"role": "user", "content": "first"}]
     msgs += [{"role": "user", "content": f"m{i}"} for i in range(2 * _BATCH + 3)]
-    writer = store if path == "remembered cursor" else SessionStore(engine, check_schema=False)
+    writer = store if path == "remembered cursor" else fresh_store(store)
     inserts = {"n": 0}
 
     def fail_second_insert(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
@@ -776,11 +885,11 @@ def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
             if inserts["n"] == 2:
                 raise _transient(backend)
 
-    event.listen(engine, "before_cursor_execute", fail_second_insert)
+    event.listen(store.engine, "before_cursor_execute", fail_second_insert)
     try:
         assert writer.flush("bulk", msgs).written == len(msgs) - 1
     finally:
-        event.remove(engine, "before_cursor_execute", fail_second_insert)
+        event.remove(store.engine, "before_cursor_execute", fail_second_insert)
     assert inserts["n"] > 3  # the whole transaction ran again
     assert_exact(store, "bulk", msgs)
 
@@ -825,23 +934,28 @@ def test_an_adapter_the_application_registered_is_kept(
 
 
 def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
-    """A connection kept by the parent is never used by a child it forks."""
+    """A connection pooled by the parent is never used by a child it forks."""
     store = SessionStore(f"sqlite:///{tmp_path / 'forked.db'}")
     store.upgrade()
     store.create_session("s", source="cli")
     store.flush("s", conversation(1))
-    inherited = store._connection()
+
+    def pooled() -> int:  # the driver connection the next operation would get
+        with store.engine.connect() as conn:
+            return id(conn.connection.dbapi_connection)
+
+    inherited = pooled()
     results: Any = multiprocessing.get_context("fork").SimpleQueue()
 
     def child() -> None:
-        results.put(store._connection() is not inherited)
         store.flush("s", conversation(2))
+        results.put(pooled() != inherited)
 
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
     process.join(60)
     assert process.exitcode == 0
     assert results.get() is True
-    assert store._connection() is inherited  # the parent keeps its own
+    assert pooled() == inherited  # the parent keeps its own
     assert_exact(store, "s", conversation(2))
     store.close()

@@ -27,6 +27,9 @@ from hermes_orm.integrations.hermes.mirror import (
 )
 from hermes_orm.integrations.hermes.plugin import make_hooks
 
+# the Hermes plugin writes through a blocking SessionStore: its tests run on that API only.
+pytestmark = pytest.mark.sync_only
+
 
 def _turn(n: int) -> list[dict[str, Any]]:
     """Turn ``n`` as Hermes keeps it: user, a tool call, its result, the answer."""
@@ -328,6 +331,7 @@ def _write_config(home: Path, text: str) -> None:
 _DISCOVER = """
 import json
 from hermes_cli.plugins import PluginManager
+
 pm = PluginManager()
 pm.discover_and_load(force=True)
 print(json.dumps({

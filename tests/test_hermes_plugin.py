@@ -31,6 +31,9 @@ from tests._hermes_agent import (
     start_agent,
 )
 
+# the Hermes plugin writes through a blocking SessionStore: its tests run on that API only.
+pytestmark = pytest.mark.sync_only
+
 Core = tuple[str, Any, Any, list[tuple[Any, Any, Any]]]
 
 

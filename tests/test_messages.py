@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
 from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS, message_digest
-from tests.conftest import count_rows
+from tests.conftest import count_rows, sync_engine
 
 _ids = itertools.count()
 KNOWN = {"role", "content", "token_count", "timestamp", *TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS}
@@ -146,7 +146,7 @@ def test_bad_message_is_refused_before_writing(
     assert "nothing was written" in str(err.value)
     with pytest.raises(InvalidMessageError):
         store.append("s", bad)
-    assert count_rows(store.engine, "hermes_messages") == 0
+    assert count_rows(sync_engine(store), "hermes_messages") == 0
     session = store.get_session("s")
     assert session is not None
     assert session["flushed_idx"] == 0

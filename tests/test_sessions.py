@@ -14,7 +14,7 @@ from hermes_orm import (
     SessionNotFoundError,
     SessionStore,
 )
-from tests.conftest import count_rows
+from tests.conftest import count_rows, sync_engine
 
 
 def test_create_and_get(store: SessionStore) -> None:
@@ -72,7 +72,7 @@ def test_bad_session_input_is_refused(
     source = fields.pop("source", "cli")
     with pytest.raises(InvalidSessionError):
         store.create_session(session_id, source=source, **fields)
-    assert count_rows(store.engine, "hermes_sessions") == 0
+    assert count_rows(sync_engine(store), "hermes_sessions") == 0
 
 
 def test_ensure_session_fills_only_missing_fields(store: SessionStore) -> None:
@@ -113,7 +113,7 @@ def test_ensure_session_race_between_processes(store: SessionStore, db_url: str)
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert sorted(results.get(timeout=5) for _ in procs) == [False, False, True]
-    assert count_rows(store.engine, "hermes_sessions") == 1
+    assert count_rows(sync_engine(store), "hermes_sessions") == 1
 
 
 def test_end_session(store: SessionStore) -> None:
@@ -139,7 +139,7 @@ def test_delete_session_removes_messages_and_unlinks_children(store: SessionStor
     child = store.get_session("child")
     assert child is not None
     assert child["parent_session_id"] is None
-    assert count_rows(store.engine, "hermes_messages") == 1
+    assert count_rows(sync_engine(store), "hermes_messages") == 1
     assert store.get_messages("other") == [{"role": "user", "content": "keep"}]
 
 

@@ -1,0 +1,228 @@
+"""AsyncSessionStore: the SessionStore API as coroutines, with the same guarantees.
+
+Both stores run the very same steps (:class:`hermes_orm.store.StoreCore`): what
+an operation reads, checks, encodes and writes is decided once. This store only
+runs each transaction differently: on a connection of an
+:class:`~sqlalchemy.ext.asyncio.AsyncEngine`, through
+``AsyncConnection.run_sync``, which runs the transaction's (synchronous) work
+while every driver call awaits on the event loop. So the statements, the
+events a tracer or failure injector attaches to ``engine.sync_engine``, the
+retries and the errors are those of :class:`~hermes_orm.store.SessionStore`.
+
+A task cancelled mid-operation leaves the database as it was before it, or as
+the whole transaction left it: the cursor moves in the transaction that wrote
+the messages, so flushing the same list again finishes the job exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hermes_orm import _dialects, migrations
+from hermes_orm import search as _search
+from hermes_orm._dialects import RetryPolicy
+from hermes_orm.errors import DatabaseBusyError
+from hermes_orm.search import SearchPage
+from hermes_orm.store import FlushResult, Run, SessionPage, Steps, StoreCore, attempt
+
+T = TypeVar("T")
+
+
+class AsyncSessionStore(StoreCore):
+    """Sessions and their messages in one database, written exactly once, from asyncio.
+
+    Args:
+        bind: A database URL or an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
+            ``sqlite:///path.db`` runs on aiosqlite, ``postgresql://...`` on
+            psycopg 3's async connections, ``postgresql+asyncpg://...`` on asyncpg.
+        retry: Bound on retries of transient errors.
+        sqlite_synchronous: SQLite ``synchronous`` level (see :class:`SessionStore`).
+        lock_timeout: Seconds one attempt waits for a lock (see :class:`SessionStore`).
+        check_schema: Refuse a database whose schema is not at the shipped head.
+
+    Each operation takes a connection from the engine's pool and gives it back
+    when its transaction ends.
+
+    Raises:
+        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | AsyncEngine,
+        *,
+        retry: RetryPolicy | None = None,
+        sqlite_synchronous: str = "FULL",
+        lock_timeout: float = _dialects.LOCK_TIMEOUT,
+        check_schema: bool = True,
+    ) -> None:
+        settings: dict[str, Any] = {
+            "sqlite_synchronous": sqlite_synchronous,
+            "lock_timeout": lock_timeout,
+        }
+        self._owns_engine = not isinstance(bind, AsyncEngine)
+        if isinstance(bind, AsyncEngine):
+            engine = bind
+            _dialects.configure_engine(bind.sync_engine, **settings)
+        else:
+            engine = _dialects.create_async_store_engine(bind, **settings)
+        super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema)
+        self._async_engine = engine
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The asyncio engine this store runs on (its ``sync_engine`` carries the events)."""
+        return self._async_engine
+
+    def __repr__(self) -> str:
+        url = self._async_engine.url.render_as_string(hide_password=True)
+        return f"AsyncSessionStore({url!r})"
+
+    async def close(self) -> None:
+        """Dispose of the engine if the store made it (an engine passed in stays open)."""
+        if self._owns_engine:
+            await self._async_engine.dispose()
+
+    # -- schema ------------------------------------------------------------------
+
+    async def upgrade(self, revision: str = "head") -> None:
+        """Run the shipped migrations up to ``revision`` (default: the head)."""
+        async with self._async_engine.begin() as conn:
+            await conn.run_sync(migrations.upgrade, revision)
+        self._schema_checked = False
+
+    async def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            async with self._async_engine.connect() as conn:
+                await conn.run_sync(migrations.check)
+            self._schema_checked = True
+
+    # -- transactions --------------------------------------------------------------
+
+    async def _transaction(self, request: Run[T]) -> T:
+        """Run one transaction on a pooled connection, retried whole on transient errors."""
+        await self._ensure_schema()
+        begin = self._sql.begin
+        tries = 0
+        while True:
+            try:
+                async with self._async_engine.connect() as conn:
+                    return await conn.run_sync(attempt, request, begin)
+            except DBAPIError as exc:
+                delay = _dialects.retry_delay(self._retry, tries, exc)
+                if delay is None:
+                    raise DatabaseBusyError(
+                        await self._describe_busy(exc), attempts=self._retry.attempts
+                    ) from exc
+                tries += 1
+                await asyncio.sleep(delay)
+
+    async def _describe_busy(self, exc: DBAPIError) -> str:
+        holders: list[Any] = []
+        if self._engine.dialect.name == "postgresql":
+            try:
+                async with self._async_engine.connect() as conn:
+                    holders = await conn.run_sync(_dialects.busy_holders)
+            except DBAPIError:
+                holders = []
+        return _dialects.describe_busy(self._engine, exc, holders)
+
+    async def _drive(self, steps: Steps[T]) -> T:
+        """Run ``steps`` to their end, each transaction awaited (see :func:`store.drive`)."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                request = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                value, error = await self._transaction(request), None
+            except Exception as exc:  # handed to the steps, which decide
+                value, error = None, exc
+
+    # -- the API (see SessionStore for each) -------------------------------------------
+
+    async def create_session(self, session_id: str, source: str, **fields: Any) -> dict[str, Any]:
+        """Create a session; see :meth:`SessionStore.create_session`."""
+        return await self._drive(self._create_session(session_id, source, fields))
+
+    async def ensure_session(self, session_id: str, source: str = "unknown", **fields: Any) -> bool:
+        """Create the session unless it exists; see :meth:`SessionStore.ensure_session`."""
+        return await self._drive(self._ensure_session(session_id, source, fields))
+
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session as a dict of its columns, or None; see :meth:`SessionStore.get_session`."""
+        return await self._drive(self._get_session(session_id))
+
+    async def end_session(self, session_id: str, reason: str) -> None:
+        """Mark the session ended now; see :meth:`SessionStore.end_session`."""
+        await self._drive(self._end_session(session_id, reason))
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete a session and its messages; see :meth:`SessionStore.delete_session`."""
+        return await self._drive(self._delete_sessions_steps(lambda _conn: [session_id])) == 1
+
+    async def list_sessions(
+        self,
+        *,
+        source: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """Sessions newest first, one page at a time; see :meth:`SessionStore.list_sessions`."""
+        return await self._drive(self._list_sessions(source, user_id, limit, cursor))
+
+    async def flush(
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        *,
+        verify: Literal["last", "full"] = "last",
+    ) -> FlushResult:
+        """Write exactly ``messages[flushed_idx:]``; see :meth:`SessionStore.flush`."""
+        return await self._drive(self._flush(session_id, messages, verify))
+
+    async def append(self, session_id: str, message: dict[str, Any]) -> int:
+        """Store one message at the session's cursor; see :meth:`SessionStore.append`."""
+        return await self._drive(self._append(session_id, message))
+
+    async def get_messages(
+        self, session_id: str, *, offset: int = 0, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Messages of a session in ``idx`` order; see :meth:`SessionStore.get_messages`."""
+        return await self._drive(self._get_messages(session_id, offset, limit))
+
+    async def search(
+        self,
+        query: str,
+        *,
+        session_id: str | None = None,
+        source: str | Sequence[str] | None = None,
+        user_id: str | None = None,
+        role: str | Sequence[str] | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """Messages matching ``query``, newest first; see :meth:`SessionStore.search`."""
+        steps = self._search(
+            query,
+            session_id=session_id,
+            source=source,
+            user_id=user_id,
+            role=role,
+            limit=limit,
+            cursor=cursor,
+        )
+        return await self._drive(steps)
+
+    async def rebuild_search_index(self) -> int:
+        """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""
+        return await self._transaction(Run(_search.rebuild, write=True))
