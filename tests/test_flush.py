@@ -397,7 +397,8 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     writer = _flusher(path, store)
     store.create_session("probe", source="cli")
     store.flush("probe", history)
-    flusher = writer()  # its engine's pool holds an open connection: nothing to count
+    flusher = writer()
+    flusher.get_session("probe")  # its connection is open (and kept) before counting
     trap.arm(0, Boom("never"))
     flusher.flush("probe", turn)
     per_flush = trap.count
@@ -408,6 +409,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
         store.create_session(sid, source="cli")
         store.flush(sid, history)
         flusher = writer()
+        flusher.get_session(sid)
         if failure == "transient":
             trap.arm(n, _driver_transient(backend))
             assert flusher.flush(sid, turn).written == 3
@@ -677,10 +679,11 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert engine.pool.checkedout() == 0  # nothing kept between calls
+    assert engine.pool.checkedout() == 1  # one idle connection kept, no more
     for n in range(50):
         assert_exact(store, f"t{n}", conversation(3))
     store.close()
+    assert engine.pool.checkedout() == 0
     engine.dispose()
 
 
