@@ -328,6 +328,71 @@ def pg_turns(dbs: Databases, sizes: Sizes) -> Rounds:
     return _rounds({"ours": ours, "floor": floor}, sizes.turn_repeat)
 
 
+def async_turns(dbs: Databases, sizes: Sizes, backend: str) -> Rounds:
+    """Rounds of the turn workload through SessionStore and through AsyncSessionStore."""
+    import asyncio
+
+    from hermes_orm.async_store import AsyncSessionStore
+
+    convs = conversations(sizes.sessions, sizes.turns)
+    if backend == "sqlite":
+        template = dbs.sqlite_template(sizes.sessions)
+
+        def url() -> str:
+            return f"sqlite:///{dbs.sqlite_copy(template)}"
+    else:
+        pg_template = dbs.pg_template(sizes.sessions)
+
+        def url() -> str:
+            return dbs.pg_copy(pg_template)
+
+    def sync() -> float:
+        store = hermes_orm.SessionStore(url())
+        store.get_session("s0")  # schema check and a warm connection
+        elapsed = _turn_workload(store, convs)
+        store.close()
+        return elapsed
+
+    async def workload() -> float:
+        store = AsyncSessionStore(url())
+        await store.get_session("s0")
+        lists: list[list[dict[str, Any]]] = [[] for _ in convs]
+        start = time.perf_counter()
+        for t in range(len(convs[0])):
+            for s, conv in enumerate(convs):
+                lists[s].extend(conv[t])
+                await store.flush(f"s{s}", lists[s])
+        elapsed = time.perf_counter() - start
+        await store.close()
+        return elapsed
+
+    return _rounds({"sync": sync, "async": lambda: asyncio.run(workload())}, sizes.turn_repeat)
+
+
+def async_section(dbs: Databases, sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+    """AsyncSessionStore's flush per turn against SessionStore's, on each backend."""
+    rows = []
+    backends = ["sqlite"] + (["postgresql"] if dbs.pg_url is not None else [])
+    per_turn = sizes.sessions * sizes.turns
+    for backend in backends:
+        progress(f"{backend} turns, async against sync")
+        rounds = async_turns(dbs, sizes, backend)
+        ratio = rounds.ratio("async", "sync")
+        driver = "aiosqlite" if backend == "sqlite" else "psycopg async"
+        rows.append(
+            Row(
+                f"{'SQLite' if backend == 'sqlite' else 'PostgreSQL'} AsyncSessionStore "
+                f"flush per turn ({driver}) vs SessionStore",
+                _ms(rounds.median("async") / per_turn),
+                _ms(rounds.median("sync") / per_turn) + " SessionStore",
+                ratio,
+                "<= 1.5x (report)",
+                None,
+            )
+        )
+    return rows
+
+
 def flush_cost_by_length(url: str, sizes: Sizes) -> dict[int, float]:
     """Median seconds of one turn's flush into a session already holding N messages.
 
@@ -714,6 +779,8 @@ def run(
         dbs = Databases(Path(tmp), pg)
         if only in (None, "flush"):
             rows, curves = flush_section(dbs, sizes, progress)
+        if only in (None, "async"):
+            rows += async_section(dbs, sizes, progress)
         if only in (None, "plugin"):
             rows += plugin_section(dbs, sizes, progress)
         if only in (None, "search"):
@@ -827,6 +894,10 @@ Machine: {machine()}.
   both rates are medians of the rounds. The disk of a shared machine makes the
   absolute rates vary from run to run, the replay's as much as the import's.
 
+- **Async.** The same turn workload through `AsyncSessionStore` (aiosqlite;
+  psycopg's async connections) and through `SessionStore`, at the default
+  `synchronous=FULL`, in rounds as above; the ratio is the async store's time
+  over the blocking one's.
 - **Hermes plugin.** The time Hermes spends in the plugin's `post_llm_call`
   hook per turn (what the plugin adds to a healthy turn: snapshotting Hermes'
   live list, handing it to the writer thread and waiting for the write),
@@ -879,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="runs (or rounds) per measurement (median)")
     parser.add_argument(
         "--only",
-        choices=("flush", "plugin", "search"),
+        choices=("flush", "async", "plugin", "search"),
         help="run one part; docs/ is not written",
     )
     args = parser.parse_args(argv)

@@ -42,6 +42,8 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         "PostgreSQL search columns and indexes",
         "| `docker 部署` |",
         "Hermes plugin: post_llm_call of a turn",
+        "SQLite AsyncSessionStore flush per turn",
+        "PostgreSQL AsyncSessionStore flush per turn",
     ):
         assert name in out, name
     assert "hermes-agent not installed" not in out
