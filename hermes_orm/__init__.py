@@ -6,6 +6,7 @@ prefix of the conversation and the cursor is its length.
 """
 
 from hermes_orm._dialects import RetryPolicy, create_async_store_engine, create_store_engine
+from hermes_orm._unit_of_work import install_position_rule, remove_position_rule
 from hermes_orm.errors import (
     DatabaseBusyError,
     DatabaseError,
@@ -68,5 +69,7 @@ __all__ = [
     "create_async_store_engine",
     "create_store_engine",
     "downgrade",
+    "install_position_rule",
+    "remove_position_rule",
     "upgrade",
 ]

@@ -17,6 +17,7 @@ import random
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,6 +28,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
+from hermes_orm import _sa
 from hermes_orm.errors import DatabaseBusyError, DatabaseError
 
 if TYPE_CHECKING:
@@ -202,6 +204,11 @@ def _millis(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+#: The settings each engine's connections get (its listener is registered once);
+#: kept beside the engine, not on it.
+_configured: weakref.WeakKeyDictionary[Engine, tuple[str, int]] = weakref.WeakKeyDictionary()
+
+
 def configure_engine(
     engine: Engine, *, sqlite_synchronous: str = "FULL", lock_timeout: float = LOCK_TIMEOUT
 ) -> None:
@@ -217,7 +224,7 @@ def configure_engine(
         raise ValueError(f"sqlite_synchronous must be one of {_SQLITE_SYNCHRONOUS}, got {level!r}")
     busy_ms = _millis(lock_timeout)
     settings = (level, busy_ms)
-    if getattr(engine, "_hermes_orm_configured", None) == settings:
+    if _configured.get(engine) == settings:
         return
     if getattr(engine.dialect.loaded_dbapi, "adapters", None) is sqlite3.adapters:
         register_sqlite_adapters()
@@ -235,7 +242,7 @@ def configure_engine(
             cursor.close()
 
     event.listen(engine, "connect", on_connect)
-    engine._hermes_orm_configured = settings  # type: ignore[attr-defined]
+    _configured[engine] = settings
 
 
 #: What binds None: a C function of one argument that returns None (a Python
@@ -248,10 +255,10 @@ def register_sqlite_adapters() -> None:
 
     The module binds an int, float, str or bytearray at once, but for any
     other value first searches for an adapter. On Python 3.11, when none is
-    registered, that search costs ~3,000 CPU instructions a value (it formats
-    an AttributeError message, then drops it). A message row's values are
-    mostly None (its NULL columns) and its digest is bytes: about a fifth of
-    the CPU work of writing messages into SQLite went there. With these
+    registered, that search formats an AttributeError message, then drops it,
+    for every such value. A message row's values are mostly None (its NULL
+    columns) and its digest is bytes, so writing messages into SQLite spent a
+    large share of its CPU time there (see docs/benchmarks.md). With these
     adapters the search ends at its first lookup, and what is bound (NULL, the
     same bytes) is unchanged. They are the sqlite3 module's, so they serve the
     whole process; an adapter already registered for either type is kept.
@@ -396,7 +403,7 @@ def rows_insert(
     )
 
 
-def flush_sql(
+def render_flush_sql(
     dialect: str,
     insert_columns: tuple[str, ...],
     json_columns: frozenset[str],
@@ -427,17 +434,6 @@ def flush_sql(
     )
 
 
-def _observed(conn: Connection) -> bool:
-    """Whether anything watches ``conn``'s statements: event listeners or SQL logging.
-
-    SQLAlchemy keeps these flags on the connection, its engine and its dialect
-    and checks them before every statement it runs; they are read here the same way.
-    """
-    return bool(
-        conn._has_events or conn.engine._has_events or conn.dialect._has_events or conn._echo
-    )
-
-
 def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] = ()) -> int:
     """Run one hot statement in ``conn``'s transaction; returns its row count.
 
@@ -456,8 +452,7 @@ def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequ
       transaction (opened by ``BEGIN IMMEDIATE`` on SQLite, by the first
       statement on psycopg) that :func:`end_transaction` ends. SQLAlchemy's
       execution context, result and transaction objects cost more than the
-      database work of a small statement (about 13 µs a statement on SQLite,
-      a third of a flush's Python time), and nothing would see them;
+      database work of a small statement on SQLite, and nothing would see them;
     - otherwise each through ``exec_driver_sql``, so tracing, logging and
       recording tools see every statement, and the commit, of a flush.
 
@@ -467,7 +462,7 @@ def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequ
     """
     rowcount = 0
     numbered = conn.dialect.driver == "asyncpg"
-    if _observed(conn):
+    if _sa.observed(conn):
         for statement, params in statements:
             text = _numbered(statement) if numbered else statement
             rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
@@ -479,7 +474,7 @@ def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequ
             cursor.execute(_numbered(statement) if numbered else statement, params)
         return int(cursor.rowcount)
     except conn.dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, statement, params, cursor, None)
+        _sa.raise_driver_error(conn, exc, statement, params, cursor)
     finally:
         cursor.close()
 
@@ -508,7 +503,7 @@ def end_transaction(conn: Connection, *, commit: bool) -> None:
         else:
             dialect.do_rollback(dbapi_connection)
     except dialect.loaded_dbapi.Error as exc:
-        conn._handle_dbapi_exception(exc, None, None, None, None)
+        _sa.raise_driver_error(conn, exc)
 
 
 def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:

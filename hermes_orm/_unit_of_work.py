@@ -1,11 +1,13 @@
 """The exactly-once rule inside an application's own ORM session.
 
-Adding :class:`~hermes_orm.models.Message` objects to a session's ``messages``
-(or with ``session_id`` set) in any :class:`sqlalchemy.orm.Session` assigns
-their ``idx`` from the stored ``flushed_idx`` and advances it in the same ORM
-flush. The cursor is moved first, by one atomic ``UPDATE ... RETURNING``
-that takes the write lock, so concurrent writers queue instead of reading
-the same cursor; ``UNIQUE(session_id, idx)`` stands behind it.
+Once :func:`install_position_rule` put it on the application's sessions,
+adding :class:`~hermes_orm.models.Message` objects to a session's ``messages``
+(or with ``session_id`` set) assigns their ``idx`` from the stored
+``flushed_idx`` and advances it in the same ORM flush. The cursor is moved
+first, by one atomic ``UPDATE ... RETURNING`` that takes the write lock, so
+concurrent writers queue instead of reading the same cursor;
+``UNIQUE(session_id, idx)`` stands behind it. Without the rule, a ``Message``
+added through the ORM is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -34,7 +36,24 @@ def _session_key(message: Message) -> Session | str:
     return message.session_id
 
 
-@event.listens_for(OrmSession, "before_flush")
+def install_position_rule(target: Any = OrmSession) -> None:
+    """Put the position rule on ``target``'s ORM sessions (idempotent).
+
+    Args:
+        target: What :func:`sqlalchemy.event.listen` takes for session events:
+            the :class:`sqlalchemy.orm.Session` class (every session of the
+            process, the default), a subclass, a ``sessionmaker`` or one session.
+    """
+    if not event.contains(target, "before_flush", assign_message_positions):
+        event.listen(target, "before_flush", assign_message_positions)
+
+
+def remove_position_rule(target: Any = OrmSession) -> None:
+    """Take the position rule off ``target`` (where :func:`install_position_rule` put it)."""
+    if event.contains(target, "before_flush", assign_message_positions):
+        event.remove(target, "before_flush", assign_message_positions)
+
+
 def assign_message_positions(session: OrmSession, _ctx: UOWTransaction, _instances: Any) -> None:
     """Give new messages their ``idx`` and advance their session's cursor."""
     # Grouped by session id, whether a message names its session by object or

@@ -1,6 +1,7 @@
 """Run the shipped Alembic migrations from Python, and check a database is current.
 
-The migration scripts are package data (``hermes_orm/alembic``), so the same
+The migration scripts live in the repository's top-level ``alembic/`` and ship
+inside the wheel as package data (``hermes_orm/alembic``), so the same
 revisions run from a repository checkout, from ``hermes-orm db ...`` and from an
 installed wheel. They record their state in their own version table,
 ``hermes_orm_alembic_version``, so a host application's ``alembic_version`` is
@@ -24,7 +25,19 @@ from sqlalchemy import Connection, Engine
 from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError
 
 VERSION_TABLE = "hermes_orm_alembic_version"
-SCRIPT_LOCATION = str(Path(__file__).with_name("alembic"))
+
+
+def _script_location() -> Path:
+    """Where the migration scripts are.
+
+    In the package when installed from a wheel (which maps the repository's
+    top-level ``alembic/`` there), else beside it (a checkout, an editable install).
+    """
+    packaged = Path(__file__).with_name("alembic")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "alembic"
+
+
+SCRIPT_LOCATION = str(_script_location())
 #: Tables the migrations own; host apps pass :func:`include_name` to their autogenerate.
 TABLE_PREFIX = "hermes_"
 #: Tables, views and indexes of the search index, and its PostgreSQL columns;

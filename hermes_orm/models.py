@@ -1,7 +1,7 @@
 """The schema: declarative models for sessions and their messages.
 
 Tables are prefixed with ``hermes_`` so they can live in a host application's
-database beside its own tables. Alembic migrations (``hermes_orm/alembic``) own
+database beside its own tables. Alembic migrations (``alembic/``) own
 the schema; these models are the definition the migrations are checked against.
 
 Times are Unix epoch seconds as ``float`` (UTC by definition, so no naive or
@@ -25,11 +25,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
+
+from hermes_orm.errors import InvalidMessageError
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -268,5 +271,12 @@ class Meta(Base):
     value: Mapped[str | None]
 
 
-# The ORM flush rule lives beside the models so that it is in force wherever they are.
-from hermes_orm import _unit_of_work  # noqa: E402, F401
+@event.listens_for(Message, "before_insert")
+def _refuse_a_message_without_position(_mapper: Any, _connection: Any, target: Message) -> None:
+    """A Message the position rule did not place is refused before it is written."""
+    if target.idx is None:
+        raise InvalidMessageError(
+            "a Message added through the ORM needs the position rule: call "
+            "hermes_orm.install_position_rule() (or pass your sessionmaker), "
+            "or store messages with SessionStore.flush"
+        )

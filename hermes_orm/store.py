@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -102,9 +102,15 @@ _forks = [0]
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
     os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
-#: Messages of one session to store from a cursor: (session id, cursor, encoded
-#: messages, the digest stored at that cursor or None at 0).
-Chunk = tuple[str, int, list[_codec.EncodedMessage], bytes | None]
+
+class Chunk(NamedTuple):
+    """Messages of one session to store from a cursor."""
+
+    session_id: str
+    cursor: int
+    messages: list[_codec.EncodedMessage]
+    #: The digest stored at ``cursor`` (None at 0).
+    digest: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +122,8 @@ class PreparedWrite:
     sessions: int
 
 
-class _StaleHint(Exception):
-    """The remembered cursor was not the stored one; nothing was written."""
+class CursorMoved(Exception):
+    """A compare-and-swap found the stored cursor elsewhere; its transaction rolls back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +435,7 @@ class StoreCore:
 
         deleted: int = yield Run(work, write=True)
         for session_id in picked:
-            self._forget(session_id)
+            self.forget_cursor(session_id)
         return deleted
 
     @staticmethod
@@ -486,19 +492,19 @@ class StoreCore:
         if hint is not None and len(messages) > hint[0]:
             try:
                 return (yield from self._flush_on_hint(session_id, messages, hint, pin))
-            except _StaleHint:
+            except CursorMoved:
                 self._hints.pop(session_id, None)
 
         result: FlushResult
         result, digest = yield Run(
-            lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
+            lambda conn: self.flush_in(conn, session_id, messages, verify), write=True
         )
         self._remember(
             session_id, result.cursor, digest, pin if result.cursor == len(messages) else None
         )
         return result
 
-    def _flush_locked(
+    def flush_in(
         self,
         conn: Connection,
         session_id: str,
@@ -543,7 +549,7 @@ class StoreCore:
 
         The inserts and the cursor's compare-and-swap are one transaction; if
         the stored cursor or digest is not the remembered one, it rolls back and
-        :class:`_StaleHint` sends the caller to the locked read. ``messages``
+        :class:`CursorMoved` sends the caller to the locked read. ``messages``
         must continue at the cursor: the message there is digested, unless it
         is the one the hint pinned, unchanged. ``pin`` is that of the last message.
         """
@@ -552,7 +558,7 @@ class StoreCore:
             held = messages[cursor - 1]
             unchanged = pinned is not None and held is pinned[0] and held == pinned[1]
             if not unchanged and _digest_or_none(held, cursor - 1) != digest:
-                raise _StaleHint
+                raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
         if len(messages) - cursor <= _BATCH:
@@ -561,7 +567,7 @@ class StoreCore:
             written = (len(messages), encoded[-1].digest)
             statements = [
                 *self._sql.begin,
-                *_insert_statements(self._sql, [(session_id, cursor, encoded, None)]),
+                *_insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)]),
                 _advance(
                     self._sql,
                     session_id,
@@ -581,18 +587,18 @@ class StoreCore:
                     batches = _encode_batches(messages, cursor)
                     return self._insert(conn, session_id, cursor, digest, batches)
                 if _dialects.execute_driver_script(conn, statements) != 1:
-                    raise _StaleHint
+                    raise CursorMoved
                 return written
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
-                raise _StaleHint from None
+                raise CursorMoved from None
 
         end, last = yield Run(work, write=True, begins=statements is not None)
         self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
-    def _forget(self, session_id: str) -> None:
-        """Drop the remembered cursor (before rewriting a session's history)."""
+    def forget_cursor(self, session_id: str) -> None:
+        """Drop the remembered cursor of a session (before rewriting its history)."""
         self._hints.pop(session_id, None)
 
     def _remember(
@@ -673,13 +679,13 @@ class StoreCore:
             The new cursor and the digest at it.
 
         Raises:
-            _StaleHint: The stored cursor is not ``cursor`` / ``digest``.
+            CursorMoved: The stored cursor is not ``cursor`` / ``digest``.
         """
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
         for batch in batches:
             _dialects.execute_driver_script(
-                conn, _insert_statements(sql, [(session_id, end, batch, None)])
+                conn, _insert_statements(sql, [Chunk(session_id, end, batch, None)])
             )
             end += len(batch)
             last = batch[-1].digest
@@ -688,7 +694,7 @@ class StoreCore:
             sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
         )
         if _dialects.execute_driver_sql(conn, *advance) != 1:
-            raise _StaleHint
+            raise CursorMoved
         return end, last
 
     def _get_messages(
@@ -880,8 +886,8 @@ class SessionStore(StoreCore):
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
 
         One idle connection saves the next operation a trip through the pool
-        (a fifth of the CPU time of a turn's flush on SQLite); more would take
-        connections from the application's share.
+        (a large share of the CPU time of a turn's flush on SQLite); more would
+        take connections from the application's share.
         """
         with self._parked_lock:
             if not self._parked:
@@ -889,13 +895,18 @@ class SessionStore(StoreCore):
                 return
         conn.close()
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
+    # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------
+
+    def write_transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one write transaction (holding the write lock), retried whole."""
         return self._run(work, write=True)
 
-    def _read(self, work: Callable[[Connection], T]) -> T:
+    def read_transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one read transaction, retried whole."""
         return self._run(work, write=False)
 
-    def _delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+    def delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+        """Delete the sessions ``pick`` names, in its transaction; see :meth:`delete_session`."""
         return drive(self._delete_sessions_steps(pick), self._transaction)
 
     # -- the API --------------------------------------------------------------------------
@@ -944,7 +955,7 @@ class SessionStore(StoreCore):
         Returns:
             True when a session was deleted, False when there was none.
         """
-        return self._delete_sessions(lambda _conn: [session_id]) == 1
+        return self.delete_sessions(lambda _conn: [session_id]) == 1
 
     def list_sessions(
         self,
@@ -1065,7 +1076,7 @@ class SessionStore(StoreCore):
         Triggers keep the index in step with every write; a rebuild repairs an
         index damaged outside hermes_orm, or compacts one after heavy deletes.
         """
-        return self._write(_search.rebuild)
+        return self.write_transaction(_search.rebuild)
 
 
 def _optional_str(name: str, value: Any) -> str | None:
@@ -1090,7 +1101,9 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
 
 def flush_sql(dialect: str) -> _dialects.FlushSQL:
     """The flush's statements for ``dialect`` (``sqlite`` or ``postgresql``)."""
-    return _dialects.flush_sql(dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS)
+    return _dialects.render_flush_sql(
+        dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS
+    )
 
 
 def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWrite:
@@ -1119,13 +1132,13 @@ def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
     """Run a :func:`prepare_many` write in ``conn``'s transaction.
 
     Raises:
-        _StaleHint: A cursor was not where the chunk said (nothing to keep:
+        CursorMoved: A cursor was not where the chunk said (nothing to keep:
             the caller rolls the transaction back).
     """
     if _dialects.execute_driver_script(conn, [*prepared.inserts, prepared.advance]) != (
         prepared.sessions
     ):
-        raise _StaleHint
+        raise CursorMoved
 
 
 def _advance(

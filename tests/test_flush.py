@@ -385,13 +385,13 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     Break each of them there: a fatal error leaves the session as it was and a
     re-flush is exact; a transient one is retried inside the same call.
     """
-    from hermes_orm import _dialects, create_store_engine
+    from hermes_orm import _sa, create_store_engine
 
     trap = _DriverTrap()
     engine = create_store_engine(db_url, connect_args=trap.connect_args(backend))
     store = SessionStore(engine)
     with store.engine.connect() as conn:
-        assert not _dialects._observed(conn)
+        assert not _sa.observed(conn)
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
     writer = _flusher(path, store)

@@ -637,3 +637,26 @@ def test_an_immutable_read_is_not_trusted_once_the_file_changed(tmp_path: Path) 
     assert src.execute("SELECT count(*) FROM messages")[0][0] == before + 1
     assert src.live
     src.close()
+
+
+def test_a_hermes_that_starts_writing_after_the_source_was_opened_is_seen(
+    tmp_path: Path,
+) -> None:
+    """Opened as an immutable file, the source goes live once a WAL appears beside it."""
+    path = fixture_copy(tmp_path)
+    src = importer.open_source(path)
+    assert not src.live
+    count = "SELECT count(*) FROM messages"
+    before = src.execute(count)[0][0]
+    hermes = sqlite3.connect(path)  # the fixture is in WAL mode: this write stays in the WAL
+    hermes.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) "
+        "SELECT session_id, 'user', 'late', 1.0 FROM messages LIMIT 1"
+    )
+    hermes.commit()
+    try:
+        assert src.execute(count)[0][0] == before + 1
+        assert src.live
+    finally:
+        hermes.close()
+        src.close()

@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
 
-from hermes_orm import InvalidMessageError, Message, Session, SessionNotFoundError, SessionStore
+from hermes_orm import (
+    InvalidMessageError,
+    Message,
+    Session,
+    SessionNotFoundError,
+    SessionStore,
+    install_position_rule,
+    remove_position_rule,
+)
+
+
+@pytest.fixture(autouse=True)
+def position_rule() -> Iterator[None]:
+    """ORM sessions get the rule when the application asks: these tests ask for all of them."""
+    install_position_rule()
+    yield
+    remove_position_rule()
+
+
+def test_without_the_rule_a_message_is_refused_before_anything_is_written(engine: Engine) -> None:
+    remove_position_rule()
+    with OrmSession(engine) as orm:
+        orm.add(Session(id="plain", source="app", started_at=1.0))
+        orm.commit()
+        orm.add(Message(session_id="plain", role="user", content="hello"))
+        with pytest.raises(InvalidMessageError, match="install_position_rule"):
+            orm.commit()
+    assert SessionStore(engine).get_messages("plain") == []
+
+
+def test_the_rule_can_be_put_on_one_sessionmaker(engine: Engine) -> None:
+    remove_position_rule()
+    ours = sessionmaker(engine)
+    install_position_rule(ours)
+    with ours() as orm:
+        orm.add(Session(id="made", source="app", started_at=1.0))
+        orm.commit()
+        orm.add(Message(session_id="made", role="user", content="hello"))
+        orm.commit()
+    with OrmSession(engine) as other:
+        other.add(Message(session_id="made", role="user", content="again"))
+        with pytest.raises(InvalidMessageError):
+            other.commit()
+    remove_position_rule(ours)
+    assert SessionStore(engine).get_messages("made") == [{"role": "user", "content": "hello"}]
 
 
 def test_adding_messages_assigns_idx_and_advances_cursor(engine: Engine) -> None:

@@ -44,9 +44,9 @@ from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import (
     SESSION_FIELDS,
     Chunk,
+    CursorMoved,
     PreparedWrite,
     SessionStore,
-    _StaleHint,
     flush_sql,
     prepare_many,
     write_prepared,
@@ -149,10 +149,11 @@ class Source:
     While no Hermes process has the file open (no ``-wal``/``-shm`` beside it),
     it is read as an immutable file: no lock taken, no file created. Such a
     read is kept only if the file did not change from the moment it was opened
-    until the read ended (Hermes writes its WAL first, and changes the file
-    itself only when it checkpoints). Otherwise the read is thrown away, and the
-    file reopened through SQLite's read-only WAL protocol, which is safe
-    against a concurrent writer and uses the files that writer made.
+    until the read ended, and no WAL appeared beside it (Hermes writes its WAL
+    first, and changes the file itself only when it checkpoints). Otherwise the
+    read is thrown away, and the file reopened through SQLite's read-only WAL
+    protocol, which is safe against a concurrent writer and uses the files that
+    writer made.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -206,7 +207,7 @@ class Source:
                 rows = self.conn.execute(sql, params).fetchall()
             except sqlite3.DatabaseError:
                 rows = None  # pages changed under the read: a checkpoint ran
-            if rows is not None and self._file_stamp() == self._stamp:
+            if rows is not None and self._file_stamp() == self._stamp and not self._wal_exists():
                 return rows
             self._go_live()
         try:
@@ -537,7 +538,7 @@ def _upsert_sessions(
         return len(new) + len(changed)
 
     retitled: list[str] = []
-    written = store._write(work)
+    written = store.write_transaction(work)
     if report is not None:
         report.retitled_sessions = retitled
     return written
@@ -660,7 +661,7 @@ def _copy_messages(
             try:
                 write_prepared(conn, prepared)
             except IntegrityError:
-                raise _StaleHint from None
+                raise CursorMoved from None
             return [(sid, count, cursor + count) for sid, cursor, count in item.pieces]
 
         return work
@@ -675,7 +676,7 @@ def _copy_messages(
             done = []
             for sid, tail in tails:
                 try:
-                    result = store._flush_locked(conn, sid, tail)[0]
+                    result = store.flush_in(conn, sid, tail)[0]
                 except HistoryDivergedError:  # raised before this session wrote anything
                     done.append((sid, -1, -1))  # reported once committed
                     continue
@@ -690,9 +691,9 @@ def _copy_messages(
         report.diverged_sessions.extend(item.diverged)
         if item.prepared is not None:
             try:
-                done = store._write(on_cursors(item, item.prepared))
-            except _StaleHint:
-                done = store._write(locked(item))
+                done = store.write_transaction(on_cursors(item, item.prepared))
+            except CursorMoved:
+                done = store.write_transaction(locked(item))
             for sid, written, cursor in done:
                 if written < 0:
                     report.diverged_sessions.append(sid)
@@ -816,7 +817,7 @@ def _read_frame(inp: IO[bytes]) -> Any:
     The whole frame is read first, then unpickled in one call: unpickling
     straight from the pipe took a system call, and a hand-over of the
     interpreter lock with the writing thread, every few kilobytes, which
-    slowed the writer by a fifth.
+    held the writer back.
 
     Raises:
         EOFError: The pipe ended before a whole frame.
@@ -924,7 +925,7 @@ def _read_groups(
                 except InvalidMessageError as exc:
                     report.invalid_sessions[sid] = str(exc)
                     break
-                group.append((sid, cursor, encoded, before_digest))
+                group.append(Chunk(sid, cursor, encoded, before_digest))
                 size += len(rows)
                 cursor, before_digest = cursor + len(rows), encoded[-1].digest
             if size >= batch:
@@ -955,7 +956,7 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, tuple[int
         rows = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
         return {sid: (n, digest) for sid, n, digest in rows}
 
-    return store._read(work)
+    return store.read_transaction(work)
 
 
 def _upsert_usage(store: SessionStore, src: Source) -> int:
@@ -993,7 +994,7 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
             written += 1
         return written
 
-    return store._write(work)
+    return store.write_transaction(work)
 
 
 #: Each session and its stored messages, counted as rows.
@@ -1021,7 +1022,7 @@ def _verify(
         usage = _dialects.rows_for_values(conn, _COUNT_USAGE, ids)
         return dict(counted), sum(n for (n,) in usage)
 
-    counts, usage = store._read(work)  # a session missing here is not in the destination
+    counts, usage = store.read_transaction(work)  # a session missing here is not in the destination
     now = _counts_by_session(src)
     report.counts["sessions"] = TableCount(len(ids), len(counts))
     report.counts["messages"] = TableCount(

@@ -551,7 +551,7 @@ class SessionDB:
             statement = update(_sessions).where(_sessions.c.id == session_id).values(**values)
             return int(conn.execute(statement).rowcount)
 
-        return self._store._write(work)
+        return self._store.write_transaction(work)
 
     def end_session(self, session_id: str, end_reason: str) -> None:
         """End the session; the first end wins (no-op on an ended or missing one)."""
@@ -563,7 +563,7 @@ class SessionDB:
                 .values(ended_at=time.time(), end_reason=end_reason)
             )
 
-        self._store._write(work)
+        self._store.write_transaction(work)
 
     def reopen_session(self, session_id: str) -> None:
         """Clear ``ended_at`` and ``end_reason``."""
@@ -702,7 +702,7 @@ class SessionDB:
                     cost_source=cost_source,
                 )
 
-        self._store._write(work)
+        self._store.write_transaction(work)
 
     def _hermes_session(self, row: Any) -> dict[str, Any]:
         data = dict(row._mapping)
@@ -724,7 +724,7 @@ class SessionDB:
             row = conn.execute(select(_sessions).where(*where)).first()
             return None if row is None else self._hermes_session(row)
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session as Hermes' sessions row, or None."""
@@ -754,7 +754,7 @@ class SessionDB:
             )
             return list(conn.execute(query).scalars())
 
-        matches = self._store._read(work)
+        matches = self._store.read_transaction(work)
         return matches[0] if len(matches) == 1 else None
 
     def set_session_title(self, session_id: str, title: str) -> bool:
@@ -777,7 +777,7 @@ class SessionDB:
             statement = update(_sessions).where(_sessions.c.id == session_id)
             return int(conn.execute(statement.values(title=cleaned)).rowcount)
 
-        return self._store._write(work) > 0
+        return self._store.write_transaction(work) > 0
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -836,7 +836,7 @@ class SessionDB:
             )
             return int(conn.execute(query).scalar_one())
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def _hermes_message(self, row: Any) -> dict[str, Any]:
         from hermes_orm._codec import row_to_message
@@ -875,7 +875,7 @@ class SessionDB:
         def work(conn: Connection) -> list[dict[str, Any]]:
             return [self._hermes_message(r) for r in conn.execute(query)]
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def _lineage(self, session_id: str) -> list[str]:
         """The session's ancestors and itself, root first (at most 100, cycles cut)."""
@@ -890,7 +890,7 @@ class SessionDB:
                 ).scalar()
             return chain[::-1]
 
-        return self._store._read(work) if session_id else [session_id]
+        return self._store.read_transaction(work) if session_id else [session_id]
 
     def get_messages_as_conversation(
         self,
@@ -922,7 +922,7 @@ class SessionDB:
             return [self._hermes_message(r) for r in conn.execute(query)]
 
         messages: list[dict[str, Any]] = []
-        for row in self._store._read(work):
+        for row in self._store.read_transaction(work):
             content = row["content"]
             if row["role"] in {"user", "assistant"} and isinstance(content, str):
                 content = sanitize_context(content).strip()
@@ -1004,7 +1004,7 @@ class SessionDB:
                 return []
             return self._search_results(conn, hits)
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     @staticmethod
     def _search_results(conn: Connection, hits: list[_search.SearchHit]) -> list[dict[str, Any]]:
@@ -1079,7 +1079,7 @@ class SessionDB:
                 query = query.where(_messages.c.session_id == session_id)
             return int(conn.execute(query).scalar_one())
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def clear_messages(self, session_id: str) -> None:
         """Delete the session's messages and reset its counters (and cursor)."""
@@ -1092,8 +1092,8 @@ class SessionDB:
                 .values(flushed_idx=0, flushed_digest=None, message_count=0, tool_call_count=0)
             )
 
-        self._store._forget(session_id)
-        self._store._write(work)
+        self._store.forget_cursor(session_id)
+        self._store.write_transaction(work)
 
     def session_count(  # noqa: PLR0917 - Hermes' signature
         self,
@@ -1136,11 +1136,11 @@ class SessionDB:
             }
             return sum(1 for r in rows if _listable(r, parents))
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def get_compression_tip(self, session_id: str) -> str | None:
         """The live end of the compression chain that starts at ``session_id``."""
-        return self._store._read(lambda conn: _Sessions.load(conn).tip(session_id))
+        return self._store.read_transaction(lambda conn: _Sessions.load(conn).tip(session_id))
 
     def list_sessions_rich(  # noqa: PLR0917 - Hermes' signature
         self,
@@ -1209,7 +1209,7 @@ class SessionDB:
                 out.append(entry)
             return out
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     # -- export and delete --------------------------------------------------------------
 
@@ -1250,7 +1250,7 @@ class SessionDB:
                 for row in conn.execute(query)
             ]
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def export_all(self, source: str | None = None) -> list[dict[str, Any]]:
         """Every session (of ``source``) with its messages, most recently active first."""
@@ -1276,7 +1276,7 @@ class SessionDB:
             removed[:] = [session_id, *_delegate_children(conn, session_id)]
             return removed
 
-        deleted = self._store._delete_sessions(pick) > 0
+        deleted = self._store.delete_sessions(pick) > 0
         for sid in removed if deleted else []:
             _remove_session_files(sessions_dir, sid)
         return deleted
@@ -1305,7 +1305,7 @@ class SessionDB:
             removed[:] = conn.execute(select(_sessions.c.id).where(*where)).scalars()
             return removed
 
-        count = self._store._delete_sessions(pick)
+        count = self._store.delete_sessions(pick)
         for sid in removed if count else []:
             _remove_session_files(sessions_dir, sid)
         return count
@@ -1318,7 +1318,7 @@ class SessionDB:
         def work(conn: Connection) -> str | None:
             return conn.execute(select(_meta.c.value).where(_meta.c.key == key)).scalar()
 
-        return self._store._read(work)
+        return self._store.read_transaction(work)
 
     def set_meta(self, key: str, value: str) -> None:
         """Set a value of the key/value store."""
@@ -1332,4 +1332,4 @@ class SessionDB:
                 )
             )
 
-        self._store._write(work)
+        self._store.write_transaction(work)
