@@ -100,7 +100,7 @@ class _Fault:
         self.turn = int(fault["turn"])
         self.when = str(fault["when"])
         self.target = str(fault["target"])
-        if self.when not in ("before", "after") or self.target not in ("tool", "final"):
+        if self.when not in ("before", "after") or self.target not in ("call", "tool", "final"):
             raise ValueError(f"bad hermes_fault: {fault}")
         self.current_turn = -1
         self.fired: list[dict[str, Any]] = []
@@ -108,6 +108,8 @@ class _Fault:
     def _hits(self, role: str, content: Any, tool_calls: Any) -> bool:
         if self.fired or self.current_turn != self.turn:
             return False
+        if self.target == "call":  # the assistant message carrying the tool calls
+            return role == "assistant" and bool(tool_calls)
         if self.target == "tool":
             return role == "tool"
         return (

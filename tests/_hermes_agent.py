@@ -307,9 +307,10 @@ class AgentSpec:
         plugin_enabled: Write ``plugins: {enabled: [hermes_orm]}`` into config.yaml.
         compression_in_place: ``compression.in_place``; None keeps Hermes' default (True).
         review: Background memory review after every turn (thread ``bg-review``).
-        hermes_fault: ``{"turn": i, "when": "before"|"after", "target": "tool"|"final"}``:
-            ``SessionDB.append_message`` raises once for turn ``i``'s first tool-result
-            row or its final assistant row, before or after committing it.
+        hermes_fault: ``{"turn": i, "when": "before"|"after", "target": T}``:
+            ``SessionDB.append_message`` raises once for turn ``i``'s assistant row
+            carrying the tool calls (T ``call``), its first tool-result row (``tool``)
+            or its final assistant row (``final``), before or after committing it.
         mirror_down_turns: Turn indices during which the mirror database is unavailable.
         resume: Load the session's history from Hermes' SessionDB first, like
             ``hermes --resume``; a session rotated by compression continues at its tip.

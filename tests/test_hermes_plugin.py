@@ -126,8 +126,17 @@ def test_clean_turns_are_mirrored_exactly(
         ("before", "final", "a loss"),  # the turn's last append failed: never retried
         ("before", "tool", "all"),
         ("after", "final", "all"),
+        ("before", "call", "all"),
+        ("after", "call", "a duplicate"),
     ],
-    ids=["after-commit-tool", "before-commit-final", "before-commit-tool", "after-commit-final"],
+    ids=[
+        "after-commit-tool-result",
+        "before-commit-final-answer",
+        "before-commit-tool-result",
+        "after-commit-final-answer",
+        "before-commit-tool-call",
+        "after-commit-tool-call",
+    ],
 )
 def test_hermes_own_store_failing_mid_turn_leaves_the_mirror_exact(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, fault: tuple[str, str, str]
