@@ -5,6 +5,8 @@ transaction as the message inserts: whatever fails, the database holds a
 prefix of the conversation and the cursor is its length.
 """
 
+from typing import TYPE_CHECKING
+
 from hermes_orm._dialects import RetryPolicy, create_async_store_engine, create_store_engine
 from hermes_orm._unit_of_work import install_position_rule, remove_position_rule
 from hermes_orm.errors import (
@@ -26,6 +28,9 @@ from hermes_orm.migrations import downgrade, upgrade
 from hermes_orm.models import Base, Message, Meta, ModelUsage, Session
 from hermes_orm.search import SearchHit, SearchPage
 from hermes_orm.store import FlushResult, SessionPage, SessionStore
+
+if TYPE_CHECKING:
+    from hermes_orm.async_store import AsyncSessionStore
 
 
 def __getattr__(name: str) -> object:

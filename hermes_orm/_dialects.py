@@ -226,7 +226,7 @@ def configure_engine(
     settings = (level, busy_ms)
     if _configured.get(engine) == settings:
         return
-    if getattr(engine.dialect.loaded_dbapi, "adapters", None) is sqlite3.adapters:
+    if engine.dialect.driver in ("pysqlite", "aiosqlite"):  # both bind through sqlite3
         register_sqlite_adapters()
     memory = _sqlite_file(engine.url) is None
 

@@ -4,8 +4,8 @@ The flush runs its statements straight on the driver's cursor when nothing
 watches the connection (see :func:`hermes_orm._dialects.execute_driver_script`);
 for that it must know whether anything watches, and raise a driver error the
 way SQLAlchemy itself does. Both need attributes SQLAlchemy keeps private.
-They are read here only, checked by the suite on the SQLAlchemy releases
-pyproject admits (``>=2.0.30,<2.2``), and by CI against the newest release.
+They are read here only; pyproject bounds SQLAlchemy below its next minor
+release, and CI runs the store's tests against the newest release too.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from hermes_orm.errors import InvalidMessageError, SessionNotFoundError
 from hermes_orm.models import Message, Session
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
+#: Marks a flush whose new messages the rule already placed.
+_PLACED = "hermes_orm.positions_placed"
 
 
 def _session_key(message: Message) -> Session | str:
@@ -54,8 +56,13 @@ def remove_position_rule(target: Any = OrmSession) -> None:
         event.remove(target, "before_flush", assign_message_positions)
 
 
-def assign_message_positions(session: OrmSession, _ctx: UOWTransaction, _instances: Any) -> None:
+def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instances: Any) -> None:
     """Give new messages their ``idx`` and advance their session's cursor."""
+    # Once a flush, wherever the rule was installed (the Session class and a
+    # sessionmaker both fire for that sessionmaker's sessions).
+    if ctx.attributes.get(_PLACED):
+        return
+    ctx.attributes[_PLACED] = True
     # Grouped by session id, whether a message names its session by object or
     # by id: one group per session, so one cursor read and one range of idx.
     groups: dict[str, tuple[Session | str, list[Message]]] = {}

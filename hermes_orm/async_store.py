@@ -29,7 +29,16 @@ from hermes_orm import search as _search
 from hermes_orm._dialects import RetryPolicy
 from hermes_orm.errors import DatabaseBusyError
 from hermes_orm.search import SearchPage
-from hermes_orm.store import FlushResult, Run, SessionPage, Steps, StoreCore, attempt
+from hermes_orm.store import (
+    Done,
+    FlushResult,
+    Run,
+    SessionPage,
+    Steps,
+    StoreCore,
+    attempt,
+    resume,
+)
 
 T = TypeVar("T")
 
@@ -139,9 +148,9 @@ class AsyncSessionStore(StoreCore):
         error: BaseException | None = None
         while True:
             try:
-                request = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                request = resume(steps, value, error)
+            except Done as done:
+                return done.value  # type: ignore[no-any-return]
             try:
                 value, error = await self._transaction(request), None
             except Exception as exc:  # handed to the steps, which decide

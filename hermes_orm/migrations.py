@@ -34,7 +34,10 @@ def _script_location() -> Path:
     top-level ``alembic/`` there), else beside it (a checkout, an editable install).
     """
     packaged = Path(__file__).with_name("alembic")
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "alembic"
+    # env.py, not the folder: a checkout may keep an old hermes_orm/alembic/__pycache__.
+    if (packaged / "env.py").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "alembic"
 
 
 SCRIPT_LOCATION = str(_script_location())

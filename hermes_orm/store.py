@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from hermes_orm import _codec, _dialects, migrations
 from hermes_orm import search as _search
@@ -268,15 +269,34 @@ def _write(work: Callable[[Connection], T]) -> Steps[T]:
     return (yield Run(work, write=True))  # type: ignore[no-any-return]
 
 
+class Done(Exception):
+    """The steps ended; ``value`` is what the operation returns."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def resume(steps: Steps[Any], value: Any, error: BaseException | None) -> Run[Any]:
+    """Hand the last transaction's result (or its error) to ``steps``; their next request.
+
+    Raises:
+        Done: The steps returned.
+    """
+    try:
+        return steps.throw(error) if error is not None else steps.send(value)
+    except StopIteration as stop:
+        raise Done(stop.value) from None
+
+
 def drive(steps: Steps[T], run: Callable[[Run[Any]], Any]) -> T:
     """Run ``steps`` to their end with ``run`` doing each transaction (blocking)."""
     value: Any = None
     error: BaseException | None = None
     while True:
         try:
-            request = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            request = resume(steps, value, error)
+        except Done as done:
+            return done.value  # type: ignore[no-any-return]
         try:
             value, error = run(request), None
         except Exception as exc:  # handed to the steps, which decide
@@ -298,6 +318,8 @@ def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequen
         _dialects.end_transaction(conn, commit=request.write)
         return result
     except BaseException:
+        if conn.invalidated:  # a lost connection: rolling back would open a new one
+            raise
         try:
             conn.rollback()
             dbapi_connection = conn.connection.dbapi_connection
@@ -815,8 +837,10 @@ class SessionStore(StoreCore):
             engine = _dialects.create_store_engine(bind, **settings)
         super().__init__(engine, retry=retry, check_schema=check_schema)
         self._forks_seen = _forks[0]
-        # The last connection used, idle, kept for the next operation (at most one).
+        # The last connection used, idle, kept for the next operation (at most one);
+        # not under NullPool, whose users chose to hold no connection between calls.
         self._parked: list[Connection] = []
+        self._parks = not isinstance(engine.pool, NullPool)
         self._parked_lock = threading.Lock()
 
     @property
@@ -850,15 +874,17 @@ class SessionStore(StoreCore):
 
     # -- transactions --------------------------------------------------------------
 
-    def _run(self, work: Callable[[Connection], T], *, write: bool, begins: bool = False) -> T:
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
         """Run ``work`` in one transaction on a pooled connection, retried whole."""
-        return self._transaction(Run(work, write, begins))  # type: ignore[no-any-return]
+        return self._transaction(Run(work, write))  # type: ignore[no-any-return]
 
     def _transaction(self, request: Run[Any]) -> Any:
         self._ensure_schema()
         if self._forks_seen != _forks[0]:
-            # A forked child must not use its parent's connections, pooled or kept.
+            # A forked child must not use its parent's connections, pooled or kept,
+            # nor a lock another of the parent's threads may have held.
             self._parked = []
+            self._parked_lock = threading.Lock()
             self._engine.dispose(close=False)
             self._forks_seen = _forks[0]
         begin = self._sql.begin
@@ -889,10 +915,11 @@ class SessionStore(StoreCore):
         (a large share of the CPU time of a turn's flush on SQLite); more would
         take connections from the application's share.
         """
-        with self._parked_lock:
-            if not self._parked:
-                self._parked.append(conn)
-                return
+        if self._parks:
+            with self._parked_lock:
+                if not self._parked:
+                    self._parked.append(conn)
+                    return
         conn.close()
 
     # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------

@@ -134,3 +134,21 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     assert "up to date" in cli("db", "current").stdout
     assert cli("db", "downgrade", "base").returncode == 0
     assert "no hermes_orm schema" in cli("db", "current").stdout
+
+
+def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
+    """Queries use the partial indexes 0003 made only if they spell the same condition."""
+    import importlib.util
+
+    from hermes_orm import _search_text, search
+    from hermes_orm.migrations import SCRIPT_LOCATION
+
+    path = Path(SCRIPT_LOCATION) / "versions" / "0003_search.py"
+    spec = importlib.util.spec_from_file_location("frozen_0003", path)
+    assert spec is not None
+    assert spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    postgresql = " ".join(revision._UPGRADE["postgresql"])
+    assert search._PG_UNSEGMENTED.removeprefix("m.") in postgresql
+    assert f"{_search_text.BODY_LIMIT}" in postgresql

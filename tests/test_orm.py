@@ -219,3 +219,23 @@ def test_a_session_loaded_before_another_writer_committed_continues_after_it(
     session = store.get_session("s")
     assert session is not None
     assert session["flushed_idx"] == session["message_count"] == 2
+
+
+def test_the_rule_installed_twice_over_places_each_message_once(engine: Engine) -> None:
+    """On the Session class and on a sessionmaker: both fire for that maker's sessions."""
+    ours = sessionmaker(engine)
+    install_position_rule(ours)
+    try:
+        with ours() as orm:
+            orm.add(Session(id="twice", source="app", started_at=1.0))
+            orm.commit()
+            orm.add(Message(session_id="twice", role="user", content="hello"))
+            orm.add(Message(session_id="twice", role="assistant", content="hi"))
+            orm.commit()
+    finally:
+        remove_position_rule(ours)
+    store = SessionStore(engine)
+    assert [m["content"] for m in store.get_messages("twice")] == ["hello", "hi"]
+    session = store.get_session("twice")
+    assert session is not None
+    assert session["flushed_idx"] == 2
