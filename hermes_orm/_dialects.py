@@ -133,6 +133,11 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
+def engine_settings(sqlite_synchronous: str, lock_timeout: float) -> dict[str, Any]:
+    """A store's settings, as :func:`create_store_engine` and :func:`configure_engine` take them."""
+    return {"sqlite_synchronous": sqlite_synchronous, "lock_timeout": lock_timeout}
+
+
 def create_store_engine(
     url: str | URL,
     *,

@@ -825,10 +825,7 @@ class SessionStore(StoreCore):
         lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
     ) -> None:
-        settings: dict[str, Any] = {
-            "sqlite_synchronous": sqlite_synchronous,
-            "lock_timeout": lock_timeout,
-        }
+        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             engine = bind

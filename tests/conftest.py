@@ -1,6 +1,6 @@
 """One suite over both backends: every ``engine``/``store`` test runs on SQLite and PostgreSQL.
 
-PostgreSQL is a real server this session starts itself (see ``_postgres.py``).
+PostgreSQL is a real server this session starts itself (see ``devtools/postgres.py``).
 It never skips: a server that cannot start is an error, and a run in which no
 PostgreSQL test passed fails (``CI`` set, or ``--require-postgresql``).
 """
@@ -25,10 +25,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
+from devtools.postgres import postgres_server
 from hermes_orm import SessionStore, create_store_engine
 from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.migrations import SCRIPT_LOCATION
-from tests._postgres import postgres_server
 
 API = ["sync", "async", "asyncpg"]
 BACKENDS = [
