@@ -247,6 +247,10 @@ def configure_engine(
             cursor.close()
 
     event.listen(engine, "connect", on_connect)
+    if engine.dialect.driver == "aiosqlite" and not event.contains(
+        engine, "invalidate", _sa.roll_back_invalidated
+    ):
+        event.listen(engine, "invalidate", _sa.roll_back_invalidated)
     _configured[engine] = settings
 
 
@@ -447,7 +451,12 @@ def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] =
     return execute_driver_script(conn, ((statement, params),))
 
 
-def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequence[Any]]]) -> int:
+def execute_driver_script(
+    conn: Connection,
+    statements: Iterable[tuple[str, Sequence[Any]]],
+    *,
+    commit_if: int | None = None,
+) -> int:
     """Run hot statements in order in ``conn``'s transaction; returns the last one's row count.
 
     The same statements, parameters and transaction whichever way they go:
@@ -457,31 +466,52 @@ def execute_driver_script(conn: Connection, statements: Iterable[tuple[str, Sequ
       transaction (opened by ``BEGIN IMMEDIATE`` on SQLite, by the first
       statement on psycopg) that :func:`end_transaction` ends. SQLAlchemy's
       execution context, result and transaction objects cost more than the
-      database work of a small statement on SQLite, and nothing would see them;
+      database work of a small statement on SQLite, and nothing would see them.
+      On aiosqlite, all of it is one call on the driver's thread;
     - otherwise each through ``exec_driver_sql``, so tracing, logging and
       recording tools see every statement, and the commit, of a flush.
+
+    With ``commit_if``, the statements are a whole transaction: committed when
+    the last one's row count is ``commit_if``, rolled back otherwise.
 
     A driver error is raised as SQLAlchemy raises it (its ``DBAPIError``
     subclasses, the connection invalidated on a disconnect) either way; any
     other exception passes through as it is.
     """
-    rowcount = 0
     numbered = conn.dialect.driver == "asyncpg"
+    rowcount = 0
     if _sa.observed(conn):
         for statement, params in statements:
             text = _numbered(statement) if numbered else statement
             rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
+        if commit_if is not None:
+            end_transaction(conn, commit=rowcount == commit_if)
         return int(rowcount)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    statement, params = "", ()
+    ran: list[tuple[str, Sequence[Any]]] = []  # the statement a driver error comes from
+
+    def script(dbapi_connection: Any) -> int:
+        cursor = dbapi_connection.cursor()
+        try:
+            for statement, params in statements:
+                ran[:] = [(statement, params)]
+                cursor.execute(_numbered(statement) if numbered else statement, params)
+            rowcount = int(cursor.rowcount)
+        finally:
+            cursor.close()
+        if commit_if is not None:
+            commit = rowcount == commit_if
+            ran[:] = [("COMMIT" if commit else "ROLLBACK", ())]
+            dialect = conn.dialect
+            (dialect.do_commit if commit else dialect.do_rollback)(dbapi_connection)
+        return rowcount
+
     try:
-        for statement, params in statements:
-            cursor.execute(_numbered(statement) if numbered else statement, params)
-        return int(cursor.rowcount)
+        aiosqlite = _sa.aiosqlite_connection(conn)
+        if aiosqlite is not None:  # one trip to the driver's thread, not one per call
+            return _sa.on_driver_thread(aiosqlite, script)
+        return script(conn.connection.dbapi_connection)
     except conn.dialect.loaded_dbapi.Error as exc:
-        _sa.raise_driver_error(conn, exc, statement, params, cursor)
-    finally:
-        cursor.close()
+        _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
 
 
 def end_transaction(conn: Connection, *, commit: bool) -> None:

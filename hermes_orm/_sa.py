@@ -1,19 +1,28 @@
-"""The private SQLAlchemy attributes hermes_orm relies on, all of them, in one place.
+"""The private attributes of SQLAlchemy (and of aiosqlite) hermes_orm relies on, in one place.
 
 The flush runs its statements straight on the driver's cursor when nothing
 watches the connection (see :func:`hermes_orm._dialects.execute_driver_script`);
 for that it must know whether anything watches, and raise a driver error the
 way SQLAlchemy itself does. Both need attributes SQLAlchemy keeps private.
-They are read here only; pyproject bounds SQLAlchemy below its next minor
-release, and CI runs the store's tests against the newest release too.
+On aiosqlite, those statements run in one call on the driver's thread (each
+call from the event loop is a trip between threads); that needs the attributes
+SQLAlchemy's own aiosqlite adapter uses. They are read here only; pyproject
+bounds SQLAlchemy below its next minor release, and CI runs the store's tests
+against the newest release too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NoReturn
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.util import await_only
+from sqlalchemy.util.concurrency import in_greenlet
+
+T = TypeVar("T")
 
 
 def observed(conn: Connection) -> bool:
@@ -41,3 +50,35 @@ def raise_driver_error(
     """
     conn._handle_dbapi_exception(exc, statement, params, cursor, None)
     raise AssertionError("SQLAlchemy did not raise")  # pragma: no cover
+
+
+def aiosqlite_connection(conn: Connection) -> Any:
+    """``conn``'s ``aiosqlite.Connection``; None when ``conn`` is not on aiosqlite."""
+    if conn.dialect.driver != "aiosqlite":
+        return None
+    driver = getattr(conn.connection.dbapi_connection, "_connection", None)
+    # None too if SQLAlchemy's adapter or aiosqlite changed shape: the caller
+    # then goes through the adapter's cursor, as any other driver.
+    return driver if hasattr(driver, "_execute") and hasattr(driver, "_conn") else None
+
+
+def on_driver_thread(driver: Any, work: Callable[[Any], T]) -> T:
+    """``work(sqlite3_connection)`` in one call on the thread of aiosqlite ``driver``."""
+    result: T = await_only(driver._execute(work, driver._conn))
+    return result
+
+
+def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
+    """Roll back an aiosqlite connection SQLAlchemy is about to close after an error.
+
+    A pool ``invalidate`` listener. SQLAlchemy invalidates a connection whose
+    statement was interrupted (a cancelled task); sqlite3 closes a connection
+    whose cursors still hold statements only when those are freed, so until
+    the garbage collector ran, its open write transaction would keep the
+    database's write lock from every other writer.
+    """
+    driver = getattr(dbapi_connection, "_connection", None)
+    if driver is None or not hasattr(driver, "rollback") or not in_greenlet():
+        return  # at garbage collection nothing can be awaited; closing is all there is
+    with contextlib.suppress(Exception):
+        await_only(asyncio.shield(driver.rollback()))

@@ -22,7 +22,8 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
@@ -56,7 +57,9 @@ class AsyncSessionStore(StoreCore):
         check_schema: Refuse a database whose schema is not at the shipped head.
 
     Each operation takes a connection from the engine's pool and gives it back
-    when its transaction ends.
+    when its transaction ends; on aiosqlite the store keeps the last one, idle,
+    for its next operation (as :class:`~hermes_orm.store.SessionStore` does),
+    and :meth:`close` gives it back.
 
     Raises:
         UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
@@ -80,6 +83,8 @@ class AsyncSessionStore(StoreCore):
             engine = _dialects.create_async_store_engine(bind, **settings)
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema)
         self._async_engine = engine
+        self._parked: list[AsyncConnection] = []
+        self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -90,8 +95,17 @@ class AsyncSessionStore(StoreCore):
         url = self._async_engine.url.render_as_string(hide_password=True)
         return f"AsyncSessionStore({url!r})"
 
+    async def __aenter__(self) -> AsyncSessionStore:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
-        """Dispose of the engine if the store made it (an engine passed in stays open)."""
+        """Give back the idle connection; dispose of the engine if the store made it."""
+        parked, self._parked = self._parked, []
+        for conn in parked:
+            await conn.close()
         if self._owns_engine:
             await self._async_engine.dispose()
 
@@ -118,8 +132,16 @@ class AsyncSessionStore(StoreCore):
         tries = 0
         while True:
             try:
-                async with self._async_engine.connect() as conn:
-                    return await conn.run_sync(attempt, request, begin)
+                conn = await self._checkout()
+                try:
+                    result = await conn.run_sync(attempt, request, begin)
+                except BaseException:
+                    # Back to the pool, whose reset rolls back whatever a
+                    # cancellation interrupted; dropped if it was invalidated.
+                    await asyncio.shield(conn.close())
+                    raise
+                await self._checkin(conn)
+                return result
             except DBAPIError as exc:
                 delay = _dialects.retry_delay(self._retry, tries, exc)
                 if delay is None:
@@ -128,6 +150,25 @@ class AsyncSessionStore(StoreCore):
                     ) from exc
                 tries += 1
                 await asyncio.sleep(delay)
+
+    async def _checkout(self) -> AsyncConnection:
+        """The idle connection the store kept, else one from the pool."""
+        if self._parked:
+            return self._parked.pop()
+        return await self._async_engine.connect()
+
+    async def _checkin(self, conn: AsyncConnection) -> None:
+        """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
+
+        As :class:`~hermes_orm.store.SessionStore` does, and for the same reason,
+        on aiosqlite only: each trip through the pool costs a call on the
+        driver's thread (the reset's rollback), and its connections serve any
+        event loop; other drivers' connections belong to the loop that made them.
+        """
+        if self._parks and not self._parked:
+            self._parked.append(conn)
+        else:
+            await conn.close()
 
     async def _describe_busy(self, exc: DBAPIError) -> str:
         holders: list[Any] = []

@@ -245,13 +245,15 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
 class Run(Generic[T]):
     """One transaction a store's steps ask for: ``work`` on a connection, retried whole.
 
-    A write's transaction opens holding the write lock, unless ``begins`` says
-    ``work`` runs the statements that do (``FlushSQL.begin``) itself, first.
+    A write's transaction opens holding the write lock and commits when
+    ``work`` returns, unless ``whole`` says ``work`` runs the whole transaction
+    itself: the statements that open it (``FlushSQL.begin``) first, then its
+    commit or rollback.
     """
 
     work: Callable[[Connection], T]
     write: bool
-    begins: bool = False
+    whole: bool = False
 
 
 #: What an operation does, without doing I/O: it yields the transactions it
@@ -311,7 +313,9 @@ def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequen
     still hold it open. A connection that cannot even roll back is invalidated.
     """
     try:
-        if request.write and not request.begins and begin:
+        if request.whole:
+            return request.work(conn)
+        if request.write and begin:
             _dialects.execute_driver_script(conn, begin)
         result = request.work(conn)
         # A read ends too: no snapshot or idle transaction is kept.
@@ -608,14 +612,14 @@ class StoreCore:
                     # a new stream on every attempt: a retry never resumes a used one.
                     batches = _encode_batches(messages, cursor)
                     return self._insert(conn, session_id, cursor, digest, batches)
-                if _dialects.execute_driver_script(conn, statements) != 1:
-                    raise CursorMoved
+                if _dialects.execute_driver_script(conn, statements, commit_if=1) != 1:
+                    raise CursorMoved  # rolled back
                 return written
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
                 raise CursorMoved from None
 
-        end, last = yield Run(work, write=True, begins=statements is not None)
+        end, last = yield Run(work, write=True, whole=statements is not None)
         self._remember(session_id, end, last, pin)
         return FlushResult(written=end - cursor, cursor=end)
 
@@ -705,17 +709,19 @@ class StoreCore:
         """
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
+        pending: list[tuple[str, tuple[Any, ...]]] = []
         for batch in batches:
-            _dialects.execute_driver_script(
-                conn, _insert_statements(sql, [Chunk(session_id, end, batch, None)])
-            )
+            if pending:  # a bulk flush streams: each batch goes before the next is encoded
+                _dialects.execute_driver_script(conn, pending)
+            pending = _insert_statements(sql, [Chunk(session_id, end, batch, None)])
             end += len(batch)
             last = batch[-1].digest
             tool_calls += sum(map(_TOOL_CALLS, batch))
-        advance = _advance(
-            sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
+        # The last batch and the cursor's move in one call (one trip on aiosqlite).
+        pending.append(
+            _advance(sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls)
         )
-        if _dialects.execute_driver_sql(conn, *advance) != 1:
+        if _dialects.execute_driver_script(conn, pending) != 1:
             raise CursorMoved
         return end, last
 
@@ -847,6 +853,12 @@ class SessionStore(StoreCore):
 
     def __repr__(self) -> str:
         return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Give back the idle connection; dispose of the engine if the store made it."""

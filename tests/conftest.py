@@ -182,6 +182,8 @@ class BlockingStore:
         # Stores on one async engine share its loop: its connections belong to it.
         self._runner = runner or asyncio.Runner()
         self._owns_runner = runner is None
+        #: Stores made by :func:`fresh_store` on this one's engine, closed with it.
+        self.others: list[BlockingStore] = []
 
     @property
     def engine(self) -> Engine:
@@ -198,13 +200,15 @@ class BlockingStore:
         return blocking
 
     def close(self) -> None:
+        for other in self.others:
+            other.close()
         self._runner.run(self.async_store.close())
         if self._owns_runner:
             self._runner.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests of ``store`` run on every backend and API, unless marked ``sync_only``.
+    """Tests of ``store`` run on every backend and API, unless marked ``sync_only`` or ``apis``.
 
     ``async`` is aiosqlite on SQLite and psycopg's async connections on
     PostgreSQL; ``asyncpg`` is PostgreSQL's other asyncio driver.
@@ -214,12 +218,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "api" not in metafunc.fixturenames:
         metafunc.parametrize("backend", BACKENDS)
         return
-    sync_only = metafunc.definition.get_closest_marker("sync_only") is not None
+    wanted = set(API)
+    if metafunc.definition.get_closest_marker("sync_only") is not None:
+        wanted = {"sync"}
+    only = metafunc.definition.get_closest_marker("apis")
+    if only is not None:
+        wanted = set(only.args)
     combos = [
         pytest.param(backend, api, marks=getattr(pytest.mark, backend), id=f"{backend}-{api}")
         for backend, apis in (("sqlite", API[:2]), ("postgresql", API))
         for api in apis
-        if api == "sync" or not sync_only
+        if api in wanted
     ]
     metafunc.parametrize(("backend", "api"), combos)
 
@@ -268,8 +277,13 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 def fresh_store(store: Any) -> Any:
     """A store with no memory of its own, on ``store``'s engine and API."""
     if isinstance(store, BlockingStore):
-        fresh = AsyncSessionStore(store.async_store.engine, check_schema=False)
-        return BlockingStore(fresh, store.check_engine, store._runner)
+        fresh = BlockingStore(
+            AsyncSessionStore(store.async_store.engine, check_schema=False),
+            store.check_engine,
+            store._runner,
+        )
+        store.others.append(fresh)
+        return fresh
     return SessionStore(store.engine, check_schema=False)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from hermes_orm import (
@@ -330,18 +331,22 @@ class _DriverTrap:
         self.count = 0
         self.fail_at = 0
         self.exc: Exception | None = None
+        #: Called (on the driver's thread, for aiosqlite) at the ``fail_at``-th statement.
+        self.action: Callable[[], None] | None = None
 
     def hit(self) -> None:
         self.count += 1
+        if self.count == self.fail_at and self.action is not None:
+            self.action()
         if self.count == self.fail_at and self.exc is not None:
             raise self.exc
 
     def arm(self, n: int, exc: Exception) -> None:
         self.count, self.fail_at, self.exc = 0, n, exc
 
-    def connect_args(self, backend: str) -> dict[str, Any]:
+    def connect_args(self, backend: str, api: str = "sync") -> dict[str, Any]:
         trap = self
-        if backend == "sqlite":
+        if backend == "sqlite":  # aiosqlite opens its connection with sqlite3 too
             import sqlite3
 
             class SqliteCursor(sqlite3.Cursor):
@@ -361,7 +366,12 @@ class _DriverTrap:
                 trap.hit()
                 return super().execute(*args, **kwargs)
 
-        return {"cursor_factory": PgCursor}
+        class AsyncPgCursor(psycopg.AsyncCursor[Any]):
+            async def execute(self, *args: Any, **kwargs: Any) -> Any:
+                trap.hit()
+                return await super().execute(*args, **kwargs)
+
+        return {"cursor_factory": PgCursor if api == "sync" else AsyncPgCursor}
 
 
 def _driver_transient(backend: str) -> Exception:
@@ -375,23 +385,40 @@ def _driver_transient(backend: str) -> Exception:
     return psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
 
 
+# asyncpg has no cursor class to trap; the listener path covers it (below).
+@pytest.mark.apis("sync", "async")
 @pytest.mark.parametrize("failure", ["fatal", "transient"])
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
-    db_url: str, backend: str, path: str, failure: str
+    db_url: str, engine: Engine, api: str, path: str, failure: str
 ) -> None:
     """With nothing listening to the engine, a flush runs its statements on the driver cursor.
 
-    Break each of them there: a fatal error leaves the session as it was and a
-    re-flush is exact; a transient one is retried inside the same call.
+    (On aiosqlite, all of them in one call on the driver's thread.) Break each
+    of them there: a fatal error leaves the session as it was and a re-flush is
+    exact; a transient one is retried inside the same call.
     """
     from hermes_orm import _sa, create_store_engine
+    from hermes_orm._dialects import create_async_store_engine
+    from tests.conftest import BlockingStore
 
+    backend = engine.dialect.name
     trap = _DriverTrap()
-    engine = create_store_engine(db_url, connect_args=trap.connect_args(backend))
-    store = SessionStore(engine)
-    with store.engine.connect() as conn:
-        assert not _sa.observed(conn)
+    connect_args = trap.connect_args(backend, api)
+    store: Any
+    if api == "sync":
+        store = SessionStore(create_store_engine(db_url, connect_args=connect_args))
+        with store.engine.connect() as conn:
+            assert not _sa.observed(conn)
+    else:
+        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
+        store = BlockingStore(AsyncSessionStore(async_engine), engine)
+
+        async def observed() -> bool:
+            async with async_engine.connect() as conn:
+                return await conn.run_sync(_sa.observed)
+
+        assert not store._runner.run(observed())
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
     writer = _flusher(path, store)
@@ -422,7 +449,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
             assert writer().flush(sid, turn).written == 3
         assert_exact(store, sid, turn)
     store.close()
-    engine.dispose()
+    store.engine.dispose()
 
 
 def test_failed_commit_then_retry_is_exact(
@@ -605,6 +632,19 @@ def test_tasks_flushing_one_session(db_url: str) -> None:
     asyncio.run(main())
 
 
+def _assert_write_lock_free(engine: Engine) -> None:
+    """On SQLite, that no transaction was left open: another writer gets the lock at once.
+
+    (A PostgreSQL server rolls back the transaction of a connection that closes.)
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect() as conn:  # engine's NullPool: this setting goes with the connection
+        conn.exec_driver_sql("PRAGMA busy_timeout=0")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("ROLLBACK")
+
+
 def test_a_task_cancelled_at_any_statement_leaves_the_session_exact(
     db_url: str, engine: Engine
 ) -> None:
@@ -643,6 +683,7 @@ def test_a_task_cancelled_at_any_statement_leaves_the_session_exact(
             with contextlib.suppress(asyncio.CancelledError):
                 await target["task"]
             target.clear()
+            _assert_write_lock_free(engine)
             stored = await store.get_messages(sid)
             assert stored in (history, turn)  # all of the transaction, or none of it
             await store.flush(sid, turn)
@@ -680,11 +721,100 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
         t.join()
     assert errors == []
     assert engine.pool.checkedout() == 1  # one idle connection kept, no more
-    for n in range(50):
-        assert_exact(store, f"t{n}", conversation(3))
-    store.close()
+    with store:  # closes it on the way out
+        for n in range(50):
+            assert_exact(store, f"t{n}", conversation(3))
     assert engine.pool.checkedout() == 0
     engine.dispose()
+
+
+@pytest.mark.apis("async")  # asyncpg has no cursor class to trap; the listener path covers it
+def test_a_task_cancelled_at_any_statement_of_an_unwatched_flush(
+    db_url: str, engine: Engine
+) -> None:
+    """Cancel a flush whose statements go straight to the driver (one call, on aiosqlite).
+
+    The task is cancelled while each statement runs: the session is as before
+    the flush or as the whole flush left it, and a re-flush is exact.
+    """
+    from hermes_orm._dialects import create_async_store_engine
+
+    backend = make_url(db_url).get_backend_name()
+    trap = _DriverTrap()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async_engine = create_async_store_engine(
+            db_url, connect_args=trap.connect_args(backend, "async")
+        )
+        store = AsyncSessionStore(async_engine)
+        history, turn = conversation(2), [*conversation(2), *conversation(1, "t")]
+        for path in ("remembered cursor", "locked read"):
+            for n in range(1, _statements_per_flush(path, backend) + 1):
+                sid = f"cancel-{path}-{n}"
+                await store.create_session(sid, source="cli")
+                await store.flush(sid, history)
+                flusher = store if path == "remembered cursor" else AsyncSessionStore(async_engine)
+                await flusher.get_session(sid)
+                task = asyncio.ensure_future(flusher.flush(sid, turn))
+                trap.arm(n, Boom("never raised"))
+                trap.exc = None
+                trap.action = lambda task=task: loop.call_soon_threadsafe(task.cancel)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                trap.action = None
+                assert task.cancelled() or task.result().written == 3
+                _assert_write_lock_free(engine)
+                assert await store.get_messages(sid) in (history, turn)
+                assert (await flusher.flush(sid, turn)).cursor == len(turn)
+                assert_exact(SessionStore(engine), sid, turn)
+                if flusher is not store:
+                    await flusher.close()
+        await store.close()
+        await async_engine.dispose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.apis("async", "asyncpg")
+def test_many_tasks_share_a_small_pool(db_url: str, api: str) -> None:
+    """An async store holds a connection only while it works: 50 tasks, a pool of 2+2.
+
+    On aiosqlite it keeps one idle connection between calls (its connections
+    serve any event loop) and ``close`` gives it back; on PostgreSQL's drivers
+    it keeps none.
+    """
+    from sqlalchemy.engine import make_url
+
+    from hermes_orm._dialects import create_async_store_engine
+
+    url = make_url(db_url)
+    if api == "asyncpg":
+        url = url.set(drivername="postgresql+asyncpg")
+    kept = 1 if url.get_backend_name() == "sqlite" else 0
+
+    async def main() -> None:
+        engine = create_async_store_engine(url, pool_size=2, max_overflow=2, pool_timeout=10)
+        store = AsyncSessionStore(engine)
+
+        async def agent(n: int) -> None:
+            sid = f"t{n}"
+            await store.create_session(sid, source="gateway")
+            for end in range(1, 4):
+                await store.flush(sid, conversation(end))
+            await store.get_messages(sid)
+            async with engine.connect() as conn:  # the application's own work keeps its share
+                await conn.exec_driver_sql("SELECT 1")
+
+        await asyncio.gather(*(agent(n) for n in range(50)))
+        assert engine.pool.checkedout() == kept
+        async with store:  # closes it on the way out
+            for n in range(50):
+                assert await store.get_messages(f"t{n}") == conversation(3)
+        assert engine.pool.checkedout() == 0
+        await engine.dispose()
+
+    asyncio.run(main())
 
 
 # -- the same harness against the design this library replaces -----------------------------
