@@ -143,6 +143,37 @@ def _make_dumps() -> Callable[[Any], str]:
 
 
 _dumps = _make_dumps()
+_dumps_sorted: Callable[[Any], str] = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True
+).encode
+
+
+def _as_compared(value: Any) -> Any:
+    """``value`` with every bool and integral float as the int it equals (``True == 1 == 1.0``)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _as_compared(v) for k, v in value.items()}
+    if kind is list:
+        return [_as_compared(v) for v in value]
+    if kind is bool or (kind is float and value.is_integer()):
+        return int(value)
+    return value
+
+
+def _digest_text(value: Any, text: str) -> str:
+    """The JSON text a document is digested as: one text for every value equal to it.
+
+    Messages equal as dicts must digest the same, so the digest reads a
+    document with its keys sorted and its numbers as Python compares them
+    (``True``, ``1`` and ``1.0`` alike), while the stored ``text`` keeps the
+    document as given. Only a text that may hold a bool or an integral float
+    (``true``, ``false``, ``.0``, ``e+``) is rewritten number by number.
+    """
+    if "true" in text or "false" in text or ".0" in text or "e+" in text:
+        return _dumps_sorted(_as_compared(value))
+    return _dumps_sorted(value) if "{" in text else text
+
+
 # Parses text that _dumps wrote (nothing around the document): (value, end).
 _parse_dumped: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -300,6 +331,9 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                     documents["content_parts"] = value
                     slot = _CONTENT_PARTS
                     stored = _to_json(value, index, key, message)  # escapes any NUL
+                    params[slot] = stored
+                    pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{_digest_text(value, stored)}"
+                    continue
                 else:
                     raise InvalidMessageError(
                         "content must be a str, a list of parts or None, "
@@ -319,14 +353,16 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             documents[key] = value
             if key == "tool_calls":
                 tool_calls = len(value) if isinstance(value, list) else 1
-            stored = _to_json(value, index, key, message)
+            params[slot] = stored = _to_json(value, index, key, message)
+            pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{_digest_text(value, stored)}"
+            continue
         elif kind != _BOOL or type(value) is not bool:
             stored = _column_value(key, value, index)
         params[slot] = stored
         pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{stored}"
     if extra:
         params[_EXTRA] = text = _to_json(extra, index, "extra", message)
-        pieces[_EXTRA] = _DIGEST_PREFIXES[_EXTRA] + text
+        pieces[_EXTRA] = _DIGEST_PREFIXES[_EXTRA] + _digest_text(extra, text)
         documents["extra"] = extra
 
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -37,6 +37,7 @@ from hermes_orm.store import (
     SessionPage,
     Steps,
     StoreCore,
+    Verify,
     attempt,
     resume,
 )
@@ -232,7 +233,7 @@ class AsyncSessionStore(StoreCore):
         session_id: str,
         messages: Sequence[dict[str, Any]],
         *,
-        verify: Literal["last", "full"] = "last",
+        verify: Verify = "all",
     ) -> FlushResult:
         """Write exactly ``messages[flushed_idx:]``; see :meth:`SessionStore.flush`."""
         return await self._drive(self._flush(session_id, messages, verify))

@@ -15,13 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import math
 import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -91,10 +92,30 @@ _HINTS_MAX = 10_000
 _BATCH = 500
 
 
-#: The caller's message at a remembered cursor and a shallow copy of it; see :func:`_pin`.
-Pin = tuple[dict[str, Any], dict[str, Any]]
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+#: Messages a store remembers (copies of what it stored or verified, over all the
+#: sessions it remembers): past this it forgets the copies of the sessions
+#: flushed least recently, which then check against the database once more.
+_REMEMBERED_MAX = 200_000
 _TOOL_CALLS = operator.attrgetter("tool_calls")
+Verify = Literal["all", "last", "full"]
+_VERIFY = ("all", "last", "full")
+
+
+@dataclass(slots=True)
+class _Hint:
+    """What a store knows of a session after its last write or check there.
+
+    ``cursor`` and ``digest`` are where the store left the stored cursor (a
+    hint: every use is verified in the database). ``copies``, when not None,
+    holds a copy of each message the database holds below ``len(copies)``, as
+    the caller passed it: a caller's message equal to its copy is one the
+    database holds, with no digest to take.
+    """
+
+    cursor: int
+    digest: bytes | None
+    copies: list[Any] | None
+
 
 # Forks of this process so far, as the child sees it: a connection kept from
 # before a fork is the parent's, never used in the child (checked per call,
@@ -349,10 +370,10 @@ class StoreCore:
         self._engine = engine
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
-        # session id -> (cursor, digest at it, the caller's message there pinned
-        # or None) after this store's last write: a hint that saves reading the
-        # row; every use is verified in the database.
-        self._hints: dict[str, tuple[int, bytes | None, Pin | None]] = {}
+        # session id -> what this store knows of it, most recently used last.
+        self._hints: dict[str, _Hint] = {}
+        self._remembered = 0  # messages in the hints' copies, about (see _remember)
+        self._hints_lock = threading.Lock()
         self._sql = flush_sql(engine.dialect.name)
 
     # -- sessions ----------------------------------------------------------------------
@@ -509,25 +530,22 @@ class StoreCore:
             raise InvalidMessageError(
                 f"messages must be a list of dicts, got {type(messages).__name__}"
             )
-        if verify not in ("last", "full"):
-            raise ValueError(f"verify must be 'last' or 'full', got {verify!r}")
+        if verify not in _VERIFY:
+            raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
 
-        # Taken before anything is encoded: the copy is of what gets stored.
-        pin = _pin(messages[-1]) if messages else None
-        hint = self._hints.get(session_id) if verify == "last" else None
-        if hint is not None and len(messages) > hint[0]:
+        hint = self._hints.get(session_id) if verify != "full" else None
+        if hint is not None and len(messages) > hint.cursor:
             try:
-                return (yield from self._flush_on_hint(session_id, messages, hint, pin))
+                return (yield from self._flush_on_hint(session_id, messages, hint, verify))
             except CursorMoved:
-                self._hints.pop(session_id, None)
+                pass
 
         result: FlushResult
-        result, digest = yield Run(
+        result, digest, start = yield Run(
             lambda conn: self.flush_in(conn, session_id, messages, verify), write=True
         )
-        self._remember(
-            session_id, result.cursor, digest, pin if result.cursor == len(messages) else None
-        )
+        written = None if start is None else messages[start : result.cursor]
+        self._remember(session_id, result.cursor, digest, written, start or 0)
         return result
 
     def flush_in(
@@ -535,8 +553,8 @@ class StoreCore:
         conn: Connection,
         session_id: str,
         messages: Sequence[dict[str, Any]],
-        verify: str = "last",
-    ) -> tuple[FlushResult, bytes | None]:
+        verify: str = "all",
+    ) -> tuple[FlushResult, bytes | None, int | None]:
         """The flush inside a write transaction: read the cursor under the row lock, then write.
 
         Several of these can share one transaction (a bulk import of many short
@@ -544,46 +562,55 @@ class StoreCore:
         this session is written.
 
         Returns:
-            The result and the digest at the new cursor.
+            The result, the digest at the new cursor, and where the messages
+            this call checked or wrote begin (None when the list ends before
+            the stored history): below it, the store's copies are the stored
+            messages; from it to the new cursor, ``messages`` are.
         """
         stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
-        self._check_continues(
+        hint = self._hints.get(session_id) if verify == "all" else None
+        start = self._check_continues(
             conn,
             session_id,
             messages,
             cursor=cursor,
             digest=stored.flushed_digest,
             verify=verify,
+            copies=None if hint is None else hint.copies,
         )
-        if len(messages) <= cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest
+        if len(messages) < cursor:
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None
+        if len(messages) == cursor:
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start
         batches = _encode_batches(messages, cursor)
         end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
-        return FlushResult(end - cursor, end), last
+        return FlushResult(end - cursor, end), last, start
 
     def _flush_on_hint(
-        self,
-        session_id: str,
-        messages: Sequence[dict[str, Any]],
-        hint: tuple[int, bytes | None, Pin | None],
-        pin: Pin | None,
+        self, session_id: str, messages: Sequence[dict[str, Any]], hint: _Hint, verify: str
     ) -> Steps[FlushResult]:
         """Flush on the remembered cursor: no read, the UPDATE checks it in the database.
 
         The inserts and the cursor's compare-and-swap are one transaction; if
         the stored cursor or digest is not the remembered one, it rolls back and
         :class:`CursorMoved` sends the caller to the locked read. ``messages``
-        must continue at the cursor: the message there is digested, unless it
-        is the one the hint pinned, unchanged. ``pin`` is that of the last message.
+        must continue the history below the cursor: each message there equals
+        the store's copy of it (``all``), or the one at the cursor does (``last``);
+        where the store has no copy, the locked read checks.
         """
-        cursor, digest, pinned = hint
+        cursor, digest, copies = hint.cursor, hint.digest, hint.copies
         if cursor:
-            held = messages[cursor - 1]
-            unchanged = pinned is not None and held is pinned[0] and held == pinned[1]
-            if not unchanged and _digest_or_none(held, cursor - 1) != digest:
+            if copies is not None and len(copies) == cursor:
+                # Every message (or, for "last", the one at the cursor) equal to its copy.
+                if verify == "all":
+                    if not all(map(operator.eq, messages, copies)):
+                        raise CursorMoved  # the locked read finds which one and says so
+                elif messages[cursor - 1] != copies[cursor - 1]:
+                    raise CursorMoved
+            elif verify == "all" or _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
                 raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
@@ -620,23 +647,68 @@ class StoreCore:
                 raise CursorMoved from None
 
         end, last = yield Run(work, write=True, whole=statements is not None)
-        self._remember(session_id, end, last, pin)
+        self._remember(session_id, end, last, messages[cursor:end], cursor)
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
-        """Drop the remembered cursor of a session (before rewriting its history)."""
-        self._hints.pop(session_id, None)
+        """Drop what the store remembers of a session (before rewriting its history)."""
+        with self._hints_lock:
+            hint = self._hints.pop(session_id, None)
+            if hint is not None and hint.copies is not None:
+                self._remembered -= len(hint.copies)
 
     def _remember(
-        self, session_id: str, cursor: int, digest: bytes | None, pin: Pin | None = None
+        self,
+        session_id: str,
+        cursor: int,
+        digest: bytes | None,
+        written: Sequence[Any] | None = None,
+        start: int = 0,
     ) -> None:
+        """Remember a session's stored cursor and digest after a write or a check.
+
+        Below ``cursor`` the database holds what the store's copies of the
+        session hold below ``start``, then ``written`` (checked or written just
+        now; None when unknown). Copies of ``written`` join those below
+        ``start``; if those are missing, the store keeps no copies (its next
+        flush there checks in the database).
+        """
+        with self._hints_lock:
+            hints = self._hints
+            old = hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
+            copies = None if old is None else old.copies
+            if copies is not None:
+                self._remembered -= len(copies)
+            if written is not None and len(written) == cursor - start:
+                if start == 0:
+                    copies = []  # a new list: other threads may be reading the old one
+                elif copies is None or len(copies) < start:
+                    copies = None
+                if copies is not None:
+                    del copies[start:]  # only above every remembered cursor: never read
+                    copies.extend(map(_copy, written))
+            elif copies is not None and len(copies) != cursor:
+                copies = None
+            if copies is not None:
+                self._remembered += len(copies)
+            hints[session_id] = _Hint(cursor, digest, copies)
+            if len(hints) > _HINTS_MAX or self._remembered > _REMEMBERED_MAX:
+                self._shed(session_id)
+
+    def _shed(self, keep: str) -> None:
+        """Forget the sessions flushed least recently, or their copies, back under the bounds."""
         hints = self._hints
-        hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
-        if len(hints) >= _HINTS_MAX:
-            # list() copies the keys in one step, safe against other threads' flushes.
+        if len(hints) > _HINTS_MAX:
             for stale in list(hints)[: len(hints) // 2]:
-                hints.pop(stale, None)
-        hints[session_id] = (cursor, digest, pin)
+                forgotten = hints.pop(stale)
+                if forgotten.copies is not None:
+                    self._remembered -= len(forgotten.copies)
+        for sid, hint in list(hints.items()):
+            if self._remembered <= _REMEMBERED_MAX // 2:
+                break
+            if sid != keep and hint.copies is not None:
+                self._remembered -= len(hint.copies)
+                hint.copies = None
 
     def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
         encoded = _codec.encode_message(message)
@@ -649,7 +721,7 @@ class StoreCore:
             return int(stored.flushed_idx)
 
         idx: int = yield Run(work, write=True)
-        self._remember(session_id, idx + 1, encoded.digest)
+        self._remember(session_id, idx + 1, encoded.digest, [message], idx)
         return idx
 
     @staticmethod
@@ -661,35 +733,57 @@ class StoreCore:
         cursor: int,
         digest: bytes | None,
         verify: str,
-    ) -> None:
+        copies: list[Any] | None = None,
+    ) -> int:
         """Refuse ``messages`` unless it is a prefix or a continuation of the stored history.
 
-        A list shorter than the stored history is a lagging writer (another
-        process got there first) when its last message is the stored one at
-        that position; it then writes nothing.
+        ``all`` and ``full`` check every message below the cursor: against the
+        store's ``copies`` where it has them (``all``), else against the stored
+        digests. ``last`` checks the one at the end of what the two share. A
+        list shorter than the stored history is a lagging writer (another
+        process got there first) when its messages are the stored ones; it
+        then writes nothing.
+
+        Returns:
+            Where the messages it checked against the database begin: below it,
+            they equal the store's copies.
         """
         given = len(messages)
         overlap = min(given, cursor)
         if overlap == 0:
-            return
-        if verify == "full":
+            return 0
+        if verify == "last":
+            if overlap < cursor:
+                digest = conn.execute(
+                    select(_messages.c.digest).where(
+                        _messages.c.session_id == session_id, _messages.c.idx == overlap - 1
+                    )
+                ).scalar_one_or_none()
+            if _digest_or_none(messages[overlap - 1], overlap - 1) != digest:
+                raise HistoryDivergedError(
+                    session_id, stored=cursor, given=given, index=overlap - 1
+                )
+            return cursor  # below it, the store's copies (if it has them) are still its own
+        known = 0
+        if copies is not None and len(copies) <= cursor:  # longer: the history was cut since
+            known = min(len(copies), overlap)
+            if not all(map(operator.eq, itertools.islice(messages, known), copies)):
+                index = next(i for i in range(known) if messages[i] != copies[i])
+                raise HistoryDivergedError(session_id, stored=cursor, given=given, index=index)
+        if known < overlap:
             stored = conn.execute(
                 select(_messages.c.digest)
-                .where(_messages.c.session_id == session_id, _messages.c.idx < overlap)
+                .where(
+                    _messages.c.session_id == session_id,
+                    _messages.c.idx >= known,
+                    _messages.c.idx < overlap,
+                )
                 .order_by(_messages.c.idx)
             ).scalars()
-            for i, stored_digest in enumerate(stored):
+            for i, stored_digest in enumerate(stored, known):
                 if _digest_or_none(messages[i], i) != stored_digest:
                     raise HistoryDivergedError(session_id, stored=cursor, given=given, index=i)
-            return
-        if overlap < cursor:
-            digest = conn.execute(
-                select(_messages.c.digest).where(
-                    _messages.c.session_id == session_id, _messages.c.idx == overlap - 1
-                )
-            ).scalar_one_or_none()
-        if _digest_or_none(messages[overlap - 1], overlap - 1) != digest:
-            raise HistoryDivergedError(session_id, stored=cursor, given=given, index=overlap - 1)
+        return known
 
     def _insert(
         self,
@@ -1016,7 +1110,7 @@ class SessionStore(StoreCore):
         session_id: str,
         messages: Sequence[dict[str, Any]],
         *,
-        verify: Literal["last", "full"] = "last",
+        verify: Verify = "all",
     ) -> FlushResult:
         """Write exactly ``messages[flushed_idx:]`` and advance the cursor with them.
 
@@ -1029,8 +1123,15 @@ class SessionStore(StoreCore):
         Args:
             session_id: An existing session.
             messages: The conversation so far, oldest first.
-            verify: ``"last"`` checks the message at the cursor against the
-                stored digest (O(1)); ``"full"`` checks every stored message.
+            verify: What of ``messages`` below the cursor is checked against
+                the stored history. ``"all"`` (default): every message. Each
+                equal to the store's copy of what it stored there costs one
+                comparison of dicts; the rest (a store's first flush of the
+                session, say) are digested and compared with the stored
+                digests. ``"full"``: every message, always against the stored
+                digests. ``"last"``: only the message just below the cursor
+                (O(1)), for lists too long to compare; a rewrite of an earlier
+                message goes unseen.
 
         Raises:
             SessionNotFoundError: No such session.
@@ -1228,17 +1329,20 @@ def _encode_batches(
         yield [_codec.encode_message(messages[i], i) for i in range(first, stop)]
 
 
-def _pin(message: Any) -> Pin | None:
-    """``message`` and a shallow copy of it, if the copy fixes its content.
+def _copy(value: Any) -> Any:
+    """A copy of a message (its dicts and lists copied, all the way down) to compare with later.
 
-    Every value must be a str, number, bool or None: immutable, so while the
-    caller's dict still equals the copy it holds what was stored, and the next
-    flush need not digest it again. A message holding a list or dict (tool
-    calls, content parts) could change inside it unseen: it is not pinned.
+    The strings and numbers in it are the caller's own (they cannot change);
+    a dict or list the caller changes in place afterwards no longer equals it.
     """
-    if type(message) is dict and _SCALARS.issuperset(map(type, message.values())):
-        return message, dict(message)
-    return None
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
 
 
 def _digest_or_none(message: Any, index: int) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import multiprocessing
 import sqlite3
 import threading
@@ -149,6 +150,112 @@ def test_full_verify_finds_a_change_before_the_cursor(store: SessionStore) -> No
     assert store.flush("s", [*msgs, *conversation(1, "n")], verify="full").written == 3
 
 
+def _rewrite(msgs: list[dict[str, Any]], how: str) -> int:
+    """Rewrite an earlier message of ``msgs`` (not the last one) as agents do; its index."""
+    if how == "summary replaces a middle message":
+        msgs[3] = {"role": "user", "content": "summary of the first turn"}
+        return 3
+    if how == "tool output truncated in place":
+        msgs[2]["content"] = msgs[2]["content"][:4]
+        return 2
+    if how == "tool call edited in place":
+        msgs[4]["tool_calls"][0]["function"]["arguments"] = '{"q": "edited"}'
+        return 4
+    if how == "key removed in place":
+        del msgs[5]["tool_call_id"]
+        return 5
+    if how == "message dropped":
+        del msgs[1]
+        return 1
+    msgs[0]["timestamp"] = True  # "a number's type changed", to one it is not equal to
+    return 0
+
+
+REWRITES = [
+    "summary replaces a middle message",
+    "tool output truncated in place",
+    "tool call edited in place",
+    "key removed in place",
+    "message dropped",
+    "a number's type changed",
+]
+
+
+@pytest.mark.parametrize("checker", ["the writing store", "a store that never saw it"])
+@pytest.mark.parametrize("how", REWRITES)
+def test_a_rewrite_of_any_earlier_message_is_refused_by_default(
+    store: SessionStore, how: str, checker: str
+) -> None:
+    """The default flush checks every stored message, not only the one at the cursor.
+
+    The store that wrote them compares the caller's messages with its copies;
+    a store that never saw the session compares them with the stored digests.
+    """
+    store.create_session("s", source="cli")
+    msgs = conversation(3)
+    store.flush("s", msgs)
+    stored = copy.deepcopy(msgs)
+    index = _rewrite(msgs, how)
+    flusher = store if checker == "the writing store" else fresh_store(store)
+    with pytest.raises(HistoryDivergedError) as err:
+        flusher.flush("s", [*msgs, *conversation(1, "next")])
+    assert err.value.index == index
+    assert_exact(store, "s", stored)
+    with pytest.raises(HistoryDivergedError):  # and again: what it remembers is unchanged
+        flusher.flush("s", [*msgs, *conversation(1, "next")])
+    assert flusher.flush("s", [*stored, *conversation(1, "next")]).written == 3
+
+
+def _reordered(value: Any) -> Any:
+    """``value`` with every dict's keys reversed and every int in a document as a float."""
+    if isinstance(value, dict):
+        return {k: _reordered(value[k]) for k in reversed(value)}
+    if isinstance(value, list):
+        return [_reordered(v) for v in value]
+    if type(value) is int:
+        return float(value)
+    return value
+
+
+@pytest.mark.parametrize("checker", ["the writing store", "a store that never saw it"])
+def test_messages_equal_as_dicts_are_never_refused(store: SessionStore, checker: str) -> None:
+    """Key order (at any depth) and ``1 == 1.0 == True`` inside documents change nothing."""
+    store.create_session("s", source="cli")
+    msgs = conversation(2)
+    msgs[1]["tool_calls"][0]["function"]["limits"] = {"b": 1, "a": True, "c": [1, 2.0]}
+    msgs[2]["meta"] = {"z": {"y": 1, "x": False}, "count": 3}  # an unknown key: extra
+    store.flush("s", msgs)
+    equal = [_reordered(m) for m in msgs]
+    equal[1]["tool_calls"][0]["function"]["limits"]["a"] = 1
+    assert equal == msgs
+    assert [list(m) for m in equal] != [list(m) for m in msgs]  # truly reordered
+    flusher = store if checker == "the writing store" else fresh_store(store)
+    assert flusher.flush("s", [*equal, *conversation(1, "n")]).written == 3
+    assert flusher.flush("s", [*equal, *conversation(1, "n")], verify="full").written == 0
+    assert store.get_messages("s")[:6] == msgs
+
+
+def test_a_store_over_its_memory_bound_still_checks_every_message(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound on remembered messages, copies go; the check reads digests instead."""
+    monkeypatch.setattr(store_module, "_REMEMBERED_MAX", 8)
+    lists = {sid: conversation(2, sid) for sid in ("a", "b", "c")}
+    for sid, msgs in lists.items():
+        store.create_session(sid, source="cli")
+        store.flush(sid, msgs)
+    assert store._remembered <= 8
+    for sid, msgs in lists.items():
+        stored = copy.deepcopy(msgs)
+        msgs[1]["tool_calls"][0]["id"] = "edited"
+        with pytest.raises(HistoryDivergedError) as err:
+            store.flush(sid, [*msgs, {"role": "user", "content": "more"}])
+        assert err.value.index == 1
+        assert store.flush(sid, [*stored, {"role": "user", "content": "more"}]).written == 1
+        assert_exact(store, sid, [*stored, {"role": "user", "content": "more"}])
+    assert store._remembered <= 8
+
+
 def test_invalid_message_writes_nothing(store: SessionStore) -> None:
     store.create_session("s", source="cli")
     msgs = conversation(1)
@@ -258,8 +365,12 @@ def _flusher(path: str, store: SessionStore) -> Callable[[], SessionStore]:
 
 
 def _statements_per_flush(path: str, dialect: str) -> int:
-    """A flush's statements on ``path``; SQLite's writes begin with BEGIN IMMEDIATE."""
-    return {"remembered cursor": 2, "locked read": 3}[path] + (dialect == "sqlite")
+    """A flush's statements on ``path``; SQLite's writes begin with BEGIN IMMEDIATE.
+
+    A store's first flush of a session that holds messages reads their digests
+    (to check them all) after the cursor.
+    """
+    return {"remembered cursor": 2, "locked read": 4}[path] + (dialect == "sqlite")
 
 
 def test_a_full_cursor_memory_forgets_the_sessions_flushed_least_recently(
@@ -934,9 +1045,10 @@ def test_a_stored_message_changed_in_place_is_refused(store: SessionStore, chang
 def test_a_turn_encodes_only_its_new_messages(
     store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stored message at the cursor is not digested again while the caller's dict is unchanged.
+    """No stored message is digested again while it equals the store's copy of it.
 
-    A message holding lists or dicts is: what is inside may have changed.
+    The copy is taken all the way down, so this holds for a message holding
+    lists and dicts (a tool call) too.
     """
     from hermes_orm import _codec
 
@@ -958,7 +1070,7 @@ def test_a_turn_encodes_only_its_new_messages(
     encoded.clear()
     msgs.append(conversation(1, "b")[2])
     store.flush("s", msgs)
-    assert encoded == [msgs[4], msgs[5]]  # the tool call list is digested again
+    assert encoded == [msgs[5]]
 
 
 def test_no_transaction_is_left_open_between_calls(

@@ -230,9 +230,11 @@ def test_json_objects_keep_their_key_order(store: SessionStore) -> None:
     assert list(back["zeta"]) == ["b", "a"]
 
 
-# Digests of these messages as every release has stored them. A database written
-# by an earlier release holds them in flushed_digest and in each message row:
-# if the digest changed, its sessions would no longer continue.
+# Digests of these messages as every release since migration 0006 stores them. A
+# database holds them in flushed_digest and in each message row: if the digest
+# changed without a migration rewriting them, its sessions would no longer continue.
+# (0006 rewrote the digests of messages holding JSON documents; LEGACY_DIGESTS are
+# the ones before it.)
 STORED_DIGESTS: list[tuple[dict[str, Any], str]] = [
     (
         {"role": "user", "content": "héllo 世界", "timestamp": 1760000000.5},
@@ -254,7 +256,7 @@ STORED_DIGESTS: list[tuple[dict[str, Any], str]] = [
             "token_count": 42,
             "observed": True,
         },
-        "9c32934a5e83163c18e4ff7aad46e93e",
+        "e15837dc9b594577fc59106a4b8b69cb",
     ),
     (
         {
@@ -267,8 +269,14 @@ STORED_DIGESTS: list[tuple[dict[str, Any], str]] = [
             "tool_name": "terminal\x00x",
             "custom": {"k": [1, 2.5, None]},
         },
-        "e6525a8bf8496cce9bd4d9728e489aec",
+        "5f23abb9715289eeceeaf5e1e3224175",
     ),
+]
+#: The same messages' digests as releases before migration 0006 stored them.
+LEGACY_DIGESTS = [
+    "8f873d04d0be58b49e9fa0cc022ed7bf",
+    "9c32934a5e83163c18e4ff7aad46e93e",
+    "e6525a8bf8496cce9bd4d9728e489aec",
 ]
 
 

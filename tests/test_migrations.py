@@ -152,3 +152,57 @@ def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
     postgresql = " ".join(revision._UPGRADE["postgresql"])
     assert search._PG_UNSEGMENTED.removeprefix("m.") in postgresql
     assert f"{_search_text.BODY_LIMIT}" in postgresql
+
+
+def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:
+    """Messages stored before 0006 (with the digests of then) continue after it.
+
+    The database is built at 0005, with rows as that release wrote them: after
+    the upgrade each message and session holds the digest a flush compares
+    with, so flushing the same list (its keys now in another order) writes
+    only the new message.
+    """
+    from sqlalchemy import text
+
+    from tests.test_messages import LEGACY_DIGESTS, STORED_DIGESTS
+
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    migrations.downgrade(engine, "base")
+    migrations.upgrade(engine, "0005_search_from_new_row")
+    messages = [message for message, _ in STORED_DIGESTS]
+    encoded = [hermes_orm._codec.encode_message(m, i) for i, m in enumerate(messages)]
+    columns = ("session_id", "idx", *hermes_orm._codec.PARAM_COLUMNS)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO hermes_sessions (id, source, started_at, flushed_idx,"
+                " flushed_digest, message_count, tool_call_count)"
+                " VALUES ('old', 'cli', 1, 3, :digest, 3, 1)"
+            ),
+            {"digest": bytes.fromhex(LEGACY_DIGESTS[-1])},
+        )
+        for idx, (item, legacy) in enumerate(zip(encoded, LEGACY_DIGESTS, strict=True)):
+            values = dict(zip(columns, ("old", idx, *item.params), strict=True))
+            values["digest"] = bytes.fromhex(legacy)
+            names = ", ".join(values)
+            marks = ", ".join(f":{name}" for name in values)
+            conn.execute(text(f"INSERT INTO hermes_messages ({names}) VALUES ({marks})"), values)
+    migrations.upgrade(engine)
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT digest FROM hermes_messages WHERE session_id = 'old' ORDER BY idx")
+        ).scalars()
+        assert [bytes(d).hex() for d in stored] == [d for _, d in STORED_DIGESTS]
+    store = hermes_orm.SessionStore(engine)
+    reordered = [dict(reversed(list(m.items()))) for m in messages]
+    assert store.flush("old", [*reordered, {"role": "user", "content": "more"}]).written == 1
+    assert store.get_messages("old")[:3] == messages
+    assert store.search("terminal", session_id="old").hits  # the search index kept its rows
+    migrations.downgrade(engine, "0005_search_from_new_row")
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT digest FROM hermes_messages WHERE session_id = 'old' ORDER BY idx")
+        ).scalars()
+        assert [bytes(d).hex() for d in stored][:3] == LEGACY_DIGESTS
+    store.close()
+    engine.dispose()

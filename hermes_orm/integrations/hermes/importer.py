@@ -676,7 +676,9 @@ def _copy_messages(
             done = []
             for sid, tail in tails:
                 try:
-                    result = store.flush_in(conn, sid, tail)[0]
+                    # The tail holds the source's messages from the one below the
+                    # stored cursor on: that one is what is checked.
+                    result = store.flush_in(conn, sid, tail, verify="last")[0]
                 except HistoryDivergedError:  # raised before this session wrote anything
                     done.append((sid, -1, -1))  # reported once committed
                     continue
