@@ -412,7 +412,7 @@ def flush_cost_by_length(url: str, sizes: Sizes) -> dict[str, dict[int, float]]:
     for mode, length in keys:
         store.create_session(f"len{length}-{mode}", source="bench")
         lists[mode, length] = history(length)
-        store.flush(f"len{length}-{mode}", lists[mode, length])
+        store.flush(f"len{length}-{mode}", lists[mode, length], verify=mode)
     samples: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
     for turn_msgs, order in zip(extra, rotations(keys, len(extra)), strict=True):
         for mode, length in order:

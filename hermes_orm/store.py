@@ -545,7 +545,9 @@ class StoreCore:
             lambda conn: self.flush_in(conn, session_id, messages, verify), write=True
         )
         written = None if start is None else messages[start : result.cursor]
-        self._remember(session_id, result.cursor, digest, written, start or 0)
+        self._remember(
+            session_id, result.cursor, digest, written, start or 0, copy=verify != "last"
+        )
         return result
 
     def flush_in(
@@ -647,7 +649,7 @@ class StoreCore:
                 raise CursorMoved from None
 
         end, last = yield Run(work, write=True, whole=statements is not None)
-        self._remember(session_id, end, last, messages[cursor:end], cursor)
+        self._remember(session_id, end, last, messages[cursor:end], cursor, copy=verify != "last")
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
@@ -664,6 +666,8 @@ class StoreCore:
         digest: bytes | None,
         written: Sequence[Any] | None = None,
         start: int = 0,
+        *,
+        copy: bool = True,
     ) -> None:
         """Remember a session's stored cursor and digest after a write or a check.
 
@@ -671,7 +675,9 @@ class StoreCore:
         session hold below ``start``, then ``written`` (checked or written just
         now; None when unknown). Copies of ``written`` join those below
         ``start``; if those are missing, the store keeps no copies (its next
-        flush there checks in the database).
+        flush there checks in the database). Without ``copy``, copies the store
+        has are kept up to date, and none are started (a ``verify="last"``
+        flush, an append: nothing compares them yet).
         """
         with self._hints_lock:
             hints = self._hints
@@ -680,7 +686,7 @@ class StoreCore:
             if copies is not None:
                 self._remembered -= len(copies)
             if written is not None and len(written) == cursor - start:
-                if start == 0:
+                if start == 0 and (copy or copies is not None):
                     copies = []  # a new list: other threads may be reading the old one
                 elif copies is None or len(copies) < start:
                     copies = None
@@ -721,7 +727,7 @@ class StoreCore:
             return int(stored.flushed_idx)
 
         idx: int = yield Run(work, write=True)
-        self._remember(session_id, idx + 1, encoded.digest, [message], idx)
+        self._remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
         return idx
 
     @staticmethod
