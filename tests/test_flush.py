@@ -256,6 +256,22 @@ def test_a_store_over_its_memory_bound_still_checks_every_message(
     assert store._remembered <= 8
 
 
+def test_only_a_check_that_compares_copies_makes_them(store: SessionStore) -> None:
+    """``verify="last"`` flushes and appends keep no copies; an ``all`` flush starts them."""
+    store.create_session("s", source="cli")
+    msgs = conversation(2)
+    store.flush("s", msgs, verify="last")
+    store.append("s", {"role": "user", "content": "appended"})
+    appended = [*msgs, {"role": "user", "content": "appended"}, *conversation(1, "n")]
+    store.flush("s", appended, verify="last")
+    assert store._remembered == 0
+    msgs = [*msgs, {"role": "user", "content": "appended"}, *conversation(2, "n")]
+    store.flush("s", msgs)
+    assert store._remembered == len(msgs)
+    store.append("s", {"role": "user", "content": "kept up to date"})
+    assert store._remembered == len(msgs) + 1
+
+
 def test_invalid_message_writes_nothing(store: SessionStore) -> None:
     store.create_session("s", source="cli")
     msgs = conversation(1)
