@@ -889,11 +889,15 @@ Machine: {machine()}.
 - **Hermes Agent** (`hermes-agent` from PyPI) stores the same messages with
   `SessionDB.append_message`, one transaction per message, with its FTS5
   triggers; both sides run at the same `synchronous` level.
-- **Flat cost.** A flush reads the cursor and the digest at it, and writes only
-  the new messages: its cost does not grow with the stored history. Sessions
-  holding {", ".join(f"{n:,}" for n in sizes.lengths)} messages each take
-  {sizes.flat_turns} more turns, in rotation (the order rotating each turn),
-  and each length's figure is the median of its flushes.
+- **Cost by length.** A flush writes only the new messages and moves the
+  cursor in the same statement that checks it, whatever the stored history.
+  What grows with it is the check of the caller's list: with `verify="last"`
+  it compares one message (flat, the target), with the default
+  `verify="all"` every stored message the list holds, each against the
+  store's copy of it (a dict comparison, reported). Sessions holding
+  {", ".join(f"{n:,}" for n in sizes.lengths)} messages, one per mode and
+  length, each take {sizes.flat_turns} more turns, in rotation (the order
+  rotating each turn), and each figure is the median of its flushes.
 - **Import.** The Hermes fixture (`tests/fixtures/hermes-state.db`, schema v22,
   synthetic: `scripts/make_hermes_fixture.py` writes it with hermes-agent) grown
   with clones of its sessions under new ids, imported by `import_state_db` into
