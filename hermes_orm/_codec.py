@@ -53,6 +53,42 @@ ROW_COLUMNS = (
 )
 
 _INT64 = 2**63
+#: Deepest nesting of lists and dicts a JSON document may have (drivers and the
+#: JSON readers of both backends handle it without running out of stack).
+MAX_DEPTH = 100
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as a database string, or None when it can.
+
+    PostgreSQL text holds no NUL character, and neither backend can store a
+    lone surrogate (not valid Unicode, so not UTF-8).
+    """
+    if "\x00" in text:
+        return "contains NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains lone surrogate characters (not valid Unicode)"
+    return None
+
+
+def _too_deep(value: Any, start: int = 0) -> bool:
+    """Whether lists and dicts in ``value`` nest deeper than :data:`MAX_DEPTH` (no recursion).
+
+    ``start`` is the depth of ``value`` itself (-1: a wrapper of the values checked).
+    """
+    stack: list[tuple[Any, int]] = [(value, start)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
 
 
 class EncodedMessage(NamedTuple):
@@ -84,8 +120,10 @@ class EncodedMessage(NamedTuple):
 
 def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None:
     """Refuse what JSON cannot carry exactly (tuples, sets, bytes, NaN, non-str keys)."""
-    if depth > 100:
-        raise InvalidMessageError("JSON nested deeper than 100 levels", index=index, key=key)
+    if depth > MAX_DEPTH:
+        raise InvalidMessageError(
+            f"JSON nested deeper than {MAX_DEPTH} levels", index=index, key=key
+        )
     if isinstance(value, str):
         pass
     elif isinstance(value, float):
@@ -236,6 +274,12 @@ def _to_json(value: Any, index: int | None, key: str, whole: Mapping[str, Any]) 
         raise _find_problem(whole, index) or InvalidMessageError(
             "does not survive a JSON round trip", index=index, key=key
         )
+    # Only a text with that many brackets can nest that deep: most are looked at no further.
+    # (The extra document gathers a message's own values: it is no level of theirs.)
+    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value, -(key == "extra")):
+        raise _find_problem(whole, index) or InvalidMessageError(
+            f"JSON nested deeper than {MAX_DEPTH} levels", index=index, key=key
+        )
     return text
 
 
@@ -262,7 +306,10 @@ def _column_value(key: str, value: Any, index: int | None) -> Any:
         raise InvalidMessageError(
             "must be Unix epoch seconds (int or float) or None", index=index, key=key
         )
-    stamp = float(value)
+    try:
+        stamp = float(value)
+    except OverflowError:
+        stamp = math.inf
     if not math.isfinite(stamp):
         raise InvalidMessageError("must be a finite number", index=index, key=key)
     return stamp

@@ -26,10 +26,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from hermes_orm import _sa
-from hermes_orm.errors import DatabaseBusyError, DatabaseError
+from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidURLError,
+    UnsupportedBackendError,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -111,11 +117,39 @@ def safe_url(url: str | URL) -> str:
 
 
 def normalize_url(url: str | URL) -> URL:
-    """Parse ``url``; a bare ``postgresql://`` URL gets the psycopg (3) driver."""
-    parsed = make_url(url)
+    """Parse ``url``; a bare ``postgresql://`` URL gets the psycopg (3) driver.
+
+    Raises:
+        InvalidURLError: ``url`` is not a URL, or its port is not a number.
+        UnsupportedBackendError: It names neither SQLite nor PostgreSQL.
+    """
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 - parsed lazily: a port that is not a number raises here
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise InvalidURLError(
+            f"not a database URL: {redact(str(url))} ({redact(str(exc))}); "
+            "expected sqlite:///path.db or postgresql://user:password@host:port/database"
+        ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
+
+
+def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
+    """``make(url, **kwargs)``, a driver that is not installed told as such."""
+    try:
+        return make(url, **kwargs)
+    except (ImportError, NoSuchModuleError) as exc:
+        driver = url.get_driver_name()
+        extra = "async" if "async" in driver or driver == "aiosqlite" else "postgres"
+        raise UnsupportedBackendError(
+            url.get_backend_name(),
+            f"the {url.get_backend_name()} driver {driver!r} is not installed or not "
+            f"known ({exc}); pip install 'hermes-orm[{extra}]'",
+        ) from None
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -154,14 +188,13 @@ def create_store_engine(
     """
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = dict(engine_kwargs)
-    if parsed.get_backend_name() == "sqlite":
-        path = _sqlite_file(parsed)
-        if path is not None:
-            _create_private_file(path)
-    elif parsed.get_backend_name() == "postgresql":
+    if parsed.get_backend_name() == "postgresql":
         connect_args = kwargs.setdefault("connect_args", {})
         connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
-    engine = create_engine(parsed, **kwargs)
+    engine = _create(create_engine, parsed, kwargs)
+    path = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
+    if path is not None:  # before SQLite opens it (on the first connection)
+        _create_private_file(path)
     configure_engine(engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout)
     return engine
 
@@ -186,9 +219,6 @@ def create_async_store_engine(
     if parsed.get_backend_name() == "sqlite":
         if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
             parsed = parsed.set(drivername="sqlite+aiosqlite")
-        path = _sqlite_file(parsed)
-        if path is not None:
-            _create_private_file(path)
     elif parsed.get_backend_name() == "postgresql":
         connect_args = kwargs.setdefault("connect_args", {})
         if parsed.get_driver_name() == "asyncpg":
@@ -196,7 +226,10 @@ def create_async_store_engine(
             settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
         else:
             connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
-    engine = create_async_engine(parsed, **kwargs)
+    engine = _create(create_async_engine, parsed, kwargs)
+    path = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
+    if path is not None:  # before SQLite opens it (on the first connection)
+        _create_private_file(path)
     configure_engine(
         engine.sync_engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout
     )
@@ -560,8 +593,38 @@ def is_transient(exc: DBAPIError) -> bool:
     sqlstate = getattr(orig, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
-    # psycopg raises OperationalError without a SQLSTATE when the server goes away.
-    return type(orig).__name__ == "OperationalError" and sqlstate is None
+    return is_unreachable(exc)
+
+
+def is_unreachable(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says the server could not be reached (not that it refused the work).
+
+    psycopg raises OperationalError without a SQLSTATE when a connection
+    cannot be made or is lost; a server that answered, but refused the
+    credentials or knows no such database, is no reason to try again.
+    """
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+    message = str(orig).lower()
+    return type(orig).__name__ in ("OperationalError", "ConnectionDoesNotExistError") and not any(
+        refusal in message for refusal in _REFUSALS
+    )
+
+
+#: What a server says when it refuses a connection for good (psycopg gives no SQLSTATE).
+_REFUSALS = (
+    "authentication failed",
+    "pg_hba.conf",
+    "does not exist",
+    "permission denied",
+    "password",
+)
 
 
 def busy_holders(conn: Connection) -> list[Any]:
@@ -618,7 +681,7 @@ def retry_delay(policy: RetryPolicy, attempt: int, exc: DBAPIError) -> float | N
         DatabaseError: ``exc`` is not transient: trying again cannot help.
     """
     if not is_transient(exc):
-        raise DatabaseError(f"database error: {exc.orig}") from exc
+        raise DatabaseError(f"database error: {redact(str(exc.orig))}") from exc
     if attempt + 1 >= policy.attempts:
         return None
     return policy.delay(attempt)
@@ -632,6 +695,10 @@ def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -
         except DBAPIError as exc:
             delay = retry_delay(policy, attempt, exc)
             if delay is None:
+                if is_unreachable(exc):
+                    raise DatabaseUnavailableError(
+                        redact(str(exc.orig)), attempts=policy.attempts
+                    ) from exc
                 raise DatabaseBusyError(
                     describe_busy(engine, exc), attempts=policy.attempts
                 ) from exc

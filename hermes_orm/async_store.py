@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
 from hermes_orm._dialects import RetryPolicy
-from hermes_orm.errors import DatabaseBusyError
+from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -128,11 +128,11 @@ class AsyncSessionStore(StoreCore):
 
     async def _transaction(self, request: Run[T]) -> T:
         """Run one transaction on a pooled connection, retried whole on transient errors."""
-        await self._ensure_schema()
         begin = self._sql.begin
         tries = 0
         while True:
             try:
+                await self._ensure_schema()  # its connection's failures are retried too
                 conn = await self._checkout()
                 try:
                     result = await conn.run_sync(attempt, request, begin)
@@ -145,6 +145,10 @@ class AsyncSessionStore(StoreCore):
                 return result
             except DBAPIError as exc:
                 delay = _dialects.retry_delay(self._retry, tries, exc)
+                if delay is None and _dialects.is_unreachable(exc):
+                    raise DatabaseUnavailableError(
+                        _dialects.redact(str(exc.orig)), attempts=self._retry.attempts
+                    ) from exc
                 if delay is None:
                     raise DatabaseBusyError(
                         await self._describe_busy(exc), attempts=self._retry.attempts
@@ -215,7 +219,7 @@ class AsyncSessionStore(StoreCore):
 
     async def delete_session(self, session_id: str) -> bool:
         """Delete a session and its messages; see :meth:`SessionStore.delete_session`."""
-        return await self._drive(self._delete_sessions_steps(lambda _conn: [session_id])) == 1
+        return await self._drive(self._delete_session(session_id)) == 1
 
     async def list_sessions(
         self,

@@ -37,12 +37,17 @@ class SessionExistsError(HermesOrmError):
 class UnsupportedBackendError(HermesOrmError, ValueError):
     """The database is neither SQLite nor PostgreSQL."""
 
-    def __init__(self, dialect: str) -> None:
+    def __init__(self, dialect: str, detail: str | None = None) -> None:
         self.dialect = dialect
         super().__init__(
-            f"hermes_orm runs on SQLite and PostgreSQL, not {dialect}: use a sqlite:/// "
+            detail
+            or f"hermes_orm runs on SQLite and PostgreSQL, not {dialect}: use a sqlite:/// "
             "or postgresql:// URL"
         )
+
+
+class InvalidURLError(HermesOrmError, ValueError):
+    """A database URL that cannot be parsed or used (its password is never shown)."""
 
 
 class InvalidSessionError(HermesOrmError, ValueError):
@@ -102,6 +107,17 @@ class DatabaseBusyError(HermesOrmError):
             f"database still busy after {attempts} attempts: {detail}; another "
             "writer held the lock for longer than the retry bound, so check for "
             "long-running transactions or raise SessionStore(retry=...)"
+        )
+
+
+class DatabaseUnavailableError(HermesOrmError):
+    """The database could not be reached (connections refused or lost) within the retry bound."""
+
+    def __init__(self, detail: str, *, attempts: int) -> None:
+        self.attempts = attempts
+        super().__init__(
+            f"database unreachable after {attempts} attempts: {detail}; check that the "
+            "server is up and reachable, or raise SessionStore(retry=...) to wait longer"
         )
 
 

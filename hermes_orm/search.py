@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from hermes_orm import _codec
 from hermes_orm._dialects import driver_sql
 from hermes_orm._search_text import (
     MAX_TOKEN_CHARS,
@@ -150,6 +151,9 @@ def parse_query(query: str) -> Query:
         raise SearchQueryError(
             f"a search query holds at most {MAX_QUERY_CHARS} characters, got {len(query)}"
         )
+    problem = _codec.text_problem(query)
+    if problem is not None:
+        raise SearchQueryError(f"a search query {problem}")
     items = _items(query)
     groups: list[list[Term]] = []
     excluded: list[Term] = []

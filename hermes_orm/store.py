@@ -20,6 +20,7 @@ import json
 import math
 import operator
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -85,6 +86,8 @@ _LOCK_SESSION = (
 )
 
 _INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
+#: The largest float: an int beyond it is no number a float column can hold.
+_MAX_FLOAT = sys.float_info.max
 #: Sessions whose cursor a store remembers; past this it forgets the half it
 #: flushed least recently (a gateway's idle sessions), not the busy ones.
 _HINTS_MAX = 10_000
@@ -179,9 +182,22 @@ def _check_session_id(session_id: Any) -> str:
         raise InvalidSessionError(
             f"a session id must be a non-empty str of at most 255 characters, got {session_id!r}"
         )
-    if "\x00" in session_id:
-        raise InvalidSessionError("a session id may not contain NUL characters")
+    problem = _codec.text_problem(session_id)
+    if problem is not None:
+        raise InvalidSessionError(f"session id {session_id!r} {problem}")
     return session_id
+
+
+def _check_filter(name: str, value: Any) -> str | None:
+    """A str filter of a listing (or None): a str a database can compare."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidSessionError(f"{name} must be a str or None, got {type(value).__name__}")
+    problem = _codec.text_problem(value)
+    if problem is not None:
+        raise InvalidSessionError(f"{name} {value!r} {problem}")
+    return value
 
 
 def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -205,17 +221,19 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidSessionError(f"session field {name!r} must be a number")
-            if not math.isfinite(value):
-                raise InvalidSessionError(f"session field {name!r} must be finite")
+            if (isinstance(value, int) and abs(value) > _MAX_FLOAT) or not math.isfinite(value):
+                raise InvalidSessionError(f"session field {name!r} must be a finite number")
         elif expected is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidSessionError(f"session field {name!r} must be an int")
+            if not -(2**63) <= value < 2**63:
+                raise InvalidSessionError(f"session field {name!r} must be a 64-bit int")
         elif not isinstance(value, expected):
             raise InvalidSessionError(
                 f"session field {name!r} must be {expected.__name__}, got {type(value).__name__}"
             )
-        elif isinstance(value, str) and "\x00" in value:
-            raise InvalidSessionError(f"session field {name!r} may not contain NUL characters")
+        elif isinstance(value, str) and (problem := _codec.text_problem(value)) is not None:
+            raise InvalidSessionError(f"session field {name!r} {problem}")
     return fields
 
 
@@ -436,6 +454,8 @@ class StoreCore:
 
     @staticmethod
     def _get_session(session_id: str) -> Steps[dict[str, Any] | None]:
+        _check_session_id(session_id)
+
         def work(conn: Connection) -> dict[str, Any] | None:
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
             return None if row is None else _session_dict(row)
@@ -444,6 +464,7 @@ class StoreCore:
 
     @staticmethod
     def _end_session(session_id: str, reason: str) -> Steps[None]:
+        _check_session_id(session_id)
         if not isinstance(reason, str):
             raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
         _check_fields({"end_reason": reason})
@@ -458,6 +479,10 @@ class StoreCore:
                 raise SessionNotFoundError(session_id)
 
         return _write(work)
+
+    def _delete_session(self, session_id: str) -> Steps[int]:
+        _check_session_id(session_id)
+        return self._delete_sessions_steps(lambda _conn: [session_id])
 
     def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:
         """Delete the sessions ``pick`` names (in the same transaction) and their messages.
@@ -491,6 +516,7 @@ class StoreCore:
     ) -> Steps[SessionPage]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidSessionError(f"limit must be an int from 1 to 1000, got {limit!r}")
+        source, user_id = _check_filter("source", source), _check_filter("user_id", user_id)
         query = select(_sessions)
         if source is not None:
             query = query.where(_sessions.c.source == source)
@@ -524,6 +550,7 @@ class StoreCore:
     def _flush(
         self, session_id: str, messages: Sequence[dict[str, Any]], verify: str
     ) -> Steps[FlushResult]:
+        _check_session_id(session_id)
         if type(messages) is not list and (
             isinstance(messages, str | bytes) or not isinstance(messages, Sequence)
         ):
@@ -717,6 +744,7 @@ class StoreCore:
                 hint.copies = None
 
     def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
+        _check_session_id(session_id)
         encoded = _codec.encode_message(message)
 
         def work(conn: Connection) -> int:
@@ -828,6 +856,7 @@ class StoreCore:
     def _get_messages(
         self, session_id: str, offset: int, limit: int | None
     ) -> Steps[list[dict[str, Any]]]:
+        _check_session_id(session_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be an int >= 0, got {offset!r}")
         if limit is not None and (
@@ -988,7 +1017,6 @@ class SessionStore(StoreCore):
         return self._transaction(Run(work, write))  # type: ignore[no-any-return]
 
     def _transaction(self, request: Run[Any]) -> Any:
-        self._ensure_schema()
         if self._forks_seen != _forks[0]:
             # A forked child must not use its parent's connections, pooled or kept,
             # nor a lock another of the parent's threads may have held.
@@ -999,6 +1027,7 @@ class SessionStore(StoreCore):
         begin = self._sql.begin
 
         def once() -> Any:
+            self._ensure_schema()  # its connection's failures are retried as the work's
             conn = self._checkout()
             try:
                 result = attempt(conn, request, begin)
@@ -1091,7 +1120,7 @@ class SessionStore(StoreCore):
         Returns:
             True when a session was deleted, False when there was none.
         """
-        return self.delete_sessions(lambda _conn: [session_id]) == 1
+        return drive(self._delete_session(session_id), self._transaction) == 1
 
     def list_sessions(
         self,
@@ -1225,6 +1254,8 @@ class SessionStore(StoreCore):
 def _optional_str(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise SearchQueryError(f"{name} must be a str or None, got {type(value).__name__}")
+    if value is not None and (problem := _codec.text_problem(value)) is not None:
+        raise SearchQueryError(f"{name} {value!r} {problem}")
     return value
 
 
@@ -1239,6 +1270,9 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
         or not all(isinstance(v, str) for v in values)
     ):
         raise SearchQueryError(f"{name} must be a str or a non-empty list of str, got {value!r}")
+    for text in values:
+        if (problem := _codec.text_problem(text)) is not None:
+            raise SearchQueryError(f"{name} {text!r} {problem}")
     return tuple(values)
 
 

@@ -1,0 +1,252 @@
+"""Hostile input: every call does exactly what it says or raises a typed error, writing nothing.
+
+Each class of input the store takes (session ids, session fields, filters,
+search queries, numbers, nesting, URLs) is tried on both backends and both
+APIs; open classes (any string) are tried property-based.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hermes_orm
+from hermes_orm import (
+    HermesOrmError,
+    InvalidMessageError,
+    InvalidSessionError,
+    InvalidURLError,
+    SearchQueryError,
+    SessionStore,
+    UnsupportedBackendError,
+)
+from tests.conftest import count_rows, sync_engine
+
+_ids = itertools.count()
+#: Strings of every kind a caller may pass: lone surrogates and NUL among them.
+hostile_text = st.text(
+    st.one_of(
+        st.characters(),
+        st.sampled_from(["\ud800", "\udfff", "\x00", "\U0001f600", "é", "%", "_", "'", '"']),
+    ),
+    max_size=30,
+)
+_SLOW = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def _rows(store: Any) -> tuple[int, int]:
+    engine = sync_engine(store)
+    return count_rows(engine, "hermes_sessions"), count_rows(engine, "hermes_messages")
+
+
+@_SLOW
+@given(session_id=hostile_text)
+def test_any_session_id_is_stored_exactly_or_refused(store: SessionStore, session_id: str) -> None:
+    before = _rows(store)
+    try:
+        store.create_session(session_id, source="cli")
+    except InvalidSessionError:
+        assert _rows(store) == before
+        for call in (
+            lambda: store.get_session(session_id),
+            lambda: store.flush(session_id, []),
+            lambda: store.append(session_id, {"role": "user", "content": "x"}),
+            lambda: store.get_messages(session_id),
+            lambda: store.end_session(session_id, "done"),
+            lambda: store.delete_session(session_id),
+        ):
+            with pytest.raises(InvalidSessionError):
+                call()
+        assert _rows(store) == before
+        return
+    session = store.get_session(session_id)
+    assert session is not None
+    assert session["id"] == session_id
+    store.delete_session(session_id)
+
+
+@_SLOW
+@given(value=hostile_text)
+def test_any_text_field_and_filter_is_stored_exactly_or_refused(
+    store: SessionStore, value: str
+) -> None:
+    sid = f"f{next(_ids)}"
+    before = _rows(store)
+    try:
+        store.create_session(sid, source=value, user_id=value, model=value, title=f"t{sid}{value}")
+    except InvalidSessionError:
+        assert _rows(store) == before
+        with pytest.raises(InvalidSessionError):
+            store.list_sessions(source=value)
+        with pytest.raises(SearchQueryError):
+            store.search("hello", source=value)
+        return
+    session = store.get_session(sid)
+    assert session is not None
+    assert (session["source"], session["user_id"], session["model"]) == (value, value, value)
+    assert [s["id"] for s in store.list_sessions(source=value, user_id=value).sessions] == [sid]
+    store.search("hello", source=value, user_id=value, session_id=sid)
+
+
+@_SLOW
+@given(query=hostile_text)
+def test_any_search_query_finds_or_is_refused(store: SessionStore, query: str) -> None:
+    try:
+        page = store.search(query)
+    except SearchQueryError:
+        return
+    assert page.hits == [] or all(hit.session_id for hit in page.hits)
+
+
+@pytest.mark.parametrize("words", [100, 300, 680])
+@pytest.mark.parametrize(
+    "form", ["words", "alternatives", "phrase", "exclusions", "prefixes", "one long word"]
+)
+def test_long_queries_find_or_are_refused(store: SessionStore, words: int, form: str) -> None:
+    """Up to the length limit, a query of many terms runs on both backends, or is refused."""
+    store.create_session("q", source="cli")
+    terms = [f"w{i}" for i in range(words)]
+    text = " ".join(terms)
+    store.flush("q", [{"role": "user", "content": f"{text} needle"}])
+    query = {
+        "words": text,
+        "alternatives": " OR ".join(terms),
+        "phrase": f'"{text}"',
+        "exclusions": " ".join(f"-x{t}" for t in terms) + " needle",
+        "prefixes": " ".join(f"{t}*" for t in terms),
+        "one long word": "w" * 2048,
+    }[form]
+    try:
+        page = store.search(query)
+    except SearchQueryError:  # typed: what any other error would not be
+        return
+    if form != "one long word":
+        assert [hit.session_id for hit in page.hits] == ["q"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("input_tokens", 2**63),
+        ("input_tokens", -(2**63) - 1),
+        ("api_call_count", 2**70),
+        ("started_at", 10**400),
+        ("estimated_cost_usd", -(10**400)),
+    ],
+)
+def test_session_numbers_beyond_the_columns_are_refused(
+    store: SessionStore, field: str, value: int
+) -> None:
+    before = _rows(store)
+    with pytest.raises(InvalidSessionError):
+        store.create_session(f"n{next(_ids)}", source="cli", **{field: value})
+    assert _rows(store) == before
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": "x", "timestamp": 10**400},
+        {"role": "user", "content": "x", "timestamp": -(10**400)},
+        {"role": "user", "content": "x", "token_count": 2**63},
+        {"role": 2**70, "content": "x"},
+        {"role": "user", "content": "x\ud800"},
+        {"role": "user", "content": "x", "custom": "\udfff"},
+        {"role": "user", "content": "x", "\ud800": 1},
+    ],
+)
+def test_message_values_beyond_what_is_stored_are_refused(
+    store: SessionStore, message: dict[str, Any]
+) -> None:
+    store.create_session("m", source="cli")
+    before = _rows(store)
+    with pytest.raises(InvalidMessageError):
+        store.flush("m", [message])
+    assert _rows(store) == before
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [1, 99, 100, 101, 500, 5000])
+@pytest.mark.parametrize("key", ["tool_calls", "custom"])
+def test_nesting_is_stored_and_read_back_or_refused(
+    store: SessionStore, depth: int, key: str
+) -> None:
+    """Up to the bound a document reads back equal; past it, nothing is written."""
+    store.create_session("d", source="cli")
+    message = {"role": "assistant", "content": "x", key: _nested(depth)}
+    if depth <= hermes_orm._codec.MAX_DEPTH:
+        store.flush("d", [message])
+        assert store.get_messages("d") == [message]
+        return
+    with pytest.raises(InvalidMessageError) as err:
+        store.flush("d", [message])
+    assert err.value.key == key
+    assert "nested deeper" in str(err.value)
+    assert store.get_messages("d") == []
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("postgresql://u:SECRET@localhost:abc/db", InvalidURLError),
+        ("postgresql://u:SECRET@[::1/db", InvalidURLError),
+        ("not a url", InvalidURLError),
+        ("mysql://u:SECRET@localhost/db", UnsupportedBackendError),
+        ("oracle://u:SECRET@localhost/db", UnsupportedBackendError),
+        ("postgresql+nodriver://u:SECRET@localhost/db", UnsupportedBackendError),
+        ("sqlite+nodriver:///{tmp}/x.db", UnsupportedBackendError),
+    ],
+)
+def test_urls_that_cannot_work_are_refused_without_the_password(
+    url: str, error: type[HermesOrmError], tmp_path: Path
+) -> None:
+    url = url.replace("{tmp}", str(tmp_path))
+    with pytest.raises(error) as err:
+        SessionStore(url)
+    assert list(tmp_path.iterdir()) == []  # no database file made on the way
+    assert "SECRET" not in str(err.value)
+    assert err.value.__cause__ is None  # nor in a chained exception's text
+    from hermes_orm.async_store import AsyncSessionStore
+
+    with pytest.raises(error):
+        AsyncSessionStore(url)
+
+
+def test_a_server_that_is_down_is_reported_unreachable_not_busy() -> None:
+    """A store's first call on a port nobody listens on: retried, then said as it is."""
+    import socket
+
+    from hermes_orm import DatabaseUnavailableError, RetryPolicy
+
+    with socket.socket() as probe:  # a port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://u:SECRET@127.0.0.1:{port}/db"
+    policy = RetryPolicy(attempts=2, base_delay=0.01)
+    with pytest.raises(DatabaseUnavailableError) as err:
+        SessionStore(url, retry=policy).get_session("x")
+    assert "SECRET" not in str(err.value)
+    assert "unreachable" in str(err.value)
+
+    import asyncio
+
+    from hermes_orm.async_store import AsyncSessionStore
+
+    async def first_call() -> None:
+        await AsyncSessionStore(url, retry=policy).get_session("x")
+
+    with pytest.raises(DatabaseUnavailableError):
+        asyncio.run(first_call())
