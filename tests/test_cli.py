@@ -7,6 +7,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from hermes_orm import SessionStore
 from tests.conftest import run_cli
 
@@ -75,6 +77,30 @@ def test_passwords_are_never_printed(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "hermes:***@127.0.0.1:9/none" in result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sessions", "list", "--url", "{refused}"),
+        ("--url", "{refused}", "db", "current"),
+        ("db", "upgrade", "--url", "{refused}?password=s3cret-pw"),
+        ("search", "hello", "--url", "{refused}"),
+        ("sessions", "show", "x", "--url={refused}"),
+        ("sessions", "list", "--url", "postgresql://u:s3cret-pw@127.0.0.1:abc/db"),
+        ("sessions", "list", "--url", "postgresql://u:s3cret-pw@[::1/db"),
+        ("sessions", "list", "--url", "mysql://u:s3cret-pw@127.0.0.1/db"),
+        ("--no-such-option", "--url", "{refused}"),
+        ("sessions", "list", "--url", "{refused}", "--no-such-option"),
+    ],
+)
+def test_no_argument_order_or_error_prints_a_password(tmp_path: Path, args: tuple[str]) -> None:
+    """Refused connections, bad URLs, unknown backends, bad arguments: never the password."""
+    refused = "postgresql://hermes:s3cret-pw@127.0.0.1:9/none"
+    result = run(*(a.replace("{refused}", refused) for a in args), env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
     assert "s3cret-pw" not in result.stdout + result.stderr
 
 
