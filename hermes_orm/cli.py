@@ -147,6 +147,26 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.url)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from hermes_orm.verify import verify_database
+
+    with SessionStore(args.url) as store:
+        report = verify_database(store, repair=args.repair)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        for problem in report.problems:
+            where = f"session {problem.session_id!r}" if problem.session_id else "database"
+            fixed = " (repaired)" if problem.repaired else ""
+            print(f"{where}: {problem.check}: {problem.detail}{fixed}")
+        verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        print(
+            f"{safe_url(args.url)}: {report.sessions} sessions, "
+            f"{report.messages} messages: {verdict}"
+        )
+    return 0 if report.ok else 1
+
+
 def _status(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.plugin import print_status
 
@@ -230,6 +250,17 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
         help="the Hermes state.db (default: $HERMES_HOME/state.db, ~/.hermes/state.db)",
     )
     importer.set_defaults(handler=_import)
+
+    checker = commands.add_parser(
+        "verify",
+        help="check every invariant over the database (exit 1 on a violation)",
+        description="Check positions, cursors, counts, digests, lineage and the search "
+        "index of every session. --repair fixes derived data (never deletes a message).",
+        parents=[url],
+    )
+    checker.add_argument("--repair", action="store_true", help="fix what is derived")
+    checker.add_argument("--json", action="store_true")
+    checker.set_defaults(handler=_verify)
 
     status = commands.add_parser(
         "status",
