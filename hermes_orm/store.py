@@ -572,9 +572,9 @@ class StoreCore:
             lambda conn: self.flush_in(conn, session_id, messages, verify), write=True
         )
         written = None if start is None else messages[start : result.cursor]
-        self._remember(
-            session_id, result.cursor, digest, written, start or 0, copy=verify != "last"
-        )
+        # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
+        copy = verify != "last" and result.written <= _BATCH
+        self._remember(session_id, result.cursor, digest, written, start or 0, copy=copy)
         return result
 
     def flush_in(
@@ -676,7 +676,12 @@ class StoreCore:
                 raise CursorMoved from None
 
         end, last = yield Run(work, write=True, whole=statements is not None)
-        self._remember(session_id, end, last, messages[cursor:end], cursor, copy=verify != "last")
+        if statements is None:  # a bulk flush streams: no copies of all it wrote
+            self._remember(session_id, end, last)
+        else:
+            self._remember(
+                session_id, end, last, messages[cursor:end], cursor, copy=verify != "last"
+            )
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
@@ -1369,6 +1374,9 @@ def _encode_batches(
         yield [_codec.encode_message(messages[i], i) for i in range(first, stop)]
 
 
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
 def _copy(value: Any) -> Any:
     """A copy of a message (its dicts and lists copied, all the way down) to compare with later.
 
@@ -1377,11 +1385,13 @@ def _copy(value: Any) -> Any:
     """
     kind = type(value)
     if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAVES else _copy(v) for k, v in value.items()}
     if kind is list:
-        return [_copy(v) for v in value]
+        return [v if type(v) in _LEAVES else _copy(v) for v in value]
     if isinstance(value, Mapping):
         return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
     return value
 
 

@@ -272,6 +272,24 @@ def test_only_a_check_that_compares_copies_makes_them(store: SessionStore) -> No
     assert store._remembered == len(msgs) + 1
 
 
+def test_a_bulk_flush_keeps_no_copies_and_the_next_flush_still_checks_everything(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that streams (more than a batch) holds no copies of all it wrote."""
+    monkeypatch.setattr(store_module, "_BATCH", 4)
+    store.create_session("s", source="cli")
+    msgs = conversation(4)  # 12 messages: three batches
+    store.flush("s", msgs)
+    assert store._remembered == 0
+    msgs[1]["tool_calls"][0]["id"] = "edited"
+    with pytest.raises(HistoryDivergedError) as err:  # checked against the stored digests
+        store.flush("s", [*msgs, {"role": "user", "content": "more"}])
+    assert err.value.index == 1
+    msgs[1]["tool_calls"][0]["id"] = "call_0"
+    assert store.flush("s", [*msgs, {"role": "user", "content": "more"}]).written == 1
+    assert store._remembered == 13  # a turn's flush starts them
+
+
 def test_invalid_message_writes_nothing(store: SessionStore) -> None:
     store.create_session("s", source="cli")
     msgs = conversation(1)
