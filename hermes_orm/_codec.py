@@ -5,6 +5,8 @@ value there; every other key, any known key given as ``None``, and text with
 NUL characters (which PostgreSQL text cannot hold) go into the row's ``extra``
 JSON. Reading a row applies the rule backwards, so a dict
 reads back equal to the dict flushed, and its digest is unchanged by the trip.
+An integer ``timestamp`` is the one value kept in both: its column holds it
+as a float (for ordering), ``extra`` the int itself, which is what reads back.
 
 Validation happens here, before any statement runs: a message that cannot be
 stored exactly raises :class:`~hermes_orm.errors.InvalidMessageError`.
@@ -301,7 +303,7 @@ def _column_value(key: str, value: Any, index: int | None) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or not -_INT64 <= value < _INT64:
             raise InvalidMessageError("must be a 64-bit int or None", index=index, key=key)
         return int(value)
-    # timestamp: stored, and digested, as the float it reads back as
+    # timestamp: its column holds the float (an int also goes to extra, see encode_message)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMessageError(
             "must be Unix epoch seconds (int or float) or None", index=index, key=key
@@ -357,6 +359,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     pieces[0] = _ROLE_PREFIX + role
     documents: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    exact_stamp: int | None = None
     tool_calls = 0
     for key, value in message.items():
         # A key that is not a str finds no column: it goes to extra, whose JSON
@@ -405,12 +408,24 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             continue
         elif kind != _BOOL or type(value) is not bool:
             stored = _column_value(key, value, index)
+            if kind == _STAMP and isinstance(value, int):
+                # The int reads back (from extra) as given; digested as the number
+                # it is: as the float when that is equal to it, else as itself.
+                exact_stamp = int(value)
+                if stored != exact_stamp:
+                    params[slot] = stored
+                    pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{exact_stamp}"
+                    continue
         params[slot] = stored
         pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{stored}"
     if extra:
         params[_EXTRA] = text = _to_json(extra, index, "extra", message)
         pieces[_EXTRA] = _DIGEST_PREFIXES[_EXTRA] + _digest_text(extra, text)
         documents["extra"] = extra
+    if exact_stamp is not None:  # after the digest's piece: equal numbers digest alike
+        stored_extra = {**extra, "timestamp": exact_stamp}
+        params[_EXTRA] = _dumps(stored_extra)
+        documents["extra"] = stored_extra
 
     try:
         raw = "\x00".join(filter(None, pieces)).encode("utf-8")
@@ -474,7 +489,7 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
     elif parts is not None:
         message["content"] = parts
     for key, value in zip(READ_COLUMNS[4:], values[4:], strict=True):
-        if value is not None:
+        if value is not None and key not in message:  # (an int timestamp reads from extra)
             message[key] = value
     return message
 
@@ -490,6 +505,6 @@ def row_to_message(row: Any) -> dict[str, Any]:
         message["content"] = row.content_parts
     for key in (*TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS, "token_count", "timestamp"):
         value = getattr(row, key)
-        if value is not None:
+        if value is not None and key not in message:  # (an int timestamp reads from extra)
             message[key] = value
     return message

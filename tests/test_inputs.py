@@ -250,3 +250,32 @@ def test_a_server_that_is_down_is_reported_unreachable_not_busy() -> None:
 
     with pytest.raises(DatabaseUnavailableError):
         asyncio.run(first_call())
+
+
+@pytest.mark.parametrize("stamp", [1_760_000_000, 2**53 + 1, -(2**62), 0, 1_760_000_000.25])
+def test_timestamps_read_back_exactly_int_or_float(store: SessionStore, stamp: float) -> None:
+    """An int timestamp reads back as that int (beyond 2**53 too), a float as that float."""
+    from tests.conftest import fresh_store
+
+    sid = f"ts{next(_ids)}"
+    store.create_session(sid, source="cli")
+    message = {"role": "user", "content": "x", "timestamp": stamp, "custom": 1}
+    store.flush(sid, [message])
+    [back] = fresh_store(store).get_messages(sid)
+    assert back == message
+    assert type(back["timestamp"]) is type(stamp)
+    # A number equal to it is the same message, for a store that never saw it too.
+    equal = {**message, "timestamp": float(stamp) if float(stamp) == stamp else stamp}
+    assert fresh_store(store).flush(sid, [equal, {"role": "user", "content": "y"}]).written == 1
+
+
+def test_an_int_timestamp_beyond_a_float_changed_by_one_is_a_change(store: SessionStore) -> None:
+    from hermes_orm import HistoryDivergedError
+    from tests.conftest import fresh_store
+
+    store.create_session("big", source="cli")
+    store.flush("big", [{"role": "user", "content": "x", "timestamp": 2**53 + 1}])
+    changed = {"role": "user", "content": "x", "timestamp": 2**53}  # the same float
+    for checker in (store, fresh_store(store)):
+        with pytest.raises(HistoryDivergedError):
+            checker.flush("big", [changed, {"role": "user", "content": "y"}])
