@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest_alembic.tests import (  # the four built-in tests, on each backend
@@ -204,5 +205,80 @@ def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> No
             text("SELECT digest FROM hermes_messages WHERE session_id = 'old' ORDER BY idx")
         ).scalars()
         assert [bytes(d).hex() for d in stored][:3] == LEGACY_DIGESTS
+    store.close()
+    engine.dispose()
+
+
+def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
+    """Sessions written at each shipped revision are all there at head, searchable and sound.
+
+    At each revision (base to the one before head) a session is written as
+    that release stored it, digests of its time included; after the upgrade to
+    head every one reads back equal, is found by search, passes ``verify``, and
+    continues with a flush.
+    """
+    import importlib.util
+
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from hermes_orm._codec import PARAM_COLUMNS, encode_message
+    from hermes_orm.migrations import SCRIPT_LOCATION
+    from hermes_orm.verify import verify_database
+    from tests.test_flush import conversation
+
+    script = ScriptDirectory(SCRIPT_LOCATION)
+    revisions = [r.revision for r in reversed(list(script.walk_revisions()))]
+    spec = importlib.util.spec_from_file_location(
+        "digests_0006", Path(SCRIPT_LOCATION) / "versions" / "0006_digests_equal_as_dicts.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    frozen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frozen)
+
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    migrations.downgrade(engine, "base")
+    written: dict[str, list[dict[str, Any]]] = {}
+    for n, revision in enumerate(revisions[:-1]):
+        migrations.upgrade(engine, revision)
+        sid = f"rev{n}"
+        messages = [*conversation(2, sid), {"role": "user", "content": f"检索历史记录 {sid}"}]
+        legacy = revisions.index("0006_digests_equal_as_dicts") > n
+        rows = []
+        for idx, message in enumerate(messages):
+            params = list(encode_message(message, idx).params)
+            if legacy:  # the digest as the releases before 0006 stored it
+                params[-1] = frozen._digest(params[:-1], as_compared=False)
+            columns = dict(zip(PARAM_COLUMNS, params, strict=True))
+            rows.append({"session_id": sid, "idx": idx, **columns})
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO hermes_sessions (id, source, started_at, flushed_idx,"
+                    " flushed_digest, message_count, tool_call_count)"
+                    " VALUES (:id, 'cli', :n, :count, :digest, :count, 2)"
+                ),
+                {"id": sid, "n": n, "count": len(rows), "digest": rows[-1]["digest"]},
+            )
+            names = list(rows[0])
+            conn.execute(
+                text(
+                    f"INSERT INTO hermes_messages ({', '.join(names)})"
+                    f" VALUES ({', '.join(':' + name for name in names)})"
+                ),
+                rows,
+            )
+        written[sid] = messages
+    migrations.upgrade(engine)
+    store = hermes_orm.SessionStore(engine)
+    assert verify_database(store).problems == []
+    for sid, messages in written.items():
+        assert store.get_messages(sid) == messages
+        assert [h.session_id for h in store.search(sid).hits] == [sid]
+        assert len(store.search("历史记录", session_id=sid).hits) == 1
+        assert len(store.search("question", session_id=sid).hits) == 2
+        more = {"role": "user", "content": "more"}
+        assert store.flush(sid, [*messages, more]).written == 1
     store.close()
     engine.dispose()
