@@ -695,12 +695,18 @@ def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -
         except DBAPIError as exc:
             delay = retry_delay(policy, attempt, exc)
             if delay is None:
-                if is_unreachable(exc):
-                    raise DatabaseUnavailableError(
-                        redact(str(exc.orig)), attempts=policy.attempts
-                    ) from exc
-                raise DatabaseBusyError(
-                    describe_busy(engine, exc), attempts=policy.attempts
-                ) from exc
+                raise out_of_retries(engine, policy, exc) from exc
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def out_of_retries(
+    engine: Engine, policy: RetryPolicy, exc: DBAPIError, holders: Sequence[Any] | None = None
+) -> DatabaseUnavailableError | DatabaseBusyError:
+    """What to raise when transient errors outlasted ``policy``: unreachable, or busy.
+
+    ``holders`` as for :func:`describe_busy`.
+    """
+    if is_unreachable(exc):
+        return DatabaseUnavailableError(redact(str(exc.orig)), attempts=policy.attempts)
+    return DatabaseBusyError(describe_busy(engine, exc, holders), attempts=policy.attempts)

@@ -28,7 +28,6 @@ from sqlalchemy.pool import NullPool
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
 from hermes_orm._dialects import RetryPolicy
-from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -145,14 +144,9 @@ class AsyncSessionStore(StoreCore):
                 return result
             except DBAPIError as exc:
                 delay = _dialects.retry_delay(self._retry, tries, exc)
-                if delay is None and _dialects.is_unreachable(exc):
-                    raise DatabaseUnavailableError(
-                        _dialects.redact(str(exc.orig)), attempts=self._retry.attempts
-                    ) from exc
                 if delay is None:
-                    raise DatabaseBusyError(
-                        await self._describe_busy(exc), attempts=self._retry.attempts
-                    ) from exc
+                    holders = await self._busy_holders(exc)
+                    raise _dialects.out_of_retries(self._engine, self._retry, exc, holders) from exc
                 tries += 1
                 await asyncio.sleep(delay)
 
@@ -175,15 +169,15 @@ class AsyncSessionStore(StoreCore):
         else:
             await conn.close()
 
-    async def _describe_busy(self, exc: DBAPIError) -> str:
-        holders: list[Any] = []
-        if self._engine.dialect.name == "postgresql":
-            try:
-                async with self._async_engine.connect() as conn:
-                    holders = await conn.run_sync(_dialects.busy_holders)
-            except DBAPIError:
-                holders = []
-        return _dialects.describe_busy(self._engine, exc, holders)
+    async def _busy_holders(self, exc: DBAPIError) -> list[Any]:
+        """Who holds locks on the sessions (PostgreSQL; none asked of a server out of reach)."""
+        if self._engine.dialect.name != "postgresql" or _dialects.is_unreachable(exc):
+            return []
+        try:
+            async with self._async_engine.connect() as conn:
+                return await conn.run_sync(_dialects.busy_holders)
+        except DBAPIError:
+            return []
 
     async def _drive(self, steps: Steps[T]) -> T:
         """Run ``steps`` to their end, each transaction awaited (see :func:`store.drive`)."""

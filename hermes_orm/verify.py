@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import _codec
 from hermes_orm import search as _search
@@ -215,8 +216,6 @@ def _check_search(conn: Connection, repair: bool) -> list[Problem]:
     """The search index covers every message (SQLite: FTS5's own checks too)."""
     problems = []
     if conn.dialect.name == "sqlite":
-        from sqlalchemy.exc import DBAPIError
-
         for table in ("hermes_search", "hermes_search_cjk"):
             try:
                 conn.exec_driver_sql(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")

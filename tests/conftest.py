@@ -208,7 +208,7 @@ class BlockingStore:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests of ``store`` run on every backend and API, unless marked ``sync_only`` or ``apis``.
+    """Tests of ``store`` run on every backend and API, unless marked ``apis(...)``.
 
     ``async`` is aiosqlite on SQLite and psycopg's async connections on
     PostgreSQL; ``asyncpg`` is PostgreSQL's other asyncio driver.
@@ -218,12 +218,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "api" not in metafunc.fixturenames:
         metafunc.parametrize("backend", BACKENDS)
         return
-    wanted = set(API)
-    if metafunc.definition.get_closest_marker("sync_only") is not None:
-        wanted = {"sync"}
     only = metafunc.definition.get_closest_marker("apis")
-    if only is not None:
-        wanted = set(only.args)
+    wanted = set(API) if only is None else set(only.args)
     combos = [
         pytest.param(backend, api, marks=getattr(pytest.mark, backend), id=f"{backend}-{api}")
         for backend, apis in (("sqlite", API[:2]), ("postgresql", API))

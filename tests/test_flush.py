@@ -729,7 +729,7 @@ def test_two_processes_flushing_one_session(store: SessionStore, db_url: str) ->
     assert_exact(store, "shared", conversation(rounds))
 
 
-@pytest.mark.sync_only  # threads share a blocking store; tasks share an async one, below
+@pytest.mark.apis("sync")  # threads share a blocking store; tasks share an async one, below
 def test_threads_flushing_one_session(store: SessionStore) -> None:
     store.create_session("shared", source="gateway")
     full = conversation(10)

@@ -24,7 +24,7 @@ from hermes_orm.integrations.hermes import StateDbError, import_state_db, import
 from tests._hermes import digest_file, expected_message, source_rows
 
 # the importer writes through a blocking SessionStore: its tests run on that API only.
-pytestmark = pytest.mark.sync_only
+pytestmark = pytest.mark.apis("sync")
 
 ROOT = Path(__file__).resolve().parents[1]
 _BOOL_SESSION = {"expiry_finalized", "archived"}

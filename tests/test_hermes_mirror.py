@@ -28,7 +28,7 @@ from hermes_orm.integrations.hermes.mirror import (
 from hermes_orm.integrations.hermes.plugin import make_hooks
 
 # the Hermes plugin writes through a blocking SessionStore: its tests run on that API only.
-pytestmark = pytest.mark.sync_only
+pytestmark = pytest.mark.apis("sync")
 
 
 def _turn(n: int) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from tests._hermes_agent import (
 )
 
 # the Hermes plugin writes through a blocking SessionStore: its tests run on that API only.
-pytestmark = pytest.mark.sync_only
+pytestmark = pytest.mark.apis("sync")
 
 Core = tuple[str, Any, Any, list[tuple[Any, Any, Any]]]
 

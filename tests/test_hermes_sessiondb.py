@@ -17,7 +17,7 @@ from hermes_orm import SessionStore
 from hermes_orm.integrations.hermes import SessionDB
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
-pytestmark = pytest.mark.sync_only
+pytestmark = pytest.mark.apis("sync")
 
 _CLOCK = {"started_at", "ended_at", "timestamp", "last_active", "session_started"}
 

@@ -15,7 +15,7 @@ from tests.conftest import count_rows, fresh_store, run_cli
 from tests.test_cli import clean_env
 from tests.test_flush import conversation
 
-pytestmark = pytest.mark.sync_only  # verify runs on a SessionStore
+pytestmark = pytest.mark.apis("sync")  # verify runs on a SessionStore
 
 
 def _breakage(engine: Engine) -> None:
