@@ -139,9 +139,13 @@ def normalize_url(url: str | URL) -> URL:
 
 
 def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
-    """``make(url, **kwargs)``, a driver that is not installed told as such."""
+    """The engine ``make(url, **kwargs)``; a driver that is not installed told as such.
+
+    An SQLite file is then created owner-only, before SQLite opens it (on the
+    engine's first connection) world-readable.
+    """
     try:
-        return make(url, **kwargs)
+        engine = make(url, **kwargs)
     except (ImportError, NoSuchModuleError) as exc:
         driver = url.get_driver_name()
         extra = "async" if "async" in driver or driver == "aiosqlite" else "postgres"
@@ -150,6 +154,10 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
             f"the {url.get_backend_name()} driver {driver!r} is not installed or not "
             f"known ({exc}); pip install 'hermes-orm[{extra}]'",
         ) from None
+    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+    if path is not None:
+        _create_private_file(path)
+    return engine
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -192,9 +200,6 @@ def create_store_engine(
         connect_args = kwargs.setdefault("connect_args", {})
         connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
     engine = _create(create_engine, parsed, kwargs)
-    path = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
-    if path is not None:  # before SQLite opens it (on the first connection)
-        _create_private_file(path)
     configure_engine(engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout)
     return engine
 
@@ -227,9 +232,6 @@ def create_async_store_engine(
         else:
             connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
     engine = _create(create_async_engine, parsed, kwargs)
-    path = _sqlite_file(parsed) if parsed.get_backend_name() == "sqlite" else None
-    if path is not None:  # before SQLite opens it (on the first connection)
-        _create_private_file(path)
     configure_engine(
         engine.sync_engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout
     )
