@@ -29,19 +29,19 @@ from hermes_orm.migrations import check as check_schema
 from hermes_orm.migrations import downgrade, upgrade
 from hermes_orm.models import Base, Message, Meta, ModelUsage, Session
 from hermes_orm.search import SearchHit, SearchPage
-from hermes_orm.store import FlushResult, SessionPage, SessionStore
+from hermes_orm.store import FlushResult, SessionPage, SessionStore, UserStore
 
 if TYPE_CHECKING:
-    from hermes_orm.async_store import AsyncSessionStore
+    from hermes_orm.async_store import AsyncSessionStore, AsyncUserStore
 
 
 def __getattr__(name: str) -> object:
     # The asyncio store needs SQLAlchemy's asyncio extension (greenlet), an
     # optional dependency: imported when first asked for.
-    if name == "AsyncSessionStore":
-        from hermes_orm.async_store import AsyncSessionStore
+    if name in ("AsyncSessionStore", "AsyncUserStore"):
+        from hermes_orm import async_store
 
-        return AsyncSessionStore
+        return getattr(async_store, name)
     raise AttributeError(f"module 'hermes_orm' has no attribute {name!r}")
 
 
@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncSessionStore",
+    "AsyncUserStore",
     "Base",
     "DatabaseBusyError",
     "DatabaseError",
@@ -74,6 +75,7 @@ __all__ = [
     "SessionPage",
     "SessionStore",
     "UnsupportedBackendError",
+    "UserStore",
     "check_schema",
     "create_async_store_engine",
     "create_store_engine",

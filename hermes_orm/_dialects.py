@@ -452,8 +452,14 @@ def render_flush_sql(
     insert_columns: tuple[str, ...],
     json_columns: frozenset[str],
     read_columns: tuple[str, ...],
+    *,
+    scoped: bool = False,
 ) -> FlushSQL:
-    """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``)."""
+    """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``).
+
+    ``scoped``: the cursor's UPDATEs also compare the session's ``user_id``
+    with their last parameter.
+    """
     mark = _marks(dialect)[0]
     insert_head, insert_row, insert_rows_max = rows_insert(
         dialect, "hermes_messages", insert_columns, json_columns
@@ -463,14 +469,15 @@ def render_flush_sql(
         f"flushed_digest = {mark}, tool_call_count = tool_call_count + {mark} "
         f"WHERE id = {mark} AND flushed_idx = {mark}"
     )
+    owner = f" AND user_id = {mark}" if scoped else ""
     return FlushSQL(
         mark=mark,
         begin=write_begin(dialect),
         insert_head=insert_head,
         insert_row=insert_row,
         insert_rows_max=insert_rows_max,
-        advance=advance,
-        advance_if_digest=f"{advance} AND flushed_digest = {mark}",
+        advance=advance + owner,
+        advance_if_digest=f"{advance} AND flushed_digest = {mark}{owner}",
         read_messages=f"SELECT {', '.join(read_columns)} FROM hermes_messages",
         read_where=f" WHERE session_id = {mark}",
         read_from=f" AND idx >= {mark}",

@@ -44,140 +44,11 @@ from hermes_orm.store import (
 T = TypeVar("T")
 
 
-class AsyncSessionStore(StoreCore):
-    """Sessions and their messages in one database, written exactly once, from asyncio.
-
-    Args:
-        bind: A database URL or an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
-            ``sqlite:///path.db`` runs on aiosqlite, ``postgresql://...`` on
-            psycopg 3's async connections, ``postgresql+asyncpg://...`` on asyncpg.
-        retry: Bound on retries of transient errors.
-        sqlite_synchronous: SQLite ``synchronous`` level (see :class:`SessionStore`).
-        lock_timeout: Seconds one attempt waits for a lock (see :class:`SessionStore`).
-        check_schema: Refuse a database whose schema is not at the shipped head.
-
-    Each operation takes a connection from the engine's pool and gives it back
-    when its transaction ends; on aiosqlite the store keeps the last one, idle,
-    for its next operation (as :class:`~hermes_orm.store.SessionStore` does),
-    and :meth:`close` gives it back.
-
-    Raises:
-        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
-    """
-
-    def __init__(
-        self,
-        bind: str | URL | AsyncEngine,
-        *,
-        retry: RetryPolicy | None = None,
-        sqlite_synchronous: str = "FULL",
-        lock_timeout: float = _dialects.LOCK_TIMEOUT,
-        check_schema: bool = True,
-    ) -> None:
-        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
-        self._owns_engine = not isinstance(bind, AsyncEngine)
-        if isinstance(bind, AsyncEngine):
-            engine = bind
-            _dialects.configure_engine(bind.sync_engine, **settings)
-        else:
-            engine = _dialects.create_async_store_engine(bind, **settings)
-        super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema)
-        self._async_engine = engine
-        self._parked: list[AsyncConnection] = []
-        self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
-
-    @property
-    def engine(self) -> AsyncEngine:
-        """The asyncio engine this store runs on (its ``sync_engine`` carries the events)."""
-        return self._async_engine
-
-    def __repr__(self) -> str:
-        url = self._async_engine.url.render_as_string(hide_password=True)
-        return f"AsyncSessionStore({url!r})"
-
-    async def __aenter__(self) -> AsyncSessionStore:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Give back the idle connection; dispose of the engine if the store made it."""
-        parked, self._parked = self._parked, []
-        for conn in parked:
-            await conn.close()
-        if self._owns_engine:
-            await self._async_engine.dispose()
-
-    # -- schema ------------------------------------------------------------------
-
-    async def upgrade(self, revision: str = "head") -> None:
-        """Run the shipped migrations up to ``revision`` (default: the head)."""
-        async with self._async_engine.begin() as conn:
-            await conn.run_sync(migrations.upgrade, revision)
-        self._schema_checked = False
-
-    async def _ensure_schema(self) -> None:
-        if not self._schema_checked:
-            async with self._async_engine.connect() as conn:
-                await conn.run_sync(migrations.check)
-            self._schema_checked = True
-
-    # -- transactions --------------------------------------------------------------
+class _AsyncSessions(StoreCore):
+    """The asyncio API on sessions and messages, of a store and of its user-scoped views."""
 
     async def _transaction(self, request: Run[T]) -> T:
-        """Run one transaction on a pooled connection, retried whole on transient errors."""
-        begin = self._sql.begin
-        tries = 0
-        while True:
-            try:
-                await self._ensure_schema()  # its connection's failures are retried too
-                conn = await self._checkout()
-                try:
-                    result = await conn.run_sync(attempt, request, begin)
-                except BaseException:
-                    # Back to the pool, whose reset rolls back whatever a
-                    # cancellation interrupted; dropped if it was invalidated.
-                    await asyncio.shield(conn.close())
-                    raise
-                await self._checkin(conn)
-                return result
-            except DBAPIError as exc:
-                delay = _dialects.retry_delay(self._retry, tries, exc)
-                if delay is None:
-                    holders = await self._busy_holders(exc)
-                    raise _dialects.out_of_retries(self._engine, self._retry, exc, holders) from exc
-                tries += 1
-                await asyncio.sleep(delay)
-
-    async def _checkout(self) -> AsyncConnection:
-        """The idle connection the store kept, else one from the pool."""
-        if self._parked:
-            return self._parked.pop()
-        return await self._async_engine.connect()
-
-    async def _checkin(self, conn: AsyncConnection) -> None:
-        """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
-
-        As :class:`~hermes_orm.store.SessionStore` does, and for the same reason,
-        on aiosqlite only: each trip through the pool costs a call on the
-        driver's thread (the reset's rollback), and its connections serve any
-        event loop; other drivers' connections belong to the loop that made them.
-        """
-        if self._parks and not self._parked:
-            self._parked.append(conn)
-        else:
-            await conn.close()
-
-    async def _busy_holders(self, exc: DBAPIError) -> list[Any]:
-        """Who holds locks on the sessions (PostgreSQL; none asked of a server out of reach)."""
-        if self._engine.dialect.name != "postgresql" or _dialects.is_unreachable(exc):
-            return []
-        try:
-            async with self._async_engine.connect() as conn:
-                return await conn.run_sync(_dialects.busy_holders)
-        except DBAPIError:
-            return []
+        raise NotImplementedError
 
     async def _drive(self, steps: Steps[T]) -> T:
         """Run ``steps`` to their end, each transaction awaited (see :func:`store.drive`)."""
@@ -269,6 +140,164 @@ class AsyncSessionStore(StoreCore):
         )
         return await self._drive(steps)
 
+
+class AsyncSessionStore(_AsyncSessions):
+    """Sessions and their messages in one database, written exactly once, from asyncio.
+
+    Args:
+        bind: A database URL or an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
+            ``sqlite:///path.db`` runs on aiosqlite, ``postgresql://...`` on
+            psycopg 3's async connections, ``postgresql+asyncpg://...`` on asyncpg.
+        retry: Bound on retries of transient errors.
+        sqlite_synchronous: SQLite ``synchronous`` level (see :class:`SessionStore`).
+        lock_timeout: Seconds one attempt waits for a lock (see :class:`SessionStore`).
+        check_schema: Refuse a database whose schema is not at the shipped head.
+
+    Each operation takes a connection from the engine's pool and gives it back
+    when its transaction ends; on aiosqlite the store keeps the last one, idle,
+    for its next operation (as :class:`~hermes_orm.store.SessionStore` does),
+    and :meth:`close` gives it back.
+
+    Raises:
+        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | AsyncEngine,
+        *,
+        retry: RetryPolicy | None = None,
+        sqlite_synchronous: str = "FULL",
+        lock_timeout: float = _dialects.LOCK_TIMEOUT,
+        check_schema: bool = True,
+    ) -> None:
+        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
+        self._owns_engine = not isinstance(bind, AsyncEngine)
+        if isinstance(bind, AsyncEngine):
+            engine = bind
+            _dialects.configure_engine(bind.sync_engine, **settings)
+        else:
+            engine = _dialects.create_async_store_engine(bind, **settings)
+        super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema)
+        self._async_engine = engine
+        self._parked: list[AsyncConnection] = []
+        self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The asyncio engine this store runs on (its ``sync_engine`` carries the events)."""
+        return self._async_engine
+
+    def __repr__(self) -> str:
+        url = self._async_engine.url.render_as_string(hide_password=True)
+        return f"AsyncSessionStore({url!r})"
+
+    async def __aenter__(self) -> AsyncSessionStore:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Give back the idle connection; dispose of the engine if the store made it."""
+        parked, self._parked = self._parked, []
+        for conn in parked:
+            await conn.close()
+        if self._owns_engine:
+            await self._async_engine.dispose()
+
+    def for_user(self, user_id: str) -> AsyncUserStore:
+        """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
+
+        Raises:
+            InvalidSessionError: ``user_id`` is not a non-empty str.
+        """
+        return AsyncUserStore(self, user_id)
+
+    # -- schema ------------------------------------------------------------------
+
+    async def upgrade(self, revision: str = "head") -> None:
+        """Run the shipped migrations up to ``revision`` (default: the head)."""
+        async with self._async_engine.begin() as conn:
+            await conn.run_sync(migrations.upgrade, revision)
+        self._schema_checked = False
+
+    async def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            async with self._async_engine.connect() as conn:
+                await conn.run_sync(migrations.check)
+            self._schema_checked = True
+
+    # -- transactions --------------------------------------------------------------
+
+    async def _transaction(self, request: Run[T]) -> T:
+        """Run one transaction on a pooled connection, retried whole on transient errors."""
+        begin = self._sql.begin
+        tries = 0
+        while True:
+            try:
+                await self._ensure_schema()  # its connection's failures are retried too
+                conn = await self._checkout()
+                try:
+                    result = await conn.run_sync(attempt, request, begin)
+                except BaseException:
+                    # Back to the pool, whose reset rolls back whatever a
+                    # cancellation interrupted; dropped if it was invalidated.
+                    await asyncio.shield(conn.close())
+                    raise
+                await self._checkin(conn)
+                return result
+            except DBAPIError as exc:
+                delay = _dialects.retry_delay(self._retry, tries, exc)
+                if delay is None:
+                    holders = await self._busy_holders(exc)
+                    raise _dialects.out_of_retries(self._engine, self._retry, exc, holders) from exc
+                tries += 1
+                await asyncio.sleep(delay)
+
+    async def _checkout(self) -> AsyncConnection:
+        """The idle connection the store kept, else one from the pool."""
+        if self._parked:
+            return self._parked.pop()
+        return await self._async_engine.connect()
+
+    async def _checkin(self, conn: AsyncConnection) -> None:
+        """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
+
+        As :class:`~hermes_orm.store.SessionStore` does, and for the same reason,
+        on aiosqlite only: each trip through the pool costs a call on the
+        driver's thread (the reset's rollback), and its connections serve any
+        event loop; other drivers' connections belong to the loop that made them.
+        """
+        if self._parks and not self._parked:
+            self._parked.append(conn)
+        else:
+            await conn.close()
+
+    async def _busy_holders(self, exc: DBAPIError) -> list[Any]:
+        """Who holds locks on the sessions (PostgreSQL; none asked of a server out of reach)."""
+        if self._engine.dialect.name != "postgresql" or _dialects.is_unreachable(exc):
+            return []
+        try:
+            async with self._async_engine.connect() as conn:
+                return await conn.run_sync(_dialects.busy_holders)
+        except DBAPIError:
+            return []
+
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""
         return await self._transaction(Run(_search.rebuild, write=True))
+
+
+class AsyncUserStore(_AsyncSessions):
+    """An asyncio store's view of one user's sessions (``AsyncSessionStore.for_user``).
+
+    What it sees and refuses is what :class:`hermes_orm.store.UserStore` does.
+    """
+
+    def __init__(self, store: AsyncSessionStore, user_id: str) -> None:
+        self._view(store, user_id)
+        self._store = store
+
+    async def _transaction(self, request: Run[T]) -> T:
+        return await self._store._transaction(request)

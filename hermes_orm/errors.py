@@ -24,12 +24,18 @@ class SessionNotFoundError(HermesOrmError, LookupError):
 
 
 class SessionExistsError(HermesOrmError):
-    """``create_session`` was given an id that is already stored."""
+    """``create_session`` was given an id that is already stored.
 
-    def __init__(self, session_id: str) -> None:
+    Session ids are unique in the database: a user-scoped store that asks for
+    an id another user's session holds gets this error (and learns no more).
+    """
+
+    def __init__(self, session_id: str, *, another_user: bool = False) -> None:
         self.session_id = session_id
         super().__init__(
-            f"session {session_id!r} already exists; use ensure_session() to "
+            f"session id {session_id!r} is taken by another user's session"
+            if another_user
+            else f"session {session_id!r} already exists; use ensure_session() to "
             "create it only when missing"
         )
 

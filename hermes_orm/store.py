@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Row,
@@ -118,6 +119,86 @@ class _Hint:
     cursor: int
     digest: bytes | None
     copies: list[Any] | None
+
+
+class _Memory:
+    """The hints of a store, shared with the user-scoped stores made from it.
+
+    Sharing is safe because a hint is only ever a guess verified in the
+    database, and a scoped store's verification includes the owner.
+    """
+
+    __slots__ = ("hints", "lock", "remembered")
+
+    def __init__(self) -> None:
+        # session id -> what the store knows of it, most recently used last.
+        self.hints: dict[str, _Hint] = {}
+        self.remembered = 0  # messages in the hints' copies, about (see remember)
+        self.lock = threading.Lock()
+
+    def remember(
+        self,
+        session_id: str,
+        cursor: int,
+        digest: bytes | None,
+        written: Sequence[Any] | None = None,
+        start: int = 0,
+        *,
+        copy: bool = True,
+    ) -> None:
+        """Remember a session's stored cursor and digest after a write or a check.
+
+        Below ``cursor`` the database holds what the store's copies of the
+        session hold below ``start``, then ``written`` (checked or written just
+        now; None when unknown). Copies of ``written`` join those below
+        ``start``; if those are missing, the store keeps no copies (its next
+        flush there checks in the database). Without ``copy``, copies the store
+        has are kept up to date, and none are started (a ``verify="last"``
+        flush, an append: nothing compares them yet).
+        """
+        with self.lock:
+            hints = self.hints
+            old = hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
+            copies = None if old is None else old.copies
+            if copies is not None:
+                self.remembered -= len(copies)
+            if written is not None and len(written) == cursor - start:
+                if start == 0 and (copy or copies is not None):
+                    copies = []  # a new list: other threads may be reading the old one
+                elif copies is None or len(copies) < start:
+                    copies = None
+                if copies is not None:
+                    del copies[start:]  # only above every remembered cursor: never read
+                    copies.extend(map(_copy, written))
+            elif copies is not None and len(copies) != cursor:
+                copies = None
+            if copies is not None:
+                self.remembered += len(copies)
+            hints[session_id] = _Hint(cursor, digest, copies)
+            if len(hints) > _HINTS_MAX or self.remembered > _REMEMBERED_MAX:
+                self.shed(session_id)
+
+    def shed(self, keep: str) -> None:
+        """Forget the sessions flushed least recently, or their copies, back under the bounds."""
+        hints = self.hints
+        if len(hints) > _HINTS_MAX:
+            for stale in list(hints)[: len(hints) // 2]:
+                forgotten = hints.pop(stale)
+                if forgotten.copies is not None:
+                    self.remembered -= len(forgotten.copies)
+        for sid, hint in list(hints.items()):
+            if self.remembered <= _REMEMBERED_MAX // 2:
+                break
+            if sid != keep and hint.copies is not None:
+                self.remembered -= len(hint.copies)
+                hint.copies = None
+
+    def forget(self, session_id: str) -> None:
+        """Drop what is remembered of a session."""
+        with self.lock:
+            hint = self.hints.pop(session_id, None)
+            if hint is not None and hint.copies is not None:
+                self.remembered -= len(hint.copies)
 
 
 # Forks of this process so far, as the child sees it: a connection kept from
@@ -235,22 +316,6 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, str) and (problem := _codec.text_problem(value)) is not None:
             raise InvalidSessionError(f"session field {name!r} {problem}")
     return fields
-
-
-def _check_references(conn: Connection, session_id: str, values: dict[str, Any]) -> None:
-    """Refuse a missing parent or a title another session holds, before writing."""
-    parent = values.get("parent_session_id")
-    if parent is not None and parent != session_id:
-        found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == parent)).first()
-        if found is None:
-            raise InvalidSessionError(f"parent session {parent!r} does not exist")
-    title = values.get("title")
-    if title is not None:
-        holder = conn.execute(
-            select(_sessions.c.id).where(_sessions.c.title == title, _sessions.c.id != session_id)
-        ).first()
-        if holder is not None:
-            raise InvalidSessionError(f"title {title!r} is already used by session {holder.id!r}")
 
 
 def _session_dict(row: Row[Any]) -> dict[str, Any]:
@@ -382,17 +447,61 @@ class StoreCore:
     cursor means) are made here once; the stores only run the transactions.
     """
 
-    def __init__(self, engine: Engine, *, retry: RetryPolicy | None, check_schema: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry: RetryPolicy | None,
+        check_schema: bool,
+        user: str | None = None,
+        memory: _Memory | None = None,
+    ) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise UnsupportedBackendError(engine.dialect.name)
         self._engine = engine
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
-        # session id -> what this store knows of it, most recently used last.
-        self._hints: dict[str, _Hint] = {}
-        self._remembered = 0  # messages in the hints' copies, about (see _remember)
-        self._hints_lock = threading.Lock()
-        self._sql = flush_sql(engine.dialect.name)
+        #: The only user whose sessions this store sees (None: every session).
+        self._user = user
+        self._memory = memory or _Memory()
+        self._sql = flush_sql(engine.dialect.name, scoped=user is not None)
+        self._lock_session = (
+            _LOCK_SESSION
+            if user is None
+            else _LOCK_SESSION.where(_sessions.c.user_id == bindparam("user_id"))
+        )
+
+    def _view(self, store: StoreCore, user_id: Any) -> None:
+        """Become ``store`` seeing only ``user_id``'s sessions (a user-scoped view of it)."""
+        StoreCore.__init__(
+            self,
+            store._engine,
+            retry=store._retry,
+            check_schema=False,  # the store's transactions check it
+            user=_check_user_id(user_id),
+            memory=store._memory,
+        )
+        self._viewed = store
+
+    @property
+    def user_id(self) -> str | None:
+        """The only user whose sessions this store sees (None: it sees every session)."""
+        return self._user
+
+    def __repr__(self) -> str:
+        return f"{self._viewed!r}.for_user({self._user!r})"
+
+    def _owned(self, session_id: str) -> ColumnElement[bool]:
+        """``id = session_id``, and on a user-scoped store: of its user."""
+        clause = _sessions.c.id == session_id
+        return clause if self._user is None else and_(clause, _sessions.c.user_id == self._user)
+
+    def _locked_cursor(self, conn: Connection, session_id: str) -> Any:
+        """The session's cursor, read under its row's write lock (None: no such session)."""
+        params = {"session_id": session_id}
+        if self._user is not None:
+            params["user_id"] = self._user
+        return conn.execute(self._lock_session, params).first()
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -400,6 +509,13 @@ class StoreCore:
         self, session_id: str, source: str, fields: dict[str, Any]
     ) -> dict[str, Any]:
         _check_session_id(session_id)
+        if self._user is not None:
+            owner = fields.setdefault("user_id", self._user)
+            if owner != self._user:
+                raise InvalidSessionError(
+                    f"a store scoped to user {self._user!r} makes only that user's sessions, "
+                    f"not user {owner!r}'s"
+                )
         values = _check_fields({"source": source, **fields})
         values["id"] = session_id
         if values.get("started_at") is None:
@@ -412,7 +528,7 @@ class StoreCore:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> dict[str, Any]:
-            _check_references(conn, session_id, values)
+            self._check_references(conn, session_id, values)
             inserted = conn.execute(self._insert_ignore(values)).rowcount
             if inserted != 1:
                 raise SessionExistsError(session_id)
@@ -425,9 +541,15 @@ class StoreCore:
         values = self._session_values(session_id, source, fields)
 
         def work(conn: Connection) -> bool:
-            _check_references(conn, session_id, values)
+            self._check_references(conn, session_id, values)
             if conn.execute(self._insert_ignore(values)).rowcount == 1:
                 return True
+            if (
+                self._user is not None
+                and conn.execute(select(_sessions.c.id).where(self._owned(session_id))).first()
+                is None
+            ):
+                raise SessionExistsError(session_id, another_user=True)
             fill = {
                 # typed bind: a JSON column's value is serialized like the column's
                 name: func.coalesce(
@@ -442,6 +564,33 @@ class StoreCore:
 
         return _write(work)
 
+    def _check_references(self, conn: Connection, session_id: str, values: dict[str, Any]) -> None:
+        """Refuse a missing parent or a title another session holds, before writing.
+
+        A user-scoped store sees its user's sessions only: another user's
+        parent is missing to it, and another user's session holding the title
+        goes unnamed.
+        """
+        parent = values.get("parent_session_id")
+        if parent is not None and parent != session_id:
+            found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
+            if found is None:
+                raise InvalidSessionError(f"parent session {parent!r} does not exist")
+        title = values.get("title")
+        if title is not None:
+            holder = conn.execute(
+                select(_sessions.c.id, _sessions.c.user_id).where(
+                    _sessions.c.title == title, _sessions.c.id != session_id
+                )
+            ).first()
+            if holder is not None:
+                by = (
+                    "another user's session"
+                    if self._user is not None and holder.user_id != self._user
+                    else f"session {holder.id!r}"
+                )
+                raise InvalidSessionError(f"title {title!r} is already used by {by}")
+
     def _insert_ignore(self, values: dict[str, Any]) -> Any:
         make = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2).
@@ -452,18 +601,16 @@ class StoreCore:
             .execution_options(preserve_rowcount=True)
         )
 
-    @staticmethod
-    def _get_session(session_id: str) -> Steps[dict[str, Any] | None]:
+    def _get_session(self, session_id: str) -> Steps[dict[str, Any] | None]:
         _check_session_id(session_id)
 
         def work(conn: Connection) -> dict[str, Any] | None:
-            row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
+            row = conn.execute(select(_sessions).where(self._owned(session_id))).first()
             return None if row is None else _session_dict(row)
 
         return _read(work)
 
-    @staticmethod
-    def _end_session(session_id: str, reason: str) -> Steps[None]:
+    def _end_session(self, session_id: str, reason: str) -> Steps[None]:
         _check_session_id(session_id)
         if not isinstance(reason, str):
             raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
@@ -472,7 +619,7 @@ class StoreCore:
         def work(conn: Connection) -> None:
             done = conn.execute(
                 update(_sessions)
-                .where(_sessions.c.id == session_id)
+                .where(self._owned(session_id))
                 .values(ended_at=time.time(), end_reason=reason)
             ).rowcount
             if done != 1:
@@ -482,7 +629,10 @@ class StoreCore:
 
     def _delete_session(self, session_id: str) -> Steps[int]:
         _check_session_id(session_id)
-        return self._delete_sessions_steps(lambda _conn: [session_id])
+        if self._user is None:
+            return self._delete_sessions_steps(lambda _conn: [session_id])
+        mine = select(_sessions.c.id).where(self._owned(session_id))
+        return self._delete_sessions_steps(lambda conn: conn.execute(mine).scalars().all())
 
     def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:
         """Delete the sessions ``pick`` names (in the same transaction) and their messages.
@@ -510,9 +660,8 @@ class StoreCore:
             self.forget_cursor(session_id)
         return deleted
 
-    @staticmethod
     def _list_sessions(
-        source: str | None, user_id: str | None, limit: int, cursor: str | None
+        self, source: str | None, user_id: str | None, limit: int, cursor: str | None
     ) -> Steps[SessionPage]:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidSessionError(f"limit must be an int from 1 to 1000, got {limit!r}")
@@ -520,8 +669,10 @@ class StoreCore:
         query = select(_sessions)
         if source is not None:
             query = query.where(_sessions.c.source == source)
-        if user_id is not None:
-            query = query.where(_sessions.c.user_id == user_id)
+        # A scoped store's filter narrows the listing further, never widens it.
+        for owner in (user_id, self._user):
+            if owner is not None:
+                query = query.where(_sessions.c.user_id == owner)
         if cursor is not None:
             started_at, last_id = _decode_cursor(cursor)
             query = query.where(
@@ -560,7 +711,7 @@ class StoreCore:
         if verify not in _VERIFY:
             raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
 
-        hint = self._hints.get(session_id) if verify != "full" else None
+        hint = self._memory.hints.get(session_id) if verify != "full" else None
         if hint is not None and len(messages) > hint.cursor:
             try:
                 return (yield from self._flush_on_hint(session_id, messages, hint, verify))
@@ -574,7 +725,7 @@ class StoreCore:
         written = None if start is None else messages[start : result.cursor]
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
         copy = verify != "last" and result.written <= _BATCH
-        self._remember(session_id, result.cursor, digest, written, start or 0, copy=copy)
+        self._memory.remember(session_id, result.cursor, digest, written, start or 0, copy=copy)
         return result
 
     def flush_in(
@@ -596,11 +747,11 @@ class StoreCore:
             the stored history): below it, the store's copies are the stored
             messages; from it to the new cursor, ``messages`` are.
         """
-        stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+        stored = self._locked_cursor(conn, session_id)
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
-        hint = self._hints.get(session_id) if verify == "all" else None
+        hint = self._memory.hints.get(session_id) if verify == "all" else None
         start = self._check_continues(
             conn,
             session_id,
@@ -652,6 +803,7 @@ class StoreCore:
                 *_insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)]),
                 _advance(
                     self._sql,
+                    self._user,
                     session_id,
                     cursor,
                     digest,
@@ -677,90 +829,30 @@ class StoreCore:
 
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
-            self._remember(session_id, end, last)
+            self._memory.remember(session_id, end, last)
         else:
-            self._remember(
+            self._memory.remember(
                 session_id, end, last, messages[cursor:end], cursor, copy=verify != "last"
             )
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
         """Drop what the store remembers of a session (before rewriting its history)."""
-        with self._hints_lock:
-            hint = self._hints.pop(session_id, None)
-            if hint is not None and hint.copies is not None:
-                self._remembered -= len(hint.copies)
-
-    def _remember(
-        self,
-        session_id: str,
-        cursor: int,
-        digest: bytes | None,
-        written: Sequence[Any] | None = None,
-        start: int = 0,
-        *,
-        copy: bool = True,
-    ) -> None:
-        """Remember a session's stored cursor and digest after a write or a check.
-
-        Below ``cursor`` the database holds what the store's copies of the
-        session hold below ``start``, then ``written`` (checked or written just
-        now; None when unknown). Copies of ``written`` join those below
-        ``start``; if those are missing, the store keeps no copies (its next
-        flush there checks in the database). Without ``copy``, copies the store
-        has are kept up to date, and none are started (a ``verify="last"``
-        flush, an append: nothing compares them yet).
-        """
-        with self._hints_lock:
-            hints = self._hints
-            old = hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
-            copies = None if old is None else old.copies
-            if copies is not None:
-                self._remembered -= len(copies)
-            if written is not None and len(written) == cursor - start:
-                if start == 0 and (copy or copies is not None):
-                    copies = []  # a new list: other threads may be reading the old one
-                elif copies is None or len(copies) < start:
-                    copies = None
-                if copies is not None:
-                    del copies[start:]  # only above every remembered cursor: never read
-                    copies.extend(map(_copy, written))
-            elif copies is not None and len(copies) != cursor:
-                copies = None
-            if copies is not None:
-                self._remembered += len(copies)
-            hints[session_id] = _Hint(cursor, digest, copies)
-            if len(hints) > _HINTS_MAX or self._remembered > _REMEMBERED_MAX:
-                self._shed(session_id)
-
-    def _shed(self, keep: str) -> None:
-        """Forget the sessions flushed least recently, or their copies, back under the bounds."""
-        hints = self._hints
-        if len(hints) > _HINTS_MAX:
-            for stale in list(hints)[: len(hints) // 2]:
-                forgotten = hints.pop(stale)
-                if forgotten.copies is not None:
-                    self._remembered -= len(forgotten.copies)
-        for sid, hint in list(hints.items()):
-            if self._remembered <= _REMEMBERED_MAX // 2:
-                break
-            if sid != keep and hint.copies is not None:
-                self._remembered -= len(hint.copies)
-                hint.copies = None
+        self._memory.forget(session_id)
 
     def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
         _check_session_id(session_id)
         encoded = _codec.encode_message(message)
 
         def work(conn: Connection) -> int:
-            stored = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+            stored = self._locked_cursor(conn, session_id)
             if stored is None:
                 raise SessionNotFoundError(session_id)
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
         idx: int = yield Run(work, write=True)
-        self._remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
+        self._memory.remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
         return idx
 
     @staticmethod
@@ -851,8 +943,11 @@ class StoreCore:
             last = batch[-1].digest
             tool_calls += sum(map(_TOOL_CALLS, batch))
         # The last batch and the cursor's move in one call (one trip on aiosqlite).
+        user = self._user
         pending.append(
-            _advance(sql, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls)
+            _advance(
+                sql, user, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
+            )
         )
         if _dialects.execute_driver_script(conn, pending) != 1:
             raise CursorMoved
@@ -881,14 +976,15 @@ class StoreCore:
             params.append(offset + limit)
         statement = f"{sql.read_messages}{where} ORDER BY idx"
         parses_json = self._engine.dialect.name == "postgresql"
+        session = select(_sessions.c.id).where(self._owned(session_id))
+        scoped = self._user is not None
 
         def work(conn: Connection) -> list[dict[str, Any]]:
+            # A scoped store reads only after finding the session its user's.
+            if scoped and conn.execute(session).first() is None:
+                raise SessionNotFoundError(session_id)
             rows = conn.exec_driver_sql(_dialects.driver_sql(conn, statement), tuple(params)).all()
-            if (
-                not rows
-                and conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first()
-                is None
-            ):
+            if not rows and not scoped and conn.execute(session).first() is None:
                 raise SessionNotFoundError(session_id)
             return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 
@@ -896,8 +992,8 @@ class StoreCore:
 
     # -- search ------------------------------------------------------------------------
 
-    @staticmethod
     def _search(
+        self,
         query: str,
         *,
         session_id: str | None,
@@ -918,166 +1014,26 @@ class StoreCore:
                 f"limit must be an int from 1 to {_search.MAX_LIMIT}, got {limit!r}"
             )
         after = None if cursor is None else _search.decode_cursor(cursor)
+        user_id = _optional_str("user_id", user_id)
         filters = _search.Filters(
             session_id=_optional_str("session_id", session_id),
             sources=_str_tuple("source", source),
-            user_id=_optional_str("user_id", user_id),
+            user_id=user_id if self._user is None else self._user,
             roles=_str_tuple("role", role),
         )
+        if self._user is not None and user_id not in (None, self._user):
+            # A scoped store's filter narrows, never widens: another user's
+            # messages are not there (the query is still checked as ever).
+            _search.parse_query(query)
+            return _read(lambda _conn: SearchPage(hits=[], next_cursor=None))
         return _read(lambda conn: _search.run(conn, query, filters, after, limit))
 
 
-class SessionStore(StoreCore):
-    """Sessions and their messages in one database, written exactly once.
-
-    Args:
-        bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
-            existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
-            uses psycopg 3. On a SQLite engine given here, connections opened
-            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
-        retry: Bound on retries of transient errors (busy database, lost
-            connection, serialization failure).
-        sqlite_synchronous: SQLite ``synchronous`` level for connections this
-            store configures. ``FULL`` (default) also survives power loss;
-            ``NORMAL`` in WAL mode survives process crashes and is faster.
-        lock_timeout: Seconds one attempt waits for a lock: SQLite's
-            ``busy_timeout``, and PostgreSQL's ``lock_timeout`` on engines built
-            from a URL (an Engine passed in keeps its own PostgreSQL settings).
-        check_schema: Refuse to work on a database whose schema is not at the
-            shipped head revision (the first operation checks once).
-
-    Each operation ends its transaction and gives its connection back, except
-    that the store keeps one idle connection, the last it used, for its next
-    operation (saving a trip through the pool): however many threads use it,
-    a store holds the connections of the work in flight plus at most one, and
-    :meth:`close` gives that one back.
-
-    Raises:
-        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
-    """
-
-    def __init__(
-        self,
-        bind: str | URL | Engine,
-        *,
-        retry: RetryPolicy | None = None,
-        sqlite_synchronous: str = "FULL",
-        lock_timeout: float = _dialects.LOCK_TIMEOUT,
-        check_schema: bool = True,
-    ) -> None:
-        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
-        self._owns_engine = not isinstance(bind, Engine)
-        if isinstance(bind, Engine):
-            engine = bind
-            _dialects.configure_engine(bind, **settings)
-        else:
-            engine = _dialects.create_store_engine(bind, **settings)
-        super().__init__(engine, retry=retry, check_schema=check_schema)
-        self._forks_seen = _forks[0]
-        # The last connection used, idle, kept for the next operation (at most one);
-        # not under NullPool, whose users chose to hold no connection between calls.
-        self._parked: list[Connection] = []
-        self._parks = not isinstance(engine.pool, NullPool)
-        self._parked_lock = threading.Lock()
-
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine this store runs on."""
-        return self._engine
-
-    def __repr__(self) -> str:
-        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
-
-    def __enter__(self) -> SessionStore:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Give back the idle connection; dispose of the engine if the store made it."""
-        with self._parked_lock:
-            parked, self._parked = self._parked, []
-        for conn in parked:
-            conn.close()
-        if self._owns_engine:
-            self._engine.dispose()
-
-    # -- schema ------------------------------------------------------------------
-
-    def upgrade(self, revision: str = "head") -> None:
-        """Run the shipped migrations up to ``revision`` (default: the head)."""
-        migrations.upgrade(self._engine, revision)
-        self._schema_checked = False
-
-    def _ensure_schema(self) -> None:
-        if not self._schema_checked:
-            migrations.check(self._engine)
-            self._schema_checked = True
-
-    # -- transactions --------------------------------------------------------------
-
-    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
-        """Run ``work`` in one transaction on a pooled connection, retried whole."""
-        return self._transaction(Run(work, write))  # type: ignore[no-any-return]
+class _Sessions(StoreCore):
+    """The blocking API on sessions and messages, of a store and of its user-scoped views."""
 
     def _transaction(self, request: Run[Any]) -> Any:
-        if self._forks_seen != _forks[0]:
-            # A forked child must not use its parent's connections, pooled or kept,
-            # nor a lock another of the parent's threads may have held.
-            self._parked = []
-            self._parked_lock = threading.Lock()
-            self._engine.dispose(close=False)
-            self._forks_seen = _forks[0]
-        begin = self._sql.begin
-
-        def once() -> Any:
-            self._ensure_schema()  # its connection's failures are retried as the work's
-            conn = self._checkout()
-            try:
-                result = attempt(conn, request, begin)
-            except BaseException:
-                conn.close()  # back to the pool, which drops it if it was invalidated
-                raise
-            self._checkin(conn)
-            return result
-
-        return _dialects.run_with_retry(self._engine, self._retry, once)
-
-    def _checkout(self) -> Connection:
-        """The idle connection the store kept, else one from the pool."""
-        with self._parked_lock:
-            if self._parked:
-                return self._parked.pop()
-        return self._engine.connect()
-
-    def _checkin(self, conn: Connection) -> None:
-        """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
-
-        One idle connection saves the next operation a trip through the pool
-        (a large share of the CPU time of a turn's flush on SQLite); more would
-        take connections from the application's share.
-        """
-        if self._parks:
-            with self._parked_lock:
-                if not self._parked:
-                    self._parked.append(conn)
-                    return
-        conn.close()
-
-    # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------
-
-    def write_transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one write transaction (holding the write lock), retried whole."""
-        return self._run(work, write=True)
-
-    def read_transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one read transaction, retried whole."""
-        return self._run(work, write=False)
-
-    def delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
-        """Delete the sessions ``pick`` names, in its transaction; see :meth:`delete_session`."""
-        return drive(self._delete_sessions_steps(pick), self._transaction)
+        raise NotImplementedError
 
     # -- the API --------------------------------------------------------------------------
 
@@ -1247,6 +1203,167 @@ class SessionStore(StoreCore):
         )
         return drive(steps, self._transaction)
 
+
+class SessionStore(_Sessions):
+    """Sessions and their messages in one database, written exactly once.
+
+    Args:
+        bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
+            existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
+            uses psycopg 3. On a SQLite engine given here, connections opened
+            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
+        retry: Bound on retries of transient errors (busy database, lost
+            connection, serialization failure).
+        sqlite_synchronous: SQLite ``synchronous`` level for connections this
+            store configures. ``FULL`` (default) also survives power loss;
+            ``NORMAL`` in WAL mode survives process crashes and is faster.
+        lock_timeout: Seconds one attempt waits for a lock: SQLite's
+            ``busy_timeout``, and PostgreSQL's ``lock_timeout`` on engines built
+            from a URL (an Engine passed in keeps its own PostgreSQL settings).
+        check_schema: Refuse to work on a database whose schema is not at the
+            shipped head revision (the first operation checks once).
+
+    Each operation ends its transaction and gives its connection back, except
+    that the store keeps one idle connection, the last it used, for its next
+    operation (saving a trip through the pool): however many threads use it,
+    a store holds the connections of the work in flight plus at most one, and
+    :meth:`close` gives that one back.
+
+    Raises:
+        UnsupportedBackendError: The backend is neither SQLite nor PostgreSQL.
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine,
+        *,
+        retry: RetryPolicy | None = None,
+        sqlite_synchronous: str = "FULL",
+        lock_timeout: float = _dialects.LOCK_TIMEOUT,
+        check_schema: bool = True,
+    ) -> None:
+        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
+        self._owns_engine = not isinstance(bind, Engine)
+        if isinstance(bind, Engine):
+            engine = bind
+            _dialects.configure_engine(bind, **settings)
+        else:
+            engine = _dialects.create_store_engine(bind, **settings)
+        super().__init__(engine, retry=retry, check_schema=check_schema)
+        self._forks_seen = _forks[0]
+        # The last connection used, idle, kept for the next operation (at most one);
+        # not under NullPool, whose users chose to hold no connection between calls.
+        self._parked: list[Connection] = []
+        self._parks = not isinstance(engine.pool, NullPool)
+        self._parked_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine this store runs on."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give back the idle connection; dispose of the engine if the store made it."""
+        with self._parked_lock:
+            parked, self._parked = self._parked, []
+        for conn in parked:
+            conn.close()
+        if self._owns_engine:
+            self._engine.dispose()
+
+    def for_user(self, user_id: str) -> UserStore:
+        """This store, seeing only the sessions of ``user_id``; see :class:`UserStore`.
+
+        Raises:
+            InvalidSessionError: ``user_id`` is not a non-empty str.
+        """
+        return UserStore(self, user_id)
+
+    # -- schema ------------------------------------------------------------------
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the shipped migrations up to ``revision`` (default: the head)."""
+        migrations.upgrade(self._engine, revision)
+        self._schema_checked = False
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_checked:
+            migrations.check(self._engine)
+            self._schema_checked = True
+
+    # -- transactions --------------------------------------------------------------
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        """Run ``work`` in one transaction on a pooled connection, retried whole."""
+        return self._transaction(Run(work, write))  # type: ignore[no-any-return]
+
+    def _transaction(self, request: Run[Any]) -> Any:
+        if self._forks_seen != _forks[0]:
+            # A forked child must not use its parent's connections, pooled or kept,
+            # nor a lock another of the parent's threads may have held.
+            self._parked = []
+            self._parked_lock = threading.Lock()
+            self._engine.dispose(close=False)
+            self._forks_seen = _forks[0]
+        begin = self._sql.begin
+
+        def once() -> Any:
+            self._ensure_schema()  # its connection's failures are retried as the work's
+            conn = self._checkout()
+            try:
+                result = attempt(conn, request, begin)
+            except BaseException:
+                conn.close()  # back to the pool, which drops it if it was invalidated
+                raise
+            self._checkin(conn)
+            return result
+
+        return _dialects.run_with_retry(self._engine, self._retry, once)
+
+    def _checkout(self) -> Connection:
+        """The idle connection the store kept, else one from the pool."""
+        with self._parked_lock:
+            if self._parked:
+                return self._parked.pop()
+        return self._engine.connect()
+
+    def _checkin(self, conn: Connection) -> None:
+        """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
+
+        One idle connection saves the next operation a trip through the pool
+        (a large share of the CPU time of a turn's flush on SQLite); more would
+        take connections from the application's share.
+        """
+        if self._parks:
+            with self._parked_lock:
+                if not self._parked:
+                    self._parked.append(conn)
+                    return
+        conn.close()
+
+    # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------
+
+    def write_transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one write transaction (holding the write lock), retried whole."""
+        return self._run(work, write=True)
+
+    def read_transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one read transaction, retried whole."""
+        return self._run(work, write=False)
+
+    def delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
+        """Delete the sessions ``pick`` names, in its transaction; see :meth:`delete_session`."""
+        return drive(self._delete_sessions_steps(pick), self._transaction)
+
     def rebuild_search_index(self) -> int:
         """Rebuild the search index from the stored messages; returns how many there are.
 
@@ -1254,6 +1371,47 @@ class SessionStore(StoreCore):
         index damaged outside hermes_orm, or compacts one after heavy deletes.
         """
         return self.write_transaction(_search.rebuild)
+
+
+class UserStore(_Sessions):
+    """A store's view of one user's sessions (``SessionStore.for_user(user_id)``).
+
+    It has the store's API on sessions and messages, as if the database held
+    that user's sessions only (``user_id`` equal to it) and no other:
+
+    - ``create_session`` and ``ensure_session`` make sessions of the user (a
+      ``user_id=`` field naming anyone else is an error); a parent session must
+      be the user's too;
+    - ``get_session`` returns None for another user's session; ``end_session``,
+      ``flush``, ``append`` and ``get_messages`` raise
+      :class:`SessionNotFoundError`; ``delete_session`` deletes nothing and
+      returns False;
+    - ``list_sessions`` and ``search`` find the user's sessions and messages
+      only; a ``user_id=`` filter naming another user finds nothing.
+
+    Session ids and titles are unique in the whole database, so an id or a
+    title another user's session holds is refused (:class:`SessionExistsError`,
+    :class:`InvalidSessionError`) without naming that session.
+
+    Every check is made in the database, in the transaction of the operation
+    (a session given to another user since is not written by this view). The
+    view shares its store's connections and what it remembers of cursors, so
+    making one per request costs nothing; closing the store ends it too.
+    """
+
+    def __init__(self, store: SessionStore, user_id: str) -> None:
+        self._view(store, user_id)
+        self._store = store
+
+    def _transaction(self, request: Run[Any]) -> Any:
+        return self._store._transaction(request)
+
+
+def _check_user_id(user_id: Any) -> str:
+    """The user of a scoped store: a non-empty str a database can compare."""
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidSessionError(f"a user id must be a non-empty str, got {user_id!r}")
+    return _check_filter("user_id", user_id)  # type: ignore[return-value]
 
 
 def _optional_str(name: str, value: Any) -> str | None:
@@ -1281,10 +1439,14 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     return tuple(values)
 
 
-def flush_sql(dialect: str) -> _dialects.FlushSQL:
-    """The flush's statements for ``dialect`` (``sqlite`` or ``postgresql``)."""
+def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
+    """The flush's statements for ``dialect`` (``sqlite`` or ``postgresql``).
+
+    ``scoped``: for a user-scoped store, whose cursor moves only on its user's
+    sessions (see :func:`_advance`).
+    """
     return _dialects.render_flush_sql(
-        dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS
+        dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS, scoped=scoped
     )
 
 
@@ -1325,6 +1487,7 @@ def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
 
 def _advance(
     sql: _dialects.FlushSQL,
+    user: str | None,
     session_id: str,
     cursor: int,
     digest: bytes | None,
@@ -1335,13 +1498,16 @@ def _advance(
 ) -> tuple[str, tuple[Any, ...]]:
     """The UPDATE moving the cursor from ``cursor`` (at ``digest``) to ``end`` (at ``last``).
 
-    It changes one row only if the stored cursor and digest are still those;
-    ``tool_calls`` is how many the new messages carry.
+    It changes one row only if the stored cursor and digest are still those
+    (and, for a store scoped to ``user``, the session is that user's: ``sql``
+    is then rendered ``scoped``); ``tool_calls`` is how many the new messages carry.
     """
-    params = (end, end, last, tool_calls, session_id, cursor)
+    params: tuple[Any, ...] = (end, end, last, tool_calls, session_id, cursor)
     if cursor:
-        return sql.advance_if_digest, (*params, digest)
-    return sql.advance, params
+        params = (*params, digest)
+    if user is not None:
+        params = (*params, user)
+    return (sql.advance_if_digest if cursor else sql.advance), params
 
 
 def _insert_statements(

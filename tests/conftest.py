@@ -199,6 +199,14 @@ class BlockingStore:
 
         return blocking
 
+    def for_user(self, user_id: Any) -> BlockingStore:
+        """The async store's user-scoped view, called like the blocking one."""
+        return BlockingStore(
+            self.async_store.for_user(user_id),  # type: ignore[arg-type]
+            self.check_engine,
+            self._runner,
+        )
+
     def close(self) -> None:
         for other in self.others:
             other.close()

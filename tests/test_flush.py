@@ -244,7 +244,7 @@ def test_a_store_over_its_memory_bound_still_checks_every_message(
     for sid, msgs in lists.items():
         store.create_session(sid, source="cli")
         store.flush(sid, msgs)
-    assert store._remembered <= 8
+    assert store._memory.remembered <= 8
     for sid, msgs in lists.items():
         stored = copy.deepcopy(msgs)
         msgs[1]["tool_calls"][0]["id"] = "edited"
@@ -253,7 +253,7 @@ def test_a_store_over_its_memory_bound_still_checks_every_message(
         assert err.value.index == 1
         assert store.flush(sid, [*stored, {"role": "user", "content": "more"}]).written == 1
         assert_exact(store, sid, [*stored, {"role": "user", "content": "more"}])
-    assert store._remembered <= 8
+    assert store._memory.remembered <= 8
 
 
 def test_only_a_check_that_compares_copies_makes_them(store: SessionStore) -> None:
@@ -264,12 +264,12 @@ def test_only_a_check_that_compares_copies_makes_them(store: SessionStore) -> No
     store.append("s", {"role": "user", "content": "appended"})
     appended = [*msgs, {"role": "user", "content": "appended"}, *conversation(1, "n")]
     store.flush("s", appended, verify="last")
-    assert store._remembered == 0
+    assert store._memory.remembered == 0
     msgs = [*msgs, {"role": "user", "content": "appended"}, *conversation(2, "n")]
     store.flush("s", msgs)
-    assert store._remembered == len(msgs)
+    assert store._memory.remembered == len(msgs)
     store.append("s", {"role": "user", "content": "kept up to date"})
-    assert store._remembered == len(msgs) + 1
+    assert store._memory.remembered == len(msgs) + 1
 
 
 def test_a_bulk_flush_keeps_no_copies_and_the_next_flush_still_checks_everything(
@@ -280,14 +280,14 @@ def test_a_bulk_flush_keeps_no_copies_and_the_next_flush_still_checks_everything
     store.create_session("s", source="cli")
     msgs = conversation(4)  # 12 messages: three batches
     store.flush("s", msgs)
-    assert store._remembered == 0
+    assert store._memory.remembered == 0
     msgs[1]["tool_calls"][0]["id"] = "edited"
     with pytest.raises(HistoryDivergedError) as err:  # checked against the stored digests
         store.flush("s", [*msgs, {"role": "user", "content": "more"}])
     assert err.value.index == 1
     msgs[1]["tool_calls"][0]["id"] = "call_0"
     assert store.flush("s", [*msgs, {"role": "user", "content": "more"}]).written == 1
-    assert store._remembered == 13  # a turn's flush starts them
+    assert store._memory.remembered == 13  # a turn's flush starts them
 
 
 def test_invalid_message_writes_nothing(store: SessionStore) -> None:
