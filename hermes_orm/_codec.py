@@ -52,6 +52,7 @@ ROW_COLUMNS = (
     *BOOL_KEYS,
     "digest",
     "extra",
+    "key_order",
 )
 
 _INT64 = 2**63
@@ -218,7 +219,7 @@ def _digest_text(value: Any, text: str) -> str:
 _parse_dumped: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 #: JSON-typed columns, in :data:`ROW_COLUMNS` order.
-JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra"))
+JSON_COLUMNS = frozenset(("content_parts", *JSON_KEYS, "extra", "key_order"))
 #: Columns of :attr:`EncodedMessage.params`, in order (``digest`` last).
 PARAM_COLUMNS = (*(c for c in ROW_COLUMNS if c != "digest"), "digest")
 # Apart from the digest, the params are in ROW_COLUMNS order, the order the
@@ -229,23 +230,53 @@ _NO_PARAMS: list[Any] = [None] * len(PARAM_COLUMNS)
 _SLOT = {column: i for i, column in enumerate(PARAM_COLUMNS)}
 _CONTENT_PARTS = _SLOT["content_parts"]
 _EXTRA = _SLOT["extra"]
+_KEY_ORDER = _SLOT["key_order"]
 _BLAKE2B_128 = hashlib.blake2b(digest_size=16)
 _ROLE_PREFIX = _DIGEST_PREFIXES[0]
 # EncodedMessage without its generated __new__'s Python frame (the hot path).
 _new_encoded = tuple.__new__
 
-# What a message key holds, and its column's slot in the params.
+#: The keys with a column of their own besides role and content, in the order a
+#: message reads back: that of assistant messages as agents build them (text and
+#: reasoning, then tool calls), so most messages need no ``key_order`` of their own.
+_FIELDS = (
+    "reasoning",
+    "finish_reason",
+    "reasoning_content",
+    "reasoning_details",
+    "codex_reasoning_items",
+    "codex_message_items",
+    "tool_calls",
+    "tool_call_id",
+    "tool_name",
+    "effect_disposition",
+    "platform_message_id",
+    "api_content",
+    "token_count",
+    "timestamp",
+    *BOOL_KEYS,
+)
+_RANK = {key: rank for rank, key in enumerate(("role", "content", *_FIELDS))}
+_FIELD_SET = frozenset(_FIELDS)
+#: Where every other key reads back: after them, in the order it was given.
+_OTHERS_RANK = len(_RANK)
+
+
+# What a message key holds, its column's slot in the params, and its read rank.
 _ROLE, _CONTENT, _TEXT, _BOOL, _STAMP, _COUNT, _JSON, _OTHER = range(8)
-_KEYS: dict[str, tuple[int, int]] = {
-    "role": (_ROLE, _SLOT["role"]),
-    "content": (_CONTENT, _SLOT["content"]),
-    **{key: (_TEXT, _SLOT[key]) for key in TEXT_KEYS},
-    **{key: (_BOOL, _SLOT[key]) for key in BOOL_KEYS},
-    "timestamp": (_STAMP, _SLOT["timestamp"]),
-    "token_count": (_COUNT, _SLOT["token_count"]),
-    **{key: (_JSON, _SLOT[key]) for key in JSON_KEYS},
+_KINDS = {
+    "role": _ROLE,
+    "content": _CONTENT,
+    **dict.fromkeys(TEXT_KEYS, _TEXT),
+    **dict.fromkeys(BOOL_KEYS, _BOOL),
+    "timestamp": _STAMP,
+    "token_count": _COUNT,
+    **dict.fromkeys(JSON_KEYS, _JSON),
 }
-_UNKNOWN = (_OTHER, _EXTRA)
+_KEYS: dict[str, tuple[int, int, int]] = {
+    key: (kind, _SLOT[key], _RANK[key]) for key, kind in _KINDS.items()
+}
+_UNKNOWN = (_OTHER, _EXTRA, _OTHERS_RANK)
 _STR_KINDS = frozenset((_CONTENT, _TEXT))
 
 
@@ -361,10 +392,15 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     extra: dict[str, Any] = {}
     exact_stamp: int | None = None
     tool_calls = 0
+    last = 0  # the read rank of the key before
+    in_read_order = True
     for key, value in message.items():
         # A key that is not a str finds no column: it goes to extra, whose JSON
         # round trip refuses it (with _find_problem's precise error).
-        kind, slot = _KEYS.get(key, _UNKNOWN)
+        kind, slot, rank = _KEYS.get(key, _UNKNOWN)
+        if rank < last:
+            in_read_order = False
+        last = rank
         if kind == _ROLE:
             continue
         if value is None or kind == _OTHER:
@@ -426,6 +462,11 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
         stored_extra = {**extra, "timestamp": exact_stamp}
         params[_EXTRA] = _dumps(stored_extra)
         documents["extra"] = stored_extra
+    if not in_read_order:
+        # Kept only where it differs from the read order, and outside the digest:
+        # messages equal as dicts are the same message, whatever their order.
+        documents["key_order"] = order = list(message)
+        params[_KEY_ORDER] = _dumps(order)
 
     try:
         raw = "\x00".join(filter(None, pieces)).encode("utf-8")
@@ -446,19 +487,22 @@ def message_digest(message: Any, index: int | None = None) -> bytes:
 
 
 #: Columns a message is read back from, in the order :func:`decode_row` expects.
-READ_COLUMNS = (
-    "extra",
-    "role",
-    "content",
-    "content_parts",
-    *TEXT_KEYS,
-    *JSON_KEYS,
-    *BOOL_KEYS,
-    "token_count",
-    "timestamp",
-)
+READ_COLUMNS = ("extra", "key_order", "role", "content", "content_parts", *_FIELDS)
 _READ_JSON = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in JSON_COLUMNS)
 _READ_BOOL = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in BOOL_KEYS)
+
+
+def _read_json(text: str) -> Any:
+    """The value of a stored JSON text (what ``json.loads`` returns, without its overhead).
+
+    The scanner reads one value from the start; a text it does not take whole
+    (whitespace around it, written by another tool) goes to the full parser.
+    """
+    try:
+        value, end = _parse_dumped(text, 0)
+    except StopIteration:
+        return _loads(text)
+    return value if end == len(text) else _loads(text)
 
 
 def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, Any]:
@@ -473,38 +517,55 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
         values = [
             None
             if v is None
-            else _loads(v)
+            else _read_json(v)
             if i in _READ_JSON
             else bool(v)
             if i in _READ_BOOL
             else v
             for i, v in enumerate(values)
         ]
-    extra = values[0]
-    message: dict[str, Any] = dict(extra) if extra else {}
-    message["role"] = values[1]
-    content, parts = values[2], values[3]
-    if content is not None:
-        message["content"] = content
-    elif parts is not None:
-        message["content"] = parts
-    for key, value in zip(READ_COLUMNS[4:], values[4:], strict=True):
-        if value is not None and key not in message:  # (an int timestamp reads from extra)
-            message[key] = value
-    return message
+    return _assemble(values)
 
 
 def row_to_message(row: Any) -> dict[str, Any]:
     """Rebuild the message dict from a row (an ORM object or a Core row)."""
-    extra = row.extra
-    message: dict[str, Any] = dict(extra) if extra else {}
-    message["role"] = row.role
-    if row.content is not None:
-        message["content"] = row.content
-    elif row.content_parts is not None:
-        message["content"] = row.content_parts
-    for key in (*TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS, "token_count", "timestamp"):
-        value = getattr(row, key)
-        if value is not None and key not in message:  # (an int timestamp reads from extra)
-            message[key] = value
+    return _assemble([getattr(row, column) for column in READ_COLUMNS])
+
+
+def _assemble(values: Sequence[Any]) -> dict[str, Any]:
+    """The message of a row's values (parsed, in :data:`READ_COLUMNS` order).
+
+    Its keys come in the order ``key_order`` holds, else in the read order:
+    ``role``, ``content``, the other keys with a column (in :data:`_FIELDS`
+    order), then the keys ``extra`` alone holds, as they came.
+    """
+    extra, order, role, content, parts = values[:5]
+    fields = values[5:]
+    message: dict[str, Any] = {"role": role}
+    if content is not None:
+        message["content"] = content
+    elif parts is not None:
+        message["content"] = parts
+    if extra and "content" not in message and "content" in extra:
+        message["content"] = extra["content"]  # None, or text with NUL
+    if not extra or _FIELD_SET.isdisjoint(extra):
+        for key, value in zip(_FIELDS, fields, strict=True):
+            if value is not None:
+                message[key] = value
+        if extra:
+            message.update(extra)
+    else:
+        # Keys given as None or as text with NUL, an int timestamp: in their place.
+        for key, value in zip(_FIELDS, fields, strict=True):
+            if value is not None:
+                message[key] = value
+            elif key in extra:
+                message[key] = extra[key]
+        for key, value in extra.items():
+            if key not in _RANK:
+                message[key] = value
+        if "timestamp" in extra:  # the int, as given (its column holds the float)
+            message["timestamp"] = extra["timestamp"]
+    if order is not None:
+        message = {key: message[key] for key in order}
     return message

@@ -208,6 +208,9 @@ class Message(Base):
     api_content: Mapped[str | None]
     digest: Mapped[bytes]
     extra: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
+    #: The message's keys in the order it had them, where that differs from the
+    #: order it reads back in otherwise (see ``hermes_orm._codec``).
+    key_order: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
 
     session: Mapped[Session] = relationship(back_populates="messages")
 

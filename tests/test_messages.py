@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text as sql_text
 
 from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
 from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS, message_digest
@@ -72,6 +73,8 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
         msg["timestamp"] = draw(st.floats(0, 4e9) | st.integers(0, 4_000_000_000))
     extra = draw(st.dictionaries(text.filter(lambda k: k not in KNOWN), json_values, max_size=3))
     msg.update(extra)
+    if draw(st.booleans()):  # keys in any order, role anywhere
+        msg = {key: msg[key] for key in draw(st.permutations(list(msg)))}
     return msg
 
 
@@ -90,6 +93,7 @@ def test_round_trip(store: SessionStore, batch: list[dict[str, Any]]) -> None:
     assert store.flush(sid, batch).written == len(batch)
     back = store.get_messages(sid)
     assert back == batch
+    assert [list(m) for m in back] == [list(m) for m in batch]  # keys in their order
     # read back, the dicts continue the stored history (same digests)
     assert store.flush(sid, back, verify="full").written == 0
 
@@ -219,15 +223,46 @@ def test_nul_characters_are_stored_losslessly(store: SessionStore) -> None:
     assert store.flush("s", back, verify="full").written == 0
 
 
-def test_json_objects_keep_their_key_order(store: SessionStore) -> None:
-    """Read back byte for byte: a tool call re-sent to an API serializes the same."""
+def test_messages_keep_their_key_order_at_every_level(store: SessionStore) -> None:
+    """Read back byte for byte: a message re-sent to an API serializes the same."""
     store.create_session("s", source="test")
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     msg = {"role": "assistant", "content": None, "tool_calls": [call], "zeta": {"b": 1, "a": 2}}
-    store.flush("s", [msg])
-    (back,) = store.get_messages("s")
-    assert list(back["tool_calls"][0]) == ["id", "type", "function"]
-    assert list(back["zeta"]) == ["b", "a"]
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "done", "timestamp": 5}
+    reordered = {"zeta": None, "content": "hi", "token_count": None, "role": "user"}
+    store.flush("s", [msg, tool, reordered])
+    back = store.get_messages("s")
+    assert list(back[0]["tool_calls"][0]) == ["id", "type", "function"]
+    assert list(back[0]["zeta"]) == ["b", "a"]
+    assert [list(m) for m in back] == [list(m) for m in (msg, tool, reordered)]
+
+
+def test_messages_in_the_usual_order_store_no_key_order(store: SessionStore) -> None:
+    """The read order is that of agents' messages: only others pay for keeping theirs."""
+    from hermes_orm._codec import _FIELDS
+
+    assert sorted(_FIELDS) == sorted(
+        (*TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS, "token_count", "timestamp")
+    )
+    store.create_session("s", source="test")
+    usual = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning": "think",
+            "finish_reason": "tool_calls",
+            "reasoning_content": "think",
+            "tool_calls": [{"id": "c1"}],
+        },
+        {"role": "assistant", "content": "ok", "tool_calls": [], "custom": 1},
+    ]
+    store.flush("s", [*usual, {"role": "tool", "tool_call_id": "c1", "content": "x"}])
+    with sync_engine(store).connect() as conn:
+        orders = conn.execute(
+            sql_text("SELECT key_order FROM hermes_messages WHERE session_id = 's' ORDER BY idx")
+        ).scalars()
+        assert [o is None for o in orders] == [True, True, True, False]
 
 
 # Digests of these messages as every release since migration 0006 stores them. A
