@@ -640,3 +640,31 @@ def test_cli_search_and_rebuild(db_url: str, tmp_path: Path) -> None:
     empty = run_cli("search", "!!!", env=env)
     assert empty.returncode == 2
     assert "nothing to look for" in empty.stderr
+
+
+def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, backend: str) -> None:
+    bodies = {
+        "emoji": "I love 🍕 pizza and 🚀 rockets",
+        "private": "glyph \ue000\ue001 here",
+        "combining": "cafe\u0301 and more",
+        "long": "x" * 3000 + " tail",
+    }
+    store.create_session("s", source="test")
+    store.flush("s", [{"role": "user", "content": body} for body in bodies.values()])
+    names = list(bodies)
+
+    def found(query: str) -> list[str]:
+        return sorted(names[hit.idx] for hit in store.search(query).hits)
+
+    postgresql = backend == "postgresql"
+    assert found("🚀 rockets") == ["emoji"]
+    with pytest.raises(SearchQueryError):
+        store.search("🍕")
+    assert found("\ue000\ue001") == ([] if postgresql else ["private"])
+    assert found("\ue000\ue001*") == ["private"]
+    assert found("cafe") == (["combining"] if postgresql else [])
+    assert found("cafe\u0301") == (["combining"] if postgresql else [])
+    assert found("cafe\u0301*") == ["combining"]
+    assert found("caf\u00e9") == []  # precomposed: no normalization on either
+    assert found("x" * 100 + "*") == ([] if postgresql else ["long"])
+    assert found("tail") == ["long"]
