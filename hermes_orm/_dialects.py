@@ -588,6 +588,37 @@ def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
     return (("BEGIN IMMEDIATE", ()),) if dialect == "sqlite" else ()
 
 
+#: How long a store waits for the outcome of a COMMIT whose answer was lost
+#: (its server process may not have noticed the dropped connection yet).
+_OUTCOME_POLLS, _OUTCOME_POLL = 100, 0.05
+
+
+def transaction_id(conn: Connection) -> int | None:
+    """The id of ``conn``'s transaction on PostgreSQL (it then has one); None on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return None
+    return int(conn.exec_driver_sql("SELECT txid_current()").scalar_one())
+
+
+def committed(conn: Connection, xid: int) -> bool:
+    """Whether PostgreSQL transaction ``xid`` committed, waiting while it is in progress.
+
+    Raises:
+        DatabaseUnavailableError: It was still in progress after a few seconds.
+    """
+    status_of = driver_sql(conn, "SELECT txid_status(%s)")
+    for _ in range(_OUTCOME_POLLS):
+        status = conn.exec_driver_sql(status_of, (xid,)).scalar_one()
+        if status != "in progress":
+            return bool(status == "committed")
+        conn.exec_driver_sql(driver_sql(conn, "SELECT pg_sleep(%s)"), (_OUTCOME_POLL,))
+    raise DatabaseUnavailableError(
+        f"the outcome of an earlier try is unknown: its transaction {xid} is still "
+        "committing on the server",
+        attempts=_OUTCOME_POLLS,
+    )
+
+
 def is_transient(exc: DBAPIError) -> bool:
     """Whether running the whole transaction again may succeed."""
     if exc.connection_invalidated:

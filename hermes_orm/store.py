@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -353,11 +353,21 @@ class Run(Generic[T]):
     ``work`` returns, unless ``whole`` says ``work`` runs the whole transaction
     itself: the statements that open it (``FlushSQL.begin``) first, then its
     commit or rollback.
+
+    ``once``: the write must not run twice (an append, a create), where a
+    flush, which compares the cursor, may. On PostgreSQL each try then learns
+    its transaction id, and when a try's COMMIT got no answer (the connection
+    dropped), the next one first asks the server whether it committed, and if
+    so returns its result without running ``work`` again. (A SQLite commit is
+    a local call: it returns or fails, it cannot go unanswered.)
     """
 
     work: Callable[[Connection], T]
     write: bool
     whole: bool = False
+    once: bool = False
+    #: The transaction id and result of the try whose COMMIT is unanswered.
+    landed: list[Any] = field(default_factory=list, compare=False, repr=False)
 
 
 #: What an operation does, without doing I/O: it yields the transactions it
@@ -372,7 +382,7 @@ def _read(work: Callable[[Connection], T]) -> Steps[T]:
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
-    return (yield Run(work, write=True))  # type: ignore[no-any-return]
+    return (yield Run(work, write=True, once=True))  # type: ignore[no-any-return]
 
 
 class Done(Exception):
@@ -421,9 +431,19 @@ def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequen
             return request.work(conn)
         if request.write and begin:
             _dialects.execute_driver_script(conn, begin)
+        landed = request.landed
+        if landed:  # the last try's COMMIT went unanswered
+            if _dialects.committed(conn, landed[0]):
+                _dialects.end_transaction(conn, commit=False)
+                return landed[1]  # type: ignore[no-any-return]
+            landed.clear()
+        xid = _dialects.transaction_id(conn) if request.once else None
         result = request.work(conn)
+        if xid is not None:
+            landed[:] = (xid, result)
         # A read ends too: no snapshot or idle transaction is kept.
         _dialects.end_transaction(conn, commit=request.write)
+        landed.clear()
         return result
     except BaseException:
         if conn.invalidated:  # a lost connection: rolling back would open a new one
@@ -655,7 +675,7 @@ class StoreCore:
             picked[:] = ids
             return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
 
-        deleted: int = yield Run(work, write=True)
+        deleted: int = yield Run(work, write=True, once=True)
         for session_id in picked:
             self.forget_cursor(session_id)
         return deleted
@@ -851,7 +871,7 @@ class StoreCore:
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
-        idx: int = yield Run(work, write=True)
+        idx: int = yield Run(work, write=True, once=True)
         self._memory.remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
         return idx
 
@@ -1303,8 +1323,12 @@ class SessionStore(_Sessions):
     # -- transactions --------------------------------------------------------------
 
     def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
-        """Run ``work`` in one transaction on a pooled connection, retried whole."""
-        return self._transaction(Run(work, write))  # type: ignore[no-any-return]
+        """Run ``work`` in one transaction on a pooled connection, retried whole.
+
+        A write runs once (see :class:`Run`): the integrations' writes are not
+        all idempotent.
+        """
+        return self._transaction(Run(work, write, once=write))  # type: ignore[no-any-return]
 
     def _transaction(self, request: Run[Any]) -> Any:
         if self._forks_seen != _forks[0]:

@@ -216,7 +216,7 @@ class BlockingStore:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests of ``store`` run on every backend and API, unless marked ``apis(...)``.
+    """Tests of ``store`` run on every backend and API, but as marked ``apis``/``backends``.
 
     ``async`` is aiosqlite on SQLite and psycopg's async connections on
     PostgreSQL; ``asyncpg`` is PostgreSQL's other asyncio driver.
@@ -228,9 +228,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     only = metafunc.definition.get_closest_marker("apis")
     wanted = set(API) if only is None else set(only.args)
+    on = metafunc.definition.get_closest_marker("backends")
+    backends = ("sqlite", "postgresql") if on is None else on.args
     combos = [
         pytest.param(backend, api, marks=getattr(pytest.mark, backend), id=f"{backend}-{api}")
         for backend, apis in (("sqlite", API[:2]), ("postgresql", API))
+        if backend in backends
         for api in apis
         if api in wanted
     ]

@@ -1238,3 +1238,63 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     assert pooled() == inherited  # the parent keeps its own
     assert_exact(store, "s", conversation(2))
     store.close()
+
+
+def _commit_then_drop(store: Any, monkeypatch: pytest.MonkeyPatch, times: int = 1) -> list[int]:
+    """Every COMMIT of the next ``times`` lands, then the connection drops (a lost ack)."""
+    dialect = store.engine.dialect
+    real_commit = dialect.do_commit
+    dropped: list[int] = []
+
+    def commit_then_drop(dbapi_connection: Any) -> None:
+        real_commit(dbapi_connection)
+        if len(dropped) < times:
+            dropped.append(1)
+            raise dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
+    return dropped
+
+
+@pytest.mark.backends("postgresql")  # a local SQLite commit has no acknowledgement to lose
+def test_a_write_whose_commit_ack_was_lost_is_not_run_again(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own retry asks the server whether the earlier try committed, first."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(1))
+    dropped = _commit_then_drop(store, monkeypatch)
+    assert store.append("s", {"role": "user", "content": "once"}) == 3
+    assert dropped == [1]
+    dropped = _commit_then_drop(store, monkeypatch)
+    assert store.create_session("t", source="cli")["id"] == "t"
+    assert dropped == [1]
+    dropped = _commit_then_drop(store, monkeypatch)
+    assert store.delete_session("t") is True
+    assert dropped == [1]
+    monkeypatch.undo()
+    assert [m["content"] for m in store.get_messages("s")][-1] == "once"
+    assert_exact(store, "s", [*conversation(1), {"role": "user", "content": "once"}])
+
+
+@pytest.mark.backends("postgresql")
+def test_a_write_whose_commit_failed_unanswered_runs_again(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server says the earlier try did not commit: the retry writes, once."""
+    store.create_session("s", source="cli")
+    dialect = store.engine.dialect
+    failed: list[int] = []
+
+    def drop_before_commit(dbapi_connection: Any) -> None:
+        if not failed:
+            failed.append(1)
+            dbapi_connection.rollback()
+            raise dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly")
+        type(dialect).do_commit(dialect, dbapi_connection)
+
+    monkeypatch.setattr(dialect, "do_commit", drop_before_commit)
+    assert store.append("s", {"role": "user", "content": "once"}) == 0
+    assert failed == [1]
+    monkeypatch.undo()
+    assert_exact(store, "s", [{"role": "user", "content": "once"}])
