@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from hermes_orm import _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
@@ -500,20 +501,38 @@ def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
 class SessionDB:
     """Hermes Agent's ``SessionDB`` calls, stored by a :class:`SessionStore`.
 
+    Constructed as Hermes constructs its own: ``SessionDB()``,
+    ``SessionDB(db_path=path)``, ``SessionDB(db_path, read_only=True)``.
+
     Args:
-        store: A store, or a database URL (or a ``Path`` to a SQLite file, as
-            Hermes takes), migrated to the newest schema on opening.
+        db_path: A store, a database URL, or a ``Path`` to a SQLite file (as
+            Hermes takes); None: the URL in ``HERMES_ORM_URL``, else the
+            embedded default (``hermes_orm.db`` in Hermes' home directory).
+            A database this object opens is migrated to the newest schema.
+        read_only: Open without migrating; the schema must be at the head.
     """
 
     MAX_TITLE_LENGTH = MAX_TITLE_LENGTH
 
-    def __init__(self, store: SessionStore | str | Path) -> None:
-        if isinstance(store, SessionStore):
-            self._store, self._owned = store, False
+    def __init__(
+        self, db_path: SessionStore | str | Path | None = None, read_only: bool = False
+    ) -> None:
+        self.read_only = read_only
+        if isinstance(db_path, SessionStore):
+            self._store, self._owned = db_path, False
         else:
-            url = f"sqlite:///{store}" if isinstance(store, Path) else store
+            url = _dialects.default_url() if db_path is None else db_path
+            url = f"sqlite:///{url}" if isinstance(url, Path) else url
             self._store, self._owned = SessionStore(url), True
-            self._store.upgrade()
+            if not read_only:
+                self._store.upgrade()
+        engine_url = self._store.engine.url
+        #: The SQLite file underneath (None on PostgreSQL), as Hermes' attribute.
+        self.db_path = (
+            Path(engine_url.database)
+            if engine_url.get_backend_name() == "sqlite" and engine_url.database
+            else None
+        )
 
     @property
     def store(self) -> SessionStore:
