@@ -274,6 +274,70 @@ class Meta(Base):
     value: Mapped[str | None]
 
 
+class GatewayRoute(Base):
+    """A Hermes gateway's routing entry for one session key (Hermes' ``gateway_routing``)."""
+
+    __tablename__ = "hermes_gateway_routing"
+
+    scope: Mapped[str] = mapped_column(String(255), primary_key=True, server_default="")
+    session_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    entry_json: Mapped[str]
+    updated_at: Mapped[float]
+
+
+class CompressionLock(Base):
+    """Who compresses a session's context, until when (Hermes' ``compression_locks``)."""
+
+    __tablename__ = "hermes_compression_locks"
+
+    session_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str]
+    acquired_at: Mapped[float]
+    expires_at: Mapped[float]
+
+
+class TelegramTopicMode(Base):
+    """A Telegram private chat run in topic mode (Hermes' ``telegram_dm_topic_mode``).
+
+    Flags are integers 0/1 (or NULL: not yet known), as Hermes keeps them.
+    """
+
+    __tablename__ = "hermes_telegram_topic_mode"
+
+    chat_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[str]
+    enabled: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    activated_at: Mapped[float]
+    updated_at: Mapped[float]
+    has_topics_enabled: Mapped[int | None] = mapped_column(Integer)
+    allows_users_to_create_topics: Mapped[int | None] = mapped_column(Integer)
+    capability_checked_at: Mapped[float | None]
+    intro_message_id: Mapped[str | None]
+    pinned_message_id: Mapped[str | None]
+
+
+class TelegramTopicBinding(Base):
+    """A Telegram topic bound to a session (Hermes' ``telegram_dm_topic_bindings``)."""
+
+    __tablename__ = "hermes_telegram_topic_bindings"
+
+    chat_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    thread_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[str]
+    session_key: Mapped[str]
+    session_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("hermes_sessions.id", ondelete="CASCADE")
+    )
+    managed_mode: Mapped[str] = mapped_column(server_default="auto")
+    linked_at: Mapped[float]
+    updated_at: Mapped[float]
+
+    __table_args__ = (
+        Index("ix_hermes_telegram_topic_bindings_session_id", "session_id", unique=True),
+        Index("ix_hermes_telegram_topic_bindings_user_id_chat_id", "user_id", "chat_id"),
+    )
+
+
 @event.listens_for(Message, "before_insert")
 def _refuse_a_message_without_position(_mapper: Any, _connection: Any, target: Message) -> None:
     """A Message the position rule did not place is refused before it is written."""

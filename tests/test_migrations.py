@@ -35,6 +35,10 @@ OUR_TABLES = {
     "hermes_messages",
     "hermes_session_model_usage",
     "hermes_meta",
+    "hermes_gateway_routing",
+    "hermes_compression_locks",
+    "hermes_telegram_topic_mode",
+    "hermes_telegram_topic_bindings",
     "hermes_orm_alembic_version",
 }
 

@@ -40,6 +40,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from hermes_orm import _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
+from hermes_orm.integrations.hermes._gateway import GatewayMethods
+from hermes_orm.integrations.hermes._lineage import LineageMethods
+from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
 
@@ -498,7 +501,7 @@ def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
             path.unlink(missing_ok=True)
 
 
-class SessionDB:
+class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
     """Hermes Agent's ``SessionDB`` calls, stored by a :class:`SessionStore`.
 
     Constructed as Hermes constructs its own: ``SessionDB()``,
