@@ -279,8 +279,9 @@ class GatewayRoute(Base):
 
     __tablename__ = "hermes_gateway_routing"
 
-    scope: Mapped[str] = mapped_column(String(255), primary_key=True, server_default="")
-    session_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: A gateway's sessions directory, or "" (paths of any length: text).
+    scope: Mapped[str] = mapped_column(Text, primary_key=True, server_default="")
+    session_key: Mapped[str] = mapped_column(Text, primary_key=True)
     entry_json: Mapped[str]
     updated_at: Mapped[float]
 

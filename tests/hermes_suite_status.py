@@ -17,6 +17,8 @@ SESSIONDB_TESTS = (
 
 #: Tests of Hermes' SQLite internals, which the adapter does not have: why each does not apply.
 NOT_APPLICABLE: dict[str, str] = {
+    "tests/test_hermes_state.py::TestSchemaInit::test_apply_telegram_topic_migration_creates_topic_tables_explicitly": "uses Hermes' sqlite3 connection (db._conn)",
+    "tests/test_hermes_state.py::test_gateway_session_recovery_reopens_legacy_agent_close_rows": "uses Hermes' sqlite3 connection (db._conn)",
     "tests/test_hermes_state.py::TestAutoMaintenance::test_auto_prune_deletes_transcript_files": "uses Hermes' sqlite3 connection (db._conn)",
     "tests/test_hermes_state.py::TestAutoMaintenance::test_auto_prune_without_sessions_dir_preserves_files": "uses Hermes' sqlite3 connection (db._conn)",
     "tests/test_hermes_state.py::TestAutoMaintenance::test_corrupt_last_run_marker_treated_as_no_prior_run": "uses Hermes' sqlite3 connection (db._conn)",
@@ -206,10 +208,6 @@ FAILING: frozenset[str] = frozenset(
         "tests/test_hermes_state.py::TestOptimizeFts::test_write_path_optimize_failure_never_breaks_write",
         "tests/test_hermes_state.py::TestOptimizeFts::test_write_path_optimizes_fts_on_cadence",
         "tests/test_hermes_state.py::TestResolveSessionByNameOrId::test_resolve_by_title_falls_back",
-        "tests/test_hermes_state.py::TestSchemaInit::test_apply_telegram_topic_migration_creates_topic_tables_explicitly",
-        "tests/test_hermes_state.py::TestSchemaInit::test_list_unlinked_telegram_sessions_for_user_excludes_bound_and_other_users",
-        "tests/test_hermes_state.py::TestSchemaInit::test_telegram_topic_binding_refuses_to_relink_session_to_another_topic",
-        "tests/test_hermes_state.py::TestSchemaInit::test_telegram_topic_binding_roundtrip_requires_explicit_schema",
         "tests/test_hermes_state.py::TestSessionArchive::test_archived_excluded_by_default",
         "tests/test_hermes_state.py::TestSessionArchive::test_archived_only_and_include",
         "tests/test_hermes_state.py::TestSessionArchive::test_set_session_archived_missing_row",
@@ -243,13 +241,7 @@ FAILING: frozenset[str] = frozenset(
         "tests/test_hermes_state.py::test_compression_failure_cooldown_round_trips_and_clears",
         "tests/test_hermes_state.py::test_compression_fallback_streak_round_trips",
         "tests/test_hermes_state.py::test_expired_compression_failure_cooldown_is_ignored",
-        "tests/test_hermes_state.py::test_find_session_by_origin_matching_rules",
-        "tests/test_hermes_state.py::test_gateway_metadata_display_name_origin_round_trip",
-        "tests/test_hermes_state.py::test_gateway_session_peer_round_trip_and_recovery",
-        "tests/test_hermes_state.py::test_gateway_session_recovery_reopens_legacy_agent_close_rows",
-        "tests/test_hermes_state.py::test_gateway_session_recovery_reopens_ws_orphan_reap_rows",
         "tests/test_hermes_state.py::test_refresh_compression_lock_requires_holder_and_preserves_reclaimability",
-        "tests/test_hermes_state.py::test_set_expiry_finalized_round_trip",
         "tests/test_hermes_state_compression_locks.py::test_acquire_blocks_second_holder",
         "tests/test_hermes_state_compression_locks.py::test_acquire_empty_session_id_returns_false",
         "tests/test_hermes_state_compression_locks.py::test_acquire_succeeds_when_unlocked",

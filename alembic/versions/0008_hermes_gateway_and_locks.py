@@ -25,8 +25,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "hermes_gateway_routing",
-        sa.Column("scope", sa.String(length=255), server_default="", nullable=False),
-        sa.Column("session_key", sa.String(length=255), nullable=False),
+        sa.Column("scope", sa.Text(), server_default="", nullable=False),
+        sa.Column("session_key", sa.Text(), nullable=False),
         sa.Column("entry_json", sa.Text(), nullable=False),
         sa.Column("updated_at", sa.Double(), nullable=False),
         sa.PrimaryKeyConstraint("scope", "session_key", name=op.f("pk_hermes_gateway_routing")),
