@@ -62,7 +62,7 @@ class SuiteSessionDB(SessionDB):
             super().__init__(path, read_only=read_only)
         else:
             super().__init__(database_for(_SERVER, path), read_only=read_only)
-        self.db_path = path  # type: ignore[assignment]
+        self.db_path = path
 
 
-hermes_state.SessionDB = SuiteSessionDB  # type: ignore[misc]
+hermes_state.SessionDB = SuiteSessionDB

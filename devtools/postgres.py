@@ -4,6 +4,11 @@
 system's ``initdb``/``pg_ctl`` start one in a temporary directory, listening on
 loopback only, with fsync off (the data is thrown away). As root, PostgreSQL
 refuses to run, so the commands run as the ``postgres`` user.
+
+:func:`postgres_server` yields a URL (the external server's, if one is named);
+:func:`local_postgres` always starts a server of its own and yields a
+:class:`PostgresServer`, which can also be restarted (the reliability suite
+restarts it under its writers).
 """
 
 from __future__ import annotations
@@ -14,13 +19,25 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 
 class PostgresUnavailable(RuntimeError):
     """No PostgreSQL could be started; the message says what to install or set."""
+
+
+#: Settings of a throwaway server: nothing it holds outlives it, so nothing is synced.
+#: ``synchronous_commit=off`` lets a crash of the server (not of a client) lose
+#: commits it acknowledged: pass ``{"synchronous_commit": "on"}`` where that matters.
+DEFAULT_SETTINGS: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
 
 
 def _bindir() -> Path:
@@ -51,39 +68,48 @@ def _runner() -> list[str]:
     return [runuser, "-u", "postgres", "--"]
 
 
-@contextmanager
-def postgres_server() -> Iterator[str]:
-    """Yield the URL of a running PostgreSQL server; stop and delete it afterwards."""
-    external = os.environ.get("HERMES_ORM_TEST_PG_URL")
-    if external:
-        yield external
-        return
-    bindir = _bindir()
-    prefix = _runner()
-    root = Path(tempfile.mkdtemp(prefix="hermes-orm-pg-"))
-    data, sockets = root / "data", root / "sock"
-    sockets.mkdir()
-    if prefix:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
-    port = _free_port()
-    log = root / "server.log"
+class PostgresServer:
+    """A server of our own in a temporary directory, started by :func:`local_postgres`.
 
-    def run(*args: str) -> None:
+    Attributes:
+        url: ``postgresql+psycopg://`` URL of its ``postgres`` database.
+        port: The loopback port it listens on.
+    """
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.log = root / "server.log"
+        self.port = port
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self._bindir = _bindir()
+        self._prefix = _runner()
+
+    def _run(self, *args: str) -> None:
         result = subprocess.run(
-            [*prefix, *args], capture_output=True, text=True, cwd=root, check=False
+            [*self._prefix, *args], capture_output=True, text=True, cwd=self.root, check=False
         )
         if result.returncode != 0:
-            server_log = log.read_text() if log.exists() else ""
+            server_log = self.log.read_text() if self.log.exists() else ""
             raise PostgresUnavailable(
                 f"{args[0]} failed ({result.returncode}): {result.stderr}{server_log}"
             )
 
-    try:
-        run(
-            str(bindir / "initdb"),
+    def _pg_ctl(self, *args: str) -> None:
+        # -l: the server's output goes to the log, never to a pipe pg_ctl's caller reads.
+        self._run(str(self._bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), *args)
+
+    def start(self, settings: Mapping[str, str]) -> None:
+        """Create the cluster and start the server with ``settings`` (``-c name=value``)."""
+        sockets = self.root / "sock"
+        sockets.mkdir()
+        if self._prefix:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(sockets, "postgres")
+        self._run(
+            str(self._bindir / "initdb"),
             "-D",
-            str(data),
+            str(self.data),
             "-U",
             "postgres",
             "-A",
@@ -93,31 +119,70 @@ def postgres_server() -> Iterator[str]:
             "--locale=C.UTF-8",
             "--no-sync",
         )
-        options = (
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        options = " ".join(
+            [
+                f"-p {self.port} -k {sockets} -c listen_addresses=127.0.0.1",
+                *(f"-c {name}={value}" for name, value in settings.items()),
+            ]
         )
-        run(
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
+        self._pg_ctl("-o", options, "-w", "-t", "60", "start")
+
+    def restart(self, mode: str = "fast") -> float:
+        """Stop the server (``smart``, ``fast`` or ``immediate``) and start it again.
+
+        ``immediate`` stops it as a crash would: the next start recovers from
+        the WAL. The server keeps its port and settings.
+
+        Returns:
+            Seconds until it accepted connections again.
+        """
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"mode must be smart, fast or immediate, got {mode!r}")
+        start = time.perf_counter()
+        self._pg_ctl("-m", mode, "-w", "-t", "60", "restart")
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Stop the server at once (its data is thrown away)."""
+        pg_ctl = str(self._bindir / "pg_ctl")
+        subprocess.run(
+            [*self._prefix, pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            cwd=self.root,
+            check=False,
         )
+
+
+@contextmanager
+def local_postgres(settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
+    """Start a server of our own (whatever ``HERMES_ORM_TEST_PG_URL`` says); delete it afterwards.
+
+    Args:
+        settings: Server settings over :data:`DEFAULT_SETTINGS`.
+    """
+    root = Path(tempfile.mkdtemp(prefix="hermes-orm-pg-"))
+    try:
+        server = PostgresServer(root, _free_port())
         try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+            server.start({**DEFAULT_SETTINGS, **(settings or {})})
+            yield server
         finally:
-            subprocess.run(
-                [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                capture_output=True,
-                cwd=root,
-                check=False,
-            )
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server(settings: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Yield the URL of a running PostgreSQL server; stop and delete it afterwards.
+
+    Args:
+        settings: Server settings over :data:`DEFAULT_SETTINGS`, for a server
+            started here; the server ``HERMES_ORM_TEST_PG_URL`` names keeps its own.
+    """
+    external = os.environ.get("HERMES_ORM_TEST_PG_URL")
+    if external:
+        yield external
+        return
+    with local_postgres(settings) as server:
+        yield server.url
