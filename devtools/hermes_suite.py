@@ -65,4 +65,10 @@ class SuiteSessionDB(SessionDB):
         self.db_path = path
 
 
-hermes_state.SessionDB = SuiteSessionDB
+def pytest_configure(config: Any) -> None:
+    """Put the adapter in ``hermes_state`` before any test module is collected.
+
+    (On loading the plugin, not on importing this module: a process that only
+    reads its names keeps Hermes' own class.)
+    """
+    hermes_state.SessionDB = SuiteSessionDB

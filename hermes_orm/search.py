@@ -12,7 +12,9 @@ A query is parsed here, never handed to the database as syntax:
 Words are cut where FTS5's ``unicode61`` tokenizer cuts them (see
 :mod:`hermes_orm._search_text`): ``foo.bar`` is the phrase ``"foo bar"``.
 Tokens in scripts written without spaces (CJK, kana, Hangul, Thai, ...) match
-anywhere inside the text, so ``部署`` finds ``我们部署项目``. Whatever string a
+anywhere inside the text, so ``部署`` finds ``我们部署项目``; a stretch without
+spaces that joins such a token to others by punctuation is looked for as
+written, so ``100%完成`` finds ``达成100%完成率`` but not ``达成100完成率``. Whatever string a
 user types yields hits or a :class:`~hermes_orm.errors.SearchQueryError` (a
 query with nothing to look for); quotes that do not close, a stray ``OR`` or
 ``-`` and punctuation are read leniently.
@@ -117,10 +119,42 @@ def _items(query: str) -> list[_Item]:
     return items
 
 
+def _written_together(chunk: str) -> str | None:
+    """The text a stretch of query without spaces is looked for as, if it is one substring.
+
+    A stretch that joins a token of a script written without spaces to other
+    tokens by punctuation (``100%完成``, ``部署,测试``) is text written without
+    spaces: it is looked for as written, from its first token to its last,
+    punctuation included. None for any other stretch (its tokens are leaves).
+    """
+    found = list(token_pattern().finditer(chunk))
+    if len(found) < 2 or any(len(m.group()) > MAX_TOKEN_CHARS for m in found):
+        return None
+    if not any(is_unsegmented(m.group()) for m in found):
+        return None
+    return chunk[found[0].start() : found[-1].end()]
+
+
 def _term(item: _Item) -> Term:
     leaves: list[Leaf] = []
     run: list[str] = []
-    for token in tokens(item.text):
+    for chunk in item.text.split():
+        together = _written_together(chunk)
+        if together is not None:
+            if run:
+                leaves.append(Leaf(tuple(run)))
+                run = []
+            leaves.append(Leaf((together,), substring=True))
+            continue
+        run = _add_tokens(tokens(chunk), leaves, run)
+    if run:
+        leaves.append(Leaf(tuple(run), prefix=item.prefix))
+    return tuple(leaves)
+
+
+def _add_tokens(found: list[str], leaves: list[Leaf], run: list[str]) -> list[str]:
+    """Add the leaves of ``found`` (tokens in order) to ``leaves``; returns the open phrase."""
+    for token in found:
         if len(token) > MAX_TOKEN_CHARS:
             # Longer words are not indexed on PostgreSQL: match by their start.
             run.append(token[:MAX_TOKEN_CHARS])
@@ -133,9 +167,7 @@ def _term(item: _Item) -> Term:
             leaves.append(Leaf((token,), substring=True))
         else:
             run.append(token)
-    if run:
-        leaves.append(Leaf(tuple(run), prefix=item.prefix))
-    return tuple(leaves)
+    return run
 
 
 def parse_query(query: str) -> Query:
@@ -345,8 +377,9 @@ def decode_cursor(cursor: str) -> int:
     Raises:
         SearchQueryError: ``cursor`` did not come from a :class:`SearchPage`.
     """
-    if isinstance(cursor, str) and cursor.startswith("m") and cursor[1:].isdecimal():
-        return int(cursor[1:])
+    digits = cursor[1:] if isinstance(cursor, str) and cursor.startswith("m") else ""
+    if digits.isascii() and digits.isdecimal() and len(digits) <= 19 and int(digits) < 2**63:
+        return int(digits)  # (a message id: a 64-bit int)
     raise SearchQueryError(f"{cursor!r} is not a cursor from SearchPage.next_cursor")
 
 
@@ -425,10 +458,32 @@ class _Builder:
         self.params.extend(params)
 
 
+def _like_escaped(text: str) -> str:
+    """``text`` in a LIKE pattern, its wildcards and the escape character (backslash) literal."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _sqlite_like(text: str, column: str, params: list[Any], *, indexed: bool) -> str:
+    """SQLite's "``column`` contains ``text``" (ASCII letters in any case), literally.
+
+    With ``indexed``, the trigram index may serve it. Tokens hold no LIKE
+    wildcard; a substring written with punctuation may, and is then matched
+    with an ESCAPE clause, which the index does not serve: it is checked row by row.
+    """
+    if "%" in text or "_" in text:
+        params.append(f"%{_like_escaped(text)}%")
+        return f"+{column} LIKE ? ESCAPE '\\'"
+    params.append(f"%{text}%")
+    # FTS5 answers a LIKE of fewer than 3 characters with no rows (SQLite
+    # 3.40): "+" keeps such a pattern out of the index, checked row by row.
+    unindexed = "" if indexed and len(text) >= 3 else "+"
+    return f"{unindexed}{column} LIKE ?"
+
+
 def _sqlite_leaf(leaf: Leaf, row: str, params: list[Any]) -> str:
     if leaf.substring:
-        params.append(f"%{leaf.tokens[0]}%")
-        return f"EXISTS (SELECT 1 FROM hermes_search_cjk WHERE rowid = {row} AND +body LIKE ?)"
+        like = _sqlite_like(leaf.tokens[0], "body", params, indexed=False)
+        return f"EXISTS (SELECT 1 FROM hermes_search_cjk WHERE rowid = {row} AND {like})"
     params.append(_fts_leaf(leaf))
     return f"EXISTS (SELECT 1 FROM hermes_search WHERE hermes_search MATCH ? AND rowid = {row})"
 
@@ -438,14 +493,9 @@ def _sqlite_terms(terms: Sequence[Term], row: str, params: list[Any]) -> str:
 
 
 def _sqlite_like_terms(terms: Sequence[Term], column: str, params: list[Any]) -> str:
-    def like(leaf: Leaf) -> str:
-        params.append(f"%{leaf.tokens[0]}%")
-        # FTS5 answers a LIKE of fewer than 3 characters with no rows (SQLite
-        # 3.40): "+" keeps such a pattern out of the index, checked row by row.
-        unindexed = "+" if len(leaf.tokens[0]) < 3 else ""
-        return f"{unindexed}{column} LIKE ?"
-
-    return _any_of_all(terms, like)
+    return _any_of_all(
+        terms, lambda leaf: _sqlite_like(leaf.tokens[0], column, params, indexed=True)
+    )
 
 
 def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
@@ -549,7 +599,8 @@ def _pg_match(condition: str, by_index: bool) -> str:
 def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
     def condition(leaf: Leaf) -> str:
         if leaf.substring:
-            builder.params.append(f"%{leaf.tokens[0]}%")
+            # A literal substring: backslash is PostgreSQL's LIKE escape by default.
+            builder.params.append(f"%{_like_escaped(leaf.tokens[0])}%")
             return f"({_PG_UNSEGMENTED} AND {_pg_match('m.search_body ILIKE %s', by_index)})"
         builder.params.append(_tsquery_leaf(leaf))
         return _pg_match("m.search_vector @@ lower(%s)::tsquery", by_index)

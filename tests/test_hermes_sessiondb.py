@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from hermes_orm import SessionStore
+from hermes_orm.errors import InvalidMessageError
 from hermes_orm.integrations.hermes import SessionDB
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
@@ -566,3 +567,99 @@ def test_search_messages(both: Any) -> None:
         for result in got:
             assert ">>>" in result["snippet"], (args, result)
     assert len(ours.search_messages("deploy*")) == 4  # the cases above are not all empty
+
+
+def test_history_rewrites_keep_the_store_whole(both: Any, store: SessionStore) -> None:
+    from hermes_orm.verify import verify_database
+
+    both.create_session("s1", "cli")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns: list[tuple[str, Any, dict[str, Any]]] = [
+        ("user", "first", {}),
+        ("assistant", "one", {"tool_calls": [call]}),
+        ("tool", "result", {"tool_name": "f", "tool_call_id": "c1"}),
+        ("user", {"parts": [{"text": "a dict"}]}, {"platform_message_id": "p-1"}),
+        ("assistant", "two", {}),
+        ("user", "third", {}),
+        ("assistant", "three", {"reasoning": "because"}),
+    ]
+    for n, (role, content, fields) in enumerate(turns):
+        both.append_message("s1", role, content, timestamp=10.0 + n, **fields)
+    both.get_messages("s1")
+    assert both.has_platform_message_id("s1", "p-1") is True
+    both.rewind_to_message("s1", 4)
+    both.rewind_to_message("s1", 4)  # again: nothing left to take back, counted still
+    both.rewind_to_message("s1", 2)  # not a user message: both raise
+    both.rewind_to_message("s1", 999)  # no such message: both raise
+    both.get_messages("s1")
+    both.get_messages("s1", include_inactive=True)
+    both.get_session("s1")
+    assert both.has_archived_messages("s1") is True
+    both.list_recent_user_messages("s1")
+    both.list_recent_user_messages("s1", limit=2, include_inactive=True)
+    assert both.restore_rewound("s1", 6) == 2
+    both.get_messages_around("s1", 4, window=2)
+    both.get_messages_around("s1", 999)
+    both.get_anchored_view("s1", 3, window=1, bookend=2)
+    both.get_anchored_view("s1", 5, window=1, bookend=1, keep_roles=None)
+    assert verify_database(store).problems == []
+
+    assert both.archive_and_compact("s1", [{"role": "user", "content": "summary"}]) == 1
+    both.get_messages("s1")
+    both.get_messages("s1", include_inactive=True)
+    both.get_messages_as_conversation("s1")
+    assert both.set_latest_user_api_content("s1", "summary", "summary + memory") == 1
+    assert both.set_latest_user_api_content("s1", "not it", "x") == 0
+    both.replace_messages(
+        "s1",
+        [
+            {"role": "user", "content": "again", "message_id": "ext-1", "timestamp": 50.0},
+            {"role": "assistant", "content": [{"type": "text", "text": "parts"}], "timestamp": 51},
+        ],
+        active_only=True,
+    )
+    both.get_messages("s1", include_inactive=True)
+    assert verify_database(store).problems == []
+    both.replace_messages("s1", [{"role": "user", "content": "only", "timestamp": 60.0}])
+    both.get_messages("s1", include_inactive=True)
+    both.get_session("s1")
+    with pytest.raises(InvalidMessageError):  # a role the store has no place for
+        both.ours.replace_messages("s1", [{"role": "wizard", "content": "x"}])
+    both.get_messages("s1")  # as it was
+    assert verify_database(store).problems == []
+
+
+def test_deleting_archiving_and_importing(both: Any, store: SessionStore, tmp_path: Path) -> None:
+    from hermes_orm.verify import verify_database
+
+    both.create_session("root", "tui", cwd="/repo/a")
+    both.append_message("root", "user", "hello", timestamp=1.0)
+    both.end_session("root", "compression")
+    both.create_session("tip", "tui", parent_session_id="root", cwd="/repo/a")
+    both.create_session("empty", "cli", cwd="/repo/b")
+    both.end_session("empty", "done")
+    both.create_session("titled", "cli")
+    both.set_session_title("titled", "Keep me")
+    both.update_session_cwd("tip", "/repo/a/src", git_branch="main", git_repo_root="")
+    both.backfill_repo_roots({"/repo/a/src": "/repo/a", "/repo/b": "/repo/b"})
+    both.distinct_session_cwds()
+    assert both.set_session_archived("tip", True) is True  # the compressed root goes too
+    both.get_session("root")
+    both.distinct_session_cwds(include_archived=True)
+    assert both.set_session_archived("missing", True) is False
+    both.list_prune_candidates(older_than_days=None)
+    assert both.count_empty_sessions() == 1
+    assert both.delete_session_if_empty("titled") is False
+    assert both.delete_empty_sessions(sessions_dir=tmp_path) == 1
+    exported = both.export_session("root")
+    assert both.delete_sessions(["root", "root", "", None, "ghost"]) == 1
+    both.get_session("tip")
+    exported["parent_session_id"] = "tip"
+    both.import_sessions([exported])
+    both.import_sessions([exported])  # skipped: it exists
+    both.import_sessions([{"id": "bad", "model_config": "{", "messages": []}])
+    both.get_messages("root")
+    both.update_session_billing_route("tip", provider="p", base_url="https://p/v1")
+    both.update_session_meta("tip", '{"temperature": 0.5}', model="m")
+    both.get_session("tip")
+    assert verify_database(store).problems == []

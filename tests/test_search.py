@@ -57,6 +57,13 @@ def cjk(token: str) -> tuple[Leaf, ...]:
         ('"大别山 项目"', Query(((cjk("大别山") + cjk("项目"),),), ())),
         ("python教程", Query(((cjk("python教程"),),), ())),
         ('"deploy 部署 now"', Query(((words("deploy") + cjk("部署") + words("now"),),), ())),
+        # text written without spaces, punctuation and all: one substring, as written
+        ("100%完成", Query(((cjk("100%完成"),),), ())),
+        ("你好、世界。", Query(((cjk("你好、世界"),),), ())),
+        (
+            '"deploy 100%完成 now"',
+            Query(((words("deploy") + cjk("100%完成") + words("now"),),), ()),
+        ),
         # lenient reading of what is not syntax
         ('"unterminated phrase', Query(((words("unterminated", "phrase"),),), ())),
         ("OR docker", Query(((words("or"),), (words("docker"),)), ())),
@@ -581,6 +588,19 @@ def test_sqlite_triggers_index_exactly_what_the_previous_revision_did(tmp_path: 
     hermes_orm.downgrade(engine, "0004_search_upkeep")
     engine.dispose()
     assert _fetch(head, _TRIGGERS) == _fetch(previous, _TRIGGERS)
+
+
+def test_punctuation_inside_text_written_without_spaces_is_literal(store: SessionStore) -> None:
+    store.create_session("s1", "cli")
+    store.create_session("s2", "cli")
+    store.flush("s1", [turn("达成100%完成率"), turn("a_b部署")])
+    store.flush("s2", [turn("达成100完成率是目标"), turn("axb部署 a\\b部署")])
+    assert [(h.session_id, h.marked()) for h in store.search("100%完成").hits] == [
+        ("s1", "达成[100%完成]率")
+    ]
+    assert [h.session_id for h in store.search("a_b部署").hits] == ["s1"]
+    assert [h.session_id for h in store.search("a\\b部署").hits] == ["s2"]
+    assert len(store.search("完成率").hits) == 2
 
 
 _QUERY_PIECES = st.sampled_from(

@@ -108,6 +108,40 @@ def _scrub_json(value: Any) -> Any:
     return value
 
 
+#: What Hermes puts before structured content it keeps as JSON text.
+CONTENT_JSON_PREFIX = "\x00json:"
+
+
+def hermes_content(content: Any) -> Any:
+    """A message's ``content`` as this adapter stores it, where Hermes stores it as text.
+
+    Text, a list of parts and None are stored as they are (lone surrogates
+    replaced); a number as the text Hermes' text column makes of it; any other
+    JSON value (a dict) as Hermes writes it, :data:`CONTENT_JSON_PREFIX` and
+    its JSON, which :func:`hermes_content_value` reads back.
+    """
+    if content is None or isinstance(content, str | list | bytes):
+        return _scrub_json(content)  # bytes: refused by the store, no column holds them
+    if isinstance(content, tuple):
+        return _scrub_json(list(content))
+    if isinstance(content, bool | int | float):
+        return str(int(content) if isinstance(content, bool) else content)
+    try:
+        return CONTENT_JSON_PREFIX + json.dumps(content)
+    except (TypeError, ValueError):
+        return _scrub(str(content))
+
+
+def hermes_content_value(content: Any) -> Any:
+    """A stored ``content`` as Hermes returns it: JSON text behind the prefix decoded."""
+    if isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
+        try:
+            return json.loads(content[len(CONTENT_JSON_PREFIX) :])
+        except ValueError:
+            return content
+    return content
+
+
 def sanitize_title(title: str | None) -> str | None:
     """Clean a title as Hermes does; None for an empty one.
 
@@ -831,7 +865,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 stamp = float(
                     timestamp.timestamp() if hasattr(timestamp, "timestamp") else timestamp
                 )
-        message: dict[str, Any] = {"role": role, "content": _scrub_json(content)}
+        message: dict[str, Any] = {"role": role, "content": hermes_content(content)}
         optional = {
             "tool_call_id": tool_call_id,
             # Hermes stores falsy JSON values as NULL
@@ -868,7 +902,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         for column in MESSAGE_COLUMNS:
             own = column in ("id", "session_id")
             value = getattr(row, column) if own else message.get(column)
-            if column in _TEXT_JSON_MESSAGE:
+            if column == "content":
+                value = hermes_content_value(value)
+            elif column in _TEXT_JSON_MESSAGE:
                 value = _json_text(value)
             elif column in _FLAG_MESSAGE:
                 # NULL: written through flush() without the key (active, not compacted)
