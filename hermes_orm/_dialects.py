@@ -33,6 +33,7 @@ from hermes_orm.errors import (
     DatabaseBusyError,
     DatabaseError,
     DatabaseUnavailableError,
+    InvalidArgumentError,
     InvalidURLError,
     UnsupportedBackendError,
 )
@@ -175,9 +176,33 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-def engine_settings(sqlite_synchronous: str, lock_timeout: float) -> dict[str, Any]:
-    """A store's settings, as :func:`create_store_engine` and :func:`configure_engine` take them."""
-    return {"sqlite_synchronous": sqlite_synchronous, "lock_timeout": lock_timeout}
+#: Longest lock wait a store takes, in seconds (a day: past it, a writer is stuck).
+_LOCK_TIMEOUT_MAX = 86_400.0
+
+
+def engine_settings(sqlite_synchronous: Any, lock_timeout: Any) -> dict[str, Any]:
+    """A store's settings, as :func:`create_store_engine` and :func:`configure_engine` take them.
+
+    Raises:
+        InvalidArgumentError: A level SQLite does not have, or a lock wait that
+            is not a number of seconds above 0 and at most a day.
+    """
+    if not isinstance(sqlite_synchronous, str) or (
+        sqlite_synchronous.upper() not in _SQLITE_SYNCHRONOUS
+    ):
+        raise InvalidArgumentError(
+            f"sqlite_synchronous must be one of {_SQLITE_SYNCHRONOUS}, got {sqlite_synchronous!r}"
+        )
+    if (
+        isinstance(lock_timeout, bool)
+        or not isinstance(lock_timeout, int | float)
+        or not 0 < lock_timeout <= _LOCK_TIMEOUT_MAX  # (NaN compares false)
+    ):
+        raise InvalidArgumentError(
+            f"lock_timeout must be seconds above 0 and at most {_LOCK_TIMEOUT_MAX:.0f}, "
+            f"got {lock_timeout!r}"
+        )
+    return {"sqlite_synchronous": sqlite_synchronous, "lock_timeout": float(lock_timeout)}
 
 
 def create_store_engine(
@@ -194,6 +219,7 @@ def create_store_engine(
     is retried, then reported) instead of waiting for ever. ``engine_kwargs``
     go to :func:`sqlalchemy.create_engine`.
     """
+    engine_settings(sqlite_synchronous, lock_timeout)  # checked before anything is made
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = dict(engine_kwargs)
     if parsed.get_backend_name() == "postgresql":
@@ -219,6 +245,7 @@ def create_async_store_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    engine_settings(sqlite_synchronous, lock_timeout)  # checked before anything is made
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = dict(engine_kwargs)
     if parsed.get_backend_name() == "sqlite":
@@ -257,11 +284,10 @@ def configure_engine(
     Connections opened from then on get WAL, ``busy_timeout`` (``lock_timeout``
     seconds), ``foreign_keys=ON`` and the given ``synchronous`` level.
     """
+    engine_settings(sqlite_synchronous, lock_timeout)
     if engine.dialect.name != "sqlite":
         return
     level = sqlite_synchronous.upper()
-    if level not in _SQLITE_SYNCHRONOUS:
-        raise ValueError(f"sqlite_synchronous must be one of {_SQLITE_SYNCHRONOUS}, got {level!r}")
     busy_ms = _millis(lock_timeout)
     settings = (level, busy_ms)
     if _configured.get(engine) == settings:

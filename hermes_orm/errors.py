@@ -56,11 +56,20 @@ class InvalidURLError(HermesOrmError, ValueError):
     """A database URL that cannot be parsed or used (its password is never shown)."""
 
 
-class InvalidSessionError(HermesOrmError, ValueError):
+class InvalidArgumentError(HermesOrmError, ValueError):
+    """An argument a call does not take (an offset, a limit, a cursor, a mode, a setting).
+
+    The errors for what a call stores or looks for derive from it:
+    :class:`InvalidSessionError`, :class:`InvalidMessageError`,
+    :class:`SearchQueryError`.
+    """
+
+
+class InvalidSessionError(InvalidArgumentError):
     """Session fields that cannot be stored (unknown name, wrong type)."""
 
 
-class InvalidMessageError(HermesOrmError, ValueError):
+class InvalidMessageError(InvalidArgumentError):
     """A message that cannot be stored; raised before anything is written.
 
     Attributes:
@@ -158,5 +167,5 @@ class DatabaseError(HermesOrmError):
     """A database error that is neither transient nor caused by the input."""
 
 
-class SearchQueryError(HermesOrmError, ValueError):
+class SearchQueryError(InvalidArgumentError):
     """A search that cannot run: a query with nothing to look for, a bad limit or cursor."""

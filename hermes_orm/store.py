@@ -52,6 +52,7 @@ from hermes_orm import search as _search
 from hermes_orm._dialects import RetryPolicy
 from hermes_orm.errors import (
     HistoryDivergedError,
+    InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
     SearchQueryError,
@@ -87,6 +88,12 @@ _LOCK_SESSION = (
 )
 
 _INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
+#: Text session fields that are indexed, and their bound: an index entry of
+#: PostgreSQL holds about 2,700 bytes, so 512 characters (at most 2,048 bytes of
+#: UTF-8) always fit, on both backends alike.
+_INDEXED_TEXT = frozenset({"source", "user_id", "title"})
+_INDEXED_TEXT_MAX = 512
+_INT64 = 2**63
 #: The largest float: an int beyond it is no number a float column can hold.
 _MAX_FLOAT = sys.float_info.max
 #: Sessions whose cursor a store remembers; past this it forgets the half it
@@ -304,6 +311,11 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidSessionError(f"session field {name!r} must be a number")
             if (isinstance(value, int) and abs(value) > _MAX_FLOAT) or not math.isfinite(value):
                 raise InvalidSessionError(f"session field {name!r} must be a finite number")
+            if isinstance(value, int) and float(value) != value:
+                # The column holds a float: this int would read back as another number.
+                raise InvalidSessionError(
+                    f"session field {name!r}: {value} has no exact float (beyond 2**53)"
+                )
         elif expected is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidSessionError(f"session field {name!r} must be an int")
@@ -315,6 +327,11 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
             )
         elif isinstance(value, str) and (problem := _codec.text_problem(value)) is not None:
             raise InvalidSessionError(f"session field {name!r} {problem}")
+        elif name in _INDEXED_TEXT and isinstance(value, str) and len(value) > _INDEXED_TEXT_MAX:
+            raise InvalidSessionError(
+                f"session field {name!r} holds at most {_INDEXED_TEXT_MAX} characters "
+                f"(it is indexed), got {len(value)}"
+            )
     return fields
 
 
@@ -336,9 +353,11 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         started_at, session_id = json.loads(raw)
         if isinstance(started_at, bool) or not isinstance(started_at, int | float):
             raise TypeError
-        if not isinstance(session_id, str):
+        if not math.isfinite(float(started_at)):
+            raise ValueError
+        if not isinstance(session_id, str) or _codec.text_problem(session_id) is not None:
             raise TypeError
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, OverflowError):
         raise InvalidSessionError(
             f"invalid pagination cursor {cursor!r}: pass back a SessionPage.next_cursor"
         ) from None
@@ -729,7 +748,7 @@ class StoreCore:
                 f"messages must be a list of dicts, got {type(messages).__name__}"
             )
         if verify not in _VERIFY:
-            raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
+            raise InvalidArgumentError(f"verify must be one of {_VERIFY}, got {verify!r}")
 
         hint = self._memory.hints.get(session_id) if verify != "full" else None
         if hint is not None and len(messages) > hint.cursor:
@@ -931,7 +950,9 @@ class StoreCore:
                 )
                 .order_by(_messages.c.idx)
             ).scalars()
-            for i, stored_digest in enumerate(stored, known):
+            # Read whole before comparing: a result left open by the refusal
+            # below would hold SQLite's read snapshot as long as the error lives.
+            for i, stored_digest in enumerate(stored.all(), known):
                 if _digest_or_none(messages[i], i) != stored_digest:
                     raise HistoryDivergedError(session_id, stored=cursor, given=given, index=i)
         return known
@@ -977,12 +998,16 @@ class StoreCore:
         self, session_id: str, offset: int, limit: int | None
     ) -> Steps[list[dict[str, Any]]]:
         _check_session_id(session_id)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _INT64:
+            raise InvalidArgumentError(f"offset must be an int from 0 to 2**63 - 1, got {offset!r}")
         if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+            isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < _INT64
         ):
-            raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+            raise InvalidArgumentError(
+                f"limit must be None or an int from 0 to 2**63 - 1, got {limit!r}"
+            )
+        if limit is not None:
+            limit = min(limit, _INT64 - 1 - offset)  # (offset + limit is bound as a 64-bit int)
         # idx is dense, so a range on the unique (session_id, idx) index pages
         # in O(limit) where OFFSET would scan the skipped rows.
         sql = self._sql

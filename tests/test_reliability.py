@@ -2,24 +2,22 @@
 
 Each scenario must leave every session exact (nothing duplicated, nothing
 lost), raise no untyped error, and show that it did its work: writers killed,
-backends terminated, disks filled, calls made. The findings the suite made in
-hermes_orm and that are not fixed yet are pinned by the ``test_finding_*``
-tests (expected to fail until fixed); the inputs scenario tolerates their
-traces only, and then says so as an expected failure.
+backends terminated, disks filled, calls made. What the suite once found in
+hermes_orm (a refused flush that kept SQLite's read snapshot, untyped errors for
+bad arguments, float fields that read back another number) has a test of its own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.postgres import local_postgres
-from hermes_orm import HermesOrmError, HistoryDivergedError, SessionStore
+from hermes_orm import HermesOrmError, HistoryDivergedError, InvalidSessionError, SessionStore
 from reliability import connections, contention, disk, inputs, kill
 from reliability.__main__ import PG_SETTINGS, QUICK
 from reliability._common import Database, Outcome, postgres_database, sqlite_database
@@ -88,18 +86,7 @@ def test_disk(tmp_path: Path) -> None:
     assert outcome.acknowledged > 0
 
 
-# -- inputs, and the findings not fixed yet -----------------------------------------------------
-
-#: Traces in the inputs scenario of the findings pinned below.
-_KNOWN_UNTYPED = re.compile(
-    r"(get_messages|flush|SessionStore): (ValueError|OverflowError|AttributeError)"
-    r"|(list_sessions|search): (OverflowError|UnicodeEncodeError)"
-)
-_KNOWN_PROBLEMS = re.compile(
-    r"after HistoryDivergedError from flush, the store (reads|raises)"
-    r"|(create|ensure)_session: inexact: (started_at|ended_at|estimated_cost_usd|"
-    r"actual_cost_usd|compression_failure_cooldown_until) reads back"
-)
+# -- inputs, and what the suite once found -----------------------------------------------------
 
 
 def test_inputs(database: Database) -> None:
@@ -108,15 +95,9 @@ def test_inputs(database: Database) -> None:
     assert outcome.work["successes"] > QUICK.inputs // 5
     assert outcome.work["typed refusals"] > QUICK.inputs // 5
     assert outcome.duplicated == outcome.lost == 0
-    unknown = [kind for kind in outcome.untyped if not _KNOWN_UNTYPED.fullmatch(kind)]
-    assert not unknown, {kind: outcome.samples[kind] for kind in unknown}
-    unexplained = [p for p in outcome.problems if not _KNOWN_PROBLEMS.match(p)]
-    assert not unexplained, unexplained[:5]
-    if not outcome.ok:
-        pytest.xfail(
-            f"{outcome.failures} failures, all from the known findings "
-            "(test_finding_*): " + ", ".join(sorted(outcome.untyped))
-        )
+    assert not outcome.untyped, {kind: outcome.samples[kind] for kind in outcome.untyped}
+    assert not outcome.problems, outcome.problems[:5]
+    assert outcome.ok
 
 
 def _untyped_on_bad_arguments(store: SessionStore) -> list[str]:
@@ -186,10 +167,14 @@ def _stale_after_diverged_flush(url: str) -> str | None:
 
 
 def _inexact_float_fields(store: SessionStore) -> list[str]:
-    """Session float fields given ints a float cannot hold: do they read back equal?"""
+    """Session float fields given ints a float cannot hold: refused, or read back equal?"""
     found = []
     for name in ("started_at", "estimated_cost_usd"):
-        store.create_session(f"f-{name}", source="cli", **{name: 2**53 + 1})
+        try:
+            store.create_session(f"f-{name}", source="cli", **{name: 2**53 + 1})
+        except InvalidSessionError:
+            assert store.get_session(f"f-{name}") is None  # nothing written
+            continue
         back = store.get_session(f"f-{name}")
         assert back is not None
         if back[name] != 2**53 + 1:
@@ -197,29 +182,16 @@ def _inexact_float_fields(store: SessionStore) -> list[str]:
     return found
 
 
-_NOT_FIXED = pytest.mark.xfail(strict=True, reason="a finding of the reliability suite, not fixed")
+def test_a_diverged_flush_leaves_no_stale_snapshot(db_url: str) -> None:
+    """A refused flush ends its read: the store then sees what others commit."""
+    assert _stale_after_diverged_flush(db_url) is None
 
 
-@pytest.mark.sqlite
-@_NOT_FIXED
-def test_finding_a_diverged_flush_leaves_no_stale_snapshot(tmp_path: Path) -> None:
-    """Once fixed, drop the xfail and its pattern from ``_KNOWN_PROBLEMS``."""
-    assert _stale_after_diverged_flush(f"sqlite:///{tmp_path / 'stale.db'}") is None
-
-
-@pytest.mark.sqlite
-@_NOT_FIXED
-def test_finding_bad_arguments_raise_typed_errors(tmp_path: Path) -> None:
-    """Once fixed, drop the xfail and ``_KNOWN_UNTYPED``."""
-    with SessionStore(f"sqlite:///{tmp_path / 'arguments.db'}") as store:
-        store.upgrade()
+def test_bad_arguments_raise_typed_errors(db_url: str) -> None:
+    with SessionStore(db_url) as store:
         assert _untyped_on_bad_arguments(store) == []
 
 
-@pytest.mark.sqlite
-@_NOT_FIXED
-def test_finding_float_session_fields_read_back_exactly(tmp_path: Path) -> None:
-    """Once fixed, drop the xfail and its pattern from ``_KNOWN_PROBLEMS``."""
-    with SessionStore(f"sqlite:///{tmp_path / 'floats.db'}") as store:
-        store.upgrade()
+def test_float_session_fields_read_back_exactly_or_are_refused(db_url: str) -> None:
+    with SessionStore(db_url) as store:
         assert _inexact_float_fields(store) == []
