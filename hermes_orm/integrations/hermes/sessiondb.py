@@ -1,4 +1,4 @@
-"""A subset of Hermes Agent's ``SessionDB`` API on top of :class:`SessionStore`.
+"""Hermes Agent's ``SessionDB`` API on top of :class:`SessionStore`.
 
 Code written against ``hermes_state.SessionDB`` (hermes-agent 0.19) keeps its
 calls and gets the same return shapes, on any database hermes_orm runs on:
@@ -6,22 +6,19 @@ session dicts with Hermes' ``sessions`` columns, message dicts with Hermes'
 ``messages`` columns (``content`` and ``tool_calls`` decoded, the other JSON
 columns as JSON text, flags as 0/1), ids and counts as Hermes gives them.
 
-Implemented so far: ``create_session``, ``ensure_session``, ``end_session``,
-``reopen_session``, ``get_session``, ``resolve_session_id``,
-``update_system_prompt``, ``update_session_model``, ``set_session_title``,
-``get_session_title``, ``get_session_by_title``, ``append_message``,
-``get_messages``, ``message_count``, ``clear_messages``, ``export_session``,
-``export_all`` (with ``search_sessions``), ``delete_session``, ``prune_sessions``,
-``session_count``, ``update_token_counts``, ``list_sessions_rich`` (with
-``get_compression_tip``), ``get_messages_as_conversation``
-(which needs hermes-agent installed, for its content clean-ups),
-``search_messages``, ``get_meta``, ``set_meta`` and ``close``; each is checked
-call for call against the real ``SessionDB`` (tests/test_hermes_sessiondb.py). Known differences:
-``set_session_title`` does not move a title off a compressed ancestor,
-``create_session`` on an existing session also fills a missing ``user_id``, and
-lone surrogates inside JSON values become U+FFFD (Hermes keeps them escaped);
-``search_messages`` reads queries with hermes_orm's language, orders hits newest
-first where Hermes ranks by relevance, and makes its own snippets.
+Every public method of Hermes' class is here: sessions and messages in this
+module; context compression (locks, cooldowns, lineage, titles, resuming) in
+``_lineage``; gateways (routing, peers, handoffs, Telegram topics, cron runs) in
+``_gateway``; rewrites, deletes, pruning, imports and maintenance in ``_upkeep``.
+Hermes' own SessionDB tests run against it on both backends
+(``tests/test_hermes_suite.py``), and the calls are compared with the real
+class (``tests/test_hermes_sessiondb.py``). Known differences: ``search_messages``
+reads queries with hermes_orm's language, orders hits newest first where Hermes
+ranks by relevance, and makes its own snippets; lone surrogates inside JSON
+values become U+FFFD (Hermes keeps them escaped); ``create_session`` on an
+existing session also fills a missing ``user_id``; a session's
+``message_count`` counts its archived (compacted) rows too; roles are those
+hermes_orm stores; no write triggers a search-index optimize (none is needed).
 """
 
 from __future__ import annotations
