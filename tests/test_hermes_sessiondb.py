@@ -663,3 +663,22 @@ def test_deleting_archiving_and_importing(both: Any, store: SessionStore, tmp_pa
     both.update_session_meta("tip", '{"temperature": 0.5}', model="m")
     both.get_session("tip")
     assert verify_database(store).problems == []
+
+
+@pytest.mark.apis("sync")
+@pytest.mark.backends("postgresql")  # a local SQLite commit has no acknowledgement to lose
+def test_append_message_whose_commit_ack_was_lost_stores_one_row(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hermes' write path is exactly once: the store's retry asks the server first."""
+    from tests.test_flush import _commit_then_drop
+
+    db = SessionDB(store)
+    db.create_session("s", source="cli")
+    dropped = _commit_then_drop(store, monkeypatch)
+    message_id = db.append_message("s", role="user", content="once")
+    assert dropped == [1]
+    monkeypatch.undo()
+    rows = db.get_messages("s")
+    assert [(m["id"], m["content"]) for m in rows] == [(message_id, "once")]
+    assert store.get_session("s")["message_count"] == 1
