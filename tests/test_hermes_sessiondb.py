@@ -682,3 +682,15 @@ def test_append_message_whose_commit_ack_was_lost_stores_one_row(
     rows = db.get_messages("s")
     assert [(m["id"], m["content"]) for m in rows] == [(message_id, "once")]
     assert store.get_session("s")["message_count"] == 1
+
+
+def test_every_public_method_of_hermes_sessiondb_is_there() -> None:
+    import inspect
+
+    from hermes_state import SessionDB as HermesSessionDB
+
+    def public(cls: type) -> set[str]:
+        return {n for n, v in inspect.getmembers(cls) if not n.startswith("_") and callable(v)}
+
+    assert len(public(HermesSessionDB)) >= 107
+    assert sorted(public(HermesSessionDB) - public(SessionDB)) == []
