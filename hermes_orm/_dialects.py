@@ -12,6 +12,7 @@ row, which serialises writers of one session and nobody else.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import re
@@ -53,6 +54,10 @@ _SQLITE_TRANSIENT = {5, 6}
 # serialization_failure, deadlock_detected, lock_not_available, admin/crash shutdown,
 # cannot_connect_now; class 08 is "connection exception".
 _PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
+
+
+#: Where hermes_orm says what it retries (INFO): lost connections, busy databases.
+logger = logging.getLogger("hermes_orm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -753,6 +758,20 @@ def retry_delay(policy: RetryPolicy, attempt: int, exc: DBAPIError) -> float | N
     return policy.delay(attempt)
 
 
+def log_retry(policy: RetryPolicy, attempt: int, exc: DBAPIError, delay: float) -> None:
+    """Say (at INFO, on the ``hermes_orm`` logger) that try ``attempt`` failed and why."""
+    if logger.isEnabledFor(logging.INFO):
+        reason = redact(str(exc.orig)).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        logger.info(
+            "transient database error (%s: %s); try %d of %d in %.3f s",
+            type(exc.orig).__name__,
+            reason,
+            attempt + 2,
+            policy.attempts,
+            delay,
+        )
+
+
 def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -> T:
     """Run ``work`` (one whole transaction) again on transient errors, within ``policy``."""
     for attempt in range(policy.attempts):
@@ -762,6 +781,7 @@ def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -
             delay = retry_delay(policy, attempt, exc)
             if delay is None:
                 raise out_of_retries(engine, policy, exc) from exc
+            log_retry(policy, attempt, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -252,6 +252,7 @@ class AsyncSessionStore(_AsyncSessions):
                 if delay is None:
                     holders = await self._busy_holders(exc)
                     raise _dialects.out_of_retries(self._engine, self._retry, exc, holders) from exc
+                _dialects.log_retry(self._retry, tries, exc, delay)
                 tries += 1
                 await asyncio.sleep(delay)
 

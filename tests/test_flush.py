@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import multiprocessing
 import sqlite3
 import threading
@@ -654,7 +655,11 @@ def _transient(backend: str) -> OperationalError:
 
 
 def test_transient_error_mid_flush_is_retried_inside_flush(
-    store: SessionStore, engine: Engine, backend: str, statements: list[str]
+    store: SessionStore,
+    engine: Engine,
+    backend: str,
+    statements: list[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
@@ -665,10 +670,14 @@ def test_transient_error_mid_flush_is_retried_inside_flush(
     # fail the statement after the lock: the retry must start from a fresh transaction
     hook = _fail_at(store.engine, len(statements), _transient(backend))
     try:
-        assert store.flush("s", turn).written == 3
+        with caplog.at_level(logging.INFO, logger="hermes_orm"):
+            assert store.flush("s", turn).written == 3
     finally:
         event.remove(store.engine, "before_cursor_execute", hook)
     assert_exact(store, "s", turn)
+    (retry,) = [r for r in caplog.records if r.name == "hermes_orm"]  # the retry is told
+    assert "transient database error" in retry.getMessage()
+    assert "try 2 of 8" in retry.getMessage()
 
 
 def test_retry_bound_raises_a_typed_busy_error(engine: Engine, backend: str) -> None:
