@@ -236,6 +236,22 @@ def test_messages_equal_as_dicts_are_never_refused(store: SessionStore, checker:
     assert store.get_messages("s")[:6] == msgs
 
 
+def test_a_history_another_store_rewrote_is_continued_not_refused(store: SessionStore) -> None:
+    """Copies of a history rewritten elsewhere (deleted, made anew) refuse nothing stored."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(2, "old"))  # the store keeps copies of these
+    other = fresh_store(store)
+    assert other.delete_session("s")
+    other.create_session("s", source="cli")
+    new = conversation(2, "new")
+    other.flush("s", new)  # the same length as before, other messages
+    assert store.flush("s", [*new, *conversation(1, "more")]).written == 3
+    assert_exact(store, "s", [*new, *conversation(1, "more")])
+    with pytest.raises(HistoryDivergedError) as err:  # what the database does not hold
+        store.flush("s", [*conversation(2, "old"), *conversation(2, "more")])
+    assert err.value.index == 0
+
+
 def test_a_store_over_its_memory_bound_still_checks_every_message(
     store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
