@@ -94,19 +94,20 @@ def _prepare(spec: AgentSpec) -> None:
 
 
 class _Fault:
-    """Make ``SessionDB.append_message`` raise once, for one turn's chosen row."""
+    """Make ``SessionDB.append_message`` raise once (or ``times`` times), for one turn's row."""
 
     def __init__(self, fault: dict[str, Any]) -> None:
         self.turn = int(fault["turn"])
         self.when = str(fault["when"])
         self.target = str(fault["target"])
+        self.times = int(fault.get("times", 1))
         if self.when not in ("before", "after") or self.target not in ("call", "tool", "final"):
             raise ValueError(f"bad hermes_fault: {fault}")
         self.current_turn = -1
         self.fired: list[dict[str, Any]] = []
 
     def _hits(self, role: str, content: Any, tool_calls: Any) -> bool:
-        if self.fired or self.current_turn != self.turn:
+        if len(self.fired) >= self.times or self.current_turn != self.turn:
             return False
         if self.target == "call":  # the assistant message carrying the tool calls
             return role == "assistant" and bool(tool_calls)
@@ -277,6 +278,11 @@ def main(spec_path: str, out_path: str) -> None:
         )
         result["faults"] = fault.fired if fault is not None else []
         _write_result(out, result)
+
+    if spec.close_persist and history is not None:
+        # What the CLI's close does (cli.py _persist_active_session_before_close): its
+        # conversation_history is the live list itself, so no baseline is passed.
+        agent._persist_session(history, None)
 
     # The review forks are daemon threads: exiting now would cut them off mid-request.
     for thread in threading.enumerate():

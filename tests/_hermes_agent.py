@@ -311,10 +311,14 @@ class AgentSpec:
             ``SessionDB.append_message`` raises once for turn ``i``'s assistant row
             carrying the tool calls (T ``call``), its first tool-result row (``tool``)
             or its final assistant row (``final``), before or after committing it.
+            With ``"times": n``, the first ``n`` appends of that row raise (each of
+            Hermes' flushes that tries it again).
         mirror_down_turns: Turn indices during which the mirror database is unavailable.
         resume: Load the session's history from Hermes' SessionDB first, like
             ``hermes --resume``; a session rotated by compression continues at its tip.
         extra_config: Deep-merged into config.yaml last.
+        close_persist: After the last turn, persist the live conversation once more,
+            as Hermes' CLI does when it closes (``_persist_active_session_before_close``).
     """
 
     hermes_home: Path
@@ -330,6 +334,7 @@ class AgentSpec:
     mirror_down_turns: list[int] = field(default_factory=list)
     resume: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+    close_persist: bool = False
 
     def to_json(self) -> str:
         """The spec as JSON (paths as strings)."""

@@ -26,6 +26,11 @@ Writes happen on one background thread; a turn waits for its own write at most
 ``wait`` seconds, so a database that is down or locked never stalls the agent
 for longer. A failed write is logged once, with what to do, and recorded in a
 status file that ``hermes orm status`` shows; the next turn catches up exactly.
+
+In store mode Hermes writes its sessions into the database itself (through
+hermes_orm's ``SessionDB``), and :class:`StoreFlush` takes the mirror's place:
+at the end of each turn it stores, after Hermes' own rows, the messages Hermes'
+writes missed, and marks them as Hermes marks what it stored.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -57,6 +63,7 @@ from hermes_orm.errors import (
     SchemaTooNewError,
     SessionNotFoundError,
 )
+from hermes_orm.models import Message, Session
 from hermes_orm.store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -264,12 +271,17 @@ class _Snapshot:
 
 @dataclass(frozen=True)
 class Turn:
-    """One completed turn: the conversation as the mirror stores it, copied when the hook ran."""
+    """One completed turn: the conversation as the mirror stores it, copied when the hook ran.
+
+    ``history`` is the list the hook was given (Hermes' live message dicts), for
+    :class:`StoreFlush` to mark what it stored; the mirror itself never reads it.
+    """
 
     session_id: str
     messages: list[dict[str, Any]]
     model: str | None = None
     platform: str | None = None
+    history: list[Any] | None = None
 
 
 @dataclass
@@ -438,7 +450,7 @@ class Mirror:
             self._snapshots[session_id] = (snapshot, generation)
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
-        job = Turn(session_id, snapshot.cleaned, model, platform)
+        job = Turn(session_id, snapshot.cleaned, model, platform, history)
         done = self._worker.submit(("flush", session_id, generation), lambda: self._flush(job))
         return done.wait(self.wait)
 
@@ -699,3 +711,204 @@ def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
     stored = tracked.stored
     same = shared_prefix(live, tracked.seen)
     return same >= len(stored) or first_difference(live[same:], stored[same:]) < 0
+
+
+# -- store mode: Hermes writes into the store itself; the end of each turn repairs it --------
+
+#: Seconds a turn waits in store mode for its flush: long enough for it to run to
+#: its end (its attempts are bounded: a few seconds when the database is down), so
+#: that what it stored is marked before Hermes writes again.
+STORE_WAIT = 10.0
+#: The mark Hermes stamps on a message dict once its own write loop stored it
+#: (hermes-agent 0.19 ``run_agent._DB_PERSISTED_MARKER``); marked messages are
+#: never written again.
+PERSISTED_MARK = "_db_persisted"
+
+_messages_table: Any = Message.__table__
+_sessions_table: Any = Session.__table__
+_ACTIVE_ROW = func.coalesce(_messages_table.c.active, True).is_(True)
+
+
+def _text_of_parts(content: list[Any]) -> str | None:
+    """A list of content parts as Hermes stores it: the text parts, an image as ``[screenshot]``."""
+    texts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "text":
+            texts.append(str(part.get("text", "")))
+        elif isinstance(part, dict) and part.get("type") in {"image", "image_url", "input_image"}:
+            texts.append("[screenshot]")
+    return "\n".join(texts) if texts else None
+
+
+def _replayed_differently(content: str) -> bool:
+    """Whether Hermes' replay of ``content`` (its ``sanitize_context``) differs from the text."""
+    try:
+        from agent.memory_manager import sanitize_context
+    except ImportError:  # without Hermes there is no replay to differ from
+        return False
+    return bool(sanitize_context(content).strip() != content.strip())
+
+
+def _multimodal_summary(content: Any) -> str | None:
+    """The text Hermes stores for a multimodal tool result; None for any other content."""
+    try:
+        from agent.tool_dispatch_helpers import (
+            _is_multimodal_tool_result,
+            _multimodal_text_summary,
+        )
+    except ImportError:
+        return None
+    return str(_multimodal_text_summary(content)) if _is_multimodal_tool_result(content) else None
+
+
+def hermes_message(message: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The message Hermes' own write loop stores for a message of its live list.
+
+    What hermes-agent 0.19's ``_flush_messages_to_session_db`` hands
+    ``append_message``, stored as hermes_orm's ``SessionDB`` stores it: a
+    multimodal tool result as its text summary, a list of content parts as
+    their text, the reasoning fields of assistant messages only, ``api_content``
+    when Hermes' replay would change the text, the message's own ``timestamp``
+    (else ``now``); the row active, not compacted, not observed.
+    """
+    from hermes_orm.integrations.hermes._upkeep import _stamp, _stored_message
+
+    role = message.get("role", "unknown")
+    content = message.get("content")
+    api_content = message.get("api_content")
+    if not isinstance(api_content, str) or api_content == content:
+        api_content = None
+    if (
+        api_content is None
+        and role in ("user", "assistant")
+        and isinstance(content, str)
+        and content
+        and _replayed_differently(content)
+    ):
+        api_content = content
+    summary = _multimodal_summary(content) if content is not None else None
+    if summary is not None:
+        content = summary
+    elif isinstance(content, list):
+        content = _text_of_parts(content)
+    tool_calls = message.get("tool_calls")
+    written = {
+        "role": role,
+        "content": content,
+        "tool_name": message.get("tool_name"),
+        "tool_calls": tool_calls if isinstance(tool_calls, list) else None,
+        "tool_call_id": message.get("tool_call_id"),
+        "finish_reason": message.get("finish_reason"),
+        "reasoning": message.get("reasoning"),
+        "reasoning_content": message.get("reasoning_content"),
+        "reasoning_details": message.get("reasoning_details"),
+        "codex_reasoning_items": message.get("codex_reasoning_items"),
+        "codex_message_items": message.get("codex_message_items"),
+        "api_content": api_content,
+    }
+    return _stored_message(written, _stamp(message.get("timestamp"), now))
+
+
+def _kept(history: Sequence[Any]) -> list[dict[str, Any]]:
+    """The dicts of Hermes' live list that :func:`conversation` keeps, themselves (not copies)."""
+    return [m for m in history if isinstance(m, dict) and not is_scaffolding(m)]
+
+
+class StoreFlush(Mirror):
+    """Store mode's end of turn: what Hermes' own writes missed, stored exactly once.
+
+    In store mode Hermes writes its sessions through hermes_orm's ``SessionDB``
+    into this database itself, one ``append_message`` at the cursor at a time.
+    Hermes' write loop gives up on the rest of a batch when one append fails,
+    and the next turn takes the whole conversation as stored: the turn's last
+    message, or every message of a batch from the failed one on, would be lost.
+    At the end of every turn this flush compares the conversation with the
+    session's live (active) rows and, when Hermes' rows are a prefix of it,
+    stores the missing messages after them, as Hermes' write loop would have
+    (:func:`hermes_message`), with one :meth:`SessionStore.flush` that checks the
+    stored history under the session's lock: a row Hermes writes meanwhile makes
+    it write nothing. It then stamps Hermes' own mark (``_db_persisted``) on the
+    messages it stored, so Hermes' later flushes (at exit, say) skip them.
+
+    Hermes' rows are the history of record: a conversation that no longer
+    continues them (Hermes rewrote them: compression, ``/undo``) is left as
+    Hermes stored it, no revision is made, and a session is never ended here
+    (Hermes ends its own). Reading the rows happens only when the conversation
+    is longer than the session's live rows; otherwise a turn costs one count.
+    """
+
+    def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
+        super().__init__(url, status=status, wait=wait)
+        # Sessions this flush had to create: Hermes writes them elsewhere (a
+        # SessionDB it opened before the plugin loaded), so each turn stores them.
+        self._created: OrderedDict[str, None] = OrderedDict()
+
+    def finalize(self, session_id: str, reason: str) -> bool:
+        """Forget the session's last turn; Hermes ends the session in the store itself."""
+        with self._snapshots_lock:
+            self._snapshots.pop(session_id, None)
+        return True
+
+    @staticmethod
+    def _live_rows(store: SessionStore, session_id: str) -> int | None:
+        """How many live (active) rows the session has; None when there is no such session."""
+        exists = select(_sessions_table.c.id).where(_sessions_table.c.id == session_id)
+        count = (
+            select(func.count())
+            .select_from(_messages_table)
+            .where(_messages_table.c.session_id == session_id, _ACTIVE_ROW)
+        )
+
+        def work(conn: Any) -> int | None:
+            if conn.execute(exists).first() is None:
+                return None
+            return int(conn.execute(count).scalar_one())
+
+        return store.read_transaction(work)
+
+    def _flush_in(self, store: SessionStore, turn: Turn) -> None:
+        sid, live = turn.session_id, turn.messages
+        count = self._live_rows(store, sid)
+        if count is None:
+            self._create(store, turn)
+            self._created[sid] = None
+            while len(self._created) > _TRACKED_MAX:
+                self._created.popitem(last=False)
+            logger.warning(
+                "hermes_orm store: session %s was not in %s: Hermes writes it elsewhere (a "
+                "session database opened before the plugin loaded) or could not create it; "
+                "its conversation is stored here at the end of each turn",
+                sid,
+                safe_url(self.url),
+            )
+            count = 0
+        if len(live) <= count:
+            return  # Hermes stored as many messages as the conversation has, or more
+        rows = store.get_messages(sid)
+        active = [row for row in rows if row.get("active") is not False]
+        now = time.time()  # rising by a microsecond per message, as Hermes' rewrites stamp them
+        written = [hermes_message(m, now + i * 1e-6) for i, m in enumerate(live)]
+        at = first_difference(written, active)
+        if at >= 0:
+            logger.debug(
+                "hermes_orm store: session %s differs from its stored rows at message %d; "
+                "left as Hermes stored it",
+                sid,
+                at,
+            )
+            return
+        start = len(active)
+        store.flush(sid, rows + written[start:])
+        if turn.history is not None:
+            for message in _kept(turn.history)[start : len(live)]:
+                message[PERSISTED_MARK] = True
+        if sid in self._created:
+            return  # said once, when the session was created
+        logger.warning(
+            "hermes_orm store: session %s: stored %d message(s) Hermes' own writes missed "
+            "(messages %d to %d)",
+            sid,
+            len(live) - start,
+            start,
+            len(live) - 1,
+        )

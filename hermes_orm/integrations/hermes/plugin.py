@@ -1,4 +1,4 @@
-"""The Hermes Agent plugin: every live Hermes session mirrored, exactly once, into a database.
+"""The Hermes Agent plugin: every live Hermes session stored, exactly once, in a database.
 
 Installed with hermes_orm (entry point ``hermes_orm`` in the group
 ``hermes_agent.plugins``) and switched on in ``$HERMES_HOME/config.yaml``::
@@ -7,10 +7,19 @@ Installed with hermes_orm (entry point ``hermes_orm`` in the group
       enabled: [hermes_orm]
     hermes_orm:                                  # optional
       url: postgresql://user@db.example/hermes   # else $HERMES_ORM_URL, else the SQLite default
+      mode: mirror                               # or store
       wait: 1.0                                  # seconds a turn waits for its write
 
-After every completed turn Hermes calls ``post_llm_call`` with the whole
-conversation, which the :class:`~hermes_orm.integrations.hermes.mirror.Mirror`
+In ``mirror`` mode (the default) Hermes keeps its sessions in its own
+``state.db`` and the plugin mirrors them. In ``store`` mode Hermes keeps them in
+the configured database instead: :func:`install_store` makes
+``hermes_state.SessionDB`` hermes_orm's adapter on that database
+(:class:`StoreSessionDB`), and the end-of-turn flush
+(:class:`~hermes_orm.integrations.hermes.mirror.StoreFlush`) stores what
+Hermes' own writes missed.
+
+In mirror mode, after every completed turn Hermes calls ``post_llm_call`` with
+the whole conversation, which the :class:`~hermes_orm.integrations.hermes.mirror.Mirror`
 flushes (``HERMES_ORM_URL`` wins over the config, as for ``hermes-orm``);
 ``on_session_finalize`` (CLI exit, ``/new``, gateway expiry) ends the session.
 The turns of Hermes' background memory/skill review, which run in a forked
@@ -34,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import Engine, func, select
 
@@ -50,11 +59,15 @@ from hermes_orm._dialects import (
 from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
 from hermes_orm.integrations.hermes.mirror import (
     DEFAULT_WAIT,
+    STORE_WAIT,
     HermesSessions,
     Mirror,
     StatusFile,
+    StoreFlush,
 )
+from hermes_orm.integrations.hermes.sessiondb import SessionDB
 from hermes_orm.models import Message, Session
+from hermes_orm.store import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +116,21 @@ def resolve_url(config: Mapping[str, Any]) -> tuple[str, str]:
     return default_url(), _URL_DEFAULT
 
 
-def _wait(config: Mapping[str, Any]) -> float:
-    wait = _section(config).get("wait", DEFAULT_WAIT)
+#: The values of ``hermes_orm.mode``: Hermes keeps its ``state.db`` and the plugin
+#: mirrors it, or Hermes keeps its sessions in the configured database.
+MODES = ("mirror", "store")
+
+
+def resolve_mode(config: Mapping[str, Any]) -> str:
+    """``hermes_orm.mode`` from config.yaml: ``mirror`` (the default) or ``store``."""
+    mode = _section(config).get("mode", "mirror")
+    if mode not in MODES:
+        raise ValueError(f"config.yaml: {NAME}.mode must be mirror or store, got {mode!r}")
+    return str(mode)
+
+
+def _wait(config: Mapping[str, Any], default: float = DEFAULT_WAIT) -> float:
+    wait = _section(config).get("wait", default)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 60:
         raise ValueError(
             f"config.yaml: {NAME}.wait must be seconds, over 0 and up to 60, got {wait!r}"
@@ -137,6 +163,128 @@ def hermes_sessions() -> HermesSessions:
         return dict(row) if row else None
 
     return read
+
+
+# -- store mode ------------------------------------------------------------------------------
+
+_shared: dict[str, SessionStore] = {}
+_upgraded: set[str] = set()
+_shared_lock = threading.Lock()
+
+
+def shared_store(url: str, *, upgrade: bool = True) -> SessionStore:
+    """The process's one store on ``url``, made on first use.
+
+    Hermes opens a ``SessionDB`` in many places (per request, per command): in
+    store mode they all share this store and its connection pool. The first
+    opener with ``upgrade`` migrates the database to the newest schema (once per
+    process); a read-only opener gives a database without hermes_orm's schema
+    the schema, and leaves an older one to the next writer.
+    """
+    with _shared_lock:
+        store = _shared.get(url)
+        if store is None:
+            store = _shared[url] = SessionStore(url)
+            if len(_shared) == 1:
+                atexit.register(_close_shared)
+        if url not in _upgraded and (upgrade or migrations.current(store.engine) is None):
+            store.upgrade()
+            _upgraded.add(url)
+    return store
+
+
+def _close_shared() -> None:
+    with _shared_lock:
+        stores = list(_shared.values())
+        _shared.clear()
+        _upgraded.clear()
+    for store in stores:
+        store.close()
+
+
+def _hermes_home_db() -> list[Path]:
+    """Where Hermes' own ``SessionDB()`` keeps this profile's sessions (its ``state.db``)."""
+    paths = [hermes_home() / "state.db"]
+    try:
+        from hermes_state import DEFAULT_DB_PATH
+
+        paths.append(Path(DEFAULT_DB_PATH))
+    except Exception as exc:  # no Hermes: the home directory decides
+        logger.debug("hermes_orm: no hermes_state.DEFAULT_DB_PATH: %s", exc)
+    return [path.expanduser().resolve() for path in paths]
+
+
+def _names_another_file(db_path: Any) -> bool:
+    """Whether Hermes' ``db_path`` is a file other than this profile's ``state.db``."""
+    if db_path is None or isinstance(db_path, SessionStore):
+        return False
+    if isinstance(db_path, str) and "://" in db_path:
+        return False  # a database URL, given on purpose
+    if not isinstance(db_path, str | os.PathLike):
+        return False
+    return Path(db_path).expanduser().resolve() not in _hermes_home_db()
+
+
+class StoreSessionDB(SessionDB):
+    """Hermes' ``SessionDB`` in store mode: this profile's sessions in the configured database.
+
+    :func:`install_store` makes it ``hermes_state.SessionDB``, so Hermes gets it
+    wherever it opens its session database after the plugin loaded. Constructed
+    as Hermes constructs its own class:
+
+    - ``SessionDB()``, ``SessionDB(read_only=True)``, and a ``db_path`` naming this
+      profile's ``state.db``: the configured database, through the process's one
+      :func:`shared_store` (migrated to the newest schema once, by the first
+      opener that is not read-only); ``close()`` leaves that store open;
+    - a ``db_path`` naming another file (another profile's ``state.db``, an
+      explicit copy): Hermes' own class on that file, which this configuration
+      does not govern;
+    - a :class:`SessionStore` or a database URL: hermes_orm's adapter on it.
+    """
+
+    #: The configured database; set by :func:`install_store`.
+    url: ClassVar[str | None] = None
+    #: Hermes' own ``SessionDB`` class, which other files keep; set by :func:`install_store`.
+    hermes_class: ClassVar[type[Any] | None] = None
+
+    def __new__(cls, db_path: Any = None, read_only: bool = False) -> Any:
+        """Hermes' own class for a ``db_path`` naming another file; else this class."""
+        if cls.hermes_class is not None and _names_another_file(db_path):
+            return cls.hermes_class(db_path=db_path, read_only=read_only)
+        return super().__new__(cls)
+
+    def __init__(self, db_path: Any = None, read_only: bool = False) -> None:
+        if isinstance(db_path, SessionStore) or (isinstance(db_path, str) and "://" in db_path):
+            super().__init__(db_path, read_only=read_only)
+            return
+        url = self.url or default_url()
+        super().__init__(shared_store(url, upgrade=not read_only), read_only=read_only)
+
+
+def install_store(url: str) -> type[StoreSessionDB]:
+    """Make :class:`StoreSessionDB` on ``url`` Hermes' ``SessionDB``, from now on.
+
+    Replaces ``hermes_state.SessionDB``, and the name ``SessionDB`` in any module
+    that took Hermes' class from it already. What Hermes opened before (an
+    instance of its own class) stays on ``state.db``. Installing again (Hermes
+    loads its plugins again) only changes the URL.
+    """
+    import hermes_state
+
+    current = hermes_state.SessionDB
+    if not (isinstance(current, type) and issubclass(current, StoreSessionDB)):
+        StoreSessionDB.hermes_class = current
+        # Hermes' static helper that hermes_orm's adapter reads from hermes_state.SessionDB.
+        helper = current.__dict__.get("_is_duplicate_replayed_user_message")
+        if helper is not None:
+            setattr(StoreSessionDB, "_is_duplicate_replayed_user_message", helper)  # noqa: B010
+    StoreSessionDB.url = url
+    hermes_class = StoreSessionDB.hermes_class
+    for module in list(sys.modules.values()):
+        names = getattr(module, "__dict__", None)
+        if isinstance(names, dict) and names.get("SessionDB") is hermes_class:
+            names["SessionDB"] = StoreSessionDB
+    return StoreSessionDB
 
 
 def _in_background_review() -> bool:
@@ -192,10 +340,14 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
 
 
 def register(ctx: Any) -> None:
-    """Hermes' plugin entry: the ``hermes orm`` command, and the mirror's hooks.
+    """Hermes' plugin entry: the ``hermes orm`` command, the mirror's hooks, store mode.
 
-    A configuration that cannot work (a bad URL, a missing driver) leaves the
-    hooks out and says why in ``hermes orm status`` and Hermes' log.
+    In store mode (``hermes_orm.mode: store``) Hermes' ``SessionDB`` becomes
+    :class:`StoreSessionDB` (:func:`install_store`) and the hooks run
+    :class:`~hermes_orm.integrations.hermes.mirror.StoreFlush`, which waits for
+    its flush (``wait``, 10 s by default). A configuration that cannot work (a
+    bad URL or mode, a missing driver) leaves the hooks out, and Hermes on its
+    own ``state.db``, and says why in ``hermes orm status`` and Hermes' log.
     """
     ctx.register_cli_command(
         name="orm",
@@ -208,8 +360,11 @@ def register(ctx: Any) -> None:
     try:
         config = hermes_config()
         url, _ = resolve_url(config)
-        wait = _wait(config)
+        mode = resolve_mode(config)
+        wait = _wait(config, STORE_WAIT if mode == "store" else DEFAULT_WAIT)
         _check_url(url)
+        if mode == "store":
+            install_store(url)
     except Exception as exc:
         message = redact(f"{type(exc).__name__}: {exc}")
         logger.warning("hermes_orm: the mirror is off: %s", message)
@@ -217,7 +372,11 @@ def register(ctx: Any) -> None:
         return
     if status.read().get("register_error"):
         status.write(register_error=None)
-    mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
+    mirror: Mirror
+    if mode == "store":
+        mirror = StoreFlush(url, status=status, wait=wait)
+    else:
+        mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
     for name, callback in make_hooks(mirror).items():
         ctx.register_hook(name, callback)
     atexit.register(mirror.close)

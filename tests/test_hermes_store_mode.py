@@ -1,0 +1,327 @@
+"""Store mode end to end: Hermes keeps its sessions in the configured database itself.
+
+With ``hermes_orm: {mode: store}`` in config.yaml the plugin makes
+``hermes_state.SessionDB`` hermes_orm's adapter on the configured database. The
+real ``hermes`` CLI (one-shot ``-z``, then ``chat -q --resume``) and a real
+``AIAgent`` (``tests/_agent_runner.py``) run against a loopback
+OpenAI-compatible server, on SQLite and on PostgreSQL; Hermes' own ``state.db``
+never gets a message. Faults injected into Hermes' own appends (a turn's last
+message, a whole batch) are repaired by the end-of-turn flush: the database
+holds each conversation exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hermes_orm import SessionStore
+from hermes_orm.integrations.hermes.plugin import resolve_mode
+from tests._agent_runner import _config
+from tests._hermes_agent import TOOL_FILES, AgentSpec, FakeLLM, run_agent
+
+STORE_MODE = {"hermes_orm": {"mode": "store"}}
+
+Core = tuple[str, Any, Any, list[tuple[Any, Any, Any]]]
+
+
+def core(messages: list[dict[str, Any]]) -> list[Core]:
+    """What a conversation is made of: role, content, tool call id, tool calls."""
+    return [
+        (
+            m["role"],
+            m.get("content") or None,
+            m.get("tool_call_id"),
+            [
+                (c["id"], c["function"]["name"], c["function"]["arguments"])
+                for c in m.get("tool_calls") or []
+            ],
+        )
+        for m in messages
+    ]
+
+
+class RecordingLLM(FakeLLM):
+    """The loopback server, also keeping every chat request's body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    def complete(self, body: dict[str, Any], path: str) -> dict[str, Any]:
+        with self._lock:
+            self.bodies.append(body)
+        return super().complete(body, path)
+
+
+@pytest.fixture
+def llm() -> Iterator[RecordingLLM]:
+    with RecordingLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[SessionStore]:
+    with SessionStore(db_url) as opened:
+        yield opened
+
+
+def sent(messages: list[dict[str, Any]]) -> list[Core]:
+    """:func:`core`, tool call arguments as the JSON values they are."""
+    return [
+        (role, content, call_id, [(i, n, json.loads(a)) for i, n, a in calls])
+        for role, content, call_id, calls in core(messages)
+    ]
+
+
+def _state_db_messages(home: Path) -> int:
+    """How many messages Hermes' own ``state.db`` holds (none when it has no such table)."""
+    path = home / "state.db"
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        if "messages" not in tables:
+            return 0
+        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _assert_stored_exactly(
+    store: SessionStore, session_id: str, expected: list[dict[str, Any]]
+) -> None:
+    stored = store.get_messages(session_id)
+    assert core(stored) == core(expected)
+    session = store.get_session(session_id)
+    assert session is not None
+    assert session["flushed_idx"] == session["message_count"] == len(expected)
+    assert store.get_session(f"{session_id}#2") is None  # store mode makes no revisions
+
+
+# -- the real hermes CLI --------------------------------------------------------------------
+
+
+class Cli:
+    """The ``hermes`` console script in an isolated ``HERMES_HOME``, in store mode."""
+
+    def __init__(self, root: Path, llm: FakeLLM, url: str) -> None:
+        self.home = root / "home"
+        self.work = root / "work"
+        for directory in (self.home, self.work):
+            directory.mkdir(parents=True, exist_ok=True)
+        for name in TOOL_FILES:
+            (self.work / name).write_text(f"contents of {name}\n")
+        spec = AgentSpec(hermes_home=self.home, llm_url=llm.base_url, session_id="", turns=[])
+        config = _config(spec)
+        config["model"].update(
+            {"default": "fake-model", "provider": "custom", "base_url": llm.base_url}
+        )
+        config["hermes_orm"] = {"mode": "store", "url": url}
+        (self.home / "config.yaml").write_text(json.dumps(config, indent=2))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("HERMES_") and not k.endswith("_API_KEY")
+        }
+        env.update(
+            HERMES_HOME=str(self.home),
+            OPENAI_API_KEY="sk-fake",
+            TERMINAL_CWD=str(self.work),  # read_file resolves a.txt here
+            TMPDIR=str(self.work),
+        )
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("hermes")), *args],
+            env=env,
+            cwd=self.work,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+
+def test_the_hermes_cli_keeps_its_session_in_the_database_and_resumes_it(
+    tmp_path: Path, llm: RecordingLLM, db_url: str, store: SessionStore
+) -> None:
+    cli = Cli(tmp_path, llm, db_url)
+    usage = tmp_path / "usage.json"
+    one_shot = cli.run("-z", "[tools] hello", "-t", "file", "--usage-file", str(usage))
+    assert one_shot.stdout.strip() == "Answer to: [tools] hello"
+    session_id = json.loads(usage.read_text())["session_id"]
+
+    first = store.get_messages(session_id)
+    assert [(m["role"], m.get("content") or None) for m in first] == [
+        ("user", "[tools] hello"),
+        ("assistant", None),  # the two parallel read_file calls
+        ("tool", first[2]["content"]),
+        ("tool", first[3]["content"]),
+        ("assistant", "Answer to: [tools] hello"),
+    ]
+    assert [c["function"]["name"] for c in first[1]["tool_calls"]] == ["read_file"] * 2
+    session = store.get_session(session_id)
+    assert session is not None
+    assert (session["source"], session["model"]) == ("cli", "fake-model")
+    assert session["end_reason"] == "agent_close"  # Hermes ended it, in this database
+    assert _state_db_messages(cli.home) == 0
+
+    # Hermes' resume path reads the session back from the database and replays it.
+    llm.bodies.clear()
+    resumed = cli.run("chat", "-Q", "-q", "second", "--resume", session_id, "-t", "file")
+    assert "Answer to: second" in resumed.stdout
+    (request,) = llm.bodies
+    replayed = [m for m in request["messages"] if m["role"] != "system"]
+    # (Hermes sends tool call arguments as compact JSON.)
+    assert sent(replayed) == sent([*first, {"role": "user", "content": "second"}])
+    now = store.get_messages(session_id)
+    assert now[: len(first)] == first
+    assert core(now[len(first) :]) == core(
+        [
+            {"role": "user", "content": "second"},
+            {"role": "assistant", "content": "Answer to: second"},
+        ]
+    )
+    assert _state_db_messages(cli.home) == 0
+
+
+# -- a real AIAgent -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spec(tmp_path: Path, llm: FakeLLM, db_url: str) -> AgentSpec:
+    return AgentSpec(
+        hermes_home=tmp_path / "home",
+        llm_url=llm.base_url,
+        session_id="s1",
+        turns=["[tools] one", "[tools] two", "three"],
+        mirror_url=db_url,  # HERMES_ORM_URL
+        extra_config=STORE_MODE,
+    )
+
+
+def test_a_real_agent_keeps_its_session_in_the_database(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    result = run_agent(spec, tmp_path / "out.json")
+    final = result["turns"][-1]["messages"]
+    assert len(final) == 12  # 2 x (user, 2 parallel calls, 2 results, answer) + 2
+    _assert_stored_exactly(store, "s1", final)
+    # Stored by Hermes itself, through the adapter: its columns on every row.
+    assert all(m["active"] is True and "timestamp" in m for m in store.get_messages("s1"))
+    session = store.get_session("s1")
+    assert session is not None
+    assert (session["source"], session["model"]) == ("cli", "fake-model")
+    assert session["end_reason"] == "agent_close"
+    assert _state_db_messages(spec.hermes_home) == 0
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "Hermes' own writes missed" not in log  # nothing to repair
+
+
+@pytest.mark.parametrize(
+    ("fault", "lost"),
+    [
+        # Turn 1's answer: the next turn takes it as stored, Hermes never retries it.
+        ({"turn": 1, "when": "before", "target": "final"}, 1),
+        # The first tool result of turn 1 fails every time Hermes tries it in that
+        # turn (the tool-progress flush and the end-of-turn one): each batch stops
+        # there, and the next turn takes the results and the answer as stored.
+        ({"turn": 1, "when": "before", "target": "tool", "times": 10}, 3),
+        # The last turn's answer: the CLI's close flushes the list again, and would
+        # write it a second time unless the end-of-turn flush marked it stored.
+        ({"turn": 2, "when": "before", "target": "final"}, 1),
+    ],
+    ids=["last-message", "batched-turn", "last-message-then-close"],
+)
+def test_what_hermes_own_writes_miss_is_stored_exactly_once(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path, fault: dict[str, Any], lost: int
+) -> None:
+    spec.hermes_fault = fault
+    spec.close_persist = True
+    result = run_agent(spec, tmp_path / "out.json")
+    assert result["faults"], "the fault was injected"
+    final = result["turns"][-1]["messages"]
+    _assert_stored_exactly(store, "s1", final)  # nothing lost, nothing twice
+    # The repaired rows are stored as Hermes' own appends store theirs.
+    assert all(m["active"] is True and "timestamp" in m for m in store.get_messages("s1"))
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "Session DB append_message failed" in log
+    assert f"session s1: stored {lost} message(s) Hermes' own writes missed" in log
+    assert _state_db_messages(spec.hermes_home) == 0
+
+
+# -- Hermes' SessionDB in store mode ----------------------------------------------------------
+
+_OPEN = """
+import json, sys
+from pathlib import Path
+from hermes_cli.plugins import discover_plugins
+discover_plugins()
+import hermes_state
+home, other = Path(sys.argv[1]), Path(sys.argv[2])
+opened = {
+    "default": hermes_state.SessionDB(),
+    "read_only": hermes_state.SessionDB(read_only=True),
+    "home_state_db": hermes_state.SessionDB(db_path=home / "state.db"),
+    "other_state_db": hermes_state.SessionDB(db_path=other / "state.db"),
+}
+opened["default"].create_session("s1", "cli")
+print(json.dumps({
+    "classes": {name: type(db).__module__ + "." + type(db).__name__ for name, db in opened.items()},
+    "shared": opened["default"].store is opened["home_state_db"].store,
+    "seen": opened["read_only"].get_session("s1") is not None,
+}))
+"""
+
+
+def test_hermes_sessiondb_opens_the_configured_database_for_this_profile_only(
+    tmp_path: Path,
+) -> None:
+    home, other = tmp_path / "home", tmp_path / "other"
+    home.mkdir()
+    other.mkdir()
+    url = f"sqlite:///{tmp_path / 'orm.db'}"
+    config = {"plugins": {"enabled": ["hermes_orm"]}, "hermes_orm": {"mode": "store", "url": url}}
+    (home / "config.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN, str(home), str(other)],
+        env={**env, "HERMES_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = "hermes_orm.integrations.hermes.plugin.StoreSessionDB"
+    assert result["classes"] == {
+        "default": ours,
+        "read_only": ours,
+        "home_state_db": ours,
+        "other_state_db": "hermes_state.SessionDB",  # another profile's file stays Hermes'
+    }
+    assert result["shared"]
+    assert result["seen"]
+    with SessionStore(url) as opened:
+        assert opened.get_session("s1") is not None
+    assert not (home / "state.db").exists()
+
+
+def test_the_mode_is_mirror_or_store() -> None:
+    assert resolve_mode({}) == "mirror"
+    assert resolve_mode({"hermes_orm": {"mode": "store"}}) == "store"
+    with pytest.raises(ValueError, match="mirror or store"):
+        resolve_mode({"hermes_orm": {"mode": "stored"}})
