@@ -281,6 +281,24 @@ def _millis(seconds: float) -> int:
 _configured: weakref.WeakKeyDictionary[Engine, tuple[str, int]] = weakref.WeakKeyDictionary()
 
 
+def check_transactional(engine: Engine) -> None:
+    """Refuse an engine whose connections autocommit: no flush could be atomic on it.
+
+    On such an engine each statement would commit alone (rows stored, the
+    cursor not moved, and every retry then failing on the positions taken).
+
+    Raises:
+        InvalidArgumentError: ``engine`` is set to ``isolation_level="AUTOCOMMIT"``.
+    """
+    if (_sa.isolation_level(engine) or "").upper() == "AUTOCOMMIT":
+        raise InvalidArgumentError(
+            "this engine autocommits every statement (isolation_level='AUTOCOMMIT'), so "
+            "no flush could be all-or-nothing on it: give the store an engine without "
+            "it (your code can still take engine.execution_options(isolation_level="
+            "'AUTOCOMMIT') where it wants autocommit)"
+        )
+
+
 def configure_engine(
     engine: Engine, *, sqlite_synchronous: str = "FULL", lock_timeout: float = LOCK_TIMEOUT
 ) -> None:

@@ -82,3 +82,15 @@ def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> Non
         return  # at garbage collection nothing can be awaited; closing is all there is
     with contextlib.suppress(Exception):
         await_only(asyncio.shield(driver.rollback()))
+
+
+def isolation_level(engine: Any) -> str | None:
+    """The isolation level ``engine`` gives its connections, if one was set on it.
+
+    Set by ``create_engine(isolation_level=...)`` (kept on the dialect, privately)
+    or by ``engine.execution_options(isolation_level=...)`` (public).
+    """
+    level = engine.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(engine.dialect, "_on_connect_isolation_level", None)
+    return None if level is None else str(level)

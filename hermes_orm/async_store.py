@@ -174,6 +174,7 @@ class AsyncSessionStore(_AsyncSessions):
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
         self._owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
+            _dialects.check_transactional(bind.sync_engine)
             engine = bind
             _dialects.configure_engine(bind.sync_engine, **settings)
         else:

@@ -1291,6 +1291,7 @@ class SessionStore(_Sessions):
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
+            _dialects.check_transactional(bind)
             engine = bind
             _dialects.configure_engine(bind, **settings)
         else:

@@ -1323,3 +1323,28 @@ def test_a_write_whose_commit_failed_unanswered_runs_again(
     assert failed == [1]
     monkeypatch.undo()
     assert_exact(store, "s", [{"role": "user", "content": "once"}])
+
+
+@pytest.mark.parametrize("how", ["create_engine", "execution_options"])
+def test_an_autocommit_engine_is_refused_before_anything_is_written(db_url: str, how: str) -> None:
+    """On it each statement would commit alone: no flush could be all-or-nothing."""
+    from sqlalchemy import create_engine
+
+    from hermes_orm import InvalidArgumentError, create_async_store_engine
+    from hermes_orm.async_store import AsyncSessionStore
+
+    if how == "create_engine":
+        engine = create_engine(db_url, isolation_level="AUTOCOMMIT")
+    else:
+        engine = create_engine(db_url).execution_options(isolation_level="AUTOCOMMIT")
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        SessionStore(engine)
+    async_engine = create_async_store_engine(db_url, isolation_level="AUTOCOMMIT")
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        AsyncSessionStore(async_engine)
+    assert count_rows(engine, "hermes_sessions") == 0
+    store = SessionStore(create_engine(db_url))  # the same database, a transactional engine
+    store.create_session("s", source="cli")
+    assert store.flush("s", conversation(1)).written == 3
+    store.close()
+    engine.dispose()
