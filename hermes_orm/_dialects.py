@@ -668,6 +668,14 @@ def committed(conn: Connection, xid: int) -> bool:
     )
 
 
+def _sqlstate(orig: BaseException) -> object:
+    """The SQLSTATE of a PostgreSQL driver's error (None where the server sent none).
+
+    psycopg and asyncpg name it ``sqlstate``, psycopg2 ``pgcode``.
+    """
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
 def is_transient(exc: DBAPIError) -> bool:
     """Whether running the whole transaction again may succeed."""
     if exc.connection_invalidated:
@@ -679,7 +687,7 @@ def is_transient(exc: DBAPIError) -> bool:
             return (code & 0xFF) in _SQLITE_TRANSIENT
         message = str(orig).lower()
         return "database is locked" in message or "database is busy" in message
-    sqlstate = getattr(orig, "sqlstate", None)
+    sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
     return is_unreachable(exc)
@@ -697,7 +705,7 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return False
     if exc.connection_invalidated:
         return True
-    sqlstate = getattr(orig, "sqlstate", None)
+    sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
         return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
     message = str(orig).lower()

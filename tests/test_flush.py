@@ -1348,3 +1348,38 @@ def test_an_autocommit_engine_is_refused_before_anything_is_written(db_url: str,
     assert store.flush("s", conversation(1)).written == 3
     store.close()
     engine.dispose()
+
+
+@pytest.mark.backends("postgresql")
+@pytest.mark.apis("sync")  # psycopg2 has no asyncio connections
+def test_psycopg2_lock_timeouts_are_retried_like_psycopgs(store: SessionStore, db_url: str) -> None:
+    """psycopg2 reports a server error's SQLSTATE as ``pgcode``: it is retried all the same."""
+    import threading
+    import time
+
+    from sqlalchemy import create_engine
+
+    store.create_session("s", source="cli")
+    url = make_url(db_url).set(drivername="postgresql+psycopg2")
+    engine = create_engine(url, connect_args={"options": "-c lock_timeout=50"})
+    psycopg2_store = SessionStore(engine, retry=RetryPolicy(attempts=50, base_delay=0.01))
+    holder = create_engine(db_url)
+    held = threading.Event()
+
+    def hold_the_row() -> None:
+        with holder.begin() as conn:
+            conn.exec_driver_sql("SELECT 1 FROM hermes_sessions WHERE id = 's' FOR UPDATE")
+            held.set()
+            time.sleep(0.4)
+
+    thread = threading.Thread(target=hold_the_row)
+    thread.start()
+    held.wait()
+    try:
+        assert psycopg2_store.flush("s", conversation(1)).written == 3  # after the lock waits
+    finally:
+        thread.join()
+        psycopg2_store.close()
+        engine.dispose()
+        holder.dispose()
+    assert_exact(store, "s", conversation(1))
