@@ -306,6 +306,9 @@ def configure_engine(
 
     Connections opened from then on get WAL, ``busy_timeout`` (``lock_timeout``
     seconds), ``foreign_keys=ON`` and the given ``synchronous`` level.
+
+    Raises:
+        InvalidArgumentError: ``engine`` has other settings already (from another store).
     """
     engine_settings(sqlite_synchronous, lock_timeout)
     if engine.dialect.name != "sqlite":
@@ -313,8 +316,17 @@ def configure_engine(
     level = sqlite_synchronous.upper()
     busy_ms = _millis(lock_timeout)
     settings = (level, busy_ms)
-    if _configured.get(engine) == settings:
+    configured = _configured.get(engine)
+    if configured == settings:
         return
+    if configured is not None:
+        # Both would set each new connection, and whichever ran last would win
+        # for both stores: one engine's connections have one setting.
+        raise InvalidArgumentError(
+            f"this SQLite engine already serves a store with synchronous={configured[0]} "
+            f"and lock_timeout={configured[1] / 1000:g} s, not {level} and {busy_ms / 1000:g} s: "
+            "give stores on one engine the same settings, or each its own engine"
+        )
     if engine.dialect.driver in ("pysqlite", "aiosqlite"):  # both bind through sqlite3
         register_sqlite_adapters()
     memory = _sqlite_file(engine.url) is None
@@ -668,7 +680,7 @@ def committed(conn: Connection, xid: int) -> bool:
     )
 
 
-def _sqlstate(orig: BaseException) -> object:
+def _sqlstate(orig: BaseException | None) -> object:
     """The SQLSTATE of a PostgreSQL driver's error (None where the server sent none).
 
     psycopg and asyncpg name it ``sqlstate``, psycopg2 ``pgcode``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +208,27 @@ def test_missing_parent_and_taken_title_are_typed_errors(store: SessionStore) ->
         store.ensure_session("a2", source="cli", title="Shared title")
     assert store.get_session("b") is None
     assert store.ensure_session("a", source="cli", title="Shared title") is False
+
+
+@pytest.mark.sqlite
+def test_stores_on_one_sqlite_engine_take_the_same_settings(tmp_path: Path) -> None:
+    """A store's settings are its engine's connections': a second, other setting is refused."""
+    from hermes_orm import InvalidArgumentError, create_store_engine
+
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'one.db'}")  # FULL, 5 s
+    first = SessionStore(engine)
+    first.upgrade()
+    with pytest.raises(InvalidArgumentError, match="synchronous=FULL"):
+        SessionStore(engine, sqlite_synchronous="NORMAL")
+    with pytest.raises(InvalidArgumentError, match="lock_timeout=5 s"):
+        SessionStore(engine, lock_timeout=1.0)
+    same = SessionStore(engine, sqlite_synchronous="full")
+    same.create_session("s", source="cli")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    normal = SessionStore(f"sqlite:///{tmp_path / 'one.db'}", sqlite_synchronous="NORMAL")
+    with normal.engine.connect() as conn:  # its own engine: its own setting
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    for store in (first, same, normal):
+        store.close()
+    engine.dispose()
