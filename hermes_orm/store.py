@@ -598,7 +598,7 @@ class StoreCore:
                 if value is not None and name in _NULLABLE
             }
             if fill:
-                conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(fill))
+                conn.execute(update(_sessions).where(self._owned(session_id)).values(fill))
             return False
 
         return _write(work)
@@ -1020,17 +1020,20 @@ class StoreCore:
         if limit is not None:
             where += sql.read_until
             params.append(offset + limit)
+        if self._user is not None:
+            # The owner is checked by the statement that reads (one snapshot), so
+            # a session given to another user meanwhile yields nothing of theirs.
+            where += (
+                f" AND session_id IN (SELECT id FROM hermes_sessions WHERE user_id = {sql.mark})"
+            )
+            params.append(self._user)
         statement = f"{sql.read_messages}{where} ORDER BY idx"
         parses_json = self._engine.dialect.name == "postgresql"
         session = select(_sessions.c.id).where(self._owned(session_id))
-        scoped = self._user is not None
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            # A scoped store reads only after finding the session its user's.
-            if scoped and conn.execute(session).first() is None:
-                raise SessionNotFoundError(session_id)
             rows = conn.exec_driver_sql(_dialects.driver_sql(conn, statement), tuple(params)).all()
-            if not rows and not scoped and conn.execute(session).first() is None:
+            if not rows and conn.execute(session).first() is None:
                 raise SessionNotFoundError(session_id)
             return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 

@@ -16,6 +16,7 @@ import pytest
 from hermes_orm import SessionStore
 from hermes_orm.errors import InvalidMessageError
 from hermes_orm.integrations.hermes import SessionDB
+from tests.conftest import fresh_store
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -694,3 +695,41 @@ def test_every_public_method_of_hermes_sessiondb_is_there() -> None:
 
     assert len(public(HermesSessionDB)) >= 107
     assert sorted(public(HermesSessionDB) - public(SessionDB)) == []
+
+
+@pytest.mark.apis("sync")
+@pytest.mark.parametrize("how", ["delete_session_if_empty", "clear_messages"])
+def test_a_message_stored_meanwhile_outlives_an_emptiness_check(
+    store: SessionStore, how: str
+) -> None:
+    """A flush holds its session's row until it commits: the check waits, then sees it."""
+    import threading
+    import time
+
+    store.create_session("ghost", source="cli")
+    db = SessionDB(fresh_store(store))
+    flushed: list[Any] = []
+
+    def writer() -> None:
+        def work(conn: Any) -> Any:
+            result = store.flush_in(conn, "ghost", [{"role": "user", "content": "important"}])
+            time.sleep(0.6)  # the write's transaction still open
+            return result
+
+        flushed.append(store.write_transaction(work))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.2)
+    if how == "delete_session_if_empty":
+        assert db.delete_session_if_empty("ghost") is False
+        expected = [{"role": "user", "content": "important"}]
+    else:
+        db.clear_messages("ghost")  # after the write: it clears the message, whole
+        expected = []
+    thread.join()
+    assert flushed[0][0].written == 1
+    assert store.get_messages("ghost") == expected
+    from hermes_orm.verify import verify_database
+
+    assert verify_database(store).problems == []

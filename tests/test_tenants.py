@@ -214,3 +214,31 @@ def test_a_user_store_needs_a_user_id_a_database_can_compare(
 ) -> None:
     with pytest.raises(InvalidSessionError):
         store.for_user(user_id)
+
+
+@pytest.mark.apis("sync")  # (the hook runs another store's calls inside this one's statement)
+def test_a_session_given_away_between_check_and_read_yields_nothing(store: SessionStore) -> None:
+    """The owner is checked by the statement that reads the messages, not one before it."""
+    from sqlalchemy import event
+
+    from tests.conftest import fresh_store
+
+    store.create_session("t1", source="cli", user_id="alice")
+    alice = store.for_user("alice")
+    other = fresh_store(store)
+    fired: list[int] = []
+
+    def give_away(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().startswith("SELECT extra") and not fired:
+            fired.append(1)  # another process gives the session to bob, who writes
+            with sync_engine(other).begin() as conn:
+                conn.execute(text("UPDATE hermes_sessions SET user_id = 'bob' WHERE id = 't1'"))
+            other.flush("t1", [{"role": "user", "content": "bob's secret"}])
+
+    event.listen(store.engine, "before_cursor_execute", give_away)
+    try:
+        with pytest.raises(SessionNotFoundError):
+            alice.get_messages("t1")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", give_away)
+    assert fired == [1]

@@ -43,7 +43,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import _codec
-from hermes_orm.errors import InvalidMessageError, SessionNotFoundError
+from hermes_orm.errors import DatabaseError, InvalidMessageError, SessionNotFoundError
 from hermes_orm.models import Base, Message, ModelUsage, Session
 
 if TYPE_CHECKING:
@@ -271,6 +271,22 @@ def _import_error(index: int, session_id: str, error: str) -> dict[str, Any]:
         item["session_id"] = session_id
     return item
 
+
+
+def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
+    """The session ids ``query`` picks, checked again once their rows are locked.
+
+    A flush holds its session's row lock until it commits: on PostgreSQL, a
+    session found empty is locked (waiting for any writer) and checked once
+    more, so a message that writer stored keeps its session. On SQLite the
+    write transaction holds the database's write lock already.
+    """
+    ids = list(conn.execute(query).scalars())
+    if not ids or conn.dialect.name != "postgresql":
+        return ids
+    mine = _sessions.c.id.in_(ids)
+    conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
+    return list(conn.execute(query.where(mine)).scalars())
 
 class UpkeepMethods:
     """SessionDB methods on upkeep."""
@@ -823,7 +839,7 @@ class UpkeepMethods:
                 ~exists().where(_messages.c.session_id == s.id),
                 ~exists().where(_sessions.alias("child").c.parent_session_id == s.id),
             )
-            return list(conn.execute(query).scalars())
+            return _picked_under_lock(conn, query)
 
         return bool(self._delete_picked(pick, sessions_dir))
 
@@ -844,7 +860,7 @@ class UpkeepMethods:
         files there go too.
         """
         query = select(_sessions.c.id).where(*self._empty_where())
-        return len(self._delete_picked(lambda c: list(c.execute(query).scalars()), sessions_dir))
+        return len(self._delete_picked(lambda c: _picked_under_lock(c, query), sessions_dir))
 
     def prune_empty_ghost_sessions(self, sessions_dir: Path | None = None) -> int:
         """Delete ended ``tui`` sessions over a day old with no message and no title.
@@ -860,7 +876,7 @@ class UpkeepMethods:
             s.started_at < time.time() - 86400,
             ~exists().where(_messages.c.session_id == s.id),
         )
-        return len(self._delete_picked(lambda c: list(c.execute(query).scalars()), sessions_dir))
+        return len(self._delete_picked(lambda c: _picked_under_lock(c, query), sessions_dir))
 
     def list_prune_candidates(
         self, older_than_days: float | None = None, source: str | None = None, **filters: Any
@@ -977,8 +993,8 @@ class UpkeepMethods:
         for statement in statements:
             try:
                 self._store.write_transaction(_executes(statement))
-            except DBAPIError as exc:
-                logger.warning("search index merge failed (%s): %s", statement, exc.orig)
+            except (DBAPIError, DatabaseError) as exc:  # (the store's, for a refusal)
+                logger.warning("search index merge failed (%s): %s", statement, exc)
             else:
                 merged += 1
         return merged

@@ -1140,6 +1140,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """Delete the session's messages and reset its counters (and cursor)."""
 
         def work(conn: Connection) -> None:
+            # The session's row lock first (a flush holds it until it commits), so
+            # no message a writer is storing outlives the reset of the cursor.
+            conn.execute(
+                select(_sessions.c.id).where(_sessions.c.id == session_id).with_for_update()
+            )
             conn.execute(delete(_messages).where(_messages.c.session_id == session_id))
             conn.execute(
                 update(_sessions)
