@@ -75,9 +75,39 @@ def _connected(bind: Bind) -> Iterator[Connection]:
         yield bind
 
 
+#: The PostgreSQL advisory lock a migration holds (the bytes of "hermesOR"):
+#: processes migrating one database at once take turns.
+_MIGRATION_LOCK = 0x6865726D65734F52
+
+
+@contextmanager
+def _migrating(bind: Bind) -> Iterator[Connection]:
+    """A connection holding the database's migration lock, in one transaction.
+
+    Processes that open a store on a database that needs migrating often do
+    so at once (a gateway and a cron job after an upgrade): each waits for the
+    one before it, then finds the schema at head and does nothing. PostgreSQL:
+    an advisory lock for the transaction (the caller's, for a connection it
+    passes). SQLite: the write lock from the start (``BEGIN IMMEDIATE``), for an
+    engine; a connection passed in is the caller's to have locked.
+    """
+    if not isinstance(bind, Engine):
+        if bind.dialect.name == "postgresql":
+            bind.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        yield bind
+        return
+    with bind.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        yield conn
+        conn.commit()
+
+
 def _run(bind: Bind, fn: Any, *args: Any) -> None:
     config = alembic_config()
-    with _connected(bind) as conn:
+    with _migrating(bind) as conn:
         config.attributes["connection"] = conn
         fn(config, *args)
 

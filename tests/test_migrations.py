@@ -289,3 +289,32 @@ def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
         assert store.flush(sid, [*messages, more]).written == 1
     store.close()
     engine.dispose()
+
+
+def _upgrade_when_told(url: str, go: Any) -> None:
+    go.wait()
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_processes_upgrading_one_database_at_once_take_turns(empty_db_url: str) -> None:
+    """A gateway and a cron job starting after an upgrade: both succeed, the schema at head."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    go = context.Event()
+    workers = [
+        context.Process(target=_upgrade_when_told, args=(empty_db_url, go)) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    go.set()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    assert migrations.current(engine) == migrations.head()
+    engine.dispose()
