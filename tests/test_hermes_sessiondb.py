@@ -733,3 +733,28 @@ def test_a_message_stored_meanwhile_outlives_an_emptiness_check(
     from hermes_orm.verify import verify_database
 
     assert verify_database(store).problems == []
+
+
+@pytest.mark.parametrize(
+    "session",
+    [
+        {"id": "x" * 300, "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "nul\x00id", "messages": []},
+        {"id": "nul-title", "title": "a\x00b", "messages": []},
+        {"id": "huge", "input_tokens": 2**70, "messages": []},
+        {"id": "nan", "started_at": "nan", "messages": []},
+        {"id": "inf", "started_at": "inf", "messages": []},
+        {"id": "long-source", "source": "s" * 5000, "messages": []},
+    ],
+    ids=["long id", "NUL in id", "NUL in title", "64-bit", "NaN start", "inf start", "source"],
+)
+def test_an_import_the_store_could_not_hold_is_refused_whole(
+    store: SessionStore, session: dict[str, Any]
+) -> None:
+    """As every other call: a typed refusal (here Hermes' ``ok: False``), nothing written."""
+    db = SessionDB(store)
+    good = {"id": "fine", "messages": [{"role": "user", "content": "hi"}]}
+    result = db.import_sessions([good, session])
+    assert result["ok"] is False
+    assert [e["index"] for e in result["errors"]] == [1]
+    assert store.list_sessions().sessions == []

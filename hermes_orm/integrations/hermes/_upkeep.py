@@ -43,7 +43,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import _codec
-from hermes_orm.errors import DatabaseError, InvalidMessageError, SessionNotFoundError
+from hermes_orm.errors import (
+    DatabaseError,
+    InvalidMessageError,
+    InvalidSessionError,
+    SessionNotFoundError,
+)
 from hermes_orm.models import Base, Message, ModelUsage, Session
 
 if TYPE_CHECKING:
@@ -272,7 +277,6 @@ def _import_error(index: int, session_id: str, error: str) -> dict[str, Any]:
     return item
 
 
-
 def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
     """The session ids ``query`` picks, checked again once their rows are locked.
 
@@ -287,6 +291,7 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
     mine = _sessions.c.id.in_(ids)
     conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
     return list(conn.execute(query.where(mine)).scalars())
+
 
 class UpkeepMethods:
     """SessionDB methods on upkeep."""
@@ -1207,6 +1212,14 @@ class UpkeepMethods:
             "archived": bool(raw.get("archived")),
             **{name: _int_or_default(raw.get(name)) for name in _IMPORT_COUNTERS},
         }
+        # What the store checks of any session, before anything is written.
+        from hermes_orm.store import _check_fields, _check_session_id
+
+        try:
+            _check_session_id(session_id)
+            _check_fields({k: v for k, v in fields.items() if k != "id"})
+        except InvalidSessionError as exc:
+            raise ValueError(str(exc)) from None
         return fields, encoded
 
     def _import_into(
