@@ -30,6 +30,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # In place on both backends (SQLite 3.35+); a batch copy of the table would
-    # trip over the search view that reads it.
+    # In place on both backends; on SQLite that needs 3.35 or newer (2021; a
+    # batch copy of the table would trip over the search view that reads it).
+    # The upgrade runs on any SQLite.
     op.execute("ALTER TABLE hermes_messages DROP COLUMN key_order")
