@@ -660,3 +660,21 @@ def test_a_hermes_that_starts_writing_after_the_source_was_opened_is_seen(
     finally:
         hermes.close()
         src.close()
+
+
+def test_dict_content_hermes_stored_is_imported_as_hermes_reads_it(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
+
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source = tmp_path / "state.db"
+    hermes = HermesSessionDB(source)
+    hermes.create_session("d", source="cli")
+    hermes.append_message("d", "user", content={"kind": "card", "n": 1})
+    expected = hermes.get_messages("d")[0]["content"]
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert SessionDB(store).get_messages("d")[0]["content"] == expected == {"kind": "card", "n": 1}

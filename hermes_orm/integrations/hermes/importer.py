@@ -333,7 +333,12 @@ class MessageColumns:
         if content is None:
             message["content"] = None
         elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
-            message["content"] = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
+            parts = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
+            # A list of parts is content a message holds; any other JSON (a dict)
+            # stays the text Hermes wrote, which the SessionDB adapter reads back
+            # decoded, as Hermes does.
+            if isinstance(parts, list):
+                message["content"] = parts
         for key in self.json_keys:
             value = message.get(key)
             if value is not None:
