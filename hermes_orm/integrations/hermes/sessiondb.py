@@ -964,9 +964,6 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         Raises:
             ModuleNotFoundError: hermes-agent is not installed.
         """
-        import hermes_state
-        from agent.memory_manager import sanitize_context
-
         sessions = self._lineage(session_id) if include_ancestors else [session_id]
         query = select(_messages).where(_messages.c.session_id.in_(sessions))
         if not include_inactive:
@@ -976,45 +973,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         def work(conn: Connection) -> list[dict[str, Any]]:
             return [self._hermes_message(r) for r in conn.execute(query)]
 
-        messages: list[dict[str, Any]] = []
-        for row in self._store.read_transaction(work):
-            content = row["content"]
-            if row["role"] in {"user", "assistant"} and isinstance(content, str):
-                content = sanitize_context(content).strip()
-            msg: dict[str, Any] = {"role": row["role"], "content": content}
-            for column, key in (
-                ("api_content", "api_content"),
-                ("timestamp", "timestamp"),
-                ("tool_call_id", "tool_call_id"),
-                ("tool_name", "tool_name"),
-                ("effect_disposition", "effect_disposition"),
-                ("tool_calls", "tool_calls"),
-                ("platform_message_id", "message_id"),
-            ):
-                if row[column]:
-                    msg[key] = row[column]
-            if row["observed"]:
-                msg["observed"] = True
-            if row["role"] == "assistant":
-                for column in ("finish_reason", "reasoning"):
-                    if row[column]:
-                        msg[column] = row[column]
-                if row["reasoning_content"] is not None:
-                    msg["reasoning_content"] = row["reasoning_content"]
-                for column in _TEXT_JSON_MESSAGE:
-                    if row[column]:
-                        msg[column] = json.loads(row[column])
-            if include_ancestors and hermes_state.SessionDB._is_duplicate_replayed_user_message(
-                messages, msg
-            ):
-                continue
-            messages.append(msg)
-        messages = hermes_state._strip_background_review_harness(messages)
-        if repair_alternation and messages:
-            from agent.agent_runtime_helpers import repair_message_sequence
-
-            repair_message_sequence(None, messages)
-        return messages
+        rows = self._store.read_transaction(work)
+        return self._conversation(
+            rows, include_ancestors=include_ancestors, repair_alternation=repair_alternation
+        )
 
     def search_messages(  # noqa: PLR0917 - Hermes' signature
         self,
