@@ -530,3 +530,39 @@ def note_acks(lines: list[str], acked: dict[str, int]) -> int:
             acked[sid] = max(acked.get(sid, 0), int(cursor))
             flushes += 1
     return flushes
+
+
+def finish_writer(
+    process: subprocess.Popen[bytes],
+    stderr: IO[bytes],
+    reader: Reader,
+    *,
+    name: str,
+    timeout: float,
+    outcome: Outcome,
+    acked: dict[str, int],
+    expected: tuple[str, ...],
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Wait for a writer (killed past ``timeout``), then count what it said.
+
+    Its acknowledged cursors go to ``acked``, its flushes and errors to
+    ``outcome`` (an error not ``expected``, a hang or a failed exit is a
+    problem). Returns the lines it wrote and its summary (None if it gave none).
+    """
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+        outcome.problem(f"{name} did not end within {timeout:.0f}s (hung)")
+    reader.join()
+    lines = [line for _, line in reader.snapshot()]
+    summary = parse_summary(lines)
+    if code != 0 or summary is None:
+        outcome.problem(f"{name} failed ({code}): {stderr_tail(stderr)}")
+    stderr.close()
+    outcome.flushes += note_acks(lines, acked)
+    for line in lines:
+        if line.startswith("E "):
+            note_error(line, outcome, expected=expected)
+    return lines, summary

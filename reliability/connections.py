@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,14 +37,11 @@ from reliability._common import (
     Outcome,
     Reader,
     check,
-    note_acks,
-    note_error,
-    parse_summary,
+    finish_writer,
     postgres_database,
     prepare,
     session_id,
     spawn,
-    stderr_tail,
 )
 
 #: ``application_name`` of the writers' connections: how their backends are found.
@@ -156,22 +152,16 @@ def run(
         acked: dict[str, int] = {}
         written = appends_lost = 0
         for n, (process, stderr, reader) in enumerate(running):
-            try:
-                code = process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                code = process.wait()
-                outcome.problem(f"writer {n} did not stop within 120s (hung)")
-            reader.join()
-            lines = [line for _, line in reader.snapshot()]
-            summary = parse_summary(lines)
-            if code != 0 or summary is None:
-                outcome.problem(f"writer {n} failed ({code}): {stderr_tail(stderr)}")
-            stderr.close()
-            outcome.flushes += note_acks(lines, acked)
-            for line in lines:
-                if line.startswith("E "):
-                    note_error(line, outcome, expected=_EXPECTED)
+            _, summary = finish_writer(
+                process,
+                stderr,
+                reader,
+                name=f"writer {n}",
+                timeout=120,
+                outcome=outcome,
+                acked=acked,
+                expected=_EXPECTED,
+            )
             if summary is not None and n < writers:
                 written += summary["written"]
             if summary is not None and n >= writers:

@@ -14,7 +14,6 @@ exactly once.
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 
 from reliability._common import (
@@ -22,13 +21,10 @@ from reliability._common import (
     Outcome,
     Reader,
     check,
-    note_acks,
-    note_error,
-    parse_summary,
+    finish_writer,
     prepare,
     session_id,
     spawn,
-    stderr_tail,
 )
 
 
@@ -85,23 +81,17 @@ def run(
     acked: dict[str, int] = {}
     written = idle = 0
     for n, (process, stderr, reader) in enumerate(writers):
-        try:
-            code = process.wait(timeout=max(0.0, start_at - time.time()) + seconds + 120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-            outcome.problem(f"writer {n} still running 120s past its deadline (hung)")
-        reader.join()
-        lines = [line for _, line in reader.snapshot()]
-        summary = parse_summary(lines)
-        if code != 0 or summary is None:
-            outcome.problem(f"writer {n} failed ({code}): {stderr_tail(stderr)}")
-        stderr.close()
-        outcome.flushes += note_acks(lines, acked)
+        lines, summary = finish_writer(
+            process,
+            stderr,
+            reader,
+            name=f"writer {n}",
+            timeout=max(0.0, start_at - time.time()) + seconds + 120,
+            outcome=outcome,
+            acked=acked,
+            expected=("DatabaseBusyError",),
+        )
         idle += sum(1 for line in lines if line.startswith("A ") and line.split(" ")[3] == "0")
-        for line in lines:
-            if line.startswith("E "):
-                note_error(line, outcome, expected=("DatabaseBusyError",))
         if summary is not None:
             written += summary["written"]
     outcome.work = {"processes": processes, "seconds": round(seconds)}

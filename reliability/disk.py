@@ -38,13 +38,10 @@ from reliability._common import (
     Outcome,
     Reader,
     check,
-    note_acks,
-    note_error,
-    parse_summary,
+    finish_writer,
     prepare,
     session_id,
     spawn,
-    stderr_tail,
 )
 
 #: What a full disk may raise: typed, and not retried.
@@ -145,22 +142,16 @@ def _episodes(
         process, stderr = spawn("disk", args)
         reader = Reader(process)
         reader.start()
-        try:
-            code = process.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-            outcome.problem(f"episode {n}: the writer did not end within 300s (hung)")
-        reader.join()
-        got = [line for _, line in reader.snapshot()]
-        summary = parse_summary(got)
-        if code != 0 or summary is None:
-            outcome.problem(f"episode {n}: the writer failed ({code}): {stderr_tail(stderr)}")
-        stderr.close()
-        outcome.flushes += note_acks(got, acked)
-        for line in got:
-            if line.startswith("E "):
-                note_error(line, outcome, expected=_EXPECTED)
+        _, summary = finish_writer(
+            process,
+            stderr,
+            reader,
+            name=f"episode {n}: the writer",
+            timeout=300,
+            outcome=outcome,
+            acked=acked,
+            expected=_EXPECTED,
+        )
         if summary is None:
             continue
         errors = summary["extra"].get("errors", [])
