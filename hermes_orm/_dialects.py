@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
@@ -279,6 +281,11 @@ def _millis(seconds: float) -> int:
 #: The settings each engine's connections get (its listener is registered once);
 #: kept beside the engine, not on it.
 _configured: weakref.WeakKeyDictionary[Engine, tuple[str, int]] = weakref.WeakKeyDictionary()
+
+
+def insert_maker(dialect: str) -> Callable[..., Any]:
+    """The backend's ``insert`` construct: PostgreSQL's or SQLite's, which has ``ON CONFLICT``."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
 def check_transactional(engine: Engine) -> None:

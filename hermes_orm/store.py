@@ -41,8 +41,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
@@ -631,7 +629,7 @@ class StoreCore:
                 raise InvalidSessionError(f"title {title!r} is already used by {by}")
 
     def _insert_ignore(self, values: dict[str, Any]) -> Any:
-        make = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        make = _dialects.insert_maker(self._engine.dialect.name)
         # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2).
         return (
             make(_sessions)

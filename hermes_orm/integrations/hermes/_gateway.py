@@ -16,10 +16,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Table, delete, exists, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from hermes_orm import _dialects
 from hermes_orm.errors import HermesOrmError, SessionNotFoundError
 from hermes_orm.models import (
     GatewayRoute,
@@ -98,7 +97,7 @@ def _key(name: str, value: Any, *, max_length: int | None = _MAX_KEY) -> str:
 
 def _insert(conn: Connection, table: Table) -> PgInsert | SqliteInsert:
     """The backend's INSERT, which has ``ON CONFLICT``."""
-    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+    return _dialects.insert_maker(conn.dialect.name)(table)  # type: ignore[no-any-return]
 
 
 def _last_active() -> Any:

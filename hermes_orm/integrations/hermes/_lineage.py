@@ -31,10 +31,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
+from hermes_orm import _dialects
 from hermes_orm.errors import DatabaseBusyError, DatabaseError, DatabaseUnavailableError
 from hermes_orm.models import CompressionLock, Message, Session
 
@@ -312,7 +311,7 @@ class LineageMethods:
             conn.execute(
                 delete(_locks).where(_locks.c.session_id == session_id, _locks.c.expires_at < now)
             )
-            make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            make = _dialects.insert_maker(conn.dialect.name)
             conn.execute(
                 make(_locks)
                 .values(

@@ -38,11 +38,9 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
-from hermes_orm import _codec
+from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
     DatabaseError,
     InvalidMessageError,
@@ -763,7 +761,7 @@ class UpkeepMethods:
         }
 
         def work(conn: Connection) -> None:
-            make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            make = _dialects.insert_maker(conn.dialect.name)
             statement = make(_usage).values(
                 session_id=session_id,
                 model=model or "unknown",

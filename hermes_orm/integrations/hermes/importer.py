@@ -34,8 +34,6 @@ from typing import IO, Any, TextIO, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Table, bindparam, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec, _dialects
@@ -986,7 +984,7 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
             for r in (m._mapping for m in conn.execute(select(_usage)))
         }
         written = 0
-        make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        make = _dialects.insert_maker(conn.dialect.name)
         for values in rows:
             key = tuple(values[k] for k in _USAGE_KEY)
             have = existing.get(key)

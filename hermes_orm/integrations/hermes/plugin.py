@@ -274,10 +274,6 @@ def install_store(url: str) -> type[StoreSessionDB]:
     current = hermes_state.SessionDB
     if not (isinstance(current, type) and issubclass(current, StoreSessionDB)):
         StoreSessionDB.hermes_class = current
-        # Hermes' static helper that hermes_orm's adapter reads from hermes_state.SessionDB.
-        helper = current.__dict__.get("_is_duplicate_replayed_user_message")
-        if helper is not None:
-            setattr(StoreSessionDB, "_is_duplicate_replayed_user_message", helper)  # noqa: B010
     StoreSessionDB.url = url
     hermes_class = StoreSessionDB.hermes_class
     for module in list(sys.modules.values()):

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hermes_orm import _dialects
 from hermes_orm import search as _search
@@ -493,7 +491,7 @@ def _add_usage(
 ) -> None:
     """Accumulate one call's usage into the per-model row (created on first use)."""
     now = time.time()
-    make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    make = _dialects.insert_maker(conn.dialect.name)
     statement = make(_usage).values(
         session_id=session_id,
         model=model,
@@ -1346,7 +1344,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """Set a value of the key/value store."""
 
         def work(conn: Connection) -> None:
-            make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            make = _dialects.insert_maker(conn.dialect.name)
             statement = make(_meta).values(key=key, value=value)
             conn.execute(
                 statement.on_conflict_do_update(
