@@ -27,26 +27,9 @@ from hermes_orm import SessionStore
 from hermes_orm.integrations.hermes.plugin import resolve_mode
 from tests._agent_runner import _config
 from tests._hermes_agent import TOOL_FILES, AgentSpec, FakeLLM, run_agent
+from tests.test_hermes_plugin import Core, core
 
 STORE_MODE = {"hermes_orm": {"mode": "store"}}
-
-Core = tuple[str, Any, Any, list[tuple[Any, Any, Any]]]
-
-
-def core(messages: list[dict[str, Any]]) -> list[Core]:
-    """What a conversation is made of: role, content, tool call id, tool calls."""
-    return [
-        (
-            m["role"],
-            m.get("content") or None,
-            m.get("tool_call_id"),
-            [
-                (c["id"], c["function"]["name"], c["function"]["arguments"])
-                for c in m.get("tool_calls") or []
-            ],
-        )
-        for m in messages
-    ]
 
 
 class RecordingLLM(FakeLLM):
