@@ -160,7 +160,7 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
         raise UnsupportedBackendError(
             url.get_backend_name(),
             f"the {url.get_backend_name()} driver {driver!r} is not installed or not "
-            f"known ({exc}); pip install 'hermes-orm[{extra}]'",
+            f"known ({exc}); pip install 'hermes-orm-sessions[{extra}]'",
         ) from None
     path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
     if path is not None:

@@ -159,7 +159,7 @@ class SchemaTooNewError(HermesOrmError):
         self.current = current
         super().__init__(
             f"the database is at schema revision {current}, which this "
-            "hermes_orm does not know: upgrade the hermes-orm package"
+            "hermes_orm does not know: upgrade the hermes-orm-sessions package"
         )
 
 

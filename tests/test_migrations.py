@@ -99,7 +99,7 @@ def test_a_newer_schema_is_refused(db_url: str) -> None:
     engine = create_store_engine(db_url, poolclass=NullPool)
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE hermes_orm_alembic_version SET version_num = 'zzzz_future'")
-    with pytest.raises(SchemaTooNewError, match="upgrade the hermes-orm package"):
+    with pytest.raises(SchemaTooNewError, match="upgrade the hermes-orm-sessions package"):
         hermes_orm.check_schema(engine)
     engine.dispose()
 
