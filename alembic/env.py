@@ -12,7 +12,7 @@ from alembic import context
 from sqlalchemy import Connection, Engine, pool
 
 from hermes_orm._dialects import create_store_engine, default_url
-from hermes_orm.migrations import SEARCH_COLUMNS, SEARCH_PREFIX, TABLE_PREFIX, VERSION_TABLE
+from hermes_orm.migrations import VERSION_TABLE, only_hermes_objects
 from hermes_orm.models import Base
 
 config = context.config
@@ -20,28 +20,12 @@ if config.config_file_name is not None and "connection" not in config.attributes
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
-def _only_hermes_tables(name: str | None, type_: str, parent_names: object) -> bool:
-    # Only our tables: a host database's own tables are never proposed for DROP.
-    if type_ == "table":
-        return (
-            name is not None
-            and name.startswith(TABLE_PREFIX)
-            and not name.startswith(SEARCH_PREFIX)
-        )
-    # The search index (0003_search) is SQL the models do not describe.
-    if type_ == "column":
-        return name not in SEARCH_COLUMNS
-    if type_ == "index":
-        return name is None or not name.startswith("ix_" + SEARCH_PREFIX)
-    return True
-
-
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,
         version_table=VERSION_TABLE,
-        include_name=_only_hermes_tables,
+        include_name=only_hermes_objects,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         compare_server_default=False,

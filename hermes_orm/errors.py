@@ -139,16 +139,34 @@ class DatabaseUnavailableError(HermesOrmError):
 class SchemaOutOfDateError(HermesOrmError):
     """The database schema is not at the revision this hermes_orm expects."""
 
-    def __init__(self, current: str | None, expected: str) -> None:
+    def __init__(self, current: str | None, expected: str, *, branch: bool = False) -> None:
         self.current = current
         self.expected = expected
         if current is None:
             state = "has no hermes_orm schema"
         else:
             state = f"is at schema revision {current}"
+        if branch:
+            fix = "your application's `alembic upgrade hermes_orm@head`"
+        else:
+            fix = "`hermes-orm db upgrade` (or hermes_orm.upgrade(engine))"
+        super().__init__(f"the database {state}, this hermes_orm needs {expected}: run {fix}")
+
+
+class SchemaManagedByHostError(HermesOrmError):
+    """hermes_orm's revisions run as a branch of the host's Alembic history.
+
+    Their state is in the host's ``alembic_version``: the host's own Alembic
+    migrates them (``alembic upgrade hermes_orm@head``), not hermes_orm's
+    side-by-side runner, which would create the tables a second time.
+    """
+
+    def __init__(self, current: str | None) -> None:
+        self.current = current
         super().__init__(
-            f"the database {state}, this hermes_orm needs {expected}: run "
-            "`hermes-orm db upgrade` (or hermes_orm.upgrade(engine))"
+            f"the database's hermes_orm schema (at {current}) is migrated as a branch of "
+            "your Alembic history (alembic_version): run `alembic upgrade hermes_orm@head` "
+            "with your application's Alembic configuration"
         )
 
 

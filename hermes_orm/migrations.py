@@ -1,46 +1,57 @@
 """Run the shipped Alembic migrations from Python, and check a database is current.
 
 The migration scripts live in the repository's top-level ``alembic/`` and ship
-inside the wheel as package data (``hermes_orm/alembic``), so the same
-revisions run from a repository checkout, from ``hermes-orm db ...`` and from an
-installed wheel. They record their state in their own version table,
-``hermes_orm_alembic_version``, so a host application's ``alembic_version`` is
-never touched.
+inside the package (``hermes_orm/alembic``), so the same revisions run from a
+repository checkout, from ``hermes-orm db ...``, from an installed wheel and
+from a host application's own Alembic. Two ways inside a host's Alembic:
+
+- side by side: :func:`upgrade` on the host's connection, the revisions
+  recording their state in their own version table,
+  ``hermes_orm_alembic_version``, so the host's ``alembic_version`` is never
+  touched;
+- as a branch of the host's history (:data:`VERSION_LOCATION` in its
+  ``version_locations``, label :data:`BRANCH`), their state in the host's
+  ``alembic_version``.
+
+:func:`check` accepts a database migrated either way.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import alembic.context
+import alembic.op
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, inspect
 
-from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError
+from hermes_orm.errors import SchemaManagedByHostError, SchemaOutOfDateError, SchemaTooNewError
+from hermes_orm.models import Base
 
 VERSION_TABLE = "hermes_orm_alembic_version"
+#: The version table of a host whose history runs the revisions as a branch.
+HOST_VERSION_TABLE = "alembic_version"
+
+logger = logging.getLogger(__name__)
 
 
-def _script_location() -> Path:
-    """Where the migration scripts are.
-
-    In the package when installed from a wheel (which maps the repository's
-    top-level ``alembic/`` there), else beside it (a checkout, an editable install).
-    """
-    packaged = Path(__file__).with_name("alembic")
-    # env.py, not the folder: a checkout may keep an old hermes_orm/alembic/__pycache__.
-    if (packaged / "env.py").is_file():
-        return packaged
-    return Path(__file__).resolve().parents[1] / "alembic"
-
-
-SCRIPT_LOCATION = str(_script_location())
+#: The shipped scripts: ``hermes_orm/alembic`` (in a checkout, a link to the
+#: repository's top-level ``alembic/``).
+SCRIPT_LOCATION = str(Path(__file__).with_name("alembic"))
+#: Where a host's Alembic finds the revisions to run them as a branch of its own
+#: history: ``version_locations = %(here)s/versions hermes_orm:alembic/versions``.
+VERSION_LOCATION = "hermes_orm:alembic/versions"
+#: The branch label of the revisions: ``alembic upgrade hermes_orm@head``.
+BRANCH = "hermes_orm"
 #: Tables the migrations own; host apps pass :func:`include_name` to their autogenerate.
 TABLE_PREFIX = "hermes_"
 #: Tables, views and indexes of the search index, and its PostgreSQL columns;
@@ -68,11 +79,34 @@ def alembic_config(url: str | None = None) -> Config:
 
 @contextmanager
 def _connected(bind: Bind) -> Iterator[Connection]:
+    """A connection on ``bind``; one passed in is left in the transaction state it came in."""
     if isinstance(bind, Engine):
         with bind.begin() as conn:
             yield conn
-    else:
+        return
+    with _own_transaction(bind):
         yield bind
+
+
+@contextmanager
+def _own_transaction(conn: Connection) -> Iterator[None]:
+    """End the transaction the work began on a caller's connection, if it began one.
+
+    A host's ``env.py`` that calls :func:`upgrade` on its connection before its
+    own ``context.begin_transaction()`` must get the connection back with no
+    transaction open: Alembic runs the host's migrations inside a transaction
+    it finds open and never commits it, so they would be rolled back. A
+    transaction the caller had open is the caller's to end.
+    """
+    began = not conn.in_transaction()
+    try:
+        yield
+    except BaseException:
+        if began and conn.in_transaction():
+            conn.rollback()
+        raise
+    if began and conn.in_transaction():
+        conn.commit()
 
 
 #: The PostgreSQL advisory lock a migration holds (the bytes of "hermesOR"):
@@ -87,14 +121,15 @@ def _migrating(bind: Bind) -> Iterator[Connection]:
     Processes that open a store on a database that needs migrating often do
     so at once (a gateway and a cron job after an upgrade): each waits for the
     one before it, then finds the schema at head and does nothing. PostgreSQL:
-    an advisory lock for the transaction (the caller's, for a connection it
-    passes). SQLite: the write lock from the start (``BEGIN IMMEDIATE``), for an
-    engine; a connection passed in is the caller's to have locked.
+    an advisory lock for the transaction. SQLite: the write lock from the start
+    (``BEGIN IMMEDIATE``), for an engine; a connection passed in is the
+    caller's to have locked.
     """
     if not isinstance(bind, Engine):
-        if bind.dialect.name == "postgresql":
-            bind.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-        yield bind
+        with _own_transaction(bind):
+            if bind.dialect.name == "postgresql":
+                bind.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            yield bind
         return
     with bind.connect() as conn:
         if conn.dialect.name == "sqlite":
@@ -105,20 +140,64 @@ def _migrating(bind: Bind) -> Iterator[Connection]:
         conn.commit()
 
 
+@contextmanager
+def _host_alembic_kept() -> Iterator[None]:
+    """Leave a host's running Alembic command as it was found.
+
+    A command installs its ``EnvironmentContext`` and ``Operations`` as the
+    module-level proxies ``alembic.context`` and ``alembic.op`` and removes
+    them when it ends. Run from a host's ``env.py`` (or from one of its
+    revisions), the nested command would remove the host's proxies and its
+    ``context.configure`` would then fail: the modules' names are put back as
+    they were.
+    """
+    saved = [(vars(module), dict(vars(module))) for module in (alembic.context, alembic.op)]
+    try:
+        yield
+    finally:
+        for names, before in saved:
+            for name in names.keys() - before.keys():
+                del names[name]
+            names.update(before)
+
+
 def _run(bind: Bind, fn: Any, *args: Any) -> None:
     config = alembic_config()
-    with _migrating(bind) as conn:
+    with _host_alembic_kept(), _migrating(bind) as conn:
+        before = _located(conn)
+        if before.table == HOST_VERSION_TABLE:
+            if fn is command.upgrade and args == ("head",) and before.revision == head():
+                return  # at head already: a store's upgrade() on start-up has nothing to do
+            raise SchemaManagedByHostError(before.revision)
         config.attributes["connection"] = conn
         fn(config, *args)
+        after = _located(conn).revision
+    if after != before.revision:
+        logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
 
 
 def upgrade(bind: Bind, revision: str = "head") -> None:
-    """Migrate the database behind ``bind`` up to ``revision`` (default: head)."""
+    """Migrate the database behind ``bind`` up to ``revision`` (default: head).
+
+    On a connection, the work is done in the transaction the connection is in,
+    or in one of its own that it commits: the connection is handed back with
+    no transaction open if it had none, so a host's ``env.py`` may call this
+    before (or after) running its own migrations on the same connection.
+
+    Raises:
+        SchemaManagedByHostError: The revisions run as a branch of the host's
+            history (their state is in its ``alembic_version``): the host's
+            ``alembic upgrade hermes_orm@head`` migrates them.
+    """
     _run(bind, command.upgrade, revision)
 
 
 def downgrade(bind: Bind, revision: str) -> None:
-    """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all)."""
+    """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all).
+
+    Raises:
+        SchemaManagedByHostError: As for :func:`upgrade`.
+    """
     _run(bind, command.downgrade, revision)
 
 
@@ -141,27 +220,116 @@ def _known_revisions() -> frozenset[str]:
     return frozenset(rev.revision for rev in script.walk_revisions())
 
 
+class _Located(NamedTuple):
+    """Where the database records its hermes_orm revision, and which it is."""
+
+    revision: str | None
+    #: VERSION_TABLE (side by side), HOST_VERSION_TABLE (a branch of the
+    #: host's history), or None (no hermes_orm schema).
+    table: str | None
+
+
+def _versions(conn: Connection, table: str) -> list[str]:
+    context = MigrationContext.configure(conn, opts={"version_table": table})
+    return list(context.get_current_heads())
+
+
+def _located(conn: Connection) -> _Located:
+    """The hermes_orm revision of the database, and the version table holding it.
+
+    Side by side, the revisions record themselves in :data:`VERSION_TABLE`.
+    Run as a branch of a host's history, they share the host's
+    ``alembic_version`` with the host's own revisions: the one of ours there is
+    the revision. Tables of ours with no revision of ours in that table were
+    migrated by a newer hermes_orm whose revisions this one does not know.
+    """
+    own = _versions(conn, VERSION_TABLE)
+    if own:
+        return _Located(own[0], VERSION_TABLE)
+    inspector = inspect(conn)
+    if not inspector.has_table(HOST_VERSION_TABLE):
+        return _Located(None, None)
+    shared = _versions(conn, HOST_VERSION_TABLE)
+    known = _known_revisions()
+    ours = [revision for revision in shared if revision in known]
+    if ours:
+        return _Located(ours[0], HOST_VERSION_TABLE)
+    if shared and inspector.has_table("hermes_sessions"):
+        unknown = ", ".join(sorted(shared))
+        return _Located(unknown, HOST_VERSION_TABLE)
+    return _Located(None, None)
+
+
 def current(bind: Bind) -> str | None:
-    """The revision the database is at, or ``None`` when it has no hermes_orm schema."""
+    """The revision the database is at, or ``None`` when it has no hermes_orm schema.
+
+    Found in hermes_orm's own version table, or in the host's ``alembic_version``
+    for revisions run as a branch of the host's history.
+    """
     with _connected(bind) as conn:
-        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+        return _located(conn).revision
 
 
 def check(bind: Bind) -> None:
     """Refuse a database whose schema is not at :func:`head`.
 
+    Either way of migrating is accepted: side by side or as a branch.
+
     Raises:
-        SchemaOutOfDateError: Missing or older schema; ``hermes-orm db upgrade`` fixes it.
+        SchemaOutOfDateError: Missing or older schema; ``hermes-orm db upgrade``
+            (or, for a branch, the host's ``alembic upgrade hermes_orm@head``) fixes it.
         SchemaTooNewError: Migrated by a newer hermes_orm.
     """
-    revision = current(bind)
+    with _connected(bind) as conn:
+        located = _located(conn)
+    revision = located.revision
     expected = head()
     if revision == expected:
         return
     if revision is not None and revision not in _known_revisions():
         raise SchemaTooNewError(revision)
-    raise SchemaOutOfDateError(revision, expected)
+    raise SchemaOutOfDateError(revision, expected, branch=located.table == HOST_VERSION_TABLE)
+
+
+def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None) -> bool:
+    """Alembic ``include_name`` hook that keeps hermes_orm's own tables only.
+
+    hermes_orm's autogenerate (``env.py``, :func:`differences`) compares its
+    models with these and never proposes to drop a host's table; the search
+    index, which the revisions write as SQL the models do not describe, is
+    left out too.
+    """
+    if type_ == "table":
+        return (
+            name is not None
+            and name.startswith(TABLE_PREFIX)
+            and not name.startswith(SEARCH_PREFIX)
+            and name != VERSION_TABLE
+        )
+    if type_ == "column":
+        return name not in SEARCH_COLUMNS
+    if type_ == "index":
+        return name is None or not name.startswith("ix_" + SEARCH_PREFIX)
+    return True
+
+
+def differences(bind: Bind) -> list[Any]:
+    """What hermes_orm's autogenerate would change in the database's hermes_orm tables.
+
+    Empty when the tables match the models, whichever way they were migrated;
+    the host's tables are never looked at.
+    """
+    with _connected(bind) as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "include_name": only_hermes_objects,
+                "compare_type": True,
+                "compare_server_default": False,
+            },
+        )
+        found: list[Any] = compare_metadata(context, Base.metadata)
+    return found
 
 
 def include_name(name: str | None, type_: str, _parent_names: Any = None) -> bool:

@@ -125,6 +125,60 @@ def test_host_tables_and_version_table_untouched(empty_db_url: str) -> None:
     assert migrations.include_name("hermes_orm_alembic_version", "table") is False
 
 
+def test_upgrade_on_a_connection_hands_it_back_as_it_came(empty_db_url: str) -> None:
+    """A host's env.py gets its connection back with no transaction open, or its own."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with engine.connect() as conn:
+        hermes_orm.upgrade(conn)
+        assert not conn.in_transaction()
+        hermes_orm.upgrade(conn)  # at head: reads the version, must not leave that open
+        assert not conn.in_transaction()
+        conn.begin()
+        hermes_orm.downgrade(conn, "0007_message_key_order")
+        assert conn.in_transaction()  # the caller's to end
+        conn.commit()
+    assert migrations.current(engine) == "0007_message_key_order"
+    if engine.dialect.name == "postgresql":
+        # Inside the caller's transaction, the caller's rollback undoes the migration.
+        with engine.connect() as conn:
+            conn.begin()
+            hermes_orm.upgrade(conn)
+            conn.rollback()
+        assert migrations.current(engine) == "0007_message_key_order"
+    engine.dispose()
+
+
+def _as_a_branch(engine: Any, revision: str, host_revision: str = "host_rev_1") -> None:
+    """The state a host's ``alembic upgrade hermes_orm@REV`` leaves: ours in alembic_version."""
+    hermes_orm.upgrade(engine, revision)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM hermes_orm_alembic_version")
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql(
+            f"INSERT INTO alembic_version VALUES ('{host_revision}'), ('{revision}')"
+        )
+
+
+def test_a_branch_of_the_host_history_is_read_from_its_version_table(empty_db_url: str) -> None:
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    _as_a_branch(engine, "0007_message_key_order")
+    assert migrations.current(engine) == "0007_message_key_order"
+    with pytest.raises(SchemaOutOfDateError, match="alembic upgrade hermes_orm@head"):
+        hermes_orm.check_schema(engine)
+    # hermes_orm's own runner would create the tables a second time: refused.
+    with pytest.raises(hermes_orm.SchemaManagedByHostError, match="hermes_orm@head"):
+        hermes_orm.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE alembic_version SET version_num = 'zzzz_future' "
+            "WHERE version_num = '0007_message_key_order'"
+        )
+    # Our tables, and no revision of ours in the host's table: a newer hermes_orm's.
+    with pytest.raises(SchemaTooNewError, match="zzzz_future"):
+        hermes_orm.check_schema(engine)
+    engine.dispose()
+
+
 def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "HERMES_ORM_URL": empty_db_url, "HERMES_HOME": str(tmp_path)}
 

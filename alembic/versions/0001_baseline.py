@@ -16,7 +16,10 @@ JSON_DOCUMENT = sa.JSON(none_as_null=True).with_variant(sa.Text(), "sqlite")
 
 revision: str = "0001_baseline"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
+# The label names the branch in a host's history (`alembic upgrade hermes_orm@head`);
+# Alembic keeps labels in the scripts, never in the database, so adding it after
+# release changes nothing a database recorded.
+branch_labels: str | Sequence[str] | None = ("hermes_orm",)
 depends_on: str | Sequence[str] | None = None
 
 

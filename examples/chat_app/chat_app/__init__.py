@@ -1,0 +1,1 @@
+"""A small chat service that keeps its conversations with hermes_orm."""

@@ -1,0 +1,102 @@
+"""The chat service: accounts in the app's own tables, conversations in hermes_orm's.
+
+Run it with ``uvicorn chat_app.service:app`` after ``alembic upgrade head``.
+Endpoints are plain ``def``: FastAPI runs them on its worker threads, and the
+store takes a pooled connection for each operation and gives it back.
+"""
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session as OrmSession
+
+import hermes_orm
+from chat_app.models import Account
+
+URL = os.environ.get("CHAT_APP_DATABASE_URL", "sqlite:///chat_app.db")
+# One engine for the app's own queries and hermes_orm's, as an application has.
+engine = create_engine(URL)
+store = hermes_orm.SessionStore(engine)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Refuse to serve on a database its migrations have not reached.
+    hermes_orm.check_schema(engine)
+    yield
+    store.close()
+    engine.dispose()
+
+
+app = FastAPI(title="chat_app", lifespan=lifespan)
+
+
+class NewAccount(BaseModel):
+    """``POST /accounts``."""
+
+    name: str
+
+
+class Turn(BaseModel):
+    """``POST /chats/{chat_id}``: the whole conversation as the agent holds it."""
+
+    account_id: int
+    messages: list[dict[str, Any]]
+
+
+def _account(orm: OrmSession, account_id: int) -> Account:
+    account = orm.get(Account, account_id)
+    if account is None:
+        raise HTTPException(404, f"no account {account_id}")
+    return account
+
+
+@app.post("/accounts")
+def create_account(body: NewAccount) -> dict[str, Any]:
+    with OrmSession(engine) as orm, orm.begin():
+        account = Account(name=body.name)
+        orm.add(account)
+        orm.flush()
+        return {"id": account.id, "name": account.name}
+
+
+@app.post("/chats/{chat_id}")
+def save_turn(chat_id: str, body: Turn) -> dict[str, Any]:
+    """Flush the conversation: only what the database does not hold yet is written."""
+    with OrmSession(engine) as orm:
+        account = _account(orm, body.account_id)
+    chats = store.for_user(str(account.id))
+    chats.ensure_session(chat_id, source="chat_app")
+    try:
+        result = chats.flush(chat_id, body.messages)
+    except hermes_orm.HistoryDivergedError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except hermes_orm.InvalidMessageError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return {"written": result.written, "cursor": result.cursor}
+
+
+@app.get("/chats/{chat_id}")
+def read_chat(chat_id: str, account_id: int) -> dict[str, Any]:
+    chats = store.for_user(str(account_id))
+    if chats.get_session(chat_id) is None:
+        raise HTTPException(404, f"no chat {chat_id}")
+    return {"messages": chats.get_messages(chat_id)}
+
+
+@app.get("/search")
+def search(q: str, account_id: int) -> dict[str, Any]:
+    page = store.for_user(str(account_id)).search(q)
+    return {"hits": [{"chat_id": hit.session_id, "snippet": hit.snippet} for hit in page.hits]}
+
+
+@app.get("/accounts")
+def list_accounts() -> list[dict[str, Any]]:
+    with OrmSession(engine) as orm:
+        accounts = orm.scalars(select(Account).order_by(Account.id))
+        return [{"id": account.id, "name": account.name} for account in accounts]

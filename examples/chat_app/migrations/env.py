@@ -1,0 +1,45 @@
+"""The chat app's Alembic environment, with hermes_orm's tables beside its own.
+
+Side by side (the ``[alembic]`` section), ``hermes_orm.upgrade(connection)``
+migrates hermes_orm's tables first, on the same connection, and hands it back
+with no transaction open. As a branch (``-n branch``), hermes_orm's revisions
+are part of this history and run like the app's own. Both ways, autogenerate
+leaves hermes_orm's tables alone (``hermes_orm.migrations.include_name``).
+"""
+
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+import hermes_orm
+from chat_app.models import Base
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+URL = os.environ.get("CHAT_APP_DATABASE_URL", "sqlite:///chat_app.db")
+SIDE_BY_SIDE = config.get_main_option("hermes_orm", "side_by_side") == "side_by_side"
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(URL, poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        if SIDE_BY_SIDE:
+            hermes_orm.upgrade(connection)
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            include_name=hermes_orm.migrations.include_name,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("the chat app migrates online only")
+run_migrations_online()

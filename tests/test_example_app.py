@@ -1,0 +1,243 @@
+"""The example app (examples/chat_app): its own Alembic, its own tables, a real web server.
+
+Both ways of migrating hermes_orm inside a host's Alembic run here, on both
+backends, with the real ``alembic`` command line and uvicorn: side by side
+(the app's ``env.py`` calls ``hermes_orm.upgrade(connection)``) and as a
+branch of the app's history (``version_locations``, label ``hermes_orm``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from hermes_orm import SessionStore, migrations
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "chat_app"
+HOST_REVISION = "app_0001_accounts"
+
+
+def _alembic(url: str, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``alembic [-n branch] ARGS`` in the app's folder, as its developer runs it."""
+    section = ["-n", "branch"] if mode == "branch" else []
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", *section, *args],
+        cwd=APP,
+        env={**os.environ, "CHAT_APP_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _hermes_tables(url: str) -> set[str]:
+    return {table for table in _tables(url) if table.startswith("hermes_")}
+
+
+def _versions(url: str, table: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(table):
+                return set()
+            return set(conn.scalars(text(f"SELECT version_num FROM {table}")))
+    finally:
+        engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Client:
+    """JSON over HTTP to the app's uvicorn."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """Start ``uvicorn chat_app.service:app`` on a database; stopped after the test."""
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def start(url: str) -> Client:
+        port = _free_port()
+        log = (tmp_path / f"uvicorn-{port}.log").open("wb")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "chat_app.service:app", "--port", str(port)],
+            cwd=APP,
+            env={**os.environ, "CHAT_APP_DATABASE_URL": url},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        servers.append(server)
+        client = Client(port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.call("GET", "/accounts")
+                return client
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.close()
+                    output = (tmp_path / f"uvicorn-{port}.log").read_text()
+                    raise AssertionError(f"uvicorn did not start:\n{output}") from None
+                time.sleep(0.1)
+
+    yield start
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _use_the_app(client: Client) -> None:
+    """A few requests a user of the app makes; each shows one promise."""
+    status, alice = client.call("POST", "/accounts", {"name": "alice"})
+    assert status == 200, alice
+    status, bob = client.call("POST", "/accounts", {"name": "bob"})
+    assert status == 200, bob
+
+    turn = [
+        {"role": "user", "content": "where is the lighthouse"},
+        {"role": "assistant", "content": "on the northern cape"},
+    ]
+    status, saved = client.call("POST", "/chats/c1", {"account_id": alice["id"], "messages": turn})
+    assert (status, saved) == (200, {"written": 2, "cursor": 2})
+    # The same conversation sent again (a retried request): nothing twice.
+    status, saved = client.call("POST", "/chats/c1", {"account_id": alice["id"], "messages": turn})
+    assert (status, saved) == (200, {"written": 0, "cursor": 2})
+    longer = [*turn, {"role": "user", "content": "and the harbour"}]
+    status, saved = client.call(
+        "POST", "/chats/c1", {"account_id": alice["id"], "messages": longer}
+    )
+    assert (status, saved) == (200, {"written": 1, "cursor": 3})
+    rewritten = [{"role": "user", "content": "something else"}, *longer[1:]]
+    status, refused = client.call(
+        "POST", "/chats/c1", {"account_id": alice["id"], "messages": rewritten}
+    )
+    assert status == 409, refused
+
+    status, chat = client.call("GET", f"/chats/c1?account_id={alice['id']}")
+    assert (status, chat) == (200, {"messages": longer})
+    status, found = client.call("GET", f"/search?q=lighthouse&account_id={alice['id']}")
+    assert status == 200
+    assert [hit["chat_id"] for hit in found["hits"]] == ["c1"]
+    # Another account sees neither the chat nor its words.
+    assert client.call("GET", f"/chats/c1?account_id={bob['id']}")[0] == 404
+    assert client.call("GET", f"/search?q=lighthouse&account_id={bob['id']}") == (
+        200,
+        {"hits": []},
+    )
+
+
+def _autogenerate_is_silent(url: str, mode: str) -> None:
+    """The app's ``alembic check`` proposes nothing, and neither does hermes_orm's."""
+    result = _alembic(url, mode, "check")
+    assert "No new upgrade operations detected" in result.stdout + result.stderr
+    engine = create_engine(url)
+    try:
+        assert migrations.differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_side_by_side(empty_db_url: str, serve: Any) -> None:
+    url = empty_db_url
+    _alembic(url, "side_by_side", "upgrade", "head")
+    assert _versions(url, "alembic_version") == {HOST_REVISION}
+    assert _versions(url, migrations.VERSION_TABLE) == {migrations.head()}
+    assert {"accounts", "hermes_sessions", "hermes_messages"} <= _tables(url)
+
+    # The app's tables go and come back while hermes_orm's stay at head: the
+    # upgrade that finds hermes_orm at head hands the connection back with no
+    # transaction open, so the app's own migration and its stamp are kept.
+    _alembic(url, "side_by_side", "downgrade", "base")
+    assert "accounts" not in _tables(url)
+    assert _versions(url, "alembic_version") == set()
+    _alembic(url, "side_by_side", "upgrade", "head")
+    assert "accounts" in _tables(url)
+    assert _versions(url, "alembic_version") == {HOST_REVISION}
+
+    _autogenerate_is_silent(url, "side_by_side")
+    _use_the_app(serve(url))
+
+    _alembic(url, "side_by_side", "downgrade", "base")
+    assert "accounts" not in _tables(url)
+    store = SessionStore(url)
+    assert len(store.get_messages("c1")) == 3  # hermes_orm's own, untouched
+    store.close()
+    engine = create_engine(url)
+    migrations.downgrade(engine, "base")
+    engine.dispose()
+    assert _hermes_tables(url) == {migrations.VERSION_TABLE}
+    assert _versions(url, migrations.VERSION_TABLE) == set()
+
+
+def test_as_a_branch(empty_db_url: str, serve: Any) -> None:
+    url = empty_db_url
+    result = _alembic(url, "branch", "heads")
+    assert f"{migrations.head()} (hermes_orm)" in result.stdout.replace(" (head)", "")
+    _alembic(url, "branch", "upgrade", "hermes_orm@head")
+    assert _versions(url, "alembic_version") == {migrations.head()}
+    _alembic(url, "branch", "upgrade", "heads")
+    assert _versions(url, "alembic_version") == {HOST_REVISION, migrations.head()}
+    assert _versions(url, migrations.VERSION_TABLE) == set()
+
+    # The store accepts the database, and its side-by-side runner leaves it alone.
+    engine = create_engine(url)
+    try:
+        migrations.check(engine)
+        assert migrations.current(engine) == migrations.head()
+        SessionStore(engine).upgrade()  # at head already: nothing to do
+        with pytest.raises(migrations.SchemaManagedByHostError, match="hermes_orm@head"):
+            migrations.downgrade(engine, "base")
+    finally:
+        engine.dispose()
+
+    _autogenerate_is_silent(url, "branch")
+    _use_the_app(serve(url))
+
+    _alembic(url, "branch", "downgrade", "hermes_orm@base")
+    assert _versions(url, "alembic_version") == {HOST_REVISION}
+    assert _hermes_tables(url) == set()
+    assert "accounts" in _tables(url)
+    _alembic(url, "branch", "downgrade", "chat_app@base")
+    assert "accounts" not in _tables(url)
