@@ -94,3 +94,24 @@ def isolation_level(engine: Any) -> str | None:
     if level is None:
         level = getattr(engine.dialect, "_on_connect_isolation_level", None)
     return None if level is None else str(level)
+
+
+def insert_clauses(statement: Any) -> list[str]:
+    """What an ORM ``INSERT`` carries besides its target and RETURNING.
+
+    The position rule places rows given as parameters only. ``values()``,
+    ``ON CONFLICT`` and prefixes (``OR IGNORE``) sit on private attributes;
+    SQLAlchemy's own ORM reads ``_values``/``_multi_values`` and
+    ``_post_values_clause`` the same way. An attribute gone in a later release
+    reads as present: the statement is refused, never placed wrongly.
+    """
+    found = []
+    if statement.select is not None:
+        found.append("from_select()")
+    if getattr(statement, "_values", True) or getattr(statement, "_multi_values", True):
+        found.append("values()")
+    if getattr(statement, "_post_values_clause", True) is not None:
+        found.append("ON CONFLICT")
+    if getattr(statement, "_prefixes", True):
+        found.append("prefix_with()")
+    return found

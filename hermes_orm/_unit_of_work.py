@@ -8,25 +8,50 @@ first, by one atomic ``UPDATE ... RETURNING`` that takes the write lock, so
 concurrent writers queue instead of reading the same cursor;
 ``UNIQUE(session_id, idx)`` stands behind it. Without the rule, a ``Message``
 added through the ORM is refused before anything is written.
+
+The rule covers the ORM's statements on ``hermes_messages`` too: an
+``insert(Message)`` executed with its rows as parameters gets its positions the
+same way (one ``UPDATE ... RETURNING`` per session, in the same transaction),
+and ``update``/``delete`` statements are refused. Stored messages are the
+history: deleting one, or moving it (its ``idx`` or ``session_id``), is refused
+in every ORM session, with the rule or without it. The legacy
+``bulk_save_objects``/``bulk_insert_mappings``/``bulk_update_mappings`` run no
+event at all and are not covered.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
-from sqlalchemy import Table, event, update
+from sqlalchemy import Delete, Insert, Table, Update, event, inspect, select, update
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import ORMExecuteState, UOWTransaction, object_session
 from sqlalchemy.orm import Session as OrmSession
-from sqlalchemy.orm import UOWTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from hermes_orm import _codec
+from hermes_orm import _codec, _sa
 from hermes_orm.errors import InvalidMessageError, SessionNotFoundError
 from hermes_orm.models import Message, Session
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
-#: Marks a flush whose new messages the rule already placed.
+_messages: Table = Message.__table__  # type: ignore[assignment]
+#: Marks a flush whose new messages the rule already placed, and a statement
+#: whose rows it placed (an execution option).
 _PLACED = "hermes_orm.positions_placed"
+#: The keys a row of ``insert(Message)`` may have: Message's column attributes.
+_ROW_KEYS = frozenset(prop.key for prop in Message.__mapper__.column_attrs)
+_SUPPORTED = (
+    "insert messages with their rows as parameters, "
+    "session.execute(insert(Message), [{'session_id': ..., 'role': ..., ...}, ...]) "
+    "(RETURNING allowed), or with SessionStore.flush/append"
+)
+_HISTORY = (
+    "stored messages are the session's history and their positions 0..n-1 stay dense; "
+    "delete the whole session (SessionStore.delete_session, or its Session object) "
+    "or store a rewritten conversation in a new session"
+)
 
 
 def _session_key(message: Message) -> Session | str:
@@ -48,21 +73,167 @@ def install_position_rule(target: Any = OrmSession) -> None:
     """
     if not event.contains(target, "before_flush", assign_message_positions):
         event.listen(target, "before_flush", assign_message_positions)
+    if not event.contains(target, "do_orm_execute", place_statement_rows):
+        event.listen(target, "do_orm_execute", place_statement_rows)
 
 
 def remove_position_rule(target: Any = OrmSession) -> None:
     """Take the position rule off ``target`` (where :func:`install_position_rule` put it)."""
     if event.contains(target, "before_flush", assign_message_positions):
         event.remove(target, "before_flush", assign_message_positions)
+    if event.contains(target, "do_orm_execute", place_statement_rows):
+        event.remove(target, "do_orm_execute", place_statement_rows)
+
+
+# -- placing new messages ----------------------------------------------------------------
+
+
+class _Claim(NamedTuple):
+    """The cursor that ``idx`` values set by hand claim for a session's new messages."""
+
+    cursor: int
+    #: The first hand-set message: its idx, and its index for the error message.
+    idx: int
+    at: int
+
+    def refused(self, cursor: int) -> InvalidMessageError:
+        given = cursor + self.idx - self.cursor
+        return InvalidMessageError(
+            f"idx {self.idx} was set by hand but the session's cursor gives {given}; "
+            "leave idx unset",
+            index=self.at,
+        )
+
+
+class _RowView:
+    """A row of ``insert(Message)`` parameters, read like a Message by the codec."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: Mapping[str, Any]) -> None:
+        self.row = row
+
+    def __getattr__(self, name: str) -> Any:
+        return self.row.get(name)
+
+
+def _encode(row: Any, index: int) -> _codec.EncodedMessage:
+    """Validate and encode the message a Message (or a row of its columns) holds."""
+    return _codec.encode_message(_codec.row_to_message(row), index)
+
+
+def _claim(given: Sequence[tuple[Any, int]]) -> _Claim | None:
+    """The cursor the hand-set ``idx`` values claim, ``(idx or None, index)`` in order.
+
+    Raises:
+        InvalidMessageError: An idx that is not an int, or two that disagree.
+    """
+    claim: _Claim | None = None
+    for offset, (idx, index) in enumerate(given):
+        if idx is None:
+            continue
+        if type(idx) is not int:
+            raise InvalidMessageError(
+                f"idx must be an int, got {type(idx).__name__}", index=index, key="idx"
+            )
+        if claim is None:
+            claim = _Claim(idx - offset, idx, index)
+        elif idx - offset != claim.cursor:
+            raise InvalidMessageError(
+                f"idx {idx} was set by hand but gives a position other than "
+                f"{claim.cursor + offset} (after idx {claim.idx}); leave idx unset",
+                index=index,
+            )
+    return claim
+
+
+def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) -> None:
+    """Refuse, before any cursor moves, sessions that are missing or not at a claimed cursor.
+
+    Needed when several sessions' cursors move in one go: a refusal after the
+    first one moved would leave it moved. The rows are locked (``FOR UPDATE``
+    on PostgreSQL; SQLite has one writer), in id order.
+    """
+    if len(claims) < 2:
+        return  # one guarded UPDATE refuses before it writes
+    c = _sessions.c
+    rows = session.execute(
+        select(c.id, c.flushed_idx).where(c.id.in_(sorted(claims))).order_by(c.id).with_for_update()
+    )
+    stored = {row.id: row.flushed_idx for row in rows}
+    for session_id, claim in claims.items():
+        if session_id not in stored:
+            raise SessionNotFoundError(session_id)
+        if claim is not None and claim.cursor != stored[session_id]:
+            raise claim.refused(stored[session_id])
+
+
+def _move_cursor(
+    session: OrmSession,
+    session_id: str,
+    encoded: Sequence[_codec.EncodedMessage],
+    claim: _Claim | None,
+    parent: Session | None,
+) -> int:
+    """Take ``len(encoded)`` positions of a stored session; the first one's idx.
+
+    One ``UPDATE ... SET flushed_idx = flushed_idx + n ... RETURNING
+    flushed_idx`` moves the cursor: it takes the row's write lock
+    (PostgreSQL) or the database's (SQLite) before the messages are written,
+    so a concurrent writer waits rather than reading the same cursor. With a
+    ``claim`` it moves only from the claimed cursor; when nothing moved,
+    nothing was written.
+    """
+    count = len(encoded)
+    tool_calls = sum(e.tool_calls for e in encoded)
+    digest = encoded[-1].digest
+    c = _sessions.c
+    statement = update(_sessions).where(c.id == session_id)
+    if claim is not None:
+        statement = statement.where(c.flushed_idx == claim.cursor)
+    moved = session.execute(
+        statement.values(
+            flushed_idx=c.flushed_idx + count,
+            message_count=c.flushed_idx + count,
+            tool_call_count=c.tool_call_count + tool_calls,
+            flushed_digest=digest,
+        ).returning(c.flushed_idx, c.tool_call_count)
+    ).first()
+    if moved is None:
+        stored = None
+        if claim is not None:
+            stored = session.execute(select(c.flushed_idx).where(c.id == session_id)).first()
+        if stored is None or claim is None:
+            raise SessionNotFoundError(session_id)
+        raise claim.refused(stored.flushed_idx)
+    if parent is not None:
+        # Keep the loaded object in step without flushing it again.
+        for column, value in (
+            ("flushed_idx", moved.flushed_idx),
+            ("message_count", moved.flushed_idx),
+            ("tool_call_count", moved.tool_call_count),
+            ("flushed_digest", digest),
+        ):
+            set_committed_value(parent, column, value)
+    return int(moved.flushed_idx) - count
+
+
+def _loaded_session(session: OrmSession, session_id: str) -> Session | None:
+    loaded = session.identity_map.get(identity_key(Session, session_id))
+    return loaded if isinstance(loaded, Session) else None
 
 
 def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instances: Any) -> None:
-    """Give new messages their ``idx`` and advance their session's cursor."""
+    """Give new messages their ``idx`` and advance their session's cursor.
+
+    Deleting or moving a stored message is refused first, before anything is written.
+    """
     # Once a flush, wherever the rule was installed (the Session class and a
     # sessionmaker both fire for that sessionmaker's sessions).
     if ctx.attributes.get(_PLACED):
         return
     ctx.attributes[_PLACED] = True
+    _refuse_history_changes(session)
     # Grouped by session id, whether a message names its session by object or
     # by id: one group per session, so one cursor read and one range of idx.
     groups: dict[str, tuple[Session | str, list[Message]]] = {}
@@ -76,74 +247,209 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
             if isinstance(key, Session) and not isinstance(known, Session):
                 groups[session_id] = (key, members)
             members.append(obj)
-    for key, new in groups.values():
-        _advance(session, key, new)
+    placed = []
+    for session_id, (key, new) in groups.items():
+        parent = key if isinstance(key, Session) else _loaded_session(session, session_id)
+        encoded = [_encode(message, offset) for offset, message in enumerate(new)]
+        claim = _claim([(message.idx, offset) for offset, message in enumerate(new)])
+        placed.append((session_id, parent, new, encoded, claim))
+    stored = {
+        session_id: claim
+        for session_id, parent, _, _, claim in placed
+        if parent is None or parent not in session.new
+    }
+    _check_sessions(session, stored)
+    for session_id, parent, new, encoded, claim in placed:
+        _advance(session, session_id, parent, new, encoded=encoded, claim=claim)
 
 
-def _advance(session: OrmSession, key: Session | str, new: list[Message]) -> None:
+def _advance(
+    session: OrmSession,
+    session_id: str,
+    parent: Session | None,
+    new: list[Message],
+    *,
+    encoded: list[_codec.EncodedMessage],
+    claim: _Claim | None,
+) -> None:
     """Take positions for ``new`` by moving the session's cursor first.
 
-    For a stored session, one ``UPDATE ... SET flushed_idx = flushed_idx + n
-    ... RETURNING flushed_idx`` moves the cursor: it takes the row's write
-    lock (PostgreSQL) or the database's (SQLite) before anything else of the
-    flush is written, so a concurrent writer waits rather than reading the
-    same cursor. If the flush fails later, the rollback moves it back.
+    If the flush fails later, the rollback moves it back.
     """
-    if isinstance(key, Session):
-        parent: Session | None = key
-    else:
-        loaded = session.identity_map.get(identity_key(Session, key))
-        parent = loaded if isinstance(loaded, Session) else None
-
-    encoded = []
-    for offset, message in enumerate(new):
-        item = _codec.encode_message(_codec.row_to_message(message), offset)
-        encoded.append(item)
-    count = len(new)
-    tool_calls = sum(e.tool_calls for e in encoded)
-    digest = encoded[-1].digest
-
     if parent is not None and parent in session.new:
         cursor = parent.flushed_idx or 0  # not stored yet: nobody else can write it
-        parent.flushed_idx = parent.message_count = cursor + count
-        parent.tool_call_count = (parent.tool_call_count or 0) + tool_calls
-        parent.flushed_digest = digest
+        if claim is not None and claim.cursor != cursor:
+            raise claim.refused(cursor)
+        parent.flushed_idx = parent.message_count = cursor + len(new)
+        parent.tool_call_count = (parent.tool_call_count or 0) + sum(e.tool_calls for e in encoded)
+        parent.flushed_digest = encoded[-1].digest
     else:
-        session_id = parent.id if parent is not None else key
-        assert isinstance(session_id, str)
-        c = _sessions.c
-        moved = session.execute(
-            update(_sessions)
-            .where(c.id == session_id)
-            .values(
-                flushed_idx=c.flushed_idx + count,
-                message_count=c.flushed_idx + count,
-                tool_call_count=c.tool_call_count + tool_calls,
-                flushed_digest=digest,
-            )
-            .returning(c.flushed_idx, c.tool_call_count)
-        ).first()
-        if moved is None:
-            raise SessionNotFoundError(session_id)
-        cursor = moved.flushed_idx - count
-        if parent is not None:
-            # Keep the loaded object in step without flushing it again.
-            for column, value in (
-                ("flushed_idx", moved.flushed_idx),
-                ("message_count", moved.flushed_idx),
-                ("tool_call_count", moved.tool_call_count),
-                ("flushed_digest", digest),
-            ):
-                set_committed_value(parent, column, value)
-
+        cursor = _move_cursor(session, session_id, encoded, claim, parent)
     for offset, (message, item) in enumerate(zip(new, encoded, strict=True)):
-        idx = cursor + offset
-        if message.idx is not None and message.idx != idx:
-            raise InvalidMessageError(
-                f"idx {message.idx} was set by hand but the session's cursor gives {idx}; "
-                "leave idx unset",
-                index=offset,
-            )
         for column, value in item.row.items():
             setattr(message, column, value)
-        message.idx = idx
+        message.idx = cursor + offset
+
+
+# -- statements on hermes_messages -------------------------------------------------------
+
+
+def _on_messages(state: ORMExecuteState) -> bool:
+    """Whether the statement writes ``hermes_messages`` (through the ORM or as Core)."""
+    mapper = state.bind_mapper
+    if mapper is not None:
+        return _messages in mapper.tables
+    statement = state.statement
+    return isinstance(statement, (Insert, Update, Delete)) and (
+        statement.entity_description["table"] is _messages
+    )
+
+
+def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
+    """Place the rows of an ``insert(Message)``; refuse UPDATE and DELETE of messages.
+
+    The rows (the statement's parameters) are validated and encoded as
+    :meth:`SessionStore.flush <hermes_orm.SessionStore.flush>` would, grouped by
+    session in their order; each session's cursor moves by one ``UPDATE ...
+    RETURNING`` and the rows get the positions it moved past, in the same
+    transaction. Anything refused is refused before anything is written; if
+    the INSERT itself fails after a cursor moved, the session's transaction
+    (or its innermost savepoint) is rolled back, as a failed flush rolls it back.
+    """
+    if not (state.is_insert or state.is_update or state.is_delete):
+        return None
+    if state.execution_options.get(_PLACED) or not _on_messages(state):
+        return None
+    statement = state.statement
+    if not state.is_insert:
+        verb = "UPDATE" if state.is_update else "DELETE"
+        raise InvalidMessageError(f"{verb} statements on hermes_messages are refused: {_HISTORY}")
+    if not isinstance(statement, Insert):
+        raise InvalidMessageError(f"this form of INSERT is not supported: {_SUPPORTED}")
+    unsupported = _sa.insert_clauses(statement)
+    if unsupported:
+        raise InvalidMessageError(
+            f"insert(Message) with {', '.join(unsupported)} is not supported: {_SUPPORTED}"
+        )
+    params = state.parameters
+    rows: Any = [params] if isinstance(params, Mapping) else params or []
+    if not isinstance(rows, list) or not rows:
+        raise InvalidMessageError(
+            "insert(Message) needs its rows as parameters (a dict or a list of dicts); "
+            + _SUPPORTED
+        )
+
+    groups: dict[str, list[tuple[int, _codec.EncodedMessage, Any]]] = {}
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InvalidMessageError("a row must be a dict of Message columns", index=index)
+        for key in row:
+            if key not in _ROW_KEYS:
+                raise InvalidMessageError(
+                    "not a column of hermes_messages (keys without a column of their "
+                    "own go in 'extra'; SessionStore.flush takes message dicts)",
+                    index=index,
+                    key=key,
+                )
+        session_id = row.get("session_id")
+        if not isinstance(session_id, str):
+            raise InvalidMessageError(
+                "a message row needs its session's id", index=index, key="session_id"
+            )
+        item = _encode(_RowView(row), index)
+        groups.setdefault(session_id, []).append((index, item, row.get("idx")))
+    claims = {
+        session_id: _claim([(idx, index) for index, _, idx in members])
+        for session_id, members in groups.items()
+    }
+
+    session = state.session
+    if session.autoflush and state.execution_options.get("autoflush", True):
+        session.flush()  # what was added before goes first, as the INSERT's autoflush would
+    _check_sessions(session, claims)
+    placed: list[dict[str, Any]] = [{} for _ in rows]
+    moved = False
+    try:
+        for session_id in sorted(groups):  # in id order, as _check_sessions locked them
+            members = groups[session_id]
+            cursor = _move_cursor(
+                session,
+                session_id,
+                [item for _, item, _ in members],
+                claims[session_id],
+                _loaded_session(session, session_id),
+            )
+            moved = True
+            for offset, (index, item, _) in enumerate(members):
+                placed[index] = {**item.row, "idx": cursor + offset}
+        return state.invoke_statement(
+            params=placed if state.is_executemany else placed[0],
+            execution_options={_PLACED: True},
+        )
+    except BaseException:
+        if moved:
+            # Never a moved cursor without its rows, whatever the caller does next.
+            nested = session.get_nested_transaction()
+            (nested if nested is not None else session).rollback()
+        raise
+
+
+# -- stored messages: never deleted or moved through the ORM ----------------------------
+
+
+def _refused_move(message: Message, keys: Sequence[str]) -> InvalidMessageError | None:
+    """The error for a stored message whose position would change; None if it keeps it."""
+    attrs = inspect(message).attrs
+    for key in keys:
+        if attrs[key].history.has_changes():
+            return InvalidMessageError(
+                "a stored message cannot be moved or taken from its session "
+                f"({key} changed): {_HISTORY}",
+                key=key,
+            )
+    return None
+
+
+def _refused_delete(message: Message) -> InvalidMessageError:
+    return InvalidMessageError(
+        f"message {message.idx} of session {message.session_id!r} is stored and cannot be "
+        f"deleted: {_HISTORY}"
+    )
+
+
+def _refuse_history_changes(session: OrmSession) -> None:
+    """Refuse deleting or moving stored messages, before the flush writes anything.
+
+    A message may go with its session (both deleted in the same flush).
+    """
+    deleted = session.deleted
+    if deleted:
+        gone = {inspect(obj).identity for obj in deleted if isinstance(obj, Session)}
+        for obj in deleted:
+            if isinstance(obj, Message) and (obj.session_id,) not in gone:
+                raise _refused_delete(obj)
+    for obj in session.dirty:
+        if isinstance(obj, Message):
+            error = _refused_move(obj, ("idx", "session_id", "session"))
+            if error is not None:
+                raise error
+
+
+# In every ORM session, with the rule or without it (mapper events of our own
+# class: nothing is registered on the application's sessions). Raised inside
+# the flush, which rolls its transaction back: nothing is written.
+
+
+@event.listens_for(Message, "before_update")
+def _refuse_moving_a_stored_message(_mapper: Any, _connection: Any, target: Message) -> None:
+    error = _refused_move(target, ("idx", "session_id"))
+    if error is not None:
+        raise error
+
+
+@event.listens_for(Message, "before_delete")
+def _refuse_deleting_a_stored_message(_mapper: Any, _connection: Any, target: Message) -> None:
+    session = object_session(target)
+    parent = _loaded_session(session, target.session_id) if session is not None else None
+    if parent is None or session is None or parent not in session.deleted:
+        raise _refused_delete(target)

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, delete, insert, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
@@ -21,6 +22,7 @@ from hermes_orm import (
     install_position_rule,
     remove_position_rule,
 )
+from tests.conftest import count_rows
 
 
 @pytest.fixture(autouse=True)
@@ -232,10 +234,266 @@ def test_the_rule_installed_twice_over_places_each_message_once(engine: Engine) 
             orm.add(Message(session_id="twice", role="user", content="hello"))
             orm.add(Message(session_id="twice", role="assistant", content="hi"))
             orm.commit()
+            orm.execute(
+                insert(Message), [{"session_id": "twice", "role": "user", "content": "bulk"}]
+            )
+            orm.commit()
     finally:
         remove_position_rule(ours)
     store = SessionStore(engine)
-    assert [m["content"] for m in store.get_messages("twice")] == ["hello", "hi"]
+    assert [m["content"] for m in store.get_messages("twice")] == ["hello", "hi", "bulk"]
     session = store.get_session("twice")
     assert session is not None
-    assert session["flushed_idx"] == 2
+    assert session["flushed_idx"] == 3
+
+
+# -- ORM statements on hermes_messages -------------------------------------------------------
+
+_CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _state(engine: Engine) -> tuple[list[tuple[str, int, str | None]], list[tuple[Any, ...]]]:
+    """Every message (session, idx, content) and every session's counters, to compare."""
+    with engine.connect() as conn:
+        messages = conn.execute(
+            select(Message.session_id, Message.idx, Message.content).order_by(
+                Message.session_id, Message.idx
+            )
+        ).all()
+        sessions = conn.execute(
+            select(
+                Session.id,
+                Session.flushed_idx,
+                Session.message_count,
+                Session.tool_call_count,
+                Session.flushed_digest,
+            ).order_by(Session.id)
+        ).all()
+    return [tuple(m) for m in messages], [tuple(s) for s in sessions]
+
+
+def _two_sessions(engine: Engine) -> SessionStore:
+    store = SessionStore(engine)
+    store.create_session("a", source="app")
+    store.create_session("b", source="app")
+    store.flush("a", [{"role": "user", "content": "a0"}])
+    return store
+
+
+def test_bulk_insert_takes_positions_from_each_sessions_cursor(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "a")  # loaded: kept in step
+        placed = orm.execute(
+            insert(Message).returning(Message.session_id, Message.idx),
+            [
+                {"session_id": "a", "role": "assistant", "tool_calls": [_CALL]},
+                {"session_id": "b", "role": "user", "content": "b0"},
+                {"session_id": "a", "role": "tool", "content": "ok", "tool_call_id": "c"},
+                {"session_id": "b", "role": "assistant", "content": "b1"},
+            ],
+        ).all()
+        assert [tuple(row) for row in placed] == [("a", 1), ("b", 0), ("a", 2), ("b", 1)]
+        assert (chat.flushed_idx, chat.message_count, chat.tool_call_count) == (3, 3, 1)
+        orm.execute(insert(Message), {"session_id": "b", "role": "user", "content": "b2"})
+        orm.commit()
+
+    a = store.get_messages("a")
+    assert a == [
+        {"role": "user", "content": "a0"},
+        {"role": "assistant", "tool_calls": [_CALL]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c"},
+    ]
+    assert [m["content"] for m in store.get_messages("b")] == ["b0", "b1", "b2"]
+    for session_id, counts in (("a", (3, 3, 1)), ("b", (3, 3, 0))):
+        session = store.get_session(session_id)
+        assert session is not None
+        assert (
+            session["flushed_idx"],
+            session["message_count"],
+            session["tool_call_count"],
+        ) == counts
+    # The store that flushed "a" before continues after the ORM's rows: the full
+    # list writes nothing twice, and what follows lands at the cursor.
+    assert store.flush("a", a).written == 0
+    assert store.flush("a", [*a, {"role": "user", "content": "a3"}]).written == 1
+    assert store.flush("b", store.get_messages("b")).written == 0
+    assert [idx for _, idx, _ in _state(engine)[0]] == [0, 1, 2, 3, 0, 1, 2]
+
+
+def test_bulk_insert_follows_what_was_added_before(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="a", role="assistant", content="added"))
+        orm.execute(insert(Message), [{"session_id": "a", "role": "user", "content": "bulk"}])
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "added", "bulk"]
+
+
+def test_bulk_insert_takes_idx_set_by_hand_only_at_the_cursor(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    with OrmSession(engine) as orm:
+        orm.execute(
+            insert(Message),
+            [
+                {"session_id": "a", "idx": 1, "role": "user", "content": "a1"},
+                {"session_id": "a", "role": "user", "content": "a2"},
+            ],
+        )
+        orm.commit()
+    before = _state(engine)
+    for rows in (
+        [{"session_id": "a", "idx": 1, "role": "user", "content": "again"}],  # taken
+        [{"session_id": "a", "idx": 9, "role": "user", "content": "hole"}],  # past the cursor
+        [  # disagree with each other
+            {"session_id": "a", "idx": 3, "role": "user", "content": "x"},
+            {"session_id": "a", "idx": 3, "role": "user", "content": "y"},
+        ],
+        [  # right for "b", wrong for "a": nothing moves for either
+            {"session_id": "b", "idx": 0, "role": "user", "content": "b0"},
+            {"session_id": "a", "idx": 0, "role": "user", "content": "a0"},
+        ],
+    ):
+        with OrmSession(engine) as orm:
+            with pytest.raises(InvalidMessageError, match="idx"):
+                orm.execute(insert(Message), rows)
+            orm.commit()
+        assert _state(engine) == before
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "a1", "a2"]
+
+
+def test_bulk_insert_refuses_rows_and_shapes_it_cannot_place(engine: Engine) -> None:
+    _two_sessions(engine)
+    before = _state(engine)
+    dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    row = {"session_id": "a", "role": "user", "content": "x"}
+    refused: list[tuple[Any, Any, type[Exception], str]] = [
+        (insert(Message).values(**row), None, InvalidMessageError, "values()"),
+        (insert(Message).values([row, row]), None, InvalidMessageError, "values()"),
+        (insert(Message).values(idx=7), [row], InvalidMessageError, "values()"),
+        (
+            insert(Message).from_select(["session_id", "role"], select(literal("a"), literal("u"))),
+            None,
+            InvalidMessageError,
+            "from_select",
+        ),
+        (dialect_insert(Message).on_conflict_do_nothing(), [row], InvalidMessageError, "ON CONF"),
+        (insert(Message).prefix_with("OR IGNORE"), [row], InvalidMessageError, "prefix_with"),
+        (
+            select(Message).from_statement(insert(Message).returning(Message)),
+            [row],
+            InvalidMessageError,
+            "not supported",
+        ),
+        (insert(Message), [], InvalidMessageError, "needs its rows"),
+        (insert(Message), [{**row, "custom": 1}], InvalidMessageError, "custom"),
+        (insert(Message), [{"role": "user", "content": "x"}], InvalidMessageError, "session"),
+        (insert(Message), [row, {**row, "role": "wizard"}], InvalidMessageError, "role"),
+        (insert(Message), [row, {**row, "session_id": "missing"}], SessionNotFoundError, "missing"),
+        (insert(Message), [{**row, "session_id": "missing"}], SessionNotFoundError, "missing"),
+        (insert(Message.__table__), [row, {**row, "idx": 5}], InvalidMessageError, "idx"),
+    ]
+    for statement, rows, error, match in refused:
+        with OrmSession(engine) as orm:
+            with pytest.raises(error, match=match):
+                orm.execute(statement, rows)
+            orm.commit()
+        assert _state(engine) == before, statement
+
+
+def test_a_failed_bulk_insert_leaves_no_cursor_moved(engine: Engine) -> None:
+    """The INSERT fails after the cursors moved: the transaction is rolled back with it."""
+    store = _two_sessions(engine)
+    with engine.connect() as conn:
+        taken = conn.execute(select(Message.id)).scalar_one()
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        with pytest.raises(IntegrityError):
+            orm.execute(
+                insert(Message),
+                [
+                    {"session_id": "b", "role": "user", "content": "b0"},
+                    {"session_id": "a", "role": "user", "content": "a1", "id": taken},
+                ],
+            )
+        orm.commit()  # what a caller might do next: nothing of the insert is left
+    assert _state(engine) == before
+    assert store.flush("a", [*store.get_messages("a"), {"role": "user"}]).written == 1
+
+
+def test_update_and_delete_statements_on_messages_are_refused(engine: Engine) -> None:
+    _two_sessions(engine)
+    before = _state(engine)
+    with engine.connect() as conn:
+        message_id = conn.execute(select(Message.id)).scalar_one()
+    statements: list[tuple[Any, Any]] = [
+        (update(Message).values(content="changed"), None),
+        (update(Message).where(Message.session_id == "a").values(idx=Message.idx + 1), None),
+        (update(Message), [{"id": message_id, "content": "bulk by primary key"}]),
+        (delete(Message).where(Message.idx == 0), None),
+        (delete(Message.__table__), None),  # Core, through the ORM session
+    ]
+    for statement, params in statements:
+        with OrmSession(engine) as orm:
+            with pytest.raises(InvalidMessageError, match="history"):
+                orm.execute(statement, params)
+            orm.commit()
+    assert _state(engine) == before
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) -> None:
+    """With the rule or without it: mapper events of Message, not of the app's sessions."""
+    store = _two_sessions(engine)
+    store.flush("a", [{"role": "user", "content": "a0"}, {"role": "user", "content": "a1"}])
+    if not rule:
+        remove_position_rule()
+    before = _state(engine)
+
+    def first(orm: OrmSession) -> Message:
+        return orm.scalars(select(Message).where(Message.session_id == "a", Message.idx == 0)).one()
+
+    changes = [
+        (lambda orm: orm.delete(first(orm)), "deleted"),
+        (lambda orm: orm.get_one(Session, "a").messages.remove(first(orm)), "stored message"),
+        (lambda orm: setattr(first(orm), "idx", 5), "idx"),
+        (lambda orm: setattr(first(orm), "session_id", "b"), "session_id"),
+        (lambda orm: setattr(first(orm), "session", orm.get_one(Session, "b")), "moved or taken"),
+    ]
+    for change, match in changes:
+        with OrmSession(engine) as orm:
+            change(orm)
+            with pytest.raises(InvalidMessageError, match=match):
+                orm.commit()
+        assert _state(engine) == before
+
+    # A message goes with its whole session, loaded or not.
+    with OrmSession(engine) as orm:
+        chat, message = orm.get_one(Session, "a"), first(orm)
+        orm.delete(message)
+        orm.delete(chat)
+        orm.commit()
+    with OrmSession(engine) as orm:
+        orm.scalars(select(Message).where(Message.session_id == "b")).all()
+        orm.delete(orm.get_one(Session, "b"))
+        orm.commit()
+    assert count_rows(engine, "hermes_messages") == 0
+
+
+def test_the_legacy_bulk_api_runs_no_event_and_writes_no_message_without_idx(
+    engine: Engine,
+) -> None:
+    """bulk_save_objects/bulk_insert_mappings are not covered (see the README): no idx, no row."""
+    _two_sessions(engine)
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        with pytest.raises(IntegrityError, match="idx"):
+            orm.bulk_save_objects([Message(session_id="a", role="user", content="x", digest=b"d")])
+        orm.rollback()
+        with pytest.raises(IntegrityError, match="idx"):
+            orm.bulk_insert_mappings(
+                Message,
+                [{"session_id": "a", "role": "user", "content": "x", "digest": b"d"}],
+            )
+        orm.rollback()
+    assert _state(engine) == before
