@@ -18,6 +18,7 @@ import random
 import re
 import sqlite3
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -187,13 +188,18 @@ def _create_private_file(path: Path) -> None:
 _LOCK_TIMEOUT_MAX = 86_400.0
 
 
-def engine_settings(sqlite_synchronous: Any, lock_timeout: Any) -> dict[str, Any]:
+def engine_settings(
+    sqlite_synchronous: Any, lock_timeout: Any, pgbouncer: Any = False
+) -> dict[str, Any]:
     """A store's settings, as :func:`create_store_engine` and :func:`configure_engine` take them.
 
     Raises:
-        InvalidArgumentError: A level SQLite does not have, or a lock wait that
-            is not a number of seconds above 0 and at most a day.
+        InvalidArgumentError: A level SQLite does not have, a lock wait that
+            is not a number of seconds above 0 and at most a day, or a
+            ``pgbouncer`` that is not a bool.
     """
+    if not isinstance(pgbouncer, bool):
+        raise InvalidArgumentError(f"pgbouncer must be True or False, got {pgbouncer!r}")
     if not isinstance(sqlite_synchronous, str) or (
         sqlite_synchronous.upper() not in _SQLITE_SYNCHRONOUS
     ):
@@ -209,7 +215,11 @@ def engine_settings(sqlite_synchronous: Any, lock_timeout: Any) -> dict[str, Any
             f"lock_timeout must be seconds above 0 and at most {_LOCK_TIMEOUT_MAX:.0f}, "
             f"got {lock_timeout!r}"
         )
-    return {"sqlite_synchronous": sqlite_synchronous, "lock_timeout": float(lock_timeout)}
+    return {
+        "sqlite_synchronous": sqlite_synchronous,
+        "lock_timeout": float(lock_timeout),
+        "pgbouncer": pgbouncer,
+    }
 
 
 def create_store_engine(
@@ -217,23 +227,32 @@ def create_store_engine(
     *,
     sqlite_synchronous: str = "FULL",
     lock_timeout: float = LOCK_TIMEOUT,
+    pgbouncer: bool = False,
     **engine_kwargs: Any,
 ) -> Engine:
     """Create an engine set up for hermes_orm from a URL.
 
     SQLite files are created 0600 with their directory; PostgreSQL connections
     get a ``lock_timeout`` so a writer stuck behind a held row lock fails (and
-    is retried, then reported) instead of waiting for ever. ``engine_kwargs``
-    go to :func:`sqlalchemy.create_engine`.
+    is retried, then reported) instead of waiting for ever: as a startup
+    option, merged with the URL's own ``options``, or, behind PgBouncer
+    (``pgbouncer=True``, or ``?pgbouncer=true`` in the URL), in each
+    transaction. ``engine_kwargs`` go to :func:`sqlalchemy.create_engine`.
     """
-    engine_settings(sqlite_synchronous, lock_timeout)  # checked before anything is made
-    parsed = normalize_url(url)
+    parsed, pgbouncer = _pooler_option(normalize_url(url), pgbouncer)
+    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
     kwargs: dict[str, Any] = dict(engine_kwargs)
     if parsed.get_backend_name() == "postgresql":
-        connect_args = kwargs.setdefault("connect_args", {})
-        connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
+        parsed = _pg_connect_args(
+            parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
+        )
     engine = _create(create_engine, parsed, kwargs)
-    configure_engine(engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout)
+    configure_engine(
+        engine,
+        sqlite_synchronous=sqlite_synchronous,
+        lock_timeout=lock_timeout,
+        pgbouncer=pgbouncer,
+    )
     return engine
 
 
@@ -242,6 +261,7 @@ def create_async_store_engine(
     *,
     sqlite_synchronous: str = "FULL",
     lock_timeout: float = LOCK_TIMEOUT,
+    pgbouncer: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an asyncio engine set up for hermes_orm from a URL.
@@ -252,24 +272,86 @@ def create_async_store_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine_settings(sqlite_synchronous, lock_timeout)  # checked before anything is made
-    parsed = normalize_url(url)
+    parsed, pgbouncer = _pooler_option(normalize_url(url), pgbouncer)
+    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
     kwargs: dict[str, Any] = dict(engine_kwargs)
     if parsed.get_backend_name() == "sqlite":
         if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
             parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif parsed.get_backend_name() == "postgresql":
-        connect_args = kwargs.setdefault("connect_args", {})
-        if parsed.get_driver_name() == "asyncpg":
-            settings = connect_args.setdefault("server_settings", {})
-            settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
-        else:
-            connect_args.setdefault("options", f"-c lock_timeout={_millis(lock_timeout)}")
+        parsed = _pg_connect_args(
+            parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
+        )
     engine = _create(create_async_engine, parsed, kwargs)
     configure_engine(
-        engine.sync_engine, sqlite_synchronous=sqlite_synchronous, lock_timeout=lock_timeout
+        engine.sync_engine,
+        sqlite_synchronous=sqlite_synchronous,
+        lock_timeout=lock_timeout,
+        pgbouncer=pgbouncer,
     )
     return engine
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _pooler_option(url: URL, pgbouncer: bool) -> tuple[URL, bool]:
+    """Take ``?pgbouncer=true|false`` out of ``url`` (it is no driver's parameter).
+
+    Raises:
+        InvalidURLError: Its value is not a boolean, or it is given for SQLite.
+    """
+    if "pgbouncer" not in url.query:
+        return url, pgbouncer
+    value = url.query["pgbouncer"]
+    word = value.lower() if isinstance(value, str) else ""
+    if word not in _TRUE + _FALSE or url.get_backend_name() != "postgresql":
+        raise InvalidURLError(
+            f"pgbouncer={value!r} in {safe_url(url)}: expected pgbouncer=true or false, "
+            "on a postgresql:// URL"
+        )
+    return url.difference_update_query(["pgbouncer"]), pgbouncer or word in _TRUE
+
+
+def _pg_connect_args(
+    url: URL, connect_args: dict[str, Any], lock_timeout: float, pgbouncer: bool
+) -> URL:
+    """Set PostgreSQL's connection arguments for a store; returns the URL left to parse.
+
+    Directly on PostgreSQL, ``lock_timeout`` is a startup option, added to the
+    URL's own ``options`` (an explicit ``-c lock_timeout`` there wins). PgBouncer
+    in transaction pooling mode hands each transaction whichever server
+    connection is free: it refuses startup options, and a statement prepared on
+    one server connection is unknown, or taken, on the next. So behind it the
+    lock wait is set in each transaction (:func:`transaction_settings`) and the
+    drivers prepare nothing.
+    """
+    if pgbouncer:
+        if url.get_driver_name() == "asyncpg":
+            connect_args.setdefault("statement_cache_size", 0)
+            connect_args.setdefault("prepared_statement_name_func", _unnamed_statement)
+            return url.update_query_dict({"prepared_statement_cache_size": "0"})
+        if url.get_driver_name() == "psycopg":
+            connect_args.setdefault("prepare_threshold", None)
+        return url
+    ours = f"-c lock_timeout={_millis(lock_timeout)}"
+    if url.get_driver_name() == "asyncpg":
+        settings = connect_args.setdefault("server_settings", {})
+        settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
+        return url
+    given = connect_args.get("options", url.query.get("options"))
+    if isinstance(given, tuple):  # the same parameter twice in the URL
+        given = " ".join(given)
+    if given and "lock_timeout" in given:
+        ours = ""
+    connect_args["options"] = " ".join(part for part in (given, ours) if part)
+    return url.difference_update_query(["options"])
+
+
+def _unnamed_statement() -> str:
+    # asyncpg needs a name for each statement it prepares: unique ones never
+    # collide on a server connection that PgBouncer shares between clients.
+    return f"__hermes_orm_{uuid.uuid4().hex}__"
 
 
 def _millis(seconds: float) -> int:
@@ -307,17 +389,33 @@ def check_transactional(engine: Engine) -> None:
 
 
 def configure_engine(
-    engine: Engine, *, sqlite_synchronous: str = "FULL", lock_timeout: float = LOCK_TIMEOUT
+    engine: Engine,
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float = LOCK_TIMEOUT,
+    pgbouncer: bool = False,
 ) -> None:
-    """Apply the per-connection SQLite settings to ``engine`` (no-op elsewhere).
+    """Apply a store's settings to ``engine``.
 
-    Connections opened from then on get WAL, ``busy_timeout`` (``lock_timeout``
-    seconds), ``foreign_keys=ON`` and the given ``synchronous`` level.
+    SQLite: connections opened from then on get WAL, ``busy_timeout``
+    (``lock_timeout`` seconds), ``foreign_keys=ON`` and the given
+    ``synchronous`` level. PostgreSQL behind PgBouncer: the stores' transactions
+    on ``engine`` set ``lock_timeout`` themselves (:func:`transaction_settings`).
 
     Raises:
         InvalidArgumentError: ``engine`` has other settings already (from another store).
     """
-    engine_settings(sqlite_synchronous, lock_timeout)
+    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
+    if engine.dialect.name == "postgresql":
+        if pgbouncer:
+            statement = f"SET LOCAL lock_timeout = {_millis(lock_timeout)}"
+            known = _per_transaction.setdefault(engine, statement)
+            if known != statement:
+                raise InvalidArgumentError(
+                    f"this engine already serves a store behind PgBouncer with {known!r}, "
+                    f"not {statement!r}: give stores on one engine the same lock_timeout"
+                )
+        return
     if engine.dialect.name != "sqlite":
         return
     level = sqlite_synchronous.upper()
@@ -656,6 +754,21 @@ def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
     return (("BEGIN IMMEDIATE", ()),) if dialect == "sqlite" else ()
 
 
+#: Engines whose stores set their PostgreSQL settings in each transaction
+#: (behind PgBouncer), with the statement that does it.
+_per_transaction: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def transaction_settings(engine: Engine) -> tuple[tuple[str, tuple[()]], ...]:
+    """What a store's write transactions on ``engine`` run first, after :func:`write_begin`.
+
+    Behind PgBouncer, ``SET LOCAL lock_timeout``: a setting of the transaction,
+    never of the server connection that the next client gets.
+    """
+    statement = _per_transaction.get(engine)
+    return () if statement is None else ((statement, ()),)
+
+
 #: How long a store waits for the outcome of a COMMIT whose answer was lost
 #: (its server process may not have noticed the dropped connection yet).
 _OUTCOME_POLLS, _OUTCOME_POLL = 100, 0.05
@@ -740,7 +853,30 @@ _REFUSALS = (
     "does not exist",
     "permission denied",
     "password",
+    "unsupported startup parameter",  # PgBouncer, to a startup option
 )
+
+#: duplicate_prepared_statement, invalid_sql_statement_name ("prepared statement
+#: ... does not exist"): a prepared statement met another client's server connection.
+_PREPARED_ELSEWHERE = {"42P05", "26000"}
+
+
+def _pooler_hint(exc: DBAPIError) -> str:
+    """What to do when ``exc`` is how PgBouncer in transaction mode meets session state."""
+    message = str(exc.orig).lower()
+    if "unsupported startup parameter" in message:
+        return (
+            " (the server is reached through PgBouncer, which takes no startup options: "
+            "add ?pgbouncer=true to the URL, or pass pgbouncer=True to the store)"
+        )
+    if _sqlstate(exc.orig) in _PREPARED_ELSEWHERE or "prepared statement" in message:
+        return (
+            " (a prepared statement met a server connection PgBouncer shares between "
+            "clients: make the engine prepare nothing, e.g. psycopg's "
+            "connect_args={'prepare_threshold': None}, or let the store build it from a "
+            "URL with ?pgbouncer=true)"
+        )
+    return ""
 
 
 def busy_holders(conn: Connection) -> list[Any]:
@@ -797,7 +933,7 @@ def retry_delay(policy: RetryPolicy, attempt: int, exc: DBAPIError) -> float | N
         DatabaseError: ``exc`` is not transient: trying again cannot help.
     """
     if not is_transient(exc):
-        raise DatabaseError(f"database error: {redact(str(exc.orig))}") from exc
+        raise DatabaseError(f"database error: {redact(str(exc.orig))}{_pooler_hint(exc)}") from exc
     if attempt + 1 >= policy.attempts:
         return None
     return policy.delay(attempt)

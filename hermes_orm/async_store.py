@@ -152,6 +152,8 @@ class AsyncSessionStore(_AsyncSessions):
         sqlite_synchronous: SQLite ``synchronous`` level (see :class:`SessionStore`).
         lock_timeout: Seconds one attempt waits for a lock (see :class:`SessionStore`).
         check_schema: Refuse a database whose schema is not at the shipped head.
+        pgbouncer: Reached through PgBouncer in transaction mode (see :class:`SessionStore`;
+            asyncpg engines it builds cache and name no statements).
 
     Each operation takes a connection from the engine's pool and gives it back
     when its transaction ends; on aiosqlite the store keeps the last one, idle,
@@ -170,8 +172,9 @@ class AsyncSessionStore(_AsyncSessions):
         sqlite_synchronous: str = "FULL",
         lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
+        pgbouncer: bool = False,
     ) -> None:
-        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
+        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         self._owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
             _dialects.check_transactional(bind.sync_engine)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -501,7 +502,13 @@ class StoreCore:
         #: The only user whose sessions this store sees (None: every session).
         self._user = user
         self._memory = memory or _Memory()
-        self._sql = flush_sql(engine.dialect.name, scoped=user is not None)
+        self._sql = dataclasses.replace(
+            flush_sql(engine.dialect.name, scoped=user is not None),
+            begin=(
+                *_dialects.write_begin(engine.dialect.name),
+                *_dialects.transaction_settings(engine),
+            ),
+        )
         self._lock_session = (
             _LOCK_SESSION
             if user is None
@@ -1269,6 +1276,11 @@ class SessionStore(_Sessions):
             from a URL (an Engine passed in keeps its own PostgreSQL settings).
         check_schema: Refuse to work on a database whose schema is not at the
             shipped head revision (the first operation checks once).
+        pgbouncer: The PostgreSQL server is reached through PgBouncer in
+            transaction pooling mode (also ``?pgbouncer=true`` in the URL): the
+            store then sets ``lock_timeout`` in each of its transactions, and an
+            engine it builds prepares no statements. An Engine passed in must
+            be made so itself (psycopg: ``connect_args={"prepare_threshold": None}``).
 
     Each operation ends its transaction and gives its connection back, except
     that the store keeps one idle connection, the last it used, for its next
@@ -1288,8 +1300,9 @@ class SessionStore(_Sessions):
         sqlite_synchronous: str = "FULL",
         lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
+        pgbouncer: bool = False,
     ) -> None:
-        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout)
+        settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             _dialects.check_transactional(bind)

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
+from devtools.pgbouncer import pgbouncer
 from devtools.postgres import postgres_server
 from hermes_orm import SessionStore, create_store_engine
 from hermes_orm.async_store import AsyncSessionStore
@@ -45,9 +46,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="fail the run unless PostgreSQL tests ran and passed (implied by CI=true)",
     )
+    parser.addoption(
+        "--through-pgbouncer",
+        action="store_true",
+        help="reach each PostgreSQL test database through a PgBouncer in transaction "
+        "pooling mode that the run starts (the URL says ?pgbouncer=true)",
+    )
 
 
 _pg_passed: list[str] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--through-pgbouncer``, leave out the tests marked ``direct(why)``."""
+    if not config.getoption("--through-pgbouncer"):
+        return
+    kept = [item for item in items if item.get_closest_marker("direct") is None]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -71,6 +87,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pg_server_url() -> Iterator[str]:
     with postgres_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(pg_server_url: str) -> Iterator[str]:
+    """A PgBouncer in transaction pooling mode in front of the test server."""
+    with pgbouncer(pg_server_url) as url:
+        yield url
+
+
+def through_pgbouncer(pooler_url: str, database_url: str) -> str:
+    """``database_url``'s database, reached through the pooler, as a store is told so."""
+    pooler = make_url(pooler_url)
+    return (
+        make_url(database_url)
+        .set(host=pooler.host, port=pooler.port)
+        .update_query_dict({"pgbouncer": "true"})
+        .render_as_string(hide_password=False)
+    )
 
 
 def _pg_admin(server_url: str) -> Engine:
@@ -141,7 +175,10 @@ def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iter
         return
     server = request.getfixturevalue("pg_server_url")
     url = _create_pg_database(server, request.getfixturevalue("pg_template"))
-    yield url
+    if request.config.getoption("--through-pgbouncer"):
+        yield through_pgbouncer(request.getfixturevalue("pgbouncer_url"), url)
+    else:
+        yield url
     _drop_pg_database(server, url)
 
 

@@ -27,6 +27,7 @@ from hermes_orm import (
     RetryPolicy,
     SessionNotFoundError,
     SessionStore,
+    _dialects,
 )
 from hermes_orm import store as store_module
 from hermes_orm.async_store import AsyncSessionStore
@@ -415,13 +416,17 @@ def _flusher(path: str, store: SessionStore) -> Callable[[], SessionStore]:
     return lambda: fresh_store(store)  # a store with no memory, on the same engine
 
 
-def _statements_per_flush(path: str, dialect: str) -> int:
-    """A flush's statements on ``path``; SQLite's writes begin with BEGIN IMMEDIATE.
+def _statements_per_flush(path: str, engine: Engine) -> int:
+    """A flush's statements on ``path``; writes begin with BEGIN IMMEDIATE on SQLite,
+    with ``SET LOCAL lock_timeout`` behind PgBouncer.
 
     A store's first flush of a session that holds messages reads their digests
     (to check them all) after the cursor.
     """
-    return {"remembered cursor": 2, "locked read": 4}[path] + (dialect == "sqlite")
+    opening = len(_dialects.write_begin(engine.dialect.name)) + len(
+        _dialects.transaction_settings(engine)
+    )
+    return {"remembered cursor": 2, "locked read": 4}[path] + opening
 
 
 def test_a_full_cursor_memory_forgets_the_sessions_flushed_least_recently(
@@ -464,7 +469,7 @@ def test_failure_at_every_statement_then_retry_is_exact(
     statements.clear()
     writer().flush("probe", turn)
     per_flush = len(statements)
-    assert per_flush == _statements_per_flush(path, engine.dialect.name)
+    assert per_flush == _statements_per_flush(path, engine)
 
     for n in range(1, per_flush + 1):
         sid = f"fail-{n}"
@@ -591,7 +596,7 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     trap.arm(0, Boom("never"))
     flusher.flush("probe", turn)
     per_flush = trap.count
-    assert per_flush == _statements_per_flush(path, backend)
+    assert per_flush == _statements_per_flush(path, sync_engine(store))
 
     for n in range(1, per_flush + 1):
         sid = f"fail-{n}"
@@ -920,7 +925,7 @@ def test_a_task_cancelled_at_any_statement_of_an_unwatched_flush(
         store = AsyncSessionStore(async_engine)
         history, turn = conversation(2), [*conversation(2), *conversation(1, "t")]
         for path in ("remembered cursor", "locked read"):
-            for n in range(1, _statements_per_flush(path, backend) + 1):
+            for n in range(1, _statements_per_flush(path, async_engine.sync_engine) + 1):
                 sid = f"cancel-{path}-{n}"
                 await store.create_session(sid, source="cli")
                 await store.flush(sid, history)
@@ -1325,6 +1330,7 @@ def test_a_write_whose_commit_failed_unanswered_runs_again(
     assert_exact(store, "s", [{"role": "user", "content": "once"}])
 
 
+@pytest.mark.direct("builds plain engines on the URL, as an application would")
 @pytest.mark.parametrize("how", ["create_engine", "execution_options"])
 def test_an_autocommit_engine_is_refused_before_anything_is_written(db_url: str, how: str) -> None:
     """On it each statement would commit alone: no flush could be all-or-nothing."""
@@ -1352,6 +1358,7 @@ def test_an_autocommit_engine_is_refused_before_anything_is_written(db_url: str,
 
 @pytest.mark.backends("postgresql")
 @pytest.mark.apis("sync")  # psycopg2 has no asyncio connections
+@pytest.mark.direct("its psycopg2 engine sets lock_timeout as a startup option")
 def test_psycopg2_lock_timeouts_are_retried_like_psycopgs(store: SessionStore, db_url: str) -> None:
     """psycopg2 reports a server error's SQLSTATE as ``pgcode``: it is retried all the same."""
     import threading

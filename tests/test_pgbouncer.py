@@ -1,0 +1,231 @@
+"""A store behind a real PgBouncer in transaction pooling mode, and PostgreSQL URL options.
+
+The whole flush suite also runs through PgBouncer in CI
+(``pytest tests/test_flush.py -m postgresql --through-pgbouncer``); these tests
+pin what only the pooler shows: startup options refused, prepared statements
+meeting another client's server connection, settings that must live in the
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import make_url
+
+from devtools.pgbouncer import pgbouncer
+from hermes_orm import (
+    AsyncSessionStore,
+    DatabaseBusyError,
+    DatabaseError,
+    InvalidArgumentError,
+    InvalidURLError,
+    RetryPolicy,
+    SessionStore,
+    create_store_engine,
+)
+from tests.conftest import through_pgbouncer
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.direct("starts PgBouncers of its own")]
+
+
+def _turns(n: int, tag: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{tag}-{i}"} for i in range(n)
+    ]
+
+
+@pytest.fixture
+def pg_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database migrated to head on the test server, reached directly."""
+    from tests.conftest import _create_pg_database, _drop_pg_database
+
+    server = request.getfixturevalue("pg_server_url")
+    url = _create_pg_database(server, request.getfixturevalue("pg_template"))
+    yield url
+    _drop_pg_database(server, url)
+
+
+@pytest.fixture
+def pooled(pg_db: str, pgbouncer_url: str) -> str:
+    """The same database through the shared PgBouncer, with ``?pgbouncer=true``."""
+    return through_pgbouncer(pgbouncer_url, pg_db)
+
+
+def _stripped(url: str) -> str:
+    return make_url(url).difference_update_query(["pgbouncer"]).render_as_string(False)
+
+
+def test_startup_options_refused_by_the_pooler_say_what_to_do(pooled: str) -> None:
+    store = SessionStore(_stripped(pooled), retry=RetryPolicy(attempts=8, base_delay=0.5))
+    started = time.monotonic()
+    with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
+        store.create_session("s", source="cli")
+    assert time.monotonic() - started < 3  # refused for good: not retried for seconds
+    store.close()
+
+
+def test_writers_sharing_server_connections_store_each_message_once(pooled: str) -> None:
+    """More threads than server connections, each flushing many times: exact."""
+    store = SessionStore(create_store_engine(pooled, pool_size=8, max_overflow=0))
+    sessions = [f"s{i}" for i in range(4)]
+    for session_id in sessions:
+        store.create_session(session_id, source="cli")
+    full = {session_id: _turns(40, session_id) for session_id in sessions}
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for end in range(1, 41):
+                session_id = sessions[(n + end) % len(sessions)]
+                store.flush(session_id, full[session_id][:end])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for session_id in sessions:
+        store.flush(session_id, full[session_id])
+        assert store.get_messages(session_id) == full[session_id]
+        assert store.get_session(session_id)["message_count"] == 40  # type: ignore[index]
+    store.close()
+
+
+def test_prepared_statements_meeting_on_one_server_connection(
+    pg_server_url: str, pg_db: str
+) -> None:
+    """psycopg prepares a statement its connection ran 5 times; behind one shared
+    server connection, the second client's prepare collides with the first's.
+    An engine the store builds for the pooler prepares nothing."""
+    with pgbouncer(pg_server_url, pool_size=1) as pooler_url:
+        url = _stripped(through_pgbouncer(pooler_url, pg_db))
+        plain = create_engine(url)  # an application's engine, made with no thought of the pooler
+        first, second = SessionStore(plain), SessionStore(plain)  # a client connection each
+        first.create_session("p1", source="cli")
+        second.create_session("p2", source="cli")
+        for end in range(1, 8):
+            first.flush("p1", _turns(end, "p1"))
+
+        def flush_as_the_first_did() -> None:
+            for end in range(1, 8):
+                second.flush("p2", _turns(end, "p2"))
+
+        with pytest.raises(DatabaseError, match="prepare_threshold"):
+            flush_as_the_first_did()
+        first.close()
+        second.close()
+        plain.dispose()
+
+        first, second = SessionStore(url + "?pgbouncer=true"), SessionStore(url + "?pgbouncer=true")
+        for store, session_id in ((first, "q1"), (second, "q2")):
+            store.create_session(session_id, source="cli")
+            for end in range(1, 8):
+                store.flush(session_id, _turns(end, session_id))
+            assert store.get_messages(session_id) == _turns(7, session_id)
+        first.close()
+        second.close()
+
+
+def test_lock_timeout_is_set_in_each_transaction(pooled: str, pg_db: str) -> None:
+    """The pooler keeps no session settings: the lock wait still ends, set per transaction."""
+    store = SessionStore(pooled, lock_timeout=0.2, retry=RetryPolicy(attempts=2, base_delay=0.01))
+    store.create_session("s", source="cli")
+    holder = create_engine(pg_db)
+    outcome: list[BaseException | None] = []
+    with holder.begin() as conn:
+        conn.execute(text("SELECT 1 FROM hermes_sessions WHERE id = 's' FOR UPDATE"))
+
+        def flush() -> None:
+            try:
+                store.flush("s", _turns(2, "s"))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=flush)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "a flush behind PgBouncer waited for the lock without bound"
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], DatabaseBusyError), outcome
+    assert store.get_messages("s") == []
+    store.close()
+    holder.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_asyncio_stores_behind_the_pooler(pooled: str, driver: str) -> None:
+    url = make_url(pooled).set(drivername=f"postgresql+{driver}").render_as_string(False)
+
+    async def main() -> None:
+        store = AsyncSessionStore(url)
+        await store.create_session("a", source="cli")
+        full = _turns(30, "a")
+
+        async def writer() -> None:
+            for end in range(1, 31):
+                await store.flush("a", full[:end])
+
+        await asyncio.gather(*(writer() for _ in range(6)))
+        assert await store.get_messages("a") == full
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_engine_passed_in_sets_lock_timeout_per_transaction_too(pooled: str) -> None:
+    engine = create_engine(_stripped(pooled), connect_args={"prepare_threshold": None})
+    store = SessionStore(engine, pgbouncer=True, lock_timeout=0.3)
+    store.create_session("e", source="cli")
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    store.flush("e", _turns(3, "e"))
+    assert seen[0] == "SET LOCAL lock_timeout = 300", seen
+    assert store.get_messages("e") == _turns(3, "e")
+    with pytest.raises(InvalidArgumentError, match="lock_timeout"):
+        SessionStore(engine, pgbouncer=True, lock_timeout=2)  # one setting per engine
+    store.close()
+    engine.dispose()
+
+
+def test_the_urls_own_options_are_kept_beside_the_lock_timeout(pg_db: str) -> None:
+    url = make_url(pg_db).update_query_dict({"options": "-c statement_timeout=4321"})
+    engine = create_store_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "4321ms"
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "5s"
+    engine.dispose()
+    # A lock_timeout of the URL's own wins.
+    url = make_url(pg_db).update_query_dict({"options": "-c lock_timeout=777"})
+    engine = create_store_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "777ms"
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@h/db?pgbouncer=maybe",
+        "sqlite:///x.db?pgbouncer=true",
+    ],
+)
+def test_a_bad_pgbouncer_flag_is_refused(url: str) -> None:
+    with pytest.raises(InvalidURLError, match="pgbouncer"):
+        create_store_engine(url)
+    with pytest.raises(InvalidArgumentError, match="pgbouncer"):
+        SessionStore("sqlite://", pgbouncer="yes")  # type: ignore[arg-type]
