@@ -25,6 +25,8 @@ def _configure(connection: Connection) -> None:
         connection=connection,
         target_metadata=Base.metadata,
         version_table=VERSION_TABLE,
+        # hermes_orm.upgrade(bind, schema=...) places the tables in a schema.
+        version_table_schema=config.attributes.get("schema"),
         include_name=only_hermes_objects,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,

@@ -228,6 +228,7 @@ def create_store_engine(
     sqlite_synchronous: str = "FULL",
     lock_timeout: float = LOCK_TIMEOUT,
     pgbouncer: bool = False,
+    schema: str | None = None,
     **engine_kwargs: Any,
 ) -> Engine:
     """Create an engine set up for hermes_orm from a URL.
@@ -237,11 +238,14 @@ def create_store_engine(
     is retried, then reported) instead of waiting for ever: as a startup
     option, merged with the URL's own ``options``, or, behind PgBouncer
     (``pgbouncer=True``, or ``?pgbouncer=true`` in the URL), in each
-    transaction. ``engine_kwargs`` go to :func:`sqlalchemy.create_engine`.
+    transaction. ``schema`` (or ``?schema=NAME`` in the URL) places hermes_orm's
+    tables in that PostgreSQL schema: the engine gets a ``schema_translate_map``
+    for them, which stores on it follow. ``engine_kwargs`` go to
+    :func:`sqlalchemy.create_engine`.
     """
-    parsed, pgbouncer = _pooler_option(normalize_url(url), pgbouncer)
+    parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = dict(engine_kwargs)
+    kwargs: dict[str, Any] = _with_schema(engine_kwargs, schema)
     if parsed.get_backend_name() == "postgresql":
         parsed = _pg_connect_args(
             parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
@@ -262,6 +266,7 @@ def create_async_store_engine(
     sqlite_synchronous: str = "FULL",
     lock_timeout: float = LOCK_TIMEOUT,
     pgbouncer: bool = False,
+    schema: str | None = None,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an asyncio engine set up for hermes_orm from a URL.
@@ -272,9 +277,9 @@ def create_async_store_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    parsed, pgbouncer = _pooler_option(normalize_url(url), pgbouncer)
+    parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = dict(engine_kwargs)
+    kwargs: dict[str, Any] = _with_schema(engine_kwargs, schema)
     if parsed.get_backend_name() == "sqlite":
         if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
             parsed = parsed.set(drivername="sqlite+aiosqlite")
@@ -295,22 +300,85 @@ def create_async_store_engine(
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def _pooler_option(url: URL, pgbouncer: bool) -> tuple[URL, bool]:
-    """Take ``?pgbouncer=true|false`` out of ``url`` (it is no driver's parameter).
+def _url_options(url: URL, pgbouncer: bool, schema: str | None) -> tuple[URL, bool, str | None]:
+    """Take ``?pgbouncer=true|false`` and ``?schema=NAME`` out of ``url`` (no driver's).
 
     Raises:
-        InvalidURLError: Its value is not a boolean, or it is given for SQLite.
+        InvalidURLError: A value that is not a boolean, or a schema name that is
+            not a plain identifier, or either given for SQLite.
     """
-    if "pgbouncer" not in url.query:
-        return url, pgbouncer
-    value = url.query["pgbouncer"]
-    word = value.lower() if isinstance(value, str) else ""
-    if word not in _TRUE + _FALSE or url.get_backend_name() != "postgresql":
+    found = [name for name in ("pgbouncer", "schema") if name in url.query]
+    if not found:
+        return url, pgbouncer, schema
+    if url.get_backend_name() != "postgresql":
         raise InvalidURLError(
-            f"pgbouncer={value!r} in {safe_url(url)}: expected pgbouncer=true or false, "
-            "on a postgresql:// URL"
+            f"{' and '.join(found)} in {safe_url(url)}: only postgresql:// URLs take it"
         )
-    return url.difference_update_query(["pgbouncer"]), pgbouncer or word in _TRUE
+    if "pgbouncer" in url.query:
+        value = url.query["pgbouncer"]
+        word = value.lower() if isinstance(value, str) else ""
+        if word not in _TRUE + _FALSE:
+            raise InvalidURLError(
+                f"pgbouncer={value!r} in {safe_url(url)}: expected pgbouncer=true or false"
+            )
+        pgbouncer = pgbouncer or word in _TRUE
+    if "schema" in url.query:
+        given = url.query["schema"]
+        if not isinstance(given, str) or not _IDENTIFIER.fullmatch(given):
+            raise InvalidURLError(
+                f"schema={given!r} in {safe_url(url)}: expected one plain identifier "
+                "(letters, digits, _ and $; not starting with a digit)"
+            )
+        if schema is not None and schema != given:
+            raise InvalidURLError(f"schema={given!r} in the URL, but schema={schema!r} given")
+        schema = given
+    return url.difference_update_query(found), pgbouncer, schema
+
+
+#: A schema name hermes_orm places its tables in: unquoted-identifier shape, so
+#: it reads the same everywhere it is written (quoted, it keeps its case).
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+
+def store_schema(bind: Engine | Connection, schema: Any = None) -> str | None:
+    """The PostgreSQL schema a store's tables live in, or None for the database's default.
+
+    Named by ``schema``, or by ``bind``'s ``schema_translate_map`` (its entry for
+    tables with no schema, as hermes_orm's are); both must agree.
+
+    Raises:
+        InvalidArgumentError: Not a plain identifier, the two disagree, or a
+            schema for SQLite (which has none).
+    """
+    if schema is not None and (not isinstance(schema, str) or not _IDENTIFIER.fullmatch(schema)):
+        raise InvalidArgumentError(
+            f"schema must be one plain identifier (letters, digits, _ and $; not starting "
+            f"with a digit), got {schema!r}"
+        )
+    translated = (bind.get_execution_options().get("schema_translate_map") or {}).get(None)
+    if schema is not None and translated is not None and translated != schema:
+        raise InvalidArgumentError(
+            f"schema={schema!r}, but the engine's schema_translate_map puts hermes_orm's "
+            f"tables in {translated!r}"
+        )
+    found = schema if schema is not None else translated
+    if found is not None and bind.dialect.name != "postgresql":
+        raise InvalidArgumentError(
+            f"schema={found!r}: only PostgreSQL places tables in schemas ({bind.dialect.name})"
+        )
+    if found is not None and not _IDENTIFIER.fullmatch(found):
+        raise InvalidArgumentError(f"schema_translate_map names {found!r}, not a plain identifier")
+    return found
+
+
+def search_path(schema: str) -> str:
+    """The statement that puts ``schema`` first on the transaction's ``search_path``.
+
+    The names that follow it stay: the database's own path (where extensions
+    such as pg_trgm usually are) and whatever the connection set.
+    """
+    path = f"'\"{schema}\", ' || current_setting('search_path')"
+    return f"SELECT set_config('search_path', {path}, true)"
 
 
 def _pg_connect_args(
@@ -346,6 +414,19 @@ def _pg_connect_args(
         ours = ""
     connect_args["options"] = " ".join(part for part in (given, ours) if part)
     return url.difference_update_query(["options"])
+
+
+def _with_schema(engine_kwargs: dict[str, Any], schema: str | None) -> dict[str, Any]:
+    """``engine_kwargs`` with a ``schema_translate_map`` for hermes_orm's tables, if placed."""
+    kwargs = dict(engine_kwargs)
+    if schema is None:
+        return kwargs
+    if not _IDENTIFIER.fullmatch(schema):
+        raise InvalidArgumentError(f"schema must be one plain identifier, got {schema!r}")
+    options = dict(kwargs.get("execution_options") or {})
+    options["schema_translate_map"] = {**(options.get("schema_translate_map") or {}), None: schema}
+    kwargs["execution_options"] = options
+    return kwargs
 
 
 def _unnamed_statement() -> str:
@@ -408,12 +489,13 @@ def configure_engine(
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
     if engine.dialect.name == "postgresql":
         if pgbouncer:
-            statement = f"SET LOCAL lock_timeout = {_millis(lock_timeout)}"
-            known = _per_transaction.setdefault(engine, statement)
-            if known != statement:
+            millis = _millis(lock_timeout)
+            known = _per_transaction.setdefault(engine, millis)
+            if known != millis:
                 raise InvalidArgumentError(
-                    f"this engine already serves a store behind PgBouncer with {known!r}, "
-                    f"not {statement!r}: give stores on one engine the same lock_timeout"
+                    f"this engine already serves a store behind PgBouncer with lock_timeout="
+                    f"{known / 1000:g} s, not {millis / 1000:g} s: give stores on one engine "
+                    "the same lock_timeout"
                 )
         return
     if engine.dialect.name != "sqlite":
@@ -754,19 +836,30 @@ def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
     return (("BEGIN IMMEDIATE", ()),) if dialect == "sqlite" else ()
 
 
-#: Engines whose stores set their PostgreSQL settings in each transaction
-#: (behind PgBouncer), with the statement that does it.
-_per_transaction: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+#: Engines whose stores set ``lock_timeout`` in each transaction (behind
+#: PgBouncer), with its value in milliseconds.
+_per_transaction: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 
 
-def transaction_settings(engine: Engine) -> tuple[tuple[str, tuple[()]], ...]:
-    """What a store's write transactions on ``engine`` run first, after :func:`write_begin`.
+def transaction_settings(
+    engine: Engine, schema: str | None = None, *, write: bool = True
+) -> tuple[tuple[str, tuple[()]], ...]:
+    """What a store's transactions on ``engine`` run first (after :func:`write_begin`).
 
-    Behind PgBouncer, ``SET LOCAL lock_timeout``: a setting of the transaction,
-    never of the server connection that the next client gets.
+    One statement, or none: behind PgBouncer, ``lock_timeout`` for the
+    transaction (never for the server connection the next client gets); for
+    tables in a schema of their own, that schema first on ``search_path``, so
+    the store's SQL finds them (and the database's extensions stay found).
     """
-    statement = _per_transaction.get(engine)
-    return () if statement is None else ((statement, ()),)
+    settings = []
+    millis = _per_transaction.get(engine) if write else None  # reads take no locks
+    if millis is not None:
+        settings.append(f"set_config('lock_timeout', '{millis}', true)")
+    if schema is not None:
+        settings.append(search_path(schema).removeprefix("SELECT "))
+    if not settings:
+        return ()
+    return ((f"SELECT {', '.join(settings)}", ()),)
 
 
 #: How long a store waits for the outcome of a COMMIT whose answer was lost
@@ -879,23 +972,33 @@ def _pooler_hint(exc: DBAPIError) -> str:
     return ""
 
 
-def busy_holders(conn: Connection) -> list[Any]:
-    """PostgreSQL: the sessions holding locks on ``hermes_sessions``, oldest transaction first."""
+def busy_holders(conn: Connection, schema: str | None = None) -> list[Any]:
+    """PostgreSQL: the sessions holding locks on ``hermes_sessions``, oldest transaction first.
+
+    ``schema``: the one the table is in (None: the one ``search_path`` finds).
+    """
+    table = "hermes_sessions" if schema is None else f'"{schema}".hermes_sessions'
     return list(
         conn.execute(
             text(
                 "SELECT a.pid, a.application_name, a.state, "
                 "extract(epoch FROM now() - a.xact_start) AS age "
                 "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.relation = 'hermes_sessions'::regclass AND l.granted "
+                "WHERE l.relation = to_regclass(:table) AND l.granted "
                 "AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL "
                 "ORDER BY a.xact_start LIMIT 3"
-            )
+            ),
+            {"table": table},
         ).all()
     )
 
 
-def describe_busy(engine: Engine, exc: DBAPIError, holders: Sequence[Any] | None = None) -> str:
+def describe_busy(
+    engine: Engine,
+    exc: DBAPIError,
+    holders: Sequence[Any] | None = None,
+    schema: str | None = None,
+) -> str:
     """Say what held the lock, as far as the backend can tell.
 
     On PostgreSQL the lock holders are looked up on a new connection of
@@ -910,7 +1013,7 @@ def describe_busy(engine: Engine, exc: DBAPIError, holders: Sequence[Any] | None
     if holders is None:
         try:
             with engine.connect() as conn:
-                holders = busy_holders(conn)
+                holders = busy_holders(conn, schema)
         except DBAPIError:
             holders = []
     if not holders:
@@ -953,22 +1056,32 @@ def log_retry(policy: RetryPolicy, attempt: int, exc: DBAPIError, delay: float) 
         )
 
 
-def run_with_retry(engine: Engine, policy: RetryPolicy, work: Callable[[], T]) -> T:
-    """Run ``work`` (one whole transaction) again on transient errors, within ``policy``."""
+def run_with_retry(
+    engine: Engine, policy: RetryPolicy, work: Callable[[], T], schema: str | None = None
+) -> T:
+    """Run ``work`` (one whole transaction) again on transient errors, within ``policy``.
+
+    ``schema``: where the store's tables are, to name who held a lock.
+    """
     for attempt in range(policy.attempts):
         try:
             return work()
         except DBAPIError as exc:
             delay = retry_delay(policy, attempt, exc)
             if delay is None:
-                raise out_of_retries(engine, policy, exc) from exc
+                raise out_of_retries(engine, policy, exc, schema=schema) from exc
             log_retry(policy, attempt, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def out_of_retries(
-    engine: Engine, policy: RetryPolicy, exc: DBAPIError, holders: Sequence[Any] | None = None
+    engine: Engine,
+    policy: RetryPolicy,
+    exc: DBAPIError,
+    holders: Sequence[Any] | None = None,
+    *,
+    schema: str | None = None,
 ) -> DatabaseUnavailableError | DatabaseBusyError:
     """What to raise when transient errors outlasted ``policy``: unreachable, or busy.
 
@@ -976,4 +1089,4 @@ def out_of_retries(
     """
     if is_unreachable(exc):
         return DatabaseUnavailableError(redact(str(exc.orig)), attempts=policy.attempts)
-    return DatabaseBusyError(describe_busy(engine, exc, holders), attempts=policy.attempts)
+    return DatabaseBusyError(describe_busy(engine, exc, holders, schema), attempts=policy.attempts)

@@ -154,6 +154,7 @@ class AsyncSessionStore(_AsyncSessions):
         check_schema: Refuse a database whose schema is not at the shipped head.
         pgbouncer: Reached through PgBouncer in transaction mode (see :class:`SessionStore`;
             asyncpg engines it builds cache and name no statements).
+        schema: The PostgreSQL schema of the tables (see :class:`SessionStore`).
 
     Each operation takes a connection from the engine's pool and gives it back
     when its transaction ends; on aiosqlite the store keeps the last one, idle,
@@ -173,16 +174,19 @@ class AsyncSessionStore(_AsyncSessions):
         lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
         pgbouncer: bool = False,
+        schema: str | None = None,
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         self._owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
             _dialects.check_transactional(bind.sync_engine)
+            schema = _dialects.store_schema(bind.sync_engine, schema)
             engine = bind
             _dialects.configure_engine(bind.sync_engine, **settings)
         else:
-            engine = _dialects.create_async_store_engine(bind, **settings)
-        super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema)
+            engine = _dialects.create_async_store_engine(bind, schema=schema, **settings)
+            schema = _dialects.store_schema(engine.sync_engine)
+        super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
         self._parked: list[AsyncConnection] = []
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
@@ -223,13 +227,13 @@ class AsyncSessionStore(_AsyncSessions):
     async def upgrade(self, revision: str = "head") -> None:
         """Run the shipped migrations up to ``revision`` (default: the head)."""
         async with self._async_engine.begin() as conn:
-            await conn.run_sync(migrations.upgrade, revision)
+            await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
         self._schema_checked = False
 
     async def _ensure_schema(self) -> None:
         if not self._schema_checked:
             async with self._async_engine.connect() as conn:
-                await conn.run_sync(migrations.check)
+                await conn.run_sync(migrations.check, schema=self._schema)
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
@@ -243,7 +247,7 @@ class AsyncSessionStore(_AsyncSessions):
                 await self._ensure_schema()  # its connection's failures are retried too
                 conn = await self._checkout()
                 try:
-                    result = await conn.run_sync(attempt, request, begin)
+                    result = await conn.run_sync(attempt, request, begin, self._settings)
                 except BaseException:
                     # Back to the pool, whose reset rolls back whatever a
                     # cancellation interrupted; dropped if it was invalidated.
@@ -285,7 +289,7 @@ class AsyncSessionStore(_AsyncSessions):
             return []
         try:
             async with self._async_engine.connect() as conn:
-                return await conn.run_sync(_dialects.busy_holders)
+                return await conn.run_sync(_dialects.busy_holders, self._schema)
         except DBAPIError:
             return []
 

@@ -32,8 +32,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
+from hermes_orm._dialects import store_schema
 from hermes_orm.errors import SchemaManagedByHostError, SchemaOutOfDateError, SchemaTooNewError
 from hermes_orm.models import Base
 
@@ -78,14 +79,45 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 @contextmanager
-def _connected(bind: Bind) -> Iterator[Connection]:
-    """A connection on ``bind``; one passed in is left in the transaction state it came in."""
+def _connected(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
+    """A connection on ``bind``; one passed in is left in the transaction state it came in.
+
+    With ``schema``, that schema is first on the connection's ``search_path``
+    for the work (:func:`_placed`).
+    """
     if isinstance(bind, Engine):
-        with bind.begin() as conn:
+        with bind.begin() as conn, _placed(conn, schema):
             yield conn
         return
-    with _own_transaction(bind):
+    with _own_transaction(bind), _placed(bind, schema):
         yield bind
+
+
+@contextmanager
+def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> Iterator[None]:
+    """Put ``schema`` first on the transaction's ``search_path``; restore it afterwards.
+
+    The revisions name their tables, triggers and indexes without a schema: with
+    the schema first, they are created (and found) there. The schema of the
+    pg_trgm extension comes next, wherever the database installed it, then the
+    path as it was. ``create`` makes the schema if it does not exist yet. The
+    path is restored before the transaction goes on with its owner's work.
+    """
+    if schema is None:
+        yield
+        return
+    if create:
+        conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
+    extension = conn.exec_driver_sql(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e "
+        "JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'"
+    ).scalar()
+    path = ", ".join(part for part in (f'"{schema}"', extension, before) if part)
+    conn.execute(text("SELECT set_config('search_path', :path, true)"), {"path": path})
+    yield
+    if conn.in_transaction():
+        conn.execute(text("SELECT set_config('search_path', :path, true)"), {"path": before})
 
 
 @contextmanager
@@ -115,7 +147,7 @@ _MIGRATION_LOCK = 0x6865726D65734F52
 
 
 @contextmanager
-def _migrating(bind: Bind) -> Iterator[Connection]:
+def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
     """A connection holding the database's migration lock, in one transaction.
 
     Processes that open a store on a database that needs migrating often do
@@ -129,14 +161,16 @@ def _migrating(bind: Bind) -> Iterator[Connection]:
         with _own_transaction(bind):
             if bind.dialect.name == "postgresql":
                 bind.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-            yield bind
+            with _placed(bind, schema, create=True):
+                yield bind
         return
     with bind.connect() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         elif conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-        yield conn
+        with _placed(conn, schema, create=True):
+            yield conn
         conn.commit()
 
 
@@ -161,23 +195,29 @@ def _host_alembic_kept() -> Iterator[None]:
             names.update(before)
 
 
-def _run(bind: Bind, fn: Any, *args: Any) -> None:
+def _run(bind: Bind, schema: str | None, fn: Any, *args: Any) -> None:
     config = alembic_config()
-    with _host_alembic_kept(), _migrating(bind) as conn:
-        before = _located(conn)
+    schema = store_schema(bind, schema)
+    config.attributes["schema"] = schema
+    with _host_alembic_kept(), _migrating(bind, schema) as conn:
+        before = _located(conn, schema)
         if before.table == HOST_VERSION_TABLE:
             if fn is command.upgrade and args == ("head",) and before.revision == head():
                 return  # at head already: a store's upgrade() on start-up has nothing to do
             raise SchemaManagedByHostError(before.revision)
         config.attributes["connection"] = conn
         fn(config, *args)
-        after = _located(conn).revision
+        after = _located(conn, schema).revision
     if after != before.revision:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
 
 
-def upgrade(bind: Bind, revision: str = "head") -> None:
+def upgrade(bind: Bind, revision: str = "head", *, schema: str | None = None) -> None:
     """Migrate the database behind ``bind`` up to ``revision`` (default: head).
+
+    ``schema`` (or ``bind``'s ``schema_translate_map``) places the tables, their
+    triggers and indexes, and the version table in that PostgreSQL schema,
+    created if missing; extensions stay wherever the database has them.
 
     On a connection, the work is done in the transaction the connection is in,
     or in one of its own that it commits: the connection is handed back with
@@ -189,16 +229,16 @@ def upgrade(bind: Bind, revision: str = "head") -> None:
             history (their state is in its ``alembic_version``): the host's
             ``alembic upgrade hermes_orm@head`` migrates them.
     """
-    _run(bind, command.upgrade, revision)
+    _run(bind, schema, command.upgrade, revision)
 
 
-def downgrade(bind: Bind, revision: str) -> None:
+def downgrade(bind: Bind, revision: str, *, schema: str | None = None) -> None:
     """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all).
 
     Raises:
         SchemaManagedByHostError: As for :func:`upgrade`.
     """
-    _run(bind, command.downgrade, revision)
+    _run(bind, schema, command.downgrade, revision)
 
 
 @cache
@@ -229,12 +269,14 @@ class _Located(NamedTuple):
     table: str | None
 
 
-def _versions(conn: Connection, table: str) -> list[str]:
-    context = MigrationContext.configure(conn, opts={"version_table": table})
+def _versions(conn: Connection, table: str, schema: str | None = None) -> list[str]:
+    context = MigrationContext.configure(
+        conn, opts={"version_table": table, "version_table_schema": schema}
+    )
     return list(context.get_current_heads())
 
 
-def _located(conn: Connection) -> _Located:
+def _located(conn: Connection, schema: str | None = None) -> _Located:
     """The hermes_orm revision of the database, and the version table holding it.
 
     Side by side, the revisions record themselves in :data:`VERSION_TABLE`.
@@ -243,7 +285,7 @@ def _located(conn: Connection) -> _Located:
     the revision. Tables of ours with no revision of ours in that table were
     migrated by a newer hermes_orm whose revisions this one does not know.
     """
-    own = _versions(conn, VERSION_TABLE)
+    own = _versions(conn, VERSION_TABLE, schema)
     if own:
         return _Located(own[0], VERSION_TABLE)
     inspector = inspect(conn)
@@ -260,17 +302,18 @@ def _located(conn: Connection) -> _Located:
     return _Located(None, None)
 
 
-def current(bind: Bind) -> str | None:
+def current(bind: Bind, *, schema: str | None = None) -> str | None:
     """The revision the database is at, or ``None`` when it has no hermes_orm schema.
 
     Found in hermes_orm's own version table, or in the host's ``alembic_version``
     for revisions run as a branch of the host's history.
     """
-    with _connected(bind) as conn:
-        return _located(conn).revision
+    schema = store_schema(bind, schema)
+    with _connected(bind, schema) as conn:
+        return _located(conn, schema).revision
 
 
-def check(bind: Bind) -> None:
+def check(bind: Bind, *, schema: str | None = None) -> None:
     """Refuse a database whose schema is not at :func:`head`.
 
     Either way of migrating is accepted: side by side or as a branch.
@@ -280,8 +323,9 @@ def check(bind: Bind) -> None:
             (or, for a branch, the host's ``alembic upgrade hermes_orm@head``) fixes it.
         SchemaTooNewError: Migrated by a newer hermes_orm.
     """
-    with _connected(bind) as conn:
-        located = _located(conn)
+    schema = store_schema(bind, schema)
+    with _connected(bind, schema) as conn:
+        located = _located(conn, schema)
     revision = located.revision
     expected = head()
     if revision == expected:
@@ -313,22 +357,34 @@ def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None)
     return True
 
 
-def differences(bind: Bind) -> list[Any]:
+def differences(bind: Bind, *, schema: str | None = None) -> list[Any]:
     """What hermes_orm's autogenerate would change in the database's hermes_orm tables.
 
     Empty when the tables match the models, whichever way they were migrated;
-    the host's tables are never looked at.
+    the host's tables are never looked at. ``schema`` as for :func:`upgrade`.
     """
+    schema = store_schema(bind, schema)
+    target = Base.metadata
+    opts: dict[str, Any] = {
+        "include_name": only_hermes_objects,
+        "compare_type": True,
+        "compare_server_default": False,
+    }
+    if schema is not None:
+        # The models' tables, placed in the schema, compared with that schema only.
+        target = MetaData(naming_convention=Base.metadata.naming_convention)
+        for table in Base.metadata.sorted_tables:
+            table.to_metadata(target, schema=schema)
+
+        def in_schema(name: str | None, type_: str, parents: Any) -> bool:
+            if type_ == "schema":
+                return name == schema
+            return only_hermes_objects(name, type_, parents)
+
+        opts.update(include_schemas=True, include_name=in_schema)
     with _connected(bind) as conn:
-        context = MigrationContext.configure(
-            conn,
-            opts={
-                "include_name": only_hermes_objects,
-                "compare_type": True,
-                "compare_server_default": False,
-            },
-        )
-        found: list[Any] = compare_metadata(context, Base.metadata)
+        context = MigrationContext.configure(conn, opts=opts)
+        found: list[Any] = compare_metadata(context, target)
     return found
 
 

@@ -35,7 +35,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_colu
 from hermes_orm.errors import InvalidMessageError
 
 NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
+    # The table's name, not its schema-qualified label: the same index names
+    # wherever the tables are placed (hermes_orm.upgrade(bind, schema=...)).
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",

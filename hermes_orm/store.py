@@ -437,8 +437,16 @@ def drive(steps: Steps[T], run: Callable[[Run[Any]], Any]) -> T:
             value, error = None, exc
 
 
-def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequence[Any]]]) -> T:
+def attempt(
+    conn: Connection,
+    request: Run[T],
+    begin: Sequence[tuple[str, Sequence[Any]]],
+    settings: Sequence[tuple[str, Sequence[Any]]] = (),
+) -> T:
     """One try of ``request`` in ``conn``: begin, work, commit (or roll back on any error).
+
+    A write opens with ``begin``, a read with ``settings`` (the part of
+    ``begin`` that is not about taking the write lock).
 
     After a failure the driver connection is rolled back too: after a failed
     COMMIT, SQLAlchemy considers the transaction over while the driver may
@@ -447,8 +455,9 @@ def attempt(conn: Connection, request: Run[T], begin: Sequence[tuple[str, Sequen
     try:
         if request.whole:
             return request.work(conn)
-        if request.write and begin:
-            _dialects.execute_driver_script(conn, begin)
+        opening = begin if request.write else settings
+        if opening:
+            _dialects.execute_driver_script(conn, opening)
         landed = request.landed
         if landed:  # the last try's COMMIT went unanswered
             if _dialects.committed(conn, landed[0]):
@@ -493,9 +502,14 @@ class StoreCore:
         check_schema: bool,
         user: str | None = None,
         memory: _Memory | None = None,
+        schema: str | None = None,
     ) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise UnsupportedBackendError(engine.dialect.name)
+        #: The PostgreSQL schema of the tables (None: the database's search_path finds them).
+        self._schema = schema
+        #: What each read runs first (see :func:`_dialects.transaction_settings`).
+        self._settings = _dialects.transaction_settings(engine, schema, write=False)
         self._engine = engine
         self._retry = retry or RetryPolicy()
         self._schema_checked = not check_schema
@@ -506,7 +520,7 @@ class StoreCore:
             flush_sql(engine.dialect.name, scoped=user is not None),
             begin=(
                 *_dialects.write_begin(engine.dialect.name),
-                *_dialects.transaction_settings(engine),
+                *_dialects.transaction_settings(engine, schema),
             ),
         )
         self._lock_session = (
@@ -524,6 +538,7 @@ class StoreCore:
             check_schema=False,  # the store's transactions check it
             user=_check_user_id(user_id),
             memory=store._memory,
+            schema=store._schema,
         )
         self._viewed = store
 
@@ -1281,6 +1296,10 @@ class SessionStore(_Sessions):
             store then sets ``lock_timeout`` in each of its transactions, and an
             engine it builds prepares no statements. An Engine passed in must
             be made so itself (psycopg: ``connect_args={"prepare_threshold": None}``).
+        schema: The PostgreSQL schema holding hermes_orm's tables (also
+            ``?schema=NAME`` in the URL, or the engine's ``schema_translate_map``
+            entry for tables with no schema). Each transaction puts it first on
+            its ``search_path``; migrate with the same schema.
 
     Each operation ends its transaction and gives its connection back, except
     that the store keeps one idle connection, the last it used, for its next
@@ -1301,16 +1320,19 @@ class SessionStore(_Sessions):
         lock_timeout: float = _dialects.LOCK_TIMEOUT,
         check_schema: bool = True,
         pgbouncer: bool = False,
+        schema: str | None = None,
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             _dialects.check_transactional(bind)
+            schema = _dialects.store_schema(bind, schema)
             engine = bind
             _dialects.configure_engine(bind, **settings)
         else:
-            engine = _dialects.create_store_engine(bind, **settings)
-        super().__init__(engine, retry=retry, check_schema=check_schema)
+            engine = _dialects.create_store_engine(bind, schema=schema, **settings)
+            schema = _dialects.store_schema(engine)
+        super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one);
         # not under NullPool, whose users chose to hold no connection between calls.
@@ -1353,12 +1375,12 @@ class SessionStore(_Sessions):
 
     def upgrade(self, revision: str = "head") -> None:
         """Run the shipped migrations up to ``revision`` (default: the head)."""
-        migrations.upgrade(self._engine, revision)
+        migrations.upgrade(self._engine, revision, schema=self._schema)
         self._schema_checked = False
 
     def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            migrations.check(self._engine)
+            migrations.check(self._engine, schema=self._schema)
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
@@ -1385,14 +1407,14 @@ class SessionStore(_Sessions):
             self._ensure_schema()  # its connection's failures are retried as the work's
             conn = self._checkout()
             try:
-                result = attempt(conn, request, begin)
+                result = attempt(conn, request, begin, self._settings)
             except BaseException:
                 conn.close()  # back to the pool, which drops it if it was invalidated
                 raise
             self._checkin(conn)
             return result
 
-        return _dialects.run_with_retry(self._engine, self._retry, once)
+        return _dialects.run_with_retry(self._engine, self._retry, once, self._schema)
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""

@@ -27,7 +27,7 @@ from sqlalchemy.pool import NullPool
 import hermes_orm
 from devtools.pgbouncer import pgbouncer
 from devtools.postgres import postgres_server
-from hermes_orm import SessionStore, create_store_engine
+from hermes_orm import SessionStore, _dialects, create_store_engine
 from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.migrations import SCRIPT_LOCATION
 
@@ -47,6 +47,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="fail the run unless PostgreSQL tests ran and passed (implied by CI=true)",
     )
     parser.addoption(
+        "--in-schema",
+        metavar="NAME",
+        default=None,
+        help="place hermes_orm's tables in this PostgreSQL schema in each PostgreSQL test "
+        "database (the URL says ?schema=NAME); nothing of ours is left in public",
+    )
+    parser.addoption(
         "--through-pgbouncer",
         action="store_true",
         help="reach each PostgreSQL test database through a PgBouncer in transaction "
@@ -58,8 +65,8 @@ _pg_passed: list[str] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--through-pgbouncer``, leave out the tests marked ``direct(why)``."""
-    if not config.getoption("--through-pgbouncer"):
+    """With ``--through-pgbouncer`` or ``--in-schema``, leave out the tests marked ``direct``."""
+    if not (config.getoption("--through-pgbouncer") or config.getoption("--in-schema")):
         return
     kept = [item for item in items if item.get_closest_marker("direct") is None]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -136,7 +143,7 @@ def _drop_pg_database(server_url: str, url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_server_url: str) -> str:
+def pg_template(pg_server_url: str, request: pytest.FixtureRequest) -> str:
     """A database migrated to head, copied for each test."""
     admin = _pg_admin(pg_server_url)
     with admin.connect() as conn:
@@ -145,7 +152,7 @@ def pg_template(pg_server_url: str) -> str:
     admin.dispose()
     url = make_url(pg_server_url).set(drivername="postgresql+psycopg", database=_TEMPLATE_DB)
     engine = create_engine(url, poolclass=NullPool)
-    hermes_orm.upgrade(engine)
+    hermes_orm.upgrade(engine, schema=request.config.getoption("--in-schema"))
     engine.dispose()
     return _TEMPLATE_DB
 
@@ -175,6 +182,9 @@ def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iter
         return
     server = request.getfixturevalue("pg_server_url")
     url = _create_pg_database(server, request.getfixturevalue("pg_template"))
+    schema = request.config.getoption("--in-schema")
+    if schema:
+        url = make_url(url).update_query_dict({"schema": schema}).render_as_string(False)
     if request.config.getoption("--through-pgbouncer"):
         yield through_pgbouncer(request.getfixturevalue("pgbouncer_url"), url)
     else:
@@ -336,8 +346,15 @@ def sync_engine(store: Any) -> Engine:
     return store.check_engine if isinstance(store, BlockingStore) else store.engine
 
 
+def table_name(engine: Engine, table: str) -> str:
+    """``table`` as raw SQL names it on ``engine``: in its schema under ``--in-schema``."""
+    schema = _dialects.store_schema(engine)
+    return table if schema is None else f'"{schema}".{table}'
+
+
 def count_rows(engine: Engine, table: str, **where: Any) -> int:
     clause = " AND ".join(f"{k} = :{k}" for k in where) or "1 = 1"
+    table = table_name(engine, table)
     with engine.connect() as conn:
         return int(
             conn.execute(text(f"SELECT count(*) FROM {table} WHERE {clause}"), where).scalar_one()

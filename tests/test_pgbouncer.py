@@ -194,7 +194,7 @@ def test_an_engine_passed_in_sets_lock_timeout_per_transaction_too(pooled: str) 
 
     event.listen(engine, "before_cursor_execute", record)
     store.flush("e", _turns(3, "e"))
-    assert seen[0] == "SET LOCAL lock_timeout = 300", seen
+    assert seen[0] == "SELECT set_config('lock_timeout', '300', true)", seen
     assert store.get_messages("e") == _turns(3, "e")
     with pytest.raises(InvalidArgumentError, match="lock_timeout"):
         SessionStore(engine, pgbouncer=True, lock_timeout=2)  # one setting per engine

@@ -1,0 +1,231 @@
+"""hermes_orm's tables in a PostgreSQL schema of the host's choice.
+
+By ``schema=``, by ``?schema=`` in the URL, and by an engine's
+``schema_translate_map``: migrations, the store (sync and asyncio), the ORM
+path and search, with pg_trgm wherever the database has it. The whole flush
+suite also runs in a schema in CI (``pytest tests/test_flush.py -m postgresql
+--in-schema agents``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.pool import NullPool
+
+import hermes_orm
+from hermes_orm import (
+    AsyncSessionStore,
+    InvalidArgumentError,
+    InvalidURLError,
+    Message,
+    SessionStore,
+    create_store_engine,
+    migrations,
+)
+from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
+
+TURN = [
+    {"role": "user", "content": "where is the lighthouse"},
+    {"role": "assistant", "content": "灯台は北の岬にあります"},
+]
+
+
+@pytest.fixture
+def empty_pg(pg_server_url: str) -> Iterator[str]:
+    url = _create_pg_database(pg_server_url)
+    yield url
+    _drop_pg_database(pg_server_url, url)
+
+
+def _engine(url: str, **kwargs: Any) -> Engine:
+    return create_engine(url, poolclass=NullPool, **kwargs)
+
+
+def _tables(engine: Engine, schema: str | None) -> set[str]:
+    return set(inspect(engine).get_table_names(schema=schema))
+
+
+def test_migrations_place_everything_in_the_schema(empty_pg: str) -> None:
+    engine = _engine(empty_pg)
+    hermes_orm.upgrade(engine, schema="agents")
+    assert _tables(engine, "agents") >= {
+        "hermes_sessions",
+        "hermes_messages",
+        migrations.VERSION_TABLE,
+    }
+    assert not {t for t in _tables(engine, "public") if t.startswith("hermes_")}
+    assert migrations.current(engine, schema="agents") == migrations.head()
+    assert migrations.current(engine) is None  # nothing of ours where the default path looks
+    assert migrations.differences(engine, schema="agents") == []
+    hermes_orm.check_schema(engine, schema="agents")
+    with engine.connect() as conn:  # the search trigger and indexes went with the table
+        triggers = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'agents' AND c.relname = 'hermes_messages' "
+                "AND NOT t.tgisinternal"
+            )
+        ).scalar()
+        assert triggers == 1
+        indexes = set(
+            conn.scalars(text("SELECT indexname FROM pg_indexes WHERE schemaname = 'agents'"))
+        )
+        assert {"ix_hermes_search_vector", "ix_hermes_search_cjk"} <= indexes
+    hermes_orm.downgrade(engine, "base", schema="agents")
+    assert _tables(engine, "agents") == {migrations.VERSION_TABLE}
+    engine.dispose()
+
+
+def test_every_way_of_naming_the_schema_reaches_the_same_tables(empty_pg: str) -> None:
+    hermes_orm.upgrade(_engine(empty_pg), schema="agents")
+    by_url = SessionStore(make_url(empty_pg).update_query_dict({"schema": "agents"}))
+    by_url.create_session("s", source="cli", user_id="u")
+    assert by_url.flush("s", TURN).written == 2
+
+    plain = _engine(empty_pg)
+    by_option = SessionStore(plain, schema="agents")
+    translated = _engine(empty_pg, execution_options={"schema_translate_map": {None: "agents"}})
+    by_map = SessionStore(translated)
+    for store in (by_url, by_option, by_map):
+        assert store.get_messages("s") == TURN
+        assert [hit.session_id for hit in store.search("lighthouse").hits] == ["s"]
+        assert [hit.session_id for hit in store.search("灯台").hits] == ["s"]  # trigram path
+        assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+        assert store.for_user("u").get_messages("s") == TURN
+    assert by_map.append("s", {"role": "user", "content": "thanks"}) == 2
+    assert by_option.rebuild_search_index() == 3
+    assert by_url.delete_session("s")
+    assert by_map.get_session("s") is None
+    for store in (by_url, by_option, by_map):
+        store.close()
+    plain.dispose()
+    translated.dispose()
+
+
+def test_stores_on_one_engine_each_in_their_own_schema(empty_pg: str) -> None:
+    engine = _engine(empty_pg)
+    for schema in ("tenant_a", "tenant_b"):
+        hermes_orm.upgrade(engine, schema=schema)
+    a = SessionStore(engine, schema="tenant_a")
+    b = SessionStore(engine, schema="tenant_b")
+    a.create_session("s", source="cli")
+    b.create_session("s", source="cli")
+    a.flush("s", TURN)
+    b.flush("s", TURN[:1])
+    assert len(a.get_messages("s")) == 2
+    assert len(b.get_messages("s")) == 1
+    assert [h.session_id for h in b.search("灯台").hits] == []
+    a.close()
+    b.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_asyncio_store_in_a_schema(empty_pg: str, driver: str) -> None:
+    url = make_url(empty_pg).set(drivername=f"postgresql+{driver}")
+
+    async def main() -> None:
+        store = AsyncSessionStore(url.update_query_dict({"schema": "agents"}))
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        assert (await store.flush("s", TURN)).written == 2
+        assert await store.get_messages("s") == TURN
+        assert [hit.session_id for hit in (await store.search("灯台")).hits] == ["s"]
+        await store.close()
+
+    asyncio.run(main())
+    engine = _engine(empty_pg)
+    assert "hermes_messages" in _tables(engine, "agents")
+    engine.dispose()
+
+
+def test_pg_trgm_is_found_in_a_schema_of_its_own(empty_pg: str) -> None:
+    """An extension outside every search_path (as some hosts keep them) is still found."""
+    engine = _engine(empty_pg)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA extensions")
+        conn.exec_driver_sql("CREATE EXTENSION pg_trgm SCHEMA extensions")
+    hermes_orm.upgrade(engine, schema="agents")
+    store = SessionStore(engine, schema="agents")
+    store.create_session("s", source="cli")
+    store.flush("s", TURN)
+    assert [hit.session_id for hit in store.search("灯台").hits] == ["s"]
+    store.close()
+    engine.dispose()
+
+
+def test_the_orm_path_with_a_schema_translate_map(empty_pg: str) -> None:
+    hermes_orm.upgrade(_engine(empty_pg), schema="agents")
+    engine = _engine(empty_pg, execution_options={"schema_translate_map": {None: "agents"}})
+    store = SessionStore(engine)
+    store.create_session("s", source="cli")
+    store.flush("s", TURN[:1])
+    hermes_orm.install_position_rule(OrmSession)
+    try:
+        with OrmSession(engine) as orm:
+            orm.get_one(hermes_orm.Session, "s").messages.add(
+                Message.from_dict({"role": "user", "content": "thanks"})
+            )
+            orm.commit()
+    finally:
+        hermes_orm.remove_position_rule(OrmSession)
+    messages = store.get_messages("s")
+    assert messages[0] == TURN[0]
+    assert messages[-1] == {"role": "user", "content": "thanks"}
+    assert [hit.session_id for hit in store.search("thanks").hits] == ["s"]
+    store.close()
+    engine.dispose()
+
+
+def test_a_host_transaction_keeps_its_own_search_path(empty_pg: str) -> None:
+    """upgrade() on a connection inside the host's transaction puts the path back."""
+    engine = _engine(empty_pg)
+    with engine.connect() as conn:
+        conn.begin()
+        before = conn.exec_driver_sql("SHOW search_path").scalar()
+        hermes_orm.upgrade(conn, schema="agents")
+        assert conn.exec_driver_sql("SHOW search_path").scalar() == before
+        conn.exec_driver_sql("CREATE TABLE host_table (id int)")  # where the host meant it
+        conn.commit()
+    assert "host_table" in _tables(engine, "public")
+    assert "hermes_sessions" in _tables(engine, "agents")
+    engine.dispose()
+
+
+def test_schema_names_and_conflicts_are_refused(empty_pg: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="plain identifier"):
+        SessionStore(_engine(empty_pg), schema='bad"name')
+    with pytest.raises(InvalidURLError, match="plain identifier"):
+        create_store_engine(make_url(empty_pg).update_query_dict({"schema": "1st"}))
+    translated = _engine(empty_pg, execution_options={"schema_translate_map": {None: "a"}})
+    with pytest.raises(InvalidArgumentError, match="schema_translate_map"):
+        SessionStore(translated, schema="b")
+    with pytest.raises(InvalidArgumentError, match="only PostgreSQL"):
+        SessionStore("sqlite://", schema="agents")
+    with pytest.raises(InvalidURLError, match="only postgresql"):
+        create_store_engine("sqlite:///x.db?schema=agents")
+    translated.dispose()
+
+
+def test_the_command_line_migrates_into_the_schema_of_its_url(empty_pg: str) -> None:
+    import os
+
+    url = make_url(empty_pg).update_query_dict({"schema": "agents"}).render_as_string(False)
+    result = run_cli("--url", url, "db", "upgrade", env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    engine = _engine(empty_pg)
+    assert "hermes_messages" in _tables(engine, "agents")
+    assert not {t for t in _tables(engine, "public") if t.startswith("hermes_")}
+    engine.dispose()
+    result = run_cli("--url", url, "db", "check", env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
