@@ -256,6 +256,7 @@ def create_store_engine(
         sqlite_synchronous=sqlite_synchronous,
         lock_timeout=lock_timeout,
         pgbouncer=pgbouncer,
+        owned=True,
     )
     return engine
 
@@ -293,6 +294,7 @@ def create_async_store_engine(
         sqlite_synchronous=sqlite_synchronous,
         lock_timeout=lock_timeout,
         pgbouncer=pgbouncer,
+        owned=True,
     )
     return engine
 
@@ -441,11 +443,6 @@ def _millis(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-#: The settings each engine's connections get (its listener is registered once);
-#: kept beside the engine, not on it.
-_configured: weakref.WeakKeyDictionary[Engine, tuple[str, int]] = weakref.WeakKeyDictionary()
-
-
 def insert_maker(dialect: str) -> Callable[..., Any]:
     """The backend's ``insert`` construct: PostgreSQL's or SQLite's, which has ``ON CONFLICT``."""
     return pg_insert if dialect == "postgresql" else sqlite_insert
@@ -475,16 +472,22 @@ def configure_engine(
     sqlite_synchronous: str = "FULL",
     lock_timeout: float = LOCK_TIMEOUT,
     pgbouncer: bool = False,
+    owned: bool = False,
 ) -> None:
     """Apply a store's settings to ``engine``.
 
-    SQLite: connections opened from then on get WAL, ``busy_timeout``
-    (``lock_timeout`` seconds), ``foreign_keys=ON`` and the given
-    ``synchronous`` level. PostgreSQL behind PgBouncer: the stores' transactions
-    on ``engine`` set ``lock_timeout`` themselves (:func:`transaction_settings`).
+    SQLite, an engine hermes_orm built (``owned``): connections opened from
+    then on get WAL, ``busy_timeout`` (``lock_timeout`` seconds),
+    ``foreign_keys=ON`` and the given ``synchronous`` level. An application's
+    engine is left as it is: a store gives those settings to each connection it
+    takes (:func:`take_sqlite`) and puts the connection's own back when it
+    returns it (:func:`give_back_sqlite`). PostgreSQL behind PgBouncer: the
+    stores' transactions on ``engine`` set ``lock_timeout`` themselves
+    (:func:`transaction_settings`).
 
     Raises:
-        InvalidArgumentError: ``engine`` has other settings already (from another store).
+        InvalidArgumentError: ``engine`` serves stores behind PgBouncer with
+            another ``lock_timeout``.
     """
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
     if engine.dialect.name == "postgresql":
@@ -500,41 +503,117 @@ def configure_engine(
         return
     if engine.dialect.name != "sqlite":
         return
-    level = sqlite_synchronous.upper()
-    busy_ms = _millis(lock_timeout)
-    settings = (level, busy_ms)
-    configured = _configured.get(engine)
-    if configured == settings:
-        return
-    if configured is not None:
-        # Both would set each new connection, and whichever ran last would win
-        # for both stores: one engine's connections have one setting.
-        raise InvalidArgumentError(
-            f"this SQLite engine already serves a store with synchronous={configured[0]} "
-            f"and lock_timeout={configured[1] / 1000:g} s, not {level} and {busy_ms / 1000:g} s: "
-            "give stores on one engine the same settings, or each its own engine"
-        )
     if engine.dialect.driver in ("pysqlite", "aiosqlite"):  # both bind through sqlite3
         register_sqlite_adapters()
-    memory = _sqlite_file(engine.url) is None
-
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA synchronous={level}")
-        finally:
-            cursor.close()
-
-    event.listen(engine, "connect", on_connect)
     if engine.dialect.driver == "aiosqlite" and not event.contains(
         engine, "invalidate", _sa.roll_back_invalidated
     ):
         event.listen(engine, "invalidate", _sa.roll_back_invalidated)
-    _configured[engine] = settings
+    if not owned:
+        return
+    settings = sqlite_settings(sqlite_synchronous, lock_timeout)
+    memory = _sqlite_file(engine.url) is None
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            _set_pragmas(cursor, settings)
+        finally:
+            cursor.close()
+        record.info[_APPLIED] = settings
+
+    event.listen(engine, "connect", on_connect)
+
+
+#: A store's SQLite settings: ``busy_timeout`` (ms), ``foreign_keys``, ``synchronous``.
+SQLiteSettings = tuple[int, int, str]
+#: The settings a pooled SQLite connection has now, on the pool's record of it.
+_APPLIED = "hermes_orm.sqlite_settings"
+#: A connection's own settings (and what ``_APPLIED`` said), while a store's replace them.
+_SAVED = "hermes_orm.sqlite_saved"
+
+
+def sqlite_settings(sqlite_synchronous: str, lock_timeout: float) -> SQLiteSettings:
+    """The per-connection settings a store works with on SQLite."""
+    return (_millis(lock_timeout), 1, sqlite_synchronous.upper())
+
+
+def _set_pragmas(cursor: Any, settings: tuple[int, int, Any]) -> None:
+    busy_ms, foreign_keys, synchronous = settings
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+    cursor.execute(f"PRAGMA foreign_keys={int(foreign_keys)}")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+
+
+def _on_sqlite(conn: Connection, work: Callable[[Any], None]) -> None:
+    """``work(cursor)`` on ``conn``'s driver connection, outside any SQLAlchemy transaction."""
+    aiosqlite = _sa.aiosqlite_connection(conn)
+
+    def run(dbapi_connection: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            work(cursor)
+        finally:
+            cursor.close()
+
+    try:
+        if aiosqlite is not None:
+            _sa.on_driver_thread(aiosqlite, run)
+        else:
+            run(conn.connection.dbapi_connection)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        _sa.raise_driver_error(conn, exc)
+
+
+def take_sqlite(conn: Connection, settings: SQLiteSettings) -> None:
+    """Give a SQLite connection a store just took from the pool the store's settings.
+
+    Nothing to do when it has them (an engine hermes_orm built, or the last
+    store that used it wanted the same); otherwise its own are kept beside it
+    for :func:`give_back_sqlite`.
+    """
+    info = conn.connection.info
+    if info.get(_APPLIED) == settings:
+        return
+
+    def apply(cursor: Any) -> None:
+        if _SAVED not in info:
+            own = []
+            for pragma in ("busy_timeout", "foreign_keys", "synchronous"):
+                cursor.execute(f"PRAGMA {pragma}")
+                own.append(cursor.fetchone()[0])
+            info[_SAVED] = (tuple(own), info.get(_APPLIED))
+        _set_pragmas(cursor, settings)
+
+    _on_sqlite(conn, apply)
+    info[_APPLIED] = settings
+
+
+def give_back_sqlite(conn: Connection) -> None:
+    """Put back a SQLite connection's own settings before it returns to the pool.
+
+    The application's code on the engine finds its connections as it left them.
+    A connection that cannot take them back is invalidated (the pool drops it).
+    """
+    if conn.closed or conn.invalidated:
+        return
+    info = conn.connection.info
+    saved = info.get(_SAVED)
+    if saved is None:
+        return
+    own, applied = saved
+    try:
+        _on_sqlite(conn, lambda cursor: _set_pragmas(cursor, own))
+    except Exception:
+        conn.invalidate()
+        return
+    del info[_SAVED]
+    if applied is None:
+        info.pop(_APPLIED, None)
+    else:
+        info[_APPLIED] = applied
 
 
 #: What binds None: a C function of one argument that returns None (a Python

@@ -189,6 +189,12 @@ class AsyncSessionStore(_AsyncSessions):
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
         self._parked: list[AsyncConnection] = []
+        #: SQLite: the settings each connection the store takes gets for its work.
+        self._sqlite = (
+            _dialects.sqlite_settings(sqlite_synchronous, lock_timeout)
+            if engine.dialect.name == "sqlite"
+            else None
+        )
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
 
     @property
@@ -210,7 +216,7 @@ class AsyncSessionStore(_AsyncSessions):
         """Give back the idle connection; dispose of the engine if the store made it."""
         parked, self._parked = self._parked, []
         for conn in parked:
-            await conn.close()
+            await self._release(conn)
         if self._owns_engine:
             await self._async_engine.dispose()
 
@@ -251,7 +257,7 @@ class AsyncSessionStore(_AsyncSessions):
                 except BaseException:
                     # Back to the pool, whose reset rolls back whatever a
                     # cancellation interrupted; dropped if it was invalidated.
-                    await asyncio.shield(conn.close())
+                    await asyncio.shield(self._release(conn))
                     raise
                 await self._checkin(conn)
                 return result
@@ -268,7 +274,22 @@ class AsyncSessionStore(_AsyncSessions):
         """The idle connection the store kept, else one from the pool."""
         if self._parked:
             return self._parked.pop()
-        return await self._async_engine.connect()
+        conn = await self._async_engine.connect()
+        if self._sqlite is not None:
+            try:
+                await conn.run_sync(_dialects.take_sqlite, self._sqlite)
+            except BaseException:
+                await asyncio.shield(conn.close())
+                raise
+        return conn
+
+    async def _release(self, conn: AsyncConnection) -> None:
+        """Give ``conn`` back to the pool with the settings it came with."""
+        try:
+            if self._sqlite is not None:
+                await conn.run_sync(_dialects.give_back_sqlite)
+        finally:
+            await conn.close()
 
     async def _checkin(self, conn: AsyncConnection) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
@@ -281,7 +302,7 @@ class AsyncSessionStore(_AsyncSessions):
         if self._parks and not self._parked:
             self._parked.append(conn)
         else:
-            await conn.close()
+            await self._release(conn)
 
     async def _busy_holders(self, exc: DBAPIError) -> list[Any]:
         """Who holds locks on the sessions (PostgreSQL; none asked of a server out of reach)."""

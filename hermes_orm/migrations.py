@@ -19,6 +19,7 @@ from a host application's own Alembic. Two ways inside a host's Alembic:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -141,6 +142,9 @@ def _own_transaction(conn: Connection) -> Iterator[None]:
         conn.commit()
 
 
+#: Seconds of waiting for the migration lock worth a line in the log.
+_LONG_WAIT = 1.0
+
 #: The PostgreSQL advisory lock a migration holds (the bytes of "hermesOR"):
 #: processes migrating one database at once take turns.
 _MIGRATION_LOCK = 0x6865726D65734F52
@@ -165,10 +169,14 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
                 yield bind
         return
     with bind.connect() as conn:
+        asked = time.monotonic()
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         elif conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        waited = time.monotonic() - asked
+        if waited >= _LONG_WAIT:
+            logger.info("waited %.1f s for another process's migration of the database", waited)
         with _placed(conn, schema, create=True):
             yield conn
         conn.commit()

@@ -1279,8 +1279,10 @@ class SessionStore(_Sessions):
     Args:
         bind: A database URL (``sqlite:///path.db``, ``postgresql://...``) or an
             existing :class:`~sqlalchemy.Engine`. A bare ``postgresql://`` URL
-            uses psycopg 3. On a SQLite engine given here, connections opened
-            from then on get WAL, ``busy_timeout`` and ``foreign_keys=ON``.
+            uses psycopg 3. A SQLite engine given here is left as it is: each
+            connection the store takes gets ``busy_timeout``, ``foreign_keys=ON``
+            and ``sqlite_synchronous`` for the store's work, and its own values
+            back when the store returns it.
         retry: Bound on retries of transient errors (busy database, lost
             connection, serialization failure).
         sqlite_synchronous: SQLite ``synchronous`` level for connections this
@@ -1339,6 +1341,12 @@ class SessionStore(_Sessions):
         self._parked: list[Connection] = []
         self._parks = not isinstance(engine.pool, NullPool)
         self._parked_lock = threading.Lock()
+        #: SQLite: the settings each connection the store takes gets for its work.
+        self._sqlite = (
+            _dialects.sqlite_settings(sqlite_synchronous, lock_timeout)
+            if engine.dialect.name == "sqlite"
+            else None
+        )
 
     @property
     def engine(self) -> Engine:
@@ -1359,7 +1367,7 @@ class SessionStore(_Sessions):
         with self._parked_lock:
             parked, self._parked = self._parked, []
         for conn in parked:
-            conn.close()
+            self._release(conn)
         if self._owns_engine:
             self._engine.dispose()
 
@@ -1409,7 +1417,7 @@ class SessionStore(_Sessions):
             try:
                 result = attempt(conn, request, begin, self._settings)
             except BaseException:
-                conn.close()  # back to the pool, which drops it if it was invalidated
+                self._release(conn)  # the pool drops it if it was invalidated
                 raise
             self._checkin(conn)
             return result
@@ -1421,7 +1429,21 @@ class SessionStore(_Sessions):
         with self._parked_lock:
             if self._parked:
                 return self._parked.pop()
-        return self._engine.connect()
+        conn = self._engine.connect()
+        if self._sqlite is not None:
+            try:
+                _dialects.take_sqlite(conn, self._sqlite)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _release(self, conn: Connection) -> None:
+        """Give ``conn`` back to the pool with the settings it came with."""
+        try:
+            _dialects.give_back_sqlite(conn)
+        finally:
+            conn.close()
 
     def _checkin(self, conn: Connection) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
@@ -1435,7 +1457,7 @@ class SessionStore(_Sessions):
                 if not self._parked:
                     self._parked.append(conn)
                     return
-        conn.close()
+        self._release(conn)
 
     # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------
 

@@ -160,12 +160,18 @@ def test_incremental_import_copies_only_what_hermes_appended(
 
 
 def test_a_rewritten_source_session_is_reported_not_overwritten(
-    store: SessionStore, tmp_path: Path
+    store: SessionStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import sqlite3
 
     source = fixture_copy(tmp_path)
-    import_state_db(source, store)
+    with caplog.at_level(logging.INFO, logger="hermes_orm"):
+        import_state_db(source, store)
+    said = [r for r in caplog.records if r.name.startswith("hermes_orm.integrations.hermes")]
+    assert "importing" in said[0].getMessage()
+    assert said[-1].levelno == logging.INFO
+    assert "verified" in said[-1].getMessage()
+    caplog.clear()
     sid = source_rows(source)[0][0]["id"]
     conn = sqlite3.connect(source)
     last = conn.execute("SELECT max(id) FROM messages WHERE session_id = ?", (sid,)).fetchone()[0]
@@ -176,10 +182,14 @@ def test_a_rewritten_source_session_is_reported_not_overwritten(
     )
     conn.commit()
     conn.close()
-    report = import_state_db(source, store)
+    with caplog.at_level(logging.INFO, logger="hermes_orm"):
+        report = import_state_db(source, store)
     assert report.diverged_sessions == [sid]
     assert not report.ok
     assert "diverged" in report.table()
+    (last_word,) = [r for r in caplog.records if "NOT verified" in r.getMessage()]
+    assert last_word.levelno == logging.WARNING
+    assert "1 diverged" in last_word.getMessage()
 
 
 def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) -> None:

@@ -372,3 +372,26 @@ def test_processes_upgrading_one_database_at_once_take_turns(empty_db_url: str) 
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     assert migrations.current(engine) == migrations.head()
     engine.dispose()
+
+
+def test_a_migration_that_waited_for_another_says_so(
+    empty_db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    hermes_orm.upgrade(engine)
+    with engine.connect() as holder:  # another process's migration, as far as locks go
+        if engine.dialect.name == "sqlite":
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+        timer = threading.Timer(1.5, holder.rollback)
+        timer.start()
+        with caplog.at_level(logging.INFO, logger="hermes_orm"):
+            hermes_orm.upgrade(engine)
+        timer.join()
+    assert "waited" in caplog.text
+    assert "another process's migration" in caplog.text
+    engine.dispose()

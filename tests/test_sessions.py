@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import hermes_orm
 from hermes_orm import (
     InvalidSessionError,
     SchemaOutOfDateError,
@@ -210,25 +212,72 @@ def test_missing_parent_and_taken_title_are_typed_errors(store: SessionStore) ->
     assert store.ensure_session("a", source="cli", title="Shared title") is False
 
 
+_PRAGMAS = ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+
+
+def _pragmas(conn: Any) -> tuple[Any, ...]:
+    return tuple(conn.exec_driver_sql(f"PRAGMA {name}").scalar() for name in _PRAGMAS)
+
+
 @pytest.mark.sqlite
-def test_stores_on_one_sqlite_engine_take_the_same_settings(tmp_path: Path) -> None:
-    """A store's settings are its engine's connections': a second, other setting is refused."""
-    from hermes_orm import InvalidArgumentError, create_store_engine
+def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None:
+    """The store's settings hold for its own work only; the app's connections keep theirs."""
+    from sqlalchemy import create_engine
+
+    host = create_engine(f"sqlite:///{tmp_path / 'app.db'}", pool_size=1, max_overflow=0)
+    with host.connect() as conn:  # the one connection the app and the store share
+        before = _pragmas(conn)
+    assert before[:2] == ("delete", 0)
+    hermes_orm.upgrade(host)
+    store = SessionStore(host, sqlite_synchronous="NORMAL", lock_timeout=2.0)
+    store.create_session("s", source="cli")
+    store.flush("s", [{"role": "user", "content": "hi"}])
+    # journal mode is the database file's: left as the app has it.
+    assert store.read_transaction(_pragmas) == ("delete", 1, 2000, 1)
+    store.close()
+    with host.connect() as conn:
+        assert _pragmas(conn) == before
+    host.dispose()
+
+
+@pytest.mark.sqlite
+def test_stores_on_one_sqlite_engine_each_keep_their_settings(tmp_path: Path) -> None:
+    """Stores with other settings share an engine; none leaks into another's work."""
+    from hermes_orm import create_store_engine
 
     engine = create_store_engine(f"sqlite:///{tmp_path / 'one.db'}")  # FULL, 5 s
-    first = SessionStore(engine)
-    first.upgrade()
-    with pytest.raises(InvalidArgumentError, match="synchronous=FULL"):
-        SessionStore(engine, sqlite_synchronous="NORMAL")
-    with pytest.raises(InvalidArgumentError, match="lock_timeout=5 s"):
-        SessionStore(engine, lock_timeout=1.0)
-    same = SessionStore(engine, sqlite_synchronous="full")
-    same.create_session("s", source="cli")
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
-    normal = SessionStore(f"sqlite:///{tmp_path / 'one.db'}", sqlite_synchronous="NORMAL")
-    with normal.engine.connect() as conn:  # its own engine: its own setting
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
-    for store in (first, same, normal):
-        store.close()
+    full = SessionStore(engine)
+    full.upgrade()
+    normal = SessionStore(engine, sqlite_synchronous="NORMAL", lock_timeout=1.0)
+    for _ in range(3):  # in turns, on connections either may have used before
+        assert full.read_transaction(_pragmas) == ("wal", 1, 5000, 2)
+        assert normal.read_transaction(_pragmas) == ("wal", 1, 1000, 1)
+    full.close()
+    normal.close()
+    with engine.connect() as conn:  # the engine's own setting, on every connection
+        assert _pragmas(conn) == ("wal", 1, 5000, 2)
     engine.dispose()
+
+
+@pytest.mark.sqlite
+def test_an_async_store_leaves_an_applications_aiosqlite_engine_as_it_was(
+    tmp_path: Path,
+) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from hermes_orm.async_store import AsyncSessionStore
+
+    async def main() -> None:
+        host = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+        async with host.connect() as conn:
+            before = await conn.run_sync(_pragmas)
+        store = AsyncSessionStore(host, sqlite_synchronous="NORMAL")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
+        await store.close()
+        async with host.connect() as conn:
+            assert await conn.run_sync(_pragmas) == before
+        await host.dispose()
+
+    asyncio.run(main())

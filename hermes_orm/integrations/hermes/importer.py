@@ -442,6 +442,13 @@ def import_state_db(
         job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
         # About what is left to copy (sessions the destination holds more of make it low).
         remaining = total - sum(n for n, _ in cursors.values())
+        _log.info(
+            "importing %s: %d sessions, %d messages (%d stored already)",
+            src.path,
+            len(sessions),
+            total,
+            total - remaining,
+        )
         reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
         seen = {sid: n for sid, (n, _) in cursors.items()}
         # The reader starts first: it reads the first batches while the sessions are written.
@@ -460,6 +467,20 @@ def import_state_db(
         if not isinstance(destination, SessionStore):
             store.close()
     report.seconds = time.monotonic() - started
+    _log.log(
+        logging.INFO if report.ok else logging.WARNING,
+        "import of %s %s in %.1f s: %d sessions, %d messages, %d usage rows written; "
+        "%d diverged, %d invalid, %d mismatched",
+        source,
+        "verified" if report.ok else "NOT verified",
+        report.seconds,
+        report.sessions_written,
+        report.messages_written,
+        report.usage_written,
+        len(report.diverged_sessions),
+        len(report.invalid_sessions),
+        len(report.mismatched_sessions),
+    )
     return report
 
 
