@@ -21,10 +21,21 @@ event at all and are not covered.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Delete, Insert, Table, Update, event, inspect, select, update
+from sqlalchemy import (
+    Connection,
+    Delete,
+    Insert,
+    Table,
+    Update,
+    event,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState, UOWTransaction, object_session
 from sqlalchemy.orm import Session as OrmSession
@@ -71,18 +82,62 @@ def install_position_rule(target: Any = OrmSession) -> None:
             the :class:`sqlalchemy.orm.Session` class (every session of the
             process, the default), a subclass, a ``sessionmaker`` or one session.
     """
-    if not event.contains(target, "before_flush", assign_message_positions):
-        event.listen(target, "before_flush", assign_message_positions)
-    if not event.contains(target, "do_orm_execute", place_statement_rows):
-        event.listen(target, "do_orm_execute", place_statement_rows)
+    for name, listener in _LISTENERS:
+        if not event.contains(target, name, listener):
+            event.listen(target, name, listener)
 
 
 def remove_position_rule(target: Any = OrmSession) -> None:
     """Take the position rule off ``target`` (where :func:`install_position_rule` put it)."""
-    if event.contains(target, "before_flush", assign_message_positions):
-        event.remove(target, "before_flush", assign_message_positions)
-    if event.contains(target, "do_orm_execute", place_statement_rows):
-        event.remove(target, "do_orm_execute", place_statement_rows)
+    for name, listener in _LISTENERS:
+        if event.contains(target, name, listener):
+            event.remove(target, name, listener)
+
+
+# -- what writes messages outside the rule's paths ------------------------------------
+#
+# The legacy bulk API (bulk_save_objects, bulk_insert_mappings,
+# bulk_update_mappings) runs no ORM event: its rows reach the connection
+# without positions. The rule watches the connections its sessions begin on
+# and refuses a write into hermes_messages that neither a flush it placed nor a
+# statement it placed sent.
+
+#: In an ORM session's ``info``: a flush of it is under way.
+_FLUSHING = "hermes_orm.flushing"
+#: The connections whose writes the rule watches, with the ORM session that
+#: last began a transaction on each (a session bound to an application's own
+#: connection shares it with the sessions before and after it).
+_watched: weakref.WeakKeyDictionary[Connection, OrmSession] = weakref.WeakKeyDictionary()
+
+
+def _flush_begins(session: OrmSession, _ctx: UOWTransaction, _instances: Any) -> None:
+    session.info[_FLUSHING] = True
+
+
+def _flush_ends(session: OrmSession, *_args: Any) -> None:
+    session.info.pop(_FLUSHING, None)
+
+
+def _watch(session: OrmSession, _transaction: Any, connection: Connection) -> None:
+    """Watch the writes the session sends on ``connection`` (a new transaction's)."""
+    known = connection in _watched
+    _watched[connection] = session
+    if not known:
+        event.listen(connection, "before_execute", _refuse_unplaced)
+
+
+def _refuse_unplaced(
+    conn: Connection, statement: Any, _multi: Any, _params: Any, options: Any
+) -> None:
+    if not (isinstance(statement, Insert | Update | Delete) and statement.table is _messages):
+        return
+    session = _watched.get(conn)
+    if options.get(_PLACED) or (session is not None and session.info.get(_FLUSHING)):
+        return
+    raise InvalidMessageError(
+        "the legacy bulk API (bulk_save_objects, bulk_insert_mappings, "
+        f"bulk_update_mappings) writes messages without positions: {_SUPPORTED}"
+    )
 
 
 # -- placing new messages ----------------------------------------------------------------
@@ -453,3 +508,14 @@ def _refuse_deleting_a_stored_message(_mapper: Any, _connection: Any, target: Me
     parent = _loaded_session(session, target.session_id) if session is not None else None
     if parent is None or session is None or parent not in session.deleted:
         raise _refused_delete(target)
+
+
+#: The rule's listeners on an ORM session target, in the order they are put on.
+_LISTENERS: tuple[tuple[str, Any], ...] = (
+    ("before_flush", _flush_begins),
+    ("before_flush", assign_message_positions),
+    ("after_flush_postexec", _flush_ends),
+    ("after_soft_rollback", _flush_ends),
+    ("do_orm_execute", place_statement_rows),
+    ("after_begin", _watch),
+)

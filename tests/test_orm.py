@@ -480,20 +480,35 @@ def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) 
     assert count_rows(engine, "hermes_messages") == 0
 
 
-def test_the_legacy_bulk_api_runs_no_event_and_writes_no_message_without_idx(
-    engine: Engine,
-) -> None:
-    """bulk_save_objects/bulk_insert_mappings are not covered (see the README): no idx, no row."""
+def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engine) -> None:
+    """bulk_save_objects/bulk_insert_mappings/bulk_update_mappings run no ORM event:
+    the rule refuses their writes into hermes_messages at the connection."""
     _two_sessions(engine)
     before = _state(engine)
+    placed_by_hand = Message(session_id="a", role="user", content="x", digest=b"d", idx=99)
     with OrmSession(engine) as orm:
-        with pytest.raises(IntegrityError, match="idx"):
-            orm.bulk_save_objects([Message(session_id="a", role="user", content="x", digest=b"d")])
+        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
+            orm.bulk_save_objects([placed_by_hand])
         orm.rollback()
-        with pytest.raises(IntegrityError, match="idx"):
+        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
             orm.bulk_insert_mappings(
                 Message,
-                [{"session_id": "a", "role": "user", "content": "x", "digest": b"d"}],
+                [{"session_id": "a", "role": "user", "content": "x", "digest": b"d", "idx": 99}],
             )
         orm.rollback()
-    assert _state(engine) == before
+        first_id = orm.scalars(select(Message.id).order_by(Message.id)).first()
+        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
+            orm.bulk_update_mappings(Message, [{"id": first_id, "idx": 7}])
+        orm.rollback()
+        assert _state(engine) == before  # nothing of any of them was written
+        # The session goes on working through the rule's own paths.
+        orm.add(Message(session_id="a", role="user", content="placed"))
+        orm.commit()
+    after = _state(engine)
+    assert after != before
+    with OrmSession(engine) as orm:
+        last = orm.scalars(
+            select(Message).where(Message.session_id == "a").order_by(Message.idx.desc())
+        ).first()
+        assert last is not None
+        assert last.content == "placed"
