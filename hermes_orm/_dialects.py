@@ -245,7 +245,7 @@ def create_store_engine(
     """
     parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = _with_schema(engine_kwargs, schema)
+    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
     if parsed.get_backend_name() == "postgresql":
         parsed = _pg_connect_args(
             parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
@@ -280,7 +280,7 @@ def create_async_store_engine(
 
     parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = _with_schema(engine_kwargs, schema)
+    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
     if parsed.get_backend_name() == "sqlite":
         if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
             parsed = parsed.set(drivername="sqlite+aiosqlite")
@@ -329,7 +329,7 @@ def _url_options(url: URL, pgbouncer: bool, schema: str | None) -> tuple[URL, bo
         if not isinstance(given, str) or not _IDENTIFIER.fullmatch(given):
             raise InvalidURLError(
                 f"schema={given!r} in {safe_url(url)}: expected one plain identifier "
-                "(letters, digits, _ and $; not starting with a digit)"
+                "(letters, digits, _ and $; not starting with a digit or pg_)"
             )
         if schema is not None and schema != given:
             raise InvalidURLError(f"schema={given!r} in the URL, but schema={schema!r} given")
@@ -339,7 +339,7 @@ def _url_options(url: URL, pgbouncer: bool, schema: str | None) -> tuple[URL, bo
 
 #: A schema name hermes_orm places its tables in: unquoted-identifier shape, so
 #: it reads the same everywhere it is written (quoted, it keeps its case).
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_IDENTIFIER = re.compile(r"(?!pg_)[A-Za-z_][A-Za-z0-9_$]{0,62}")  # pg_ is the server's
 
 
 def store_schema(bind: Engine | Connection, schema: Any = None) -> str | None:
@@ -355,7 +355,7 @@ def store_schema(bind: Engine | Connection, schema: Any = None) -> str | None:
     if schema is not None and (not isinstance(schema, str) or not _IDENTIFIER.fullmatch(schema)):
         raise InvalidArgumentError(
             f"schema must be one plain identifier (letters, digits, _ and $; not starting "
-            f"with a digit), got {schema!r}"
+            f"with a digit or pg_), got {schema!r}"
         )
     translated = (bind.get_execution_options().get("schema_translate_map") or {}).get(None)
     if schema is not None and translated is not None and translated != schema:
@@ -396,12 +396,21 @@ def _pg_connect_args(
     lock wait is set in each transaction (:func:`transaction_settings`) and the
     drivers prepare nothing.
     """
+    given = connect_args.get("options")
+    in_url = url.query.get("options")
+    if isinstance(in_url, tuple):  # the same parameter twice in the URL
+        in_url = " ".join(in_url)
     if pgbouncer:
+        if given or in_url:
+            raise InvalidURLError(
+                f"options={given or in_url!r} with pgbouncer=true ({safe_url(url)}): PgBouncer "
+                "refuses startup options; set such settings on the server (ALTER ROLE ... SET)"
+            )
         if url.get_driver_name() == "asyncpg":
             connect_args.setdefault("statement_cache_size", 0)
             connect_args.setdefault("prepared_statement_name_func", _unnamed_statement)
             return url.update_query_dict({"prepared_statement_cache_size": "0"})
-        if url.get_driver_name() == "psycopg":
+        if url.get_driver_name() in ("psycopg", "psycopg_async"):
             connect_args.setdefault("prepare_threshold", None)
         return url
     ours = f"-c lock_timeout={_millis(lock_timeout)}"
@@ -409,20 +418,22 @@ def _pg_connect_args(
         settings = connect_args.setdefault("server_settings", {})
         settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
         return url
-    given = connect_args.get("options", url.query.get("options"))
-    if isinstance(given, tuple):  # the same parameter twice in the URL
-        given = " ".join(given)
-    if given and "lock_timeout" in given:
+    theirs = " ".join(part for part in (in_url, given) if part)
+    if "lock_timeout" in theirs:
         ours = ""
-    connect_args["options"] = " ".join(part for part in (given, ours) if part)
+    connect_args["options"] = " ".join(part for part in (theirs, ours) if part)
     return url.difference_update_query(["options"])
 
 
-def _with_schema(engine_kwargs: dict[str, Any], schema: str | None) -> dict[str, Any]:
+def _with_schema(url: URL, engine_kwargs: dict[str, Any], schema: str | None) -> dict[str, Any]:
     """``engine_kwargs`` with a ``schema_translate_map`` for hermes_orm's tables, if placed."""
     kwargs = dict(engine_kwargs)
     if schema is None:
         return kwargs
+    if url.get_backend_name() != "postgresql":
+        raise InvalidArgumentError(
+            f"schema={schema!r}: only PostgreSQL places tables in schemas ({safe_url(url)})"
+        )
     if not _IDENTIFIER.fullmatch(schema):
         raise InvalidArgumentError(f"schema must be one plain identifier, got {schema!r}")
     options = dict(kwargs.get("execution_options") or {})
@@ -587,7 +598,11 @@ def take_sqlite(conn: Connection, settings: SQLiteSettings) -> None:
             info[_SAVED] = (tuple(own), info.get(_APPLIED))
         _set_pragmas(cursor, settings)
 
-    _on_sqlite(conn, apply)
+    try:
+        _on_sqlite(conn, apply)
+    except BaseException:
+        conn.invalidate()  # half set, or cancelled: the pool must not hand it out again
+        raise
     info[_APPLIED] = settings
 
 
@@ -603,6 +618,8 @@ def give_back_sqlite(conn: Connection) -> None:
     saved = info.get(_SAVED)
     if saved is None:
         return
+    if conn.in_transaction():  # foreign_keys cannot change inside one
+        conn.rollback()
     own, applied = saved
     try:
         _on_sqlite(conn, lambda cursor: _set_pragmas(cursor, own))
@@ -993,6 +1010,8 @@ def is_transient(exc: DBAPIError) -> bool:
         return "database is locked" in message or "database is busy" in message
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
+        if "unsupported startup parameter" in str(orig).lower():
+            return False  # PgBouncer's refusal (08P01 on asyncpg): it says the same again
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
     return is_unreachable(exc)
 

@@ -16,7 +16,13 @@ and ``update``/``delete`` statements are refused. Stored messages are the
 history: deleting one, or moving it (its ``idx`` or ``session_id``), is refused
 in every ORM session, with the rule or without it. The legacy
 ``bulk_save_objects``/``bulk_insert_mappings``/``bulk_update_mappings`` run no
-event at all and are not covered.
+ORM event: the rule watches its sessions' connections and refuses their writes
+into ``hermes_messages``.
+
+Deleting a :class:`~hermes_orm.models.Session` through the ORM takes its
+messages and the rows that hang on it along, by the database's ``ON DELETE``
+rules; on a SQLite connection with ``foreign_keys`` off (SQLite's default, an
+application's engine) the same rules are applied here.
 """
 
 from __future__ import annotations
@@ -102,20 +108,34 @@ def remove_position_rule(target: Any = OrmSession) -> None:
 # and refuses a write into hermes_messages that neither a flush it placed nor a
 # statement it placed sent.
 
-#: In an ORM session's ``info``: a flush of it is under way.
-_FLUSHING = "hermes_orm.flushing"
 #: The connections whose writes the rule watches, with the ORM session that
 #: last began a transaction on each (a session bound to an application's own
 #: connection shares it with the sessions before and after it).
 _watched: weakref.WeakKeyDictionary[Connection, OrmSession] = weakref.WeakKeyDictionary()
 
 
-def _flush_begins(session: OrmSession, _ctx: UOWTransaction, _instances: Any) -> None:
-    session.info[_FLUSHING] = True
+#: In an ORM session's ``info``: the unit of work of its flush under way.
+_FLUSH = "hermes_orm.flush"
+
+
+def _flush_begins(session: OrmSession, ctx: UOWTransaction, _instances: Any) -> None:
+    session.info[_FLUSH] = ctx
 
 
 def _flush_ends(session: OrmSession, *_args: Any) -> None:
-    session.info.pop(_FLUSHING, None)
+    session.info.pop(_FLUSH, None)
+
+
+def _in_flush(session: OrmSession) -> bool:
+    """Whether ``session``'s statements now are those of a flush's unit of work.
+
+    A flush gets its transaction only once every ``before_flush`` hook ran: one
+    that a hook refused never had one, and its writes never reach a
+    connection, so the mark it left behind lets nothing through.
+    (SQLAlchemy's own flushing state is set by the legacy bulk API too.)
+    """
+    ctx = session.info.get(_FLUSH)
+    return ctx is not None and getattr(ctx, "transaction", None) is not None
 
 
 def _watch(session: OrmSession, _transaction: Any, connection: Connection) -> None:
@@ -132,7 +152,7 @@ def _refuse_unplaced(
     if not (isinstance(statement, Insert | Update | Delete) and statement.table is _messages):
         return
     session = _watched.get(conn)
-    if options.get(_PLACED) or (session is not None and session.info.get(_FLUSHING)):
+    if options.get(_PLACED) or (session is not None and _in_flush(session)):
         return
     raise InvalidMessageError(
         "the legacy bulk API (bulk_save_objects, bulk_insert_mappings, "
@@ -513,9 +533,39 @@ def _refuse_deleting_a_stored_message(_mapper: Any, _connection: Any, target: Me
 #: The rule's listeners on an ORM session target, in the order they are put on.
 _LISTENERS: tuple[tuple[str, Any], ...] = (
     ("before_flush", _flush_begins),
-    ("before_flush", assign_message_positions),
     ("after_flush_postexec", _flush_ends),
     ("after_soft_rollback", _flush_ends),
+    ("before_flush", assign_message_positions),
     ("do_orm_execute", place_statement_rows),
     ("after_begin", _watch),
 )
+
+
+#: What hangs on a session row, by the ON DELETE rule of its foreign key:
+#: (table, column, delete it (CASCADE) or clear the column (SET NULL)).
+_DEPENDENTS: tuple[tuple[Table, Any, bool], ...] = tuple(
+    (fk.parent.table, fk.parent, (fk.ondelete or "").upper() == "CASCADE")
+    for table in Session.metadata.sorted_tables
+    for fk in table.foreign_keys
+    if fk.column.table is _sessions and (fk.ondelete or "").upper() in ("CASCADE", "SET NULL")
+)
+
+
+@event.listens_for(Session, "before_delete")
+def _cascade_where_sqlite_does_not(_mapper: Any, connection: Connection, target: Session) -> None:
+    """Apply the ON DELETE rules on a SQLite connection whose foreign keys are off.
+
+    SQLite enforces foreign keys only on connections that ask for it; an
+    application's engine usually does not. Without this, deleting a session
+    through the ORM there would leave its messages behind, and a new session
+    of the same id would show them.
+    """
+    if connection.dialect.name != "sqlite":
+        return
+    if connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        return  # the database applies them itself
+    for table, column, cascade in _DEPENDENTS:
+        if cascade:
+            connection.execute(table.delete().where(column == target.id))
+        else:
+            connection.execute(table.update().where(column == target.id).values({column: None}))

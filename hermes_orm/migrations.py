@@ -19,6 +19,7 @@ from a host application's own Alembic. Two ways inside a host's Alembic:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from hermes_orm._dialects import store_schema
 from hermes_orm.errors import SchemaManagedByHostError, SchemaOutOfDateError, SchemaTooNewError
@@ -48,7 +50,12 @@ logger = logging.getLogger(__name__)
 
 #: The shipped scripts: ``hermes_orm/alembic`` (in a checkout, a link to the
 #: repository's top-level ``alembic/``).
-SCRIPT_LOCATION = str(Path(__file__).with_name("alembic"))
+SCRIPT_LOCATION = str(
+    Path(__file__).with_name("alembic")
+    if Path(__file__).with_name("alembic").joinpath("env.py").is_file()
+    # A checkout whose git wrote the link as a plain file (Windows without symlinks).
+    else Path(__file__).resolve().parents[1] / "alembic"
+)
 #: Where a host's Alembic finds the revisions to run them as a branch of its own
 #: history: ``version_locations = %(here)s/versions hermes_orm:alembic/versions``.
 VERSION_LOCATION = "hermes_orm:alembic/versions"
@@ -107,18 +114,29 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
     if schema is None:
         yield
         return
-    if create:
-        conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    quoted = f'"{schema}"'
+    # Created only when missing: a role that owns its schema may lack the right
+    # to create schemas in the database, which CREATE SCHEMA IF NOT EXISTS checks first.
+    if create and conn.execute(text("SELECT to_regnamespace(:s)"), {"s": quoted}).scalar() is None:
+        conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
     extension = conn.exec_driver_sql(
         "SELECT quote_ident(n.nspname) FROM pg_extension e "
         "JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'"
     ).scalar()
-    path = ", ".join(part for part in (f'"{schema}"', extension, before) if part)
+    path = ", ".join(part for part in (quoted, extension, before) if part)
     conn.execute(text("SELECT set_config('search_path', :path, true)"), {"path": path})
-    yield
-    if conn.in_transaction():
-        conn.execute(text("SELECT set_config('search_path', :path, true)"), {"path": before})
+    try:
+        yield
+    finally:
+        if conn.in_transaction() and not conn.invalidated:
+            try:
+                with conn.begin_nested():  # a failed transaction cannot run it: nothing to restore
+                    conn.execute(
+                        text("SELECT set_config('search_path', :path, true)"), {"path": before}
+                    )
+            except DBAPIError:
+                pass
 
 
 @contextmanager
@@ -268,6 +286,10 @@ def _known_revisions() -> frozenset[str]:
     return frozenset(rev.revision for rev in script.walk_revisions())
 
 
+#: How hermes_orm names its revisions (0001_baseline, ...).
+_OUR_NAMING = re.compile(r"\d{4}_[a-z0-9_]+")
+
+
 class _Located(NamedTuple):
     """Where the database records its hermes_orm revision, and which it is."""
 
@@ -290,23 +312,25 @@ def _located(conn: Connection, schema: str | None = None) -> _Located:
     Side by side, the revisions record themselves in :data:`VERSION_TABLE`.
     Run as a branch of a host's history, they share the host's
     ``alembic_version`` with the host's own revisions: the one of ours there is
-    the revision. Tables of ours with no revision of ours in that table were
-    migrated by a newer hermes_orm whose revisions this one does not know.
+    the revision. Tables of ours with a revision named as ours are but unknown
+    were migrated by a newer hermes_orm. A schema of their own is side by side only.
     """
     own = _versions(conn, VERSION_TABLE, schema)
     if own:
         return _Located(own[0], VERSION_TABLE)
     inspector = inspect(conn)
-    if not inspector.has_table(HOST_VERSION_TABLE):
-        return _Located(None, None)
+    if schema is not None or not inspector.has_table(HOST_VERSION_TABLE):
+        return _Located(None, None)  # (a branch of the host's history is never placed)
     shared = _versions(conn, HOST_VERSION_TABLE)
     known = _known_revisions()
     ours = [revision for revision in shared if revision in known]
     if ours:
         return _Located(ours[0], HOST_VERSION_TABLE)
-    if shared and inspector.has_table("hermes_sessions"):
-        unknown = ", ".join(sorted(shared))
-        return _Located(unknown, HOST_VERSION_TABLE)
+    # Named as ours are (NNNN_words): a newer hermes_orm's. The host's own
+    # revisions, whatever its tables, are not ours to report.
+    newer = [revision for revision in shared if _OUR_NAMING.fullmatch(revision)]
+    if newer and inspector.has_table("hermes_sessions"):
+        return _Located(", ".join(sorted(newer)), HOST_VERSION_TABLE)
     return _Located(None, None)
 
 

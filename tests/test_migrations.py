@@ -170,11 +170,11 @@ def test_a_branch_of_the_host_history_is_read_from_its_version_table(empty_db_ur
         hermes_orm.upgrade(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql(
-            "UPDATE alembic_version SET version_num = 'zzzz_future' "
+            "UPDATE alembic_version SET version_num = '0099_a_later_change' "
             "WHERE version_num = '0007_message_key_order'"
         )
-    # Our tables, and no revision of ours in the host's table: a newer hermes_orm's.
-    with pytest.raises(SchemaTooNewError, match="zzzz_future"):
+    # Our tables, and a revision named as ours are that this one does not know: newer.
+    with pytest.raises(SchemaTooNewError, match="0099_a_later_change"):
         hermes_orm.check_schema(engine)
     engine.dispose()
 
@@ -394,4 +394,18 @@ def test_a_migration_that_waited_for_another_says_so(
         timer.join()
     assert "waited" in caplog.text
     assert "another process's migration" in caplog.text
+    engine.dispose()
+
+
+def test_the_hosts_own_revisions_are_never_taken_for_ours(empty_db_url: str) -> None:
+    """Our tables without our version, beside a host's alembic_version: no revision of ours."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    hermes_orm.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM hermes_orm_alembic_version")
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('app_0001_accounts')")
+    assert migrations.current(engine) is None
+    with pytest.raises(SchemaOutOfDateError):
+        hermes_orm.check_schema(engine)
     engine.dispose()

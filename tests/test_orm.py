@@ -21,6 +21,7 @@ from hermes_orm import (
     SessionStore,
     install_position_rule,
     remove_position_rule,
+    upgrade,
 )
 from tests.conftest import count_rows
 
@@ -512,3 +513,50 @@ def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engi
         ).first()
         assert last is not None
         assert last.content == "placed"
+
+
+def test_a_refused_flush_leaves_the_bulk_guard_on(engine: Engine) -> None:
+    """The rule refusing a flush (before SQLAlchemy's own transaction) must not switch
+    off its watch over the legacy bulk API for the rest of the session."""
+    _two_sessions(engine)
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="nobody", role="user", content="x"))
+        with pytest.raises(SessionNotFoundError):
+            orm.flush()
+        orm.rollback()
+        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
+            orm.bulk_insert_mappings(
+                Message,
+                [{"session_id": "a", "role": "user", "content": "s", "digest": b"d", "idx": 7}],
+            )
+        orm.rollback()
+    assert _state(engine) == before
+
+
+@pytest.mark.backends("sqlite")
+def test_deleting_a_session_on_an_engine_without_foreign_keys_takes_what_hangs_on_it(
+    tmp_path: Any,
+) -> None:
+    """An application's SQLite engine has foreign keys off: the ON DELETE rules still hold."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    upgrade(engine)
+    store = SessionStore(engine)
+    store.create_session("a", source="app")
+    store.create_session("child", source="app", parent_session_id="a")
+    store.flush("a", [{"role": "user", "content": "old words"}])
+    store.close()
+    with OrmSession(engine) as orm:
+        assert orm.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 0
+        orm.delete(orm.get_one(Session, "a"))
+        orm.commit()
+    assert count_rows(engine, "hermes_messages") == 0
+    store = SessionStore(engine)
+    assert store.get_session("child")["parent_session_id"] is None  # type: ignore[index]
+    store.create_session("a", source="app")  # the same id again: nothing of the old one
+    assert store.get_messages("a") == []
+    assert store.search("words").hits == []
+    store.close()
+    engine.dispose()

@@ -62,13 +62,33 @@ def _stripped(url: str) -> str:
     return make_url(url).difference_update_query(["pgbouncer"]).render_as_string(False)
 
 
-def test_startup_options_refused_by_the_pooler_say_what_to_do(pooled: str) -> None:
-    store = SessionStore(_stripped(pooled), retry=RetryPolicy(attempts=8, base_delay=0.5))
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_startup_options_refused_by_the_pooler_say_what_to_do(pooled: str, driver: str) -> None:
+    url = make_url(_stripped(pooled)).set(drivername=f"postgresql+{driver}")
+    retry = RetryPolicy(attempts=8, base_delay=0.5)
     started = time.monotonic()
-    with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
-        store.create_session("s", source="cli")
+    if driver == "psycopg":
+        store = SessionStore(url, retry=retry)
+        with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
+            store.create_session("s", source="cli")
+        store.close()
+    else:
+
+        async def main() -> None:
+            store = AsyncSessionStore(url, retry=retry)
+            try:
+                await store.create_session("s", source="cli")
+            finally:
+                await store.close()
+
+        with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
+            asyncio.run(main())
     assert time.monotonic() - started < 3  # refused for good: not retried for seconds
-    store.close()
+
+
+def test_options_and_the_pooler_do_not_go_together(pooled: str) -> None:
+    with pytest.raises(InvalidURLError, match="PgBouncer refuses startup options"):
+        create_store_engine(make_url(pooled).update_query_dict({"options": "-c work_mem=64MB"}))
 
 
 def test_writers_sharing_server_connections_store_each_message_once(pooled: str) -> None:
@@ -163,7 +183,7 @@ def test_lock_timeout_is_set_in_each_transaction(pooled: str, pg_db: str) -> Non
     holder.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async", "asyncpg"])
 def test_asyncio_stores_behind_the_pooler(pooled: str, driver: str) -> None:
     url = make_url(pooled).set(drivername=f"postgresql+{driver}").render_as_string(False)
 
@@ -207,6 +227,13 @@ def test_the_urls_own_options_are_kept_beside_the_lock_timeout(pg_db: str) -> No
     engine = create_store_engine(url)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "4321ms"
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "5s"
+    engine.dispose()
+    # Options from the URL and from connect_args both go, beside ours.
+    engine = create_store_engine(url, connect_args={"options": "-c work_mem=7MB"})
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "4321ms"
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() == "7MB"
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "5s"
     engine.dispose()
     # A lock_timeout of the URL's own wins.

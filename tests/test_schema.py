@@ -202,7 +202,7 @@ def test_a_host_transaction_keeps_its_own_search_path(empty_pg: str) -> None:
     engine.dispose()
 
 
-def test_schema_names_and_conflicts_are_refused(empty_pg: str) -> None:
+def test_schema_names_and_conflicts_are_refused(empty_pg: str, tmp_path: Any) -> None:
     with pytest.raises(InvalidArgumentError, match="plain identifier"):
         SessionStore(_engine(empty_pg), schema='bad"name')
     with pytest.raises(InvalidURLError, match="plain identifier"):
@@ -214,6 +214,11 @@ def test_schema_names_and_conflicts_are_refused(empty_pg: str) -> None:
         SessionStore("sqlite://", schema="agents")
     with pytest.raises(InvalidURLError, match="only postgresql"):
         create_store_engine("sqlite:///x.db?schema=agents")
+    with pytest.raises(InvalidArgumentError, match="only PostgreSQL"):
+        create_store_engine(f"sqlite:///{tmp_path / 'never.db'}", schema="agents")
+    assert not (tmp_path / "never.db").exists()
+    with pytest.raises(InvalidArgumentError, match="plain identifier"):
+        SessionStore(_engine(empty_pg), schema="pg_agents")
     translated.dispose()
 
 
@@ -229,3 +234,40 @@ def test_the_command_line_migrates_into_the_schema_of_its_url(empty_pg: str) -> 
     engine.dispose()
     result = run_cli("--url", url, "db", "check", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_role_that_owns_its_schema_but_cannot_create_schemas(empty_pg: str) -> None:
+    """The common least-privilege layout: the DBA makes the schema and the extension."""
+    admin = _engine(empty_pg)
+    database = make_url(empty_pg).database
+    with admin.begin() as conn:
+        conn.exec_driver_sql("DROP ROLE IF EXISTS chat_app_owner")
+        conn.exec_driver_sql("CREATE ROLE chat_app_owner LOGIN")
+        conn.exec_driver_sql(f'REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC')
+        conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        conn.exec_driver_sql("CREATE SCHEMA agents AUTHORIZATION chat_app_owner")
+    url = make_url(empty_pg).set(username="chat_app_owner")
+    engine = _engine(url.render_as_string(False))
+    hermes_orm.upgrade(engine, schema="agents")
+    hermes_orm.upgrade(engine, schema="agents")  # at head: nothing to create
+    store = SessionStore(engine, schema="agents")
+    store.create_session("s", source="cli")
+    assert store.flush("s", TURN).written == 2
+    store.close()
+    engine.dispose()
+    with admin.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA agents CASCADE")
+        conn.exec_driver_sql("DROP ROLE chat_app_owner")
+    admin.dispose()
+
+
+def test_a_failed_upgrade_gives_the_host_its_search_path_back(empty_pg: str) -> None:
+    engine = _engine(empty_pg)
+    with engine.connect() as conn:
+        conn.begin()
+        before = conn.exec_driver_sql("SHOW search_path").scalar()
+        with pytest.raises(Exception, match="no_such_revision"):
+            hermes_orm.upgrade(conn, "no_such_revision", schema="agents")
+        assert conn.exec_driver_sql("SHOW search_path").scalar() == before
+        conn.rollback()
+    engine.dispose()

@@ -205,9 +205,7 @@ def test_views_share_what_the_store_remembers(store: SessionStore) -> None:
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert not [
-        s
-        for s in statements
-        if s.lstrip().upper().startswith("SELECT") and "set_config" not in s
+        s for s in statements if s.lstrip().upper().startswith("SELECT") and "set_config" not in s
     ]
     assert any("user_id" in s for s in statements if s.lstrip().upper().startswith("UPDATE"))
 

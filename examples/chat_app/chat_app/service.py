@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import create_engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
 import hermes_orm
@@ -58,11 +59,14 @@ def _account(orm: OrmSession, account_id: int) -> Account:
 
 @app.post("/accounts")
 def create_account(body: NewAccount) -> dict[str, Any]:
-    with OrmSession(engine) as orm, orm.begin():
-        account = Account(name=body.name)
-        orm.add(account)
-        orm.flush()
-        return {"id": account.id, "name": account.name}
+    try:
+        with OrmSession(engine) as orm, orm.begin():
+            account = Account(name=body.name)
+            orm.add(account)
+            orm.flush()
+            return {"id": account.id, "name": account.name}
+    except IntegrityError as exc:
+        raise HTTPException(409, f"an account named {body.name!r} exists") from exc
 
 
 @app.post("/chats/{chat_id}")
@@ -71,7 +75,10 @@ def save_turn(chat_id: str, body: Turn) -> dict[str, Any]:
     with OrmSession(engine) as orm:
         account = _account(orm, body.account_id)
     chats = store.for_user(str(account.id))
-    chats.ensure_session(chat_id, source="chat_app")
+    try:
+        chats.ensure_session(chat_id, source="chat_app")
+    except hermes_orm.SessionExistsError as exc:  # another account's chat
+        raise HTTPException(409, f"chat {chat_id} belongs to another account") from exc
     try:
         result = chats.flush(chat_id, body.messages)
     except hermes_orm.HistoryDivergedError as exc:

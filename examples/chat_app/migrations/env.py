@@ -28,6 +28,8 @@ def run_migrations_online() -> None:
     engine = create_engine(URL, poolclass=pool.NullPool)
     with engine.connect() as connection:
         if SIDE_BY_SIDE:
+            # On every alembic command (check and downgrade included): at head it
+            # only reads the version; hermes_orm's downgrades are its own command.
             hermes_orm.upgrade(connection)
         context.configure(
             connection=connection,
