@@ -529,6 +529,11 @@ class StoreCore:
             else _LOCK_SESSION.where(_sessions.c.user_id == bindparam("user_id"))
         )
 
+    @property
+    def schema(self) -> str | None:
+        """The PostgreSQL schema holding the tables (None: where ``search_path`` finds them)."""
+        return self._schema
+
     def _view(self, store: StoreCore, user_id: Any) -> None:
         """Become ``store`` seeing only ``user_id``'s sessions (a user-scoped view of it)."""
         StoreCore.__init__(

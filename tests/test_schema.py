@@ -271,3 +271,17 @@ def test_a_failed_upgrade_gives_the_host_its_search_path_back(empty_pg: str) -> 
         assert conn.exec_driver_sql("SHOW search_path").scalar() == before
         conn.rollback()
     engine.dispose()
+
+
+def test_the_hermes_adapter_keeps_house_in_the_schema(empty_pg: str) -> None:
+    """SessionDB's upkeep names the tables by schema where it runs outside a store transaction."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    hermes_orm.upgrade(_engine(empty_pg), schema="agents")
+    store = SessionStore(make_url(empty_pg).update_query_dict({"schema": "agents"}))
+    db = SessionDB(store)
+    db.create_session("s", source="cli")
+    db.append_message("s", role="user", content="kept in agents")
+    db.vacuum()
+    assert [m["content"] for m in db.get_messages("s")] == ["kept in agents"]
+    store.close()

@@ -1036,7 +1036,9 @@ class UpkeepMethods:
                 conn.exec_driver_sql("VACUUM")
             else:
                 quote = engine.dialect.identifier_preparer.quote
-                tables = ", ".join(quote(t.name) for t in Base.metadata.sorted_tables)
+                schema = self._store.schema
+                prefix = "" if schema is None else f"{quote(schema)}."
+                tables = ", ".join(prefix + quote(t.name) for t in Base.metadata.sorted_tables)
                 conn.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
         return optimized
 
