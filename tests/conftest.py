@@ -64,6 +64,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 _pg_passed: list[str] = []
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by markers
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A module's ``HEAVY_ON`` backends: its tests on them are marked ``heavy``."""
+    module = getattr(item, "module", None)
+    heavy_on = getattr(module, "HEAVY_ON", ())
+    if any(backend in item.keywords for backend in heavy_on):
+        item.add_marker(pytest.mark.heavy)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With ``--through-pgbouncer`` or ``--in-schema``, leave out the tests marked ``direct``."""
     if not (config.getoption("--through-pgbouncer") or config.getoption("--in-schema")):

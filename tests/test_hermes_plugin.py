@@ -31,6 +31,10 @@ from tests._hermes_agent import (
     start_agent,
 )
 
+#: Real agent turns in subprocesses: on PostgreSQL they run in CI's heavy step
+#: (the store's own tests cover PostgreSQL in the default suite).
+HEAVY_ON = ("postgresql",)
+
 # the Hermes plugin writes through a blocking SessionStore: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
 

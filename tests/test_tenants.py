@@ -59,6 +59,7 @@ _TRIED = {
     "get_messages",
     "search",
     "user_id",
+    "schema",
     "forget_cursor",
     "flush_in",
 }
@@ -145,6 +146,7 @@ def test_flush_in_a_transaction_of_a_user_store_sees_only_its_user(
 def test_a_user_store_does_everything_on_its_own_sessions(store: SessionStore) -> None:
     alice = store.for_user("alice")
     assert alice.user_id == "alice"
+    assert alice.schema == store.schema  # the view's tables are its store's
     assert alice.ensure_session("a1", source="cli") is True
     assert alice.ensure_session("a1", source="cli", model="m") is False
     created = alice.create_session("a2", source="web", parent_session_id="a1", title="t")

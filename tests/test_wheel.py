@@ -121,7 +121,11 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("version", PYTHONS)
+@pytest.mark.parametrize(
+    "version",
+    # The running Python in the default suite; the others in CI's heavy step.
+    [pytest.param(v, marks=pytest.mark.heavy) if v != "3.11" else v for v in PYTHONS],
+)
 def test_wheel_installs_and_migrates_from_its_own_files(
     version: str, wheel: Path, tmp_path: Path
 ) -> None:
