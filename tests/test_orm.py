@@ -481,6 +481,14 @@ def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) 
     assert count_rows(engine, "hermes_messages") == 0
 
 
+def _bulk_insert_is_refused(orm: OrmSession, *, idx: int) -> None:
+    """``bulk_insert_mappings`` of a message placed by hand: refused, then rolled back."""
+    row = {"session_id": "a", "role": "user", "content": "x", "digest": b"d", "idx": idx}
+    with pytest.raises(InvalidMessageError, match="legacy bulk API"):
+        orm.bulk_insert_mappings(Message, [row])
+    orm.rollback()
+
+
 def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engine) -> None:
     """bulk_save_objects/bulk_insert_mappings/bulk_update_mappings run no ORM event:
     the rule refuses their writes into hermes_messages at the connection."""
@@ -491,12 +499,7 @@ def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engi
         with pytest.raises(InvalidMessageError, match="legacy bulk API"):
             orm.bulk_save_objects([placed_by_hand])
         orm.rollback()
-        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
-            orm.bulk_insert_mappings(
-                Message,
-                [{"session_id": "a", "role": "user", "content": "x", "digest": b"d", "idx": 99}],
-            )
-        orm.rollback()
+        _bulk_insert_is_refused(orm, idx=99)
         first_id = orm.scalars(select(Message.id).order_by(Message.id)).first()
         with pytest.raises(InvalidMessageError, match="legacy bulk API"):
             orm.bulk_update_mappings(Message, [{"id": first_id, "idx": 7}])
@@ -525,12 +528,7 @@ def test_a_refused_flush_leaves_the_bulk_guard_on(engine: Engine) -> None:
         with pytest.raises(SessionNotFoundError):
             orm.flush()
         orm.rollback()
-        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
-            orm.bulk_insert_mappings(
-                Message,
-                [{"session_id": "a", "role": "user", "content": "s", "digest": b"d", "idx": 7}],
-            )
-        orm.rollback()
+        _bulk_insert_is_refused(orm, idx=7)
     assert _state(engine) == before
 
 
