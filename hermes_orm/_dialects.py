@@ -133,7 +133,7 @@ def normalize_url(url: str | URL) -> URL:
         UnsupportedBackendError: It names neither SQLite nor PostgreSQL.
     """
     try:
-        parsed = make_url(url)
+        parsed = make_url(_hosts_as_query(url) if isinstance(url, str) else url)
         parsed.port  # noqa: B018 - parsed lazily: a port that is not a number raises here
     except (ArgumentError, ValueError, TypeError) as exc:
         raise InvalidURLError(
@@ -145,6 +145,31 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
+
+
+#: A URL whose authority lists several hosts, as libpq writes it (and
+#: ``pg_autoctl show uri`` prints it): ``postgresql://u@h1:p1,h2:p2/db?...``.
+_MULTI_HOST = re.compile(
+    r"^(?P<scheme>[^:/?#]+)://(?:(?P<auth>[^@/?#]*)@)?(?P<hosts>[^/?#]*,[^/?#]*)(?P<rest>.*)$"
+)
+
+
+def _hosts_as_query(url: str) -> str:
+    """Libpq's multi-host form, rewritten as SQLAlchemy parses it: ``?host=h1:p1&host=h2:p2``.
+
+    SQLAlchemy reads only one host in the authority part (the rest becomes a
+    port that is not a number); the same hosts as ``host`` parameters reach
+    psycopg and asyncpg, which try them in order (with the URL's
+    ``target_session_attrs``).
+    """
+    found = _MULTI_HOST.match(url)
+    if found is None:
+        return url
+    auth = found["auth"]
+    head = f"{found['scheme']}://{auth + '@' if auth is not None else ''}"
+    path, _, query = found["rest"].partition("?")
+    hosts = "&".join(f"host={host.strip()}" for host in found["hosts"].split(",") if host.strip())
+    return f"{head}{path or '/'}?{hosts}{'&' + query if query else ''}"
 
 
 def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
