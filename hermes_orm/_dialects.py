@@ -398,14 +398,14 @@ def store_schema(bind: Engine | Connection, schema: Any = None) -> str | None:
     return found
 
 
-def search_path(schema: str) -> str:
-    """The statement that puts ``schema`` first on the transaction's ``search_path``.
+def _first_on_search_path(schema: str) -> str:
+    """The ``set_config`` call that puts ``schema`` first on the transaction's ``search_path``.
 
     The names that follow it stay: the database's own path (where extensions
     such as pg_trgm usually are) and whatever the connection set.
     """
     path = f"'\"{schema}\", ' || current_setting('search_path')"
-    return f"SELECT set_config('search_path', {path}, true)"
+    return f"set_config('search_path', {path}, true)"
 
 
 def _pg_connect_args(
@@ -977,7 +977,7 @@ def transaction_settings(
     if millis is not None:
         settings.append(f"set_config('lock_timeout', '{millis}', true)")
     if schema is not None:
-        settings.append(search_path(schema).removeprefix("SELECT "))
+        settings.append(_first_on_search_path(schema))
     if not settings:
         return ()
     return ((f"SELECT {', '.join(settings)}", ()),)
