@@ -7,7 +7,8 @@ prefix of the conversation and the cursor is its length.
 
 from typing import TYPE_CHECKING
 
-from hermes_orm._dialects import RetryPolicy, create_async_store_engine, create_store_engine
+from hermes_orm._dialects import create_async_store_engine, create_store_engine
+from hermes_orm._retry import RetryPolicy
 from hermes_orm._unit_of_work import install_position_rule, remove_position_rule
 from hermes_orm.errors import (
     DatabaseBusyError,

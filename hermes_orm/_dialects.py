@@ -12,12 +12,9 @@ row, which serialises writers of one session and nobody else.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
-import random
 import re
 import sqlite3
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -34,8 +31,6 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
-    DatabaseBusyError,
-    DatabaseError,
     DatabaseUnavailableError,
     InvalidArgumentError,
     InvalidURLError,
@@ -56,39 +51,11 @@ _SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _SQLITE_TRANSIENT = {5, 6}
 # serialization_failure, deadlock_detected, lock_not_available, admin/crash shutdown,
 # cannot_connect_now; class 08 is "connection exception".
-_PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
-
-
-#: Where hermes_orm says what it retries (INFO): lost connections, busy databases.
-logger = logging.getLogger("hermes_orm")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Bounded, jittered retry of transient database errors.
-
-    A write is one atomic transaction and the cursor makes it idempotent, so
-    running it again after a busy database or a lost connection is safe.
-
-    Attributes:
-        attempts: Tries in all, the first included.
-        base_delay: Seconds before the second try; doubles each time.
-        max_delay: Ceiling of one wait, in seconds.
-    """
-
-    attempts: int = 8
-    base_delay: float = 0.02
-    max_delay: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be at least 1")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("RetryPolicy delays must not be negative")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed try number ``attempt`` (0-based): full jitter."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+_PG_TRANSIENT = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25006"}
+# Of those, the ones that say this server cannot do the work now, however long
+# the locks are free: shut down, starting up, or read-only (read_only_sql_transaction:
+# a standby, or a primary demoted by a failover).
+_PG_UNREACHABLE = {"57P01", "57P02", "57P03", "25006"}
 
 
 def hermes_home() -> Path:
@@ -421,6 +388,7 @@ def _pg_connect_args(
     lock wait is set in each transaction (:func:`transaction_settings`) and the
     drivers prepare nothing.
     """
+    _deadlines(url, connect_args)
     given = connect_args.get("options")
     in_url = url.query.get("options")
     if isinstance(in_url, tuple):  # the same parameter twice in the URL
@@ -448,6 +416,34 @@ def _pg_connect_args(
         ours = ""
     connect_args["options"] = " ".join(part for part in (theirs, ours) if part)
     return url.difference_update_query(["options"])
+
+
+#: libpq's connection deadlines for engines a store builds, unless the URL sets
+#: them: a server that does not answer within ``connect_timeout`` seconds is
+#: given up (the next host of a multi-host URL is tried); keepalives find a
+#: dead peer of an idle connection within about a minute, and unacknowledged
+#: data a lost one within ``tcp_user_timeout`` milliseconds.
+LIBPQ_DEADLINES = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+#: asyncpg's connection deadline (seconds), its ``timeout`` argument.
+ASYNCPG_CONNECT_TIMEOUT = 10.0
+
+
+def _deadlines(url: URL, connect_args: dict[str, Any]) -> None:
+    """Add the connection deadlines the URL and ``connect_args`` leave unset."""
+    if url.get_driver_name() == "asyncpg":
+        if "timeout" not in url.query:
+            connect_args.setdefault("timeout", ASYNCPG_CONNECT_TIMEOUT)
+        return
+    for name, value in LIBPQ_DEADLINES.items():
+        if name not in url.query:
+            connect_args.setdefault(name, value)
 
 
 def _with_schema(url: URL, engine_kwargs: dict[str, Any], schema: str | None) -> dict[str, Any]:
@@ -1003,7 +999,16 @@ def committed(conn: Connection, xid: int) -> bool:
     """
     status_of = driver_sql(conn, "SELECT txid_status(%s)")
     for _ in range(_OUTCOME_POLLS):
-        status = conn.exec_driver_sql(status_of, (xid,)).scalar_one()
+        conn.exec_driver_sql("SAVEPOINT hermes_orm_outcome")
+        try:
+            status = conn.exec_driver_sql(status_of, (xid,)).scalar_one()
+        except DBAPIError as exc:
+            if _sqlstate(exc.orig) != "22023":
+                raise
+            # "transaction ID ... is in the future": the server was promoted from a
+            # standby that never received it (asynchronous replication): not here.
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT hermes_orm_outcome")
+            return False
         if status != "in progress":
             return bool(status == "committed")
         conn.exec_driver_sql(driver_sql(conn, "SELECT pg_sleep(%s)"), (_OUTCOME_POLL,))
@@ -1055,11 +1060,41 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return True
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
-        return sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+        return sqlstate.startswith("08") or sqlstate in _PG_UNREACHABLE
     message = str(orig).lower()
-    return type(orig).__name__ in ("OperationalError", "ConnectionDoesNotExistError") and not any(
+    kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
+    return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not any(
         refusal in message for refusal in _REFUSALS
     )
+
+
+def read_only_hint(exc: DBAPIError) -> str:
+    """What to do when ``exc`` says the server is read-only (empty otherwise)."""
+    message = str(exc.orig).lower()
+    if _sqlstate(exc.orig) != "25006" and "read-only" not in message and "standby" not in message:
+        return ""
+    return (
+        " (the server is read-only: a standby, or a primary a failover demoted; list "
+        "every host in the URL with ?target_session_attrs=read-write so each new "
+        "connection finds the primary)"
+    )
+
+
+def socket_of(conn: Connection) -> int | None:
+    """The file descriptor of ``conn``'s socket to the server (None where unknown).
+
+    psycopg (sync and async) and psycopg2 give it; asyncpg's is its transport's.
+    """
+    driver: Any = conn.connection.driver_connection
+    fileno = getattr(driver, "fileno", None)
+    if callable(fileno):
+        try:
+            return int(fileno())
+        except Exception:  # a closed connection
+            return None
+    transport = getattr(driver, "_transport", None)
+    sock = None if transport is None else transport.get_extra_info("socket")
+    return None if sock is None else int(sock.fileno())
 
 
 #: What a server says when it refuses a connection for good (psycopg gives no SQLSTATE).
@@ -1077,7 +1112,7 @@ _REFUSALS = (
 _PREPARED_ELSEWHERE = {"42P05", "26000"}
 
 
-def _pooler_hint(exc: DBAPIError) -> str:
+def pooler_hint(exc: DBAPIError) -> str:
     """What to do when ``exc`` is how PgBouncer in transaction mode meets session state."""
     message = str(exc.orig).lower()
     if "unsupported startup parameter" in message:
@@ -1147,69 +1182,3 @@ def describe_busy(
         for h in holders
     )
     return f"PostgreSQL reported {exc.orig}; holding locks on hermes_sessions: {who}"
-
-
-def retry_delay(policy: RetryPolicy, attempt: int, exc: DBAPIError) -> float | None:
-    """Seconds to wait before trying again after try ``attempt`` (0-based) failed with ``exc``.
-
-    Returns:
-        None when ``policy`` allows no more tries (the caller reports the database busy).
-
-    Raises:
-        DatabaseError: ``exc`` is not transient: trying again cannot help.
-    """
-    if not is_transient(exc):
-        raise DatabaseError(f"database error: {redact(str(exc.orig))}{_pooler_hint(exc)}") from exc
-    if attempt + 1 >= policy.attempts:
-        return None
-    return policy.delay(attempt)
-
-
-def log_retry(policy: RetryPolicy, attempt: int, exc: DBAPIError, delay: float) -> None:
-    """Say (at INFO, on the ``hermes_orm`` logger) that try ``attempt`` failed and why."""
-    if logger.isEnabledFor(logging.INFO):
-        reason = redact(str(exc.orig)).strip().splitlines()[0] if str(exc.orig).strip() else ""
-        logger.info(
-            "transient database error (%s: %s); try %d of %d in %.3f s",
-            type(exc.orig).__name__,
-            reason,
-            attempt + 2,
-            policy.attempts,
-            delay,
-        )
-
-
-def run_with_retry(
-    engine: Engine, policy: RetryPolicy, work: Callable[[], T], schema: str | None = None
-) -> T:
-    """Run ``work`` (one whole transaction) again on transient errors, within ``policy``.
-
-    ``schema``: where the store's tables are, to name who held a lock.
-    """
-    for attempt in range(policy.attempts):
-        try:
-            return work()
-        except DBAPIError as exc:
-            delay = retry_delay(policy, attempt, exc)
-            if delay is None:
-                raise out_of_retries(engine, policy, exc, schema=schema) from exc
-            log_retry(policy, attempt, exc, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def out_of_retries(
-    engine: Engine,
-    policy: RetryPolicy,
-    exc: DBAPIError,
-    holders: Sequence[Any] | None = None,
-    *,
-    schema: str | None = None,
-) -> DatabaseUnavailableError | DatabaseBusyError:
-    """What to raise when transient errors outlasted ``policy``: unreachable, or busy.
-
-    ``holders`` as for :func:`describe_busy`.
-    """
-    if is_unreachable(exc):
-        return DatabaseUnavailableError(redact(str(exc.orig)), attempts=policy.attempts)
-    return DatabaseBusyError(describe_busy(engine, exc, holders, schema), attempts=policy.attempts)

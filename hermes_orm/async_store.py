@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
-from hermes_orm._dialects import RetryPolicy
+from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -238,8 +238,11 @@ class AsyncSessionStore(_AsyncSessions):
 
     async def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            async with self._async_engine.connect() as conn:
+            conn = await self._connect()
+            try:
                 await conn.run_sync(migrations.check, schema=self._schema)
+            finally:
+                await asyncio.shield(conn.close())
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
@@ -247,13 +250,15 @@ class AsyncSessionStore(_AsyncSessions):
     async def _transaction(self, request: Run[T]) -> T:
         """Run one transaction on a pooled connection, retried whole on transient errors."""
         begin = self._sql.begin
-        tries = 0
+        timeout = self._retry.attempt_timeout
+        retries = Retries(self._retry)
         while True:
+            retries.begin()
             try:
                 await self._ensure_schema()  # its connection's failures are retried too
                 conn = await self._checkout()
                 try:
-                    result = await conn.run_sync(attempt, request, begin, self._settings)
+                    result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
                 except BaseException:
                     # Back to the pool, whose reset rolls back whatever a
                     # cancellation interrupted; dropped if it was invalidated.
@@ -262,19 +267,30 @@ class AsyncSessionStore(_AsyncSessions):
                 await self._checkin(conn)
                 return result
             except DBAPIError as exc:
-                delay = _dialects.retry_delay(self._retry, tries, exc)
+                delay = retries.after(exc)
                 if delay is None:
                     holders = await self._busy_holders(exc)
-                    raise _dialects.out_of_retries(self._engine, self._retry, exc, holders) from exc
-                _dialects.log_retry(self._retry, tries, exc, delay)
-                tries += 1
+                    raise retries.give_up(self._engine, exc, holders, self._schema) from exc
+                retries.log(exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _connect(self) -> AsyncConnection:
+        """A connection from the pool; asyncpg's connect timeout raised as a lost connection."""
+        try:
+            return await self._async_engine.connect()
+        except TimeoutError as exc:  # asyncpg raises it as it is, not as a DBAPI error
+            raise OperationalError(
+                "connect",
+                None,
+                TimeoutError("connection timeout expired"),
+                connection_invalidated=True,
+            ) from exc
 
     async def _checkout(self) -> AsyncConnection:
         """The idle connection the store kept, else one from the pool."""
         if self._parked:
             return self._parked.pop()
-        conn = await self._async_engine.connect()
+        conn = await self._connect()
         if self._sqlite is not None:
             try:
                 await conn.run_sync(_dialects.take_sqlite, self._sqlite)
@@ -316,7 +332,7 @@ class AsyncSessionStore(_AsyncSessions):
 
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""
-        return await self._transaction(Run(_search.rebuild, write=True))
+        return await self._transaction(Run(_search.rebuild, write=True, bounded=False))
 
 
 class AsyncUserStore(_AsyncSessions):

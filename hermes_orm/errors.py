@@ -114,7 +114,7 @@ class HistoryDivergedError(HermesOrmError):
 
 
 class DatabaseBusyError(HermesOrmError):
-    """A transient database error outlasted the retry bound."""
+    """Another writer held a lock past the retry bound (``RetryPolicy.attempts``)."""
 
     def __init__(self, detail: str, *, attempts: int) -> None:
         self.attempts = attempts
@@ -126,13 +126,22 @@ class DatabaseBusyError(HermesOrmError):
 
 
 class DatabaseUnavailableError(HermesOrmError):
-    """The database could not be reached (connections refused or lost) within the retry bound."""
+    """The database could not be reached, or could not take writes, for the retry span.
 
-    def __init__(self, detail: str, *, attempts: int) -> None:
+    Connections refused, lost or unanswered, a server starting up or shutting
+    down, or a read-only one (a failover under way), for longer than
+    ``RetryPolicy.unavailable_for``. Nothing was left half-written: calling
+    again later is the retry.
+    """
+
+    def __init__(self, detail: str, *, attempts: int, seconds: float | None = None) -> None:
         self.attempts = attempts
+        self.seconds = seconds
+        span = "" if seconds is None else f" for {seconds:.1f} s"
         super().__init__(
-            f"database unreachable after {attempts} attempts: {detail}; check that the "
-            "server is up and reachable, or raise SessionStore(retry=...) to wait longer"
+            f"database unreachable{span} ({attempts} attempts): {detail}; check that the "
+            "server is up and reachable, or raise RetryPolicy(unavailable_for=...) to wait "
+            "longer"
         )
 
 

@@ -43,12 +43,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
-from hermes_orm import _codec, _dialects, migrations
+from hermes_orm import _codec, _dialects, _retry, migrations
 from hermes_orm import search as _search
-from hermes_orm._dialects import RetryPolicy
+from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
     HistoryDivergedError,
     InvalidArgumentError,
@@ -384,6 +384,8 @@ class Run(Generic[T]):
     write: bool
     whole: bool = False
     once: bool = False
+    #: Each try has the store's deadline (``RetryPolicy.attempt_timeout``).
+    bounded: bool = True
     #: The transaction id and result of the try whose COMMIT is unanswered.
     landed: list[Any] = field(default_factory=list, compare=False, repr=False)
 
@@ -442,16 +444,41 @@ def attempt(
     request: Run[T],
     begin: Sequence[tuple[str, Sequence[Any]]],
     settings: Sequence[tuple[str, Sequence[Any]]] = (),
+    timeout: float | None = None,
 ) -> T:
     """One try of ``request`` in ``conn``: begin, work, commit (or roll back on any error).
 
     A write opens with ``begin``, a read with ``settings`` (the part of
-    ``begin`` that is not about taking the write lock).
+    ``begin`` that is not about taking the write lock). ``timeout``: seconds
+    the try may take on PostgreSQL before its connection is abandoned
+    (:attr:`RetryPolicy.attempt_timeout`), unless ``request`` is unbounded.
 
     After a failure the driver connection is rolled back too: after a failed
     COMMIT, SQLAlchemy considers the transaction over while the driver may
-    still hold it open. A connection that cannot even roll back is invalidated.
+    still hold it open. A connection that cannot even roll back, or whose
+    server cannot take the work now, is invalidated.
     """
+    watch = _retry.watch_try(conn, timeout) if request.bounded else None
+    if watch is None:
+        return _attempt(conn, request, begin, settings)
+    try:
+        result = _attempt(conn, request, begin, settings)
+    except BaseException as exc:
+        watch.blame(exc)
+        raise
+    finally:
+        _retry.watchdog.disarm(watch)
+    if watch.fired and not conn.invalidated:  # it ended as its socket was shut down
+        conn.invalidate()
+    return result
+
+
+def _attempt(
+    conn: Connection,
+    request: Run[T],
+    begin: Sequence[tuple[str, Sequence[Any]]],
+    settings: Sequence[tuple[str, Sequence[Any]]],
+) -> T:
     try:
         if request.whole:
             return request.work(conn)
@@ -472,8 +499,11 @@ def attempt(
         _dialects.end_transaction(conn, commit=request.write)
         landed.clear()
         return result
-    except BaseException:
+    except BaseException as exc:
         if conn.invalidated:  # a lost connection: rolling back would open a new one
+            raise
+        if isinstance(exc, DBAPIError) and _dialects.is_unreachable(exc):
+            conn.invalidate()  # a server that cannot take the work now: connect afresh
             raise
         try:
             conn.rollback()
@@ -1415,19 +1445,20 @@ class SessionStore(_Sessions):
             self._engine.dispose(close=False)
             self._forks_seen = _forks[0]
         begin = self._sql.begin
+        timeout = self._retry.attempt_timeout
 
         def once() -> Any:
             self._ensure_schema()  # its connection's failures are retried as the work's
             conn = self._checkout()
             try:
-                result = attempt(conn, request, begin, self._settings)
+                result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
                 self._release(conn)  # the pool drops it if it was invalidated
                 raise
             self._checkin(conn)
             return result
 
-        return _dialects.run_with_retry(self._engine, self._retry, once, self._schema)
+        return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""
@@ -1484,7 +1515,8 @@ class SessionStore(_Sessions):
         Triggers keep the index in step with every write; a rebuild repairs an
         index damaged outside hermes_orm, or compacts one after heavy deletes.
         """
-        return self.write_transaction(_search.rebuild)
+        # Unbounded: on a large store the rebuild outlasts any deadline of one try.
+        return self._transaction(Run(_search.rebuild, write=True, bounded=False))  # type: ignore[no-any-return]
 
 
 class UserStore(_Sessions):

@@ -47,6 +47,8 @@ from reliability._common import (
 #: ``application_name`` of the writers' connections: how their backends are found.
 APPLICATION = "hermes-reliability-writer"
 _EXPECTED = ("DatabaseUnavailableError", "DatabaseBusyError")
+#: The retry policy of the writers that give up quickly.
+_QUICK = {"attempts": 2, "base_delay": 0.01, "max_delay": 0.05, "unavailable_for": 0.05}
 #: Seconds the writers may take to flush again after a restart.
 _RECOVERY = 60.0
 
@@ -101,7 +103,7 @@ def run(
                 "lag": rng.uniform(0.0, 0.2),
                 "recover": True,
                 # Half the writers give up quickly: the restarts reach them as errors.
-                "retry": {"attempts": 2, "base_delay": 0.01, "max_delay": 0.05} if p % 2 else None,
+                "retry": _QUICK if p % 2 else None,
             }
             process, stderr = spawn("writer", args)
             reader = Reader(process)
@@ -113,7 +115,7 @@ def run(
                 "session": sid,
                 "start_at": start_at,
                 "stop_file": str(stop),
-                "retry": {"attempts": 2, "base_delay": 0.01, "max_delay": 0.05} if p % 2 else None,
+                "retry": _QUICK if p % 2 else None,
             }
             process, stderr = spawn("appender", args)
             reader = Reader(process)

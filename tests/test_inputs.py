@@ -8,6 +8,7 @@ APIs; open classes (any string) are tried property-based.
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,19 @@ def test_a_server_that_is_down_is_reported_unreachable_not_busy() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"postgresql://u:SECRET@127.0.0.1:{port}/db"
-    policy = RetryPolicy(attempts=2, base_delay=0.01)
+    # Retried for unavailable_for seconds, however few busy retries the policy allows.
+    policy = RetryPolicy(attempts=1, base_delay=0.01, unavailable_for=0.3)
+    started = time.monotonic()
     with pytest.raises(DatabaseUnavailableError) as err:
         SessionStore(url, retry=policy).get_session("x")
+    assert 0.3 <= time.monotonic() - started < 5
+    assert err.value.attempts > 1
+    assert err.value.seconds is not None
+    assert err.value.seconds >= 0.3
     assert "SECRET" not in str(err.value)
-    assert "unreachable" in str(err.value)
+    assert "unreachable for" in str(err.value)
+    assert "busy" not in str(err.value)
+    assert "lock" not in str(err.value)
 
     import asyncio
 

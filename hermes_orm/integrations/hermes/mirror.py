@@ -54,7 +54,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import migrations
-from hermes_orm._dialects import RetryPolicy, create_store_engine, redact, safe_url
+from hermes_orm._dialects import create_store_engine, redact, safe_url
+from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
     HermesOrmError,
     HistoryDivergedError,
@@ -75,7 +76,9 @@ EXIT_WAIT = 5.0
 #: Seconds one write attempt waits for a lock, and the retries after it: a locked
 #: database gives up after a few seconds and the next turn tries again.
 _LOCK_TIMEOUT = 1.0
-_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.5)
+_RETRY = RetryPolicy(
+    attempts=3, base_delay=0.05, max_delay=0.5, unavailable_for=5.0, attempt_timeout=10.0
+)
 #: Sessions whose stored history the mirror keeps in memory (the most recent).
 _TRACKED_MAX = 1000
 #: Marks of Hermes' recovery scaffolding: messages Hermes never persists

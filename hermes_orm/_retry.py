@@ -1,0 +1,312 @@
+"""Retrying a store's transactions: a busy database by count, an unreachable one by time.
+
+A write is one atomic transaction and the cursor makes it idempotent, so it
+may run again after any transient error. Two kinds differ in how long trying
+again is worth it:
+
+- **busy**: a lock held by another writer (SQLite's busy database, PostgreSQL's
+  lock timeout, a serialization failure or deadlock). It clears as soon as the
+  other writer commits, or it points at a stuck transaction; a few tries tell.
+- **unavailable**: the server cannot be reached, dropped the connection, is
+  starting up, or turned read-only (a primary demoted, a standby not yet
+  promoted). An automated failover takes seconds to tens of seconds, so these
+  are retried for a span of time of their own.
+
+Each try also has a deadline. A server that stops answering without closing
+its connections (its processes hung, or a network path that drops everything)
+leaves the driver waiting on its socket for ever: the server's kernel still
+acknowledges TCP keepalives and data. Past the deadline a watcher thread
+shuts the connection's socket down: the driver's wait ends as a lost
+connection, and the next try connects afresh (to the next host of a
+multi-host URL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from hermes_orm import _dialects
+from hermes_orm.errors import DatabaseBusyError, DatabaseError, DatabaseUnavailableError
+
+T = TypeVar("T")
+
+#: Where hermes_orm says what it retries (INFO): lost connections, busy databases.
+logger = logging.getLogger("hermes_orm")
+
+#: Default seconds an unreachable database is retried: an automated failover
+#: (a standby promoted by pg_auto_failover or Patroni) usually completes within it.
+UNAVAILABLE_FOR = 60.0
+#: Default seconds one try may take before its connection is abandoned.
+ATTEMPT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded, jittered retry of transient database errors.
+
+    Attributes:
+        attempts: Tries in all, the first included, while the database is
+            busy (a lock held by another writer).
+        base_delay: Seconds before the second try; doubles each time.
+        max_delay: Ceiling of one wait, in seconds.
+        unavailable_for: Seconds the store keeps trying while the database is
+            unreachable (connections refused or lost, a server starting up or
+            read-only during a failover), counted from the start of the first
+            try that found it so. Then :class:`~hermes_orm.DatabaseUnavailableError`.
+        attempt_timeout: Seconds one try may take on PostgreSQL before the
+            store abandons its connection as hung and tries again (None: no
+            deadline). It bounds a try's lock wait and work together, so keep
+            it above ``lock_timeout``. Rebuilding the search index has none.
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.02
+    max_delay: float = 1.0
+    unavailable_for: float = UNAVAILABLE_FOR
+    attempt_timeout: float | None = ATTEMPT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0 or not self.unavailable_for >= 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
+            raise ValueError("RetryPolicy.attempt_timeout must be above 0 seconds, or None")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (0-based): full jitter."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** min(attempt, 32)))
+
+
+class Retries:
+    """The tries of one operation: busy ones counted, unreachable ones timed."""
+
+    __slots__ = ("busy", "down_since", "policy", "started", "tries")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.tries = 0  # failed so far
+        self.busy = 0
+        self.started = 0.0  # when the try under way began
+        self.down_since: float | None = None  # when the first unreachable try began
+
+    def begin(self) -> None:
+        """A try begins."""
+        self.started = time.monotonic()
+
+    def after(self, exc: DBAPIError) -> float | None:
+        """Seconds to wait before trying again after ``exc``; None when the policy is spent.
+
+        Raises:
+            DatabaseError: ``exc`` is not transient: trying again cannot help.
+        """
+        if not _dialects.is_transient(exc):
+            raise DatabaseError(
+                f"database error: {_dialects.redact(str(exc.orig))}{_dialects.pooler_hint(exc)}"
+            ) from exc
+        self.tries += 1
+        policy = self.policy
+        if _dialects.is_unreachable(exc):
+            if self.down_since is None:
+                self.down_since = self.started
+            left = self.down_since + policy.unavailable_for - time.monotonic()
+            if left <= 0:
+                return None
+            return min(policy.delay(self.tries - 1 - self.busy), left)
+        self.busy += 1
+        if self.busy >= policy.attempts:
+            return None
+        return policy.delay(self.busy - 1)
+
+    def log(self, exc: DBAPIError, delay: float) -> None:
+        """Say (at INFO, on the ``hermes_orm`` logger) that a try failed, why, and what next."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        text = _dialects.redact(str(exc.orig)).strip()
+        why = f"{type(exc.orig).__name__}: {text.splitlines()[0] if text else ''}"
+        if _dialects.is_unreachable(exc):
+            since = self.down_since if self.down_since is not None else self.started
+            logger.info(
+                "transient database error, unreachable (%s)%s; try %d in %.3f s "
+                "(unreachable for %.1f s of at most %g s)",
+                why,
+                _abandoned(exc),
+                self.tries + 1,
+                delay,
+                time.monotonic() - since,
+                self.policy.unavailable_for,
+            )
+        else:
+            logger.info(
+                "transient database error (%s); try %d of %d in %.3f s",
+                why,
+                self.busy + 1,
+                self.policy.attempts,
+                delay,
+            )
+
+    def give_up(
+        self,
+        engine: Engine,
+        exc: DBAPIError,
+        holders: Sequence[Any] | None = None,
+        schema: str | None = None,
+    ) -> DatabaseUnavailableError | DatabaseBusyError:
+        """What to raise when ``exc`` outlasted the policy: unreachable, or busy.
+
+        ``holders`` as for :func:`hermes_orm._dialects.describe_busy`.
+        """
+        if _dialects.is_unreachable(exc):
+            detail = _dialects.redact(str(exc.orig)).strip() + _abandoned(exc)
+            since = self.down_since if self.down_since is not None else self.started
+            return DatabaseUnavailableError(
+                detail + _dialects.read_only_hint(exc),
+                attempts=self.tries,
+                seconds=time.monotonic() - since,
+            )
+        return DatabaseBusyError(
+            _dialects.describe_busy(engine, exc, holders, schema), attempts=self.tries
+        )
+
+
+def run_with_retry(
+    engine: Engine, policy: RetryPolicy, work: Callable[[], T], schema: str | None = None
+) -> T:
+    """Run ``work`` (one whole transaction) again on transient errors, within ``policy``.
+
+    ``schema``: where the store's tables are, to name who held a lock.
+    """
+    retries = Retries(policy)
+    while True:
+        retries.begin()
+        try:
+            return work()
+        except DBAPIError as exc:
+            delay = retries.after(exc)
+            if delay is None:
+                raise retries.give_up(engine, exc, schema=schema) from exc
+            retries.log(exc, delay)
+            time.sleep(delay)
+
+
+# -- deadlines of tries ----------------------------------------------------------------
+
+#: What a DBAPIError carries when its try outlived its deadline (its seconds).
+_ABANDONED = "hermes_orm_abandoned_after"
+
+
+def _abandoned(exc: DBAPIError) -> str:
+    seconds = getattr(exc, _ABANDONED, None)
+    if seconds is None:
+        return ""
+    return f" (no answer within attempt_timeout, {seconds:g} s: the connection was abandoned)"
+
+
+class Watch:
+    """One try's deadline: its connection's socket, shut down if the try outlives it."""
+
+    __slots__ = ("deadline", "fd", "fired", "seconds")
+
+    def __init__(self, fd: int, seconds: float) -> None:
+        self.fd = fd
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+
+    def blame(self, exc: BaseException) -> None:
+        """Mark ``exc`` as the end of a try abandoned at its deadline, if it was."""
+        if self.fired and isinstance(exc, DBAPIError):
+            setattr(exc, _ABANDONED, self.seconds)
+
+
+class Watchdog:
+    """One thread that shuts down the sockets of tries past their deadlines.
+
+    Arming and disarming a watch costs a lock and a dict operation; the thread
+    wakes a few times a second only while watches are armed, and fires under
+    the lock, so a socket is never shut after its try disarmed it (the
+    connection may then serve someone else).
+    """
+
+    #: Seconds between the thread's looks at the deadlines (their precision).
+    TICK = 0.2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[int, Watch] = {}
+        self._armed = threading.Event()
+        self._pid = 0  # the process whose thread runs (a forked child starts its own)
+
+    def arm(self, fd: int, seconds: float) -> Watch:
+        """Watch a try on the connection whose socket is ``fd``, for ``seconds``."""
+        watch = Watch(fd, seconds)
+        with self._lock:
+            self._watches[id(watch)] = watch
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="hermes_orm-deadlines", daemon=True).start()
+        self._armed.set()
+        return watch
+
+    def disarm(self, watch: Watch) -> None:
+        """The try ended (either way): its socket is no longer watched."""
+        with self._lock:
+            self._watches.pop(id(watch), None)
+
+    def _run(self) -> None:
+        while True:
+            self._armed.wait()
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
+                if not self._watches:
+                    self._armed.clear()
+                    continue
+                for key, watch in list(self._watches.items()):
+                    if watch.deadline <= now:
+                        del self._watches[key]
+                        watch.fired = True
+                        _shut_down(watch.fd)
+
+
+def _shut_down(fd: int) -> None:
+    """Shut the socket ``fd`` down for both directions, leaving ``fd`` itself open.
+
+    The driver still owns ``fd``: a duplicate is shut down and closed, which
+    ends the socket's traffic for every descriptor of it, and its blocked
+    reads return at once.
+    """
+    try:
+        duplicate = socket.socket(fileno=os.dup(fd))
+    except OSError:  # already closed
+        return
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
+
+
+watchdog = Watchdog()
+
+
+def watch_try(conn: Connection, seconds: float | None) -> Watch | None:
+    """Arm a deadline of ``seconds`` for the try on ``conn`` (PostgreSQL; None: none)."""
+    if seconds is None or conn.dialect.name != "postgresql":
+        return None
+    fd = _dialects.socket_of(conn)
+    if fd is None:
+        return None
+    return watchdog.arm(fd, seconds)

@@ -1,0 +1,201 @@
+"""An unreachable database is not a busy one: retried for a span of time, then said so.
+
+Real servers and sockets: a PostgreSQL backend stopped with SIGSTOP (a hung
+server: its kernel still acknowledges everything), a listener that never
+answers, a database turned read-only as a demoted primary is. Every driver:
+psycopg and psycopg2 (blocking), psycopg's async connections and asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.pool import NullPool
+
+from hermes_orm import (
+    AsyncSessionStore,
+    DatabaseUnavailableError,
+    RetryPolicy,
+    SessionStore,
+    create_async_store_engine,
+    create_store_engine,
+)
+from tests.conftest import _create_pg_database, _drop_pg_database
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.direct("signals the server's own processes")]
+
+DRIVERS = ("psycopg", "psycopg2", "psycopg_async", "asyncpg")
+TURN = [{"role": "user", "content": "is the lighthouse lit"}]
+
+
+@pytest.fixture
+def pg_db(pg_server_url: str) -> Iterator[str]:
+    """A database of the test's own: only the store under test connects to it."""
+    url = _create_pg_database(pg_server_url)
+    SessionStore(url).upgrade()
+    yield url
+    _drop_pg_database(pg_server_url, url)
+
+
+def _url(url: str, driver: str, **query: str) -> str:
+    return (
+        make_url(url)
+        .set(drivername=f"postgresql+{driver}")
+        .update_query_dict(query)
+        .render_as_string(hide_password=False)
+    )
+
+
+def _flusher(url: str, driver: str, policy: RetryPolicy, **engine: Any) -> Callable[..., Any]:
+    """A blocking ``flush(session_id, messages)`` of a store on ``driver`` (sync or asyncio)."""
+    if driver in ("psycopg", "psycopg2"):
+        store = SessionStore(create_store_engine(_url(url, driver), **engine), retry=policy)
+        store.create_session("s", source="cli")
+        return store.flush
+    loop = asyncio.new_event_loop()
+    async_store = AsyncSessionStore(
+        create_async_store_engine(_url(url, driver), **engine), retry=policy
+    )
+    loop.run_until_complete(async_store.create_session("s", source="cli"))
+
+    def flush(session_id: str, messages: list[dict[str, Any]]) -> Any:
+        return loop.run_until_complete(async_store.flush(session_id, messages))
+
+    return flush
+
+
+def _backends(server_url: str, database: str) -> list[int]:
+    admin = create_engine(server_url, poolclass=NullPool)
+    with admin.connect() as conn:
+        pids = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = :db"), {"db": database}
+        ).scalars()
+        return list(pids)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_hung_server_connection_is_abandoned_at_the_deadline_and_the_flush_goes_on(
+    pg_server_url: str, pg_db: str, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's connection stops answering: the try is abandoned, the next one writes."""
+    policy = RetryPolicy(attempt_timeout=1.0, unavailable_for=30.0)
+    flush = _flusher(pg_db, driver, policy)
+    assert flush("s", TURN).written == 1  # its connection now waits in the pool
+    stopped = _backends(pg_server_url, make_url(pg_db).database or "")
+    assert stopped, "the store's connection has a server process"
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="hermes_orm"):
+            result = flush("s", [*TURN, {"role": "assistant", "content": "it is"}])
+        took = time.monotonic() - started
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert result.written == 1
+    assert result.cursor == 2
+    assert 1.0 <= took < 10.0
+    told = [r.getMessage() for r in caplog.records if r.name == "hermes_orm"]
+    assert any("no answer within attempt_timeout" in m for m in told), told
+
+
+class _Silent:
+    """A TCP listener that takes connections and never says a word (a hung server)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)  # the kernel completes handshakes; nobody ever reads
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_server_that_never_answers_is_reported_unreachable_within_the_span(
+    driver: str,
+) -> None:
+    silent = _Silent()
+    try:
+        url = f"postgresql+{driver}://u:SECRET@127.0.0.1:{silent.port}/db"
+        policy = RetryPolicy(unavailable_for=2.5)
+        # One connection attempt gives up after 2 s (libpq's least; the default is 10).
+        connect_args = {"timeout": 2} if driver == "asyncpg" else {"connect_timeout": 2}
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError) as err:
+            _flusher(url, driver, policy, connect_args=connect_args)
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    # Tries until 2.5 s have passed since the first began; the last one takes its 2 s.
+    assert 2.5 <= took < 2.5 + 2 + 1.5
+    assert err.value.attempts >= 2
+    assert "SECRET" not in str(err.value)
+    assert "unreachable for" in str(err.value)
+
+
+def _set_read_only(server_url: str, database: str, on: bool) -> None:
+    admin = create_engine(server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        setting = "SET default_transaction_read_only = on" if on else "RESET ALL"
+        conn.exec_driver_sql(f'ALTER DATABASE "{database}" {setting}')
+        # Its connections then see it, as a demoted primary's clients do.
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :db AND pid <> pg_backend_pid()"
+            ),
+            {"db": database},
+        )
+    admin.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_read_only_server_is_waited_out_like_a_failover(
+    pg_server_url: str, pg_db: str, driver: str
+) -> None:
+    """Writes refused as read-only are retried on new connections until the server takes them."""
+    database = make_url(pg_db).database or ""
+    flush = _flusher(pg_db, driver, RetryPolicy(unavailable_for=30.0))
+    assert flush("s", TURN).written == 1
+    _set_read_only(pg_server_url, database, True)
+    timer = threading.Timer(1.0, _set_read_only, (pg_server_url, database, False))
+    timer.start()
+    try:
+        started = time.monotonic()
+        result = flush("s", [*TURN, {"role": "assistant", "content": "it is"}])
+        took = time.monotonic() - started
+    finally:
+        timer.join()
+    assert result.written == 1
+    assert took >= 0.9
+
+
+def test_a_server_read_only_past_the_span_says_how_to_find_the_primary(
+    pg_server_url: str, pg_db: str
+) -> None:
+    database = make_url(pg_db).database or ""
+    store = SessionStore(pg_db, retry=RetryPolicy(attempts=1, unavailable_for=0.5))
+    store.create_session("s", source="cli")
+    _set_read_only(pg_server_url, database, True)
+    try:
+        with pytest.raises(DatabaseUnavailableError) as err:
+            store.flush("s", TURN)
+    finally:
+        _set_read_only(pg_server_url, database, False)
+    assert "read-only" in str(err.value)
+    assert "target_session_attrs=read-write" in str(err.value)
+    assert err.value.attempts >= 2  # more than the one busy try the policy allows
+    assert store.flush("s", TURN).written == 1
