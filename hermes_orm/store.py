@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import operator
 import os
@@ -61,6 +62,9 @@ from hermes_orm.errors import (
 )
 from hermes_orm.models import Message, Session
 from hermes_orm.search import SearchPage
+
+#: Where a store warns of acknowledged writes the database no longer holds.
+logger = logging.getLogger("hermes_orm")
 
 T = TypeVar("T")
 
@@ -516,6 +520,20 @@ def _attempt(
         raise
 
 
+def _cursor_went_back(session_id: str, stored: int, seen: int) -> None:
+    """Say that a session's stored cursor is behind one this store saw committed."""
+    logger.warning(
+        "session %r: the database holds %d messages, but this store saw %d committed: "
+        "acknowledged writes were lost (a promoted asynchronous standby, a restored "
+        "backup) or another process cut the history; writing on from message %d, so "
+        "a flush of the whole list puts back what was lost",
+        session_id,
+        stored,
+        seen,
+        stored,
+    )
+
+
 class StoreCore:
     """What a store does, for :class:`SessionStore` and ``AsyncSessionStore`` alike.
 
@@ -845,7 +863,11 @@ class StoreCore:
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
-        hint = self._memory.hints.get(session_id) if verify == "all" else None
+        hint = self._memory.hints.get(session_id)
+        if hint is not None and cursor < hint.cursor:
+            _cursor_went_back(session_id, cursor, hint.cursor)
+        if verify != "all":
+            hint = None
         start = self._check_continues(
             conn,
             session_id,
@@ -942,6 +964,9 @@ class StoreCore:
             stored = self._locked_cursor(conn, session_id)
             if stored is None:
                 raise SessionNotFoundError(session_id)
+            hint = self._memory.hints.get(session_id)
+            if hint is not None and stored.flushed_idx < hint.cursor:
+                _cursor_went_back(session_id, stored.flushed_idx, hint.cursor)
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 

@@ -724,6 +724,73 @@ def test_retry_bound_raises_a_typed_busy_error(engine: Engine, backend: str) -> 
     assert count_rows(engine, "hermes_messages") == 0
 
 
+def _plain(count: int) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"line {i}"} for i in range(count)]
+
+
+def _lose_last_commits(engine: Engine, session_id: str, kept: int) -> None:
+    """Make the database forget every message from ``kept`` on, as a failover to an
+    asynchronous standby that never received those commits does."""
+    messages, sessions = (
+        table_name(engine, "hermes_messages"),
+        table_name(engine, "hermes_sessions"),
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"DELETE FROM {messages} WHERE session_id = '{session_id}' AND idx >= {kept}"
+        )
+        conn.exec_driver_sql(
+            f"UPDATE {sessions} SET flushed_idx = {kept}, message_count = {kept}, "
+            f"flushed_digest = (SELECT digest FROM {messages} "
+            f"WHERE session_id = '{session_id}' AND idx = {kept - 1}) WHERE id = '{session_id}'"
+        )
+
+
+@pytest.mark.parametrize("verify", ["all", "last", "full"])
+def test_acknowledged_writes_the_database_lost_are_told_and_put_back(
+    store: SessionStore, engine: Engine, verify: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stored cursor is behind what this store saw committed: said, then repaired."""
+    store.create_session("s", source="cli")
+    history = _plain(6)
+    store.flush("s", history, verify=verify)
+    _lose_last_commits(engine, "s", 2)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        result = store.flush("s", history, verify=verify)
+    assert result.written == len(history) - 2
+    assert_exact(store, "s", history)
+    (told,) = [r for r in caplog.records if r.name == "hermes_orm"]
+    assert told.levelno == logging.WARNING
+    assert f"holds 2 messages, but this store saw {len(history)} committed" in told.getMessage()
+
+
+def test_an_append_after_lost_writes_says_so(
+    store: SessionStore, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.create_session("s", source="cli")
+    history = _plain(4)
+    store.flush("s", history)
+    _lose_last_commits(engine, "s", 1)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        assert store.append("s", {"role": "user", "content": "again"}) == 1
+    assert any("acknowledged writes were lost" in r.getMessage() for r in caplog.records)
+
+
+def test_a_history_cut_by_this_store_is_no_loss(
+    store: SessionStore, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that forgot its cursor before cutting the history warns of nothing."""
+    store.create_session("s", source="cli")
+    history = _plain(4)
+    store.flush("s", history)
+    store.forget_cursor("s")
+    _lose_last_commits(engine, "s", 1)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        store.flush("s", history)
+    assert not [r for r in caplog.records if r.name == "hermes_orm"]
+    assert_exact(store, "s", history)
+
+
 def test_unique_session_idx_backs_the_cursor(store: SessionStore, engine: Engine) -> None:
     """Invariant 5: even a writer that ignores the cursor cannot store a position twice."""
     store.create_session("s", source="cli")
