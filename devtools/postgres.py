@@ -43,7 +43,7 @@ DEFAULT_SETTINGS: dict[str, str] = {
 def _bindir() -> Path:
     found = shutil.which("pg_ctl")
     if found:
-        return Path(found).parent
+        return Path(found).resolve().parent  # the other programs sit beside the real one
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
     if candidates:
         return Path(candidates[0]).parent
@@ -101,11 +101,7 @@ class PostgresServer:
 
     def start(self, settings: Mapping[str, str]) -> None:
         """Create the cluster and start the server with ``settings`` (``-c name=value``)."""
-        sockets = self.root / "sock"
-        sockets.mkdir()
-        if self._prefix:
-            shutil.chown(self.root, "postgres")
-            shutil.chown(sockets, "postgres")
+        sockets = self._sockets()
         self._run(
             str(self._bindir / "initdb"),
             "-D",
@@ -119,13 +115,7 @@ class PostgresServer:
             "--locale=C.UTF-8",
             "--no-sync",
         )
-        options = " ".join(
-            [
-                f"-p {self.port} -k {sockets} -c listen_addresses=127.0.0.1",
-                *(f"-c {name}={value}" for name, value in settings.items()),
-            ]
-        )
-        self._pg_ctl("-o", options, "-w", "-t", "60", "start")
+        self._start(sockets, settings)
 
     def restart(self, mode: str = "fast") -> float:
         """Stop the server (``smart``, ``fast`` or ``immediate``) and start it again.
@@ -141,6 +131,61 @@ class PostgresServer:
         start = time.perf_counter()
         self._pg_ctl("-m", mode, "-w", "-t", "60", "restart")
         return time.perf_counter() - start
+
+    def start_standby(
+        self, primary: PostgresServer, settings: Mapping[str, str], name: str
+    ) -> None:
+        """Clone ``primary`` (pg_basebackup) and start as its hot standby, streaming as ``name``.
+
+        The primary's default ``pg_hba.conf`` (initdb's) lets loopback replicate.
+        """
+        sockets = self._sockets()
+        self._run(
+            str(self._bindir / "pg_basebackup"),
+            "-D",
+            str(self.data),
+            "-d",
+            f"host=127.0.0.1 port={primary.port} user=postgres application_name={name}",
+            "-R",
+            "-X",
+            "stream",
+            "--checkpoint=fast",  # not wait for the next scheduled checkpoint
+            "--no-sync",
+        )
+        self._start(sockets, settings)
+
+    def _sockets(self) -> Path:
+        sockets = self.root / "sock"
+        sockets.mkdir()
+        if self._prefix:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(sockets, "postgres")
+        return sockets
+
+    def _start(self, sockets: Path, settings: Mapping[str, str]) -> None:
+        options = " ".join(
+            [
+                f"-p {self.port} -k {sockets} -c listen_addresses=127.0.0.1",
+                *(f"-c {name}={value}" for name, value in settings.items()),
+            ]
+        )
+        self._pg_ctl("-o", options, "-w", "-t", "60", "start")
+
+    def promote(self) -> None:
+        """Promote this standby to a primary (waits until it takes writes)."""
+        self._pg_ctl("-w", "-t", "60", "promote")
+
+    def postmaster_pid(self) -> int:
+        """The server's main process id."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def processes(self) -> list[int]:
+        """The server's main process and all its children."""
+        main = self.postmaster_pid()
+        children = subprocess.run(
+            ["pgrep", "-P", str(main)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [main, *map(int, children)]
 
     def stop(self) -> None:
         """Stop the server at once (its data is thrown away)."""
@@ -165,6 +210,23 @@ def local_postgres(settings: Mapping[str, str] | None = None) -> Iterator[Postgr
         server = PostgresServer(root, _free_port())
         try:
             server.start({**DEFAULT_SETTINGS, **(settings or {})})
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def local_standby(
+    primary: PostgresServer, name: str = "standby1", settings: Mapping[str, str] | None = None
+) -> Iterator[PostgresServer]:
+    """Start a hot standby of ``primary``, streaming as ``name``; delete it afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="hermes-orm-pg-"))
+    try:
+        server = PostgresServer(root, _free_port())
+        try:
+            server.start_standby(primary, {**DEFAULT_SETTINGS, **(settings or {})}, name)
             yield server
         finally:
             server.stop()

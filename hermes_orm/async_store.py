@@ -17,7 +17,7 @@ the messages, so flushing the same list again finishes the job exactly.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
@@ -28,6 +28,7 @@ from sqlalchemy.pool import NullPool
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
+from hermes_orm.errors import DatabaseUnavailableError
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -38,6 +39,8 @@ from hermes_orm.store import (
     StoreCore,
     Verify,
     attempt,
+    check_replica,
+    replica_unreachable,
     resume,
 )
 
@@ -155,6 +158,8 @@ class AsyncSessionStore(_AsyncSessions):
         pgbouncer: Reached through PgBouncer in transaction mode (see :class:`SessionStore`;
             asyncpg engines it builds cache and name no statements).
         schema: The PostgreSQL schema of the tables (see :class:`SessionStore`).
+        replica: A PostgreSQL standby (a URL or an AsyncEngine) serving
+            ``list_sessions``, ``get_messages`` and ``search`` (see :class:`SessionStore`).
 
     Each operation takes a connection from the engine's pool and gives it back
     when its transaction ends; on aiosqlite the store keeps the last one, idle,
@@ -175,8 +180,11 @@ class AsyncSessionStore(_AsyncSessions):
         check_schema: bool = True,
         pgbouncer: bool = False,
         schema: str | None = None,
+        replica: str | URL | AsyncEngine | None = None,
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
+        if replica is not None:
+            check_replica(bind, replica)
         self._owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
             _dialects.check_transactional(bind.sync_engine)
@@ -188,6 +196,11 @@ class AsyncSessionStore(_AsyncSessions):
             schema = _dialects.store_schema(engine.sync_engine)
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
+        self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
+        if isinstance(replica, str | URL):
+            replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
+        self._async_replica = replica
+        self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []
         #: SQLite: the settings each connection the store takes gets for its work.
         self._sqlite = (
@@ -219,6 +232,8 @@ class AsyncSessionStore(_AsyncSessions):
             await self._release(conn)
         if self._owns_engine:
             await self._async_engine.dispose()
+        if self._owns_replica and self._async_replica is not None:
+            await self._async_replica.dispose()
 
     def for_user(self, user_id: str) -> AsyncUserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
@@ -251,39 +266,67 @@ class AsyncSessionStore(_AsyncSessions):
         """Run one transaction on a pooled connection, retried whole on transient errors."""
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
-        retries = Retries(self._retry)
+        replica = self._async_replica
+        if request.replica and replica is not None:
+
+            async def on_replica() -> T:
+                conn = await self._connect(replica)
+                try:
+                    return await conn.run_sync(
+                        attempt, request, (), self._replica_settings, timeout
+                    )
+                finally:
+                    await asyncio.shield(conn.close())
+
+            try:
+                return await self._retrying(replica, self._replica_retry, on_replica)
+            except DatabaseUnavailableError as exc:
+                replica_unreachable(exc)
+
+        async def once() -> T:
+            await self._ensure_schema()  # its connection's failures are retried too
+            conn = await self._checkout()
+            try:
+                result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
+            except BaseException:
+                # Back to the pool, whose reset rolls back whatever a
+                # cancellation interrupted; dropped if it was invalidated.
+                await asyncio.shield(self._release(conn))
+                raise
+            await self._checkin(conn)
+            return result
+
+        return await self._retrying(self._async_engine, self._retry, once)
+
+    async def _retrying(
+        self, engine: AsyncEngine, policy: RetryPolicy, once: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Await ``once`` (one whole transaction) again on transient errors, within ``policy``."""
+        retries = Retries(policy)
         while True:
             retries.begin()
             try:
-                await self._ensure_schema()  # its connection's failures are retried too
-                conn = await self._checkout()
-                try:
-                    result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
-                except BaseException:
-                    # Back to the pool, whose reset rolls back whatever a
-                    # cancellation interrupted; dropped if it was invalidated.
-                    await asyncio.shield(self._release(conn))
-                    raise
-                await self._checkin(conn)
-                return result
+                return await once()
             except DBAPIError as exc:
                 delay = retries.after(exc)
                 if delay is None:
                     holders = await self._busy_holders(exc)
-                    raise retries.give_up(self._engine, exc, holders, self._schema) from exc
+                    raise retries.give_up(engine.sync_engine, exc, holders, self._schema) from exc
                 retries.log(exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _connect(self) -> AsyncConnection:
-        """A connection from the pool; asyncpg's connect timeout raised as a lost connection."""
+    async def _connect(self, engine: AsyncEngine | None = None) -> AsyncConnection:
+        """A connection from ``engine``'s pool (the store's by default).
+
+        asyncpg raises a refused connection or its connect timeout as it is
+        (an OSError), not as a driver error: that is raised as a lost connection.
+        """
         try:
-            return await self._async_engine.connect()
-        except TimeoutError as exc:  # asyncpg raises it as it is, not as a DBAPI error
+            return await (engine or self._async_engine).connect()
+        except OSError as exc:
+            reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
-                "connect",
-                None,
-                TimeoutError("connection timeout expired"),
-                connection_invalidated=True,
+                "connect", None, ConnectionError(reason), connection_invalidated=True
             ) from exc
 
     async def _checkout(self) -> AsyncConnection:

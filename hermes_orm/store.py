@@ -51,6 +51,7 @@ from hermes_orm import _codec, _dialects, _retry, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
+    DatabaseUnavailableError,
     HistoryDivergedError,
     InvalidArgumentError,
     InvalidMessageError,
@@ -390,6 +391,8 @@ class Run(Generic[T]):
     once: bool = False
     #: Each try has the store's deadline (``RetryPolicy.attempt_timeout``).
     bounded: bool = True
+    #: A read the store's replica may serve (``replica=``), if it has one.
+    replica: bool = False
     #: The transaction id and result of the try whose COMMIT is unanswered.
     landed: list[Any] = field(default_factory=list, compare=False, repr=False)
 
@@ -401,8 +404,8 @@ class Run(Generic[T]):
 Steps = Generator[Run[Any], Any, T]
 
 
-def _read(work: Callable[[Connection], T]) -> Steps[T]:
-    return (yield Run(work, write=False))  # type: ignore[no-any-return]
+def _read(work: Callable[[Connection], T], *, replica: bool = False) -> Steps[T]:
+    return (yield Run(work, write=False, replica=replica))  # type: ignore[no-any-return]
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
@@ -520,6 +523,29 @@ def _attempt(
         raise
 
 
+def check_replica(primary: str | URL | Any, replica: str | URL | Any) -> None:
+    """Refuse a ``replica=`` that cannot serve the store's reads, before anything connects.
+
+    Raises:
+        InvalidArgumentError: The store or its replica is not on PostgreSQL.
+    """
+    backends = [
+        getattr(getattr(bind, "dialect", None), "name", None)
+        or _dialects.normalize_url(bind).get_backend_name()
+        for bind in (primary, replica)
+    ]
+    if backends != ["postgresql", "postgresql"]:
+        raise InvalidArgumentError(
+            "replica= reads from a PostgreSQL standby of a PostgreSQL primary; "
+            f"got a {backends[0]} store and a {backends[1]} replica"
+        )
+
+
+def replica_unreachable(exc: DatabaseUnavailableError) -> None:
+    """Say that a read goes to the primary because the replica is out of reach."""
+    logger.warning("replica unreachable, reading from the primary instead: %s", exc)
+
+
 def _cursor_went_back(session_id: str, stored: int, seen: int) -> None:
     """Say that a session's stored cursor is behind one this store saw committed."""
     logger.warning(
@@ -560,6 +586,8 @@ class StoreCore:
         self._settings = _dialects.transaction_settings(engine, schema, write=False)
         self._engine = engine
         self._retry = retry or RetryPolicy()
+        #: The standby serving the reads it may (see :meth:`_read_from`).
+        self._replica_of: Engine | None = None
         self._schema_checked = not check_schema
         #: The only user whose sessions this store sees (None: every session).
         self._user = user
@@ -581,6 +609,15 @@ class StoreCore:
     def schema(self) -> str | None:
         """The PostgreSQL schema holding the tables (None: where ``search_path`` finds them)."""
         return self._schema
+
+    def _read_from(self, replica: Engine | None) -> None:
+        """Serve listing, message reads and search from ``replica`` (None: the primary)."""
+        self._replica_of = replica
+        if replica is None:
+            return
+        self._replica_settings = _dialects.transaction_settings(replica, self._schema, write=False)
+        # A replica out of reach is not waited for: the read goes to the primary.
+        self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.0)
 
     def _view(self, store: StoreCore, user_id: Any) -> None:
         """Become ``store`` seeing only ``user_id``'s sessions (a user-scoped view of it)."""
@@ -806,7 +843,7 @@ class StoreCore:
             )
             return SessionPage(sessions=page, next_cursor=next_cursor)
 
-        return _read(work)
+        return _read(work, replica=True)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -1117,7 +1154,7 @@ class StoreCore:
                 raise SessionNotFoundError(session_id)
             return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
 
-        return _read(work)
+        return _read(work, replica=True)
 
     # -- search ------------------------------------------------------------------------
 
@@ -1155,7 +1192,7 @@ class StoreCore:
             # messages are not there (the query is still checked as ever).
             _search.parse_query(query)
             return _read(lambda _conn: SearchPage(hits=[], next_cursor=None))
-        return _read(lambda conn: _search.run(conn, query, filters, after, limit))
+        return _read(lambda conn: _search.run(conn, query, filters, after, limit), replica=True)
 
 
 class _Sessions(StoreCore):
@@ -1362,6 +1399,12 @@ class SessionStore(_Sessions):
             ``?schema=NAME`` in the URL, or the engine's ``schema_translate_map``
             entry for tables with no schema). Each transaction puts it first on
             its ``search_path``; migrate with the same schema.
+        replica: A PostgreSQL standby (a URL or an Engine) that serves
+            :meth:`list_sessions`, :meth:`get_messages` and :meth:`search`;
+            everything else, writes included, goes to ``bind``. A replica out
+            of reach is skipped: the read goes to the primary (logged as a
+            WARNING). It shows the primary's commits once it has applied them;
+            see docs/scale-out.md.
 
     Each operation ends its transaction and gives its connection back, except
     that the store keeps one idle connection, the last it used, for its next
@@ -1383,8 +1426,11 @@ class SessionStore(_Sessions):
         check_schema: bool = True,
         pgbouncer: bool = False,
         schema: str | None = None,
+        replica: str | URL | Engine | None = None,
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
+        if replica is not None:
+            check_replica(bind, replica)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             _dialects.check_transactional(bind)
@@ -1395,6 +1441,10 @@ class SessionStore(_Sessions):
             engine = _dialects.create_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine)
         super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
+        self._owns_replica = replica is not None and not isinstance(replica, Engine)
+        if isinstance(replica, str | URL):
+            replica = _dialects.create_store_engine(replica, schema=schema, **settings)
+        self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one);
         # not under NullPool, whose users chose to hold no connection between calls.
@@ -1430,6 +1480,8 @@ class SessionStore(_Sessions):
             self._release(conn)
         if self._owns_engine:
             self._engine.dispose()
+        if self._owns_replica and self._replica_of is not None:
+            self._replica_of.dispose()
 
     def for_user(self, user_id: str) -> UserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`UserStore`.
@@ -1468,9 +1520,16 @@ class SessionStore(_Sessions):
             self._parked = []
             self._parked_lock = threading.Lock()
             self._engine.dispose(close=False)
+            if self._replica_of is not None:
+                self._replica_of.dispose(close=False)
             self._forks_seen = _forks[0]
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
+        if request.replica and self._replica_of is not None:
+            try:
+                return self._from_replica(self._replica_of, request, timeout)
+            except DatabaseUnavailableError as exc:
+                replica_unreachable(exc)
 
         def once() -> Any:
             self._ensure_schema()  # its connection's failures are retried as the work's
@@ -1484,6 +1543,13 @@ class SessionStore(_Sessions):
             return result
 
         return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
+
+    def _from_replica(self, replica: Engine, request: Run[Any], timeout: float | None) -> Any:
+        def once() -> Any:
+            with replica.connect() as conn:
+                return attempt(conn, request, (), self._replica_settings, timeout)
+
+        return _retry.run_with_retry(replica, self._replica_retry, once, self._schema)
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""

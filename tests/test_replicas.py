@@ -1,0 +1,133 @@
+"""Reads from a streaming standby (``replica=``), writes to the primary.
+
+A real primary and a hot standby cloned from it with pg_basebackup, on
+loopback. Replay on the standby is paused to make it visibly behind: what a
+read returns then says which server served it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.pool import NullPool
+
+from devtools.postgres import PostgresServer, local_postgres, local_standby
+from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore
+from tests.conftest import BlockingStore
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.direct("starts a primary and a standby")]
+
+APIS = ("sync", "async", "asyncpg")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    with local_postgres() as primary:
+        SessionStore(primary.url).upgrade()
+        with local_standby(primary) as standby:
+            yield primary, standby
+
+
+def _url(server: PostgresServer, api: str) -> str:
+    driver = {"sync": "psycopg", "async": "psycopg_async", "asyncpg": "asyncpg"}[api]
+    return make_url(server.url).set(drivername=f"postgresql+{driver}").render_as_string(False)
+
+
+def _store(api: str, primary: str, replica: str) -> Any:
+    if api == "sync":
+        return SessionStore(primary, replica=replica)
+    check = create_engine(primary, poolclass=NullPool)
+    return BlockingStore(AsyncSessionStore(primary, replica=replica), check)
+
+
+def _replay(standby: PostgresServer, primary: PostgresServer, *, paused: bool) -> None:
+    """Let the standby catch up with the primary, then pause or resume its replay."""
+    with create_engine(primary.url, poolclass=NullPool).connect() as conn:
+        target = conn.execute(text("SELECT pg_current_wal_insert_lsn()")).scalar_one()
+    with create_engine(standby.url, poolclass=NullPool).connect() as conn:
+        conn.execute(text("SELECT pg_wal_replay_resume()"))
+        deadline = time.monotonic() + 30
+        while not conn.execute(
+            text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)"), {"lsn": target}
+        ).scalar_one():
+            assert time.monotonic() < deadline, "the standby did not catch up"
+            time.sleep(0.02)
+        if paused:
+            conn.execute(text("SELECT pg_wal_replay_pause()"))
+            # The pause takes effect at the next record the standby receives: send one.
+            with create_engine(primary.url, poolclass=NullPool).connect() as writer:
+                writer.execute(text("SELECT txid_current()"))
+                writer.commit()
+            while conn.execute(text("SELECT pg_get_wal_replay_pause_state()")).scalar() != "paused":
+                assert time.monotonic() < deadline, "the standby did not pause"
+                time.sleep(0.02)
+        conn.commit()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_listing_reading_and_search_come_from_the_standby(
+    cluster: tuple[PostgresServer, PostgresServer], api: str
+) -> None:
+    primary, standby = cluster
+    store = _store(api, _url(primary, api), _url(standby, api))
+    first = f"first-{api}"
+    try:
+        store.create_session(first, source="cli")
+        store.flush(first, [{"role": "user", "content": "where is the lighthouse"}])
+        _replay(standby, primary, paused=True)
+        try:
+            later = f"later-{api}"
+            store.create_session(later, source="cli")
+            turn = [
+                {"role": "user", "content": "where is the lighthouse"},
+                {"role": "assistant", "content": "past the harbour"},
+            ]
+            assert store.flush(first, turn).written == 1  # the primary took the write
+            # The standby has replayed neither the new session nor the new message.
+            assert store.get_messages(first) == turn[:1]
+            listed = {s["id"] for s in store.list_sessions(limit=100).sessions}
+            assert first in listed
+            assert later not in listed
+            assert store.search("harbour", session_id=first).hits == []
+            assert store.get_session(later) is not None  # not a listed read: the primary's
+        finally:
+            _replay(standby, primary, paused=False)
+        assert store.get_messages(first) == turn
+        assert [h.session_id for h in store.search("harbour", session_id=first).hits] == [first]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_replica_out_of_reach_sends_reads_to_the_primary(
+    cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, _ = cluster
+    gone = make_url(_url(primary, api)).set(port=1).render_as_string(False)  # nobody there
+    store = _store(api, _url(primary, api), gone)
+    session = f"fallback-{api}"
+    try:
+        store.create_session(session, source="cli")
+        store.flush(session, [{"role": "user", "content": "anyone there"}])
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+            assert store.get_messages(session) == [{"role": "user", "content": "anyone there"}]
+        assert time.monotonic() - started < 5  # not the unreachable span of a write
+        assert any("replica unreachable" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
+
+
+def test_a_replica_needs_postgresql_on_both_sides(tmp_path: Path) -> None:
+    path = tmp_path / "agents.db"
+    with pytest.raises(InvalidArgumentError, match="PostgreSQL standby"):
+        SessionStore(f"sqlite:///{path}", replica="postgresql://u@h/db")
+    with pytest.raises(InvalidArgumentError, match="PostgreSQL standby"):
+        AsyncSessionStore("postgresql://u@h/db", replica=f"sqlite:///{path}")
+    assert not path.exists()  # refused before anything was made
