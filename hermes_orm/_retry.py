@@ -46,7 +46,7 @@ logger = logging.getLogger("hermes_orm")
 
 #: Default seconds an unreachable database is retried: an automated failover
 #: (a standby promoted by pg_auto_failover or Patroni) usually completes within it.
-UNAVAILABLE_FOR = 60.0
+UNAVAILABLE_FOR = 90.0
 #: Default seconds one try may take before its connection is abandoned.
 ATTEMPT_TIMEOUT = 60.0
 

@@ -28,6 +28,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from devtools.auto_failover import formation
 from devtools.postgres import PostgresServer, local_postgres, local_standby
 from hermes_orm import DatabaseUnavailableError, RetryPolicy, SessionStore
 
@@ -224,3 +225,25 @@ def test_a_hung_primary_alone_raises_a_typed_error_within_the_deadline(pair: Pai
     # unavailable_for, plus the try under way then (a connection's 2 s, or a try's 2 s).
     assert 3.0 <= took < 3.0 + 2.0 + 2.0
     assert "unreachable" in str(err.value)
+
+
+def test_pg_auto_failover_crash_failover_drops_no_turn() -> None:
+    """A whole node (keeper and server) dies; the monitor promotes the secondary."""
+    with formation() as nodes:
+        SessionStore(nodes.url).upgrade()
+        writers = Writers(SessionStore(nodes.url))  # the default policy: 90 s unreachable
+        workers = writers.run()
+        try:
+            writers.wait_turns(200)
+            crashed = nodes.primary()
+            crashed.crash()
+            started = time.monotonic()
+            writers.wait_turns(200, timeout=RetryPolicy().unavailable_for)
+            promoted_in = time.monotonic() - started
+        finally:
+            writers.finish(workers)
+        assert writers.errors == []
+        assert nodes.primary() is not crashed
+        print(f"pg_auto_failover: writes went on {promoted_in:.1f} s after the crash")
+        writers.assert_exact(nodes.url)
+        writers.store.close()
