@@ -59,7 +59,7 @@ class Node:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres?connect_timeout=5"
 
     def crash(self) -> None:
         """Kill the node's keeper and server at once, as a machine that died would leave them."""
@@ -67,6 +67,8 @@ class Node:
             with suppress(ProcessLookupError):
                 os.killpg(self.keeper.pid, signal.SIGKILL)
             self.keeper.wait()
+        # A server the group kill missed (the keeper had left its group): its pid file
+        # is still there, as a killed server leaves it.
         pid_file = self.data / "postmaster.pid"
         with suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
@@ -99,10 +101,10 @@ class Formation:
         return [*self._prefix, "env", *env, self._autoctl, *args]
 
     def _start(self, node: Node, *args: str) -> None:
-        log = (self.root / f"{node.name}.log").open("ab")
-        node.keeper = subprocess.Popen(
-            self._command(*args), stdout=log, stderr=log, cwd=self.root, start_new_session=True
-        )
+        with (self.root / f"{node.name}.log").open("ab") as log:  # the keeper keeps its copy
+            node.keeper = subprocess.Popen(
+                self._command(*args), stdout=log, stderr=log, cwd=self.root, start_new_session=True
+            )
 
     def start(self) -> None:
         """Create the monitor, then the primary, then the secondary; wait until they settle."""
@@ -132,7 +134,8 @@ class Formation:
     def states(self) -> list[tuple[str, str]]:
         """(reported, assigned) state of each Postgres node, as the monitor has them."""
         monitor = create_engine(
-            f"postgresql+psycopg://postgres@127.0.0.1:{self.monitor.port}/pg_auto_failover",
+            f"postgresql+psycopg://postgres@127.0.0.1:{self.monitor.port}/pg_auto_failover"
+            "?connect_timeout=5",
             poolclass=NullPool,
         )
         try:
@@ -173,7 +176,8 @@ class Formation:
     def stop(self) -> None:
         """Kill every keeper and server of the formation."""
         for node in [*self.nodes, self.monitor]:
-            node.crash()
+            with suppress(Exception):  # one node's trouble leaves none of the others running
+                node.crash()
 
 
 @contextmanager

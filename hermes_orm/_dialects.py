@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
@@ -436,13 +436,27 @@ ASYNCPG_CONNECT_TIMEOUT = 10.0
 
 
 def _deadlines(url: URL, connect_args: dict[str, Any]) -> None:
-    """Add the connection deadlines the URL and ``connect_args`` leave unset."""
+    """Add the connection deadlines the URL and ``connect_args`` leave unset.
+
+    libpq's own sources of them win too: ``PGCONNECT_TIMEOUT``, and a service
+    (``?service=`` or ``PGSERVICE``), whose file may set any of them.
+    """
     if url.get_driver_name() == "asyncpg":
-        if "timeout" not in url.query:
-            connect_args.setdefault("timeout", ASYNCPG_CONNECT_TIMEOUT)
+        given = url.query.get("timeout")  # a str in the URL; asyncpg wants seconds
+        try:
+            seconds = ASYNCPG_CONNECT_TIMEOUT if given is None else float(given)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidURLError(
+                f"timeout={given!r} in {safe_url(url)}: seconds to connect, a number"
+            ) from None
+        connect_args.setdefault("timeout", seconds)
         return
+    if "service" in url.query or os.environ.get("PGSERVICE"):
+        return  # a pg_service.conf entry says what it wants; ours would override it
     for name, value in LIBPQ_DEADLINES.items():
-        if name not in url.query:
+        if name not in url.query and not (
+            name == "connect_timeout" and "PGCONNECT_TIMEOUT" in os.environ
+        ):
             connect_args.setdefault(name, value)
 
 
@@ -984,15 +998,32 @@ def transaction_settings(
 _OUTCOME_POLLS, _OUTCOME_POLL = 100, 0.05
 
 
-def transaction_id(conn: Connection) -> int | None:
-    """The id of ``conn``'s transaction on PostgreSQL (it then has one); None on SQLite."""
+#: The server's current timeline (the first 8 hex digits of a WAL file's name): a
+#: promoted standby starts a new one; a primary restarted after a crash keeps its own.
+_TIMELINE = "substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)"
+
+
+def transaction_id(conn: Connection) -> tuple[int, str] | None:
+    """The id of ``conn``'s transaction and the server's timeline (PostgreSQL).
+
+    The transaction then has an id. None on SQLite.
+    """
     if conn.dialect.name != "postgresql":
         return None
-    return int(conn.exec_driver_sql("SELECT txid_current()").scalar_one())
+    xid, timeline = conn.exec_driver_sql(f"SELECT txid_current(), {_TIMELINE}").one()
+    return int(xid), str(timeline)
+
+
+def same_timeline(conn: Connection, timeline: str) -> bool:
+    """Whether the server ``conn`` reaches is still on ``timeline`` (no failover since)."""
+    return bool(conn.exec_driver_sql(f"SELECT {_TIMELINE}").scalar_one() == timeline)
 
 
 def committed(conn: Connection, xid: int) -> bool:
     """Whether PostgreSQL transaction ``xid`` committed, waiting while it is in progress.
+
+    Only on the server (timeline) that gave the id: a standby promoted since
+    may never have received it, and may give it to another transaction.
 
     Raises:
         DatabaseUnavailableError: It was still in progress after a few seconds.
@@ -1008,7 +1039,9 @@ def committed(conn: Connection, xid: int) -> bool:
             # "transaction ID ... is in the future": the server was promoted from a
             # standby that never received it (asynchronous replication): not here.
             conn.exec_driver_sql("ROLLBACK TO SAVEPOINT hermes_orm_outcome")
+            conn.exec_driver_sql("RELEASE SAVEPOINT hermes_orm_outcome")
             return False
+        conn.exec_driver_sql("RELEASE SAVEPOINT hermes_orm_outcome")
         if status != "in progress":
             return bool(status == "committed")
         conn.exec_driver_sql(driver_sql(conn, "SELECT pg_sleep(%s)"), (_OUTCOME_POLL,))
@@ -1040,10 +1073,16 @@ def is_transient(exc: DBAPIError) -> bool:
         return "database is locked" in message or "database is busy" in message
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
-        if "unsupported startup parameter" in str(orig).lower():
-            return False  # PgBouncer's refusal (08P01 on asyncpg): it says the same again
+        if sqlstate.startswith("08") and _refused(orig):
+            return False  # e.g. PgBouncer's refusals (08P01): it says the same again
         return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
     return is_unreachable(exc)
+
+
+def _refused(orig: BaseException | None) -> bool:
+    """Whether the server (or a pooler in front of it) refused the connection for good."""
+    message = str(orig).lower()
+    return any(refusal in message for refusal in _REFUSALS)
 
 
 def is_unreachable(exc: DBAPIError) -> bool:
@@ -1060,11 +1099,23 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return True
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
-        return sqlstate.startswith("08") or sqlstate in _PG_UNREACHABLE
-    message = str(orig).lower()
+        return (sqlstate.startswith("08") and not _refused(orig)) or sqlstate in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
-    return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not any(
-        refusal in message for refusal in _REFUSALS
+    return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
+
+
+def pool_exhausted(exc: Exception) -> OperationalError:
+    """A pool that gave no connection in time, as a try that found the database out of reach.
+
+    Its connections are all taken, by work that a hung or failing-over server
+    keeps waiting as often as not: trying again within the unavailable span
+    is what a lost connection gets too.
+    """
+    return OperationalError(
+        "connect",
+        None,
+        ConnectionError(f"no connection from the pool: {exc}"),
+        connection_invalidated=True,
     )
 
 
@@ -1105,6 +1156,9 @@ _REFUSALS = (
     "permission denied",
     "password",
     "unsupported startup parameter",  # PgBouncer, to a startup option
+    "no such database",  # PgBouncer
+    "no such user",  # PgBouncer
+    "certificate verify failed",  # TLS
 )
 
 #: duplicate_prepared_statement, invalid_sql_statement_name ("prepared statement

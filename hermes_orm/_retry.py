@@ -23,6 +23,7 @@ multi-host URL).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -47,6 +48,8 @@ logger = logging.getLogger("hermes_orm")
 #: Default seconds an unreachable database is retried: an automated failover
 #: (a standby promoted by pg_auto_failover or Patroni) usually completes within it.
 UNAVAILABLE_FOR = 90.0
+#: The least wait, in seconds, before reconnecting to an unreachable database.
+_UNREACHABLE_FLOOR = 0.05
 #: Default seconds one try may take before its connection is abandoned.
 ATTEMPT_TIMEOUT = 60.0
 
@@ -123,7 +126,8 @@ class Retries:
             left = self.down_since + policy.unavailable_for - time.monotonic()
             if left <= 0:
                 return None
-            return min(policy.delay(self.tries - 1 - self.busy), left)
+            # Never at once: a zero delay would flood a recovering server with connections.
+            return min(max(policy.delay(self.tries - 1 - self.busy), _UNREACHABLE_FLOOR), left)
         self.busy += 1
         if self.busy >= policy.attempts:
             return None
@@ -214,12 +218,18 @@ def _abandoned(exc: DBAPIError) -> str:
 
 
 class Watch:
-    """One try's deadline: its connection's socket, shut down if the try outlives it."""
+    """One try's deadline, and its connection's socket to shut down if the try outlives it.
 
-    __slots__ = ("deadline", "fd", "fired", "seconds")
+    The watch keeps a duplicate of the socket's descriptor: whatever the driver
+    does with its own (a driver closes it when it sees the connection lost),
+    the duplicate names the same socket until the try ends, never a socket
+    that reused the number.
+    """
 
-    def __init__(self, fd: int, seconds: float) -> None:
-        self.fd = fd
+    __slots__ = ("deadline", "fired", "seconds", "sock")
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.fired = False
@@ -233,29 +243,42 @@ class Watch:
 class Watchdog:
     """One thread that shuts down the sockets of tries past their deadlines.
 
-    Arming and disarming a watch costs a lock and a dict operation; the thread
-    wakes a few times a second only while watches are armed, and fires under
-    the lock, so a socket is never shut after its try disarmed it (the
-    connection may then serve someone else).
+    Arming and disarming a watch costs a lock, a dict operation and a
+    duplicated descriptor; the thread wakes a few times a second only while
+    watches are armed, and fires under the lock, so a socket is never shut
+    after its try disarmed it (the connection may then serve someone else).
+    A forked child starts afresh: the parent's watches are not its own.
     """
 
     #: Seconds between the thread's looks at the deadlines (their precision).
     TICK = 0.2
 
     def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._watches: dict[int, Watch] = {}
         self._armed = threading.Event()
-        self._pid = 0  # the process whose thread runs (a forked child starts its own)
+        self._pid = 0  # the process whose thread runs
 
-    def arm(self, fd: int, seconds: float) -> Watch:
-        """Watch a try on the connection whose socket is ``fd``, for ``seconds``."""
-        watch = Watch(fd, seconds)
+    def arm(self, fd: int, seconds: float) -> Watch | None:
+        """Watch a try on the connection whose socket is ``fd``, for ``seconds``.
+
+        None when ``fd`` is no socket (the connection is closed already).
+        """
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return None
+        watch = Watch(sock, seconds)
         with self._lock:
             self._watches[id(watch)] = watch
             if self._pid != os.getpid():
-                self._pid = os.getpid()
                 threading.Thread(target=self._run, name="hermes_orm-deadlines", daemon=True).start()
+                self._pid = os.getpid()
         self._armed.set()
         return watch
 
@@ -263,6 +286,7 @@ class Watchdog:
         """The try ended (either way): its socket is no longer watched."""
         with self._lock:
             self._watches.pop(id(watch), None)
+        watch.sock.close()  # the duplicate only
 
     def _run(self) -> None:
         while True:
@@ -277,26 +301,8 @@ class Watchdog:
                     if watch.deadline <= now:
                         del self._watches[key]
                         watch.fired = True
-                        _shut_down(watch.fd)
-
-
-def _shut_down(fd: int) -> None:
-    """Shut the socket ``fd`` down for both directions, leaving ``fd`` itself open.
-
-    The driver still owns ``fd``: a duplicate is shut down and closed, which
-    ends the socket's traffic for every descriptor of it, and its blocked
-    reads return at once.
-    """
-    try:
-        duplicate = socket.socket(fileno=os.dup(fd))
-    except OSError:  # already closed
-        return
-    try:
-        duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        duplicate.close()
+                        with contextlib.suppress(OSError):  # its peer closed it already
+                            watch.sock.shutdown(socket.SHUT_RDWR)
 
 
 watchdog = Watchdog()
@@ -307,6 +313,4 @@ def watch_try(conn: Connection, seconds: float | None) -> Watch | None:
     if seconds is None or conn.dialect.name != "postgresql":
         return None
     fd = _dialects.socket_of(conn)
-    if fd is None:
-        return None
-    return watchdog.arm(fd, seconds)
+    return None if fd is None else watchdog.arm(fd, seconds)

@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
-from hermes_orm.errors import DatabaseUnavailableError
+from hermes_orm.errors import DatabaseUnavailableError, SessionNotFoundError
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -40,7 +41,6 @@ from hermes_orm.store import (
     Verify,
     attempt,
     check_replica,
-    replica_unreachable,
     resume,
 )
 
@@ -184,7 +184,7 @@ class AsyncSessionStore(_AsyncSessions):
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
-            check_replica(bind, replica)
+            check_replica(bind, replica, AsyncEngine)
         self._owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
             _dialects.check_transactional(bind.sync_engine)
@@ -267,7 +267,7 @@ class AsyncSessionStore(_AsyncSessions):
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
         replica = self._async_replica
-        if request.replica and replica is not None:
+        if replica is not None and self._on_replica(request):
 
             async def on_replica() -> T:
                 conn = await self._connect(replica)
@@ -280,8 +280,8 @@ class AsyncSessionStore(_AsyncSessions):
 
             try:
                 return await self._retrying(replica, self._replica_retry, on_replica)
-            except DatabaseUnavailableError as exc:
-                replica_unreachable(exc)
+            except (DatabaseUnavailableError, SessionNotFoundError) as exc:
+                self._replica_missed(exc)
 
         async def once() -> T:
             await self._ensure_schema()  # its connection's failures are retried too
@@ -310,7 +310,7 @@ class AsyncSessionStore(_AsyncSessions):
             except DBAPIError as exc:
                 delay = retries.after(exc)
                 if delay is None:
-                    holders = await self._busy_holders(exc)
+                    holders = await self._busy_holders(exc, engine)
                     raise retries.give_up(engine.sync_engine, exc, holders, self._schema) from exc
                 retries.log(exc, delay)
                 await asyncio.sleep(delay)
@@ -323,6 +323,8 @@ class AsyncSessionStore(_AsyncSessions):
         """
         try:
             return await (engine or self._async_engine).connect()
+        except PoolTimeoutError as exc:
+            raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:
             reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
@@ -363,15 +365,23 @@ class AsyncSessionStore(_AsyncSessions):
         else:
             await self._release(conn)
 
-    async def _busy_holders(self, exc: DBAPIError) -> list[Any]:
-        """Who holds locks on the sessions (PostgreSQL; none asked of a server out of reach)."""
+    async def _busy_holders(self, exc: DBAPIError, engine: AsyncEngine) -> list[Any]:
+        """Who holds locks on the sessions on ``engine``'s server (PostgreSQL).
+
+        None are asked of a server out of reach.
+        """
         if self._engine.dialect.name != "postgresql" or _dialects.is_unreachable(exc):
             return []
         try:
-            async with self._async_engine.connect() as conn:
-                return await conn.run_sync(_dialects.busy_holders, self._schema)
+            conn = await self._connect(engine)
         except DBAPIError:
             return []
+        try:
+            return await conn.run_sync(_dialects.busy_holders, self._schema)
+        except DBAPIError:
+            return []
+        finally:
+            await asyncio.shield(conn.close())
 
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""

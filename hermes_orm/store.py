@@ -45,6 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
 from hermes_orm import _codec, _dialects, _retry, migrations
@@ -52,6 +53,7 @@ from hermes_orm import search as _search
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
     DatabaseUnavailableError,
+    HermesOrmError,
     HistoryDivergedError,
     InvalidArgumentError,
     InvalidMessageError,
@@ -393,7 +395,11 @@ class Run(Generic[T]):
     bounded: bool = True
     #: A read the store's replica may serve (``replica=``), if it has one.
     replica: bool = False
-    #: The transaction id and result of the try whose COMMIT is unanswered.
+    #: After a failover, whether the try whose COMMIT went unanswered is in the
+    #: database, by what it wrote (given that try's result); None: by its
+    #: transaction id, as on the server that gave it.
+    found: Callable[[Connection, T], bool] | None = field(default=None, compare=False)
+    #: The transaction id, timeline and result of the try whose COMMIT is unanswered.
     landed: list[Any] = field(default_factory=list, compare=False, repr=False)
 
 
@@ -494,14 +500,14 @@ def _attempt(
             _dialects.execute_driver_script(conn, opening)
         landed = request.landed
         if landed:  # the last try's COMMIT went unanswered
-            if _dialects.committed(conn, landed[0]):
+            if _landed(conn, request, *landed):
                 _dialects.end_transaction(conn, commit=False)
-                return landed[1]  # type: ignore[no-any-return]
+                return landed[2]  # type: ignore[no-any-return]
             landed.clear()
         xid = _dialects.transaction_id(conn) if request.once else None
         result = request.work(conn)
         if xid is not None:
-            landed[:] = (xid, result)
+            landed[:] = (*xid, result)
         # A read ends too: no snapshot or idle transaction is kept.
         _dialects.end_transaction(conn, commit=request.write)
         landed.clear()
@@ -523,17 +529,20 @@ def _attempt(
         raise
 
 
-def check_replica(primary: str | URL | Any, replica: str | URL | Any) -> None:
+def check_replica(primary: Any, replica: Any, engine: type) -> None:
     """Refuse a ``replica=`` that cannot serve the store's reads, before anything connects.
 
+    ``engine``: the kind of engine the store takes (``Engine``, or ``AsyncEngine``).
+
     Raises:
-        InvalidArgumentError: The store or its replica is not on PostgreSQL.
+        InvalidArgumentError: The replica is neither a URL nor such an engine,
+            or the store or its replica is not on PostgreSQL.
     """
-    backends = [
-        getattr(getattr(bind, "dialect", None), "name", None)
-        or _dialects.normalize_url(bind).get_backend_name()
-        for bind in (primary, replica)
-    ]
+    if not isinstance(replica, str | URL | engine):
+        raise InvalidArgumentError(
+            f"replica must be a URL or an {engine.__name__}, got {type(replica).__name__}"
+        )
+    backends = [_backend_of(bind) for bind in (primary, replica)]
     if backends != ["postgresql", "postgresql"]:
         raise InvalidArgumentError(
             "replica= reads from a PostgreSQL standby of a PostgreSQL primary; "
@@ -541,9 +550,14 @@ def check_replica(primary: str | URL | Any, replica: str | URL | Any) -> None:
         )
 
 
-def replica_unreachable(exc: DatabaseUnavailableError) -> None:
-    """Say that a read goes to the primary because the replica is out of reach."""
-    logger.warning("replica unreachable, reading from the primary instead: %s", exc)
+def _backend_of(bind: Any) -> str:
+    if isinstance(bind, str | URL):
+        return _dialects.normalize_url(bind).get_backend_name()
+    return str(bind.dialect.name)
+
+
+#: Seconds reads go to the primary after the replica was found out of reach.
+REPLICA_COOL_DOWN = 30.0
 
 
 def _cursor_went_back(session_id: str, stored: int, seen: int) -> None:
@@ -558,6 +572,27 @@ def _cursor_went_back(session_id: str, stored: int, seen: int) -> None:
         seen,
         stored,
     )
+
+
+def _landed(conn: Connection, request: Run[T], xid: int, timeline: str, result: T) -> bool:
+    """Whether the try of ``request`` whose COMMIT went unanswered committed.
+
+    The server that gave its transaction id says so. After a failover (a new
+    timeline) the id tells nothing: the promoted standby may never have seen
+    it, and may have given it to another transaction. What the try wrote
+    decides then, where ``request`` can tell; otherwise the new server's
+    answer about the id is taken, and the doubt logged.
+    """
+    if _dialects.same_timeline(conn, timeline):
+        return _dialects.committed(conn, xid)
+    if request.found is not None:
+        return request.found(conn, result)
+    logger.warning(
+        "a write's COMMIT went unanswered and the server failed over since: its outcome "
+        "is taken from transaction id %d on the promoted server, which may not have seen it",
+        xid,
+    )
+    return _dialects.committed(conn, xid)
 
 
 class StoreCore:
@@ -616,8 +651,33 @@ class StoreCore:
         if replica is None:
             return
         self._replica_settings = _dialects.transaction_settings(replica, self._schema, write=False)
-        # A replica out of reach is not waited for: the read goes to the primary.
-        self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.0)
+        # A replica out of reach is not waited for: the read goes to the primary (a
+        # dropped connection of its pool gets a new one first).
+        self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.5)
+        self._replica_back_at = 0.0  # while the monotonic clock is below it, reads skip it
+
+    def _on_replica(self, request: Run[Any]) -> bool:
+        """Whether ``request`` goes to the replica (it has one, and it is not cooling down)."""
+        return (
+            request.replica
+            and self._replica_of is not None
+            and time.monotonic() >= self._replica_back_at
+        )
+
+    def _replica_missed(self, exc: HermesOrmError) -> None:
+        """The replica could not serve a read: it goes to the primary.
+
+        Out of reach, the replica is skipped for :data:`REPLICA_COOL_DOWN`
+        seconds (said once, as a WARNING); a session it does not have yet (it
+        lags behind the primary) is read from the primary that once.
+        """
+        if isinstance(exc, DatabaseUnavailableError):
+            self._replica_back_at = time.monotonic() + REPLICA_COOL_DOWN
+            logger.warning(
+                "replica unreachable, reading from the primary for %.0f s: %s",
+                REPLICA_COOL_DOWN,
+                exc,
+            )
 
     def _view(self, store: StoreCore, user_id: Any) -> None:
         """Become ``store`` seeing only ``user_id``'s sessions (a user-scoped view of it)."""
@@ -684,7 +744,13 @@ class StoreCore:
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).one()
             return _session_dict(row)
 
-        return _write(work)
+        def found(conn: Connection, _created: dict[str, Any]) -> bool:
+            return (
+                conn.execute(select(_sessions.c.id).where(self._owned(session_id))).first()
+                is not None
+            )
+
+        return (yield Run(work, write=True, once=True, found=found))  # type: ignore[no-any-return]
 
     def _ensure_session(self, session_id: str, source: str, fields: dict[str, Any]) -> Steps[bool]:
         values = self._session_values(session_id, source, fields)
@@ -1007,7 +1073,15 @@ class StoreCore:
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
-        idx: int = yield Run(work, write=True, once=True)
+        def found(conn: Connection, idx: int) -> bool:
+            stored = conn.execute(
+                select(_messages.c.digest).where(
+                    _messages.c.session_id == session_id, _messages.c.idx == idx
+                )
+            ).scalar_one_or_none()
+            return stored is not None and bytes(stored) == encoded.digest
+
+        idx: int = yield Run(work, write=True, once=True, found=found)
         self._memory.remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
         return idx
 
@@ -1430,7 +1504,7 @@ class SessionStore(_Sessions):
     ) -> None:
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
-            check_replica(bind, replica)
+            check_replica(bind, replica, Engine)
         self._owns_engine = not isinstance(bind, Engine)
         if isinstance(bind, Engine):
             _dialects.check_transactional(bind)
@@ -1525,15 +1599,18 @@ class SessionStore(_Sessions):
             self._forks_seen = _forks[0]
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
-        if request.replica and self._replica_of is not None:
+        if self._on_replica(request):
             try:
-                return self._from_replica(self._replica_of, request, timeout)
-            except DatabaseUnavailableError as exc:
-                replica_unreachable(exc)
+                return self._from_replica(request, timeout)
+            except (DatabaseUnavailableError, SessionNotFoundError) as exc:
+                self._replica_missed(exc)
 
         def once() -> Any:
-            self._ensure_schema()  # its connection's failures are retried as the work's
-            conn = self._checkout()
+            try:
+                self._ensure_schema()  # its connection's failures are retried as the work's
+                conn = self._checkout()
+            except PoolTimeoutError as exc:
+                raise _dialects.pool_exhausted(exc) from exc
             try:
                 result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
@@ -1544,9 +1621,16 @@ class SessionStore(_Sessions):
 
         return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
 
-    def _from_replica(self, replica: Engine, request: Run[Any], timeout: float | None) -> Any:
+    def _from_replica(self, request: Run[Any], timeout: float | None) -> Any:
+        replica = self._replica_of
+        assert replica is not None
+
         def once() -> Any:
-            with replica.connect() as conn:
+            try:
+                conn = replica.connect()
+            except PoolTimeoutError as exc:
+                raise _dialects.pool_exhausted(exc) from exc
+            with conn:
                 return attempt(conn, request, (), self._replica_settings, timeout)
 
         return _retry.run_with_retry(replica, self._replica_retry, once, self._schema)

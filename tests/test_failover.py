@@ -58,22 +58,23 @@ class Pair:
         return f"postgresql+psycopg://postgres@{where}/postgres?{params}"
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
-    """A primary whose every commit waits for its standby ``standby1``."""
+@contextlib.contextmanager
+def _pair(synchronous: bool) -> Iterator[Pair]:
     with local_postgres(SYNCHRONOUS) as primary:
         SessionStore(primary.url).upgrade()
         with local_standby(primary, "standby1", SYNCHRONOUS) as standby:
             admin = create_engine(primary.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
-                conn.exec_driver_sql("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
-                conn.exec_driver_sql("SELECT pg_reload_conf()")
+                if synchronous:
+                    conn.exec_driver_sql("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
+                    conn.exec_driver_sql("SELECT pg_reload_conf()")
+                wanted = "sync" if synchronous else "async"
                 deadline = time.monotonic() + 30
                 while (
                     conn.execute(text("SELECT sync_state FROM pg_stat_replication")).scalar()
-                    != "sync"
+                    != wanted
                 ):
-                    assert time.monotonic() < deadline, "the standby never became synchronous"
+                    assert time.monotonic() < deadline, f"the standby never streamed {wanted}"
                     time.sleep(0.05)
             admin.dispose()
             try:
@@ -81,6 +82,20 @@ def pair() -> Iterator[Pair]:
             finally:
                 for pid in _processes(primary):  # a stopped server cannot stop
                     _signal(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A primary whose every commit waits for its standby ``standby1``."""
+    with _pair(synchronous=True) as found:
+        yield found
+
+
+@pytest.fixture
+def async_pair() -> Iterator[Pair]:
+    """A primary streaming to its standby without waiting for it."""
+    with _pair(synchronous=False) as found:
+        yield found
 
 
 def _processes(server: PostgresServer) -> list[int]:
@@ -247,3 +262,57 @@ def test_pg_auto_failover_crash_failover_drops_no_turn() -> None:
         print(f"pg_auto_failover: writes went on {promoted_in:.1f} s after the crash")
         writers.assert_exact(nodes.url)
         writers.store.close()
+
+
+def test_an_append_whose_answer_was_lost_in_a_failover_is_judged_by_what_it_wrote(
+    async_pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append commits on the primary, which dies before its answer and its WAL leave.
+
+    The promoted standby never saw that transaction's id and gives it to others:
+    asked about the id, it would say "committed" of someone else's transaction.
+    The store sees the new timeline and looks for the message itself instead.
+    """
+    primary, standby = async_pair.primary, async_pair.standby
+    store = SessionStore(async_pair.url(primary, standby))
+    store.create_session("s", source="cli")
+    store.flush("s", [{"role": "user", "content": "before"}])
+    admin = create_engine(primary.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # the standby has all of it, then hears no more
+        lsn = conn.execute(text("SELECT pg_current_wal_insert_lsn()")).scalar_one()
+        while (
+            conn.execute(
+                text("SELECT replay_lsn >= CAST(:lsn AS pg_lsn) FROM pg_stat_replication"),
+                {"lsn": lsn},
+            ).scalar()
+            is not True
+        ):
+            time.sleep(0.02)
+        (sender,) = conn.execute(text("SELECT pid FROM pg_stat_replication")).scalars()
+    admin.dispose()
+    _signal(sender, signal.SIGSTOP)
+    dialect = store.engine.dialect
+    real_commit = dialect.do_commit
+    crashed: list[int] = []
+
+    def commit_then_fail_over(dbapi_connection: Any) -> None:
+        real_commit(dbapi_connection)
+        if crashed:
+            return
+        crashed.append(1)
+        for pid in primary.processes():
+            _signal(pid, signal.SIGKILL)
+        standby.promote()
+        burner = create_engine(standby.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        with burner.connect() as conn:  # the ids the lost transactions had, given again
+            for _ in range(20):
+                conn.execute(text("SELECT txid_current()"))
+        burner.dispose()
+        raise dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_fail_over)
+    assert store.append("s", {"role": "user", "content": "after"}) == 1
+    monkeypatch.undo()
+    assert crashed == [1]
+    assert [m["content"] for m in store.get_messages("s")] == ["before", "after"]
+    store.close()

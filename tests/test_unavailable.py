@@ -199,3 +199,124 @@ def test_a_server_read_only_past_the_span_says_how_to_find_the_primary(
     assert "target_session_attrs=read-write" in str(err.value)
     assert err.value.attempts >= 2  # more than the one busy try the policy allows
     assert store.flush("s", TURN).written == 1
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_pool_with_no_connection_to_give_is_waited_out_then_typed(pg_db: str, api: str) -> None:
+    """Every connection taken (as a hung server keeps them): the same span, the same error."""
+    policy = RetryPolicy(unavailable_for=1.0)
+    kwargs: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
+    if api == "sync":
+        engine = create_store_engine(pg_db, **kwargs)
+        store: Any = SessionStore(engine, retry=policy)
+        holder = engine.connect()  # the pool's only connection
+        call: Callable[[], Any] = lambda: store.get_messages("s")  # noqa: E731
+    else:
+        async_engine = create_async_store_engine(_url(pg_db, "psycopg_async"), **kwargs)
+        async_store = AsyncSessionStore(async_engine, retry=policy)
+        loop = asyncio.new_event_loop()
+        holder = loop.run_until_complete(async_engine.connect())
+        call = lambda: loop.run_until_complete(async_store.get_messages("s"))  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError, match="no connection from the pool"):
+        call()
+    assert time.monotonic() - started >= 1.0
+    if api == "sync":
+        holder.close()
+    else:
+        loop.run_until_complete(holder.close())
+
+
+def test_a_poolers_refusals_are_not_retried() -> None:
+    """PgBouncer refuses an unknown database or user with SQLSTATE 08P01: for good."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from hermes_orm import _dialects
+
+    for message in ("no such database: agents", "no such user: app", "certificate verify failed"):
+        refusal = psycopg.OperationalError(message)
+        assert not _dialects.is_transient(OperationalError("connect", None, refusal))
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    assert _dialects.is_unreachable(OperationalError("select", None, lost))
+
+
+def test_an_unreachable_database_is_never_retried_at_once() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from hermes_orm._retry import Retries
+
+    retries = Retries(RetryPolicy(base_delay=0, max_delay=0, unavailable_for=10))
+    retries.begin()
+    lost = OperationalError("x", None, ConnectionError("lost"), connection_invalidated=True)
+    delay = retries.after(lost)
+    assert delay is not None
+    assert delay >= 0.05
+
+
+def test_asyncpgs_timeout_in_the_url_is_seconds() -> None:
+    from hermes_orm import InvalidURLError
+
+    create_async_store_engine("postgresql+asyncpg://u@127.0.0.1/db?timeout=2.5")
+    with pytest.raises(InvalidURLError, match="timeout='soon'"):
+        create_async_store_engine("postgresql+asyncpg://u@127.0.0.1/db?timeout=soon")
+
+
+def test_a_deadline_shuts_the_socket_it_watched_not_one_that_took_its_number() -> None:
+    """The driver may close its descriptor first: the number's next owner is left alone."""
+    from hermes_orm._retry import Watchdog
+
+    watchdog = Watchdog()
+    ours, peer = socket.socketpair()
+    watch = watchdog.arm(ours.fileno(), 0.1)
+    assert watch is not None
+    number = ours.fileno()
+    ours.close()  # as libpq closes a connection it saw drop
+    other, other_peer = socket.socketpair()
+    assert number in (other.fileno(), other_peer.fileno())  # the lowest free number, reused
+    deadline = time.monotonic() + 5
+    while not watch.fired:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    watchdog.disarm(watch)
+    other.sendall(b"still open")
+    assert other_peer.recv(32) == b"still open"
+    assert peer.recv(32) == b""  # the watched socket was shut down
+    for sock in (peer, other, other_peer):
+        sock.close()
+
+
+def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
+    from hermes_orm._retry import watchdog
+
+    ours, peer = socket.socketpair()
+    watch = watchdog.arm(ours.fileno(), 60)
+    assert watch is not None
+    pid = os.fork()
+    if pid == 0:  # the child: no watch, a lock it can take
+        clean = not watchdog._watches and watchdog._lock.acquire(timeout=1)
+        os._exit(0 if clean else 1)
+    _, status = os.waitpid(pid, 0)
+    watchdog.disarm(watch)
+    ours.close()
+    peer.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_connections_carry_deadlines_unless_the_url_or_libpq_sets_them(
+    pg_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def parameters(url: str) -> dict[str, str]:
+        engine = create_store_engine(url)
+        with engine.connect() as conn:
+            found = dict(conn.connection.dbapi_connection.info.get_parameters())  # type: ignore[union-attr]
+        engine.dispose()
+        return found
+
+    ours = parameters(pg_db)
+    assert ours["connect_timeout"] == "10"
+    assert ours["keepalives_idle"] == "30"
+    assert ours["tcp_user_timeout"] == "30000"
+    assert parameters(_url(pg_db, "psycopg", connect_timeout="3"))["connect_timeout"] == "3"
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
+    assert parameters(pg_db)["connect_timeout"] == "7"  # libpq's environment, not ours
