@@ -16,17 +16,33 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import migrations
-from hermes_orm._dialects import create_store_engine, default_url, hermes_home, redact, safe_url
+from hermes_orm._dialects import (
+    create_store_engine,
+    default_url,
+    hermes_home,
+    normalize_url,
+    redact,
+    safe_url,
+)
+from hermes_orm._partitions import check_partitions
+from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import HermesOrmError
 from hermes_orm.store import SessionStore
 
+#: A command says at once that the database is out of reach (after 3 s), where a
+#: long-running application waits out a failover (RetryPolicy's default).
+_RETRY = RetryPolicy(unavailable_for=3.0)
+
 
 def _db(args: argparse.Namespace) -> int:
+    if getattr(args, "partitions", None) is not None:  # refused before the database is made
+        check_partitions(args.partitions, normalize_url(args.url).get_backend_name())
     engine = create_store_engine(args.url)
     try:
         if args.db_command == "upgrade":
-            migrations.upgrade(engine, args.revision)
-            print(f"{safe_url(args.url)}: at {migrations.current(engine)}")
+            migrations.upgrade(engine, args.revision, partitions=args.partitions)
+            split = "" if args.partitions is None else f", messages in {args.partitions} partitions"
+            print(f"{safe_url(args.url)}: at {migrations.current(engine)}{split}")
         elif args.db_command == "downgrade":
             migrations.downgrade(engine, args.revision)
             print(f"{safe_url(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
@@ -44,7 +60,7 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    store = SessionStore(args.url)
+    store = SessionStore(args.url, retry=_RETRY)
     try:
         if args.sessions_command == "show":
             session = store.get_session(args.session_id)
@@ -100,7 +116,7 @@ def _one_line(message: dict[str, Any], width: int = 100) -> str:
 
 
 def _search(args: argparse.Namespace) -> int:
-    store = SessionStore(args.url)
+    store = SessionStore(args.url, retry=_RETRY)
     try:
         if args.query == ["rebuild"]:
             count = store.rebuild_search_index()
@@ -150,7 +166,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from hermes_orm.verify import verify_database
 
-    with SessionStore(args.url) as store:
+    with SessionStore(args.url, retry=_RETRY) as store:
         report = verify_database(store, repair=args.repair)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
@@ -199,6 +215,13 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate to the newest schema", parents=[url])
     up.add_argument("revision", nargs="?", default="head")
+    up.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="PostgreSQL: then hash-partition hermes_messages by session_id into N partitions "
+        "(see docs/scale-out.md; the table is locked while it is rebuilt)",
+    )
     down = db_commands.add_parser(
         "downgrade", help="migrate down (base drops every table)", parents=[url]
     )

@@ -37,6 +37,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError
 
+from hermes_orm import _partitions
 from hermes_orm._dialects import store_schema
 from hermes_orm.errors import SchemaManagedByHostError, SchemaOutOfDateError, SchemaTooNewError
 from hermes_orm.models import Base
@@ -238,12 +239,17 @@ def _run(bind: Bind, schema: str | None, fn: Any, *args: Any) -> None:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
 
 
-def upgrade(bind: Bind, revision: str = "head", *, schema: str | None = None) -> None:
+def upgrade(
+    bind: Bind, revision: str = "head", *, schema: str | None = None, partitions: int | None = None
+) -> None:
     """Migrate the database behind ``bind`` up to ``revision`` (default: head).
 
     ``schema`` (or ``bind``'s ``schema_translate_map``) places the tables, their
     triggers and indexes, and the version table in that PostgreSQL schema,
     created if missing; extensions stay wherever the database has them.
+
+    ``partitions`` (PostgreSQL): then hash-partition ``hermes_messages`` by
+    ``session_id`` into that many partitions, as :func:`partition_messages`.
 
     On a connection, the work is done in the transaction the connection is in,
     or in one of its own that it commits: the connection is handed back with
@@ -254,8 +260,41 @@ def upgrade(bind: Bind, revision: str = "head", *, schema: str | None = None) ->
         SchemaManagedByHostError: The revisions run as a branch of the host's
             history (their state is in its ``alembic_version``): the host's
             ``alembic upgrade hermes_orm@head`` migrates them.
+        InvalidArgumentError: ``partitions`` is not an int from 2 to 1024, or
+            not on PostgreSQL (raised before anything is migrated).
     """
+    if partitions is not None:
+        _partitions.check_partitions(partitions, bind.dialect.name)
     _run(bind, schema, command.upgrade, revision)
+    if partitions is not None:
+        partition_messages(bind, partitions, schema=schema)
+
+
+def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None) -> bool:
+    """Hash-partition ``hermes_messages`` by ``session_id`` into ``partitions`` (PostgreSQL).
+
+    Every hot query names its session, so each reads and writes one partition.
+    The table is rebuilt in one transaction under the migration lock (its
+    rows copied, its indexes, triggers and constraints made again); readers
+    and writers of messages wait for it. Its primary key becomes ``(id,
+    session_id)``. A table already split into ``partitions`` is left as it is.
+    Privileges granted on the table itself are not carried over: grant them again.
+
+    Returns:
+        Whether the table was rebuilt.
+
+    Raises:
+        InvalidArgumentError: ``partitions`` is not an int from 2 to 1024, not
+            on PostgreSQL, or the table is split into another number already.
+        SchemaOutOfDateError: There is no ``hermes_messages`` yet.
+    """
+    _partitions.check_partitions(partitions, bind.dialect.name)
+    schema = store_schema(bind, schema)
+    with _migrating(bind, schema) as conn:
+        done = _partitions.partition(conn, partitions)
+    if done:
+        logger.info("hermes_messages split into %d hash partitions by session_id", partitions)
+    return done
 
 
 def downgrade(bind: Bind, revision: str, *, schema: str | None = None) -> None:
@@ -379,7 +418,7 @@ def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None)
         return (
             name is not None
             and name.startswith(TABLE_PREFIX)
-            and not name.startswith(SEARCH_PREFIX)
+            and not name.startswith((SEARCH_PREFIX, _partitions.PARTITION_PREFIX))
             and name != VERSION_TABLE
         )
     if type_ == "column":

@@ -777,6 +777,12 @@ def rebuild(conn: Connection) -> int:
         # Setting a watched column fires the trigger that computes body and tsvector.
         conn.exec_driver_sql("UPDATE hermes_messages SET content = content")
         for index in ("ix_hermes_search_vector", "ix_hermes_search_cjk", "ix_hermes_search_cjk_id"):
-            conn.exec_driver_sql(f"REINDEX INDEX {index}")
+            # A partitioned table's index is reindexed partition by partition: as a
+            # whole it cannot be, inside a transaction.
+            leaves = conn.exec_driver_sql(
+                f"SELECT relid::regclass::text FROM pg_partition_tree('{index}') WHERE isleaf"
+            ).scalars()
+            for leaf in list(leaves):
+                conn.exec_driver_sql(f"REINDEX INDEX {leaf}")
     count = conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar_one()
     return int(count)

@@ -54,6 +54,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "database (the URL says ?schema=NAME); nothing of ours is left in public",
     )
     parser.addoption(
+        "--partitions",
+        metavar="N",
+        type=int,
+        default=None,
+        help="hash-partition hermes_messages into N partitions in each PostgreSQL test "
+        "database (hermes_orm.upgrade(partitions=N))",
+    )
+    parser.addoption(
         "--through-pgbouncer",
         action="store_true",
         help="reach each PostgreSQL test database through a PgBouncer in transaction "
@@ -74,8 +82,9 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``--through-pgbouncer`` or ``--in-schema``, leave out the tests marked ``direct``."""
-    if not (config.getoption("--through-pgbouncer") or config.getoption("--in-schema")):
+    """With ``--through-pgbouncer``, ``--in-schema`` or ``--partitions``, leave out the tests
+    marked ``direct``."""
+    if not any(config.getoption(o) for o in ("--through-pgbouncer", "--in-schema", "--partitions")):
         return
     kept = [item for item in items if item.get_closest_marker("direct") is None]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -161,7 +170,11 @@ def pg_template(pg_server_url: str, request: pytest.FixtureRequest) -> str:
     admin.dispose()
     url = make_url(pg_server_url).set(drivername="postgresql+psycopg", database=_TEMPLATE_DB)
     engine = create_engine(url, poolclass=NullPool)
-    hermes_orm.upgrade(engine, schema=request.config.getoption("--in-schema"))
+    hermes_orm.upgrade(
+        engine,
+        schema=request.config.getoption("--in-schema"),
+        partitions=request.config.getoption("--partitions"),
+    )
     engine.dispose()
     return _TEMPLATE_DB
 

@@ -68,3 +68,18 @@ def test_each_round_rotates_the_order_of_what_it_measures() -> None:
         ["c", "a", "b"],
         ["a", "b", "c"],
     ]
+
+
+def test_partitions_bench_quick_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.partitions", "--sizes", "2000,4000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| 4,000 |")]
+    assert len(table) == 2  # printed as measured, and in the table
+    assert table[0].count("x |") == 2  # both ratios

@@ -1,0 +1,140 @@
+"""``hermes_messages`` hash-partitioned by ``session_id`` (PostgreSQL).
+
+Every hot query names its session (the flush's insert and cursor, reading a
+history, the unique ``(session_id, idx)`` index), so each touches one
+partition and its indexes stay a fraction of the table's. The conversion
+rebuilds the table in one transaction, under the migration lock:
+
+- the table's definitions are read first: its indexes, triggers and
+  constraints, as PostgreSQL prints them (whatever revisions made them);
+- the table is renamed aside and those objects are dropped from it, which
+  frees their names;
+- a table of the same columns and defaults is created ``PARTITION BY HASH
+  (session_id)`` with its partitions; its primary key becomes ``(id,
+  session_id)``, as a partitioned table's must include the partition key (ids
+  still come from the one sequence, so they stay unique);
+- the rows are copied with their search columns as they are, then the
+  indexes and triggers are created again from the definitions read, and the
+  old table is dropped.
+
+The table is locked for the copy: readers and writers of messages wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+
+from hermes_orm.errors import DatabaseError, InvalidArgumentError, SchemaOutOfDateError
+
+#: Names of the partitions: this prefix and the remainder (``hermes_messages_part_007``).
+PARTITION_PREFIX = "hermes_messages_part_"
+#: The most partitions a store's messages may be split into.
+MAX_PARTITIONS = 1024
+_ASIDE = "hermes_messages_unpartitioned"
+
+
+def check_partitions(partitions: Any, dialect: str) -> int:
+    """``partitions``, checked before anything connects.
+
+    Raises:
+        InvalidArgumentError: Not an int from 2 to 1024, or not on PostgreSQL.
+    """
+    if (
+        isinstance(partitions, bool)
+        or not isinstance(partitions, int)
+        or not 2 <= partitions <= MAX_PARTITIONS
+    ):
+        raise InvalidArgumentError(
+            f"partitions must be an int from 2 to {MAX_PARTITIONS}, got {partitions!r}"
+        )
+    if dialect != "postgresql":
+        raise InvalidArgumentError(
+            f"partitions={partitions}: only PostgreSQL partitions tables (this is {dialect})"
+        )
+    return partitions
+
+
+def partition_count(conn: Connection) -> int | None:
+    """How many partitions ``hermes_messages`` has (None: it is a plain table).
+
+    Raises:
+        SchemaOutOfDateError: There is no ``hermes_messages`` (migrate first).
+    """
+    row = conn.exec_driver_sql(
+        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) "
+        "FROM pg_class c WHERE c.oid = to_regclass('hermes_messages')"
+    ).first()
+    if row is None:
+        raise SchemaOutOfDateError(None, "0001_baseline")
+    return int(row[1]) if row[0] == "p" else None
+
+
+def partition(conn: Connection, partitions: int) -> bool:
+    """Rebuild ``hermes_messages`` as ``partitions`` hash partitions, in ``conn``'s transaction.
+
+    Returns:
+        False when it already had that many (nothing done), True otherwise.
+
+    Raises:
+        InvalidArgumentError: It is partitioned already, into another number.
+    """
+    current = partition_count(conn)
+    if current == partitions:
+        return False
+    if current is not None:
+        raise InvalidArgumentError(
+            f"hermes_messages is already split into {current} partitions, not {partitions}: "
+            "a partitioned table is not split again"
+        )
+    sql = conn.exec_driver_sql
+    table = "to_regclass('hermes_messages')"
+    indexes = sql(
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+        f"JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = {table} "
+        "AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) "
+        "ORDER BY c.relname"
+    ).all()
+    triggers = sql(
+        "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger "
+        f"WHERE tgrelid = {table} AND NOT tgisinternal ORDER BY tgname"
+    ).all()
+    constraints = sql(
+        "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
+        f"WHERE conrelid = {table} ORDER BY contype <> 'p', conname"
+    ).all()
+    primary = [c for c in constraints if c.contype == "p"]
+    if len(primary) != 1:
+        raise DatabaseError("hermes_messages has no primary key: it is not a table hermes_orm made")
+    sql(f"ALTER TABLE hermes_messages RENAME TO {_ASIDE}")
+    for name, _ in indexes:
+        sql(f'DROP INDEX "{name}"')
+    for name, _ in triggers:
+        sql(f'DROP TRIGGER "{name}" ON {_ASIDE}')
+    for name, *_ in reversed(constraints):  # foreign keys and checks, then the keys
+        sql(f'ALTER TABLE {_ASIDE} DROP CONSTRAINT "{name}"')
+    sql(
+        f"CREATE TABLE hermes_messages (LIKE {_ASIDE} INCLUDING DEFAULTS INCLUDING STORAGE "
+        "INCLUDING COMMENTS) PARTITION BY HASH (session_id)"
+    )
+    # The ids' sequence goes with the new table (dropping the old one would take it).
+    sequence = sql(f"SELECT pg_get_serial_sequence('{_ASIDE}', 'id')").scalar()
+    if sequence is not None:
+        sql(f"ALTER SEQUENCE {sequence} OWNED BY hermes_messages.id")
+    for remainder in range(partitions):
+        sql(
+            f"CREATE TABLE {PARTITION_PREFIX}{remainder:03d} PARTITION OF hermes_messages "
+            f"FOR VALUES WITH (MODULUS {partitions}, REMAINDER {remainder})"
+        )
+    key = primary[0].conname
+    sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{key}" PRIMARY KEY (id, session_id)')
+    for name, kind, definition in constraints:
+        if kind != "p":
+            sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
+    sql(f"INSERT INTO hermes_messages SELECT * FROM {_ASIDE}")  # before the triggers: as stored
+    for _, definition in (*indexes, *triggers):
+        sql(definition)  # they name hermes_messages, as they did when read
+    sql(f"DROP TABLE {_ASIDE}")
+    sql("ANALYZE hermes_messages")
+    return True

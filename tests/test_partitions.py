@@ -1,0 +1,189 @@
+"""``hermes_messages`` hash-partitioned by ``session_id`` (``upgrade(partitions=N)``).
+
+The conversion of a fresh database and of one holding messages, what it
+keeps (rows, ids, search, the sequence, the constraints), the store, search,
+rebuild, schema check and the ORM path on it, and partition pruning in the
+plans of the hot queries. The whole flush and search suites also run on a
+partitioned schema in CI (``pytest tests/test_flush.py tests/test_search.py
+-m postgresql --partitions 8``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
+
+import hermes_orm
+from hermes_orm import (
+    InvalidArgumentError,
+    Message,
+    SessionStore,
+    migrations,
+)
+from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
+
+TURN = [
+    {"role": "user", "content": "where is the lighthouse"},
+    {"role": "assistant", "content": "灯台は北の岬にあります"},
+    {"role": "tool", "content": "ok", "tool_call_id": "c1", "tool_name": "search"},
+]
+
+
+@pytest.fixture
+def empty_pg(pg_server_url: str) -> Iterator[str]:
+    url = _create_pg_database(pg_server_url)
+    yield url
+    _drop_pg_database(pg_server_url, url)
+
+
+def _partitions(url: str) -> list[str]:
+    with create_engine(url, poolclass=NullPool).connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = 'hermes_messages'::regclass ORDER BY 1"
+                )
+            ).scalars()
+        )
+
+
+def test_a_fresh_database_migrates_partitioned_and_the_store_works_on_it(empty_pg: str) -> None:
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine, partitions=4)
+    assert _partitions(empty_pg) == [f"hermes_messages_part_{n:03d}" for n in range(4)]
+    assert migrations.differences(engine) == []  # the models still match, partitions and all
+    migrations.check(engine)
+    store = SessionStore(empty_pg)
+    for n in range(12):
+        store.create_session(f"s{n}", source="cli")
+        assert store.flush(f"s{n}", TURN).written == 3
+        assert store.flush(f"s{n}", TURN).written == 0  # exactly once, as ever
+    assert all(store.get_messages(f"s{n}") == TURN for n in range(12))
+    assert len(store.search("lighthouse", limit=50).hits) == 12
+    assert len(store.search("灯台", limit=50).hits) == 12
+    assert store.rebuild_search_index() == 36
+    assert len(store.search("lighthouse", limit=50).hits) == 12
+    with create_engine(empty_pg, poolclass=NullPool).connect() as conn:
+        spread = conn.execute(
+            text("SELECT count(DISTINCT tableoid) FROM hermes_messages")
+        ).scalar_one()
+    assert spread > 1  # the sessions landed in several partitions
+    store.close()
+
+
+def test_a_database_holding_messages_keeps_them_all_when_split(empty_pg: str) -> None:
+    store = SessionStore(empty_pg)
+    store.upgrade()
+    for n in range(20):
+        store.create_session(f"s{n}", source="cli")
+        store.flush(f"s{n}", TURN)
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    with engine.connect() as conn:
+        before = conn.execute(text("SELECT * FROM hermes_messages ORDER BY id")).all()
+    assert migrations.partition_messages(engine, 8) is True
+    assert migrations.partition_messages(engine, 8) is False  # already so: nothing done
+    with engine.connect() as conn:
+        after = conn.execute(text("SELECT * FROM hermes_messages ORDER BY id")).all()
+        constraints = set(
+            conn.execute(
+                text(
+                    "SELECT conname FROM pg_constraint WHERE conrelid = 'hermes_messages'::regclass"
+                )
+            ).scalars()
+        )
+    assert after == before  # every row, id and search column as it was
+    assert constraints == {
+        "pk_hermes_messages",
+        "uq_hermes_messages_session_id_idx",
+        "fk_hermes_messages_session_id_hermes_sessions",
+    }
+    store.forget_cursor("s0")
+    assert store.flush("s0", [*TURN, {"role": "user", "content": "and then"}]).written == 1
+    ids = [m["id"] for m in _rows(empty_pg, "s0")]
+    assert ids[-1] > max(row.id for row in before)  # the sequence went with the table
+    store.delete_session("s1")  # the cascade still holds
+    assert _rows(empty_pg, "s1") == []
+    assert migrations.differences(engine) == []
+    store.close()
+
+
+def _rows(url: str, session_id: str) -> list[dict[str, object]]:
+    with create_engine(url, poolclass=NullPool).connect() as conn:
+        rows = conn.execute(
+            text("SELECT id, idx FROM hermes_messages WHERE session_id = :s ORDER BY idx"),
+            {"s": session_id},
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def test_the_orm_path_writes_into_the_partitions(empty_pg: str) -> None:
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine, partitions=4)
+    ours = sessionmaker(engine)
+    hermes_orm.install_position_rule(ours)  # these sessions only, not the process's
+    store = SessionStore(empty_pg)
+    store.create_session("orm", source="cli")
+    with ours() as session, session.begin():
+        session.add(Message(session_id="orm", role="user", content="from the ORM"))
+        session.add(Message(session_id="orm", role="assistant", content="placed"))
+    assert [m["content"] for m in store.get_messages("orm")] == ["from the ORM", "placed"]
+    assert store.get_session("orm")["flushed_idx"] == 2  # type: ignore[index]
+    store.close()
+
+
+def test_hot_queries_read_one_partition(empty_pg: str) -> None:
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine, partitions=8)
+    with engine.connect() as conn:
+        plan = "\n".join(
+            conn.execute(
+                text(
+                    "EXPLAIN SELECT * FROM hermes_messages WHERE session_id = 's' "
+                    "AND idx >= 10 ORDER BY idx"
+                )
+            ).scalars()
+        )
+    assert plan.count("hermes_messages_part_") == 1, plan
+
+
+def test_splitting_again_into_another_number_is_refused(empty_pg: str) -> None:
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine, partitions=4)
+    with pytest.raises(InvalidArgumentError, match="already split into 4"):
+        migrations.partition_messages(engine, 8)
+    assert len(_partitions(empty_pg)) == 4
+
+
+@pytest.mark.parametrize("partitions", [1, 0, 1025, "8", True, 2.5])
+def test_a_partition_count_out_of_range_is_refused_before_anything(
+    empty_pg: str, partitions: object
+) -> None:
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    with pytest.raises(InvalidArgumentError, match="partitions must be"):
+        hermes_orm.upgrade(engine, partitions=partitions)  # type: ignore[arg-type]
+    assert migrations.current(engine) is None  # not even migrated
+
+
+def test_sqlite_is_not_partitioned(tmp_path: Path) -> None:
+    path = tmp_path / "agents.db"
+    result = run_cli(
+        "db", "upgrade", "--partitions", "4", env={"HERMES_ORM_URL": f"sqlite:///{path}"}
+    )
+    assert result.returncode != 0
+    assert "only PostgreSQL partitions tables" in result.stderr
+    assert not path.exists()
+
+
+def test_the_command_line_splits_the_messages(empty_pg: str) -> None:
+    result = run_cli("db", "upgrade", "--partitions", "4", env={"HERMES_ORM_URL": empty_pg})
+    assert result.returncode == 0, result.stderr
+    assert "messages in 4 partitions" in result.stdout
+    assert len(_partitions(empty_pg)) == 4
