@@ -215,6 +215,14 @@ def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iter
 
 
 @pytest.fixture
+def empty_pg(pg_server_url: str) -> Iterator[str]:
+    """URL of a fresh PostgreSQL database with no schema at all, for a test's own setup."""
+    url = _create_pg_database(pg_server_url)
+    yield url
+    _drop_pg_database(pg_server_url, url)
+
+
+@pytest.fixture
 def empty_db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of a fresh database with no schema at all."""
     if backend == "sqlite":

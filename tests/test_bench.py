@@ -10,10 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
-    env = {**os.environ, "HERMES_ORM_TEST_PG_URL": pg_server_url, "HERMES_HOME": str(tmp_path)}
+def _bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick"],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -22,6 +21,12 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "HERMES_ORM_TEST_PG_URL": pg_server_url, "HERMES_HOME": str(tmp_path)}
+    result = _bench("bench", "--quick", env=env)
     out = result.stdout
     for name in (
         "SQLite flush per turn",
@@ -71,15 +76,7 @@ def test_each_round_rotates_the_order_of_what_it_measures() -> None:
 
 
 def test_partitions_bench_quick_run() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.partitions", "--sizes", "2000,4000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _bench("bench.partitions", "--sizes", "2000,4000")
     table = [line for line in result.stdout.splitlines() if line.startswith("| 4,000 |")]
     assert len(table) == 2  # printed as measured, and in the table
     assert table[0].count("x |") == 2  # both ratios

@@ -10,7 +10,6 @@ partitioned schema in CI (``pytest tests/test_flush.py tests/test_search.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from hermes_orm import (
     SessionStore,
     migrations,
 )
-from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
 
@@ -34,13 +33,6 @@ TURN = [
     {"role": "assistant", "content": "灯台は北の岬にあります"},
     {"role": "tool", "content": "ok", "tool_call_id": "c1", "tool_name": "search"},
 ]
-
-
-@pytest.fixture
-def empty_pg(pg_server_url: str) -> Iterator[str]:
-    url = _create_pg_database(pg_server_url)
-    yield url
-    _drop_pg_database(pg_server_url, url)
 
 
 def _partitions(url: str) -> list[str]:

@@ -10,7 +10,6 @@ suite also runs in a schema in CI (``pytest tests/test_flush.py -m postgresql
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from hermes_orm import (
     create_store_engine,
     migrations,
 )
-from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
 
@@ -37,13 +36,6 @@ TURN = [
     {"role": "user", "content": "where is the lighthouse"},
     {"role": "assistant", "content": "灯台は北の岬にあります"},
 ]
-
-
-@pytest.fixture
-def empty_pg(pg_server_url: str) -> Iterator[str]:
-    url = _create_pg_database(pg_server_url)
-    yield url
-    _drop_pg_database(pg_server_url, url)
 
 
 def _engine(url: str, **kwargs: Any) -> Engine:
