@@ -1,6 +1,6 @@
 """Partitioned messages as the table grows: the hot queries beside the plain table.
 
-    python -m bench.partitions                          # 1M, 4M and 16M messages
+    python -m bench.partitions                          # 1M, 4M, 16M and 32M messages
     python -m bench.partitions --sizes 100000,200000    # a quick look
 
 Two databases on one throwaway PostgreSQL server, grown side by side: one
@@ -9,9 +9,10 @@ with ``hermes_messages`` as migrated, one split into 16 hash partitions by
 messages are loaded with SQL (search triggers off: search is not what is
 measured); at each size, the same 200 random sessions of each database get a
 turn's flush (three messages, ``verify="last"``) and a read of their last
-page (50 messages). Printed per size: the median of each, the partitioned
-one's ratio to the plain one, and the largest index of a session's messages
-(the whole unique index, or one partition's).
+page (50 messages), the two databases in turns, after a checkpoint. Printed
+per size: the median of each, the partitioned one's ratio to the plain one,
+and the largest index of a session's messages (the whole unique index, or
+one partition's).
 """
 
 from __future__ import annotations
@@ -77,15 +78,18 @@ def _load(engine: Engine, first: int, last: int) -> None:
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE hermes_messages")
+        conn.exec_driver_sql("CHECKPOINT")  # not during the measurements
 
 
-def _median_ms(run: Callable[[str], Any], sessions: list[str]) -> float:
-    times = []
-    for sid in sessions:
-        started = time.perf_counter()
-        run(sid)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+def _medians_ms(runs: dict[str, Callable[[str], Any]], sessions: list[str]) -> dict[str, float]:
+    """Median milliseconds of each run over ``sessions``, taken in turns (order alternating)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for n, sid in enumerate(sessions):
+        for name in list(runs)[:: 1 if n % 2 else -1]:
+            started = time.perf_counter()
+            runs[name](sid)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(taken) * 1000 for name, taken in times.items()}
 
 
 def _largest_index(engine: Engine) -> int:
@@ -104,7 +108,9 @@ def _largest_index(engine: Engine) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.partitions")
-    parser.add_argument("--sizes", default="1000000,4000000,16000000", help="messages, ascending")
+    parser.add_argument(
+        "--sizes", default="1000000,4000000,16000000,32000000", help="messages, ascending"
+    )
     sizes = [int(n) for n in parser.parse_args(argv).sizes.split(",")]
     rng = random.Random(7)
     rows = []
@@ -130,16 +136,25 @@ def main(argv: list[str] | None = None) -> None:
             picked = rng.sample(fresh, min(SAMPLE, len(fresh)))
             flushed.update(picked)
             sample = [f"s{n}" for n in picked]
-            figures: dict[str, tuple[float, float, int]] = {}
-            for name, store in stores.items():
-                flush = _median_ms(
-                    lambda sid, store=store: store.flush(sid, [*HISTORY, *TURN], verify="last"),
-                    sample,
-                )
-                page = _median_ms(
-                    lambda sid, store=store: store.get_messages(sid, offset=53, limit=50), sample
-                )
-                figures[name] = (flush, page, _largest_index(engines[name]))
+            flush = _medians_ms(
+                {
+                    name: lambda sid, store=store: store.flush(
+                        sid, [*HISTORY, *TURN], verify="last"
+                    )
+                    for name, store in stores.items()
+                },
+                sample,
+            )
+            page = _medians_ms(
+                {
+                    name: lambda sid, store=store: store.get_messages(sid, offset=53, limit=50)
+                    for name, store in stores.items()
+                },
+                sample,
+            )
+            figures = {
+                name: (flush[name], page[name], _largest_index(engines[name])) for name in stores
+            }
             plain, split = figures["plain"], figures["partitioned"]
             rows.append(
                 f"| {size:,} | {plain[0]:.2f} | {split[0]:.2f} | {split[0] / plain[0]:.2f}x "

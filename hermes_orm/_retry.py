@@ -30,7 +30,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -306,6 +307,22 @@ class Watchdog:
 
 
 watchdog = Watchdog()
+
+
+@contextmanager
+def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
+    """Run the block on ``conn`` within a deadline of ``seconds`` (as :func:`watch_try`)."""
+    watch = watch_try(conn, seconds)
+    if watch is None:
+        yield None
+        return
+    try:
+        yield watch
+    except BaseException as exc:
+        watch.blame(exc)
+        raise
+    finally:
+        watchdog.disarm(watch)
 
 
 def watch_try(conn: Connection, seconds: float | None) -> Watch | None:

@@ -41,6 +41,7 @@ from hermes_orm.store import (
     Verify,
     attempt,
     check_replica,
+    check_schema,
     resume,
 )
 
@@ -255,7 +256,7 @@ class AsyncSessionStore(_AsyncSessions):
         if not self._schema_checked:
             conn = await self._connect()
             try:
-                await conn.run_sync(migrations.check, schema=self._schema)
+                await conn.run_sync(check_schema, self._schema, self._retry.attempt_timeout)
             finally:
                 await asyncio.shield(conn.close())
             self._schema_checked = True

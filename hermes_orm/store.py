@@ -471,19 +471,19 @@ def attempt(
     still hold it open. A connection that cannot even roll back, or whose
     server cannot take the work now, is invalidated.
     """
-    watch = _retry.watch_try(conn, timeout) if request.bounded else None
-    if watch is None:
+    if not request.bounded or timeout is None or conn.dialect.name != "postgresql":
         return _attempt(conn, request, begin, settings)
-    try:
+    with _retry.watched(conn, timeout) as watch:
         result = _attempt(conn, request, begin, settings)
-    except BaseException as exc:
-        watch.blame(exc)
-        raise
-    finally:
-        _retry.watchdog.disarm(watch)
-    if watch.fired and not conn.invalidated:  # it ended as its socket was shut down
-        conn.invalidate()
+    if watch is not None and watch.fired and not conn.invalidated:
+        conn.invalidate()  # it ended as its socket was shut down
     return result
+
+
+def check_schema(conn: Connection, schema: str | None, timeout: float | None) -> None:
+    """:func:`migrations.check` on ``conn``, within a try's deadline of ``timeout`` seconds."""
+    with _retry.watched(conn, timeout):
+        migrations.check(conn, schema=schema)
 
 
 def _attempt(
@@ -1574,7 +1574,8 @@ class SessionStore(_Sessions):
 
     def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            migrations.check(self._engine, schema=self._schema)
+            with self._engine.connect() as conn:
+                check_schema(conn, self._schema, self._retry.attempt_timeout)
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
