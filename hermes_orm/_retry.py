@@ -134,6 +134,11 @@ class Retries:
             return None
         return policy.delay(self.busy - 1)
 
+    def _unreachable_for(self) -> float:
+        """Seconds since the first try that found the database out of reach began."""
+        since = self.down_since if self.down_since is not None else self.started
+        return time.monotonic() - since
+
     def log(self, exc: DBAPIError, delay: float) -> None:
         """Say (at INFO, on the ``hermes_orm`` logger) that a try failed, why, and what next."""
         if not logger.isEnabledFor(logging.INFO):
@@ -141,7 +146,6 @@ class Retries:
         text = _dialects.redact(str(exc.orig)).strip()
         why = f"{type(exc.orig).__name__}: {text.splitlines()[0] if text else ''}"
         if _dialects.is_unreachable(exc):
-            since = self.down_since if self.down_since is not None else self.started
             logger.info(
                 "transient database error, unreachable (%s)%s; try %d in %.3f s "
                 "(unreachable for %.1f s of at most %g s)",
@@ -149,7 +153,7 @@ class Retries:
                 _abandoned(exc),
                 self.tries + 1,
                 delay,
-                time.monotonic() - since,
+                self._unreachable_for(),
                 self.policy.unavailable_for,
             )
         else:
@@ -174,11 +178,10 @@ class Retries:
         """
         if _dialects.is_unreachable(exc):
             detail = _dialects.redact(str(exc.orig)).strip() + _abandoned(exc)
-            since = self.down_since if self.down_since is not None else self.started
             return DatabaseUnavailableError(
                 detail + _dialects.read_only_hint(exc),
                 attempts=self.tries,
-                seconds=time.monotonic() - since,
+                seconds=self._unreachable_for(),
             )
         return DatabaseBusyError(
             _dialects.describe_busy(engine, exc, holders, schema), attempts=self.tries
@@ -311,8 +314,9 @@ watchdog = Watchdog()
 
 @contextmanager
 def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
-    """Run the block on ``conn`` within a deadline of ``seconds`` (as :func:`watch_try`)."""
-    watch = watch_try(conn, seconds)
+    """Run the block on ``conn`` within a deadline of ``seconds`` (PostgreSQL; None: none)."""
+    fd = None if seconds is None or conn.dialect.name != "postgresql" else _dialects.socket_of(conn)
+    watch = None if fd is None or seconds is None else watchdog.arm(fd, seconds)
     if watch is None:
         yield None
         return
@@ -323,11 +327,3 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
         raise
     finally:
         watchdog.disarm(watch)
-
-
-def watch_try(conn: Connection, seconds: float | None) -> Watch | None:
-    """Arm a deadline of ``seconds`` for the try on ``conn`` (PostgreSQL; None: none)."""
-    if seconds is None or conn.dialect.name != "postgresql":
-        return None
-    fd = _dialects.socket_of(conn)
-    return None if fd is None else watchdog.arm(fd, seconds)

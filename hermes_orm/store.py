@@ -560,20 +560,6 @@ def _backend_of(bind: Any) -> str:
 REPLICA_COOL_DOWN = 30.0
 
 
-def _cursor_went_back(session_id: str, stored: int, seen: int) -> None:
-    """Say that a session's stored cursor is behind one this store saw committed."""
-    logger.warning(
-        "session %r: the database holds %d messages, but this store saw %d committed: "
-        "acknowledged writes were lost (a promoted asynchronous standby, a restored "
-        "backup) or another process cut the history; writing on from message %d, so "
-        "a flush of the whole list puts back what was lost",
-        session_id,
-        stored,
-        seen,
-        stored,
-    )
-
-
 def _landed(conn: Connection, request: Run[T], xid: int, timeline: str, result: T) -> bool:
     """Whether the try of ``request`` whose COMMIT went unanswered committed.
 
@@ -678,6 +664,26 @@ class StoreCore:
                 REPLICA_COOL_DOWN,
                 exc,
             )
+
+    def _remembered(self, session_id: str, stored: int) -> _Hint | None:
+        """What the store remembers of a session whose stored cursor is ``stored``.
+
+        A stored cursor behind the remembered one is said (WARNING): commits
+        this store saw were lost, or another process cut the history.
+        """
+        hint = self._memory.hints.get(session_id)
+        if hint is not None and stored < hint.cursor:
+            logger.warning(
+                "session %r: the database holds %d messages, but this store saw %d committed: "
+                "acknowledged writes were lost (a promoted asynchronous standby, a restored "
+                "backup) or another process cut the history; writing on from message %d, so "
+                "a flush of the whole list puts back what was lost",
+                session_id,
+                stored,
+                hint.cursor,
+                stored,
+            )
+        return hint
 
     def _view(self, store: StoreCore, user_id: Any) -> None:
         """Become ``store`` seeing only ``user_id``'s sessions (a user-scoped view of it)."""
@@ -966,11 +972,7 @@ class StoreCore:
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
-        hint = self._memory.hints.get(session_id)
-        if hint is not None and cursor < hint.cursor:
-            _cursor_went_back(session_id, cursor, hint.cursor)
-        if verify != "all":
-            hint = None
+        hint = self._remembered(session_id, cursor)
         start = self._check_continues(
             conn,
             session_id,
@@ -978,7 +980,7 @@ class StoreCore:
             cursor=cursor,
             digest=stored.flushed_digest,
             verify=verify,
-            copies=None if hint is None else hint.copies,
+            copies=None if hint is None or verify != "all" else hint.copies,
         )
         if len(messages) < cursor:
             return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None
@@ -1067,9 +1069,7 @@ class StoreCore:
             stored = self._locked_cursor(conn, session_id)
             if stored is None:
                 raise SessionNotFoundError(session_id)
-            hint = self._memory.hints.get(session_id)
-            if hint is not None and stored.flushed_idx < hint.cursor:
-                _cursor_went_back(session_id, stored.flushed_idx, hint.cursor)
+            self._remembered(session_id, stored.flushed_idx)
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
 
@@ -1574,7 +1574,7 @@ class SessionStore(_Sessions):
 
     def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 check_schema(conn, self._schema, self._retry.attempt_timeout)
             self._schema_checked = True
 
@@ -1607,11 +1607,8 @@ class SessionStore(_Sessions):
                 self._replica_missed(exc)
 
         def once() -> Any:
-            try:
-                self._ensure_schema()  # its connection's failures are retried as the work's
-                conn = self._checkout()
-            except PoolTimeoutError as exc:
-                raise _dialects.pool_exhausted(exc) from exc
+            self._ensure_schema()  # its connection's failures are retried as the work's
+            conn = self._checkout()
             try:
                 result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
@@ -1627,21 +1624,27 @@ class SessionStore(_Sessions):
         assert replica is not None
 
         def once() -> Any:
-            try:
-                conn = replica.connect()
-            except PoolTimeoutError as exc:
-                raise _dialects.pool_exhausted(exc) from exc
-            with conn:
+            with self._connect(replica) as conn:
                 return attempt(conn, request, (), self._replica_settings, timeout)
 
         return _retry.run_with_retry(replica, self._replica_retry, once, self._schema)
+
+    def _connect(self, engine: Engine | None = None) -> Connection:
+        """A connection from ``engine``'s pool (the store's by default).
+
+        A pool with none to give in time is as a database out of reach.
+        """
+        try:
+            return (engine or self._engine).connect()
+        except PoolTimeoutError as exc:
+            raise _dialects.pool_exhausted(exc) from exc
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""
         with self._parked_lock:
             if self._parked:
                 return self._parked.pop()
-        conn = self._engine.connect()
+        conn = self._connect()
         if self._sqlite is not None:
             try:
                 _dialects.take_sqlite(conn, self._sqlite)
