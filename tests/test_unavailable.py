@@ -271,9 +271,10 @@ def test_a_deadline_shuts_the_socket_it_watched_not_one_that_took_its_number() -
     watch = watchdog.arm(ours.fileno(), 0.1)
     assert watch is not None
     number = ours.fileno()
-    ours.close()  # as libpq closes a connection it saw drop
     other, other_peer = socket.socketpair()
-    assert number in (other.fileno(), other_peer.fileno())  # the lowest free number, reused
+    ours.close()  # as libpq closes a connection it saw drop
+    os.dup2(other.fileno(), number)  # the number now names another connection's socket
+    taken = socket.socket(fileno=number)
     deadline = time.monotonic() + 5
     while not watch.fired:
         assert time.monotonic() < deadline
@@ -282,7 +283,7 @@ def test_a_deadline_shuts_the_socket_it_watched_not_one_that_took_its_number() -
     other.sendall(b"still open")
     assert other_peer.recv(32) == b"still open"
     assert peer.recv(32) == b""  # the watched socket was shut down
-    for sock in (peer, other, other_peer):
+    for sock in (peer, taken, other, other_peer):
         sock.close()
 
 
