@@ -23,13 +23,17 @@ ROLLBACK = "ROLLBACK"
 
 @dataclass
 class Recording:
-    """Driver calls in order: ``(sql, params, executemany)``, or COMMIT/ROLLBACK."""
+    """Driver calls in order: ``(sql, params, executemany, autocommit)``, or COMMIT/ROLLBACK.
 
-    calls: list[tuple[str, Any, bool]] = field(default_factory=list)
+    ``autocommit``: the statement ran as a transaction of its own (the driver
+    connection in autocommit), as a PostgreSQL flush's one statement does.
+    """
+
+    calls: list[tuple[str, Any, bool, bool]] = field(default_factory=list)
 
     @property
     def statements(self) -> int:
-        return sum(1 for sql, _, _ in self.calls if sql not in (COMMIT, ROLLBACK))
+        return sum(1 for sql, *_ in self.calls if sql not in (COMMIT, ROLLBACK))
 
 
 @contextmanager
@@ -37,14 +41,16 @@ def record(engine: Engine) -> Iterator[Recording]:
     """Record the engine's driver calls while the block runs."""
     rec = Recording()
 
-    def on_execute(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
-        rec.calls.append((sql, params, many))
+    def on_execute(conn: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        autocommit = bool(getattr(conn.connection.dbapi_connection, "autocommit", False))
+        rec.calls.append((sql, params, many, autocommit))
 
-    def on_commit(_c: Any) -> None:
-        rec.calls.append((COMMIT, None, False))
+    def on_commit(conn: Any) -> None:
+        if not getattr(conn.connection.dbapi_connection, "autocommit", False):
+            rec.calls.append((COMMIT, None, False, False))
 
     def on_rollback(_c: Any) -> None:
-        rec.calls.append((ROLLBACK, None, False))
+        rec.calls.append((ROLLBACK, None, False, False))
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "commit", on_commit)
@@ -57,10 +63,10 @@ def record(engine: Engine) -> Iterator[Recording]:
         event.remove(engine, "rollback", on_rollback)
 
 
-def _replay(cur: Any, commit: Any, rollback: Any, rec: Recording) -> float:
+def _replay(conn: Any, cur: Any, commit: Any, rollback: Any, rec: Recording) -> float:
     """Run the recorded calls on a driver cursor; returns seconds."""
     start = time.perf_counter()
-    for sql, params, many in rec.calls:
+    for sql, params, many, autocommit in rec.calls:
         if sql is COMMIT:
             commit()
         elif sql is ROLLBACK:
@@ -68,9 +74,13 @@ def _replay(cur: Any, commit: Any, rollback: Any, rec: Recording) -> float:
         elif many:
             cur.executemany(sql, params)
         else:
+            if autocommit:
+                conn.autocommit = True
             cur.execute(sql, params)
             if cur.description is not None:
                 cur.fetchall()
+            if autocommit:
+                conn.autocommit = False
     return time.perf_counter() - start
 
 
@@ -86,7 +96,7 @@ def replay_sqlite(path: str, rec: Recording, synchronous: str) -> float:
         if conn.in_transaction:
             conn.execute(statement)
 
-    elapsed = _replay(conn.cursor(), lambda: end("COMMIT"), lambda: end("ROLLBACK"), rec)
+    elapsed = _replay(conn, conn.cursor(), lambda: end("COMMIT"), lambda: end("ROLLBACK"), rec)
     conn.close()
     return elapsed
 
@@ -96,6 +106,6 @@ def replay_psycopg(url: str, rec: Recording) -> float:
     import psycopg
 
     conn = psycopg.connect(url)
-    elapsed = _replay(conn.cursor(), conn.commit, conn.rollback, rec)
+    elapsed = _replay(conn, conn.cursor(), conn.commit, conn.rollback, rec)
     conn.close()
     return elapsed

@@ -722,8 +722,14 @@ class FlushSQL:
     read_where: str
     read_from: str
     read_until: str
+    #: PostgreSQL: the head of the one statement that moves the cursor and writes
+    #: the rows (see :meth:`write_once`), without and with the digest's check;
+    #: one row's placeholders in it. None where a flush is several statements.
+    once_heads: tuple[str, str] | None = None
+    once_row: str = ""
 
     inserts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    onces: dict[tuple[int, bool], str] = field(default_factory=dict, repr=False, compare=False)
 
     def insert_messages(self, rows: int) -> str:
         """``INSERT`` of ``rows`` messages (1 to ``insert_rows_max``) in one statement."""
@@ -734,6 +740,26 @@ class FlushSQL:
                 # The same object each time: the driver's statement cache finds it
                 # by its hash, which a str computes once.
                 self.inserts[rows] = statement
+        return statement
+
+    def write_once(self, rows: int, *, checks_digest: bool) -> str:
+        """The cursor's compare-and-swap and the ``INSERT`` of ``rows`` messages, one statement.
+
+        Its parameters: those of ``advance`` (or ``advance_if_digest``), then
+        the rows'. The UPDATE moves the cursor in a data-modifying CTE, and the
+        rows go in only if it did: the statement inserts ``rows`` rows, or none
+        when the stored cursor is not the expected one. Run on its own (each
+        statement its own transaction), a turn's flush is one round trip
+        instead of four (BEGIN, INSERT, UPDATE, COMMIT) and just as atomic.
+        """
+        assert self.once_heads is not None
+        key = (rows, checks_digest)
+        statement = self.onces.get(key)
+        if statement is None:
+            head = self.once_heads[checks_digest]
+            statement = head + ", ".join([self.once_row] * rows) + _ONCE_TAIL
+            if rows <= _KEPT_INSERTS:
+                self.onces[key] = statement
         return statement
 
     def advance_many(self, checks_digest: Sequence[bool]) -> str:
@@ -757,6 +783,10 @@ class FlushSQL:
             f"UPDATE hermes_sessions SET flushed_idx = {case}, message_count = {case}, "
             f"flushed_digest = {case}, tool_call_count = tool_call_count + {case} WHERE {where}"
         )
+
+
+#: The end of :meth:`FlushSQL.write_once`: the rows only if the cursor moved.
+_ONCE_TAIL = ") AS new WHERE EXISTS (SELECT FROM moved)"
 
 
 def _max_parameters(dialect: str) -> int:
@@ -829,16 +859,19 @@ def rows_insert(
 def render_flush_sql(
     dialect: str,
     insert_columns: tuple[str, ...],
-    json_columns: frozenset[str],
+    column_types: tuple[str, ...],
     read_columns: tuple[str, ...],
     *,
     scoped: bool = False,
 ) -> FlushSQL:
     """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``).
 
-    ``scoped``: the cursor's UPDATEs also compare the session's ``user_id``
-    with their last parameter.
+    ``column_types``: the PostgreSQL type of each of ``insert_columns`` (``json``
+    ones get their values as JSON documents). ``scoped``: the cursor's UPDATEs
+    also compare the session's ``user_id`` with their last parameter.
     """
+    kinds = zip(insert_columns, column_types, strict=True)
+    json_columns = frozenset(column for column, kind in kinds if kind == "json")
     mark = _marks(dialect)[0]
     insert_head, insert_row, insert_rows_max = rows_insert(
         dialect, "hermes_messages", insert_columns, json_columns
@@ -849,6 +882,17 @@ def render_flush_sql(
         f"WHERE id = {mark} AND flushed_idx = {mark}"
     )
     owner = f" AND user_id = {mark}" if scoped else ""
+    once_heads: tuple[str, str] | None = None
+    once_row = ""
+    if dialect == "postgresql":
+        heads = [
+            f"WITH moved AS ({advance}{digest}{owner} RETURNING id) INSERT INTO hermes_messages "
+            f"({', '.join(insert_columns)}) SELECT * FROM (VALUES "
+            for digest in ("", f" AND flushed_digest = {mark}")
+        ]
+        once_heads = (heads[0], heads[1])
+        # Every value typed: a VALUES list's types are its own, not the table's.
+        once_row = "(" + ", ".join(f"{mark}::{kind}" for kind in column_types) + ")"
     return FlushSQL(
         mark=mark,
         begin=write_begin(dialect),
@@ -861,6 +905,8 @@ def render_flush_sql(
         read_where=f" WHERE session_id = {mark}",
         read_from=f" AND idx >= {mark}",
         read_until=f" AND idx < {mark}",
+        once_heads=once_heads,
+        once_row=once_row,
     )
 
 
@@ -877,6 +923,7 @@ def execute_driver_script(
     statements: Iterable[tuple[str, Sequence[Any]]],
     *,
     commit_if: int | None = None,
+    autocommit: bool = False,
 ) -> int:
     """Run hot statements in order in ``conn``'s transaction; returns the last one's row count.
 
@@ -893,12 +940,16 @@ def execute_driver_script(
       recording tools see every statement, and the commit, of a flush.
 
     With ``commit_if``, the statements are a whole transaction: committed when
-    the last one's row count is ``commit_if``, rolled back otherwise.
+    the last one's row count is ``commit_if``, rolled back otherwise. With
+    ``autocommit``, each statement is a transaction of its own, which the
+    server commits as the statement ends (``conn`` must have none open).
 
     A driver error is raised as SQLAlchemy raises it (its ``DBAPIError``
     subclasses, the connection invalidated on a disconnect) either way; any
     other exception passes through as it is.
     """
+    if autocommit:
+        return _autocommitted(conn, statements)
     numbered = conn.dialect.driver == "asyncpg"
     rowcount = 0
     if _sa.observed(conn):
@@ -933,6 +984,29 @@ def execute_driver_script(
         return script(conn.connection.dbapi_connection)
     except conn.dialect.loaded_dbapi.Error as exc:
         _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
+
+
+def _autocommitted(conn: Connection, statements: Iterable[tuple[str, Sequence[Any]]]) -> int:
+    """:func:`execute_driver_script` with the driver connection in autocommit for the while.
+
+    The server commits each statement as it ends, in the statement's own round
+    trip: no BEGIN before it, no COMMIT after. (Where SQLAlchemy ran the
+    statements, it considers a transaction begun; its commit is then a no-op.)
+    A connection that cannot be put back out of autocommit is invalidated: it
+    must never reach the pool's next user so.
+    """
+    dbapi_connection: Any = conn.connection.dbapi_connection
+    dbapi_connection.autocommit = True
+    try:
+        rowcount = execute_driver_script(conn, statements)
+        if conn.in_transaction():  # SQLAlchemy's own, around what it ran: nothing to send
+            conn.commit()
+        return rowcount
+    finally:
+        try:
+            dbapi_connection.autocommit = False
+        except Exception:
+            conn.invalidate()
 
 
 def end_transaction(conn: Connection, *, commit: bool) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    String,
     Table,
     and_,
     bindparam,
@@ -43,6 +44,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -94,6 +96,15 @@ _LOCK_SESSION = (
 )
 
 _INSERT_COLUMNS = ("session_id", "idx", *_codec.PARAM_COLUMNS)
+#: Their PostgreSQL types (``text`` for bounded strings: the table's column bounds them).
+_INSERT_TYPES = tuple(
+    "json"
+    if name in _codec.JSON_COLUMNS
+    else "text"
+    if isinstance(_messages.c[name].type, String)
+    else _messages.c[name].type.compile(dialect=postgresql.dialect()).lower()  # type: ignore[no-untyped-call]
+    for name in _INSERT_COLUMNS
+)
 #: Text session fields that are indexed, and their bound: an index entry of
 #: PostgreSQL holds about 2,700 bytes, so 512 characters (at most 2,048 bytes of
 #: UTF-8) always fit, on both backends alike.
@@ -613,12 +624,15 @@ class StoreCore:
         #: The only user whose sessions this store sees (None: every session).
         self._user = user
         self._memory = memory or _Memory()
+        begin = (
+            *_dialects.write_begin(engine.dialect.name),
+            *_dialects.transaction_settings(engine, schema),
+        )
+        sql = flush_sql(engine.dialect.name, scoped=user is not None)
+        # A transaction that must run a setting first (the lock timeout behind
+        # PgBouncer, the tables' schema on the search path) is more than one statement.
         self._sql = dataclasses.replace(
-            flush_sql(engine.dialect.name, scoped=user is not None),
-            begin=(
-                *_dialects.write_begin(engine.dialect.name),
-                *_dialects.transaction_settings(engine, schema),
-            ),
+            sql, begin=begin, once_heads=None if begin else sql.once_heads
         )
         self._lock_session = (
             _LOCK_SESSION
@@ -1015,24 +1029,29 @@ class StoreCore:
                 raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
+        one = False  # the statements are one that writes and moves the cursor, or nothing
         if len(messages) - cursor <= _BATCH:
             # Validated before the transaction begins: bad input never takes a lock.
             encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
             written = (len(messages), encoded[-1].digest)
-            statements = [
-                *self._sql.begin,
-                *_insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)]),
-                _advance(
-                    self._sql,
-                    self._user,
-                    session_id,
-                    cursor,
-                    digest,
-                    end=written[0],
-                    last=written[1],
-                    tool_calls=sum(map(_TOOL_CALLS, encoded)),
-                ),
-            ]
+            inserts = _insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)])
+            sql, params = _advance(
+                self._sql,
+                self._user,
+                session_id,
+                cursor,
+                digest,
+                end=written[0],
+                last=written[1],
+                tool_calls=sum(map(_TOOL_CALLS, encoded)),
+            )
+            one = self._sql.once_heads is not None and len(inserts) == 1
+            if one:
+                rows = len(encoded)
+                once = self._sql.write_once(rows, checks_digest=bool(cursor))
+                statements = [(once, params + inserts[0][1])]
+            else:
+                statements = [*self._sql.begin, *inserts, (sql, params)]
 
         def work(conn: Connection) -> tuple[int, bytes | None]:
             try:
@@ -1041,7 +1060,10 @@ class StoreCore:
                     # a new stream on every attempt: a retry never resumes a used one.
                     batches = _encode_batches(messages, cursor)
                     return self._insert(conn, session_id, cursor, digest, batches)
-                if _dialects.execute_driver_script(conn, statements, commit_if=1) != 1:
+                if one:
+                    if _dialects.execute_driver_script(conn, statements, autocommit=True) != rows:
+                        raise CursorMoved  # it wrote nothing
+                elif _dialects.execute_driver_script(conn, statements, commit_if=1) != 1:
                     raise CursorMoved  # rolled back
                 return written
             except IntegrityError:
@@ -1771,7 +1793,7 @@ def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
     sessions (see :func:`_advance`).
     """
     return _dialects.render_flush_sql(
-        dialect, _INSERT_COLUMNS, _codec.JSON_COLUMNS, _codec.READ_COLUMNS, scoped=scoped
+        dialect, _INSERT_COLUMNS, _INSERT_TYPES, _codec.READ_COLUMNS, scoped=scoped
     )
 
 

@@ -428,10 +428,13 @@ def _statements_per_flush(path: str, engine: Engine) -> int:
     with the transaction's settings behind PgBouncer or in a schema of their own.
 
     A store's first flush of a session that holds messages reads their digests
-    (to check them all) after the cursor.
+    (to check them all) after the cursor. On PostgreSQL, with no settings to run
+    first, a flush on the remembered cursor is one statement.
     """
     settings = _dialects.transaction_settings(engine, _dialects.store_schema(engine))
     opening = len(_dialects.write_begin(engine.dialect.name)) + len(settings)
+    if path == "remembered cursor" and engine.dialect.name == "postgresql" and not opening:
+        return 1
     return {"remembered cursor": 2, "locked read": 4}[path] + opening
 
 
@@ -504,6 +507,8 @@ class _DriverTrap:
         self.count = 0
         self.fail_at = 0
         self.exc: Exception | None = None
+        #: Raised once the ``fail_at``-th statement ran (its answer lost).
+        self.after: Exception | None = None
         #: Called (on the driver's thread, for aiosqlite) at the ``fail_at``-th statement.
         self.action: Callable[[], None] | None = None
 
@@ -514,7 +519,12 @@ class _DriverTrap:
         if self.count == self.fail_at and self.exc is not None:
             raise self.exc
 
-    def arm(self, n: int, exc: Exception) -> None:
+    def ran(self) -> None:
+        if self.count == self.fail_at and self.after is not None:
+            after, self.after = self.after, None
+            raise after
+
+    def arm(self, n: int, exc: Exception | None) -> None:
         self.count, self.fail_at, self.exc = 0, n, exc
 
     def connect_args(self, backend: str, api: str = "sync") -> dict[str, Any]:
@@ -537,12 +547,16 @@ class _DriverTrap:
         class PgCursor(psycopg.Cursor[Any]):
             def execute(self, *args: Any, **kwargs: Any) -> Any:
                 trap.hit()
-                return super().execute(*args, **kwargs)
+                result = super().execute(*args, **kwargs)
+                trap.ran()
+                return result
 
         class AsyncPgCursor(psycopg.AsyncCursor[Any]):
             async def execute(self, *args: Any, **kwargs: Any) -> Any:
                 trap.hit()
-                return await super().execute(*args, **kwargs)
+                result = await super().execute(*args, **kwargs)
+                trap.ran()
+                return result
 
         return {"cursor_factory": PgCursor if api == "sync" else AsyncPgCursor}
 
@@ -625,47 +639,112 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
     store.engine.dispose()
 
 
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_failed_commit_then_retry_is_exact(
-    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
     store.flush("s", history)
     turn = [*history, *conversation(1, "t")]
+    writer = _flusher(path, store)()
+    writer.get_session("s")
 
     def refuse(_dbapi_connection: Any) -> None:
         raise Boom("COMMIT failed")
 
     monkeypatch.setattr(store.engine.dialect, "do_commit", refuse)
+    if _statements_per_flush(path, engine) == 1:
+        # One statement, its own transaction: no COMMIT is sent that could fail.
+        assert writer.flush("s", turn).written == 3
+        assert_exact(store, "s", turn)
+        return
     with pytest.raises(Boom):
-        store.flush("s", turn)
+        writer.flush("s", turn)
     monkeypatch.undo()
     assert_exact(store, "s", history)
-    assert store.flush("s", turn).written == 3
+    assert writer.flush("s", turn).written == 3
     assert_exact(store, "s", turn)
 
 
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
 def test_lost_commit_acknowledgement_then_retry_is_exact(
-    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
     store.flush("s", history)
     turn = [*history, *conversation(1, "t")]
-    engine = store.engine
-    real_commit = engine.dialect.do_commit
+    writer = _flusher(path, store)()
+    writer.get_session("s")
+    real_commit = store.engine.dialect.do_commit
 
     def commit_then_lose_ack(dbapi_connection: Any) -> None:
         real_commit(dbapi_connection)
         raise Boom("connection dropped after COMMIT")
 
-    monkeypatch.setattr(engine.dialect, "do_commit", commit_then_lose_ack)
+    monkeypatch.setattr(store.engine.dialect, "do_commit", commit_then_lose_ack)
+    if _statements_per_flush(path, engine) == 1:
+        # No COMMIT is sent (test_a_lost_answer_to_the_one_statement_flush loses its answer).
+        assert writer.flush("s", turn).written == 3
+        assert_exact(store, "s", turn)
+        return
     with pytest.raises(Boom):
-        store.flush("s", turn)
+        writer.flush("s", turn)
     monkeypatch.undo()
     assert_exact(store, "s", turn)  # the commit did land
-    assert store.flush("s", turn).written == 0  # the client's retry writes nothing
+    assert writer.flush("s", turn).written == 0  # the client's retry writes nothing
     assert_exact(store, "s", turn)
+
+
+@pytest.mark.backends("postgresql")  # the one-statement flush is PostgreSQL's
+@pytest.mark.apis("sync", "async")  # asyncpg has no cursor class to trap
+@pytest.mark.direct("with no settings to run first, a flush is one statement")
+@pytest.mark.parametrize("lost", ["the connection", "the answer only"])
+def test_a_lost_answer_to_the_one_statement_flush_then_retry_is_exact(
+    db_url: str, engine: Engine, api: str, lost: str
+) -> None:
+    """The statement that writes a turn and moves the cursor commits, and its answer is lost.
+
+    Lost with the connection (a disconnect: the store retries on a new one) or
+    as an error on a connection that lives on: either way the retry, and any
+    later flush of the list, find the cursor moved and write nothing twice.
+    """
+    import psycopg
+
+    from hermes_orm import create_store_engine
+    from hermes_orm._dialects import create_async_store_engine
+    from tests.conftest import BlockingStore
+
+    trap = _DriverTrap()
+    connect_args = trap.connect_args("postgresql", api)
+    if lost == "the connection":
+        trap.after = psycopg.OperationalError("server closed the connection unexpectedly")
+    else:
+        trap.after = Boom("the answer was lost")
+    store: Any
+    if api == "sync":
+        store = SessionStore(create_store_engine(db_url, connect_args=connect_args))
+    else:
+        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
+        store = BlockingStore(AsyncSessionStore(async_engine), engine)
+    assert _statements_per_flush("remembered cursor", sync_engine(store)) == 1
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+    trap.arm(1, None)
+    if lost == "the connection":  # retried on a new connection within the flush
+        assert store.flush("s", turn).cursor == len(turn)
+    else:
+        with pytest.raises(Boom):
+            store.flush("s", turn)
+    assert trap.count >= 1
+    assert_exact(store, "s", turn)  # it landed, once
+    assert store.flush("s", turn).written == 0
+    assert_exact(store, "s", turn)
+    store.close()
+    sync_engine(store).dispose()
 
 
 def _transient(backend: str) -> OperationalError:
