@@ -986,6 +986,36 @@ def execute_driver_script(
         _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
 
 
+def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -> list[Any]:
+    """All the rows of one hot query (driver SQL), in ``conn``'s transaction.
+
+    As :func:`execute_driver_script` runs statements: on the driver's cursor
+    when nothing watches ``conn`` (the driver's tuples; SQLAlchemy's rows cost
+    as much as a tenth of the fetch of a long transcript), else through
+    ``exec_driver_sql``. Either way each row unpacks and indexes as a tuple.
+    """
+    numbered = conn.dialect.driver == "asyncpg"
+    text = _numbered(statement) if numbered else statement
+    if _sa.observed(conn):
+        return list(conn.exec_driver_sql(text, tuple(params)).all())
+
+    def fetch(dbapi_connection: Any) -> list[Any]:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(text, params)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+    try:
+        aiosqlite = _sa.aiosqlite_connection(conn)
+        if aiosqlite is not None:
+            return _sa.on_driver_thread(aiosqlite, fetch)
+        return fetch(conn.connection.dbapi_connection)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        _sa.raise_driver_error(conn, exc, text, params)
+
+
 def _autocommitted(conn: Connection, statements: Iterable[tuple[str, Sequence[Any]]]) -> int:
     """:func:`execute_driver_script` with the driver connection in autocommit for the while.
 

@@ -1245,10 +1245,10 @@ class StoreCore:
         session = select(_sessions.c.id).where(self._owned(session_id))
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            rows = conn.exec_driver_sql(_dialects.driver_sql(conn, statement), tuple(params)).all()
+            rows = _dialects.fetch_driver_rows(conn, statement, params)
             if not rows and conn.execute(session).first() is None:
                 raise SessionNotFoundError(session_id)
-            return [_codec.decode_row(r, driver_parses_json=parses_json) for r in rows]
+            return _codec.decode_rows(rows, driver_parses_json=parses_json)
 
         return _read(work, replica=True)
 
@@ -1793,7 +1793,11 @@ def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
     sessions (see :func:`_advance`).
     """
     return _dialects.render_flush_sql(
-        dialect, _INSERT_COLUMNS, _INSERT_TYPES, _codec.READ_COLUMNS, scoped=scoped
+        dialect,
+        _INSERT_COLUMNS,
+        _INSERT_TYPES,
+        (*_codec.READ_COLUMNS, _codec.PRESENCE_SQL),  # see _codec.decode_rows
+        scoped=scoped,
     )
 
 

@@ -318,3 +318,21 @@ LEGACY_DIGESTS = [
 @pytest.mark.parametrize(("message", "digest"), STORED_DIGESTS)
 def test_digests_do_not_change_between_releases(message: dict[str, Any], digest: str) -> None:
     assert message_digest(message).hex() == digest
+
+
+def test_messages_alike_are_read_by_one_decoder(store: SessionStore) -> None:
+    """Rows with the same columns and key order share a decoder; others get their own."""
+    from hermes_orm import _codec
+
+    sid = f"shapes-{next(_ids)}"
+    store.create_session(sid, source="test")
+    asked = [{"role": "user", "content": f"q{i}", "timestamp": 1.5 + i} for i in range(40)]
+    answered = [{"content": f"a{i}", "role": "assistant", "observed": True} for i in range(40)]
+    batch = [m for pair in zip(asked, answered, strict=True) for m in pair]
+    store.flush(sid, batch)
+    _codec._DECODERS.clear()
+    back = store.get_messages(sid)
+    assert back == batch
+    assert [list(m) for m in back] == [list(m) for m in batch]
+    assert back[1]["observed"] is True
+    assert len(_codec._DECODERS) == 2
