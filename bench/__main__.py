@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
-from bench import _plugin, _search
+from bench import _plugin, _scale, _search
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from devtools.hermes_fixture import fixture_copy, grow
@@ -84,6 +84,9 @@ class Sizes:
     search_repeat: int
     plugin_lengths: tuple[int, ...]
     plugin_turns: int
+    #: Sessions in the small and the large store; messages in the short and the long session.
+    scale_sessions: tuple[int, int]
+    scale_messages: tuple[int, int]
 
 
 FULL = Sizes(
@@ -101,6 +104,8 @@ FULL = Sizes(
     search_repeat=5,
     plugin_lengths=(10, 1_000, 5_000),
     plugin_turns=120,
+    scale_sessions=(1_000, 1_000_000),
+    scale_messages=(1_000, 1_000_000),
 )
 QUICK = Sizes(
     sessions=2,
@@ -117,6 +122,8 @@ QUICK = Sizes(
     search_repeat=1,
     plugin_lengths=(10, 200),
     plugin_turns=3,
+    scale_sessions=(100, 2_000),
+    scale_messages=(100, 2_000),
 )
 
 
@@ -823,7 +830,34 @@ def run(
         if only in (None, "search"):
             search_rows, search_table = search_section(dbs, sizes, progress)
             rows += search_rows
+        if only in (None, "scale"):
+            rows += scale_section(dbs, sizes, progress)
     return rows, curves, search_table
+
+
+def scale_section(dbs: Databases, sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+    """A million sessions, and a session of a million messages, against small ones."""
+    fresh = {"SQLite": lambda: f"sqlite:///{dbs.sqlite_template(0)}"}
+    if dbs.pg_url is not None:
+        fresh["PostgreSQL"] = lambda: dbs.pg_copy(dbs.pg_template(0))
+    results = _scale.run(
+        fresh,
+        sessions=sizes.scale_sessions,
+        messages=sizes.scale_messages,
+        repeat=max(9, sizes.repeat * 5),
+        progress=progress,
+    )
+    return [
+        Row(
+            f"{backend} {scaled.name}",
+            _ms(scaled.large),
+            _ms(scaled.small),
+            scaled.ratio,
+            "<= 1.5x (flat)",
+            scaled.ratio <= 1.5,
+        )
+        for backend, scaled in results
+    ]
 
 
 def table(rows: list[Row]) -> str:
@@ -991,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="runs (or rounds) per measurement (median)")
     parser.add_argument(
         "--only",
-        choices=("flush", "async", "plugin", "search"),
+        choices=("flush", "async", "plugin", "search", "scale"),
         help="run one part; docs/ is not written",
     )
     args = parser.parse_args(argv)
