@@ -67,7 +67,7 @@ TABLE_PREFIX = "hermes_"
 #: Tables, views and indexes of the search index, and its PostgreSQL columns;
 #: written as SQL by the migrations, outside the models.
 SEARCH_PREFIX = "hermes_search"
-SEARCH_COLUMNS = frozenset({"search_body", "search_vector"})
+SEARCH_COLUMNS = frozenset({"search_cjk", "search_vector"})
 
 Bind = Engine | Connection
 

@@ -35,7 +35,6 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import Connection
@@ -44,9 +43,7 @@ from hermes_orm import _codec
 from hermes_orm._dialects import driver_sql
 from hermes_orm._search_text import (
     MAX_TOKEN_CHARS,
-    UNSEGMENTED_RANGES,
     is_unsegmented,
-    regex_class,
     separator_class,
     token_class,
     token_pattern,
@@ -410,12 +407,8 @@ def _fts_terms(terms: Sequence[Term]) -> str:
 
 
 def _tsquery_leaf(leaf: Leaf) -> str:
-    phrase = " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
-    # The word pairs the index holds as lexemes (migration 0003) narrow a phrase
-    # to the rows that hold it before positions are checked.
-    whole = leaf.tokens[:-1] if leaf.prefix else leaf.tokens
-    pairs = [f"'{a} {b}'" for a, b in pairwise(whole)]
-    return "(" + " & ".join([*pairs, phrase]) + ")" if pairs else phrase
+    # A phrase: its words next to each other, by their positions in the vector.
+    return " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
 
 
 def _tsquery_terms(terms: Sequence[Term]) -> str:
@@ -587,8 +580,9 @@ def sqlite_statement(
     return statement, builder.params
 
 
-#: CJK-like bodies; spelled as in the partial indexes of migration 0003 so they apply.
-_PG_UNSEGMENTED = "m.search_body ~ '" + regex_class(UNSEGMENTED_RANGES) + "'"
+#: CJK-like bodies (only those have a ``search_cjk``), as the partial indexes of
+#: migration 0009 spell it, so they apply.
+_PG_UNSEGMENTED = "m.search_cjk IS NOT NULL"
 
 
 def _pg_match(condition: str, by_index: bool) -> str:
@@ -601,12 +595,15 @@ def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
         if leaf.substring:
             # A literal substring: backslash is PostgreSQL's LIKE escape by default.
             builder.params.append(f"%{_like_escaped(leaf.tokens[0])}%")
-            return f"({_PG_UNSEGMENTED} AND {_pg_match('m.search_body ILIKE %s', by_index)})"
+            return f"({_PG_UNSEGMENTED} AND {_pg_match('m.search_cjk ILIKE %s', by_index)})"
         builder.params.append(_tsquery_leaf(leaf))
         return _pg_match("m.search_vector @@ lower(%s)::tsquery", by_index)
 
     return _any_of_all(terms, condition)
 
+
+#: A hit's body, by the function migration 0009 made (of message ``b``).
+_PG_BODY = "hermes_search_body(b.content, b.content_parts, b.tool_name, b.tool_calls)"
 
 #: Newest message ids a PostgreSQL search scans first, in id order (see run()).
 PG_WINDOW = 5_000
@@ -641,9 +638,14 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> tupl
     builder.add("m.id > %s AND m.id < %s")
     key = "m.id + 0" if by_index else "m.id"
     order = "ASC" if filters.oldest_first else "DESC"
-    statement = (
-        f"{_SELECT}, m.search_body FROM {source} WHERE {' AND '.join(builder.where)} "
+    hits = (
+        f"{_SELECT} FROM {source} WHERE {' AND '.join(builder.where)} "
         f"ORDER BY {key} {order} LIMIT %s"
+    )
+    # The body (for the snippet) of the hits only: it is computed, not stored.
+    statement = (
+        f"SELECT h.*, {_PG_BODY} FROM ({hits}) AS h JOIN hermes_messages b "
+        f"ON b.id = h.id AND b.session_id = h.session_id ORDER BY h.id {order}"
     )
     return statement, builder.params
 

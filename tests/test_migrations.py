@@ -196,21 +196,27 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
 
 
 def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
-    """Queries use the partial indexes 0003 made only if they spell the same condition."""
+    """Queries use the partial indexes 0009 made only if they spell the same condition.
+
+    And the trigger's scripts written without spaces, and its body's bound, are
+    those of the search code.
+    """
     import importlib.util
 
     from hermes_orm import _search_text, search
     from hermes_orm.migrations import SCRIPT_LOCATION
 
-    path = Path(SCRIPT_LOCATION) / "versions" / "0003_search.py"
-    spec = importlib.util.spec_from_file_location("frozen_0003", path)
+    path = Path(SCRIPT_LOCATION) / "versions" / "0009_search_words_only.py"
+    spec = importlib.util.spec_from_file_location("frozen_0009", path)
     assert spec is not None
     assert spec.loader is not None
     revision = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(revision)
-    postgresql = " ".join(revision._UPGRADE["postgresql"])
-    assert search._PG_UNSEGMENTED.removeprefix("m.") in postgresql
-    assert f"{_search_text.BODY_LIMIT}" in postgresql
+    postgresql = " ".join(revision._UPGRADE)
+    assert f"WHERE {search._PG_UNSEGMENTED.removeprefix('m.')}" in postgresql
+    assert revision._CJK == _search_text.regex_class(_search_text.UNSEGMENTED_RANGES)
+    assert f"{_search_text.BODY_LIMIT}" in revision._BODY
+    assert search._PG_BODY.split("(")[0] in postgresql
 
 
 def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:

@@ -480,7 +480,7 @@ def test_rebuild_restores_a_damaged_index(store: SessionStore, engine: Engine) -
             conn.exec_driver_sql("INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')")
             conn.exec_driver_sql("DELETE FROM hermes_search_cjk")
         else:
-            conn.exec_driver_sql("UPDATE hermes_messages SET search_body = '', search_vector = ''")
+            conn.exec_driver_sql("UPDATE hermes_messages SET search_cjk = NULL, search_vector = ''")
     assert store.search("rebuild").hits == []
     assert store.search("重建索引").hits == []
     assert store.rebuild_search_index() == 1
@@ -681,7 +681,7 @@ def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, ba
     with pytest.raises(SearchQueryError):
         store.search("🍕")
     assert found("\ue000\ue001") == ([] if postgresql else ["private"])
-    assert found("\ue000\ue001*") == ["private"]
+    assert found("\ue000\ue001*") == ([] if postgresql else ["private"])
     assert found("cafe") == (["combining"] if postgresql else [])
     assert found("cafe\u0301") == (["combining"] if postgresql else [])
     assert found("cafe\u0301*") == ["combining"]
