@@ -609,8 +609,8 @@ def search_section(
                 f"{pg_index / 2**20:,.1f} MiB",
                 f"{pg_text / 2**20:,.1f} MiB text",
                 pg_index / pg_text,
-                "report",
-                None,
+                "<= 2x",
+                pg_index / pg_text <= 2.0,
             )
         )
     head = ["query", "filter", "hits (page of 20)", *(f"{n} ms" for n in timings), "Hermes ms"]

@@ -17,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
+from hermes_orm._dialects import _numbered
+
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
@@ -63,22 +65,34 @@ def record(engine: Engine) -> Iterator[Recording]:
         event.remove(engine, "rollback", on_rollback)
 
 
-def _replay(conn: Any, cur: Any, commit: Any, rollback: Any, rec: Recording) -> float:
-    """Run the recorded calls on a driver cursor; returns seconds."""
+def _replay(
+    conn: Any, cur: Any, commit: Any, rollback: Any, rec: Recording, *, raw: Any = None
+) -> float:
+    """Run the recorded calls on a driver cursor; returns seconds.
+
+    ``raw``: a cursor taking ``$1`` placeholders, for the statements with
+    positional parameters (numbered before the clock starts).
+    """
+    calls = [
+        (_numbered(sql), params, many, autocommit, raw)
+        if raw is not None and sql not in (COMMIT, ROLLBACK) and isinstance(params, tuple | list)
+        else (sql, params, many, autocommit, cur)
+        for sql, params, many, autocommit in rec.calls
+    ]
     start = time.perf_counter()
-    for sql, params, many, autocommit in rec.calls:
+    for sql, params, many, autocommit, on in calls:
         if sql is COMMIT:
             commit()
         elif sql is ROLLBACK:
             rollback()
         elif many:
-            cur.executemany(sql, params)
+            on.executemany(sql, params)
         else:
             if autocommit:
                 conn.autocommit = True
-            cur.execute(sql, params)
-            if cur.description is not None:
-                cur.fetchall()
+            on.execute(sql, params)
+            if on.description is not None:
+                on.fetchall()
             if autocommit:
                 conn.autocommit = False
     return time.perf_counter() - start
@@ -102,10 +116,16 @@ def replay_sqlite(path: str, rec: Recording, synchronous: str) -> float:
 
 
 def replay_psycopg(url: str, rec: Recording) -> float:
-    """Replay on the PostgreSQL database at ``url`` (libpq form); returns seconds."""
+    """Replay on the PostgreSQL database at ``url`` (libpq form); returns seconds.
+
+    On a ``RawCursor``, its placeholders numbered beforehand, as hermes_orm runs
+    its hot statements: psycopg converts nothing while the replay is timed.
+    """
     import psycopg
 
     conn = psycopg.connect(url)
-    elapsed = _replay(conn, conn.cursor(), conn.commit, conn.rollback, rec)
+    elapsed = _replay(
+        conn, conn.cursor(), conn.commit, conn.rollback, rec, raw=psycopg.RawCursor(conn)
+    )
     conn.close()
     return elapsed

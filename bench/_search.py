@@ -276,8 +276,10 @@ def postgresql_sizes(store: hermes_orm.SessionStore) -> tuple[int, int]:
             "SELECT sum(pg_relation_size(indexrelid)) FROM pg_index i "
             "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname LIKE 'ix_hermes_search%%'"
         ).scalar_one()
+        # The text is each message's body, as the search function computes it.
         columns, text = conn.exec_driver_sql(
-            "SELECT sum(pg_column_size(search_body) + pg_column_size(search_vector)), "
-            "sum(octet_length(search_body)) FROM hermes_messages"
+            "SELECT sum(pg_column_size(search_vector) + coalesce(pg_column_size(search_cjk), 0)), "
+            "sum(octet_length(hermes_search_body(content, content_parts, tool_name, tool_calls))) "
+            "FROM hermes_messages"
         ).one()
     return int(indexes) + int(columns), int(text)

@@ -19,7 +19,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -756,8 +756,9 @@ class FlushSQL:
         key = (rows, checks_digest)
         statement = self.onces.get(key)
         if statement is None:
-            head = self.once_heads[checks_digest]
-            statement = head + ", ".join([self.once_row] * rows) + _ONCE_TAIL
+            rest = [self.insert_row] * (rows - 1)
+            statement = self.once_heads[checks_digest] + ", ".join([self.once_row, *rest])
+            statement += _ONCE_TAIL
             if rows <= _KEPT_INSERTS:
                 self.onces[key] = statement
         return statement
@@ -891,7 +892,9 @@ def render_flush_sql(
             for digest in ("", f" AND flushed_digest = {mark}")
         ]
         once_heads = (heads[0], heads[1])
-        # Every value typed: a VALUES list's types are its own, not the table's.
+        # The first row's values typed: a VALUES list's types are its own, not the
+        # table's, and the others' follow the first. (Short, the statement stays
+        # in the driver's cache of converted queries: psycopg keeps those under 4 kB.)
         once_row = "(" + ", ".join(f"{mark}::{kind}" for kind in column_types) + ")"
     return FlushSQL(
         mark=mark,
@@ -962,11 +965,13 @@ def execute_driver_script(
     ran: list[tuple[str, Sequence[Any]]] = []  # the statement a driver error comes from
 
     def script(dbapi_connection: Any) -> int:
-        cursor = dbapi_connection.cursor()
+        cursor = _driver_cursor(conn, dbapi_connection)
+        kinds = _psycopg_cursors()
+        renumber = numbered or (kinds is not None and cursor.__class__ is kinds[1])
         try:
             for statement, params in statements:
                 ran[:] = [(statement, params)]
-                cursor.execute(_numbered(statement) if numbered else statement, params)
+                cursor.execute(_numbered(statement) if renumber else statement, params)
             rowcount = int(cursor.rowcount)
         finally:
             cursor.close()
@@ -984,6 +989,32 @@ def execute_driver_script(
         return script(conn.connection.dbapi_connection)
     except conn.dialect.loaded_dbapi.Error as exc:
         _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
+
+
+@cache
+def _psycopg_cursors() -> tuple[type, type] | None:
+    """The default cursor class of psycopg, and its ``RawCursor`` (``$1`` placeholders)."""
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    return psycopg.Cursor, psycopg.RawCursor
+
+
+def _driver_cursor(conn: Connection, dbapi_connection: Any) -> Any:
+    """A cursor of ``dbapi_connection`` for :func:`execute_driver_script`.
+
+    On psycopg (blocking), with the connection's default cursor class, a
+    ``RawCursor``: psycopg converts each ``%s`` statement of more than 50
+    parameters anew at every execution (it caches only the smaller ones), which
+    cost as much as a tenth of a turn's flush. A cursor class the application
+    chose is used as it is.
+    """
+    blocking = conn.dialect.driver == "psycopg" and not conn.dialect.is_async
+    kinds = _psycopg_cursors() if blocking else None
+    if kinds is not None and dbapi_connection.cursor_factory is kinds[0]:
+        return kinds[1](dbapi_connection)
+    return dbapi_connection.cursor()
 
 
 def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -> list[Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -230,10 +231,11 @@ class Watch:
     that reused the number.
     """
 
-    __slots__ = ("deadline", "fired", "seconds", "sock")
+    __slots__ = ("deadline", "fd", "fired", "seconds")
 
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        self.sock = sock
+    def __init__(self, fd: int, seconds: float) -> None:
+        #: The duplicate descriptor (a socket object is made of it only to shut it down).
+        self.fd = fd
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.fired = False
@@ -248,14 +250,13 @@ class Watchdog:
     """One thread that shuts down the sockets of tries past their deadlines.
 
     Arming and disarming a watch costs a lock, a dict operation and a
-    duplicated descriptor; the thread wakes a few times a second only while
-    watches are armed, and fires under the lock, so a socket is never shut
-    after its try disarmed it (the connection may then serve someone else).
-    A forked child starts afresh: the parent's watches are not its own.
+    duplicated descriptor (two system calls). The thread sleeps until the
+    earliest deadline (a new watch with an earlier one wakes it), so it does
+    not run at all while tries end in time; it fires under the lock, so a
+    socket is never shut after its try disarmed it (the connection may then
+    serve someone else). A forked child starts afresh: the parent's watches
+    are not its own.
     """
-
-    #: Seconds between the thread's looks at the deadlines (their precision).
-    TICK = 0.2
 
     def __init__(self) -> None:
         self._reset()
@@ -263,9 +264,10 @@ class Watchdog:
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self._watches: dict[int, Watch] = {}
-        self._armed = threading.Event()
+        #: When the thread wakes next (inf: when a watch is armed).
+        self._wakes_at = math.inf
         self._pid = 0  # the process whose thread runs
 
     def arm(self, fd: int, seconds: float) -> Watch | None:
@@ -274,39 +276,39 @@ class Watchdog:
         None when ``fd`` is no socket (the connection is closed already).
         """
         try:
-            sock = socket.socket(fileno=os.dup(fd))
+            watch = Watch(os.dup(fd), seconds)
         except OSError:
             return None
-        watch = Watch(sock, seconds)
         with self._lock:
             self._watches[id(watch)] = watch
             if self._pid != os.getpid():
                 threading.Thread(target=self._run, name="hermes_orm-deadlines", daemon=True).start()
                 self._pid = os.getpid()
-        self._armed.set()
+            if watch.deadline < self._wakes_at:
+                self._lock.notify()
         return watch
 
     def disarm(self, watch: Watch) -> None:
         """The try ended (either way): its socket is no longer watched."""
         with self._lock:
             self._watches.pop(id(watch), None)
-        watch.sock.close()  # the duplicate only
+        os.close(watch.fd)  # the duplicate only
 
     def _run(self) -> None:
-        while True:
-            self._armed.wait()
-            time.sleep(self.TICK)
-            now = time.monotonic()
-            with self._lock:
-                if not self._watches:
-                    self._armed.clear()
-                    continue
+        with self._lock:
+            while True:
+                now = time.monotonic()
                 for key, watch in list(self._watches.items()):
                     if watch.deadline <= now:
                         del self._watches[key]
                         watch.fired = True
+                        sock = socket.socket(fileno=watch.fd)
                         with contextlib.suppress(OSError):  # its peer closed it already
-                            watch.sock.shutdown(socket.SHUT_RDWR)
+                            sock.shutdown(socket.SHUT_RDWR)
+                        sock.detach()  # the try's disarm closes the descriptor
+                watches = self._watches.values()
+                self._wakes_at = min((w.deadline for w in watches), default=math.inf)
+                self._lock.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
 
 
 watchdog = Watchdog()
