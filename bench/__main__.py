@@ -35,7 +35,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
-from bench import _plugin, _scale, _search
+from bench import _plugin, _scale, _search, peers
+from bench._common import libpq, rotations
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from devtools.hermes_fixture import fixture_copy, grow
@@ -87,6 +88,7 @@ class Sizes:
     #: Sessions in the small and the large store; messages in the short and the long session.
     scale_sessions: tuple[int, int]
     scale_messages: tuple[int, int]
+    peer_rounds: int
 
 
 FULL = Sizes(
@@ -106,6 +108,7 @@ FULL = Sizes(
     plugin_turns=120,
     scale_sessions=(1_000, 1_000_000),
     scale_messages=(1_000, 1_000_000),
+    peer_rounds=3,
 )
 QUICK = Sizes(
     sessions=2,
@@ -124,6 +127,7 @@ QUICK = Sizes(
     plugin_turns=3,
     scale_sessions=(100, 2_000),
     scale_messages=(100, 2_000),
+    peer_rounds=1,
 )
 
 
@@ -188,10 +192,6 @@ class Databases:
         return make_url(self.pg_url).set(database=name).render_as_string(hide_password=False)
 
 
-def libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 # -- measurements ---------------------------------------------------------------------------
 
 
@@ -236,13 +236,6 @@ def _rounds(runs: dict[str, Callable[[], float]], repeat: int) -> Rounds:
         for name in order:
             times[name].append(runs[name]())
     return Rounds(times)
-
-
-def rotations(names: list[_K], rounds: int) -> Iterator[list[_K]]:
-    """The order of each round: every name once, the first one moving on a place each round."""
-    for round_ in range(rounds):
-        first = round_ % len(names)
-        yield names[first:] + names[:first]
 
 
 def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str, *, hermes: bool) -> Rounds:
@@ -816,6 +809,7 @@ def run(
     rows: list[Row] = []
     curves: dict[str, dict[int, float]] = {}
     search_table = ""
+    extras.clear()
     # hermes_orm's sqlite3 adapters serve the whole process once a store exists:
     # registered first, every sqlite3 side (replays, Hermes) binds alike from the start.
     _dialects.register_sqlite_adapters()
@@ -832,7 +826,121 @@ def run(
             rows += search_rows
         if only in (None, "scale"):
             rows += scale_section(dbs, sizes, progress)
+    if only in (None, "peers"):
+        peer_rows, peer_results = peers_section(sizes, skip_pg=skip_pg, progress=progress)
+        rows += peer_rows
+        extras["peers"] = peer_results
     return rows, curves, search_table
+
+
+#: What the last run measured besides its rows (the peers' results), for the docs.
+extras: dict[str, Any] = {}
+
+#: PostgreSQL as installed: each library at its default durability, the server's too.
+DEFAULT_DURABILITY = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "max_connections": "200",
+}
+
+
+def peers_section(
+    sizes: Sizes, *, skip_pg: bool, progress: Callable[[str], None]
+) -> tuple[list[Row], peers.PeerResults]:
+    """hermes_orm beside the stores users would pick instead (see bench/peers.py)."""
+    quick = sizes is QUICK
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hermes-orm-peers-")))
+        url = None if skip_pg else stack.enter_context(postgres_server(DEFAULT_DURABILITY))
+        results = peers.run(url, tmp, rounds=sizes.peer_rounds, quick=quick, progress=progress)
+    rows = []
+    for backend in (peers.SQLITE, peers.POSTGRESQL):
+        compared = results.flush_ratio(backend)
+        ours = results.flush.get(peers.HERMES_ORM, {}).get(backend)
+        if compared is None or not isinstance(ours, float):
+            continue
+        ratio, fastest = compared
+        theirs = results.flush[fastest][backend]
+        rows.append(
+            Row(
+                f"{backend} flush per turn vs the fastest peer (default durability)",
+                _ms(ours),
+                f"{_ms(theirs) if isinstance(theirs, float) else theirs} {fastest}",
+                ratio,
+                "<= 1.0x",
+                ratio <= 1.0,
+            )
+        )
+        reads = {
+            name: by[backend]
+            for name, by in results.read.items()
+            if isinstance(by.get(backend), float)
+        }
+        mine = reads.pop(peers.HERMES_ORM, None)
+        if mine is not None and reads:
+            best = min(reads, key=lambda name: reads[name])
+            rows.append(
+                Row(
+                    f"{backend} read of a 1,000-message history vs the fastest peer",
+                    _ms(mine),
+                    f"{_ms(reads[best])} {best.split(' ')[0]}",
+                    mine / reads[best],
+                    "<= 1.0x",
+                    mine / reads[best] <= 1.0,
+                )
+            )
+    outcomes = list(results.failures.get(peers.HERMES_ORM, {}).values())
+    if outcomes:
+        counted = [o for o in outcomes if isinstance(o, tuple)]
+        duplicated = sum(d for d, _ in counted)
+        lost = sum(lost for _, lost in counted)
+        rows.append(
+            Row(
+                f"hermes_orm after injected failures ({len(outcomes)} cases): duplicated / lost",
+                f"{duplicated} / {lost}",
+                "",
+                None,
+                "0 / 0",
+                len(counted) == len(outcomes) and duplicated == lost == 0,
+            )
+        )
+    return rows, results
+
+
+_PEERS_DOC = """
+## Beside the peers
+
+The stores users would pick instead, with the same workload (the turns above:
+20 sessions x 25 turns, 3 messages a turn, the sessions in round-robin), each
+through its natural API: hermes_orm's `flush` of the agent's whole list, the
+others' append of the turn's messages. Each library at its default
+durability, on a fresh database each round, the order of the libraries
+rotating across the rounds; PostgreSQL runs with its default settings
+(`fsync` and `synchronous_commit` on). The ratios in the table above are
+hermes_orm's time over the fastest other library's within each round.
+
+The failure pass runs a smaller workload (3 sessions x 6 turns) once per
+library, backend and failure, and counts what is stored against what the agent
+produced:
+
+- **mid-persist**: the persist of one turn fails after its first message's row
+  was written, before the transaction commits (a real error from the database:
+  a server-side `disk_full` on PostgreSQL, `disk I/O error` on SQLite); the
+  agent retries that turn the library's way (the turn's messages appended
+  again; hermes_orm: the same list flushed again);
+- **lost ack**: the turn's COMMIT lands, and its acknowledgement is lost (the
+  caller gets an error); the agent retries as above;
+- **not retried**: as mid-persist, but the agent drops that turn's persist and
+  goes on (an append API then never stores the turn; hermes_orm's next flush
+  holds the whole list).
+
+`python -m bench.peers` runs this part alone (`--quick` for a smoke run).
+
+{tables}
+
+![per-turn persist, beside the peers](peers.png)
+"""
 
 
 def scale_section(dbs: Databases, sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
@@ -917,10 +1025,16 @@ def write_docs(
 ) -> None:
     DOCS.mkdir(exist_ok=True)
     chart(curves, DOCS / "flush-vs-length.png")
+    peer_results: peers.PeerResults | None = extras.get("peers")
+    beside = ""
+    if peer_results is not None:
+        peers.chart(peer_results, DOCS / "peers.png")
+        beside = _PEERS_DOC.format(tables=peers.markdown(peer_results))
     text = f"""# Benchmarks
 
 Generated by `python -m bench` (from the repository root, after
-`pip install -e '.[test,bench]'`) on {time.strftime("%Y-%m-%d")}. Every ratio
+`pip install -e '.[bench]'`, which brings the peers below) on
+{time.strftime("%Y-%m-%d")}. Every ratio
 compares hermes_orm with its baseline measured in the same run, on an identical
 fresh database, as medians of {sizes.repeat} runs. The per-turn flush
 measurements run in {sizes.turn_repeat} rounds instead: each round runs
@@ -969,6 +1083,14 @@ Machine: {machine()}.
   both rates are medians of the rounds. The disk of a shared machine makes the
   absolute rates vary from run to run, the replay's as much as the import's.
 
+- **Reads.** `get_messages` of a session's 1,000 and 10,000 messages (dicts)
+  against the bare driver (`sqlite3`, `psycopg`) running the query of the very
+  columns it reads and fetching their tuples (psycopg parses the JSON columns
+  for both); medians.
+- **Scale.** The same operation on a store of 1,000 sessions and on one of a
+  million (written straight in SQL; sources and users spread evenly), and on a
+  session of 1,000 messages and one of a million (written by a bulk flush);
+  each figure is the large store's median over the small one's.
 - **Async.** The same turn workload through `AsyncSessionStore` (aiosqlite;
   psycopg's async connections) and through `SessionStore`, at the default
   `synchronous=FULL`, in rounds as above; the ratio is the async store's time
@@ -1005,7 +1127,7 @@ in process and ranked, answers rare terms faster than that and frequent ones far
 slower; the PostgreSQL rows count those rare-term queries as slower.
 
 {search_table}
-"""
+{beside}"""
     (DOCS / "benchmarks.md").write_text(text)
 
 
@@ -1025,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="runs (or rounds) per measurement (median)")
     parser.add_argument(
         "--only",
-        choices=("flush", "async", "plugin", "search", "scale"),
+        choices=("flush", "async", "plugin", "search", "scale", "peers"),
         help="run one part; docs/ is not written",
     )
     args = parser.parse_args(argv)
