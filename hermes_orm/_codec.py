@@ -533,8 +533,10 @@ PRESENCE_SQL = " + ".join(
     f"(CASE WHEN {column} IS NULL THEN 0 ELSE {1 << bit} END)"
     for bit, column in enumerate(READ_COLUMNS[3:])
 )
-#: Row decoders made by :func:`_decoder`, by (presence bits, key_order, JSON parsed).
-_DECODERS: dict[tuple[Any, Any, bool], Callable[[Sequence[Any]], dict[str, Any]] | None] = {}
+#: A row decoder made by :func:`_decoder`, and the keys it reads from JSON columns.
+_Decoder = tuple[Callable[[Sequence[Any]], dict[str, Any]], tuple[str, ...]]
+#: The decoders, by (presence bits, key_order, JSON parsed by the driver).
+_DECODERS: dict[tuple[Any, Any, bool], _Decoder | None] = {}
 _DECODERS_MAX = 4_096
 
 
@@ -563,31 +565,37 @@ def decode_rows(rows: Sequence[Sequence[Any]], *, driver_parses_json: bool) -> l
                 if len(decoders) >= _DECODERS_MAX:
                     decoders.clear()
                 decode = decoders[key] = _decoder(*key)
-        append(
-            decode(row)
-            if decode is not None
-            else decode_row(row[:-1], driver_parses_json=driver_parses_json)
-        )
+        if decode is not None:
+            message = decode[0](row)
+            # A JSON column holding JSON null (written by another client) means no
+            # key, as a NULL does: such a row goes the general way.
+            if not decode[1] or all(message[key] is not None for key in decode[1]):
+                append(message)
+                continue
+        append(decode_row(row[:-1], driver_parses_json=driver_parses_json))
     return out
 
 
-def _decoder(
-    present: int, order: str | tuple[Any, ...] | None, parsed: bool
-) -> Callable[[Sequence[Any]], dict[str, Any]] | None:
+def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) -> _Decoder | None:
     """The decoder of rows with the ``present`` columns and the ``order`` of keys; None: none fits.
 
     It is compiled from a dict display whose keys are this module's column
     names only (a ``key_order`` naming anything else gets no decoder).
     """
     values: dict[str, str] = {"role": "r[2]"}
+    from_json = []
     columns = READ_COLUMNS[3:]
     holds = [column for bit, column in enumerate(columns) if present >> bit & 1]
     if "content" in holds or "content_parts" in holds:
         column = "content" if "content" in holds else "content_parts"
         values["content"] = _read_expression(column, parsed)
+        if column in JSON_COLUMNS:
+            from_json.append("content")
     for column in holds:
         if column in _FIELD_SET:
             values[column] = _read_expression(column, parsed)
+            if column in JSON_COLUMNS:
+                from_json.append(column)
     keys: Any = list(values)
     if order is not None:
         try:
@@ -600,7 +608,7 @@ def _decoder(
     function: Callable[[Sequence[Any]], dict[str, Any]] = eval(
         f"lambda r: {{{body}}}", {"_read_json": _read_json, "bool": bool}
     )
-    return function
+    return function, tuple(from_json)
 
 
 def _read_expression(column: str, parsed: bool) -> str:

@@ -805,11 +805,26 @@ def _marks(dialect: str) -> tuple[str, str]:
 _PLACEHOLDER = re.compile(r"%%|%s")
 
 
-@lru_cache(maxsize=4096)
 def _numbered(statement: str) -> str:
-    """``statement`` with its ``%s`` placeholders as ``$1``, ``$2``, ... (and ``%%`` as ``%``)."""
+    """``statement`` with its ``%s`` placeholders as ``$1``, ``$2``, ... (and ``%%`` as ``%``).
+
+    Kept for the statements of up to 16,384 characters (a turn's flush, every
+    query): a bulk flush's statements of hundreds of rows are converted each time.
+    """
+    if len(statement) > _NUMBERED_KEPT:
+        return _renumber(statement)
+    return _kept_numbered(statement)
+
+
+_NUMBERED_KEPT = 16_384
+
+
+def _renumber(statement: str) -> str:
     count = itertools.count(1)
     return _PLACEHOLDER.sub(lambda m: "%" if m[0] == "%%" else f"${next(count)}", statement)
+
+
+_kept_numbered = lru_cache(maxsize=1024)(_renumber)
 
 
 def driver_sql(conn: Connection, statement: str) -> str:
@@ -965,9 +980,8 @@ def execute_driver_script(
     ran: list[tuple[str, Sequence[Any]]] = []  # the statement a driver error comes from
 
     def script(dbapi_connection: Any) -> int:
-        cursor = _driver_cursor(conn, dbapi_connection)
-        kinds = _psycopg_cursors()
-        renumber = numbered or (kinds is not None and cursor.__class__ is kinds[1])
+        cursor, raw = _driver_cursor(conn, dbapi_connection)
+        renumber = numbered or raw
         try:
             for statement, params in statements:
                 ran[:] = [(statement, params)]
@@ -994,14 +1008,13 @@ def execute_driver_script(
 @cache
 def _psycopg_cursors() -> tuple[type, type] | None:
     """The default cursor class of psycopg, and its ``RawCursor`` (``$1`` placeholders)."""
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    return psycopg.Cursor, psycopg.RawCursor
+    import psycopg
+
+    raw = getattr(psycopg, "RawCursor", None)  # psycopg 3.2 on
+    return None if raw is None else (psycopg.Cursor, raw)
 
 
-def _driver_cursor(conn: Connection, dbapi_connection: Any) -> Any:
+def _driver_cursor(conn: Connection, dbapi_connection: Any) -> tuple[Any, bool]:
     """A cursor of ``dbapi_connection`` for :func:`execute_driver_script`.
 
     On psycopg (blocking), with the connection's default cursor class, a
@@ -1009,12 +1022,15 @@ def _driver_cursor(conn: Connection, dbapi_connection: Any) -> Any:
     parameters anew at every execution (it caches only the smaller ones), which
     cost as much as a tenth of a turn's flush. A cursor class the application
     chose is used as it is.
+
+    Returns:
+        The cursor, and whether it takes numbered (``$1``) placeholders.
     """
     blocking = conn.dialect.driver == "psycopg" and not conn.dialect.is_async
     kinds = _psycopg_cursors() if blocking else None
     if kinds is not None and dbapi_connection.cursor_factory is kinds[0]:
-        return kinds[1](dbapi_connection)
-    return dbapi_connection.cursor()
+        return kinds[1](dbapi_connection), True
+    return dbapi_connection.cursor(), False
 
 
 def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -> list[Any]:
@@ -1047,6 +1063,18 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
         _sa.raise_driver_error(conn, exc, text, params)
 
 
+def can_autocommit(conn: Connection) -> bool:
+    """Whether ``conn``'s statements can run in autocommit now: no transaction is open on it.
+
+    Neither SQLAlchemy's nor the driver's (a connection's ``connect`` or
+    ``checkout`` listener may have run SQL on the driver connection). Where the
+    driver does not tell, no.
+    """
+    if conn.in_transaction():
+        return False
+    return _sa.driver_in_transaction(conn.connection.dbapi_connection) is False
+
+
 def _autocommitted(conn: Connection, statements: Iterable[tuple[str, Sequence[Any]]]) -> int:
     """:func:`execute_driver_script` with the driver connection in autocommit for the while.
 
@@ -1057,8 +1085,8 @@ def _autocommitted(conn: Connection, statements: Iterable[tuple[str, Sequence[An
     must never reach the pool's next user so.
     """
     dbapi_connection: Any = conn.connection.dbapi_connection
-    dbapi_connection.autocommit = True
     try:
+        dbapi_connection.autocommit = True
         rowcount = execute_driver_script(conn, statements)
         if conn.in_transaction():  # SQLAlchemy's own, around what it ran: nothing to send
             conn.commit()
@@ -1066,8 +1094,11 @@ def _autocommitted(conn: Connection, statements: Iterable[tuple[str, Sequence[An
     finally:
         try:
             dbapi_connection.autocommit = False
-        except Exception:
+        except Exception:  # a connection lost meanwhile: the error raised is its own
             conn.invalidate()
+        except BaseException:
+            conn.invalidate()
+            raise
 
 
 def end_transaction(conn: Connection, *, commit: bool) -> None:

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -261,7 +262,14 @@ class Watchdog:
     def __init__(self) -> None:
         self._reset()
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's watches are not its own (their duplicates closed)."""
+        for watch in self._watches.values():
+            with contextlib.suppress(OSError):
+                os.close(watch.fd)
+        self._reset()
 
     def _reset(self) -> None:
         self._lock = threading.Condition(threading.Lock())
@@ -276,6 +284,8 @@ class Watchdog:
         None when ``fd`` is no socket (the connection is closed already).
         """
         try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return None
             watch = Watch(os.dup(fd), seconds)
         except OSError:
             return None
@@ -295,6 +305,14 @@ class Watchdog:
         os.close(watch.fd)  # the duplicate only
 
     def _run(self) -> None:
+        while True:  # the thread must outlive anything unforeseen: every store relies on it
+            try:
+                self._watch()
+            except Exception:
+                logger.exception("the deadline watcher failed; it starts again")
+                time.sleep(0.2)
+
+    def _watch(self) -> None:
         with self._lock:
             while True:
                 now = time.monotonic()
@@ -302,13 +320,17 @@ class Watchdog:
                     if watch.deadline <= now:
                         del self._watches[key]
                         watch.fired = True
-                        sock = socket.socket(fileno=watch.fd)
                         with contextlib.suppress(OSError):  # its peer closed it already
-                            sock.shutdown(socket.SHUT_RDWR)
-                        sock.detach()  # the try's disarm closes the descriptor
+                            sock = socket.socket(fileno=watch.fd)
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)
+                            finally:
+                                sock.detach()  # the try's disarm closes the descriptor
                 watches = self._watches.values()
                 self._wakes_at = min((w.deadline for w in watches), default=math.inf)
-                self._lock.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
+                wait = self._wakes_at - now
+                # (a deadline past what a wait can take is woken for early, and looked at again)
+                self._lock.wait(None if wait == math.inf else min(wait, threading.TIMEOUT_MAX))
 
 
 watchdog = Watchdog()

@@ -115,3 +115,22 @@ def insert_clauses(statement: Any) -> list[str]:
     if getattr(statement, "_prefixes", True):
         found.append("prefix_with()")
     return found
+
+
+def driver_in_transaction(dbapi_connection: Any) -> bool | None:
+    """Whether the driver connection has a transaction open; None where it does not tell.
+
+    psycopg (its connection, or the one inside SQLAlchemy's async adapter) and
+    psycopg2 report their transaction status; SQLAlchemy's asyncpg adapter
+    keeps the transaction it started (``_transaction``).
+    """
+    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
+        status = getattr(getattr(candidate, "info", None), "transaction_status", None)
+        if status is not None:
+            return int(status) != 0  # psycopg.pq.TransactionStatus.IDLE
+    if hasattr(dbapi_connection, "_transaction"):  # SQLAlchemy's asyncpg adapter
+        return dbapi_connection._transaction is not None
+    status_of = getattr(dbapi_connection, "get_transaction_status", None)  # psycopg2
+    if callable(status_of):
+        return int(status_of()) != 0  # TRANSACTION_STATUS_IDLE
+    return None

@@ -1029,7 +1029,8 @@ class StoreCore:
                 raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
-        one = False  # the statements are one that writes and moves the cursor, or nothing
+        #: The one statement that writes the rows and moves the cursor, or nothing (PostgreSQL).
+        once: tuple[str, Sequence[Any]] | None = None
         if len(messages) - cursor <= _BATCH:
             # Validated before the transaction begins: bad input never takes a lock.
             encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
@@ -1045,13 +1046,13 @@ class StoreCore:
                 last=written[1],
                 tool_calls=sum(map(_TOOL_CALLS, encoded)),
             )
-            one = self._sql.once_heads is not None and len(inserts) == 1
-            if one:
+            statements = [*self._sql.begin, *inserts, (sql, params)]
+            if self._sql.once_heads is not None and len(inserts) == 1:
                 rows = len(encoded)
-                once = self._sql.write_once(rows, checks_digest=bool(cursor))
-                statements = [(once, params + inserts[0][1])]
-            else:
-                statements = [*self._sql.begin, *inserts, (sql, params)]
+                once = (
+                    self._sql.write_once(rows, checks_digest=bool(cursor)),
+                    params + inserts[0][1],
+                )
 
         def work(conn: Connection) -> tuple[int, bytes | None]:
             try:
@@ -1060,8 +1061,8 @@ class StoreCore:
                     # a new stream on every attempt: a retry never resumes a used one.
                     batches = _encode_batches(messages, cursor)
                     return self._insert(conn, session_id, cursor, digest, batches)
-                if one:
-                    if _dialects.execute_driver_script(conn, statements, autocommit=True) != rows:
+                if once is not None and _dialects.can_autocommit(conn):
+                    if _dialects.execute_driver_script(conn, [once], autocommit=True) != rows:
                         raise CursorMoved  # it wrote nothing
                 elif _dialects.execute_driver_script(conn, statements, commit_if=1) != 1:
                     raise CursorMoved  # rolled back

@@ -1543,3 +1543,44 @@ def test_psycopg2_lock_timeouts_are_retried_like_psycopgs(store: SessionStore, d
         engine.dispose()
         holder.dispose()
     assert_exact(store, "s", conversation(1))
+
+
+@pytest.mark.backends("postgresql")  # the one-statement flush is PostgreSQL's
+@pytest.mark.direct("with no settings to run first, a flush is one statement")
+def test_a_transaction_left_open_on_the_driver_connection_gets_a_whole_flush(
+    db_url: str, engine: Engine, api: str
+) -> None:
+    """A checkout listener that runs SQL leaves the driver in a transaction: no autocommit then.
+
+    The flush runs as a transaction of its own statements and commits them; the
+    messages are there for every other connection, exactly once.
+    """
+    from sqlalchemy.pool import NullPool
+
+    from hermes_orm import create_store_engine
+    from hermes_orm._dialects import create_async_store_engine
+    from tests.conftest import BlockingStore
+
+    def leave_open(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.close()
+
+    store: Any
+    if api == "sync":
+        own = create_store_engine(db_url, poolclass=NullPool)
+        event.listen(own, "checkout", leave_open)
+        store = SessionStore(own)
+    else:
+        async_engine = create_async_store_engine(db_url, poolclass=NullPool)
+        event.listen(async_engine.sync_engine, "checkout", leave_open)
+        store = BlockingStore(AsyncSessionStore(async_engine), engine)
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)
+    turn = [*history, *conversation(1, "t")]
+    assert store.flush("s", turn).written == 3  # on the remembered cursor
+    assert_exact(store, "s", turn)
+    assert count_rows(engine, "hermes_messages", session_id="s") == len(turn)  # seen elsewhere
+    store.close()
+    sync_engine(store).dispose()

@@ -13,7 +13,7 @@ from sqlalchemy import text as sql_text
 
 from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
 from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS, message_digest
-from tests.conftest import count_rows, sync_engine
+from tests.conftest import count_rows, sync_engine, table_name
 
 _ids = itertools.count()
 KNOWN = {"role", "content", "token_count", "timestamp", *TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS}
@@ -336,3 +336,24 @@ def test_messages_alike_are_read_by_one_decoder(store: SessionStore) -> None:
     assert [list(m) for m in back] == [list(m) for m in batch]
     assert back[1]["observed"] is True
     assert len(_codec._DECODERS) == 2
+
+
+def test_a_json_null_written_by_another_client_reads_as_no_key(
+    store: SessionStore, engine: Any
+) -> None:
+    """A JSON column holding JSON null (not SQL NULL) reads back as the key left out."""
+    sid = f"json-null-{next(_ids)}"
+    store.create_session(sid, source="test")
+    call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+    store.flush(sid, [{"role": "assistant", "content": "hi", "tool_calls": [call]}] * 2)
+    table = table_name(engine, "hermes_messages")
+    with engine.begin() as conn:
+        conn.execute(
+            sql_text(f"UPDATE {table} SET tool_calls = 'null' WHERE session_id = :s AND idx = 0"),
+            {"s": sid},
+        )
+    back = store.get_messages(sid)
+    assert back == [
+        {"role": "assistant", "content": "hi"},
+        {"role": "assistant", "content": "hi", "tool_calls": [call]},
+    ]

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -294,14 +295,45 @@ def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
     watch = watchdog.arm(ours.fileno(), 60)
     assert watch is not None
     pid = os.fork()
-    if pid == 0:  # the child: no watch, a lock it can take
+    if pid == 0:  # the child: no watch, a lock it can take, the parent's duplicate closed
         clean = not watchdog._watches and watchdog._lock.acquire(timeout=1)
-        os._exit(0 if clean else 1)
+        try:
+            os.fstat(watch.fd)
+        except OSError:
+            os._exit(0 if clean else 1)
+        os._exit(2)
     _, status = os.waitpid(pid, 0)
     watchdog.disarm(watch)
     ours.close()
     peer.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_deadline_watcher_outlives_a_deadline_too_far_and_a_file(tmp_path: Path) -> None:
+    """Neither a deadline past what a wait can take nor a file's descriptor stops the thread."""
+    from hermes_orm._retry import Watchdog
+
+    watchdog = Watchdog()
+    with (tmp_path / "file").open("w") as file:
+        assert watchdog.arm(file.fileno(), 0.05) is None  # no socket: nothing to shut down
+    far_end, far_peer = socket.socketpair()
+    far = watchdog.arm(far_end.fileno(), 1e10)
+    soon_end, soon_peer = socket.socketpair()
+    soon = watchdog.arm(soon_end.fileno(), 0.1)
+    assert far is not None
+    assert soon is not None
+    deadline = time.monotonic() + 5
+    while not soon.fired:
+        assert time.monotonic() < deadline, "the watcher stopped"
+        time.sleep(0.05)
+    assert not far.fired
+    watchdog.disarm(far)
+    watchdog.disarm(soon)
+    assert soon_peer.recv(8) == b""  # shut down
+    far_end.sendall(b"open")
+    assert far_peer.recv(8) == b"open"
+    for sock in (far_end, far_peer, soon_end, soon_peer):
+        sock.close()
 
 
 def test_connections_carry_deadlines_unless_the_url_or_libpq_sets_them(

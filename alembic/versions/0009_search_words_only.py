@@ -14,8 +14,10 @@ index), and every message's body was stored again in ``search_body``.
   60% of its former cost per row.
 
 At a million messages the search storage went from 2.36 GB to about 0.85 GB.
-The upgrade rewrites both columns of every message in one UPDATE and builds
-the indexes again; SQLite is not touched.
+The upgrade rewrites every message's row in one UPDATE (the old bodies set to
+NULL before their column is dropped) and builds the indexes again: the space
+of the old row versions is reused once VACUUM has seen them. SQLite is not
+touched.
 
 Revision ID: 0009_search_words_only
 Revises: 0008_hermes_gateway_and_locks
@@ -93,10 +95,11 @@ $fn$""",
     "    RETURN NEW;\n"
     "END\n"
     "$fn$",
-    # The stored bodies give both columns (this UPDATE fires no trigger).
+    # The stored bodies give both columns (this UPDATE fires no trigger), and go:
+    # a dropped column's values stay in the rows until each row is written again.
     "UPDATE hermes_messages SET "
     f"search_vector = to_tsvector('simple'::regconfig, regexp_replace(search_body, '{_SEPARATORS}', ' ', 'g')), "
-    f"search_cjk = CASE WHEN search_body ~ '{_CJK}' THEN search_body END",
+    f"search_cjk = CASE WHEN search_body ~ '{_CJK}' THEN search_body END, search_body = NULL",
     "ALTER TABLE hermes_messages DROP COLUMN search_body",
     "CREATE INDEX ix_hermes_search_vector ON hermes_messages USING gin (search_vector)",
     "CREATE INDEX ix_hermes_search_cjk ON hermes_messages USING gin (search_cjk gin_trgm_ops) "
@@ -149,7 +152,7 @@ END
 $fn$
 """,
     # Setting a watched column fires it: body, words and pairs again.
-    "UPDATE hermes_messages SET content = content",
+    "UPDATE hermes_messages SET content = content, search_cjk = NULL",
     "ALTER TABLE hermes_messages DROP COLUMN search_cjk",
     "DROP FUNCTION hermes_search_body(text, json, text, json)",
     "CREATE INDEX ix_hermes_search_vector ON hermes_messages USING gin (search_vector)",
