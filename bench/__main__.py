@@ -36,7 +36,7 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from bench import _plugin, _scale, _search, peers
-from bench._common import libpq, rotations
+from bench._common import DEFAULT_DURABILITY, hermes_append, libpq, rotations
 from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from devtools.hermes_fixture import fixture_copy, grow
@@ -290,17 +290,7 @@ def hermes_turns(
     for t in range(len(convs[0])):
         for s, conv in enumerate(convs):
             for m in conv[t]:
-                db.append_message(
-                    f"s{s}",
-                    m["role"],
-                    content=m.get("content"),
-                    tool_name=m.get("tool_name"),
-                    tool_calls=m.get("tool_calls"),
-                    tool_call_id=m.get("tool_call_id"),
-                    finish_reason=m.get("finish_reason"),
-                    reasoning=m.get("reasoning"),
-                    timestamp=m.get("timestamp"),
-                )
+                hermes_append(db, f"s{s}", m)
     elapsed = time.perf_counter() - start
     db.close()
     return elapsed
@@ -835,14 +825,6 @@ def run(
 
 #: What the last run measured besides its rows (the peers' results), for the docs.
 extras: dict[str, Any] = {}
-
-#: PostgreSQL as installed: each library at its default durability, the server's too.
-DEFAULT_DURABILITY = {
-    "fsync": "on",
-    "synchronous_commit": "on",
-    "full_page_writes": "on",
-    "max_connections": "200",
-}
 
 
 def peers_section(

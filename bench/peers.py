@@ -54,7 +54,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from bench._common import libpq, rotations
+from bench._common import DEFAULT_DURABILITY, hermes_append, libpq, rotations
 from bench._workload import conversations, history
 
 Msg = dict[str, Any]
@@ -474,17 +474,7 @@ class _Hermes:
         for i, m in enumerate(turn):
             if self.fault is not None:
                 self.fault.last_call = i == len(turn) - 1
-            self.db.append_message(
-                f"s{s}",
-                m["role"],
-                content=m.get("content"),
-                tool_name=m.get("tool_name"),
-                tool_calls=m.get("tool_calls"),
-                tool_call_id=m.get("tool_call_id"),
-                finish_reason=m.get("finish_reason"),
-                reasoning=m.get("reasoning"),
-                timestamp=m.get("timestamp"),
-            )
+            hermes_append(self.db, f"s{s}", m)
 
     async def recover(self, s: int, exc: BaseException) -> None:
         return None
@@ -1190,10 +1180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {msg}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hermes-orm-peers-")))
-        pg = None if args.no_postgres else stack.enter_context(postgres_server(durable))
+        pg = None if args.no_postgres else stack.enter_context(postgres_server(DEFAULT_DURABILITY))
         results = run(pg, tmp, quick=args.quick, progress=progress)
     print(markdown(results))
     if args.chart:
