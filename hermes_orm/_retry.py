@@ -24,6 +24,7 @@ multi-host URL).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -73,7 +74,9 @@ class RetryPolicy:
         attempt_timeout: Seconds one try may take on PostgreSQL before the
             store abandons its connection as hung and tries again (None: no
             deadline). It bounds a try's lock wait and work together, so keep
-            it above ``lock_timeout``. Rebuilding the search index has none.
+            it above ``lock_timeout``. A bulk flush's deadline starts again
+            after each batch of messages it wrote; rebuilding the search
+            index has none.
     """
 
     attempts: int = 8
@@ -344,10 +347,31 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
     if watch is None:
         yield None
         return
+    token = _watching.set(watch)
     try:
         yield watch
     except BaseException as exc:
         watch.blame(exc)
         raise
     finally:
+        _watching.reset(token)
         watchdog.disarm(watch)
+
+
+#: The watch of the try running in this context (None: none).
+_watching: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
+    "hermes_orm_watch", default=None
+)
+
+
+def progress() -> None:
+    """The running try made progress: its deadline starts again from now.
+
+    A bulk flush calls it after each batch it wrote, so a long write that keeps
+    moving (a million messages take minutes on PostgreSQL) is never abandoned,
+    while one whose server stops answering is, ``attempt_timeout`` after its
+    last batch.
+    """
+    watch = _watching.get()
+    if watch is not None:
+        watch.deadline = time.monotonic() + watch.seconds

@@ -1194,6 +1194,7 @@ class StoreCore:
         for batch in batches:
             if pending:  # a bulk flush streams: each batch goes before the next is encoded
                 _dialects.execute_driver_script(conn, pending)
+                _retry.progress()
             pending = _insert_statements(sql, [Chunk(session_id, end, batch, None)])
             end += len(batch)
             last = batch[-1].digest

@@ -353,3 +353,32 @@ def test_connections_carry_deadlines_unless_the_url_or_libpq_sets_them(
     assert parameters(_url(pg_db, "psycopg", connect_timeout="3"))["connect_timeout"] == "3"
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
     assert parameters(pg_db)["connect_timeout"] == "7"  # libpq's environment, not ours
+
+
+@pytest.mark.backends("postgresql")  # deadlines are PostgreSQL's
+def test_a_bulk_flush_longer_than_the_deadline_completes_while_it_makes_progress(
+    db_url: str, engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch a bulk flush writes starts its deadline again: a long write is not abandoned.
+
+    Every batch is slowed to 0.3 s against a deadline of 0.5 s: the whole flush
+    (five batches) takes three times the deadline, and lands once.
+    """
+    from hermes_orm import RetryPolicy, create_store_engine
+    from hermes_orm import store as store_module
+
+    store = SessionStore(create_store_engine(db_url), retry=RetryPolicy(attempt_timeout=0.5))
+    store.create_session("bulk", source="cli")
+    real = store_module._dialects.execute_driver_script
+
+    def slow(conn: Any, statements: Any, **kwargs: Any) -> int:
+        time.sleep(0.3)
+        return real(conn, statements, **kwargs)
+
+    monkeypatch.setattr(store_module._dialects, "execute_driver_script", slow)
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(5 * store_module._BATCH)]
+    assert store.flush("bulk", messages).written == len(messages)
+    monkeypatch.undo()
+    assert store.get_session("bulk")["message_count"] == len(messages)
+    store.close()
+    store.engine.dispose()
