@@ -996,11 +996,22 @@ def execute_driver_script(
             (dialect.do_commit if commit else dialect.do_rollback)(dbapi_connection)
         return rowcount
 
+    return _on_driver(conn, script, ran)
+
+
+def _on_driver(
+    conn: Connection, work: Callable[[Any], T], ran: list[tuple[str, Sequence[Any]]]
+) -> T:
+    """``work(driver_connection)``; a driver error raised as SQLAlchemy raises it.
+
+    On aiosqlite, in one call on the driver's thread (not one trip per call).
+    ``ran``: the statement the error comes from, as ``work`` last set it.
+    """
     try:
         aiosqlite = _sa.aiosqlite_connection(conn)
-        if aiosqlite is not None:  # one trip to the driver's thread, not one per call
-            return _sa.on_driver_thread(aiosqlite, script)
-        return script(conn.connection.dbapi_connection)
+        if aiosqlite is not None:
+            return _sa.on_driver_thread(aiosqlite, work)
+        return work(conn.connection.dbapi_connection)
     except conn.dialect.loaded_dbapi.Error as exc:
         _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
 
@@ -1054,13 +1065,7 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
         finally:
             cursor.close()
 
-    try:
-        aiosqlite = _sa.aiosqlite_connection(conn)
-        if aiosqlite is not None:
-            return _sa.on_driver_thread(aiosqlite, fetch)
-        return fetch(conn.connection.dbapi_connection)
-    except conn.dialect.loaded_dbapi.Error as exc:
-        _sa.raise_driver_error(conn, exc, text, params)
+    return _on_driver(conn, fetch, [(text, params)])
 
 
 def can_autocommit(conn: Connection) -> bool:
