@@ -533,10 +533,13 @@ PRESENCE_SQL = " + ".join(
     f"(CASE WHEN {column} IS NULL THEN 0 ELSE {1 << bit} END)"
     for bit, column in enumerate(READ_COLUMNS[3:])
 )
-#: A row decoder made by :func:`_decoder`, and the keys it reads from JSON columns.
-_Decoder = tuple[Callable[[Sequence[Any]], dict[str, Any]], tuple[str, ...]]
-#: The decoders, by (presence bits, key_order, JSON parsed by the driver).
-_DECODERS: dict[tuple[Any, Any, bool], _Decoder | None] = {}
+#: A row decoder made by :func:`_decoder`: the message, or None where a JSON column
+#: holds JSON null (written by another client), which reads as no key, as a NULL
+#: does: such a row goes the general way.
+_Decoder = Callable[[Sequence[Any]], dict[str, Any] | None]
+#: The decoders, by (presence bits, key_order); one table for rows whose JSON columns
+#: the driver has parsed (True), one for rows holding their text (False).
+_DECODERS: dict[bool, dict[tuple[int, Any], _Decoder | None]] = {True: {}, False: {}}
 _DECODERS_MAX = 4_096
 
 
@@ -551,27 +554,24 @@ def decode_rows(rows: Sequence[Sequence[Any]], *, driver_parses_json: bool) -> l
     """
     out: list[dict[str, Any]] = []
     append = out.append
-    decoders = _DECODERS
+    decoders = _DECODERS[driver_parses_json]
     for row in rows:
-        decode = None
         if row[0] is None:  # no extra keys (those go the general way)
             order = row[1]
             if order is not None and type(order) is not str:
                 order = tuple(order)  # parsed by the driver
-            key = (row[-1], order, driver_parses_json)
+            key = (row[-1], order)
             try:
                 decode = decoders[key]
             except KeyError:
                 if len(decoders) >= _DECODERS_MAX:
                     decoders.clear()
-                decode = decoders[key] = _decoder(*key)
-        if decode is not None:
-            message = decode[0](row)
-            # A JSON column holding JSON null (written by another client) means no
-            # key, as a NULL does: such a row goes the general way.
-            if not decode[1] or all(message[key] is not None for key in decode[1]):
-                append(message)
-                continue
+                decode = decoders[key] = _decoder(*key, driver_parses_json)
+            if decode is not None:
+                message = decode(row)
+                if message is not None:
+                    append(message)
+                    continue
         append(decode_row(row[:-1], driver_parses_json=driver_parses_json))
     return out
 
@@ -583,19 +583,14 @@ def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) ->
     names only (a ``key_order`` naming anything else gets no decoder).
     """
     values: dict[str, str] = {"role": "r[2]"}
-    from_json = []
     columns = READ_COLUMNS[3:]
     holds = [column for bit, column in enumerate(columns) if present >> bit & 1]
     if "content" in holds or "content_parts" in holds:
         column = "content" if "content" in holds else "content_parts"
         values["content"] = _read_expression(column, parsed)
-        if column in JSON_COLUMNS:
-            from_json.append("content")
     for column in holds:
         if column in _FIELD_SET:
             values[column] = _read_expression(column, parsed)
-            if column in JSON_COLUMNS:
-                from_json.append(column)
     keys: Any = list(values)
     if order is not None:
         try:
@@ -604,11 +599,19 @@ def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) ->
             return None
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(values):
             return None
+    # A JSON column's value is read once, into a name the display then uses.
+    nulls = []
+    for number, key in enumerate(values):
+        column = "content_parts" if key == "content" and "content" not in holds else key
+        if column in JSON_COLUMNS:
+            nulls.append(f"(v{number} := {values[key]}) is None")
+            values[key] = f"v{number}"
     body = ", ".join(f"{key!r}: {values[key]}" for key in keys)
-    function: Callable[[Sequence[Any]], dict[str, Any]] = eval(
-        f"lambda r: {{{body}}}", {"_read_json": _read_json, "bool": bool}
-    )
-    return function, tuple(from_json)
+    source = f"{{{body}}}"
+    if nulls:
+        source = f"None if {' or '.join(nulls)} else {source}"
+    function: _Decoder = eval(f"lambda r: {source}", {"_read_json": _read_json, "bool": bool})
+    return function
 
 
 def _read_expression(column: str, parsed: bool) -> str:
