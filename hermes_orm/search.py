@@ -32,6 +32,8 @@ content parts, its tool name and its tool calls' names and arguments, up to
 from __future__ import annotations
 
 import re
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -406,13 +408,15 @@ def _fts_terms(terms: Sequence[Term]) -> str:
     return _any_of_all(terms, _fts_leaf)
 
 
-def _tsquery_leaf(leaf: Leaf) -> str:
-    # A phrase: its words next to each other, by their positions in the vector.
-    return " <-> ".join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+def _tsquery_leaf(leaf: Leaf, phrases: bool = True) -> str:
+    # A phrase: its words next to each other, by their positions in the vector
+    # (without ``phrases``, anywhere in it: what the index alone can tell).
+    joiner = " <-> " if phrases else " & "
+    return joiner.join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
 
 
-def _tsquery_terms(terms: Sequence[Term]) -> str:
-    return _any_of_all(terms, _tsquery_leaf, " & ", " | ")
+def _tsquery_terms(terms: Sequence[Term], phrases: bool = True) -> str:
+    return _any_of_all(terms, lambda leaf: _tsquery_leaf(leaf, phrases), " & ", " | ")
 
 
 def _words_only(terms: Sequence[Term]) -> bool:
@@ -590,106 +594,247 @@ def _pg_match(condition: str, by_index: bool) -> str:
     return condition if by_index else f"({condition}) IS TRUE"
 
 
+def _uncased(text: str) -> bool:
+    """Whether ``text`` has no letter with a case (CJK, kana, digits, ...)."""
+    return text.lower() == text == text.upper()
+
+
 def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
     def condition(leaf: Leaf) -> str:
         if leaf.substring:
             # A literal substring: backslash is PostgreSQL's LIKE escape by default.
-            builder.params.append(f"%{_like_escaped(leaf.tokens[0])}%")
-            return f"({_PG_UNSEGMENTED} AND {_pg_match('m.search_cjk ILIKE %s', by_index)})"
+            # Without cased letters ILIKE finds what LIKE finds, at twice the cost.
+            token = leaf.tokens[0]
+            operator = "LIKE" if _uncased(token) else "ILIKE"
+            builder.params.append(f"%{_like_escaped(token)}%")
+            match = _pg_match(f"m.search_cjk {operator} %s", by_index)
+            return f"({_PG_UNSEGMENTED} AND {match})"
         builder.params.append(_tsquery_leaf(leaf))
         return _pg_match("m.search_vector @@ lower(%s)::tsquery", by_index)
 
     return _any_of_all(terms, condition)
 
 
-#: A hit's body, by the function migration 0009 made (of message ``b``).
-_PG_BODY = "hermes_search_body(b.content, b.content_parts, b.tool_name, b.tool_calls)"
+def _pg_body(alias: str) -> str:
+    """A hit's body, by the function migration 0009 made (of message ``alias``)."""
+    columns = ("content", "content_parts", "tool_name", "tool_calls")
+    return f"hermes_search_body({', '.join(f'{alias}.{c}' for c in columns)})"
 
-#: Newest message ids a PostgreSQL search scans first, in id order (see run()).
+
+#: Newest message ids a PostgreSQL search scans first, in id order (see _pg_rows()).
 PG_WINDOW = 5_000
 
 
-def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> tuple[str, list[Any]]:
-    """The PostgreSQL SELECT of hits (with bodies) and its parameters.
+@dataclass(frozen=True, slots=True)
+class _PgStatement:
+    """A PostgreSQL SELECT of hits (with bodies), and its parameters.
 
-    Its last three placeholders are the id range (both ends excluded) and the
-    LIMIT. ``by_index`` orders by an expression the primary key cannot provide,
+    Its placeholders: ``before``, the id range (both ends excluded), ``after``,
+    and last the LIMIT.
+    """
+
+    sql: str
+    before: tuple[Any, ...]
+    after: tuple[Any, ...] = ()
+
+    def args(self, bounds: tuple[int, int], limit: int) -> tuple[Any, ...]:
+        return (*self.before, *bounds, *self.after, limit)
+
+
+def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgStatement:
+    """The PostgreSQL SELECT of hits (with bodies).
+
+    ``by_index`` orders by an expression the primary key cannot provide,
     so the rows come from the search indexes (bitmap scans) and are then sorted;
     without it the search conditions are row filters only, so the rows come in
     id order from the primary key (or the CJK-like bodies' index) over the range.
+
+    A phrase is a recheck of each row's vector (positions are not in the
+    index): by the indexes, the rows holding its words are found first, and the
+    phrase is checked on them in id order, only until the page is full.
     """
     builder = _Builder("%s")
+    # Substrings first: a cheap test on the few CJK-like rows spares the others'
+    # vectors (PostgreSQL checks conditions of equal cost in the order written).
     words = [g for g in query.groups if _words_only(g)]
-    word_excluded = [t for t in query.excluded if _words_only([t])] if words else []
-    if words:
-        tsquery = " & ".join(_tsquery_terms(g) for g in words)
-        if word_excluded:
-            tsquery += " & !" + _tsquery_terms(word_excluded)
-        builder.add(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index), tsquery)
     for group in query.groups:
         if group not in words:
             builder.where.append(_pg_terms(group, builder, by_index))
+    word_excluded = [t for t in query.excluded if _words_only([t])] if words else []
     for term in query.excluded:
         if term not in word_excluded:
             builder.where.append("NOT " + _pg_terms([term], builder, by_index))
+    exact = relaxed = ""
+    if words:
+        exact = " & ".join(_tsquery_terms(g) for g in words)
+        relaxed = " & ".join(_tsquery_terms(g, phrases=False) for g in words)
+        if word_excluded:
+            excluded = " & !" + _tsquery_terms(word_excluded)
+            exact, relaxed = exact + excluded, relaxed + excluded
+        searched = relaxed if by_index else exact
+        builder.add(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index), searched)
     source = "hermes_messages m"
     if _filters(filters, builder, "postgresql"):
         source += " JOIN hermes_sessions s ON s.id = m.session_id"
-    builder.add("m.id > %s AND m.id < %s")
+    # By the indexes, the id range is no index condition either: a plan made for
+    # any parameters (a prepared statement's generic plan) must not walk the
+    # primary key over what it takes for a narrow range.
     key = "m.id + 0" if by_index else "m.id"
+    builder.add(f"{key} > %s AND {key} < %s")
     order = "ASC" if filters.oldest_first else "DESC"
-    hits = (
-        f"{_SELECT} FROM {source} WHERE {' AND '.join(builder.where)} "
-        f"ORDER BY {key} {order} LIMIT %s"
-    )
+    where = " AND ".join(builder.where)
+    if by_index and exact != relaxed:
+        candidates = f"SELECT m.id, m.session_id FROM {source} WHERE {where}"
+        checked = (
+            f"{_SELECT}, {_pg_body('m')} FROM hermes_messages m "
+            "WHERE m.id = o.id AND m.session_id = o.session_id "
+            "AND (m.search_vector @@ lower(%s)::tsquery) IS TRUE LIMIT 1"
+        )
+        statement = (
+            f"WITH c AS MATERIALIZED ({candidates}) "
+            f"SELECT h.* FROM (SELECT id, session_id FROM c ORDER BY id {order}) AS o "
+            f"CROSS JOIN LATERAL ({checked}) AS h ORDER BY o.id {order} LIMIT %s"
+        )
+        return _PgStatement(statement, tuple(builder.params), (exact,))
+    hits = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {key} {order} LIMIT %s"
     # The body (for the snippet) of the hits only: it is computed, not stored.
     statement = (
-        f"SELECT h.*, {_PG_BODY} FROM ({hits}) AS h JOIN hermes_messages b "
+        f"SELECT h.*, {_pg_body('b')} FROM ({hits}) AS h JOIN hermes_messages b "
         f"ON b.id = h.id AND b.session_id = h.session_id ORDER BY h.id {order}"
     )
-    return statement, builder.params
+    return _PgStatement(statement, tuple(builder.params))
+
+
+@dataclass(frozen=True, slots=True)
+class _PgPlan:
+    """A query's statements on PostgreSQL, and what chooses between them."""
+
+    parsed: Query
+    in_order: _PgStatement
+    by_index: _PgStatement
+    #: Past the newest ids, CJK-like rows are walked in id order rather than found
+    #: by the indexes: some group is only substrings too short for trigrams.
+    cjk_walk: bool
 
 
 @lru_cache(maxsize=512)
-def _pg_compiled(query: str, filters: Filters) -> tuple[Query, str, str, tuple[Any, ...]]:
-    """Parsed query, its in-order and by-index statements, and their common parameters."""
+def _pg_compiled(query: str, filters: Filters) -> _PgPlan:
     parsed = parse_query(query)
-    in_order, params = postgresql_statement(parsed, filters, by_index=False)
-    by_index, _ = postgresql_statement(parsed, filters, by_index=True)
-    return parsed, in_order, by_index, tuple(params)
+    short = any(
+        _substring_only(g) and all(len(leaf.tokens[0]) < 3 for term in g for leaf in term)
+        for g in parsed.groups
+    )
+    return _PgPlan(
+        parsed,
+        postgresql_statement(parsed, filters, by_index=False),
+        postgresql_statement(parsed, filters, by_index=True),
+        short,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Frequencies:
+    """Shares of messages holding the commonest words, from PostgreSQL's statistics."""
+
+    of: dict[str, float]
+    #: A word not listed is in fewer messages than this share.
+    unlisted: float
+
+
+#: The words' shares PostgreSQL's ANALYZE (or autovacuum) gathered on the vectors.
+_FREQUENCIES_SQL = (
+    "SELECT s.most_common_elems::text::text[], s.most_common_elem_freqs FROM pg_stats s "
+    "JOIN pg_namespace n ON n.nspname = s.schemaname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename "
+    "WHERE c.oid = 'hermes_messages'::regclass AND s.attname = 'search_vector' "
+    "ORDER BY s.inherited DESC LIMIT 1"
+)
+#: Seconds the statistics are kept before they are read again.
+FREQUENCIES_TTL = 600.0
+_frequencies_cache: weakref.WeakKeyDictionary[Any, tuple[float, _Frequencies | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _frequencies(conn: Connection) -> _Frequencies | None:
+    """The statistics of the words in the vectors (None: not gathered yet), cached a while."""
+    now = time.monotonic()
+    cached = _frequencies_cache.get(conn.engine)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    row = conn.exec_driver_sql(_FREQUENCIES_SQL).first()
+    found = None
+    if row is not None and row[0] and row[1]:
+        words, shares = list(row[0]), [float(share) for share in row[1]]
+        # After the words' shares come their lowest, highest, and the share of nulls.
+        found = _Frequencies(dict(zip(words, shares, strict=False)), min(shares[: len(words)]))
+    _frequencies_cache[conn.engine] = (now + FREQUENCIES_TTL, found)
+    return found
+
+
+def _share(groups: Sequence[Sequence[Term]], frequencies: _Frequencies) -> float:
+    """At most about this share of the messages hold words matching every group.
+
+    A word not among the commonest counts as half the least common of those
+    (as PostgreSQL's planner estimates it); a prefix or a substring, as any message.
+    """
+
+    def word(token: str) -> float:
+        return frequencies.of.get(token.lower(), frequencies.unlisted / 2)
+
+    def leaf(found: Leaf) -> float:
+        exact = found.tokens[:-1] if found.prefix else found.tokens
+        return 1.0 if found.substring or not exact else min(map(word, exact))
+
+    return min(
+        (min(1.0, sum(min(map(leaf, term)) for term in group)) for group in groups),
+        default=1.0,
+    )
 
 
 def _pg_rows(
     conn: Connection, query: str, filters: Filters, after: int | None, wanted: int
 ) -> tuple[Query, list[Any]]:
-    """Hits newest (or oldest) first in two steps, each fast whatever the term's frequency.
+    """Hits newest (or oldest) first, each step fast whatever the words' frequency.
 
     Ordered by id with a LIMIT, PostgreSQL walks the primary key until enough
-    rows match, which for a rare term means the whole table (seconds on a
-    million messages), while a GIN scan of a frequent term fetches every match.
+    rows match, which for a rare word means the whole table (seconds on a
+    million messages), while a GIN scan of a common word fetches every match.
     So the newest ``PG_WINDOW`` ids are searched first, in id order (bounded
     work); only if they hold too few hits is the rest searched through the
-    indexes, where the term is known to be rare.
+    indexes, where the words are known to be rare. Words PostgreSQL's
+    statistics show too rare to fill a page from that window go to the
+    indexes straight away.
     """
-    parsed, in_order, by_index, params = _pg_compiled(query, filters)
+    plan = _pg_compiled(query, filters)
     oldest = filters.oldest_first
+    low, high = -(2**63), 2**63 - 1
+    words = [g for g in plan.parsed.groups if _words_only(g)]
+    frequencies = _frequencies(conn) if words else None
+    if frequencies is not None and _share(words, frequencies) * PG_WINDOW < wanted:
+        bounds = (low, high) if after is None else (after, high) if oldest else (low, after)
+        by_index = driver_sql(conn, plan.by_index.sql)
+        return plan.parsed, list(conn.exec_driver_sql(by_index, plan.by_index.args(bounds, wanted)))
     if after is None:
         edge = conn.exec_driver_sql(
             f"SELECT {'min' if oldest else 'max'}(id) FROM hermes_messages"
         ).scalar()
         if edge is None:
-            return parsed, []
+            return plan.parsed, []
         after = edge - 1 if oldest else edge + 1
     if oldest:
-        bounds, rest = (after, after + PG_WINDOW), (after + PG_WINDOW - 1, 2**63 - 1)
+        bounds, rest = (after, after + PG_WINDOW), (after + PG_WINDOW - 1, high)
     else:
-        bounds, rest = (after - PG_WINDOW, after), (-(2**63), after - PG_WINDOW + 1)
-    in_order, by_index = driver_sql(conn, in_order), driver_sql(conn, by_index)
-    rows = list(conn.exec_driver_sql(in_order, (*params, *bounds, wanted)).all())
+        bounds, rest = (after - PG_WINDOW, after), (low, after - PG_WINDOW + 1)
+    in_order = driver_sql(conn, plan.in_order.sql)
+    rows = list(conn.exec_driver_sql(in_order, plan.in_order.args(bounds, wanted)))
     if len(rows) < wanted:
-        more = conn.exec_driver_sql(by_index, (*params, *rest, wanted - len(rows)))
-        rows += more.all()
-    return parsed, rows
+        # Walking CJK-like rows in id order is bounded by how many there are; the
+        # trigram index cannot narrow a substring of one or two characters.
+        then = plan.in_order if plan.cjk_walk else plan.by_index
+        statement = in_order if plan.cjk_walk else driver_sql(conn, then.sql)
+        rows += conn.exec_driver_sql(statement, then.args(rest, wanted - len(rows)))
+    return plan.parsed, rows
 
 
 @lru_cache(maxsize=512)

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from devtools.hermes_fixture import fixture_copy
-from hermes_orm import SearchQueryError, SessionStore, create_store_engine
+from hermes_orm import SearchQueryError, SessionStore, create_store_engine, search
 from hermes_orm._search_text import BODY_LIMIT, SEPARATOR_RANGES, is_unsegmented, tokens
 from hermes_orm.integrations.hermes import import_state_db
 from hermes_orm.search import Leaf, Query, parse_query
@@ -170,21 +170,35 @@ def oracle(query: Query, body: str) -> bool:
 def fixture_stores(
     tmp_path_factory: pytest.TempPathFactory, pg_server_url: str, pg_template: str
 ) -> Iterator[dict[str, SessionStore]]:
+    """The fixture in SQLite and in two PostgreSQL databases: one whose statistics
+    were never gathered (autovacuum off), one analyzed."""
     directory = tmp_path_factory.mktemp("search")
     source = fixture_copy(directory)
-    pg_url = _create_pg_database(pg_server_url, pg_template)
+    pg_urls = {
+        name: _create_pg_database(pg_server_url, pg_template)
+        for name in ("postgresql", "postgresql analyzed")
+    }
     stores = {
         "sqlite": SessionStore(create_store_engine(f"sqlite:///{directory / 'hermes.db'}")),
-        "postgresql": SessionStore(create_store_engine(pg_url, poolclass=NullPool)),
+        **{
+            name: SessionStore(create_store_engine(url, poolclass=NullPool))
+            for name, url in pg_urls.items()
+        },
     }
-    for store in stores.values():
+    for name, store in stores.items():
         store.upgrade()
+        if name == "postgresql":
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE hermes_messages SET (autovacuum_enabled = false)")
         assert import_state_db(source, store).ok
+    with stores["postgresql analyzed"].engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE hermes_messages")
     yield stores
     for store in stores.values():
         store.close()
         store.engine.dispose()
-    _drop_pg_database(pg_server_url, pg_url)
+    for url in pg_urls.values():
+        _drop_pg_database(pg_server_url, url)
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +256,36 @@ PARITY_QUERIES = [
 ]
 
 
+#: How PostgreSQL finds the hits: (database, newest ids searched first).
+PG_PLANS = {
+    # The newest ids hold every hit of the fixture.
+    "newest first": ("postgresql", search.PG_WINDOW),
+    # Past 3 ids the indexes (or, for short substrings, the CJK-like rows in
+    # order) find the rest; phrases are checked on the rows holding their words.
+    "past the newest": ("postgresql", 3),
+    # With statistics, words too rare to fill a page from the newest ids go
+    # to the indexes at once (with a window of 3, every word is).
+    "by the statistics": ("postgresql analyzed", 3),
+}
+
+
+@pytest.fixture(params=list(PG_PLANS))
+def pg_fixture_store(
+    request: pytest.FixtureRequest,
+    fixture_stores: dict[str, SessionStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> SessionStore:
+    """The PostgreSQL store of the fixture, searched the way ``PG_PLANS`` names."""
+    database, window = PG_PLANS[request.param]
+    monkeypatch.setattr(search, "PG_WINDOW", window)
+    return fixture_stores[database]
+
+
 @pytest.mark.postgresql
 @pytest.mark.parametrize(("query", "at_least"), PARITY_QUERIES)
 def test_same_hits_on_sqlite_and_postgresql_as_the_oracle(
     fixture_stores: dict[str, SessionStore],
+    pg_fixture_store: SessionStore,
     fixture_bodies: dict[tuple[str, int], str],
     query: str,
     at_least: int | None,
@@ -254,10 +294,10 @@ def test_same_hits_on_sqlite_and_postgresql_as_the_oracle(
         with pytest.raises(SearchQueryError):
             fixture_stores["sqlite"].search(query)
         with pytest.raises(SearchQueryError):
-            fixture_stores["postgresql"].search(query)
+            pg_fixture_store.search(query)
         return
     on_sqlite = all_hits(fixture_stores["sqlite"], query)
-    on_postgresql = all_hits(fixture_stores["postgresql"], query)
+    on_postgresql = all_hits(pg_fixture_store, query)
     assert on_sqlite == on_postgresql  # same hits, order, snippets and highlights
     parsed = parse_query(query)
     expected = {key for key, body in fixture_bodies.items() if oracle(parsed, body)}
@@ -688,3 +728,52 @@ def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, ba
     assert found("caf\u00e9") == []  # precomposed: no normalization on either
     assert found("x" * 100 + "*") == ([] if postgresql else ["long"])
     assert found("tail") == ["long"]
+
+
+def _rows_read(plan: dict[str, Any]) -> int:
+    """Rows the scans of an EXPLAIN (ANALYZE, FORMAT JSON) plan read, kept or not."""
+    read = 0
+    if "Scan" in plan["Node Type"] and plan.get("Relation Name") == "hermes_messages":
+        read += plan["Actual Rows"] * plan["Actual Loops"]
+        read += plan.get("Rows Removed by Filter", 0) + plan.get("Rows Removed by Index Recheck", 0)
+    return read + sum(_rows_read(child) for child in plan.get("Plans", []))
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("query", ["needle", '"needle point"', "needle -filler"])
+def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: str) -> None:
+    """Drivers that prepare statements (asyncpg; psycopg after a few runs) may get
+    PostgreSQL's generic plan, made for any parameter values: it must still read
+    only the rows the index gives a rare word, not walk the messages."""
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+    store.create_session("s", source="test")
+    store.flush("s", [turn("needle point")] + [turn(f"filler {i}") for i in range(3000)])
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "search_vector @@" in statement:
+            sent.append((statement, tuple(params)))
+
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE hermes_messages")  # "needle" is known to be rare
+        conn.commit()
+    event.listen(store.engine, "before_cursor_execute", record)
+    assert [hit.idx for hit in store.search(query).hits] == [0]
+    event.remove(store.engine, "before_cursor_execute", record)
+    assert sent
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        for number, (statement, params) in enumerate(sent):
+            parts = statement.split("%s")
+            prepared = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+            types = ", ".join("bigint" if isinstance(p, int) else "text" for p in params)
+            conn.exec_driver_sql(f"PREPARE generic{number}({types}) AS {prepared}")
+            values = ", ".join(
+                str(p) if isinstance(p, int) else "'" + p.replace("'", "''") + "'" for p in params
+            )
+            explained = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE generic{number}({values})"
+            ).scalar_one()
+            assert _rows_read(explained[0]["Plan"]) < 20, json.dumps(explained, indent=1)
+    store.close()
