@@ -195,28 +195,37 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     assert "no hermes_orm schema" in cli("db", "current").stdout
 
 
-def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
-    """Queries use the partial indexes 0009 made only if they spell the same condition.
-
-    And the trigger's scripts written without spaces, and its body's bound, are
-    those of the search code.
-    """
+def _frozen_revision(name: str) -> Any:
+    """A revision's module, loaded from its file (as Alembic does)."""
     import importlib.util
 
-    from hermes_orm import _search_text, search
     from hermes_orm.migrations import SCRIPT_LOCATION
 
-    path = Path(SCRIPT_LOCATION) / "versions" / "0009_search_words_only.py"
-    spec = importlib.util.spec_from_file_location("frozen_0009", path)
+    path = Path(SCRIPT_LOCATION) / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"frozen_{name}", path)
     assert spec is not None
     assert spec.loader is not None
     revision = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(revision)
-    postgresql = " ".join(revision._UPGRADE)
+    return revision
+
+
+def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
+    """Queries use the partial indexes 0009 made only if they spell the same condition.
+
+    And the trigger's scripts written without spaces (0010's trigger), and its
+    body's bound, are those of the search code.
+    """
+    from hermes_orm import _search_text, search
+
+    words_only = _frozen_revision("0009_search_words_only")
+    postgresql = " ".join(words_only._UPGRADE)
     assert f"WHERE {search._PG_UNSEGMENTED.removeprefix('m.')}" in postgresql
-    assert _search_text.regex_class(_search_text.UNSEGMENTED_RANGES) == revision._CJK
-    assert f"{_search_text.BODY_LIMIT}" in revision._BODY
-    assert search._PG_BODY.split("(")[0] in postgresql
+    assert search._pg_body("b").split("(")[0] in postgresql
+    trigger = _frozen_revision("0010_search_spaces_kept")
+    assert _search_text.regex_class(_search_text.UNSEGMENTED_RANGES) == trigger._CJK
+    assert f"{_search_text.BODY_LIMIT}" in trigger._BODY
+    assert trigger._function(trigger._SEPARATORS_0009) in words_only._UPGRADE
 
 
 def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:

@@ -777,3 +777,56 @@ def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: 
             ).scalar_one()
             assert _rows_read(explained[0]["Plan"]) < 20, json.dumps(explained, indent=1)
     store.close()
+
+
+#: Text to index: words of several scripts between runs of blanks, ASCII separators
+#: and other separators (where PostgreSQL's parser sees hyphenated words, hosts,
+#: files, versions, tags, and so on).
+_INDEXED_TEXT = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "Xy", "db2", "1", "0.5", "é", "ß", "e\u0301", "٣", "部署", "ファ"]),
+        st.text(
+            alphabet=st.sampled_from(
+                [
+                    *(chr(c) for c in range(1, 0x30)),
+                    *":;<=>?@[\\]^_`{|}~\x7f\u00a0\u00b7\u2014\u3000\ue000🚀\u200b\ufeff",
+                ]
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    ),
+    max_size=20,
+).map(lambda pieces: "".join(word + between for word, between in pieces))
+
+
+@pytest.mark.postgresql
+def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> None:
+    """0010's trigger (blanks left to the parser) writes the vectors 0009's wrote."""
+    from tests.test_migrations import _frozen_revision
+
+    previous = _frozen_revision("0010_search_spaces_kept")._SEPARATORS_0009
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+    sessions = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None)
+    @given(texts=st.lists(_INDEXED_TEXT, min_size=1, max_size=30))
+    def check(texts: list[str]) -> None:
+        sid = f"t{next(sessions)}"
+        store.create_session(sid, source="test")
+        store.flush(sid, [turn(t) for t in texts])
+        with store.engine.connect() as conn:
+            differ = conn.execute(
+                text(
+                    "SELECT count(*) FROM hermes_messages WHERE session_id = :s AND "
+                    "search_vector IS DISTINCT FROM to_tsvector('simple'::regconfig, "
+                    "regexp_replace(hermes_search_body(content, content_parts, tool_name, "
+                    "tool_calls), :previous, ' ', 'g'))"
+                ),
+                {"s": sid, "previous": previous},
+            ).scalar_one()
+        assert differ == 0
+
+    check()
+    store.close()
