@@ -1100,10 +1100,13 @@ index size counts every table of the search index (dbstat), against the bytes of
 the text it indexes.
 
 On PostgreSQL a search first scans the newest 5,000 message ids in id order and
-goes to the indexes only when they hold too few hits (see `hermes_orm.search`):
-a frequent term costs a few milliseconds, a rare one ~20 ms. Hermes' FTS5 index,
-in process and ranked, answers rare terms faster than that and frequent ones far
-slower; the PostgreSQL rows count those rare-term queries as slower.
+goes to the indexes only when they hold too few hits; words PostgreSQL's
+statistics show too rare for that go to the indexes at once (see
+`hermes_orm.search`). Words that are each frequent but rarely together (`retry
+failed worker`), or rarely side by side (`"stack trace"`: its words' rows are
+found by the index, the phrase checked on them in id order), pay both steps.
+Hermes' FTS5 index, in process, answers those, and a word found nowhere
+(`zzyzx`, in microseconds: less than one round trip to a server), faster.
 
 {search_table}
 {beside}"""
