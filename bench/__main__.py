@@ -1100,8 +1100,8 @@ index size counts every table of the search index (dbstat), against the bytes of
 the text it indexes.
 
 On PostgreSQL a search first scans the newest 5,000 message ids in id order and
-goes to the indexes only when they hold too few hits; words PostgreSQL's
-statistics show too rare for that go to the indexes at once (see
+goes to the indexes only when they hold too few hits; for words PostgreSQL's
+statistics show too rare for that, after the newest 200 only (see
 `hermes_orm.search`). Words that are each frequent but rarely together (`retry
 failed worker`), or rarely side by side (`"stack trace"`: its words' rows are
 found by the index, the phrase checked on them in id order), pay both steps.

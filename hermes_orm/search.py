@@ -623,6 +623,9 @@ def _pg_body(alias: str) -> str:
 
 #: Newest message ids a PostgreSQL search scans first, in id order (see _pg_rows()).
 PG_WINDOW = 5_000
+#: The same for words PostgreSQL's statistics show rare: a word common only since
+#: the statistics were gathered is still found there, in the newest messages.
+PG_RARE_WINDOW = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,23 +715,26 @@ class _PgPlan:
     parsed: Query
     in_order: _PgStatement
     by_index: _PgStatement
-    #: Past the newest ids, CJK-like rows are walked in id order rather than found
-    #: by the indexes: some group is only substrings too short for trigrams.
-    cjk_walk: bool
+    #: Some group is only substrings too short for trigrams (the index cannot narrow it).
+    short: bool
+    #: Some group of substrings the trigram index narrows (3 characters or more each).
+    trigrams: bool
 
 
 @lru_cache(maxsize=512)
 def _pg_compiled(query: str, filters: Filters) -> _PgPlan:
     parsed = parse_query(query)
-    short = any(
-        _substring_only(g) and all(len(leaf.tokens[0]) < 3 for term in g for leaf in term)
-        for g in parsed.groups
-    )
+    substrings = [g for g in parsed.groups if _substring_only(g)]
+
+    def lengths(group: Sequence[Term]) -> list[int]:
+        return [len(leaf.tokens[0]) for term in group for leaf in term]
+
     return _PgPlan(
         parsed,
         postgresql_statement(parsed, filters, by_index=False),
         postgresql_statement(parsed, filters, by_index=True),
-        short,
+        short=any(max(lengths(g)) < 3 for g in substrings),
+        trigrams=any(min(lengths(g)) >= 3 for g in substrings),
     )
 
 
@@ -751,15 +757,20 @@ _FREQUENCIES_SQL = (
 )
 #: Seconds the statistics are kept before they are read again.
 FREQUENCIES_TTL = 600.0
-_frequencies_cache: weakref.WeakKeyDictionary[Any, tuple[float, _Frequencies | None]] = (
-    weakref.WeakKeyDictionary()
-)
+#: By engine, then by schema (stores on one engine may each have their own).
+_frequencies_cache: weakref.WeakKeyDictionary[
+    Any, dict[str | None, tuple[float, _Frequencies | None]]
+] = weakref.WeakKeyDictionary()
 
 
-def _frequencies(conn: Connection) -> _Frequencies | None:
-    """The statistics of the words in the vectors (None: not gathered yet), cached a while."""
+def _frequencies(conn: Connection, schema: str | None) -> _Frequencies | None:
+    """The statistics of the words in the vectors (None: not gathered yet), cached a while.
+
+    ``schema``: the store's (its ``hermes_messages`` is the one ``conn`` finds).
+    """
     now = time.monotonic()
-    cached = _frequencies_cache.get(conn.engine)
+    by_schema = _frequencies_cache.setdefault(conn.engine, {})
+    cached = by_schema.get(schema)
     if cached is not None and cached[0] > now:
         return cached[1]
     row = conn.exec_driver_sql(_FREQUENCIES_SQL).first()
@@ -768,7 +779,7 @@ def _frequencies(conn: Connection) -> _Frequencies | None:
         words, shares = list(row[0]), [float(share) for share in row[1]]
         # After the words' shares come their lowest, highest, and the share of nulls.
         found = _Frequencies(dict(zip(words, shares, strict=False)), min(shares[: len(words)]))
-    _frequencies_cache[conn.engine] = (now + FREQUENCIES_TTL, found)
+    by_schema[schema] = (now + FREQUENCIES_TTL, found)
     return found
 
 
@@ -793,7 +804,13 @@ def _share(groups: Sequence[Sequence[Term]], frequencies: _Frequencies) -> float
 
 
 def _pg_rows(
-    conn: Connection, query: str, filters: Filters, after: int | None, wanted: int
+    conn: Connection,
+    query: str,
+    filters: Filters,
+    after: int | None,
+    wanted: int,
+    *,
+    schema: str | None,
 ) -> tuple[Query, list[Any]]:
     """Hits newest (or oldest) first, each step fast whatever the words' frequency.
 
@@ -803,18 +820,23 @@ def _pg_rows(
     So the newest ``PG_WINDOW`` ids are searched first, in id order (bounded
     work); only if they hold too few hits is the rest searched through the
     indexes, where the words are known to be rare. Words PostgreSQL's
-    statistics show too rare to fill a page from that window go to the
-    indexes straight away.
+    statistics show too rare to fill a page from that window get a window of
+    ``PG_RARE_WINDOW`` ids only.
     """
     plan = _pg_compiled(query, filters)
     oldest = filters.oldest_first
     low, high = -(2**63), 2**63 - 1
     words = [g for g in plan.parsed.groups if _words_only(g)]
-    frequencies = _frequencies(conn) if words else None
+    frequencies = _frequencies(conn, schema) if words else None
+    window = PG_WINDOW
     if frequencies is not None and _share(words, frequencies) * PG_WINDOW < wanted:
-        bounds = (low, high) if after is None else (after, high) if oldest else (low, after)
-        by_index = driver_sql(conn, plan.by_index.sql)
-        return plan.parsed, list(conn.exec_driver_sql(by_index, plan.by_index.args(bounds, wanted)))
+        window = min(PG_WINDOW, PG_RARE_WINDOW)
+    # Past the window, a substring too short for trigrams is found by walking the
+    # CJK-like rows in id order (bounded by how many there are), unless another
+    # group narrows the search through an index: substrings of 3 characters or
+    # more, or words not known to be common.
+    common = frequencies is not None and window == PG_WINDOW
+    walk = plan.short and not plan.trigrams and (common or not words)
     if after is None:
         edge = conn.exec_driver_sql(
             f"SELECT {'min' if oldest else 'max'}(id) FROM hermes_messages"
@@ -823,16 +845,14 @@ def _pg_rows(
             return plan.parsed, []
         after = edge - 1 if oldest else edge + 1
     if oldest:
-        bounds, rest = (after, after + PG_WINDOW), (after + PG_WINDOW - 1, high)
+        bounds, rest = (after, after + window), (after + window - 1, high)
     else:
-        bounds, rest = (after - PG_WINDOW, after), (low, after - PG_WINDOW + 1)
+        bounds, rest = (after - window, after), (low, after - window + 1)
     in_order = driver_sql(conn, plan.in_order.sql)
     rows = list(conn.exec_driver_sql(in_order, plan.in_order.args(bounds, wanted)))
     if len(rows) < wanted:
-        # Walking CJK-like rows in id order is bounded by how many there are; the
-        # trigram index cannot narrow a substring of one or two characters.
-        then = plan.in_order if plan.cjk_walk else plan.by_index
-        statement = in_order if plan.cjk_walk else driver_sql(conn, then.sql)
+        then = plan.in_order if walk else plan.by_index
+        statement = in_order if walk else driver_sql(conn, then.sql)
         rows += conn.exec_driver_sql(statement, then.args(rest, wanted - len(rows)))
     return plan.parsed, rows
 
@@ -848,9 +868,17 @@ def _sqlite_compiled(
 
 
 def run(
-    conn: Connection, query: str, filters: Filters, after: int | None, limit: int
+    conn: Connection,
+    query: str,
+    filters: Filters,
+    after: int | None,
+    limit: int,
+    *,
+    schema: str | None = None,
 ) -> SearchPage:
     """One page of hits for ``query`` on ``conn`` (SQLite or PostgreSQL).
+
+    ``schema``: the store's, where it has one of its own (PostgreSQL).
 
     Raises:
         SearchQueryError: ``query`` has nothing to look for.
@@ -869,7 +897,7 @@ def run(
         finally:
             cursor.close()
     else:
-        parsed, rows = _pg_rows(conn, query, filters, after, limit + 1)
+        parsed, rows = _pg_rows(conn, query, filters, after, limit + 1, schema=schema)
     more = len(rows) > limit
     rows = rows[:limit]
     if dialect == "sqlite":

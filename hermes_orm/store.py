@@ -1290,7 +1290,10 @@ class StoreCore:
             # messages are not there (the query is still checked as ever).
             _search.parse_query(query)
             return _read(lambda _conn: SearchPage(hits=[], next_cursor=None))
-        return _read(lambda conn: _search.run(conn, query, filters, after, limit), replica=True)
+        return _read(
+            lambda conn: _search.run(conn, query, filters, after, limit, schema=self._schema),
+            replica=True,
+        )
 
 
 class _Sessions(StoreCore):

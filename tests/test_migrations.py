@@ -226,6 +226,7 @@ def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
     assert _search_text.regex_class(_search_text.UNSEGMENTED_RANGES) == trigger._CJK
     assert f"{_search_text.BODY_LIMIT}" in trigger._BODY
     assert trigger._function(trigger._SEPARATORS_0009) in words_only._UPGRADE
+    assert trigger._SEPARATORS_0010.startswith(r"[\u0001-\u0008\u000b\u000c\u000e-\u001f\u0021")
 
 
 def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:

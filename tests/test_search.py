@@ -240,6 +240,8 @@ PARITY_QUERIES = [
     ("検索 -セッション", 0),
     ("检索 OR 検索", 1),
     ("search 検索", 0),
+    ("postgres 検索", 0),
+    ("検索 -postgres", 0),
     ("duplicate OR 検索", 10),
     ("agent's", 0),
     ("'postgres'", 50),
@@ -256,16 +258,18 @@ PARITY_QUERIES = [
 ]
 
 
-#: How PostgreSQL finds the hits: (database, newest ids searched first).
+#: How PostgreSQL finds the hits: (database, newest ids searched first, and for
+#: words the statistics show rare).
 PG_PLANS = {
     # The newest ids hold every hit of the fixture.
-    "newest first": ("postgresql", search.PG_WINDOW),
+    "newest first": ("postgresql", search.PG_WINDOW, search.PG_RARE_WINDOW),
     # Past 3 ids the indexes (or, for short substrings, the CJK-like rows in
     # order) find the rest; phrases are checked on the rows holding their words.
-    "past the newest": ("postgresql", 3),
-    # With statistics, words too rare to fill a page from the newest ids go
-    # to the indexes at once (with a window of 3, every word is).
-    "by the statistics": ("postgresql analyzed", 3),
+    "past the newest": ("postgresql", 3, 3),
+    # With statistics, words too rare to fill a page from the newest ids get a
+    # window of 2, then the indexes; common words the whole window, and short
+    # substrings beside them a walk of the CJK-like rows.
+    "by the statistics": ("postgresql analyzed", search.PG_WINDOW, 2),
 }
 
 
@@ -276,8 +280,9 @@ def pg_fixture_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> SessionStore:
     """The PostgreSQL store of the fixture, searched the way ``PG_PLANS`` names."""
-    database, window = PG_PLANS[request.param]
+    database, window, rare = PG_PLANS[request.param]
     monkeypatch.setattr(search, "PG_WINDOW", window)
+    monkeypatch.setattr(search, "PG_RARE_WINDOW", rare)
     return fixture_stores[database]
 
 
@@ -752,7 +757,7 @@ def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: 
     sent: list[tuple[str, tuple[Any, ...]]] = []
 
     def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if "search_vector @@" in statement:
+        if "m.id + 0" in statement:  # past the newest ids (their walk is bounded)
             sent.append((statement, tuple(params)))
 
     with store.engine.connect() as conn:
@@ -829,4 +834,69 @@ def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> No
         assert differ == 0
 
     check()
+    # A long run of blanks is one space too: no blank token over the parser's limit.
+    notices: list[str] = []
+    with store.engine.connect() as conn:
+        conn.connection.dbapi_connection.add_notice_handler(  # type: ignore[union-attr]
+            lambda diagnostic: notices.append(diagnostic.message_primary or "")
+        )
+        store.create_session("blanks", source="test")
+        store.flush("blanks", [turn("x")])
+        conn.exec_driver_sql(  # the trigger runs on an UPDATE as on an INSERT
+            "UPDATE hermes_messages SET content = "
+            "'head' || repeat(E' \\t\\n\\r', 600) || 'tail' WHERE session_id = 'blanks'"
+        )
+        vector = conn.exec_driver_sql(
+            "SELECT search_vector::text FROM hermes_messages WHERE session_id = 'blanks'"
+        ).scalar_one()
+        conn.rollback()
+    assert vector == "'head':1 'tail':2"
+    assert notices == []
     store.close()
+
+
+@pytest.mark.postgresql
+def test_statistics_choose_the_window_per_store(empty_pg: str) -> None:
+    """A word the statistics show rare gets the short window; a common one, and a
+    word common only since the statistics were gathered, are found in the newest
+    messages; two stores on one engine, in two schemas, each read their own."""
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    stores = {name: SessionStore(engine, schema=name) for name in ("tenant_a", "tenant_b")}
+    for name, store in stores.items():
+        store.upgrade()
+        store.create_session("s", source="test")
+        word = "filler" if name == "tenant_a" else "needle"
+        store.flush("s", [turn("needle point")] + [turn(f"{word} {i}") for i in range(3000)])
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ANALYZE {name}.hermes_messages")
+    windows: list[int] = []
+    by_index: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "m.id > %s AND m.id < %s" in statement:
+            low, high = params[-3:-1]
+            windows.append(high - low)
+        elif "m.id + 0 > %s" in statement:
+            by_index.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    a, b = stores["tenant_a"], stores["tenant_b"]
+    assert [hit.idx for hit in a.search("needle").hits] == [0]
+    assert windows == [search.PG_RARE_WINDOW]
+    assert len(by_index) == 1
+    windows.clear()
+    assert len(a.search("filler").hits) == 20
+    assert windows == [search.PG_WINDOW]
+    windows.clear()
+    assert len(b.search("needle").hits) == 20  # common in this schema
+    assert windows == [search.PG_WINDOW]
+    a.flush("s", a.get_messages("s") + [turn(f"newword {i}") for i in range(100)])
+    by_index.clear()
+    windows.clear()
+    assert len(a.search("newword").hits) == 20
+    assert windows == [search.PG_RARE_WINDOW]
+    assert by_index == []  # found in the newest messages, not by fetching every match
+    event.remove(engine, "before_cursor_execute", record)
+    for store in stores.values():
+        store.close()
+    engine.dispose()
