@@ -189,7 +189,13 @@ def fixture_stores(
         store.upgrade()
         if name == "postgresql":
             with store.engine.begin() as conn:
-                conn.exec_driver_sql("ALTER TABLE hermes_messages SET (autovacuum_enabled = false)")
+                # (a partitioned table's partitions hold the setting, not itself)
+                leaves = conn.exec_driver_sql(
+                    "SELECT relid::regclass::text FROM pg_partition_tree('hermes_messages') "
+                    "WHERE isleaf"
+                ).scalars()
+                for leaf in list(leaves):
+                    conn.exec_driver_sql(f"ALTER TABLE {leaf} SET (autovacuum_enabled = false)")
         assert import_state_db(source, store).ok
     with stores["postgresql analyzed"].engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE hermes_messages")
