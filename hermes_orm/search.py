@@ -715,6 +715,8 @@ class _PgPlan:
     parsed: Query
     in_order: _PgStatement
     by_index: _PgStatement
+    #: The groups of words only (what the statistics can tell the share of).
+    words: tuple[tuple[Term, ...], ...]
     #: Some group is only substrings too short for trigrams (the index cannot narrow it).
     short: bool
     #: Some group of substrings the trigram index narrows (3 characters or more each).
@@ -733,6 +735,7 @@ def _pg_compiled(query: str, filters: Filters) -> _PgPlan:
         parsed,
         postgresql_statement(parsed, filters, by_index=False),
         postgresql_statement(parsed, filters, by_index=True),
+        words=tuple(g for g in parsed.groups if _words_only(g)),
         short=any(max(lengths(g)) < 3 for g in substrings),
         trigrams=any(min(lengths(g)) >= 3 for g in substrings),
     )
@@ -826,7 +829,7 @@ def _pg_rows(
     plan = _pg_compiled(query, filters)
     oldest = filters.oldest_first
     low, high = -(2**63), 2**63 - 1
-    words = [g for g in plan.parsed.groups if _words_only(g)]
+    words = plan.words
     frequencies = _frequencies(conn, schema) if words else None
     window = PG_WINDOW
     if frequencies is not None and _share(words, frequencies) * PG_WINDOW < wanted:

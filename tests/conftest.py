@@ -346,6 +346,19 @@ def alembic_engine(empty_db_url: str) -> Iterator[Engine]:
     eng.dispose()
 
 
+def frozen_revision(name: str) -> Any:
+    """A migration revision's module, loaded from its file as Alembic loads it."""
+    import importlib.util
+
+    path = Path(SCRIPT_LOCATION) / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"frozen_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    return revision
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run ``hermes-orm ARGS`` in a new process, as a user would."""
     return subprocess.run(

@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import SchemaOutOfDateError, SchemaTooNewError, create_store_engine, migrations
-from tests.conftest import run_cli
+from tests.conftest import frozen_revision, run_cli
 
 __all__ = [
     "test_model_definitions_match_ddl",
@@ -195,21 +195,6 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     assert "no hermes_orm schema" in cli("db", "current").stdout
 
 
-def _frozen_revision(name: str) -> Any:
-    """A revision's module, loaded from its file (as Alembic does)."""
-    import importlib.util
-
-    from hermes_orm.migrations import SCRIPT_LOCATION
-
-    path = Path(SCRIPT_LOCATION) / "versions" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"frozen_{name}", path)
-    assert spec is not None
-    assert spec.loader is not None
-    revision = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(revision)
-    return revision
-
-
 def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
     """Queries use the partial indexes 0009 made only if they spell the same condition.
 
@@ -218,11 +203,11 @@ def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
     """
     from hermes_orm import _search_text, search
 
-    words_only = _frozen_revision("0009_search_words_only")
+    words_only = frozen_revision("0009_search_words_only")
     postgresql = " ".join(words_only._UPGRADE)
     assert f"WHERE {search._PG_UNSEGMENTED.removeprefix('m.')}" in postgresql
     assert search._pg_body("b").split("(")[0] in postgresql
-    trigger = _frozen_revision("0010_search_spaces_kept")
+    trigger = frozen_revision("0010_search_spaces_kept")
     assert _search_text.regex_class(_search_text.UNSEGMENTED_RANGES) == trigger._CJK
     assert f"{_search_text.BODY_LIMIT}" in trigger._BODY
     assert trigger._function(trigger._SEPARATORS_0009) in words_only._UPGRADE
@@ -292,8 +277,6 @@ def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
     head every one reads back equal, is found by search, passes ``verify``, and
     continues with a flush.
     """
-    import importlib.util
-
     from alembic.script import ScriptDirectory
     from sqlalchemy import text
 
@@ -304,13 +287,7 @@ def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
 
     script = ScriptDirectory(SCRIPT_LOCATION)
     revisions = [r.revision for r in reversed(list(script.walk_revisions()))]
-    spec = importlib.util.spec_from_file_location(
-        "digests_0006", Path(SCRIPT_LOCATION) / "versions" / "0006_digests_equal_as_dicts.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    frozen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frozen)
+    frozen = frozen_revision("0006_digests_equal_as_dicts")
 
     engine = create_store_engine(db_url, poolclass=NullPool)
     migrations.downgrade(engine, "base")

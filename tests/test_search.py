@@ -20,7 +20,7 @@ from hermes_orm import SearchQueryError, SessionStore, create_store_engine, sear
 from hermes_orm._search_text import BODY_LIMIT, SEPARATOR_RANGES, is_unsegmented, tokens
 from hermes_orm.integrations.hermes import import_state_db
 from hermes_orm.search import Leaf, Query, parse_query
-from tests.conftest import _create_pg_database, _drop_pg_database, run_cli
+from tests.conftest import _create_pg_database, _drop_pg_database, frozen_revision, run_cli
 
 # -- the query language ---------------------------------------------------------------
 
@@ -814,9 +814,7 @@ _INDEXED_TEXT = st.lists(
 @pytest.mark.postgresql
 def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> None:
     """0010's trigger (blanks left to the parser) writes the vectors 0009's wrote."""
-    from tests.test_migrations import _frozen_revision
-
-    previous = _frozen_revision("0010_search_spaces_kept")._SEPARATORS_0009
+    previous = frozen_revision("0010_search_spaces_kept")._SEPARATORS_0009
     store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
     store.upgrade()
     sessions = iter(range(10**6))
