@@ -1711,6 +1711,28 @@ class SessionStore(_Sessions):
         """Run ``work`` in one read transaction, retried whole."""
         return self._run(work, write=False)
 
+    def locked_cursor(self, conn: Connection, session_id: str) -> Any:
+        """In a write transaction: the session's cursor row, under its write lock (None: none).
+
+        The row has ``flushed_idx``, ``flushed_digest`` and ``tool_call_count``.
+        """
+        return self._locked_cursor(conn, session_id)
+
+    def insert_rows(
+        self,
+        conn: Connection,
+        session_id: str,
+        cursor: int,
+        digest: bytes | None,
+        encoded: list[_codec.EncodedMessage],
+    ) -> None:
+        """In a write transaction: store ``encoded`` at ``cursor`` and move the cursor past them.
+
+        The flush's own write: ``cursor`` and ``digest`` are the session's, as
+        :meth:`locked_cursor` read them (else :class:`CursorMoved`).
+        """
+        self._insert(conn, session_id, cursor, digest, [encoded])
+
     def delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
         """Delete the sessions ``pick`` names, in its transaction; see :meth:`delete_session`."""
         return drive(self._delete_sessions_steps(pick), self._transaction)

@@ -357,7 +357,7 @@ class UpkeepMethods:
         changed message (columns, digest), and the session's ``flushed_digest``
         follows if the last row changed.
         """
-        stored = self._store._locked_cursor(conn, session_id)
+        stored = self._store.locked_cursor(conn, session_id)
         if stored is None:
             return []
         rows = conn.execute(
@@ -396,7 +396,7 @@ class UpkeepMethods:
         written by the store's insert, which moves the cursor with them.
         Returns False when there is no such session.
         """
-        if self._store._locked_cursor(conn, session_id) is None:
+        if self._store.locked_cursor(conn, session_id) is None:
             return False
         if where is not None:
             conn.execute(delete(_messages).where(_messages.c.session_id == session_id, where))
@@ -428,7 +428,7 @@ class UpkeepMethods:
             )
         )
         if encoded:
-            self._store._insert(conn, session_id, len(kept), last, [encoded])
+            self._store.insert_rows(conn, session_id, len(kept), last, encoded)
         return True
 
     def replace_messages(
@@ -1245,7 +1245,7 @@ class UpkeepMethods:
             parent = fields["parent_session_id"]  # linked once every session is in
             conn.execute(_sessions.insert().values({**fields, "parent_session_id": None}))
             if encoded:
-                self._store._insert(conn, session_id, 0, None, [encoded])
+                self._store.insert_rows(conn, session_id, 0, None, encoded)
             if parent:
                 links.append((session_id, parent))
             imported.append(session_id)
