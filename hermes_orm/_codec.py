@@ -537,14 +537,17 @@ PRESENCE_SQL = " + ".join(
 #: holds JSON null (written by another client), which reads as no key, as a NULL
 #: does: such a row goes the general way.
 _Decoder = Callable[[Sequence[Any]], dict[str, Any] | None]
-#: The decoders, by (presence bits, key_order); one table for rows whose JSON columns
-#: the driver has parsed (True), one for rows holding their text (False).
-_DECODERS: dict[bool, dict[tuple[int, Any], _Decoder | None]] = {True: {}, False: {}}
+#: The decoders, by (presence bits, key_order).
+_DECODERS: dict[tuple[int, str | None], _Decoder | None] = {}
 _DECODERS_MAX = 4_096
 
 
-def decode_rows(rows: Sequence[Sequence[Any]], *, driver_parses_json: bool) -> list[dict[str, Any]]:
+def decode_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """:func:`decode_row` of each row, whose last value is :data:`PRESENCE_SQL`'s.
+
+    The rows hold their JSON columns as text (on PostgreSQL too: the store
+    reads them as text, which is parsed here faster than the driver parses
+    them) and booleans as booleans or 0/1.
 
     Rows alike (the same columns holding values, the same ``key_order``) are
     decoded by one function written for them: a dict display of just those
@@ -554,29 +557,26 @@ def decode_rows(rows: Sequence[Sequence[Any]], *, driver_parses_json: bool) -> l
     """
     out: list[dict[str, Any]] = []
     append = out.append
-    decoders = _DECODERS[driver_parses_json]
+    decoders = _DECODERS
     for row in rows:
         if row[0] is None:  # no extra keys (those go the general way)
-            order = row[1]
-            if order is not None and type(order) is not str:
-                order = tuple(order)  # parsed by the driver
-            key = (row[-1], order)
+            key = (row[-1], row[1])
             try:
                 decode = decoders[key]
             except KeyError:
                 if len(decoders) >= _DECODERS_MAX:
                     decoders.clear()
-                decode = decoders[key] = _decoder(*key, driver_parses_json)
+                decode = decoders[key] = _decoder(*key)
             if decode is not None:
                 message = decode(row)
                 if message is not None:
                     append(message)
                     continue
-        append(decode_row(row[:-1], driver_parses_json=driver_parses_json))
+        append(decode_row(row[:-1], driver_parses_json=False))
     return out
 
 
-def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) -> _Decoder | None:
+def _decoder(present: int, order: str | None) -> _Decoder | None:
     """The decoder of rows with the ``present`` columns and the ``order`` of keys; None: none fits.
 
     It is compiled from a dict display whose keys are this module's column
@@ -587,14 +587,14 @@ def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) ->
     holds = [column for bit, column in enumerate(columns) if present >> bit & 1]
     if "content" in holds or "content_parts" in holds:
         column = "content" if "content" in holds else "content_parts"
-        values["content"] = _read_expression(column, parsed)
+        values["content"] = _read_expression(column)
     for column in holds:
         if column in _FIELD_SET:
-            values[column] = _read_expression(column, parsed)
+            values[column] = _read_expression(column)
     keys: Any = list(values)
     if order is not None:
         try:
-            keys = json.loads(order) if isinstance(order, str) else list(order)
+            keys = json.loads(order)
         except ValueError:
             return None
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(values):
@@ -614,11 +614,9 @@ def _decoder(present: int, order: str | tuple[Any, ...] | None, parsed: bool) ->
     return function
 
 
-def _read_expression(column: str, parsed: bool) -> str:
+def _read_expression(column: str) -> str:
     """How a decoder reads ``column`` (a value there) from row ``r``."""
     at = f"r[{READ_COLUMNS.index(column)}]"
-    if parsed:
-        return at
     if column in JSON_COLUMNS:
         return f"_read_json({at})"
     return f"bool({at})" if column in BOOL_KEYS else at

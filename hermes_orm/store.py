@@ -1243,14 +1243,13 @@ class StoreCore:
             )
             params.append(self._user)
         statement = f"{sql.read_messages}{where} ORDER BY idx"
-        parses_json = self._engine.dialect.name == "postgresql"
         session = select(_sessions.c.id).where(self._owned(session_id))
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             rows = _dialects.fetch_driver_rows(conn, statement, params)
             if not rows and conn.execute(session).first() is None:
                 raise SessionNotFoundError(session_id)
-            return _codec.decode_rows(rows, driver_parses_json=parses_json)
+            return _codec.decode_rows(rows)
 
         return _read(work, replica=True)
 
@@ -1819,11 +1818,17 @@ def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
     ``scoped``: for a user-scoped store, whose cursor moves only on its user's
     sessions (see :func:`_advance`).
     """
+    # JSON columns are read as their text, which _codec parses faster than the
+    # PostgreSQL drivers do (docs/benchmarks.md: get_messages vs the driver's fetch).
+    read = [
+        f"{column}::text" if dialect == "postgresql" and column in _codec.JSON_COLUMNS else column
+        for column in _codec.READ_COLUMNS
+    ]
     return _dialects.render_flush_sql(
         dialect,
         _INSERT_COLUMNS,
         _INSERT_TYPES,
-        (*_codec.READ_COLUMNS, _codec.PRESENCE_SQL),  # see _codec.decode_rows
+        (*read, _codec.PRESENCE_SQL),  # see _codec.decode_rows
         scoped=scoped,
     )
 
