@@ -117,6 +117,33 @@ def insert_clauses(statement: Any) -> list[str]:
     return found
 
 
+def statement_values(statement: Any) -> list[dict[str, Any]] | None:
+    """The rows an INSERT or UPDATE's ``values()`` gives, by column name; None: unreadable.
+
+    A value is the Python value of its bound parameter, else the SQL expression.
+    They sit on private attributes (``_values``, ``_multi_values``,
+    ``_ordered_values``), as :func:`insert_clauses` reads them; an attribute
+    gone in a later release reads as None, and the caller refuses the statement.
+    """
+    try:
+        rows: list[Any] = []
+        if statement._values:
+            rows.append(dict(statement._values))
+        for multi in statement._multi_values:
+            rows.extend(dict(row) if isinstance(row, dict) else None for row in multi)
+        ordered = getattr(statement, "_ordered_values", None)
+        if ordered:
+            rows.append(dict(ordered))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if any(row is None for row in rows):
+        return None  # positional rows of a multi-VALUES insert
+    return [
+        {getattr(key, "key", key): getattr(value, "value", value) for key, value in row.items()}
+        for row in rows
+    ]
+
+
 def driver_in_transaction(dbapi_connection: Any) -> bool | None:
     """Whether the driver connection has a transaction open; None where it does not tell.
 

@@ -19,6 +19,12 @@ in every ORM session, with the rule or without it. The legacy
 ORM event: the rule watches its sessions' connections and refuses their writes
 into ``hermes_messages``.
 
+A session's counters (``flushed_idx``, ``message_count``, ``tool_call_count``,
+``flushed_digest``) move only with its messages: setting them on a
+:class:`~hermes_orm.models.Session` object (a new one, or a stored one) is
+refused in every ORM session, and so is an ``update(Session)`` or
+``insert(Session)`` statement that sets them in a session with the rule.
+
 Deleting a :class:`~hermes_orm.models.Session` through the ORM takes its
 messages and the rows that hang on it along, by the database's ``ON DELETE``
 rules; on a SQLite connection with ``foreign_keys`` off (SQLite's default, an
@@ -49,7 +55,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from hermes_orm import _codec, _sa
-from hermes_orm.errors import InvalidMessageError, SessionNotFoundError
+from hermes_orm.errors import InvalidMessageError, InvalidSessionError, SessionNotFoundError
 from hermes_orm.models import Message, Session
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -64,6 +70,16 @@ _SUPPORTED = (
     "session.execute(insert(Message), [{'session_id': ..., 'role': ..., ...}, ...]) "
     "(RETURNING allowed), or with SessionStore.flush/append"
 )
+#: A session row's counters, which move only with its messages.
+_COUNTERS = ("flushed_idx", "message_count", "tool_call_count", "flushed_digest")
+_COUNTERS_MOVE = (
+    "a session's flushed_idx, message_count, tool_call_count and flushed_digest move only "
+    "with its messages (SessionStore.flush/append, or Message objects added through the "
+    "position rule)"
+)
+#: New Session objects whose counters the rule set (they start at 0 again if a
+#: failed flush left them set and they are flushed once more).
+_counted: weakref.WeakSet[Session] = weakref.WeakSet()
 _HISTORY = (
     "stored messages are the session's history and their positions 0..n-1 stay dense; "
     "delete the whole session (SessionStore.delete_session, or its Session object) "
@@ -272,7 +288,8 @@ def _move_cursor(
             message_count=c.flushed_idx + count,
             tool_call_count=c.tool_call_count + tool_calls,
             flushed_digest=digest,
-        ).returning(c.flushed_idx, c.tool_call_count)
+        ).returning(c.flushed_idx, c.tool_call_count),
+        execution_options={_PLACED: True},
     ).first()
     if moved is None:
         stored = None
@@ -352,9 +369,14 @@ def _advance(
     If the flush fails later, the rollback moves it back.
     """
     if parent is not None and parent in session.new:
-        cursor = parent.flushed_idx or 0  # not stored yet: nobody else can write it
+        cursor = 0  # not stored yet: nobody else can write it
+        if parent not in _counted:
+            error = _refused_counters(parent, new_object=True)
+            if error is not None:
+                raise error
         if claim is not None and claim.cursor != cursor:
             raise claim.refused(cursor)
+        _counted.add(parent)
         parent.flushed_idx = parent.message_count = cursor + len(new)
         parent.tool_call_count = (parent.tool_call_count or 0) + sum(e.tool_calls for e in encoded)
         parent.flushed_digest = encoded[-1].digest
@@ -371,13 +393,39 @@ def _advance(
 
 def _on_messages(state: ORMExecuteState) -> bool:
     """Whether the statement writes ``hermes_messages`` (through the ORM or as Core)."""
+    return _on_table(state, _messages)
+
+
+def _on_table(state: ORMExecuteState, table: Table) -> bool:
+    """Whether the statement writes ``table`` (through the ORM or as Core)."""
     mapper = state.bind_mapper
     if mapper is not None:
-        return _messages in mapper.tables
+        return table in mapper.tables
     statement = state.statement
     return isinstance(statement, (Insert, Update, Delete)) and (
-        statement.entity_description["table"] is _messages
+        statement.entity_description["table"] is table
     )
+
+
+def _refuse_counter_statement(state: ORMExecuteState) -> None:
+    """Refuse an UPDATE of ``hermes_sessions`` that sets a counter, an INSERT that starts one.
+
+    The columns come from the statement's ``values()`` and from its rows given
+    as parameters; an INSERT may give a counter 0 or None (a session with no
+    messages yet). A statement whose values cannot be read is refused.
+    """
+    given = _sa.statement_values(state.statement)
+    if given is None:
+        raise InvalidSessionError(
+            f"this form of {'UPDATE' if state.is_update else 'INSERT'} on hermes_sessions "
+            f"cannot be checked: {_COUNTERS_MOVE}"
+        )
+    params = state.parameters
+    rows = [params] if isinstance(params, Mapping) else list(params or [])
+    for row in [*given, *rows]:
+        for key, value in row.items():
+            if key in _COUNTERS and (state.is_update or not _a_start(value)):
+                raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
 
 
 def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
@@ -393,7 +441,11 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
     """
     if not (state.is_insert or state.is_update or state.is_delete):
         return None
-    if state.execution_options.get(_PLACED) or not _on_messages(state):
+    if state.execution_options.get(_PLACED):
+        return None
+    if not _on_messages(state):
+        if _on_table(state, _sessions):
+            _refuse_counter_statement(state)
         return None
     statement = state.statement
     if not state.is_insert:
@@ -508,6 +560,34 @@ def _refuse_history_changes(session: OrmSession) -> None:
             error = _refused_move(obj, ("idx", "session_id", "session"))
             if error is not None:
                 raise error
+        elif isinstance(obj, Session):
+            counted = _refused_counters(obj, new_object=False)
+            if counted is not None:
+                raise counted
+
+
+def _a_start(value: Any) -> bool:
+    """Whether ``value`` is what a counter of a session with no messages holds: 0 or None."""
+    return value is None or (type(value) is int and value == 0)
+
+
+def _refused_counters(obj: Session, *, new_object: bool) -> InvalidSessionError | None:
+    """The error for a Session object whose counters were set; None if they were not.
+
+    A new one may hold 0 or None (what it starts with); a stored one, no change.
+    """
+    state = inspect(obj)
+    for key in _COUNTERS:
+        if new_object:
+            if not _a_start(state.dict.get(key)):
+                return InvalidSessionError(
+                    f"a new session starts with no messages ({key} given): {_COUNTERS_MOVE}"
+                )
+        elif state.attrs[key].history.has_changes():
+            return InvalidSessionError(
+                f"session {obj.id!r}: {key} cannot be changed: {_COUNTERS_MOVE}"
+            )
+    return None
 
 
 # In every ORM session, with the rule or without it (mapper events of our own
@@ -518,6 +598,21 @@ def _refuse_history_changes(session: OrmSession) -> None:
 @event.listens_for(Message, "before_update")
 def _refuse_moving_a_stored_message(_mapper: Any, _connection: Any, target: Message) -> None:
     error = _refused_move(target, ("idx", "session_id"))
+    if error is not None:
+        raise error
+
+
+@event.listens_for(Session, "before_insert")
+def _refuse_a_new_session_with_counters(_mapper: Any, _connection: Any, target: Session) -> None:
+    if target not in _counted:
+        error = _refused_counters(target, new_object=True)
+        if error is not None:
+            raise error
+
+
+@event.listens_for(Session, "before_update")
+def _refuse_changed_counters(_mapper: Any, _connection: Any, target: Session) -> None:
+    error = _refused_counters(target, new_object=False)
     if error is not None:
         raise error
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from hermes_orm import (
     InvalidMessageError,
+    InvalidSessionError,
     Message,
     Session,
     SessionNotFoundError,
@@ -479,6 +480,83 @@ def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) 
         orm.delete(orm.get_one(Session, "b"))
         orm.commit()
     assert count_rows(engine, "hermes_messages") == 0
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_a_sessions_counters_move_only_with_its_messages(engine: Engine, rule: bool) -> None:
+    """Counters set on a Session object, stored or new, are refused before anything is written."""
+    store = _two_sessions(engine)
+    if not rule:
+        remove_position_rule()
+    before = _state(engine)
+    changes: list[tuple[str, Any]] = [
+        ("flushed_idx", 0),
+        ("flushed_idx", 5),
+        ("message_count", 9),
+        ("tool_call_count", 3),
+        ("flushed_digest", b"x" * 16),
+    ]
+    for key, value in changes:
+        with OrmSession(engine) as orm:
+            setattr(orm.get_one(Session, "a"), key, value)
+            with pytest.raises(InvalidSessionError, match=f"{key} cannot be changed"):
+                orm.commit()
+        assert _state(engine) == before
+        with OrmSession(engine) as orm:
+            orm.add(Session(id="new", source="app", started_at=1.0, **{key: value or 1}))
+            with pytest.raises(InvalidSessionError, match=f"starts with no messages \\({key}"):
+                orm.commit()
+        assert _state(engine) == before
+
+    # What a session with no messages holds, and every other column, may be set.
+    with OrmSession(engine) as orm:
+        orm.add(Session(id="new", source="app", started_at=1.0, flushed_idx=0, message_count=0))
+        orm.get_one(Session, "a").title = "renamed"
+        orm.commit()
+    assert store.get_session("a")["title"] == "renamed"
+    assert store.flush("new", [{"role": "user", "content": "n0"}]).written == 1
+
+
+def test_a_new_session_with_a_cursor_is_refused_with_its_messages(engine: Engine) -> None:
+    """A new Session claiming stored messages would leave positions 0..n-1 empty."""
+    with OrmSession(engine) as orm:
+        chat = Session(id="gap", source="app", started_at=1.0, flushed_idx=3)
+        orm.add(chat)
+        chat.messages.add(Message(role="user", content="hello"))
+        with pytest.raises(InvalidSessionError, match="starts with no messages"):
+            orm.commit()
+    assert count_rows(engine, "hermes_sessions") == 0
+    assert count_rows(engine, "hermes_messages") == 0
+
+
+def test_statements_setting_a_sessions_counters_are_refused(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    before = _state(engine)
+    statements: list[tuple[Any, Any]] = [
+        (update(Session).values(flushed_idx=0), None),
+        (
+            update(Session).where(Session.id == "a").values(message_count=Session.flushed_idx + 1),
+            None,
+        ),
+        (update(Session.__table__).values({"flushed_digest": None}), None),  # Core, via the ORM
+        (update(Session).ordered_values((Session.tool_call_count, 4)), None),
+        (update(Session), [{"id": "a", "flushed_idx": 7}]),  # bulk by primary key
+        (insert(Session).values(id="c", source="app", started_at=1.0, flushed_idx=2), None),
+        (insert(Session), [{"id": "c", "source": "app", "started_at": 1.0, "message_count": 1}]),
+    ]
+    for statement, params in statements:
+        with OrmSession(engine) as orm:
+            with pytest.raises(InvalidSessionError, match="cannot be set"):
+                orm.execute(statement, params)
+            orm.commit()
+    assert _state(engine) == before
+    with OrmSession(engine) as orm:
+        orm.execute(update(Session).where(Session.id == "a").values(title="t"))
+        orm.execute(insert(Session), [{"id": "c", "source": "app", "started_at": 1.0}])
+        orm.execute(insert(Session).values(id="d", source="app", started_at=1.0, flushed_idx=0))
+        orm.commit()
+    assert store.get_session("a")["title"] == "t"
+    assert [store.get_session(s)["message_count"] for s in ("c", "d")] == [0, 0]
 
 
 def _bulk_insert_is_refused(orm: OrmSession, *, idx: int) -> None:
