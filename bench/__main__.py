@@ -423,7 +423,8 @@ def read_vs_raw(url: str, length: int, repeat: int) -> tuple[float, float]:
 
     The baseline runs, on ``sqlite3`` or ``psycopg`` alone, the query of the
     columns get_messages reads, and fetches its tuples (psycopg parses the
-    JSON columns, as it does for the store); the store builds each message's dict.
+    JSON columns; the store reads them as text and parses them itself); the
+    store builds each message's dict.
     """
     store = hermes_orm.SessionStore(url)
     sid = f"read-{length}"
@@ -1064,8 +1065,8 @@ Machine: {machine()}.
 
 - **Reads.** `get_messages` of a session's 1,000 and 10,000 messages (dicts)
   against the bare driver (`sqlite3`, `psycopg`) running the query of the very
-  columns it reads and fetching their tuples (psycopg parses the JSON columns
-  for both); medians.
+  columns it reads and fetching their tuples (psycopg parses the JSON columns;
+  the store reads them as text and parses them itself); medians.
 - **Scale.** The same operation on a store of 1,000 sessions and on one of a
   million (written straight in SQL; sources and users spread evenly), and on a
   session of 1,000 messages and one of a million (written by a bulk flush);
