@@ -879,21 +879,26 @@ def render_flush_sql(
     read_columns: tuple[str, ...],
     *,
     scoped: bool = False,
+    schema: str | None = None,
 ) -> FlushSQL:
     """Render :class:`FlushSQL` for ``dialect`` (``sqlite`` or ``postgresql``).
 
     ``column_types``: the PostgreSQL type of each of ``insert_columns`` (``json``
     ones get their values as JSON documents). ``scoped``: the cursor's UPDATEs
     also compare the session's ``user_id`` with their last parameter.
+    ``schema``: the PostgreSQL schema of the tables, named in the statements
+    (which then need no ``search_path``).
     """
     kinds = zip(insert_columns, column_types, strict=True)
     json_columns = frozenset(column for column, kind in kinds if kind == "json")
     mark = _marks(dialect)[0]
+    prefix = f'"{schema}".' if schema is not None else ""
+    sessions, messages = f"{prefix}hermes_sessions", f"{prefix}hermes_messages"
     insert_head, insert_row, insert_rows_max = rows_insert(
-        dialect, "hermes_messages", insert_columns, json_columns
+        dialect, messages, insert_columns, json_columns
     )
     advance = (
-        f"UPDATE hermes_sessions SET flushed_idx = {mark}, message_count = {mark}, "
+        f"UPDATE {sessions} SET flushed_idx = {mark}, message_count = {mark}, "
         f"flushed_digest = {mark}, tool_call_count = tool_call_count + {mark} "
         f"WHERE id = {mark} AND flushed_idx = {mark}"
     )
@@ -902,7 +907,7 @@ def render_flush_sql(
     once_row = ""
     if dialect == "postgresql":
         heads = [
-            f"WITH moved AS ({advance}{digest}{owner} RETURNING id) INSERT INTO hermes_messages "
+            f"WITH moved AS ({advance}{digest}{owner} RETURNING id) INSERT INTO {messages} "
             f"({', '.join(insert_columns)}) SELECT * FROM (VALUES "
             for digest in ("", f" AND flushed_digest = {mark}")
         ]
@@ -919,7 +924,7 @@ def render_flush_sql(
         insert_rows_max=insert_rows_max,
         advance=advance + owner,
         advance_if_digest=f"{advance} AND flushed_digest = {mark}{owner}",
-        read_messages=f"SELECT {', '.join(read_columns)} FROM hermes_messages",
+        read_messages=f"SELECT {', '.join(read_columns)} FROM {messages}",
         read_where=f" WHERE session_id = {mark}",
         read_from=f" AND idx >= {mark}",
         read_until=f" AND idx < {mark}",

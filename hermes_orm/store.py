@@ -628,11 +628,17 @@ class StoreCore:
             *_dialects.write_begin(engine.dialect.name),
             *_dialects.transaction_settings(engine, schema),
         )
-        sql = flush_sql(engine.dialect.name, scoped=user is not None)
+        sql = flush_sql(engine.dialect.name, scoped=user is not None, schema=schema)
         # A transaction that must run a setting first (the lock timeout behind
-        # PgBouncer, the tables' schema on the search path) is more than one statement.
+        # PgBouncer) is more than one statement. The flush's statements name the
+        # tables' schema, so they need no search path: a turn's flush in a schema
+        # is still one statement.
+        unsettled = (
+            *_dialects.write_begin(engine.dialect.name),
+            *_dialects.transaction_settings(engine),
+        )
         self._sql = dataclasses.replace(
-            sql, begin=begin, once_heads=None if begin else sql.once_heads
+            sql, begin=begin, once_heads=None if unsettled else sql.once_heads
         )
         self._lock_session = (
             _LOCK_SESSION
@@ -1812,11 +1818,14 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:
     return tuple(values)
 
 
-def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
+def flush_sql(
+    dialect: str, *, scoped: bool = False, schema: str | None = None
+) -> _dialects.FlushSQL:
     """The flush's statements for ``dialect`` (``sqlite`` or ``postgresql``).
 
     ``scoped``: for a user-scoped store, whose cursor moves only on its user's
-    sessions (see :func:`_advance`).
+    sessions (see :func:`_advance`). ``schema``: the tables' PostgreSQL schema,
+    named in the statements.
     """
     # JSON columns are read as their text, which _codec parses faster than the
     # PostgreSQL drivers do (docs/benchmarks.md: get_messages vs the driver's fetch).
@@ -1830,6 +1839,7 @@ def flush_sql(dialect: str, *, scoped: bool = False) -> _dialects.FlushSQL:
         _INSERT_TYPES,
         (*read, _codec.PRESENCE_SQL),  # see _codec.decode_rows
         scoped=scoped,
+        schema=schema,
     )
 
 

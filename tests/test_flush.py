@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import multiprocessing
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -348,6 +349,14 @@ def statements(store: SessionStore) -> Iterator[list[str]]:
     event.remove(store.engine, "before_cursor_execute", record)
 
 
+#: The INSERT of a flush's rows, the tables in their schema or not.
+_INSERT_MESSAGES = re.compile(r'\s*INSERT INTO ("\w+"\.)?hermes_messages ', re.IGNORECASE)
+#: A flush's first write: its INSERT, its cursor's UPDATE, or the one statement of both.
+_FLUSH_WRITE = re.compile(
+    r'\s*(INSERT INTO|UPDATE|WITH moved AS \(UPDATE) ("\w+"\.)?hermes_', re.IGNORECASE
+)
+
+
 def _fail_at(engine: Engine, n: int, exc: Exception) -> Any:
     """Make the engine's ``n``-th statement from now raise ``exc``."""
     count = {"i": 0}
@@ -370,7 +379,7 @@ def test_messages_go_in_as_one_multi_row_insert_per_batch(store: SessionStore) -
     inserts: list[tuple[int, bool]] = []
 
     def record(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
-        if statement.startswith("INSERT INTO hermes_messages"):
+        if _INSERT_MESSAGES.match(statement):
             inserts.append((statement.count("), ("), many))
 
     most = store._sql.insert_rows_max
@@ -429,11 +438,15 @@ def _statements_per_flush(path: str, engine: Engine) -> int:
 
     A store's first flush of a session that holds messages reads their digests
     (to check them all) after the cursor. On PostgreSQL, with no settings to run
-    first, a flush on the remembered cursor is one statement.
+    first, a flush on the remembered cursor is one statement; the schema is no
+    such setting (the statement names it).
     """
     settings = _dialects.transaction_settings(engine, _dialects.store_schema(engine))
     opening = len(_dialects.write_begin(engine.dialect.name)) + len(settings)
-    if path == "remembered cursor" and engine.dialect.name == "postgresql" and not opening:
+    unsettled = len(_dialects.write_begin(engine.dialect.name)) + len(
+        _dialects.transaction_settings(engine)
+    )
+    if path == "remembered cursor" and engine.dialect.name == "postgresql" and not unsettled:
         return 1
     return {"remembered cursor": 2, "locked read": 4}[path] + opening
 
@@ -764,17 +777,21 @@ def test_transient_error_mid_flush_is_retried_inside_flush(
     store: SessionStore,
     engine: Engine,
     backend: str,
-    statements: list[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store.create_session("s", source="cli")
     history = conversation(2)
     store.flush("s", history)
     turn = [*history, *conversation(1, "t")]
-    statements.clear()
-    store.flush("s", history)
-    # fail the statement after the lock: the retry must start from a fresh transaction
-    hook = _fail_at(store.engine, len(statements), _transient(backend))
+    failed: list[str] = []
+
+    def hook(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        # fail the flush's first write: the retry must start from a fresh transaction
+        if not failed and _FLUSH_WRITE.match(statement):
+            failed.append(statement)
+            raise _transient(backend)
+
+    event.listen(store.engine, "before_cursor_execute", hook)
     try:
         with caplog.at_level(logging.INFO, logger="hermes_orm"):
             assert store.flush("s", turn).written == 3
@@ -1342,7 +1359,7 @@ def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
     inserts = {"n": 0}
 
     def fail_second_insert(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO HERMES_MESSAGES"):
+        if _INSERT_MESSAGES.match(statement):
             inserts["n"] += 1
             if inserts["n"] == 2:
                 raise _transient(backend)

@@ -13,7 +13,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import NullPool
@@ -117,6 +117,16 @@ def test_stores_on_one_engine_each_in_their_own_schema(empty_pg: str) -> None:
     assert len(a.get_messages("s")) == 2
     assert len(b.get_messages("s")) == 1
     assert [h.session_id for h in b.search("灯台").hits] == []
+
+    # A turn's flush on the remembered cursor is one statement that names its schema
+    # (no search_path to set first), into that schema only.
+    ran: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: ran.append(args[2]))
+    b.flush("s", TURN)
+    assert len(ran) == 1
+    assert ran[0].startswith('WITH moved AS (UPDATE "tenant_b".hermes_sessions ')
+    assert 'INSERT INTO "tenant_b".hermes_messages ' in ran[0]
+    assert (len(a.get_messages("s")), len(b.get_messages("s"))) == (2, 2)
     a.close()
     b.close()
     engine.dispose()
