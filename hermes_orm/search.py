@@ -42,7 +42,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from hermes_orm import _codec
-from hermes_orm._dialects import driver_sql
+from hermes_orm._dialects import driver_sql, fetch_driver_rows
 from hermes_orm._search_text import (
     MAX_TOKEN_CHARS,
     is_unsegmented,
@@ -891,14 +891,10 @@ def run(
         parsed, statement, params = _sqlite_compiled(query, filters, after is not None, limit + 1)
         if after is not None:
             params += (after,)
-        # The driver's cursor straight away: a SELECT opens no transaction in
-        # pysqlite, and the result needs none of SQLAlchemy's processing.
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(statement, params)  # what execute returns differs by driver
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
+        # The driver's cursor straight away when nothing watches the engine: a
+        # SELECT opens no transaction in pysqlite, and the result needs none of
+        # SQLAlchemy's processing.
+        rows = fetch_driver_rows(conn, statement, params)
     else:
         parsed, rows = _pg_rows(conn, query, filters, after, limit + 1, schema=schema)
     more = len(rows) > limit

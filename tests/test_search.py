@@ -370,6 +370,24 @@ def test_hits_carry_where_they_are_and_a_marked_snippet(store: SessionStore) -> 
     assert store.search("docker compose").hits[0].rank == 2.0
 
 
+def test_an_engine_watched_by_listeners_sees_the_search_statement(store: SessionStore) -> None:
+    """Tracing and failure injection see a search's SQL on every backend and API."""
+    store.create_session("s", source="test")
+    store.flush("s", [turn("a needle here")])
+    seen: list[str] = []
+
+    def record(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        assert [hit.idx for hit in store.search("needle").hits] == [0]
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    matched = [s for s in seen if "MATCH" in s or "search_vector" in s]
+    assert matched, seen
+
+
 def test_keyset_pages_are_stable_while_messages_arrive(store: SessionStore) -> None:
     store.create_session("s", "cli")
     store.flush("s", [turn(f"needle {i}") for i in range(45)])
