@@ -435,12 +435,20 @@ def test_update_and_delete_statements_on_messages_are_refused(engine: Engine) ->
         (delete(Message).where(Message.idx == 0), None),
         (delete(Message.__table__), None),  # Core, through the ORM session
     ]
+    _each_refused(engine, statements, InvalidMessageError, "history")
+    assert _state(engine) == before
+
+
+def _each_refused(
+    engine: Engine, statements: list[tuple[Any, Any]], error: type[Exception], match: str
+) -> None:
+    """Each statement, run in an ORM session of its own, raises ``error``; the commit after it
+    finds nothing to write."""
     for statement, params in statements:
         with OrmSession(engine) as orm:
-            with pytest.raises(InvalidMessageError, match="history"):
+            with pytest.raises(error, match=match):
                 orm.execute(statement, params)
             orm.commit()
-    assert _state(engine) == before
 
 
 @pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
@@ -544,11 +552,7 @@ def test_statements_setting_a_sessions_counters_are_refused(engine: Engine) -> N
         (insert(Session).values(id="c", source="app", started_at=1.0, flushed_idx=2), None),
         (insert(Session), [{"id": "c", "source": "app", "started_at": 1.0, "message_count": 1}]),
     ]
-    for statement, params in statements:
-        with OrmSession(engine) as orm:
-            with pytest.raises(InvalidSessionError, match="cannot be set"):
-                orm.execute(statement, params)
-            orm.commit()
+    _each_refused(engine, statements, InvalidSessionError, "cannot be set")
     assert _state(engine) == before
     with OrmSession(engine) as orm:
         orm.execute(update(Session).where(Session.id == "a").values(title="t"))
