@@ -378,7 +378,7 @@ def _advance(
             raise claim.refused(cursor)
         _counted.add(parent)
         parent.flushed_idx = parent.message_count = cursor + len(new)
-        parent.tool_call_count = (parent.tool_call_count or 0) + sum(e.tool_calls for e in encoded)
+        parent.tool_call_count = sum(e.tool_calls for e in encoded)
         parent.flushed_digest = encoded[-1].digest
     else:
         cursor = _move_cursor(session, session_id, encoded, claim, parent)
@@ -389,11 +389,6 @@ def _advance(
 
 
 # -- statements on hermes_messages -------------------------------------------------------
-
-
-def _on_messages(state: ORMExecuteState) -> bool:
-    """Whether the statement writes ``hermes_messages`` (through the ORM or as Core)."""
-    return _on_table(state, _messages)
 
 
 def _on_table(state: ORMExecuteState, table: Table) -> bool:
@@ -443,7 +438,7 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
         return None
     if state.execution_options.get(_PLACED):
         return None
-    if not _on_messages(state):
+    if not _on_table(state, _messages):
         if _on_table(state, _sessions):
             _refuse_counter_statement(state)
         return None

@@ -624,21 +624,16 @@ class StoreCore:
         #: The only user whose sessions this store sees (None: every session).
         self._user = user
         self._memory = memory or _Memory()
-        begin = (
-            *_dialects.write_begin(engine.dialect.name),
-            *_dialects.transaction_settings(engine, schema),
-        )
+        opening = _dialects.write_begin(engine.dialect.name)
+        begin = (*opening, *_dialects.transaction_settings(engine, schema))
         sql = flush_sql(engine.dialect.name, scoped=user is not None, schema=schema)
         # A transaction that must run a setting first (the lock timeout behind
         # PgBouncer) is more than one statement. The flush's statements name the
         # tables' schema, so they need no search path: a turn's flush in a schema
         # is still one statement.
-        unsettled = (
-            *_dialects.write_begin(engine.dialect.name),
-            *_dialects.transaction_settings(engine),
-        )
+        several = bool(opening or _dialects.transaction_settings(engine))
         self._sql = dataclasses.replace(
-            sql, begin=begin, once_heads=None if unsettled else sql.once_heads
+            sql, begin=begin, once_heads=None if several else sql.once_heads
         )
         self._lock_session = (
             _LOCK_SESSION
