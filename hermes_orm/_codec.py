@@ -165,28 +165,29 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
 _loads = json.loads
 
 
-def _make_dumps() -> Callable[[Any], str]:
+def _make_dumps(*, sort_keys: bool = False) -> Callable[[Any], str]:
     """``JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode``.
 
-    Each message's JSON values are encoded on every flush, so where CPython's
-    C encoder is there, it is made once and called directly (``encode`` makes
-    a new one each call). It has no check for circular references: a cycle
-    fails at the recursion limit instead, and is reported as too deep.
+    Each message's JSON values are encoded on every flush (and, keys sorted,
+    digested), so where CPython's C encoder is there, it is made once and
+    called directly (``encode`` makes a new one each call). It has no check
+    for circular references: a cycle fails at the recursion limit instead,
+    and is reported as too deep.
     """
-    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    encoder = json.JSONEncoder(
+        ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=sort_keys
+    )
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
         return encoder.encode
-    chunks = make(
-        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
-    )
+    basestring = json.encoder.encode_basestring
+    chunks = make(None, encoder.default, basestring, None, ":", ",", sort_keys, False, False)
     return lambda value: "".join(chunks(value, 0))
 
 
 _dumps = _make_dumps()
-_dumps_sorted: Callable[[Any], str] = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True
-).encode
+#: Only ever given documents ``_dumps`` encoded (str keys, no cycle).
+_dumps_sorted = _make_dumps(sort_keys=True)
 
 
 def _as_compared(value: Any) -> Any:
