@@ -373,7 +373,9 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             raise InvalidMessageError(
                 f"a message must be a dict, got {type(message).__name__}", index=index
             )
-        message = dict(message)
+        # A dict subclass is stored as the dict it holds (what == compares), even
+        # if its keys() or items() leave some out; another Mapping, as it reads.
+        message = dict(dict.items(message)) if isinstance(message, dict) else dict(message)
     role = message.get("role")
     if role is None:
         raise InvalidMessageError("missing 'role'", index=index, key="role")
@@ -454,7 +456,9 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                     pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{exact_stamp}"
                     continue
         params[slot] = stored
-        pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{stored}"
+        # -0.0 equals 0.0 (and SQLite reads it back so): one piece for both.
+        digested = (stored or 0.0) if kind == _STAMP else stored
+        pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{digested}"
     if extra:
         params[_EXTRA] = text = _to_json(extra, index, "extra", message)
         pieces[_EXTRA] = _DIGEST_PREFIXES[_EXTRA] + _digest_text(extra, text)

@@ -1943,7 +1943,9 @@ def _copy(value: Any) -> Any:
     if kind is list:
         return [v if type(v) in _LEAVES else _copy(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
+        # A dict subclass is the dict it holds (as == compares it), whatever its items() say.
+        items = dict.items(value) if isinstance(value, dict) else value.items()
+        return {k: _copy(v) for k, v in items}
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value

@@ -238,6 +238,21 @@ def test_messages_equal_as_dicts_are_never_refused(store: SessionStore, checker:
     assert store.get_messages("s")[:6] == msgs
 
 
+@pytest.mark.parametrize("verify", ["all", "full", "last"])
+def test_a_zero_timestamp_of_either_sign_is_one_message(store: SessionStore, verify: str) -> None:
+    """``-0.0 == 0.0 == 0``: SQLite reads -0.0 back as 0.0, and either continues the history."""
+    store.create_session("s", source="cli")
+    msgs = [{"role": "user", "content": "hi", "timestamp": -0.0}]
+    store.flush("s", msgs)
+    read = store.get_messages("s")
+    assert read == msgs
+    for zero in (read[0]["timestamp"], 0.0, 0, -0.0):
+        given = [{**msgs[0], "timestamp": zero}]
+        assert fresh_store(store).flush("s", given, verify=verify).written == 0
+    assert fresh_store(store).flush("s", [*read, *conversation(1)], verify=verify).written == 3
+    assert store.get_messages("s") == [*msgs, *conversation(1)]
+
+
 def test_a_history_another_store_rewrote_is_continued_not_refused(store: SessionStore) -> None:
     """Copies of a history rewritten elsewhere (deleted, made anew) refuse nothing stored."""
     store.create_session("s", source="cli")

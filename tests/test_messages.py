@@ -223,6 +223,29 @@ def test_nul_characters_are_stored_losslessly(store: SessionStore) -> None:
     assert store.flush("s", back, verify="full").written == 0
 
 
+class _Hiding(dict):  # type: ignore[type-arg]
+    """A dict whose keys(), items() and iteration leave one of its keys out."""
+
+    def keys(self) -> Any:
+        return [k for k in dict.keys(self) if k != "hidden"]
+
+    def items(self) -> Any:
+        return [(k, self[k]) for k in self.keys()]
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+
+def test_a_dict_subclass_is_stored_as_the_dict_it_holds(store: SessionStore) -> None:
+    """What == compares is stored, whatever the subclass's keys() or items() say."""
+    store.create_session("s", source="test")
+    msg = _Hiding(role="user", content="a", hidden=1)
+    assert store.flush("s", [msg]).written == 1
+    assert store.get_messages("s") == [msg]
+    assert store.get_messages("s")[0]["hidden"] == 1
+    assert store.flush("s", [msg, {"role": "user", "content": "b"}]).written == 1
+
+
 def test_messages_keep_their_key_order_at_every_level(store: SessionStore) -> None:
     """Read back byte for byte: a message re-sent to an API serializes the same."""
     store.create_session("s", source="test")
