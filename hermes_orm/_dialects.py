@@ -145,6 +145,7 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
     An SQLite file is then created owner-only, before SQLite opens it (on the
     engine's first connection) world-readable.
     """
+    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
     try:
         engine = make(url, **kwargs)
     except (ImportError, NoSuchModuleError) as exc:
@@ -155,16 +156,29 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
             f"the {url.get_backend_name()} driver {driver!r} is not installed or not "
             f"known ({exc}); pip install 'hermes-orm-sessions[{extra}]'",
         ) from None
-    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
     if path is not None:
         _create_private_file(path)
     return engine
 
 
 def _sqlite_file(url: URL) -> Path | None:
+    """The SQLite file ``url`` names (None: in memory, or a ``file:`` URI SQLite reads).
+
+    Raises:
+        InvalidURLError: No file can have that name.
+    """
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
+    try:
+        if "\x00" in database:
+            raise ValueError("it holds a NUL character")
+        os.fsencode(database)
+    except (ValueError, UnicodeError) as exc:
+        reason = "it holds a lone surrogate" if isinstance(exc, UnicodeError) else exc
+        raise InvalidURLError(
+            f"{database!r} cannot be the name of a SQLite file: {reason}"
+        ) from None
     return Path(database).expanduser()
 
 

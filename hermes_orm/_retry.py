@@ -42,7 +42,12 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import _dialects
-from hermes_orm.errors import DatabaseBusyError, DatabaseError, DatabaseUnavailableError
+from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+)
 
 T = TypeVar("T")
 
@@ -86,12 +91,25 @@ class RetryPolicy:
     attempt_timeout: float | None = ATTEMPT_TIMEOUT
 
     def __post_init__(self) -> None:
+        def number(name: str, value: Any, kind: type | tuple[type, ...] = (int, float)) -> None:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise InvalidArgumentError(
+                    f"RetryPolicy.{name} must be a number, got {type(value).__name__}"
+                )
+
+        number("attempts", self.attempts, int)
+        for name in ("base_delay", "max_delay", "unavailable_for"):
+            number(name, getattr(self, name))
+        if self.attempt_timeout is not None:
+            number("attempt_timeout", self.attempt_timeout)
         if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be at least 1")
-        if self.base_delay < 0 or self.max_delay < 0 or not self.unavailable_for >= 0:
-            raise ValueError("RetryPolicy delays must not be negative")
+            raise InvalidArgumentError("RetryPolicy.attempts must be at least 1")
+        if not self.base_delay >= 0 or not self.max_delay >= 0 or not self.unavailable_for >= 0:
+            raise InvalidArgumentError("RetryPolicy delays must not be negative")
         if self.attempt_timeout is not None and not self.attempt_timeout > 0:
-            raise ValueError("RetryPolicy.attempt_timeout must be above 0 seconds, or None")
+            raise InvalidArgumentError(
+                "RetryPolicy.attempt_timeout must be above 0 seconds, or None"
+            )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (0-based): full jitter."""

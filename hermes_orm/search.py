@@ -57,6 +57,9 @@ from hermes_orm.errors import SearchQueryError
 MAX_QUERY_CHARS = 2_048
 #: Most hits one page may hold.
 MAX_LIMIT = 1_000
+#: Most distinct values one filter (sources, roles) may list: each is a
+#: parameter of the statement, and the drivers take a few tens of thousands.
+MAX_FILTER_VALUES = 1_000
 #: Characters of body shown around the matches.
 SNIPPET_CHARS = 160
 
@@ -441,6 +444,18 @@ class Filters:
     #: Oldest hits first (the cursor then pages forward in time).
     oldest_first: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("sources", "roles", "excluded_sources"):
+            values = getattr(self, name)
+            if values is not None and len(values) > MAX_FILTER_VALUES:
+                distinct = tuple(dict.fromkeys(values))
+                if len(distinct) > MAX_FILTER_VALUES:
+                    raise SearchQueryError(
+                        f"a filter lists at most {MAX_FILTER_VALUES:,} values, "
+                        f"{name} has {len(distinct):,}"
+                    )
+                object.__setattr__(self, name, distinct)
+
 
 class _Builder:
     """Collects SQL fragments and their positional parameters."""
@@ -579,9 +594,23 @@ def sqlite_statement(
     later, order = (">", "ASC") if filters.oldest_first else ("<", "DESC")
     if paged:
         builder.add(f"{row} {later} ?")
-    where = " AND ".join(builder.where) or "1"
+    where = _all_of(builder.where) or "1"
     statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {row} {order} LIMIT {limit}"
     return statement, builder.params
+
+
+def _all_of(conditions: Sequence[str]) -> str:
+    """``conditions`` joined by AND, nested in halves.
+
+    SQLite refuses an expression nested deeper than 1,000 levels, as a flat
+    chain of a long query's conditions (one per word, when a session is given)
+    is; halves nest only as deep as the log of their number. SQLite's planner
+    reads the terms of nested ANDs as it reads a chain's.
+    """
+    if len(conditions) <= 8:
+        return " AND ".join(conditions)
+    half = len(conditions) // 2
+    return f"({_all_of(conditions[:half])}) AND ({_all_of(conditions[half:])})"
 
 
 #: CJK-like bodies (only those have a ``search_cjk``), as the partial indexes of

@@ -374,7 +374,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
             raise ValueError
         if not isinstance(session_id, str) or _codec.text_problem(session_id) is not None:
             raise TypeError
-    except (binascii.Error, ValueError, TypeError, OverflowError):
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidSessionError(
             f"invalid pagination cursor {cursor!r}: pass back a SessionPage.next_cursor"
         ) from None
@@ -617,6 +617,8 @@ class StoreCore:
         #: What each read runs first (see :func:`_dialects.transaction_settings`).
         self._settings = _dialects.transaction_settings(engine, schema, write=False)
         self._engine = engine
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidArgumentError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
         self._retry = retry or RetryPolicy()
         #: The standby serving the reads it may (see :meth:`_read_from`).
         self._replica_of: Engine | None = None

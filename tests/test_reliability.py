@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from devtools.postgres import local_postgres
-from hermes_orm import HermesOrmError, HistoryDivergedError, InvalidSessionError, SessionStore
+from hermes_orm import (
+    HermesOrmError,
+    HistoryDivergedError,
+    InvalidSessionError,
+    RetryPolicy,
+    SessionStore,
+)
 from reliability import connections, contention, disk, inputs, kill
 from reliability.__main__ import PG_SETTINGS, QUICK
 from reliability._common import Database, Outcome, postgres_database, sqlite_database
@@ -120,6 +126,27 @@ def _untyped_on_bad_arguments(store: SessionStore) -> list[str]:
             cursor=base64.urlsafe_b64encode(b'[1.0, "\\ud800"]').decode()
         ),
         "search(cursor='m' + 40 digits)": lambda: store.search("hello", cursor="m" + "9" * 40),
+        "list_sessions(cursor=2,000 brackets)": lambda: store.list_sessions(
+            cursor=base64.urlsafe_b64encode(b"[" * 2000).decode()
+        ),
+        # Each more than SQLite's expression depth (1,000) as a chain of conditions.
+        "search(1,000 words in a session)": lambda: store.search(
+            " ".join(["a"] * 1000), session_id="s"
+        ),
+        "search(997 CJK characters)": lambda: store.search(" ".join(["部"] * 997)),
+        "search(source=70,000 distinct)": lambda: store.search(
+            "hello", source=[f"s{i}" for i in range(70_000)]
+        ),
+        "search(role=70,000 distinct)": lambda: store.search(
+            "hello", role=[f"r{i}" for i in range(70_000)]
+        ),
+        "RetryPolicy(attempts=0)": lambda: RetryPolicy(attempts=0),
+        "RetryPolicy(attempts='x')": lambda: RetryPolicy(attempts="x"),  # type: ignore[arg-type]
+        "SessionStore(retry=5)": lambda: SessionStore(store.engine.url, retry=5),  # type: ignore[arg-type]
+        "SessionStore(sqlite file with NUL)": lambda: SessionStore("sqlite:////tmp/a\x00.db"),
+        "SessionStore(sqlite file, lone surrogate)": lambda: SessionStore(
+            "sqlite:////tmp/a\ud800.db"
+        ),
         "SessionStore(lock_timeout=-1)": lambda: SessionStore(store.engine.url, lock_timeout=-1),
         "SessionStore(lock_timeout=inf)": lambda: SessionStore(
             store.engine.url, lock_timeout=float("inf")
