@@ -170,15 +170,13 @@ def _sqlite_file(url: URL) -> Path | None:
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
+    reason = "it holds a NUL character" if "\x00" in database else None
     try:
-        if "\x00" in database:
-            raise ValueError("it holds a NUL character")
         os.fsencode(database)
-    except (ValueError, UnicodeError) as exc:
-        reason = "it holds a lone surrogate" if isinstance(exc, UnicodeError) else exc
-        raise InvalidURLError(
-            f"{database!r} cannot be the name of a SQLite file: {reason}"
-        ) from None
+    except UnicodeError:
+        reason = "it holds a lone surrogate"
+    if reason is not None:
+        raise InvalidURLError(f"{database!r} cannot be the name of a SQLite file: {reason}")
     return Path(database).expanduser()
 
 
