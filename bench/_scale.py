@@ -2,9 +2,11 @@
 
 Each figure is the median of repeated operations on the large store over the
 same operation on a small one built the same way, so a ratio near 1 means the
-cost stays flat as the store grows. The sessions are written straight in SQL
-(a million ``create_session`` calls would only time the setup); the long
-session is written by ``SessionStore.flush`` in batches, as a bulk flush does.
+cost stays flat as the store grows. The two stores are open side by side and
+take turns, so the drift of a shared machine over the run weighs on both. The
+sessions are written straight in SQL (a million ``create_session`` calls would
+only time the setup); the long session is written by ``SessionStore.flush`` in
+batches, as a bulk flush does.
 """
 
 from __future__ import annotations
@@ -62,17 +64,11 @@ def _fill_sessions(url: str, count: int) -> None:
     engine.dispose()
 
 
-def _median(operation: Callable[[], Any], repeat: int) -> float:
-    operation()  # warm: connections, statement caches
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        operation()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+#: Operations by name, each ready to run on a store that ``close`` ends.
+_Ops = tuple[dict[str, Callable[[], Any]], Callable[[], None]]
 
 
-def _session_ops(url: str, count: int, repeat: int) -> dict[str, float]:
+def _session_ops(url: str, count: int) -> _Ops:
     """List the first page, list one source's, flush a turn into the newest session."""
     _fill_sessions(url, count)
     store = hermes_orm.SessionStore(url)
@@ -93,12 +89,10 @@ def _session_ops(url: str, count: int, repeat: int) -> dict[str, float]:
         ),
         "flush a turn into one of them": flush,
     }
-    out = {name: _median(op, repeat) for name, op in ops.items()}
-    store.close()
-    return out
+    return ops, store.close
 
 
-def _long_session_ops(url: str, length: int, repeat: int) -> dict[str, float]:
+def _long_session_ops(url: str, length: int) -> _Ops:
     """Flush a turn into a session of ``length`` messages; read its last page."""
     store = hermes_orm.SessionStore(url)
     store.create_session("long", source="bench")
@@ -119,8 +113,30 @@ def _long_session_ops(url: str, length: int, repeat: int) -> dict[str, float]:
         "flush a turn into it (verify='last')": flush,
         "read its last page of 50": last_page,
     }
-    out = {name: _median(op, repeat) for name, op in ops.items()}
-    store.close()
+    return ops, store.close
+
+
+def _side_by_side(small: _Ops, large: _Ops, repeat: int) -> dict[str, tuple[float, float]]:
+    """Median seconds of each operation on the small store and on the large one.
+
+    The two run in turns (small then large, then large then small, ...), so a
+    shared machine's drift over the seconds of the run weighs on both alike;
+    each is warmed first (connections, statement caches).
+    """
+    out = {}
+    for name in small[0]:
+        pair = (small[0][name], large[0][name])
+        times: tuple[list[float], list[float]] = ([], [])
+        for operation in pair:
+            operation()
+        for round_ in range(repeat):
+            for side in (0, 1) if round_ % 2 == 0 else (1, 0):
+                start = time.perf_counter()
+                pair[side]()
+                times[side].append(time.perf_counter() - start)
+        out[name] = (statistics.median(times[0]), statistics.median(times[1]))
+    for _, close in (small, large):
+        close()
     return out
 
 
@@ -140,14 +156,15 @@ def run(
     (few, many), (short, long_) = sessions, messages
     for backend, make in fresh.items():
         progress(f"{backend}: {few:,} and {many:,} sessions")
-        small, large = _session_ops(make(), few, repeat), _session_ops(make(), many, repeat)
-        for name in small:
+        pairs = _side_by_side(_session_ops(make(), few), _session_ops(make(), many), repeat)
+        for name, (small, large) in pairs.items():
             label = f"{name} ({many:,} vs {few:,} sessions)"
-            results.append((backend, Scaled(label, small[name], large[name])))
+            results.append((backend, Scaled(label, small, large)))
         progress(f"{backend}: sessions of {short:,} and {long_:,} messages")
-        small = _long_session_ops(make(), short, repeat)
-        large = _long_session_ops(make(), long_, repeat)
-        for name in small:
+        pairs = _side_by_side(
+            _long_session_ops(make(), short), _long_session_ops(make(), long_), repeat
+        )
+        for name, (small, large) in pairs.items():
             label = f"{name} ({long_:,} vs {short:,} messages)"
-            results.append((backend, Scaled(label, small[name], large[name])))
+            results.append((backend, Scaled(label, small, large)))
     return results
