@@ -1033,31 +1033,69 @@ def _on_driver(
         _sa.raise_driver_error(conn, exc, *(ran[0] if ran else ("", ())))
 
 
+@dataclass(frozen=True, slots=True)
+class _PsycopgCursors:
+    """psycopg's default cursor classes, and its ``RawCursor`` ones (``$1`` placeholders)."""
+
+    default: type
+    raw: type
+    async_default: type
+    async_raw: type
+
+
 @cache
-def _psycopg_cursors() -> tuple[type, type] | None:
-    """The default cursor class of psycopg, and its ``RawCursor`` (``$1`` placeholders)."""
+def _psycopg_cursors() -> _PsycopgCursors | None:
+    """The cursor classes of psycopg; None before psycopg 3.2 (which has no raw cursors)."""
     import psycopg
 
-    raw = getattr(psycopg, "RawCursor", None)  # psycopg 3.2 on
-    return None if raw is None else (psycopg.Cursor, raw)
+    if not hasattr(psycopg, "RawCursor"):
+        return None
+    return _PsycopgCursors(
+        psycopg.Cursor, psycopg.RawCursor, psycopg.AsyncCursor, psycopg.AsyncRawCursor
+    )
+
+
+class _AwaitedCursor:
+    """A psycopg async cursor driven from SQLAlchemy's greenlet, as its adapter drives one."""
+
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, statement: str, params: Sequence[Any]) -> None:
+        _sa.awaited(self._cursor.execute(statement, params))
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def close(self) -> None:
+        _sa.awaited(self._cursor.close())
 
 
 def _driver_cursor(conn: Connection, dbapi_connection: Any) -> tuple[Any, bool]:
     """A cursor of ``dbapi_connection`` for :func:`execute_driver_script`.
 
-    On psycopg (blocking), with the connection's default cursor class, a
-    ``RawCursor``: psycopg converts each ``%s`` statement of more than 50
-    parameters anew at every execution (it caches only the smaller ones), which
-    cost as much as a tenth of a turn's flush. A cursor class the application
-    chose is used as it is.
+    On psycopg (blocking and async), with the connection's default cursor
+    class, a ``RawCursor``: psycopg converts each ``%s`` statement of more than
+    50 parameters anew at every execution (it caches only the smaller ones),
+    which cost as much as a tenth of a turn's flush. A cursor class the
+    application chose is used as it is.
 
     Returns:
         The cursor, and whether it takes numbered (``$1``) placeholders.
     """
-    blocking = conn.dialect.driver == "psycopg" and not conn.dialect.is_async
-    kinds = _psycopg_cursors() if blocking else None
-    if kinds is not None and dbapi_connection.cursor_factory is kinds[0]:
-        return kinds[1](dbapi_connection), True
+    kinds = _psycopg_cursors() if conn.dialect.driver == "psycopg" else None
+    if kinds is None:
+        return dbapi_connection.cursor(), False
+    if not conn.dialect.is_async:
+        if dbapi_connection.cursor_factory is kinds.default:
+            return kinds.raw(dbapi_connection), True
+        return dbapi_connection.cursor(), False
+    driver = conn.connection.driver_connection
+    if getattr(driver, "cursor_factory", None) is kinds.async_default:
+        return _AwaitedCursor(kinds.async_raw(driver)), True
     return dbapi_connection.cursor(), False
 
 

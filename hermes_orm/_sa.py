@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection
@@ -65,6 +65,12 @@ def aiosqlite_connection(conn: Connection) -> Any:
 def on_driver_thread(driver: Any, work: Callable[[Any], T]) -> T:
     """``work(sqlite3_connection)`` in one call on the thread of aiosqlite ``driver``."""
     result: T = await_only(driver._execute(work, driver._conn))
+    return result
+
+
+def awaited(awaitable: Awaitable[T]) -> T:
+    """The result of ``awaitable``, awaited from SQLAlchemy's greenlet (inside ``run_sync``)."""
+    result: T = await_only(awaitable)
     return result
 
 

@@ -600,6 +600,61 @@ def _driver_transient(backend: str) -> Exception:
     return psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
 
 
+@pytest.mark.backends("postgresql")
+@pytest.mark.apis("sync", "async")  # psycopg's two connections; asyncpg numbers its own
+def test_an_unwatched_psycopg_flush_runs_on_a_raw_cursor(
+    db_url: str, engine: Engine, api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg converts a ``%s`` statement of over 50 parameters anew at every execution.
+
+    With the connection's default cursor class, a flush's statements go to
+    psycopg's ``RawCursor`` (``AsyncRawCursor``) written with ``$1``
+    placeholders, which it sends as they are; the rows are the same.
+    """
+    import psycopg
+
+    from hermes_orm import create_store_engine
+    from hermes_orm._dialects import create_async_store_engine
+    from tests.conftest import BlockingStore
+
+    raw: Any = psycopg.RawCursor if api == "sync" else psycopg.AsyncRawCursor
+    original = raw.execute
+    sent: list[tuple[str, int]] = []
+
+    def seen(query: Any, params: Any) -> None:
+        sent.append((str(query), len(params or ())))
+
+    if api == "sync":
+
+        def execute(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            seen(query, params)
+            return original(self, query, params, **kwargs)
+
+    else:
+
+        async def execute(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            seen(query, params)
+            return await original(self, query, params, **kwargs)
+
+    monkeypatch.setattr(raw, "execute", execute)
+    store: Any
+    if api == "sync":
+        store = SessionStore(create_store_engine(db_url))
+    else:
+        store = BlockingStore(AsyncSessionStore(create_async_store_engine(db_url)), engine)
+    store.create_session("s", source="cli")
+    history = conversation(2)
+    store.flush("s", history)  # the locked read's statements
+    turn = [*history, *conversation(2, "t")]
+    store.flush("s", turn)  # the remembered cursor's one statement
+    wide = [query for query, count in sent if count > 50]
+    assert len(wide) >= 2, sent
+    assert all("$1" in query and "%s" not in query for query in wide)
+    assert_exact(store, "s", turn)
+    store.close()
+    sync_engine(store).dispose()
+
+
 # asyncpg has no cursor class to trap; the listener path covers it (below).
 @pytest.mark.apis("sync", "async")
 @pytest.mark.parametrize("failure", ["fatal", "transient"])
