@@ -212,6 +212,54 @@ def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
     assert f"{_search_text.BODY_LIMIT}" in trigger._BODY
     assert trigger._function(trigger._SEPARATORS_0009) in words_only._UPGRADE
     assert trigger._SEPARATORS_0010.startswith(r"[\u0001-\u0008\u000b\u000c\u000e-\u001f\u0021")
+    # 0011 keeps the words between the blanks a query is cut at (str.split's).
+    words = frozen_revision("0011_search_cjk_words")
+    assert words._CJK == trigger._CJK
+    blanks = [code for code in range(0x110000) if chr(code).isspace()]
+    runs: list[tuple[int, int]] = []
+    for code in blanks:
+        if runs and runs[-1][1] == code - 1:
+            runs[-1] = (runs[-1][0], code)
+        else:
+            runs.append((code, code))
+    assert _search_text.regex_class(tuple(runs)) + "+" == words._BLANKS
+
+
+@pytest.mark.postgresql
+def test_0011_narrows_the_cjk_text_a_populated_database_holds(empty_pg: str) -> None:
+    """Rows written at 0010 (whole bodies) keep only their CJK-like words, found the same.
+
+    The downgrade puts the whole bodies back.
+    """
+    from sqlalchemy import text
+
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    migrations.upgrade(engine, "0010_search_spaces_kept")
+    store = hermes_orm.SessionStore(engine, check_schema=False)
+    store.create_session("s", source="cli")
+    written = [
+        "deploy 部署\uff0c数据库。 then 100%完成 ok",
+        "plain words",
+        "設定ファイル\u3000here",
+    ]
+    store.flush("s", [{"role": "user", "content": t} for t in written])
+
+    def kept() -> list[str | None]:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(text("SELECT search_cjk FROM hermes_messages ORDER BY idx")).scalars()
+            )
+
+    assert kept() == [f"{written[0]}\n\n\n", None, f"{written[2]}\n\n\n"]
+    migrations.upgrade(engine)
+    assert kept() == ["部署\uff0c数据库。 100%完成", None, "設定ファイル"]
+    store = hermes_orm.SessionStore(engine)
+    for query, idx in (("数据库", 0), ("100%完成", 0), ("ファイル", 2)):
+        assert [hit.idx for hit in store.search(query).hits] == [idx]
+    migrations.downgrade(engine, "0010_search_spaces_kept")
+    assert kept() == [f"{written[0]}\n\n\n", None, f"{written[2]}\n\n\n"]
+    migrations.upgrade(engine)
+    engine.dispose()
 
 
 def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:

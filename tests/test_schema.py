@@ -60,15 +60,15 @@ def test_migrations_place_everything_in_the_schema(empty_pg: str) -> None:
     assert migrations.differences(engine, schema="agents") == []
     hermes_orm.check_schema(engine, schema="agents")
     with engine.connect() as conn:  # the search trigger and indexes went with the table
-        triggers = conn.execute(
+        triggers = conn.scalars(
             text(
-                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = 'agents' AND c.relname = 'hermes_messages' "
                 "AND NOT t.tgisinternal"
             )
-        ).scalar()
-        assert triggers == 1
+        ).all()
+        assert sorted(triggers) == ["hermes_search_index", "hermes_search_index_cjk"]
         indexes = set(
             conn.scalars(text("SELECT indexname FROM pg_indexes WHERE schemaname = 'agents'"))
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -808,6 +809,14 @@ def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: 
     store.close()
 
 
+def _session_of(store: SessionStore, texts: list[str]) -> str:
+    """A new session of ``store`` holding a user message of each of ``texts``; its id."""
+    sid = uuid.uuid4().hex
+    store.create_session(sid, source="test")
+    store.flush(sid, [turn(t) for t in texts])
+    return sid
+
+
 #: Text to index: words of several scripts between runs of blanks, ASCII separators
 #: and other separators (where PostgreSQL's parser sees hyphenated words, hosts,
 #: files, versions, tags, and so on).
@@ -835,14 +844,11 @@ def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> No
     previous = frozen_revision("0010_search_spaces_kept")._SEPARATORS_0009
     store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
     store.upgrade()
-    sessions = iter(range(10**6))
 
     @settings(max_examples=40, deadline=None)
     @given(texts=st.lists(_INDEXED_TEXT, min_size=1, max_size=30))
     def check(texts: list[str]) -> None:
-        sid = f"t{next(sessions)}"
-        store.create_session(sid, source="test")
-        store.flush(sid, [turn(t) for t in texts])
+        sid = _session_of(store, texts)
         with store.engine.connect() as conn:
             differ = conn.execute(
                 text(
@@ -874,6 +880,57 @@ def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> No
         conn.rollback()
     assert vector == "'head':1 'tail':2"
     assert notices == []
+    store.close()
+
+
+#: Words of scripts written without spaces (some joined to others by punctuation),
+#: between blanks of every kind Python's ``str.split`` cuts at, and separators.
+_CJK_WORDS = ["部署", "数据库", "ファイル", "100%完成", "a部署b", "設定,ok", "x", "ê", "한국어"]
+_CJK_TEXT = st.lists(
+    st.tuples(
+        st.sampled_from(_CJK_WORDS),
+        st.sampled_from(
+            [" ", "\t", "\x1c", "\x85", "\u2028", "\u3000", "\uff0c", ", ", "-", "\n\n"]
+        ),
+    ),
+    min_size=1,
+    max_size=12,
+).map(lambda pieces: "".join(word + between for word, between in pieces))
+
+
+@pytest.mark.postgresql
+def test_a_cjk_like_message_keeps_only_its_words_in_such_scripts(empty_pg: str) -> None:
+    """``search_cjk`` holds the body's blank-separated words that hold a CJK-like character.
+
+    What a search looks for as a substring never holds a blank, so each is
+    found there exactly as in the whole body (which SQLite's trigram table
+    holds): every such word of the text is found, on both backends.
+    """
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(texts=st.lists(_CJK_TEXT, min_size=1, max_size=6))
+    def check(texts: list[str]) -> None:
+        sid = _session_of(store, texts)
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT hermes_search_body(content, content_parts, tool_name, tool_calls), "
+                    "search_cjk FROM hermes_messages WHERE session_id = :s ORDER BY idx"
+                ),
+                {"s": sid},
+            ).all()
+        for body, kept in rows:
+            words = [word for word in body.split() if is_unsegmented(word)]
+            assert kept == (" ".join(words) or None)
+        for idx, written in enumerate(texts):
+            for word in _CJK_WORDS:
+                if word in written and is_unsegmented(word):
+                    hits = store.search(word, session_id=sid, limit=100).hits
+                    assert idx in [hit.idx for hit in hits], (word, written)
+
+    check()
     store.close()
 
 
