@@ -1070,7 +1070,8 @@ Machine: {machine()}.
 - **Scale.** The same operation on a store of 1,000 sessions and on one of a
   million (written straight in SQL; sources and users spread evenly), and on a
   session of 1,000 messages and one of a million (written by a bulk flush);
-  each figure is the large store's median over the small one's.
+  each figure is the large store's median over the small one's, the two
+  stores open side by side and taking turns at each repetition.
 - **Async.** The same turn workload through `AsyncSessionStore` (aiosqlite;
   psycopg's async connections) and through `SessionStore`, at the default
   `synchronous=FULL`, in rounds as above; the ratio is the async store's time
