@@ -1317,14 +1317,6 @@ def is_unreachable(exc: DBAPIError) -> bool:
     psycopg raises OperationalError without a SQLSTATE when a connection
     cannot be made or is lost; a server that answered, but refused the
     credentials or knows no such database, is no reason to try again.
-
-    A lost connection is one SQLAlchemy invalidated (its drivers' checks: a
-    closed or broken psycopg connection, asyncpg's closed one); without that, an
-    error of a statement (one SQLAlchemy ran: ``exc.statement`` is set) on a
-    connection that lives on comes from the client itself, e.g. psycopg's
-    "another command is already in progress": the same again on every try, so
-    no reason to keep trying for the whole unavailable span. Errors raised
-    while connecting, or by a commit, come without a statement.
     """
     orig = exc.orig
     if isinstance(orig, sqlite3.Error):
@@ -1334,8 +1326,6 @@ def is_unreachable(exc: DBAPIError) -> bool:
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
         return (sqlstate.startswith("08") and not _refused(orig)) or sqlstate in _PG_UNREACHABLE
-    if exc.statement:
-        return False
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
 

@@ -22,7 +22,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from hermes_orm import (
     DatabaseBusyError,
     DatabaseError,
-    DatabaseUnavailableError,
     FlushResult,
     HistoryDivergedError,
     InvalidMessageError,
@@ -538,8 +537,6 @@ class _DriverTrap:
         self.exc: Exception | None = None
         #: Raised once the ``fail_at``-th statement ran (its answer lost).
         self.after: Exception | None = None
-        #: ... and the connection then dropped for real (PostgreSQL: libpq's closed).
-        self.drops = False
         #: Called (on the driver's thread, for aiosqlite) at the ``fail_at``-th statement.
         self.action: Callable[[], None] | None = None
 
@@ -550,11 +547,9 @@ class _DriverTrap:
         if self.count == self.fail_at and self.exc is not None:
             raise self.exc
 
-    def ran(self, connection: Any = None) -> None:
+    def ran(self) -> None:
         if self.count == self.fail_at and self.after is not None:
             after, self.after = self.after, None
-            if self.drops:
-                connection.pgconn.finish()
             raise after
 
     def arm(self, n: int, exc: Exception | None) -> None:
@@ -581,14 +576,14 @@ class _DriverTrap:
             def execute(self, *args: Any, **kwargs: Any) -> Any:
                 trap.hit()
                 result = super().execute(*args, **kwargs)
-                trap.ran(self.connection)
+                trap.ran()
                 return result
 
         class AsyncPgCursor(psycopg.AsyncCursor[Any]):
             async def execute(self, *args: Any, **kwargs: Any) -> Any:
                 trap.hit()
                 result = await super().execute(*args, **kwargs)
-                trap.ran(self.connection)
+                trap.ran()
                 return result
 
         return {"cursor_factory": PgCursor if api == "sync" else AsyncPgCursor}
@@ -785,52 +780,6 @@ def test_lost_commit_acknowledgement_then_retry_is_exact(
     assert_exact(store, "s", turn)
 
 
-@pytest.mark.backends("postgresql")
-@pytest.mark.apis("sync", "async")  # asyncpg has no cursor class to trap
-@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
-def test_a_client_error_on_a_live_connection_is_raised_at_once(
-    db_url: str, engine: Engine, api: str, path: str
-) -> None:
-    """psycopg's own errors (no SQLSTATE) on a connection that lives on are not an outage.
-
-    Raised by the driver before the statement leaves (as psycopg raises
-    "another command is already in progress"), such an error would come again
-    on every try: the flush raises DatabaseError after one try, instead of
-    trying for the whole span a lost server gets, and writes nothing.
-    """
-    import psycopg
-
-    from hermes_orm import create_store_engine
-    from hermes_orm._dialects import create_async_store_engine
-    from tests.conftest import BlockingStore
-
-    trap = _DriverTrap()
-    connect_args = trap.connect_args("postgresql", api)
-    policy = RetryPolicy(unavailable_for=5, base_delay=0.01)
-    store: Any
-    if api == "sync":
-        store = SessionStore(create_store_engine(db_url, connect_args=connect_args), retry=policy)
-    else:
-        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
-        store = BlockingStore(AsyncSessionStore(async_engine, retry=policy), engine)
-    store.create_session("s", source="cli")
-    history = conversation(2)
-    store.flush("s", history)
-    turn = [*history, *conversation(1, "t")]
-    writer = _flusher(path, store)()
-    trap.arm(1, psycopg.OperationalError("another command is already in progress"))
-    with pytest.raises(DatabaseError, match="another command") as raised:
-        writer.flush("s", turn)
-    assert not isinstance(raised.value, DatabaseUnavailableError)
-    assert trap.count == 1  # one try
-    trap.arm(0, None)
-    assert_exact(store, "s", history)
-    assert writer.flush("s", turn).written == 3
-    assert_exact(store, "s", turn)
-    store.close()
-    sync_engine(store).dispose()
-
-
 @pytest.mark.backends("postgresql")  # the one-statement flush is PostgreSQL's
 @pytest.mark.apis("sync", "async")  # asyncpg has no cursor class to trap
 @pytest.mark.direct("with no settings to run first, a flush is one statement")
@@ -854,7 +803,6 @@ def test_a_lost_answer_to_the_one_statement_flush_then_retry_is_exact(
     connect_args = trap.connect_args("postgresql", api)
     if lost == "the connection":
         trap.after = psycopg.OperationalError("server closed the connection unexpectedly")
-        trap.drops = True
     else:
         trap.after = Boom("the answer was lost")
     store: Any

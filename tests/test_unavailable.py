@@ -239,10 +239,7 @@ def test_a_poolers_refusals_are_not_retried() -> None:
         refusal = psycopg.OperationalError(message)
         assert not _dialects.is_transient(OperationalError("connect", None, refusal))
     lost = psycopg.OperationalError("server closed the connection unexpectedly")
-    assert _dialects.is_unreachable(OperationalError(None, None, lost))  # connecting
-    assert _dialects.is_unreachable(  # a statement's, SQLAlchemy found the connection broken
-        OperationalError("select", None, lost, connection_invalidated=True)
-    )
+    assert _dialects.is_unreachable(OperationalError("select", None, lost))
 
 
 def test_an_unreachable_database_is_never_retried_at_once() -> None:
