@@ -588,6 +588,49 @@ class _DriverTrap:
 
         return {"cursor_factory": PgCursor if api == "sync" else AsyncPgCursor}
 
+    def trap_own_cursors(self, monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
+        """Trap psycopg's own cursor classes on ``engine``'s connections, which keep them.
+
+        A connection with psycopg's default cursor class runs a flush on its
+        ``RawCursor`` (``AsyncRawCursor``, awaited from SQLAlchemy's greenlet);
+        those inherit ``execute`` from ``Cursor`` (``AsyncCursor``), patched
+        here for the connections ``engine`` opens, and only for them.
+        """
+        import psycopg
+
+        assert psycopg.RawCursor.execute is psycopg.Cursor.execute
+        assert psycopg.AsyncRawCursor.execute is psycopg.AsyncCursor.execute
+        trap = self
+        mine: list[Any] = []  # the driver connections engine opened
+
+        @event.listens_for(engine, "connect")
+        def opened(dbapi_connection: Any, _record: Any) -> None:
+            mine.append(getattr(dbapi_connection, "driver_connection", dbapi_connection))
+
+        def ours(cursor: Any) -> bool:
+            return any(cursor.connection is conn for conn in mine)
+
+        sync_execute, async_execute = psycopg.Cursor.execute, psycopg.AsyncCursor.execute
+
+        def execute(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+            if not ours(cursor):
+                return sync_execute(cursor, *args, **kwargs)
+            trap.hit()
+            result = sync_execute(cursor, *args, **kwargs)
+            trap.ran()
+            return result
+
+        async def execute_async(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+            if not ours(cursor):
+                return await async_execute(cursor, *args, **kwargs)
+            trap.hit()
+            result = await async_execute(cursor, *args, **kwargs)
+            trap.ran()
+            return result
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute_async)
+
 
 def _driver_transient(backend: str) -> Exception:
     """A transient error as the driver itself raises it (not yet wrapped by SQLAlchemy)."""
@@ -655,40 +698,48 @@ def test_an_unwatched_psycopg_flush_runs_on_a_raw_cursor(
     sync_engine(store).dispose()
 
 
-# asyncpg has no cursor class to trap; the listener path covers it (below).
-@pytest.mark.apis("sync", "async")
-@pytest.mark.parametrize("failure", ["fatal", "transient"])
-@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
-def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
-    db_url: str, engine: Engine, api: str, path: str, failure: str
-) -> None:
-    """With nothing listening to the engine, a flush runs its statements on the driver cursor.
+def _unwatched_store(
+    db_url: str,
+    engine: Engine,
+    api: str,
+    connect_args: dict[str, Any],
+    own_cursors: tuple[_DriverTrap, pytest.MonkeyPatch] | None = None,
+) -> Any:
+    """A store of ``api`` on an engine of its own that nothing watches.
 
-    (On aiosqlite, all of them in one call on the driver's thread.) Break each
-    of them there: a fatal error leaves the session as it was and a re-flush is
-    exact; a transient one is retried inside the same call.
+    With ``own_cursors``, psycopg's own cursors are trapped on that engine.
     """
     from hermes_orm import _sa, create_store_engine
     from hermes_orm._dialects import create_async_store_engine
     from tests.conftest import BlockingStore
 
-    backend = engine.dialect.name
-    trap = _DriverTrap()
-    connect_args = trap.connect_args(backend, api)
     store: Any
     if api == "sync":
-        store = SessionStore(create_store_engine(db_url, connect_args=connect_args))
+        own = create_store_engine(db_url, connect_args=connect_args)
+        store = SessionStore(own)
+    else:
+        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
+        own = async_engine.sync_engine
+        store = BlockingStore(AsyncSessionStore(async_engine), engine)
+    if own_cursors is not None:
+        trap, monkeypatch = own_cursors
+        trap.trap_own_cursors(monkeypatch, own)
+    if api == "sync":
         with store.engine.connect() as conn:
             assert not _sa.observed(conn)
     else:
-        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
-        store = BlockingStore(AsyncSessionStore(async_engine), engine)
 
         async def observed() -> bool:
             async with async_engine.connect() as conn:
                 return await conn.run_sync(_sa.observed)
 
         assert not store._runner.run(observed())
+    return store
+
+
+def _break_every_statement(store: Any, path: str, failure: str, trap: _DriverTrap) -> None:
+    """Fail each statement of a flush of ``store`` in turn (see the tests below)."""
+    backend = sync_engine(store).dialect.name
     history = conversation(2)
     turn = [*history, *conversation(1, "t")]
     writer = _flusher(path, store)
@@ -720,6 +771,47 @@ def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
         assert_exact(store, sid, turn)
     store.close()
     store.engine.dispose()
+
+
+# asyncpg has no cursor class to trap; the listener path covers it (below).
+@pytest.mark.apis("sync", "async")
+@pytest.mark.parametrize("failure", ["fatal", "transient"])
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_driver_failure_at_every_statement_of_an_unwatched_flush(
+    db_url: str, engine: Engine, api: str, path: str, failure: str
+) -> None:
+    """With nothing listening to the engine, a flush runs its statements on the driver cursor.
+
+    (On aiosqlite, all of them in one call on the driver's thread; on psycopg,
+    on the cursor class the application chose.) Break each of them there: a
+    fatal error leaves the session as it was and a re-flush is exact; a
+    transient one is retried inside the same call.
+    """
+    trap = _DriverTrap()
+    connect_args = trap.connect_args(engine.dialect.name, api)
+    _break_every_statement(_unwatched_store(db_url, engine, api, connect_args), path, failure, trap)
+
+
+@pytest.mark.backends("postgresql")
+@pytest.mark.apis("sync", "async")
+@pytest.mark.parametrize("failure", ["fatal", "transient"])
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_driver_failure_at_every_statement_on_psycopg_raw_cursors(
+    db_url: str,
+    engine: Engine,
+    api: str,
+    *,
+    path: str,
+    failure: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, with psycopg's default cursor class: a flush runs on its raw cursors.
+
+    On psycopg's async connections these are awaited from SQLAlchemy's greenlet.
+    """
+    trap = _DriverTrap()
+    store = _unwatched_store(db_url, engine, api, {}, (trap, monkeypatch))
+    _break_every_statement(store, path, failure, trap)
 
 
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
@@ -783,34 +875,36 @@ def test_lost_commit_acknowledgement_then_retry_is_exact(
 @pytest.mark.backends("postgresql")  # the one-statement flush is PostgreSQL's
 @pytest.mark.apis("sync", "async")  # asyncpg has no cursor class to trap
 @pytest.mark.direct("with no settings to run first, a flush is one statement")
+@pytest.mark.parametrize("cursors", ["chosen", "psycopg's own"])
 @pytest.mark.parametrize("lost", ["the connection", "the answer only"])
 def test_a_lost_answer_to_the_one_statement_flush_then_retry_is_exact(
-    db_url: str, engine: Engine, api: str, lost: str
+    db_url: str,
+    engine: Engine,
+    api: str,
+    *,
+    lost: str,
+    cursors: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The statement that writes a turn and moves the cursor commits, and its answer is lost.
 
     Lost with the connection (a disconnect: the store retries on a new one) or
     as an error on a connection that lives on: either way the retry, and any
     later flush of the list, find the cursor moved and write nothing twice.
+    The statement runs on the cursor class the application chose, or on
+    psycopg's raw cursor.
     """
     import psycopg
 
-    from hermes_orm import create_store_engine
-    from hermes_orm._dialects import create_async_store_engine
-    from tests.conftest import BlockingStore
-
     trap = _DriverTrap()
-    connect_args = trap.connect_args("postgresql", api)
     if lost == "the connection":
         trap.after = psycopg.OperationalError("server closed the connection unexpectedly")
     else:
         trap.after = Boom("the answer was lost")
-    store: Any
-    if api == "sync":
-        store = SessionStore(create_store_engine(db_url, connect_args=connect_args))
+    if cursors == "chosen":
+        store = _unwatched_store(db_url, engine, api, trap.connect_args("postgresql", api))
     else:
-        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
-        store = BlockingStore(AsyncSessionStore(async_engine), engine)
+        store = _unwatched_store(db_url, engine, api, {}, (trap, monkeypatch))
     assert _statements_per_flush("remembered cursor", sync_engine(store)) == 1
     store.create_session("s", source="cli")
     history = conversation(2)
@@ -1144,28 +1238,31 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
 
 @pytest.mark.apis("async")  # asyncpg has no cursor class to trap; the listener path covers it
 def test_a_task_cancelled_at_any_statement_of_an_unwatched_flush(
-    db_url: str, engine: Engine
+    db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cancel a flush whose statements go straight to the driver (one call, on aiosqlite).
 
     The task is cancelled while each statement runs: the session is as before
-    the flush or as the whole flush left it, and a re-flush is exact.
+    the flush or as the whole flush left it, and a re-flush is exact. On
+    psycopg, on the cursor class the application chose and on psycopg's own
+    (a flush runs on its ``AsyncRawCursor``).
     """
     from hermes_orm._dialects import create_async_store_engine
 
     backend = make_url(db_url).get_backend_name()
     trap = _DriverTrap()
 
-    async def main() -> None:
+    async def main(cursors: str) -> None:
         loop = asyncio.get_running_loop()
-        async_engine = create_async_store_engine(
-            db_url, connect_args=trap.connect_args(backend, "async")
-        )
+        connect_args = trap.connect_args(backend, "async") if cursors == "chosen" else {}
+        async_engine = create_async_store_engine(db_url, connect_args=connect_args)
+        if cursors != "chosen":
+            trap.trap_own_cursors(monkeypatch, async_engine.sync_engine)
         store = AsyncSessionStore(async_engine)
         history, turn = conversation(2), [*conversation(2), *conversation(1, "t")]
         for path in ("remembered cursor", "locked read"):
             for n in range(1, _statements_per_flush(path, async_engine.sync_engine) + 1):
-                sid = f"cancel-{path}-{n}"
+                sid = f"cancel-{cursors}-{path}-{n}"
                 await store.create_session(sid, source="cli")
                 await store.flush(sid, history)
                 flusher = store if path == "remembered cursor" else AsyncSessionStore(async_engine)
@@ -1187,7 +1284,8 @@ def test_a_task_cancelled_at_any_statement_of_an_unwatched_flush(
         await store.close()
         await async_engine.dispose()
 
-    asyncio.run(main())
+    for cursors in ("chosen", "psycopg's own") if backend == "postgresql" else ("chosen",):
+        asyncio.run(main(cursors))
 
 
 @pytest.mark.apis("async", "asyncpg")
