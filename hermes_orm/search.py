@@ -510,20 +510,27 @@ def _sqlite_like_terms(terms: Sequence[Term], column: str, params: list[Any]) ->
     )
 
 
-def _filters(filters: Filters, builder: _Builder, dialect: str) -> bool:
-    """Add the filters to ``builder``; True when they need the sessions table."""
+def _filters(
+    filters: Filters, builder: _Builder, dialect: str, sessions: _Builder | None = None
+) -> bool:
+    """Add the filters to ``builder``; True when they need the sessions table (``s``).
+
+    With ``sessions``, the conditions on the sessions table go there instead.
+    """
     mark = builder.mark
+    on_sessions = builder if sessions is None else sessions
     if filters.session_id is not None:
         builder.add(f"m.session_id = {mark}", filters.session_id)
     if filters.roles is not None:
         builder.add(f"m.role IN ({', '.join(mark for _ in filters.roles)})", *filters.roles)
     if filters.sources is not None:
-        builder.add(f"s.source IN ({', '.join(mark for _ in filters.sources)})", *filters.sources)
+        marks = ", ".join(mark for _ in filters.sources)
+        on_sessions.add(f"s.source IN ({marks})", *filters.sources)
     if filters.excluded_sources:
         marks = ", ".join(mark for _ in filters.excluded_sources)
-        builder.add(f"s.source NOT IN ({marks})", *filters.excluded_sources)
+        on_sessions.add(f"s.source NOT IN ({marks})", *filters.excluded_sources)
     if filters.user_id is not None:
-        builder.add(f"s.user_id = {mark}", filters.user_id)
+        on_sessions.add(f"s.user_id = {mark}", filters.user_id)
     if filters.skip_rewound:
         builder.add(
             "(m.active IS NOT 0 OR m.compacted = 1)"
@@ -623,6 +630,20 @@ def _pg_match(condition: str, by_index: bool) -> str:
     return condition if by_index else f"({condition}) IS TRUE"
 
 
+def _pg_words(by_index: bool) -> str:
+    """The vector matching the tsquery of a parameter, as :func:`_pg_match` writes it.
+
+    As a row filter the tsquery is made once per statement (a scalar subquery):
+    written inline, a prepared statement's generic plan, which knows no
+    parameter's value, lowers and parses it again for every row it checks. As
+    an index condition it stays inline, where a custom plan estimates the
+    words' shares from it.
+    """
+    if by_index:
+        return "m.search_vector @@ lower(%s)::tsquery"
+    return _pg_match("m.search_vector @@ (SELECT lower(%s)::tsquery)", by_index)
+
+
 def _uncased(text: str) -> bool:
     """Whether ``text`` has no letter with a case (CJK, kana, digits, ...)."""
     return text.lower() == text == text.upper()
@@ -639,7 +660,7 @@ def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
             match = _pg_match(f"m.search_cjk {operator} %s", by_index)
             return f"({_PG_UNSEGMENTED} AND {match})"
         builder.params.append(_tsquery_leaf(leaf))
-        return _pg_match("m.search_vector @@ lower(%s)::tsquery", by_index)
+        return _pg_words(by_index)
 
     return _any_of_all(terms, condition)
 
@@ -704,10 +725,23 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
             excluded = " & !" + _tsquery_terms(word_excluded)
             exact, relaxed = exact + excluded, relaxed + excluded
         searched = relaxed if by_index else exact
-        builder.add(_pg_match("m.search_vector @@ lower(%s)::tsquery", by_index), searched)
+        builder.add(_pg_words(by_index), searched)
     source = "hermes_messages m"
-    if _filters(filters, builder, "postgresql"):
-        source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    if by_index:
+        if _filters(filters, builder, "postgresql"):
+            source += " JOIN hermes_sessions s ON s.id = m.session_id"
+    else:
+        # In id order, each row's session is looked up as the walk reaches it (a
+        # subquery, kept one by OFFSET 0), so the walk still stops at a full
+        # page: a join could be planned to read every session and the whole
+        # range first, where the words' share is unknown (a generic plan).
+        sessions = _Builder(builder.mark)
+        if _filters(filters, builder, "postgresql", sessions):
+            builder.add(
+                "EXISTS (SELECT FROM hermes_sessions s WHERE s.id = m.session_id AND "
+                f"{' AND '.join(sessions.where)} OFFSET 0)",
+                *sessions.params,
+            )
     # By the indexes, the id range is no index condition either: a plan made for
     # any parameters (a prepared statement's generic plan) must not walk the
     # primary key over what it takes for a narrow range.
@@ -720,7 +754,7 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
         checked = (
             f"{_SELECT}, {_pg_body('m')} FROM hermes_messages m "
             "WHERE m.id = o.id AND m.session_id = o.session_id "
-            "AND (m.search_vector @@ lower(%s)::tsquery) IS TRUE LIMIT 1"
+            f"AND {_pg_words(by_index=False)} LIMIT 1"
         )
         statement = (
             f"WITH c AS MATERIALIZED ({candidates}) "

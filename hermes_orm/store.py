@@ -519,8 +519,10 @@ def _attempt(
         result = request.work(conn)
         if xid is not None:
             landed[:] = (*xid, result)
-        # A read ends too: no snapshot or idle transaction is kept.
-        _dialects.end_transaction(conn, commit=request.write)
+        # A read ends too: no snapshot or idle transaction is kept. It commits
+        # (nothing): at a ROLLBACK psycopg forgets the statements it prepared
+        # for the statements run again and again (see search.py's _pg_words).
+        _dialects.end_transaction(conn, commit=True)
         landed.clear()
         return result
     except BaseException as exc:

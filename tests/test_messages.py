@@ -411,3 +411,28 @@ def test_a_json_null_written_by_another_client_reads_as_no_key(
         {"role": "assistant", "content": "hi"},
         {"role": "assistant", "content": "hi", "tool_calls": [call]},
     ]
+
+
+@pytest.mark.postgresql
+def test_reads_keep_the_statements_psycopg_prepared(empty_pg: str) -> None:
+    """psycopg prepares a statement a connection runs again and again (parsed and
+    planned once); a store's reads end with COMMIT, as at a ROLLBACK psycopg
+    forgets every statement it prepared."""
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(empty_pg, pool_size=1, max_overflow=0)
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="cli")
+    history = [{"role": "user", "content": f"m{i}"} for i in range(3)]
+    store.flush("s", history)
+    for _ in range(8):
+        assert store.get_messages("s") == history
+        assert [hit.idx for hit in store.search("m1").hits] == [1]
+    store.close()  # its connection back in the pool of one
+    with engine.connect() as conn:
+        prepared = conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements").all()
+    statements = " ".join(row[0] for row in prepared)
+    assert "hermes_search_body" in statements, statements  # the search
+    assert "WHERE session_id = $1 ORDER BY idx" in statements, statements  # get_messages
+    engine.dispose()

@@ -793,19 +793,72 @@ def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: 
     event.remove(store.engine, "before_cursor_execute", record)
     assert sent
     with store.engine.connect() as conn:
-        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         for number, (statement, params) in enumerate(sent):
-            parts = statement.split("%s")
-            prepared = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
-            types = ", ".join("bigint" if isinstance(p, int) else "text" for p in params)
-            conn.exec_driver_sql(f"PREPARE generic{number}({types}) AS {prepared}")
-            values = ", ".join(
-                str(p) if isinstance(p, int) else "'" + p.replace("'", "''") + "'" for p in params
-            )
-            explained = conn.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE generic{number}({values})"
-            ).scalar_one()
-            assert _rows_read(explained[0]["Plan"]) < 20, json.dumps(explained, indent=1)
+            plan = _generic_plan(conn, f"generic{number}", statement, params)
+            assert _rows_read(plan) < 20, json.dumps(plan, indent=1)
+    store.close()
+
+
+def _generic_plan(
+    conn: Any, name: str, statement: str, params: tuple[Any, ...], mode: str = "generic"
+) -> Any:
+    """The plan (EXPLAIN ANALYZE, as JSON) of ``statement`` prepared as ``name``, generic
+    (or, with ``mode="custom"``, planned for its parameters)."""
+    conn.exec_driver_sql(f"SET plan_cache_mode = force_{mode}_plan")
+    parts = statement.split("%s")
+    prepared = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+    types = ", ".join("bigint" if isinstance(p, int) else "text" for p in params)
+    conn.exec_driver_sql(f"PREPARE {name}({types}) AS {prepared}")
+    values = ", ".join(
+        str(p) if isinstance(p, int) else "'" + p.replace("'", "''") + "'" for p in params
+    )
+    explained = conn.exec_driver_sql(
+        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}({values})"
+    ).scalar_one()
+    return explained[0]["Plan"]
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("query", ["common", '"common word"', "common -rare"])
+def test_a_prepared_search_walks_the_newest_messages_to_a_full_page(
+    empty_pg: str, query: str
+) -> None:
+    """A common word is looked for among the newest messages in id order, stopping at a
+    full page; in a generic plan too (asyncpg's, psycopg's after a few runs), the
+    tsquery is made once, not for each row walked, and each row's session is looked
+    up as the walk reaches it (no join that reads every session and the whole range)."""
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+    for n in range(200):
+        store.create_session(f"s{n}", source=("test", "other")[n % 2])
+        store.flush(f"s{n}", [turn(f"common word {n} {i}") for i in range(10)])
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        conn.commit()
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "hermes_search_body" in statement:
+            sent.append((statement, tuple(params)))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    hits = store.search(query, source=["test", "cli"], limit=5).hits
+    event.remove(store.engine, "before_cursor_execute", record)
+    assert [(hit.session_id, hit.idx) for hit in hits] == [("s198", i) for i in range(9, 4, -1)]
+    assert len(sent) == 1  # the page is full from the newest messages
+    for mode in ("generic", "custom"):
+        with store.engine.connect() as conn:
+            plan = _generic_plan(conn, "walk", *sent[0], mode=mode)
+        nodes = list(_nodes(plan))
+        assert _rows_read(plan) < 30, json.dumps(plan, indent=1)  # the page, its bodies, of 2,000
+        assert not [node for node in nodes if node["Node Type"] == "Hash Join"], json.dumps(plan)
+        assert not [node for node in nodes if "lower(" in node.get("Filter", "")], json.dumps(plan)
     store.close()
 
 
