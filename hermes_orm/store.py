@@ -992,6 +992,13 @@ class StoreCore:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
         hint = self._remembered(session_id, cursor)
+        # The copies hold the history as this store left it. Where the stored cursor
+        # or its digest is not what it left, another writer moved it since (appended,
+        # or cut or rewrote the history): the stored digests decide.
+        as_left = hint is not None and (hint.cursor, hint.digest) == (
+            cursor,
+            stored.flushed_digest,
+        )
         start = self._check_continues(
             conn,
             session_id,
@@ -999,7 +1006,7 @@ class StoreCore:
             cursor=cursor,
             digest=stored.flushed_digest,
             verify=verify,
-            copies=None if hint is None or verify != "all" else hint.copies,
+            copies=hint.copies if as_left and hint is not None and verify == "all" else None,
         )
         if len(messages) < cursor:
             return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None

@@ -269,6 +269,52 @@ def test_a_history_another_store_rewrote_is_continued_not_refused(store: Session
     assert err.value.index == 0
 
 
+@pytest.mark.parametrize(
+    "rewritten",
+    [
+        ["old0", "new1"],  # the same length, another last message
+        ["new0", "new1"],
+        ["old0", "new1", "new2"],  # longer than the list below
+        ["new0"],  # shorter
+    ],
+)
+@pytest.mark.parametrize("how", ["deleted and made anew", "cleared and appended to"])
+def test_a_history_another_store_rewrote_is_checked_against_the_database(
+    store: SessionStore, how: str, rewritten: list[str]
+) -> None:
+    """A store's copies hold the history as it left it: once another writer moved the
+    cursor (cut and rewrote the history), a list that continues the copies but not
+    the stored history is refused, however long, by the stored digests; a list
+    that continues what is stored is written on it."""
+    message = {name: {"role": "user", "content": name} for name in ("old0", "old1", "new0")}
+    message |= {name: {"role": "user", "content": name} for name in ("new1", "new2", "more")}
+    ours = [message["old0"], message["old1"]]
+    store.create_session("s", source="cli")
+    store.flush("s", ours)  # the store keeps copies of these
+    other = fresh_store(store)
+    if how == "deleted and made anew":
+        assert other.delete_session("s")
+        other.create_session("s", source="cli")
+        other.flush("s", [message[name] for name in rewritten])
+    else:
+        from hermes_orm.integrations.hermes import SessionDB
+
+        SessionDB(SessionStore(sync_engine(store), check_schema=False)).clear_messages("s")
+        for name in rewritten:
+            other.append("s", message[name])
+    stored = [message[name] for name in rewritten]
+    for given in ([*ours, message["more"]], ours, ours[:1]):
+        shared = min(len(given), len(stored))
+        if given[:shared] != stored[:shared]:
+            with pytest.raises(HistoryDivergedError) as err:
+                store.flush("s", given)
+            assert given[err.value.index] != stored[err.value.index]
+        else:
+            store.flush("s", given)
+            stored = max(stored, given, key=len)
+        assert_exact(store, "s", stored)
+
+
 def test_a_store_over_its_memory_bound_still_checks_every_message(
     store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
