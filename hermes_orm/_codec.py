@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -121,6 +122,11 @@ class EncodedMessage(NamedTuple):
         return row
 
 
+#: Ints longer than this are written as text once to see that Python will (at least
+#: 640 digits are, whatever the interpreter's limit is set to).
+_LONG_INT_BITS = 2_000
+
+
 def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None:
     """Refuse what JSON cannot carry exactly (tuples, sets, bytes, NaN, non-str keys)."""
     if depth > MAX_DEPTH:
@@ -137,7 +143,16 @@ def _check_json(value: Any, index: int | None, key: str, depth: int = 0) -> None
                 key=key,
             )
     elif isinstance(value, bool | int) or value is None:
-        pass
+        if value is not None and value.bit_length() > _LONG_INT_BITS:
+            try:
+                int.__repr__(value)
+            except ValueError:  # more digits than sys.get_int_max_str_digits() allows
+                raise InvalidMessageError(
+                    f"an int of {value.bit_length():,} bits has more digits than Python "
+                    f"writes as text ({sys.get_int_max_str_digits():,}): JSON cannot carry it",
+                    index=index,
+                    key=key,
+                ) from None
     elif isinstance(value, list):
         for item in value:
             _check_json(item, index, key, depth + 1)

@@ -322,7 +322,7 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
             try:
                 _codec._check_json(value, None, name)
             except InvalidMessageError as exc:
-                raise InvalidSessionError(f"session field {exc.reason}") from None
+                raise InvalidSessionError(f"session field {name!r}: {exc.reason}") from None
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidSessionError(f"session field {name!r} must be a number")

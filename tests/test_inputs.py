@@ -173,6 +173,32 @@ def test_message_values_beyond_what_is_stored_are_refused(
     assert _rows(store) == before
 
 
+@pytest.mark.parametrize("where", ["extra", "model_config"])
+def test_a_session_int_json_cannot_carry_is_refused_by_name(
+    store: SessionStore, where: str
+) -> None:
+    """An int of more digits than Python writes as text (``sys.get_int_max_str_digits``)."""
+    before = _rows(store)
+    with pytest.raises(InvalidSessionError, match=f"'{where}'.*more digits"):
+        store.create_session(f"n{next(_ids)}", source="cli", **{where: {"n": [10**5000]}})
+    assert _rows(store) == before
+    sid = f"n{next(_ids)}"
+    store.create_session(sid, source="cli", **{where: {"n": [10**1000]}})  # 1,001 digits
+    assert store.get_session(sid)[where] == {"n": [10**1000]}
+
+
+@pytest.mark.parametrize("key", ["tool_calls", "custom"])
+def test_a_message_int_json_cannot_carry_is_refused_by_its_key(
+    store: SessionStore, key: str
+) -> None:
+    store.create_session("m", source="cli")
+    before = _rows(store)
+    with pytest.raises(InvalidMessageError, match="more digits") as err:
+        store.flush("m", [{"role": "assistant", "content": "x", key: [{"n": -(10**5000)}]}])
+    assert err.value.key == key
+    assert _rows(store) == before
+
+
 def _nested(depth: int) -> Any:
     value: Any = "leaf"
     for level in range(depth):
