@@ -738,6 +738,10 @@ def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, ba
         "private": "glyph \ue000\ue001 here",
         "combining": "cafe\u0301 and more",
         "long": "x" * 3000 + " tail",
+        "late emoji": "thinking🤔done",  # U+1F914: past Unicode 6.1
+        "capital sigma": "ΟΔΟΣ",
+        "final sigma": "οδος",
+        "dotted I": "İstanbul",
     }
     store.create_session("s", source="test")
     store.flush("s", [{"role": "user", "content": body} for body in bodies.values()])
@@ -758,6 +762,12 @@ def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, ba
     assert found("caf\u00e9") == []  # precomposed: no normalization on either
     assert found("x" * 100 + "*") == ([] if postgresql else ["long"])
     assert found("tail") == ["long"]
+    assert found("thinking") == (["late emoji"] if postgresql else [])
+    assert found("thinking🤔done") == ([] if postgresql else ["late emoji"])
+    sigmas = ["capital sigma", "final sigma"]
+    assert found("οδος") == (["final sigma"] if postgresql else sigmas)
+    assert found("ΟΔΟΣ") == (["capital sigma"] if postgresql else sigmas)
+    assert found("istanbul") == (["dotted I"] if postgresql else [])
 
 
 def _rows_read(plan: dict[str, Any]) -> int:
