@@ -105,6 +105,7 @@ def test_sessions_titles_and_lifecycle(both: Any) -> None:
     both.set_session_title("s1", "")  # clears it
     both.get_session_title("s1")
     both.get_session_by_title("My first session")
+    assert both.get_session_by_title(None) is None  # untitled sessions are there
     both.resolve_session_id("s1")
     both.resolve_session_id("s")  # ambiguous
     both.resolve_session_id("chi")
@@ -427,7 +428,9 @@ _appends = st.lists(
             "tool_name": st.none() | _text,
             "reasoning": st.none() | _text,
             "reasoning_details": st.none()
+            | _text  # Hermes stores json.dumps of it: a JSON string
             | st.lists(st.dictionaries(_json_text, _json_text, max_size=2)),
+            "codex_message_items": st.none() | _text | st.lists(_json_text, max_size=2),
             "token_count": st.none() | st.integers(0, 10**9),
             "finish_reason": st.none() | st.sampled_from(["stop", "tool_calls", "length"]),
             "observed": st.booleans(),
@@ -506,6 +509,9 @@ def test_list_sessions_rich(both: Any) -> None:
     both.list_sessions_rich(exclude_sources=["cli"], limit=1)
     both.list_sessions_rich(cwd_prefix="/work", min_message_count=1)
     both.list_sessions_rich(limit=2, offset=1)
+    both.list_sessions_rich(limit=-1)  # as SQLite's LIMIT -1: all (Hermes' plugins ask so)
+    both.list_sessions_rich(limit=-1, offset=1)
+    both.list_sessions_rich(offset=-3)
     both.get_compression_tip("a-root")
     both.get_compression_tip("b")
 
@@ -554,6 +560,9 @@ def test_search_messages(both: Any) -> None:
         (("deploy*",), {"sort": "newest"}),
         (("deploy*",), {"sort": "oldest"}),
         (("deploy*",), {"sort": "newest", "limit": 2, "offset": 1}),
+        (("deploy*",), {"sort": "newest", "limit": -1}),  # every hit
+        (("deploy*",), {"sort": "oldest", "limit": -1, "offset": 1}),
+        (("deploy*",), {"limit": 0}),
         (("",), {}),
         (("   ",), {}),
         (("nothinglikethis",), {}),

@@ -628,7 +628,10 @@ class LineageMethods:
                     msg["reasoning_content"] = row["reasoning_content"]
                 for column in _TEXT_JSON_MESSAGE:
                     if row[column]:
-                        msg[column] = json.loads(row[column])
+                        try:
+                            msg[column] = json.loads(row[column])
+                        except (ValueError, TypeError):  # as Hermes: text another tool wrote
+                            msg[column] = None
             if include_ancestors and self._is_duplicate_replayed_user_message(messages, msg):
                 continue
             messages.append(msg)

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 from hermes_orm import _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
-from hermes_orm.integrations.hermes._gateway import GatewayMethods
+from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
@@ -155,10 +155,15 @@ def sanitize_title(title: str | None) -> str | None:
 
 
 def _json_text(value: Any) -> str | None:
-    """A JSON column as Hermes returns it: the text ``json.dumps`` wrote."""
+    """A JSON column as Hermes returns it: the text ``json.dumps`` wrote.
+
+    A string too (Hermes stores ``json.dumps("text")``, ``'"text"'``, and reads
+    it back so); an import keeps the value Hermes' JSON held, or the text where
+    it held none.
+    """
     if value is None:
         return None
-    return value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(value)
 
 
 def _delegate_children(conn: Connection, parent: str) -> list[str]:
@@ -782,7 +787,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         return self._one_session(_sessions.c.id == session_id)
 
     def get_session_by_title(self, title: str) -> dict[str, Any] | None:
-        """The session with exactly this title, or None."""
+        """The session with exactly this title, or None (for no title: SQL's ``= NULL``)."""
+        if title is None:
+            return None
         return self._one_session(_sessions.c.title == title)
 
     def get_session_title(self, session_id: str) -> str | None:
@@ -1006,18 +1013,23 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             skip_rewound=not include_inactive,
             oldest_first=order == "oldest",
         )
-        first = max(0, offset)
-        wanted = min(first + max(0, limit), _search.MAX_LIMIT)
-        if wanted <= first:
+        size, first = _window(limit, offset)  # a negative limit: every hit
+        wanted = _search.MAX_LIMIT if size is None else min(first + size, _search.MAX_LIMIT)
+        if wanted <= first and size is not None:
             return []
         text = _hermes_search_query(query)
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             try:
-                hits = _search.run(conn, text, filters, None, wanted).hits[first:]
+                page = _search.run(conn, text, filters, None, wanted)
+                hits = page.hits
+                while size is None and page.next_cursor is not None:
+                    after = _search.decode_cursor(page.next_cursor)
+                    page = _search.run(conn, text, filters, after, wanted)
+                    hits += page.hits
             except SearchQueryError:
                 return []
-            return self._search_results(conn, hits)
+            return self._search_results(conn, hits[first:])
 
         return self._store.read_transaction(work)
 
@@ -1210,7 +1222,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 )
             else:
                 rows.sort(key=lambda r: r.started_at, reverse=True)
-            page = rows[offset : offset + limit]
+            size, start = _window(limit, offset)  # as SQLite's LIMIT/OFFSET: -1 is all
+            page = rows[start:] if size is None else rows[start : start + size]
             tips = {}
             if project_compression_tips and not include_children:
                 tips = {r.id: known.tip(r.id) for r in page if r.end_reason == "compression"}
