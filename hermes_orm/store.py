@@ -879,7 +879,6 @@ class StoreCore:
 
         Their children lose the parent link. Returns how many sessions went.
         """
-        picked: list[str] = []
 
         def work(conn: Connection) -> int:
             ids = list(pick(conn))
@@ -892,12 +891,14 @@ class StoreCore:
                 .where(_sessions.c.parent_session_id.in_(ids))
                 .values(parent_session_id=None)
             )
-            picked[:] = ids
+            # Forgotten before the commit: a caller cancelled once it is done (an
+            # asyncio task) must leave no cursor that a session made anew under
+            # the same id would be checked against (and warned about).
+            for session_id in ids:
+                self.forget_cursor(session_id)
             return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
 
         deleted: int = yield Run(work, write=True, once=True)
-        for session_id in picked:
-            self.forget_cursor(session_id)
         return deleted
 
     def _list_sessions(

@@ -1250,6 +1250,47 @@ def test_a_task_cancelled_at_any_statement_leaves_the_session_exact(
     asyncio.run(main())
 
 
+@pytest.mark.apis("async")
+def test_a_task_cancelled_as_its_work_commits_leaves_no_trace(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled as a delete (or a flush) commits: a session made anew under the deleted
+    id is no session whose writes were lost (no warning), and is written exactly."""
+
+    async def main() -> None:
+        store = AsyncSessionStore(_async_url(db_url))
+        target: dict[str, Any] = {}
+
+        def at_commit(_conn: Any) -> None:
+            if "task" in target:
+                target.pop("task").cancel()
+
+        event.listen(store.engine.sync_engine, "commit", at_commit)
+        for n in range(3):
+            sid = f"gone-{n}"
+            await store.create_session(sid, source="cli")
+            await store.flush(sid, conversation(2))
+            task = asyncio.ensure_future(store.delete_session(sid))
+            target["task"] = task
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert await store.get_session(sid) is None  # it committed
+            await store.create_session(sid, source="cli")
+            assert (await store.flush(sid, conversation(1))).cursor == 3
+            task = asyncio.ensure_future(store.flush(sid, conversation(2)))
+            target["task"] = task
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert await store.get_messages(sid) == conversation(2)
+        await store.close()
+        await store.engine.dispose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    noted = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noted == [], noted
+
+
 def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     """A store holds a connection only while it works: 50 threads, a pool of 2+2."""
     from hermes_orm import create_store_engine
