@@ -519,9 +519,9 @@ def _attempt(
         result = request.work(conn)
         if xid is not None:
             landed[:] = (*xid, result)
-        # A read ends too: no snapshot or idle transaction is kept. It commits
-        # (nothing): at a ROLLBACK psycopg forgets the statements it prepared
-        # for the statements run again and again (see search.py's _pg_words).
+        # A read ends too: no snapshot or idle transaction is kept. It commits,
+        # which changes nothing it read, where a ROLLBACK would make psycopg
+        # forget every statement it prepared (see search.py's _pg_words).
         _dialects.end_transaction(conn, commit=True)
         landed.clear()
         return result
@@ -996,10 +996,8 @@ class StoreCore:
         # The copies hold the history as this store left it. Where the stored cursor
         # or its digest is not what it left, another writer moved it since (appended,
         # or cut or rewrote the history): the stored digests decide.
-        as_left = hint is not None and (hint.cursor, hint.digest) == (
-            cursor,
-            stored.flushed_digest,
-        )
+        as_left = hint is not None and (hint.cursor, hint.digest) == (cursor, stored.flushed_digest)
+        copies = hint.copies if hint is not None and as_left and verify == "all" else None
         start = self._check_continues(
             conn,
             session_id,
@@ -1007,7 +1005,7 @@ class StoreCore:
             cursor=cursor,
             digest=stored.flushed_digest,
             verify=verify,
-            copies=hint.copies if as_left and hint is not None and verify == "all" else None,
+            copies=copies,
         )
         if len(messages) < cursor:
             return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None

@@ -770,13 +770,21 @@ def test_where_the_backends_differ_is_as_the_readme_says(store: SessionStore, ba
     assert found("istanbul") == (["dotted I"] if postgresql else [])
 
 
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
 def _rows_read(plan: dict[str, Any]) -> int:
     """Rows the scans of an EXPLAIN (ANALYZE, FORMAT JSON) plan read, kept or not."""
-    read = 0
-    if "Scan" in plan["Node Type"] and plan.get("Relation Name") == "hermes_messages":
-        read += plan["Actual Rows"] * plan["Actual Loops"]
-        read += plan.get("Rows Removed by Filter", 0) + plan.get("Rows Removed by Index Recheck", 0)
-    return read + sum(_rows_read(child) for child in plan.get("Plans", []))
+    return sum(
+        node["Actual Rows"] * node["Actual Loops"]
+        + node.get("Rows Removed by Filter", 0)
+        + node.get("Rows Removed by Index Recheck", 0)
+        for node in _nodes(plan)
+        if "Scan" in node["Node Type"] and node.get("Relation Name") == "hermes_messages"
+    )
 
 
 @pytest.mark.postgresql
@@ -804,12 +812,12 @@ def test_a_prepared_search_finds_a_rare_word_by_the_index(empty_pg: str, query: 
     assert sent
     with store.engine.connect() as conn:
         for number, (statement, params) in enumerate(sent):
-            plan = _generic_plan(conn, f"generic{number}", statement, params)
+            plan = _prepared_plan(conn, f"generic{number}", statement, params)
             assert _rows_read(plan) < 20, json.dumps(plan, indent=1)
     store.close()
 
 
-def _generic_plan(
+def _prepared_plan(
     conn: Any, name: str, statement: str, params: tuple[Any, ...], mode: str = "generic"
 ) -> Any:
     """The plan (EXPLAIN ANALYZE, as JSON) of ``statement`` prepared as ``name``, generic
@@ -826,12 +834,6 @@ def _generic_plan(
         f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}({values})"
     ).scalar_one()
     return explained[0]["Plan"]
-
-
-def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _nodes(child)
 
 
 @pytest.mark.postgresql
@@ -864,7 +866,7 @@ def test_a_prepared_search_walks_the_newest_messages_to_a_full_page(
     assert len(sent) == 1  # the page is full from the newest messages
     for mode in ("generic", "custom"):
         with store.engine.connect() as conn:
-            plan = _generic_plan(conn, "walk", *sent[0], mode=mode)
+            plan = _prepared_plan(conn, "walk", *sent[0], mode=mode)
         nodes = list(_nodes(plan))
         assert _rows_read(plan) < 30, json.dumps(plan, indent=1)  # the page, its bodies, of 2,000
         assert not [node for node in nodes if node["Node Type"] == "Hash Join"], json.dumps(plan)
