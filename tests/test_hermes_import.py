@@ -598,6 +598,7 @@ def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_pa
     report = import_state_db(source, store)
     assert list(report.invalid_sessions) == [bad]
     assert "timestamp" in report.invalid_sessions[bad]
+    assert report.grown_sessions == report.mismatched_sessions == []  # reported once, as invalid
     assert not report.ok
     assert "cannot be stored" in report.table()
     # every other session came through whole
@@ -688,3 +689,48 @@ def test_dict_content_hermes_stored_is_imported_as_hermes_reads_it(
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert SessionDB(store).get_messages("d")[0]["content"] == expected == {"kind": "card", "n": 1}
+
+
+def _write_lone_surrogates(db: Any, sid: str) -> None:
+    """Hermes calls carrying lone surrogates where Hermes keeps them: JSON and multimodal parts."""
+    db.create_session(sid, source="cli", model_config={"k\ud800": "v\udfff"})
+    db.append_message(sid, "user", content="plain \ud83d text")
+    db.append_message(
+        sid,
+        "assistant",
+        content=[{"type": "text", "text": "part \ud800"}],
+        tool_calls=[{"id": "c\udc00", "type": "function", "function": {"name": "f"}}],
+        reasoning_details=[{"text": "\udbff"}],
+    )
+
+
+def test_lone_surrogates_hermes_keeps_are_imported_as_the_adapter_stores_them(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
+
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source = tmp_path / "state.db"
+    hermes = HermesSessionDB(source)
+    _write_lone_surrogates(hermes, "imported")
+    assert "\ud800" in hermes.get_messages("imported")[1]["content"][0]["text"]  # kept by Hermes
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    db = SessionDB(store)
+    _write_lone_surrogates(db, "adapted")  # the same calls through the adapter
+
+    def kept(sid: str) -> tuple[Any, ...]:
+        session = db.get_session(sid)
+        assert session is not None
+        return (
+            session["model_config"],
+            [
+                {k: v for k, v in m.items() if k not in ("id", "session_id", "timestamp")}
+                for m in db.get_messages(sid)
+            ],
+        )
+
+    assert kept("imported") == kept("adapted")
+    assert kept("imported")[1][1]["content"] == [{"type": "text", "text": "part \ufffd"}]

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import _dialects
 from hermes_orm.errors import HermesOrmError, SessionNotFoundError
+from hermes_orm.integrations.hermes._text import scrub
 from hermes_orm.models import (
     GatewayRoute,
     Message,
@@ -63,8 +64,6 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
         TypeError: Neither text nor a number.
         ValueError: Text with NUL characters, or longer than ``max_length``.
     """
-    from hermes_orm.integrations.hermes.sessiondb import _scrub
-
     if value is None:
         return None
     if isinstance(value, bool):
@@ -72,7 +71,7 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
     elif isinstance(value, int | float):
         text = str(value)
     elif isinstance(value, str):
-        text = _scrub(value)
+        text = scrub(value)
     else:
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in text:

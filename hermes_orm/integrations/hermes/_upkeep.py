@@ -47,6 +47,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
+from hermes_orm.integrations.hermes._text import scrub, scrub_json
 from hermes_orm.models import Base, Message, ModelUsage, Session
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     ``message_id`` taken as ``platform_message_id``, falsy JSON values as
     nothing; the row is active and not compacted.
     """
-    from hermes_orm.integrations.hermes.sessiondb import _scrub, _scrub_json, hermes_content
+    from hermes_orm.integrations.hermes.sessiondb import hermes_content
 
     role = msg.get("role", "unknown")
     assistant = role == "assistant"
@@ -106,19 +107,19 @@ def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     message: dict[str, Any] = {"role": role, "content": hermes_content(msg.get("content"))}
     optional = {
         "tool_call_id": msg.get("tool_call_id"),
-        "tool_calls": _scrub_json(msg.get("tool_calls")) or None,
-        "tool_name": _scrub(msg.get("tool_name")),
+        "tool_calls": scrub_json(msg.get("tool_calls")) or None,
+        "tool_name": scrub(msg.get("tool_name")),
         "effect_disposition": msg.get("effect_disposition"),
         "token_count": msg.get("token_count"),
         "finish_reason": msg.get("finish_reason"),
-        "reasoning": _scrub(msg.get("reasoning")) if assistant else None,
-        "reasoning_content": _scrub(msg.get("reasoning_content")) if assistant else None,
+        "reasoning": scrub(msg.get("reasoning")) if assistant else None,
+        "reasoning_content": scrub(msg.get("reasoning_content")) if assistant else None,
         **{
-            key: (_scrub_json(msg.get(key)) or None) if assistant else None
+            key: (scrub_json(msg.get(key)) or None) if assistant else None
             for key in _REASONING_JSON
         },
         "platform_message_id": msg.get("platform_message_id") or msg.get("message_id"),
-        "api_content": _scrub(api_content) if isinstance(api_content, str) else None,
+        "api_content": scrub(api_content) if isinstance(api_content, str) else None,
     }
     message.update({k: v for k, v in optional.items() if v is not None})
     message.update(
@@ -564,10 +565,10 @@ class UpkeepMethods:
         Returns how many rows changed (0 or 1): none when the newest live user
         message holds other content (the transcript changed meanwhile).
         """
-        from hermes_orm.integrations.hermes.sessiondb import _scrub, hermes_content
+        from hermes_orm.integrations.hermes.sessiondb import hermes_content
 
         expected = hermes_content(content)
-        value = _scrub(api_content) if isinstance(api_content, str) else None
+        value = scrub(api_content) if isinstance(api_content, str) else None
 
         def set_api_content(message: dict[str, Any]) -> None:
             if value is None:
@@ -1169,11 +1170,9 @@ class UpkeepMethods:
         Raises:
             ValueError: A field or a message that cannot be imported.
         """
-        from hermes_orm.integrations.hermes.sessiondb import _scrub, _scrub_json
-
         config = _json_object_or_none(raw.get("model_config"), "model_config")
         parent = _text_or_none(raw.get("parent_session_id"), "parent_session_id")
-        text = {f: _scrub(_text_or_none(raw.get(f), f)) for f in _IMPORT_SESSION_TEXT}
+        text = {f: scrub(_text_or_none(raw.get(f), f)) for f in _IMPORT_SESSION_TEXT}
         cleaned = []
         for i, message in enumerate(messages):
             role = message.get("role")
@@ -1203,7 +1202,7 @@ class UpkeepMethods:
             **text,
             "id": session_id,
             "source": text["source"] or "import",
-            "model_config": _scrub_json(config) or None,
+            "model_config": scrub_json(config) or None,
             "parent_session_id": (parent or "").strip() or None,
             "started_at": time.time() if started is None else started,
             "ended_at": _float_or_none(raw.get("ended_at")),
@@ -1375,13 +1374,11 @@ class UpkeepMethods:
 
         Text that is not JSON is kept as the text it is.
         """
-        from hermes_orm.integrations.hermes.sessiondb import _scrub_json
-
         config: Any = model_config_json
         if isinstance(config, str):
             with contextlib.suppress(ValueError):
                 config = json.loads(config)
-        values: dict[str, Any] = {"model_config": _scrub_json(config)}
+        values: dict[str, Any] = {"model_config": scrub_json(config)}
         if model is not None:
             values["model"] = model
         self._update_session(session_id, values)

@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
+from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import (
     SESSION_FIELDS,
@@ -252,6 +253,17 @@ def _json_or_text(value: Any) -> Any:
         return value
 
 
+def _message_json(value: Any) -> Any:
+    """JSON text of a Hermes message decoded, lone surrogates in it made U+FFFD.
+
+    Hermes keeps them escaped in its messages' JSON; a message cannot hold them
+    (they are no Unicode), and the SessionDB adapter replaces them alike.
+    (A session's ``model_config`` holds them as Hermes does: not scrubbed.)
+    """
+    decoded = _json_or_text(value)
+    return scrub_json(decoded) if decoded is not value and may_escape_surrogates(value) else decoded
+
+
 @functools.cache
 def _session_columns(keys: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Of a Hermes sessions row's columns: those copied as fields, and those kept in ``extra``.
@@ -331,7 +343,7 @@ class MessageColumns:
         if content is None:
             message["content"] = None
         elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
-            parts = _json_or_text(content[len(CONTENT_JSON_PREFIX) :])
+            parts = _message_json(content[len(CONTENT_JSON_PREFIX) :])
             # A list of parts is content a message holds; any other JSON (a dict)
             # stays the text Hermes wrote, which the SessionDB adapter reads back
             # decoded, as Hermes does.
@@ -340,7 +352,7 @@ class MessageColumns:
         for key in self.json_keys:
             value = message.get(key)
             if value is not None:
-                message[key] = _json_or_text(value)
+                message[key] = _message_json(value)
         for key in self.bool_keys:
             value = message.get(key)
             if value is not None:
@@ -1057,11 +1069,11 @@ def _verify(
     for sid in ids:
         have = counts.get(sid, -1)
         after = now.get(sid, 0)
-        if have == after:
-            continue
+        if have == after or sid in report.diverged_sessions or sid in report.invalid_sessions:
+            continue  # reported already, as what stopped its copy
         if have == seen.get(sid, 0) < after:
             report.grown_sessions.append(sid)
-        elif sid not in report.diverged_sessions and sid not in report.invalid_sessions:
+        else:
             report.mismatched_sessions.append(sid)
     if _has_table(src, "session_model_usage"):
         n = src.execute("SELECT count(*) FROM session_model_usage")[0][0]

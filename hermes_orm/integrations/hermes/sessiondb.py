@@ -14,11 +14,12 @@ Hermes' own SessionDB tests run against it on both backends
 (``tests/test_hermes_suite.py``), and the calls are compared with the real
 class (``tests/test_hermes_sessiondb.py``). Known differences: ``search_messages``
 reads queries with hermes_orm's language, orders hits newest first where Hermes
-ranks by relevance, and makes its own snippets; lone surrogates inside JSON
-values become U+FFFD (Hermes keeps them escaped); ``create_session`` on an
-existing session also fills a missing ``user_id``; a session's
-``message_count`` counts its archived (compacted) rows too; roles are those
-hermes_orm stores; no write triggers a search-index optimize (none is needed).
+ranks by relevance, and makes its own snippets; lone surrogates inside a
+message's JSON values become U+FFFD (Hermes keeps them escaped, see ``_text``);
+``create_session`` on an existing session also fills a missing ``user_id``; a
+session's ``message_count`` counts its archived (compacted) rows too; roles are
+those hermes_orm stores; no write triggers a search-index optimize (none is
+needed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
+from hermes_orm.integrations.hermes._text import scrub, scrub_json
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
@@ -78,31 +80,6 @@ _CREATE_FIELDS = (
 MAX_TITLE_LENGTH = 100
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _INVISIBLE = re.compile(r"[\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufffc\ufff9-\ufffb]")
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def _scrub(value: Any) -> Any:
-    """Replace lone surrogates, which no database can store, as Hermes does."""
-    if isinstance(value, str) and _LONE_SURROGATE.search(value):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    return value
-
-
-def _scrub_json(value: Any) -> Any:
-    """:func:`_scrub` through a JSON structure, keys included.
-
-    Hermes keeps lone surrogates inside its JSON columns (escaped); PostgreSQL's
-    json cannot hold them, so here they become U+FFFD like in text columns.
-    """
-    if isinstance(value, str):
-        return _scrub(value)
-    if isinstance(value, list):
-        return [_scrub_json(v) for v in value]
-    if isinstance(value, dict):
-        return {_scrub(k) if isinstance(k, str) else k: _scrub_json(v) for k, v in value.items()}
-    return value
-
-
 #: What Hermes puts before structured content it keeps as JSON text.
 CONTENT_JSON_PREFIX = "\x00json:"
 
@@ -116,15 +93,15 @@ def hermes_content(content: Any) -> Any:
     its JSON, which :func:`hermes_content_value` reads back.
     """
     if content is None or isinstance(content, str | list | bytes):
-        return _scrub_json(content)  # bytes: refused by the store, no column holds them
+        return scrub_json(content)  # bytes: refused by the store, no column holds them
     if isinstance(content, tuple):
-        return _scrub_json(list(content))
+        return scrub_json(list(content))
     if isinstance(content, bool | int | float):
         return str(int(content) if isinstance(content, bool) else content)
     try:
         return CONTENT_JSON_PREFIX + json.dumps(content)
     except (TypeError, ValueError):
-        return _scrub(str(content))
+        return scrub(str(content))
 
 
 def hermes_content_value(content: Any) -> Any:
@@ -145,7 +122,7 @@ def sanitize_title(title: str | None) -> str | None:
     """
     if not title:
         return None
-    cleaned = _INVISIBLE.sub("", _CONTROL.sub("", _scrub(title)))
+    cleaned = _INVISIBLE.sub("", _CONTROL.sub("", scrub(title)))
     cleaned = re.sub(r"\s+", " ", cleaned).strip()
     if not cleaned:
         return None
@@ -871,18 +848,18 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         optional = {
             "tool_call_id": tool_call_id,
             # Hermes stores falsy JSON values as NULL
-            "tool_calls": _scrub_json(tool_calls) or None,
-            "tool_name": _scrub(tool_name),
+            "tool_calls": scrub_json(tool_calls) or None,
+            "tool_name": scrub(tool_name),
             "effect_disposition": effect_disposition,
             "token_count": token_count,
             "finish_reason": finish_reason,
-            "reasoning": _scrub(reasoning),
-            "reasoning_content": _scrub(reasoning_content),
-            "reasoning_details": _scrub_json(reasoning_details) or None,
-            "codex_reasoning_items": _scrub_json(codex_reasoning_items) or None,
-            "codex_message_items": _scrub_json(codex_message_items) or None,
+            "reasoning": scrub(reasoning),
+            "reasoning_content": scrub(reasoning_content),
+            "reasoning_details": scrub_json(reasoning_details) or None,
+            "codex_reasoning_items": scrub_json(codex_reasoning_items) or None,
+            "codex_message_items": scrub_json(codex_message_items) or None,
             "platform_message_id": platform_message_id,
-            "api_content": _scrub(api_content) if isinstance(api_content, str) else None,
+            "api_content": scrub(api_content) if isinstance(api_content, str) else None,
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
