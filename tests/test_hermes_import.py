@@ -192,6 +192,33 @@ def test_a_rewritten_source_session_is_reported_not_overwritten(
     assert "1 diverged" in last_word.getMessage()
 
 
+def test_an_edit_hermes_made_to_any_copied_message_is_reported_as_diverged(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
+
+    source = tmp_path / "state.db"
+    hermes = HermesSessionDB(source)
+    hermes.create_session("s", source="cli")
+    hermes.create_session("t", source="cli")
+    for sid in ("s", "t"):
+        hermes.append_message(sid, "user", content="question")
+        hermes.append_message(sid, "assistant", content="answer")
+        hermes.append_message(sid, "assistant", content="and more")
+    assert import_state_db(source, store).ok
+    # Hermes backfills the newest user message: the first of three, copied already.
+    assert hermes.set_latest_user_api_content("s", "question", "question, with context") == 1
+    hermes.append_message("s", "user", content="next")
+    hermes.append_message("t", "user", content="next")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == ["s"]
+    assert report.grown_sessions == report.mismatched_sessions == []
+    assert report.messages_written == 1  # t's, and none on top of s' stale copy
+    assert "api_content" not in store.get_messages("s")[0]
+    assert [m["content"] for m in store.get_messages("t")][-1] == "next"
+
+
 def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) -> None:
     with pytest.raises(StateDbError):
         import_state_db(tmp_path / "missing.db", store)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import pickle
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TextIO, TypeVar
+from typing import IO, Any, NamedTuple, TextIO, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Table, bindparam, select
@@ -453,7 +454,7 @@ def import_state_db(
         cursors = _cursors(store, ids)  # what the sessions' upsert leaves as it is
         job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
         # About what is left to copy (sessions the destination holds more of make it low).
-        remaining = total - sum(n for n, _ in cursors.values())
+        remaining = total - sum(c.cursor for c in cursors.values())
         _log.info(
             "importing %s: %d sessions, %d messages (%d stored already)",
             src.path,
@@ -462,7 +463,7 @@ def import_state_db(
             total - remaining,
         )
         reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
-        seen = {sid: n for sid, (n, _) in cursors.items()}
+        seen = {sid: c.cursor for sid, c in cursors.items()}
         # The reader starts first: it reads the first batches while the sessions are written.
         with reading(job) as batches:
             report.sessions_written = _upsert_sessions(store, sessions, report)
@@ -634,7 +635,7 @@ class ReadJob:
     source: Path
     dialect: str
     session_ids: list[str]
-    cursors: dict[str, tuple[int, bytes | None]]
+    cursors: dict[str, Copied]
     batch: int
 
 
@@ -713,7 +714,9 @@ def _copy_messages(
             for sid, tail in tails:
                 try:
                     # The tail holds the source's messages from the one below the
-                    # stored cursor on: that one is what is checked.
+                    # stored cursor on: that one is what is checked (the reader
+                    # checked those up to the cursor it read; another writer
+                    # stored the rest since, from the same source).
                     result = store.flush_in(conn, sid, tail, verify="last")[0]
                 except HistoryDivergedError:  # raised before this session wrote anything
                     done.append((sid, -1, -1))  # reported once committed
@@ -931,7 +934,7 @@ def _read_ahead(
 def _read_groups(
     src: Source,
     session_ids: list[str],
-    cursors: dict[str, tuple[int, bytes | None]],
+    cursors: dict[str, Copied],
     *,
     batch: int,
     report: ImportReport,
@@ -939,21 +942,21 @@ def _read_groups(
     """Read and encode what each session lacks; yield groups of about ``batch`` messages.
 
     Each item is a group to write in one transaction and how many sessions
-    were finished while reading it.
+    were finished while reading it. A session the destination holds messages
+    of is first checked: the source's first messages must be those stored
+    (their fingerprints match), else it is reported as diverged.
     """
     columns = MessageColumns.of(src.columns("messages"))
     group: list[Chunk] = []
     size = finished = 0
     for sid in session_ids:
-        cursor, stored_digest = cursors.get(sid, (0, None))
-        before_digest = stored_digest
+        cursor, before_digest, stored = cursors.get(sid, _NOTHING_COPIED)
         if cursor:
-            found = src.execute(columns.read_one, (sid, cursor - 1))
-            if not found:  # the source holds fewer messages than were imported
+            before_digest = _checked_prefix(src, columns, sid, cursor, batch=batch, stored=stored)
+            if before_digest is None:
                 report.diverged_sessions.append(sid)
                 finished += 1
                 continue
-            before_digest = _digest_or_none(columns.message(found[0]))
         while True:
             rows = src.execute(columns.read_many, (sid, batch, cursor))
             if rows:
@@ -975,24 +978,78 @@ def _read_groups(
     yield group, finished
 
 
-def _digest_or_none(message: dict[str, Any]) -> bytes | None:
-    try:
-        return _codec.message_digest(message)
-    except InvalidMessageError:
-        return None
+def _checked_prefix(
+    src: Source, columns: MessageColumns, sid: str, cursor: int, *, batch: int, stored: bytes
+) -> bytes | None:
+    """The digest of the source's message ``cursor - 1`` if its first ``cursor`` are those stored.
 
+    None if they are not: fewer, or any of them changed since it was copied
+    (their digests' fingerprint is not ``stored``).
+    """
+    fingerprint = _fingerprint()
+    digest = None
+    for start in range(0, cursor, batch):
+        rows = src.execute(columns.read_many, (sid, min(batch, cursor - start), start))
+        for row in rows:
+            try:
+                digest = _codec.message_digest(columns.message(row))
+            except InvalidMessageError:
+                return None
+            fingerprint.update(digest)
+        if len(rows) < min(batch, cursor - start):
+            return None  # the source holds fewer messages than were imported
+    return digest if fingerprint.digest() == stored else None
+
+
+def _fingerprint() -> Any:
+    """What the digests of a session's messages, fed in order, sum up to: 16 bytes."""
+    return hashlib.blake2b(digest_size=16)
+
+
+class Copied(NamedTuple):
+    """What the destination holds of a session: how many messages, and what they are."""
+
+    cursor: int
+    #: The digest of its message ``cursor - 1`` (None: no message).
+    digest: bytes | None
+    #: The fingerprint of its messages' digests, in order.
+    fingerprint: bytes
+
+
+_NOTHING_COPIED = Copied(0, None, _fingerprint().digest())
 
 _READ_CURSORS = (
     f"SELECT id, flushed_idx, flushed_digest FROM {_sessions.name} WHERE id IN ({{values}})"
 )
+_READ_DIGESTS = (
+    f"SELECT session_id, digest FROM {_messages.name}"
+    f" WHERE session_id IN ({{values}}) ORDER BY session_id, idx"
+)
 
 
-def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, tuple[int, bytes | None]]:
-    """Each destination session's cursor and the digest at it, in one query per 500."""
+def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
+    """What the destination holds of each session, a few queries per 500 sessions.
 
-    def work(conn: Connection) -> dict[str, tuple[int, bytes | None]]:
-        rows = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
-        return {sid: (n, digest) for sid, n, digest in rows}
+    Every stored message's digest is read, to check a re-run's source still
+    begins with them; only the fingerprints are kept.
+    """
+
+    def work(conn: Connection) -> dict[str, Copied]:
+        cursors = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
+        held = [sid for sid, n, _ in cursors if n]
+        fingerprints: dict[str, Any] = {}
+        for start in range(0, len(held), 500):  # the digests of 500 sessions at a time
+            part = held[start : start + 500]
+            for sid, digest in _dialects.rows_for_values(conn, _READ_DIGESTS, part):
+                fingerprint = fingerprints.get(sid)
+                if fingerprint is None:
+                    fingerprint = fingerprints[sid] = _fingerprint()
+                fingerprint.update(digest)
+        empty = _NOTHING_COPIED.fingerprint
+        return {
+            sid: Copied(n, digest, fingerprints[sid].digest() if sid in fingerprints else empty)
+            for sid, n, digest in cursors
+        }
 
     return store.read_transaction(work)
 
