@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hermes_orm import SessionStore
-from hermes_orm.errors import InvalidMessageError
+from hermes_orm.errors import InvalidMessageError, InvalidSessionError
 from hermes_orm.integrations.hermes import SessionDB
 from tests.conftest import fresh_store
 
@@ -462,6 +462,61 @@ def test_any_append_reads_back_as_hermes_gives_it(
     if title is not None:
         both.set_session_title(sid, title)  # both clean it, both may refuse it
         both.get_session_title(sid)
+
+
+# What Hermes' SQLite columns make of a value of another type: a number given
+# for a text column is SQLite's text of it, a whole float given for a count an int.
+_CONVERTED = [
+    ("tool_call_id", 123),
+    ("platform_message_id", 456),
+    ("finish_reason", 1),
+    ("tool_name", True),
+    ("effect_disposition", 2.5),
+    ("reasoning", 5),
+    ("token_count", True),
+    ("token_count", 2.0),
+    ("content", 1e20),  # "1.0e+20", as SQLite writes it
+    ("content", float("inf")),  # "Inf"
+    ("content", float("nan")),  # NULL
+    ("content", 7),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), _CONVERTED, ids=repr)
+def test_a_number_hermes_converts_is_stored_as_hermes_reads_it_back(
+    both: Any, key: str, value: Any
+) -> None:
+    both.create_session("s", "cli")
+    both.append_message("s", "assistant", **{key: value})
+    both.replace_messages("s", [*both.get_messages("s"), {"role": "user", key: value}])
+    both.get_messages("s")
+    both.get_messages_as_conversation("s")
+
+
+@pytest.mark.parametrize("key", ["user_id", "chat_id", "thread_id", "session_key", "model", "cwd"])
+@pytest.mark.parametrize("value", [42, 1.5e300, False])
+def test_a_number_given_for_a_session_text_field_is_stored_as_its_text(
+    both: Any, key: str, value: Any
+) -> None:
+    both.create_session("s", "cli", **{key: value})
+    both.create_session("t", 7)  # the source too
+    both.get_session("s")
+    both.get_session("t")
+
+
+def test_values_no_column_of_ours_can_hold_are_refused_before_anything_is_written(
+    store: SessionStore,
+) -> None:
+    """Where Hermes' SQLite file stores what comes (the README lists these)."""
+    ours = SessionDB(store)
+    ours.create_session("s", "cli")
+    for refused in ({"token_count": 1.5}, {"content": b"bytes"}):
+        with pytest.raises(InvalidMessageError):
+            ours.append_message("s", "assistant", **refused)
+    with pytest.raises(InvalidSessionError):
+        ours.create_session("long", "x" * 513)
+    assert ours.get_messages("s") == []
+    assert ours.get_session("long") is None
 
 
 def test_lone_surrogates_in_json_values_become_replacement_characters(store: SessionStore) -> None:

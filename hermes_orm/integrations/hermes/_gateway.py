@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import _dialects
 from hermes_orm.errors import HermesOrmError, SessionNotFoundError
-from hermes_orm.integrations.hermes._text import scrub
+from hermes_orm.integrations.hermes._text import sqlite_text
 from hermes_orm.models import (
     GatewayRoute,
     Message,
@@ -64,15 +64,10 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
         TypeError: Neither text nor a number.
         ValueError: Text with NUL characters, or longer than ``max_length``.
     """
-    if value is None:
+    text = sqlite_text(value)
+    if text is None:
         return None
-    if isinstance(value, bool):
-        text = "1" if value else "0"
-    elif isinstance(value, int | float):
-        text = str(value)
-    elif isinstance(value, str):
-        text = scrub(value)
-    else:
+    if not isinstance(text, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in text:
         raise ValueError(f"{name} contains NUL characters, which cannot be stored")

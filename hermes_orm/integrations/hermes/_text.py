@@ -1,14 +1,22 @@
-"""Text as Hermes Agent keeps it, made storable: lone surrogates become U+FFFD.
+"""Values as Hermes Agent's SQLite file keeps them, made storable.
 
 Hermes replaces lone surrogates in its text columns as it writes them, but
 keeps them, escaped, inside its JSON columns and its multimodal content. No
 database this package stores into can hold them (they are not valid Unicode),
 so the SessionDB adapter and the importer replace them everywhere alike.
+
+Hermes binds whatever it is given into its SQLite columns, whose affinity
+converts it: a number given for a text column is stored (and read back) as
+SQLite's text of it, a whole float given for an integer column as the int.
+The adapter converts such values alike (:func:`sqlite_text`,
+:func:`sqlite_integer`) instead of refusing them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
 from typing import Any
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -40,3 +48,35 @@ def may_escape_surrogates(json_text: str) -> bool:
     Every surrogate pair JSON escapes is also matched: the walk then changes nothing.
     """
     return "\\u" in json_text and _ESCAPED_SURROGATE.search(json_text) is not None
+
+
+def sqlite_text(value: Any) -> Any:
+    """``value`` as a TEXT column of Hermes' SQLite file holds it.
+
+    Text has its lone surrogates replaced; a bool is ``"1"``/``"0"``, an int
+    its digits, a float the text SQLite makes of it (``1e20`` is
+    ``"1.0e+20"``, infinity ``"Inf"``, NaN is NULL: None). Anything else is
+    returned as it is, for the store to take or refuse.
+    """
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, int):  # bool included: SQLite binds it as 1 or 0
+        return str(int(value))
+    if isinstance(value, float):
+        # SQLite's own conversion: its text of a REAL is no Python repr.
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            return conn.execute("SELECT CAST(? AS TEXT)", (value,)).fetchone()[0]
+    return value
+
+
+def sqlite_integer(value: Any) -> Any:
+    """``value`` as an INTEGER column of Hermes' SQLite file reads it back.
+
+    A bool is the int it binds as, a float equal to an int that int; anything
+    else is returned as it is (a fraction is no count: the store refuses it).
+    """
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -19,7 +19,9 @@ message's JSON values become U+FFFD (Hermes keeps them escaped, see ``_text``);
 ``create_session`` on an existing session also fills a missing ``user_id``; a
 session's ``message_count`` counts its archived (compacted) rows too; roles are
 those hermes_orm stores; no write triggers a search-index optimize (none is
-needed).
+needed). Numbers given for text fields are stored as Hermes' SQLite file stores
+them (see ``_text``); values no column here holds are refused (the README lists
+them).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
-from hermes_orm.integrations.hermes._text import scrub, scrub_json
+from hermes_orm.integrations.hermes._text import scrub, scrub_json, sqlite_integer, sqlite_text
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
@@ -97,7 +99,7 @@ def hermes_content(content: Any) -> Any:
     if isinstance(content, tuple):
         return scrub_json(list(content))
     if isinstance(content, bool | int | float):
-        return str(int(content) if isinstance(content, bool) else content)
+        return sqlite_text(content)
     try:
         return CONTENT_JSON_PREFIX + json.dumps(content)
     except (TypeError, ValueError):
@@ -573,10 +575,16 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         unknown = set(kwargs) - set(_CREATE_FIELDS)
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        fields = {k: v for k, v in {"model": model, **kwargs}.items() if v is not None}
+        fields = {
+            k: v if k == "model_config" else sqlite_text(v)
+            for k, v in {"model": model, **kwargs}.items()
+            if v is not None
+        }
         if not fields.get("model_config"):
             fields.pop("model_config", None)  # Hermes stores a falsy config as NULL
-        self._store.ensure_session(session_id, source, started_at=time.time(), **fields)
+        self._store.ensure_session(
+            session_id, sqlite_text(source), started_at=time.time(), **fields
+        )
         return session_id
 
     def _set(self, session_id: str, **values: Any) -> int:
@@ -846,19 +854,19 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 )
         message: dict[str, Any] = {"role": role, "content": hermes_content(content)}
         optional = {
-            "tool_call_id": tool_call_id,
+            "tool_call_id": sqlite_text(tool_call_id),
             # Hermes stores falsy JSON values as NULL
             "tool_calls": scrub_json(tool_calls) or None,
-            "tool_name": scrub(tool_name),
-            "effect_disposition": effect_disposition,
-            "token_count": token_count,
-            "finish_reason": finish_reason,
-            "reasoning": scrub(reasoning),
-            "reasoning_content": scrub(reasoning_content),
+            "tool_name": sqlite_text(tool_name),
+            "effect_disposition": sqlite_text(effect_disposition),
+            "token_count": sqlite_integer(token_count),
+            "finish_reason": sqlite_text(finish_reason),
+            "reasoning": sqlite_text(reasoning),
+            "reasoning_content": sqlite_text(reasoning_content),
             "reasoning_details": scrub_json(reasoning_details) or None,
             "codex_reasoning_items": scrub_json(codex_reasoning_items) or None,
             "codex_message_items": scrub_json(codex_message_items) or None,
-            "platform_message_id": platform_message_id,
+            "platform_message_id": sqlite_text(platform_message_id),
             "api_content": scrub(api_content) if isinstance(api_content, str) else None,
         }
         message.update({k: v for k, v in optional.items() if v is not None})
