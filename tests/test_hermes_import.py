@@ -219,6 +219,66 @@ def test_an_edit_hermes_made_to_any_copied_message_is_reported_as_diverged(
     assert [m["content"] for m in store.get_messages("t")][-1] == "next"
 
 
+@pytest.mark.parametrize("cut", ["cleared", "made anew", "deleted"])
+def test_a_session_another_writer_cuts_during_the_import_is_reported_once(
+    store: SessionStore, tmp_path: Path, cut: str
+) -> None:
+    """Cut after its first batch was copied, it is left as it is, and a run after copies it."""
+    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
+
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source = tmp_path / "state.db"
+    hermes = HermesSessionDB(source)
+    for sid in ("s", "t"):
+        hermes.create_session(sid, source="cli")
+        for n in range(9):
+            hermes.append_message(sid, "user", content=f"{sid}{n}")
+    hermes.close()
+    ours = SessionDB(store)
+
+    def cut_once(sid: str, _cursor: int) -> None:
+        if sid != "s" or not ours.get_messages("s"):
+            return
+        if cut == "cleared":
+            ours.clear_messages("s")
+            return
+        ours.delete_session("s")
+        if cut == "made anew":
+            ours.create_session("s", "cli")
+
+    report = import_state_db(source, store, batch=3, on_batch=cut_once)
+    assert report.diverged_sessions == ["s"], report.table()
+    assert report.mismatched_sessions == report.grown_sessions == []
+    assert [m["content"] for m in store.get_messages("t")] == [f"t{n}" for n in range(9)]
+    if cut == "deleted":
+        assert store.get_session("s") is None
+        return
+    assert store.get_messages("s") == []
+    again = import_state_db(source, store)
+    assert again.ok, again.table()
+    assert [m["content"] for m in store.get_messages("s")] == [f"s{n}" for n in range(9)]
+
+
+@pytest.mark.backends("postgresql")
+def test_a_rerun_on_psycopg2_reads_in_a_child_process(
+    store: SessionStore, tmp_path: Path, reader: str
+) -> None:
+    """psycopg2 reads the stored digests as memoryviews: the reader's job still pickles."""
+    url = store.engine.url.set(drivername="postgresql+psycopg2")
+    on_psycopg2 = SessionStore(url.render_as_string(hide_password=False))
+    source = fixture_copy(tmp_path)
+    try:
+        assert import_state_db(source, on_psycopg2).ok
+        grow(source, 1)  # more sessions, and the stored ones read back
+        report = import_state_db(source, on_psycopg2)
+        assert report.ok, report.table()
+        assert report.messages_written > 0
+        assert_same_as_source(on_psycopg2, source)
+    finally:
+        on_psycopg2.close()
+
+
 def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) -> None:
     with pytest.raises(StateDbError):
         import_state_db(tmp_path / "missing.db", store)

@@ -475,6 +475,9 @@ _CONVERTED = [
     ("reasoning", 5),
     ("token_count", True),
     ("token_count", 2.0),
+    ("token_count", " 12 "),  # INTEGER affinity: text that is a number
+    ("token_count", "12.0"),
+    ("token_count", float("nan")),  # NULL
     ("content", 1e20),  # "1.0e+20", as SQLite writes it
     ("content", float("inf")),  # "Inf"
     ("content", float("nan")),  # NULL
@@ -491,6 +494,17 @@ def test_a_number_hermes_converts_is_stored_as_hermes_reads_it_back(
     both.replace_messages("s", [*both.get_messages("s"), {"role": "user", key: value}])
     both.get_messages("s")
     both.get_messages_as_conversation("s")
+
+
+@pytest.mark.parametrize("api_content", [42, 1.5, "with context", None])
+def test_api_content_set_afterwards_is_stored_as_hermes_binds_it(
+    both: Any, api_content: Any
+) -> None:
+    both.create_session("s", "cli")
+    both.append_message("s", "user", content="q", api_content="q, first context")
+    both.append_message("s", "assistant", content="a")
+    assert both.set_latest_user_api_content("s", "q", api_content) == 1
+    both.get_messages("s")
 
 
 @pytest.mark.parametrize("key", ["user_id", "chat_id", "thread_id", "session_key", "model", "cwd"])
@@ -510,7 +524,7 @@ def test_values_no_column_of_ours_can_hold_are_refused_before_anything_is_writte
     """Where Hermes' SQLite file stores what comes (the README lists these)."""
     ours = SessionDB(store)
     ours.create_session("s", "cli")
-    for refused in ({"token_count": 1.5}, {"content": b"bytes"}):
+    for refused in ({"token_count": 1.5}, {"token_count": 9.3e18}, {"content": b"bytes"}):
         with pytest.raises(InvalidMessageError):
             ours.append_message("s", "assistant", **refused)
     with pytest.raises(InvalidSessionError):

@@ -50,6 +50,20 @@ def may_escape_surrogates(json_text: str) -> bool:
     return "\\u" in json_text and _ESCAPED_SURROGATE.search(json_text) is not None
 
 
+def _stored_as(value: Any, column_type: str) -> Any:
+    """What a SQLite column of ``column_type`` affinity holds of ``value``: SQLite's own conversion.
+
+    A value the sqlite3 module cannot bind is returned as it is.
+    """
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        conn.execute(f"CREATE TABLE t (v {column_type})")
+        try:
+            conn.execute("INSERT INTO t VALUES (?)", (value,))
+        except (sqlite3.Error, TypeError, ValueError, OverflowError):
+            return value
+        return conn.execute("SELECT v FROM t").fetchone()[0]
+
+
 def sqlite_text(value: Any) -> Any:
     """``value`` as a TEXT column of Hermes' SQLite file holds it.
 
@@ -62,21 +76,21 @@ def sqlite_text(value: Any) -> Any:
         return scrub(value)
     if isinstance(value, int):  # bool included: SQLite binds it as 1 or 0
         return str(int(value))
-    if isinstance(value, float):
-        # SQLite's own conversion: its text of a REAL is no Python repr.
-        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-            return conn.execute("SELECT CAST(? AS TEXT)", (value,)).fetchone()[0]
+    if isinstance(value, float):  # SQLite's text of a REAL is no Python repr
+        return _stored_as(value, "TEXT")
     return value
 
 
 def sqlite_integer(value: Any) -> Any:
     """``value`` as an INTEGER column of Hermes' SQLite file reads it back.
 
-    A bool is the int it binds as, a float equal to an int that int; anything
-    else is returned as it is (a fraction is no count: the store refuses it).
+    A bool is the int it binds as; a float equal to an int of 64 bits, or text
+    that is such a number (``" 12 "``, ``"12.0"``), that int; NaN is NULL
+    (None). Anything else is returned as it is, or as the float SQLite keeps
+    (a fraction is no count: the store refuses it).
     """
-    if isinstance(value, bool):
+    if isinstance(value, int):
         return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float | str):
+        return _stored_as(value, "INTEGER")
     return value

@@ -568,7 +568,7 @@ class UpkeepMethods:
         from hermes_orm.integrations.hermes.sessiondb import hermes_content
 
         expected = hermes_content(content)
-        value = scrub(api_content) if isinstance(api_content, str) else None
+        value = sqlite_text(api_content)  # Hermes binds what it is given (append_message does not)
 
         def set_api_content(message: dict[str, Any]) -> None:
             if value is None:

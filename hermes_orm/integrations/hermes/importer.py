@@ -38,7 +38,12 @@ from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _codec, _dialects
-from hermes_orm.errors import HermesOrmError, HistoryDivergedError, InvalidMessageError
+from hermes_orm.errors import (
+    HermesOrmError,
+    HistoryDivergedError,
+    InvalidMessageError,
+    SessionNotFoundError,
+)
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import (
@@ -383,7 +388,11 @@ class _Tail(Sequence[dict[str, Any]]):
             return self._batch[index - self._offset]
         if index == self._offset - 1 and self._before is not None:
             return self._before
-        raise IndexError(f"message {index} was not read from the source")
+        raise _NotRead(f"message {index} was not read from the source")
+
+
+class _NotRead(IndexError):
+    """A flush asked a :class:`_Tail` for a message before it: another writer cut the session."""
 
 
 @dataclass
@@ -718,8 +727,12 @@ def _copy_messages(
                     # checked those up to the cursor it read; another writer
                     # stored the rest since, from the same source).
                     result = store.flush_in(conn, sid, tail, verify="last")[0]
-                except HistoryDivergedError:  # raised before this session wrote anything
-                    done.append((sid, -1, -1))  # reported once committed
+                except (HistoryDivergedError, _NotRead, SessionNotFoundError):
+                    # Raised before this session wrote anything: another writer
+                    # rewrote, cut or deleted it since it was read. It is left
+                    # as it is, reported as diverged once committed (a run
+                    # after copies a cut session from where it stands).
+                    done.append((sid, -1, -1))
                     continue
                 done.append((sid, result.written, result.cursor))
             return done
@@ -737,7 +750,8 @@ def _copy_messages(
                 done = store.write_transaction(locked(item))
             for sid, written, cursor in done:
                 if written < 0:
-                    report.diverged_sessions.append(sid)
+                    if sid not in report.diverged_sessions:  # once, whatever the batches
+                        report.diverged_sessions.append(sid)
                     continue
                 report.messages_written += written
                 if on_batch is not None:
@@ -1047,7 +1061,11 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
                 fingerprint.update(digest)
         empty = _NOTHING_COPIED.fingerprint
         return {
-            sid: Copied(n, digest, fingerprints[sid].digest() if sid in fingerprints else empty)
+            sid: Copied(
+                n,
+                None if digest is None else bytes(digest),  # psycopg2 gives a memoryview
+                fingerprints[sid].digest() if sid in fingerprints else empty,
+            )
             for sid, n, digest in cursors
         }
 
