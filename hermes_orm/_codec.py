@@ -494,11 +494,27 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
         raise InvalidMessageError(
             "text is not valid Unicode (lone surrogate characters cannot be stored)",
             index=index,
+            key=_surrogate_key(message),
         ) from exc
     hasher = _BLAKE2B_128.copy()
     hasher.update(raw)
     params[-1] = digest = hasher.digest()
     return _new_encoded(EncodedMessage, (tuple(params), digest, tool_calls, documents or None))
+
+
+def _surrogate_key(message: dict[Any, Any]) -> Any:
+    """The first key of ``message`` whose name or value holds a lone surrogate (None: none)."""
+
+    def holds(value: Any) -> bool:
+        if isinstance(value, str):
+            return text_problem(value.replace("\x00", "")) is not None
+        if isinstance(value, list):
+            return any(map(holds, value))
+        if isinstance(value, dict):
+            return any(holds(k) or holds(v) for k, v in value.items())
+        return False
+
+    return next((key for key, value in message.items() if holds(key) or holds(value)), None)
 
 
 def message_digest(message: Any, index: int | None = None) -> bytes:

@@ -27,7 +27,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InvalidRequestError,
+    NoSuchModuleError,
+    OperationalError,
+)
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
@@ -102,6 +108,7 @@ def normalize_url(url: str | URL) -> URL:
     try:
         parsed = make_url(_hosts_as_query(url) if isinstance(url, str) else url)
         parsed.port  # noqa: B018 - parsed lazily: a port that is not a number raises here
+        _check_hosts(parsed)
     except (ArgumentError, ValueError, TypeError) as exc:
         raise InvalidURLError(
             f"not a database URL: {redact(str(url))} ({redact(str(exc))}); "
@@ -112,6 +119,28 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
+
+
+def _check_hosts(url: URL) -> None:
+    """Refuse a ``host`` parameter (libpq's several hosts) SQLAlchemy would fail on untyped.
+
+    Its port must be a number, and it cannot be an IPv6 address.
+
+    Raises:
+        ValueError: Such a host.
+    """
+    hosts = url.query.get("host", ())
+    for host in (hosts,) if isinstance(hosts, str) else hosts:
+        if host.startswith("/"):
+            continue  # a socket directory
+        if host.startswith("["):
+            raise ValueError(
+                f"host {host!r}: SQLAlchemy takes no IPv6 address among several hosts "
+                "(name them instead)"
+            )
+        _, colon, port = host.rpartition(":")
+        if colon and not port.isdigit():
+            raise ValueError(f"the port of host {host!r} is not a number")
 
 
 #: A URL whose authority lists several hosts, as libpq writes it (and
@@ -156,6 +185,13 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
             f"the {url.get_backend_name()} driver {driver!r} is not installed or not "
             f"known ({exc}); pip install 'hermes-orm-sessions[{extra}]'",
         ) from None
+    except InvalidRequestError:  # create_async_engine: the driver has no asyncio connections
+        if make is create_engine:
+            raise
+        raise _other_api(url, "AsyncSessionStore", "SessionStore") from None
+    if isinstance(engine, Engine) and engine.dialect.is_async:
+        engine.dispose()
+        raise _other_api(url, "SessionStore", "AsyncSessionStore")
     if path is not None:
         _create_private_file(path)
     return engine
@@ -178,6 +214,14 @@ def _sqlite_file(url: URL) -> Path | None:
     if reason is not None:
         raise InvalidURLError(f"{database!r} cannot be the name of a SQLite file: {reason}")
     return Path(database).expanduser()
+
+
+def _other_api(url: URL, store: str, instead: str) -> InvalidURLError:
+    """The error for a URL whose driver belongs to the other API (asyncio or blocking)."""
+    return InvalidURLError(
+        f"{safe_url(url)}: the driver {url.get_driver_name()!r} is not for {store}; "
+        f"use {instead} with this URL"
+    )
 
 
 def _create_private_file(path: Path) -> None:

@@ -247,9 +247,17 @@ class AsyncSessionStore(_AsyncSessions):
     # -- schema ------------------------------------------------------------------
 
     async def upgrade(self, revision: str = "head") -> None:
-        """Run the shipped migrations up to ``revision`` (default: the head)."""
-        async with self._async_engine.begin() as conn:
-            await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
+        """Run the shipped migrations up to ``revision``; see :meth:`SessionStore.upgrade`."""
+
+        async def once() -> None:
+            conn = await self._connect()
+            try:
+                async with conn.begin():
+                    await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
+            finally:
+                await asyncio.shield(conn.close())
+
+        await self._retrying(self._async_engine, self._retry, once)
         self._schema_checked = False
 
     async def _ensure_schema(self) -> None:

@@ -34,12 +34,18 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import _partitions
 from hermes_orm._dialects import store_schema
-from hermes_orm.errors import SchemaManagedByHostError, SchemaOutOfDateError, SchemaTooNewError
+from hermes_orm.errors import (
+    InvalidArgumentError,
+    SchemaManagedByHostError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+)
 from hermes_orm.models import Base
 
 VERSION_TABLE = "hermes_orm_alembic_version"
@@ -232,8 +238,13 @@ def _run(bind: Bind, schema: str | None, fn: Any, *args: Any) -> None:
             if fn is command.upgrade and args == ("head",) and before.revision == head():
                 return  # at head already: a store's upgrade() on start-up has nothing to do
             raise SchemaManagedByHostError(before.revision)
+        if before.revision is not None and before.revision not in _known_revisions():
+            raise SchemaTooNewError(before.revision)
         config.attributes["connection"] = conn
-        fn(config, *args)
+        try:
+            fn(config, *args)
+        except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
+            raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         after = _located(conn, schema).revision
     if after != before.revision:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
@@ -261,7 +272,9 @@ def upgrade(
             history (their state is in its ``alembic_version``): the host's
             ``alembic upgrade hermes_orm@head`` migrates them.
         InvalidArgumentError: ``partitions`` is not an int from 2 to 1024, or
-            not on PostgreSQL (raised before anything is migrated).
+            not on PostgreSQL, or ``revision`` names no revision (raised before
+            anything is migrated).
+        SchemaTooNewError: The database was migrated by a newer hermes_orm.
     """
     if partitions is not None:
         _partitions.check_partitions(partitions, bind.dialect.name)
@@ -301,7 +314,8 @@ def downgrade(bind: Bind, revision: str, *, schema: str | None = None) -> None:
     """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all).
 
     Raises:
-        SchemaManagedByHostError: As for :func:`upgrade`.
+        SchemaManagedByHostError, SchemaTooNewError: As for :func:`upgrade`.
+        InvalidArgumentError: ``revision`` names no revision below the current one.
     """
     _run(bind, schema, command.downgrade, revision)
 

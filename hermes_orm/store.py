@@ -1605,8 +1605,17 @@ class SessionStore(_Sessions):
     # -- schema ------------------------------------------------------------------
 
     def upgrade(self, revision: str = "head") -> None:
-        """Run the shipped migrations up to ``revision`` (default: the head)."""
-        migrations.upgrade(self._engine, revision, schema=self._schema)
+        """Run the shipped migrations up to ``revision`` (default: the head).
+
+        A database out of reach is waited for, as every call of the store waits
+        (its ``retry`` policy); the migrations run whole or not at all, so a
+        try a lost connection ended is run again from where the schema stands.
+        """
+
+        def once() -> None:
+            migrations.upgrade(self._engine, revision, schema=self._schema)
+
+        _retry.run_with_retry(self._engine, self._retry, once, self._schema)
         self._schema_checked = False
 
     def _ensure_schema(self) -> None:

@@ -173,6 +173,27 @@ def test_message_values_beyond_what_is_stored_are_refused(
     assert _rows(store) == before
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("content", "x\ud800"),
+        ("content", [{"type": "text", "text": "\udfff"}]),
+        ("tool_call_id", "c\ud800"),
+        ("custom", {"nested": ["\udbff"]}),
+        ("\ud800", 1),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_its_key(
+    store: SessionStore, key: str, value: Any
+) -> None:
+    store.create_session("m", source="cli")
+    message = {"role": "tool", "content": "x", "tool_name": "t", key: value}
+    with pytest.raises(InvalidMessageError, match="lone surrogate") as err:
+        store.flush("m", [{"role": "user", "content": "fine"}, message])
+    assert (err.value.index, err.value.key) == (1, key)
+    assert store.get_messages("m") == []
+
+
 @pytest.mark.parametrize("where", ["extra", "model_config"])
 def test_a_session_int_json_cannot_carry_is_refused_by_name(
     store: SessionStore, where: str
@@ -229,6 +250,8 @@ def test_nesting_is_stored_and_read_back_or_refused(
     ("url", "error"),
     [
         ("postgresql://u:SECRET@localhost:abc/db", InvalidURLError),
+        ("postgresql://u:SECRET@h1:abc,h2:5432/db", InvalidURLError),  # libpq's several hosts
+        ("postgresql://u:SECRET@[::1]:5432,[::2]:5433/db", InvalidURLError),
         ("postgresql://u:SECRET@[::1/db", InvalidURLError),
         ("not a url", InvalidURLError),
         ("mysql://u:SECRET@localhost/db", UnsupportedBackendError),
@@ -250,6 +273,29 @@ def test_urls_that_cannot_work_are_refused_without_the_password(
 
     with pytest.raises(error):
         AsyncSessionStore(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "api"),
+    [
+        ("postgresql+asyncpg://u:SECRET@localhost/db", "sync"),
+        ("postgresql+psycopg_async://u:SECRET@localhost/db", "sync"),
+        ("sqlite+aiosqlite:///{tmp}/x.db", "sync"),
+        ("postgresql+psycopg2://u:SECRET@localhost/db", "async"),
+    ],
+)
+def test_a_driver_of_the_other_api_is_refused_by_name(url: str, api: str, tmp_path: Path) -> None:
+    from hermes_orm.async_store import AsyncSessionStore
+
+    make, instead = (
+        (SessionStore, "use AsyncSessionStore")
+        if api == "sync"
+        else (AsyncSessionStore, "use SessionStore")
+    )
+    with pytest.raises(InvalidURLError, match=instead) as err:
+        make(url.replace("{tmp}", str(tmp_path)))
+    assert "SECRET" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_server_that_is_down_is_reported_unreachable_not_busy() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,13 @@ from sqlalchemy import inspect
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
-from hermes_orm import SchemaOutOfDateError, SchemaTooNewError, create_store_engine, migrations
+from hermes_orm import (
+    InvalidArgumentError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+    create_store_engine,
+    migrations,
+)
 from tests.conftest import frozen_revision, run_cli
 
 __all__ = [
@@ -101,6 +108,24 @@ def test_a_newer_schema_is_refused(db_url: str) -> None:
         conn.exec_driver_sql("UPDATE hermes_orm_alembic_version SET version_num = 'zzzz_future'")
     with pytest.raises(SchemaTooNewError, match="upgrade the hermes-orm-sessions package"):
         hermes_orm.check_schema(engine)
+    # Migrating it either way is refused alike, before anything runs.
+    for migrate, target in ((hermes_orm.upgrade, "head"), (hermes_orm.downgrade, "base")):
+        with pytest.raises(SchemaTooNewError, match="zzzz_future"):
+            migrate(engine, target)
+    assert migrations.current(engine) == "zzzz_future"
+    engine.dispose()
+
+
+def test_a_revision_that_does_not_exist_is_an_argument_error(db_url: str) -> None:
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    for migrate, target in (
+        (hermes_orm.upgrade, "nosuch"),
+        (hermes_orm.downgrade, "nosuch"),
+        (hermes_orm.upgrade, "+5"),  # past the head
+    ):
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"cannot migrate to '{target}'")):
+            migrate(engine, target)
+        assert migrations.current(engine) == migrations.head()
     engine.dispose()
 
 
@@ -191,6 +216,10 @@ def test_cli_db_commands(empty_db_url: str, tmp_path: Path) -> None:
     assert cli("db", "upgrade").returncode == 0
     assert cli("db", "check").returncode == 0
     assert "up to date" in cli("db", "current").stdout
+    wrong = cli("db", "downgrade", "nosuch")
+    assert wrong.returncode == 2
+    assert "cannot migrate to 'nosuch'" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
     assert cli("db", "downgrade", "base").returncode == 0
     assert "no hermes_orm schema" in cli("db", "current").stdout
 

@@ -9,6 +9,7 @@ psycopg and psycopg2 (blocking), psycopg's async connections and asyncpg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -382,3 +383,74 @@ def test_a_bulk_flush_longer_than_the_deadline_completes_while_it_makes_progress
     assert store.get_session("bulk")["message_count"] == len(messages)
     store.close()
     store.engine.dispose()
+
+
+class _LateListener:
+    """A port that refuses connections until ``after`` seconds, then forwards them to ``target``.
+
+    A server coming up (a restart, a failover's new primary taking the address).
+    """
+
+    def __init__(self, target: tuple[str, int], after: float) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])  # nothing listens there until then
+        self._target, self._after = target, after
+        self._stop = threading.Event()
+        self._listening = threading.Thread(target=self._listen, daemon=True)
+        self._listening.start()
+
+    def _listen(self) -> None:
+        if self._stop.wait(self._after):
+            return
+        with socket.create_server(("127.0.0.1", self.port)) as server:
+            server.settimeout(0.1)
+            while not self._stop.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(self._target)
+                for source, sink in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listening.join()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_an_upgrade_waits_for_a_server_coming_up(pg_server_url: str, driver: str) -> None:
+    """``upgrade`` (a store's first work, as the CLI's import and demo start) waits it out."""
+    url = _create_pg_database(pg_server_url)
+    server = make_url(url)
+    late = _LateListener((server.host or "127.0.0.1", server.port or 5432), after=1.0)
+    through = make_url(_url(url, driver)).set(port=late.port).render_as_string(hide_password=False)
+    policy = RetryPolicy(base_delay=0.05, unavailable_for=30)
+    started = time.monotonic()
+    try:
+        if driver in ("psycopg", "psycopg2"):
+            store = SessionStore(through, retry=policy)
+            store.upgrade()
+            assert store.create_session("s", source="cli")["id"] == "s"
+            store.close()
+        else:
+
+            async def upgrade() -> None:
+                async with AsyncSessionStore(through, retry=policy) as store:
+                    await store.upgrade()
+                    assert (await store.create_session("s", source="cli"))["id"] == "s"
+
+            asyncio.run(upgrade())
+        assert time.monotonic() - started >= 1.0  # it did wait for the server
+    finally:
+        late.close()
+        _drop_pg_database(pg_server_url, url)
