@@ -65,6 +65,14 @@ def _tool_calls(rows: list[dict[str, Any]]) -> int:
     return sum(len(json.loads(m["tool_calls"])) for m in rows if m["tool_calls"])
 
 
+def _real_hermes(tmp_path: Path) -> tuple[Path, Any]:
+    """A new state.db and the real Hermes Agent's SessionDB writing it."""
+    from hermes_state import SessionDB as HermesSessionDB
+
+    source = tmp_path / "state.db"
+    return source, HermesSessionDB(source)
+
+
 def assert_same_as_source(store: SessionStore, source: Path) -> None:
     """Every session and message of the source, field by field, in the destination."""
     sessions, messages = source_rows(source)
@@ -195,10 +203,7 @@ def test_a_rewritten_source_session_is_reported_not_overwritten(
 def test_an_edit_hermes_made_to_any_copied_message_is_reported_as_diverged(
     store: SessionStore, tmp_path: Path
 ) -> None:
-    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
-
-    source = tmp_path / "state.db"
-    hermes = HermesSessionDB(source)
+    source, hermes = _real_hermes(tmp_path)
     hermes.create_session("s", source="cli")
     hermes.create_session("t", source="cli")
     for sid in ("s", "t"):
@@ -224,12 +229,9 @@ def test_a_session_another_writer_cuts_during_the_import_is_reported_once(
     store: SessionStore, tmp_path: Path, cut: str
 ) -> None:
     """Cut after its first batch was copied, it is left as it is, and a run after copies it."""
-    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
-
     from hermes_orm.integrations.hermes import SessionDB
 
-    source = tmp_path / "state.db"
-    hermes = HermesSessionDB(source)
+    source, hermes = _real_hermes(tmp_path)
     for sid in ("s", "t"):
         hermes.create_session(sid, source="cli")
         for n in range(9):
@@ -763,12 +765,9 @@ def test_a_hermes_that_starts_writing_after_the_source_was_opened_is_seen(
 def test_dict_content_hermes_stored_is_imported_as_hermes_reads_it(
     store: SessionStore, tmp_path: Path
 ) -> None:
-    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
-
     from hermes_orm.integrations.hermes import SessionDB
 
-    source = tmp_path / "state.db"
-    hermes = HermesSessionDB(source)
+    source, hermes = _real_hermes(tmp_path)
     hermes.create_session("d", source="cli")
     hermes.append_message("d", "user", content={"kind": "card", "n": 1})
     expected = hermes.get_messages("d")[0]["content"]
@@ -794,12 +793,9 @@ def _write_lone_surrogates(db: Any, sid: str) -> None:
 def test_lone_surrogates_hermes_keeps_are_imported_as_the_adapter_stores_them(
     store: SessionStore, tmp_path: Path
 ) -> None:
-    from hermes_state import SessionDB as HermesSessionDB  # the real Hermes Agent
-
     from hermes_orm.integrations.hermes import SessionDB
 
-    source = tmp_path / "state.db"
-    hermes = HermesSessionDB(source)
+    source, hermes = _real_hermes(tmp_path)
     _write_lone_surrogates(hermes, "imported")
     assert "\ud800" in hermes.get_messages("imported")[1]["content"][0]["text"]  # kept by Hermes
     hermes.close()
