@@ -8,6 +8,7 @@ fact that both raise) must match, with the clock's readings set aside.
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -492,6 +493,30 @@ def test_a_number_hermes_converts_is_stored_as_hermes_reads_it_back(
     both.create_session("s", "cli")
     both.append_message("s", "assistant", **{key: value})
     both.replace_messages("s", [*both.get_messages("s"), {"role": "user", key: value}])
+    both.get_messages("s")
+    both.get_messages_as_conversation("s")
+
+
+# What Hermes' json.dumps makes of values no JSON document holds as they are.
+_JSON_SHAPES = [
+    ("tool_calls", ({"id": "c1", "type": "function"},)),  # a tuple: a list
+    ("tool_calls", [{"id": "c1", "args": {1: "one", None: "none", False: "no"}}]),  # keys: text
+    ("content", ({"type": "text", "text": "a tuple of parts"},)),
+    ("content", [{"type": "text", "text": "x", "ids": (1, 2)}]),
+    ("content", [{"type": "text", "n": Decimal("1.5")}]),  # no JSON: stored as its str()
+    ("reasoning_details", [{2: ["nested", ("tuple",)]}]),
+    ("codex_message_items", ("one", "two")),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), _JSON_SHAPES, ids=repr)
+def test_json_values_are_stored_as_hermes_reads_its_json_back(
+    both: Any, key: str, value: Any
+) -> None:
+    both.create_session("s", "cli", model_config={1: (0.5, "t")})
+    both.get_session("s")
+    both.append_message("s", "assistant", **{key: value})
+    both.replace_messages("s", [*both.get_messages("s"), {"role": "assistant", key: value}])
     both.get_messages("s")
     both.get_messages_as_conversation("s")
 

@@ -15,6 +15,7 @@ The adapter converts such values alike (:func:`sqlite_text`,
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sqlite3
 from typing import Any
@@ -40,6 +41,26 @@ def scrub_json(value: Any) -> Any:
     if isinstance(value, dict):
         return {scrub(k) if isinstance(k, str) else k: scrub_json(v) for k, v in value.items()}
     return value
+
+
+def hermes_json(value: Any) -> Any:
+    """``value`` as Hermes reads back the ``json.dumps`` of it that it stores.
+
+    Tuples come back as lists, dict keys that are numbers, bools or None as
+    their JSON text; lone surrogates are replaced (see :func:`scrub`).
+
+    Raises:
+        TypeError, ValueError: ``json.dumps`` cannot write it (Hermes raises so too).
+    """
+    return scrub_json(json.loads(json.dumps(value)))
+
+
+def hermes_json_field(value: Any) -> Any:
+    """A JSON field (``tool_calls``, ``reasoning_details``, ...) as Hermes stores it.
+
+    None for a falsy value (Hermes stores NULL), else :func:`hermes_json`.
+    """
+    return hermes_json(value) if value else None
 
 
 def may_escape_surrogates(json_text: str) -> bool:

@@ -40,7 +40,13 @@ from hermes_orm import search as _search
 from hermes_orm.errors import SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
-from hermes_orm.integrations.hermes._text import scrub, scrub_json, sqlite_integer, sqlite_text
+from hermes_orm.integrations.hermes._text import (
+    hermes_json,
+    hermes_json_field,
+    scrub,
+    sqlite_integer,
+    sqlite_text,
+)
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
 from hermes_orm.store import SessionStore
@@ -89,15 +95,20 @@ CONTENT_JSON_PREFIX = "\x00json:"
 def hermes_content(content: Any) -> Any:
     """A message's ``content`` as this adapter stores it, where Hermes stores it as text.
 
-    Text, a list of parts and None are stored as they are (lone surrogates
-    replaced); a number as the text Hermes' text column makes of it; any other
-    JSON value (a dict) as Hermes writes it, :data:`CONTENT_JSON_PREFIX` and
-    its JSON, which :func:`hermes_content_value` reads back.
+    Text and None are stored as they are (lone surrogates replaced); a list of
+    parts as Hermes reads back the JSON it writes of it (:func:`hermes_json`;
+    one JSON cannot write, as its text, as Hermes does); a number as the text
+    Hermes' text column makes of it; any other JSON value (a dict) as Hermes
+    writes it, :data:`CONTENT_JSON_PREFIX` and its JSON, which
+    :func:`hermes_content_value` reads back.
     """
-    if content is None or isinstance(content, str | list | bytes):
-        return scrub_json(content)  # bytes: refused by the store, no column holds them
-    if isinstance(content, tuple):
-        return scrub_json(list(content))
+    if content is None or isinstance(content, str | bytes):
+        return scrub(content)  # bytes: refused by the store, no column holds them
+    if isinstance(content, list | tuple):
+        try:
+            return hermes_json(content)
+        except (TypeError, ValueError):
+            return scrub(str(content))
     if isinstance(content, bool | int | float):
         return sqlite_text(content)
     try:
@@ -576,11 +587,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         fields = {
-            k: v if k == "model_config" else sqlite_text(v)
+            k: hermes_json_field(v) if k == "model_config" else sqlite_text(v)
             for k, v in {"model": model, **kwargs}.items()
             if v is not None
         }
-        if not fields.get("model_config"):
+        if fields.get("model_config") is None:
             fields.pop("model_config", None)  # Hermes stores a falsy config as NULL
         self._store.ensure_session(
             session_id, sqlite_text(source), started_at=time.time(), **fields
@@ -856,16 +867,16 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         optional = {
             "tool_call_id": sqlite_text(tool_call_id),
             # Hermes stores falsy JSON values as NULL
-            "tool_calls": scrub_json(tool_calls) or None,
+            "tool_calls": hermes_json_field(tool_calls),
             "tool_name": sqlite_text(tool_name),
             "effect_disposition": sqlite_text(effect_disposition),
             "token_count": sqlite_integer(token_count),
             "finish_reason": sqlite_text(finish_reason),
             "reasoning": sqlite_text(reasoning),
             "reasoning_content": sqlite_text(reasoning_content),
-            "reasoning_details": scrub_json(reasoning_details) or None,
-            "codex_reasoning_items": scrub_json(codex_reasoning_items) or None,
-            "codex_message_items": scrub_json(codex_message_items) or None,
+            "reasoning_details": hermes_json_field(reasoning_details),
+            "codex_reasoning_items": hermes_json_field(codex_reasoning_items),
+            "codex_message_items": hermes_json_field(codex_message_items),
             "platform_message_id": sqlite_text(platform_message_id),
             "api_content": scrub(api_content) if isinstance(api_content, str) else None,
         }
