@@ -12,6 +12,9 @@ against the tokenizer of the SQLite in use.
 Tokens that contain a character of a script written without spaces between
 words (CJK ideographs, kana, Hangul, Thai, Lao, Khmer, Myanmar) are matched as
 substrings of the body instead of as whole words.
+
+Words compare folded as FTS5 folds them: lowered, and a dozen small letters
+(final sigma, ...) folded further (:data:`FOLDED`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,25 @@ from functools import cache
 #: Characters of a message that search indexes; the rest of a longer body is not
 #: searchable (a huge tool output is indexed by its beginning only).
 BODY_LIMIT = 16_384
+
+#: Letters FTS5's ``unicode61`` folds to another small letter where ``lower()``
+#: (Python's and PostgreSQL's) keeps them, and what it folds them to: the micro
+#: sign, long s, final sigma, the Greek symbol forms, long s with dot above,
+#: prosgegrammeni. PostgreSQL's vectors hold them folded (migration 0012).
+FOLDED = "\u00b5\u017f\u03c2\u03d0\u03d1\u03d5\u03d6\u03f0\u03f1\u03f5\u1e9b\u1fbe"
+FOLDED_TO = "\u03bc\u0073\u03c3\u03b2\u03b8\u03c6\u03c0\u03ba\u03c1\u03b5\u1e61\u03b9"
+_FOLD = str.maketrans(FOLDED, FOLDED_TO)
+
+
+def fold_letters(text: str) -> str:
+    """``text`` with the letters of :data:`FOLDED` folded, a character for each."""
+    return text.translate(_FOLD)
+
+
+def fold(text: str) -> str:
+    """``text`` lowered (by ``str.lower``), then its letters folded as the indexes fold them."""
+    return text.lower().translate(_FOLD)
+
 
 #: Query tokens longer than this cannot match on PostgreSQL, whose text search
 #: parser drops words of 2,048 bytes and more.

@@ -45,6 +45,8 @@ from hermes_orm import _codec
 from hermes_orm._dialects import driver_sql, fetch_driver_rows
 from hermes_orm._search_text import (
     MAX_TOKEN_CHARS,
+    fold,
+    fold_letters,
     is_unsegmented,
     separator_class,
     token_class,
@@ -284,9 +286,9 @@ def _leaf_pattern(leaf: Leaf, flags: int) -> re.Pattern[str]:
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
     if leaf.substring:
-        return re.compile(re.escape(leaf.tokens[0].lower()), flags)
+        return re.compile(re.escape(fold(leaf.tokens[0])), flags)
     token = token_class()
-    words = (separator_class() + "+").join(re.escape(t.lower()) for t in leaf.tokens)
+    words = (separator_class() + "+").join(re.escape(fold(t)) for t in leaf.tokens)
     end = token + "*" if leaf.prefix else f"(?!{token})"
     return re.compile(words + end, flags)
 
@@ -308,7 +310,7 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping."""
     # Case-sensitive scans of the lowered body are far faster than re.IGNORECASE;
     # offsets hold while lowering keeps every character one character.
-    lowered = body.lower()
+    lowered = fold(body)
     text, flags = (lowered, 0) if len(lowered) == len(body) else (body, re.IGNORECASE)
     spans: set[tuple[int, int]] = set()
     for group in query.groups:
@@ -414,8 +416,11 @@ def _fts_terms(terms: Sequence[Term]) -> str:
 def _tsquery_leaf(leaf: Leaf, phrases: bool = True) -> str:
     # A phrase: its words next to each other, by their positions in the vector
     # (without ``phrases``, anywhere in it: what the index alone can tell).
+    # PostgreSQL lowers the query (as it lowered the vectors); the letters its
+    # lower() keeps and FTS5 folds are folded here, as the trigger folds them.
     joiner = " <-> " if phrases else " & "
-    return joiner.join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+    words = (f"'{fold_letters(token)}'" for token in leaf.tokens)
+    return joiner.join(words) + (":*" if leaf.prefix else "")
 
 
 def _tsquery_terms(terms: Sequence[Term], phrases: bool = True) -> str:
@@ -857,7 +862,7 @@ def _share(groups: Sequence[Sequence[Term]], frequencies: _Frequencies) -> float
     """
 
     def word(token: str) -> float:
-        return frequencies.of.get(token.lower(), frequencies.unlisted / 2)
+        return frequencies.of.get(fold(token), frequencies.unlisted / 2)
 
     def leaf(found: Leaf) -> float:
         exact = found.tokens[:-1] if found.prefix else found.tokens

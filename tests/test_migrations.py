@@ -252,6 +252,10 @@ def test_search_still_speaks_the_frozen_schema_of_its_migration() -> None:
         else:
             runs.append((code, code))
     assert _search_text.regex_class(tuple(runs)) + "+" == words._BLANKS
+    # 0012 folds the letters the search code folds, in the trigger 0010 made.
+    folds = frozen_revision("0012_search_folds_like_fts5")
+    assert (folds._FOLDED, folds._FOLDED_TO) == (_search_text.FOLDED, _search_text.FOLDED_TO)
+    assert folds._function(fold=False) == trigger._function(trigger._SEPARATORS_0010)
 
 
 @pytest.mark.postgresql
@@ -287,6 +291,42 @@ def test_0011_narrows_the_cjk_text_a_populated_database_holds(empty_pg: str) -> 
         assert [hit.idx for hit in store.search(query).hits] == [idx]
     migrations.downgrade(engine, "0010_search_spaces_kept")
     assert kept() == [f"{written[0]}\n\n\n", None, f"{written[2]}\n\n\n"]
+    migrations.upgrade(engine)
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> None:
+    """Messages written at 0011 with final sigma (and the like) are found by every form after it.
+
+    The downgrade makes their vectors as 0011 made them.
+    """
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    migrations.upgrade(engine, "0011_search_cjk_words")
+    store = hermes_orm.SessionStore(engine, check_schema=False)
+    store.create_session("s", source="cli")
+    written = ["ΟΔΟΣ", "ο δρόμος, η οδος", "plain words", "\u03d0eta"]  # noqa: RUF001
+    store.flush("s", [{"role": "user", "content": t} for t in written])
+
+    def found(query: str) -> list[int]:
+        return sorted(hit.idx for hit in store.search(query).hits)
+
+    def vectors() -> list[str]:
+        with engine.connect() as conn:
+            statement = "SELECT search_vector::text FROM hermes_messages ORDER BY idx"
+            return list(conn.exec_driver_sql(statement).scalars())
+
+    as_0011 = vectors()
+    assert found("ΟΔΟΣ") == [0]  # each form alone
+    migrations.upgrade(engine)
+    store = hermes_orm.SessionStore(engine)
+    assert found("ΟΔΟΣ") == found("οδος") == found("οδοσ") == [0, 1]
+    assert found("δρόμοσ") == [1]
+    assert found("βeta") == found("\u03d0eta") == [3]
+    assert found("plain") == [2]
+    assert vectors()[2] == as_0011[2]  # a message without such letters is not rewritten
+    migrations.downgrade(engine, "0011_search_cjk_words")
+    assert vectors() == as_0011
     migrations.upgrade(engine)
     engine.dispose()
 
@@ -372,7 +412,8 @@ def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
     for n, revision in enumerate(revisions[:-1]):
         migrations.upgrade(engine, revision)
         sid = f"rev{n}"
-        messages = [*conversation(2, sid), {"role": "user", "content": f"检索历史记录 {sid}"}]
+        # (the tag's "_" keeps "rev1" + turn 0 from reading as "rev10")
+        messages = [*conversation(2, f"{sid}_"), {"role": "user", "content": f"检索历史记录 {sid}"}]
         legacy = revisions.index("0006_digests_equal_as_dicts") > n
         rows = []
         for idx, message in enumerate(messages):
@@ -406,7 +447,7 @@ def test_data_written_at_every_revision_survives_to_head(db_url: str) -> None:
     assert verify_database(store).problems == []
     for sid, messages in written.items():
         assert store.get_messages(sid) == messages
-        assert [h.session_id for h in store.search(sid).hits] == [sid]
+        assert {h.session_id for h in store.search(sid).hits} == {sid}
         assert len(store.search("历史记录", session_id=sid).hits) == 1
         assert len(store.search("question", session_id=sid).hits) == 2
         more = {"role": "user", "content": "more"}
