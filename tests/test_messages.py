@@ -116,7 +116,7 @@ BAD_VALUES: list[tuple[Any, str | None]] = [
     ({"role": 3, "content": "x"}, "role"),
     ({"role": "user", "content": b"bytes"}, "content"),
     ({"role": "user", "content": {"a": 1}}, "content"),
-    ({"role": "user", "content": "lone \ud800 surrogate"}, None),
+    ({"role": "user", "content": "lone \ud800 surrogate"}, "content"),
     ({"role": "user", "content": [{"type": "text", "text": math.nan}]}, "content"),
     ({"role": "user", "content": "x", "tool_calls": ({"id": 1},)}, "tool_calls"),
     ({"role": "user", "content": "x", "tool_calls": [{1: "int key"}]}, "tool_calls"),
