@@ -17,7 +17,7 @@ import re
 import sqlite3
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -122,23 +122,27 @@ def normalize_url(url: str | URL) -> URL:
 
 
 def _check_hosts(url: URL) -> None:
-    """Refuse a ``host`` parameter (libpq's several hosts) SQLAlchemy would fail on untyped.
+    """Refuse several ``host`` parameters (libpq's several hosts) SQLAlchemy would misread.
 
-    Its port must be a number, and it cannot be an IPv6 address.
+    SQLAlchemy splits each at its colons into a host and a port: the port must
+    be a number, and an IPv6 address cannot be among them. One host is passed
+    to the driver as it is.
 
     Raises:
         ValueError: Such a host.
     """
     hosts = url.query.get("host", ())
-    for host in (hosts,) if isinstance(hosts, str) else hosts:
+    if isinstance(hosts, str):
+        return
+    for host in hosts:
         if host.startswith("/"):
             continue  # a socket directory
-        if host.startswith("["):
+        if "[" in host or host.count(":") > 1:
             raise ValueError(
                 f"host {host!r}: SQLAlchemy takes no IPv6 address among several hosts "
                 "(name them instead)"
             )
-        _, colon, port = host.rpartition(":")
+        _, colon, port = host.partition(":")
         if colon and not port.isdigit():
             raise ValueError(f"the port of host {host!r} is not a number")
 
@@ -900,14 +904,30 @@ def rows_for_values(conn: Connection, query: str, values: Sequence[Any]) -> list
     renders and processes the parameter list anew at every execution, which
     cost several times the database work of counting a few hundred sessions.
     """
+    rows: list[Any] = []  # rows, each unpacking like a tuple
+    for statement, part in _for_values(conn, query, values):
+        rows += conn.exec_driver_sql(statement, part).all()
+    return rows
+
+
+def stream_rows_for_values(conn: Connection, query: str, values: Sequence[Any]) -> Iterator[Any]:
+    """:func:`rows_for_values`'s rows, fetched a few thousand at a time (a server-side cursor).
+
+    For results too large to hold at once.
+    """
+    for statement, part in _for_values(conn, query, values):
+        yield from conn.exec_driver_sql(statement, part, execution_options={"yield_per": 5_000})
+
+
+def _for_values(
+    conn: Connection, query: str, values: Sequence[Any]
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """Each statement of ``query`` for a part of ``values``, with that part."""
     mark = _marks(conn.dialect.name)[0]
     per = max(1, min(500, _max_parameters(conn.dialect.name)))
-    rows: list[Any] = []  # rows, each unpacking like a tuple
     for start in range(0, len(values), per):
         part = tuple(values[start : start + per])
-        statement = query.format(values=", ".join([mark] * len(part)))
-        rows += conn.exec_driver_sql(driver_sql(conn, statement), part).all()
-    return rows
+        yield driver_sql(conn, query.format(values=", ".join([mark] * len(part)))), part
 
 
 def rows_insert(

@@ -26,6 +26,7 @@ from hermes_orm import (
     SessionStore,
     UnsupportedBackendError,
 )
+from hermes_orm._dialects import normalize_url
 from tests.conftest import count_rows, sync_engine
 
 _ids = itertools.count()
@@ -247,11 +248,22 @@ def test_nesting_is_stored_and_read_back_or_refused(
 
 
 @pytest.mark.parametrize(
+    "host", ["2001:db8::", "::ffff:10.0.0.1", "fe80::1%25eth0", "[::1]", "/var/run/postgresql"]
+)
+def test_one_host_in_the_query_reaches_the_driver_as_given(host: str) -> None:
+    """libpq reads one ``host`` parameter itself: an IPv6 address, a socket directory."""
+    url = normalize_url(f"postgresql://u@/db?host={host}")
+    assert url.query["host"] == host.replace("%25", "%")
+
+
+@pytest.mark.parametrize(
     ("url", "error"),
     [
         ("postgresql://u:SECRET@localhost:abc/db", InvalidURLError),
         ("postgresql://u:SECRET@h1:abc,h2:5432/db", InvalidURLError),  # libpq's several hosts
         ("postgresql://u:SECRET@[::1]:5432,[::2]:5433/db", InvalidURLError),
+        ("postgresql://u:SECRET@h1:5432,fe80::1/db", InvalidURLError),
+        ("postgresql://u:SECRET@/db?host=::1&host=h2:5433", InvalidURLError),
         ("postgresql://u:SECRET@[::1/db", InvalidURLError),
         ("not a url", InvalidURLError),
         ("mysql://u:SECRET@localhost/db", UnsupportedBackendError),
