@@ -21,6 +21,7 @@ from sqlalchemy import delete, event, select
 from devtools.hermes_fixture import fixture_copy, grow
 from hermes_orm import Message, ModelUsage, SessionStore
 from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
+from hermes_orm.integrations.hermes.importer import ImportReport
 from tests._hermes import digest_file, expected_message, source_rows
 
 # the importer writes through a blocking SessionStore: its tests run on that API only.
@@ -260,6 +261,41 @@ def test_a_session_another_writer_cuts_during_the_import_is_reported_once(
     again = import_state_db(source, store)
     assert again.ok, again.table()
     assert [m["content"] for m in store.get_messages("s")] == [f"s{n}" for n in range(9)]
+
+
+def test_a_run_beside_another_reads_each_session_as_one_snapshot(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Another import commits a session just before this one reads its digests.
+
+    The cursor and the digests it is checked against come from one snapshot
+    (PostgreSQL gives each statement its own): nothing is taken as diverged.
+    """
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for n in range(4):
+        hermes.append_message("s", "user", content=f"m{n}")
+    assert import_state_db(source, store).ok
+    for n in range(4, 6):
+        hermes.append_message("s", "user", content=f"m{n}")
+    hermes.close()
+    other: list[ImportReport] = []
+    started = threading.Event()
+
+    def before_digests(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not started.is_set() and "digest" in statement and "ORDER BY" in statement:
+            started.set()
+            other.append(import_state_db(source, store))  # on connections of its own
+
+    event.listen(store.engine, "before_cursor_execute", before_digests)
+    try:
+        report = import_state_db(source, store)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", before_digests)
+    assert [r.messages_written for r in other] == [2]
+    assert report.ok, report.table()
+    assert report.messages_written == 0
+    assert [m["content"] for m in store.get_messages("s")] == [f"m{n}" for n in range(6)]
 
 
 @pytest.mark.backends("postgresql")

@@ -259,7 +259,7 @@ def _json_or_text(value: Any) -> Any:
         return value
 
 
-def _message_json(value: Any) -> Any:
+def _parsed_json(value: Any) -> Any:
     """JSON text of a Hermes message decoded, lone surrogates in it made U+FFFD.
 
     Hermes keeps them escaped in its messages' JSON; a message cannot hold them
@@ -349,7 +349,7 @@ class MessageColumns:
         if content is None:
             message["content"] = None
         elif isinstance(content, str) and content.startswith(CONTENT_JSON_PREFIX):
-            parts = _message_json(content[len(CONTENT_JSON_PREFIX) :])
+            parts = _parsed_json(content[len(CONTENT_JSON_PREFIX) :])
             # A list of parts is content a message holds; any other JSON (a dict)
             # stays the text Hermes wrote, which the SessionDB adapter reads back
             # decoded, as Hermes does.
@@ -358,7 +358,7 @@ class MessageColumns:
         for key in self.json_keys:
             value = message.get(key)
             if value is not None:
-                message[key] = _message_json(value)
+                message[key] = _parsed_json(value)
         for key in self.bool_keys:
             value = message.get(key)
             if value is not None:
@@ -964,7 +964,8 @@ def _read_groups(
     group: list[Chunk] = []
     size = finished = 0
     for sid in session_ids:
-        cursor, before_digest, stored = cursors.get(sid, _NOTHING_COPIED)
+        cursor, stored = cursors.get(sid, _NOTHING_COPIED)
+        before_digest = None
         if cursor:
             before_digest = _checked_prefix(src, columns, sid, cursor, batch=batch, stored=stored)
             if before_digest is None:
@@ -1024,52 +1025,52 @@ class Copied(NamedTuple):
     """What the destination holds of a session: how many messages, and what they are."""
 
     cursor: int
-    #: The digest of its message ``cursor - 1`` (None: no message).
-    digest: bytes | None
     #: The fingerprint of its messages' digests, in order.
     fingerprint: bytes
 
 
-_NOTHING_COPIED = Copied(0, None, _fingerprint().digest())
+_NOTHING_COPIED = Copied(0, _fingerprint().digest())
 
-_READ_CURSORS = (
-    f"SELECT id, flushed_idx, flushed_digest FROM {_sessions.name} WHERE id IN ({{values}})"
-)
+_READ_CURSORS = f"SELECT id, flushed_idx FROM {_sessions.name} WHERE id IN ({{values}})"
+# One statement, so one snapshot: each session's cursor with the digests below it.
 _READ_DIGESTS = (
-    f"SELECT session_id, digest FROM {_messages.name}"
-    f" WHERE session_id IN ({{values}}) ORDER BY session_id, idx"
+    f"SELECT s.id, s.flushed_idx, m.digest FROM {_sessions.name} s"
+    f" JOIN {_messages.name} m ON m.session_id = s.id AND m.idx < s.flushed_idx"
+    " WHERE s.id IN ({values}) ORDER BY s.id, m.idx"
 )
+#: Sessions whose digests one read transaction reads.
+_DIGESTS_PER_READ = 100
 
 
 def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
-    """What the destination holds of each session, a few queries per 500 sessions.
+    """What the destination holds of each session.
 
-    Every stored message's digest is read, to check a re-run's source still
+    Every stored message's digest is read (streamed, a read transaction per
+    :data:`_DIGESTS_PER_READ` sessions), to check a re-run's source still
     begins with them; only the fingerprints are kept.
     """
 
-    def work(conn: Connection) -> dict[str, Copied]:
-        cursors = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
-        held = [sid for sid, n, _ in cursors if n]
-        fingerprints: dict[str, Any] = {}
-        for start in range(0, len(held), 500):  # the digests of 500 sessions at a time
-            part = held[start : start + 500]
-            for sid, digest in _dialects.rows_for_values(conn, _READ_DIGESTS, part):
-                fingerprint = fingerprints.get(sid)
-                if fingerprint is None:
-                    fingerprint = fingerprints[sid] = _fingerprint()
-                fingerprint.update(digest)
-        empty = _NOTHING_COPIED.fingerprint
-        return {
-            sid: Copied(
-                n,
-                None if digest is None else bytes(digest),  # psycopg2 gives a memoryview
-                fingerprints[sid].digest() if sid in fingerprints else empty,
-            )
-            for sid, n, digest in cursors
-        }
+    def cursors(conn: Connection) -> dict[str, int]:
+        return dict(_dialects.rows_for_values(conn, _READ_CURSORS, session_ids))
 
-    return store.read_transaction(work)
+    stored = store.read_transaction(cursors)
+    copied = dict.fromkeys(stored, _NOTHING_COPIED)  # the held ones' are read below
+    held = [sid for sid, n in stored.items() if n]
+
+    def digests(part: list[str]) -> Callable[[Connection], dict[str, Copied]]:
+        def work(conn: Connection) -> dict[str, Copied]:
+            found: dict[str, tuple[int, Any]] = {}
+            for sid, cursor, digest in _dialects.stream_rows_for_values(conn, _READ_DIGESTS, part):
+                if sid not in found:
+                    found[sid] = (cursor, _fingerprint())
+                found[sid][1].update(digest)
+            return {sid: Copied(n, fp.digest()) for sid, (n, fp) in found.items()}
+
+        return work
+
+    for start in range(0, len(held), _DIGESTS_PER_READ):
+        copied.update(store.read_transaction(digests(held[start : start + _DIGESTS_PER_READ])))
+    return copied
 
 
 def _upsert_usage(store: SessionStore, src: Source) -> int:
