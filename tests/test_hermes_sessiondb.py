@@ -552,6 +552,10 @@ def test_values_no_column_of_ours_can_hold_are_refused_before_anything_is_writte
     for refused in ({"token_count": 1.5}, {"token_count": 9.3e18}, {"content": b"bytes"}):
         with pytest.raises(InvalidMessageError):
             ours.append_message("s", "assistant", **refused)
+    for key in ("tool_calls", "reasoning_details", "codex_message_items"):  # Hermes: TypeError
+        with pytest.raises(InvalidMessageError, match="not JSON") as err:
+            ours.append_message("s", "assistant", **{key: [{"f": object()}]})
+        assert err.value.key == key
     with pytest.raises(InvalidSessionError):
         ours.create_session("long", "x" * 513)
     assert ours.get_messages("s") == []

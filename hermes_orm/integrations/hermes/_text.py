@@ -20,6 +20,8 @@ import re
 import sqlite3
 from typing import Any
 
+from hermes_orm.errors import InvalidMessageError
+
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: A lone surrogate as JSON text writes it escaped (``\ud83d``), any case.
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -47,20 +49,30 @@ def hermes_json(value: Any) -> Any:
     """``value`` as Hermes reads back the ``json.dumps`` of it that it stores.
 
     Tuples come back as lists, dict keys that are numbers, bools or None as
-    their JSON text; lone surrogates are replaced (see :func:`scrub`).
+    their JSON text.
 
     Raises:
         TypeError, ValueError: ``json.dumps`` cannot write it (Hermes raises so too).
     """
-    return scrub_json(json.loads(json.dumps(value)))
+    return json.loads(json.dumps(value))
 
 
-def hermes_json_field(value: Any) -> Any:
-    """A JSON field (``tool_calls``, ``reasoning_details``, ...) as Hermes stores it.
+def message_json(key: str, value: Any) -> Any:
+    """A message's JSON field ``key`` (``tool_calls``, ...) as Hermes stores it.
 
-    None for a falsy value (Hermes stores NULL), else :func:`hermes_json`.
+    None for a falsy value (Hermes stores NULL), else :func:`hermes_json` of
+    it, lone surrogates replaced (a message holds valid Unicode only).
+
+    Raises:
+        InvalidMessageError: ``json.dumps`` cannot write it (Hermes raises its
+            ``TypeError``), before anything is written.
     """
-    return hermes_json(value) if value else None
+    if not value:
+        return None
+    try:
+        return scrub_json(hermes_json(value))
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessageError(f"not JSON: {exc}", key=key) from None
 
 
 def may_escape_surrogates(json_text: str) -> bool:

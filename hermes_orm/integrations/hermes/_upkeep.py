@@ -48,7 +48,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._text import (
-    hermes_json_field,
+    message_json,
     scrub,
     scrub_json,
     sqlite_integer,
@@ -113,14 +113,14 @@ def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     message: dict[str, Any] = {"role": role, "content": hermes_content(msg.get("content"))}
     optional = {
         "tool_call_id": sqlite_text(msg.get("tool_call_id")),
-        "tool_calls": hermes_json_field(msg.get("tool_calls")),
+        "tool_calls": message_json("tool_calls", msg.get("tool_calls")),
         "tool_name": sqlite_text(msg.get("tool_name")),
         "effect_disposition": sqlite_text(msg.get("effect_disposition")),
         "token_count": sqlite_integer(msg.get("token_count")),
         "finish_reason": sqlite_text(msg.get("finish_reason")),
         "reasoning": sqlite_text(msg.get("reasoning")) if assistant else None,
         "reasoning_content": sqlite_text(msg.get("reasoning_content")) if assistant else None,
-        **{key: hermes_json_field(msg.get(key)) if assistant else None for key in _REASONING_JSON},
+        **{key: message_json(key, msg.get(key)) if assistant else None for key in _REASONING_JSON},
         "platform_message_id": sqlite_text(msg.get("platform_message_id") or msg.get("message_id")),
         "api_content": scrub(api_content) if isinstance(api_content, str) else None,
     }

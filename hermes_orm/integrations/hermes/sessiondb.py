@@ -42,8 +42,9 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
     hermes_json,
-    hermes_json_field,
+    message_json,
     scrub,
+    scrub_json,
     sqlite_integer,
     sqlite_text,
 )
@@ -106,7 +107,7 @@ def hermes_content(content: Any) -> Any:
         return scrub(content)  # bytes: refused by the store, no column holds them
     if isinstance(content, list | tuple):
         try:
-            return hermes_json(content)
+            return scrub_json(hermes_json(content))
         except (TypeError, ValueError):
             return scrub(str(content))
     if isinstance(content, bool | int | float):
@@ -587,7 +588,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         fields = {
-            k: hermes_json_field(v) if k == "model_config" else sqlite_text(v)
+            # model_config keeps lone surrogates, escaped in its JSON as Hermes keeps them
+            k: (hermes_json(v) if v else None) if k == "model_config" else sqlite_text(v)
             for k, v in {"model": model, **kwargs}.items()
             if v is not None
         }
@@ -867,16 +869,16 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         optional = {
             "tool_call_id": sqlite_text(tool_call_id),
             # Hermes stores falsy JSON values as NULL
-            "tool_calls": hermes_json_field(tool_calls),
+            "tool_calls": message_json("tool_calls", tool_calls),
             "tool_name": sqlite_text(tool_name),
             "effect_disposition": sqlite_text(effect_disposition),
             "token_count": sqlite_integer(token_count),
             "finish_reason": sqlite_text(finish_reason),
             "reasoning": sqlite_text(reasoning),
             "reasoning_content": sqlite_text(reasoning_content),
-            "reasoning_details": hermes_json_field(reasoning_details),
-            "codex_reasoning_items": hermes_json_field(codex_reasoning_items),
-            "codex_message_items": hermes_json_field(codex_message_items),
+            "reasoning_details": message_json("reasoning_details", reasoning_details),
+            "codex_reasoning_items": message_json("codex_reasoning_items", codex_reasoning_items),
+            "codex_message_items": message_json("codex_message_items", codex_message_items),
             "platform_message_id": sqlite_text(platform_message_id),
             "api_content": scrub(api_content) if isinstance(api_content, str) else None,
         }
