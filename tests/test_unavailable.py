@@ -392,18 +392,20 @@ class _LateListener:
     """
 
     def __init__(self, target: tuple[str, int], after: float) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])  # nothing listens there until then
+        # Bound but not listening: connections are refused, and no one else takes the port.
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
         self._target, self._after = target, after
         self._stop = threading.Event()
         self._listening = threading.Thread(target=self._listen, daemon=True)
         self._listening.start()
 
     def _listen(self) -> None:
-        if self._stop.wait(self._after):
-            return
-        with socket.create_server(("127.0.0.1", self.port)) as server:
+        with self._server as server:
+            if self._stop.wait(self._after):
+                return
+            server.listen()
             server.settimeout(0.1)
             while not self._stop.is_set():
                 try:
