@@ -35,14 +35,14 @@ FOLDED_TO = "\u03bc\u0073\u03c3\u03b2\u03b8\u03c6\u03c0\u03ba\u03c1\u03b5\u1e61\
 _FOLD = str.maketrans(FOLDED, FOLDED_TO)
 
 
-def fold_letters(text: str) -> str:
-    """``text`` with the letters of :data:`FOLDED` folded, a character for each."""
+def fold_lowered(text: str) -> str:
+    """Lowered ``text`` with the letters of :data:`FOLDED` folded, a character for each."""
     return text.translate(_FOLD)
 
 
 def fold(text: str) -> str:
     """``text`` lowered (by ``str.lower``), then its letters folded as the indexes fold them."""
-    return text.lower().translate(_FOLD)
+    return fold_lowered(text.lower())
 
 
 #: Query tokens longer than this cannot match on PostgreSQL, whose text search

@@ -44,9 +44,11 @@ from sqlalchemy import Connection
 from hermes_orm import _codec
 from hermes_orm._dialects import driver_sql, fetch_driver_rows
 from hermes_orm._search_text import (
+    FOLDED,
+    FOLDED_TO,
     MAX_TOKEN_CHARS,
     fold,
-    fold_letters,
+    fold_lowered,
     is_unsegmented,
     separator_class,
     token_class,
@@ -286,7 +288,7 @@ def _leaf_pattern(leaf: Leaf, flags: int) -> re.Pattern[str]:
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
     if leaf.substring:
-        return re.compile(re.escape(fold(leaf.tokens[0])), flags)
+        return re.compile(re.escape(leaf.tokens[0].lower()), flags)
     token = token_class()
     words = (separator_class() + "+").join(re.escape(fold(t)) for t in leaf.tokens)
     end = token + "*" if leaf.prefix else f"(?!{token})"
@@ -310,13 +312,18 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping."""
     # Case-sensitive scans of the lowered body are far faster than re.IGNORECASE;
     # offsets hold while lowering keeps every character one character.
-    lowered = fold(body)
-    text, flags = (lowered, 0) if len(lowered) == len(body) else (body, re.IGNORECASE)
+    # Words compare folded further (as the indexes hold them), substrings only
+    # lowered (as LIKE compares them): the same length either way.
+    lowered = body.lower()
+    if len(lowered) == len(body):
+        texts, flags = (lowered, fold_lowered(lowered)), 0
+    else:
+        texts, flags = (body, body), re.IGNORECASE
     spans: set[tuple[int, int]] = set()
     for group in query.groups:
         for term in group:
             for leaf in term:
-                spans.update(_leaf_spans(leaf, text, flags))
+                spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start < merged[-1][1]:
@@ -416,11 +423,8 @@ def _fts_terms(terms: Sequence[Term]) -> str:
 def _tsquery_leaf(leaf: Leaf, phrases: bool = True) -> str:
     # A phrase: its words next to each other, by their positions in the vector
     # (without ``phrases``, anywhere in it: what the index alone can tell).
-    # PostgreSQL lowers the query (as it lowered the vectors); the letters its
-    # lower() keeps and FTS5 folds are folded here, as the trigger folds them.
     joiner = " <-> " if phrases else " & "
-    words = (f"'{fold_letters(token)}'" for token in leaf.tokens)
-    return joiner.join(words) + (":*" if leaf.prefix else "")
+    return joiner.join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
 
 
 def _tsquery_terms(terms: Sequence[Term], phrases: bool = True) -> str:
@@ -645,8 +649,14 @@ def _pg_words(by_index: bool) -> str:
     words' shares from it.
     """
     if by_index:
-        return "m.search_vector @@ lower(%s)::tsquery"
-    return _pg_match("m.search_vector @@ (SELECT lower(%s)::tsquery)", by_index)
+        return f"m.search_vector @@ {_PG_TSQUERY}"
+    return _pg_match(f"m.search_vector @@ (SELECT {_PG_TSQUERY})", by_index)
+
+
+#: A tsquery parameter as the vectors hold words: lowered, then the letters FTS5
+#: folds further folded, as the trigger folds them (after lower(), which may
+#: make a final sigma of a capital one).
+_PG_TSQUERY = f"translate(lower(%s), '{FOLDED}', '{FOLDED_TO}')::tsquery"
 
 
 def _uncased(text: str) -> bool:

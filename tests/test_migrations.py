@@ -305,7 +305,8 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     migrations.upgrade(engine, "0011_search_cjk_words")
     store = hermes_orm.SessionStore(engine, check_schema=False)
     store.create_session("s", source="cli")
-    written = ["ΟΔΟΣ", "ο δρόμος, η οδος", "plain words", "\u03d0eta"]  # noqa: RUF001
+    # (long s: 2 bytes in UTF-8, s 1: a word too long to index until it is folded)
+    written = ["ΟΔΟΣ", "ο δρόμος, η οδος", "plain words", "\u03d0eta", "\u017f" * 1100]  # noqa: RUF001
     store.flush("s", [{"role": "user", "content": t} for t in written])
 
     def found(query: str) -> list[int]:
@@ -325,6 +326,11 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     assert found("βeta") == found("\u03d0eta") == [3]
     assert found("plain") == [2]
     assert vectors()[2] == as_0011[2]  # a message without such letters is not rewritten
+    assert found("ssss*") == [4]
+    upgraded = vectors()
+    with engine.begin() as conn:  # the trigger makes each row's vector anew
+        conn.exec_driver_sql("UPDATE hermes_messages SET content = content")
+    assert vectors() == upgraded
     migrations.downgrade(engine, "0011_search_cjk_words")
     assert vectors() == as_0011
     migrations.upgrade(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
@@ -785,8 +786,47 @@ def test_letters_fts5_folds_are_one_word_on_both_backends(store: SessionStore) -
         assert found(form[:3] + "*") == [0, 1, 2, 3], form
     hits = store.search("οδος").hits
     assert all(hit.rank == 1 for hit in hits)  # the place it matched, highlighted
+    # Substrings (scripts without spaces) are matched as written, not folded:
+    # a highlight counts only the place the query matched.
+    store.create_session("cjk", source="test")
+    store.flush("cjk", [{"role": "user", "content": "ς東 σ東"}, {"role": "user", "content": "ς東"}])
+    ((hit,),) = [store.search("σ東", session_id="cjk").hits]
+    assert (hit.idx, hit.rank) == (0, 1)
     for n, (letter, folded) in enumerate(zip(FOLDED, FOLDED_TO, strict=True), start=len(greek)):
         assert found(f"x{letter}y") == found(f"x{folded}y") == [n], letter
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("creates a database of the ICU locale provider itself")
+def test_a_database_whose_lower_knows_final_sigma_finds_every_form(
+    pg_server_url: str, tmp_path: Path
+) -> None:
+    """ICU's lower() makes ΟΔΟΣ οδος (final sigma); the vectors hold οδοσ: folded after lowering."""
+    from sqlalchemy import create_engine
+
+    from tests.conftest import _drop_pg_database
+
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    name = f"icu_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und' "
+            "LOCALE 'C.UTF-8'"
+        )
+    admin.dispose()
+    url = make_url(pg_server_url).set(drivername="postgresql+psycopg", database=name)
+    store = SessionStore(url.render_as_string(hide_password=False))
+    try:
+        store.upgrade()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT lower('ΟΔΟΣ')").scalar_one() == "οδος"
+        store.create_session("s", source="test")
+        store.flush("s", [{"role": "user", "content": c} for c in ("ΟΔΟΣ", "ΛΌΓΟΣ ΔΡΌΜΟΣ")])
+        for query, found in (("ΟΔΟΣ", [0]), ("οδος", [0]), ('"ΛΌΓΟΣ ΔΡΌΜΟΣ"', [1]), ("λόγοσ", [1])):
+            assert sorted(hit.idx for hit in store.search(query).hits) == found, query
+    finally:
+        store.close()
+        _drop_pg_database(pg_server_url, url.render_as_string(hide_password=False))
 
 
 def test_the_letters_search_folds_are_those_fts5_folds() -> None:

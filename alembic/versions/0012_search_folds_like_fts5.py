@@ -7,10 +7,11 @@ s, the micro sign to mu, ẛ to ṡ, the prosgegrammeni to iota. PostgreSQL's
 written (``οδος`` missed ``ΟΔΟΣ``). The trigger now translates those letters
 before the words are parsed (only in a body that holds one: the test costs
 about a microsecond a row, the translation twenty), and the search code folds
-a query's words alike. The upgrade rewrites the vectors of the messages that
-hold such a letter (found by their vectors: no body is computed for the
-others); the downgrade puts the trigger back and rewrites those messages'
-vectors as it made them. SQLite is not touched.
+a query's words alike (after lowering them: a lower() may make a final sigma
+of a capital one). The upgrade rewrites the vectors of the messages whose body
+holds such a letter (every body is computed once to find them: about ten
+seconds a million messages); the downgrade puts the trigger back and rewrites
+those messages' vectors as it made them. SQLite is not touched.
 
 Revision ID: 0012_search_folds_like_fts5
 Revises: 0011_search_cjk_words
@@ -100,17 +101,15 @@ def _function(fold: bool) -> str:
 def _vectors(fold: bool) -> str:
     """Make the vectors of the messages holding a letter of ``_FOLDED`` as the trigger would.
 
-    An UPDATE of the vector only: no trigger fires (theirs are on the text columns).
+    Found by their bodies (a word too long to index may fit once folded, so a
+    vector does not always show the letter). An UPDATE of the vector only: no
+    trigger fires (theirs are on the text columns).
     """
     body = "hermes_search_body(content, content_parts, tool_name, tool_calls)"
-    if fold:
-        body = f"translate({body}, '{_FOLDED}', '{_FOLDED_TO}')"
-        which = f"search_vector::text ~ '[{_FOLDED}]'"
-    else:
-        which = f"hermes_search_body(content, content_parts, tool_name, tool_calls) ~ '[{_FOLDED}]'"
+    words = f"translate({body}, '{_FOLDED}', '{_FOLDED_TO}')" if fold else body
     return (
         "UPDATE hermes_messages SET search_vector = to_tsvector('simple'::regconfig, "
-        f"regexp_replace({body}, '{_SEPARATORS_0010}', ' ', 'g')) WHERE {which}"
+        f"regexp_replace({words}, '{_SEPARATORS_0010}', ' ', 'g')) WHERE {body} ~ '[{_FOLDED}]'"
     )
 
 
