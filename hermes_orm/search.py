@@ -282,15 +282,22 @@ class SearchPage:
 
 @lru_cache(maxsize=256)
 def _leaf_pattern(leaf: Leaf, flags: int) -> re.Pattern[str]:
-    """``leaf`` as the index matches it, in lower case (or any case, with ``re.I``).
+    """``leaf`` as the index matches it, in lower case (or as written, with ``re.I``).
+
+    With ``re.I`` the tokens are not lowered: ``str.lower`` may make two
+    characters of one (``İ``), which the body as written never holds.
 
     The start of a word leaf must also follow a separator; :func:`_leaf_spans`
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
+    as_written = bool(flags & re.IGNORECASE)
     if leaf.substring:
-        return re.compile(re.escape(leaf.tokens[0].lower()), flags)
+        substring = leaf.tokens[0]
+        return re.compile(re.escape(substring if as_written else substring.lower()), flags)
     token = token_class()
-    words = (separator_class() + "+").join(re.escape(fold(t)) for t in leaf.tokens)
+    words = (separator_class() + "+").join(
+        re.escape(t if as_written else fold(t)) for t in leaf.tokens
+    )
     end = token + "*" if leaf.prefix else f"(?!{token})"
     return re.compile(words + end, flags)
 

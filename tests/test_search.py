@@ -792,8 +792,18 @@ def test_letters_fts5_folds_are_one_word_on_both_backends(store: SessionStore) -
     store.flush("cjk", [{"role": "user", "content": "ς東 σ東"}, {"role": "user", "content": "ς東"}])
     ((hit,),) = [store.search("σ東", session_id="cjk").hits]
     assert (hit.idx, hit.rank) == (0, 1)
+
     for n, (letter, folded) in enumerate(zip(FOLDED, FOLDED_TO, strict=True), start=len(greek)):
         assert found(f"x{letter}y") == found(f"x{folded}y") == [n], letter
+
+
+def test_a_word_lowering_makes_longer_is_highlighted(store: SessionStore) -> None:
+    """``İ`` lowers to two characters in Python: the hit's place is still found."""
+    store.create_session("s", source="test")
+    store.flush("s", [{"role": "user", "content": "İSTANBUL ΣİΣ λόγος"}])
+    for query in ("İSTANBUL", "İstanbul", "ΣİΣ", "λόγοσ"):
+        ((hit,),) = [store.search(query).hits]
+        assert hit.rank == 1, query
 
 
 @pytest.mark.postgresql
