@@ -1,9 +1,13 @@
 """Values as Hermes Agent's SQLite file keeps them, made storable.
 
 Hermes replaces lone surrogates in its text columns as it writes them, but
-keeps them, escaped, inside its JSON columns and its multimodal content. No
-database this package stores into can hold them (they are not valid Unicode),
-so the SessionDB adapter and the importer replace them everywhere alike.
+keeps them, escaped, inside its JSON columns and its multimodal content. A
+message here holds valid Unicode only (it is searched and digested), so the
+SessionDB adapter and the importer replace them in messages alike; a session's
+``model_config`` keeps them, escaped in its JSON, as Hermes does.
+
+Hermes writes its JSON columns with ``json.dumps`` and reads them back parsed:
+the adapter stores what Hermes would read back (:func:`hermes_json`).
 
 Hermes binds whatever it is given into its SQLite columns, whose affinity
 converts it: a number given for a text column is stored (and read back) as
