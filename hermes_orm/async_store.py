@@ -203,6 +203,8 @@ class AsyncSessionStore(_AsyncSessions):
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []
+        #: Bumped by close(): a connection taken before it is given back, never kept.
+        self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.
         self._sqlite = (
             _dialects.sqlite_settings(sqlite_synchronous, lock_timeout)
@@ -229,6 +231,7 @@ class AsyncSessionStore(_AsyncSessions):
     async def close(self) -> None:
         """Give back the idle connection; dispose of the engine if the store made it."""
         parked, self._parked = self._parked, []
+        self._closes += 1
         for conn in parked:
             await self._release(conn)
         if self._owns_engine:
@@ -294,6 +297,7 @@ class AsyncSessionStore(_AsyncSessions):
 
         async def once() -> T:
             await self._ensure_schema()  # its connection's failures are retried too
+            closes = self._closes
             conn = await self._checkout()
             try:
                 result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
@@ -302,7 +306,7 @@ class AsyncSessionStore(_AsyncSessions):
                 # cancellation interrupted; dropped if it was invalidated.
                 await asyncio.shield(self._release(conn))
                 raise
-            await self._checkin(conn)
+            await self._checkin(conn, closes)
             return result
 
         return await self._retrying(self._async_engine, self._retry, once)
@@ -361,15 +365,17 @@ class AsyncSessionStore(_AsyncSessions):
         finally:
             await conn.close()
 
-    async def _checkin(self, conn: AsyncConnection) -> None:
+    async def _checkin(self, conn: AsyncConnection, closes: int) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
 
         As :class:`~hermes_orm.store.SessionStore` does, and for the same reason,
         on aiosqlite only: each trip through the pool costs a call on the
         driver's thread (the reset's rollback), and its connections serve any
         event loop; other drivers' connections belong to the loop that made them.
+        One taken before the store was closed (``closes``: the count of closes
+        then) goes back.
         """
-        if self._parks and not self._parked:
+        if self._parks and not self._parked and closes == self._closes:
             self._parked.append(conn)
         else:
             await self._release(conn)

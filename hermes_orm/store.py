@@ -54,6 +54,7 @@ from hermes_orm import _codec, _dialects, _retry, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
+    DatabaseError,
     DatabaseUnavailableError,
     HermesOrmError,
     HistoryDivergedError,
@@ -173,8 +174,9 @@ class _Memory:
         """Remember a session's stored cursor and digest after a write or a check.
 
         Below ``cursor`` the database holds what the store's copies of the
-        session hold below ``start``, then ``written`` (checked or written just
-        now; None when unknown). Copies of ``written`` join those below
+        session hold below ``start``, then ``written`` (copies, by :func:`_copy`,
+        of the messages checked or written just now, taken as they were encoded;
+        None when unknown). They join the copies below
         ``start``; if those are missing, the store keeps no copies (its next
         flush there checks in the database). Without ``copy``, copies the store
         has are kept up to date, and none are started (a ``verify="last"``
@@ -193,7 +195,7 @@ class _Memory:
                     copies = None
                 if copies is not None:
                     del copies[start:]  # only above every remembered cursor: never read
-                    copies.extend(map(_copy, written))
+                    copies.extend(written)
             elif copies is not None and len(copies) != cursor:
                 copies = None
             if copies is not None:
@@ -960,13 +962,12 @@ class StoreCore:
                 pass
 
         result: FlushResult
-        result, digest, start = yield Run(
-            lambda conn: self.flush_in(conn, session_id, messages, verify), write=True
+        result, digest, start, taken = yield Run(
+            lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
-        written = None if start is None else messages[start : result.cursor]
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
         copy = verify != "last" and result.written <= _BATCH
-        self._memory.remember(session_id, result.cursor, digest, written, start or 0, copy=copy)
+        self._memory.remember(session_id, result.cursor, digest, taken, start or 0, copy=copy)
         return result
 
     def flush_in(
@@ -988,6 +989,22 @@ class StoreCore:
             the stored history): below it, the store's copies are the stored
             messages; from it to the new cursor, ``messages`` are.
         """
+        return self._flush_locked(conn, session_id, messages, verify)[:3]
+
+    def _flush_locked(
+        self,
+        conn: Connection,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        verify: str,
+    ) -> tuple[FlushResult, bytes | None, int | None, list[Any] | None]:
+        """:meth:`flush_in`, and copies of the messages it checked or wrote (None: not kept).
+
+        The copies are taken as the messages are checked and encoded, before
+        any statement writes them: a list the caller changes while the write is
+        under way (an asyncio task streaming into its last message) leaves them
+        what the database holds.
+        """
         stored = self._locked_cursor(conn, session_id)
         if stored is None:
             raise SessionNotFoundError(session_id)
@@ -1008,12 +1025,19 @@ class StoreCore:
             copies=copies,
         )
         if len(messages) < cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None, None
+        taken = None
+        batches: Iterable[list[_codec.EncodedMessage]]
+        if len(messages) - cursor <= _BATCH:
+            encode = _codec.encode_message
+            batches = [[encode(messages[i], i) for i in range(cursor, len(messages))]]
+            taken = list(map(_copy, messages[start:]))
+        else:  # streamed: no copies (the store's next flush checks in the database)
+            batches = _encode_batches(messages, cursor)
         if len(messages) == cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start
-        batches = _encode_batches(messages, cursor)
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start, taken
         end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
-        return FlushResult(end - cursor, end), last, start
+        return FlushResult(end - cursor, end), last, start, taken
 
     def _flush_on_hint(
         self, session_id: str, messages: Sequence[dict[str, Any]], hint: _Hint, verify: str
@@ -1039,12 +1063,15 @@ class StoreCore:
             elif verify == "all" or _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
                 raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
+        taken: list[Any] = []  # copies of the messages a short flush writes
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
         #: The one statement that writes the rows and moves the cursor, or nothing (PostgreSQL).
         once: tuple[str, Sequence[Any]] | None = None
         if len(messages) - cursor <= _BATCH:
             # Validated before the transaction begins: bad input never takes a lock.
             encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
+            # Copied as encoded: the caller may change its list while the write is under way.
+            taken = list(map(_copy, messages[cursor:]))
             written = (len(messages), encoded[-1].digest)
             inserts = _insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)])
             sql, params = _advance(
@@ -1086,9 +1113,7 @@ class StoreCore:
         if statements is None:  # a bulk flush streams: no copies of all it wrote
             self._memory.remember(session_id, end, last)
         else:
-            self._memory.remember(
-                session_id, end, last, messages[cursor:end], cursor, copy=verify != "last"
-            )
+            self._memory.remember(session_id, end, last, taken, cursor, copy=verify != "last")
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
@@ -1098,6 +1123,7 @@ class StoreCore:
     def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
         _check_session_id(session_id)
         encoded = _codec.encode_message(message)
+        taken = [_copy(message)]  # as encoded (see _flush_locked)
 
         def work(conn: Connection) -> int:
             stored = self._locked_cursor(conn, session_id)
@@ -1116,7 +1142,7 @@ class StoreCore:
             return stored is not None and bytes(stored) == encoded.digest
 
         idx: int = yield Run(work, write=True, once=True, found=found)
-        self._memory.remember(session_id, idx + 1, encoded.digest, [message], idx, copy=False)
+        self._memory.remember(session_id, idx + 1, encoded.digest, taken, idx, copy=False)
         return idx
 
     @staticmethod
@@ -1178,7 +1204,17 @@ class StoreCore:
             ).scalars()
             # Read whole before comparing: a result left open by the refusal
             # below would hold SQLite's read snapshot as long as the error lives.
-            for i, stored_digest in enumerate(stored.all(), known):
+            digests = stored.all()
+            if len(digests) != overlap - known:
+                # Rows written around the store (its cursor set by hand, rows deleted):
+                # a flush on top would take the missing messages as stored.
+                raise DatabaseError(
+                    f"session {session_id!r} has its cursor at {cursor} but "
+                    f"{overlap - known - len(digests)} of the messages below it are not "
+                    "stored; nothing was written (`hermes-orm verify --repair` sets the "
+                    "cursor from the rows)"
+                )
+            for i, stored_digest in enumerate(digests, known):
                 if _digest_or_none(messages[i], i) != stored_digest:
                     raise HistoryDivergedError(session_id, stored=cursor, given=given, index=i)
         return known
@@ -1562,6 +1598,8 @@ class SessionStore(_Sessions):
         self._parked: list[Connection] = []
         self._parks = not isinstance(engine.pool, NullPool)
         self._parked_lock = threading.Lock()
+        #: Bumped by close(): a connection taken before it is given back, never kept.
+        self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.
         self._sqlite = (
             _dialects.sqlite_settings(sqlite_synchronous, lock_timeout)
@@ -1587,6 +1625,7 @@ class SessionStore(_Sessions):
         """Give back the idle connection; dispose of the engine if the store made it."""
         with self._parked_lock:
             parked, self._parked = self._parked, []
+            self._closes += 1
         for conn in parked:
             self._release(conn)
         if self._owns_engine:
@@ -1654,13 +1693,14 @@ class SessionStore(_Sessions):
 
         def once() -> Any:
             self._ensure_schema()  # its connection's failures are retried as the work's
+            closes = self._closes
             conn = self._checkout()
             try:
                 result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
                 self._release(conn)  # the pool drops it if it was invalidated
                 raise
-            self._checkin(conn)
+            self._checkin(conn, closes)
             return result
 
         return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
@@ -1706,16 +1746,17 @@ class SessionStore(_Sessions):
         finally:
             conn.close()
 
-    def _checkin(self, conn: Connection) -> None:
+    def _checkin(self, conn: Connection, closes: int) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
 
         One idle connection saves the next operation a trip through the pool
         (a large share of the CPU time of a turn's flush on SQLite); more would
-        take connections from the application's share.
+        take connections from the application's share. One taken before the
+        store was closed (``closes``: the count of closes then) goes back.
         """
         if self._parks:
             with self._parked_lock:
-                if not self._parked:
+                if not self._parked and closes == self._closes:
                     self._parked.append(conn)
                     return
         self._release(conn)

@@ -1858,3 +1858,98 @@ def test_a_transaction_left_open_on_the_driver_connection_gets_a_whole_flush(
     assert count_rows(engine, "hermes_messages", session_id="s") == len(turn)  # seen elsewhere
     store.close()
     sync_engine(store).dispose()
+
+
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_message_changed_while_its_flush_writes_is_refused_after(store: Any, path: str) -> None:
+    """The store's copy of a message is the one it stored, not what the list holds afterwards.
+
+    An agent streams into its last message while the flush of the list is
+    under way (an asyncio task's, or another thread's): the database holds the
+    text as it was encoded, so the next flush of the list, changed below the
+    cursor, is refused as a fresh store refuses it.
+    """
+    store.create_session("s", source="cli")
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
+    store.flush("s", messages)
+    if path == "locked read":
+        store.forget_cursor("s")
+    messages.append({"role": "assistant", "content": "Hel"})
+
+    def stream_on(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if _FLUSH_WRITE.match(statement) and messages[-1]["content"] == "Hel":
+            messages[-1]["content"] += "lo world"
+
+    event.listen(store.engine, "before_cursor_execute", stream_on)
+    try:
+        assert store.flush("s", messages).written == 1
+    finally:
+        event.remove(store.engine, "before_cursor_execute", stream_on)
+    assert messages[-1]["content"] == "Hello world"  # the change happened during the write
+    assert store.get_messages("s")[1]["content"] == "Hel"
+    for flusher in (store, fresh_store(store)):
+        with pytest.raises(HistoryDivergedError) as err:
+            flusher.flush("s", [*messages, {"role": "user", "content": "next"}])
+        assert err.value.index == 1
+    assert_exact(store, "s", [messages[0], {"role": "assistant", "content": "Hel"}])
+
+
+def test_a_cursor_above_missing_rows_is_refused_not_written_over(store: Any) -> None:
+    """Rows gone below the stored cursor (written around the store) are not taken as stored.
+
+    Otherwise the flush of the agent's list would take the missing messages as
+    the database's and write only what follows: they would never be stored.
+    """
+    store.create_session("s", source="cli")
+    store.flush("s", _plain(3))
+    with sync_engine(store).begin() as conn:
+        conn.execute(Message.__table__.delete().where(Message.idx == 1))
+    # A store that remembers the session trusts its copies (README: restart it after
+    # rows were changed below it); one that reads the stored digests finds the hole.
+    for flusher, verify in ((fresh_store(store), "all"), (store, "full")):
+        with pytest.raises(DatabaseError, match="1 of the messages below it are not stored"):
+            flusher.flush("s", _plain(4), verify=verify)
+    assert count_rows(sync_engine(store), "hermes_messages") == 2
+
+
+def test_a_store_closed_during_a_call_keeps_no_connection(db_url: str) -> None:
+    """close() while a call is under way: that call's connection goes back to the pool."""
+    from hermes_orm import create_store_engine
+    from hermes_orm._dialects import create_async_store_engine
+
+    engine = create_store_engine(db_url)
+    store = SessionStore(engine)
+    store.create_session("s", source="cli")
+
+    def close_now(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if _FLUSH_WRITE.match(statement):
+            store.close()
+
+    event.listen(engine, "before_cursor_execute", close_now)
+    assert store.flush("s", _plain(2)).written == 2
+    event.remove(engine, "before_cursor_execute", close_now)
+    assert engine.pool.checkedout() == 0
+    assert store.flush("s", _plain(3)).written == 1  # a closed store may be used again
+    store.close()
+    engine.dispose()
+
+    async def main() -> None:
+        async_engine = create_async_store_engine(db_url)
+        async_store = AsyncSessionStore(async_engine)
+        await async_store.create_session("a", source="cli")
+        loop = asyncio.get_running_loop()
+        closing: list[asyncio.Task[None]] = []
+
+        def close_soon(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+            if _FLUSH_WRITE.match(statement) and not closing:
+                closing.append(loop.create_task(async_store.close()))  # runs during the write
+
+        sync = async_engine.sync_engine
+        event.listen(sync, "before_cursor_execute", close_soon)
+        assert (await async_store.flush("a", _plain(2))).written == 2
+        event.remove(sync, "before_cursor_execute", close_soon)
+        await closing[0]
+        assert async_engine.pool.checkedout() == 0
+        await async_engine.dispose()
+
+    asyncio.run(main())
