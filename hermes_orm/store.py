@@ -40,6 +40,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    not_,
     or_,
     select,
     update,
@@ -144,13 +145,18 @@ class _Hint:
     cursor: int
     digest: bytes | None
     copies: list[Any] | None
+    #: The user of the store (a user-scoped view) that remembered it; None: an unscoped store.
+    user: str | None = None
 
 
 class _Memory:
     """The hints of a store, shared with the user-scoped stores made from it.
 
-    Sharing is safe because a hint is only ever a guess verified in the
-    database, and a scoped store's verification includes the owner.
+    A hint is only ever a guess verified in the database, and a scoped store's
+    verification includes the owner. Each store uses only the hints of its own
+    scope (see :meth:`StoreCore._hint`): one user's view comparing a list with
+    another's copies, before the database refused it, would tell that user
+    whether the list is the other's history.
     """
 
     __slots__ = ("hints", "lock", "remembered")
@@ -170,6 +176,7 @@ class _Memory:
         start: int = 0,
         *,
         copy: bool = True,
+        user: str | None = None,
     ) -> None:
         """Remember a session's stored cursor and digest after a write or a check.
 
@@ -180,7 +187,8 @@ class _Memory:
         ``start``; if those are missing, the store keeps no copies (its next
         flush there checks in the database). Without ``copy``, copies the store
         has are kept up to date, and none are started (a ``verify="last"``
-        flush, an append: nothing compares them yet).
+        flush, an append: nothing compares them yet). ``user``: the scope of the
+        store that remembers it (the copies of another scope are dropped).
         """
         with self.lock:
             hints = self.hints
@@ -188,6 +196,8 @@ class _Memory:
             copies = None if old is None else old.copies
             if copies is not None:
                 self.remembered -= len(copies)
+                if old is not None and old.user != user:
+                    copies = None
             if written is not None and len(written) == cursor - start:
                 if start == 0 and (copy or copies is not None):
                     copies = []  # a new list: other threads may be reading the old one
@@ -200,7 +210,7 @@ class _Memory:
                 copies = None
             if copies is not None:
                 self.remembered += len(copies)
-            hints[session_id] = _Hint(cursor, digest, copies)
+            hints[session_id] = _Hint(cursor, digest, copies, user)
             if len(hints) > _HINTS_MAX or self.remembered > _REMEMBERED_MAX:
                 self.shed(session_id)
 
@@ -282,6 +292,21 @@ class SessionPage:
 
     sessions: list[dict[str, Any]]
     next_cursor: str | None
+
+
+def _is_ancestor(session_id: str, parent: str) -> Any:
+    """A query of a row when ``session_id`` is ``parent`` or one of its ancestors.
+
+    UNION, not UNION ALL: a loop already stored ends the walk.
+    """
+    up = (
+        select(_sessions.c.parent_session_id.label("id"))
+        .where(_sessions.c.id == parent)
+        .cte("up", recursive=True)
+    )
+    above = _sessions.alias("above")
+    up = up.union(select(above.c.parent_session_id).where(above.c.id == up.c.id))
+    return select(up.c.id).where(up.c.id == session_id)
 
 
 def _check_session_id(session_id: Any) -> str:
@@ -686,13 +711,18 @@ class StoreCore:
                 exc,
             )
 
+    def _hint(self, session_id: str) -> _Hint | None:
+        """What this store remembers of a session: only what a store of its scope remembered."""
+        hint = self._memory.hints.get(session_id)
+        return hint if hint is not None and hint.user == self._user else None
+
     def _remembered(self, session_id: str, stored: int) -> _Hint | None:
         """What the store remembers of a session whose stored cursor is ``stored``.
 
         A stored cursor behind the remembered one is said (WARNING): commits
         this store saw were lost, or another process cut the history.
         """
-        hint = self._memory.hints.get(session_id)
+        hint = self._hint(session_id)
         if hint is not None and stored < hint.cursor:
             logger.warning(
                 "session %r: the database holds %d messages, but this store saw %d committed: "
@@ -807,22 +837,34 @@ class StoreCore:
         return _write(work)
 
     def _check_references(self, conn: Connection, session_id: str, values: dict[str, Any]) -> None:
-        """Refuse a missing parent or a title another session holds, before writing.
+        """Refuse a missing parent, a loop of parents, or a title another session holds.
 
-        A user-scoped store sees its user's sessions only: another user's
-        parent is missing to it, and another user's session holding the title
-        goes unnamed.
+        Before writing. A user-scoped store sees its user's sessions only:
+        another user's parent is missing to it, and another user's session
+        holding the title goes unnamed, even the one of ``session_id`` (the
+        refusal is the same whichever id is asked for, so it tells no one which
+        session holds a title).
         """
         parent = values.get("parent_session_id")
-        if parent is not None and parent != session_id:
+        if parent is not None:
+            if parent == session_id:
+                raise InvalidSessionError(f"session {session_id!r} cannot be its own parent")
             found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
             if found is None:
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
+            if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
+                raise InvalidSessionError(
+                    f"parent session {parent!r} descends from session {session_id!r}: "
+                    "the lineage would loop"
+                )
         title = values.get("title")
         if title is not None:
+            same = _sessions.c.id == session_id
+            if self._user is not None:
+                same = and_(same, _sessions.c.user_id == self._user)
             holder = conn.execute(
                 select(_sessions.c.id, _sessions.c.user_id).where(
-                    _sessions.c.title == title, _sessions.c.id != session_id
+                    _sessions.c.title == title, not_(same)
                 )
             ).first()
             if holder is not None:
@@ -954,7 +996,7 @@ class StoreCore:
         if verify not in _VERIFY:
             raise InvalidArgumentError(f"verify must be one of {_VERIFY}, got {verify!r}")
 
-        hint = self._memory.hints.get(session_id) if verify != "full" else None
+        hint = self._hint(session_id) if verify != "full" else None
         if hint is not None and len(messages) > hint.cursor:
             try:
                 return (yield from self._flush_on_hint(session_id, messages, hint, verify))
@@ -967,7 +1009,9 @@ class StoreCore:
         )
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
         copy = verify != "last" and result.written <= _BATCH
-        self._memory.remember(session_id, result.cursor, digest, taken, start or 0, copy=copy)
+        self._memory.remember(
+            session_id, result.cursor, digest, taken, start or 0, copy=copy, user=self._user
+        )
         return result
 
     def flush_in(
@@ -1111,9 +1155,11 @@ class StoreCore:
 
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
-            self._memory.remember(session_id, end, last)
+            self._memory.remember(session_id, end, last, user=self._user)
         else:
-            self._memory.remember(session_id, end, last, taken, cursor, copy=verify != "last")
+            self._memory.remember(
+                session_id, end, last, taken, cursor, copy=verify != "last", user=self._user
+            )
         return FlushResult(written=end - cursor, cursor=end)
 
     def forget_cursor(self, session_id: str) -> None:
@@ -1142,7 +1188,9 @@ class StoreCore:
             return stored is not None and bytes(stored) == encoded.digest
 
         idx: int = yield Run(work, write=True, once=True, found=found)
-        self._memory.remember(session_id, idx + 1, encoded.digest, taken, idx, copy=False)
+        self._memory.remember(
+            session_id, idx + 1, encoded.digest, taken, idx, copy=False, user=self._user
+        )
         return idx
 
     @staticmethod

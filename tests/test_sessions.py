@@ -212,6 +212,26 @@ def test_missing_parent_and_taken_title_are_typed_errors(store: SessionStore) ->
     assert store.ensure_session("a", source="cli", title="Shared title") is False
 
 
+def test_a_lineage_loop_is_refused_before_it_is_written(store: SessionStore) -> None:
+    """No parent link the store writes makes a loop (``hermes-orm verify`` reports one)."""
+    for make in (store.create_session, store.ensure_session):
+        with pytest.raises(InvalidSessionError, match="cannot be its own parent"):
+            make("self", source="cli", parent_session_id="self")
+    assert store.get_session("self") is None
+    store.create_session("a", source="cli")
+    store.create_session("b", source="cli", parent_session_id="a")
+    store.create_session("c", source="cli", parent_session_id="b")
+    # ensure_session fills a missing parent: a's, with its own grandchild, would loop.
+    with pytest.raises(InvalidSessionError, match="'c' descends from session 'a'"):
+        store.ensure_session("a", source="cli", parent_session_id="c")
+    assert store.get_session("a")["parent_session_id"] is None  # type: ignore[index]
+    assert store.ensure_session("c", source="cli", parent_session_id="b") is False
+    store.create_session("d", source="cli", parent_session_id="c")  # a longer line is fine
+    from hermes_orm.verify import verify_database
+
+    assert verify_database(SessionStore(sync_engine(store))).ok
+
+
 _PRAGMAS = ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
 
 

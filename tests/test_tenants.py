@@ -83,13 +83,14 @@ def test_a_user_store_cannot_reach_another_users_session(
         with pytest.raises(SessionNotFoundError):
             alice.end_session(sid, "closed by alice")
         assert alice.delete_session(sid) is False
-        # The very messages stored (the store remembers them: the shared hint
-        # is tried and the owner check refuses it), then a longer list.
-        with pytest.raises(SessionNotFoundError):
-            alice.flush(sid, [*messages, {"role": "user", "content": "mine now"}])
-        for verify in ("all", "last", "full"):
-            with pytest.raises(SessionNotFoundError):
-                alice.flush(sid, [*messages, {"role": "user", "content": "x"}], verify=verify)
+        # The very messages stored (the store remembers them, for its own scope
+        # only), or a wrong guess of them, then a message that can be stored or
+        # one that cannot: one refusal, so nothing tells a right guess.
+        for history in (messages, _turn(len(messages), "guess")):
+            for tail in ({"role": "user", "content": "mine now"}, {"role": "nobody"}):
+                for verify in ("all", "last", "full"):
+                    with pytest.raises(SessionNotFoundError):
+                        alice.flush(sid, [*history, tail], verify=verify)
         with pytest.raises(SessionNotFoundError):
             alice.append(sid, {"role": "user", "content": "mine now"})
         with pytest.raises(SessionExistsError) as taken:
@@ -105,6 +106,12 @@ def test_a_user_store_cannot_reach_another_users_session(
     with pytest.raises(InvalidSessionError) as title:
         alice.create_session("alice-2", source="cli", title="bob's plans")
     assert "bob-1" not in str(title.value)
+    # Asked with the id of the session holding it, the same refusal: which of
+    # Bob's sessions holds the title is not told.
+    for make in (alice.create_session, alice.ensure_session):
+        with pytest.raises(InvalidSessionError) as same:
+            make("bob-1", source="cli", title="bob's plans")
+        assert str(same.value) == str(title.value)
     with pytest.raises(InvalidSessionError, match="only that user's sessions"):
         alice.create_session("alice-3", source="cli", user_id="bob")
     assert alice.get_session("alice-2") is None is alice.get_session("alice-3")
