@@ -1052,7 +1052,13 @@ def execute_driver_script(
     numbered = conn.dialect.driver == "asyncpg"
     rowcount = 0
     if _sa.observed(conn):
-        for statement, params in statements:
+        statements = iter(statements)
+        first = next(statements, None)
+        if first is None:
+            return 0
+        if first[0] == "BEGIN IMMEDIATE" and conn.dialect.name == "sqlite":
+            _room_for_begin_immediate(conn)
+        for statement, params in itertools.chain((first,), statements):
             text = _numbered(statement) if numbered else statement
             rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
         if commit_if is not None:
@@ -1078,6 +1084,30 @@ def execute_driver_script(
         return rowcount
 
     return _on_driver(conn, script, ran)
+
+
+def _room_for_begin_immediate(conn: Connection) -> None:
+    """Begin SQLAlchemy's transaction on a watched SQLite ``conn``, the driver's left unopened.
+
+    ``exec_driver_sql("BEGIN IMMEDIATE")`` would begin SQLAlchemy's transaction
+    first, and its ``begin`` listeners run: on an engine set up with
+    SQLAlchemy's pysqlite recipe for SAVEPOINT (``isolation_level = None`` at
+    connect, a ``begin`` listener emitting ``BEGIN``) that opens a deferred
+    transaction, and ``BEGIN IMMEDIATE`` inside it fails. So SQLAlchemy's
+    transaction is begun here (every listener runs as it would), and a driver
+    transaction open afterwards is rolled back at the driver level: nothing of
+    the store's ran in it yet. ``BEGIN IMMEDIATE`` then opens the driver's,
+    inside SQLAlchemy's, whose commit or rollback ends it.
+    """
+    if conn.in_transaction():
+        return  # work already under way: BEGIN IMMEDIATE tells what it finds
+    conn.begin()
+    dbapi_connection: Any = conn.connection.dbapi_connection
+    if _sa.sqlite_in_transaction(dbapi_connection):
+        try:
+            conn.dialect.do_rollback(dbapi_connection)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            _sa.raise_driver_error(conn, exc, "ROLLBACK", ())
 
 
 def _on_driver(

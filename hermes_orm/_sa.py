@@ -167,3 +167,75 @@ def driver_in_transaction(dbapi_connection: Any) -> bool | None:
     if callable(status_of):
         return int(status_of()) != 0  # TRANSACTION_STATUS_IDLE
     return None
+
+
+def insert_select_names(statement: Any) -> list[str] | None:
+    """The columns an ``INSERT ... FROM SELECT`` fills, by name; [] without a SELECT.
+
+    ``from_select()`` keeps them on a private attribute (``_select_names``),
+    which SQLAlchemy's compiler reads the same way. None: unreadable (an
+    attribute gone in a later release); the caller refuses the statement.
+    """
+    if getattr(statement, "select", None) is None:
+        return []
+    names = getattr(statement, "_select_names", None)
+    if not isinstance(names, list | tuple):
+        return None
+    keys: list[Any] = [getattr(name, "key", name) for name in names]
+    return [str(key) for key in keys] if all(isinstance(key, str) for key in keys) else None
+
+
+def on_conflict_sets(statement: Any) -> list[str] | None:
+    """The columns the ``ON CONFLICT DO UPDATE`` clauses of an INSERT set, by name.
+
+    [] without one (or with ``DO NOTHING`` only). SQLite's and PostgreSQL's
+    ``on_conflict_do_update()`` put their clauses on a private attribute
+    (``_post_values_clause``; several in a list on SQLite); what they set is
+    public on each clause (``update_values_to_set``). None: a clause of
+    another kind, or unreadable; the caller refuses the statement.
+    """
+    from sqlalchemy.dialects.postgresql import dml as postgresql_dml
+    from sqlalchemy.dialects.sqlite import dml as sqlite_dml
+
+    clause = getattr(statement, "_post_values_clause", False)
+    if clause is None:
+        return []
+    if clause is False:
+        return None
+    clauses = getattr(clause, "clauses", None)
+    found: list[str] = []
+    for each in clauses if isinstance(clauses, list | tuple) else (clause,):
+        if isinstance(each, sqlite_dml.OnConflictDoNothing | postgresql_dml.OnConflictDoNothing):
+            continue
+        if not isinstance(each, sqlite_dml.OnConflictDoUpdate | postgresql_dml.OnConflictDoUpdate):
+            return None
+        keys: list[Any] = [getattr(key, "key", key) for key in each.update_values_to_set]
+        if not all(isinstance(key, str) for key in keys):
+            return None
+        found.extend(str(key) for key in keys)
+    return found
+
+
+def statement_prefixes(statement: Any) -> list[str] | None:
+    """The text of a statement's ``prefix_with()`` prefixes; None: unreadable.
+
+    They sit on a private attribute (``_prefixes``: pairs of a clause and the
+    dialect it is for), as :func:`insert_clauses` reads it.
+    """
+    try:
+        return [str(clause) for clause, _dialect in statement._prefixes]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def sqlite_in_transaction(dbapi_connection: Any) -> bool | None:
+    """Whether a SQLite driver connection has a transaction open; None where it does not tell.
+
+    sqlite3's connection tells (``in_transaction``), and so does the
+    ``aiosqlite.Connection`` inside SQLAlchemy's aiosqlite adapter (``_connection``).
+    """
+    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
+        status = getattr(candidate, "in_transaction", None)
+        if isinstance(status, bool):
+            return status
+    return None

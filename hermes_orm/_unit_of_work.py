@@ -23,12 +23,23 @@ A session's counters (``flushed_idx``, ``message_count``, ``tool_call_count``,
 ``flushed_digest``) move only with its messages: setting them on a
 :class:`~hermes_orm.models.Session` object (a new one, or a stored one) is
 refused in every ORM session, and so is an ``update(Session)`` or
-``insert(Session)`` statement that sets them in a session with the rule.
+``insert(Session)`` statement that sets them in a session with the rule
+(``values()``, rows, ``from_select()``, ``ON CONFLICT DO UPDATE``, ``INSERT
+OR REPLACE``).
+
+What the rule sets on new objects in a flush that does not land (a failed
+flush, a rolled-back transaction or savepoint) stays on them; flushed once
+more, those values count as unset: a new Session's counters start at 0
+again, a Message's ``idx`` (and the id the database gave it) are placed
+again. Values changed by hand since are checked as such (see ``_rule_set``).
 
 Deleting a :class:`~hermes_orm.models.Session` through the ORM takes its
 messages and the rows that hang on it along, by the database's ``ON DELETE``
 rules; on a SQLite connection with ``foreign_keys`` off (SQLite's default, an
-application's engine) the same rules are applied here.
+application's engine) the same rules are applied here: for a Session object
+in every ORM session, for a ``delete(Session)`` statement (which runs no
+mapper event) in a session with the rule. Without the rule, such a statement
+relies on the database's foreign keys.
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ from hermes_orm.models import Message, Session
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
 #: Marks a flush whose new messages the rule already placed, and a statement
-#: whose rows it placed (an execution option).
+#: whose rows it placed or that it runs itself (an execution option): let through.
 _PLACED = "hermes_orm.positions_placed"
 #: The keys a row of ``insert(Message)`` may have: Message's column attributes.
 _ROW_KEYS = frozenset(prop.key for prop in Message.__mapper__.column_attrs)
@@ -77,9 +88,30 @@ _COUNTERS_MOVE = (
     "with its messages (SessionStore.flush/append, or Message objects added through the "
     "position rule)"
 )
-#: New Session objects whose counters the rule set (they start at 0 again if a
-#: failed flush left them set and they are flushed once more).
-_counted: weakref.WeakSet[Session] = weakref.WeakSet()
+#: In a flush's unit of work (``UOWTransaction.attributes``): the token of that
+#: flush, which what the rule sets in it is remembered with.
+_TOKEN = "hermes_orm.flush_token"
+#: What the rule set on new objects (a new Session's counters, a new Message's
+#: ``idx``), with the token of the flush it set them in. A rolled-back flush
+#: leaves those values on the objects (SQLAlchemy expunges the new objects of a
+#: transaction it rolls back, and keeps their attributes); flushed once more,
+#: in a later flush, a value still equal to what the rule set is a leftover of
+#: a flush that did not land: it counts as unset (a counter starts at 0 again,
+#: an idx is placed again). A value that differs was set by hand, and is
+#: refused as such. (A flush that landed leaves its objects stored: they are
+#: not new again, unless made transient by hand, when starting over is right too.)
+_rule_set: weakref.WeakKeyDictionary[object, tuple[object, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+#: What a new session's counters hold before it has messages.
+_STARTS: dict[str, Any] = {
+    "flushed_idx": 0,
+    "message_count": 0,
+    "tool_call_count": 0,
+    "flushed_digest": None,
+}
+#: What a new message holds before the rule placed it and the database gave it an id.
+_IDX_STARTS: dict[str, Any] = {"idx": None, "id": None}
 _HISTORY = (
     "stored messages are the session's history and their positions 0..n-1 stay dense; "
     "delete the whole session (SessionStore.delete_session, or its Session object) "
@@ -124,10 +156,12 @@ def remove_position_rule(target: Any = OrmSession) -> None:
 # and refuses a write into hermes_messages that neither a flush it placed nor a
 # statement it placed sent.
 
-#: The connections whose writes the rule watches, with the ORM session that
-#: last began a transaction on each (a session bound to an application's own
-#: connection shares it with the sessions before and after it).
-_watched: weakref.WeakKeyDictionary[Connection, OrmSession] = weakref.WeakKeyDictionary()
+#: The connections whose writes the rule watches, with every ORM session that
+#: began a transaction on each (sessions bound to an application's own
+#: connection share it, one after the other or side by side), held weakly.
+_watched: weakref.WeakKeyDictionary[Connection, weakref.WeakSet[OrmSession]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 #: In an ORM session's ``info``: the unit of work of its flush under way.
@@ -154,12 +188,48 @@ def _in_flush(session: OrmSession) -> bool:
     return ctx is not None and getattr(ctx, "transaction", None) is not None
 
 
+def _flush_token(ctx: UOWTransaction) -> object:
+    """The token of the flush ``ctx`` is the unit of work of (made on first use)."""
+    token = ctx.attributes.get(_TOKEN)
+    if token is None:
+        token = ctx.attributes[_TOKEN] = object()
+    return token
+
+
+def _token_of(session: OrmSession | None) -> object | None:
+    """The token of ``session``'s flush under way; None if the rule gave it none."""
+    ctx = session.info.get(_FLUSH) if session is not None else None
+    return None if ctx is None else ctx.attributes.get(_TOKEN)
+
+
+def _set_by_rule(obj: object, token: object | None, starts: Mapping[str, Any]) -> bool:
+    """Whether the rule set ``obj``'s values in the flush of ``token``.
+
+    Values it set in another flush (one that did not land, see ``_rule_set``)
+    are forgotten, and each one ``obj`` still holds is put back to its value
+    in ``starts``; a value changed since is left as it is, set by hand.
+    """
+    remembered = _rule_set.get(obj)
+    if remembered is None:
+        return False
+    set_in, values = remembered
+    if token is not None and set_in is token:
+        return True
+    del _rule_set[obj]
+    held = inspect(obj).dict
+    for key, value in values.items():
+        if key in held and type(held[key]) is type(value) and held[key] == value:
+            setattr(obj, key, starts[key])
+    return False
+
+
 def _watch(session: OrmSession, _transaction: Any, connection: Connection) -> None:
     """Watch the writes the session sends on ``connection`` (a new transaction's)."""
-    known = connection in _watched
-    _watched[connection] = session
-    if not known:
+    sessions = _watched.get(connection)
+    if sessions is None:
+        sessions = _watched[connection] = weakref.WeakSet()
         event.listen(connection, "before_execute", _refuse_unplaced)
+    sessions.add(session)
 
 
 def _refuse_unplaced(
@@ -167,8 +237,7 @@ def _refuse_unplaced(
 ) -> None:
     if not (isinstance(statement, Insert | Update | Delete) and statement.table is _messages):
         return
-    session = _watched.get(conn)
-    if options.get(_PLACED) or (session is not None and _in_flush(session)):
+    if options.get(_PLACED) or any(_in_flush(session) for session in _watched.get(conn, ())):
         return
     raise InvalidMessageError(
         "the legacy bulk API (bulk_save_objects, bulk_insert_mappings, "
@@ -325,6 +394,7 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
     if ctx.attributes.get(_PLACED):
         return
     ctx.attributes[_PLACED] = True
+    token = _flush_token(ctx)
     _refuse_history_changes(session)
     # Grouped by session id, whether a message names its session by object or
     # by id: one group per session, so one cursor read and one range of idx.
@@ -343,6 +413,8 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
     for session_id, (key, new) in groups.items():
         parent = key if isinstance(key, Session) else _loaded_session(session, session_id)
         encoded = [_encode(message, offset) for offset, message in enumerate(new)]
+        for message in new:
+            _set_by_rule(message, token, _IDX_STARTS)  # an idx left by a failed flush: unset
         claim = _claim([(message.idx, offset) for offset, message in enumerate(new)])
         placed.append((session_id, parent, new, encoded, claim))
     stored = {
@@ -352,7 +424,7 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
     }
     _check_sessions(session, stored)
     for session_id, parent, new, encoded, claim in placed:
-        _advance(session, session_id, parent, new, encoded=encoded, claim=claim)
+        _advance(session, session_id, parent, new, encoded=encoded, claim=claim, token=token)
 
 
 def _advance(
@@ -363,29 +435,32 @@ def _advance(
     *,
     encoded: list[_codec.EncodedMessage],
     claim: _Claim | None,
+    token: object,
 ) -> None:
     """Take positions for ``new`` by moving the session's cursor first.
 
-    If the flush fails later, the rollback moves it back.
+    If the flush fails later, the rollback moves it back. What is set on the
+    objects is remembered with the flush's ``token`` (see ``_rule_set``).
     """
     if parent is not None and parent in session.new:
         cursor = 0  # not stored yet: nobody else can write it
-        if parent not in _counted:
+        if not _set_by_rule(parent, token, _STARTS):
             error = _refused_counters(parent, new_object=True)
             if error is not None:
                 raise error
         if claim is not None and claim.cursor != cursor:
             raise claim.refused(cursor)
-        _counted.add(parent)
         parent.flushed_idx = parent.message_count = cursor + len(new)
         parent.tool_call_count = sum(e.tool_calls for e in encoded)
         parent.flushed_digest = encoded[-1].digest
+        _rule_set[parent] = (token, {key: getattr(parent, key) for key in _COUNTERS})
     else:
         cursor = _move_cursor(session, session_id, encoded, claim, parent)
     for offset, (message, item) in enumerate(zip(new, encoded, strict=True)):
         for column, value in item.row.items():
             setattr(message, column, value)
         message.idx = cursor + offset
+        _rule_set[message] = (token, {"idx": message.idx})
 
 
 # -- statements on hermes_messages -------------------------------------------------------
@@ -407,13 +482,35 @@ def _refuse_counter_statement(state: ORMExecuteState) -> None:
 
     The columns come from the statement's ``values()`` and from its rows given
     as parameters; an INSERT may give a counter 0 or None (a session with no
-    messages yet). A statement whose values cannot be read is refused.
+    messages yet). An INSERT may not fill a counter from a SELECT, nor set one
+    in ``ON CONFLICT DO UPDATE`` (a stored session's: other columns may be
+    upserted), nor be an ``INSERT OR REPLACE`` (which would put a stored
+    session back at 0, its messages left behind where foreign keys are off).
+    A statement whose columns cannot be read is refused.
     """
-    given = _sa.statement_values(state.statement)
-    if given is None:
+    statement = state.statement
+    given = _sa.statement_values(statement)
+    selected: list[str] | None = []
+    on_conflict: list[str] | None = []
+    prefixes: list[str] | None = []
+    if state.is_insert:
+        selected = _sa.insert_select_names(statement)
+        on_conflict = _sa.on_conflict_sets(statement)
+        prefixes = _sa.statement_prefixes(statement)
+    if given is None or selected is None or on_conflict is None or prefixes is None:
         raise InvalidSessionError(
             f"this form of {'UPDATE' if state.is_update else 'INSERT'} on hermes_sessions "
             f"cannot be checked: {_COUNTERS_MOVE}"
+        )
+    for key in selected:
+        if key in _COUNTERS:
+            raise InvalidSessionError(f"{key} cannot be set from a SELECT: {_COUNTERS_MOVE}")
+    for key in on_conflict:
+        if key in _COUNTERS:
+            raise InvalidSessionError(f"{key} cannot be set ON CONFLICT: {_COUNTERS_MOVE}")
+    if any("REPLACE" in prefix.upper() for prefix in prefixes):
+        raise InvalidSessionError(
+            f"INSERT OR REPLACE would start a stored session's counters over: {_COUNTERS_MOVE}"
         )
     params = state.parameters
     rows = [params] if isinstance(params, Mapping) else list(params or [])
@@ -421,6 +518,56 @@ def _refuse_counter_statement(state: ORMExecuteState) -> None:
         for key, value in row.items():
             if key in _COUNTERS and (state.is_update or not _a_start(value)):
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
+
+
+#: How many session ids one statement applying the ON DELETE rules names.
+_IDS_AT_ONCE = 500
+
+
+def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
+    """Run a DELETE statement on ``hermes_sessions`` with its ON DELETE rules applied.
+
+    Where SQLite does not apply them (``foreign_keys`` off), the ids of the
+    sessions the statement's WHERE picks are read first; after the DELETE, the
+    rows that hang on those of them now gone are deleted (or their column
+    cleared), in the same transaction, as for a deleted Session object. (After,
+    not before: a WHERE may look at those rows.) If any of it fails, the
+    session's transaction (or its innermost savepoint) is rolled back, so no
+    session goes without them, nor they without their session.
+    """
+    session = state.session
+    connection = session.connection(bind_arguments=state.bind_arguments)
+    if not _sqlite_leaves_them(connection):
+        return None  # the database applies them itself
+    statement = state.statement
+    if not isinstance(statement, Delete):  # what picks its rows cannot be read
+        raise InvalidSessionError(
+            "this form of DELETE on hermes_sessions cannot be run with its ON DELETE rules "
+            "applied; delete Session objects, or use SessionStore.delete_session"
+        )
+    chosen = select(_sessions.c.id)
+    if statement.whereclause is not None:
+        chosen = chosen.where(statement.whereclause)
+    params = state.parameters
+    each = [params] if isinstance(params, Mapping) else list(params or [{}])
+    picked = {
+        session_id for row in each for session_id in connection.execute(chosen, row).scalars()
+    }
+    try:
+        result = state.invoke_statement()
+        ids = sorted(picked)
+        for at in range(0, len(ids), _IDS_AT_ONCE):
+            some = ids[at : at + _IDS_AT_ONCE]
+            still = select(_sessions.c.id).where(_sessions.c.id.in_(some))
+            kept = set(connection.execute(still).scalars())
+            gone = [session_id for session_id in some if session_id not in kept]
+            if gone:
+                _apply_on_delete(connection, gone)
+        return result
+    except BaseException:
+        nested = session.get_nested_transaction()
+        (nested if nested is not None else session).rollback()
+        raise
 
 
 def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
@@ -439,8 +586,11 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
     if state.execution_options.get(_PLACED):
         return None
     if not _on_table(state, _messages):
-        if _on_table(state, _sessions):
-            _refuse_counter_statement(state)
+        if not _on_table(state, _sessions):
+            return None
+        if state.is_delete:
+            return _delete_sessions(state)
+        _refuse_counter_statement(state)
         return None
     statement = state.statement
     if not state.is_insert:
@@ -599,10 +749,38 @@ def _refuse_moving_a_stored_message(_mapper: Any, _connection: Any, target: Mess
 
 @event.listens_for(Session, "before_insert")
 def _refuse_a_new_session_with_counters(_mapper: Any, _connection: Any, target: Session) -> None:
-    if target not in _counted:
+    """Refuse counters set by hand; those the rule set in a flush that did not land start over.
+
+    A mapper's ``before_insert`` may change column attributes: the INSERT
+    sends what they hold afterwards.
+    """
+    if not _set_by_rule(target, _token_of(object_session(target)), _STARTS):
         error = _refused_counters(target, new_object=True)
         if error is not None:
             raise error
+
+
+@event.listens_for(Message, "before_insert", insert=True)
+def _unset_a_leftover_idx(_mapper: Any, _connection: Any, target: Message) -> None:
+    """An idx the rule set in a flush that did not land counts as unset.
+
+    Put first among ``Message``'s ``before_insert`` listeners: in a flush
+    without the rule, the message is then refused as one the rule did not place.
+    """
+    if _set_by_rule(target, _token_of(object_session(target)), _IDX_STARTS) and target.id is None:
+        _rule_set[target][1]["id"] = None  # the database gives it: _note_a_new_id
+
+
+@event.listens_for(Message, "after_insert")
+def _note_a_new_id(_mapper: Any, _connection: Any, target: Message) -> None:
+    """Remember the id the database gave a message the rule placed.
+
+    On SQLite a rolled-back transaction gives its ids out again; the message,
+    flushed once more, must not bring one along that another row now holds.
+    """
+    remembered = _rule_set.get(target)
+    if remembered is not None and "id" in remembered[1]:
+        remembered[1]["id"] = target.id
 
 
 @event.listens_for(Session, "before_update")
@@ -641,6 +819,25 @@ _DEPENDENTS: tuple[tuple[Table, Any, bool], ...] = tuple(
 )
 
 
+def _sqlite_leaves_them(connection: Connection) -> bool:
+    """Whether ``connection`` is SQLite's with foreign keys off: ON DELETE rules unapplied."""
+    if connection.dialect.name != "sqlite":
+        return False
+    return not connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+
+
+def _apply_on_delete(connection: Connection, session_ids: Any, params: Any = None) -> None:
+    """Apply the ON DELETE rules of the sessions ``session_ids`` (ids, or a SELECT of them)."""
+    for table, column, cascade in _DEPENDENTS:
+        statement: Any = (
+            table.delete().where(column.in_(session_ids))
+            if cascade
+            else table.update().where(column.in_(session_ids)).values({column: None})
+        )
+        # Placed: the rule's own statements, which it must not refuse.
+        connection.execute(statement, params, execution_options={_PLACED: True})
+
+
 @event.listens_for(Session, "before_delete")
 def _cascade_where_sqlite_does_not(_mapper: Any, connection: Connection, target: Session) -> None:
     """Apply the ON DELETE rules on a SQLite connection whose foreign keys are off.
@@ -648,14 +845,8 @@ def _cascade_where_sqlite_does_not(_mapper: Any, connection: Connection, target:
     SQLite enforces foreign keys only on connections that ask for it; an
     application's engine usually does not. Without this, deleting a session
     through the ORM there would leave its messages behind, and a new session
-    of the same id would show them.
+    of the same id would show them. (A ``delete(Session)`` statement runs no
+    mapper event: the position rule applies them to it, see ``_delete_sessions``.)
     """
-    if connection.dialect.name != "sqlite":
-        return
-    if connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
-        return  # the database applies them itself
-    for table, column, cascade in _DEPENDENTS:
-        if cascade:
-            connection.execute(table.delete().where(column == target.id))
-        else:
-            connection.execute(table.update().where(column == target.id).values({column: None}))
+    if _sqlite_leaves_them(connection):
+        _apply_on_delete(connection, [target.id])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, insert, literal, select, update
+from sqlalchemy import Engine, delete, event, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session as OrmSession
@@ -640,3 +641,422 @@ def test_deleting_a_session_on_an_engine_without_foreign_keys_takes_what_hangs_o
     assert store.search("words").hits == []
     store.close()
     engine.dispose()
+
+
+# -- objects flushed once more after a flush that did not land ------------------------------
+
+
+def _fail_to_commit(orm: OrmSession) -> None:
+    """Commit what ``orm`` holds with a Session whose title is taken: refused, rolled back."""
+    orm.add(Session(id="clash", source="app", started_at=2.0, title="taken"))
+    with pytest.raises(IntegrityError):
+        orm.commit()
+    orm.rollback()
+
+
+@pytest.mark.parametrize("how", ["flushed-then-rolled-back", "commit-failed"])
+def test_a_new_session_flushed_again_after_a_rollback_starts_at_zero(
+    engine: Engine, how: str
+) -> None:
+    """Counters the rule set in a flush that did not land are not stored without its messages:
+    the session starts at 0 again, and the next flush writes from position 0."""
+    store = SessionStore(engine)
+    store.create_session("taken", source="app", title="taken")
+    chat = Session(id="new", source="app", started_at=1.0)
+    draft = Message.from_dict({"role": "user", "content": "draft"})
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        chat.messages.add(draft)
+        if how == "flushed-then-rolled-back":
+            orm.flush()
+            orm.rollback()
+        else:
+            _fail_to_commit(orm)
+    assert chat.flushed_idx == 1  # what the rule set, left on the object
+    with OrmSession(engine) as orm:
+        if how == "commit-failed":
+            chat.messages.remove(draft)  # still pending in the collection: the session goes alone
+        orm.add(chat)
+        assert list(orm.new) == [chat]
+        orm.commit()
+    stored = store.get_session("new")
+    assert stored is not None
+    assert (stored["flushed_idx"], stored["message_count"], stored["tool_call_count"]) == (0, 0, 0)
+    assert stored["flushed_digest"] is None
+    assert store.flush("new", [{"role": "user", "content": "hello"}]).cursor == 1
+    assert store.get_messages("new") == [{"role": "user", "content": "hello"}]
+
+
+def test_a_new_session_retried_with_its_messages_is_placed_from_zero(engine: Engine) -> None:
+    store = SessionStore(engine)
+    store.create_session("taken", source="app", title="taken")
+    chat = Session(id="new", source="app", started_at=1.0)
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        chat.messages.add(Message.from_dict({"role": "user", "content": "m0"}))
+        chat.messages.add(Message.from_dict({"role": "assistant", "content": "m1"}))
+        _fail_to_commit(orm)
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        orm.commit()
+    assert store.get_messages("new") == [
+        {"role": "user", "content": "m0"},
+        {"role": "assistant", "content": "m1"},
+    ]
+    assert store.get_session("new")["flushed_idx"] == 2  # type: ignore[index]
+    assert _state(engine)[0] == [("new", 0, "m0"), ("new", 1, "m1")]
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_counters_set_by_hand_after_a_rolled_back_flush_are_still_refused(
+    engine: Engine, rule: bool
+) -> None:
+    chat = Session(id="new", source="app", started_at=1.0)
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        chat.messages.add(Message.from_dict({"role": "user", "content": "draft"}))
+        orm.flush()
+        orm.rollback()
+    if not rule:
+        remove_position_rule()
+    chat.flushed_idx = 5  # by hand: not what the rule set
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        with pytest.raises(InvalidSessionError, match="starts with no messages \\(flushed_idx"):
+            orm.commit()
+    assert count_rows(engine, "hermes_sessions") == 0
+    # The counters the rule left, and flushed_idx put back by hand, start at 0.
+    chat.flushed_idx = 0
+    with OrmSession(engine) as orm:
+        orm.add(chat)
+        orm.commit()
+    assert _state(engine)[1] == [("new", 0, 0, 0, None)]
+
+
+def test_a_message_flushed_again_after_a_rollback_is_placed_again(engine: Engine) -> None:
+    """An idx the rule set in a flush that did not land counts as unset."""
+    store = _two_sessions(engine)
+    retried = Message.from_dict({"role": "user", "content": "retried"})
+    with OrmSession(engine) as orm:
+        orm.add(retried)
+        retried.session_id = "a"
+        orm.flush()
+        assert retried.idx == 1
+        orm.rollback()
+    store.append("a", {"role": "assistant", "content": "meanwhile"})  # takes idx 1
+    with OrmSession(engine) as orm:
+        orm.add(retried)
+        orm.flush()
+        assert retried.idx == 2
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "meanwhile", "retried"]
+    # An idx set by hand is still checked against the cursor.
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="a", role="user", content="x", idx=1))
+        with pytest.raises(InvalidMessageError, match="idx 1 was set by hand"):
+            orm.commit()
+
+
+def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    retried = Message(session_id="a", role="user", content="retried")
+    with OrmSession(engine) as orm:
+        orm.add(retried)
+        orm.flush()
+        orm.rollback()
+    remove_position_rule()
+    with OrmSession(engine) as orm:
+        orm.add(retried)
+        with pytest.raises(InvalidMessageError, match="install_position_rule"):
+            orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0"]
+
+
+def _savepoint_recipe(engine: Engine) -> Engine:
+    """SQLAlchemy's documented pysqlite recipe for SAVEPOINT, on a SQLite engine."""
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def test_a_message_of_a_rolled_back_savepoint_is_placed_again(engine: Engine) -> None:
+    store = _two_sessions(_savepoint_recipe(engine))
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "a")
+        savepoint = orm.begin_nested()
+        first = Message.from_dict({"role": "user", "content": "in savepoint"})
+        chat.messages.add(first)
+        orm.flush()
+        assert first.idx == 1
+        savepoint.rollback()
+        after = Message.from_dict({"role": "user", "content": "after"})
+        chat.messages.add(after)
+        orm.flush()
+        assert after.idx == 1
+        chat.messages.add(first)
+        orm.flush()
+        assert first.idx == 2
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "after", "in savepoint"]
+    assert store.get_session("a")["flushed_idx"] == 3  # type: ignore[index]
+
+
+# -- statements on hermes_sessions ------------------------------------------------------------
+
+
+def _insert_for(engine: Engine) -> Any:
+    return sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
+
+
+def test_insert_from_select_and_upserts_setting_counters_are_refused(engine: Engine) -> None:
+    store = _two_sessions(engine)
+    before = _state(engine)
+    upsert = _insert_for(engine)
+    row = {"id": "a", "source": "app", "started_at": 1.0}
+    statements: list[tuple[Any, Any]] = [
+        (
+            insert(Session).from_select(
+                ["id", "source", "started_at", "flushed_idx", Session.message_count],
+                select(literal("c"), literal("app"), literal(1.0), literal(7), literal(7)),
+            ),
+            None,
+        ),
+        (
+            upsert(Session)
+            .values(**row)
+            .on_conflict_do_update(index_elements=["id"], set_={"flushed_idx": 0}),
+            None,
+        ),
+        (
+            upsert(Session)
+            .values(**row)
+            .on_conflict_do_update(
+                index_elements=["id"], set_={"title": "t", Session.message_count: 0}
+            ),
+            None,
+        ),
+    ]
+    if engine.dialect.name == "sqlite":
+        statements.append(
+            (
+                upsert(Session)
+                .values(**row)
+                .on_conflict_do_update(index_elements=["id"], set_={"title": "t"})
+                .on_conflict_do_update(index_elements=["title"], set_={"tool_call_count": 0}),
+                None,
+            )
+        )
+        statements.append((insert(Session).prefix_with("OR REPLACE").values(**row), None))
+    _each_refused(engine, statements, InvalidSessionError, "cannot be set|start a stored")
+    assert _state(engine) == before
+    # Upserts of other columns, and a SELECT of other columns, stay open.
+    with OrmSession(engine) as orm:
+        orm.execute(
+            upsert(Session)
+            .values(**row)
+            .on_conflict_do_update(index_elements=["id"], set_={"title": "upserted"})
+        )
+        orm.execute(upsert(Session).values(**row).on_conflict_do_nothing())
+        orm.execute(
+            insert(Session).from_select(
+                ["id", "source", "started_at"],
+                select(literal("c"), literal("app"), literal(1.0)),
+            )
+        )
+        orm.commit()
+    assert store.get_session("a")["title"] == "upserted"  # type: ignore[index]
+    assert _state(engine)[1][0][:3] == ("a", 1, 1)
+    assert store.get_session("c")["flushed_idx"] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_a_delete_statement_takes_the_sessions_messages(engine: Engine, rule: bool) -> None:
+    """On the store's engine (foreign keys on, on SQLite too), with the rule or without it."""
+    store = _two_sessions(engine)
+    store.flush("b", [{"role": "user", "content": "b0"}])
+    if not rule:
+        remove_position_rule()
+    with OrmSession(engine) as orm:
+        orm.execute(delete(Session).where(Session.id == "a"))
+        orm.commit()
+    assert _state(engine)[0] == [("b", 0, "b0")]
+
+
+def _app_engine_without_foreign_keys(tmp_path: Any) -> tuple[Engine, SessionStore]:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    upgrade(engine)
+    store = SessionStore(engine)
+    store.create_session("a", source="app")
+    store.create_session("b", source="app")
+    store.create_session("child", source="app", parent_session_id="a")
+    store.flush("a", [{"role": "user", "content": "old words"}])
+    store.flush("b", [{"role": "user", "content": "b0"}])
+    return engine, store
+
+
+@pytest.mark.backends("sqlite")
+def test_a_delete_statement_on_an_engine_without_foreign_keys_takes_what_hangs_on_it(
+    tmp_path: Any,
+) -> None:
+    """A delete(Session) statement runs no mapper event: the rule applies the ON DELETE rules."""
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+    with OrmSession(engine) as orm:
+        assert orm.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 0
+        orm.execute(delete(Session).where(Session.id == "a"))
+        orm.commit()
+    assert _state(engine)[0] == [("b", 0, "b0")]
+    assert store.get_session("child")["parent_session_id"] is None  # type: ignore[index]
+    store.create_session("a", source="app")  # the same id again: nothing of the old one
+    assert store.get_messages("a") == []
+    assert store.flush("a", [{"role": "user", "content": "new"}]).cursor == 1
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_a_delete_statement_whose_where_reads_the_messages_takes_them(tmp_path: Any) -> None:
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+    with OrmSession(engine) as orm:
+        said = select(Message.session_id).where(Message.content == "old words")
+        orm.execute(delete(Session).where(Session.id.in_(said)))
+        orm.commit()
+    assert _state(engine)[0] == [("b", 0, "b0")]
+    assert [row[0] for row in _state(engine)[1]] == ["b", "child"]
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_a_failed_delete_statement_leaves_what_hangs_on_its_sessions(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying the ON DELETE rules fails after the DELETE ran: the session is rolled back."""
+    from hermes_orm import _unit_of_work
+
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+    before = _state(engine)
+
+    def fail(*_args: Any) -> None:
+        raise RuntimeError("the ON DELETE rules failed")
+
+    with OrmSession(engine) as orm:
+        monkeypatch.setattr(_unit_of_work, "_apply_on_delete", fail)  # injected failure
+        with pytest.raises(RuntimeError, match="ON DELETE rules failed"):
+            orm.execute(delete(Session).where(Session.id == "a"))
+        monkeypatch.undo()
+        orm.commit()
+    assert _state(engine) == before
+    assert store.get_session("child")["parent_session_id"] == "a"  # type: ignore[index]
+    store.close()
+    engine.dispose()
+
+
+# -- connections, engines --------------------------------------------------------------------
+
+
+def test_two_sessions_with_the_rule_share_one_connection(engine: Engine) -> None:
+    """Each ORM session that began on a connection is watched: a flush of either goes through."""
+    _two_sessions(engine)
+    with engine.connect() as conn:
+        first = OrmSession(bind=conn, join_transaction_mode="create_savepoint")
+        second = OrmSession(bind=conn, join_transaction_mode="create_savepoint")
+        first.get(Session, "a")  # first begins on conn
+        second.get(Session, "b")  # then second
+        first.add(Message(session_id="a", role="user", content="from first"))
+        first.flush()
+        second.add(Message(session_id="b", role="user", content="from second"))
+        second.flush()
+        placed = conn.execute(
+            select(Message.session_id, Message.idx, Message.content).order_by(Message.id)
+        ).all()
+        assert [tuple(row) for row in placed] == [
+            ("a", 0, "a0"),
+            ("a", 1, "from first"),
+            ("b", 0, "from second"),
+        ]
+        # The legacy bulk API stays refused.
+        row = {"session_id": "a", "role": "user", "content": "x", "digest": b"d", "idx": 9}
+        with pytest.raises(InvalidMessageError, match="legacy bulk API"):
+            second.bulk_insert_mappings(Message, [row])
+        first.close()
+        second.close()
+        conn.rollback()
+
+
+def _savepoint_recipe_on(sync_engine: Engine) -> None:
+    """SQLAlchemy's pysqlite/aiosqlite recipe: no driver BEGIN, a ``begin`` listener emits one."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def _writes_on_the_recipe(store: Any) -> None:
+    store.create_session("s", source="app")
+    assert store.flush("s", [{"role": "user", "content": "m0"}]).cursor == 1
+    assert store.append("s", {"role": "assistant", "content": "m1"}) == 1
+    conversation = [
+        {"role": "user", "content": "m0"},
+        {"role": "assistant", "content": "m1"},
+        {"role": "user", "content": "m2"},
+    ]
+    assert store.flush("s", conversation).written == 1
+    assert [m["content"] for m in store.get_messages("s")] == ["m0", "m1", "m2"]
+
+
+@pytest.mark.backends("sqlite")
+def test_the_store_writes_on_an_engine_with_the_savepoint_recipe(tmp_path: Any) -> None:
+    """The host's ``begin`` listener opens the driver's transaction: the store's BEGIN
+    IMMEDIATE must still take the write lock, not fail inside it."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    upgrade(engine)
+    _savepoint_recipe_on(engine)
+    store = SessionStore(engine)
+    _writes_on_the_recipe(store)
+    # The ORM's savepoints, which the recipe is for, work beside it.
+    with OrmSession(engine) as orm:
+        with orm.begin_nested():
+            orm.add(Message(session_id="s", role="user", content="m3"))
+        orm.commit()
+    assert store.get_session("s")["flushed_idx"] == 4  # type: ignore[index]
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_the_async_store_writes_on_an_engine_with_the_savepoint_recipe(tmp_path: Any) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from hermes_orm import AsyncSessionStore
+    from tests.conftest import BlockingStore
+
+    path = tmp_path / "app.db"
+    check = create_engine(f"sqlite:///{path}")
+    upgrade(check)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    _savepoint_recipe_on(engine.sync_engine)
+    with asyncio.Runner() as runner:
+        store = BlockingStore(AsyncSessionStore(engine), check, runner)
+        try:
+            _writes_on_the_recipe(store)
+        finally:
+            store.close()
+            runner.run(engine.dispose())
+            check.dispose()
