@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event, select
-from sqlalchemy.engine import make_url
 
+from hermes_orm._dialects import safe_url
 from hermes_orm.errors import HermesOrmError
 from hermes_orm.models import Message
 from hermes_orm.store import SessionStore
@@ -113,7 +113,7 @@ def _stored(store: SessionStore, session_id: str) -> tuple[int, int]:
 
 def run_demo(url: str) -> int:
     """Run the demo against ``url``; returns 0 when the database is exact."""
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = safe_url(url)
     store = SessionStore(url)
     print(f"database: {shown}")
     store.upgrade()

@@ -77,25 +77,84 @@ def default_url() -> str:
     return f"sqlite:///{hermes_home() / 'hermes_orm.db'}"
 
 
-#: A password in a URL: ``scheme://user:PASSWORD@``, or libpq's ``password=`` parameter.
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
-_PASSWORD_PARAMETER = re.compile(r"(?P<head>[?&]password=)[^&\s]*", re.IGNORECASE)
+#: A password in a URL's user part, as SQLAlchemy reads it: ``scheme://user:PASSWORD@``,
+#: the user up to the first ``:`` (it may hold ``@`` and blanks), the password up to
+#: the next ``@`` (blanks, ``/`` and ``:`` included), not reaching into another URL.
+_USER_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/]*:)(?:(?!://)[^@])*@")
+#: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
+#: up to the next ``&`` or the end of the line), or in libpq's key=value connection
+#: string (``password=s3cret``, ``password = 'sec ret'``: up to a blank, or quoted,
+#: its backslash escapes doubled or not, as a ``repr`` shows them).
+#: Any case; a value already hidden is left as it is.
+_PASSWORD_PARAMETER = re.compile(
+    r"(?P<query>[?&][\w.-]*password=)(?!\*\*\*(?:[&\s]|$))[^&\n]*"
+    r"|(?P<key>(?<![\w?&])\w*password\s*=\s*)"
+    r"(?!\*\*\*(?:\s|$))(?:'(?:[^'\\\n]|\\+.)*'?|[^\s']\S*)",
+    re.IGNORECASE,
+)
+
+
+def _hide_parameter(found: re.Match[str]) -> str:
+    return f"{found['query'] or found['key']}***"
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _PASSWORD_PARAMETER.sub(r"\g<head>***", _PASSWORD.sub(r"\g<head>***@", text))
+    """``text`` with every password of a URL or a libpq connection string in it as ``***``.
+
+    Meant for any message: it hides what may be a password rather than show
+    one (``scheme://word:...@`` is taken for a user and a password), and its
+    result prints on any UTF-8 stream (see :func:`printable`).
+    """
+    hidden = _USER_PASSWORD.sub(r"\g<head>***@", text)
+    return printable(_PASSWORD_PARAMETER.sub(_hide_parameter, hidden))
+
+
+def printable(text: str) -> str:
+    r"""``text`` with what no UTF-8 stream can write as backslash escapes.
+
+    That is the undecodable bytes of a file name (``\xff``) and lone surrogates.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def safe_url(url: str | URL) -> str:
-    """``url`` with its password hidden, in its user part and in its query."""
+    """``url`` as it may be shown: its password hidden, in its user part and query.
+
+    Whatever ``url`` holds, this returns printable text: a string that does
+    not parse is shown through :func:`redact`.
+    """
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
         return redact(str(url))
-    if "password" in parsed.query:
-        parsed = parsed.update_query_dict({"password": "***"})
-    return parsed.render_as_string(hide_password=True)
+    hidden = [key for key in parsed.query if key.lower().endswith("password")]
+    if hidden:
+        parsed = parsed.update_query_dict(dict.fromkeys(hidden, "***"))
+    try:
+        return redact(parsed.render_as_string(hide_password=True))
+    except (UnicodeError, ValueError, TypeError):  # a part no URL can encode (a lone surrogate)
+        if isinstance(url, str):
+            return redact(url)
+        return redact(_printable_url(parsed).render_as_string(hide_password=True))
+
+
+def _printable_url(url: URL) -> URL:
+    """``url`` with every text part made :func:`printable` (so it renders)."""
+    return url.set(
+        username=None if url.username is None else printable(url.username),
+        host=None if url.host is None else printable(url.host),
+        database=None if url.database is None else printable(url.database),
+        query={
+            printable(key): (
+                printable(value) if isinstance(value, str) else tuple(map(printable, value))
+            )
+            for key, value in url.query.items()
+        },
+    )
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -111,7 +170,7 @@ def normalize_url(url: str | URL) -> URL:
         _check_hosts(parsed)
     except (ArgumentError, ValueError, TypeError) as exc:
         raise InvalidURLError(
-            f"not a database URL: {redact(str(url))} ({redact(str(exc))}); "
+            f"not a database URL: {safe_url(url)} ({redact(str(exc))}); "
             "expected sqlite:///path.db or postgresql://user:password@host:port/database"
         ) from None
     if parsed.drivername in ("postgresql", "postgres"):
@@ -176,9 +235,16 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
     """The engine ``make(url, **kwargs)``; a driver that is not installed told as such.
 
     An SQLite file is then created owner-only, before SQLite opens it (on the
-    engine's first connection) world-readable.
+    engine's first connection) world-readable; a ``~`` at the start of its name
+    is the home directory, for the engine too, so that the file SQLite opens is
+    the one created.
+
+    Raises:
+        InvalidURLError: The SQLite file cannot be created.
     """
     path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+    if path is not None and url.database and url.database.startswith("~"):
+        url = url.set(database=str(path))
     try:
         engine = make(url, **kwargs)
     except (ImportError, NoSuchModuleError) as exc:
@@ -197,12 +263,23 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
         engine.dispose()
         raise _other_api(url, "SessionStore", "AsyncSessionStore")
     if path is not None:
-        _create_private_file(path)
+        try:
+            _create_private_file(path)
+        except OSError as exc:
+            if isinstance(engine, Engine):
+                engine.dispose()
+            where = "" if exc.filename is None else f": {os.fsdecode(exc.filename)!r}"
+            raise InvalidURLError(
+                f"{safe_url(url)}: cannot create the SQLite file {str(path)!r}: "
+                f"{exc.strerror or exc}{where}"
+            ) from None
     return engine
 
 
 def _sqlite_file(url: URL) -> Path | None:
     """The SQLite file ``url`` names (None: in memory, or a ``file:`` URI SQLite reads).
+
+    A leading ``~`` or ``~user`` is expanded to that home directory.
 
     Raises:
         InvalidURLError: No file can have that name.
@@ -217,7 +294,7 @@ def _sqlite_file(url: URL) -> Path | None:
         reason = "it holds a lone surrogate"
     if reason is not None:
         raise InvalidURLError(f"{database!r} cannot be the name of a SQLite file: {reason}")
-    return Path(database).expanduser()
+    return Path(os.path.expanduser(database))
 
 
 def _other_api(url: URL, store: str, instead: str) -> InvalidURLError:

@@ -219,7 +219,7 @@ class AsyncSessionStore(_AsyncSessions):
         return self._async_engine
 
     def __repr__(self) -> str:
-        url = self._async_engine.url.render_as_string(hide_password=True)
+        url = _dialects.safe_url(self._async_engine.url)
         return f"AsyncSessionStore({url!r})"
 
     async def __aenter__(self) -> AsyncSessionStore:

@@ -103,16 +103,27 @@ def _one_line(message: dict[str, Any], width: int = 100) -> str:
         content = " ".join(
             str(p.get("text", f"<{p.get('type')}>")) for p in content if isinstance(p, dict)
         )
-    text = (content or "").replace("\n", " ")
-    if message.get("tool_calls"):
-        names = [
-            c.get("function", {}).get("name", "?")
-            for c in message["tool_calls"]
-            if isinstance(c, dict)
-        ]
+    text = _text(content).replace("\n", " ")
+    calls = message.get("tool_calls")
+    if calls:
+        names = [_call_name(call) for call in (calls if isinstance(calls, list) else [calls])]
         text = f"{text} -> calls {', '.join(names)}".strip()
     line = f"{message['role']:<9} {text}"
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _call_name(call: Any) -> str:
+    """The function a tool call names; whatever else the store accepted, as its JSON."""
+    function = call.get("function") if isinstance(call, dict) else call
+    name = function.get("name", "?") if isinstance(function, dict) else function
+    return "?" if name is None else _text(name)
+
+
+def _text(value: Any) -> str:
+    """``value`` if it is text, else its JSON ('' for None)."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -321,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"hermes-orm: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        detail = getattr(exc, "orig", None) or exc
+        detail = redact(str(getattr(exc, "orig", None) or exc))
         print(f"hermes-orm: database {safe_url(args.url)}: {detail}", file=sys.stderr)
         return 2
 

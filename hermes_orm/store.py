@@ -1661,7 +1661,7 @@ class SessionStore(_Sessions):
         return self._engine
 
     def __repr__(self) -> str:
-        return f"SessionStore({self._engine.url.render_as_string(hide_password=True)!r})"
+        return f"SessionStore({_dialects.safe_url(self._engine.url)!r})"
 
     def __enter__(self) -> SessionStore:
         return self

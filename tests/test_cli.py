@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,125 @@ def test_url_option_beats_environment(tmp_path: Path) -> None:
     assert run("--url", f"sqlite:///{target}", "db", "upgrade", env=env).returncode == 0
     assert target.exists()
     assert not (tmp_path / "env.db").exists()
+
+
+CONNINFO = "host=db user=u password=s3cret-pw dbname=x"
+BLANK = "postgresql://u:s3cret pw@127.0.0.1:abc/db"
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (("--url", CONNINFO, "db", "current"), 2),
+        (("--url", CONNINFO, "status"), 1),
+        ((CONNINFO,), 2),
+        (("--url", BLANK, "db", "current"), 2),
+        (("--url", BLANK, "status"), 1),
+        (("search", "x", "--url", BLANK), 2),
+        ((BLANK,), 2),
+        (("--url", BLANK, "demo"), 2),
+    ],
+)
+def test_no_password_of_a_conninfo_or_with_a_blank_is_printed(
+    tmp_path: Path, args: tuple[str], status: int
+) -> None:
+    """libpq's key=value string and a password with a blank, as --url or a stray argument."""
+    result = run(*args, env=clean_env(tmp_path))
+    assert result.returncode == status
+    assert "Traceback" not in result.stderr
+    for secret in ("s3cret", " pw@"):
+        assert secret not in result.stdout + result.stderr
+    assert "***" in result.stdout + result.stderr
+
+
+def test_demo_hides_a_password_in_the_query(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}?password=s3cret-pw"
+    result = run("--url", url, "demo", env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"database: sqlite:///{tmp_path / 'demo.db'}?password=***" in result.stdout
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("db", "current"),
+        ("db", "upgrade"),
+        ("sessions", "list"),
+        ("verify",),
+        ("search", "foo"),
+        ("import", str(Path(__file__).parent / "fixtures" / "hermes-state.db")),
+        ("demo",),
+    ],
+)
+def test_a_sqlite_file_that_cannot_be_created_is_one_line(
+    tmp_path: Path, command: tuple[str]
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = run("--url", f"sqlite:///{not_a_directory}/x.db", *command, env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"hermes-orm: sqlite:///{not_a_directory}/x.db: cannot create the SQLite file "
+        f"'{not_a_directory}/x.db': File exists: '{not_a_directory}'"
+    ]
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path) -> None:
+    directory = os.fsdecode(bytes(tmp_path) + b"/d\xff")
+    os.mkdir(directory)
+    url = f"sqlite:///{directory}/x.db"
+    shown = f"sqlite:///{tmp_path}/d\\xff/x.db"
+    upgrade = run("--url", url, "db", "upgrade", env=clean_env(tmp_path))
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert upgrade.stdout.startswith(f"{shown}: at ")
+    current = run("--url", url, "db", "current", env=clean_env(tmp_path))
+    assert current.returncode == 0, current.stderr
+    assert current.stdout.endswith("(up to date)\n")
+    assert current.stdout.startswith(f"{shown}: ")
+
+
+def test_a_tilde_in_a_sqlite_url_is_the_home_directory(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**clean_env(tmp_path), "HOME": str(home)}
+    result = run("--url", "sqlite:///~/x.db", "db", "upgrade", env=env)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((home / "x.db").stat().st_mode) == 0o600
+    current = run("--url", f"sqlite:///{home / 'x.db'}", "db", "current", env=env)
+    assert current.stdout.endswith("(up to date)\n")
+
+
+def test_sessions_show_renders_any_tool_calls(tmp_path: Path) -> None:
+    """Whatever JSON the store accepted as tool calls, shown without a crash."""
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    calls: list[Any] = [
+        [{"id": "1", "type": "function", "function": "terminal"}],
+        [{"id": "2", "function": None}],
+        [{"id": "3", "function": {"name": 5}}],
+        [{"id": "4", "function": {"arguments": "{}"}}],
+        ["bare", 7, {"id": "5", "function": {"name": "ls"}}],
+        {"id": "6", "function": {"name": "grep"}},
+        "one call",
+        42,
+    ]
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush(
+            "s",
+            [{"role": "assistant", "content": None, "tool_calls": each} for each in calls],
+        )
+    show = run("--url", url, "sessions", "show", "s", env=clean_env(tmp_path))
+    assert show.returncode == 0, show.stderr
+    lines = [line for line in show.stdout.splitlines() if line.startswith("[")]
+    assert lines == [
+        "[0] assistant -> calls terminal",
+        "[1] assistant -> calls ?",
+        "[2] assistant -> calls 5",
+        "[3] assistant -> calls ?",
+        "[4] assistant -> calls bare, 7, ls",
+        "[5] assistant -> calls grep",
+        "[6] assistant -> calls one call",
+        "[7] assistant -> calls 42",
+    ]

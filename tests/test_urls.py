@@ -1,15 +1,18 @@
-"""PostgreSQL URLs as operators write them: libpq's multi-host form."""
+"""Database URLs as operators write them: libpq's forms, passwords, SQLite file names."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
+import stat
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from hermes_orm import AsyncSessionStore, SessionStore
-from hermes_orm._dialects import normalize_url, safe_url
+from hermes_orm import AsyncSessionStore, InvalidURLError, SessionStore
+from hermes_orm._dialects import normalize_url, redact, safe_url
 from tests.conftest import _create_pg_database, _drop_pg_database
 
 
@@ -57,3 +60,116 @@ def test_a_store_reaches_the_first_host_that_answers(
 
         asyncio.run(main())
     _drop_pg_database(pg_server_url, db_url)
+
+
+#: Texts holding the password "s3cret" or "sec ret" that are no database URL:
+#: libpq's key=value strings, and URLs whose port is not a number.
+NOT_URLS = [
+    "host=db user=u password=s3cret dbname=x",
+    "host=db PASSWORD = s3cret",
+    "host=db sslpassword=s3cret",
+    "host=db password='sec ret' dbname=x",
+    r"host=db password='it\'s sec ret' dbname=x",
+    "postgresql://u:sec ret@h:abc/db",
+    "postgresql://u@h:abc/db?sslmode=require&Password=s3cret",
+    "postgresql://u@h:abc/db?password=sec ret&sslmode=require",
+]
+#: URLs that parse, with a password SQLAlchemy reads as such.
+URLS = [
+    "postgresql://u:sec ret@h/db",
+    "postgresql://user@srv:s3cret@h/db",
+    "postgresql://u:s3c/r:et@h/db",
+    "postgresql://u@h/db?Password=s3cret",
+]
+
+
+@pytest.mark.parametrize("text", NOT_URLS + URLS)
+def test_no_password_form_is_shown(text: str) -> None:
+    """libpq's key=value strings, blanks, ``@`` in the user, any case: never the password."""
+    for shown in (redact(text), safe_url(text), redact(f"invalid choice: {text!r} (choose)")):
+        for secret in ("s3c", "ret"):
+            assert secret not in shown, shown
+        assert "***" in shown
+
+
+@pytest.mark.parametrize("text", NOT_URLS)
+def test_an_invalid_url_error_holds_no_password(text: str) -> None:
+    with pytest.raises(InvalidURLError) as raised:
+        SessionStore(text)
+    assert "ret" not in str(raised.value)
+
+
+def test_a_url_is_shown_as_before() -> None:
+    url = "postgresql+psycopg://hermes:s3cret-pw@127.0.0.1:9/none?sslmode=require&password=x"
+    assert safe_url(url) == (
+        "postgresql+psycopg://hermes:***@127.0.0.1:9/none?password=***&sslmode=require"
+    )
+    assert redact(f"error at {url}\nrefused") == (
+        "error at postgresql+psycopg://hermes:***@127.0.0.1:9/none?sslmode=require&password=***"
+        "\nrefused"
+    )
+    assert redact("connection to server at 127.0.0.1, port 9 failed") == (
+        "connection to server at 127.0.0.1, port 9 failed"
+    )
+    assert safe_url("sqlite:////tmp/a b/agent.db") == "sqlite:////tmp/a b/agent.db"
+
+
+def test_an_undecodable_file_name_is_shown_escaped() -> None:
+    """A path byte that is not UTF-8 (a lone surrogate in ``str``) prints as ``\\xff``."""
+    url = "sqlite:////tmp/d\udcff/x.db"
+    for shown in (safe_url(url), safe_url(make_url(url)), redact(url)):
+        shown.encode("utf-8")  # printable on any UTF-8 stream
+        assert "xff" in shown
+    assert safe_url(url) == "sqlite:////tmp/d\\xff/x.db"
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_sqlite_file_that_cannot_be_created_is_an_invalid_url(tmp_path: Path, api: str) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    url = f"sqlite:///{not_a_directory}/x.db"
+    store_class = SessionStore if api == "sync" else AsyncSessionStore
+    with pytest.raises(InvalidURLError, match="cannot create the SQLite file"):
+        store_class(url)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_tilde_is_the_home_directory_for_the_file_and_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """SQLite would open ``./~/x.db``: the engine opens the file created 0600 in $HOME."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "~").mkdir()  # where SQLite alone would put the file
+    url = "sqlite:///~/x.db"
+    if api == "sync":
+        with SessionStore(url) as store:
+            store.upgrade()
+            store.create_session("s", source="cli")
+    else:
+
+        async def main() -> None:
+            store = AsyncSessionStore(url)
+            await store.upgrade()
+            await store.create_session("s", source="cli")
+            await store.close()
+
+        asyncio.run(main())
+    assert stat.S_IMODE((home / "x.db").stat().st_mode) == 0o600
+    with sqlite3.connect(home / "x.db") as conn:
+        assert conn.execute("SELECT id FROM hermes_sessions").fetchall() == [("s",)]
+    assert list((elsewhere / "~").iterdir()) == []
+
+
+def test_a_store_shows_no_password_of_its_url() -> None:
+    """repr() of either store, as a log line or a traceback would show it."""
+    from hermes_orm import AsyncSessionStore
+
+    url = "postgresql://hermes:s3cret@127.0.0.1:9/none?password=ret-in-query"
+    for shown in (repr(SessionStore(url)), repr(AsyncSessionStore(url))):  # never connects
+        assert "s3cret" not in shown, shown
+        assert "ret-in-query" not in shown, shown
+        assert "hermes:***@127.0.0.1:9/none" in shown
