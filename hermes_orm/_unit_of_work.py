@@ -399,8 +399,12 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
     # Grouped by session id, whether a message names its session by object or
     # by id: one group per session, so one cursor read and one range of idx.
     groups: dict[str, tuple[Session | str, list[Message]]] = {}
+    # New sessions by id: a message may name one by id (no relationship set).
+    pending: dict[str, Session] = {}
     for obj in session.new:  # insertion ordered: idx follows the order of add()
-        if isinstance(obj, Message):
+        if isinstance(obj, Session) and isinstance(obj.id, str):
+            pending[obj.id] = obj
+        elif isinstance(obj, Message):
             key = _session_key(obj)
             session_id = key.id if isinstance(key, Session) else key
             if session_id is None:
@@ -411,7 +415,9 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
             members.append(obj)
     placed = []
     for session_id, (key, new) in groups.items():
-        parent = key if isinstance(key, Session) else _loaded_session(session, session_id)
+        parent = key if isinstance(key, Session) else pending.get(session_id)
+        if parent is None:
+            parent = _loaded_session(session, session_id)
         encoded = [_encode(message, offset) for offset, message in enumerate(new)]
         for message in new:
             _set_by_rule(message, token, _IDX_STARTS)  # an idx left by a failed flush: unset

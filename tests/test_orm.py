@@ -132,6 +132,21 @@ def test_messages_by_session_id_without_loading_the_session(engine: Engine) -> N
     assert store.flush("s", store.get_messages("s")).written == 0
 
 
+def test_a_new_session_and_messages_naming_it_by_id_are_one_commit(engine: Engine) -> None:
+    """Messages naming a Session added in the same ORM session by its id go in after it."""
+    store = SessionStore(engine)
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="n1", role="user", content="first"))  # before its session
+        orm.add(Session(id="n1", source="app", started_at=1.0))
+        orm.add(Message(session_id="n1", role="assistant", content="second"))
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("n1")] == ["first", "second"]
+    session = store.get_session("n1")
+    assert session is not None
+    assert (session["flushed_idx"], session["message_count"]) == (2, 2)
+    assert store.flush("n1", store.get_messages("n1")).written == 0  # the digest at the cursor
+
+
 def test_invalid_orm_message_is_refused(engine: Engine) -> None:
     store = SessionStore(engine)
     store.create_session("s", source="app")
