@@ -264,6 +264,33 @@ def test_a_locked_database_costs_a_turn_at_most_the_wait_and_the_next_turn_catch
     assert "error" not in status.read()
 
 
+def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """A conversation ended and its id used again (``/new``) while its last turn still queues.
+
+    The new conversation's turns must not take the place of that turn's write,
+    nor move the end of the old one after them.
+    """
+    m = Mirror(db_url, status=status, wait=0.05)
+    m.turn("s1", _turn(1))
+    assert m._worker.drain(30)
+    with _Locked(db_url):
+        m.turn("other", _turn(9))  # the writer waits for the lock with this one ...
+        m.turn("s1", _turn(1) + _turn(2))  # ... and s1's next turn behind it
+        m.finalize("s1", "session_reset")
+        m.turn("s1", _turn(7))  # the id, used again for a new conversation
+        m.finalize("s1", "shutdown")
+    assert m._worker.drain(60)
+    m.close()
+
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    assert store.get_session("s1")["end_reason"] == "session_reset"  # type: ignore[index]
+    assert _stored(store, "s1#2") == _turn(7)
+    assert store.get_session("s1#2")["end_reason"] == "shutdown"  # type: ignore[index]
+    assert _stored(store, "other") == _turn(9)
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -415,9 +415,13 @@ class Mirror:
         self._hermes_sessions = hermes_sessions
         self._store: SessionStore | None = None
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
-        # Hook side: per session, its last snapshot and how many times its list
-        # stopped extending the one before (the key its writes queue under).
+        # Hook side: per session, its last snapshot and the number of its list's
+        # line (the key its writes queue under): a list that extends the one
+        # before keeps it, any other takes a new one, unique in the process (a
+        # session forgotten, ended or evicted, and then used again, must not
+        # queue under the key of a write still waiting for an older list).
         self._snapshots: OrderedDict[str, tuple[_Snapshot, int]] = OrderedDict()
+        self._lines = itertools.count(1)
         self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
         # Writer side: the sessions whose last write failed, with the error.
@@ -443,25 +447,28 @@ class Mirror:
             True if the write ran (or failed, and said so) within ``wait``.
         """
         with self._snapshots_lock:
-            previous, generation = self._snapshots.pop(session_id, (None, 0))
+            previous, line = self._snapshots.pop(session_id, (None, 0))
             if previous is None:
                 snapshot = _Snapshot.of(history)
+                line = next(self._lines)
             else:
                 snapshot = previous.extended_by(history)
                 if shared_prefix(snapshot.cleaned, previous.cleaned) < len(previous.cleaned):
-                    generation += 1  # not an extension: both lists must be written
-            self._snapshots[session_id] = (snapshot, generation)
+                    line = next(self._lines)  # not an extension: both lists must be written
+            self._snapshots[session_id] = (snapshot, line)
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
         job = Turn(session_id, snapshot.cleaned, model, platform, history)
-        done = self._worker.submit(("flush", session_id, generation), lambda: self._flush(job))
+        done = self._worker.submit(("flush", session_id, line), lambda: self._flush(job))
         return done.wait(self.wait)
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Queue the end of a session (after its queued flushes); True if it ran in ``wait``."""
         with self._snapshots_lock:
             self._snapshots.pop(session_id, None)
-        done = self._worker.submit(("end", session_id, 0), lambda: self._end(session_id, reason))
+        # Each end in its place: a later one (the id used again) must not move it.
+        end = ("end", session_id, next(self._lines))
+        done = self._worker.submit(end, lambda: self._end(session_id, reason))
         return done.wait(self.wait)
 
     def close(self, timeout: float = EXIT_WAIT) -> bool:
