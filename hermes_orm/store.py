@@ -1075,7 +1075,8 @@ class StoreCore:
         if len(messages) - cursor <= _BATCH:
             encode = _codec.encode_message
             batches = [[encode(messages[i], i) for i in range(cursor, len(messages))]]
-            taken = list(map(_copy, messages[start:]))
+            if verify != "last" or (hint is not None and hint.copies is not None):
+                taken = list(map(_copy, messages[start:]))  # (none to keep up to date, else)
         else:  # streamed: no copies (the store's next flush checks in the database)
             batches = _encode_batches(messages, cursor)
         if len(messages) == cursor:
@@ -1107,7 +1108,7 @@ class StoreCore:
             elif verify == "all" or _digest_or_none(messages[cursor - 1], cursor - 1) != digest:
                 raise CursorMoved
         statements: list[tuple[str, Sequence[Any]]] | None = None
-        taken: list[Any] = []  # copies of the messages a short flush writes
+        taken: list[Any] | None = None  # copies of the messages a short flush writes
         written: tuple[int, bytes | None] = (cursor, digest)  # where a short flush ends
         #: The one statement that writes the rows and moves the cursor, or nothing (PostgreSQL).
         once: tuple[str, Sequence[Any]] | None = None
@@ -1115,7 +1116,8 @@ class StoreCore:
             # Validated before the transaction begins: bad input never takes a lock.
             encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
             # Copied as encoded: the caller may change its list while the write is under way.
-            taken = list(map(_copy, messages[cursor:]))
+            if verify != "last" or copies is not None:
+                taken = list(map(_copy, messages[cursor:]))
             written = (len(messages), encoded[-1].digest)
             inserts = _insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)])
             sql, params = _advance(
