@@ -1026,7 +1026,11 @@ def rebuild(conn: Connection) -> int:
             "INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')",
             "INSERT INTO hermes_search(rowid, body) SELECT id, body FROM hermes_search_source",
             "INSERT INTO hermes_search(hermes_search) VALUES ('optimize')",
-            "DELETE FROM hermes_search_cjk",
+            # A DELETE removes each row's words as its stored text gives them: a text
+            # damaged in place would leave words behind. Emptied, the content is
+            # indexed afresh (to nothing) by FTS5's own 'rebuild', then refilled.
+            "DELETE FROM hermes_search_cjk_content",
+            "INSERT INTO hermes_search_cjk(hermes_search_cjk) VALUES ('rebuild')",
             "INSERT INTO hermes_search_cjk(rowid, body) "
             "SELECT id, body FROM hermes_search_cjk_source",
             "INSERT INTO hermes_search_cjk(hermes_search_cjk) VALUES ('optimize')",

@@ -2,35 +2,54 @@
 
 ``hermes-orm verify`` runs :func:`verify_database`. Per session it checks that
 the messages sit at positions 0..n-1, that ``flushed_idx == n == message_count``,
-the tool call count, each message's digest against its stored columns and the
-session's ``flushed_digest`` against its last message; then that every parent
-session exists and no lineage loops; then the search index.
+that every message can be read, the tool call count, each message's digest
+against its stored columns and the session's ``flushed_digest`` against its last
+message; then that every message belongs to a session, that every parent
+session exists and no lineage loops; then the search index (on SQLite: FTS5's
+own checks, every message in both tables and no row for a message that is gone).
 
-A repair fixes derived data only and never deletes a message: positions with
-holes are closed up in their order, the cursor and the counts are set from the
-rows, digests are recomputed from the stored columns, a missing parent is
-unlinked, and the search index is rebuilt. A loop in the lineage is reported,
-not repaired (which link is wrong is the application's call).
+A damaged row is reported as a problem of its session, and the other sessions
+are checked all the same.
+
+A repair fixes derived data only and never deletes or rewrites a message's
+content: positions with holes are closed up in their order, the cursor and the
+counts are set from the rows, digests (one stored as anything but bytes
+included) are recomputed from the stored columns, a missing parent is unlinked,
+and the search index is rebuilt. After repairing, the same checks run again: a
+problem is marked repaired only when that re-check finds it gone. Reported, not
+repaired: a message that cannot be read (its content is the application's to
+correct or restore), a position that is not a number (its order is unknown), a
+loop in the lineage (which link is wrong is the application's call), and
+messages whose session does not exist (orphans: only the application knows
+whether to restore their session row, after which a repair sets its counts, or
+to delete them, which frees the session id for a new session).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, func, select, type_coerce, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import NullType
 
 from hermes_orm import _codec
 from hermes_orm import search as _search
+from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError, InvalidMessageError
 from hermes_orm.models import Message, Session
 from hermes_orm.store import SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
-_READ = [_messages.c[name] for name in _codec.READ_COLUMNS]
+# Read as the driver returns them (no JSON parsing on fetch): a damaged column is
+# then one message's problem, found while decoding it, not the whole query's.
+_READ = [type_coerce(_messages.c[name], NullType()) for name in _codec.READ_COLUMNS]
+_SHOWN = 10  # positions, ids and the like listed in a problem's detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +57,13 @@ class Problem:
     """One invariant found broken.
 
     Attributes:
-        check: Which invariant (``positions``, ``cursor``, ``message_count``,
-            ``tool_call_count``, ``digest``, ``flushed_digest``, ``parent``,
-            ``lineage``, ``search``).
+        check: Which invariant (``session`` for a session that could not be
+            checked at all, ``positions``, ``cursor``, ``message_count``,
+            ``message``, ``tool_call_count``, ``digest``, ``flushed_digest``,
+            ``orphans``, ``parent``, ``lineage``, ``search``).
         session_id: The session it concerns (None for the search index).
         detail: What was found.
-        repaired: A repair fixed it.
+        repaired: A repair fixed it (a re-check found it gone).
     """
 
     check: str
@@ -87,19 +107,27 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     """Check the invariants of every session of ``store``'s database; repair if asked.
 
     Each session is checked (and repaired) in a transaction of its own, holding
-    its row lock (its write lock on SQLite), so flushes can go on meanwhile.
+    its row lock (its write lock on SQLite), so flushes can go on meanwhile. A
+    session that cannot be checked is reported and the others are checked all
+    the same (a database out of reach still raises).
     """
     report = Report()
     ids = store.read_transaction(
         lambda conn: list(conn.execute(select(_sessions.c.id).order_by(_sessions.c.id)).scalars())
     )
     for session_id in ids:
-        found = store.write_transaction(
-            functools.partial(_check_session, session_id=session_id, repair=repair)
-        )
+        try:
+            found = store.write_transaction(
+                functools.partial(_check_session, session_id=session_id, repair=repair)
+            )
+        except (DatabaseUnavailableError, DatabaseBusyError):
+            raise
+        except Exception as exc:  # a row none of the checks foresaw: this session only
+            found = (0, [Problem("session", session_id, f"could not be checked: {_why(exc)}")])
         report.sessions += 1
         report.messages += found[0]
         report.problems.extend(found[1])
+    report.problems.extend(store.read_transaction(_check_orphans))
     report.problems.extend(store.write_transaction(lambda conn: _check_lineage(conn, repair)))
     report.problems.extend(store.write_transaction(lambda conn: _check_search(conn, repair)))
     if repair and any(p.repaired for p in report.problems):
@@ -108,74 +136,212 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     return report
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as a problem's detail says it."""
+    if isinstance(exc, InvalidMessageError):  # its text ends "nothing was written"
+        return f"{exc.key}: {exc.reason}" if exc.key else exc.reason
+    if isinstance(exc, DBAPIError):
+        return str(exc.orig)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _check_session(conn: Connection, session_id: str, repair: bool) -> tuple[int, list[Problem]]:
+    """The session's problems; repaired if asked, then checked again."""
+    found = _inspect_session(conn, session_id, repair)
+    if found is None:  # deleted since it was listed
+        return 0, []
+    n, problems = found
+    if repair and any(p.repaired for p in problems):
+        again = _inspect_session(conn, session_id, repair=False)
+        left = again[1] if again is not None else []
+        still = {p.check for p in left}
+        problems = [replace(p, repaired=p.repaired and p.check not in still) for p in problems]
+        checks = {p.check for p in problems}
+        problems.extend(p for p in left if p.check not in checks)
+    return n, problems
+
+
+def _holes(positions: Sequence[int]) -> list[int]:
+    """The first missing positions of 0..max (``positions`` sorted), without listing 0..max."""
+    holes: list[int] = []
+    expected = 0
+    for position in positions:
+        if position > expected:
+            holes.extend(range(expected, min(position, expected + _SHOWN - len(holes))))
+            if len(holes) >= _SHOWN:
+                break
+        expected = max(expected, position + 1)
+    return holes
+
+
+def _unreadable(values: Sequence[Any]) -> str | None:
+    """What makes a row's columns (READ_COLUMNS order, as stored) no message, if it says."""
+    for column, value in zip(_codec.READ_COLUMNS, values, strict=True):
+        if column in _codec.JSON_COLUMNS and isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError:
+                return f"{column} is not valid JSON"
+    extra, order = values[0], values[1]
+    if isinstance(extra, str) and not isinstance(json.loads(extra), dict):
+        return "extra is not a JSON object"
+    if isinstance(order, str):
+        names = json.loads(order)
+        if not isinstance(names, list):
+            return "key_order is not a JSON list"
+        held = {c for c, v in zip(_codec.READ_COLUMNS, values, strict=True) if v is not None}
+        held |= set(json.loads(extra)) if isinstance(extra, str) else set()
+        for name in names:
+            if name not in held:
+                return f"key_order names {name!r}, which the row does not hold"
+    return None
+
+
+def _inspect_session(
+    conn: Connection, session_id: str, repair: bool
+) -> tuple[int, list[Problem]] | None:
     session = conn.execute(
         select(_sessions).where(_sessions.c.id == session_id).with_for_update()
     ).first()
-    if session is None:  # deleted since it was listed
-        return 0, []
+    if session is None:
+        return None
+    stored_last = conn.execute(
+        select(type_coerce(_sessions.c.flushed_digest, NullType())).where(
+            _sessions.c.id == session_id
+        )
+    ).scalar()
     rows = conn.execute(
-        select(_messages.c.id, _messages.c.idx, _messages.c.digest, *_READ)
+        select(
+            _messages.c.id,
+            type_coerce(_messages.c.idx, NullType()).label("idx"),
+            type_coerce(_messages.c.digest, NullType()).label("digest"),
+            *_READ,
+        )
         .where(_messages.c.session_id == session_id)
-        .order_by(_messages.c.idx)
+        .order_by(_messages.c.idx, _messages.c.id)
     ).all()
     problems: list[Problem] = []
 
-    def found(check: str, detail: str) -> None:
-        problems.append(Problem(check, session_id, detail, repaired=repair))
+    def found(check: str, detail: str, *, fixable: bool = True) -> None:
+        problems.append(Problem(check, session_id, detail, repaired=repair and fixable))
 
     n = len(rows)
     idxs = [row.idx for row in rows]
     if idxs != list(range(n)):
-        holes = sorted(set(range(max(idxs, default=-1) + 1)) - set(idxs))[:10]
-        found("positions", f"{n} messages at positions other than 0..{n - 1} (holes at {holes})")
-        if repair:
-            _close_up(conn, [row.id for row in rows])
+        whole = [i for i in idxs if type(i) is int]
+        odd = [i for i in idxs if type(i) is not int]
+        holes = _holes(sorted(whole))
+        what = [f"holes at {holes}"] if holes else []
+        if any(i < 0 for i in whole):
+            what.append(f"negative positions {[i for i in whole if i < 0][:_SHOWN]}")
+        if odd:
+            what.append(f"positions that are not whole numbers: {odd[:_SHOWN]!r}")
+        detail = f"{n} messages at positions other than 0..{n - 1} ({'; '.join(what)})"
+        if all(isinstance(i, int | float) for i in idxs):  # their order is known
+            found("positions", detail)
+            if repair:
+                _close_up(conn, [row.id for row in rows], int(min([0, *idxs])) - 1)
+        else:
+            found(
+                "positions",
+                f"{detail}; not repaired: the order of a position that is not a number is "
+                "unknown (set it by hand, then repair)",
+                fixable=False,
+            )
     if session.flushed_idx != n:
         found("cursor", f"flushed_idx is {session.flushed_idx}, {n} messages are stored")
     if session.message_count != n:
         found("message_count", f"message_count is {session.message_count}, {n} are stored")
-    digests: list[bytes] = []
-    calls = 0
+    digests: list[bytes | None] = []
+    calls: int | None = 0
+    driver_parses_json = conn.dialect.name != "sqlite"
     for row in rows:
-        encoded = _codec.encode_message(
-            # Read through the columns' types: documents parsed, booleans as bools.
-            _codec.decode_row(row[3:], driver_parses_json=True),
-            row.idx,
-        )
-        calls += encoded.tool_calls
+        try:
+            message = _codec.decode_row(row[3:], driver_parses_json=driver_parses_json)
+            encoded = _codec.encode_message(message)
+        except Exception as exc:  # any damage to the row's columns
+            why = (_unreadable(row[3:]) if not driver_parses_json else None) or _why(exc)
+            found(
+                "message",
+                f"the message at position {row.idx!r} (id {row.id}) cannot be read: {why}; "
+                "not repaired: verify never rewrites a message (correct or restore the row)",
+                fixable=False,
+            )
+            digests.append(None)
+            calls = None
+            continue
+        if calls is not None:
+            calls += encoded.tool_calls
         digests.append(encoded.digest)
-        if bytes(row.digest) != encoded.digest:
-            found("digest", f"the message at position {row.idx} does not match its digest")
-            if repair:
-                conn.execute(
-                    update(_messages).where(_messages.c.id == row.id).values(digest=encoded.digest)
-                )
-    if session.tool_call_count != calls:
+        stored = row.digest
+        if not isinstance(stored, bytes | memoryview):
+            found(
+                "digest",
+                f"the digest of the message at position {row.idx!r} is stored as "
+                f"{type(stored).__name__}, not bytes",
+            )
+        elif bytes(stored) != encoded.digest:
+            found("digest", f"the message at position {row.idx!r} does not match its digest")
+        else:
+            continue
+        if repair:
+            conn.execute(
+                update(_messages).where(_messages.c.id == row.id).values(digest=encoded.digest)
+            )
+    if calls is not None and session.tool_call_count != calls:
         found("tool_call_count", f"tool_call_count is {session.tool_call_count}, {calls} stored")
     last = digests[-1] if digests else None
-    stored_last = None if session.flushed_digest is None else bytes(session.flushed_digest)
-    if stored_last != last:
+    if digests and last is None:
+        pass  # the last message cannot be read (reported above): its digest is unknown
+    elif not isinstance(stored_last, bytes | memoryview | None):
+        found("flushed_digest", f"flushed_digest is stored as {type(stored_last).__name__}")
+    elif (None if stored_last is None else bytes(stored_last)) != last:
         found("flushed_digest", "flushed_digest is not the digest of the last message")
-    if repair and problems:
-        conn.execute(
-            update(_sessions)
-            .where(_sessions.c.id == session_id)
-            .values(flushed_idx=n, message_count=n, tool_call_count=calls, flushed_digest=last)
-        )
+    if repair and any(p.repaired for p in problems):
+        values: dict[str, Any] = {"flushed_idx": n, "message_count": n}
+        if calls is not None:
+            values["tool_call_count"] = calls
+        if not digests or last is not None:
+            values["flushed_digest"] = last
+        conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(**values))
     return n, problems
 
 
-def _close_up(conn: Connection, message_ids: Sequence[int]) -> None:
-    """Give the messages (ids in position order) positions 0..n-1, keeping their order."""
-    # Out of the way first (negative), so no step collides with UNIQUE(session_id, idx).
+def _close_up(conn: Connection, message_ids: Sequence[int], below: int) -> None:
+    """Give the messages (ids in position order) positions 0..n-1, keeping their order.
+
+    ``below`` is at most their lowest position.
+    """
+    # Out of the way first (below them all), so no step collides with UNIQUE(session_id, idx).
     change = (
         update(_messages)
         .where(_messages.c.id == bindparam("message_id"))
         .values(idx=bindparam("position"))
     )
-    conn.execute(change, [{"message_id": m, "position": -1 - i} for i, m in enumerate(message_ids)])
+    conn.execute(
+        change, [{"message_id": m, "position": below - 1 - i} for i, m in enumerate(message_ids)]
+    )
     conn.execute(change, [{"message_id": m, "position": i} for i, m in enumerate(message_ids)])
+
+
+def _check_orphans(conn: Connection) -> list[Problem]:
+    """Messages whose session does not exist: reported, never repaired (see the module)."""
+    orphans = conn.execute(
+        select(_messages.c.session_id, func.count())
+        .where(_messages.c.session_id.not_in(select(_sessions.c.id)))
+        .group_by(_messages.c.session_id)
+        .order_by(_messages.c.session_id)
+    ).all()
+    return [
+        Problem(
+            "orphans",
+            session_id,
+            f"{count} messages belong to session {session_id!r}, which does not exist; "
+            "not repaired: verify never deletes a message (restore the session row to keep "
+            "them, then repair; or delete them, which frees the id for a new session)",
+        )
+        for session_id, count in orphans
+    ]
 
 
 def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
@@ -213,24 +379,140 @@ def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
 
 
 def _check_search(conn: Connection, repair: bool) -> list[Problem]:
-    """The search index covers every message (SQLite: FTS5's own checks too)."""
-    problems = []
-    if conn.dialect.name == "sqlite":
-        for table in ("hermes_search", "hermes_search_cjk"):
-            try:
-                conn.exec_driver_sql(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
-            except DBAPIError as exc:
-                problems.append(Problem("search", None, f"{table}: {exc.orig}", repair))
-        stale = conn.exec_driver_sql(
-            "SELECT (SELECT count(*) FROM hermes_search_cjk)"
-            " - (SELECT count(*) FROM hermes_search_cjk_source)"
-        ).scalar_one()
-    else:  # the trigger gives every row its vector, empty ones included
+    """The search index covers every message; rebuilt if asked, then checked again."""
+    found = [Problem("search", None, detail) for detail in _search_problems(conn)]
+    if not (repair and found):
+        return found
+    _search.rebuild(conn)
+    left = _search_problems(conn)
+    if not left:
+        return [replace(p, repaired=True) for p in found]
+    return [*found, *(Problem("search", None, f"after a rebuild: {d}") for d in left)]
+
+
+def _search_problems(conn: Connection) -> list[str]:
+    if conn.dialect.name != "sqlite":  # the trigger gives every row its vector, empty ones too
         stale = conn.exec_driver_sql(
             "SELECT count(*) FROM hermes_messages WHERE search_vector IS NULL"
         ).scalar_one()
-    if stale:
-        problems.append(Problem("search", None, f"{abs(stale)} messages out of the index", repair))
-    if repair and problems:
-        _search.rebuild(conn)
+        return [f"{stale} messages out of the index"] if stale else []
+    problems = []
+    for table in ("hermes_search", "hermes_search_cjk"):
+        try:
+            conn.exec_driver_sql(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
+        except DBAPIError as exc:
+            problems.append(f"{table}: {exc.orig}")
+    try:
+        problems.extend(_words_coverage(conn))
+    except DBAPIError as exc:
+        problems.append(f"hermes_search cannot be read: {exc.orig}")
+    try:
+        problems.extend(_cjk_coverage(conn))
+    except DBAPIError as exc:
+        problems.append(f"hermes_search_cjk cannot be read: {exc.orig}")
+    return problems
+
+
+def _varint(data: bytes) -> int:
+    """SQLite's variable-length integer at the start of ``data``."""
+    value = 0
+    for i, byte in enumerate(data[:9]):
+        if i == 8:  # the ninth byte gives all its 8 bits
+            return (value << 8) | byte
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            break
+    return value
+
+
+_TEMP = (
+    "hermes_verify_words",
+    "hermes_verify_probe_words",
+    "hermes_verify_probe",
+    "hermes_verify_indexed",
+)
+
+
+def _words_coverage(conn: Connection) -> list[str]:
+    """SQLite: ``hermes_search`` (contentless) holds a row for each message and no other.
+
+    Being contentless without a docsize table, it is read through its index: the
+    row count of its averages record, and the rowids its words are indexed under
+    (an ``fts5vocab`` table). A message whose body has no word is only in the count:
+    a message missing from the rowids is missing when its body, indexed the same
+    way in a table of the connection's own, has a word.
+    """
+    sql = conn.exec_driver_sql
+    problems = []
+    block = sql("SELECT block FROM hermes_search_data WHERE id = 1").scalar()
+    rows = _varint(bytes(block)) if block else 0
+    messages = sql("SELECT count(*) FROM hermes_messages").scalar_one()
+    if rows != messages:
+        problems.append(f"hermes_search holds {rows} rows, {messages} messages are stored")
+    definition = sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'hermes_search'"
+    ).scalar_one()
+    probe = re.sub(
+        r"^\s*CREATE\s+VIRTUAL\s+TABLE\s+\S+",
+        "CREATE VIRTUAL TABLE temp.hermes_verify_probe",
+        definition,
+        flags=re.IGNORECASE,
+    )
+    try:
+        for table in _TEMP:
+            sql(f"DROP TABLE IF EXISTS temp.{table}")
+        sql(
+            "CREATE VIRTUAL TABLE temp.hermes_verify_words "
+            "USING fts5vocab(main, hermes_search, instance)"
+        )
+        sql("CREATE TEMP TABLE hermes_verify_indexed(id INTEGER PRIMARY KEY)")
+        sql("INSERT OR IGNORE INTO temp.hermes_verify_indexed SELECT doc FROM hermes_verify_words")
+        extra = list(
+            sql(
+                "SELECT id FROM temp.hermes_verify_indexed "
+                "WHERE id NOT IN (SELECT id FROM hermes_messages) ORDER BY id"
+            ).scalars()
+        )
+        if extra:
+            problems.append(
+                f"hermes_search indexes {len(extra)} messages that are gone (ids {extra[:_SHOWN]})"
+            )
+        sql(probe)
+        sql(
+            "INSERT INTO temp.hermes_verify_probe(rowid, body) SELECT id, body "
+            "FROM hermes_search_source WHERE id NOT IN (SELECT id FROM temp.hermes_verify_indexed)"
+        )
+        sql(
+            "CREATE VIRTUAL TABLE temp.hermes_verify_probe_words "
+            "USING fts5vocab(temp, hermes_verify_probe, instance)"
+        )
+        missing = list(
+            sql("SELECT DISTINCT doc FROM temp.hermes_verify_probe_words ORDER BY doc").scalars()
+        )
+        if missing:
+            problems.append(
+                f"{len(missing)} messages are missing from hermes_search (ids {missing[:_SHOWN]})"
+            )
+    finally:
+        for table in _TEMP:
+            sql(f"DROP TABLE IF EXISTS temp.{table}")
+    return problems
+
+
+def _cjk_coverage(conn: Connection) -> list[str]:
+    """SQLite: ``hermes_search_cjk`` holds the body of each message it is for, and no other."""
+    sql = conn.exec_driver_sql
+    problems = []
+    missing = sql(
+        "SELECT count(*) FROM hermes_search_cjk_source AS s WHERE NOT EXISTS "
+        "(SELECT 1 FROM hermes_search_cjk AS c WHERE c.rowid = s.id AND c.body IS s.body)"
+    ).scalar_one()
+    if missing:
+        problems.append(f"{missing} messages missing or out of date in hermes_search_cjk")
+    extra = sql(
+        "SELECT count(*) FROM hermes_search_cjk "
+        "WHERE rowid NOT IN (SELECT id FROM hermes_search_cjk_source)"
+    ).scalar_one()
+    if extra:
+        problems.append(f"hermes_search_cjk holds {extra} rows for no message of its")
     return problems

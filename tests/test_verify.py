@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from hermes_orm import SessionStore
+from hermes_orm import SessionStore, search, verify
 from hermes_orm.verify import verify_database
 from tests.conftest import count_rows, fresh_store, run_cli
 from tests.test_cli import clean_env
@@ -110,3 +112,256 @@ def test_every_broken_invariant_is_found_and_repair_deletes_nothing(
         assert store.flush(sid, [*msgs, {"role": "user", "content": "more"}]).written == 1
     assert store.search("edited").hits[0].session_id == "digest"
     assert {h.session_id for h in store.search("question").hits} >= {"holes"}
+
+
+def _rows(engine: Engine) -> list[tuple[Any, ...]]:
+    """Every message row as stored (ids, positions and contents), for before/after checks."""
+    with engine.connect() as conn:
+        return list(
+            conn.exec_driver_sql(
+                "SELECT id, session_id, role, content, extra, key_order, tool_calls, token_count"
+                " FROM hermes_messages ORDER BY id"
+            ).all()
+        )
+
+
+#: One damage per session, as a hand edit or another tool could leave it (SQLite stores
+#: any type in any column): (session, statement, check reported, repaired).
+_DAMAGE = [
+    (
+        "digest-text",
+        "UPDATE hermes_messages SET digest = 'abc' WHERE {s} AND idx = 1",
+        "digest",
+        True,
+    ),
+    (
+        "last-text",
+        "UPDATE hermes_sessions SET flushed_digest = 'abc' WHERE id = '{sid}'",
+        "flushed_digest",
+        True,
+    ),
+    ("idx-real", "UPDATE hermes_messages SET idx = 5.5 WHERE {s} AND idx = 6", "positions", True),
+    ("idx-text", "UPDATE hermes_messages SET idx = 'x' WHERE {s} AND idx = 6", "positions", False),
+    (
+        "extra-bad",
+        "UPDATE hermes_messages SET extra = '{{bad' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
+        "extra-list",
+        "UPDATE hermes_messages SET extra = '[1, 2]' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
+        "extra-number",
+        "UPDATE hermes_messages SET extra = '5' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
+        "order-bad",
+        """UPDATE hermes_messages SET key_order = '["role", "zzz"]' WHERE {s} AND idx = 0""",
+        "message",
+        False,
+    ),
+    (
+        "role-bad",
+        "UPDATE hermes_messages SET role = 'bogus' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
+        "tokens-text",
+        "UPDATE hermes_messages SET token_count = 'lots' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
+        "calls-bad",
+        "UPDATE hermes_messages SET tool_calls = '[{{' WHERE {s} AND idx = 1",
+        "message",
+        False,
+    ),
+]
+
+
+@pytest.mark.backends("sqlite")  # PostgreSQL's column types refuse these rows
+def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    for sid, *_ in _DAMAGE:
+        store.create_session(sid, source="cli")
+        store.flush(sid, [*conversation(2, sid), {"role": "user", "content": "last"}])
+    store.create_session("zz-after", source="cli")  # checked after every damaged one
+    store.flush("zz-after", conversation(1))
+    with engine.begin() as conn:
+        for sid, statement, *_ in _DAMAGE:
+            conn.exec_driver_sql(statement.format(s=f"session_id = '{sid}'", sid=sid))
+        conn.exec_driver_sql("UPDATE hermes_sessions SET message_count = 99 WHERE id = 'zz-after'")
+    before = _rows(engine)
+    env = clean_env(tmp_path)
+
+    found = run_cli("verify", "--json", "--url", db_url, env=env)
+    assert (found.returncode, found.stderr) == (1, "")
+    report = json.loads(found.stdout)
+    assert report["sessions"] == len(_DAMAGE) + 1
+    problems = {(p["session_id"], p["check"]): p["detail"] for p in report["problems"]}
+    for sid, _, check, _ in _DAMAGE:
+        assert (sid, check) in problems, sid
+    assert ("zz-after", "message_count") in problems
+    assert "position 0 (id " in problems["role-bad", "message"]
+    assert "unknown role 'bogus'" in problems["role-bad", "message"]
+    assert "nothing was written" not in problems["role-bad", "message"]
+    assert "extra is not valid JSON" in problems["extra-bad", "message"]
+    assert "tool_calls is not valid JSON" in problems["calls-bad", "message"]
+    assert "key_order names 'zzz'" in problems["order-bad", "message"]
+    assert "stored as str" in problems["digest-text", "digest"]
+
+    repaired = run_cli("verify", "--json", "--repair", "--url", db_url, env=env)
+    assert (repaired.returncode, repaired.stderr) == (1, "")
+    done = {(p["session_id"], p["check"]): p for p in json.loads(repaired.stdout)["problems"]}
+    for sid, _, check, fixed in _DAMAGE:
+        assert done[sid, check]["repaired"] is fixed, sid
+        if check == "message":
+            assert "not repaired" in done[sid, check]["detail"]
+    assert done["zz-after", "message_count"]["repaired"] is True
+    after = _rows(engine)  # no message deleted, none rewritten
+    assert [row[:1] + row[2:] for row in after] == [row[:1] + row[2:] for row in before]
+    left = verify_database(store)
+    assert {p.session_id for p in left.problems} == {
+        sid for sid, _, _, fixed in _DAMAGE if not fixed
+    }
+    assert store.get_messages("digest-text") == fresh_store(store).get_messages("digest-text")
+
+
+@pytest.mark.backends("sqlite")
+def test_a_large_position_costs_no_memory_of_its_size(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    store.create_session("far", source="cli")
+    store.flush("far", conversation(1))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_messages SET idx = 1000000000000 WHERE idx = 2")
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31)); "
+    cli = f"{limit}from hermes_orm.cli import main; raise SystemExit(main())"
+    result = subprocess.run(
+        [sys.executable, "-c", cli, "verify", "--json", "--url", db_url],
+        capture_output=True,
+        text=True,
+        env=clean_env(tmp_path),
+        check=False,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr) == (1, "")
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert problem["check"] == "positions"
+    assert f"holes at {list(range(2, 12))}" in problem["detail"]
+
+
+def _search_checks(report: Any) -> list[tuple[str, bool]]:
+    return [(p.detail, p.repaired) for p in report.problems if p.check == "search"]
+
+
+@pytest.mark.backends("sqlite")
+def test_the_main_search_index_is_checked_row_by_row(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    lists = _populate(store)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')")
+    assert store.search("question").hits == []
+    result = run_cli("verify", "--url", db_url, env=clean_env(tmp_path))
+    assert result.returncode == 1
+    assert "63 messages are missing from hermes_search" in result.stdout
+    assert "hermes_search holds 0 rows, 63 messages are stored" in result.stdout
+
+    repaired = verify_database(store, repair=True)
+    assert repaired.ok
+    assert _search_checks(repaired)
+    assert all(fixed for _, fixed in _search_checks(repaired))
+    assert verify_database(store).problems == []
+    assert {h.session_id for h in store.search("question").hits} == set(lists)
+
+    # A row for a message that is gone (its delete skipped the index) and a message
+    # missing (inserted around it), the row count staying right.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO hermes_search(rowid, body) VALUES (9999, 'ghost')")
+        conn.exec_driver_sql(
+            "INSERT INTO hermes_search(hermes_search, rowid, body) SELECT 'delete', id, body"
+            " FROM hermes_search_source WHERE id = (SELECT min(id) FROM hermes_messages)"
+        )
+    details = [detail for detail, _ in _search_checks(verify_database(store))]
+    assert details == [
+        "hermes_search indexes 1 messages that are gone (ids [9999])",
+        "1 messages are missing from hermes_search (ids [1])",
+    ]
+    assert verify_database(store, repair=True).ok
+    assert verify_database(store).problems == []
+
+
+@pytest.mark.backends("sqlite")
+def test_a_cjk_index_with_damaged_text_is_rebuilt_for_real(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    _populate(store)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_search_cjk_content SET c0 = 'garbage'")
+    env = clean_env(tmp_path)
+    assert run_cli("verify", "--url", db_url, env=env).returncode == 1
+    repaired = run_cli("verify", "--repair", "--url", db_url, env=env)
+    assert repaired.returncode == 0, repaired.stdout
+    again = run_cli("verify", "--url", db_url, env=env)
+    assert again.returncode == 0, again.stdout
+    assert {h.session_id for h in store.search("检索历史").hits} == {
+        "holes",
+        "cursor",
+        "counts",
+        "digest",
+        "last",
+        "orphan",
+        "loop-a",
+        "loop-b",
+        "fine",
+    }
+
+
+def test_a_repair_is_marked_only_when_the_recheck_finds_it_gone(
+    store: SessionStore, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _populate(store)
+    _breakage(engine)
+    # Inject failures: closing up positions and rebuilding the index do nothing.
+    monkeypatch.setattr(verify, "_close_up", lambda *args: None)
+    monkeypatch.setattr(search, "rebuild", lambda conn: 0)
+    report = verify_database(store, repair=True)
+    marked = {(p.check, p.session_id): p.repaired for p in report.problems}
+    assert marked["positions", "holes"] is False
+    assert marked["search", None] is False
+    assert marked["cursor", "cursor"] is True  # these repairs did work
+    assert marked["digest", "digest"] is True
+    assert not report.ok
+
+
+@pytest.mark.backends("sqlite")  # PostgreSQL's foreign keys keep them out
+def test_messages_of_no_session_are_reported_and_kept(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    _populate(store)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql("DELETE FROM hermes_sessions WHERE id IN ('fine', 'last')")
+    messages = count_rows(engine, "hermes_messages")
+    for args in (("verify", "--json"), ("verify", "--json", "--repair")):
+        result = run_cli(*args, "--url", db_url, env=clean_env(tmp_path))
+        assert result.returncode == 1
+        problems = json.loads(result.stdout)["problems"]
+        assert [(p["check"], p["session_id"], p["repaired"]) for p in problems] == [
+            ("orphans", "fine", False),
+            ("orphans", "last", False),
+        ]
+        assert problems[0]["detail"].startswith(
+            "7 messages belong to session 'fine', which does not exist; not repaired"
+        )
+        assert count_rows(engine, "hermes_messages") == messages
