@@ -79,8 +79,11 @@ def default_url() -> str:
 
 #: A password in a URL's user part, as SQLAlchemy reads it: ``scheme://user:PASSWORD@``,
 #: the user up to the first ``:`` (it may hold ``@`` and blanks), the password up to
-#: the next ``@`` (blanks, ``/`` and ``:`` included), not reaching into another URL.
-_USER_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/]*:)(?:(?!://)[^@])*@")
+#: the next ``@`` (blanks, ``/`` and ``:`` included), not reaching into another URL
+#: nor past the end of the line.
+_USER_PASSWORD = re.compile(
+    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/\n]*:)(?:(?!://)[^@\n])*@"
+)
 #: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
 #: up to the next ``&`` or the end of the line), or in libpq's key=value connection
 #: string (``password=s3cret``, ``password = 'sec ret'``: up to a blank, or quoted,
@@ -1134,7 +1137,7 @@ def execute_driver_script(
         if first is None:
             return 0
         if first[0] == "BEGIN IMMEDIATE" and conn.dialect.name == "sqlite":
-            _room_for_begin_immediate(conn)
+            room_for_begin_immediate(conn)
         for statement, params in itertools.chain((first,), statements):
             text = _numbered(statement) if numbered else statement
             rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
@@ -1163,7 +1166,7 @@ def execute_driver_script(
     return _on_driver(conn, script, ran)
 
 
-def _room_for_begin_immediate(conn: Connection) -> None:
+def room_for_begin_immediate(conn: Connection) -> None:
     """Begin SQLAlchemy's transaction on a watched SQLite ``conn``, the driver's left unopened.
 
     ``exec_driver_sql("BEGIN IMMEDIATE")`` would begin SQLAlchemy's transaction
@@ -1173,8 +1176,9 @@ def _room_for_begin_immediate(conn: Connection) -> None:
     transaction, and ``BEGIN IMMEDIATE`` inside it fails. So SQLAlchemy's
     transaction is begun here (every listener runs as it would), and a driver
     transaction open afterwards is rolled back at the driver level: nothing of
-    the store's ran in it yet. ``BEGIN IMMEDIATE`` then opens the driver's,
-    inside SQLAlchemy's, whose commit or rollback ends it.
+    the store's ran in it yet (what a ``begin`` listener itself wrote there is
+    rolled back with it: README, SQLite engines). ``BEGIN IMMEDIATE`` then opens
+    the driver's, inside SQLAlchemy's, whose commit or rollback ends it.
     """
     if conn.in_transaction():
         return  # work already under way: BEGIN IMMEDIATE tells what it finds

@@ -537,9 +537,9 @@ def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
     sessions the statement's WHERE picks are read first; after the DELETE, the
     rows that hang on those of them now gone are deleted (or their column
     cleared), in the same transaction, as for a deleted Session object. (After,
-    not before: a WHERE may look at those rows.) If any of it fails, the
-    session's transaction (or its innermost savepoint) is rolled back, so no
-    session goes without them, nor they without their session.
+    not before: a WHERE may look at those rows.) If that fails, the session's
+    transaction (or its innermost savepoint) is rolled back, so no session goes
+    without them, nor they without their session.
     """
     session = state.session
     connection = session.connection(bind_arguments=state.bind_arguments)
@@ -559,8 +559,8 @@ def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
     picked = {
         session_id for row in each for session_id in connection.execute(chosen, row).scalars()
     }
+    result = state.invoke_statement()  # failing, it wrote nothing: the caller's to handle
     try:
-        result = state.invoke_statement()
         ids = sorted(picked)
         for at in range(0, len(ids), _IDS_AT_ONCE):
             some = ids[at : at + _IDS_AT_ONCE]

@@ -38,7 +38,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from hermes_orm import _partitions
+from hermes_orm import _dialects, _partitions
 from hermes_orm._dialects import store_schema
 from hermes_orm.errors import (
     InvalidArgumentError,
@@ -196,6 +196,7 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
     with bind.connect() as conn:
         asked = time.monotonic()
         if conn.dialect.name == "sqlite":
+            _dialects.room_for_begin_immediate(conn)
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         elif conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")

@@ -40,7 +40,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    not_,
     or_,
     select,
     update,
@@ -92,7 +91,12 @@ _NULLABLE = frozenset(c.name for c in _sessions.columns if c.nullable)
 #: PostgreSQL. On SQLite the write lock is already held (``BEGIN IMMEDIATE``)
 #: and the dialect renders no ``FOR UPDATE``.
 _LOCK_SESSION = (
-    select(_sessions.c.flushed_idx, _sessions.c.flushed_digest, _sessions.c.tool_call_count)
+    select(
+        _sessions.c.flushed_idx,
+        _sessions.c.flushed_digest,
+        _sessions.c.tool_call_count,
+        _sessions.c.user_id,
+    )
     .where(_sessions.c.id == bindparam("session_id"))
     .with_for_update()
 )
@@ -145,18 +149,18 @@ class _Hint:
     cursor: int
     digest: bytes | None
     copies: list[Any] | None
-    #: The user of the store (a user-scoped view) that remembered it; None: an unscoped store.
-    user: str | None = None
+    #: The session's user when the store last read or wrote it (None: no user).
+    owner: str | None = None
 
 
 class _Memory:
     """The hints of a store, shared with the user-scoped stores made from it.
 
     A hint is only ever a guess verified in the database, and a scoped store's
-    verification includes the owner. Each store uses only the hints of its own
-    scope (see :meth:`StoreCore._hint`): one user's view comparing a list with
-    another's copies, before the database refused it, would tell that user
-    whether the list is the other's history.
+    verification includes the owner. A user's view uses only the hints of that
+    user's sessions (see :meth:`StoreCore._hint`): comparing a list with the
+    copies of another user's session, before the database refused it, would
+    tell whether the list is that session's history.
     """
 
     __slots__ = ("hints", "lock", "remembered")
@@ -176,7 +180,7 @@ class _Memory:
         start: int = 0,
         *,
         copy: bool = True,
-        user: str | None = None,
+        owner: str | None = None,
     ) -> None:
         """Remember a session's stored cursor and digest after a write or a check.
 
@@ -187,8 +191,8 @@ class _Memory:
         ``start``; if those are missing, the store keeps no copies (its next
         flush there checks in the database). Without ``copy``, copies the store
         has are kept up to date, and none are started (a ``verify="last"``
-        flush, an append: nothing compares them yet). ``user``: the scope of the
-        store that remembers it (the copies of another scope are dropped).
+        flush, an append: nothing compares them yet). ``owner``: the session's
+        user as the write or check saw it.
         """
         with self.lock:
             hints = self.hints
@@ -196,8 +200,6 @@ class _Memory:
             copies = None if old is None else old.copies
             if copies is not None:
                 self.remembered -= len(copies)
-                if old is not None and old.user != user:
-                    copies = None
             if written is not None and len(written) == cursor - start:
                 if start == 0 and (copy or copies is not None):
                     copies = []  # a new list: other threads may be reading the old one
@@ -210,7 +212,7 @@ class _Memory:
                 copies = None
             if copies is not None:
                 self.remembered += len(copies)
-            hints[session_id] = _Hint(cursor, digest, copies, user)
+            hints[session_id] = _Hint(cursor, digest, copies, owner)
             if len(hints) > _HINTS_MAX or self.remembered > _REMEMBERED_MAX:
                 self.shed(session_id)
 
@@ -712,9 +714,11 @@ class StoreCore:
             )
 
     def _hint(self, session_id: str) -> _Hint | None:
-        """What this store remembers of a session: only what a store of its scope remembered."""
+        """What this store remembers of a session: a user's view, of that user's sessions only."""
         hint = self._memory.hints.get(session_id)
-        return hint if hint is not None and hint.user == self._user else None
+        if hint is None or self._user is None or hint.owner == self._user:
+            return hint
+        return None
 
     def _remembered(self, session_id: str, stored: int) -> _Hint | None:
         """What the store remembers of a session whose stored cursor is ``stored``.
@@ -852,20 +856,22 @@ class StoreCore:
             found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
             if found is None:
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
-            if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
+            kept = conn.execute(
+                select(_sessions.c.parent_session_id).where(_sessions.c.id == session_id)
+            ).scalar_one_or_none()
+            # (ensure_session keeps a parent already set: then the given one is not written)
+            if kept is None and conn.execute(_is_ancestor(session_id, parent)).first() is not None:
                 raise InvalidSessionError(
                     f"parent session {parent!r} descends from session {session_id!r}: "
                     "the lineage would loop"
                 )
         title = values.get("title")
         if title is not None:
-            same = _sessions.c.id == session_id
-            if self._user is not None:
-                same = and_(same, _sessions.c.user_id == self._user)
+            other = _sessions.c.id != session_id
+            if self._user is not None:  # any session not the user's own, of no user too
+                other = or_(other, _sessions.c.user_id.is_distinct_from(self._user))
             holder = conn.execute(
-                select(_sessions.c.id, _sessions.c.user_id).where(
-                    _sessions.c.title == title, not_(same)
-                )
+                select(_sessions.c.id, _sessions.c.user_id).where(_sessions.c.title == title, other)
             ).first()
             if holder is not None:
                 by = (
@@ -1004,13 +1010,13 @@ class StoreCore:
                 pass
 
         result: FlushResult
-        result, digest, start, taken = yield Run(
+        result, digest, start, taken, owner = yield Run(
             lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
         copy = verify != "last" and result.written <= _BATCH
         self._memory.remember(
-            session_id, result.cursor, digest, taken, start or 0, copy=copy, user=self._user
+            session_id, result.cursor, digest, taken, start or 0, copy=copy, owner=owner
         )
         return result
 
@@ -1041,8 +1047,8 @@ class StoreCore:
         session_id: str,
         messages: Sequence[dict[str, Any]],
         verify: str,
-    ) -> tuple[FlushResult, bytes | None, int | None, list[Any] | None]:
-        """:meth:`flush_in`, and copies of the messages it checked or wrote (None: not kept).
+    ) -> tuple[FlushResult, bytes | None, int | None, list[Any] | None, str | None]:
+        """:meth:`flush_in`, copies of the messages it checked or wrote (None: not kept), its user.
 
         The copies are taken as the messages are checked and encoded, before
         any statement writes them: a list the caller changes while the write is
@@ -1053,6 +1059,7 @@ class StoreCore:
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
+        owner: str | None = stored.user_id
         hint = self._remembered(session_id, cursor)
         # The copies hold the history as this store left it. Where the stored cursor
         # or its digest is not what it left, another writer moved it since (appended,
@@ -1069,7 +1076,7 @@ class StoreCore:
             copies=copies,
         )
         if len(messages) < cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None, None
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None, None, owner
         taken = None
         batches: Iterable[list[_codec.EncodedMessage]]
         if len(messages) - cursor <= _BATCH:
@@ -1080,9 +1087,9 @@ class StoreCore:
         else:  # streamed: no copies (the store's next flush checks in the database)
             batches = _encode_batches(messages, cursor)
         if len(messages) == cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start, taken
+            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start, taken, owner
         end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
-        return FlushResult(end - cursor, end), last, start, taken
+        return FlushResult(end - cursor, end), last, start, taken, owner
 
     def _flush_on_hint(
         self, session_id: str, messages: Sequence[dict[str, Any]], hint: _Hint, verify: str
@@ -1157,10 +1164,10 @@ class StoreCore:
 
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
-            self._memory.remember(session_id, end, last, user=self._user)
+            self._memory.remember(session_id, end, last, owner=hint.owner)
         else:
             self._memory.remember(
-                session_id, end, last, taken, cursor, copy=verify != "last", user=self._user
+                session_id, end, last, taken, cursor, copy=verify != "last", owner=hint.owner
             )
         return FlushResult(written=end - cursor, cursor=end)
 
@@ -1172,11 +1179,13 @@ class StoreCore:
         _check_session_id(session_id)
         encoded = _codec.encode_message(message)
         taken = [_copy(message)]  # as encoded (see _flush_locked)
+        owner = [self._user]  # the session's user, as the locked read finds it
 
         def work(conn: Connection) -> int:
             stored = self._locked_cursor(conn, session_id)
             if stored is None:
                 raise SessionNotFoundError(session_id)
+            owner[0] = stored.user_id
             self._remembered(session_id, stored.flushed_idx)
             self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
             return int(stored.flushed_idx)
@@ -1191,7 +1200,7 @@ class StoreCore:
 
         idx: int = yield Run(work, write=True, once=True, found=found)
         self._memory.remember(
-            session_id, idx + 1, encoded.digest, taken, idx, copy=False, user=self._user
+            session_id, idx + 1, encoded.digest, taken, idx, copy=False, owner=owner[0]
         )
         return idx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -976,6 +977,30 @@ def test_a_failed_delete_statement_leaves_what_hangs_on_its_sessions(
     engine.dispose()
 
 
+def test_a_delete_statement_that_fails_leaves_the_callers_transaction(tmp_path: Any) -> None:
+    """The DELETE itself refused by the database wrote nothing: the caller's work stands."""
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+
+    def refuse(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM HERMES_SESSIONS"):
+            raise sqlite3.OperationalError("database is locked")  # injected failure
+
+    with OrmSession(engine) as orm:
+        orm.add(Session(id="mine", source="app", started_at=1.0))
+        orm.flush()
+        event.listen(engine, "before_cursor_execute", refuse)
+        try:
+            with pytest.raises(DBAPIError, match="database is locked"):
+                orm.execute(delete(Session).where(Session.id == "a"))
+        finally:
+            event.remove(engine, "before_cursor_execute", refuse)
+        orm.commit()  # what the transaction held before the DELETE is still there
+    assert store.get_session("mine") is not None
+    assert store.get_session("a") is not None
+    store.close()
+    engine.dispose()
+
+
 # -- connections, engines --------------------------------------------------------------------
 
 
@@ -1040,8 +1065,8 @@ def test_the_store_writes_on_an_engine_with_the_savepoint_recipe(tmp_path: Any) 
     from sqlalchemy import create_engine
 
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    upgrade(engine)
     _savepoint_recipe_on(engine)
+    upgrade(engine)  # the migration lock's BEGIN IMMEDIATE too
     store = SessionStore(engine)
     _writes_on_the_recipe(store)
     # The ORM's savepoints, which the recipe is for, work beside it.

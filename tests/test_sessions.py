@@ -226,6 +226,9 @@ def test_a_lineage_loop_is_refused_before_it_is_written(store: SessionStore) -> 
         store.ensure_session("a", source="cli", parent_session_id="c")
     assert store.get_session("a")["parent_session_id"] is None  # type: ignore[index]
     assert store.ensure_session("c", source="cli", parent_session_id="b") is False
+    # ensure_session keeps a parent already set: a given one that would loop is not written.
+    assert store.ensure_session("b", source="cli", parent_session_id="c") is False
+    assert store.get_session("b")["parent_session_id"] == "a"  # type: ignore[index]
     store.create_session("d", source="cli", parent_session_id="c")  # a longer line is fine
     from hermes_orm.verify import verify_database
 

@@ -112,6 +112,14 @@ def test_a_user_store_cannot_reach_another_users_session(
         with pytest.raises(InvalidSessionError) as same:
             make("bob-1", source="cli", title="bob's plans")
         assert str(same.value) == str(title.value)
+    # ... and a session of no user, asked with its id or another one.
+    store.create_session("nobody-2", source="cli", title="free plans")
+    refusals = set()
+    for sid in ("nobody-2", "alice-4"):
+        with pytest.raises(InvalidSessionError) as taken_title:
+            alice.create_session(sid, source="cli", title="free plans")
+        refusals.add(str(taken_title.value))
+    assert len(refusals) == 1
     with pytest.raises(InvalidSessionError, match="only that user's sessions"):
         alice.create_session("alice-3", source="cli", user_id="bob")
     assert alice.get_session("alice-2") is None is alice.get_session("alice-3")
@@ -218,6 +226,33 @@ def test_views_share_what_the_store_remembers(store: SessionStore) -> None:
     ]
     # The cursor's compare-and-swap (alone, or in the one statement of a PostgreSQL flush).
     assert any("UPDATE hermes_sessions" in s and "user_id = " in s for s in statements)
+
+
+def test_a_store_and_its_users_view_take_turns_on_the_remembered_cursor(
+    store: SessionStore,
+) -> None:
+    """A session flushed by the store and by its owner's view in turns: no locked read."""
+    from sqlalchemy import event
+
+    store.create_session("a1", source="cli", user_id="alice")
+    messages = _turn(2, "w")
+    store.flush("a1", messages)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = store.engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for n in range(4):
+            messages = [*messages, {"role": "user", "content": f"turn {n}"}]
+            flusher = store.for_user("alice") if n % 2 == 0 else store
+            assert flusher.flush("a1", messages).written == 1
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert not [s for s in statements if "digest" in s and s.lstrip().upper().startswith("SELECT")]
+    assert store.get_messages("a1") == messages
 
 
 @pytest.mark.parametrize("user_id", [None, "", 5, "nul\x00", "\ud800"])

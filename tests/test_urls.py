@@ -112,6 +112,8 @@ def test_a_url_is_shown_as_before() -> None:
         "connection to server at 127.0.0.1, port 9 failed"
     )
     assert safe_url("sqlite:////tmp/a b/agent.db") == "sqlite:////tmp/a b/agent.db"
+    hint = "connection to http://proxy:3128/ refused\nHINT: ask dba@corp.example"
+    assert redact(hint) == hint  # a password is not looked for past the end of the line
 
 
 def test_an_undecodable_file_name_is_shown_escaped() -> None:
