@@ -1399,13 +1399,18 @@ def transaction_settings(
 _OUTCOME_POLLS, _OUTCOME_POLL = 100, 0.05
 
 
-#: The server's current timeline (the first 8 hex digits of a WAL file's name): a
-#: promoted standby starts a new one; a primary restarted after a crash keeps its own.
-_TIMELINE = "substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)"
+#: The server's run: its timeline (the first 8 hex digits of a WAL file's name), which
+#: a promoted standby starts anew, and when it started. A primary restarted after a
+#: crash keeps its timeline, but may give the ids of transactions whose commit never
+#: reached its WAL to others: its start time tells the restart.
+_TIMELINE = (
+    "substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) "
+    "|| ' ' || pg_postmaster_start_time()::text"
+)
 
 
 def transaction_id(conn: Connection) -> tuple[int, str] | None:
-    """The id of ``conn``'s transaction and the server's timeline (PostgreSQL).
+    """The id of ``conn``'s transaction and the server's run (PostgreSQL; see ``_TIMELINE``).
 
     The transaction then has an id. None on SQLite.
     """
@@ -1416,15 +1421,16 @@ def transaction_id(conn: Connection) -> tuple[int, str] | None:
 
 
 def same_timeline(conn: Connection, timeline: str) -> bool:
-    """Whether the server ``conn`` reaches is still on ``timeline`` (no failover since)."""
+    """Whether the server ``conn`` reaches is still in that run (no failover, no restart since)."""
     return bool(conn.exec_driver_sql(f"SELECT {_TIMELINE}").scalar_one() == timeline)
 
 
 def committed(conn: Connection, xid: int) -> bool:
     """Whether PostgreSQL transaction ``xid`` committed, waiting while it is in progress.
 
-    Only on the server (timeline) that gave the id: a standby promoted since
-    may never have received it, and may give it to another transaction.
+    Only on the server that gave the id, in the same run: a standby promoted
+    since may never have received it, and a server restarted after a crash may
+    have lost it; either may give it to another transaction.
 
     Raises:
         DatabaseUnavailableError: It was still in progress after a few seconds.

@@ -605,19 +605,21 @@ REPLICA_COOL_DOWN = 30.0
 def _landed(conn: Connection, request: Run[T], xid: int, timeline: str, result: T) -> bool:
     """Whether the try of ``request`` whose COMMIT went unanswered committed.
 
-    The server that gave its transaction id says so. After a failover (a new
-    timeline) the id tells nothing: the promoted standby may never have seen
-    it, and may have given it to another transaction. What the try wrote
-    decides then, where ``request`` can tell; otherwise the new server's
-    answer about the id is taken, and the doubt logged.
+    The server that gave its transaction id says so, in the same run. After a
+    failover (a new timeline) or a restart the id tells nothing: the promoted
+    standby may never have seen it, the restarted server may have lost it (a
+    crash before its commit reached the WAL), and either may have given it to
+    another transaction. What the try wrote decides then, where ``request``
+    can tell; otherwise the server's answer about the id is taken, and the
+    doubt logged.
     """
     if _dialects.same_timeline(conn, timeline):
         return _dialects.committed(conn, xid)
     if request.found is not None:
         return request.found(conn, result)
     logger.warning(
-        "a write's COMMIT went unanswered and the server failed over since: its outcome "
-        "is taken from transaction id %d on the promoted server, which may not have seen it",
+        "a write's COMMIT went unanswered and the server failed over or restarted since: "
+        "its outcome is taken from transaction id %d, which that server may have lost",
         xid,
     )
     return _dialects.committed(conn, xid)
@@ -915,7 +917,15 @@ class StoreCore:
             if done != 1:
                 raise SessionNotFoundError(session_id)
 
-        return _write(work)
+        def found(conn: Connection, _result: None) -> bool:
+            row = conn.execute(
+                select(_sessions.c.end_reason).where(
+                    self._owned(session_id), _sessions.c.ended_at.is_not(None)
+                )
+            ).first()
+            return row is not None and row.end_reason == reason
+
+        return (yield Run(work, write=True, once=True, found=found))  # type: ignore[no-any-return]
 
     def _delete_session(self, session_id: str) -> Steps[int]:
         _check_session_id(session_id)
@@ -929,9 +939,11 @@ class StoreCore:
 
         Their children lose the parent link. Returns how many sessions went.
         """
+        picked: list[str] = []
 
         def work(conn: Connection) -> int:
             ids = list(pick(conn))
+            picked[:] = ids
             if not ids:
                 return 0
             # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
@@ -948,7 +960,11 @@ class StoreCore:
                 self.forget_cursor(session_id)
             return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
 
-        deleted: int = yield Run(work, write=True, once=True)
+        def found(conn: Connection, _deleted: int) -> bool:
+            left = select(_sessions.c.id).where(_sessions.c.id.in_(picked))
+            return conn.execute(left).first() is None
+
+        deleted: int = yield Run(work, write=True, once=True, found=found)
         return deleted
 
     def _list_sessions(

@@ -456,3 +456,74 @@ def test_an_upgrade_waits_for_a_server_coming_up(pg_server_url: str, driver: str
     finally:
         late.close()
         _drop_pg_database(pg_server_url, url)
+
+
+# -- a crash before the COMMIT reached the WAL ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crashing_server() -> Iterator[Any]:
+    """A server of this module's own, which a test may crash (``restart("immediate")``)."""
+    from devtools.postgres import local_postgres
+
+    with local_postgres({"synchronous_commit": "on"}) as server:  # acknowledged is durable
+        yield server
+
+
+@pytest.mark.parametrize("operation", ["append", "create_session", "delete_session", "end_session"])
+def test_a_write_lost_in_a_crash_is_not_taken_for_the_one_that_reused_its_id(
+    crashing_server: Any, operation: str
+) -> None:
+    """The server crashes as the write commits; restarted, it gives the write's id to another.
+
+    Its commit never reached the WAL, so the restarted server hands that
+    transaction id out again: another client's transaction takes it and
+    commits. The retry must not read that as its own commit (``txid_status``):
+    it looks for what it wrote, finds nothing, and writes it.
+    """
+    from sqlalchemy import event
+
+    url = _create_pg_database(crashing_server.url)
+    store = SessionStore(url, retry=RetryPolicy(unavailable_for=60, base_delay=0.05))
+    try:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "hi"}])
+        other = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        crashed: list[int] = []
+
+        def crash_at_commit(_conn: Any) -> None:
+            if crashed:
+                return
+            crashed.append(1)
+            crashing_server.restart("immediate")
+            with other.connect() as conn:  # takes the id the lost transaction had
+                conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS other_work (x int)")
+
+        event.listen(store.engine, "commit", crash_at_commit)
+        try:
+            if operation == "append":
+                assert store.append("s", {"role": "assistant", "content": "kept"}) == 1
+            elif operation == "create_session":
+                store.create_session("s2", source="cli")
+            elif operation == "delete_session":
+                assert store.delete_session("s") is True
+            else:
+                store.end_session("s", "done")
+        finally:
+            event.remove(store.engine, "commit", crash_at_commit)
+        assert crashed
+        other.dispose()
+        check = SessionStore(url)
+        if operation == "append":
+            assert [m["content"] for m in check.get_messages("s")] == ["hi", "kept"]
+        elif operation == "create_session":
+            assert check.get_session("s2") is not None
+        elif operation == "delete_session":
+            assert check.get_session("s") is None
+        else:
+            assert check.get_session("s")["end_reason"] == "done"  # type: ignore[index]
+        check.close()
+    finally:
+        store.close()
+        _drop_pg_database(crashing_server.url, url)
