@@ -239,3 +239,24 @@ def sqlite_in_transaction(dbapi_connection: Any) -> bool | None:
         if isinstance(status, bool):
             return status
     return None
+
+
+def asyncpg_transaction_left(dbapi_connection: Any) -> bool:
+    """Whether asyncpg holds a transaction SQLAlchemy's asyncpg adapter does not know of.
+
+    A task cancelled while asyncpg starts a transaction (its ``BEGIN`` in
+    flight) leaves asyncpg's own transaction object (``_top_xact``) in place,
+    and the server in the transaction, while the adapter's (``_transaction``)
+    stays None: rolling back through the adapter, and the pool's reset, then
+    do nothing, and every later transaction on the connection would be a
+    savepoint inside that one, never committed. False for other drivers.
+    """
+    if not hasattr(dbapi_connection, "_transaction") or dbapi_connection._transaction is not None:
+        return False
+    driver = getattr(dbapi_connection, "_connection", None)
+    if driver is None:
+        return False
+    if getattr(driver, "_top_xact", None) is not None:
+        return True
+    in_transaction = getattr(driver, "is_in_transaction", None)
+    return bool(callable(in_transaction) and in_transaction())

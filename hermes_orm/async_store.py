@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from hermes_orm import _dialects, migrations
+from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.errors import DatabaseUnavailableError, SessionNotFoundError
@@ -143,6 +143,15 @@ class _AsyncSessions(StoreCore):
             cursor=cursor,
         )
         return await self._drive(steps)
+
+
+def _left_in_transaction(conn: AsyncConnection) -> bool:
+    """Whether ``conn``'s driver holds a transaction its adapter does not know of."""
+    try:
+        dbapi_connection = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+    except Exception:  # closed or invalidated meanwhile: nothing to keep
+        return False
+    return dbapi_connection is not None and _sa.asyncpg_transaction_left(dbapi_connection)
 
 
 class AsyncSessionStore(_AsyncSessions):
@@ -304,7 +313,7 @@ class AsyncSessionStore(_AsyncSessions):
             except BaseException:
                 # Back to the pool, whose reset rolls back whatever a
                 # cancellation interrupted; dropped if it was invalidated.
-                await asyncio.shield(self._release(conn))
+                await asyncio.shield(self._release(conn, failed=True))
                 raise
             await self._checkin(conn, closes)
             return result
@@ -357,11 +366,18 @@ class AsyncSessionStore(_AsyncSessions):
                 raise
         return conn
 
-    async def _release(self, conn: AsyncConnection) -> None:
-        """Give ``conn`` back to the pool with the settings it came with."""
+    async def _release(self, conn: AsyncConnection, *, failed: bool = False) -> None:
+        """Give ``conn`` back to the pool with the settings it came with.
+
+        After a ``failed`` try, a connection whose driver still holds a
+        transaction nothing can end (asyncpg's, begun as the task was
+        cancelled) is dropped instead.
+        """
         try:
             if self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
+            elif failed and not conn.invalidated and _left_in_transaction(conn):
+                await conn.invalidate()
         finally:
             await conn.close()
 

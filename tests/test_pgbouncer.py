@@ -10,6 +10,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -256,3 +257,47 @@ def test_a_bad_pgbouncer_flag_is_refused(url: str) -> None:
         create_store_engine(url)
     with pytest.raises(InvalidArgumentError, match="pgbouncer"):
         SessionStore("sqlite://", pgbouncer="yes")  # type: ignore[arg-type]
+
+
+def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
+    pooled: str, pg_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush's task is cancelled while the driver's BEGIN is on its way.
+
+    asyncpg then keeps a transaction that SQLAlchemy's adapter does not know
+    of: given back to the pool, its connection would run every later
+    transaction as a savepoint inside it, reported committed and never
+    committed. What a direct connection sees is the judge.
+    """
+    import asyncpg.connection
+
+    url = make_url(pooled).set(drivername="postgresql+asyncpg").render_as_string(False)
+    armed: list[asyncio.Task[Any]] = []
+    plain = asyncpg.connection.Connection.execute
+
+    async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if armed and query.startswith("BEGIN"):  # injected: cancelled while BEGIN is in flight
+            asyncio.get_running_loop().call_soon(armed.pop().cancel)
+        return await plain(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "execute", execute)
+    history, turn = _turns(4, "h"), _turns(7, "h")
+
+    async def main() -> None:
+        store = AsyncSessionStore(url)
+        await store.create_session("s", source="cli")
+        await store.flush("s", history)
+        task = asyncio.ensure_future(store.flush("s", turn, verify="full"))  # the locked path
+        armed.append(task)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        assert (await store.flush("s", turn, verify="full")).cursor == len(turn)
+        await store.create_session("s2", source="cli")
+        await store.close()
+
+    asyncio.run(main())
+    direct = SessionStore(pg_db)
+    assert direct.get_messages("s") == turn
+    assert direct.get_session("s2") is not None
+    direct.close()
