@@ -46,7 +46,7 @@ def fold(text: str) -> str:
 
 
 #: Query tokens longer than this cannot match on PostgreSQL, whose text search
-#: parser drops words of 2,048 bytes and more.
+#: parser drops words of 2,047 bytes and more.
 MAX_TOKEN_CHARS = 500
 
 _SEPARATORS = """

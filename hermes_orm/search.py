@@ -373,9 +373,12 @@ def snippet(body: str, spans: list[tuple[int, int]]) -> tuple[str, tuple[tuple[i
             chars.append(" ")
     offsets[stop] = len(chars)
     text = "".join(chars).rstrip()
-    highlights = tuple(
-        (offsets[s], min(offsets[e], len(text))) for s, e in spans if start <= s and e <= stop
+    # A match running past the window (a word, a phrase longer than it) is
+    # highlighted as far as the window shows it.
+    shown = (
+        (offsets[max(s, start)], offsets[min(e, stop)]) for s, e in spans if s < stop and e > start
     )
+    highlights = tuple((s, min(e, len(text))) for s, e in shown if s < min(e, len(text)))
     if start > 0:
         text = "…" + text
         highlights = tuple((s + 1, e + 1) for s, e in highlights)
@@ -427,11 +430,24 @@ def _fts_terms(terms: Sequence[Term]) -> str:
     return _any_of_all(terms, _fts_leaf)
 
 
+#: A number in scientific notation opening a word and followed by a letter
+#: (``3e4f9a1``, a hash): PostgreSQL's parser cuts the word after the number, where
+#: FTS5 keeps it whole, so the vector holds its two parts, side by side.
+_PG_NUMBER_HEAD = re.compile(r"[0-9]+e[0-9]+(?=[^\W0-9_])", re.IGNORECASE)
+
+
+def _pg_parts(token: str) -> list[str]:
+    """The lexemes PostgreSQL's parser makes of one of the tokens FTS5 cuts."""
+    head = _PG_NUMBER_HEAD.match(token)
+    return [token] if head is None else [head.group(), token[head.end() :]]
+
+
 def _tsquery_leaf(leaf: Leaf, phrases: bool = True) -> str:
     # A phrase: its words next to each other, by their positions in the vector
     # (without ``phrases``, anywhere in it: what the index alone can tell).
     joiner = " <-> " if phrases else " & "
-    return joiner.join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
+    parts = [part for token in leaf.tokens for part in _pg_parts(token)]
+    return joiner.join(f"'{part}'" for part in parts) + (":*" if leaf.prefix else "")
 
 
 def _tsquery_terms(terms: Sequence[Term], phrases: bool = True) -> str:

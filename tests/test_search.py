@@ -372,6 +372,50 @@ def test_hits_carry_where_they_are_and_a_marked_snippet(store: SessionStore) -> 
     assert store.search("docker compose").hits[0].rank == 2.0
 
 
+def test_a_word_opening_with_a_number_in_scientific_notation_is_found(
+    store: SessionStore,
+) -> None:
+    """A hash like ``3e4f9a1`` is one word, as FTS5 has it (PostgreSQL's parser cuts it)."""
+    store.create_session("s1", "cli")
+    bodies = ["commit 3e4f9a1 landed", "image 1E5AB0C9 pulled", "took 2e3e4 steps", "plain 1e5"]
+    store.flush("s1", [{"role": "user", "content": body} for body in bodies])
+    for query, idx in (
+        ("3e4f9a1", 0),
+        ("3E4F9A1", 0),
+        ("3e4f*", 0),
+        ('"commit 3e4f9a1 landed"', 0),
+        ("1e5ab0c9", 1),
+        ("2e3e4", 2),
+    ):
+        assert [h.idx for h in store.search(query).hits] == [idx], query
+    # (PostgreSQL also finds 1e5 at the head of 1E5AB0C9: README, differences.)
+    assert store.search("1e5").hits[0].idx == 3
+    assert store.search("3e4f9a1").hits[0].marked() == "commit [3e4f9a1] landed"
+    assert store.search("3e4f9a1 -landed").hits == []
+
+
+def test_a_match_longer_than_the_snippet_is_highlighted_as_far_as_shown(
+    store: SessionStore,
+) -> None:
+    word = "x" * 150
+    phrase = " ".join(f"w{i}" for i in range(60))
+    store.create_session("s1", "cli")
+    store.flush(
+        "s1",
+        [
+            {"role": "user", "content": f"some text before the long word {word} and after"},
+            {"role": "user", "content": f"a phrase: {phrase} ends here"},
+        ],
+    )
+    for query in (word, f'"{phrase}"'):
+        (hit,) = store.search(query).hits
+        assert hit.highlights, query
+        for start, end in hit.highlights:
+            shown = hit.snippet[start:end]
+            assert shown.strip() == shown != ""
+            assert shown.rstrip("…") in (word if query == word else phrase)
+
+
 def test_an_engine_watched_by_listeners_sees_the_search_statement(store: SessionStore) -> None:
     """Tracing and failure injection see a search's SQL on every backend and API."""
     store.create_session("s", source="test")
