@@ -791,15 +791,7 @@ def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine:
 def _savepoint_recipe(engine: Engine) -> Engine:
     """SQLAlchemy's documented pysqlite recipe for SAVEPOINT, on a SQLite engine."""
     if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
-
+        _savepoint_recipe_on(engine)
     return engine
 
 

@@ -7,6 +7,8 @@ session is left exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -204,23 +206,30 @@ def test_a_session_given_to_another_user_is_no_longer_written(store: SessionStor
     assert store.for_user("bob").get_messages("a1") == messages
 
 
+@contextlib.contextmanager
+def _statements(store: Any) -> Iterator[list[str]]:
+    """The statements ``store``'s engine runs inside the block."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+
+
 def test_views_share_what_the_store_remembers(store: SessionStore) -> None:
     """A view made per request still flushes on the remembered cursor (no locked read)."""
     store.create_session("a1", source="cli", user_id="alice")
     messages = _turn(2, "w")
     store.for_user("alice").flush("a1", messages)
-    statements: list[str] = []
-    from sqlalchemy import event
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    engine = store.engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
+    with _statements(store) as statements:
         store.for_user("alice").flush("a1", [*messages, {"role": "user", "content": "3"}])
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
     assert not [
         s for s in statements if s.lstrip().upper().startswith("SELECT") and "set_config" not in s
     ]
@@ -232,25 +241,14 @@ def test_a_store_and_its_users_view_take_turns_on_the_remembered_cursor(
     store: SessionStore,
 ) -> None:
     """A session flushed by the store and by its owner's view in turns: no locked read."""
-    from sqlalchemy import event
-
     store.create_session("a1", source="cli", user_id="alice")
     messages = _turn(2, "w")
     store.flush("a1", messages)
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    engine = store.engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
+    with _statements(store) as statements:
         for n in range(4):
             messages = [*messages, {"role": "user", "content": f"turn {n}"}]
             flusher = store.for_user("alice") if n % 2 == 0 else store
             assert flusher.flush("a1", messages).written == 1
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
     assert not [s for s in statements if "digest" in s and s.lstrip().upper().startswith("SELECT")]
     assert store.get_messages("a1") == messages
 

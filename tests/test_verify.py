@@ -44,19 +44,13 @@ def _breakage(engine: Engine) -> None:
         sql("UPDATE hermes_sessions SET parent_session_id = 'loop-a' WHERE id = 'loop-b'")
 
 
+#: The sessions :func:`_populate` makes, each broken its own way (but ``fine``).
+_SESSIONS = ("holes", "cursor", "counts", "digest", "last", "orphan", "loop-a", "loop-b", "fine")
+
+
 def _populate(store: SessionStore) -> dict[str, list[dict[str, Any]]]:
     lists = {}
-    for sid in (
-        "holes",
-        "cursor",
-        "counts",
-        "digest",
-        "last",
-        "orphan",
-        "loop-a",
-        "loop-b",
-        "fine",
-    ):
+    for sid in _SESSIONS:
         store.create_session(sid, source="cli")
         lists[sid] = [*conversation(2, sid), {"role": "user", "content": f"检索历史 {sid}"}]
         store.flush(sid, lists[sid])
@@ -314,17 +308,7 @@ def test_a_cjk_index_with_damaged_text_is_rebuilt_for_real(
     assert repaired.returncode == 0, repaired.stdout
     again = run_cli("verify", "--url", db_url, env=env)
     assert again.returncode == 0, again.stdout
-    assert {h.session_id for h in store.search("检索历史").hits} == {
-        "holes",
-        "cursor",
-        "counts",
-        "digest",
-        "last",
-        "orphan",
-        "loop-a",
-        "loop-b",
-        "fine",
-    }
+    assert {h.session_id for h in store.search("检索历史").hits} == set(_SESSIONS)
 
 
 def test_a_repair_is_marked_only_when_the_recheck_finds_it_gone(
