@@ -200,7 +200,9 @@ def parse_query(query: str) -> Query:
         is_or = item.text == "OR" and not item.quoted and not item.negated and not item.prefix
         if is_or:
             following = items[position + 1] if position + 1 < len(items) else None
-            # OR between two positive terms joins them; anywhere else it is a word.
+            # OR joins the positive term after it to the last positive term before
+            # it (an exclusion between them aside: `a -b OR c` is (a OR c) -b); at
+            # the start, at the end or before an exclusion, it is the word "or".
             if groups and not join_next and following is not None and not following.negated:
                 join_next = True
                 continue
