@@ -1137,8 +1137,10 @@ def execute_driver_script(
         if first is None:
             return 0
         if first[0] == "BEGIN IMMEDIATE" and conn.dialect.name == "sqlite":
-            room_for_begin_immediate(conn)
-        for statement, params in itertools.chain((first,), statements):
+            begin_immediate(conn)
+        else:
+            statements = itertools.chain((first,), statements)
+        for statement, params in statements:
             text = _numbered(statement) if numbered else statement
             rowcount = conn.exec_driver_sql(text, tuple(params)).rowcount
         if commit_if is not None:
@@ -1166,8 +1168,8 @@ def execute_driver_script(
     return _on_driver(conn, script, ran)
 
 
-def room_for_begin_immediate(conn: Connection) -> None:
-    """Begin SQLAlchemy's transaction on a watched SQLite ``conn``, the driver's left unopened.
+def begin_immediate(conn: Connection) -> None:
+    """``BEGIN IMMEDIATE`` on a SQLite ``conn``, through SQLAlchemy (its listeners see it).
 
     ``exec_driver_sql("BEGIN IMMEDIATE")`` would begin SQLAlchemy's transaction
     first, and its ``begin`` listeners run: on an engine set up with
@@ -1180,15 +1182,15 @@ def room_for_begin_immediate(conn: Connection) -> None:
     rolled back with it: README, SQLite engines). ``BEGIN IMMEDIATE`` then opens
     the driver's, inside SQLAlchemy's, whose commit or rollback ends it.
     """
-    if conn.in_transaction():
-        return  # work already under way: BEGIN IMMEDIATE tells what it finds
-    conn.begin()
-    dbapi_connection: Any = conn.connection.dbapi_connection
-    if _sa.sqlite_in_transaction(dbapi_connection):
-        try:
-            conn.dialect.do_rollback(dbapi_connection)
-        except conn.dialect.loaded_dbapi.Error as exc:
-            _sa.raise_driver_error(conn, exc, "ROLLBACK", ())
+    if not conn.in_transaction():  # else work is under way: BEGIN IMMEDIATE tells what it finds
+        conn.begin()
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        if _sa.driver_in_transaction(dbapi_connection):
+            try:
+                conn.dialect.do_rollback(dbapi_connection)
+            except conn.dialect.loaded_dbapi.Error as exc:
+                _sa.raise_driver_error(conn, exc, "ROLLBACK", ())
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _on_driver(

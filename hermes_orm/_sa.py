@@ -154,13 +154,17 @@ def driver_in_transaction(dbapi_connection: Any) -> bool | None:
     """Whether the driver connection has a transaction open; None where it does not tell.
 
     psycopg (its connection, or the one inside SQLAlchemy's async adapter) and
-    psycopg2 report their transaction status; SQLAlchemy's asyncpg adapter
-    keeps the transaction it started (``_transaction``).
+    psycopg2 report their transaction status, sqlite3 (and the
+    ``aiosqlite.Connection`` inside SQLAlchemy's adapter) ``in_transaction``;
+    SQLAlchemy's asyncpg adapter keeps the transaction it started (``_transaction``).
     """
     for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
         status = getattr(getattr(candidate, "info", None), "transaction_status", None)
         if status is not None:
             return int(status) != 0  # psycopg.pq.TransactionStatus.IDLE
+        in_transaction = getattr(candidate, "in_transaction", None)  # sqlite3, aiosqlite
+        if isinstance(in_transaction, bool):
+            return in_transaction
     if hasattr(dbapi_connection, "_transaction"):  # SQLAlchemy's asyncpg adapter
         return dbapi_connection._transaction is not None
     status_of = getattr(dbapi_connection, "get_transaction_status", None)  # psycopg2
@@ -226,19 +230,6 @@ def statement_prefixes(statement: Any) -> list[str] | None:
         return [str(clause) for clause, _dialect in statement._prefixes]
     except (AttributeError, TypeError, ValueError):
         return None
-
-
-def sqlite_in_transaction(dbapi_connection: Any) -> bool | None:
-    """Whether a SQLite driver connection has a transaction open; None where it does not tell.
-
-    sqlite3's connection tells (``in_transaction``), and so does the
-    ``aiosqlite.Connection`` inside SQLAlchemy's aiosqlite adapter (``_connection``).
-    """
-    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
-        status = getattr(candidate, "in_transaction", None)
-        if isinstance(status, bool):
-            return status
-    return None
 
 
 def asyncpg_transaction_left(dbapi_connection: Any) -> bool:

@@ -196,8 +196,7 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
     with bind.connect() as conn:
         asked = time.monotonic()
         if conn.dialect.name == "sqlite":
-            _dialects.room_for_begin_immediate(conn)
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _dialects.begin_immediate(conn)
         elif conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         waited = time.monotonic() - asked
