@@ -438,18 +438,54 @@ def _fts_terms(terms: Sequence[Term]) -> str:
 _PG_NUMBER_HEAD = re.compile(r"[0-9]+e[0-9]+(?=[^\W0-9_])", re.IGNORECASE)
 
 
-def _pg_parts(token: str) -> list[str]:
-    """The lexemes PostgreSQL's parser makes of one of the tokens FTS5 cuts."""
-    head = _PG_NUMBER_HEAD.match(token)
-    return [token] if head is None else [head.group(), token[head.end() :]]
+def _pg_parts(token: str, blanks: frozenset[str]) -> list[str]:
+    """The words PostgreSQL's parser makes of one of the tokens FTS5 cuts.
+
+    ``blanks``: characters the parser takes for blanks (see :func:`_pg_blanks`).
+    """
+    pieces = [token]
+    if blanks and not blanks.isdisjoint(token):
+        pieces = re.split("[" + re.escape("".join(sorted(blanks))) + "]", token)
+    parts = []
+    for piece in filter(None, pieces):
+        head = _PG_NUMBER_HEAD.match(piece)
+        parts += [piece] if head is None else [head.group(), piece[head.end() :]]
+    return parts
+
+
+def _pg_leaf(leaf: Leaf, blanks: frozenset[str]) -> Leaf:
+    """``leaf`` as PostgreSQL's vectors hold its words: a phrase of their parts.
+
+    ``H₂O`` is the phrase ``h o`` there (the parser takes ``₂`` for a blank, as it
+    does in the text). A leaf with nothing the parser keeps (``½``) stays as it
+    is: no vector holds it. A prefix stays on the last part, unless the leaf ends
+    with a blank (``x²*`` is ``x``: what follows the blank is another word).
+    """
+    if leaf.substring:
+        return leaf
+    parts = [part for token in leaf.tokens for part in _pg_parts(token, blanks)]
+    if not parts:
+        return leaf
+    return Leaf(tuple(parts), prefix=leaf.prefix and leaf.tokens[-1][-1] not in blanks)
+
+
+def _pg_query(query: Query, blanks: frozenset[str]) -> Query:
+    """``query`` with each words leaf as :func:`_pg_leaf` has it."""
+
+    def term(found: Term) -> Term:
+        return tuple(_pg_leaf(leaf, blanks) for leaf in found)
+
+    return Query(
+        tuple(tuple(map(term, group)) for group in query.groups),
+        tuple(map(term, query.excluded)),
+    )
 
 
 def _tsquery_leaf(leaf: Leaf, phrases: bool = True) -> str:
     # A phrase: its words next to each other, by their positions in the vector
     # (without ``phrases``, anywhere in it: what the index alone can tell).
     joiner = " <-> " if phrases else " & "
-    parts = [part for token in leaf.tokens for part in _pg_parts(token)]
-    return joiner.join(f"'{part}'" for part in parts) + (":*" if leaf.prefix else "")
+    return joiner.join(f"'{token}'" for token in leaf.tokens) + (":*" if leaf.prefix else "")
 
 
 def _tsquery_terms(terms: Sequence[Term], phrases: bool = True) -> str:
@@ -827,8 +863,10 @@ class _PgPlan:
 
 
 @lru_cache(maxsize=512)
-def _pg_compiled(query: str, filters: Filters) -> _PgPlan:
+def _pg_compiled(query: str, filters: Filters, blanks: frozenset[str]) -> _PgPlan:
+    """The plan of ``query``, whose characters in ``blanks`` the parser takes for blanks."""
     parsed = parse_query(query)
+    words = _pg_query(parsed, blanks)
     substrings = [g for g in parsed.groups if _substring_only(g)]
 
     def lengths(group: Sequence[Term]) -> list[int]:
@@ -836,12 +874,60 @@ def _pg_compiled(query: str, filters: Filters) -> _PgPlan:
 
     return _PgPlan(
         parsed,
-        postgresql_statement(parsed, filters, by_index=False),
-        postgresql_statement(parsed, filters, by_index=True),
-        words=tuple(g for g in parsed.groups if _words_only(g)),
+        postgresql_statement(words, filters, by_index=False),
+        postgresql_statement(words, filters, by_index=True),
+        words=tuple(g for g in words.groups if _words_only(g)),
         short=any(max(lengths(g)) < 3 for g in substrings),
         trigrams=any(min(lengths(g)) >= 3 for g in substrings),
     )
+
+
+@lru_cache(maxsize=512)
+def _word_characters(query: str) -> frozenset[str]:
+    """The characters past ASCII of the words ``query`` looks for (not its substrings)."""
+    parsed = parse_query(query)
+    return frozenset(
+        character
+        for group in (*parsed.groups, parsed.excluded)
+        for term in group
+        for leaf in term
+        if not leaf.substring
+        for token in leaf.tokens
+        if not token.isascii()
+        for character in token
+        if not character.isascii()
+    )
+
+
+#: Whether PostgreSQL's text search parser takes a character into a word (False: it
+#: is a blank there), by engine: the database's locale decides, so it is asked.
+_word_character: weakref.WeakKeyDictionary[Any, dict[str, bool]] = weakref.WeakKeyDictionary()
+#: Characters remembered by engine, at most (then it is asked again).
+_WORD_CHARACTER_MAX = 65_536
+#: A character is part of a word if ``a``, it and ``b`` make one word.
+_WORD_CHARACTER_SQL = (
+    "SELECT c, length(to_tsvector('simple'::regconfig, 'a' || c || 'b')) = 1 "
+    "FROM unnest(%s::text[]) AS c"
+)
+
+
+def _pg_blanks(conn: Connection, characters: frozenset[str]) -> frozenset[str]:
+    """Those of ``characters`` that PostgreSQL's parser takes for blanks.
+
+    FTS5 takes into a word some characters the database's locale calls neither
+    a letter nor a digit (``₂``, ``²``, ``½``, emoji newer than Unicode 6.1): the
+    parser cuts the text there, and a query's words are cut alike. Asked of the
+    server once per character (the ones new to this engine, in one statement).
+    """
+    if not characters:
+        return frozenset()
+    known = _word_character.setdefault(conn.engine, {})
+    new = sorted(characters.difference(known))
+    if new:
+        if len(known) + len(new) > _WORD_CHARACTER_MAX:
+            known.clear()
+        known.update(conn.exec_driver_sql(driver_sql(conn, _WORD_CHARACTER_SQL), (new,)).all())
+    return frozenset(c for c in characters if not known[c])
 
 
 @dataclass(frozen=True, slots=True)
@@ -929,7 +1015,7 @@ def _pg_rows(
     statistics show too rare to fill a page from that window get a window of
     ``PG_RARE_WINDOW`` ids only.
     """
-    plan = _pg_compiled(query, filters)
+    plan = _pg_compiled(query, filters, _pg_blanks(conn, _word_characters(query)))
     oldest = filters.oldest_first
     low, high = -(2**63), 2**63 - 1
     words = plan.words
