@@ -23,7 +23,10 @@ from typing import Any, NamedTuple
 
 from hermes_orm.errors import InvalidMessageError
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+#: The roles a message may have: the chat APIs' and ``session_meta``, the row Hermes
+#: Agent's gateway opens each session's transcript with (no message for a model:
+#: Hermes skips it when it loads a conversation).
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "session_meta"})
 
 #: Keys stored in a text column.
 TEXT_KEYS = (

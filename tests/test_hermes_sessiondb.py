@@ -185,6 +185,31 @@ def test_messages_unicode_tools_multimodal(both: Any) -> None:
     both.get_messages("s")
 
 
+def test_the_gateways_session_meta_row_is_stored_as_hermes_stores_it(
+    both: Any, store: SessionStore
+) -> None:
+    """Hermes' gateway opens each session's transcript with a ``session_meta`` row."""
+    both.create_session("g", "telegram", model="m")
+    # As gateway/session.py's _append_transcript_message writes it.
+    both.append_message(
+        session_id="g",
+        role="session_meta",
+        content=None,
+        tool_name=None,
+        tool_calls=None,
+        tool_call_id=None,
+        platform_message_id=None,
+        observed=False,
+        timestamp=10.0,
+    )
+    both.append_message("g", "user", content="hi", timestamp=11.0)
+    both.append_message("g", "assistant", content="hello", timestamp=12.0)
+    both.get_messages("g")
+    both.get_messages_as_conversation("g")
+    both.get_session("g")
+    assert [m["role"] for m in store.get_messages("g")] == ["session_meta", "user", "assistant"]
+
+
 def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
     both.create_session("root", "cli", model="m")
     both.create_session(
