@@ -106,7 +106,9 @@ class EncodedMessage(NamedTuple):
             holds nothing, JSON columns as their JSON text (for the flush's
             driver-level statement).
         digest: 16-byte BLAKE2b of the stored column values.
-        tool_calls: How many tool calls the message carries.
+        tool_calls: How many tool calls the message carries (none counted for a
+            message marked ``active: False``: a session's ``tool_call_count`` is
+            of its live messages, as Hermes Agent counts them).
         documents: The JSON columns that hold a value, as the Python objects
             their text encodes; ``None`` when there are none.
     """
@@ -502,6 +504,8 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     hasher = _BLAKE2B_128.copy()
     hasher.update(raw)
     params[-1] = digest = hasher.digest()
+    if tool_calls and message.get("active") is False:
+        tool_calls = 0
     return _new_encoded(EncodedMessage, (tuple(params), digest, tool_calls, documents or None))
 
 

@@ -113,7 +113,7 @@ class _AsyncSessions(StoreCore):
 
     async def append(self, session_id: str, message: dict[str, Any]) -> int:
         """Store one message at the session's cursor; see :meth:`SessionStore.append`."""
-        return await self._drive(self._append(session_id, message))
+        return (await self._drive(self._append(session_id, message)))[0]
 
     async def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None

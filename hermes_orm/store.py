@@ -1191,34 +1191,47 @@ class StoreCore:
         """Drop what the store remembers of a session (before rewriting its history)."""
         self._memory.forget(session_id)
 
-    def _append(self, session_id: str, message: dict[str, Any]) -> Steps[int]:
+    def _append(
+        self, session_id: str, message: dict[str, Any], *, row_id: bool = False
+    ) -> Steps[tuple[int, int | None]]:
+        """Store ``message`` at the cursor: its ``idx``, and its row id if ``row_id``.
+
+        The row id is read in the write's own transaction: a later one could
+        find another message at that ``idx`` (the session rewritten meanwhile).
+        """
         _check_session_id(session_id)
         encoded = _codec.encode_message(message)
         taken = [_copy(message)]  # as encoded (see _flush_locked)
         owner = [self._user]  # the session's user, as the locked read finds it
+        c = _messages.c
 
-        def work(conn: Connection) -> int:
+        def work(conn: Connection) -> tuple[int, int | None]:
             stored = self._locked_cursor(conn, session_id)
             if stored is None:
                 raise SessionNotFoundError(session_id)
             owner[0] = stored.user_id
-            self._remembered(session_id, stored.flushed_idx)
-            self._insert(conn, session_id, stored.flushed_idx, stored.flushed_digest, [[encoded]])
-            return int(stored.flushed_idx)
+            idx = int(stored.flushed_idx)
+            self._remembered(session_id, idx)
+            self._insert(conn, session_id, idx, stored.flushed_digest, [[encoded]])
+            if not row_id:
+                return idx, None
+            query = select(c.id).where(c.session_id == session_id, c.idx == idx)
+            return idx, int(conn.execute(query).scalar_one())
 
-        def found(conn: Connection, idx: int) -> bool:
-            stored = conn.execute(
-                select(_messages.c.digest).where(
-                    _messages.c.session_id == session_id, _messages.c.idx == idx
-                )
-            ).scalar_one_or_none()
+        def found(conn: Connection, written: tuple[int, int | None]) -> bool:
+            idx, message_id = written
+            query = select(c.digest).where(c.session_id == session_id, c.idx == idx)
+            if message_id is not None:
+                query = query.where(c.id == message_id)
+            stored = conn.execute(query).scalar_one_or_none()
             return stored is not None and bytes(stored) == encoded.digest
 
-        idx: int = yield Run(work, write=True, once=True, found=found)
+        written: tuple[int, int | None] = yield Run(work, write=True, once=True, found=found)
+        idx = written[0]
         self._memory.remember(
             session_id, idx + 1, encoded.digest, taken, idx, copy=False, owner=owner[0]
         )
-        return idx
+        return written
 
     @staticmethod
     def _check_continues(
@@ -1533,7 +1546,7 @@ class _Sessions(StoreCore):
             SessionNotFoundError: No such session.
             InvalidMessageError: The message cannot be stored; nothing was written.
         """
-        return drive(self._append(session_id, message), self._transaction)
+        return drive(self._append(session_id, message), self._transaction)[0]
 
     def get_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None
@@ -1852,6 +1865,12 @@ class SessionStore(_Sessions):
         The row has ``flushed_idx``, ``flushed_digest`` and ``tool_call_count``.
         """
         return self._locked_cursor(conn, session_id)
+
+    def append_row(self, session_id: str, message: dict[str, Any]) -> tuple[int, int]:
+        """:meth:`append`, returning the message's ``idx`` and its row id."""
+        idx, message_id = drive(self._append(session_id, message, row_id=True), self._transaction)
+        assert message_id is not None  # asked for with row_id
+        return idx, message_id
 
     def insert_rows(
         self,

@@ -97,6 +97,18 @@ def test_flush_writes_only_the_new_suffix(store: SessionStore) -> None:
     assert_exact(store, "s", msgs)
 
 
+def test_tool_call_count_is_of_the_live_messages(store: SessionStore) -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    store.create_session("s", source="test")
+    archived = {"role": "assistant", "content": None, "tool_calls": [call, call], "active": False}
+    live = {"role": "assistant", "content": None, "tool_calls": [call]}
+    store.flush("s", [archived, live])
+    store.append("s", {**archived, "tool_calls": [call]})
+    session = store.get_session("s")
+    assert session is not None
+    assert session["tool_call_count"] == 1
+
+
 def test_append_takes_the_cursor(store: SessionStore) -> None:
     store.create_session("s", source="cli")
     msgs = conversation(2)

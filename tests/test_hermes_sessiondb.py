@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from hermes_orm import SessionStore
 from hermes_orm.errors import InvalidMessageError, InvalidSessionError
@@ -815,6 +816,133 @@ def test_append_message_whose_commit_ack_was_lost_stores_one_row(
     rows = db.get_messages("s")
     assert [(m["id"], m["content"]) for m in rows] == [(message_id, "once")]
     assert store.get_session("s")["message_count"] == 1
+
+
+def test_append_message_returns_its_own_rows_id_when_another_process_rewrites_at_once(
+    store: SessionStore,
+) -> None:
+    """The id comes from the write's own transaction, not a later look-up by position."""
+    ours = SessionDB(store)
+    other_store = SessionStore(store.engine.url.render_as_string(hide_password=False))
+    other = SessionDB(other_store)
+    ours.create_session("s", "cli")
+    first = ours.append_message("s", "user", "first")
+    armed = [True]
+
+    def rewrite_elsewhere(*_args: Any) -> None:
+        # Once our append's connection goes back to the pool, its write committed.
+        if armed[0]:
+            armed[0] = False
+            other.clear_messages("s")
+            other.append_message("s", "user", "other-0")
+            other.append_message("s", "user", "other-1")  # where ours was
+
+    event.listen(store.engine, "checkin", rewrite_elsewhere)
+    try:
+        mine = ours.append_message("s", "assistant", "mine")
+    finally:
+        event.remove(store.engine, "checkin", rewrite_elsewhere)
+        other_store.close()
+    assert not armed[0]
+    after = ours.get_messages("s")
+    assert [m["content"] for m in after] == ["other-0", "other-1"]
+    assert mine > first
+    assert mine not in {m["id"] for m in after}
+
+
+def test_a_title_moves_off_a_compressed_ancestor_on_a_rename_as_in_hermes(both: Any) -> None:
+    both.create_session("root", "cli")
+    assert both.set_session_title("root", "My project") is True
+    both.end_session("root", "compression")
+    both.create_session("tip", "cli", parent_session_id="root")
+    both.create_session("other", "cli")
+    assert both.set_session_title("tip", "My project") is True  # the ancestor gives it up
+    both.get_session("root")
+    both.get_session("tip")
+    both.resolve_session_by_title("My project")
+    both.set_session_title("other", "My project")  # not an ancestor: both refuse
+    both.get_session("tip")
+
+
+@pytest.mark.backends("postgresql")  # SQLite's write lock orders the two writers
+def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
+    store: SessionStore,
+) -> None:
+    ours = SessionDB(store)
+    other_store = SessionStore(store.engine.url.render_as_string(hide_password=False))
+    other = SessionDB(other_store)
+    ours.create_session("a", "cli")
+    ours.create_session("b", "cli")
+    armed = [True]
+
+    def take_it_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if armed[0] and statement.startswith("UPDATE hermes_sessions SET title"):
+            armed[0] = False
+            other.set_session_title("b", "Shared")  # commits before our UPDATE runs
+
+    event.listen(store.engine, "before_cursor_execute", take_it_first)
+    try:
+        with pytest.raises(ValueError, match="already in use by session b"):
+            ours.set_session_title("a", "Shared")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", take_it_first)
+        other_store.close()
+    assert not armed[0]
+    assert ours.get_session("a")["title"] is None
+
+
+def test_negative_limits_and_offsets_read_as_sqlite_reads_them(both: Any) -> None:
+    both.create_session("s", "cli")
+    for n in range(4):
+        both.append_message("s", "user", f"m{n}", timestamp=float(n))
+    both.get_messages("s", limit=-1)
+    both.get_messages("s", offset=-1)
+    both.get_messages("s", limit=2, offset=-5)
+    both.get_messages("s", limit=-1, offset=2)
+    both.search_sessions(limit=-1)
+    both.search_sessions(offset=-1)
+    both.search_sessions(limit=-1, offset=-1)
+
+
+def test_search_messages_pages_past_a_thousand_hits(store: SessionStore) -> None:
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    store.flush("s", [{"role": "user", "content": f"needle {n}"} for n in range(1_250)])
+    assert len(db.search_messages("needle", limit=1_200)) == 1_200
+    assert len(db.search_messages("needle", limit=5_000)) == 1_250
+    assert len(db.search_messages("needle", limit=-1)) == 1_250
+    assert len(db.search_messages("needle", limit=100, offset=1_200)) == 50
+
+
+def test_tool_calls_count_the_live_messages_after_compaction_as_in_hermes(both: Any) -> None:
+    call = [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+
+    def tool_calls() -> list[int]:  # (message_count differs: it counts archived rows here)
+        return [db.get_session("s")["tool_call_count"] for db in (both.hermes, both.ours)]
+
+    both.create_session("s", "cli")
+    both.append_message("s", "user", "hi")
+    both.append_message("s", "assistant", None, tool_calls=call)
+    both.append_message("s", "tool", "res", tool_call_id="t1")
+    assert tool_calls() == [1, 1]
+    both.archive_and_compact("s", [{"role": "user", "content": "summary"}])
+    assert tool_calls() == [0, 0]
+    both.append_message("s", "assistant", None, tool_calls=call)
+    assert tool_calls() == [1, 1]
+    both.replace_messages("s", [{"role": "user", "content": "x"}], active_only=True)
+    assert tool_calls() == [0, 0]
+
+
+def test_a_none_token_counter_counts_as_zero(store: SessionStore) -> None:
+    db = SessionDB(store)
+    db.update_token_counts("t", input_tokens=None, output_tokens=3, api_call_count=None)
+    session = db.get_session("t")
+    assert session is not None
+    assert (session["input_tokens"], session["output_tokens"], session["api_call_count"]) == (
+        0,
+        3,
+        0,
+    )
 
 
 def test_every_public_method_of_hermes_sessiondb_is_there() -> None:

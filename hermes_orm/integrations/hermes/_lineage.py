@@ -740,12 +740,22 @@ class LineageMethods:
                 highest = max(highest, int(number.group(1)))
         return f"{base} #{highest + 1}"
 
+    def set_session_title(self, session_id: str, title: str) -> bool:
+        """Set (or, with an empty title, clear) the title; False for a missing session.
+
+        A compressed ancestor of the session holding the title gives it up (it is
+        hidden from the session list: the user could not free it otherwise).
+
+        Raises:
+            ValueError: Too long, or used by another session.
+        """
+        return self._set_title(session_id, title, only_if_empty=False)
+
     def set_auto_title_if_empty(self, session_id: str, title: str) -> bool:
         """Set a generated title only while the session has none, in one transaction.
 
-        The title is cleaned as by ``set_session_title``. A compressed ancestor
-        of the session holding the title gives it up; another session holding
-        it is an error.
+        The title is cleaned, and taken from a compressed ancestor, as by
+        ``set_session_title``.
 
         Returns:
             True when the title was set; False for a session that has a title
@@ -754,15 +764,19 @@ class LineageMethods:
         Raises:
             ValueError: The title is too long, or another session has it.
         """
+        return self._set_title(session_id, title, only_if_empty=True)
+
+    def _set_title(self, session_id: str, title: str, *, only_if_empty: bool) -> bool:
         from hermes_orm.integrations.hermes.sessiondb import sanitize_title
 
         cleaned = sanitize_title(title)
         c = _sessions.c
 
         def work(conn: Connection) -> bool:
-            current = conn.execute(select(c.title).where(c.id == session_id)).first()
-            if current is None or current.title is not None:
-                return False
+            if only_if_empty:
+                current = conn.execute(select(c.title).where(c.id == session_id)).first()
+                if current is None or current.title is not None:
+                    return False
             if cleaned:
                 holder = conn.execute(
                     select(c.id).where(c.title == cleaned, c.id != session_id)
@@ -771,10 +785,10 @@ class LineageMethods:
                     if not _is_compression_ancestor(conn, holder, session_id):
                         raise ValueError(f"Title '{cleaned}' is already in use by session {holder}")
                     conn.execute(update(_sessions).where(c.id == holder).values(title=None))
-            statement = (
-                update(_sessions).where(c.id == session_id, c.title.is_(None)).values(title=cleaned)
-            )
-            return int(conn.execute(statement).rowcount) > 0
+            statement = update(_sessions).where(c.id == session_id)
+            if only_if_empty:
+                statement = statement.where(c.title.is_(None))
+            return int(conn.execute(statement.values(title=cleaned)).rowcount) > 0
 
         try:
             return self._store.write_transaction(work)

@@ -359,7 +359,8 @@ class UpkeepMethods:
 
         ``change`` edits each message dict; its row then holds exactly the
         changed message (columns, digest), and the session's ``flushed_digest``
-        follows if the last row changed.
+        follows if the last row changed, its ``tool_call_count`` if a row's
+        live tool calls did (see :class:`~hermes_orm._codec.EncodedMessage`).
         """
         stored = self._store.locked_cursor(conn, session_id)
         if stored is None:
@@ -369,10 +370,14 @@ class UpkeepMethods:
             .where(_messages.c.session_id == session_id, where)
             .order_by(_messages.c.idx)
         ).all()
+        calls = 0  # live tool calls gained
         for row in rows:
             message = _codec.row_to_message(row)
+            if row.active is not False:
+                calls -= _tool_calls_of(row.tool_calls)
             change(message)
             encoded = _codec.encode_message(message, row.idx)
+            calls += encoded.tool_calls
             current = row._mapping
             values = {k: v for k, v in encoded.row.items() if current[k] != v}
             if values:
@@ -383,6 +388,12 @@ class UpkeepMethods:
                     .where(_sessions.c.id == session_id)
                     .values(flushed_digest=encoded.digest)
                 )
+        if calls:
+            conn.execute(
+                update(_sessions)
+                .where(_sessions.c.id == session_id)
+                .values(tool_call_count=_sessions.c.tool_call_count + calls)
+            )
         return [row.id for row in rows]
 
     def _replace_rows(
@@ -406,8 +417,11 @@ class UpkeepMethods:
             conn.execute(delete(_messages).where(_messages.c.session_id == session_id, where))
         if prepare is not None:
             prepare(conn)
+        live = _ACTIVE.label("live")
         kept = conn.execute(
-            select(_messages.c.id, _messages.c.idx, _messages.c.digest, _messages.c.tool_calls)
+            select(
+                _messages.c.id, _messages.c.idx, _messages.c.digest, _messages.c.tool_calls, live
+            )
             .where(_messages.c.session_id == session_id)
             .order_by(_messages.c.idx)
         ).all()
@@ -428,7 +442,8 @@ class UpkeepMethods:
                 flushed_idx=len(kept),
                 message_count=len(kept),
                 flushed_digest=last,
-                tool_call_count=sum(_tool_calls_of(row.tool_calls) for row in kept),
+                # Of the live rows only, as Hermes counts them (archived ones are kept).
+                tool_call_count=sum(_tool_calls_of(row.tool_calls) for row in kept if row.live),
             )
         )
         if encoded:

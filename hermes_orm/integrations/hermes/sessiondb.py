@@ -17,7 +17,9 @@ reads queries with hermes_orm's language, orders hits newest first where Hermes
 ranks by relevance, and makes its own snippets; lone surrogates inside a
 message's JSON values become U+FFFD (Hermes keeps them escaped, see ``_text``);
 ``create_session`` on an existing session also fills a missing ``user_id``; a
-session's ``message_count`` counts its archived (compacted) rows too; roles are
+session's ``message_count`` counts its archived (compacted) rows too, its
+``tool_call_count`` the tool calls of live rows only (Hermes' still counts a
+rewound turn's); roles are
 those hermes_orm stores; no write triggers a search-index optimize (none is
 needed). Numbers given for text fields are stored as Hermes' SQLite file stores
 them (see ``_text``); values no column here holds are refused (the README lists
@@ -240,6 +242,11 @@ def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
         raw = text.replace("\n", " ").replace("\r", " ")[:63].strip()
         previews[row.session_id] = raw[:60] + ("..." if len(raw) > 60 else "") if raw else ""
     return previews
+
+
+#: Hits whose details one statement reads (an OR of a condition each: SQLite's
+#: expression trees are at most 1,000 deep).
+_SEARCH_DETAILS_BATCH = 200
 
 
 class _Sessions:
@@ -657,6 +664,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         the first accounted call, and, for deltas, accumulates the per-model
         usage row (:class:`~hermes_orm.models.ModelUsage`).
         """
+        # A None counter counts as 0 (Hermes' file stores NULL, a column here holds none).
+        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens = (
+            value or 0
+            for value in (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+        )
+        reasoning_tokens, api_call_count = reasoning_tokens or 0, api_call_count or 0
         self.ensure_session(session_id, "unknown", model=model)
         c = _sessions.c
         accounted = bool(
@@ -813,28 +826,6 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         matches = self._store.read_transaction(work)
         return matches[0] if len(matches) == 1 else None
 
-    def set_session_title(self, session_id: str, title: str) -> bool:
-        """Set (or, with an empty title, clear) the title; False for a missing session.
-
-        Raises:
-            ValueError: Too long, or used by another session.
-        """
-        cleaned = sanitize_title(title)
-
-        def work(conn: Connection) -> int:
-            if cleaned:
-                holder = conn.execute(
-                    select(_sessions.c.id).where(
-                        _sessions.c.title == cleaned, _sessions.c.id != session_id
-                    )
-                ).first()
-                if holder is not None:
-                    raise ValueError(f"Title '{cleaned}' is already in use by session {holder.id}")
-            statement = update(_sessions).where(_sessions.c.id == session_id)
-            return int(conn.execute(statement.values(title=cleaned)).rowcount)
-
-        return self._store.write_transaction(work) > 0
-
     # -- messages ---------------------------------------------------------------------------
 
     def append_message(  # noqa: PLR0917 - Hermes' signature, positional arguments included
@@ -884,15 +875,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
-        idx = self._store.append(session_id, message)
-
-        def work(conn: Connection) -> int:
-            query = select(_messages.c.id).where(
-                _messages.c.session_id == session_id, _messages.c.idx == idx
-            )
-            return int(conn.execute(query).scalar_one())
-
-        return self._store.read_transaction(work)
+        return self._store.append_row(session_id, message)[1]
 
     def _hermes_message(self, row: Any) -> dict[str, Any]:
         from hermes_orm._codec import row_to_message
@@ -926,9 +909,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             query = query.where(func.coalesce(_messages.c.active, True).is_(True))
         query = query.order_by(_messages.c.idx)
         if limit is not None or offset:
-            query = query.offset(offset)
-            if limit is not None:
-                query = query.limit(limit)
+            size, start = _window(-1 if limit is None else limit, offset)  # as SQLite reads them
+            query = query.offset(start).limit(size)
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             return [self._hermes_message(r) for r in conn.execute(query)]
@@ -1012,22 +994,25 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             oldest_first=order == "oldest",
         )
         size, first = _window(limit, offset)  # a negative limit: every hit
-        wanted = _search.MAX_LIMIT if size is None else min(first + size, _search.MAX_LIMIT)
-        if wanted <= first and size is not None:
+        end = None if size is None else first + size
+        if end is not None and end <= first:
             return []
         text = _hermes_search_query(query)
 
         def work(conn: Connection) -> list[dict[str, Any]]:
+            hits: list[_search.SearchHit] = []
+            after = None
             try:
-                page = _search.run(conn, text, filters, None, wanted)
-                hits = page.hits
-                while size is None and page.next_cursor is not None:
-                    after = _search.decode_cursor(page.next_cursor)
-                    page = _search.run(conn, text, filters, after, wanted)
+                while end is None or len(hits) < end:  # pages of at most MAX_LIMIT hits
+                    wanted = _search.MAX_LIMIT if end is None else end - len(hits)
+                    page = _search.run(conn, text, filters, after, min(wanted, _search.MAX_LIMIT))
                     hits += page.hits
+                    if page.next_cursor is None:
+                        break
+                    after = _search.decode_cursor(page.next_cursor)
             except SearchQueryError:
                 return []
-            return self._search_results(conn, hits[first:])
+            return self._search_results(conn, hits[first:end])
 
         return self._store.read_transaction(work)
 
@@ -1036,36 +1021,32 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """Hermes' result dicts of ``hits``: two queries for the whole page."""
         from hermes_orm._codec import row_to_message
 
-        if not hits:
-            return []
-        details = {
-            row.id: row
-            for row in conn.execute(
-                select(
-                    _messages.c.id,
-                    _messages.c.tool_name,
-                    _sessions.c.source,
-                    _sessions.c.model,
-                    _sessions.c.started_at,
-                )
-                .join(_sessions, _sessions.c.id == _messages.c.session_id)
-                .where(_messages.c.id.in_([hit.message_id for hit in hits]))
+        details: dict[int, Any] = {}
+        neighbours: dict[tuple[str, int], dict[str, Any]] = {}
+        for start in range(0, len(hits), _SEARCH_DETAILS_BATCH):  # (SQLite's depth limit)
+            part = hits[start : start + _SEARCH_DETAILS_BATCH]
+            found = select(
+                _messages.c.id,
+                _messages.c.tool_name,
+                _sessions.c.source,
+                _sessions.c.model,
+                _sessions.c.started_at,
+            ).join(_sessions, _sessions.c.id == _messages.c.session_id)
+            ids = [hit.message_id for hit in part]
+            details.update(
+                (row.id, row) for row in conn.execute(found.where(_messages.c.id.in_(ids)))
             )
-        }
-        neighbours = {
-            (row.session_id, row.idx): row_to_message(row)
-            for row in conn.execute(
-                select(_messages).where(
-                    or_(
-                        *(
-                            (_messages.c.session_id == hit.session_id)
-                            & _messages.c.idx.between(hit.idx - 1, hit.idx + 1)
-                            for hit in hits
-                        )
-                    )
+            around = or_(
+                *(
+                    (_messages.c.session_id == hit.session_id)
+                    & _messages.c.idx.between(hit.idx - 1, hit.idx + 1)
+                    for hit in part
                 )
             )
-        }
+            neighbours.update(
+                ((row.session_id, row.idx), row_to_message(row))
+                for row in conn.execute(select(_messages).where(around))
+            )
         results = []
         for hit in hits:
             context = []
@@ -1269,10 +1250,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         )
         if source:
             query = query.where(_sessions.c.source == source)
+        size, start = _window(limit, offset)  # as SQLite reads them
         query = (
             query.order_by(last_active.desc(), _sessions.c.started_at.desc(), _sessions.c.id.desc())
-            .limit(limit)
-            .offset(offset)
+            .limit(size)
+            .offset(start)
         )
 
         def work(conn: Connection) -> list[dict[str, Any]]:
