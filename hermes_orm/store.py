@@ -311,7 +311,8 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
-def _check_session_id(session_id: Any) -> str:
+def check_session_id(session_id: Any) -> str:
+    """``session_id``, if the store takes it as one (else :class:`InvalidSessionError`)."""
     if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
         raise InvalidSessionError(
             f"a session id must be a non-empty str of at most 255 characters, got {session_id!r}"
@@ -780,7 +781,7 @@ class StoreCore:
     def _session_values(
         self, session_id: str, source: str, fields: dict[str, Any]
     ) -> dict[str, Any]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
         if self._user is not None:
             owner = fields.setdefault("user_id", self._user)
             if owner != self._user:
@@ -894,7 +895,7 @@ class StoreCore:
         )
 
     def _get_session(self, session_id: str) -> Steps[dict[str, Any] | None]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
 
         def work(conn: Connection) -> dict[str, Any] | None:
             row = conn.execute(select(_sessions).where(self._owned(session_id))).first()
@@ -903,7 +904,7 @@ class StoreCore:
         return _read(work)
 
     def _end_session(self, session_id: str, reason: str) -> Steps[None]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
         if not isinstance(reason, str):
             raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
         _check_fields({"end_reason": reason})
@@ -928,7 +929,7 @@ class StoreCore:
         return (yield Run(work, write=True, once=True, found=found))  # type: ignore[no-any-return]
 
     def _delete_session(self, session_id: str) -> Steps[int]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
         if self._user is None:
             return self._delete_sessions_steps(lambda _conn: [session_id])
         mine = select(_sessions.c.id).where(self._owned(session_id))
@@ -1008,7 +1009,7 @@ class StoreCore:
     def _flush(
         self, session_id: str, messages: Sequence[dict[str, Any]], verify: str
     ) -> Steps[FlushResult]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
         if type(messages) is not list and (
             isinstance(messages, str | bytes) or not isinstance(messages, Sequence)
         ):
@@ -1199,7 +1200,7 @@ class StoreCore:
         The row id is read in the write's own transaction: a later one could
         find another message at that ``idx`` (the session rewritten meanwhile).
         """
-        _check_session_id(session_id)
+        check_session_id(session_id)
         encoded = _codec.encode_message(message)
         taken = [_copy(message)]  # as encoded (see _flush_locked)
         owner = [self._user]  # the session's user, as the locked read finds it
@@ -1348,7 +1349,7 @@ class StoreCore:
     def _get_messages(
         self, session_id: str, offset: int, limit: int | None
     ) -> Steps[list[dict[str, Any]]]:
-        _check_session_id(session_id)
+        check_session_id(session_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _INT64:
             raise InvalidArgumentError(f"offset must be an int from 0 to 2**63 - 1, got {offset!r}")
         if limit is not None and (

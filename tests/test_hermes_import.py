@@ -80,8 +80,11 @@ def assert_same_as_source(store: SessionStore, source: Path) -> None:
     for row in sessions:
         got = store.get_session(row["id"])
         assert got is not None, row["id"]
-        # Hermes' counters leave out the rows a compaction archived; ours count every row.
+        # Hermes' message_count leaves out the rows a compaction archived; ours counts
+        # every row. tool_call_count is of the live rows (Hermes' still counts a
+        # rewound turn's, until a compaction recounts).
         archived = [m for m in messages.get(row["id"], []) if m["compacted"]]
+        live = [m for m in messages.get(row["id"], []) if m["active"] in (None, 1)]
         for key, value in row.items():
             if key == "model_config" and value is not None:
                 assert got[key] == json.loads(value), key
@@ -90,7 +93,7 @@ def assert_same_as_source(store: SessionStore, source: Path) -> None:
             elif key == "message_count":
                 assert got[key] == value + len(archived), row["id"]
             elif key == "tool_call_count":
-                assert got[key] == value + _tool_calls(archived), row["id"]
+                assert got[key] == _tool_calls(live), row["id"]
             else:
                 assert got[key] == value, (row["id"], key)
         stored = store.get_messages(row["id"])
@@ -853,3 +856,375 @@ def test_lone_surrogates_hermes_keeps_are_imported_as_the_adapter_stores_them(
 
     assert kept("imported") == kept("adapted")
     assert kept("imported")[1][1]["content"] == [{"type": "text", "text": "part \ufffd"}]
+
+
+def _two_sessions(tmp_path: Path) -> tuple[Path, Any]:
+    """A state.db written by the real Hermes Agent: sessions a and b, a message each."""
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("a", "b"):
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "user", content=f"hi {sid}")
+    return source, hermes
+
+
+def test_a_hot_rollback_journal_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A writer killed mid-transaction left uncommitted pages and their journal: never read."""
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    conn = sqlite3.connect(source)
+    conn.execute("PRAGMA journal_mode=DELETE")  # Hermes' fallback where WAL cannot work
+    conn.close()
+    killed = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('PRAGMA cache_size=1')\n"  # pages spill into the file before the commit
+        "c.execute('BEGIN')\n"
+        "for i in range(3):\n"
+        '    c.execute("INSERT INTO messages (session_id, role, content, timestamp)'
+        " VALUES ('a', 'user', ?, 2.0)\", ('uncommitted ' + 'x' * 500,))\n"
+        "os._exit(9)\n"
+    )
+    subprocess.run([sys.executable, "-c", killed, str(source)], check=False)
+    journal = Path(f"{source}-journal")
+    assert journal.stat().st_size > 0
+    before = digest_file(source)
+    destination = tmp_path / "dest.db"
+    with pytest.raises(StateDbError, match=r"never committed.*then import again") as raised:
+        import_state_db(source, f"sqlite:///{destination}")
+    assert "\n" not in str(raised.value)
+    assert not destination.exists()
+    assert digest_file(source) == before
+    assert journal.stat().st_size > 0
+
+
+def test_a_session_hermes_compacts_between_its_batches_is_not_stored_torn(
+    store: SessionStore, tmp_path: Path, reader: str
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for n in range(60):
+        hermes.append_message("s", "user" if n % 2 == 0 else "assistant", content=f"m{n}")
+    hermes.close()
+    compacted: list[int] = []
+
+    def compact(_sid: str, cursor: int) -> None:
+        if not compacted:
+            from hermes_state import SessionDB
+
+            db = SessionDB(source)
+            db.archive_and_compact("s", [{"role": "user", "content": "summary"}])
+            db.close()
+            compacted.append(cursor)
+
+    report = import_state_db(source, store, batch=5, on_batch=compact)
+    assert compacted
+    # What was copied is one state of the session: the one before the compaction,
+    # whole if the reader had read it all by then (a child process reads far ahead).
+    stored = store.get_messages("s")
+    assert [m["content"] for m in stored] == [f"m{n}" for n in range(len(stored))]
+    assert all(m["active"] for m in stored)
+    if len(stored) < 60:
+        assert report.diverged_sessions == ["s"], report.table()
+        assert not report.ok
+    else:
+        assert report.grown_sessions == ["s"], report.table()
+    again = import_state_db(source, store)
+    assert again.diverged_sessions == ["s"]
+    assert store.get_messages("s") == stored
+
+
+def test_the_verification_compares_each_session_s_last_message(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes edits a session's last message after the import read it: not verified."""
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+
+    def edit(sid: str, _cursor: int) -> None:
+        if sid == "a":
+            conn = sqlite3.connect(source)
+            conn.execute("UPDATE messages SET content = 'edited' WHERE session_id = 'a'")
+            conn.commit()
+            conn.close()
+
+    report = import_state_db(source, store, on_batch=edit)
+    assert report.diverged_sessions == ["a"], report.table()
+    assert not report.ok
+
+
+def test_messages_without_a_sessions_row_are_reported(
+    store: SessionStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.append_message("b", "assistant", content="and more")
+    hermes.close()
+    conn = sqlite3.connect(source)  # foreign keys are off on a plain connection
+    conn.execute("DELETE FROM sessions WHERE id = 'b'")
+    conn.commit()
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        report = import_state_db(source, store)
+    assert report.orphaned_messages == {"b": 2}
+    assert not report.ok
+    assert "session b: 2 message(s) but no sessions row: not imported" in report.table()
+    assert store.get_session("b") is None
+    assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
+    assert any("no sessions row" in r.getMessage() for r in caplog.records)
+
+
+def test_a_rerun_leaves_a_session_that_went_on_in_the_destination_as_it_is(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("a", source="cli", model="m1")
+    hermes.set_session_title("a", "first title")
+    hermes.append_message("a", "user", content="q1")
+    hermes.update_token_counts("a", input_tokens=10, output_tokens=5, model="m1")
+    hermes.close()
+    assert import_state_db(source, store).ok
+    ours = SessionDB(store)  # Hermes in store mode goes on with it
+    ours.append_message("a", "assistant", content="a1 in store mode")
+    ours.update_token_counts("a", input_tokens=100, output_tokens=50, model="m1")
+    ours.set_session_title("a", "renamed in store mode")
+    ours.end_session("a", "user_exit")
+    before = store.get_session("a")
+    with store.engine.connect() as conn:
+        usage = conn.execute(select(ModelUsage)).all()
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == ["a"]
+    assert report.sessions_written == report.usage_written == 0
+    assert store.get_session("a") == before
+    with store.engine.connect() as conn:
+        assert conn.execute(select(ModelUsage)).all() == usage
+
+
+def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_path: Path) -> None:
+    """README: state.db imported first, mirror plugin enabled after; then imported again."""
+    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    assert import_state_db(source, store).ok
+    hermes.append_message("s", "user", content="q2")
+    hermes.append_message("s", "assistant", content="a2")
+    live = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    mirror = Mirror(
+        store.engine.url.render_as_string(hide_password=False),
+        status=StatusFile(tmp_path / "status.json"),
+        wait=10,
+    )
+    try:
+        assert mirror.turn("s", live, model="m", platform="cli")
+    finally:
+        mirror.close()
+    hermes.append_message("s", "user", content="q3")  # the mirror stores it at the turn's end
+    stored = store.get_messages("s")
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.mirrored_sessions == ["s"]
+    assert report.diverged_sessions == []
+    assert report.messages_written == report.sessions_written == 0
+    assert "continued by the Hermes mirror plugin" in report.table()
+    assert store.get_messages("s") == stored
+    # a later edit of a message the import copied is still a divergence
+    hermes.set_latest_user_api_content("s", "q3", "q3, with context")
+    conn = sqlite3.connect(source)
+    conn.execute("UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
+    conn.commit()
+    conn.close()
+    hermes.close()
+    assert import_state_db(source, store).diverged_sessions == ["s"]
+
+
+def test_a_gateway_session_opened_by_its_session_meta_row_is_imported(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("g", source="telegram")
+    # As Hermes' gateway opens a new session's transcript (gateway/session.py).
+    hermes.append_message("g", role="session_meta", content=None, timestamp=10.0)
+    hermes.append_message("g", "user", content="hi", timestamp=11.0)
+    hermes.append_message("g", "assistant", content="hello", timestamp=12.0)
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert [m["role"] for m in store.get_messages("g")] == ["session_meta", "user", "assistant"]
+    assert_same_as_source(store, source)
+
+
+@pytest.mark.parametrize("change", ["swapped", "moved"])
+def test_titles_hermes_moved_between_sessions_are_moved_alike(
+    store: SessionStore, tmp_path: Path, change: str
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("b", "a"):  # b first in the source's order
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "user", content=f"hi {sid}")
+    hermes.set_session_title("a", "alpha")
+    hermes.set_session_title("b", "beta")
+    assert import_state_db(source, store).ok
+    if change == "swapped":
+        hermes.set_session_title("a", "tmp")
+        hermes.set_session_title("b", "alpha")
+        hermes.set_session_title("a", "beta")
+    else:
+        hermes.set_session_title("a", "alpha (old)")
+        hermes.set_session_title("b", "alpha")
+    hermes.append_message("b", "assistant", content="new answer")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.retitled_sessions == []
+    titles = {sid: (store.get_session(sid) or {})["title"] for sid in ("a", "b")}
+    assert titles == (
+        {"a": "beta", "b": "alpha"} if change == "swapped" else {"a": "alpha (old)", "b": "alpha"}
+    )
+    assert [m["content"] for m in store.get_messages("b")] == ["hi b", "new answer"]
+
+
+def test_a_title_moved_to_a_new_session_is_set_once_its_holder_let_it_go(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("a", source="cli")
+    hermes.set_session_title("a", "report")
+    hermes.close()
+    assert import_state_db(source, store).ok
+    hermes = _real_hermes(tmp_path)[1]
+    hermes.set_session_title("a", "report (old)")
+    hermes.create_session("n", source="cli")
+    hermes.set_session_title("n", "report")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert (store.get_session("a") or {})["title"] == "report (old)"
+    assert (store.get_session("n") or {})["title"] == "report"
+
+
+def test_duplicate_titles_of_an_old_state_db_are_left_to_the_newest_session(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    conn = sqlite3.connect(source)
+    conn.execute("DROP INDEX idx_sessions_title_unique")  # as before Hermes made titles unique
+    conn.execute("UPDATE sessions SET title = 'My chat'")
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.deduplicated_titles == ["a"]
+    assert "as Hermes' own migration does" in report.table()
+    a, b = store.get_session("a") or {}, store.get_session("b") or {}
+    assert (a["title"], a["extra"]) == (None, {"title": "My chat"})
+    assert b["title"] == "My chat"
+    assert import_state_db(source, store).sessions_written == 0
+
+
+@pytest.mark.parametrize("column", ["input_tokens", "api_call_count", "expiry_finalized"])
+def test_null_in_a_column_hermes_leaves_nullable_is_its_default(
+    store: SessionStore, tmp_path: Path, column: str
+) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    conn = sqlite3.connect(source)
+    conn.execute(f"UPDATE sessions SET {column} = NULL WHERE id = 'b'")
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert (store.get_session("b") or {})[column] in (0, False)
+
+
+def test_text_that_is_not_utf8_makes_only_its_session_invalid(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    (tmp_path / "hermes").mkdir()
+    source, hermes = _two_sessions(tmp_path / "hermes")
+    hermes.create_session("c", source="cli")
+    hermes.close()
+    conn = sqlite3.connect(source)
+    conn.execute("UPDATE messages SET content = CAST(X'6869FF21' AS TEXT) WHERE session_id = 'b'")
+    conn.execute("UPDATE sessions SET title = CAST(X'FF' AS TEXT) WHERE id = 'c'")
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    for beside in ("-wal", "-shm"):
+        Path(f"{source}{beside}").unlink(missing_ok=True)
+    report = import_state_db(source, store)
+    assert report.invalid_sessions == {
+        "b": "message 0, column 'content': text that is not valid UTF-8",
+        "c": "its column 'title' holds text that is not valid UTF-8",
+    }
+    assert not report.ok
+    assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
+    assert store.get_session("c") is None
+    assert sorted(p.name for p in (tmp_path / "hermes").iterdir()) == ["state.db"]
+
+
+@pytest.mark.parametrize("column", ["cwd", "newcol"])
+def test_a_blob_in_a_sessions_column_makes_its_session_invalid(
+    store: SessionStore, tmp_path: Path, column: str
+) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    conn = sqlite3.connect(source)
+    if column == "newcol":  # a column hermes_orm keeps in extra
+        conn.execute("ALTER TABLE sessions ADD COLUMN newcol BLOB")
+    conn.execute(f"UPDATE sessions SET {column} = X'00FF10' WHERE id = 'b'")
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.invalid_sessions == {"b": f"its column {column!r} holds a BLOB, not text"}
+    assert "session b: cannot be stored" in report.table()
+    assert store.get_session("b") is None
+    assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
+
+
+def test_a_session_id_longer_than_the_store_takes_is_invalid(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    long_id = "x" * 300
+    for sid in ("ok", long_id):
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "user", content="hi")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert list(report.invalid_sessions) == [long_id]
+    assert "at most 255" in report.invalid_sessions[long_id]
+    assert [m["content"] for m in store.get_messages("ok")] == ["hi"]
+
+
+def test_cli_refuses_to_import_into_the_state_db_itself(tmp_path: Path) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    before = digest_file(source)
+    run: Any = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hermes_orm.cli",
+            "import",
+            str(source),
+            "--url",
+            f"sqlite:///{source}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HERMES_HOME": str(tmp_path)},
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1
+    assert "is the Hermes state.db being imported" in run.stderr
+    assert digest_file(source) == before

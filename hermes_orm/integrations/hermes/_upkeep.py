@@ -1230,10 +1230,10 @@ class UpkeepMethods:
             **{name: _int_or_default(raw.get(name)) for name in _IMPORT_COUNTERS},
         }
         # What the store checks of any session, before anything is written.
-        from hermes_orm.store import _check_fields, _check_session_id
+        from hermes_orm.store import _check_fields, check_session_id
 
         try:
-            _check_session_id(session_id)
+            check_session_id(session_id)
             _check_fields({k: v for k, v in fields.items() if k != "id"})
         except InvalidSessionError as exc:
             raise ValueError(str(exc)) from None

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import pickle
 import queue
 import sqlite3
@@ -28,23 +29,26 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TextIO, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from sqlalchemy import Connection, Table, bindparam, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
     HermesOrmError,
     HistoryDivergedError,
     InvalidMessageError,
+    InvalidSessionError,
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
+from hermes_orm.integrations.hermes.mirror import same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
 from hermes_orm.store import (
     SESSION_FIELDS,
@@ -52,6 +56,7 @@ from hermes_orm.store import (
     CursorMoved,
     PreparedWrite,
     SessionStore,
+    check_session_id,
     flush_sql,
     prepare_many,
     write_prepared,
@@ -108,11 +113,17 @@ class ImportReport:
     grown_sessions: list[str] = field(default_factory=list)
     invalid_sessions: dict[str, str] = field(default_factory=dict)
     retitled_sessions: list[str] = field(default_factory=list)
+    #: Sessions whose title a newer session of the source also held (kept in their extra).
+    deduplicated_titles: list[str] = field(default_factory=list)
+    #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
+    mirrored_sessions: list[str] = field(default_factory=list)
+    #: Messages of the source whose session has no sessions row, by session id: not imported.
+    orphaned_messages: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """Nothing mismatched and no session diverged (sessions that grew are fine)."""
+        """Nothing mismatched, diverged, invalid or left out (sessions that grew are fine)."""
         counts_ok = all(c.ok for c in self.counts.values()) or (
             self.grown_sessions and not self.mismatched_sessions
         )
@@ -121,6 +132,7 @@ class ImportReport:
             and not self.mismatched_sessions
             and not self.diverged_sessions
             and not self.invalid_sessions
+            and not self.orphaned_messages
         )
 
     def table(self) -> str:
@@ -134,11 +146,29 @@ class ImportReport:
         for sid in self.diverged_sessions[:10]:
             lines.append(f"session {sid}: stored messages differ from the source (diverged)")
         for sid, reason in list(self.invalid_sessions.items())[:10]:
-            lines.append(f"session {sid}: a message cannot be stored ({reason})")
+            lines.append(f"session {sid}: cannot be stored ({reason})")
+        for sid, n in list(self.orphaned_messages.items())[:10]:
+            lines.append(f"session {sid}: {n:,} message(s) but no sessions row: not imported")
+        if len(self.orphaned_messages) > 10:
+            lines.append(
+                f"{sum(self.orphaned_messages.values()):,} message(s) of "
+                f"{len(self.orphaned_messages):,} sessions with no sessions row: not imported"
+            )
+        if self.mirrored_sessions:
+            lines.append(
+                f"{len(self.mirrored_sessions)} session(s) continued by the Hermes mirror plugin "
+                "in the destination: up to date, left as they are"
+            )
         if self.retitled_sessions:
             lines.append(
                 f"{len(self.retitled_sessions)} session title(s) already used in the "
                 "destination were kept in extra['title']"
+            )
+        if self.deduplicated_titles:
+            lines.append(
+                f"{len(self.deduplicated_titles)} session title(s) that a newer session of the "
+                "source also held were kept in extra['title'] (the newest keeps the title, as "
+                "Hermes' own migration does)"
             )
         if self.grown_sessions:
             lines.append(
@@ -148,24 +178,43 @@ class ImportReport:
         return "\n".join(lines)
 
 
+class NotUtf8(bytes):
+    """A source text value that is not valid UTF-8, as its bytes (see :meth:`Source.execute`)."""
+
+
+def _lenient_text(data: bytes) -> str | NotUtf8:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return NotUtf8(data)
+
+
 class Source:
     """A Hermes state.db opened for reading only, creating and changing nothing beside it.
 
-    While no Hermes process has the file open (no ``-wal``/``-shm`` beside it),
-    it is read as an immutable file: no lock taken, no file created. Such a
-    read is kept only if the file did not change from the moment it was opened
-    until the read ended, and no WAL appeared beside it (Hermes writes its WAL
-    first, and changes the file itself only when it checkpoints). Otherwise the
-    read is thrown away, and the file reopened through SQLite's read-only WAL
-    protocol, which is safe against a concurrent writer and uses the files that
-    writer made.
+    While no Hermes process has the file open (no ``-wal``/``-shm`` beside it,
+    and no rollback ``-journal``), it is read as an immutable file: no lock
+    taken, no file created. Such a read is kept only if the file did not change
+    from the moment it was opened until the read ended, and no WAL or journal
+    appeared beside it (Hermes writes its WAL first, and changes the file itself
+    only when it checkpoints). Otherwise the read is thrown away, and the file
+    reopened through SQLite's read-only protocol, which is safe against a
+    concurrent writer and uses the files that writer made; ``generation`` then
+    counts one more.
+
+    A file beside which a ``-journal`` lies (Hermes' rollback-journal fallback)
+    is read that way from the start: its journal may hold the undo of a write
+    that never committed, which an immutable read would take for data.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_file():
             raise StateDbError(f"no Hermes state.db at {self.path}")
-        self.live = self._wal_exists()
+        self.live = self._writer_files()
+        #: How many times the source was reopened live (a read before may be of another state).
+        self.generation = 0
+        self._snapshot = False
         self._stamp = self._file_stamp()
         self.conn = self._connect()
         try:
@@ -174,6 +223,13 @@ class Source:
             }
         except StateDbError as exc:
             self.close()
+            if getattr(exc.__cause__, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK":
+                raise StateDbError(
+                    f"{self.path} holds a write that was never committed (a hot {self.path.name}"
+                    "-journal beside it, left by a Hermes process that was killed mid-write), "
+                    "which a read-only import cannot roll back: open it once with Hermes, or "
+                    f"with `sqlite3 {self.path} 'PRAGMA quick_check'`, then import again"
+                ) from None
             raise StateDbError(f"{self.path} is not a SQLite database: {exc.__cause__}") from exc
         if not {"sessions", "messages"} <= tables:
             self.close()
@@ -186,8 +242,15 @@ class Source:
         st = self.path.stat()
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def _wal_exists(self) -> bool:
-        return Path(f"{self.path}-wal").exists() or Path(f"{self.path}-shm").exists()
+    def _writer_files(self) -> bool:
+        """Whether a writer's files lie beside the source: its WAL, or a rollback journal."""
+        if Path(f"{self.path}-wal").exists() or Path(f"{self.path}-shm").exists():
+            return True
+        journal = Path(f"{self.path}-journal")
+        try:
+            return journal.stat().st_size > 0  # an empty one is a committed write's leftover
+        except OSError:
+            return False
 
     def _connect(self) -> sqlite3.Connection:
         mode = "mode=ro" if self.live else "mode=ro&immutable=1"
@@ -199,26 +262,71 @@ class Source:
     def _go_live(self) -> None:
         self.conn.close()
         self.live = True
+        self.generation += 1
         self.conn = self._connect()
+        if self._snapshot:
+            self._begin()
+
+    def _begin(self) -> None:
+        try:
+            self.conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise StateDbError(f"reading {self.path} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Read the source as of one moment until the block ends.
+
+        Live, that is one read transaction. An immutable file is one moment as
+        long as it does not change; if it does, the source goes live (in a read
+        transaction from then on) and ``generation`` says so: what the block read
+        before may be of another state of the file.
+        """
+        self._snapshot = True
+        if self.live:
+            self._begin()
+        try:
+            yield
+        finally:
+            self._snapshot = False
+            if self.conn.in_transaction:
+                self.conn.rollback()  # it only read
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a query and fetch all its rows (reopening live when Hermes shows up).
+
+        A text value that is not valid UTF-8 comes back as :class:`NotUtf8`
+        (its bytes) instead of failing the whole query.
 
         Raises:
             StateDbError: SQLite could not read the file.
         """
         if not self.live:
             try:
-                rows = self.conn.execute(sql, params).fetchall()
+                rows = self._fetch(sql, params)
             except sqlite3.DatabaseError:
                 rows = None  # pages changed under the read: a checkpoint ran
-            if rows is not None and self._file_stamp() == self._stamp and not self._wal_exists():
+            if rows is not None and self._file_stamp() == self._stamp and not self._writer_files():
                 return rows
             self._go_live()
         try:
-            return self.conn.execute(sql, params).fetchall()
+            return self._fetch(sql, params)
         except sqlite3.Error as exc:
             raise StateDbError(f"reading {self.path} failed: {exc}") from exc
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "Could not decode to UTF-8" not in str(exc):
+                raise
+        # Text that is not UTF-8 is the row's problem, not the file's: read it again,
+        # such values as bytes, for the caller to report their session.
+        self.conn.text_factory = _lenient_text
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        finally:
+            self.conn.text_factory = str
 
     def columns(self, table: str) -> list[str]:
         """Column names of ``table``, in ``SELECT *`` order."""
@@ -283,32 +391,88 @@ def _session_columns(keys: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str,
     return fields, tuple(k for k in keys if k not in fields and k not in skipped)
 
 
-def session_rows(src: Source) -> list[dict[str, Any]]:
+def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[str, Any]]:
     """Every Hermes sessions row as hermes_orm session fields, ``id`` first.
 
     Columns hermes_orm has no field for go into ``extra``. Each row goes from
     the driver's tuple to its fields in one step (not through a dict of every
     column): an import of tens of thousands of sessions spent a second there.
+
+    A row hermes_orm cannot store (an id the store refuses, a BLOB or text
+    that is not UTF-8 in any column) is left out, and put in ``report``'s
+    invalid sessions. NULL in a column hermes_orm keeps NOT NULL is the
+    column's default. A title that a newer row (a larger rowid) also holds, as
+    in databases from before Hermes made titles unique, is left to the newest,
+    as Hermes' own migration does, and kept in the others' ``extra["title"]``.
     """
     copied, kept = _session_columns(tuple(src.columns("sessions")))
     keys = ("id", *copied)
-    select_list = ", ".join(map(_quoted, (*keys, *kept)))
+    names = (*keys, *kept)
+    select_list = ", ".join(map(_quoted, names))
     bools = sorted(_BOOL_SESSION.intersection(copied))
+    defaults = [(k, v) for k, v in _SESSION_DEFAULTS.items() if k in copied]
     rows = []
-    for row in src.execute(f"SELECT {select_list} FROM sessions"):
+    for row in src.execute(f"SELECT {select_list} FROM sessions ORDER BY rowid"):
+        problem = _session_problem(names, row)
+        if problem is not None:
+            if report is not None:
+                report.invalid_sessions[_shown(row[0])] = problem
+            continue
         fields = dict(zip(keys, row, strict=False))  # up to the last field; the rest is kept
         if "model_config" in fields:
             fields["model_config"] = _json_or_text(fields["model_config"])
+        for key, default in defaults:
+            if fields[key] is None:
+                fields[key] = default
         for key in bools:
             value = fields[key]
             fields[key] = None if value is None else bool(value)
-        if fields.get("source") is None:
-            fields["source"] = "unknown"
-        if fields.get("started_at") is None:
-            fields["started_at"] = 0.0
         fields["extra"] = dict(zip(kept, row[len(keys) :], strict=True)) or None
         rows.append(fields)
+    holders: set[str] = set()
+    for fields in reversed(rows):  # the newest first
+        title = fields.get("title")
+        if title is None:
+            continue
+        if title in holders:
+            fields["extra"] = {**(fields["extra"] or {}), "title": title}
+            fields["title"] = None
+            if report is not None:
+                report.deduplicated_titles.append(fields["id"])
+        holders.add(title)
     return rows
+
+
+#: What NULL in a Hermes sessions column becomes where hermes_orm's column is NOT NULL.
+_SESSION_DEFAULTS: dict[str, Any] = {
+    "source": "unknown",
+    "started_at": 0.0,
+    **{
+        c.name: c.default.arg  # type: ignore[attr-defined]
+        for c in _sessions.columns
+        if not c.nullable and c.default is not None and c.name in SESSION_FIELDS
+    },
+}
+#: Types of values a session cannot hold: BLOBs, and text that is not UTF-8.
+_BINARY = frozenset({bytes, NotUtf8})
+
+
+def _session_problem(names: Sequence[str], row: Sequence[Any]) -> str | None:
+    """Why a sessions row (its ``names`` columns, the id first) cannot be stored, or None."""
+    if not _BINARY.isdisjoint(map(type, row)):
+        name, value = next((n, v) for n, v in zip(names, row, strict=True) if type(v) in _BINARY)
+        held = "text that is not valid UTF-8" if type(value) is NotUtf8 else "a BLOB, not text"
+        return f"its column {name!r} holds {held}"
+    try:
+        check_session_id(row[0])
+    except InvalidSessionError as exc:
+        return str(exc)
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A source value as a report names it (bytes decoded, what is not UTF-8 replaced)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _quoted(name: str) -> str:
@@ -361,7 +525,7 @@ class MessageColumns:
                 message[key] = _parsed_json(value)
         for key in self.bool_keys:
             value = message.get(key)
-            if value is not None:
+            if value is not None and not isinstance(value, bytes):  # bytes: refused as they are
                 message[key] = bool(value)
         return message
 
@@ -450,13 +614,17 @@ def import_state_db(
         What was written and the verification of source against destination.
     """
     started = time.monotonic()
-    store = destination if isinstance(destination, SessionStore) else SessionStore(destination)
-    if not isinstance(destination, SessionStore):
-        store.upgrade()
+    # Whatever makes the source unreadable, and a destination that is the source
+    # itself, is found before anything is written.
     src = open_source(source)
+    store: SessionStore | None = None
     report = ImportReport()
     try:
-        sessions = session_rows(src)
+        _refuse_same_file(src, destination)
+        store = destination if isinstance(destination, SessionStore) else SessionStore(destination)
+        if not isinstance(destination, SessionStore):
+            store.upgrade()
+        sessions = _linked(session_rows(src, report))
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
@@ -473,20 +641,28 @@ def import_state_db(
         )
         reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
         seen = {sid: c.cursor for sid, c in cursors.items()}
-        # The reader starts first: it reads the first batches while the sessions are written.
+        # The reader starts first: it reads the first batches while new sessions are written.
         with reading(job) as batches:
-            report.sessions_written = _upsert_sessions(store, sessions, report)
+            report.sessions_written = _upsert_sessions(store, sessions, report, new_only=True)
             _copy_messages(
                 store, src, batches, bar=bar, on_batch=on_batch, report=report, seen=seen
             )
+        held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
+        for sid in held:
+            if _continued_by_mirror(store, src, sid):
+                report.diverged_sessions.remove(sid)
+                report.mirrored_sessions.append(sid)
+        # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage.
+        left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
+        report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
         if _has_table(src, "session_model_usage"):
-            report.usage_written = _upsert_usage(store, src)
+            report.usage_written = _upsert_usage(store, src, {*ids} - left)
         if bar is not None:
             bar.update(final=True)
         _verify(store, src, ids, seen, report)
     finally:
         src.close()
-        if not isinstance(destination, SessionStore):
+        if store is not None and not isinstance(destination, SessionStore):
             store.close()
     report.seconds = time.monotonic() - started
     _log.log(
@@ -528,49 +704,89 @@ def _parents_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
-def _upsert_sessions(
-    store: SessionStore, rows: list[dict[str, Any]], report: ImportReport | None = None
-) -> int:
-    """Insert new sessions and update changed ones; returns how many rows were written.
-
-    A title that another session of the destination already holds (titles are
-    unique) is kept in the imported session's ``extra`` instead, and reported.
-    """
+def _linked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sessions parents first, a parent link to a session not among them kept in extra."""
     ids = {r["id"] for r in rows}
-    wanted = {}
-    for fields in _parents_first(rows):
+    ordered = _parents_first(rows)
+    for fields in ordered:
         parent = fields.get("parent_session_id")
         if parent is not None and parent not in ids:
             # A dangling parent link (its row is gone) is kept, but not as a foreign key.
             fields["extra"] = {**(fields["extra"] or {}), "parent_session_id": parent}
             fields["parent_session_id"] = None
-        wanted[fields["id"]] = fields
+    return ordered
+
+
+def _upsert_sessions(
+    store: SessionStore,
+    rows: list[dict[str, Any]],
+    report: ImportReport | None = None,
+    *,
+    new_only: bool = False,
+    skip: Collection[str] = (),
+) -> int:
+    """Insert new sessions and update changed ones; returns how many rows were written.
+
+    ``rows`` are :func:`_linked`'s. With ``new_only``, only the sessions the
+    destination lacks are inserted (before their messages), those whose title
+    the destination holds yet without it; a second call, once the messages are
+    copied, updates the others, but those in ``skip``.
+
+    Titles are unique: the titles that change are cleared first, then set, in
+    one transaction, so sessions may swap or pass on titles. A title that a
+    session of the destination the import does not update holds is kept in
+    the imported session's ``extra`` instead, and reported.
+    """
+    wanted = {f["id"]: f for f in rows if f["id"] not in skip}
 
     def work(conn: Connection) -> int:
+        present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))}
         titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
-        taken: dict[str, str] = {}
-        for holder, title in _dialects.rows_for_values(conn, _TITLE_HOLDERS, list(titles)):
-            if titles[title] != holder and holder not in wanted:
-                taken[titles[title]] = title
-        for sid, title in taken.items():
-            fields = wanted[sid]
-            fields["extra"] = {**(fields["extra"] or {}), "title": title}
-            fields["title"] = None
-        retitled[:] = sorted(taken)
-        # Which sessions the destination holds, then (typed, to compare) those rows.
-        present = [sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))]
+        # Who holds each title now; a holder the import updates gives it up below.
+        holders = dict(_dialects.rows_for_values(conn, _TITLE_HOLDERS, list(titles)))
+        held = {title: holder for holder, title in holders.items()}
+        todo = {}
+        taken = []
+        for sid, fields in wanted.items():
+            if new_only and sid in present:
+                continue
+            todo[sid] = fields
+            title = fields.get("title")
+            holder = held.get(title)
+            if holder is None or holder == sid:
+                continue
+            if new_only:  # set by the second call, once its holder let it go
+                todo[sid] = {**fields, "title": None}
+            elif holder not in wanted:
+                taken.append(sid)
+                todo[sid] = {
+                    **fields,
+                    "title": None,
+                    "extra": {**(fields["extra"] or {}), "title": title},
+                }
+        if not new_only and report is not None:
+            report.retitled_sessions = sorted(taken)
+        # The rows the destination holds (typed, to compare).
         existing = {}
-        for start in range(0, len(present), 500):
-            chunk = present[start : start + 500]
+        update = [sid for sid in todo if sid in present]
+        for start in range(0, len(update), 500):
+            chunk = update[start : start + 500]
             for r in conn.execute(select(_sessions).where(_sessions.c.id.in_(chunk))):
                 existing[r.id] = r._mapping
         # One statement each, run for many rows: every row has the same keys.
-        new = [f for sid, f in wanted.items() if sid not in existing]
+        new = [f for sid, f in todo.items() if sid not in present]
         changed = [
             {"b_id": sid, **f}
-            for sid, f in wanted.items()
+            for sid, f in todo.items()
             if sid in existing and any(existing[sid][k] != v for k, v in f.items())
         ]
+        # Cleared first, so the order of the updates never matters.
+        cleared = [
+            c["b_id"] for c in changed if existing[c["b_id"]]["title"] not in (None, c["title"])
+        ]
+        for start in range(0, len(cleared), 500):
+            chunk = cleared[start : start + 500]
+            conn.execute(_sessions.update().where(_sessions.c.id.in_(chunk)).values(title=None))
         if new:
             _insert_sessions(conn, new)
         if changed:
@@ -583,11 +799,7 @@ def _upsert_sessions(
             )
         return len(new) + len(changed)
 
-    retitled: list[str] = []
-    written = store.write_transaction(work)
-    if report is not None:
-        report.retitled_sessions = retitled
-    return written
+    return store.write_transaction(work) if wanted else 0
 
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
@@ -714,9 +926,10 @@ def _copy_messages(
 
     def locked(item: _Batch) -> Callable[[Connection], list[tuple[str, int, int]]]:
         # Read again from the source: the reader sends statements, not messages.
-        tails = [
-            (sid, _source_tail(src, columns, sid, cursor, n)) for sid, cursor, n in item.pieces
-        ]
+        tails = []
+        for sid, cursor, n in item.pieces:
+            with src.snapshot():
+                tails.append((sid, _source_tail(src, columns, sid, cursor, n)))
 
         def work(conn: Connection) -> list[tuple[str, int, int]]:
             done = []
@@ -758,6 +971,55 @@ def _copy_messages(
                     on_batch(sid, cursor)
         if bar is not None:
             bar.update(messages=sum(n for _, _, n in item.pieces), sessions=item.sessions_done)
+
+
+def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
+    """Whether the destination's copy of ``sid`` differs from the source only by the mirror.
+
+    The import's own rows are the source's, digest for digest; the Hermes
+    mirror plugin stores the rows after them as the agent had them. So the
+    stored messages must match the source's digests up to some message, and
+    from there on each be the same turn as the source's (``same_turn``: role,
+    content, tool calls and their ids) in another form than the import's
+    (which carries every column of Hermes' row, but an ``api_content`` Hermes
+    may add later): then the mirror continued the session, and it is up to date.
+    """
+    stored = store.read_transaction(
+        lambda conn: [
+            bytes(d)
+            for (d,) in conn.execute(
+                select(_messages.c.digest)
+                .where(_messages.c.session_id == sid)
+                .order_by(_messages.c.idx)
+            )
+        ]
+    )
+    columns = MessageColumns.of(src.columns("messages"))
+    with src.snapshot():
+        rows = src.execute(columns.read_many, (sid, len(stored), 0))
+    if not stored or len(rows) < len(stored):
+        return False
+    source = [columns.message(r) for r in rows]
+    try:
+        theirs = [_codec.message_digest(m) for m in source]
+    except InvalidMessageError:
+        return False
+    start = next(
+        (i for i, (a, b) in enumerate(zip(theirs, stored, strict=True)) if a != b), len(stored)
+    )
+    if start == len(stored):
+        return False
+    mirrored = store.get_messages(sid, offset=start)
+    return len(mirrored) == len(stored) - start and all(
+        theirs[i] != stored[i]
+        and set(source[i]).difference(ours, _ADDED_IN_PLACE)  # not a copy the import made
+        and same_turn(source[i], ours)
+        for i, ours in enumerate(mirrored, start)
+    )
+
+
+#: Message columns Hermes may fill in on a row it stored before (the import's copy lacks them).
+_ADDED_IN_PLACE = ("api_content",)
 
 
 def _source_tail(
@@ -959,49 +1221,89 @@ def _read_groups(
     were finished while reading it. A session the destination holds messages
     of is first checked: the source's first messages must be those stored
     (their fingerprints match), else it is reported as diverged.
+
+    Each session is read as of one moment (:meth:`Source.snapshot`), however
+    many batches it takes: Hermes may rewrite a session in place meanwhile. If
+    the source changed between two of its reads (it went live), what was read
+    of it before must be what it holds now, else the session is reported as
+    diverged, its copy left at what was read before.
     """
     columns = MessageColumns.of(src.columns("messages"))
     group: list[Chunk] = []
     size = finished = 0
     for sid in session_ids:
         cursor, stored = cursors.get(sid, _NOTHING_COPIED)
-        before_digest = None
-        if cursor:
-            before_digest = _checked_prefix(src, columns, sid, cursor, batch=batch, stored=stored)
-            if before_digest is None:
-                report.diverged_sessions.append(sid)
-                finished += 1
-                continue
-        while True:
-            rows = src.execute(columns.read_many, (sid, batch, cursor))
-            if rows:
-                messages = [columns.message(r) for r in rows]
-                try:
-                    encoded = [_codec.encode_message(m, cursor + i) for i, m in enumerate(messages)]
-                except InvalidMessageError as exc:
-                    report.invalid_sessions[sid] = str(exc)
-                    break
-                group.append(Chunk(sid, cursor, encoded, before_digest))
-                size += len(rows)
-                cursor, before_digest = cursor + len(rows), encoded[-1].digest
-            if size >= batch:
-                yield group, finished
-                group, size, finished = [], 0, 0
-            if len(rows) < batch:
-                break
+        with src.snapshot():
+            generation = src.generation
+            fingerprint = _fingerprint()  # of the digests of the messages up to the cursor
+            before_digest = None
+            if cursor:
+                before_digest = _checked_prefix(
+                    src, columns, sid, cursor, batch=batch, fingerprint=fingerprint
+                )
+                if src.generation != generation:  # read again, as of one moment
+                    generation, fingerprint = src.generation, _fingerprint()
+                    before_digest = _checked_prefix(
+                        src, columns, sid, cursor, batch=batch, fingerprint=fingerprint
+                    )
+                if before_digest is None or fingerprint.digest() != stored:
+                    report.diverged_sessions.append(sid)
+                    finished += 1
+                    continue
+            while True:
+                rows = src.execute(columns.read_many, (sid, batch, cursor))
+                if src.generation != generation:
+                    generation = src.generation
+                    again = _fingerprint()
+                    if cursor and (
+                        _checked_prefix(src, columns, sid, cursor, batch=batch, fingerprint=again)
+                        is None
+                        or again.digest() != fingerprint.digest()
+                    ):
+                        report.diverged_sessions.append(sid)
+                        break
+                if rows:
+                    messages = [columns.message(r) for r in rows]
+                    try:
+                        encoded = [
+                            _codec.encode_message(m, cursor + i) for i, m in enumerate(messages)
+                        ]
+                    except InvalidMessageError as exc:
+                        report.invalid_sessions[sid] = _not_utf8(messages, cursor) or str(exc)
+                        break
+                    group.append(Chunk(sid, cursor, encoded, before_digest))
+                    for message in encoded:
+                        fingerprint.update(message.digest)
+                    size += len(rows)
+                    cursor, before_digest = cursor + len(rows), encoded[-1].digest
+                if len(rows) < batch:
+                    break  # read whole: its snapshot is let go before the group is handed on
+                if size >= batch:
+                    yield group, finished
+                    group, size, finished = [], 0, 0
         finished += 1
+        if size >= batch:
+            yield group, finished
+            group, size, finished = [], 0, 0
     yield group, finished
 
 
-def _checked_prefix(
-    src: Source, columns: MessageColumns, sid: str, cursor: int, *, batch: int, stored: bytes
-) -> bytes | None:
-    """The digest of the source's message ``cursor - 1`` if its first ``cursor`` are those stored.
+def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
+    """Which message (``first`` is the first one's position) holds text that is not UTF-8."""
+    for i, message in enumerate(messages, first):
+        for key, value in message.items():
+            if type(value) is NotUtf8:
+                return f"message {i}, column {key!r}: text that is not valid UTF-8"
+    return None
 
-    None if they are not: fewer, or any of them changed since it was copied
-    (their digests' fingerprint is not ``stored``).
+
+def _checked_prefix(
+    src: Source, columns: MessageColumns, sid: str, cursor: int, *, batch: int, fingerprint: Any
+) -> bytes | None:
+    """The digest of the source's message ``cursor - 1``; those up to it fed to ``fingerprint``.
+
+    None if the source holds fewer messages, or one of them cannot be digested.
     """
-    fingerprint = _fingerprint()
     digest = None
     for start in range(0, cursor, batch):
         rows = src.execute(columns.read_many, (sid, min(batch, cursor - start), start))
@@ -1013,7 +1315,7 @@ def _checked_prefix(
             fingerprint.update(digest)
         if len(rows) < min(batch, cursor - start):
             return None  # the source holds fewer messages than were imported
-    return digest if fingerprint.digest() == stored else None
+    return digest
 
 
 def _fingerprint() -> Any:
@@ -1073,11 +1375,13 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
     return copied
 
 
-def _upsert_usage(store: SessionStore, src: Source) -> int:
-    """Copy per-model usage rows, writing only new or changed ones."""
+def _upsert_usage(store: SessionStore, src: Source, sessions: Collection[str]) -> int:
+    """Copy the per-model usage rows of ``sessions``, writing only new or changed ones."""
     ours = {c.name for c in _usage.columns}
     rows = []
     for row in src.dicts("session_model_usage"):
+        if row.get("session_id") not in sessions:
+            continue
         values = {k: v for k, v in row.items() if k in ours}
         for key in _USAGE_KEY[1:]:
             if values.get(key) is None:
@@ -1111,12 +1415,20 @@ def _upsert_usage(store: SessionStore, src: Source) -> int:
     return store.write_transaction(work)
 
 
-#: Each session and its stored messages, counted as rows.
+#: Each session, its stored messages counted as rows, and its last one's digest.
 _COUNT_MESSAGES = (
-    f"SELECT s.id, (SELECT count(*) FROM {_messages.name} m WHERE m.session_id = s.id)"
-    f" FROM {_sessions.name} s WHERE s.id IN ({{values}})"
+    f"SELECT s.id, (SELECT count(*) FROM {_messages.name} m WHERE m.session_id = s.id),"
+    f" s.flushed_digest FROM {_sessions.name} s WHERE s.id IN ({{values}})"
 )
-_COUNT_USAGE = f"SELECT count(*) FROM {_usage.name} WHERE session_id IN ({{values}})"
+_COUNT_USAGE = (
+    f"SELECT session_id, count(*) FROM {_usage.name} WHERE session_id IN ({{values}})"
+    " GROUP BY session_id"
+)
+#: Each source session's messages, counted, and whether its sessions row is there.
+_SOURCE_COUNTS = (
+    "SELECT c.session_id, c.n, EXISTS (SELECT 1 FROM sessions s WHERE s.id = c.session_id)"
+    " FROM (SELECT session_id, count(*) AS n FROM messages GROUP BY session_id) AS c"
+)
 
 
 def _verify(
@@ -1124,36 +1436,112 @@ def _verify(
 ) -> None:
     """Count what the destination holds against what the source holds now.
 
-    Messages are counted as rows on both sides, per session. Hermes may append
-    while the import runs: a session whose destination count is what the
-    reader found in the source (``seen``), and less than the source holds
-    now, grew meanwhile (the next run copies the rest); any other difference
-    is a mismatch.
+    Messages are counted as rows on both sides, per session, and the digest
+    of each session's last message in the destination is compared with the
+    source's last message's; an earlier message Hermes changed after the
+    import read it is found by the next run, which compares them all. Hermes
+    may append while the import runs: a session whose destination count is
+    what the reader found in the source (``seen``), and less than the source
+    holds now, grew meanwhile (the next run copies the rest); any other
+    difference is a mismatch. Sessions the mirror plugin continued are left
+    out, and messages whose session has no sessions row are reported.
     """
+    ids = [sid for sid in ids if sid not in report.mirrored_sessions]
 
-    def work(conn: Connection) -> tuple[dict[str, int], int]:
+    def work(conn: Connection) -> tuple[dict[str, tuple[int, Any]], dict[str, int]]:
         counted = _dialects.rows_for_values(conn, _COUNT_MESSAGES, ids)
         usage = _dialects.rows_for_values(conn, _COUNT_USAGE, ids)
-        return dict(counted), sum(n for (n,) in usage)
+        return {sid: (n, digest) for sid, n, digest in counted}, dict(usage)
 
     counts, usage = store.read_transaction(work)  # a session missing here is not in the destination
-    now = _counts_by_session(src)
-    report.counts["sessions"] = TableCount(len(ids), len(counts))
+    with src.snapshot():
+        now = {}
+        for sid, n, has_row in src.execute(_SOURCE_COUNTS):
+            if has_row:
+                now[_shown(sid)] = n
+            else:
+                report.orphaned_messages[_shown(sid)] = n
+        last = _last_digests(src, [sid for sid in ids if counts.get(sid, (0,))[0]])
+        source_usage = (
+            dict(src.execute("SELECT session_id, count(*) FROM session_model_usage GROUP BY 1"))
+            if _has_table(src, "session_model_usage")
+            else None
+        )
+    invalid = len(report.invalid_sessions.keys() - set(ids))  # rows left out of ``ids``
+    report.counts["sessions"] = TableCount(len(ids) + invalid, len(counts))
     report.counts["messages"] = TableCount(
-        sum(now.get(sid, 0) for sid in ids), sum(counts.values())
+        sum(now.get(sid, 0) for sid in ids), sum(n for n, _ in counts.values())
     )
     for sid in ids:
-        have = counts.get(sid, -1)
+        have, digest = counts.get(sid, (-1, None))
         after = now.get(sid, 0)
-        if have == after or sid in report.diverged_sessions or sid in report.invalid_sessions:
+        if sid in report.diverged_sessions or sid in report.invalid_sessions:
             continue  # reported already, as what stopped its copy
+        if have == after:
+            if have and (digest is None or bytes(digest) != last.get(sid)):
+                report.diverged_sessions.append(sid)  # changed since it was read
+            continue
         if have == seen.get(sid, 0) < after:
             report.grown_sessions.append(sid)
         else:
             report.mismatched_sessions.append(sid)
-    if _has_table(src, "session_model_usage"):
-        n = src.execute("SELECT count(*) FROM session_model_usage")[0][0]
-        report.counts["session_model_usage"] = TableCount(n, usage)
+    if source_usage is not None:
+        report.counts["session_model_usage"] = TableCount(
+            sum(source_usage.get(sid, 0) for sid in ids), sum(usage.values())
+        )
+    if report.orphaned_messages:
+        _log.warning(
+            "%s: %d message(s) of %d session(s) with no sessions row were not imported: %s",
+            src.path,
+            sum(report.orphaned_messages.values()),
+            len(report.orphaned_messages),
+            ", ".join(list(report.orphaned_messages)[:10]),
+        )
+
+
+def _last_digests(src: Source, session_ids: list[str]) -> dict[str, bytes | None]:
+    """The digest of each session's last message in the source (None: none it can digest)."""
+    columns = MessageColumns.of(src.columns("messages"))
+    wanted = set(session_ids)
+    rows = src.execute(
+        f"SELECT session_id, {', '.join(map(_quoted, columns.names))} FROM messages"
+        " WHERE id IN (SELECT max(id) FROM messages GROUP BY session_id)"
+    )
+    digests: dict[str, bytes | None] = {}
+    for sid, *row in rows:
+        if sid in wanted:
+            try:
+                digests[sid] = _codec.message_digest(columns.message(row))
+            except InvalidMessageError:
+                digests[sid] = None
+    return digests
+
+
+def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
+    """Raise if the destination is a SQLite file that is the source itself.
+
+    Raises:
+        StateDbError: It is: hermes_orm's tables would be written into Hermes' file.
+    """
+    try:
+        url = (
+            destination.engine.url
+            if isinstance(destination, SessionStore)
+            else make_url(destination)
+        )
+    except ArgumentError:
+        return  # not a URL: the store says so
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return
+    if path.startswith("file:"):  # a URI filename (?uri=true)
+        path = unquote(urlsplit(path).path)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, src.path):
+            raise StateDbError(
+                f"the destination {path} is the Hermes state.db being imported: "
+                "give another database (--url) to import into"
+            )
 
 
 def main_import(path: str, url: str, out: TextIO = sys.stderr) -> int:
