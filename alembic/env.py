@@ -3,7 +3,9 @@
 Uses the connection injected through ``config.attributes["connection"]`` when
 there is one (``hermes_orm.upgrade``, the CLI, pytest-alembic, a host app), and
 only builds an engine otherwise, from ``-x url=...``, ``sqlalchemy.url``,
-``HERMES_ORM_URL`` or the embedded SQLite default, in that order.
+``HERMES_ORM_URL`` or the embedded SQLite default, in that order: on it, the
+revisions run as ``hermes_orm.upgrade`` runs them (one transaction under the
+migration lock, in the URL's ``?schema=``). Offline mode (``--sql``) is refused.
 """
 
 from logging.config import fileConfig
@@ -12,7 +14,8 @@ from alembic import context
 from sqlalchemy import Connection, Engine, pool
 
 from hermes_orm._dialects import create_store_engine, default_url
-from hermes_orm.migrations import VERSION_TABLE, only_hermes_objects
+from hermes_orm.errors import InvalidArgumentError
+from hermes_orm.migrations import VERSION_TABLE, migration_connection, only_hermes_objects
 from hermes_orm.models import Base
 
 config = context.config
@@ -20,13 +23,13 @@ if config.config_file_name is not None and "connection" not in config.attributes
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
-def _configure(connection: Connection) -> None:
+def _configure(connection: Connection, schema: str | None) -> None:
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,
         version_table=VERSION_TABLE,
-        # hermes_orm.upgrade(bind, schema=...) places the tables in a schema.
-        version_table_schema=config.attributes.get("schema"),
+        # The store's schema (hermes_orm.upgrade(bind, schema=...), ?schema= in a URL).
+        version_table_schema=schema,
         include_name=only_hermes_objects,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
@@ -43,23 +46,10 @@ def _url() -> str:
     )
 
 
-def run_migrations_offline() -> None:
-    context.configure(
-        url=_url(),
-        target_metadata=Base.metadata,
-        version_table=VERSION_TABLE,
-        literal_binds=True,
-        dialect_opts={"paramstyle": "named"},
-        transaction_per_migration=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-
-
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if isinstance(connection, Connection):
-        _configure(connection)
+        _configure(connection, config.attributes.get("schema"))
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -70,17 +60,25 @@ def run_migrations_online() -> None:
     else:
         engine = create_store_engine(_url(), poolclass=pool.NullPool)
     try:
-        with engine.connect() as conn:
-            _configure(conn)
+        # What hermes_orm.upgrade() does first, on the same path: the migration
+        # lock, the store's schema (?schema= in the URL) placed, the refusals.
+        with migration_connection(engine) as (conn, schema):
+            _configure(conn, schema)
             with context.begin_transaction():
                 context.run_migrations()
-            conn.commit()
     finally:
         if not injected:
             engine.dispose()
 
 
 if context.is_offline_mode():
-    run_migrations_offline()
-else:
-    run_migrations_online()
+    # 0006 reads the stored messages to recompute their digests in Python: its
+    # SQL cannot be written out without a database to read (nor can the schema
+    # placement and migration lock of the online path).
+    raise InvalidArgumentError(
+        "hermes_orm's migrations do not run in offline mode (--sql): revision "
+        "0006_digests_equal_as_dicts reads the stored messages to rewrite them. Run "
+        "them against the database instead: `alembic -x url=... upgrade head` without "
+        "--sql, or `hermes-orm db upgrade`"
+    )
+run_migrations_online()

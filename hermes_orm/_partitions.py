@@ -32,7 +32,8 @@ from hermes_orm.errors import DatabaseError, InvalidArgumentError, SchemaOutOfDa
 PARTITION_PREFIX = "hermes_messages_part_"
 #: The most partitions a store's messages may be split into.
 MAX_PARTITIONS = 1024
-_ASIDE = "hermes_messages_unpartitioned"
+#: Where the plain table waits while its partitioned successor is built.
+ASIDE = "hermes_messages_unpartitioned"
 
 
 def check_partitions(partitions: Any, dialect: str) -> int:
@@ -56,23 +57,30 @@ def check_partitions(partitions: Any, dialect: str) -> int:
     return partitions
 
 
-def partition_count(conn: Connection) -> int | None:
+def partition_count(conn: Connection, schema: str | None = None) -> int | None:
     """How many partitions ``hermes_messages`` has (None: it is a plain table).
 
+    The table is the one ``conn``'s ``search_path`` finds; with ``schema``, it
+    must be in that schema: a schema not migrated yet would otherwise find
+    another schema's table further down the path.
+
     Raises:
-        SchemaOutOfDateError: There is no ``hermes_messages`` (migrate first).
+        SchemaOutOfDateError: There is no ``hermes_messages`` (in ``schema``): migrate first.
     """
     row = conn.exec_driver_sql(
-        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) "
-        "FROM pg_class c WHERE c.oid = to_regclass('hermes_messages')"
+        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), "
+        "n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass('hermes_messages')"
     ).first()
-    if row is None:
+    if row is None or (schema is not None and row[2] != schema):
         raise SchemaOutOfDateError(None, "0001_baseline")
     return int(row[1]) if row[0] == "p" else None
 
 
-def partition(conn: Connection, partitions: int) -> bool:
+def partition(conn: Connection, partitions: int, schema: str | None = None) -> bool:
     """Rebuild ``hermes_messages`` as ``partitions`` hash partitions, in ``conn``'s transaction.
+
+    ``schema``: the schema the table must be in (first on ``conn``'s ``search_path``).
 
     Returns:
         False when it already had that many (nothing done), True otherwise.
@@ -80,7 +88,7 @@ def partition(conn: Connection, partitions: int) -> bool:
     Raises:
         InvalidArgumentError: It is partitioned already, into another number.
     """
-    current = partition_count(conn)
+    current = partition_count(conn, schema)
     if current == partitions:
         return False
     if current is not None:
@@ -107,19 +115,19 @@ def partition(conn: Connection, partitions: int) -> bool:
     primary = [c for c in constraints if c.contype == "p"]
     if len(primary) != 1:
         raise DatabaseError("hermes_messages has no primary key: it is not a table hermes_orm made")
-    sql(f"ALTER TABLE hermes_messages RENAME TO {_ASIDE}")
+    sql(f"ALTER TABLE hermes_messages RENAME TO {ASIDE}")
     for name, _ in indexes:
         sql(f'DROP INDEX "{name}"')
     for name, _ in triggers:
-        sql(f'DROP TRIGGER "{name}" ON {_ASIDE}')
+        sql(f'DROP TRIGGER "{name}" ON {ASIDE}')
     for name, *_ in reversed(constraints):  # foreign keys and checks, then the keys
-        sql(f'ALTER TABLE {_ASIDE} DROP CONSTRAINT "{name}"')
+        sql(f'ALTER TABLE {ASIDE} DROP CONSTRAINT "{name}"')
     sql(
-        f"CREATE TABLE hermes_messages (LIKE {_ASIDE} INCLUDING DEFAULTS INCLUDING STORAGE "
+        f"CREATE TABLE hermes_messages (LIKE {ASIDE} INCLUDING DEFAULTS INCLUDING STORAGE "
         "INCLUDING COMMENTS) PARTITION BY HASH (session_id)"
     )
     # The ids' sequence goes with the new table (dropping the old one would take it).
-    sequence = sql(f"SELECT pg_get_serial_sequence('{_ASIDE}', 'id')").scalar()
+    sequence = sql(f"SELECT pg_get_serial_sequence('{ASIDE}', 'id')").scalar()
     if sequence is not None:
         sql(f"ALTER SEQUENCE {sequence} OWNED BY hermes_messages.id")
     for remainder in range(partitions):
@@ -132,9 +140,9 @@ def partition(conn: Connection, partitions: int) -> bool:
     for name, kind, definition in constraints:
         if kind != "p":
             sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
-    sql(f"INSERT INTO hermes_messages SELECT * FROM {_ASIDE}")  # before the triggers: as stored
+    sql(f"INSERT INTO hermes_messages SELECT * FROM {ASIDE}")  # before the triggers: as stored
     for _, definition in (*indexes, *triggers):
         sql(definition)  # they name hermes_messages, as they did when read
-    sql(f"DROP TABLE {_ASIDE}")
+    sql(f"DROP TABLE {ASIDE}")
     sql("ANALYZE hermes_messages")
     return True

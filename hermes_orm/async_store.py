@@ -264,8 +264,9 @@ class AsyncSessionStore(_AsyncSessions):
         async def once() -> None:
             conn = await self._connect()
             try:
-                async with conn.begin():
-                    await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
+                # No transaction begun here: upgrade() begins its own with the
+                # migration lock (SQLite's BEGIN IMMEDIATE) and commits it.
+                await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
             finally:
                 await asyncio.shield(conn.close())
 

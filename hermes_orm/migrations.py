@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,11 +37,12 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from hermes_orm import _dialects, _partitions
+from hermes_orm import _dialects, _partitions, _sa
 from hermes_orm._dialects import store_schema
 from hermes_orm.errors import (
+    DatabaseError,
     InvalidArgumentError,
     SchemaManagedByHostError,
     SchemaOutOfDateError,
@@ -68,12 +70,30 @@ SCRIPT_LOCATION = str(
 VERSION_LOCATION = "hermes_orm:alembic/versions"
 #: The branch label of the revisions: ``alembic upgrade hermes_orm@head``.
 BRANCH = "hermes_orm"
-#: Tables the migrations own; host apps pass :func:`include_name` to their autogenerate.
+#: The prefix of the names of hermes_orm's tables. Only the exact names below
+#: are hermes_orm's (:func:`owns_table`): a host's ``hermes_invoices`` is its own.
 TABLE_PREFIX = "hermes_"
-#: Tables, views and indexes of the search index, and its PostgreSQL columns;
-#: written as SQL by the migrations, outside the models.
-SEARCH_PREFIX = "hermes_search"
+#: The tables of the models.
+MODEL_TABLES = frozenset(Base.metadata.tables)
+#: Tables and views of the search index (SQLite's FTS5 tables and their shadow
+#: tables), written as SQL by the migrations, outside the models.
+SEARCH_TABLES = frozenset(
+    {
+        f"{table}{suffix}"
+        for table in ("hermes_search", "hermes_search_cjk")
+        for suffix in ("", "_config", "_content", "_data", "_docsize", "_idx")
+    }
+    | {"hermes_search_source", "hermes_search_cjk_source"}
+)
+#: The search index's indexes and columns on PostgreSQL, outside the models too.
+SEARCH_INDEXES = frozenset(
+    {"ix_hermes_search_cjk", "ix_hermes_search_cjk_id", "ix_hermes_search_vector"}
+)
 SEARCH_COLUMNS = frozenset({"search_cjk", "search_vector"})
+#: A partition of ``hermes_messages`` (:func:`partition_messages`), and the
+#: table's old self while it is rebuilt.
+_PARTITION = re.compile(re.escape(_partitions.PARTITION_PREFIX) + r"\d{3}")
+_OWNED_TABLES = MODEL_TABLES | SEARCH_TABLES | {VERSION_TABLE, _partitions.ASIDE}
 
 Bind = Engine | Connection
 
@@ -169,10 +189,112 @@ def _own_transaction(conn: Connection) -> Iterator[None]:
 
 #: Seconds of waiting for the migration lock worth a line in the log.
 _LONG_WAIT = 1.0
+#: Seconds between the log's lines while a migration waits for another's.
+_TELL_EVERY = 30.0
+#: Seconds between tries of SQLite's write lock, at least (``busy_timeout`` waits within each).
+_SQLITE_RETRY = 0.1
 
 #: The PostgreSQL advisory lock a migration holds (the bytes of "hermesOR"):
 #: processes migrating one database at once take turns.
 _MIGRATION_LOCK = 0x6865726D65734F52
+
+
+def _refuse_autocommit(bind: Bind) -> None:
+    """Refuse a ``bind`` on which every statement commits alone, before anything runs.
+
+    The revisions run in one transaction under the migration lock: on such a
+    bind the lock would be gone at once and a failure would leave revisions
+    half applied. Detected as the stores detect it (:func:`_sa.isolation_level`).
+
+    Raises:
+        InvalidArgumentError: ``bind`` is set to ``isolation_level="AUTOCOMMIT"``.
+    """
+    if (_sa.isolation_level(bind) or "").upper() == "AUTOCOMMIT":
+        raise InvalidArgumentError(
+            "this engine or connection autocommits every statement "
+            "(isolation_level='AUTOCOMMIT'), so no migration could run whole or not at "
+            "all on it, nor hold the migration lock: migrate on an engine or connection "
+            "without it"
+        )
+
+
+@contextmanager
+def _told_while_waiting(asked: float) -> Iterator[None]:
+    """Log a line every :data:`_TELL_EVERY` seconds until the block ends."""
+    done = threading.Event()
+
+    def tell() -> None:
+        while not done.wait(_TELL_EVERY):
+            logger.info(
+                "waiting for another process's migration of the database (%.0f s so far)",
+                time.monotonic() - asked,
+            )
+
+    teller = threading.Thread(target=tell, name="hermes_orm-migration-wait", daemon=True)
+    teller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        teller.join()
+
+
+def _pg_migration_lock(conn: Connection, asked: float) -> None:
+    """Take the migration's advisory lock, however long another migration holds it.
+
+    A migration of a large database takes minutes, and one whose process died
+    releases the lock with its connection: the wait has no ``lock_timeout``.
+    The one in force comes back right after, for the migration's own statements.
+    """
+    if conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({_MIGRATION_LOCK})").scalar():
+        return
+    before = conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar()
+    conn.exec_driver_sql("SELECT set_config('lock_timeout', '0', true)")
+    with _told_while_waiting(asked):
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+    conn.execute(text("SELECT set_config('lock_timeout', :before, true)"), {"before": before})
+
+
+def _sqlite_write_lock(conn: Connection, asked: float) -> None:
+    """``BEGIN IMMEDIATE`` on ``conn``, tried again for as long as the database is locked.
+
+    Each try waits ``busy_timeout``; the one that fails leaves no transaction behind.
+    """
+    try:
+        _dialects.begin_immediate(conn)
+        return
+    except OperationalError as exc:
+        if not _dialects.is_transient(exc):
+            raise
+        conn.rollback()
+    with _told_while_waiting(asked):
+        while True:
+            tried = time.monotonic()
+            try:
+                _dialects.begin_immediate(conn)
+                return
+            except OperationalError as exc:
+                if not _dialects.is_transient(exc):
+                    raise
+                conn.rollback()
+            time.sleep(max(0.0, _SQLITE_RETRY - (time.monotonic() - tried)))
+
+
+def _lock_migration(conn: Connection) -> None:
+    """Take the database's migration lock on ``conn``, waiting as long as it takes.
+
+    PostgreSQL: the advisory lock, for the transaction. SQLite: the write lock,
+    by beginning the transaction with ``BEGIN IMMEDIATE``; a connection already
+    in a transaction is its owner's to have locked.
+    """
+    asked = time.monotonic()
+    if conn.dialect.name == "postgresql":
+        _pg_migration_lock(conn, asked)
+    elif conn.dialect.name == "sqlite" and not conn.in_transaction():
+        _sqlite_write_lock(conn, asked)
+    waited = time.monotonic() - asked
+    if waited >= _LONG_WAIT:
+        logger.info("waited %.1f s for another process's migration of the database", waited)
 
 
 @contextmanager
@@ -181,27 +303,17 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
 
     Processes that open a store on a database that needs migrating often do
     so at once (a gateway and a cron job after an upgrade): each waits for the
-    one before it, then finds the schema at head and does nothing. PostgreSQL:
-    an advisory lock for the transaction. SQLite: the write lock from the start
-    (``BEGIN IMMEDIATE``), for an engine; a connection passed in is the
-    caller's to have locked.
+    one before it, however long it takes, then finds the schema at head and
+    does nothing (:func:`_lock_migration`).
     """
     if not isinstance(bind, Engine):
         with _own_transaction(bind):
-            if bind.dialect.name == "postgresql":
-                bind.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            _lock_migration(bind)
             with _placed(bind, schema, create=True):
                 yield bind
         return
     with bind.connect() as conn:
-        asked = time.monotonic()
-        if conn.dialect.name == "sqlite":
-            _dialects.begin_immediate(conn)
-        elif conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-        waited = time.monotonic() - asked
-        if waited >= _LONG_WAIT:
-            logger.info("waited %.1f s for another process's migration of the database", waited)
+        _lock_migration(conn)
         with _placed(conn, schema, create=True):
             yield conn
         conn.commit()
@@ -228,19 +340,66 @@ def _host_alembic_kept() -> Iterator[None]:
             names.update(before)
 
 
-def _run(bind: Bind, schema: str | None, fn: Any, *args: Any) -> None:
-    config = alembic_config()
+@contextmanager
+def _prepared(bind: Bind, schema: str | None) -> Iterator[tuple[Connection, str | None, _Located]]:
+    """The connection the revisions run on: locked, placed, its revision read.
+
+    ``schema`` as for :func:`upgrade`; yielded as resolved.
+
+    Raises:
+        InvalidArgumentError: ``bind`` autocommits (nothing run).
+    """
+    _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
-    config.attributes["schema"] = schema
-    with _host_alembic_kept(), _migrating(bind, schema) as conn:
-        before = _located(conn, schema)
-        if before.table == HOST_VERSION_TABLE:
-            if fn is command.upgrade and args == ("head",) and before.revision == head():
-                return  # at head already: a store's upgrade() on start-up has nothing to do
-            raise SchemaManagedByHostError(before.revision)
-        if before.revision is not None and before.revision not in _known_revisions():
-            raise SchemaTooNewError(before.revision)
+    with _migrating(bind, schema) as conn:
+        yield conn, schema, _located(conn, schema)
+
+
+def _refuse(conn: Connection, schema: str | None, before: _Located) -> None:
+    """Refuse to run the revisions on a database they would break.
+
+    Raises:
+        SchemaManagedByHostError: Their state is in the host's ``alembic_version``.
+        SchemaTooNewError: A revision this hermes_orm does not know.
+        DatabaseError: Tables named as hermes_orm's are there, but no revision of it.
+    """
+    if before.table == HOST_VERSION_TABLE:
+        raise SchemaManagedByHostError(before.revision)
+    if before.revision is not None and before.revision not in _known_revisions():
+        raise SchemaTooNewError(before.revision)
+    if before.revision is None:
+        _refuse_unversioned_tables(conn, schema)
+
+
+@contextmanager
+def migration_connection(bind: Bind) -> Iterator[tuple[Connection, str | None]]:
+    """The connection an Alembic command on hermes_orm's scripts runs the revisions on.
+
+    What :func:`upgrade` does before it runs them, for ``env.py`` when it builds
+    its own engine (``alembic -x url=... upgrade head``): the migration lock, the
+    store's schema (from ``bind``'s ``schema_translate_map``, as ``?schema=`` in
+    a URL sets it) first on the ``search_path`` and created if missing, and the
+    same refusals. Yields the connection, in the transaction committed at the
+    end, and the schema for ``version_table_schema``.
+    """
+    with _prepared(bind, None) as (conn, schema, before):
+        _refuse(conn, schema, before)
+        yield conn, schema
+
+
+def _run(bind: Bind, given: str | None, fn: Any, *args: Any) -> None:
+    config = alembic_config()
+    with _host_alembic_kept(), _prepared(bind, given) as (conn, schema, before):
+        if (
+            before.table == HOST_VERSION_TABLE
+            and fn is command.upgrade
+            and args == ("head",)
+            and before.revision == head()
+        ):
+            return  # at head already: a store's upgrade() on start-up has nothing to do
+        _refuse(conn, schema, before)
         config.attributes["connection"] = conn
+        config.attributes["schema"] = schema
         try:
             fn(config, *args)
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
@@ -267,14 +426,25 @@ def upgrade(
     no transaction open if it had none, so a host's ``env.py`` may call this
     before (or after) running its own migrations on the same connection.
 
+    The migration holds the database's migration lock: another process
+    migrating it at the same time waits for it, however long it takes (an
+    INFO line on the ``hermes_orm`` log every 30 s meanwhile), then finds the
+    schema at head. PostgreSQL: an advisory lock for the transaction. SQLite:
+    the write lock, by beginning the transaction with ``BEGIN IMMEDIATE``; on a
+    connection already in a transaction, the caller's to have taken.
+
     Raises:
         SchemaManagedByHostError: The revisions run as a branch of the host's
             history (their state is in its ``alembic_version``): the host's
             ``alembic upgrade hermes_orm@head`` migrates them.
         InvalidArgumentError: ``partitions`` is not an int from 2 to 1024, or
-            not on PostgreSQL, or ``revision`` names no revision (raised before
-            anything is migrated).
+            not on PostgreSQL, or ``revision`` names no revision, or ``bind``
+            autocommits (``isolation_level="AUTOCOMMIT"``); raised before
+            anything is migrated.
         SchemaTooNewError: The database was migrated by a newer hermes_orm.
+        DatabaseError: Tables named as hermes_orm's are in the database (or
+            schema) with no hermes_orm revision recorded: someone else's, or
+            made without the migrations; nothing is written.
     """
     if partitions is not None:
         _partitions.check_partitions(partitions, bind.dialect.name)
@@ -298,13 +468,15 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
 
     Raises:
         InvalidArgumentError: ``partitions`` is not an int from 2 to 1024, not
-            on PostgreSQL, or the table is split into another number already.
-        SchemaOutOfDateError: There is no ``hermes_messages`` yet.
+            on PostgreSQL, the table is split into another number already, or
+            ``bind`` autocommits.
+        SchemaOutOfDateError: There is no ``hermes_messages`` yet (in ``schema``).
     """
     _partitions.check_partitions(partitions, bind.dialect.name)
+    _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
     with _migrating(bind, schema) as conn:
-        done = _partitions.partition(conn, partitions)
+        done = _partitions.partition(conn, partitions, schema)
     if done:
         logger.info("hermes_messages split into %d hash partitions by session_id", partitions)
     return done
@@ -314,8 +486,9 @@ def downgrade(bind: Bind, revision: str, *, schema: str | None = None) -> None:
     """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all).
 
     Raises:
-        SchemaManagedByHostError, SchemaTooNewError: As for :func:`upgrade`.
-        InvalidArgumentError: ``revision`` names no revision below the current one.
+        SchemaManagedByHostError, SchemaTooNewError, DatabaseError: As for :func:`upgrade`.
+        InvalidArgumentError: ``revision`` names no revision below the current one,
+            or ``bind`` autocommits.
     """
     _run(bind, schema, command.downgrade, revision)
 
@@ -379,12 +552,56 @@ def _located(conn: Connection, schema: str | None = None) -> _Located:
     ours = [revision for revision in shared if revision in known]
     if ours:
         return _Located(ours[0], HOST_VERSION_TABLE)
-    # Named as ours are (NNNN_words): a newer hermes_orm's. The host's own
-    # revisions, whatever its tables, are not ours to report.
-    newer = [revision for revision in shared if _OUR_NAMING.fullmatch(revision)]
-    if newer and inspector.has_table("hermes_sessions"):
+    # Named as ours are (NNNN_words), numbered past ours, beside a sessions
+    # table with our cursor: a newer hermes_orm's. The host's own revisions
+    # (its 0003_add_users), whatever its tables, are not ours to report.
+    last = max(int(revision[:4]) for revision in known)
+    newer = [
+        revision
+        for revision in shared
+        if _OUR_NAMING.fullmatch(revision) and int(revision[:4]) > last
+    ]
+    if (
+        newer
+        and inspector.has_table("hermes_sessions")
+        and "flushed_idx" in {column["name"] for column in inspector.get_columns("hermes_sessions")}
+    ):
         return _Located(", ".join(sorted(newer)), HOST_VERSION_TABLE)
     return _Located(None, None)
+
+
+def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
+    """Refuse a database (or schema) holding tables named as ours with no revision of ours.
+
+    The revisions would fail half-way on the first of them ("already exists"),
+    and ``hermes-orm db upgrade`` cannot fix that: they are someone else's
+    tables (a host's ``hermes_meta``), or hermes_orm's made without its
+    migrations (``create_all``) or left without their version table.
+
+    Raises:
+        DatabaseError: Such tables are there.
+    """
+    found = sorted(
+        name
+        for name in inspect(conn).get_table_names(schema=schema)
+        if owns_table(name) and name != VERSION_TABLE  # left empty by a downgrade to base
+    )
+    if not found:
+        return
+    where = f"schema {schema!r}" if schema is not None else "the database"
+    shared = (
+        _versions(conn, HOST_VERSION_TABLE)
+        if schema is None and inspect(conn).has_table(HOST_VERSION_TABLE)
+        else []
+    )
+    theirs = f"; {HOST_VERSION_TABLE} holds {', '.join(sorted(shared))}, not a revision of ours"
+    raise DatabaseError(
+        f"{where} has tables named as hermes_orm's ({', '.join(found)}) but no hermes_orm "
+        f"schema revision (no {VERSION_TABLE}{theirs if shared else ''}): they are not "
+        "hermes_orm's, or were made without its migrations, and migrating would collide "
+        "with them; nothing was changed. Move or rename them, or give hermes_orm another "
+        "database (or PostgreSQL schema, schema=...)"
+    )
 
 
 def current(bind: Bind, *, schema: str | None = None) -> str | None:
@@ -407,17 +624,31 @@ def check(bind: Bind, *, schema: str | None = None) -> None:
         SchemaOutOfDateError: Missing or older schema; ``hermes-orm db upgrade``
             (or, for a branch, the host's ``alembic upgrade hermes_orm@head``) fixes it.
         SchemaTooNewError: Migrated by a newer hermes_orm.
+        DatabaseError: Tables named as hermes_orm's with no hermes_orm revision
+            (see :func:`upgrade`): an upgrade would not fix it.
     """
     schema = store_schema(bind, schema)
     with _connected(bind, schema) as conn:
         located = _located(conn, schema)
-    revision = located.revision
+        revision = located.revision
+        if revision is None:
+            _refuse_unversioned_tables(conn, schema)  # an upgrade would fail on them
     expected = head()
     if revision == expected:
         return
     if revision is not None and revision not in _known_revisions():
         raise SchemaTooNewError(revision)
     raise SchemaOutOfDateError(revision, expected, branch=located.table == HOST_VERSION_TABLE)
+
+
+def owns_table(name: str | None) -> bool:
+    """Whether hermes_orm's migrations make (and may drop) a table of that name.
+
+    The exact names: the models' tables, the search index's, the partitions of
+    ``hermes_messages`` and its version table; not every name that starts with
+    ``hermes_``, which a host's own tables may.
+    """
+    return name is not None and (name in _OWNED_TABLES or _PARTITION.fullmatch(name) is not None)
 
 
 def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None) -> bool:
@@ -429,16 +660,11 @@ def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None)
     left out too.
     """
     if type_ == "table":
-        return (
-            name is not None
-            and name.startswith(TABLE_PREFIX)
-            and not name.startswith((SEARCH_PREFIX, _partitions.PARTITION_PREFIX))
-            and name != VERSION_TABLE
-        )
+        return name in MODEL_TABLES
     if type_ == "column":
         return name not in SEARCH_COLUMNS
     if type_ == "index":
-        return name is None or not name.startswith("ix_" + SEARCH_PREFIX)
+        return name not in SEARCH_INDEXES
     return True
 
 
@@ -477,9 +703,31 @@ def include_name(name: str | None, type_: str, _parent_names: Any = None) -> boo
     """Alembic ``include_name`` hook that leaves hermes_orm's tables out.
 
     A host application passes it (or combines it with its own) to
-    ``context.configure(include_name=...)`` so its autogenerate never proposes
-    to drop or alter the tables hermes_orm migrates itself.
+    ``context.configure(include_name=...)`` so its autogenerate never reads,
+    drops or alters the tables hermes_orm migrates itself; tables whose names
+    merely start with ``hermes_`` stay the host's (:func:`owns_table`). With
+    hermes_orm's models in the host's ``target_metadata`` too, pass
+    :func:`include_object` as well.
     """
-    if type_ == "table" and name is not None:
-        return not (name.startswith(TABLE_PREFIX) or name == VERSION_TABLE)
+    if type_ == "table":
+        return not owns_table(name)
     return True
+
+
+def include_object(
+    object_: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Alembic ``include_object`` hook that leaves hermes_orm's tables out, models included.
+
+    :func:`include_name` keeps the database's hermes_orm tables from the
+    host's autogenerate; a host whose ``target_metadata`` holds hermes_orm's
+    models as well (its models subclass :class:`hermes_orm.models.Base`, or it
+    lists ``Base.metadata``) passes this too, to
+    ``context.configure(include_object=...)``, or its autogenerate proposes to
+    create our tables and indexes. Either hook alone also drops our tables
+    found in the database.
+    """
+    if type_ == "table":
+        return not owns_table(name)
+    table = getattr(object_, "table", None)
+    return not (table is not None and owns_table(getattr(table, "name", None)))

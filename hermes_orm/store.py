@@ -1738,6 +1738,8 @@ class SessionStore(_Sessions):
         A database out of reach is waited for, as every call of the store waits
         (its ``retry`` policy); the migrations run whole or not at all, so a
         try a lost connection ended is run again from where the schema stands.
+        Another process's migration of the database is waited for however long
+        it takes (:func:`hermes_orm.upgrade`), outside the retry bound.
         """
 
         def once() -> None:

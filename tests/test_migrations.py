@@ -21,9 +21,11 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import (
+    DatabaseError,
     InvalidArgumentError,
     SchemaOutOfDateError,
     SchemaTooNewError,
+    SessionStore,
     create_store_engine,
     migrations,
 )
@@ -523,6 +525,259 @@ def test_the_hosts_own_revisions_are_never_taken_for_ours(empty_db_url: str) -> 
         conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
         conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('app_0001_accounts')")
     assert migrations.current(engine) is None
-    with pytest.raises(SchemaOutOfDateError):
+    # An upgrade would collide with the tables: not an out-of-date schema, which it would fix.
+    with pytest.raises(DatabaseError, match="no hermes_orm schema revision"):
         hermes_orm.check_schema(engine)
+    engine.dispose()
+
+
+def _tables_left(engine: Any) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def test_an_autocommit_bind_is_refused_before_anything_runs(empty_db_url: str) -> None:
+    """The migration lock and all-or-nothing revisions need a transaction: refused at once."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        hermes_orm.upgrade(engine)
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        hermes_orm.downgrade(engine, "base")
+    if engine.dialect.name == "postgresql":
+        with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+            migrations.partition_messages(engine, 4)
+    engine.dispose()
+    plain = create_store_engine(empty_db_url, poolclass=NullPool)
+    with plain.connect() as conn:
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+            hermes_orm.upgrade(autocommit)
+    assert _tables_left(plain) == set()  # nothing ran, not even the version table
+    hermes_orm.upgrade(plain)  # an ordinary engine then migrates from scratch
+    assert migrations.current(plain) == migrations.head()
+    plain.dispose()
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        # someone else's table, named as one of ours
+        ["CREATE TABLE hermes_meta (k TEXT)", "INSERT INTO hermes_meta VALUES ('theirs')"],
+        # another application's hermes_sessions, its history numbered as ours are
+        [
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+            "INSERT INTO alembic_version VALUES ('0003_add_users')",
+            "CREATE TABLE hermes_sessions (id TEXT PRIMARY KEY, who TEXT)",
+        ],
+    ],
+    ids=["hermes_meta", "another_apps_history"],
+)
+def test_tables_named_as_ours_without_our_revision_are_refused(
+    empty_db_url: str, setup: list[str]
+) -> None:
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        for statement in setup:
+            conn.exec_driver_sql(statement)
+    before = _tables_left(engine)
+    assert migrations.current(engine) is None  # never taken for a revision of ours
+    store = SessionStore(engine)
+    calls = [
+        lambda: hermes_orm.check_schema(engine),
+        lambda: hermes_orm.upgrade(engine),
+        store.upgrade,
+    ]
+    for call in calls:
+        with pytest.raises(DatabaseError, match="no hermes_orm schema revision") as raised:
+            call()
+        assert "not hermes_orm's" in str(raised.value)
+        if "0003_add_users" in " ".join(setup):
+            assert "alembic_version holds 0003_add_users, not a revision of ours" in str(
+                raised.value
+            )
+    assert _tables_left(engine) == before  # nothing written
+    store.close()
+    engine.dispose()
+
+
+def test_a_hosts_autogenerate_sees_only_its_own_tables(empty_db_url: str) -> None:
+    """Exact names, not the prefix; our models in the host's metadata left out too."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
+
+    from hermes_orm.models import Base
+
+    host = MetaData()
+    Table(
+        "accounts",
+        host,
+        Column("id", Integer, primary_key=True),
+        Column("session_id", String(255), ForeignKey(hermes_orm.models.Session.id)),
+    )
+    Table("hermes_invoices", host, Column("id", Integer, primary_key=True))  # the host's own
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        hermes_orm.upgrade(conn)
+        host.create_all(conn)
+    assert migrations.differences(engine) == []  # hermes_invoices is not ours to drop
+    hooks = {
+        "include_name": migrations.include_name,
+        "include_object": migrations.include_object,
+        "compare_type": True,
+    }
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts=hooks)
+        assert compare_metadata(context, host) == []
+        # A host whose target_metadata holds our models as well.
+        assert compare_metadata(context, [host, Base.metadata]) == []
+        # Its own table missing is still proposed, and ours in the database never dropped.
+        conn.exec_driver_sql("DROP TABLE hermes_invoices")
+        found = compare_metadata(context, [host, Base.metadata])
+    assert [(op[0], op[1].name) for op in found] == [("add_table", "hermes_invoices")]
+    assert migrations.include_name("hermes_invoices", "table") is True
+    assert migrations.include_name("hermes_messages_part_007", "table") is False
+    assert migrations.owns_table("hermes_search_cjk_docsize")
+    assert not migrations.owns_table("hermes_searches")
+    engine.dispose()
+
+
+def test_offline_mode_is_refused_with_a_clear_error(empty_db_url: str) -> None:
+    result = _alembic("-x", f"url={empty_db_url}", "upgrade", "head", "--sql")
+    assert result.returncode != 0
+    assert "InvalidArgumentError" in result.stderr
+    assert "offline mode (--sql)" in result.stderr
+    assert "AttributeError" not in result.stderr
+    assert "CREATE TABLE" not in result.stdout  # refused before any SQL is written
+
+
+def _upgrade_as(how: str, url: str, ready: Any) -> None:
+    """Migrate ``url`` as a process of a deployment would, once every process is ready."""
+    import asyncio
+
+    if how == "async_store":
+
+        async def main() -> None:
+            store = hermes_orm.AsyncSessionStore(url, check_schema=False)
+            try:
+                ready.wait()
+                await store.upgrade()
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+        return
+    engine = create_store_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # a host's env.py, as the README shows it
+            ready.wait()
+            migrations.upgrade(connection)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["async_store", "host_connection"])
+def test_processes_upgrading_at_once_take_turns_whatever_they_call(
+    empty_db_url: str, how: str
+) -> None:
+    """SQLite's write lock taken first by the async store and on a host's connection too."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(3)
+    workers = [
+        context.Process(target=_upgrade_as, args=(how, empty_db_url, ready)) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    assert migrations.current(engine) == migrations.head()
+    engine.dispose()
+
+
+def _hold_the_migration_lock(url: str, held: Any, seconds: float) -> None:
+    """Another process's long migration, as far as locks go."""
+    import time
+
+    engine = create_store_engine(url, poolclass=NullPool)
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+        held.set()
+        time.sleep(seconds)
+        conn.rollback()
+    engine.dispose()
+
+
+HOLD = 3.0
+
+
+@pytest.mark.parametrize("how", ["upgrade", "store", "async_store"])
+def test_a_migration_waits_for_another_however_long_it_takes(
+    empty_db_url: str,
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past lock_timeout and the retry bound: a migration of a big database takes minutes."""
+    import asyncio
+    import logging
+    import multiprocessing
+    import time
+
+    from hermes_orm import AsyncSessionStore, RetryPolicy
+
+    engine = create_store_engine(empty_db_url, poolclass=NullPool, lock_timeout=0.2)
+    hermes_orm.upgrade(engine)
+    monkeypatch.setattr(migrations, "_TELL_EVERY", 1.0)
+    context = multiprocessing.get_context("spawn")
+    held = context.Event()
+    holder = context.Process(target=_hold_the_migration_lock, args=(empty_db_url, held, HOLD))
+    holder.start()
+    assert held.wait(60)
+    started = time.monotonic()
+    quick = {"lock_timeout": 0.2, "retry": RetryPolicy(attempts=2)}
+    with caplog.at_level(logging.INFO, logger="hermes_orm"):
+        if how == "upgrade":
+            hermes_orm.upgrade(engine)
+        elif how == "store":
+            store = SessionStore(empty_db_url, **quick)  # type: ignore[arg-type]
+            store.upgrade()
+            store.close()
+        else:
+
+            async def main() -> None:
+                store = AsyncSessionStore(empty_db_url, **quick)  # type: ignore[arg-type]
+                await store.upgrade()
+                await store.close()
+
+            asyncio.run(main())
+    waited = time.monotonic() - started
+    holder.join(60)
+    assert holder.exitcode == 0
+    assert waited >= HOLD - 1.0
+    assert "waiting for another process's migration of the database" in caplog.text
+    assert "waited" in caplog.text
+    assert migrations.current(engine) == migrations.head()
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_the_migration_keeps_its_lock_timeout_after_waiting(empty_pg: str) -> None:
+    """Only the wait for the lock is unbounded; the migration's own DDL keeps its limit."""
+    import multiprocessing
+
+    engine = create_store_engine(empty_pg, poolclass=NullPool, lock_timeout=0.2)
+    context = multiprocessing.get_context("spawn")
+    held = context.Event()
+    holder = context.Process(target=_hold_the_migration_lock, args=(empty_pg, held, 1.5))
+    holder.start()
+    assert held.wait(60)
+    with migrations._migrating(engine) as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "200ms"
+    holder.join(60)
     engine.dispose()

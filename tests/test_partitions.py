@@ -21,6 +21,7 @@ import hermes_orm
 from hermes_orm import (
     InvalidArgumentError,
     Message,
+    SchemaOutOfDateError,
     SessionStore,
     migrations,
 )
@@ -152,6 +153,25 @@ def test_splitting_again_into_another_number_is_refused(empty_pg: str) -> None:
     with pytest.raises(InvalidArgumentError, match="already split into 4"):
         migrations.partition_messages(engine, 8)
     assert len(_partitions(empty_pg)) == 4
+
+
+def test_a_schema_not_migrated_yet_is_refused_not_read_through_the_path(empty_pg: str) -> None:
+    """schema="agents" must not find public's hermes_messages further down the search_path."""
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine)
+    store = SessionStore(empty_pg)
+    store.create_session("pub", source="cli")
+    store.flush("pub", TURN)
+    store.close()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA agents")  # a tenant's, not migrated yet
+    with pytest.raises(SchemaOutOfDateError):
+        migrations.partition_messages(engine, 4, schema="agents")
+    assert _partitions(empty_pg) == []  # public's table left as it was
+    store = SessionStore(empty_pg)
+    assert len(store.get_messages("pub")) == 3
+    store.close()
+    engine.dispose()
 
 
 @pytest.mark.parametrize("partitions", [1, 0, 1025, "8", True, 2.5])

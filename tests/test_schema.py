@@ -238,6 +238,44 @@ def test_the_command_line_migrates_into_the_schema_of_its_url(empty_pg: str) -> 
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("made_first", [False, True])
+def test_alembic_from_a_checkout_migrates_into_the_schema_of_its_url(
+    empty_pg: str, made_first: bool
+) -> None:
+    """``alembic -x url=...?schema=agents upgrade head``: as hermes_orm.upgrade places it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    engine = _engine(empty_pg)
+    hermes_orm.upgrade(engine)  # the default tenant's store, in public
+    if made_first:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE SCHEMA agents")
+    url = make_url(empty_pg).update_query_dict({"schema": "agents"}).render_as_string(False)
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert migrations.current(engine, schema="agents") == migrations.head()
+    assert migrations.current(engine) == migrations.head()
+    assert migrations.differences(engine, schema="agents") == []
+    assert migrations.VERSION_TABLE in _tables(engine, "agents")
+    store = SessionStore(url)
+    store.create_session("a", source="cli")
+    store.flush("a", TURN)
+    assert [hit.session_id for hit in store.search("lighthouse").hits] == ["a"]
+    store.close()
+    public = SessionStore(empty_pg)
+    assert public.search("lighthouse").hits == []
+    public.close()
+    engine.dispose()
+
+
 def test_a_role_that_owns_its_schema_but_cannot_create_schemas(empty_pg: str) -> None:
     """The common least-privilege layout: the DBA makes the schema and the extension."""
     admin = _engine(empty_pg)

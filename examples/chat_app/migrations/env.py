@@ -4,7 +4,8 @@ Side by side (the ``[alembic]`` section), ``hermes_orm.upgrade(connection)``
 migrates hermes_orm's tables first, on the same connection, and hands it back
 with no transaction open. As a branch (``-n branch``), hermes_orm's revisions
 are part of this history and run like the app's own. Both ways, autogenerate
-leaves hermes_orm's tables alone (``hermes_orm.migrations.include_name``).
+leaves hermes_orm's tables alone (``hermes_orm.migrations.include_name`` and
+``include_object``).
 """
 
 import os
@@ -35,6 +36,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=Base.metadata,
             include_name=hermes_orm.migrations.include_name,
+            include_object=hermes_orm.migrations.include_object,
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
