@@ -208,13 +208,16 @@ def main(spec_path: str, out_path: str) -> None:
     _prepare(spec)
 
     import hermes_state
-    import run_agent  # type: ignore[import-untyped]
+
+    early = hermes_state.SessionDB() if spec.db_before_plugins else None
+    import run_agent  # type: ignore[import-untyped]  # (loads the plugins)
 
     fault = _Fault(spec.hermes_fault) if spec.hermes_fault else None
     if fault is not None:
         fault.install(hermes_state.SessionDB)
 
-    db = hermes_state.SessionDB()  # $HERMES_HOME/state.db; AIAgent never opens one itself
+    # $HERMES_HOME/state.db (or the plugin's store); AIAgent never opens one itself
+    db = early if early is not None else hermes_state.SessionDB()
     session_id = spec.session_id
     history: list[dict[str, Any]] | None = None
     if spec.resume:
@@ -278,6 +281,23 @@ def main(spec_path: str, out_path: str) -> None:
         )
         result["faults"] = fault.fired if fault is not None else []
         _write_result(out, result)
+        if spec.gateway:
+            if index == 0:
+                # What gateway/run.py appends after a new session's first turn (through
+                # gateway/session.py's append_to_transcript): the transcript's opening row.
+                db.append_message(
+                    session_id=agent.session_id,
+                    role="session_meta",
+                    content=None,
+                    timestamp=time.time(),
+                )
+            # The gateway's next message starts from the transcript as stored, without
+            # its metadata rows (gateway/run.py's history loading).
+            history = [
+                m
+                for m in db.get_messages_as_conversation(agent.session_id, repair_alternation=True)
+                if m.get("role") not in ("session_meta", "system")
+            ]
 
     if spec.close_persist and history is not None:
         # What the CLI's close does (cli.py _persist_active_session_before_close): its

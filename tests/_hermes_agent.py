@@ -319,6 +319,11 @@ class AgentSpec:
         extra_config: Deep-merged into config.yaml last.
         close_persist: After the last turn, persist the live conversation once more,
             as Hermes' CLI does when it closes (``_persist_active_session_before_close``).
+        gateway: Run the session as Hermes' gateway does: after the first turn, the
+            ``session_meta`` row opening its transcript is appended, and every turn
+            starts from the history loaded from the database, metadata rows left out.
+        db_before_plugins: Open Hermes' SessionDB before the plugins load, as its
+            TUI gateway does (store mode then copies the session, as the mirror does).
     """
 
     hermes_home: Path
@@ -335,6 +340,8 @@ class AgentSpec:
     resume: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
     close_persist: bool = False
+    gateway: bool = False
+    db_before_plugins: bool = False
 
     def to_json(self) -> str:
         """The spec as JSON (paths as strings)."""

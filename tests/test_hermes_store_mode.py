@@ -246,6 +246,42 @@ def test_what_hermes_own_writes_miss_is_stored_exactly_once(
     assert _state_db_messages(spec.hermes_home) == 0
 
 
+def test_a_gateway_session_is_repaired_past_the_row_that_opens_it(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes' gateway opens a transcript with a ``session_meta`` row: no message to count."""
+    spec.gateway = True
+    spec.hermes_fault = {"turn": 1, "when": "before", "target": "final"}
+    result = run_agent(spec, tmp_path / "out.json")
+    assert result["faults"], "the fault was injected"
+    second, final = result["turns"][1]["messages"], result["turns"][-1]["messages"]
+    stored = store.get_messages("s1")
+    assert [m["role"] for m in stored].count("session_meta") == 1
+    messages = [m for m in stored if m["role"] != "session_meta"]
+    # The second turn's answer, whose append failed, is stored once, in its place.
+    assert core(messages[: len(second)]) == core(second)
+    assert core(messages) == core(final)
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+
+
+def test_a_session_hermes_writes_elsewhere_is_copied_on_past_a_compression(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes' SessionDB opened before the plugin loaded (its TUI): copied as the mirror does."""
+    spec.db_before_plugins = True
+    spec.compression_in_place = True
+    spec.turns = ["[tools] one", "[compress] [tools] two", "three", "four"]
+    result = run_agent(spec, tmp_path / "out.json")
+    final = result["turns"][-1]["messages"]
+    assert _state_db_messages(spec.hermes_home) > 0  # Hermes wrote its own file
+    first = store.get_session("s1")
+    assert first is not None
+    assert first["end_reason"] == "rewritten"  # the history before the compression, kept
+    assert core(store.get_messages("s1#2")) == core(final)
+    assert store.get_session("s1#3") is None
+
+
 # -- Hermes' SessionDB in store mode ----------------------------------------------------------
 
 _OPEN = """

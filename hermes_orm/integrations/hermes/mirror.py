@@ -36,6 +36,7 @@ writes missed, and marks them as Hermes marks what it stored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -845,6 +846,13 @@ class StoreFlush(Mirror):
     Hermes stored it, no revision is made, and a session is never ended here
     (Hermes ends its own). Reading the rows happens only when the conversation
     is longer than the session's live rows; otherwise a turn costs one count.
+    The ``session_meta`` row Hermes' gateway opens a session with is no message
+    of the conversation: neither counted nor compared.
+
+    A session Hermes writes elsewhere (a SessionDB it opened before the plugin
+    loaded: its TUI) is created here and is a copy, this flush's alone: each
+    turn stores its conversation, and one that no longer continues the copy
+    goes on in a new revision (``ID#2``), as the mirror keeps them.
     """
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
@@ -860,25 +868,34 @@ class StoreFlush(Mirror):
         return True
 
     @staticmethod
-    def _live_rows(store: SessionStore, session_id: str) -> int | None:
-        """How many live (active) rows the session has; None when there is no such session."""
+    def _live_rows(store: SessionStore, session_id: str) -> tuple[int | None, bool]:
+        """How many live rows the session has (None: no such session), and if it has a revision.
+
+        Live rows are the active ones that are messages (not the ``session_meta``
+        row Hermes' gateway opens a session with). Only a copy of a session
+        Hermes writes elsewhere has revisions (``ID#2``, see :meth:`_flush_in`).
+        """
+        c = _messages_table.c
         exists = select(_sessions_table.c.id).where(_sessions_table.c.id == session_id)
         count = (
             select(func.count())
             .select_from(_messages_table)
-            .where(_messages_table.c.session_id == session_id, _ACTIVE_ROW)
+            .where(c.session_id == session_id, _ACTIVE_ROW, c.role != "session_meta")
+        )
+        revised = select(_sessions_table.c.id).where(
+            _sessions_table.c.id == revision_id(session_id, 2)
         )
 
-        def work(conn: Any) -> int | None:
+        def work(conn: Any) -> tuple[int | None, bool]:
             if conn.execute(exists).first() is None:
-                return None
-            return int(conn.execute(count).scalar_one())
+                return None, False
+            return int(conn.execute(count).scalar_one()), conn.execute(revised).first() is not None
 
         return store.read_transaction(work)
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
-        count = self._live_rows(store, sid)
+        count, revised = self._live_rows(store, sid)
         if count is None:
             self._create(store, turn)
             self._created[sid] = None
@@ -892,14 +909,29 @@ class StoreFlush(Mirror):
                 safe_url(self.url),
             )
             count = 0
-        if len(live) <= count:
+        # A copy (Hermes writes the session elsewhere) is this flush's alone: a
+        # rewritten conversation goes on in a new revision, as the mirror keeps one.
+        # (After a restart, a copy is known as one once it has a revision.)
+        copy = sid in self._created or revised
+        revision = len(self._revisions(store, sid)) if copy else 1
+        if not copy and len(live) <= count:
             return  # Hermes stored as many messages as the conversation has, or more
-        rows = store.get_messages(sid)
-        active = [row for row in rows if row.get("active") is not False]
+        target = revision_id(sid, revision)
+        rows = store.get_messages(target)
+        active = [
+            row
+            for row in rows
+            if row.get("active") is not False and row.get("role") != "session_meta"
+        ]
         now = time.time()  # rising by a microsecond per message, as Hermes' rewrites stamp them
         written = [hermes_message(m, now + i * 1e-6) for i, m in enumerate(live)]
         at = first_difference(written, active)
-        if at >= 0:
+        if at >= 0 and copy:
+            source = str((store.get_session(sid) or {}).get("source") or "cli")
+            current = _Tracked(revision, active, source)
+            revised_to = self._revise(store, dataclasses.replace(turn, messages=written), current)
+            target, rows, active = revision_id(sid, revised_to.revision), [], []
+        elif at >= 0:
             logger.debug(
                 "hermes_orm store: session %s differs from its stored rows at message %d; "
                 "left as Hermes stored it",
@@ -908,12 +940,14 @@ class StoreFlush(Mirror):
             )
             return
         start = len(active)
-        store.flush(sid, rows + written[start:])
+        if len(written) <= start:
+            return
+        store.flush(target, rows + written[start:])
+        if copy:
+            return  # Hermes' own writes go elsewhere: its marks are its own
         if turn.history is not None:
             for message in _kept(turn.history)[start : len(live)]:
                 message[PERSISTED_MARK] = True
-        if sid in self._created:
-            return  # said once, when the session was created
         logger.warning(
             "hermes_orm store: session %s: stored %d message(s) Hermes' own writes missed "
             "(messages %d to %d)",
