@@ -336,7 +336,52 @@ def test_hermes_sessiondb_opens_the_configured_database_for_this_profile_only(
     assert result["seen"]
     with SessionStore(url) as opened:
         assert opened.get_session("s1") is not None
-    assert not (home / "state.db").exists()
+    # Hermes' own file is there (parts of Hermes look for it first), empty.
+    assert _state_db_messages(home) == 0
+    with sqlite3.connect(home / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+
+
+_DASHBOARD = """
+import json, sys
+from hermes_cli.plugins import discover_plugins
+discover_plugins()
+import hermes_state
+db = hermes_state.SessionDB()
+db.create_session("s1", "cli", model="m")
+db.append_message("s1", "user", content="hello there")
+from fastapi.testclient import TestClient
+from hermes_cli import web_server
+client = TestClient(web_server.app)
+headers = {"X-Hermes-Session-Token": "token"}
+listed = client.get("/api/profiles/sessions", headers=headers).json()
+print(json.dumps({
+    "listed": [s["id"] for s in listed["sessions"]],
+    "active": web_server._count_status_active_sessions(),
+}))
+"""
+
+
+def test_the_dashboard_lists_the_sessions_of_the_store(tmp_path: Path) -> None:
+    """Its lists open a profile's SessionDB only where its state.db file is."""
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{tmp_path / 'orm.db'}"
+    config = {"plugins": {"enabled": ["hermes_orm"]}, "hermes_orm": {"mode": "store", "url": url}}
+    (home / "config.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    env.update(HERMES_HOME=str(home), HERMES_DASHBOARD_SESSION_TOKEN="token")
+    done = subprocess.run(
+        [sys.executable, "-c", _DASHBOARD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"listed": ["s1"], "active": 1}
+    assert _state_db_messages(home) == 0
 
 
 def test_the_mode_is_mirror_or_store() -> None:

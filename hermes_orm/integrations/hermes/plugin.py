@@ -283,6 +283,21 @@ def install_store(url: str) -> type[StoreSessionDB]:
     return StoreSessionDB
 
 
+def _hermes_state_db_placed() -> None:
+    """Hermes' own ``state.db`` of this profile, made empty where there is none.
+
+    Parts of Hermes look for the file before they open a ``SessionDB`` on it
+    (the dashboard's session lists and its count of active sessions skip a
+    profile without one); opened, it is the store (:class:`StoreSessionDB`). It
+    is made by Hermes' own class, so it is a state.db as Hermes makes them, and
+    stays empty.
+    """
+    path = hermes_home() / "state.db"
+    hermes_class = StoreSessionDB.hermes_class
+    if hermes_class is not None and not path.exists():
+        hermes_class(db_path=path).close()
+
+
 def _in_background_review() -> bool:
     """Whether this hook runs in Hermes' background review fork, not the user's turn."""
     if threading.current_thread().name == "bg-review":
@@ -361,6 +376,7 @@ def register(ctx: Any) -> None:
         _check_url(url)
         if mode == "store":
             install_store(url)
+            _hermes_state_db_placed()
     except Exception as exc:
         message = redact(f"{type(exc).__name__}: {exc}")
         logger.warning("hermes_orm: the mirror is off: %s", message)
