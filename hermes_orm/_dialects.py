@@ -1484,8 +1484,17 @@ def is_transient(exc: DBAPIError) -> bool:
     if isinstance(sqlstate, str):
         if sqlstate.startswith("08") and _refused(orig):
             return False  # e.g. PgBouncer's refusals (08P01): it says the same again
-        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
+        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08") or _in_recovery(orig)
     return is_unreachable(exc)
+
+
+def _in_recovery(orig: BaseException | None) -> bool:
+    """Whether the server is a standby still in recovery (a WAL function refused there).
+
+    Its SQLSTATE (55000, object_not_in_prerequisite_state) says little on its
+    own; the message says the server cannot do it until it is promoted.
+    """
+    return _sqlstate(orig) == "55000" and "recovery is in progress" in str(orig).lower()
 
 
 def _refused(orig: BaseException | None) -> bool:
@@ -1508,7 +1517,11 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return True
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
-        return (sqlstate.startswith("08") and not _refused(orig)) or sqlstate in _PG_UNREACHABLE
+        return (
+            (sqlstate.startswith("08") and not _refused(orig))
+            or sqlstate in _PG_UNREACHABLE
+            or _in_recovery(orig)
+        )
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
 

@@ -70,6 +70,32 @@ def _replay(standby: PostgresServer, primary: PostgresServer, *, paused: bool) -
         conn.commit()
 
 
+def test_a_standby_in_recovery_is_a_server_to_wait_for(
+    cluster: tuple[PostgresServer, PostgresServer],
+) -> None:
+    """A retry whose COMMIT went unanswered may reach a standby not promoted yet.
+
+    Asking it for the run of the server (a WAL function) fails there with
+    SQLSTATE 55000: a server to wait for, as a read-only one is, not an error
+    to give up on (the write may have landed).
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from hermes_orm import _dialects
+
+    primary, standby = cluster
+    with create_engine(primary.url, poolclass=NullPool).connect() as conn:
+        _xid, timeline = _dialects.transaction_id(conn) or (0, "")
+        conn.rollback()
+    with (
+        create_engine(standby.url, poolclass=NullPool).connect() as conn,
+        pytest.raises(DBAPIError) as raised,
+    ):
+        _dialects.same_timeline(conn, timeline)
+    assert _dialects.is_unreachable(raised.value)
+    assert _dialects.is_transient(raised.value)
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_listing_reading_and_search_come_from_the_standby(
     cluster: tuple[PostgresServer, PostgresServer], api: str
