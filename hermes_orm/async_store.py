@@ -262,6 +262,10 @@ class AsyncSessionStore(_AsyncSessions):
         """Run the shipped migrations up to ``revision``; see :meth:`SessionStore.upgrade`."""
 
         async def once() -> None:
+            # The idle connection the store kept goes back (of a pool of one, the only one).
+            parked, self._parked = self._parked, []
+            for idle in parked:
+                await self._release(idle)
             conn = await self._connect()
             try:
                 # No transaction begun here: upgrade() begins its own with the

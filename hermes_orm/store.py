@@ -1713,10 +1713,8 @@ class SessionStore(_Sessions):
     def close(self) -> None:
         """Give back the idle connection; dispose of the engine if the store made it."""
         with self._parked_lock:
-            parked, self._parked = self._parked, []
             self._closes += 1
-        for conn in parked:
-            self._release(conn)
+        self._unpark()
         if self._owns_engine:
             self._engine.dispose()
         if self._owns_replica and self._replica_of is not None:
@@ -1743,7 +1741,11 @@ class SessionStore(_Sessions):
         """
 
         def once() -> None:
-            migrations.upgrade(self._engine, revision, schema=self._schema)
+            self._unpark()  # the pool's connection (of one, it may be the only one)
+            try:
+                migrations.upgrade(self._engine, revision, schema=self._schema)
+            except PoolTimeoutError as exc:
+                raise _dialects.pool_exhausted(exc) from exc
 
         _retry.run_with_retry(self._engine, self._retry, once, self._schema)
         self._schema_checked = False
@@ -1815,6 +1817,27 @@ class SessionStore(_Sessions):
             return (engine or self._engine).connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
+
+    def _unpark(self) -> None:
+        """Give the idle connection the store kept back to the pool."""
+        with self._parked_lock:
+            parked, self._parked = self._parked, []
+        for conn in parked:
+            self._release(conn)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection of the pool for work outside the store's transactions (``VACUUM``).
+
+        The idle connection the store kept goes back first: a pool of one still
+        has one to give.
+        """
+        self._unpark()
+        conn = self._connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""

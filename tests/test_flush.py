@@ -1303,6 +1303,37 @@ def test_a_task_cancelled_as_its_work_commits_leaves_no_trace(
     assert noted == [], noted
 
 
+def test_a_pool_of_one_connection_serves_upgrade_and_vacuum(db_url: str, api: str) -> None:
+    """The idle connection the store keeps goes back before work that takes its own."""
+    from hermes_orm import create_async_store_engine, create_store_engine
+    from hermes_orm.integrations.hermes import SessionDB
+
+    one = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 1}
+    if api == "sync":
+        store = SessionStore(create_store_engine(db_url, **one))
+        store.create_session("s", source="test")  # its connection now kept, idle
+        store.upgrade()
+        store.flush("s", conversation(1))
+        SessionDB(store).vacuum()
+        assert store.get_messages("s") == conversation(1)
+        store.close()
+        return
+
+    async def main() -> None:
+        url = make_url(db_url)
+        driver = "aiosqlite" if url.get_backend_name() == "sqlite" else "psycopg_async"
+        driver = "asyncpg" if api == "asyncpg" else driver
+        async_url = url.set(drivername=f"{url.get_backend_name()}+{driver}")
+        store = AsyncSessionStore(create_async_store_engine(async_url, **one))
+        await store.create_session("s", source="test")
+        await store.upgrade()
+        await store.flush("s", conversation(1))
+        assert await store.get_messages("s") == conversation(1)
+        await store.close()
+
+    asyncio.run(main())
+
+
 def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     """A store holds a connection only while it works: 50 threads, a pool of 2+2."""
     from hermes_orm import create_store_engine

@@ -1046,7 +1046,8 @@ class UpkeepMethods:
         except Exception as exc:  # the merge is an optimization: the vacuum still runs
             logger.warning("search index merge before VACUUM failed: %s", exc)
         engine = self._store.engine
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._store.connection() as pooled:
+            conn = pooled.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "sqlite":
                 try:
                     conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
