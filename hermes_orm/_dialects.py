@@ -652,6 +652,25 @@ def check_transactional(engine: Engine) -> None:
         )
 
 
+def check_driver_transactional(conn: Connection) -> None:
+    """Refuse a connection whose driver commits each statement (``connect_args``' autocommit).
+
+    :func:`check_transactional` sees the engine's setting; a driver connection
+    made to autocommit (psycopg's ``autocommit=True`` given as a connect
+    argument) is seen only once taken from the pool.
+
+    Raises:
+        InvalidArgumentError: It autocommits (nothing was run on it).
+    """
+    dbapi_connection = conn.connection.dbapi_connection
+    if getattr(dbapi_connection, "autocommit", False) is True:
+        raise InvalidArgumentError(
+            "this engine's connections autocommit every statement (autocommit=True among "
+            "its connect_args), so no flush could be all-or-nothing on them: give the store "
+            "an engine without it"
+        )
+
+
 def configure_engine(
     engine: Engine,
     *,

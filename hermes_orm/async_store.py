@@ -29,7 +29,11 @@ from sqlalchemy.pool import NullPool
 from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
-from hermes_orm.errors import DatabaseUnavailableError, SessionNotFoundError
+from hermes_orm.errors import (
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    SessionNotFoundError,
+)
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
     Done,
@@ -349,7 +353,7 @@ class AsyncSessionStore(_AsyncSessions):
         (an OSError), not as a driver error: that is raised as a lost connection.
         """
         try:
-            return await (engine or self._async_engine).connect()
+            conn = await (engine or self._async_engine).connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:
@@ -357,6 +361,13 @@ class AsyncSessionStore(_AsyncSessions):
             raise OperationalError(
                 "connect", None, ConnectionError(reason), connection_invalidated=True
             ) from exc
+        if conn.dialect.name == "postgresql":
+            try:
+                _dialects.check_driver_transactional(conn.sync_connection)  # type: ignore[arg-type]
+            except InvalidArgumentError:
+                await asyncio.shield(conn.close())
+                raise
+        return conn
 
     async def _checkout(self) -> AsyncConnection:
         """The idle connection the store kept, else one from the pool."""

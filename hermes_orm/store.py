@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -579,7 +579,8 @@ def check_replica(primary: Any, replica: Any, engine: type) -> None:
 
     Raises:
         InvalidArgumentError: The replica is neither a URL nor such an engine,
-            or the store or its replica is not on PostgreSQL.
+            or the store or its replica is not on PostgreSQL, or the replica
+            engine autocommits.
     """
     if not isinstance(replica, str | URL | engine):
         raise InvalidArgumentError(
@@ -591,6 +592,10 @@ def check_replica(primary: Any, replica: Any, engine: type) -> None:
             "replica= reads from a PostgreSQL standby of a PostgreSQL primary; "
             f"got a {backends[0]} store and a {backends[1]} replica"
         )
+    if isinstance(replica, engine):
+        # A read's settings (the store's schema first on the search_path) last its
+        # transaction: on an autocommitting replica, one statement only.
+        _dialects.check_transactional(cast(Engine, getattr(replica, "sync_engine", replica)))
 
 
 def _backend_of(bind: Any) -> str:
@@ -1814,9 +1819,16 @@ class SessionStore(_Sessions):
         A pool with none to give in time is as a database out of reach.
         """
         try:
-            return (engine or self._engine).connect()
+            conn = (engine or self._engine).connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
+        if conn.dialect.name == "postgresql":
+            try:
+                _dialects.check_driver_transactional(conn)
+            except InvalidArgumentError:
+                conn.close()
+                raise
+        return conn
 
     def _unpark(self) -> None:
         """Give the idle connection the store kept back to the pool."""

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from hermes_orm import (
     DatabaseBusyError,
@@ -1824,6 +1825,38 @@ def test_an_autocommit_engine_is_refused_before_anything_is_written(db_url: str,
     assert store.flush("s", conversation(1)).written == 3
     store.close()
     engine.dispose()
+
+
+@pytest.mark.backends("postgresql")
+@pytest.mark.apis("sync")  # both APIs below
+@pytest.mark.direct("builds plain engines on the URL, as an application would")
+def test_an_engine_whose_driver_autocommits_is_refused_before_anything_is_written(
+    db_url: str, api: str
+) -> None:
+    """psycopg's ``autocommit=True`` as a connect argument: seen once a connection is taken."""
+    from sqlalchemy import create_engine
+
+    from hermes_orm import InvalidArgumentError
+    from hermes_orm.async_store import AsyncSessionStore
+
+    store = SessionStore(create_engine(db_url, connect_args={"autocommit": True}))
+    with pytest.raises(InvalidArgumentError, match="autocommit"):
+        store.create_session("s", source="cli")
+    store.close()
+
+    async def main() -> None:
+        url = make_url(db_url).set(drivername="postgresql+psycopg_async")
+        engine = create_async_engine(url, connect_args={"autocommit": True})
+        async_store = AsyncSessionStore(engine)
+        with pytest.raises(InvalidArgumentError, match="autocommit"):
+            await async_store.create_session("s", source="cli")
+        await async_store.close()
+        await engine.dispose()
+
+    asyncio.run(main())
+    plain = create_engine(db_url)
+    assert count_rows(plain, "hermes_sessions") == 0
+    plain.dispose()
 
 
 @pytest.mark.backends("postgresql")

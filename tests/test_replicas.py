@@ -168,3 +168,15 @@ def test_a_replica_needs_postgresql_on_both_sides(tmp_path: Path) -> None:
         SessionStore(
             "postgresql://u@h/db", replica=create_async_engine("postgresql+asyncpg://h/db")
         )
+
+
+def test_an_autocommitting_replica_engine_is_refused() -> None:
+    """A read's settings (the store's schema on the search_path) last its transaction."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    replica = create_engine("postgresql+psycopg://u@h/db", isolation_level="AUTOCOMMIT")
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        SessionStore("postgresql+psycopg://u@h/db", schema="tenant_a", replica=replica)
+    async_replica = create_async_engine("postgresql+asyncpg://u@h/db", isolation_level="AUTOCOMMIT")
+    with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
+        AsyncSessionStore("postgresql+asyncpg://u@h/db", replica=async_replica)
