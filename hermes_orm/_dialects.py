@@ -515,6 +515,28 @@ def _first_on_search_path(schema: str) -> str:
     return f"set_config('search_path', {path}, true)"
 
 
+#: libpq's names of connection parameters a URL may carry, and asyncpg's for them
+#: (asyncpg takes the URL's parameters as its own keyword arguments).
+_ASYNCPG_NAMES = {"connect_timeout": "timeout", "sslmode": "ssl"}
+
+
+def _asyncpg_names(url: URL) -> URL:
+    """``url`` with libpq's parameter names asyncpg knows under another name renamed.
+
+    ``?connect_timeout=3`` (libpq's) is asyncpg's ``timeout``, ``?sslmode=require``
+    its ``ssl``: a URL written for psycopg works on asyncpg too. asyncpg's own
+    name, where given as well, wins.
+    """
+    renamed = {
+        ours: url.query[libpq]
+        for libpq, ours in _ASYNCPG_NAMES.items()
+        if libpq in url.query and ours not in url.query
+    }
+    if not renamed and not any(name in url.query for name in _ASYNCPG_NAMES):
+        return url
+    return url.difference_update_query(_ASYNCPG_NAMES).update_query_dict(renamed)
+
+
 def _pg_connect_args(
     url: URL, connect_args: dict[str, Any], lock_timeout: float, pgbouncer: bool
 ) -> URL:
@@ -528,6 +550,8 @@ def _pg_connect_args(
     lock wait is set in each transaction (:func:`transaction_settings`) and the
     drivers prepare nothing.
     """
+    if url.get_driver_name() == "asyncpg":
+        url = _asyncpg_names(url)
     _deadlines(url, connect_args)
     given = connect_args.get("options")
     in_url = url.query.get("options")

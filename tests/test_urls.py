@@ -62,6 +62,30 @@ def test_a_store_reaches_the_first_host_that_answers(
     _drop_pg_database(pg_server_url, db_url)
 
 
+@pytest.mark.postgresql
+@pytest.mark.direct("writes the URL's parameters itself")
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_libpq_parameters_in_a_url_work_on_either_driver(
+    pg_server_url: str, pg_template: str, driver: str
+) -> None:
+    """``connect_timeout`` and ``sslmode`` are libpq's names; asyncpg calls them otherwise."""
+    db_url = _create_pg_database(pg_server_url, pg_template)
+    real = make_url(db_url)
+    url = (
+        f"postgresql+{driver}://{real.username}@{real.host}:{real.port}/{real.database}"
+        "?connect_timeout=5&sslmode=disable"
+    )
+
+    async def main() -> None:
+        store = AsyncSessionStore(url)
+        await store.create_session("s", source="cli")
+        assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
+        await store.close()
+
+    asyncio.run(main())
+    _drop_pg_database(pg_server_url, db_url)
+
+
 #: Texts holding the password "s3cret" or "sec ret" that are no database URL:
 #: libpq's key=value strings, and URLs whose port is not a number.
 NOT_URLS = [
