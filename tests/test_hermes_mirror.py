@@ -246,7 +246,8 @@ def test_a_locked_database_costs_a_turn_at_most_the_wait_and_the_next_turn_catch
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     m = Mirror(db_url, status=status, wait=0.3)
-    assert m.turn("s1", _turn(1))
+    m.turn("s1", _turn(1))
+    assert m._worker.drain(30)
     with _Locked(db_url):
         began = time.monotonic()
         assert not m.turn("s1", _turn(1) + _turn(2))  # the turn goes on ...
@@ -522,7 +523,8 @@ def test_a_rewrite_queued_behind_a_slow_write_loses_no_turn(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     m = Mirror(db_url, status=status, wait=0.05)
-    assert m.turn("s1", _turn(1))
+    m.turn("s1", _turn(1))
+    assert m._worker.drain(30)
     history = _turn(1) + _turn(2)
     with _Locked(db_url):
         m.turn("other", _turn(9))  # the writer waits for the lock with this one ...
