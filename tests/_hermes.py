@@ -18,7 +18,10 @@ def digest_file(path: Path) -> str:
 
 def source_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Sessions and, per session in Hermes order, messages, as raw column dicts."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    # Immutable (nothing made beside it) unless a WAL is there: its last commits
+    # are read through it then (a reader still open kept Hermes' checkpoint back).
+    wal = Path(f"{path}-wal").exists()
+    conn = sqlite3.connect(f"file:{path}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
     conn.row_factory = sqlite3.Row
     sessions = [dict(r) for r in conn.execute("SELECT * FROM sessions ORDER BY id")]
     by_session: dict[str, list[dict[str, Any]]] = {}
