@@ -922,12 +922,16 @@ def _pg_blanks(conn: Connection, characters: frozenset[str]) -> frozenset[str]:
     if not characters:
         return frozenset()
     known = _word_character.setdefault(conn.engine, {})
-    new = sorted(characters.difference(known))
+    answers = {c: known.get(c) for c in characters}  # (another thread may clear ``known``)
+    new = sorted(c for c, answer in answers.items() if answer is None)
     if new:
-        if len(known) + len(new) > _WORD_CHARACTER_MAX:
+        rows = conn.exec_driver_sql(driver_sql(conn, _WORD_CHARACTER_SQL), (new,)).all()
+        found: dict[str, bool] = {c: bool(is_word) for c, is_word in rows}
+        answers.update(found)
+        if len(known) + len(found) > _WORD_CHARACTER_MAX:
             known.clear()
-        known.update(conn.exec_driver_sql(driver_sql(conn, _WORD_CHARACTER_SQL), (new,)).all())
-    return frozenset(c for c in characters if not known[c])
+        known.update(found)
+    return frozenset(c for c, answer in answers.items() if not answer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -850,6 +850,19 @@ def test_a_word_holding_what_postgresql_takes_for_blanks_is_found_on_both(
     assert [h.marked() for h in store.search("H₂O").hits if h.idx == 0] == ["[H₂O] boils"]
 
 
+@pytest.mark.backends("postgresql")
+def test_the_characters_asked_of_the_server_may_outgrow_their_cache(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hermes_orm import search
+
+    monkeypatch.setattr(search, "_WORD_CHARACTER_MAX", 2)
+    store.create_session("s", source="test")
+    store.flush("s", [{"role": "user", "content": "H₂O and x² and café"}])
+    for query in ("H₂O", "H₂O x²", "café x² H₂O", "x²"):
+        assert [hit.idx for hit in store.search(query).hits] == [0], query
+
+
 def test_letters_fts5_folds_are_one_word_on_both_backends(store: SessionStore) -> None:
     """Final sigma, the Greek symbol forms, long s, the micro sign: as FTS5 folds them."""
     from hermes_orm._search_text import FOLDED, FOLDED_TO
