@@ -1465,9 +1465,19 @@ def transaction_id(conn: Connection) -> tuple[int, str] | None:
     return int(xid), str(timeline)
 
 
+#: A standby still in recovery cannot tell its run (WAL functions fail there): it
+#: refuses, as a read-only server, with read_only_sql_transaction (25006), a
+#: server to wait for until it is promoted, whatever the language of its messages.
+_SAME_RUN = f"SELECT CASE WHEN pg_is_in_recovery() THEN txid_current()::text ELSE {_TIMELINE} END"
+
+
 def same_timeline(conn: Connection, timeline: str) -> bool:
-    """Whether the server ``conn`` reaches is still in that run (no failover, no restart since)."""
-    return bool(conn.exec_driver_sql(f"SELECT {_TIMELINE}").scalar_one() == timeline)
+    """Whether the server ``conn`` reaches is still in that run (no failover, no restart since).
+
+    Raises:
+        DBAPIError: The server is a standby still in recovery (SQLSTATE 25006).
+    """
+    return bool(conn.exec_driver_sql(_SAME_RUN).scalar_one() == timeline)
 
 
 def committed(conn: Connection, xid: int) -> bool:
@@ -1527,17 +1537,8 @@ def is_transient(exc: DBAPIError) -> bool:
     if isinstance(sqlstate, str):
         if sqlstate.startswith("08") and _refused(orig):
             return False  # e.g. PgBouncer's refusals (08P01): it says the same again
-        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08") or _in_recovery(orig)
+        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
     return is_unreachable(exc)
-
-
-def _in_recovery(orig: BaseException | None) -> bool:
-    """Whether the server is a standby still in recovery (a WAL function refused there).
-
-    Its SQLSTATE (55000, object_not_in_prerequisite_state) says little on its
-    own; the message says the server cannot do it until it is promoted.
-    """
-    return _sqlstate(orig) == "55000" and "recovery is in progress" in str(orig).lower()
 
 
 def _refused(orig: BaseException | None) -> bool:
@@ -1560,11 +1561,7 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return True
     sqlstate = _sqlstate(orig)
     if isinstance(sqlstate, str):
-        return (
-            (sqlstate.startswith("08") and not _refused(orig))
-            or sqlstate in _PG_UNREACHABLE
-            or _in_recovery(orig)
-        )
+        return (sqlstate.startswith("08") and not _refused(orig)) or sqlstate in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
 
