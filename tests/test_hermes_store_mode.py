@@ -13,6 +13,7 @@ holds each conversation exactly once, in order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -382,6 +383,23 @@ def test_the_dashboard_lists_the_sessions_of_the_store(tmp_path: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"listed": ["s1"], "active": 1}
     assert _state_db_messages(home) == 0
+
+
+def test_store_mode_goes_on_when_the_empty_state_db_cannot_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hermes_orm.integrations.hermes import plugin
+
+    class Refusing:
+        def __init__(self, db_path: Path) -> None:
+            raise OSError(f"{db_path}: read-only file system")
+
+    monkeypatch.setenv("HERMES_HOME", str(tmp_path))
+    monkeypatch.setattr(plugin.StoreSessionDB, "hermes_class", Refusing)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        plugin._hermes_state_db_placed()  # logs, raises nothing
+    assert "cannot make an empty" in caplog.text
+    assert not (tmp_path / "state.db").exists()
 
 
 def test_the_mode_is_mirror_or_store() -> None:

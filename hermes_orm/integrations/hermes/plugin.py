@@ -294,8 +294,12 @@ def _hermes_state_db_placed() -> None:
     """
     path = hermes_home() / "state.db"
     hermes_class = StoreSessionDB.hermes_class
-    if hermes_class is not None and not path.exists():
+    if hermes_class is None or path.exists():
+        return
+    try:
         hermes_class(db_path=path).close()
+    except Exception as exc:  # only the dashboard's lists need it: store mode goes on
+        logger.warning("hermes_orm store: cannot make an empty %s: %s", path, exc)
 
 
 def _in_background_review() -> bool:
@@ -376,7 +380,6 @@ def register(ctx: Any) -> None:
         _check_url(url)
         if mode == "store":
             install_store(url)
-            _hermes_state_db_placed()
     except Exception as exc:
         message = redact(f"{type(exc).__name__}: {exc}")
         logger.warning("hermes_orm: the mirror is off: %s", message)
@@ -386,6 +389,7 @@ def register(ctx: Any) -> None:
         status.write(register_error=None)
     mirror: Mirror
     if mode == "store":
+        _hermes_state_db_placed()
         mirror = StoreFlush(url, status=status, wait=wait)
     else:
         mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
