@@ -994,27 +994,34 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
             )
         ]
     )
+    if not stored:
+        return False
     columns = MessageColumns.of(src.columns("messages"))
     with src.snapshot():
-        rows = src.execute(columns.read_many, (sid, len(stored), 0))
-    if not stored or len(rows) < len(stored):
-        return False
+        rows = src.execute(columns.read_many, (sid, -1, 0))  # all (a diverged session's only)
     source = [columns.message(r) for r in rows]
     try:
         theirs = [_codec.message_digest(m) for m in source]
     except InvalidMessageError:
         return False
     start = next(
-        (i for i, (a, b) in enumerate(zip(theirs, stored, strict=True)) if a != b), len(stored)
+        (i for i, (a, b) in enumerate(zip(theirs, stored, strict=False)) if a != b),
+        min(len(theirs), len(stored)),
     )
     if start == len(stored):
         return False
     mirrored = store.get_messages(sid, offset=start)
-    return len(mirrored) == len(stored) - start and all(
-        theirs[i] != stored[i]
-        and set(source[i]).difference(ours, _ADDED_IN_PLACE)  # not a copy the import made
-        and same_turn(source[i], ours)
-        for i, ours in enumerate(mirrored, start)
+    if len(mirrored) != len(stored) - start:
+        return False
+    # The mirror stores the agent's list, which has no session_meta row (the one
+    # Hermes' gateway opens a session with): such rows pair with nothing.
+    ours = [(j, m) for j, m in enumerate(mirrored, start) if m["role"] != "session_meta"]
+    hermes = [(i, m) for i, m in enumerate(source[start:], start) if m["role"] != "session_meta"]
+    return 0 < len(ours) <= len(hermes) and all(
+        theirs[i] != stored[j]
+        and set(theirs_message).difference(our_message, _ADDED_IN_PLACE)  # no copy of ours
+        and same_turn(theirs_message, our_message)
+        for (i, theirs_message), (j, our_message) in zip(hermes, ours, strict=False)
     )
 
 

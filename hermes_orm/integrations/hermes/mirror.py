@@ -199,6 +199,27 @@ class _Tracked:
     stored: list[dict[str, Any]]
     source: str
     seen: list[dict[str, Any]] = field(default_factory=list)
+    #: The revision's rows, where they hold more than ``stored``: rows that are no
+    #: message of the conversation (the ``session_meta`` row of a Hermes gateway
+    #: session, brought by an import). None: ``stored`` is all of them.
+    rows: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def of_rows(cls, revision: int, rows: list[dict[str, Any]], source: str) -> _Tracked:
+        """What a revision's stored ``rows`` hold of the conversation."""
+        stored = conversation_rows(rows)
+        return cls(revision, stored, source, rows=None if len(stored) == len(rows) else rows)
+
+
+def conversation_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored ``rows`` without those that are no message of the conversation.
+
+    Hermes' gateway opens each session's transcript with a ``session_meta`` row
+    (its state.db, and an import of it, hold it); the agent's list never does.
+    """
+    if not any(row.get("role") == "session_meta" for row in rows):
+        return rows
+    return [row for row in rows if row.get("role") != "session_meta"]
 
 
 _CONTENT = itertools.repeat("content")
@@ -592,13 +613,17 @@ class Mirror:
             if not _continues(live, tracked):
                 tracked = self._revise(store, turn, tracked)
         if len(live) > len(tracked.stored):
-            messages = tracked.stored + live[len(tracked.stored) :]
+            new = live[len(tracked.stored) :]
+            rows = (tracked.stored if tracked.rows is None else tracked.rows) + new
             try:
-                store.flush(revision_id(sid, tracked.revision), messages)
+                store.flush(revision_id(sid, tracked.revision), rows)
             except HistoryDivergedError:
                 self._tracked.pop(sid, None)  # another writer moved on: the next turn reads it
                 raise
-            tracked.stored = messages
+            if tracked.rows is None:
+                tracked.stored = rows
+            else:
+                tracked.stored, tracked.rows = tracked.stored + new, rows
         tracked.seen = live
 
     def _revisions(self, store: SessionStore, session_id: str) -> list[dict[str, Any]]:
@@ -622,7 +647,7 @@ class Mirror:
             newest = _Tracked(len(revisions), [], source)
             tracked = newest
             for revision in range(len(revisions), 0, -1):
-                candidate = _Tracked(
+                candidate = _Tracked.of_rows(
                     revision, store.get_messages(revision_id(sid, revision)), source
                 )
                 if revision == len(revisions):
@@ -918,11 +943,7 @@ class StoreFlush(Mirror):
             return  # Hermes stored as many messages as the conversation has, or more
         target = revision_id(sid, revision)
         rows = store.get_messages(target)
-        active = [
-            row
-            for row in rows
-            if row.get("active") is not False and row.get("role") != "session_meta"
-        ]
+        active = [row for row in conversation_rows(rows) if row.get("active") is not False]
         now = time.time()  # rising by a microsecond per message, as Hermes' rewrites stamp them
         written = [hermes_message(m, now + i * 1e-6) for i, m in enumerate(live)]
         at = first_difference(written, active)
