@@ -535,6 +535,28 @@ def test_a_rewrite_queued_behind_a_slow_write_loses_no_turn(
     assert _stored(store, "s1#2")[1:] == _turn(3)
 
 
+def test_store_modes_copy_of_a_session_stays_one_in_every_process(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """A session Hermes writes elsewhere (its TUI): copied, marked so in the database."""
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+
+    def turn_in_a_new_process(messages: list[dict[str, Any]]) -> None:
+        flush = StoreFlush(db_url, status=status, wait=30)
+        assert flush.turn("tui", messages)
+        flush.close()
+
+    turn_in_a_new_process(_turn(1))
+    resumed = [dict(m) for m in _turn(1)] + _turn(2)
+    turn_in_a_new_process(resumed)
+    assert not [m for m in resumed if PERSISTED_MARK in m]  # Hermes' marks are its own there
+    compressed = [{"role": "user", "content": "[summary]"}, *_turn(3)]
+    turn_in_a_new_process(compressed)
+    assert [m["content"] for m in _stored(store, "tui")] == [m["content"] for m in resumed]
+    assert store.get_session("tui")["end_reason"] == "rewritten"  # type: ignore[index]
+    assert [m["content"] for m in _stored(store, "tui#2")] == [m["content"] for m in compressed]
+
+
 def test_a_tool_call_edited_in_place_is_seen(mirror: Mirror, store: SessionStore) -> None:
     history = _turn(1)
     history[1]["tool_calls"][0]["function"]["arguments"] = ""

@@ -666,10 +666,12 @@ class Mirror:
         while len(self._tracked) > _TRACKED_MAX:
             self._tracked.popitem(last=False)
 
-    def _create(self, store: SessionStore, turn: Turn) -> str:
-        """Create the mirrored session from Hermes' row; returns its source."""
+    def _create(self, store: SessionStore, turn: Turn, extra: dict[str, Any] | None = None) -> str:
+        """Create the mirrored session from Hermes' row (and ``extra``); returns its source."""
         hermes = self._hermes_row(turn.session_id)
         fields = _text_fields(hermes)
+        if extra:
+            fields["extra"] = dict(extra)
         fields.setdefault("model", turn.model or None)
         source = _text(hermes.get("source")) or turn.platform or "cli"
         started_at = hermes.get("started_at")
@@ -683,7 +685,7 @@ class Mirror:
                 if parent_row["ended_at"] is None and hermes.get("parent_end_reason"):
                     store.end_session(parent, hermes["parent_end_reason"])
             else:  # Hermes' parent was never mirrored: name it without a link
-                fields["extra"] = {"hermes_parent_session_id": parent}
+                fields["extra"] = {**fields.get("extra", {}), "hermes_parent_session_id": parent}
         store.ensure_session(turn.session_id, source, **fields)
         return source
 
@@ -755,6 +757,9 @@ def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
 #: its end (its attempts are bounded: a few seconds when the database is down), so
 #: that what it stored is marked before Hermes writes again.
 STORE_WAIT = 10.0
+#: The key of a session's ``extra`` marking it as store mode's copy of a session
+#: Hermes writes elsewhere (its TUI's): kept as the mirror keeps its sessions.
+COPY_MARK = "hermes_orm_copy"
 #: The mark Hermes stamps on a message dict once its own write loop stored it
 #: (hermes-agent 0.19 ``run_agent._DB_PERSISTED_MARKER``); marked messages are
 #: never written again.
@@ -875,16 +880,15 @@ class StoreFlush(Mirror):
     of the conversation: neither counted nor compared.
 
     A session Hermes writes elsewhere (a SessionDB it opened before the plugin
-    loaded: its TUI) is created here and is a copy, this flush's alone: each
-    turn stores its conversation, and one that no longer continues the copy
-    goes on in a new revision (``ID#2``), as the mirror keeps them.
+    loaded: its TUI) is created here and is a copy, this flush's alone, marked
+    so in its ``extra`` (:data:`COPY_MARK`) for every later process: each turn
+    stores its conversation, one that no longer continues the copy goes on in
+    a new revision (``ID#2``), as the mirror keeps them, and Hermes' marks on
+    its messages are left alone (its own writes go elsewhere).
     """
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
-        # Sessions this flush had to create: Hermes writes them elsewhere (a
-        # SessionDB it opened before the plugin loaded), so each turn stores them.
-        self._created: OrderedDict[str, None] = OrderedDict()
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself."""
@@ -894,38 +898,34 @@ class StoreFlush(Mirror):
 
     @staticmethod
     def _live_rows(store: SessionStore, session_id: str) -> tuple[int | None, bool]:
-        """How many live rows the session has (None: no such session), and if it has a revision.
+        """How many live rows the session has (None: no such session), and if it is a copy.
 
         Live rows are the active ones that are messages (not the ``session_meta``
-        row Hermes' gateway opens a session with). Only a copy of a session
-        Hermes writes elsewhere has revisions (``ID#2``, see :meth:`_flush_in`).
+        row Hermes' gateway opens a session with). A copy of a session Hermes
+        writes elsewhere is marked so in its ``extra`` (see :meth:`_flush_in`).
         """
         c = _messages_table.c
-        exists = select(_sessions_table.c.id).where(_sessions_table.c.id == session_id)
+        session = select(_sessions_table.c.extra).where(_sessions_table.c.id == session_id)
         count = (
             select(func.count())
             .select_from(_messages_table)
             .where(c.session_id == session_id, _ACTIVE_ROW, c.role != "session_meta")
         )
-        revised = select(_sessions_table.c.id).where(
-            _sessions_table.c.id == revision_id(session_id, 2)
-        )
 
         def work(conn: Any) -> tuple[int | None, bool]:
-            if conn.execute(exists).first() is None:
+            row = conn.execute(session).first()
+            if row is None:
                 return None, False
-            return int(conn.execute(count).scalar_one()), conn.execute(revised).first() is not None
+            copy = isinstance(row.extra, dict) and row.extra.get(COPY_MARK) is True
+            return int(conn.execute(count).scalar_one()), copy
 
         return store.read_transaction(work)
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
-        count, revised = self._live_rows(store, sid)
+        count, copy = self._live_rows(store, sid)
         if count is None:
-            self._create(store, turn)
-            self._created[sid] = None
-            while len(self._created) > _TRACKED_MAX:
-                self._created.popitem(last=False)
+            self._create(store, turn, {COPY_MARK: True})
             logger.warning(
                 "hermes_orm store: session %s was not in %s: Hermes writes it elsewhere (a "
                 "session database opened before the plugin loaded) or could not create it; "
@@ -933,11 +933,9 @@ class StoreFlush(Mirror):
                 sid,
                 safe_url(self.url),
             )
-            count = 0
+            count, copy = 0, True
         # A copy (Hermes writes the session elsewhere) is this flush's alone: a
         # rewritten conversation goes on in a new revision, as the mirror keeps one.
-        # (After a restart, a copy is known as one once it has a revision.)
-        copy = sid in self._created or revised
         revision = len(self._revisions(store, sid)) if copy else 1
         if not copy and len(live) <= count:
             return  # Hermes stored as many messages as the conversation has, or more
