@@ -225,7 +225,7 @@ def _told_while_waiting(asked: float) -> Iterator[None]:
 
     def tell() -> None:
         while not done.wait(_TELL_EVERY):
-            logger.info(
+            logger.warning(
                 "waiting for another process's migration of the database (%.0f s so far)",
                 time.monotonic() - asked,
             )
@@ -387,7 +387,28 @@ def migration_connection(bind: Bind) -> Iterator[tuple[Connection, str | None]]:
         yield conn, schema
 
 
+def _at_head(bind: Bind, given: str | None) -> bool:
+    """Whether the schema is at the shipped head, read without the migration lock.
+
+    A store's ``upgrade()`` at start-up mostly has nothing to do: it need not
+    wait for the lock (on SQLite, the write lock any writer holds a while).
+    """
+    _refuse_autocommit(bind)
+    schema = store_schema(bind, given)
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return _located(conn, schema).revision == head()
+    began = not bind.in_transaction()
+    try:
+        return _located(bind, schema).revision == head()
+    finally:
+        if began and bind.in_transaction():
+            bind.rollback()  # it only read: the connection is handed back as it came
+
+
 def _run(bind: Bind, given: str | None, fn: Any, *args: Any) -> None:
+    if fn is command.upgrade and args == ("head",) and _at_head(bind, given):
+        return  # a store's upgrade() on start-up, say
     config = alembic_config()
     with _host_alembic_kept(), _prepared(bind, given) as (conn, schema, before):
         if (
@@ -427,9 +448,10 @@ def upgrade(
     before (or after) running its own migrations on the same connection.
 
     The migration holds the database's migration lock: another process
-    migrating it at the same time waits for it, however long it takes (an
-    INFO line on the ``hermes_orm`` log every 30 s meanwhile), then finds the
-    schema at head. PostgreSQL: an advisory lock for the transaction. SQLite:
+    migrating it at the same time waits for it, however long it takes (a
+    warning on the ``hermes_orm`` log every 30 s meanwhile), then finds the
+    schema at head; a database at the head already is left without taking the
+    lock. PostgreSQL: an advisory lock for the transaction. SQLite:
     the write lock, by beginning the transaction with ``BEGIN IMMEDIATE``; on a
     connection already in a transaction, the caller's to have taken.
 

@@ -487,6 +487,9 @@ def test_processes_upgrading_one_database_at_once_take_turns(empty_db_url: str) 
     go.set()
     for worker in workers:
         worker.join(120)
+    for worker in workers:
+        if worker.is_alive():  # hung: fail without leaving it behind
+            worker.terminate()
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     assert migrations.current(engine) == migrations.head()
@@ -500,7 +503,6 @@ def test_a_migration_that_waited_for_another_says_so(
     import threading
 
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
-    hermes_orm.upgrade(engine)
     with engine.connect() as holder:  # another process's migration, as far as locks go
         if engine.dialect.name == "sqlite":
             holder.exec_driver_sql("BEGIN IMMEDIATE")
@@ -513,6 +515,32 @@ def test_a_migration_that_waited_for_another_says_so(
         timer.join()
     assert "waited" in caplog.text
     assert "another process's migration" in caplog.text
+    assert migrations.current(engine) == migrations.head()
+    engine.dispose()
+
+
+def test_an_upgrade_with_nothing_to_do_waits_for_no_lock(db_url: str) -> None:
+    """A store's upgrade() on start-up, while a writer holds SQLite's write lock a while."""
+    import threading
+
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    released = threading.Event()
+    with engine.connect() as holder:
+        if engine.dialect.name == "sqlite":
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+
+        def release() -> None:  # only if upgrade() waited (it would wait for ever)
+            released.set()
+            holder.rollback()
+
+        timer = threading.Timer(60, release)
+        timer.start()
+        hermes_orm.upgrade(engine)
+        assert not released.is_set()  # it returned while the lock was held
+        timer.cancel()
+        holder.rollback()
     engine.dispose()
 
 
@@ -691,13 +719,16 @@ def test_processes_upgrading_at_once_take_turns_whatever_they_call(
         worker.start()
     for worker in workers:
         worker.join(120)
+    for worker in workers:
+        if worker.is_alive():  # hung: fail without leaving it behind
+            worker.terminate()
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     assert migrations.current(engine) == migrations.head()
     engine.dispose()
 
 
-def _hold_the_migration_lock(url: str, held: Any, seconds: float) -> None:
+def _hold_the_migration_lock(url: str, held: Any, seconds: float, releasing: Any = None) -> None:
     """Another process's long migration, as far as locks go."""
     import time
 
@@ -709,6 +740,8 @@ def _hold_the_migration_lock(url: str, held: Any, seconds: float) -> None:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
         held.set()
         time.sleep(seconds)
+        if releasing is not None:
+            releasing.set()
         conn.rollback()
     engine.dispose()
 
@@ -727,19 +760,18 @@ def test_a_migration_waits_for_another_however_long_it_takes(
     import asyncio
     import logging
     import multiprocessing
-    import time
 
     from hermes_orm import AsyncSessionStore, RetryPolicy
 
     engine = create_store_engine(empty_db_url, poolclass=NullPool, lock_timeout=0.2)
-    hermes_orm.upgrade(engine)
     monkeypatch.setattr(migrations, "_TELL_EVERY", 1.0)
     context = multiprocessing.get_context("spawn")
-    held = context.Event()
-    holder = context.Process(target=_hold_the_migration_lock, args=(empty_db_url, held, HOLD))
+    held, releasing = context.Event(), context.Event()
+    holder = context.Process(
+        target=_hold_the_migration_lock, args=(empty_db_url, held, HOLD, releasing)
+    )
     holder.start()
     assert held.wait(60)
-    started = time.monotonic()
     quick = {"lock_timeout": 0.2, "retry": RetryPolicy(attempts=2)}
     with caplog.at_level(logging.INFO, logger="hermes_orm"):
         if how == "upgrade":
@@ -756,10 +788,9 @@ def test_a_migration_waits_for_another_however_long_it_takes(
                 await store.close()
 
             asyncio.run(main())
-    waited = time.monotonic() - started
+    assert releasing.is_set()  # it returned only once the other let the lock go
     holder.join(60)
     assert holder.exitcode == 0
-    assert waited >= HOLD - 1.0
     assert "waiting for another process's migration of the database" in caplog.text
     assert "waited" in caplog.text
     assert migrations.current(engine) == migrations.head()
