@@ -297,6 +297,36 @@ def test_0011_narrows_the_cjk_text_a_populated_database_holds(empty_pg: str) -> 
     engine.dispose()
 
 
+def test_0013_recounts_the_tool_calls_of_live_messages(empty_db_url: str) -> None:
+    """Sessions counted before 0013 counted the tool calls of archived messages too."""
+    from hermes_orm.verify import verify_database
+
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    migrations.upgrade(engine, "0012_search_folds_like_fts5")
+    store = hermes_orm.SessionStore(engine, check_schema=False)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    archived = {"role": "assistant", "content": None, "tool_calls": [call, call], "active": False}
+    store.create_session("old", source="cli")
+    store.flush("old", [archived, {"role": "assistant", "content": None, "tool_calls": [call]}])
+    store.create_session("plain", source="cli")
+    store.flush("plain", [{"role": "assistant", "content": None, "tool_calls": [call]}])
+
+    def counts() -> dict[str, int]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT id, tool_call_count FROM hermes_sessions")
+            return dict(rows.all())  # type: ignore[arg-type]
+
+    with engine.begin() as conn:  # as 0012's hermes_orm counted them
+        conn.exec_driver_sql("UPDATE hermes_sessions SET tool_call_count = 3 WHERE id = 'old'")
+    migrations.upgrade(engine)
+    assert counts() == {"old": 1, "plain": 1}
+    assert verify_database(hermes_orm.SessionStore(engine)).problems == []
+    migrations.downgrade(engine, "0012_search_folds_like_fts5")
+    assert counts() == {"old": 3, "plain": 1}
+    migrations.upgrade(engine)
+    engine.dispose()
+
+
 @pytest.mark.postgresql
 def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> None:
     """Messages written at 0011 with final sigma (and the like) are found by every form after it.
