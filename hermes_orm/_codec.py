@@ -461,7 +461,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
         elif kind == _JSON:
             documents[key] = value
             if key == "tool_calls":
-                tool_calls = len(value) if isinstance(value, list) else 1
+                tool_calls = tool_call_count(value)
             params[slot] = stored = _to_json(value, index, key, message)
             pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{_digest_text(value, stored)}"
             continue
@@ -507,6 +507,13 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     if tool_calls and message.get("active") is False:
         tool_calls = 0
     return _new_encoded(EncodedMessage, (tuple(params), digest, tool_calls, documents or None))
+
+
+def tool_call_count(value: Any) -> int:
+    """How many tool calls a ``tool_calls`` value holds: a list its length, None none, else one."""
+    if value is None:
+        return 0
+    return len(value) if isinstance(value, list) else 1
 
 
 def _surrogate_key(message: dict[Any, Any]) -> Any:

@@ -243,10 +243,8 @@ class AsyncSessionStore(_AsyncSessions):
 
     async def close(self) -> None:
         """Give back the idle connection; dispose of the engine if the store made it."""
-        parked, self._parked = self._parked, []
         self._closes += 1
-        for conn in parked:
-            await self._release(conn)
+        await self._unpark()
         if self._owns_engine:
             await self._async_engine.dispose()
         if self._owns_replica and self._async_replica is not None:
@@ -266,10 +264,7 @@ class AsyncSessionStore(_AsyncSessions):
         """Run the shipped migrations up to ``revision``; see :meth:`SessionStore.upgrade`."""
 
         async def once() -> None:
-            # The idle connection the store kept goes back (of a pool of one, the only one).
-            parked, self._parked = self._parked, []
-            for idle in parked:
-                await self._release(idle)
+            await self._unpark()  # the pool's connection (of one, it may be the only one)
             conn = await self._connect()
             try:
                 # No transaction begun here: upgrade() begins its own with the
@@ -368,6 +363,12 @@ class AsyncSessionStore(_AsyncSessions):
                 await asyncio.shield(conn.close())
                 raise
         return conn
+
+    async def _unpark(self) -> None:
+        """Give the idle connection the store kept back to the pool."""
+        parked, self._parked = self._parked, []
+        for conn in parked:
+            await self._release(conn)
 
     async def _checkout(self) -> AsyncConnection:
         """The idle connection the store kept, else one from the pool."""

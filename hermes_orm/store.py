@@ -335,7 +335,7 @@ def _check_filter(name: str, value: Any) -> str | None:
     return value
 
 
-def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate caller-supplied session fields before anything is written."""
     for name, value in fields.items():
         expected = SESSION_FIELDS.get(name)
@@ -794,7 +794,7 @@ class StoreCore:
                     f"a store scoped to user {self._user!r} makes only that user's sessions, "
                     f"not user {owner!r}'s"
                 )
-        values = _check_fields({"source": source, **fields})
+        values = check_fields({"source": source, **fields})
         values["id"] = session_id
         if values.get("started_at") is None:
             values["started_at"] = time.time()
@@ -912,7 +912,7 @@ class StoreCore:
         check_session_id(session_id)
         if not isinstance(reason, str):
             raise InvalidSessionError(f"end reason must be a str, got {type(reason).__name__}")
-        _check_fields({"end_reason": reason})
+        check_fields({"end_reason": reason})
 
         def work(conn: Connection) -> None:
             done = conn.execute(

@@ -82,8 +82,10 @@ def test_libpq_parameters_in_a_url_work_on_either_driver(
         assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
         await store.close()
 
-    asyncio.run(main())
-    _drop_pg_database(pg_server_url, db_url)
+    try:
+        asyncio.run(main())
+    finally:
+        _drop_pg_database(pg_server_url, db_url)
 
 
 #: Texts holding the password "s3cret" or "sec ret" that are no database URL:

@@ -158,13 +158,6 @@ def _executes(sql: str) -> Callable[[Connection], None]:
     return work
 
 
-def _tool_calls_of(value: Any) -> int:
-    """How many tool calls a stored ``tool_calls`` column value counts for."""
-    if value is None:
-        return 0
-    return len(value) if isinstance(value, list) else 1
-
-
 def _preview_text(content: Any) -> str:
     """The text of a message's content a picker shows (parts' text joined)."""
     if isinstance(content, list):
@@ -374,7 +367,7 @@ class UpkeepMethods:
         for row in rows:
             message = _codec.row_to_message(row)
             if row.active is not False:
-                calls -= _tool_calls_of(row.tool_calls)
+                calls -= _codec.tool_call_count(row.tool_calls)
             change(message)
             encoded = _codec.encode_message(message, row.idx)
             calls += encoded.tool_calls
@@ -443,7 +436,9 @@ class UpkeepMethods:
                 message_count=len(kept),
                 flushed_digest=last,
                 # Of the live rows only, as Hermes counts them (archived ones are kept).
-                tool_call_count=sum(_tool_calls_of(row.tool_calls) for row in kept if row.live),
+                tool_call_count=sum(
+                    _codec.tool_call_count(row.tool_calls) for row in kept if row.live
+                ),
             )
         )
         if encoded:
@@ -1231,11 +1226,11 @@ class UpkeepMethods:
             **{name: _int_or_default(raw.get(name)) for name in _IMPORT_COUNTERS},
         }
         # What the store checks of any session, before anything is written.
-        from hermes_orm.store import _check_fields, check_session_id
+        from hermes_orm.store import check_fields, check_session_id
 
         try:
             check_session_id(session_id)
-            _check_fields({k: v for k, v in fields.items() if k != "id"})
+            check_fields({k: v for k, v in fields.items() if k != "id"})
         except InvalidSessionError as exc:
             raise ValueError(str(exc)) from None
         return fields, encoded

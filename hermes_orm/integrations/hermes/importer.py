@@ -1,10 +1,12 @@
 """Import a Hermes Agent ``state.db`` into a hermes_orm database, losslessly.
 
-The source is read, never written: opened read-only through SQLite's WAL
-protocol when a Hermes process has it open (its ``-wal`` file exists), and as
-an immutable file otherwise, so that not even a ``-wal`` or ``-shm`` file is
-created beside it. Its columns are introspected, so any schema version works:
-columns hermes_orm has no place for go into the ``extra`` JSON of the row.
+The source is read, never written: opened read-only through SQLite's own
+protocol when a Hermes process has it open (its ``-wal`` file exists) or a
+rollback journal lies beside it (a hot one, a write never committed, is refused:
+see :class:`Source`), and as an immutable file otherwise, so that not even a
+``-wal`` or ``-shm`` file is created beside it. Its columns are introspected, so
+any schema version works: columns hermes_orm has no place for go into the
+``extra`` JSON of the row.
 
 Messages keep Hermes' order (its row id) and get ``idx`` 0..n-1. They are
 written with :meth:`SessionStore.flush` in batches, each its own transaction:
