@@ -260,23 +260,24 @@ def _sqlite_write_lock(conn: Connection, asked: float) -> None:
 
     Each try waits ``busy_timeout``; the one that fails leaves no transaction behind.
     """
-    try:
-        _dialects.begin_immediate(conn)
+
+    def took() -> bool:
+        try:
+            _dialects.begin_immediate(conn)
+        except OperationalError as exc:
+            if not _dialects.is_transient(exc):
+                raise
+            conn.rollback()
+            return False
+        return True
+
+    if took():
         return
-    except OperationalError as exc:
-        if not _dialects.is_transient(exc):
-            raise
-        conn.rollback()
     with _told_while_waiting(asked):
         while True:
             tried = time.monotonic()
-            try:
-                _dialects.begin_immediate(conn)
+            if took():
                 return
-            except OperationalError as exc:
-                if not _dialects.is_transient(exc):
-                    raise
-                conn.rollback()
             time.sleep(max(0.0, _SQLITE_RETRY - (time.monotonic() - tried)))
 
 

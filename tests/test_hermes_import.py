@@ -1000,23 +1000,10 @@ def test_a_rerun_leaves_a_session_that_went_on_in_the_destination_as_it_is(
         assert conn.execute(select(ModelUsage)).all() == usage
 
 
-@pytest.mark.parametrize("first", ["import", "mirror"])
-def test_a_gateway_session_the_mirror_keeps_is_up_to_date_whoever_came_first(
-    store: SessionStore, tmp_path: Path, first: str
-) -> None:
-    """Its session_meta row (state.db's, and an import's copy) is no turn of the agent's list."""
+def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: str) -> None:
+    """The Hermes mirror plugin's turn of the conversation q1 a1 q2 a2, as the agent has it."""
     from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
 
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("g", source="telegram", model="m")
-    hermes.append_message("g", "user", content="q1")
-    hermes.append_message("g", "assistant", content="a1")
-    # What Hermes' gateway appends after a new session's first turn.
-    hermes.append_message("g", role="session_meta", content=None)
-    if first == "import":
-        assert import_state_db(source, store).ok
-    hermes.append_message("g", "user", content="q2")
-    hermes.append_message("g", "assistant", content="a2")
     live = [
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"},
@@ -1029,9 +1016,27 @@ def test_a_gateway_session_the_mirror_keeps_is_up_to_date_whoever_came_first(
         wait=10,
     )
     try:
-        assert mirror.turn("g", live, model="m", platform="telegram")
+        assert mirror.turn(sid, live, model="m", platform=platform)
     finally:
         mirror.close()
+
+
+@pytest.mark.parametrize("first", ["import", "mirror"])
+def test_a_gateway_session_the_mirror_keeps_is_up_to_date_whoever_came_first(
+    store: SessionStore, tmp_path: Path, first: str
+) -> None:
+    """Its session_meta row (state.db's, and an import's copy) is no turn of the agent's list."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("g", source="telegram", model="m")
+    hermes.append_message("g", "user", content="q1")
+    hermes.append_message("g", "assistant", content="a1")
+    # What Hermes' gateway appends after a new session's first turn.
+    hermes.append_message("g", role="session_meta", content=None)
+    if first == "import":
+        assert import_state_db(source, store).ok
+    hermes.append_message("g", "user", content="q2")
+    hermes.append_message("g", "assistant", content="a2")
+    _mirror_two_turns(store, tmp_path, "g", "telegram")
     assert store.get_session("g#2") is None  # continued, not taken for a rewrite
     stored = store.get_messages("g")
     assert [m["content"] for m in stored if m["role"] != "session_meta"] == [
@@ -1048,8 +1053,6 @@ def test_a_gateway_session_the_mirror_keeps_is_up_to_date_whoever_came_first(
 
 def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_path: Path) -> None:
     """README: state.db imported first, mirror plugin enabled after; then imported again."""
-    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
-
     source, hermes = _real_hermes(tmp_path)
     hermes.create_session("s", source="cli", model="m")
     hermes.append_message("s", "user", content="q1")
@@ -1057,21 +1060,7 @@ def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_p
     assert import_state_db(source, store).ok
     hermes.append_message("s", "user", content="q2")
     hermes.append_message("s", "assistant", content="a2")
-    live = [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a2"},
-    ]
-    mirror = Mirror(
-        store.engine.url.render_as_string(hide_password=False),
-        status=StatusFile(tmp_path / "status.json"),
-        wait=10,
-    )
-    try:
-        assert mirror.turn("s", live, model="m", platform="cli")
-    finally:
-        mirror.close()
+    _mirror_two_turns(store, tmp_path, "s", "cli")
     hermes.append_message("s", "user", content="q3")  # the mirror stores it at the turn's end
     stored = store.get_messages("s")
     report = import_state_db(source, store)

@@ -7,7 +7,7 @@ fact that both raise) must match, with the clock's readings set aside.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,13 @@ def both(store: SessionStore, tmp_path: Path) -> Any:
     hermes = HermesSessionDB(tmp_path / "hermes-state.db")
     yield Both(hermes, SessionDB(store))
     hermes.close()
+
+
+@pytest.fixture
+def elsewhere(store: SessionStore) -> Iterator[SessionDB]:
+    """A SessionDB on the same database through a store of its own (another process's)."""
+    with SessionStore(store.engine.url.render_as_string(hide_password=False)) as other:
+        yield SessionDB(other)
 
 
 def test_sessions_titles_and_lifecycle(both: Any) -> None:
@@ -819,12 +826,10 @@ def test_append_message_whose_commit_ack_was_lost_stores_one_row(
 
 
 def test_append_message_returns_its_own_rows_id_when_another_process_rewrites_at_once(
-    store: SessionStore,
+    store: SessionStore, elsewhere: SessionDB
 ) -> None:
     """The id comes from the write's own transaction, not a later look-up by position."""
-    ours = SessionDB(store)
-    other_store = SessionStore(store.engine.url.render_as_string(hide_password=False))
-    other = SessionDB(other_store)
+    ours, other = SessionDB(store), elsewhere
     ours.create_session("s", "cli")
     first = ours.append_message("s", "user", "first")
     armed = [True]
@@ -842,7 +847,6 @@ def test_append_message_returns_its_own_rows_id_when_another_process_rewrites_at
         mine = ours.append_message("s", "assistant", "mine")
     finally:
         event.remove(store.engine, "checkin", rewrite_elsewhere)
-        other_store.close()
     assert not armed[0]
     after = ours.get_messages("s")
     assert [m["content"] for m in after] == ["other-0", "other-1"]
@@ -866,11 +870,9 @@ def test_a_title_moves_off_a_compressed_ancestor_on_a_rename_as_in_hermes(both: 
 
 @pytest.mark.backends("postgresql")  # SQLite's write lock orders the two writers
 def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
-    store: SessionStore,
+    store: SessionStore, elsewhere: SessionDB
 ) -> None:
-    ours = SessionDB(store)
-    other_store = SessionStore(store.engine.url.render_as_string(hide_password=False))
-    other = SessionDB(other_store)
+    ours, other = SessionDB(store), elsewhere
     ours.create_session("a", "cli")
     ours.create_session("b", "cli")
     armed = [True]
@@ -886,7 +888,6 @@ def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
             ours.set_session_title("a", "Shared")
     finally:
         event.remove(store.engine, "before_cursor_execute", take_it_first)
-        other_store.close()
     assert not armed[0]
     assert ours.get_session("a")["title"] is None
 

@@ -515,15 +515,28 @@ def test_processes_upgrading_one_database_at_once_take_turns(empty_db_url: str) 
     for worker in workers:
         worker.start()
     go.set()
+    _all_done_at_head(workers, empty_db_url)
+
+
+def _all_done_at_head(workers: list[Any], url: str) -> None:
+    """Wait for ``workers`` (processes that migrate ``url``): each ended well, at the head."""
     for worker in workers:
         worker.join(120)
     for worker in workers:
         if worker.is_alive():  # hung: fail without leaving it behind
             worker.terminate()
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
-    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    engine = create_store_engine(url, poolclass=NullPool)
     assert migrations.current(engine) == migrations.head()
     engine.dispose()
+
+
+def _take_the_migration_lock(conn: Any) -> None:
+    """What a migration in another process holds, as far as locks go."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
 
 
 def test_a_migration_that_waited_for_another_says_so(
@@ -534,10 +547,7 @@ def test_a_migration_that_waited_for_another_says_so(
 
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     with engine.connect() as holder:  # another process's migration, as far as locks go
-        if engine.dialect.name == "sqlite":
-            holder.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+        _take_the_migration_lock(holder)
         timer = threading.Timer(1.5, holder.rollback)
         timer.start()
         with caplog.at_level(logging.INFO, logger="hermes_orm"):
@@ -556,10 +566,7 @@ def test_an_upgrade_with_nothing_to_do_waits_for_no_lock(db_url: str) -> None:
     engine = create_store_engine(db_url, poolclass=NullPool)
     released = threading.Event()
     with engine.connect() as holder:
-        if engine.dialect.name == "sqlite":
-            holder.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            holder.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+        _take_the_migration_lock(holder)
 
         def release() -> None:  # only if upgrade() waited (it would wait for ever)
             released.set()
@@ -747,15 +754,7 @@ def test_processes_upgrading_at_once_take_turns_whatever_they_call(
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join(120)
-    for worker in workers:
-        if worker.is_alive():  # hung: fail without leaving it behind
-            worker.terminate()
-    assert [worker.exitcode for worker in workers] == [0, 0, 0]
-    engine = create_store_engine(empty_db_url, poolclass=NullPool)
-    assert migrations.current(engine) == migrations.head()
-    engine.dispose()
+    _all_done_at_head(workers, empty_db_url)
 
 
 def _hold_the_migration_lock(url: str, held: Any, seconds: float, releasing: Any = None) -> None:
@@ -764,10 +763,7 @@ def _hold_the_migration_lock(url: str, held: Any, seconds: float, releasing: Any
 
     engine = create_store_engine(url, poolclass=NullPool)
     with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrations._MIGRATION_LOCK})")
+        _take_the_migration_lock(conn)
         held.set()
         time.sleep(seconds)
         if releasing is not None:
