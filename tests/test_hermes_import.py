@@ -66,6 +66,15 @@ def _tool_calls(rows: list[dict[str, Any]]) -> int:
     return sum(len(json.loads(m["tool_calls"])) for m in rows if m["tool_calls"])
 
 
+def _edit_source(source: Path, *statements: str) -> None:
+    """Change a state.db behind Hermes' back (as another tool, or an older Hermes, would)."""
+    conn = sqlite3.connect(source)  # foreign keys are off on a plain connection
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
 def _real_hermes(tmp_path: Path) -> tuple[Path, Any]:
     """A new state.db and the real Hermes Agent's SessionDB writing it."""
     from hermes_state import SessionDB as HermesSessionDB
@@ -942,10 +951,7 @@ def test_the_verification_compares_each_session_s_last_message(
 
     def edit(sid: str, _cursor: int) -> None:
         if sid == "a":
-            conn = sqlite3.connect(source)
-            conn.execute("UPDATE messages SET content = 'edited' WHERE session_id = 'a'")
-            conn.commit()
-            conn.close()
+            _edit_source(source, "UPDATE messages SET content = 'edited' WHERE session_id = 'a'")
 
     report = import_state_db(source, store, on_batch=edit)
     assert report.diverged_sessions == ["a"], report.table()
@@ -958,10 +964,7 @@ def test_messages_without_a_sessions_row_are_reported(
     source, hermes = _two_sessions(tmp_path)
     hermes.append_message("b", "assistant", content="and more")
     hermes.close()
-    conn = sqlite3.connect(source)  # foreign keys are off on a plain connection
-    conn.execute("DELETE FROM sessions WHERE id = 'b'")
-    conn.commit()
-    conn.close()
+    _edit_source(source, "DELETE FROM sessions WHERE id = 'b'")
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
         report = import_state_db(source, store)
     assert report.orphaned_messages == {"b": 2}
@@ -1072,10 +1075,7 @@ def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_p
     assert store.get_messages("s") == stored
     # a later edit of a message the import copied is still a divergence
     hermes.set_latest_user_api_content("s", "q3", "q3, with context")
-    conn = sqlite3.connect(source)
-    conn.execute("UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
-    conn.commit()
-    conn.close()
+    _edit_source(source, "UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
     hermes.close()
     assert import_state_db(source, store).diverged_sessions == ["s"]
 
@@ -1150,11 +1150,11 @@ def test_duplicate_titles_of_an_old_state_db_are_left_to_the_newest_session(
 ) -> None:
     source, hermes = _two_sessions(tmp_path)
     hermes.close()
-    conn = sqlite3.connect(source)
-    conn.execute("DROP INDEX idx_sessions_title_unique")  # as before Hermes made titles unique
-    conn.execute("UPDATE sessions SET title = 'My chat'")
-    conn.commit()
-    conn.close()
+    _edit_source(
+        source,
+        "DROP INDEX idx_sessions_title_unique",  # as before Hermes made titles unique
+        "UPDATE sessions SET title = 'My chat'",
+    )
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert report.deduplicated_titles == ["a"]
@@ -1171,10 +1171,7 @@ def test_null_in_a_column_hermes_leaves_nullable_is_its_default(
 ) -> None:
     source, hermes = _two_sessions(tmp_path)
     hermes.close()
-    conn = sqlite3.connect(source)
-    conn.execute(f"UPDATE sessions SET {column} = NULL WHERE id = 'b'")
-    conn.commit()
-    conn.close()
+    _edit_source(source, f"UPDATE sessions SET {column} = NULL WHERE id = 'b'")
     report = import_state_db(source, store)
     assert report.ok, report.table()
     assert (store.get_session("b") or {})[column] in (0, False)
@@ -1212,12 +1209,9 @@ def test_a_blob_in_a_sessions_column_makes_its_session_invalid(
 ) -> None:
     source, hermes = _two_sessions(tmp_path)
     hermes.close()
-    conn = sqlite3.connect(source)
-    if column == "newcol":  # a column hermes_orm keeps in extra
-        conn.execute("ALTER TABLE sessions ADD COLUMN newcol BLOB")
-    conn.execute(f"UPDATE sessions SET {column} = X'00FF10' WHERE id = 'b'")
-    conn.commit()
-    conn.close()
+    # newcol: a column hermes_orm keeps in extra
+    added = ["ALTER TABLE sessions ADD COLUMN newcol BLOB"] if column == "newcol" else []
+    _edit_source(source, *added, f"UPDATE sessions SET {column} = X'00FF10' WHERE id = 'b'")
     report = import_state_db(source, store)
     assert report.invalid_sessions == {"b": f"its column {column!r} holds a BLOB, not text"}
     assert "session b: cannot be stored" in report.table()

@@ -1242,19 +1242,16 @@ def _read_groups(
     size = finished = 0
     for sid in session_ids:
         cursor, stored = cursors.get(sid, _NOTHING_COPIED)
+        prefix = functools.partial(_checked_prefix, src, columns, sid, batch=batch)
         with src.snapshot():
             generation = src.generation
             fingerprint = _fingerprint()  # of the digests of the messages up to the cursor
             before_digest = None
             if cursor:
-                before_digest = _checked_prefix(
-                    src, columns, sid, cursor, batch=batch, fingerprint=fingerprint
-                )
+                before_digest = prefix(cursor, fingerprint=fingerprint)
                 if src.generation != generation:  # read again, as of one moment
                     generation, fingerprint = src.generation, _fingerprint()
-                    before_digest = _checked_prefix(
-                        src, columns, sid, cursor, batch=batch, fingerprint=fingerprint
-                    )
+                    before_digest = prefix(cursor, fingerprint=fingerprint)
                 if before_digest is None or fingerprint.digest() != stored:
                     report.diverged_sessions.append(sid)
                     finished += 1
@@ -1265,8 +1262,7 @@ def _read_groups(
                     generation = src.generation
                     again = _fingerprint()
                     if cursor and (
-                        _checked_prefix(src, columns, sid, cursor, batch=batch, fingerprint=again)
-                        is None
+                        prefix(cursor, fingerprint=again) is None
                         or again.digest() != fingerprint.digest()
                     ):
                         report.diverged_sessions.append(sid)
