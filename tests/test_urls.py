@@ -51,15 +51,16 @@ def test_a_store_reaches_the_first_host_that_answers(
         assert store.flush("s", [{"role": "user", "content": "hi"}]).cursor == 1
         store.close()
     else:
-
-        async def main() -> None:
-            store = AsyncSessionStore(url)
-            await store.create_session("s", source="cli")
-            assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
-            await store.close()
-
-        asyncio.run(main())
+        asyncio.run(_flush_once_async(url))
     _drop_pg_database(pg_server_url, db_url)
+
+
+async def _flush_once_async(url: str) -> None:
+    """An AsyncSessionStore on ``url`` creates a session and flushes a message into it."""
+    store = AsyncSessionStore(url)
+    await store.create_session("s", source="cli")
+    assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
+    await store.close()
 
 
 @pytest.mark.postgresql
@@ -75,15 +76,8 @@ def test_libpq_parameters_in_a_url_work_on_either_driver(
         f"postgresql+{driver}://{real.username}@{real.host}:{real.port}/{real.database}"
         "?connect_timeout=5&sslmode=disable"
     )
-
-    async def main() -> None:
-        store = AsyncSessionStore(url)
-        await store.create_session("s", source="cli")
-        assert (await store.flush("s", [{"role": "user", "content": "hi"}])).cursor == 1
-        await store.close()
-
     try:
-        asyncio.run(main())
+        asyncio.run(_flush_once_async(url))
     finally:
         _drop_pg_database(pg_server_url, db_url)
 
