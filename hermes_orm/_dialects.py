@@ -1542,7 +1542,10 @@ def is_transient(exc: DBAPIError) -> bool:
 
 
 def _refused(orig: BaseException | None) -> bool:
-    """Whether the server (or a pooler in front of it) refused the connection for good."""
+    """Whether the server (or a pooler in front of it) refused the connection for good.
+
+    Or libpq could not use a connection option it was given: no try would.
+    """
     message = str(orig).lower()
     return any(refusal in message for refusal in _REFUSALS)
 
@@ -1621,6 +1624,12 @@ _REFUSALS = (
     "no such database",  # PgBouncer
     "no such user",  # PgBouncer
     "certificate verify failed",  # TLS
+    # libpq, to a connection option it cannot use (the URL's query, a service file):
+    # the same on every try, before any server is reached.
+    'value: "',  # invalid sslmode value: "bogus" (target_session_attrs, gssencmode, ...)
+    "for connection option",  # invalid integer value "abc" for connection option "port"
+    "definition of service",  # definition of service "x" not found
+    "service file",  # service file "..." not found
 )
 
 #: duplicate_prepared_statement, invalid_sql_statement_name ("prepared statement

@@ -26,6 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from hermes_orm import (
     AsyncSessionStore,
+    DatabaseError,
     DatabaseUnavailableError,
     RetryPolicy,
     SessionStore,
@@ -241,6 +242,45 @@ def test_a_poolers_refusals_are_not_retried() -> None:
         assert not _dialects.is_transient(OperationalError("connect", None, refusal))
     lost = psycopg.OperationalError("server closed the connection unexpectedly")
     assert _dialects.is_unreachable(OperationalError("select", None, lost))
+
+
+_BAD_OPTIONS = [("sslmode", "bogus"), ("target_session_attrs", "bogus")]
+
+
+@pytest.mark.parametrize(
+    ("driver", "option", "value"),
+    [(driver, *option) for driver in DRIVERS for option in _BAD_OPTIONS]
+    # libpq reads service files; asyncpg has none.
+    + [(driver, "service", "hermes-orm-no-such-service") for driver in DRIVERS[:3]],
+)
+def test_a_connection_option_the_driver_cannot_use_is_not_retried(
+    pg_server_url: str, driver: str, option: str, value: str
+) -> None:
+    """A mistyped option in the URL says so at once; no server is down, none comes up."""
+    flush = _flusher_of(_url(pg_server_url, driver, **{option: value}), driver)
+    with pytest.raises(DatabaseError, match=option) as err:
+        flush("s", TURN)
+    # Retried, the same error would come back as unreachable after the whole span.
+    assert not isinstance(err.value, DatabaseUnavailableError)
+
+
+def _flusher_of(url: str, driver: str) -> Callable[[str, list[dict[str, Any]]], Any]:
+    """A blocking flush of a store at ``url`` that has not connected yet (a long span)."""
+    policy = RetryPolicy(unavailable_for=30)
+    if driver in ("psycopg", "psycopg2"):
+        return SessionStore(url, retry=policy).flush
+    async_store = AsyncSessionStore(url, retry=policy)
+
+    def flush(session_id: str, messages: list[dict[str, Any]]) -> Any:
+        async def run() -> Any:
+            try:
+                return await async_store.flush(session_id, messages)
+            finally:
+                await async_store.close()
+
+        return asyncio.run(run())
+
+    return flush
 
 
 def test_an_unreachable_database_is_never_retried_at_once() -> None:
