@@ -407,3 +407,161 @@ def test_the_mode_is_mirror_or_store() -> None:
     assert resolve_mode({"hermes_orm": {"mode": "store"}}) == "store"
     with pytest.raises(ValueError, match="mirror or store"):
         resolve_mode({"hermes_orm": {"mode": "stored"}})
+
+
+# -- a gateway's delivery mirror -------------------------------------------------------------
+
+#: tests/_agent_runner.py as Hermes' gateway runs a session: after every turn its
+#: session store records the chat the session belongs to (gateway/session.py), and
+#: gateway/mirror.py's ``mirror_to_session`` appends a delivery to the session from
+#: outside the agent: after turn ``turn``, or while that turn runs its tools (as
+#: Hermes' ``send_message`` tool does). Beside this file: the plan (``.json``) and,
+#: written by it, what each ``mirror_to_session`` returned (``delivered.json``).
+_DELIVERING_RUNNER = """
+import json, sys, threading
+from pathlib import Path
+
+here = Path(__file__)
+plan = json.loads(here.with_suffix(".json").read_text())
+sys.path.insert(0, plan["root"])
+from tests import _agent_runner as runner
+
+prepare = runner._prepare
+
+
+def prepared(spec):
+    prepare(spec)  # before Hermes is imported: it reads its home and config then
+    import hermes_state
+    import run_agent
+    from gateway.mirror import mirror_to_session
+    from tools.registry import ToolRegistry
+
+    gateway_db = hermes_state.SessionDB()
+    turn, delivered, lock = [-1], [], threading.Lock()
+
+    def deliver():
+        ok = mirror_to_session("telegram", "chat-1", plan["text"], role=plan["role"])
+        delivered.append(ok)
+        here.with_name("delivered.json").write_text(json.dumps(delivered))
+
+    run_conversation = run_agent.AIAgent.run_conversation
+
+    def run(agent, *args, **kwargs):
+        turn[0] += 1
+        result = run_conversation(agent, *args, **kwargs)
+        gateway_db.record_gateway_session_peer(
+            agent.session_id,
+            source="telegram",
+            user_id="u1",
+            session_key="agent:main:telegram:dm:chat-1",
+            chat_id="chat-1",
+            chat_type="dm",
+        )
+        if turn[0] == plan["turn"] and not plan["during"]:
+            deliver()
+        return result
+
+    dispatch = ToolRegistry.dispatch
+
+    def dispatched(registry, name, args, **kwargs):
+        with lock:
+            if turn[0] == plan["turn"] and plan["during"] and not delivered:
+                deliver()
+        return dispatch(registry, name, args, **kwargs)
+
+    run_agent.AIAgent.run_conversation = run
+    ToolRegistry.dispatch = dispatched
+
+
+runner._prepare = prepared
+runner.main(sys.argv[1], sys.argv[2])
+"""
+
+
+def _delivering(
+    spec: AgentSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **plan: Any
+) -> Path:
+    """Run ``spec`` as a gateway session that gets a delivery; returns ``delivered.json``."""
+    runner = tmp_path / "delivering_runner.py"
+    runner.write_text(_DELIVERING_RUNNER)
+    root = str(Path(__file__).resolve().parents[1])
+    runner.with_suffix(".json").write_text(json.dumps({"root": root, **plan}))
+    monkeypatch.setattr("tests._hermes_agent.RUNNER", runner)
+    spec.gateway = True
+    return runner.with_name("delivered.json")
+
+
+def _assert_kept_with_the_delivery(
+    store: SessionStore, spec: AgentSpec, expected: list[dict[str, Any]]
+) -> None:
+    stored = store.get_messages("s1")
+    assert [m["role"] for m in stored].count("session_meta") == 1
+    assert core([m for m in stored if m["role"] != "session_meta"]) == core(expected)
+    session = store.get_session("s1")
+    assert session is not None
+    assert session["flushed_idx"] == session["message_count"] == len(stored)
+    assert store.get_session("s1#2") is None
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+    assert "no longer continues" not in log
+    assert "not written to" not in log
+
+
+@pytest.mark.parametrize(
+    "delivery",
+    [
+        # send_message's mirror of what it sent to the chat
+        {"role": "assistant", "content": "The weekly report, as sent to this chat."},
+        # a cron job's delivery to the chat
+        {"role": "user", "content": "[Cron delivery: weekly]\nThe weekly report."},
+    ],
+    ids=["send-message", "cron"],
+)
+def test_a_delivery_between_turns_is_kept_and_the_next_turn_repaired(
+    spec: AgentSpec,
+    store: SessionStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    delivery: dict[str, str],
+) -> None:
+    """The next turn replays the delivery merged into a neighbour, and its answer is missed.
+
+    Hermes' alternation repair merges the delivery into the answer before it (an
+    assistant delivery) or the user message after it (a user one): the agent's list
+    holds one message fewer than the rows, none of them the delivery.
+    """
+    role, text = delivery["role"], delivery["content"]
+    delivered = _delivering(spec, tmp_path, monkeypatch, turn=1, during=False, role=role, text=text)
+    spec.hermes_fault = {"turn": 2, "when": "before", "target": "final"}
+    result = run_agent(spec, tmp_path / "out.json")
+    assert json.loads(delivered.read_text()) == [True]
+    assert result["faults"], "the fault was injected"
+    second, final = result["turns"][1]["messages"], result["turns"][-1]["messages"]
+    assert len(final) == len(second) + 2  # the delivery is no message of the agent's list
+    expected = [*second, delivery, {"role": "user", "content": "three"}, final[-1]]
+    _assert_kept_with_the_delivery(store, spec, expected)
+
+
+def test_a_delivery_during_a_turn_is_kept_and_that_turn_repaired(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivered while the turn runs its tools: the agent's list never holds it.
+
+    Its row comes after the assistant message calling the tools (Hermes stores that
+    before running them) and before their results; the turn's answer is missed.
+    """
+    text = "The weekly report, as sent to this chat."
+    delivered = _delivering(
+        spec, tmp_path, monkeypatch, turn=1, during=True, role="assistant", text=text
+    )
+    spec.hermes_fault = {"turn": 1, "when": "before", "target": "final"}
+    result = run_agent(spec, tmp_path / "out.json")
+    assert json.loads(delivered.read_text()) == [True]
+    assert result["faults"], "the fault was injected"
+    first, second = result["turns"][0]["messages"], result["turns"][1]["messages"]
+    assert not any(m.get("content") == text for m in second)
+    calls = next(i for i, m in enumerate(second) if i >= len(first) and m.get("tool_calls"))
+    final = result["turns"][-1]["messages"]
+    delivery = {"role": "assistant", "content": text}
+    expected = [*second[: calls + 1], delivery, *second[calls + 1 :], *final[-2:]]
+    _assert_kept_with_the_delivery(store, spec, expected)

@@ -300,6 +300,7 @@ class Turn:
 
     ``history`` is the list the hook was given (Hermes' live message dicts), for
     :class:`StoreFlush` to mark what it stored; the mirror itself never reads it.
+    ``history_length`` is its length then (Hermes may append to it meanwhile).
     """
 
     session_id: str
@@ -307,6 +308,7 @@ class Turn:
     model: str | None = None
     platform: str | None = None
     history: list[Any] | None = None
+    history_length: int = 0
 
 
 @dataclass
@@ -480,7 +482,7 @@ class Mirror:
             self._snapshots[session_id] = (snapshot, line)
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
-        job = Turn(session_id, snapshot.cleaned, model, platform, history)
+        job = Turn(session_id, snapshot.cleaned, model, platform, history, len(history))
         done = self._worker.submit(("flush", session_id, line), lambda: self._flush(job))
         return done.wait(self.wait)
 
@@ -855,6 +857,56 @@ def _kept(history: Sequence[Any]) -> list[dict[str, Any]]:
     return [m for m in history if isinstance(m, dict) and not is_scaffolding(m)]
 
 
+def _confirmed(turn: Turn) -> int:
+    """How many of the turn's messages Hermes' write loop confirmed.
+
+    Hermes marks each message it stores, or takes as stored (its history), in
+    order, and stops at the first write that fails: the messages up to the last
+    one marked are confirmed. 0 when none is marked (a Hermes that does not mark).
+    """
+    history, unmarked = turn.history or (), 0
+    for at in range(min(turn.history_length, len(history)) - 1, -1, -1):
+        message = history[at]
+        if isinstance(message, dict) and not is_scaffolding(message):
+            if message.get(PERSISTED_MARK):
+                return max(len(turn.messages) - unmarked, 0)
+            unmarked += 1
+    return 0
+
+
+def _missed_from(
+    active: list[dict[str, Any]], written: list[dict[str, Any]], confirmed: int
+) -> int | None:
+    """Where, in ``written``, the messages Hermes' writes missed begin; None: unknown.
+
+    ``written[:confirmed]`` Hermes confirmed (:func:`_confirmed`). Of the rest,
+    those it stored without confirming them (a write that committed, then
+    failed) are its last rows. Rows that are no message of the conversation are
+    passed over: another writer's (a delivery Hermes' gateway mirrors into the
+    session, ``gateway/mirror.py``) and those Hermes' replay merged into one
+    message (its alternation repair). None when Hermes confirmed nothing, or no
+    row is a message of the conversation.
+    """
+    unconfirmed = written[confirmed:]
+    if not confirmed or not unconfirmed:
+        return confirmed or None
+    last: list[dict[str, Any]] = []  # Hermes' last rows, newest first
+    for row in reversed(active):
+        # Hermes' own rows end the session but for a few: each is found near the
+        # end of the conversation, and the walk stops once it has enough of them.
+        if any(same_turn(row, m) for m in reversed(written)):
+            last.append(row)
+            if len(last) == len(unconfirmed):
+                break
+    if not last:
+        return None
+    last.reverse()
+    for stored in range(len(last), 0, -1):
+        if all(map(same_turn, last[-stored:], unconfirmed[:stored])):
+            return confirmed + stored
+    return confirmed
+
+
 class StoreFlush(Mirror):
     """Store mode's end of turn: what Hermes' own writes missed, stored exactly once.
 
@@ -871,13 +923,19 @@ class StoreFlush(Mirror):
     it write nothing. It then stamps Hermes' own mark (``_db_persisted``) on the
     messages it stored, so Hermes' later flushes (at exit, say) skip them.
 
-    Hermes' rows are the history of record: a conversation that no longer
-    continues them (Hermes rewrote them: compression, ``/undo``) is left as
-    Hermes stored it, no revision is made, and a session is never ended here
-    (Hermes ends its own). Reading the rows happens only when the conversation
-    is longer than the session's live rows; otherwise a turn costs one count.
-    The ``session_meta`` row Hermes' gateway opens a session with is no message
-    of the conversation: neither counted nor compared.
+    Hermes' rows are the history of record. A conversation that does not
+    continue them as they are (another writer appended a row: Hermes' gateway
+    mirrors deliveries into a session from outside its turns; Hermes' replay
+    merged rows into one message; Hermes rewrote them: compression, ``/undo``)
+    is stored as Hermes' own marks say: what its write loop left unmarked after
+    the last message it marked, less what its last rows hold already, goes
+    after the rows (:func:`_missed_from`); without a mark it is left as Hermes
+    stored it. No revision is made, and a session is never ended here (Hermes
+    ends its own). Reading the rows happens only when the conversation is
+    longer than the session's live rows, or Hermes left messages unmarked;
+    otherwise a turn costs one count. The ``session_meta`` row Hermes' gateway
+    opens a session with is no message of the conversation: neither counted
+    nor compared.
 
     A session Hermes writes elsewhere (a SessionDB it opened before the plugin
     loaded: its TUI) is created here and is a copy, this flush's alone, marked
@@ -937,20 +995,26 @@ class StoreFlush(Mirror):
         # A copy (Hermes writes the session elsewhere) is this flush's alone: a
         # rewritten conversation goes on in a new revision, as the mirror keeps one.
         revision = len(self._revisions(store, sid)) if copy else 1
-        if not copy and len(live) <= count:
-            return  # Hermes stored as many messages as the conversation has, or more
+        confirmed = _confirmed(turn)
+        if not copy and len(live) <= count and confirmed in (0, len(live)):
+            # Hermes stored as many messages as the conversation has, or more, and it
+            # confirmed them all (rows another writer appended count too) or marks none
+            return
         target = revision_id(sid, revision)
         rows = store.get_messages(target)
         active = [row for row in conversation_rows(rows) if row.get("active") is not False]
         now = time.time()  # rising by a microsecond per message, as Hermes' rewrites stamp them
         written = [hermes_message(m, now + i * 1e-6) for i, m in enumerate(live)]
         at = first_difference(written, active)
+        start: int | None = len(active)
         if at >= 0 and copy:
             source = str((store.get_session(sid) or {}).get("source") or "cli")
             current = _Tracked(revision, active, source)
             revised_to = self._revise(store, dataclasses.replace(turn, messages=written), current)
-            target, rows, active = revision_id(sid, revised_to.revision), [], []
+            target, rows, start = revision_id(sid, revised_to.revision), [], 0
         elif at >= 0:
+            start = _missed_from(active, written, confirmed)
+        if start is None:
             logger.debug(
                 "hermes_orm store: session %s differs from its stored rows at message %d; "
                 "left as Hermes stored it",
@@ -958,7 +1022,6 @@ class StoreFlush(Mirror):
                 at,
             )
             return
-        start = len(active)
         if len(written) <= start:
             return
         store.flush(target, rows + written[start:])
