@@ -36,7 +36,8 @@ BACKENDS = [
     pytest.param("sqlite", marks=pytest.mark.sqlite),
     pytest.param("postgresql", marks=pytest.mark.postgresql),
 ]
-_TEMPLATE_DB = "hermes_orm_template"
+# Per process: pytest-xdist workers may share one server (HERMES_ORM_TEST_PG_URL).
+_TEMPLATE_DB = f"hermes_orm_template_{os.getpid()}"
 _counter = itertools.count()
 
 
@@ -97,6 +98,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # a pytest-xdist worker: the controlling process gets every report and checks
     required = session.config.getoption("--require-postgresql") or os.environ.get("CI")
     if required and exitstatus == 0 and not _pg_passed:
         session.exitstatus = 1
@@ -161,8 +164,8 @@ def _drop_pg_database(server_url: str, url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_server_url: str, request: pytest.FixtureRequest) -> str:
-    """A database migrated to head, copied for each test."""
+def pg_template(pg_server_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database migrated to head, copied for each test (dropped after the run)."""
     admin = _pg_admin(pg_server_url)
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}" WITH (FORCE)')
@@ -176,7 +179,8 @@ def pg_template(pg_server_url: str, request: pytest.FixtureRequest) -> str:
         partitions=request.config.getoption("--partitions"),
     )
     engine.dispose()
-    return _TEMPLATE_DB
+    yield _TEMPLATE_DB
+    _drop_pg_database(pg_server_url, url.render_as_string(hide_password=False))
 
 
 @pytest.fixture(scope="session")
