@@ -565,3 +565,112 @@ def test_a_delivery_during_a_turn_is_kept_and_that_turn_repaired(
     delivery = {"role": "assistant", "content": text}
     expected = [*second[: calls + 1], delivery, *second[calls + 1 :], *final[-2:]]
     _assert_kept_with_the_delivery(store, spec, expected)
+
+
+# -- the end-of-turn repair past rows it cannot pair, on a real store -------------------------
+
+
+def _user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def _answer(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+DELIVERY = _answer("The weekly report, as sent to this chat.")
+
+
+class _Session:
+    """A store-mode session on a real SQLite store, with Hermes' write loop and its marks."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from hermes_orm.integrations.hermes.mirror import StatusFile, StoreFlush
+
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        self.store = SessionStore(url)
+        self.store.upgrade()
+        self.store.create_session("s1", source="telegram")
+        self.flusher = StoreFlush(url, status=StatusFile(tmp_path / "status.json"))
+
+    def row(self, message: dict[str, Any]) -> None:
+        """What one of Hermes' writes (or ``mirror_to_session``) stores."""
+        from hermes_orm.integrations.hermes.mirror import hermes_message
+
+        self.store.append_row("s1", hermes_message(message, 1.0))
+
+    def hermes_writes(self, *messages: dict[str, Any]) -> None:
+        from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK
+
+        for message in messages:
+            self.row(message)
+            message[PERSISTED_MARK] = True
+
+    def end_turn(self, history: list[dict[str, Any]]) -> None:
+        from hermes_orm.integrations.hermes.mirror import Turn, conversation
+
+        turn = Turn("s1", conversation(history), None, "telegram", history, len(history))
+        self.flusher._flush_in(self.store, turn)
+
+    def contents(self) -> list[tuple[str, str]]:
+        return [(m["role"], m["content"]) for m in self.store.get_messages("s1")]
+
+
+def _marked(*messages: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hermes' history as it loads it: copies, each marked as stored."""
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK
+
+    return [{**message, PERSISTED_MARK: True} for message in messages]
+
+
+def test_a_repeated_message_missed_past_a_delivery_is_stored(tmp_path: Path) -> None:
+    """The user says "ok" again; an older "ok" row is not taken for the one Hermes missed."""
+    session = _Session(tmp_path)
+    hello, hi, ok, sure = _user("hello"), _answer("Hi."), _user("ok"), _answer("Sure.")
+    session.hermes_writes(hello, hi, ok, sure)
+    session.row(DELIVERY)
+    # The gateway's replay merges the delivery into the answer before it.
+    merged = {**sure, "content": "Sure.\nThe weekly report, as sent to this chat."}
+    session.end_turn([*_marked(hello, hi, ok, merged), _user("ok"), _answer("Fine.")])
+    assert session.contents()[-3:] == [
+        ("assistant", DELIVERY["content"]),
+        ("user", "ok"),
+        ("assistant", "Fine."),
+    ]
+
+
+def test_an_answer_like_the_last_one_missed_past_a_cron_delivery_is_stored(
+    tmp_path: Path,
+) -> None:
+    """The replay merges the user's message into a delivery; the new "Done." is missed."""
+    session = _Session(tmp_path)
+    asked, done = _user("stretch reminder at 5"), _answer("Done.")
+    session.hermes_writes(asked, done)
+    delivery, again = _user("[Cron delivery: hydrate]\nDrink water."), _user("and water at 6")
+    session.row(delivery)
+    session.row(again)  # Hermes' write of the turn's user message
+    merged = {**delivery, "content": f"{delivery['content']}\n\n{again['content']}"}
+    session.end_turn([*_marked(asked, done, merged), _answer("Done.")])
+    assert session.contents() == [
+        ("user", "stretch reminder at 5"),
+        ("assistant", "Done."),
+        ("user", delivery["content"]),
+        ("user", "and water at 6"),
+        ("assistant", "Done."),
+    ]
+
+
+def test_an_answer_stored_before_its_write_raised_is_marked_not_written_again(
+    tmp_path: Path,
+) -> None:
+    """Found stored past a delivery, it gets Hermes' mark: its next flush (/new) skips it."""
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK
+
+    session = _Session(tmp_path)
+    hello, hi, three, answer = _user("hello"), _answer("Hi."), _user("three"), _answer("Three.")
+    session.hermes_writes(hello, hi, three)
+    session.row(answer)  # committed, then the write raised: left unmarked
+    session.row(DELIVERY)
+    session.end_turn([hello, hi, three, answer])
+    assert answer.get(PERSISTED_MARK) is True
+    assert [content for _, content in session.contents()].count("Three.") == 1

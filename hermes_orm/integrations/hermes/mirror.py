@@ -879,32 +879,36 @@ def _missed_from(
 ) -> int | None:
     """Where, in ``written``, the messages Hermes' writes missed begin; None: unknown.
 
-    ``written[:confirmed]`` Hermes confirmed (:func:`_confirmed`). Of the rest,
-    those it stored without confirming them (a write that committed, then
-    failed) are its last rows. Rows that are no message of the conversation are
-    passed over: another writer's (a delivery Hermes' gateway mirrors into the
-    session, ``gateway/mirror.py``) and those Hermes' replay merged into one
-    message (its alternation repair). None when Hermes confirmed nothing, or no
-    row is a message of the conversation.
+    ``written[:confirmed]`` Hermes confirmed (:func:`_confirmed`); the first of
+    the rest is stored too when a row after the last confirmed one holds it (a
+    write that committed, then raised). Rows that are no message of the
+    conversation are passed over: another writer's (a delivery Hermes' gateway
+    mirrors into the session, ``gateway/mirror.py``) and those Hermes' replay
+    merged into one message (its alternation repair). None when Hermes
+    confirmed nothing, or no row holds any of its last confirmed messages.
     """
     unconfirmed = written[confirmed:]
     if not confirmed or not unconfirmed:
         return confirmed or None
-    last: list[dict[str, Any]] = []  # Hermes' last rows, newest first
-    for row in reversed(active):
-        # Hermes' own rows end the session but for a few: each is found near the
-        # end of the conversation, and the walk stops once it has enough of them.
-        if any(same_turn(row, m) for m in reversed(written)):
-            last.append(row)
-            if len(last) == len(unconfirmed):
-                break
-    if not last:
+    # The anchor: the newest row holding a confirmed message as it is (one Hermes'
+    # replay merged has no row of its own: the one before it is taken).
+    for back in range(confirmed - 1, max(confirmed - _ANCHOR_BACK, -1), -1):
+        anchor = next(
+            (i for i in range(len(active) - 1, -1, -1) if same_turn(active[i], written[back])),
+            None,
+        )
+        if anchor is not None:
+            break
+    else:
         return None
-    last.reverse()
-    for stored in range(len(last), 0, -1):
-        if all(map(same_turn, last[-stored:], unconfirmed[:stored])):
-            return confirmed + stored
-    return confirmed
+    # Hermes' write loop stops at the first write that raises, and its next flush
+    # writes an unmarked message again: of the unconfirmed, only the first can be
+    # stored (committed, then raised), and only after the anchor.
+    return confirmed + any(same_turn(row, unconfirmed[0]) for row in active[anchor + 1 :])
+
+
+#: How many confirmed messages :func:`_missed_from` looks back past for its anchor.
+_ANCHOR_BACK = 8
 
 
 class StoreFlush(Mirror):
@@ -1022,14 +1026,18 @@ class StoreFlush(Mirror):
                 at,
             )
             return
-        if len(written) <= start:
-            return
-        store.flush(target, rows + written[start:])
+        if len(written) > start:
+            store.flush(target, rows + written[start:])
         if copy:
             return  # Hermes' own writes go elsewhere: its marks are its own
-        if turn.history is not None:
-            for message in _kept(turn.history)[start : len(live)]:
+        # Marked from the first message Hermes did not confirm: those the rows held
+        # already too, or its next flush (at /new, at exit) would write them again.
+        marked_from = min(confirmed, start) if confirmed else start
+        if turn.history is not None and marked_from < len(live):
+            for message in _kept(turn.history)[marked_from : len(live)]:
                 message[PERSISTED_MARK] = True
+        if len(written) <= start:
+            return
         logger.warning(
             "hermes_orm store: session %s: stored %d message(s) Hermes' own writes missed "
             "(messages %d to %d)",
