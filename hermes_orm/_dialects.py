@@ -658,8 +658,8 @@ def insert_maker(dialect: str) -> Callable[..., Any]:
     return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
-def check_transactional(engine: Engine) -> None:
-    """Refuse an engine whose connections autocommit: no flush could be atomic on it.
+def check_transactional(engine: Engine | Connection) -> None:
+    """Refuse an engine (or connection) that autocommits: no flush could be atomic on it.
 
     On such an engine each statement would commit alone (rows stored, the
     cursor not moved, and every retry then failing on the positions taken).

@@ -45,7 +45,7 @@ relies on the database's foreign keys.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -60,12 +60,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import ORMExecuteState, UOWTransaction, object_session
+from sqlalchemy.orm import ORMExecuteState, SessionTransaction, UOWTransaction, object_session
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from hermes_orm import _codec, _sa
+from hermes_orm import _codec, _dialects, _sa
 from hermes_orm.errors import InvalidMessageError, InvalidSessionError, SessionNotFoundError
 from hermes_orm.models import Message, Session
 
@@ -168,12 +168,46 @@ _watched: weakref.WeakKeyDictionary[Connection, weakref.WeakSet[OrmSession]] = (
 _FLUSH = "hermes_orm.flush"
 
 
+#: In an ORM session's ``info``: the transaction in which the rule moved a stored
+#: session's cursor for a flush whose rows are not written yet. Taken off when
+#: that flush ends or that transaction rolls back. Still there at the next
+#: flush or commit: a ``before_flush`` hook raised after the rule's (or the
+#: rule failed after a move), so the flush never ran.
+_MOVED = "hermes_orm.cursor_moved"
+
+
 def _flush_begins(session: OrmSession, ctx: UOWTransaction, _instances: Any) -> None:
     session.info[_FLUSH] = ctx
 
 
 def _flush_ends(session: OrmSession, *_args: Any) -> None:
     session.info.pop(_FLUSH, None)
+    session.info.pop(_MOVED, None)
+
+
+def _rolled_back(session: OrmSession, previous: SessionTransaction) -> None:
+    session.info.pop(_FLUSH, None)
+    moved_in = session.info.get(_MOVED)
+    if moved_in is not None and (previous is moved_in or previous.parent is None):
+        del session.info[_MOVED]  # the move is undone with it
+
+
+def _refuse_abandoned_move(session: OrmSession, *_args: Any) -> None:
+    """Refuse to go on in a transaction where a cursor moved for rows no flush wrote.
+
+    Nothing is rolled back here (a hook may not end the transaction a commit
+    or flush is under way in): every flush and commit is refused until the
+    application rolls back, which moves the cursor back.
+
+    Raises:
+        InvalidSessionError: A flush was abandoned after its messages took positions.
+    """
+    if session.info.get(_MOVED) is not None:
+        raise InvalidSessionError(
+            "a flush was abandoned (an exception in a before_flush hook, or a refusal) "
+            "after its new messages took their positions: roll the transaction back "
+            "(session.rollback()), which moves the cursor back, and add them again"
+        )
 
 
 def _in_flush(session: OrmSession) -> bool:
@@ -384,16 +418,19 @@ def _loaded_session(session: OrmSession, session_id: str) -> Session | None:
     return loaded if isinstance(loaded, Session) else None
 
 
-def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instances: Any) -> None:
+def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances: Any) -> None:
     """Give new messages their ``idx`` and advance their session's cursor.
 
-    Deleting or moving a stored message is refused first, before anything is written.
+    Deleting or moving a stored message is refused first, before anything is
+    written; so is anything wrong with the new messages and sessions. A flush
+    of some objects only (``session.flush(objects)``) places those only.
     """
     # Once a flush, wherever the rule was installed (the Session class and a
     # sessionmaker both fire for that sessionmaker's sessions).
     if ctx.attributes.get(_PLACED):
         return
     ctx.attributes[_PLACED] = True
+    _refuse_abandoned_move(session)
     token = _flush_token(ctx)
     _refuse_history_changes(session)
     # Grouped by session id, whether a message names its session by object or
@@ -401,7 +438,11 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
     groups: dict[str, tuple[Session | str, list[Message]]] = {}
     # New sessions by id: a message may name one by id (no relationship set).
     pending: dict[str, Session] = {}
-    for obj in session.new:  # insertion ordered: idx follows the order of add()
+    flushed: Iterable[Any] = session.new
+    if instances is not None:  # insertion ordered still: idx follows the order of add()
+        given = set(map(id, instances))
+        flushed = [obj for obj in flushed if id(obj) in given]
+    for obj in flushed:  # insertion ordered: idx follows the order of add()
         if isinstance(obj, Session) and isinstance(obj.id, str):
             pending[obj.id] = obj
         elif isinstance(obj, Message):
@@ -423,14 +464,49 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, _instance
             _set_by_rule(message, token, _IDX_STARTS)  # an idx left by a failed flush: unset
         claim = _claim([(message.idx, offset) for offset, message in enumerate(new)])
         placed.append((session_id, parent, new, encoded, claim))
+    if not placed:
+        return
+    _refuse_autocommit(session)
+    # New sessions first: what is refused there is refused before any cursor moves.
+    placed.sort(key=lambda group: group[1] is None or group[1] not in session.new)
     stored = {
         session_id: claim
         for session_id, parent, _, _, claim in placed
         if parent is None or parent not in session.new
     }
     _check_sessions(session, stored)
-    for session_id, parent, new, encoded, claim in placed:
-        _advance(session, session_id, parent, new, encoded=encoded, claim=claim, token=token)
+    moved = False
+    try:
+        for session_id, parent, new, encoded, claim in placed:
+            moved = (
+                _advance(
+                    session, session_id, parent, new, encoded=encoded, claim=claim, token=token
+                )
+                or moved
+            )
+    finally:
+        if moved:  # taken off when this flush ends (its rows written) or rolls back
+            session.info[_MOVED] = _innermost(session)
+
+
+def _innermost(session: OrmSession) -> SessionTransaction | None:
+    """``session``'s innermost transaction: its savepoint, if one is open."""
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _refuse_autocommit(session: OrmSession) -> None:
+    """Refuse placing messages on a connection whose statements commit one by one.
+
+    The cursor would be committed moved without the rows a failing statement
+    of the same flush was to write.
+
+    Raises:
+        InvalidArgumentError: The session's connection for hermes_orm's tables autocommits.
+    """
+    conn = session.connection(bind_arguments={"mapper": inspect(Message)})
+    _dialects.check_transactional(conn)
+    if conn.dialect.name == "postgresql":
+        _dialects.check_driver_transactional(conn)
 
 
 def _advance(
@@ -442,11 +518,14 @@ def _advance(
     encoded: list[_codec.EncodedMessage],
     claim: _Claim | None,
     token: object,
-) -> None:
+) -> bool:
     """Take positions for ``new`` by moving the session's cursor first.
 
     If the flush fails later, the rollback moves it back. What is set on the
     objects is remembered with the flush's ``token`` (see ``_rule_set``).
+
+    Returns:
+        Whether a stored session's cursor moved (a statement ran).
     """
     if parent is not None and parent in session.new:
         cursor = 0  # not stored yet: nobody else can write it
@@ -460,13 +539,16 @@ def _advance(
         parent.tool_call_count = sum(e.tool_calls for e in encoded)
         parent.flushed_digest = encoded[-1].digest
         _rule_set[parent] = (token, {key: getattr(parent, key) for key in _COUNTERS})
+        moved = False
     else:
         cursor = _move_cursor(session, session_id, encoded, claim, parent)
+        moved = True
     for offset, (message, item) in enumerate(zip(new, encoded, strict=True)):
         for column, value in item.row.items():
             setattr(message, column, value)
         message.idx = cursor + offset
         _rule_set[message] = (token, {"idx": message.idx})
+    return moved
 
 
 # -- statements on hermes_messages -------------------------------------------------------
@@ -644,6 +726,7 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
     session = state.session
     if session.autoflush and state.execution_options.get("autoflush", True):
         session.flush()  # what was added before goes first, as the INSERT's autoflush would
+    _refuse_autocommit(session)
     _check_sessions(session, claims)
     placed: list[dict[str, Any]] = [{} for _ in rows]
     moved = False
@@ -808,8 +891,9 @@ def _refuse_deleting_a_stored_message(_mapper: Any, _connection: Any, target: Me
 _LISTENERS: tuple[tuple[str, Any], ...] = (
     ("before_flush", _flush_begins),
     ("after_flush_postexec", _flush_ends),
-    ("after_soft_rollback", _flush_ends),
+    ("after_soft_rollback", _rolled_back),
     ("before_flush", assign_message_positions),
+    ("before_commit", _refuse_abandoned_move),
     ("do_orm_execute", place_statement_rows),
     ("after_begin", _watch),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from hermes_orm import (
+    InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
     Message,
@@ -1092,3 +1094,137 @@ def test_the_async_store_writes_on_an_engine_with_the_savepoint_recipe(tmp_path:
             store.close()
             runner.run(engine.dispose())
             check.dispose()
+
+
+def _stored(engine: Engine, session_id: str) -> tuple[list[int], int, int]:
+    """A session's stored idx values, its cursor and its message count."""
+    with engine.connect() as conn:
+        idxs = conn.exec_driver_sql(
+            "SELECT idx FROM hermes_messages WHERE session_id = ? ORDER BY idx"
+            if engine.dialect.name == "sqlite"
+            else "SELECT idx FROM hermes_messages WHERE session_id = %s ORDER BY idx",
+            (session_id,),
+        ).scalars()
+        row = conn.execute(
+            select(Session.flushed_idx, Session.message_count).where(Session.id == session_id)
+        ).one()
+        return list(idxs), row.flushed_idx, row.message_count
+
+
+def test_a_refused_new_session_moves_no_stored_session_s_cursor(engine: Engine) -> None:
+    """One flush: a message for a stored session, a new session the rule refuses.
+
+    The refusal comes before any cursor moves: the application fixes its
+    mistake in the same transaction and commits, and both sessions are exact.
+    """
+    store = SessionStore(engine)
+    store.create_session("kept", source="app")
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="kept", role="user", content="hello"))
+        wrong = Session(id="wrong", source="app", started_at=0.0, flushed_idx=5)
+        wrong.messages.add(Message(role="user", content="first"))
+        orm.add(wrong)
+        with pytest.raises(InvalidSessionError, match="flushed_idx"):
+            orm.flush()
+        assert orm.is_active
+        wrong.flushed_idx = 0
+        orm.commit()
+    assert _stored(engine, "kept") == ([0], 1, 1)
+    assert _stored(engine, "wrong") == ([0], 1, 1)
+    assert store.get_messages("kept") == [{"role": "user", "content": "hello"}]
+
+
+def test_a_before_flush_hook_raising_after_the_rule_leaves_no_cursor_moved(
+    engine: Engine,
+) -> None:
+    """The application's own hook, run after the rule's, refuses the flush once.
+
+    The cursor the rule moved stands in the transaction without its rows:
+    every flush and commit is refused until the application rolls back.
+    """
+    store = SessionStore(engine)
+    store.create_session("hooked", source="app")
+    store.flush("hooked", [{"role": "user", "content": "q"}])
+    made = sessionmaker(engine)
+    install_position_rule(made)
+    refusals = [ValueError("the application's own check")]
+
+    @event.listens_for(made, "before_flush")
+    def check(*_args: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+
+    try:
+        with made() as orm:
+            orm.add(Message(session_id="hooked", role="assistant", content="a"))
+            with pytest.raises(ValueError, match="own check"):
+                orm.flush()
+            with pytest.raises(InvalidSessionError, match="roll the transaction back"):
+                orm.commit()
+            with pytest.raises(InvalidSessionError, match="roll the transaction back"):
+                orm.flush()
+            orm.rollback()
+            assert _stored(engine, "hooked") == ([0], 1, 1)
+            orm.add(Message(session_id="hooked", role="assistant", content="a"))
+            orm.commit()
+    finally:
+        remove_position_rule(made)
+    assert _stored(engine, "hooked") == ([0, 1], 2, 2)
+    assert (
+        store.flush(
+            "hooked", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        ).written
+        == 0
+    )
+
+
+def test_a_rolled_back_savepoint_takes_its_cursor_move_with_it(engine: Engine) -> None:
+    store = SessionStore(engine)
+    store.create_session("saved", source="app")
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="saved", role="user", content="kept"))
+        orm.flush()
+        savepoint = orm.begin_nested()
+        orm.add(Message(session_id="saved", role="user", content="undone"))
+        orm.flush()
+        savepoint.rollback()
+        orm.add(Message(session_id="saved", role="user", content="after"))
+        orm.commit()
+    assert _stored(engine, "saved") == ([0, 1], 2, 2)
+    assert [m["content"] for m in store.get_messages("saved")] == ["kept", "after"]
+
+
+def test_a_flush_of_some_objects_places_only_those(engine: Engine) -> None:
+    store = SessionStore(engine)
+    store.create_session("part", source="app")
+    with OrmSession(engine) as orm:
+        first = Message(session_id="part", role="user", content="one")
+        second = Message(session_id="part", role="assistant", content="two")
+        orm.add_all([first, second])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # flush(objects) in 2.1
+            orm.flush([first])
+        assert (first.idx, second.idx) == (0, None)
+        orm.commit()
+    assert _stored(engine, "part") == ([0, 1], 2, 2)
+    assert [m["content"] for m in store.get_messages("part")] == ["one", "two"]
+
+
+def test_an_autocommit_connection_is_refused_before_anything_is_written(
+    engine: Engine,
+) -> None:
+    """Each statement would commit alone: a cursor moved for rows that then failed."""
+    store = SessionStore(engine)
+    store.create_session("auto", source="app")
+    store.flush("auto", [{"role": "user", "content": "q"}])
+    autocommitting = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with OrmSession(autocommitting) as orm:
+        orm.add(Message(session_id="auto", role="assistant", content="a"))
+        with pytest.raises(InvalidArgumentError, match="autocommits"):
+            orm.commit()
+    with (
+        OrmSession(autocommitting) as orm,
+        pytest.raises(InvalidArgumentError, match="autocommits"),
+    ):
+        orm.execute(insert(Message), [{"session_id": "auto", "role": "user", "content": "b"}])
+    assert _stored(engine, "auto") == ([0], 1, 1)
