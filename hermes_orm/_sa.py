@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -34,6 +35,19 @@ def observed(conn: Connection) -> bool:
     return bool(
         conn._has_events or conn.engine._has_events or conn.dialect._has_events or conn._echo
     )
+
+
+def pool_has_room(pool: Pool) -> bool:
+    """Whether ``pool`` could give out another connection now, without waiting.
+
+    A bounded ``QueuePool`` (the default of file databases, and its asyncio
+    variant) is full when ``pool_size + max_overflow`` connections are out;
+    the bound on overflow is kept privately. Other pools have no bound.
+    """
+    if not isinstance(pool, QueuePool):
+        return True
+    overflow = getattr(pool, "_max_overflow", -1)
+    return bool(overflow < 0 or pool.checkedout() < pool.size() + overflow)
 
 
 def raise_driver_error(

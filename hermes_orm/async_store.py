@@ -406,9 +406,15 @@ class AsyncSessionStore(_AsyncSessions):
         driver's thread (the reset's rollback), and its connections serve any
         event loop; other drivers' connections belong to the loop that made them.
         One taken before the store was closed (``closes``: the count of closes
-        then) goes back.
+        then) goes back, and so does one the pool has none beside: another
+        task may be waiting.
         """
-        if self._parks and not self._parked and closes == self._closes:
+        if (
+            self._parks
+            and not self._parked
+            and closes == self._closes
+            and _sa.pool_has_room(self._async_engine.sync_engine.pool)
+        ):
             self._parked.append(conn)
         else:
             await self._release(conn)

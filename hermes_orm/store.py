@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
@@ -39,6 +40,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    event,
     func,
     or_,
     select,
@@ -50,7 +52,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
-from hermes_orm import _codec, _dialects, _retry, migrations
+from hermes_orm import _codec, _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
@@ -1611,6 +1613,28 @@ class _Sessions(StoreCore):
         return drive(steps, self._transaction)
 
 
+def _give_back_when_full(store: SessionStore, engine: Engine) -> None:
+    """Have ``store`` give its kept connection back whenever ``engine``'s pool runs out.
+
+    A pool ``checkout`` listener, which holds the store weakly and is taken off
+    when the store is collected.
+    """
+    ref = weakref.ref(store)
+
+    def on_checkout(*_args: Any) -> None:
+        kept = ref()
+        if kept is not None and kept._parked and not _sa.pool_has_room(engine.pool):
+            kept._unpark()
+
+    event.listen(engine, "checkout", on_checkout)
+    weakref.finalize(store, _stop_listening, engine, on_checkout)
+
+
+def _stop_listening(engine: Engine, listener: Callable[..., None]) -> None:
+    if event.contains(engine, "checkout", listener):
+        event.remove(engine, "checkout", listener)
+
+
 class SessionStore(_Sessions):
     """Sessions and their messages in one database, written exactly once.
 
@@ -1692,6 +1716,10 @@ class SessionStore(_Sessions):
         self._parked: list[Connection] = []
         self._parks = not isinstance(engine.pool, NullPool)
         self._parked_lock = threading.Lock()
+        if self._parks:
+            # The kept connection goes back as the pool runs out: the application's
+            # threads (and other stores on the engine) never wait for it.
+            _give_back_when_full(self, engine)
         #: Bumped by close(): a connection taken before it is given back, never kept.
         self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.
@@ -1878,14 +1906,22 @@ class SessionStore(_Sessions):
         One idle connection saves the next operation a trip through the pool
         (a large share of the CPU time of a turn's flush on SQLite); more would
         take connections from the application's share. One taken before the
-        store was closed (``closes``: the count of closes then) goes back.
+        store was closed (``closes``: the count of closes then) goes back, and
+        so does one the pool has none beside: another thread may be waiting.
         """
-        if self._parks:
-            with self._parked_lock:
-                if not self._parked and closes == self._closes:
-                    self._parked.append(conn)
-                    return
+        if not self._parks:
+            self._release(conn)
+            return
+        with self._parked_lock:
+            room = _sa.pool_has_room(self._engine.pool)
+            if room and not self._parked and closes == self._closes:
+                self._parked.append(conn)
+                return
         self._release(conn)
+        if not room:
+            # The pool hands a connection to whoever asks first, and this thread,
+            # holding the GIL, would ask again before a waiting one woke up.
+            time.sleep(0)
 
     # -- the internal API of hermes_orm's integrations (importer, Hermes adapter) ------
 

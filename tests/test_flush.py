@@ -10,6 +10,7 @@ import multiprocessing
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1361,10 +1362,102 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert engine.pool.checkedout() == 1  # one idle connection kept, no more
+    # At most one idle connection kept (none if the last call ended with the pool full).
+    assert engine.pool.checkedout() <= 1
     with store:  # closes it on the way out
         for n in range(50):
             assert_exact(store, f"t{n}", conversation(3))
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
+def test_threads_sharing_a_store_on_a_pool_of_one_connection_each_get_it(db_url: str) -> None:
+    """The connection the store would keep goes back to the pool while others wait for it.
+
+    Three threads append for a while: each gets its turn well within the
+    pool's timeout (a thread giving the connection back does not take it
+    again before a waiting one woke up), and the session is exact.
+    """
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=1)
+    store = SessionStore(engine, retry=RetryPolicy(unavailable_for=1.5))
+    store.create_session("shared", source="gateway")
+    errors: list[BaseException] = []
+    appended = [0, 0, 0]
+    deadline = time.monotonic() + 2.5
+
+    def agent(n: int) -> None:
+        while time.monotonic() < deadline:
+            try:
+                store.append("shared", {"role": "user", "content": f"{n}-{appended[n]}"})
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            appended[n] += 1
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(appended), appended
+    stored = store.get_messages("shared")
+    assert len(stored) == sum(appended) == store.get_session("shared")["flushed_idx"]  # type: ignore[index]
+    for n in range(3):
+        mine = [m["content"] for m in stored if m["content"].startswith(f"{n}-")]
+        assert mine == [f"{n}-{i}" for i in range(appended[n])]
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.sqlite  # the async store keeps a connection on aiosqlite only
+def test_tasks_sharing_an_async_store_on_a_pool_of_one_connection_each_get_it(
+    tmp_path: Path,
+) -> None:
+    """A task waiting in the pool gets the connection as the other task's work ends."""
+    from hermes_orm import create_async_store_engine
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    SessionStore(url.replace("+aiosqlite", "")).upgrade()
+
+    async def main() -> None:
+        engine = create_async_store_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+        # A wait in the pool that outlasts the retry bound fails the call.
+        store = AsyncSessionStore(engine, retry=RetryPolicy(unavailable_for=0.1))
+        await store.create_session("shared", source="gateway")
+
+        async def agent(n: int) -> None:
+            for i in range(5):
+                await store.append("shared", {"role": "user", "content": f"{n}-{i}"})
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(agent(0), agent(1))
+        contents = [m["content"] for m in await store.get_messages("shared")]
+        assert sorted(contents) == sorted(f"{n}-{i}" for n in range(2) for i in range(5))
+        await store.close()
+        await engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_the_kept_connection_goes_back_when_the_application_needs_it(db_url: str) -> None:
+    """A pool of two: the store idle with one kept, the application takes both."""
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(db_url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+    store = SessionStore(engine)
+    store.create_session("s", source="test")
+    store.flush("s", conversation(1))
+    assert engine.pool.checkedout() == 1  # kept, idle
+    with engine.connect() as one, engine.connect() as two:
+        assert (
+            one.exec_driver_sql("SELECT 1").scalar() == two.exec_driver_sql("SELECT 2").scalar() - 1
+        )
+    store.flush("s", conversation(2))  # and the store goes on
+    assert_exact(store, "s", conversation(2))
+    store.close()
     assert engine.pool.checkedout() == 0
     engine.dispose()
 
