@@ -262,6 +262,13 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
         if make is create_engine:
             raise
         raise _other_api(url, "AsyncSessionStore", "SessionStore") from None
+    except (ArgumentError, ValueError, TypeError) as exc:
+        # A query value SQLAlchemy's dialect converts for the driver (?timeout=abc,
+        # ?check_same_thread=maybe, ?port=abc): told without the password.
+        detail = str(exc)
+        if url.password:
+            detail = detail.replace(str(url.password), "***")
+        raise InvalidURLError(f"{safe_url(url)}: the engine cannot be made: {detail}") from None
     if isinstance(engine, Engine) and engine.dialect.is_async:
         engine.dispose()
         raise _other_api(url, "SessionStore", "AsyncSessionStore")
@@ -633,7 +640,7 @@ def _with_schema(url: URL, engine_kwargs: dict[str, Any], schema: str | None) ->
         raise InvalidArgumentError(
             f"schema={schema!r}: only PostgreSQL places tables in schemas ({safe_url(url)})"
         )
-    if not _IDENTIFIER.fullmatch(schema):
+    if not isinstance(schema, str) or not _IDENTIFIER.fullmatch(schema):
         raise InvalidArgumentError(f"schema must be one plain identifier, got {schema!r}")
     options = dict(kwargs.get("execution_options") or {})
     options["schema_translate_map"] = {**(options.get("schema_translate_map") or {}), None: schema}
@@ -1630,6 +1637,7 @@ _REFUSALS = (
     "for connection option",  # invalid integer value "abc" for connection option "port"
     "definition of service",  # definition of service "x" not found
     "service file",  # service file "..." not found
+    "invalid port number",  # invalid port number: "99999"
 )
 
 #: duplicate_prepared_statement, invalid_sql_statement_name ("prepared statement

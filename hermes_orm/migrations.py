@@ -147,11 +147,58 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
     if create and conn.execute(text("SELECT to_regnamespace(:s)"), {"s": quoted}).scalar() is None:
         conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
-    extension = conn.exec_driver_sql(
+    path = ", ".join(part for part in (quoted, _extension_schema(conn), before) if part)
+    with _search_path(conn, path, before):
+        yield
+
+
+@contextmanager
+def _extension_found(conn: Connection, schema: str | None) -> Iterator[None]:
+    """For revisions run in the default schema, pg_trgm's schema last on the ``search_path``.
+
+    Only if the path lacks it (:func:`_placed` puts it on the path of a schema's).
+
+    Installed by the host in a schema of its own, its operator classes would
+    not be found otherwise. A schema holding another store's tables (where a
+    store's upgrade into its own schema installed it) cannot go on the path:
+    those tables would be found as this one's.
+
+    Raises:
+        DatabaseError: pg_trgm is in another hermes_orm store's schema.
+    """
+    if schema is not None or conn.dialect.name != "postgresql":
+        yield
+        return
+    before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
+    extension = _extension_schema(conn)
+    searched = conn.exec_driver_sql("SELECT current_schemas(true)").scalar() or []
+    if extension is None or extension.strip('"') in searched:
+        yield
+        return
+    found = conn.execute(text("SELECT to_regclass(:t)"), {"t": f"{extension}.{VERSION_TABLE}"})
+    if found.scalar() is not None:
+        raise DatabaseError(
+            f"pg_trgm is installed in schema {extension}, which holds another hermes_orm "
+            "store's tables, and this upgrade's search_path does not name it: move the "
+            "extension where every store finds it (ALTER EXTENSION pg_trgm SET SCHEMA "
+            "public), then upgrade again; nothing was migrated"
+        )
+    with _search_path(conn, f"{before}, {extension}" if before else extension, before):
+        yield
+
+
+def _extension_schema(conn: Connection) -> str | None:
+    """The schema the database installed pg_trgm in (quoted); None when it is not installed."""
+    found = conn.exec_driver_sql(
         "SELECT quote_ident(n.nspname) FROM pg_extension e "
         "JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'"
     ).scalar()
-    path = ", ".join(part for part in (quoted, extension, before) if part)
+    return None if found is None else str(found)
+
+
+@contextmanager
+def _search_path(conn: Connection, path: str, before: Any) -> Iterator[None]:
+    """``path`` as the transaction's ``search_path`` for the while; ``before`` afterwards."""
     conn.execute(text("SELECT set_config('search_path', :path, true)"), {"path": path})
     try:
         yield
@@ -407,7 +454,12 @@ def _at_head(bind: Bind, given: str | None) -> bool:
             bind.rollback()  # it only read: the connection is handed back as it came
 
 
-def _run(bind: Bind, given: str | None, fn: Any, *args: Any) -> None:
+def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
+    if not isinstance(revision, str) or not revision.strip():
+        raise InvalidArgumentError(
+            f"revision must be 'head', 'base' or a revision id, got {revision!r}"
+        )
+    args = (revision,)
     if fn is command.upgrade and args == ("head",) and _at_head(bind, given):
         return  # a store's upgrade() on start-up, say
     config = alembic_config()
@@ -423,9 +475,15 @@ def _run(bind: Bind, given: str | None, fn: Any, *args: Any) -> None:
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
         try:
-            fn(config, *args)
+            with _extension_found(conn, schema):
+                fn(config, *args)
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
+        except DBAPIError as exc:  # the revisions' transaction is rolled back whole
+            raise DatabaseError(
+                f"cannot migrate to {args[0]!r}: {_dialects.redact(str(exc.orig))}; "
+                "nothing was migrated"
+            ) from exc
         after = _located(conn, schema).revision
     if after != before.revision:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)

@@ -329,10 +329,10 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     else:
         texts, flags = (body, body), re.IGNORECASE
     spans: set[tuple[int, int]] = set()
-    for group in query.groups:
-        for term in group:
-            for leaf in term:
-                spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
+    # Each distinct leaf once: a query may repeat one hundreds of times.
+    leaves = {leaf: None for group in query.groups for term in group for leaf in term}
+    for leaf in leaves:
+        spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start < merged[-1][1]:

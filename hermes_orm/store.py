@@ -351,6 +351,11 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidSessionError(f"session field {name!r} may not be None")
             continue
         if expected is object:
+            if name == "extra" and not isinstance(value, dict):
+                raise InvalidSessionError(
+                    "session field 'extra' must be a dict (a JSON object), "
+                    f"got {type(value).__name__}"
+                )
             try:
                 _codec._check_json(value, None, name)
             except InvalidMessageError as exc:

@@ -1019,3 +1019,23 @@ def test_an_import_the_store_could_not_hold_is_refused_whole(
     assert result["ok"] is False
     assert [e["index"] for e in result["errors"]] == [1]
     assert store.list_sessions().sessions == []
+
+
+def test_a_session_whose_extra_another_tool_wrote_as_a_list_reads(store: SessionStore) -> None:
+    """Not an object (written by hand, or an older tool): Hermes' view of it has no extra keys."""
+    from sqlalchemy import text
+
+    from tests.conftest import sync_engine, table_name
+
+    ours = SessionDB(store)
+    ours.create_session("s", "cli", model="m1")
+    engine = sync_engine(store)
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"UPDATE {table_name(engine, 'hermes_sessions')} SET extra = :x WHERE id = 's'"),
+            {"x": '["tag-a", "tag-b"]'},
+        )
+    session = ours.get_session("s")
+    assert session is not None
+    assert (session["id"], session["model"]) == ("s", "m1")
+    assert [row["id"] for row in ours.list_sessions_rich()] == ["s"]

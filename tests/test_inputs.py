@@ -372,3 +372,43 @@ def test_an_int_timestamp_beyond_a_float_changed_by_one_is_a_change(store: Sessi
     for checker in (store, fresh_store(store)):
         with pytest.raises(HistoryDivergedError):
             checker.flush("big", [changed, {"role": "user", "content": "y"}])
+
+
+@pytest.mark.parametrize("extra", [["tag-a", "tag-b"], "x", 5])
+def test_a_session_s_extra_must_be_a_json_object(store: SessionStore, extra: Any) -> None:
+    with pytest.raises(InvalidSessionError, match="'extra' must be a dict"):
+        store.create_session("odd", source="api", extra=extra)
+    assert store.get_session("odd") is None
+
+
+@pytest.mark.parametrize("revision", ["", "  ", None, 3])
+def test_a_revision_that_is_no_name_is_refused(engine: Any, revision: Any) -> None:
+    before = hermes_orm.migrations.current(engine)
+    for migrate in (hermes_orm.upgrade, hermes_orm.downgrade):
+        with pytest.raises(hermes_orm.InvalidArgumentError, match="revision must be"):
+            migrate(engine, revision)
+    with pytest.raises(hermes_orm.InvalidArgumentError, match="revision must be"):
+        SessionStore(engine).upgrade(revision)
+    assert hermes_orm.migrations.current(engine) == before
+
+
+@pytest.mark.parametrize("query", ["timeout=abc", "check_same_thread=maybe"])
+def test_a_sqlite_url_value_the_driver_cannot_take_is_an_invalid_url(
+    tmp_path: Path, query: str
+) -> None:
+    path = tmp_path / "odd.db"
+    with pytest.raises(InvalidURLError, match="the engine cannot be made"):
+        SessionStore(f"sqlite:///{path}?{query}")
+    assert not path.exists()
+
+
+def test_a_postgresql_url_value_the_driver_cannot_take_is_an_invalid_url() -> None:
+    with pytest.raises(InvalidURLError, match="non-integer port") as raised:
+        SessionStore("postgresql://u:SECRET@127.0.0.1:1/db?port=abc")
+    assert "SECRET" not in str(raised.value)
+
+
+@pytest.mark.parametrize("schema", [1, b"agents", ["agents"]])
+def test_a_schema_that_is_no_str_is_refused(schema: Any) -> None:
+    with pytest.raises(hermes_orm.InvalidArgumentError, match="schema must be one plain"):
+        SessionStore("postgresql://u@127.0.0.1:1/db", schema=schema)

@@ -838,3 +838,22 @@ def test_the_migration_keeps_its_lock_timeout_after_waiting(empty_pg: str) -> No
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "200ms"
     holder.join(60)
     engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_downgrade_the_database_refuses_is_a_database_error(empty_pg: str) -> None:
+    """A host table's foreign key keeps hermes_sessions: nothing is dropped, and it says why."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(empty_pg.replace("postgresql://", "postgresql+psycopg://"))
+    hermes_orm.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE chat_links (id int PRIMARY KEY, "
+            "session_id varchar REFERENCES hermes_sessions (id))"
+        )
+    with pytest.raises(DatabaseError, match=r"(?s)cannot migrate to 'base'.*chat_links"):
+        hermes_orm.downgrade(engine, "base")
+    assert hermes_orm.migrations.current(engine) == hermes_orm.migrations.head()
+    assert "hermes_sessions" in inspect(engine).get_table_names()
+    engine.dispose()

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 import hermes_orm
 from hermes_orm import (
     AsyncSessionStore,
+    DatabaseError,
     InvalidArgumentError,
     InvalidURLError,
     Message,
@@ -162,6 +163,44 @@ def test_pg_trgm_is_found_in_a_schema_of_its_own(empty_pg: str) -> None:
     store.create_session("s", source="cli")
     store.flush("s", TURN)
     assert [hit.session_id for hit in store.search("灯台").hits] == ["s"]
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("installed", ["by the host", "by a schema's upgrade"])
+def test_pg_trgm_outside_the_path_is_found_by_an_upgrade_of_the_default_schema(
+    empty_pg: str, installed: str
+) -> None:
+    """The tables go to the path's first schema; the extension is found wherever it is."""
+    engine = _engine(empty_pg)
+    if installed == "by the host":
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE SCHEMA extensions")
+            conn.exec_driver_sql("CREATE EXTENSION pg_trgm SCHEMA extensions")
+    else:
+        hermes_orm.upgrade(engine, schema="agents")  # installs pg_trgm in "agents"
+        # Its tables would be found as the default schema's: refused, with the remedy.
+        with pytest.raises(DatabaseError, match="ALTER EXTENSION pg_trgm SET SCHEMA public"):
+            hermes_orm.upgrade(engine)
+        assert _tables(engine, "public") == set()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER EXTENSION pg_trgm SET SCHEMA public")
+    hermes_orm.upgrade(engine)
+    assert "hermes_messages" in _tables(engine, "public")
+    store = SessionStore(engine)
+    store.create_session("s", source="cli")
+    store.flush("s", TURN)
+    assert [hit.session_id for hit in store.search("灯台").hits] == ["s"]
+    if installed != "by the host":  # the other store still finds it where it went
+        other = SessionStore(engine, schema="agents")
+        other.create_session("t", source="cli")
+        other.flush("t", TURN)
+        assert [hit.session_id for hit in other.search("灯台").hits] == ["t"]
+        other.close()
+    with engine.connect() as conn:  # the path is the connection's own again
+        assert conn.exec_driver_sql("SELECT current_setting('search_path')").scalar() == (
+            '"$user", public'
+        )
     store.close()
     engine.dispose()
 

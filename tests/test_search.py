@@ -1223,3 +1223,19 @@ def test_statistics_choose_the_window_per_store(empty_pg: str) -> None:
     for store in stores.values():
         store.close()
     engine.dispose()
+
+
+def test_a_term_repeated_in_a_query_is_looked_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """670 copies of ``a*`` (under the length limit) scan a long body once, not 680 times."""
+    scanned: list[search.Leaf] = []
+    real = search._leaf_spans
+
+    def spy(leaf: search.Leaf, body: str, flags: int) -> Any:
+        scanned.append(leaf)
+        return real(leaf, body, flags)
+
+    monkeypatch.setattr(search, "_leaf_spans", spy)
+    query = search.parse_query(" ".join(["a*"] * 670) + ' "b c" OR "b c"')
+    spans = search.match_spans(query, " ".join(["a"] * 100) + " b c")
+    assert len(scanned) == len(set(scanned)) == 2
+    assert len(spans) == 101

@@ -251,7 +251,8 @@ _BAD_OPTIONS = [("sslmode", "bogus"), ("target_session_attrs", "bogus")]
     ("driver", "option", "value"),
     [(driver, *option) for driver in DRIVERS for option in _BAD_OPTIONS]
     # libpq reads service files; asyncpg has none.
-    + [(driver, "service", "hermes-orm-no-such-service") for driver in DRIVERS[:3]],
+    + [(driver, "service", "hermes-orm-no-such-service") for driver in DRIVERS[:3]]
+    + [(driver, "port", "99999") for driver in DRIVERS[:3]],  # invalid port number
 )
 def test_a_connection_option_the_driver_cannot_use_is_not_retried(
     pg_server_url: str, driver: str, option: str, value: str

@@ -773,7 +773,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def _hermes_session(self, row: Any) -> dict[str, Any]:
         data = dict(row._mapping)
-        extra = data.get("extra") or {}
+        extra = data.get("extra")
+        if not isinstance(extra, dict):  # none, or written by another tool as another JSON value
+            extra = {}
         out: dict[str, Any] = {}
         for column in SESSION_COLUMNS:
             value = data[column] if column in data else extra.get(column)
