@@ -755,18 +755,26 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
         raise
 
 
-# -- stored messages: never deleted or moved through the ORM ----------------------------
+# -- stored messages: never deleted, moved or changed through the ORM -------------------
 
 
-def _refused_move(message: Message, keys: Sequence[str]) -> InvalidMessageError | None:
-    """The error for a stored message whose position would change; None if it keeps it."""
+#: A stored message's columns: its digest (and its session's) are of what they hold.
+_MESSAGE_COLUMNS = tuple(column.key for column in Message.__table__.columns)
+
+
+def _refused_change(message: Message, keys: Sequence[str]) -> InvalidMessageError | None:
+    """The error for a stored message that would move or change; None if it stays as stored.
+
+    Its digest, checked by every flush that continues the history, is of the
+    values stored: an edit would make the history the caller holds look rewritten.
+    """
     attrs = inspect(message).attrs
     for key in keys:
         if attrs[key].history.has_changes():
+            moved = key in ("idx", "session_id", "session")
+            what = "moved or taken from its session" if moved else "changed"
             return InvalidMessageError(
-                "a stored message cannot be moved or taken from its session "
-                f"({key} changed): {_HISTORY}",
-                key=key,
+                f"a stored message cannot be {what} ({key} changed): {_HISTORY}", key=key
             )
     return None
 
@@ -791,7 +799,7 @@ def _refuse_history_changes(session: OrmSession) -> None:
                 raise _refused_delete(obj)
     for obj in session.dirty:
         if isinstance(obj, Message):
-            error = _refused_move(obj, ("idx", "session_id", "session"))
+            error = _refused_change(obj, ("session", *_MESSAGE_COLUMNS))
             if error is not None:
                 raise error
         elif isinstance(obj, Session):
@@ -831,7 +839,7 @@ def _refused_counters(obj: Session, *, new_object: bool) -> InvalidSessionError 
 
 @event.listens_for(Message, "before_update")
 def _refuse_moving_a_stored_message(_mapper: Any, _connection: Any, target: Message) -> None:
-    error = _refused_move(target, ("idx", "session_id"))
+    error = _refused_change(target, _MESSAGE_COLUMNS)
     if error is not None:
         raise error
 

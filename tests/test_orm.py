@@ -471,7 +471,7 @@ def _each_refused(
 
 
 @pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
-def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) -> None:
+def test_a_stored_message_is_never_deleted_moved_or_changed(engine: Engine, rule: bool) -> None:
     """With the rule or without it: mapper events of Message, not of the app's sessions."""
     store = _two_sessions(engine)
     store.flush("a", [{"role": "user", "content": "a0"}, {"role": "user", "content": "a1"}])
@@ -488,6 +488,10 @@ def test_a_stored_message_is_never_deleted_or_moved(engine: Engine, rule: bool) 
         (lambda orm: setattr(first(orm), "idx", 5), "idx"),
         (lambda orm: setattr(first(orm), "session_id", "b"), "session_id"),
         (lambda orm: setattr(first(orm), "session", orm.get_one(Session, "b")), "moved or taken"),
+        # Its digest is of what it holds: an edit would read as a rewritten history.
+        (lambda orm: setattr(first(orm), "content", "[redacted]"), "changed .content"),
+        (lambda orm: setattr(first(orm), "active", False), "changed .active"),
+        (lambda orm: setattr(first(orm), "digest", b"x" * 16), "changed .digest"),
     ]
     for change, match in changes:
         with OrmSession(engine) as orm:
