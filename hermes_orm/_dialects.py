@@ -848,8 +848,12 @@ def give_back_sqlite(conn: Connection) -> None:
     own, applied = saved
     try:
         _on_sqlite(conn, lambda cursor: _set_pragmas(cursor, own))
-    except Exception:
+    except BaseException as exc:
+        # Half put back, or cancelled (an asyncio task: the driver's thread may still
+        # run them): what it holds is unknown, so the pool must not hand it out again.
         conn.invalidate()
+        if not isinstance(exc, Exception):
+            raise
         return
     del info[_SAVED]
     if applied is None:

@@ -46,6 +46,7 @@ from hermes_orm.store import (
     attempt,
     check_replica,
     check_schema,
+    give_back_when_full,
     resume,
 )
 
@@ -225,6 +226,10 @@ class AsyncSessionStore(_AsyncSessions):
             else None
         )
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
+        #: Releases a pool checkout listener started (see _give_back_soon), held till done.
+        self._releasing: set[asyncio.Task[None]] = set()
+        if self._parks:
+            give_back_when_full(self, engine.sync_engine, AsyncSessionStore._give_back_soon)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -370,6 +375,19 @@ class AsyncSessionStore(_AsyncSessions):
         for conn in parked:
             await self._release(conn)
 
+    def _give_back_soon(self) -> None:
+        """Give the kept connection back to the pool as the event loop goes on.
+
+        Called by a pool ``checkout`` listener (on the loop's thread) that may not
+        await: the release runs as a task of its own.
+        """
+        parked, self._parked = self._parked, []
+        loop = asyncio.get_running_loop()
+        for conn in parked:
+            task = loop.create_task(self._release(conn))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
     async def _checkout(self) -> AsyncConnection:
         """The idle connection the store kept, else one from the pool."""
         if self._parked:
@@ -409,15 +427,15 @@ class AsyncSessionStore(_AsyncSessions):
         then) goes back, and so does one the pool has none beside: another
         task may be waiting.
         """
-        if (
-            self._parks
-            and not self._parked
-            and closes == self._closes
-            and _sa.pool_has_room(self._async_engine.sync_engine.pool)
-        ):
+        room = _sa.pool_has_room(self._async_engine.sync_engine.pool)
+        if self._parks and room and not self._parked and closes == self._closes:
             self._parked.append(conn)
-        else:
-            await self._release(conn)
+            return
+        await self._release(conn)
+        if not room:
+            # The pool hands a connection to whoever asks first without awaiting: a
+            # task waiting for one takes this one before this task asks again.
+            await asyncio.sleep(0)
 
     async def _busy_holders(self, exc: DBAPIError, engine: AsyncEngine) -> list[Any]:
         """Who holds locks on the sessions on ``engine``'s server (PostgreSQL).

@@ -165,13 +165,22 @@ class _Memory:
     tell whether the list is that session's history.
     """
 
-    __slots__ = ("hints", "lock", "remembered")
+    __slots__ = ("floor", "forgets", "forgotten", "hints", "lock", "remembered")
 
     def __init__(self) -> None:
         # session id -> what the store knows of it, most recently used last.
         self.hints: dict[str, _Hint] = {}
         self.remembered = 0  # messages in the hints' copies, about (see remember)
         self.lock = threading.Lock()
+        # Forgets so far; each forgotten session's count at its last forget (a bounded
+        # record: cleared whole past _HINTS_MAX, every stamp taken before then refused).
+        self.forgets = 0
+        self.forgotten: dict[str, int] = {}
+        self.floor = 0
+
+    def stamp(self) -> int:
+        """Taken before a write, given to :meth:`remember` after it as ``since``."""
+        return self.forgets
 
     def remember(
         self,
@@ -183,6 +192,7 @@ class _Memory:
         *,
         copy: bool = True,
         owner: str | None = None,
+        since: int | None = None,
     ) -> None:
         """Remember a session's stored cursor and digest after a write or a check.
 
@@ -194,9 +204,17 @@ class _Memory:
         flush there checks in the database). Without ``copy``, copies the store
         has are kept up to date, and none are started (a ``verify="last"``
         flush, an append: nothing compares them yet). ``owner``: the session's
-        user as the write or check saw it.
+        user as the write or check saw it. ``since``: the :meth:`stamp` taken
+        before the write; if the session was forgotten since (deleted, or its
+        history rewritten, by another task or thread of the store while this
+        write's result was on its way), nothing is remembered: what the write
+        stored may be gone, and another history may stand at the same cursor.
         """
         with self.lock:
+            if since is not None and (
+                since < self.floor or self.forgotten.get(session_id, -1) > since
+            ):
+                return
             hints = self.hints
             old = hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
             copies = None if old is None else old.copies
@@ -234,11 +252,16 @@ class _Memory:
                 hint.copies = None
 
     def forget(self, session_id: str) -> None:
-        """Drop what is remembered of a session."""
+        """Drop what is remembered of a session, and what writes under way would remember."""
         with self.lock:
             hint = self.hints.pop(session_id, None)
             if hint is not None and hint.copies is not None:
                 self.remembered -= len(hint.copies)
+            self.forgets += 1
+            if len(self.forgotten) >= _HINTS_MAX:
+                self.forgotten.clear()
+                self.floor = self.forgets
+            self.forgotten[session_id] = self.forgets
 
 
 # Forks of this process so far, as the child sees it: a connection kept from
@@ -1039,13 +1062,21 @@ class StoreCore:
                 pass
 
         result: FlushResult
+        since = self._memory.stamp()
         result, digest, start, taken, owner = yield Run(
             lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
         copy = verify != "last" and result.written <= _BATCH
         self._memory.remember(
-            session_id, result.cursor, digest, taken, start or 0, copy=copy, owner=owner
+            session_id,
+            result.cursor,
+            digest,
+            taken,
+            start or 0,
+            copy=copy,
+            owner=owner,
+            since=since,
         )
         return result
 
@@ -1191,12 +1222,20 @@ class StoreCore:
                 # Positions taken (another writer) or the session is gone.
                 raise CursorMoved from None
 
+        since = self._memory.stamp()
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
-            self._memory.remember(session_id, end, last, owner=hint.owner)
+            self._memory.remember(session_id, end, last, owner=hint.owner, since=since)
         else:
             self._memory.remember(
-                session_id, end, last, taken, cursor, copy=verify != "last", owner=hint.owner
+                session_id,
+                end,
+                last,
+                taken,
+                cursor,
+                copy=verify != "last",
+                owner=hint.owner,
+                since=since,
             )
         return FlushResult(written=end - cursor, cursor=end)
 
@@ -1239,10 +1278,11 @@ class StoreCore:
             stored = conn.execute(query).scalar_one_or_none()
             return stored is not None and bytes(stored) == encoded.digest
 
+        since = self._memory.stamp()
         written: tuple[int, int | None] = yield Run(work, write=True, once=True, found=found)
         idx = written[0]
         self._memory.remember(
-            session_id, idx + 1, encoded.digest, taken, idx, copy=False, owner=owner[0]
+            session_id, idx + 1, encoded.digest, taken, idx, copy=False, owner=owner[0], since=since
         )
         return written
 
@@ -1618,18 +1658,19 @@ class _Sessions(StoreCore):
         return drive(steps, self._transaction)
 
 
-def _give_back_when_full(store: SessionStore, engine: Engine) -> None:
+def give_back_when_full(store: Any, engine: Engine, give_back: Callable[[Any], None]) -> None:
     """Have ``store`` give its kept connection back whenever ``engine``'s pool runs out.
 
-    A pool ``checkout`` listener, which holds the store weakly and is taken off
-    when the store is collected.
+    A pool ``checkout`` listener calls ``give_back(store)`` when a checkout
+    leaves the pool empty while the store keeps one (its ``_parked``). It holds
+    the store weakly and is taken off when the store is collected.
     """
     ref = weakref.ref(store)
 
     def on_checkout(*_args: Any) -> None:
         kept = ref()
         if kept is not None and kept._parked and not _sa.pool_has_room(engine.pool):
-            kept._unpark()
+            give_back(kept)
 
     event.listen(engine, "checkout", on_checkout)
     weakref.finalize(store, _stop_listening, engine, on_checkout)
@@ -1724,7 +1765,7 @@ class SessionStore(_Sessions):
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
             # threads (and other stores on the engine) never wait for it.
-            _give_back_when_full(self, engine)
+            give_back_when_full(self, engine, SessionStore._unpark)
         #: Bumped by close(): a connection taken before it is given back, never kept.
         self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.

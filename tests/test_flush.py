@@ -1416,7 +1416,9 @@ def test_threads_sharing_a_store_on_a_pool_of_one_connection_each_get_it(db_url:
 def test_tasks_sharing_an_async_store_on_a_pool_of_one_connection_each_get_it(
     tmp_path: Path,
 ) -> None:
-    """A task waiting in the pool gets the connection as the other task's work ends."""
+    """Two tasks flush back to back: the one waiting in the pool gets the connection
+    as the other's call ends (given back, not kept; and taken by the waiting task
+    before the other asks again)."""
     from hermes_orm import create_async_store_engine
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
@@ -1426,17 +1428,52 @@ def test_tasks_sharing_an_async_store_on_a_pool_of_one_connection_each_get_it(
         engine = create_async_store_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.5)
         # A wait in the pool that outlasts the retry bound fails the call.
         store = AsyncSessionStore(engine, retry=RetryPolicy(unavailable_for=0.1))
-        await store.create_session("shared", source="gateway")
+        lists: list[list[dict[str, Any]]] = [[], []]
+        for n in range(2):
+            await store.create_session(f"s{n}", source="gateway")
+        deadline = time.monotonic() + 1.5
 
         async def agent(n: int) -> None:
-            for i in range(5):
-                await store.append("shared", {"role": "user", "content": f"{n}-{i}"})
-                await asyncio.sleep(0.01)
+            while time.monotonic() < deadline:
+                lists[n].append({"role": "user", "content": f"{len(lists[n])}"})
+                await store.flush(f"s{n}", lists[n])
 
         await asyncio.gather(agent(0), agent(1))
-        contents = [m["content"] for m in await store.get_messages("shared")]
-        assert sorted(contents) == sorted(f"{n}-{i}" for n in range(2) for i in range(5))
+        for n in range(2):
+            assert lists[n]
+            assert await store.get_messages(f"s{n}") == lists[n]
         await store.close()
+        await engine.dispose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.sqlite  # the async store keeps a connection on aiosqlite only
+def test_async_stores_sharing_an_engine_give_back_the_connection_they_keep(
+    tmp_path: Path,
+) -> None:
+    """A pool of two: one store keeps one, the application holds the other, a second
+    store needs one: the first store's goes back as the application's checkout
+    leaves the pool empty."""
+    from hermes_orm import create_async_store_engine
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'two.db'}"
+    SessionStore(url.replace("+aiosqlite", "")).upgrade()
+
+    async def main() -> None:
+        engine = create_async_store_engine(url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+        first = AsyncSessionStore(engine, retry=RetryPolicy(unavailable_for=0.1))
+        second = AsyncSessionStore(engine, retry=RetryPolicy(unavailable_for=0.1))
+        await first.create_session("a", source="test")
+        assert engine.sync_engine.pool.checkedout() == 1  # kept, idle
+        async with engine.connect() as held:
+            await held.exec_driver_sql("SELECT 1")
+            await second.create_session("b", source="test")
+            await second.flush("b", conversation(1))
+        assert await first.get_messages("a") == []
+        assert await second.get_messages("b") == conversation(1)
+        await first.close()
+        await second.close()
         await engine.dispose()
 
     asyncio.run(main())
@@ -2120,5 +2157,163 @@ def test_a_store_closed_during_a_call_keeps_no_connection(db_url: str) -> None:
         await closing[0]
         assert async_engine.pool.checkedout() == 0
         await async_engine.dispose()
+
+    asyncio.run(main())
+
+
+class _HeldAfterCommit:
+    """Await ``coro``; once a COMMIT went through, run ``then()`` whole before ``coro`` goes on."""
+
+    def __init__(self, coro: Any, committed: list[bool], then: Callable[[], Any]) -> None:
+        self.coro, self.committed, self.then = coro, committed, then
+
+    def __await__(self) -> Any:
+        steps, value, error, held = self.coro.__await__(), None, None, False
+        while True:
+            try:
+                future = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            try:
+                value = yield future
+            except BaseException as exc:  # handed back to the coroutine
+                error, value = exc, None
+            if self.committed and not held:
+                held = True
+                yield from asyncio.ensure_future(self.then()).__await__()
+
+
+@pytest.mark.sqlite  # (on PostgreSQL the flush's last await is its statement: no hold after)
+def test_a_flush_done_as_its_session_is_made_anew_leaves_nothing_to_check_against(
+    tmp_path: Path,
+) -> None:
+    """Between a flush's COMMIT and its return, the same store deletes the session,
+    makes it anew and flushes another history (same length, same last message).
+
+    What the first flush wrote is no longer there: the store must not take it
+    for the new session's history, so a list continuing the old one is refused.
+    """
+    path = tmp_path / "anew.db"
+    SessionStore(f"sqlite:///{path}").upgrade()
+    old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
+    old.append({"role": "user", "content": "ok"})
+    new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
+
+    async def main() -> None:
+        store = AsyncSessionStore(f"sqlite+aiosqlite:///{path}")
+        await store.create_session("s", source="test")
+        await store.flush("s", old[:1])
+
+        async def made_anew() -> None:
+            await store.delete_session("s")
+            await store.create_session("s", source="test")
+            await store.flush("s", new)
+
+        committed: list[bool] = []
+        engine = store.engine.sync_engine
+
+        def on_commit(_conn: Any) -> None:
+            committed.append(True)
+
+        event.listen(engine, "commit", on_commit)
+        try:
+            flushed = await _HeldAfterCommit(store.flush("s", old), committed, made_anew)
+        finally:
+            event.remove(engine, "commit", on_commit)
+        assert flushed.cursor == 3
+        with pytest.raises(HistoryDivergedError):
+            await store.flush("s", [*old, {"role": "assistant", "content": "next"}])
+        assert await store.get_messages("s") == new
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_what_a_write_under_way_would_remember_of_a_session_forgotten_meanwhile_is_dropped() -> (
+    None
+):
+    """The store's memory, as any write path (either API, either backend) uses it."""
+    memory = store_module._Memory()
+    memory.remember("s", 1, b"d" * 16, [{"role": "user"}], 0)
+    since = memory.stamp()  # a flush of "s" begins
+    memory.forget("s")  # deleted (or rewritten) meanwhile, by another task of the store
+    memory.remember("s", 3, b"e" * 16, [{"role": "user"}] * 2, 1, since=since)
+    assert "s" not in memory.hints
+    other = memory.stamp()  # a write begun after the forget is remembered
+    memory.remember("s", 2, b"f" * 16, [{"role": "user"}] * 2, 0, since=other)
+    assert memory.hints["s"].cursor == 2
+    # Past the bound on what it records of forgets, every earlier stamp is refused.
+    for n in range(store_module._HINTS_MAX + 1):
+        memory.forget(f"gone{n}")
+    memory.remember("t", 1, None, None, since=other)
+    assert "t" not in memory.hints
+    memory.remember("t", 1, None, None, since=memory.stamp())
+    assert memory.hints["t"].cursor == 1
+
+
+class _CancelledAt:
+    """Await ``coro``, cancelling the running task as it suspends for the ``k``-th time."""
+
+    def __init__(self, coro: Any, k: int) -> None:
+        self.coro, self.k = coro, k
+
+    def __await__(self) -> Any:
+        steps, value, error, n = self.coro.__await__(), None, None, 0
+        while True:
+            try:
+                future = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            n += 1
+            if n == self.k:
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            try:
+                value = yield future
+            except BaseException as exc:  # handed back to the coroutine
+                error, value = exc, None
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_a_close_cancelled_as_it_puts_the_application_s_settings_back(
+    tmp_path: Path, k: int
+) -> None:
+    """The application's engine sets busy_timeout=0, synchronous=OFF on its connections.
+
+    Cancelled at any point while the store gives its kept connection back,
+    the store's work afterwards still runs with its own settings.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", pool_size=2)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def application_settings(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.execute("PRAGMA synchronous=OFF")
+        cursor.close()
+
+    async def pragmas(conn: Any) -> list[Any]:
+        return [
+            (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+            for name in ("busy_timeout", "synchronous")
+        ]
+
+    async def main() -> None:
+        store = AsyncSessionStore(engine)
+        await store.upgrade()
+        await store.create_session("s", source="test")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.ensure_future(_CancelledAt(store.close(), k))
+        for end in (1, 2):
+            await store.flush("s", conversation(end))
+            async with engine.connect() as conn:  # another of the pool's, as the application has it
+                assert await pragmas(conn) == [0, 0]
+            assert await pragmas(store._parked[0]) == [5000, 2]  # the one it keeps, idle
+        await store.close()
+        await engine.dispose()
 
     asyncio.run(main())
