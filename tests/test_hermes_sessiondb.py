@@ -7,6 +7,7 @@ fact that both raise) must match, with the clock's readings set aside.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -1039,3 +1040,58 @@ def test_a_session_whose_extra_another_tool_wrote_as_a_list_reads(store: Session
     assert session is not None
     assert (session["id"], session["model"]) == ("s", "m1")
     assert [row["id"] for row in ours.list_sessions_rich()] == ["s"]
+
+
+def test_odd_values_hermes_callers_pass_are_taken_as_hermes_takes_them(both: Any) -> None:
+    """Numbers where Hermes keeps text, lookups by what no row holds: as in Hermes' file."""
+    both.create_session("12345", "cli")
+    both.create_session("s", "cli")
+    both.end_session("s", True)  # stored as SQLite's text of it: "1"
+    both.update_session_model("s", math.nan)  # NaN binds as NULL
+    both.update_session_model("12345", 3.0)  # "3.0"
+    both.update_system_prompt("s", 42)  # "42"
+    both.get_session("s")
+    both.get_session("12345")
+    both.get_session(12345)  # compared as its text
+    both.get_session("a\x00b")
+    assert both.get_session(12345) is not None
+    # Hermes' sqlite3 raises UnicodeEncodeError; no row holds it: none found.
+    assert both.ours.get_session("a\ud800") is None
+    both.has_platform_message_id("s", 7)
+    both.get_meta(12345)
+    both.delete_session(12345)
+    both.get_session("12345")
+
+
+def test_values_hermes_file_stores_that_no_column_of_ours_holds_are_refused_first(
+    store: SessionStore,
+) -> None:
+    ours = SessionDB(store)
+    ours.create_session("s", "cli")
+    before = ours.get_session("s")
+    refused: list[tuple[str, Any]] = [
+        ("update_system_prompt", ("s", ["a"])),
+        ("update_session_model", ("s", b"model")),
+    ]
+    for name, args in refused:
+        with pytest.raises(InvalidSessionError, match="must be text"):
+            getattr(ours, name)(*args)
+    for kwargs in (
+        {"input_tokens": 1.5},
+        {"output_tokens": 2**70},
+        {"reasoning_tokens": "many"},
+        {"estimated_cost_usd": math.nan},
+        {"actual_cost_usd": math.inf},
+        {"estimated_cost_usd": "1.0"},
+        {"billing_provider": ["x"]},
+    ):
+        with pytest.raises(InvalidSessionError):
+            ours.update_token_counts("s", **kwargs)
+        with pytest.raises(InvalidSessionError):
+            ours.update_token_counts("new", **kwargs)  # refused before the session is made
+    assert ours.get_session("s") == before
+    assert ours.get_session("new") is None
+    ours.update_token_counts("s", input_tokens=2.0, output_tokens=True, estimated_cost_usd=0.5)
+    session = ours.get_session("s")
+    assert session is not None
+    assert (session["input_tokens"], session["output_tokens"]) == (2, 1)

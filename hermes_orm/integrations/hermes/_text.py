@@ -24,6 +24,7 @@ import re
 import sqlite3
 from typing import Any
 
+from hermes_orm import _codec
 from hermes_orm.errors import InvalidMessageError
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -99,6 +100,18 @@ def _stored_as(value: Any, column_type: str) -> Any:
         except (sqlite3.Error, TypeError, ValueError, OverflowError):
             return value
         return conn.execute("SELECT v FROM t").fetchone()[0]
+
+
+def lookup_key(key: Any) -> str | None:
+    """``key`` (a session id, a meta key) as Hermes' file compares it; None if no row holds it.
+
+    A number is compared as its text (SQLite compares it so with a TEXT
+    column), lone surrogates as the replacement character they are stored as;
+    text with NUL, or what is no text, names no row: a lookup by it finds
+    nothing, as in Hermes' file, instead of failing on PostgreSQL's stricter types.
+    """
+    text = sqlite_text(key)
+    return text if isinstance(text, str) and _codec.text_problem(text) is None else None
 
 
 def sqlite_text(value: Any) -> Any:

@@ -48,6 +48,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._text import (
+    lookup_key,
     message_json,
     scrub,
     scrub_json,
@@ -609,6 +610,10 @@ class UpkeepMethods:
 
     def has_platform_message_id(self, session_id: str, platform_message_id: str) -> bool:
         """Whether the session holds a message with this platform message id."""
+        session_key, message_key = lookup_key(session_id), lookup_key(platform_message_id)
+        if session_key is None or message_key is None:
+            return False
+        session_id, platform_message_id = session_key, message_key
         query = select(
             exists().where(
                 _messages.c.session_id == session_id,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -39,11 +40,12 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
 from hermes_orm import _dialects
 from hermes_orm import search as _search
-from hermes_orm.errors import SearchQueryError
+from hermes_orm.errors import InvalidSessionError, SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
     hermes_json,
+    lookup_key,
     message_json,
     scrub,
     scrub_json,
@@ -533,6 +535,49 @@ def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
             path.unlink(missing_ok=True)
 
 
+def _text_of(name: str, value: Any) -> str | None:
+    """``value`` for a text column, as Hermes' SQLite file stores it; refused if it is no text.
+
+    Raises:
+        InvalidSessionError: A value SQLite would not bind as text (a list, bytes).
+    """
+    stored = sqlite_text(value)
+    if stored is not None and not isinstance(stored, str):
+        raise InvalidSessionError(f"{name} must be text, got {type(value).__name__}")
+    return stored
+
+
+def _count(name: str, value: Any) -> int | None:
+    """A token or call count, as Hermes' file keeps it (a whole float, a bool: the int).
+
+    Raises:
+        InvalidSessionError: A fraction, a number no 64-bit int holds, or no number.
+    """
+    stored = sqlite_integer(value)
+    if stored is None or (type(stored) is int and -(2**63) <= stored < 2**63):
+        return stored
+    raise InvalidSessionError(f"{name} must be a whole number of 64 bits, got {value!r}"[:200])
+
+
+def _cost(name: str, value: Any) -> float | None:
+    """A cost in USD: a finite number, or None.
+
+    Raises:
+        InvalidSessionError: NaN, an infinity, or no number.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSessionError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        cost = float(value)
+    except OverflowError:
+        cost = math.inf
+    if not math.isfinite(cost):
+        raise InvalidSessionError(f"{name} must be a finite number, got {value!r}"[:200])
+    return cost
+
+
 class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
     """Hermes Agent's ``SessionDB`` calls, stored by a :class:`SessionStore`.
 
@@ -607,6 +652,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         )
         return session_id
 
+    def _set_text(self, session_id: str, name: str, value: Any) -> int:
+        """Set a text column as Hermes' file stores the value (numbers as its text)."""
+        return self._set(session_id, **{name: _text_of(name, value)})
+
     def _set(self, session_id: str, **values: Any) -> int:
         def work(conn: Connection) -> int:
             statement = update(_sessions).where(_sessions.c.id == session_id).values(**values)
@@ -616,12 +665,13 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def end_session(self, session_id: str, end_reason: str) -> None:
         """End the session; the first end wins (no-op on an ended or missing one)."""
+        reason = _text_of("end_reason", end_reason)
 
         def work(conn: Connection) -> None:
             conn.execute(
                 update(_sessions)
                 .where(_sessions.c.id == session_id, _sessions.c.ended_at.is_(None))
-                .values(ended_at=time.time(), end_reason=end_reason)
+                .values(ended_at=time.time(), end_reason=reason)
             )
 
         self._store.write_transaction(work)
@@ -632,11 +682,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def update_system_prompt(self, session_id: str, system_prompt: str) -> None:
         """Store the assembled system prompt."""
-        self._set(session_id, system_prompt=system_prompt)
+        self._set_text(session_id, "system_prompt", system_prompt)
 
     def update_session_model(self, session_id: str, model: str) -> None:
         """Set the session's model (after a mid-session switch)."""
-        self._set(session_id, model=model)
+        self._set_text(session_id, "model", model)
 
     def update_token_counts(  # noqa: PLR0917 - Hermes' signature
         self,
@@ -664,12 +714,37 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         the first accounted call, and, for deltas, accumulates the per-model
         usage row (:class:`~hermes_orm.models.ModelUsage`).
         """
-        # A None counter counts as 0 (Hermes' file stores NULL, a column here holds none).
+        # Checked before anything is written. A None counter counts as 0 (Hermes'
+        # file stores NULL, a column here holds none).
         input_tokens, output_tokens, cache_read_tokens, cache_write_tokens = (
-            value or 0
-            for value in (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+            _count(name, value) or 0
+            for name, value in (
+                ("input_tokens", input_tokens),
+                ("output_tokens", output_tokens),
+                ("cache_read_tokens", cache_read_tokens),
+                ("cache_write_tokens", cache_write_tokens),
+            )
         )
-        reasoning_tokens, api_call_count = reasoning_tokens or 0, api_call_count or 0
+        reasoning_tokens = _count("reasoning_tokens", reasoning_tokens) or 0
+        api_call_count = _count("api_call_count", api_call_count) or 0
+        estimated_cost_usd = _cost("estimated_cost_usd", estimated_cost_usd)
+        actual_cost_usd = _cost("actual_cost_usd", actual_cost_usd)
+        cost_status, cost_source, pricing_version = (
+            _text_of(name, value)
+            for name, value in (
+                ("cost_status", cost_status),
+                ("cost_source", cost_source),
+                ("pricing_version", pricing_version),
+            )
+        )
+        billing_provider, billing_base_url, billing_mode = (
+            _text_of(name, value)
+            for name, value in (
+                ("billing_provider", billing_provider),
+                ("billing_base_url", billing_base_url),
+                ("billing_mode", billing_mode),
+            )
+        )
         self.ensure_session(session_id, "unknown", model=model)
         c = _sessions.c
         accounted = bool(
@@ -797,7 +872,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session as Hermes' sessions row, or None."""
-        return self._one_session(_sessions.c.id == session_id)
+        key = lookup_key(session_id)
+        return None if key is None else self._one_session(_sessions.c.id == key)
 
     def get_session_by_title(self, title: str) -> dict[str, Any] | None:
         """The session with exactly this title, or None (for no title: SQL's ``= NULL``)."""
@@ -1282,6 +1358,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         link. With ``sessions_dir``, their transcript files there go too.
         Returns False when there was no such session.
         """
+        key = lookup_key(session_id)
+        if key is None:
+            return False
+        session_id = key
         removed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
@@ -1329,9 +1409,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def get_meta(self, key: str) -> str | None:
         """A value of the key/value store, or None."""
+        found = lookup_key(key)
+        if found is None:
+            return None
 
         def work(conn: Connection) -> str | None:
-            return conn.execute(select(_meta.c.value).where(_meta.c.key == key)).scalar()
+            return conn.execute(select(_meta.c.value).where(_meta.c.key == found)).scalar()
 
         return self._store.read_transaction(work)
 
