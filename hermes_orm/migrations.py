@@ -756,17 +756,23 @@ def differences(bind: Bind, *, schema: str | None = None) -> list[Any]:
     the host's tables are never looked at. ``schema`` as for :func:`upgrade`.
     """
     schema = store_schema(bind, schema)
-    target = Base.metadata
     opts: dict[str, Any] = {
         "include_name": only_hermes_objects,
         "compare_type": True,
         "compare_server_default": False,
     }
-    if schema is not None:
-        # The models' tables, placed in the schema, compared with that schema only.
-        target = MetaData(naming_convention=Base.metadata.naming_convention)
-        for table in Base.metadata.sorted_tables:
+    # The models' own tables (a host's models on hermes_orm's Base are the host's),
+    # placed in the schema if one is given.
+    target = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.sorted_tables:
+        if not owns_table(table.name):
+            continue
+        if schema is None:
+            table.to_metadata(target)
+        else:
             table.to_metadata(target, schema=schema)
+    if schema is not None:
+        # Compared with that schema only.
 
         def in_schema(name: str | None, type_: str, parents: Any) -> bool:
             if type_ == "schema":

@@ -857,3 +857,26 @@ def test_a_downgrade_the_database_refuses_is_a_database_error(empty_pg: str) -> 
     assert hermes_orm.migrations.current(engine) == hermes_orm.migrations.head()
     assert "hermes_sessions" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_differences_leave_out_a_host_s_models_on_hermes_orm_s_base(empty_db_url: str) -> None:
+    """A host's models may subclass hermes_orm's Base: the tables they add are the host's."""
+    from sqlalchemy import Column, ForeignKey, Integer, String, Table
+
+    from hermes_orm.models import Base
+
+    links = Table(
+        "chat_links_of_the_host",
+        Base.metadata,
+        Column("id", Integer, primary_key=True),
+        Column("session_id", String(255), ForeignKey("hermes_sessions.id")),
+    )
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    try:
+        hermes_orm.upgrade(engine)
+        assert migrations.differences(engine) == []  # its table not made yet: not ours
+        links.create(engine)
+        assert migrations.differences(engine) == []
+    finally:
+        Base.metadata.remove(links)
+        engine.dispose()

@@ -364,3 +364,27 @@ def test_the_hermes_adapter_keeps_house_in_the_schema(empty_pg: str) -> None:
     db.vacuum()
     assert [m["content"] for m in db.get_messages("s")] == ["kept in agents"]
     store.close()
+
+
+def test_the_hermes_vacuum_in_a_schema_leaves_a_host_s_models_on_the_base_alone(
+    empty_pg: str,
+) -> None:
+    """The host's table (its models on hermes_orm's Base) is in public, not in the schema."""
+    from sqlalchemy import Column, Integer, Table
+
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import Base
+
+    accounts = Table("accounts_of_the_host", Base.metadata, Column("id", Integer, primary_key=True))
+    engine = _engine(empty_pg)
+    try:
+        accounts.create(engine)
+        hermes_orm.upgrade(engine, schema="agents")
+        store = SessionStore(engine, schema="agents")
+        store.create_session("s", source="cli")
+        SessionDB(store).vacuum()
+        assert store.get_session("s") is not None
+        store.close()
+    finally:
+        Base.metadata.remove(accounts)
+        engine.dispose()

@@ -55,7 +55,8 @@ from hermes_orm.integrations.hermes._text import (
     sqlite_integer,
     sqlite_text,
 )
-from hermes_orm.models import Base, Message, ModelUsage, Session
+from hermes_orm.migrations import MODEL_TABLES
+from hermes_orm.models import Message, ModelUsage, Session
 
 if TYPE_CHECKING:
     from hermes_orm.store import SessionStore
@@ -1058,7 +1059,8 @@ class UpkeepMethods:
                 quote = engine.dialect.identifier_preparer.quote
                 schema = self._store.schema
                 prefix = "" if schema is None else f"{quote(schema)}."
-                tables = ", ".join(prefix + quote(t.name) for t in Base.metadata.sorted_tables)
+                # hermes_orm's own (a host's models on its Base are the host's).
+                tables = ", ".join(prefix + quote(name) for name in sorted(MODEL_TABLES))
                 conn.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
         return optimized
 
