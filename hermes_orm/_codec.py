@@ -65,6 +65,12 @@ _INT64 = 2**63
 MAX_DEPTH = 100
 
 
+def shown(value: Any, most: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to about ``most`` characters."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[: most - 15]}... ({len(text):,} chars)"
+
+
 def text_problem(text: str) -> str | None:
     """Why ``text`` cannot be stored as a database string, or None when it can.
 

@@ -403,7 +403,7 @@ def decode_cursor(cursor: str) -> int:
     digits = cursor[1:] if isinstance(cursor, str) and cursor.startswith("m") else ""
     if digits.isascii() and digits.isdecimal() and len(digits) <= 19 and int(digits) < 2**63:
         return int(digits)  # (a message id: a 64-bit int)
-    raise SearchQueryError(f"{cursor!r} is not a cursor from SearchPage.next_cursor")
+    raise SearchQueryError(f"{_codec.shown(cursor)} is not a cursor from SearchPage.next_cursor")
 
 
 # -- SQL ----------------------------------------------------------------------------------

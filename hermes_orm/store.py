@@ -340,11 +340,12 @@ def check_session_id(session_id: Any) -> str:
     """``session_id``, if the store takes it as one (else :class:`InvalidSessionError`)."""
     if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
         raise InvalidSessionError(
-            f"a session id must be a non-empty str of at most 255 characters, got {session_id!r}"
+            "a session id must be a non-empty str of at most 255 characters, "
+            f"got {_codec.shown(session_id)}"
         )
     problem = _codec.text_problem(session_id)
     if problem is not None:
-        raise InvalidSessionError(f"session id {session_id!r} {problem}")
+        raise InvalidSessionError(f"session id {_codec.shown(session_id)} {problem}")
     return session_id
 
 
@@ -436,7 +437,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
             raise TypeError
     except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidSessionError(
-            f"invalid pagination cursor {cursor!r}: pass back a SessionPage.next_cursor"
+            f"invalid pagination cursor {_codec.shown(cursor)}: pass back a SessionPage.next_cursor"
         ) from None
     return float(started_at), session_id
 

@@ -412,3 +412,18 @@ def test_a_postgresql_url_value_the_driver_cannot_take_is_an_invalid_url() -> No
 def test_a_schema_that_is_no_str_is_refused(schema: Any) -> None:
     with pytest.raises(hermes_orm.InvalidArgumentError, match="schema must be one plain"):
         SessionStore("postgresql://u@127.0.0.1:1/db", schema=schema)
+
+
+def test_an_error_message_shows_a_long_input_cut_short(store: SessionStore) -> None:
+    """A megabyte id or cursor is not copied into the message (nor into the log)."""
+    huge = "x" * 1_000_000
+    for call, error in (
+        (lambda: store.get_session(huge), InvalidSessionError),
+        (lambda: store.list_sessions(cursor=huge), InvalidSessionError),
+        (lambda: store.search("hello", cursor=huge), SearchQueryError),
+        (lambda: store.create_session("a\x00" + huge, source="x"), InvalidSessionError),
+    ):
+        with pytest.raises(error) as raised:
+            call()
+        assert len(str(raised.value)) < 300
+        assert "1,000,00" in str(raised.value)  # how long it was
