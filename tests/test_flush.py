@@ -1336,6 +1336,15 @@ def test_a_pool_of_one_connection_serves_upgrade_and_vacuum(db_url: str, api: st
     asyncio.run(main())
 
 
+def _in_threads(agent: Callable[[int], None], count: int) -> None:
+    """``agent(n)`` for n in ``range(count)``, each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     """A store holds a connection only while it works: 50 threads, a pool of 2+2."""
     from hermes_orm import create_store_engine
@@ -1356,11 +1365,7 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=agent, args=(n,)) for n in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(agent, 50)
     assert errors == []
     # At most one idle connection kept (none if the last call ended with the pool full).
     assert engine.pool.checkedout() <= 1
@@ -1396,11 +1401,7 @@ def test_threads_sharing_a_store_on_a_pool_of_one_connection_each_get_it(db_url:
                 return
             appended[n] += 1
 
-    threads = [threading.Thread(target=agent, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(agent, 3)
     assert errors == []
     assert all(appended), appended
     stored = store.get_messages("shared")
@@ -2161,27 +2162,45 @@ def test_a_store_closed_during_a_call_keeps_no_connection(db_url: str) -> None:
     asyncio.run(main())
 
 
-class _HeldAfterCommit:
-    """Await ``coro``; once a COMMIT went through, run ``then()`` whole before ``coro`` goes on."""
+class _Stepped:
+    """Await ``coro``, calling ``each(n, resolved)`` around its n-th suspension (n from 1).
 
-    def __init__(self, coro: Any, committed: list[bool], then: Callable[[], Any]) -> None:
-        self.coro, self.committed, self.then = coro, committed, then
+    Before the awaited future is handed on (``resolved`` False), ``each`` may
+    cancel the running task: the suspension then raises CancelledError. After
+    it resolved (True), ``each`` may return a coroutine, run whole before
+    ``coro`` goes on.
+    """
+
+    def __init__(self, coro: Any, each: Callable[[int, bool], Any]) -> None:
+        self.coro, self.each = coro, each
 
     def __await__(self) -> Any:
-        steps, value, error, held = self.coro.__await__(), None, None, False
+        steps, value, error, n = self.coro.__await__(), None, None, 0
         while True:
             try:
                 future = steps.throw(error) if error is not None else steps.send(value)
             except StopIteration as stop:
                 return stop.value
             error = None
+            n += 1
+            self.each(n, False)
             try:
                 value = yield future
             except BaseException as exc:  # handed back to the coroutine
                 error, value = exc, None
-            if self.committed and not held:
-                held = True
-                yield from asyncio.ensure_future(self.then()).__await__()
+            then = self.each(n, True)
+            if then is not None:
+                yield from asyncio.ensure_future(then).__await__()
+
+
+def cancel_at(k: int) -> Callable[[int, bool], None]:
+    """For :class:`_Stepped`: cancel the running task as it suspends for the ``k``-th time."""
+
+    def each(n: int, resolved: bool) -> None:
+        if n == k and not resolved:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+    return each
 
 
 @pytest.mark.sqlite  # (on PostgreSQL the flush's last await is its statement: no hold after)
@@ -2218,7 +2237,15 @@ def test_a_flush_done_as_its_session_is_made_anew_leaves_nothing_to_check_agains
 
         event.listen(engine, "commit", on_commit)
         try:
-            flushed = await _HeldAfterCommit(store.flush("s", old), committed, made_anew)
+            held: list[bool] = []
+
+            def hold_after_commit(_n: int, resolved: bool) -> Any:
+                if resolved and committed and not held:
+                    held.append(True)
+                    return made_anew()
+                return None
+
+            flushed = await _Stepped(store.flush("s", old), hold_after_commit)
         finally:
             event.remove(engine, "commit", on_commit)
         assert flushed.cursor == 3
@@ -2250,29 +2277,6 @@ def test_what_a_write_under_way_would_remember_of_a_session_forgotten_meanwhile_
     assert "t" not in memory.hints
     memory.remember("t", 1, None, None, since=memory.stamp())
     assert memory.hints["t"].cursor == 1
-
-
-class _CancelledAt:
-    """Await ``coro``, cancelling the running task as it suspends for the ``k``-th time."""
-
-    def __init__(self, coro: Any, k: int) -> None:
-        self.coro, self.k = coro, k
-
-    def __await__(self) -> Any:
-        steps, value, error, n = self.coro.__await__(), None, None, 0
-        while True:
-            try:
-                future = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as stop:
-                return stop.value
-            error = None
-            n += 1
-            if n == self.k:
-                asyncio.current_task().cancel()  # type: ignore[union-attr]
-            try:
-                value = yield future
-            except BaseException as exc:  # handed back to the coroutine
-                error, value = exc, None
 
 
 @pytest.mark.sqlite
@@ -2307,7 +2311,7 @@ def test_a_close_cancelled_as_it_puts_the_application_s_settings_back(
         await store.upgrade()
         await store.create_session("s", source="test")
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.ensure_future(_CancelledAt(store.close(), k))
+            await asyncio.ensure_future(_Stepped(store.close(), cancel_at(k)))
         for end in (1, 2):
             await store.flush("s", conversation(end))
             async with engine.connect() as conn:  # another of the pool's, as the application has it

@@ -716,35 +716,40 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """
         # Checked before anything is written. A None counter counts as 0 (Hermes'
         # file stores NULL, a column here holds none).
-        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens = (
-            _count(name, value) or 0
-            for name, value in (
-                ("input_tokens", input_tokens),
-                ("output_tokens", output_tokens),
-                ("cache_read_tokens", cache_read_tokens),
-                ("cache_write_tokens", cache_write_tokens),
-            )
-        )
-        reasoning_tokens = _count("reasoning_tokens", reasoning_tokens) or 0
-        api_call_count = _count("api_call_count", api_call_count) or 0
+        counted = {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_read_tokens": cache_read_tokens,
+            "cache_write_tokens": cache_write_tokens,
+            "reasoning_tokens": reasoning_tokens,
+            "api_call_count": api_call_count,
+        }
+        (
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+            api_call_count,
+        ) = (_count(name, value) or 0 for name, value in counted.items())
         estimated_cost_usd = _cost("estimated_cost_usd", estimated_cost_usd)
         actual_cost_usd = _cost("actual_cost_usd", actual_cost_usd)
-        cost_status, cost_source, pricing_version = (
-            _text_of(name, value)
-            for name, value in (
-                ("cost_status", cost_status),
-                ("cost_source", cost_source),
-                ("pricing_version", pricing_version),
-            )
-        )
-        billing_provider, billing_base_url, billing_mode = (
-            _text_of(name, value)
-            for name, value in (
-                ("billing_provider", billing_provider),
-                ("billing_base_url", billing_base_url),
-                ("billing_mode", billing_mode),
-            )
-        )
+        texts = {
+            "cost_status": cost_status,
+            "cost_source": cost_source,
+            "pricing_version": pricing_version,
+            "billing_provider": billing_provider,
+            "billing_base_url": billing_base_url,
+            "billing_mode": billing_mode,
+        }
+        (
+            cost_status,
+            cost_source,
+            pricing_version,
+            billing_provider,
+            billing_base_url,
+            billing_mode,
+        ) = (_text_of(name, value) for name, value in texts.items())
         self.ensure_session(session_id, "unknown", model=model)
         c = _sessions.c
         accounted = bool(
