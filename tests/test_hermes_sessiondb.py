@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event
 
 from hermes_orm import SessionStore
-from hermes_orm.errors import InvalidMessageError, InvalidSessionError
+from hermes_orm.errors import InvalidArgumentError, InvalidMessageError, InvalidSessionError
 from hermes_orm.integrations.hermes import SessionDB
 from tests.conftest import fresh_store
 
@@ -1095,3 +1095,18 @@ def test_values_hermes_file_stores_that_no_column_of_ours_holds_are_refused_firs
     session = ours.get_session("s")
     assert session is not None
     assert (session["input_tokens"], session["output_tokens"]) == (2, 1)
+
+
+def test_lookups_hermes_callers_make_with_what_no_row_holds(both: Any) -> None:
+    both.create_session("s", "cli")
+    both.find_session_by_origin(platform="telegram", chat_id="a\x00")
+    assert both.ours.find_session_by_origin(platform="telegram", chat_id="a\x00") is None
+    for call in (
+        lambda db: db.get_messages("s", limit=math.nan),
+        lambda db: db.get_messages("s", limit="many"),
+        lambda db: db.search_messages("hello", limit=None),
+    ):
+        with pytest.raises(InvalidArgumentError, match="limit and offset must be integers"):
+            call(both.ours)
+        with pytest.raises(Exception):  # noqa: B017, PT011 - Hermes' file refuses them too
+            call(both.hermes)

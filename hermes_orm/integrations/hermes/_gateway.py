@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Table, delete, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from hermes_orm import _dialects
-from hermes_orm.errors import HermesOrmError, SessionNotFoundError
+from hermes_orm import _codec, _dialects
+from hermes_orm.errors import HermesOrmError, InvalidArgumentError, SessionNotFoundError
 from hermes_orm.integrations.hermes._text import sqlite_text
 from hermes_orm.models import (
     GatewayRoute,
@@ -116,8 +116,19 @@ def _recoverable() -> Any:
 
 
 def _window(limit: Any, offset: Any) -> tuple[int | None, int]:
-    """SQLite's LIMIT/OFFSET reading: a negative limit is none, a negative offset 0."""
-    size, start = int(limit), int(offset)
+    """SQLite's LIMIT/OFFSET reading: a negative limit is none, a negative offset 0.
+
+    Raises:
+        InvalidArgumentError: A limit or offset that is no integer (None, NaN, a
+            word): Hermes' SQLite file refuses it too (a datatype mismatch).
+    """
+    try:
+        size, start = int(limit), int(offset)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(
+            f"limit and offset must be integers, got {_codec.shown(limit)} and "
+            f"{_codec.shown(offset)}"
+        ) from None
     return (None if size < 0 else size), max(0, start)
 
 
@@ -287,7 +298,12 @@ class GatewayMethods:
         belong to different users, so one user's message never lands in
         another's session.
         """
-        if not platform or chat_id in (None, ""):
+        # Text with NUL: no stored session holds it (Hermes' file finds none either).
+        if (
+            not platform
+            or chat_id in (None, "")
+            or any("\x00" in str(sqlite_text(v)) for v in (platform, chat_id, thread_id, user_id))
+        ):
             return None
         c = _sessions.c
         query = (
