@@ -268,7 +268,9 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
         detail = str(exc)
         if url.password:
             detail = detail.replace(str(url.password), "***")
-        raise InvalidURLError(f"{safe_url(url)}: the engine cannot be made: {detail}") from None
+        # Without a query, what SQLAlchemy refused is a keyword argument of the caller's.
+        error = InvalidURLError if url.query else InvalidArgumentError
+        raise error(f"{safe_url(url)}: the engine cannot be made: {detail}") from None
     if isinstance(engine, Engine) and engine.dialect.is_async:
         engine.dispose()
         raise _other_api(url, "SessionStore", "AsyncSessionStore")

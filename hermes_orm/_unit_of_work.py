@@ -185,11 +185,15 @@ def _flush_ends(session: OrmSession, *_args: Any) -> None:
     session.info.pop(_MOVED, None)
 
 
-def _rolled_back(session: OrmSession, previous: SessionTransaction) -> None:
+def _rolled_back(session: OrmSession, _previous: SessionTransaction) -> None:
     session.info.pop(_FLUSH, None)
+
+
+def _transaction_ended(session: OrmSession, transaction: SessionTransaction) -> None:
+    """A transaction ended (rolled back, closed, reset): a move made in it is undone."""
     moved_in = session.info.get(_MOVED)
-    if moved_in is not None and (previous is moved_in or previous.parent is None):
-        del session.info[_MOVED]  # the move is undone with it
+    if moved_in is not None and (transaction is moved_in or transaction.parent is None):
+        del session.info[_MOVED]
 
 
 def _refuse_abandoned_move(session: OrmSession, *_args: Any) -> None:
@@ -900,6 +904,7 @@ _LISTENERS: tuple[tuple[str, Any], ...] = (
     ("before_flush", _flush_begins),
     ("after_flush_postexec", _flush_ends),
     ("after_soft_rollback", _rolled_back),
+    ("after_transaction_end", _transaction_ended),
     ("before_flush", assign_message_positions),
     ("before_commit", _refuse_abandoned_move),
     ("do_orm_execute", place_statement_rows),

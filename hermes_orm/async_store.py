@@ -226,10 +226,10 @@ class AsyncSessionStore(_AsyncSessions):
             else None
         )
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
-        #: Releases a pool checkout listener started (see _give_back_soon), held till done.
+        #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
         if self._parks:
-            give_back_when_full(self, engine.sync_engine, AsyncSessionStore._give_back_soon)
+            give_back_when_full(self, engine.sync_engine)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -250,6 +250,8 @@ class AsyncSessionStore(_AsyncSessions):
         """Give back the idle connection; dispose of the engine if the store made it."""
         self._closes += 1
         await self._unpark()
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._owns_engine:
             await self._async_engine.dispose()
         if self._owns_replica and self._async_replica is not None:
@@ -375,14 +377,20 @@ class AsyncSessionStore(_AsyncSessions):
         for conn in parked:
             await self._release(conn)
 
-    def _give_back_soon(self) -> None:
-        """Give the kept connection back to the pool as the event loop goes on.
+    def _give_back(self) -> None:
+        """The pool ran out: give the kept connection back as the event loop goes on.
 
-        Called by a pool ``checkout`` listener (on the loop's thread) that may not
-        await: the release runs as a task of its own.
+        Called by the engine's pool ``checkout`` listener (on the loop's thread),
+        which may not await: the release runs as a task of its own, which
+        :meth:`close` waits for.
         """
+        if not self._parked:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a checkout outside the loop (the sync engine used alone)
+            return
         parked, self._parked = self._parked, []
-        loop = asyncio.get_running_loop()
         for conn in parked:
             task = loop.create_task(self._release(conn))
             self._releasing.add(task)

@@ -427,12 +427,13 @@ def migration_connection(bind: Bind) -> Iterator[tuple[Connection, str | None]]:
     its own engine (``alembic -x url=... upgrade head``): the migration lock, the
     store's schema (from ``bind``'s ``schema_translate_map``, as ``?schema=`` in
     a URL sets it) first on the ``search_path`` and created if missing, and the
-    same refusals. Yields the connection, in the transaction committed at the
-    end, and the schema for ``version_table_schema``.
+    same refusals, pg_trgm found off the path. Yields the connection, in the
+    transaction committed at the end, and the schema for ``version_table_schema``.
     """
     with _prepared(bind, None) as (conn, schema, before):
         _refuse(conn, schema, before)
-        yield conn, schema
+        with _extension_found(conn, schema):
+            yield conn, schema
 
 
 def _at_head(bind: Bind, given: str | None) -> bool:

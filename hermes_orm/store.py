@@ -211,9 +211,7 @@ class _Memory:
         stored may be gone, and another history may stand at the same cursor.
         """
         with self.lock:
-            if since is not None and (
-                since < self.floor or self.forgotten.get(session_id, -1) > since
-            ):
+            if since is not None and self.forgotten_since(session_id, since):
                 return
             hints = self.hints
             old = hints.pop(session_id, None)  # re-inserted last: the dict's order is recency
@@ -250,6 +248,10 @@ class _Memory:
             if sid != keep and hint.copies is not None:
                 self.remembered -= len(hint.copies)
                 hint.copies = None
+
+    def forgotten_since(self, session_id: str, since: int) -> bool:
+        """Whether the session was (or may have been) forgotten since ``since`` (a stamp)."""
+        return since < self.floor or self.forgotten.get(session_id, -1) > since
 
     def forget(self, session_id: str) -> None:
         """Drop what is remembered of a session, and what writes under way would remember."""
@@ -1055,15 +1057,17 @@ class StoreCore:
         if verify not in _VERIFY:
             raise InvalidArgumentError(f"verify must be one of {_VERIFY}, got {verify!r}")
 
+        # Before the hint is read: what the store knows of the session may go (a
+        # delete, a rewrite) from then on, and with it what this flush checks against.
+        since = self._memory.stamp()
         hint = self._hint(session_id) if verify != "full" else None
         if hint is not None and len(messages) > hint.cursor:
             try:
-                return (yield from self._flush_on_hint(session_id, messages, hint, verify))
+                return (yield from self._flush_on_hint(session_id, messages, hint, verify, since))
             except CursorMoved:
                 pass
 
         result: FlushResult
-        since = self._memory.stamp()
         result, digest, start, taken, owner = yield Run(
             lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
@@ -1153,7 +1157,12 @@ class StoreCore:
         return FlushResult(end - cursor, end), last, start, taken, owner
 
     def _flush_on_hint(
-        self, session_id: str, messages: Sequence[dict[str, Any]], hint: _Hint, verify: str
+        self,
+        session_id: str,
+        messages: Sequence[dict[str, Any]],
+        hint: _Hint,
+        verify: str,
+        since: int,
     ) -> Steps[FlushResult]:
         """Flush on the remembered cursor: no read, the UPDATE checks it in the database.
 
@@ -1207,6 +1216,10 @@ class StoreCore:
                 )
 
         def work(conn: Connection) -> tuple[int, bytes | None]:
+            if self._memory.forgotten_since(session_id, since):
+                # Deleted or rewritten by another thread or task of this store since the
+                # hint was read: another history may stand at the same cursor and digest.
+                raise CursorMoved
             try:
                 if statements is None:
                     # A longer flush streams (bounded memory; errors roll back) from
@@ -1223,7 +1236,6 @@ class StoreCore:
                 # Positions taken (another writer) or the session is gone.
                 raise CursorMoved from None
 
-        since = self._memory.stamp()
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
             self._memory.remember(session_id, end, last, owner=hint.owner, since=since)
@@ -1659,27 +1671,36 @@ class _Sessions(StoreCore):
         return drive(steps, self._transaction)
 
 
-def give_back_when_full(store: Any, engine: Engine, give_back: Callable[[Any], None]) -> None:
+#: The stores keeping a connection of each engine's pool, for the engine's one
+#: ``checkout`` listener (never removed: removing a listener while another thread
+#: dispatches the event fails that thread's checkout).
+_keepers: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+_keepers_lock = threading.Lock()
+
+
+def give_back_when_full(store: Any, engine: Engine) -> None:
     """Have ``store`` give its kept connection back whenever ``engine``'s pool runs out.
 
-    A pool ``checkout`` listener calls ``give_back(store)`` when a checkout
-    leaves the pool empty while the store keeps one (its ``_parked``). It holds
-    the store weakly and is taken off when the store is collected.
+    When a checkout leaves the pool empty, the engine's pool ``checkout``
+    listener calls each of its stores' ``_give_back()``. Stores are held weakly.
     """
-    ref = weakref.ref(store)
+    with _keepers_lock:
+        stores = _keepers.get(engine)
+        if stores is None:
+            stores = _keepers[engine] = weakref.WeakSet()
+            event.listen(engine, "checkout", _on_checkout(weakref.ref(engine)))
+        stores.add(store)
 
+
+def _on_checkout(engine_ref: weakref.ref[Engine]) -> Callable[..., None]:
     def on_checkout(*_args: Any) -> None:
-        kept = ref()
-        if kept is not None and kept._parked and not _sa.pool_has_room(engine.pool):
-            give_back(kept)
+        engine = engine_ref()
+        if engine is None or _sa.pool_has_room(engine.pool):
+            return
+        for store in list(_keepers.get(engine, ())):
+            store._give_back()  # takes the store's lock: never misses one being kept
 
-    event.listen(engine, "checkout", on_checkout)
-    weakref.finalize(store, _stop_listening, engine, on_checkout)
-
-
-def _stop_listening(engine: Engine, listener: Callable[..., None]) -> None:
-    if event.contains(engine, "checkout", listener):
-        event.remove(engine, "checkout", listener)
+    return on_checkout
 
 
 class SessionStore(_Sessions):
@@ -1766,7 +1787,7 @@ class SessionStore(_Sessions):
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
             # threads (and other stores on the engine) never wait for it.
-            give_back_when_full(self, engine, SessionStore._unpark)
+            give_back_when_full(self, engine)
         #: Bumped by close(): a connection taken before it is given back, never kept.
         self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.
@@ -1904,6 +1925,10 @@ class SessionStore(_Sessions):
                 conn.close()
                 raise
         return conn
+
+    def _give_back(self) -> None:
+        """The pool ran out: the idle connection the store kept goes back to it."""
+        self._unpark()
 
     def _unpark(self) -> None:
         """Give the idle connection the store kept back to the pool."""

@@ -2321,3 +2321,53 @@ def test_a_close_cancelled_as_it_puts_the_application_s_settings_back(
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_session_made_anew_as_a_flush_reads_its_hint_is_checked_in_the_database(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread of the store deletes the session, makes it anew and flushes another
+    history (same length, same last message) just after this flush read what the store
+    knew of it: the cursor and digest match, the copies are of the old history."""
+    store = SessionStore(db_url)
+    old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
+    old.append({"role": "user", "content": "ok"})
+    new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
+    store.create_session("s", source="test")
+    store.flush("s", old)
+    real = store._hint
+    done: list[bool] = []
+
+    def hint_then_made_anew(session_id: str) -> Any:
+        found = real(session_id)
+        if not done:
+            done.append(True)
+            store.delete_session("s")
+            store.create_session("s", source="test")
+            store.flush("s", new)
+        return found
+
+    monkeypatch.setattr(store, "_hint", hint_then_made_anew)
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", [*old, {"role": "assistant", "content": "next"}])
+    assert done
+    assert store.get_messages("s") == new
+    store.close()
+
+
+def test_stores_made_and_dropped_on_an_engine_share_one_pool_listener(db_url: str) -> None:
+    """A listener added or removed while another thread checks out fails that checkout."""
+    import gc
+
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(db_url)
+    before = len(engine.pool.dispatch.checkout)
+    stores = [SessionStore(engine) for _ in range(20)]
+    for store in stores:
+        store.get_session("x")
+    assert len(engine.pool.dispatch.checkout) == before + 1
+    del stores, store
+    gc.collect()  # nothing taken off either
+    assert len(engine.pool.dispatch.checkout) == before + 1
+    engine.dispose()

@@ -1055,8 +1055,12 @@ def test_odd_values_hermes_callers_pass_are_taken_as_hermes_takes_them(both: Any
     both.get_session(12345)  # compared as its text
     both.get_session("a\x00b")
     assert both.get_session(12345) is not None
-    # Hermes' sqlite3 raises UnicodeEncodeError; no row holds it: none found.
+    # Hermes' sqlite3 raises UnicodeEncodeError; no row holds it: none found (not the
+    # session whose id holds the replacement character, which a write would store).
+    both.ours.create_session("a\ufffd", "cli")
     assert both.ours.get_session("a\ud800") is None
+    assert both.ours.delete_session("a\ud800") is False
+    assert both.ours.get_session("a\ufffd") is not None
     both.has_platform_message_id("s", 7)
     both.get_meta(12345)
     both.delete_session(12345)

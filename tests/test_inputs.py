@@ -427,3 +427,11 @@ def test_an_error_message_shows_a_long_input_cut_short(store: SessionStore) -> N
             call()
         assert len(str(raised.value)) < 300
         assert "1,000,00" in str(raised.value)  # how long it was
+
+
+def test_an_engine_argument_sqlalchemy_refuses_is_no_url_error(tmp_path: Path) -> None:
+    from hermes_orm import create_store_engine
+
+    with pytest.raises(hermes_orm.InvalidArgumentError, match="pool_sise") as raised:
+        create_store_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_sise=3)
+    assert not isinstance(raised.value, InvalidURLError)

@@ -880,3 +880,18 @@ def test_differences_leave_out_a_host_s_models_on_hermes_orm_s_base(empty_db_url
     finally:
         Base.metadata.remove(links)
         engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_alembic_s_own_command_finds_pg_trgm_off_the_path(empty_pg: str) -> None:
+    """``alembic -x url=... upgrade head`` (the scripts' env.py), as upgrade() does."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(empty_pg.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA extensions")
+        conn.exec_driver_sql("CREATE EXTENSION pg_trgm SCHEMA extensions")
+    result = _alembic("-x", f"url={empty_pg}", "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert migrations.current(engine) == migrations.head()
+    engine.dispose()

@@ -1232,3 +1232,22 @@ def test_an_autocommit_connection_is_refused_before_anything_is_written(
     ):
         orm.execute(insert(Message), [{"session_id": "auto", "role": "user", "content": "b"}])
     assert _stored(engine, "auto") == ([0], 1, 1)
+
+
+def test_an_orm_session_closed_after_a_failed_flush_is_used_again(engine: Engine) -> None:
+    """The flush's body fails (a duplicate row) after the rule moved a cursor; the
+    application closes the session (as ``with`` does on an exception) and goes on."""
+    store = SessionStore(engine)
+    store.create_session("s", source="app")
+    store.create_session("dup", source="app")
+    orm = OrmSession(engine)
+    orm.add(Message(session_id="s", role="user", content="a"))
+    orm.add(Session(id="dup", source="app", started_at=0.0))
+    with pytest.raises(IntegrityError):
+        orm.commit()
+    orm.close()
+    orm.add(Message(session_id="s", role="user", content="b"))
+    orm.commit()
+    orm.close()
+    assert _stored(engine, "s") == ([0], 1, 1)
+    assert store.get_messages("s") == [{"role": "user", "content": "b"}]

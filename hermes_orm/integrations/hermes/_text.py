@@ -106,11 +106,11 @@ def lookup_key(key: Any) -> str | None:
     """``key`` (a session id, a meta key) as Hermes' file compares it; None if no row holds it.
 
     A number is compared as its text (SQLite compares it so with a TEXT
-    column), lone surrogates as the replacement character they are stored as;
-    text with NUL, or what is no text, names no row: a lookup by it finds
-    nothing, as in Hermes' file, instead of failing on PostgreSQL's stricter types.
+    column); text with NUL or a lone surrogate, or what is no text, names no
+    row: a lookup by it finds nothing, instead of failing on PostgreSQL's
+    stricter types (or on the encoding, as in Hermes' file).
     """
-    text = sqlite_text(key)
+    text = key if isinstance(key, str) else sqlite_text(key)
     return text if isinstance(text, str) and _codec.text_problem(text) is None else None
 
 
