@@ -1583,7 +1583,8 @@ def test_many_tasks_share_a_small_pool(db_url: str, api: str) -> None:
                 await conn.exec_driver_sql("SELECT 1")
 
         await asyncio.gather(*(agent(n) for n in range(50)))
-        assert engine.pool.checkedout() == kept
+        # At most one kept (none if the last call ended with the pool full).
+        assert engine.pool.checkedout() <= kept
         async with store:  # closes it on the way out
             for n in range(50):
                 assert await store.get_messages(f"t{n}") == conversation(3)
