@@ -8,6 +8,7 @@ fact that both raise) must match, with the clock's readings set aside.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -1114,3 +1115,12 @@ def test_lookups_hermes_callers_make_with_what_no_row_holds(both: Any) -> None:
             call(both.ours)
         with pytest.raises(Exception):  # noqa: B017, PT011 - Hermes' file refuses them too
             call(both.hermes)
+
+
+def test_a_compression_cooldown_of_none_is_stored_as_none(both: Any) -> None:
+    both.create_session("s", "cli")
+    both.record_compression_failure_cooldown("s", time.time() + 600, "too long")
+    for db in (both.hermes, both.ours):  # (remaining_seconds differ by the clock)
+        assert db.get_compression_failure_cooldown("s")["error"] == "too long"
+    both.record_compression_failure_cooldown("s", None)  # Hermes stores NULL: none running
+    assert both.get_compression_failure_cooldown("s") is None

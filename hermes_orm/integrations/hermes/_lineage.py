@@ -182,13 +182,14 @@ class LineageMethods:
     # -- compression failure cooldown and fallback streak ----------------------------------
 
     def record_compression_failure_cooldown(
-        self, session_id: str, cooldown_until: float, error: str | None = None
+        self, session_id: str, cooldown_until: float | None, error: str | None = None
     ) -> None:
         """Remember that compressing the session failed: no new try before ``cooldown_until``.
 
         Args:
             session_id: The session (nothing happens for an empty id or a missing session).
-            cooldown_until: Unix time until which compression waits.
+            cooldown_until: Unix time until which compression waits (None: none, as
+                Hermes stores it).
             error: What failed, shown to the user.
 
         Raises:
@@ -199,7 +200,7 @@ class LineageMethods:
         """
         if not session_id:
             return
-        until = float(cooldown_until)
+        until = None if cooldown_until is None else float(cooldown_until)
         message = None if error is None else str(error)
 
         def work(conn: Connection) -> None:
