@@ -309,6 +309,22 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(os.path.expanduser(database))
 
 
+def missing_sqlite_file(url: str | URL) -> Path | None:
+    """The SQLite file ``url`` names when there is none yet (None: it exists, or no file).
+
+    What a command that only reads checks before it makes an engine, which
+    would create the file (and its directory).
+
+    Raises:
+        InvalidURLError: ``url`` is not a URL, or no file can have that name.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    path = _sqlite_file(parsed)
+    return None if path is None or path.exists() else path
+
+
 def _other_api(url: URL, store: str, instead: str) -> InvalidURLError:
     """The error for a URL whose driver belongs to the other API (asyncio or blocking)."""
     return InvalidURLError(

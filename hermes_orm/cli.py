@@ -20,6 +20,7 @@ from hermes_orm._dialects import (
     create_store_engine,
     default_url,
     hermes_home,
+    missing_sqlite_file,
     normalize_url,
     redact,
     safe_url,
@@ -226,6 +227,7 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate to the newest schema", parents=[url])
     up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(creates=True)
     up.add_argument(
         "--partitions",
         type=int,
@@ -283,7 +285,7 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
         default=None,
         help="the Hermes state.db (default: $HERMES_HOME/state.db, ~/.hermes/state.db)",
     )
-    importer.set_defaults(handler=_import)
+    importer.set_defaults(handler=_import, creates=True)
 
     checker = commands.add_parser(
         "verify",
@@ -309,7 +311,7 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
             help="run a simulated agent conversation with failures and a second writer",
             parents=[url],
         )
-        runner.set_defaults(handler=_demo)
+        runner.set_defaults(handler=_demo, creates=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,8 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command ``args`` holds (``args.url`` set); returns the exit status."""
+    """Run the command ``args`` holds (``args.url`` set); returns the exit status.
+
+    Only the commands that write (``db upgrade``, ``import``, ``demo``) create a
+    SQLite file that is not there: one that reads says so instead (a mistyped
+    path leaves nothing behind). ``status`` tells it as a database the mirror
+    has not made yet.
+    """
     try:
+        if not getattr(args, "creates", False) and args.handler is not _status:
+            missing = missing_sqlite_file(args.url)
+            if missing is not None:
+                print(
+                    f"hermes-orm: no database at {str(missing)!r}: nothing is stored there "
+                    "(check the URL; `hermes-orm db upgrade` creates it)",
+                    file=sys.stderr,
+                )
+                return 2
         return int(args.handler(args))
     except HermesOrmError as exc:
         print(f"hermes-orm: {exc}", file=sys.stderr)

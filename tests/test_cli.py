@@ -150,14 +150,51 @@ def test_demo_hides_a_password_in_the_query(tmp_path: Path) -> None:
     assert "s3cret-pw" not in result.stdout + result.stderr
 
 
+#: The commands that only read a database.
+READING = [
+    ("db", "current"),
+    ("db", "check"),
+    ("db", "downgrade", "base"),
+    ("sessions", "list"),
+    ("sessions", "show", "s1"),
+    ("verify",),
+    ("verify", "--repair"),
+    ("search", "foo"),
+    ("search", "rebuild"),
+]
+
+
+@pytest.mark.parametrize("command", READING)
+def test_a_command_that_reads_creates_no_sqlite_file(tmp_path: Path, command: tuple[str]) -> None:
+    """A mistyped path is said, and leaves no file or directory behind."""
+    target = tmp_path / "typo" / "x.db"
+    result = run("--url", f"sqlite:///{target}", *command, env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"hermes-orm: no database at '{target}': nothing is stored there "
+        "(check the URL; `hermes-orm db upgrade` creates it)"
+    ]
+    assert not target.parent.exists()
+
+
+def test_status_of_a_database_not_made_yet_creates_none(tmp_path: Path) -> None:
+    target = tmp_path / "home" / "hermes_orm.db"
+    result = run("--url", f"sqlite:///{target}", "status", env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "schema:    none yet (no file yet" in result.stdout
+    assert not target.parent.exists()
+    assert (
+        run("--url", f"sqlite:///{target}", "db", "upgrade", env=clean_env(tmp_path)).returncode
+        == 0
+    )
+    made = run("--url", f"sqlite:///{target}", "status", env=clean_env(tmp_path))
+    assert "stored:    0 sessions, 0 messages" in made.stdout, made.stdout
+
+
 @pytest.mark.parametrize(
     "command",
     [
-        ("db", "current"),
         ("db", "upgrade"),
-        ("sessions", "list"),
-        ("verify",),
-        ("search", "foo"),
         ("import", str(Path(__file__).parent / "fixtures" / "hermes-state.db")),
         ("demo",),
     ],

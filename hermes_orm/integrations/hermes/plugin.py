@@ -52,6 +52,7 @@ from hermes_orm._dialects import (
     create_store_engine,
     default_url,
     hermes_home,
+    missing_sqlite_file,
     normalize_url,
     redact,
     safe_url,
@@ -430,12 +431,16 @@ def print_status(url: str, origin: str | None = None) -> int:
     print(f"database:  {safe_url(url)}" + (f"  (from {origin})" if origin else ""))
     try:
         _check_url(url)
-        engine = create_store_engine(url)
+        missing = missing_sqlite_file(url)
+        engine = None if missing is not None else create_store_engine(url)
     except Exception as exc:
         print(redact(f"database:  cannot be used: {type(exc).__name__}: {exc}"))
         problems += 1
     else:
-        problems += _print_schema(engine)
+        if engine is None:  # looked at, not created: the mirror makes it on the first turn
+            print("schema:    none yet (no file yet; the mirror creates it on the first turn)")
+        else:
+            problems += _print_schema(engine)
     recorded = status_file().read()
     register_error = recorded.get("register_error")
     if isinstance(register_error, dict):
