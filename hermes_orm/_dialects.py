@@ -1525,7 +1525,7 @@ def committed(conn: Connection, xid: int) -> bool:
         try:
             status = conn.exec_driver_sql(status_of, (xid,)).scalar_one()
         except DBAPIError as exc:
-            if _sqlstate(exc.orig) != "22023":
+            if sqlstate(exc.orig) != "22023":
                 raise
             # "transaction ID ... is in the future": the server was promoted from a
             # standby that never received it (asynchronous replication): not here.
@@ -1543,7 +1543,7 @@ def committed(conn: Connection, xid: int) -> bool:
     )
 
 
-def _sqlstate(orig: BaseException | None) -> object:
+def sqlstate(orig: BaseException | None) -> object:
     """The SQLSTATE of a PostgreSQL driver's error (None where the server sent none).
 
     psycopg and asyncpg name it ``sqlstate``, psycopg2 ``pgcode``.
@@ -1562,11 +1562,11 @@ def is_transient(exc: DBAPIError) -> bool:
             return (code & 0xFF) in _SQLITE_TRANSIENT
         message = str(orig).lower()
         return "database is locked" in message or "database is busy" in message
-    sqlstate = _sqlstate(orig)
-    if isinstance(sqlstate, str):
-        if sqlstate.startswith("08") and _refused(orig):
+    code = sqlstate(orig)
+    if isinstance(code, str):
+        if code.startswith("08") and _refused(orig):
             return False  # e.g. PgBouncer's refusals (08P01): it says the same again
-        return sqlstate in _PG_TRANSIENT or sqlstate.startswith("08")
+        return code in _PG_TRANSIENT or code.startswith("08")
     return is_unreachable(exc)
 
 
@@ -1591,9 +1591,9 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return False
     if exc.connection_invalidated:
         return True
-    sqlstate = _sqlstate(orig)
-    if isinstance(sqlstate, str):
-        return (sqlstate.startswith("08") and not _refused(orig)) or sqlstate in _PG_UNREACHABLE
+    code = sqlstate(orig)
+    if isinstance(code, str):
+        return (code.startswith("08") and not _refused(orig)) or code in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
 
@@ -1616,7 +1616,7 @@ def pool_exhausted(exc: Exception) -> OperationalError:
 def read_only_hint(exc: DBAPIError) -> str:
     """What to do when ``exc`` says the server is read-only (empty otherwise)."""
     message = str(exc.orig).lower()
-    if _sqlstate(exc.orig) != "25006" and "read-only" not in message and "standby" not in message:
+    if sqlstate(exc.orig) != "25006" and "read-only" not in message and "standby" not in message:
         return ""
     return (
         " (the server is read-only: a standby, or a primary a failover demoted; list "
@@ -1675,7 +1675,7 @@ def pooler_hint(exc: DBAPIError) -> str:
             " (the server is reached through PgBouncer, which takes no startup options: "
             "add ?pgbouncer=true to the URL, or pass pgbouncer=True to the store)"
         )
-    if _sqlstate(exc.orig) in _PREPARED_ELSEWHERE or "prepared statement" in message:
+    if sqlstate(exc.orig) in _PREPARED_ELSEWHERE or "prepared statement" in message:
         return (
             " (a prepared statement met a server connection PgBouncer shares between "
             "clients: make the engine prepare nothing, e.g. psycopg's "

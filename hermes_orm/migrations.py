@@ -553,12 +553,29 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
             on PostgreSQL, the table is split into another number already, or
             ``bind`` autocommits.
         SchemaOutOfDateError: There is no ``hermes_messages`` yet (in ``schema``).
+        DatabaseError: The database refused the rebuild (objects of the
+            application depend on the table); nothing is changed.
     """
     _partitions.check_partitions(partitions, bind.dialect.name)
     _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
-    with _migrating(bind, schema) as conn:
-        done = _partitions.partition(conn, partitions, schema)
+    try:
+        with _migrating(bind, schema) as conn:
+            done = _partitions.partition(conn, partitions, schema)
+    except DBAPIError as exc:  # the rebuild's transaction is rolled back whole
+        # 2BP01: the table is renamed hermes_messages_unpartitioned while it is
+        # rebuilt, and dropping it (or its primary key) is refused.
+        depends = _dialects.sqlstate(exc.orig) == "2BP01"
+        remedy = (
+            " (objects of the application depend on hermes_messages, such as a view or a "
+            "foreign key: drop them, partition, then make them again)"
+            if depends
+            else ""
+        )
+        raise DatabaseError(
+            f"cannot split hermes_messages into {partitions} partitions: "
+            f"{_dialects.redact(str(exc.orig)).strip()}{remedy}; nothing was changed"
+        ) from exc
     if done:
         logger.info("hermes_messages split into %d hash partitions by session_id", partitions)
     return done

@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import (
+    DatabaseError,
     InvalidArgumentError,
     Message,
     SchemaOutOfDateError,
@@ -182,6 +183,41 @@ def test_a_partition_count_out_of_range_is_refused_before_anything(
     with pytest.raises(InvalidArgumentError, match="partitions must be"):
         hermes_orm.upgrade(engine, partitions=partitions)  # type: ignore[arg-type]
     assert migrations.current(engine) is None  # not even migrated
+
+
+@pytest.mark.parametrize(
+    "dependent",
+    [
+        "CREATE VIEW host_recent AS SELECT id, session_id FROM hermes_messages",
+        "CREATE TABLE host_notes (message_id bigint REFERENCES hermes_messages (id))",
+    ],
+)
+def test_a_host_object_on_the_messages_refuses_the_split_and_changes_nothing(
+    empty_pg: str, dependent: str
+) -> None:
+    """The database's refusal is a DatabaseError naming the remedy, the table left as it was."""
+    hermes_orm.upgrade(create_engine(empty_pg, poolclass=NullPool))
+    with SessionStore(empty_pg) as store:
+        store.create_session("s1", "cli")
+        store.flush("s1", TURN)
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(dependent)
+    for split in (
+        lambda: migrations.partition_messages(engine, 4),
+        lambda: hermes_orm.upgrade(engine, partitions=4),
+    ):
+        with pytest.raises(DatabaseError, match="cannot split hermes_messages into 4") as caught:
+            split()
+        assert "drop them, partition, then make them again" in str(caught.value)
+        assert "nothing was changed" in str(caught.value)
+    assert _partitions(empty_pg) == []
+    with SessionStore(empty_pg) as store:
+        assert store.get_messages("s1") == TURN
+    result = run_cli("db", "upgrade", "--partitions", "4", env={"HERMES_ORM_URL": empty_pg})
+    assert result.returncode == 2
+    assert "cannot split hermes_messages" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_sqlite_is_not_partitioned(tmp_path: Path) -> None:
