@@ -213,9 +213,10 @@ def test_a_rewritten_source_session_is_reported_not_overwritten(
     assert "1 diverged" in last_word.getMessage()
 
 
-def test_an_edit_hermes_made_to_any_copied_message_is_reported_as_diverged(
+def test_a_copied_message_hermes_added_a_column_to_is_kept_and_the_rest_copied(
     store: SessionStore, tmp_path: Path
 ) -> None:
+    """An ``api_content`` Hermes backfills on a copied message: the copy stays as it was."""
     source, hermes = _real_hermes(tmp_path)
     hermes.create_session("s", source="cli")
     hermes.create_session("t", source="cli")
@@ -230,11 +231,18 @@ def test_an_edit_hermes_made_to_any_copied_message_is_reported_as_diverged(
     hermes.append_message("t", "user", content="next")
     hermes.close()
     report = import_state_db(source, store)
-    assert report.diverged_sessions == ["s"]
-    assert report.grown_sessions == report.mismatched_sessions == []
-    assert report.messages_written == 1  # t's, and none on top of s' stale copy
+    assert report.ok, report.table()
+    assert report.amended_sessions == ["s"]
+    assert report.diverged_sessions == report.grown_sessions == report.mismatched_sessions == []
+    assert report.messages_written == 2
     assert "api_content" not in store.get_messages("s")[0]
-    assert [m["content"] for m in store.get_messages("t")][-1] == "next"
+    for sid in ("s", "t"):
+        assert [m["content"] for m in store.get_messages(sid)] == [
+            "question",
+            "answer",
+            "and more",
+            "next",
+        ]
 
 
 @pytest.mark.parametrize("cut", ["cleared", "made anew", "deleted"])
@@ -1022,6 +1030,83 @@ def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: s
         assert mirror.turn(sid, live, model="m", platform=platform)
     finally:
         mirror.close()
+
+
+#: What an older Hermes' state.db looked like: messages without the ``active`` and
+#: ``compacted`` columns (``dropped``), or ``active`` added without a default (NULL).
+_OLDER_MESSAGES = {
+    "dropped": [
+        "ALTER TABLE messages DROP COLUMN active",
+        "ALTER TABLE messages DROP COLUMN compacted",
+    ],
+    "null": [
+        "ALTER TABLE messages DROP COLUMN active",
+        "ALTER TABLE messages ADD COLUMN active INTEGER",
+    ],
+}
+
+
+@pytest.mark.parametrize("older", sorted(_OLDER_MESSAGES))
+def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_import(
+    store: SessionStore, tmp_path: Path, older: str
+) -> None:
+    """Imported from an older Hermes' file; Hermes upgraded (its rows get ``active``, 1) goes on.
+
+    The copies stay as they are; the messages after them are copied, not taken
+    for the mirror's (which would leave them out with the report ok).
+    """
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    hermes.close()
+    conn = sqlite3.connect(source)
+    indexes = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' "
+        "AND (sql LIKE '%active%' OR sql LIKE '%compacted%')"
+    ).fetchall()
+    conn.close()
+    _edit_source(source, *(f'DROP INDEX "{name}"' for (name,) in indexes), *_OLDER_MESSAGES[older])
+    assert import_state_db(source, store).ok
+    copied = store.get_messages("s")
+    assert "active" not in copied[0]
+
+    from hermes_state import SessionDB as HermesSessionDB
+
+    hermes = HermesSessionDB(source)  # the upgraded Hermes: its start-up changes the rows
+    hermes.append_message("s", "user", content="q2")
+    hermes.append_message("s", "assistant", content="a2")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.amended_sessions == ["s"]
+    assert report.mirrored_sessions == report.diverged_sessions == []
+    assert report.messages_written == 2
+    assert "kept as copied, the messages after them copied" in report.table()
+    stored = store.get_messages("s")
+    assert stored[:2] == copied
+    assert [m["content"] for m in stored] == ["q1", "a1", "q2", "a2"]
+    assert stored[2]["active"] is True  # copied as the source holds it now
+    again = import_state_db(source, store)  # and after that, as any session
+    assert again.ok
+    assert again.messages_written == 0
+    assert again.amended_sessions == []
+
+
+def test_a_copy_hermes_changed_in_content_is_still_a_divergence(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    assert import_state_db(source, store).ok
+    hermes.append_message("s", "assistant", content="a1")
+    hermes.close()
+    _edit_source(source, "UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == ["s"]
+    assert not report.ok
+    assert [m["content"] for m in store.get_messages("s")] == ["q1"]
 
 
 @pytest.mark.parametrize("first", ["import", "mirror"])

@@ -119,6 +119,9 @@ class ImportReport:
     deduplicated_titles: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
+    #: Sessions whose copied rows Hermes changed in place since (columns an upgrade
+    #: added): the copies kept as they are, the messages after them copied.
+    amended_sessions: list[str] = field(default_factory=list)
     #: Messages of the source whose session has no sessions row, by session id: not imported.
     orphaned_messages: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -160,6 +163,12 @@ class ImportReport:
             lines.append(
                 f"{len(self.mirrored_sessions)} session(s) continued by the Hermes mirror plugin "
                 "in the destination: up to date, left as they are"
+            )
+        if self.amended_sessions:
+            lines.append(
+                f"{len(self.amended_sessions)} session(s) whose copied messages Hermes changed "
+                "in place since (columns a Hermes upgrade added): kept as copied, the messages "
+                "after them copied"
             )
         if self.retitled_sessions:
             lines.append(
@@ -654,6 +663,13 @@ def import_state_db(
             if _continued_by_mirror(store, src, sid):
                 report.diverged_sessions.remove(sid)
                 report.mirrored_sessions.append(sid)
+                continue
+            written = _continue_earlier_copies(store, src, sid)
+            if written is not None:  # (none written: copied by an earlier run, up to date)
+                report.diverged_sessions.remove(sid)
+                if written:
+                    report.amended_sessions.append(sid)
+                    report.messages_written += written
         # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage.
         left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
         report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
@@ -1022,6 +1038,7 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
     return 0 < len(ours) <= len(hermes) and all(
         theirs[i] != stored[j]
         and set(theirs_message).difference(our_message, _ADDED_IN_PLACE)  # no copy of ours
+        and not _earlier_copy(theirs_message, our_message)
         and same_turn(theirs_message, our_message)
         for (i, theirs_message), (j, our_message) in zip(hermes, ours, strict=False)
     )
@@ -1029,6 +1046,44 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
 
 #: Message columns Hermes may fill in on a row it stored before (the import's copy lacks them).
 _ADDED_IN_PLACE = ("api_content",)
+
+
+def _continue_earlier_copies(store: SessionStore, src: Source, sid: str) -> int | None:
+    """Copy what follows the stored messages of ``sid`` if each is an :func:`_earlier_copy`.
+
+    The stored copies stay as they are (a stored message never changes), and
+    the source's messages after them are flushed as an import copies them;
+    returns how many, or None (the session is left as it is: diverged).
+    """
+    stored = store.get_messages(sid)
+    columns = MessageColumns.of(src.columns("messages"))
+    with src.snapshot():
+        rows = src.execute(columns.read_many, (sid, -1, 0))
+    source = [columns.message(r) for r in rows]
+    if not stored or len(source) < len(stored):
+        return None
+    if not all(map(_earlier_copy, source, stored)):
+        return None
+    tail = _Tail(len(stored), stored[-1], source[len(stored) :])
+    try:
+        return store.flush(sid, tail, verify="last").written
+    except (HistoryDivergedError, InvalidMessageError):
+        return None  # another writer changed it meanwhile, or a message cannot be stored
+
+
+def _earlier_copy(source: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether ``stored`` is an import's copy of the ``source`` row before Hermes changed it.
+
+    An import copies every column the row had, its timestamp (NOT NULL in
+    Hermes) included, where the agent's list, which the mirror stores, has
+    none; Hermes adds columns to its rows in place (an upgrade adds ``active``
+    and ``compacted``, a NULL ``active`` becomes 1). Such a copy holds the
+    source's value at each of its keys: the session is not the mirror's, and
+    what the source holds beyond it was not copied (the session diverged).
+    """
+    return "timestamp" in stored and all(
+        key in source and source[key] == value for key, value in stored.items()
+    )
 
 
 def _source_tail(
