@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 
 import hermes_orm
 from hermes_orm import SessionStore
@@ -341,6 +343,57 @@ def test_hooks_record_failures_instead_of_raising(status: StatusFile, tmp_path: 
     hooks["on_session_finalize"](session_id="s1", platform="cli", reason="shutdown")
     m.close()
     assert status.read()["error"]["session_id"] == "s1"
+
+
+@contextmanager
+def _inserts_failing() -> Iterator[None]:
+    """Every engine's INSERT of messages fails meanwhile (an error the database raised)."""
+
+    def fail(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "INSERT INTO hermes_messages" in statement:
+            raise OperationalError(statement, (), Exception("injected: the disk is gone"))
+
+    event.listen(Engine, "before_cursor_execute", fail)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "before_cursor_execute", fail)
+
+
+def test_a_last_turn_that_failed_is_written_when_the_session_ends(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """No turn comes after the end to catch up: the end writes the last list first."""
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    history = _turn(1) + _turn(2)
+    with _inserts_failing():
+        hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    assert status.read()["error"]["session_id"] == "s1"
+    assert len(_stored(store, "s1")) == 4
+    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    assert _stored(store, "s1") == history
+    session = store.get_session("s1")
+    assert session is not None
+    assert session["end_reason"] == "cli_close"
+    assert status.read().get("error") is None
+
+
+def test_a_session_ending_with_its_last_turn_unwritten_keeps_the_error(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    history = [*_turn(1), {"role": "user", "content": "q", "score": float("nan")}]
+    hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    assert len(_stored(store, "s1")) == 4
+    session = store.get_session("s1")
+    assert session is not None
+    assert session["end_reason"] == "cli_close"  # ended all the same
+    error = status.read()["error"]
+    assert error["session_id"] == "s1"
+    assert "InvalidMessageError" in error["message"]
 
 
 # -- the plugin as Hermes loads it ------------------------------------------------------------

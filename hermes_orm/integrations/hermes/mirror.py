@@ -448,8 +448,10 @@ class Mirror:
         self._lines = itertools.count(1)
         self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
-        # Writer side: the sessions whose last write failed, with the error.
+        # Writer side: the sessions whose last write failed, with the error, and the
+        # turn of each whose last flush failed (a session's end tries it again).
         self._failing: dict[str, str] = {}
+        self._unwritten: OrderedDict[str, Turn] = OrderedDict()
         self._status_checked = False
 
     # -- hooks (Hermes' thread): copy, queue, wait a bounded time --------------------------
@@ -542,7 +544,14 @@ class Mirror:
             if migrations.current(engine) is None:
                 raise
 
-    def _guarded(self, session_id: str, work: Callable[[SessionStore], None]) -> None:
+    def _guarded(
+        self, session_id: str, work: Callable[[SessionStore], None], *, catches_up: bool = True
+    ) -> bool:
+        """Run ``work``; a failure is recorded, not raised. Returns whether it ran.
+
+        Without ``catches_up``, its success clears no failure of the session's
+        (an end written says nothing of a conversation left unwritten).
+        """
         try:
             work(self._open())
         except (SchemaOutOfDateError, SchemaTooNewError) as exc:
@@ -559,7 +568,10 @@ class Mirror:
             logger.exception("hermes_orm mirror: unexpected error writing session %s", session_id)
             self._failed(session_id, exc, _CATCH_UP)
         else:
-            self._succeeded(session_id)
+            if catches_up or session_id not in self._failing:
+                self._succeeded(session_id)
+            return True
+        return False
 
     def _failed(self, session_id: str, exc: BaseException, todo: str) -> None:
         message = redact(f"{type(exc).__name__}: {exc}")
@@ -600,7 +612,12 @@ class Mirror:
             self.status.write(error=None)  # left by this process, or an earlier one
 
     def _flush(self, turn: Turn) -> None:
-        self._guarded(turn.session_id, lambda store: self._flush_in(store, turn))
+        sid = turn.session_id
+        self._unwritten.pop(sid, None)  # a later list of the session holds the earlier ones
+        if not self._guarded(sid, lambda store: self._flush_in(store, turn)):
+            self._unwritten[sid] = turn
+            while len(self._unwritten) > _TRACKED_MAX:
+                self._unwritten.popitem(last=False)
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
@@ -737,13 +754,19 @@ class Mirror:
         return revised
 
     def _end(self, session_id: str, reason: str) -> None:
+        # No turn comes after the end to catch up: a last list not written is tried now.
+        unwritten = self._unwritten.pop(session_id, None)
+        if unwritten is not None:
+            self._flush(unwritten)
+
         def work(store: SessionStore) -> None:
             tracked = self._tracked.pop(session_id, None)
             revision = tracked.revision if tracked else len(self._revisions(store, session_id))
             if revision:  # never mirrored: nothing to end
                 store.end_session(revision_id(session_id, revision), reason)
 
-        self._guarded(session_id, work)
+        # Still failing, its error stays on record: the session ends without all of it.
+        self._guarded(session_id, work, catches_up=False)
 
 
 def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
