@@ -345,6 +345,47 @@ def test_hooks_record_failures_instead_of_raising(status: StatusFile, tmp_path: 
     assert status.read()["error"]["session_id"] == "s1"
 
 
+def test_a_conversation_with_an_image_resumed_from_state_db_goes_on(
+    db_url: str, store: SessionStore, status: StatusFile
+) -> None:
+    """Hermes stores a list of content parts as their text (an image as ``[screenshot]``).
+
+    A conversation resumed from its ``state.db`` (``hermes --resume``, the
+    gateway's every turn) holds that text where the live list had the parts:
+    the same turn, not a rewrite stored again whole as ``s1#2``.
+    """
+    parts = [
+        {"type": "text", "text": "what is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]
+    live = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": "a lighthouse"},
+    ]
+    first = Mirror(db_url, status=status, wait=5.0)
+    try:
+        assert first.turn("s1", live)
+    finally:
+        first.close()
+    resumed = [
+        *live[:2],
+        {"role": "user", "content": "what is in this picture?\n[screenshot]"},
+        live[3],
+        {"role": "user", "content": "and then?"},
+        {"role": "assistant", "content": "the sea"},
+    ]
+    second = Mirror(db_url, status=status, wait=5.0)
+    try:
+        assert second.turn("s1", resumed)
+    finally:
+        second.close()
+    assert store.get_session("s1#2") is None
+    assert _stored(store, "s1") == [*live, *resumed[4:]]
+    assert status.read().get("error") is None
+
+
 @contextmanager
 def _inserts_failing() -> Iterator[None]:
     """Every engine's INSERT of messages fails meanwhile (an error the database raised)."""

@@ -143,14 +143,24 @@ def same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
     Role, content, tool calls (id, name, arguments) and tool call id decide;
     other keys (timestamps, token counts, Hermes' columns) do not, and an empty
-    content equals a missing one, as Hermes' ``state.db`` round-trips them.
+    content equals a missing one, as Hermes' ``state.db`` round-trips them. A
+    list of content parts (an image sent with the text) equals the text Hermes
+    stores for it, which a conversation resumed from ``state.db`` holds.
     """
     return (
         a.get("role") == b.get("role")
-        and (a.get("content") or None) == (b.get("content") or None)
+        and _turn_content(a) == _turn_content(b)
         and (a.get("tool_call_id") or None) == (b.get("tool_call_id") or None)
         and _calls(a) == _calls(b)
     )
+
+
+def _turn_content(message: Mapping[str, Any]) -> Any:
+    """A message's content as Hermes' ``state.db`` holds it (None for none)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = _text_of_parts(content)
+    return content or None
 
 
 def first_difference(live: Sequence[Mapping[str, Any]], stored: Sequence[Mapping[str, Any]]) -> int:
