@@ -1319,23 +1319,17 @@ def test_a_session_id_longer_than_the_store_takes_is_invalid(
     assert [m["content"] for m in store.get_messages("ok")] == ["hi"]
 
 
-def test_cli_refuses_to_import_into_the_state_db_itself(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spelled", ["absolute", "home"])
+def test_cli_refuses_to_import_into_the_state_db_itself(tmp_path: Path, spelled: str) -> None:
     source, hermes = _two_sessions(tmp_path)
     hermes.close()
     before = digest_file(source)
+    url = f"sqlite:///{source}" if spelled == "absolute" else f"sqlite:///~/{source.name}"
     run: Any = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hermes_orm.cli",
-            "import",
-            str(source),
-            "--url",
-            f"sqlite:///{source}",
-        ],
+        [sys.executable, "-m", "hermes_orm.cli", "import", str(source), "--url", url],
         capture_output=True,
         text=True,
-        env={**os.environ, "HERMES_HOME": str(tmp_path)},
+        env={**os.environ, "HERMES_HOME": str(tmp_path), "HOME": str(source.parent)},
         check=False,
     )
     assert run.returncode == 2

@@ -1596,6 +1596,7 @@ def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
         return
     if path.startswith("file:"):  # a URI filename (?uri=true)
         path = unquote(urlsplit(path).path)
+    path = os.path.expanduser(path)  # as the store opens it
     with contextlib.suppress(OSError):
         if os.path.samefile(path, src.path):
             raise StateDbError(
