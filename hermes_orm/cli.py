@@ -70,11 +70,7 @@ def _sessions(args: argparse.Namespace) -> int:
                 return 1
             messages = store.get_messages(args.session_id)
             if args.json:
-                print(
-                    json.dumps(
-                        {"session": session, "messages": messages}, indent=2, ensure_ascii=False
-                    )
-                )
+                _print_json({"session": session, "messages": messages})
                 return 0
             for key, value in session.items():
                 if value is not None:
@@ -85,7 +81,7 @@ def _sessions(args: argparse.Namespace) -> int:
             return 0
         page = store.list_sessions(source=args.source, user_id=args.user_id, limit=args.limit)
         if args.json:
-            print(json.dumps(page.sessions, indent=2, ensure_ascii=False))
+            _print_json(page.sessions)
             return 0
         print(f"{'id':<32} {'source':<10} {'messages':>8}  {'model':<24} title")
         for s in page.sessions:
@@ -96,6 +92,21 @@ def _sessions(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _print_json(document: Any) -> None:
+    """Print ``document`` as JSON, its text as it is where the output can hold it.
+
+    A value with a lone surrogate (kept in a session's JSON fields as Hermes
+    wrote it) cannot be written as UTF-8: then every character past ASCII is
+    escaped, which reads back the same.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(document, indent=2)
+    print(text)
 
 
 def _one_line(message: dict[str, Any], width: int = 100) -> str:
@@ -147,7 +158,7 @@ def _search(args: argparse.Namespace) -> int:
                 "hits": [hit.to_dict() for hit in page.hits],
                 "next_cursor": page.next_cursor,
             }
-            print(json.dumps(document, indent=2, ensure_ascii=False))
+            _print_json(document)
             return 0
         # Matches in bold on a terminal, in [brackets] otherwise.
         before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
@@ -181,7 +192,7 @@ def _verify(args: argparse.Namespace) -> int:
     with SessionStore(args.url, retry=_RETRY) as store:
         report = verify_database(store, repair=args.repair)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+        _print_json(report.as_dict())
     else:
         for problem in report.problems:
             where = f"session {problem.session_id!r}" if problem.session_id else "database"

@@ -72,6 +72,24 @@ def test_sessions_list_and_show(db_url: str, tmp_path: Path) -> None:
     assert missing.returncode == 1
 
 
+def test_json_output_holds_a_lone_surrogate_of_a_session_field(tmp_path: Path) -> None:
+    """Hermes writes one in a session's JSON fields (the import keeps it): escaped, no crash."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli", model_config={"note": "half \ud83d", "é": 1})
+        store.flush("s", [{"role": "user", "content": "héllo"}])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    listing = run("sessions", "list", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)[0]["model_config"] == {"note": "half \ud83d", "é": 1}
+    shown = run("sessions", "show", "s", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert document["session"]["model_config"]["note"] == "half \ud83d"
+    assert document["messages"] == [{"role": "user", "content": "héllo"}]
+
+
 def test_passwords_are_never_printed(tmp_path: Path) -> None:
     url = "postgresql://hermes:s3cret-pw@127.0.0.1:9/none"
     result = run("--url", url, "db", "current", env=clean_env(tmp_path))
