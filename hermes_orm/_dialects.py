@@ -334,8 +334,17 @@ def _other_api(url: URL, store: str, instead: str) -> InvalidURLError:
 
 
 def _create_private_file(path: Path) -> None:
-    """Create the SQLite file owner-only (0600) before SQLite creates it world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the SQLite file owner-only (0600) before SQLite creates it world-readable.
+
+    Each missing directory on its way is made owner-only (0700) too.
+    """
+    missing = []
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
     if not path.exists():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)

@@ -23,7 +23,7 @@ def clean_env(home: Path) -> dict[str, str]:
 
 
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
-    home = tmp_path / "hermes"
+    home = tmp_path / "users" / "hermes"
     result = run("demo", env=clean_env(home))
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -34,6 +34,7 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     db = home / "hermes_orm.db"
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.parent.stat().st_mode) == 0o700  # every directory it made
     store = SessionStore(f"sqlite:///{db}")
     (session,) = store.list_sessions().sessions
     assert session["flushed_idx"] == session["message_count"] == 20
