@@ -843,6 +843,7 @@ class StoreCore:
             inserted = conn.execute(self._insert_ignore(values)).rowcount
             if inserted != 1:
                 raise SessionExistsError(session_id)
+            _refuse_orphans(conn, session_id)
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).one()
             return _session_dict(row)
 
@@ -860,6 +861,7 @@ class StoreCore:
         def work(conn: Connection) -> bool:
             self._check_references(conn, session_id, values)
             if conn.execute(self._insert_ignore(values)).rowcount == 1:
+                _refuse_orphans(conn, session_id)
                 return True
             if (
                 self._user is not None
@@ -1669,6 +1671,24 @@ class _Sessions(StoreCore):
             cursor=cursor,
         )
         return drive(steps, self._transaction)
+
+
+def _refuse_orphans(conn: Connection, session_id: str) -> None:
+    """Refuse a session just created (rolled back) if messages of that id are stored.
+
+    Left by a delete of their session with SQLite's foreign keys off (another
+    client's), they would read as the new session's, whoever creates it.
+
+    Raises:
+        DatabaseError: Such messages are stored.
+    """
+    orphan = select(_messages.c.idx).where(_messages.c.session_id == session_id).limit(1)
+    if conn.execute(orphan).first() is not None:
+        raise DatabaseError(
+            f"session {session_id!r} cannot be created: messages of a deleted session of "
+            "that id are still stored (their session row was deleted with foreign keys off); "
+            "restore its session row or delete them (hermes-orm verify lists them)"
+        )
 
 
 #: The stores keeping a connection of each engine's pool, for the engine's one

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from hermes_orm import SessionStore, search, verify
+from hermes_orm import DatabaseError, SessionStore, search, verify
 from hermes_orm.verify import verify_database
 from tests.conftest import count_rows, fresh_store, run_cli
 from tests.test_cli import clean_env
@@ -349,3 +349,12 @@ def test_messages_of_no_session_are_reported_and_kept(
             "7 messages belong to session 'fine', which does not exist; not repaired"
         )
         assert count_rows(engine, "hermes_messages") == messages
+    # They would read as a new session's of that id, whoever made it: refused, nothing made.
+    for create in (store.create_session, store.ensure_session):
+        with pytest.raises(DatabaseError, match="messages of a deleted session of that id"):
+            create("fine", "cli")
+    assert store.get_session("fine") is None
+    with pytest.raises(DatabaseError, match="restore its session row or delete them"):
+        store.for_user("bob").create_session("last", "cli")
+    assert count_rows(engine, "hermes_sessions") == len(_SESSIONS) - 2
+    store.create_session("new", "cli")  # an id no orphan holds
