@@ -1304,6 +1304,31 @@ def test_a_blob_in_a_sessions_column_makes_its_session_invalid(
     assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("system_prompt = 'a prompt with ' || char(0) || ' in it'", "'system_prompt' contains NUL"),
+        ("cwd = char(0)", "'cwd' contains NUL"),
+        ("started_at = 'yesterday'", "'started_at' must be a number"),
+        ("input_tokens = 'lots'", "'input_tokens' must be an int"),
+        ("input_tokens = 1e20", "'input_tokens' must be an int"),
+    ],
+)
+def test_a_session_value_the_store_refuses_makes_only_its_session_invalid(
+    store: SessionStore, tmp_path: Path, change: str, reason: str
+) -> None:
+    """As the store's API refuses it: the session named with the column, the rest imported."""
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    _edit_source(source, f"UPDATE sessions SET {change} WHERE id = 'b'")
+    report = import_state_db(source, store)
+    assert list(report.invalid_sessions) == ["b"]
+    assert reason in report.invalid_sessions["b"]
+    assert not report.ok
+    assert store.get_session("b") is None
+    assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
+
+
 def test_a_session_id_longer_than_the_store_takes_is_invalid(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -58,6 +58,7 @@ from hermes_orm.store import (
     CursorMoved,
     PreparedWrite,
     SessionStore,
+    check_fields,
     check_session_id,
     flush_sql,
     prepare_many,
@@ -439,6 +440,12 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
             value = fields[key]
             fields[key] = None if value is None else bool(value)
         fields["extra"] = dict(zip(kept, row[len(keys) :], strict=True)) or None
+        try:  # what the store refuses of its API's callers (NUL, a count as text, ...)
+            check_fields({k: v for k, v in fields.items() if k != "id"})
+        except InvalidSessionError as exc:
+            if report is not None:
+                report.invalid_sessions[fields["id"]] = str(exc)
+            continue
         rows.append(fields)
     holders: set[str] = set()
     for fields in reversed(rows):  # the newest first
