@@ -1329,6 +1329,44 @@ def test_a_session_value_the_store_refuses_makes_only_its_session_invalid(
     assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
 
 
+def test_parent_links_that_loop_are_kept_in_extra_and_reported(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes lets a session be its own parent, and its upsert closes ``a -> b -> a``."""
+    from hermes_orm.verify import verify_database
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("self", source="cli", parent_session_id="self")
+    hermes.create_session("a", source="cli")
+    hermes.create_session("b", source="cli", parent_session_id="a")
+    hermes.create_session("a", source="cli", parent_session_id="b")  # fills a's parent
+    hermes.create_session("c", source="cli", parent_session_id="b")  # below the loop
+    for sid in ("self", "a", "b", "c"):
+        hermes.append_message(sid, "user", content=f"hi {sid}")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert sorted(report.unlooped_sessions) == ["b", "self"]
+    assert "closed a loop of parents" in report.table()
+    parents = {}
+    for sid in ("self", "a", "b", "c"):
+        session = store.get_session(sid)
+        assert session is not None
+        parents[sid] = (
+            session["parent_session_id"],
+            (session["extra"] or {}).get("parent_session_id"),
+        )
+    assert parents == {
+        "self": (None, "self"),
+        "a": ("b", None),
+        "b": (None, "a"),
+        "c": ("b", None),
+    }
+    assert verify_database(store).ok
+    assert import_state_db(source, store).ok  # again: nothing new, still no loop
+    assert verify_database(store).ok
+
+
 def test_a_session_id_longer_than_the_store_takes_is_invalid(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -120,6 +120,8 @@ class ImportReport:
     deduplicated_titles: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
+    #: Sessions whose parent link closed a loop of parents (kept in their extra).
+    unlooped_sessions: list[str] = field(default_factory=list)
     #: Sessions whose copied rows Hermes changed in place since (columns an upgrade
     #: added): the copies kept as they are, the messages after them copied.
     amended_sessions: list[str] = field(default_factory=list)
@@ -164,6 +166,11 @@ class ImportReport:
             lines.append(
                 f"{len(self.mirrored_sessions)} session(s) continued by the Hermes mirror plugin "
                 "in the destination: up to date, left as they are"
+            )
+        if self.unlooped_sessions:
+            lines.append(
+                f"{len(self.unlooped_sessions)} session(s) whose parent link closed a loop of "
+                "parents were kept without it (in extra['parent_session_id'])"
             )
         if self.amended_sessions:
             lines.append(
@@ -642,7 +649,7 @@ def import_state_db(
         store = destination if isinstance(destination, SessionStore) else SessionStore(destination)
         if not isinstance(destination, SessionStore):
             store.upgrade()
-        sessions = _linked(session_rows(src, report))
+        sessions = _linked(session_rows(src, report), report)
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
@@ -729,16 +736,48 @@ def _parents_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
-def _linked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sessions parents first, a parent link to a session not among them kept in extra."""
+def _loop_closers(rows: list[dict[str, Any]]) -> set[str]:
+    """The sessions whose parent link closes a loop of parents (one a loop, ``a`` of ``a -> a``).
+
+    Hermes' own ``create_session`` lets a session be its own parent, and its
+    upsert lets ``a -> b -> a`` happen; hermes_orm's lineage never loops.
+    """
+    by_id = {r["id"]: r for r in rows}
+    walked: set[str] = set()
+    closers: set[str] = set()
+    for first in rows:
+        chain: set[str] = set()
+        row = first
+        while row["id"] not in walked:
+            walked.add(row["id"])
+            chain.add(row["id"])
+            parent = row.get("parent_session_id")
+            if parent is None or parent not in by_id:
+                break
+            if parent in chain:
+                closers.add(row["id"])
+                break
+            row = by_id[parent]
+    return closers
+
+
+def _linked(rows: list[dict[str, Any]], report: ImportReport | None = None) -> list[dict[str, Any]]:
+    """The sessions parents first; a parent link that dangles or loops is kept in extra.
+
+    A link to a session not among them (its row is gone), or one that closes
+    a loop of parents, is no foreign key: it goes to the session's
+    ``extra["parent_session_id"]`` (a loop's, reported in ``report``).
+    """
     ids = {r["id"] for r in rows}
+    closers = _loop_closers(rows)
     ordered = _parents_first(rows)
     for fields in ordered:
         parent = fields.get("parent_session_id")
-        if parent is not None and parent not in ids:
-            # A dangling parent link (its row is gone) is kept, but not as a foreign key.
+        if parent is not None and (parent not in ids or fields["id"] in closers):
             fields["extra"] = {**(fields["extra"] or {}), "parent_session_id": parent}
             fields["parent_session_id"] = None
+            if fields["id"] in closers and report is not None:
+                report.unlooped_sessions.append(fields["id"])
     return ordered
 
 
