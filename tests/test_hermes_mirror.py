@@ -345,6 +345,17 @@ def test_hooks_record_failures_instead_of_raising(status: StatusFile, tmp_path: 
     assert status.read()["error"]["session_id"] == "s1"
 
 
+def _turn_of_a_new_process(
+    db_url: str, status: StatusFile, session_id: str, history: list[dict[str, Any]]
+) -> None:
+    """One turn through a mirror of its own, as a new Hermes process has it."""
+    mirror = Mirror(db_url, status=status, wait=5.0)
+    try:
+        assert mirror.turn(session_id, history)
+    finally:
+        mirror.close()
+
+
 def test_a_conversation_with_an_image_resumed_from_state_db_goes_on(
     db_url: str, store: SessionStore, status: StatusFile
 ) -> None:
@@ -364,11 +375,7 @@ def test_a_conversation_with_an_image_resumed_from_state_db_goes_on(
         {"role": "user", "content": parts},
         {"role": "assistant", "content": "a lighthouse"},
     ]
-    first = Mirror(db_url, status=status, wait=5.0)
-    try:
-        assert first.turn("s1", live)
-    finally:
-        first.close()
+    _turn_of_a_new_process(db_url, status, "s1", live)
     resumed = [
         *live[:2],
         {"role": "user", "content": "what is in this picture?\n[screenshot]"},
@@ -376,11 +383,7 @@ def test_a_conversation_with_an_image_resumed_from_state_db_goes_on(
         {"role": "user", "content": "and then?"},
         {"role": "assistant", "content": "the sea"},
     ]
-    second = Mirror(db_url, status=status, wait=5.0)
-    try:
-        assert second.turn("s1", resumed)
-    finally:
-        second.close()
+    _turn_of_a_new_process(db_url, status, "s1", resumed)  # hermes --resume
     assert store.get_session("s1#2") is None
     assert _stored(store, "s1") == [*live, *resumed[4:]]
     assert status.read().get("error") is None
