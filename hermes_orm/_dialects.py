@@ -11,6 +11,7 @@ row, which serialises writers of one session and nobody else.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -343,6 +344,8 @@ def _create_private_file(path: Path) -> None:
     while not directory.exists() and directory != directory.parent:
         missing.append(directory)
         directory = directory.parent
+    if not directory.is_dir():  # a file where a directory must be: named as mkdir names it
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(directory))
     for directory in reversed(missing):
         directory.mkdir(mode=0o700, exist_ok=True)
     if not path.exists():
