@@ -1046,6 +1046,17 @@ _OLDER_MESSAGES = {
 }
 
 
+def _older(source: Path) -> list[str]:
+    """Drop the indexes on ``active``/``compacted``, before those columns change."""
+    conn = sqlite3.connect(source)
+    indexes = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' "
+        "AND (sql LIKE '%active%' OR sql LIKE '%compacted%')"
+    ).fetchall()
+    conn.close()
+    return [f'DROP INDEX "{name}"' for (name,) in indexes]
+
+
 @pytest.mark.parametrize("older", sorted(_OLDER_MESSAGES))
 def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_import(
     store: SessionStore, tmp_path: Path, older: str
@@ -1060,13 +1071,7 @@ def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_impo
     hermes.append_message("s", "user", content="q1")
     hermes.append_message("s", "assistant", content="a1")
     hermes.close()
-    conn = sqlite3.connect(source)
-    indexes = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' "
-        "AND (sql LIKE '%active%' OR sql LIKE '%compacted%')"
-    ).fetchall()
-    conn.close()
-    _edit_source(source, *(f'DROP INDEX "{name}"' for (name,) in indexes), *_OLDER_MESSAGES[older])
+    _edit_source(source, *_older(source), *_OLDER_MESSAGES[older])
     assert import_state_db(source, store).ok
     copied = store.get_messages("s")
     assert "active" not in copied[0]
@@ -1091,6 +1096,31 @@ def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_impo
     assert again.ok
     assert again.messages_written == 0
     assert again.amended_sessions == []
+
+
+def test_copies_hermes_withdrew_after_an_upgrade_are_a_divergence(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Compacted since: the copies (no ``active``: live) no longer stand for the rows."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    hermes.close()
+    _edit_source(source, *_older(source), *_OLDER_MESSAGES["dropped"])
+    assert import_state_db(source, store).ok
+
+    from hermes_state import SessionDB as HermesSessionDB
+
+    hermes = HermesSessionDB(source)
+    hermes.archive_and_compact("s", [{"role": "user", "content": "summary of q1 and a1"}])
+    hermes.append_message("s", "user", content="q2")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == ["s"]
+    assert report.amended_sessions == report.mirrored_sessions == []
+    assert not report.ok
+    assert [m["content"] for m in store.get_messages("s")] == ["q1", "a1"]
 
 
 def test_a_copy_hermes_changed_in_content_is_still_a_divergence(

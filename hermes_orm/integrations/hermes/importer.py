@@ -1084,7 +1084,7 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
     return 0 < len(ours) <= len(hermes) and all(
         theirs[i] != stored[j]
         and set(theirs_message).difference(our_message, _ADDED_IN_PLACE)  # no copy of ours
-        and not _earlier_copy(theirs_message, our_message)
+        and not _import_copy(theirs_message, our_message)
         and same_turn(theirs_message, our_message)
         for (i, theirs_message), (j, our_message) in zip(hermes, ours, strict=False)
     )
@@ -1117,18 +1117,40 @@ def _continue_earlier_copies(store: SessionStore, src: Source, sid: str) -> int 
         return None  # another writer changed it meanwhile, or a message cannot be stored
 
 
-def _earlier_copy(source: dict[str, Any], stored: dict[str, Any]) -> bool:
-    """Whether ``stored`` is an import's copy of the ``source`` row before Hermes changed it.
+#: Keys Hermes adds to a row it stored before, and whether a value there means
+#: what the key's absence meant (a live row): an upgrade adds ``active`` (1) and
+#: ``compacted`` (0), or fills a NULL ``active`` with 1; ``api_content`` is filled in.
+_ADDED_AS_BEFORE: dict[str, Callable[[Any], bool]] = {
+    "active": lambda value: value is True,
+    "compacted": lambda value: value is False,
+    "api_content": lambda value: True,
+}
+
+
+def _import_copy(source: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether ``stored`` is an import's copy of the ``source`` row as it was, not the mirror's.
 
     An import copies every column the row had, its timestamp (NOT NULL in
     Hermes) included, where the agent's list, which the mirror stores, has
-    none; Hermes adds columns to its rows in place (an upgrade adds ``active``
-    and ``compacted``, a NULL ``active`` becomes 1). Such a copy holds the
-    source's value at each of its keys: the session is not the mirror's, and
-    what the source holds beyond it was not copied (the session diverged).
+    none; such a copy holds the source's value at each of its keys (the
+    source may hold keys more: columns Hermes added since).
     """
     return "timestamp" in stored and all(
         key in source and source[key] == value for key, value in stored.items()
+    )
+
+
+def _earlier_copy(source: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether ``stored`` is an :func:`_import_copy` of ``source`` that still stands for it.
+
+    The source's keys beyond the copy's must be ones Hermes adds in place,
+    holding what their absence meant (:data:`_ADDED_AS_BEFORE`): a row Hermes
+    since withdrew (``active`` 0: a rewind, a compaction) is not what its copy says.
+    """
+    return _import_copy(source, stored) and all(
+        key in _ADDED_AS_BEFORE and _ADDED_AS_BEFORE[key](value)
+        for key, value in source.items()
+        if key not in stored
     )
 
 
