@@ -843,7 +843,7 @@ class StoreCore:
             inserted = conn.execute(self._insert_ignore(values)).rowcount
             if inserted != 1:
                 raise SessionExistsError(session_id)
-            _refuse_orphans(conn, session_id)
+            refuse_orphans(conn, session_id)
             row = conn.execute(select(_sessions).where(_sessions.c.id == session_id)).one()
             return _session_dict(row)
 
@@ -861,7 +861,7 @@ class StoreCore:
         def work(conn: Connection) -> bool:
             self._check_references(conn, session_id, values)
             if conn.execute(self._insert_ignore(values)).rowcount == 1:
-                _refuse_orphans(conn, session_id)
+                refuse_orphans(conn, session_id)
                 return True
             if (
                 self._user is not None
@@ -1673,7 +1673,7 @@ class _Sessions(StoreCore):
         return drive(steps, self._transaction)
 
 
-def _refuse_orphans(conn: Connection, session_id: str) -> None:
+def refuse_orphans(conn: Connection, session_id: str) -> None:
     """Refuse a session just created (rolled back) if messages of that id are stored.
 
     Left by a delete of their session with SQLite's foreign keys off (another

@@ -1397,6 +1397,33 @@ def test_parent_links_that_loop_are_kept_in_extra_and_reported(
     assert verify_database(store).ok
 
 
+@pytest.mark.backends("sqlite")  # PostgreSQL's foreign keys keep orphans out
+def test_a_session_whose_id_orphaned_messages_hold_in_the_destination_is_invalid(
+    store: SessionStore, engine: Any, tmp_path: Path
+) -> None:
+    """Messages left by a delete with foreign keys off would read as the imported session's."""
+    store.create_session("b", source="cli")
+    store.flush("b", [{"role": "user", "content": "someone else's"}])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql("DELETE FROM hermes_sessions WHERE id = 'b'")
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    report = import_state_db(source, store)
+    assert list(report.invalid_sessions) == ["b"]
+    assert "holds messages of a deleted session of that id" in report.invalid_sessions["b"]
+    assert not report.ok
+    assert store.get_session("b") is None
+    assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
+
+    from hermes_orm import DatabaseError
+    from hermes_orm.integrations.hermes import SessionDB
+
+    with pytest.raises(DatabaseError, match="messages of a deleted session of that id"):
+        SessionDB(store).import_sessions([{"id": "b", "source": "cli", "messages": []}])
+    assert store.get_session("b") is None
+
+
 def test_a_session_id_longer_than_the_store_takes_is_invalid(
     store: SessionStore, tmp_path: Path
 ) -> None:

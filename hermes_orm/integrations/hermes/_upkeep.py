@@ -57,6 +57,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session
+from hermes_orm.store import refuse_orphans
 
 if TYPE_CHECKING:
     from hermes_orm.store import SessionStore
@@ -1264,6 +1265,7 @@ class UpkeepMethods:
                     raise ValueError(f"Title '{title}' is already in use by session {holder}")
             parent = fields["parent_session_id"]  # linked once every session is in
             conn.execute(_sessions.insert().values({**fields, "parent_session_id": None}))
+            refuse_orphans(conn, session_id)
             if encoded:
                 self._store.insert_rows(conn, session_id, 0, None, encoded)
             if parent:

@@ -649,7 +649,7 @@ def import_state_db(
         store = destination if isinstance(destination, SessionStore) else SessionStore(destination)
         if not isinstance(destination, SessionStore):
             store.upgrade()
-        sessions = _linked(session_rows(src, report), report)
+        sessions = _linked(_without_orphans(store, session_rows(src, report), report), report)
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
@@ -868,6 +868,35 @@ def _upsert_sessions(
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
 _TITLE_HOLDERS = f"SELECT id, title FROM {_sessions.name} WHERE title IN ({{values}})"
+
+
+#: Of the sessions a destination lacks, those some of whose messages it holds
+#: (their session row deleted with SQLite's foreign keys off): orphans.
+_ORPHANED = f"SELECT DISTINCT session_id FROM {_messages.name} WHERE session_id IN ({{values}})"
+
+
+def _without_orphans(
+    store: SessionStore, rows: list[dict[str, Any]], report: ImportReport
+) -> list[dict[str, Any]]:
+    """``rows`` but the sessions the destination lacks and holds messages of (reported invalid).
+
+    Such messages would read as the imported session's (the store's API
+    refuses to create their session alike: :func:`hermes_orm.store.refuse_orphans`).
+    """
+
+    def work(conn: Connection) -> set[str]:
+        ids = [r["id"] for r in rows]
+        present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, ids)}
+        missing = [sid for sid in ids if sid not in present]
+        return {sid for (sid,) in _dialects.rows_for_values(conn, _ORPHANED, missing)}
+
+    orphaned = store.read_transaction(work)
+    for sid in orphaned:
+        report.invalid_sessions[sid] = (
+            "the destination holds messages of a deleted session of that id (their session "
+            "row was deleted with foreign keys off): delete them, or restore their session row"
+        )
+    return [r for r in rows if r["id"] not in orphaned]
 
 
 def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
