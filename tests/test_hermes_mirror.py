@@ -26,6 +26,7 @@ from hermes_orm.integrations.hermes.mirror import (
     Mirror,
     StatusFile,
     conversation,
+    same_turn,
 )
 from hermes_orm.integrations.hermes.plugin import make_hooks
 
@@ -343,6 +344,22 @@ def test_hooks_record_failures_instead_of_raising(status: StatusFile, tmp_path: 
     hooks["on_session_finalize"](session_id="s1", platform="cli", reason="shutdown")
     m.close()
     assert status.read()["error"]["session_id"] == "s1"
+
+
+def test_a_multimodal_tool_result_is_the_same_turn_as_the_text_hermes_stores() -> None:
+    """Hermes writes its text summary to state.db: what a resumed conversation holds."""
+    envelope = {
+        "_multimodal": True,
+        "content": [
+            {"type": "text", "text": "shot taken"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ],
+        "text_summary": "a screenshot of the desk",
+    }
+    live = {"role": "tool", "content": envelope, "tool_call_id": "c1"}
+    resumed = {"role": "tool", "content": "a screenshot of the desk", "tool_call_id": "c1"}
+    assert same_turn(live, resumed)
+    assert not same_turn(live, {**resumed, "content": "shot taken"})
 
 
 def _turn_of_a_new_process(

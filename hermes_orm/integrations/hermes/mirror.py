@@ -144,8 +144,9 @@ def same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     Role, content, tool calls (id, name, arguments) and tool call id decide;
     other keys (timestamps, token counts, Hermes' columns) do not, and an empty
     content equals a missing one, as Hermes' ``state.db`` round-trips them. A
-    list of content parts (an image sent with the text) equals the text Hermes
-    stores for it, which a conversation resumed from ``state.db`` holds.
+    list of content parts (an image sent with the text), or a multimodal tool
+    result, equals the text Hermes stores for it (:func:`hermes_content`), which
+    a conversation resumed from ``state.db`` holds.
     """
     return (
         a.get("role") == b.get("role")
@@ -157,10 +158,7 @@ def same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _turn_content(message: Mapping[str, Any]) -> Any:
     """A message's content as Hermes' ``state.db`` holds it (None for none)."""
-    content = message.get("content")
-    if isinstance(content, list):
-        content = _text_of_parts(content)
-    return content or None
+    return hermes_content(message.get("content")) or None
 
 
 def first_difference(live: Sequence[Mapping[str, Any]], stored: Sequence[Mapping[str, Any]]) -> int:
@@ -837,6 +835,20 @@ def _multimodal_summary(content: Any) -> str | None:
     return str(_multimodal_text_summary(content)) if _is_multimodal_tool_result(content) else None
 
 
+def hermes_content(content: Any) -> Any:
+    """The content Hermes' write loop stores for a live message's ``content``.
+
+    A multimodal tool result is its text summary, a list of content parts
+    their text (an image ``[screenshot]``); text and anything else as it is.
+    """
+    if content is None or isinstance(content, str):
+        return content
+    summary = _multimodal_summary(content)
+    if summary is not None:
+        return summary
+    return _text_of_parts(content) if isinstance(content, list) else content
+
+
 def hermes_message(message: Mapping[str, Any], now: float) -> dict[str, Any]:
     """The message Hermes' own write loop stores for a message of its live list.
 
@@ -862,11 +874,7 @@ def hermes_message(message: Mapping[str, Any], now: float) -> dict[str, Any]:
         and _replayed_differently(content)
     ):
         api_content = content
-    summary = _multimodal_summary(content) if content is not None else None
-    if summary is not None:
-        content = summary
-    elif isinstance(content, list):
-        content = _text_of_parts(content)
+    content = hermes_content(content)
     tool_calls = message.get("tool_calls")
     written = {
         "role": role,
