@@ -621,7 +621,7 @@ class Mirror:
 
     def _flush(self, turn: Turn) -> None:
         sid = turn.session_id
-        self._unwritten.pop(sid, None)  # a later list of the session holds the earlier ones
+        self._unwritten.pop(sid, None)  # a later list of the session replaces the earlier one
         if not self._guarded(sid, lambda store: self._flush_in(store, turn)):
             self._unwritten[sid] = turn
             while len(self._unwritten) > _TRACKED_MAX:
