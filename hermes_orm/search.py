@@ -623,20 +623,19 @@ def sqlite_statement(
     With ``paged``, the last placeholder is the message id the page starts below.
 
     One table drives the scan in descending rowid order, so a page stops after
-    ``limit`` rows: the session's messages when a session is given, else the
-    word index when the query has word-only groups, else the CJK index; every
-    other condition is a per-row check.
+    ``limit`` rows: the word index when the query has word-only groups (with
+    a session given, over the range of its message ids only), else the
+    session's messages when a session is given, else the CJK index; every
+    other condition is a per-row check. (A word check of each of a session's
+    messages would run the word query once a message: a prefix's expansion
+    over the whole index each time.)
     """
     words = [g for g in query.groups if _words_only(g)]
     substrings = [g for g in query.groups if _substring_only(g)]
     driver_params: list[Any] = []
     checks: list[str] = []
     check_params: list[Any] = []
-    if filters.session_id is not None:
-        source, row = "hermes_messages m", "m.id"
-        rest = list(query.groups)
-        excluded = list(query.excluded)
-    elif words:
+    if words:
         expression = " AND ".join(_fts_terms(g) for g in words)
         word_excluded = [t for t in query.excluded if _words_only([t])]
         if word_excluded:
@@ -646,8 +645,18 @@ def sqlite_statement(
         row = "hermes_search.rowid"
         checks.append("hermes_search MATCH ?")
         driver_params.append(expression)
+        if filters.session_id is not None:
+            checks.append(
+                f"{row} BETWEEN (SELECT min(id) FROM hermes_messages WHERE session_id = ?) "
+                "AND (SELECT max(id) FROM hermes_messages WHERE session_id = ?)"
+            )
+            driver_params += [filters.session_id, filters.session_id]
         rest = [g for g in query.groups if g not in words]
         excluded = [t for t in query.excluded if t not in word_excluded]
+    elif filters.session_id is not None:
+        source, row = "hermes_messages m", "m.id"
+        rest = list(query.groups)
+        excluded = list(query.excluded)
     elif substrings:
         source = "hermes_search_cjk JOIN hermes_messages m ON m.id = hermes_search_cjk.rowid"
         row = "hermes_search_cjk.rowid"

@@ -488,6 +488,47 @@ def test_bad_arguments_are_typed_errors(
         store.search("docker", **kwargs)
 
 
+def test_a_session_s_hits_are_its_hits_among_all(store: SessionStore) -> None:
+    """Sessions written in turns (their message ids interleave): the filter is exact, paged too."""
+    for n in range(12):
+        for session_id in ("a", "b", "c"):
+            if n == 0:
+                store.create_session(session_id, "cli")
+            history = [turn(f"{session_id} deploy step {n} docker 部署 {'rare' * (n % 5 == 0)}")]
+            stored = store.get_messages(session_id)
+            store.flush(session_id, [*stored, *history])
+    queries = ["docker", "deploy*", "docker -rare", "rare OR 部署", "部署 docker", '"deploy step"']
+    for query in queries:
+        everywhere = [(h.session_id, h.idx) for h in store.search(query, limit=100).hits]
+        expected = [hit for hit in everywhere if hit[0] == "b"]
+        assert expected, query
+        paged, cursor = [], None
+        while True:
+            page = store.search(query, session_id="b", limit=4, cursor=cursor)
+            paged += [(h.session_id, h.idx) for h in page.hits]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert paged == expected, query
+
+
+@pytest.mark.sqlite
+def test_a_session_s_word_search_is_driven_by_the_word_index(tmp_path: Path) -> None:
+    """Not a word query per message of the session (a prefix expanded each time: minutes)."""
+    with SessionStore(f"sqlite:///{tmp_path / 'a.db'}") as store:
+        store.upgrade()
+        store.create_session("s", "cli")
+        store.flush("s", [turn("docker deploy")])
+    for query in ("docker", "deploy*", "docker -rare", "docker 部署"):
+        statement, params = search.sqlite_statement(
+            parse_query(query), search.Filters(session_id="s"), paged=False, limit=5
+        )
+        with sqlite3.connect(tmp_path / "a.db") as conn:
+            plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", params)]
+        assert plan[0].startswith("SCAN hermes_search VIRTUAL TABLE"), (query, plan)
+        assert not any("TEMP B-TREE" in step for step in plan), (query, plan)
+
+
 def test_deleting_a_session_removes_its_hits(store: SessionStore) -> None:
     for session_id in ("keep", "drop"):
         store.create_session(session_id, "cli")
