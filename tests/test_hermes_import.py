@@ -1057,6 +1057,20 @@ def _older(source: Path) -> list[str]:
     return [f'DROP INDEX "{name}"' for (name,) in indexes]
 
 
+def _imported_then_upgraded(store: SessionStore, tmp_path: Path, older: str) -> tuple[Path, Any]:
+    """Session s (q1, a1) of an ``older`` Hermes' file, imported; then Hermes 0.19 opening it."""
+    from hermes_state import SessionDB as HermesSessionDB
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    hermes.close()
+    _edit_source(source, *_older(source), *_OLDER_MESSAGES[older])
+    assert import_state_db(source, store).ok
+    return source, HermesSessionDB(source)  # its start-up changes the rows
+
+
 @pytest.mark.parametrize("older", sorted(_OLDER_MESSAGES))
 def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_import(
     store: SessionStore, tmp_path: Path, older: str
@@ -1066,19 +1080,9 @@ def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_impo
     The copies stay as they are; the messages after them are copied, not taken
     for the mirror's (which would leave them out with the report ok).
     """
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("s", source="cli", model="m")
-    hermes.append_message("s", "user", content="q1")
-    hermes.append_message("s", "assistant", content="a1")
-    hermes.close()
-    _edit_source(source, *_older(source), *_OLDER_MESSAGES[older])
-    assert import_state_db(source, store).ok
+    source, hermes = _imported_then_upgraded(store, tmp_path, older)
     copied = store.get_messages("s")
     assert "active" not in copied[0]
-
-    from hermes_state import SessionDB as HermesSessionDB
-
-    hermes = HermesSessionDB(source)  # the upgraded Hermes: its start-up changes the rows
     hermes.append_message("s", "user", content="q2")
     hermes.append_message("s", "assistant", content="a2")
     hermes.close()
@@ -1102,17 +1106,7 @@ def test_copies_hermes_withdrew_after_an_upgrade_are_a_divergence(
     store: SessionStore, tmp_path: Path
 ) -> None:
     """Compacted since: the copies (no ``active``: live) no longer stand for the rows."""
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("s", source="cli", model="m")
-    hermes.append_message("s", "user", content="q1")
-    hermes.append_message("s", "assistant", content="a1")
-    hermes.close()
-    _edit_source(source, *_older(source), *_OLDER_MESSAGES["dropped"])
-    assert import_state_db(source, store).ok
-
-    from hermes_state import SessionDB as HermesSessionDB
-
-    hermes = HermesSessionDB(source)
+    source, hermes = _imported_then_upgraded(store, tmp_path, "dropped")
     hermes.archive_and_compact("s", [{"role": "user", "content": "summary of q1 and a1"}])
     hermes.append_message("s", "user", content="q2")
     hermes.close()
