@@ -674,11 +674,12 @@ def import_state_db(
             )
         held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
         for sid in held:
-            if _continued_by_mirror(store, src, sid):
+            theirs = _source_messages(src, sid)
+            if _continued_by_mirror(store, theirs, sid):
                 report.diverged_sessions.remove(sid)
                 report.mirrored_sessions.append(sid)
                 continue
-            written = _continue_earlier_copies(store, src, sid)
+            written = _continue_earlier_copies(store, theirs, sid)
             if written is not None:  # (none written: copied by an earlier run, up to date)
                 report.diverged_sessions.remove(sid)
                 if written:
@@ -1066,7 +1067,15 @@ def _copy_messages(
             bar.update(messages=sum(n for _, _, n in item.pieces), sessions=item.sessions_done)
 
 
-def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
+def _source_messages(src: Source, sid: str) -> list[dict[str, Any]]:
+    """Every message of the source's session ``sid``, read as of one moment."""
+    columns = MessageColumns.of(src.columns("messages"))
+    with src.snapshot():
+        rows = src.execute(columns.read_many, (sid, -1, 0))  # all (a diverged session's only)
+    return [columns.message(r) for r in rows]
+
+
+def _continued_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid: str) -> bool:
     """Whether the destination's copy of ``sid`` differs from the source only by the mirror.
 
     The import's own rows are the source's, digest for digest; the Hermes
@@ -1076,6 +1085,7 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
     content, tool calls and their ids) in another form than the import's
     (which carries every column of Hermes' row, but an ``api_content`` Hermes
     may add later): then the mirror continued the session, and it is up to date.
+    ``source``: the source's messages of the session (:func:`_source_messages`).
     """
     stored = store.read_transaction(
         lambda conn: [
@@ -1089,10 +1099,6 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
     )
     if not stored:
         return False
-    columns = MessageColumns.of(src.columns("messages"))
-    with src.snapshot():
-        rows = src.execute(columns.read_many, (sid, -1, 0))  # all (a diverged session's only)
-    source = [columns.message(r) for r in rows]
     try:
         theirs = [_codec.message_digest(m) for m in source]
     except InvalidMessageError:
@@ -1123,18 +1129,17 @@ def _continued_by_mirror(store: SessionStore, src: Source, sid: str) -> bool:
 _ADDED_IN_PLACE = ("api_content",)
 
 
-def _continue_earlier_copies(store: SessionStore, src: Source, sid: str) -> int | None:
+def _continue_earlier_copies(
+    store: SessionStore, source: list[dict[str, Any]], sid: str
+) -> int | None:
     """Copy what follows the stored messages of ``sid`` if each is an :func:`_earlier_copy`.
 
-    The stored copies stay as they are (a stored message never changes), and
-    the source's messages after them are flushed as an import copies them;
-    returns how many, or None (the session is left as it is: diverged).
+    ``source``: the source's messages of the session. The stored copies stay as
+    they are (a stored message never changes), and the source's messages after
+    them are flushed as an import copies them; returns how many, or None (the
+    session is left as it is: diverged).
     """
     stored = store.get_messages(sid)
-    columns = MessageColumns.of(src.columns("messages"))
-    with src.snapshot():
-        rows = src.execute(columns.read_many, (sid, -1, 0))
-    source = [columns.message(r) for r in rows]
     if not stored or len(source) < len(stored):
         return None
     if not all(map(_earlier_copy, source, stored)):

@@ -38,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
-from hermes_orm import _dialects
+from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import InvalidSessionError, SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
@@ -556,7 +556,9 @@ def _count(name: str, value: Any) -> int | None:
     stored = sqlite_integer(value)
     if stored is None or (type(stored) is int and -(2**63) <= stored < 2**63):
         return stored
-    raise InvalidSessionError(f"{name} must be a whole number of 64 bits, got {value!r}"[:200])
+    raise InvalidSessionError(
+        f"{name} must be a whole number of 64 bits, got {_codec.shown(value)}"
+    )
 
 
 def _cost(name: str, value: Any) -> float | None:
@@ -574,7 +576,7 @@ def _cost(name: str, value: Any) -> float | None:
     except OverflowError:
         cost = math.inf
     if not math.isfinite(cost):
-        raise InvalidSessionError(f"{name} must be a finite number, got {value!r}"[:200])
+        raise InvalidSessionError(f"{name} must be a finite number, got {_codec.shown(value)}")
     return cost
 
 
