@@ -457,6 +457,57 @@ def test_a_session_ending_with_its_last_turn_unwritten_keeps_the_error(
     assert "InvalidMessageError" in error["message"]
 
 
+def test_a_failed_turn_then_a_rewrite_keeps_both_lists(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """The list that failed holds messages the rewritten one lacks: it is written first."""
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    history = _turn(1) + _turn(2)
+    with _inserts_failing():
+        hooks["post_llm_call"](session_id="s1", conversation_history=history)
+    compacted = [{"role": "user", "content": "[summary of turns 1 and 2]"}, *_turn(3)]
+    hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
+    assert _stored(store, "s1") == history
+    assert _stored(store, "s1#2") == compacted
+    assert status.read().get("error") is None
+
+
+def test_lists_rewritten_while_writes_fail_are_written_in_order_at_the_end(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    history = _turn(1) + _turn(2)
+    compacted = [{"role": "user", "content": "[summary of turns 1 and 2]"}, *_turn(3)]
+    with _inserts_failing():
+        hooks["post_llm_call"](session_id="s1", conversation_history=history)
+        hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
+        hooks["post_llm_call"](session_id="s1", conversation_history=[*compacted, *_turn(4)])
+    assert status.read()["error"]["session_id"] == "s1"
+    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    assert _stored(store, "s1") == history
+    assert _stored(store, "s1#2") == [*compacted, *_turn(4)]
+    assert store.get_session("s1#3") is None
+    assert status.read().get("error") is None
+
+
+def test_a_refused_list_does_not_hold_back_the_rewrite_after_it(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """A list the store refuses never will be written: the next list is written all the same."""
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    refused = [*_turn(1), {"role": "user", "content": "q", "score": float("nan")}]
+    hooks["post_llm_call"](session_id="s1", conversation_history=refused)
+    assert "InvalidMessageError" in status.read()["error"]["message"]
+    compacted = [{"role": "user", "content": "[summary of turn 1]"}, *_turn(2)]
+    hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
+    assert _stored(store, "s1") == _turn(1)
+    assert _stored(store, "s1#2") == compacted
+    assert status.read().get("error") is None
+
+
 # -- the plugin as Hermes loads it ------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -48,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -82,6 +83,13 @@ _RETRY = RetryPolicy(
 )
 #: Sessions whose stored history the mirror keeps in memory (the most recent).
 _TRACKED_MAX = 1000
+#: Lists of one session kept for a later write after theirs failed, none extending
+#: another (each a rewrite of the one before: compression, a rewind). Past this
+#: many, the oldest is given up, and said so.
+_PENDING_MAX = 8
+#: What :meth:`Mirror._guarded` did with a write: ran it; saw it fail (it may run
+#: later); saw the store refuse its messages (it never will).
+_Outcome = Literal["ran", "failed", "refused"]
 #: Marks of Hermes' recovery scaffolding: messages Hermes never persists
 #: (hermes-agent 0.19 ``run_agent._EPHEMERAL_SCAFFOLDING_FLAGS``).
 SCAFFOLDING_FLAGS = (
@@ -457,9 +465,9 @@ class Mirror:
         self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
         # Writer side: the sessions whose last write failed, with the error, and the
-        # turn of each whose last flush failed (a session's end tries it again).
+        # turns of each not written yet, oldest first (see _write).
         self._failing: dict[str, str] = {}
-        self._unwritten: OrderedDict[str, Turn] = OrderedDict()
+        self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
         self._status_checked = False
 
     # -- hooks (Hermes' thread): copy, queue, wait a bounded time --------------------------
@@ -554,8 +562,8 @@ class Mirror:
 
     def _guarded(
         self, session_id: str, work: Callable[[SessionStore], None], *, catches_up: bool = True
-    ) -> bool:
-        """Run ``work``; a failure is recorded, not raised. Returns whether it ran.
+    ) -> _Outcome:
+        """Run ``work``; a failure is recorded, not raised. Returns what became of it.
 
         Without ``catches_up``, its success clears no failure of the session's
         (an end written says nothing of a conversation left unwritten).
@@ -570,6 +578,7 @@ class Mirror:
                 exc,
                 "this session is not mirrored while that message is in its conversation",
             )
+            return "refused"
         except (HermesOrmError, SQLAlchemyError, OSError) as exc:
             self._failed(session_id, exc, _CATCH_UP)
         except Exception as exc:
@@ -578,8 +587,8 @@ class Mirror:
         else:
             if catches_up or session_id not in self._failing:
                 self._succeeded(session_id)
-            return True
-        return False
+            return "ran"
+        return "failed"
 
     def _failed(self, session_id: str, exc: BaseException, todo: str) -> None:
         message = redact(f"{type(exc).__name__}: {exc}")
@@ -620,12 +629,48 @@ class Mirror:
             self.status.write(error=None)  # left by this process, or an earlier one
 
     def _flush(self, turn: Turn) -> None:
+        """Write ``turn``'s list, after the session's earlier lists not written yet.
+
+        An earlier list the new one extends is written by it. One it does not
+        extend (the conversation was rewritten since: compression, a rewind)
+        holds messages the new list lacks: it is written first, into the
+        revision it continues, and the new list then starts the next revision.
+        """
         sid = turn.session_id
-        self._unwritten.pop(sid, None)  # a later list of the session replaces the earlier one
-        if not self._guarded(sid, lambda store: self._flush_in(store, turn)):
-            self._unwritten[sid] = turn
-            while len(self._unwritten) > _TRACKED_MAX:
-                self._unwritten.popitem(last=False)
+        earlier = self._unwritten.pop(sid, [])
+        self._write(sid, [job for job in earlier if not _extends(turn.messages, job.messages)])
+        if sid not in self._unwritten:
+            self._write(sid, [turn])
+        else:  # an earlier list still fails: the new one waits behind it, in order
+            self._keep(sid, [*self._unwritten.pop(sid), turn])
+
+    def _write(self, session_id: str, jobs: list[Turn]) -> None:
+        """Flush ``jobs`` in order; from the first that fails, keep them for a later write.
+
+        A list the store refuses (a message it cannot hold) is given up: it
+        never will be written, and must not hold back the lists after it.
+        """
+        for at, job in enumerate(jobs):
+            outcome = self._guarded(session_id, functools.partial(self._flush_in, turn=job))
+            if outcome == "failed":
+                self._keep(session_id, jobs[at:])
+                return
+
+    def _keep(self, session_id: str, jobs: list[Turn]) -> None:
+        """Keep ``jobs`` (oldest first) as the session's lists not written yet."""
+        if len(jobs) > _PENDING_MAX:
+            logger.warning(
+                "hermes_orm mirror: session %s was rewritten %d times while its writes failed; "
+                "the oldest %d of its unwritten conversations are given up",
+                session_id,
+                len(jobs) - 1,
+                len(jobs) - _PENDING_MAX,
+            )
+            jobs = jobs[-_PENDING_MAX:]
+        self._unwritten[session_id] = jobs
+        self._unwritten.move_to_end(session_id)
+        while len(self._unwritten) > _TRACKED_MAX:
+            self._unwritten.popitem(last=False)
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
@@ -762,10 +807,8 @@ class Mirror:
         return revised
 
     def _end(self, session_id: str, reason: str) -> None:
-        # No turn comes after the end to catch up: a last list not written is tried now.
-        unwritten = self._unwritten.pop(session_id, None)
-        if unwritten is not None:
-            self._flush(unwritten)
+        # No turn comes after the end to catch up: the lists not written are tried now.
+        self._write(session_id, self._unwritten.pop(session_id, []))
 
         def work(store: SessionStore) -> None:
             tracked = self._tracked.pop(session_id, None)
@@ -775,6 +818,13 @@ class Mirror:
 
         # Still failing, its error stays on record: the session ends without all of it.
         self._guarded(session_id, work, catches_up=False)
+
+
+def _extends(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> bool:
+    """Whether ``new`` begins with all of ``old`` (writing ``new`` writes ``old`` too)."""
+    if len(new) < len(old):
+        return False
+    return shared_prefix(new, old) == len(old) or first_difference(new, old) < 0
 
 
 def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
