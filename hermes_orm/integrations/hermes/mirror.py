@@ -153,7 +153,7 @@ def same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     other keys (timestamps, token counts, Hermes' columns) do not, and an empty
     content equals a missing one, as Hermes' ``state.db`` round-trips them. A
     list of content parts (an image sent with the text), or a multimodal tool
-    result, equals the text Hermes stores for it (:func:`hermes_content`), which
+    result, equals the text Hermes stores for it (:func:`loop_content`), which
     a conversation resumed from ``state.db`` holds.
     """
     return (
@@ -166,7 +166,7 @@ def same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _turn_content(message: Mapping[str, Any]) -> Any:
     """A message's content as Hermes' ``state.db`` holds it (None for none)."""
-    return hermes_content(message.get("content")) or None
+    return loop_content(message.get("content")) or None
 
 
 def first_difference(live: Sequence[Mapping[str, Any]], stored: Sequence[Mapping[str, Any]]) -> int:
@@ -885,7 +885,7 @@ def _multimodal_summary(content: Any) -> str | None:
     return str(_multimodal_text_summary(content)) if _is_multimodal_tool_result(content) else None
 
 
-def hermes_content(content: Any) -> Any:
+def loop_content(content: Any) -> Any:
     """The content Hermes' write loop stores for a live message's ``content``.
 
     A multimodal tool result is its text summary, a list of content parts
@@ -924,7 +924,7 @@ def hermes_message(message: Mapping[str, Any], now: float) -> dict[str, Any]:
         and _replayed_differently(content)
     ):
         api_content = content
-    content = hermes_content(content)
+    content = loop_content(content)
     tool_calls = message.get("tool_calls")
     written = {
         "role": role,
