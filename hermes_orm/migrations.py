@@ -455,6 +455,19 @@ def _at_head(bind: Bind, given: str | None) -> bool:
             bind.rollback()  # it only read: the connection is handed back as it came
 
 
+def _raise_if_lost(exc: DBAPIError) -> None:
+    """Raise ``exc`` itself if the connection was lost (or the server is out of reach).
+
+    Whether its transaction was committed is then unknown (a commit may have
+    been lost on its way back): the error is not told as "nothing was
+    changed" but raised as the driver's, as a connection lost anywhere else,
+    which a store's ``upgrade`` tries again. Running a migration again is
+    safe: a schema at its target, a table split already, is left as it is.
+    """
+    if _dialects.is_unreachable(exc):
+        raise exc
+
+
 def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
     if not isinstance(revision, str) or not revision.strip():
         raise InvalidArgumentError(
@@ -481,6 +494,7 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         except DBAPIError as exc:  # the revisions' transaction is rolled back whole
+            _raise_if_lost(exc)
             raise DatabaseError(
                 f"cannot migrate to {args[0]!r}: {_dialects.redact(str(exc.orig))}; "
                 "nothing was migrated"
@@ -526,7 +540,11 @@ def upgrade(
         SchemaTooNewError: The database was migrated by a newer hermes_orm.
         DatabaseError: Tables named as hermes_orm's are in the database (or
             schema) with no hermes_orm revision recorded: someone else's, or
-            made without the migrations; nothing is written.
+            made without the migrations; nothing is written. Or the database
+            refused a revision; nothing is migrated.
+        sqlalchemy.exc.DBAPIError: The connection was lost, or the server is
+            out of reach: whether the migration was committed is unknown;
+            upgrading again is safe.
     """
     if partitions is not None:
         _partitions.check_partitions(partitions, bind.dialect.name)
@@ -555,6 +573,9 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
         SchemaOutOfDateError: There is no ``hermes_messages`` yet (in ``schema``).
         DatabaseError: The database refused the rebuild (objects of the
             application depend on the table); nothing is changed.
+        sqlalchemy.exc.DBAPIError: The connection was lost, or the server is
+            out of reach: whether the split was committed is unknown; running
+            it again is safe.
     """
     _partitions.check_partitions(partitions, bind.dialect.name)
     _refuse_autocommit(bind)
@@ -563,6 +584,7 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
         with _migrating(bind, schema) as conn:
             done = _partitions.partition(conn, partitions, schema)
     except DBAPIError as exc:  # the rebuild's transaction is rolled back whole
+        _raise_if_lost(exc)
         # 2BP01: the table is renamed hermes_messages_unpartitioned while it is
         # rebuilt, and dropping it (or its primary key) is refused.
         depends = _dialects.sqlstate(exc.orig) == "2BP01"

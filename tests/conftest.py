@@ -8,6 +8,7 @@ PostgreSQL test passed fails (``CI`` set, or ``--require-postgresql``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 from pytest_alembic import Config as AlembicTestConfig
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -406,3 +407,40 @@ def count_rows(engine: Engine, table: str, **where: Any) -> int:
         return int(
             conn.execute(text(f"SELECT count(*) FROM {table} WHERE {clause}"), where).scalar_one()
         )
+
+
+@contextlib.contextmanager
+def backend_terminated(engine: Engine, statement: str | None = None) -> Iterator[None]:
+    """The server ends the first connection of ``engine`` that runs ``statement`` (a piece of its
+    SQL), or that commits when None, just before it does; the block runs meanwhile.
+
+    A connection lost as a failover or a restart loses it (PostgreSQL only).
+    """
+    killer = create_engine(engine.url, poolclass=NullPool)
+    fired: list[int] = []
+
+    def terminate(conn: Any) -> None:
+        if fired:
+            return
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        fired.append(pid)
+        with killer.connect() as other:  # (waits for the backend to be gone)
+            other.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+
+    def on_statement(conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        if statement is not None and statement in sql:
+            terminate(conn)
+
+    def on_commit(conn: Any) -> None:
+        if statement is None:
+            terminate(conn)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    event.listen(engine, "commit", on_commit)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
+        event.remove(engine, "commit", on_commit)
+        killer.dispose()
+    assert fired, "no connection of the engine ran it"

@@ -17,6 +17,7 @@ from pytest_alembic.tests import (  # the four built-in tests, on each backend
     test_upgrade,
 )
 from sqlalchemy import inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
@@ -29,7 +30,7 @@ from hermes_orm import (
     create_store_engine,
     migrations,
 )
-from tests.conftest import frozen_revision, run_cli
+from tests.conftest import backend_terminated, frozen_revision, run_cli
 
 __all__ = [
     "test_model_definitions_match_ddl",
@@ -895,3 +896,20 @@ def test_alembic_s_own_command_finds_pg_trgm_off_the_path(empty_pg: str) -> None
     assert result.returncode == 0, result.stderr
     assert migrations.current(engine) == migrations.head()
     engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_migration_whose_connection_was_lost_is_run_again_by_the_store(empty_pg: str) -> None:
+    """Lost in the revisions: the driver's error, not "nothing was migrated", so the store
+    tries again, as it says; the function, called alone, raises it for its caller to."""
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    with pytest.raises(DBAPIError) as caught, backend_terminated(engine, "CREATE TABLE"):
+        migrations.upgrade(engine)
+    assert caught.value.connection_invalidated
+    assert migrations.current(engine) is None
+    store = SessionStore(empty_pg)
+    with backend_terminated(store.engine, "CREATE TABLE"):
+        store.upgrade()
+    assert migrations.current(store.engine) == migrations.head()
+    store.create_session("s1", "cli")
+    store.close()

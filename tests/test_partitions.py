@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -26,7 +27,7 @@ from hermes_orm import (
     SessionStore,
     migrations,
 )
-from tests.conftest import run_cli
+from tests.conftest import backend_terminated, run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
 
@@ -235,3 +236,21 @@ def test_the_command_line_splits_the_messages(empty_pg: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "messages in 4 partitions" in result.stdout
     assert len(_partitions(empty_pg)) == 4
+
+
+def test_a_split_whose_connection_was_lost_at_commit_is_not_told_as_nothing_changed(
+    empty_pg: str,
+) -> None:
+    """Whether it was committed is unknown: the driver's error, and running it again is safe."""
+    hermes_orm.upgrade(create_engine(empty_pg, poolclass=NullPool))
+    with SessionStore(empty_pg) as store:
+        store.create_session("s1", "cli")
+        store.flush("s1", TURN)
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    with pytest.raises(DBAPIError) as caught, backend_terminated(engine):
+        migrations.partition_messages(engine, 4)
+    assert caught.value.connection_invalidated
+    assert migrations.partition_messages(engine, 4) is True  # the lost one was not committed
+    assert len(_partitions(empty_pg)) == 4
+    with SessionStore(empty_pg) as store:
+        assert store.get_messages("s1") == TURN
