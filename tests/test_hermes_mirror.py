@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -421,18 +421,37 @@ def _inserts_failing() -> Iterator[None]:
         event.remove(Engine, "before_cursor_execute", fail)
 
 
+def _s1_after_turn_1(mirror: Mirror) -> tuple[Callable[[list[Any]], None], Callable[[], None]]:
+    """Hermes' hooks for session s1, its first turn written: post a turn's list, end it."""
+    hooks = make_hooks(mirror)
+    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+
+    def post(history: list[Any]) -> None:
+        hooks["post_llm_call"](session_id="s1", conversation_history=history)
+
+    def end() -> None:
+        hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+
+    return post, end
+
+
+#: A list the store refuses (NaN is no JSON): it is never written.
+_REFUSED = [*_turn(1), {"role": "user", "content": "q", "score": float("nan")}]
+#: A compression's list: the summary of turns 1 and 2, then turn 3.
+_COMPACTED = [{"role": "user", "content": "[summary of turns 1 and 2]"}, *_turn(3)]
+
+
 def test_a_last_turn_that_failed_is_written_when_the_session_ends(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:
     """No turn comes after the end to catch up: the end writes the last list first."""
-    hooks = make_hooks(mirror)
-    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    post, end = _s1_after_turn_1(mirror)
     history = _turn(1) + _turn(2)
     with _inserts_failing():
-        hooks["post_llm_call"](session_id="s1", conversation_history=history)
+        post(history)
     assert status.read()["error"]["session_id"] == "s1"
     assert len(_stored(store, "s1")) == 4
-    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    end()
     assert _stored(store, "s1") == history
     session = store.get_session("s1")
     assert session is not None
@@ -443,11 +462,9 @@ def test_a_last_turn_that_failed_is_written_when_the_session_ends(
 def test_a_session_ending_with_its_last_turn_unwritten_keeps_the_error(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:
-    hooks = make_hooks(mirror)
-    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
-    history = [*_turn(1), {"role": "user", "content": "q", "score": float("nan")}]
-    hooks["post_llm_call"](session_id="s1", conversation_history=history)
-    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    post, end = _s1_after_turn_1(mirror)
+    post(_REFUSED)
+    end()
     assert len(_stored(store, "s1")) == 4
     session = store.get_session("s1")
     assert session is not None
@@ -461,33 +478,29 @@ def test_a_failed_turn_then_a_rewrite_keeps_both_lists(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:
     """The list that failed holds messages the rewritten one lacks: it is written first."""
-    hooks = make_hooks(mirror)
-    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    post, _ = _s1_after_turn_1(mirror)
     history = _turn(1) + _turn(2)
     with _inserts_failing():
-        hooks["post_llm_call"](session_id="s1", conversation_history=history)
-    compacted = [{"role": "user", "content": "[summary of turns 1 and 2]"}, *_turn(3)]
-    hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
+        post(history)
+    post(_COMPACTED)
     assert _stored(store, "s1") == history
-    assert _stored(store, "s1#2") == compacted
+    assert _stored(store, "s1#2") == _COMPACTED
     assert status.read().get("error") is None
 
 
 def test_lists_rewritten_while_writes_fail_are_written_in_order_at_the_end(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:
-    hooks = make_hooks(mirror)
-    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
+    post, end = _s1_after_turn_1(mirror)
     history = _turn(1) + _turn(2)
-    compacted = [{"role": "user", "content": "[summary of turns 1 and 2]"}, *_turn(3)]
     with _inserts_failing():
-        hooks["post_llm_call"](session_id="s1", conversation_history=history)
-        hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
-        hooks["post_llm_call"](session_id="s1", conversation_history=[*compacted, *_turn(4)])
+        post(history)
+        post(_COMPACTED)
+        post([*_COMPACTED, *_turn(4)])
     assert status.read()["error"]["session_id"] == "s1"
-    hooks["on_session_finalize"](session_id="s1", platform="cli", reason="cli_close")
+    end()
     assert _stored(store, "s1") == history
-    assert _stored(store, "s1#2") == [*compacted, *_turn(4)]
+    assert _stored(store, "s1#2") == [*_COMPACTED, *_turn(4)]
     assert store.get_session("s1#3") is None
     assert status.read().get("error") is None
 
@@ -496,13 +509,11 @@ def test_a_refused_list_does_not_hold_back_the_rewrite_after_it(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:
     """A list the store refuses never will be written: the next list is written all the same."""
-    hooks = make_hooks(mirror)
-    hooks["post_llm_call"](session_id="s1", conversation_history=_turn(1))
-    refused = [*_turn(1), {"role": "user", "content": "q", "score": float("nan")}]
-    hooks["post_llm_call"](session_id="s1", conversation_history=refused)
+    post, _ = _s1_after_turn_1(mirror)
+    post(_REFUSED)
     assert "InvalidMessageError" in status.read()["error"]["message"]
     compacted = [{"role": "user", "content": "[summary of turn 1]"}, *_turn(2)]
-    hooks["post_llm_call"](session_id="s1", conversation_history=compacted)
+    post(compacted)
     assert _stored(store, "s1") == _turn(1)
     assert _stored(store, "s1#2") == compacted
     assert status.read().get("error") is None

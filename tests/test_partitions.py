@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
@@ -186,6 +186,15 @@ def test_a_partition_count_out_of_range_is_refused_before_anything(
     assert migrations.current(engine) is None  # not even migrated
 
 
+def _migrated_with_a_turn(url: str) -> Engine:
+    """Migrate the database at ``url``, store TURN as session s1; an engine of it (no pool)."""
+    hermes_orm.upgrade(create_engine(url, poolclass=NullPool))
+    with SessionStore(url) as store:
+        store.create_session("s1", "cli")
+        store.flush("s1", TURN)
+    return create_engine(url, poolclass=NullPool)
+
+
 @pytest.mark.parametrize(
     "dependent",
     [
@@ -197,11 +206,7 @@ def test_a_host_object_on_the_messages_refuses_the_split_and_changes_nothing(
     empty_pg: str, dependent: str
 ) -> None:
     """The database's refusal is a DatabaseError naming the remedy, the table left as it was."""
-    hermes_orm.upgrade(create_engine(empty_pg, poolclass=NullPool))
-    with SessionStore(empty_pg) as store:
-        store.create_session("s1", "cli")
-        store.flush("s1", TURN)
-    engine = create_engine(empty_pg, poolclass=NullPool)
+    engine = _migrated_with_a_turn(empty_pg)
     with engine.begin() as conn:
         conn.exec_driver_sql(dependent)
     for split in (
@@ -242,11 +247,7 @@ def test_a_split_whose_connection_was_lost_at_commit_is_not_told_as_nothing_chan
     empty_pg: str,
 ) -> None:
     """Whether it was committed is unknown: the driver's error, and running it again is safe."""
-    hermes_orm.upgrade(create_engine(empty_pg, poolclass=NullPool))
-    with SessionStore(empty_pg) as store:
-        store.create_session("s1", "cli")
-        store.flush("s1", TURN)
-    engine = create_engine(empty_pg, poolclass=NullPool)
+    engine = _migrated_with_a_turn(empty_pg)
     with pytest.raises(DBAPIError) as caught, backend_terminated(engine):
         migrations.partition_messages(engine, 4)
     assert caught.value.connection_invalidated
