@@ -946,6 +946,11 @@ class FlushSQL:
     read_where: str
     read_from: str
     read_until: str
+    #: Conditions a read of messages adds: their session's row is there (messages a
+    #: delete left behind, with SQLite's foreign keys off, are no session's); it is
+    #: the user's (given last).
+    read_alive: str
+    read_owned: str
     #: PostgreSQL: the head of the one statement that moves the cursor and writes
     #: the rows (see :meth:`write_once`), without and with the digest's check;
     #: one row's placeholders in it. None where a flush is several statements.
@@ -1168,6 +1173,8 @@ def render_flush_sql(
         read_where=f" WHERE session_id = {mark}",
         read_from=f" AND idx >= {mark}",
         read_until=f" AND idx < {mark}",
+        read_alive=f" AND EXISTS (SELECT 1 FROM {sessions} WHERE id = {mark})",
+        read_owned=f" AND session_id IN (SELECT id FROM {sessions} WHERE user_id = {mark})",
         once_heads=once_heads,
         once_row=once_row,
     )

@@ -1438,13 +1438,14 @@ class StoreCore:
         if limit is not None:
             where += sql.read_until
             params.append(offset + limit)
+        # The session's row is checked by the statement that reads (one snapshot), so
+        # a session deleted, or given to another user, meanwhile yields nothing.
         if self._user is not None:
-            # The owner is checked by the statement that reads (one snapshot), so
-            # a session given to another user meanwhile yields nothing of theirs.
-            where += (
-                f" AND session_id IN (SELECT id FROM hermes_sessions WHERE user_id = {sql.mark})"
-            )
+            where += sql.read_owned
             params.append(self._user)
+        else:
+            where += sql.read_alive
+            params.append(session_id)
         statement = f"{sql.read_messages}{where} ORDER BY idx"
         session = select(_sessions.c.id).where(self._owned(session_id))
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from hermes_orm import DatabaseError, SessionStore, search, verify
+from hermes_orm import DatabaseError, SessionNotFoundError, SessionStore, search, verify
 from hermes_orm.verify import verify_database
 from tests.conftest import count_rows, fresh_store, run_cli
 from tests.test_cli import clean_env
@@ -358,3 +358,7 @@ def test_messages_of_no_session_are_reported_and_kept(
         store.for_user("bob").create_session("last", "cli")
     assert count_rows(engine, "hermes_sessions") == len(_SESSIONS) - 2
     store.create_session("new", "cli")  # an id no orphan holds
+    # Nor are they read as the messages of a session of that id: there is none.
+    for read in (store.get_messages, store.for_user("bob").get_messages):
+        with pytest.raises(SessionNotFoundError):
+            read("fine")
