@@ -271,11 +271,19 @@ def _watch(session: OrmSession, _transaction: Any, connection: Connection) -> No
 
 
 def _refuse_unplaced(
-    conn: Connection, statement: Any, _multi: Any, _params: Any, options: Any
+    conn: Connection, statement: Any, multi: Any, params: Any, options: Any
 ) -> None:
-    if not (isinstance(statement, Insert | Update | Delete) and statement.table is _messages):
+    """Refuse what the legacy bulk API writes around the rule: messages, a session's counters."""
+    if not isinstance(statement, Insert | Update | Delete):
+        return
+    if statement.table is not _messages and statement.table is not _sessions:
         return
     if options.get(_PLACED) or any(_in_flush(session) for session in _watched.get(conn, ())):
+        return
+    if statement.table is _sessions:
+        if not isinstance(statement, Delete):
+            rows = [*(multi or ()), *([params] if params else [])]
+            _refuse_counters(statement, rows, insert=isinstance(statement, Insert))
         return
     raise InvalidMessageError(
         "the legacy bulk API (bulk_save_objects, bulk_insert_mappings, "
@@ -580,18 +588,24 @@ def _refuse_counter_statement(state: ORMExecuteState) -> None:
     session back at 0, its messages left behind where foreign keys are off).
     A statement whose columns cannot be read is refused.
     """
-    statement = state.statement
+    params = state.parameters
+    rows = [params] if isinstance(params, Mapping) else list(params or [])
+    _refuse_counters(state.statement, rows, insert=state.is_insert)
+
+
+def _refuse_counters(statement: Any, rows: Sequence[Mapping[str, Any]], *, insert: bool) -> None:
+    """:func:`_refuse_counter_statement` of an UPDATE or INSERT (``insert``) given ``rows``."""
     given = _sa.statement_values(statement)
     selected: list[str] | None = []
     on_conflict: list[str] | None = []
     prefixes: list[str] | None = []
-    if state.is_insert:
+    if insert:
         selected = _sa.insert_select_names(statement)
         on_conflict = _sa.on_conflict_sets(statement)
         prefixes = _sa.statement_prefixes(statement)
     if given is None or selected is None or on_conflict is None or prefixes is None:
         raise InvalidSessionError(
-            f"this form of {'UPDATE' if state.is_update else 'INSERT'} on hermes_sessions "
+            f"this form of {'INSERT' if insert else 'UPDATE'} on hermes_sessions "
             f"cannot be checked: {_COUNTERS_MOVE}"
         )
     for key in selected:
@@ -604,11 +618,9 @@ def _refuse_counter_statement(state: ORMExecuteState) -> None:
         raise InvalidSessionError(
             f"INSERT OR REPLACE would start a stored session's counters over: {_COUNTERS_MOVE}"
         )
-    params = state.parameters
-    rows = [params] if isinstance(params, Mapping) else list(params or [])
     for row in [*given, *rows]:
         for key, value in row.items():
-            if key in _COUNTERS and (state.is_update or not _a_start(value)):
+            if key in _COUNTERS and (not insert or not _a_start(value)):
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
 
 

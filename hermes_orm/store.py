@@ -1278,6 +1278,14 @@ class StoreCore:
                 raise SessionNotFoundError(session_id)
             owner[0] = stored.user_id
             idx = int(stored.flushed_idx)
+            if idx and stored.flushed_digest is None:
+                # Its row set by hand (an UPDATE, the ORM's bulk API): no digest tells
+                # what the cursor stands on, and no message may be written above it.
+                raise DatabaseError(
+                    f"session {session_id!r} has its cursor at {idx} but no digest of the "
+                    "message below it; nothing was written (`hermes-orm verify --repair` "
+                    "sets the cursor from the rows)"
+                )
             self._remembered(session_id, idx)
             self._insert(conn, session_id, idx, stored.flushed_digest, [[encoded]])
             if not row_id:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from hermes_orm import (
+    DatabaseError,
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
@@ -621,6 +622,41 @@ def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engi
         ).first()
         assert last is not None
         assert last.content == "placed"
+
+
+def test_the_legacy_bulk_api_moves_no_session_counter(engine: Engine) -> None:
+    """Its writes into hermes_sessions run no ORM event either: the rule refuses a
+    counter they set (or start above 0) at the connection; other columns stay open."""
+    store = _two_sessions(engine)
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        for bulk in (
+            lambda: orm.bulk_update_mappings(Session, [{"id": "a", "flushed_idx": 7}]),
+            lambda: orm.bulk_update_mappings(Session, [{"id": "b", "message_count": 0}]),
+            lambda: orm.bulk_save_objects([Session(id="c", source="app", flushed_idx=4)]),
+            lambda: orm.bulk_insert_mappings(
+                Session, [{"id": "d", "source": "app", "started_at": 1.0, "tool_call_count": 2}]
+            ),
+        ):
+            with pytest.raises(InvalidSessionError, match="cannot be set"):
+                bulk()
+            orm.rollback()
+        assert _state(engine) == before
+        orm.bulk_update_mappings(Session, [{"id": "a", "title": "kept"}])
+        orm.bulk_insert_mappings(Session, [{"id": "e", "source": "app", "started_at": 1.0}])
+        orm.commit()
+    assert store.get_session("a")["title"] == "kept"  # type: ignore[index]
+    assert store.get_session("e")["flushed_idx"] == 0  # type: ignore[index]
+
+
+def test_an_append_on_a_cursor_set_by_hand_is_refused(engine: Engine) -> None:
+    """A cursor above 0 with no digest (set around the store): nothing is written above it."""
+    store = _two_sessions(engine)
+    with engine.begin() as conn:
+        conn.execute(update(Session).where(Session.id == "b").values(flushed_idx=4))
+    with pytest.raises(DatabaseError, match="cursor at 4 but no digest"):
+        store.append("b", {"role": "user", "content": "z"})
+    assert count_rows(engine, "hermes_messages", session_id="b") == 0
 
 
 def test_a_refused_flush_leaves_the_bulk_guard_on(engine: Engine) -> None:
