@@ -166,6 +166,31 @@ def _use_the_app(client: Client) -> None:
         200,
         {"hits": []},
     )
+    _bad_requests_are_refused(client, alice["id"])
+
+
+def _bad_requests_are_refused(client: Client, account: int) -> None:
+    """What the app or hermes_orm refuses is the client's to correct (422), never a 500."""
+    accounts = client.call("GET", "/accounts")
+    turn = {"account_id": account, "messages": [{"role": "user", "content": "hi"}]}
+    for method, path, body in [
+        ("POST", "/chats/c%00x", turn),  # a chat id hermes_orm refuses
+        ("POST", "/chats/" + "c" * 300, turn),
+        ("POST", "/chats/c2", {**turn, "account_id": 2**70}),  # no 64-bit id
+        ("POST", "/chats/c2", {**turn, "messages": [{"role": 7}]}),  # no message
+        ("GET", f"/chats/c%00?account_id={account}", None),
+        ("GET", f"/search?q=%21%21%21&account_id={account}", None),  # nothing to look for
+        ("GET", f"/search?q=a%00&account_id={account}", None),
+        ("GET", "/search?q=lighthouse&account_id=0", None),
+        ("POST", "/accounts", {"name": "n" * 200}),
+        ("POST", "/accounts", {"name": "a\u0000"}),
+        ("POST", "/accounts", {"name": ""}),
+    ]:
+        status, refused = client.call(method, path, body)
+        assert status == 422, (path, body, refused)
+    assert client.call("GET", "/accounts") == accounts  # nothing made
+    # The chat the refused message was for is made (ensure_session) but holds nothing.
+    assert client.call("GET", f"/chats/c2?account_id={account}") == (200, {"messages": []})
 
 
 def _autogenerate_is_silent(url: str, mode: str) -> None:

@@ -8,10 +8,11 @@ store takes a pooled connection for each operation and gives it back.
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
@@ -37,16 +38,28 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="chat_app", lifespan=lifespan)
 
 
+@app.exception_handler(hermes_orm.InvalidArgumentError)
+def refused(_request: Request, exc: hermes_orm.InvalidArgumentError) -> JSONResponse:
+    """A chat id, message or search query hermes_orm refuses: the client's to correct."""
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+#: An account id, in a body and in a query: a positive 64-bit integer, as the database holds it.
+AccountId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+AccountParam = Annotated[int, Query(ge=1, le=2**63 - 1)]
+
+
 class NewAccount(BaseModel):
     """``POST /accounts``."""
 
-    name: str
+    # As the column holds it; NUL is no text PostgreSQL stores.
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00]*$")
 
 
 class Turn(BaseModel):
     """``POST /chats/{chat_id}``: the whole conversation as the agent holds it."""
 
-    account_id: int
+    account_id: AccountId
     messages: list[dict[str, Any]]
 
 
@@ -83,13 +96,11 @@ def save_turn(chat_id: str, body: Turn) -> dict[str, Any]:
         result = chats.flush(chat_id, body.messages)
     except hermes_orm.HistoryDivergedError as exc:
         raise HTTPException(409, str(exc)) from exc
-    except hermes_orm.InvalidMessageError as exc:
-        raise HTTPException(422, str(exc)) from exc
     return {"written": result.written, "cursor": result.cursor}
 
 
 @app.get("/chats/{chat_id}")
-def read_chat(chat_id: str, account_id: int) -> dict[str, Any]:
+def read_chat(chat_id: str, account_id: AccountParam) -> dict[str, Any]:
     chats = store.for_user(str(account_id))
     if chats.get_session(chat_id) is None:
         raise HTTPException(404, f"no chat {chat_id}")
@@ -97,7 +108,7 @@ def read_chat(chat_id: str, account_id: int) -> dict[str, Any]:
 
 
 @app.get("/search")
-def search(q: str, account_id: int) -> dict[str, Any]:
+def search(q: str, account_id: AccountParam) -> dict[str, Any]:
     page = store.for_user(str(account_id)).search(q)
     return {"hits": [{"chat_id": hit.session_id, "snippet": hit.snippet} for hit in page.hits]}
 
