@@ -468,6 +468,42 @@ def _raise_if_lost(exc: DBAPIError) -> None:
         raise exc
 
 
+def _host_references(conn: Connection) -> list[tuple[str, str]]:
+    """SQLite: the other tables' foreign keys to the models' tables, as (table, ours).
+
+    PostgreSQL refuses to drop a table another table's foreign key names;
+    SQLite drops it, after deleting its rows as each foreign key's ``ON
+    DELETE`` says (with foreign keys on): the host's rows would be deleted, or
+    their column cleared. Empty on PostgreSQL, which needs no check.
+    """
+    if conn.dialect.name != "sqlite":
+        return []
+    tables = conn.exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+    ).scalars()
+    found = []
+    for table in [t for t in tables if t not in MODEL_TABLES]:
+        quoted = table.replace('"', '""')
+        for row in conn.exec_driver_sql(f'PRAGMA foreign_key_list("{quoted}")'):
+            if row[2] in MODEL_TABLES:
+                found.append((table, str(row[2])))
+    return found
+
+
+def _refuse_dangling(conn: Connection, references: list[tuple[str, str]], target: str) -> None:
+    """Refuse (rolled back) a migration that dropped a table ``references`` name."""
+    if not references:
+        return
+    left = set(inspect(conn).get_table_names())
+    for table, ours in references:
+        if ours not in left:
+            raise DatabaseError(
+                f"cannot migrate to {target!r}: table {table} has a foreign key to {ours}, "
+                "which this migration drops (SQLite would delete or change its rows); drop "
+                "the foreign key first; nothing was migrated"
+            )
+
+
 def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
     if not isinstance(revision, str) or not revision.strip():
         raise InvalidArgumentError(
@@ -488,9 +524,11 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         _refuse(conn, schema, before)
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
+        references = _host_references(conn)
         try:
             with _extension_found(conn, schema):
                 fn(config, *args)
+            _refuse_dangling(conn, references, args[0])
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         except DBAPIError as exc:  # the revisions' transaction is rolled back whole

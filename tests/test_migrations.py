@@ -913,3 +913,29 @@ def test_a_migration_whose_connection_was_lost_is_run_again_by_the_store(empty_p
     assert migrations.current(store.engine) == migrations.head()
     store.create_session("s1", "cli")
     store.close()
+
+
+@pytest.mark.parametrize("action", ["ON DELETE CASCADE", "ON DELETE SET NULL"])
+def test_a_downgrade_dropping_a_table_a_host_table_refers_to_is_refused(
+    empty_db_url: str, action: str
+) -> None:
+    """PostgreSQL refuses the drop; SQLite would make it, deleting (or clearing) the host's
+    rows first: refused there too, nothing migrated."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    migrations.upgrade(engine)
+    with SessionStore(engine) as store:
+        store.create_session("s", "cli")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE invoices (id INTEGER PRIMARY KEY, "
+            f"session_id VARCHAR(255) REFERENCES hermes_sessions(id) {action})"
+        )
+        conn.exec_driver_sql("INSERT INTO invoices (id, session_id) VALUES (1, 's')")
+    with pytest.raises(DatabaseError, match="cannot migrate to 'base'") as caught:
+        migrations.downgrade(engine, "base")
+    assert "nothing was migrated" in str(caught.value)
+    assert migrations.current(engine) == migrations.head()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT session_id FROM invoices").all() == [("s",)]
+    migrations.downgrade(engine, "0012_search_folds_like_fts5")  # drops none of those
+    assert migrations.current(engine) == "0012_search_folds_like_fts5"
