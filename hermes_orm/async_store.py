@@ -17,7 +17,7 @@ the messages, so flushing the same list again finishes the job exactly.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
@@ -278,7 +278,7 @@ class AsyncSessionStore(_AsyncSessions):
                 # migration lock (SQLite's BEGIN IMMEDIATE) and commits it.
                 await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
             finally:
-                await asyncio.shield(conn.close())
+                await self._to_the_end(conn.close())
 
         await self._retrying(self._async_engine, self._retry, once)
         self._schema_checked = False
@@ -289,7 +289,7 @@ class AsyncSessionStore(_AsyncSessions):
             try:
                 await conn.run_sync(check_schema, self._schema, self._retry.attempt_timeout)
             finally:
-                await asyncio.shield(conn.close())
+                await self._to_the_end(conn.close())
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
@@ -308,7 +308,7 @@ class AsyncSessionStore(_AsyncSessions):
                         attempt, request, (), self._replica_settings, timeout
                     )
                 finally:
-                    await asyncio.shield(conn.close())
+                    await self._to_the_end(conn.close())
 
             try:
                 return await self._retrying(replica, self._replica_retry, on_replica)
@@ -324,7 +324,7 @@ class AsyncSessionStore(_AsyncSessions):
             except BaseException:
                 # Back to the pool, whose reset rolls back whatever a
                 # cancellation interrupted; dropped if it was invalidated.
-                await asyncio.shield(self._release(conn, failed=True))
+                await self._to_the_end(self._release(conn, failed=True))
                 raise
             await self._checkin(conn, closes)
             return result
@@ -367,7 +367,7 @@ class AsyncSessionStore(_AsyncSessions):
             try:
                 _dialects.check_driver_transactional(conn.sync_connection)  # type: ignore[arg-type]
             except InvalidArgumentError:
-                await asyncio.shield(conn.close())
+                await self._to_the_end(conn.close())
                 raise
         return conn
 
@@ -376,6 +376,31 @@ class AsyncSessionStore(_AsyncSessions):
         parked, self._parked = self._parked, []
         for conn in parked:
             await self._release(conn)
+
+    async def _to_the_end(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Await ``cleanup`` of a connection to its end, however often the task is cancelled.
+
+        A try interrupted by a cancellation leaves the driver finishing what it
+        was given (aiosqlite runs it on its own thread: a flush waiting for the
+        write lock commits when it gets it). The connection's cleanup comes
+        after that work; until it ends, the call does not return (its caller
+        raises the cancellation then), so a cancelled flush is done or not by
+        the time its caller goes on: never afterwards, behind a later call of
+        the same session (a delete, and a new session of that id). :meth:`close`
+        waits for it too.
+        """
+        task = asyncio.ensure_future(cleanup)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)  # its own error, if any, is raised here
+            except asyncio.CancelledError:
+                cancelled = True  # (an anyio cancel scope cancels at every await)
+        if cancelled:
+            task.exception()  # seen: the cancellation is what the task raises
+            raise asyncio.CancelledError
 
     def _give_back(self) -> None:
         """The pool ran out: give the kept connection back as the event loop goes on.
@@ -405,7 +430,7 @@ class AsyncSessionStore(_AsyncSessions):
             try:
                 await conn.run_sync(_dialects.take_sqlite, self._sqlite)
             except BaseException:
-                await asyncio.shield(conn.close())
+                await self._to_the_end(conn.close())
                 raise
         return conn
 
@@ -461,7 +486,7 @@ class AsyncSessionStore(_AsyncSessions):
         except DBAPIError:
             return []
         finally:
-            await asyncio.shield(conn.close())
+            await self._to_the_end(conn.close())
 
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""

@@ -1500,6 +1500,43 @@ def test_the_kept_connection_goes_back_when_the_application_needs_it(db_url: str
     engine.dispose()
 
 
+def test_a_flush_cancelled_again_and_again_ends_before_its_task_does(tmp_path: Path) -> None:
+    """aiosqlite runs a flush on its own thread, waiting there for the write lock: however
+    often its task is cancelled (an anyio cancel scope cancels at every await), the call
+    ends after the flush does, never to land later on a session made anew under its id."""
+    head = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "same"}]
+    old = [*head, {"role": "user", "content": "old a"}, {"role": "assistant", "content": "old b"}]
+    new = [{"role": "user", "content": "another start"}, head[1]]  # the same last message
+
+    async def main() -> None:
+        path = tmp_path / "cancelled.db"
+        store = AsyncSessionStore(f"sqlite:///{path}")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        await store.flush("s", head)  # the store now flushes s on the cursor it remembers
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # another writer, for a while
+        task = asyncio.ensure_future(store.flush("s", old))
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            task.cancel()
+            await asyncio.sleep(0.05)
+        assert not task.done()  # its flush still waits for the lock
+        holder.execute("ROLLBACK")
+        holder.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await store.get_messages("s") in (head, old)  # done or not, by now
+        assert await store.delete_session("s")
+        await store.create_session("s", source="cli")
+        assert (await store.flush("s", new)).written == 2
+        await asyncio.sleep(0.3)
+        assert await store.get_messages("s") == new
+        await store.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.apis("async")  # asyncpg has no cursor class to trap; the listener path covers it
 def test_a_task_cancelled_at_any_statement_of_an_unwatched_flush(
     db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
