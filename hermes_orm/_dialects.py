@@ -1171,8 +1171,10 @@ def render_flush_sql(
         advance_if_digest=f"{advance} AND flushed_digest = {mark}{owner}",
         read_messages=f"SELECT {', '.join(read_columns)} FROM {messages}",
         read_where=f" WHERE session_id = {mark}",
-        read_from=f" AND idx >= {mark}",
-        read_until=f" AND idx < {mark}",
+        # 64-bit bounds: asyncpg types a parameter as its column (idx: 32 bits), and the
+        # API takes offsets and limits up to 2**63 - 1 (an index range serves them).
+        read_from=f" AND idx >= CAST({mark} AS BIGINT)",
+        read_until=f" AND idx < CAST({mark} AS BIGINT)",
         read_alive=f" AND EXISTS (SELECT 1 FROM {sessions} WHERE id = {mark})",
         read_owned=f" AND session_id IN (SELECT id FROM {sessions} WHERE user_id = {mark})",
         once_heads=once_heads,

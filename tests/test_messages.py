@@ -186,6 +186,10 @@ def test_get_messages_pages_by_idx(store: SessionStore) -> None:
     assert store.get_messages("s", offset=8) == msgs[8:]
     assert store.get_messages("s", limit=0) == []
     assert store.get_messages("s", offset=20) == []
+    # Bounds past idx's 32 bits (asyncpg types a parameter as its column).
+    assert store.get_messages("s", offset=8, limit=2**63 - 9) == msgs[8:]
+    assert store.get_messages("s", limit=2**31) == msgs
+    assert store.get_messages("s", offset=2**31) == []
     with pytest.raises(ValueError, match="offset"):
         store.get_messages("s", offset=-1)
     with pytest.raises(SessionNotFoundError):
