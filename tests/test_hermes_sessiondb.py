@@ -290,6 +290,23 @@ def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     both.prune_sessions(no_such_filter=1)  # both refuse
 
 
+def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:
+    """A backslash in a filter is a backslash, as Hermes' SQLite LIKE reads it (PostgreSQL's
+    LIKE would take it as its escape character); ``%`` and ``_`` stay wildcards."""
+    both.create_session("a", "cli", cwd="C:\\proj")
+    both.create_session("b", "cli", cwd="C:\\proj\\sub")
+    both.create_session("c", "cli", cwd="C:\\project")
+    both.set_session_title("b", "fix c:\\temp and 50% of it")
+    for prefix in ("C:\\proj", "C:\\proj\\", "C:"):
+        assert both.session_count(cwd_prefix=prefix) > 0
+        both.list_sessions_rich(cwd_prefix=prefix)
+    for done in ("a", "b", "c"):
+        both.end_session(done, "user_exit")
+    assert len(both.list_prune_candidates(title_like="c:\\temp")) == 1
+    assert len(both.list_prune_candidates(title_like="50%_of")) == 1
+    assert both.prune_sessions(older_than_days=None, cwd_prefix="C:\\proj") == 2
+
+
 def test_session_count_filters(both: Any) -> None:
     both.create_session("root", "cli", cwd="/work/repo")
     both.create_session(

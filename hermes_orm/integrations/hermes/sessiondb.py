@@ -358,16 +358,25 @@ class _Descending(str):
         return str.__gt__(self, other)
 
 
+def _like(value: Any, pattern: str) -> Any:
+    """``value LIKE pattern`` as Hermes' SQLite reads it: wildcards, and no escape character.
+
+    ``%`` and ``_`` are wildcards, a backslash is a backslash (PostgreSQL's LIKE
+    would take it as its escape character).
+    """
+    return value.like(pattern.replace("\\", "\\\\"), escape="\\")
+
+
 def _contains(column: Any, needle: str) -> Any:
     """Hermes' case-insensitive substring match (its LIKE wildcards included)."""
-    return func.lower(func.coalesce(column, "")).like(f"%{needle.lower()}%")
+    return _like(func.lower(func.coalesce(column, "")), f"%{needle.lower()}%")
 
 
 def _under(cwd_prefix: str) -> Any:
     """Hermes' "cwd is this directory or below it" condition."""
     prefix = cwd_prefix.rstrip("/\\") or cwd_prefix
     cwd = _sessions.c.cwd
-    return or_(cwd == prefix, cwd.like(f"{prefix}/%"), cwd.like(f"{prefix}\\%"))
+    return or_(cwd == prefix, _like(cwd, f"{prefix}/%"), _like(cwd, f"{prefix}\\%"))
 
 
 def _listing_where(
