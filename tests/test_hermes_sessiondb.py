@@ -729,6 +729,20 @@ def test_search_messages(both: Any) -> None:
     assert len(ours.search_messages("deploy*")) == 4  # the cases above are not all empty
 
 
+def test_a_hit_next_to_structured_content_shows_it_as_hermes_does(both: Any) -> None:
+    """Content given as a dict is kept as Hermes keeps it (JSON text behind a mark):
+    around a hit, the value Hermes reads back, shown as no text, never the mark."""
+    hermes, ours = both.hermes, both.ours
+    for db in (hermes, ours):
+        db.create_session("d", "cli")
+        db.append_message("d", "user", "before the lighthouse", timestamp=1.0)
+        db.append_message("d", "tool", {"status": "ok", "detail": "x"}, timestamp=2.0)
+    expected = hermes.search_messages("lighthouse")
+    got = ours.search_messages("lighthouse")
+    assert [c["content"] for c in got[0]["context"]] == ["before the lighthouse", ""]
+    assert _no_clock(_search_view(got, False)) == _no_clock(_search_view(expected, False))
+
+
 def test_history_rewrites_keep_the_store_whole(both: Any, store: SessionStore) -> None:
     from hermes_orm.verify import verify_database
 

@@ -1395,7 +1395,9 @@ class UpkeepMethods:
     ) -> None:
         """Set the session's ``model_config`` (JSON text) and, if given, its model.
 
-        Text that is not JSON is kept as the text it is.
+        The JSON the text holds is kept, read back as ``json.dumps`` of it (as
+        Hermes' ``create_session`` writes a config); text that is not JSON is
+        kept as a JSON string, read back as ``json.dumps`` of the text.
         """
         config: Any = model_config_json
         if isinstance(config, str):

@@ -209,8 +209,12 @@ def _hermes_search_query(query: str) -> str:
 
 
 def _preview(message: dict[str, Any]) -> str:
-    """A message's text as Hermes shows it around a search hit (200 characters)."""
-    content = message.get("content")
+    """A message's text as Hermes shows it around a search hit (200 characters).
+
+    Structured content kept as JSON text (:data:`CONTENT_JSON_PREFIX`) is the
+    value Hermes reads back, which it shows as no text.
+    """
+    content = hermes_content_value(message.get("content"))
     if isinstance(content, list):
         texts = [
             p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
