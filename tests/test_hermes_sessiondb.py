@@ -701,6 +701,10 @@ def test_search_messages(both: Any) -> None:
         (("deploy*",), {}),
         (("docker OR podman",), {}),
         (("docker NOT swarm",), {}),
+        (("NOT docker",), {}),  # an operator that begins or ends the query is dropped
+        (("docker NOT",), {}),
+        (("OR podman",), {}),
+        (("docker and",), {}),
         (("数据库迁移",), {}),
         (("迁移",), {}),
         (("docker",), {"role_filter": ["user"]}),

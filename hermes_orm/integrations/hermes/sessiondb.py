@@ -202,8 +202,12 @@ def _hermes_content_text(message: dict[str, Any]) -> str | None:
 def _hermes_search_query(query: str) -> str:
     """Hermes' FTS5 exclusion (``a NOT b``) in hermes_orm's spelling (``a -b``).
 
-    ``AND`` (implied anyway) is dropped.
+    ``AND`` (implied anyway) is dropped, and so is an operator (any case) that
+    begins or ends the query, as Hermes' sanitizer drops it (``NOT deploy`` is
+    ``deploy``).
     """
+    query = re.sub(r"(?i)^(AND|OR|NOT)\b\s*", "", query.strip())
+    query = re.sub(r"(?i)\s+(AND|OR|NOT)\s*$", "", query.strip())
     query = re.sub(r"(?<![^\s(])NOT\s+(?=\S)", "-", query)
     return re.sub(r"(?<!\S)AND(?!\S)", " ", query)
 
