@@ -754,12 +754,21 @@ def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
         else []
     )
     theirs = f"; {HOST_VERSION_TABLE} holds {', '.join(sorted(shared))}, not a revision of ours"
+    # A revision of the host's that depends on ours (depends_on, a merge) leaves only
+    # its own in alembic_version: our revision is then nowhere to be read.
+    depended = (
+        f". If a revision of yours depends on hermes_orm's (depends_on, or a merge of the "
+        f"branches), {HOST_VERSION_TABLE} names only yours: keep the branches apart "
+        "(see the README: as a branch of your history)"
+        if shared
+        else ""
+    )
     raise DatabaseError(
         f"{where} has tables named as hermes_orm's ({', '.join(found)}) but no hermes_orm "
         f"schema revision (no {VERSION_TABLE}{theirs if shared else ''}): they are not "
         "hermes_orm's, or were made without its migrations, and migrating would collide "
         "with them; nothing was changed. Move or rename them, or give hermes_orm another "
-        "database (or PostgreSQL schema, schema=...)"
+        f"database (or PostgreSQL schema, schema=...){depended}"
     )
 
 

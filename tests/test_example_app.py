@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,18 +24,18 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from hermes_orm import SessionStore, migrations
+from hermes_orm import DatabaseError, SessionStore, migrations
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "chat_app"
 HOST_REVISION = "app_0001_accounts"
 
 
-def _alembic(url: str, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _alembic(url: str, mode: str, *args: str, app: Path = APP) -> subprocess.CompletedProcess[str]:
     """``alembic [-n branch] ARGS`` in the app's folder, as its developer runs it."""
     section = ["-n", "branch"] if mode == "branch" else []
     result = subprocess.run(
         [sys.executable, "-m", "alembic", *section, *args],
-        cwd=APP,
+        cwd=app,
         env={**os.environ, "CHAT_APP_DATABASE_URL": url},
         capture_output=True,
         text=True,
@@ -266,3 +267,41 @@ def test_as_a_branch(empty_db_url: str, serve: Any) -> None:
     assert "accounts" in _tables(url)
     _alembic(url, "branch", "downgrade", "chat_app@base")
     assert "accounts" not in _tables(url)
+
+
+def test_a_revision_of_the_app_depending_on_ours_is_named_in_the_refusal(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """Alembic then records only the app's revision: the store cannot tell which of ours
+    the tables are at, and its refusal says why and what to do."""
+    app = tmp_path / "chat_app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "*.db"))
+    (app / "migrations" / "versions" / "app_0002_links.py").write_text(
+        f"""\"\"\"Links to chats, after hermes_orm's tables.\"\"\"
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "app_0002_links"
+down_revision = "{HOST_REVISION}"
+branch_labels = None
+depends_on = "{migrations.head()}"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "links",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("session_id", sa.String(255), sa.ForeignKey("hermes_sessions.id")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("links")
+"""
+    )
+    _alembic(empty_db_url, "branch", "upgrade", "heads", app=app)
+    assert _versions(empty_db_url, "alembic_version") == {"app_0002_links"}
+    with pytest.raises(DatabaseError, match="depends on hermes_orm's") as refused:
+        SessionStore(empty_db_url).get_session("s")
+    assert "keep the branches apart" in str(refused.value)
