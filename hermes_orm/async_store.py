@@ -17,6 +17,8 @@ the messages, so flushing the same list again finishes the job exactly.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -51,6 +53,8 @@ from hermes_orm.store import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger("hermes_orm")
 
 
 class _AsyncSessions(StoreCore):
@@ -251,7 +255,8 @@ class AsyncSessionStore(_AsyncSessions):
         self._closes += 1
         await self._unpark()
         if self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+            # Shielded: a cancelled close() leaves them to end (their calls wait for them).
+            await asyncio.shield(asyncio.gather(*self._releasing, return_exceptions=True))
         if self._owns_engine:
             await self._async_engine.dispose()
         if self._owns_replica and self._async_replica is not None:
@@ -389,18 +394,34 @@ class AsyncSessionStore(_AsyncSessions):
         the same session (a delete, and a new session of that id). :meth:`close`
         waits for it too.
         """
+        failing = sys.exc_info()[1]  # what the caller's except or finally is handling
         task = asyncio.ensure_future(cleanup)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
-        cancelled = False
+        # The first cancellation is the one raised afterwards, as it came: an anyio
+        # cancel scope (which cancels again at every await) knows its own by it.
+        cancel: asyncio.CancelledError | None = None
         while not task.done():
             try:
-                await asyncio.shield(task)  # its own error, if any, is raised here
-            except asyncio.CancelledError:
-                cancelled = True  # (an anyio cancel scope cancels at every await)
-        if cancelled:
-            task.exception()  # seen: the cancellation is what the task raises
-            raise asyncio.CancelledError
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if not task.cancelled():  # the caller's, not the cleanup's
+                    cancel = cancel or exc
+            except BaseException:  # the cleanup's own error, read below
+                pass
+        error: BaseException | None = (
+            asyncio.CancelledError() if task.cancelled() else task.exception()
+        )
+        if cancel is not None:
+            if error is not None:
+                raise cancel from error
+            raise cancel
+        if error is not None:
+            if failing is None:
+                raise error
+            # The caller's error goes on (a cleanup's must not turn a cancelled or
+            # failed try into one retried); this one is only told.
+            logger.debug("hermes_orm: cleaning a connection up failed too: %r", error)
 
     def _give_back(self) -> None:
         """The pool ran out: give the kept connection back as the event loop goes on.

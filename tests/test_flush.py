@@ -1514,8 +1514,7 @@ def test_a_flush_cancelled_again_and_again_ends_before_its_task_does(tmp_path: P
         await store.upgrade()
         await store.create_session("s", source="cli")
         await store.flush("s", head)  # the store now flushes s on the cursor it remembers
-        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        holder.execute("BEGIN IMMEDIATE")  # another writer, for a while
+        holder = _waiting_for_the_write_lock(path)
         task = asyncio.ensure_future(store.flush("s", old))
         await asyncio.sleep(0.2)
         for _ in range(3):
@@ -1532,6 +1531,74 @@ def test_a_flush_cancelled_again_and_again_ends_before_its_task_does(tmp_path: P
         assert (await store.flush("s", new)).written == 2
         await asyncio.sleep(0.3)
         assert await store.get_messages("s") == new
+        await store.close()
+
+    asyncio.run(main())
+
+
+def _waiting_for_the_write_lock(path: Path) -> sqlite3.Connection:
+    """Another writer holding SQLite's write lock on ``path`` until its ROLLBACK."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_an_anyio_deadline_on_a_flush_is_the_scope_s_own_cancellation(tmp_path: Path) -> None:
+    """A cancel scope (FastAPI's deadlines are anyio's) moves on after the flush ends, and
+    knows the cancellation as its own: it does not escape to cancel the whole task."""
+    import anyio
+
+    path = tmp_path / "deadline.db"
+
+    async def main() -> bool:
+        store = AsyncSessionStore(f"sqlite:///{path}")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        holder = _waiting_for_the_write_lock(path)
+        asyncio.get_running_loop().call_later(0.5, holder.execute, "ROLLBACK")
+        with anyio.move_on_after(0.1) as scope:
+            await store.flush("s", conversation(1))
+        holder.close()
+        assert await store.get_messages("s") in ([], conversation(1))  # done or not
+        await store.close()
+        return scope.cancelled_caught
+
+    assert asyncio.run(main()) is True
+
+
+def test_a_cancelled_flush_whose_cleanup_fails_is_cancelled_not_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection's cleanup failing (a transient error) must not stand in for the
+    cancellation: the store would take it for the try's and run the flush again."""
+    from hermes_orm import _dialects
+
+    path = tmp_path / "cleanup.db"
+    real = _dialects.give_back_sqlite
+    failed: list[int] = []
+
+    def fails_once(conn: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise OperationalError("ROLLBACK", (), sqlite3.OperationalError("database is locked"))
+        real(conn)
+
+    async def main() -> None:
+        store = AsyncSessionStore(f"sqlite:///{path}")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        holder = _waiting_for_the_write_lock(path)
+        task = asyncio.ensure_future(store.flush("s", conversation(1)))
+        await asyncio.sleep(0.2)
+        monkeypatch.setattr(_dialects, "give_back_sqlite", fails_once)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        holder.execute("ROLLBACK")
+        holder.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert failed == [1]
+        assert await store.get_messages("s") in ([], conversation(1))
         await store.close()
 
     asyncio.run(main())
