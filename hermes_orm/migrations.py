@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -468,40 +468,76 @@ def _raise_if_lost(exc: DBAPIError) -> None:
         raise exc
 
 
+#: The models' tables each revision creates, which its downgrade drops (a test
+#: checks this against what each step of the revisions does).
+TABLES_MADE_BY: dict[str, tuple[str, ...]] = {
+    "0001_baseline": ("hermes_sessions", "hermes_messages"),
+    "0002_model_usage_and_meta": ("hermes_session_model_usage", "hermes_meta"),
+    "0008_hermes_gateway_and_locks": (
+        "hermes_gateway_routing",
+        "hermes_compression_locks",
+        "hermes_telegram_topic_bindings",
+        "hermes_telegram_topic_mode",
+    ),
+}
+
+
 def _host_references(conn: Connection) -> list[tuple[str, str]]:
-    """SQLite: the other tables' foreign keys to the models' tables, as (table, ours).
+    """SQLite: the other tables' foreign keys to the models' tables there, as (table, ours).
 
     PostgreSQL refuses to drop a table another table's foreign key names;
     SQLite drops it, after deleting its rows as each foreign key's ``ON
     DELETE`` says (with foreign keys on): the host's rows would be deleted, or
-    their column cleared. Empty on PostgreSQL, which needs no check.
+    their column cleared. Empty on PostgreSQL, which needs no check. (SQLite's
+    names are ASCII case-insensitive: compared lower-cased.)
     """
     if conn.dialect.name != "sqlite":
         return []
-    tables = conn.exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
-    ).scalars()
+    tables = list(
+        conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+        ).scalars()
+    )
+    present = {table.lower() for table in tables}
     found = []
-    for table in [t for t in tables if t not in MODEL_TABLES]:
+    for table in tables:
+        if table.lower() in MODEL_TABLES:
+            continue
         quoted = table.replace('"', '""')
         for row in conn.exec_driver_sql(f'PRAGMA foreign_key_list("{quoted}")'):
-            if row[2] in MODEL_TABLES:
-                found.append((table, str(row[2])))
+            ours = str(row[2]).lower()
+            if ours in MODEL_TABLES and ours in present:
+                found.append((table, ours))
     return found
 
 
-def _refuse_dangling(conn: Connection, references: list[tuple[str, str]], target: str) -> None:
-    """Refuse (rolled back) a migration that dropped a table ``references`` name."""
-    if not references:
-        return
-    left = set(inspect(conn).get_table_names())
+def _dangling(references: list[tuple[str, str]], dropped: Iterable[str], target: str) -> None:
+    """Refuse a migration to ``target`` dropping a table of ours ``references`` name.
+
+    Raises:
+        DatabaseError: It does.
+    """
+    gone = set(dropped)
     for table, ours in references:
-        if ours not in left:
+        if ours in gone:
             raise DatabaseError(
                 f"cannot migrate to {target!r}: table {table} has a foreign key to {ours}, "
                 "which this migration drops (SQLite would delete or change its rows); drop "
                 "the foreign key first; nothing was migrated"
             )
+
+
+def _drops(before: str | None, target: str) -> list[str] | None:
+    """The models' tables a downgrade from ``before`` to ``target`` drops (None: unknown)."""
+    if before is None:
+        return []
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        undone = [rev.revision for rev in script.iterate_revisions(before, target)]
+    except Exception:  # a relative or odd target: Alembic itself says what is wrong
+        return None
+    return [table for revision in undone for table in TABLES_MADE_BY.get(revision, ())]
 
 
 def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
@@ -524,11 +560,16 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         _refuse(conn, schema, before)
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
-        references = _host_references(conn)
         try:
+            references = _host_references(conn)
+            dropped = _drops(before.revision, args[0]) if fn is command.downgrade else []
+            if references and dropped is not None:
+                _dangling(references, dropped, args[0])  # before anything is written
             with _extension_found(conn, schema):
                 fn(config, *args)
-            _refuse_dangling(conn, references, args[0])
+            if references and dropped is None:  # the tables it dropped, seen afterwards
+                left = {table.lower() for table in inspect(conn).get_table_names()}
+                _dangling(references, MODEL_TABLES - left, args[0])
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         except DBAPIError as exc:  # the revisions' transaction is rolled back whole

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from pytest_alembic.tests import (  # the four built-in tests, on each backend
     test_model_definitions_match_ddl,
     test_single_head_revision,
@@ -915,12 +916,34 @@ def test_a_migration_whose_connection_was_lost_is_run_again_by_the_store(empty_p
     store.close()
 
 
-@pytest.mark.parametrize("action", ["ON DELETE CASCADE", "ON DELETE SET NULL"])
+def test_each_revision_makes_the_model_tables_its_downgrade_is_said_to_drop(
+    empty_db_url: str,
+) -> None:
+    """migrations.TABLES_MADE_BY, which the refusal below reads, is what the revisions do."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    script = ScriptDirectory.from_config(migrations.alembic_config())
+    made: dict[str, set[str]] = {}
+    before: set[str] = set()
+    for revision in reversed([rev.revision for rev in script.walk_revisions()]):
+        migrations.upgrade(engine, revision)
+        now = set(inspect(engine).get_table_names()) & migrations.MODEL_TABLES
+        if now - before:
+            made[revision] = now - before
+        before = now
+    assert made == {rev: set(tables) for rev, tables in migrations.TABLES_MADE_BY.items()}
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("action", "parent"),
+    [("ON DELETE CASCADE", "hermes_sessions"), ("ON DELETE SET NULL", "HERMES_SESSIONS")],
+)
 def test_a_downgrade_dropping_a_table_a_host_table_refers_to_is_refused(
-    empty_db_url: str, action: str
+    empty_db_url: str, action: str, parent: str
 ) -> None:
     """PostgreSQL refuses the drop; SQLite would make it, deleting (or clearing) the host's
-    rows first: refused there too, nothing migrated."""
+    rows first: refused there too, before anything is written, in a transaction of the
+    caller's as well."""
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     migrations.upgrade(engine)
     with SessionStore(engine) as store:
@@ -928,12 +951,18 @@ def test_a_downgrade_dropping_a_table_a_host_table_refers_to_is_refused(
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "CREATE TABLE invoices (id INTEGER PRIMARY KEY, "
-            f"session_id VARCHAR(255) REFERENCES hermes_sessions(id) {action})"
+            f"session_id VARCHAR(255) REFERENCES {parent}(id) {action})"
         )
         conn.exec_driver_sql("INSERT INTO invoices (id, session_id) VALUES (1, 's')")
     with pytest.raises(DatabaseError, match="cannot migrate to 'base'") as caught:
         migrations.downgrade(engine, "base")
     assert "nothing was migrated" in str(caught.value)
+    with engine.connect() as conn:
+        conn.begin()  # the caller's: what it holds after the refusal is the caller's to commit
+        with pytest.raises(DatabaseError, match="cannot migrate to 'base'"):
+            migrations.downgrade(conn, "base")
+        if engine.dialect.name == "sqlite":  # (PostgreSQL's is aborted by the refusal)
+            conn.commit()
     assert migrations.current(engine) == migrations.head()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT session_id FROM invoices").all() == [("s",)]
