@@ -519,6 +519,60 @@ def test_a_refused_list_does_not_hold_back_the_rewrite_after_it(
     assert status.read().get("error") is None
 
 
+def _fails_unexpectedly(
+    monkeypatch: pytest.MonkeyPatch, messages: list[dict[str, Any]]
+) -> Callable[[], None]:
+    """The mirror's write of the list ``messages`` fails (not the database's failure);
+    returns what undoes it."""
+    real = Mirror._flush_in
+
+    def flush_in(self: Mirror, store: SessionStore, turn: Any) -> None:
+        if turn.messages == messages:
+            raise RuntimeError("injected: an unexpected failure of this list")
+        real(self, store, turn)
+
+    monkeypatch.setattr(Mirror, "_flush_in", flush_in)
+    return lambda: monkeypatch.setattr(Mirror, "_flush_in", real)
+
+
+def test_a_list_failing_for_another_reason_does_not_hold_back_the_rewrite_after_it(
+    mirror: Mirror, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the database's failure (it is up): the next list is written now, and the one
+    that failed later, into the history it continues."""
+    post, _ = _s1_after_turn_1(mirror)
+    history = _turn(1) + _turn(2)
+    undo = _fails_unexpectedly(monkeypatch, history)
+    post(history)
+    post(_COMPACTED)
+    assert _stored(store, "s1") == _turn(1)
+    assert _stored(store, "s1#2") == _COMPACTED  # written all the same
+    undo()
+    post([*_COMPACTED, *_turn(4)])  # the next turn writes the one left behind too
+    assert _stored(store, "s1") == history
+    assert _stored(store, "s1#2") == [*_COMPACTED, *_turn(4)]
+
+
+def test_a_list_left_behind_goes_to_its_history_not_to_a_revision_left_empty(
+    mirror: Mirror, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite's revision made while its first write failed holds nothing: the earlier
+    list, written later, goes into the history it continues, not into that one."""
+    post, _ = _s1_after_turn_1(mirror)
+    history = _turn(1) + _turn(2)
+    undo = _fails_unexpectedly(monkeypatch, history)
+    post(history)
+    with _inserts_failing():
+        post(_COMPACTED)  # its revision is made, its messages are not written
+    assert store.get_session("s1#2") is not None
+    assert _stored(store, "s1#2") == []
+    undo()
+    post([*_COMPACTED, *_turn(4)])
+    assert _stored(store, "s1") == history
+    assert _stored(store, "s1#2") == [*_COMPACTED, *_turn(4)]
+    assert store.get_session("s1#3") is None
+
+
 # -- the plugin as Hermes loads it ------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ from hermes_orm import migrations
 from hermes_orm._dialects import create_store_engine, redact, safe_url
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseUnavailableError,
     HermesOrmError,
     HistoryDivergedError,
     InvalidMessageError,
@@ -86,10 +89,15 @@ _TRACKED_MAX = 1000
 #: Lists of one session kept for a later write after theirs failed, none extending
 #: another (each a rewrite of the one before: compression, a rewind). Past this
 #: many, the oldest is given up, and said so.
-_PENDING_MAX = 8
-#: What :meth:`Mirror._guarded` did with a write: ran it; saw it fail (it may run
-#: later); saw the store refuse its messages (it never will).
-_Outcome = Literal["ran", "failed", "refused"]
+_PENDING_MAX = 4
+#: What :meth:`Mirror._guarded` did with a write: ran it; saw the database fail it
+#: (out of reach, busy, behind on migrations: every write would fail now); saw it
+#: fail otherwise (it may run later, and the next list may run now); saw the store
+#: refuse its messages (it never will).
+_Outcome = Literal["ran", "down", "failed", "refused"]
+#: The failures of the database itself (its errors wrapped, or its driver's, or the
+#: network's): a write of another list would fail alike now.
+_DOWN = (DatabaseError, DatabaseUnavailableError, DatabaseBusyError, SQLAlchemyError, OSError)
 #: Marks of Hermes' recovery scaffolding: messages Hermes never persists
 #: (hermes-agent 0.19 ``run_agent._EPHEMERAL_SCAFFOLDING_FLAGS``).
 SCAFFOLDING_FLAGS = (
@@ -572,6 +580,7 @@ class Mirror:
             work(self._open())
         except (SchemaOutOfDateError, SchemaTooNewError) as exc:
             self._failed(session_id, exc, "the mirror writes nothing until then")
+            return "down"
         except InvalidMessageError as exc:
             self._failed(
                 session_id,
@@ -581,6 +590,8 @@ class Mirror:
             return "refused"
         except (HermesOrmError, SQLAlchemyError, OSError) as exc:
             self._failed(session_id, exc, _CATCH_UP)
+            if isinstance(exc, _DOWN):
+                return "down"
         except Exception as exc:
             logger.exception("hermes_orm mirror: unexpected error writing session %s", session_id)
             self._failed(session_id, exc, _CATCH_UP)
@@ -638,23 +649,30 @@ class Mirror:
         """
         sid = turn.session_id
         earlier = self._unwritten.pop(sid, [])
-        self._write(sid, [job for job in earlier if not _extends(turn.messages, job.messages)])
-        if sid not in self._unwritten:
-            self._write(sid, [turn])
-        else:  # an earlier list still fails: the new one waits behind it, in order
-            self._keep(sid, [*self._unwritten.pop(sid), turn])
+        rewritten = [job for job in earlier if not _extends(turn.messages, job.messages)]
+        self._write(sid, [*rewritten, turn])
 
     def _write(self, session_id: str, jobs: list[Turn]) -> None:
-        """Flush ``jobs`` in order; from the first that fails, keep them for a later write.
+        """Flush ``jobs`` in order; keep those that fail for a later write.
 
-        A list the store refuses (a message it cannot hold) is given up: it
-        never will be written, and must not hold back the lists after it.
+        When the database fails one (out of reach, busy), the rest wait behind
+        it, in order. One that fails otherwise waits alone: the next may run
+        (each list goes into the revision it continues, whenever it is
+        written). A list the store refuses (a message it cannot hold) is given
+        up: it never will be written.
         """
+        kept: list[Turn] = []
         for at, job in enumerate(jobs):
-            outcome = self._guarded(session_id, functools.partial(self._flush_in, turn=job))
+            outcome = self._guarded(
+                session_id, functools.partial(self._flush_in, turn=job), catches_up=not kept
+            )
+            if outcome == "down":
+                kept += jobs[at:]
+                break
             if outcome == "failed":
-                self._keep(session_id, jobs[at:])
-                return
+                kept.append(job)
+        if kept:
+            self._keep(session_id, kept)
 
     def _keep(self, session_id: str, jobs: list[Turn]) -> None:
         """Keep ``jobs`` (oldest first) as the session's lists not written yet."""
@@ -717,18 +735,23 @@ class Mirror:
         else:
             source = str(revisions[0]["source"])
             newest = _Tracked(len(revisions), [], source)
-            tracked = newest
+            empty: _Tracked | None = None  # the newest revision still empty
             for revision in range(len(revisions), 0, -1):
                 candidate = _Tracked.of_rows(
                     revision, store.get_messages(revision_id(sid, revision)), source
                 )
                 if revision == len(revisions):
                     newest = candidate
-                if _continues(turn.messages, candidate):
-                    tracked = candidate
-                    break
+                if candidate.stored:
+                    if _continues(turn.messages, candidate):
+                        tracked = candidate
+                        break
+                elif empty is None:
+                    # One made for a rewrite whose first write failed continues any
+                    # list: only one that repeats no stored history is its.
+                    empty = candidate
             else:
-                tracked = newest
+                tracked = empty or newest
         self._track(sid, tracked)
         return tracked
 
