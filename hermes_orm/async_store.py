@@ -232,6 +232,8 @@ class AsyncSessionStore(_AsyncSessions):
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
+        #: asyncpg: the event loop each engine's pooled connections belong to (by id).
+        self._loops: dict[int, asyncio.AbstractEventLoop] = {}
         if self._parks:
             give_back_when_full(self, engine.sync_engine)
 
@@ -359,8 +361,10 @@ class AsyncSessionStore(_AsyncSessions):
         asyncpg raises a refused connection or its connect timeout as it is
         (an OSError), not as a driver error: that is raised as a lost connection.
         """
+        engine = engine or self._async_engine
+        await self._on_this_loop(engine)
         try:
-            conn = await (engine or self._async_engine).connect()
+            conn = await engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:
@@ -375,6 +379,32 @@ class AsyncSessionStore(_AsyncSessions):
                 await self._to_the_end(conn.close())
                 raise
         return conn
+
+    async def _on_this_loop(self, engine: AsyncEngine) -> None:
+        """Make sure ``engine``'s pooled connections serve the running event loop.
+
+        asyncpg's belong to the loop that opened them: used from another (each
+        ``asyncio.run`` makes its own), they fail with a bare RuntimeError, then
+        "another operation is in progress". An engine the store made drops them
+        (without closing them: their loop may be gone) and opens new ones; an
+        application's engine is the application's to dispose of, and is refused.
+        """
+        if engine.dialect.driver != "asyncpg":
+            return  # aiosqlite's and psycopg's serve any loop
+        loop = asyncio.get_running_loop()
+        seen = self._loops.setdefault(id(engine), loop)
+        if seen is loop:
+            return
+        owned = engine is self._async_engine and self._owns_engine
+        owned = owned or (engine is self._async_replica and self._owns_replica)
+        if not owned:
+            raise InvalidArgumentError(
+                "this AsyncSessionStore's engine was used from another event loop, and "
+                "asyncpg's connections belong to the loop that opened them: give each event "
+                "loop its own engine (or store), or dispose of the engine first"
+            )
+        await engine.dispose(close=False)
+        self._loops[id(engine)] = loop
 
     async def _unpark(self) -> None:
         """Give the idle connection the store kept back to the pool."""

@@ -26,6 +26,7 @@ from hermes_orm import (
     DatabaseError,
     FlushResult,
     HistoryDivergedError,
+    InvalidArgumentError,
     InvalidMessageError,
     RetryPolicy,
     SessionNotFoundError,
@@ -1180,6 +1181,30 @@ def _async_url(db_url: str) -> str:
     return db_url  # AsyncSessionStore picks aiosqlite, or psycopg's async connections
 
 
+@pytest.mark.postgresql
+def test_an_asyncpg_store_serves_one_event_loop_after_another(empty_pg: str) -> None:
+    """Each asyncio.run makes a loop of its own, and asyncpg's connections belong to the
+    loop that opened them: a store on an engine it made opens new ones for the new loop;
+    on an application's engine it refuses with a typed error, not the driver's."""
+    SessionStore(empty_pg).upgrade()
+    url = make_url(empty_pg).set(drivername="postgresql+asyncpg")
+    store = AsyncSessionStore(url)
+    asyncio.run(store.create_session("loops", source="cli"))
+    for n in (1, 2, 3):
+        assert asyncio.run(store.flush("loops", conversation(n))).cursor == 3 * n
+    assert asyncio.run(store.get_messages("loops")) == conversation(3)
+    asyncio.run(store.close())
+
+    async def made_here() -> Any:
+        return create_async_engine(url)
+
+    engine = asyncio.run(made_here())
+    theirs = AsyncSessionStore(engine)
+    asyncio.run(theirs.get_session("loops"))
+    with pytest.raises(InvalidArgumentError, match="another event loop"):
+        asyncio.run(theirs.get_session("loops"))
+
+
 def test_tasks_flushing_one_session(db_url: str) -> None:
     """Concurrent tasks of one event loop (an async web app) on one async store."""
 
@@ -1571,8 +1596,6 @@ def test_a_cancelled_flush_whose_cleanup_fails_is_cancelled_not_run_again(
 ) -> None:
     """The connection's cleanup failing (a transient error) must not stand in for the
     cancellation: the store would take it for the try's and run the flush again."""
-    from hermes_orm import _dialects
-
     path = tmp_path / "cleanup.db"
     real = _dialects.give_back_sqlite
     failed: list[int] = []
