@@ -573,6 +573,38 @@ def test_a_list_left_behind_goes_to_its_history_not_to_a_revision_left_empty(
     assert store.get_session("s1#3") is None
 
 
+def test_a_list_waiting_is_written_when_the_one_extending_it_is_refused(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """The next list extends the waiting one but holds a message the store refuses: the
+    waiting one is written in its stead, not given up with it."""
+    post, _ = _s1_after_turn_1(mirror)
+    history = _turn(1) + _turn(2)
+    with _inserts_failing():
+        post(history)
+    post([*history, _REFUSED[-1]])
+    assert _stored(store, "s1") == history
+    post(_COMPACTED)
+    assert _stored(store, "s1#2") == _COMPACTED
+
+
+def test_the_end_ends_the_live_revision_after_a_list_written_late(
+    mirror: Mirror, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list written late goes into the history it continues; the end then ends the
+    revision still open (the live one), and the rewritten one keeps its reason."""
+    post, end = _s1_after_turn_1(mirror)
+    history = _turn(1) + _turn(2)
+    undo = _fails_unexpectedly(monkeypatch, history)
+    post(history)
+    post(_COMPACTED)
+    undo()
+    end()
+    assert _stored(store, "s1") == history
+    assert store.get_session("s1")["end_reason"] == "rewritten"  # type: ignore[index]
+    assert store.get_session("s1#2")["end_reason"] == "cli_close"  # type: ignore[index]
+
+
 # -- the plugin as Hermes loads it ------------------------------------------------------------
 
 

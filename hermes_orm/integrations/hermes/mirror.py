@@ -90,6 +90,9 @@ _TRACKED_MAX = 1000
 #: another (each a rewrite of the one before: compression, a rewind). Past this
 #: many, the oldest is given up, and said so.
 _PENDING_MAX = 4
+#: Lists kept of each run of lists extending the one before while their writes fail:
+#: the newest, and those before it that stand in if the store refuses what it added.
+_FALLBACKS = 3
 #: What :meth:`Mirror._guarded` did with a write: ran it; saw the database fail it
 #: (out of reach, busy, behind on migrations: every write would fail now); saw it
 #: fail otherwise (it may run later, and the next list may run now); saw the store
@@ -642,50 +645,63 @@ class Mirror:
     def _flush(self, turn: Turn) -> None:
         """Write ``turn``'s list, after the session's earlier lists not written yet.
 
-        An earlier list the new one extends is written by it. One it does not
-        extend (the conversation was rewritten since: compression, a rewind)
-        holds messages the new list lacks: it is written first, into the
-        revision it continues, and the new list then starts the next revision.
+        An earlier list the new one extends is written by it (or, if the store
+        refuses what the new one added, instead of it). One it does not extend
+        (the conversation was rewritten since: compression, a rewind) holds
+        messages the new list lacks: it is written first, into the revision it
+        continues, and the new list then starts the next revision.
         """
-        sid = turn.session_id
-        earlier = self._unwritten.pop(sid, [])
-        rewritten = [job for job in earlier if not _extends(turn.messages, job.messages)]
-        self._write(sid, [*rewritten, turn])
+        self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
 
     def _write(self, session_id: str, jobs: list[Turn]) -> None:
-        """Flush ``jobs`` in order; keep those that fail for a later write.
+        """Flush ``jobs`` (oldest first) in order; keep those that fail for a later write.
 
-        When the database fails one (out of reach, busy), the rest wait behind
-        it, in order. One that fails otherwise waits alone: the next may run
-        (each list goes into the revision it continues, whenever it is
-        written). A list the store refuses (a message it cannot hold) is given
-        up: it never will be written.
+        Each run of lists extending the one before goes as its newest: it writes
+        the others. A list the store refuses (a message it cannot hold) is given
+        up, and the one before it in the run is written in its stead. When the
+        database fails a write (out of reach, busy), that run and the later
+        ones wait, in order. A run that fails otherwise waits alone: the next
+        may go (each list goes into the revision it continues, whenever it is
+        written).
         """
         kept: list[Turn] = []
-        for at, job in enumerate(jobs):
-            outcome = self._guarded(
-                session_id, functools.partial(self._flush_in, turn=job), catches_up=not kept
-            )
+        runs = _runs(jobs)
+        for at, run in enumerate(runs):
+            left = list(run)  # the newest first; those it refused dropped
+            outcome: _Outcome = "refused"
+            while left and outcome == "refused":
+                write = functools.partial(self._flush_in, turn=left[-1])
+                outcome = self._guarded(session_id, write, catches_up=not kept)
+                if outcome == "refused":
+                    left.pop()
             if outcome == "down":
-                kept += jobs[at:]
+                kept += [*left, *(job for later in runs[at + 1 :] for job in later)]
                 break
             if outcome == "failed":
-                kept.append(job)
+                kept += left
         if kept:
             self._keep(session_id, kept)
 
     def _keep(self, session_id: str, jobs: list[Turn]) -> None:
-        """Keep ``jobs`` (oldest first) as the session's lists not written yet."""
-        if len(jobs) > _PENDING_MAX:
+        """Keep ``jobs`` (oldest first) as the session's lists not written yet.
+
+        Of each run of lists extending the one before, the newest
+        :data:`_FALLBACKS` (the newest writes the others; those before it stand
+        in if the store refuses what it added); of the runs, the newest
+        :data:`_PENDING_MAX` (each a rewrite of the one before), the others
+        given up and said so.
+        """
+        runs = [run[-_FALLBACKS:] for run in _runs(jobs)]
+        if len(runs) > _PENDING_MAX:
             logger.warning(
                 "hermes_orm mirror: session %s was rewritten %d times while its writes failed; "
                 "the oldest %d of its unwritten conversations are given up",
                 session_id,
-                len(jobs) - 1,
-                len(jobs) - _PENDING_MAX,
+                len(runs) - 1,
+                len(runs) - _PENDING_MAX,
             )
-            jobs = jobs[-_PENDING_MAX:]
-        self._unwritten[session_id] = jobs
+            runs = runs[-_PENDING_MAX:]
+        self._unwritten[session_id] = [job for run in runs for job in run]
         self._unwritten.move_to_end(session_id)
         while len(self._unwritten) > _TRACKED_MAX:
             self._unwritten.popitem(last=False)
@@ -834,13 +850,26 @@ class Mirror:
         self._write(session_id, self._unwritten.pop(session_id, []))
 
         def work(store: SessionStore) -> None:
-            tracked = self._tracked.pop(session_id, None)
-            revision = tracked.revision if tracked else len(self._revisions(store, session_id))
-            if revision:  # never mirrored: nothing to end
-                store.end_session(revision_id(session_id, revision), reason)
+            self._tracked.pop(session_id, None)
+            # Every revision still open: the live one, and any a list written late
+            # (into the history it continues) left open; one rewritten keeps its reason.
+            for row in self._revisions(store, session_id):
+                if row["ended_at"] is None:
+                    store.end_session(row["id"], reason)
 
         # Still failing, its error stays on record: the session ends without all of it.
         self._guarded(session_id, work, catches_up=False)
+
+
+def _runs(jobs: list[Turn]) -> list[list[Turn]]:
+    """``jobs`` (oldest first) cut into runs, each list of a run extending the one before."""
+    runs: list[list[Turn]] = []
+    for job in jobs:
+        if runs and _extends(job.messages, runs[-1][-1].messages):
+            runs[-1].append(job)
+        else:
+            runs.append([job])
+    return runs
 
 
 def _extends(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> bool:
