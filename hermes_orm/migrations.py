@@ -561,8 +561,10 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
         try:
-            references = _host_references(conn)
-            dropped = _drops(before.revision, args[0]) if fn is command.downgrade else []
+            # Only a downgrade drops tables: an upgrade reads no foreign keys.
+            downgrade = fn is command.downgrade
+            references = _host_references(conn) if downgrade else []
+            dropped = _drops(before.revision, args[0]) if downgrade else []
             if references and dropped is not None:
                 _dangling(references, dropped, args[0])  # before anything is written
             with _extension_found(conn, schema):

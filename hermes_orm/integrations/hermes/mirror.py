@@ -86,9 +86,9 @@ _RETRY = RetryPolicy(
 )
 #: Sessions whose stored history the mirror keeps in memory (the most recent).
 _TRACKED_MAX = 1000
-#: Lists of one session kept for a later write after theirs failed, none extending
-#: another (each a rewrite of the one before: compression, a rewind). Past this
-#: many, the oldest is given up, and said so.
+#: Runs of lists of one session kept for a later write after theirs failed, each run
+#: a rewrite of the one before (compression, a rewind). Past this many, the oldest
+#: is given up, and said so.
 _PENDING_MAX = 4
 #: Lists kept of each run of lists extending the one before while their writes fail:
 #: the newest, and those before it that stand in if the store refuses what it added.
@@ -664,7 +664,7 @@ class Mirror:
         may go (each list goes into the revision it continues, whenever it is
         written).
         """
-        kept: list[Turn] = []
+        kept: list[list[Turn]] = []
         runs = _runs(jobs)
         for at, run in enumerate(runs):
             left = list(run)  # the newest first; those it refused dropped
@@ -675,15 +675,15 @@ class Mirror:
                 if outcome == "refused":
                     left.pop()
             if outcome == "down":
-                kept += [*left, *(job for later in runs[at + 1 :] for job in later)]
+                kept += [left, *runs[at + 1 :]]
                 break
             if outcome == "failed":
-                kept += left
+                kept.append(left)
         if kept:
             self._keep(session_id, kept)
 
-    def _keep(self, session_id: str, jobs: list[Turn]) -> None:
-        """Keep ``jobs`` (oldest first) as the session's lists not written yet.
+    def _keep(self, session_id: str, runs: list[list[Turn]]) -> None:
+        """Keep ``runs`` (oldest first) as the session's lists not written yet.
 
         Of each run of lists extending the one before, the newest
         :data:`_FALLBACKS` (the newest writes the others; those before it stand
@@ -691,7 +691,7 @@ class Mirror:
         :data:`_PENDING_MAX` (each a rewrite of the one before), the others
         given up and said so.
         """
-        runs = [run[-_FALLBACKS:] for run in _runs(jobs)]
+        runs = [run[-_FALLBACKS:] for run in runs if run]
         if len(runs) > _PENDING_MAX:
             logger.warning(
                 "hermes_orm mirror: session %s was rewritten %d times while its writes failed; "
