@@ -857,6 +857,22 @@ def test_a_failing_session_keeps_its_error_while_others_are_written(
     assert _stored(store, "good") == _turn(1)
 
 
+def test_a_session_written_again_hands_the_status_to_one_still_failing(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    m = Mirror(db_url, status=status)
+    bad = [{"role": "user", "content": "x", "score": float("nan")}]
+    assert m.turn("first", bad)
+    assert m.turn("second", bad)
+    assert status.read()["error"]["session_id"] == "second"
+    assert m.turn("second", _turn(1))  # its conversation without the refused message
+    assert _stored(store, "second") == _turn(1)
+    assert status.read()["error"]["session_id"] == "first"  # still failing, on record
+    assert m.turn("first", _turn(1))
+    m.close()
+    assert "error" not in status.read()
+
+
 def test_status_shows_the_mirror_error_only_for_its_database(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

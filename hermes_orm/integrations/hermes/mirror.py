@@ -475,9 +475,10 @@ class Mirror:
         self._lines = itertools.count(1)
         self._snapshots_lock = threading.Lock()
         self._worker = _Worker()
-        # Writer side: the sessions whose last write failed, with the error, and the
-        # turns of each not written yet, oldest first (see _write).
-        self._failing: dict[str, str] = {}
+        # Writer side: the sessions whose last write failed, with the error as the
+        # status records it (the latest last), and the turns of each not written
+        # yet, oldest first (see _write).
+        self._failing: dict[str, dict[str, Any]] = {}
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
         self._status_checked = False
 
@@ -606,7 +607,8 @@ class Mirror:
 
     def _failed(self, session_id: str, exc: BaseException, todo: str) -> None:
         message = redact(f"{type(exc).__name__}: {exc}")
-        if self._failing.get(session_id) != message:  # one line per new failure, not per turn
+        before = self._failing.pop(session_id, None)
+        if before is None or before["message"] != message:  # once per new failure, not per turn
             logger.warning(
                 "hermes_orm mirror: session %s not written to %s (%s); %s",
                 session_id,
@@ -614,17 +616,16 @@ class Mirror:
                 message,
                 todo,
             )
-        self._failing[session_id] = message
+        error = {
+            "at": time.time(),
+            "url": safe_url(self.url),
+            "session_id": session_id,
+            "message": message,
+            "todo": todo,
+        }
+        self._failing[session_id] = error
         self._tracked.pop(session_id, None)  # read again from the database next time
-        self.status.write(
-            error={
-                "at": time.time(),
-                "url": safe_url(self.url),
-                "session_id": session_id,
-                "message": message,
-                "todo": todo,
-            }
-        )
+        self.status.write(error=error)
 
     def _succeeded(self, session_id: str) -> None:
         if self._failing.pop(session_id, None) is not None:
@@ -636,10 +637,15 @@ class Mirror:
         elif self._status_checked:
             return
         self._status_checked = True
-        if self._failing:  # another session still fails: its error stays on record
-            return
         error = self.status.read().get("error")
-        if isinstance(error, dict) and error.get("url") in (None, safe_url(self.url)):
+        if not isinstance(error, dict) or error.get("url") not in (None, safe_url(self.url)):
+            return  # another database's
+        if self._failing:
+            # Another session still fails: its error (the latest) stays on record,
+            # in place of this session's.
+            if error.get("session_id") == session_id:
+                self.status.write(error=list(self._failing.values())[-1])
+        else:
             self.status.write(error=None)  # left by this process, or an earlier one
 
     def _flush(self, turn: Turn) -> None:
