@@ -330,6 +330,25 @@ def test_0013_recounts_the_tool_calls_of_live_messages(empty_db_url: str) -> Non
 
 
 @pytest.mark.postgresql
+def test_0014_replaces_the_trigger_function_and_its_downgrade_puts_0012s_back(
+    empty_pg: str,
+) -> None:
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+
+    def definition() -> str:
+        with engine.connect() as conn:
+            statement = "SELECT pg_get_functiondef('hermes_search_index'::regproc)"
+            return str(conn.exec_driver_sql(statement).scalar_one())
+
+    migrations.upgrade(engine, "0013_tool_calls_of_live_messages")
+    at_0013 = definition()
+    migrations.upgrade(engine)
+    assert "wide := octet_length(body) <> length(body)" in definition()
+    migrations.downgrade(engine, "0013_tool_calls_of_live_messages")
+    assert definition() == at_0013
+
+
+@pytest.mark.postgresql
 def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> None:
     """Messages written at 0011 with final sigma (and the like) are found by every form after it.
 

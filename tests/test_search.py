@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -1165,6 +1166,104 @@ def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> No
         conn.rollback()
     assert vector == "'head':1 'tail':2"
     assert notices == []
+    store.close()
+
+
+#: JSON texts of the columns the body gathers, as any client may write them: arrays
+#: of parts or calls (text or not), other JSON values, and escapes of every kind
+#: (NUL, lone and paired surrogates, an escaped backslash before a ``u``, CJK).
+_ESCAPED = st.sampled_from(
+    ["\\u0000", "\\ud800", "\\udc00", "\\ud83d\\ude80", "\\\\u0041", "\\u90e8", "\\u03c2", "\\n"]
+)
+_JSON_TEXT = st.builds(
+    lambda words, escape: json.dumps(words)[:-1] + escape + '"', _INDEXED_TEXT, _ESCAPED
+)
+_PART = st.one_of(
+    _JSON_TEXT.map(lambda t: f'{{"type": "text", "text": {t}}}'),
+    st.just('{"type": "image_url", "image_url": {"url": "x"}}'),
+    st.just('{"type": "text", "text": 7}'),
+    st.just('"bare"'),
+)
+_CALL = st.builds(
+    lambda name, arguments: (
+        f'{{"id": "c", "function": {{"name": {name}, "arguments": {arguments}}}}}'
+    ),
+    _JSON_TEXT,
+    _JSON_TEXT,
+) | st.just('{"id": "c"}')
+_GATHERED = st.one_of(
+    st.none(),
+    st.lists(_PART, max_size=3).map(lambda parts: "[" + ", ".join(parts) + "]"),
+    st.sampled_from(['{"type": "text", "text": "not a list"}', '"a string"', "null", "3"]),
+)
+_ROW = st.fixed_dictionaries(
+    {
+        "content": st.one_of(
+            st.none(), _INDEXED_TEXT, st.sampled_from(["ΟΔΟΣ \u017f \u00b5", "部署 数据库", ""])
+        ),
+        "content_parts": _GATHERED,
+        "tool_name": st.none() | st.sampled_from(["terminal", "读取文件"]),
+        "tool_calls": st.one_of(
+            st.none(), st.lists(_CALL, max_size=3).map(lambda c: "[" + ", ".join(c) + "]")
+        ),
+    }
+)
+
+
+@pytest.mark.postgresql
+def test_the_trigger_indexes_what_0012s_did(empty_pg: str) -> None:
+    """0014's trigger (steps a message does not need skipped) writes 0012's vectors and CJK words.
+
+    Each row, as another client may write it, goes into ``hermes_messages`` and
+    into a table of the same columns where 0012's function fills them.
+    """
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+    previous = frozen_revision("0014_search_trigger_skips_steps")._function_0012()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(previous.replace("hermes_search_index()", "search_index_0012()", 1))
+        conn.exec_driver_sql(
+            "CREATE TABLE as_0012 (LIKE hermes_messages INCLUDING DEFAULTS INCLUDING IDENTITY)"
+        )
+        conn.exec_driver_sql(  # named as on hermes_messages: the same order of the two
+            "CREATE TRIGGER hermes_search_index BEFORE INSERT ON as_0012 "
+            "FOR EACH ROW EXECUTE FUNCTION search_index_0012()"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER hermes_search_index_cjk BEFORE INSERT ON as_0012 FOR EACH ROW "
+            "WHEN (NEW.search_cjk IS NOT NULL) EXECUTE FUNCTION hermes_search_cjk_words()"
+        )
+    store.create_session("s", source="test")
+    rows = itertools.count()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(written=st.lists(_ROW, min_size=1, max_size=8))
+    def check(written: list[dict[str, Any]]) -> None:
+        with store.engine.begin() as conn:
+            for row in written:
+                values = {**row, "idx": next(rows), "digest": b"0" * 16}
+                for table in ("hermes_messages", "as_0012"):
+                    conn.execute(
+                        text(
+                            f"INSERT INTO {table} (session_id, idx, role, content, content_parts, "
+                            "tool_name, tool_calls, digest) VALUES ('s', :idx, 'user', :content, "
+                            "CAST(:content_parts AS json), :tool_name, CAST(:tool_calls AS json), "
+                            ":digest)"
+                        ),
+                        values,
+                    )
+            differ = conn.exec_driver_sql(
+                "SELECT count(*) FROM hermes_messages m JOIN as_0012 o USING (idx) "
+                "WHERE m.search_vector IS DISTINCT FROM o.search_vector "
+                "OR m.search_cjk IS DISTINCT FROM o.search_cjk"
+            ).scalar_one()
+            indexed = conn.exec_driver_sql(
+                "SELECT count(*) FROM hermes_messages WHERE search_vector <> ''"
+            ).scalar_one()
+        assert differ == 0
+        assert indexed > 0 or not any(row["content"] for row in written)
+
+    check()
     store.close()
 
 
