@@ -93,18 +93,75 @@ def _prepare(spec: AgentSpec) -> None:
         (work / name).write_text(f"contents of {name}\n")
 
 
-class _Fault:
-    """Make ``SessionDB.append_message`` raise once (or ``times`` times), for one turn's row."""
+class _Lock:
+    """Another connection holding the write lock of the database at ``url`` while taken.
 
-    def __init__(self, fault: dict[str, Any]) -> None:
+    SQLite: the file's (``BEGIN EXCLUSIVE``); PostgreSQL: the messages table's
+    (``EXCLUSIVE``: rows can be read, none written).
+    """
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.url = make_url(url)
+        self._conn: Any = None
+        self._mutex = threading.Lock()
+
+    def take(self) -> None:
+        with self._mutex:
+            if self.url.get_backend_name() == "sqlite":
+                conn: Any = sqlite3.connect(
+                    str(self.url.database), isolation_level=None, check_same_thread=False
+                )
+                conn.execute("BEGIN EXCLUSIVE")
+            else:
+                import psycopg
+
+                dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+                conn = psycopg.connect(dsn)
+                conn.execute("LOCK TABLE hermes_messages IN EXCLUSIVE MODE")
+            self._conn = conn
+
+    def release(self) -> None:
+        with self._mutex:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.rollback()
+                conn.close()
+
+
+class _Fault:
+    """Make ``SessionDB.append_message`` raise once (or ``times`` times), for one turn's row.
+
+    With ``locked``, a write that fails before its commit leaves another
+    connection holding the database's write lock: ``"turn"``, until that turn
+    ends (Hermes' end-of-turn hooks find it locked); a number, for that many
+    seconds.
+    """
+
+    def __init__(self, fault: dict[str, Any], url: str | None) -> None:
         self.turn = int(fault["turn"])
         self.when = str(fault["when"])
         self.target = str(fault["target"])
         self.times = int(fault.get("times", 1))
         if self.when not in ("before", "after") or self.target not in ("call", "tool", "final"):
             raise ValueError(f"bad hermes_fault: {fault}")
+        self.locked: str | float | None = fault.get("locked")
+        self.lock = _Lock(url) if self.locked is not None and url else None
         self.current_turn = -1
         self.fired: list[dict[str, Any]] = []
+
+    def _lock_the_database(self) -> None:
+        if self.lock is None:
+            return
+        self.lock.take()
+        if self.locked != "turn":
+            threading.Timer(float(self.locked or 0), self.lock.release).start()
+
+    def turn_ended(self) -> None:
+        """The turn ended: a lock held until then is let go."""
+        if self.lock is not None and self.locked == "turn":
+            self.lock.release()
 
     def _hits(self, role: str, content: Any, tool_calls: Any) -> bool:
         if len(self.fired) >= self.times or self.current_turn != self.turn:
@@ -134,6 +191,7 @@ class _Fault:
             )
             if hit and fault.when == "before":
                 fault.fired.append({"turn": fault.turn, "when": "before", "row_id": None})
+                fault._lock_the_database()
                 raise RuntimeError("injected append_message failure (before commit)")
             row_id = original(db, *args, **kwargs)
             if hit:
@@ -212,7 +270,7 @@ def main(spec_path: str, out_path: str) -> None:
     early = hermes_state.SessionDB() if spec.db_before_plugins else None
     import run_agent  # type: ignore[import-untyped]  # (loads the plugins)
 
-    fault = _Fault(spec.hermes_fault) if spec.hermes_fault else None
+    fault = _Fault(spec.hermes_fault, spec.mirror_url) if spec.hermes_fault else None
     if fault is not None:
         fault.install(hermes_state.SessionDB)
 
@@ -270,6 +328,8 @@ def main(spec_path: str, out_path: str) -> None:
             started = time.perf_counter()
             res = agent.run_conversation(text, conversation_history=history)
             seconds = time.perf_counter() - started
+        if fault is not None:
+            fault.turn_ended()
         history = res["messages"]
         seen(agent.session_id)
         result["turns"].append(

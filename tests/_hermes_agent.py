@@ -312,7 +312,10 @@ class AgentSpec:
             carrying the tool calls (T ``call``), its first tool-result row (``tool``)
             or its final assistant row (``final``), before or after committing it.
             With ``"times": n``, the first ``n`` appends of that row raise (each of
-            Hermes' flushes that tries it again).
+            Hermes' flushes that tries it again). With ``"locked": "turn"`` (or a
+            number of seconds), a write failing before its commit leaves another
+            connection holding the mirror database's write lock until the turn ends
+            (or for those seconds).
         mirror_down_turns: Turn indices during which the mirror database is unavailable.
         resume: Load the session's history from Hermes' SessionDB first, like
             ``hermes --resume``; a session rotated by compression continues at its tip.

@@ -819,6 +819,45 @@ def test_store_modes_copy_of_a_session_stays_one_in_every_process(
     assert [m["content"] for m in _stored(store, "tui#2")] == [m["content"] for m in compressed]
 
 
+def test_store_modes_repair_not_begun_within_wait_is_kept_for_the_next_turn(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Queued behind another session's repair past ``wait``: taken back, written next turn.
+
+    Taken back, it cannot be written after the hook returned (Hermes writes
+    again then); kept, it is written by the session's next ``pre_llm_call``.
+    """
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+    from tests._agent_runner import _Lock
+
+    for sid in ("a", "b"):  # as Hermes left them: its user message stored, its answer not
+        store.create_session(sid, source="cli")
+        store.flush(sid, [{"role": "user", "content": f"question {sid}"}])
+    lists = {
+        sid: [
+            {"role": "user", "content": f"question {sid}", PERSISTED_MARK: True},
+            {"role": "assistant", "content": f"answer {sid}"},
+        ]
+        for sid in ("a", "b")
+    }
+    flush = StoreFlush(db_url, status=status, wait=0.3)
+    lock = _Lock(db_url)
+    lock.take()
+    first = threading.Thread(target=flush.turn, args=("a", lists["a"]))
+    first.start()
+    time.sleep(0.2)  # a's repair runs (waiting for the lock)
+    assert not flush.turn("b", lists["b"])  # not begun within wait: taken back
+    assert PERSISTED_MARK not in lists["b"][1]  # so Hermes' own writes still try it
+    lock.release()
+    first.join()
+    assert flush.before_turn("b")
+    flush.close()
+    for sid in ("a", "b"):
+        stored = [m["content"] for m in store.get_messages(sid)]
+        assert stored == [f"question {sid}", f"answer {sid}"]
+        assert lists[sid][1][PERSISTED_MARK] is True
+
+
 def test_a_tool_call_edited_in_place_is_seen(mirror: Mirror, store: SessionStore) -> None:
     history = _turn(1)
     history[1]["tool_calls"][0]["function"]["arguments"] = ""

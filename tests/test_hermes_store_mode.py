@@ -247,6 +247,45 @@ def test_what_hermes_own_writes_miss_is_stored_exactly_once(
     assert _state_db_messages(spec.hermes_home) == 0
 
 
+def test_a_repair_that_failed_is_stored_before_the_next_turn_in_its_place(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """The end-of-turn repair finds the database locked; the next turn begins with it.
+
+    Hermes takes its history as stored when a turn begins: the answer its write
+    and the repair both missed is stored then (``pre_llm_call``), before the new
+    turn's messages, not lost behind them.
+    """
+    spec.turns = ["one", "two"]
+    spec.hermes_fault = {"turn": 0, "when": "before", "target": "final", "locked": "turn"}
+    result = run_agent(spec, tmp_path / "out.json")
+    assert result["faults"], "the fault was injected"
+    final = result["turns"][-1]["messages"]
+    _assert_stored_exactly(store, "s1", final)
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "session s1 not written to" in log  # the end-of-turn repair failed
+    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+
+
+def test_a_repair_outliving_the_turns_wait_is_waited_for_not_raced(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """A repair still running when ``wait`` is up is waited for: Hermes' exit then skips it.
+
+    Before, the hook returned while the repair waited for the lock, and Hermes'
+    close (its flush of what it left unmarked) stored the answer a second time.
+    """
+    spec.turns = ["one"]
+    spec.close_persist = True
+    spec.extra_config = {"hermes_orm": {"mode": "store", "wait": 0.5}}
+    spec.hermes_fault = {"turn": 0, "when": "before", "target": "final", "locked": 1.2}
+    result = run_agent(spec, tmp_path / "out.json")
+    assert result["faults"], "the fault was injected"
+    _assert_stored_exactly(store, "s1", result["turns"][-1]["messages"])
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+
+
 def test_a_gateway_session_is_repaired_past_the_row_that_opens_it(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:

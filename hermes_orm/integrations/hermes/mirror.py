@@ -373,6 +373,20 @@ class _Worker:
             self._cond.notify_all()
         return job.done
 
+    def withdraw(self, key: tuple[str, str, int], done: threading.Event) -> bool:
+        """Take back the write queued under ``key`` whose waiters wait on ``done``.
+
+        Returns:
+            True if it was still waiting (it will not run); False if it ran or runs.
+        """
+        with self._cond:
+            queued = self._queue.get(key)
+            if queued is None or queued.done is not done:
+                return False
+            del self._queue[key]
+            done.set()  # (whoever else waits for it is released too)
+            return True
+
     def drain(self, timeout: float) -> bool:
         """Wait until every queued write ran, at most ``timeout`` seconds; True if they did."""
         deadline = time.monotonic() + timeout
@@ -500,6 +514,13 @@ class Mirror:
         Returns:
             True if the write ran (or failed, and said so) within ``wait``.
         """
+        _, done, _ = self._queued(session_id, history, model, platform)
+        return done.wait(self.wait)
+
+    def _queued(
+        self, session_id: str, history: list[Any], model: str | None, platform: str | None
+    ) -> tuple[tuple[str, str, int], threading.Event, Turn]:
+        """Queue the flush of ``history``: its key, what its waiters wait on, the turn."""
         with self._snapshots_lock:
             previous, line = self._snapshots.pop(session_id, (None, 0))
             if previous is None:
@@ -513,8 +534,8 @@ class Mirror:
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
         job = Turn(session_id, snapshot.cleaned, model, platform, history, len(history))
-        done = self._worker.submit(("flush", session_id, line), lambda: self._flush(job))
-        return done.wait(self.wait)
+        key = ("flush", session_id, line)
+        return key, self._worker.submit(key, lambda: self._flush(job)), job
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Queue the end of a session (after its queued flushes); True if it ran in ``wait``."""
@@ -898,6 +919,9 @@ def _continues(live: list[dict[str, Any]], tracked: _Tracked) -> bool:
 #: its end (its attempts are bounded: a few seconds when the database is down), so
 #: that what it stored is marked before Hermes writes again.
 STORE_WAIT = 10.0
+#: Seconds store mode's hook waits at most for an end-of-turn flush under way (its
+#: attempts end well before: :data:`_RETRY`).
+_REPAIR_MAX = 60.0
 #: The key of a session's ``extra`` marking it as store mode's copy of a session
 #: Hermes writes elsewhere (its TUI's): kept as the mirror keeps its sessions.
 COPY_MARK = "hermes_orm_copy"
@@ -1100,6 +1124,67 @@ class StoreFlush(Mirror):
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
+
+    def turn(
+        self,
+        session_id: str,
+        history: list[Any],
+        model: str | None = None,
+        platform: str | None = None,
+    ) -> bool:
+        """Queue the end-of-turn flush; return once it ran, or once it surely will not.
+
+        Hermes writes again after the hook returns (its exit's flush writes what
+        it left unmarked), so a flush still under way then could store a message
+        Hermes stores too. One not started within ``wait`` (the writer busy with
+        others) is taken back and kept for the session's next turn
+        (:meth:`before_turn`); one started is waited for: its attempts are
+        bounded (:data:`_RETRY`).
+        """
+        return self._ran_or_kept(session_id, *self._queued(session_id, history, model, platform))
+
+    def before_turn(self, session_id: str) -> bool:
+        """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
+
+        Hermes takes the messages of its history as stored when its next turn
+        begins, marking them without writing them: a message its write and the
+        repair both missed would be lost, or stored after the new turn's. So
+        those repairs go first, if the database lets them, while the new turn's
+        messages are not written yet. True if nothing was left to write or it ran.
+        """
+        key = ("catch-up", session_id, next(self._lines))
+        done = self._worker.submit(key, lambda: self._catch_up(session_id))
+        return self._ran_or_kept(session_id, key, done, None)
+
+    def _catch_up(self, session_id: str) -> None:
+        jobs = self._unwritten.pop(session_id, None)
+        if jobs:
+            self._write(session_id, jobs)
+
+    def _ran_or_kept(
+        self,
+        session_id: str,
+        key: tuple[str, str, int],
+        done: threading.Event,
+        job: Turn | None,
+    ) -> bool:
+        if done.wait(self.wait):
+            return True
+        if self._worker.withdraw(key, done):
+            if job is not None:  # kept, as a failed write is, for the next turn
+                pend = ("pend", session_id, next(self._lines))
+                self._worker.submit(pend, lambda: self._keep_turn(session_id, job))
+            return False
+        if not done.wait(_REPAIR_MAX):
+            logger.warning(
+                "hermes_orm store: the end-of-turn flush of session %s still runs after %.0f s",
+                session_id,
+                _REPAIR_MAX,
+            )
+        return False
+
+    def _keep_turn(self, session_id: str, job: Turn) -> None:
+        self._keep(session_id, [*_runs([*self._unwritten.pop(session_id, []), job])])
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself."""

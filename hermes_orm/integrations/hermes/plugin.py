@@ -352,7 +352,23 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
         except Exception:
             logger.exception("hermes_orm mirror: on_session_finalize failed")
 
-    return {"post_llm_call": post_llm_call, "on_session_finalize": on_session_finalize}
+    hooks: dict[str, Callable[..., None]] = {
+        "post_llm_call": post_llm_call,
+        "on_session_finalize": on_session_finalize,
+    }
+    if isinstance(mirror, StoreFlush):
+        store_flush = mirror
+
+        def pre_llm_call(session_id: Any = None, **_: Any) -> None:
+            # (What it returns would be context for the model: None.)
+            try:
+                if isinstance(session_id, str) and not _in_background_review():
+                    store_flush.before_turn(session_id)
+            except Exception:
+                logger.exception("hermes_orm store: pre_llm_call failed")
+
+        hooks["pre_llm_call"] = pre_llm_call
+    return hooks
 
 
 def register(ctx: Any) -> None:
