@@ -82,8 +82,17 @@ def default_url() -> str:
 #: the user up to the first ``:`` (it may hold ``@`` and blanks), the password up to
 #: the next ``@`` (blanks, ``/`` and ``:`` included), not reaching into another URL
 #: nor past the end of the line.
+#: Within the URL's own run of non-blank characters, up to its last ``@``: a
+#: password holding an ``@`` of its own (``user:p@ss@host``) hidden whole.
 _USER_PASSWORD = re.compile(
-    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/\n]*:)(?:(?!://)[^@\n])*@"
+    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/\n]*:)"
+    r"(?:(?:(?!://)\S)*@|(?:(?!://)[^@\n])*@)"
+)
+#: What may be a password where the ``@host`` was left out (``scheme://user:PASSWORD/db``,
+#: which SQLAlchemy reads as a host and a port): a "port" that is no number.
+_PORT_NO_NUMBER = re.compile(
+    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/@\s\[\]]*:)"
+    r"(?=[^/@\s?#]*[^\d/@\s?#])[^/@\s?#]+(?=[/?#\s]|$)"
 )
 #: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
 #: up to the next ``&`` or the end of the line), or in libpq's key=value connection
@@ -110,6 +119,7 @@ def redact(text: str) -> str:
     result prints on any UTF-8 stream (see :func:`printable`).
     """
     hidden = _USER_PASSWORD.sub(r"\g<head>***@", text)
+    hidden = _PORT_NO_NUMBER.sub(r"\g<head>***", hidden)
     return printable(_PASSWORD_PARAMETER.sub(_hide_parameter, hidden))
 
 
@@ -131,6 +141,10 @@ def safe_url(url: str | URL) -> str:
     Whatever ``url`` holds, this returns printable text: a string that does
     not parse is shown through :func:`redact`.
     """
+    if isinstance(url, str) and _after_password(url).count("@") > 1:
+        # A password holding an @ (``user:p@ss@host``): SQLAlchemy cuts it at its
+        # first @ and would show the rest as the host.
+        return redact(url)
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
@@ -168,20 +182,46 @@ def normalize_url(url: str | URL) -> URL:
         InvalidURLError: ``url`` is not a URL, or its port is not a number.
         UnsupportedBackendError: It names neither SQLite nor PostgreSQL.
     """
+    if isinstance(url, str) and _after_password(url).count("@") > 1:
+        # ``user:p@ss@host``: SQLAlchemy cuts the password at its first @ and would
+        # connect to (and name, in the driver's errors) the rest as the host.
+        raise InvalidURLError(
+            f"not a database URL: {safe_url(url)} (its password holds an @: write it as %40)"
+        )
+    reason = None
+    # A port that is no number is not shown: its text may be a password
+    # (``user:PASSWORD/db``, the ``@host`` left out).
     try:
         parsed = make_url(_hosts_as_query(url) if isinstance(url, str) else url)
-        parsed.port  # noqa: B018 - parsed lazily: a port that is not a number raises here
-        _check_hosts(parsed)
-    except (ArgumentError, ValueError, TypeError) as exc:
+    except ValueError:
+        reason = "its port is not a number"
+    except (ArgumentError, TypeError) as exc:
+        reason = redact(str(exc))
+    else:
+        try:
+            parsed.port  # noqa: B018 - parsed lazily (some versions): one that is no number raises
+        except ValueError:
+            reason = "its port is not a number"
+        else:
+            try:
+                _check_hosts(parsed)
+            except ValueError as exc:
+                reason = redact(str(exc))
+    if reason is not None:
         raise InvalidURLError(
-            f"not a database URL: {safe_url(url)} ({redact(str(exc))}); "
+            f"not a database URL: {safe_url(url)} ({reason}); "
             "expected sqlite:///path.db or postgresql://user:password@host:port/database"
-        ) from None
+        )
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
+
+
+def _after_password(url: str) -> str:
+    """What follows the ``:`` after the user in ``url`` (before its query); empty if none."""
+    return url.split("?", 1)[0].partition("://")[2].partition(":")[2]
 
 
 def _check_hosts(url: URL) -> None:

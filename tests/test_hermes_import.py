@@ -1433,19 +1433,50 @@ def test_a_session_id_longer_than_the_store_takes_is_invalid(
     assert [m["content"] for m in store.get_messages("ok")] == ["hi"]
 
 
+def _import_by_cli(source: Path, url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``hermes-orm import SOURCE --url URL`` in a new process, ``env`` added to its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", "import", str(source), "--url", url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+def test_cli_refuses_to_import_into_a_file_named_as_the_state_dbs_wal_or_journal(
+    tmp_path: Path, suffix: str
+) -> None:
+    """SQLite takes such a file for the state.db's own: Hermes' next open deletes it."""
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    beside = sorted(p.name for p in tmp_path.iterdir())
+    run = _import_by_cli(source, f"sqlite:///{source}{suffix}", HERMES_HOME=str(tmp_path))
+    assert run.returncode == 2
+    assert f"named as the {suffix[1:]} file SQLite keeps beside" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == beside  # nothing made beside it
+
+
+def test_cli_import_into_a_url_whose_password_reads_as_a_port_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    run = _import_by_cli(source, "postgresql://admin:S3CRET/db", HERMES_HOME=str(tmp_path))
+    assert run.returncode == 2
+    assert run.stderr.startswith("hermes-orm: not a database URL: postgresql://admin:***/db")
+    assert "Traceback" not in run.stderr
+    assert "S3CRET" not in run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("spelled", ["absolute", "home"])
 def test_cli_refuses_to_import_into_the_state_db_itself(tmp_path: Path, spelled: str) -> None:
     source, hermes = _two_sessions(tmp_path)
     hermes.close()
     before = digest_file(source)
     url = f"sqlite:///{source}" if spelled == "absolute" else f"sqlite:///~/{source.name}"
-    run: Any = subprocess.run(
-        [sys.executable, "-m", "hermes_orm.cli", "import", str(source), "--url", url],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HERMES_HOME": str(tmp_path), "HOME": str(source.parent)},
-        check=False,
-    )
+    run = _import_by_cli(source, url, HERMES_HOME=str(tmp_path), HOME=str(source.parent))
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1
     assert "is the Hermes state.db being imported" in run.stderr

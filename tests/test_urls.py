@@ -93,6 +93,11 @@ NOT_URLS = [
     "postgresql://u:sec ret@h:abc/db",
     "postgresql://u@h:abc/db?sslmode=require&Password=s3cret",
     "postgresql://u@h:abc/db?password=sec ret&sslmode=require",
+    # The @host left out: SQLAlchemy reads the password as a host's port.
+    "postgresql://admin:s3cret/db",
+    "postgresql://admin:s3cret",
+    # A password holding an @: SQLAlchemy cuts it there and reads the rest as the host.
+    "postgresql://admin:p@s3cret/x@127.0.0.1/db",
 ]
 #: URLs that parse, with a password SQLAlchemy reads as such.
 URLS = [

@@ -1679,11 +1679,18 @@ def _last_digests(src: Source, session_ids: list[str]) -> dict[str, bytes | None
     return digests
 
 
+#: The files SQLite keeps beside a database while it is open (its WAL and the
+#: WAL's index, or its rollback journal), by the suffix of their names.
+_BESIDE = ("-wal", "-shm", "-journal")
+
+
 def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
-    """Raise if the destination is a SQLite file that is the source itself.
+    """Raise if the destination is a SQLite file that is the source or one SQLite keeps beside it.
 
     Raises:
-        StateDbError: It is: hermes_orm's tables would be written into Hermes' file.
+        StateDbError: It is: hermes_orm's tables would be written into Hermes'
+            file, or into one named as its WAL or journal (which SQLite deletes,
+            or reads as Hermes' own changes, when Hermes next opens its file).
     """
     try:
         url = (
@@ -1691,10 +1698,11 @@ def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
             if isinstance(destination, SessionStore)
             else make_url(destination)
         )
-    except ArgumentError:
+        path = url.database
+        backend = url.get_backend_name()
+    except (ArgumentError, ValueError):
         return  # not a URL: the store says so
-    path = url.database
-    if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
+    if backend != "sqlite" or not path or path == ":memory:":
         return
     if path.startswith("file:"):  # a URI filename (?uri=true)
         path = unquote(urlsplit(path).path)
@@ -1704,6 +1712,15 @@ def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
             raise StateDbError(
                 f"the destination {path} is the Hermes state.db being imported: "
                 "give another database (--url) to import into"
+            )
+    source = os.path.realpath(src.path)
+    named = os.path.realpath(path)
+    for suffix in _BESIDE:
+        if named == source + suffix:
+            raise StateDbError(
+                f"the destination {path} is named as the {suffix[1:]} file SQLite keeps "
+                f"beside the Hermes state.db being imported (it would delete it, or take it "
+                "for Hermes' own changes): give another database (--url) to import into"
             )
 
 
