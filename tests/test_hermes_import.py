@@ -749,8 +749,8 @@ def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_pa
     # every other session came through whole
     others = [s["id"] for s in sessions if s["id"] != bad]
     assert all(store.get_session(sid) is not None for sid in others)
-    # the bad session's messages are refused whole (they share one batch)
-    assert store.get_messages(bad) == []
+    # the bad session is left out whole: its messages, and the row made for them
+    assert store.get_session(bad) is None
     assert report.counts["messages"].destination == 877 - (len(source_rows(source)[1][bad]) - 1)
 
 
@@ -1431,6 +1431,57 @@ def test_a_session_id_longer_than_the_store_takes_is_invalid(
     assert list(report.invalid_sessions) == [long_id]
     assert "at most 255" in report.invalid_sessions[long_id]
     assert [m["content"] for m in store.get_messages("ok")] == ["hi"]
+
+
+@pytest.mark.parametrize("reader", ["thread", "process"], indirect=True)
+def test_a_session_invalid_past_its_first_batch_leaves_nothing_of_it(
+    store: SessionStore, tmp_path: Path, reader: str
+) -> None:
+    """Nothing is written of a session with a message the store refuses, wherever it is.
+
+    One longer than a batch had its first batches written before the message
+    was read; one whose first message is refused kept the row made for it.
+    """
+    source, hermes = _real_hermes(tmp_path)
+    for sid, bad_at in (("long", 25), ("first", 0), ("ok", None)):
+        hermes.create_session(sid, source="cli")
+        for i in range(30):
+            role = "narrator" if i == bad_at else ("user", "assistant")[i % 2]
+            hermes.append_message(sid, role, content=f"{sid} message {i}")
+    hermes.close()
+    report = import_state_db(source, store, batch=10)
+    assert sorted(report.invalid_sessions) == ["first", "long"]
+    assert "unknown role 'narrator'" in report.invalid_sessions["long"]
+    assert store.get_session("long") is None
+    assert store.get_session("first") is None
+    assert len(store.get_messages("ok")) == 30
+    assert report.messages_written == 30
+    again = import_state_db(source, store, batch=10)  # a re-run: the same, nothing more
+    assert sorted(again.invalid_sessions) == ["first", "long"]
+    assert again.messages_written == 0
+
+
+def test_a_session_with_a_usage_row_the_store_cannot_hold_is_left_whole(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes stores any model name (NUL included): that session is invalid, the rest copied."""
+    source, hermes = _real_hermes(tmp_path)
+    for sid, model in (("s1", "weird\x00model"), ("s2", "gpt-5")):
+        hermes.create_session(sid, "cli", model="gpt-5")
+        hermes.append_message(sid, "user", content=f"hello {sid}")
+        hermes.update_token_counts(sid, input_tokens=10, output_tokens=5, model="gpt-5")
+        hermes.update_token_counts(sid, input_tokens=1, output_tokens=1, model=model)
+    hermes.close()
+    report = import_state_db(source, store)
+    assert list(report.invalid_sessions) == ["s1"]
+    assert "usage row of model" in report.invalid_sessions["s1"]
+    assert store.get_session("s1") is None
+    assert [m["content"] for m in store.get_messages("s2")] == ["hello s2"]
+    with store.engine.connect() as conn:
+        usage = conn.exec_driver_sql(
+            "SELECT session_id, input_tokens FROM hermes_session_model_usage"
+        ).all()
+    assert [tuple(row) for row in usage] == [("s2", 11)]
 
 
 def _import_by_cli(source: Path, url: str, **env: str) -> subprocess.CompletedProcess[str]:

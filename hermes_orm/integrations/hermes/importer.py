@@ -650,6 +650,11 @@ def import_state_db(
         if not isinstance(destination, SessionStore):
             store.upgrade()
         sessions = _linked(_without_orphans(store, session_rows(src, report), report), report)
+        if _has_table(src, "session_model_usage"):
+            # A session whose usage rows the store cannot hold is left as it is, whole.
+            unusable = _usage_problems(src, {r["id"] for r in sessions})
+            report.invalid_sessions.update(unusable)
+            sessions = [r for r in sessions if r["id"] not in unusable]
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
@@ -685,7 +690,11 @@ def import_state_db(
                 if written:
                     report.amended_sessions.append(sid)
                     report.messages_written += written
-        # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage.
+        # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage;
+        # the rows of new ones found invalid with their messages go (none was written).
+        _forget_new(
+            store, [sid for sid in report.invalid_sessions if sid in ids and sid not in cursors]
+        )
         left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
         report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
         if _has_table(src, "session_model_usage"):
@@ -1413,6 +1422,7 @@ def _read_groups(
                     report.diverged_sessions.append(sid)
                     finished += 1
                     continue
+            checked = False
             while True:
                 rows = src.execute(columns.read_many, (sid, batch, cursor))
                 if src.generation != generation:
@@ -1426,12 +1436,21 @@ def _read_groups(
                         break
                 if rows:
                     messages = [columns.message(r) for r in rows]
+                    problem = None
+                    if not checked and len(rows) == batch:
+                        # Longer than a batch: its first is written before the rest
+                        # is read, so all of it is checked first (nothing of an
+                        # invalid session is written).
+                        problem = _first_problem(src, columns, sid, cursor + batch, batch)
+                    checked = True
                     try:
                         encoded = [
                             _codec.encode_message(m, cursor + i) for i, m in enumerate(messages)
                         ]
                     except InvalidMessageError as exc:
-                        report.invalid_sessions[sid] = _not_utf8(messages, cursor) or str(exc)
+                        problem = _not_utf8(messages, cursor) or str(exc)
+                    if problem is not None:
+                        report.invalid_sessions[sid] = problem
                         break
                     group.append(Chunk(sid, cursor, encoded, before_digest))
                     for message in encoded:
@@ -1448,6 +1467,24 @@ def _read_groups(
             yield group, finished
             group, size, finished = [], 0, 0
     yield group, finished
+
+
+def _first_problem(
+    src: Source, columns: MessageColumns, session_id: str, start: int, batch: int
+) -> str | None:
+    """Why a message of the session from ``start`` on cannot be stored, or None (all can)."""
+    while True:
+        messages = [
+            columns.message(r) for r in src.execute(columns.read_many, (session_id, batch, start))
+        ]
+        try:
+            for i, message in enumerate(messages, start):
+                _codec.encode_message(message, i)
+        except InvalidMessageError as exc:
+            return _not_utf8(messages, start) or str(exc)
+        if len(messages) < batch:
+            return None
+        start += batch
 
 
 def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
@@ -1537,18 +1574,84 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
     return copied
 
 
+def _forget_new(store: SessionStore, session_ids: list[str]) -> None:
+    """Delete the rows this import made of ``session_ids`` before finding them invalid.
+
+    Only a row still holding no message and parent to no session goes (a
+    session another writer began meanwhile keeps its row).
+    """
+    if not session_ids:
+        return
+    s, child = _sessions.alias("s"), _sessions.alias("child")
+    doomed = (
+        select(s.c.id)
+        .where(s.c.id.in_(session_ids), s.c.flushed_idx == 0)
+        .where(~select(child.c.id).where(child.c.parent_session_id == s.c.id).exists())
+        .where(~select(_messages.c.id).where(_messages.c.session_id == s.c.id).exists())
+    )
+
+    def work(conn: Connection) -> None:
+        ids = list(conn.execute(doomed).scalars())
+        if ids:
+            conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
+
+    store.write_transaction(work)
+
+
+#: Usage columns by what their values must be: text, a whole number, a number.
+_USAGE_TEXT = frozenset(c.name for c in _usage.columns if c.type.python_type is str)
+_USAGE_INT = frozenset(c.name for c in _usage.columns if c.type.python_type is int)
+
+
+def _usage_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A source usage row as the store keeps it: its key's NULLs empty, its counts' 0."""
+    values = {k: v for k, v in row.items() if k in _usage.columns}
+    for key in _USAGE_KEY[1:]:
+        if values.get(key) is None:
+            values[key] = ""
+    for column in _usage.columns:
+        if values.get(column.name) is None and not column.nullable and column.default is not None:
+            values[column.name] = column.default.arg  # type: ignore[attr-defined]
+    return values
+
+
+def _usage_problem(values: dict[str, Any]) -> str | None:
+    """Why the store cannot hold a usage row (:func:`_usage_row`'s values), or None."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        kind = type(value)
+        if key in _USAGE_TEXT:
+            wrong = kind is not str or "\x00" in value
+        elif key in _USAGE_INT:
+            wrong = kind is not int
+        else:
+            wrong = kind not in (int, float)
+        if wrong:
+            shown = "text that is not valid UTF-8" if kind is NotUtf8 else repr(value)[:40]
+            return f"its usage row of model {_shown(values.get('model'))!r}: {key!r} holds {shown}"
+    return None
+
+
+def _usage_problems(src: Source, sessions: Collection[str]) -> dict[str, str]:
+    """The sessions of ``sessions`` with a usage row the store cannot hold, and why."""
+    found: dict[str, str] = {}
+    for row in src.dicts("session_model_usage"):
+        sid = row.get("session_id")
+        if isinstance(sid, str) and sid in sessions and sid not in found:
+            problem = _usage_problem(_usage_row(row))
+            if problem is not None:
+                found[sid] = problem
+    return found
+
+
 def _upsert_usage(store: SessionStore, src: Source, sessions: Collection[str]) -> int:
     """Copy the per-model usage rows of ``sessions``, writing only new or changed ones."""
-    ours = {c.name for c in _usage.columns}
-    rows = []
-    for row in src.dicts("session_model_usage"):
-        if row.get("session_id") not in sessions:
-            continue
-        values = {k: v for k, v in row.items() if k in ours}
-        for key in _USAGE_KEY[1:]:
-            if values.get(key) is None:
-                values[key] = ""
-        rows.append(values)
+    rows = [
+        _usage_row(row)
+        for row in src.dicts("session_model_usage")
+        if row.get("session_id") in sessions
+    ]
     if not rows:
         return 0
     key_cols = [_usage.c[k] for k in _USAGE_KEY]
