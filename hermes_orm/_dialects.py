@@ -16,7 +16,6 @@ import itertools
 import os
 import re
 import sqlite3
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -719,9 +718,12 @@ def _with_schema(url: URL, engine_kwargs: dict[str, Any], schema: str | None) ->
 
 
 def _unnamed_statement() -> str:
-    # asyncpg needs a name for each statement it prepares: unique ones never
-    # collide on a server connection that PgBouncer shares between clients.
-    return f"__hermes_orm_{uuid.uuid4().hex}__"
+    # The unnamed statement of the protocol: it lives until the next one is
+    # prepared, on whichever server connection PgBouncer gave the transaction.
+    # A named one (even a unique name) is left behind there: asyncpg closes a
+    # statement it no longer needs with its next query, which the pooler may
+    # send to another server connection.
+    return ""
 
 
 def _millis(seconds: float) -> int:

@@ -204,6 +204,46 @@ def test_asyncio_stores_behind_the_pooler(pooled: str, driver: str) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async", "asyncpg"])
+def test_no_prepared_statement_is_left_on_the_poolers_server_connections(
+    pg_server_url: str, pg_db: str, driver: str
+) -> None:
+    """Nothing builds up on the server connections the pooler shares between clients.
+
+    asyncpg closes a named statement it no longer needs with the connection's
+    next query, which the pooler may send to another server connection: each
+    one left the statement (and its memory) where it was prepared.
+    """
+    with pgbouncer(pg_server_url, pool_size=3) as pooler_url:
+        pooled = make_url(through_pgbouncer(pooler_url, pg_db))
+        url = pooled.set(drivername=f"postgresql+{driver}").render_as_string(False)
+
+        async def work() -> None:
+            store = AsyncSessionStore(url)
+
+            async def writer(session_id: str) -> None:
+                await store.create_session(session_id, source="cli")
+                for end in range(1, 41):
+                    await store.flush(session_id, _turns(end, session_id))
+                    await store.get_messages(session_id, offset=end - 1)
+
+            await asyncio.gather(*(writer(f"w{k}") for k in range(6)))
+            await store.close()
+
+        asyncio.run(work())
+        # Three clients, each in a transaction: each holds a server connection of its own.
+        engine = create_engine(_stripped(pooled.render_as_string(False)))
+        conns = [engine.connect() for _ in range(3)]
+        left = [
+            conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
+            for conn in conns
+        ]
+        for conn in conns:
+            conn.close()
+        engine.dispose()
+    assert left == [0, 0, 0]
+
+
 def test_an_engine_passed_in_sets_lock_timeout_per_transaction_too(pooled: str) -> None:
     engine = create_engine(_stripped(pooled), connect_args={"prepare_threshold": None})
     store = SessionStore(engine, pgbouncer=True, lock_timeout=0.3)
