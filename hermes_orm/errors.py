@@ -170,11 +170,11 @@ class SchemaManagedByHostError(HermesOrmError):
     side-by-side runner, which would create the tables a second time.
     """
 
-    def __init__(self, current: str | None) -> None:
+    def __init__(self, current: str | None, command: str = "upgrade hermes_orm@head") -> None:
         self.current = current
         super().__init__(
             f"the database's hermes_orm schema (at {current}) is migrated as a branch of "
-            "your Alembic history (alembic_version): run `alembic upgrade hermes_orm@head` "
+            f"your Alembic history (alembic_version): run `alembic {command}` "
             "with your application's Alembic configuration"
         )
 

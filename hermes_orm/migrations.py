@@ -403,8 +403,10 @@ def _prepared(bind: Bind, schema: str | None) -> Iterator[tuple[Connection, str 
         yield conn, schema, _located(conn, schema)
 
 
-def _refuse(conn: Connection, schema: str | None, before: _Located) -> None:
-    """Refuse to run the revisions on a database they would break.
+def _refuse(
+    conn: Connection, schema: str | None, before: _Located, downgrade_to: str | None = None
+) -> None:
+    """Refuse to run the revisions on a database they would break (a downgrade to ``downgrade_to``).
 
     Raises:
         SchemaManagedByHostError: Their state is in the host's ``alembic_version``.
@@ -412,7 +414,13 @@ def _refuse(conn: Connection, schema: str | None, before: _Located) -> None:
         DatabaseError: Tables named as hermes_orm's are there, but no revision of it.
     """
     if before.table == HOST_VERSION_TABLE:
-        raise SchemaManagedByHostError(before.revision)
+        if downgrade_to is None:
+            raise SchemaManagedByHostError(before.revision)
+        # The branch's own: its base, or steps back from its own head (a revision
+        # id names itself).
+        relative = downgrade_to == "base" or downgrade_to.lstrip("-").isdigit()
+        target = f"hermes_orm@{downgrade_to}" if relative else downgrade_to
+        raise SchemaManagedByHostError(before.revision, f"downgrade {target}")
     if before.revision is not None and before.revision not in _known_revisions():
         raise SchemaTooNewError(before.revision)
     if before.revision is None:
@@ -557,7 +565,7 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
             and before.revision == head()
         ):
             return  # at head already: a store's upgrade() on start-up has nothing to do
-        _refuse(conn, schema, before)
+        _refuse(conn, schema, before, args[0] if fn is command.downgrade else None)
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
         try:

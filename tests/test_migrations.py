@@ -197,6 +197,15 @@ def test_a_branch_of_the_host_history_is_read_from_its_version_table(empty_db_ur
     # hermes_orm's own runner would create the tables a second time: refused.
     with pytest.raises(hermes_orm.SchemaManagedByHostError, match="hermes_orm@head"):
         hermes_orm.upgrade(engine)
+    # A downgrade says the host's downgrade, of the branch's own revisions.
+    for given, command in (
+        ("base", "alembic downgrade hermes_orm@base"),
+        ("-1", "alembic downgrade hermes_orm@-1"),
+        ("0006_digests_equal_as_dicts", "alembic downgrade 0006_digests_equal_as_dicts"),
+    ):
+        with pytest.raises(hermes_orm.SchemaManagedByHostError, match=re.escape(f"`{command}`")):
+            hermes_orm.downgrade(engine, given)
+    assert migrations.current(engine) == "0007_message_key_order"
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "UPDATE alembic_version SET version_num = '0099_a_later_change' "
