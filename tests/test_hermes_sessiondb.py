@@ -18,7 +18,12 @@ import pytest
 from sqlalchemy import event
 
 from hermes_orm import SessionStore
-from hermes_orm.errors import InvalidArgumentError, InvalidMessageError, InvalidSessionError
+from hermes_orm.errors import (
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    InvalidMessageError,
+    InvalidSessionError,
+)
 from hermes_orm.integrations.hermes import SessionDB
 from tests.conftest import fresh_store
 
@@ -1159,3 +1164,40 @@ def test_a_compression_cooldown_of_none_is_stored_as_none(both: Any) -> None:
         assert db.get_compression_failure_cooldown("s")["error"] == "too long"
     both.record_compression_failure_cooldown("s", None)  # Hermes stores NULL: none running
     assert both.get_compression_failure_cooldown("s") is None
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+@pytest.mark.parametrize("timed", [True, False], ids=["timestamp", "no-timestamp"])
+def test_an_append_whose_outcome_was_unknown_is_not_stored_twice_by_hermes_retry(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, committed: bool, timed: bool
+) -> None:
+    """The database out of reach past the retry bound as the COMMIT went: Hermes appends again.
+
+    If the first append committed, its row is the session's last: its id comes
+    back and nothing is written twice; if it did not, the message is stored.
+    """
+    db = SessionDB(store)
+    db.create_session("s", source="cli")
+    db.append_message("s", "user", "question")
+    real = SessionStore.append_row
+
+    def lost(self: SessionStore, session_id: str, message: dict[str, Any]) -> Any:
+        if committed:
+            real(self, session_id, message)
+        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
+
+    stamp = 1_767_000_000.5 if timed else None
+    monkeypatch.setattr(SessionStore, "append_row", lost)
+    with pytest.raises(DatabaseUnavailableError):
+        db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+    monkeypatch.undo()
+    row_id = db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+    rows = db.get_messages("s")
+    assert [(r["role"], r["content"]) for r in rows] == [
+        ("user", "question"),
+        ("assistant", "answer"),
+    ]
+    assert rows[-1]["id"] == row_id
+    # The next message, the same again or not, is a message of its own.
+    db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+    assert len(db.get_messages("s")) == 3

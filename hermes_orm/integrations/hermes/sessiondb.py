@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
-from hermes_orm.errors import InvalidSessionError, SearchQueryError
+from hermes_orm.errors import DatabaseUnavailableError, InvalidSessionError, SearchQueryError
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
@@ -597,6 +597,14 @@ def _cost(name: str, value: Any) -> float | None:
     return cost
 
 
+def _same_append(a: tuple[dict[str, Any], bool], b: tuple[dict[str, Any], bool]) -> bool:
+    """Whether two appends store the same message: every key, the time too when both gave it."""
+    timed = a[1] and b[1]
+    return {k: v for k, v in a[0].items() if timed or k != "timestamp"} == {
+        k: v for k, v in b[0].items() if timed or k != "timestamp"
+    }
+
+
 class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
     """Hermes Agent's ``SessionDB`` calls, stored by a :class:`SessionStore`.
 
@@ -625,6 +633,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             self._store, self._owned = SessionStore(url), True
             if not read_only:
                 self._store.upgrade()
+        #: Per session, the message of an append whose outcome is unknown (see
+        #: :meth:`append_message`), with whether its timestamp was given.
+        self._unsettled: dict[str, tuple[dict[str, Any], bool]] = {}
         engine_url = self._store.engine.url
         #: The SQLite file underneath (None on PostgreSQL), as Hermes' attribute.
         self.db_path = (
@@ -951,7 +962,14 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         timestamp: Any = None,
         api_content: str | None = None,
     ) -> int:
-        """Store one message at the end of the session; returns its row id."""
+        """Store one message at the end of the session; returns its row id.
+
+        When an append raises :class:`DatabaseUnavailableError` (the database out
+        of reach past the retry bound), its COMMIT may have landed. Hermes then
+        appends the same message again (its next flush writes the first message
+        it did not mark): if the session's last row is that message, its row id
+        is returned and nothing is written a second time.
+        """
         stamp = time.time()
         if timestamp is not None:
             with contextlib.suppress(TypeError, ValueError):  # Hermes ignores a bad one too
@@ -977,7 +995,29 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
-        return self._store.append_row(session_id, message)[1]
+        unsettled = self._unsettled.pop(session_id, None)
+        if unsettled is not None and _same_append(unsettled, (message, timestamp is not None)):
+            stored = self._last_row_if(session_id, unsettled)
+            if stored is not None:
+                return stored
+        try:
+            return self._store.append_row(session_id, message)[1]
+        except DatabaseUnavailableError:
+            self._unsettled[session_id] = (message, timestamp is not None)
+            raise
+
+    def _last_row_if(self, session_id: str, appended: tuple[dict[str, Any], bool]) -> int | None:
+        """The row id of the session's last message if it is ``appended``'s, else None."""
+        last = select(_messages.c.id, _messages.c.idx).where(_messages.c.session_id == session_id)
+        row = self._store.read_transaction(
+            lambda conn: conn.execute(last.order_by(_messages.c.idx.desc()).limit(1)).first()
+        )
+        if row is None:
+            return None
+        stored = self._store.get_messages(session_id, offset=row.idx, limit=1)
+        if not stored or not _same_append((stored[0], appended[1]), appended):
+            return None
+        return int(row.id)
 
     def _hermes_message(self, row: Any) -> dict[str, Any]:
         from hermes_orm._codec import row_to_message
