@@ -79,17 +79,27 @@ def _function_0012() -> str:
         "    body text;\n"
         "    words text;\n"
         "BEGIN\n"
-        f"    body := {_BODY};\n"
+        f"    body := {_BODY};\n" + _indexed()
+    )
+
+
+def _indexed(only_if: str = "") -> str:
+    """The end of the trigger function, from its body: the folding, the vector, ``search_cjk``.
+
+    ``only_if`` is a condition (ending in ``AND``) the steps looking for
+    characters past ASCII are taken under.
+    """
+    return (
         "    -- Letters FTS5 folds that lower() keeps, folded as FTS5 does.\n"
         "    words := body;\n"
-        f"    IF words ~ '[{_FOLDED}]' THEN\n"
+        f"    IF {only_if}words ~ '[{_FOLDED}]' THEN\n"
         f"        words := translate(words, '{_FOLDED}', '{_FOLDED_TO}');\n"
         "    END IF;\n"
         "    -- Separators become spaces, so PostgreSQL's parser sees the tokens FTS5 sees.\n"
         "    NEW.search_vector := to_tsvector('simple'::regconfig, "
         f"regexp_replace(words, '{_SEPARATORS_0010}', ' ', 'g'));\n"
         "    -- Scripts written without spaces are matched as substrings of the body.\n"
-        f"    NEW.search_cjk := CASE WHEN body ~ '{_CJK}' THEN body END;\n"
+        f"    NEW.search_cjk := CASE WHEN {only_if}body ~ '{_CJK}' THEN body END;\n"
         "    RETURN NEW;\n"
         "END\n"
         "$fn$"
@@ -139,20 +149,7 @@ def _function() -> str:
         + "    body := left(body, 16384);\n"
         "    -- The folded letters and the CJK-like scripts are all past ASCII (UTF-8: more\n"
         "    -- bytes than characters).\n"
-        "    wide := octet_length(body) <> length(body);\n"
-        "    -- Letters FTS5 folds that lower() keeps, folded as FTS5 does.\n"
-        "    words := body;\n"
-        f"    IF wide AND words ~ '[{_FOLDED}]' THEN\n"
-        f"        words := translate(words, '{_FOLDED}', '{_FOLDED_TO}');\n"
-        "    END IF;\n"
-        "    -- Separators become spaces, so PostgreSQL's parser sees the tokens FTS5 sees.\n"
-        "    NEW.search_vector := to_tsvector('simple'::regconfig, "
-        f"regexp_replace(words, '{_SEPARATORS_0010}', ' ', 'g'));\n"
-        "    -- Scripts written without spaces are matched as substrings of the body.\n"
-        f"    NEW.search_cjk := CASE WHEN wide AND body ~ '{_CJK}' THEN body END;\n"
-        "    RETURN NEW;\n"
-        "END\n"
-        "$fn$"
+        "    wide := octet_length(body) <> length(body);\n" + _indexed("wide AND ")
     )
 
 
