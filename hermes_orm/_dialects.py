@@ -81,17 +81,17 @@ def default_url() -> str:
 #: the user up to the first ``:`` (it may hold ``@`` and blanks), the password up to
 #: the next ``@`` (blanks, ``/`` and ``:`` included), not reaching into another URL
 #: nor past the end of the line.
-#: Within the URL's own run of non-blank characters, up to its last ``@``: a
-#: password holding an ``@`` of its own (``user:p@ss@host``) hidden whole.
+#: A password holding an @ of its own (``user:p@ss@host``, which SQLAlchemy cuts
+#: at its first @) is hidden up to the last @ before the host's ``/``.
 _USER_PASSWORD = re.compile(
-    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/\n]*:)"
-    r"(?:(?:(?!://)\S)*@|(?:(?!://)[^@\n])*@)"
+    r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/\n]*:)(?:(?!://)[^@\n])*@(?:[^@/\s]*@)*"
 )
 #: What may be a password where the ``@host`` was left out (``scheme://user:PASSWORD/db``,
-#: which SQLAlchemy reads as a host and a port): a "port" that is no number.
+#: which SQLAlchemy reads as a host and a port): a "port" that is no number, and
+#: all of the URL after it (the password may hold ``/``, ``?``, ``#``).
 _PORT_NO_NUMBER = re.compile(
     r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/@\s\[\]]*:)"
-    r"(?=[^/@\s?#]*[^\d/@\s?#])[^/@\s?#]+(?=[/?#\s]|$)"
+    r"(?=[^/@\s?#]*[^\d/@\s?#])[^@\s'\"]+(?=[\s'\"]|$)"
 )
 #: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
 #: up to the next ``&`` or the end of the line), or in libpq's key=value connection
@@ -140,14 +140,14 @@ def safe_url(url: str | URL) -> str:
     Whatever ``url`` holds, this returns printable text: a string that does
     not parse is shown through :func:`redact`.
     """
-    if isinstance(url, str) and _after_password(url).count("@") > 1:
-        # A password holding an @ (``user:p@ss@host``): SQLAlchemy cuts it at its
-        # first @ and would show the rest as the host.
-        return redact(url)
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
         return redact(str(url))
+    if parsed.host is not None and "@" in parsed.host:
+        # A password holding an @ (``user:p@ss@host``): SQLAlchemy cuts it at its
+        # first @ and takes the rest for the host. All of it is hidden.
+        parsed = parsed.set(password="***", host=parsed.host.rsplit("@", 1)[1])
     hidden = [key for key in parsed.query if key.lower().endswith("password")]
     if hidden:
         parsed = parsed.update_query_dict(dict.fromkeys(hidden, "***"))
@@ -181,12 +181,6 @@ def normalize_url(url: str | URL) -> URL:
         InvalidURLError: ``url`` is not a URL, or its port is not a number.
         UnsupportedBackendError: It names neither SQLite nor PostgreSQL.
     """
-    if isinstance(url, str) and _after_password(url).count("@") > 1:
-        # ``user:p@ss@host``: SQLAlchemy cuts the password at its first @ and would
-        # connect to (and name, in the driver's errors) the rest as the host.
-        raise InvalidURLError(
-            f"not a database URL: {safe_url(url)} (its password holds an @: write it as %40)"
-        )
     reason = None
     # A port that is no number is not shown: its text may be a password
     # (``user:PASSWORD/db``, the ``@host`` left out).
@@ -206,6 +200,10 @@ def normalize_url(url: str | URL) -> URL:
                 _check_hosts(parsed)
             except ValueError as exc:
                 reason = redact(str(exc))
+            if parsed.host is not None and "@" in parsed.host:
+                # ``user:p@ss@host``: SQLAlchemy cuts the password at its first @ and
+                # would connect to (and name, in the driver's errors) the rest as the host.
+                reason = "its host holds an @: an @ in the password is written %40"
     if reason is not None:
         raise InvalidURLError(
             f"not a database URL: {safe_url(url)} ({reason}); "
@@ -216,11 +214,6 @@ def normalize_url(url: str | URL) -> URL:
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
-
-
-def _after_password(url: str) -> str:
-    """What follows the ``:`` after the user in ``url`` (before its query); empty if none."""
-    return url.split("?", 1)[0].partition("://")[2].partition(":")[2]
 
 
 def _check_hosts(url: URL) -> None:

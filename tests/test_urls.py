@@ -97,7 +97,10 @@ NOT_URLS = [
     "postgresql://admin:s3cret/db",
     "postgresql://admin:s3cret",
     # A password holding an @: SQLAlchemy cuts it there and reads the rest as the host.
-    "postgresql://admin:p@s3cret/x@127.0.0.1/db",
+    "postgresql://admin:p@s3cret@127.0.0.1/db",
+    "postgresql://admin:se?c@ret@127.0.0.1:1/db",
+    # The @host left out, the password holding what ends a port.
+    "postgresql://admin:Xy7/s3c+ret=/db",
 ]
 #: URLs that parse, with a password SQLAlchemy reads as such.
 URLS = [
@@ -122,6 +125,30 @@ def test_an_invalid_url_error_holds_no_password(text: str) -> None:
     with pytest.raises(InvalidURLError) as raised:
         SessionStore(text)
     assert "ret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/a:b@c/x@y.db",  # a path may hold : and @
+        "sqlite:///file:{tmp}/a@b@c.db?uri=true",
+    ],
+)
+def test_a_sqlite_path_holding_at_signs_and_colons_is_a_file_there(
+    tmp_path: Path, url: str
+) -> None:
+    (tmp_path / "a:b@c").mkdir()
+    store = SessionStore(url.format(tmp=tmp_path))
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.close()
+    assert [p.name for p in tmp_path.rglob("*.db")] in (["x@y.db"], ["a@b@c.db"])
+
+
+def test_a_postgresql_database_named_with_an_at_sign_is_no_password() -> None:
+    parsed = normalize_url("postgresql://u:p@host/d@b")
+    assert (parsed.host, parsed.database) == ("host", "d@b")
+    assert safe_url("postgresql://u:p@host/d@b") == "postgresql://u:***@host/d%40b"
 
 
 def test_a_url_is_shown_as_before() -> None:
