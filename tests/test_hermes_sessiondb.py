@@ -1166,19 +1166,26 @@ def test_a_compression_cooldown_of_none_is_stored_as_none(both: Any) -> None:
     assert both.get_compression_failure_cooldown("s") is None
 
 
+@pytest.mark.parametrize("before", ["other", "equal"], ids=["after-another", "after-an-equal"])
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
 @pytest.mark.parametrize("timed", [True, False], ids=["timestamp", "no-timestamp"])
 def test_an_append_whose_outcome_was_unknown_is_not_stored_twice_by_hermes_retry(
-    store: SessionStore, monkeypatch: pytest.MonkeyPatch, committed: bool, timed: bool
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, committed: bool, timed: bool, before: str
 ) -> None:
     """The database out of reach past the retry bound as the COMMIT went: Hermes appends again.
 
     If the first append committed, its row is the session's last: its id comes
-    back and nothing is written twice; if it did not, the message is stored.
+    back and nothing is written twice; if it did not, the message is stored,
+    even right after an equal one ("continue", sent twice).
     """
     db = SessionDB(store)
     db.create_session("s", source="cli")
-    db.append_message("s", "user", "question")
+    stamp = 1_767_000_000.5 if timed else None
+    answer = {"role": "assistant", "content": "answer", "finish_reason": "stop", "timestamp": stamp}
+    if before == "equal":
+        db.append_message("s", **answer)
+    else:
+        db.append_message("s", "user", "question")
     real = SessionStore.append_row
 
     def lost(self: SessionStore, session_id: str, message: dict[str, Any]) -> Any:
@@ -1186,18 +1193,36 @@ def test_an_append_whose_outcome_was_unknown_is_not_stored_twice_by_hermes_retry
             real(self, session_id, message)
         raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
 
-    stamp = 1_767_000_000.5 if timed else None
     monkeypatch.setattr(SessionStore, "append_row", lost)
     with pytest.raises(DatabaseUnavailableError):
-        db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+        db.append_message("s", **answer)
     monkeypatch.undo()
-    row_id = db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+    row_id = db.append_message("s", **answer)
     rows = db.get_messages("s")
-    assert [(r["role"], r["content"]) for r in rows] == [
-        ("user", "question"),
-        ("assistant", "answer"),
+    assert [r["content"] for r in rows] == [
+        "answer" if before == "equal" else "question",
+        "answer",
     ]
     assert rows[-1]["id"] == row_id
     # The next message, the same again or not, is a message of its own.
-    db.append_message("s", "assistant", "answer", finish_reason="stop", timestamp=stamp)
+    db.append_message("s", **answer)
     assert len(db.get_messages("s")) == 3
+
+
+def test_an_unknown_outcome_of_a_first_append_is_not_guessed(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This object appended nothing to the session before: an equal last row may be another's."""
+    db, other = SessionDB(store), SessionDB(store)
+    other.create_session("s", source="cli")
+    other.append_message("s", "user", "continue")
+    monkeypatch.setattr(
+        SessionStore,
+        "append_row",
+        lambda *_: (_ for _ in ()).throw(DatabaseUnavailableError("lost", attempts=3)),
+    )
+    with pytest.raises(DatabaseUnavailableError):
+        db.append_message("s", "user", "continue")
+    monkeypatch.undo()
+    db.append_message("s", "user", "continue")
+    assert [r["content"] for r in db.get_messages("s")] == ["continue", "continue"]

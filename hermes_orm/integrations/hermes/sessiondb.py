@@ -33,6 +33,7 @@ import json
 import math
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -597,6 +598,10 @@ def _cost(name: str, value: Any) -> float | None:
     return cost
 
 
+#: Sessions whose last appended position a SessionDB keeps (the most recent).
+_APPENDED_MAX = 10_000
+
+
 def _same_append(a: tuple[dict[str, Any], bool], b: tuple[dict[str, Any], bool]) -> bool:
     """Whether two appends store the same message: every key, the time too when both gave it."""
     timed = a[1] and b[1]
@@ -634,8 +639,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             if not read_only:
                 self._store.upgrade()
         #: Per session, the message of an append whose outcome is unknown (see
-        #: :meth:`append_message`), with whether its timestamp was given.
-        self._unsettled: dict[str, tuple[dict[str, Any], bool]] = {}
+        #: :meth:`append_message`), with whether its timestamp was given and the
+        #: position it was to take (after the last this object appended).
+        self._unsettled: dict[str, tuple[dict[str, Any], bool, int]] = {}
+        #: Per session, the position of the last message this object appended.
+        self._appended: OrderedDict[str, int] = OrderedDict()
         engine_url = self._store.engine.url
         #: The SQLite file underneath (None on PostgreSQL), as Hermes' attribute.
         self.db_path = (
@@ -967,8 +975,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         When an append raises :class:`DatabaseUnavailableError` (the database out
         of reach past the retry bound), its COMMIT may have landed. Hermes then
         appends the same message again (its next flush writes the first message
-        it did not mark): if the session's last row is that message, its row id
-        is returned and nothing is written a second time.
+        it did not mark): if the session's last row is that message, at the
+        position right after the one this object appended before, its row id is
+        returned and nothing is written a second time. (Where this object
+        appended nothing to the session before, it cannot tell the message from
+        an equal one before it: it is appended.)
         """
         stamp = time.time()
         if timestamp is not None:
@@ -995,27 +1006,40 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
+        timed = timestamp is not None
         unsettled = self._unsettled.pop(session_id, None)
-        if unsettled is not None and _same_append(unsettled, (message, timestamp is not None)):
-            stored = self._last_row_if(session_id, unsettled)
+        if unsettled is not None and _same_append(unsettled[:2], (message, timed)):
+            stored = self._row_if(session_id, *unsettled)
             if stored is not None:
+                self._appended_at(session_id, unsettled[2])
                 return stored
         try:
-            return self._store.append_row(session_id, message)[1]
+            idx, row_id = self._store.append_row(session_id, message)
         except DatabaseUnavailableError:
-            self._unsettled[session_id] = (message, timestamp is not None)
+            before = self._appended.get(session_id)
+            if before is not None:
+                self._unsettled[session_id] = (message, timed, before + 1)
             raise
+        self._appended_at(session_id, idx)
+        return row_id
 
-    def _last_row_if(self, session_id: str, appended: tuple[dict[str, Any], bool]) -> int | None:
-        """The row id of the session's last message if it is ``appended``'s, else None."""
-        last = select(_messages.c.id, _messages.c.idx).where(_messages.c.session_id == session_id)
-        row = self._store.read_transaction(
-            lambda conn: conn.execute(last.order_by(_messages.c.idx.desc()).limit(1)).first()
-        )
-        if row is None:
+    def _appended_at(self, session_id: str, idx: int) -> None:
+        self._appended[session_id] = idx
+        self._appended.move_to_end(session_id)
+        while len(self._appended) > _APPENDED_MAX:
+            self._appended.popitem(last=False)
+
+    def _row_if(
+        self, session_id: str, message: dict[str, Any], timed: bool, idx: int
+    ) -> int | None:
+        """The row id of the session's message at ``idx`` if it is ``message`` and the last."""
+        c = _messages.c
+        last = select(c.id, c.idx).where(c.session_id == session_id).order_by(c.idx.desc())
+        row = self._store.read_transaction(lambda conn: conn.execute(last.limit(1)).first())
+        if row is None or row.idx != idx:
             return None
-        stored = self._store.get_messages(session_id, offset=row.idx, limit=1)
-        if not stored or not _same_append((stored[0], appended[1]), appended):
+        stored = self._store.get_messages(session_id, offset=idx, limit=1)
+        if not stored or not _same_append((stored[0], timed), (message, timed)):
             return None
         return int(row.id)
 
