@@ -1471,12 +1471,18 @@ def test_a_session_with_a_usage_row_the_store_cannot_hold_is_left_whole(
         hermes.append_message(sid, "user", content=f"hello {sid}")
         hermes.update_token_counts(sid, input_tokens=10, output_tokens=5, model="gpt-5")
         hermes.update_token_counts(sid, input_tokens=1, output_tokens=1, model=model)
+    hermes.create_session("child", "cli", parent_session_id="s1")  # s1 continued elsewhere
+    hermes.append_message("child", "user", content="hello child")
     hermes.close()
     report = import_state_db(source, store)
     assert list(report.invalid_sessions) == ["s1"]
     assert "usage row of model" in report.invalid_sessions["s1"]
     assert store.get_session("s1") is None
     assert [m["content"] for m in store.get_messages("s2")] == ["hello s2"]
+    child = store.get_session("child")  # its link to the session left out kept in extra
+    assert child is not None
+    assert child["parent_session_id"] is None
+    assert child["extra"] == {"parent_session_id": "s1"}
     with store.engine.connect() as conn:
         usage = conn.exec_driver_sql(
             "SELECT session_id, input_tokens FROM hermes_session_model_usage"
@@ -1507,6 +1513,13 @@ def test_cli_refuses_to_import_into_a_file_named_as_the_state_dbs_wal_or_journal
     assert run.returncode == 2
     assert f"named as the {suffix[1:]} file SQLite keeps beside" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == beside  # nothing made beside it
+    # A link of that name to a file elsewhere: SQLite still looks there by the name.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / f"{source.name}{suffix}").symlink_to(elsewhere / "hermes_orm.db")
+    run = _import_by_cli(source, f"sqlite:///{source}{suffix}", HERMES_HOME=str(tmp_path))
+    assert run.returncode == 2
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_cli_import_into_a_url_whose_password_reads_as_a_port_is_a_clear_error(

@@ -7,14 +7,14 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
@@ -1210,15 +1210,12 @@ _ROW = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.postgresql
-def test_the_trigger_indexes_what_0012s_did(empty_pg: str) -> None:
-    """0014's trigger (steps a message does not need skipped) writes 0012's vectors and CJK words.
+def _beside_0012(store: SessionStore) -> Callable[[list[dict[str, Any]]], int]:
+    """What writes rows into ``hermes_messages`` and, filled by 0012's function, a copy.
 
-    Each row, as another client may write it, goes into ``hermes_messages`` and
-    into a table of the same columns where 0012's function fills them.
+    Returns a function writing rows (``_ROW``'s columns) into both and counting
+    the rows whose vector or CJK words differ.
     """
-    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
-    store.upgrade()
     previous = frozen_revision("0014_search_trigger_skips_steps")._function_0012()
     with store.engine.begin() as conn:
         conn.exec_driver_sql(previous.replace("hermes_search_index()", "search_index_0012()", 1))
@@ -1236,9 +1233,7 @@ def test_the_trigger_indexes_what_0012s_did(empty_pg: str) -> None:
     store.create_session("s", source="test")
     rows = itertools.count()
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(written=st.lists(_ROW, min_size=1, max_size=8))
-    def check(written: list[dict[str, Any]]) -> None:
+    def differ(written: list[dict[str, Any]]) -> int:
         with store.engine.begin() as conn:
             for row in written:
                 values = {**row, "idx": next(rows), "digest": b"0" * 16}
@@ -1252,19 +1247,67 @@ def test_the_trigger_indexes_what_0012s_did(empty_pg: str) -> None:
                         ),
                         values,
                     )
-            differ = conn.exec_driver_sql(
-                "SELECT count(*) FROM hermes_messages m JOIN as_0012 o USING (idx) "
-                "WHERE m.search_vector IS DISTINCT FROM o.search_vector "
-                "OR m.search_cjk IS DISTINCT FROM o.search_cjk"
-            ).scalar_one()
-            indexed = conn.exec_driver_sql(
-                "SELECT count(*) FROM hermes_messages WHERE search_vector <> ''"
-            ).scalar_one()
-        assert differ == 0
-        assert indexed > 0 or not any(row["content"] for row in written)
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM hermes_messages m JOIN as_0012 o USING (idx) "
+                    "WHERE m.search_vector IS DISTINCT FROM o.search_vector "
+                    "OR m.search_cjk IS DISTINCT FROM o.search_cjk"
+                ).scalar_one()
+            )
+
+    return differ
+
+
+@pytest.mark.postgresql
+def test_the_trigger_indexes_what_0012s_did(empty_pg: str) -> None:
+    """0014's trigger (steps a message does not need skipped) writes 0012's vectors and CJK words.
+
+    Each row, as another client may write it, goes into ``hermes_messages`` and
+    into a table of the same columns where 0012's function fills them.
+    """
+    store = SessionStore(create_store_engine(empty_pg, poolclass=NullPool))
+    store.upgrade()
+    differ = _beside_0012(store)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(written=st.lists(_ROW, min_size=1, max_size=8))
+    def check(written: list[dict[str, Any]]) -> None:
+        assert differ(written) == 0
 
     check()
+    with store.engine.connect() as conn:  # (the rows are indexed at all)
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM hermes_messages WHERE search_vector <> ''"
+        ).scalar_one()
     store.close()
+
+
+@pytest.mark.postgresql
+def test_the_trigger_indexes_what_0012s_did_in_a_database_not_in_utf8(pg_server_url: str) -> None:
+    """In SQL_ASCII a character past ASCII is bytes: 0014 takes every step there, as 0012."""
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    name = f"hermes_ascii_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    url = make_url(pg_server_url).set(database=name).update_query_dict({"client_encoding": "utf8"})
+    try:
+        store = SessionStore(create_store_engine(url, poolclass=NullPool))
+        store.upgrade()
+        differ = _beside_0012(store)
+        texts = ["plain words", "\u00b5 micro \u017f long s \u03c2 final", "中文字符", "κόσμος ϐ"]
+        rows = [
+            {"content": t, "content_parts": None, "tool_name": None, "tool_calls": None}
+            for t in texts
+        ]
+        assert differ(rows) == 0
+        store.close()
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
 
 
 #: Words of scripts written without spaces (some joined to others by punctuation),

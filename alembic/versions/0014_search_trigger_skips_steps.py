@@ -6,10 +6,9 @@ every message, those columns NULL or not, and the JSON text of each was
 searched for escapes to clean first. The trigger now gathers a column only
 when it holds a JSON array, cleans its text only when it holds an escape
 (``\\u``), and looks for the letters FTS5 folds and for CJK-like text only in
-a body holding a character past ASCII (a database holding this schema is
-UTF-8: every revision since 0003 writes characters no single-byte encoding
-holds, so there a body is ASCII exactly when it has as many bytes as
-characters). The body, the vector and ``search_cjk`` are the very same, so no
+a body holding a character past ASCII (in UTF-8, one with more bytes than
+characters; a database in another encoding, SQL_ASCII say, takes every step
+as before). The body, the vector and ``search_cjk`` are the very same, so no
 row is rewritten: a message costs about a third less to index. The downgrade
 puts 0012's function back. SQLite is not touched.
 
@@ -148,8 +147,9 @@ def _function() -> str:
         )
         + "    body := left(body, 16384);\n"
         "    -- The folded letters and the CJK-like scripts are all past ASCII (UTF-8: more\n"
-        "    -- bytes than characters).\n"
-        "    wide := octet_length(body) <> length(body);\n" + _indexed("wide AND ")
+        "    -- bytes than characters; another encoding may not tell).\n"
+        "    wide := octet_length(body) <> length(body) OR getdatabaseencoding() <> 'UTF8';\n"
+        + _indexed("wide AND ")
     )
 
 

@@ -649,12 +649,14 @@ def import_state_db(
         store = destination if isinstance(destination, SessionStore) else SessionStore(destination)
         if not isinstance(destination, SessionStore):
             store.upgrade()
-        sessions = _linked(_without_orphans(store, session_rows(src, report), report), report)
+        rows = session_rows(src, report)
         if _has_table(src, "session_model_usage"):
-            # A session whose usage rows the store cannot hold is left as it is, whole.
-            unusable = _usage_problems(src, {r["id"] for r in sessions})
+            # A session whose usage rows the store cannot hold is left as it is, whole
+            # (before the links are made: a child's link to it goes to its extra).
+            unusable = _usage_problems(src, {r["id"] for r in rows})
             report.invalid_sessions.update(unusable)
-            sessions = [r for r in sessions if r["id"] not in unusable]
+            rows = [r for r in rows if r["id"] not in unusable]
+        sessions = _linked(_without_orphans(store, rows, report), report)
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
@@ -1816,10 +1818,12 @@ def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
                 f"the destination {path} is the Hermes state.db being imported: "
                 "give another database (--url) to import into"
             )
-    source = os.path.realpath(src.path)
-    named = os.path.realpath(path)
+    # By its name beside the source (SQLite looks there, whatever it links to),
+    # and by the file it is.
+    source, real = os.path.abspath(src.path), os.path.realpath(src.path)
+    named, named_real = os.path.abspath(path), os.path.realpath(path)
     for suffix in _BESIDE:
-        if named == source + suffix:
+        if named == source + suffix or named_real == real + suffix:
             raise StateDbError(
                 f"the destination {path} is named as the {suffix[1:]} file SQLite keeps "
                 f"beside the Hermes state.db being imported (it would delete it, or take it "
