@@ -848,6 +848,9 @@ def test_store_modes_repair_not_begun_within_wait_is_kept_for_the_next_turn(
     time.sleep(0.2)  # a's repair runs (waiting for the lock)
     assert not flush.turn("b", lists["b"])  # not begun within wait: taken back
     assert PERSISTED_MARK not in lists["b"][1]  # so Hermes' own writes still try it
+    started = time.monotonic()
+    assert flush.before_turn("c")  # nothing kept for it: the busy writer is not waited for
+    assert time.monotonic() - started < flush.wait / 2  # (else it waits wait, then gives up)
     lock.release()
     first.join()
     assert flush.before_turn("b")

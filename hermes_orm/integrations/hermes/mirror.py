@@ -1124,6 +1124,10 @@ class StoreFlush(Mirror):
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
+        # Sessions whose flush was taken back and is on its way to the lists not
+        # written yet (hook side: the writer has not kept it yet).
+        self._taken_back: set[str] = set()
+        self._taken_back_lock = threading.Lock()
 
     def turn(
         self,
@@ -1151,7 +1155,15 @@ class StoreFlush(Mirror):
         repair both missed would be lost, or stored after the new turn's. So
         those repairs go first, if the database lets them, while the new turn's
         messages are not written yet. True if nothing was left to write or it ran.
+
+        A session with none costs nothing: the writer is not asked (the lists
+        not written yet are the writer's; a membership test of its dict is one
+        atomic step).
         """
+        with self._taken_back_lock:
+            taken_back = session_id in self._taken_back
+        if not taken_back and session_id not in self._unwritten:
+            return True
         key = ("catch-up", session_id, next(self._lines))
         done = self._worker.submit(key, lambda: self._catch_up(session_id))
         return self._ran_or_kept(session_id, key, done, None)
@@ -1172,6 +1184,8 @@ class StoreFlush(Mirror):
             return True
         if self._worker.withdraw(key, done):
             if job is not None:  # kept, as a failed write is, for the next turn
+                with self._taken_back_lock:
+                    self._taken_back.add(session_id)
                 pend = ("pend", session_id, next(self._lines))
                 self._worker.submit(pend, lambda: self._keep_turn(session_id, job))
             return False
@@ -1185,6 +1199,8 @@ class StoreFlush(Mirror):
 
     def _keep_turn(self, session_id: str, job: Turn) -> None:
         self._keep(session_id, [*_runs([*self._unwritten.pop(session_id, []), job])])
+        with self._taken_back_lock:
+            self._taken_back.discard(session_id)
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself."""
