@@ -91,7 +91,7 @@ _USER_PASSWORD = re.compile(
 #: all of the URL after it (the password may hold ``/``, ``?``, ``#``).
 _PORT_NO_NUMBER = re.compile(
     r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/@\s\[\]]*:)"
-    r"(?=[^/@\s?#]*[^\d/@\s?#])[^@\s'\"]+(?=[\s'\"]|$)"
+    r"(?!\d+,)(?=[^/@\s?#]*[^\d/@\s?#])[^@\s]+"
 )
 #: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
 #: up to the next ``&`` or the end of the line), or in libpq's key=value connection
@@ -117,7 +117,8 @@ def redact(text: str) -> str:
     one (``scheme://word:...@`` is taken for a user and a password), and its
     result prints on any UTF-8 stream (see :func:`printable`).
     """
-    hidden = _USER_PASSWORD.sub(r"\g<head>***@", text)
+    hidden = _POSTGRESQL_URL.sub(_hide_several_ats, text)
+    hidden = _USER_PASSWORD.sub(r"\g<head>***@", hidden)
     hidden = _PORT_NO_NUMBER.sub(r"\g<head>***", hidden)
     return printable(_PASSWORD_PARAMETER.sub(_hide_parameter, hidden))
 
@@ -134,12 +135,28 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+#: A PostgreSQL URL in a text, up to a blank.
+_POSTGRESQL_URL = re.compile(r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://\S+", re.IGNORECASE)
+
+
+def _hide_several_ats(found: re.Match[str]) -> str:
+    """A PostgreSQL URL with several @ after its user, hidden up to the last (else as is)."""
+    url = found[0]
+    last = _last_of_several_ats(url)
+    if last is None:
+        return url
+    head = url[: url.index("://") + 3]
+    return f"{head}{url[len(head) :].partition(':')[0]}:***{url[last:]}"
+
+
 def safe_url(url: str | URL) -> str:
     """``url`` as it may be shown: its password hidden, in its user part and query.
 
     Whatever ``url`` holds, this returns printable text: a string that does
     not parse is shown through :func:`redact`.
     """
+    if isinstance(url, str) and _last_of_several_ats(url) is not None:
+        return redact(url)  # ``user:p@ss@host``: hidden up to the last @
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
@@ -181,6 +198,11 @@ def normalize_url(url: str | URL) -> URL:
         InvalidURLError: ``url`` is not a URL, or its port is not a number.
         UnsupportedBackendError: It names neither SQLite nor PostgreSQL.
     """
+    if isinstance(url, str) and _last_of_several_ats(url) is not None:
+        raise InvalidURLError(
+            f"not a database URL: {safe_url(url)} (an @ in the password or the database "
+            "name is written %40)"
+        )
     reason = None
     # A port that is no number is not shown: its text may be a password
     # (``user:PASSWORD/db``, the ``@host`` left out).
@@ -216,6 +238,23 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+def _last_of_several_ats(url: str) -> int | None:
+    """Where the last @ is in a PostgreSQL URL holding several after its user (None: not so).
+
+    ``user:p@ss@host/db``: SQLAlchemy cuts the password at its first @ and reads
+    the rest as the host, or (the password holding a ``/`` too) as the
+    database. An @ in a database name is as ambiguous. Counted up to the query
+    (a ``?`` in the password before its @ is not told from one).
+    """
+    scheme, found, rest = url.partition("://")
+    if not found or not scheme.lower().startswith(("postgresql", "postgres")):
+        return None
+    after_user = rest.partition(":")[2].partition("?")[0]
+    if after_user.count("@") < 2:
+        return None
+    return len(url) - len(rest) + (len(rest) - len(rest.partition(":")[2])) + after_user.rindex("@")
+
+
 def _check_hosts(url: URL) -> None:
     """Refuse several ``host`` parameters (libpq's several hosts) SQLAlchemy would misread.
 
@@ -237,15 +276,16 @@ def _check_hosts(url: URL) -> None:
                 f"host {host!r}: SQLAlchemy takes no IPv6 address among several hosts "
                 "(name them instead)"
             )
-        _, colon, port = host.partition(":")
-        if colon and not port.isdigit():
-            raise ValueError(f"the port of host {host!r} is not a number")
+        name, colon, port = host.partition(":")
+        if colon and not port.isdigit():  # (not shown: it may be a password, ``user:pw,x@h``)
+            raise ValueError(f"the port of host {name!r} is not a number")
 
 
 #: A URL whose authority lists several hosts, as libpq writes it (and
 #: ``pg_autoctl show uri`` prints it): ``postgresql://u@h1:p1,h2:p2/db?...``.
 _MULTI_HOST = re.compile(
-    r"^(?P<scheme>[^:/?#]+)://(?:(?P<auth>[^@/?#]*)@)?(?P<hosts>[^/?#]*,[^/?#]*)(?P<rest>.*)$"
+    r"^(?P<scheme>[^:/?#]+)://(?:(?P<auth>[^@/?#]*)@)?(?P<hosts>[^/?#@]*,[^/?#@]*)"
+    r"(?P<rest>(?:[/?#].*)?)$"
 )
 
 

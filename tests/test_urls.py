@@ -101,6 +101,11 @@ NOT_URLS = [
     "postgresql://admin:se?c@ret@127.0.0.1:1/db",
     # The @host left out, the password holding what ends a port.
     "postgresql://admin:Xy7/s3c+ret=/db",
+    "postgresql://admin:s3c'ret/db",
+    "postgresql://admin:s3cret,x/db",
+    # A password holding an @ and a /: its rest read as a host and a database.
+    "postgresql://admin:s3c@ret/x@127.0.0.1:1/db",
+    "postgresql://admin:s3c@ret/@127.0.0.1:1/db",
 ]
 #: URLs that parse, with a password SQLAlchemy reads as such.
 URLS = [
@@ -108,6 +113,7 @@ URLS = [
     "postgresql://user@srv:s3cret@h/db",
     "postgresql://u:s3c/r:et@h/db",
     "postgresql://u@h/db?Password=s3cret",
+    "postgresql://u:s3c,ret@127.0.0.1:5/db",  # a comma: no list of hosts
 ]
 
 
@@ -145,10 +151,13 @@ def test_a_sqlite_path_holding_at_signs_and_colons_is_a_file_there(
     assert [p.name for p in tmp_path.rglob("*.db")] in (["x@y.db"], ["a@b@c.db"])
 
 
-def test_a_postgresql_database_named_with_an_at_sign_is_no_password() -> None:
-    parsed = normalize_url("postgresql://u:p@host/d@b")
+def test_an_at_sign_in_a_postgresql_database_name_is_written_percent_40() -> None:
+    """After a password, an @ may be the password's own: written as is, it is refused."""
+    parsed = normalize_url("postgresql://u:p@host/d%40b")
     assert (parsed.host, parsed.database) == ("host", "d@b")
-    assert safe_url("postgresql://u:p@host/d@b") == "postgresql://u:***@host/d%40b"
+    assert normalize_url("postgresql://u@host/d@b").database == "d@b"  # no password: no doubt
+    with pytest.raises(InvalidURLError, match="written %40"):
+        normalize_url("postgresql://u:p@host/d@b")
 
 
 def test_a_url_is_shown_as_before() -> None:
@@ -164,6 +173,7 @@ def test_a_url_is_shown_as_before() -> None:
         "connection to server at 127.0.0.1, port 9 failed"
     )
     assert safe_url("sqlite:////tmp/a b/agent.db") == "sqlite:////tmp/a b/agent.db"
+    assert safe_url("postgresql://h1:5432,h2:5433/db") == "postgresql://h1:5432,h2:5433/db"
     hint = "connection to http://proxy:3128/ refused\nHINT: ask dba@corp.example"
     assert redact(hint) == hint  # a password is not looked for past the end of the line
 
