@@ -1226,3 +1226,48 @@ def test_an_unknown_outcome_of_a_first_append_is_not_guessed(
     monkeypatch.undo()
     db.append_message("s", "user", "continue")
     assert [r["content"] for r in db.get_messages("s")] == ["continue", "continue"]
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+@pytest.mark.parametrize(
+    "scenario", ["first-append", "another-before", "another-between", "cleared", "replaced"]
+)
+def test_a_retried_append_is_settled_among_other_writers_and_rewrites(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, committed: bool, scenario: str
+) -> None:
+    """Whatever else wrote or rewrote the session, Hermes' retry stores its message once."""
+    db, other = SessionDB(store), SessionDB(store)
+    other.create_session("s", source="cli")
+    message = "continue" if scenario == "first-append" else "m"
+    if scenario == "first-append":
+        other.append_message("s", "user", "continue")  # an equal message, not this object's
+    else:
+        db.append_message("s", "user", "q")
+    if scenario == "another-before":
+        other.append_message("s", "user", "from another")
+    elif scenario == "cleared":
+        db.clear_messages("s")
+    elif scenario == "replaced":
+        db.replace_messages("s", [{"role": "user", "content": "r"}])
+    real = SessionStore.append_row
+
+    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
+        if committed:
+            real(self, session_id, stored)
+        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
+
+    monkeypatch.setattr(SessionStore, "append_row", lost)
+    with pytest.raises(DatabaseUnavailableError):
+        db.append_message("s", "user", message)
+    monkeypatch.undo()
+    if scenario == "another-between":
+        other.append_message("s", "user", "from another")
+    db.append_message("s", "user", message)
+    expected = {
+        "first-append": ["continue", "continue"],
+        "another-before": ["q", "from another", "m"],
+        "another-between": ["q", "m", "from another"] if committed else ["q", "from another", "m"],
+        "cleared": ["m"],
+        "replaced": ["r", "m"],
+    }[scenario]
+    assert [r["content"] for r in db.get_messages("s")] == expected

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import re
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -598,7 +599,7 @@ def _cost(name: str, value: Any) -> float | None:
     return cost
 
 
-#: Sessions whose last appended position a SessionDB keeps (the most recent).
+#: Sessions whose last appended row a SessionDB keeps (the most recent).
 _APPENDED_MAX = 10_000
 
 
@@ -639,11 +640,13 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             if not read_only:
                 self._store.upgrade()
         #: Per session, the message of an append whose outcome is unknown (see
-        #: :meth:`append_message`), with whether its timestamp was given and the
-        #: position it was to take (after the last this object appended).
+        #: :meth:`append_message`), with whether its timestamp was given and a
+        #: row id its row's exceeds.
         self._unsettled: dict[str, tuple[dict[str, Any], bool, int]] = {}
-        #: Per session, the position of the last message this object appended.
+        #: Per session, a row id every row appended by this object from now on
+        #: exceeds (ids only grow: SQLite's AUTOINCREMENT, PostgreSQL's sequence).
         self._appended: OrderedDict[str, int] = OrderedDict()
+        self._appended_lock = threading.Lock()
         engine_url = self._store.engine.url
         #: The SQLite file underneath (None on PostgreSQL), as Hermes' attribute.
         self.db_path = (
@@ -975,11 +978,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         When an append raises :class:`DatabaseUnavailableError` (the database out
         of reach past the retry bound), its COMMIT may have landed. Hermes then
         appends the same message again (its next flush writes the first message
-        it did not mark): if the session's last row is that message, at the
-        position right after the one this object appended before, its row id is
-        returned and nothing is written a second time. (Where this object
-        appended nothing to the session before, it cannot tell the message from
-        an equal one before it: it is appended.)
+        it did not mark): if a row of the session made since that append began
+        (a row id above every one it knew of then) is that message, its row id
+        is returned and nothing is written a second time. The first append of
+        this object to a session reads the session's highest row id first.
         """
         stamp = time.time()
         if timestamp is not None:
@@ -1009,39 +1011,46 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         timed = timestamp is not None
         unsettled = self._unsettled.pop(session_id, None)
         if unsettled is not None and _same_append(unsettled[:2], (message, timed)):
-            stored = self._row_if(session_id, *unsettled)
+            stored = self._row_since(session_id, *unsettled)
             if stored is not None:
-                self._appended_at(session_id, unsettled[2])
+                self._appended_at(session_id, stored)
                 return stored
+        with self._appended_lock:
+            floor = self._appended.get(session_id)
+        if floor is None:
+            floor = self._highest_row(session_id)
         try:
-            idx, row_id = self._store.append_row(session_id, message)
+            row_id = self._store.append_row(session_id, message)[1]
         except DatabaseUnavailableError:
-            before = self._appended.get(session_id)
-            if before is not None:
-                self._unsettled[session_id] = (message, timed, before + 1)
+            self._unsettled[session_id] = (message, timed, floor)
             raise
-        self._appended_at(session_id, idx)
+        self._appended_at(session_id, row_id)
         return row_id
 
-    def _appended_at(self, session_id: str, idx: int) -> None:
-        self._appended[session_id] = idx
-        self._appended.move_to_end(session_id)
-        while len(self._appended) > _APPENDED_MAX:
-            self._appended.popitem(last=False)
+    def _appended_at(self, session_id: str, row_id: int) -> None:
+        with self._appended_lock:
+            self._appended[session_id] = max(row_id, self._appended.get(session_id, row_id))
+            self._appended.move_to_end(session_id)
+            while len(self._appended) > _APPENDED_MAX:
+                self._appended.popitem(last=False)
 
-    def _row_if(
-        self, session_id: str, message: dict[str, Any], timed: bool, idx: int
+    def _highest_row(self, session_id: str) -> int:
+        """The highest row id of the session's messages (0: none)."""
+        highest = select(func.max(_messages.c.id)).where(_messages.c.session_id == session_id)
+        return int(self._store.read_transaction(lambda conn: conn.execute(highest).scalar()) or 0)
+
+    def _row_since(
+        self, session_id: str, message: dict[str, Any], timed: bool, floor: int
     ) -> int | None:
-        """The row id of the session's message at ``idx`` if it is ``message`` and the last."""
+        """The id of the first row of the session above ``floor`` that is ``message``, or None."""
         c = _messages.c
-        last = select(c.id, c.idx).where(c.session_id == session_id).order_by(c.idx.desc())
-        row = self._store.read_transaction(lambda conn: conn.execute(last.limit(1)).first())
-        if row is None or row.idx != idx:
-            return None
-        stored = self._store.get_messages(session_id, offset=idx, limit=1)
-        if not stored or not _same_append((stored[0], timed), (message, timed)):
-            return None
-        return int(row.id)
+        since = select(c.id, c.idx).where(c.session_id == session_id, c.id > floor)
+        rows = self._store.read_transaction(lambda conn: conn.execute(since.order_by(c.id)).all())
+        for row in rows:
+            stored = self._store.get_messages(session_id, offset=row.idx, limit=1)
+            if stored and _same_append((stored[0], timed), (message, timed)):
+                return int(row.id)
+        return None
 
     def _hermes_message(self, row: Any) -> dict[str, Any]:
         from hermes_orm._codec import row_to_message
