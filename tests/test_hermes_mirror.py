@@ -861,6 +861,37 @@ def test_store_modes_repair_not_begun_within_wait_is_kept_for_the_next_turn(
         assert lists[sid][1][PERSISTED_MARK] is True
 
 
+def test_store_modes_turn_start_asks_the_writer_while_its_last_flush_still_runs(
+    db_url: str, status: StatusFile, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush outliving its hook (past ``wait`` and the bound after it) is not passed by.
+
+    The session's next turn start then asks the writer, which is still on that
+    flush: it waits ``wait`` for it and says it did not run.
+    """
+    from hermes_orm.integrations.hermes import mirror as mirror_module
+    from hermes_orm.integrations.hermes.mirror import StoreFlush
+    from tests._agent_runner import _Lock
+
+    monkeypatch.setattr(mirror_module, "_REPAIR_MAX", 0.1)
+    store.create_session("a", source="cli")
+    store.flush("a", [{"role": "user", "content": "question"}])
+    history = [
+        {"role": "user", "content": "question", "_db_persisted": True},
+        {"role": "assistant", "content": "answer"},
+    ]
+    flush = StoreFlush(db_url, status=status, wait=0.3)
+    lock = _Lock(db_url)
+    lock.take()
+    assert not flush.turn("a", history)  # its hook gave up; the flush waits for the lock
+    started = time.monotonic()
+    assert not flush.before_turn("a")
+    assert time.monotonic() - started >= flush.wait
+    lock.release()
+    flush.close()
+    assert [m["content"] for m in store.get_messages("a")] == ["question", "answer"]
+
+
 def test_a_tool_call_edited_in_place_is_seen(mirror: Mirror, store: SessionStore) -> None:
     history = _turn(1)
     history[1]["tool_calls"][0]["function"]["arguments"] = ""

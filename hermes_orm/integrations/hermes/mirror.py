@@ -1124,10 +1124,12 @@ class StoreFlush(Mirror):
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
-        # Sessions whose flush was taken back and is on its way to the lists not
-        # written yet (hook side: the writer has not kept it yet).
+        # Sessions whose flush is queued or running, and those whose flush was
+        # taken back and is on its way to the lists not written yet (hook side:
+        # the writer has not kept it yet).
+        self._in_flight: set[str] = set()
         self._taken_back: set[str] = set()
-        self._taken_back_lock = threading.Lock()
+        self._marks_lock = threading.Lock()
 
     def turn(
         self,
@@ -1145,7 +1147,16 @@ class StoreFlush(Mirror):
         (:meth:`before_turn`); one started is waited for: its attempts are
         bounded (:data:`_RETRY`).
         """
+        with self._marks_lock:
+            self._in_flight.add(session_id)
         return self._ran_or_kept(session_id, *self._queued(session_id, history, model, platform))
+
+    def _flush(self, turn: Turn) -> None:
+        try:
+            super()._flush(turn)
+        finally:
+            with self._marks_lock:
+                self._in_flight.discard(turn.session_id)
 
     def before_turn(self, session_id: str) -> bool:
         """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
@@ -1156,13 +1167,13 @@ class StoreFlush(Mirror):
         those repairs go first, if the database lets them, while the new turn's
         messages are not written yet. True if nothing was left to write or it ran.
 
-        A session with none costs nothing: the writer is not asked (the lists
-        not written yet are the writer's; a membership test of its dict is one
-        atomic step).
+        A session with none, and no flush of its own queued or running, costs
+        nothing: the writer is not asked (the lists not written yet are the
+        writer's; a membership test of its dict is one atomic step).
         """
-        with self._taken_back_lock:
-            taken_back = session_id in self._taken_back
-        if not taken_back and session_id not in self._unwritten:
+        with self._marks_lock:
+            marked = session_id in self._taken_back or session_id in self._in_flight
+        if not marked and session_id not in self._unwritten:
             return True
         key = ("catch-up", session_id, next(self._lines))
         done = self._worker.submit(key, lambda: self._catch_up(session_id))
@@ -1184,8 +1195,9 @@ class StoreFlush(Mirror):
             return True
         if self._worker.withdraw(key, done):
             if job is not None:  # kept, as a failed write is, for the next turn
-                with self._taken_back_lock:
+                with self._marks_lock:
                     self._taken_back.add(session_id)
+                    self._in_flight.discard(session_id)
                 pend = ("pend", session_id, next(self._lines))
                 self._worker.submit(pend, lambda: self._keep_turn(session_id, job))
             return False
@@ -1199,7 +1211,7 @@ class StoreFlush(Mirror):
 
     def _keep_turn(self, session_id: str, job: Turn) -> None:
         self._keep(session_id, [*_runs([*self._unwritten.pop(session_id, []), job])])
-        with self._taken_back_lock:
+        with self._marks_lock:
             self._taken_back.discard(session_id)
 
     def finalize(self, session_id: str, reason: str) -> bool:
