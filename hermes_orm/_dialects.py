@@ -91,7 +91,7 @@ _USER_PASSWORD = re.compile(
 #: all of the URL after it (the password may hold ``/``, ``?``, ``#``).
 _PORT_NO_NUMBER = re.compile(
     r"(?P<head>(?<![\w+.-])[A-Za-z][\w+.-]*://[^:/@\s\[\]]*:)"
-    r"(?!\d+,)(?=[^/@\s?#]*[^\d/@\s?#])[^@\s]+"
+    r"(?!\d+(?:,[^,:/@\s?#\[\]]+:\d+)+(?:[/?#\s]|$))(?=[^/@\s?#]*[^\d/@\s?#])[^@\s]+"
 )
 #: A password given as a parameter: in a URL's query (``?password=``, ``&sslpassword=``;
 #: up to the next ``&`` or the end of the line), or in libpq's key=value connection
@@ -249,10 +249,13 @@ def _last_of_several_ats(url: str) -> int | None:
     scheme, found, rest = url.partition("://")
     if not found or not scheme.lower().startswith(("postgresql", "postgres")):
         return None
-    after_user = rest.partition(":")[2].partition("?")[0]
+    user = re.match(r"[^:/?#]*:", rest)  # (a user holds no / ? #; a password may)
+    if user is None:
+        return None
+    after_user = rest[user.end() :].partition("?")[0]
     if after_user.count("@") < 2:
         return None
-    return len(url) - len(rest) + (len(rest) - len(rest.partition(":")[2])) + after_user.rindex("@")
+    return len(url) - len(rest) + user.end() + after_user.rindex("@")
 
 
 def _check_hosts(url: URL) -> None:
@@ -272,9 +275,8 @@ def _check_hosts(url: URL) -> None:
         if host.startswith("/"):
             continue  # a socket directory
         if "[" in host or host.count(":") > 1:
-            raise ValueError(
-                f"host {host!r}: SQLAlchemy takes no IPv6 address among several hosts "
-                "(name them instead)"
+            raise ValueError(  # (the host not shown: it may be a password, ``user:p:w,x@h``)
+                "SQLAlchemy takes no IPv6 address among several hosts (name them instead)"
             )
         name, colon, port = host.partition(":")
         if colon and not port.isdigit():  # (not shown: it may be a password, ``user:pw,x@h``)
@@ -285,7 +287,7 @@ def _check_hosts(url: URL) -> None:
 #: ``pg_autoctl show uri`` prints it): ``postgresql://u@h1:p1,h2:p2/db?...``.
 _MULTI_HOST = re.compile(
     r"^(?P<scheme>[^:/?#]+)://(?:(?P<auth>[^@/?#]*)@)?(?P<hosts>[^/?#@]*,[^/?#@]*)"
-    r"(?P<rest>(?:[/?#].*)?)$"
+    r"(?P<rest>(?:[/#][^@?]*)?(?:\?.*)?)$"
 )
 
 
