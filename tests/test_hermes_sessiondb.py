@@ -1271,3 +1271,54 @@ def test_a_retried_append_is_settled_among_other_writers_and_rewrites(
         "replaced": ["r", "m"],
     }[scenario]
     assert [r["content"] for r in db.get_messages("s")] == expected
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+def test_an_equal_message_another_writer_stores_before_the_retry_is_its_own(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """'yes' from another writer between the failure and the retry is not the failed 'yes'."""
+    db, other = SessionDB(store), SessionDB(store)
+    db.create_session("s", source="cli")
+    db.append_message("s", "user", "q")
+    real = SessionStore.append_row
+
+    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
+        if committed:
+            real(self, session_id, stored)
+        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
+
+    monkeypatch.setattr(SessionStore, "append_row", lost)
+    with pytest.raises(DatabaseUnavailableError):
+        db.append_message("s", "user", "yes")
+    monkeypatch.undo()
+    other.append_message("s", "user", "yes")
+    db.append_message("s", "user", "yes")
+    assert [r["content"] for r in db.get_messages("s")] == ["q", "yes", "yes"]
+
+
+def test_a_retry_whose_own_read_fails_is_settled_by_the_next(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = SessionDB(store)
+    db.create_session("s", source="cli")
+    db.append_message("s", "user", "q")
+    real_append, real_read = SessionStore.append_row, SessionStore.read_transaction
+
+    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
+        real_append(self, session_id, stored)
+        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
+
+    def unreachable(self: SessionStore, work: Any) -> Any:
+        raise DatabaseUnavailableError("still out of reach", attempts=3, seconds=5.0)
+
+    monkeypatch.setattr(SessionStore, "append_row", lost)
+    with pytest.raises(DatabaseUnavailableError):
+        db.append_message("s", "assistant", "m", timestamp=1_767_000_000.0)
+    monkeypatch.setattr(SessionStore, "append_row", real_append)
+    monkeypatch.setattr(SessionStore, "read_transaction", unreachable)
+    with pytest.raises(DatabaseUnavailableError):  # the retry cannot even look
+        db.append_message("s", "assistant", "m", timestamp=1_767_000_000.0)
+    monkeypatch.setattr(SessionStore, "read_transaction", real_read)
+    db.append_message("s", "assistant", "m", timestamp=1_767_000_000.0)
+    assert [r["content"] for r in db.get_messages("s")] == ["q", "m"]

@@ -979,9 +979,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         of reach past the retry bound), its COMMIT may have landed. Hermes then
         appends the same message again (its next flush writes the first message
         it did not mark): if a row of the session made since that append began
-        (a row id above every one it knew of then) is that message, its row id
-        is returned and nothing is written a second time. The first append of
-        this object to a session reads the session's highest row id first.
+        (a row id above every one it knew of then) is the message that append
+        was to store (its time included), its row id is returned and nothing is
+        written a second time. The first append of this object to a session
+        reads the highest row id first.
         """
         stamp = time.time()
         if timestamp is not None:
@@ -1009,16 +1010,20 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
         timed = timestamp is not None
-        unsettled = self._unsettled.pop(session_id, None)
-        if unsettled is not None and _same_append(unsettled[:2], (message, timed)):
-            stored = self._row_since(session_id, *unsettled)
-            if stored is not None:
-                self._appended_at(session_id, stored)
-                return stored
+        unsettled = self._unsettled.get(session_id)
+        if unsettled is not None:
+            if _same_append(unsettled[:2], (message, timed)):
+                # (a read that fails here leaves it unsettled for the next retry)
+                stored = self._row_since(session_id, unsettled[0], unsettled[2])
+                if stored is not None:
+                    self._unsettled.pop(session_id, None)
+                    self._appended_at(session_id, stored)
+                    return stored
+            self._unsettled.pop(session_id, None)
         with self._appended_lock:
             floor = self._appended.get(session_id)
         if floor is None:
-            floor = self._highest_row(session_id)
+            floor = self._highest_row()
         try:
             row_id = self._store.append_row(session_id, message)[1]
         except DatabaseUnavailableError:
@@ -1034,21 +1039,23 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             while len(self._appended) > _APPENDED_MAX:
                 self._appended.popitem(last=False)
 
-    def _highest_row(self, session_id: str) -> int:
-        """The highest row id of the session's messages (0: none)."""
-        highest = select(func.max(_messages.c.id)).where(_messages.c.session_id == session_id)
+    def _highest_row(self) -> int:
+        """The highest row id of any message (0: none): one step down the primary key."""
+        highest = select(func.max(_messages.c.id))
         return int(self._store.read_transaction(lambda conn: conn.execute(highest).scalar()) or 0)
 
-    def _row_since(
-        self, session_id: str, message: dict[str, Any], timed: bool, floor: int
-    ) -> int | None:
-        """The id of the first row of the session above ``floor`` that is ``message``, or None."""
+    def _row_since(self, session_id: str, message: dict[str, Any], floor: int) -> int | None:
+        """The id of the row of the session above ``floor`` that is ``message`` exactly, or None.
+
+        Exactly: its time too (what the failed append was to store), so an equal
+        message another writer stored meanwhile is not taken for it.
+        """
         c = _messages.c
         since = select(c.id, c.idx).where(c.session_id == session_id, c.id > floor)
         rows = self._store.read_transaction(lambda conn: conn.execute(since.order_by(c.id)).all())
         for row in rows:
             stored = self._store.get_messages(session_id, offset=row.idx, limit=1)
-            if stored and _same_append((stored[0], timed), (message, timed)):
+            if stored and stored[0] == message:
                 return int(row.id)
         return None
 
