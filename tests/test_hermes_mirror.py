@@ -892,6 +892,31 @@ def test_store_modes_turn_start_asks_the_writer_while_its_last_flush_still_runs(
     assert [m["content"] for m in store.get_messages("a")] == ["question", "answer"]
 
 
+def test_the_writer_says_which_sessions_it_holds_writes_of() -> None:
+    """Queued or running, by kind; a write that ran is let go."""
+    from hermes_orm.integrations.hermes.mirror import _Worker
+
+    worker = _Worker()
+    running, release = threading.Event(), threading.Event()
+
+    def blocked() -> None:
+        running.set()
+        release.wait(10)
+
+    first = worker.submit(("flush", "a", 1), blocked)
+    assert running.wait(10)
+    worker.submit(("pend", "b", 2), lambda: None)
+    assert worker.holds("a", ("flush",))  # running
+    assert worker.holds("b", ("flush", "pend"))  # queued
+    assert not worker.holds("b", ("flush",))
+    assert not worker.holds("c", ("flush", "pend"))
+    release.set()
+    assert first.wait(10)
+    assert worker.drain(10)
+    assert not worker.holds("a", ("flush",))
+    assert not worker.holds("b", ("pend",))
+
+
 def test_a_tool_call_edited_in_place_is_seen(mirror: Mirror, store: SessionStore) -> None:
     history = _turn(1)
     history[1]["tool_calls"][0]["function"]["arguments"] = ""

@@ -357,6 +357,7 @@ class _Worker:
         self._cond = threading.Condition()
         self._queue: OrderedDict[tuple[str, str, int], _Job] = OrderedDict()
         self._busy = False
+        self._current: tuple[str, str, int] | None = None  # the key of the write running
         self._thread: threading.Thread | None = None
 
     def submit(self, key: tuple[str, str, int], run: Callable[[], None]) -> threading.Event:
@@ -387,6 +388,12 @@ class _Worker:
             done.set()  # (whoever else waits for it is released too)
             return True
 
+    def holds(self, session_id: str, kinds: tuple[str, ...]) -> bool:
+        """Whether a write of one of ``kinds`` for the session is queued or running."""
+        with self._cond:
+            keys = [*self._queue, *([self._current] if self._current is not None else [])]
+        return any(kind in kinds and sid == session_id for kind, sid, _ in keys)
+
     def drain(self, timeout: float) -> bool:
         """Wait until every queued write ran, at most ``timeout`` seconds; True if they did."""
         deadline = time.monotonic() + timeout
@@ -403,7 +410,7 @@ class _Worker:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                _, job = self._queue.popitem(last=False)
+                self._current, job = self._queue.popitem(last=False)
                 self._busy = True
             try:
                 job.run()
@@ -413,6 +420,7 @@ class _Worker:
                 job.done.set()
                 with self._cond:
                     self._busy = False
+                    self._current = None
                     self._cond.notify_all()
 
 
@@ -1124,12 +1132,6 @@ class StoreFlush(Mirror):
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
-        # Sessions whose flush is queued or running, and those whose flush was
-        # taken back and is on its way to the lists not written yet (hook side:
-        # the writer has not kept it yet).
-        self._in_flight: set[str] = set()
-        self._taken_back: set[str] = set()
-        self._marks_lock = threading.Lock()
 
     def turn(
         self,
@@ -1147,16 +1149,7 @@ class StoreFlush(Mirror):
         (:meth:`before_turn`); one started is waited for: its attempts are
         bounded (:data:`_RETRY`).
         """
-        with self._marks_lock:
-            self._in_flight.add(session_id)
         return self._ran_or_kept(session_id, *self._queued(session_id, history, model, platform))
-
-    def _flush(self, turn: Turn) -> None:
-        try:
-            super()._flush(turn)
-        finally:
-            with self._marks_lock:
-                self._in_flight.discard(turn.session_id)
 
     def before_turn(self, session_id: str) -> bool:
         """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
@@ -1167,13 +1160,13 @@ class StoreFlush(Mirror):
         those repairs go first, if the database lets them, while the new turn's
         messages are not written yet. True if nothing was left to write or it ran.
 
-        A session with none, and no flush of its own queued or running, costs
-        nothing: the writer is not asked (the lists not written yet are the
-        writer's; a membership test of its dict is one atomic step).
+        A session with none, and no flush of its own queued or running (nor one
+        taken back, on its way to those lists), costs nothing: the writer is not
+        asked (the lists are the writer's; a membership test of its dict is one
+        atomic step).
         """
-        with self._marks_lock:
-            marked = session_id in self._taken_back or session_id in self._in_flight
-        if not marked and session_id not in self._unwritten:
+        pending = self._worker.holds(session_id, ("flush", "pend"))
+        if not pending and session_id not in self._unwritten:
             return True
         key = ("catch-up", session_id, next(self._lines))
         done = self._worker.submit(key, lambda: self._catch_up(session_id))
@@ -1195,9 +1188,6 @@ class StoreFlush(Mirror):
             return True
         if self._worker.withdraw(key, done):
             if job is not None:  # kept, as a failed write is, for the next turn
-                with self._marks_lock:
-                    self._taken_back.add(session_id)
-                    self._in_flight.discard(session_id)
                 pend = ("pend", session_id, next(self._lines))
                 self._worker.submit(pend, lambda: self._keep_turn(session_id, job))
             return False
@@ -1211,8 +1201,6 @@ class StoreFlush(Mirror):
 
     def _keep_turn(self, session_id: str, job: Turn) -> None:
         self._keep(session_id, [*_runs([*self._unwritten.pop(session_id, []), job])])
-        with self._marks_lock:
-            self._taken_back.discard(session_id)
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself."""
