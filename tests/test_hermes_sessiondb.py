@@ -1166,6 +1166,21 @@ def test_a_compression_cooldown_of_none_is_stored_as_none(both: Any) -> None:
     assert both.get_compression_failure_cooldown("s") is None
 
 
+def _append_lost_at_commit(monkeypatch: pytest.MonkeyPatch, committed: bool) -> None:
+    """``SessionStore.append_row`` raises as the database goes out of reach at the COMMIT.
+
+    With ``committed``, the COMMIT landed first (its acknowledgement lost).
+    """
+    real = SessionStore.append_row
+
+    def lost(self: SessionStore, session_id: str, message: dict[str, Any]) -> Any:
+        if committed:
+            real(self, session_id, message)
+        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
+
+    monkeypatch.setattr(SessionStore, "append_row", lost)
+
+
 @pytest.mark.parametrize("before", ["other", "equal"], ids=["after-another", "after-an-equal"])
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
 @pytest.mark.parametrize("timed", [True, False], ids=["timestamp", "no-timestamp"])
@@ -1186,14 +1201,7 @@ def test_an_append_whose_outcome_was_unknown_is_not_stored_twice_by_hermes_retry
         db.append_message("s", **answer)
     else:
         db.append_message("s", "user", "question")
-    real = SessionStore.append_row
-
-    def lost(self: SessionStore, session_id: str, message: dict[str, Any]) -> Any:
-        if committed:
-            real(self, session_id, message)
-        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
-
-    monkeypatch.setattr(SessionStore, "append_row", lost)
+    _append_lost_at_commit(monkeypatch, committed)
     with pytest.raises(DatabaseUnavailableError):
         db.append_message("s", **answer)
     monkeypatch.undo()
@@ -1249,14 +1257,7 @@ def test_a_retried_append_is_settled_among_other_writers_and_rewrites(
         db.clear_messages("s")
     elif scenario == "replaced":
         db.replace_messages("s", [{"role": "user", "content": "r"}])
-    real = SessionStore.append_row
-
-    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
-        if committed:
-            real(self, session_id, stored)
-        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
-
-    monkeypatch.setattr(SessionStore, "append_row", lost)
+    _append_lost_at_commit(monkeypatch, committed)
     with pytest.raises(DatabaseUnavailableError):
         db.append_message("s", "user", message)
     monkeypatch.undo()
@@ -1281,14 +1282,7 @@ def test_an_equal_message_another_writer_stores_before_the_retry_is_its_own(
     db, other = SessionDB(store), SessionDB(store)
     db.create_session("s", source="cli")
     db.append_message("s", "user", "q")
-    real = SessionStore.append_row
-
-    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
-        if committed:
-            real(self, session_id, stored)
-        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
-
-    monkeypatch.setattr(SessionStore, "append_row", lost)
+    _append_lost_at_commit(monkeypatch, committed)
     with pytest.raises(DatabaseUnavailableError):
         db.append_message("s", "user", "yes")
     monkeypatch.undo()
@@ -1305,14 +1299,10 @@ def test_a_retry_whose_own_read_fails_is_settled_by_the_next(
     db.append_message("s", "user", "q")
     real_append, real_read = SessionStore.append_row, SessionStore.read_transaction
 
-    def lost(self: SessionStore, session_id: str, stored: dict[str, Any]) -> Any:
-        real_append(self, session_id, stored)
-        raise DatabaseUnavailableError("connection lost at COMMIT", attempts=3, seconds=5.0)
-
     def unreachable(self: SessionStore, work: Any) -> Any:
         raise DatabaseUnavailableError("still out of reach", attempts=3, seconds=5.0)
 
-    monkeypatch.setattr(SessionStore, "append_row", lost)
+    _append_lost_at_commit(monkeypatch, committed=True)
     with pytest.raises(DatabaseUnavailableError):
         db.append_message("s", "assistant", "m", timestamp=1_767_000_000.0)
     monkeypatch.setattr(SessionStore, "append_row", real_append)
