@@ -522,7 +522,12 @@ class Mirror:
         Returns:
             True if the write ran (or failed, and said so) within ``wait``.
         """
-        _, done, _ = self._queued(session_id, history, model, platform)
+        return self._waited(session_id, *self._queued(session_id, history, model, platform))
+
+    def _waited(
+        self, session_id: str, key: tuple[str, str, int], done: threading.Event, job: Turn | None
+    ) -> bool:
+        """Wait for the write queued under ``key`` (``job``'s, if a turn's) at most ``wait`` s."""
         return done.wait(self.wait)
 
     def _queued(
@@ -1133,24 +1138,6 @@ class StoreFlush(Mirror):
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
 
-    def turn(
-        self,
-        session_id: str,
-        history: list[Any],
-        model: str | None = None,
-        platform: str | None = None,
-    ) -> bool:
-        """Queue the end-of-turn flush; return once it ran, or once it surely will not.
-
-        Hermes writes again after the hook returns (its exit's flush writes what
-        it left unmarked), so a flush still under way then could store a message
-        Hermes stores too. One not started within ``wait`` (the writer busy with
-        others) is taken back and kept for the session's next turn
-        (:meth:`before_turn`); one started is waited for: its attempts are
-        bounded (:data:`_RETRY`).
-        """
-        return self._ran_or_kept(session_id, *self._queued(session_id, history, model, platform))
-
     def before_turn(self, session_id: str) -> bool:
         """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
 
@@ -1170,20 +1157,25 @@ class StoreFlush(Mirror):
             return True
         key = ("catch-up", session_id, next(self._lines))
         done = self._worker.submit(key, lambda: self._catch_up(session_id))
-        return self._ran_or_kept(session_id, key, done, None)
+        return self._waited(session_id, key, done, None)
 
     def _catch_up(self, session_id: str) -> None:
         jobs = self._unwritten.pop(session_id, None)
         if jobs:
             self._write(session_id, jobs)
 
-    def _ran_or_kept(
-        self,
-        session_id: str,
-        key: tuple[str, str, int],
-        done: threading.Event,
-        job: Turn | None,
+    def _waited(
+        self, session_id: str, key: tuple[str, str, int], done: threading.Event, job: Turn | None
     ) -> bool:
+        """Return once the write ran, or once it surely will not.
+
+        Hermes writes again after the hook returns (its exit's flush writes what
+        it left unmarked), so a flush still under way then could store a message
+        Hermes stores too. One not started within ``wait`` (the writer busy with
+        others) is taken back, a turn's kept for the session's next turn
+        (:meth:`before_turn`); one started is waited for: its attempts are
+        bounded (:data:`_RETRY`).
+        """
         if done.wait(self.wait):
             return True
         if self._worker.withdraw(key, done):
@@ -1200,7 +1192,7 @@ class StoreFlush(Mirror):
         return False
 
     def _keep_turn(self, session_id: str, job: Turn) -> None:
-        self._keep(session_id, [*_runs([*self._unwritten.pop(session_id, []), job])])
+        self._keep(session_id, _runs([*self._unwritten.pop(session_id, []), job]))
 
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself."""
