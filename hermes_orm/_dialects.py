@@ -384,6 +384,28 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(os.path.expanduser(database))
 
 
+def sqlite_in_memory(url: str | URL) -> bool:
+    """Whether ``url`` names a SQLite database in memory, gone with its last connection.
+
+    ``sqlite://``, ``:memory:``, and ``file:`` URIs of ``:memory:`` or
+    ``mode=memory``.
+
+    Raises:
+        InvalidURLError: ``url`` is not a URL.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    if database in ("", ":memory:"):
+        return True
+    if not database.startswith("file:"):
+        return False
+    mode = parsed.query.get("mode", ())
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    return database.startswith("file::memory:") or "memory" in modes or "mode=memory" in database
+
+
 def missing_sqlite_file(url: str | URL) -> Path | None:
     """The SQLite file ``url`` names when there is none yet (None: it exists, or no file).
 

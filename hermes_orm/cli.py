@@ -24,10 +24,11 @@ from hermes_orm._dialects import (
     normalize_url,
     redact,
     safe_url,
+    sqlite_in_memory,
 )
 from hermes_orm._partitions import check_partitions
 from hermes_orm._retry import RetryPolicy
-from hermes_orm.errors import HermesOrmError
+from hermes_orm.errors import HermesOrmError, InvalidURLError
 from hermes_orm.store import SessionStore
 
 #: A command says at once that the database is out of reach (after 3 s), where a
@@ -212,6 +213,14 @@ def _status(args: argparse.Namespace) -> int:
     return print_status(args.url, getattr(args, "url_origin", None))
 
 
+def _in_memory(url: str) -> bool:
+    """Whether ``url`` is a SQLite database in memory (not if it is no URL: its command says)."""
+    try:
+        return sqlite_in_memory(url)
+    except InvalidURLError:
+        return False
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose error messages never show a URL's password."""
 
@@ -342,10 +351,20 @@ def run(args: argparse.Namespace) -> int:
 
     Only the commands that write (``db upgrade``, ``import``, ``demo``) create a
     SQLite file that is not there: one that reads says so instead (a mistyped
-    path leaves nothing behind). ``status`` tells it as a database the mirror
-    has not made yet.
+    path leaves nothing behind); ``status`` tells it as a database the mirror
+    has not made yet. A SQLite database in memory is refused, but by ``demo``,
+    which runs whole in its one process.
     """
     try:
+        if args.handler is not _demo and _in_memory(args.url):
+            # Each command is a process of its own: what it wrote would be gone
+            # when it ends, and there is nothing for it to read.
+            print(
+                f"hermes-orm: {redact(str(args.url))} is a SQLite database in memory, gone when "
+                "this command ends: give a file (sqlite:///path/to/hermes_orm.db)",
+                file=sys.stderr,
+            )
+            return 2
         if not getattr(args, "creates", False) and args.handler is not _status:
             missing = missing_sqlite_file(args.url)
             if missing is not None:

@@ -289,3 +289,34 @@ def test_sessions_show_renders_any_tool_calls(tmp_path: Path) -> None:
         "[6] assistant -> calls one call",
         "[7] assistant -> calls 42",
     ]
+
+
+_IN_MEMORY = [
+    "sqlite:///:memory:",
+    "sqlite:///file::memory:?uri=true",
+    "sqlite:///file:mine?mode=memory&cache=shared&uri=true",
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "command"),
+    [("sqlite://", c) for c in [("db", "upgrade"), ("import",), *READING, ("status",)]]
+    + [(url, ("db", "upgrade")) for url in _IN_MEMORY],
+)
+def test_a_sqlite_database_in_memory_is_refused(
+    tmp_path: Path, url: str, command: tuple[str]
+) -> None:
+    """What a command writes there would be gone when it ends: it says so, and does nothing."""
+    result = run("--url", url, *command, env=clean_env(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"hermes-orm: {url} is a SQLite database in memory, gone when this command ends: "
+        "give a file (sqlite:///path/to/hermes_orm.db)"
+    ]
+    assert result.stdout == ""
+
+
+def test_the_demo_runs_on_a_sqlite_database_in_memory(tmp_path: Path) -> None:
+    result = run("--url", "sqlite://", "demo", env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
