@@ -831,6 +831,33 @@ def check_driver_transactional(conn: Connection) -> None:
         )
 
 
+def check_sqlite_transactional(conn: Connection) -> None:
+    """Refuse a SQLite connection on which each statement of a transaction commits alone.
+
+    sqlite3 opens a transaction before a write unless its ``isolation_level``
+    is None or its ``autocommit`` True (Python 3.12+); there, only a BEGIN of
+    the application's own (SQLAlchemy's recipe for SAVEPOINT on pysqlite emits
+    one as a transaction begins) holds the statements together. Called once
+    SQLAlchemy's transaction began on ``conn``.
+
+    Raises:
+        InvalidArgumentError: Nothing holds the transaction's statements together.
+    """
+    driver = conn.connection.driver_connection
+    autocommits = (
+        getattr(driver, "autocommit", None) is True
+        or getattr(driver, "isolation_level", "") is None
+    )
+    if autocommits and _sa.driver_in_transaction(conn.connection.dbapi_connection) is False:
+        raise InvalidArgumentError(
+            "this engine's SQLite connections commit each statement on its own "
+            "(isolation_level=None, or autocommit=True, and no BEGIN as a transaction "
+            "begins), so no flush could be all-or-nothing on them: emit BEGIN in a 'begin' "
+            "listener (SQLAlchemy's recipe for SAVEPOINT on pysqlite), or leave sqlite3's "
+            "isolation_level as it is"
+        )
+
+
 def configure_engine(
     engine: Engine,
     *,

@@ -519,6 +519,8 @@ def _refuse_autocommit(session: OrmSession) -> None:
     _dialects.check_transactional(conn)
     if conn.dialect.name == "postgresql":
         _dialects.check_driver_transactional(conn)
+    elif conn.dialect.name == "sqlite":
+        _dialects.check_sqlite_transactional(conn)
 
 
 def _advance(
@@ -618,6 +620,9 @@ def _refuse_counters(statement: Any, rows: Sequence[Mapping[str, Any]], *, inser
         raise InvalidSessionError(
             f"INSERT OR REPLACE would start a stored session's counters over: {_COUNTERS_MOVE}"
         )
+    if "id" in on_conflict or (not insert and any("id" in row for row in given)):
+        # (An UPDATE's rows given as parameters name the sessions they update by id.)
+        raise InvalidSessionError(f"a stored session's id cannot be changed: {_ID_STAYS}")
     for row in [*given, *rows]:
         for key, value in row.items():
             if key in _COUNTERS and (not insert or not _a_start(value)):
@@ -813,15 +818,40 @@ def _refuse_history_changes(session: OrmSession) -> None:
         for obj in deleted:
             if isinstance(obj, Message) and (obj.session_id,) not in gone:
                 raise _refused_delete(obj)
+        for obj in session.new:
+            if isinstance(obj, Session) and (obj.id,) in gone:
+                raise _refused_replacement(obj)
     for obj in session.dirty:
         if isinstance(obj, Message):
             error = _refused_change(obj, ("session", *_MESSAGE_COLUMNS))
             if error is not None:
                 raise error
         elif isinstance(obj, Session):
-            counted = _refused_counters(obj, new_object=False)
-            if counted is not None:
-                raise counted
+            changed = _refused_stored_change(obj)
+            if changed is not None:
+                raise changed
+
+
+def _refused_replacement(obj: Session) -> InvalidSessionError:
+    """The error for a new Session of the id of one deleted in the same flush.
+
+    SQLAlchemy would turn the pair into an UPDATE of the stored row (a "row
+    switch"): the stored messages would stay, under the new session's values.
+    """
+    return InvalidSessionError(
+        f"session {obj.id!r} is deleted and added again in one flush, which would update "
+        "the stored row in place and keep its messages: flush the delete first "
+        "(session.flush()), then add the new session"
+    )
+
+
+def _replaces_a_deleted(target: Session) -> bool:
+    """Whether ``target``, a new Session, has the id of one its ORM session deletes."""
+    session = object_session(target)
+    return session is not None and any(
+        isinstance(obj, Session) and inspect(obj).identity == (target.id,)
+        for obj in session.deleted
+    )
 
 
 def _a_start(value: Any) -> bool:
@@ -848,6 +878,22 @@ def _refused_counters(obj: Session, *, new_object: bool) -> InvalidSessionError 
     return None
 
 
+#: Why a stored session keeps its id.
+_ID_STAYS = (
+    "its messages, and the rows that hang on it, stay on the id they were stored under; "
+    "store the conversation in a new session instead"
+)
+
+
+def _refused_stored_change(obj: Session) -> InvalidSessionError | None:
+    """The error for a stored Session object whose id or counters changed; None if neither."""
+    state = inspect(obj)
+    if state.attrs["id"].history.has_changes():
+        stored = state.identity[0] if state.identity else obj.id
+        return InvalidSessionError(f"session {stored!r}: its id cannot be changed: {_ID_STAYS}")
+    return _refused_counters(obj, new_object=False)
+
+
 # In every ORM session, with the rule or without it (mapper events of our own
 # class: nothing is registered on the application's sessions). Raised inside
 # the flush, which rolls its transaction back: nothing is written.
@@ -864,9 +910,13 @@ def _refuse_moving_a_stored_message(_mapper: Any, _connection: Any, target: Mess
 def _refuse_a_new_session_with_counters(_mapper: Any, _connection: Any, target: Session) -> None:
     """Refuse counters set by hand; those the rule set in a flush that did not land start over.
 
+    And a new session replacing one deleted in the same flush (see ``_refused_replacement``).
+
     A mapper's ``before_insert`` may change column attributes: the INSERT
     sends what they hold afterwards.
     """
+    if _replaces_a_deleted(target):
+        raise _refused_replacement(target)
     if not _set_by_rule(target, _token_of(object_session(target)), _STARTS):
         error = _refused_counters(target, new_object=True)
         if error is not None:
@@ -877,11 +927,37 @@ def _refuse_a_new_session_with_counters(_mapper: Any, _connection: Any, target: 
 def _unset_a_leftover_idx(_mapper: Any, _connection: Any, target: Message) -> None:
     """An idx the rule set in a flush that did not land counts as unset.
 
-    Put first among ``Message``'s ``before_insert`` listeners: in a flush
-    without the rule, the message is then refused as one the rule did not place.
+    Put first among ``Message``'s ``before_insert`` listeners: the message is
+    then refused as one the rule did not place (``_refuse_a_message_not_placed``).
     """
     if _set_by_rule(target, _token_of(object_session(target)), _IDX_STARTS) and target.id is None:
         _rule_set[target][1]["id"] = None  # the database gives it: _note_a_new_id
+
+
+@event.listens_for(Message, "before_insert")
+def _refuse_a_message_not_placed(_mapper: Any, _connection: Any, target: Message) -> None:
+    """Refuse a Message the position rule did not place in this flush, before it is written.
+
+    Without the rule nothing placed it, whatever its ``idx`` (one set by hand
+    would be written with the cursor left behind it). With the rule, a message
+    it did not place was added once it had run: by a ``before_flush`` hook
+    that runs after it.
+    """
+    token = _token_of(object_session(target))
+    remembered = _rule_set.get(target)
+    if token is not None and remembered is not None and remembered[0] is token:
+        return
+    if token is None:
+        raise InvalidMessageError(
+            "a Message added through the ORM needs the position rule: call "
+            "hermes_orm.install_position_rule() (or pass your sessionmaker), "
+            "or store messages with SessionStore.flush"
+        )
+    raise InvalidMessageError(
+        "this Message was added to the flush after the position rule had placed its "
+        "messages (by a before_flush hook that runs after the rule's): register that hook "
+        "before install_position_rule(), or add the message before the flush"
+    )
 
 
 @event.listens_for(Message, "after_insert")
@@ -897,8 +973,8 @@ def _note_a_new_id(_mapper: Any, _connection: Any, target: Message) -> None:
 
 
 @event.listens_for(Session, "before_update")
-def _refuse_changed_counters(_mapper: Any, _connection: Any, target: Session) -> None:
-    error = _refused_counters(target, new_object=False)
+def _refuse_a_changed_id_or_counter(_mapper: Any, _connection: Any, target: Session) -> None:
+    error = _refused_stored_change(target)
     if error is not None:
         raise error
 

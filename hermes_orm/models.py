@@ -25,14 +25,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
     text,
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
-
-from hermes_orm.errors import InvalidMessageError
 
 NAMING_CONVENTION = {
     # The table's name, not its schema-qualified label: the same index names
@@ -339,14 +336,3 @@ class TelegramTopicBinding(Base):
         Index("ix_hermes_telegram_topic_bindings_session_id", "session_id", unique=True),
         Index("ix_hermes_telegram_topic_bindings_user_id_chat_id", "user_id", "chat_id"),
     )
-
-
-@event.listens_for(Message, "before_insert")
-def _refuse_a_message_without_position(_mapper: Any, _connection: Any, target: Message) -> None:
-    """A Message the position rule did not place is refused before it is written."""
-    if target.idx is None:
-        raise InvalidMessageError(
-            "a Message added through the ORM needs the position rule: call "
-            "hermes_orm.install_position_rule() (or pass your sessionmaker), "
-            "or store messages with SessionStore.flush"
-        )

@@ -1287,3 +1287,127 @@ def test_an_orm_session_closed_after_a_failed_flush_is_used_again(engine: Engine
     orm.close()
     assert _stored(engine, "s") == ([0], 1, 1)
     assert store.get_messages("s") == [{"role": "user", "content": "b"}]
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_a_stored_sessions_id_stays(engine: Engine, rule: bool) -> None:
+    """Its messages, and the rows that hang on it, keep the id they were stored under."""
+    store = _two_sessions(engine)
+    if not rule:
+        remove_position_rule()
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        orm.get_one(Session, "a").id = "z"
+        with pytest.raises(InvalidSessionError, match="session 'a': its id cannot be changed"):
+            orm.commit()
+    assert _state(engine) == before
+    if rule:
+        with OrmSession(engine) as orm:
+            with pytest.raises(InvalidSessionError, match="id cannot be changed"):
+                orm.execute(update(Session).where(Session.id == "a").values(id="z"))
+            # Rows given as parameters name the sessions they update by id.
+            orm.execute(update(Session), [{"id": "a", "title": "kept"}])
+            orm.commit()
+        assert store.get_session("a")["title"] == "kept"  # type: ignore[index]
+    assert _state(engine) == before
+    assert store.flush("a", [{"role": "user", "content": "a0"}]).written == 0
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rule", "no-rule"])
+def test_a_session_deleted_and_added_again_in_one_flush_is_refused(
+    engine: Engine, rule: bool
+) -> None:
+    """SQLAlchemy would update the stored row in place, its messages kept under the new one."""
+    store = _two_sessions(engine)
+    if not rule:
+        remove_position_rule()
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        orm.delete(orm.get_one(Session, "a"))
+        again = Session(id="a", source="app", started_at=2.0)
+        orm.add(again)
+        if rule:
+            again.messages.add(Message(role="user", content="new0"))
+        with pytest.raises(InvalidSessionError, match="deleted and added again in one flush"):
+            orm.commit()
+    assert _state(engine) == before
+    # The delete flushed first, the new session starts with no messages.
+    with OrmSession(engine) as orm:
+        orm.delete(orm.get_one(Session, "a"))
+        orm.flush()
+        orm.add(Session(id="a", source="app", started_at=2.0))
+        orm.commit()
+    assert store.get_messages("a") == []
+    assert store.flush("a", [{"role": "user", "content": "new0"}]).written == 1
+
+
+def test_without_the_rule_a_message_with_idx_set_by_hand_is_refused(engine: Engine) -> None:
+    """Nothing places it: written, it would stand past a cursor that did not move."""
+    store = _two_sessions(engine)
+    remove_position_rule()
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="a", idx=1, role="assistant", content="a1"))
+        with pytest.raises(InvalidMessageError, match="needs the position rule"):
+            orm.commit()
+    assert _state(engine) == before
+    history = [{"role": "user", "content": "a0"}, {"role": "assistant", "content": "a1"}]
+    assert store.flush("a", history).written == 1
+
+
+def test_a_message_added_by_a_hook_after_the_rule_is_refused_saying_why(engine: Engine) -> None:
+    """The rule placed the flush's messages before the hook added one; registered first,
+    the hook's message is placed with the others."""
+    _two_sessions(engine)
+    before = _state(engine)
+
+    def hook(orm: OrmSession, *_args: Any) -> None:
+        if not any(isinstance(obj, Message) for obj in orm.new):
+            orm.add(Message(session_id="a", role="assistant", content="from the hook"))
+
+    event.listen(OrmSession, "before_flush", hook)
+    try:
+        with OrmSession(engine) as orm:
+            orm.get_one(Session, "a").title = "touched"
+            with pytest.raises(InvalidMessageError, match="added to the flush after the position"):
+                orm.commit()
+        assert _state(engine) == before
+        remove_position_rule()
+        event.remove(OrmSession, "before_flush", hook)
+        event.listen(OrmSession, "before_flush", hook)
+        install_position_rule()
+        with OrmSession(engine) as orm:
+            orm.get_one(Session, "a").title = "touched"
+            orm.commit()
+    finally:
+        event.remove(OrmSession, "before_flush", hook)
+    assert _stored(engine, "a") == ([0, 1], 2, 2)
+
+
+@pytest.mark.backends("sqlite")
+def test_a_sqlite_connection_committing_each_statement_is_refused(tmp_path: Any) -> None:
+    """sqlite3 with isolation_level=None opens no transaction: each statement of a flush
+    would commit alone, the cursor moved for rows that then fail. With a BEGIN of the
+    application's (the savepoint recipe), its statements hold together."""
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = create_engine(url, connect_args={"isolation_level": None})
+    upgrade(engine)
+    store = SessionStore(engine)
+    store.create_session("s", source="app")
+    store.flush("s", [{"role": "user", "content": "m0"}])
+    with OrmSession(engine) as orm:
+        orm.add(Message(session_id="s", role="assistant", content="m1"))
+        with pytest.raises(InvalidArgumentError, match="commit each statement on its own"):
+            orm.commit()
+    assert _stored(engine, "s") == ([0], 1, 1)
+    store.close()
+    engine.dispose()
+    recipe = create_engine(url)
+    _savepoint_recipe_on(recipe)
+    with OrmSession(recipe) as orm:
+        orm.add(Message(session_id="s", role="assistant", content="m1"))
+        orm.commit()
+    assert _stored(recipe, "s") == ([0, 1], 2, 2)
+    recipe.dispose()
