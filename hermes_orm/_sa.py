@@ -76,6 +76,25 @@ def aiosqlite_connection(conn: Connection) -> Any:
     return driver if hasattr(driver, "_execute") and hasattr(driver, "_conn") else None
 
 
+async def aiosqlite_drained(driver: Any) -> None:
+    """Wait until the thread of aiosqlite ``driver`` ran everything it was given so far.
+
+    Its queue is first in, first out: a running connection's thread runs a
+    call given now after them; a stopped one's ends after them.
+    """
+    thread = getattr(driver, "_thread", None)
+    if thread is None or not thread.is_alive():
+        return
+    if getattr(driver, "_running", False) and getattr(driver, "_connection", None) is not None:
+        await driver._execute(_nothing)
+    else:
+        await asyncio.to_thread(thread.join)
+
+
+def _nothing() -> None:
+    """What :func:`aiosqlite_drained` has the driver's thread run."""
+
+
 def on_driver_thread(driver: Any, work: Callable[[Any], T]) -> T:
     """``work(sqlite3_connection)`` in one call on the thread of aiosqlite ``driver``."""
     result: T = await_only(driver._execute(work, driver._conn))

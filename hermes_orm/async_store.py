@@ -326,12 +326,14 @@ class AsyncSessionStore(_AsyncSessions):
             await self._ensure_schema()  # its connection's failures are retried too
             closes = self._closes
             conn = await self._checkout()
+            # Taken now: a connection SQLAlchemy invalidates no longer leads to it.
+            driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
             try:
                 result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
             except BaseException:
                 # Back to the pool, whose reset rolls back whatever a
                 # cancellation interrupted; dropped if it was invalidated.
-                await self._to_the_end(self._release(conn, failed=True))
+                await self._to_the_end(self._release(conn, failed=True, driver=driver))
                 raise
             await self._checkin(conn, closes)
             return result
@@ -485,12 +487,18 @@ class AsyncSessionStore(_AsyncSessions):
                 raise
         return conn
 
-    async def _release(self, conn: AsyncConnection, *, failed: bool = False) -> None:
+    async def _release(
+        self, conn: AsyncConnection, *, failed: bool = False, driver: Any = None
+    ) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
         After a ``failed`` try, a connection whose driver still holds a
         transaction nothing can end (asyncpg's, begun as the task was
-        cancelled) is dropped instead.
+        cancelled) is dropped instead. ``driver``: ``conn``'s aiosqlite
+        connection, taken before the try; one SQLAlchemy dropped meanwhile (a
+        cancellation interrupting the try's rollback), or that SQLAlchemy took for
+        rolled back, still runs on its thread what it was given, a COMMIT perhaps:
+        that work is waited for.
         """
         try:
             if self._sqlite is not None:
@@ -499,6 +507,8 @@ class AsyncSessionStore(_AsyncSessions):
                 await conn.invalidate()
         finally:
             await conn.close()
+            if driver is not None:
+                await _sa.aiosqlite_drained(driver)
 
     async def _checkin(self, conn: AsyncConnection, closes: int) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.
@@ -515,7 +525,9 @@ class AsyncSessionStore(_AsyncSessions):
         if self._parks and room and not self._parked and closes == self._closes:
             self._parked.append(conn)
             return
-        await self._release(conn)
+        # To its end however often the task is cancelled meanwhile: the pool's reset
+        # interrupted would be logged as an error and the connection thrown away.
+        await self._to_the_end(self._release(conn))
         if not room:
             # The pool hands a connection to whoever asks first without awaiting: a
             # task waiting for one takes this one before this task asks again.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import multiprocessing
 import re
@@ -32,6 +33,7 @@ from hermes_orm import (
     SessionNotFoundError,
     SessionStore,
     _dialects,
+    _sa,
 )
 from hermes_orm import store as store_module
 from hermes_orm.async_store import AsyncSessionStore
@@ -2499,3 +2501,87 @@ def test_stores_made_and_dropped_on_an_engine_share_one_pool_listener(db_url: st
     gc.collect()  # nothing taken off either
     assert len(engine.pool.dispatch.checkout) == before + 1
     engine.dispose()
+
+
+@pytest.mark.parametrize("call", ["flush", "append"])
+def test_a_write_cancelled_at_its_commit_again_and_again_is_done_when_the_call_ends(
+    tmp_path: Path, call: str
+) -> None:
+    """aiosqlite: an anyio scope cancelled as the COMMIT goes to the driver's thread cancels
+    the cleanup's rollback too, and SQLAlchemy drops the connection; its thread still runs
+    the COMMIT. The call ends after it has: what is stored then stays so."""
+    import anyio
+
+    path = tmp_path / "commit.db"
+    history = conversation(3)
+
+    def stored() -> int:
+        with sqlite3.connect(path) as conn:
+            return int(conn.execute("SELECT count(*) FROM hermes_messages").fetchone()[0])
+
+    async def main() -> tuple[int, int]:
+        store = AsyncSessionStore(f"sqlite:///{path}")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        await store.flush("s", history[:2])
+        store.forget_cursor("s")  # as in a new process: the cursor read under the lock
+        scopes: list[anyio.CancelScope] = []
+
+        @event.listens_for(store.engine.sync_engine, "commit")
+        def cancel_as_it_commits(conn: Any) -> None:
+            if scopes:
+                scopes.pop().cancel()
+                # The driver's thread busy a while: the COMMIT waits in its queue.
+                driver = _sa.aiosqlite_connection(conn)
+                driver._tx.put_nowait((None, functools.partial(time.sleep, 0.3)))
+
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            if call == "flush":
+                await store.flush("s", history)
+            else:
+                await store.append("s", history[2])
+        assert scope.cancelled_caught
+        when_it_ended = stored()
+        await anyio.sleep(0.5)
+        later = stored()
+        await store.close()
+        return when_it_ended, later
+
+    when_it_ended, later = anyio.run(main)
+    assert when_it_ended == later
+
+
+def test_a_write_cancelled_as_its_connection_goes_back_logs_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a pool of one, the store gives its connection back after each write: a task
+    cancelled then (its write committed) lets the pool's reset finish, which SQLAlchemy
+    would otherwise log as an error, the connection thrown away."""
+    from hermes_orm import create_async_store_engine
+
+    path = tmp_path / "reset.db"
+    SessionStore(f"sqlite:///{path}").upgrade()
+
+    async def main() -> int:
+        engine = create_async_store_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0)
+        store = AsyncSessionStore(engine)
+        cancelled = 0
+        for k in range(1, 16):
+            sid = f"s{k}"
+            await store.create_session(sid, source="cli")
+            try:
+                await asyncio.ensure_future(
+                    _Stepped(store.flush(sid, conversation(1)), cancel_at(k))
+                )
+            except asyncio.CancelledError:
+                cancelled += 1
+            assert await store.get_messages(sid) in ([], conversation(1))
+            assert engine.sync_engine.pool.checkedout() == 0
+        await store.close()
+        await engine.dispose()
+        return cancelled
+
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        assert asyncio.run(main()) > 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
