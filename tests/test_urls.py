@@ -237,3 +237,21 @@ def test_a_store_shows_no_password_of_its_url() -> None:
         assert "s3cret" not in shown, shown
         assert "ret-in-query" not in shown, shown
         assert "hermes:***@127.0.0.1:9/none" in shown
+
+
+def test_each_store_takes_the_sqlite_driver_of_its_api(tmp_path: Path) -> None:
+    """pysqlite is taken as aiosqlite by the asyncio store; aiosqlite is refused by the
+    blocking one, which could not run it."""
+
+    async def main() -> str:
+        store = AsyncSessionStore(f"sqlite+pysqlite:///{tmp_path / 'a.db'}")
+        await store.upgrade()
+        await store.create_session("s", source="cli")
+        driver = store.engine.dialect.driver
+        await store.close()
+        return driver
+
+    assert asyncio.run(main()) == "aiosqlite"
+    with pytest.raises(InvalidURLError, match="'aiosqlite' is not for SessionStore"):
+        SessionStore(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    assert not (tmp_path / "b.db").exists()
