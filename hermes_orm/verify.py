@@ -345,24 +345,31 @@ def _check_orphans(conn: Connection) -> list[Problem]:
 
 
 def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
-    parents = dict(
-        conn.execute(
-            select(_sessions.c.id, _sessions.c.parent_session_id).where(
-                _sessions.c.parent_session_id.is_not(None)
-            )
-        ).all()
-    )
-    known = set(conn.execute(select(_sessions.c.id)).scalars())
+    """Parents that exist, links without a loop; a missing parent unlinked if asked.
+
+    The links and whether each parent exists are read in one statement: one
+    moment of the database (on PostgreSQL each statement of a transaction sees
+    its own), so a parent deleted, or a link set, by an agent meanwhile is
+    never taken for a missing parent. An unlink changes the link only if it
+    still names that parent and the parent is still missing; one that changes
+    nothing (the link moved on) reports no problem: there is none now.
+    """
+    parent = _sessions.alias("parent")
+    rows = conn.execute(
+        select(_sessions.c.id, _sessions.c.parent_session_id, parent.c.id.is_not(None))
+        .select_from(_sessions.outerjoin(parent, parent.c.id == _sessions.c.parent_session_id))
+        .where(_sessions.c.parent_session_id.is_not(None))
+    ).all()
+    parents = {child: parent_id for child, parent_id, _ in rows}
     problems = []
-    for child, parent in parents.items():
-        if parent not in known:
-            problems.append(
-                Problem("parent", child, f"parent session {parent!r} does not exist", repair)
-            )
-            if repair:
-                conn.execute(
-                    update(_sessions).where(_sessions.c.id == child).values(parent_session_id=None)
-                )
+    for child, parent_id, exists in rows:
+        if exists:
+            continue
+        detail = f"parent session {parent_id!r} does not exist"
+        if not repair:
+            problems.append(Problem("parent", child, detail))
+        elif conn.execute(_UNLINK, {"child": child, "parent": parent_id}).rowcount == 1:
+            problems.append(Problem("parent", child, detail, repaired=True))
     looped: set[str] = set()
     for start in parents:
         seen = [start]
@@ -376,6 +383,19 @@ def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
             seen.append(node)
             node = parents.get(node)
     return problems
+
+
+_missing = _sessions.alias("missing")
+#: Unlink a child from a parent that is missing, if it still is and the link still names it.
+_UNLINK = (
+    update(_sessions)
+    .where(
+        _sessions.c.id == bindparam("child"),
+        _sessions.c.parent_session_id == bindparam("parent"),
+        ~select(_missing.c.id).where(_missing.c.id == bindparam("parent")).exists(),
+    )
+    .values(parent_session_id=None)
+)
 
 
 def _check_search(conn: Connection, repair: bool) -> list[Problem]:

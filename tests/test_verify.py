@@ -362,3 +362,60 @@ def test_messages_of_no_session_are_reported_and_kept(
     for read in (store.get_messages, store.for_user("bob").get_messages):
         with pytest.raises(SessionNotFoundError):
             read("fine")
+
+
+def _between_reading_the_links_and_the_rest(store: SessionStore, then: Any) -> None:
+    """Run ``then()`` once, from another connection, right after verify read the parent links."""
+    from sqlalchemy import event
+
+    done: list[bool] = []
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "parent_session_id IS NOT NULL" in statement and not done:
+            done.append(True)
+            then()
+
+    event.listen(store.engine, "after_cursor_execute", after)
+
+
+@pytest.mark.backends("postgresql")  # (SQLite's write lock keeps writers out meanwhile)
+def test_a_parent_deleted_as_verify_reads_the_links_is_no_missing_parent(
+    store: SessionStore, db_url: str
+) -> None:
+    """Each statement of a transaction sees its own moment on PostgreSQL: links read in
+    one, the sessions in another, would take a parent deleted in between for one missing."""
+    store.create_session("parent", source="cli")
+    store.create_session("child", source="cli", parent_session_id="parent")
+    agent = SessionStore(db_url)
+    _between_reading_the_links_and_the_rest(store, lambda: agent.delete_session("parent"))
+    report = verify_database(store)
+    agent.close()
+    assert report.problems == []
+    assert store.get_session("child")["parent_session_id"] is None  # type: ignore[index]
+    assert verify_database(store).ok
+
+
+@pytest.mark.backends("postgresql")
+def test_a_repair_unlinks_a_missing_parent_only_if_the_link_still_names_it(
+    store: SessionStore, engine: Engine
+) -> None:
+    """An agent links the child to a parent that exists while the repair runs: kept."""
+    store.create_session("child", source="cli")
+    store.create_session("new-parent", source="cli")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET session_replication_role = replica")  # no foreign key checks
+        conn.exec_driver_sql(
+            "UPDATE hermes_sessions SET parent_session_id = 'gone' WHERE id = 'child'"
+        )
+
+    def relink() -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE hermes_sessions SET parent_session_id = 'new-parent' WHERE id = 'child'"
+            )
+
+    _between_reading_the_links_and_the_rest(store, relink)
+    report = verify_database(store, repair=True)
+    assert [p for p in report.problems if p.check == "parent"] == []
+    assert store.get_session("child")["parent_session_id"] == "new-parent"  # type: ignore[index]
+    assert verify_database(store).ok
