@@ -1545,3 +1545,32 @@ def test_cli_refuses_to_import_into_the_state_db_itself(tmp_path: Path, spelled:
     assert run.stderr.count("\n") == 1
     assert "is the Hermes state.db being imported" in run.stderr
     assert digest_file(source) == before
+
+
+@pytest.mark.backends("postgresql")  # (on SQLite the import's write lock keeps the agent out)
+def test_a_session_an_agent_makes_as_the_import_writes_its_sessions_is_left_to_it(
+    store: SessionStore, db_url: str, tmp_path: Path
+) -> None:
+    """Each statement sees its own moment on PostgreSQL: a session made after the import
+    read which exist, and before it inserts them, is the agent's. It is reported
+    diverged, as one the destination held before; the others are imported."""
+    source, hermes = _two_sessions(tmp_path)
+    hermes.close()
+    agent = SessionStore(db_url)
+    made: list[str] = []
+
+    def agent_opens_a(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO hermes_sessions") and not made:
+            made.append("a")
+            agent.ensure_session("a", source="agent")
+            agent.flush("a", [{"role": "user", "content": "the agent's own"}])
+
+    event.listen(store.engine, "before_cursor_execute", agent_opens_a)
+    report = import_state_db(source, store)
+    event.remove(store.engine, "before_cursor_execute", agent_opens_a)
+    agent.close()
+    assert made == ["a"]
+    assert report.diverged_sessions == ["a"], report.table()
+    assert store.get_messages("a") == [{"role": "user", "content": "the agent's own"}]
+    assert [m["content"] for m in store.get_messages("b")] == ["hi b"]
+    assert import_state_db(source, store).messages_written == 0

@@ -863,8 +863,7 @@ def _upsert_sessions(
         for start in range(0, len(cleared), 500):
             chunk = cleared[start : start + 500]
             conn.execute(_sessions.update().where(_sessions.c.id.in_(chunk)).values(title=None))
-        if new:
-            _insert_sessions(conn, new)
+        inserted = _insert_sessions(conn, new) if new else 0
         if changed:
             keys = [k for k in changed[0] if k not in ("b_id", "id")]
             conn.execute(
@@ -873,7 +872,7 @@ def _upsert_sessions(
                 .values({k: bindparam(k) for k in keys}),
                 changed,
             )
-        return len(new) + len(changed)
+        return inserted + len(changed)
 
     return store.write_transaction(work) if wanted else 0
 
@@ -911,13 +910,19 @@ def _without_orphans(
     return [r for r in rows if r["id"] not in orphaned]
 
 
-def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """INSERT new session rows (all with the same keys), many a statement.
+def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """INSERT new session rows (all with the same keys), many a statement; how many went in.
 
     Each value goes through its column's bind processor (JSON documents,
     booleans), so the driver gets what ``conn.execute(insert, rows)`` would
     give it, without that call's per-row cost: most of the time an import of
     tens of thousands of sessions spent writing them.
+
+    On PostgreSQL, a session another writer made since this transaction read
+    which ones exist (each statement sees its own moment) is left as that
+    writer made it: its messages are then copied, or reported diverged, as
+    those of a session the destination held before. (On SQLite the write
+    lock the transaction began with keeps other writers out.)
     """
     keys = list(rows[0])
     dialect = conn.dialect
@@ -928,6 +933,8 @@ def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
     ]
     # The keys are our column names (session_fields' output): plain identifiers.
     head, row_marks, per_statement = _dialects.rows_insert(dialect.name, _sessions.name, keys)
+    tail = " ON CONFLICT (id) DO NOTHING" if dialect.name == "postgresql" else ""
+    written = 0
     for start in range(0, len(rows), per_statement):
         part = rows[start : start + per_statement]
         params: list[Any] = []
@@ -936,8 +943,9 @@ def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
             for i, processor in processors:
                 values[i] = processor(values[i])
             params += values
-        statement = head + ", ".join([row_marks] * len(part))
-        _dialects.execute_driver_sql(conn, statement, params)
+        statement = head + ", ".join([row_marks] * len(part)) + tail
+        written += _dialects.execute_driver_sql(conn, statement, params)
+    return written
 
 
 @dataclass(frozen=True)
