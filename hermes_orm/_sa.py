@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -83,6 +84,8 @@ async def aiosqlite_drained(driver: Any) -> None:
     call given now after them; a stopped one's ends after them.
     """
     thread = getattr(driver, "_thread", None)
+    if thread is None and isinstance(driver, threading.Thread):
+        thread = driver  # aiosqlite < 0.22: the connection is its own thread
     if thread is None or not thread.is_alive():
         return
     if getattr(driver, "_running", False) and getattr(driver, "_connection", None) is not None:
@@ -225,6 +228,8 @@ def insert_select_names(statement: Any) -> list[str] | None:
 def on_conflict_sets(statement: Any) -> list[str] | None:
     """The columns the ``ON CONFLICT DO UPDATE`` clauses of an INSERT set, by name.
 
+    (But ``id`` set to ``excluded.id`` on a conflict of ``id``: no change.)
+
     [] without one (or with ``DO NOTHING`` only). SQLite's and PostgreSQL's
     ``on_conflict_do_update()`` put their clauses on a private attribute
     (``_post_values_clause``; several in a list on SQLite); what they set is
@@ -246,11 +251,33 @@ def on_conflict_sets(statement: Any) -> list[str] | None:
             continue
         if not isinstance(each, sqlite_dml.OnConflictDoUpdate | postgresql_dml.OnConflictDoUpdate):
             return None
-        keys: list[Any] = [getattr(key, "key", key) for key in each.update_values_to_set]
+        sets = each.update_values_to_set
+        pairs = list(sets.items() if isinstance(sets, dict) else sets)
+        keys: list[Any] = [getattr(key, "key", key) for key, _ in pairs]
         if not all(isinstance(key, str) for key in keys):
             return None
-        found.extend(str(key) for key in keys)
+        found.extend(
+            str(key)
+            for key, (_, value) in zip(keys, pairs, strict=True)
+            if not (key == "id" and _keeps_the_id(each, value))
+        )
     return found
+
+
+def _keeps_the_id(clause: Any, value: Any) -> bool:
+    """Whether ``SET id = value`` in ``clause`` leaves the id as it is.
+
+    So it does as ``excluded.id`` on a conflict of the ``id`` column alone: the
+    row met holds that very id (an upsert setting every column it inserts).
+    """
+    elements = getattr(clause, "inferred_target_elements", None) or ()
+    targets = [getattr(element, "key", element) for element in elements]
+    return (
+        targets == ["id"]
+        and getattr(clause, "inferred_target_whereclause", None) is None
+        and getattr(getattr(value, "table", None), "name", None) == "excluded"
+        and getattr(value, "key", None) == "id"
+    )
 
 
 def statement_prefixes(statement: Any) -> list[str] | None:

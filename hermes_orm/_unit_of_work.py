@@ -91,6 +91,8 @@ _COUNTERS_MOVE = (
 #: In a flush's unit of work (``UOWTransaction.attributes``): the token of that
 #: flush, which what the rule sets in it is remembered with.
 _TOKEN = "hermes_orm.flush_token"
+#: In a flush's unit of work: whether it was given the objects to flush.
+_LISTED = "hermes_orm.objects_listed"
 #: What the rule set on new objects (a new Session's counters, a new Message's
 #: ``idx``), with the token of the flush it set them in. A rolled-back flush
 #: leaves those values on the objects (SQLAlchemy expunges the new objects of a
@@ -451,6 +453,7 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
     # New sessions by id: a message may name one by id (no relationship set).
     pending: dict[str, Session] = {}
     flushed: Iterable[Any] = session.new
+    ctx.attributes[_LISTED] = instances is not None
     if instances is not None:  # insertion ordered still: idx follows the order of add()
         given = set(map(id, instances))
         flushed = [obj for obj in flushed if id(obj) in given]
@@ -592,10 +595,16 @@ def _refuse_counter_statement(state: ORMExecuteState) -> None:
     """
     params = state.parameters
     rows = [params] if isinstance(params, Mapping) else list(params or [])
-    _refuse_counters(state.statement, rows, insert=state.is_insert)
+    # A list of rows is SQLAlchemy's bulk UPDATE by primary key (their "id" names the
+    # row); one dict of parameters gives the SET clause, "id" included.
+    _refuse_counters(
+        state.statement, rows, insert=state.is_insert, rows_set_id=isinstance(params, Mapping)
+    )
 
 
-def _refuse_counters(statement: Any, rows: Sequence[Mapping[str, Any]], *, insert: bool) -> None:
+def _refuse_counters(
+    statement: Any, rows: Sequence[Mapping[str, Any]], *, insert: bool, rows_set_id: bool = True
+) -> None:
     """:func:`_refuse_counter_statement` of an UPDATE or INSERT (``insert``) given ``rows``."""
     given = _sa.statement_values(statement)
     selected: list[str] | None = []
@@ -620,7 +629,8 @@ def _refuse_counters(statement: Any, rows: Sequence[Mapping[str, Any]], *, inser
         raise InvalidSessionError(
             f"INSERT OR REPLACE would start a stored session's counters over: {_COUNTERS_MOVE}"
         )
-    if "id" in on_conflict or (not insert and any("id" in row for row in given)):
+    setting = [*given, *(rows if rows_set_id else ())]
+    if "id" in on_conflict or (not insert and any("id" in row for row in setting)):
         # (An UPDATE's rows given as parameters name the sessions they update by id.)
         raise InvalidSessionError(f"a stored session's id cannot be changed: {_ID_STAYS}")
     for row in [*given, *rows]:
@@ -943,7 +953,8 @@ def _refuse_a_message_not_placed(_mapper: Any, _connection: Any, target: Message
     it did not place was added once it had run: by a ``before_flush`` hook
     that runs after it.
     """
-    token = _token_of(object_session(target))
+    session = object_session(target)
+    token = _token_of(session)
     remembered = _rule_set.get(target)
     if token is not None and remembered is not None and remembered[0] is token:
         return
@@ -952,6 +963,12 @@ def _refuse_a_message_not_placed(_mapper: Any, _connection: Any, target: Message
             "a Message added through the ORM needs the position rule: call "
             "hermes_orm.install_position_rule() (or pass your sessionmaker), "
             "or store messages with SessionStore.flush"
+        )
+    if session is not None and session.info[_FLUSH].attributes.get(_LISTED):
+        raise InvalidMessageError(
+            "this Message goes with the objects given to session.flush(objects) (with its "
+            "session) but is not one of them, and the position rule places only those: "
+            "list it too, or flush everything"
         )
     raise InvalidMessageError(
         "this Message was added to the flush after the position rule had placed its "

@@ -1302,9 +1302,22 @@ def test_a_stored_sessions_id_stays(engine: Engine, rule: bool) -> None:
             orm.commit()
     assert _state(engine) == before
     if rule:
+        table = Session.__table__
+        changes = [
+            lambda orm: orm.execute(update(Session).where(Session.id == "a").values(id="z")),
+            lambda orm: orm.execute(update(Session).where(Session.id == "a"), {"id": "z"}),
+            lambda orm: orm.connection().execute(
+                table.update().where(table.c.id == "a"), {"id": "z"}
+            ),
+        ]
+        for change in changes:
+            with (
+                OrmSession(engine) as orm,
+                pytest.raises(InvalidSessionError, match="id cannot be changed"),
+            ):
+                change(orm)
+        assert _state(engine) == before
         with OrmSession(engine) as orm:
-            with pytest.raises(InvalidSessionError, match="id cannot be changed"):
-                orm.execute(update(Session).where(Session.id == "a").values(id="z"))
             # Rows given as parameters name the sessions they update by id.
             orm.execute(update(Session), [{"id": "a", "title": "kept"}])
             orm.commit()
@@ -1411,3 +1424,45 @@ def test_a_sqlite_connection_committing_each_statement_is_refused(tmp_path: Any)
         orm.commit()
     assert _stored(recipe, "s") == ([0, 1], 2, 2)
     recipe.dispose()
+
+
+def test_an_upsert_setting_the_id_it_conflicts_on_is_no_change_of_id(engine: Engine) -> None:
+    """``SET id = excluded.id`` on a conflict of the id leaves it as it is; on a conflict
+    of the title, it would give the stored session the new row's id."""
+    store = _two_sessions(engine)
+    before = _state(engine)
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    row = {"id": "a", "source": "app", "started_at": 1.0, "title": "upserted"}
+    upsert = dialect.insert(Session).values(row)
+    keeps = upsert.on_conflict_do_update(
+        index_elements=[Session.id], set_={k: upsert.excluded[k] for k in row}
+    )
+    with OrmSession(engine) as orm:
+        orm.execute(keeps)
+        orm.commit()
+    assert store.get_session("a")["title"] == "upserted"  # type: ignore[index]
+    assert _state(engine) == before
+    other = dialect.insert(Session).values({**row, "id": "z"})
+    moves = other.on_conflict_do_update(
+        index_elements=[Session.title],
+        index_where=Session.title.is_not(None),
+        set_={"id": other.excluded.id},
+    )
+    with OrmSession(engine) as orm, pytest.raises(InvalidSessionError, match="id cannot"):
+        orm.execute(moves)
+    assert _state(engine) == before
+
+
+def test_a_message_flushed_with_its_listed_session_but_not_listed_is_refused_saying_so(
+    engine: Engine,
+) -> None:
+    _two_sessions(engine)
+    before = _state(engine)
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "a")
+        chat.messages.add(Message(role="assistant", content="a1"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # flush(objects) in 2.1
+            with pytest.raises(InvalidMessageError, match="list it too, or flush everything"):
+                orm.flush([chat])
+    assert _state(engine) == before
