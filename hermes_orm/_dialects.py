@@ -387,8 +387,8 @@ def _sqlite_file(url: URL) -> Path | None:
 def sqlite_in_memory(url: str | URL) -> bool:
     """Whether ``url`` names a SQLite database in memory, gone with its last connection.
 
-    ``sqlite://``, ``:memory:``, and ``file:`` URIs of ``:memory:`` or
-    ``mode=memory``.
+    ``sqlite://``, ``:memory:``, and ``file:`` URIs of ``:memory:``,
+    ``mode=memory`` or ``vfs=memdb``.
 
     Raises:
         InvalidURLError: ``url`` is not a URL.
@@ -401,9 +401,20 @@ def sqlite_in_memory(url: str | URL) -> bool:
         return True
     if not database.startswith("file:"):
         return False
-    mode = parsed.query.get("mode", ())
-    modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    return database.startswith("file::memory:") or "memory" in modes or "mode=memory" in database
+    query = parsed.query
+    given = [v for key in ("mode", "vfs") for v in _values(query.get(key, ()))]
+    return (
+        database.startswith("file::memory:")
+        or "memory" in given
+        or "memdb" in given
+        or "mode=memory" in database
+        or "vfs=memdb" in database
+    )
+
+
+def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A URL query's value(s) of one key (SQLAlchemy gives a repeated key as a tuple)."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def missing_sqlite_file(url: str | URL) -> Path | None:

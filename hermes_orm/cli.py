@@ -353,12 +353,13 @@ def run(args: argparse.Namespace) -> int:
     SQLite file that is not there: one that reads says so instead (a mistyped
     path leaves nothing behind); ``status`` tells it as a database the mirror
     has not made yet. A SQLite database in memory is refused, but by ``demo``,
-    which runs whole in its one process.
+    which runs whole in its one process, and ``status``.
     """
     try:
-        if args.handler is not _demo and _in_memory(args.url):
+        if args.handler not in (_demo, _status) and _in_memory(args.url):
             # Each command is a process of its own: what it wrote would be gone
-            # when it ends, and there is nothing for it to read.
+            # when it ends, and there is nothing for it to read. (status reports
+            # the Hermes mirror's own record too: why it is off, say.)
             print(
                 f"hermes-orm: {redact(str(args.url))} is a SQLite database in memory, gone when "
                 "this command ends: give a file (sqlite:///path/to/hermes_orm.db)",

@@ -295,12 +295,13 @@ _IN_MEMORY = [
     "sqlite:///:memory:",
     "sqlite:///file::memory:?uri=true",
     "sqlite:///file:mine?mode=memory&cache=shared&uri=true",
+    "sqlite:///file:/mine.db?vfs=memdb&uri=true",
 ]
 
 
 @pytest.mark.parametrize(
     ("url", "command"),
-    [("sqlite://", c) for c in [("db", "upgrade"), ("import",), *READING, ("status",)]]
+    [("sqlite://", c) for c in [("db", "upgrade"), ("import",), *READING]]
     + [(url, ("db", "upgrade")) for url in _IN_MEMORY],
 )
 def test_a_sqlite_database_in_memory_is_refused(
@@ -320,3 +321,17 @@ def test_the_demo_runs_on_a_sqlite_database_in_memory(tmp_path: Path) -> None:
     result = run("--url", "sqlite://", "demo", env=clean_env(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_status_of_a_sqlite_database_in_memory_still_reads_the_mirror_s_record(
+    tmp_path: Path,
+) -> None:
+    """Why the mirror is off is in its status file, whatever the database."""
+    (tmp_path / "hermes_orm_status.json").write_text(
+        json.dumps({"register_error": {"at": 1_760_000_000, "message": "bad url"}})
+    )
+    result = run("--url", "sqlite://", "status", env=clean_env(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "schema:    not seen: a SQLite database in memory is the process's own" in result.stdout
+    assert "plugin:    off since" in result.stdout
+    assert "bad url" in result.stdout

@@ -56,6 +56,7 @@ from hermes_orm._dialects import (
     normalize_url,
     redact,
     safe_url,
+    sqlite_in_memory,
 )
 from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
 from hermes_orm.integrations.hermes.mirror import (
@@ -448,12 +449,15 @@ def print_status(url: str, origin: str | None = None) -> int:
     try:
         _check_url(url)
         missing = missing_sqlite_file(url)
-        engine = None if missing is not None else create_store_engine(url)
+        memory = sqlite_in_memory(url)
+        engine = None if missing is not None or memory else create_store_engine(url)
     except Exception as exc:
         print(redact(f"database:  cannot be used: {type(exc).__name__}: {exc}"))
         problems += 1
     else:
-        if engine is None:  # looked at, not created: the mirror makes it on the first turn
+        if memory:  # each process has its own, gone when it ends
+            print("schema:    not seen: a SQLite database in memory is the process's own")
+        elif engine is None:  # looked at, not created: the mirror makes it on the first turn
             print("schema:    none yet (no file yet; the mirror creates it on the first turn)")
         else:
             problems += _print_schema(engine)
