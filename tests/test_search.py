@@ -1411,14 +1411,80 @@ def test_statistics_choose_the_window_per_store(empty_pg: str) -> None:
 def test_a_term_repeated_in_a_query_is_looked_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """670 copies of ``a*`` (under the length limit) scan a long body once, not 680 times."""
     scanned: list[search.Leaf] = []
-    real = search._leaf_spans
+    real, real_phrase = search._leaf_spans, search._phrase_spans
 
     def spy(leaf: search.Leaf, body: str, flags: int) -> Any:
         scanned.append(leaf)
         return real(leaf, body, flags)
 
+    def spy_phrase(leaf: search.Leaf, body: str) -> Any:
+        scanned.append(leaf)
+        return real_phrase(leaf, body)
+
     monkeypatch.setattr(search, "_leaf_spans", spy)
+    monkeypatch.setattr(search, "_phrase_spans", spy_phrase)
     query = search.parse_query(" ".join(["a*"] * 670) + ' "b c" OR "b c"')
     spans = search.match_spans(query, " ".join(["a"] * 100) + " b c")
     assert len(scanned) == len(set(scanned)) == 2
     assert len(spans) == 101
+
+
+_PHRASE_WORDS = ["a", "ab", "b", "A", "Ab", "aB"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.lists(
+        st.tuples(st.sampled_from(_PHRASE_WORDS), st.sampled_from([" ", "-", " . ", "\n"])),
+        max_size=40,
+    ),
+    phrase=st.lists(st.sampled_from(_PHRASE_WORDS), min_size=2, max_size=5),
+    prefix=st.booleans(),
+)
+def test_a_phrase_is_marked_where_the_phrase_scan_marks_it(
+    body: list[tuple[str, str]], phrase: list[str], prefix: bool
+) -> None:
+    """Over the text's tokens, in linear time, the very spans the regular expression finds
+    (leftmost, each after the one before), trying the phrase at every word in turn."""
+    text = "".join(word + gap for word, gap in body).lower()
+    leaf = Leaf(tuple(phrase), prefix=prefix)
+    assert list(search._phrase_spans(leaf, text)) == list(search._leaf_spans(leaf, text, 0))
+
+
+def test_a_long_phrase_over_a_long_message_is_marked_where_it_ends() -> None:
+    """The phrase is tried at each of the message's thousands of words (each try hundreds
+    of words long): one place holds it, marked whole."""
+    words = 330
+    leaf = Leaf(("a",) * words + ("b",))
+    body = "a " * 7_500 + "a " * words + "b"
+    assert list(search._phrase_spans(leaf, body)) == [(len(body) - 2 * words - 1, len(body))]
+
+
+def test_a_scientific_notation_word_s_tail_and_parts_apart_are_found_on_postgresql_only(
+    store: SessionStore,
+) -> None:
+    """PostgreSQL's parser cuts ``4e1abc2`` in two words (README, differences)."""
+    store.create_session("s", "cli")
+    store.flush(
+        "s",
+        [
+            {"role": "user", "content": "checked out 4e1abc2 on main"},
+            {"role": "user", "content": "hash 3e4 f9a1 split"},
+        ],
+    )
+    postgres = store.engine.dialect.name == "postgresql"
+    tail = store.search("abc2").hits
+    assert [h.idx for h in tail] == ([0] if postgres else [])
+    assert [h.rank for h in tail] == ([0.0] if postgres else [])
+    assert [h.idx for h in store.search("3e4f9a1").hits] == ([1] if postgres else [])
+
+
+def test_a_word_opening_with_a_mark_newer_than_unicode_6_1_is_whole_on_sqlite_only(
+    store: SessionStore,
+) -> None:
+    """FTS5 keeps U+1AB0 in the word it opens; PostgreSQL's parser drops it there."""
+    store.create_session("s", "cli")
+    store.flush("s", [{"role": "user", "content": "x \u1ab0abc y"}])
+    postgres = store.engine.dialect.name == "postgresql"
+    assert [h.idx for h in store.search("\u1ab0abc").hits] == ([] if postgres else [0])
+    assert [h.idx for h in store.search("abc").hits] == ([0] if postgres else [])
