@@ -317,11 +317,6 @@ def _leaf_spans(leaf: Leaf, body: str, flags: int) -> Iterator[tuple[int, int]]:
             position = start + 1
 
 
-#: The longest phrase matched by a regular expression on a body whose lowering changes
-#: its length (rare: ``İ``): its scan costs the body's words times the phrase's.
-_PHRASE_TOKENS_SCANNED = 16
-
-
 def _phrase_spans(leaf: Leaf, folded: str) -> Iterator[tuple[int, int]]:
     """Where the phrase ``leaf`` (2 tokens or more) occurs in ``folded``, as its regex finds it.
 
@@ -363,6 +358,16 @@ def _phrase_spans(leaf: Leaf, folded: str) -> Iterator[tuple[int, int]]:
             after = i + 2
 
 
+def _whole_tokens(leaf: Leaf) -> bool:
+    """Whether ``leaf`` is a phrase whose every word folds to one whole token.
+
+    (``İ`` folds to ``i`` and a combining dot, a separator: the scan finds such
+    a word across it, as written, where the tokens would see two.)
+    """
+    whole = token_pattern().fullmatch
+    return len(leaf.tokens) > 1 and all(whole(fold(token)) for token in leaf.tokens)
+
+
 def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping."""
     # Case-sensitive scans of the lowered body are far faster than re.IGNORECASE;
@@ -378,13 +383,13 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     # Each distinct leaf once: a query may repeat one hundreds of times.
     leaves = {leaf: None for group in query.groups for term in group for leaf in term}
     for leaf in leaves:
-        if leaf.substring or len(leaf.tokens) == 1:
-            spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
-        elif not flags:
+        if not flags and not leaf.substring and _whole_tokens(leaf):
             spans.update(_phrase_spans(leaf, texts[1]))
-        elif len(leaf.tokens) <= _PHRASE_TOKENS_SCANNED:
-            spans.update(_leaf_spans(leaf, texts[1], flags))
-        # (else the phrase goes unmarked in this body: the hit stands, its snippet plain)
+        else:
+            # A word alone scans in linear time. A phrase scanned costs the body's words
+            # times its own: only where a body's lowering changes its length or a query
+            # word's folding holds a separator (both only by İ, U+0130).
+            spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start < merged[-1][1]:

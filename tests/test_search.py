@@ -1429,7 +1429,7 @@ def test_a_term_repeated_in_a_query_is_looked_for_once(monkeypatch: pytest.Monke
     assert len(spans) == 101
 
 
-_PHRASE_WORDS = ["a", "ab", "b", "A", "Ab", "aB"]
+_PHRASE_WORDS = ["a", "ab", "b", "A", "Ab", "aB", "ς", "Σ"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -1448,7 +1448,21 @@ def test_a_phrase_is_marked_where_the_phrase_scan_marks_it(
     (leftmost, each after the one before), trying the phrase at every word in turn."""
     text = "".join(word + gap for word, gap in body).lower()
     leaf = Leaf(tuple(phrase), prefix=prefix)
+    assert search._whole_tokens(leaf)
     assert list(search._phrase_spans(leaf, text)) == list(search._leaf_spans(leaf, text, 0))
+
+
+def test_a_phrase_holding_or_meeting_a_capital_dotted_i_is_marked_as_the_scan_marks_it() -> None:
+    """İ folds to i and a combining dot (a separator), and lowers to two characters: such a
+    phrase, or any phrase in such a body, is scanned as written, however long."""
+    decomposed = "planning the i\u0307stanbul trip now"
+    query = search.parse_query('"İstanbul trip" OR planning')
+    assert search.match_spans(query, decomposed) == [(0, 8), (13, 27)]
+    words = [f"w{i}" for i in range(17)]
+    body = "İzmir notes: " + " ".join(words) + " end"
+    start = body.index("w0")
+    spans = search.match_spans(search.parse_query('"' + " ".join(words) + '"'), body)
+    assert spans == [(start, start + len(" ".join(words)))]
 
 
 def test_a_long_phrase_over_a_long_message_is_marked_where_it_ends() -> None:
