@@ -387,8 +387,9 @@ def _sqlite_file(url: URL) -> Path | None:
 def sqlite_in_memory(url: str | URL) -> bool:
     """Whether ``url`` names a SQLite database in memory, gone with its last connection.
 
-    ``sqlite://``, ``:memory:``, and ``file:`` URIs of ``:memory:``,
-    ``mode=memory`` or ``vfs=memdb``.
+    ``sqlite://`` and ``:memory:``; with ``uri=true`` (else SQLite takes the
+    name for a file's), ``file::memory:`` and URIs of ``mode=memory`` or
+    ``vfs=memdb``.
 
     Raises:
         InvalidURLError: ``url`` is not a URL.
@@ -399,16 +400,13 @@ def sqlite_in_memory(url: str | URL) -> bool:
     database = parsed.database or ""
     if database in ("", ":memory:"):
         return True
-    if not database.startswith("file:"):
-        return False
     query = parsed.query
-    given = [v for key in ("mode", "vfs") for v in _values(query.get(key, ()))]
+    if "true" not in _values(query.get("uri", ())) or not database.startswith("file:"):
+        return False
     return (
         database.startswith("file::memory:")
-        or "memory" in given
-        or "memdb" in given
-        or "mode=memory" in database
-        or "vfs=memdb" in database
+        or "memory" in _values(query.get("mode", ()))
+        or "memdb" in _values(query.get("vfs", ()))
     )
 
 

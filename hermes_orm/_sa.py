@@ -225,10 +225,11 @@ def insert_select_names(statement: Any) -> list[str] | None:
     return [str(key) for key in keys] if all(isinstance(key, str) for key in keys) else None
 
 
-def on_conflict_sets(statement: Any) -> list[str] | None:
+def on_conflict_sets(statement: Any, primary_key: str) -> list[str] | None:
     """The columns the ``ON CONFLICT DO UPDATE`` clauses of an INSERT set, by name.
 
-    (But ``id`` set to ``excluded.id`` on a conflict of ``id``: no change.)
+    (But ``id`` set to ``excluded.id`` on a conflict of ``id``, or of the
+    constraint named ``primary_key``: no change.)
 
     [] without one (or with ``DO NOTHING`` only). SQLite's and PostgreSQL's
     ``on_conflict_do_update()`` put their clauses on a private attribute
@@ -259,21 +260,23 @@ def on_conflict_sets(statement: Any) -> list[str] | None:
         found.extend(
             str(key)
             for key, (_, value) in zip(keys, pairs, strict=True)
-            if not (key == "id" and _keeps_the_id(each, value))
+            if not (key == "id" and _keeps_the_id(each, value, primary_key))
         )
     return found
 
 
-def _keeps_the_id(clause: Any, value: Any) -> bool:
+def _keeps_the_id(clause: Any, value: Any, primary_key: str) -> bool:
     """Whether ``SET id = value`` in ``clause`` leaves the id as it is.
 
-    So it does as ``excluded.id`` on a conflict of the ``id`` column alone: the
-    row met holds that very id (an upsert setting every column it inserts).
+    So it does as ``excluded.id`` on a conflict of the ``id`` column alone, or
+    of the constraint named ``primary_key``: the row met holds that very id (an
+    upsert setting every column it inserts).
     """
     elements = getattr(clause, "inferred_target_elements", None) or ()
     targets = [getattr(element, "key", element) for element in elements]
+    constraint = getattr(clause, "constraint_target", None)
     return (
-        targets == ["id"]
+        (targets == ["id"] or (not targets and constraint == primary_key))
         and getattr(clause, "inferred_target_whereclause", None) is None
         and getattr(getattr(value, "table", None), "name", None) == "excluded"
         and getattr(value, "key", None) == "id"

@@ -70,6 +70,8 @@ from hermes_orm.errors import InvalidMessageError, InvalidSessionError, SessionN
 from hermes_orm.models import Message, Session
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
+#: The name of the sessions' primary key (an ON CONFLICT may name it).
+_PRIMARY_KEY = str(_sessions.primary_key.name)
 _messages: Table = Message.__table__  # type: ignore[assignment]
 #: Marks a flush whose new messages the rule already placed, and a statement
 #: whose rows it placed or that it runs itself (an execution option): let through.
@@ -91,8 +93,9 @@ _COUNTERS_MOVE = (
 #: In a flush's unit of work (``UOWTransaction.attributes``): the token of that
 #: flush, which what the rule sets in it is remembered with.
 _TOKEN = "hermes_orm.flush_token"
-#: In a flush's unit of work: whether it was given the objects to flush.
-_LISTED = "hermes_orm.objects_listed"
+#: In a flush's unit of work: the new messages (by ``id()``) pending as the rule ran
+#: that the objects given to ``flush(objects)`` left out.
+_LEFT_OUT = "hermes_orm.left_out"
 #: What the rule set on new objects (a new Session's counters, a new Message's
 #: ``idx``), with the token of the flush it set them in. A rolled-back flush
 #: leaves those values on the objects (SQLAlchemy expunges the new objects of a
@@ -453,10 +456,12 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
     # New sessions by id: a message may name one by id (no relationship set).
     pending: dict[str, Session] = {}
     flushed: Iterable[Any] = session.new
-    ctx.attributes[_LISTED] = instances is not None
     if instances is not None:  # insertion ordered still: idx follows the order of add()
         given = set(map(id, instances))
         flushed = [obj for obj in flushed if id(obj) in given]
+        ctx.attributes[_LEFT_OUT] = {
+            id(obj) for obj in session.new if isinstance(obj, Message) and id(obj) not in given
+        }
     for obj in flushed:  # insertion ordered: idx follows the order of add()
         if isinstance(obj, Session) and isinstance(obj.id, str):
             pending[obj.id] = obj
@@ -612,7 +617,7 @@ def _refuse_counters(
     prefixes: list[str] | None = []
     if insert:
         selected = _sa.insert_select_names(statement)
-        on_conflict = _sa.on_conflict_sets(statement)
+        on_conflict = _sa.on_conflict_sets(statement, _PRIMARY_KEY)
         prefixes = _sa.statement_prefixes(statement)
     if given is None or selected is None or on_conflict is None or prefixes is None:
         raise InvalidSessionError(
@@ -964,7 +969,7 @@ def _refuse_a_message_not_placed(_mapper: Any, _connection: Any, target: Message
             "hermes_orm.install_position_rule() (or pass your sessionmaker), "
             "or store messages with SessionStore.flush"
         )
-    if session is not None and session.info[_FLUSH].attributes.get(_LISTED):
+    if session is not None and id(target) in session.info[_FLUSH].attributes.get(_LEFT_OUT, ()):
         raise InvalidMessageError(
             "this Message goes with the objects given to session.flush(objects) (with its "
             "session) but is not one of them, and the position rule places only those: "

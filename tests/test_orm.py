@@ -1451,6 +1451,15 @@ def test_an_upsert_setting_the_id_it_conflicts_on_is_no_change_of_id(engine: Eng
     with OrmSession(engine) as orm, pytest.raises(InvalidSessionError, match="id cannot"):
         orm.execute(moves)
     assert _state(engine) == before
+    if dialect is postgresql:  # (SQLite's ON CONFLICT names no constraint)
+        by_name = postgresql.insert(Session).values(row)
+        named = by_name.on_conflict_do_update(
+            constraint="pk_hermes_sessions", set_={k: by_name.excluded[k] for k in row}
+        )
+        with OrmSession(engine) as orm:
+            orm.execute(named)
+            orm.commit()
+        assert _state(engine) == before
 
 
 def test_a_message_flushed_with_its_listed_session_but_not_listed_is_refused_saying_so(
@@ -1465,4 +1474,21 @@ def test_a_message_flushed_with_its_listed_session_but_not_listed_is_refused_say
             warnings.simplefilter("ignore", DeprecationWarning)  # flush(objects) in 2.1
             with pytest.raises(InvalidMessageError, match="list it too, or flush everything"):
                 orm.flush([chat])
+    assert _state(engine) == before
+
+    def hook(orm: OrmSession, *_args: Any) -> None:
+        chat = orm.get_one(Session, "a")
+        if not any(isinstance(obj, Message) for obj in orm.new):
+            chat.messages.add(Message(role="assistant", content="from the hook"))
+
+    event.listen(OrmSession, "before_flush", hook)
+    try:
+        with OrmSession(engine) as orm, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            chat = orm.get_one(Session, "a")
+            chat.title = "touched"
+            with pytest.raises(InvalidMessageError, match="added to the flush after the position"):
+                orm.flush([chat])
+    finally:
+        event.remove(OrmSession, "before_flush", hook)
     assert _state(engine) == before

@@ -255,3 +255,25 @@ def test_each_store_takes_the_sqlite_driver_of_its_api(tmp_path: Path) -> None:
     with pytest.raises(InvalidURLError, match="'aiosqlite' is not for SessionStore"):
         SessionStore(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
     assert not (tmp_path / "b.db").exists()
+
+
+def test_a_sqlite_database_in_memory_is_told_from_a_file(tmp_path: Path) -> None:
+    """Without uri=true SQLite takes a file: name for a file's, whatever its query."""
+    from hermes_orm._dialects import sqlite_in_memory
+
+    for memory in (
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:x?mode=memory&uri=true",
+        "sqlite:///file:/x.db?vfs=memdb&uri=true",
+    ):
+        assert sqlite_in_memory(memory), memory
+    for file in (
+        f"sqlite:///{tmp_path / 'x.db'}",
+        "sqlite:///file:x.db?vfs=memdb",
+        "sqlite:///file:x.db?mode=memory",
+        f"sqlite:///file:{tmp_path / 'vfs=memdb.db'}?uri=true",
+        "postgresql://u@h/db",
+    ):
+        assert not sqlite_in_memory(file), file
