@@ -225,17 +225,15 @@ def insert_select_names(statement: Any) -> list[str] | None:
     return [str(key) for key in keys] if all(isinstance(key, str) for key in keys) else None
 
 
-def on_conflict_sets(statement: Any, primary_key: str) -> list[str] | None:
-    """The columns the ``ON CONFLICT DO UPDATE`` clauses of an INSERT set, by name.
-
-    (But ``id`` set to ``excluded.id`` on a conflict of ``id``, or of the
-    constraint named ``primary_key``: no change.)
+def on_conflict_sets(statement: Any) -> list[tuple[str, Any, Any]] | None:
+    """What the ``ON CONFLICT DO UPDATE`` clauses of an INSERT set: (column name, value, clause).
 
     [] without one (or with ``DO NOTHING`` only). SQLite's and PostgreSQL's
     ``on_conflict_do_update()`` put their clauses on a private attribute
     (``_post_values_clause``; several in a list on SQLite); what they set is
-    public on each clause (``update_values_to_set``). None: a clause of
-    another kind, or unreadable; the caller refuses the statement.
+    public on each clause (``update_values_to_set``), and so is their target.
+    None: a clause of another kind, or unreadable; the caller refuses the
+    statement.
     """
     from sqlalchemy.dialects.postgresql import dml as postgresql_dml
     from sqlalchemy.dialects.sqlite import dml as sqlite_dml
@@ -246,41 +244,19 @@ def on_conflict_sets(statement: Any, primary_key: str) -> list[str] | None:
     if clause is False:
         return None
     clauses = getattr(clause, "clauses", None)
-    found: list[str] = []
+    found: list[tuple[str, Any, Any]] = []
     for each in clauses if isinstance(clauses, list | tuple) else (clause,):
         if isinstance(each, sqlite_dml.OnConflictDoNothing | postgresql_dml.OnConflictDoNothing):
             continue
         if not isinstance(each, sqlite_dml.OnConflictDoUpdate | postgresql_dml.OnConflictDoUpdate):
             return None
         sets = each.update_values_to_set
-        pairs = list(sets.items() if isinstance(sets, dict) else sets)
-        keys: list[Any] = [getattr(key, "key", key) for key, _ in pairs]
-        if not all(isinstance(key, str) for key in keys):
-            return None
-        found.extend(
-            str(key)
-            for key, (_, value) in zip(keys, pairs, strict=True)
-            if not (key == "id" and _keeps_the_id(each, value, primary_key))
-        )
+        for key, value in sets.items() if isinstance(sets, dict) else sets:
+            name = getattr(key, "key", key)
+            if not isinstance(name, str):
+                return None
+            found.append((name, value, each))
     return found
-
-
-def _keeps_the_id(clause: Any, value: Any, primary_key: str) -> bool:
-    """Whether ``SET id = value`` in ``clause`` leaves the id as it is.
-
-    So it does as ``excluded.id`` on a conflict of the ``id`` column alone, or
-    of the constraint named ``primary_key``: the row met holds that very id (an
-    upsert setting every column it inserts).
-    """
-    elements = getattr(clause, "inferred_target_elements", None) or ()
-    targets = [getattr(element, "key", element) for element in elements]
-    constraint = getattr(clause, "constraint_target", None)
-    return (
-        (targets == ["id"] or (not targets and constraint == primary_key))
-        and getattr(clause, "inferred_target_whereclause", None) is None
-        and getattr(getattr(value, "table", None), "name", None) == "excluded"
-        and getattr(value, "key", None) == "id"
-    )
 
 
 def statement_prefixes(statement: Any) -> list[str] | None:

@@ -617,7 +617,16 @@ def _refuse_counters(
     prefixes: list[str] | None = []
     if insert:
         selected = _sa.insert_select_names(statement)
-        on_conflict = _sa.on_conflict_sets(statement, _PRIMARY_KEY)
+        sets = _sa.on_conflict_sets(statement)
+        on_conflict = (
+            None
+            if sets is None
+            else [
+                key
+                for key, value, clause in sets
+                if not (key == "id" and _keeps_the_id(clause, value))
+            ]
+        )
         prefixes = _sa.statement_prefixes(statement)
     if given is None or selected is None or on_conflict is None or prefixes is None:
         raise InvalidSessionError(
@@ -642,6 +651,25 @@ def _refuse_counters(
         for key, value in row.items():
             if key in _COUNTERS and (not insert or not _a_start(value)):
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
+
+
+def _keeps_the_id(clause: Any, value: Any) -> bool:
+    """Whether ``SET id = value`` in the ON CONFLICT ``clause`` leaves the id as it is.
+
+    So it does as ``excluded.id`` on a conflict of the ``id`` column alone, or
+    of the primary key by name: the row met holds that very id (an upsert
+    setting every column it inserts).
+    """
+    targets = [getattr(e, "key", e) for e in clause.inferred_target_elements or ()]
+    return (
+        (
+            targets == ["id"]
+            or (not targets and getattr(clause, "constraint_target", None) == _PRIMARY_KEY)
+        )
+        and clause.inferred_target_whereclause is None
+        and getattr(getattr(value, "table", None), "name", None) == "excluded"
+        and getattr(value, "key", None) == "id"
+    )
 
 
 #: How many session ids one statement applying the ON DELETE rules names.

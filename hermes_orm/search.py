@@ -328,17 +328,9 @@ def _phrase_spans(leaf: Leaf, folded: str) -> Iterator[tuple[int, int]]:
     each the whole token, as the scan's separators after it demand; the last
     whole too, or its start where ``leaf.prefix``.
     """
-    *head, last = map(fold, leaf.tokens)  # as _leaf_pattern looks for them in the folded text
+    head, last, fallback = _phrase_plan(leaf)
     found = [(m.start(), m.end(), m.group()) for m in token_pattern().finditer(folded)]
     words = [word for _, _, word in found]
-    fallback = [0] * len(head)  # longest proper border of each prefix of head
-    k = 0
-    for i in range(1, len(head)):
-        while k and head[i] != head[k]:
-            k = fallback[k - 1]
-        if head[i] == head[k]:
-            k += 1
-        fallback[i] = k
     after = 0  # where the next span may begin (a token index)
     k = 0
     for i, word in enumerate(words):
@@ -358,6 +350,25 @@ def _phrase_spans(leaf: Leaf, folded: str) -> Iterator[tuple[int, int]]:
             after = i + 2
 
 
+@lru_cache(maxsize=256)
+def _phrase_plan(leaf: Leaf) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
+    """The phrase's words but the last, folded; its last; the Knuth-Morris-Pratt table.
+
+    (Made once per phrase, not once per hit: each hit of a page is marked with it.)
+    """
+    *head, last = map(fold, leaf.tokens)  # as _leaf_pattern looks for them in the folded text
+    fallback = [0] * len(head)  # longest proper border of each prefix of head
+    k = 0
+    for i in range(1, len(head)):
+        while k and head[i] != head[k]:
+            k = fallback[k - 1]
+        if head[i] == head[k]:
+            k += 1
+        fallback[i] = k
+    return tuple(head), last, tuple(fallback)
+
+
+@lru_cache(maxsize=256)
 def _whole_tokens(leaf: Leaf) -> bool:
     """Whether ``leaf`` is a phrase whose every word folds to one whole token.
 
