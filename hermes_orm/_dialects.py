@@ -415,6 +415,17 @@ def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def asyncio_driver(url: URL) -> bool:
+    """Whether ``url`` names a driver of asyncio (aiosqlite, asyncpg, psycopg_async).
+
+    An unknown driver is not: making its engine tells what is wrong with it.
+    """
+    try:
+        return bool(url.get_dialect().is_async)
+    except NoSuchModuleError:
+        return False
+
+
 def missing_sqlite_file(url: str | URL) -> Path | None:
     """The SQLite file ``url`` names when there is none yet (None: it exists, or no file).
 

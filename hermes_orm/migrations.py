@@ -22,11 +22,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, wraps
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import alembic.context
 import alembic.op
@@ -36,14 +36,16 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, Engine, MetaData, inspect, text
+from sqlalchemy import URL, Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, _partitions, _sa
 from hermes_orm._dialects import store_schema
 from hermes_orm.errors import (
     DatabaseError,
     InvalidArgumentError,
+    InvalidURLError,
     SchemaManagedByHostError,
     SchemaOutOfDateError,
     SchemaTooNewError,
@@ -96,6 +98,62 @@ _PARTITION = re.compile(re.escape(_partitions.PARTITION_PREFIX) + r"\d{3}")
 _OWNED_TABLES = MODEL_TABLES | SEARCH_TABLES | {VERSION_TABLE, _partitions.ASIDE}
 
 Bind = Engine | Connection
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _takes_a_url(
+    name: str, *, creates: bool = False
+) -> Callable[
+    [Callable[Concatenate[Bind, _P], _T]], Callable[Concatenate[Bind | str | URL, _P], _T]
+]:
+    """Let a function of a ``bind`` take a database URL too: an engine is made for the call.
+
+    ``name``: the function as the user calls it, for the errors. Unless it
+    ``creates`` the database, a SQLite file not made yet is not created: the
+    function looks at an empty database instead, which is what the file would hold.
+
+    The function then raises, before it connects:
+        InvalidArgumentError: ``bind`` is not a URL, an Engine or a Connection
+            (an ``AsyncEngine`` included: its connections run it through
+            ``run_sync``).
+        InvalidURLError: ``bind`` is a str that is no database URL, or a URL
+            of an asyncio driver.
+    """
+    run_sync = f"on a connection of an AsyncEngine, `await conn.run_sync({name})`"
+
+    def decorate(
+        fn: Callable[Concatenate[Bind, _P], _T],
+    ) -> Callable[Concatenate[Bind | str | URL, _P], _T]:
+        @wraps(fn)
+        def bound(bind: Bind | str | URL, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            if isinstance(bind, Engine | Connection):
+                return fn(bind, *args, **kwargs)
+            if not isinstance(bind, str | URL):
+                remedy = f": run it {run_sync}" if hasattr(bind, "sync_engine") else ""
+                raise InvalidArgumentError(
+                    f"{name}() takes a database URL, an Engine or a Connection, "
+                    f"got {type(bind).__name__}{remedy}"
+                )
+            parsed = _dialects.normalize_url(bind)
+            if _dialects.asyncio_driver(parsed):
+                raise InvalidURLError(
+                    f"{_dialects.safe_url(parsed)}: {name}() needs the URL of a blocking "
+                    f"driver (sqlite:///..., postgresql://...); with an asyncio driver, "
+                    f"run it {run_sync}"
+                )
+            url: str | URL = parsed
+            if not creates and _dialects.missing_sqlite_file(parsed) is not None:
+                url = "sqlite://"
+            engine = _dialects.create_store_engine(url, poolclass=NullPool)
+            try:
+                return fn(engine, *args, **kwargs)
+            finally:
+                engine.dispose()
+
+        return bound
+
+    return decorate
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -593,6 +651,7 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
 
 
+@_takes_a_url("hermes_orm.upgrade", creates=True)
 def upgrade(
     bind: Bind, revision: str = "head", *, schema: str | None = None, partitions: int | None = None
 ) -> None:
@@ -642,6 +701,7 @@ def upgrade(
         partition_messages(bind, partitions, schema=schema)
 
 
+@_takes_a_url("hermes_orm.migrations.partition_messages")
 def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None) -> bool:
     """Hash-partition ``hermes_messages`` by ``session_id`` into ``partitions`` (PostgreSQL).
 
@@ -692,6 +752,7 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
     return done
 
 
+@_takes_a_url("hermes_orm.downgrade")
 def downgrade(bind: Bind, revision: str, *, schema: str | None = None) -> None:
     """Migrate the database behind ``bind`` down to ``revision`` (``base`` drops it all).
 
@@ -823,6 +884,7 @@ def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
     )
 
 
+@_takes_a_url("hermes_orm.migrations.current")
 def current(bind: Bind, *, schema: str | None = None) -> str | None:
     """The revision the database is at, or ``None`` when it has no hermes_orm schema.
 
@@ -834,6 +896,7 @@ def current(bind: Bind, *, schema: str | None = None) -> str | None:
         return _located(conn, schema).revision
 
 
+@_takes_a_url("hermes_orm.check_schema")
 def check(bind: Bind, *, schema: str | None = None) -> None:
     """Refuse a database whose schema is not at :func:`head`.
 
@@ -887,6 +950,7 @@ def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None)
     return True
 
 
+@_takes_a_url("hermes_orm.migrations.differences")
 def differences(bind: Bind, *, schema: str | None = None) -> list[Any]:
     """What hermes_orm's autogenerate would change in the database's hermes_orm tables.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -19,12 +20,14 @@ from pytest_alembic.tests import (  # the four built-in tests, on each backend
 )
 from sqlalchemy import inspect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
 from hermes_orm import (
     DatabaseError,
     InvalidArgumentError,
+    InvalidURLError,
     SchemaOutOfDateError,
     SchemaTooNewError,
     SessionStore,
@@ -104,6 +107,85 @@ def test_python_api_and_check(empty_db_url: str) -> None:
     assert migrations.current(engine) is None
     assert _tables(empty_db_url) == {"hermes_orm_alembic_version"}
     engine.dispose()
+
+
+def test_the_python_api_takes_a_url_and_leaves_no_connection_open(empty_db_url: str) -> None:
+    with pytest.raises(SchemaOutOfDateError):
+        hermes_orm.check_schema(empty_db_url)
+    assert migrations.current(empty_db_url) is None
+    hermes_orm.upgrade(empty_db_url)
+    hermes_orm.check_schema(empty_db_url)
+    assert migrations.current(empty_db_url) == migrations.head()
+    assert migrations.differences(empty_db_url) == []
+    hermes_orm.downgrade(empty_db_url, "base")
+    assert migrations.current(empty_db_url) is None
+    if empty_db_url.startswith("postgresql"):
+        # The engine each call made is gone with its connections (NullPool, disposed).
+        with create_store_engine(empty_db_url, poolclass=NullPool).connect() as conn:
+            others = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar_one()
+        assert others == 0
+
+
+def test_a_sqlite_file_not_made_yet_is_only_created_by_an_upgrade(tmp_path: Path) -> None:
+    path = tmp_path / "not-yet" / "hermes.db"
+    url = f"sqlite:///{path}"
+    assert migrations.current(url) is None
+    with pytest.raises(SchemaOutOfDateError, match="no hermes_orm schema"):
+        hermes_orm.check_schema(url)
+    assert migrations.differences(url)  # every table is missing
+    hermes_orm.downgrade(url, "base")
+    with pytest.raises(InvalidArgumentError, match="only PostgreSQL"):
+        migrations.partition_messages(url, 4)
+    assert not path.parent.exists()
+    hermes_orm.upgrade(url)
+    assert migrations.current(url) == migrations.head()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        hermes_orm.upgrade,
+        hermes_orm.check_schema,
+        migrations.current,
+        migrations.differences,
+        lambda bind: hermes_orm.downgrade(bind, "base"),
+        lambda bind: migrations.partition_messages(bind, 4),
+    ],
+    ids=["upgrade", "check_schema", "current", "differences", "downgrade", "partition"],
+)
+def test_what_is_no_bind_is_refused_before_anything_connects(call: Any, tmp_path: Path) -> None:
+    for bind in (None, 3, tmp_path / "hermes.db"):
+        with pytest.raises(InvalidArgumentError, match=f"got {type(bind).__name__}$"):
+            call(bind)
+    path = tmp_path / "hermes.db"
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    with pytest.raises(InvalidArgumentError, match=r"got AsyncEngine: .*conn\.run_sync"):
+        call(async_engine)
+    for url in (f"sqlite+aiosqlite:///{path}", "postgresql+asyncpg://u:secret@localhost/db"):
+        with pytest.raises(InvalidURLError, match="blocking driver") as raised:
+            call(url)
+        assert "secret" not in str(raised.value)
+    assert not path.exists()
+
+
+def test_an_async_engine_migrates_as_the_error_says(tmp_path: Path) -> None:
+    path = tmp_path / "hermes.db"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+    async def migrate() -> str | None:
+        async with engine.begin() as conn:
+            await conn.run_sync(hermes_orm.upgrade)
+        async with engine.connect() as conn:
+            await conn.run_sync(hermes_orm.check_schema)
+            found: str | None = await conn.run_sync(migrations.current)
+        await engine.dispose()
+        return found
+
+    assert asyncio.run(migrate()) == migrations.head()
 
 
 def test_a_newer_schema_is_refused(db_url: str) -> None:
