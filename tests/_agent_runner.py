@@ -247,6 +247,16 @@ def _mirror_down(spec: AgentSpec) -> Iterator[None]:
         raise ValueError(f"mirror_down_turns: unsupported mirror URL {spec.mirror_url!r}")
 
 
+def _undo(agent: Any, db: Any, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Take back the last exchange as Hermes' CLI ``/undo`` does (``HermesCLI.undo_last``)."""
+    cut = max(i for i, m in enumerate(history) if m.get("role") == "user")
+    recents = db.list_recent_user_messages(agent.session_id, limit=10)
+    if recents:
+        db.rewind_to_message(agent.session_id, recents[0]["id"])
+    agent._last_flushed_db_idx = cut
+    return history[:cut]
+
+
 def _write_result(out: Path, result: dict[str, Any]) -> None:
     """Replace ``out`` atomically, so a killed run leaves the last complete result."""
     tmp = out.with_name(out.name + ".tmp")
@@ -323,6 +333,8 @@ def main(spec_path: str, out_path: str) -> None:
     for index, text in enumerate(spec.turns):
         if fault is not None:
             fault.current_turn = index
+        if index in spec.undo_before_turns and history:
+            history = _undo(agent, db, history)
         down = _mirror_down(spec) if index in spec.mirror_down_turns else contextlib.nullcontext()
         with down:
             started = time.perf_counter()

@@ -327,6 +327,8 @@ class AgentSpec:
             starts from the history loaded from the database, metadata rows left out.
         db_before_plugins: Open Hermes' SessionDB before the plugins load, as its
             TUI gateway does (store mode then copies the session, as the mirror does).
+        undo_before_turns: Turn indices before which the last exchange is taken
+            back as Hermes' CLI ``/undo`` does it (``HermesCLI.undo_last``).
     """
 
     hermes_home: Path
@@ -345,6 +347,7 @@ class AgentSpec:
     close_persist: bool = False
     gateway: bool = False
     db_before_plugins: bool = False
+    undo_before_turns: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         """The spec as JSON (paths as strings)."""

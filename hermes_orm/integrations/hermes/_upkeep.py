@@ -21,9 +21,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import (
     Connection,
@@ -291,8 +291,25 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
     return list(conn.execute(query.where(mine)).scalars())
 
 
+class Repairs(Protocol):
+    """Store mode's end-of-turn repairs, told of what Hermes writes through the adapter.
+
+    The plugin's :class:`~hermes_orm.integrations.hermes.mirror.StoreFlush`
+    (the only one) sets itself on the adapters of the configured database.
+    """
+
+    def before_append(self, session_id: str, message: Mapping[str, Any]) -> int | None:
+        """Before a message is appended: earlier repairs first (its row id, if one stored it)."""
+
+    def rewritten(self, session_id: str) -> None:
+        """The session's history was rewritten (a rewind, a compression, a clear) or deleted."""
+
+
 class UpkeepMethods:
     """SessionDB methods on upkeep."""
+
+    #: Told of appends and rewrites, in store mode (see :class:`Repairs`).
+    _repairs: Repairs | None = None
 
     #: Most sessions one :meth:`import_sessions` call takes.
     _IMPORT_MAX_SESSIONS = 500
@@ -332,17 +349,28 @@ class UpkeepMethods:
 
     # -- rewriting a session's messages ---------------------------------------------------
 
-    def _rewrite(self, session_id: str, work: Callable[[Connection], Any]) -> Any:
+    def _rewrite(
+        self, session_id: str, work: Callable[[Connection], Any], *, history: bool = True
+    ) -> Any:
         """Run a rewrite of the session's history in one write transaction.
 
         What the store remembers of the session goes before and after, so no
-        flush of this process trusts a history that changed under it.
+        flush of this process trusts a history that changed under it. Without
+        ``history``, the messages stay the messages they were (a column of one
+        changes): store mode's repairs go on.
         """
+        if history:
+            self._history_rewritten(session_id)
         self._store.forget_cursor(session_id)
         try:
             return self._store.write_transaction(work)
         finally:
             self._store.forget_cursor(session_id)
+
+    def _history_rewritten(self, session_id: str) -> None:
+        """Tell store mode's repairs (if any) the session's history is rewritten or gone."""
+        if self._repairs is not None:
+            self._repairs.rewritten(session_id)
 
     def _change_rows(
         self,
@@ -605,7 +633,7 @@ class UpkeepMethods:
                 self._change_rows(conn, session_id, _messages.c.id == newest.id, set_api_content)
             )
 
-        count: int = self._rewrite(session_id, work)
+        count: int = self._rewrite(session_id, work, history=False)
         return count
 
     # -- reading around a message ---------------------------------------------------------
@@ -824,6 +852,7 @@ class UpkeepMethods:
         if self._store.delete_sessions(chosen) == 0:
             return []
         for session_id in picked:
+            self._history_rewritten(session_id)
             _remove_session_files(sessions_dir, session_id)
         return picked
 

@@ -328,6 +328,8 @@ class Turn:
     ``history`` is the list the hook was given (Hermes' live message dicts), for
     :class:`StoreFlush` to mark what it stored; the mirror itself never reads it.
     ``history_length`` is its length then (Hermes may append to it meanwhile).
+    ``made``: when it was made, in the mirror's count of events (see
+    :meth:`StoreFlush.rewritten`).
     """
 
     session_id: str
@@ -336,6 +338,7 @@ class Turn:
     platform: str | None = None
     history: list[Any] | None = None
     history_length: int = 0
+    made: int = 0
 
 
 @dataclass
@@ -546,7 +549,9 @@ class Mirror:
             self._snapshots[session_id] = (snapshot, line)
             while len(self._snapshots) > _TRACKED_MAX:
                 self._snapshots.popitem(last=False)
-        job = Turn(session_id, snapshot.cleaned, model, platform, history, len(history))
+        job = Turn(
+            session_id, snapshot.cleaned, model, platform, history, len(history), next(self._lines)
+        )
         key = ("flush", session_id, line)
         return key, self._worker.submit(key, lambda: self._flush(job)), job
 
@@ -1137,6 +1142,19 @@ class StoreFlush(Mirror):
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
+        # Hermes' side: per session, when Hermes last rewrote its history in the
+        # store (see rewritten), the most recent last.
+        self._rewrites: OrderedDict[str, int] = OrderedDict()
+        self._rewrites_lock = threading.Lock()
+        # Writer side: per session whose catch-up before_append waits for, the
+        # messages it stored (the row of each first, its id).
+        self._noted: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
+
+    def _pending(self, session_id: str) -> bool:
+        """Whether the session has turns not written yet, or a write queued or running."""
+        return session_id in self._unwritten or self._worker.holds(
+            session_id, ("flush", "pend", "catch-up")
+        )
 
     def before_turn(self, session_id: str) -> bool:
         """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
@@ -1152,12 +1170,67 @@ class StoreFlush(Mirror):
         asked (the lists are the writer's; a membership test of its dict is one
         atomic step).
         """
-        pending = self._worker.holds(session_id, ("flush", "pend"))
-        if not pending and session_id not in self._unwritten:
+        if not self._pending(session_id):
             return True
         key = ("catch-up", session_id, next(self._lines))
         done = self._worker.submit(key, lambda: self._catch_up(session_id))
-        return self._waited(session_id, key, done, None)
+        return self._waited(session_id, key, done, None) and not self._pending(session_id)
+
+    def before_append(self, session_id: str, message: Mapping[str, Any]) -> int | None:
+        """Before Hermes appends ``message`` to the session: the failed repairs of earlier turns.
+
+        Hermes marks the messages of its history as stored when a new turn writes
+        its first message, without writing them (:meth:`before_turn`): a message
+        its write and the repairs missed until then would be lost, with the new
+        turn's messages stored in its place. So an append to a session whose
+        repairs are not written yet writes them first; while the database still
+        refuses them, the append is refused too, and Hermes writes its message
+        again at its next flush, after them.
+
+        Returns:
+            The id of the row the repair just stored ``message`` in, when it is
+            the first message the repair stored: Hermes' write loop retries its
+            first unmarked message, and the repair marked the others. None:
+            Hermes' append goes on.
+
+        Raises:
+            DatabaseError: The repairs are still not written.
+        """
+        if not self._pending(session_id):
+            return None
+        noted: list[tuple[str, int, dict[str, Any]]] = []
+
+        def catch_up() -> None:
+            self._noted[session_id] = noted
+            try:
+                self._catch_up(session_id)
+            finally:
+                self._noted.pop(session_id, None)
+
+        key = ("catch-up", session_id, next(self._lines))
+        done = self._worker.submit(key, catch_up)
+        if not self._waited(session_id, key, done, None) or self._pending(session_id):
+            raise DatabaseError(
+                f"session {session_id}: messages of an earlier turn are not stored yet (the "
+                "database refused them: see the warning before); a message after them waits"
+            )
+        if noted and noted[0][0] == session_id and same_turn(message, noted[0][2]):
+            return noted[0][1]
+        return None
+
+    def rewritten(self, session_id: str) -> None:
+        """Hermes rewrote the session's history in the store (rewind, compression) or deleted it.
+
+        The lists of its turns made before, not written yet, are of the history
+        before that: what they hold past Hermes' rows is what the rewrite took
+        away (the turn ``/undo`` took back) or wrote itself. None of them is
+        written (:meth:`_flush_in` drops them).
+        """
+        with self._rewrites_lock:
+            self._rewrites[session_id] = next(self._lines)
+            self._rewrites.move_to_end(session_id)
+            while len(self._rewrites) > _TRACKED_MAX:
+                self._rewrites.popitem(last=False)
 
     def _catch_up(self, session_id: str) -> None:
         jobs = self._unwritten.pop(session_id, None)
@@ -1201,6 +1274,13 @@ class StoreFlush(Mirror):
         return True
 
     @staticmethod
+    def _row_id(store: SessionStore, session_id: str, idx: int) -> int:
+        """The id of the session's row at ``idx``."""
+        c = _messages_table.c
+        row = select(c.id).where(c.session_id == session_id, c.idx == idx)
+        return int(store.read_transaction(lambda conn: conn.execute(row).scalar_one()))
+
+    @staticmethod
     def _live_rows(store: SessionStore, session_id: str) -> tuple[int | None, bool]:
         """How many live rows the session has (None: no such session), and if it is a copy.
 
@@ -1227,6 +1307,15 @@ class StoreFlush(Mirror):
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
+        with self._rewrites_lock:
+            rewritten = self._rewrites.get(sid, 0)
+        if turn.made < rewritten:
+            logger.info(
+                "hermes_orm store: session %s: a conversation from before Hermes rewrote "
+                "the session is not written",
+                sid,
+            )
+            return
         count, copy = self._live_rows(store, sid)
         if count is None:
             self._create(store, turn, {COPY_MARK: True})
@@ -1270,6 +1359,9 @@ class StoreFlush(Mirror):
             return
         if len(written) > start:
             store.flush(target, rows + written[start:])
+            noted = self._noted.get(sid)
+            if noted is not None:
+                noted.append((target, self._row_id(store, target, len(rows)), written[start]))
         if copy:
             return  # Hermes' own writes go elsewhere: its marks are its own
         # Marked from the first message Hermes did not confirm: those the rows held

@@ -59,6 +59,7 @@ from hermes_orm._dialects import (
     sqlite_in_memory,
 )
 from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
+from hermes_orm.integrations.hermes._upkeep import Repairs
 from hermes_orm.integrations.hermes.mirror import (
     DEFAULT_WAIT,
     STORE_WAIT,
@@ -248,6 +249,9 @@ class StoreSessionDB(SessionDB):
     url: ClassVar[str | None] = None
     #: Hermes' own ``SessionDB`` class, which other files keep; set by :func:`install_store`.
     hermes_class: ClassVar[type[Any] | None] = None
+    #: Store mode's end-of-turn repairs, told of the configured database's appends and
+    #: rewrites (see :meth:`StoreFlush.before_append`); set by :func:`register`.
+    repairs: ClassVar[Repairs | None] = None
 
     def __new__(cls, db_path: Any = None, read_only: bool = False) -> Any:
         """Hermes' own class for a ``db_path`` naming another file; else this class."""
@@ -261,6 +265,7 @@ class StoreSessionDB(SessionDB):
             return
         url = self.url or default_url()
         super().__init__(shared_store(url, upgrade=not read_only), read_only=read_only)
+        self._repairs = self.repairs
 
 
 def install_store(url: str) -> type[StoreSessionDB]:
@@ -409,6 +414,7 @@ def register(ctx: Any) -> None:
     if mode == "store":
         _hermes_state_db_placed()
         mirror = StoreFlush(url, status=status, wait=wait)
+        StoreSessionDB.repairs = mirror
     else:
         mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
     for name, callback in make_hooks(mirror).items():

@@ -1009,6 +1009,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
+        if self._repairs is not None:  # store mode: what earlier turns left unstored goes first
+            repaired = self._repairs.before_append(session_id, message)
+            if repaired is not None:
+                self._appended_at(session_id, repaired)
+                return repaired
         timed = timestamp is not None
         unsettled = self._unsettled.get(session_id)
         if unsettled is not None:
@@ -1285,6 +1290,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 .values(flushed_idx=0, flushed_digest=None, message_count=0, tool_call_count=0)
             )
 
+        self._history_rewritten(session_id)
         self._store.forget_cursor(session_id)
         self._store.write_transaction(work)
 
@@ -1466,19 +1472,14 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         if key is None:
             return False
         session_id = key
-        removed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
             found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id))
             if found.first() is None:
                 return []
-            removed[:] = [session_id, *_delegate_children(conn, session_id)]
-            return removed
+            return [session_id, *_delegate_children(conn, session_id)]
 
-        deleted = self._store.delete_sessions(pick) > 0
-        for sid in removed if deleted else []:
-            _remove_session_files(sessions_dir, sid)
-        return deleted
+        return bool(self._delete_picked(pick, sessions_dir))
 
     def prune_sessions(
         self,
