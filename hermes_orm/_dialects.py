@@ -337,10 +337,10 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
         if make is create_engine:
             raise
         raise _other_api(url, "AsyncSessionStore", "SessionStore") from None
-    except (ArgumentError, ValueError, TypeError) as exc:
+    except (ArgumentError, ValueError, TypeError, KeyError, AttributeError) as exc:
         # A query value SQLAlchemy's dialect converts for the driver (?timeout=abc,
         # ?check_same_thread=maybe, ?port=abc): told without the password.
-        detail = str(exc)
+        detail = f"a value it does not take, {exc}" if isinstance(exc, KeyError) else str(exc)
         if url.password:
             detail = detail.replace(str(url.password), "***")
         # Without a query, what SQLAlchemy refused is a keyword argument of the caller's.

@@ -60,13 +60,25 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import ORMExecuteState, SessionTransaction, UOWTransaction, object_session
+from sqlalchemy.orm import (
+    ORMExecuteState,
+    SessionTransaction,
+    UOWTransaction,
+    object_session,
+    scoped_session,
+    sessionmaker,
+)
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from hermes_orm import _codec, _dialects, _sa
-from hermes_orm.errors import InvalidMessageError, InvalidSessionError, SessionNotFoundError
+from hermes_orm.errors import (
+    InvalidArgumentError,
+    InvalidMessageError,
+    InvalidSessionError,
+    SessionNotFoundError,
+)
 from hermes_orm.models import Message, Session
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -139,15 +151,46 @@ def install_position_rule(target: Any = OrmSession) -> None:
     Args:
         target: What :func:`sqlalchemy.event.listen` takes for session events:
             the :class:`sqlalchemy.orm.Session` class (every session of the
-            process, the default), a subclass, a ``sessionmaker`` or one session.
+            process, the default), a subclass, a ``sessionmaker``, a
+            ``scoped_session`` or one session.
+
+    Raises:
+        InvalidArgumentError: ``target`` is none of those (an ``AsyncSession``'s
+            rule goes on its ``sync_session_class``, or on its ``sync_session``).
     """
+    _check_target(target, "install_position_rule")
     for name, listener in _LISTENERS:
         if not event.contains(target, name, listener):
             event.listen(target, name, listener)
 
 
+def _check_target(target: Any, name: str) -> None:
+    """Refuse a ``target`` that has no ORM session events (see :func:`install_position_rule`)."""
+    if (isinstance(target, type) and issubclass(target, OrmSession)) or isinstance(
+        target, OrmSession | sessionmaker | scoped_session
+    ):
+        return
+    given = f"the class {target.__name__}" if isinstance(target, type) else type(target).__name__
+    asynchronous = getattr(target, "class_", target)  # (an async_sessionmaker's sessions)
+    remedy = ""
+    if hasattr(asynchronous, "sync_session_class") or hasattr(target, "sync_session"):
+        remedy = (
+            ": an AsyncSession runs a Session, whose class (its sync_session_class) or "
+            "instance (its sync_session) takes the rule"
+        )
+    raise InvalidArgumentError(
+        f"{name}() takes the Session class, a subclass, a sessionmaker, a scoped_session "
+        f"or one Session, got {given}{remedy}"
+    )
+
+
 def remove_position_rule(target: Any = OrmSession) -> None:
-    """Take the position rule off ``target`` (where :func:`install_position_rule` put it)."""
+    """Take the position rule off ``target`` (where :func:`install_position_rule` put it).
+
+    Raises:
+        InvalidArgumentError: As :func:`install_position_rule`.
+    """
+    _check_target(target, "remove_position_rule")
     for name, listener in _LISTENERS:
         if event.contains(target, name, listener):
             event.remove(target, name, listener)

@@ -640,6 +640,10 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
                 _dangling(references, MODEL_TABLES - left, args[0])
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
+        except AssertionError:
+            # Alembic's walk past the ends of the history upwards ('head+1', 'base+99')
+            # fails an assertion, before any revision runs (a downgrade's says so).
+            raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: Walked too far") from None
         except DBAPIError as exc:  # the revisions' transaction is rolled back whole
             _raise_if_lost(exc)
             raise DatabaseError(

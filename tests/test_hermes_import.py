@@ -346,6 +346,64 @@ def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) ->
         import_state_db(junk, store)
 
 
+@pytest.mark.parametrize(
+    ("arguments", "refused"),
+    [
+        ({"batch": 0}, "batch must be an int from 1"),
+        ({"batch": -1}, "batch must be an int from 1"),
+        ({"batch": False}, "batch must be an int from 1"),
+        ({"batch": None}, "batch must be an int from 1"),
+        ({"batch": "8000"}, "batch must be an int from 1"),
+        ({"batch": 2**70}, "batch must be an int from 1"),
+        ({"progress": "stderr"}, "progress must be None or a text stream"),
+        ({"progress": True}, "progress must be None or a text stream"),
+        ({"on_batch": "print"}, "on_batch must be None or a callable"),
+        ({"source": None}, "source must be the path of a Hermes state.db"),
+        ({"source": b"state.db"}, "source must be the path of a Hermes state.db"),
+        ({"source": "a\x00b.db"}, "is no file name"),
+        ({"source": "a\ud800.db"}, "is no file name"),
+        ({"destination": 42}, "destination must be a SessionStore or a database URL"),
+    ],
+)
+def test_arguments_it_cannot_use_are_refused_before_anything_is_written(
+    tmp_path: Path, arguments: dict[str, Any], refused: str
+) -> None:
+    from hermes_orm import InvalidArgumentError
+
+    destination = tmp_path / "hermes.db"
+    call: dict[str, Any] = {
+        "source": fixture_copy(tmp_path),
+        "destination": f"sqlite:///{destination}",
+        **arguments,
+    }
+    with pytest.raises(InvalidArgumentError, match=refused):
+        import_state_db(call.pop("source"), call.pop("destination"), **call)
+    assert not destination.exists()
+
+
+def test_progress_goes_to_any_writer_and_on_batch_sees_every_batch(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    class Lines:  # a writer with no isatty() nor flush()
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+    lines, batches = Lines(), []
+    report = import_state_db(
+        fixture_copy(tmp_path),
+        store,
+        progress=lines,
+        batch=50,
+        on_batch=lambda *b: batches.append(b),
+    )
+    assert report.ok
+    assert lines.text.endswith("msg/s\n")
+    assert sum(1 for _ in batches) >= report.messages_written // 50
+
+
 def _reader_processes_alive() -> list[int]:
     """Pids of running import reader processes (Linux /proc)."""
     pids = []

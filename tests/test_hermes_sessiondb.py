@@ -1312,3 +1312,80 @@ def test_a_retry_whose_own_read_fails_is_settled_by_the_next(
     monkeypatch.setattr(SessionStore, "read_transaction", real_read)
     db.append_message("s", "assistant", "m", timestamp=1_767_000_000.0)
     assert [r["content"] for r in db.get_messages("s")] == ["q", "m"]
+
+
+@pytest.mark.parametrize("bad", ["a\ud800b", "a\x00b", ["s"], {"s": 1}, b"s"], ids=repr)
+def test_a_session_id_no_row_can_hold_finds_nothing_and_makes_nothing(
+    store: SessionStore, bad: Any
+) -> None:
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "hello")
+    assert db.get_session(bad) is None
+    assert db.get_messages(bad) == []
+    assert db.message_count(bad) == 0
+    assert db.end_session(bad, "x") is None
+    assert db.get_session_title(bad) is None
+    assert db.list_recent_user_messages(bad) == []
+    assert db.has_archived_messages(bad) is False
+    assert db.delete_session(bad) is False
+    for makes in (
+        lambda: db.create_session(bad, "cli"),
+        lambda: db.ensure_session(bad),
+        lambda: db.append_message(bad, "user", "x"),
+        lambda: db.append_message(session_id=bad, role="user", content="x"),
+        lambda: db.try_acquire_compression_lock(bad, "me"),
+    ):
+        with pytest.raises(InvalidSessionError):
+            makes()
+    assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+    assert db.message_count() == 1  # (None: every session's, as Hermes counts)
+
+
+def test_a_session_id_given_as_a_number_is_its_text(store: SessionStore) -> None:
+    db = SessionDB(store)
+    db.create_session(123, "cli")
+    db.append_message(session_id=123, role="user", content="hello")
+    assert db.get_session("123")["id"] == "123"  # type: ignore[index]
+    assert [m["content"] for m in db.get_messages(123)] == ["hello"]
+    assert db.get_messages(2**70) == []  # (no int the database would have to hold)
+
+
+def test_deletions_take_a_directory_as_text_and_refuse_what_is_no_path_first(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    db = SessionDB(store)
+    for sid in ("a", "b"):
+        db.create_session(sid, "cli")
+    (tmp_path / "a.json").write_text("{}")
+    assert db.delete_session("a", sessions_dir=str(tmp_path))
+    assert not (tmp_path / "a.json").exists()
+    for bad in (1, ["dir"], b"/tmp"):
+        with pytest.raises(InvalidArgumentError, match="sessions_dir"):
+            db.delete_session("b", sessions_dir=bad)
+        with pytest.raises(InvalidArgumentError, match="sessions_dir"):
+            db.delete_sessions(["b"], sessions_dir=bad)
+        with pytest.raises(InvalidArgumentError, match="sessions_dir"):
+            db.prune_sessions(older_than_days=-1, sessions_dir=bad)
+    assert db.get_session("b") is not None
+
+
+@pytest.mark.parametrize("days", ["30", "x" * 100_000, math.nan, math.inf, True, [30]], ids=repr)
+def test_a_number_of_days_that_is_none_is_refused(store: SessionStore, days: Any) -> None:
+    db = SessionDB(store)
+    for call in (db.prune_sessions, db.list_prune_candidates, db.archive_sessions):
+        with pytest.raises(InvalidArgumentError, match="older_than_days must be a number"):
+            call(older_than_days=days)
+
+
+def test_a_meta_key_no_row_can_hold_is_refused_and_a_number_is_its_text(
+    store: SessionStore,
+) -> None:
+    db = SessionDB(store)
+    for key in ("k\ud800", "k\x00", b"k", ["k"]):
+        with pytest.raises(InvalidArgumentError, match="meta key"):
+            db.set_meta(key, "v")
+    with pytest.raises(InvalidSessionError, match="value must be text"):
+        db.set_meta("k", ["v"])
+    db.set_meta(5, "v")
+    assert db.get_meta("5") == db.get_meta(5) == "v"

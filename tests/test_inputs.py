@@ -408,6 +408,38 @@ def test_a_postgresql_url_value_the_driver_cannot_take_is_an_invalid_url() -> No
     assert "SECRET" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"echo": -1}, {"echo": "yes"}, {"poolclass": "QueuePool"}, {"pool_size": "x"}],
+    ids=repr,
+)
+def test_an_engine_argument_sqlalchemy_refuses_is_an_argument_error(
+    tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(hermes_orm.InvalidArgumentError, match="the engine cannot be made"):
+        hermes_orm.create_store_engine(f"sqlite:///{tmp_path / 'x.db'}", **kwargs)
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [None, "Session", 1, "engine", "async_session_class", "async_sessionmaker"],
+)
+def test_the_position_rule_goes_only_on_orm_sessions(target: Any) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    given = {
+        "engine": create_engine("sqlite://"),
+        "async_session_class": AsyncSession,
+        "async_sessionmaker": async_sessionmaker(),
+    }.get(target, target)
+    remedy = "sync_session_class" if str(target).startswith("async") else "takes the Session class"
+    for call in (hermes_orm.install_position_rule, hermes_orm.remove_position_rule):
+        with pytest.raises(hermes_orm.InvalidArgumentError, match=remedy):
+            call(given)
+
+
 @pytest.mark.parametrize("schema", [1, b"agents", ["agents"]])
 def test_a_schema_that_is_no_str_is_refused(schema: Any) -> None:
     with pytest.raises(hermes_orm.InvalidArgumentError, match="schema must be one plain"):

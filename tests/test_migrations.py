@@ -208,6 +208,9 @@ def test_a_revision_that_does_not_exist_is_an_argument_error(db_url: str) -> Non
         (hermes_orm.upgrade, "nosuch"),
         (hermes_orm.downgrade, "nosuch"),
         (hermes_orm.upgrade, "+5"),  # past the head
+        (hermes_orm.upgrade, "head+1"),  # Alembic's walk upwards fails an assertion
+        (hermes_orm.upgrade, "base+100"),
+        (hermes_orm.downgrade, "head+1"),
     ):
         with pytest.raises(InvalidArgumentError, match=re.escape(f"cannot migrate to '{target}'")):
             migrate(engine, target)

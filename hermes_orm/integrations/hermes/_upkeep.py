@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -43,6 +45,7 @@ from sqlalchemy.exc import DBAPIError
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
     DatabaseError,
+    InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
     SessionNotFoundError,
@@ -289,6 +292,42 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
     mine = _sessions.c.id.in_(ids)
     conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
     return list(conn.execute(query.where(mine)).scalars())
+
+
+def started_before(older_than_days: Any) -> float:
+    """The time ``older_than_days`` days ago.
+
+    Raises:
+        InvalidArgumentError: Not a finite number of days (Hermes would multiply
+            a str by the seconds of a day).
+    """
+    if (
+        isinstance(older_than_days, bool)
+        or not isinstance(older_than_days, int | float)
+        or not math.isfinite(older_than_days)
+    ):
+        raise InvalidArgumentError(
+            f"older_than_days must be a number of days or None, got {older_than_days!r:.80}"
+        )
+    return time.time() - older_than_days * 86400
+
+
+def sessions_dir_path(sessions_dir: Any) -> Path | None:
+    """The directory of Hermes' transcript files a deletion removes too (None: none).
+
+    Raises:
+        InvalidArgumentError: ``sessions_dir`` is no path: before anything is deleted.
+    """
+    if sessions_dir is None:
+        return None
+    if not isinstance(sessions_dir, str | os.PathLike) or isinstance(
+        os.fspath(sessions_dir), bytes
+    ):
+        raise InvalidArgumentError(
+            f"sessions_dir must be None or a directory's path (a str or Path), got "
+            f"{type(sessions_dir).__name__}"
+        )
+    return Path(sessions_dir)
 
 
 class Repairs(Protocol):
@@ -840,9 +879,14 @@ class UpkeepMethods:
     def _delete_picked(
         self, pick: Callable[[Connection], list[str]], sessions_dir: Path | None
     ) -> list[str]:
-        """Delete the sessions ``pick`` names in its transaction (their files too); their ids."""
+        """Delete the sessions ``pick`` names in its transaction (their files too); their ids.
+
+        Raises:
+            InvalidArgumentError: ``sessions_dir`` is no path (nothing is deleted).
+        """
         from hermes_orm.integrations.hermes.sessiondb import _remove_session_files
 
+        directory = sessions_dir_path(sessions_dir)
         picked: list[str] = []
 
         def chosen(conn: Connection) -> list[str]:
@@ -853,7 +897,7 @@ class UpkeepMethods:
             return []
         for session_id in picked:
             self._history_rewritten(session_id)
-            _remove_session_files(sessions_dir, session_id)
+            _remove_session_files(directory, session_id)
         return picked
 
     def delete_sessions(self, session_ids: list[str], sessions_dir: Path | None = None) -> int:
@@ -945,7 +989,7 @@ class UpkeepMethods:
         from hermes_orm.integrations.hermes.sessiondb import _prune_where
 
         if filters.get("started_before") is None and older_than_days is not None:
-            filters["started_before"] = time.time() - older_than_days * 86400
+            filters["started_before"] = started_before(older_than_days)
         s = _sessions.c
         query = (
             select(

@@ -45,6 +45,7 @@ from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
     HermesOrmError,
     HistoryDivergedError,
+    InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
     SessionNotFoundError,
@@ -598,7 +599,8 @@ class _Progress:
         self.sessions += sessions
         self.messages += messages
         now = time.monotonic()
-        tty = self.out.isatty()
+        isatty = getattr(self.out, "isatty", None)
+        tty = bool(isatty()) if callable(isatty) else False
         if not final and now - self.last < (0.1 if tty else 5.0):
             return
         self.last = now
@@ -615,7 +617,45 @@ class _Progress:
                 self.out.write("\n")
         else:
             self.out.write(line + "\n")
-        self.out.flush()
+        flush = getattr(self.out, "flush", None)
+        if callable(flush):
+            flush()
+
+
+#: The largest ``batch`` of :func:`import_state_db` (messages per transaction).
+BATCH_MAX = 1_000_000
+
+
+def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_batch: Any) -> None:
+    """Refuse :func:`import_state_db` arguments it cannot use, with what they must be."""
+    if not isinstance(source, str | os.PathLike) or isinstance(os.fspath(source), bytes):
+        raise InvalidArgumentError(
+            f"source must be the path of a Hermes state.db (a str or Path), got "
+            f"{type(source).__name__}"
+        )
+    try:
+        if "\x00" in os.fsencode(source).decode("utf-8", "surrogateescape"):
+            raise ValueError("NUL")
+    except (UnicodeError, ValueError):
+        raise InvalidArgumentError(
+            f"source {str(source)!r} is no file name (a NUL, or a lone surrogate)"
+        ) from None
+    if not isinstance(destination, SessionStore | str):
+        raise InvalidArgumentError(
+            "destination must be a SessionStore or a database URL (a str), got "
+            f"{type(destination).__name__}"
+        )
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= BATCH_MAX:
+        raise InvalidArgumentError(f"batch must be an int from 1 to {BATCH_MAX:,}, got {batch!r}")
+    if progress is not None and not callable(getattr(progress, "write", None)):
+        raise InvalidArgumentError(
+            f"progress must be None or a text stream (with a write method), got "
+            f"{type(progress).__name__}"
+        )
+    if on_batch is not None and not callable(on_batch):
+        raise InvalidArgumentError(
+            f"on_batch must be None or a callable, got {type(on_batch).__name__}"
+        )
 
 
 def import_state_db(
@@ -637,7 +677,14 @@ def import_state_db(
 
     Returns:
         What was written and the verification of source against destination.
+
+    Raises:
+        InvalidArgumentError: ``source`` is no path, ``destination`` neither a
+            store nor a URL, ``batch`` no int from 1 to 1,000,000, ``progress``
+            has no ``write``, or ``on_batch`` is not callable: before anything
+            is read or written.
     """
+    _check_import(source, destination, progress, batch, on_batch)
     started = time.monotonic()
     # Whatever makes the source unreadable, and a destination that is the source
     # itself, is found before anything is written.

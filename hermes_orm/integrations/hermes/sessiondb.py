@@ -29,12 +29,15 @@ them).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,12 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
-from hermes_orm.errors import DatabaseUnavailableError, InvalidSessionError, SearchQueryError
+from hermes_orm.errors import (
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    InvalidSessionError,
+    SearchQueryError,
+)
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
@@ -54,9 +62,9 @@ from hermes_orm.integrations.hermes._text import (
     sqlite_integer,
     sqlite_text,
 )
-from hermes_orm.integrations.hermes._upkeep import UpkeepMethods
+from hermes_orm.integrations.hermes._upkeep import UpkeepMethods, started_before
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
-from hermes_orm.store import SessionStore
+from hermes_orm.store import SessionStore, check_session_id
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -1497,18 +1505,13 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             TypeError: A filter Hermes does not have.
         """
         if filters.get("started_before") is None and older_than_days is not None:
-            filters["started_before"] = time.time() - older_than_days * 86400
+            filters["started_before"] = started_before(older_than_days)
         where = _prune_where(source=source, **filters)
-        removed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
-            removed[:] = conn.execute(select(_sessions.c.id).where(*where)).scalars()
-            return removed
+            return list(conn.execute(select(_sessions.c.id).where(*where)).scalars())
 
-        count = self._store.delete_sessions(pick)
-        for sid in removed if count else []:
-            _remove_session_files(sessions_dir, sid)
-        return count
+        return len(self._delete_picked(pick, sessions_dir))
 
     # -- meta ---------------------------------------------------------------------------------
 
@@ -1524,11 +1527,23 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         return self._store.read_transaction(work)
 
     def set_meta(self, key: str, value: str) -> None:
-        """Set a value of the key/value store."""
+        """Set a value of the key/value store.
+
+        Raises:
+            InvalidArgumentError: ``key`` is no text a row can hold (NUL, a lone
+                surrogate).
+            InvalidSessionError: ``value`` is no text.
+        """
+        found = lookup_key(key)
+        if found is None:
+            raise InvalidArgumentError(
+                f"a meta key must be text without NUL or lone surrogates, got {key!r:.80}"
+            )
+        text = _text_of("value", value)
 
         def work(conn: Connection) -> None:
             make = _dialects.insert_maker(conn.dialect.name)
-            statement = make(_meta).values(key=key, value=value)
+            statement = make(_meta).values(key=found, value=text)
             conn.execute(
                 statement.on_conflict_do_update(
                     index_elements=["key"], set_={"value": statement.excluded.value}
@@ -1536,3 +1551,65 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             )
 
         self._store.write_transaction(work)
+
+
+#: The session id a lookup by an id no row can hold uses: no session has it (a
+#: session id is at most 255 characters), so the call finds nothing, as it would on
+#: Hermes' file. (Not empty: an empty id means every session to some of Hermes' calls.)
+_NO_SESSION = "(no session has this id)" + "." * 240
+#: Methods that make rows for the session they are given: an id no row can hold
+#: is refused (InvalidSessionError) instead of finding nothing.
+_MAKES_ROWS = frozenset(
+    {
+        "append_message",
+        "create_session",
+        "ensure_session",
+        "record_auxiliary_usage",
+        "record_compression_failure_cooldown",
+        "record_gateway_session_peer",
+        "refresh_compression_lock",
+        "request_handoff",
+        "try_acquire_compression_lock",
+        "update_session_billing_route",
+        "update_token_counts",
+    }
+)
+
+
+def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any]:
+    """``method`` with its ``session_id`` compared as Hermes' file compares it (``lookup_key``).
+
+    A number is its text; an id no row can hold (NUL, a lone surrogate, no
+    text at all) finds nothing, or, for a method that makes rows, is refused;
+    None goes as it is.
+    """
+
+    @functools.wraps(method)
+    def keyed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        named = "session_id" in kwargs
+        if not named and not args:
+            return method(self, *args, **kwargs)  # Python says what is missing
+        given = kwargs["session_id"] if named else args[0]
+        if given is None:  # (where it may be left out, it means none, or all)
+            return method(self, *args, **kwargs)
+        key = lookup_key(given)
+        if key is None:
+            if makes_rows:
+                check_session_id(given)  # raises: it says why
+            key = _NO_SESSION
+        if named:
+            kwargs["session_id"] = key
+        else:
+            args = (key, *args[1:])
+        return method(self, *args, **kwargs)
+
+    return keyed
+
+
+# Every method of the adapter whose first argument is a session id takes it so.
+for _name in dir(SessionDB):
+    _method = getattr(SessionDB, _name)
+    if _name.startswith("_") or not inspect.isfunction(_method):
+        continue
+    if list(inspect.signature(_method).parameters)[1:2] == ["session_id"]:
+        setattr(SessionDB, _name, _keyed(_method, makes_rows=_name in _MAKES_ROWS))
