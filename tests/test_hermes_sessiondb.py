@@ -1389,3 +1389,33 @@ def test_a_meta_key_no_row_can_hold_is_refused_and_a_number_is_its_text(
         db.set_meta("k", ["v"])
     db.set_meta(5, "v")
     assert db.get_meta("5") == db.get_meta(5) == "v"
+
+
+def test_filters_given_as_hermes_binds_them_read_as_its_file_reads_them(both: Any) -> None:
+    for sid, source in (("s1", "cli"), ("s2", "telegram")):
+        both.create_session(sid, source)
+        both.append_message(sid, "user", "hello")
+    both.set_session_title("s2", "123")
+    both.session_count(exclude_sources="cli")  # its characters, as Hermes binds a str
+    both.session_count(exclude_sources=["cli"])
+    both.session_count(min_message_count=True)
+    both.restore_rewound("s1", None)
+    both.get_session_by_title(123)
+    both.resolve_session_id("s")  # (two match)
+    ours = both.ours
+    assert ours.resolve_session_id(2**70) is None  # Hermes' file: AttributeError
+    assert ours.resolve_session_id("a\ud800") is None
+    assert ours.get_session_by_title(2**70) is None  # Hermes' file: OverflowError
+    assert [m["content"] for m in ours.get_messages("s1", limit=2**70)] == ["hello"]
+    assert ours.get_messages("s1", offset=2**70) == []
+    assert ours.restore_rewound("s1", 2**70) == 0
+    for call, refused in (
+        (lambda: ours.session_count(exclude_sources=5), "exclude_sources must be a list"),
+        (lambda: ours.session_count(exclude_sources=[1]), "exclude_sources must be a list"),
+        (lambda: ours.session_count(min_message_count="2"), "min_message_count must be"),
+        (lambda: ours.restore_rewound("s1", "3"), "since_message_id must be"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=refused):
+            call()
+    with pytest.raises(InvalidSessionError, match="model_config_json must be JSON"):
+        ours.update_session_meta("s1", b"{}")

@@ -118,6 +118,9 @@ def _recoverable() -> Any:
 def _window(limit: Any, offset: Any) -> tuple[int | None, int]:
     """SQLite's LIMIT/OFFSET reading: a negative limit is none, a negative offset 0.
 
+    One past 64 bits (which SQLite could not bind) is read as no limit, or an
+    offset past every row.
+
     Raises:
         InvalidArgumentError: A limit or offset that is no integer (None, NaN, a
             word): Hermes' SQLite file refuses it too (a datatype mismatch).
@@ -129,7 +132,8 @@ def _window(limit: Any, offset: Any) -> tuple[int | None, int]:
             f"limit and offset must be integers, got {_codec.shown(limit)} and "
             f"{_codec.shown(offset)}"
         ) from None
-    return (None if size < 0 else size), max(0, start)
+    # Past what a 64-bit column can count: every row (a limit), none (an offset).
+    return (None if not 0 <= size < 2**63 else size), min(max(0, start), 2**63 - 1)
 
 
 def _mark_topic_schema(conn: Connection) -> None:

@@ -628,7 +628,21 @@ class UpkeepMethods:
         return result
 
     def restore_rewound(self, session_id: str, since_message_id: int) -> int:
-        """Make the session's inactive rows from ``since_message_id`` on live again; how many."""
+        """Make the session's inactive rows from ``since_message_id`` on live again; how many.
+
+        A ``since_message_id`` of None names no row (as SQL's ``id >= NULL``): 0.
+
+        Raises:
+            InvalidArgumentError: ``since_message_id`` is no number.
+        """
+        if since_message_id is None:
+            return 0
+        if not isinstance(since_message_id, int | float) or math.isnan(since_message_id):
+            raise InvalidArgumentError(
+                f"since_message_id must be a message id, got {since_message_id!r:.80}"
+            )
+        if since_message_id >= 2**63:  # above every row id (64 bits)
+            return 0
 
         def work(conn: Connection) -> int:
             restored = self._change_rows(
@@ -1471,11 +1485,20 @@ class UpkeepMethods:
         The JSON the text holds is kept, read back as ``json.dumps`` of it (as
         Hermes' ``create_session`` writes a config); text that is not JSON is
         kept as a JSON string, read back as ``json.dumps`` of the text.
+
+        Raises:
+            InvalidSessionError: A value that is no JSON (bytes, NaN).
         """
         config: Any = model_config_json
         if isinstance(config, str):
             with contextlib.suppress(ValueError):
                 config = json.loads(config)
+        try:
+            json.dumps(config, allow_nan=False)
+        except (TypeError, ValueError):
+            raise InvalidSessionError(
+                f"model_config_json must be JSON text, got {type(model_config_json).__name__}"
+            ) from None
         values: dict[str, Any] = {"model_config": scrub_json(config)}
         if model is not None:
             values["model"] = model

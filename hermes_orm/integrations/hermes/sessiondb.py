@@ -37,7 +37,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -406,17 +406,34 @@ def _listing_where(
     include_archived: bool,
     archived_only: bool,
 ) -> list[Any]:
-    """The filters ``session_count`` and ``list_sessions_rich`` share, as conditions."""
+    """The filters ``session_count`` and ``list_sessions_rich`` share, as conditions.
+
+    As Hermes binds them: ``exclude_sources`` as the items it holds (a str, its
+    characters), a bool ``min_message_count`` as 1 or 0.
+
+    Raises:
+        InvalidArgumentError: ``exclude_sources`` holds nothing to compare (no
+            list of text), or ``min_message_count`` is no number.
+    """
     c = _sessions.c
     where: list[Any] = []
     if source:
         where.append(c.source == source)
     if exclude_sources:
-        where.append(c.source.not_in(exclude_sources))
+        excluded = list(exclude_sources) if isinstance(exclude_sources, Iterable) else None
+        if excluded is None or not all(isinstance(s, str) for s in excluded):
+            raise InvalidArgumentError(
+                f"exclude_sources must be a list of sources, got {_codec.shown(exclude_sources)}"
+            )
+        where.append(c.source.not_in(excluded))
     if cwd_prefix:
         where.append(_under(cwd_prefix))
+    if not isinstance(min_message_count, int | float) or math.isnan(min_message_count):
+        raise InvalidArgumentError(
+            f"min_message_count must be a number, got {_codec.shown(min_message_count)}"
+        )
     if min_message_count > 0:
-        where.append(c.message_count >= min_message_count)
+        where.append(c.message_count >= float(min_message_count))
     if archived_only:
         where.append(c.archived.is_(True))
     elif not include_archived:
@@ -930,10 +947,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         return None if key is None else self._one_session(_sessions.c.id == key)
 
     def get_session_by_title(self, title: str) -> dict[str, Any] | None:
-        """The session with exactly this title, or None (for no title: SQL's ``= NULL``)."""
-        if title is None:
-            return None
-        return self._one_session(_sessions.c.title == title)
+        """The session with exactly this title, or None (for no title: SQL's ``= NULL``).
+
+        A number is compared as its text, as Hermes' file compares it.
+        """
+        key = lookup_key(title)
+        return None if key is None else self._one_session(_sessions.c.title == key)
 
     def get_session_title(self, session_id: str) -> str | None:
         """The session's title, or None."""
@@ -941,10 +960,17 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         return None if session is None else session["title"]
 
     def resolve_session_id(self, session_id_or_prefix: str) -> str | None:
-        """The id itself if it exists, else the one id it is a unique prefix of."""
-        if self.get_session(session_id_or_prefix) is not None:
-            return session_id_or_prefix
-        escaped = session_id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        """The id itself if it exists, else the one id it is a unique prefix of.
+
+        A number is its text; what no id can begin with (NUL, a lone surrogate,
+        no text) resolves to None.
+        """
+        key = lookup_key(session_id_or_prefix)
+        if key is None:
+            return None
+        if self.get_session(key) is not None:
+            return key
+        escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
         def work(conn: Connection) -> list[str]:
             query = (
