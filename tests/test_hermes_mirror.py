@@ -892,6 +892,45 @@ def test_store_modes_turn_start_asks_the_writer_while_its_last_flush_still_runs(
     assert [m["content"] for m in store.get_messages("a")] == ["question", "answer"]
 
 
+def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none(
+    db_url: str, status: StatusFile, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compression while a repair waits: the repair is written first, then archived with the rest.
+
+    A rewrite the database refused (locked) drops no repair: it is still
+    written, first, by the rewrite that goes through.
+    """
+    from hermes_orm import DatabaseBusyError, RetryPolicy
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.integrations.hermes import mirror as mirror_module
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+    from tests._agent_runner import _Lock
+
+    monkeypatch.setattr(mirror_module, "CATCH_UP_PATIENCE", 0.5)
+    db = SessionDB(SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2))
+    db.create_session("a", "cli")
+    db.append_message("a", "user", "question")  # Hermes stored it; its answer's append failed
+    history = [
+        {"role": "user", "content": "question", PERSISTED_MARK: True},
+        {"role": "assistant", "content": "answer"},
+    ]
+    flush = StoreFlush(db_url, status=status, wait=30)
+    db._repairs = flush
+    lock = _Lock(db_url)
+    lock.take()
+    flush.turn("a", history)  # the end-of-turn repair finds the database locked
+    assert PERSISTED_MARK not in history[1]
+    with pytest.raises(DatabaseBusyError):
+        db.archive_and_compact("a", [{"role": "user", "content": "[summary]"}])
+    lock.release()
+    assert store.get_messages("a")[-1]["content"] == "question"  # nothing written meanwhile
+    db.archive_and_compact("a", [{"role": "user", "content": "[summary]"}])
+    stored = [(m["content"], m["active"]) for m in store.get_messages("a")]
+    assert stored == [("question", False), ("answer", False), ("[summary]", True)]
+    assert history[1][PERSISTED_MARK] is True
+    flush.close()
+
+
 def test_the_writer_says_which_sessions_it_holds_writes_of() -> None:
     """Queued or running, by kind; a write that ran is let go."""
     from hermes_orm.integrations.hermes.mirror import _Worker

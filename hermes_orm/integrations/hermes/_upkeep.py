@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -331,14 +331,14 @@ def sessions_dir_path(sessions_dir: Any) -> Path | None:
 
 
 class Repairs(Protocol):
-    """Store mode's end-of-turn repairs, told of what Hermes writes through the adapter.
+    """Store mode's end-of-turn repairs, told of Hermes' rewrites through the adapter.
 
     The plugin's :class:`~hermes_orm.integrations.hermes.mirror.StoreFlush`
     (the only one) sets itself on the adapters of the configured database.
     """
 
-    def before_append(self, session_id: str, message: Mapping[str, Any]) -> int | None:
-        """Before a message is appended: earlier repairs first (its row id, if one stored it)."""
+    def before_rewrite(self, session_id: str) -> None:
+        """Before a rewrite of the session's history: the repairs not written yet, first."""
 
     def rewritten(self, session_id: str) -> None:
         """The session's history was rewritten (a rewind, a compression, a clear) or deleted."""
@@ -394,20 +394,25 @@ class UpkeepMethods:
         """Run a rewrite of the session's history in one write transaction.
 
         What the store remembers of the session goes before and after, so no
-        flush of this process trusts a history that changed under it. Without
-        ``history``, the messages stay the messages they were (a column of one
-        changes): store mode's repairs go on.
+        flush of this process trusts a history that changed under it. Store
+        mode's repairs of the session are written first (the rewrite takes them
+        as Hermes' own rows); those the database still refused are dropped once
+        it is done. Without ``history``, the messages stay the messages they
+        were (a column of one changes): the repairs go on.
         """
-        if history:
-            self._history_rewritten(session_id)
+        if history and self._repairs is not None:
+            self._repairs.before_rewrite(session_id)
         self._store.forget_cursor(session_id)
         try:
-            return self._store.write_transaction(work)
+            result = self._store.write_transaction(work)
         finally:
             self._store.forget_cursor(session_id)
+        if history:
+            self._history_rewritten(session_id)
+        return result
 
     def _history_rewritten(self, session_id: str) -> None:
-        """Tell store mode's repairs (if any) the session's history is rewritten or gone."""
+        """Tell store mode's repairs (if any) the session's history was rewritten, or is gone."""
         if self._repairs is not None:
             self._repairs.rewritten(session_id)
 

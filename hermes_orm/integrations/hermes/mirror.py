@@ -97,7 +97,10 @@ _FALLBACKS = 3
 #: (out of reach, busy, behind on migrations: every write would fail now); saw it
 #: fail otherwise (it may run later, and the next list may run now); saw the store
 #: refuse its messages (it never will).
-_Outcome = Literal["ran", "down", "failed", "refused"]
+_Outcome = Literal["ran", "down", "busy", "failed", "refused"]
+#: What a database that will take the write again soon raises (locked, out of reach):
+#: "busy", a kind of "down".
+_BUSY = (DatabaseBusyError, DatabaseUnavailableError)
 #: The failures of the database itself (its errors wrapped, or its driver's, or the
 #: network's): a write of another list would fail alike now.
 _DOWN = (DatabaseError, DatabaseUnavailableError, DatabaseBusyError, SQLAlchemyError, OSError)
@@ -633,6 +636,8 @@ class Mirror:
             return "refused"
         except (HermesOrmError, SQLAlchemyError, OSError) as exc:
             self._failed(session_id, exc, _CATCH_UP)
+            if isinstance(exc, _BUSY):
+                return "busy"
             if isinstance(exc, _DOWN):
                 return "down"
         except Exception as exc:
@@ -698,8 +703,11 @@ class Mirror:
         """
         self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
 
-    def _write(self, session_id: str, jobs: list[Turn]) -> None:
+    def _write(self, session_id: str, jobs: list[Turn]) -> bool:
         """Flush ``jobs`` (oldest first) in order; keep those that fail for a later write.
+
+        Returns whether the database refused a write for a while (locked, out of
+        reach: :data:`_BUSY`).
 
         Each run of lists extending the one before goes as its newest: it writes
         the others. A list the store refuses (a message it cannot hold) is given
@@ -711,6 +719,7 @@ class Mirror:
         """
         kept: list[list[Turn]] = []
         runs = _runs(jobs)
+        busy = False
         for at, run in enumerate(runs):
             left = list(run)  # the newest first; those it refused dropped
             outcome: _Outcome = "refused"
@@ -719,13 +728,15 @@ class Mirror:
                 outcome = self._guarded(session_id, write, catches_up=not kept)
                 if outcome == "refused":
                     left.pop()
-            if outcome == "down":
+            if outcome in ("down", "busy"):
                 kept += [left, *runs[at + 1 :]]
+                busy = outcome == "busy"
                 break
             if outcome == "failed":
                 kept.append(left)
         if kept:
             self._keep(session_id, kept)
+        return busy
 
     def _keep(self, session_id: str, runs: list[list[Turn]]) -> None:
         """Keep ``runs`` (oldest first) as the session's lists not written yet.
@@ -1098,6 +1109,12 @@ def _missed_from(
     return confirmed + any(same_turn(row, unconfirmed[0]) for row in active[anchor + 1 :])
 
 
+#: Seconds :meth:`StoreFlush.before_turn` tries the repairs again while the database
+#: refuses them: as long as Hermes' own appends wait for it (``RetryPolicy.unavailable_for``).
+CATCH_UP_PATIENCE = 90.0
+#: Seconds between those tries.
+_CATCH_UP_PAUSE = 0.5
+
 #: How many confirmed messages :func:`_missed_from` looks back past for its anchor.
 _ANCHOR_BACK = 8
 
@@ -1146,15 +1163,10 @@ class StoreFlush(Mirror):
         # store (see rewritten), the most recent last.
         self._rewrites: OrderedDict[str, int] = OrderedDict()
         self._rewrites_lock = threading.Lock()
-        # Writer side: per session whose catch-up before_append waits for, the
-        # messages it stored (the row of each first, its id).
-        self._noted: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
 
     def _pending(self, session_id: str) -> bool:
-        """Whether the session has turns not written yet, or a write queued or running."""
-        return session_id in self._unwritten or self._worker.holds(
-            session_id, ("flush", "pend", "catch-up")
-        )
+        """Whether the session has turns not written yet, or a flush of one queued or running."""
+        return session_id in self._unwritten or self._worker.holds(session_id, ("flush", "pend"))
 
     def before_turn(self, session_id: str) -> bool:
         """Before Hermes writes a turn (``pre_llm_call``): the failed repairs of earlier turns.
@@ -1172,59 +1184,42 @@ class StoreFlush(Mirror):
         """
         if not self._pending(session_id):
             return True
-        key = ("catch-up", session_id, next(self._lines))
-        done = self._worker.submit(key, lambda: self._catch_up(session_id))
-        return self._waited(session_id, key, done, None) and not self._pending(session_id)
+        # While the database refuses the repairs (locked, out of reach), they are
+        # tried again, as long as Hermes' own appends would wait for it: the
+        # turn's messages must not land before them.
+        deadline = time.monotonic() + CATCH_UP_PATIENCE
+        while True:
+            busy = [False]
 
-    def before_append(self, session_id: str, message: Mapping[str, Any]) -> int | None:
-        """Before Hermes appends ``message`` to the session: the failed repairs of earlier turns.
+            def catch_up(busy: list[bool] = busy) -> None:
+                busy[0] = self._catch_up(session_id)
 
-        Hermes marks the messages of its history as stored when a new turn writes
-        its first message, without writing them (:meth:`before_turn`): a message
-        its write and the repairs missed until then would be lost, with the new
-        turn's messages stored in its place. So an append to a session whose
-        repairs are not written yet writes them first; while the database still
-        refuses them, the append is refused too, and Hermes writes its message
-        again at its next flush, after them.
+            key = ("catch-up", session_id, next(self._lines))
+            ran = self._waited(session_id, key, self._worker.submit(key, catch_up), None)
+            if not self._pending(session_id):
+                return True
+            if not ran or not busy[0] or time.monotonic() >= deadline:
+                return False
+            time.sleep(_CATCH_UP_PAUSE)
 
-        Returns:
-            The id of the row the repair just stored ``message`` in, when it is
-            the first message the repair stored: Hermes' write loop retries its
-            first unmarked message, and the repair marked the others. None:
-            Hermes' append goes on.
+    def before_rewrite(self, session_id: str) -> None:
+        """Before Hermes rewrites the session's history in the store: its repairs first.
 
-        Raises:
-            DatabaseError: The repairs are still not written.
+        The rewrite then applies to them as to Hermes' own rows (``/undo``
+        takes back the turn's missed answer with the turn, a compression
+        archives it). Lists still unwritten after are dropped once the rewrite
+        is done (:meth:`rewritten`).
         """
-        if not self._pending(session_id):
-            return None
-        noted: list[tuple[str, int, dict[str, Any]]] = []
-
-        def catch_up() -> None:
-            self._noted[session_id] = noted
-            try:
-                self._catch_up(session_id)
-            finally:
-                self._noted.pop(session_id, None)
-
-        key = ("catch-up", session_id, next(self._lines))
-        done = self._worker.submit(key, catch_up)
-        if not self._waited(session_id, key, done, None) or self._pending(session_id):
-            raise DatabaseError(
-                f"session {session_id}: messages of an earlier turn are not stored yet (the "
-                "database refused them: see the warning before); a message after them waits"
-            )
-        if noted and noted[0][0] == session_id and same_turn(message, noted[0][2]):
-            return noted[0][1]
-        return None
+        self.before_turn(session_id)
 
     def rewritten(self, session_id: str) -> None:
         """Hermes rewrote the session's history in the store (rewind, compression) or deleted it.
 
-        The lists of its turns made before, not written yet, are of the history
-        before that: what they hold past Hermes' rows is what the rewrite took
-        away (the turn ``/undo`` took back) or wrote itself. None of them is
-        written (:meth:`_flush_in` drops them).
+        The lists of its turns made before, not written yet (the database
+        refused them before the rewrite), are of the history before that: what
+        they hold past Hermes' rows is what the rewrite took away (the turn
+        ``/undo`` took back) or wrote itself. None of them is written
+        (:meth:`_flush_in` drops them).
         """
         with self._rewrites_lock:
             self._rewrites[session_id] = next(self._lines)
@@ -1232,10 +1227,10 @@ class StoreFlush(Mirror):
             while len(self._rewrites) > _TRACKED_MAX:
                 self._rewrites.popitem(last=False)
 
-    def _catch_up(self, session_id: str) -> None:
+    def _catch_up(self, session_id: str) -> bool:
+        """Write the session's lists not written yet; whether the database was busy for them."""
         jobs = self._unwritten.pop(session_id, None)
-        if jobs:
-            self._write(session_id, jobs)
+        return self._write(session_id, jobs) if jobs else False
 
     def _waited(
         self, session_id: str, key: tuple[str, str, int], done: threading.Event, job: Turn | None
@@ -1272,13 +1267,6 @@ class StoreFlush(Mirror):
         with self._snapshots_lock:
             self._snapshots.pop(session_id, None)
         return True
-
-    @staticmethod
-    def _row_id(store: SessionStore, session_id: str, idx: int) -> int:
-        """The id of the session's row at ``idx``."""
-        c = _messages_table.c
-        row = select(c.id).where(c.session_id == session_id, c.idx == idx)
-        return int(store.read_transaction(lambda conn: conn.execute(row).scalar_one()))
 
     @staticmethod
     def _live_rows(store: SessionStore, session_id: str) -> tuple[int | None, bool]:
@@ -1359,9 +1347,6 @@ class StoreFlush(Mirror):
             return
         if len(written) > start:
             store.flush(target, rows + written[start:])
-            noted = self._noted.get(sid)
-            if noted is not None:
-                noted.append((target, self._row_id(store, target, len(rows)), written[start]))
         if copy:
             return  # Hermes' own writes go elsewhere: its marks are its own
         # Marked from the first message Hermes did not confirm: those the rows held

@@ -1043,11 +1043,6 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         message.update({k: v for k, v in optional.items() if v is not None})
         message.update(timestamp=stamp, observed=bool(observed), active=True, compacted=False)
-        if self._repairs is not None:  # store mode: what earlier turns left unstored goes first
-            repaired = self._repairs.before_append(session_id, message)
-            if repaired is not None:
-                self._appended_at(session_id, repaired)
-                return repaired
         timed = timestamp is not None
         unsettled = self._unsettled.get(session_id)
         if unsettled is not None:
@@ -1324,9 +1319,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 .values(flushed_idx=0, flushed_digest=None, message_count=0, tool_call_count=0)
             )
 
-        self._history_rewritten(session_id)
         self._store.forget_cursor(session_id)
         self._store.write_transaction(work)
+        self._history_rewritten(session_id)
 
     def session_count(  # noqa: PLR0917 - Hermes' signature
         self,
