@@ -77,6 +77,35 @@ def partition_count(conn: Connection, schema: str | None = None) -> int | None:
     return int(row[1]) if row[0] == "p" else None
 
 
+def _refuse_what_a_rebuild_drops(conn: Connection) -> None:
+    """Refuse a ``hermes_messages`` with settings of the host a rebuild would drop unsaid.
+
+    Row-level security and its policies, and membership in a publication,
+    belong to the table itself: a new table has none of them.
+
+    Raises:
+        DatabaseError: The table has any of them (nothing was changed).
+    """
+    secured, policies, publications = conn.exec_driver_sql(
+        "SELECT c.relrowsecurity OR c.relforcerowsecurity, "
+        "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), "
+        "(SELECT string_agg(p.pubname, ', ' ORDER BY p.pubname) FROM pg_publication_rel r "
+        "JOIN pg_publication p ON p.oid = r.prpubid WHERE r.prrelid = c.oid) "
+        "FROM pg_class c WHERE c.oid = to_regclass('hermes_messages')"
+    ).one()
+    held = [
+        *(["row-level security"] if secured else []),
+        *([f"{policies} row-level security policies"] if policies else []),
+        *([f"membership in the publications {publications}"] if publications else []),
+    ]
+    if held:
+        raise DatabaseError(
+            f"hermes_messages has {' and '.join(held)}, which belong to the table itself: "
+            "partitioning rebuilds it, and the new table would have none. Take them off, "
+            "partition, then set them again on hermes_messages; nothing was changed"
+        )
+
+
 def partition(conn: Connection, partitions: int, schema: str | None = None) -> bool:
     """Rebuild ``hermes_messages`` as ``partitions`` hash partitions, in ``conn``'s transaction.
 
@@ -87,6 +116,8 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
 
     Raises:
         InvalidArgumentError: It is partitioned already, into another number.
+        DatabaseError: It has row-level security, policies or publications (see
+            :func:`_refuse_what_a_rebuild_drops`).
     """
     current = partition_count(conn, schema)
     if current == partitions:
@@ -98,6 +129,8 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         )
     sql = conn.exec_driver_sql
     table = "to_regclass('hermes_messages')"
+    _refuse_what_a_rebuild_drops(conn)
+    comment = sql(f"SELECT obj_description({table}, 'pg_class')").scalar()
     indexes = sql(
         "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i "
         f"JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = {table} "
@@ -140,6 +173,9 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
     for name, kind, definition in constraints:
         if kind != "p":
             sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
+    if comment is not None:  # (LIKE copies the columns' comments, not the table's)
+        quoted = "'" + str(comment).replace("'", "''") + "'"
+        sql(f"COMMENT ON TABLE hermes_messages IS {quoted}")
     sql(f"INSERT INTO hermes_messages SELECT * FROM {ASIDE}")  # before the triggers: as stored
     for _, definition in (*indexes, *triggers):
         sql(definition)  # they name hermes_messages, as they did when read

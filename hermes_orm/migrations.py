@@ -312,15 +312,34 @@ def _refuse_autocommit(bind: Bind) -> None:
     half applied. Detected as the stores detect it (:func:`_sa.isolation_level`).
 
     Raises:
-        InvalidArgumentError: ``bind`` is set to ``isolation_level="AUTOCOMMIT"``.
+        InvalidArgumentError: ``bind`` is set to ``isolation_level="AUTOCOMMIT"``
+            (its driver's own autocommit: see :func:`_refuse_driver_autocommit`).
     """
     if (_sa.isolation_level(bind) or "").upper() == "AUTOCOMMIT":
-        raise InvalidArgumentError(
-            "this engine or connection autocommits every statement "
-            "(isolation_level='AUTOCOMMIT'), so no migration could run whole or not at "
-            "all on it, nor hold the migration lock: migrate on an engine or connection "
-            "without it"
-        )
+        raise InvalidArgumentError(_AUTOCOMMITS.format("isolation_level='AUTOCOMMIT'"))
+
+
+_AUTOCOMMITS = (
+    "this engine or connection autocommits every statement ({}), so no migration "
+    "could run whole or not at all on it, nor hold the migration lock: migrate on an "
+    "engine or connection without it"
+)
+
+
+def _refuse_driver_autocommit(conn: Connection) -> None:
+    """Refuse a connection whose driver commits each statement (psycopg's ``autocommit``).
+
+    :func:`_refuse_autocommit` sees SQLAlchemy's setting; ``autocommit=True``
+    among an engine's ``connect_args`` is seen on its connections only. (On
+    SQLite the migration's own ``BEGIN IMMEDIATE`` holds the statements together.)
+
+    Raises:
+        InvalidArgumentError: It autocommits; nothing was run on it.
+    """
+    if conn.dialect.name == "sqlite":
+        return
+    if getattr(conn.connection.dbapi_connection, "autocommit", False) is True:
+        raise InvalidArgumentError(_AUTOCOMMITS.format("autocommit=True among its connect_args"))
 
 
 @contextmanager
@@ -413,12 +432,14 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
     does nothing (:func:`_lock_migration`).
     """
     if not isinstance(bind, Engine):
+        _refuse_driver_autocommit(bind)
         with _own_transaction(bind):
             _lock_migration(bind)
             with _placed(bind, schema, create=True):
                 yield bind
         return
     with bind.connect() as conn:
+        _refuse_driver_autocommit(conn)
         _lock_migration(conn)
         with _placed(conn, schema, create=True):
             yield conn
@@ -714,7 +735,9 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
     rows copied, its indexes, triggers and constraints made again); readers
     and writers of messages wait for it. Its primary key becomes ``(id,
     session_id)``. A table already split into ``partitions`` is left as it is.
-    Privileges granted on the table itself are not carried over: grant them again.
+    Its comment is carried over; privileges granted on the table itself are
+    not: grant them again. A table with row-level security, policies or
+    publications is refused: the new one would have none.
 
     Returns:
         Whether the table was rebuilt.
@@ -725,7 +748,8 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
             ``bind`` autocommits.
         SchemaOutOfDateError: There is no ``hermes_messages`` yet (in ``schema``).
         DatabaseError: The database refused the rebuild (objects of the
-            application depend on the table); nothing is changed.
+            application depend on the table), or the table has row-level
+            security, policies or publications; nothing is changed.
         sqlalchemy.exc.DBAPIError: The connection was lost, or the server is
             out of reach: whether the split was committed is unknown; running
             it again is safe.
@@ -859,7 +883,7 @@ def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
     found = sorted(
         name
         for name in inspect(conn).get_table_names(schema=schema)
-        if owns_table(name) and name != VERSION_TABLE  # left empty by a downgrade to base
+        if owns_table(name, conn.dialect.name) and name != VERSION_TABLE  # (emptied by a downgrade)
     )
     if not found:
         return
@@ -927,14 +951,25 @@ def check(bind: Bind, *, schema: str | None = None) -> None:
     raise SchemaOutOfDateError(revision, expected, branch=located.table == HOST_VERSION_TABLE)
 
 
-def owns_table(name: str | None) -> bool:
+def owns_table(name: str | None, dialect: str | None = None) -> bool:
     """Whether hermes_orm's migrations make (and may drop) a table of that name.
 
     The exact names: the models' tables, the search index's, the partitions of
     ``hermes_messages`` and its version table; not every name that starts with
-    ``hermes_``, which a host's own tables may.
+    ``hermes_``, which a host's own tables may. On ``dialect`` ``postgresql``
+    the search index's tables (SQLite's FTS5 tables) are not among them.
     """
-    return name is not None and (name in _OWNED_TABLES or _PARTITION.fullmatch(name) is not None)
+    if name is None or (dialect == "postgresql" and name in SEARCH_TABLES):
+        return False
+    return name in _OWNED_TABLES or _PARTITION.fullmatch(name) is not None
+
+
+def _migrated_dialect() -> str | None:
+    """The dialect of the Alembic run under way (a host's autogenerate), if any."""
+    try:
+        return str(alembic.context.get_context().dialect.name)
+    except Exception:  # no Alembic run under way (NameError from its proxy, among others)
+        return None
 
 
 def only_hermes_objects(name: str | None, type_: str, _parent_names: Any = None) -> bool:
@@ -1003,7 +1038,7 @@ def include_name(name: str | None, type_: str, _parent_names: Any = None) -> boo
     :func:`include_object` as well.
     """
     if type_ == "table":
-        return not owns_table(name)
+        return not owns_table(name, _migrated_dialect())
     return True
 
 
@@ -1020,7 +1055,8 @@ def include_object(
     create our tables and indexes. Either hook alone also drops our tables
     found in the database.
     """
+    dialect = _migrated_dialect()
     if type_ == "table":
-        return not owns_table(name)
+        return not owns_table(name, dialect)
     table = getattr(object_, "table", None)
-    return not (table is not None and owns_table(getattr(table, "name", None)))
+    return not (table is not None and owns_table(getattr(table, "name", None), dialect))

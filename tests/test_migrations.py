@@ -737,6 +737,23 @@ def test_an_autocommit_bind_is_refused_before_anything_runs(empty_db_url: str) -
     plain.dispose()
 
 
+def test_a_driver_that_autocommits_is_refused_before_anything_runs(empty_pg: str) -> None:
+    """psycopg's ``autocommit=True`` among the connect args: each revision would commit alone."""
+    engine = create_store_engine(empty_pg, poolclass=NullPool, connect_args={"autocommit": True})
+    for migrate in (hermes_orm.upgrade, lambda bind: migrations.partition_messages(bind, 4)):
+        with pytest.raises(InvalidArgumentError, match="autocommit=True among its connect_args"):
+            migrate(engine)
+    with (
+        engine.connect() as conn,
+        pytest.raises(InvalidArgumentError, match="autocommit=True among its connect_args"),
+    ):
+        hermes_orm.upgrade(conn)
+    plain = create_store_engine(empty_pg, poolclass=NullPool)
+    assert _tables_left(plain) == set()
+    engine.dispose()
+    plain.dispose()
+
+
 @pytest.mark.parametrize(
     "setup",
     [
@@ -818,6 +835,23 @@ def test_a_hosts_autogenerate_sees_only_its_own_tables(empty_db_url: str) -> Non
     assert migrations.include_name("hermes_messages_part_007", "table") is False
     assert migrations.owns_table("hermes_search_cjk_docsize")
     assert not migrations.owns_table("hermes_searches")
+    engine.dispose()
+
+
+def test_a_hosts_table_named_as_sqlites_search_index_is_its_own_on_postgresql(
+    empty_pg: str,
+) -> None:
+    """hermes_search is an FTS5 table of ours on SQLite only: on PostgreSQL a host may have one."""
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE hermes_search (id integer PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO hermes_search VALUES (1)")
+    hermes_orm.upgrade(engine)  # not taken for ours left without a revision
+    assert migrations.current(engine) == migrations.head()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT id FROM hermes_search").scalar() == 1
+    assert not migrations.owns_table("hermes_search", "postgresql")
+    assert migrations.owns_table("hermes_search", "sqlite")
     engine.dispose()
 
 

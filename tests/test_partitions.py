@@ -226,6 +226,45 @@ def test_a_host_object_on_the_messages_refuses_the_split_and_changes_nothing(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("held", "said"),
+    [
+        (["ALTER TABLE hermes_messages ENABLE ROW LEVEL SECURITY"], "row-level security"),
+        (
+            ["CREATE POLICY mine ON hermes_messages USING (session_id = current_user)"],
+            "1 row-level security policies",
+        ),
+        (["CREATE PUBLICATION feed FOR TABLE hermes_messages"], "publications feed"),
+    ],
+    ids=["rls", "policy", "publication"],
+)
+def test_what_a_rebuild_would_drop_unsaid_refuses_the_split(
+    empty_pg: str, held: list[str], said: str
+) -> None:
+    engine = _migrated_with_a_turn(empty_pg)
+    with engine.begin() as conn:
+        for statement in held:
+            conn.exec_driver_sql(statement)
+    with pytest.raises(DatabaseError, match=said) as caught:
+        migrations.partition_messages(engine, 4)
+    assert "nothing was changed" in str(caught.value)
+    assert _partitions(empty_pg) == []
+    engine.dispose()
+
+
+def test_the_tables_comment_is_carried_over(empty_pg: str) -> None:
+    engine = _migrated_with_a_turn(empty_pg)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("COMMENT ON TABLE hermes_messages IS 'the agents'' messages'")
+    assert migrations.partition_messages(engine, 4)
+    with engine.connect() as conn:
+        comment = conn.exec_driver_sql(
+            "SELECT obj_description('hermes_messages'::regclass, 'pg_class')"
+        ).scalar()
+    assert comment == "the agents' messages"
+    engine.dispose()
+
+
 def test_sqlite_is_not_partitioned(tmp_path: Path) -> None:
     path = tmp_path / "agents.db"
     result = run_cli(
