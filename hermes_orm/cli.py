@@ -177,7 +177,7 @@ def _search(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.importer import main_import
 
-    path = args.path or str(hermes_home() / "state.db")
+    path = args.path if args.path is not None else str(hermes_home() / "state.db")
     return main_import(path, args.url)
 
 

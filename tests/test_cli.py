@@ -231,6 +231,16 @@ def test_a_sqlite_file_that_cannot_be_created_is_one_line(
     ]
 
 
+def test_import_of_an_empty_path_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
+    target = tmp_path / "x.db"
+    result = run("--url", f"sqlite:///{target}", "import", "", env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "hermes-orm: source is an empty path: name the Hermes state.db"
+    ]
+    assert not target.exists()
+
+
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path) -> None:
     directory = os.fsdecode(bytes(tmp_path) + b"/d\xff")
     os.mkdir(directory)

@@ -360,6 +360,7 @@ def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) ->
         ({"on_batch": "print"}, "on_batch must be None or a callable"),
         ({"source": None}, "source must be the path of a Hermes state.db"),
         ({"source": b"state.db"}, "source must be the path of a Hermes state.db"),
+        ({"source": ""}, "source is an empty path"),
         ({"source": "a\x00b.db"}, "is no file name"),
         ({"source": "a\ud800.db"}, "is no file name"),
         ({"destination": 42}, "destination must be a SessionStore or a database URL"),

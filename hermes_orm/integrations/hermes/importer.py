@@ -633,6 +633,8 @@ def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_b
             f"source must be the path of a Hermes state.db (a str or Path), got "
             f"{type(source).__name__}"
         )
+    if not os.fspath(source):
+        raise InvalidArgumentError("source is an empty path: name the Hermes state.db")
     try:
         if "\x00" in os.fsencode(source).decode("utf-8", "surrogateescape"):
             raise ValueError("NUL")
