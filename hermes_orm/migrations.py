@@ -847,24 +847,26 @@ def _located(conn: Connection, schema: str | None = None) -> _Located:
     if schema is not None or not inspector.has_table(HOST_VERSION_TABLE):
         return _Located(None, None)  # (a branch of the host's history is never placed)
     shared = _versions(conn, HOST_VERSION_TABLE)
+    if not (
+        inspector.has_table("hermes_sessions")
+        and "flushed_idx" in {column["name"] for column in inspector.get_columns("hermes_sessions")}
+    ):
+        # Every revision of ours leaves a sessions table with our cursor: without one,
+        # a revision there named as one of ours (a host's own 0001_baseline) is the host's.
+        return _Located(None, None)
     known = _known_revisions()
     ours = [revision for revision in shared if revision in known]
     if ours:
         return _Located(ours[0], HOST_VERSION_TABLE)
-    # Named as ours are (NNNN_words), numbered past ours, beside a sessions
-    # table with our cursor: a newer hermes_orm's. The host's own revisions
-    # (its 0003_add_users), whatever its tables, are not ours to report.
+    # Named as ours are (NNNN_words), numbered past ours: a newer hermes_orm's. The
+    # host's own revisions (its 0003_add_users) are not ours to report.
     last = max(int(revision[:4]) for revision in known)
     newer = [
         revision
         for revision in shared
         if _OUR_NAMING.fullmatch(revision) and int(revision[:4]) > last
     ]
-    if (
-        newer
-        and inspector.has_table("hermes_sessions")
-        and "flushed_idx" in {column["name"] for column in inspector.get_columns("hermes_sessions")}
-    ):
+    if newer:
         return _Located(", ".join(sorted(newer)), HOST_VERSION_TABLE)
     return _Located(None, None)
 

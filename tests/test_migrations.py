@@ -855,6 +855,24 @@ def test_a_hosts_table_named_as_sqlites_search_index_is_its_own_on_postgresql(
     engine.dispose()
 
 
+def test_a_hosts_own_revision_named_as_one_of_ours_is_the_hosts(empty_db_url: str) -> None:
+    """A host history whose first revision is also called 0001_baseline: no branch of ours."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('0001_baseline')")
+        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    assert migrations.current(engine) is None
+    with pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"):
+        hermes_orm.check_schema(engine)
+    hermes_orm.upgrade(engine)  # side by side, in its own version table
+    assert migrations.current(engine) == migrations.head()
+    with engine.connect() as conn:
+        hosts = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
+    assert hosts == ["0001_baseline"]
+    engine.dispose()
+
+
 def test_offline_mode_is_refused_with_a_clear_error(empty_db_url: str) -> None:
     result = _alembic("-x", f"url={empty_db_url}", "upgrade", "head", "--sql")
     assert result.returncode != 0
