@@ -175,7 +175,8 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
             sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
     if comment is not None:  # (LIKE copies the columns' comments, not the table's)
         quoted = "'" + str(comment).replace("'", "''") + "'"
-        sql(f"COMMENT ON TABLE hermes_messages IS {quoted}")
+        # (the driver reads % as its placeholders: doubled, it is one %)
+        sql(f"COMMENT ON TABLE hermes_messages IS {quoted}".replace("%", "%%"))
     sql(f"INSERT INTO hermes_messages SELECT * FROM {ASIDE}")  # before the triggers: as stored
     for _, definition in (*indexes, *triggers):
         sql(definition)  # they name hermes_messages, as they did when read

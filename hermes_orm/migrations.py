@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache, wraps
 from pathlib import Path
-from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import alembic.context
 import alembic.op
@@ -126,7 +126,13 @@ def _takes_a_url(
         fn: Callable[Concatenate[Bind, _P], _T],
     ) -> Callable[Concatenate[Bind | str | URL, _P], _T]:
         @wraps(fn)
-        def bound(bind: Bind | str | URL, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        def bound(*args: Any, **kwargs: Any) -> _T:
+            if "bind" in kwargs:  # (it may be given by name)
+                bind = kwargs.pop("bind")
+            elif args:
+                bind, args = args[0], args[1:]
+            else:
+                return fn(*args, **kwargs)  # Python says what is missing
             if isinstance(bind, Engine | Connection):
                 return fn(bind, *args, **kwargs)
             if not isinstance(bind, str | URL):
@@ -151,7 +157,7 @@ def _takes_a_url(
             finally:
                 engine.dispose()
 
-        return bound
+        return cast(Callable[Concatenate[Bind | str | URL, _P], _T], bound)
 
     return decorate
 

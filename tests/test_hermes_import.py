@@ -363,7 +363,7 @@ def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) ->
         ({"source": ""}, "source is an empty path"),
         ({"source": "a\x00b.db"}, "is no file name"),
         ({"source": "a\ud800.db"}, "is no file name"),
-        ({"destination": 42}, "destination must be a SessionStore or a database URL"),
+        ({"destination": 42}, "destination must be a SessionStore, a database URL or an Engine"),
     ],
 )
 def test_arguments_it_cannot_use_are_refused_before_anything_is_written(
@@ -380,6 +380,25 @@ def test_arguments_it_cannot_use_are_refused_before_anything_is_written(
     with pytest.raises(InvalidArgumentError, match=refused):
         import_state_db(call.pop("source"), call.pop("destination"), **call)
     assert not destination.exists()
+
+
+@pytest.mark.parametrize("kind", ["url", "engine"])
+def test_a_destination_given_as_a_url_object_or_an_engine_is_imported_into(
+    tmp_path: Path, kind: str
+) -> None:
+    from sqlalchemy import make_url
+
+    from hermes_orm import create_store_engine
+
+    url = f"sqlite:///{tmp_path / 'hermes.db'}"
+    engine = create_store_engine(url)
+    destination: Any = make_url(url) if kind == "url" else engine
+    report = import_state_db(fixture_copy(tmp_path), destination)
+    assert report.ok
+    assert report.messages_written > 0
+    with SessionStore(engine) as store:
+        assert_same_as_source(store, tmp_path / "state.db")
+    engine.dispose()
 
 
 def test_progress_goes_to_any_writer_and_on_batch_sees_every_batch(

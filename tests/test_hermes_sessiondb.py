@@ -8,6 +8,7 @@ fact that both raise) must match, with the clock's readings set aside.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -23,6 +24,7 @@ from hermes_orm.errors import (
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
+    SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes import SessionDB
 from tests.conftest import fresh_store
@@ -1340,6 +1342,20 @@ def test_a_session_id_no_row_can_hold_finds_nothing_and_makes_nothing(
             makes()
     assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
     assert db.message_count() == 1  # (None: every session's, as Hermes counts)
+    # What a lookup returns of the id it was given is that id, as on Hermes' file.
+    assert db.get_compression_tip(bad) == bad
+    assert db.get_conversation_root(bad) == bad
+    assert db.resolve_resume_session_id(bad) == bad
+    assert db.get_telegram_topic_binding_by_session(session_id=bad) is None
+    assert db.is_telegram_session_linked_to_topic(session_id=bad) is False
+    # Methods that only change a session that exists change nothing.
+    assert db.request_handoff(bad, "telegram") is False
+    assert db.record_compression_failure_cooldown(bad, 60.0, "too long") is None
+    assert db.update_session_billing_route(bad, provider="p", base_url="u") is None
+    with pytest.raises(
+        SessionNotFoundError, match=re.escape(repr(bad if isinstance(bad, str) else repr(bad)))
+    ):
+        db.replace_messages(bad, [{"role": "user", "content": "x"}])
 
 
 def test_a_session_id_given_as_a_number_is_its_text(store: SessionStore) -> None:

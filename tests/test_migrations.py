@@ -119,6 +119,9 @@ def test_the_python_api_takes_a_url_and_leaves_no_connection_open(empty_db_url: 
     assert migrations.differences(empty_db_url) == []
     hermes_orm.downgrade(empty_db_url, "base")
     assert migrations.current(empty_db_url) is None
+    hermes_orm.upgrade(bind=empty_db_url)  # the bind may be given by name, as before
+    assert migrations.current(bind=empty_db_url) == migrations.head()
+    hermes_orm.downgrade(bind=empty_db_url, revision="base")
     if empty_db_url.startswith("postgresql"):
         # The engine each call made is gone with its connections (NullPool, disposed).
         with create_store_engine(empty_db_url, poolclass=NullPool).connect() as conn:

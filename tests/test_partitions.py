@@ -254,14 +254,19 @@ def test_what_a_rebuild_would_drop_unsaid_refuses_the_split(
 
 def test_the_tables_comment_is_carried_over(empty_pg: str) -> None:
     engine = _migrated_with_a_turn(empty_pg)
+    said = "the agents' messages: 100% of them, %s and %(x)s"
     with engine.begin() as conn:
-        conn.exec_driver_sql("COMMENT ON TABLE hermes_messages IS 'the agents'' messages'")
+        conn.execute(text("SELECT set_config('app.said', :said, true)"), {"said": said})
+        conn.exec_driver_sql(
+            "DO $$ BEGIN EXECUTE format('COMMENT ON TABLE hermes_messages IS %%L', "
+            "current_setting('app.said')); END $$"
+        )
     assert migrations.partition_messages(engine, 4)
     with engine.connect() as conn:
         comment = conn.exec_driver_sql(
             "SELECT obj_description('hermes_messages'::regclass, 'pg_class')"
         ).scalar()
-    assert comment == "the agents' messages"
+    assert comment == said
     engine.dispose()
 
 

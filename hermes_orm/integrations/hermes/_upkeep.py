@@ -347,7 +347,7 @@ class Repairs(Protocol):
 class UpkeepMethods:
     """SessionDB methods on upkeep."""
 
-    #: Told of appends and rewrites, in store mode (see :class:`Repairs`).
+    #: Told of rewrites, in store mode (see :class:`Repairs`).
     _repairs: Repairs | None = None
 
     #: Most sessions one :meth:`import_sessions` call takes.

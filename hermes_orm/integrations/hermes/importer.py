@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, TextIO, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
-from sqlalchemy import Connection, Table, bindparam, select
+from sqlalchemy import URL, Connection, Engine, Table, bindparam, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 
@@ -642,9 +642,9 @@ def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_b
         raise InvalidArgumentError(
             f"source {str(source)!r} is no file name (a NUL, or a lone surrogate)"
         ) from None
-    if not isinstance(destination, SessionStore | str):
+    if not isinstance(destination, SessionStore | str | URL | Engine):
         raise InvalidArgumentError(
-            "destination must be a SessionStore or a database URL (a str), got "
+            "destination must be a SessionStore, a database URL or an Engine, got "
             f"{type(destination).__name__}"
         )
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= BATCH_MAX:
@@ -662,7 +662,7 @@ def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_b
 
 def import_state_db(
     source: str | Path,
-    destination: SessionStore | str,
+    destination: SessionStore | str | URL | Engine,
     *,
     progress: TextIO | None = None,
     batch: int = BATCH,
@@ -672,7 +672,8 @@ def import_state_db(
 
     Args:
         source: Path of the Hermes ``state.db`` (read-only; never modified).
-        destination: A :class:`SessionStore`, or a database URL (migrated to head).
+        destination: A :class:`SessionStore`, or a database URL or an Engine
+            (migrated to head).
         progress: Where to show progress (a bar on a terminal, lines otherwise).
         batch: Messages per transaction.
         on_batch: Called after each committed batch with (session id, cursor).
@@ -681,8 +682,8 @@ def import_state_db(
         What was written and the verification of source against destination.
 
     Raises:
-        InvalidArgumentError: ``source`` is no path, ``destination`` neither a
-            store nor a URL, ``batch`` no int from 1 to 1,000,000, ``progress``
+        InvalidArgumentError: ``source`` is no path, ``destination`` no store,
+            URL or Engine, ``batch`` no int from 1 to 1,000,000, ``progress``
             has no ``write``, or ``on_batch`` is not callable: before anything
             is read or written.
     """
@@ -1846,7 +1847,7 @@ def _last_digests(src: Source, session_ids: list[str]) -> dict[str, bytes | None
 _BESIDE = ("-wal", "-shm", "-journal")
 
 
-def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
+def _refuse_same_file(src: Source, destination: SessionStore | str | URL | Engine) -> None:
     """Raise if the destination is a SQLite file that is the source or one SQLite keeps beside it.
 
     Raises:
@@ -1858,6 +1859,8 @@ def _refuse_same_file(src: Source, destination: SessionStore | str) -> None:
         url = (
             destination.engine.url
             if isinstance(destination, SessionStore)
+            else destination.url
+            if isinstance(destination, Engine)
             else make_url(destination)
         )
         path = url.database

@@ -249,8 +249,8 @@ class StoreSessionDB(SessionDB):
     url: ClassVar[str | None] = None
     #: Hermes' own ``SessionDB`` class, which other files keep; set by :func:`install_store`.
     hermes_class: ClassVar[type[Any] | None] = None
-    #: Store mode's end-of-turn repairs, told of the configured database's appends and
-    #: rewrites (see :meth:`StoreFlush.before_append`); set by :func:`register`.
+    #: Store mode's end-of-turn repairs, told of the configured database's rewrites
+    #: (see :meth:`StoreFlush.before_rewrite`); set by :func:`register`.
     repairs: ClassVar[Repairs | None] = None
 
     def __new__(cls, db_path: Any = None, read_only: bool = False) -> Any:

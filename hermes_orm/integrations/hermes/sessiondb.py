@@ -50,6 +50,7 @@ from hermes_orm.errors import (
     InvalidArgumentError,
     InvalidSessionError,
     SearchQueryError,
+    SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._lineage import LineageMethods
@@ -1574,10 +1575,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         self._store.write_transaction(work)
 
 
-#: The session id a lookup by an id no row can hold uses: no session has it (a
-#: session id is at most 255 characters), so the call finds nothing, as it would on
-#: Hermes' file. (Not empty: an empty id means every session to some of Hermes' calls.)
-_NO_SESSION = "(no session has this id)" + "." * 240
+#: The session id a lookup by an id no row can hold uses: no session has an empty id
+#: (the store refuses one), so the call finds nothing, as it would on Hermes' file;
+#: what it returns of the id is the id given.
+_NO_SESSION = ""
 #: Methods that make rows for the session they are given: an id no row can hold
 #: is refused (InvalidSessionError) instead of finding nothing.
 _MAKES_ROWS = frozenset(
@@ -1586,15 +1587,23 @@ _MAKES_ROWS = frozenset(
         "create_session",
         "ensure_session",
         "record_auxiliary_usage",
-        "record_compression_failure_cooldown",
-        "record_gateway_session_peer",
-        "refresh_compression_lock",
-        "request_handoff",
         "try_acquire_compression_lock",
-        "update_session_billing_route",
         "update_token_counts",
     }
 )
+#: What a method whose empty id means something else (every session) returns for an
+#: id no row can hold.
+_NOTHING: dict[str, Any] = {"message_count": 0}
+
+
+def _given_back(result: Any, given: Any) -> Any:
+    """``result`` with the id the call was made with where it holds the one it ran with."""
+    if isinstance(result, str) and result == _NO_SESSION:
+        return given
+    if isinstance(result, list | tuple) and _NO_SESSION in result:
+        back = [given if isinstance(item, str) and item == _NO_SESSION else item for item in result]
+        return back if isinstance(result, list) else tuple(back)
+    return result
 
 
 def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any]:
@@ -1604,6 +1613,7 @@ def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any
     text at all) finds nothing, or, for a method that makes rows, is refused;
     None goes as it is.
     """
+    name = method.__name__
 
     @functools.wraps(method)
     def keyed(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1614,15 +1624,24 @@ def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any
         if given is None:  # (where it may be left out, it means none, or all)
             return method(self, *args, **kwargs)
         key = lookup_key(given)
-        if key is None:
-            if makes_rows:
-                check_session_id(given)  # raises: it says why
-            key = _NO_SESSION
+        if key is not None:
+            if named:
+                kwargs["session_id"] = key
+            else:
+                args = (key, *args[1:])
+            return method(self, *args, **kwargs)
+        if makes_rows:
+            check_session_id(given)  # raises: it says why
+        if name in _NOTHING:
+            return _NOTHING[name]
         if named:
-            kwargs["session_id"] = key
+            kwargs["session_id"] = _NO_SESSION
         else:
-            args = (key, *args[1:])
-        return method(self, *args, **kwargs)
+            args = (_NO_SESSION, *args[1:])
+        try:
+            return _given_back(method(self, *args, **kwargs), given)
+        except SessionNotFoundError:
+            raise SessionNotFoundError(given if isinstance(given, str) else repr(given)) from None
 
     return keyed
 
