@@ -166,8 +166,8 @@ def install_position_rule(target: Any = OrmSession) -> None:
 
 def _check_target(target: Any, name: str) -> None:
     """Refuse a ``target`` that has no ORM session events (see :func:`install_position_rule`)."""
-    if (isinstance(target, type) and issubclass(target, OrmSession)) or isinstance(
-        target, OrmSession | sessionmaker | scoped_session
+    if (isinstance(target, type) and issubclass(target, OrmSession | scoped_session)) or (
+        isinstance(target, OrmSession | sessionmaker | scoped_session)
     ):
         return
     given = f"the class {target.__name__}" if isinstance(target, type) else type(target).__name__

@@ -423,21 +423,38 @@ def test_an_engine_argument_sqlalchemy_refuses_is_an_argument_error(
 
 @pytest.mark.parametrize(
     "target",
-    [None, "Session", 1, "engine", "async_session_class", "async_sessionmaker"],
+    [
+        None,
+        "Session",
+        1,
+        "engine",
+        "async_session_class",
+        "async_sessionmaker",
+        "sessionmaker_class",
+    ],
 )
 def test_the_position_rule_goes_only_on_orm_sessions(target: Any) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+    from sqlalchemy.orm import scoped_session, sessionmaker
 
     given = {
         "engine": create_engine("sqlite://"),
         "async_session_class": AsyncSession,
         "async_sessionmaker": async_sessionmaker(),
+        "sessionmaker_class": sessionmaker,  # (its instances take it)
     }.get(target, target)
     remedy = "sync_session_class" if str(target).startswith("async") else "takes the Session class"
     for call in (hermes_orm.install_position_rule, hermes_orm.remove_position_rule):
         with pytest.raises(hermes_orm.InvalidArgumentError, match=remedy):
             call(given)
+
+    class Scoped(scoped_session):  # type: ignore[type-arg]  # (what SQLAlchemy takes, taken)
+        pass
+
+    for taken in (Scoped, sessionmaker(), scoped_session(sessionmaker())):
+        hermes_orm.install_position_rule(taken)
+        hermes_orm.remove_position_rule(taken)
 
 
 @pytest.mark.parametrize("schema", [1, b"agents", ["agents"]])
