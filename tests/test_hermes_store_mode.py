@@ -279,11 +279,7 @@ def test_a_repair_the_next_turn_still_finds_locked_keeps_that_turn_behind_it(
     """
     spec.turns = ["one", "two", "three"]
     spec.hermes_fault = {"turn": 1, "when": "before", "target": "final", "locked": 6.5}
-    result = run_agent(spec, tmp_path / "out.json")
-    assert result["faults"], "the fault was injected"
-    _assert_stored_exactly(store, "s1", result["turns"][-1]["messages"])
-    log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1 not written to" in log  # the end-of-turn repair failed
+    _stored_exactly_past_a_failed_repair(spec, store, tmp_path)
 
 
 def test_hermes_writing_the_message_its_failed_repair_holds_stores_it_once(
@@ -293,6 +289,13 @@ def test_hermes_writing_the_message_its_failed_repair_holds_stores_it_once(
     spec.turns = ["one"]
     spec.close_persist = True
     spec.hermes_fault = {"turn": 0, "when": "before", "target": "final", "locked": "turn"}
+    _stored_exactly_past_a_failed_repair(spec, store, tmp_path)
+
+
+def _stored_exactly_past_a_failed_repair(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """Run ``spec``: its fault injected, the end-of-turn repair failed, the session exact."""
     result = run_agent(spec, tmp_path / "out.json")
     assert result["faults"], "the fault was injected"
     _assert_stored_exactly(store, "s1", result["turns"][-1]["messages"])

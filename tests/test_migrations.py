@@ -221,13 +221,19 @@ def test_a_revision_that_does_not_exist_is_an_argument_error(db_url: str) -> Non
     engine.dispose()
 
 
-def test_host_tables_and_version_table_untouched(empty_db_url: str) -> None:
-    """Our migrations live beside a host app's own tables and alembic_version."""
-    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+def _with_a_host_history(url: str, revision: str, table: str) -> Any:
+    """An engine on ``url``, whose host application is at ``revision`` with its ``table``."""
+    engine = create_store_engine(url, poolclass=NullPool)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
-        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('host_rev_1')")
-        conn.exec_driver_sql("CREATE TABLE host_users (id INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql(f"INSERT INTO alembic_version VALUES ('{revision}')")
+        conn.exec_driver_sql(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)")
+    return engine
+
+
+def test_host_tables_and_version_table_untouched(empty_db_url: str) -> None:
+    """Our migrations live beside a host app's own tables and alembic_version."""
+    engine = _with_a_host_history(empty_db_url, "host_rev_1", "host_users")
     hermes_orm.upgrade(engine)
     hermes_orm.downgrade(engine, "base")
     hermes_orm.upgrade(engine)
@@ -860,11 +866,7 @@ def test_a_hosts_table_named_as_sqlites_search_index_is_its_own_on_postgresql(
 
 def test_a_hosts_own_revision_named_as_one_of_ours_is_the_hosts(empty_db_url: str) -> None:
     """A host history whose first revision is also called 0001_baseline: no branch of ours."""
-    engine = create_store_engine(empty_db_url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
-        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('0001_baseline')")
-        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    engine = _with_a_host_history(empty_db_url, "0001_baseline", "orders")
     assert migrations.current(engine) is None
     with pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"):
         hermes_orm.check_schema(engine)
