@@ -1174,8 +1174,9 @@ class StoreFlush(Mirror):
         Hermes takes the messages of its history as stored when its next turn
         begins, marking them without writing them: a message its write and the
         repair both missed would be lost, or stored after the new turn's. So
-        those repairs go first, if the database lets them, while the new turn's
-        messages are not written yet. True if nothing was left to write or it ran.
+        those repairs go first, while the new turn's messages are not written
+        yet; while the database is busy or out of reach, tried again for up to
+        :data:`CATCH_UP_PATIENCE` seconds. True if nothing is left to write.
 
         A session with none, and no flush of its own queued or running (nor one
         taken back, on its way to those lists), costs nothing: the writer is not
