@@ -842,13 +842,17 @@ def check_driver_transactional(conn: Connection) -> None:
     Raises:
         InvalidArgumentError: It autocommits (nothing was run on it).
     """
-    dbapi_connection = conn.connection.dbapi_connection
-    if getattr(dbapi_connection, "autocommit", False) is True:
+    if driver_autocommits(conn):
         raise InvalidArgumentError(
             "this engine's connections autocommit every statement (autocommit=True among "
             "its connect_args), so no flush could be all-or-nothing on them: give the store "
             "an engine without it"
         )
+
+
+def driver_autocommits(conn: Connection) -> bool:
+    """Whether ``conn``'s driver connection commits each statement alone (its ``autocommit``)."""
+    return getattr(conn.connection.dbapi_connection, "autocommit", False) is True
 
 
 def check_sqlite_transactional(conn: Connection) -> None:

@@ -342,9 +342,7 @@ def _refuse_driver_autocommit(conn: Connection) -> None:
     Raises:
         InvalidArgumentError: It autocommits; nothing was run on it.
     """
-    if conn.dialect.name == "sqlite":
-        return
-    if getattr(conn.connection.dbapi_connection, "autocommit", False) is True:
+    if conn.dialect.name != "sqlite" and _dialects.driver_autocommits(conn):
         raise InvalidArgumentError(_AUTOCOMMITS.format("autocommit=True among its connect_args"))
 
 

@@ -698,14 +698,13 @@ class UpkeepMethods:
 
     def has_platform_message_id(self, session_id: str, platform_message_id: str) -> bool:
         """Whether the session holds a message with this platform message id."""
-        session_key, message_key = lookup_key(session_id), lookup_key(platform_message_id)
-        if session_key is None or message_key is None:
+        message_key = lookup_key(platform_message_id)  # (the session id is one: see _keyed)
+        if message_key is None:
             return False
-        session_id, platform_message_id = session_key, message_key
         query = select(
             exists().where(
                 _messages.c.session_id == session_id,
-                _messages.c.platform_message_id == platform_message_id,
+                _messages.c.platform_message_id == message_key,
             )
         )
         return bool(self._store.read_transaction(lambda conn: conn.execute(query).scalar()))

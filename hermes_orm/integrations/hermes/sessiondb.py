@@ -944,8 +944,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session as Hermes' sessions row, or None."""
-        key = lookup_key(session_id)
-        return None if key is None else self._one_session(_sessions.c.id == key)
+        return self._one_session(_sessions.c.id == session_id)
 
     def get_session_by_title(self, title: str) -> dict[str, Any] | None:
         """The session with exactly this title, or None (for no title: SQL's ``= NULL``).
@@ -1498,10 +1497,6 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         link. With ``sessions_dir``, their transcript files there go too.
         Returns False when there was no such session.
         """
-        key = lookup_key(session_id)
-        if key is None:
-            return False
-        session_id = key
 
         def pick(conn: Connection) -> list[str]:
             found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id))
@@ -1624,20 +1619,17 @@ def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any
         if given is None:  # (where it may be left out, it means none, or all)
             return method(self, *args, **kwargs)
         key = lookup_key(given)
-        if key is not None:
-            if named:
-                kwargs["session_id"] = key
-            else:
-                args = (key, *args[1:])
-            return method(self, *args, **kwargs)
-        if makes_rows:
-            check_session_id(given)  # raises: it says why
-        if name in _NOTHING:
-            return _NOTHING[name]
+        if key is None:
+            if makes_rows:
+                check_session_id(given)  # raises: it says why
+            if name in _NOTHING:
+                return _NOTHING[name]
         if named:
-            kwargs["session_id"] = _NO_SESSION
+            kwargs["session_id"] = _NO_SESSION if key is None else key
         else:
-            args = (_NO_SESSION, *args[1:])
+            args = (_NO_SESSION if key is None else key, *args[1:])
+        if key is not None:
+            return method(self, *args, **kwargs)
         try:
             return _given_back(method(self, *args, **kwargs), given)
         except SessionNotFoundError:
@@ -1646,7 +1638,8 @@ def _keyed(method: Callable[..., Any], *, makes_rows: bool) -> Callable[..., Any
     return keyed
 
 
-# Every method of the adapter whose first argument is a session id takes it so.
+# Every method of the adapter whose first argument is a session id takes it so (the
+# methods themselves then have the id as the database compares it).
 for _name in dir(SessionDB):
     _method = getattr(SessionDB, _name)
     if _name.startswith("_") or not inspect.isfunction(_method):
