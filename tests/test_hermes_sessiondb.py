@@ -21,6 +21,7 @@ from sqlalchemy import event
 from hermes_orm import SessionStore
 from hermes_orm.errors import (
     DatabaseUnavailableError,
+    HermesOrmError,
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
@@ -61,9 +62,16 @@ class Both:
                 try:
                     results.append(("ok", getattr(db, name)(*args, **kwargs)))
                 except Exception as exc:  # both must fail, not necessarily alike
-                    results.append(("raised", type(exc).__name__))
+                    results.append(("raised", exc))
             (h_kind, h_value), (o_kind, o_value) = results
             assert h_kind == o_kind, (name, args, results)
+            if h_kind == "raised":
+                # Ours is caught as Hermes' is (a ValueError stays one), and is typed
+                # (a TypeError, Python's own error of a wrong type, may stay just that).
+                if isinstance(h_value, ValueError | TypeError | LookupError):
+                    assert isinstance(o_value, type(h_value)), (name, args, results)
+                if not isinstance(o_value, TypeError):
+                    assert isinstance(o_value, HermesOrmError), (name, args, results)
             if h_kind == "ok":
                 assert _no_clock(o_value) == _no_clock(h_value), (name, args)
                 return h_value
@@ -928,7 +936,7 @@ def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
 
     event.listen(store.engine, "before_cursor_execute", take_it_first)
     try:
-        with pytest.raises(ValueError, match="already in use by session b"):
+        with pytest.raises(InvalidArgumentError, match="already in use by session b"):
             ours.set_session_title("a", "Shared")
     finally:
         event.remove(store.engine, "before_cursor_execute", take_it_first)

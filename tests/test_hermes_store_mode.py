@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from hermes_orm import SessionStore
+from hermes_orm.errors import InvalidArgumentError
 from hermes_orm.integrations.hermes.plugin import resolve_mode
 from tests._agent_runner import _config
 from tests._hermes_agent import TOOL_FILES, AgentSpec, FakeLLM, run_agent
@@ -503,7 +504,7 @@ def test_store_mode_goes_on_when_the_empty_state_db_cannot_be_made(
 def test_the_mode_is_mirror_or_store() -> None:
     assert resolve_mode({}) == "mirror"
     assert resolve_mode({"hermes_orm": {"mode": "store"}}) == "store"
-    with pytest.raises(ValueError, match="mirror or store"):
+    with pytest.raises(InvalidArgumentError, match="mirror or store"):
         resolve_mode({"hermes_orm": {"mode": "stored"}})
 
 

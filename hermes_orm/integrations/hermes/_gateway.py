@@ -62,7 +62,7 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
 
     Raises:
         TypeError: Neither text nor a number.
-        ValueError: Text with NUL characters, or longer than ``max_length``.
+        InvalidArgumentError: Text with NUL characters, or longer than ``max_length``.
     """
     text = sqlite_text(value)
     if text is None:
@@ -70,9 +70,9 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in text:
-        raise ValueError(f"{name} contains NUL characters, which cannot be stored")
+        raise InvalidArgumentError(f"{name} contains NUL characters, which cannot be stored")
     if max_length is not None and len(text) > max_length:
-        raise ValueError(f"{name} is longer than {max_length} characters")
+        raise InvalidArgumentError(f"{name} is longer than {max_length} characters")
     return text
 
 
@@ -81,7 +81,7 @@ def _key(name: str, value: Any, *, max_length: int | None = _MAX_KEY) -> str:
 
     Raises:
         TypeError: None, or neither text nor a number.
-        ValueError: See :func:`_text`.
+        InvalidArgumentError: See :func:`_text`.
     """
     text = _text(name, value, max_length=max_length)
     if text is None:
@@ -197,7 +197,7 @@ class GatewayMethods:
 
         Raises:
             TypeError: ``source`` is None, or a value is neither text nor a number.
-            ValueError: A value holds NUL characters.
+            InvalidArgumentError: A value holds NUL characters.
         """
         if not session_id or not session_key:
             return
@@ -403,7 +403,7 @@ class GatewayMethods:
 
         Raises:
             TypeError: A value that is neither text nor a number.
-            ValueError: NUL characters in a key or the scope.
+            InvalidArgumentError: NUL characters in a key or the scope.
         """
         if not session_key or not entry_json:
             return
@@ -433,7 +433,7 @@ class GatewayMethods:
 
         Raises:
             TypeError: A value that is neither text nor a number.
-            ValueError: NUL characters in a key or the scope.
+            InvalidArgumentError: NUL characters in a key or the scope.
         """
         where = _key("scope", scope, max_length=None)
         rows = [
@@ -706,7 +706,7 @@ class GatewayMethods:
         refreshes the binding.
 
         Raises:
-            ValueError: The session is bound to another topic.
+            InvalidArgumentError: The session is bound to another topic.
             SessionNotFoundError: No such session.
         """
         values = {
@@ -735,7 +735,7 @@ class GatewayMethods:
                 values["chat_id"],
                 values["thread_id"],
             ):
-                raise ValueError("session is already linked to another Telegram topic")
+                raise InvalidArgumentError("session is already linked to another Telegram topic")
             now = time.time()
             statement = _insert(conn, _bindings).values(**values, linked_at=now, updated_at=now)
             excluded = statement.excluded

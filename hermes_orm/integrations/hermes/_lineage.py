@@ -34,7 +34,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _dialects
-from hermes_orm.errors import DatabaseBusyError, DatabaseError, DatabaseUnavailableError
+from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+)
 from hermes_orm.models import CompressionLock, Message, Session
 
 if TYPE_CHECKING:
@@ -784,7 +789,9 @@ class LineageMethods:
                 ).scalar()
                 if holder is not None:
                     if not _is_compression_ancestor(conn, holder, session_id):
-                        raise ValueError(f"Title '{cleaned}' is already in use by session {holder}")
+                        raise InvalidArgumentError(
+                            f"Title '{cleaned}' is already in use by session {holder}"
+                        )
                     conn.execute(update(_sessions).where(c.id == holder).values(title=None))
             statement = update(_sessions).where(c.id == session_id)
             if only_if_empty:

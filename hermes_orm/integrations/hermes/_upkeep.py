@@ -216,18 +216,18 @@ def _text_or_none(value: Any, field: str) -> str | None:
     """An imported text field.
 
     Raises:
-        ValueError: Neither text nor None.
+        InvalidArgumentError: Neither text nor None.
     """
     if value is None or isinstance(value, str):
         return value
-    raise ValueError(f"{field} must be a string")
+    raise InvalidArgumentError(f"{field} must be a string")
 
 
 def _json_object_or_none(value: Any, field: str) -> dict[str, Any] | None:
     """An imported JSON object (given as one, or as its JSON text).
 
     Raises:
-        ValueError: Not a JSON object.
+        InvalidArgumentError: Not a JSON object.
     """
     if value is None:
         return None
@@ -235,13 +235,13 @@ def _json_object_or_none(value: Any, field: str) -> dict[str, Any] | None:
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"{field} must be valid JSON") from exc
+            raise InvalidArgumentError(f"{field} must be valid JSON") from exc
     if not isinstance(value, dict):
-        raise ValueError(f"{field} must be a JSON object")
+        raise InvalidArgumentError(f"{field} must be a JSON object")
     try:
         json.dumps(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{field} must be JSON serializable") from exc
+        raise InvalidArgumentError(f"{field} must be JSON serializable") from exc
     return value
 
 
@@ -588,7 +588,7 @@ class UpkeepMethods:
             ``new_head_id`` (the last live row's id, or None).
 
         Raises:
-            ValueError: No such message in the session, or not a user message.
+            InvalidArgumentError: No such message in the session, or not a user message.
         """
         from hermes_orm.integrations.hermes.sessiondb import _json_text
 
@@ -599,10 +599,12 @@ class UpkeepMethods:
                 )
             ).first()
             if row is None:
-                raise ValueError(f"message {target_message_id} not found in session {session_id}")
+                raise InvalidArgumentError(
+                    f"message {target_message_id} not found in session {session_id}"
+                )
             target = self._hermes_message(row)
             if target["role"] != "user":
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"rewind target must be a 'user' message (got role={target['role']!r}, "
                     f"id={target_message_id})"
                 )
@@ -1209,13 +1211,15 @@ class UpkeepMethods:
         :meth:`replace_messages` stores them.
 
         Raises:
-            ValueError: ``sessions`` is not a list, or holds too many; a title
+            InvalidArgumentError: ``sessions`` is not a list, or holds too many; a title
                 another session holds.
         """
         if not isinstance(sessions, list):
-            raise ValueError("sessions must be a list")
+            raise InvalidArgumentError("sessions must be a list")
         if len(sessions) > self._IMPORT_MAX_SESSIONS:
-            raise ValueError(f"sessions must contain at most {self._IMPORT_MAX_SESSIONS} entries")
+            raise InvalidArgumentError(
+                f"sessions must contain at most {self._IMPORT_MAX_SESSIONS} entries"
+            )
         valid, errors = self._import_checked(sessions)
         if errors:
             return {"ok": False, "imported": 0, "skipped": 0, "detached": 0, "errors": errors}
@@ -1281,7 +1285,7 @@ class UpkeepMethods:
         """An imported session's fields and its messages, encoded.
 
         Raises:
-            ValueError: A field or a message that cannot be imported.
+            InvalidArgumentError: A field or a message that cannot be imported.
         """
         config = _json_object_or_none(raw.get("model_config"), "model_config")
         parent = _text_or_none(raw.get("parent_session_id"), "parent_session_id")
@@ -1290,7 +1294,7 @@ class UpkeepMethods:
         for i, message in enumerate(messages):
             role = message.get("role")
             if not isinstance(role, str) or not role:
-                raise ValueError(f"messages[{i}].role must be a non-empty string")
+                raise InvalidArgumentError(f"messages[{i}].role must be a non-empty string")
             clean = dict(message)
             for key in _IMPORT_MESSAGE_TEXT:
                 clean[key] = _text_or_none(message.get(key), key)
@@ -1298,7 +1302,7 @@ class UpkeepMethods:
             try:
                 clean["token_count"] = None if token_count is None else int(token_count)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise ValueError("token_count must be an integer") from exc
+                raise InvalidArgumentError("token_count must be an integer") from exc
             for key in _REASONING_JSON:
                 value = clean.get(key)
                 if isinstance(value, str):
@@ -1309,7 +1313,7 @@ class UpkeepMethods:
             encoded = _encode_all(cleaned)
         except InvalidMessageError as exc:  # what the store cannot hold
             key = "" if exc.key is None else f".{exc.key}"
-            raise ValueError(f"messages[{exc.index}]{key}: {exc.reason}") from None
+            raise InvalidArgumentError(f"messages[{exc.index}]{key}: {exc.reason}") from None
         started = _float_or_none(raw.get("started_at"))
         fields: dict[str, Any] = {
             **text,
@@ -1331,7 +1335,7 @@ class UpkeepMethods:
             check_session_id(session_id)
             check_fields({k: v for k, v in fields.items() if k != "id"})
         except InvalidSessionError as exc:
-            raise ValueError(str(exc)) from None
+            raise InvalidArgumentError(str(exc)) from None
         return fields, encoded
 
     def _import_into(
@@ -1353,7 +1357,9 @@ class UpkeepMethods:
             if title is not None:
                 holder = conn.execute(select(s.id).where(s.title == title)).scalar()
                 if holder is not None:
-                    raise ValueError(f"Title '{title}' is already in use by session {holder}")
+                    raise InvalidArgumentError(
+                        f"Title '{title}' is already in use by session {holder}"
+                    )
             parent = fields["parent_session_id"]  # linked once every session is in
             conn.execute(_sessions.insert().values({**fields, "parent_session_id": None}))
             refuse_orphans(conn, session_id)

@@ -58,7 +58,12 @@ from hermes_orm._dialects import (
     safe_url,
     sqlite_in_memory,
 )
-from hermes_orm.errors import SchemaOutOfDateError, SchemaTooNewError, UnsupportedBackendError
+from hermes_orm.errors import (
+    InvalidArgumentError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
+    UnsupportedBackendError,
+)
 from hermes_orm.integrations.hermes._upkeep import Repairs
 from hermes_orm.integrations.hermes.mirror import (
     DEFAULT_WAIT,
@@ -103,7 +108,9 @@ def _section(config: Mapping[str, Any]) -> Mapping[str, Any]:
     if section is None:
         return {}
     if not isinstance(section, Mapping):
-        raise ValueError(f"config.yaml: {NAME} must be a mapping, got {type(section).__name__}")
+        raise InvalidArgumentError(
+            f"config.yaml: {NAME} must be a mapping, got {type(section).__name__}"
+        )
     return section
 
 
@@ -114,7 +121,7 @@ def resolve_url(config: Mapping[str, Any]) -> tuple[str, str]:
     url = _section(config).get("url")
     if url is not None:
         if not isinstance(url, str) or not url:
-            raise ValueError(f"config.yaml: {NAME}.url must be a database URL string")
+            raise InvalidArgumentError(f"config.yaml: {NAME}.url must be a database URL string")
         return url, _URL_FROM_CONFIG
     return default_url(), _URL_DEFAULT
 
@@ -128,14 +135,16 @@ def resolve_mode(config: Mapping[str, Any]) -> str:
     """``hermes_orm.mode`` from config.yaml: ``mirror`` (the default) or ``store``."""
     mode = _section(config).get("mode", "mirror")
     if mode not in MODES:
-        raise ValueError(f"config.yaml: {NAME}.mode must be mirror or store, got {mode!r}")
+        raise InvalidArgumentError(
+            f"config.yaml: {NAME}.mode must be mirror or store, got {mode!r}"
+        )
     return str(mode)
 
 
 def _wait(config: Mapping[str, Any], default: float = DEFAULT_WAIT) -> float:
     wait = _section(config).get("wait", default)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= 60:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"config.yaml: {NAME}.wait must be seconds, over 0 and up to 60, got {wait!r}"
         )
     return float(wait)

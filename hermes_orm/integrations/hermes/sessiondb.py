@@ -147,7 +147,7 @@ def sanitize_title(title: str | None) -> str | None:
     """Clean a title as Hermes does; None for an empty one.
 
     Raises:
-        ValueError: Longer than :data:`MAX_TITLE_LENGTH` once cleaned.
+        InvalidArgumentError: Longer than :data:`MAX_TITLE_LENGTH` once cleaned.
     """
     if not title:
         return None
@@ -156,7 +156,7 @@ def sanitize_title(title: str | None) -> str | None:
     if not cleaned:
         return None
     if len(cleaned) > MAX_TITLE_LENGTH:
-        raise ValueError(f"Title too long ({len(cleaned)} chars, max {MAX_TITLE_LENGTH})")
+        raise InvalidArgumentError(f"Title too long ({len(cleaned)} chars, max {MAX_TITLE_LENGTH})")
     return cleaned
 
 
