@@ -583,15 +583,15 @@ def search_section(
         )
     )
     if "PostgreSQL" in stores:
-        pg_index, pg_text = _search.postgresql_sizes(stores["PostgreSQL"])
+        sizes_pg = _search.postgresql_sizes(stores["PostgreSQL"])
         rows.append(
             Row(
                 "PostgreSQL search columns and indexes vs the text",
-                f"{pg_index / 2**20:,.1f} MiB",
-                f"{pg_text / 2**20:,.1f} MiB text",
-                pg_index / pg_text,
+                f"{sizes_pg.total / 2**20:,.1f} MiB ({sizes_pg.parts()})",
+                f"{sizes_pg.text / 2**20:,.1f} MiB text",
+                sizes_pg.total / sizes_pg.text,
                 "<= 2x",
-                pg_index / pg_text <= 2.0,
+                sizes_pg.total / sizes_pg.text <= 2.0,
             )
         )
     head = ["query", "filter", "hits (page of 20)", *(f"{n} ms" for n in timings), "Hermes ms"]

@@ -269,17 +269,51 @@ def sqlite_text_bytes(path: Path) -> int:
         return int(conn.execute(statement).fetchone()[0])
 
 
-def postgresql_sizes(store: hermes_orm.SessionStore) -> tuple[int, int]:
-    """Bytes of the search indexes plus the search columns, and of the indexed text."""
+@dataclass(frozen=True)
+class PostgresqlSizes:
+    """Bytes of PostgreSQL's search columns and indexes, by part, and of the indexed text."""
+
+    vectors: int
+    #: Of ``vectors``, what the words' positions take (phrases are checked on them).
+    positions: int
+    words_index: int
+    #: The CJK-like words' column and its indexes.
+    cjk: int
+    text: int
+
+    @property
+    def total(self) -> int:
+        return self.vectors + self.words_index + self.cjk
+
+    def parts(self) -> str:
+        mib = 2**20
+        return (
+            f"vectors {self.vectors / mib:,.1f} (of them positions {self.positions / mib:,.1f}), "
+            f"their GIN index {self.words_index / mib:,.1f}, CJK-like words {self.cjk / mib:,.1f}"
+        )
+
+
+def postgresql_sizes(store: hermes_orm.SessionStore) -> PostgresqlSizes:
+    """Bytes of the search columns and indexes, by part, and of the indexed text."""
     with store.engine.connect() as conn:
-        indexes = conn.exec_driver_sql(
-            "SELECT sum(pg_relation_size(indexrelid)) FROM pg_index i "
-            "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname LIKE 'ix_hermes_search%%'"
-        ).scalar_one()
+        indexes = dict(
+            conn.exec_driver_sql(
+                "SELECT c.relname, pg_relation_size(indexrelid) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname LIKE 'ix_hermes_search%%'"
+            ).all()
+        )
         # The text is each message's body, as the search function computes it.
-        columns, text = conn.exec_driver_sql(
-            "SELECT sum(pg_column_size(search_vector) + coalesce(pg_column_size(search_cjk), 0)), "
+        vectors, stripped, cjk, text = conn.exec_driver_sql(
+            "SELECT sum(pg_column_size(search_vector)), sum(pg_column_size(strip(search_vector))), "
+            "sum(coalesce(pg_column_size(search_cjk), 0)), "
             "sum(octet_length(hermes_search_body(content, content_parts, tool_name, tool_calls))) "
             "FROM hermes_messages"
         ).one()
-    return int(indexes) + int(columns), int(text)
+    words_index = int(indexes.pop("ix_hermes_search_vector"))
+    return PostgresqlSizes(
+        vectors=int(vectors),
+        positions=int(vectors) - int(stripped),
+        words_index=words_index,
+        cjk=int(cjk) + sum(int(size) for size in indexes.values()),
+        text=int(text),
+    )

@@ -45,6 +45,7 @@ def test_bench_quick_run(pg_server_url: str, tmp_path: Path) -> None:
         "queries slower than Hermes search_messages",
         "SQLite search index vs the text it indexes",
         "PostgreSQL search columns and indexes",
+        "(of them positions",
         "| `docker 部署` |",
         "Hermes plugin: post_llm_call of a turn",
         "SQLite AsyncSessionStore flush per turn",
