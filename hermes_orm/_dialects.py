@@ -1543,6 +1543,50 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
     return _on_driver(conn, fetch, [(text, params)])
 
 
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The server process of a PostgreSQL connection on an asyncio driver, and that connection."""
+
+    pid: int
+    driver: Any
+
+    def settled(self) -> bool:
+        """Whether the driver knows the connection's last statement has ended on the server.
+
+        psycopg's does when the connection is open and runs no command (a
+        cancelled one, it waited for). asyncpg's tells no such thing (the next
+        call on it waits for a cancelled statement's end): never.
+        """
+        info = getattr(self.driver, "info", None)  # psycopg's
+        if info is None or getattr(self.driver, "closed", True):
+            return False
+        return getattr(info.transaction_status, "name", "") != "ACTIVE"
+
+
+def backend(conn: Connection) -> Backend | None:
+    """The server process behind ``conn`` (psycopg async, asyncpg); None elsewhere.
+
+    Known to the driver since it connected: asking costs no round trip.
+    """
+    if conn.dialect.name != "postgresql" or not conn.dialect.is_async:
+        return None
+    driver = conn.connection.driver_connection
+    if driver is None:
+        return None
+    try:
+        if conn.dialect.driver == "asyncpg":
+            pid = driver.get_server_pid()
+        else:
+            pid = driver.info.backend_pid
+    except Exception:  # (a driver of another shape: nothing to wait for later)
+        return None
+    return Backend(int(pid), driver) if pid else None
+
+
+#: Whether a server process is there still (its statement may still be running).
+BACKEND_ALIVE_SQL = "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = :pid)"
+
+
 def can_autocommit(conn: Connection) -> bool:
     """Whether ``conn``'s statements can run in autocommit now: no transaction is open on it.
 

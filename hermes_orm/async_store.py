@@ -22,6 +22,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -152,6 +153,12 @@ class _AsyncSessions(StoreCore):
             cursor=cursor,
         )
         return await self._drive(steps)
+
+
+#: Seconds a cancelled write waits for the server process of its dropped connection
+#: to end, where the retry policy sets no try deadline; between looks.
+_BACKEND_WAIT = 60.0
+_BACKEND_POLL = 0.002
 
 
 def _left_in_transaction(conn: AsyncConnection) -> bool:
@@ -328,12 +335,17 @@ class AsyncSessionStore(_AsyncSessions):
             conn = await self._checkout()
             # Taken now: a connection SQLAlchemy invalidates no longer leads to it.
             driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
+            backend = _dialects.backend(conn.sync_connection)  # type: ignore[arg-type]
             try:
                 result = await conn.run_sync(attempt, request, begin, self._settings, timeout)
-            except BaseException:
+            except BaseException as exc:
                 # Back to the pool, whose reset rolls back whatever a
                 # cancellation interrupted; dropped if it was invalidated.
-                await self._to_the_end(self._release(conn, failed=True, driver=driver))
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                release = self._release(
+                    conn, failed=True, driver=driver, backend=backend if cancelled else None
+                )
+                await self._to_the_end(release)
                 raise
             await self._checkin(conn, closes)
             return result
@@ -488,7 +500,12 @@ class AsyncSessionStore(_AsyncSessions):
         return conn
 
     async def _release(
-        self, conn: AsyncConnection, *, failed: bool = False, driver: Any = None
+        self,
+        conn: AsyncConnection,
+        *,
+        failed: bool = False,
+        driver: Any = None,
+        backend: _dialects.Backend | None = None,
     ) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
@@ -498,17 +515,56 @@ class AsyncSessionStore(_AsyncSessions):
         connection, taken before the try; one SQLAlchemy dropped meanwhile (a
         cancellation interrupting the try's rollback), or that SQLAlchemy took for
         rolled back, still runs on its thread what it was given, a COMMIT perhaps:
-        that work is waited for.
+        that work is waited for. ``backend``: the server process behind ``conn``
+        (PostgreSQL), taken before a try a cancellation ended. psycopg cancels
+        the statement on the server and waits for its end, but cancelled again
+        meanwhile it drops the connection instead; asyncpg leaves the end to its
+        next call. Either way the server may still run the statement, a flush's
+        one statement to its commit. Unless the driver knows it ended, the
+        connection is dropped and the end of its server process waited for
+        (the process ends once it has run all it received).
         """
+        unsettled = backend is not None and not backend.settled()
         try:
             if self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
-            elif failed and not conn.invalidated and _left_in_transaction(conn):
+            elif not conn.invalidated and (unsettled or (failed and _left_in_transaction(conn))):
                 await conn.invalidate()
         finally:
             await conn.close()
             if driver is not None:
                 await _sa.aiosqlite_drained(driver)
+            if unsettled and backend is not None:
+                await self._backend_ended(backend.pid)
+
+    async def _backend_ended(self, pid: int) -> None:
+        """Wait until the server process ``pid`` has ended, within a try's deadline.
+
+        Looked for on another connection, each look in a transaction of its own
+        (a transaction sees the server's activity as it first looked). Where
+        that cannot be told (the server out of reach, the deadline passed), a
+        warning says so. Behind a pooler the id the driver knows is the
+        pooler's, which no server process has: nothing is waited for.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._retry.attempt_timeout or _BACKEND_WAIT)
+        look = text(_dialects.BACKEND_ALIVE_SQL)
+        try:
+            conn = await self._connect()
+            try:
+                while (await conn.execute(look, {"pid": pid})).scalar():
+                    await conn.rollback()
+                    if loop.time() >= deadline:
+                        raise TimeoutError(f"server process {pid} still runs")
+                    await asyncio.sleep(_BACKEND_POLL)
+            finally:
+                await conn.close()
+        except Exception as exc:
+            logger.warning(
+                "hermes_orm: whether the server has ended the statement of a cancelled "
+                "write is unknown (%s): it may still commit",
+                _dialects.redact(str(exc)),
+            )
 
     async def _checkin(self, conn: AsyncConnection, closes: int) -> None:
         """Keep ``conn`` (its transaction ended) for the next operation, or give it back.

@@ -2552,6 +2552,85 @@ def test_a_write_cancelled_at_its_commit_again_and_again_is_done_when_the_call_e
     assert when_it_ended == later
 
 
+#: A trigger holding each message's INSERT until ``gate`` opens, deaf to the server's
+#: cancel: a statement past the point where a cancel still stops it.
+_HELD_UNTIL_THE_GATE_OPENS = """
+CREATE TABLE gate (open boolean NOT NULL);
+INSERT INTO gate VALUES (false);
+CREATE FUNCTION held() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    LOOP
+        BEGIN
+            EXIT WHEN (SELECT open FROM gate);
+            PERFORM pg_sleep(0.01);
+        EXCEPTION WHEN query_canceled THEN NULL;
+        END;
+    END LOOP;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER held BEFORE INSERT ON hermes_messages FOR EACH ROW EXECUTE FUNCTION held();
+"""
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_flush_cancelled_again_and_again_on_postgresql_is_done_when_the_call_ends(
+    empty_pg: str, driver: str
+) -> None:
+    """The driver gives up on a statement the server still runs (its one statement, which
+    commits as it ends): psycopg cancelled again as it cancels drops the connection,
+    asyncpg leaves the statement's end to its next call. The call ends once the server's
+    process of that connection has: what is stored then stays so."""
+    from sqlalchemy.pool import NullPool
+
+    from hermes_orm import create_store_engine
+
+    SessionStore(empty_pg).upgrade()
+    check = create_store_engine(empty_pg, poolclass=NullPool)
+    history = conversation(3)
+
+    def stored() -> int:
+        with check.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar_one())
+
+    def gate(open_: bool) -> None:
+        with check.begin() as conn:
+            conn.exec_driver_sql("UPDATE gate SET open = %s", (open_,))
+
+    async def main() -> tuple[int, int]:
+        url = make_url(empty_pg)
+        if driver == "asyncpg":
+            url = url.set(drivername="postgresql+asyncpg")
+        store = AsyncSessionStore(url)
+        await store.create_session("s", source="cli")
+        with check.begin() as conn:
+            conn.exec_driver_sql(_HELD_UNTIL_THE_GATE_OPENS.replace("false", "true"))
+        await store.flush("s", history[:1])  # the cursor remembered: one statement next
+        gate(False)
+        opener = threading.Timer(1.0, gate, (True,))
+        opener.start()
+        try:
+            task = asyncio.ensure_future(store.flush("s", history))
+            await asyncio.sleep(0.3)
+            while not task.done():  # as an anyio scope does: again at every await
+                task.cancel()
+                await asyncio.sleep(0.001)
+            assert task.cancelled()
+        finally:
+            opener.join()
+        when_it_ended = stored()
+        await asyncio.sleep(0.5)
+        later = stored()
+        await store.close()
+        return when_it_ended, later
+
+    try:
+        when_it_ended, later = asyncio.run(main())
+    finally:
+        check.dispose()
+    assert when_it_ended == later == len(history)
+
+
 def test_a_write_cancelled_as_its_connection_goes_back_logs_no_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
