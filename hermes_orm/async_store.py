@@ -267,9 +267,19 @@ class AsyncSessionStore(_AsyncSessions):
             # Shielded: a cancelled close() leaves them to end (their calls wait for them).
             await asyncio.shield(asyncio.gather(*self._releasing, return_exceptions=True))
         if self._owns_engine:
-            await self._async_engine.dispose()
+            await self._dispose(self._async_engine)
         if self._owns_replica and self._async_replica is not None:
-            await self._async_replica.dispose()
+            await self._dispose(self._async_replica)
+
+    async def _dispose(self, engine: AsyncEngine) -> None:
+        """Dispose of an engine the store made; from another event loop, asyncpg's unclosed.
+
+        asyncpg's connections belong to the loop that opened them (see
+        :meth:`_on_this_loop`): closed from another, they fail, and the pool
+        logs each as an error. They are dropped instead, as a new loop drops them.
+        """
+        seen = self._loops.get(id(engine))
+        await engine.dispose(close=seen is None or seen is asyncio.get_running_loop())
 
     def for_user(self, user_id: str) -> AsyncUserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
