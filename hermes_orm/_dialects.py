@@ -136,12 +136,17 @@ def printable(text: str) -> str:
 
 
 #: A PostgreSQL URL in a text, up to a blank.
-_POSTGRESQL_URL = re.compile(r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://\S+", re.IGNORECASE)
+#: A PostgreSQL URL in a text, to the end of its line: a password may hold blanks.
+_POSTGRESQL_URL = re.compile(r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://[^\n]+", re.IGNORECASE)
 
 
 def _hide_several_ats(found: re.Match[str]) -> str:
     """A PostgreSQL URL with several @ after its user, hidden up to the last (else as is)."""
-    url = found[0]
+    return _hidden_to_last_at(found[0])
+
+
+def _hidden_to_last_at(url: str) -> str:
+    """``url`` with all between its user and its last @ hidden, if it holds several @."""
     last = _last_of_several_ats(url)
     if last is None:
         return url
@@ -156,7 +161,7 @@ def safe_url(url: str | URL) -> str:
     not parse is shown through :func:`redact`.
     """
     if isinstance(url, str) and _last_of_several_ats(url) is not None:
-        return redact(url)  # ``user:p@ss@host``: hidden up to the last @
+        return redact(_hidden_to_last_at(url))  # ``user:p@ss@host``: hidden up to the last @
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret
@@ -200,8 +205,8 @@ def normalize_url(url: str | URL) -> URL:
     """
     if isinstance(url, str) and _last_of_several_ats(url) is not None:
         raise InvalidURLError(
-            f"not a database URL: {safe_url(url)} (an @ in the password or the database "
-            "name is written %40)"
+            f"not a database URL: {safe_url(url)} (several @ after the user: an @ in the "
+            "password, the database name or a query value is written %40)"
         )
     reason = None
     # A port that is no number is not shown: its text may be a password
@@ -242,9 +247,9 @@ def _last_of_several_ats(url: str) -> int | None:
     """Where the last @ is in a PostgreSQL URL holding several after its user (None: not so).
 
     ``user:p@ss@host/db``: SQLAlchemy cuts the password at its first @ and reads
-    the rest as the host, or (the password holding a ``/`` too) as the
-    database. An @ in a database name is as ambiguous. Counted up to the query
-    (a ``?`` in the password before its @ is not told from one).
+    the rest as the host, or (the password holding a ``/``, a ``?`` or a blank
+    too) as the database or the query. An @ in a database name or a query
+    value is as ambiguous: every @ to the end counts.
     """
     scheme, found, rest = url.partition("://")
     if not found or not scheme.lower().startswith(("postgresql", "postgres")):
@@ -252,7 +257,7 @@ def _last_of_several_ats(url: str) -> int | None:
     user = re.match(r"[^:/?#]*:", rest)  # (a user holds no / ? #; a password may)
     if user is None:
         return None
-    after_user = rest[user.end() :].partition("?")[0]
+    after_user = rest[user.end() :]
     if after_user.count("@") < 2:
         return None
     return len(url) - len(rest) + user.end() + after_user.rindex("@")

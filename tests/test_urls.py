@@ -106,6 +106,12 @@ NOT_URLS = [
     # A password holding an @ and a /: its rest read as a host and a database.
     "postgresql://admin:s3c@ret/x@127.0.0.1:1/db",
     "postgresql://admin:s3c@ret/@127.0.0.1:1/db",
+    # A password holding an @, then a blank, a ? or a / with a blank after it.
+    "postgresql://u:p@s3c ret@127.0.0.1:5432/db",
+    "postgresql://u:Tr0ub@s3c?ret@127.0.0.1:5432/db",
+    "postgresql://u:p@s3c/x ret@127.0.0.1:5432/db",
+    "postgresql://u:p@s3c:w/o?r#d ret@127.0.0.1/db",
+    "postgresql://u:Tr0ub@127.0.0.1?sslmode=s3c@ret@127.0.0.1:5432/db",
 ]
 #: URLs that parse, with a password SQLAlchemy reads as such.
 URLS = [
@@ -158,6 +164,12 @@ def test_an_at_sign_in_a_postgresql_database_name_is_written_percent_40() -> Non
     assert normalize_url("postgresql://u@host/d@b").database == "d@b"  # no password: no doubt
     with pytest.raises(InvalidURLError, match="written %40"):
         normalize_url("postgresql://u:p@host/d@b")
+    # In a query value too: after a password holding an @ and a ?, it reads the same.
+    assert normalize_url("postgresql://u:p@host/db?application_name=a%40b").query == {
+        "application_name": "a@b"
+    }
+    with pytest.raises(InvalidURLError, match="written %40"):
+        normalize_url("postgresql://u:p@host/db?application_name=a@b")
 
 
 def test_a_url_is_shown_as_before() -> None:
