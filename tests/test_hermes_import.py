@@ -829,7 +829,72 @@ def test_a_message_that_cannot_be_stored_is_reported(store: SessionStore, tmp_pa
     assert all(store.get_session(sid) is not None for sid in others)
     # the bad session is left out whole: its messages, and the row made for them
     assert store.get_session(bad) is None
+    assert report.sessions_written == len(others)  # (its row, taken back, is not counted)
     assert report.counts["messages"].destination == 877 - (len(source_rows(source)[1][bad]) - 1)
+
+
+def _a_message_no_store_takes(source: Path, sid: str) -> None:
+    _edit_source(
+        source,
+        "INSERT INTO messages (session_id, role, content, timestamp) "
+        f"VALUES ('{sid}', 'tool', 'output', 'not a time')",  # SQLite stores any type
+    )
+
+
+def test_the_empty_row_an_interrupted_run_made_of_an_invalid_session_goes(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A run stopped after it wrote a new session's row, before it found the session's
+    messages invalid, leaves that row (empty); the next run takes it back, as a run not
+    stopped does, and counts no session written. Another writer's row of that id stays."""
+    source = fixture_copy(tmp_path)
+    sessions, messages = source_rows(source)
+    bad, other = sessions[1]["id"], sessions[2]["id"]
+    held = tmp_path / "held"
+    held.mkdir()
+    # The state an interrupted run leaves: the rows of the sessions, not their messages.
+    interrupted = fixture_copy(held)
+    _edit_source(interrupted, f"DELETE FROM messages WHERE session_id IN ('{bad}', '{other}')")
+    import_state_db(interrupted, store)
+    assert store.get_session(bad)["message_count"] == 0
+    store.delete_session(other)
+    store.create_session(other, source="elsewhere")  # another writer's row of that id
+    _a_message_no_store_takes(source, bad)
+    _a_message_no_store_takes(source, other)
+    report = import_state_db(source, store)
+    assert set(report.invalid_sessions) == {bad, other}
+    assert store.get_session(bad) is None
+    assert store.get_session(other)["source"] == "elsewhere"
+    assert report.sessions_written == 0  # (every other session was copied before)
+    again = import_state_db(source, store)
+    assert again.sessions_written == again.messages_written == 0
+    assert store.get_session(bad) is None
+    assert sum(len(m) for m in messages.values()) > 0
+
+
+def test_an_id_the_source_holds_twice_is_reported_and_neither_row_copied(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A sessions table without its primary key (damaged, or made by hand) may hold an id
+    twice: which row is the session cannot be told, so the session is reported invalid."""
+    source = fixture_copy(tmp_path)
+    sessions, _ = source_rows(source)
+    twice = sessions[0]["id"]
+    _edit_source(
+        source,
+        "CREATE TABLE copy AS SELECT * FROM sessions",
+        f"INSERT INTO copy SELECT * FROM sessions WHERE id = '{twice}'",
+        "UPDATE copy SET model = 'another' WHERE rowid = (SELECT max(rowid) FROM copy)",
+        "PRAGMA foreign_keys = OFF",
+        "DROP TABLE sessions",
+        "ALTER TABLE copy RENAME TO sessions",
+    )
+    report = import_state_db(source, store)
+    assert "2 rows of this id" in report.invalid_sessions[twice]
+    assert not report.ok
+    assert store.get_session(twice) is None
+    others = [s["id"] for s in sessions if s["id"] != twice]
+    assert all(store.get_session(sid) is not None for sid in others)
 
 
 def test_a_title_already_used_in_the_destination_is_kept_in_extra(

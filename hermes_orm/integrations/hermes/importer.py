@@ -31,7 +31,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TextIO, TypeVar
@@ -420,10 +421,11 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
 
     A row hermes_orm cannot store (an id the store refuses, a BLOB or text
     that is not UTF-8 in any column) is left out, and put in ``report``'s
-    invalid sessions. NULL in a column hermes_orm keeps NOT NULL is the
-    column's default. A title that a newer row (a larger rowid) also holds, as
-    in databases from before Hermes made titles unique, is left to the newest,
-    as Hermes' own migration does, and kept in the others' ``extra["title"]``.
+    invalid sessions, as are the rows of an id several rows hold. NULL in a
+    column hermes_orm keeps NOT NULL is the column's default. A title that a
+    newer row (a larger rowid) also holds, as in databases from before Hermes
+    made titles unique, is left to the newest, as Hermes' own migration does,
+    and kept in the others' ``extra["title"]``.
     """
     copied, kept = _session_columns(tuple(src.columns("sessions")))
     keys = ("id", *copied)
@@ -432,7 +434,9 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
     bools = sorted(_BOOL_SESSION.intersection(copied))
     defaults = [(k, v) for k, v in _SESSION_DEFAULTS.items() if k in copied]
     rows = []
+    rows_of: Counter[Any] = Counter()
     for row in src.execute(f"SELECT {select_list} FROM sessions ORDER BY rowid"):
+        rows_of[row[0]] += 1
         problem = _session_problem(names, row)
         if problem is not None:
             if report is not None:
@@ -455,6 +459,16 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
                 report.invalid_sessions[fields["id"]] = str(exc)
             continue
         rows.append(fields)
+    # A sessions table without its primary key (a damaged or hand-made file) may hold
+    # an id twice: which row is the session's cannot be told, so neither is copied.
+    doubled = {sid for sid, n in rows_of.items() if n > 1}
+    if doubled:
+        for sid in doubled:
+            if report is not None:
+                report.invalid_sessions[_shown(sid)] = (
+                    f"the source's sessions table holds {rows_of[sid]} rows of this id"
+                )
+        rows = [fields for fields in rows if fields["id"] not in doubled]
     holders: set[str] = set()
     for fields in reversed(rows):  # the newest first
         title = fields.get("title")
@@ -710,6 +724,7 @@ def import_state_db(
         total = int(src.execute("SELECT count(*) FROM messages")[0][0])
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
+        by_id = {r["id"]: r for r in sessions}
         cursors = _cursors(store, ids)  # what the sessions' upsert leaves as it is
         job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
         # About what is left to copy (sessions the destination holds more of make it low).
@@ -743,9 +758,13 @@ def import_state_db(
                     report.amended_sessions.append(sid)
                     report.messages_written += written
         # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage;
-        # the rows of new ones found invalid with their messages go (none was written).
-        _forget_new(
-            store, [sid for sid in report.invalid_sessions if sid in ids and sid not in cursors]
+        # the rows of new ones found invalid with their messages go (none was written), and
+        # so do those an interrupted run made of them: empty, as this run would write them.
+        invalid = [sid for sid in report.invalid_sessions if sid in ids]
+        report.sessions_written -= _forget_new(
+            store,
+            [sid for sid in invalid if sid not in cursors],
+            {sid: by_id[sid] for sid in invalid if sid in cursors and not cursors[sid].cursor},
         )
         left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
         report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
@@ -1634,28 +1653,54 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
     return copied
 
 
-def _forget_new(store: SessionStore, session_ids: list[str]) -> None:
-    """Delete the rows this import made of ``session_ids`` before finding them invalid.
+def _forget_new(
+    store: SessionStore, session_ids: list[str], made: Mapping[str, dict[str, Any]]
+) -> int:
+    """Delete the rows an import made of sessions before finding them invalid.
 
-    Only a row still holding no message and parent to no session goes (a
-    session another writer began meanwhile keeps its row).
+    Returns how many of this run's own went (it counted them written).
+
+    ``session_ids``: this run's new ones. ``made``: ones the destination held
+    when this run began (an interrupted run may have made them), with the
+    fields this run writes of each: such a row goes only if it holds those
+    fields as written (another writer's row of that id differs). Either way
+    only a row holding no message and parent to no session goes (a session
+    another writer began meanwhile keeps its row).
     """
-    if not session_ids:
-        return
+    wanted = [*session_ids, *made]
+    if not wanted:
+        return 0
     s, child = _sessions.alias("s"), _sessions.alias("child")
-    doomed = (
-        select(s.c.id)
-        .where(s.c.id.in_(session_ids), s.c.flushed_idx == 0)
+    names = sorted(_AS_IMPORTED)
+    empty = (
+        select(s.c.id, *(s.c[name] for name in names))
+        .where(s.c.id.in_(wanted), s.c.flushed_idx == 0)
         .where(~select(child.c.id).where(child.c.parent_session_id == s.c.id).exists())
         .where(~select(_messages.c.id).where(_messages.c.session_id == s.c.id).exists())
     )
 
-    def work(conn: Connection) -> None:
-        ids = list(conn.execute(doomed).scalars())
+    def as_imported(row: Any) -> bool:
+        fields = made.get(row.id)
+        if fields is None:
+            return True  # this run's own
+        stored = row._mapping
+        return all(stored[name] == fields[name] for name in names if name in fields)
+
+    def work(conn: Connection) -> int:
+        ids = [row.id for row in conn.execute(empty) if as_imported(row)]
         if ids:
             conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
+        return sum(1 for sid in ids if sid not in made)
 
-    store.write_transaction(work)
+    return store.write_transaction(work)
+
+
+#: Session fields an import writes as the source holds them, whatever else it finds
+#: (a title held elsewhere, a parent not copied go to ``extra`` instead): a row that
+#: holds them all as the source does is taken for an import's.
+_AS_IMPORTED = frozenset(
+    {"source", "user_id", "model", "model_config", "system_prompt", "started_at", "ended_at"}
+)
 
 
 #: Usage columns by what their values must be: text, a whole number, a number.
