@@ -693,10 +693,10 @@ def sqlite_statement(
     One table drives the scan in descending rowid order, so a page stops after
     ``limit`` rows: the word index when the query has word-only groups (with
     a session given, over the range of its message ids only), else the
-    session's messages when a session is given, else the CJK index; every
-    other condition is a per-row check. (A word check of each of a session's
-    messages would run the word query once a message: a prefix's expansion
-    over the whole index each time.)
+    session's messages when a session is given, else the CJK index (then
+    outermost whatever the filters); every other condition is a per-row
+    check. (A word check of each of a session's messages would run the word
+    query once a message: a prefix's expansion over the whole index each time.)
     """
     words = [g for g in query.groups if _words_only(g)]
     substrings = [g for g in query.groups if _substring_only(g)]
@@ -726,7 +726,9 @@ def sqlite_statement(
         rest = list(query.groups)
         excluded = list(query.excluded)
     elif substrings:
-        source = "hermes_search_cjk JOIN hermes_messages m ON m.id = hermes_search_cjk.rowid"
+        # CROSS JOIN keeps the CJK index outermost: given a filter on the sessions,
+        # SQLite would otherwise walk the sessions' messages, a LIKE on each.
+        source = "hermes_search_cjk CROSS JOIN hermes_messages m ON m.id = hermes_search_cjk.rowid"
         row = "hermes_search_cjk.rowid"
         for group in substrings:
             checks.append(_sqlite_like_terms(group, "hermes_search_cjk.body", driver_params))
@@ -744,7 +746,8 @@ def sqlite_statement(
     builder = _Builder("?")
     builder.where, builder.params = checks, driver_params + check_params
     if _filters(filters, builder, "sqlite"):
-        source += " JOIN hermes_sessions s ON s.id = m.session_id"
+        join = " CROSS JOIN" if " CROSS JOIN " in source else " JOIN"
+        source += f"{join} hermes_sessions s ON s.id = m.session_id"
     later, order = (">", "ASC") if filters.oldest_first else ("<", "DESC")
     if paged:
         builder.add(f"{row} {later} ?")
