@@ -26,7 +26,6 @@ from hermes_orm._dialects import (
     safe_url,
     sqlite_in_memory,
 )
-from hermes_orm._partitions import check_partitions
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import HermesOrmError, InvalidURLError
 from hermes_orm.store import SessionStore
@@ -37,8 +36,11 @@ _RETRY = RetryPolicy(unavailable_for=3.0)
 
 
 def _db(args: argparse.Namespace) -> int:
-    if getattr(args, "partitions", None) is not None:  # refused before the database is made
-        check_partitions(args.partitions, normalize_url(args.url).get_backend_name())
+    if args.db_command == "upgrade":  # refused before the database is made
+        backend = normalize_url(args.url).get_backend_name()
+        migrations.check_upgrade_arguments(
+            args.revision, partitions=args.partitions, dialect=backend
+        )
     engine = create_store_engine(args.url)
     try:
         if args.db_command == "upgrade":

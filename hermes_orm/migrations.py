@@ -35,6 +35,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import ResolutionError
 from alembic.util.exc import CommandError
 from sqlalchemy import URL, Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -103,7 +104,7 @@ _T = TypeVar("_T")
 
 
 def _takes_a_url(
-    name: str, *, creates: bool = False
+    name: str, *, creates: Callable[..., None] | None = None
 ) -> Callable[
     [Callable[Concatenate[Bind, _P], _T]], Callable[Concatenate[Bind | str | URL, _P], _T]
 ]:
@@ -112,6 +113,8 @@ def _takes_a_url(
     ``name``: the function as the user calls it, for the errors. Unless it
     ``creates`` the database, a SQLite file not made yet is not created: the
     function looks at an empty database instead, which is what the file would hold.
+    ``creates``: a check of the function's other arguments, run before such a
+    file is created for it (it raises what the function would).
 
     The function then raises, before it connects:
         InvalidArgumentError: ``bind`` is not a URL, an Engine or a Connection
@@ -149,8 +152,11 @@ def _takes_a_url(
                     f"run it {run_sync}"
                 )
             url: str | URL = parsed
-            if not creates and _dialects.missing_sqlite_file(parsed) is not None:
-                url = "sqlite://"
+            if _dialects.missing_sqlite_file(parsed) is not None:
+                if creates is None:
+                    url = "sqlite://"
+                else:
+                    creates(*args, **kwargs)
             engine = _dialects.create_store_engine(url, poolclass=NullPool)
             try:
                 return fn(engine, *args, **kwargs)
@@ -680,7 +686,37 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
 
 
-@_takes_a_url("hermes_orm.upgrade", creates=True)
+#: A revision counted from another (``head-1``, ``+2``): resolved against the database.
+_RELATIVE = re.compile(r".*[+-]\d+")
+
+
+def check_upgrade_arguments(
+    revision: Any = "head", *, partitions: Any = None, dialect: str = "sqlite"
+) -> None:
+    """Refuse an upgrade to ``revision`` that names none, or ``partitions`` not for ``dialect``.
+
+    Run before a new SQLite file is made for the upgrade (nothing is left behind).
+
+    Raises:
+        InvalidArgumentError: As :func:`upgrade` raises it.
+    """
+    if partitions is not None:
+        _partitions.check_partitions(partitions, dialect)
+    if not isinstance(revision, str) or _RELATIVE.fullmatch(revision):
+        return  # (told as the run tells it)
+    try:
+        ScriptDirectory.from_config(alembic_config()).revision_map.get_revisions(revision)
+    except (ResolutionError, CommandError, AssertionError) as exc:  # ('' fails an assertion)
+        raise InvalidArgumentError(f"cannot migrate to {revision!r}: {exc}") from None
+
+
+def _upgrade_arguments(
+    revision: Any = "head", *, schema: Any = None, partitions: Any = None
+) -> None:
+    check_upgrade_arguments(revision, partitions=partitions)
+
+
+@_takes_a_url("hermes_orm.upgrade", creates=_upgrade_arguments)
 def upgrade(
     bind: Bind, revision: str = "head", *, schema: str | None = None, partitions: int | None = None
 ) -> None:

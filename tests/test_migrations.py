@@ -221,6 +221,29 @@ def test_a_revision_that_does_not_exist_is_an_argument_error(db_url: str) -> Non
     engine.dispose()
 
 
+def test_an_upgrade_refused_for_its_arguments_makes_no_sqlite_file(tmp_path: Path) -> None:
+    """A revision that names none, or partitions on SQLite: refused before the file is made."""
+    path = tmp_path / "never.db"
+    url = f"sqlite:///{path}"
+    for revision, partitions, said in (
+        ("nosuch", None, "cannot migrate to 'nosuch'"),
+        ("", None, "cannot migrate to ''"),
+        ("head", 4, "PostgreSQL"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=re.escape(said)):
+            hermes_orm.upgrade(url, revision, partitions=partitions)
+        assert not path.exists()
+        extra = () if partitions is None else ("--partitions", str(partitions))
+        env = {**os.environ, "HERMES_HOME": str(tmp_path)}
+        wrong = run_cli("db", "upgrade", revision, "--url", url, *extra, env=env)
+        assert wrong.returncode == 2
+        assert said in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+        assert not path.exists()
+    hermes_orm.upgrade(url, "head-0")  # counted from another: resolved as the run resolves it
+    assert migrations.current(url) == migrations.head()
+
+
 def _with_a_host_history(url: str, revision: str, table: str) -> Any:
     """An engine on ``url``, whose host application is at ``revision`` with its ``table``."""
     engine = create_store_engine(url, poolclass=NullPool)
