@@ -1057,6 +1057,27 @@ def test_a_hot_rollback_journal_is_refused_before_anything_is_written(tmp_path: 
     assert journal.stat().st_size > 0
 
 
+def test_a_source_a_writer_keeps_locked_is_said_to_be_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer holding a rollback-journal state.db locked (mid-write) past the wait: the
+    import says so (not that the file is no database), and writes nothing."""
+    monkeypatch.setattr(importer, "SOURCE_BUSY_TIMEOUT", 0.2)
+    source = fixture_copy(tmp_path)
+    writer = sqlite3.connect(source, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=DELETE")
+    writer.execute("BEGIN EXCLUSIVE")
+    writer.execute("UPDATE messages SET content = content || ' (being edited)'")
+    destination = tmp_path / "dest.db"
+    try:
+        with pytest.raises(StateDbError, match=r"stayed locked by a writer.*import again"):
+            import_state_db(source, f"sqlite:///{destination}")
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert not destination.exists()
+
+
 def test_a_session_hermes_compacts_between_its_batches_is_not_stored_torn(
     store: SessionStore, tmp_path: Path, reader: str
 ) -> None:

@@ -210,6 +210,10 @@ def _lenient_text(data: bytes) -> str | NotUtf8:
         return NotUtf8(data)
 
 
+#: Seconds a read of the source waits for a writer holding it locked.
+SOURCE_BUSY_TIMEOUT = 30.0
+
+
 class Source:
     """A Hermes state.db opened for reading only, creating and changing nothing beside it.
 
@@ -251,6 +255,12 @@ class Source:
                     "which a read-only import cannot roll back: open it once with Hermes, or "
                     f"with `sqlite3 {self.path} 'PRAGMA quick_check'`, then import again"
                 ) from None
+            if getattr(exc.__cause__, "sqlite_errorname", "") == "SQLITE_BUSY":
+                raise StateDbError(
+                    f"{self.path} stayed locked by a writer for {SOURCE_BUSY_TIMEOUT:.0f} s "
+                    "(Hermes, or another tool, in the middle of a write): import again once "
+                    "it is done"
+                ) from exc
             raise StateDbError(f"{self.path} is not a SQLite database: {exc.__cause__}") from exc
         if not {"sessions", "messages"} <= tables:
             self.close()
@@ -277,7 +287,10 @@ class Source:
         mode = "mode=ro" if self.live else "mode=ro&immutable=1"
         # The reader's own Source may be closed by whichever thread ends its generator.
         return sqlite3.connect(
-            f"file:{quote(str(self.path))}?{mode}", uri=True, timeout=30, check_same_thread=False
+            f"file:{quote(str(self.path))}?{mode}",
+            uri=True,
+            timeout=SOURCE_BUSY_TIMEOUT,
+            check_same_thread=False,
         )
 
     def _go_live(self) -> None:
