@@ -136,8 +136,13 @@ def printable(text: str) -> str:
 
 
 #: A PostgreSQL URL in a text, up to a blank.
-#: A PostgreSQL URL in a text, to the end of its line: a password may hold blanks.
-_POSTGRESQL_URL = re.compile(r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://[^\n]+", re.IGNORECASE)
+#: A PostgreSQL URL in a text: up to a blank, or past blanks (a password may hold
+#: some) to the last ``@host/`` or ``@host:port`` before the line or another URL ends.
+_POSTGRESQL_URL = re.compile(
+    r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://\S+"
+    r"(?:(?:(?![A-Za-z][\w+.-]*://)[^\n])*@[^\s/@?#]*(?:/|:\d)\S*)?",
+    re.IGNORECASE,
+)
 
 
 def _hide_several_ats(found: re.Match[str]) -> str:
@@ -205,8 +210,8 @@ def normalize_url(url: str | URL) -> URL:
     """
     if isinstance(url, str) and _last_of_several_ats(url) is not None:
         raise InvalidURLError(
-            f"not a database URL: {safe_url(url)} (several @ after the user: an @ in the "
-            "password, the database name or a query value is written %40)"
+            f"not a database URL: {safe_url(url)} (an @ in the password or the database "
+            "name is written %40)"
         )
     reason = None
     # A port that is no number is not shown: its text may be a password
@@ -243,13 +248,18 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+#: Where a URL's query begins: a ``?`` and a parameter's name.
+_QUERY = re.compile(r"\?(?=[\w.-]+=)")
+
+
 def _last_of_several_ats(url: str) -> int | None:
     """Where the last @ is in a PostgreSQL URL holding several after its user (None: not so).
 
     ``user:p@ss@host/db``: SQLAlchemy cuts the password at its first @ and reads
     the rest as the host, or (the password holding a ``/``, a ``?`` or a blank
-    too) as the database or the query. An @ in a database name or a query
-    value is as ambiguous: every @ to the end counts.
+    too) as the database or the query. An @ in a database name is as
+    ambiguous. Counted up to the query: a ``?`` followed by a parameter's
+    ``name=`` (one followed by anything else is the password's).
     """
     scheme, found, rest = url.partition("://")
     if not found or not scheme.lower().startswith(("postgresql", "postgres")):
@@ -257,7 +267,7 @@ def _last_of_several_ats(url: str) -> int | None:
     user = re.match(r"[^:/?#]*:", rest)  # (a user holds no / ? #; a password may)
     if user is None:
         return None
-    after_user = rest[user.end() :]
+    after_user = _QUERY.split(rest[user.end() :], 1)[0]
     if after_user.count("@") < 2:
         return None
     return len(url) - len(rest) + user.end() + after_user.rindex("@")
