@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, select
+from sqlalchemy import delete, event, select, update
 
 from devtools.hermes_fixture import fixture_copy, grow
-from hermes_orm import Message, ModelUsage, SessionStore
+from hermes_orm import Message, ModelUsage, Session, SessionStore
 from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
 from hermes_orm.integrations.hermes.importer import ImportReport
 from tests._hermes import digest_file, expected_message, source_rows
@@ -849,22 +849,30 @@ def test_the_empty_row_an_interrupted_run_made_of_an_invalid_session_goes(
     stopped does, and counts no session written. Another writer's row of that id stays."""
     source = fixture_copy(tmp_path)
     sessions, messages = source_rows(source)
-    bad, other = sessions[1]["id"], sessions[2]["id"]
+    bad, other, titled = (sessions[n]["id"] for n in (1, 2, 3))
     held = tmp_path / "held"
     held.mkdir()
     # The state an interrupted run leaves: the rows of the sessions, not their messages.
     interrupted = fixture_copy(held)
-    _edit_source(interrupted, f"DELETE FROM messages WHERE session_id IN ('{bad}', '{other}')")
+    _edit_source(
+        interrupted, f"DELETE FROM messages WHERE session_id IN ('{bad}', '{other}', '{titled}')"
+    )
     import_state_db(interrupted, store)
     assert store.get_session(bad)["message_count"] == 0
     store.delete_session(other)
     store.create_session(other, source="elsewhere")  # another writer's row of that id
-    _a_message_no_store_takes(source, bad)
-    _a_message_no_store_takes(source, other)
+    store.write_transaction(  # another writer titled the import's row, nothing else
+        lambda conn: conn.execute(
+            update(Session).where(Session.id == titled).values(title="the user's")
+        )
+    )
+    for sid in (bad, other, titled):
+        _a_message_no_store_takes(source, sid)
     report = import_state_db(source, store)
-    assert set(report.invalid_sessions) == {bad, other}
+    assert set(report.invalid_sessions) == {bad, other, titled}
     assert store.get_session(bad) is None
     assert store.get_session(other)["source"] == "elsewhere"
+    assert store.get_session(titled)["title"] == "the user's"
     assert report.sessions_written == 0  # (every other session was copied before)
     again = import_state_db(source, store)
     assert again.sessions_written == again.messages_written == 0

@@ -1676,7 +1676,8 @@ def _forget_new(
     ``session_ids``: this run's new ones. ``made``: ones the destination held
     when this run began (an interrupted run may have made them), with the
     fields this run writes of each: such a row goes only if it holds those
-    fields as written (another writer's row of that id differs). Either way
+    fields as written and nothing in the others (another writer's row of that
+    id differs: a title, a count, a setting of its own). Either way
     only a row holding no message and parent to no session goes (a session
     another writer began meanwhile keeps its row).
     """
@@ -1684,9 +1685,8 @@ def _forget_new(
     if not wanted:
         return 0
     s, child = _sessions.alias("s"), _sessions.alias("child")
-    names = sorted(_AS_IMPORTED)
     empty = (
-        select(s.c.id, *(s.c[name] for name in names))
+        select(s)
         .where(s.c.id.in_(wanted), s.c.flushed_idx == 0)
         .where(~select(child.c.id).where(child.c.parent_session_id == s.c.id).exists())
         .where(~select(_messages.c.id).where(_messages.c.session_id == s.c.id).exists())
@@ -1697,7 +1697,15 @@ def _forget_new(
         if fields is None:
             return True  # this run's own
         stored = row._mapping
-        return all(stored[name] == fields[name] for name in names if name in fields)
+        # Every field as this run writes it (its title, or none where another session
+        # held that title), every other column as a new row holds it: empty.
+        return all(
+            stored[name] == fields[name] or (name == "title" and stored[name] is None)
+            if name in fields
+            else stored[name] is None or stored[name] is False or stored[name] == 0
+            for name in stored
+            if name != "id"
+        )
 
     def work(conn: Connection) -> int:
         ids = [row.id for row in conn.execute(empty) if as_imported(row)]
@@ -1706,14 +1714,6 @@ def _forget_new(
         return sum(1 for sid in ids if sid not in made)
 
     return store.write_transaction(work)
-
-
-#: Session fields an import writes as the source holds them, whatever else it finds
-#: (a title held elsewhere, a parent not copied go to ``extra`` instead): a row that
-#: holds them all as the source does is taken for an import's.
-_AS_IMPORTED = frozenset(
-    {"source", "user_id", "model", "model_config", "system_prompt", "started_at", "ended_at"}
-)
 
 
 #: Usage columns by what their values must be: text, a whole number, a number.
