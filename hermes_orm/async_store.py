@@ -535,6 +535,8 @@ class AsyncSessionStore(_AsyncSessions):
         (the process ends once it has run all it received).
         """
         unsettled = backend is not None and not backend.settled()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._retry.attempt_timeout or _BACKEND_WAIT)
         try:
             if self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
@@ -545,10 +547,10 @@ class AsyncSessionStore(_AsyncSessions):
             if driver is not None:
                 await _sa.aiosqlite_drained(driver)
             if unsettled and backend is not None:
-                await self._backend_ended(backend.pid)
+                await self._backend_ended(backend.pid, deadline)
 
-    async def _backend_ended(self, pid: int) -> None:
-        """Wait until the server process ``pid`` has ended, within a try's deadline.
+    async def _backend_ended(self, pid: int, deadline: float) -> None:
+        """Wait until the server process ``pid`` has ended, until ``deadline`` (loop time).
 
         Looked for on another connection, each look in a transaction of its own
         (a transaction sees the server's activity as it first looked). Where
@@ -556,19 +558,22 @@ class AsyncSessionStore(_AsyncSessions):
         warning says so. Behind a pooler the id the driver knows is the
         pooler's, which no server process has: nothing is waited for.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self._retry.attempt_timeout or _BACKEND_WAIT)
         look = text(_dialects.BACKEND_ALIVE_SQL)
         try:
-            conn = await self._connect()
-            try:
-                while (await conn.execute(look, {"pid": pid})).scalar():
-                    await conn.rollback()
-                    if loop.time() >= deadline:
-                        raise TimeoutError(f"server process {pid} still runs")
-                    await asyncio.sleep(_BACKEND_POLL)
-            finally:
-                await conn.close()
+            async with asyncio.timeout_at(deadline):
+                conn = await self._connect()
+                try:
+                    while (await conn.execute(look, {"pid": pid})).scalar():
+                        await conn.rollback()
+                        await asyncio.sleep(_BACKEND_POLL)
+                finally:
+                    await self._to_the_end(conn.close())
+        except TimeoutError:
+            logger.warning(
+                "hermes_orm: the server's process %d still ran the statement of a cancelled "
+                "write at the try's deadline: it may still commit",
+                pid,
+            )
         except Exception as exc:
             logger.warning(
                 "hermes_orm: whether the server has ended the statement of a cancelled "
