@@ -117,7 +117,7 @@ def redact(text: str) -> str:
     one (``scheme://word:...@`` is taken for a user and a password), and its
     result prints on any UTF-8 stream (see :func:`printable`).
     """
-    hidden = _POSTGRESQL_URL.sub(_hide_several_ats, text)
+    hidden = _hide_urls(text)
     hidden = _USER_PASSWORD.sub(r"\g<head>***@", hidden)
     hidden = _PORT_NO_NUMBER.sub(r"\g<head>***", hidden)
     return printable(_PASSWORD_PARAMETER.sub(_hide_parameter, hidden))
@@ -135,19 +135,60 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-#: A PostgreSQL URL in a text, up to a blank.
-#: A PostgreSQL URL in a text: up to a blank, or past blanks (a password may hold
-#: some) to the last ``@host/`` or ``@host:port`` before the line or another URL ends.
-_POSTGRESQL_URL = re.compile(
-    r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://\S+"
-    r"(?:(?:(?![A-Za-z][\w+.-]*://)[^\n])*@[^\s/@?#]*(?:/|:\d)\S*)?",
-    re.IGNORECASE,
-)
+#: A PostgreSQL URL in a text, up to a blank (see :func:`_hide_urls` for past one).
+_POSTGRESQL_URL = re.compile(r"(?<![\w+.-])postgres(?:ql)?(?:\+\w+)?://\S*", re.IGNORECASE)
+#: Where any URL begins (a PostgreSQL URL in a text runs past no other).
+_ANY_URL = re.compile(r"(?<![\w+.-])[A-Za-z][\w+.-]*://")
+#: An ``@host/`` or ``@host:port``, and the rest of its word.
+_AT_HOST = re.compile(r"@[^\s/@?#]*(?:/|:\d)\S*")
+#: Any @, and the rest of its word.
+_ANY_AT = re.compile(r"@\S*")
+#: The start of a URL's authority that is a host and a port, no user.
+_HOST_PORT = re.compile(r"[^:/?#@]*:\d+(?:[/?#]|$)")
 
 
-def _hide_several_ats(found: re.Match[str]) -> str:
-    """A PostgreSQL URL with several @ after its user, hidden up to the last (else as is)."""
-    return _hidden_to_last_at(found[0])
+def _hide_urls(text: str) -> str:
+    """``text`` with each PostgreSQL URL in it holding several @ hidden up to the last.
+
+    A URL ends at a blank, but a password may hold blanks: it runs on, within
+    its line and up to another URL, to the last ``@host/`` or ``@host:port``
+    after it, or, if what comes before the blank ends no authority (a password
+    and no host, a host and no port or path), to the last @ after it. Each step
+    is one pass over the text (no pattern that backtracks over a long word).
+    """
+    out: list[str] = []
+    done = 0
+    while (found := _POSTGRESQL_URL.search(text, done)) is not None:
+        start, end = found.span()
+        another = _ANY_URL.search(text, end)
+        limit = len(text) if another is None else another.start()
+        newline = text.find("\n", end, limit)
+        limit = limit if newline < 0 else newline
+        last = _last_match(_AT_HOST, text, end, limit)
+        if last is None and not _ends_an_authority(found[0]):
+            last = _last_match(_ANY_AT, text, end, limit)
+        if last is not None:
+            end = last.end()
+        out += (text[done:start], _hidden_to_last_at(text[start:end]))
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _last_match(pattern: re.Pattern[str], text: str, start: int, end: int) -> re.Match[str] | None:
+    """The last match of ``pattern`` in ``text[start:end]``."""
+    matches = list(pattern.finditer(text, start, end))
+    return matches[-1] if matches else None
+
+
+def _ends_an_authority(url: str) -> bool:
+    """Whether ``url`` (up to a blank) is whole: no password, or a host with a port or path."""
+    rest = url.partition("://")[2]
+    if _HOST_PORT.match(rest) or not re.match(r"[^:/?#@]*:", rest):
+        return True  # a host and its port, or no password
+    if "@" not in rest:
+        return False
+    return re.search(r"/|:\d", rest.rsplit("@", 1)[1]) is not None
 
 
 def _hidden_to_last_at(url: str) -> str:

@@ -195,6 +195,24 @@ def test_a_url_is_shown_as_before() -> None:
     with pytest.raises(InvalidURLError) as refused:
         normalize_url("postgresql://u:p@s3c ret@h2/db")
     assert redact(str(refused.value)) == str(refused.value)  # a message shown twice reads alike
+    # No host part after the blank: hidden up to the last @ of the line still.
+    for host in ("db.example.com", "db.example.com?sslmode=require"):
+        line = f"connecting to postgresql://u:p@s3c ret@{host} failed"
+        assert redact(line) == f"connecting to postgresql://u:***@{host} failed"
+
+
+def test_a_long_line_is_redacted_in_one_pass() -> None:
+    """A URL and then a long word (a blob in a log line): no pattern backtracks over it."""
+    import time
+
+    for line in (
+        "postgresql://u:p@h " + "a" * 200_000,
+        "postgresql://u:pw@db/x " + "b@" * 100_000,
+        "postgresql://h/db " * 20_000,
+    ):
+        start = time.perf_counter()
+        redact(line)
+        assert time.perf_counter() - start < 5.0  # (a walk back over the word: minutes)
 
 
 def test_an_undecodable_file_name_is_shown_escaped() -> None:
