@@ -880,6 +880,35 @@ def test_the_empty_row_an_interrupted_run_made_of_an_invalid_session_goes(
     assert sum(len(m) for m in messages.values()) > 0
 
 
+def test_an_earlier_run_s_row_whose_title_it_kept_in_extra_goes_too(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """An earlier run found the title held by another session and kept it in the row's
+    extra: that row is still the import's own, taken back once its session is invalid."""
+    source = fixture_copy(tmp_path)
+    sessions, _ = source_rows(source)
+    parents = {s["parent_session_id"] for s in sessions}
+    titled = next(
+        s for s in sessions if s["title"] and not s["parent_session_id"] and s["id"] not in parents
+    )
+    sid = titled["id"]
+    store.create_session("holder", source="cli")
+    store.write_transaction(
+        lambda conn: conn.execute(
+            update(Session).where(Session.id == "holder").values(title=titled["title"])
+        )
+    )
+    held = tmp_path / "held"
+    held.mkdir()
+    earlier = fixture_copy(held)
+    _edit_source(earlier, f"DELETE FROM messages WHERE session_id = '{sid}'")
+    assert import_state_db(earlier, store).retitled_sessions == [sid]
+    assert store.get_session(sid)["extra"]["title"] == titled["title"]
+    _a_message_no_store_takes(source, sid)
+    assert sid in import_state_db(source, store).invalid_sessions
+    assert store.get_session(sid) is None
+
+
 def test_an_id_the_source_holds_twice_is_reported_and_neither_row_copied(
     store: SessionStore, tmp_path: Path
 ) -> None:

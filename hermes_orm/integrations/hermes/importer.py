@@ -1697,10 +1697,14 @@ def _forget_new(
         if fields is None:
             return True  # this run's own
         stored = row._mapping
-        # Every field as this run writes it (its title, or none where another session
-        # held that title), every other column as a new row holds it: empty.
+        # Every field as a run writes it (its title, or none where another session held
+        # that title, then kept in extra), every other column as a new row holds it: empty.
+        title, extra = fields.get("title"), fields.get("extra")
+        moved = title is not None and stored.get("title") is None
         return all(
-            stored[name] == fields[name] or (name == "title" and stored[name] is None)
+            stored[name] == fields[name]
+            or (name == "title" and moved)
+            or (name == "extra" and moved and stored[name] == {**(extra or {}), "title": title})
             if name in fields
             else stored[name] is None or stored[name] is False or stored[name] == 0
             for name in stored
