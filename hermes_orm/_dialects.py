@@ -989,14 +989,41 @@ def configure_engine(
     def on_connect(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
+            _set_pragmas(cursor, settings)  # busy_timeout first: the switch below waits by it
             if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-            _set_pragmas(cursor, settings)
+                try:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                except Exception as exc:
+                    if getattr(exc, "sqlite_errorcode", None) not in _SQLITE_TRANSIENT:
+                        raise
+                    # Another connection holds a database in rollback-journal mode locked
+                    # (a writer, a migration under way): this one works in that mode for
+                    # the operation it serves (a read beside the writer, as it allows),
+                    # then is replaced by one that switches it.
+                    record.info[_NOT_WAL] = True
         finally:
             cursor.close()
         record.info[_APPLIED] = settings
 
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_NOT_WAL, False):
+            record.invalidate(soft=True)  # connected anew at its next checkout
+
     event.listen(engine, "connect", on_connect)
+    event.listen(engine, "checkin", on_checkin)
+
+
+#: On a pool record: its connection could not switch the database to WAL yet.
+_NOT_WAL = "hermes_orm.not_wal"
+
+
+def keeps_its_mode(conn: Connection) -> bool:
+    """Whether ``conn`` may serve the next operation as it is (see :func:`configure_engine`).
+
+    Not one that could not switch its SQLite database to WAL: back in the pool,
+    it is replaced by one that does.
+    """
+    return not conn.connection.info.get(_NOT_WAL, False)
 
 
 #: A store's SQLite settings: ``busy_timeout`` (ms), ``foreign_keys``, ``synchronous``.

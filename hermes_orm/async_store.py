@@ -593,7 +593,9 @@ class AsyncSessionStore(_AsyncSessions):
         task may be waiting.
         """
         room = _sa.pool_has_room(self._async_engine.sync_engine.pool)
-        if self._parks and room and not self._parked and closes == self._closes:
+        sync = conn.sync_connection
+        kept = sync is not None and _dialects.keeps_its_mode(sync)
+        if self._parks and room and not self._parked and closes == self._closes and kept:
             self._parked.append(conn)
             return
         # To its end however often the task is cancelled meanwhile: the pool's reset

@@ -264,6 +264,51 @@ def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None
 
 
 @pytest.mark.sqlite
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_store_reads_beside_a_writer_that_keeps_the_database_from_wal(
+    tmp_path: Path, api: str
+) -> None:
+    """Another connection writing a database in rollback-journal mode (an application, a
+    migration under way) keeps a new connection from switching it to WAL: the store reads
+    beside it all the same, and switches it once the writer is done."""
+    import asyncio
+    import sqlite3
+
+    from hermes_orm.async_store import AsyncSessionStore
+
+    path = tmp_path / "app.db"
+    hermes_orm.upgrade(f"sqlite:///{path}")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=DELETE")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE app_things (x)")
+    url = f"sqlite:///{path}"
+    if api == "sync":
+        store = SessionStore(url, lock_timeout=0.2)
+        listed, close = store.list_sessions, store.close
+    else:
+        runner = asyncio.Runner()
+        async_store = AsyncSessionStore(url, lock_timeout=0.2)
+
+        def listed() -> Any:
+            return runner.run(async_store.list_sessions())
+
+        def close() -> None:
+            runner.run(async_store.close())
+            runner.close()
+
+    try:
+        assert listed().sessions == []  # (it was a DatabaseBusyError)
+        writer.execute("COMMIT")
+        assert listed().sessions == []
+        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        close()
+        writer.close()
+
+
+@pytest.mark.sqlite
 def test_stores_on_one_sqlite_engine_each_keep_their_settings(tmp_path: Path) -> None:
     """Stores with other settings share an engine; none leaks into another's work."""
     from hermes_orm import create_store_engine
