@@ -206,8 +206,8 @@ def safe_url(url: str | URL) -> str:
     Whatever ``url`` holds, this returns printable text: a string that does
     not parse is shown through :func:`redact`.
     """
-    if isinstance(url, str) and _last_of_several_ats(url) is not None:
-        return redact(_hidden_to_last_at(url))  # ``user:p@ss@host``: hidden up to the last @
+    if isinstance(url, str) and (cut := _hidden_to_last_at(url)) != url:
+        return redact(cut)  # ``user:p@ss@host``: hidden up to the last @
     try:
         parsed = make_url(url)
     except Exception:  # unparsable: shown without anything that may be a secret

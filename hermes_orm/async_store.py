@@ -535,8 +535,9 @@ class AsyncSessionStore(_AsyncSessions):
         (the process ends once it has run all it received).
         """
         unsettled = backend is not None and not backend.settled()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self._retry.attempt_timeout or _BACKEND_WAIT)
+        if unsettled:  # (the deadline counts the driver's own close of the connection too)
+            limit = self._retry.attempt_timeout or _BACKEND_WAIT
+            deadline = asyncio.get_running_loop().time() + limit
         try:
             if self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
@@ -593,9 +594,13 @@ class AsyncSessionStore(_AsyncSessions):
         task may be waiting.
         """
         room = _sa.pool_has_room(self._async_engine.sync_engine.pool)
-        sync = conn.sync_connection
-        kept = sync is not None and _dialects.keeps_its_mode(sync)
-        if self._parks and room and not self._parked and closes == self._closes and kept:
+        if (
+            self._parks
+            and room
+            and not self._parked
+            and closes == self._closes
+            and _dialects.keeps_its_mode(conn.sync_connection)  # type: ignore[arg-type]
+        ):
             self._parked.append(conn)
             return
         # To its end however often the task is cancelled meanwhile: the pool's reset

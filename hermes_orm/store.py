@@ -2015,8 +2015,12 @@ class SessionStore(_Sessions):
             return
         with self._parked_lock:
             room = _sa.pool_has_room(self._engine.pool)
-            kept = _dialects.keeps_its_mode(conn)
-            if room and not self._parked and closes == self._closes and kept:
+            if (
+                room
+                and not self._parked
+                and closes == self._closes
+                and _dialects.keeps_its_mode(conn)
+            ):
                 self._parked.append(conn)
                 return
         self._release(conn)
