@@ -516,6 +516,85 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     engine.dispose()
 
 
+def test_0015_indexes_again_the_messages_holding_a_literal_nul_escape(db_url: str) -> None:
+    """Messages written at 0014 holding the text ``\\u0000`` are found by it after 0015.
+
+    Only they are indexed again; the index stays whole (verify finds nothing),
+    and the downgrade indexes them as 0014 did.
+    """
+    from hermes_orm.verify import verify_database
+    from tests.test_search import LITERAL_NUL_ESCAPES, body_of, search_bodies
+
+    engine = create_store_engine(db_url, poolclass=NullPool)
+    migrations.downgrade(engine, "base")
+    migrations.upgrade(engine, "0014_search_trigger_skips_steps")
+    store = hermes_orm.SessionStore(engine, check_schema=False)
+    store.create_session("s", source="cli")
+    store.flush("s", [{"role": "user", "content": "plain u0000 words"}, *LITERAL_NUL_ESCAPES])
+
+    def found() -> list[int]:
+        return sorted(hit.idx for hit in store.search("u0000").hits)
+
+    as_0014 = search_bodies(engine)
+    assert found() == [0]  # the text was made \u0020
+    migrations.upgrade(engine)
+    store = hermes_orm.SessionStore(engine)
+    assert found() == [0, 1, 2]
+    assert search_bodies(engine) == [body_of(m) for m in store.get_messages("s")]
+    assert verify_database(store).problems == []
+    migrations.downgrade(engine, "0014_search_trigger_skips_steps")
+    store = hermes_orm.SessionStore(engine, check_schema=False)
+    assert search_bodies(engine) == as_0014
+    assert found() == [0]
+    assert verify_database(store).problems == []
+    migrations.upgrade(engine)
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_0015_replaces_the_search_functions_and_its_downgrade_puts_them_back(
+    empty_pg: str,
+) -> None:
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+
+    def definitions() -> list[str]:
+        with engine.connect() as conn:
+            statement = "SELECT pg_get_functiondef(%s::regproc)"
+            return [
+                str(conn.exec_driver_sql(statement, (name,)).scalar_one())
+                for name in ("hermes_search_index", "hermes_search_body")
+            ]
+
+    migrations.upgrade(engine, "0014_search_trigger_skips_steps")
+    at_0014 = definitions()
+    migrations.upgrade(engine)
+    assert all("\\\\u0000|" in definition for definition in definitions())
+    migrations.downgrade(engine, "0014_search_trigger_skips_steps")
+    assert definitions() == at_0014
+    engine.dispose()
+
+
+def test_0015_puts_the_sqlite_view_and_triggers_back(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    engine = create_store_engine(f"sqlite:///{path}", poolclass=NullPool)
+    statement = (
+        "SELECT type, name, sql FROM sqlite_master WHERE name LIKE 'hermes_search%' "
+        "ORDER BY type, name"
+    )
+
+    def definitions() -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.exec_driver_sql(statement).all())
+
+    migrations.upgrade(engine, "0014_search_trigger_skips_steps")
+    at_0014 = definitions()
+    migrations.upgrade(engine)
+    assert definitions() != at_0014
+    migrations.downgrade(engine, "0014_search_trigger_skips_steps")
+    assert definitions() == at_0014
+    engine.dispose()
+
+
 def test_0006_rewrites_the_digests_a_populated_database_holds(db_url: str) -> None:
     """Messages stored before 0006 (with the digests of then) continue after it.
 

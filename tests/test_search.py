@@ -623,6 +623,55 @@ def test_json_text_that_postgresql_cannot_extract_is_indexed_not_refused(
     assert [h.idx for h in store.search("lone high low").hits] == [1]
 
 
+#: Messages holding the text ``\\u0000`` (an escaped backslash before ``u0000`` in
+#: their JSON) beside NUL characters (the escape ``\\u0000``, a blank to the index).
+LITERAL_NUL_ESCAPES: list[dict[str, Any]] = [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "c",
+                "type": "function",
+                "function": {
+                    "name": "write",
+                    "arguments": json.dumps({"code": 's.replace("\\u0000", "") zebra'}),
+                },
+            }
+        ],
+    },
+    {"role": "user", "content": [{"type": "text", "text": "literal \\u0000 koala"}]},
+    {"role": "user", "content": [{"type": "text", "text": "nul \u0000 lemur \\\u0000 both"}]},
+]
+
+
+def search_bodies(engine: Engine) -> list[str]:
+    """Each message's body as the database computes it (the index's text), in id order."""
+    if engine.dialect.name == "sqlite":
+        statement = "SELECT body FROM hermes_search_source ORDER BY id"
+    else:
+        statement = (
+            "SELECT hermes_search_body(content, content_parts, tool_name, tool_calls) "
+            "FROM hermes_messages ORDER BY id"
+        )
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql(statement).scalars())
+
+
+def test_an_escaped_backslash_before_u0000_is_text_not_a_nul(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Only the escape ``\\u0000`` is a NUL (a blank); after an escaped backslash it is text."""
+    store.create_session("s", "cli")
+    store.flush("s", LITERAL_NUL_ESCAPES)
+    assert search_bodies(engine) == [body_of(m) for m in LITERAL_NUL_ESCAPES]
+    hits = store.search("u0000").hits
+    assert [h.idx for h in hits] == [1, 0]
+    assert all("\\u0000" in h.snippet and "u0020" not in h.snippet for h in hits)
+    assert [h.idx for h in store.search('"nul lemur"').hits] == [2]
+    assert [h.idx for h in store.search("zebra").hits] == [0]
+
+
 def test_cjk_text_written_as_json_escapes_is_found(store: SessionStore, engine: Engine) -> None:
     """Another client may write JSON with ``\\uXXXX`` escapes and no raw CJK character.
 
@@ -1201,7 +1250,18 @@ def test_the_trigger_indexes_what_the_previous_revision_did(empty_pg: str) -> No
 #: of parts or calls (text or not), other JSON values, and escapes of every kind
 #: (NUL, lone and paired surrogates, an escaped backslash before a ``u``, CJK).
 _ESCAPED = st.sampled_from(
-    ["\\u0000", "\\ud800", "\\udc00", "\\ud83d\\ude80", "\\\\u0041", "\\u90e8", "\\u03c2", "\\n"]
+    [
+        "\\u0000",
+        "\\ud800",
+        "\\udc00",
+        "\\ud83d\\ude80",
+        "\\\\u0041",
+        "\\\\u0000",
+        "\\\\\\u0000",
+        "\\u90e8",
+        "\\u03c2",
+        "\\n",
+    ]
 )
 _JSON_TEXT = st.builds(
     lambda words, escape: json.dumps(words)[:-1] + escape + '"', _INDEXED_TEXT, _ESCAPED
@@ -1241,10 +1301,18 @@ _ROW = st.fixed_dictionaries(
 def _beside_0012(store: SessionStore) -> Callable[[list[dict[str, Any]]], int]:
     """What writes rows into ``hermes_messages`` and, filled by 0012's function, a copy.
 
+    (0012's function cleaning JSON text as 0015 does: its vectors differ only
+    where an escaped backslash comes before ``u0000``.)
+
     Returns a function writing rows (``_ROW``'s columns) into both and counting
     the rows whose vector or CJK words differ.
     """
     previous = frozen_revision("0014_search_trigger_skips_steps")._function_0012()
+    # ... but for how it cleans JSON text: as 0015 does (a NUL escape only).
+    cleaning = frozen_revision("0015_search_literal_nul_escape")
+    for column in ("NEW.content_parts::text", "NEW.tool_calls::text"):
+        assert cleaning._pg_cleaned_0003(column) in previous
+        previous = previous.replace(cleaning._pg_cleaned_0003(column), cleaning._pg_cleaned(column))
     with store.engine.begin() as conn:
         conn.exec_driver_sql(previous.replace("hermes_search_index()", "search_index_0012()", 1))
         conn.exec_driver_sql(
