@@ -271,19 +271,19 @@ def _pg_statements(cleaned: Cleaning) -> list[str]:
     ]
 
 
-def upgrade() -> None:
+def _run(postgresql: Cleaning, sqlite: Cleaning) -> None:
+    """Build bodies cleaning JSON text as the dialect's ``postgresql`` or ``sqlite`` says."""
     if op.get_context().dialect.name == "postgresql":
-        statements = _pg_statements(_pg_cleaned)
+        statements = _pg_statements(postgresql)
     else:
-        statements = _sqlite_statements(_sqlite_cleaned)
+        statements = _sqlite_statements(sqlite)
     for statement in statements:
         op.execute(statement)
+
+
+def upgrade() -> None:
+    _run(_pg_cleaned, _sqlite_cleaned)
 
 
 def downgrade() -> None:
-    if op.get_context().dialect.name == "postgresql":
-        statements = _pg_statements(_pg_cleaned_0003)
-    else:
-        statements = _sqlite_statements(_sqlite_cleaned_0003)
-    for statement in statements:
-        op.execute(statement)
+    _run(_pg_cleaned_0003, _sqlite_cleaned_0003)
