@@ -8,6 +8,7 @@ embedded SQLite file ``hermes_orm.db`` under ``$HERMES_HOME`` (default
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -223,17 +224,41 @@ def _in_memory(url: str) -> bool:
         return False
 
 
-class _Parser(argparse.ArgumentParser):
+def _refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """What ``parser.error`` does, but for a URL's password, which it never shows."""
+    parser.print_usage(sys.stderr)
+    parser.exit(2, f"{parser.prog}: error: {redact(message)}\n")
+
+
+class RedactingParser(argparse.ArgumentParser):
     """An argument parser whose error messages never show a URL's password."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+        """Print the usage and ``message`` (redacted), and exit with status 2."""
+        _refuse(self, message)
+
+
+def redact_errors(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser``, a sub-parser another program built (Hermes' ``orm``), redact as ours do.
+
+    Its own errors, and the arguments it does not know: those it would hand
+    back to the program's parser, which names them as they were given.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def known_only(*args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = parse_known_args(*args, **kwargs)
+        if extras:
+            _refuse(parser, f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    parser.error = functools.partial(_refuse, parser)  # type: ignore[method-assign]
+    parser.parse_known_args = known_only  # type: ignore[method-assign,assignment]
 
 
 def url_option() -> argparse.ArgumentParser:
     """A parent parser that accepts ``--url`` after a command too."""
-    option = _Parser(add_help=False)
+    option = RedactingParser(add_help=False)
     option.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return option
 
@@ -338,7 +363,9 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hermes-orm``."""
-    parser = _Parser(prog="hermes-orm", description="Exactly-once storage of LLM-agent sessions.")
+    parser = RedactingParser(
+        prog="hermes-orm", description="Exactly-once storage of LLM-agent sessions."
+    )
     parser.add_argument(
         "--url",
         default=None,

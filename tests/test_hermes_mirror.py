@@ -693,6 +693,22 @@ def test_hermes_orm_status_says_what_is_wrong_without_the_password(tmp_path: Pat
     assert "UnsupportedBackendError" in off.stdout
 
 
+def test_hermes_orm_argument_errors_do_not_show_the_password(tmp_path: Path) -> None:
+    """Hermes' own parser holds ``hermes orm``: its errors name arguments, redacted too."""
+    home = tmp_path / "home"
+    _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
+    url = "postgresql://hermes:S3CRET@db.example/hermes"
+    for args in (
+        [url],  # no such command
+        ["sessions", "list", "--limit", url],  # a sub-command's bad value
+        ["db", "upgrade", f"--bogus={url}"],  # an argument nothing knows
+    ):
+        refused = _hermes(home, "orm", *args)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "S3CRET" not in refused.stdout + refused.stderr, args
+        assert "hermes:***@db.example" in refused.stderr, refused.stderr
+
+
 def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None:
     home = tmp_path / "home"
     _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")

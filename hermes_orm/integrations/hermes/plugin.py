@@ -6,9 +6,9 @@ Installed with hermes_orm (entry point ``hermes_orm`` in the group
     plugins:
       enabled: [hermes_orm]
     hermes_orm:                                  # optional
-      url: postgresql://user@db.example/hermes   # else $HERMES_ORM_URL, else the SQLite default
+      url: postgresql://user@db.example/hermes   # $HERMES_ORM_URL wins; else the SQLite default
       mode: mirror                               # or store
-      wait: 1.0                                  # seconds a turn waits for its write
+      wait: 1.0                                  # seconds a turn waits (over 0, at most 60)
 
 In ``mirror`` mode (the default) Hermes keeps its sessions in its own
 ``state.db`` and the plugin mirrors them. In ``store`` mode Hermes keeps them in
@@ -436,8 +436,12 @@ def register(ctx: Any) -> None:
 
 def setup_cli(parser: argparse.ArgumentParser) -> None:
     """Hermes' ``hermes orm`` sub-parser: the commands of ``hermes-orm``."""
+    cli.redact_errors(parser)  # (Hermes' own class: it would show a password as given)
     parser.add_argument("--url", default=None, help="database URL (default: the mirror's)")
-    cli.add_commands(parser.add_subparsers(dest="orm_command", required=True), demo=False)
+    commands = parser.add_subparsers(
+        dest="orm_command", required=True, parser_class=cli.RedactingParser
+    )
+    cli.add_commands(commands, demo=False)
 
 
 def run_cli(args: argparse.Namespace) -> None:
