@@ -28,10 +28,17 @@ from sqlalchemy import Connection
 
 from hermes_orm.errors import DatabaseError, InvalidArgumentError, SchemaOutOfDateError
 
-#: Names of the partitions: this prefix and the remainder (``hermes_messages_part_007``).
-PARTITION_PREFIX = "hermes_messages_part_"
 #: The most partitions a store's messages may be split into.
 MAX_PARTITIONS = 1024
+
+
+def partition_name(remainder: int) -> str:
+    """The partition of that hash remainder: ``hermes_messages_part_007``, ..., ``_1023``."""
+    return f"hermes_messages_part_{remainder:03d}"
+
+
+#: Every name a partition may have.
+PARTITION_NAMES = frozenset(partition_name(n) for n in range(MAX_PARTITIONS))
 #: Where the plain table waits while its partitioned successor is built.
 ASIDE = "hermes_messages_unpartitioned"
 
@@ -165,7 +172,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         sql(f"ALTER SEQUENCE {sequence} OWNED BY hermes_messages.id")
     for remainder in range(partitions):
         sql(
-            f"CREATE TABLE {PARTITION_PREFIX}{remainder:03d} PARTITION OF hermes_messages "
+            f"CREATE TABLE {partition_name(remainder)} PARTITION OF hermes_messages "
             f"FOR VALUES WITH (MODULUS {partitions}, REMAINDER {remainder})"
         )
     key = primary[0].conname

@@ -93,10 +93,11 @@ SEARCH_INDEXES = frozenset(
     {"ix_hermes_search_cjk", "ix_hermes_search_cjk_id", "ix_hermes_search_vector"}
 )
 SEARCH_COLUMNS = frozenset({"search_cjk", "search_vector"})
-#: A partition of ``hermes_messages`` (:func:`partition_messages`), and the
+#: With the partitions of ``hermes_messages`` (:func:`partition_messages`) and the
 #: table's old self while it is rebuilt.
-_PARTITION = re.compile(re.escape(_partitions.PARTITION_PREFIX) + r"\d{3}")
-_OWNED_TABLES = MODEL_TABLES | SEARCH_TABLES | {VERSION_TABLE, _partitions.ASIDE}
+_OWNED_TABLES = (
+    MODEL_TABLES | SEARCH_TABLES | _partitions.PARTITION_NAMES | {VERSION_TABLE, _partitions.ASIDE}
+)
 
 Bind = Engine | Connection
 _P = ParamSpec("_P")
@@ -1003,7 +1004,7 @@ def owns_table(name: str | None, dialect: str | None = None) -> bool:
     """
     if name is None or (dialect == "postgresql" and name in SEARCH_TABLES):
         return False
-    return name in _OWNED_TABLES or _PARTITION.fullmatch(name) is not None
+    return name in _OWNED_TABLES
 
 
 def _migrated_dialect() -> str | None:

@@ -944,6 +944,13 @@ def test_a_hosts_autogenerate_sees_only_its_own_tables(empty_db_url: str) -> Non
     assert [(op[0], op[1].name) for op in found] == [("add_table", "hermes_invoices")]
     assert migrations.include_name("hermes_invoices", "table") is True
     assert migrations.include_name("hermes_messages_part_007", "table") is False
+    assert migrations.include_name("hermes_messages_part_1023", "table") is False  # the last
+    for other in (
+        "hermes_messages_part_1024",
+        "hermes_messages_part_0007",
+        "hermes_messages_part_7",
+    ):
+        assert migrations.include_name(other, "table") is True
     assert migrations.owns_table("hermes_search_cjk_docsize")
     assert not migrations.owns_table("hermes_searches")
     engine.dispose()
