@@ -83,16 +83,20 @@ def _sessions(args: argparse.Namespace) -> int:
             for idx, message in enumerate(messages):
                 print(f"[{idx}] {_one_line(message)}")
             return 0
-        page = store.list_sessions(source=args.source, user_id=args.user_id, limit=args.limit)
+        page = store.list_sessions(
+            source=args.source, user_id=args.user_id, limit=args.limit, cursor=args.cursor
+        )
         if args.json:
-            _print_json(page.sessions)
-            return 0
-        print(f"{'id':<32} {'source':<10} {'messages':>8}  {'model':<24} title")
-        for s in page.sessions:
-            print(
-                f"{s['id']:<32} {s['source']:<10} {s['message_count']:>8}  "
-                f"{(s['model'] or '-'):<24} {s['title'] or ''}"
-            )
+            _print_json(page.sessions)  # (a list, as before: where more are, stderr says)
+        else:
+            print(f"{'id':<32} {'source':<10} {'messages':>8}  {'model':<24} title")
+            for s in page.sessions:
+                print(
+                    f"{s['id']:<32} {s['source']:<10} {s['message_count']:>8}  "
+                    f"{(s['model'] or '-'):<24} {s['title'] or ''}"
+                )
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}", file=sys.stderr if args.json else None)
         return 0
     finally:
         store.close()
@@ -259,7 +263,9 @@ def redact_errors(parser: argparse.ArgumentParser) -> None:
 def url_option() -> argparse.ArgumentParser:
     """A parent parser that accepts ``--url`` after a command too."""
     option = RedactingParser(add_help=False)
-    option.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    option.add_argument(
+        "--url", default=argparse.SUPPRESS, help="database URL (here or before the command)"
+    )
     return option
 
 
@@ -273,7 +279,7 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
     db = commands.add_parser("db", help="schema migrations", parents=[url])
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate to the newest schema", parents=[url])
-    up.add_argument("revision", nargs="?", default="head")
+    up.add_argument("revision", nargs="?", default="head", help="where to stop (default: head)")
     up.set_defaults(creates=True)
     up.add_argument(
         "--partitions",
@@ -283,9 +289,11 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
         "(see docs/scale-out.md; the table is locked while it is rebuilt)",
     )
     down = db_commands.add_parser(
-        "downgrade", help="migrate down (base drops every table)", parents=[url]
+        "downgrade",
+        help="migrate down (base drops hermes_orm's tables; its version table stays, empty)",
+        parents=[url],
     )
-    down.add_argument("revision")
+    down.add_argument("revision", help="where to stop: a revision, -N, or base")
     db_commands.add_parser("current", help="show the schema revision", parents=[url])
     db_commands.add_parser(
         "check", help="exit non-zero unless the schema is at head", parents=[url]
@@ -297,7 +305,8 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
     listing = s_commands.add_parser("list", help="newest sessions first", parents=[url])
     listing.add_argument("--source")
     listing.add_argument("--user-id")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, default=50, help="page size, 1 to 1000")
+    listing.add_argument("--cursor", help="next page: the cursor the previous page printed")
     listing.add_argument("--json", action="store_true")
     show = s_commands.add_parser("show", help="one session and its messages", parents=[url])
     show.add_argument("session_id")

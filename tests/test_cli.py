@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,27 @@ def test_sessions_list_and_show(db_url: str, tmp_path: Path) -> None:
     assert shown["messages"][0] == {"role": "user", "content": "héllo 世界"}
     missing = run("sessions", "show", "nope", env=env)
     assert missing.returncode == 1
+
+
+def test_sessions_list_pages_on_with_the_cursor_it_prints(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        for n in range(3):
+            store.create_session(f"s{n}", source="cli", started_at=1_000 + n)
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    first = run("sessions", "list", "--limit", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    more = re.search(r"^more: --cursor (\S+)$", first.stdout, re.MULTILINE)
+    assert more is not None, first.stdout
+    assert ("s2" in first.stdout, "s0" in first.stdout) == (True, False)
+    rest = run("sessions", "list", "--limit", "2", "--cursor", more[1], env=env)
+    assert "s0" in rest.stdout
+    assert "s2" not in rest.stdout
+    assert "more:" not in rest.stdout  # the last page
+    as_json = run("sessions", "list", "--limit", "2", "--json", env=env)
+    assert [s["id"] for s in json.loads(as_json.stdout)] == ["s2", "s1"]
+    assert f"more: --cursor {more[1]}" in as_json.stderr
 
 
 def test_json_output_holds_a_lone_surrogate_of_a_session_field(tmp_path: Path) -> None:
