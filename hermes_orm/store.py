@@ -1612,7 +1612,13 @@ class _Sessions(StoreCore):
             HistoryDivergedError: ``messages`` no longer continues the stored
                 history; nothing was written.
             InvalidMessageError: A new message cannot be stored; nothing was written.
+            InvalidArgumentError: ``verify`` is none of the modes.
             DatabaseBusyError: Transient errors outlasted the retry bound.
+            DatabaseUnavailableError: The database stayed out of reach (see
+                ``RetryPolicy.unavailable_for``).
+            DatabaseError: Any other database error, such as a cursor above
+                rows that are not stored (``hermes-orm verify --repair``); nothing
+                was written.
         """
         return drive(self._flush(session_id, messages, verify), self._transaction)
 
