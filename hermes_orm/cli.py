@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -70,7 +71,7 @@ def _sessions(args: argparse.Namespace) -> int:
         if args.sessions_command == "show":
             session = store.get_session(args.session_id)
             if session is None:
-                print(f"no session {args.session_id!r}", file=sys.stderr)
+                print(redact(f"no session {args.session_id!r}"), file=sys.stderr)
                 return 1
             messages = store.get_messages(args.session_id)
             if args.json:
@@ -96,7 +97,8 @@ def _sessions(args: argparse.Namespace) -> int:
                     f"{(s['model'] or '-'):<24} {s['title'] or ''}"
                 )
         if page.next_cursor:
-            print(f"more: --cursor {page.next_cursor}", file=sys.stderr if args.json else None)
+            more = _next_page(args, ("source", "user_id", "limit"), page.next_cursor)
+            print(more, file=sys.stderr if args.json else None)
         return 0
     finally:
         store.close()
@@ -146,6 +148,19 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) -> str:
+    """``more:`` and the arguments that list the next page: the query, ``options`` and ``cursor``.
+
+    (A cursor is a place in one listing: with other filters it would list another.)
+    """
+    words = [shlex.quote(" ".join(args.query))] if hasattr(args, "query") else []
+    for option in options:
+        value = getattr(args, option)
+        if value is not None:
+            words += (f"--{option.replace('_', '-')}", shlex.quote(str(value)))
+    return " ".join(["more:", *words, "--cursor", cursor])
+
+
 def _search(args: argparse.Namespace) -> int:
     store = SessionStore(args.url, retry=_RETRY)
     try:
@@ -175,7 +190,7 @@ def _search(args: argparse.Namespace) -> int:
         if not page.hits:
             print("no hits", file=sys.stderr)
         if page.next_cursor:
-            print(f"more: --cursor {page.next_cursor}")
+            print(_next_page(args, ("session", "source", "role", "limit"), page.next_cursor))
         return 0
     finally:
         store.close()
@@ -415,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         return int(args.handler(args))
     except HermesOrmError as exc:
-        print(f"hermes-orm: {exc}", file=sys.stderr)
+        print(f"hermes-orm: {redact(str(exc))}", file=sys.stderr)  # (a URL typed as an argument)
         return 2
     except SQLAlchemyError as exc:
         detail = redact(str(getattr(exc, "orig", None) or exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import stat
 from pathlib import Path
 from typing import Any
@@ -74,25 +75,34 @@ def test_sessions_list_and_show(db_url: str, tmp_path: Path) -> None:
     assert missing.returncode == 1
 
 
-def test_sessions_list_pages_on_with_the_cursor_it_prints(tmp_path: Path) -> None:
+def test_listings_page_on_with_the_arguments_they_print(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'agents.db'}"
     with SessionStore(url) as store:
         store.upgrade()
         for n in range(3):
             store.create_session(f"s{n}", source="cli", started_at=1_000 + n)
+        store.create_session("other", source="gateway", started_at=999)  # after the page
+        store.create_session("found", source="api")
+        store.flush("found", [{"role": "user", "content": f"needle {n}"} for n in range(3)])
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
-    first = run("sessions", "list", "--limit", "2", env=env)
+    first = run("sessions", "list", "--source", "cli", "--limit", "2", env=env)
     assert first.returncode == 0, first.stderr
-    more = re.search(r"^more: --cursor (\S+)$", first.stdout, re.MULTILINE)
+    more = re.search(r"^more: (.*--cursor \S+)$", first.stdout, re.MULTILINE)
     assert more is not None, first.stdout
     assert ("s2" in first.stdout, "s0" in first.stdout) == (True, False)
-    rest = run("sessions", "list", "--limit", "2", "--cursor", more[1], env=env)
+    rest = run("sessions", "list", *shlex.split(more[1]), env=env)  # the next page as it says
     assert "s0" in rest.stdout
     assert "s2" not in rest.stdout
+    assert "other" not in rest.stdout  # the same filter
     assert "more:" not in rest.stdout  # the last page
-    as_json = run("sessions", "list", "--limit", "2", "--json", env=env)
+    as_json = run("sessions", "list", "--source", "cli", "--limit", "2", "--json", env=env)
     assert [s["id"] for s in json.loads(as_json.stdout)] == ["s2", "s1"]
-    assert f"more: --cursor {more[1]}" in as_json.stderr
+    assert f"more: {more[1]}" in as_json.stderr
+    hits = run("search", "needle", "--role", "user", "--limit", "2", env=env)
+    more = re.search(r"^more: (.*--cursor \S+)$", hits.stdout, re.MULTILINE)
+    assert more is not None, hits.stdout
+    last = run("search", *shlex.split(more[1]), env=env)
+    assert last.stdout.splitlines() == ["found[0] user      [needle] 0"]
 
 
 def test_json_output_holds_a_lone_surrogate_of_a_session_field(tmp_path: Path) -> None:
@@ -144,6 +154,19 @@ def test_no_argument_order_or_error_prints_a_password(tmp_path: Path, args: tupl
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args", [("db", "upgrade"), ("db", "downgrade"), ("sessions", "show")])
+def test_a_url_typed_as_a_revision_or_a_session_is_not_printed_with_its_password(
+    tmp_path: Path, args: tuple[str]
+) -> None:
+    """A URL where a revision or a session id goes (``--url`` forgotten) passes the parser."""
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{tmp_path / 'agents.db'}"}
+    assert run("db", "upgrade", env=env).returncode == 0
+    result = run(*args, "postgresql://hermes:s3cret-pw@db.example/x", env=env)
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "hermes:***@db.example" in result.stderr
 
 
 def test_url_option_beats_environment(tmp_path: Path) -> None:
