@@ -552,6 +552,40 @@ def test_0015_indexes_again_the_messages_holding_a_literal_nul_escape(db_url: st
 
 
 @pytest.mark.postgresql
+def test_0015_indexes_a_message_written_under_0014_while_it_runs(empty_pg: str) -> None:
+    """A write in progress under 0014's function ends before 0015 looks for messages to index."""
+    import json
+    import threading
+
+    from sqlalchemy import text
+
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    migrations.upgrade(engine, "0014_search_trigger_skips_steps")
+    hermes_orm.SessionStore(engine, check_schema=False).create_session("s", source="cli")
+    parts = json.dumps([{"type": "text", "text": "literal \\u0000 koala"}])
+    writer = engine.connect()
+    writer.execute(
+        text(
+            "INSERT INTO hermes_messages (session_id, idx, role, content_parts, digest) "
+            "VALUES ('s', 0, 'user', CAST(:parts AS json), :digest)"
+        ),
+        {"parts": parts, "digest": b"0" * 16},
+    )
+    upgraded = threading.Event()
+    upgrade = threading.Thread(target=lambda: (migrations.upgrade(engine), upgraded.set()))
+    upgrade.start()
+    assert not upgraded.wait(2)  # it waits for the write
+    writer.commit()
+    writer.close()
+    upgrade.join(60)
+    assert upgraded.is_set()
+    with engine.connect() as conn:
+        vector = conn.exec_driver_sql("SELECT search_vector::text FROM hermes_messages").scalar()
+    assert vector == "'koala':3 'literal':1 'u0000':2"
+    engine.dispose()
+
+
+@pytest.mark.postgresql
 def test_0015_replaces_the_search_functions_and_its_downgrade_puts_them_back(
     empty_pg: str,
 ) -> None:

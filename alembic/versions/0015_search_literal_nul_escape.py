@@ -14,7 +14,9 @@ itself escaped), as a surrogate escape's cleaning already told them apart.
   ``u0000`` are indexed again (their words, and their text in the trigram
   table).
 - PostgreSQL: ``hermes_search_body()`` and the trigger function build it so;
-  the same messages' columns are set to themselves, which indexes them again.
+  the same messages' columns are set to themselves, which indexes them again,
+  the table held against writes meanwhile (a message written under the old
+  function is among them, the next under the new one).
 
 Finding those messages reads the JSON text of every message once (seconds a
 million messages); only they are written. The downgrade puts 0003's view,
@@ -104,7 +106,8 @@ def _sqlite_definitions(cleaned: Cleaning) -> list[str]:
     ]
 
 
-# The messages whose body the change changes: an escaped backslash before ``u0000``.
+# The messages whose body the change changes: an escaped backslash before ``u0000``
+# (read where each step needs them: the revision writes none of these columns).
 _SQLITE_CHANGED = (
     r"SELECT id FROM hermes_messages WHERE instr(content_parts, '\\u0000') > 0 "
     r"OR instr(tool_calls, '\\u0000') > 0"
@@ -114,16 +117,14 @@ _SQLITE_CHANGED = (
 def _sqlite_statements(cleaned: Cleaning) -> list[str]:
     """Out of the index as the definitions in place build them, in as the new ones do."""
     return [
-        f"CREATE TEMP TABLE hermes_reindexed AS {_SQLITE_CHANGED}",
         "INSERT INTO hermes_search(hermes_search, rowid, body) SELECT 'delete', id, body "
-        "FROM hermes_search_source WHERE id IN (SELECT id FROM temp.hermes_reindexed)",
-        "DELETE FROM hermes_search_cjk WHERE rowid IN (SELECT id FROM temp.hermes_reindexed)",
+        f"FROM hermes_search_source WHERE id IN ({_SQLITE_CHANGED})",
+        f"DELETE FROM hermes_search_cjk WHERE rowid IN ({_SQLITE_CHANGED})",
         *_sqlite_definitions(cleaned),
         "INSERT INTO hermes_search(rowid, body) SELECT id, body FROM hermes_search_source "
-        "WHERE id IN (SELECT id FROM temp.hermes_reindexed)",
+        f"WHERE id IN ({_SQLITE_CHANGED})",
         "INSERT INTO hermes_search_cjk(rowid, body) SELECT id, body FROM hermes_search_cjk_source "
-        "WHERE id IN (SELECT id FROM temp.hermes_reindexed)",
-        "DROP TABLE temp.hermes_reindexed",
+        f"WHERE id IN ({_SQLITE_CHANGED})",
     ]
 
 
@@ -261,11 +262,14 @@ def _pg_statements(cleaned: Cleaning) -> list[str]:
     """The two functions, then the messages they index differently indexed again.
 
     Setting a watched column to itself fires the trigger, which computes the
-    message's vector and CJK-like words afresh.
+    message's vector and CJK-like words afresh. Writes wait meanwhile: one in
+    progress, with the function in place, ends before the UPDATE looks, and
+    the next runs the new function (reads go on).
     """
     return [
         _pg_body(cleaned),
         _pg_trigger_function(cleaned),
+        "LOCK TABLE hermes_messages IN SHARE ROW EXCLUSIVE MODE",
         r"UPDATE hermes_messages SET content_parts = content_parts "
         r"WHERE strpos(content_parts::text, '\\u0000') > 0 OR strpos(tool_calls::text, '\\u0000') > 0",
     ]
