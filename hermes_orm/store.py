@@ -1217,22 +1217,31 @@ class StoreCore:
                     params + inserts[0][1],
                 )
 
-        def work(conn: Connection) -> tuple[int, bytes | None]:
+        def stale() -> None:
             if self._memory.forgotten_since(session_id, since):
                 # Deleted or rewritten by another thread or task of this store since the
                 # hint was read: another history may stand at the same cursor and digest.
                 raise CursorMoved
+
+        def work(conn: Connection) -> tuple[int, bytes | None]:
+            stale()
             try:
                 if statements is None:
                     # A longer flush streams (bounded memory; errors roll back) from
                     # a new stream on every attempt: a retry never resumes a used one.
+                    # (SQLite's write lock is held since the transaction began.)
                     batches = _encode_batches(messages, cursor)
-                    return self._insert(conn, session_id, cursor, digest, batches)
+                    return self._insert(conn, session_id, cursor, digest, batches, stale=stale)
                 if once is not None and _dialects.can_autocommit(conn):
+                    # One statement, sent right after the check, nothing waited for
+                    # between them: a delete, and a session made anew, by another task
+                    # or thread of this store could not come in between.
                     if _dialects.execute_driver_script(conn, [once], autocommit=True) != rows:
                         raise CursorMoved  # it wrote nothing
-                elif _dialects.execute_driver_script(conn, statements, commit_if=1) != 1:
-                    raise CursorMoved  # rolled back
+                else:
+                    script = _checked_before_last(statements, stale)
+                    if _dialects.execute_driver_script(conn, script, commit_if=1) != 1:
+                        raise CursorMoved  # rolled back
                 return written
             except IntegrityError:
                 # Positions taken (another writer) or the session is gone.
@@ -1390,8 +1399,13 @@ class StoreCore:
         cursor: int,
         digest: bytes | None,
         batches: Iterable[list[_codec.EncodedMessage]],
+        *,
+        stale: Callable[[], None] | None = None,
     ) -> tuple[int, bytes | None]:
         """Write the rows at ``cursor`` and move the cursor past them, if it is still there.
+
+        ``stale``, if given, runs just before the cursor's move (see
+        :func:`_checked_before_last`).
 
         Returns:
             The new cursor and the digest at it.
@@ -1417,7 +1431,8 @@ class StoreCore:
                 sql, user, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
             )
         )
-        if _dialects.execute_driver_script(conn, pending) != 1:
+        script = pending if stale is None else _checked_before_last(pending, stale)
+        if _dialects.execute_driver_script(conn, script) != 1:
             raise CursorMoved
         return end, last
 
@@ -2236,6 +2251,25 @@ def _advance(
     if user is not None:
         params = (*params, user)
     return (sql.advance_if_digest if cursor else sql.advance), params
+
+
+def _checked_before_last(
+    statements: Sequence[tuple[str, Sequence[Any]]], check: Callable[[], None]
+) -> Iterator[tuple[str, Sequence[Any]]]:
+    """``statements``, ``check`` run just before the last one (the cursor's move) is taken.
+
+    A flush on a remembered cursor checks that no other task or thread of the
+    store forgot the session since (a delete, a rewrite: they forget before
+    they commit). Checked before the transaction only, a flush waiting for
+    SQLite's write lock meanwhile would find, once it has it, a session deleted
+    and made anew with the same cursor and digest, and write on top of another
+    history. Here the write lock is held (SQLite, since ``BEGIN IMMEDIATE``),
+    or the session's row is (PostgreSQL: the inserts' foreign key check), so
+    such a forget is either seen or comes after the commit.
+    """
+    yield from statements[:-1]
+    check()
+    yield statements[-1]
 
 
 def _insert_statements(

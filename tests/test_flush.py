@@ -2415,6 +2415,36 @@ def test_what_a_write_under_way_would_remember_of_a_session_forgotten_meanwhile_
 
 
 @pytest.mark.sqlite
+def test_a_flush_waiting_for_the_write_lock_sees_a_delete_made_meanwhile(tmp_path: Path) -> None:
+    """Another thread of the store deletes the session, makes it anew and flushes another
+    history of the same length and last message while a flush on the remembered cursor
+    waits for SQLite's write lock: that flush refuses its list, it writes nothing."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'agents.db'}")
+    store.upgrade()
+    head = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "same"}]
+    old = [*head, {"role": "user", "content": "old a"}, {"role": "assistant", "content": "old b"}]
+    new = [{"role": "user", "content": "another start"}, head[1]]  # same cursor, same digest
+    store.create_session("s", source="cli")
+    store.flush("s", head)  # remembered: cursor 2
+    remade: list[bool] = []
+
+    def meanwhile(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement == "BEGIN IMMEDIATE" and not remade:  # the flush's, before it has the lock
+            remade.append(True)
+            store.delete_session("s")
+            store.create_session("s", source="cli")
+            store.flush("s", new)
+
+    event.listen(store.engine, "before_cursor_execute", meanwhile)
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", old)
+    event.remove(store.engine, "before_cursor_execute", meanwhile)
+    assert remade == [True]
+    assert store.get_messages("s") == new
+    store.close()
+
+
+@pytest.mark.sqlite
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_a_close_cancelled_as_it_puts_the_application_s_settings_back(
     tmp_path: Path, k: int
