@@ -34,6 +34,7 @@ from sqlalchemy.exc import (
     NoSuchModuleError,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
@@ -2013,7 +2014,8 @@ def describe_busy(
     """Say what held the lock, as far as the backend can tell.
 
     On PostgreSQL the lock holders are looked up on a new connection of
-    ``engine``, unless ``holders`` (:func:`busy_holders`) were read already.
+    ``engine``, unless ``holders`` (:func:`busy_holders`) were read already,
+    or the pool has none to give now: the error is not kept waiting for it.
     """
     if engine.dialect.name == "sqlite":
         where = _sqlite_file(engine.url) or "the in-memory database"
@@ -2022,11 +2024,13 @@ def describe_busy(
             f"busy_timeout ({exc.orig})"
         )
     if holders is None:
-        try:
-            with engine.connect() as conn:
-                holders = busy_holders(conn, schema)
-        except DBAPIError:
-            holders = []
+        holders = []
+        if _sa.pool_has_room(engine.pool):
+            try:
+                with engine.connect() as conn:
+                    holders = busy_holders(conn, schema)
+            except (DBAPIError, PoolTimeoutError):  # (taken by another thread meanwhile)
+                pass
     if not holders:
         return f"PostgreSQL reported {exc.orig}"
     who = "; ".join(

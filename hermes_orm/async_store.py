@@ -597,6 +597,7 @@ class AsyncSessionStore(_AsyncSessions):
         if (
             self._parks
             and room
+            and not conn.invalidated  # (see SessionStore._checkin)
             and not self._parked
             and closes == self._closes
             and _dialects.keeps_its_mode(conn.sync_connection)  # type: ignore[arg-type]

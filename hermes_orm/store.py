@@ -2030,8 +2030,11 @@ class SessionStore(_Sessions):
         take connections from the application's share. One taken before the
         store was closed (``closes``: the count of closes then) goes back, and
         so does one the pool has none beside: another thread may be waiting.
+        One invalidated (its try outlasted ``attempt_timeout`` as it ended, say)
+        goes back at once: asked anything, it would take a connection from the
+        pool, under the lock the pool's checkout listener takes.
         """
-        if not self._parks:
+        if not self._parks or conn.invalidated:
             self._release(conn)
             return
         with self._parked_lock:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hermes_orm import (
@@ -1532,6 +1532,39 @@ def test_the_kept_connection_goes_back_when_the_application_needs_it(db_url: str
     engine.dispose()
 
 
+def test_a_connection_invalidated_as_its_try_ends_goes_back_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A try's deadline firing as the try ends leaves its connection invalidated: a pool
+    of one, the store gives it back without asking it anything (which would take the
+    pool's only connection under the store's own lock) and goes on."""
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    store = SessionStore(engine)
+    store.create_session("s", source="test")
+    real = store_module.attempt
+
+    def then_invalidated(conn: Any, *args: Any) -> Any:
+        result = real(conn, *args)
+        conn.invalidate()  # the deadline's watchdog, as the try ended
+        return result
+
+    monkeypatch.setattr(store_module, "attempt", then_invalidated)
+    done = threading.Event()
+    flushing = threading.Thread(
+        target=lambda: (store.flush("s", conversation(1)), done.set()), daemon=True
+    )
+    flushing.start()
+    assert done.wait(10)
+    monkeypatch.undo()
+    store.flush("s", conversation(2))
+    assert_exact(store, "s", conversation(2))
+    store.close()
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
 def test_a_flush_cancelled_again_and_again_ends_before_its_task_does(tmp_path: Path) -> None:
     """aiosqlite runs a flush on its own thread, waiting there for the write lock: however
     often its task is cancelled (an anyio cancel scope cancels at every await), the call
@@ -1800,6 +1833,24 @@ def test_a_held_lock_ends_in_a_busy_error_that_names_the_holder(db_url: str, bac
     assert store.flush("s", conversation(1)).written == 3
     holder.dispose()
     store.close()
+
+
+@pytest.mark.postgresql
+def test_who_held_the_lock_is_not_waited_for_from_a_pool_with_none_to_give(
+    empty_pg: str,
+) -> None:
+    """Another thread took the connection a busy flush gave back: its error comes at once."""
+    from hermes_orm import _dialects, create_store_engine
+
+    engine = create_store_engine(empty_pg, pool_size=1, max_overflow=0, pool_timeout=5)
+    with engine.connect() as conn:  # the pool's only connection, another thread's
+        with pytest.raises(DBAPIError) as failed:
+            conn.exec_driver_sql("SELECT 1 / 0")
+        start = time.monotonic()
+        said = _dialects.describe_busy(engine, failed.value)
+        assert time.monotonic() - start < 1
+    assert said.startswith("PostgreSQL reported"), said
+    engine.dispose()
 
 
 def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Engine) -> None:
