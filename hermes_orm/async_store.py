@@ -161,6 +161,14 @@ _BACKEND_WAIT = 60.0
 _BACKEND_POLL = 0.002
 
 
+def _other_loop(why: str) -> InvalidArgumentError:
+    """The error of an application's engine used from another event loop, and ``why``."""
+    return InvalidArgumentError(
+        f"this AsyncSessionStore's engine was used from another event loop, and {why}: "
+        "give each event loop its own engine (or store), or dispose of the engine first"
+    )
+
+
 def _left_in_transaction(conn: AsyncConnection) -> bool:
     """Whether ``conn``'s driver holds a transaction its adapter does not know of."""
     try:
@@ -279,7 +287,8 @@ class AsyncSessionStore(_AsyncSessions):
         logs each as an error. They are dropped instead, as a new loop drops them.
         """
         seen = self._loops.get(id(engine))
-        await engine.dispose(close=seen is None or seen is asyncio.get_running_loop())
+        here = seen is None or seen is asyncio.get_running_loop()
+        await engine.dispose(close=here or engine.dialect.driver != "asyncpg")
 
     def for_user(self, user_id: str) -> AsyncUserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
@@ -353,7 +362,11 @@ class AsyncSessionStore(_AsyncSessions):
                 # cancellation interrupted; dropped if it was invalidated.
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 release = self._release(
-                    conn, failed=True, driver=driver, backend=backend if cancelled else None
+                    conn,
+                    failed=True,
+                    driver=driver,
+                    backend=backend if cancelled else None,
+                    closes=closes,
                 )
                 await self._to_the_end(release)
                 raise
@@ -391,6 +404,11 @@ class AsyncSessionStore(_AsyncSessions):
             conn = await engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
+        except RuntimeError as exc:
+            if "different event loop" not in str(exc):
+                raise
+            # An application's engine whose pool waited on another loop before.
+            raise _other_loop("its pool waits on the event loop it first waited on") from exc
         except OSError as exc:
             reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
@@ -405,29 +423,36 @@ class AsyncSessionStore(_AsyncSessions):
         return conn
 
     async def _on_this_loop(self, engine: AsyncEngine) -> None:
-        """Make sure ``engine``'s pooled connections serve the running event loop.
+        """Make sure ``engine``'s pool serves the running event loop.
 
-        asyncpg's belong to the loop that opened them: used from another (each
-        ``asyncio.run`` makes its own), they fail with a bare RuntimeError, then
-        "another operation is in progress". An engine the store made drops them
-        (without closing them: their loop may be gone) and opens new ones; an
-        application's engine is the application's to dispose of, and is refused.
+        Its queue waits on the loop it first waited on: from another (each
+        ``asyncio.run`` makes its own), a call that must wait for a connection
+        fails with a bare RuntimeError. asyncpg's connections belong to the
+        loop that opened them too: used from another, they fail the same way,
+        then "another operation is in progress". An engine the store made gets
+        a new pool (the old one's connections closed, asyncpg's dropped: their
+        loop may be gone). An application's engine is the application's to
+        dispose of: asyncpg's is refused; another's goes on, and a wait in its
+        pool that fails so is refused then (see :meth:`_connect`).
         """
-        if engine.dialect.driver != "asyncpg":
-            return  # aiosqlite's and psycopg's serve any loop
         loop = asyncio.get_running_loop()
         seen = self._loops.setdefault(id(engine), loop)
         if seen is loop:
             return
+        asyncpg = engine.dialect.driver == "asyncpg"
         owned = engine is self._async_engine and self._owns_engine
         owned = owned or (engine is self._async_replica and self._owns_replica)
         if not owned:
-            raise InvalidArgumentError(
-                "this AsyncSessionStore's engine was used from another event loop, and "
-                "asyncpg's connections belong to the loop that opened them: give each event "
-                "loop its own engine (or store), or dispose of the engine first"
-            )
-        await engine.dispose(close=False)
+            if asyncpg:
+                raise _other_loop("asyncpg's connections belong to the loop that opened them")
+            self._loops[id(engine)] = loop
+            return
+        if engine is self._async_engine:
+            # The kept one goes back first (its pool closes it); those in use now come
+            # back to the old pool, closed (see _release).
+            self._closes += 1
+            await self._unpark()
+        await engine.dispose(close=not asyncpg)
         self._loops[id(engine)] = loop
 
     async def _unpark(self) -> None:
@@ -516,8 +541,13 @@ class AsyncSessionStore(_AsyncSessions):
         failed: bool = False,
         driver: Any = None,
         backend: _dialects.Backend | None = None,
+        closes: int | None = None,
     ) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
+
+        One taken before a close of an engine the store made (``closes``: the
+        count of closes then) is closed: its pool was disposed of meanwhile,
+        and would keep it open, unused, until the garbage collector came by.
 
         After a ``failed`` try, a connection whose driver still holds a
         transaction nothing can end (asyncpg's, begun as the task was
@@ -538,8 +568,12 @@ class AsyncSessionStore(_AsyncSessions):
         if unsettled:  # (the deadline counts the driver's own close of the connection too)
             limit = self._retry.attempt_timeout or _BACKEND_WAIT
             deadline = asyncio.get_running_loop().time() + limit
+        disposed = closes is not None and closes != self._closes and self._owns_engine
         try:
-            if self._sqlite is not None:
+            if disposed:
+                if not conn.invalidated:
+                    await conn.invalidate()
+            elif self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
             elif not conn.invalidated and (unsettled or (failed and _left_in_transaction(conn))):
                 await conn.invalidate()
@@ -606,7 +640,7 @@ class AsyncSessionStore(_AsyncSessions):
             return
         # To its end however often the task is cancelled meanwhile: the pool's reset
         # interrupted would be logged as an error and the connection thrown away.
-        await self._to_the_end(self._release(conn))
+        await self._to_the_end(self._release(conn, closes=closes))
         if not room:
             # The pool hands a connection to whoever asks first without awaiting: a
             # task waiting for one takes this one before this task asks again.

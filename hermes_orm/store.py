@@ -1942,7 +1942,7 @@ class SessionStore(_Sessions):
             try:
                 result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
-                self._release(conn)  # the pool drops it if it was invalidated
+                self._release(conn, closes)  # the pool drops it if it was invalidated
                 raise
             self._checkin(conn, closes)
             return result
@@ -2015,9 +2015,16 @@ class SessionStore(_Sessions):
                 raise
         return conn
 
-    def _release(self, conn: Connection) -> None:
-        """Give ``conn`` back to the pool with the settings it came with."""
+    def _release(self, conn: Connection, closes: int | None = None) -> None:
+        """Give ``conn`` back to the pool with the settings it came with.
+
+        One taken before a close of an engine the store made (``closes``: the
+        count of closes then) is closed: its pool was disposed of meanwhile,
+        and would keep it open, unused, until the garbage collector came by.
+        """
         try:
+            if closes is not None and closes != self._closes and self._owns_engine:
+                conn.invalidate()
             _dialects.give_back_sqlite(conn)
         finally:
             conn.close()
@@ -2035,7 +2042,7 @@ class SessionStore(_Sessions):
         pool, under the lock the pool's checkout listener takes.
         """
         if not self._parks or conn.invalidated:
-            self._release(conn)
+            self._release(conn, closes)
             return
         with self._parked_lock:
             room = _sa.pool_has_room(self._engine.pool)
@@ -2047,7 +2054,7 @@ class SessionStore(_Sessions):
             ):
                 self._parked.append(conn)
                 return
-        self._release(conn)
+        self._release(conn, closes)
         if not room:
             # The pool hands a connection to whoever asks first, and this thread,
             # holding the GIL, would ask again before a waiting one woke up.

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from hermes_orm import (
     DatabaseBusyError,
@@ -1210,6 +1211,84 @@ def test_an_asyncpg_store_serves_one_event_loop_after_another(
     asyncio.run(theirs.get_session("loops"))
     with pytest.raises(InvalidArgumentError, match="another event loop"):
         asyncio.run(theirs.get_session("loops"))
+
+
+def test_a_store_serves_one_event_loop_after_another_however_busy_its_pool(
+    db_url: str,
+) -> None:
+    """aiosqlite's and psycopg's connections serve any loop, but a pool's queue waits on
+    the loop it first waited on: an engine the store made gets a new pool in a new loop,
+    bursts larger than the pool go through in each; an application's engine whose pool
+    waited in another loop is refused with a typed error, not asyncio's RuntimeError."""
+    from hermes_orm._dialects import create_async_store_engine
+
+    store = AsyncSessionStore(_async_url(db_url))  # its own engine: a pool of 5 + 10
+    asyncio.run(store.create_session("loops", source="cli"))
+
+    async def burst(on: AsyncSessionStore, calls: int) -> list[Any]:
+        return await asyncio.gather(
+            *(on.get_messages("loops") for _ in range(calls)), return_exceptions=True
+        )
+
+    for _ in range(3):
+        assert asyncio.run(burst(store, 20)) == [[]] * 20
+    asyncio.run(store.close())
+
+    async def made_here() -> Any:
+        return create_async_store_engine(db_url, pool_size=1, max_overflow=0)
+
+    engine = asyncio.run(made_here())
+    theirs = AsyncSessionStore(engine)
+    assert asyncio.run(burst(theirs, 2)) == [[], []]  # one waited for the other
+    refused = asyncio.run(burst(theirs, 2))
+    assert [type(r) for r in refused if isinstance(r, BaseException)] == [InvalidArgumentError]
+    assert "another event loop" in str(next(r for r in refused if isinstance(r, Exception)))
+
+
+@pytest.mark.postgresql
+def test_a_store_closed_with_a_call_under_way_leaves_no_connection_open(empty_pg: str) -> None:
+    """close() disposes of the engine the store made; the connection of the call under way
+    comes back after that, to the old pool: it is closed, not kept open there."""
+    url = make_url(empty_pg).update_query_dict({"application_name": "closed-under-way"})
+    admin = create_engine(empty_pg, poolclass=NullPool)
+
+    def open_connections() -> int:
+        with admin.connect() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'closed-under-way'"
+                ).scalar_one()
+            )
+
+    store = SessionStore(url)
+    store.upgrade()
+    store.create_session("s", source="cli")
+
+    def close_now(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if _FLUSH_WRITE.match(statement):
+            store.close()
+
+    event.listen(store.engine, "before_cursor_execute", close_now)
+    assert store.flush("s", _plain(2)).written == 2
+    assert open_connections() == 0
+
+    async def main() -> None:
+        async_store = AsyncSessionStore(url)
+        loop = asyncio.get_running_loop()
+        closing: list[asyncio.Task[None]] = []
+
+        def close_soon(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+            if _FLUSH_WRITE.match(statement) and not closing:
+                closing.append(loop.create_task(async_store.close()))  # runs during the write
+
+        event.listen(async_store.engine.sync_engine, "before_cursor_execute", close_soon)
+        assert (await async_store.flush("s", _plain(3))).written == 1
+        await closing[0]
+        assert open_connections() == 0
+
+    asyncio.run(main())
+    admin.dispose()
 
 
 def test_tasks_flushing_one_session(db_url: str) -> None:
