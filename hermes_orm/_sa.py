@@ -72,9 +72,13 @@ def aiosqlite_connection(conn: Connection) -> Any:
     if conn.dialect.driver != "aiosqlite":
         return None
     driver = getattr(conn.connection.dbapi_connection, "_connection", None)
-    # None too if SQLAlchemy's adapter or aiosqlite changed shape: the caller
-    # then goes through the adapter's cursor, as any other driver.
-    return driver if hasattr(driver, "_execute") and hasattr(driver, "_conn") else None
+    # None too if SQLAlchemy's adapter or aiosqlite changed shape, or the connection
+    # is closed (its _conn then raises ValueError): the caller then goes through the
+    # adapter's cursor, as any other driver, which raises the driver's error.
+    try:
+        return driver if hasattr(driver, "_execute") and hasattr(driver, "_conn") else None
+    except ValueError:
+        return None
 
 
 async def aiosqlite_drained(driver: Any) -> None:

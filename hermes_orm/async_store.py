@@ -247,7 +247,7 @@ class AsyncSessionStore(_AsyncSessions):
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
-        #: asyncpg: the event loop each engine's pooled connections belong to (by id).
+        #: The event loop each engine's pool serves (by id; see _on_this_loop).
         self._loops: dict[int, asyncio.AbstractEventLoop] = {}
         if self._parks:
             give_back_when_full(self, engine.sync_engine)

@@ -1291,6 +1291,30 @@ def test_a_store_closed_with_a_call_under_way_leaves_no_connection_open(empty_pg
     admin.dispose()
 
 
+@pytest.mark.sqlite
+def test_an_aiosqlite_connection_closed_under_sqlalchemy_is_no_driver_to_use(
+    tmp_path: Path,
+) -> None:
+    """aiosqlite's closed connection raises ValueError when asked for its sqlite3 one: the
+    store takes it for none (its calls then raise the driver's error), not an untyped error."""
+    from hermes_orm import _sa
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'closed.db'}")
+        conn = await engine.connect()
+        sync = conn.sync_connection
+        assert sync is not None
+        driver = _sa.aiosqlite_connection(sync)
+        assert driver is not None
+        await driver.close()  # (as a connection shared by two tasks, one cancelled, may be)
+        assert _sa.aiosqlite_connection(sync) is None
+        await conn.invalidate()
+        await conn.close()
+        await engine.dispose()
+
+    asyncio.run(main())
+
+
 def test_tasks_flushing_one_session(db_url: str) -> None:
     """Concurrent tasks of one event loop (an async web app) on one async store."""
 
