@@ -67,6 +67,16 @@ def raise_driver_error(
     raise AssertionError("SQLAlchemy did not raise")  # pragma: no cover
 
 
+def of_current_pool(conn: Connection) -> bool:
+    """Whether ``conn`` is valid and of its engine's pool (not of one ``dispose()`` replaced).
+
+    (Asked for its connection, an invalidated one would take a new one from the pool.)
+    """
+    if conn.invalidated:
+        return False
+    return getattr(conn.connection, "_pool", conn.engine.pool) is conn.engine.pool
+
+
 def aiosqlite_connection(conn: Connection) -> Any:
     """``conn``'s ``aiosqlite.Connection``; None when ``conn`` is not on aiosqlite."""
     if conn.dialect.driver != "aiosqlite":

@@ -169,6 +169,11 @@ def _other_loop(why: str) -> InvalidArgumentError:
     )
 
 
+def _kept_in_pool(conn: AsyncConnection) -> bool:
+    """Whether the connection the store kept is of its engine's pool (not of a disposed one)."""
+    return _sa.of_current_pool(conn.sync_connection)  # type: ignore[arg-type]
+
+
 def _left_in_transaction(conn: AsyncConnection) -> bool:
     """Whether ``conn``'s driver holds a transaction its adapter does not know of."""
     try:
@@ -459,7 +464,7 @@ class AsyncSessionStore(_AsyncSessions):
         """Give the idle connection the store kept back to the pool."""
         parked, self._parked = self._parked, []
         for conn in parked:
-            await self._release(conn)
+            await self._release(conn, stale=not _kept_in_pool(conn))
 
     async def _to_the_end(self, cleanup: Coroutine[Any, Any, None]) -> None:
         """Await ``cleanup`` of a connection to its end, however often the task is cancelled.
@@ -524,7 +529,10 @@ class AsyncSessionStore(_AsyncSessions):
     async def _checkout(self) -> AsyncConnection:
         """The idle connection the store kept, else one from the pool."""
         if self._parked:
-            return self._parked.pop()
+            kept = self._parked.pop()
+            if _kept_in_pool(kept):
+                return kept
+            await self._to_the_end(self._release(kept, stale=True))
         conn = await self._connect()
         if self._sqlite is not None:
             try:
@@ -542,12 +550,15 @@ class AsyncSessionStore(_AsyncSessions):
         driver: Any = None,
         backend: _dialects.Backend | None = None,
         closes: int | None = None,
+        stale: bool = False,
     ) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
         One taken before a close of an engine the store made (``closes``: the
-        count of closes then) is closed: its pool was disposed of meanwhile,
-        and would keep it open, unused, until the garbage collector came by.
+        count of closes then), or ``stale`` (kept by the store as the
+        application disposed of its engine), is closed: its pool was disposed of
+        meanwhile, and would keep it open, unused, until the garbage collector
+        came by.
 
         After a ``failed`` try, a connection whose driver still holds a
         transaction nothing can end (asyncpg's, begun as the task was
@@ -568,7 +579,7 @@ class AsyncSessionStore(_AsyncSessions):
         if unsettled:  # (the deadline counts the driver's own close of the connection too)
             limit = self._retry.attempt_timeout or _BACKEND_WAIT
             deadline = asyncio.get_running_loop().time() + limit
-        disposed = closes is not None and closes != self._closes and self._owns_engine
+        disposed = stale or (closes is not None and closes != self._closes and self._owns_engine)
         try:
             if disposed:
                 if not conn.invalidated:

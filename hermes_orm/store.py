@@ -1985,7 +1985,7 @@ class SessionStore(_Sessions):
         with self._parked_lock:
             parked, self._parked = self._parked, []
         for conn in parked:
-            self._release(conn)
+            self._release(conn, stale=not _sa.of_current_pool(conn))
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -2004,8 +2004,11 @@ class SessionStore(_Sessions):
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""
         with self._parked_lock:
-            if self._parked:
-                return self._parked.pop()
+            kept = self._parked.pop() if self._parked else None
+        if kept is not None:
+            if _sa.of_current_pool(kept):
+                return kept
+            self._release(kept, stale=True)
         conn = self._connect()
         if self._sqlite is not None:
             try:
@@ -2015,15 +2018,17 @@ class SessionStore(_Sessions):
                 raise
         return conn
 
-    def _release(self, conn: Connection, closes: int | None = None) -> None:
+    def _release(self, conn: Connection, closes: int | None = None, *, stale: bool = False) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
         One taken before a close of an engine the store made (``closes``: the
-        count of closes then) is closed: its pool was disposed of meanwhile,
-        and would keep it open, unused, until the garbage collector came by.
+        count of closes then), or ``stale`` (kept by the store as the
+        application disposed of its engine), is closed: its pool was disposed of
+        meanwhile, and would keep it open, unused, until the garbage collector
+        came by.
         """
         try:
-            if closes is not None and closes != self._closes and self._owns_engine:
+            if stale or (closes is not None and closes != self._closes and self._owns_engine):
                 conn.invalidate()
             _dialects.give_back_sqlite(conn)
         finally:

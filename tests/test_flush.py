@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+import hermes_orm
 from hermes_orm import (
     DatabaseBusyError,
     DatabaseError,
@@ -1297,7 +1298,6 @@ def test_an_aiosqlite_connection_closed_under_sqlalchemy_is_no_driver_to_use(
 ) -> None:
     """aiosqlite's closed connection raises ValueError when asked for its sqlite3 one: the
     store takes it for none (its calls then raise the driver's error), not an untyped error."""
-    from hermes_orm import _sa
 
     async def main() -> None:
         engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'closed.db'}")
@@ -1635,6 +1635,74 @@ def test_the_kept_connection_goes_back_when_the_application_needs_it(db_url: str
     engine.dispose()
 
 
+@pytest.mark.postgresql
+def test_the_kept_connection_goes_when_the_application_disposes_of_its_engine(
+    empty_pg: str,
+) -> None:
+    """engine.dispose() (a failover, new credentials): the connection the store kept between
+    calls is of the pool it replaced; the store's next call closes it and opens a new one,
+    and close() leaves nothing open."""
+    hermes_orm.upgrade(empty_pg)
+    url = make_url(empty_pg).update_query_dict({"application_name": "disposed-of"})
+    admin = create_engine(empty_pg, poolclass=NullPool)
+
+    def server_processes() -> list[int]:
+        with admin.connect() as conn:
+            statement = "SELECT pid FROM pg_stat_activity WHERE application_name = 'disposed-of'"
+            return sorted(conn.exec_driver_sql(statement).scalars())
+
+    engine = create_engine(url, pool_size=2, max_overflow=2)
+    store = SessionStore(engine)
+    store.create_session("s", source="web")
+    kept = server_processes()
+    assert len(kept) == 1
+    engine.dispose()
+    store.flush("s", conversation(1))
+    now = server_processes()
+    assert len(now) == 1
+    assert now != kept
+    engine.dispose()
+    store.close()
+    assert server_processes() == []
+    admin.dispose()
+
+    async def main() -> None:
+        async_engine = create_async_engine(url)
+        async_store = AsyncSessionStore(async_engine)
+        await async_store.flush("s", conversation(2))
+        await async_engine.dispose()
+        await async_store.flush("s", conversation(3))
+        await async_engine.dispose()
+        await async_store.close()
+        assert server_processes() == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.sqlite
+def test_the_kept_aiosqlite_connection_goes_when_the_application_disposes_of_its_engine(
+    tmp_path: Path,
+) -> None:
+    """As on PostgreSQL: the kept connection, of the pool dispose() replaced, is closed
+    by the store's next call, which runs on a new one."""
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'kept.db'}")
+        store = AsyncSessionStore(engine)
+        await store.upgrade()
+        await store.create_session("s", source="web")
+        kept = _sa.aiosqlite_connection(store._parked[0].sync_connection)
+        await engine.dispose()
+        await store.flush("s", conversation(1))
+        assert kept is not None
+        assert kept._connection is None  # closed (aiosqlite's own record of it)
+        assert _sa.aiosqlite_connection(store._parked[0].sync_connection) is not kept
+        await store.close()
+        await engine.dispose()
+
+    asyncio.run(main())
+
+
 def test_a_connection_invalidated_as_its_try_ends_goes_back_at_once(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1943,7 +2011,7 @@ def test_who_held_the_lock_is_not_waited_for_from_a_pool_with_none_to_give(
     empty_pg: str,
 ) -> None:
     """Another thread took the connection a busy flush gave back: its error comes at once."""
-    from hermes_orm import _dialects, create_store_engine
+    from hermes_orm import create_store_engine
 
     engine = create_store_engine(empty_pg, pool_size=1, max_overflow=0, pool_timeout=5)
     with engine.connect() as conn:  # the pool's only connection, another thread's
