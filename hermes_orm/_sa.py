@@ -212,7 +212,10 @@ def driver_in_transaction(dbapi_connection: Any) -> bool | None:
         status = getattr(getattr(candidate, "info", None), "transaction_status", None)
         if status is not None:
             return int(status) != 0  # psycopg.pq.TransactionStatus.IDLE
-        in_transaction = getattr(candidate, "in_transaction", None)  # sqlite3, aiosqlite
+        try:
+            in_transaction = getattr(candidate, "in_transaction", None)  # sqlite3, aiosqlite
+        except ValueError:  # aiosqlite's, closed: "no active connection"
+            return None
         if isinstance(in_transaction, bool):
             return in_transaction
     if hasattr(dbapi_connection, "_transaction"):  # SQLAlchemy's asyncpg adapter

@@ -252,8 +252,10 @@ class AsyncSessionStore(_AsyncSessions):
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
-        #: The event loop each engine's pool serves (by id; see _on_this_loop).
+        #: asyncpg: the event loop each engine's pooled connections belong to (by id).
         self._loops: dict[int, asyncio.AbstractEventLoop] = {}
+        #: The event loop each engine the store made got a new pool for (see _new_pool).
+        self._pools: dict[int, asyncio.AbstractEventLoop] = {}
         if self._parks:
             give_back_when_full(self, engine.sync_engine)
 
@@ -292,8 +294,7 @@ class AsyncSessionStore(_AsyncSessions):
         logs each as an error. They are dropped instead, as a new loop drops them.
         """
         seen = self._loops.get(id(engine))
-        here = seen is None or seen is asyncio.get_running_loop()
-        await engine.dispose(close=here or engine.dialect.driver != "asyncpg")
+        await engine.dispose(close=seen is None or seen is asyncio.get_running_loop())
 
     def for_user(self, user_id: str) -> AsyncUserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
@@ -406,14 +407,18 @@ class AsyncSessionStore(_AsyncSessions):
         engine = engine or self._async_engine
         await self._on_this_loop(engine)
         try:
-            conn = await engine.connect()
+            try:
+                conn = await engine.connect()
+            except RuntimeError as exc:
+                if "different event loop" not in str(exc):
+                    raise
+                if not self._owns(engine):
+                    why = "its pool waits on the event loop it first waited on"
+                    raise _other_loop(why) from exc
+                await self._new_pool(engine)
+                conn = await engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
-        except RuntimeError as exc:
-            if "different event loop" not in str(exc):
-                raise
-            # An application's engine whose pool waited on another loop before.
-            raise _other_loop("its pool waits on the event loop it first waited on") from exc
         except OSError as exc:
             reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
@@ -428,37 +433,49 @@ class AsyncSessionStore(_AsyncSessions):
         return conn
 
     async def _on_this_loop(self, engine: AsyncEngine) -> None:
-        """Make sure ``engine``'s pool serves the running event loop.
+        """Make sure ``engine``'s pooled asyncpg connections serve the running event loop.
 
-        Its queue waits on the loop it first waited on: from another (each
-        ``asyncio.run`` makes its own), a call that must wait for a connection
-        fails with a bare RuntimeError. asyncpg's connections belong to the
-        loop that opened them too: used from another, they fail the same way,
-        then "another operation is in progress". An engine the store made gets
-        a new pool (the old one's connections closed, asyncpg's dropped: their
-        loop may be gone). An application's engine is the application's to
-        dispose of: asyncpg's is refused; another's goes on, and a wait in its
-        pool that fails so is refused then (see :meth:`_connect`).
+        asyncpg's belong to the loop that opened them: used from another (each
+        ``asyncio.run`` makes its own), they fail with a bare RuntimeError, then
+        "another operation is in progress". An engine the store made drops them
+        (without closing them: their loop may be gone) and opens new ones; an
+        application's engine is the application's to dispose of, and is refused.
+        (aiosqlite's and psycopg's serve any loop; their pool's own wait on
+        another loop is seen where it fails, in :meth:`_connect`.)
         """
+        if engine.dialect.driver != "asyncpg":
+            return
         loop = asyncio.get_running_loop()
         seen = self._loops.setdefault(id(engine), loop)
         if seen is loop:
             return
-        asyncpg = engine.dialect.driver == "asyncpg"
-        owned = engine is self._async_engine and self._owns_engine
-        owned = owned or (engine is self._async_replica and self._owns_replica)
-        if not owned:
-            if asyncpg:
-                raise _other_loop("asyncpg's connections belong to the loop that opened them")
-            self._loops[id(engine)] = loop
-            return
+        if not self._owns(engine):
+            raise _other_loop("asyncpg's connections belong to the loop that opened them")
+        self._loops[id(engine)] = loop  # (before awaiting: another task does not dispose too)
+        await engine.dispose(close=False)
+
+    def _owns(self, engine: AsyncEngine) -> bool:
+        """Whether the store made ``engine`` (its own, or its replica's)."""
         if engine is self._async_engine:
-            # The kept one goes back first (its pool closes it); those in use now come
-            # back to the old pool, closed (see _release).
+            return self._owns_engine
+        return engine is self._async_replica and self._owns_replica
+
+    async def _new_pool(self, engine: AsyncEngine) -> None:
+        """Give ``engine``, which the store made, a new pool for the running event loop.
+
+        Its pool's queue waits on the loop it first waited on (from another, a
+        wait fails with a bare RuntimeError). The connections of the old pool,
+        which serve any loop (aiosqlite's, psycopg's), are closed; one in use
+        now is closed as it comes back (see :meth:`_release`).
+        """
+        loop = asyncio.get_running_loop()
+        if self._pools.get(id(engine)) is loop:
+            return  # another task of this loop gave it one already
+        self._pools[id(engine)] = loop
+        if engine is self._async_engine:
             self._closes += 1
             await self._unpark()
-        await engine.dispose(close=not asyncpg)
-        self._loops[id(engine)] = loop
+        await engine.dispose()
 
     async def _unpark(self) -> None:
         """Give the idle connection the store kept back to the pool."""
@@ -664,6 +681,8 @@ class AsyncSessionStore(_AsyncSessions):
         """
         if self._engine.dialect.name != "postgresql" or _dialects.is_unreachable(exc):
             return []
+        if not _sa.pool_has_room(engine.sync_engine.pool):
+            return []  # (the error is not kept waiting for a connection; see describe_busy)
         try:
             conn = await self._connect(engine)
         except DBAPIError:

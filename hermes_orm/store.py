@@ -1233,9 +1233,10 @@ class StoreCore:
                     batches = _encode_batches(messages, cursor)
                     return self._insert(conn, session_id, cursor, digest, batches, stale=stale)
                 if once is not None and _dialects.can_autocommit(conn):
-                    # One statement, sent right after the check, nothing waited for
-                    # between them: a delete, and a session made anew, by another task
-                    # or thread of this store could not come in between.
+                    # One statement, sent right after the check: a delete and a session
+                    # made anew by another task or thread of this store come in between
+                    # only while it is on its way (README, guarantee 4; an incarnation
+                    # of the session in its compare-and-swap would close that too).
                     if _dialects.execute_driver_script(conn, [once], autocommit=True) != rows:
                         raise CursorMoved  # it wrote nothing
                 else:

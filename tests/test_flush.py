@@ -1308,6 +1308,7 @@ def test_an_aiosqlite_connection_closed_under_sqlalchemy_is_no_driver_to_use(
         assert driver is not None
         await driver.close()  # (as a connection shared by two tasks, one cancelled, may be)
         assert _sa.aiosqlite_connection(sync) is None
+        assert _sa.driver_in_transaction(sync.connection.dbapi_connection) is None
         await conn.invalidate()
         await conn.close()
         await engine.dispose()
@@ -2022,6 +2023,19 @@ def test_who_held_the_lock_is_not_waited_for_from_a_pool_with_none_to_give(
         assert time.monotonic() - start < 1
     assert said.startswith("PostgreSQL reported"), said
     engine.dispose()
+
+    async def main() -> None:  # the same, from an AsyncSessionStore
+        async_engine = _dialects.create_async_store_engine(
+            empty_pg, pool_size=1, max_overflow=0, pool_timeout=5
+        )
+        store = AsyncSessionStore(async_engine)
+        async with async_engine.connect():
+            start = time.monotonic()
+            assert await store._busy_holders(failed.value, async_engine) == []
+            assert time.monotonic() - start < 1
+        await async_engine.dispose()
+
+    asyncio.run(main())
 
 
 def test_a_remembered_cursor_is_always_verified(store: SessionStore, engine: Engine) -> None:
