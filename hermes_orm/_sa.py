@@ -67,14 +67,14 @@ def raise_driver_error(
     raise AssertionError("SQLAlchemy did not raise")  # pragma: no cover
 
 
-def of_current_pool(conn: Connection) -> bool:
-    """Whether ``conn`` is valid and of its engine's pool (not of one ``dispose()`` replaced).
+def of_replaced_pool(conn: Connection) -> bool:
+    """Whether ``conn``, open and valid, is of a pool its engine's ``dispose()`` replaced.
 
     (Asked for its connection, an invalidated one would take a new one from the pool.)
     """
-    if conn.invalidated:
+    if conn.invalidated or conn.closed:
         return False
-    return getattr(conn.connection, "_pool", conn.engine.pool) is conn.engine.pool
+    return getattr(conn.connection, "_pool", conn.engine.pool) is not conn.engine.pool
 
 
 def aiosqlite_connection(conn: Connection) -> Any:

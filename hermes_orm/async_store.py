@@ -169,9 +169,9 @@ def _other_loop(why: str) -> InvalidArgumentError:
     )
 
 
-def _kept_in_pool(conn: AsyncConnection) -> bool:
-    """Whether the connection the store kept is of its engine's pool (not of a disposed one)."""
-    return _sa.of_current_pool(conn.sync_connection)  # type: ignore[arg-type]
+def _of_replaced_pool(conn: AsyncConnection) -> bool:
+    """:func:`_sa.of_replaced_pool` of an asyncio connection."""
+    return _sa.of_replaced_pool(conn.sync_connection)  # type: ignore[arg-type]
 
 
 def _left_in_transaction(conn: AsyncConnection) -> bool:
@@ -372,7 +372,6 @@ class AsyncSessionStore(_AsyncSessions):
                     failed=True,
                     driver=driver,
                     backend=backend if cancelled else None,
-                    closes=closes,
                 )
                 await self._to_the_end(release)
                 raise
@@ -473,7 +472,6 @@ class AsyncSessionStore(_AsyncSessions):
             return  # another task of this loop gave it one already
         self._pools[id(engine)] = loop
         if engine is self._async_engine:
-            self._closes += 1
             await self._unpark()
         await engine.dispose()
 
@@ -481,7 +479,7 @@ class AsyncSessionStore(_AsyncSessions):
         """Give the idle connection the store kept back to the pool."""
         parked, self._parked = self._parked, []
         for conn in parked:
-            await self._release(conn, stale=not _kept_in_pool(conn))
+            await self._release(conn)
 
     async def _to_the_end(self, cleanup: Coroutine[Any, Any, None]) -> None:
         """Await ``cleanup`` of a connection to its end, however often the task is cancelled.
@@ -547,9 +545,9 @@ class AsyncSessionStore(_AsyncSessions):
         """The idle connection the store kept, else one from the pool."""
         if self._parked:
             kept = self._parked.pop()
-            if _kept_in_pool(kept):
+            if not kept.invalidated and not _of_replaced_pool(kept):
                 return kept
-            await self._to_the_end(self._release(kept, stale=True))
+            await self._to_the_end(self._release(kept))
         conn = await self._connect()
         if self._sqlite is not None:
             try:
@@ -566,16 +564,12 @@ class AsyncSessionStore(_AsyncSessions):
         failed: bool = False,
         driver: Any = None,
         backend: _dialects.Backend | None = None,
-        closes: int | None = None,
-        stale: bool = False,
     ) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
-        One taken before a close of an engine the store made (``closes``: the
-        count of closes then), or ``stale`` (kept by the store as the
-        application disposed of its engine), is closed: its pool was disposed of
-        meanwhile, and would keep it open, unused, until the garbage collector
-        came by.
+        One of a pool its engine no longer has (disposed of meanwhile, by
+        :meth:`close` or by the application) is closed: that pool would keep it
+        open, unused, until the garbage collector came by.
 
         After a ``failed`` try, a connection whose driver still holds a
         transaction nothing can end (asyncpg's, begun as the task was
@@ -596,11 +590,9 @@ class AsyncSessionStore(_AsyncSessions):
         if unsettled:  # (the deadline counts the driver's own close of the connection too)
             limit = self._retry.attempt_timeout or _BACKEND_WAIT
             deadline = asyncio.get_running_loop().time() + limit
-        disposed = stale or (closes is not None and closes != self._closes and self._owns_engine)
         try:
-            if disposed:
-                if not conn.invalidated:
-                    await conn.invalidate()
+            if _of_replaced_pool(conn):
+                await conn.invalidate()
             elif self._sqlite is not None:
                 await conn.run_sync(_dialects.give_back_sqlite)
             elif not conn.invalidated and (unsettled or (failed and _left_in_transaction(conn))):
@@ -668,7 +660,7 @@ class AsyncSessionStore(_AsyncSessions):
             return
         # To its end however often the task is cancelled meanwhile: the pool's reset
         # interrupted would be logged as an error and the connection thrown away.
-        await self._to_the_end(self._release(conn, closes=closes))
+        await self._to_the_end(self._release(conn))
         if not room:
             # The pool hands a connection to whoever asks first without awaiting: a
             # task waiting for one takes this one before this task asks again.

@@ -1943,7 +1943,7 @@ class SessionStore(_Sessions):
             try:
                 result = attempt(conn, request, begin, self._settings, timeout)
             except BaseException:
-                self._release(conn, closes)  # the pool drops it if it was invalidated
+                self._release(conn)  # the pool drops it if it was invalidated
                 raise
             self._checkin(conn, closes)
             return result
@@ -1986,7 +1986,7 @@ class SessionStore(_Sessions):
         with self._parked_lock:
             parked, self._parked = self._parked, []
         for conn in parked:
-            self._release(conn, stale=not _sa.of_current_pool(conn))
+            self._release(conn)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -2007,9 +2007,9 @@ class SessionStore(_Sessions):
         with self._parked_lock:
             kept = self._parked.pop() if self._parked else None
         if kept is not None:
-            if _sa.of_current_pool(kept):
+            if not kept.invalidated and not _sa.of_replaced_pool(kept):
                 return kept
-            self._release(kept, stale=True)
+            self._release(kept)
         conn = self._connect()
         if self._sqlite is not None:
             try:
@@ -2019,17 +2019,15 @@ class SessionStore(_Sessions):
                 raise
         return conn
 
-    def _release(self, conn: Connection, closes: int | None = None, *, stale: bool = False) -> None:
+    def _release(self, conn: Connection) -> None:
         """Give ``conn`` back to the pool with the settings it came with.
 
-        One taken before a close of an engine the store made (``closes``: the
-        count of closes then), or ``stale`` (kept by the store as the
-        application disposed of its engine), is closed: its pool was disposed of
-        meanwhile, and would keep it open, unused, until the garbage collector
-        came by.
+        One of a pool its engine no longer has (disposed of meanwhile, by
+        :meth:`close` or by the application) is closed: that pool would keep it
+        open, unused, until the garbage collector came by.
         """
         try:
-            if stale or (closes is not None and closes != self._closes and self._owns_engine):
+            if _sa.of_replaced_pool(conn):
                 conn.invalidate()
             _dialects.give_back_sqlite(conn)
         finally:
@@ -2048,7 +2046,7 @@ class SessionStore(_Sessions):
         pool, under the lock the pool's checkout listener takes.
         """
         if not self._parks or conn.invalidated:
-            self._release(conn, closes)
+            self._release(conn)
             return
         with self._parked_lock:
             room = _sa.pool_has_room(self._engine.pool)
@@ -2060,7 +2058,7 @@ class SessionStore(_Sessions):
             ):
                 self._parked.append(conn)
                 return
-        self._release(conn, closes)
+        self._release(conn)
         if not room:
             # The pool hands a connection to whoever asks first, and this thread,
             # holding the GIL, would ask again before a waiting one woke up.
