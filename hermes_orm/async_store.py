@@ -252,10 +252,9 @@ class AsyncSessionStore(_AsyncSessions):
         self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
-        #: asyncpg: the event loop each engine's pooled connections belong to (by id).
+        #: The event loop each engine's pool serves, by id: asyncpg's (whose connections
+        #: belong to it), and those the store gave a new pool (see _new_pool).
         self._loops: dict[int, asyncio.AbstractEventLoop] = {}
-        #: The event loop each engine the store made got a new pool for (see _new_pool).
-        self._pools: dict[int, asyncio.AbstractEventLoop] = {}
         if self._parks:
             give_back_when_full(self, engine.sync_engine)
 
@@ -294,7 +293,8 @@ class AsyncSessionStore(_AsyncSessions):
         logs each as an error. They are dropped instead, as a new loop drops them.
         """
         seen = self._loops.get(id(engine))
-        await engine.dispose(close=seen is None or seen is asyncio.get_running_loop())
+        here = seen is None or seen is asyncio.get_running_loop()
+        await engine.dispose(close=here or engine.dialect.driver != "asyncpg")
 
     def for_user(self, user_id: str) -> AsyncUserStore:
         """This store, seeing only the sessions of ``user_id``; see :class:`AsyncUserStore`.
@@ -468,9 +468,9 @@ class AsyncSessionStore(_AsyncSessions):
         now is closed as it comes back (see :meth:`_release`).
         """
         loop = asyncio.get_running_loop()
-        if self._pools.get(id(engine)) is loop:
+        if self._loops.get(id(engine)) is loop:
             return  # another task of this loop gave it one already
-        self._pools[id(engine)] = loop
+        self._loops[id(engine)] = loop
         if engine is self._async_engine:
             await self._unpark()
         await engine.dispose()
