@@ -1174,6 +1174,8 @@ class FlushSQL:
     insert_head: str
     insert_row: str
     insert_rows_max: int
+    #: The cursor's compare-and-swap: at cursor 0, on the cursor alone; above it, on
+    #: the digest below the cursor and the session's ``history_id`` too.
     advance: str
     advance_if_digest: str
     read_messages: str
@@ -1382,13 +1384,15 @@ def render_flush_sql(
         f"WHERE id = {mark} AND flushed_idx = {mark}"
     )
     owner = f" AND user_id = {mark}" if scoped else ""
+    # Above cursor 0, the digest below the cursor and the history it is part of.
+    on_history = f" AND flushed_digest = {mark} AND history_id = {mark}"
     once_heads: tuple[str, str] | None = None
     once_row = ""
     if dialect == "postgresql":
         heads = [
             f"WITH moved AS ({advance}{digest}{owner} RETURNING id) INSERT INTO {messages} "
             f"({', '.join(insert_columns)}) SELECT * FROM (VALUES "
-            for digest in ("", f" AND flushed_digest = {mark}")
+            for digest in ("", on_history)
         ]
         once_heads = (heads[0], heads[1])
         # The first row's values typed: a VALUES list's types are its own, not the
@@ -1402,7 +1406,7 @@ def render_flush_sql(
         insert_row=insert_row,
         insert_rows_max=insert_rows_max,
         advance=advance + owner,
-        advance_if_digest=f"{advance} AND flushed_digest = {mark}{owner}",
+        advance_if_digest=f"{advance}{on_history}{owner}",
         read_messages=f"SELECT {', '.join(read_columns)} FROM {messages}",
         read_where=f" WHERE session_id = {mark}",
         # 64-bit bounds: asyncpg types a parameter as its column (idx: 32 bits), and the

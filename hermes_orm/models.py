@@ -11,6 +11,7 @@ uses too.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from sqlalchemy import (
@@ -66,6 +67,11 @@ def _compile_sqlite_json_text(_type: Any, _compiler: Any, **_kw: Any) -> str:
 JSON_DOCUMENT = JSON(none_as_null=True).with_variant(_SQLiteJSONText(none_as_null=True), "sqlite")
 
 
+def new_history_id() -> int:
+    """A new :attr:`Session.history_id`: random, from 1 to 2**63 - 1 (0 is a pre-0016 row's)."""
+    return 1 + secrets.randbelow(2**63 - 1)
+
+
 class Base(DeclarativeBase):
     """Declarative base of every hermes_orm model; one MetaData with stable names."""
 
@@ -85,6 +91,15 @@ class Session(Base):
     ``idx`` the next one gets; ``flushed_digest`` is the digest of the message
     at ``flushed_idx - 1``. Both advance in the same transaction as the message
     inserts, which is what makes a flush exactly-once.
+
+    ``history_id`` names the stored history: drawn at random when the session
+    is made, and again whenever hermes_orm changes its stored messages other
+    than by appending (a rewrite, an edit, a clear). The cursor's
+    compare-and-swap checks it with the digest, so a store's remembered cursor
+    stands only on the history it was read on: a session deleted and made anew
+    under the same id, or rewritten, with as many messages and the same last
+    one, is not taken for the one the store knew. Rows written before revision
+    0016, or by SQL that does not set it, hold 0.
     """
 
     __tablename__ = "hermes_sessions"
@@ -94,6 +109,7 @@ class Session(Base):
     flushed_digest: Mapped[bytes | None]
     message_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     tool_call_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    history_id: Mapped[int] = mapped_column(default=new_history_id, server_default=text("0"))
 
     # Everything Hermes Agent keeps on its sessions row (state.db schema v22).
     source: Mapped[str]

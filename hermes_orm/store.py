@@ -80,7 +80,9 @@ _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
 
 #: Columns set by the store itself, never by callers.
-_MANAGED = frozenset({"id", "flushed_idx", "flushed_digest", "message_count", "tool_call_count"})
+_MANAGED = frozenset(
+    {"id", "flushed_idx", "flushed_digest", "history_id", "message_count", "tool_call_count"}
+)
 #: Session fields a caller may set, with the Python type each accepts.
 SESSION_FIELDS: dict[str, type] = {
     c.name: c.type.python_type if c.name not in ("model_config", "extra") else object
@@ -96,6 +98,7 @@ _LOCK_SESSION = (
     select(
         _sessions.c.flushed_idx,
         _sessions.c.flushed_digest,
+        _sessions.c.history_id,
         _sessions.c.tool_call_count,
         _sessions.c.user_id,
     )
@@ -141,8 +144,9 @@ _VERIFY = ("all", "last", "full")
 class _Hint:
     """What a store knows of a session after its last write or check there.
 
-    ``cursor`` and ``digest`` are where the store left the stored cursor (a
-    hint: every use is verified in the database). ``copies``, when not None,
+    ``cursor``, ``digest`` and ``history`` are where the store left the stored
+    cursor, and the ``history_id`` it stood on then (a hint: every use is
+    verified in the database). ``copies``, when not None,
     holds a copy of each message the database holds below ``len(copies)``, as
     the caller passed it: a caller's message equal to its copy is one the
     database holds, with no digest to take.
@@ -150,6 +154,7 @@ class _Hint:
 
     cursor: int
     digest: bytes | None
+    history: int
     copies: list[Any] | None
     #: The session's user when the store last read or wrote it (None: no user).
     owner: str | None = None
@@ -190,11 +195,12 @@ class _Memory:
         written: Sequence[Any] | None = None,
         start: int = 0,
         *,
+        history: int,
         copy: bool = True,
         owner: str | None = None,
         since: int | None = None,
     ) -> None:
-        """Remember a session's stored cursor and digest after a write or a check.
+        """Remember a session's stored cursor, digest and history after a write or a check.
 
         Below ``cursor`` the database holds what the store's copies of the
         session hold below ``start``, then ``written`` (copies, by :func:`_copy`,
@@ -218,6 +224,8 @@ class _Memory:
             copies = None if old is None else old.copies
             if copies is not None:
                 self.remembered -= len(copies)
+                if old is not None and old.history != history:
+                    copies = None  # of a history since deleted or rewritten
             if written is not None and len(written) == cursor - start:
                 if start == 0 and (copy or copies is not None):
                     copies = []  # a new list: other threads may be reading the old one
@@ -230,7 +238,7 @@ class _Memory:
                 copies = None
             if copies is not None:
                 self.remembered += len(copies)
-            hints[session_id] = _Hint(cursor, digest, copies, owner)
+            hints[session_id] = _Hint(cursor, digest, history, copies, owner)
             if len(hints) > _HINTS_MAX or self.remembered > _REMEMBERED_MAX:
                 self.shed(session_id)
 
@@ -417,6 +425,7 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _session_dict(row: Row[Any]) -> dict[str, Any]:
     data = dict(row._mapping)
+    data.pop("history_id", None)  # the flush's own check, no field of the session
     digest = data.get("flushed_digest")
     data["flushed_digest"] = digest.hex() if digest is not None else None
     return data
@@ -1070,7 +1079,7 @@ class StoreCore:
                 pass
 
         result: FlushResult
-        result, digest, start, taken, owner = yield Run(
+        result, digest, start, taken, owner, history = yield Run(
             lambda conn: self._flush_locked(conn, session_id, messages, verify), write=True
         )
         # A bulk flush streams: it starts no copies of what it wrote (the next flush does).
@@ -1081,6 +1090,7 @@ class StoreCore:
             digest,
             taken,
             start or 0,
+            history=history,
             copy=copy,
             owner=owner,
             since=since,
@@ -1114,8 +1124,8 @@ class StoreCore:
         session_id: str,
         messages: Sequence[dict[str, Any]],
         verify: str,
-    ) -> tuple[FlushResult, bytes | None, int | None, list[Any] | None, str | None]:
-        """:meth:`flush_in`, copies of the messages it checked or wrote (None: not kept), its user.
+    ) -> tuple[FlushResult, bytes | None, int | None, list[Any] | None, str | None, int]:
+        """:meth:`flush_in`; the copies it took (None: none kept), the user, the ``history_id``.
 
         The copies are taken as the messages are checked and encoded, before
         any statement writes them: a list the caller changes while the write is
@@ -1127,11 +1137,16 @@ class StoreCore:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
         owner: str | None = stored.user_id
+        history = int(stored.history_id)
         hint = self._remembered(session_id, cursor)
-        # The copies hold the history as this store left it. Where the stored cursor
-        # or its digest is not what it left, another writer moved it since (appended,
-        # or cut or rewrote the history): the stored digests decide.
-        as_left = hint is not None and (hint.cursor, hint.digest) == (cursor, stored.flushed_digest)
+        # The copies hold the history as this store left it. Where the stored cursor,
+        # its digest or the history is not what it left, another writer moved it since
+        # (appended, or cut, rewrote or made the session anew): the stored digests decide.
+        as_left = hint is not None and (hint.cursor, hint.digest, hint.history) == (
+            cursor,
+            stored.flushed_digest,
+            history,
+        )
         copies = hint.copies if hint is not None and as_left and verify == "all" else None
         start = self._check_continues(
             conn,
@@ -1142,8 +1157,9 @@ class StoreCore:
             verify=verify,
             copies=copies,
         )
+        digest = stored.flushed_digest
         if len(messages) < cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, None, None, owner
+            return FlushResult(written=0, cursor=cursor), digest, None, None, owner, history
         taken = None
         batches: Iterable[list[_codec.EncodedMessage]]
         if len(messages) - cursor <= _BATCH:
@@ -1154,9 +1170,9 @@ class StoreCore:
         else:  # streamed: no copies (the store's next flush checks in the database)
             batches = _encode_batches(messages, cursor)
         if len(messages) == cursor:
-            return FlushResult(written=0, cursor=cursor), stored.flushed_digest, start, taken, owner
-        end, last = self._insert(conn, session_id, cursor, stored.flushed_digest, batches)
-        return FlushResult(end - cursor, end), last, start, taken, owner
+            return FlushResult(written=0, cursor=cursor), digest, start, taken, owner, history
+        end, last = self._insert(conn, session_id, cursor, digest, batches, history=history)
+        return FlushResult(end - cursor, end), last, start, taken, owner, history
 
     def _flush_on_hint(
         self,
@@ -1205,6 +1221,7 @@ class StoreCore:
                 session_id,
                 cursor,
                 digest,
+                history=hint.history,
                 end=written[0],
                 last=written[1],
                 tool_calls=sum(map(_TOOL_CALLS, encoded)),
@@ -1231,12 +1248,12 @@ class StoreCore:
                     # a new stream on every attempt: a retry never resumes a used one.
                     # (SQLite's write lock is held since the transaction began.)
                     batches = _encode_batches(messages, cursor)
-                    return self._insert(conn, session_id, cursor, digest, batches, stale=stale)
+                    return self._insert(
+                        conn, session_id, cursor, digest, batches, history=hint.history, stale=stale
+                    )
                 if once is not None and _dialects.can_autocommit(conn):
-                    # One statement, sent right after the check: a delete and a session
-                    # made anew by another task or thread of this store come in between
-                    # only while it is on its way (README, guarantee 4; an incarnation
-                    # of the session in its compare-and-swap would close that too).
+                    # One statement, sent right after the check (a session deleted and
+                    # made anew meanwhile has another history_id: it writes nothing).
                     if _dialects.execute_driver_script(conn, [once], autocommit=True) != rows:
                         raise CursorMoved  # it wrote nothing
                 else:
@@ -1250,7 +1267,9 @@ class StoreCore:
 
         end, last = yield Run(work, write=True, whole=statements is not None)
         if statements is None:  # a bulk flush streams: no copies of all it wrote
-            self._memory.remember(session_id, end, last, owner=hint.owner, since=since)
+            self._memory.remember(
+                session_id, end, last, history=hint.history, owner=hint.owner, since=since
+            )
         else:
             self._memory.remember(
                 session_id,
@@ -1258,6 +1277,7 @@ class StoreCore:
                 last,
                 taken,
                 cursor,
+                history=hint.history,
                 copy=verify != "last",
                 owner=hint.owner,
                 since=since,
@@ -1280,6 +1300,7 @@ class StoreCore:
         encoded = _codec.encode_message(message)
         taken = [_copy(message)]  # as encoded (see _flush_locked)
         owner = [self._user]  # the session's user, as the locked read finds it
+        history = [0]  # the session's history_id, as it finds it
         c = _messages.c
 
         def work(conn: Connection) -> tuple[int, int | None]:
@@ -1297,7 +1318,10 @@ class StoreCore:
                     "sets the cursor from the rows)"
                 )
             self._remembered(session_id, idx)
-            self._insert(conn, session_id, idx, stored.flushed_digest, [[encoded]])
+            history[0] = int(stored.history_id)
+            self._insert(
+                conn, session_id, idx, stored.flushed_digest, [[encoded]], history=history[0]
+            )
             if not row_id:
                 return idx, None
             query = select(c.id).where(c.session_id == session_id, c.idx == idx)
@@ -1315,7 +1339,15 @@ class StoreCore:
         written: tuple[int, int | None] = yield Run(work, write=True, once=True, found=found)
         idx = written[0]
         self._memory.remember(
-            session_id, idx + 1, encoded.digest, taken, idx, copy=False, owner=owner[0], since=since
+            session_id,
+            idx + 1,
+            encoded.digest,
+            taken,
+            idx,
+            history=history[0],
+            copy=False,
+            owner=owner[0],
+            since=since,
         )
         return written
 
@@ -1401,9 +1433,12 @@ class StoreCore:
         digest: bytes | None,
         batches: Iterable[list[_codec.EncodedMessage]],
         *,
+        history: int,
         stale: Callable[[], None] | None = None,
     ) -> tuple[int, bytes | None]:
         """Write the rows at ``cursor`` and move the cursor past them, if it is still there.
+
+        There: the stored cursor is ``cursor``, at ``digest`` on history ``history``.
 
         ``stale``, if given, runs just before the cursor's move (see
         :func:`_checked_before_last`).
@@ -1412,7 +1447,7 @@ class StoreCore:
             The new cursor and the digest at it.
 
         Raises:
-            CursorMoved: The stored cursor is not ``cursor`` / ``digest``.
+            CursorMoved: The stored cursor is not there.
         """
         sql = self._sql
         end, last, tool_calls = cursor, digest, 0
@@ -1429,7 +1464,15 @@ class StoreCore:
         user = self._user
         pending.append(
             _advance(
-                sql, user, session_id, cursor, digest, end=end, last=last, tool_calls=tool_calls
+                sql,
+                user,
+                session_id,
+                cursor,
+                digest,
+                history=history,
+                end=end,
+                last=last,
+                tool_calls=tool_calls,
             )
         )
         script = pending if stale is None else _checked_before_last(pending, stale)
@@ -2077,7 +2120,7 @@ class SessionStore(_Sessions):
     def locked_cursor(self, conn: Connection, session_id: str) -> Any:
         """In a write transaction: the session's cursor row, under its write lock (None: none).
 
-        The row has ``flushed_idx``, ``flushed_digest`` and ``tool_call_count``.
+        The row has ``flushed_idx``, ``flushed_digest``, ``history_id`` and ``tool_call_count``.
         """
         return self._locked_cursor(conn, session_id)
 
@@ -2094,13 +2137,15 @@ class SessionStore(_Sessions):
         cursor: int,
         digest: bytes | None,
         encoded: list[_codec.EncodedMessage],
+        *,
+        history: int,
     ) -> None:
         """In a write transaction: store ``encoded`` at ``cursor`` and move the cursor past them.
 
-        The flush's own write: ``cursor`` and ``digest`` are the session's, as
-        :meth:`locked_cursor` read them (else :class:`CursorMoved`).
+        The flush's own write: ``cursor``, ``digest`` and ``history`` are the
+        session's, as :meth:`locked_cursor` read them (else :class:`CursorMoved`).
         """
-        self._insert(conn, session_id, cursor, digest, [encoded])
+        self._insert(conn, session_id, cursor, digest, [encoded], history=history)
 
     def delete_sessions(self, pick: Callable[[Connection], Sequence[str]]) -> int:
         """Delete the sessions ``pick`` names, in its transaction; see :meth:`delete_session`."""
@@ -2249,19 +2294,21 @@ def _advance(
     cursor: int,
     digest: bytes | None,
     *,
+    history: int,
     end: int,
     last: bytes | None,
     tool_calls: int,
 ) -> tuple[str, tuple[Any, ...]]:
     """The UPDATE moving the cursor from ``cursor`` (at ``digest``) to ``end`` (at ``last``).
 
-    It changes one row only if the stored cursor and digest are still those
+    It changes one row only if the stored cursor, digest and ``history_id``
+    (``history``; at cursor 0, an empty history, the cursor alone) are still those
     (and, for a store scoped to ``user``, the session is that user's: ``sql``
     is then rendered ``scoped``); ``tool_calls`` is how many the new messages carry.
     """
     params: tuple[Any, ...] = (end, end, last, tool_calls, session_id, cursor)
     if cursor:
-        params = (*params, digest)
+        params = (*params, digest, history)
     if user is not None:
         params = (*params, user)
     return (sql.advance_if_digest if cursor else sql.advance), params

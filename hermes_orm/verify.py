@@ -41,7 +41,7 @@ from sqlalchemy.types import NullType
 from hermes_orm import _codec
 from hermes_orm import search as _search
 from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError, InvalidMessageError
-from hermes_orm.models import Message, Session
+from hermes_orm.models import Message, Session, new_history_id
 from hermes_orm.store import SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -298,7 +298,9 @@ def _inspect_session(
     elif (None if stored_last is None else bytes(stored_last)) != last:
         found("flushed_digest", "flushed_digest is not the digest of the last message")
     if repair and any(p.repaired for p in problems):
+        # A history the stores that remember this session's cursor must not take as theirs.
         values: dict[str, Any] = {"flushed_idx": n, "message_count": n}
+        values["history_id"] = new_history_id()
         if calls is not None:
             values["tool_call_count"] = calls
         if not digests or last is not None:

@@ -292,6 +292,7 @@ def test_a_history_another_store_rewrote_is_continued_not_refused(store: Session
     "rewritten",
     [
         ["old0", "new1"],  # the same length, another last message
+        ["new0", "old1"],  # the same length and last message: another history_id
         ["new0", "new1"],
         ["old0", "new1", "new2"],  # longer than the list below
         ["new0"],  # shorter
@@ -332,6 +333,30 @@ def test_a_history_another_store_rewrote_is_checked_against_the_database(
             store.flush("s", given)
             stored = max(stored, given, key=len)
         assert_exact(store, "s", stored)
+
+
+def test_a_message_another_process_edited_below_the_last_is_not_taken_as_stored(
+    store: SessionStore,
+) -> None:
+    """Hermes' store mode edits a stored message in place (its ``api_content``) in another
+    process; the last message, so the cursor and its digest, stay as they were. The
+    session's history_id changes with it: the store's copies of the old message no
+    longer stand for it, and a list holding the old one is refused."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    head = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]
+    store.create_session("s", source="cli")
+    store.flush("s", head)
+    hermes = SessionDB(SessionStore(sync_engine(store), check_schema=False))
+    assert hermes.set_latest_user_api_content("s", "question", "question, as sent") == 1
+    more = {"role": "user", "content": "more"}
+    with pytest.raises(HistoryDivergedError) as err:
+        store.flush("s", [*head, more])
+    assert err.value.index == 0
+    edited = store.get_messages("s")
+    assert edited[0]["api_content"] == "question, as sent"
+    assert store.flush("s", [*edited, more]).written == 1
+    assert_exact(store, "s", [*edited, more])
 
 
 def test_a_store_over_its_memory_bound_still_checks_every_message(
@@ -2633,21 +2658,36 @@ def test_what_a_write_under_way_would_remember_of_a_session_forgotten_meanwhile_
 ):
     """The store's memory, as any write path (either API, either backend) uses it."""
     memory = store_module._Memory()
-    memory.remember("s", 1, b"d" * 16, [{"role": "user"}], 0)
+    memory.remember("s", 1, b"d" * 16, [{"role": "user"}], 0, history=1)
     since = memory.stamp()  # a flush of "s" begins
     memory.forget("s")  # deleted (or rewritten) meanwhile, by another task of the store
-    memory.remember("s", 3, b"e" * 16, [{"role": "user"}] * 2, 1, since=since)
+    memory.remember("s", 3, b"e" * 16, [{"role": "user"}] * 2, 1, history=1, since=since)
     assert "s" not in memory.hints
     other = memory.stamp()  # a write begun after the forget is remembered
-    memory.remember("s", 2, b"f" * 16, [{"role": "user"}] * 2, 0, since=other)
+    memory.remember("s", 2, b"f" * 16, [{"role": "user"}] * 2, 0, history=1, since=other)
     assert memory.hints["s"].cursor == 2
     # Past the bound on what it records of forgets, every earlier stamp is refused.
     for n in range(store_module._HINTS_MAX + 1):
         memory.forget(f"gone{n}")
-    memory.remember("t", 1, None, None, since=other)
+    memory.remember("t", 1, None, None, history=1, since=other)
     assert "t" not in memory.hints
-    memory.remember("t", 1, None, None, since=memory.stamp())
+    memory.remember("t", 1, None, None, history=1, since=memory.stamp())
     assert memory.hints["t"].cursor == 1
+
+
+def test_the_memory_keeps_no_copies_of_another_history_of_a_session() -> None:
+    """Copies taken on one history_id are not joined to what a write on another stored."""
+    memory = store_module._Memory()
+    memory.remember("s", 2, b"d" * 16, [{"role": "user"}] * 2, 0, history=1)
+    assert memory.hints["s"].copies == [{"role": "user"}] * 2
+    # A write above them on the same history extends them ...
+    memory.remember("s", 3, b"e" * 16, [{"role": "tool"}], 2, history=1)
+    assert memory.hints["s"].copies == [{"role": "user"}] * 2 + [{"role": "tool"}]
+    # ... one on another history (the session made anew, rewritten) starts none from them.
+    memory.remember("s", 4, b"f" * 16, [{"role": "tool"}], 3, history=2)
+    hint = memory.hints["s"]
+    assert (hint.cursor, hint.history, hint.copies) == (4, 2, None)
+    assert memory.remembered == 0
 
 
 @pytest.mark.sqlite
@@ -2754,6 +2794,70 @@ def test_a_session_made_anew_as_a_flush_reads_its_hint_is_checked_in_the_databas
     assert done
     assert store.get_messages("s") == new
     store.close()
+
+
+@pytest.mark.postgresql
+def test_a_session_made_anew_while_a_flush_s_one_statement_is_on_its_way_is_not_written(
+    empty_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread of the store deletes the session, makes it anew and flushes another
+    history (same length, same last message) after the flush on the remembered cursor
+    checked the store's own deletes, before its one statement reaches the server: the
+    statement's compare-and-swap finds another history_id and writes nothing."""
+    SessionStore(empty_pg).upgrade()
+    store = SessionStore(empty_pg)
+    old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
+    old.append({"role": "user", "content": "ok"})
+    new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
+    store.create_session("s", source="test")
+    store.flush("s", old)
+    real = _dialects.can_autocommit
+    done: list[bool] = []
+
+    def made_anew_on_the_way(conn: Any) -> bool:
+        if not done:
+            done.append(True)
+            store.delete_session("s")
+            store.create_session("s", source="test")
+            store.flush("s", new)
+        return real(conn)
+
+    monkeypatch.setattr(store_module._dialects, "can_autocommit", made_anew_on_the_way)
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", [*old, {"role": "assistant", "content": "next"}])
+    assert done
+    assert store.get_messages("s") == new
+    store.close()
+
+
+def test_a_session_another_process_made_anew_is_not_taken_for_the_one_remembered(
+    db_url: str,
+) -> None:
+    """Made anew elsewhere with as many messages and the same last one, under the same id,
+    the session has another history_id: a store's remembered cursor and copies of the
+    old one refuse a list continuing it (its digests decide), on every write path."""
+    store = SessionStore(db_url)
+    old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
+    old.append({"role": "user", "content": "ok"})
+    new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
+    store.create_session("s", source="test")
+    store.flush("s", old)
+    other = fresh_store(store)
+    assert other.delete_session("s")
+    other.create_session("s", source="test")
+    other.flush("s", new)
+    with pytest.raises(HistoryDivergedError) as err:
+        store.flush("s", [*old, {"role": "assistant", "content": "next"}])
+    assert err.value.index == 1
+    # A long list (written in batches, on the remembered cursor) too.
+    with pytest.raises(HistoryDivergedError):
+        store.flush("s", [*old, *conversation(400, "bulk")])
+    assert store.get_messages("s") == new
+    # What continues the stored history is written on it, and remembered on its history_id.
+    assert store.flush("s", [*new, {"role": "assistant", "content": "next"}]).written == 1
+    assert store._memory.hints["s"].history == other._memory.hints["s"].history != 0
+    store.close()
+    other.close()
 
 
 def test_stores_made_and_dropped_on_an_engine_share_one_pool_listener(db_url: str) -> None:

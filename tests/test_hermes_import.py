@@ -125,6 +125,10 @@ def test_fixture_imports_losslessly_and_twice_writes_nothing(
     assert len(children) == 6
     with store.engine.connect() as conn:
         assert len(conn.execute(select(ModelUsage)).all()) == 40
+        # each session a history of its own (what a flush's compare-and-swap checks)
+        histories = conn.execute(select(Session.history_id)).scalars().all()
+    assert len(set(histories)) == 40
+    assert 0 not in histories
 
     again = import_state_db(source, store)
     assert (again.sessions_written, again.messages_written, again.usage_written) == (0, 0, 0)

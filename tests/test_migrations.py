@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,24 @@ OUR_TABLES = {
     "hermes_telegram_topic_bindings",
     "hermes_orm_alembic_version",
 }
+
+
+@contextlib.contextmanager
+def store_before_0016(engine: Any) -> Iterator[hermes_orm.SessionStore]:
+    """Today's store, writing into a schema older than 0016 (its column lent for the while).
+
+    What it writes goes through that revision's triggers, as that revision's
+    hermes_orm wrote it; the column goes again before the block's end.
+    """
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "ALTER TABLE hermes_sessions ADD COLUMN history_id BIGINT NOT NULL DEFAULT 0"
+        )
+    try:
+        yield hermes_orm.SessionStore(engine, check_schema=False)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE hermes_sessions DROP COLUMN history_id")
 
 
 def _tables(url: str) -> set[str]:
@@ -398,14 +418,14 @@ def test_0011_narrows_the_cjk_text_a_populated_database_holds(empty_pg: str) -> 
 
     engine = create_store_engine(empty_pg, poolclass=NullPool)
     migrations.upgrade(engine, "0010_search_spaces_kept")
-    store = hermes_orm.SessionStore(engine, check_schema=False)
-    store.create_session("s", source="cli")
     written = [
         "deploy 部署\uff0c数据库。 then 100%完成 ok",
         "plain words",
         "設定ファイル\u3000here",
     ]
-    store.flush("s", [{"role": "user", "content": t} for t in written])
+    with store_before_0016(engine) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": t} for t in written])
 
     def kept() -> list[str | None]:
         with engine.connect() as conn:
@@ -431,13 +451,13 @@ def test_0013_recounts_the_tool_calls_of_live_messages(empty_db_url: str) -> Non
 
     engine = create_store_engine(empty_db_url, poolclass=NullPool)
     migrations.upgrade(engine, "0012_search_folds_like_fts5")
-    store = hermes_orm.SessionStore(engine, check_schema=False)
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     archived = {"role": "assistant", "content": None, "tool_calls": [call, call], "active": False}
-    store.create_session("old", source="cli")
-    store.flush("old", [archived, {"role": "assistant", "content": None, "tool_calls": [call]}])
-    store.create_session("plain", source="cli")
-    store.flush("plain", [{"role": "assistant", "content": None, "tool_calls": [call]}])
+    with store_before_0016(engine) as store:
+        store.create_session("old", source="cli")
+        store.flush("old", [archived, {"role": "assistant", "content": None, "tool_calls": [call]}])
+        store.create_session("plain", source="cli")
+        store.flush("plain", [{"role": "assistant", "content": None, "tool_calls": [call]}])
 
     def counts() -> dict[str, int]:
         with engine.connect() as conn:
@@ -452,6 +472,40 @@ def test_0013_recounts_the_tool_calls_of_live_messages(empty_db_url: str) -> Non
     migrations.downgrade(engine, "0012_search_folds_like_fts5")
     assert counts() == {"old": 3, "plain": 1}
     migrations.upgrade(engine)
+    engine.dispose()
+
+
+def test_0016_gives_the_sessions_made_before_it_history_id_0(empty_db_url: str) -> None:
+    """Sessions made before 0016 hold 0, and flushes on a remembered cursor go on there;
+    sessions made after it draw their own. The downgrade drops the column."""
+    from sqlalchemy import text
+
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    migrations.upgrade(engine, "0015_search_literal_nul_escape")
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with store_before_0016(engine) as store:
+        store.create_session("old", source="cli")
+        store.flush("old", turn)
+    migrations.upgrade(engine)
+
+    def histories() -> dict[str, int]:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, history_id FROM hermes_sessions"))
+            return dict(rows.all())  # type: ignore[arg-type]
+
+    assert histories() == {"old": 0}
+    store = hermes_orm.SessionStore(engine)
+    for n in (2, 3):  # a locked read, then the remembered cursor
+        assert store.flush("old", turn * n).written == 2
+    assert store._memory.hints["old"].history == 0
+    store.create_session("new", source="cli")
+    assert histories()["new"] != 0
+    assert store.get_messages("old") == turn * 3
+    migrations.downgrade(engine, "0015_search_literal_nul_escape")
+    columns = {c["name"] for c in inspect(engine).get_columns("hermes_sessions")}
+    assert "history_id" not in columns
+    migrations.upgrade(engine)
+    assert histories() == {"old": 0, "new": 0}
     engine.dispose()
 
 
@@ -482,11 +536,11 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     """
     engine = create_store_engine(empty_pg, poolclass=NullPool)
     migrations.upgrade(engine, "0011_search_cjk_words")
-    store = hermes_orm.SessionStore(engine, check_schema=False)
-    store.create_session("s", source="cli")
     # (long s: 2 bytes in UTF-8, s 1: a word too long to index until it is folded)
     written = ["ΟΔΟΣ", "ο δρόμος, η οδος", "plain words", "\u03d0eta", "\u017f" * 1100]  # noqa: RUF001
-    store.flush("s", [{"role": "user", "content": t} for t in written])
+    with store_before_0016(engine) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": t} for t in written])
 
     def found(query: str) -> list[int]:
         return sorted(hit.idx for hit in store.search(query).hits)
@@ -528,9 +582,9 @@ def test_0015_indexes_again_the_messages_holding_a_literal_nul_escape(db_url: st
     engine = create_store_engine(db_url, poolclass=NullPool)
     migrations.downgrade(engine, "base")
     migrations.upgrade(engine, "0014_search_trigger_skips_steps")
-    store = hermes_orm.SessionStore(engine, check_schema=False)
-    store.create_session("s", source="cli")
-    store.flush("s", [{"role": "user", "content": "plain u0000 words"}, *LITERAL_NUL_ESCAPES])
+    with store_before_0016(engine) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "plain u0000 words"}, *LITERAL_NUL_ESCAPES])
 
     def found() -> list[int]:
         return sorted(hit.idx for hit in store.search("u0000").hits)
@@ -543,10 +597,10 @@ def test_0015_indexes_again_the_messages_holding_a_literal_nul_escape(db_url: st
     assert search_bodies(engine) == [body_of(m) for m in store.get_messages("s")]
     assert verify_database(store).problems == []
     migrations.downgrade(engine, "0014_search_trigger_skips_steps")
-    store = hermes_orm.SessionStore(engine, check_schema=False)
     assert search_bodies(engine) == as_0014
-    assert found() == [0]
-    assert verify_database(store).problems == []
+    with store_before_0016(engine) as store:
+        assert found() == [0]
+        assert verify_database(store).problems == []
     migrations.upgrade(engine)
     engine.dispose()
 
@@ -561,7 +615,8 @@ def test_0015_indexes_a_message_written_under_0014_while_it_runs(empty_pg: str) 
 
     engine = create_store_engine(empty_pg, poolclass=NullPool)
     migrations.upgrade(engine, "0014_search_trigger_skips_steps")
-    hermes_orm.SessionStore(engine, check_schema=False).create_session("s", source="cli")
+    with store_before_0016(engine) as store:
+        store.create_session("s", source="cli")
     parts = json.dumps([{"type": "text", "text": "literal \\u0000 koala"}])
     writer = engine.connect()
     writer.execute(

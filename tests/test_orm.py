@@ -92,6 +92,7 @@ def test_adding_messages_assigns_idx_and_advances_cursor(engine: Engine) -> None
         )
         orm.commit()
         assert chat.flushed_idx == 2
+        assert chat.history_id != 0  # the model draws one: a history of its own
 
     with OrmSession(engine) as orm:
         chat = orm.get_one(Session, "orm")

@@ -88,12 +88,21 @@ def test_every_broken_invariant_is_found_and_repair_deletes_nothing(
     }
     messages = count_rows(engine, "hermes_messages")
 
+    def histories() -> dict[str, int]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT id, history_id FROM hermes_sessions")
+            return dict(rows.all())  # type: ignore[arg-type]
+
+    before = histories()
     repaired = run_cli("verify", "--repair", "--url", db_url, env=env)
     assert "(repaired)" in repaired.stdout
     assert repaired.returncode == 1  # the lineage loop is the application's to break
     assert count_rows(engine, "hermes_messages") == messages  # nothing deleted
     after = verify_database(store)
     assert [(p.check, p.session_id) for p in after.problems] == [("lineage", "loop-a")]
+    # A session whose cursor or digests were set again is another history for every store.
+    drawn = {sid for sid, history in histories().items() if history != before[sid]}
+    assert drawn == {"holes", "cursor", "counts", "digest", "last"}
 
     # What was derived is right again: each session continues exactly (for a store that
     # starts afresh: this one's copies predate the edit made below it).

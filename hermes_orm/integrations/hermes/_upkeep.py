@@ -59,7 +59,7 @@ from hermes_orm.integrations.hermes._text import (
     sqlite_text,
 )
 from hermes_orm.migrations import MODEL_TABLES
-from hermes_orm.models import Message, ModelUsage, Session
+from hermes_orm.models import Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import refuse_orphans
 
 if TYPE_CHECKING:
@@ -428,7 +428,8 @@ class UpkeepMethods:
         ``change`` edits each message dict; its row then holds exactly the
         changed message (columns, digest), and the session's ``flushed_digest``
         follows if the last row changed, its ``tool_call_count`` if a row's
-        live tool calls did (see :class:`~hermes_orm._codec.EncodedMessage`).
+        live tool calls did (see :class:`~hermes_orm._codec.EncodedMessage`),
+        its ``history_id`` if any row changed.
         """
         stored = self._store.locked_cursor(conn, session_id)
         if stored is None:
@@ -439,6 +440,7 @@ class UpkeepMethods:
             .order_by(_messages.c.idx)
         ).all()
         calls = 0  # live tool calls gained
+        changed: dict[str, Any] = {}  # the session's columns to set
         for row in rows:
             message = _codec.row_to_message(row)
             if row.active is not False:
@@ -450,18 +452,13 @@ class UpkeepMethods:
             values = {k: v for k, v in encoded.row.items() if current[k] != v}
             if values:
                 conn.execute(update(_messages).where(_messages.c.id == row.id).values(values))
+                changed["history_id"] = new_history_id()
             if row.idx == stored.flushed_idx - 1:
-                conn.execute(
-                    update(_sessions)
-                    .where(_sessions.c.id == session_id)
-                    .values(flushed_digest=encoded.digest)
-                )
+                changed["flushed_digest"] = encoded.digest
         if calls:
-            conn.execute(
-                update(_sessions)
-                .where(_sessions.c.id == session_id)
-                .values(tool_call_count=_sessions.c.tool_call_count + calls)
-            )
+            changed["tool_call_count"] = _sessions.c.tool_call_count + calls
+        if changed:
+            conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(changed))
         return [row.id for row in rows]
 
     def _replace_rows(
@@ -503,6 +500,7 @@ class UpkeepMethods:
             for move in moves:
                 conn.execute(statement, move)
         last = bytes(kept[-1].digest) if kept else None
+        history = new_history_id()
         conn.execute(
             update(_sessions)
             .where(_sessions.c.id == session_id)
@@ -510,6 +508,7 @@ class UpkeepMethods:
                 flushed_idx=len(kept),
                 message_count=len(kept),
                 flushed_digest=last,
+                history_id=history,
                 # Of the live rows only, as Hermes counts them (archived ones are kept).
                 tool_call_count=sum(
                     _codec.tool_call_count(row.tool_calls) for row in kept if row.live
@@ -517,7 +516,7 @@ class UpkeepMethods:
             )
         )
         if encoded:
-            self._store.insert_rows(conn, session_id, len(kept), last, encoded)
+            self._store.insert_rows(conn, session_id, len(kept), last, encoded, history=history)
         return True
 
     def replace_messages(
@@ -1364,7 +1363,7 @@ class UpkeepMethods:
             conn.execute(_sessions.insert().values({**fields, "parent_session_id": None}))
             refuse_orphans(conn, session_id)
             if encoded:
-                self._store.insert_rows(conn, session_id, 0, None, encoded)
+                self._store.insert_rows(conn, session_id, 0, None, encoded, history=0)
             if parent:
                 links.append((session_id, parent))
             imported.append(session_id)

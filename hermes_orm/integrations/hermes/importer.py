@@ -53,7 +53,7 @@ from hermes_orm.errors import (
 )
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.integrations.hermes.mirror import same_turn
-from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session
+from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
     Chunk,
@@ -1006,6 +1006,8 @@ def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> int:
     those of a session the destination held before. (On SQLite the write
     lock the transaction began with keeps other writers out.)
     """
+    # Each a history of its own (see Session.history_id): drawn here, as no default runs.
+    rows = [{**row, "history_id": new_history_id()} for row in rows]
     keys = list(rows[0])
     dialect = conn.dialect
     processors = [

@@ -64,7 +64,7 @@ from hermes_orm.integrations.hermes._text import (
     sqlite_text,
 )
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods, started_before
-from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session
+from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session, new_history_id
 from hermes_orm.store import SessionStore, check_session_id
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
@@ -1316,7 +1316,13 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             conn.execute(
                 update(_sessions)
                 .where(_sessions.c.id == session_id)
-                .values(flushed_idx=0, flushed_digest=None, message_count=0, tool_call_count=0)
+                .values(
+                    flushed_idx=0,
+                    flushed_digest=None,
+                    history_id=new_history_id(),
+                    message_count=0,
+                    tool_call_count=0,
+                )
             )
 
         self._store.forget_cursor(session_id)
