@@ -35,6 +35,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import Pool
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
@@ -1899,6 +1900,28 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return (code.startswith("08") and not _refused(orig)) or code in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
+
+
+def refuse_shared_transaction(pool: Pool) -> None:
+    """Refuse a checkout that would hand the store a transaction open on a shared connection.
+
+    A pool that gives every checkout one connection (``StaticPool``,
+    ``SingletonThreadPool``) hands the store the connection the application
+    holds: a store's transaction there would commit, or roll back, the
+    application's, and a connection given back to such a pool is rolled back.
+    Raised before the checkout: nothing is run, nothing of the transaction ends.
+
+    Raises:
+        InvalidArgumentError: A transaction is open on the pool's connection.
+    """
+    if _sa.shared_connection_in_transaction(pool):
+        raise InvalidArgumentError(
+            f"the engine's pool ({type(pool).__name__}) gives every checkout one connection, "
+            "and a transaction is open on it (the application's, or another call's of this "
+            "store): the store would end it; nothing was run. End it before calling the store, "
+            "one call at a time, or give the store an engine whose pool has connections of "
+            "its own (a database file)"
+        )
 
 
 def pool_exhausted(exc: Exception) -> OperationalError:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool, StaticPool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -49,6 +49,37 @@ def pool_has_room(pool: Pool) -> bool:
         return True
     overflow = getattr(pool, "_max_overflow", -1)
     return bool(overflow < 0 or pool.checkedout() < pool.size() + overflow)
+
+
+def shares_one_connection(pool: Pool) -> bool:
+    """Whether ``pool`` gives every checkout one connection (or one per thread).
+
+    ``StaticPool`` (an in-memory SQLite database, an application's tests) and
+    ``SingletonThreadPool`` (SQLAlchemy's default for ``sqlite://``) do: the
+    application's own connection and the store's are then one.
+    """
+    return isinstance(pool, StaticPool | SingletonThreadPool)
+
+
+def shared_connection_in_transaction(pool: Pool) -> bool:
+    """Whether the connection ``pool`` would give this thread is one with a transaction open.
+
+    Only a pool that shares one connection can give out one like that (see
+    :func:`shares_one_connection`): the transaction is then whoever holds the
+    connection's, the application's say. Asked before the checkout, for
+    returning a connection to such a pool rolls its transaction back. The
+    connection is where the pool keeps it: ``StaticPool``'s ``connection``
+    (made on first use), ``SingletonThreadPool``'s per-thread record.
+    """
+    if isinstance(pool, StaticPool):
+        record = pool.__dict__.get("connection")
+    elif isinstance(pool, SingletonThreadPool):
+        current = getattr(pool._conn, "current", None)
+        record = current() if current is not None else None
+    else:
+        return False
+    dbapi_connection = getattr(record, "dbapi_connection", None)
+    return dbapi_connection is not None and bool(driver_in_transaction(dbapi_connection))
 
 
 def raise_driver_error(

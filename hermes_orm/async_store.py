@@ -249,7 +249,11 @@ class AsyncSessionStore(_AsyncSessions):
             if engine.dialect.name == "sqlite"
             else None
         )
-        self._parks = engine.dialect.driver == "aiosqlite" and not isinstance(engine.pool, NullPool)
+        self._parks = (
+            engine.dialect.driver == "aiosqlite"
+            and not isinstance(engine.pool, NullPool)
+            and not _sa.shares_one_connection(engine.sync_engine.pool)
+        )
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
         #: The event loop each engine's pool serves, by id: asyncpg's (whose connections
@@ -405,6 +409,7 @@ class AsyncSessionStore(_AsyncSessions):
         """
         engine = engine or self._async_engine
         await self._on_this_loop(engine)
+        _dialects.refuse_shared_transaction(engine.sync_engine.pool)
         try:
             try:
                 conn = await engine.connect()

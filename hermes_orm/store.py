@@ -1874,9 +1874,12 @@ class SessionStore(_Sessions):
         self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one);
-        # not under NullPool, whose users chose to hold no connection between calls.
+        # not under NullPool, whose users chose to hold no connection between calls,
+        # nor from a pool sharing one connection: the application's own would be it.
         self._parked: list[Connection] = []
-        self._parks = not isinstance(engine.pool, NullPool)
+        self._parks = not isinstance(engine.pool, NullPool) and not _sa.shares_one_connection(
+            engine.pool
+        )
         self._parked_lock = threading.Lock()
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
@@ -2008,8 +2011,10 @@ class SessionStore(_Sessions):
 
         A pool with none to give in time is as a database out of reach.
         """
+        engine = engine or self._engine
+        _dialects.refuse_shared_transaction(engine.pool)
         try:
-            conn = (engine or self._engine).connect()
+            conn = engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         if conn.dialect.name == "postgresql":

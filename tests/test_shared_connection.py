@@ -1,0 +1,134 @@
+"""An application's engine whose pool gives every checkout one connection (SQLite).
+
+``StaticPool`` (an in-memory database in an application's tests) and
+``SingletonThreadPool`` (SQLAlchemy's default for ``sqlite://``) hand the store
+the connection the application holds: a store call made while the
+application's transaction is open there is refused before anything runs, and
+the application's work stays the application's to commit or roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+
+from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore
+
+pytestmark = pytest.mark.sqlite
+
+TURN = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def _engine(kind: str, tmp_path: Path) -> Engine:
+    if kind == "static, in memory":
+        return create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    if kind == "static, a file":
+        return create_engine(f"sqlite:///{tmp_path / 'app.db'}", poolclass=StaticPool)
+    engine = create_engine("sqlite://")  # SQLAlchemy's own choice for it
+    assert isinstance(engine.pool, SingletonThreadPool)
+    return engine
+
+
+def _orders(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT note FROM orders ORDER BY id").scalars())
+
+
+CALLS: dict[str, Callable[[SessionStore], Any]] = {
+    "get_session": lambda store: store.get_session("s"),
+    "get_messages": lambda store: store.get_messages("s"),
+    "list_sessions": lambda store: store.list_sessions(),
+    "flush": lambda store: store.flush("s", [*TURN, *TURN]),
+    "append": lambda store: store.append("s", {"role": "user", "content": "more"}),
+    "create_session": lambda store: store.create_session("t", source="app"),
+}
+
+
+@pytest.mark.parametrize("watched", [False, True], ids=["plain", "with a listener"])
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("kind", ["static, in memory", "static, a file", "singleton thread"])
+def test_a_call_inside_the_application_s_transaction_is_refused_and_ends_nothing(
+    kind: str, call: str, watched: bool, tmp_path: Path
+) -> None:
+    """Whatever the application does with its transaction afterwards is what happens."""
+    engine = _engine(kind, tmp_path)
+    if watched:  # a tracing hook: the store's statements go through SQLAlchemy then
+        event.listen(engine, "before_cursor_execute", lambda *_args: None)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, note TEXT)")
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+    store.flush("s", TURN)
+    for end, kept in (("rollback", []), ("commit", ["kept"])):
+        with engine.connect() as conn:
+            conn.execute(text("INSERT INTO orders (note) VALUES ('kept')"))
+            with pytest.raises(InvalidArgumentError, match="a transaction is open on it"):
+                CALLS[call](store)
+            getattr(conn, end)()
+        assert _orders(engine) == kept
+    # Nothing of the refused call was written; outside a transaction the call runs.
+    assert store.get_messages("s") == TURN
+    assert store.get_session("t") is None
+    CALLS[call](store)
+    store.close()
+    engine.dispose()
+
+
+def test_the_application_s_connection_keeps_its_settings_between_calls() -> None:
+    """The store keeps no connection of such a pool: the one it gives back is as it was."""
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
+
+    def settings() -> list[Any]:
+        with engine.connect() as conn:
+            return [
+                conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("busy_timeout", "foreign_keys", "synchronous")
+            ]
+
+    before = settings()
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+    store.flush("s", TURN)
+    assert settings() == before
+    assert store._parked == []
+    store.close()
+    engine.dispose()
+
+
+def test_an_async_call_inside_the_application_s_transaction_is_refused() -> None:
+    """aiosqlite in memory: SQLAlchemy's StaticPool, one connection for every task."""
+
+    async def main() -> None:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        assert isinstance(engine.sync_engine.pool, StaticPool)
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, note TEXT)")
+        store = AsyncSessionStore(engine)
+        await store.upgrade()
+        await store.create_session("s", source="app")
+        async with engine.connect() as conn:
+            await conn.execute(text("INSERT INTO orders (note) VALUES ('kept')"))
+            with pytest.raises(InvalidArgumentError, match="a transaction is open on it"):
+                await store.flush("s", TURN)
+            await conn.rollback()
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("SELECT count(*) FROM orders")).scalar() == 0
+        assert (await store.flush("s", TURN)).written == 2
+        assert store._parked == []
+        await store.close()
+        await engine.dispose()
+
+    asyncio.run(main())
