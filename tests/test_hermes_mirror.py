@@ -459,6 +459,45 @@ def test_a_last_turn_that_failed_is_written_when_the_session_ends(
     assert status.read().get("error") is None
 
 
+def test_a_failed_turn_of_a_session_compressed_into_another_is_written_before_its_end(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Compression moves the conversation to a new id: no turn of the parent comes after
+    to catch up its failed one, and Hermes says nothing of the parent. Making the child
+    writes the parent's list first, then ends the parent."""
+    hermes_rows = {
+        "s1": {"source": "cli", "end_reason": "compression"},
+        "s2": {"source": "cli", "parent_session_id": "s1"},
+    }
+    m = Mirror(db_url, status=status, hermes_sessions=hermes_rows.get)
+    m.turn("s1", _turn(1))
+    with _inserts_failing():
+        m.turn("s1", _turn(1) + _turn(2))
+    assert len(_stored(store, "s1")) == len(_turn(1))
+    m.turn("s2", _COMPACTED)
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    parent = store.get_session("s1")
+    assert parent is not None
+    assert parent["end_reason"] == "compression"
+    assert _stored(store, "s2") == _COMPACTED
+    assert status.read().get("error") is None
+    m.close()
+
+
+def test_a_failed_turn_no_turn_comes_after_is_written_at_exit(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """A session whose last write failed, neither continued nor ended before the exit."""
+    m = Mirror(db_url, status=status)
+    m.turn("s1", _turn(1))
+    with _inserts_failing():
+        m.turn("s1", _turn(1) + _turn(2))
+    assert status.read()["error"]["session_id"] == "s1"
+    assert m.close()
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    assert status.read().get("error") is None
+
+
 def test_a_session_ending_with_its_last_turn_unwritten_keeps_the_error(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:

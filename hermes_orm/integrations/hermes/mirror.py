@@ -568,13 +568,30 @@ class Mirror:
         return done.wait(self.wait)
 
     def close(self, timeout: float = EXIT_WAIT) -> bool:
-        """Wait for queued writes (at most ``timeout`` seconds), then close the store."""
-        if not self._worker.drain(timeout):
+        """Wait for queued writes (at most ``timeout`` seconds), then close the store.
+
+        Lists whose write failed are tried once more first: no turn of theirs
+        comes after the exit to catch them up.
+        """
+        deadline = time.monotonic() + timeout
+        drained = self._worker.drain(timeout)
+        if drained and self._unwritten:
+            self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
+            drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
+        if not drained:
             logger.warning(
                 "hermes_orm mirror: writes still queued at exit; the next turn of those "
                 "sessions catches up"
             )
             return False
+        if self._unwritten:
+            logger.warning(
+                "hermes_orm mirror: at exit, %d session(s) still not written (%s); the next "
+                "turn of each, if it is resumed, catches up; Hermes' state.db holds them "
+                "(`hermes orm import` copies what is missing)",
+                len(self._unwritten),
+                ", ".join(list(self._unwritten)[:5]),
+            )
         store, self._store = self._store, None
         if store is not None:
             store.close()
@@ -691,6 +708,16 @@ class Mirror:
                 self.status.write(error=list(self._failing.values())[-1])
         else:
             self.status.write(error=None)  # left by this process, or an earlier one
+
+    def _catch_up(self, session_id: str) -> bool:
+        """Write the session's lists not written yet; whether the database was busy for them."""
+        jobs = self._unwritten.pop(session_id, None)
+        return self._write(session_id, jobs) if jobs else False
+
+    def _catch_up_all(self) -> None:
+        """Write every session's lists not written yet (at exit: no later turn will)."""
+        for session_id in list(self._unwritten):
+            self._catch_up(session_id)
 
     def _flush(self, turn: Turn) -> None:
         """Write ``turn``'s list, after the session's earlier lists not written yet.
@@ -846,6 +873,9 @@ class Mirror:
             fields["started_at"] = float(started_at)
         parent = hermes.get("parent_session_id")
         if parent:
+            # Hermes moved the conversation on to this session (compression): no turn of
+            # the parent comes after to catch up its lists not written, before its end.
+            self._catch_up(parent)
             parent_row = store.get_session(parent)
             if parent_row is not None:
                 fields["parent_session_id"] = parent
@@ -1227,11 +1257,6 @@ class StoreFlush(Mirror):
             self._rewrites.move_to_end(session_id)
             while len(self._rewrites) > _TRACKED_MAX:
                 self._rewrites.popitem(last=False)
-
-    def _catch_up(self, session_id: str) -> bool:
-        """Write the session's lists not written yet; whether the database was busy for them."""
-        jobs = self._unwritten.pop(session_id, None)
-        return self._write(session_id, jobs) if jobs else False
 
     def _waited(
         self, session_id: str, key: tuple[str, str, int], done: threading.Event, job: Turn | None
