@@ -905,18 +905,20 @@ class StoreCore:
         if parent is not None:
             if parent == session_id:
                 raise InvalidSessionError(f"session {session_id!r} cannot be its own parent")
-            found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
-            if found is None:
-                raise InvalidSessionError(f"parent session {parent!r} does not exist")
             kept = conn.execute(
                 select(_sessions.c.parent_session_id).where(_sessions.c.id == session_id)
             ).scalar_one_or_none()
-            # (ensure_session keeps a parent already set: then the given one is not written)
-            if kept is None and conn.execute(_is_ancestor(session_id, parent)).first() is not None:
-                raise InvalidSessionError(
-                    f"parent session {parent!r} descends from session {session_id!r}: "
-                    "the lineage would loop"
-                )
+            # ensure_session keeps a parent already set: the given one is then not written,
+            # so neither whether it exists nor where it would lead matters.
+            if kept is None:
+                found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
+                if found is None:
+                    raise InvalidSessionError(f"parent session {parent!r} does not exist")
+                if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
+                    raise InvalidSessionError(
+                        f"parent session {parent!r} descends from session {session_id!r}: "
+                        "the lineage would loop"
+                    )
         title = values.get("title")
         if title is not None:
             other = _sessions.c.id != session_id

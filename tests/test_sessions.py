@@ -99,6 +99,24 @@ def test_ensure_session_fills_only_missing_fields(store: SessionStore) -> None:
     assert got["started_at"] != 5.0  # set at creation, never overwritten
 
 
+def test_ensure_session_keeping_its_parent_does_not_look_at_the_one_given(
+    store: SessionStore,
+) -> None:
+    """The parent already set stays: one given that is missing, or would loop, is not
+    written, so it refuses nothing; the NULL columns are filled (Hermes' upsert too)."""
+    store.create_session("p", source="cli")
+    store.create_session("a", source="cli", parent_session_id="p")
+    store.create_session("b", source="cli", parent_session_id="a")
+    assert store.ensure_session("a", parent_session_id="gone", model="m") is False
+    assert store.ensure_session("a", parent_session_id="b", title="t") is False  # b is a's child
+    got = store.get_session("a")
+    assert got is not None
+    assert (got["parent_session_id"], got["model"], got["title"]) == ("p", "m", "t")
+    # Without a parent yet, the one given is checked.
+    with pytest.raises(InvalidSessionError, match="does not exist"):
+        store.ensure_session("p", parent_session_id="gone")
+
+
 def _ensure(url: str, barrier: Any, results: Any) -> None:
     store = SessionStore(url)
     barrier.wait()
