@@ -1710,7 +1710,7 @@ def _forget_new(
             if name in fields
             else stored[name] is None or stored[name] is False or stored[name] == 0
             for name in stored
-            if name != "id"
+            if name not in ("id", "history_id")  # (drawn for every row made)
         )
 
     def work(conn: Connection) -> int:
