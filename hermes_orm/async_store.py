@@ -47,6 +47,7 @@ from hermes_orm.store import (
     StoreCore,
     Verify,
     attempt,
+    check_bind,
     check_replica,
     check_schema,
     give_back_when_full,
@@ -221,6 +222,7 @@ class AsyncSessionStore(_AsyncSessions):
         schema: str | None = None,
         replica: str | URL | AsyncEngine | None = None,
     ) -> None:
+        check_bind(bind, AsyncEngine)
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
             check_replica(bind, replica, AsyncEngine)

@@ -614,6 +614,29 @@ def _attempt(
         raise
 
 
+def check_bind(bind: Any, engine: type) -> None:
+    """Refuse a ``bind`` that is neither a URL nor the kind of engine the store takes.
+
+    A connection, an ORM session or the other kind of engine would otherwise be
+    read as a URL, and refused as one that is not.
+
+    Raises:
+        InvalidArgumentError: ``bind`` is of another type.
+    """
+    if isinstance(bind, str | URL | engine):
+        return
+    got = type(bind).__name__
+    if isinstance(bind, Engine) or isinstance(getattr(bind, "sync_engine", None), Engine):
+        hint = " (SessionStore takes an Engine, AsyncSessionStore an AsyncEngine)"
+    elif hasattr(bind, "engine") or hasattr(bind, "bind"):
+        hint = " (pass the engine it is on)"
+    else:
+        hint = ""
+    raise InvalidArgumentError(
+        f"a store takes a database URL or an {engine.__name__}, got {got}{hint}"
+    )
+
+
 def check_replica(primary: Any, replica: Any, engine: type) -> None:
     """Refuse a ``replica=`` that cannot serve the store's reads, before anything connects.
 
@@ -1857,6 +1880,7 @@ class SessionStore(_Sessions):
         schema: str | None = None,
         replica: str | URL | Engine | None = None,
     ) -> None:
+        check_bind(bind, Engine)
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
             check_replica(bind, replica, Engine)

@@ -314,3 +314,28 @@ def test_a_sqlite_database_in_memory_is_told_from_a_file(tmp_path: Path) -> None
         "postgresql://u@h/db",
     ):
         assert not sqlite_in_memory(file), file
+
+
+def test_a_store_given_neither_a_url_nor_its_kind_of_engine_says_so(tmp_path: Path) -> None:
+    """A connection, an ORM session, the other kind of engine: refused as what they are."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.orm import Session
+
+    from hermes_orm import InvalidArgumentError
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    with engine.connect() as conn, Session(engine) as orm:
+        for store, bind, hint in (
+            (SessionStore, conn, "pass the engine it is on"),
+            (SessionStore, orm, "pass the engine it is on"),
+            (SessionStore, async_engine, "AsyncSessionStore an AsyncEngine"),
+            (AsyncSessionStore, engine, "SessionStore takes an Engine"),
+            (SessionStore, 5, "got int"),
+        ):
+            with pytest.raises(InvalidArgumentError, match="takes a database URL") as refused:
+                store(bind)
+            assert hint in str(refused.value)
+    engine.dispose()
+    asyncio.run(async_engine.dispose())
