@@ -222,6 +222,34 @@ def test_finalize_ends_the_current_revision(mirror: Mirror, store: SessionStore)
     assert revision["end_reason"] == "shutdown"
 
 
+def test_a_session_resumed_after_its_end_is_open_until_it_ends_again(
+    mirror: Mirror, store: SessionStore
+) -> None:
+    """Hermes reopens a session it resumes: its copy is reopened by the next turn, and the
+    next end is the one it keeps (Hermes' reason, the later time)."""
+    mirror.turn("s1", _turn(1))
+    assert mirror.finalize("s1", "cli_close")
+    first = store.get_session("s1")
+    assert first is not None
+    assert first["end_reason"] == "cli_close"
+    mirror.turn("s1", _turn(1) + _turn(2))
+    resumed = store.get_session("s1")
+    assert resumed is not None
+    assert (resumed["ended_at"], resumed["end_reason"]) == (None, None)
+    assert mirror.finalize("s1", "user_exit")
+    ended = store.get_session("s1")
+    assert ended is not None
+    assert ended["end_reason"] == "user_exit"
+    assert ended["ended_at"] >= first["ended_at"]
+    assert _stored(store, "s1") == _turn(1) + _turn(2)
+    # A revision ended because the conversation was rewritten stays ended.
+    mirror.turn("s1", _turn(3))
+    assert mirror.finalize("s1", "cli_close")
+    rewritten = store.get_session("s1")
+    assert rewritten is not None
+    assert rewritten["end_reason"] == "rewritten"
+
+
 class _Locked:
     """The mirror's database held by another writer (a real lock, not a mock)."""
 

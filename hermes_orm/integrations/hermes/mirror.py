@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -851,8 +851,20 @@ class Mirror:
                     empty = candidate
             else:
                 tracked = empty or newest
+            row = revisions[tracked.revision - 1]
+            if row["ended_at"] is not None and row["end_reason"] != "rewritten":
+                # A turn of a session ended (finalized): Hermes resumed it, reopening its
+                # own row; so is its copy, which the next end ends again.
+                self._reopen(store, revision_id(sid, tracked.revision))
         self._track(sid, tracked)
         return tracked
+
+    @staticmethod
+    def _reopen(store: SessionStore, revision: str) -> None:
+        reopen = update(Session).where(Session.id == revision)
+        store.write_transaction(
+            lambda conn: conn.execute(reopen.values(ended_at=None, end_reason=None))
+        )
 
     def _track(self, session_id: str, tracked: _Tracked) -> None:
         self._tracked[session_id] = tracked
