@@ -773,3 +773,29 @@ def test_an_answer_stored_before_its_write_raised_is_marked_not_written_again(
     session.end_turn([hello, hi, three, answer])
     assert answer.get(PERSISTED_MARK) is True
     assert [content for _, content in session.contents()].count("Three.") == 1
+
+
+@pytest.mark.parametrize("said", [1, 2], ids=["said once before", "said twice before"])
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "not stored"])
+def test_a_repeated_message_stored_before_its_write_raised_is_not_stored_again(
+    tmp_path: Path, stored: bool, said: int
+) -> None:
+    """The user says "ok" again; a delivery came after the last "ok" Hermes confirmed,
+    and the new one's write committed, then raised (or did not commit). The newest "ok"
+    row is then the new message, not the confirmed one: it is stored once either way."""
+    session = _Session(tmp_path)
+    hello, hi = _user("hello"), _answer("Hi.")
+    oks = [_user("ok") for _ in range(said)]
+    session.hermes_writes(hello, hi, *oks)
+    session.row(DELIVERY)
+    again = _user("ok")
+    if stored:
+        session.row(again)  # committed, then the write raised: left unmarked
+    session.end_turn([hello, hi, *oks, again])
+    assert session.contents() == [
+        ("user", "hello"),
+        ("assistant", "Hi."),
+        *[("user", "ok")] * said,
+        ("assistant", DELIVERY["content"]),
+        ("user", "ok"),
+    ]

@@ -1145,10 +1145,39 @@ def _missed_from(
             break
     else:
         return None
+    if back == confirmed - 1 and same_turn(unconfirmed[0], written[back]):
+        # The same message again (the user said "ok" twice): the newest row like it
+        # may be the unconfirmed one, stored before its write raised.
+        repeated = _repeat_stored(active[: anchor + 1], written[:confirmed])
+        if repeated is not None:
+            return confirmed + repeated
     # Hermes' write loop stops at the first write that raises, and its next flush
     # writes an unmarked message again: of the unconfirmed, only the first can be
     # stored (committed, then raised), and only after the anchor.
     return confirmed + any(same_turn(row, unconfirmed[0]) for row in active[anchor + 1 :])
+
+
+def _repeat_stored(rows: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> bool | None:
+    """Whether ``rows`` (up to the newest like the last confirmed message) hold one more.
+
+    The confirmed messages end with a run of messages alike; going back from the
+    newest row, the rows like them are counted up to the row of the message
+    before that run: more than the run holds, and the newest is the first
+    unconfirmed message, alike too. None when no row holds the message before
+    the run (Hermes' replay merged it, say): unknown.
+    """
+    last = confirmed[-1]
+    run = 1
+    while run < len(confirmed) and same_turn(confirmed[-1 - run], last):
+        run += 1
+    before = confirmed[-1 - run] if run < len(confirmed) else None
+    alike = 0
+    for row in reversed(rows):
+        if same_turn(row, last):
+            alike += 1
+        elif before is not None and same_turn(row, before):
+            return alike > run
+    return None if before is not None else alike > run
 
 
 #: Seconds :meth:`StoreFlush.before_turn` tries the repairs again while the database
