@@ -384,7 +384,34 @@ class AsyncSessionStore(_AsyncSessions):
             await self._checkin(conn, closes)
             return result
 
-        return await self._retrying(self._async_engine, self._retry, once)
+        work = self._retrying(self._async_engine, self._retry, once)
+        if _sa.shares_one_connection(self._async_engine.sync_engine.pool):
+            # Its one connection is the database (in memory): SQLAlchemy invalidates,
+            # and so closes, a connection whose statement a cancellation interrupts.
+            return await self._uninterrupted(work)
+        return await work
+
+    @staticmethod
+    async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
+        """``work`` awaited to its end however often the task is cancelled meanwhile.
+
+        The first cancellation is raised once it ended, as it came (an anyio
+        cancel scope knows its own by it); its result is then dropped.
+        """
+        task = asyncio.ensure_future(work)
+        cancel: asyncio.CancelledError | None = None
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.cancelled():
+                    raise
+                cancel = cancel or exc
+            except BaseException:  # the work's own error, raised below
+                pass
+        if cancel is not None:
+            raise cancel
+        return task.result()
 
     async def _retrying(
         self, engine: AsyncEngine, policy: RetryPolicy, once: Callable[[], Awaitable[T]]

@@ -132,3 +132,33 @@ def test_an_async_call_inside_the_application_s_transaction_is_refused() -> None
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_cancelled_call_on_an_in_memory_async_store_keeps_the_database() -> None:
+    """SQLAlchemy invalidates (closes) a connection whose statement a cancellation
+    interrupts: on StaticPool, the in-memory database itself. A call there ends once its
+    transaction has, then raises the cancellation; the flush is done or not, whole."""
+    history = [{"role": "user", "content": f"message {i} " + "x" * 200} for i in range(3000)]
+
+    async def main() -> list[str]:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        store = AsyncSessionStore(engine)
+        await store.upgrade()
+        outcomes = []
+        for delay in (0.0, 0.001, 0.003, 0.01, 0.03, 0.1):
+            await store.delete_session("s")
+            await store.create_session("s", source="app")
+            task = asyncio.ensure_future(store.flush("s", history))
+            await asyncio.sleep(delay)
+            task.cancel()
+            try:
+                await task
+                outcomes.append("done")
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+            assert await store.get_messages("s") in ([], history)
+        await store.close()
+        await engine.dispose()
+        return outcomes
+
+    assert "cancelled" in asyncio.run(main())
