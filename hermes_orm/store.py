@@ -928,8 +928,9 @@ class StoreCore:
         if parent is not None:
             if parent == session_id:
                 raise InvalidSessionError(f"session {session_id!r} cannot be its own parent")
+            # (Of this store's sessions only: another user's is none of a scoped store's.)
             kept = conn.execute(
-                select(_sessions.c.parent_session_id).where(_sessions.c.id == session_id)
+                select(_sessions.c.parent_session_id).where(self._owned(session_id))
             ).scalar_one_or_none()
             # ensure_session keeps a parent already set: the given one is then not written,
             # so neither whether it exists nor where it would lead matters.

@@ -114,6 +114,14 @@ def test_a_user_store_cannot_reach_another_users_session(
         with pytest.raises(InvalidSessionError) as same:
             make("bob-1", source="cli", title="bob's plans")
         assert str(same.value) == str(title.value)
+    # Whether another user's session has a parent is not told either.
+    store.create_session("bob-child", source="cli", user_id="bob", parent_session_id="bob-1")
+    refused = set()
+    for sid in ("bob-1", "bob-child"):
+        with pytest.raises(InvalidSessionError) as missing:
+            alice.ensure_session(sid, source="cli", parent_session_id="nowhere")
+        refused.add(str(missing.value))
+    assert refused == {"parent session 'nowhere' does not exist"}
     # ... and a session of no user, asked with its id or another one.
     store.create_session("nobody-2", source="cli", title="free plans")
     refusals = set()
