@@ -1917,10 +1917,10 @@ def refuse_shared_transaction(pool: Pool) -> None:
     if _sa.shared_connection_in_transaction(pool):
         raise InvalidArgumentError(
             f"the engine's pool ({type(pool).__name__}) gives every checkout one connection, "
-            "and a transaction is open on it (the application's, or another call's of this "
-            "store): the store would end it; nothing was run. End it before calling the store, "
-            "one call at a time, or give the store an engine whose pool has connections of "
-            "its own (a database file)"
+            "and a transaction is open on it (the application's, or another call's of a "
+            "store): hermes_orm would end it; nothing was run. End it before calling "
+            "hermes_orm, one call at a time, or give it an engine whose pool has connections "
+            "of its own (a database file)"
         )
 
 

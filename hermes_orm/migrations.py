@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, _partitions, _sa
-from hermes_orm._dialects import store_schema
+from hermes_orm._dialects import refuse_shared_transaction, store_schema
 from hermes_orm.errors import (
     DatabaseError,
     InvalidArgumentError,
@@ -192,6 +192,7 @@ def _connected(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
     for the work (:func:`_placed`).
     """
     if isinstance(bind, Engine):
+        refuse_shared_transaction(bind.pool)
         with bind.begin() as conn, _placed(conn, schema):
             yield conn
         return
@@ -449,6 +450,7 @@ def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
             with _placed(bind, schema, create=True):
                 yield bind
         return
+    refuse_shared_transaction(bind.pool)
     with bind.connect() as conn:
         _refuse_driver_autocommit(conn)
         _lock_migration(conn)
@@ -543,6 +545,7 @@ def _at_head(bind: Bind, given: str | None) -> bool:
     _refuse_autocommit(bind)
     schema = store_schema(bind, given)
     if isinstance(bind, Engine):
+        refuse_shared_transaction(bind.pool)
         with bind.connect() as conn:
             return _located(conn, schema).revision == head()
     began = not bind.in_transaction()

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
+import hermes_orm
 from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore
 
 pytestmark = pytest.mark.sqlite
@@ -50,6 +51,10 @@ CALLS: dict[str, Callable[[SessionStore], Any]] = {
     "flush": lambda store: store.flush("s", [*TURN, *TURN]),
     "append": lambda store: store.append("s", {"role": "user", "content": "more"}),
     "create_session": lambda store: store.create_session("t", source="app"),
+    "upgrade": lambda store: store.upgrade(),
+    "hermes_orm.upgrade": lambda store: hermes_orm.upgrade(store.engine),
+    "hermes_orm.check_schema": lambda store: hermes_orm.check_schema(store.engine),
+    "migrations.current": lambda store: hermes_orm.migrations.current(store.engine),
 }
 
 
