@@ -97,6 +97,13 @@ _SUPPORTED = (
 )
 #: A session row's counters, which move only with its messages.
 _COUNTERS = ("flushed_idx", "message_count", "tool_call_count", "flushed_digest")
+#: Drawn when a session is made and when hermes_orm rewrites its messages: never
+#: copied, never set (a stored session given an old one would pass for that history).
+_HISTORY_ID = "history_id"
+_HISTORY_ID_DRAWN = (
+    "a session's history_id is drawn when it is made (the model's default) and when "
+    "hermes_orm rewrites its messages; it is not set"
+)
 _COUNTERS_MOVE = (
     "a session's flushed_idx, message_count, tool_call_count and flushed_digest move only "
     "with its messages (SessionStore.flush/append, or Message objects added through the "
@@ -679,9 +686,13 @@ def _refuse_counters(
     for key in selected:
         if key in _COUNTERS:
             raise InvalidSessionError(f"{key} cannot be set from a SELECT: {_COUNTERS_MOVE}")
+        if key == _HISTORY_ID:
+            raise InvalidSessionError(f"{key} cannot be set from a SELECT: {_HISTORY_ID_DRAWN}")
     for key in on_conflict:
         if key in _COUNTERS:
             raise InvalidSessionError(f"{key} cannot be set ON CONFLICT: {_COUNTERS_MOVE}")
+        if key == _HISTORY_ID:
+            raise InvalidSessionError(f"{key} cannot be set ON CONFLICT: {_HISTORY_ID_DRAWN}")
     if any("REPLACE" in prefix.upper() for prefix in prefixes):
         raise InvalidSessionError(
             f"INSERT OR REPLACE would start a stored session's counters over: {_COUNTERS_MOVE}"
@@ -694,6 +705,8 @@ def _refuse_counters(
         for key, value in row.items():
             if key in _COUNTERS and (not insert or not _a_start(value)):
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
+            if key == _HISTORY_ID and not insert:
+                raise InvalidSessionError(f"{key} cannot be set: {_HISTORY_ID_DRAWN}")
 
 
 def _keeps_the_id(clause: Any, value: Any) -> bool:
@@ -977,6 +990,10 @@ def _refused_stored_change(obj: Session) -> InvalidSessionError | None:
     if state.attrs["id"].history.has_changes():
         stored = state.identity[0] if state.identity else obj.id
         return InvalidSessionError(f"session {stored!r}: its id cannot be changed: {_ID_STAYS}")
+    if state.attrs[_HISTORY_ID].history.has_changes():
+        return InvalidSessionError(
+            f"session {obj.id!r}: {_HISTORY_ID} cannot be changed: {_HISTORY_ID_DRAWN}"
+        )
     return _refused_counters(obj, new_object=False)
 
 

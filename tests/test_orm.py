@@ -867,6 +867,45 @@ def _insert_for(engine: Engine) -> Any:
     return sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
 
 
+def test_a_stored_session_s_history_id_is_never_set(engine: Engine) -> None:
+    """Given another session's (one deleted, say), a session would pass for its history
+    where a store remembers that one: it is drawn, never set."""
+    _two_sessions(engine)
+
+    def histories() -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.execute(select(Session.history_id).order_by(Session.id)).all())
+
+    before = histories()
+    with OrmSession(engine) as orm:
+        orm.get_one(Session, "a").history_id = 5
+        with pytest.raises(InvalidSessionError, match="history_id cannot be changed"):
+            orm.commit()
+    upsert = _insert_for(engine)
+    row = {"id": "a", "source": "app", "started_at": 1.0}
+    statements: list[tuple[Any, Any]] = [
+        (update(Session).where(Session.id == "a").values(history_id=5), None),
+        (update(Session), [{"id": "a", "history_id": 5}]),
+        (
+            upsert(Session)
+            .values(**row)
+            .on_conflict_do_update(index_elements=["id"], set_={"history_id": 5}),
+            None,
+        ),
+        (
+            insert(Session).from_select(
+                ["id", "source", "started_at", "history_id"],
+                select(
+                    literal("copy"), Session.source, Session.started_at, Session.history_id
+                ).where(Session.id == "a"),
+            ),
+            None,
+        ),
+    ]
+    _each_refused(engine, statements, InvalidSessionError, "history_id cannot be set")
+    assert histories() == before
+
+
 def test_insert_from_select_and_upserts_setting_counters_are_refused(engine: Engine) -> None:
     store = _two_sessions(engine)
     before = _state(engine)
