@@ -1235,13 +1235,13 @@ class FlushSQL:
         Its parameters: (id, new cursor) per session, twice (cursor and message
         count); (id, digest at the new cursor) per session; (id, tool calls
         added) per session; then per session its id, its expected cursor and,
-        where ``checks_digest`` says so, its expected digest (as in
-        ``advance_if_digest``; a session at cursor 0 has none to check).
+        where ``checks_digest`` says so, its expected digest and history_id (as
+        in ``advance_if_digest``; a session at cursor 0 has none to check).
         """
         m = self.mark
         case = "CASE id " + f"WHEN {m} THEN {m} " * len(checks_digest) + "END"
         where = " OR ".join(
-            f"(id = {m} AND flushed_idx = {m} AND flushed_digest = {m})"
+            f"(id = {m} AND flushed_idx = {m} AND flushed_digest = {m} AND history_id = {m})"
             if digest
             else f"(id = {m} AND flushed_idx = {m})"
             for digest in checks_digest

@@ -290,6 +290,8 @@ class Chunk(NamedTuple):
     messages: list[_codec.EncodedMessage]
     #: The digest stored at ``cursor`` (None at 0).
     digest: bytes | None
+    #: The session's history_id (checked above cursor 0 by :func:`prepare_many`'s write).
+    history: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -2296,12 +2298,12 @@ def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWr
     digests: list[Any] = []
     calls: list[Any] = []
     expected: list[Any] = []
-    for session_id, cursor, batch, digest in chunks:
+    for session_id, cursor, batch, digest, history in chunks:
         cursors += (session_id, cursor + len(batch))
         digests += (session_id, batch[-1].digest if batch else digest)
         calls += (session_id, sum(map(_TOOL_CALLS, batch)))
-        expected += (session_id, cursor, digest) if cursor else (session_id, cursor)
-    advance = sql.advance_many([cursor != 0 for _, cursor, _, _ in chunks])
+        expected += (session_id, cursor, digest, history) if cursor else (session_id, cursor)
+    advance = sql.advance_many([chunk.cursor != 0 for chunk in chunks])
     params = (*cursors, *cursors, *digests, *calls, *expected)
     return PreparedWrite(_insert_statements(sql, chunks), (advance, params), len(chunks))
 
@@ -2373,7 +2375,7 @@ def _insert_statements(
     statements: list[tuple[str, tuple[Any, ...]]] = []
     params: list[Any] = []
     rows = 0
-    for session_id, cursor, batch, _ in chunks:
+    for session_id, cursor, batch, *_ in chunks:
         for idx, item in enumerate(batch, cursor):
             params += (session_id, idx)
             params += item.params

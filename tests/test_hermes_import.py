@@ -287,6 +287,56 @@ def test_a_session_another_writer_cuts_during_the_import_is_reported_once(
     assert [m["content"] for m in store.get_messages("s")] == [f"s{n}" for n in range(9)]
 
 
+@pytest.mark.parametrize("session", ["held before the run", "made by the run"])
+def test_a_session_made_anew_with_the_same_last_message_during_the_import_is_not_written_on(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, session: str
+) -> None:
+    """Another writer makes the session anew (or rewrites it) while the import runs: as
+    many messages, the same last one. Its history_id differs: the import writes nothing
+    on it, and reports it diverged; the other sessions are copied."""
+    from hermes_orm.integrations.hermes import importer
+
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("s", "t"):
+        hermes.create_session(sid, source="cli")
+    for n in range(9):
+        if n == 3 and session == "held before the run":
+            assert import_state_db(source, store).ok  # s and t hold 3 messages each
+        for sid in ("s", "t"):
+            hermes.append_message(sid, "user", content=f"{sid}{n}")
+    hermes.close()
+    remade: list[list[dict[str, Any]]] = []
+
+    def make_anew() -> None:
+        stored = store.get_messages("s")
+        others = [{"role": "user", "content": f"other {n}"} for n in range(len(stored) - 1)]
+        store.delete_session("s")
+        store.create_session("s", source="elsewhere")
+        store.flush("s", [*others, stored[-1]])
+        remade.append(store.get_messages("s"))
+
+    on_batch = None
+    if session == "held before the run":
+        real = importer._cursors
+
+        def then_made_anew(*args: Any) -> Any:
+            read = real(*args)
+            make_anew()
+            return read
+
+        monkeypatch.setattr(importer, "_cursors", then_made_anew)
+    else:
+
+        def on_batch(sid: str, cursor: int) -> None:
+            if sid == "s" and not remade:
+                make_anew()
+
+    report = import_state_db(source, store, batch=3, on_batch=on_batch)
+    assert report.diverged_sessions == ["s"], report.table()
+    assert store.get_messages("s") == remade[0]
+    assert [m["content"] for m in store.get_messages("t")] == [f"t{n}" for n in range(9)]
+
+
 def test_a_run_beside_another_reads_each_session_as_one_snapshot(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -738,8 +738,13 @@ def import_state_db(
         bar = _Progress(progress, len(sessions), total) if progress is not None else None
         ids = [r["id"] for r in sessions]
         by_id = {r["id"]: r for r in sessions}
-        cursors = _cursors(store, ids)  # what the sessions' upsert leaves as it is
-        job = ReadJob(src.path, store.engine.dialect.name, ids, cursors, batch)
+        cursors, histories = _cursors(store, ids)  # what the sessions' upsert leaves as it is
+        # The history_id of each session this run makes, drawn now: its batches past
+        # the first check it, as those of the sessions held check theirs.
+        drawn = {sid: new_history_id() for sid in ids if sid not in histories}
+        job = ReadJob(
+            src.path, store.engine.dialect.name, ids, cursors, batch, {**histories, **drawn}
+        )
         # About what is left to copy (sessions the destination holds more of make it low).
         remaining = total - sum(c.cursor for c in cursors.values())
         _log.info(
@@ -753,9 +758,18 @@ def import_state_db(
         seen = {sid: c.cursor for sid, c in cursors.items()}
         # The reader starts first: it reads the first batches while new sessions are written.
         with reading(job) as batches:
-            report.sessions_written = _upsert_sessions(store, sessions, report, new_only=True)
+            report.sessions_written = _upsert_sessions(
+                store, sessions, report, new_only=True, histories=drawn
+            )
             _copy_messages(
-                store, src, batches, bar=bar, on_batch=on_batch, report=report, seen=seen
+                store,
+                src,
+                batches,
+                bar=bar,
+                on_batch=on_batch,
+                report=report,
+                seen=seen,
+                histories=job.histories,
             )
         held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
         for sid in held:
@@ -881,6 +895,7 @@ def _upsert_sessions(
     report: ImportReport | None = None,
     *,
     new_only: bool = False,
+    histories: Mapping[str, int] | None = None,
     skip: Collection[str] = (),
 ) -> int:
     """Insert new sessions and update changed ones; returns how many rows were written.
@@ -932,7 +947,12 @@ def _upsert_sessions(
             for r in conn.execute(select(_sessions).where(_sessions.c.id.in_(chunk))):
                 existing[r.id] = r._mapping
         # One statement each, run for many rows: every row has the same keys.
-        new = [f for sid, f in todo.items() if sid not in present]
+        drawn = histories or {}
+        new = [
+            {**f, "history_id": drawn[sid]} if sid in drawn else f
+            for sid, f in todo.items()
+            if sid not in present
+        ]
         changed = [
             {"b_id": sid, **f}
             for sid, f in todo.items()
@@ -1006,8 +1026,15 @@ def _insert_sessions(conn: Connection, rows: list[dict[str, Any]]) -> int:
     those of a session the destination held before. (On SQLite the write
     lock the transaction began with keeps other writers out.)
     """
-    # Each a history of its own (see Session.history_id): drawn here, as no default runs.
-    rows = [{**row, "history_id": new_history_id()} for row in rows]
+    # Each a history of its own (see Session.history_id), drawn here where the caller
+    # drew none (no default runs), last in every row: all hold the same keys.
+    rows = [
+        {
+            **{k: v for k, v in row.items() if k != "history_id"},
+            "history_id": row.get("history_id") or new_history_id(),
+        }
+        for row in rows
+    ]
     keys = list(rows[0])
     dialect = conn.dialect
     processors = [
@@ -1055,6 +1082,8 @@ class ReadJob:
     session_ids: list[str]
     cursors: dict[str, Copied]
     batch: int
+    #: Each session's history_id: as read (those held), as drawn (those made).
+    histories: dict[str, int]
 
 
 def read_batches(job: ReadJob) -> Iterator[_Batch]:
@@ -1064,10 +1093,10 @@ def read_batches(job: ReadJob) -> Iterator[_Batch]:
     scratch = ImportReport()
     try:
         for group, finished in _read_groups(
-            src, job.session_ids, job.cursors, batch=job.batch, report=scratch
+            src, job.session_ids, job.cursors, job.histories, batch=job.batch, report=scratch
         ):
             yield _Batch(
-                [(sid, cursor, len(encoded)) for sid, cursor, encoded, _ in group],
+                [(chunk.session_id, chunk.cursor, len(chunk.messages)) for chunk in group],
                 prepare_many(sql, group) if group else None,
                 finished,
                 dict(scratch.invalid_sessions),
@@ -1092,8 +1121,14 @@ def _copy_messages(
     on_batch: Callable[[str, int], None] | None,
     report: ImportReport,
     seen: dict[str, int],
+    histories: Mapping[str, int],
 ) -> None:
     """Write the reader's batches: what the destination does not hold yet, a transaction each.
+
+    ``histories``: each session's history_id as the run began (or as it made
+    the session). One found with another is written on only if its messages
+    below the cursor are still the source's (another run made or wrote it);
+    else (rewritten, made anew) it is reported as diverged.
 
     ``seen`` gets, for each session the reader read messages of, how many the
     source held as far as the reader read it.
@@ -1126,11 +1161,21 @@ def _copy_messages(
         tails = []
         for sid, cursor, n in item.pieces:
             with src.snapshot():
-                tails.append((sid, _source_tail(src, columns, sid, cursor, n)))
+                tails.append((sid, cursor, _source_tail(src, columns, sid, cursor, n)))
 
         def work(conn: Connection) -> list[tuple[str, int, int]]:
             done = []
-            for sid, tail in tails:
+            for sid, cursor, tail in tails:
+                stored = store.locked_cursor(conn, sid) if cursor else None
+                if (
+                    stored is not None
+                    and stored.history_id != histories[sid]
+                    and not _holds_source_prefix(conn, src, columns, sid, cursor)
+                ):
+                    # Rewritten or made anew since its messages were checked (Hermes'
+                    # store mode, another tool): the tail continues another history.
+                    done.append((sid, -1, -1))
+                    continue
                 try:
                     # The tail holds the source's messages from the one below the
                     # stored cursor on: that one is what is checked (the reader
@@ -1480,6 +1525,7 @@ def _read_groups(
     src: Source,
     session_ids: list[str],
     cursors: dict[str, Copied],
+    histories: dict[str, int],
     *,
     batch: int,
     report: ImportReport,
@@ -1546,7 +1592,7 @@ def _read_groups(
                     if problem is not None:
                         report.invalid_sessions[sid] = problem
                         break
-                    group.append(Chunk(sid, cursor, encoded, before_digest))
+                    group.append(Chunk(sid, cursor, encoded, before_digest, histories[sid]))
                     for message in encoded:
                         fingerprint.update(message.digest)
                     size += len(rows)
@@ -1590,6 +1636,31 @@ def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
     return None
 
 
+def _holds_source_prefix(
+    conn: Connection, src: Source, columns: MessageColumns, sid: str, cursor: int
+) -> bool:
+    """Whether the destination's messages of ``sid`` below ``cursor`` are the source's ones.
+
+    Compared by their digests' fingerprints (the stored ones read in ``conn``'s
+    transaction, under the session's lock).
+    """
+    source = _fingerprint()
+    with src.snapshot():
+        if _checked_prefix(src, columns, sid, cursor, batch=500, fingerprint=source) is None:
+            return False
+    stored = _fingerprint()
+    rows = conn.execute(
+        select(_messages.c.digest)
+        .where(_messages.c.session_id == sid, _messages.c.idx < cursor)
+        .order_by(_messages.c.idx)
+    )
+    count = 0
+    for (digest,) in rows:
+        stored.update(bytes(digest))
+        count += 1
+    return count == cursor and stored.digest() == source.digest()
+
+
 def _checked_prefix(
     src: Source, columns: MessageColumns, sid: str, cursor: int, *, batch: int, fingerprint: Any
 ) -> bytes | None:
@@ -1626,7 +1697,7 @@ class Copied(NamedTuple):
 
 _NOTHING_COPIED = Copied(0, _fingerprint().digest())
 
-_READ_CURSORS = f"SELECT id, flushed_idx FROM {_sessions.name} WHERE id IN ({{values}})"
+_READ_CURSORS = f"SELECT id, flushed_idx, history_id FROM {_sessions.name} WHERE id IN ({{values}})"
 # One statement, so one snapshot: each session's cursor with the digests below it.
 _READ_DIGESTS = (
     f"SELECT s.id, s.flushed_idx, m.digest FROM {_sessions.name} s"
@@ -1637,18 +1708,23 @@ _READ_DIGESTS = (
 _DIGESTS_PER_READ = 100
 
 
-def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
-    """What the destination holds of each session.
+def _cursors(
+    store: SessionStore, session_ids: list[str]
+) -> tuple[dict[str, Copied], dict[str, int]]:
+    """What the destination holds of each session, and each one's history_id.
 
     Every stored message's digest is read (streamed, a read transaction per
     :data:`_DIGESTS_PER_READ` sessions), to check a re-run's source still
     begins with them; only the fingerprints are kept.
     """
 
-    def cursors(conn: Connection) -> dict[str, int]:
-        return dict(_dialects.rows_for_values(conn, _READ_CURSORS, session_ids))
+    def cursors(conn: Connection) -> dict[str, tuple[int, int]]:
+        rows = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
+        return {sid: (int(n), int(history)) for sid, n, history in rows}
 
-    stored = store.read_transaction(cursors)
+    read = store.read_transaction(cursors)
+    stored = {sid: n for sid, (n, _) in read.items()}
+    histories = {sid: history for sid, (_, history) in read.items()}
     copied = dict.fromkeys(stored, _NOTHING_COPIED)  # the held ones' are read below
     held = [sid for sid, n in stored.items() if n]
 
@@ -1665,7 +1741,7 @@ def _cursors(store: SessionStore, session_ids: list[str]) -> dict[str, Copied]:
 
     for start in range(0, len(held), _DIGESTS_PER_READ):
         copied.update(store.read_transaction(digests(held[start : start + _DIGESTS_PER_READ])))
-    return copied
+    return copied, histories
 
 
 def _forget_new(
