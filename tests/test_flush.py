@@ -2764,23 +2764,23 @@ def test_a_close_cancelled_as_it_puts_the_application_s_settings_back(
     asyncio.run(main())
 
 
-def test_a_session_made_anew_as_a_flush_reads_its_hint_is_checked_in_the_database(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+def _refused_as_made_anew_at(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, target: Any, name: str
 ) -> None:
-    """Another thread of the store deletes the session, makes it anew and flushes another
-    history (same length, same last message) just after this flush read what the store
-    knew of it: the cursor and digest match, the copies are of the old history."""
-    store = SessionStore(db_url)
+    """The store flushed a history; ``target.name``, at its first call, returns, then
+    another thread of the store deletes the session, makes it anew and flushes another
+    history of the same length and last message: the flush under way refuses its list
+    and writes nothing."""
     old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
     old.append({"role": "user", "content": "ok"})
     new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
     store.create_session("s", source="test")
     store.flush("s", old)
-    real = store._hint
+    real = getattr(target, name)
     done: list[bool] = []
 
-    def hint_then_made_anew(session_id: str) -> Any:
-        found = real(session_id)
+    def then_made_anew(*args: Any) -> Any:
+        found = real(*args)
         if not done:
             done.append(True)
             store.delete_session("s")
@@ -2788,46 +2788,33 @@ def test_a_session_made_anew_as_a_flush_reads_its_hint_is_checked_in_the_databas
             store.flush("s", new)
         return found
 
-    monkeypatch.setattr(store, "_hint", hint_then_made_anew)
+    monkeypatch.setattr(target, name, then_made_anew)
     with pytest.raises(HistoryDivergedError):
         store.flush("s", [*old, {"role": "assistant", "content": "next"}])
     assert done
     assert store.get_messages("s") == new
     store.close()
+
+
+def test_a_session_made_anew_as_a_flush_reads_its_hint_is_checked_in_the_database(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made anew just after this flush read what the store knew of it: the cursor and
+    digest match, the copies are of the old history."""
+    store = SessionStore(db_url)
+    _refused_as_made_anew_at(store, monkeypatch, store, "_hint")
 
 
 @pytest.mark.postgresql
 def test_a_session_made_anew_while_a_flush_s_one_statement_is_on_its_way_is_not_written(
     empty_pg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another thread of the store deletes the session, makes it anew and flushes another
-    history (same length, same last message) after the flush on the remembered cursor
-    checked the store's own deletes, before its one statement reaches the server: the
-    statement's compare-and-swap finds another history_id and writes nothing."""
+    """Made anew after the flush on the remembered cursor checked the store's own
+    deletes, before its one statement reaches the server: the statement's
+    compare-and-swap finds another history_id and writes nothing."""
     SessionStore(empty_pg).upgrade()
     store = SessionStore(empty_pg)
-    old = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"}]
-    old.append({"role": "user", "content": "ok"})
-    new = [old[0], {"role": "assistant", "content": "two"}, old[2]]
-    store.create_session("s", source="test")
-    store.flush("s", old)
-    real = _dialects.can_autocommit
-    done: list[bool] = []
-
-    def made_anew_on_the_way(conn: Any) -> bool:
-        if not done:
-            done.append(True)
-            store.delete_session("s")
-            store.create_session("s", source="test")
-            store.flush("s", new)
-        return real(conn)
-
-    monkeypatch.setattr(store_module._dialects, "can_autocommit", made_anew_on_the_way)
-    with pytest.raises(HistoryDivergedError):
-        store.flush("s", [*old, {"role": "assistant", "content": "next"}])
-    assert done
-    assert store.get_messages("s") == new
-    store.close()
+    _refused_as_made_anew_at(store, monkeypatch, store_module._dialects, "can_autocommit")
 
 
 def test_a_session_another_process_made_anew_is_not_taken_for_the_one_remembered(
