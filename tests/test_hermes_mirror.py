@@ -242,12 +242,15 @@ def test_a_session_resumed_after_its_end_is_open_until_it_ends_again(
     assert ended["end_reason"] == "user_exit"
     assert ended["ended_at"] >= first["ended_at"]
     assert _stored(store, "s1") == _turn(1) + _turn(2)
-    # A revision ended because the conversation was rewritten stays ended.
+    # A new conversation under the id (one that does not continue it) leaves it ended.
     mirror.turn("s1", _turn(3))
     assert mirror.finalize("s1", "cli_close")
-    rewritten = store.get_session("s1")
-    assert rewritten is not None
-    assert rewritten["end_reason"] == "rewritten"
+    kept = store.get_session("s1")
+    assert kept is not None
+    assert (kept["ended_at"], kept["end_reason"]) == (ended["ended_at"], "user_exit")
+    revision = store.get_session("s1#2")
+    assert revision is not None
+    assert revision["end_reason"] == "cli_close"
 
 
 class _Locked:

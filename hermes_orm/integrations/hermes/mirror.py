@@ -852,9 +852,16 @@ class Mirror:
             else:
                 tracked = empty or newest
             row = revisions[tracked.revision - 1]
-            if row["ended_at"] is not None and row["end_reason"] != "rewritten":
-                # A turn of a session ended (finalized): Hermes resumed it, reopening its
-                # own row; so is its copy, which the next end ends again.
+            if (
+                row["ended_at"] is not None
+                and row["end_reason"] != "rewritten"
+                and tracked.stored
+                and _continues(turn.messages, tracked)
+            ):
+                # A turn continuing a session ended (finalized): Hermes resumed it,
+                # reopening its own row; so is its copy, which the next end ends again.
+                # (A list that does not continue it is a new conversation under the
+                # id, the next revision: the ended one keeps its end.)
                 self._reopen(store, revision_id(sid, tracked.revision))
         self._track(sid, tracked)
         return tracked
