@@ -325,7 +325,7 @@ class AsyncSessionStore(_AsyncSessions):
             finally:
                 await self._to_the_end(conn.close())
 
-        await self._retrying(self._async_engine, self._retry, once)
+        await self._whole(self._retrying(self._async_engine, self._retry, once))
         self._schema_checked = False
 
     async def _ensure_schema(self) -> None:
@@ -384,10 +384,15 @@ class AsyncSessionStore(_AsyncSessions):
             await self._checkin(conn, closes)
             return result
 
-        work = self._retrying(self._async_engine, self._retry, once)
+        return await self._whole(self._retrying(self._async_engine, self._retry, once))
+
+    async def _whole(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work`` (a call's transactions), run to its end on a pool sharing one connection.
+
+        That connection is the database (in memory): SQLAlchemy invalidates, and
+        so closes, a connection whose statement a cancellation interrupts.
+        """
         if _sa.shares_one_connection(self._async_engine.sync_engine.pool):
-            # Its one connection is the database (in memory): SQLAlchemy invalidates,
-            # and so closes, a connection whose statement a cancellation interrupts.
             return await self._uninterrupted(work)
         return await work
 

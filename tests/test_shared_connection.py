@@ -10,6 +10,7 @@ the application's work stays the application's to commit or roll back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,27 @@ def test_a_cancelled_call_on_an_in_memory_async_store_keeps_the_database() -> No
         return outcomes
 
     assert "cancelled" in asyncio.run(main())
+
+
+def test_a_cancelled_upgrade_of_an_in_memory_async_store_keeps_the_database() -> None:
+    """The application's own table stays, and the schema ends migrated, cancelled or not."""
+
+    async def main() -> None:
+        for delay in (0.0, 0.005, 0.02):
+            engine = create_async_engine("sqlite+aiosqlite://")
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+                await conn.exec_driver_sql("INSERT INTO orders DEFAULT VALUES")
+            store = AsyncSessionStore(engine)
+            task = asyncio.ensure_future(store.upgrade())
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with engine.connect() as conn:
+                assert (await conn.exec_driver_sql("SELECT count(*) FROM orders")).scalar() == 1
+            await store.create_session("s", source="app")  # at head: the upgrade ran whole
+            await store.close()
+            await engine.dispose()
+
+    asyncio.run(main())
