@@ -337,6 +337,39 @@ def test_a_session_made_anew_with_the_same_last_message_during_the_import_is_not
     assert [m["content"] for m in store.get_messages("t")] == [f"t{n}" for n in range(9)]
 
 
+def test_a_session_another_writer_made_first_is_copied_on_its_history_id(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its row made by another writer (another run, say) between this run's read and its
+    insert: the batches go on that row's history_id, checked against the source once at
+    most, not before every batch."""
+    from hermes_orm.integrations.hermes import importer
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for n in range(30):
+        hermes.append_message("s", "user", content=f"s{n}")
+    hermes.close()
+    real_cursors, real_check = importer._cursors, importer._holds_source_prefix
+    checks: list[str] = []
+
+    def then_made_elsewhere(*args: Any) -> Any:
+        read = real_cursors(*args)
+        SessionStore(store.engine, check_schema=False).create_session("s", source="cli")
+        return read
+
+    def counted(*args: Any) -> bool:
+        checks.append(args[3])
+        return bool(real_check(*args))
+
+    monkeypatch.setattr(importer, "_cursors", then_made_elsewhere)
+    monkeypatch.setattr(importer, "_holds_source_prefix", counted)
+    report = import_state_db(source, store, batch=3)
+    assert report.ok, report.table()
+    assert [m["content"] for m in store.get_messages("s")] == [f"s{n}" for n in range(30)]
+    assert len(checks) <= 1
+
+
 def test_a_run_beside_another_reads_each_session_as_one_snapshot(
     store: SessionStore, tmp_path: Path
 ) -> None:
