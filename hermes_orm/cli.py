@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -182,15 +183,16 @@ def _search(args: argparse.Namespace) -> int:
                 "next_cursor": page.next_cursor,
             }
             _print_json(document)
-            return 0
-        # Matches in bold on a terminal, in [brackets] otherwise.
-        before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
-        for hit in page.hits:
-            print(f"{hit.session_id}[{hit.idx}] {hit.role:<9} {hit.marked(before, after)}")
-        if not page.hits:
-            print("no hits", file=sys.stderr)
+        else:
+            # Matches in bold on a terminal, in [brackets] otherwise.
+            before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
+            for hit in page.hits:
+                print(f"{hit.session_id}[{hit.idx}] {hit.role:<9} {hit.marked(before, after)}")
+            if not page.hits:
+                print("no hits", file=sys.stderr)
         if page.next_cursor:
-            print(_next_page(args, ("session", "source", "role", "limit"), page.next_cursor))
+            more = _next_page(args, ("session", "source", "role", "limit"), page.next_cursor)
+            print(more, file=sys.stderr if args.json else None)
         return 0
     finally:
         store.close()
@@ -441,8 +443,15 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hermes-orm``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    args.url = args.url or default_url()
-    return run(args)
+    if args.url is None:  # (an empty --url is a URL given: refused as no URL, not replaced)
+        args.url = default_url()
+    try:
+        return run(args)
+    except BrokenPipeError:
+        # The reader of the output went away (`| head`): nothing left to say to it.
+        # (The interpreter's flush at exit would fail again on the closed pipe.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

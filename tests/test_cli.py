@@ -7,6 +7,8 @@ import os
 import re
 import shlex
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,44 @@ def test_listings_page_on_with_the_arguments_they_print(tmp_path: Path) -> None:
     assert more is not None, hits.stdout
     last = run("search", *shlex.split(more[1]), env=env)
     assert last.stdout.splitlines() == ["found[0] user      [needle] 0"]
+    hits_json = run("search", "needle", "--role", "user", "--limit", "2", "--json", env=env)
+    assert len(json.loads(hits_json.stdout)["hits"]) == 2
+    assert f"more: {more[1]}" in hits_json.stderr  # as the listing says it
+
+
+def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> None:
+    """``--url "$UNSET"`` must not write to the default database (nor HERMES_ORM_URL's)."""
+    default = tmp_path / "default.db"
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{default}"}
+    for args in (("db", "upgrade"), ("sessions", "list")):
+        refused = run(*args, "--url", "", env=env)
+        assert refused.returncode == 2
+        assert "not a database URL" in refused.stderr
+    assert not default.exists()
+
+
+def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path: Path) -> None:
+    """``hermes-orm sessions list --json | head``: the pipe closes under the listing."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        for n in range(1000):
+            store.create_session(f"s{n}", source="cli", title="x" * 200 + str(n))
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    command = [sys.executable, "-m", "hermes_orm.cli", "sessions", "list", "--json"]
+    listing = subprocess.Popen(
+        [*command, "--limit", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert listing.stdout is not None
+    assert listing.stderr is not None
+    assert listing.stdout.read(100)
+    listing.stdout.close()
+    errors = listing.stderr.read().decode()
+    assert listing.wait(60) == 1
+    assert "Traceback" not in errors
 
 
 def test_json_output_holds_a_lone_surrogate_of_a_session_field(tmp_path: Path) -> None:
