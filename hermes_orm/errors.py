@@ -148,17 +148,21 @@ class DatabaseUnavailableError(HermesOrmError):
 class SchemaOutOfDateError(HermesOrmError):
     """The database schema is not at the revision this hermes_orm expects."""
 
-    def __init__(self, current: str | None, expected: str, *, branch: bool = False) -> None:
+    def __init__(
+        self, current: str | None, expected: str, *, branch: bool = False, fix: str | None = None
+    ) -> None:
         self.current = current
         self.expected = expected
+        self.branch = branch
         if current is None:
             state = "has no hermes_orm schema"
         else:
             state = f"is at schema revision {current}"
-        if branch:
-            fix = "your application's `alembic upgrade hermes_orm@head`"
-        else:
-            fix = "`hermes-orm db upgrade` (or hermes_orm.upgrade(engine))"
+        if fix is None:
+            if branch:
+                fix = "your application's `alembic upgrade hermes_orm@head`"
+            else:
+                fix = "`hermes-orm db upgrade` (or hermes_orm.upgrade(engine))"
         super().__init__(f"the database {state}, this hermes_orm needs {expected}: run {fix}")
 
 

@@ -642,6 +642,9 @@ class Mirror:
         try:
             work(self._open())
         except (SchemaOutOfDateError, SchemaTooNewError) as exc:
+            if isinstance(exc, SchemaOutOfDateError) and not exc.branch:
+                # The plugin's own command: it upgrades the database the plugin writes to.
+                exc = SchemaOutOfDateError(exc.current, exc.expected, fix="`hermes orm db upgrade`")
             self._failed(session_id, exc, "the mirror writes nothing until then")
             return "down"
         except InvalidMessageError as exc:
