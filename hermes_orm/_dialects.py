@@ -16,6 +16,7 @@ import itertools
 import os
 import re
 import sqlite3
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -496,8 +497,24 @@ def missing_sqlite_file(url: str | URL) -> Path | None:
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
-    path = _sqlite_file(parsed)
+    path = _sqlite_file(parsed) or _file_uri_path(parsed)
     return None if path is None or path.exists() else path
+
+
+def _file_uri_path(url: URL) -> Path | None:
+    """The file a SQLite database named ``file:...`` is in (None: in memory, or none).
+
+    With ``uri=true``, SQLite reads the name as a URI, its path the file's
+    (``file:agent.db``, ``file:///var/lib/agent.db``); without, as a file name,
+    ``file:`` and all.
+    """
+    database = url.database or ""
+    if not database.startswith("file:") or sqlite_in_memory(url):
+        return None
+    if "true" not in _values(url.query.get("uri", ())):
+        return Path(database)
+    path = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
+    return Path(path) if path else None
 
 
 def _other_api(url: URL, store: str, instead: str) -> InvalidURLError:

@@ -281,6 +281,33 @@ def test_a_command_that_reads_creates_no_sqlite_file(tmp_path: Path, command: tu
     assert not target.parent.exists()
 
 
+@pytest.mark.parametrize("command", [READING[0], READING[3], READING[5], ("status",)])
+@pytest.mark.parametrize("uri", [True, False], ids=["uri=true", "a file named file:..."])
+def test_a_command_that_reads_creates_no_file_a_file_uri_names(
+    tmp_path: Path, command: tuple[str], uri: bool
+) -> None:
+    """``sqlite:///file:x.db?uri=true`` names x.db (SQLite reads the URI); without
+    ``uri=true``, a file named ``file:x.db``: neither is made by a command that reads."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    url = "sqlite:///file:x.db" + ("?uri=true" if uri else "")
+    result = subprocess.run(  # in workdir: the relative name is the file's there
+        [sys.executable, "-m", "hermes_orm.cli", "--url", url, *command],
+        capture_output=True,
+        text=True,
+        env=clean_env(tmp_path),
+        cwd=workdir,
+        check=False,
+        timeout=300,
+    )
+    if command == ("status",):
+        assert "none yet (no file yet" in result.stdout, result.stdout + result.stderr
+    else:
+        assert result.returncode == 2
+        assert "nothing is stored there" in result.stderr
+    assert list(workdir.iterdir()) == []
+
+
 def test_status_of_a_database_not_made_yet_creates_none(tmp_path: Path) -> None:
     target = tmp_path / "home" / "hermes_orm.db"
     result = run("--url", f"sqlite:///{target}", "status", env=clean_env(tmp_path))
