@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -306,6 +307,19 @@ def test_a_command_that_reads_creates_no_file_a_file_uri_names(
         assert result.returncode == 2
         assert "nothing is stored there" in result.stderr
     assert list(workdir.iterdir()) == []
+
+
+def test_status_of_a_database_holding_tables_named_as_ours_says_so(tmp_path: Path) -> None:
+    """Someone else's hermes_* tables, no revision of ours: the mirror could never make the
+    schema there (a migration would collide with them), so status says what is wrong."""
+    path = tmp_path / "foreign.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE hermes_sessions (id TEXT PRIMARY KEY)")
+    conn.close()
+    result = run("--url", f"sqlite:///{path}", "status", env=clean_env(tmp_path))
+    assert result.returncode == 1, result.stdout
+    assert "tables named as hermes_orm's" in result.stdout
+    assert "none yet" not in result.stdout
 
 
 def test_status_of_a_database_not_made_yet_creates_none(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ from hermes_orm._dialects import (
     sqlite_in_memory,
 )
 from hermes_orm.errors import (
+    DatabaseError,
     InvalidArgumentError,
     SchemaOutOfDateError,
     SchemaTooNewError,
@@ -502,14 +503,17 @@ def _print_schema(engine: Engine) -> int:
     """Print the schema state and what is stored; 1 when something is wrong."""
     try:
         revision = migrations.current(engine)
-        if revision is None:
+        try:
+            migrations.check(engine)  # (with no revision: refuses tables named as ours)
+        except SchemaOutOfDateError:
+            if revision is not None:
+                raise
             print("schema:    none yet (the mirror creates it on the first turn)")
             return 0
-        migrations.check(engine)
         with engine.connect() as conn:
             sessions = conn.execute(select(func.count()).select_from(Session)).scalar_one()
             messages = conn.execute(select(func.count()).select_from(Message)).scalar_one()
-    except (SchemaOutOfDateError, SchemaTooNewError) as exc:
+    except (SchemaOutOfDateError, SchemaTooNewError, DatabaseError) as exc:
         print(f"schema:    {exc}")
         return 1
     except Exception as exc:
