@@ -370,6 +370,40 @@ def test_a_session_another_writer_made_first_is_copied_on_its_history_id(
     assert len(checks) <= 1
 
 
+def test_a_session_another_writer_made_first_on_another_history_is_not_written_on(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made first, between this run's read and its insert, with other messages but as
+    many as a batch and the source's last one of them: its history_id is not the run's,
+    and its messages are not the source's, so the session is reported, left as it is."""
+    from hermes_orm.integrations.hermes import importer
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for n in range(9):
+        hermes.append_message("s", "user", content=f"s{n}")
+    hermes.close()
+    reference = SessionStore(f"sqlite:///{tmp_path / 'reference.db'}")
+    reference.upgrade()
+    import_state_db(source, reference)
+    as_imported = reference.get_messages("s")[2]  # the source's third, as the run stores it
+    reference.close()
+    foreign = [{"role": "user", "content": f"foreign {n}"} for n in range(2)]
+    real_cursors = importer._cursors
+
+    def then_made_elsewhere(*args: Any) -> Any:
+        read = real_cursors(*args)
+        other = SessionStore(store.engine, check_schema=False)
+        other.create_session("s", source="cli")
+        other.flush("s", [*foreign, as_imported])
+        return read
+
+    monkeypatch.setattr(importer, "_cursors", then_made_elsewhere)
+    report = import_state_db(source, store, batch=3)
+    assert report.diverged_sessions == ["s"], report.table()
+    assert store.get_messages("s") == [*foreign, as_imported]
+
+
 def test_a_run_beside_another_reads_each_session_as_one_snapshot(
     store: SessionStore, tmp_path: Path
 ) -> None:

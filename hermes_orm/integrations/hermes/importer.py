@@ -761,10 +761,6 @@ def import_state_db(
             report.sessions_written = _upsert_sessions(
                 store, sessions, report, new_only=True, histories=drawn
             )
-            # Those another writer made first (another run, say) have its history_id:
-            # the batches checked against it from now on (the reader's own, as a
-            # thread, read this map), the locked path knows it already.
-            job.histories.update(_stored_histories(store, list(drawn)))
             _copy_messages(
                 store,
                 src,
@@ -1177,7 +1173,9 @@ def _copy_messages(
                         # store mode, another tool): the tail continues another history.
                         done.append((sid, -1, -1))
                         continue
-                    histories[sid] = stored.history_id  # the source's messages: ours on
+                    # The source's messages (another run made or wrote it): its history_id is
+                    # the one checked from now on (by the reader's batches too, as a thread).
+                    histories[sid] = stored.history_id
                 try:
                     # The tail holds the source's messages from the one below the
                     # stored cursor on: that one is what is checked (the reader
@@ -1636,16 +1634,6 @@ def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
             if type(value) is NotUtf8:
                 return f"message {i}, column {key!r}: text that is not valid UTF-8"
     return None
-
-
-def _stored_histories(store: SessionStore, session_ids: list[str]) -> dict[str, int]:
-    """The history_id of each of the sessions the destination holds."""
-
-    def work(conn: Connection) -> dict[str, int]:
-        rows = _dialects.rows_for_values(conn, _READ_CURSORS, session_ids)
-        return {sid: int(history) for sid, _, history in rows}
-
-    return store.read_transaction(work) if session_ids else {}
 
 
 def _holds_source_prefix(
