@@ -705,7 +705,7 @@ def _refuse_counters(
         for key, value in row.items():
             if key in _COUNTERS and (not insert or not _a_start(value)):
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
-            if key == _HISTORY_ID and (not insert or value is not None):
+            if key == _HISTORY_ID and not insert:
                 raise InvalidSessionError(f"{key} cannot be set: {_HISTORY_ID_DRAWN}")
 
 

@@ -886,8 +886,6 @@ def test_a_stored_session_s_history_id_is_never_set(engine: Engine) -> None:
     statements: list[tuple[Any, Any]] = [
         (update(Session).where(Session.id == "a").values(history_id=5), None),
         (update(Session), [{"id": "a", "history_id": 5}]),
-        (insert(Session).values(id="c", source="app", started_at=1.0, history_id=5), None),
-        (insert(Session), [{"id": "c", "source": "app", "started_at": 1.0, "history_id": 5}]),
         (
             upsert(Session)
             .values(**row)
