@@ -37,6 +37,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool
+from sqlalchemy.util import asbool
 
 from hermes_orm import _sa
 from hermes_orm.errors import (
@@ -460,13 +461,29 @@ def sqlite_in_memory(url: str | URL) -> bool:
     if database in ("", ":memory:"):
         return True
     query = parsed.query
-    if "true" not in _values(query.get("uri", ())) or not database.startswith("file:"):
+    if not _as_uri(parsed) or not database.startswith("file:"):
         return False
     return (
         database.startswith("file::memory:")
         or "memory" in _values(query.get("mode", ()))
         or "memdb" in _values(query.get("vfs", ()))
     )
+
+
+def _as_uri(url: URL) -> bool:
+    """Whether SQLite opens ``url``'s database name as a URI (``?uri=`` true).
+
+    True as SQLAlchemy reads it: ``true``, ``1``, ``yes``...; a value it cannot
+    read fails its connect.
+    """
+
+    def true(value: str) -> bool:
+        try:
+            return bool(asbool(value))
+        except ValueError:
+            return False
+
+    return any(map(true, _values(url.query.get("uri", ()))))
 
 
 def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -511,7 +528,7 @@ def _file_uri_path(url: URL) -> Path | None:
     database = url.database or ""
     if not database.startswith("file:") or sqlite_in_memory(url):
         return None
-    if "true" not in _values(url.query.get("uri", ())):
+    if not _as_uri(url):
         return Path(database)
     path = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
     return Path(path) if path else None

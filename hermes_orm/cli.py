@@ -446,11 +446,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url is None:  # (an empty --url is a URL given: refused as no URL, not replaced)
         args.url = default_url()
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, where a reader gone away is told apart (not at exit)
+        return status
     except BrokenPipeError:
-        # The reader of the output went away (`| head`): nothing left to say to it.
-        # (The interpreter's flush at exit would fail again on the closed pipe.)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader of an output went away (`| head`): nothing left to say to it, and
+        # what the other still holds goes to its reader. (The interpreter's flush at
+        # exit would fail again on the closed pipe: it gets /dev/null instead.)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:  # (None: the process was given no such stream)
+                    stream.flush()
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         return 1
 
 

@@ -146,6 +146,33 @@ def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path: Path)
     assert "Traceback" not in errors
 
 
+def test_a_reader_gone_from_one_output_leaves_the_other_s_whole(tmp_path: Path) -> None:
+    """The ``more:`` line's reader (stderr) gone: the listing (stdout) still arrives whole;
+    a short listing whose reader is gone ends quietly too (not at the interpreter's exit)."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        for n in range(2):
+            store.create_session(f"s{n}", source="cli")
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as a user's terminal pipeline has it
+    command = [sys.executable, "-m", "hermes_orm.cli", "sessions", "list", "--json"]
+    no_more = subprocess.Popen(
+        [*command, "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert no_more.stderr is not None
+    no_more.stderr.close()  # before the process writes its more: line there
+    out, _ = no_more.communicate(timeout=60)
+    assert no_more.returncode == 1
+    assert [s["id"] for s in json.loads(out)] == ["s1"]
+    no_listing = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert no_listing.stdout is not None
+    no_listing.stdout.close()
+    _, errors = no_listing.communicate(timeout=60)
+    assert no_listing.returncode == 1
+    assert errors == b""
+
+
 def test_json_output_holds_a_lone_surrogate_of_a_session_field(tmp_path: Path) -> None:
     """Hermes writes one in a session's JSON fields (the import keeps it): escaped, no crash."""
     url = f"sqlite:///{tmp_path / 'agents.db'}"
@@ -307,6 +334,26 @@ def test_a_command_that_reads_creates_no_file_a_file_uri_names(
         assert result.returncode == 2
         assert "nothing is stored there" in result.stderr
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes", "True"])
+def test_a_file_uri_any_true_uri_value_names_is_read(tmp_path: Path, value: str) -> None:
+    """SQLAlchemy opens the name as a URI for any true ``uri=`` value: so is it looked for."""
+    with SessionStore(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        store.upgrade()
+        store.create_session("here", source="cli")
+    url = f"sqlite:///file:x.db?uri={value}"
+    result = subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", "--url", url, "sessions", "list"],
+        capture_output=True,
+        text=True,
+        env=clean_env(tmp_path),
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "here" in result.stdout
 
 
 def test_status_of_a_database_holding_tables_named_as_ours_says_so(tmp_path: Path) -> None:
