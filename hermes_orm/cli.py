@@ -234,7 +234,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.plugin import print_status
 
-    return print_status(args.url, getattr(args, "url_origin", None))
+    return print_status(
+        args.url, getattr(args, "url_origin", None), getattr(args, "upgrade_command", None)
+    )
 
 
 def _in_memory(url: str) -> bool:

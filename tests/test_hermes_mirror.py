@@ -795,6 +795,12 @@ def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None
     assert "s1" in listing.stdout
     found = _hermes(home, "orm", "search", "answer")
     assert "s1[3]" in found.stdout
+    # Behind the head, the command named is the plugin's, which finds this database.
+    hermes_orm.downgrade(url, "0015_search_literal_nul_escape")
+    behind = _hermes(home, "orm", "status")
+    assert behind.returncode == 1
+    assert "run `hermes orm db upgrade`" in behind.stdout, behind.stdout
+    assert "hermes-orm db upgrade" not in behind.stdout
 
 
 def test_a_message_edited_in_place_is_a_rewrite_not_an_append(

@@ -453,6 +453,7 @@ def run_cli(args: argparse.Namespace) -> None:
         except ValueError as exc:
             print(f"hermes orm: {exc}", file=sys.stderr)
             sys.exit(2)
+    args.upgrade_command = "`hermes orm db upgrade`"  # the plugin's database, found as above
     sys.exit(cli.run(args))
 
 
@@ -462,8 +463,12 @@ def _when(at: Any) -> str:
     return "?"
 
 
-def print_status(url: str, origin: str | None = None) -> int:
-    """Print the database, its schema and the mirror's recorded errors; 0 when all is well."""
+def print_status(url: str, origin: str | None = None, upgrade: str | None = None) -> int:
+    """Print the database, its schema and the mirror's recorded errors; 0 when all is well.
+
+    ``upgrade``: the command a schema behind the head is upgraded with (None:
+    the one :class:`SchemaOutOfDateError` names).
+    """
     problems = 0
     print(f"database:  {safe_url(url)}" + (f"  (from {origin})" if origin else ""))
     try:
@@ -480,7 +485,7 @@ def print_status(url: str, origin: str | None = None) -> int:
         elif engine is None:  # looked at, not created: the mirror makes it on the first turn
             print("schema:    none yet (no file yet; the mirror creates it on the first turn)")
         else:
-            problems += _print_schema(engine)
+            problems += _print_schema(engine, upgrade)
     recorded = status_file().read()
     register_error = recorded.get("register_error")
     if isinstance(register_error, dict):
@@ -499,7 +504,7 @@ def print_status(url: str, origin: str | None = None) -> int:
     return 1 if problems else 0
 
 
-def _print_schema(engine: Engine) -> int:
+def _print_schema(engine: Engine, upgrade: str | None) -> int:
     """Print the schema state and what is stored; 1 when something is wrong."""
     try:
         revision = migrations.current(engine)
@@ -514,6 +519,8 @@ def _print_schema(engine: Engine) -> int:
             sessions = conn.execute(select(func.count()).select_from(Session)).scalar_one()
             messages = conn.execute(select(func.count()).select_from(Message)).scalar_one()
     except (SchemaOutOfDateError, SchemaTooNewError, DatabaseError) as exc:
+        if isinstance(exc, SchemaOutOfDateError) and not exc.branch and upgrade is not None:
+            exc = SchemaOutOfDateError(exc.current, exc.expected, fix=upgrade)
         print(f"schema:    {exc}")
         return 1
     except Exception as exc:
