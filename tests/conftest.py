@@ -364,13 +364,16 @@ def frozen_revision(name: str) -> Any:
     return revision
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``hermes-orm ARGS`` in a new process, as a user would."""
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``hermes-orm ARGS`` in a new process, as a user would (in ``cwd``, if given)."""
     return subprocess.run(
         [sys.executable, "-m", "hermes_orm.cli", *args],
         capture_output=True,
         text=True,
         env=env,
+        cwd=cwd,
         check=False,
         timeout=300,
     )

@@ -319,15 +319,8 @@ def test_a_command_that_reads_creates_no_file_a_file_uri_names(
     workdir = tmp_path / "work"
     workdir.mkdir()
     url = "sqlite:///file:x.db" + ("?uri=true" if uri else "")
-    result = subprocess.run(  # in workdir: the relative name is the file's there
-        [sys.executable, "-m", "hermes_orm.cli", "--url", url, *command],
-        capture_output=True,
-        text=True,
-        env=clean_env(tmp_path),
-        cwd=workdir,
-        check=False,
-        timeout=300,
-    )
+    # In workdir: the relative name is the file's there.
+    result = run("--url", url, *command, env=clean_env(tmp_path), cwd=workdir)
     if command == ("status",):
         assert "none yet (no file yet" in result.stdout, result.stdout + result.stderr
     else:
@@ -343,15 +336,7 @@ def test_a_file_uri_any_true_uri_value_names_is_read(tmp_path: Path, value: str)
         store.upgrade()
         store.create_session("here", source="cli")
     url = f"sqlite:///file:x.db?uri={value}"
-    result = subprocess.run(
-        [sys.executable, "-m", "hermes_orm.cli", "--url", url, "sessions", "list"],
-        capture_output=True,
-        text=True,
-        env=clean_env(tmp_path),
-        cwd=tmp_path,
-        check=False,
-        timeout=300,
-    )
+    result = run("--url", url, "sessions", "list", env=clean_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "here" in result.stdout
 
