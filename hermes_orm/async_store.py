@@ -251,10 +251,12 @@ class AsyncSessionStore(_AsyncSessions):
             if engine.dialect.name == "sqlite"
             else None
         )
+        #: Its pool gives every checkout one connection (an in-memory database's).
+        self._one_connection = _sa.shares_one_connection(engine.sync_engine.pool)
         self._parks = (
             engine.dialect.driver == "aiosqlite"
             and not isinstance(engine.pool, NullPool)
-            and not _sa.shares_one_connection(engine.sync_engine.pool)
+            and not self._one_connection
         )
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()
@@ -392,7 +394,7 @@ class AsyncSessionStore(_AsyncSessions):
         That connection is the database (in memory): SQLAlchemy invalidates, and
         so closes, a connection whose statement a cancellation interrupts.
         """
-        if _sa.shares_one_connection(self._async_engine.sync_engine.pool):
+        if self._one_connection:
             return await self._uninterrupted(work)
         return await work
 
