@@ -372,17 +372,21 @@ def _hosts_as_query(url: str) -> str:
 def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
     """The engine ``make(url, **kwargs)``; a driver that is not installed told as such.
 
-    An SQLite file is then created owner-only, before SQLite opens it (on the
-    engine's first connection) world-readable; a ``~`` at the start of its name
-    is the home directory, for the engine too, so that the file SQLite opens is
-    the one created.
+    An SQLite file (named by a path or a ``file:`` URI) is then created
+    owner-only, before SQLite opens it (on the engine's first connection)
+    world-readable; a ``~`` at the start of a path is the home directory, for
+    the engine too, so that the file SQLite opens is the one created.
 
     Raises:
         InvalidURLError: The SQLite file cannot be created.
     """
-    path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
-    if path is not None and url.database and url.database.startswith("~"):
-        url = url.set(database=str(path))
+    path = None
+    if url.get_backend_name() == "sqlite":
+        path = _sqlite_file(url)
+        if path is not None and url.database and url.database.startswith("~"):
+            url = url.set(database=str(path))
+        elif path is None and _values(url.query.get("mode", "rwc")) == ("rwc",):
+            path = _file_uri_path(url)  # (a URI of another mode creates no file)
     try:
         engine = make(url, **kwargs)
     except (ImportError, NoSuchModuleError) as exc:

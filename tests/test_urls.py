@@ -265,6 +265,33 @@ def test_a_tilde_is_the_home_directory_for_the_file_and_the_engine(
     assert list((elsewhere / "~").iterdir()) == []
 
 
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_sqlite_file_named_by_a_file_uri_is_created_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """As one named by a path: read as a URI (``uri=true``) or as a name, ``file:`` and all;
+    a URI whose mode creates no file (``ro``) makes none."""
+    monkeypatch.chdir(tmp_path)
+    made = {
+        f"sqlite:///file:{tmp_path / 'uri.db'}?uri=true": tmp_path / "uri.db",
+        "sqlite:///file:relative.db?uri=true&cache=shared": tmp_path / "relative.db",
+        "sqlite:///file:name.db": tmp_path / "file:name.db",
+    }
+    read_only = f"sqlite:///file:{tmp_path / 'ro.db'}?uri=true&mode=ro"
+    for url in [*made, read_only]:
+        if api == "sync":
+            SessionStore(url).close()
+        else:
+
+            async def make(url: str = url) -> None:
+                await AsyncSessionStore(url).close()
+
+            asyncio.run(make())
+    for path in made.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert not (tmp_path / "ro.db").exists()
+
+
 def test_a_store_shows_no_password_of_its_url() -> None:
     """repr() of either store, as a log line or a traceback would show it."""
     from hermes_orm import AsyncSessionStore
