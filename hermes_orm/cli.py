@@ -167,7 +167,10 @@ def _search(args: argparse.Namespace) -> int:
     try:
         if args.query == ["rebuild"]:
             count = store.rebuild_search_index()
-            print(f"{safe_url(args.url)}: search index rebuilt over {count} messages")
+            if args.json:
+                _print_json({"rebuilt": True, "messages": count})
+            else:
+                print(f"{safe_url(args.url)}: search index rebuilt over {count} messages")
             return 0
         page = store.search(
             " ".join(args.query),

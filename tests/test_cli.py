@@ -111,6 +111,20 @@ def test_listings_page_on_with_the_arguments_they_print(tmp_path: Path) -> None:
     assert f"more: {more[1]}" in hits_json.stderr  # as the listing says it
 
 
+def test_search_rebuild_prints_json_when_asked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "needle"}, {"role": "user", "content": "x"}])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    rebuilt = run("search", "rebuild", "--json", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout) == {"rebuilt": True, "messages": 2}
+    said = run("search", "rebuild", env=env)
+    assert said.stdout.strip().endswith("search index rebuilt over 2 messages")
+
+
 def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> None:
     """``--url "$UNSET"`` must not write to the default database (nor HERMES_ORM_URL's)."""
     default = tmp_path / "default.db"
