@@ -1509,7 +1509,7 @@ class StoreCore:
         return end, last
 
     def _get_messages(
-        self, session_id: str, offset: int, limit: int | None
+        self, session_id: str, offset: int, limit: int | None, *, replica: bool = True
     ) -> Steps[list[dict[str, Any]]]:
         check_session_id(session_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _INT64:
@@ -1550,7 +1550,7 @@ class StoreCore:
                 raise SessionNotFoundError(session_id)
             return _codec.decode_rows(rows)
 
-        return _read(work, replica=True)
+        return _read(work, replica=replica)
 
     # -- search ------------------------------------------------------------------------
 
@@ -2150,6 +2150,18 @@ class SessionStore(_Sessions):
     def read_transaction(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one read transaction, retried whole."""
         return self._run(work, write=False)
+
+    def primary_messages(
+        self, session_id: str, *, offset: int = 0, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """:meth:`get_messages`, read on the primary even where a replica serves reads.
+
+        What a write is decided on must be what is stored now: a standby that
+        lags would show a message just committed as missing, and it would be
+        written again.
+        """
+        steps = self._get_messages(session_id, offset, limit, replica=False)
+        return drive(steps, self._transaction)
 
     def locked_cursor(self, conn: Connection, session_id: str) -> Any:
         """In a write transaction: the session's cursor row, under its write lock (None: none).

@@ -133,6 +133,51 @@ def test_listing_reading_and_search_come_from_the_standby(
         store.close()
 
 
+def test_what_a_write_is_decided_on_is_read_on_the_primary(
+    cluster: tuple[PostgresServer, PostgresServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hermes retries an append whose COMMIT landed unanswered; the standby lags.
+
+    The adapter looks for the row the failed try wrote: found on a standby
+    that has not replayed it, it would seem missing, and the message would be
+    stored twice.
+    """
+    from hermes_orm import DatabaseUnavailableError
+    from hermes_orm.integrations.hermes import SessionDB
+
+    primary, standby = cluster
+    store = SessionStore(primary.url, replica=standby.url)
+    db = SessionDB(store)
+    session = "retried-on-a-lagging-standby"
+    try:
+        db.create_session(session, source="cli")
+        db.append_message(session, "user", "question")
+        _replay(standby, primary, paused=True)
+        try:
+            real = SessionStore.append_row
+
+            def unanswered(self: SessionStore, sid: str, message: dict[str, Any]) -> Any:
+                real(self, sid, message)
+                raise DatabaseUnavailableError("the COMMIT went unanswered", attempts=1, seconds=0)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(SessionStore, "append_row", unanswered)
+                with pytest.raises(DatabaseUnavailableError):
+                    db.append_message(session, "assistant", "answer")
+            first = db.append_message(session, "assistant", "answer")  # Hermes' retry
+            assert [m["content"] for m in store.get_messages(session)] == ["question"]
+            assert [m["content"] for m in store.primary_messages(session)] == [
+                "question",
+                "answer",
+            ]
+        finally:
+            _replay(standby, primary, paused=False)
+        assert [m["id"] for m in db.get_messages(session)][-1] == first
+        assert [m["content"] for m in store.get_messages(session)] == ["question", "answer"]
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_a_replica_out_of_reach_sends_reads_to_the_primary(
     cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture

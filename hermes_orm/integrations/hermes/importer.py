@@ -1257,7 +1257,7 @@ def _continued_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid:
     )
     if start == len(stored):
         return False
-    mirrored = store.get_messages(sid, offset=start)
+    mirrored = store.primary_messages(sid, offset=start)
     if len(mirrored) != len(stored) - start:
         return False
     # The mirror stores the agent's list, which has no session_meta row (the one
@@ -1287,7 +1287,7 @@ def _continue_earlier_copies(
     them are flushed as an import copies them; returns how many, or None (the
     session is left as it is: diverged).
     """
-    stored = store.get_messages(sid)
+    stored = store.primary_messages(sid)
     if not stored or len(source) < len(stored):
         return None
     if not all(map(_earlier_copy, source, stored)):

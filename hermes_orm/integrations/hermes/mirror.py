@@ -840,7 +840,7 @@ class Mirror:
             empty: _Tracked | None = None  # the newest revision still empty
             for revision in range(len(revisions), 0, -1):
                 candidate = _Tracked.of_rows(
-                    revision, store.get_messages(revision_id(sid, revision)), source
+                    revision, store.primary_messages(revision_id(sid, revision)), source
                 )
                 if revision == len(revisions):
                     newest = candidate
@@ -1401,7 +1401,7 @@ class StoreFlush(Mirror):
             # confirmed them all (rows another writer appended count too) or marks none
             return
         target = revision_id(sid, revision)
-        rows = store.get_messages(target)
+        rows = store.primary_messages(target)
         active = [row for row in conversation_rows(rows) if row.get("active") is not False]
         now = time.time()  # rising by a microsecond per message, as Hermes' rewrites stamp them
         written = [hermes_message(m, now + i * 1e-6) for i, m in enumerate(live)]

@@ -1088,7 +1088,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         since = select(c.id, c.idx).where(c.session_id == session_id, c.id > floor)
         rows = self._store.read_transaction(lambda conn: conn.execute(since.order_by(c.id)).all())
         for row in rows:
-            stored = self._store.get_messages(session_id, offset=row.idx, limit=1)
+            stored = self._store.primary_messages(session_id, offset=row.idx, limit=1)
             if stored and stored[0] == message:
                 return int(row.id)
         return None
