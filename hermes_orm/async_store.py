@@ -33,9 +33,7 @@ from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.errors import (
-    DatabaseUnavailableError,
     InvalidArgumentError,
-    SessionNotFoundError,
 )
 from hermes_orm.search import SearchPage
 from hermes_orm.store import (
@@ -49,6 +47,7 @@ from hermes_orm.store import (
     attempt,
     check_bind,
     check_replica,
+    check_replica_schema,
     check_schema,
     give_back_when_full,
     resume,
@@ -240,6 +239,9 @@ class AsyncSessionStore(_AsyncSessions):
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
+        if replica is not None:
+            # (An engine that never connected holds nothing to dispose of.)
+            check_replica_schema(replica.sync_engine, schema)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []
@@ -347,19 +349,18 @@ class AsyncSessionStore(_AsyncSessions):
         timeout = self._retry.attempt_timeout
         replica = self._async_replica
         if replica is not None and self._on_replica(request):
+            read = self._replica_request(request)
 
             async def on_replica() -> T:
                 conn = await self._connect(replica)
                 try:
-                    return await conn.run_sync(
-                        attempt, request, (), self._replica_settings, timeout
-                    )
+                    return await conn.run_sync(attempt, read, (), self._replica_settings, timeout)
                 finally:
                     await self._to_the_end(conn.close())
 
             try:
                 return await self._retrying(replica, self._replica_retry, on_replica)
-            except (DatabaseUnavailableError, SessionNotFoundError) as exc:
+            except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
 
         async def once() -> T:

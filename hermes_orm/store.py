@@ -63,6 +63,8 @@ from hermes_orm.errors import (
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
+    SchemaOutOfDateError,
+    SchemaTooNewError,
     SearchQueryError,
     SessionExistsError,
     SessionNotFoundError,
@@ -665,6 +667,28 @@ def check_replica(primary: Any, replica: Any, engine: type) -> None:
         _dialects.check_transactional(cast(Engine, getattr(replica, "sync_engine", replica)))
 
 
+def check_replica_schema(replica: Engine, schema: str | None) -> None:
+    """Refuse a replica whose engine puts hermes_orm's tables in another schema than the store.
+
+    (By its ``?schema=`` or ``schema_translate_map``; one naming none reads the
+    store's, as the store sets it.) Its reads would list another schema's
+    sessions beside this one's messages.
+
+    Raises:
+        InvalidArgumentError: The two name different schemas.
+    """
+    theirs = _dialects.store_schema(replica)
+    if theirs is not None and theirs != schema:
+
+        def named(found: str | None) -> str:
+            return "the default schema" if found is None else f"schema {found!r}"
+
+        raise InvalidArgumentError(
+            f"the replica's engine puts hermes_orm's tables in {named(theirs)}, the "
+            f"store's in {named(schema)}: name the same schema for both"
+        )
+
+
 def _backend_of(bind: Any) -> str:
     if isinstance(bind, str | URL):
         return _dialects.normalize_url(bind).get_backend_name()
@@ -760,6 +784,9 @@ class StoreCore:
         if replica is None:
             return
         self._replica_settings = _dialects.transaction_settings(replica, self._schema, write=False)
+        #: Whether the replica's schema was found at this hermes_orm's head (or
+        #: the store checks none: ``check_schema=False``).
+        self._replica_schema_checked = self._schema_checked
         # A replica out of reach is not waited for: the read goes to the primary (a
         # dropped connection of its pool gets a new one first).
         self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.5)
@@ -773,20 +800,46 @@ class StoreCore:
             and time.monotonic() >= self._replica_back_at
         )
 
+    def _replica_request(self, request: Run[T]) -> Run[T]:
+        """``request`` as the replica runs it: first checking its schema, until it passed once.
+
+        A standby that has not replayed an upgrade yet (or a replica that is
+        another database) would fail the read on a missing column or table.
+        """
+        if self._replica_schema_checked:
+            return request
+        work = request.work
+
+        def checked(conn: Connection) -> T:
+            migrations.check(conn, schema=self._schema)
+            self._replica_schema_checked = True
+            return work(conn)
+
+        return dataclasses.replace(request, work=checked)
+
+    #: What sends a read from the replica to the primary.
+    _REPLICA_MISSES = (
+        DatabaseUnavailableError,
+        SessionNotFoundError,
+        SchemaOutOfDateError,
+        SchemaTooNewError,
+    )
+
     def _replica_missed(self, exc: HermesOrmError) -> None:
         """The replica could not serve a read: it goes to the primary.
 
-        Out of reach, the replica is skipped for :data:`REPLICA_COOL_DOWN`
-        seconds (said once, as a WARNING); a session it does not have yet (it
-        lags behind the primary) is read from the primary that once.
+        Out of reach, or at another schema revision than this hermes_orm's,
+        the replica is skipped for :data:`REPLICA_COOL_DOWN` seconds (said once,
+        as a WARNING); a session it does not have yet (it lags behind the
+        primary) is read from the primary that once.
         """
-        if isinstance(exc, DatabaseUnavailableError):
-            self._replica_back_at = time.monotonic() + REPLICA_COOL_DOWN
-            logger.warning(
-                "replica unreachable, reading from the primary for %.0f s: %s",
-                REPLICA_COOL_DOWN,
-                exc,
-            )
+        if isinstance(exc, SessionNotFoundError):
+            return
+        self._replica_back_at = time.monotonic() + REPLICA_COOL_DOWN
+        why = "unreachable" if isinstance(exc, DatabaseUnavailableError) else "not at the schema"
+        logger.warning(
+            "replica %s, reading from the primary for %.0f s: %s", why, REPLICA_COOL_DOWN, exc
+        )
 
     def _hint(self, session_id: str) -> _Hint | None:
         """What this store remembers of a session: a user's view, of that user's sessions only."""
@@ -1900,6 +1953,9 @@ class SessionStore(_Sessions):
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_store_engine(replica, schema=schema, **settings)
+        if replica is not None:
+            # (An engine that never connected holds nothing to dispose of.)
+            check_replica_schema(replica, schema)
         self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one);
@@ -2007,8 +2063,8 @@ class SessionStore(_Sessions):
         timeout = self._retry.attempt_timeout
         if self._on_replica(request):
             try:
-                return self._from_replica(request, timeout)
-            except (DatabaseUnavailableError, SessionNotFoundError) as exc:
+                return self._from_replica(self._replica_request(request), timeout)
+            except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
 
         def once() -> Any:

@@ -179,6 +179,45 @@ def test_what_a_write_is_decided_on_is_read_on_the_primary(
 
 
 @pytest.mark.parametrize("api", APIS)
+def test_a_standby_behind_an_upgrade_sends_reads_to_the_primary(
+    cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its tables lack what this hermes_orm reads: its schema is checked, as the primary's."""
+    from hermes_orm import migrations
+
+    primary, standby = cluster
+    database = f"behind_{api}"
+    with create_engine(
+        primary.url, isolation_level="AUTOCOMMIT", poolclass=NullPool
+    ).connect() as c:
+        c.execute(text(f"CREATE DATABASE {database}"))
+    on_primary, on_standby = (
+        make_url(_url(server, api)).set(database=database).render_as_string(False)
+        for server in (primary, standby)
+    )
+    sync_url = make_url(primary.url).set(database=database).render_as_string(False)
+    migrations.upgrade(sync_url, "0015_search_literal_nul_escape")
+    _replay(standby, primary, paused=True)
+    try:
+        migrations.upgrade(sync_url)  # the standby has not replayed it
+        store = _store(api, on_primary, on_standby)
+        try:
+            store.create_session("s", source="cli")
+            store.flush("s", [{"role": "user", "content": "after the upgrade"}])
+            with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+                assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+                assert store.get_messages("s") == [{"role": "user", "content": "after the upgrade"}]
+                assert [h.idx for h in store.search("upgrade").hits] == [0]
+            told = [r.getMessage() for r in caplog.records if "not at the schema" in r.getMessage()]
+            assert len(told) == 1, told
+            assert "0015_search_literal_nul_escape" in told[0]
+        finally:
+            store.close()
+    finally:
+        _replay(standby, primary, paused=False)
+
+
+@pytest.mark.parametrize("api", APIS)
 def test_a_replica_out_of_reach_sends_reads_to_the_primary(
     cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -226,3 +265,37 @@ def test_an_autocommitting_replica_engine_is_refused() -> None:
     async_replica = create_async_engine("postgresql+asyncpg://u@h/db", isolation_level="AUTOCOMMIT")
     with pytest.raises(InvalidArgumentError, match="AUTOCOMMIT"):
         AsyncSessionStore("postgresql+asyncpg://u@h/db", replica=async_replica)
+
+
+def test_a_replica_in_another_schema_is_refused() -> None:
+    """Its listing would show another schema's sessions beside the store's messages."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url, async_url = "postgresql+psycopg://u@h/db", "postgresql+asyncpg://u@h/db"
+    other = {"schema_translate_map": {None: "other"}}
+    refused: list[tuple[Any, Any, dict[str, Any]]] = [
+        (SessionStore, url, {"replica": f"{url}?schema=other"}),
+        (SessionStore, url, {"replica": create_engine(url, execution_options=other)}),
+        (
+            SessionStore,
+            url,
+            {"schema": "public", "replica": create_engine(url, execution_options=other)},
+        ),
+        (AsyncSessionStore, async_url, {"replica": f"{async_url}?schema=other"}),
+        (
+            AsyncSessionStore,
+            f"{async_url}?schema=mine",
+            {"replica": create_async_engine(async_url, execution_options=other)},
+        ),
+    ]
+    for store_class, bind, options in refused:
+        with pytest.raises(InvalidArgumentError, match="name the same schema for both"):
+            store_class(bind, **options)
+    # One naming no schema reads the store's; one naming the same agrees.
+    for store_class, bind, options in [
+        (SessionStore, url, {"schema": "mine", "replica": url}),
+        (SessionStore, url, {"schema": "mine", "replica": create_engine(url)}),
+        (SessionStore, f"{url}?schema=mine", {"replica": f"{url}?schema=mine"}),
+        (AsyncSessionStore, async_url, {"schema": "mine", "replica": async_url}),
+    ]:
+        store_class(bind, **options)
