@@ -1937,7 +1937,17 @@ def is_unreachable(exc: DBAPIError) -> bool:
     if isinstance(code, str):
         return (code.startswith("08") and not _refused(orig)) or code in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
-    return bool(kinds & {"OperationalError", "ConnectionDoesNotExistError"}) and not _refused(orig)
+    if orig is not None and orig.__cause__ is not None:  # asyncpg's, under SQLAlchemy's adapter
+        kinds.update(kind.__name__ for kind in type(orig.__cause__).__mro__)
+    return bool(kinds & _UNREACHABLE_KINDS) and not _refused(orig)
+
+
+#: Driver exceptions (by class name) that say no server could be reached: a lost
+#: or failed connection, or asyncpg finding no host of the kind the URL's
+#: ``target_session_attrs`` asks for (a failover under way: none promoted yet).
+_UNREACHABLE_KINDS = frozenset(
+    {"OperationalError", "ConnectionDoesNotExistError", "TargetServerAttributeNotMatched"}
+)
 
 
 def refuse_shared_transaction(pool: Pool) -> None:

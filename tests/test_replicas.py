@@ -299,3 +299,42 @@ def test_a_replica_in_another_schema_is_refused() -> None:
         (AsyncSessionStore, async_url, {"schema": "mine", "replica": async_url}),
     ]:
         store_class(bind, **options)
+
+
+@pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
+def test_a_write_waits_for_a_standby_to_be_promoted(driver: str) -> None:
+    """The URL asks for a server that takes writes; the one reachable is a standby, until
+    it is promoted (a failover under way): the write waits for it, on either driver."""
+    import asyncio
+    import threading
+
+    with local_postgres() as primary:
+        SessionStore(primary.url).upgrade()
+        SessionStore(primary.url).create_session("s", source="cli")
+        with local_standby(primary) as standby:
+            url = (
+                make_url(standby.url)
+                .set(drivername=f"postgresql+{driver}")
+                .update_query_dict({"target_session_attrs": "read-write"})
+                .render_as_string(False)
+            )
+            primary.stop()
+
+            async def flush() -> Any:
+                store = AsyncSessionStore(url)
+                try:
+                    return await store.flush("s", [{"role": "user", "content": "after"}])
+                finally:
+                    await store.close()
+
+            promotion = threading.Timer(1.5, standby.promote)
+            promotion.start()
+            try:
+                started = time.monotonic()
+                assert asyncio.run(flush()).written == 1
+                assert time.monotonic() - started >= 1.0  # it did wait
+            finally:
+                promotion.join()
+            assert SessionStore(standby.url).get_messages("s") == [
+                {"role": "user", "content": "after"}
+            ]
