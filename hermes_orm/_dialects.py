@@ -786,6 +786,42 @@ def _asyncpg_names(url: URL) -> URL:
     return url.difference_update_query(_ASYNCPG_NAMES).update_query_dict(renamed)
 
 
+def _asyncpg_settings(url: URL, connect_args: dict[str, Any], options: str) -> URL:
+    """``url`` without the libpq parameters asyncpg takes as server settings, set as such.
+
+    libpq sends ``application_name`` and the ``-c name=value`` settings of
+    ``options`` to the server at startup; asyncpg takes both as its
+    ``server_settings`` (a setting given there already wins), and refuses the
+    parameters themselves.
+
+    Raises:
+        InvalidURLError: ``options`` holds something other than ``-c`` settings.
+    """
+    settings: dict[str, str] = {}
+    words = iter(re.findall(r"(?:\\.|\S)+", options))
+    for word in words:
+        setting = next(words, "") if word == "-c" else word.removeprefix("-c")
+        if word.startswith("--"):
+            setting = word[2:].replace("-", "_")
+        elif not word.startswith("-c"):
+            setting = ""
+        name, equals, value = setting.partition("=")
+        if not name or not equals:
+            raise InvalidURLError(
+                f"options={options!r} in {safe_url(url)}: asyncpg takes only settings "
+                "there, as -c name=value"
+            )
+        settings[name] = re.sub(r"\\(.)", r"\1", value)
+    application = url.query.get("application_name")
+    if isinstance(application, str):
+        settings.setdefault("application_name", application)
+    if settings:
+        given = connect_args.setdefault("server_settings", {})
+        for name, value in settings.items():
+            given.setdefault(name, value)
+    return url.difference_update_query(["options", "application_name"])
+
+
 def _pg_connect_args(
     url: URL, connect_args: dict[str, Any], lock_timeout: float, pgbouncer: bool
 ) -> URL:
@@ -799,13 +835,16 @@ def _pg_connect_args(
     lock wait is set in each transaction (:func:`transaction_settings`) and the
     drivers prepare nothing.
     """
-    if url.get_driver_name() == "asyncpg":
+    asyncpg = url.get_driver_name() == "asyncpg"
+    if asyncpg:
         url = _asyncpg_names(url)
     _deadlines(url, connect_args)
-    given = connect_args.get("options")
+    given = connect_args.pop("options", None) if asyncpg else connect_args.get("options")
     in_url = url.query.get("options")
     if isinstance(in_url, tuple):  # the same parameter twice in the URL
         in_url = " ".join(in_url)
+    if asyncpg:
+        url = _asyncpg_settings(url, connect_args, " ".join(p for p in (in_url, given) if p))
     if pgbouncer:
         if given or in_url:
             raise InvalidURLError(
@@ -820,7 +859,7 @@ def _pg_connect_args(
             connect_args.setdefault("prepare_threshold", None)
         return url
     ours = f"-c lock_timeout={_millis(lock_timeout)}"
-    if url.get_driver_name() == "asyncpg":
+    if asyncpg:
         settings = connect_args.setdefault("server_settings", {})
         settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
         return url

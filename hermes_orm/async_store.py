@@ -33,6 +33,7 @@ from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.errors import (
+    DatabaseError,
     InvalidArgumentError,
 )
 from hermes_orm.search import SearchPage
@@ -464,6 +465,15 @@ class AsyncSessionStore(_AsyncSessions):
             reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
                 "connect", None, ConnectionError(reason), connection_invalidated=True
+            ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            # asyncpg checks its arguments as it connects (a parameter it does not
+            # take, a port past 65535): as libpq's refusal of an option, not retried.
+            if engine.dialect.driver != "asyncpg":
+                raise
+            raise DatabaseError(
+                f"{_dialects.safe_url(engine.url)}: asyncpg cannot connect with what the "
+                f"URL or connect_args give it: {exc}"
             ) from exc
         if conn.dialect.name == "postgresql":
             try:

@@ -285,6 +285,36 @@ def test_the_urls_own_options_are_kept_beside_the_lock_timeout(pg_db: str) -> No
     engine.dispose()
 
 
+def test_asyncpg_takes_the_urls_options_and_application_name_as_server_settings(
+    pg_db: str,
+) -> None:
+    """libpq's startup parameters, which asyncpg refuses by name, reach the server."""
+    from hermes_orm._dialects import create_async_store_engine
+
+    query = {"options": "-c statement_timeout=4321 -cwork_mem=7MB", "application_name": "agents"}
+    url = make_url(pg_db).set(drivername="postgresql+asyncpg").update_query_dict(query)
+
+    async def shown(url: Any, **engine: Any) -> list[str]:
+        async_engine = create_async_store_engine(url, **engine)
+        try:
+            async with async_engine.connect() as conn:
+                names = ("statement_timeout", "work_mem", "application_name", "lock_timeout")
+                return [(await conn.exec_driver_sql(f"SHOW {n}")).scalar_one() for n in names]
+        finally:
+            await async_engine.dispose()
+
+    assert asyncio.run(shown(url)) == ["4321ms", "7MB", "agents", "5s"]
+    # A lock_timeout of the URL's own wins; connect_args' options go too.
+    url = url.update_query_dict({"options": "-c lock_timeout=777"})
+    assert asyncio.run(shown(url, connect_args={"options": "--work-mem=9MB"}))[1:] == [
+        "9MB",
+        "agents",
+        "777ms",
+    ]
+    with pytest.raises(InvalidURLError, match="asyncpg takes only settings"):
+        create_async_store_engine(url.update_query_dict({"options": "-X nonsense"}))
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -252,7 +252,8 @@ _BAD_OPTIONS = [("sslmode", "bogus"), ("target_session_attrs", "bogus")]
     [(driver, *option) for driver in DRIVERS for option in _BAD_OPTIONS]
     # libpq reads service files; asyncpg has none.
     + [(driver, "service", "hermes-orm-no-such-service") for driver in DRIVERS[:3]]
-    + [(driver, "port", "99999") for driver in DRIVERS[:3]],  # invalid port number
+    + [(driver, "port", "99999") for driver in DRIVERS]  # invalid port number
+    + [("asyncpg", "no_such_parameter", "1")],  # asyncpg takes no parameter it does not know
 )
 def test_a_connection_option_the_driver_cannot_use_is_not_retried(
     pg_server_url: str, driver: str, option: str, value: str
