@@ -176,6 +176,22 @@ def _add_tokens(found: list[str], leaves: list[Leaf], run: list[str]) -> list[st
     return run
 
 
+@lru_cache(maxsize=512)
+def _check(query: str) -> None:
+    parse_query(query)
+
+
+def check_query(query: Any) -> None:
+    """Refuse what :func:`parse_query` refuses (a search checks it before it connects).
+
+    Raises:
+        SearchQueryError: As :func:`parse_query`.
+    """
+    if not isinstance(query, str):
+        raise SearchQueryError(f"a search query must be a str, got {type(query).__name__}")
+    _check(query)  # (remembered by text, as the statements made of it are)
+
+
 def parse_query(query: str) -> Query:
     """Parse ``query`` into a :class:`Query`.
 
@@ -585,6 +601,12 @@ class Filters:
     def __post_init__(self) -> None:
         for name in ("sources", "roles", "excluded_sources"):
             values = getattr(self, name)
+            for value in values or ():
+                problem = (
+                    "is not a str" if not isinstance(value, str) else _codec.text_problem(value)
+                )
+                if problem is not None:
+                    raise SearchQueryError(f"{name}: {value!r} {problem}")
             if values is not None and len(values) > MAX_FILTER_VALUES:
                 distinct = tuple(dict.fromkeys(values))
                 if len(distinct) > MAX_FILTER_VALUES:

@@ -967,6 +967,29 @@ def test_search_messages_pages_past_a_thousand_hits(store: SessionStore) -> None
     assert len(db.search_messages("needle", limit=100, offset=1_200)) == 50
 
 
+def test_search_filters_that_are_not_text_are_refused_on_every_backend(
+    store: SessionStore,
+) -> None:
+    """A source or role is text: any other value is refused before the search runs (a
+    database would compare it by its own rules, each differently)."""
+    from hermes_orm import SearchQueryError
+
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "docker here")
+    for filters in (
+        {"source_filter": [1]},
+        {"role_filter": ["user", 1]},
+        {"exclude_sources": [None]},
+        {"source_filter": ["cli\x00"]},
+    ):
+        with pytest.raises(SearchQueryError, match="is not a str|NUL"):
+            db.search_messages("docker", **filters)  # type: ignore[arg-type]
+    assert [hit["snippet"] for hit in db.search_messages("docker", source_filter=["cli"])] == [
+        ">>>docker<<< here"
+    ]
+
+
 def test_tool_calls_count_the_live_messages_after_compaction_as_in_hermes(both: Any) -> None:
     call = [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
 

@@ -1598,3 +1598,23 @@ def test_a_word_opening_with_a_mark_newer_than_unicode_6_1_is_whole_on_sqlite_on
     postgres = store.engine.dialect.name == "postgresql"
     assert [h.idx for h in store.search("\u1ab0abc").hits] == ([] if postgres else [0])
     assert [h.idx for h in store.search("abc").hits] == ([0] if postgres else [])
+
+
+def test_a_query_with_nothing_to_look_for_is_refused_before_connecting() -> None:
+    """As a bad limit or cursor is: no database is asked, none needs to be reachable."""
+    import asyncio
+
+    from hermes_orm import AsyncSessionStore, RetryPolicy
+
+    nowhere = "postgresql+{}://u@127.0.0.1:1/none"  # nobody listens on port 1
+    policy = RetryPolicy(unavailable_for=1)
+    store = SessionStore(nowhere.format("psycopg"), retry=policy)
+    async_store = AsyncSessionStore(nowhere.format("asyncpg"), retry=policy)
+    for query in ("", "-excluded", "x" * (search.MAX_QUERY_CHARS + 1), "nul\x00"):
+        with pytest.raises(SearchQueryError):
+            store.search(query)
+        with pytest.raises(SearchQueryError):
+            asyncio.run(async_store.search(query))
+    with pytest.raises(SearchQueryError):
+        store.for_user("u").search("", user_id="someone else")
+    store.close()
