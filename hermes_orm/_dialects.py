@@ -939,9 +939,14 @@ def _unnamed_statement() -> str:
 
 
 def _millis(seconds: float) -> int:
+    """``seconds`` as whole milliseconds, the nearest, and at least 1 when above 0.
+
+    (0 would be no limit to PostgreSQL's ``lock_timeout``, and no wait at all
+    to SQLite's ``busy_timeout``.)
+    """
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
         raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {seconds!r}")
-    return int(seconds * 1000)
+    return max(1, round(seconds * 1000)) if seconds else 0
 
 
 def insert_maker(dialect: str) -> Callable[..., Any]:

@@ -983,7 +983,7 @@ def test_search_filters_that_are_not_text_are_refused_on_every_backend(
         {"exclude_sources": [None]},
         {"source_filter": ["cli\x00"]},
     ):
-        with pytest.raises(SearchQueryError, match="is not a str|NUL"):
+        with pytest.raises(SearchQueryError, match=r"is not a str|NUL"):
             db.search_messages("docker", **filters)  # type: ignore[arg-type]
     assert [hit["snippet"] for hit in db.search_messages("docker", source_filter=["cli"])] == [
         ">>>docker<<< here"

@@ -285,6 +285,20 @@ def test_the_urls_own_options_are_kept_beside_the_lock_timeout(pg_db: str) -> No
     engine.dispose()
 
 
+def test_a_lock_timeout_under_a_millisecond_is_one_not_none(pooled: str, pg_db: str) -> None:
+    """PostgreSQL's lock_timeout counts whole milliseconds, and 0 is no limit at all."""
+    engine = create_store_engine(pg_db, lock_timeout=0.0004)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1ms"
+    engine.dispose()
+    store = SessionStore(pooled, lock_timeout=0.0004)  # set in each write transaction
+    assert (
+        store.write_transaction(lambda conn: conn.exec_driver_sql("SHOW lock_timeout").scalar())
+        == "1ms"
+    )
+    store.close()
+
+
 def test_asyncpg_takes_the_urls_options_and_application_name_as_server_settings(
     pg_db: str,
 ) -> None:

@@ -282,6 +282,15 @@ def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None
 
 
 @pytest.mark.sqlite
+def test_a_lock_wait_under_a_millisecond_is_one_not_none(tmp_path: Path) -> None:
+    """SQLite's busy_timeout counts whole milliseconds, and 0 is no wait at all."""
+    store = SessionStore(f"sqlite:///{tmp_path / 'a.db'}", lock_timeout=0.0004)
+    store.upgrade()
+    assert store.read_transaction(_pragmas)[2] == 1
+    store.close()
+
+
+@pytest.mark.sqlite
 @pytest.mark.parametrize("api", ["sync", "async"])
 def test_a_store_reads_beside_a_writer_that_keeps_the_database_from_wal(
     tmp_path: Path, api: str
