@@ -216,12 +216,20 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
     quoted = f'"{schema}"'
     # Created only when missing: a role that owns its schema may lack the right
     # to create schemas in the database, which CREATE SCHEMA IF NOT EXISTS checks first.
-    if create and conn.execute(text("SELECT to_regnamespace(:s)"), {"s": quoted}).scalar() is None:
+    if create and _missing_schema(conn, schema):
         conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
     path = ", ".join(part for part in (quoted, _extension_schema(conn), before) if part)
     with _search_path(conn, path, before):
         yield
+
+
+def _missing_schema(conn: Connection, schema: str | None) -> bool:
+    """Whether ``schema`` is named but not in the database (None, the default, always is)."""
+    if schema is None:
+        return False
+    found = conn.execute(text("SELECT to_regnamespace(:s)"), {"s": f'"{schema}"'}).scalar()
+    return found is None
 
 
 @contextmanager
@@ -435,26 +443,29 @@ def _lock_migration(conn: Connection) -> None:
 
 
 @contextmanager
-def _migrating(bind: Bind, schema: str | None = None) -> Iterator[Connection]:
+def _migrating(
+    bind: Bind, schema: str | None = None, *, create: bool = True
+) -> Iterator[Connection]:
     """A connection holding the database's migration lock, in one transaction.
 
     Processes that open a store on a database that needs migrating often do
     so at once (a gateway and a cron job after an upgrade): each waits for the
     one before it, however long it takes, then finds the schema at head and
-    does nothing (:func:`_lock_migration`).
+    does nothing (:func:`_lock_migration`). ``create``: make ``schema`` if it
+    is not there yet.
     """
     if not isinstance(bind, Engine):
         _refuse_driver_autocommit(bind)
         with _own_transaction(bind):
             _lock_migration(bind)
-            with _placed(bind, schema, create=True):
+            with _placed(bind, schema, create=create):
                 yield bind
         return
     refuse_shared_transaction(bind.pool)
     with bind.connect() as conn:
         _refuse_driver_autocommit(conn)
         _lock_migration(conn)
-        with _placed(conn, schema, create=True):
+        with _placed(conn, schema, create=create):
             yield conn
         conn.commit()
 
@@ -481,17 +492,20 @@ def _host_alembic_kept() -> Iterator[None]:
 
 
 @contextmanager
-def _prepared(bind: Bind, schema: str | None) -> Iterator[tuple[Connection, str | None, _Located]]:
+def _prepared(
+    bind: Bind, schema: str | None, *, create: bool = True
+) -> Iterator[tuple[Connection, str | None, _Located]]:
     """The connection the revisions run on: locked, placed, its revision read.
 
-    ``schema`` as for :func:`upgrade`; yielded as resolved.
+    ``schema`` as for :func:`upgrade`; yielded as resolved. ``create``: make it
+    if it is not there yet.
 
     Raises:
         InvalidArgumentError: ``bind`` autocommits (nothing run).
     """
     _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
-    with _migrating(bind, schema) as conn:
+    with _migrating(bind, schema, create=create) as conn:
         yield conn, schema, _located(conn, schema)
 
 
@@ -650,7 +664,17 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
     if fn is command.upgrade and args == ("head",) and _at_head(bind, given):
         return  # a store's upgrade() on start-up, say
     config = alembic_config()
-    with _host_alembic_kept(), _prepared(bind, given) as (conn, schema, before):
+    downgrade = fn is command.downgrade
+    with (
+        _host_alembic_kept(),
+        _prepared(bind, given, create=not downgrade) as (
+            conn,
+            schema,
+            before,
+        ),
+    ):
+        if downgrade and _missing_schema(conn, schema):
+            return  # nothing of hermes_orm's to take down (a mistyped name, say)
         if (
             before.table == HOST_VERSION_TABLE
             and fn is command.upgrade
@@ -663,7 +687,6 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         config.attributes["schema"] = schema
         try:
             # Only a downgrade drops tables: an upgrade reads no foreign keys.
-            downgrade = fn is command.downgrade
             references = _host_references(conn) if downgrade else []
             dropped = _drops(before.revision, args[0]) if downgrade else []
             if references and dropped is not None:

@@ -10,6 +10,7 @@ suite also runs in a schema in CI (``pytest tests/test_flush.py -m postgresql
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -76,6 +77,21 @@ def test_migrations_place_everything_in_the_schema(empty_pg: str) -> None:
         assert {"ix_hermes_search_vector", "ix_hermes_search_cjk"} <= indexes
     hermes_orm.downgrade(engine, "base", schema="agents")
     assert _tables(engine, "agents") == {migrations.VERSION_TABLE}
+    engine.dispose()
+
+
+def test_a_downgrade_of_a_schema_not_there_makes_nothing(empty_pg: str) -> None:
+    """A mistyped name (``?schema=agnets``): nothing to take down, and nothing made."""
+    engine = _engine(empty_pg)
+    hermes_orm.upgrade(engine, schema="agents")
+    before = (inspect(engine).get_schema_names(), _tables(engine, "public"))
+    hermes_orm.downgrade(engine, "base", schema="agnets")
+    done = run_cli(
+        "--url", f"{empty_pg}?schema=agnets", "db", "downgrade", "base", env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr
+    assert (inspect(engine).get_schema_names(), _tables(engine, "public")) == before
+    assert migrations.current(engine, schema="agents") == migrations.head()
     engine.dispose()
 
 
