@@ -390,13 +390,17 @@ def _pg_migration_lock(conn: Connection, asked: float) -> None:
     releases the lock with its connection: the wait has no ``lock_timeout``.
     The one in force comes back right after, for the migration's own statements.
     """
-    if conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({_MIGRATION_LOCK})").scalar():
-        return
-    before = conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar()
-    conn.exec_driver_sql("SELECT set_config('lock_timeout', '0', true)")
-    with _told_while_waiting(asked):
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-    conn.execute(text("SELECT set_config('lock_timeout', :before, true)"), {"before": before})
+    if not conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({_MIGRATION_LOCK})").scalar():
+        before = conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar()
+        conn.exec_driver_sql("SELECT set_config('lock_timeout', '0', true)")
+        with _told_while_waiting(asked):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        conn.execute(text("SELECT set_config('lock_timeout', :before, true)"), {"before": before})
+    # Behind PgBouncer the server connection has no lock_timeout of the store's (a
+    # startup option): the migration's statements get it for the transaction, as a
+    # store's writes do.
+    for statement, _ in _dialects.transaction_settings(conn.engine):
+        conn.exec_driver_sql(statement)
 
 
 def _sqlite_write_lock(conn: Connection, asked: float) -> None:
@@ -456,7 +460,10 @@ def _migrating(
     """
     if not isinstance(bind, Engine):
         _refuse_driver_autocommit(bind)
+        began = not bind.in_transaction()
         with _own_transaction(bind):
+            if began:
+                _read_committed(bind)
             _lock_migration(bind)
             with _placed(bind, schema, create=create):
                 yield bind
@@ -464,10 +471,23 @@ def _migrating(
     refuse_shared_transaction(bind.pool)
     with bind.connect() as conn:
         _refuse_driver_autocommit(conn)
+        _read_committed(conn)
         _lock_migration(conn)
         with _placed(conn, schema, create=create):
             yield conn
         conn.commit()
+
+
+def _read_committed(conn: Connection) -> None:
+    """Run the migration's transaction, not begun yet, at READ COMMITTED (PostgreSQL).
+
+    At REPEATABLE READ or SERIALIZABLE (an engine's ``isolation_level``), the
+    statement that takes the migration lock would fix the transaction's
+    snapshot before it waits: once the migration before it committed, this
+    one would not see it, and would run the same revisions again.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from pytest_alembic.tests import (  # the four built-in tests, on each backend
     test_up_down_consistency,
     test_upgrade,
 )
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -1207,6 +1207,64 @@ def test_the_migration_keeps_its_lock_timeout_after_waiting(empty_pg: str) -> No
     with migrations._migrating(engine) as conn:
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "200ms"
     holder.join(60)
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_migration_waiting_at_a_stricter_isolation_level_sees_the_one_before(
+    empty_pg: str, level: str
+) -> None:
+    """An engine of the host's at ``level``: the migration that waited for another finds the
+    schema that one committed, not the snapshot its wait began in."""
+    import threading
+    import time
+
+    engine = create_store_engine(empty_pg, poolclass=NullPool)
+    strict = create_engine(
+        empty_pg.replace("postgresql://", "postgresql+psycopg://"),
+        poolclass=NullPool,
+        isolation_level=level,
+    )
+    outcome: list[BaseException | None] = []
+
+    def upgrade() -> None:
+        try:
+            hermes_orm.upgrade(strict)
+            outcome.append(None)
+        except BaseException as exc:  # the test reads it
+            outcome.append(exc)
+
+    with engine.connect() as holder, engine.connect() as watcher:
+        _take_the_migration_lock(holder)
+        waiter = threading.Thread(target=upgrade)
+        waiter.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        deadline = time.monotonic() + 30
+        while not watcher.exec_driver_sql(waiting).scalar():
+            assert time.monotonic() < deadline, "the second migration did not wait"
+            time.sleep(0.02)
+            watcher.rollback()
+        hermes_orm.upgrade(holder)  # the first migration, in the lock's transaction
+        holder.commit()
+    waiter.join(60)
+    assert outcome == [None]
+    assert migrations.current(engine) == migrations.head()
+    strict.dispose()
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_migration_through_pgbouncer_keeps_the_stores_lock_timeout(
+    pgbouncer_url: str, empty_pg: str
+) -> None:
+    """Behind PgBouncer the server connection has no lock_timeout of the store's: the
+    migration's transaction sets it, as the store's writes do."""
+    from tests.conftest import through_pgbouncer
+
+    engine = create_store_engine(through_pgbouncer(pgbouncer_url, empty_pg), lock_timeout=0.2)
+    with migrations._migrating(engine) as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "200ms"
     engine.dispose()
 
 
