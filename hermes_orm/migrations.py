@@ -675,14 +675,27 @@ def _drops(before: str | None, target: str) -> list[str] | None:
     return [table for revision in undone for table in TABLES_MADE_BY.get(revision, ())]
 
 
-def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
+def _run(
+    bind: Bind,
+    given: str | None,
+    fn: Any,
+    revision: Any,
+    *,
+    then: Callable[[Connection, str | None], Any] | None = None,
+) -> bool:
+    """Run Alembic's ``fn`` (upgrade or downgrade) to ``revision`` under the migration lock.
+
+    ``then``: more work for the migration's transaction, once the revisions
+    ran (given the connection and the schema). Returns whether the
+    transaction ran (False: at the head already, nothing done).
+    """
     if not isinstance(revision, str) or not revision.strip():
         raise InvalidArgumentError(
             f"revision must be 'head', 'base' or a revision id, got {revision!r}"
         )
     args = (revision,)
     if fn is command.upgrade and args == ("head",) and _at_head(bind, given):
-        return  # a store's upgrade() on start-up, say
+        return False  # a store's upgrade() on start-up, say
     config = alembic_config()
     downgrade = fn is command.downgrade
     with (
@@ -694,14 +707,14 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
         ),
     ):
         if downgrade and _missing_schema(conn, schema):
-            return  # nothing of hermes_orm's to take down (a mistyped name, say)
+            return True  # nothing of hermes_orm's to take down (a mistyped name, say)
         if (
             before.table == HOST_VERSION_TABLE
             and fn is command.upgrade
             and args == ("head",)
             and before.revision == head()
         ):
-            return  # at head already: a store's upgrade() on start-up has nothing to do
+            return False  # at head already: a store's upgrade() on start-up has nothing to do
         _refuse(conn, schema, before, args[0] if fn is command.downgrade else None)
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
@@ -716,6 +729,9 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
             if references and dropped is None:  # the tables it dropped, seen afterwards
                 left = {table.lower() for table in inspect(conn).get_table_names()}
                 _dangling(references, MODEL_TABLES - left, args[0])
+            after = _located(conn, schema).revision
+            if then is not None:
+                then(conn, schema)
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         except AssertionError:
@@ -728,9 +744,9 @@ def _run(bind: Bind, given: str | None, fn: Any, revision: Any) -> None:
                 f"cannot migrate to {args[0]!r}: {_dialects.redact(str(exc.orig))}; "
                 "nothing was migrated"
             ) from exc
-        after = _located(conn, schema).revision
     if after != before.revision:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
+    return True
 
 
 #: A revision counted from another (``head-1``, ``+2``): resolved against the database.
@@ -774,7 +790,9 @@ def upgrade(
     created if missing; extensions stay wherever the database has them.
 
     ``partitions`` (PostgreSQL): then hash-partition ``hermes_messages`` by
-    ``session_id`` into that many partitions, as :func:`partition_messages`.
+    ``session_id`` into that many partitions, as :func:`partition_messages`,
+    in the migration's transaction: a split the database refuses leaves the
+    schema at the revision it was.
 
     On a connection, the work is done in the transaction the connection is in,
     or in one of its own that it commits: the connection is handed back with
@@ -806,11 +824,17 @@ def upgrade(
             out of reach: whether the migration was committed is unknown;
             upgrading again is safe.
     """
-    if partitions is not None:
-        _partitions.check_partitions(partitions, bind.dialect.name)
-    _run(bind, schema, command.upgrade, revision)
-    if partitions is not None:
-        partition_messages(bind, partitions, schema=schema)
+    if partitions is None:
+        _run(bind, schema, command.upgrade, revision)
+        return
+    count = _partitions.check_partitions(partitions, bind.dialect.name)
+
+    def split(conn: Connection, placed: str | None) -> bool:
+        # In the migration's transaction: refused, it leaves the schema as it was.
+        return _split(conn, count, placed)
+
+    if not _run(bind, schema, command.upgrade, revision, then=split):
+        partition_messages(bind, count, schema=schema)  # nothing to migrate: the split alone
 
 
 @_takes_a_url("hermes_orm.migrations.partition_messages")
@@ -844,10 +868,20 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
     _partitions.check_partitions(partitions, bind.dialect.name)
     _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
+    with _migrating(bind, schema) as conn:
+        return _split(conn, partitions, schema)
+
+
+def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
+    """:func:`_partitions.partition` in ``conn``'s transaction, which a failure rolls back whole.
+
+    Raises:
+        DatabaseError: The database refused the rebuild (its error, redacted).
+        sqlalchemy.exc.DBAPIError: The connection was lost.
+    """
     try:
-        with _migrating(bind, schema) as conn:
-            done = _partitions.partition(conn, partitions, schema)
-    except DBAPIError as exc:  # the rebuild's transaction is rolled back whole
+        done = _partitions.partition(conn, partitions, schema)
+    except DBAPIError as exc:
         _raise_if_lost(exc)
         # 2BP01: the table is renamed hermes_messages_unpartitioned while it is
         # rebuilt, and dropping it (or its primary key) is refused.

@@ -157,6 +157,23 @@ def test_splitting_again_into_another_number_is_refused(empty_pg: str) -> None:
     assert len(_partitions(empty_pg)) == 4
 
 
+def test_an_upgrade_whose_split_is_refused_leaves_the_schema_where_it_was(empty_pg: str) -> None:
+    """The revisions and the split are one transaction: "nothing was changed" holds for both."""
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    older = "0015_search_literal_nul_escape"
+    hermes_orm.upgrade(engine, older)
+    migrations.partition_messages(engine, 4)
+    with pytest.raises(InvalidArgumentError, match="already split into 4"):
+        hermes_orm.upgrade(engine, partitions=8)
+    assert migrations.current(engine) == older
+    result = run_cli("db", "upgrade", "--partitions", "8", env={"HERMES_ORM_URL": empty_pg})
+    assert result.returncode == 2, result.stderr
+    assert migrations.current(engine) == older
+    hermes_orm.upgrade(engine, partitions=4)  # the same number: migrated, left as split
+    assert migrations.current(engine) == migrations.head()
+    assert len(_partitions(empty_pg)) == 4
+
+
 def test_a_schema_not_migrated_yet_is_refused_not_read_through_the_path(empty_pg: str) -> None:
     """schema="agents" must not find public's hermes_messages further down the search_path."""
     engine = create_engine(empty_pg, poolclass=NullPool)
