@@ -299,29 +299,27 @@ class SearchPage:
 
 
 @lru_cache(maxsize=256)
-def _leaf_pattern(leaf: Leaf, flags: int) -> re.Pattern[str]:
-    """``leaf`` as the index matches it, in lower case (or as written, with ``re.I``).
-
-    With ``re.I`` the tokens are not lowered: ``str.lower`` may make two
-    characters of one (``İ``), which the body as written never holds.
+def _leaf_pattern(leaf: Leaf) -> re.Pattern[str]:
+    """``leaf`` as the index matches it: a substring lowered, words folded.
 
     The start of a word leaf must also follow a separator; :func:`_leaf_spans`
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
-    as_written = bool(flags & re.IGNORECASE)
     if leaf.substring:
-        substring = leaf.tokens[0]
-        return re.compile(re.escape(substring if as_written else substring.lower()), flags)
+        return re.compile(re.escape(leaf.tokens[0].lower()))
     token = token_class()
-    words = (separator_class() + "+").join(
-        re.escape(t if as_written else fold(t)) for t in leaf.tokens
-    )
+    words = (separator_class() + "+").join(re.escape(fold(t)) for t in leaf.tokens)
     end = token + "*" if leaf.prefix else f"(?!{token})"
-    return re.compile(words + end, flags)
+    return re.compile(words + end)
 
 
-def _leaf_spans(leaf: Leaf, body: str, flags: int) -> Iterator[tuple[int, int]]:
-    pattern = _leaf_pattern(leaf, flags)
+def _leaf_spans(leaf: Leaf, body: str) -> Iterator[tuple[int, int]]:
+    """Where ``leaf`` occurs in ``body`` (lowered, or folded for words), by a scan.
+
+    Linear in the body for a substring or one word; a phrase costs the body's
+    words times its own (:func:`_phrase_spans` finds those).
+    """
+    pattern = _leaf_pattern(leaf)
     follows_token = token_pattern().fullmatch
     position = 0
     while (found := pattern.search(body, position)) is not None:
@@ -385,38 +383,56 @@ def _phrase_plan(leaf: Leaf) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
 
 
 @lru_cache(maxsize=256)
-def _whole_tokens(leaf: Leaf) -> bool:
-    """Whether ``leaf`` is a phrase whose every word folds to one whole token.
+@lru_cache(maxsize=256)
+def _folded_words(leaf: Leaf) -> Leaf | None:
+    """Word leaf ``leaf`` as the folded text's tokens: each word's folding, cut into tokens.
 
-    (``İ`` folds to ``i`` and a combining dot, a separator: the scan finds such
-    a word across it, as written, where the tokens would see two.)
+    ``İ`` (U+0130) folds to ``i`` and a combining dot, a separator: a word
+    holding it is two tokens in the folded text, found as a phrase. (None: the
+    words fold to no token at all.)
     """
-    whole = token_pattern().fullmatch
-    return len(leaf.tokens) > 1 and all(whole(fold(token)) for token in leaf.tokens)
+    finds = token_pattern().findall
+    tokens = tuple(part for token in leaf.tokens for part in finds(fold(token)))
+    return Leaf(tokens, prefix=leaf.prefix) if tokens else None
+
+
+def _lowered(body: str) -> tuple[str, list[int] | None]:
+    """``body`` lowered, and the body's character each lowered one comes from.
+
+    (None where each is its own; lowering makes two characters of ``İ``.)
+    """
+    lowered = body.lower()
+    if len(lowered) == len(body):
+        return lowered, None
+    parts = [char.lower() for char in body]
+    return "".join(parts), [at for at, part in enumerate(parts) for _ in part]
 
 
 def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
-    """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping."""
-    # Case-sensitive scans of the lowered body are far faster than re.IGNORECASE;
-    # offsets hold while lowering keeps every character one character.
-    # Words compare folded further (as the indexes hold them), substrings only
-    # lowered (as LIKE compares them): the same length either way.
-    lowered = body.lower()
-    if len(lowered) == len(body):
-        texts, flags = (lowered, fold_lowered(lowered)), 0
-    else:
-        texts, flags = (body, body), re.IGNORECASE
+    """Where the positive terms of ``query`` occur in ``body``, sorted, not overlapping.
+
+    In time linear in the body and the query: a phrase is found over the
+    text's tokens (:func:`_phrase_spans`), a word or a substring by a scan
+    that tries one literal.
+    """
+    # Words compare folded (as the indexes hold them), substrings only lowered (as
+    # LIKE compares them): the same length either way, so offsets hold across them.
+    lowered, owner = _lowered(body)
+    folded = fold_lowered(lowered)
     spans: set[tuple[int, int]] = set()
     # Each distinct leaf once: a query may repeat one hundreds of times.
     leaves = {leaf: None for group in query.groups for term in group for leaf in term}
     for leaf in leaves:
-        if not flags and not leaf.substring and _whole_tokens(leaf):
-            spans.update(_phrase_spans(leaf, texts[1]))
-        else:
-            # A word alone scans in linear time. A phrase scanned costs the body's words
-            # times its own: only where a body's lowering changes its length or a query
-            # word's folding holds a separator (both only by İ, U+0130).
-            spans.update(_leaf_spans(leaf, texts[not leaf.substring], flags))
+        if leaf.substring:
+            spans.update(_leaf_spans(leaf, lowered))
+            continue
+        words = _folded_words(leaf)
+        if words is None:
+            continue
+        found = _phrase_spans if len(words.tokens) > 1 else _leaf_spans
+        spans.update(found(words, folded))
+    if owner is not None:  # back to the body's characters
+        spans = {(owner[start], owner[end - 1] + 1) for start, end in spans}
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start < merged[-1][1]:

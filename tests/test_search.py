@@ -1509,9 +1509,9 @@ def test_a_term_repeated_in_a_query_is_looked_for_once(monkeypatch: pytest.Monke
     scanned: list[search.Leaf] = []
     real, real_phrase = search._leaf_spans, search._phrase_spans
 
-    def spy(leaf: search.Leaf, body: str, flags: int) -> Any:
+    def spy(leaf: search.Leaf, body: str) -> Any:
         scanned.append(leaf)
-        return real(leaf, body, flags)
+        return real(leaf, body)
 
     def spy_phrase(leaf: search.Leaf, body: str) -> Any:
         scanned.append(leaf)
@@ -1544,8 +1544,7 @@ def test_a_phrase_is_marked_where_the_phrase_scan_marks_it(
     (leftmost, each after the one before), trying the phrase at every word in turn."""
     text = "".join(word + gap for word, gap in body).lower()
     leaf = Leaf(tuple(phrase), prefix=prefix)
-    assert search._whole_tokens(leaf)
-    assert list(search._phrase_spans(leaf, text)) == list(search._leaf_spans(leaf, text, 0))
+    assert list(search._phrase_spans(leaf, text)) == list(search._leaf_spans(leaf, text))
 
 
 def test_a_phrase_holding_or_meeting_a_capital_dotted_i_is_marked_as_the_scan_marks_it() -> None:
@@ -1559,6 +1558,27 @@ def test_a_phrase_holding_or_meeting_a_capital_dotted_i_is_marked_as_the_scan_ma
     start = body.index("w0")
     spans = search.match_spans(search.parse_query('"' + " ".join(words) + '"'), body)
     assert spans == [(start, start + len(" ".join(words)))]
+
+
+def test_a_phrase_with_a_capital_dotted_i_is_found_over_the_tokens_not_by_a_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scan would try such a phrase at each of the body's words (seconds a hit, for a
+    long query over a long tool output): it is found as the others are, and marked in the
+    body's own characters, which lowering made more of."""
+    scanned: list[search.Leaf] = []
+    real = search._leaf_spans
+
+    def spy(leaf: search.Leaf, body: str) -> Any:
+        scanned.append(leaf)
+        return real(leaf, body)
+
+    monkeypatch.setattr(search, "_leaf_spans", spy)
+    body = "İzmir, then İstanbul trip; 部署 after İ"
+    query = search.parse_query('"İstanbul trip" OR İzmir OR 部署 OR "0 0 İ"')
+    marked = [body[start:end] for start, end in search.match_spans(query, body)]
+    assert marked == ["İzmir", "İstanbul trip", "部署"]
+    assert all(len(leaf.tokens) == 1 for leaf in scanned)  # a substring, no phrase
 
 
 def test_a_long_phrase_over_a_long_message_is_marked_where_it_ends() -> None:
