@@ -31,6 +31,7 @@ content parts, its tool name and its tool calls' names and arguments, up to
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import weakref
@@ -489,21 +490,41 @@ def snippet(body: str, spans: list[tuple[int, int]]) -> tuple[str, tuple[tuple[i
     return text, highlights
 
 
-def encode_cursor(message_id: int) -> str:
-    """The opaque cursor of the page that follows message ``message_id``."""
-    return f"m{message_id}"
+def encode_cursor(message_id: int, query: str, filters: Filters) -> str:
+    """The opaque cursor of the page that follows message ``message_id`` in one listing.
+
+    It carries a tag of the query and the filters it pages through: given
+    with others (or cut short, or made by hand) it is refused, not read as a
+    place in a listing it does not belong to.
+    """
+    return f"m{message_id}.{_listing_tag(message_id, query, filters)}"
 
 
-def decode_cursor(cursor: str) -> int:
-    """The message id a cursor from :func:`encode_cursor` stands for.
+def _listing_tag(message_id: int, query: str, filters: Filters) -> str:
+    listing = repr((message_id, query, filters)).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(listing, digest_size=6).hexdigest()
+
+
+def decode_cursor(cursor: str, query: str, filters: Filters) -> int:
+    """The message id a cursor from :func:`encode_cursor` stands for, in the same listing.
 
     Raises:
-        SearchQueryError: ``cursor`` did not come from a :class:`SearchPage`.
+        SearchQueryError: ``cursor`` did not come from a :class:`SearchPage`
+            of this query and these filters.
     """
-    digits = cursor[1:] if isinstance(cursor, str) and cursor.startswith("m") else ""
-    if digits.isascii() and digits.isdecimal() and len(digits) <= 19 and int(digits) < 2**63:
-        return int(digits)  # (a message id: a 64-bit int)
-    raise SearchQueryError(f"{_codec.shown(cursor)} is not a cursor from SearchPage.next_cursor")
+    place, _, tag = cursor.partition(".") if isinstance(cursor, str) else ("", "", "")
+    digits = place[1:] if place.startswith("m") else ""
+    if not (digits.isascii() and digits.isdecimal() and len(digits) <= 19 and int(digits) < 2**63):
+        raise SearchQueryError(
+            f"{_codec.shown(cursor)} is not a cursor from SearchPage.next_cursor"
+        )
+    message_id = int(digits)  # (a message id: a 64-bit int)
+    if tag != _listing_tag(message_id, query, filters):
+        raise SearchQueryError(
+            f"{_codec.shown(cursor)} is the cursor of another search (or not a cursor): "
+            "give it with the query and filters of the page it came from"
+        )
+    return message_id
 
 
 # -- SQL ----------------------------------------------------------------------------------
@@ -1231,7 +1252,7 @@ def run(
                 highlights=highlights,
             )
         )
-    return SearchPage(hits, encode_cursor(rows[-1][0]) if more and rows else None)
+    return SearchPage(hits, encode_cursor(rows[-1][0], query, filters) if more and rows else None)
 
 
 def _sqlite_bodies(conn: Connection, ids: list[int]) -> list[Any]:

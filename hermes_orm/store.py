@@ -1627,7 +1627,6 @@ class StoreCore:
             raise SearchQueryError(
                 f"limit must be an int from 1 to {_search.MAX_LIMIT}, got {limit!r}"
             )
-        after = None if cursor is None else _search.decode_cursor(cursor)
         user_id = _optional_str("user_id", user_id)
         filters = _search.Filters(
             session_id=_optional_str("session_id", session_id),
@@ -1635,6 +1634,7 @@ class StoreCore:
             user_id=user_id if self._user is None else self._user,
             roles=_str_tuple("role", role),
         )
+        after = None if cursor is None else _search.decode_cursor(cursor, query, filters)
         if self._user is not None and user_id not in (None, self._user):
             # A scoped store's filter narrows, never widens: another user's
             # messages are not there.

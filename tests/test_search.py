@@ -450,6 +450,28 @@ def test_keyset_pages_are_stable_while_messages_arrive(store: SessionStore) -> N
     assert seen == list(range(44, -1, -1))
 
 
+def test_a_cursor_pages_only_the_search_it_came_from(store: SessionStore) -> None:
+    """Given with another query or other filters, cut short or made by hand, it is refused:
+    read as a place in another listing, it would skip hits without a word."""
+    store.create_session("s", "cli")
+    store.flush("s", [turn(f"docker {i}") for i in range(30)] + [turn("podman")])
+    cursor = store.search("docker", limit=2).next_cursor
+    assert cursor is not None
+    assert [h.idx for h in store.search("docker", limit=2, cursor=cursor).hits] == [27, 26]
+    for query, filters in (
+        ("docker OR podman", {}),
+        ("docker", {"role": "user"}),
+        ("docker", {"session_id": "s"}),
+    ):
+        with pytest.raises(SearchQueryError, match="the cursor of another search"):
+            store.search(query, limit=2, cursor=cursor, **filters)
+    for forged in (cursor[:-1], cursor.split(".")[0], "m2", cursor.replace("m", "m1", 1)):
+        with pytest.raises(SearchQueryError):
+            store.search("docker", limit=2, cursor=forged)
+    with pytest.raises(SearchQueryError, match="the cursor of another search"):
+        store.for_user("u").search("docker", limit=2, cursor=cursor)
+
+
 def test_filters(store: SessionStore) -> None:
     store.create_session("a", "cli", user_id="u1")
     store.create_session("b", "telegram", user_id="u2")

@@ -1225,7 +1225,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                     hits += page.hits
                     if page.next_cursor is None:
                         break
-                    after = _search.decode_cursor(page.next_cursor)
+                    after = _search.decode_cursor(page.next_cursor, text, filters)
             except SearchQueryError:
                 return []
             return self._search_results(conn, hits[first:end])
