@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from hermes_orm import migrations
 from hermes_orm._dialects import (
@@ -25,6 +25,7 @@ from hermes_orm._dialects import (
     hermes_home,
     missing_sqlite_file,
     normalize_url,
+    pooler_hint,
     redact,
     safe_url,
     sqlite_in_memory,
@@ -440,7 +441,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"hermes-orm: {redact(str(exc))}", file=sys.stderr)  # (a URL typed as an argument)
         return 2
     except SQLAlchemyError as exc:
-        detail = redact(str(getattr(exc, "orig", None) or exc))
+        detail = redact(str(getattr(exc, "orig", None) or exc)).strip()
+        if isinstance(exc, DBAPIError):
+            detail += pooler_hint(exc)
         print(f"hermes-orm: database {safe_url(args.url)}: {detail}", file=sys.stderr)
         return 2
 

@@ -138,7 +138,7 @@ def _takes_a_url(
             else:
                 return fn(*args, **kwargs)  # Python says what is missing
             if isinstance(bind, Engine | Connection):
-                return fn(bind, *args, **kwargs)
+                return _refusals_typed(name, fn, bind, *args, **kwargs)
             if not isinstance(bind, str | URL):
                 remedy = f": run it {run_sync}" if hasattr(bind, "sync_engine") else ""
                 raise InvalidArgumentError(
@@ -160,13 +160,31 @@ def _takes_a_url(
                     creates(*args, **kwargs)
             engine = _dialects.create_store_engine(url, poolclass=NullPool)
             try:
-                return fn(engine, *args, **kwargs)
+                return _refusals_typed(name, fn, engine, *args, **kwargs)
             finally:
                 engine.dispose()
 
         return cast(Callable[Concatenate[Bind | str | URL, _P], _T], bound)
 
     return decorate
+
+
+def _refusals_typed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)``, a database's refusal raised as :class:`DatabaseError`.
+
+    Refused credentials, a database that does not exist, a pooler refusing the
+    startup options: told as the store tells them, with what to do where it
+    is known. A connection lost, or a server out of reach, is raised as the
+    driver's (whether a migration committed is then unknown; see :func:`upgrade`).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except DBAPIError as exc:
+        _raise_if_lost(exc)
+        raise DatabaseError(
+            f"{name}(): database error: {_dialects.redact(str(exc.orig)).strip()}"
+            f"{_dialects.pooler_hint(exc)}"
+        ) from exc
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
+import hermes_orm
 from devtools.pgbouncer import pgbouncer
 from hermes_orm import (
     AsyncSessionStore,
@@ -85,6 +87,21 @@ def test_startup_options_refused_by_the_pooler_say_what_to_do(pooled: str, drive
         with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
             asyncio.run(main())
     assert time.monotonic() - started < 3  # refused for good: not retried for seconds
+
+
+def test_migration_functions_and_the_command_line_say_what_to_do_too(pooled: str) -> None:
+    """hermes_orm.upgrade(url) and the rest connect as a store does: the same refusal."""
+    from hermes_orm import migrations
+    from tests.conftest import run_cli
+
+    url = _stripped(pooled)
+    for call in (hermes_orm.upgrade, hermes_orm.check_schema, migrations.current):
+        with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
+            call(url)
+    done = run_cli("--url", url, "db", "upgrade", env=dict(os.environ))
+    assert done.returncode == 2
+    assert "add ?pgbouncer=true to the URL" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_options_and_the_pooler_do_not_go_together(pooled: str) -> None:
