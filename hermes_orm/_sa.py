@@ -20,7 +20,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import (
+    AssertionPool,
+    NullPool,
+    Pool,
+    QueuePool,
+    SingletonThreadPool,
+    StaticPool,
+)
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -49,6 +56,16 @@ def pool_has_room(pool: Pool) -> bool:
         return True
     overflow = getattr(pool, "_max_overflow", -1)
     return bool(overflow < 0 or pool.checkedout() < pool.size() + overflow)
+
+
+def may_keep_one(pool: Pool) -> bool:
+    """Whether a store may keep the last connection it used, idle, from ``pool``.
+
+    Not from a ``NullPool``, whose users chose to hold no connection between
+    calls; nor an ``AssertionPool``, which has one to give at all; nor a pool
+    sharing one connection: the application's own would be it.
+    """
+    return not isinstance(pool, NullPool | AssertionPool) and not shares_one_connection(pool)
 
 
 def shares_one_connection(pool: Pool) -> bool:

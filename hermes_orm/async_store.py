@@ -27,7 +27,6 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import NullPool
 
 from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
@@ -256,10 +255,8 @@ class AsyncSessionStore(_AsyncSessions):
         )
         #: Its pool gives every checkout one connection (an in-memory database's).
         self._one_connection = _sa.shares_one_connection(engine.sync_engine.pool)
-        self._parks = (
-            engine.dialect.driver == "aiosqlite"
-            and not isinstance(engine.pool, NullPool)
-            and not self._one_connection
+        self._parks = engine.dialect.driver == "aiosqlite" and _sa.may_keep_one(
+            engine.sync_engine.pool
         )
         #: Releases the pool's checkout listener started (see _give_back), held till done.
         self._releasing: set[asyncio.Task[None]] = set()

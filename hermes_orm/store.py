@@ -50,7 +50,6 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.pool import NullPool
 
 from hermes_orm import _codec, _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
@@ -1956,13 +1955,9 @@ class SessionStore(_Sessions):
             check_replica_schema(replica, schema)
         self._read_from(replica)
         self._forks_seen = _forks[0]
-        # The last connection used, idle, kept for the next operation (at most one);
-        # not under NullPool, whose users chose to hold no connection between calls,
-        # nor from a pool sharing one connection: the application's own would be it.
+        # The last connection used, idle, kept for the next operation (at most one).
         self._parked: list[Connection] = []
-        self._parks = not isinstance(engine.pool, NullPool) and not _sa.shares_one_connection(
-            engine.pool
-        )
+        self._parks = _sa.may_keep_one(engine.pool)
         self._parked_lock = threading.Lock()
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's

@@ -192,3 +192,41 @@ def test_a_cancelled_upgrade_of_an_in_memory_async_store_keeps_the_database() ->
             await engine.dispose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_pool_of_one_connection_at_a_time_gets_it_back_after_each_call(
+    tmp_path: Path, api: str
+) -> None:
+    """``AssertionPool`` has one connection to give: a store keeping it idle between
+    calls would leave the application none (its checkout fails at once)."""
+    from sqlalchemy.pool import AssertionPool
+
+    path = tmp_path / "app.db"
+    hermes_orm.upgrade(f"sqlite:///{path}")
+    if api == "sync":
+        engine = create_engine(f"sqlite:///{path}", poolclass=AssertionPool)
+        store = SessionStore(engine)
+        store.create_session("s", source="cli")
+        store.flush("s", TURN)
+        with engine.connect() as conn:  # the application's turn
+            assert conn.execute(text("SELECT count(*) FROM hermes_messages")).scalar() == 2
+        store.close()
+        engine.dispose()
+        return
+
+    async def main() -> int:
+        async_engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=AssertionPool)
+        store = AsyncSessionStore(async_engine)
+        await store.create_session("s", source="cli")
+        await store.flush("s", TURN)
+        try:
+            async with async_engine.connect() as conn:
+                return int(
+                    (await conn.execute(text("SELECT count(*) FROM hermes_messages"))).scalar_one()
+                )
+        finally:
+            await store.close()
+            await async_engine.dispose()
+
+    assert asyncio.run(main()) == 2
