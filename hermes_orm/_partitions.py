@@ -87,23 +87,34 @@ def partition_count(conn: Connection, schema: str | None = None) -> int | None:
 def _refuse_what_a_rebuild_drops(conn: Connection) -> None:
     """Refuse a ``hermes_messages`` with settings of the host a rebuild would drop unsaid.
 
-    Row-level security and its policies, and membership in a publication,
-    belong to the table itself: a new table has none of them.
+    Row-level security and its policies, membership in a publication, rules
+    and a replica identity other than the default belong to the table itself:
+    a new table has none of them. Identity and generated columns cannot be
+    copied into as the rebuild copies the rows.
 
     Raises:
         DatabaseError: The table has any of them (nothing was changed).
     """
-    secured, policies, publications = conn.exec_driver_sql(
+    secured, policies, publications, rules, identity, made = conn.exec_driver_sql(
         "SELECT c.relrowsecurity OR c.relforcerowsecurity, "
         "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), "
         "(SELECT string_agg(p.pubname, ', ' ORDER BY p.pubname) FROM pg_publication_rel r "
-        "JOIN pg_publication p ON p.oid = r.prpubid WHERE r.prrelid = c.oid) "
+        "JOIN pg_publication p ON p.oid = r.prpubid WHERE r.prrelid = c.oid), "
+        "(SELECT string_agg(r.rulename, ', ' ORDER BY r.rulename) FROM pg_rewrite r "
+        "WHERE r.ev_class = c.oid), "
+        "c.relreplident <> 'd', "
+        "(SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND NOT a.attisdropped "
+        "AND (a.attidentity <> '' OR a.attgenerated <> '')) "
         "FROM pg_class c WHERE c.oid = to_regclass('hermes_messages')"
     ).one()
     held = [
         *(["row-level security"] if secured else []),
         *([f"{policies} row-level security policies"] if policies else []),
         *([f"membership in the publications {publications}"] if publications else []),
+        *([f"the rules {rules}"] if rules else []),
+        *(["a replica identity other than the default"] if identity else []),
+        *([f"identity or generated columns ({made})"] if made else []),
     ]
     if held:
         raise DatabaseError(
@@ -111,6 +122,20 @@ def _refuse_what_a_rebuild_drops(conn: Connection) -> None:
             "partitioning rebuilds it, and the new table would have none. Take them off, "
             "partition, then set them again on hermes_messages; nothing was changed"
         )
+
+
+#: ``pg_trigger.tgenabled`` other than enabled (``O``), as ALTER TABLE sets it again.
+_TRIGGER_STATES = {"D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}
+
+
+def _quoted(name: str) -> str:
+    """``name`` as an SQL identifier (the driver reads % as its placeholders: doubled)."""
+    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
+
+
+def _literal(value: str) -> str:
+    """``value`` as an SQL string literal (% doubled, as in :func:`_quoted`)."""
+    return "'" + value.replace("'", "''").replace("%", "%%") + "'"
 
 
 def partition(conn: Connection, partitions: int, schema: str | None = None) -> bool:
@@ -145,9 +170,22 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         "ORDER BY c.relname"
     ).all()
     triggers = sql(
-        "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger "
+        "SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger "
         f"WHERE tgrelid = {table} AND NOT tgisinternal ORDER BY tgname"
     ).all()
+    owner, options = sql(
+        "SELECT CASE WHEN pg_get_userbyid(relowner) <> current_user "
+        f"THEN pg_get_userbyid(relowner) END, reloptions FROM pg_class WHERE oid = {table}"
+    ).one()
+    targets = sql(
+        "SELECT attname, attstattarget FROM pg_attribute "
+        f"WHERE attrelid = {table} AND attnum > 0 AND NOT attisdropped AND attstattarget >= 0"
+    ).all()
+    statistics = (
+        sql(f"SELECT pg_get_statisticsobjdef(oid) FROM pg_statistic_ext WHERE stxrelid = {table}")
+        .scalars()
+        .all()
+    )
     constraints = sql(
         "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
         f"WHERE conrelid = {table} ORDER BY contype <> 'p', conname"
@@ -158,7 +196,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
     sql(f"ALTER TABLE hermes_messages RENAME TO {ASIDE}")
     for name, _ in indexes:
         sql(f'DROP INDEX "{name}"')
-    for name, _ in triggers:
+    for name, *_ in triggers:
         sql(f'DROP TRIGGER "{name}" ON {ASIDE}')
     for name, *_ in reversed(constraints):  # foreign keys and checks, then the keys
         sql(f'ALTER TABLE {ASIDE} DROP CONSTRAINT "{name}"')
@@ -166,27 +204,45 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         f"CREATE TABLE hermes_messages (LIKE {ASIDE} INCLUDING DEFAULTS INCLUDING STORAGE "
         "INCLUDING COMMENTS) PARTITION BY HASH (session_id)"
     )
+    # The new tables are the old one's owner's (the ids' sequence, which must be the
+    # table's owner's, is theirs); the old one's storage settings go to each partition.
+    parts = [partition_name(remainder) for remainder in range(partitions)]
+    if owner is not None:
+        sql(f"ALTER TABLE hermes_messages OWNER TO {_quoted(owner)}")
     # The ids' sequence goes with the new table (dropping the old one would take it).
     sequence = sql(f"SELECT pg_get_serial_sequence('{ASIDE}', 'id')").scalar()
     if sequence is not None:
         sql(f"ALTER SEQUENCE {sequence} OWNED BY hermes_messages.id")
-    for remainder in range(partitions):
+    for remainder, part in enumerate(parts):
         sql(
-            f"CREATE TABLE {partition_name(remainder)} PARTITION OF hermes_messages "
+            f"CREATE TABLE {part} PARTITION OF hermes_messages "
             f"FOR VALUES WITH (MODULUS {partitions}, REMAINDER {remainder})"
         )
+        if owner is not None:
+            sql(f"ALTER TABLE {part} OWNER TO {_quoted(owner)}")
+        if options:
+            settings = ", ".join(
+                f"{name} = {_literal(value)}"
+                for name, _, value in (option.partition("=") for option in options)
+            )
+            sql(f"ALTER TABLE {part} SET ({settings})")
+    for column, target in targets:
+        sql(f"ALTER TABLE hermes_messages ALTER COLUMN {_quoted(column)} SET STATISTICS {target}")
     key = primary[0].conname
     sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{key}" PRIMARY KEY (id, session_id)')
     for name, kind, definition in constraints:
         if kind != "p":
             sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
     if comment is not None:  # (LIKE copies the columns' comments, not the table's)
-        quoted = "'" + str(comment).replace("'", "''") + "'"
-        # (the driver reads % as its placeholders: doubled, it is one %)
-        sql(f"COMMENT ON TABLE hermes_messages IS {quoted}".replace("%", "%%"))
+        sql(f"COMMENT ON TABLE hermes_messages IS {_literal(str(comment))}")
     sql(f"INSERT INTO hermes_messages SELECT * FROM {ASIDE}")  # before the triggers: as stored
-    for _, definition in (*indexes, *triggers):
+    for _, definition, *_ in (*indexes, *triggers):
         sql(definition)  # they name hermes_messages, as they did when read
+    for name, _, enabled in triggers:  # (made enabled, whatever the old one's state)
+        if enabled in _TRIGGER_STATES:
+            sql(f'ALTER TABLE hermes_messages {_TRIGGER_STATES[enabled]} TRIGGER "{name}"')
     sql(f"DROP TABLE {ASIDE}")
+    for definition in statistics:  # (named as the old table's were: made once it is gone)
+        sql(definition)
     sql("ANALYZE hermes_messages")
     return True

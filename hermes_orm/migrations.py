@@ -864,9 +864,12 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
     rows copied, its indexes, triggers and constraints made again); readers
     and writers of messages wait for it. Its primary key becomes ``(id,
     session_id)``. A table already split into ``partitions`` is left as it is.
-    Its comment is carried over; privileges granted on the table itself are
-    not: grant them again. A table with row-level security, policies or
-    publications is refused: the new one would have none.
+    Its owner, comment, triggers' states, storage settings, statistics
+    targets and extended statistics are carried over; privileges granted on
+    the table itself are not: grant them again. A table with row-level
+    security, policies, publications, rules, a replica identity other than
+    the default, or identity or generated columns is refused: the new one
+    would have none (see docs/scale-out.md).
 
     Returns:
         Whether the table was rebuilt.
@@ -877,8 +880,8 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
             ``bind`` autocommits.
         SchemaOutOfDateError: There is no ``hermes_messages`` yet (in ``schema``).
         DatabaseError: The database refused the rebuild (objects of the
-            application depend on the table), or the table has row-level
-            security, policies or publications; nothing is changed.
+            application depend on the table), or the table has what the
+            rebuild would drop (above); nothing is changed.
         sqlalchemy.exc.DBAPIError: The connection was lost, or the server is
             out of reach: whether the split was committed is unknown; running
             it again is safe.

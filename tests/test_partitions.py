@@ -10,7 +10,9 @@ partitioned schema in CI (``pytest tests/test_flush.py tests/test_search.py
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -252,8 +254,24 @@ def test_a_host_object_on_the_messages_refuses_the_split_and_changes_nothing(
             "1 row-level security policies",
         ),
         (["CREATE PUBLICATION feed FOR TABLE hermes_messages"], "publications feed"),
+        (
+            ["CREATE RULE keep AS ON DELETE TO hermes_messages DO INSTEAD NOTHING"],
+            "the rules keep",
+        ),
+        (["ALTER TABLE hermes_messages REPLICA IDENTITY FULL"], "replica identity"),
+        (
+            ["ALTER TABLE hermes_messages ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY"],
+            r"identity or generated columns \(n\)",
+        ),
+        (
+            [
+                "ALTER TABLE hermes_messages ADD COLUMN size int "
+                "GENERATED ALWAYS AS (length(content)) STORED"
+            ],
+            r"identity or generated columns \(size\)",
+        ),
     ],
-    ids=["rls", "policy", "publication"],
+    ids=["rls", "policy", "publication", "rule", "replica identity", "identity", "generated"],
 )
 def test_what_a_rebuild_would_drop_unsaid_refuses_the_split(
     empty_pg: str, held: list[str], said: str
@@ -266,6 +284,54 @@ def test_what_a_rebuild_would_drop_unsaid_refuses_the_split(
         migrations.partition_messages(engine, 4)
     assert "nothing was changed" in str(caught.value)
     assert _partitions(empty_pg) == []
+    engine.dispose()
+
+
+def test_what_the_host_set_on_the_table_is_carried_over(empty_pg: str) -> None:
+    """Its owner, a trigger's state, storage settings, statistics targets and objects."""
+    engine = _migrated_with_a_turn(empty_pg)
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        for statement in (
+            f"CREATE ROLE {role}",
+            f"ALTER TABLE hermes_messages OWNER TO {role}",
+            "CREATE FUNCTION host_block() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$BEGIN RAISE EXCEPTION 'the host blocks writes'; END$$",
+            "CREATE TRIGGER host_block BEFORE INSERT ON hermes_messages "
+            "FOR EACH ROW EXECUTE FUNCTION host_block()",
+            "ALTER TABLE hermes_messages DISABLE TRIGGER host_block",
+            "ALTER TABLE hermes_messages SET (autovacuum_vacuum_scale_factor = 0.01)",
+            "ALTER TABLE hermes_messages ALTER COLUMN role SET STATISTICS 500",
+            "CREATE STATISTICS host_pairs ON session_id, role FROM hermes_messages",
+        ):
+            conn.exec_driver_sql(statement)
+    assert migrations.partition_messages(engine, 4)
+    with engine.connect() as conn:
+
+        def rows(sql: str) -> list[Any]:
+            return [tuple(row) for row in conn.exec_driver_sql(sql)]
+
+        tables = "SELECT inhrelid FROM pg_inherits WHERE inhparent = 'hermes_messages'::regclass"
+        owners = f"SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid IN ({tables})"
+        assert set(rows(f"{owners} OR oid = 'hermes_messages'::regclass")) == {(role,)}
+        assert rows(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'host_block' "
+            "AND tgrelid = 'hermes_messages'::regclass"
+        ) == [("D",)]
+        assert (
+            rows(f"SELECT reloptions FROM pg_class WHERE oid IN ({tables})")
+            == [(["autovacuum_vacuum_scale_factor=0.01"],)] * 4
+        )
+        assert rows(
+            "SELECT attstattarget FROM pg_attribute "
+            "WHERE attrelid = 'hermes_messages'::regclass AND attname = 'role'"
+        ) == [(500,)]
+        assert rows(
+            "SELECT stxname FROM pg_statistic_ext WHERE stxrelid = 'hermes_messages'::regclass"
+        ) == [("host_pairs",)]
+    with SessionStore(empty_pg) as store:  # the disabled trigger stays out of the way
+        store.flush("s1", [*TURN, {"role": "user", "content": "after"}])
+        assert len(store.get_messages("s1")) == len(TURN) + 1
     engine.dispose()
 
 
