@@ -307,9 +307,9 @@ def _leaf_pattern(leaf: Leaf) -> re.Pattern[str]:
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
     if leaf.substring:
-        return re.compile(re.escape(leaf.tokens[0].lower()))
+        return re.compile(re.escape(_lower(leaf.tokens[0])))
     token = token_class()
-    words = (separator_class() + "+").join(re.escape(fold(t)) for t in leaf.tokens)
+    words = (separator_class() + "+").join(re.escape(_fold(t)) for t in leaf.tokens)
     end = token + "*" if leaf.prefix else f"(?!{token})"
     return re.compile(words + end)
 
@@ -371,7 +371,7 @@ def _phrase_plan(leaf: Leaf) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
 
     (Made once per phrase, not once per hit: each hit of a page is marked with it.)
     """
-    *head, last = map(fold, leaf.tokens)  # as _leaf_pattern looks for them in the folded text
+    *head, last = map(_fold, leaf.tokens)  # as _leaf_pattern looks for them in the folded text
     fallback = [0] * len(head)  # longest proper border of each prefix of head
     k = 0
     for i in range(1, len(head)):
@@ -383,30 +383,19 @@ def _phrase_plan(leaf: Leaf) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
     return tuple(head), last, tuple(fallback)
 
 
-@lru_cache(maxsize=256)
-@lru_cache(maxsize=256)
-def _folded_words(leaf: Leaf) -> Leaf | None:
-    """Word leaf ``leaf`` as the folded text's tokens: each word's folding, cut into tokens.
+def _lower(text: str) -> str:
+    """``text`` lowered, a character for each: ``İ`` (U+0130) as ``i``.
 
-    ``İ`` (U+0130) folds to ``i`` and a combining dot, a separator: a word
-    holding it is two tokens in the folded text, found as a phrase. (None: the
-    words fold to no token at all.)
+    ``str.lower`` makes ``İ`` two characters, the second a combining dot that
+    cuts the word in two; a highlight keeps it one letter, as PostgreSQL
+    lowers it and as a case-blind match takes it.
     """
-    finds = token_pattern().findall
-    tokens = tuple(part for token in leaf.tokens for part in finds(fold(token)))
-    return Leaf(tokens, prefix=leaf.prefix) if tokens else None
+    return text.replace("\u0130", "I").lower()
 
 
-def _lowered(body: str) -> tuple[str, list[int] | None]:
-    """``body`` lowered, and the body's character each lowered one comes from.
-
-    (None where each is its own; lowering makes two characters of ``İ``.)
-    """
-    lowered = body.lower()
-    if len(lowered) == len(body):
-        return lowered, None
-    parts = [char.lower() for char in body]
-    return "".join(parts), [at for at, part in enumerate(parts) for _ in part]
+def _fold(token: str) -> str:
+    """A query word as :func:`match_spans` looks for it: :func:`_lower`, then folded."""
+    return fold_lowered(_lower(token))
 
 
 def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
@@ -417,8 +406,8 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     that tries one literal.
     """
     # Words compare folded (as the indexes hold them), substrings only lowered (as
-    # LIKE compares them): the same length either way, so offsets hold across them.
-    lowered, owner = _lowered(body)
+    # LIKE compares them): a character for each either way, so offsets hold.
+    lowered = _lower(body)
     folded = fold_lowered(lowered)
     spans: set[tuple[int, int]] = set()
     # Each distinct leaf once: a query may repeat one hundreds of times.
@@ -426,14 +415,10 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     for leaf in leaves:
         if leaf.substring:
             spans.update(_leaf_spans(leaf, lowered))
-            continue
-        words = _folded_words(leaf)
-        if words is None:
-            continue
-        found = _phrase_spans if len(words.tokens) > 1 else _leaf_spans
-        spans.update(found(words, folded))
-    if owner is not None:  # back to the body's characters
-        spans = {(owner[start], owner[end - 1] + 1) for start, end in spans}
+        elif len(leaf.tokens) > 1:
+            spans.update(_phrase_spans(leaf, folded))
+        else:
+            spans.update(_leaf_spans(leaf, folded))
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start < merged[-1][1]:

@@ -1569,25 +1569,14 @@ def test_a_phrase_is_marked_where_the_phrase_scan_marks_it(
     assert list(search._phrase_spans(leaf, text)) == list(search._leaf_spans(leaf, text))
 
 
-def test_a_phrase_holding_or_meeting_a_capital_dotted_i_is_marked_as_the_scan_marks_it() -> None:
-    """İ folds to i and a combining dot (a separator), and lowers to two characters: such a
-    phrase, or any phrase in such a body, is scanned as written, however long."""
-    decomposed = "planning the i\u0307stanbul trip now"
-    query = search.parse_query('"İstanbul trip" OR planning')
-    assert search.match_spans(query, decomposed) == [(0, 8), (13, 27)]
-    words = [f"w{i}" for i in range(17)]
-    body = "İzmir notes: " + " ".join(words) + " end"
-    start = body.index("w0")
-    spans = search.match_spans(search.parse_query('"' + " ".join(words) + '"'), body)
-    assert spans == [(start, start + len(" ".join(words)))]
-
-
-def test_a_phrase_with_a_capital_dotted_i_is_found_over_the_tokens_not_by_a_scan(
+def test_a_capital_dotted_i_is_one_letter_where_hits_are_marked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A scan would try such a phrase at each of the body's words (seconds a hit, for a
-    long query over a long tool output): it is found as the others are, and marked in the
-    body's own characters, which lowering made more of."""
+    """``İ`` lowers to ``i`` and a combining dot (a separator) by ``str.lower``; marked as
+    one letter ``i``, as PostgreSQL lowers it: a word holding it is one word, never two,
+    and a phrase holding it, or over a body holding it, is found over the tokens (a scan
+    would try it at each of the body's words: seconds a hit, for a long query over a
+    long tool output)."""
     scanned: list[search.Leaf] = []
     real = search._leaf_spans
 
@@ -1596,11 +1585,30 @@ def test_a_phrase_with_a_capital_dotted_i_is_found_over_the_tokens_not_by_a_scan
         return real(leaf, body)
 
     monkeypatch.setattr(search, "_leaf_spans", spy)
+
+    def marked(query: str, body: str) -> list[str]:
+        return [body[a:b] for a, b in search.match_spans(search.parse_query(query), body)]
+
     body = "İzmir, then İstanbul trip; 部署 after İ"
-    query = search.parse_query('"İstanbul trip" OR İzmir OR 部署 OR "0 0 İ"')
-    marked = [body[start:end] for start, end in search.match_spans(query, body)]
-    assert marked == ["İzmir", "İstanbul trip", "部署"]
-    assert all(len(leaf.tokens) == 1 for leaf in scanned)  # a substring, no phrase
+    assert marked('"İstanbul trip" OR İzmir OR 部署 OR "0 0 İ"', body) == [
+        "İzmir",
+        "İstanbul trip",
+        "部署",
+    ]
+    assert all(len(leaf.tokens) == 1 for leaf in scanned)  # a word, a substring: no phrase
+    assert marked("zmir", "İzmir and zmir") == ["zmir"]  # not a piece of İzmir
+    assert marked("\u03c3", "\u03a3\u0130\u03a3 \u03c3 \u03c2") == ["\u03c3", "\u03c2"]  # sigmas
+    # PostgreSQL finds İstanbul by istanbul: marked there, as the hit it is.
+    assert marked('istanbul OR "istanbul trip"', "İstanbul trip, ISTANBUL") == [
+        "İstanbul trip",
+        "ISTANBUL",
+    ]
+    words = [f"w{i}" for i in range(17)]
+    body = "İzmir notes: " + " ".join(words) + " end"
+    start = body.index("w0")
+    assert search.match_spans(search.parse_query('"' + " ".join(words) + '"'), body) == [
+        (start, start + len(" ".join(words)))
+    ]
 
 
 def test_a_long_phrase_over_a_long_message_is_marked_where_it_ends() -> None:
