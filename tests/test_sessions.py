@@ -282,6 +282,43 @@ def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None
 
 
 @pytest.mark.sqlite
+def test_a_database_busy_at_the_schema_check_is_waited_for(tmp_path: Path) -> None:
+    """The store's first call checks the schema: a writer holding the file meanwhile is
+    waited out as the call's own work would be, not told as an error."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import create_engine, event
+
+    from hermes_orm import RetryPolicy
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    with SessionStore(url) as first:
+        first.upgrade()
+        first.create_session("s", source="cli")
+    writer = sqlite3.connect(tmp_path / "a.db", isolation_level=None, check_same_thread=False)
+    writer.execute("PRAGMA journal_mode=DELETE")  # (out of WAL: a writer blocks readers)
+    engine = create_engine(url, connect_args={"timeout": 0.05})  # the application's
+    store = SessionStore(engine, lock_timeout=0.05, retry=RetryPolicy(attempts=50, max_delay=0.05))
+    began: list[threading.Timer] = []
+
+    @event.listens_for(engine, "checkout")
+    def another_writer_begins(*_: Any) -> None:
+        if not began:
+            writer.execute("BEGIN EXCLUSIVE")
+            began.append(threading.Timer(0.3, writer.execute, ("COMMIT",)))
+            began[0].start()
+
+    try:
+        assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+    finally:
+        began[0].join()
+        store.close()
+        engine.dispose()
+        writer.close()
+
+
+@pytest.mark.sqlite
 def test_a_lock_wait_under_a_millisecond_is_one_not_none(tmp_path: Path) -> None:
     """SQLite's busy_timeout counts whole milliseconds, and 0 is no wait at all."""
     store = SessionStore(f"sqlite:///{tmp_path / 'a.db'}", lock_timeout=0.0004)
