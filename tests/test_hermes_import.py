@@ -1355,11 +1355,18 @@ def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: s
 
 
 #: What an older Hermes' state.db looked like: messages without the ``active`` and
-#: ``compacted`` columns (``dropped``), or ``active`` added without a default (NULL).
+#: ``compacted`` columns (``dropped``), or ``active`` added without a default (NULL),
+#: or without ``observed``, or without all three (``first``).
 _OLDER_MESSAGES = {
     "dropped": [
         "ALTER TABLE messages DROP COLUMN active",
         "ALTER TABLE messages DROP COLUMN compacted",
+    ],
+    "no observed": ["ALTER TABLE messages DROP COLUMN observed"],
+    "first": [
+        "ALTER TABLE messages DROP COLUMN active",
+        "ALTER TABLE messages DROP COLUMN compacted",
+        "ALTER TABLE messages DROP COLUMN observed",
     ],
     "null": [
         "ALTER TABLE messages DROP COLUMN active",
@@ -1373,7 +1380,7 @@ def _older(source: Path) -> list[str]:
     conn = sqlite3.connect(source)
     indexes = conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' "
-        "AND (sql LIKE '%active%' OR sql LIKE '%compacted%')"
+        "AND (sql LIKE '%active%' OR sql LIKE '%compacted%' OR sql LIKE '%observed%')"
     ).fetchall()
     conn.close()
     return [f'DROP INDEX "{name}"' for (name,) in indexes]
@@ -1404,7 +1411,7 @@ def test_rows_hermes_changed_in_place_after_an_upgrade_do_not_stop_the_next_impo
     """
     source, hermes = _imported_then_upgraded(store, tmp_path, older)
     copied = store.get_messages("s")
-    assert "active" not in copied[0]
+    assert {"active", "observed"} - set(copied[0])  # a column the older file lacked
     hermes.append_message("s", "user", content="q2")
     hermes.append_message("s", "assistant", content="a2")
     hermes.close()

@@ -1300,11 +1300,13 @@ def _continue_earlier_copies(
 
 
 #: Keys Hermes adds to a row it stored before, and whether a value there means
-#: what the key's absence meant (a live row): an upgrade adds ``active`` (1) and
-#: ``compacted`` (0), or fills a NULL ``active`` with 1; ``api_content`` is filled in.
+#: what the key's absence meant (a live row): an upgrade adds ``active`` (1),
+#: ``compacted`` (0) and ``observed`` (0), or fills a NULL ``active`` with 1;
+#: ``api_content`` is filled in.
 _ADDED_AS_BEFORE: dict[str, Callable[[Any], bool]] = {
     "active": lambda value: value is True,
     "compacted": lambda value: value is False,
+    "observed": lambda value: value is False,
     "api_content": lambda value: True,
 }
 
