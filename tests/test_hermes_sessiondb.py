@@ -990,6 +990,37 @@ def test_search_filters_that_are_not_text_are_refused_on_every_backend(
     ]
 
 
+def test_a_read_only_sessiondb_writes_nothing(store: SessionStore) -> None:
+    """As Hermes' own, opened ``read_only`` (its dashboard's): every write is refused
+    before anything is written; reads work."""
+    from hermes_orm import DatabaseError
+
+    writer = SessionDB(store)
+    writer.create_session("s", "cli")
+    writer.append_message("s", "user", "keep me")
+    reader = SessionDB(store, read_only=True)
+    for write in (
+        lambda: reader.create_session("t", "cli"),
+        lambda: reader.append_message("s", "user", "written through a read-only handle"),
+        lambda: reader.set_session_title("s", "renamed"),
+        lambda: reader.end_session("s", "done"),
+        lambda: reader.update_token_counts("s", input_tokens=5),
+        lambda: reader.clear_messages("s"),
+        lambda: reader.replace_messages("s", [{"role": "user", "content": "x"}]),
+        lambda: reader.delete_session("s"),
+        lambda: reader.prune_sessions(older_than_days=0),
+        lambda: reader.set_meta("k", "v"),
+        reader.rebuild_fts,
+        reader.vacuum,
+    ):
+        with pytest.raises(DatabaseError, match="opened read_only"):
+            write()
+    assert [m["content"] for m in reader.get_messages("s")] == ["keep me"]
+    assert reader.get_session("s")["title"] is None
+    assert reader.get_session("t") is None
+    assert [r["session_id"] for r in reader.search_messages("keep")] == ["s"]
+
+
 def test_tool_calls_count_the_live_messages_after_compaction_as_in_hermes(both: Any) -> None:
     call = [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Table, delete, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +30,8 @@ from hermes_orm.models import (
     TelegramTopicBinding,
     TelegramTopicMode,
 )
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects.postgresql import Insert as PgInsert
@@ -152,6 +155,10 @@ class GatewayMethods:
     if TYPE_CHECKING:
         _store: SessionStore
 
+        def _write(self, work: Callable[[Connection], _T]) -> _T: ...
+
+        def _refuse_read_only(self) -> None: ...
+
         def _hermes_session(self, row: Any) -> dict[str, Any]: ...
 
     def _sessions_with(self, conn: Connection, query: Any) -> list[dict[str, Any]]:
@@ -216,7 +223,7 @@ class GatewayMethods:
         def work(conn: Connection) -> None:
             conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(values))
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def set_expiry_finalized(self, session_id: str, finalized: bool = True) -> None:
         """Set (or clear) the session's ``expiry_finalized`` flag; no-op without an id."""
@@ -227,7 +234,7 @@ class GatewayMethods:
             statement = update(_sessions).where(_sessions.c.id == session_id)
             conn.execute(statement.values(expiry_finalized=bool(finalized)))
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def find_latest_gateway_session_for_peer(
         self,
@@ -387,7 +394,7 @@ class GatewayMethods:
             return int(conn.execute(statement).rowcount)
 
         try:
-            return self._store.write_transaction(work) > 0
+            return self._write(work) > 0
         except (SQLAlchemyError, HermesOrmError) as exc:
             _log.warning("promote_to_session_reset(%r) failed: %s", session_id, exc)
             return False
@@ -423,7 +430,7 @@ class GatewayMethods:
                 )
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def replace_gateway_routing_entries(self, entries: dict[str, str], *, scope: str = "") -> None:
         """Make ``entries`` (key: entry JSON) the whole routing index of ``scope``, atomically.
@@ -452,7 +459,7 @@ class GatewayMethods:
                 now = time.time()
                 conn.execute(_routes.insert(), [{**row, "updated_at": now} for row in rows])
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def load_gateway_routing_entries(self, *, scope: str = "") -> dict[str, str]:
         """The routing index of ``scope``: ``{session_key: entry_json}``."""
@@ -477,7 +484,7 @@ class GatewayMethods:
                 delete(_routes).where(_routes.c.scope == where, _routes.c.session_key.in_(keys))
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     # -- handoffs -----------------------------------------------------------------------------
 
@@ -501,7 +508,7 @@ class GatewayMethods:
             )
             return int(conn.execute(statement).rowcount)
 
-        return self._store.write_transaction(work) > 0
+        return self._write(work) > 0
 
     def claim_handoff(self, session_id: str) -> bool:
         """Move a ``pending`` handoff to ``running``; True for the one caller that did.
@@ -518,7 +525,7 @@ class GatewayMethods:
             )
             return int(conn.execute(statement).rowcount)
 
-        return self._store.write_transaction(work) > 0
+        return self._write(work) > 0
 
     def complete_handoff(self, session_id: str) -> None:
         """Mark the session's handoff ``completed`` (its error cleared)."""
@@ -541,7 +548,7 @@ class GatewayMethods:
             statement = update(_sessions).where(_sessions.c.id == session_id)
             conn.execute(statement.values(handoff_state=state, handoff_error=error))
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def get_handoff_state(self, session_id: str) -> dict[str, Any] | None:
         """The session's handoff as ``{"state", "platform", "error"}``; None for no session.
@@ -615,7 +622,7 @@ class GatewayMethods:
 
         The tables are part of hermes_orm's schema already (migration 0008).
         """
-        self._store.write_transaction(_mark_topic_schema)
+        self._write(_mark_topic_schema)
 
     def enable_telegram_topic_mode(
         self,
@@ -664,7 +671,7 @@ class GatewayMethods:
                 )
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def disable_telegram_topic_mode(self, *, chat_id: str, clear_bindings: bool = True) -> None:
         """Turn topic mode off for a chat; with ``clear_bindings``, drop its topic bindings."""
@@ -679,7 +686,7 @@ class GatewayMethods:
             if clear_bindings:
                 conn.execute(delete(_bindings).where(_bindings.c.chat_id == chat))
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def is_telegram_topic_mode_enabled(self, *, chat_id: str, user_id: str) -> bool:
         """Whether topic mode is on for this chat and user."""
@@ -747,7 +754,7 @@ class GatewayMethods:
                 )
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def delete_telegram_topic_binding(self, *, chat_id: str, thread_id: str) -> int:
         """Remove one topic's binding; returns how many were removed (0 or 1).
@@ -779,7 +786,7 @@ class GatewayMethods:
                     )
             return removed
 
-        return self._store.write_transaction(work)
+        return self._write(work)
 
     def _bindings_where(self, *where: Any) -> list[dict[str, Any]]:
         query = select(_bindings).where(*where).order_by(_bindings.c.updated_at.desc())

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -41,6 +41,8 @@ from hermes_orm.errors import (
     InvalidArgumentError,
 )
 from hermes_orm.models import CompressionLock, Message, Session
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from hermes_orm.store import SessionStore
@@ -176,6 +178,10 @@ class LineageMethods:
     if TYPE_CHECKING:
         _store: SessionStore
 
+        def _write(self, work: Callable[[Connection], _T]) -> _T: ...
+
+        def _refuse_read_only(self) -> None: ...
+
         def _hermes_session(self, row: Any) -> dict[str, Any]: ...
 
         def _hermes_message(self, row: Any) -> dict[str, Any]: ...
@@ -216,7 +222,7 @@ class LineageMethods:
             )
 
         try:
-            self._store.write_transaction(work)
+            self._write(work)
         except _DB_FAILURES as exc:
             logger.warning("record_compression_failure_cooldown(%s) failed: %s", session_id, exc)
 
@@ -258,7 +264,7 @@ class LineageMethods:
             )
 
         try:
-            self._store.write_transaction(work)
+            self._write(work)
         except _DB_FAILURES as exc:
             logger.warning("clear_compression_failure_cooldown(%s) failed: %s", session_id, exc)
 
@@ -288,7 +294,7 @@ class LineageMethods:
                 .values(compression_fallback_streak=normalized)
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     # -- compression locks ------------------------------------------------------------------
 
@@ -331,7 +337,7 @@ class LineageMethods:
             return owner == holder
 
         try:
-            return self._store.write_transaction(work)
+            return self._write(work)
         except _DB_FAILURES as exc:
             logger.warning("try_acquire_compression_lock(%s) failed: %s", session_id, exc)
             return False
@@ -362,7 +368,7 @@ class LineageMethods:
             return int(conn.execute(statement).rowcount) > 0
 
         try:
-            return self._store.write_transaction(work)
+            return self._write(work)
         except _DB_FAILURES as exc:
             logger.warning("refresh_compression_lock(%s) failed: %s", session_id, exc)
             return False
@@ -383,7 +389,7 @@ class LineageMethods:
             )
 
         try:
-            self._store.write_transaction(work)
+            self._write(work)
         except _DB_FAILURES as exc:
             logger.warning("release_compression_lock(%s) failed: %s", session_id, exc)
 
@@ -517,7 +523,7 @@ class LineageMethods:
             )
             return int(conn.execute(statement).rowcount)
 
-        return self._store.write_transaction(work)
+        return self._write(work)
 
     # -- resuming ---------------------------------------------------------------------------
 
@@ -799,12 +805,12 @@ class LineageMethods:
             return int(conn.execute(statement.values(title=cleaned)).rowcount) > 0
 
         try:
-            return self._store.write_transaction(work)
+            return self._write(work)
         except DatabaseError as exc:
             if not isinstance(exc.__cause__, IntegrityError):
                 raise
             # Another session took the title meanwhile (PostgreSQL): decide again.
-            return self._store.write_transaction(work)
+            return self._write(work)
 
     # -- search -----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -61,6 +61,8 @@ from hermes_orm.integrations.hermes._text import (
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import refuse_orphans
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from hermes_orm.store import SessionStore
@@ -364,6 +366,10 @@ class UpkeepMethods:
     if TYPE_CHECKING:
         _store: SessionStore
 
+        def _write(self, work: Callable[[Connection], _T]) -> _T: ...
+
+        def _refuse_read_only(self) -> None: ...
+
         def _hermes_message(self, row: Any) -> dict[str, Any]: ...
 
         def ensure_session(
@@ -404,7 +410,7 @@ class UpkeepMethods:
             self._repairs.before_rewrite(session_id)
         self._store.forget_cursor(session_id)
         try:
-            result = self._store.write_transaction(work)
+            result = self._write(work)
         finally:
             self._store.forget_cursor(session_id)
         if history:
@@ -891,7 +897,7 @@ class UpkeepMethods:
                 )
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     # -- deleting -------------------------------------------------------------------------
 
@@ -905,6 +911,7 @@ class UpkeepMethods:
         """
         from hermes_orm.integrations.hermes.sessiondb import _remove_session_files
 
+        self._refuse_read_only()
         directory = sessions_dir_path(sessions_dir)
         picked: list[str] = []
 
@@ -1068,7 +1075,7 @@ class UpkeepMethods:
             statement = update(_sessions).where(s.id.in_(chain)).values(archived=bool(archived))
             return int(conn.execute(statement).rowcount)
 
-        return self._store.write_transaction(work) > 0
+        return self._write(work) > 0
 
     def archive_sessions(
         self, older_than_days: float | None = None, source: str | None = None, **filters: Any
@@ -1108,7 +1115,7 @@ class UpkeepMethods:
         merged = 0
         for statement in statements:
             try:
-                self._store.write_transaction(_executes(statement))
+                self._write(_executes(statement))
             except (DBAPIError, DatabaseError) as exc:  # (the store's, for a refusal)
                 logger.warning("search index merge failed (%s): %s", statement, exc)
             else:
@@ -1122,6 +1129,7 @@ class UpkeepMethods:
         every message's search body and vector are computed again and the
         search indexes reindexed (:meth:`SessionStore.rebuild_search_index`).
         """
+        self._refuse_read_only()
         self._store.rebuild_search_index()
         return len(_SQLITE_SEARCH_TABLES)
 
@@ -1134,6 +1142,7 @@ class UpkeepMethods:
         user does not own are skipped by the server with a warning). Both run
         outside any transaction.
         """
+        self._refuse_read_only()
         optimized = 0
         try:
             optimized = self.optimize_fts()
@@ -1224,7 +1233,7 @@ class UpkeepMethods:
             return {"ok": False, "imported": 0, "skipped": 0, "detached": 0, "errors": errors}
         for _, session, _ in valid:
             self._store.forget_cursor(session["id"])
-        return self._store.write_transaction(lambda conn: self._import_into(conn, valid))
+        return self._write(lambda conn: self._import_into(conn, valid))
 
     def _import_checked(
         self, sessions: list[Any]
@@ -1408,7 +1417,7 @@ class UpkeepMethods:
         def work(conn: Connection) -> None:
             conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(values))
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def update_session_cwd(
         self,
@@ -1451,7 +1460,7 @@ class UpkeepMethods:
                     .values(git_repo_root=root)
                 )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def distinct_session_cwds(self, include_archived: bool = False) -> list[dict[str, Any]]:
         """Every non-blank session cwd: how many sessions ran there and when one last did.

@@ -39,13 +39,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import (
+    DatabaseError,
     DatabaseUnavailableError,
     InvalidArgumentError,
     InvalidSessionError,
@@ -66,6 +67,8 @@ from hermes_orm.integrations.hermes._text import (
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods, started_before
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session, new_history_id
 from hermes_orm.store import SessionStore, check_session_id
+
+_T = TypeVar("_T")
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -686,6 +689,23 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """The store underneath."""
         return self._store
 
+    def _refuse_read_only(self) -> None:
+        """Refuse a write through an object opened ``read_only``, as Hermes' own does.
+
+        Raises:
+            DatabaseError: It was.
+        """
+        if self.read_only:
+            raise DatabaseError(
+                "this SessionDB was opened read_only: it writes nothing (as Hermes' own "
+                "refuses); open one without read_only to write"
+            )
+
+    def _write(self, work: Callable[[Connection], _T]) -> _T:
+        """Run ``work`` in one write transaction of the store (refused when ``read_only``)."""
+        self._refuse_read_only()
+        return self._store.write_transaction(work)
+
     def close(self) -> None:
         """Release the store's connections (and its engine, if this object made it)."""
         if self._owned:
@@ -714,6 +734,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         }
         if fields.get("model_config") is None:
             fields.pop("model_config", None)  # Hermes stores a falsy config as NULL
+        self._refuse_read_only()
         self._store.ensure_session(
             session_id, sqlite_text(source), started_at=time.time(), **fields
         )
@@ -728,7 +749,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             statement = update(_sessions).where(_sessions.c.id == session_id).values(**values)
             return int(conn.execute(statement).rowcount)
 
-        return self._store.write_transaction(work)
+        return self._write(work)
 
     def end_session(self, session_id: str, end_reason: str) -> None:
         """End the session; the first end wins (no-op on an ended or missing one)."""
@@ -741,7 +762,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 .values(ended_at=time.time(), end_reason=reason)
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def reopen_session(self, session_id: str) -> None:
         """Clear ``ended_at`` and ``end_reason``."""
@@ -916,7 +937,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                     cost_source=cost_source,
                 )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
     def _hermes_session(self, row: Any) -> dict[str, Any]:
         data = dict(row._mapping)
@@ -1058,6 +1079,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             floor = self._appended.get(session_id)
         if floor is None:
             floor = self._highest_row()
+        self._refuse_read_only()
         try:
             row_id = self._store.append_row(session_id, message)[1]
         except DatabaseUnavailableError:
@@ -1326,7 +1348,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             )
 
         self._store.forget_cursor(session_id)
-        self._store.write_transaction(work)
+        self._write(work)
         self._history_rewritten(session_id)
 
     def session_count(  # noqa: PLR0917 - Hermes' signature
@@ -1573,7 +1595,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 )
             )
 
-        self._store.write_transaction(work)
+        self._write(work)
 
 
 #: The session id a lookup by an id no row can hold uses: no session has an empty id
