@@ -836,7 +836,7 @@ def test_scaffolding_dropped_later_does_not_shift_the_history(
 def test_a_database_without_the_schema_gets_it_on_the_first_turn(
     empty_db_url: str, status: StatusFile
 ) -> None:
-    m = Mirror(empty_db_url, status=status)
+    m = Mirror(empty_db_url, status=status, wait=60)  # (the whole migration, on a busy machine)
     assert m.turn("s1", _turn(1))
     m.close()
     store = SessionStore(empty_db_url)
