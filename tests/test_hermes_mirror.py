@@ -25,6 +25,7 @@ from hermes_orm.integrations.hermes.mirror import (
     SCAFFOLDING_FLAGS,
     Mirror,
     StatusFile,
+    StoreFlush,
     conversation,
     same_turn,
 )
@@ -345,6 +346,23 @@ def test_an_unreachable_database_is_recorded_without_its_password(
     assert "catches up" in error["todo"]
     assert "127.0.0.1:1/nowhere" in caplog.text
     assert "S3CRET" not in status.path.read_text() + caplog.text
+
+
+@pytest.mark.parametrize("mode", ["mirror", "store"])
+def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
+    status: StatusFile, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mirror's Hermes keeps them in its state.db (an import copies them); in store mode
+    Hermes keeps its sessions in this database alone: no import has them to copy."""
+    kind = Mirror if mode == "mirror" else StoreFlush
+    m = kind("postgresql://hermes@127.0.0.1:1/nowhere", status=status, wait=10)
+    assert m.turn("s1", _turn(1))  # ran, and failed
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        m.close()
+    told = [r.getMessage() for r in caplog.records if "at exit" in r.getMessage()]
+    assert len(told) == 1, caplog.text
+    assert ("hermes orm import" in told[0]) is (mode == "mirror")
+    assert ("kept nowhere else" in told[0]) is (mode == "store")
 
 
 def test_background_review_turns_are_left_out(mirror: Mirror, store: SessionStore) -> None:
@@ -896,7 +914,7 @@ def test_store_modes_copy_of_a_session_stays_one_in_every_process(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:
     """A session Hermes writes elsewhere (its TUI): copied, marked so in the database."""
-    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK
 
     def turn_in_a_new_process(messages: list[dict[str, Any]]) -> None:
         flush = StoreFlush(db_url, status=status, wait=30)

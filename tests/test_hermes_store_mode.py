@@ -799,3 +799,40 @@ def test_a_repeated_message_stored_before_its_write_raised_is_not_stored_again(
         ("assistant", DELIVERY["content"]),
         ("user", "ok"),
     ]
+
+
+def test_a_database_out_of_reach_at_start_is_waited_for_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hermes opens several SessionDBs as it starts: the first waits out the store's
+    span for the database; the next ones, within a minute, are told at once."""
+    from hermes_orm import DatabaseUnavailableError, RetryPolicy
+    from hermes_orm.integrations.hermes import plugin
+
+    url = "postgresql+psycopg://u@127.0.0.1:1/nowhere"  # nobody listens on port 1
+    tries: list[str] = []
+    real_upgrade = SessionStore.upgrade
+
+    def short(bind: str) -> SessionStore:  # the store's span, shortened for the test
+        return SessionStore(bind, retry=RetryPolicy(unavailable_for=0.3))
+
+    def counted(self: SessionStore, *args: Any, **kwargs: Any) -> None:
+        tries.append("upgrade")
+        real_upgrade(self, *args, **kwargs)
+
+    monkeypatch.setattr(plugin, "SessionStore", short)
+    monkeypatch.setattr(SessionStore, "upgrade", counted)
+    try:
+        with pytest.raises(DatabaseUnavailableError) as first:
+            plugin.shared_store(url)
+        assert first.value.attempts > 0
+        for _ in range(3):  # Hermes' next SessionDB() calls
+            with pytest.raises(DatabaseUnavailableError, match="tries again after that"):
+                plugin.shared_store(url)
+        assert tries == ["upgrade"]
+        plugin._unreachable[url] = (0.0, first.value)  # the minute is over
+        with pytest.raises(DatabaseUnavailableError):
+            plugin.shared_store(url)
+        assert tries == ["upgrade", "upgrade"]
+    finally:
+        plugin._close_shared()

@@ -480,6 +480,9 @@ class Mirror:
         wait: Seconds a turn waits for its write.
     """
 
+    #: Where what was not written is kept meanwhile, as the exit's warning says it.
+    _kept_elsewhere = "; Hermes' state.db holds them (`hermes orm import` copies what is missing)"
+
     def __init__(
         self,
         url: str,
@@ -587,10 +590,10 @@ class Mirror:
         if self._unwritten:
             logger.warning(
                 "hermes_orm mirror: at exit, %d session(s) still not written (%s); the next "
-                "turn of each, if it is resumed, catches up; Hermes' state.db holds them "
-                "(`hermes orm import` copies what is missing)",
+                "turn of each, if it is resumed, catches up%s",
                 len(self._unwritten),
                 ", ".join(list(self._unwritten)[:5]),
+                self._kept_elsewhere,
             )
         store, self._store = self._store, None
         if store is not None:
@@ -1237,6 +1240,9 @@ class StoreFlush(Mirror):
     a new revision (``ID#2``), as the mirror keeps them, and Hermes' marks on
     its messages are left alone (its own writes go elsewhere).
     """
+
+    # Hermes keeps these sessions in this database alone.
+    _kept_elsewhere = "; meanwhile it is kept nowhere else (Hermes keeps its sessions here alone)"
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)

@@ -60,6 +60,7 @@ from hermes_orm._dialects import (
 )
 from hermes_orm.errors import (
     DatabaseError,
+    DatabaseUnavailableError,
     InvalidArgumentError,
     SchemaOutOfDateError,
     SchemaTooNewError,
@@ -183,6 +184,12 @@ def hermes_sessions() -> HermesSessions:
 _shared: dict[str, SessionStore] = {}
 _upgraded: set[str] = set()
 _shared_lock = threading.Lock()
+#: Seconds a migration that found the database out of reach is remembered: the
+#: SessionDBs Hermes opens meanwhile (several at its start) are told at once,
+#: not each after the store's whole wait.
+UNREACHABLE_REMEMBERED = 60.0
+#: By URL, until when and what the last migration found (see UNREACHABLE_REMEMBERED).
+_unreachable: dict[str, tuple[float, DatabaseUnavailableError]] = {}
 
 
 def shared_store(url: str, *, upgrade: bool = True) -> SessionStore:
@@ -201,7 +208,19 @@ def shared_store(url: str, *, upgrade: bool = True) -> SessionStore:
             if len(_shared) == 1:
                 atexit.register(_close_shared)
         if url not in _upgraded and (upgrade or migrations.current(store.engine) is None):
-            store.upgrade()
+            until, found = _unreachable.get(url, (0.0, None))
+            if found is not None and time.monotonic() < until:
+                raise DatabaseUnavailableError(
+                    f"so this process found it less than {UNREACHABLE_REMEMBERED:.0f} s ago, "
+                    "and tries again after that",
+                    attempts=0,
+                )
+            try:
+                store.upgrade()
+            except DatabaseUnavailableError as exc:
+                _unreachable[url] = (time.monotonic() + UNREACHABLE_REMEMBERED, exc)
+                raise
+            _unreachable.pop(url, None)
             _upgraded.add(url)
     return store
 
@@ -211,6 +230,7 @@ def _close_shared() -> None:
         stores = list(_shared.values())
         _shared.clear()
         _upgraded.clear()
+        _unreachable.clear()
     for store in stores:
         store.close()
 
