@@ -365,6 +365,33 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     assert ("kept nowhere else" in told[0]) is (mode == "store")
 
 
+def test_a_mirror_leaves_another_running_one_s_error_on_record(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Two Hermes processes on one home directory share the status file: one's success
+    takes off its own errors, and those of processes gone, not the other's."""
+    refused = {"role": "assistant", "content": "x", "tool_calls": [{"id": "c", "x": float("nan")}]}
+    gateway = Mirror(db_url, status=status, wait=10)
+    cli = Mirror(db_url, status=status, wait=10)
+    try:
+        assert gateway.turn("a", [{"role": "user", "content": "hi"}, refused])
+        assert status.read()["error"]["session_id"] == "a"
+        assert cli.turn("b", _turn(1))
+        assert status.read()["error"]["session_id"] == "a"  # the gateway still fails on it
+        assert gateway.turn("a", _turn(1))  # a conversation it can store: its own, taken off
+        assert "error" not in status.read()
+        gone = {"session_id": "z", "message": "an old error", "process": "999999999:0"}
+        status.write(error=gone)
+        later = Mirror(db_url, status=status, wait=10)  # a process started since
+        assert later.turn("c", _turn(1))
+        later.close()
+        assert "error" not in status.read()  # left by a process that is gone
+    finally:
+        gateway.close()
+        cli.close()
+    assert _stored(store, "b") == _turn(1)
+
+
 def test_background_review_turns_are_left_out(mirror: Mirror, store: SessionStore) -> None:
     hooks = make_hooks(mirror)
     history = _turn(1)

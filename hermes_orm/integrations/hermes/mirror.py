@@ -463,6 +463,30 @@ class StatusFile:
             logger.warning("hermes_orm mirror: cannot write %s: %s", self.path, exc)
 
 
+def _clears(error: Mapping[str, Any], session_id: str, writer: str) -> bool:
+    """Whether the mirror ``writer``, which just wrote ``session_id``, takes ``error`` off.
+
+    It does when the error is its own, or of that session (written now), or
+    left by a process that is gone (or names none: an older version's).
+    Another mirror still running keeps its error on record (two Hermes
+    processes on one home directory).
+    """
+    recorded = error.get("process")
+    if not isinstance(recorded, str) or recorded == writer:
+        return True
+    if error.get("session_id") == session_id:
+        return True
+    try:
+        os.kill(int(recorded.partition(":")[0]), 0)
+    except ProcessLookupError:
+        return True  # gone
+    except (ValueError, OverflowError):
+        return True  # no pid: not a process's record
+    except OSError:
+        return False  # (another user's: there)
+    return False
+
+
 #: Reads Hermes' own row of a session (a dict of its columns), or None.
 HermesSessions = Callable[[str], dict[str, Any] | None]
 
@@ -494,6 +518,9 @@ class Mirror:
         self.url = url
         self.wait = wait
         self.status = status
+        #: This mirror, as the status file names the writer of an error: its
+        #: process, told apart from a later one given the same pid.
+        self._mark = os.urandom(4).hex()
         self._hermes_sessions = hermes_sessions
         self._store: SessionStore | None = None
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
@@ -689,10 +716,14 @@ class Mirror:
             "session_id": session_id,
             "message": message,
             "todo": todo,
+            "process": self._writer(),
         }
         self._failing[session_id] = error
         self._tracked.pop(session_id, None)  # read again from the database next time
         self.status.write(error=error)
+
+    def _writer(self) -> str:
+        return f"{os.getpid()}:{self._mark}"
 
     def _succeeded(self, session_id: str) -> None:
         if self._failing.pop(session_id, None) is not None:
@@ -712,8 +743,8 @@ class Mirror:
             # in place of this session's.
             if error.get("session_id") == session_id:
                 self.status.write(error=list(self._failing.values())[-1])
-        else:
-            self.status.write(error=None)  # left by this process, or an earlier one
+        elif _clears(error, session_id, self._writer()):
+            self.status.write(error=None)
 
     def _catch_up(self, session_id: str) -> bool:
         """Write the session's lists not written yet; whether the database was busy for them."""
