@@ -628,9 +628,7 @@ def create_store_engine(
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
     kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
     if parsed.get_backend_name() == "postgresql":
-        parsed = _pg_connect_args(
-            parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
-        )
+        parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
     engine = _create(create_engine, parsed, kwargs)
     configure_engine(
         engine,
@@ -666,9 +664,7 @@ def create_async_store_engine(
         if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
             parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif parsed.get_backend_name() == "postgresql":
-        parsed = _pg_connect_args(
-            parsed, kwargs.setdefault("connect_args", {}), lock_timeout, pgbouncer
-        )
+        parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
     engine = _create(create_async_engine, parsed, kwargs)
     configure_engine(
         engine.sync_engine,
@@ -802,10 +798,11 @@ def _asyncpg_settings(url: URL, connect_args: dict[str, Any], options: str) -> U
     for word in words:
         setting = next(words, "") if word == "-c" else word.removeprefix("-c")
         if word.startswith("--"):
-            setting = word[2:].replace("-", "_")
+            setting = word[2:]
         elif not word.startswith("-c"):
             setting = ""
         name, equals, value = setting.partition("=")
+        name = name.replace("-", "_")  # (as the server reads a name, in either form)
         if not name or not equals:
             raise InvalidURLError(
                 f"options={options!r} in {safe_url(url)}: asyncpg takes only settings "
@@ -820,6 +817,19 @@ def _asyncpg_settings(url: URL, connect_args: dict[str, Any], options: str) -> U
         for name, value in settings.items():
             given.setdefault(name, value)
     return url.difference_update_query(["options", "application_name"])
+
+
+def _own_connect_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs``' ``connect_args``, a copy of the caller's (its ``server_settings`` too).
+
+    The store adds its settings to them: a dict the caller passes again, to
+    another engine, must not carry this one's.
+    """
+    connect_args = dict(kwargs.get("connect_args") or {})
+    if isinstance(connect_args.get("server_settings"), dict):
+        connect_args["server_settings"] = dict(connect_args["server_settings"])
+    kwargs["connect_args"] = connect_args
+    return connect_args
 
 
 def _pg_connect_args(

@@ -335,13 +335,14 @@ def test_asyncpg_takes_the_urls_options_and_application_name_as_server_settings(
             await async_engine.dispose()
 
     assert asyncio.run(shown(url)) == ["4321ms", "7MB", "agents", "5s"]
-    # A lock_timeout of the URL's own wins; connect_args' options go too.
-    url = url.update_query_dict({"options": "-c lock_timeout=777"})
-    assert asyncio.run(shown(url, connect_args={"options": "--work-mem=9MB"}))[1:] == [
-        "9MB",
-        "agents",
-        "777ms",
-    ]
+    # A lock_timeout of the URL's own wins; connect_args' options go too, a name with
+    # dashes read as the server reads it (a value's dashes kept).
+    url = url.update_query_dict({"options": "-c lock-timeout=777"}).difference_update_query(
+        ["application_name"]
+    )
+    given = {"options": "--work-mem=9MB --application-name=web-1"}
+    assert asyncio.run(shown(url, connect_args=given))[1:] == ["9MB", "web-1", "777ms"]
+    assert given == {"options": "--work-mem=9MB --application-name=web-1"}  # the caller's, as given
     with pytest.raises(InvalidURLError, match="asyncpg takes only settings"):
         create_async_store_engine(url.update_query_dict({"options": "-X nonsense"}))
 
