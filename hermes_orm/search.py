@@ -486,8 +486,22 @@ def encode_cursor(message_id: int, query: str, filters: Filters) -> str:
 
 
 def _listing_tag(message_id: int, query: str, filters: Filters) -> str:
-    listing = repr((message_id, query, filters)).encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(listing, digest_size=6).hexdigest()
+    # The filters by name: a field added to Filters one day leaves the cursors of
+    # searches without it as they were (add it here only if it changes a listing).
+    listing = (
+        message_id,
+        query,
+        filters.session_id,
+        filters.sources,
+        filters.user_id,
+        filters.roles,
+        filters.excluded_sources,
+        filters.skip_rewound,
+        filters.oldest_first,
+    )
+    return hashlib.blake2b(
+        repr(listing).encode("utf-8", "surrogatepass"), digest_size=6
+    ).hexdigest()
 
 
 def decode_cursor(cursor: str, query: str, filters: Filters) -> int:
