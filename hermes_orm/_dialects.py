@@ -246,6 +246,15 @@ def _printable_url(url: URL) -> URL:
     )
 
 
+def _utf8(url: URL) -> bool:
+    """Whether every part of ``url`` is text UTF-8 can write."""
+    try:
+        url.render_as_string(hide_password=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def normalize_url(url: str | URL) -> URL:
     """Parse ``url``; a bare ``postgresql://`` URL gets the psycopg (3) driver.
 
@@ -281,9 +290,15 @@ def normalize_url(url: str | URL) -> URL:
                 # ``user:p@ss@host``: SQLAlchemy cuts the password at its first @ and
                 # would connect to (and name, in the driver's errors) the rest as the host.
                 reason = "its host holds an @: an @ in the password is written %40"
+            elif parsed.get_backend_name() != "sqlite" and not _utf8(parsed):
+                # A byte that is no UTF-8 in a command's argument (Python keeps it as a
+                # lone surrogate): no server connection string can hold it. (A SQLite
+                # file's name is the file system's to take.)
+                reason = "it holds a byte that is not UTF-8 text"
     if reason is not None:
+        shown = safe_url(url).encode("utf-8", "replace").decode("utf-8")
         raise InvalidURLError(
-            f"not a database URL: {safe_url(url)} ({reason}); "
+            f"not a database URL: {shown} ({reason}); "
             "expected sqlite:///path.db or postgresql://user:password@host:port/database"
         )
     if parsed.drivername in ("postgresql", "postgres"):

@@ -366,3 +366,18 @@ def test_a_store_given_neither_a_url_nor_its_kind_of_engine_says_so(tmp_path: Pa
             assert hint in str(refused.value)
     engine.dispose()
     asyncio.run(async_engine.dispose())
+
+
+def test_a_url_holding_a_byte_that_is_not_utf8_is_an_invalid_url() -> None:
+    """A command's argument keeps such a byte as a lone surrogate: no connection string
+    can carry it to the server, and the driver's own error would be a traceback."""
+    import os
+
+    for url in (
+        os.fsdecode(b"postgresql://u:secr\xffet@127.0.0.1:1/db"),
+        os.fsdecode(b"postgresql://u:secret@127.0.0.1:1/db?application_name=\xff"),
+    ):
+        for store_class in (SessionStore, AsyncSessionStore):
+            with pytest.raises(InvalidURLError, match="not UTF-8") as refused:
+                store_class(url)
+            assert "secr" not in str(refused.value)
