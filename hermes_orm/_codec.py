@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from hermes_orm.errors import InvalidMessageError
+from hermes_orm.errors import InvalidMessageError, InvalidSessionError
 
 #: The roles a message may have: the chat APIs' and ``session_meta``, the row Hermes
 #: Agent's gateway opens each session's transcript with (no message for a model:
@@ -720,3 +720,16 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
     if order is not None:
         message = {key: message[key] for key in order}
     return message
+
+
+def check_session_id(session_id: Any) -> str:
+    """``session_id``, if a store takes it as one (else :class:`InvalidSessionError`)."""
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
+        raise InvalidSessionError(
+            "a session id must be a non-empty str of at most 255 characters, "
+            f"got {shown(session_id)}"
+        )
+    problem = text_problem(session_id)
+    if problem is not None:
+        raise InvalidSessionError(f"session id {shown(session_id)} {problem}")
+    return session_id

@@ -513,13 +513,14 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
             id(obj) for obj in session.new if isinstance(obj, Message) and id(obj) not in given
         }
     for obj in flushed:  # insertion ordered: idx follows the order of add()
-        if isinstance(obj, Session) and isinstance(obj.id, str):
-            pending[obj.id] = obj
+        if isinstance(obj, Session):
+            pending[_codec.check_session_id(obj.id)] = obj  # as a store takes ids
         elif isinstance(obj, Message):
             key = _session_key(obj)
             session_id = key.id if isinstance(key, Session) else key
             if session_id is None:
                 raise InvalidMessageError("a Message's session has no id yet")
+            _codec.check_session_id(session_id)
             known, members = groups.setdefault(session_id, (key, []))
             if isinstance(key, Session) and not isinstance(known, Session):
                 groups[session_id] = (key, members)
@@ -836,6 +837,7 @@ def place_statement_rows(state: ORMExecuteState) -> Result[Any] | None:
             raise InvalidMessageError(
                 "a message row needs its session's id", index=index, key="session_id"
             )
+        _codec.check_session_id(session_id)
         item = _encode(_RowView(row), index)
         groups.setdefault(session_id, []).append((index, item, row.get("idx")))
     claims = {

@@ -53,6 +53,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from hermes_orm import _codec, _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
+from hermes_orm._codec import check_session_id
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
     DatabaseError,
@@ -347,19 +348,6 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     above = _sessions.alias("above")
     up = up.union(select(above.c.parent_session_id).where(above.c.id == up.c.id))
     return select(up.c.id).where(up.c.id == session_id)
-
-
-def check_session_id(session_id: Any) -> str:
-    """``session_id``, if the store takes it as one (else :class:`InvalidSessionError`)."""
-    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
-        raise InvalidSessionError(
-            "a session id must be a non-empty str of at most 255 characters, "
-            f"got {_codec.shown(session_id)}"
-        )
-    problem = _codec.text_problem(session_id)
-    if problem is not None:
-        raise InvalidSessionError(f"session id {_codec.shown(session_id)} {problem}")
-    return session_id
 
 
 def _check_filter(name: str, value: Any) -> str | None:

@@ -170,6 +170,33 @@ def test_invalid_orm_message_is_refused(engine: Engine) -> None:
     assert store.get_messages("s") == []
 
 
+@pytest.mark.parametrize("bad", ["", "a\x00b", "x" * 256, "lone \ud800", 5, b"bytes"])
+def test_a_session_id_a_store_refuses_is_refused_on_the_orm_path_too(
+    engine: Engine, bad: Any
+) -> None:
+    """Written, it could be reached by no call of a store (nor the command line); the
+    driver's own errors (NUL, a lone surrogate, a number) would not say what is wrong."""
+    SessionStore(engine).create_session("s", source="app")
+
+    def added(orm: OrmSession, obj: Any) -> None:
+        orm.add(obj)
+        orm.commit()
+
+    attempts = (
+        lambda orm: added(orm, Session(id=bad, source="app", started_at=1.0)),
+        lambda orm: added(orm, Message(session_id=bad, role="user", content="x")),
+        lambda orm: orm.execute(insert(Message), [{"session_id": bad, "role": "user"}]),
+    )
+    for attempt in attempts:
+        with OrmSession(engine) as orm:
+            with pytest.raises((InvalidSessionError, InvalidMessageError)) as refused:
+                attempt(orm)
+            if isinstance(bad, str):  # (a non-str id of a row: InvalidMessageError, as before)
+                assert isinstance(refused.value, InvalidSessionError)
+    assert count_rows(engine, "hermes_sessions") == 1
+    assert count_rows(engine, "hermes_messages") == 0
+
+
 def test_concurrent_orm_writers_never_duplicate(engine: Engine) -> None:
     """Racing ORM sessions either commit at the cursor or fail; none writes a position twice."""
     store = SessionStore(engine)

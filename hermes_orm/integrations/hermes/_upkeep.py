@@ -1337,7 +1337,8 @@ class UpkeepMethods:
             **{name: _int_or_default(raw.get(name)) for name in _IMPORT_COUNTERS},
         }
         # What the store checks of any session, before anything is written.
-        from hermes_orm.store import check_fields, check_session_id
+        from hermes_orm._codec import check_session_id
+        from hermes_orm.store import check_fields
 
         try:
             check_session_id(session_id)

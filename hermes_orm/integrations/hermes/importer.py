@@ -43,6 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 
 from hermes_orm import _codec, _dialects
+from hermes_orm._codec import check_session_id
 from hermes_orm.errors import (
     HermesOrmError,
     HistoryDivergedError,
@@ -61,7 +62,6 @@ from hermes_orm.store import (
     PreparedWrite,
     SessionStore,
     check_fields,
-    check_session_id,
     flush_sql,
     prepare_many,
     write_prepared,

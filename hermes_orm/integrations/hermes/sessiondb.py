@@ -45,6 +45,7 @@ from sqlalchemy import Connection, Table, delete, func, or_, select, update
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
+from hermes_orm._codec import check_session_id
 from hermes_orm.errors import (
     DatabaseError,
     DatabaseUnavailableError,
@@ -66,7 +67,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.integrations.hermes._upkeep import UpkeepMethods, started_before
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session, new_history_id
-from hermes_orm.store import SessionStore, check_session_id
+from hermes_orm.store import SessionStore
 
 _T = TypeVar("_T")
 
