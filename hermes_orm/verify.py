@@ -413,11 +413,8 @@ def _check_search(conn: Connection, repair: bool) -> list[Problem]:
 
 
 def _search_problems(conn: Connection) -> list[str]:
-    if conn.dialect.name != "sqlite":  # the trigger gives every row its vector, empty ones too
-        stale = conn.exec_driver_sql(
-            "SELECT count(*) FROM hermes_messages WHERE search_vector IS NULL"
-        ).scalar_one()
-        return [f"{stale} messages out of the index"] if stale else []
+    if conn.dialect.name != "sqlite":
+        return _pg_search_problems(conn)
     problems = []
     for table in ("hermes_search", "hermes_search_cjk"):
         try:
@@ -433,6 +430,54 @@ def _search_problems(conn: Connection) -> list[str]:
     except DBAPIError as exc:
         problems.append(f"hermes_search_cjk cannot be read: {exc.orig}")
     return problems
+
+
+#: Messages a PostgreSQL search check indexes afresh at a time (see _pg_search_problems).
+_PG_PROBE_BATCH = 20_000
+
+
+def _pg_search_problems(conn: Connection) -> list[str]:
+    """PostgreSQL: each message's words and CJK-like text are what its triggers compute.
+
+    The messages are copied, a batch at a time, into a temporary table of the
+    connection's own that has the same search triggers, which index them
+    afresh; a stored vector or CJK-like text that differs from the fresh one is
+    out of step (emptied, left behind by an old version, changed by hand).
+    """
+    sql = conn.exec_driver_sql
+    sql(f"CREATE TEMP TABLE {_PG_PROBE} (LIKE hermes_messages INCLUDING DEFAULTS)")
+    try:
+        triggers = sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+            "WHERE tgrelid = 'hermes_messages'::regclass AND NOT tgisinternal "
+            "AND tgname LIKE 'hermes\\_search%%'"
+        ).scalars()
+        for definition in list(triggers):
+            sql(re.sub(r" ON \S+ FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", definition, count=1))
+        low, high = sql("SELECT min(id), max(id) FROM hermes_messages").one()
+        stale, first = 0, None
+        for start in range(low or 0, (high or -1) + 1, _PG_PROBE_BATCH):
+            stop = start + _PG_PROBE_BATCH
+            sql(
+                f"INSERT INTO {_PG_PROBE} SELECT * FROM hermes_messages "
+                f"WHERE id >= {start} AND id < {stop}"
+            )
+            count, lowest = sql(
+                f"SELECT count(*), min(m.id) FROM hermes_messages m JOIN {_PG_PROBE} p "
+                "ON p.id = m.id WHERE m.search_vector IS DISTINCT FROM p.search_vector "
+                "OR m.search_cjk IS DISTINCT FROM p.search_cjk"
+            ).one()
+            stale += count
+            first = first if first is not None else lowest
+            sql(f"TRUNCATE {_PG_PROBE}")
+    finally:
+        sql(f"DROP TABLE IF EXISTS {_PG_PROBE}")
+    if not stale:
+        return []
+    return [f"{stale} messages out of step with the index (the first: message id {first})"]
+
+
+_PG_PROBE = "hermes_verify_search_probe"
 
 
 def _varint(data: bytes) -> int:

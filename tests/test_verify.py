@@ -428,3 +428,53 @@ def test_a_repair_unlinks_a_missing_parent_only_if_the_link_still_names_it(
     assert [p for p in report.problems if p.check == "parent"] == []
     assert store.get_session("child")["parent_session_id"] == "new-parent"  # type: ignore[index]
     assert verify_database(store).ok
+
+
+@pytest.mark.backends("postgresql")
+def test_each_message_s_words_are_checked_against_what_its_triggers_compute(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Emptied, left out or stale: a vector or CJK-like text out of step with the message
+    is found (search misses it meanwhile), and a repair indexes it afresh."""
+    store.create_session("s", source="cli")
+    messages = [
+        {"role": "user", "content": "hello zebra"},
+        {"role": "user", "content": "東京タワーへ行く"},
+        {"role": "user", "content": "a stale one"},
+        {"role": "user", "content": "left alone"},
+    ]
+    store.flush("s", messages)
+    store.create_session("t", source="cli")
+    call = {"id": "c", "type": "function", "function": {"name": "grep", "arguments": "{}"}}
+    store.flush(  # every shape the triggers index
+        "t",
+        [
+            {"role": "user", "content": "café naïve ΣΑΣ İstanbul ß ½ x² \u0000 nul"},
+            {"role": "user", "content": [{"type": "text", "text": "部署 parts"}, {"type": "x"}]},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "done", "tool_name": "grep", "tool_call_id": "c"},
+            {"role": "user", "content": ""},
+        ],
+    )
+    assert _search_checks(verify_database(store)) == []  # every shape, as its trigger made it
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE hermes_messages SET search_vector = ''::tsvector "
+            "WHERE session_id = 's' AND idx = 0"
+        )
+        conn.exec_driver_sql(
+            "UPDATE hermes_messages SET search_cjk = NULL WHERE session_id = 's' AND idx = 1"
+        )
+        conn.exec_driver_sql(
+            "UPDATE hermes_messages SET search_vector = to_tsvector('simple', 'other words') "
+            "WHERE session_id = 's' AND idx = 2"
+        )
+    assert store.search("zebra").hits == []
+    found = _search_checks(verify_database(store))
+    assert len(found) == 1, found
+    assert found[0][0].startswith("3 messages out of step"), found
+    assert _search_checks(verify_database(store, repair=True)) == [(found[0][0], True)]
+    assert [h.idx for h in store.search("zebra").hits] == [0]
+    assert [h.idx for h in store.search("東京").hits] == [1]
+    assert store.search("other").hits == []
+    assert _search_checks(verify_database(store)) == []
