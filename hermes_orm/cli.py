@@ -227,7 +227,11 @@ def _verify(args: argparse.Namespace) -> int:
             where = f"session {problem.session_id!r}" if problem.session_id else "database"
             fixed = " (repaired)" if problem.repaired else ""
             print(f"{where}: {problem.check}: {problem.detail}{fixed}")
-        verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        repaired = sum(problem.repaired for problem in report.problems)
+        left = len(report.problems) - repaired
+        verdict = "ok" if report.ok else f"{left} problem(s)"
+        if repaired:
+            verdict += f", {repaired} repaired"
         print(
             f"{safe_url(args.url)}: {report.sessions} sessions, "
             f"{report.messages} messages: {verdict}"

@@ -38,7 +38,7 @@ from sqlalchemy import Connection, Table, bindparam, func, select, type_coerce, 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import NullType
 
-from hermes_orm import _codec
+from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
 from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError, InvalidMessageError
 from hermes_orm.models import Message, Session, new_history_id
@@ -405,7 +405,14 @@ def _check_search(conn: Connection, repair: bool) -> list[Problem]:
     found = [Problem("search", None, detail) for detail in _search_problems(conn)]
     if not (repair and found):
         return found
-    _search.rebuild(conn)
+    try:
+        with conn.begin_nested():  # (a rebuild the database refuses leaves the index as it was)
+            _search.rebuild(conn)
+    except DBAPIError as exc:
+        if _dialects.is_unreachable(exc):
+            raise
+        failed = f"a rebuild failed: {_dialects.redact(str(exc.orig)).strip()}"
+        return [*found, Problem("search", None, failed)]
     left = _search_problems(conn)
     if not left:
         return [replace(p, repaired=True) for p in found]

@@ -478,3 +478,23 @@ def test_each_message_s_words_are_checked_against_what_its_triggers_compute(
     assert [h.idx for h in store.search("東京").hits] == [1]
     assert store.search("other").hits == []
     assert _search_checks(verify_database(store)) == []
+
+
+@pytest.mark.backends("sqlite")
+def test_a_rebuild_the_database_refuses_is_reported_with_what_was_repaired(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """The sessions' repairs are committed one by one before the index is rebuilt: a
+    rebuild that fails is a problem of the report, which still says what was repaired."""
+    store.create_session("a", source="cli")
+    store.flush("a", conversation(2))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_sessions SET flushed_idx = 7 WHERE id = 'a'")
+        conn.exec_driver_sql("DROP TABLE hermes_search_cjk")
+    done = run_cli("verify", "--repair", "--url", db_url, env=clean_env(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "session 'a': cursor: flushed_idx is 7, 6 messages are stored (repaired)" in done.stdout
+    assert "database: search: a rebuild failed: no such table" in done.stdout
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.endswith(": 3 problem(s), 1 repaired"), summary
+    assert store.get_session("a")["flushed_idx"] == 6  # type: ignore[index]
