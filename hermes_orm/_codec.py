@@ -283,6 +283,8 @@ _FIELDS = (
     "timestamp",
     *BOOL_KEYS,
 )
+#: The keys of a message, other than ``role`` and ``content``, with a column of their own.
+MESSAGE_FIELDS = _FIELDS
 _RANK = {key: rank for rank, key in enumerate(("role", "content", *_FIELDS))}
 _FIELD_SET = frozenset(_FIELDS)
 #: Where every other key reads back: after them, in the order it was given.

@@ -379,8 +379,64 @@ class _RowView:
 
 
 def _encode(row: Any, index: int) -> _codec.EncodedMessage:
-    """Validate and encode the message a Message (or a row of its columns) holds."""
-    return _codec.encode_message(_codec.row_to_message(row), index)
+    """Validate and encode the message a Message (or a row of its columns) holds.
+
+    Raises:
+        InvalidMessageError: Its columns do not make one message (see
+            :func:`_refuse_disagreeing_columns`), or the message is not one a
+            store takes.
+    """
+    _refuse_disagreeing_columns(row, index)
+    try:
+        message = _codec.row_to_message(row)
+    except (TypeError, KeyError, ValueError) as exc:  # (key_order naming a key not there)
+        raise InvalidMessageError(
+            f"its columns do not make a message: {type(exc).__name__}: {exc}", index=index
+        ) from None
+    return _codec.encode_message(message, index)
+
+
+def _refuse_disagreeing_columns(row: Any, index: int) -> None:
+    """Refuse a Message whose columns say two things of one key.
+
+    Set by hand (not by ``Message.from_dict``): ``extra`` holding a key its own
+    column holds too, content in both ``content`` and ``content_parts``; or an
+    ``idx`` no position can be.
+
+    Raises:
+        InvalidMessageError: It does.
+    """
+    extra = row.extra
+    if extra is not None and not isinstance(extra, dict):
+        raise InvalidMessageError(
+            f"extra must be a dict of the keys without a column, got {type(extra).__name__}",
+            index=index,
+            key="extra",
+        )
+    held = {"role"} if row.role is not None else set()
+    if row.content is not None or row.content_parts is not None:
+        if row.content is not None and row.content_parts is not None:
+            raise InvalidMessageError(
+                "content is held by content or by content_parts, not both", index=index
+            )
+        held.add("content")
+    held.update(key for key in _codec.MESSAGE_FIELDS if getattr(row, key) is not None)
+    for key in held.intersection(extra or ()):
+        if key == "timestamp" and extra is not None and extra[key] == row.timestamp:
+            continue  # (the int as given, its column the float)
+        raise InvalidMessageError(
+            f"{key!r} is held by its own column and by extra, which disagree; build the "
+            "Message with Message.from_dict",
+            index=index,
+            key=key,
+        )
+    idx = row.idx
+    if type(idx) is int and not 0 <= idx < _IDX_LIMIT:
+        raise InvalidMessageError(f"idx must be from 0 to {_IDX_LIMIT - 1}", index=index, key="idx")
+
+
+#: Positions are 32-bit ints (PostgreSQL's INTEGER).
+_IDX_LIMIT = 2**31
 
 
 def _claim(given: Sequence[tuple[Any, int]]) -> _Claim | None:

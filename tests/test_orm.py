@@ -197,6 +197,45 @@ def test_a_session_id_a_store_refuses_is_refused_on_the_orm_path_too(
     assert count_rows(engine, "hermes_messages") == 0
 
 
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"content": "a", "extra": [1, 2]},
+        {"content": "a", "key_order": ["role", "content", "not there"]},
+        {"content": "a", "extra": {"role": "assistant"}},
+        {"content": "a", "extra": {"content": "another"}},
+        {"content": "a", "extra": {"reasoning": "b"}, "reasoning": "c"},
+        {"content": "a", "content_parts": [{"type": "text", "text": "b"}]},
+        {"content": "a", "idx": 2**31},
+    ],
+    ids=["extra list", "order", "role twice", "content twice", "field twice", "both", "idx"],
+)
+def test_a_message_whose_columns_disagree_is_refused(engine: Engine, columns: Any) -> None:
+    """Columns set by hand that make no one message (or another than they say) are
+    refused before anything is written, whichever way the message is written."""
+    SessionStore(engine).create_session("s", source="app")
+
+    def added(orm: OrmSession) -> None:
+        orm.add(Message(session_id="s", role="user", **columns))
+        orm.commit()
+
+    for write in (
+        added,
+        lambda orm: orm.execute(insert(Message), [{"session_id": "s", "role": "user", **columns}]),
+    ):
+        with OrmSession(engine) as orm, pytest.raises(InvalidMessageError):
+            write(orm)
+    assert count_rows(engine, "hermes_messages") == 0
+    with OrmSession(engine) as orm:  # built from a dict, the same keys make one message
+        message = Message.from_dict({"role": "user", "content": "a", "reasoning": None})
+        message.session_id = "s"
+        orm.add(message)
+        orm.commit()
+    assert SessionStore(engine).get_messages("s") == [
+        {"role": "user", "content": "a", "reasoning": None}
+    ]
+
+
 def test_concurrent_orm_writers_never_duplicate(engine: Engine) -> None:
     """Racing ORM sessions either commit at the cursor or fail; none writes a position twice."""
     store = SessionStore(engine)
