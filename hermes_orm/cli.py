@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import shlex
@@ -452,8 +453,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _writable_streams() -> None:
+    """Standard streams any text can be written to.
+
+    A stream closed by the caller (``>&-``: None here) writes nowhere; one whose
+    encoding cannot write a character (an ASCII locale) writes it escaped,
+    where printing it would end the command in a traceback.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+        elif isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hermes-orm``; returns the exit status."""
+    _writable_streams()
     args = build_parser().parse_args(argv)
     if args.url is None:  # (an empty --url is a URL given: refused as no URL, not replaced)
         args.url = default_url()

@@ -125,6 +125,33 @@ def test_search_rebuild_prints_json_when_asked(tmp_path: Path) -> None:
     assert said.stdout.strip().endswith("search index rebuilt over 2 messages")
 
 
+def test_output_a_stream_cannot_hold_is_escaped_and_a_closed_one_is_nowhere(
+    tmp_path: Path,
+) -> None:
+    """An ASCII locale's terminal, or ``>&-``: the command does its work, no traceback."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("東京", source="cli")
+        store.flush("東京", [{"role": "user", "content": "héllo"}])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url, "PYTHONIOENCODING": "ascii"}
+    for args in (("sessions", "list"), ("sessions", "show", "東京"), ("search", "héllo")):
+        done = run(*args, env=env)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert "\\u6771\\u4eac" in done.stdout or "\\xe9" in done.stdout, done.stdout
+    closed = subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", "verify", "--json"],
+        env={**env, "PYTHONIOENCODING": "utf-8"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),  # (the child's stdout, closed)
+        check=False,
+        timeout=120,
+    )
+    assert (closed.returncode, closed.stderr) == (0, "")
+
+
 def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> None:
     """``--url "$UNSET"`` must not write to the default database (nor HERMES_ORM_URL's)."""
     default = tmp_path / "default.db"
