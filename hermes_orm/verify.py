@@ -227,6 +227,7 @@ def _inspect_session(
 
     n = len(rows)
     idxs = [row.idx for row in rows]
+    order_known = True  # (which message is the last)
     if idxs != list(range(n)):
         whole = [i for i in idxs if type(i) is int]
         odd = [i for i in idxs if type(i) is not int]
@@ -237,7 +238,8 @@ def _inspect_session(
         if odd:
             what.append(f"positions that are not whole numbers: {odd[:_SHOWN]!r}")
         detail = f"{n} messages at positions other than 0..{n - 1} ({'; '.join(what)})"
-        if all(isinstance(i, int | float) for i in idxs):  # their order is known
+        order_known = all(isinstance(i, int | float) for i in idxs)
+        if order_known:
             found("positions", detail)
             if repair:
                 _close_up(conn, [row.id for row in rows], int(min([0, *idxs])) - 1)
@@ -291,8 +293,8 @@ def _inspect_session(
     if calls is not None and session.tool_call_count != calls:
         found("tool_call_count", f"tool_call_count is {session.tool_call_count}, {calls} stored")
     last = digests[-1] if digests else None
-    if digests and last is None:
-        pass  # the last message cannot be read (reported above): its digest is unknown
+    if not order_known or (digests and last is None):
+        pass  # which message is last, or its digest, is unknown (reported above)
     elif not isinstance(stored_last, bytes | memoryview | None):
         found("flushed_digest", f"flushed_digest is stored as {type(stored_last).__name__}")
     elif (None if stored_last is None else bytes(stored_last)) != last:
@@ -303,7 +305,7 @@ def _inspect_session(
         values["history_id"] = new_history_id()
         if calls is not None:
             values["tool_call_count"] = calls
-        if not digests or last is not None:
+        if order_known and (not digests or last is not None):
             values["flushed_digest"] = last
         conn.execute(update(_sessions).where(_sessions.c.id == session_id).values(**values))
     return n, problems

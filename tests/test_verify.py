@@ -146,6 +146,12 @@ _DAMAGE = [
     ("idx-real", "UPDATE hermes_messages SET idx = 5.5 WHERE {s} AND idx = 6", "positions", True),
     ("idx-text", "UPDATE hermes_messages SET idx = 'x' WHERE {s} AND idx = 6", "positions", False),
     (
+        "idx-text-1",
+        "UPDATE hermes_messages SET idx = 'x' WHERE {s} AND idx = 1",
+        "positions",
+        False,
+    ),
+    (
         "extra-bad",
         "UPDATE hermes_messages SET extra = '{{bad' WHERE {s} AND idx = 0",
         "message",
@@ -221,6 +227,8 @@ def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
     assert "tool_calls is not valid JSON" in problems["calls-bad", "message"]
     assert "key_order names 'zzz'" in problems["order-bad", "message"]
     assert "stored as str" in problems["digest-text", "digest"]
+    # Which message is last is unknown while a position is no number: not judged.
+    assert ("idx-text-1", "flushed_digest") not in problems
 
     repaired = run_cli("verify", "--json", "--repair", "--url", db_url, env=env)
     assert (repaired.returncode, repaired.stderr) == (1, "")
@@ -230,6 +238,7 @@ def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
         if check == "message":
             assert "not repaired" in done[sid, check]["detail"]
     assert done["zz-after", "message_count"]["repaired"] is True
+    assert ("idx-text-1", "flushed_digest") not in done  # (nor "repaired" by a guess)
     after = _rows(engine)  # no message deleted, none rewritten
     assert [row[:1] + row[2:] for row in after] == [row[:1] + row[2:] for row in before]
     left = verify_database(store)
