@@ -422,7 +422,7 @@ def _refuse_disagreeing_columns(row: Any, index: int) -> None:
         held.add("content")
     held.update(key for key in _codec.MESSAGE_FIELDS if getattr(row, key) is not None)
     for key in held.intersection(extra or ()):
-        if key == "timestamp" and extra is not None and extra[key] == row.timestamp:
+        if key == "timestamp" and extra is not None and _same_time(extra[key], row.timestamp):
             continue  # (the int as given, its column the float)
         raise InvalidMessageError(
             f"{key!r} is held by its own column and by extra, which disagree; build the "
@@ -437,6 +437,19 @@ def _refuse_disagreeing_columns(row: Any, index: int) -> None:
 
 #: Positions are 32-bit ints (PostgreSQL's INTEGER).
 _IDX_LIMIT = 2**31
+
+
+def _same_time(given: Any, column: Any) -> bool:
+    """Whether ``given`` (a timestamp in ``extra``) is an int whose float ``column`` holds.
+
+    (An int past 2**53, nanoseconds say, differs from its float by a few units.)
+    """
+    if type(given) is not int:
+        return False
+    try:
+        return bool(float(given) == column)
+    except OverflowError:
+        return False
 
 
 def _claim(given: Sequence[tuple[Any, int]]) -> _Claim | None:

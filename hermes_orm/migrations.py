@@ -138,7 +138,7 @@ def _takes_a_url(
             else:
                 return fn(*args, **kwargs)  # Python says what is missing
             if isinstance(bind, Engine | Connection):
-                return fn(bind, *args, **kwargs)
+                return _refusals_typed(name, fn, bind, *args, **kwargs)
             if not isinstance(bind, str | URL):
                 remedy = f": run it {run_sync}" if hasattr(bind, "sync_engine") else ""
                 raise InvalidArgumentError(
@@ -170,14 +170,15 @@ def _takes_a_url(
 
 
 def _refusals_typed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """``fn(*args, **kwargs)`` on an engine made of the caller's URL, a refusal typed.
+    """``fn(*args, **kwargs)``, a refusal of the database typed.
 
     Refused credentials, a database that does not exist, a pooler refusing the
     startup options: raised as :class:`DatabaseError`, as a store tells them,
     with what to do where it is known. A connection lost, a server out of
     reach, or a transient error (a lock, a serialization failure) is raised as
     the driver's: whether a migration committed is then unknown (see
-    :func:`upgrade`), and a store runs its own calls again on those.
+    :func:`upgrade`), and a store runs its own calls (its schema check) again
+    on those.
     """
     try:
         return fn(*args, **kwargs)

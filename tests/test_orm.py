@@ -227,12 +227,17 @@ def test_a_message_whose_columns_disagree_is_refused(engine: Engine, columns: An
             write(orm)
     assert count_rows(engine, "hermes_messages") == 0
     with OrmSession(engine) as orm:  # built from a dict, the same keys make one message
-        message = Message.from_dict({"role": "user", "content": "a", "reasoning": None})
-        message.session_id = "s"
-        orm.add(message)
+        for given in (
+            {"role": "user", "content": "a", "reasoning": None},
+            {"role": "user", "content": "b", "timestamp": 1_733_390_000_123_456_789},  # ns
+        ):
+            message = Message.from_dict(given)
+            message.session_id = "s"
+            orm.add(message)
         orm.commit()
     assert SessionStore(engine).get_messages("s") == [
-        {"role": "user", "content": "a", "reasoning": None}
+        {"role": "user", "content": "a", "reasoning": None},
+        {"role": "user", "content": "b", "timestamp": 1_733_390_000_123_456_789},
     ]
 
 

@@ -89,15 +89,22 @@ def test_startup_options_refused_by_the_pooler_say_what_to_do(pooled: str, drive
     assert time.monotonic() - started < 3  # refused for good: not retried for seconds
 
 
-def test_migration_functions_and_the_command_line_say_what_to_do_too(pooled: str) -> None:
+def test_migration_functions_and_the_command_line_say_what_to_do_too(
+    pooled: str, pg_db: str
+) -> None:
     """hermes_orm.upgrade(url) and the rest connect as a store does: the same refusal."""
     from hermes_orm import migrations
     from tests.conftest import run_cli
 
     url = _stripped(pooled)
+    # An application's engine, given instead of a URL, on a database that is not there.
+    engine = create_engine(make_url(pg_db).set(database="no_such_database"))
     for call in (hermes_orm.upgrade, hermes_orm.check_schema, migrations.current):
         with pytest.raises(DatabaseError, match=r"add \?pgbouncer=true to the URL"):
             call(url)
+        with pytest.raises(DatabaseError, match="no_such_database"):
+            call(engine)
+    engine.dispose()
     done = run_cli("--url", url, "db", "upgrade", env=dict(os.environ))
     assert done.returncode == 2
     assert "add ?pgbouncer=true to the URL" in done.stderr
