@@ -463,6 +463,10 @@ class StatusFile:
             logger.warning("hermes_orm mirror: cannot write %s: %s", self.path, exc)
 
 
+#: The marks of this process's mirrors not closed yet (see Mirror._writer).
+_OPEN_MARKS: set[str] = set()
+
+
 def _clears(error: Mapping[str, Any], session_id: str, writer: str) -> bool:
     """Whether the mirror ``writer``, which just wrote ``session_id``, takes ``error`` off.
 
@@ -476,15 +480,23 @@ def _clears(error: Mapping[str, Any], session_id: str, writer: str) -> bool:
         return True
     if error.get("session_id") == session_id:
         return True
+    pid, _, mark = recorded.partition(":")
+    if pid == str(os.getpid()):  # this process's pid: a mirror of it still open, or of a
+        return mark not in _OPEN_MARKS  # process before it given the same pid (a container)
+    return not _running(pid)
+
+
+def _running(pid: str) -> bool:
+    """Whether a process ``pid`` names runs (one of another user's does too)."""
     try:
-        os.kill(int(recorded.partition(":")[0]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True  # gone
+        return False
     except (ValueError, OverflowError):
-        return True  # no pid: not a process's record
+        return False  # no pid: not a process's record
     except OSError:
-        return False  # (another user's: there)
-    return False
+        return True  # (another user's: there)
+    return True
 
 
 #: Reads Hermes' own row of a session (a dict of its columns), or None.
@@ -521,6 +533,7 @@ class Mirror:
         #: This mirror, as the status file names the writer of an error: its
         #: process, told apart from a later one given the same pid.
         self._mark = os.urandom(4).hex()
+        _OPEN_MARKS.add(self._mark)
         self._hermes_sessions = hermes_sessions
         self._store: SessionStore | None = None
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
@@ -622,6 +635,7 @@ class Mirror:
                 ", ".join(list(self._unwritten)[:5]),
                 self._kept_elsewhere,
             )
+        _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
         if store is not None:
             store.close()
