@@ -797,6 +797,27 @@ def _asyncpg_names(url: URL) -> URL:
     return url.difference_update_query(_ASYNCPG_NAMES).update_query_dict(renamed)
 
 
+def _option_settings(options: str) -> dict[str, str] | None:
+    """The server settings libpq's ``options`` give (``-c name=value``, ``--name=value``).
+
+    A name's dashes are underscores, as the server reads it. None: ``options``
+    holds something else (only libpq knows what to make of it).
+    """
+    settings: dict[str, str] = {}
+    words = iter(re.findall(r"(?:\\.|\S)+", options))
+    for word in words:
+        setting = next(words, "") if word == "-c" else word.removeprefix("-c")
+        if word.startswith("--"):
+            setting = word[2:]
+        elif not word.startswith("-c"):
+            return None
+        name, equals, value = setting.partition("=")
+        if not name or not equals:
+            return None
+        settings[name.replace("-", "_")] = re.sub(r"\\(.)", r"\1", value)
+    return settings
+
+
 def _asyncpg_settings(url: URL, connect_args: dict[str, Any], options: str) -> URL:
     """``url`` without the libpq parameters asyncpg takes as server settings, set as such.
 
@@ -808,22 +829,12 @@ def _asyncpg_settings(url: URL, connect_args: dict[str, Any], options: str) -> U
     Raises:
         InvalidURLError: ``options`` holds something other than ``-c`` settings.
     """
-    settings: dict[str, str] = {}
-    words = iter(re.findall(r"(?:\\.|\S)+", options))
-    for word in words:
-        setting = next(words, "") if word == "-c" else word.removeprefix("-c")
-        if word.startswith("--"):
-            setting = word[2:]
-        elif not word.startswith("-c"):
-            setting = ""
-        name, equals, value = setting.partition("=")
-        name = name.replace("-", "_")  # (as the server reads a name, in either form)
-        if not name or not equals:
-            raise InvalidURLError(
-                f"options={options!r} in {safe_url(url)}: asyncpg takes only settings "
-                "there, as -c name=value"
-            )
-        settings[name] = re.sub(r"\\(.)", r"\1", value)
+    settings = _option_settings(options)
+    if settings is None:
+        raise InvalidURLError(
+            f"options={options!r} in {safe_url(url)}: asyncpg takes only settings "
+            "there, as -c name=value"
+        )
     application = url.query.get("application_name")
     if isinstance(application, str):
         settings.setdefault("application_name", application)
@@ -889,7 +900,10 @@ def _pg_connect_args(
         settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
         return url
     theirs = " ".join(part for part in (in_url, given) if part)
-    if "lock_timeout" in theirs:
+    named = _option_settings(theirs)
+    if "lock_timeout" in (named or ()) or (
+        named is None and re.search("lock[-_]timeout", theirs)  # (what libpq alone reads)
+    ):
         ours = ""
     connect_args["options"] = " ".join(part for part in (theirs, ours) if part)
     return url.difference_update_query(["options"])

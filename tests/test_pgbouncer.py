@@ -301,12 +301,18 @@ def test_the_urls_own_options_are_kept_beside_the_lock_timeout(pg_db: str) -> No
         assert conn.exec_driver_sql("SHOW work_mem").scalar() == "7MB"
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "5s"
     engine.dispose()
-    # A lock_timeout of the URL's own wins.
-    url = make_url(pg_db).update_query_dict({"options": "-c lock_timeout=777"})
-    engine = create_store_engine(url)
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "777ms"
-    engine.dispose()
+    # A lock_timeout of the URL's own wins, its name written either way; a value naming
+    # it is no setting of it.
+    for options, shown in (
+        ("-c lock_timeout=777", "777ms"),
+        ("-c lock-timeout=778", "778ms"),
+        ("--lock-timeout=779", "779ms"),
+        ("-c application_name=my_lock_timeout", "5s"),
+    ):
+        engine = create_store_engine(make_url(pg_db).update_query_dict({"options": options}))
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == shown, options
+        engine.dispose()
 
 
 def test_a_lock_timeout_under_a_millisecond_is_one_not_none(pooled: str, pg_db: str) -> None:
