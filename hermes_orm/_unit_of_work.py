@@ -71,6 +71,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql import ClauseElement
 
 from hermes_orm import _codec, _dialects, _sa
 from hermes_orm.errors import (
@@ -777,6 +778,8 @@ def _refuse_counters(
                 raise InvalidSessionError(f"{key} cannot be set: {_COUNTERS_MOVE}")
             if key == _HISTORY_ID and not insert:
                 raise InvalidSessionError(f"{key} cannot be set: {_HISTORY_ID_DRAWN}")
+            if key == "id" and insert and not isinstance(value, ClauseElement):
+                _codec.check_session_id(value)  # (as the store takes ids)
 
 
 def _keeps_the_id(clause: Any, value: Any) -> bool:

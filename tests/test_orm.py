@@ -186,6 +186,8 @@ def test_a_session_id_a_store_refuses_is_refused_on_the_orm_path_too(
         lambda orm: added(orm, Session(id=bad, source="app", started_at=1.0)),
         lambda orm: added(orm, Message(session_id=bad, role="user", content="x")),
         lambda orm: orm.execute(insert(Message), [{"session_id": bad, "role": "user"}]),
+        lambda orm: orm.execute(insert(Session), [{"id": bad, "source": "app"}]),
+        lambda orm: orm.execute(insert(Session).values(id=bad, source="app")),
     )
     for attempt in attempts:
         with OrmSession(engine) as orm:
