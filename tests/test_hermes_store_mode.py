@@ -826,9 +826,16 @@ def test_a_database_out_of_reach_at_start_is_waited_for_once(
         with pytest.raises(DatabaseUnavailableError) as first:
             plugin.shared_store(url)
         assert first.value.attempts > 0
-        for _ in range(3):  # Hermes' next SessionDB() calls
-            with pytest.raises(DatabaseUnavailableError, match="tries again after that"):
-                plugin.shared_store(url)
+        for upgrade in (True, True, False):  # Hermes' next SessionDB() calls, read-only too
+            with pytest.raises(DatabaseUnavailableError, match="tried again after that"):
+                plugin.shared_store(url, upgrade=upgrade)
+        assert tries == ["upgrade"]
+        plugin._unreachable.clear()
+        with pytest.raises(DatabaseUnavailableError):  # a read-only opener's look, typed
+            plugin.shared_store(url, upgrade=False)
+        assert tries == ["upgrade"]
+        with pytest.raises(DatabaseUnavailableError, match="tried again after that"):
+            plugin.shared_store(url)  # (and remembered too)
         assert tries == ["upgrade"]
         plugin._unreachable[url] = (0.0, first.value)  # the minute is over
         with pytest.raises(DatabaseUnavailableError):

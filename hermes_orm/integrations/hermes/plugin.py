@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DBAPIError
 
 from hermes_orm import cli, migrations
 from hermes_orm._dialects import (
@@ -207,22 +208,35 @@ def shared_store(url: str, *, upgrade: bool = True) -> SessionStore:
             store = _shared[url] = SessionStore(url)
             if len(_shared) == 1:
                 atexit.register(_close_shared)
-        if url not in _upgraded and (upgrade or migrations.current(store.engine) is None):
+        if url not in _upgraded:
             until, found = _unreachable.get(url, (0.0, None))
             if found is not None and time.monotonic() < until:
                 raise DatabaseUnavailableError(
-                    f"so this process found it less than {UNREACHABLE_REMEMBERED:.0f} s ago, "
-                    "and tries again after that",
+                    f"as this process found less than {UNREACHABLE_REMEMBERED:.0f} s ago, "
+                    f"tried again after that ({found})",
                     attempts=0,
                 )
             try:
-                store.upgrade()
+                if upgrade or _schema_missing(store):
+                    store.upgrade()
+                    _upgraded.add(url)
             except DatabaseUnavailableError as exc:
                 _unreachable[url] = (time.monotonic() + UNREACHABLE_REMEMBERED, exc)
                 raise
             _unreachable.pop(url, None)
-            _upgraded.add(url)
     return store
+
+
+def _schema_missing(store: SessionStore) -> bool:
+    """Whether the store's database has no hermes_orm schema yet.
+
+    Raises:
+        DatabaseUnavailableError: The database is out of reach.
+    """
+    try:
+        return migrations.current(store.engine, schema=store.schema) is None
+    except DBAPIError as exc:  # (a refusal is typed by current(); what is left is reach)
+        raise DatabaseUnavailableError(redact(str(exc.orig)), attempts=1) from exc
 
 
 def _close_shared() -> None:
