@@ -454,33 +454,32 @@ def _pg_search_problems(conn: Connection) -> list[str]:
     out of step (emptied, left behind by an old version, changed by hand).
     """
     sql = conn.exec_driver_sql
+    # Made in the check's transaction: gone with it, should a statement fail.
     sql(f"CREATE TEMP TABLE {_PG_PROBE} (LIKE hermes_messages INCLUDING DEFAULTS)")
-    try:
-        triggers = sql(
-            "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
-            "WHERE tgrelid = 'hermes_messages'::regclass AND NOT tgisinternal "
-            "AND tgname LIKE 'hermes\\_search%%'"
-        ).scalars()
-        for definition in list(triggers):
-            sql(re.sub(r" ON \S+ FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", definition, count=1))
-        low, high = sql("SELECT min(id), max(id) FROM hermes_messages").one()
-        stale, first = 0, None
-        for start in range(low or 0, (high or -1) + 1, _PG_PROBE_BATCH):
-            stop = start + _PG_PROBE_BATCH
-            sql(
-                f"INSERT INTO {_PG_PROBE} SELECT * FROM hermes_messages "
-                f"WHERE id >= {start} AND id < {stop}"
-            )
-            count, lowest = sql(
-                f"SELECT count(*), min(m.id) FROM hermes_messages m JOIN {_PG_PROBE} p "
-                "ON p.id = m.id WHERE m.search_vector IS DISTINCT FROM p.search_vector "
-                "OR m.search_cjk IS DISTINCT FROM p.search_cjk"
-            ).one()
-            stale += count
-            first = first if first is not None else lowest
-            sql(f"TRUNCATE {_PG_PROBE}")
-    finally:
-        sql(f"DROP TABLE IF EXISTS {_PG_PROBE}")
+    triggers = sql(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+        "WHERE tgrelid = 'hermes_messages'::regclass AND NOT tgisinternal "
+        "AND tgname LIKE 'hermes\\_search%%'"
+    ).scalars()
+    for definition in list(triggers):
+        sql(re.sub(r" ON \S+ FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", definition, count=1))
+    low, high = sql("SELECT min(id), max(id) FROM hermes_messages").one()
+    stale, first = 0, None
+    for start in range(low or 0, (high or -1) + 1, _PG_PROBE_BATCH):
+        stop = start + _PG_PROBE_BATCH
+        sql(
+            f"INSERT INTO {_PG_PROBE} SELECT * FROM hermes_messages "
+            f"WHERE id >= {start} AND id < {stop}"
+        )
+        count, lowest = sql(
+            f"SELECT count(*), min(m.id) FROM hermes_messages m JOIN {_PG_PROBE} p "
+            "ON p.id = m.id WHERE m.search_vector IS DISTINCT FROM p.search_vector "
+            "OR m.search_cjk IS DISTINCT FROM p.search_cjk"
+        ).one()
+        stale += count
+        first = first if first is not None else lowest
+        sql(f"TRUNCATE {_PG_PROBE}")
+    sql(f"DROP TABLE {_PG_PROBE}")
     if not stale:
         return []
     return [f"{stale} messages out of step with the index (the first: message id {first})"]
