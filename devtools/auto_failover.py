@@ -68,10 +68,23 @@ class Node:
                 os.killpg(self.keeper.pid, signal.SIGKILL)
             self.keeper.wait()
         # A server the group kill missed (the keeper had left its group): its pid file
-        # is still there, as a killed server leaves it.
+        # is still there, as a killed server leaves it. Its children go too: a
+        # background worker (the monitor's health checks) outlives a killed postmaster.
         pid_file = self.data / "postmaster.pid"
-        with suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        with suppress(FileNotFoundError, ValueError):
+            server = int(pid_file.read_text().split()[0])
+            for pid in [server, *_children(server)]:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc; none where it cannot be read)."""
+    try:
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in listed.split()]
 
 
 class Formation:
