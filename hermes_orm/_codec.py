@@ -266,7 +266,7 @@ _new_encoded = tuple.__new__
 #: The keys with a column of their own besides role and content, in the order a
 #: message reads back: that of assistant messages as agents build them (text and
 #: reasoning, then tool calls), so most messages need no ``key_order`` of their own.
-_FIELDS = (
+MESSAGE_FIELDS = (
     "reasoning",
     "finish_reason",
     "reasoning_content",
@@ -283,10 +283,8 @@ _FIELDS = (
     "timestamp",
     *BOOL_KEYS,
 )
-#: The keys of a message, other than ``role`` and ``content``, with a column of their own.
-MESSAGE_FIELDS = _FIELDS
-_RANK = {key: rank for rank, key in enumerate(("role", "content", *_FIELDS))}
-_FIELD_SET = frozenset(_FIELDS)
+_RANK = {key: rank for rank, key in enumerate(("role", "content", *MESSAGE_FIELDS))}
+_FIELD_SET = frozenset(MESSAGE_FIELDS)
 #: Where every other key reads back: after them, in the order it was given.
 _OTHERS_RANK = len(_RANK)
 
@@ -545,7 +543,7 @@ def message_digest(message: Any, index: int | None = None) -> bytes:
 
 
 #: Columns a message is read back from, in the order :func:`decode_row` expects.
-READ_COLUMNS = ("extra", "key_order", "role", "content", "content_parts", *_FIELDS)
+READ_COLUMNS = ("extra", "key_order", "role", "content", "content_parts", *MESSAGE_FIELDS)
 _READ_JSON = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in JSON_COLUMNS)
 _READ_BOOL = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in BOOL_KEYS)
 
@@ -689,7 +687,7 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
     """The message of a row's values (parsed, in :data:`READ_COLUMNS` order).
 
     Its keys come in the order ``key_order`` holds, else in the read order:
-    ``role``, ``content``, the other keys with a column (in :data:`_FIELDS`
+    ``role``, ``content``, the other keys with a column (in :data:`MESSAGE_FIELDS`
     order), then the keys ``extra`` alone holds, as they came.
     """
     extra, order, role, content, parts = values[:5]
@@ -702,14 +700,14 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
     if extra and "content" not in message and "content" in extra:
         message["content"] = extra["content"]  # None, or text with NUL
     if not extra or _FIELD_SET.isdisjoint(extra):
-        for key, value in zip(_FIELDS, fields, strict=True):
+        for key, value in zip(MESSAGE_FIELDS, fields, strict=True):
             if value is not None:
                 message[key] = value
         if extra:
             message.update(extra)
     else:
         # Keys given as None or as text with NUL, an int timestamp: in their place.
-        for key, value in zip(_FIELDS, fields, strict=True):
+        for key, value in zip(MESSAGE_FIELDS, fields, strict=True):
             if value is not None:
                 message[key] = value
             elif key in extra:

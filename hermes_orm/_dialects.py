@@ -879,8 +879,9 @@ def _pg_connect_args(
     in_url = url.query.get("options")
     if isinstance(in_url, tuple):  # the same parameter twice in the URL
         in_url = " ".join(in_url)
+    theirs = " ".join(part for part in (in_url, given) if part)
     if asyncpg:
-        url = _asyncpg_settings(url, connect_args, " ".join(p for p in (in_url, given) if p))
+        url = _asyncpg_settings(url, connect_args, theirs)
     if pgbouncer:
         if given or in_url:
             raise InvalidURLError(
@@ -899,7 +900,6 @@ def _pg_connect_args(
         settings = connect_args.setdefault("server_settings", {})
         settings.setdefault("lock_timeout", str(_millis(lock_timeout)))
         return url
-    theirs = " ".join(part for part in (in_url, given) if part)
     named = _option_settings(theirs)
     if "lock_timeout" in (named or ()) or (
         named is None and re.search("lock[-_]timeout", theirs)  # (what libpq alone reads)

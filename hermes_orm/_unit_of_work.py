@@ -590,7 +590,8 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
             session_id = key.id if isinstance(key, Session) else key
             if session_id is None:
                 raise InvalidMessageError("a Message's session has no id yet")
-            _codec.check_session_id(session_id)
+            if type(session_id) is not str or session_id not in groups:  # (once a session)
+                _codec.check_session_id(session_id)
             known, members = groups.setdefault(session_id, (key, []))
             if isinstance(key, Session) and not isinstance(known, Session):
                 groups[session_id] = (key, members)

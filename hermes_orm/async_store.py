@@ -47,7 +47,6 @@ from hermes_orm.store import (
     attempt,
     check_bind,
     check_replica,
-    check_replica_schema,
     check_schema,
     give_back_when_full,
     resume,
@@ -239,9 +238,6 @@ class AsyncSessionStore(_AsyncSessions):
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
-        if replica is not None:
-            # (An engine that never connected holds nothing to dispose of.)
-            check_replica_schema(replica.sync_engine, schema)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []

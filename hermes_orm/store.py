@@ -770,6 +770,8 @@ class StoreCore:
         self._replica_of = replica
         if replica is None:
             return
+        # (Refused before it ever connected: an engine that did not holds nothing.)
+        check_replica_schema(replica, self._schema)
         self._replica_settings = _dialects.transaction_settings(replica, self._schema, write=False)
         #: Whether the replica's schema was found at this hermes_orm's head (or
         #: the store checks none: ``check_schema=False``).
@@ -1938,9 +1940,6 @@ class SessionStore(_Sessions):
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_store_engine(replica, schema=schema, **settings)
-        if replica is not None:
-            # (An engine that never connected holds nothing to dispose of.)
-            check_replica_schema(replica, schema)
         self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one).

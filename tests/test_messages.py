@@ -266,7 +266,7 @@ def test_messages_keep_their_key_order_at_every_level(store: SessionStore) -> No
 
 def test_messages_in_the_usual_order_store_no_key_order(store: SessionStore) -> None:
     """The read order is that of agents' messages: only others pay for keeping theirs."""
-    from hermes_orm._codec import _FIELDS
+    from hermes_orm._codec import MESSAGE_FIELDS as _FIELDS
 
     assert sorted(_FIELDS) == sorted(
         (*TEXT_KEYS, *JSON_KEYS, *BOOL_KEYS, "token_count", "timestamp")
