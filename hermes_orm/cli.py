@@ -95,9 +95,10 @@ def _sessions(args: argparse.Namespace) -> int:
         else:
             print(f"{'id':<32} {'source':<10} {'messages':>8}  {'model':<24} title")
             for s in page.sessions:
+                # (!s: a column your own SQL wrote may hold bytes, which take no width.)
                 print(
-                    f"{s['id']:<32} {s['source']:<10} {s['message_count']:>8}  "
-                    f"{(s['model'] or '-'):<24} {s['title'] or ''}"
+                    f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']:>8}  "
+                    f"{(s['model'] or '-')!s:<24} {s['title'] or ''}"
                 )
         if page.next_cursor:
             more = _next_page(args, ("source", "user_id", "limit"), page.next_cursor)
@@ -114,12 +115,19 @@ def _print_json(document: Any) -> None:
     wrote it) cannot be written as UTF-8: then every character past ASCII is
     escaped, which reads back the same.
     """
-    text = json.dumps(document, indent=2, ensure_ascii=False)
+    text = json.dumps(document, indent=2, ensure_ascii=False, default=_shown_bytes)
     try:
         text.encode(sys.stdout.encoding or "utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(document, indent=2)
+        text = json.dumps(document, indent=2, default=_shown_bytes)
     print(text)
+
+
+def _shown_bytes(value: Any) -> str:
+    """A bytes value (a column your own SQL wrote) as the table shows it: ``b'...'``."""
+    if isinstance(value, bytes):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _one_line(message: dict[str, Any], width: int = 100) -> str:

@@ -152,6 +152,24 @@ def test_output_a_stream_cannot_hold_is_escaped_and_a_closed_one_is_nowhere(
     assert (closed.returncode, closed.stderr) == (0, "")
 
 
+def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
+    """A row your own SQL gave a BLOB id is listed (as ``b'...'``), not a traceback."""
+    path = tmp_path / "agents.db"
+    with SessionStore(f"sqlite:///{path}") as store:
+        store.upgrade()
+        store.create_session("abc", source="cli")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE hermes_sessions SET id = x'616263', source = x'636c69'")
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{path}"}
+    table = run("sessions", "list", env=env)
+    assert (table.returncode, table.stderr) == (0, "")
+    assert table.stdout.splitlines()[1].split()[:3] == ["b'abc'", "b'cli'", "0"]
+    as_json = run("sessions", "list", "--json", env=env)
+    assert (as_json.returncode, as_json.stderr) == (0, "")
+    (listed,) = json.loads(as_json.stdout)
+    assert (listed["id"], listed["source"]) == ("b'abc'", "b'cli'")
+
+
 def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> None:
     """``--url "$UNSET"`` must not write to the default database (nor HERMES_ORM_URL's)."""
     default = tmp_path / "default.db"
