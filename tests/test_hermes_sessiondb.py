@@ -735,6 +735,9 @@ def test_search_messages(both: Any) -> None:
         (("",), {}),
         (("   ",), {}),
         (("nothinglikethis",), {}),
+        # Longer than 2,048 characters: both search the first 2,048.
+        (("docker" + " " * 3_000 + "podman",), {}),
+        ((" " * 2_048 + "docker",), {}),
     ]
     for args, kwargs in cases:
         expected = hermes.search_messages(*args, **kwargs)
@@ -746,6 +749,7 @@ def test_search_messages(both: Any) -> None:
         for result in got:
             assert ">>>" in result["snippet"], (args, result)
     assert len(ours.search_messages("deploy*")) == 4  # the cases above are not all empty
+    assert len(ours.search_messages("docker" + " " * 3_000 + "podman")) == 3
 
 
 def test_a_hit_next_to_structured_content_shows_it_as_hermes_does(both: Any) -> None:

@@ -1217,12 +1217,17 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
         The query is read by hermes_orm's search (:mod:`hermes_orm.search`), with
         Hermes' ``NOT term`` taken as ``-term``; a query with nothing to look for
-        gives ``[]``, as in Hermes. Hits come newest first, ``sort="oldest"``
+        gives ``[]``, as in Hermes, and a longer one than 2,048 characters is
+        cut there, as Hermes cuts it. Hits come newest first, ``sort="oldest"``
         reverses that; Hermes' default order is FTS5 relevance, which this
         index does not compute. Messages taken back (``active`` 0, not
         compacted) are left out unless ``include_inactive``.
         """
-        if not isinstance(query, str) or not query.strip() or source_filter == []:
+        if not isinstance(query, str):
+            return []
+        # Hermes searches the first 2,048 characters of a longer query, as hermes_orm's limit.
+        query = query[: _search.MAX_QUERY_CHARS]
+        if not query.strip() or source_filter == []:
             return []
         order = sort.strip().lower() if isinstance(sort, str) else None
         filters = _search.Filters(
