@@ -266,6 +266,46 @@ def test_a_connection_option_the_driver_cannot_use_is_not_retried(
     assert not isinstance(err.value, DatabaseUnavailableError)
 
 
+@pytest.fixture(scope="module")
+def refusing_server(pg_server_url: str) -> Iterator[str]:
+    """The test server with a role that may not log in and a database closed to connections."""
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql("CREATE ROLE hermes_orm_nologin NOLOGIN")
+        conn.exec_driver_sql("CREATE DATABASE hermes_orm_closed ALLOW_CONNECTIONS false")
+    yield pg_server_url
+    with admin.connect() as conn:
+        conn.exec_driver_sql("DROP DATABASE hermes_orm_closed")
+        conn.exec_driver_sql("DROP ROLE hermes_orm_nologin")
+    admin.dispose()
+
+
+_SERVER_REFUSALS = {
+    "a startup option's bad value": ({"options": "-c lock_timeout=5s0"}, "lock_timeout"),
+    "a mistyped startup option": ({"options": "-c lock_timout=5000"}, "lock_timout"),
+    "a setting no session may change": ({"options": "-c shared_buffers=1MB"}, "shared_buffers"),
+    "a role that may not log in": ({"username": "hermes_orm_nologin"}, "log in"),
+    "a database closed to connections": ({"database": "hermes_orm_closed"}, "accepting"),
+}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("case", list(_SERVER_REFUSALS))
+def test_a_connection_the_server_refuses_for_good_is_not_retried(
+    refusing_server: str, driver: str, case: str
+) -> None:
+    """The server answered (a FATAL error): no server is down, trying again changes nothing."""
+    change, said = _SERVER_REFUSALS[case]
+    url = make_url(refusing_server).set(drivername=f"postgresql+{driver}")
+    url = url.update_query_dict(change) if "options" in change else url.set(**change)
+    started = time.monotonic()
+    flush = _flusher_of(url.render_as_string(hide_password=False), driver)
+    with pytest.raises(DatabaseError, match=said) as err:
+        flush("s", TURN)
+    assert not isinstance(err.value, DatabaseUnavailableError)
+    assert time.monotonic() - started < 10  # (retried, it would take the policy's 30 s)
+
+
 def _flusher_of(url: str, driver: str) -> Callable[[str, list[dict[str, Any]]], Any]:
     """A blocking flush of a store at ``url`` that has not connected yet (a long span)."""
     policy = RetryPolicy(unavailable_for=30)
