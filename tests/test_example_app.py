@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,35 @@ def _bad_requests_are_refused(client: Client, account: int) -> None:
     assert client.call("GET", f"/chats/c2?account_id={account}") == (200, {"messages": []})
 
 
+def _served_after_the_server_drops_its_connections(url: str, client: Client) -> None:
+    """A PostgreSQL restart or idle timeout ends the pooled connections: no request fails."""
+    if not url.startswith("postgresql"):
+        return
+    accounts = client.call("GET", "/accounts")[1]
+    # Requests at once leave the app's pool holding several connections.
+    with ThreadPoolExecutor(8) as burst:
+        assert set(burst.map(lambda _: client.call("GET", "/accounts")[0], range(32))) == {200}
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ended = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+    finally:
+        engine.dispose()
+    assert ended  # the app's pooled connections
+    # The app's own queries first: hermes_orm's calls retry on a lost connection,
+    # and SQLAlchemy then drops every connection the pool held.
+    for n in range(8):
+        status, made = client.call("POST", "/accounts", {"name": f"carol{n}"})
+        assert status == 200, made
+    assert len(client.call("GET", "/accounts")[1]) == len(accounts) + 8
+    assert client.call("GET", f"/chats/c1?account_id={accounts[0]['id']}")[0] == 200
+
+
 def _autogenerate_is_silent(url: str, mode: str) -> None:
     """The app's ``alembic check`` proposes nothing, and neither does hermes_orm's."""
     result = _alembic(url, mode, "check")
@@ -223,7 +253,9 @@ def test_side_by_side(empty_db_url: str, serve: Any) -> None:
     assert _versions(url, "alembic_version") == {HOST_REVISION}
 
     _autogenerate_is_silent(url, "side_by_side")
-    _use_the_app(serve(url))
+    client = serve(url)
+    _use_the_app(client)
+    _served_after_the_server_drops_its_connections(url, client)
 
     _alembic(url, "side_by_side", "downgrade", "base")
     assert "accounts" not in _tables(url)

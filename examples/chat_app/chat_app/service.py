@@ -22,7 +22,10 @@ from chat_app.models import Account
 
 URL = os.environ.get("CHAT_APP_DATABASE_URL", "sqlite:///chat_app.db")
 # One engine for the app's own queries and hermes_orm's, as an application has.
-engine = create_engine(URL)
+# pool_pre_ping: after a database restart or an idle timeout, the app's own
+# queries get a live connection, not a dead pooled one (hermes_orm's calls
+# retry on a lost connection either way).
+engine = create_engine(URL, pool_pre_ping=True)
 store = hermes_orm.SessionStore(engine)
 
 
