@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import Pool
 
 from hermes_orm import _dialects, _sa, migrations
 from hermes_orm import search as _search
@@ -387,11 +389,18 @@ class AsyncSessionStore(_AsyncSessions):
         """``work`` (a call's transactions), run to its end on a pool sharing one connection.
 
         That connection is the database (in memory): SQLAlchemy invalidates, and
-        so closes, a connection whose statement a cancellation interrupts.
+        so closes, a connection whose statement a cancellation interrupts. The
+        calls of every store on that pool take turns: awaits come between a
+        call's check that no transaction is open on it and its ``BEGIN``, and
+        two calls inside one transaction would end each other's.
         """
-        if self._one_connection:
-            return await self._uninterrupted(work)
-        return await work
+        if not self._one_connection:
+            return await work
+        try:
+            async with _turns(self._engine.pool):
+                return await self._uninterrupted(work)
+        finally:
+            work.close()  # never started if the task was cancelled while waiting its turn
 
     @staticmethod
     async def _uninterrupted(work: Coroutine[Any, Any, T]) -> T:
@@ -734,6 +743,23 @@ class AsyncSessionStore(_AsyncSessions):
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""
         return await self._transaction(Run(_search.rebuild, write=True, bounded=False))
+
+
+#: For each pool that shares one connection, the lock its stores' calls take
+#: turns on, in each event loop (an asyncio lock serves one loop).
+_TURNS: weakref.WeakKeyDictionary[Pool, weakref.WeakKeyDictionary[Any, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _turns(pool: Pool) -> asyncio.Lock:
+    """The lock the calls on ``pool`` take turns on in the running event loop."""
+    loops = _TURNS.setdefault(pool, weakref.WeakKeyDictionary())
+    loop = asyncio.get_running_loop()
+    lock = loops.get(loop)
+    if lock is None:
+        lock = loops[loop] = asyncio.Lock()
+    return lock
 
 
 class AsyncUserStore(_AsyncSessions):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,70 @@ def test_a_cancelled_call_on_an_in_memory_async_store_keeps_the_database() -> No
         return outcomes
 
     assert "cancelled" in asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["in memory", "a file"])
+def test_concurrent_async_calls_on_one_shared_connection_take_turns(
+    where: str, tmp_path: Path
+) -> None:
+    """Tasks of two stores on one StaticPool: each call has the connection to itself.
+
+    Awaits come between a call's check that no transaction is open there and its
+    BEGIN: without turns, two calls would share (and end) one transaction.
+    """
+    url = "sqlite+aiosqlite://" if where == "in memory" else f"sqlite+aiosqlite:///{tmp_path}/a.db"
+
+    async def main() -> None:
+        engine = create_async_engine(url, poolclass=StaticPool)
+        stores = [AsyncSessionStore(engine), AsyncSessionStore(engine)]
+        await stores[0].upgrade()
+        sessions = [f"s{n}" for n in range(8)]
+        for session_id in sessions:
+            await stores[0].create_session(session_id, source="app")
+        acknowledged: dict[str, list[dict[str, Any]]] = {}
+
+        async def writer(n: int, session_id: str) -> None:
+            history: list[dict[str, Any]] = []
+            for i in range(15):
+                history.append({"role": "user", "content": f"{session_id} {i}"})
+                await stores[n % 2].flush(session_id, history)
+                acknowledged[session_id] = list(history)
+                await stores[1 - n % 2].get_messages(session_id)
+
+        async def cancelled_reader() -> None:
+            for _ in range(20):  # cancelled waiting its turn, or during its call
+                task = asyncio.ensure_future(stores[1].list_sessions())
+                await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        await asyncio.gather(*(writer(n, s) for n, s in enumerate(sessions)), cancelled_reader())
+        for session_id in sessions:
+            assert await stores[0].get_messages(session_id) == acknowledged[session_id]
+            assert (await stores[1].get_session(session_id) or {})["flushed_idx"] == 15
+        for store in stores:
+            await store.close()
+        await engine.dispose()
+
+    # In a thread of its own: two calls sharing one transaction can hang the loop for good.
+    failed: list[BaseException] = []
+    runner = threading.Thread(target=_recorded(lambda: asyncio.run(main()), failed), daemon=True)
+    runner.start()
+    runner.join(180)
+    assert not runner.is_alive(), "the tasks hung"
+    if failed:
+        raise failed[0]
+
+
+def _recorded(call: Callable[[], Any], failed: list[BaseException]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            failed.append(exc)
+
+    return run
 
 
 def test_a_cancelled_upgrade_of_an_in_memory_async_store_keeps_the_database() -> None:
