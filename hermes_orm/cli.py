@@ -32,7 +32,7 @@ from hermes_orm._dialects import (
     sqlite_in_memory,
 )
 from hermes_orm._retry import RetryPolicy
-from hermes_orm.errors import HermesOrmError, InvalidURLError
+from hermes_orm.errors import HermesOrmError, InvalidURLError, SchemaOutOfDateError
 from hermes_orm.store import SessionStore
 
 #: A command says at once that the database is out of reach (after 3 s), where a
@@ -429,13 +429,17 @@ def run(args: argparse.Namespace) -> int:
     has not made yet. A SQLite database in memory is refused, but by ``demo``,
     which runs whole in its one process, and ``status``.
     """
+    # Run as `hermes orm ...` (the Hermes plugin), its errors name its own commands.
+    name = getattr(args, "program", None) or "hermes-orm"
+    command = getattr(args, "upgrade_command", None)
+    upgrade = command or "`hermes-orm db upgrade`"
     try:
         if args.handler not in (_demo, _status) and _in_memory(args.url):
             # Each command is a process of its own: what it wrote would be gone
             # when it ends, and there is nothing for it to read. (status reports
             # the Hermes mirror's own record too: why it is off, say.)
             print(
-                f"hermes-orm: {redact(str(args.url))} is a SQLite database in memory, gone when "
+                f"{name}: {redact(str(args.url))} is a SQLite database in memory, gone when "
                 "this command ends: give a file (sqlite:///path/to/hermes_orm.db)",
                 file=sys.stderr,
             )
@@ -444,20 +448,22 @@ def run(args: argparse.Namespace) -> int:
             missing = missing_sqlite_file(args.url)
             if missing is not None:
                 print(
-                    f"hermes-orm: no database at {str(missing)!r}: nothing is stored there "
-                    "(check the URL; `hermes-orm db upgrade` creates it)",
+                    f"{name}: no database at {str(missing)!r}: nothing is stored there "
+                    f"(check the URL; {upgrade} creates it)",
                     file=sys.stderr,
                 )
                 return 2
         return int(args.handler(args))
     except HermesOrmError as exc:
-        print(f"hermes-orm: {redact(str(exc))}", file=sys.stderr)  # (a URL typed as an argument)
+        if isinstance(exc, SchemaOutOfDateError) and not exc.branch and command:
+            exc = SchemaOutOfDateError(exc.current, exc.expected, fix=command)
+        print(f"{name}: {redact(str(exc))}", file=sys.stderr)  # (a URL typed as an argument)
         return 2
     except SQLAlchemyError as exc:
         detail = redact(str(getattr(exc, "orig", None) or exc)).strip()
         if isinstance(exc, DBAPIError):
             detail += pooler_hint(exc)
-        print(f"hermes-orm: database {safe_url(args.url)}: {detail}", file=sys.stderr)
+        print(f"{name}: database {safe_url(args.url)}: {detail}", file=sys.stderr)
         return 2
 
 

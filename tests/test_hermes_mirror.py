@@ -846,6 +846,16 @@ def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None
     assert behind.returncode == 1
     assert "run `hermes orm db upgrade`" in behind.stdout, behind.stdout
     assert "hermes-orm db upgrade" not in behind.stdout
+    for command in (("sessions", "list"), ("search", "answer"), ("verify",), ("db", "check")):
+        refused = _hermes(home, "orm", *command)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert refused.stderr.startswith("hermes orm: "), refused.stderr
+        assert "run `hermes orm db upgrade`" in refused.stderr, refused.stderr
+    # A mirror database not there yet: the command that makes it is the plugin's too.
+    _write_config(home, f"plugins:\n  enabled: [hermes_orm]\nhermes_orm:\n  url: {url}x\n")
+    missing = _hermes(home, "orm", "sessions", "list")
+    assert (missing.returncode, missing.stdout) == (2, ""), missing.stderr
+    assert "`hermes orm db upgrade` creates it" in missing.stderr, missing.stderr
 
 
 def test_a_message_edited_in_place_is_a_rewrite_not_an_append(

@@ -488,6 +488,7 @@ def run_cli(args: argparse.Namespace) -> None:
             print(f"hermes orm: {exc}", file=sys.stderr)
             sys.exit(2)
     args.upgrade_command = "`hermes orm db upgrade`"  # the plugin's database, found as above
+    args.program = "hermes orm"
     sys.exit(cli.run(args))
 
 
