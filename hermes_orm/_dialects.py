@@ -534,7 +534,12 @@ def missing_sqlite_file(url: str | URL) -> Path | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     path = _sqlite_file(parsed) or _file_uri_path(parsed)
-    return None if path is None or path.exists() else path
+    try:
+        return None if path is None or path.exists() else path
+    except OSError as exc:  # a name too long, a directory not ours to look in
+        raise InvalidURLError(
+            f"{safe_url(parsed)}: cannot look for {path}: {exc.strerror}"
+        ) from None
 
 
 def _file_uri_path(url: URL) -> Path | None:

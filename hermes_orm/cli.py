@@ -168,7 +168,8 @@ def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) ->
     for option in options:
         value = getattr(args, option)
         if value is not None:
-            words += (f"--{option.replace('_', '-')}", shlex.quote(str(value)))
+            # As one word: a value beginning with "-" would be read as an option.
+            words.append(shlex.quote(f"--{option.replace('_', '-')}={value}"))
     return " ".join(["more:", *words, "--cursor", cursor])
 
 

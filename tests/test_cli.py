@@ -458,6 +458,46 @@ def test_import_of_an_empty_path_is_refused_not_taken_for_the_default(tmp_path: 
     assert not target.exists()
 
 
+@pytest.mark.parametrize(
+    "command", [("sessions", "list"), ("db", "current"), ("verify",), ("search", "x")]
+)
+def test_a_file_name_too_long_to_look_for_is_a_one_line_error(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    url = f"sqlite:///{tmp_path}/{'x' * 300}.db"
+    result = run("--url", url, *command, env=clean_env(tmp_path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot look for" in result.stderr
+    assert "File name too long" in result.stderr
+
+
+def test_import_of_a_path_too_long_to_open_is_a_one_line_error(tmp_path: Path) -> None:
+    source = tmp_path / ("x" * 300 + ".db")
+    target = tmp_path / "x.db"
+    result = run("--url", f"sqlite:///{target}", "import", str(source), env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"hermes-orm: cannot open {source}: [Errno 36] File name too long: '{source}'"
+    ]
+    assert not target.exists()
+
+
+def test_the_next_page_is_listed_with_a_filter_beginning_with_a_dash(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        for n in range(3):
+            store.create_session(f"s{n}", source="-tg", started_at=1_000 + n)
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    first = run("sessions", "list", "--source=-tg", "--limit", "2", env=env)
+    more = re.search(r"^more: (.*--cursor \S+)$", first.stdout, re.MULTILINE)
+    assert more is not None, first.stdout
+    rest = run("sessions", "list", *shlex.split(more[1]), env=env)
+    assert (rest.returncode, rest.stderr) == (0, "")
+    assert [line.split()[0] for line in rest.stdout.splitlines()[1:]] == ["s0"]
+
+
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path) -> None:
     directory = os.fsdecode(bytes(tmp_path) + b"/d\xff")
     os.mkdir(directory)

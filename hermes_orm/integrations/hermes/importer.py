@@ -234,14 +234,17 @@ class Source:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser().resolve()
-        if not self.path.is_file():
-            raise StateDbError(f"no Hermes state.db at {self.path}")
-        self.live = self._writer_files()
+        try:
+            if not self.path.is_file():
+                raise StateDbError(f"no Hermes state.db at {self.path}")
+            self.live = self._writer_files()
+            self._stamp = self._file_stamp()
+            self.conn = self._connect()
+        except (OSError, sqlite3.Error) as exc:  # a name too long, a file not ours to read
+            raise StateDbError(f"cannot open {self.path}: {exc}") from exc
         #: How many times the source was reopened live (a read before may be of another state).
         self.generation = 0
         self._snapshot = False
-        self._stamp = self._file_stamp()
-        self.conn = self._connect()
         try:
             tables = {
                 r[0] for r in self.execute("SELECT name FROM sqlite_master WHERE type='table'")
