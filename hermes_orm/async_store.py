@@ -282,14 +282,16 @@ class AsyncSessionStore(_AsyncSessions):
     async def close(self) -> None:
         """Give back the idle connection; dispose of the engine if the store made it."""
         self._closes += 1
-        await self._unpark()
+        # Each to its end, however often the task is cancelled meanwhile (raised after):
+        # a pool's reset or close interrupted is logged as an error, its connection lost.
+        await self._to_the_end(self._unpark())
         if self._releasing:
             # Shielded: a cancelled close() leaves them to end (their calls wait for them).
             await asyncio.shield(asyncio.gather(*self._releasing, return_exceptions=True))
         if self._owns_engine:
-            await self._dispose(self._async_engine)
+            await self._to_the_end(self._dispose(self._async_engine))
         if self._owns_replica and self._async_replica is not None:
-            await self._dispose(self._async_replica)
+            await self._to_the_end(self._dispose(self._async_replica))
 
     async def _dispose(self, engine: AsyncEngine) -> None:
         """Dispose of an engine the store made; from another event loop, asyncpg's unclosed.

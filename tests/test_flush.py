@@ -2997,6 +2997,50 @@ def test_a_flush_cancelled_again_and_again_on_postgresql_is_done_when_the_call_e
     assert seen == [(len(history), len(history))] * 3
 
 
+def test_a_cancelled_close_ends_its_work_and_logs_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() cancelled at any point ends what it began: the kept connection goes back
+    to the application's pool (not dropped), an engine the store made is disposed of
+    whole (interrupted, the pool logs an error and drops the connection)."""
+    from hermes_orm import create_async_store_engine
+
+    url = f"sqlite:///{tmp_path / 'close.db'}"
+    SessionStore(url).upgrade()
+
+    async def cancelled_closes(make: Callable[[], AsyncSessionStore]) -> int:
+        cancelled = 0
+        for steps in range(1, 12):
+            store = make()
+            await store.ensure_session("s", source="cli")  # (its connection kept after)
+            closing = asyncio.ensure_future(store.close())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            closing.cancel()
+            try:
+                await closing
+            except asyncio.CancelledError:
+                cancelled += 1
+            await store.close()
+        return cancelled
+
+    async def main() -> tuple[int, int, int]:
+        owned = await cancelled_closes(lambda: AsyncSessionStore(url))
+        engine = create_async_store_engine(url)
+        connects = []
+        event.listen(engine.sync_engine, "connect", lambda *_: connects.append(1))
+        shared = await cancelled_closes(lambda: AsyncSessionStore(engine))
+        await engine.dispose()
+        return owned, shared, len(connects)
+
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        owned, shared, connects = asyncio.run(main())
+    assert owned > 0
+    assert shared > 0
+    assert connects == 1  # the application's connection, given back by every close
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_a_write_cancelled_as_its_connection_goes_back_logs_no_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
