@@ -8,6 +8,7 @@ embedded SQLite file ``hermes_orm.db`` under ``$HERMES_HOME`` (default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import json
@@ -82,10 +83,10 @@ def _sessions(args: argparse.Namespace) -> int:
                 return 0
             for key, value in session.items():
                 if value is not None:
-                    print(f"{key:>34}: {value}")
+                    print(f"{key:>34}: {_inert(str(value))}")
             print()
             for idx, message in enumerate(messages):
-                print(f"[{idx}] {_one_line(message)}")
+                print(f"[{idx}] {_inert(_one_line(message))}")
             return 0
         page = store.list_sessions(
             source=args.source, user_id=args.user_id, limit=args.limit, cursor=args.cursor
@@ -97,8 +98,10 @@ def _sessions(args: argparse.Namespace) -> int:
             for s in page.sessions:
                 # (!s: a column your own SQL wrote may hold bytes, which take no width.)
                 print(
-                    f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']:>8}  "
-                    f"{(s['model'] or '-')!s:<24} {s['title'] or ''}"
+                    _inert(
+                        f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']:>8}  "
+                        f"{(s['model'] or '-')!s:<24} {s['title'] or ''}"
+                    )
                 )
         if page.next_cursor:
             more = _next_page(args, ("source", "user_id", "limit"), page.next_cursor)
@@ -128,6 +131,21 @@ def _shown_bytes(value: Any) -> str:
     if isinstance(value, bytes):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+#: Each control character but tab and newline, as the symbol that pictures it (one for
+#: one: search's highlight offsets stay right). Stored text is the agent's, its model's
+#: and its users': printed raw, an escape sequence in it would drive the reader's terminal.
+_PICTURES = {
+    **{code: 0x2400 + code for code in range(0x20) if chr(code) not in "\t\n"},
+    0x7F: 0x2421,
+    **dict.fromkeys(range(0x80, 0xA0), 0xFFFD),
+}
+
+
+def _inert(text: str) -> str:
+    """``text`` safe to print to a terminal (see :data:`_PICTURES`)."""
+    return text.translate(_PICTURES)
 
 
 def _one_line(message: dict[str, Any], width: int = 100) -> str:
@@ -201,7 +219,9 @@ def _search(args: argparse.Namespace) -> int:
             # Matches in bold on a terminal, in [brackets] otherwise.
             before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
             for hit in page.hits:
-                print(f"{hit.session_id}[{hit.idx}] {hit.role:<9} {hit.marked(before, after)}")
+                shown = dataclasses.replace(hit, snippet=_inert(hit.snippet))  # (same offsets)
+                where = _inert(f"{hit.session_id}[{hit.idx}] {hit.role:<9}")
+                print(f"{where} {shown.marked(before, after)}")
             if not page.hits:
                 print("no hits", file=sys.stderr)
         if page.next_cursor:
@@ -236,7 +256,7 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in report.problems:
             where = f"session {problem.session_id!r}" if problem.session_id else "database"
             fixed = " (repaired)" if problem.repaired else ""
-            print(f"{where}: {problem.check}: {problem.detail}{fixed}")
+            print(_inert(f"{where}: {problem.check}: {problem.detail}{fixed}"))
         repaired = sum(problem.repaired for problem in report.problems)
         left = len(report.problems) - repaired
         verdict = "ok" if report.ok else f"{left} problem(s)"

@@ -152,6 +152,32 @@ def test_output_a_stream_cannot_hold_is_escaped_and_a_closed_one_is_nowhere(
     assert (closed.returncode, closed.stderr) == (0, "")
 
 
+def test_stored_control_characters_do_not_reach_the_terminal(tmp_path: Path) -> None:
+    """An escape sequence in a title or a message is shown as the symbol of each control
+    character, never sent raw to the reader's terminal (its title, its screen)."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    title, content = "\x1b]0;pwned\x07", "needle \x1b[2J\r\x9b done"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s\x1b[31m", source="cli", title=title)
+        store.flush("s\x1b[31m", [{"role": "user", "content": content}])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    for command in (
+        ("sessions", "list"),
+        ("sessions", "show", "s\x1b[31m"),
+        ("search", "needle"),
+        ("search", "done"),
+    ):
+        shown = run(*command, env=env)
+        assert (shown.returncode, shown.stderr) == (0, ""), shown.stderr
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", shown.stdout), command
+        assert "\u241b" in shown.stdout, command  # the picture of ESC
+    found = run("search", "done", env=env).stdout
+    assert "[done]" in found  # the highlight where the match is, the symbols one for one
+    as_json = json.loads(run("sessions", "show", "s\x1b[31m", "--json", env=env).stdout)
+    assert as_json["messages"][0]["content"] == content  # JSON keeps the text as stored
+
+
 def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
     """A row your own SQL gave a BLOB id is listed (as ``b'...'``), not a traceback."""
     path = tmp_path / "agents.db"
