@@ -837,14 +837,17 @@ class StoreCore:
             return hint
         return None
 
-    def _remembered(self, session_id: str, stored: int) -> _Hint | None:
+    def _remembered(self, session_id: str, stored: int, history: int) -> _Hint | None:
         """What the store remembers of a session whose stored cursor is ``stored``.
 
         A stored cursor behind the remembered one is said (WARNING): commits
-        this store saw were lost, or another process cut the history.
+        this store saw were lost, or another process cut the history. Not where
+        the stored ``history`` (its ``history_id``) is another than the one
+        remembered: that is another session of the same id (deleted and made
+        anew elsewhere), or a history rewritten, which lost nothing.
         """
         hint = self._hint(session_id)
-        if hint is not None and stored < hint.cursor:
+        if hint is not None and stored < hint.cursor and hint.history == history:
             logger.warning(
                 "session %r: the database holds %d messages, but this store saw %d committed: "
                 "acknowledged writes were lost (a promoted asynchronous standby, a restored "
@@ -1208,7 +1211,7 @@ class StoreCore:
         cursor = stored.flushed_idx
         owner: str | None = stored.user_id
         history = int(stored.history_id)
-        hint = self._remembered(session_id, cursor)
+        hint = self._remembered(session_id, cursor, history)
         # The copies hold the history as this store left it. Where the stored cursor,
         # its digest or the history is not what it left, another writer moved it since
         # (appended, or cut, rewrote or made the session anew): the stored digests decide.
@@ -1387,8 +1390,8 @@ class StoreCore:
                     "message below it; nothing was written (`hermes-orm verify --repair` "
                     "sets the cursor from the rows)"
                 )
-            self._remembered(session_id, idx)
             history[0] = int(stored.history_id)
+            self._remembered(session_id, idx, history[0])
             self._insert(
                 conn, session_id, idx, stored.flushed_digest, [[encoded]], history=history[0]
             )

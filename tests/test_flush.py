@@ -1128,6 +1128,25 @@ def test_an_append_after_lost_writes_says_so(
     assert any("acknowledged writes were lost" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("call", ["flush", "append"])
+def test_a_session_made_anew_elsewhere_is_no_loss(
+    store: SessionStore, engine: Engine, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleted and made anew by another process (another history_id): not lost writes."""
+    store.create_session("s", source="cli")
+    store.flush("s", _plain(4))
+    other = SessionStore(engine)
+    other.delete_session("s")
+    other.create_session("s", source="cli")
+    other.flush("s", _plain(1))
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        if call == "flush":  # (its first message is the new session's: it continues it)
+            assert store.flush("s", _plain(4)).written == 3
+        else:
+            assert store.append("s", {"role": "user", "content": "again"}) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "hermes_orm"] == []
+
+
 def test_a_history_cut_by_this_store_is_no_loss(
     store: SessionStore, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
