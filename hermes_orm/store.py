@@ -488,6 +488,27 @@ def _read(work: Callable[[Connection], T], *, replica: bool = False) -> Steps[T]
     return (yield Run(work, write=False, replica=replica))  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def _readable(what: str) -> Iterator[None]:
+    """A stored JSON value other SQL damaged, read in the block, as a :class:`DatabaseError`."""
+    try:
+        yield
+    except ValueError as exc:  # (json.JSONDecodeError)
+        raise DatabaseError(
+            f"{what} holds a JSON column that cannot be read ({exc}); nothing hermes_orm "
+            "writes is so: `hermes-orm verify` reports it"
+        ) from exc
+
+
+def _decodes(row: Sequence[Any]) -> bool:
+    """Whether a message row read for :func:`_codec.decode_rows` can be decoded."""
+    try:
+        _codec.decode_rows([row])
+    except ValueError:
+        return False
+    return True
+
+
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
     return (yield Run(work, write=True, once=True))  # type: ignore[no-any-return]
 
@@ -1020,7 +1041,8 @@ class StoreCore:
         check_session_id(session_id)
 
         def work(conn: Connection) -> dict[str, Any] | None:
-            row = conn.execute(select(_sessions).where(self._owned(session_id))).first()
+            with _readable(f"session {session_id!r}"):
+                row = conn.execute(select(_sessions).where(self._owned(session_id))).first()
             return None if row is None else _session_dict(row)
 
         return _read(work)
@@ -1116,7 +1138,8 @@ class StoreCore:
         )
 
         def work(conn: Connection) -> SessionPage:
-            rows = conn.execute(query).all()
+            with _readable("a session of this page"):
+                rows = conn.execute(query).all()
             page = [_session_dict(r) for r in rows[:limit]]
             more = len(rows) > limit
             next_cursor = (
@@ -1593,7 +1616,13 @@ class StoreCore:
             rows = _dialects.fetch_driver_rows(conn, statement, params)
             if not rows and conn.execute(session).first() is None:
                 raise SessionNotFoundError(session_id)
-            return _codec.decode_rows(rows)
+            try:
+                return _codec.decode_rows(rows)
+            except ValueError:
+                at = next(i for i, row in enumerate(rows) if not _decodes(row))
+                with _readable(f"session {session_id!r}: the message at position {offset + at}"):
+                    _codec.decode_rows([rows[at]])
+                raise
 
         return _read(work, replica=replica)
 

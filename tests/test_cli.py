@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hermes_orm import SessionStore
+from hermes_orm import DatabaseError, SessionStore
 from tests.conftest import run_cli
 
 run = run_cli
@@ -176,6 +176,40 @@ def test_stored_control_characters_do_not_reach_the_terminal(tmp_path: Path) -> 
     assert "[done]" in found  # the highlight where the match is, the symbols one for one
     as_json = json.loads(run("sessions", "show", "s\x1b[31m", "--json", env=env).stdout)
     assert as_json["messages"][0]["content"] == content  # JSON keeps the text as stored
+
+
+def test_rows_other_sql_damaged_are_one_line_errors_naming_them(tmp_path: Path) -> None:
+    """JSON columns a hand-written UPDATE broke (SQLite keeps any text): a DatabaseError
+    that says where, from the store and the command line, where a traceback was."""
+    path = tmp_path / "agents.db"
+    url = f"sqlite:///{path}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("a", source="cli")
+        store.flush("a", [{"role": "user", "content": f"m{n}"} for n in range(3)])
+        store.create_session("b", source="cli")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE hermes_messages SET tool_calls = '{bad' WHERE idx = 1")
+        conn.execute("UPDATE hermes_sessions SET extra = 'not json' WHERE id = 'b'")
+    with SessionStore(url) as store:
+        with pytest.raises(DatabaseError, match="session 'a': the message at position 1"):
+            store.get_messages("a")
+        assert len(store.get_messages("a", limit=1)) == 1  # the rows before it read
+        with pytest.raises(DatabaseError, match="session 'b' holds a JSON column"):
+            store.get_session("b")
+        with pytest.raises(DatabaseError, match="a session of this page"):
+            store.list_sessions()
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    for command, said in (
+        (("sessions", "show", "a"), "position 1"),
+        (("sessions", "show", "b"), "session 'b'"),
+        (("sessions", "list"), "a session of this page"),
+    ):
+        refused = run(*command, env=env)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert said in refused.stderr
+        assert "hermes-orm verify" in refused.stderr
 
 
 def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
