@@ -1122,13 +1122,17 @@ def configure_engine(
                 try:
                     cursor.execute("PRAGMA journal_mode=WAL")
                 except Exception as exc:
-                    if getattr(exc, "sqlite_errorcode", None) not in _SQLITE_TRANSIENT:
+                    code = getattr(exc, "sqlite_errorcode", None)
+                    if code in _SQLITE_TRANSIENT:
+                        # Another connection holds a database in rollback-journal mode
+                        # locked (a writer, a migration under way): this one works in that
+                        # mode for the operation it serves (a read beside the writer, as
+                        # it allows), then is replaced by one that switches it.
+                        record.info[_NOT_WAL] = True
+                    elif code is None or code & 0xFF != _SQLITE_READONLY:
                         raise
-                    # Another connection holds a database in rollback-journal mode locked
-                    # (a writer, a migration under way): this one works in that mode for
-                    # the operation it serves (a read beside the writer, as it allows),
-                    # then is replaced by one that switches it.
-                    record.info[_NOT_WAL] = True
+                    # (Read-only: a file, or directory, not ours to write. It is read in
+                    # the mode it is in; a write fails as it would in any mode.)
         finally:
             cursor.close()
         record.info[_APPLIED] = settings
@@ -1141,6 +1145,8 @@ def configure_engine(
     event.listen(engine, "checkin", on_checkin)
 
 
+#: SQLite's primary result code for a write to a database opened read-only.
+_SQLITE_READONLY = 8
 #: On a pool record: its connection could not switch the database to WAL yet.
 _NOT_WAL = "hermes_orm.not_wal"
 

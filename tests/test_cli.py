@@ -212,6 +212,42 @@ def test_rows_other_sql_damaged_are_one_line_errors_naming_them(tmp_path: Path) 
         assert "hermes-orm verify" in refused.stderr
 
 
+def _without_write_permission() -> list[str]:
+    """A command prefix that runs as the caller, minus root's power to write any file."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+
+
+def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
+    """A file not ours to write (a copy an operator may only read): listed and searched."""
+    path = tmp_path / "agents.db"
+    url = f"sqlite:///{path}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "needle"}])
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")  # (a WAL file needs its -shm written)
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # not root's: without its capabilities, read-only
+    command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli"]
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    for args in (("sessions", "list"), ("search", "needle"), ("db", "current")):
+        done = subprocess.run(
+            [*command, *args], env=env, capture_output=True, text=True, check=False, timeout=120
+        )
+        assert (done.returncode, done.stderr) == (0, ""), (args, done.stderr)
+    written = subprocess.run(
+        [*command, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
+    )
+    assert written.returncode == 0, written.stderr  # at head: nothing to write
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
 def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
     """A row your own SQL gave a BLOB id is listed (as ``b'...'``), not a traceback."""
     path = tmp_path / "agents.db"
