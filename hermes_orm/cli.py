@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import io
 import json
@@ -524,6 +525,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             except BrokenPipeError:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         return 1
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRORS or exc.filename is not None:
+            raise
+        # The output cannot be written (a full disk, a device's error): said on stderr,
+        # and what is left of it dropped (the flush at exit would fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"hermes-orm: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+#: Errors of a write to an output (no file named: a file opened by name says which).
+_OUTPUT_ERRORS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -266,6 +266,28 @@ def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> 
     assert (listed["id"], listed["source"]) == ("b'abc'", "b'cli'")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_output_to_a_full_device_is_a_one_line_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    for args in (("sessions", "list"), ("sessions", "list", "--json"), ("db", "current")):
+        with Path("/dev/full").open("w") as full:
+            done = subprocess.run(
+                [sys.executable, "-m", "hermes_orm.cli", *args],
+                env=env,
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                check=False,
+                timeout=120,
+            )
+        assert done.returncode == 1
+        assert done.stderr == "hermes-orm: cannot write the output: No space left on device\n"
+
+
 def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> None:
     """``--url "$UNSET"`` must not write to the default database (nor HERMES_ORM_URL's)."""
     default = tmp_path / "default.db"
