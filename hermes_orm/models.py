@@ -12,6 +12,7 @@ uses too.
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -127,7 +128,8 @@ class Session(Base):
     parent_session_id: Mapped[str | None] = mapped_column(
         String(255), ForeignKey("hermes_sessions.id", ondelete="SET NULL"), index=True
     )
-    started_at: Mapped[float]
+    #: Made through the ORM without one: the time of its INSERT, as the store's.
+    started_at: Mapped[float] = mapped_column(default=time.time)
     ended_at: Mapped[float | None]
     end_reason: Mapped[str | None]
     input_tokens: Mapped[int] = mapped_column(default=0, server_default=text("0"))

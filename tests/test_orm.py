@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -150,6 +151,18 @@ def test_a_new_session_and_messages_naming_it_by_id_are_one_commit(engine: Engin
     assert session is not None
     assert (session["flushed_idx"], session["message_count"]) == (2, 2)
     assert store.flush("n1", store.get_messages("n1")).written == 0  # the digest at the cursor
+
+
+def test_a_session_made_through_the_orm_without_a_start_time_starts_now(
+    engine: Engine,
+) -> None:
+    before = time.time()
+    with OrmSession(engine) as orm:
+        orm.add(Session(id="t1", source="app"))
+        orm.commit()
+    session = SessionStore(engine).get_session("t1")
+    assert session is not None
+    assert before <= session["started_at"] <= time.time()
 
 
 def test_invalid_orm_message_is_refused(engine: Engine) -> None:
