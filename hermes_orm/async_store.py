@@ -48,6 +48,7 @@ from hermes_orm.store import (
     Verify,
     attempt,
     check_bind,
+    check_options,
     check_replica,
     check_schema,
     give_back_when_full,
@@ -223,6 +224,7 @@ class AsyncSessionStore(_AsyncSessions):
         replica: str | URL | AsyncEngine | None = None,
     ) -> None:
         check_bind(bind, AsyncEngine)
+        check_options(retry, check_schema)
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
             check_replica(bind, replica, AsyncEngine)

@@ -730,6 +730,18 @@ def _landed(conn: Connection, request: Run[T], xid: int, timeline: str, result: 
     return _dialects.committed(conn, xid)
 
 
+def check_options(retry: Any, check_schema: Any) -> None:
+    """Refuse a store's options before anything is made of them (an engine, a SQLite file).
+
+    Raises:
+        InvalidArgumentError: ``retry`` is no RetryPolicy, or ``check_schema`` no bool.
+    """
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidArgumentError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+    if not isinstance(check_schema, bool):
+        raise InvalidArgumentError(f"check_schema must be True or False, got {check_schema!r}")
+
+
 class StoreCore:
     """What a store does, for :class:`SessionStore` and ``AsyncSessionStore`` alike.
 
@@ -755,8 +767,7 @@ class StoreCore:
         #: What each read runs first (see :func:`_dialects.transaction_settings`).
         self._settings = _dialects.transaction_settings(engine, schema, write=False)
         self._engine = engine
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise InvalidArgumentError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        check_options(retry, check_schema)
         self._retry = retry or RetryPolicy()
         #: The standby serving the reads it may (see :meth:`_read_from`).
         self._replica_of: Engine | None = None
@@ -1956,6 +1967,7 @@ class SessionStore(_Sessions):
         replica: str | URL | Engine | None = None,
     ) -> None:
         check_bind(bind, Engine)
+        check_options(retry, check_schema)
         settings = _dialects.engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
         if replica is not None:
             check_replica(bind, replica, Engine)

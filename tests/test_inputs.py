@@ -484,3 +484,21 @@ def test_an_engine_argument_sqlalchemy_refuses_is_no_url_error(tmp_path: Path) -
     with pytest.raises(hermes_orm.InvalidArgumentError, match="pool_sise") as raised:
         create_store_engine(f"sqlite:///{tmp_path / 'x.db'}", pool_sise=3)
     assert not isinstance(raised.value, InvalidURLError)
+
+
+@pytest.mark.parametrize("store_class", [hermes_orm.SessionStore, hermes_orm.AsyncSessionStore])
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("retry", 3, "retry must be a RetryPolicy"),
+        ("check_schema", "no", "check_schema must be True or False"),
+        ("check_schema", None, "check_schema must be True or False"),
+    ],
+)
+def test_a_store_option_of_the_wrong_kind_is_refused_before_a_file_is_made(
+    tmp_path: Path, store_class: Any, option: str, value: Any, said: str
+) -> None:
+    path = tmp_path / "not-yet" / "agents.db"
+    with pytest.raises(hermes_orm.InvalidArgumentError, match=said):
+        store_class(f"sqlite:///{path}", **{option: value})
+    assert not path.parent.exists()
