@@ -187,6 +187,7 @@ def _bad_requests_are_refused(client: Client, account: int) -> None:
         ("POST", "/accounts", {"name": "n" * 200}),
         ("POST", "/accounts", {"name": "a\u0000"}),
         ("POST", "/accounts", {"name": ""}),
+        ("POST", "/accounts", {"name": "\ud800"}),  # no Unicode text (a lone surrogate)
     ]:
         status, refused = client.call(method, path, body)
         assert status == 422, (path, body, refused)

@@ -5,13 +5,16 @@ Endpoints are plain ``def``: FastAPI runs them on its worker threads, and the
 store takes a pooled connection for each operation and gives it back.
 """
 
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, select
 from sqlalchemy.exc import IntegrityError
@@ -39,6 +42,17 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="chat_app", lifespan=lifespan)
+
+
+@app.exception_handler(RequestValidationError)
+def malformed(_request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's own answer to an invalid request, its text escaped.
+
+    It echoes the input, which may hold a lone surrogate (a JSON escape a client
+    may send) that a UTF-8 response cannot: a 500, where the client's error is a 422.
+    """
+    document = json.dumps({"detail": jsonable_encoder(exc.errors())})  # (ASCII, escaped)
+    return Response(document, status_code=422, media_type="application/json")
 
 
 @app.exception_handler(hermes_orm.InvalidArgumentError)
