@@ -712,10 +712,7 @@ def _run(
     ran (given the connection and the schema). Returns whether the
     transaction ran (False: at the head already, nothing done).
     """
-    if not isinstance(revision, str) or not revision.strip():
-        raise InvalidArgumentError(
-            f"revision must be 'head', 'base' or a revision id, got {revision!r}"
-        )
+    _check_revision(revision)
     args = (revision,)
     if fn is command.upgrade and args == ("head",) and _at_head(bind, given):
         return False  # a store's upgrade() on start-up, say
@@ -772,6 +769,18 @@ def _run(
     return True
 
 
+def _check_revision(revision: Any) -> None:
+    """Refuse a ``revision`` that is no text, or blank.
+
+    Raises:
+        InvalidArgumentError: It is.
+    """
+    if not isinstance(revision, str) or not revision.strip():
+        raise InvalidArgumentError(
+            f"revision must be 'head', 'base' or a revision id, got {revision!r}"
+        )
+
+
 #: A revision counted from another (``head-1``, ``+2``): resolved against the database.
 _RELATIVE = re.compile(r".*[+-]\d+")
 
@@ -788,7 +797,8 @@ def check_upgrade_arguments(
     """
     if partitions is not None:
         _partitions.check_partitions(partitions, dialect)
-    if not isinstance(revision, str) or _RELATIVE.fullmatch(revision):
+    _check_revision(revision)
+    if _RELATIVE.fullmatch(revision):
         return  # (told as the run tells it)
     try:
         ScriptDirectory.from_config(alembic_config()).revision_map.get_revisions(revision)

@@ -720,3 +720,14 @@ def test_status_of_a_sqlite_database_in_memory_still_reads_the_mirror_s_record(
     assert "schema:    not seen: a SQLite database in memory is the process's own" in result.stdout
     assert "plugin:    off since" in result.stdout
     assert "bad url" in result.stdout
+
+
+@pytest.mark.parametrize("revision", ["", "  "])
+def test_a_blank_revision_is_refused_before_a_file_is_made(tmp_path: Path, revision: str) -> None:
+    target = tmp_path / "new" / "x.db"
+    result = run("--url", f"sqlite:///{target}", "db", "upgrade", revision, env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"hermes-orm: revision must be 'head', 'base' or a revision id, got {revision!r}"
+    ]
+    assert not target.parent.exists()

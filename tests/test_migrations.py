@@ -247,7 +247,7 @@ def test_an_upgrade_refused_for_its_arguments_makes_no_sqlite_file(tmp_path: Pat
     url = f"sqlite:///{path}"
     for revision, partitions, said in (
         ("nosuch", None, "cannot migrate to 'nosuch'"),
-        ("", None, "cannot migrate to ''"),
+        ("", None, "revision must be 'head', 'base' or a revision id, got ''"),
         ("head", 4, "PostgreSQL"),
     ):
         with pytest.raises(InvalidArgumentError, match=re.escape(said)):
