@@ -17,10 +17,12 @@ the messages, so flushing the same list again finishes the job exactly.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import text
@@ -401,7 +403,7 @@ class AsyncSessionStore(_AsyncSessions):
         if not self._one_connection:
             return await work
         try:
-            async with _turns(self._engine.pool):
+            async with _turn(self._engine.pool):
                 return await self._uninterrupted(work)
         finally:
             work.close()  # never started if the task was cancelled while waiting its turn
@@ -749,21 +751,55 @@ class AsyncSessionStore(_AsyncSessions):
         return await self._transaction(Run(_search.rebuild, write=True, bounded=False))
 
 
-#: For each pool that shares one connection, the lock its stores' calls take
-#: turns on, in each event loop (an asyncio lock serves one loop).
-_TURNS: weakref.WeakKeyDictionary[Pool, weakref.WeakKeyDictionary[Any, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary()
-)
+class _Turns:
+    """Whose turn it is on a pool sharing one connection, in one event loop."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        #: The calls waiting, first come first served (each a future of the loop).
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
 
-def _turns(pool: Pool) -> asyncio.Lock:
-    """The lock the calls on ``pool`` take turns on in the running event loop."""
-    loops = _TURNS.setdefault(pool, weakref.WeakKeyDictionary())
+#: For each pool that shares one connection, the turns of its stores' calls in each
+#: event loop (by the loop's id). An entry is dropped as its last call ends: nothing
+#: of a loop is kept once no call of it waits (an asyncio.Lock would keep the loop).
+_TURNS: weakref.WeakKeyDictionary[Pool, dict[int, _Turns]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _turn(pool: Pool) -> AsyncIterator[None]:
+    """Wait for this call's turn on ``pool`` (in the running event loop); hand it on after."""
     loop = asyncio.get_running_loop()
-    lock = loops.get(loop)
-    if lock is None:
-        lock = loops[loop] = asyncio.Lock()
-    return lock
+    of_pool = _TURNS.setdefault(pool, {})
+    turns = of_pool.setdefault(id(loop), _Turns())
+    if turns.busy:
+        waiter = loop.create_future()
+        turns.waiting.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                _hand_on(of_pool, id(loop), turns)  # given the turn as it was cancelled
+            elif waiter in turns.waiting:
+                turns.waiting.remove(waiter)
+            raise
+    turns.busy = True
+    try:
+        yield
+    finally:
+        _hand_on(of_pool, id(loop), turns)
+
+
+def _hand_on(of_pool: dict[int, _Turns], key: int, turns: _Turns) -> None:
+    """Give the turn to the first call still waiting, or leave the pool idle in this loop."""
+    while turns.waiting:
+        waiter = turns.waiting.popleft()
+        if not waiter.done():  # (one cancelled meanwhile is passed over)
+            waiter.set_result(None)
+            return
+    turns.busy = False
+    if of_pool.get(key) is turns:
+        del of_pool[key]
 
 
 class AsyncUserStore(_AsyncSessions):

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 import hermes_orm
-from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore
+from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore, async_store
 
 pytestmark = pytest.mark.sqlite
 
@@ -211,6 +211,8 @@ def test_concurrent_async_calls_on_one_shared_connection_take_turns(
         for session_id in sessions:
             assert await stores[0].get_messages(session_id) == acknowledged[session_id]
             assert (await stores[1].get_session(session_id) or {})["flushed_idx"] == 15
+        # Nothing of this event loop is kept once its calls ended (it would keep the loop).
+        assert async_store._TURNS.get(engine.sync_engine.pool) == {}
         for store in stores:
             await store.close()
         await engine.dispose()
