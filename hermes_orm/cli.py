@@ -134,11 +134,12 @@ def _shown_bytes(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-#: Each control character but tab and newline, as the symbol that pictures it (one for
-#: one: search's highlight offsets stay right). Stored text is the agent's, its model's
-#: and its users': printed raw, an escape sequence in it would drive the reader's terminal.
+#: Each control character, as the symbol that pictures it (one for one: search's
+#: highlight offsets stay right). Stored text is the agent's, its model's and its
+#: users': printed raw, an escape sequence in it would drive the reader's terminal,
+#: and a line break would print lines of its own (a forged row, a forged ``more:``).
 _PICTURES = {
-    **{code: 0x2400 + code for code in range(0x20) if chr(code) not in "\t\n"},
+    **{code: 0x2400 + code for code in range(0x20)},
     0x7F: 0x2421,
     **dict.fromkeys(range(0x80, 0xA0), 0xFFFD),
 }

@@ -156,7 +156,7 @@ def test_stored_control_characters_do_not_reach_the_terminal(tmp_path: Path) -> 
     """An escape sequence in a title or a message is shown as the symbol of each control
     character, never sent raw to the reader's terminal (its title, its screen)."""
     url = f"sqlite:///{tmp_path / 'agents.db'}"
-    title, content = "\x1b]0;pwned\x07", "needle \x1b[2J\r\x9b done"
+    title, content = "\x1b]0;pwned\x07\nmore: --cursor FORGED", "needle \x1b[2J\r\x9b done"
     with SessionStore(url) as store:
         store.upgrade()
         store.create_session("s\x1b[31m", source="cli", title=title)
@@ -170,7 +170,9 @@ def test_stored_control_characters_do_not_reach_the_terminal(tmp_path: Path) -> 
     ):
         shown = run(*command, env=env)
         assert (shown.returncode, shown.stderr) == (0, ""), shown.stderr
-        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", shown.stdout), command
+        lines = shown.stdout.splitlines()
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f]", "".join(lines)), command
+        assert not any(line.startswith("more:") for line in lines), command
         assert "\u241b" in shown.stdout, command  # the picture of ESC
     found = run("search", "done", env=env).stdout
     assert "[done]" in found  # the highlight where the match is, the symbols one for one

@@ -868,6 +868,30 @@ def test_cli_import(db_url: str, tmp_path: Path) -> None:
     assert "sessions 40/40" in run.stderr  # plain progress lines when not on a terminal
 
 
+def test_cli_import_shows_a_session_id_escaped(tmp_path: Path) -> None:
+    """A session id Hermes kept with an escape sequence in it (refused here: a control
+    character) is named in the report escaped, never sent to the reader's terminal."""
+    from hermes_state import SessionDB as HermesSessionDB
+
+    odd = "x\x1b]0;PWNED\x07"
+    hermes = HermesSessionDB(tmp_path / "state.db")
+    hermes.create_session(odd, "cli")
+    hermes.append_message(odd, "user", "hi")
+    hermes.close()
+    with sqlite3.connect(tmp_path / "state.db") as conn:  # (a count no column holds)
+        conn.execute("UPDATE messages SET token_count = 'many'")
+    source, url = str(tmp_path / "state.db"), f"sqlite:///{tmp_path / 'orm.db'}"
+    run: Any = subprocess.run(
+        [sys.executable, "-m", "hermes_orm.cli", "import", source, "--url", url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HERMES_HOME": str(tmp_path)},
+        check=False,
+    )
+    assert "\x1b" not in run.stdout + run.stderr
+    assert f"session {odd!r}: cannot be stored" in run.stdout, run.stdout
+
+
 class _OnceWhole:
     """An ``on_batch`` that calls ``then(session id, cursor)`` once: for the first
     session written whole whose length is no multiple of ``batch`` (the reader
@@ -1299,7 +1323,7 @@ def test_messages_without_a_sessions_row_are_reported(
         report = import_state_db(source, store)
     assert report.orphaned_messages == {"b": 2}
     assert not report.ok
-    assert "session b: 2 message(s) but no sessions row: not imported" in report.table()
+    assert "session 'b': 2 message(s) but no sessions row: not imported" in report.table()
     assert store.get_session("b") is None
     assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
     assert any("no sessions row" in r.getMessage() for r in caplog.records)
@@ -1652,7 +1676,7 @@ def test_a_blob_in_a_sessions_column_makes_its_session_invalid(
     _edit_source(source, *added, f"UPDATE sessions SET {column} = X'00FF10' WHERE id = 'b'")
     report = import_state_db(source, store)
     assert report.invalid_sessions == {"b": f"its column {column!r} holds a BLOB, not text"}
-    assert "session b: cannot be stored" in report.table()
+    assert "session 'b': cannot be stored" in report.table()
     assert store.get_session("b") is None
     assert [m["content"] for m in store.get_messages("a")] == ["hi a"]
 

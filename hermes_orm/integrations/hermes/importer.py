@@ -147,18 +147,20 @@ class ImportReport:
 
     def table(self) -> str:
         """The verification table, as text."""
+        # (Session ids as Python writes them: a control character in one, an escape
+        # sequence Hermes kept, is shown escaped, never sent to the reader's terminal.)
         lines = [f"{'table':<22} {'source':>10} {'destination':>12}  ok"]
         for name, count in self.counts.items():
             mark = "yes" if count.ok else "NO"
             lines.append(f"{name:<22} {count.source:>10,} {count.destination:>12,}  {mark}")
         for sid in self.mismatched_sessions[:10]:
-            lines.append(f"session {sid}: message count differs")
+            lines.append(f"session {sid!r}: message count differs")
         for sid in self.diverged_sessions[:10]:
-            lines.append(f"session {sid}: stored messages differ from the source (diverged)")
+            lines.append(f"session {sid!r}: stored messages differ from the source (diverged)")
         for sid, reason in list(self.invalid_sessions.items())[:10]:
-            lines.append(f"session {sid}: cannot be stored ({reason})")
+            lines.append(f"session {sid!r}: cannot be stored ({reason})")
         for sid, n in list(self.orphaned_messages.items())[:10]:
-            lines.append(f"session {sid}: {n:,} message(s) but no sessions row: not imported")
+            lines.append(f"session {sid!r}: {n:,} message(s) but no sessions row: not imported")
         if len(self.orphaned_messages) > 10:
             lines.append(
                 f"{sum(self.orphaned_messages.values()):,} message(s) of "
