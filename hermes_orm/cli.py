@@ -490,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _writable_streams() -> None:
+def writable_streams() -> None:
     """Standard streams any text can be written to.
 
     A stream closed by the caller (``>&-``: None here) writes nowhere; one whose
@@ -507,10 +507,18 @@ def _writable_streams() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hermes-orm``; returns the exit status."""
-    _writable_streams()
+    writable_streams()
     args = build_parser().parse_args(argv)
     if args.url is None:  # (an empty --url is a URL given: refused as no URL, not replaced)
         args.url = default_url()
+    return run_to_the_end(args)
+
+
+def run_to_the_end(args: argparse.Namespace) -> int:
+    """:func:`run`, its output written to the end: a reader gone away ends it quietly.
+
+    What both ``hermes-orm`` and ``hermes orm`` (the Hermes plugin) run.
+    """
     try:
         status = run(args)
         sys.stdout.flush()  # here, where a reader gone away is told apart (not at exit)
@@ -532,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The output cannot be written (a full disk, a device's error): said on stderr,
         # and what is left of it dropped (the flush at exit would fail again).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"hermes-orm: cannot write the output: {exc.strerror}", file=sys.stderr)
+        name = getattr(args, "program", None) or "hermes-orm"
+        print(f"{name}: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
 
 

@@ -858,6 +858,45 @@ def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None
     assert "`hermes orm db upgrade` creates it" in missing.stderr, missing.stderr
 
 
+def test_hermes_orm_output_cut_short_or_unwritable_ends_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """``hermes orm sessions list | head -1``, or ``> /dev/full``: as ``hermes-orm`` ends."""
+    home = tmp_path / "home"
+    _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
+    with SessionStore(f"sqlite:///{home / 'hermes_orm.db'}") as store:
+        store.upgrade()
+        for n in range(2000):
+            store.create_session(f"s{n}", source="cli", title="x" * 200 + str(n))
+    command = [str(Path(sys.executable).with_name("hermes")), "orm", "sessions", "list"]
+    listing = subprocess.Popen(
+        [*command, "--limit", "1000"],
+        env=_hermes_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert listing.stdout is not None
+    assert listing.stderr is not None
+    listing.stdout.readline()
+    listing.stdout.close()  # the reader goes away, as head does
+    errors = listing.stderr.read().decode()
+    assert listing.wait(timeout=120) == 1
+    assert "Traceback" not in errors, errors
+    if Path("/dev/full").exists():
+        with Path("/dev/full").open("w") as full:
+            done = subprocess.run(
+                command,
+                env=_hermes_env(home),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 1
+        assert done.stderr == "hermes orm: cannot write the output: No space left on device\n"
+
+
 def test_a_message_edited_in_place_is_a_rewrite_not_an_append(
     mirror: Mirror, store: SessionStore
 ) -> None:

@@ -489,7 +489,8 @@ def run_cli(args: argparse.Namespace) -> None:
             sys.exit(2)
     args.upgrade_command = "`hermes orm db upgrade`"  # the plugin's database, found as above
     args.program = "hermes orm"
-    sys.exit(cli.run(args))
+    cli.writable_streams()
+    sys.exit(cli.run_to_the_end(args))
 
 
 def _when(at: Any) -> str:
