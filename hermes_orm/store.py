@@ -873,21 +873,24 @@ class StoreCore:
         """What the store remembers of a session whose stored cursor is ``stored``.
 
         A stored cursor behind the remembered one is said (WARNING): commits
-        this store saw were lost, or another process cut the history. Not where
-        the stored ``history`` (its ``history_id``) is another than the one
-        remembered: that is another session of the same id (deleted and made
-        anew elsewhere), or a history rewritten, which lost nothing.
+        this store saw were lost, or another process cut the history. Where the
+        stored ``history`` (its ``history_id``) is another than the one
+        remembered, it may also be another session of that id (deleted and
+        made anew elsewhere), or a history rewritten: the warning says so.
         """
         hint = self._hint(session_id)
-        if hint is not None and stored < hint.cursor and hint.history == history:
+        if hint is not None and stored < hint.cursor:
+            anew = hint.history != history
             logger.warning(
-                "session %r: the database holds %d messages, but this store saw %d committed: "
-                "acknowledged writes were lost (a promoted asynchronous standby, a restored "
-                "backup) or another process cut the history; writing on from message %d, so "
-                "a flush of the whole list puts back what was lost",
+                "session %r: the database holds %d messages%s, but this store saw %d "
+                "committed: %sacknowledged writes were lost (a promoted asynchronous standby, "
+                "a restored backup) or another process cut the history; writing on from "
+                "message %d, so a flush of the whole list puts back what was lost",
                 session_id,
                 stored,
+                " under another history" if anew else "",
                 hint.cursor,
+                "another process made the session anew or rewrote it, or " if anew else "",
                 stored,
             )
         return hint
