@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ def clean_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "HERMES_ORM_URL"}
     env["HERMES_HOME"] = str(home)
     return env
+
+
+def sessions_made(tmp_path: Path, count: int, fields: Callable[[int], dict[str, Any]]) -> str:
+    """The URL of a new database in ``tmp_path`` holding sessions ``s0``.. with ``fields(n)``."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        for n in range(count):
+            store.create_session(f"s{n}", **fields(n))
+    return url
 
 
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
@@ -303,11 +314,7 @@ def test_an_empty_url_is_refused_not_replaced_by_the_default(tmp_path: Path) -> 
 
 def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path: Path) -> None:
     """``hermes-orm sessions list --json | head``: the pipe closes under the listing."""
-    url = f"sqlite:///{tmp_path / 'agents.db'}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        for n in range(1000):
-            store.create_session(f"s{n}", source="cli", title="x" * 200 + str(n))
+    url = sessions_made(tmp_path, 1000, lambda n: {"source": "cli", "title": "x" * 200 + str(n)})
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
     command = [sys.executable, "-m", "hermes_orm.cli", "sessions", "list", "--json"]
     listing = subprocess.Popen(
@@ -328,11 +335,7 @@ def test_output_cut_short_by_its_reader_ends_without_a_traceback(tmp_path: Path)
 def test_a_reader_gone_from_one_output_leaves_the_other_s_whole(tmp_path: Path) -> None:
     """The ``more:`` line's reader (stderr) gone: the listing (stdout) still arrives whole;
     a short listing whose reader is gone ends quietly too (not at the interpreter's exit)."""
-    url = f"sqlite:///{tmp_path / 'agents.db'}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        for n in range(2):
-            store.create_session(f"s{n}", source="cli")
+    url = sessions_made(tmp_path, 2, lambda _: {"source": "cli"})
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
     env.pop("PYTHONUNBUFFERED", None)  # buffered, as a user's terminal pipeline has it
     command = [sys.executable, "-m", "hermes_orm.cli", "sessions", "list", "--json"]
@@ -604,11 +607,7 @@ def test_import_of_a_path_too_long_to_open_is_a_one_line_error(tmp_path: Path) -
 
 
 def test_the_next_page_is_listed_with_a_filter_beginning_with_a_dash(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'agents.db'}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        for n in range(3):
-            store.create_session(f"s{n}", source="-tg", started_at=1_000 + n)
+    url = sessions_made(tmp_path, 3, lambda n: {"source": "-tg", "started_at": 1_000 + n})
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
     first = run("sessions", "list", "--source=-tg", "--limit", "2", env=env)
     more = re.search(r"^more: (.*--cursor \S+)$", first.stdout, re.MULTILINE)
