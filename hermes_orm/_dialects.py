@@ -2121,13 +2121,13 @@ _REFUSALS = (
     "no such database",  # PgBouncer
     "no such user",  # PgBouncer
     "certificate verify failed",  # TLS
-    # The server, to a startup option (``options=-c ...``) it cannot take, a role
-    # that may not log in, a database closed to connections (ALLOW_CONNECTIONS):
+    # The server, to a startup option (``options=-c ...``) it cannot take, or a role
+    # that may not log in. (A database closed to connections, ALLOW_CONNECTIONS false,
+    # "is not currently accepting connections", is maintenance: waited out.)
     "invalid value for parameter",
     "unrecognized configuration parameter",
     "cannot be changed",  # parameter "shared_buffers" cannot be changed without restarting
     "is not permitted to log in",
-    "is not currently accepting connections",
     # libpq, to a connection option it cannot use (the URL's query, a service file):
     # the same on every try, before any server is reached.
     'value: "',  # invalid sslmode value: "bogus" (target_session_attrs, gssencmode, ...)
