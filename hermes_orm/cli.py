@@ -452,8 +452,7 @@ def run(args: argparse.Namespace) -> int:
     has not made yet. A SQLite database in memory is refused, but by ``demo``,
     which runs whole in its one process, and ``status``.
     """
-    # Run as `hermes orm ...` (the Hermes plugin), its errors name its own commands.
-    name = getattr(args, "program", None) or "hermes-orm"
+    name = _program(args)
     command = getattr(args, "upgrade_command", None)
     upgrade = command or "`hermes-orm db upgrade`"
     try:
@@ -488,6 +487,11 @@ def run(args: argparse.Namespace) -> int:
             detail += pooler_hint(exc)
         print(f"{name}: database {safe_url(args.url)}: {detail}", file=sys.stderr)
         return 2
+
+
+def _program(args: argparse.Namespace) -> str:
+    """The command its errors name: ``hermes orm`` under the Hermes plugin, which says so."""
+    return getattr(args, "program", None) or "hermes-orm"
 
 
 def writable_streams() -> None:
@@ -540,8 +544,7 @@ def run_to_the_end(args: argparse.Namespace) -> int:
         # The output cannot be written (a full disk, a device's error): said on stderr,
         # and what is left of it dropped (the flush at exit would fail again).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        name = getattr(args, "program", None) or "hermes-orm"
-        print(f"{name}: cannot write the output: {exc.strerror}", file=sys.stderr)
+        print(f"{_program(args)}: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
 
 

@@ -500,15 +500,6 @@ def _readable(what: str) -> Iterator[None]:
         ) from exc
 
 
-def _decodes(row: Sequence[Any]) -> bool:
-    """Whether a message row read for :func:`_codec.decode_rows` can be decoded."""
-    try:
-        _codec.decode_rows([row])
-    except ValueError:
-        return False
-    return True
-
-
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
     return (yield Run(work, write=True, once=True))  # type: ignore[no-any-return]
 
@@ -767,8 +758,7 @@ class StoreCore:
         #: What each read runs first (see :func:`_dialects.transaction_settings`).
         self._settings = _dialects.transaction_settings(engine, schema, write=False)
         self._engine = engine
-        check_options(retry, check_schema)
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or RetryPolicy()  # (checked by the stores: check_options)
         #: The standby serving the reads it may (see :meth:`_read_from`).
         self._replica_of: Engine | None = None
         self._schema_checked = not check_schema
@@ -1633,9 +1623,11 @@ class StoreCore:
             try:
                 return _codec.decode_rows(rows)
             except ValueError:
-                at = next(i for i, row in enumerate(rows) if not _decodes(row))
-                with _readable(f"session {session_id!r}: the message at position {offset + at}"):
-                    _codec.decode_rows([rows[at]])
+                for at, row in enumerate(rows):  # which one: raised by the first it is
+                    with _readable(
+                        f"session {session_id!r}: the message at position {offset + at}"
+                    ):
+                        _codec.decode_rows([row])
                 raise
 
         return _read(work, replica=replica)
