@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine
 
 from hermes_orm import DatabaseError, SessionStore
 from tests.conftest import run_cli
@@ -534,6 +535,23 @@ def test_status_of_a_database_holding_tables_named_as_ours_says_so(tmp_path: Pat
     assert result.returncode == 1, result.stdout
     assert "tables named as hermes_orm's" in result.stdout
     assert "none yet" not in result.stdout
+
+
+def test_status_of_a_server_that_answered_with_an_error_does_not_call_it_unreachable(
+    empty_pg: str, tmp_path: Path
+) -> None:
+    """A lock held past the store's lock_timeout is the server's answer, not an outage."""
+    SessionStore(empty_pg).upgrade()
+    locker = create_engine(empty_pg)
+    try:
+        with locker.connect() as conn:
+            conn.exec_driver_sql("LOCK TABLE hermes_sessions IN ACCESS EXCLUSIVE MODE")
+            result = run("--url", empty_pg, "status", env=clean_env(tmp_path))
+    finally:
+        locker.dispose()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "database:  error: canceling statement due to lock timeout" in result.stdout
+    assert "unreachable" not in result.stdout
 
 
 def test_status_of_a_database_not_made_yet_creates_none(tmp_path: Path) -> None:

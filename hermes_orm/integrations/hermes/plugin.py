@@ -53,6 +53,7 @@ from hermes_orm._dialects import (
     create_store_engine,
     default_url,
     hermes_home,
+    is_unreachable,
     missing_sqlite_file,
     normalize_url,
     redact,
@@ -561,7 +562,10 @@ def _print_schema(engine: Engine, upgrade: str | None) -> int:
         return 1
     except Exception as exc:
         detail = getattr(exc, "orig", None) or exc
-        print(redact(f"database:  unreachable: {str(detail).strip()}"))
+        # A server that answered (a lock it waited on too long, a permission)
+        # is reachable: its refusal is shown as what it is.
+        said = "unreachable" if isinstance(exc, DBAPIError) and is_unreachable(exc) else "error"
+        print(redact(f"database:  {said}: {str(detail).strip()}"))
         return 1
     finally:
         engine.dispose()
