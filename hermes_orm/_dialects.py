@@ -1129,7 +1129,7 @@ def configure_engine(
                         # mode for the operation it serves (a read beside the writer, as
                         # it allows), then is replaced by one that switches it.
                         record.info[_NOT_WAL] = True
-                    elif code is None or code & 0xFF != _SQLITE_READONLY:
+                    elif not sqlite_read_only(exc):
                         raise
                     # (Read-only: a file, or directory, not ours to write. It is read in
                     # the mode it is in; a write fails as it would in any mode.)
@@ -1147,6 +1147,14 @@ def configure_engine(
 
 #: SQLite's primary result code for a write to a database opened read-only.
 _SQLITE_READONLY = 8
+
+
+def sqlite_read_only(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (a driver error) is SQLite refusing a write to a file it may only read."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_READONLY
+
+
 #: On a pool record: its connection could not switch the database to WAL yet.
 _NOT_WAL = "hermes_orm.not_wal"
 

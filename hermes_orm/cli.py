@@ -259,6 +259,8 @@ def _verify(args: argparse.Namespace) -> int:
             where = f"session {problem.session_id!r}" if problem.session_id else "database"
             fixed = " (repaired)" if problem.repaired else ""
             print(_inert(f"{where}: {problem.check}: {problem.detail}{fixed}"))
+        for what in report.unchecked:
+            print(f"not checked: {what}")
         repaired = sum(problem.repaired for problem in report.problems)
         left = len(report.problems) - repaired
         verdict = "ok" if report.ok else f"{left} problem(s)"

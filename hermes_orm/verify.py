@@ -79,6 +79,8 @@ class Report:
     sessions: int = 0
     messages: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: What could not be checked, and why (not a problem of the database).
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +102,7 @@ class Report:
                 }
                 for p in self.problems
             ],
+            "unchecked": list(self.unchecked),
         }
 
 
@@ -129,7 +132,8 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
         report.problems.extend(found[1])
     report.problems.extend(store.read_transaction(_check_orphans))
     report.problems.extend(store.write_transaction(lambda conn: _check_lineage(conn, repair)))
-    report.problems.extend(store.write_transaction(lambda conn: _check_search(conn, repair)))
+    search, report.unchecked = store.write_transaction(lambda conn: _check_search(conn, repair))
+    report.problems.extend(search)
     if repair and any(p.repaired for p in report.problems):
         for session_id in {p.session_id for p in report.problems if p.session_id}:
             store.forget_cursor(session_id)
@@ -402,11 +406,15 @@ _UNLINK = (
 )
 
 
-def _check_search(conn: Connection, repair: bool) -> list[Problem]:
-    """The search index covers every message; rebuilt if asked, then checked again."""
-    found = [Problem("search", None, detail) for detail in _search_problems(conn)]
+def _check_search(conn: Connection, repair: bool) -> tuple[list[Problem], list[str]]:
+    """The search index covers every message; rebuilt if asked, then checked again.
+
+    Returns the problems, and what could not be checked.
+    """
+    unchecked: list[str] = []
+    found = [Problem("search", None, detail) for detail in _search_problems(conn, unchecked)]
     if not (repair and found):
-        return found
+        return found, unchecked
     try:
         with conn.begin_nested():  # (a rebuild the database refuses leaves the index as it was)
             _search.rebuild(conn)
@@ -414,14 +422,14 @@ def _check_search(conn: Connection, repair: bool) -> list[Problem]:
         if _dialects.is_unreachable(exc):
             raise
         failed = f"a rebuild failed: {_dialects.redact(str(exc.orig)).strip()}"
-        return [*found, Problem("search", None, failed)]
-    left = _search_problems(conn)
+        return [*found, Problem("search", None, failed)], unchecked
+    left = _search_problems(conn, [])
     if not left:
-        return [replace(p, repaired=True) for p in found]
-    return [*found, *(Problem("search", None, f"after a rebuild: {d}") for d in left)]
+        return [replace(p, repaired=True) for p in found], unchecked
+    return [*found, *(Problem("search", None, f"after a rebuild: {d}") for d in left)], unchecked
 
 
-def _search_problems(conn: Connection) -> list[str]:
+def _search_problems(conn: Connection, unchecked: list[str]) -> list[str]:
     if conn.dialect.name != "sqlite":
         return _pg_search_problems(conn)
     problems = []
@@ -429,6 +437,11 @@ def _search_problems(conn: Connection) -> list[str]:
         try:
             conn.exec_driver_sql(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
         except DBAPIError as exc:
+            if _dialects.sqlite_read_only(exc.orig):
+                # FTS5 checks its index by a statement that writes: a copy this
+                # process may only read is checked by what it holds (below) alone.
+                unchecked.append(f"search: {table}'s integrity-check (the database is read-only)")
+                continue
             problems.append(f"{table}: {exc.orig}")
     try:
         problems.extend(_words_coverage(conn))

@@ -249,17 +249,54 @@ def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
         os.chown(path, 65534, 65534)  # not root's: without its capabilities, read-only
     command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli"]
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
-    for args in (("sessions", "list"), ("search", "needle"), ("db", "current")):
+    for args in (("sessions", "list"), ("search", "needle"), ("db", "current"), ("verify",)):
         done = subprocess.run(
             [*command, *args], env=env, capture_output=True, text=True, check=False, timeout=120
         )
         assert (done.returncode, done.stderr) == (0, ""), (args, done.stderr)
+    # FTS5 checks its tables' structure by a write: not done, said, and no problem.
+    assert "not checked: search: hermes_search's integrity-check" in done.stdout
+    assert done.stdout.endswith("1 sessions, 1 messages: ok\n"), done.stdout
     written = subprocess.run(
         [*command, "db", "upgrade"], env=env, capture_output=True, text=True, check=False
     )
     assert written.returncode == 0, written.stderr  # at head: nothing to write
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+def test_a_wal_copy_in_a_directory_not_ours_opens_as_the_readme_says(tmp_path: Path) -> None:
+    """SQLite reads a WAL file only where it may write its -shm: the README's immutable URL."""
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    path = folder / "agents.db"
+    with SessionStore(f"sqlite:///{path}") as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "needle"}])
+    path.chmod(0o444)
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        os.chown(folder, 65534, 65534)
+    command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli"]
+    url = f"sqlite:///file:{path}?immutable=1&uri=true"
+    try:
+        for args in (("sessions", "list"), ("search", "needle"), ("verify", "--json")):
+            done = subprocess.run(
+                [*command, "--url", url, *args],
+                env=clean_env(tmp_path),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
+            )
+            assert (done.returncode, done.stderr) == (0, ""), (args, done.stderr)
+        report = json.loads(done.stdout)
+        assert (report["ok"], report["messages"], report["problems"]) == (True, 1, [])
+        assert len(report["unchecked"]) == 2
+    finally:
+        folder.chmod(0o755)
 
 
 def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
