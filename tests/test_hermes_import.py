@@ -1542,6 +1542,45 @@ def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_p
     assert import_state_db(source, store).diverged_sessions == ["s"]
 
 
+def test_a_session_the_mirror_revised_after_hermes_compacted_it_is_up_to_date(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """README order: import, plugin on, then Hermes compacts in place (its default)."""
+    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    assert import_state_db(source, store).ok
+    hermes.append_message("s", "user", content="q2")
+    hermes.append_message("s", "assistant", content="a2")
+    _mirror_two_turns(store, tmp_path, "s", "cli")
+    summary = {"role": "user", "content": "summary of q1 to a2"}
+    hermes.archive_and_compact("s", [summary])
+    hermes.append_message("s", "assistant", content="a3")
+    mirror = Mirror(
+        store.engine.url.render_as_string(hide_password=False),
+        status=StatusFile(tmp_path / "status.json"),
+        wait=10,
+    )
+    try:  # the agent's list after the compaction: the plugin keeps it as s#2
+        assert mirror.turn("s", [summary, {"role": "assistant", "content": "a3"}], model="m")
+    finally:
+        mirror.close()
+    assert store.get_session("s")["end_reason"] == "rewritten"
+    kept = {sid: store.get_messages(sid) for sid in ("s", "s#2")}
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert (report.mirrored_sessions, report.diverged_sessions) == (["s"], [])
+    assert report.messages_written == 0
+    assert {sid: store.get_messages(sid) for sid in ("s", "s#2")} == kept
+    # an edit of a message the import copied is a divergence all the same
+    hermes.close()
+    _edit_source(source, "UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
+    assert import_state_db(source, store).diverged_sessions == ["s"]
+
+
 def test_a_gateway_session_opened_by_its_session_meta_row_is_imported(
     store: SessionStore, tmp_path: Path
 ) -> None:

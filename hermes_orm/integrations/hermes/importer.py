@@ -53,7 +53,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
-from hermes_orm.integrations.hermes.mirror import same_turn
+from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
@@ -779,7 +779,7 @@ def import_state_db(
         held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
         for sid in held:
             theirs = _source_messages(src, sid)
-            if _continued_by_mirror(store, theirs, sid):
+            if _continued_by_mirror(store, theirs, sid) or _revised_by_mirror(store, theirs, sid):
                 report.diverged_sessions.remove(sid)
                 report.mirrored_sessions.append(sid)
                 continue
@@ -1276,6 +1276,31 @@ def _continued_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid:
         and same_turn(theirs_message, our_message)
         for (i, theirs_message), (j, our_message) in zip(hermes, ours, strict=False)
     )
+
+
+def _revised_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid: str) -> bool:
+    """Whether the Hermes mirror plugin holds ``sid``'s history on, in a revision of its own.
+
+    When Hermes rewrites a session in place (its compression flags the rows it
+    summarised, an edit, a rewind), the plugin ends the stored session as
+    ``rewritten`` and keeps the new history as ``ID#2`` (then ``#3``...). The
+    stored rows, the import's copies among them, then no longer match the
+    source's flags, but the session is up to date, as one the plugin
+    continued is, provided each stored message is still the same turn as the
+    source's at its place (content edited since is a divergence).
+    ``source``: the source's messages of the session.
+    """
+    row = store.get_session(sid)
+    if row is None or row["end_reason"] != "rewritten":
+        return False
+    second = store.get_session(revision_id(sid, 2))
+    extra = second["extra"] if second is not None else None
+    if not isinstance(extra, dict) or extra.get("hermes_session_id") != sid:
+        return False
+    # The agent's list, which the plugin stores, has no session_meta row.
+    ours = [m for m in store.primary_messages(sid) if m["role"] != "session_meta"]
+    hermes = [m for m in source if m["role"] != "session_meta"]
+    return len(ours) <= len(hermes) and all(map(same_turn, hermes, ours))
 
 
 #: Message columns Hermes may fill in on a row it stored before (the import's copy lacks them).
