@@ -693,7 +693,45 @@ def create_async_store_engine(
         pgbouncer=pgbouncer,
         owned=True,
     )
+    if parsed.get_driver_name() == "asyncpg":
+        event.listen(engine.sync_engine, "do_connect", _host_by_host)
     return engine
+
+
+def _host_by_host(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """asyncpg: each host of a multi-host URL tried within ``timeout`` of its own, as libpq does.
+
+    asyncpg's ``timeout`` bounds its whole connect: a first host that takes the
+    connection and never answers (a hung primary) used all of it, every try,
+    and the next host (the standby promoted meanwhile) was never tried. A host
+    asyncpg itself would pass over (unreachable, starting up, not of the
+    ``target_session_attrs`` asked for) passes on to the next; the last one's
+    error is raised.
+    """
+    hosts, ports = cparams.get("host"), cparams.get("port")
+    if not isinstance(hosts, list) or len(hosts) < 2:
+        return None  # asyncpg's own connect
+    if not isinstance(ports, list):
+        ports = [ports] * len(hosts)
+    for host, port in zip(hosts[:-1], ports[:-1], strict=True):
+        try:
+            return dialect.connect(*cargs, **{**cparams, "host": host, "port": port})
+        except Exception as exc:
+            if not _next_host(exc):
+                raise
+    return dialect.connect(*cargs, **{**cparams, "host": hosts[-1], "port": ports[-1]})
+
+
+#: What asyncpg passes over to the next host (besides an OSError, a timeout included),
+#: by class name: raised by the driver, or the cause of SQLAlchemy's adapter error.
+_NEXT_HOST = frozenset(("CannotConnectNowError", "TargetServerAttributeNotMatched"))
+
+
+def _next_host(exc: BaseException) -> bool:
+    """Whether a connect's failure ``exc`` is one asyncpg tries the next host after."""
+    return isinstance(exc, OSError) or any(
+        type(error).__name__ in _NEXT_HOST for error in (exc, exc.__cause__) if error is not None
+    )
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from devtools.postgres import PostgresServer, local_postgres, local_standby
-from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore
+from hermes_orm import AsyncSessionStore, InvalidArgumentError, RetryPolicy, SessionStore
 from tests.conftest import BlockingStore
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("starts a primary and a standby")]
@@ -338,3 +338,36 @@ def test_a_write_waits_for_a_standby_to_be_promoted(driver: str) -> None:
             assert SessionStore(standby.url).get_messages("s") == [
                 {"role": "user", "content": "after"}
             ]
+
+
+@pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
+def test_a_standby_first_in_the_url_is_passed_over_for_the_primary(driver: str) -> None:
+    """Each host tried in turn: one not of the kind asked for gives way to the next."""
+    import asyncio
+
+    with local_postgres() as primary, local_standby(primary) as standby:
+        SessionStore(primary.url).upgrade()
+        SessionStore(primary.url).create_session("s", source="cli")
+        url = (
+            make_url(primary.url)
+            .set(drivername=f"postgresql+{driver}", host=None, port=None)
+            .update_query_dict(
+                {
+                    "host": [f"127.0.0.1:{standby.port}", f"127.0.0.1:{primary.port}"],
+                    "target_session_attrs": "read-write",
+                }
+            )
+            .render_as_string(False)
+        )
+
+        async def flush() -> Any:
+            store = AsyncSessionStore(url, retry=RetryPolicy(unavailable_for=5.0))
+            try:
+                return await store.flush("s", [{"role": "user", "content": "on the primary"}])
+            finally:
+                await store.close()
+
+        assert asyncio.run(flush()).written == 1
+        assert SessionStore(primary.url).get_messages("s") == [
+            {"role": "user", "content": "on the primary"}
+        ]

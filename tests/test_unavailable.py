@@ -149,6 +149,30 @@ def test_a_server_that_never_answers_is_reported_unreachable_within_the_span(
     assert "unreachable for" in str(err.value)
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_first_host_that_never_answers_is_passed_over_for_the_next(
+    pg_db: str, driver: str
+) -> None:
+    """A hung old primary first in a failover URL: each host has its own connect deadline."""
+    silent = _Silent()
+    live = make_url(pg_db)
+    url = live.set(drivername=f"postgresql+{driver}", host=None, port=None).update_query_dict(
+        {
+            "host": [f"127.0.0.1:{silent.port}", f"{live.host}:{live.port}"],
+            "target_session_attrs": "read-write",
+            "timeout" if driver == "asyncpg" else "connect_timeout": "2",
+        }
+    )
+    try:
+        started = time.monotonic()
+        flush = _flusher(url.render_as_string(False), driver, RetryPolicy(unavailable_for=6.0))
+        assert flush("s", TURN).written == 1
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert took < 6.0  # the hung host's 2 s, per connection made, not the whole span
+
+
 def _set_read_only(server_url: str, database: str, on: bool) -> None:
     admin = create_engine(server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
