@@ -476,14 +476,18 @@ def _pg_search_problems(conn: Connection) -> list[str]:
     ).scalars()
     for definition in list(triggers):
         sql(re.sub(r" ON \S+ FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", definition, count=1))
-    low, high = sql("SELECT min(id), max(id) FROM hermes_messages").one()
-    stale, first = 0, None
-    for start in range(low or 0, (high or -1) + 1, _PG_PROBE_BATCH):
-        stop = start + _PG_PROBE_BATCH
+    stale, first, last = 0, None, None
+    while True:
+        # The next batch of the ids there are (ranges of ids would walk the gaps too:
+        # a sequence set far ahead, rows restored with their ids).
+        after = "" if last is None else f"WHERE id > {last} "
         sql(
-            f"INSERT INTO {_PG_PROBE} SELECT * FROM hermes_messages "
-            f"WHERE id >= {start} AND id < {stop}"
+            f"INSERT INTO {_PG_PROBE} SELECT * FROM hermes_messages {after}"
+            f"ORDER BY id LIMIT {_PG_PROBE_BATCH}"
         )
+        last = sql(f"SELECT max(id) FROM {_PG_PROBE}").scalar()
+        if last is None:
+            break
         count, lowest = sql(
             f"SELECT count(*), min(m.id) FROM hermes_messages m JOIN {_PG_PROBE} p "
             "ON p.id = m.id WHERE m.search_vector IS DISTINCT FROM p.search_vector "

@@ -440,6 +440,35 @@ def test_a_repair_unlinks_a_missing_parent_only_if_the_link_still_names_it(
 
 
 @pytest.mark.backends("postgresql")
+def test_the_search_check_walks_the_ids_there_are_not_the_gaps_between(
+    store: SessionStore, engine: Engine
+) -> None:
+    """A sequence set far ahead (rows restored with their ids): two messages, two batches."""
+    from sqlalchemy import event
+
+    store.create_session("s", source="cli")
+    messages = [{"role": "user", "content": "before"}]
+    store.flush("s", messages)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "SELECT setval(pg_get_serial_sequence('hermes_messages', 'id'), 10000000000000)"
+        )
+    store.flush("s", [*messages, {"role": "user", "content": "after"}])
+    batches: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith(f"INSERT INTO {verify._PG_PROBE}"):
+            batches.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        assert verify_database(store).ok
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+    assert len(batches) == 2  # the batch of both messages, then an empty one
+
+
+@pytest.mark.backends("postgresql")
 def test_each_message_s_words_are_checked_against_what_its_triggers_compute(
     store: SessionStore, engine: Engine
 ) -> None:
