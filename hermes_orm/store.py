@@ -418,7 +418,13 @@ def _session_dict(row: Row[Any]) -> dict[str, Any]:
     data = dict(row._mapping)
     data.pop("history_id", None)  # the flush's own check, no field of the session
     digest = data.get("flushed_digest")
-    data["flushed_digest"] = digest.hex() if digest is not None else None
+    if digest is not None and not isinstance(digest, bytes | memoryview):
+        raise DatabaseError(
+            f"session {data.get('id')!r} holds a flushed_digest of type "
+            f"{type(digest).__name__}, not bytes; nothing hermes_orm writes is so: "
+            "`hermes-orm verify --repair` sets it from the rows"
+        )
+    data["flushed_digest"] = None if digest is None else digest.hex()
     return data
 
 
@@ -490,14 +496,20 @@ def _read(work: Callable[[Connection], T], *, replica: bool = False) -> Steps[T]
 
 @contextlib.contextmanager
 def _readable(what: str) -> Iterator[None]:
-    """A stored JSON value other SQL damaged, read in the block, as a :class:`DatabaseError`."""
+    """A stored value other SQL damaged, read in the block, as a :class:`DatabaseError`."""
     try:
         yield
-    except ValueError as exc:  # (json.JSONDecodeError)
+    except _DAMAGED as exc:
         raise DatabaseError(
-            f"{what} holds a JSON column that cannot be read ({exc}); nothing hermes_orm "
-            "writes is so: `hermes-orm verify` reports it"
+            f"{what} holds a value that cannot be read ({type(exc).__name__}: {exc}); nothing "
+            "hermes_orm writes is so: `hermes-orm verify` reports it"
         ) from exc
+
+
+#: What reading a row other SQL damaged raises: JSON that is none (ValueError), or
+#: of another shape than the column's (a list for the extra keys, an object for
+#: their order), a value of another type.
+_DAMAGED = (ValueError, TypeError, KeyError, AttributeError)
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
@@ -1622,7 +1634,7 @@ class StoreCore:
                 raise SessionNotFoundError(session_id)
             try:
                 return _codec.decode_rows(rows)
-            except ValueError:
+            except _DAMAGED:
                 for at, row in enumerate(rows):  # which one: raised by the first it is
                     with _readable(
                         f"session {session_id!r}: the message at position {offset + at}"

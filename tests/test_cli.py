@@ -209,7 +209,7 @@ def test_rows_other_sql_damaged_are_one_line_errors_naming_them(tmp_path: Path) 
         with pytest.raises(DatabaseError, match="session 'a': the message at position 1"):
             store.get_messages("a")
         assert len(store.get_messages("a", limit=1)) == 1  # the rows before it read
-        with pytest.raises(DatabaseError, match="session 'b' holds a JSON column"):
+        with pytest.raises(DatabaseError, match="session 'b' holds a value that cannot be read"):
             store.get_session("b")
         with pytest.raises(DatabaseError, match="a session of this page"):
             store.list_sessions()

@@ -439,6 +439,32 @@ def test_a_repair_unlinks_a_missing_parent_only_if_the_link_still_names_it(
     assert verify_database(store).ok
 
 
+def test_rows_of_another_shape_are_read_as_a_database_error_naming_them(
+    store: SessionStore, engine: Engine
+) -> None:
+    """JSON of the wrong shape (a list for the extra keys, an object for their order), a
+    digest of text: a DatabaseError naming the session, where a TypeError or KeyError was."""
+    for sid in ("a", "b", "c"):
+        store.create_session(sid, source="cli")
+        store.flush(sid, [{"role": "user", "content": "hi"}])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_messages SET extra = '[1, 2]' WHERE session_id = 'a'")
+        conn.exec_driver_sql(
+            """UPDATE hermes_messages SET key_order = '{"a": 1}' WHERE session_id = 'c'"""
+        )
+    for sid in ("a", "c"):
+        with pytest.raises(DatabaseError, match=f"session '{sid}': the message at position 0"):
+            store.get_messages(sid)
+    assert verify_database(store).problems  # and verify names them too
+    if engine.dialect.name == "sqlite":  # (PostgreSQL's bytea column takes no text)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE hermes_sessions SET flushed_digest = 'abc' WHERE id = 'b'")
+        with pytest.raises(DatabaseError, match="session 'b' holds a flushed_digest of type str"):
+            store.list_sessions()
+        with pytest.raises(DatabaseError, match="verify --repair"):
+            store.get_session("b")
+
+
 @pytest.mark.backends("postgresql")
 def test_the_search_check_walks_the_ids_there_are_not_the_gaps_between(
     store: SessionStore, engine: Engine
