@@ -928,7 +928,19 @@ class StoreCore:
         params = {"session_id": session_id}
         if self._user is not None:
             params["user_id"] = self._user
-        return conn.execute(self._lock_session, params).first()
+        row = conn.execute(self._lock_session, params).first()
+        if row is not None:
+            for name in ("flushed_idx", "history_id"):
+                value = getattr(row, name)
+                if type(value) is not int or not 0 <= value < _INT64:
+                    # Set so by other SQL (SQLite keeps any value): no write could move
+                    # it, nor be told apart from another writer's.
+                    raise DatabaseError(
+                        f"session {session_id!r} holds {name} {value!r}, not an integer from 0 "
+                        "to 2**63 - 1; nothing was written (`hermes-orm verify --repair` "
+                        "sets it)"
+                    )
+        return row
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ to delete them, which frees the session id for a new session).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -246,7 +247,7 @@ def _inspect_session(
         if order_known:
             found("positions", detail)
             if repair:
-                _close_up(conn, [row.id for row in rows], int(min([0, *idxs])) - 1)
+                _close_up(conn, [row.id for row in rows], idxs)
         else:
             found(
                 "positions",
@@ -258,6 +259,10 @@ def _inspect_session(
         found("cursor", f"flushed_idx is {session.flushed_idx}, {n} messages are stored")
     if session.message_count != n:
         found("message_count", f"message_count is {session.message_count}, {n} are stored")
+    history = session.history_id
+    if type(history) is not int or not 0 <= history < 2**63:
+        # (A repair draws a new one, as it does for any repair of the session.)
+        found("history_id", f"history_id is {history!r}, not an integer from 0 to 2**63 - 1")
     digests: list[bytes | None] = []
     calls: int | None = 0
     driver_parses_json = conn.dialect.name != "sqlite"
@@ -315,20 +320,28 @@ def _inspect_session(
     return n, problems
 
 
-def _close_up(conn: Connection, message_ids: Sequence[int], below: int) -> None:
+def _close_up(conn: Connection, message_ids: Sequence[int], positions: Sequence[Any]) -> None:
     """Give the messages (ids in position order) positions 0..n-1, keeping their order.
 
-    ``below`` is at most their lowest position.
+    ``positions``: the ones they hold now.
     """
-    # Out of the way first (below them all), so no step collides with UNIQUE(session_id, idx).
+    # Out of the way first, so no step collides with UNIQUE(session_id, idx): on the
+    # negative positions nearest 0 that none holds (a position near the column's
+    # least would take those below it out of range).
+    held = set(positions)
+    parking: list[int] = []
+    for position in itertools.count(-1, -1):
+        if len(parking) == len(message_ids):
+            break
+        if position not in held:
+            parking.append(position)
     change = (
         update(_messages)
         .where(_messages.c.id == bindparam("message_id"))
         .values(idx=bindparam("position"))
     )
-    conn.execute(
-        change, [{"message_id": m, "position": below - 1 - i} for i, m in enumerate(message_ids)]
-    )
+    parked = zip(message_ids, parking, strict=True)
+    conn.execute(change, [{"message_id": m, "position": p} for m, p in parked])
     conn.execute(change, [{"message_id": m, "position": i} for i, m in enumerate(message_ids)])
 
 

@@ -465,6 +465,53 @@ def test_rows_of_another_shape_are_read_as_a_database_error_naming_them(
             store.get_session("b")
 
 
+def test_a_history_id_other_sql_set_to_no_64_bit_integer_is_refused_then_repaired(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Typed where a ValueError, an OverflowError or the store's internal retry signal was."""
+    values = ["-1"] + (["'h'", "1.5", "1e30"] if engine.dialect.name == "sqlite" else [])
+    first = [{"role": "user", "content": "hi"}]
+    for n, value in enumerate(values):
+        sid = f"s{n}"
+        store.create_session(sid, source="cli")
+        store.flush(sid, first)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE hermes_sessions SET history_id = {value} WHERE id = '{sid}'"
+            )
+        fresh = SessionStore(engine)  # (no copy of its own of the session)
+        with pytest.raises(DatabaseError, match=f"session '{sid}' holds history_id"):
+            fresh.flush(sid, [*first, {"role": "user", "content": "more"}])
+        with pytest.raises(DatabaseError, match="verify --repair"):
+            fresh.append(sid, {"role": "user", "content": "more"})
+        assert fresh.get_messages(sid) == first  # nothing written
+    found = verify_database(store, repair=True).problems
+    assert sorted((p.check, p.session_id, p.repaired) for p in found) == [
+        ("history_id", f"s{n}", True) for n in range(len(values))
+    ]
+    assert verify_database(store).ok
+    for n in range(len(values)):
+        assert SessionStore(engine).append(f"s{n}", {"role": "user", "content": "more"}) == 1
+
+
+def test_a_repair_closes_up_positions_near_the_column_s_least(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Parked out of the way on free positions near 0, not below the least one held."""
+    least = -(2**63) if engine.dialect.name == "sqlite" else -(2**31)
+    store.create_session("s", source="cli")
+    store.flush("s", [{"role": "user", "content": f"m{n}"} for n in range(3)])
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE hermes_messages SET idx = {least} WHERE idx = 0")
+        conn.exec_driver_sql("UPDATE hermes_messages SET idx = -2 WHERE idx = 2")
+    repaired = verify_database(store, repair=True)
+    assert {(p.check, p.repaired) for p in repaired.problems} == {
+        ("positions", True),
+        ("flushed_digest", True),  # (the last message is another one now)
+    }
+    assert [m["content"] for m in fresh_store(store).get_messages("s")] == ["m0", "m2", "m1"]
+
+
 @pytest.mark.backends("postgresql")
 def test_the_search_check_walks_the_ids_there_are_not_the_gaps_between(
     store: SessionStore, engine: Engine
