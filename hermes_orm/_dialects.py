@@ -693,13 +693,11 @@ def create_async_store_engine(
         pgbouncer=pgbouncer,
         owned=True,
     )
-    if parsed.get_driver_name() == "asyncpg":
-        event.listen(engine.sync_engine, "do_connect", _host_by_host)
     return engine
 
 
-def _host_by_host(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-    """asyncpg: each host of a multi-host URL tried within ``timeout`` of its own, as libpq does.
+async def _host_by_host(*args: Any, **kwargs: Any) -> Any:
+    """Connect on asyncpg, each host of a multi-host URL within ``timeout`` of its own.
 
     asyncpg's ``timeout`` bounds its whole connect: a first host that takes the
     connection and never answers (a hung primary) used all of it, every try,
@@ -708,18 +706,20 @@ def _host_by_host(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any
     ``target_session_attrs`` asked for) passes on to the next; the last one's
     error is raised.
     """
-    hosts, ports = cparams.get("host"), cparams.get("port")
+    import asyncpg
+
+    hosts, ports = kwargs.get("host"), kwargs.get("port")
     if not isinstance(hosts, list) or len(hosts) < 2:
-        return None  # asyncpg's own connect
+        return await asyncpg.connect(*args, **kwargs)
     if not isinstance(ports, list):
         ports = [ports] * len(hosts)
     for host, port in zip(hosts[:-1], ports[:-1], strict=True):
         try:
-            return dialect.connect(*cargs, **{**cparams, "host": host, "port": port})
+            return await asyncpg.connect(*args, **{**kwargs, "host": host, "port": port})
         except Exception as exc:
             if not _next_host(exc):
                 raise
-    return dialect.connect(*cargs, **{**cparams, "host": hosts[-1], "port": ports[-1]})
+    return await asyncpg.connect(*args, **{**kwargs, "host": hosts[-1], "port": ports[-1]})
 
 
 #: What asyncpg passes over to the next host (besides an OSError, a timeout included),
@@ -984,6 +984,7 @@ def _deadlines(url: URL, connect_args: dict[str, Any]) -> None:
                 f"timeout={given!r} in {safe_url(url)}: seconds to connect, a number"
             ) from None
         connect_args.setdefault("timeout", seconds)
+        connect_args.setdefault(_sa.ASYNCPG_CONNECT, _host_by_host)
         return
     if "service" in url.query or os.environ.get("PGSERVICE"):
         return  # a pg_service.conf entry says what it wants; ours would override it

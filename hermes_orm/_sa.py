@@ -33,6 +33,11 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 T = TypeVar("T")
 
+#: The connection argument SQLAlchemy's asyncpg adapter takes the connect
+#: coroutine function from (``asyncpg.connect`` when not given): what its own
+#: ``async_creator`` passes, taking the URL's arguments here too.
+ASYNCPG_CONNECT = "async_creator_fn"
+
 
 def observed(conn: Connection) -> bool:
     """Whether anything watches ``conn``'s statements: event listeners or SQL logging.
