@@ -1931,17 +1931,19 @@ _per_transaction: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictio
 
 
 def transaction_settings(
-    engine: Engine, schema: str | None = None, *, write: bool = True
+    engine: Engine, schema: str | None = None
 ) -> tuple[tuple[str, tuple[()]], ...]:
     """What a store's transactions on ``engine`` run first (after :func:`write_begin`).
 
     One statement, or none: behind PgBouncer, ``lock_timeout`` for the
-    transaction (never for the server connection the next client gets); for
+    transaction (never for the server connection the next client gets), reads
+    included (their ACCESS SHARE locks wait behind a migration's or a ``VACUUM
+    FULL``'s, as on a connection that has it as a startup option); for
     tables in a schema of their own, that schema first on ``search_path``, so
     the store's SQL finds them (and the database's extensions stay found).
     """
     settings = []
-    millis = _per_transaction.get(engine) if write else None  # reads take no locks
+    millis = _per_transaction.get(engine)
     if millis is not None:
         settings.append(f"set_config('lock_timeout', '{millis}', true)")
     if schema is not None:
@@ -2193,16 +2195,28 @@ def pooler_hint(exc: DBAPIError) -> str:
     """What to do when ``exc`` is how PgBouncer in transaction mode meets session state."""
     message = str(exc.orig).lower()
     if "unsupported startup parameter" in message:
+        if os.environ.get("PGOPTIONS"):  # (libpq sends it, whatever the store was told)
+            return (
+                " (the server is reached through PgBouncer, which takes no startup options, "
+                "and PGOPTIONS in the environment gives some: unset it, and set such settings "
+                "on the server instead, ALTER ROLE ... SET)"
+            )
         return (
             " (the server is reached through PgBouncer, which takes no startup options: "
             "add ?pgbouncer=true to the URL, or pass pgbouncer=True to the store)"
         )
     if sqlstate(exc.orig) in _PREPARED_ELSEWHERE or "prepared statement" in message:
+        if "asyncpg" in type(exc.orig).__module__:
+            engine = (
+                "asyncpg's connect_args={'statement_cache_size': 0, "
+                "'prepared_statement_cache_size': 0, 'prepared_statement_name_func': lambda: ''}"
+            )
+        else:
+            engine = "psycopg's connect_args={'prepare_threshold': None}"
         return (
             " (a prepared statement met a server connection PgBouncer shares between "
-            "clients: make the engine prepare nothing, e.g. psycopg's "
-            "connect_args={'prepare_threshold': None}, or let the store build it from a "
-            "URL with ?pgbouncer=true)"
+            f"clients: make the engine prepare nothing, e.g. {engine}, or let the store "
+            "build it from a URL with ?pgbouncer=true)"
         )
     return ""
 

@@ -768,7 +768,7 @@ class StoreCore:
         #: The PostgreSQL schema of the tables (None: the database's search_path finds them).
         self._schema = schema
         #: What each read runs first (see :func:`_dialects.transaction_settings`).
-        self._settings = _dialects.transaction_settings(engine, schema, write=False)
+        self._settings = _dialects.transaction_settings(engine, schema)
         self._engine = engine
         self._retry = retry or RetryPolicy()  # (checked by the stores: check_options)
         #: The standby serving the reads it may (see :meth:`_read_from`).
@@ -806,7 +806,7 @@ class StoreCore:
             return
         # (Refused before it ever connected: an engine that did not holds nothing.)
         check_replica_schema(replica, self._schema)
-        self._replica_settings = _dialects.transaction_settings(replica, self._schema, write=False)
+        self._replica_settings = _dialects.transaction_settings(replica, self._schema)
         #: Whether the replica's schema was found at this hermes_orm's head (or
         #: the store checks none: ``check_schema=False``).
         self._replica_schema_checked = self._schema_checked

@@ -181,6 +181,33 @@ def test_prepared_statements_meeting_on_one_server_connection(
         second.close()
 
 
+def test_the_prepared_statement_hint_names_the_drivers_own_settings() -> None:
+    """asyncpg's adapter error (as PgBouncer makes it): asyncpg's settings, not psycopg's."""
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+    from sqlalchemy.exc import DBAPIError
+
+    from hermes_orm._dialects import pooler_hint
+
+    missing = AsyncAdapt_asyncpg_dbapi.ProgrammingError(
+        'prepared statement "__asyncpg_stmt_1b__" does not exist'
+    )
+    hint = pooler_hint(DBAPIError("SELECT 1", (), missing))
+    assert "'statement_cache_size': 0" in hint
+    assert "prepared_statement_name_func" in hint
+    assert "prepare_threshold" not in hint
+
+
+def test_startup_options_from_pgoptions_are_named(
+    pooled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """?pgbouncer=true given, the options come from libpq's environment: that is named."""
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=8MB")
+    store = SessionStore(pooled, retry=RetryPolicy(attempts=1))
+    with pytest.raises(DatabaseError, match="PGOPTIONS in the environment gives some"):
+        store.get_session("s")
+    store.close()
+
+
 def test_lock_timeout_is_set_in_each_transaction(pooled: str, pg_db: str) -> None:
     """The pooler keeps no session settings: the lock wait still ends, set per transaction."""
     store = SessionStore(pooled, lock_timeout=0.2, retry=RetryPolicy(attempts=2, base_delay=0.01))
@@ -206,6 +233,40 @@ def test_lock_timeout_is_set_in_each_transaction(pooled: str, pg_db: str) -> Non
     assert store.get_messages("s") == []
     store.close()
     holder.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async", "asyncpg"])
+def test_a_read_behind_a_held_lock_is_bounded_too(pooled: str, pg_db: str, driver: str) -> None:
+    """A migration's lock (or VACUUM FULL's): reads wait no longer than writes, and say busy."""
+    url = make_url(pooled).set(drivername=f"postgresql+{driver}").render_as_string(False)
+    policy = RetryPolicy(attempts=2, base_delay=0.01, attempt_timeout=20)
+    SessionStore(pooled).create_session("s", source="cli")
+    holder = create_engine(pg_db)
+    try:
+        with holder.begin() as conn:
+            conn.exec_driver_sql("LOCK TABLE hermes_messages IN ACCESS EXCLUSIVE MODE")
+            if driver == "psycopg":
+                store = SessionStore(url, lock_timeout=0.2, retry=policy)
+                with pytest.raises(DatabaseBusyError):
+                    store.get_messages("s")
+                store.close()
+            else:
+
+                async def read() -> None:
+                    store = AsyncSessionStore(url, lock_timeout=0.2, retry=policy)
+                    try:
+                        with pytest.raises(DatabaseBusyError):
+                            await store.get_messages("s")
+                    finally:
+                        await store.close()
+
+                asyncio.run(read())
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            ).scalar()
+            assert waiting == 0  # no server process left queued on the lock
+    finally:
+        holder.dispose()
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg_async", "asyncpg"])
