@@ -132,7 +132,9 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
         report.messages += found[0]
         report.problems.extend(found[1])
     report.problems.extend(store.read_transaction(_check_orphans))
-    report.problems.extend(store.write_transaction(lambda conn: _check_lineage(conn, repair)))
+    # (A check alone only reads: SQLite's write lock would hold agents' flushes meanwhile.)
+    lineage = store.write_transaction if repair else store.read_transaction
+    report.problems.extend(lineage(lambda conn: _check_lineage(conn, repair)))
     search, report.unchecked = store.write_transaction(lambda conn: _check_search(conn, repair))
     report.problems.extend(search)
     if repair and any(p.repaired for p in report.problems):
@@ -391,18 +393,21 @@ def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
             problems.append(Problem("parent", child, detail))
         elif conn.execute(_UNLINK, {"child": child, "parent": parent_id}).rowcount == 1:
             problems.append(Problem("parent", child, detail, repaired=True))
-    looped: set[str] = set()
+    # Each session is walked once: a walk stops at a root, at a session an earlier
+    # walk went through, or where it meets itself (a loop), in time linear in the
+    # sessions however deep a lineage goes.
+    walked: set[str] = set()
     for start in parents:
-        seen = [start]
-        node = parents.get(start)
-        while node is not None and node not in looped:
-            if node in seen:
-                loop = seen[seen.index(node) :]
-                looped.update(loop)
+        path: dict[str, int] = {}  # the walk's sessions, at their place on it
+        node: str | None = start
+        while node is not None and node not in walked:
+            if node in path:
+                loop = list(path)[path[node] :]
                 problems.append(Problem("lineage", node, f"parent links loop: {' -> '.join(loop)}"))
                 break
-            seen.append(node)
+            path[node] = len(path)
             node = parents.get(node)
+        walked.update(path)
     return problems
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event, text
 
 from hermes_orm import DatabaseError, SessionNotFoundError, SessionStore, search, verify
 from hermes_orm.verify import verify_database
@@ -510,6 +510,61 @@ def test_a_repair_closes_up_positions_near_the_column_s_least(
         ("flushed_digest", True),  # (the last message is another one now)
     }
     assert [m["content"] for m in fresh_store(store).get_messages("s")] == ["m0", "m2", "m1"]
+
+
+def test_a_deep_lineage_is_walked_once(store: SessionStore, engine: Engine) -> None:
+    """3,000 compactions in a row, and a loop at the end of another chain: each session
+    is walked once (the walk took time cubic in the depth: minutes here)."""
+    import threading
+
+    depth = 3_000
+    rows = [{"id": "c0", "parent": None}] + [
+        {"id": f"c{n}", "parent": f"c{n - 1}"} for n in range(1, depth)
+    ]
+    rows += [{"id": "x", "parent": "y"}, {"id": "y", "parent": "x"}, {"id": "z", "parent": "x"}]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO hermes_sessions (id, source, started_at) VALUES (:id, 'cli', 0)"),
+            rows,
+        )
+        conn.execute(
+            text("UPDATE hermes_sessions SET parent_session_id = :parent WHERE id = :id"), rows
+        )
+    found: list[list[Any]] = []
+
+    def check() -> None:
+        found.append(store.read_transaction(lambda conn: verify._check_lineage(conn, False)))
+
+    walk = threading.Thread(target=check)
+    walk.start()
+    walk.join(timeout=60)
+    assert not walk.is_alive(), "the lineage check walked the chain over and over"
+    assert [(p.check, p.session_id, p.detail) for p in found[0]] == [
+        ("lineage", "x", "parent links loop: x -> y")
+    ]
+
+
+@pytest.mark.backends("sqlite")
+def test_a_lineage_check_without_repair_holds_no_write_lock(store: SessionStore) -> None:
+    """SQLite's write lock would keep agents' flushes waiting for the whole walk."""
+    for sid in ("a", "b"):
+        store.create_session(sid, source="cli", parent_session_id="a" if sid == "b" else None)
+    begun: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN IMMEDIATE"):
+            begun.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        verify_database(store)
+        checked = len(begun)
+        begun.clear()
+        verify_database(store, repair=True)  # (nothing to repair)
+        repaired = len(begun)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+    assert repaired == checked + 1  # the lineage's own write transaction, for a repair only
 
 
 @pytest.mark.backends("postgresql")
