@@ -1217,3 +1217,40 @@ def test_status_shows_the_mirror_error_only_for_its_database(
     assert "S3CRET" not in out
     assert print_status(db_url) == 0  # another database: not its error
     assert "last error: none" in capsys.readouterr().out
+
+
+def _record_in_turns(path: str, key: str, times: int, go: Any) -> None:
+    status = StatusFile(Path(path))
+    go.wait(60)  # (both processes started: their writes overlap)
+    for n in range(times):
+        status.write(**{key: n})
+
+
+def test_writers_of_one_status_file_keep_each_others_records(tmp_path: Path) -> None:
+    """Two Hermes processes on one home record their errors in one file: neither's write
+    puts back what the other had just changed."""
+    import multiprocessing
+
+    path = tmp_path / "hermes_orm_status.json"
+    context = multiprocessing.get_context("spawn")
+    go = context.Event()
+    writers = [
+        context.Process(target=_record_in_turns, args=(str(path), key, 1000, go)) for key in "ab"
+    ]
+    for writer in writers:
+        writer.start()
+    time.sleep(1.5)  # (spawned interpreters importing hermes_orm)
+    go.set()
+    seen = {"a": -1, "b": -1}
+    went_back = []
+    deadline = time.monotonic() + 120
+    while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+        for key, value in StatusFile(path).read().items():
+            if value < seen[key]:  # a write put back what the other process had changed
+                went_back.append((key, seen[key], value))
+            seen[key] = max(seen[key], value)
+    for writer in writers:
+        writer.join(timeout=10)
+        assert writer.exitcode == 0
+    assert went_back == []
+    assert StatusFile(path).read() == {"a": 999, "b": 999}

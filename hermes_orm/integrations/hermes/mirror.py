@@ -446,21 +446,45 @@ class StatusFile:
 
     def write(self, **values: Any) -> None:
         """Record ``values`` (None removes a key); failures to write are only logged."""
-        data = self.read()
-        for key, value in values.items():
-            if value is None:
-                data.pop(key, None)
-            else:
-                data[key] = value
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=2)
-            os.replace(tmp, self.path)
+            with self._held():
+                data = self.read()
+                for key, value in values.items():
+                    if value is None:
+                        data.pop(key, None)
+                    else:
+                        data[key] = value
+                tmp = self.path.with_name(
+                    f".{self.path.name}.{os.getpid()}.{threading.get_ident()}"
+                )
+                fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    json.dump(data, out, indent=2)
+                os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("hermes_orm mirror: cannot write %s: %s", self.path, exc)
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """The file's lock, held across a write's read and replace.
+
+        Mirrors of other processes (and threads) record their errors in the same
+        file: without it, one's write could put back a key another had just
+        changed, or drop one it had just added. (Where ``fcntl`` is missing,
+        on Windows, writes go unlocked.)
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - POSIX everywhere the suite runs
+            yield
+            return
+        fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (and the lock with it)
 
 
 #: The marks of this process's mirrors not closed yet (see Mirror._writer).
