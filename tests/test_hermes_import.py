@@ -1581,6 +1581,39 @@ def test_a_session_the_mirror_revised_after_hermes_compacted_it_is_up_to_date(
     assert import_state_db(source, store).diverged_sessions == ["s"]
 
 
+def test_turns_in_neither_revision_of_the_mirror_are_a_divergence(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Imported, turns Hermes kept while the plugin was off, compacted, then the plugin on:
+    those turns are in neither ID nor ID#2, so the session is not up to date."""
+    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    assert import_state_db(source, store).ok
+    hermes.append_message("s", "user", content="q2")  # the plugin not on yet
+    hermes.append_message("s", "assistant", content="a2")
+    summary = {"role": "user", "content": "summary of q1 to a2"}
+    hermes.archive_and_compact("s", [summary])
+    hermes.append_message("s", "assistant", content="a3")
+    hermes.close()
+    mirror = Mirror(
+        store.engine.url.render_as_string(hide_password=False),
+        status=StatusFile(tmp_path / "status.json"),
+        wait=10,
+    )
+    try:
+        assert mirror.turn("s", [summary, {"role": "assistant", "content": "a3"}], model="m")
+    finally:
+        mirror.close()
+    assert store.get_session("s#2") is not None
+    report = import_state_db(source, store)
+    assert (report.diverged_sessions, report.mirrored_sessions) == (["s"], [])
+    assert not report.ok
+
+
 def test_a_gateway_session_opened_by_its_session_meta_row_is_imported(
     store: SessionStore, tmp_path: Path
 ) -> None:

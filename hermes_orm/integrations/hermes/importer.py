@@ -1279,28 +1279,35 @@ def _continued_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid:
 
 
 def _revised_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid: str) -> bool:
-    """Whether the Hermes mirror plugin holds ``sid``'s history on, in a revision of its own.
+    """Whether the Hermes mirror plugin holds ``sid``'s history on, in revisions of its own.
 
-    When Hermes rewrites a session in place (its compression flags the rows it
-    summarised, an edit, a rewind), the plugin ends the stored session as
-    ``rewritten`` and keeps the new history as ``ID#2`` (then ``#3``...). The
-    stored rows, the import's copies among them, then no longer match the
-    source's flags, but the session is up to date, as one the plugin
-    continued is, provided each stored message is still the same turn as the
-    source's at its place (content edited since is a divergence).
+    When Hermes compacts a session in place, it keeps the rows it summarised
+    (flagged) and appends the new ones; the plugin ends the stored session as
+    ``rewritten`` and keeps the agent's new list as ``ID#2`` (then ``#3``...).
+    The stored rows, the import's copies among them, then no longer match the
+    source's flags, but the session is up to date, as one the plugin continued
+    is, when the revisions one after another hold the source's messages, each
+    the same turn at its place (the last ones may still be to come, as there):
+    content edited since, or messages in neither revision, are a divergence.
     ``source``: the source's messages of the session.
     """
     row = store.get_session(sid)
     if row is None or row["end_reason"] != "rewritten":
         return False
-    second = store.get_session(revision_id(sid, 2))
-    extra = second["extra"] if second is not None else None
-    if not isinstance(extra, dict) or extra.get("hermes_session_id") != sid:
+    revisions = [sid]
+    while (revision := store.get_session(revision_id(sid, len(revisions) + 1))) is not None:
+        extra = revision["extra"]
+        if not isinstance(extra, dict) or extra.get("hermes_session_id") != sid:
+            return False
+        revisions.append(revision["id"])
+    if len(revisions) < 2:
         return False
-    # The agent's list, which the plugin stores, has no session_meta row.
-    ours = [m for m in store.primary_messages(sid) if m["role"] != "session_meta"]
+    # The agent's lists, which the plugin stores, have no session_meta row.
+    ours = [
+        m for rev in revisions for m in store.primary_messages(rev) if m["role"] != "session_meta"
+    ]
     hermes = [m for m in source if m["role"] != "session_meta"]
-    return len(ours) <= len(hermes) and all(map(same_turn, hermes, ours))
+    return 0 < len(ours) <= len(hermes) and all(map(same_turn, hermes, ours))
 
 
 #: Message columns Hermes may fill in on a row it stored before (the import's copy lacks them).
