@@ -713,13 +713,23 @@ async def _host_by_host(*args: Any, **kwargs: Any) -> Any:
         return await asyncpg.connect(*args, **kwargs)
     if not isinstance(ports, list):
         ports = [ports] * len(hosts)
-    for host, port in zip(hosts[:-1], ports[:-1], strict=True):
+    wanted = kwargs.get("target_session_attrs") or os.environ.get("PGTARGETSESSIONATTRS")
+    # A standby preferred: one is looked for on every host first, then any server
+    # (asyncpg, given the hosts one at a time, would take the first it reaches).
+    kinds = ["standby", "any"] if str(wanted).replace("_", "-") == "prefer-standby" else [wanted]
+    tries = [(host, port, kind) for kind in kinds for host, port in zip(hosts, ports, strict=True)]
+    for host, port, kind in tries[:-1]:
         try:
-            return await asyncpg.connect(*args, **{**kwargs, "host": host, "port": port})
+            return await asyncpg.connect(
+                *args, **{**kwargs, "host": host, "port": port, "target_session_attrs": kind}
+            )
         except Exception as exc:
             if not _next_host(exc):
                 raise
-    return await asyncpg.connect(*args, **{**kwargs, "host": hosts[-1], "port": ports[-1]})
+    host, port, kind = tries[-1]
+    return await asyncpg.connect(
+        *args, **{**kwargs, "host": host, "port": port, "target_session_attrs": kind}
+    )
 
 
 #: What asyncpg passes over to the next host (besides an OSError, a timeout included),

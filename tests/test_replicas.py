@@ -371,3 +371,38 @@ def test_a_standby_first_in_the_url_is_passed_over_for_the_primary(driver: str) 
         assert SessionStore(primary.url).get_messages("s") == [
             {"role": "user", "content": "on the primary"}
         ]
+
+
+@pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
+def test_prefer_standby_finds_the_standby_behind_the_primary(driver: str) -> None:
+    """One URL naming every host, the primary first, still reaches the standby."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from hermes_orm import create_async_store_engine
+
+    with local_postgres() as primary, local_standby(primary) as standby:
+        url = (
+            make_url(primary.url)
+            .set(drivername=f"postgresql+{driver}", host=None, port=None)
+            .update_query_dict(
+                {
+                    "host": [f"127.0.0.1:{primary.port}", f"127.0.0.1:{standby.port}"],
+                    "target_session_attrs": "prefer-standby",
+                }
+            )
+            .render_as_string(False)
+        )
+
+        async def in_recovery() -> Any:
+            engine = create_async_store_engine(url)
+            try:
+                async with engine.connect() as conn:
+                    return (await conn.execute(text("SELECT pg_is_in_recovery()"))).scalar()
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(in_recovery()) is True
+        standby.stop()  # none left: any server will do
+        assert asyncio.run(in_recovery()) is False
