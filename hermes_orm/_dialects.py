@@ -2204,19 +2204,21 @@ _PREPARED_ELSEWHERE = {"42P05", "26000"}
 def pooler_hint(exc: DBAPIError) -> str:
     """What to do when ``exc`` is how PgBouncer in transaction mode meets session state."""
     message = str(exc.orig).lower()
+    asyncpg = "asyncpg" in type(exc.orig).__module__
     if "unsupported startup parameter" in message:
-        if os.environ.get("PGOPTIONS"):  # (libpq sends it, whatever the store was told)
-            return (
-                " (the server is reached through PgBouncer, which takes no startup options, "
-                "and PGOPTIONS in the environment gives some: unset it, and set such settings "
-                "on the server instead, ALTER ROLE ... SET)"
-            )
+        # libpq (psycopg's) also sends what PGOPTIONS gives, whatever the store was told.
+        environment = (
+            "; PGOPTIONS in the environment gives some too: unset it (set such settings "
+            "on the server, ALTER ROLE ... SET)"
+            if os.environ.get("PGOPTIONS") and not asyncpg
+            else ""
+        )
         return (
             " (the server is reached through PgBouncer, which takes no startup options: "
-            "add ?pgbouncer=true to the URL, or pass pgbouncer=True to the store)"
+            f"add ?pgbouncer=true to the URL, or pass pgbouncer=True to the store{environment})"
         )
     if sqlstate(exc.orig) in _PREPARED_ELSEWHERE or "prepared statement" in message:
-        if "asyncpg" in type(exc.orig).__module__:
+        if asyncpg:
             engine = (
                 "asyncpg's connect_args={'statement_cache_size': 0, "
                 "'prepared_statement_cache_size': 0, 'prepared_statement_name_func': lambda: ''}"

@@ -203,7 +203,7 @@ def test_startup_options_from_pgoptions_are_named(
     """?pgbouncer=true given, the options come from libpq's environment: that is named."""
     monkeypatch.setenv("PGOPTIONS", "-c work_mem=8MB")
     store = SessionStore(pooled, retry=RetryPolicy(attempts=1))
-    with pytest.raises(DatabaseError, match="PGOPTIONS in the environment gives some"):
+    with pytest.raises(DatabaseError, match="PGOPTIONS in the environment gives some too"):
         store.get_session("s")
     store.close()
 
