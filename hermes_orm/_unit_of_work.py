@@ -55,6 +55,7 @@ from sqlalchemy import (
     Table,
     Update,
     event,
+    func,
     inspect,
     select,
     update,
@@ -75,6 +76,7 @@ from sqlalchemy.sql import ClauseElement
 
 from hermes_orm import _codec, _dialects, _sa
 from hermes_orm.errors import (
+    DatabaseError,
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
@@ -519,7 +521,10 @@ def _move_cursor(
     tool_calls = sum(e.tool_calls for e in encoded)
     digest = encoded[-1].digest
     c = _sessions.c
-    statement = update(_sessions).where(c.id == session_id)
+    # A cursor other SQL set to no position (SQLite keeps any value) moves nothing.
+    statement = update(_sessions).where(c.id == session_id, c.flushed_idx >= 0)
+    if session.connection().dialect.name == "sqlite":
+        statement = statement.where(func.typeof(c.flushed_idx) == "integer")
     if claim is not None:
         statement = statement.where(c.flushed_idx == claim.cursor)
     moved = session.execute(
@@ -532,12 +537,18 @@ def _move_cursor(
         execution_options={_PLACED: True},
     ).first()
     if moved is None:
-        stored = None
-        if claim is not None:
-            stored = session.execute(select(c.flushed_idx).where(c.id == session_id)).first()
-        if stored is None or claim is None:
+        stored = session.execute(select(c.flushed_idx).where(c.id == session_id)).first()
+        if stored is None:
             raise SessionNotFoundError(session_id)
-        raise claim.refused(stored.flushed_idx)
+        cursor = stored.flushed_idx
+        if type(cursor) is not int or cursor < 0:
+            raise DatabaseError(
+                f"session {session_id!r} holds flushed_idx {cursor!r}, not a position; nothing "
+                "was written (`hermes-orm verify --repair` sets it from the rows)"
+            )
+        if claim is None:  # (not reached: only a row gone or damaged moves nothing here)
+            raise SessionNotFoundError(session_id)
+        raise claim.refused(cursor)
     if parent is not None:
         # Keep the loaded object in step without flushing it again.
         for column, value in (

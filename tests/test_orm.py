@@ -1618,3 +1618,22 @@ def test_a_message_flushed_with_its_listed_session_but_not_listed_is_refused_say
     finally:
         event.remove(OrmSession, "before_flush", hook)
     assert _state(engine) == before
+
+
+def test_a_cursor_other_sql_set_to_no_position_is_refused_on_the_orm_path(engine: Engine) -> None:
+    """As a store's flush refuses it: nothing written, a DatabaseError naming it."""
+    store = SessionStore(engine)
+    values = ["-5"] + (["'x'", "2.5"] if engine.dialect.name == "sqlite" else [])
+    for n, value in enumerate(values):
+        sid = f"s{n}"
+        store.create_session(sid, source="cli")
+        store.flush(sid, [{"role": "user", "content": "m0"}, {"role": "user", "content": "m1"}])
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE hermes_sessions SET flushed_idx = {value} WHERE id = '{sid}'"
+            )
+        orm = OrmSession(engine)
+        with pytest.raises(DatabaseError, match=f"session '{sid}' holds flushed_idx"), orm.begin():
+            orm.add(Message(session_id=sid, role="user", content="via the ORM"))
+        orm.close()
+        assert count_rows(engine, "hermes_messages", session_id=sid) == 2
