@@ -1359,14 +1359,21 @@ def test_a_rerun_leaves_a_session_that_went_on_in_the_destination_as_it_is(
 
 def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: str) -> None:
     """The Hermes mirror plugin's turn of the conversation q1 a1 q2 a2, as the agent has it."""
-    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
-
     live = [
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a2"},
     ]
+    _mirror_turn(store, tmp_path, sid, live, platform)
+
+
+def _mirror_turn(
+    store: SessionStore, tmp_path: Path, sid: str, live: list[dict[str, Any]], platform: str
+) -> None:
+    """The Hermes mirror plugin's turn of the agent's list ``live``."""
+    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
+
     mirror = Mirror(
         store.engine.url.render_as_string(hide_password=False),
         status=StatusFile(tmp_path / "status.json"),
@@ -1376,6 +1383,18 @@ def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: s
         assert mirror.turn(sid, live, model="m", platform=platform)
     finally:
         mirror.close()
+
+
+def _imported_then_a_turn(tmp_path: Path, store: SessionStore) -> tuple[Path, Any]:
+    """Session s: q1 a1 imported, then q2 a2 appended in Hermes; its state.db and SessionDB."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli", model="m")
+    hermes.append_message("s", "user", content="q1")
+    hermes.append_message("s", "assistant", content="a1")
+    assert import_state_db(source, store).ok
+    hermes.append_message("s", "user", content="q2")
+    hermes.append_message("s", "assistant", content="a2")
+    return source, hermes
 
 
 #: What an older Hermes' state.db looked like: messages without the ``active`` and
@@ -1518,13 +1537,7 @@ def test_a_gateway_session_the_mirror_keeps_is_up_to_date_whoever_came_first(
 
 def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_path: Path) -> None:
     """README: state.db imported first, mirror plugin enabled after; then imported again."""
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("s", source="cli", model="m")
-    hermes.append_message("s", "user", content="q1")
-    hermes.append_message("s", "assistant", content="a1")
-    assert import_state_db(source, store).ok
-    hermes.append_message("s", "user", content="q2")
-    hermes.append_message("s", "assistant", content="a2")
+    source, hermes = _imported_then_a_turn(tmp_path, store)
     _mirror_two_turns(store, tmp_path, "s", "cli")
     hermes.append_message("s", "user", content="q3")  # the mirror stores it at the turn's end
     stored = store.get_messages("s")
@@ -1542,76 +1555,33 @@ def test_a_session_the_mirror_continued_is_up_to_date(store: SessionStore, tmp_p
     assert import_state_db(source, store).diverged_sessions == ["s"]
 
 
-def test_a_session_the_mirror_revised_after_hermes_compacted_it_is_up_to_date(
-    store: SessionStore, tmp_path: Path
+@pytest.mark.parametrize("mirrored_before", [True, False], ids=["plugin on", "plugin off"])
+def test_a_session_the_mirror_revised_after_hermes_compacted_it(
+    store: SessionStore, tmp_path: Path, mirrored_before: bool
 ) -> None:
-    """README order: import, plugin on, then Hermes compacts in place (its default)."""
-    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
-
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("s", source="cli", model="m")
-    hermes.append_message("s", "user", content="q1")
-    hermes.append_message("s", "assistant", content="a1")
-    assert import_state_db(source, store).ok
-    hermes.append_message("s", "user", content="q2")
-    hermes.append_message("s", "assistant", content="a2")
-    _mirror_two_turns(store, tmp_path, "s", "cli")
+    """README order: import, plugin on, then Hermes compacts in place (its default): up to
+    date. Turns Hermes kept while the plugin was off are in neither ID nor ID#2: diverged."""
+    source, hermes = _imported_then_a_turn(tmp_path, store)
+    if mirrored_before:
+        _mirror_two_turns(store, tmp_path, "s", "cli")
     summary = {"role": "user", "content": "summary of q1 to a2"}
     hermes.archive_and_compact("s", [summary])
     hermes.append_message("s", "assistant", content="a3")
-    mirror = Mirror(
-        store.engine.url.render_as_string(hide_password=False),
-        status=StatusFile(tmp_path / "status.json"),
-        wait=10,
-    )
-    try:  # the agent's list after the compaction: the plugin keeps it as s#2
-        assert mirror.turn("s", [summary, {"role": "assistant", "content": "a3"}], model="m")
-    finally:
-        mirror.close()
-    assert store.get_session("s")["end_reason"] == "rewritten"
+    hermes.close()
+    # the agent's list after the compaction: the plugin keeps it as s#2
+    _mirror_turn(store, tmp_path, "s", [summary, {"role": "assistant", "content": "a3"}], "cli")
+    assert store.get_session("s")["end_reason"] == "rewritten"  # type: ignore[index]
     kept = {sid: store.get_messages(sid) for sid in ("s", "s#2")}
     report = import_state_db(source, store)
-    assert report.ok, report.table()
-    assert (report.mirrored_sessions, report.diverged_sessions) == (["s"], [])
+    assert report.ok is mirrored_before, report.table()
+    assert (report.mirrored_sessions, report.diverged_sessions) == (
+        (["s"], []) if mirrored_before else ([], ["s"])
+    )
     assert report.messages_written == 0
     assert {sid: store.get_messages(sid) for sid in ("s", "s#2")} == kept
-    # an edit of a message the import copied is a divergence all the same
-    hermes.close()
-    _edit_source(source, "UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
-    assert import_state_db(source, store).diverged_sessions == ["s"]
-
-
-def test_turns_in_neither_revision_of_the_mirror_are_a_divergence(
-    store: SessionStore, tmp_path: Path
-) -> None:
-    """Imported, turns Hermes kept while the plugin was off, compacted, then the plugin on:
-    those turns are in neither ID nor ID#2, so the session is not up to date."""
-    from hermes_orm.integrations.hermes.mirror import Mirror, StatusFile
-
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("s", source="cli", model="m")
-    hermes.append_message("s", "user", content="q1")
-    hermes.append_message("s", "assistant", content="a1")
-    assert import_state_db(source, store).ok
-    hermes.append_message("s", "user", content="q2")  # the plugin not on yet
-    hermes.append_message("s", "assistant", content="a2")
-    summary = {"role": "user", "content": "summary of q1 to a2"}
-    hermes.archive_and_compact("s", [summary])
-    hermes.append_message("s", "assistant", content="a3")
-    hermes.close()
-    mirror = Mirror(
-        store.engine.url.render_as_string(hide_password=False),
-        status=StatusFile(tmp_path / "status.json"),
-        wait=10,
-    )
-    try:
-        assert mirror.turn("s", [summary, {"role": "assistant", "content": "a3"}], model="m")
-    finally:
-        mirror.close()
-    assert store.get_session("s#2") is not None
-    report = import_state_db(source, store)
-    assert (report.diverged_sessions, report.mirrored_sessions) == (["s"], [])
-    assert not report.ok
+    if mirrored_before:  # an edit of a message the import copied is a divergence all the same
+        _edit_source(source, "UPDATE messages SET content = 'q1 edited' WHERE content = 'q1'")
+        assert import_state_db(source, store).diverged_sessions == ["s"]
 
 
 def test_a_gateway_session_opened_by_its_session_meta_row_is_imported(

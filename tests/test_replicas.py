@@ -340,6 +340,21 @@ def test_a_write_waits_for_a_standby_to_be_promoted(driver: str) -> None:
             ]
 
 
+def _every_host(url: str, driver: str, servers: list[Any], attrs: str) -> str:
+    """A URL naming ``servers`` in order (``?host=`` form), asking for ``attrs``."""
+    return (
+        make_url(url)
+        .set(drivername=f"postgresql+{driver}", host=None, port=None)
+        .update_query_dict(
+            {
+                "host": [f"127.0.0.1:{server.port}" for server in servers],
+                "target_session_attrs": attrs,
+            }
+        )
+        .render_as_string(False)
+    )
+
+
 @pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
 def test_a_standby_first_in_the_url_is_passed_over_for_the_primary(driver: str) -> None:
     """Each host tried in turn: one not of the kind asked for gives way to the next."""
@@ -348,17 +363,7 @@ def test_a_standby_first_in_the_url_is_passed_over_for_the_primary(driver: str) 
     with local_postgres() as primary, local_standby(primary) as standby:
         SessionStore(primary.url).upgrade()
         SessionStore(primary.url).create_session("s", source="cli")
-        url = (
-            make_url(primary.url)
-            .set(drivername=f"postgresql+{driver}", host=None, port=None)
-            .update_query_dict(
-                {
-                    "host": [f"127.0.0.1:{standby.port}", f"127.0.0.1:{primary.port}"],
-                    "target_session_attrs": "read-write",
-                }
-            )
-            .render_as_string(False)
-        )
+        url = _every_host(primary.url, driver, [standby, primary], "read-write")
 
         async def flush() -> Any:
             store = AsyncSessionStore(url, retry=RetryPolicy(unavailable_for=5.0))
@@ -383,17 +388,7 @@ def test_prefer_standby_finds_the_standby_behind_the_primary(driver: str) -> Non
     from hermes_orm import create_async_store_engine
 
     with local_postgres() as primary, local_standby(primary) as standby:
-        url = (
-            make_url(primary.url)
-            .set(drivername=f"postgresql+{driver}", host=None, port=None)
-            .update_query_dict(
-                {
-                    "host": [f"127.0.0.1:{primary.port}", f"127.0.0.1:{standby.port}"],
-                    "target_session_attrs": "prefer-standby",
-                }
-            )
-            .render_as_string(False)
-        )
+        url = _every_host(primary.url, driver, [primary, standby], "prefer-standby")
 
         async def in_recovery() -> Any:
             engine = create_async_store_engine(url)
