@@ -41,7 +41,12 @@ from sqlalchemy.types import NullType
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
-from hermes_orm.errors import DatabaseBusyError, DatabaseUnavailableError, InvalidMessageError
+from hermes_orm.errors import (
+    DatabaseBusyError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    InvalidMessageError,
+)
 from hermes_orm.models import Message, Session, new_history_id
 from hermes_orm.store import SessionStore
 
@@ -127,6 +132,11 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
         except (DatabaseUnavailableError, DatabaseBusyError):
             raise
         except Exception as exc:  # a row none of the checks foresaw: this session only
+            if repair and _refused_as_read_only(exc):  # (every session's repair would be)
+                raise DatabaseError(
+                    "the database may only be read here (a repair cannot write it): "
+                    "verify without --repair checks it"
+                ) from exc
             found = (0, [Problem("session", session_id, f"could not be checked: {_why(exc)}")])
         report.sessions += 1
         report.messages += found[0]
@@ -141,6 +151,16 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
         for session_id in {p.session_id for p in report.problems if p.session_id}:
             store.forget_cursor(session_id)
     return report
+
+
+def _refused_as_read_only(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it came from, is SQLite refusing to write a read-only file."""
+    error: BaseException | None = exc
+    while error is not None:
+        if isinstance(error, DBAPIError) and _dialects.sqlite_read_only(error.orig):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _why(exc: BaseException) -> str:

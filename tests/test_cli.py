@@ -265,6 +265,36 @@ def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
+def test_a_repair_of_a_read_only_copy_says_so_and_verify_still_reports(tmp_path: Path) -> None:
+    """Each session's repair failing to write would hide what verify finds: one error instead."""
+    path = tmp_path / "agents.db"
+    url = f"sqlite:///{path}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "needle"}])
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")  # (a WAL file needs its -shm written)
+        conn.execute("UPDATE hermes_sessions SET message_count = 7")
+    conn.close()
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli", "--url", url]
+    env = clean_env(tmp_path)
+    checked, repaired = (
+        subprocess.run(
+            [*command, *args], env=env, capture_output=True, text=True, check=False, timeout=120
+        )
+        for args in (("verify",), ("verify", "--repair"))
+    )
+    assert checked.returncode == 1, checked.stderr
+    assert "session 's': message_count: message_count is 7, 1 are stored" in checked.stdout
+    assert repaired.returncode == 2, repaired.stdout + repaired.stderr
+    assert "may only be read here" in repaired.stderr
+    assert "verify without --repair" in repaired.stderr
+
+
 def test_a_wal_copy_in_a_directory_not_ours_opens_as_the_readme_says(tmp_path: Path) -> None:
     """SQLite reads a WAL file only where it may write its -shm: the README's immutable URL."""
     folder = tmp_path / "copies"
