@@ -234,21 +234,29 @@ def _without_write_permission() -> list[str]:
     return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
 
 
-def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
-    """A file not ours to write (a copy an operator may only read): listed and searched."""
+def _read_only_copy(tmp_path: Path, *damage: str) -> tuple[Path, list[str]]:
+    """A database of one session (``damage``: SQL run on it first) this process may only
+    read, and the command prefix of ``hermes-orm`` run so."""
     path = tmp_path / "agents.db"
-    url = f"sqlite:///{path}"
-    with SessionStore(url) as store:
+    with SessionStore(f"sqlite:///{path}") as store:
         store.upgrade()
         store.create_session("s", source="cli")
         store.flush("s", [{"role": "user", "content": "needle"}])
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA journal_mode=DELETE")  # (a WAL file needs its -shm written)
+        for statement in damage:
+            conn.execute(statement)
+    conn.close()
     path.chmod(0o444)
     if os.geteuid() == 0:
         os.chown(path, 65534, 65534)  # not root's: without its capabilities, read-only
-    command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli"]
-    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    return path, [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli"]
+
+
+def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
+    """A file not ours to write (a copy an operator may only read): listed and searched."""
+    path, command = _read_only_copy(tmp_path)
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{path}"}
     for args in (("sessions", "list"), ("search", "needle"), ("db", "current"), ("verify",)):
         done = subprocess.run(
             [*command, *args], env=env, capture_output=True, text=True, check=False, timeout=120
@@ -267,21 +275,8 @@ def test_a_read_only_database_file_is_read(tmp_path: Path) -> None:
 
 def test_a_repair_of_a_read_only_copy_says_so_and_verify_still_reports(tmp_path: Path) -> None:
     """Each session's repair failing to write would hide what verify finds: one error instead."""
-    path = tmp_path / "agents.db"
-    url = f"sqlite:///{path}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        store.create_session("s", source="cli")
-        store.flush("s", [{"role": "user", "content": "needle"}])
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA journal_mode=DELETE")  # (a WAL file needs its -shm written)
-        conn.execute("UPDATE hermes_sessions SET message_count = 7")
-    conn.close()
-    path.chmod(0o444)
-    if os.geteuid() == 0:
-        os.chown(path, 65534, 65534)
-    command = [*_without_write_permission(), sys.executable, "-m", "hermes_orm.cli", "--url", url]
-    env = clean_env(tmp_path)
+    path, command = _read_only_copy(tmp_path, "UPDATE hermes_sessions SET message_count = 7")
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{path}"}
     checked, repaired = (
         subprocess.run(
             [*command, *args], env=env, capture_output=True, text=True, check=False, timeout=120
