@@ -60,6 +60,16 @@ ROW_COLUMNS = (
 )
 
 _INT64 = 2**63
+
+
+def whole_int64(value: Any) -> bool:
+    """Whether a stored value is an int from 0 to 2**63 - 1 (a cursor's, a ``history_id``'s).
+
+    Other SQL may leave another there (SQLite keeps text, a real, a larger number).
+    """
+    return type(value) is int and 0 <= value < _INT64
+
+
 #: Deepest nesting of lists and dicts a JSON document may have (drivers and the
 #: JSON readers of both backends handle it without running out of stack).
 MAX_DEPTH = 100

@@ -541,7 +541,7 @@ def _move_cursor(
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
-        if type(cursor) is not int or cursor < 0:
+        if not _codec.whole_int64(cursor):
             raise DatabaseError(
                 f"session {session_id!r} holds flushed_idx {cursor!r}, not a position; nothing "
                 "was written (`hermes-orm verify --repair` sets it from the rows)"

@@ -932,7 +932,7 @@ class StoreCore:
         if row is not None:
             for name in ("flushed_idx", "history_id"):
                 value = getattr(row, name)
-                if type(value) is not int or not 0 <= value < _INT64:
+                if not _codec.whole_int64(value):
                     # Set so by other SQL (SQLite keeps any value): no write could move
                     # it, nor be told apart from another writer's.
                     raise DatabaseError(

@@ -282,7 +282,7 @@ def _inspect_session(
     if session.message_count != n:
         found("message_count", f"message_count is {session.message_count}, {n} are stored")
     history = session.history_id
-    if type(history) is not int or not 0 <= history < 2**63:
+    if not _codec.whole_int64(history):
         # (A repair draws a new one, as it does for any repair of the session.)
         found("history_id", f"history_id is {history!r}, not an integer from 0 to 2**63 - 1")
     digests: list[bytes | None] = []

@@ -455,9 +455,7 @@ class StatusFile:
                         data.pop(key, None)
                     else:
                         data[key] = value
-                tmp = self.path.with_name(
-                    f".{self.path.name}.{os.getpid()}.{threading.get_ident()}"
-                )
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")  # (one at a time)
                 fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as out:
                     json.dump(data, out, indent=2)
