@@ -1680,7 +1680,7 @@ class StoreCore:
             )
         user_id = _optional_str("user_id", user_id)
         filters = _search.Filters(
-            session_id=_optional_str("session_id", session_id),
+            session_id=_session_filter(session_id),
             sources=_str_tuple("source", source),
             user_id=user_id if self._user is None else self._user,
             roles=_str_tuple("role", role),
@@ -1854,7 +1854,8 @@ class _Sessions(StoreCore):
 
         Args:
             query: What to look for, as a user typed it.
-            session_id: Only messages of this session.
+            session_id: Only messages of this session (an id no session can
+                have, such as "", is refused).
             source: Only sessions of this source (or of any of these).
             user_id: Only sessions of this user.
             role: Only messages of this role (or of any of these).
@@ -2353,6 +2354,22 @@ def _optional_str(name: str, value: Any) -> str | None:
     if value is not None and (problem := _codec.text_problem(value)) is not None:
         raise SearchQueryError(f"{name} {value!r} {problem}")
     return value
+
+
+def _session_filter(session_id: Any) -> str | None:
+    """The ``session_id`` filter of a search: None, or what a session's id may be.
+
+    An id no session can have (empty, past 255 characters) is refused rather
+    than matching nothing: it is a caller's mistake (an unset variable), which
+    an empty page would hide.
+    """
+    given = _optional_str("session_id", session_id)
+    if given is not None and not 0 < len(given) <= 255:
+        raise SearchQueryError(
+            "session_id must be a session's id, a non-empty str of at most 255 characters, "
+            f"got {_codec.shown(given)}"
+        )
+    return given
 
 
 def _str_tuple(name: str, value: Any) -> tuple[str, ...] | None:

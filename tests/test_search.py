@@ -502,6 +502,8 @@ def test_filters(store: SessionStore) -> None:
         ({"role": []}, "role"),
         ({"source": [1]}, "source"),
         ({"session_id": 5}, "session_id"),
+        ({"session_id": ""}, "session_id must be a session's id"),  # (an unset variable, say)
+        ({"session_id": "s" * 256}, "session_id must be a session's id"),
     ],
 )
 def test_bad_arguments_are_typed_errors(
