@@ -16,8 +16,8 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -36,6 +36,9 @@ from hermes_orm._dialects import (
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import HermesOrmError, InvalidURLError, SchemaOutOfDateError
 from hermes_orm.store import SessionStore
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 #: A command says at once that the database is out of reach (after 3 s), where a
 #: long-running application waits out a failover (RetryPolicy's default).
@@ -302,6 +305,10 @@ class RedactingParser(argparse.ArgumentParser):
         """Print the usage and ``message`` (redacted), and exit with status 2."""
         _refuse(self, message)
 
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        """Print the help; a write that fails raises (argparse's own would pass it over)."""
+        (sys.stdout if file is None else file).write(self.format_help())
+
 
 def redact_errors(parser: argparse.ArgumentParser) -> None:
     """Make ``parser``, a sub-parser another program built (Hermes' ``orm``), redact as ours do.
@@ -514,10 +521,19 @@ def writable_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hermes-orm``; returns the exit status."""
     writable_streams()
-    args = build_parser().parse_args(argv)
+    return _to_the_end("hermes-orm", lambda: _parsed_and_run(argv))
+
+
+def _parsed_and_run(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:
+        # --help, or a usage error: printed, and written out as any output is (where
+        # a full disk is told, not at exit). argparse exits with an int status.
+        return done.code if isinstance(done.code, int) else 2
     if args.url is None:  # (an empty --url is a URL given: refused as no URL, not replaced)
         args.url = default_url()
-    return run_to_the_end(args)
+    return run(args)
 
 
 def run_to_the_end(args: argparse.Namespace) -> int:
@@ -525,8 +541,13 @@ def run_to_the_end(args: argparse.Namespace) -> int:
 
     What both ``hermes-orm`` and ``hermes orm`` (the Hermes plugin) run.
     """
+    return _to_the_end(_program(args), lambda: run(args))
+
+
+def _to_the_end(program: str, command: Callable[[], int]) -> int:
+    """``command``'s status, once its output is written (see :func:`run_to_the_end`)."""
     try:
-        status = run(args)
+        status = command()
         sys.stdout.flush()  # here, where a reader gone away is told apart (not at exit)
         return status
     except BrokenPipeError:
@@ -546,7 +567,7 @@ def run_to_the_end(args: argparse.Namespace) -> int:
         # The output cannot be written (a full disk, a device's error): said on stderr,
         # and what is left of it dropped (the flush at exit would fail again).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"{_program(args)}: cannot write the output: {exc.strerror}", file=sys.stderr)
+        print(f"{program}: cannot write the output: {exc.strerror}", file=sys.stderr)
         return 1
 
 

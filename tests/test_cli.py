@@ -123,6 +123,27 @@ def test_listings_page_on_with_the_arguments_they_print(tmp_path: Path) -> None:
     assert f"more: {more[1]}" in hits_json.stderr  # as the listing says it
 
 
+def test_an_error_leaves_json_output_empty(tmp_path: Path) -> None:
+    """With --json, stdout holds JSON or nothing: an error is a line on stderr, exit 2.
+
+    An empty --session (an unset shell variable) is such an error: no session
+    has that id, and an empty page would hide the mistake.
+    """
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "needle"}])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    for json_args in ((), ("--json",)):
+        refused = run("search", "needle", "--session", "", *json_args, env=env)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused
+        assert "session_id must be a session's id" in refused.stderr
+    missing = run("sessions", "show", "gone", "--json", env=env)
+    assert (missing.returncode, missing.stdout) == (1, ""), missing
+    assert "no session 'gone'" in missing.stderr
+
+
 def test_search_rebuild_prints_json_when_asked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'agents.db'}"
     with SessionStore(url) as store:
@@ -349,7 +370,13 @@ def test_output_to_a_full_device_is_a_one_line_error(tmp_path: Path) -> None:
         store.upgrade()
         store.create_session("s", source="cli")
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
-    for args in (("sessions", "list"), ("sessions", "list", "--json"), ("db", "current")):
+    for args in (
+        ("sessions", "list"),
+        ("sessions", "list", "--json"),
+        ("db", "current"),
+        ("--help",),  # (argparse itself passes a failed write of its help over)
+        ("search", "--help"),
+    ):
         with Path("/dev/full").open("w") as full:
             done = subprocess.run(
                 [sys.executable, "-m", "hermes_orm.cli", *args],
