@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 
+from hermes_orm import migrations
 from hermes_orm._dialects import safe_url
 from hermes_orm.errors import HermesOrmError
 from hermes_orm.models import Message
@@ -116,7 +117,13 @@ def run_demo(url: str) -> int:
     shown = safe_url(url)
     store = SessionStore(url)
     print(f"database: {shown}")
+    before = migrations.current(store.engine)
     store.upgrade()
+    after = migrations.head()
+    if before is None:
+        print(f"schema:   created at {after}")
+    elif before != after:  # (said: an older program sharing the database reads it no more)
+        print(f"schema:   upgraded from {before} to {after}")
     session_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     store.create_session(session_id, source="demo", model="demo/echo", title=None)
     print(f"session:  {session_id}\n")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from hermes_orm import DatabaseError, SessionStore
+from hermes_orm import DatabaseError, SessionStore, migrations
 from tests.conftest import run_cli
 
 run = run_cli
@@ -48,6 +48,7 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     assert out.count("ok   ") == 4
     assert "cursor 4, 4 rows" in out  # the failed flush left nothing half-written
     assert "second process exit status: 0" in out
+    assert f"schema:   created at {migrations.head()}" in out
     db = home / "hermes_orm.db"
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
@@ -544,6 +545,19 @@ def test_no_password_of_a_conninfo_or_with_a_blank_is_printed(
     for secret in ("s3cret", " pw@"):
         assert secret not in result.stdout + result.stderr
     assert "***" in result.stdout + result.stderr
+
+
+def test_the_demo_says_when_it_upgrades_a_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    older = "0015_search_literal_nul_escape"
+    with SessionStore(url) as store:
+        store.upgrade(older)
+    upgraded = run("--url", url, "demo", env=clean_env(tmp_path))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert f"schema:   upgraded from {older} to {migrations.head()}\n" in upgraded.stdout
+    again = run("--url", url, "demo", env=clean_env(tmp_path))  # at the head: nothing to say
+    assert again.returncode == 0, again.stderr
+    assert "schema:" not in again.stdout
 
 
 def test_demo_hides_a_password_in_the_query(tmp_path: Path) -> None:
