@@ -657,6 +657,19 @@ def test_status_of_a_server_that_answered_with_an_error_does_not_call_it_unreach
     assert "unreachable" not in result.stdout
 
 
+def test_status_says_when_no_file_can_be_made_where_the_url_points(tmp_path: Path) -> None:
+    """A file where a directory of the path should be: the mirror's first write would fail,
+    so status reports a problem, not a database the mirror will make."""
+    (tmp_path / "blocker").write_text("")
+    target = tmp_path / "blocker" / "home" / "hermes_orm.db"
+    result = run("--url", f"sqlite:///{target}", "status", env=clean_env(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        f"schema:    none, and no file can be made there: {str(tmp_path / 'blocker')!r} "
+        "is not a directory"
+    ) in result.stdout
+
+
 def test_status_of_a_database_not_made_yet_creates_none(tmp_path: Path) -> None:
     target = tmp_path / "home" / "hermes_orm.db"
     result = run("--url", f"sqlite:///{target}", "status", env=clean_env(tmp_path))

@@ -519,6 +519,9 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
     else:
         if memory:  # each process has its own, gone when it ends
             print("schema:    not seen: a SQLite database in memory is the process's own")
+        elif missing is not None and (why := _uncreatable(missing)) is not None:
+            print(f"schema:    none, and no file can be made there: {why}")
+            problems += 1
         elif engine is None:  # looked at, not created: the mirror makes it on the first turn
             print("schema:    none yet (no file yet; the mirror creates it on the first turn)")
         else:
@@ -539,6 +542,23 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
     else:
         print("last error: none")
     return 1 if problems else 0
+
+
+def _uncreatable(path: Path) -> str | None:
+    """Why the mirror could not create the SQLite file ``path``, or None when it may.
+
+    Its nearest existing directory is where the mirror makes the rest (the
+    directories it lacks, then the file): one that is a file, or not writable
+    by this user, ends every turn's write in an error.
+    """
+    found = path.parent
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    if not found.is_dir():
+        return f"{str(found)!r} is not a directory"
+    if not os.access(found, os.W_OK | os.X_OK):
+        return f"{str(found)!r} is not writable by this user"
+    return None
 
 
 def _print_schema(engine: Engine, upgrade: str | None) -> int:
