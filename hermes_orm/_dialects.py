@@ -1714,6 +1714,26 @@ def begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def begin_snapshot(conn: Connection) -> None:
+    """Begin ``conn``'s transaction as one whose statements see one moment, locking nothing.
+
+    PostgreSQL gives each statement of a READ COMMITTED transaction its own
+    snapshot: REPEATABLE READ gives the transaction one (set before any other
+    statement: a store's settings come after). SQLite's driver begins no
+    transaction before a read, each statement then its own moment: a deferred
+    ``BEGIN`` is sent, which writers do not wait for in WAL mode (on an engine
+    whose ``begin`` listener began one already, as SQLAlchemy's SAVEPOINT
+    recipe does, that one serves).
+    """
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        return
+    if not conn.in_transaction():
+        conn.begin()
+    if _sa.driver_in_transaction(conn.connection.dbapi_connection) is False:
+        conn.exec_driver_sql("BEGIN")
+
+
 def _on_driver(
     conn: Connection, work: Callable[[Any], T], ran: list[tuple[str, Sequence[Any]]]
 ) -> T:

@@ -475,6 +475,9 @@ class Run(Generic[T]):
     bounded: bool = True
     #: A read the store's replica may serve (``replica=``), if it has one.
     replica: bool = False
+    #: A read whose statements all see one moment of the database, locking nothing
+    #: (see :func:`_dialects.begin_snapshot`).
+    snapshot: bool = False
     #: After a failover, whether the try whose COMMIT went unanswered is in the
     #: database, by what it wrote (given that try's result); None: by its
     #: transaction id, as on the server that gave it.
@@ -594,6 +597,8 @@ def _attempt(
         if request.whole:
             return request.work(conn)
         opening = begin if request.write else settings
+        if request.snapshot:
+            _dialects.begin_snapshot(conn)  # (before any statement of the transaction)
         if opening:
             _dialects.execute_driver_script(conn, opening)
         landed = request.landed
@@ -2085,13 +2090,14 @@ class SessionStore(_Sessions):
 
     # -- transactions --------------------------------------------------------------
 
-    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+    def _run(self, work: Callable[[Connection], T], *, write: bool, snapshot: bool = False) -> T:
         """Run ``work`` in one transaction on a pooled connection, retried whole.
 
         A write runs once (see :class:`Run`): the integrations' writes are not
         all idempotent.
         """
-        return self._transaction(Run(work, write, once=write))  # type: ignore[no-any-return]
+        request = Run(work, write, once=write, snapshot=snapshot)
+        return self._transaction(request)  # type: ignore[no-any-return]
 
     def _transaction(self, request: Run[Any]) -> Any:
         if self._forks_seen != _forks[0]:
@@ -2247,9 +2253,13 @@ class SessionStore(_Sessions):
         """Run ``work`` in one write transaction (holding the write lock), retried whole."""
         return self._run(work, write=True)
 
-    def read_transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in one read transaction, retried whole."""
-        return self._run(work, write=False)
+    def read_transaction(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+        """Run ``work`` in one read transaction, retried whole.
+
+        ``snapshot``: its statements all see one moment of the database (each sees
+        its own otherwise), taking no lock a writer waits for.
+        """
+        return self._run(work, write=False, snapshot=snapshot)
 
     def primary_messages(
         self, session_id: str, *, offset: int = 0, limit: int | None = None

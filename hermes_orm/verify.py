@@ -115,8 +115,9 @@ class Report:
 def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     """Check the invariants of every session of ``store``'s database; repair if asked.
 
-    Each session is checked (and repaired) in a transaction of its own, holding
-    its row lock (its write lock on SQLite), so flushes can go on meanwhile. A
+    Each session is checked in a transaction of its own, so flushes can go on
+    meanwhile: it reads one moment of the database and takes no lock (a repair
+    holds the session's row lock, SQLite's write lock). A
     session that cannot be checked is reported and the others are checked all
     the same (a database out of reach still raises).
     """
@@ -125,10 +126,14 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
         lambda conn: list(conn.execute(select(_sessions.c.id).order_by(_sessions.c.id)).scalars())
     )
     for session_id in ids:
+        check = functools.partial(_check_session, session_id=session_id, repair=repair)
         try:
-            found = store.write_transaction(
-                functools.partial(_check_session, session_id=session_id, repair=repair)
-            )
+            if repair:
+                found = store.write_transaction(check)
+            else:
+                # One moment: statements read at several would take a flush landing
+                # between them for a problem (a cursor past the messages read).
+                found = store.read_transaction(check, snapshot=True)
         except (DatabaseUnavailableError, DatabaseBusyError):
             raise
         except Exception as exc:  # a row none of the checks foresaw: this session only
@@ -227,9 +232,8 @@ def _unreadable(values: Sequence[Any]) -> str | None:
 def _inspect_session(
     conn: Connection, session_id: str, repair: bool
 ) -> tuple[int, list[Problem]] | None:
-    session = conn.execute(
-        select(_sessions).where(_sessions.c.id == session_id).with_for_update()
-    ).first()
+    read = select(_sessions).where(_sessions.c.id == session_id)
+    session = conn.execute(read.with_for_update() if repair else read).first()
     if session is None:
         return None
     stored_last = conn.execute(

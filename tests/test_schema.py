@@ -30,6 +30,7 @@ from hermes_orm import (
     create_store_engine,
     migrations,
 )
+from hermes_orm.verify import verify_database
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
@@ -144,6 +145,9 @@ def test_stores_on_one_engine_each_in_their_own_schema(empty_pg: str) -> None:
     assert ran[0].startswith('WITH moved AS (UPDATE "tenant_b".hermes_sessions ')
     assert 'INSERT INTO "tenant_b".hermes_messages ' in ran[0]
     assert (len(a.get_messages("s")), len(b.get_messages("s"))) == (2, 2)
+    for store in (a, b):  # (each session read at one moment, the schema set after)
+        report = verify_database(store)
+        assert (report.problems, report.sessions, report.messages) == ([], 1, 2)
     a.close()
     b.close()
     engine.dispose()

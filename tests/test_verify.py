@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from hermes_orm import DatabaseError, SessionNotFoundError, SessionStore, search, verify
+from hermes_orm import (
+    DatabaseError,
+    RetryPolicy,
+    SessionNotFoundError,
+    SessionStore,
+    search,
+    verify,
+)
 from hermes_orm.verify import verify_database
 from tests.conftest import count_rows, fresh_store, run_cli
 from tests.test_cli import clean_env
@@ -384,16 +391,47 @@ def test_messages_of_no_session_are_reported_and_kept(
 
 def _between_reading_the_links_and_the_rest(store: SessionStore, then: Any) -> None:
     """Run ``then()`` once, from another connection, right after verify read the parent links."""
-    from sqlalchemy import event
+    _once_after(store, "parent_session_id IS NOT NULL", then)
 
+
+def _once_after(store: SessionStore, marker: str, then: Any) -> list[bool]:
+    """Run ``then()`` once, right after ``store`` ran a statement holding ``marker``.
+
+    Returns a list that holds True once it ran.
+    """
     done: list[bool] = []
 
     def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "parent_session_id IS NOT NULL" in statement and not done:
+        if marker in statement and not done:
             done.append(True)
             then()
 
     event.listen(store.engine, "after_cursor_execute", after)
+    return done
+
+
+def test_a_flush_landing_while_a_session_is_checked_is_neither_blocked_nor_a_problem(
+    store: SessionStore, db_url: str
+) -> None:
+    """The check reads the session row, then its messages: it locks nothing (an agent
+    writing it, or on SQLite any session, goes on), and reads them at one moment (the
+    flush is not seen half: a cursor past the messages read)."""
+    messages = conversation(4)
+    store.create_session("s", source="cli")
+    store.flush("s", messages[:2])
+    agent = SessionStore(db_url, retry=RetryPolicy(attempts=1))  # (a wait would fail it)
+    done = _once_after(
+        store, "SELECT hermes_sessions.flushed_digest", lambda: agent.flush("s", messages)
+    )
+    try:
+        report = verify_database(store)
+    finally:
+        agent.close()
+    assert done == [True]
+    assert report.problems == []
+    assert report.messages == 2  # the moment before the flush
+    after = verify_database(store)
+    assert (after.problems, after.messages) == ([], len(messages))
 
 
 @pytest.mark.backends("postgresql")  # (SQLite's write lock keeps writers out meanwhile)
@@ -545,8 +583,10 @@ def test_a_deep_lineage_is_walked_once(store: SessionStore, engine: Engine) -> N
 
 
 @pytest.mark.backends("sqlite")
-def test_a_lineage_check_without_repair_holds_no_write_lock(store: SessionStore) -> None:
-    """SQLite's write lock would keep agents' flushes waiting for the whole walk."""
+def test_checks_without_repair_hold_no_write_lock_but_fts5_s_own(store: SessionStore) -> None:
+    """SQLite's write lock would keep every agent's flush waiting for the whole walk of the
+    lineage, and for each session's check (seconds, for a session of a million messages).
+    Only FTS5's integrity-check takes it: that command is a write."""
     for sid in ("a", "b"):
         store.create_session(sid, source="cli", parent_session_id="a" if sid == "b" else None)
     begun: list[str] = []
@@ -564,7 +604,8 @@ def test_a_lineage_check_without_repair_holds_no_write_lock(store: SessionStore)
         repaired = len(begun)
     finally:
         event.remove(store.engine, "before_cursor_execute", seen)
-    assert repaired == checked + 1  # the lineage's own write transaction, for a repair only
+    assert checked == 1  # the search check's
+    assert repaired == 4  # and a repair's of each session, and of the lineage
 
 
 @pytest.mark.backends("postgresql")
