@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -27,7 +28,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
-from hermes_orm.integrations.hermes import SessionDB
+from hermes_orm.integrations.hermes import SessionDB, _hermes_sql
 from tests.conftest import fresh_store
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
@@ -1501,3 +1502,141 @@ def test_filters_given_as_hermes_binds_them_read_as_its_file_reads_them(both: An
             call()
     with pytest.raises(InvalidSessionError, match="model_config_json must be JSON"):
         ours.update_session_meta("s1", b"{}")
+
+
+# -- Hermes' SQL on its SessionDB's own connection ------------------------------------------
+
+#: The hermes-agent modules that run SQL on a SessionDB's connection (``db._conn``,
+#: ``db._execute_write``) rather than through its methods.
+_SQL_USERS = (
+    "hermes_cli.cli_agent_setup_mixin",
+    "gateway.platforms.api_server",
+    "hermes_cli.web_server",
+    "tools.session_search_tool",
+    "hermes_cli.main",
+)
+
+
+def test_the_statements_served_are_hermes_own_as_its_source_writes_them() -> None:
+    """Each statement the adapter's connection serves is known by its text: that text
+    must be one Hermes' code holds (an edit of either would leave it unserved)."""
+    import ast
+    import importlib.util
+
+    written = set()
+    for module in _SQL_USERS:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, module
+        assert spec.origin is not None, module
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        written |= {
+            _hermes_sql.normalized(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+    assert set(_hermes_sql._STATEMENTS) <= written
+
+
+def _stored_alike(both: Any) -> None:
+    """The same sessions (a lineage among them) and messages, through each SessionDB."""
+    both.create_session("root", "cli")
+    both.create_session("child", "cli", parent_session_id="root")
+    both.create_session("grandchild", "cli", parent_session_id="child")
+    both.create_session("other", "telegram")
+    both.set_session_title("other", "Taken")
+    for session_id in ("root", "child", "other"):
+        both.append_message(session_id, "user", f"hello from {session_id}")
+    both.end_session("root", "cli_close")
+
+
+def test_hermes_sql_on_the_connection_answers_as_on_hermes_own(both: Any) -> None:
+    """The statements Hermes runs on ``db._conn`` (the CLI's resume, the dashboard's walk of
+    a lineage, session_search's owner of a message), against Hermes' own file."""
+    _stored_alike(both)
+    hermes, ours = both.hermes, both.ours
+
+    def rows(sql: str, *params: Any) -> list[dict[str, Any]]:
+        answers = []
+        for db in (hermes, ours):
+            found = db._conn.execute(sql, params).fetchall()
+            for row in found:  # by name and by position alike
+                assert tuple(row) == tuple(row[i] for i in range(len(row)))
+                assert [row[k] for k in row.keys()] == list(row)  # noqa: SIM118 (rows iterate values)
+            answers.append(sorted((dict(row) for row in found), key=repr))
+        assert _no_clock(answers[0]) == _no_clock(answers[1]), sql
+        return answers[1]
+
+    walk = (
+        "\n            WITH RECURSIVE descendants(id, parent_session_id, started_at) AS (\n"
+        "                SELECT id, parent_session_id, started_at FROM sessions WHERE id = ?\n"
+        "                UNION\n"
+        "                SELECT s.id, s.parent_session_id, s.started_at\n"
+        "                FROM sessions s\n"
+        "                JOIN descendants d ON s.parent_session_id = d.id\n"
+        "            )\n"
+        "            SELECT id, parent_session_id, started_at FROM descendants\n            "
+    )
+    assert [r["id"] for r in rows(walk, "root")] == ["child", "grandchild", "root"]
+    assert rows(walk, "missing") == []
+    message_id = ours.get_messages("child")[0]["id"]
+    assert rows("SELECT session_id FROM messages WHERE id = ?", message_id) == [
+        {"session_id": "child"}
+    ]
+    assert rows("SELECT session_id FROM messages WHERE id = ?", str(message_id)) == [
+        {"session_id": "child"}
+    ]
+    assert rows("SELECT session_id FROM messages WHERE id = ?", 10**6) == []
+    assert rows("SELECT COUNT(*) FROM sessions") == [{"COUNT(*)": 4}]
+    assert rows("SELECT id FROM sessions WHERE title = ? AND id != ?", "Taken", "x")[0]["id"]
+    # The CLI's resume: Hermes reopens the row, then commits.
+    for db in (hermes, ours):
+        db._conn.execute(
+            "UPDATE sessions SET ended_at = NULL, end_reason = NULL WHERE id = ?", ("root",)
+        )
+        db._conn.commit()
+    both.get_session("root")
+    assert ours.get_session("root")["ended_at"] is None
+    with pytest.raises(sqlite3.OperationalError, match=r"SQL written for Hermes' own state\.db"):
+        ours._conn.execute("SELECT date(started_at, 'unixepoch') FROM sessions")
+
+
+def test_the_api_server_creates_sessions_as_on_hermes_own(both: Any) -> None:
+    """``POST /api/sessions`` of Hermes' API server platform runs its check, insert and title
+    in one ``db._execute_write``: the same answers, and sessions, as on Hermes' own file."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from gateway.config import PlatformConfig
+    from gateway.platforms.api_server import APIServerAdapter
+
+    both.create_session("existing", "cli")
+    both.set_session_title("existing", "Taken")
+    requests = [
+        {"id": "api-1", "title": "Plan", "system_prompt": "Be brief.", "model": "m"},
+        {"id": "api-1"},  # exists: 409
+        {"id": "api-2", "title": "Taken"},  # a title in use: 400, and no session made
+        {"id": "api-3"},
+        {"id": "existing"},
+    ]
+
+    async def answers(db: Any) -> list[list[Any]]:
+        adapter = APIServerAdapter(PlatformConfig(enabled=True, extra={"key": ""}))
+        adapter._session_db = db  # (Hermes' own override of the profile's database)
+        app = web.Application()
+        app.router.add_post("/api/sessions", adapter._handle_create_session)
+        out = []
+        async with TestClient(TestServer(app)) as client:
+            for body in requests:
+                response = await client.post("/api/sessions", json=body)
+                out.append([response.status, await response.json()])
+        return out
+
+    hermes = asyncio.run(answers(both.hermes))
+    ours = asyncio.run(answers(both.ours))
+    assert [status for status, _ in ours] == [201, 409, 400, 201, 409]
+    assert _no_clock(ours) == _no_clock(hermes)
+    for session_id in ("api-1", "api-2", "api-3"):
+        both.get_session(session_id)
+    assert both.ours.get_session("api-1")["title"] == "Plan"
+    assert both.ours.get_session("api-2") is None

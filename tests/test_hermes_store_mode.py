@@ -181,6 +181,11 @@ def test_the_hermes_cli_keeps_its_session_in_the_database_and_resumes_it(
         ]
     )
     assert _state_db_messages(cli.home) == 0
+    # Hermes reopens the session it resumes, with SQL of its own on its SessionDB's
+    # connection; its `chat -q` does not end it again (as on Hermes' own state.db).
+    reopened = store.get_session(session_id)
+    assert reopened is not None
+    assert (reopened["ended_at"], reopened["end_reason"]) == (None, None)
 
 
 # -- a real AIAgent -------------------------------------------------------------------------

@@ -159,13 +159,13 @@ class GatewayMethods:
 
         def _refuse_read_only(self) -> None: ...
 
-        def _hermes_session(self, row: Any) -> dict[str, Any]: ...
+        def hermes_session(self, row: Any) -> dict[str, Any]: ...
 
     def _sessions_with(self, conn: Connection, query: Any) -> list[dict[str, Any]]:
         """Hermes' session dicts of ``query``'s rows, with ``last_active`` when selected."""
         out = []
         for row in conn.execute(query):
-            session = self._hermes_session(row)
+            session = self.hermes_session(row)
             if "last_active" in row._fields:
                 session["last_active"] = row.last_active
             out.append(session)

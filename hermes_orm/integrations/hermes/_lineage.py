@@ -182,7 +182,7 @@ class LineageMethods:
 
         def _refuse_read_only(self) -> None: ...
 
-        def _hermes_session(self, row: Any) -> dict[str, Any]: ...
+        def hermes_session(self, row: Any) -> dict[str, Any]: ...
 
         def _hermes_message(self, row: Any) -> dict[str, Any]: ...
 
@@ -472,7 +472,7 @@ class LineageMethods:
                     .order_by(_messages.c.idx)
                 )
                 messages = [self._hermes_message(m) for m in conn.execute(query)]
-                segments.append({**self._hermes_session(row), "messages": messages})
+                segments.append({**self.hermes_session(row), "messages": messages})
             if not segments:
                 return None
             every = [message for segment in segments for message in segment["messages"]]

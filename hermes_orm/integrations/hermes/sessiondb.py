@@ -55,6 +55,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
+from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
     hermes_json,
@@ -677,6 +678,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         #: exceeds (ids only grow: SQLite's AUTOINCREMENT, PostgreSQL's sequence).
         self._appended: OrderedDict[str, int] = OrderedDict()
         self._appended_lock = threading.Lock()
+        #: Stands in for Hermes' sqlite3 connection, which parts of Hermes use
+        #: directly (see :mod:`._hermes_sql`).
+        self._conn = HermesConnection(self)
         engine_url = self._store.engine.url
         #: The SQLite file underneath (None on PostgreSQL), as Hermes' attribute.
         self.db_path = (
@@ -706,6 +710,14 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """Run ``work`` in one write transaction of the store (refused when ``read_only``)."""
         self._refuse_read_only()
         return self._store.write_transaction(work)
+
+    def _execute_write(self, work: Callable[[HermesConnection], _T]) -> _T:
+        """Hermes' write helper: ``work`` given its connection, in one write transaction."""
+        return self._write(lambda conn: work(HermesConnection(self, conn)))
+
+    def run_hermes_sql(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
+        """Run a statement of Hermes' connection (:mod:`._hermes_sql`) in its own transaction."""
+        return self._write(work) if write else self._store.read_transaction(work)
 
     def close(self) -> None:
         """Release the store's connections (and its engine, if this object made it)."""
@@ -940,7 +952,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
         self._write(work)
 
-    def _hermes_session(self, row: Any) -> dict[str, Any]:
+    def hermes_session(self, row: Any) -> dict[str, Any]:
+        """A row of the sessions table as Hermes' sessions row."""
         data = dict(row._mapping)
         extra = data.get("extra")
         if not isinstance(extra, dict):  # none, or written by another tool as another JSON value
@@ -960,7 +973,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
     def _one_session(self, *where: Any) -> dict[str, Any] | None:
         def work(conn: Connection) -> dict[str, Any] | None:
             row = conn.execute(select(_sessions).where(*where)).first()
-            return None if row is None else self._hermes_session(row)
+            return None if row is None else self.hermes_session(row)
 
         return self._store.read_transaction(work)
 
@@ -1460,10 +1473,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             previews = _previews(conn, [r.id for r in page] + list(tips.values()))
             out = []
             for row in page:
-                entry = known.rich(self._hermes_session(row), previews)
+                entry = known.rich(self.hermes_session(row), previews)
                 tip = tips.get(row.id)
                 if tip is not None and tip != row.id and tip in known.rows:
-                    tip_entry = known.rich(self._hermes_session(known.rows[tip]), previews)
+                    tip_entry = known.rich(self.hermes_session(known.rows[tip]), previews)
                     for key in _TIP_KEYS:
                         entry[key] = tip_entry[key]
                     entry["_lineage_root_id"] = row.id
@@ -1510,7 +1523,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             return [
-                {**self._hermes_session(row), "last_active": row.last_active}
+                {**self.hermes_session(row), "last_active": row.last_active}
                 for row in conn.execute(query)
             ]
 
