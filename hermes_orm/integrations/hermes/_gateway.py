@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import HermesOrmError, InvalidArgumentError, SessionNotFoundError
-from hermes_orm.integrations.hermes._text import sqlite_text
+from hermes_orm.integrations.hermes._text import has_lone_surrogate, sqlite_text
 from hermes_orm.models import (
     GatewayRoute,
     Message,
@@ -65,7 +65,8 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
 
     Raises:
         TypeError: Neither text nor a number.
-        InvalidArgumentError: Text with NUL characters, or longer than ``max_length``.
+        InvalidArgumentError: Text with NUL characters or lone surrogates, or longer than
+            ``max_length``.
     """
     text = sqlite_text(value)
     if text is None:
@@ -74,6 +75,8 @@ def _text(name: str, value: Any, *, max_length: int | None = None) -> str | None
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in text:
         raise InvalidArgumentError(f"{name} contains NUL characters, which cannot be stored")
+    if has_lone_surrogate(text):  # (Hermes' sqlite3 refuses them too)
+        raise InvalidArgumentError(f"{name} contains lone surrogate characters (not valid Unicode)")
     if max_length is not None and len(text) > max_length:
         raise InvalidArgumentError(f"{name} is longer than {max_length} characters")
     return text

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import sqlite3
 from typing import Any
 
 from hermes_orm import _codec
-from hermes_orm.errors import InvalidMessageError
+from hermes_orm.errors import InvalidArgumentError, InvalidMessageError
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: A lone surrogate as JSON text writes it escaped (``\ud83d``), any case.
@@ -37,6 +38,11 @@ def scrub(value: Any) -> Any:
     if isinstance(value, str) and _LONE_SURROGATE.search(value):
         return _LONE_SURROGATE.sub("\ufffd", value)
     return value
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate, which no UTF-8 database stores."""
+    return _LONE_SURROGATE.search(text) is not None
 
 
 def scrub_json(value: Any) -> Any:
@@ -117,13 +123,16 @@ def lookup_key(key: Any) -> str | None:
 def sqlite_text(value: Any) -> Any:
     """``value`` as a TEXT column of Hermes' SQLite file holds it.
 
-    Text has its lone surrogates replaced; a bool is ``"1"``/``"0"``, an int
-    its digits, a float the text SQLite makes of it (``1e20`` is
-    ``"1.0e+20"``, infinity ``"Inf"``, NaN is NULL: None). Anything else is
-    returned as it is, for the store to take or refuse.
+    Text is as it is: Hermes binds it so, and the sqlite3 module refuses a lone
+    surrogate (the store refuses it too, typed; Hermes itself replaces them in
+    a message's content, tool name, reasoning and api_content only: those go
+    through :func:`scrub` as well). A bool is ``"1"``/``"0"``, an int its
+    digits, a float the text SQLite makes of it (``1e20`` is ``"1.0e+20"``,
+    infinity ``"Inf"``, NaN is NULL: None). Anything else is returned as it
+    is, for the store to take or refuse.
     """
     if isinstance(value, str):
-        return scrub(value)
+        return value
     if isinstance(value, int):  # bool included: SQLite binds it as 1 or 0
         return str(int(value))
     if isinstance(value, float):  # SQLite's text of a REAL is no Python repr
@@ -144,3 +153,48 @@ def sqlite_integer(value: Any) -> Any:
     if isinstance(value, float | str):
         return _stored_as(value, "INTEGER")
     return value
+
+
+_ROW_IDS = range(-(2**63), 2**63)
+
+
+def _row_id_operand(name: str, value: Any) -> Any:
+    """``value`` as SQLite compares it with an INTEGER column (its affinity applied).
+
+    An int past 64 bits, which Hermes' sqlite3 cannot bind, is no row's id (as
+    elsewhere in the adapter: a lookup by it finds nothing).
+
+    Raises:
+        InvalidArgumentError: ``value`` is nothing the sqlite3 module binds.
+    """
+    if value is not None and not isinstance(value, int | float | str | bytes):
+        raise InvalidArgumentError(f"{name} must be a message id, got {_codec.shown(value)}")
+    return sqlite_integer(value)
+
+
+def row_id_equal_to(name: str, value: Any) -> int | None:
+    """The message id ``id = value`` matches in Hermes' file; None when no row's can.
+
+    A bool is 1 or 0, text that is a number that number (SQLite's affinity);
+    a fraction, other text, bytes, NULL and NaN match no row id (on
+    PostgreSQL they would fail the comparison with a bigint instead).
+    """
+    operand = _row_id_operand(name, value)
+    return operand if type(operand) is int and operand in _ROW_IDS else None
+
+
+def least_row_id_from(name: str, value: Any) -> int | None:
+    """The least message id ``id >= value`` admits in Hermes' file; None when none.
+
+    As :func:`row_id_equal_to` reads ``value``; a fraction admits the ids
+    above it; text that is no number and bytes sort above every integer in
+    SQLite, NULL and NaN compare with nothing: neither admits an id.
+    """
+    operand = _row_id_operand(name, value)
+    if isinstance(operand, float):  # (NaN is NULL already)
+        if operand == math.inf:
+            return None
+        operand = -(2**63) if operand == -math.inf else math.ceil(operand)
+    if type(operand) is not int or operand >= 2**63:
+        return None  # text, bytes, NULL: no id; or past every id
+    return max(operand, -(2**63))

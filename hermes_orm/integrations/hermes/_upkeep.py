@@ -51,8 +51,10 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes._text import (
+    least_row_id_from,
     lookup_key,
     message_json,
+    row_id_equal_to,
     scrub,
     scrub_json,
     sqlite_integer,
@@ -122,12 +124,14 @@ def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     optional = {
         "tool_call_id": sqlite_text(msg.get("tool_call_id")),
         "tool_calls": message_json("tool_calls", msg.get("tool_calls")),
-        "tool_name": sqlite_text(msg.get("tool_name")),
+        "tool_name": scrub(sqlite_text(msg.get("tool_name"))),
         "effect_disposition": sqlite_text(msg.get("effect_disposition")),
         "token_count": sqlite_integer(msg.get("token_count")),
         "finish_reason": sqlite_text(msg.get("finish_reason")),
-        "reasoning": sqlite_text(msg.get("reasoning")) if assistant else None,
-        "reasoning_content": sqlite_text(msg.get("reasoning_content")) if assistant else None,
+        "reasoning": scrub(sqlite_text(msg.get("reasoning"))) if assistant else None,
+        "reasoning_content": (
+            scrub(sqlite_text(msg.get("reasoning_content"))) if assistant else None
+        ),
         **{key: message_json(key, msg.get(key)) if assistant else None for key in _REASONING_JSON},
         "platform_message_id": sqlite_text(msg.get("platform_message_id") or msg.get("message_id")),
         "api_content": scrub(api_content) if isinstance(api_content, str) else None,
@@ -597,12 +601,16 @@ class UpkeepMethods:
         """
         from hermes_orm.integrations.hermes.sessiondb import _json_text
 
+        target_id = row_id_equal_to("target_message_id", target_message_id)
+
         def work(conn: Connection) -> dict[str, Any]:
-            row = conn.execute(
-                select(_messages).where(
-                    _messages.c.id == target_message_id, _messages.c.session_id == session_id
-                )
-            ).first()
+            row = None
+            if target_id is not None:
+                row = conn.execute(
+                    select(_messages).where(
+                        _messages.c.id == target_id, _messages.c.session_id == session_id
+                    )
+                ).first()
             if row is None:
                 raise InvalidArgumentError(
                     f"message {target_message_id} not found in session {session_id}"
@@ -642,25 +650,21 @@ class UpkeepMethods:
     def restore_rewound(self, session_id: str, since_message_id: int) -> int:
         """Make the session's inactive rows from ``since_message_id`` on live again; how many.
 
-        A ``since_message_id`` of None names no row (as SQL's ``id >= NULL``): 0.
+        ``since_message_id`` is read as Hermes' file compares it (see
+        :func:`least_row_id_from`): None names no row (as SQL's ``id >= NULL``): 0.
 
         Raises:
-            InvalidArgumentError: ``since_message_id`` is no number.
+            InvalidArgumentError: ``since_message_id`` is nothing SQLite binds.
         """
-        if since_message_id is None:
-            return 0
-        if not isinstance(since_message_id, int | float) or math.isnan(since_message_id):
-            raise InvalidArgumentError(
-                f"since_message_id must be a message id, got {since_message_id!r:.80}"
-            )
-        if since_message_id >= 2**63:  # above every row id (64 bits)
+        since = least_row_id_from("since_message_id", since_message_id)
+        if since is None:
             return 0
 
         def work(conn: Connection) -> int:
             restored = self._change_rows(
                 conn,
                 session_id,
-                and_(_messages.c.id >= since_message_id, _messages.c.active.is_(False)),
+                and_(_messages.c.id >= since, _messages.c.active.is_(False)),
                 lambda m: m.update(active=True),
             )
             return len(restored)
@@ -677,7 +681,7 @@ class UpkeepMethods:
         from hermes_orm.integrations.hermes.sessiondb import hermes_content
 
         expected = hermes_content(content)
-        value = sqlite_text(api_content)  # Hermes binds what it is given (append_message does not)
+        value = scrub(sqlite_text(api_content))  # (append_message takes text only)
 
         def set_api_content(message: dict[str, Any]) -> None:
             if value is None:
@@ -727,11 +731,14 @@ class UpkeepMethods:
         """
         window = max(0, window)
         c = _messages.c
+        around = row_id_equal_to("around_message_id", around_message_id)
 
         def work(conn: Connection) -> dict[str, Any]:
-            anchor = conn.execute(
-                select(c.idx).where(c.id == around_message_id, c.session_id == session_id)
-            ).scalar()
+            anchor = None
+            if around is not None:
+                anchor = conn.execute(
+                    select(c.idx).where(c.id == around, c.session_id == session_id)
+                ).scalar()
             if anchor is None:
                 return {"window": [], "messages_before": 0, "messages_after": 0}
             rows = conn.execute(

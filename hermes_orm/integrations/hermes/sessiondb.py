@@ -58,6 +58,7 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
+    has_lone_surrogate,
     hermes_json,
     lookup_key,
     message_json,
@@ -589,11 +590,17 @@ def _text_of(name: str, value: Any) -> str | None:
     """``value`` for a text column, as Hermes' SQLite file stores it; refused if it is no text.
 
     Raises:
-        InvalidSessionError: A value SQLite would not bind as text (a list, bytes).
+        InvalidSessionError: A value SQLite would not bind as text (a list, bytes),
+            or text with a lone surrogate (Hermes' sqlite3 refuses it too).
     """
     stored = sqlite_text(value)
     if stored is not None and not isinstance(stored, str):
         raise InvalidSessionError(f"{name} must be text, got {type(value).__name__}")
+    if stored is not None and has_lone_surrogate(stored):
+        raise InvalidSessionError(
+            f"{name} contains lone surrogate characters (not valid Unicode), got "
+            f"{_codec.shown(stored)}"
+        )
     return stored
 
 
@@ -1064,12 +1071,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             "tool_call_id": sqlite_text(tool_call_id),
             # Hermes stores falsy JSON values as NULL
             "tool_calls": message_json("tool_calls", tool_calls),
-            "tool_name": sqlite_text(tool_name),
+            "tool_name": scrub(sqlite_text(tool_name)),
             "effect_disposition": sqlite_text(effect_disposition),
             "token_count": sqlite_integer(token_count),
             "finish_reason": sqlite_text(finish_reason),
-            "reasoning": sqlite_text(reasoning),
-            "reasoning_content": sqlite_text(reasoning_content),
+            "reasoning": scrub(sqlite_text(reasoning)),
+            "reasoning_content": scrub(sqlite_text(reasoning_content)),
             "reasoning_details": message_json("reasoning_details", reasoning_details),
             "codex_reasoning_items": message_json("codex_reasoning_items", codex_reasoning_items),
             "codex_message_items": message_json("codex_message_items", codex_message_items),
