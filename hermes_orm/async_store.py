@@ -346,7 +346,24 @@ class AsyncSessionStore(_AsyncSessions):
     # -- transactions --------------------------------------------------------------
 
     async def _transaction(self, request: Run[T]) -> T:
-        """Run one transaction on a pooled connection, retried whole on transient errors."""
+        """Run one transaction on a pooled connection, retried whole on transient errors.
+
+        Raises:
+            InvalidArgumentError: Another event loop uses the store at the same time
+                (a pool, a lock, waits on one loop: see :meth:`_new_pool`).
+        """
+        try:
+            return await self._transaction_on_this_loop(request)
+        except RuntimeError as exc:
+            if "different event loop" not in str(exc) and "different loop" not in str(exc):
+                raise
+            raise InvalidArgumentError(
+                "this AsyncSessionStore is in use by another event loop at the same time: "
+                "a store serves one event loop at a time (give each thread running a loop "
+                "its own store)"
+            ) from exc
+
+    async def _transaction_on_this_loop(self, request: Run[T]) -> T:
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
         replica = self._async_replica

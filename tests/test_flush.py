@@ -1293,6 +1293,37 @@ def test_a_store_serves_one_event_loop_after_another_however_busy_its_pool(
     assert "another event loop" in str(next(r for r in refused if isinstance(r, Exception)))
 
 
+def test_two_event_loops_using_one_store_at_once_get_a_typed_error(db_url: str) -> None:
+    """A store serves one event loop at a time: two threads each running loops on it
+    swap its pool under each other, and a call that meets the other loop's pool or
+    lock raises InvalidArgumentError (asyncio's RuntimeError before); the data stay exact."""
+    store = AsyncSessionStore(_async_url(db_url))
+    asyncio.run(store.create_session("loops", source="cli"))
+    outcomes: list[Any] = []
+
+    def loops() -> None:
+        async def burst() -> list[Any]:
+            return await asyncio.gather(
+                *(store.get_messages("loops") for _ in range(30)), return_exceptions=True
+            )
+
+        for _ in range(6):
+            outcomes.extend(asyncio.run(burst()))
+
+    threads = [threading.Thread(target=loops) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r for r in outcomes if isinstance(r, BaseException)]
+    assert {type(e) for e in errors} <= {InvalidArgumentError}, errors[:3]
+    assert all("another event loop at the same time" in str(e) for e in errors)
+    assert [r for r in outcomes if not isinstance(r, BaseException)] == [[]] * (360 - len(errors))
+    asyncio.run(store.flush("loops", conversation(1)))
+    assert asyncio.run(store.get_messages("loops")) == conversation(1)
+    asyncio.run(store.close())
+
+
 @pytest.mark.postgresql
 def test_a_store_closed_with_a_call_under_way_leaves_no_connection_open(empty_pg: str) -> None:
     """close() disposes of the engine the store made; the connection of the call under way
