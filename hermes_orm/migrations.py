@@ -290,6 +290,30 @@ def _extension_found(conn: Connection, schema: str | None) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def extension_on_path(conn: Connection) -> Iterator[None]:
+    """pg_trgm found by hermes_orm's revisions run as a branch of a host's history.
+
+    Three of them create trigram indexes, naming pg_trgm's operator class
+    without a schema: a database that has the extension in a schema its
+    ``search_path`` does not name (as some managed services install it) fails
+    them (``operator class "gin_trgm_ops" does not exist``, nothing migrated).
+    hermes_orm's own runner looks for it; a host's ``env.py`` wraps its run of
+    the migrations, inside their transaction::
+
+        with context.begin_transaction(), hermes_orm.migrations.extension_on_path(connection):
+            context.run_migrations()
+
+    For the while, the extension's schema is last on the transaction's path; a
+    no-op where the path finds it already, and on SQLite.
+
+    Raises:
+        DatabaseError: pg_trgm is in another hermes_orm store's schema.
+    """
+    with _extension_found(conn, None):
+        yield
+
+
 def _extension_schema(conn: Connection) -> str | None:
     """The schema the database installed pg_trgm in (quoted); None when it is not installed."""
     found = conn.exec_driver_sql(

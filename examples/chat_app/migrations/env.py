@@ -39,7 +39,8 @@ def run_migrations_online() -> None:
             include_object=hermes_orm.migrations.include_object,
             render_as_batch=connection.dialect.name == "sqlite",
         )
-        with context.begin_transaction():
+        # As a branch, hermes_orm's revisions find pg_trgm in a schema of its own too.
+        with context.begin_transaction(), hermes_orm.migrations.extension_on_path(connection):
             context.run_migrations()
     engine.dispose()
 
