@@ -43,8 +43,11 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-#: 64-bit integer primary key that is still SQLite's rowid alias.
-_BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
+#: A 64-bit integer primary key that SQLite still numbers itself: BIGINT, but
+#: INTEGER on SQLite, where only an ``INTEGER PRIMARY KEY`` is the rowid. On
+#: :class:`Base` an ``int`` column is BIGINT: a host model's integer key takes
+#: this type (``mapped_column(BigId, primary_key=True)``), as messages' ids do.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class _SQLiteJSONText(sqlite.JSON):
@@ -198,7 +201,7 @@ class Message(Base):
 
     __tablename__ = "hermes_messages"
 
-    id: Mapped[int] = mapped_column(_BIGINT_ID, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     session_id: Mapped[str] = mapped_column(
         String(255), ForeignKey("hermes_sessions.id", ondelete="CASCADE")
     )

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, event, insert, literal, select, update
+from sqlalchemy import Engine, String, delete, event, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
-from sqlalchemy.orm import sessionmaker
 
 from hermes_orm import (
     DatabaseError,
@@ -1637,3 +1637,25 @@ def test_a_cursor_other_sql_set_to_no_position_is_refused_on_the_orm_path(engine
             orm.add(Message(session_id=sid, role="user", content="via the ORM"))
         orm.close()
         assert count_rows(engine, "hermes_messages", session_id=sid) == 2
+
+
+def test_a_host_model_on_the_base_numbers_its_key_with_big_id(engine: Engine) -> None:
+    """On the base an int is BIGINT, which SQLite does not number: BigId is numbered on
+    both backends (a table of the host's, made and dropped here)."""
+    from hermes_orm.models import Base, BigId
+
+    class Invoice(Base):
+        __tablename__ = "host_invoices"
+        id: Mapped[int] = mapped_column(BigId, primary_key=True)
+        label: Mapped[str] = mapped_column(String(40))
+
+    table = Invoice.__table__
+    try:
+        table.create(engine)  # type: ignore[attr-defined]
+        with OrmSession(engine) as orm:
+            orm.add_all([Invoice(label="a"), Invoice(label="b")])
+            orm.commit()
+            assert orm.scalars(select(Invoice.id).order_by(Invoice.id)).all() == [1, 2]
+    finally:
+        table.drop(engine)  # type: ignore[attr-defined]
+        Base.metadata.remove(table)  # type: ignore[arg-type]
