@@ -1591,7 +1591,8 @@ def test_hermes_sql_on_the_connection_answers_as_on_hermes_own(both: Any) -> Non
         {"session_id": "child"}
     ]
     assert rows("SELECT session_id FROM messages WHERE id = ?", 10**6) == []
-    assert rows("SELECT COUNT(*) FROM sessions") == [{"COUNT(*)": 4}]
+    for odd in (f"{message_id}.0", f"{message_id}e0", float(message_id), True, "\u0662", "²"):
+        rows("SELECT session_id FROM messages WHERE id = ?", odd)  # as SQLite reads them
     assert rows("SELECT id FROM sessions WHERE title = ? AND id != ?", "Taken", "x")[0]["id"]
     # The CLI's resume: Hermes reopens the row, then commits.
     for db in (hermes, ours):
@@ -1666,6 +1667,7 @@ def test_a_message_id_of_any_type_is_read_as_hermes_file_reads_it(both: Any, giv
     ours = both.ours
     assert ours.get_messages_around("s", 2**70)["window"] == []
     assert ours.restore_rewound("s", 2**70) == 0
+    assert ours.restore_rewound("s", -(2**70)) == 0
     with pytest.raises(InvalidArgumentError, match="not found"):
         ours.rewind_to_message("s", 2**70)
 
@@ -1685,3 +1687,60 @@ def test_a_lone_surrogate_is_refused_where_hermes_binds_the_text_as_given(both: 
     both.get_messages("s")
     both.get_session("s")
     both.get_session("t")
+
+
+_API_INSERT = (
+    "INSERT INTO sessions (id, source, model, system_prompt, started_at) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _api_create(session_id: str, **values: Any) -> Callable[[Any], Any]:
+    """Hermes' API server's check and insert, as its ``_execute_write`` function runs them."""
+
+    def create(conn: Any) -> str:
+        if conn.execute("SELECT id FROM sessions WHERE id = ?", (session_id,)).fetchone():
+            return "exists"
+        time.sleep(values.pop("pause", 0))
+        row = (values.get("source", "api_server"), None, values.get("prompt"), time.time())
+        conn.execute(_API_INSERT, (session_id, *row))
+        return "made"
+
+    return create
+
+
+def test_a_session_hermes_sql_makes_keeps_the_store_s_rules(store: SessionStore) -> None:
+    """An id or a field the store would refuse from create_session is refused there too,
+    before anything is written (a session no turn could then be stored in)."""
+    db = SessionDB(store)
+    with pytest.raises(InvalidSessionError, match="at most 255 characters"):
+        db._execute_write(_api_create("x" * 256))
+    with pytest.raises(InvalidSessionError, match="NUL"):
+        db._execute_write(_api_create("nul", prompt="a\x00b"))
+    assert (db.get_session("nul"), store.list_sessions().sessions) == (None, [])
+    assert db._execute_write(_api_create("fine")) == "made"
+    assert db._execute_write(_api_create("fine")) == "exists"
+
+
+@pytest.mark.backends("postgresql")
+def test_two_creators_of_one_session_through_hermes_sql_are_made_one_after_the_other(
+    store: SessionStore,
+) -> None:
+    """Hermes checks, then inserts, under SQLite's write lock: the second creator finds the
+    first's row. PostgreSQL locks no row that is not there: the id's own lock does."""
+    import threading
+
+    db = SessionDB(store)
+    said: list[Any] = []
+
+    def create() -> None:
+        try:
+            said.append(db._execute_write(_api_create("same", pause=0.5)))
+        except Exception as exc:  # the unique key's violation, without the lock
+            said.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(map(str, said)) == ["exists", "made"]

@@ -421,7 +421,9 @@ def test_a_flush_landing_while_a_session_is_checked_is_neither_blocked_nor_a_pro
     store.flush("s", messages[:2])
     agent = SessionStore(db_url, retry=RetryPolicy(attempts=1))  # (a wait would fail it)
     done = _once_after(
-        store, "SELECT hermes_sessions.flushed_digest", lambda: agent.flush("s", messages)
+        store,
+        "hermes_sessions.flushed_digest AS flushed_digest",  # (in a schema too)
+        lambda: agent.flush("s", messages),
     )
     try:
         report = verify_database(store)

@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, delete, insert, select, text, update
 
-from hermes_orm._codec import shown
+from hermes_orm._codec import check_session_id, shown
+from hermes_orm.integrations.hermes._text import row_id_equal_to
 from hermes_orm.models import Message, Session
-from hermes_orm.store import refuse_orphans
+from hermes_orm.store import check_fields, refuse_orphans
 
 if TYPE_CHECKING:
     from hermes_orm.integrations.hermes.sessiondb import SessionDB
@@ -108,21 +109,25 @@ def _reopen(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor
 
 def _id_of(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
     (session_id,) = params
+    if conn.dialect.name == "postgresql" and isinstance(session_id, str):
+        # Hermes checks, then inserts, holding SQLite's write lock: a second creator
+        # of the id waits and finds the first's row. PostgreSQL takes no lock on a
+        # row not there: the id's own lock, to the end of the transaction, does.
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:id, 0))"), {"id": session_id}
+        )
     return _rows(["id"], conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)))
 
 
 def _create(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
     session_id, source, model, system_prompt, started_at = params
-    refuse_orphans(conn, session_id)
-    conn.execute(
-        insert(_sessions).values(
-            id=session_id,
-            source=source,
-            model=model,
-            system_prompt=system_prompt,
-            started_at=started_at,
-        )
+    # The store's rules for a session it makes, refused before anything is written.
+    values = check_fields(
+        {"source": source, "model": model, "system_prompt": system_prompt, "started_at": started_at}
     )
+    values["id"] = check_session_id(session_id)
+    refuse_orphans(conn, session_id)
+    conn.execute(insert(_sessions).values(values))
     return Cursor([], 1)
 
 
@@ -155,10 +160,9 @@ def _session_row(db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cu
 
 
 def _session_of_message(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
-    (message_id,) = params
-    if isinstance(message_id, str) and message_id.strip().lstrip("+-").isdigit():
-        message_id = int(message_id)  # (SQLite compares an integer's text as the integer)
-    if type(message_id) is not int or not -(2**63) <= message_id < 2**63:
+    (given,) = params
+    message_id = row_id_equal_to("id", given)  # as SQLite compares it with the column
+    if message_id is None:
         return Cursor([])  # no row has such an id
     query = select(_messages.c.session_id).where(_messages.c.id == message_id)
     return _rows(["session_id"], conn.execute(query))
@@ -179,12 +183,6 @@ def _descendants(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> C
                 found.append(row)
                 level.append(row[0])
     return _rows(["id", "parent_session_id", "started_at"], found)
-
-
-def _count(_db: SessionDB, conn: Connection, _params: tuple[Any, ...]) -> Cursor:
-    return _rows(
-        ["COUNT(*)"], [(conn.execute(select(func.count()).select_from(_sessions)).scalar(),)]
-    )
 
 
 def normalized(sql: str) -> str:
@@ -223,7 +221,6 @@ _STATEMENTS: dict[str, _Statement] = {
             ") SELECT id, parent_session_id, started_at FROM descendants",
             _Statement(False, _descendants),
         ),
-        ("SELECT COUNT(*) FROM sessions", _Statement(False, _count)),
     )
 }
 

@@ -191,10 +191,9 @@ def least_row_id_from(name: str, value: Any) -> int | None:
     SQLite, NULL and NaN compare with nothing: neither admits an id.
     """
     operand = _row_id_operand(name, value)
-    if isinstance(operand, float):  # (NaN is NULL already)
-        if operand == math.inf:
-            return None
-        operand = -(2**63) if operand == -math.inf else math.ceil(operand)
-    if type(operand) is not int or operand >= 2**63:
+    if type(operand) is int:  # (one past 64 bits, which Hermes' sqlite3 cannot bind: none)
+        return operand if operand in _ROW_IDS else None
+    if not isinstance(operand, float) or operand == math.inf:  # (NaN is NULL already)
         return None  # text, bytes, NULL: no id; or past every id
-    return max(operand, -(2**63))
+    least = -(2**63) if operand == -math.inf else math.ceil(operand)
+    return max(least, -(2**63)) if least < 2**63 else None
