@@ -15,7 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +363,15 @@ def frozen_revision(name: str) -> Any:
     revision = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(revision)
     return revision
+
+
+def in_threads(agent: Callable[[int], None], count: int) -> None:
+    """``agent(n)`` for n in ``range(count)``, each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def run_cli(

@@ -40,7 +40,7 @@ from hermes_orm import (
 from hermes_orm import store as store_module
 from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.models import Message
-from tests.conftest import count_rows, fresh_store, sync_engine, table_name
+from tests.conftest import count_rows, fresh_store, in_threads, sync_engine, table_name
 
 
 def conversation(turns: int, tag: str = "") -> list[dict[str, Any]]:
@@ -1212,18 +1212,14 @@ def test_threads_flushing_one_session(store: SessionStore) -> None:
     full = conversation(10)
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def run(_n: int) -> None:
         try:
             for end in range(1, len(full) + 1):
                 store.flush("shared", full[:end])
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, 4)
     assert errors == []
     assert_exact(store, "shared", full)
 
@@ -1301,7 +1297,7 @@ def test_two_event_loops_using_one_store_at_once_get_a_typed_error(db_url: str) 
     asyncio.run(store.create_session("loops", source="cli"))
     outcomes: list[Any] = []
 
-    def loops() -> None:
+    def loops(_n: int) -> None:
         async def burst() -> list[Any]:
             return await asyncio.gather(
                 *(store.get_messages("loops") for _ in range(30)), return_exceptions=True
@@ -1312,11 +1308,7 @@ def test_two_event_loops_using_one_store_at_once_get_a_typed_error(db_url: str) 
 
     errors: list[BaseException] = []
     for _ in range(8):  # until the loops met (most often at once)
-        threads = [threading.Thread(target=loops) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(loops, 2)
         errors = [r for r in outcomes if isinstance(r, BaseException)]
         if errors:
             break
@@ -1555,15 +1547,6 @@ def test_a_pool_of_one_connection_serves_upgrade_and_vacuum(db_url: str, api: st
     asyncio.run(main())
 
 
-def _in_threads(agent: Callable[[int], None], count: int) -> None:
-    """``agent(n)`` for n in ``range(count)``, each in a thread of its own, all at once."""
-    threads = [threading.Thread(target=agent, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
     """A store holds a connection only while it works: 50 threads, a pool of 2+2."""
     from hermes_orm import create_store_engine
@@ -1584,7 +1567,7 @@ def test_many_short_lived_threads_share_a_small_pool(db_url: str) -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    _in_threads(agent, 50)
+    in_threads(agent, 50)
     assert errors == []
     # At most one idle connection kept (none if the last call ended with the pool full).
     assert engine.pool.checkedout() <= 1
@@ -1620,7 +1603,7 @@ def test_threads_sharing_a_store_on_a_pool_of_one_connection_each_get_it(db_url:
                 return
             appended[n] += 1
 
-    _in_threads(agent, 3)
+    in_threads(agent, 3)
     assert errors == []
     assert all(appended), appended
     stored = store.get_messages("shared")

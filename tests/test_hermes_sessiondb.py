@@ -29,7 +29,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes import SessionDB, _hermes_sql
-from tests.conftest import fresh_store
+from tests.conftest import fresh_store, in_threads
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -1727,20 +1727,14 @@ def test_two_creators_of_one_session_through_hermes_sql_are_made_one_after_the_o
 ) -> None:
     """Hermes checks, then inserts, under SQLite's write lock: the second creator finds the
     first's row. PostgreSQL locks no row that is not there: the id's own lock does."""
-    import threading
-
     db = SessionDB(store)
     said: list[Any] = []
 
-    def create() -> None:
+    def create(_n: int) -> None:
         try:
             said.append(db._execute_write(_api_create("same", pause=0.5)))
         except Exception as exc:  # the unique key's violation, without the lock
             said.append(exc)
 
-    threads = [threading.Thread(target=create) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(create, 2)
     assert sorted(map(str, said)) == ["exists", "made"]
