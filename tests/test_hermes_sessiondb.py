@@ -1695,14 +1695,25 @@ _API_INSERT = (
 
 
 def _api_create(session_id: str, **values: Any) -> Callable[[Any], Any]:
-    """Hermes' API server's check and insert, as its ``_execute_write`` function runs them."""
+    """Hermes' API server's check, insert and title, as its ``_execute_write`` function
+    runs them (``title``: given one, after ``pause`` seconds)."""
 
     def create(conn: Any) -> str:
         if conn.execute("SELECT id FROM sessions WHERE id = ?", (session_id,)).fetchone():
             return "exists"
-        time.sleep(values.pop("pause", 0))
+        time.sleep(values.get("pause", 0))
         row = (values.get("source", "api_server"), None, values.get("prompt"), time.time())
         conn.execute(_API_INSERT, (session_id, *row))
+        title = values.get("title")
+        if title is not None:
+            clash = conn.execute(
+                "SELECT id FROM sessions WHERE title = ? AND id != ?", (title, session_id)
+            ).fetchone()
+            if clash:
+                conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                return f"title in use by {clash['id']}"
+            time.sleep(values.get("pause", 0))
+            conn.execute("UPDATE sessions SET title = ? WHERE id = ?", (title, session_id))
         return "made"
 
     return create
@@ -1730,11 +1741,15 @@ def test_two_creators_of_one_session_through_hermes_sql_are_made_one_after_the_o
     db = SessionDB(store)
     said: list[Any] = []
 
-    def create(_n: int) -> None:
+    def create(n: int) -> None:
+        # Two of one id, then two of one title (ids of their own).
+        session_id, title = ("same", None) if n < 2 else (f"titled-{n}", "Same")
         try:
-            said.append(db._execute_write(_api_create("same", pause=0.5)))
-        except Exception as exc:  # the unique key's violation, without the lock
+            said.append(db._execute_write(_api_create(session_id, pause=0.5, title=title)))
+        except Exception as exc:  # a unique key's violation, without the lock
             said.append(exc)
 
-    in_threads(create, 2)
-    assert sorted(map(str, said)) == ["exists", "made"]
+    in_threads(create, 4)
+    told = sorted(map(str, said))
+    assert told[:3] == ["exists", "made", "made"], told
+    assert told[3] in ("title in use by titled-2", "title in use by titled-3"), told

@@ -107,15 +107,21 @@ def _reopen(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor
     return Cursor([], done.rowcount)
 
 
+def _locked(conn: Connection, kind: str, value: Any) -> None:
+    """On PostgreSQL, ``value``'s lock of ``kind`` (an id, a title), to the end of the transaction.
+
+    Hermes checks, then writes, holding SQLite's write lock: a second creator of
+    the id, or of a session of the title, waits and finds the first's row.
+    PostgreSQL locks no row that is not there: this lock does it instead.
+    """
+    if conn.dialect.name == "postgresql" and isinstance(value, str):
+        key = f"hermes_orm {kind} {value}"
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+
+
 def _id_of(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
     (session_id,) = params
-    if conn.dialect.name == "postgresql" and isinstance(session_id, str):
-        # Hermes checks, then inserts, holding SQLite's write lock: a second creator
-        # of the id waits and finds the first's row. PostgreSQL takes no lock on a
-        # row not there: the id's own lock, to the end of the transaction, does.
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:id, 0))"), {"id": session_id}
-        )
+    _locked(conn, "id", session_id)
     return _rows(["id"], conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)))
 
 
@@ -133,6 +139,7 @@ def _create(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor
 
 def _titled_other(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
     title, session_id = params
+    _locked(conn, "title", title)
     query = select(_sessions.c.id).where(_sessions.c.title == title, _sessions.c.id != session_id)
     return _rows(["id"], conn.execute(query))
 
