@@ -2079,13 +2079,13 @@ def is_transient(exc: DBAPIError) -> bool:
         return "database is locked" in message or "database is busy" in message
     code = sqlstate(orig)
     if isinstance(code, str):
-        if code.startswith("08") and _refused(orig):
+        if code.startswith("08") and refused_for_good(orig):
             return False  # e.g. PgBouncer's refusals (08P01): it says the same again
         return code in _PG_TRANSIENT or code.startswith("08")
     return is_unreachable(exc)
 
 
-def _refused(orig: BaseException | None) -> bool:
+def refused_for_good(orig: BaseException | None) -> bool:
     """Whether the server (or a pooler in front of it) refused the connection for good.
 
     Or libpq could not use a connection option it was given: no try would.
@@ -2108,11 +2108,11 @@ def is_unreachable(exc: DBAPIError) -> bool:
         return True
     code = sqlstate(orig)
     if isinstance(code, str):
-        return (code.startswith("08") and not _refused(orig)) or code in _PG_UNREACHABLE
+        return (code.startswith("08") and not refused_for_good(orig)) or code in _PG_UNREACHABLE
     kinds = {kind.__name__ for kind in type(orig).__mro__}  # psycopg's ConnectionTimeout too
     if orig is not None and orig.__cause__ is not None:  # asyncpg's, under SQLAlchemy's adapter
         kinds.update(kind.__name__ for kind in type(orig.__cause__).__mro__)
-    return bool(kinds & _UNREACHABLE_KINDS) and not _refused(orig)
+    return bool(kinds & _UNREACHABLE_KINDS) and not refused_for_good(orig)
 
 
 #: Driver exceptions (by class name) that say no server could be reached: a lost
@@ -2200,6 +2200,8 @@ _REFUSALS = (
     "no such database",  # PgBouncer
     "no such user",  # PgBouncer
     "certificate verify failed",  # TLS
+    "does not support ssl",  # libpq: server does not support SSL, but SSL was required
+    "rejected ssl upgrade",  # asyncpg, the same
     # The server, to a startup option (``options=-c ...``) it cannot take, or a role
     # that may not log in. (A database closed to connections, ALLOW_CONNECTIONS false,
     # "is not currently accepting connections", is maintenance: waited out.)

@@ -487,6 +487,10 @@ class AsyncSessionStore(_AsyncSessions):
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:
+            if _dialects.refused_for_good(exc):  # (asyncpg: a server without the TLS asked for)
+                raise DatabaseError(
+                    f"{_dialects.safe_url(engine.url)}: the server refused the connection: {exc}"
+                ) from exc
             reason = "connection timeout expired" if isinstance(exc, TimeoutError) else str(exc)
             raise OperationalError(
                 "connect", None, ConnectionError(reason), connection_invalidated=True

@@ -311,6 +311,8 @@ _SERVER_REFUSALS = {
     "a mistyped startup option": ({"options": "-c lock_timout=5000"}, "lock_timout"),
     "a setting no session may change": ({"options": "-c shared_buffers=1MB"}, "shared_buffers"),
     "a role that may not log in": ({"username": "hermes_orm_nologin"}, "log in"),
+    # (libpq: "does not support SSL"; asyncpg: "rejected SSL upgrade")
+    "TLS asked of a server without it": ({"sslmode": "require"}, "SSL"),
 }
 
 
@@ -322,7 +324,7 @@ def test_a_connection_the_server_refuses_for_good_is_not_retried(
     """The server answered (a FATAL error): no server is down, trying again changes nothing."""
     change, said = _SERVER_REFUSALS[case]
     url = make_url(refusing_server).set(drivername=f"postgresql+{driver}")
-    url = url.update_query_dict(change) if "options" in change else url.set(**change)
+    url = url.set(**change) if "username" in change else url.update_query_dict(change)
     started = time.monotonic()
     flush = _flusher_of(url.render_as_string(hide_password=False), driver)
     with pytest.raises(DatabaseError, match=said) as err:
