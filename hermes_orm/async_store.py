@@ -165,6 +165,11 @@ _BACKEND_WAIT = 60.0
 _BACKEND_POLL = 0.002
 
 
+def _of_another_loop(exc: RuntimeError) -> bool:
+    """Whether asyncio raised ``exc`` for a pool queue or a lock bound to another loop."""
+    return "different event loop" in str(exc) or "different loop" in str(exc)
+
+
 def _other_loop(why: str) -> InvalidArgumentError:
     """The error of an application's engine used from another event loop, and ``why``."""
     return InvalidArgumentError(
@@ -355,7 +360,7 @@ class AsyncSessionStore(_AsyncSessions):
         try:
             return await self._transaction_on_this_loop(request)
         except RuntimeError as exc:
-            if "different event loop" not in str(exc) and "different loop" not in str(exc):
+            if not _of_another_loop(exc):
                 raise
             raise InvalidArgumentError(
                 "this AsyncSessionStore is in use by another event loop at the same time: "
@@ -477,7 +482,7 @@ class AsyncSessionStore(_AsyncSessions):
             try:
                 conn = await engine.connect()
             except RuntimeError as exc:
-                if "different event loop" not in str(exc):
+                if not _of_another_loop(exc):
                     raise
                 if not self._owns(engine):
                     why = "its pool waits on the event loop it first waited on"

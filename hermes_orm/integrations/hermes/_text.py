@@ -140,6 +140,15 @@ def sqlite_text(value: Any) -> Any:
     return value
 
 
+def scrubbed_text(value: Any) -> Any:
+    """:func:`sqlite_text` of a field Hermes stores with its lone surrogates replaced.
+
+    A message's content, tool name, reasoning and ``api_content``: elsewhere
+    Hermes binds text as it is.
+    """
+    return scrub(sqlite_text(value))
+
+
 def sqlite_integer(value: Any) -> Any:
     """``value`` as an INTEGER column of Hermes' SQLite file reads it back.
 

@@ -57,6 +57,7 @@ from hermes_orm.integrations.hermes._text import (
     row_id_equal_to,
     scrub,
     scrub_json,
+    scrubbed_text,
     sqlite_integer,
     sqlite_text,
 )
@@ -124,14 +125,12 @@ def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     optional = {
         "tool_call_id": sqlite_text(msg.get("tool_call_id")),
         "tool_calls": message_json("tool_calls", msg.get("tool_calls")),
-        "tool_name": scrub(sqlite_text(msg.get("tool_name"))),
+        "tool_name": scrubbed_text(msg.get("tool_name")),
         "effect_disposition": sqlite_text(msg.get("effect_disposition")),
         "token_count": sqlite_integer(msg.get("token_count")),
         "finish_reason": sqlite_text(msg.get("finish_reason")),
-        "reasoning": scrub(sqlite_text(msg.get("reasoning"))) if assistant else None,
-        "reasoning_content": (
-            scrub(sqlite_text(msg.get("reasoning_content"))) if assistant else None
-        ),
+        "reasoning": scrubbed_text(msg.get("reasoning")) if assistant else None,
+        "reasoning_content": (scrubbed_text(msg.get("reasoning_content")) if assistant else None),
         **{key: message_json(key, msg.get(key)) if assistant else None for key in _REASONING_JSON},
         "platform_message_id": sqlite_text(msg.get("platform_message_id") or msg.get("message_id")),
         "api_content": scrub(api_content) if isinstance(api_content, str) else None,
@@ -681,7 +680,7 @@ class UpkeepMethods:
         from hermes_orm.integrations.hermes.sessiondb import hermes_content
 
         expected = hermes_content(content)
-        value = scrub(sqlite_text(api_content))  # (append_message takes text only)
+        value = scrubbed_text(api_content)  # (append_message takes text only)
 
         def set_api_content(message: dict[str, Any]) -> None:
             if value is None:

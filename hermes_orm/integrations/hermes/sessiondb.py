@@ -64,6 +64,7 @@ from hermes_orm.integrations.hermes._text import (
     message_json,
     scrub,
     scrub_json,
+    scrubbed_text,
     sqlite_integer,
     sqlite_text,
 )
@@ -1071,12 +1072,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             "tool_call_id": sqlite_text(tool_call_id),
             # Hermes stores falsy JSON values as NULL
             "tool_calls": message_json("tool_calls", tool_calls),
-            "tool_name": scrub(sqlite_text(tool_name)),
+            "tool_name": scrubbed_text(tool_name),
             "effect_disposition": sqlite_text(effect_disposition),
             "token_count": sqlite_integer(token_count),
             "finish_reason": sqlite_text(finish_reason),
-            "reasoning": scrub(sqlite_text(reasoning)),
-            "reasoning_content": scrub(sqlite_text(reasoning_content)),
+            "reasoning": scrubbed_text(reasoning),
+            "reasoning_content": scrubbed_text(reasoning_content),
             "reasoning_details": message_json("reasoning_details", reasoning_details),
             "codex_reasoning_items": message_json("codex_reasoning_items", codex_reasoning_items),
             "codex_message_items": message_json("codex_message_items", codex_message_items),
