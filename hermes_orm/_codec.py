@@ -593,23 +593,20 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
     return _assemble(values)
 
 
-#: The SELECT expression of :func:`decode_rows`'s last column: a bit per column from
-#: ``content`` on (in :data:`READ_COLUMNS` order), set where the row holds a value.
-PRESENCE_SQL = " + ".join(
-    f"(CASE WHEN {column} IS NULL THEN 0 ELSE {1 << bit} END)"
-    for bit, column in enumerate(READ_COLUMNS[3:])
-)
-#: A row decoder made by :func:`_decoder`: the message, or None where a JSON column
-#: holds JSON null (written by another client), which reads as no key, as a NULL
-#: does: such a row goes the general way.
+#: A row decoder made by :func:`_decoder`: the message, or None where the row is
+#: not of the decoder's shape (a column it reads is NULL) or a JSON column holds
+#: JSON null (written by another client), which reads as no key, as a NULL does.
 _Decoder = Callable[[Sequence[Any]], dict[str, Any] | None]
-#: The decoders, by (presence bits, key_order).
+#: The decoders, by (the columns holding values, key_order): see :func:`_shape`.
 _DECODERS: dict[tuple[int, str | None], _Decoder | None] = {}
+#: The decoder last fitting rows of a key_order and a number of NULLs, which
+#: rows of one shape share (see :func:`decode_rows`).
+_GUESSES: dict[tuple[str | None, int], _Decoder | None] = {}
 _DECODERS_MAX = 4_096
 
 
 def decode_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    """:func:`decode_row` of each row, whose last value is :data:`PRESENCE_SQL`'s.
+    """:func:`decode_row` of each row (driver values in :data:`READ_COLUMNS` order).
 
     The rows hold their JSON columns as text (on PostgreSQL too: the store
     reads them as text, which is parsed here faster than the driver parses
@@ -617,29 +614,52 @@ def decode_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
 
     Rows alike (the same columns holding values, the same ``key_order``) are
     decoded by one function written for them: a dict display of just those
-    columns, in the message's key order, with no test or loop per column. A
+    columns, in the message's key order, with no loop per column. A
     transcript holds a handful of such shapes; reading 10,000 messages then
     costs little beyond the driver's fetch of them.
+
+    A row's shape is guessed from its ``key_order`` and its number of NULLs
+    (one C call), not computed column by column: the guessed decoder checks
+    that the columns it reads hold values, which with as many NULLs means
+    the others are NULL, so a row it does not fit is found, and its shape is
+    then computed.
     """
     out: list[dict[str, Any]] = []
     append = out.append
-    decoders = _DECODERS
+    guesses = _GUESSES
     for row in rows:
         if row[0] is None:  # no extra keys (those go the general way)
-            key = (row[-1], row[1])
-            try:
-                decode = decoders[key]
-            except KeyError:
-                if len(decoders) >= _DECODERS_MAX:
-                    decoders.clear()
-                decode = decoders[key] = _decoder(*key)
-            if decode is not None:
-                message = decode(row)
-                if message is not None:
-                    append(message)
-                    continue
-        append(decode_row(row[:-1], driver_parses_json=False))
+            key = (row[1], row.count(None))
+            decode = guesses.get(key)
+            message = decode(row) if decode is not None else None
+            if message is None:
+                decode = _decoder_of(row)
+                if len(guesses) >= _DECODERS_MAX:
+                    guesses.clear()
+                guesses[key] = decode
+                message = decode(row) if decode is not None else None
+            if message is not None:
+                append(message)
+                continue
+        append(decode_row(row, driver_parses_json=False))
     return out
+
+
+def _decoder_of(row: Sequence[Any]) -> _Decoder | None:
+    """The decoder of ``row``'s shape (made once, then kept)."""
+    key = (_shape(row), row[1])
+    try:
+        return _DECODERS[key]
+    except KeyError:
+        if len(_DECODERS) >= _DECODERS_MAX:
+            _DECODERS.clear()
+        decode = _DECODERS[key] = _decoder(*key)
+        return decode
+
+
+def _shape(row: Sequence[Any]) -> int:
+    """A bit per column from ``content`` on (in :data:`READ_COLUMNS` order) holding a value."""
+    return sum(1 << bit for bit, value in enumerate(row[3:]) if value is not None)
 
 
 def _decoder(present: int, order: str | None) -> _Decoder | None:
@@ -665,17 +685,16 @@ def _decoder(present: int, order: str | None) -> _Decoder | None:
             return None
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(values):
             return None
-    # A JSON column's value is read once, into a name the display then uses.
-    nulls = []
+    # Not of this shape: a column read is NULL. A JSON column's value is read
+    # once, into a name the display then uses.
+    misfits = [f"r[{READ_COLUMNS.index(column)}] is None" for column in ("role", *holds)]
     for number, key in enumerate(values):
         column = "content_parts" if key == "content" and "content" not in holds else key
         if column in JSON_COLUMNS:
-            nulls.append(f"(v{number} := {values[key]}) is None")
+            misfits.append(f"(v{number} := {values[key]}) is None")
             values[key] = f"v{number}"
     body = ", ".join(f"{key!r}: {values[key]}" for key in keys)
-    source = f"{{{body}}}"
-    if nulls:
-        source = f"None if {' or '.join(nulls)} else {source}"
+    source = f"None if {' or '.join(misfits)} else {{{body}}}"
     function: _Decoder = eval(f"lambda r: {source}", {"_read_json": _read_json, "bool": bool})
     return function
 

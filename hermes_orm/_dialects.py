@@ -1823,7 +1823,9 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
     As :func:`execute_driver_script` runs statements: on the driver's cursor
     when nothing watches ``conn`` (the driver's tuples; SQLAlchemy's rows cost
     as much as a tenth of the fetch of a long transcript), else through
-    ``exec_driver_sql``. Either way each row unpacks and indexes as a tuple.
+    ``exec_driver_sql``. Either way each row is a sequence (a tuple, or a
+    SQLAlchemy row): it unpacks, indexes and counts as a tuple (asyncpg's
+    records, which do not count, are made tuples).
     """
     numbered = conn.dialect.driver == "asyncpg"
     text = _numbered(statement) if numbered else statement
@@ -1834,7 +1836,8 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(text, params)
-            return list(cursor.fetchall())
+            rows = cursor.fetchall()
+            return list(map(tuple, rows)) if numbered else list(rows)
         finally:
             cursor.close()
 

@@ -2407,15 +2407,15 @@ def flush_sql(
     """
     # JSON columns are read as their text, which _codec parses faster than the
     # PostgreSQL drivers do (docs/benchmarks.md: get_messages vs the driver's fetch).
-    read = [
+    read = tuple(
         f"{column}::text" if dialect == "postgresql" and column in _codec.JSON_COLUMNS else column
         for column in _codec.READ_COLUMNS
-    ]
+    )
     return _dialects.render_flush_sql(
         dialect,
         _INSERT_COLUMNS,
         _INSERT_TYPES,
-        (*read, _codec.PRESENCE_SQL),  # see _codec.decode_rows
+        read,
         scoped=scoped,
         schema=schema,
     )

@@ -358,11 +358,40 @@ def test_messages_alike_are_read_by_one_decoder(store: SessionStore) -> None:
     batch = [m for pair in zip(asked, answered, strict=True) for m in pair]
     store.flush(sid, batch)
     _codec._DECODERS.clear()
+    _codec._GUESSES.clear()
     back = store.get_messages(sid)
     assert back == batch
     assert [list(m) for m in back] == [list(m) for m in batch]
     assert back[1]["observed"] is True
-    assert len(_codec._DECODERS) == 2
+    assert len(_codec._DECODERS) == len(_codec._GUESSES) == 2
+
+
+def test_rows_of_as_many_nulls_but_other_columns_read_as_written(store: SessionStore) -> None:
+    """Shapes with the same number of NULLs and key order, in turn, each read as flushed.
+
+    A row's decoder is guessed from its NULLs' number and its key order; a
+    row the guess does not fit (other columns hold its values) is found.
+    """
+    from hermes_orm import _codec
+
+    sid = f"same-nulls-{next(_ids)}"
+    store.create_session(sid, source="test")
+    call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+    shapes = [
+        {"role": "assistant", "content": "a", "tool_calls": [call], "finish_reason": "tool_calls"},
+        {"role": "assistant", "content": "b", "reasoning": "r", "finish_reason": "stop"},
+        {"role": "tool", "content": "c", "tool_call_id": "c1", "tool_name": "t"},
+        {"role": "tool", "content": "", "tool_name": "t", "observed": False},
+        {"role": "user", "content": [{"type": "text", "text": "d"}], "timestamp": 1.5},
+        {"role": "user", "content": "e", "active": True},
+    ]
+    batch = [shapes[i % len(shapes)] for i in range(24)]
+    store.flush(sid, batch)
+    _codec._DECODERS.clear()
+    _codec._GUESSES.clear()
+    back = store.get_messages(sid)
+    assert back == batch
+    assert [list(m) for m in back] == [list(m) for m in batch]
 
 
 def test_json_text_written_by_another_client_reads_as_its_value(
