@@ -482,6 +482,85 @@ def test_a_conversation_with_an_image_resumed_from_state_db_goes_on(
     assert status.read().get("error") is None
 
 
+def test_lone_surrogates_in_the_live_list_are_stored_replaced(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """Hermes' live list keeps what a tool or the model gave (a lone surrogate there too).
+
+    The mirror stores such a message with U+FFFD in its place, as Hermes' own
+    file replaces or escapes it, instead of refusing the whole session; and
+    Hermes replacing them in place later (its retry after an encoding error)
+    changes nothing stored.
+    """
+    from agent.message_sanitization import _sanitize_messages_surrogates
+
+    history = _turn(1)
+    history[1]["tool_calls"][0]["function"]["arguments"] = '{"path": "\ud83d.txt"}'
+    history[1]["reasoning"] = "think \udc00"
+    history[2].update(content="scraped \ud83d text", tool_name="read\ud800")
+    assert mirror.turn("s1", history)
+    history += _turn(2)
+    assert mirror.turn("s1", history)
+    replaced = _turn(1) + _turn(2)
+    replaced[1]["tool_calls"][0]["function"]["arguments"] = '{"path": "\ufffd.txt"}'
+    replaced[1]["reasoning"] = "think \ufffd"
+    replaced[2].update(content="scraped \ufffd text", tool_name="read\ufffd")
+    assert _stored(store, "s1") == replaced
+    assert status.read().get("error") is None
+
+    assert _sanitize_messages_surrogates(history)
+    history += _turn(3)
+    assert mirror.turn("s1", history)
+    assert _stored(store, "s1") == replaced + _turn(3)
+    assert store.get_session("s1#2") is None
+
+
+def test_a_dict_whose_keys_the_replacement_would_make_one_is_refused(
+    mirror: Mirror, store: SessionStore, status: StatusFile
+) -> None:
+    """Two keys told apart by lone surrogates only are not merged (a value lost): refused."""
+    history = _turn(1)
+    history[3]["meta"] = {chr(0xD83D): "first", chr(0xDE00): "second"}
+    assert mirror.turn("s1", history)
+    assert _stored(store, "s1") == []
+    assert "InvalidMessageError" in status.read()["error"]["message"]
+
+
+def test_an_imported_session_with_an_escaped_surrogate_goes_on_when_resumed(
+    db_url: str, store: SessionStore, status: StatusFile, tmp_path: Path
+) -> None:
+    """Hermes keeps a tool call's lone surrogate escaped in its file, and a resumed
+    conversation holds it again; the import stored U+FFFD: the same turn, no rewrite."""
+    from hermes_state import SessionDB
+
+    from hermes_orm.integrations.hermes import import_state_db
+
+    hermes = SessionDB(db_path=tmp_path / "state.db")
+    try:
+        hermes.create_session("s1", source="cli")
+        for message in _turn(1):
+            if message.get("tool_calls"):
+                message["tool_calls"][0]["function"]["arguments"] = '{"q": "\ud83d"}'
+            hermes.append_message(
+                "s1",
+                message["role"],
+                content=message["content"],
+                tool_calls=message.get("tool_calls"),
+                tool_call_id=message.get("tool_call_id"),
+            )
+        assert import_state_db(tmp_path / "state.db", store).ok
+        resumed = hermes.get_messages_as_conversation("s1")
+    finally:
+        hermes.close()
+    assert "\ud83d" in resumed[1]["tool_calls"][0]["function"]["arguments"]
+    _turn_of_a_new_process(db_url, status, "s1", [*resumed, *_turn(2)])
+    assert store.get_session("s1#2") is None
+    session = store.get_session("s1")
+    assert session is not None
+    assert (session["message_count"], session["end_reason"]) == (8, None)
+    assert status.read().get("error") is None
+
+
 @contextmanager
 def _inserts_failing() -> Iterator[None]:
     """Every engine's INSERT of messages fails meanwhile (an error the database raised)."""

@@ -35,7 +35,7 @@ _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def scrub(value: Any) -> Any:
     """``value`` with lone surrogates replaced, if it is text; anything else as it is."""
-    if isinstance(value, str) and _LONE_SURROGATE.search(value):
+    if isinstance(value, str) and not value.isascii() and _LONE_SURROGATE.search(value):
         return _LONE_SURROGATE.sub("\ufffd", value)
     return value
 

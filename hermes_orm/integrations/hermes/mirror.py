@@ -69,6 +69,7 @@ from hermes_orm.errors import (
     SchemaTooNewError,
     SessionNotFoundError,
 )
+from hermes_orm.integrations.hermes._text import scrub
 from hermes_orm.models import Message, Session
 from hermes_orm.store import SessionStore
 
@@ -119,12 +120,20 @@ _SESSION_FIELDS = ("user_id", "model", "system_prompt", "cwd", "profile_name")
 REVISION_MARK = "#"
 
 
-def _copy(value: Any) -> Any:
+class _KeysMerged(Exception):
+    """Two keys of a dict are one text once their lone surrogates are replaced."""
+
+
+def _copy(value: Any, scrubbed: bool = True) -> Any:
+    """A copy of ``value`` through its dicts and lists, lone surrogates replaced if ``scrubbed``."""
     if type(value) is dict:
-        return {k: _copy(v) for k, v in value.items()}
+        out = {scrub(k) if scrubbed else k: _copy(v, scrubbed) for k, v in value.items()}
+        if len(out) < len(value):
+            raise _KeysMerged
+        return out
     if type(value) is list:
-        return [_copy(v) for v in value]
-    return value
+        return [_copy(v, scrubbed) for v in value]
+    return scrub(value) if scrubbed else value
 
 
 def clean(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,12 +141,19 @@ def clean(message: Mapping[str, Any]) -> dict[str, Any]:
 
     Lists and dicts are copied too: Hermes edits its messages in place (tool
     call arguments, surrogates), and what the mirror holds must stay as it was.
+
+    Lone surrogates, which a database of UTF-8 text cannot hold, are replaced
+    (U+FFFD) wherever they are: Hermes keeps them in its live list (a tool's
+    output, a tool call's arguments) and replaces or escapes them where it
+    stores them, so a message holding one is stored, not refused with its
+    whole session. A dict two of whose keys would then be one is copied as it
+    is: the store refuses it (nothing is lost unsaid).
     """
-    return {
-        k: _copy(v) if type(v) in (dict, list) else v
-        for k, v in message.items()
-        if not (type(k) is str and k[:1] == "_")
-    }
+    kept = {k: v for k, v in message.items() if not (type(k) is str and k[:1] == "_")}
+    try:
+        return _copy(kept)  # type: ignore[no-any-return]
+    except _KeysMerged:
+        return _copy(kept, scrubbed=False)  # type: ignore[no-any-return]
 
 
 def is_scaffolding(message: Mapping[str, Any]) -> bool:
@@ -276,7 +292,8 @@ class _Snapshot:
     content and tool calls still equal those of its copy keeps the copy. (A
     role or tool call id changed in place on the same dict is not looked for.)
     ``counts[i]`` is how many copies ``history[:i]`` gave (scaffolding gives
-    none); ``contents`` and ``calls`` hold each message's values as copied.
+    none); ``contents`` and ``calls`` hold each message's values as copied (a
+    text content as the list holds it: its copy may have surrogates replaced).
     """
 
     history: list[Any]
@@ -318,7 +335,10 @@ class _Snapshot:
             if kept:
                 self.cleaned.append(source)
             self.counts.append(len(self.cleaned))
-            self.contents.append(source.get("content"))
+            content = source.get("content")
+            if type(content) is str:  # the live text (its copy may have surrogates replaced)
+                content = message.get("content")
+            self.contents.append(content)
             self.calls.append(source.get("tool_calls"))
         self.history = list(history)
         return self
