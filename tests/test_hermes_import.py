@@ -1969,3 +1969,22 @@ def test_a_session_an_agent_makes_as_the_import_writes_its_sessions_is_left_to_i
     assert store.get_messages("a") == [{"role": "user", "content": "the agent's own"}]
     assert [m["content"] for m in store.get_messages("b")] == ["hi b"]
     assert import_state_db(source, store).messages_written == 0
+
+
+def test_json_keys_the_replacement_would_make_one_make_the_session_invalid(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes keeps both keys escaped; U+FFFD for both would lose one value: not imported."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("k", source="cli")
+    merged = {chr(0xD83D): "first", chr(0xDE00): "second"}
+    hermes.append_message(
+        "k", "assistant", content="", tool_calls=[{"id": "c1", "function": {"name": "f"}, **merged}]
+    )
+    hermes.close()
+    report = import_state_db(source, store)
+    assert not report.ok
+    table = report.table()
+    assert "session 'k'" in table
+    assert "not valid Unicode" in table
+    assert store.get_session("k") is None

@@ -649,6 +649,19 @@ def test_lone_surrogates_in_json_values_become_replacement_characters(store: Ses
     assert row["reasoning_details"] == '[{"k\\ufffd": "v"}]'
 
 
+def test_json_keys_the_replacement_would_make_one_are_refused(store: SessionStore) -> None:
+    """Keys told apart by lone surrogates only would lose a value once replaced: refused."""
+    ours = SessionDB(store)
+    ours.create_session("s", "cli")
+    merged = {chr(0xD83D): "first", chr(0xDE00): "second"}
+    with pytest.raises(InvalidMessageError, match="not valid Unicode") as caught:
+        ours.append_message("s", "assistant", content="", reasoning_details=[merged])
+    assert caught.value.key == "reasoning_details"
+    with pytest.raises(InvalidMessageError, match="not valid Unicode"):
+        ours.append_message("s", "user", content=[{"type": "text", "text": "a", **merged}])
+    assert ours.get_messages("s") == []
+
+
 def test_list_sessions_rich(both: Any) -> None:
     both.create_session("a-root", "cli", model="m1", cwd="/work/a")
     both.append_message("a-root", "system", content="system first", timestamp=1.0)

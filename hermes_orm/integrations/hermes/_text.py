@@ -46,13 +46,21 @@ def has_lone_surrogate(text: str) -> bool:
 
 
 def scrub_json(value: Any) -> Any:
-    """:func:`scrub` through a JSON structure, keys included."""
+    """:func:`scrub` through a JSON structure, keys included.
+
+    An object two of whose keys would then be one keeps its keys as they are
+    (one value would be lost otherwise): the store refuses it, typed, where it
+    is written.
+    """
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, list):
         return [scrub_json(v) for v in value]
     if isinstance(value, dict):
-        return {scrub(k) if isinstance(k, str) else k: scrub_json(v) for k, v in value.items()}
+        out = {scrub(k) if isinstance(k, str) else k: scrub_json(v) for k, v in value.items()}
+        if len(out) < len(value):
+            return {k: scrub_json(v) for k, v in value.items()}
+        return out
     return value
 
 
