@@ -721,6 +721,10 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
     """
     extra, order, role, content, parts = values[:5]
     fields = values[5:]
+    if extra is not None and type(extra) is not dict:
+        raise TypeError(f"the extra keys are {type(extra).__name__}, not an object")
+    if order is not None and type(order) is not list:
+        raise TypeError(f"the key order is {type(order).__name__}, not a list")
     message: dict[str, Any] = {"role": role}
     if content is not None:
         message["content"] = content
@@ -746,8 +750,9 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
                 message[key] = value
         if "timestamp" in extra:  # the int, as given (its column holds the float)
             message["timestamp"] = extra["timestamp"]
-    if order is not None:
-        message = {key: message[key] for key in order}
+    if order is not None:  # (keys it does not name, set by other SQL, after those it names)
+        ordered = {key: message[key] for key in order}
+        message = ordered | message if len(ordered) < len(message) else ordered
     return message
 
 

@@ -510,9 +510,9 @@ def _readable(what: str) -> Iterator[None]:
 
 
 #: What reading a row other SQL damaged raises: JSON that is none (ValueError), or
-#: of another shape than the column's (a list for the extra keys, an object for
-#: their order), a value of another type.
-_DAMAGED = (ValueError, TypeError, KeyError, AttributeError)
+#: nested too deep to be read, or of another shape than the column's (a list for
+#: the extra keys, an object for their order), a value of another type.
+_DAMAGED = (ValueError, RecursionError, TypeError, KeyError, AttributeError)
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:

@@ -214,6 +214,8 @@ def _unreadable(values: Sequence[Any]) -> str | None:
                 json.loads(value)
             except ValueError:
                 return f"{column} is not valid JSON"
+            except RecursionError:
+                return f"{column} is JSON nested too deep to be read"
     extra, order = values[0], values[1]
     if isinstance(extra, str) and not isinstance(json.loads(extra), dict):
         return "extra is not a JSON object"

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text as sql_text
 
-from hermes_orm import InvalidMessageError, SessionNotFoundError, SessionStore
+from hermes_orm import DatabaseError, InvalidMessageError, SessionNotFoundError, SessionStore
 from hermes_orm._codec import BOOL_KEYS, JSON_KEYS, ROLES, TEXT_KEYS, message_digest
 from tests.conftest import count_rows, sync_engine, table_name
 
@@ -444,6 +444,54 @@ def test_a_json_null_written_by_another_client_reads_as_no_key(
         {"role": "assistant", "content": "hi"},
         {"role": "assistant", "content": "hi", "tool_calls": [call]},
     ]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("tool_calls", "[" * 5000 + "]" * 5000),  # JSON nested deeper than Python reads
+        ("key_order", "[" * 5000 + "]" * 5000),
+        ("key_order", "{}"),
+        ("key_order", '{"content": 0, "role": 1}'),
+        ("key_order", '""'),
+        ("key_order", '["role", "zzz"]'),
+        ("extra", '["ab"]'),
+        ("extra", "0"),
+    ],
+)
+def test_a_row_other_sql_damaged_is_a_database_error(
+    store: SessionStore, engine: Any, column: str, value: str
+) -> None:
+    """A value no message is made of, read back, raises DatabaseError naming its place."""
+    sid = f"damaged-{next(_ids)}"
+    store.create_session(sid, source="test")
+    call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+    store.flush(sid, [{"role": "assistant", "content": "hi", "tool_calls": [call]}])
+    table = table_name(engine, "hermes_messages")
+    with engine.begin() as conn:
+        conn.execute(
+            sql_text(f"UPDATE {table} SET {column} = :v WHERE session_id = :s"),
+            {"v": value, "s": sid},
+        )
+    with pytest.raises(DatabaseError, match="the message at position 0 holds a value that cannot"):
+        store.get_messages(sid)
+
+
+def test_keys_a_key_order_set_by_other_sql_leaves_out_are_read_after_it(
+    store: SessionStore, engine: Any
+) -> None:
+    """A value is never dropped for want of its place in ``key_order``: it comes after."""
+    sid = f"order-short-{next(_ids)}"
+    store.create_session(sid, source="test")
+    store.flush(sid, [{"content": "hi", "role": "user", "timestamp": 1.5}])
+    table = table_name(engine, "hermes_messages")
+    with engine.begin() as conn:
+        conn.execute(
+            sql_text(f"UPDATE {table} SET key_order = :v WHERE session_id = :s"),
+            {"v": '["timestamp"]', "s": sid},
+        )
+    (back,) = store.get_messages(sid)
+    assert list(back.items()) == [("timestamp", 1.5), ("role", "user"), ("content", "hi")]
 
 
 @pytest.mark.postgresql

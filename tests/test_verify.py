@@ -177,6 +177,24 @@ _DAMAGE = [
         False,
     ),
     (
+        "calls-deep",
+        "UPDATE hermes_messages SET tool_calls = '"
+        + "[" * 5000
+        + "]" * 5000
+        + "' WHERE {s} AND idx = 1",
+        "message",
+        False,
+    ),
+    (
+        "order-deep",
+        "UPDATE hermes_messages SET key_order = '"
+        + "[" * 5000
+        + "]" * 5000
+        + "' WHERE {s} AND idx = 0",
+        "message",
+        False,
+    ),
+    (
         "order-bad",
         """UPDATE hermes_messages SET key_order = '["role", "zzz"]' WHERE {s} AND idx = 0""",
         "message",
@@ -233,6 +251,8 @@ def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
     assert "extra is not valid JSON" in problems["extra-bad", "message"]
     assert "tool_calls is not valid JSON" in problems["calls-bad", "message"]
     assert "key_order names 'zzz'" in problems["order-bad", "message"]
+    assert "tool_calls is JSON nested too deep" in problems["calls-deep", "message"]
+    assert "key_order is JSON nested too deep" in problems["order-deep", "message"]
     assert "stored as str" in problems["digest-text", "digest"]
     # Which message is last is unknown while a position is no number: not judged.
     assert ("idx-text-1", "flushed_digest") not in problems
