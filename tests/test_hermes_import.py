@@ -1988,3 +1988,27 @@ def test_json_keys_the_replacement_would_make_one_make_the_session_invalid(
     assert "session 'k'" in table
     assert "not valid Unicode" in table
     assert store.get_session("k") is None
+
+
+def test_messages_of_a_session_refused_for_its_row_are_counted_in_the_source(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """The table counts every message of the source: those not copied show as a difference."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("ok", source="cli")
+    hermes.append_message("ok", "user", content="hi")
+    hermes.close()
+    conn = sqlite3.connect(source)
+    conn.execute(
+        "INSERT INTO sessions (id, source, started_at, title) "
+        "VALUES ('t', 'cli', 1.0, CAST(x'c3' AS TEXT))"  # a title that is no UTF-8
+    )
+    conn.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) VALUES ('t', 'user', 'x', 2)"
+    )
+    conn.commit()
+    conn.close()
+    report = import_state_db(source, store)
+    assert "t" in report.invalid_sessions
+    assert (report.counts["messages"].source, report.counts["messages"].destination) == (2, 1)
+    assert not report.ok

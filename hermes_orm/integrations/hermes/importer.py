@@ -1971,10 +1971,10 @@ def _verify(
             if _has_table(src, "session_model_usage")
             else None
         )
-    invalid = len(report.invalid_sessions.keys() - set(ids))  # rows left out of ``ids``
-    report.counts["sessions"] = TableCount(len(ids) + invalid, len(counts))
+    invalid = report.invalid_sessions.keys() - set(ids)  # rows left out of ``ids``
+    report.counts["sessions"] = TableCount(len(ids) + len(invalid), len(counts))
     report.counts["messages"] = TableCount(
-        sum(now.get(sid, 0) for sid in ids), sum(n for n, _ in counts.values())
+        sum(now.get(sid, 0) for sid in [*ids, *invalid]), sum(n for n, _ in counts.values())
     )
     for sid in ids:
         have, digest = counts.get(sid, (-1, None))
