@@ -126,13 +126,24 @@ class _KeysMerged(Exception):
 
 def _copy(value: Any, scrubbed: bool = True) -> Any:
     """A copy of ``value`` through its dicts and lists, lone surrogates replaced if ``scrubbed``."""
+    # (Numbers, None and ASCII text, most of a message, are taken as they are, with no call.)
     if type(value) is dict:
-        out = {scrub(k) if scrubbed else k: _copy(v, scrubbed) for k, v in value.items()}
+        out = {
+            k if not scrubbed or type(k) is not str or k.isascii() else scrub(k): v
+            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
+            else _copy(v, scrubbed)
+            for k, v in value.items()
+        }
         if len(out) < len(value):
             raise _KeysMerged
         return out
     if type(value) is list:
-        return [_copy(v, scrubbed) for v in value]
+        return [
+            v
+            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
+            else _copy(v, scrubbed)
+            for v in value
+        ]
     return scrub(value) if scrubbed else value
 
 
