@@ -11,6 +11,7 @@ row, which serialises writers of one session and nobody else.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import itertools
 import os
@@ -1140,6 +1141,9 @@ def configure_engine(
     """
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
     if engine.dialect.name == "postgresql":
+        if not event.contains(engine, "connect", _watch_new_connection):
+            # First of the listeners: before SQLAlchemy's first statements on it.
+            event.listen(engine, "connect", _watch_new_connection, insert=True)
         if pgbouncer:
             millis = _millis(lock_timeout)
             known = _per_transaction.setdefault(engine, millis)
@@ -2175,12 +2179,32 @@ def read_only_hint(exc: DBAPIError) -> str:
     )
 
 
+#: What watches the connection the pool makes in this context (its socket's
+#: descriptor given), set by ``_retry.connecting`` around a checkout.
+NEW_CONNECTION_WATCH: contextvars.ContextVar[Callable[[int], None] | None] = (
+    contextvars.ContextVar("hermes_orm_new_connection_watch", default=None)
+)
+
+
+def _watch_new_connection(dbapi_connection: Any, _record: Any) -> None:
+    """``connect`` listener: the new connection is watched, where a checkout asks for it."""
+    watch = NEW_CONNECTION_WATCH.get()
+    if watch is not None:
+        fd = _driver_socket(getattr(dbapi_connection, "driver_connection", dbapi_connection))
+        if fd is not None:
+            watch(fd)
+
+
 def socket_of(conn: Connection) -> int | None:
-    """The file descriptor of ``conn``'s socket to the server (None where unknown).
+    """The file descriptor of ``conn``'s socket to the server (None where unknown)."""
+    return _driver_socket(conn.connection.driver_connection)
+
+
+def _driver_socket(driver: Any) -> int | None:
+    """The file descriptor of a driver connection's socket (None where unknown).
 
     psycopg (sync and async) and psycopg2 give it; asyncpg's is its transport's.
     """
-    driver: Any = conn.connection.driver_connection
     fileno = getattr(driver, "fileno", None)
     if callable(fileno):
         try:

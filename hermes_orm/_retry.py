@@ -376,6 +376,41 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
         watchdog.disarm(watch)
 
 
+@contextmanager
+def connecting(seconds: float | None) -> Iterator[None]:
+    """Run a checkout whose new connection's first statements end within ``seconds``.
+
+    (PostgreSQL; None: no deadline.) The block is an ``engine.connect()``.
+    SQLAlchemy runs statements on an engine's first connection inside the
+    checkout (the dialect asks the server its version and settings). Behind
+    PgBouncer a login is answered at once whatever the server's state, so
+    those wait in PgBouncer's queue, which no ``connect_timeout`` bounds, for
+    as long as PgBouncer lets them (``query_wait_timeout``: 120 s, or no end).
+    The pool's ``connect`` listener (:func:`_dialects.configure_engine`) arms a
+    watch on the new socket, as a try's statements are watched.
+    """
+    if seconds is None:
+        yield
+        return
+    armed: list[Watch] = []
+
+    def watch(fd: int) -> None:
+        if not armed and (new := watchdog.arm(fd, seconds)) is not None:
+            armed.append(new)
+
+    token = _dialects.NEW_CONNECTION_WATCH.set(watch)
+    try:
+        yield
+    except BaseException as exc:
+        for each in armed:
+            each.blame(exc)
+        raise
+    finally:
+        _dialects.NEW_CONNECTION_WATCH.reset(token)
+        for each in armed:
+            watchdog.disarm(each)
+
+
 #: The watch of the try running in this context (None: none).
 _watching: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
     "hermes_orm_watch", default=None

@@ -32,7 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool
 
-from hermes_orm import _dialects, _sa, migrations
+from hermes_orm import _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
 from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.errors import (
@@ -479,16 +479,17 @@ class AsyncSessionStore(_AsyncSessions):
         await self._on_this_loop(engine)
         _dialects.refuse_shared_transaction(engine.sync_engine.pool)
         try:
-            try:
-                conn = await engine.connect()
-            except RuntimeError as exc:
-                if not _of_another_loop(exc):
-                    raise
-                if not self._owns(engine):
-                    why = "its pool waits on the event loop it first waited on"
-                    raise _other_loop(why) from exc
-                await self._new_pool(engine)
-                conn = await engine.connect()
+            with _retry.connecting(self._retry.attempt_timeout):
+                try:
+                    conn = await engine.connect()
+                except RuntimeError as exc:
+                    if not _of_another_loop(exc):
+                        raise
+                    if not self._owns(engine):
+                        why = "its pool waits on the event loop it first waited on"
+                        raise _other_loop(why) from exc
+                    await self._new_pool(engine)
+                    conn = await engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:

@@ -2149,7 +2149,8 @@ class SessionStore(_Sessions):
         engine = engine or self._engine
         _dialects.refuse_shared_transaction(engine.pool)
         try:
-            conn = engine.connect()
+            with _retry.connecting(self._retry.attempt_timeout):
+                conn = engine.connect()
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         if conn.dialect.name == "postgresql":

@@ -477,3 +477,44 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
     assert direct.get_messages("s") == turn
     assert direct.get_session("s2") is not None
     direct.close()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg", "psycopg_async"])
+def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadline(
+    driver: str,
+) -> None:
+    """PgBouncer answers a login whatever its server's state; SQLAlchemy's first
+    statements on a new engine then wait in its queue (120 s by default).
+
+    A new store's first call, with the server down, gives up as the retry
+    policy says (each try bounded by ``attempt_timeout``, all by
+    ``unavailable_for``), on every driver.
+    """
+    from devtools.postgres import local_postgres
+
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        url = make_url(through_pgbouncer(pooler_url, server.url)).set(
+            drivername=f"postgresql+{driver}"
+        )
+        SessionStore(url.set(drivername="postgresql+psycopg")).upgrade()
+        server.stop()
+        policy = RetryPolicy(unavailable_for=3, attempt_timeout=2)
+
+        def first_call() -> None:
+            if driver == "psycopg":
+                SessionStore(url, retry=policy).get_session("s")
+                return
+
+            async def call() -> None:
+                store = AsyncSessionStore(url, retry=policy)
+                try:
+                    await store.get_session("s")
+                finally:
+                    await store.close()
+
+            asyncio.run(call())
+
+        started = time.monotonic()
+        with pytest.raises(hermes_orm.DatabaseUnavailableError):
+            first_call()
+        assert time.monotonic() - started < 3 + 2 + 5  # the span, its last try, slack
