@@ -599,9 +599,12 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
 _Decoder = Callable[[Sequence[Any]], dict[str, Any] | None]
 #: The decoders, by (the columns holding values, key_order): see :func:`_shape`.
 _DECODERS: dict[tuple[int, str | None], _Decoder | None] = {}
-#: The decoder last fitting rows of a key_order and a number of NULLs, which
-#: rows of one shape share (see :func:`decode_rows`).
-_GUESSES: dict[tuple[str | None, int], _Decoder | None] = {}
+#: The decoders of rows of a key_order and a number of NULLs, the newest first:
+#: rows of one shape share them (see :func:`decode_rows`).
+_GUESSES: dict[tuple[str | None, int], tuple[_Decoder, ...]] = {}
+#: How many decoders :data:`_GUESSES` keeps per key: an agent's rows of alike
+#: columns (an assistant's tool call and a tool's result) take turns.
+_GUESSED = 4
 _DECODERS_MAX = 4_096
 
 
@@ -618,11 +621,12 @@ def decode_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     transcript holds a handful of such shapes; reading 10,000 messages then
     costs little beyond the driver's fetch of them.
 
-    A row's shape is guessed from its ``key_order`` and its number of NULLs
-    (one C call), not computed column by column: the guessed decoder checks
-    that the columns it reads hold values, which with as many NULLs means
-    the others are NULL, so a row it does not fit is found, and its shape is
-    then computed.
+    A row's decoder is found from its ``key_order`` and its number of NULLs
+    (one C call), not from its columns one by one: each decoder of rows so
+    far of that key is tried, the newest first. A decoder checks that
+    the columns it reads hold values, before it parses any, which with as
+    many NULLs means the others are NULL: a row it does not fit is found at
+    once. A row none fits has its shape computed and gets its own.
     """
     out: list[dict[str, Any]] = []
     append = out.append
@@ -630,14 +634,19 @@ def decode_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row[0] is None:  # no extra keys (those go the general way)
             key = (row[1], row.count(None))
-            decode = guesses.get(key)
-            message = decode(row) if decode is not None else None
-            if message is None:
-                decode = _decoder_of(row)
-                if len(guesses) >= _DECODERS_MAX:
-                    guesses.clear()
-                guesses[key] = decode
-                message = decode(row) if decode is not None else None
+            message = None
+            tried = guesses.get(key, ())
+            for decode in tried:
+                message = decode(row)
+                if message is not None:
+                    break
+            else:
+                exact = _decoder_of(row)
+                if exact is not None and exact not in tried:
+                    if len(guesses) >= _DECODERS_MAX:
+                        guesses.clear()
+                    guesses[key] = (exact, *tried[: _GUESSED - 1])
+                    message = exact(row)
             if message is not None:
                 append(message)
                 continue

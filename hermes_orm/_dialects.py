@@ -1828,8 +1828,9 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
     when nothing watches ``conn`` (the driver's tuples; SQLAlchemy's rows cost
     as much as a tenth of the fetch of a long transcript), else through
     ``exec_driver_sql``. Either way each row is a sequence (a tuple, or a
-    SQLAlchemy row): it unpacks, indexes and counts as a tuple (asyncpg's
-    records, which do not count, are made tuples).
+    SQLAlchemy row): it unpacks, indexes and counts as a tuple (rows of
+    another kind, which may not count, are made tuples: asyncpg's records,
+    ``sqlite3.Row`` where an application set that row factory).
     """
     numbered = conn.dialect.driver == "asyncpg"
     text = _numbered(statement) if numbered else statement
@@ -1841,7 +1842,7 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
         try:
             cursor.execute(text, params)
             rows = cursor.fetchall()
-            return list(map(tuple, rows)) if numbered else list(rows)
+            return list(rows) if not rows or type(rows[0]) is tuple else list(map(tuple, rows))
         finally:
             cursor.close()
 
@@ -2181,8 +2182,8 @@ def read_only_hint(exc: DBAPIError) -> str:
 
 #: What watches the connection the pool makes in this context (its socket's
 #: descriptor given), set by ``_retry.connecting`` around a checkout.
-NEW_CONNECTION_WATCH: contextvars.ContextVar[Callable[[int], None] | None] = (
-    contextvars.ContextVar("hermes_orm_new_connection_watch", default=None)
+NEW_CONNECTION_WATCH: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "hermes_orm_new_connection_watch", default=None
 )
 
 

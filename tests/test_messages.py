@@ -392,6 +392,33 @@ def test_rows_of_as_many_nulls_but_other_columns_read_as_written(store: SessionS
     back = store.get_messages(sid)
     assert back == batch
     assert [list(m) for m in back] == [list(m) for m in batch]
+    # Shapes of one key taking turns keep their decoders side by side.
+    assert sorted(map(len, _codec._GUESSES.values())) == [1, 2, 3]
+
+
+def test_an_applications_row_factory_is_read_through(tmp_path: Any) -> None:
+    """An engine whose sqlite3 connections return ``sqlite3.Row`` reads messages as any other."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, event
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'rows.db'}")
+
+    @event.listens_for(engine, "connect")
+    def rows_by_name(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.row_factory = sqlite3.Row
+
+    store = SessionStore(engine)
+    store.upgrade()
+    sid = f"row-factory-{next(_ids)}"
+    store.create_session(sid, source="test")
+    batch = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function"}]},
+    ]
+    store.flush(sid, batch)
+    assert store.get_messages(sid) == batch
+    engine.dispose()
 
 
 def test_json_text_written_by_another_client_reads_as_its_value(
