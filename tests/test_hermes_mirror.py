@@ -515,6 +515,21 @@ def test_lone_surrogates_in_the_live_list_are_stored_replaced(
     assert store.get_session("s1#2") is None
 
 
+def test_a_message_with_lone_surrogates_is_copied_once(mirror: Mirror, store: SessionStore) -> None:
+    """The next turn keeps the copies of messages it has seen, surrogates replaced or not."""
+    history = _turn(1)
+    history[1]["tool_calls"][0]["function"]["arguments"] = '{"path": "\ud83d.txt"}'
+    history[2]["content"] = [{"type": "text", "text": "scraped \ud83d"}]
+    history[3]["content"] = "answer \udc00"
+    assert mirror.turn("s1", history)
+    first = list(mirror._snapshots["s1"][0].cleaned)
+    assert mirror.turn("s1", history + _turn(2))
+    again = mirror._snapshots["s1"][0].cleaned
+    assert all(a is b for a, b in zip(first, again[: len(first)], strict=True))
+    assert len(_stored(store, "s1")) == 8
+    assert store.get_session("s1#2") is None
+
+
 def test_a_dict_whose_keys_the_replacement_would_make_one_is_refused(
     mirror: Mirror, store: SessionStore, status: StatusFile
 ) -> None:

@@ -303,8 +303,8 @@ class _Snapshot:
     content and tool calls still equal those of its copy keeps the copy. (A
     role or tool call id changed in place on the same dict is not looked for.)
     ``counts[i]`` is how many copies ``history[:i]`` gave (scaffolding gives
-    none); ``contents`` and ``calls`` hold each message's values as copied (a
-    text content as the list holds it: its copy may have surrogates replaced).
+    none); ``contents`` and ``calls`` hold each message's values as copied
+    (as the list holds them where the copy has surrogates replaced).
     """
 
     history: list[Any]
@@ -346,13 +346,27 @@ class _Snapshot:
             if kept:
                 self.cleaned.append(source)
             self.counts.append(len(self.cleaned))
-            content = source.get("content")
-            if type(content) is str:  # the live text (its copy may have surrogates replaced)
-                content = message.get("content")
-            self.contents.append(content)
-            self.calls.append(source.get("tool_calls"))
+            self.contents.append(_compared(message, source, "content"))
+            self.calls.append(_compared(message, source, "tool_calls"))
         self.history = list(history)
         return self
+
+
+def _compared(message: Any, copy: Mapping[str, Any], key: str) -> Any:
+    """What the next turn compares the live ``message[key]`` with: its value in ``copy``.
+
+    Where replacing lone surrogates made the copy's value another, a copy of
+    the live one (else every turn would take the message for changed).
+    """
+    value = copy.get(key)
+    if copy is message:
+        return value
+    live = message.get(key)
+    if type(live) is str:
+        return live
+    if type(live) is list and live != value:
+        return _copy(live, scrubbed=False)
+    return value
 
 
 @dataclass(frozen=True)
