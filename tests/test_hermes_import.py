@@ -2006,9 +2006,11 @@ def test_messages_of_a_session_refused_for_its_row_are_counted_in_the_source(
     conn.execute(
         "INSERT INTO messages (session_id, role, content, timestamp) VALUES ('t', 'user', 'x', 2)"
     )
+    conn.execute("INSERT INTO session_model_usage (session_id, model) VALUES ('t', 'm')")
     conn.commit()
     conn.close()
     report = import_state_db(source, store)
     assert "t" in report.invalid_sessions
     assert (report.counts["messages"].source, report.counts["messages"].destination) == (2, 1)
+    assert report.counts["session_model_usage"].source == 1
     assert not report.ok

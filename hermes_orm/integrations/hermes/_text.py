@@ -57,10 +57,9 @@ def scrub_json(value: Any) -> Any:
     if isinstance(value, list):
         return [scrub_json(v) for v in value]
     if isinstance(value, dict):
-        out = {scrub(k) if isinstance(k, str) else k: scrub_json(v) for k, v in value.items()}
-        if len(out) < len(value):
-            return {k: scrub_json(v) for k, v in value.items()}
-        return out
+        values = [scrub_json(v) for v in value.values()]
+        out = {scrub(k) if isinstance(k, str) else k: v for k, v in zip(value, values, strict=True)}
+        return out if len(out) == len(value) else dict(zip(value, values, strict=True))
     return value
 
 

@@ -1991,7 +1991,7 @@ def _verify(
             report.mismatched_sessions.append(sid)
     if source_usage is not None:
         report.counts["session_model_usage"] = TableCount(
-            sum(source_usage.get(sid, 0) for sid in ids), sum(usage.values())
+            sum(source_usage.get(sid, 0) for sid in [*ids, *invalid]), sum(usage.values())
         )
     if report.orphaned_messages:
         _log.warning(
