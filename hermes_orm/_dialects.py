@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -963,13 +963,16 @@ def _pg_connect_args(
     return url.difference_update_query(["options"])
 
 
+#: Seconds a connection's login is given (and, behind a pooler, which answers
+#: the login itself, its first statements: ``_retry.connecting``).
+CONNECT_SECONDS = 10
 #: libpq's connection deadlines for engines a store builds, unless the URL sets
 #: them: a server that does not answer within ``connect_timeout`` seconds is
 #: given up (the next host of a multi-host URL is tried); keepalives find a
 #: dead peer of an idle connection within about a minute, and unacknowledged
 #: data a lost one within ``tcp_user_timeout`` milliseconds.
 LIBPQ_DEADLINES = {
-    "connect_timeout": 10,
+    "connect_timeout": CONNECT_SECONDS,
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
@@ -977,7 +980,7 @@ LIBPQ_DEADLINES = {
     "tcp_user_timeout": 30_000,
 }
 #: asyncpg's connection deadline (seconds), its ``timeout`` argument.
-ASYNCPG_CONNECT_TIMEOUT = 10.0
+ASYNCPG_CONNECT_TIMEOUT = float(CONNECT_SECONDS)
 
 
 def _deadlines(url: URL, connect_args: dict[str, Any]) -> None:
@@ -1144,6 +1147,7 @@ def configure_engine(
         if not event.contains(engine, "connect", _watch_new_connection):
             # First of the listeners: before SQLAlchemy's first statements on it.
             event.listen(engine, "connect", _watch_new_connection, insert=True)
+            event.listen(engine, "checkout", _new_connection_settled, insert=True)
         if pgbouncer:
             millis = _millis(lock_timeout)
             known = _per_transaction.setdefault(engine, millis)
@@ -2180,9 +2184,18 @@ def read_only_hint(exc: DBAPIError) -> str:
     )
 
 
-#: What watches the connection the pool makes in this context (its socket's
-#: descriptor given), set by ``_retry.connecting`` around a checkout.
-NEW_CONNECTION_WATCH: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+class NewConnectionWatch(Protocol):
+    """What watches the connections the pool makes in a context (``_retry.connecting``)."""
+
+    def arm(self, fd: int) -> None:
+        """A new connection, whose socket's descriptor is ``fd``, begins its first statements."""
+
+    def settled(self) -> None:
+        """The checkout under way ended: its new connection's first statements are over."""
+
+
+#: The watch of new connections in this context (None: none).
+NEW_CONNECTION_WATCH: contextvars.ContextVar[NewConnectionWatch | None] = contextvars.ContextVar(
     "hermes_orm_new_connection_watch", default=None
 )
 
@@ -2193,7 +2206,14 @@ def _watch_new_connection(dbapi_connection: Any, _record: Any) -> None:
     if watch is not None:
         fd = _driver_socket(getattr(dbapi_connection, "driver_connection", dbapi_connection))
         if fd is not None:
-            watch(fd)
+            watch.arm(fd)
+
+
+def _new_connection_settled(*_args: Any) -> None:
+    """``checkout`` listener: the watch of a new connection's first statements ends."""
+    watch = NEW_CONNECTION_WATCH.get()
+    if watch is not None:
+        watch.settled()
 
 
 def socket_of(conn: Connection) -> int | None:

@@ -376,39 +376,56 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
         watchdog.disarm(watch)
 
 
+class _Connecting:
+    """The watches of the connections a context's checkouts make (see :func:`connecting`)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed: list[Watch] = []
+        self.fired = False
+
+    def arm(self, fd: int) -> None:
+        watch = watchdog.arm(fd, self.seconds)
+        if watch is not None:
+            self.armed.append(watch)
+
+    def settled(self) -> None:
+        for watch in self.armed:
+            watchdog.disarm(watch)
+            self.fired = self.fired or watch.fired
+        self.armed = []
+
+
 @contextmanager
 def connecting(seconds: float | None) -> Iterator[None]:
-    """Run a checkout whose new connection's first statements end within ``seconds``.
+    """Run the block's checkouts with their new connections' first statements bounded.
 
-    (PostgreSQL; None: no deadline.) The block is an ``engine.connect()``.
-    SQLAlchemy runs statements on an engine's first connection inside the
-    checkout (the dialect asks the server its version and settings). Behind
-    PgBouncer a login is answered at once whatever the server's state, so
-    those wait in PgBouncer's queue, which no ``connect_timeout`` bounds, for
-    as long as PgBouncer lets them (``query_wait_timeout``: 120 s, or no end).
-    The pool's ``connect`` listener (:func:`_dialects.configure_engine`) arms a
-    watch on the new socket, as a try's statements are watched.
+    (PostgreSQL; ``seconds`` each, None: no bound.) SQLAlchemy runs statements
+    on an engine's first connection inside the checkout (the dialect asks the
+    server its version and settings). Behind PgBouncer a login is answered at
+    once whatever the server's state, so those wait in PgBouncer's queue,
+    which no ``connect_timeout`` bounds, for as long as PgBouncer lets them
+    (``query_wait_timeout``: 120 s, or no end). The pool's ``connect``
+    listener (:func:`_dialects.configure_engine`) arms a watch on the new
+    socket, as a try's statements are watched, and its ``checkout`` listener
+    disarms it: what the block runs on the connection afterwards is not
+    bounded by it.
     """
     if seconds is None:
         yield
         return
-    armed: list[Watch] = []
-
-    def watch(fd: int) -> None:
-        if not armed and (new := watchdog.arm(fd, seconds)) is not None:
-            armed.append(new)
-
+    watch = _Connecting(seconds)
     token = _dialects.NEW_CONNECTION_WATCH.set(watch)
     try:
         yield
     except BaseException as exc:
-        for each in armed:
-            each.blame(exc)
+        watch.settled()
+        if watch.fired and isinstance(exc, DBAPIError):
+            setattr(exc, _ABANDONED, seconds)
         raise
     finally:
         _dialects.NEW_CONNECTION_WATCH.reset(token)
-        for each in armed:
-            watchdog.disarm(each)
+        watch.settled()
 
 
 #: The watch of the try running in this context (None: none).

@@ -19,10 +19,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from hermes_orm import migrations
+from hermes_orm import _retry, migrations
 from hermes_orm._dialects import (
+    CONNECT_SECONDS,
     create_store_engine,
     default_url,
     hermes_home,
@@ -33,7 +35,6 @@ from hermes_orm._dialects import (
     safe_url,
     sqlite_in_memory,
 )
-from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import HermesOrmError, InvalidURLError, SchemaOutOfDateError
 from hermes_orm.store import SessionStore
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 #: A command says at once that the database is out of reach (after 3 s), where a
 #: long-running application waits out a failover (RetryPolicy's default).
-_RETRY = RetryPolicy(unavailable_for=3.0)
+_RETRY = _retry.RetryPolicy(unavailable_for=3.0)
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -53,24 +54,30 @@ def _db(args: argparse.Namespace) -> int:
         )
     engine = create_store_engine(args.url)
     try:
-        if args.db_command == "upgrade":
-            migrations.upgrade(engine, args.revision, partitions=args.partitions)
-            split = "" if args.partitions is None else f", messages in {args.partitions} partitions"
-            print(f"{safe_url(args.url)}: at {migrations.current(engine)}{split}")
-        elif args.db_command == "downgrade":
-            migrations.downgrade(engine, args.revision)
-            print(f"{safe_url(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
-        elif args.db_command == "current":
-            revision = migrations.current(engine)
-            head = migrations.head()
-            state = "up to date" if revision == head else f"head is {head}"
-            print(f"{safe_url(args.url)}: {revision or 'no hermes_orm schema'} ({state})")
-        else:  # check
-            migrations.check(engine)
-            print(f"{safe_url(args.url)}: schema is at head ({migrations.head()})")
+        with _retry.connecting(CONNECT_SECONDS):
+            _db_command(engine, args)
     finally:
         engine.dispose()
     return 0
+
+
+def _db_command(engine: Engine, args: argparse.Namespace) -> None:
+    """Run ``hermes-orm db``'s subcommand on ``engine``."""
+    if args.db_command == "upgrade":
+        migrations.upgrade(engine, args.revision, partitions=args.partitions)
+        split = "" if args.partitions is None else f", messages in {args.partitions} partitions"
+        print(f"{safe_url(args.url)}: at {migrations.current(engine)}{split}")
+    elif args.db_command == "downgrade":
+        migrations.downgrade(engine, args.revision)
+        print(f"{safe_url(args.url)}: at {migrations.current(engine) or 'base (no schema)'}")
+    elif args.db_command == "current":
+        revision = migrations.current(engine)
+        head = migrations.head()
+        state = "up to date" if revision == head else f"head is {head}"
+        print(f"{safe_url(args.url)}: {revision or 'no hermes_orm schema'} ({state})")
+    else:  # check
+        migrations.check(engine)
+        print(f"{safe_url(args.url)}: schema is at head ({migrations.head()})")
 
 
 def _sessions(args: argparse.Namespace) -> int:

@@ -2075,7 +2075,8 @@ class SessionStore(_Sessions):
         def once() -> None:
             self._unpark()  # the pool's connection (of one, it may be the only one)
             try:
-                migrations.upgrade(self._engine, revision, schema=self._schema)
+                with _retry.connecting(self._retry.attempt_timeout):
+                    migrations.upgrade(self._engine, revision, schema=self._schema)
             except PoolTimeoutError as exc:
                 raise _dialects.pool_exhausted(exc) from exc
 

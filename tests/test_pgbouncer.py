@@ -479,16 +479,19 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
     direct.close()
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "asyncpg", "psycopg_async"])
+@pytest.mark.parametrize(
+    ("driver", "call"),
+    [("psycopg", "read"), ("psycopg", "upgrade"), ("asyncpg", "read"), ("psycopg_async", "read")],
+)
 def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadline(
-    driver: str,
+    driver: str, call: str
 ) -> None:
     """PgBouncer answers a login whatever its server's state; SQLAlchemy's first
     statements on a new engine then wait in its queue (120 s by default).
 
-    A new store's first call, with the server down, gives up as the retry
-    policy says (each try bounded by ``attempt_timeout``, all by
-    ``unavailable_for``), on every driver.
+    A new store's first call (a read, an upgrade), with the server down,
+    gives up as the retry policy says (each try bounded by
+    ``attempt_timeout``, all by ``unavailable_for``), on every driver.
     """
     from devtools.postgres import local_postgres
 
@@ -502,19 +505,44 @@ def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadl
 
         def first_call() -> None:
             if driver == "psycopg":
-                SessionStore(url, retry=policy).get_session("s")
+                store = SessionStore(url, retry=policy)
+                if call == "upgrade":
+                    store.upgrade()
+                else:
+                    store.get_session("s")
                 return
 
-            async def call() -> None:
+            async def read() -> None:
                 store = AsyncSessionStore(url, retry=policy)
                 try:
                     await store.get_session("s")
                 finally:
                     await store.close()
 
-            asyncio.run(call())
+            asyncio.run(read())
 
         started = time.monotonic()
         with pytest.raises(hermes_orm.DatabaseUnavailableError):
             first_call()
         assert time.monotonic() - started < 3 + 2 + 5  # the span, its last try, slack
+
+
+@pytest.mark.parametrize("command", [("status",), ("db", "current")])
+def test_a_first_command_the_pooler_answers_for_a_server_down_ends_within_a_connect(
+    command: tuple[str, ...], tmp_path: Any
+) -> None:
+    """``hermes-orm status`` and ``db`` say a database behind PgBouncer is out of reach
+    within a connect's time, not PgBouncer's 120 s queue wait."""
+    from devtools.postgres import local_postgres
+    from tests.conftest import run_cli
+    from tests.test_cli import clean_env
+
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        url = through_pgbouncer(pooler_url, server.url)
+        SessionStore(url).upgrade()
+        server.stop()
+        started = time.monotonic()
+        done = run_cli(*command, "--url", url, env=clean_env(tmp_path))
+        took = time.monotonic() - started
+    assert done.returncode != 0
+    assert took < 10 + 15  # a connect's time, and a process's start

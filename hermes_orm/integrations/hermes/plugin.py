@@ -48,8 +48,9 @@ from typing import Any, ClassVar
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
-from hermes_orm import cli, migrations
+from hermes_orm import _retry, cli, migrations
 from hermes_orm._dialects import (
+    CONNECT_SECONDS,
     create_store_engine,
     default_url,
     hermes_home,
@@ -564,17 +565,18 @@ def _uncreatable(path: Path) -> str | None:
 def _print_schema(engine: Engine, upgrade: str | None) -> int:
     """Print the schema state and what is stored; 1 when something is wrong."""
     try:
-        revision = migrations.current(engine)
-        try:
-            migrations.check(engine)  # (with no revision: refuses tables named as ours)
-        except SchemaOutOfDateError:
-            if revision is not None:
-                raise
-            print("schema:    none yet (the mirror creates it on the first turn)")
-            return 0
-        with engine.connect() as conn:
-            sessions = conn.execute(select(func.count()).select_from(Session)).scalar_one()
-            messages = conn.execute(select(func.count()).select_from(Message)).scalar_one()
+        with _retry.connecting(CONNECT_SECONDS):
+            revision = migrations.current(engine)
+            try:
+                migrations.check(engine)  # (with no revision: refuses tables named as ours)
+            except SchemaOutOfDateError:
+                if revision is not None:
+                    raise
+                print("schema:    none yet (the mirror creates it on the first turn)")
+                return 0
+            with engine.connect() as conn:
+                sessions = conn.execute(select(func.count()).select_from(Session)).scalar_one()
+                messages = conn.execute(select(func.count()).select_from(Message)).scalar_one()
     except (SchemaOutOfDateError, SchemaTooNewError, DatabaseError) as exc:
         if isinstance(exc, SchemaOutOfDateError) and not exc.branch and upgrade is not None:
             exc = SchemaOutOfDateError(exc.current, exc.expected, fix=upgrade)
