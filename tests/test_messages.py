@@ -347,6 +347,21 @@ def test_digests_do_not_change_between_releases(message: dict[str, Any], digest:
     assert message_digest(message).hex() == digest
 
 
+def _read_with_no_decoder_yet(
+    store: SessionStore, session_id: str, batch: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Flush ``batch``, forget every decoder, and read it back: equal, keys in their order."""
+    from hermes_orm import _codec
+
+    store.flush(session_id, batch)
+    _codec._DECODERS.clear()
+    _codec._GUESSES.clear()
+    back = store.get_messages(session_id)
+    assert back == batch
+    assert [list(m) for m in back] == [list(m) for m in batch]
+    return back
+
+
 def test_messages_alike_are_read_by_one_decoder(store: SessionStore) -> None:
     """Rows with the same columns and key order share a decoder; others get their own."""
     from hermes_orm import _codec
@@ -356,12 +371,7 @@ def test_messages_alike_are_read_by_one_decoder(store: SessionStore) -> None:
     asked = [{"role": "user", "content": f"q{i}", "timestamp": 1.5 + i} for i in range(40)]
     answered = [{"content": f"a{i}", "role": "assistant", "observed": True} for i in range(40)]
     batch = [m for pair in zip(asked, answered, strict=True) for m in pair]
-    store.flush(sid, batch)
-    _codec._DECODERS.clear()
-    _codec._GUESSES.clear()
-    back = store.get_messages(sid)
-    assert back == batch
-    assert [list(m) for m in back] == [list(m) for m in batch]
+    back = _read_with_no_decoder_yet(store, sid, batch)
     assert back[1]["observed"] is True
     assert len(_codec._DECODERS) == len(_codec._GUESSES) == 2
 
@@ -385,13 +395,7 @@ def test_rows_of_as_many_nulls_but_other_columns_read_as_written(store: SessionS
         {"role": "user", "content": [{"type": "text", "text": "d"}], "timestamp": 1.5},
         {"role": "user", "content": "e", "active": True},
     ]
-    batch = [shapes[i % len(shapes)] for i in range(24)]
-    store.flush(sid, batch)
-    _codec._DECODERS.clear()
-    _codec._GUESSES.clear()
-    back = store.get_messages(sid)
-    assert back == batch
-    assert [list(m) for m in back] == [list(m) for m in batch]
+    _read_with_no_decoder_yet(store, sid, [shapes[i % len(shapes)] for i in range(24)])
     # Shapes of one key taking turns keep their decoders side by side.
     assert sorted(map(len, _codec._GUESSES.values())) == [1, 2, 3]
 
