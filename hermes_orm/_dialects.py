@@ -1144,10 +1144,7 @@ def configure_engine(
     """
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
     if engine.dialect.name == "postgresql":
-        if not event.contains(engine, "connect", _watch_new_connection):
-            # First of the listeners: before SQLAlchemy's first statements on it.
-            event.listen(engine, "connect", _watch_new_connection, insert=True)
-            event.listen(engine, "checkout", _new_connection_settled, insert=True)
+        watch_new_connections(engine)
         if pgbouncer:
             millis = _millis(lock_timeout)
             known = _per_transaction.setdefault(engine, millis)
@@ -2198,6 +2195,17 @@ class NewConnectionWatch(Protocol):
 NEW_CONNECTION_WATCH: contextvars.ContextVar[NewConnectionWatch | None] = contextvars.ContextVar(
     "hermes_orm_new_connection_watch", default=None
 )
+
+
+def watch_new_connections(engine: Engine) -> None:
+    """Have ``engine``'s pool watch a new connection's first statements in a store's checkout.
+
+    (See ``_retry.connecting``.) Its listeners come first, before SQLAlchemy's
+    first statements on a new connection, and an application's own.
+    """
+    if not event.contains(engine, "connect", _watch_new_connection):
+        event.listen(engine, "connect", _watch_new_connection, insert=True)
+        event.listen(engine, "checkout", _new_connection_settled, insert=True)
 
 
 def _watch_new_connection(dbapi_connection: Any, _record: Any) -> None:

@@ -81,7 +81,10 @@ class RetryPolicy:
             deadline). It bounds a try's lock wait and work together, so keep
             it above ``lock_timeout``. A bulk flush's deadline starts again
             after each batch of messages it wrote; rebuilding the search
-            index has none.
+            index has none. A new connection's first statements, which
+            SQLAlchemy runs in the checkout, are given as long again before
+            the try begins (behind PgBouncer, which answers a login itself,
+            they are what waits for a server down, or for a pooler full).
     """
 
     attempts: int = 8
@@ -385,6 +388,7 @@ class _Connecting:
         self.fired = False
 
     def arm(self, fd: int) -> None:
+        self.fired = False  # (of this connection: an earlier one's failure was raised)
         watch = watchdog.arm(fd, self.seconds)
         if watch is not None:
             self.armed.append(watch)
@@ -403,7 +407,8 @@ def connecting(seconds: float | None) -> Iterator[None]:
     (PostgreSQL; ``seconds`` each, None: no bound.) SQLAlchemy runs statements
     on an engine's first connection inside the checkout (the dialect asks the
     server its version and settings). Behind PgBouncer a login is answered at
-    once whatever the server's state, so those wait in PgBouncer's queue,
+    once (once it has met the server) whatever the server's state, so those
+    wait in PgBouncer's queue,
     which no ``connect_timeout`` bounds, for as long as PgBouncer lets them
     (``query_wait_timeout``: 120 s, or no end). The pool's ``connect``
     listener (:func:`_dialects.configure_engine`) arms a watch on the new
@@ -424,8 +429,10 @@ def connecting(seconds: float | None) -> Iterator[None]:
             setattr(exc, _ABANDONED, seconds)
         raise
     finally:
-        _dialects.NEW_CONNECTION_WATCH.reset(token)
-        watch.settled()
+        try:
+            watch.settled()  # (first: no watch outlives the block, whatever follows)
+        finally:
+            _dialects.NEW_CONNECTION_WATCH.reset(token)
 
 
 #: The watch of the try running in this context (None: none).

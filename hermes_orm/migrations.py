@@ -41,7 +41,7 @@ from sqlalchemy import URL, Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from hermes_orm import _dialects, _partitions, _sa
+from hermes_orm import _dialects, _partitions, _retry, _sa
 from hermes_orm._dialects import refuse_shared_transaction, store_schema
 from hermes_orm.errors import (
     DatabaseError,
@@ -160,7 +160,8 @@ def _takes_a_url(
                     creates(*args, **kwargs)
             engine = _dialects.create_store_engine(url, poolclass=NullPool)
             try:
-                return _refusals_typed(name, fn, engine, *args, **kwargs)
+                with _retry.connecting(_dialects.CONNECT_SECONDS):
+                    return _refusals_typed(name, fn, engine, *args, **kwargs)
             finally:
                 engine.dispose()
 

@@ -811,6 +811,8 @@ class StoreCore:
             return
         # (Refused before it ever connected: an engine that did not holds nothing.)
         check_replica_schema(replica, self._schema)
+        if replica.dialect.name == "postgresql":
+            _dialects.watch_new_connections(replica)
         self._replica_settings = _dialects.transaction_settings(replica, self._schema)
         #: Whether the replica's schema was found at this hermes_orm's head (or
         #: the store checks none: ``check_schema=False``).

@@ -484,7 +484,7 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
     [("psycopg", "read"), ("psycopg", "upgrade"), ("asyncpg", "read"), ("psycopg_async", "read")],
 )
 def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadline(
-    driver: str, call: str
+    driver: str, call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PgBouncer answers a login whatever its server's state; SQLAlchemy's first
     statements on a new engine then wait in its queue (120 s by default).
@@ -499,17 +499,21 @@ def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadl
         url = make_url(through_pgbouncer(pooler_url, server.url)).set(
             drivername=f"postgresql+{driver}"
         )
-        SessionStore(url.set(drivername="postgresql+psycopg")).upgrade()
+        with SessionStore(url.set(drivername="postgresql+psycopg")) as store:
+            store.upgrade()
         server.stop()
         policy = RetryPolicy(unavailable_for=3, attempt_timeout=2)
 
         def first_call() -> None:
             if driver == "psycopg":
                 store = SessionStore(url, retry=policy)
-                if call == "upgrade":
-                    store.upgrade()
-                else:
-                    store.get_session("s")
+                try:
+                    if call == "upgrade":
+                        store.upgrade()
+                    else:
+                        store.get_session("s")
+                finally:
+                    store.close()
                 return
 
             async def read() -> None:
@@ -522,9 +526,14 @@ def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadl
             asyncio.run(read())
 
         started = time.monotonic()
-        with pytest.raises(hermes_orm.DatabaseUnavailableError):
+        with (
+            caplog.at_level("INFO", logger="hermes_orm"),
+            pytest.raises(hermes_orm.DatabaseUnavailableError),
+        ):
             first_call()
         assert time.monotonic() - started < 3 + 2 + 5  # the span, its last try, slack
+        if (driver, call) == ("psycopg", "read"):  # the first try, abandoned at its deadline
+            assert "no answer within attempt_timeout, 2 s" in caplog.text
 
 
 @pytest.mark.parametrize("command", [("status",), ("db", "current")])
@@ -539,10 +548,60 @@ def test_a_first_command_the_pooler_answers_for_a_server_down_ends_within_a_conn
 
     with local_postgres() as server, pgbouncer(server.url) as pooler_url:
         url = through_pgbouncer(pooler_url, server.url)
-        SessionStore(url).upgrade()
+        with SessionStore(url) as store:
+            store.upgrade()
         server.stop()
         started = time.monotonic()
         done = run_cli(*command, "--url", url, env=clean_env(tmp_path))
         took = time.monotonic() - started
     assert done.returncode != 0
     assert took < 10 + 15  # a connect's time, and a process's start
+
+
+def test_a_migration_function_given_a_url_ends_within_a_connect_too() -> None:
+    """``hermes_orm.migrations.current(url)`` with the server behind PgBouncer down: the
+    driver's error (as for any connection lost) within a connect's time, not 120 s."""
+    from sqlalchemy.exc import OperationalError
+
+    from devtools.postgres import local_postgres
+
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        url = through_pgbouncer(pooler_url, server.url)
+        with SessionStore(url) as store:
+            store.upgrade()
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            hermes_orm.migrations.current(url)
+        assert time.monotonic() - started < 10 + 5
+
+
+def test_a_replica_engine_passed_in_behind_the_pooler_gives_way_within_the_deadline(
+    pg_db: str,
+) -> None:
+    """A replica engine the application made, behind PgBouncer, its server down: the
+    first read goes to the primary once the try's deadline passed, not after 120 s."""
+    from devtools.postgres import local_postgres
+
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        replica = create_engine(
+            make_url(server.url).set(
+                host=make_url(pooler_url).host, port=make_url(pooler_url).port
+            ),
+            connect_args={"prepare_threshold": None},
+        )
+        met = create_engine(replica.url, connect_args={"prepare_threshold": None})
+        with met.connect() as conn:  # PgBouncer has met the server: it answers logins itself
+            conn.execute(text("SELECT 1"))
+        met.dispose()
+        server.stop()
+        store = SessionStore(pg_db, replica=replica, retry=RetryPolicy(attempt_timeout=2))
+        try:
+            store.create_session("s", source="cli")
+            store.flush("s", _turns(1, "r"))
+            started = time.monotonic()
+            assert store.get_messages("s") == _turns(1, "r")
+            assert time.monotonic() - started < 2 + 5
+        finally:
+            store.close()
+            replica.dispose()

@@ -637,3 +637,16 @@ def test_a_write_lost_in_a_crash_is_not_taken_for_the_one_that_reused_its_id(
     finally:
         store.close()
         _drop_pg_database(crashing_server.url, url)
+
+
+def test_a_new_connections_deadline_ends_with_its_checkout(pg_server_url: str) -> None:
+    """What a block runs on a connection after its checkout is not cut by the checkout's
+    deadline (the command line's and an upgrade's blocks run long migrations so)."""
+    from hermes_orm import _retry
+
+    engine = create_store_engine(pg_server_url)
+    try:
+        with _retry.connecting(0.5), engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_sleep(1.5), 1")).one()[1] == 1
+    finally:
+        engine.dispose()
