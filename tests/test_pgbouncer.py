@@ -479,6 +479,20 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
     direct.close()
 
 
+@contextlib.contextmanager
+def _pooler_of_a_server_down() -> Iterator[str]:
+    """A store's URL through PgBouncer (``?pgbouncer=true``) to a database migrated to head,
+    whose server PgBouncer has met, and which is then stopped."""
+    from devtools.postgres import local_postgres
+
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        url = through_pgbouncer(pooler_url, server.url)
+        with SessionStore(url) as store:
+            store.upgrade()
+        server.stop()
+        yield url
+
+
 @pytest.mark.parametrize(
     ("driver", "call"),
     [("psycopg", "read"), ("psycopg", "upgrade"), ("asyncpg", "read"), ("psycopg_async", "read")],
@@ -486,22 +500,16 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
 def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadline(
     driver: str, call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """PgBouncer answers a login whatever its server's state; SQLAlchemy's first
-    statements on a new engine then wait in its queue (120 s by default).
+    """PgBouncer answers a login itself once it has met its server, whatever the server's
+    state since; SQLAlchemy's first statements on a new engine then wait in its queue
+    (120 s by default).
 
     A new store's first call (a read, an upgrade), with the server down,
     gives up as the retry policy says (each try bounded by
     ``attempt_timeout``, all by ``unavailable_for``), on every driver.
     """
-    from devtools.postgres import local_postgres
-
-    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
-        url = make_url(through_pgbouncer(pooler_url, server.url)).set(
-            drivername=f"postgresql+{driver}"
-        )
-        with SessionStore(url.set(drivername="postgresql+psycopg")) as store:
-            store.upgrade()
-        server.stop()
+    with _pooler_of_a_server_down() as pooled:
+        url = make_url(pooled).set(drivername=f"postgresql+{driver}")
         policy = RetryPolicy(unavailable_for=3, attempt_timeout=2)
 
         def first_call() -> None:
@@ -542,15 +550,10 @@ def test_a_first_command_the_pooler_answers_for_a_server_down_ends_within_a_conn
 ) -> None:
     """``hermes-orm status`` and ``db`` say a database behind PgBouncer is out of reach
     within a connect's time, not PgBouncer's 120 s queue wait."""
-    from devtools.postgres import local_postgres
     from tests.conftest import run_cli
     from tests.test_cli import clean_env
 
-    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
-        url = through_pgbouncer(pooler_url, server.url)
-        with SessionStore(url) as store:
-            store.upgrade()
-        server.stop()
+    with _pooler_of_a_server_down() as url:
         started = time.monotonic()
         done = run_cli(*command, "--url", url, env=clean_env(tmp_path))
         took = time.monotonic() - started
@@ -563,13 +566,7 @@ def test_a_migration_function_given_a_url_ends_within_a_connect_too() -> None:
     driver's error (as for any connection lost) within a connect's time, not 120 s."""
     from sqlalchemy.exc import OperationalError
 
-    from devtools.postgres import local_postgres
-
-    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
-        url = through_pgbouncer(pooler_url, server.url)
-        with SessionStore(url) as store:
-            store.upgrade()
-        server.stop()
+    with _pooler_of_a_server_down() as url:
         started = time.monotonic()
         with pytest.raises(OperationalError):
             hermes_orm.migrations.current(url)
