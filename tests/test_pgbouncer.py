@@ -493,9 +493,19 @@ def _pooler_of_a_server_down() -> Iterator[str]:
         yield url
 
 
+#: The other drivers and entries of a deadline test run in CI's heavy step (each
+#: starts a server and a pooler of its own).
+_ALSO_HEAVY = pytest.mark.heavy
+
+
 @pytest.mark.parametrize(
     ("driver", "call"),
-    [("psycopg", "read"), ("psycopg", "upgrade"), ("asyncpg", "read"), ("psycopg_async", "read")],
+    [
+        ("psycopg", "read"),
+        pytest.param("psycopg", "upgrade", marks=_ALSO_HEAVY),
+        pytest.param("asyncpg", "read", marks=_ALSO_HEAVY),
+        pytest.param("psycopg_async", "read", marks=_ALSO_HEAVY),
+    ],
 )
 def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadline(
     driver: str, call: str, caplog: pytest.LogCaptureFixture
@@ -544,7 +554,9 @@ def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadl
             assert "no answer within attempt_timeout, 2 s" in caplog.text
 
 
-@pytest.mark.parametrize("command", [("status",), ("db", "current")])
+@pytest.mark.parametrize(
+    "command", [("status",), pytest.param(("db", "current"), marks=_ALSO_HEAVY)]
+)
 def test_a_first_command_the_pooler_answers_for_a_server_down_ends_within_a_connect(
     command: tuple[str, ...], tmp_path: Any
 ) -> None:
@@ -573,6 +585,7 @@ def test_a_migration_function_given_a_url_ends_within_a_connect_too() -> None:
         assert time.monotonic() - started < 10 + 5
 
 
+@_ALSO_HEAVY
 def test_a_replica_engine_passed_in_behind_the_pooler_gives_way_within_the_deadline(
     pg_db: str,
 ) -> None:
