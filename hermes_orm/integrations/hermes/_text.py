@@ -46,20 +46,32 @@ def has_lone_surrogate(text: str) -> bool:
 
 
 def scrub_json(value: Any) -> Any:
-    """:func:`scrub` through a JSON structure, keys included.
+    """:func:`scrub` through a JSON structure, keys included: a copy of its dicts and lists.
 
     An object two of whose keys would then be one keeps its keys as they are
     (one value would be lost otherwise): the store refuses it, typed, where it
-    is written.
+    is written. (Numbers, None and ASCII text, most of a message, are taken as
+    they are with no call: the Hermes mirror copies every new message so.)
     """
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, list):
-        return [scrub_json(v) for v in value]
+        return [
+            v
+            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
+            else scrub_json(v)
+            for v in value
+        ]
     if isinstance(value, dict):
-        values = [scrub_json(v) for v in value.values()]
-        out = {scrub(k) if isinstance(k, str) else k: v for k, v in zip(value, values, strict=True)}
-        return out if len(out) == len(value) else dict(zip(value, values, strict=True))
+        out = {
+            k if type(k) is not str or k.isascii() else scrub(k): v
+            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
+            else scrub_json(v)
+            for k, v in value.items()
+        }
+        if len(out) < len(value):
+            return {k: scrub_json(v) for k, v in value.items()}
+        return out
     return value
 
 

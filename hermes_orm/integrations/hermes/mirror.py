@@ -69,7 +69,7 @@ from hermes_orm.errors import (
     SchemaTooNewError,
     SessionNotFoundError,
 )
-from hermes_orm.integrations.hermes._text import scrub
+from hermes_orm.integrations.hermes._text import scrub_json
 from hermes_orm.models import Message, Session
 from hermes_orm.store import SessionStore
 
@@ -120,31 +120,12 @@ _SESSION_FIELDS = ("user_id", "model", "system_prompt", "cwd", "profile_name")
 REVISION_MARK = "#"
 
 
-class _KeysMerged(Exception):
-    """Two keys of a dict are one text once their lone surrogates are replaced."""
-
-
-def _copy(value: Any, scrubbed: bool = True) -> Any:
-    """A copy of ``value`` through its dicts and lists, lone surrogates replaced if ``scrubbed``."""
-    # (Numbers, None and ASCII text, most of a message, are taken as they are, with no call.)
+def _copy(value: Any) -> Any:
     if type(value) is dict:
-        out = {
-            k if not scrubbed or type(k) is not str or k.isascii() else scrub(k): v
-            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
-            else _copy(v, scrubbed)
-            for k, v in value.items()
-        }
-        if len(out) < len(value):
-            raise _KeysMerged
-        return out
+        return {k: _copy(v) for k, v in value.items()}
     if type(value) is list:
-        return [
-            v
-            if (t := type(v)) is not dict and t is not list and (t is not str or v.isascii())
-            else _copy(v, scrubbed)
-            for v in value
-        ]
-    return scrub(value) if scrubbed else value
+        return [_copy(v) for v in value]
+    return value
 
 
 def clean(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,14 +138,11 @@ def clean(message: Mapping[str, Any]) -> dict[str, Any]:
     (U+FFFD) wherever they are: Hermes keeps them in its live list (a tool's
     output, a tool call's arguments) and replaces or escapes them where it
     stores them, so a message holding one is stored, not refused with its
-    whole session. A dict two of whose keys would then be one is copied as it
-    is: the store refuses it (nothing is lost unsaid).
+    whole session. A dict two of whose keys would then be one keeps its keys
+    as they are (:func:`scrub_json`): the store refuses it (nothing is lost unsaid).
     """
     kept = {k: v for k, v in message.items() if not (type(k) is str and k[:1] == "_")}
-    try:
-        return _copy(kept)  # type: ignore[no-any-return]
-    except _KeysMerged:
-        return _copy(kept, scrubbed=False)  # type: ignore[no-any-return]
+    return scrub_json(kept)  # type: ignore[no-any-return]
 
 
 def is_scaffolding(message: Mapping[str, Any]) -> bool:
@@ -365,7 +343,7 @@ def _compared(message: Any, copy: Mapping[str, Any], key: str) -> Any:
     if type(live) is str:
         return live
     if type(live) is list and live != value:
-        return _copy(live, scrubbed=False)
+        return _copy(live)
     return value
 
 
