@@ -2198,18 +2198,22 @@ NEW_CONNECTION_WATCH: contextvars.ContextVar[NewConnectionWatch | None] = contex
 
 
 def watch_new_connections(engine: Engine) -> None:
-    """Have ``engine``'s pool watch a new connection's first statements in a store's checkout.
+    """Have ``engine``'s pool watch what runs on a connection inside a store's checkout.
 
-    (See ``_retry.connecting``.) Its listeners come first, before SQLAlchemy's
-    first statements on a new connection, and an application's own.
+    (See ``_retry.connecting``.) A new connection's first statements: its
+    listeners come first, before SQLAlchemy's and an application's own. And
+    the ping of a pooled one, where the application's engine has
+    ``pool_pre_ping``: behind PgBouncer with the server down, or on a server
+    that stopped answering, it would wait as long.
     """
     if not event.contains(engine, "connect", _watch_new_connection):
         event.listen(engine, "connect", _watch_new_connection, insert=True)
         event.listen(engine, "checkout", _new_connection_settled, insert=True)
+    _sa.before_ping(engine.dialect, _watch_new_connection)
 
 
-def _watch_new_connection(dbapi_connection: Any, _record: Any) -> None:
-    """``connect`` listener: the new connection is watched, where a checkout asks for it."""
+def _watch_new_connection(dbapi_connection: Any, _record: Any = None) -> None:
+    """``connect`` listener, and the ping's hook: watched, where a checkout asks for it."""
     watch = NEW_CONNECTION_WATCH.get()
     if watch is not None:
         fd = _driver_socket(getattr(dbapi_connection, "driver_connection", dbapi_connection))

@@ -120,6 +120,31 @@ def raise_driver_error(
     raise AssertionError("SQLAlchemy did not raise")  # pragma: no cover
 
 
+#: Marks a dialect whose ``do_ping`` :func:`before_ping` wrapped (the hook it runs).
+_PING_HOOK = "_hermes_orm_before_ping"
+
+
+def before_ping(dialect: Any, hook: Callable[[Any], None]) -> None:
+    """Have ``hook(dbapi_connection)`` run before each ping of ``dialect``'s pools' connections.
+
+    A pool with ``pre_ping`` pings a connection in its checkout, before the
+    ``checkout`` event, with no event before it; the dialect's public
+    ``do_ping``, which that ping calls, is wrapped on the dialect instance
+    (the engine's own, and its copies' made by ``execution_options``). Once
+    per dialect.
+    """
+    if getattr(dialect, _PING_HOOK, None) is not None:
+        return
+    ping = dialect.do_ping
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        hook(dbapi_connection)
+        return bool(ping(dbapi_connection))
+
+    dialect.do_ping = do_ping
+    setattr(dialect, _PING_HOOK, hook)
+
+
 def of_replaced_pool(conn: Connection) -> bool:
     """Whether ``conn``, open and valid, is of a pool its engine's ``dispose()`` replaced.
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import hermes_orm
 from devtools.pgbouncer import pgbouncer
@@ -552,6 +553,59 @@ def test_a_first_connection_the_pooler_answers_for_a_server_down_keeps_the_deadl
         assert time.monotonic() - started < 3 + 2 + 5  # the span, its last try, slack
         if (driver, call) == ("psycopg", "read"):  # the first try, abandoned at its deadline
             assert "no answer within attempt_timeout, 2 s" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "driver", ["psycopg_async", pytest.param("psycopg", marks=_ALSO_HEAVY), "asyncpg"]
+)
+def test_a_pooled_connection_pinged_for_a_server_down_keeps_the_deadline(driver: str) -> None:
+    """An application's engine with ``pool_pre_ping`` pings a pooled connection in the
+    checkout. Behind PgBouncer with the server down since, that ping waits in its queue
+    (120 s by default): the store's try is bounded by ``attempt_timeout`` there too.
+
+    (The asynchronous store keeps no connection on PostgreSQL: each call checks one out;
+    the blocking one here has to, as another store left it in the pool.)
+    """
+    from devtools.postgres import local_postgres
+
+    policy = RetryPolicy(unavailable_for=3, attempt_timeout=2)
+    with local_postgres() as server, pgbouncer(server.url) as pooler_url:
+        url = make_url(through_pgbouncer(pooler_url, server.url))
+        with SessionStore(url) as store:
+            store.upgrade()
+            store.create_session("s", source="cli")
+        # The application's engine: its URL without the store's own option.
+        url = url.set(drivername=f"postgresql+{driver}", query={})
+
+        def read_before_and_after_the_stop() -> None:
+            if driver == "psycopg":
+                engine = create_engine(url, pool_pre_ping=True)
+                with SessionStore(engine, retry=policy, pgbouncer=True) as first:
+                    assert first.get_session("s") is not None  # the pool keeps its connection
+                server.stop()
+                try:
+                    SessionStore(engine, retry=policy, pgbouncer=True).get_session("s")
+                finally:
+                    engine.dispose()
+                return
+
+            async def reads() -> None:
+                engine = create_async_engine(url, pool_pre_ping=True)
+                store = AsyncSessionStore(engine, retry=policy, pgbouncer=True)
+                try:
+                    assert await store.get_session("s") is not None
+                    server.stop()
+                    await store.get_session("s")
+                finally:
+                    await store.close()
+                    await engine.dispose()
+
+            asyncio.run(reads())
+
+        started = time.monotonic()
+        with pytest.raises(hermes_orm.DatabaseUnavailableError):
+            read_before_and_after_the_stop()
+        assert time.monotonic() - started < 3 + 2 + 5  # the span, its last try, slack
 
 
 @pytest.mark.parametrize(
