@@ -55,6 +55,7 @@ from sqlalchemy import (
     Table,
     Update,
     event,
+    false,
     func,
     inspect,
     select,
@@ -243,8 +244,34 @@ def _flush_ends(session: OrmSession, *_args: Any) -> None:
     session.info.pop(_MOVED, None)
 
 
-def _rolled_back(session: OrmSession, _previous: SessionTransaction) -> None:
+#: In an ORM session's ``info``: the ids of the stored sessions whose cursor the rule
+#: moved inside a savepoint, by that savepoint (its ``SessionTransaction``). Rolling
+#: a savepoint back expires only the objects the application changed in it; the
+#: counters the rule set, as committed values, on a loaded session object would
+#: keep what the savepoint undid.
+_MOVED_IN_SAVEPOINT = "hermes_orm.moved_in_savepoint"
+
+
+def _rolled_back(session: OrmSession, previous: SessionTransaction) -> None:
+    """A rollback: the counters of sessions moved in the savepoints it undid are expired."""
     session.info.pop(_FLUSH, None)
+    moved = session.info.get(_MOVED_IN_SAVEPOINT)
+    if not moved:
+        return
+    for savepoint in [t for t in moved if _within(t, previous)]:
+        for session_id in moved.pop(savepoint):
+            loaded = _loaded_session(session, session_id)
+            if loaded is not None:
+                session.expire(loaded, _COUNTERS)  # read again at their next use
+
+
+def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    """Whether ``transaction`` is ``outer`` or was begun inside it."""
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 def _transaction_ended(session: OrmSession, transaction: SessionTransaction) -> None:
@@ -252,6 +279,8 @@ def _transaction_ended(session: OrmSession, transaction: SessionTransaction) -> 
     moved_in = session.info.get(_MOVED)
     if moved_in is not None and (transaction is moved_in or transaction.parent is None):
         del session.info[_MOVED]
+    if transaction.parent is None:
+        session.info.pop(_MOVED_IN_SAVEPOINT, None)  # (a whole rollback expires everything)
 
 
 def _refuse_abandoned_move(session: OrmSession, *_args: Any) -> None:
@@ -485,11 +514,18 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
 
     Needed when several sessions' cursors move in one go: a refusal after the
     first one moved would leave it moved. The rows are locked (``FOR UPDATE``
-    on PostgreSQL; SQLite has one writer), in id order.
+    on PostgreSQL), in id order; on SQLite, which has no row locks, the
+    database's write lock is taken first (a write that changes nothing), so no
+    other writer moves a cursor between the check and the moves.
     """
     if len(claims) < 2:
         return  # one guarded UPDATE refuses before it writes
     c = _sessions.c
+    if session.connection().dialect.name == "sqlite":
+        session.execute(
+            update(_sessions).where(false()).values(flushed_idx=c.flushed_idx),
+            execution_options={_PLACED: True},
+        )
     rows = session.execute(
         select(c.id, c.flushed_idx).where(c.id.in_(sorted(claims))).order_by(c.id).with_for_update()
     )
@@ -549,6 +585,11 @@ def _move_cursor(
         if claim is None:  # (not reached: only a row gone or damaged moves nothing here)
             raise SessionNotFoundError(session_id)
         raise claim.refused(cursor)
+    savepoint = session.get_nested_transaction()
+    if savepoint is not None:
+        session.info.setdefault(_MOVED_IN_SAVEPOINT, {}).setdefault(savepoint, set()).add(
+            session_id
+        )
     if parent is not None:
         # Keep the loaded object in step without flushing it again.
         for column, value in (

@@ -18,11 +18,13 @@ from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 
 from hermes_orm import (
+    DatabaseBusyError,
     DatabaseError,
     InvalidArgumentError,
     InvalidMessageError,
     InvalidSessionError,
     Message,
+    RetryPolicy,
     Session,
     SessionNotFoundError,
     SessionStore,
@@ -902,6 +904,44 @@ def test_a_message_flushed_again_after_a_rollback_is_placed_again(engine: Engine
             orm.commit()
 
 
+def test_no_writer_moves_a_cursor_between_the_check_of_several_and_their_moves(
+    engine: Engine,
+) -> None:
+    """A flush placing messages in several sessions checks them all before any cursor
+    moves (a refusal then leaves none moved): another writer waits from that check to
+    the commit, on SQLite (no row locks: the database's) as on PostgreSQL (the rows')."""
+    store = _two_sessions(engine)
+    store.flush("b", [{"role": "user", "content": "b0"}])
+    other = SessionStore(
+        engine.url.render_as_string(hide_password=False),
+        lock_timeout=0.2,
+        retry=RetryPolicy(attempts=1),
+    )
+    between: list[BaseException] = []
+
+    def another_writer_after_the_check(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE hermes_sessions") and "+" in statement and not between:
+            try:
+                other.append("b", {"role": "user", "content": "other"})
+            except DatabaseBusyError as exc:
+                between.append(exc)
+            else:
+                between.append(AssertionError("another writer moved b's cursor"))
+
+    event.listen(engine, "before_cursor_execute", another_writer_after_the_check)
+    try:
+        with OrmSession(engine) as orm:
+            orm.add(Message(session_id="a", role="user", content="a1"))
+            orm.add(Message(session_id="b", role="user", content="b1", idx=1))  # b's cursor
+            orm.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", another_writer_after_the_check)
+        other.close()
+    assert [type(exc) for exc in between] == [DatabaseBusyError]
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "a1"]
+    assert [m["content"] for m in store.get_messages("b")] == ["b0", "b1"]
+
+
 def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:
     store = _two_sessions(engine)
     retried = Message(session_id="a", role="user", content="retried")
@@ -944,6 +984,36 @@ def test_a_message_of_a_rolled_back_savepoint_is_placed_again(engine: Engine) ->
         orm.commit()
     assert [m["content"] for m in store.get_messages("a")] == ["a0", "after", "in savepoint"]
     assert store.get_session("a")["flushed_idx"] == 3  # type: ignore[index]
+
+
+@pytest.mark.parametrize("how", ["by id", "statement", "loaded later"])
+def test_a_loaded_session_s_counters_follow_a_savepoint_rolled_back(
+    engine: Engine, how: str
+) -> None:
+    """The rule keeps a loaded session object's counters in step (as committed values):
+    a savepoint rolled back undoes them in the object too, as in the row, including
+    inner savepoints released into it and objects loaded inside it."""
+    store = _two_sessions(_savepoint_recipe(engine))
+    counters = select(Session.flushed_idx, Session.message_count, Session.tool_call_count)
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "a") if how != "loaded later" else None
+        outer = orm.begin_nested()
+        with orm.begin_nested():  # released into the outer one
+            if how == "statement":
+                orm.execute(insert(Message), [{"session_id": "a", "role": "user"}])
+            else:
+                orm.add(Message(session_id="a", role="assistant", tool_calls=[_CALL]))
+                orm.flush()
+        if chat is None:
+            chat = orm.get_one(Session, "a")
+        assert chat.flushed_idx == 2
+        outer.rollback()
+        stored = orm.execute(counters.where(Session.id == "a")).one()
+        assert (chat.flushed_idx, chat.message_count, chat.tool_call_count) == tuple(stored)
+        assert stored.flushed_idx == 1
+        orm.add(Message(session_id="a", role="user", content="after"))
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "after"]
 
 
 # -- statements on hermes_sessions ------------------------------------------------------------
