@@ -45,9 +45,26 @@ def fold(text: str) -> str:
     return fold_lowered(text.lower())
 
 
-#: Query tokens longer than this cannot match on PostgreSQL, whose text search
-#: parser drops words of 2,047 bytes and more.
-MAX_TOKEN_CHARS = 500
+#: A query word whose UTF-8, lowered, is longer than this many bytes is looked
+#: for by its beginning (as a prefix): PostgreSQL's text search parser drops words
+#: of 2,047 bytes and more, and takes none in a query. (Below that, with room for
+#: the database's lowering, which may lengthen a word: ``İ`` is ``i̇``.)
+MAX_TOKEN_BYTES = 2000
+
+
+def word_cut(token: str) -> str | None:
+    """The beginning of ``token`` a query looks for it by; None when it is looked for whole."""
+    if len(token) * 4 <= MAX_TOKEN_BYTES:  # (no character takes more than 4 bytes)
+        return None
+    size = len(token.lower().encode())
+    if size <= MAX_TOKEN_BYTES:
+        return None
+    n = len(token)
+    while size > MAX_TOKEN_BYTES:
+        n -= max(1, (size - MAX_TOKEN_BYTES) // 4)
+        size = len(token[:n].lower().encode())
+    return token[:n]
+
 
 _SEPARATORS = """
 0000-002F 003A-0040 005B-0060 007B-00A9 00AB-00B1 00B4 00B6-00B8 00BB 00BF 00D7 00F7

@@ -47,7 +47,6 @@ from hermes_orm._dialects import driver_sql, fetch_driver_rows
 from hermes_orm._search_text import (
     FOLDED,
     FOLDED_TO,
-    MAX_TOKEN_CHARS,
     fold,
     fold_lowered,
     is_unsegmented,
@@ -55,6 +54,7 @@ from hermes_orm._search_text import (
     token_class,
     token_pattern,
     tokens,
+    word_cut,
 )
 from hermes_orm.errors import SearchQueryError
 
@@ -135,7 +135,7 @@ def _written_together(chunk: str) -> str | None:
     punctuation included. None for any other stretch (its tokens are leaves).
     """
     found = list(token_pattern().finditer(chunk))
-    if len(found) < 2 or any(len(m.group()) > MAX_TOKEN_CHARS for m in found):
+    if len(found) < 2 or any(word_cut(m.group()) is not None for m in found):
         return None
     if not any(is_unsegmented(m.group()) for m in found):
         return None
@@ -162,9 +162,10 @@ def _term(item: _Item) -> Term:
 def _add_tokens(found: list[str], leaves: list[Leaf], run: list[str]) -> list[str]:
     """Add the leaves of ``found`` (tokens in order) to ``leaves``; returns the open phrase."""
     for token in found:
-        if len(token) > MAX_TOKEN_CHARS:
+        cut = word_cut(token)
+        if cut is not None:
             # Longer words are not indexed on PostgreSQL: match by their start.
-            run.append(token[:MAX_TOKEN_CHARS])
+            run.append(cut)
             leaves.append(Leaf(tuple(run), prefix=True))
             run = []
         elif is_unsegmented(token):
@@ -541,10 +542,16 @@ def _any_of_all(
 ) -> str:
     """``terms`` as one expression: any of the terms, each with all of its leaves.
 
-    ``leaf_sql`` is called on the leaves in order (it may collect parameters).
+    ``leaf_sql`` is called on the leaves in order (it may collect parameters),
+    each leaf of a term once; a term's ``AND`` nests in halves (:func:`_all_of`:
+    a phrase of a thousand CJK characters is a thousand leaves).
     """
-    alternatives = ("(" + conjunction.join(leaf_sql(leaf) for leaf in term) + ")" for term in terms)
-    return "(" + disjunction.join(alternatives) + ")"
+
+    def all_of(term: Term) -> str:
+        leaves = [leaf_sql(leaf) for leaf in dict.fromkeys(term)]
+        return _all_of(leaves) if conjunction == " AND " else conjunction.join(leaves)
+
+    return "(" + disjunction.join("(" + all_of(term) + ")" for term in terms) + ")"
 
 
 def _fts_terms(terms: Sequence[Term]) -> str:

@@ -993,6 +993,58 @@ def test_a_word_holding_what_postgresql_takes_for_blanks_is_found_on_both(
     assert [h.marked() for h in store.search("H₂O").hits if h.idx == 0] == ["[H₂O] boils"]
 
 
+def test_a_long_query_word_is_looked_for_whole_below_the_index_s_limit(
+    store: SessionStore,
+) -> None:
+    """Words of 500 to 2,000 bytes are in both indexes: a query word that long finds the
+    messages holding it, not every word it begins; past 2,000 bytes it is looked for by
+    its beginning (PostgreSQL's index leaves words of 2,047 bytes and more out)."""
+    postgresql = store.engine.dialect.name == "postgresql"
+    store.create_session("s", source="test")
+    store.flush(
+        "s",
+        [
+            {"role": "user", "content": "x" * 500 + " end"},
+            {"role": "user", "content": "x" * 500 + "TAIL other"},
+            {"role": "user", "content": "x" * 600 + " more"},
+            {"role": "user", "content": "é" * 1100 + " z"},  # 2,200 bytes
+        ],
+    )
+
+    def found(query: str) -> list[int]:
+        return sorted(hit.idx for hit in store.search(query).hits)
+
+    assert found("x" * 600) == [2]
+    assert found("x" * 500) == [0]
+    assert found("x" * 500 + "Q") == []
+    assert found(f'"{"x" * 501} end"') == []
+    assert found("x" * 500 + "*") == [0, 1, 2]
+    assert found("é" * 1100) == ([] if postgresql else [3])  # by its first 2,000 bytes
+    assert found("é" * 1000) == []  # (2,000 bytes: a word of its own)
+
+
+@pytest.mark.parametrize("session_id", [None, "s"])
+def test_a_phrase_of_a_thousand_characters_written_without_spaces_is_searched(
+    store: SessionStore, session_id: str | None
+) -> None:
+    """Each CJK character of a phrase is a substring to find: a thousand of them (in a
+    query of 2,048 characters) are a thousand conditions, which SQLite nests no deeper
+    than 1,000 levels."""
+    characters = [chr(0x4E00 + i) for i in range(1000)]
+    store.create_session("s", source="test")
+    store.flush(
+        "s",
+        [
+            {"role": "user", "content": "".join(characters)},
+            {"role": "user", "content": "".join(characters[:-1])},
+        ],
+    )
+    phrase = '"' + " ".join(characters) + '"'
+    assert [hit.idx for hit in store.search(phrase, session_id=session_id).hits] == [0]
+    repeated = '"' + "一 " * 1000 + '"'
+    assert len(store.search(repeated, session_id=session_id).hits) == 2
+
+
 @pytest.mark.backends("postgresql")
 def test_the_characters_asked_of_the_server_may_outgrow_their_cache(
     store: SessionStore, monkeypatch: pytest.MonkeyPatch
