@@ -193,14 +193,20 @@ def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) ->
     """``more:`` and the arguments that list the next page: the query, ``options`` and ``cursor``.
 
     (A cursor is a place in one listing: with other filters it would list another.)
+    A query beginning with "-" (``-word`` excludes it) comes last, after ``--``:
+    before it would be read as an option.
     """
-    words = [shlex.quote(" ".join(args.query))] if hasattr(args, "query") else []
+    query = " ".join(args.query) if hasattr(args, "query") else None
+    words = [shlex.quote(query)] if query is not None and not query.startswith("-") else []
     for option in options:
         value = getattr(args, option)
         if value is not None:
             # As one word: a value beginning with "-" would be read as an option.
             words.append(shlex.quote(f"--{option.replace('_', '-')}={value}"))
-    return " ".join(["more:", *words, "--cursor", cursor])
+    words += ["--cursor", cursor]
+    if query is not None and query.startswith("-"):
+        words += ["--", shlex.quote(query)]
+    return " ".join(["more:", *words])
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -751,6 +751,24 @@ def test_the_next_page_is_listed_with_a_filter_beginning_with_a_dash(tmp_path: P
     assert [line.split()[0] for line in rest.stdout.splitlines()[1:]] == ["s0"]
 
 
+def test_the_next_page_of_a_query_beginning_with_a_dash_is_listed_as_it_says(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": f"docker {n}"} for n in range(3)])
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    first = run("search", "--limit", "2", "--", '-"swarm" docker', env=env)
+    assert first.returncode == 0, first.stderr
+    more = re.search(r"^more: (.*)$", first.stdout, re.MULTILINE)
+    assert more is not None, first.stdout
+    rest = run("search", *shlex.split(more[1]), env=env)
+    assert (rest.returncode, rest.stderr) == (0, "")
+    assert rest.stdout.splitlines() == ["s[0] user      [docker] 0"]
+
+
 def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path) -> None:
     directory = os.fsdecode(bytes(tmp_path) + b"/d\xff")
     os.mkdir(directory)
