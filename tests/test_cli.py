@@ -760,7 +760,9 @@ def test_the_next_page_of_a_query_beginning_with_a_dash_is_listed_as_it_says(
         store.create_session("s", source="cli")
         store.flush("s", [{"role": "user", "content": f"docker {n}"} for n in range(3)])
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
-    first = run("search", "--limit", "2", "--", '-"swarm" docker', env=env)
+    first = run(
+        "search", "--limit", "2", "--", '-"swarm"docker', env=env
+    )  # (no space: read as an option)
     assert first.returncode == 0, first.stderr
     more = re.search(r"^more: (.*)$", first.stdout, re.MULTILINE)
     assert more is not None, first.stdout
