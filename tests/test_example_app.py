@@ -168,6 +168,15 @@ def _use_the_app(client: Client) -> None:
         200,
         {"hits": []},
     )
+    # A well-formed account id that names no account: 404 to save, nothing found.
+    nobody = alice["id"] + bob["id"] + 1000
+    status, refused = client.call("POST", "/chats/c9", {"account_id": nobody, "messages": turn})
+    assert (status, refused) == (404, {"detail": f"no account {nobody}"})
+    assert client.call("GET", f"/search?q=lighthouse&account_id={nobody}") == (200, {"hits": []})
+    # Another account's chat id: 409, and nothing of it written.
+    status, refused = client.call("POST", "/chats/c1", {"account_id": bob["id"], "messages": turn})
+    assert status == 409, refused
+    assert client.call("GET", f"/chats/c1?account_id={alice['id']}") == (200, {"messages": longer})
     _bad_requests_are_refused(client, alice["id"])
 
 

@@ -186,7 +186,7 @@ def test_a_schema_not_migrated_yet_is_refused_not_read_through_the_path(empty_pg
     store.close()
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE SCHEMA agents")  # a tenant's, not migrated yet
-    with pytest.raises(SchemaOutOfDateError):
+    with pytest.raises(SchemaOutOfDateError, match=f"needs {migrations.head()}:"):
         migrations.partition_messages(engine, 4, schema="agents")
     assert _partitions(empty_pg) == []  # public's table left as it was
     store = SessionStore(empty_pg)
