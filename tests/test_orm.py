@@ -986,6 +986,25 @@ def test_a_message_of_a_rolled_back_savepoint_is_placed_again(engine: Engine) ->
     assert store.get_session("a")["flushed_idx"] == 3  # type: ignore[index]
 
 
+def test_a_detached_session_merged_after_its_messages_moved_on_is_refused(
+    engine: Engine,
+) -> None:
+    store = _two_sessions(engine)
+    with OrmSession(engine) as orm:
+        stale = orm.get_one(Session, "a")
+    store.flush("a", [{"role": "user", "content": "a0"}, {"role": "user", "content": "a1"}])
+    stale.title = "renamed"
+    with OrmSession(engine) as orm:
+        orm.merge(stale)
+        with pytest.raises(InvalidSessionError, match="flushed_idx cannot be changed"):
+            orm.commit()
+    with OrmSession(engine) as orm:
+        orm.get_one(Session, "a").title = "renamed"  # as the README says instead
+        orm.commit()
+    assert store.get_session("a")["title"] == "renamed"  # type: ignore[index]
+    assert store.get_session("a")["flushed_idx"] == 2  # type: ignore[index]
+
+
 @pytest.mark.parametrize("how", ["by id", "statement", "loaded later"])
 def test_a_loaded_session_s_counters_follow_a_savepoint_rolled_back(
     engine: Engine, how: str
