@@ -253,12 +253,19 @@ _MOVED_IN_SAVEPOINT = "hermes_orm.moved_in_savepoint"
 
 
 def _rolled_back(session: OrmSession, previous: SessionTransaction) -> None:
-    """A rollback: the counters of sessions moved in the savepoints it undid are expired."""
+    """A rollback: the counters of sessions moved in the savepoints it undid are expired.
+
+    A transaction rolls back to its nearest savepoint or the root (a flush that
+    fails in a savepoint rolls back its own subtransaction, and so the savepoint).
+    """
     session.info.pop(_FLUSH, None)
     moved = session.info.get(_MOVED_IN_SAVEPOINT)
     if not moved:
         return
-    for savepoint in [t for t in moved if _within(t, previous)]:
+    undone = previous
+    while not undone.nested and undone.parent is not None:
+        undone = undone.parent
+    for savepoint in [t for t in moved if _within(t, undone)]:
         for session_id in moved.pop(savepoint):
             loaded = _loaded_session(session, session_id)
             if loaded is not None:

@@ -1005,6 +1005,26 @@ def test_a_detached_session_merged_after_its_messages_moved_on_is_refused(
     assert store.get_session("a")["flushed_idx"] == 2  # type: ignore[index]
 
 
+def test_a_loaded_session_s_counters_follow_a_savepoint_a_failed_flush_rolled_back(
+    engine: Engine,
+) -> None:
+    """A flush that fails in a savepoint rolls the savepoint back (SQLAlchemy rolls back
+    the flush's own subtransaction, up to it): the counters the rule moved go back too."""
+    store = _two_sessions(_savepoint_recipe(engine))
+    with OrmSession(engine) as orm:
+        chat = orm.get_one(Session, "a")
+        savepoint = orm.begin_nested()
+        orm.add(Message(session_id="a", role="user", content="x"))
+        orm.add(Session(id="b", source="again"))  # b exists: the flush fails
+        with pytest.raises(IntegrityError):
+            orm.flush()
+        savepoint.close()  # (what leaving a `with orm.begin_nested()` block does)
+        assert chat.flushed_idx == 1
+        orm.add(Message(session_id="a", role="user", content="after"))
+        orm.commit()
+    assert [m["content"] for m in store.get_messages("a")] == ["a0", "after"]
+
+
 @pytest.mark.parametrize("how", ["by id", "statement", "loaded later"])
 def test_a_loaded_session_s_counters_follow_a_savepoint_rolled_back(
     engine: Engine, how: str
