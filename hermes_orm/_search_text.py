@@ -45,24 +45,38 @@ def fold(text: str) -> str:
     return fold_lowered(text.lower())
 
 
-#: A query word whose UTF-8, lowered, is longer than this many bytes is looked
-#: for by its beginning (as a prefix): PostgreSQL's text search parser drops words
-#: of 2,047 bytes and more, and takes none in a query. (Below that, with room for
-#: the database's lowering, which may lengthen a word: ``İ`` is ``i̇``.)
+def lower(text: str) -> str:
+    """``text`` lowered, a character for each: ``İ`` (U+0130) as ``i``.
+
+    ``str.lower`` makes ``İ`` two characters, the second a combining dot that
+    cuts the word in two; PostgreSQL lowers it to ``i``, and a case-blind
+    match takes it so.
+    """
+    return text.replace("\u0130", "I").lower()
+
+
+#: A query word longer than this many bytes of UTF-8, as written or lowered
+#: (:func:`lower`), is looked for by its beginning (as a prefix): PostgreSQL's
+#: text search parser drops words of 2,047 bytes and more, and takes none in a
+#: query. (Below that: room for the lowering of the words a message holds.)
 MAX_TOKEN_BYTES = 2000
+
+
+def _token_bytes(token: str) -> int:
+    return max(len(token.encode()), len(lower(token).encode()))
 
 
 def word_cut(token: str) -> str | None:
     """The beginning of ``token`` a query looks for it by; None when it is looked for whole."""
-    if len(token) * 4 <= MAX_TOKEN_BYTES:  # (no character takes more than 4 bytes)
+    if len(token) * 4 <= MAX_TOKEN_BYTES:  # (no character, lowered or not, takes more)
         return None
-    size = len(token.lower().encode())
+    size = _token_bytes(token)
     if size <= MAX_TOKEN_BYTES:
         return None
     n = len(token)
     while size > MAX_TOKEN_BYTES:
         n -= max(1, (size - MAX_TOKEN_BYTES) // 4)
-        size = len(token[:n].lower().encode())
+        size = _token_bytes(token[:n])
     return token[:n]
 
 

@@ -50,6 +50,7 @@ from hermes_orm._search_text import (
     fold,
     fold_lowered,
     is_unsegmented,
+    lower,
     separator_class,
     token_class,
     token_pattern,
@@ -308,7 +309,7 @@ def _leaf_pattern(leaf: Leaf) -> re.Pattern[str]:
     checks that, as a look-behind on the large token class slows the scan 30x.
     """
     if leaf.substring:
-        return re.compile(re.escape(_lower(leaf.tokens[0])))
+        return re.compile(re.escape(lower(leaf.tokens[0])))
     token = token_class()
     words = (separator_class() + "+").join(re.escape(_fold(t)) for t in leaf.tokens)
     end = token + "*" if leaf.prefix else f"(?!{token})"
@@ -384,19 +385,12 @@ def _phrase_plan(leaf: Leaf) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
     return tuple(head), last, tuple(fallback)
 
 
-def _lower(text: str) -> str:
-    """``text`` lowered, a character for each: ``İ`` (U+0130) as ``i``.
-
-    ``str.lower`` makes ``İ`` two characters, the second a combining dot that
-    cuts the word in two; a highlight keeps it one letter, as PostgreSQL
-    lowers it and as a case-blind match takes it.
-    """
-    return text.replace("\u0130", "I").lower()
-
-
 def _fold(token: str) -> str:
-    """A query word as :func:`match_spans` looks for it: :func:`_lower`, then folded."""
-    return fold_lowered(_lower(token))
+    """A query word as :func:`match_spans` looks for it: :func:`lower`, then folded.
+
+    (A highlight keeps ``İ`` one letter, as PostgreSQL lowers it.)
+    """
+    return fold_lowered(lower(token))
 
 
 def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
@@ -408,7 +402,7 @@ def match_spans(query: Query, body: str) -> list[tuple[int, int]]:
     """
     # Words compare folded (as the indexes hold them), substrings only lowered (as
     # LIKE compares them): a character for each either way, so offsets hold.
-    lowered = _lower(body)
+    lowered = lower(body)
     folded = fold_lowered(lowered)
     spans: set[tuple[int, int]] = set()
     # Each distinct leaf once: a query may repeat one hundreds of times.

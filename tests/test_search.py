@@ -1008,6 +1008,8 @@ def test_a_long_query_word_is_looked_for_whole_below_the_index_s_limit(
             {"role": "user", "content": "x" * 500 + "TAIL other"},
             {"role": "user", "content": "x" * 600 + " more"},
             {"role": "user", "content": "é" * 1100 + " z"},  # 2,200 bytes
+            {"role": "user", "content": "i" * 700},
+            {"role": "user", "content": "i" * 701},
         ],
     )
 
@@ -1021,6 +1023,9 @@ def test_a_long_query_word_is_looked_for_whole_below_the_index_s_limit(
     assert found("x" * 500 + "*") == [0, 1, 2]
     assert found("é" * 1100) == ([] if postgresql else [3])  # by its first 2,000 bytes
     assert found("é" * 1000) == []  # (2,000 bytes: a word of its own)
+    # 1,400 bytes, lowered as PostgreSQL lowers it (to i, not str.lower's i and a dot):
+    # looked for whole; SQLite's index does not lower İ at all.
+    assert found("İ" * 700) == ([4] if postgresql else [])
 
 
 @pytest.mark.parametrize("session_id", [None, "s"])
