@@ -937,6 +937,7 @@ def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
     """:func:`_partitions.partition` in ``conn``'s transaction, which a failure rolls back whole.
 
     Raises:
+        SchemaOutOfDateError: There is no ``hermes_messages`` (in ``schema``).
         DatabaseError: The database refused the rebuild (its error, redacted).
         sqlalchemy.exc.DBAPIError: The connection was lost.
     """
