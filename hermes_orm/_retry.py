@@ -388,7 +388,10 @@ class _Connecting:
         self.fired = False
 
     def arm(self, fd: int) -> None:
-        self.fired = False  # (of this connection: an earlier one's failure was raised)
+        # An earlier connection of the checkout (a pooled one whose ping was cut
+        # off) is done with: its watch ends, and its firing was its own.
+        self.settled()
+        self.fired = False
         watch = watchdog.arm(fd, self.seconds)
         if watch is not None:
             self.armed.append(watch)

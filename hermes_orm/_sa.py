@@ -133,16 +133,20 @@ def before_ping(dialect: Any, hook: Callable[[Any], None]) -> None:
     (the engine's own, and its copies' made by ``execution_options``). Once
     per dialect.
     """
-    if getattr(dialect, _PING_HOOK, None) is not None:
-        return
-    ping = dialect.do_ping
+    with _wrapping:
+        if getattr(dialect, _PING_HOOK, None) is not None:
+            return
+        ping = dialect.do_ping
 
-    def do_ping(dbapi_connection: Any) -> bool:
-        hook(dbapi_connection)
-        return bool(ping(dbapi_connection))
+        def do_ping(dbapi_connection: Any) -> bool:
+            hook(dbapi_connection)
+            return bool(ping(dbapi_connection))
 
-    dialect.do_ping = do_ping
-    setattr(dialect, _PING_HOOK, hook)
+        dialect.do_ping = do_ping
+        setattr(dialect, _PING_HOOK, hook)
+
+
+_wrapping = threading.Lock()
 
 
 def of_replaced_pool(conn: Connection) -> bool:
