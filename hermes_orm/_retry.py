@@ -176,7 +176,7 @@ class Retries:
                 "transient database error, unreachable (%s)%s; try %d in %.3f s "
                 "(unreachable for %.1f s of at most %g s)",
                 why,
-                _abandoned(exc),
+                abandoned_note(exc),
                 self.tries + 1,
                 delay,
                 self._unreachable_for(),
@@ -203,7 +203,7 @@ class Retries:
         ``holders`` as for :func:`hermes_orm._dialects.describe_busy`.
         """
         if _dialects.is_unreachable(exc):
-            detail = _dialects.redact(str(exc.orig)).strip() + _abandoned(exc)
+            detail = _dialects.redact(str(exc.orig)).strip() + abandoned_note(exc)
             return DatabaseUnavailableError(
                 detail + _dialects.read_only_hint(exc),
                 attempts=self.tries,
@@ -240,7 +240,8 @@ def run_with_retry(
 _ABANDONED = "hermes_orm_abandoned_after"
 
 
-def _abandoned(exc: DBAPIError) -> str:
+def abandoned_note(exc: DBAPIError) -> str:
+    """What to add to the error of a try abandoned at its deadline ("" for another)."""
     seconds = getattr(exc, _ABANDONED, None)
     if seconds is None:
         return ""

@@ -56,6 +56,7 @@ from hermes_orm import search as _search
 from hermes_orm._codec import check_session_id
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
+    DatabaseBusyError,
     DatabaseError,
     DatabaseUnavailableError,
     HermesOrmError,
@@ -818,8 +819,10 @@ class StoreCore:
         #: the store checks none: ``check_schema=False``).
         self._replica_schema_checked = self._schema_checked
         # A replica out of reach is not waited for: the read goes to the primary (a
-        # dropped connection of its pool gets a new one first).
-        self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.5)
+        # dropped connection of its pool gets a new one first). Nor is one busy: a
+        # standby whose replay waits for a lock a long read holds (or that cancels a
+        # read in conflict with its recovery) holds up every read for as long.
+        self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.5, attempts=1)
         self._replica_back_at = 0.0  # while the monotonic clock is below it, reads skip it
 
     def _on_replica(self, request: Run[Any]) -> bool:
@@ -850,6 +853,7 @@ class StoreCore:
     #: What sends a read from the replica to the primary.
     _REPLICA_MISSES = (
         DatabaseUnavailableError,
+        DatabaseBusyError,
         SessionNotFoundError,
         SchemaOutOfDateError,
         SchemaTooNewError,
@@ -858,17 +862,29 @@ class StoreCore:
     def _replica_missed(self, exc: HermesOrmError) -> None:
         """The replica could not serve a read: it goes to the primary.
 
-        Out of reach, or at another schema revision than this hermes_orm's,
-        the replica is skipped for :data:`REPLICA_COOL_DOWN` seconds (said once,
-        as a WARNING); a session it does not have yet (it lags behind the
-        primary) is read from the primary that once.
+        Out of reach, busy (a lock wait past ``lock_timeout``, or a read its
+        recovery cancelled), or at another schema revision than this
+        hermes_orm's, the replica is skipped for :data:`REPLICA_COOL_DOWN`
+        seconds (said once, as a WARNING, with the server's own words); a session
+        it does not have yet (it lags behind the primary) is read from the
+        primary that once.
         """
         if isinstance(exc, SessionNotFoundError):
             return
         self._replica_back_at = time.monotonic() + REPLICA_COOL_DOWN
-        why = "unreachable" if isinstance(exc, DatabaseUnavailableError) else "not at the schema"
+        if isinstance(exc, DatabaseUnavailableError | DatabaseBusyError):
+            why = "unreachable" if isinstance(exc, DatabaseUnavailableError) else "busy"
+            cause = exc.__cause__
+            detail = (
+                _dialects.redact(str(cause.orig)).strip().splitlines()[0]
+                + _retry.abandoned_note(cause)
+                if isinstance(cause, DBAPIError) and str(cause.orig).strip()
+                else str(exc)
+            )
+        else:
+            why, detail = "not at the schema", str(exc)
         logger.warning(
-            "replica %s, reading from the primary for %.0f s: %s", why, REPLICA_COOL_DOWN, exc
+            "replica %s, reading from the primary for %.0f s: %s", why, REPLICA_COOL_DOWN, detail
         )
 
     def _hint(self, session_id: str) -> _Hint | None:

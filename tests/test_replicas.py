@@ -39,11 +39,11 @@ def _url(server: PostgresServer, api: str) -> str:
     return make_url(server.url).set(drivername=f"postgresql+{driver}").render_as_string(False)
 
 
-def _store(api: str, primary: str, replica: str) -> Any:
+def _store(api: str, primary: str, replica: str, **options: Any) -> Any:
     if api == "sync":
-        return SessionStore(primary, replica=replica)
+        return SessionStore(primary, replica=replica, **options)
     check = create_engine(primary, poolclass=NullPool)
-    return BlockingStore(AsyncSessionStore(primary, replica=replica), check)
+    return BlockingStore(AsyncSessionStore(primary, replica=replica, **options), check)
 
 
 def _replay(standby: PostgresServer, primary: PostgresServer, *, paused: bool) -> None:
@@ -237,6 +237,40 @@ def test_a_replica_out_of_reach_sends_reads_to_the_primary(
         told = [r for r in caplog.records if "replica unreachable" in r.getMessage()]
         assert len(told) == 1
     finally:
+        store.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
+    cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long read on the standby holds up the replay of a lock (a VACUUM truncating the
+    table, a migration), and every read behind the replay waits: past ``lock_timeout``
+    the replica is busy, and the read goes to the primary, not waited out again."""
+    primary, standby = cluster
+    store = _store(api, _url(primary, api), _url(standby, api), lock_timeout=1)
+    session = f"busy-{api}"
+    report = create_engine(standby.url, poolclass=NullPool).connect()
+    try:
+        store.create_session(session, source="cli")
+        store.flush(session, [{"role": "user", "content": "on both"}])
+        _replay(standby, primary, paused=False)  # the standby has the session
+        report.execute(text("SELECT count(*) FROM hermes_messages")).scalar()  # held open
+        with create_engine(primary.url, poolclass=NullPool).begin() as conn:
+            conn.execute(text("LOCK TABLE hermes_messages IN ACCESS EXCLUSIVE MODE"))
+        time.sleep(0.5)  # replayed: the standby's recovery waits for the report
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+            for _ in range(3):
+                assert store.get_messages(session) == [{"role": "user", "content": "on both"}]
+        assert time.monotonic() - started < 1 + 3  # one lock_timeout, then the primary
+        told = [r.getMessage() for r in caplog.records if "replica busy" in r.getMessage()]
+        assert len(told) == 1, told
+        assert "lock timeout" in told[0]
+        assert "another writer" not in told[0]
+    finally:
+        report.rollback()
+        report.close()
         store.close()
 
 
