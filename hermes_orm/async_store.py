@@ -399,7 +399,9 @@ class AsyncSessionStore(_AsyncSessions):
             except BaseException as exc:
                 # Back to the pool, whose reset rolls back whatever a
                 # cancellation interrupted; dropped if it was invalidated.
-                cancelled = isinstance(exc, asyncio.CancelledError)
+                # A cancelled write's server process is waited for (it may commit
+                # still); a read's outcome is nobody's concern.
+                cancelled = isinstance(exc, asyncio.CancelledError) and request.write
                 release = self._release(
                     conn,
                     failed=True,

@@ -113,6 +113,38 @@ def test_a_hung_server_connection_is_abandoned_at_the_deadline_and_the_flush_goe
     assert any("no answer within attempt_timeout" in m for m in told), told
 
 
+def test_a_cancelled_read_on_a_hung_connection_is_not_waited_for_as_a_write(
+    pg_server_url: str, pg_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled write's server process is waited for (it may still commit); a read's
+    is not: the call ends with its cancellation, and nothing warns of a write."""
+    policy = RetryPolicy(attempt_timeout=6.0, unavailable_for=30.0)
+
+    async def cancelled_read() -> float:
+        store = AsyncSessionStore(_url(pg_db, "asyncpg"), retry=policy)
+        try:
+            await store.create_session("s", source="cli")
+            await store.flush("s", TURN)
+            stopped = _backends(pg_server_url, make_url(pg_db).database or "")
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(store.get_messages("s"), 0.5)
+                return time.monotonic() - started
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+        finally:
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        took = asyncio.run(cancelled_read())
+    assert took < 0.5 + 4  # not the 6 s a write's server process is waited for
+    assert not [r for r in caplog.records if "cancelled write" in r.getMessage()]
+
+
 class _Silent:
     """A TCP listener that takes connections and never says a word (a hung server)."""
 
