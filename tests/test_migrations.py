@@ -28,6 +28,7 @@ from sqlalchemy.pool import NullPool
 import hermes_orm
 from hermes_orm import (
     DatabaseError,
+    HistoryDivergedError,
     InvalidArgumentError,
     InvalidURLError,
     SchemaOutOfDateError,
@@ -442,6 +443,33 @@ def test_0011_narrows_the_cjk_text_a_populated_database_holds(empty_pg: str) -> 
     migrations.downgrade(engine, "0010_search_spaces_kept")
     assert kept() == [f"{written[0]}\n\n\n", None, f"{written[2]}\n\n\n"]
     migrations.upgrade(engine)
+    engine.dispose()
+
+
+def test_a_round_trip_below_0006_leaves_digests_only_a_repair_recomputes(
+    empty_db_url: str,
+) -> None:
+    """As the README says: an int timestamp's message, after a downgrade below 0006 and an
+    upgrade again, keeps a digest today's flush does not compute; refused until
+    ``verify --repair``, which changes nothing else."""
+    from hermes_orm.verify import verify_database
+
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    migrations.upgrade(engine)
+    messages = [{"role": "user", "content": "hi", "timestamp": 1_700_000_000}]
+    with hermes_orm.SessionStore(engine) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", messages)
+    migrations.downgrade(engine, "0005_search_from_new_row")
+    migrations.upgrade(engine)
+    with hermes_orm.SessionStore(engine) as store:
+        assert store.get_messages("s") == messages
+        assert {p.check for p in verify_database(store).problems} == {"digest", "flushed_digest"}
+        with pytest.raises(HistoryDivergedError):
+            store.flush("s", messages)
+        assert all(p.repaired for p in verify_database(store, repair=True).problems)
+        assert store.flush("s", [*messages, {"role": "user", "content": "on"}]).written == 1
+        assert store.get_messages("s")[0] == messages[0]
     engine.dispose()
 
 
