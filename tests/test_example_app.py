@@ -83,10 +83,14 @@ class Client:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
+    def call(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
+    ) -> tuple[int, Any]:
+        """The status and the JSON answered; ``raw``: a body sent as it is, as text."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        kind = "text/plain" if raw is not None else "application/json"
         request = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"content-type": "application/json"}
+            self.base + path, data=data, method=method, headers={"content-type": kind}
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -188,6 +192,7 @@ def _bad_requests_are_refused(client: Client, account: int) -> None:
         ("POST", "/chats/c%00x", turn),  # a chat id hermes_orm refuses
         ("POST", "/chats/" + "c" * 300, turn),
         ("POST", "/chats/c2", {**turn, "account_id": 2**70}),  # no 64-bit id
+        ("POST", "/chats/c2", {**turn, "account_id": 2**31}),  # no id of the column's
         ("POST", "/chats/c2", {**turn, "messages": [{"role": 7}]}),  # no message
         ("GET", f"/chats/c%00?account_id={account}", None),
         ("GET", f"/search?q=%21%21%21&account_id={account}", None),  # nothing to look for
@@ -200,9 +205,31 @@ def _bad_requests_are_refused(client: Client, account: int) -> None:
     ]:
         status, refused = client.call(method, path, body)
         assert status == 422, (path, body, refused)
+    for raw in (b"\xff", b'"\xed\xa0\x80"'):  # not UTF-8, and not sent as JSON
+        status, refused = client.call("POST", "/chats/c2", raw=raw)
+        assert status == 422, (raw, refused)
     assert client.call("GET", "/accounts") == accounts  # nothing made
     # The chat the refused message was for is made (ensure_session) but holds nothing.
     assert client.call("GET", f"/chats/c2?account_id={account}") == (200, {"messages": []})
+
+
+def _a_locked_database_is_unavailable_for_now(url: str, client: Client) -> None:
+    """The database locked past the app's wait (SQLite: another writer, a long flush): 503,
+    to try again; not the app's error (500), nor the client's."""
+    if not url.startswith("sqlite"):
+        return
+    import sqlite3
+
+    path = url.removeprefix("sqlite:///")
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        status, answer = client.call("POST", "/accounts", {"name": "while locked"})
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert status == 503, answer
+    assert client.call("POST", "/accounts", {"name": "after"})[0] == 200
 
 
 def _served_after_the_server_drops_its_connections(url: str, client: Client) -> None:
@@ -266,6 +293,7 @@ def test_side_by_side(empty_db_url: str, serve: Any) -> None:
     client = serve(url)
     _use_the_app(client)
     _served_after_the_server_drops_its_connections(url, client)
+    _a_locked_database_is_unavailable_for_now(url, client)
 
     _alembic(url, "side_by_side", "downgrade", "base")
     assert "accounts" not in _tables(url)

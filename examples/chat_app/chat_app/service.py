@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 
 import hermes_orm
@@ -49,10 +49,29 @@ def malformed(_request: Request, exc: RequestValidationError) -> Response:
     """FastAPI's own answer to an invalid request, its text escaped.
 
     It echoes the input, which may hold a lone surrogate (a JSON escape a client
-    may send) that a UTF-8 response cannot: a 500, where the client's error is a 422.
+    may send) that a UTF-8 response cannot, or the raw bytes of a body sent as no
+    JSON, which need not be UTF-8: a 500, where the client's error is a 422.
     """
-    document = json.dumps({"detail": jsonable_encoder(exc.errors())})  # (ASCII, escaped)
+    errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: _shown_bytes})
+    document = json.dumps({"detail": errors})  # (ASCII, escaped)
     return Response(document, status_code=422, media_type="application/json")
+
+
+def _shown_bytes(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@app.exception_handler(hermes_orm.DatabaseUnavailableError)
+@app.exception_handler(hermes_orm.DatabaseBusyError)
+@app.exception_handler(OperationalError)
+def unavailable(_request: Request, _exc: Exception) -> JSONResponse:
+    """The database out of reach or locked (a restart, a long write): try again later.
+
+    hermes_orm's calls waited as their retry policy says; the app's own queries
+    fail at once. Neither is the client's error, nor the app's: a 503.
+    """
+    detail = "the database is unavailable or busy: try again"
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
 
 
 @app.exception_handler(hermes_orm.InvalidArgumentError)
@@ -61,9 +80,10 @@ def refused(_request: Request, exc: hermes_orm.InvalidArgumentError) -> JSONResp
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
-#: An account id, in a body and in a query: a positive 64-bit integer, as the database holds it.
-AccountId = Annotated[int, Field(ge=1, le=2**63 - 1)]
-AccountParam = Annotated[int, Query(ge=1, le=2**63 - 1)]
+#: An account id, in a body and in a query: a positive 32-bit integer, as the column
+#: holds it (``Integer``: 32 bits on PostgreSQL).
+AccountId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+AccountParam = Annotated[int, Query(ge=1, le=2**31 - 1)]
 
 
 class NewAccount(BaseModel):
