@@ -862,14 +862,20 @@ class StoreCore:
     def _replica_missed(self, exc: HermesOrmError) -> None:
         """The replica could not serve a read: it goes to the primary.
 
-        Out of reach, busy (a lock wait past ``lock_timeout``, or a read its
-        recovery cancelled), or at another schema revision than this
-        hermes_orm's, the replica is skipped for :data:`REPLICA_COOL_DOWN`
-        seconds (said once, as a WARNING, with the server's own words); a session
-        it does not have yet (it lags behind the primary) is read from the
-        primary that once.
+        Out of reach, busy (a lock wait past ``lock_timeout``: a standby's replay
+        of a lock waits for a long read, and every read behind it), or at another
+        schema revision than this hermes_orm's, the replica is skipped for
+        :data:`REPLICA_COOL_DOWN` seconds (said as a WARNING, with the server's
+        own words, by the reads under way then); a session it does not have yet
+        (it lags behind the primary), or a read its recovery cancelled (a
+        conflict with what it replayed, one read's), is read from the primary
+        that once.
         """
-        if isinstance(exc, SessionNotFoundError):
+        if isinstance(exc, SessionNotFoundError) or (
+            isinstance(exc, DatabaseBusyError)
+            and isinstance(exc.__cause__, DBAPIError)
+            and _dialects.sqlstate(exc.__cause__.orig) == "40001"
+        ):
             return
         self._replica_back_at = time.monotonic() + REPLICA_COOL_DOWN
         if isinstance(exc, DatabaseUnavailableError | DatabaseBusyError):

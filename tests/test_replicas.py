@@ -8,6 +8,7 @@ read returns then says which server served it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,21 @@ def test_a_replica_out_of_reach_sends_reads_to_the_primary(
         store.close()
 
 
+def _replay_waits_for_a_lock(standby: PostgresServer) -> None:
+    """Wait until the standby's recovery process waits for a lock (a replayed one)."""
+    deadline = time.monotonic() + 30
+    with create_engine(standby.url, poolclass=NullPool).connect() as conn:
+        while not conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE backend_type = 'startup' AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one():
+            conn.rollback()  # (a new snapshot of the activity each look)
+            assert time.monotonic() < deadline, "the standby's replay never waited"
+            time.sleep(0.05)
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
     cluster: tuple[PostgresServer, PostgresServer], api: str, caplog: pytest.LogCaptureFixture
@@ -258,7 +274,7 @@ def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
         report.execute(text("SELECT count(*) FROM hermes_messages")).scalar()  # held open
         with create_engine(primary.url, poolclass=NullPool).begin() as conn:
             conn.execute(text("LOCK TABLE hermes_messages IN ACCESS EXCLUSIVE MODE"))
-        time.sleep(0.5)  # replayed: the standby's recovery waits for the report
+        _replay_waits_for_a_lock(standby)  # replayed: the standby's recovery waits for the report
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="hermes_orm"):
             for _ in range(3):
@@ -272,6 +288,59 @@ def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
         report.rollback()
         report.close()
         store.close()
+
+
+@pytest.mark.heavy  # (a primary and a standby of its own)
+def test_a_read_the_standby_cancels_in_conflict_goes_to_the_primary_that_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A standby that cancels a read in conflict with its recovery (here at once:
+    ``max_standby_streaming_delay=0``) cancels that one read: it goes to the primary, and
+    the replica serves the next, with no cool-down and no WARNING."""
+    with local_postgres() as primary:
+        SessionStore(primary.url).upgrade()
+        settings = {"max_standby_streaming_delay": "0"}
+        with local_standby(primary, settings=settings) as standby:
+            store = SessionStore(primary.url, replica=standby.url, lock_timeout=20)
+            store.create_session("s", source="cli")
+            store.flush("s", [{"role": "user", "content": "hi"}])
+            _replay(standby, primary, paused=False)
+            on_primary = create_engine(primary.url, poolclass=NullPool)
+            sessions = on_primary.connect()  # the read waits for hermes_sessions...
+            sessions.execute(text("LOCK TABLE hermes_sessions IN ACCESS EXCLUSIVE MODE"))
+            with on_primary.connect() as conn:
+                conn.execute(text("SELECT pg_switch_wal()"))
+                conn.commit()
+            time.sleep(1)
+            read: dict[str, Any] = {}
+            reader = threading.Thread(target=lambda: read.update(got=store.get_messages("s")))
+            reader.start()
+            time.sleep(1)  # ...holding hermes_messages, whose replayed lock cancels it
+            messages = on_primary.connect()
+            messages.execute(text("LOCK TABLE hermes_messages IN ACCESS EXCLUSIVE MODE"))
+            with on_primary.connect() as conn:
+                conn.execute(text("SELECT pg_switch_wal()"))
+                conn.commit()
+            time.sleep(1)
+            sessions.rollback()
+            messages.rollback()
+            sessions.close()
+            messages.close()
+            with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+                reader.join(60)
+                assert read == {"got": [{"role": "user", "content": "hi"}]}
+            with create_engine(standby.url, poolclass=NullPool).connect() as conn:
+                cancelled = conn.execute(
+                    text(
+                        "SELECT confl_lock FROM pg_stat_database_conflicts "
+                        "WHERE datname = current_database()"
+                    )
+                ).scalar_one()
+            assert cancelled == 1  # the read was cancelled there, and served by the primary
+            assert not [r for r in caplog.records if "replica" in r.getMessage()]
+            assert store._replica_back_at <= time.monotonic()  # no cool-down
+            store.close()
+            on_primary.dispose()
 
 
 def test_a_replica_needs_postgresql_on_both_sides(tmp_path: Path) -> None:
