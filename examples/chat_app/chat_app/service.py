@@ -61,15 +61,40 @@ def _shown_bytes(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+#: SQLSTATEs of a PostgreSQL server going away or busy for now: a connection lost
+#: (class 08), shutting down or starting up (57P01-57P03), a lock wait past
+#: lock_timeout (55P03), no connection slot left (53300).
+_TEMPORARY = {"57P01", "57P02", "57P03", "55P03", "53300"}
+
+
+def _temporary(exc: OperationalError) -> bool:
+    """Whether the app's own query failed on a database out of reach or locked for now.
+
+    (Not a missing table, which SQLite also reports as an OperationalError.)
+    """
+    if exc.connection_invalidated:
+        return True
+    if engine.dialect.name == "sqlite":
+        return any(word in str(exc.orig) for word in ("locked", "busy"))
+    state = getattr(exc.orig, "sqlstate", None)
+    if state is None:  # refused before any server answered: a connection, not a query
+        return "authentication" not in str(exc.orig) and "does not exist" not in str(exc.orig)
+    return str(state).startswith("08") or state in _TEMPORARY
+
+
 @app.exception_handler(hermes_orm.DatabaseUnavailableError)
 @app.exception_handler(hermes_orm.DatabaseBusyError)
 @app.exception_handler(OperationalError)
-def unavailable(_request: Request, _exc: Exception) -> JSONResponse:
+def unavailable(_request: Request, exc: Exception) -> JSONResponse:
     """The database out of reach or locked (a restart, a long write): try again later.
 
     hermes_orm's calls waited as their retry policy says; the app's own queries
-    fail at once. Neither is the client's error, nor the app's: a 503.
+    wait only as their driver does (5 s for SQLite's lock). Neither is the
+    client's error, nor the app's: a 503. Any other OperationalError is the
+    app's (a 500).
     """
+    if isinstance(exc, OperationalError) and not _temporary(exc):
+        raise exc
     detail = "the database is unavailable or busy: try again"
     return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
 
