@@ -29,6 +29,16 @@ def clean_env(home: Path) -> dict[str, str]:
     return env
 
 
+def session_made(tmp_path: Path, session_id: str, messages: list[dict[str, Any]]) -> str:
+    """The URL of a new database in ``tmp_path`` holding one session of ``messages``."""
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    with SessionStore(url) as store:
+        store.upgrade()
+        store.create_session(session_id, source="cli")
+        store.flush(session_id, messages)
+    return url
+
+
 def sessions_made(tmp_path: Path, count: int, fields: Callable[[int], dict[str, Any]]) -> str:
     """The URL of a new database in ``tmp_path`` holding sessions ``s0``.. with ``fields(n)``."""
     url = f"sqlite:///{tmp_path / 'agents.db'}"
@@ -163,11 +173,7 @@ def test_output_a_stream_cannot_hold_is_escaped_and_a_closed_one_is_nowhere(
     tmp_path: Path,
 ) -> None:
     """An ASCII locale's terminal, or ``>&-``: the command does its work, no traceback."""
-    url = f"sqlite:///{tmp_path / 'agents.db'}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        store.create_session("東京", source="cli")
-        store.flush("東京", [{"role": "user", "content": "héllo"}])
+    url = session_made(tmp_path, "東京", [{"role": "user", "content": "héllo"}])
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url, "PYTHONIOENCODING": "ascii"}
     for args in (("sessions", "list"), ("sessions", "show", "東京"), ("search", "héllo")):
         done = run(*args, env=env)
@@ -754,15 +760,11 @@ def test_the_next_page_is_listed_with_a_filter_beginning_with_a_dash(tmp_path: P
 def test_the_next_page_of_a_query_beginning_with_a_dash_is_listed_as_it_says(
     tmp_path: Path,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'agents.db'}"
-    with SessionStore(url) as store:
-        store.upgrade()
-        store.create_session("s", source="cli")
-        store.flush("s", [{"role": "user", "content": f"docker {n}"} for n in range(3)])
+    turns = [{"role": "user", "content": f"docker {n}"} for n in range(3)]
+    url = session_made(tmp_path, "s", turns)
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
-    first = run(
-        "search", "--limit", "2", "--", '-"swarm"docker', env=env
-    )  # (no space: read as an option)
+    # (No space in the query: argparse would take it for an option.)
+    first = run("search", "--limit", "2", "--", '-"swarm"docker', env=env)
     assert first.returncode == 0, first.stderr
     more = re.search(r"^more: (.*)$", first.stdout, re.MULTILINE)
     assert more is not None, first.stdout
