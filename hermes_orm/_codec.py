@@ -776,3 +776,27 @@ def check_session_id(session_id: Any) -> str:
     if problem is not None:
         raise InvalidSessionError(f"session id {shown(session_id)} {problem}")
     return session_id
+
+
+#: Values a copy takes as they are: nothing changes them in place.
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def copied(value: Any) -> Any:
+    """A copy of a message (its dicts and lists copied, all the way down) to compare with later.
+
+    The strings and numbers in it are the caller's own (they cannot change);
+    a dict or list the caller changes in place afterwards no longer equals it.
+    """
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _LEAVES else copied(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _LEAVES else copied(v) for v in value]
+    if isinstance(value, Mapping):
+        # A dict subclass is the dict it holds (as == compares it), whatever its items() say.
+        items = dict.items(value) if isinstance(value, dict) else value.items()
+        return {k: copied(v) for k, v in items}
+    if isinstance(value, list):
+        return [copied(v) for v in value]
+    return value

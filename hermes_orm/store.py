@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
@@ -206,7 +206,7 @@ class _Memory:
         """Remember a session's stored cursor, digest and history after a write or a check.
 
         Below ``cursor`` the database holds what the store's copies of the
-        session hold below ``start``, then ``written`` (copies, by :func:`_copy`,
+        session hold below ``start``, then ``written`` (copies, by :func:`_codec.copied`,
         of the messages checked or written just now, taken as they were encoded;
         None when unknown). They join the copies below
         ``start``; if those are missing, the store keeps no copies (its next
@@ -812,8 +812,7 @@ class StoreCore:
             return
         # (Refused before it ever connected: an engine that did not holds nothing.)
         check_replica_schema(replica, self._schema)
-        if replica.dialect.name == "postgresql":
-            _dialects.watch_new_connections(replica)
+        _dialects.watch_new_connections(replica)
         self._replica_settings = _dialects.transaction_settings(replica, self._schema)
         #: Whether the replica's schema was found at this hermes_orm's head (or
         #: the store checks none: ``check_schema=False``).
@@ -1319,7 +1318,8 @@ class StoreCore:
             encode = _codec.encode_message
             batches = [[encode(messages[i], i) for i in range(cursor, len(messages))]]
             if verify != "last" or (hint is not None and hint.copies is not None):
-                taken = list(map(_copy, messages[start:]))  # (none to keep up to date, else)
+                # (none to keep up to date, else)
+                taken = list(map(_codec.copied, messages[start:]))
         else:  # streamed: no copies (the store's next flush checks in the database)
             batches = _encode_batches(messages, cursor)
         if len(messages) == cursor:
@@ -1365,7 +1365,7 @@ class StoreCore:
             encoded = [_codec.encode_message(messages[i], i) for i in range(cursor, len(messages))]
             # Copied as encoded: the caller may change its list while the write is under way.
             if verify != "last" or copies is not None:
-                taken = list(map(_copy, messages[cursor:]))
+                taken = list(map(_codec.copied, messages[cursor:]))
             written = (len(messages), encoded[-1].digest)
             inserts = _insert_statements(self._sql, [Chunk(session_id, cursor, encoded, None)])
             sql, params = _advance(
@@ -1451,7 +1451,7 @@ class StoreCore:
         """
         check_session_id(session_id)
         encoded = _codec.encode_message(message)
-        taken = [_copy(message)]  # as encoded (see _flush_locked)
+        taken = [_codec.copied(message)]  # as encoded (see _flush_locked)
         owner = [self._user]  # the session's user, as the locked read finds it
         history = [0]  # the session's history_id, as it finds it
         c = _messages.c
@@ -2556,29 +2556,6 @@ def _encode_batches(
     for first in range(start, len(messages), _BATCH):
         stop = min(first + _BATCH, len(messages))
         yield [_codec.encode_message(messages[i], i) for i in range(first, stop)]
-
-
-_LEAVES = frozenset({str, int, float, bool, type(None)})
-
-
-def _copy(value: Any) -> Any:
-    """A copy of a message (its dicts and lists copied, all the way down) to compare with later.
-
-    The strings and numbers in it are the caller's own (they cannot change);
-    a dict or list the caller changes in place afterwards no longer equals it.
-    """
-    kind = type(value)
-    if kind is dict:
-        return {k: v if type(v) in _LEAVES else _copy(v) for k, v in value.items()}
-    if kind is list:
-        return [v if type(v) in _LEAVES else _copy(v) for v in value]
-    if isinstance(value, Mapping):
-        # A dict subclass is the dict it holds (as == compares it), whatever its items() say.
-        items = dict.items(value) if isinstance(value, dict) else value.items()
-        return {k: _copy(v) for k, v in items}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _digest_or_none(message: Any, index: int) -> bytes | None:

@@ -55,7 +55,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from hermes_orm import migrations
+from hermes_orm import _codec, migrations
 from hermes_orm._dialects import create_store_engine, redact, safe_url
 from hermes_orm._retry import RetryPolicy
 from hermes_orm.errors import (
@@ -118,14 +118,6 @@ SCAFFOLDING_FLAGS = (
 #: Hermes session columns (text) copied onto a mirrored session when it is first seen.
 _SESSION_FIELDS = ("user_id", "model", "system_prompt", "cwd", "profile_name")
 REVISION_MARK = "#"
-
-
-def _copy(value: Any) -> Any:
-    if type(value) is dict:
-        return {k: _copy(v) for k, v in value.items()}
-    if type(value) is list:
-        return [_copy(v) for v in value]
-    return value
 
 
 def clean(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,7 +335,7 @@ def _compared(message: Any, copy: Mapping[str, Any], key: str) -> Any:
     if type(live) is str:
         return live
     if type(live) is list and live != value:
-        return _copy(live)
+        return _codec.copied(live)
     return value
 
 
