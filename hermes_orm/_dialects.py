@@ -1143,8 +1143,8 @@ def configure_engine(
             another ``lock_timeout``.
     """
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
+    watch_new_connections(engine)
     if engine.dialect.name == "postgresql":
-        watch_new_connections(engine)
         if pgbouncer:
             millis = _millis(lock_timeout)
             known = _per_transaction.setdefault(engine, millis)
@@ -2204,8 +2204,11 @@ def watch_new_connections(engine: Engine) -> None:
     listeners come first, before SQLAlchemy's and an application's own. And
     the ping of a pooled one, where the application's engine has
     ``pool_pre_ping``: behind PgBouncer with the server down, or on a server
-    that stopped answering, it would wait as long.
+    that stopped answering, it would wait as long. (PostgreSQL only: a SQLite
+    connection waits on no server.)
     """
+    if engine.dialect.name != "postgresql":
+        return
     if not event.contains(engine, "connect", _watch_new_connection):
         event.listen(engine, "connect", _watch_new_connection, insert=True)
         event.listen(engine, "checkout", _new_connection_settled, insert=True)
