@@ -215,11 +215,18 @@ class Retries:
 
 
 def run_with_retry(
-    engine: Engine, policy: RetryPolicy, work: Callable[[], T], schema: str | None = None
+    engine: Engine,
+    policy: RetryPolicy,
+    work: Callable[[], T],
+    schema: str | None = None,
+    *,
+    name_holders: bool = True,
 ) -> T:
     """Run ``work`` (one whole transaction) again on transient errors, within ``policy``.
 
-    ``schema``: where the store's tables are, to name who held a lock.
+    ``schema``: where the store's tables are, to name who held a lock; with
+    ``name_holders`` False nobody is asked who did (a replica's busy read goes
+    to the primary: its error is not raised).
     """
     retries = Retries(policy)
     while True:
@@ -229,7 +236,8 @@ def run_with_retry(
         except DBAPIError as exc:
             delay = retries.after(exc)
             if delay is None:
-                raise retries.give_up(engine, exc, schema=schema) from exc
+                holders = None if name_holders else ()
+                raise retries.give_up(engine, exc, holders, schema) from exc
             retries.log(exc, delay)
             time.sleep(delay)
 

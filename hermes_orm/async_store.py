@@ -383,7 +383,9 @@ class AsyncSessionStore(_AsyncSessions):
                     await self._to_the_end(conn.close())
 
             try:
-                return await self._retrying(replica, self._replica_retry, on_replica)
+                return await self._retrying(
+                    replica, self._replica_retry, on_replica, name_holders=False
+                )
             except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
 
@@ -455,9 +457,17 @@ class AsyncSessionStore(_AsyncSessions):
         return task.result()
 
     async def _retrying(
-        self, engine: AsyncEngine, policy: RetryPolicy, once: Callable[[], Awaitable[T]]
+        self,
+        engine: AsyncEngine,
+        policy: RetryPolicy,
+        once: Callable[[], Awaitable[T]],
+        *,
+        name_holders: bool = True,
     ) -> T:
-        """Await ``once`` (one whole transaction) again on transient errors, within ``policy``."""
+        """Await ``once`` (one whole transaction) again on transient errors, within ``policy``.
+
+        ``name_holders`` as for :func:`hermes_orm._retry.run_with_retry`.
+        """
         retries = Retries(policy)
         while True:
             retries.begin()
@@ -466,7 +476,7 @@ class AsyncSessionStore(_AsyncSessions):
             except DBAPIError as exc:
                 delay = retries.after(exc)
                 if delay is None:
-                    holders = await self._busy_holders(exc, engine)
+                    holders = await self._busy_holders(exc, engine) if name_holders else []
                     raise retries.give_up(engine.sync_engine, exc, holders, self._schema) from exc
                 retries.log(exc, delay)
                 await asyncio.sleep(delay)

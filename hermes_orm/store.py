@@ -2164,7 +2164,9 @@ class SessionStore(_Sessions):
             with self._connect(replica) as conn:
                 return attempt(conn, request, (), self._replica_settings, timeout)
 
-        return _retry.run_with_retry(replica, self._replica_retry, once, self._schema)
+        return _retry.run_with_retry(
+            replica, self._replica_retry, once, self._schema, name_holders=False
+        )
 
     def _connect(self, engine: Engine | None = None) -> Connection:
         """A connection from ``engine``'s pool (the store's by default).

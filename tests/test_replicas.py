@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
 from devtools.postgres import PostgresServer, local_postgres, local_standby
@@ -267,6 +267,13 @@ def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
     store = _store(api, _url(primary, api), _url(standby, api), lock_timeout=1)
     session = f"busy-{api}"
     report = create_engine(standby.url, poolclass=NullPool).connect()
+    asked: list[int | None] = []  # the ports of servers asked who held locks
+
+    def look(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "pg_locks" in statement:
+            asked.append(conn.engine.url.port)
+
+    event.listen(Engine, "before_cursor_execute", look)
     try:
         store.create_session(session, source="cli")
         store.flush(session, [{"role": "user", "content": "on both"}])
@@ -284,7 +291,10 @@ def test_a_standby_whose_replay_waits_for_a_lock_sends_reads_to_the_primary(
         assert len(told) == 1, told
         assert "lock timeout" in told[0]
         assert "another writer" not in told[0]
+        # Nobody asked the standby who held its locks: the read's error is not raised.
+        assert make_url(standby.url).port not in asked
     finally:
+        event.remove(Engine, "before_cursor_execute", look)
         report.rollback()
         report.close()
         store.close()
