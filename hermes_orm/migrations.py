@@ -751,8 +751,12 @@ def _run(
             before,
         ),
     ):
-        if downgrade and _missing_schema(conn, schema):
-            return True  # nothing of hermes_orm's to take down (a mistyped name, say)
+        if downgrade and (
+            _missing_schema(conn, schema) or (before.revision is None and args == ("base",))
+        ):
+            # Nothing of hermes_orm's to take down (a mistyped name, say): no revision
+            # runs, no version table is made, and where pg_trgm is does not matter.
+            return True
         if (
             before.table == HOST_VERSION_TABLE
             and fn is command.upgrade

@@ -203,6 +203,8 @@ def test_pg_trgm_outside_the_path_is_found_by_an_upgrade_of_the_default_schema(
         with pytest.raises(DatabaseError, match="ALTER EXTENSION pg_trgm SET SCHEMA public"):
             hermes_orm.upgrade(engine)
         assert _tables(engine, "public") == set()
+        hermes_orm.downgrade(engine, "base")  # nothing there: nothing to refuse
+        assert _tables(engine, "public") == set()
         with engine.begin() as conn:
             conn.exec_driver_sql("ALTER EXTENSION pg_trgm SET SCHEMA public")
     hermes_orm.upgrade(engine)
