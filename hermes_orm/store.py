@@ -351,6 +351,33 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
+#: The PostgreSQL advisory lock writes setting a parent link take turns on (the
+#: bytes of "hermesLN"): see SessionStore._check_references.
+_LINEAGE_LOCK = 0x6865726D65734C4E
+
+#: The unique index of session titles.
+_TITLE_INDEX = "ix_hermes_sessions_title_unique"
+
+
+@contextlib.contextmanager
+def _title_taken(values: dict[str, Any]) -> Iterator[None]:
+    """A title a write under way took first (its unique index): InvalidSessionError.
+
+    The check before the write sees committed titles only (PostgreSQL).
+    """
+    try:
+        yield
+    except IntegrityError as exc:
+        said = str(exc.orig)
+        if values.get("title") is None or (
+            _TITLE_INDEX not in said and "hermes_sessions.title" not in said
+        ):
+            raise
+        raise InvalidSessionError(
+            f"title {values['title']!r} is already used by another session"
+        ) from None
+
+
 def _check_filter(name: str, value: Any) -> str | None:
     """A str filter of a listing (or None): a str a database can compare."""
     if value is None:
@@ -386,6 +413,13 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 _codec._check_json(value, None, name)
             except InvalidMessageError as exc:
                 raise InvalidSessionError(f"session field {name!r}: {exc.reason}") from None
+            try:  # its text as stored: a lone surrogate (or a pair split in two) has none
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidSessionError(
+                    f"session field {name!r} contains lone surrogate characters "
+                    "(not valid Unicode)"
+                ) from None
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidSessionError(f"session field {name!r} must be a number")
@@ -996,7 +1030,8 @@ class StoreCore:
 
         def work(conn: Connection) -> dict[str, Any]:
             self._check_references(conn, session_id, values)
-            inserted = conn.execute(self._insert_ignore(values)).rowcount
+            with _title_taken(values):
+                inserted = conn.execute(self._insert_ignore(values)).rowcount
             if inserted != 1:
                 raise SessionExistsError(session_id)
             refuse_orphans(conn, session_id)
@@ -1016,7 +1051,9 @@ class StoreCore:
 
         def work(conn: Connection) -> bool:
             self._check_references(conn, session_id, values)
-            if conn.execute(self._insert_ignore(values)).rowcount == 1:
+            with _title_taken(values):
+                inserted = conn.execute(self._insert_ignore(values)).rowcount
+            if inserted == 1:
                 refuse_orphans(conn, session_id)
                 return True
             if (
@@ -1034,7 +1071,8 @@ class StoreCore:
                 if value is not None and name in _NULLABLE
             }
             if fill:
-                conn.execute(update(_sessions).where(self._owned(session_id)).values(fill))
+                with _title_taken(values):
+                    conn.execute(update(_sessions).where(self._owned(session_id)).values(fill))
             return False
 
         return _write(work)
@@ -1042,33 +1080,48 @@ class StoreCore:
     def _check_references(self, conn: Connection, session_id: str, values: dict[str, Any]) -> None:
         """Refuse a missing parent, a loop of parents, or a title another session holds.
 
-        Before writing. A user-scoped store sees its user's sessions only:
-        another user's parent is missing to it, and another user's session
-        holding the title goes unnamed, even the one of ``session_id`` (the
-        refusal is the same whichever id is asked for, so it tells no one which
-        session holds a title).
+        Before writing, of what the write would set: ``ensure_session`` keeps a
+        parent or a title already set, and then neither the given one's
+        existence nor where it would lead matters. A user-scoped store sees its
+        user's sessions only: another user's parent is missing to it, and
+        another user's session holding the title goes unnamed, even the one of
+        ``session_id`` (the refusal is the same whichever id is asked for, so it
+        tells no one which session holds a title).
+
+        On PostgreSQL the checks hold until the commit, as SQLite's write lock
+        makes them hold there: the parent's row is read ``FOR SHARE`` (neither
+        deleted nor given to another user meanwhile), and writes that set a
+        parent take turns (:data:`_LINEAGE_LOCK`), so two of them never each
+        miss the link the other adds (``a -> b`` beside ``b -> a``). A title
+        taken by a write under way is refused by its unique index
+        (:func:`_title_taken`).
         """
         parent = values.get("parent_session_id")
-        if parent is not None:
-            if parent == session_id:
-                raise InvalidSessionError(f"session {session_id!r} cannot be its own parent")
-            # (Of this store's sessions only: another user's is none of a scoped store's.)
-            kept = conn.execute(
-                select(_sessions.c.parent_session_id).where(self._owned(session_id))
-            ).scalar_one_or_none()
-            # ensure_session keeps a parent already set: the given one is then not written,
-            # so neither whether it exists nor where it would lead matters.
-            if kept is None:
-                found = conn.execute(select(_sessions.c.id).where(self._owned(parent))).first()
-                if found is None:
-                    raise InvalidSessionError(f"parent session {parent!r} does not exist")
-                if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
-                    raise InvalidSessionError(
-                        f"parent session {parent!r} descends from session {session_id!r}: "
-                        "the lineage would loop"
-                    )
         title = values.get("title")
-        if title is not None:
+        if parent == session_id:
+            raise InvalidSessionError(f"session {session_id!r} cannot be its own parent")
+        if parent is None and title is None:
+            return
+        # (Of this store's sessions only: another user's is none of a scoped store's.)
+        kept = conn.execute(
+            select(_sessions.c.parent_session_id, _sessions.c.title).where(
+                self._owned(session_id)
+            )
+        ).first()
+        if parent is not None and (kept is None or kept.parent_session_id is None):
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LINEAGE_LOCK})")
+            found = conn.execute(
+                select(_sessions.c.id).where(self._owned(parent)).with_for_update(read=True)
+            ).first()
+            if found is None:
+                raise InvalidSessionError(f"parent session {parent!r} does not exist")
+            if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
+                raise InvalidSessionError(
+                    f"parent session {parent!r} descends from session {session_id!r}: "
+                    "the lineage would loop"
+                )
+        if title is not None and (kept is None or kept.title is None):
             other = _sessions.c.id != session_id
             if self._user is not None:  # any session not the user's own, of no user too
                 other = or_(other, _sessions.c.user_id.is_distinct_from(self._user))
@@ -1132,7 +1185,9 @@ class StoreCore:
         check_session_id(session_id)
         if self._user is None:
             return self._delete_sessions_steps(lambda _conn: [session_id])
-        mine = select(_sessions.c.id).where(self._owned(session_id))
+        # Locked as it is picked (PostgreSQL): a session given to another user
+        # meanwhile is not picked, and is not given away before it is deleted.
+        mine = select(_sessions.c.id).where(self._owned(session_id)).with_for_update()
         return self._delete_sessions_steps(lambda conn: conn.execute(mine).scalars().all())
 
     def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:

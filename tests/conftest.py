@@ -374,6 +374,54 @@ def in_threads(agent: Callable[[int], None], count: int) -> None:
         thread.join()
 
 
+class Meanwhile:
+    """What :func:`meanwhile` ran in its other thread, and when it ended."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.done = threading.Event()
+        #: ``do`` ended before the statement's thread went on (nothing held it up).
+        self.first = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, do: Callable[[], Any]) -> None:
+        try:
+            self.result = do()
+        except BaseException as exc:  # (the test looks at it)
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+@contextlib.contextmanager
+def meanwhile(
+    engine: Engine, when: Callable[[str], bool], do: Callable[[], Any], wait: float = 1.0
+) -> Iterator[Meanwhile]:
+    """Run ``do`` in another thread once a statement ``when`` accepts ran in this one.
+
+    That statement's transaction is still open: its thread waits for ``do`` up
+    to ``wait`` seconds (a lock it holds keeps ``do`` waiting that long), then
+    goes on. The block's end waits for ``do`` to end.
+    """
+    caller = threading.current_thread()
+    state = Meanwhile()
+
+    def ran(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if threading.current_thread() is caller and state.thread is None and when(statement):
+            state.thread = threading.Thread(target=state.run, args=(do,))
+            state.thread.start()
+            state.first = state.done.wait(wait)
+
+    event.listen(engine, "after_cursor_execute", ran)
+    try:
+        yield state
+    finally:
+        event.remove(engine, "after_cursor_execute", ran)
+        if state.thread is not None:
+            state.thread.join(60)
+
+
 def run_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

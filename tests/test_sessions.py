@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 import hermes_orm
 from hermes_orm import (
@@ -17,7 +18,7 @@ from hermes_orm import (
     SessionNotFoundError,
     SessionStore,
 )
-from tests.conftest import count_rows, sync_engine
+from tests.conftest import count_rows, meanwhile, sync_engine
 
 
 def test_create_and_get(store: SessionStore) -> None:
@@ -115,6 +116,101 @@ def test_ensure_session_keeping_its_parent_does_not_look_at_the_one_given(
     # Without a parent yet, the one given is checked.
     with pytest.raises(InvalidSessionError, match="does not exist"):
         store.ensure_session("p", parent_session_id="gone")
+
+
+def test_ensure_session_keeping_its_title_does_not_look_at_the_one_given(
+    store: SessionStore,
+) -> None:
+    """A title already set stays: one given that another session holds is not written,
+    so it refuses nothing, and the NULL columns are filled."""
+    store.create_session("a", source="cli", title="x")
+    store.create_session("b", source="cli", title="y")
+    assert store.ensure_session("a", title="y", model="m") is False
+    got = store.get_session("a")
+    assert got is not None
+    assert (got["title"], got["model"]) == ("x", "m")
+
+
+@pytest.mark.parametrize(
+    "value", [{"k": "lone \ud800"}, {"k": "split pair \ud83d\ude00"}, {"\udc00": 1}]
+)
+@pytest.mark.parametrize("field", ["extra", "model_config"])
+def test_session_json_with_surrogates_is_refused(
+    store: SessionStore, field: str, value: dict[str, Any]
+) -> None:
+    """Text no database stores (a pair held as two code units would read back joined)."""
+    with pytest.raises(InvalidSessionError, match=f"{field}.*lone surrogate"):
+        store.create_session("s", source="cli", **{field: value})
+    store.create_session("s", source="cli")
+    with pytest.raises(InvalidSessionError, match="lone surrogate"):
+        store.ensure_session("s", **{field: value})
+    assert store.get_session("s")[field] is None  # type: ignore[index]
+
+
+def _walked(statement: str) -> bool:
+    return "RECURSIVE" in statement.upper()
+
+
+def test_parent_links_written_at_once_never_make_a_loop(engine: Engine) -> None:
+    """``a -> b`` and ``b -> a`` set at once: the second write sees the first's link and
+    is refused (on PostgreSQL it waits for the first's commit), never both."""
+    store = SessionStore(engine)
+    store.create_session("a", source="cli")
+    store.create_session("b", source="cli")
+
+    def other() -> bool:
+        return store.ensure_session("b", parent_session_id="a")
+
+    # After a's write looked for a loop (none yet), b's write runs.
+    with meanwhile(engine, _walked, other) as b:
+        try:
+            store.ensure_session("a", parent_session_id="b")
+            refused = None
+        except InvalidSessionError as exc:
+            refused = exc
+    a, b_ = store.get_session("a"), store.get_session("b")
+    assert a is not None
+    assert b_ is not None
+    links = (a["parent_session_id"], b_["parent_session_id"])
+    refusals = [str(e) for e in (refused, b.error) if e is not None]
+    assert len(refusals) == 1, (refusals, links)
+    assert "the lineage would loop" in refusals[0]
+    assert links == ((None, "a") if refused is not None else ("b", None))
+    from hermes_orm.verify import verify_database
+
+    assert verify_database(store).ok
+
+
+def _title_checked(statement: str) -> bool:
+    return statement.lstrip().startswith("SELECT hermes_sessions.id, hermes_sessions.user_id")
+
+
+@pytest.mark.parametrize("make", ["create_session", "ensure_session"])
+def test_a_title_taken_at_once_is_a_typed_error(engine: Engine, make: str) -> None:
+    """Two sessions given one title at once: one is refused with InvalidSessionError
+    (on PostgreSQL by the title's unique index: the other's title was not committed
+    when this write looked), never a driver error."""
+    store = SessionStore(engine)
+    if make == "ensure_session":
+        store.create_session("x", source="cli")
+
+    def other() -> dict[str, Any]:
+        return store.create_session("y", source="cli", title="t")
+
+    with meanwhile(engine, _title_checked, other) as y:
+        try:
+            getattr(store, make)("x", source="cli", title="t")
+            refused = None
+        except InvalidSessionError as exc:
+            refused = exc
+    titles = {s["id"]: s["title"] for s in store.list_sessions().sessions}
+    if refused is not None:
+        assert "already used" in str(refused)
+        assert y.error is None
+        assert (titles.get("x"), titles["y"]) == (None, "t")
+    else:
+        assert isinstance(y.error, InvalidSessionError), y.error
+        assert titles == {"x": "t"}
 
 
 def _ensure(url: str, barrier: Any, results: Any) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from hermes_orm import (
     InvalidSessionError,
@@ -22,7 +22,7 @@ from hermes_orm import (
 )
 from hermes_orm.async_store import AsyncUserStore
 from hermes_orm.store import UserStore
-from tests.conftest import count_rows, sync_engine
+from tests.conftest import count_rows, meanwhile, sync_engine, table_name
 
 
 def _turn(n: int, word: str) -> list[dict[str, Any]]:
@@ -295,3 +295,62 @@ def test_a_session_given_away_between_check_and_read_yields_nothing(store: Sessi
     finally:
         event.remove(store.engine, "before_cursor_execute", give_away)
     assert fired == [1]
+
+
+def _give_to_bob(engine: Engine, session_id: str) -> int:
+    """Another process gives ``session_id`` to bob; how many rows it changed."""
+    sessions = table_name(engine, "hermes_sessions")
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                text(f"UPDATE {sessions} SET user_id = 'bob' WHERE id = :id"), {"id": session_id}
+            ).rowcount
+        )
+
+
+def _picked(statement: str) -> bool:
+    """The statement of a view that picks its session (``id`` and ``user_id``) first."""
+    return statement.lstrip().startswith("SELECT hermes_sessions.id \nFROM hermes_sessions")
+
+
+def test_a_view_deletes_no_session_given_to_another_user_meanwhile(engine: Engine) -> None:
+    """Given to bob once alice's view picked it: either bob got it first, and the view
+    deletes nothing, or the view's delete goes first (it holds the row), and bob's
+    change finds nothing; never bob's session deleted."""
+    store = SessionStore(engine)
+    store.create_session("d", source="cli", user_id="alice")
+    with meanwhile(engine, _picked, lambda: _give_to_bob(engine, "d")) as bob:
+        deleted = store.for_user("alice").delete_session("d")
+    assert bob.error is None
+    if bob.first:
+        assert deleted is False
+        assert store.get_session("d")["user_id"] == "bob"  # type: ignore[index]
+    else:
+        assert deleted is True
+        assert (bob.result, store.get_session("d")) == (0, None)
+
+
+def test_a_view_makes_no_child_of_a_parent_given_to_another_user_meanwhile(
+    engine: Engine,
+) -> None:
+    """Given to bob once alice's view found the parent hers: either bob got it first,
+    and the child is refused, or the child goes first (the parent's row held), then
+    bob's change."""
+    store = SessionStore(engine)
+    store.create_session("p", source="cli", user_id="alice")
+    alice = store.for_user("alice")
+    with meanwhile(engine, _picked, lambda: _give_to_bob(engine, "p")) as bob:
+        try:
+            alice.create_session("c", source="cli", parent_session_id="p")
+            refused = None
+        except InvalidSessionError as exc:
+            refused = exc
+    assert bob.error is None
+    assert bob.result == 1
+    if bob.first:
+        assert refused is not None
+        assert "does not exist" in str(refused)
+        assert store.get_session("c") is None
+    else:
+        assert refused is None
+        assert store.get_session("c")["parent_session_id"] == "p"  # type: ignore[index]
