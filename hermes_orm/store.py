@@ -417,8 +417,7 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 json.dumps(value, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidSessionError(
-                    f"session field {name!r} contains lone surrogate characters "
-                    "(not valid Unicode)"
+                    f"session field {name!r} contains lone surrogate characters (not valid Unicode)"
                 ) from None
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -1104,9 +1103,7 @@ class StoreCore:
             return
         # (Of this store's sessions only: another user's is none of a scoped store's.)
         kept = conn.execute(
-            select(_sessions.c.parent_session_id, _sessions.c.title).where(
-                self._owned(session_id)
-            )
+            select(_sessions.c.parent_session_id, _sessions.c.title).where(self._owned(session_id))
         ).first()
         if parent is not None and (kept is None or kept.parent_session_id is None):
             if conn.dialect.name == "postgresql":
