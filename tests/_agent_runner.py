@@ -376,6 +376,17 @@ def main(spec_path: str, out_path: str) -> None:
         # conversation_history is the live list itself, so no baseline is passed.
         agent._persist_session(history, None)
 
+    if spec.finalize is not None:
+        # What the CLI's exit does (cli.py): the session's end, through the plugins.
+        from hermes_cli.plugins import invoke_hook
+
+        invoke_hook(
+            "on_session_finalize",
+            session_id=agent.session_id,
+            platform="cli",
+            reason=spec.finalize,
+        )
+
     # The review forks are daemon threads: exiting now would cut them off mid-request.
     for thread in threading.enumerate():
         if thread.name == "bg-review":

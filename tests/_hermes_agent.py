@@ -16,7 +16,9 @@ Typical use::
 Markers in a user message steer :class:`FakeLLM`: ``[tools]`` (two parallel
 ``read_file`` calls, then the answer), ``[compress]`` (the tool-call response reports
 60,000 prompt tokens, so compression fires at ``model.context_length`` 64,000) and
-``[hang]`` (the final-answer request blocks until :attr:`FakeLLM.release`).
+``[hang]`` (the final-answer request blocks until :attr:`FakeLLM.release`) and
+``[fail]`` (the final-answer request answers HTTP 500, every time: the turn fails
+once Hermes' retries are spent).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ RUNNER = Path(__file__).with_name("_agent_runner.py")
 TOOLS_MARKER = "[tools]"
 COMPRESS_MARKER = "[compress]"
 HANG_MARKER = "[hang]"
+FAIL_MARKER = "[fail]"
 # How Hermes' own auxiliary requests begin (agent/context_compressor.py and
 # agent/background_review.py); they are answered without consulting the markers.
 SUMMARY_PREFIX = "You are a summarization agent"
@@ -53,7 +56,7 @@ TOOL_FILES = ("a.txt", "b.txt")  # created by the runner in the agent's TERMINAL
 COMPRESS_PROMPT_TOKENS = 60_000
 HANG_LIMIT = 60.0
 
-RequestKind = Literal["chat", "compression", "review", "probe"]
+RequestKind = Literal["chat", "compression", "review", "probe", "failed"]
 
 
 def _text(content: Any) -> str:
@@ -106,7 +109,10 @@ class _Handler(BaseHTTPRequestHandler):
         body: dict[str, Any] = json.loads(raw or b"{}")
         payload = self.server.llm.complete(body, self.path)
         try:
-            if body.get("stream"):
+            if payload is None:
+                error = {"message": "the fake model fails", "type": "server_error"}
+                self._send_json(500, {"error": error})
+            elif body.get("stream"):
                 self._send_sse(payload)
             else:
                 self._send_json(200, payload)
@@ -222,8 +228,11 @@ class FakeLLM:
         with self._lock:
             return [r["kind"] for r in self.requests]
 
-    def complete(self, body: dict[str, Any], path: str) -> dict[str, Any]:
-        """The ``chat.completion`` answering ``body`` (may block on a ``[hang]`` turn)."""
+    def complete(self, body: dict[str, Any], path: str) -> dict[str, Any] | None:
+        """The ``chat.completion`` answering ``body`` (may block on a ``[hang]`` turn).
+
+        None: a ``[fail]`` turn's final answer, a server error.
+        """
         messages: list[dict[str, Any]] = body.get("messages") or []
         last_user = max(
             (i for i, m in enumerate(messages) if m.get("role") == "user"), default=None
@@ -256,6 +265,9 @@ class FakeLLM:
                 # Reported after the tool batch, this trips Hermes' post-response
                 # should_compress() check against 0.75 * 64,000 tokens.
                 prompt_tokens = COMPRESS_PROMPT_TOKENS
+        elif FAIL_MARKER in user_text:
+            self.log({"kind": "failed", "path": path, "stream": bool(body.get("stream"))})
+            return None
         else:
             if HANG_MARKER in user_text:
                 self.hung.set()
@@ -329,6 +341,8 @@ class AgentSpec:
             TUI gateway does (store mode then copies the session, as the mirror does).
         undo_before_turns: Turn indices before which the last exchange is taken
             back as Hermes' CLI ``/undo`` does it (``HermesCLI.undo_last``).
+        finalize: After the last turn, end the session as Hermes' CLI does at its
+            exit (``on_session_finalize`` with this reason), before ``close()``.
     """
 
     hermes_home: Path
@@ -348,6 +362,7 @@ class AgentSpec:
     gateway: bool = False
     db_before_plugins: bool = False
     undo_before_turns: list[int] = field(default_factory=list)
+    finalize: str | None = None
 
     def to_json(self) -> str:
         """The spec as JSON (paths as strings)."""

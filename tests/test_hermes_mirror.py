@@ -213,6 +213,66 @@ def test_compression_child_is_linked_to_its_parent(
     assert orphan["extra"] == {"hermes_parent_session_id": "never-mirrored"}
 
 
+def test_a_compression_after_a_rewrite_continues_the_newest_revision(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """``/undo`` then a turn made ``s1#2``: the child of a later compression is linked to
+    ``s1#2`` (the conversation compressed), which ends with Hermes' reason."""
+    hermes_rows = {
+        "s1": {"source": "cli", "end_reason": "compression"},
+        "c1": {"source": "cli", "parent_session_id": "s1"},
+    }
+    m = Mirror(db_url, status=status, hermes_sessions=hermes_rows.get)
+    m.turn("s1", [*_turn(1), *_turn(2)])
+    m.turn("s1", [*_turn(1), *_turn(3)])  # the second turn taken back, another made
+    m.turn("c1", [{"role": "user", "content": "[summary]"}, *_turn(4)])
+    m.close()
+    ends = {
+        s["id"]: (s["parent_session_id"], s["end_reason"]) for s in store.list_sessions().sessions
+    }
+    assert ends == {
+        "s1": (None, "rewritten"),
+        "s1#2": ("s1", "compression"),
+        "c1": ("s1#2", None),
+    }
+
+
+def test_the_end_writes_a_last_turn_that_fired_no_hook(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """A turn that failed (the model's API) or was interrupted fires no hook, yet Hermes
+    stored its messages: the session's end writes them, when they continue the mirrored
+    history; a Hermes conversation that does not is left alone (no revision)."""
+    failed = [*_turn(1), {"role": "user", "content": "question 2"}, _turn(2)[1]]
+    stored_by_hermes = {
+        "s1": failed,
+        "s2": _turn(9),  # not what the mirror holds of s2: Hermes' own write failed, say
+        "s3": failed,  # its only turn failed: no hook ever fired for it
+    }
+    hermes_rows = {"s1": {"source": "cli"}, "s2": {"source": "cli"}, "s3": {"source": "tui"}}
+    m = Mirror(
+        db_url,
+        status=status,
+        hermes_sessions=hermes_rows.get,
+        hermes_conversation=stored_by_hermes.get,
+        wait=5.0,
+    )
+    m.turn("s1", _turn(1))
+    m.turn("s2", _turn(1))
+    for session_id in ("s1", "s2", "s3", "never-seen"):
+        assert m.finalize(session_id, "cli_close")
+    m.close()
+    assert _stored(store, "s1") == failed
+    assert _stored(store, "s2") == _turn(1)
+    assert _stored(store, "s3") == failed
+    ends = {s["id"]: (s["source"], s["end_reason"]) for s in store.list_sessions().sessions}
+    assert ends == {
+        "s1": ("cli", "cli_close"),
+        "s2": ("cli", "cli_close"),
+        "s3": ("tui", "cli_close"),
+    }
+
+
 def test_finalize_ends_the_current_revision(mirror: Mirror, store: SessionStore) -> None:
     mirror.turn("s1", _turn(1))
     mirror.turn("s1", _turn(2))

@@ -162,6 +162,35 @@ def test_hermes_own_store_failing_mid_turn_leaves_the_mirror_exact(
         assert core(hermes) == core(final)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-one-session", "compressed-away"])
+def test_a_last_turn_that_failed_is_mirrored_by_the_sessions_end(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path, llm: FakeLLM, in_place: bool
+) -> None:
+    """The model's API fails the last turn past Hermes' retries: no hook fires, yet
+    Hermes stored the turn (the user's message, the tool calls made, their results).
+    The CLI's exit ends the session, and the mirror then holds what Hermes holds; a
+    failed turn that first compressed into a new session makes that child, the
+    parent ended ``compression``."""
+    spec.compression_in_place = None if in_place else False
+    spec.turns = ["[tools] one", "[tools] two [fail]" if in_place else "[tools] [compress] [fail]"]
+    spec.finalize = "cli_close"
+    result = run_agent(spec, tmp_path / "out.json")
+    assert "failed" in llm.kinds()
+    session_id = result["turns"][-1]["session_id"]
+    assert (session_id == "s1") is in_place
+    hermes = _hermes_rows(spec, session_id)
+    assert core(hermes) == core(result["turns"][-1]["messages"])
+    _assert_mirrored(store, session_id, result["turns"][-1]["messages"])
+    ended = store.get_session(session_id)
+    assert ended is not None
+    assert ended["end_reason"] == "cli_close"
+    if not in_place:
+        assert ended["parent_session_id"] == "s1"
+        parent = store.get_session("s1")
+        assert parent is not None
+        assert parent["end_reason"] == "compression"
+
+
 def test_a_turn_with_the_mirror_unavailable_loses_nothing(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, backend: str
 ) -> None:

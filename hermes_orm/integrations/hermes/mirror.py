@@ -538,6 +538,8 @@ def _running(pid: str) -> bool:
 
 #: Reads Hermes' own row of a session (a dict of its columns), or None.
 HermesSessions = Callable[[str], dict[str, Any] | None]
+#: Reads the conversation Hermes stored for a session (as a resume loads it), or None.
+HermesConversation = Callable[[str], list[dict[str, Any]] | None]
 
 _CATCH_UP = "the next completed turn of the session catches up"
 
@@ -551,6 +553,10 @@ class Mirror:
         hermes_sessions: Reads Hermes' own session row (source, user, model,
             parent); without it, sessions get the hook's platform and model.
         wait: Seconds a turn waits for its write.
+        hermes_conversation: Reads the conversation Hermes stored for a
+            session: at a session's end, what it holds past the mirrored
+            history (a last turn that failed or was interrupted fires no
+            hook) is written before the end.
     """
 
     #: Where what was not written is kept meanwhile, as the exit's warning says it.
@@ -563,10 +569,12 @@ class Mirror:
         status: StatusFile,
         hermes_sessions: HermesSessions | None = None,
         wait: float = DEFAULT_WAIT,
+        hermes_conversation: HermesConversation | None = None,
     ) -> None:
         self.url = url
         self.wait = wait
         self.status = status
+        self._hermes_conversation = hermes_conversation
         #: This mirror, as the status file names the writer of an error: its
         #: process, told apart from a later one given the same pid.
         self._mark = os.urandom(4).hex()
@@ -980,14 +988,20 @@ class Mirror:
             fields["started_at"] = float(started_at)
         parent = hermes.get("parent_session_id")
         if parent:
-            # Hermes moved the conversation on to this session (compression): no turn of
-            # the parent comes after to catch up its lists not written, before its end.
+            # Hermes moved the conversation on to this session (compression, a branch):
+            # no turn of the parent comes after to catch up its lists not written,
+            # before its end.
             self._catch_up(parent)
-            parent_row = store.get_session(parent)
-            if parent_row is not None:
-                fields["parent_session_id"] = parent
-                if parent_row["ended_at"] is None and hermes.get("parent_end_reason"):
-                    store.end_session(parent, hermes["parent_end_reason"])
+            revisions = self._revisions(store, parent)
+            if revisions:
+                # The parent's newest revision is the conversation moved on from (an
+                # older one was rewritten); each still open ends with Hermes' reason.
+                fields["parent_session_id"] = revisions[-1]["id"]
+                if hermes.get("parent_end_reason"):
+                    for row in revisions:
+                        if row["ended_at"] is None:
+                            store.end_session(row["id"], hermes["parent_end_reason"])
+                    self._tracked.pop(parent, None)
             else:  # Hermes' parent was never mirrored: name it without a link
                 fields["extra"] = {**fields.get("extra", {}), "hermes_parent_session_id": parent}
         store.ensure_session(turn.session_id, source, **fields)
@@ -1038,11 +1052,42 @@ class Mirror:
         self._track(sid, revised)
         return revised
 
+    def _catch_up_from_hermes(self, store: SessionStore, session_id: str) -> None:
+        """Write what Hermes stored of the session past the mirrored history.
+
+        A turn that failed (the model's API, past Hermes' retries) or was
+        interrupted fires no hook, yet Hermes stores its messages (the user's,
+        the tool calls made, their results): the session's next completed turn
+        carries them, but none comes after its end. Only a conversation that
+        continues the mirrored history is written (a session never mirrored
+        is created): one that does not (Hermes' own write failed, or the mirror
+        was written by another) is left alone, never made a revision.
+        """
+        if self._hermes_conversation is None:
+            return
+        try:
+            stored = self._hermes_conversation(session_id)
+        except Exception as exc:  # Hermes' own store is a nicety here, never a blocker
+            logger.debug(
+                "hermes_orm mirror: cannot read Hermes' messages of %s: %s", session_id, exc
+            )
+            return
+        if not stored:
+            return
+        turn = Turn(session_id, conversation(stored))
+        tracked = self._tracked.get(session_id)
+        if tracked is None or not _continues(turn.messages, tracked):
+            tracked = self._resolve(store, turn)
+        if len(turn.messages) > len(tracked.stored) and _continues(turn.messages, tracked):
+            self._flush_in(store, turn)
+
     def _end(self, session_id: str, reason: str) -> None:
         # No turn comes after the end to catch up: the lists not written are tried now.
         self._write(session_id, self._unwritten.pop(session_id, []))
 
         def work(store: SessionStore) -> None:
+            if session_id not in self._unwritten:  # (its lists written: the database took them)
+                self._catch_up_from_hermes(store, session_id)
             self._tracked.pop(session_id, None)
             # Every revision still open: the live one, and any a list written late
             # (into the history it continues) left open; one rewritten keeps its reason.

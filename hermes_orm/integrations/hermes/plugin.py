@@ -73,6 +73,7 @@ from hermes_orm.integrations.hermes._upkeep import Repairs
 from hermes_orm.integrations.hermes.mirror import (
     DEFAULT_WAIT,
     STORE_WAIT,
+    HermesConversation,
     HermesSessions,
     Mirror,
     StatusFile,
@@ -163,23 +164,39 @@ def _check_url(url: str) -> None:
     parsed.get_dialect().import_dbapi()
 
 
-def hermes_sessions() -> HermesSessions:
-    """A reader of Hermes' own session rows (its ``state.db``, opened read-only when it exists)."""
+def hermes_state() -> tuple[HermesSessions, HermesConversation]:
+    """Readers of Hermes' own session rows and of the conversations it stored.
+
+    Its ``state.db``, opened read-only once it exists (by the first read that finds it).
+    """
     opened: list[Any] = []
     lock = threading.Lock()
 
-    def read(session_id: str) -> dict[str, Any] | None:
-        with lock:
-            if not opened:
-                from hermes_state import DEFAULT_DB_PATH, SessionDB
+    def db() -> Any:
+        if not opened:
+            from hermes_state import DEFAULT_DB_PATH, SessionDB
 
-                if not Path(DEFAULT_DB_PATH).exists():
-                    return None
-                opened.append(SessionDB(read_only=True))
-            row = opened[0].get_session(session_id)
+            if not Path(DEFAULT_DB_PATH).exists():
+                return None
+            opened.append(SessionDB(read_only=True))
+        return opened[0]
+
+    def session(session_id: str) -> dict[str, Any] | None:
+        with lock:
+            found = db()
+            row = found.get_session(session_id) if found is not None else None
         return dict(row) if row else None
 
-    return read
+    def conversation(session_id: str) -> list[dict[str, Any]] | None:
+        with lock:
+            found = db()
+            if found is None:
+                return None
+            messages = found.get_messages_as_conversation(session_id)
+        # (The gateway's transcript opens with a row that is no message of the agent's.)
+        return [m for m in messages if m.get("role") != "session_meta"]
+
+    return session, conversation
 
 
 # -- store mode ------------------------------------------------------------------------------
@@ -462,7 +479,14 @@ def register(ctx: Any) -> None:
         mirror = StoreFlush(url, status=status, wait=wait)
         StoreSessionDB.repairs = mirror
     else:
-        mirror = Mirror(url, status=status, hermes_sessions=hermes_sessions(), wait=wait)
+        sessions, conversations = hermes_state()
+        mirror = Mirror(
+            url,
+            status=status,
+            hermes_sessions=sessions,
+            wait=wait,
+            hermes_conversation=conversations,
+        )
     for name, callback in make_hooks(mirror).items():
         ctx.register_hook(name, callback)
     atexit.register(mirror.close)
