@@ -22,6 +22,7 @@ import logging
 import math
 import operator
 import os
+import re
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -351,9 +353,17 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
-#: The PostgreSQL advisory lock writes setting a parent link take turns on (the
-#: bytes of "hermesLN"): see SessionStore._check_references.
-_LINEAGE_LOCK = 0x6865726D65734C4E
+_LINEAGE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
+def take_lineage_turn(conn: Connection, schema: str | None) -> None:
+    """On PostgreSQL, the turn of writes setting parent links in ``schema`` (to the commit).
+
+    Each looks for a loop after taking it, so two of them never each miss
+    the link the other adds (see StoreCore._check_references).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LINEAGE_LOCK, {"key": f"hermes_orm lineage {schema or ''}"})
 
 #: The unique index of session titles.
 _TITLE_INDEX = "ix_hermes_sessions_title_unique"
@@ -390,6 +400,10 @@ def _check_filter(name: str, value: Any) -> str | None:
     return value
 
 
+#: A high surrogate followed by a low one: a character held as two code units.
+_SPLIT_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
 def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate caller-supplied session fields before anything is written."""
     for name, value in fields.items():
@@ -413,12 +427,13 @@ def check_fields(fields: dict[str, Any]) -> dict[str, Any]:
                 _codec._check_json(value, None, name)
             except InvalidMessageError as exc:
                 raise InvalidSessionError(f"session field {name!r}: {exc.reason}") from None
-            try:  # its text as stored: a lone surrogate (or a pair split in two) has none
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
+            # Lone surrogates are kept (escaped in the JSON text, as Hermes keeps them);
+            # a pair held as two code units would read back as the one character.
+            if _SPLIT_PAIR.search(json.dumps(value, ensure_ascii=False)):
                 raise InvalidSessionError(
-                    f"session field {name!r} contains lone surrogate characters (not valid Unicode)"
-                ) from None
+                    f"session field {name!r} holds a surrogate pair as two code units "
+                    "(it would read back as the one character they make): store that character"
+                )
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidSessionError(f"session field {name!r} must be a number")
@@ -1088,12 +1103,16 @@ class StoreCore:
         tells no one which session holds a title).
 
         On PostgreSQL the checks hold until the commit, as SQLite's write lock
-        makes them hold there: the parent's row is read ``FOR SHARE`` (neither
-        deleted nor given to another user meanwhile), and writes that set a
-        parent take turns (:data:`_LINEAGE_LOCK`), so two of them never each
-        miss the link the other adds (``a -> b`` beside ``b -> a``). A title
-        taken by a write under way is refused by its unique index
-        (:func:`_title_taken`).
+        makes them hold there. The session's own row is locked as it is read
+        (what it keeps is not unlinked meanwhile); the parent's row is read
+        ``FOR KEY SHARE`` (not deleted meanwhile; that blocks none of its
+        updates, so no deadlock with a transaction updating both rows); and
+        writes that set a parent in the same schema then take turns on an
+        advisory lock, so two of them never each miss the link the other adds
+        (``a -> b`` beside ``b -> a``). A title taken by a write under way is
+        refused by its unique index (:func:`_title_taken`). (A parent given to
+        another user meanwhile needs no lock: the child was made while it was
+        this user's, as if before.)
         """
         parent = values.get("parent_session_id")
         title = values.get("title")
@@ -1103,16 +1122,19 @@ class StoreCore:
             return
         # (Of this store's sessions only: another user's is none of a scoped store's.)
         kept = conn.execute(
-            select(_sessions.c.parent_session_id, _sessions.c.title).where(self._owned(session_id))
+            select(_sessions.c.parent_session_id, _sessions.c.title)
+            .where(self._owned(session_id))
+            .with_for_update(key_share=True)
         ).first()
         if parent is not None and (kept is None or kept.parent_session_id is None):
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LINEAGE_LOCK})")
             found = conn.execute(
-                select(_sessions.c.id).where(self._owned(parent)).with_for_update(read=True)
+                select(_sessions.c.id)
+                .where(self._owned(parent))
+                .with_for_update(read=True, key_share=True)
             ).first()
             if found is None:
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
+            take_lineage_turn(conn, self._schema)
             if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
                 raise InvalidSessionError(
                     f"parent session {parent!r} descends from session {session_id!r}: "
@@ -1975,6 +1997,24 @@ def refuse_orphans(conn: Connection, session_id: str) -> None:
             "that id are still stored (their session row was deleted with foreign keys off); "
             "restore its session row or delete them (hermes-orm verify lists them)"
         )
+
+
+def hold_sessions(conn: Connection, schema: str | None) -> None:
+    """Hold the sessions table against other writers to the end of the transaction.
+
+    For a write of many sessions whose checks read the table first (an
+    import: ids present, titles held, parent links): on PostgreSQL no other
+    transaction writes a session meanwhile (``SHARE ROW EXCLUSIVE``: reads
+    go on; a flush moving a cursor waits), nor sets a parent link in
+    ``schema`` (:func:`take_lineage_turn`: a write that took its turn first
+    is waited for, one after it looks for a loop once this one committed),
+    so what the checks read stays true until the commit. On SQLite the write transaction holds the
+    database's write lock already.
+    """
+    if conn.dialect.name == "postgresql":
+        take_lineage_turn(conn, schema)
+        table = conn.dialect.identifier_preparer.format_table(_sessions)
+        conn.exec_driver_sql(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
 
 
 #: The stores keeping a connection of each engine's pool, for the engine's one

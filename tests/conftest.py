@@ -306,13 +306,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """
     if "backend" not in metafunc.fixturenames:
         return
+    on = metafunc.definition.get_closest_marker("backends")
+    backends = ("sqlite", "postgresql") if on is None else on.args
     if "api" not in metafunc.fixturenames:
-        metafunc.parametrize("backend", BACKENDS)
+        metafunc.parametrize("backend", [b for b in BACKENDS if b.values[0] in backends])
         return
     only = metafunc.definition.get_closest_marker("apis")
     wanted = set(API) if only is None else set(only.args)
-    on = metafunc.definition.get_closest_marker("backends")
-    backends = ("sqlite", "postgresql") if on is None else on.args
     combos = [
         pytest.param(backend, api, marks=getattr(pytest.mark, backend), id=f"{backend}-{api}")
         for backend, apis in (("sqlite", API[:2]), ("postgresql", API))

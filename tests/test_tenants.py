@@ -328,29 +328,3 @@ def test_a_view_deletes_no_session_given_to_another_user_meanwhile(engine: Engin
     else:
         assert deleted is True
         assert (bob.result, store.get_session("d")) == (0, None)
-
-
-def test_a_view_makes_no_child_of_a_parent_given_to_another_user_meanwhile(
-    engine: Engine,
-) -> None:
-    """Given to bob once alice's view found the parent hers: either bob got it first,
-    and the child is refused, or the child goes first (the parent's row held), then
-    bob's change."""
-    store = SessionStore(engine)
-    store.create_session("p", source="cli", user_id="alice")
-    alice = store.for_user("alice")
-    with meanwhile(engine, _picked, lambda: _give_to_bob(engine, "p")) as bob:
-        try:
-            alice.create_session("c", source="cli", parent_session_id="p")
-            refused = None
-        except InvalidSessionError as exc:
-            refused = exc
-    assert bob.error is None
-    assert bob.result == 1
-    if bob.first:
-        assert refused is not None
-        assert "does not exist" in str(refused)
-        assert store.get_session("c") is None
-    else:
-        assert refused is None
-        assert store.get_session("c")["parent_session_id"] == "p"  # type: ignore[index]
