@@ -751,11 +751,13 @@ def _run(
             before,
         ),
     ):
-        if downgrade and (
-            _missing_schema(conn, schema) or (before.revision is None and args == ("base",))
-        ):
-            # Nothing of hermes_orm's to take down (a mistyped name, say): no revision
-            # runs, no version table is made, and where pg_trgm is does not matter.
+        if downgrade and _missing_schema(conn, schema):
+            return True  # nothing of hermes_orm's to take down (a mistyped name, say)
+        if downgrade and before.revision is None and args == ("base",):
+            # Nothing of hermes_orm's to take down, unless tables named as its are
+            # there without a revision of its (refused, as an upgrade refuses them):
+            # no revision runs, no version table is made, wherever pg_trgm is.
+            _refuse_unversioned_tables(conn, schema)
             return True
         if (
             before.table == HOST_VERSION_TABLE

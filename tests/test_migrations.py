@@ -1324,6 +1324,20 @@ def test_a_downgrade_the_database_refuses_is_a_database_error(empty_pg: str) -> 
     engine.dispose()
 
 
+def test_a_downgrade_to_base_without_a_revision_of_ours(empty_db_url: str) -> None:
+    """Nothing of hermes_orm's: nothing done, no version table made. Tables named as its
+    without a revision of its (``create_all``): refused, as an upgrade refuses them."""
+    engine = create_store_engine(empty_db_url, poolclass=NullPool)
+    hermes_orm.downgrade(engine, "base")
+    assert inspect(engine).get_table_names() == []
+    hermes_orm.models.Base.metadata.create_all(engine)
+    made = set(inspect(engine).get_table_names())
+    with pytest.raises(DatabaseError, match="tables named as hermes_orm's"):
+        hermes_orm.downgrade(engine, "base")
+    assert set(inspect(engine).get_table_names()) == made
+    engine.dispose()
+
+
 def test_differences_leave_out_a_host_s_models_on_hermes_orm_s_base(empty_db_url: str) -> None:
     """A host's models may subclass hermes_orm's Base: the tables they add are the host's."""
     from sqlalchemy import Column, ForeignKey, Integer, String, Table
