@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import subprocess
@@ -271,6 +272,23 @@ def test_the_end_writes_a_last_turn_that_fired_no_hook(
         "s2": ("cli", "cli_close"),
         "s3": ("tui", "cli_close"),
     }
+
+
+def test_the_end_ends_a_session_whose_stored_turn_the_store_refuses(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """What Hermes stored past the mirrored history holds a message the store refuses
+    (a NaN in a tool call's arguments, which Hermes' JSON takes): the end is kept."""
+    refused = {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "x": math.nan}]}
+    stored_by_hermes = {"s1": [*_turn(1), {"role": "user", "content": "question 2"}, refused]}
+    m = Mirror(db_url, status=status, hermes_conversation=stored_by_hermes.get, wait=5.0)
+    m.turn("s1", _turn(1))
+    assert m.finalize("s1", "cli_close")
+    m.close()
+    assert _stored(store, "s1") == _turn(1)
+    ended = store.get_session("s1")
+    assert ended is not None
+    assert ended["end_reason"] == "cli_close"
 
 
 def test_finalize_ends_the_current_revision(mirror: Mirror, store: SessionStore) -> None:

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
@@ -74,6 +74,8 @@ from hermes_orm.models import Message, Session
 from hermes_orm.store import SessionStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds a turn waits for its write before the agent goes on (the write goes on).
 DEFAULT_WAIT = 1.0
@@ -1008,18 +1010,12 @@ class Mirror:
         return source
 
     def _hermes_row(self, session_id: str) -> dict[str, Any]:
-        if self._hermes_sessions is None:
-            return {}
-        try:
-            row = self._hermes_sessions(session_id) or {}
-            parent = row.get("parent_session_id")
-            if parent:
-                parent_row = self._hermes_sessions(parent) or {}
-                row = {**row, "parent_end_reason": parent_row.get("end_reason")}
-            return row
-        except Exception as exc:  # Hermes' own store is a nicety here, never a blocker
-            logger.debug("hermes_orm mirror: cannot read Hermes' row of %s: %s", session_id, exc)
-            return {}
+        row = _from_hermes(self._hermes_sessions, session_id, "row") or {}
+        parent = row.get("parent_session_id")
+        if parent:
+            parent_row = _from_hermes(self._hermes_sessions, parent, "row") or {}
+            row = {**row, "parent_end_reason": parent_row.get("end_reason")}
+        return row
 
     def _revise(self, store: SessionStore, turn: Turn, tracked: _Tracked) -> _Tracked:
         """A new, empty revision of the session for ``turn``'s list, linked to ``tracked``'s."""
@@ -1063,31 +1059,35 @@ class Mirror:
         is created): one that does not (Hermes' own write failed, or the mirror
         was written by another) is left alone, never made a revision.
         """
-        if self._hermes_conversation is None:
-            return
-        try:
-            stored = self._hermes_conversation(session_id)
-        except Exception as exc:  # Hermes' own store is a nicety here, never a blocker
-            logger.debug(
-                "hermes_orm mirror: cannot read Hermes' messages of %s: %s", session_id, exc
-            )
-            return
+        stored = _from_hermes(self._hermes_conversation, session_id, "messages")
         if not stored:
             return
         turn = Turn(session_id, conversation(stored))
         tracked = self._tracked.get(session_id)
         if tracked is None or not _continues(turn.messages, tracked):
             tracked = self._resolve(store, turn)
-        if len(turn.messages) > len(tracked.stored) and _continues(turn.messages, tracked):
+        if not _continues(turn.messages, tracked):
+            logger.info(
+                "hermes_orm mirror: Hermes' stored conversation of session %s does not continue "
+                "the mirrored one; what it holds past it is not mirrored",
+                session_id,
+            )
+        elif len(turn.messages) > len(tracked.stored):
             self._flush_in(store, turn)
 
     def _end(self, session_id: str, reason: str) -> None:
         # No turn comes after the end to catch up: the lists not written are tried now.
         self._write(session_id, self._unwritten.pop(session_id, []))
 
+        if session_id not in self._unwritten:  # (its lists written: the database took them)
+            # On its own: a refusal (a message the store cannot hold) ends the session still.
+            self._guarded(
+                session_id,
+                lambda store: self._catch_up_from_hermes(store, session_id),
+                catches_up=False,
+            )
+
         def work(store: SessionStore) -> None:
-            if session_id not in self._unwritten:  # (its lists written: the database took them)
-                self._catch_up_from_hermes(store, session_id)
             self._tracked.pop(session_id, None)
             # Every revision still open: the live one, and any a list written late
             # (into the history it continues) left open; one rewritten keeps its reason.
@@ -1097,6 +1097,20 @@ class Mirror:
 
         # Still failing, its error stays on record: the session ends without all of it.
         self._guarded(session_id, work, catches_up=False)
+
+
+def _from_hermes(read: Callable[[str], T | None] | None, session_id: str, what: str) -> T | None:
+    """What ``read`` finds of the session in Hermes' own store (None: nothing, or no reader).
+
+    Hermes' store is a nicety here, never a blocker: a failure to read it is None.
+    """
+    if read is None:
+        return None
+    try:
+        return read(session_id)
+    except Exception as exc:
+        logger.debug("hermes_orm mirror: cannot read Hermes' %s of %s: %s", what, session_id, exc)
+        return None
 
 
 def _runs(jobs: list[Turn]) -> list[list[Turn]]:
