@@ -29,7 +29,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes import SessionDB, _hermes_sql
-from tests.conftest import fresh_store, in_threads
+from tests.conftest import fresh_store, in_threads, meanwhile, table_name
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -1766,3 +1766,92 @@ def test_two_creators_of_one_session_through_hermes_sql_are_made_one_after_the_o
     told = sorted(map(str, said))
     assert told[:3] == ["exists", "made", "made"], told
     assert told[3] in ("title in use by titled-2", "title in use by titled-3"), told
+
+
+def test_prune_keeps_a_session_resumed_once_it_was_picked(
+    store: SessionStore, elsewhere: SessionDB
+) -> None:
+    """Another process resumes an old ended session and writes to it while a prune picks
+    it: a message it was told is stored is never deleted (the prune checks again under
+    the rows' locks, or goes first and the write finds no session)."""
+    db = SessionDB(store)
+    db.create_session("old", "cli")
+    db.append_message("old", "user", "first")
+    db.end_session("old", "user_exit")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE {table_name(store.engine, 'hermes_sessions')} "
+            "SET started_at = started_at - 100 * 86400 WHERE id = 'old'"
+        )
+
+    def resume() -> Any:
+        elsewhere.reopen_session("old")
+        return elsewhere.append_message("old", "user", "resumed")
+
+    def picked(statement: str) -> bool:
+        return statement.lstrip().startswith("SELECT hermes_sessions.id") and (
+            "ended_at IS NOT NULL" in statement
+        )
+
+    with meanwhile(store.engine, picked, resume) as other:
+        pruned = db.prune_sessions(older_than_days=90)
+    assert other.thread is not None
+    if other.error is None:  # acknowledged: kept
+        assert pruned == 0
+        assert [m["content"] for m in elsewhere.get_messages("old")] == ["first", "resumed"]
+    else:
+        assert pruned == 1
+        assert elsewhere.get_session("old") is None
+
+
+def test_a_delegate_made_while_its_parent_is_deleted_does_not_outlive_it(
+    store: SessionStore, elsewhere: SessionDB
+) -> None:
+    """Delegates go with the session deleted: one another process makes meanwhile is
+    refused (its parent's row is held, then gone), never left unlinked."""
+    db = SessionDB(store)
+    db.create_session("P", "cli")
+
+    def spawn() -> None:
+        config = {"_delegate_from": "P"}
+        elsewhere.create_session("D", "cli", parent_session_id="P", model_config=config)
+        elsewhere.append_message("D", "user", "a delegated task")
+
+    def delegates_read(statement: str) -> bool:
+        return "model_config IS NOT NULL" in statement
+
+    with meanwhile(store.engine, delegates_read, spawn) as delegate:
+        assert db.delete_session("P")
+    assert delegate.thread is not None
+    assert isinstance(delegate.error, InvalidSessionError), delegate.error
+    assert elsewhere.get_session("D") is None
+
+
+def test_import_sessions_beside_a_writer_of_the_same_id_and_title(
+    store: SessionStore, elsewhere: SessionDB
+) -> None:
+    """A session of the id, or a title, another process writes as import_sessions checks
+    them: that write waits for the import (its checks hold until it commits), never the
+    import failing with the database's own error."""
+    db = SessionDB(store)
+
+    def id_checked(statement: str) -> bool:
+        return statement.lstrip().startswith("SELECT hermes_sessions.id \nFROM") and (
+            "title" not in statement
+        )
+
+    messages = [{"role": "user", "content": "hi"}]
+    with meanwhile(store.engine, id_checked, lambda: elsewhere.create_session("x", "cli")):
+        result = db.import_sessions([{"id": "x", "source": "import", "messages": messages}])
+    assert result["imported_ids"] == ["x"], result
+    assert [m["content"] for m in elsewhere.get_messages("x")] == ["hi"]
+
+    elsewhere.create_session("y", "cli")
+
+    def title_checked(statement: str) -> bool:
+        return "hermes_sessions.title =" in statement
+
+    with meanwhile(store.engine, title_checked, lambda: elsewhere.set_session_title("y", "T")):
+        result = db.import_sessions([{"id": "z", "source": "import", "title": "T", "messages": []}])
+    assert result["imported_ids"] == ["z"], result
+    assert db.get_session("z")["title"] == "T"  # type: ignore[index]

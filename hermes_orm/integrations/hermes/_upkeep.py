@@ -63,7 +63,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session, new_history_id
-from hermes_orm.store import refuse_orphans
+from hermes_orm.store import hold_sessions, refuse_orphans
 
 _T = TypeVar("_T")
 
@@ -946,8 +946,12 @@ class UpkeepMethods:
         listed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
+            # Their rows locked first (PostgreSQL), as delete_session's.
             listed[:] = conn.execute(
-                select(_sessions.c.id).where(_sessions.c.id.in_(wanted))
+                select(_sessions.c.id)
+                .where(_sessions.c.id.in_(wanted))
+                .order_by(_sessions.c.id)
+                .with_for_update()
             ).scalars()
             return [*listed, *_delegates_of(conn, listed)] if listed else []
 
@@ -1359,6 +1363,8 @@ class UpkeepMethods:
         valid: list[tuple[int, dict[str, Any], list[_codec.EncodedMessage]]],
     ) -> dict[str, Any]:
         """Write the checked sessions in ``conn``'s transaction; the import's result."""
+        # What the checks below read stays true until the commit.
+        hold_sessions(conn, self._store.schema)
         s = _sessions.c
         imported: list[str] = []
         skipped: list[str] = []

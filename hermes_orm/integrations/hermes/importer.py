@@ -63,6 +63,7 @@ from hermes_orm.store import (
     SessionStore,
     check_fields,
     flush_sql,
+    hold_sessions,
     prepare_many,
     write_prepared,
 )
@@ -918,6 +919,9 @@ def _upsert_sessions(
     wanted = {f["id"]: f for f in rows if f["id"] not in skip}
 
     def work(conn: Connection) -> int:
+        # What is read below (ids present, titles held, rows to compare) stays true
+        # until the commit: no session id, title or parent link is written meanwhile.
+        hold_sessions(conn, store.schema)
         present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))}
         titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
         # Who holds each title now; a holder the import updates gives it up below.

@@ -68,7 +68,12 @@ from hermes_orm.integrations.hermes._text import (
     sqlite_integer,
     sqlite_text,
 )
-from hermes_orm.integrations.hermes._upkeep import UpkeepMethods, started_before
+from hermes_orm.integrations.hermes._upkeep import (
+    UpkeepMethods,
+    _delegates_of,
+    _picked_under_lock,
+    started_before,
+)
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session, new_history_id
 from hermes_orm.store import SessionStore
 
@@ -177,29 +182,6 @@ def _json_text(value: Any) -> str | None:
     if value is None:
         return None
     return json.dumps(value)
-
-
-def _delegate_children(conn: Connection, parent: str) -> list[str]:
-    """Sessions created as delegates of ``parent``, and of those, recursively."""
-    rows = conn.execute(
-        select(_sessions.c.id, _sessions.c.parent_session_id, _sessions.c.model_config).where(
-            _sessions.c.model_config.is_not(None)
-        )
-    ).all()
-    delegate_of: dict[str, set[str]] = {}
-    for sid, parent_id, config in rows:
-        marker = config.get("_delegate_from") if isinstance(config, dict) else None
-        if marker is None:
-            continue
-        for owner in {marker, parent_id} - {None}:
-            delegate_of.setdefault(owner, set()).add(sid)
-    found: set[str] = {parent}
-    frontier = [parent]
-    while frontier:
-        frontier = [c for p in frontier for c in delegate_of.get(p, ()) if c not in found]
-        found.update(frontier)
-    found.discard(parent)
-    return sorted(found)
 
 
 #: What a compressed conversation's listing entry takes from its live continuation.
@@ -1554,10 +1536,14 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """
 
         def pick(conn: Connection) -> list[str]:
-            found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id))
+            # Its row locked first (PostgreSQL): a delegate made meanwhile waits, and
+            # finds no parent, rather than being missed and left behind unlinked.
+            found = conn.execute(
+                select(_sessions.c.id).where(_sessions.c.id == session_id).with_for_update()
+            )
             if found.first() is None:
                 return []
-            return [session_id, *_delegate_children(conn, session_id)]
+            return [session_id, *_delegates_of(conn, [session_id])]
 
         return bool(self._delete_picked(pick, sessions_dir))
 
@@ -1580,10 +1566,10 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             filters["started_before"] = started_before(older_than_days)
         where = _prune_where(source=source, **filters)
 
-        def pick(conn: Connection) -> list[str]:
-            return list(conn.execute(select(_sessions.c.id).where(*where)).scalars())
-
-        return len(self._delete_picked(pick, sessions_dir))
+        # Checked again under the rows' locks (PostgreSQL): one reopened and written
+        # meanwhile (a resumed session) is no longer ended, and is kept.
+        query = select(_sessions.c.id).where(*where)
+        return len(self._delete_picked(lambda c: _picked_under_lock(c, query), sessions_dir))
 
     # -- meta ---------------------------------------------------------------------------------
 
