@@ -2008,8 +2008,9 @@ def hold_sessions(conn: Connection, schema: str | None) -> None:
     go on; a flush moving a cursor waits), nor sets a parent link in
     ``schema`` (:func:`take_lineage_turn`: a write that took its turn first
     is waited for, one after it looks for a loop once this one committed),
-    so what the checks read stays true until the commit. On SQLite the write transaction holds the
-    database's write lock already.
+    so what the checks read stays true until the commit. The lineage turn
+    comes first: a write holding it is never kept waiting by the table lock.
+    On SQLite the write transaction holds the database's write lock already.
     """
     if conn.dialect.name == "postgresql":
         take_lineage_turn(conn, schema)
