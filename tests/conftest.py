@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -394,6 +395,10 @@ class Meanwhile:
             self.done.set()
 
 
+#: A schema naming a table of hermes_orm's in a statement (``agents.hermes_sessions``).
+_QUALIFIER = re.compile(r'(?:"[^"]+"|\w+)\.(?=hermes_)')
+
+
 @contextlib.contextmanager
 def meanwhile(
     engine: Engine, when: Callable[[str], bool], do: Callable[[], Any], wait: float = 1.0
@@ -402,13 +407,16 @@ def meanwhile(
 
     That statement's transaction is still open: its thread waits for ``do`` up
     to ``wait`` seconds (a lock it holds keeps ``do`` waiting that long), then
-    goes on. The block's end waits for ``do`` to end.
+    goes on. The block's end waits for ``do`` to end. ``when`` is given the
+    statement with its tables' schema left out (as run under ``--in-schema``).
     """
     caller = threading.current_thread()
     state = Meanwhile()
 
     def ran(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if threading.current_thread() is caller and state.thread is None and when(statement):
+        if threading.current_thread() is not caller or state.thread is not None:
+            return
+        if when(_QUALIFIER.sub("", statement)):
             state.thread = threading.Thread(target=state.run, args=(do,))
             state.thread.start()
             state.first = state.done.wait(wait)

@@ -196,6 +196,7 @@ def test_parent_links_written_at_once_never_make_a_loop(engine: Engine) -> None:
             refused = None
         except InvalidSessionError as exc:
             refused = exc
+    assert b.thread is not None  # (b's write ran)
     a, b_ = store.get_session("a"), store.get_session("b")
     assert a is not None
     assert b_ is not None
@@ -231,6 +232,7 @@ def test_a_title_taken_at_once_is_a_typed_error(engine: Engine, make: str) -> No
             refused = None
         except InvalidSessionError as exc:
             refused = exc
+    assert y.thread is not None  # (the other write ran)
     titles = {s["id"]: s["title"] for s in store.list_sessions().sessions}
     if refused is not None:
         assert "already used" in str(refused)
