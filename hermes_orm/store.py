@@ -45,7 +45,6 @@ from sqlalchemy import (
     func,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -353,17 +352,22 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
-_LINEAGE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+#: Keyed by the schema the transaction's tables are in (its search_path's first:
+#: a store's schema, or the default one however it is named).
+_LINEAGE_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm lineage ' || current_schema(), 0))"
+)
 
 
-def take_lineage_turn(conn: Connection, schema: str | None) -> None:
-    """On PostgreSQL, the turn of writes setting parent links in ``schema`` (to the commit).
+def take_lineage_turn(conn: Connection) -> None:
+    """On PostgreSQL, the turn of writes setting parent links in this schema (to the commit).
 
     Each looks for a loop after taking it, so two of them never each miss
     the link the other adds (see StoreCore._check_references).
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(_LINEAGE_LOCK, {"key": f"hermes_orm lineage {schema or ''}"})
+        conn.exec_driver_sql(_LINEAGE_LOCK)
+
 
 #: The unique index of session titles.
 _TITLE_INDEX = "ix_hermes_sessions_title_unique"
@@ -1134,7 +1138,7 @@ class StoreCore:
             ).first()
             if found is None:
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
-            take_lineage_turn(conn, self._schema)
+            take_lineage_turn(conn)
             if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
                 raise InvalidSessionError(
                     f"parent session {parent!r} descends from session {session_id!r}: "
@@ -1997,25 +2001,6 @@ def refuse_orphans(conn: Connection, session_id: str) -> None:
             "that id are still stored (their session row was deleted with foreign keys off); "
             "restore its session row or delete them (hermes-orm verify lists them)"
         )
-
-
-def hold_sessions(conn: Connection, schema: str | None) -> None:
-    """Hold the sessions table against other writers to the end of the transaction.
-
-    For a write of many sessions whose checks read the table first (an
-    import: ids present, titles held, parent links): on PostgreSQL no other
-    transaction writes a session meanwhile (``SHARE ROW EXCLUSIVE``: reads
-    go on; a flush moving a cursor waits), nor sets a parent link in
-    ``schema`` (:func:`take_lineage_turn`: a write that took its turn first
-    is waited for, one after it looks for a loop once this one committed),
-    so what the checks read stays true until the commit. The lineage turn
-    comes first: a write holding it is never kept waiting by the table lock.
-    On SQLite the write transaction holds the database's write lock already.
-    """
-    if conn.dialect.name == "postgresql":
-        take_lineage_turn(conn, schema)
-        table = conn.dialect.identifier_preparer.format_table(_sessions)
-        conn.exec_driver_sql(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
 
 
 #: The stores keeping a connection of each engine's pool, for the engine's one

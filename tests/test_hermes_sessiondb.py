@@ -1830,9 +1830,9 @@ def test_a_delegate_made_while_its_parent_is_deleted_does_not_outlive_it(
 def test_import_sessions_beside_a_writer_of_the_same_id_and_title(
     store: SessionStore, elsewhere: SessionDB
 ) -> None:
-    """A session of the id, or a title, another process writes as import_sessions checks
-    them: that write waits for the import (its checks hold until it commits), never the
-    import failing with the database's own error."""
+    """A session of the id, or a title, another process writes once import_sessions
+    checked them: the session is skipped, as one there before; the title refused with
+    Hermes' error (nothing imported), never the database's own error."""
     db = SessionDB(store)
 
     def id_checked(statement: str) -> bool:
@@ -1841,17 +1841,35 @@ def test_import_sessions_beside_a_writer_of_the_same_id_and_title(
         )
 
     messages = [{"role": "user", "content": "hi"}]
-    with meanwhile(store.engine, id_checked, lambda: elsewhere.create_session("x", "cli")):
+    with meanwhile(store.engine, id_checked, lambda: elsewhere.create_session("x", "cli")) as x:
         result = db.import_sessions([{"id": "x", "source": "import", "messages": messages}])
-    assert result["imported_ids"] == ["x"], result
-    assert [m["content"] for m in elsewhere.get_messages("x")] == ["hi"]
+    assert x.thread is not None
+    assert x.error is None
+    if x.first:  # made before the import's insert (PostgreSQL): skipped
+        assert (result["imported_ids"], result["skipped_ids"]) == ([], ["x"]), result
+        assert elsewhere.get_messages("x") == []
+    else:  # (on SQLite the import's write lock keeps it out first)
+        assert result["imported_ids"] == ["x"], result
 
     elsewhere.create_session("y", "cli")
 
     def title_checked(statement: str) -> bool:
         return "hermes_sessions.title =" in statement
 
-    with meanwhile(store.engine, title_checked, lambda: elsewhere.set_session_title("y", "T")):
-        result = db.import_sessions([{"id": "z", "source": "import", "title": "T", "messages": []}])
-    assert result["imported_ids"] == ["z"], result
-    assert db.get_session("z")["title"] == "T"  # type: ignore[index]
+    def take_it() -> None:
+        elsewhere.set_session_title("y", "T")
+
+    with meanwhile(store.engine, title_checked, take_it) as y:
+        try:
+            db.import_sessions([{"id": "z", "source": "import", "title": "T", "messages": []}])
+            refused = None
+        except InvalidArgumentError as exc:
+            refused = exc
+    assert y.thread is not None
+    if y.first:  # taken before the import's insert (PostgreSQL)
+        assert refused is not None
+        assert "already in use" in str(refused)
+        assert db.get_session("z") is None
+    else:
+        assert refused is None
+        assert db.get_session("z")["title"] == "T"  # type: ignore[index]

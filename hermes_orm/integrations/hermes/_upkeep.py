@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -40,7 +40,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
@@ -63,7 +63,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session, new_history_id
-from hermes_orm.store import hold_sessions, refuse_orphans
+from hermes_orm.store import refuse_orphans, take_lineage_turn
 
 _T = TypeVar("_T")
 
@@ -281,6 +281,17 @@ def _import_error(index: int, session_id: str, error: str) -> dict[str, Any]:
     if session_id:
         item["session_id"] = session_id
     return item
+
+
+@contextlib.contextmanager
+def _title_in_use(title: str | None) -> Iterator[None]:
+    """A title the unique index finds taken (by a write since the check): Hermes' refusal."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if title is None or "title" not in str(exc.orig):
+            raise
+        raise InvalidArgumentError(f"Title '{title}' is already in use") from None
 
 
 def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
@@ -1363,8 +1374,6 @@ class UpkeepMethods:
         valid: list[tuple[int, dict[str, Any], list[_codec.EncodedMessage]]],
     ) -> dict[str, Any]:
         """Write the checked sessions in ``conn``'s transaction; the import's result."""
-        # What the checks below read stays true until the commit.
-        hold_sessions(conn, self._store.schema)
         s = _sessions.c
         imported: list[str] = []
         skipped: list[str] = []
@@ -1382,7 +1391,18 @@ class UpkeepMethods:
                         f"Title '{title}' is already in use by session {holder}"
                     )
             parent = fields["parent_session_id"]  # linked once every session is in
-            conn.execute(_sessions.insert().values({**fields, "parent_session_id": None}))
+            # A session of the id made since the check (PostgreSQL) is skipped too; a
+            # title taken since is refused as one held before.
+            with _title_in_use(title):
+                made = conn.execute(
+                    _dialects.insert_maker(conn.dialect.name)(_sessions)
+                    .values({**fields, "parent_session_id": None})
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .execution_options(preserve_rowcount=True)
+                ).rowcount
+            if made != 1:
+                skipped.append(session_id)
+                continue
             refuse_orphans(conn, session_id)
             if encoded:
                 self._store.insert_rows(conn, session_id, 0, None, encoded, history=0)
@@ -1405,8 +1425,12 @@ class UpkeepMethods:
             return False
 
         detached = 0
+        if links:
+            take_lineage_turn(conn)  # (links set meanwhile are seen by the walks below)
         for child, parent in links:
-            found = conn.execute(select(s.id).where(s.id == parent)).first() is not None
+            # Not deleted before this transaction commits (PostgreSQL).
+            held = select(s.id).where(s.id == parent).with_for_update(read=True, key_share=True)
+            found = conn.execute(held).first() is not None
             if found and not loops(child, parent):
                 conn.execute(
                     update(_sessions).where(s.id == child).values(parent_session_id=parent)

@@ -45,6 +45,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError
 from hermes_orm import _codec, _dialects
 from hermes_orm._codec import check_session_id
 from hermes_orm.errors import (
+    DatabaseError,
     HermesOrmError,
     HistoryDivergedError,
     InvalidArgumentError,
@@ -63,8 +64,8 @@ from hermes_orm.store import (
     SessionStore,
     check_fields,
     flush_sql,
-    hold_sessions,
     prepare_many,
+    take_lineage_turn,
     write_prepared,
 )
 
@@ -919,9 +920,10 @@ def _upsert_sessions(
     wanted = {f["id"]: f for f in rows if f["id"] not in skip}
 
     def work(conn: Connection) -> int:
-        # What is read below (ids present, titles held, rows to compare) stays true
-        # until the commit: no session id, title or parent link is written meanwhile.
-        hold_sessions(conn, store.schema)
+        # A parent link another writer sets is not written meanwhile (it waits, then
+        # looks for a loop with this import's links). A session made meanwhile is
+        # left to its writer (see _insert_sessions); a title taken meanwhile, below.
+        take_lineage_turn(conn)
         present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))}
         titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
         # Who holds each title now; a holder the import updates gives it up below.
@@ -985,7 +987,25 @@ def _upsert_sessions(
             )
         return inserted + len(changed)
 
-    return store.write_transaction(work) if wanted else 0
+    if not wanted:
+        return 0
+    for _ in range(_TITLE_RACES):
+        try:
+            return store.write_transaction(work)
+        except DatabaseError as exc:
+            # Another writer took a title since this transaction read who holds them
+            # (PostgreSQL): read again, and keep it in extra, as one held before.
+            if not (
+                isinstance(exc.__cause__, IntegrityError) and _TITLE_INDEX in str(exc.__cause__)
+            ):
+                raise
+    return store.write_transaction(work)
+
+
+#: How often a session write of an import is run again when a title it sets was taken
+#: meanwhile, before the last try, whose error is raised.
+_TITLE_RACES = 3
+_TITLE_INDEX = "ix_hermes_sessions_title_unique"
 
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
