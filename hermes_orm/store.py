@@ -370,7 +370,7 @@ def take_lineage_turn(conn: Connection) -> None:
 
 
 #: The unique index of session titles.
-_TITLE_INDEX = "ix_hermes_sessions_title_unique"
+TITLE_INDEX = "ix_hermes_sessions_title_unique"
 
 
 @contextlib.contextmanager
@@ -384,7 +384,7 @@ def _title_taken(values: dict[str, Any]) -> Iterator[None]:
     except IntegrityError as exc:
         said = str(exc.orig)
         if values.get("title") is None or (
-            _TITLE_INDEX not in said and "hermes_sessions.title" not in said
+            TITLE_INDEX not in said and "hermes_sessions.title" not in said
         ):
             raise
         raise InvalidSessionError(

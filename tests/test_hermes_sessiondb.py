@@ -96,9 +96,12 @@ def both(store: SessionStore, tmp_path: Path) -> Any:
 
 
 @pytest.fixture
-def elsewhere(store: SessionStore) -> Iterator[SessionDB]:
-    """A SessionDB on the same database through a store of its own (another process's)."""
-    with SessionStore(store.engine.url.render_as_string(hide_password=False)) as other:
+def elsewhere(store: SessionStore, db_url: str) -> Iterator[SessionDB]:
+    """A SessionDB on the same database through a store of its own (another process's).
+
+    Made from the test's URL: in its schema, through its pooler, as the run says.
+    """
+    with SessionStore(db_url) as other:
         yield SessionDB(other)
 
 

@@ -58,6 +58,7 @@ from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
+    TITLE_INDEX,
     Chunk,
     CursorMoved,
     PreparedWrite,
@@ -996,7 +997,7 @@ def _upsert_sessions(
             # Another writer took a title since this transaction read who holds them
             # (PostgreSQL): read again, and keep it in extra, as one held before.
             if not (
-                isinstance(exc.__cause__, IntegrityError) and _TITLE_INDEX in str(exc.__cause__)
+                isinstance(exc.__cause__, IntegrityError) and TITLE_INDEX in str(exc.__cause__)
             ):
                 raise
     return store.write_transaction(work)
@@ -1005,7 +1006,6 @@ def _upsert_sessions(
 #: How often a session write of an import is run again when a title it sets was taken
 #: meanwhile, before the last try, whose error is raised.
 _TITLE_RACES = 3
-_TITLE_INDEX = "ix_hermes_sessions_title_unique"
 
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
