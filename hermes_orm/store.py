@@ -370,7 +370,16 @@ def take_lineage_turn(conn: Connection) -> None:
 
 
 #: The unique index of session titles.
-TITLE_INDEX = "ix_hermes_sessions_title_unique"
+_TITLE_INDEX = "ix_hermes_sessions_title_unique"
+
+
+def title_taken(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is the title's unique index refusing a title another session holds.
+
+    PostgreSQL names the index; SQLite the column.
+    """
+    said = str(exc.orig)
+    return _TITLE_INDEX in said or "hermes_sessions.title" in said
 
 
 @contextlib.contextmanager
@@ -382,10 +391,7 @@ def _title_taken(values: dict[str, Any]) -> Iterator[None]:
     try:
         yield
     except IntegrityError as exc:
-        said = str(exc.orig)
-        if values.get("title") is None or (
-            TITLE_INDEX not in said and "hermes_sessions.title" not in said
-        ):
+        if values.get("title") is None or not title_taken(exc):
             raise
         raise InvalidSessionError(
             f"title {values['title']!r} is already used by another session"

@@ -63,7 +63,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session, new_history_id
-from hermes_orm.store import refuse_orphans, take_lineage_turn
+from hermes_orm.store import refuse_orphans, take_lineage_turn, title_taken
 
 _T = TypeVar("_T")
 
@@ -289,7 +289,7 @@ def _title_in_use(title: str | None) -> Iterator[None]:
     try:
         yield
     except IntegrityError as exc:
-        if title is None or "title" not in str(exc.orig):
+        if title is None or not title_taken(exc):
             raise
         raise InvalidArgumentError(f"Title '{title}' is already in use") from None
 

@@ -58,7 +58,6 @@ from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
-    TITLE_INDEX,
     Chunk,
     CursorMoved,
     PreparedWrite,
@@ -67,6 +66,7 @@ from hermes_orm.store import (
     flush_sql,
     prepare_many,
     take_lineage_turn,
+    title_taken,
     write_prepared,
 )
 
@@ -996,9 +996,7 @@ def _upsert_sessions(
         except DatabaseError as exc:
             # Another writer took a title since this transaction read who holds them
             # (PostgreSQL): read again, and keep it in extra, as one held before.
-            if not (
-                isinstance(exc.__cause__, IntegrityError) and TITLE_INDEX in str(exc.__cause__)
-            ):
+            if not (isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)):
                 raise
     return store.write_transaction(work)
 

@@ -1000,9 +1000,7 @@ class Mirror:
                 # older one was rewritten); each still open ends with Hermes' reason.
                 fields["parent_session_id"] = revisions[-1]["id"]
                 if hermes.get("parent_end_reason"):
-                    for row in revisions:
-                        if row["ended_at"] is None:
-                            store.end_session(row["id"], hermes["parent_end_reason"])
+                    _end_open(store, revisions, hermes["parent_end_reason"])
                     self._tracked.pop(parent, None)
             else:  # Hermes' parent was never mirrored: name it without a link
                 fields["extra"] = {**fields.get("extra", {}), "hermes_parent_session_id": parent}
@@ -1091,12 +1089,17 @@ class Mirror:
             self._tracked.pop(session_id, None)
             # Every revision still open: the live one, and any a list written late
             # (into the history it continues) left open; one rewritten keeps its reason.
-            for row in self._revisions(store, session_id):
-                if row["ended_at"] is None:
-                    store.end_session(row["id"], reason)
+            _end_open(store, self._revisions(store, session_id), reason)
 
         # Still failing, its error stays on record: the session ends without all of it.
         self._guarded(session_id, work, catches_up=False)
+
+
+def _end_open(store: SessionStore, revisions: list[dict[str, Any]], reason: str) -> None:
+    """End each of a session's stored ``revisions`` still open, with ``reason``."""
+    for row in revisions:
+        if row["ended_at"] is None:
+            store.end_session(row["id"], reason)
 
 
 def _from_hermes(read: Callable[[str], T | None] | None, session_id: str, what: str) -> T | None:

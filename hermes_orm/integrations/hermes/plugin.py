@@ -78,6 +78,7 @@ from hermes_orm.integrations.hermes.mirror import (
     Mirror,
     StatusFile,
     StoreFlush,
+    conversation_rows,
 )
 from hermes_orm.integrations.hermes.sessiondb import SessionDB
 from hermes_orm.models import Message, Session
@@ -193,8 +194,7 @@ def hermes_state() -> tuple[HermesSessions, HermesConversation]:
             if found is None:
                 return None
             messages = found.get_messages_as_conversation(session_id)
-        # (The gateway's transcript opens with a row that is no message of the agent's.)
-        return [m for m in messages if m.get("role") != "session_meta"]
+        return conversation_rows(messages)  # (a gateway transcript's session_meta row left out)
 
     return session, conversation
 
