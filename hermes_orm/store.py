@@ -369,6 +369,9 @@ def take_lineage_turn(conn: Connection) -> None:
         conn.exec_driver_sql(_LINEAGE_LOCK)
 
 
+#: How often a write setting a title is run again when the title was taken meanwhile
+#: (PostgreSQL: its check saw committed titles only), before the last try.
+TITLE_RACES = 3
 #: The unique index of session titles.
 _TITLE_INDEX = "ix_hermes_sessions_title_unique"
 

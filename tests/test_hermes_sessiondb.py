@@ -970,6 +970,36 @@ def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
     assert ours.get_session("a")["title"] is None
 
 
+@pytest.mark.backends("postgresql")
+def test_a_title_taken_meanwhile_on_every_try_is_a_value_error(
+    store: SessionStore, elsewhere: SessionDB
+) -> None:
+    """Each try finds the title free, and another session takes it before the try's
+    UPDATE: the write gives up after its tries with Hermes' error, changing nothing."""
+    ours, other = SessionDB(store), elsewhere
+    for sid in ("a", "b", "c"):
+        ours.create_session(sid, "cli")
+    takers = iter(["b", "c", "b"])
+    tries = []
+
+    def take_it_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("SELECT hermes_sessions.id") and "title" in statement:
+            for sid in ("b", "c"):  # free again: the try finds no holder
+                other.set_session_title(sid, "")
+        elif statement.startswith("UPDATE hermes_sessions SET title"):
+            tries.append(statement)
+            other.set_session_title(next(takers), "Shared")  # commits before our UPDATE
+
+    event.listen(store.engine, "before_cursor_execute", take_it_first)
+    try:
+        with pytest.raises(InvalidArgumentError, match="in use by another session"):
+            ours.set_session_title("a", "Shared")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", take_it_first)
+    assert len(tries) == 3
+    assert ours.get_session("a")["title"] is None
+
+
 def test_negative_limits_and_offsets_read_as_sqlite_reads_them(both: Any) -> None:
     both.create_session("s", "cli")
     for n in range(4):

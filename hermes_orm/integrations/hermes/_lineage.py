@@ -41,6 +41,7 @@ from hermes_orm.errors import (
     InvalidArgumentError,
 )
 from hermes_orm.models import CompressionLock, Message, Session
+from hermes_orm.store import TITLE_RACES, title_taken
 
 _T = TypeVar("_T")
 
@@ -804,13 +805,17 @@ class LineageMethods:
                 statement = statement.where(c.title.is_(None))
             return int(conn.execute(statement.values(title=cleaned)).rowcount) > 0
 
-        try:
-            return self._write(work)
-        except DatabaseError as exc:
-            if not isinstance(exc.__cause__, IntegrityError):
-                raise
-            # Another session took the title meanwhile (PostgreSQL): decide again.
-            return self._write(work)
+        for _ in range(TITLE_RACES):
+            try:
+                return self._write(work)
+            except DatabaseError as exc:
+                if not (isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)):
+                    raise
+                # Another session took the title meanwhile (PostgreSQL): decide again.
+                taken = exc
+        raise InvalidArgumentError(
+            f"Title '{cleaned}' is already in use by another session (taken as it was set)"
+        ) from taken
 
     # -- search -----------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
+    TITLE_RACES,
     Chunk,
     CursorMoved,
     PreparedWrite,
@@ -990,7 +991,7 @@ def _upsert_sessions(
 
     if not wanted:
         return 0
-    for _ in range(_TITLE_RACES):
+    for _ in range(TITLE_RACES):
         try:
             return store.write_transaction(work)
         except DatabaseError as exc:
@@ -999,11 +1000,6 @@ def _upsert_sessions(
             if not (isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)):
                 raise
     return store.write_transaction(work)
-
-
-#: How often a session write of an import is run again when a title it sets was taken
-#: meanwhile, before the last try, whose error is raised.
-_TITLE_RACES = 3
 
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
