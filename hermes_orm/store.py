@@ -369,9 +369,8 @@ def take_lineage_turn(conn: Connection) -> None:
         conn.exec_driver_sql(_LINEAGE_LOCK)
 
 
-#: How often a write setting a title is run again when the title was taken meanwhile
-#: (PostgreSQL: its check saw committed titles only), before the last try.
-TITLE_RACES = 3
+#: How many tries a write setting a title gets when the title is taken meanwhile each time.
+_TITLE_TRIES = 3
 #: The unique index of session titles.
 _TITLE_INDEX = "ix_hermes_sessions_title_unique"
 
@@ -383,6 +382,27 @@ def title_taken(exc: IntegrityError) -> bool:
     """
     said = str(exc.orig)
     return _TITLE_INDEX in said or "hermes_sessions.title" in said
+
+
+def on_title_races(write: Callable[[], T]) -> T:
+    """``write()``, run again while a title it sets was taken meanwhile; the last try's error.
+
+    A write reads who holds a title before it sets one; on PostgreSQL the read
+    sees committed titles only, and the title's unique index refuses one taken
+    by a write under way. Each try reads again.
+    """
+    for _ in range(_TITLE_TRIES - 1):
+        try:
+            return write()
+        except DatabaseError as exc:
+            if not title_race(exc):
+                raise
+    return write()
+
+
+def title_race(exc: DatabaseError) -> bool:
+    """Whether the store's ``exc`` is the title's unique index refusing a title taken meanwhile."""
+    return isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)
 
 
 @contextlib.contextmanager

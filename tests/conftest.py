@@ -400,6 +400,16 @@ _QUALIFIER = re.compile(r'(?:"[^"]+"|\w+)\.(?=hermes_)')
 
 
 @contextlib.contextmanager
+def listening(target: Any, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """``fn`` listens to ``target``'s event ``name`` while the block runs."""
+    event.listen(target, name, fn)
+    try:
+        yield
+    finally:
+        event.remove(target, name, fn)
+
+
+@contextlib.contextmanager
 def meanwhile(
     engine: Engine, when: Callable[[str], bool], do: Callable[[], Any], wait: float = 1.0
 ) -> Iterator[Meanwhile]:

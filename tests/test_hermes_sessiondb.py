@@ -29,7 +29,7 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes import SessionDB, _hermes_sql
-from tests.conftest import fresh_store, in_threads, meanwhile, table_name
+from tests.conftest import fresh_store, in_threads, listening, meanwhile, table_name
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -960,12 +960,11 @@ def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
             armed[0] = False
             other.set_session_title("b", "Shared")  # commits before our UPDATE runs
 
-    event.listen(store.engine, "before_cursor_execute", take_it_first)
-    try:
-        with pytest.raises(InvalidArgumentError, match="already in use by session b"):
-            ours.set_session_title("a", "Shared")
-    finally:
-        event.remove(store.engine, "before_cursor_execute", take_it_first)
+    with (
+        listening(store.engine, "before_cursor_execute", take_it_first),
+        pytest.raises(InvalidArgumentError, match="already in use by session b"),
+    ):
+        ours.set_session_title("a", "Shared")
     assert not armed[0]
     assert ours.get_session("a")["title"] is None
 
@@ -990,12 +989,11 @@ def test_a_title_taken_meanwhile_on_every_try_is_a_value_error(
             tries.append(statement)
             other.set_session_title(next(takers), "Shared")  # commits before our UPDATE
 
-    event.listen(store.engine, "before_cursor_execute", take_it_first)
-    try:
-        with pytest.raises(InvalidArgumentError, match="in use by another session"):
-            ours.set_session_title("a", "Shared")
-    finally:
-        event.remove(store.engine, "before_cursor_execute", take_it_first)
+    with (
+        listening(store.engine, "before_cursor_execute", take_it_first),
+        pytest.raises(InvalidArgumentError, match="in use by another session"),
+    ):
+        ours.set_session_title("a", "Shared")
     assert len(tries) == 3
     assert ours.get_session("a")["title"] is None
 

@@ -31,7 +31,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _dialects
 from hermes_orm.errors import (
@@ -41,7 +40,7 @@ from hermes_orm.errors import (
     InvalidArgumentError,
 )
 from hermes_orm.models import CompressionLock, Message, Session
-from hermes_orm.store import TITLE_RACES, title_taken
+from hermes_orm.store import on_title_races, title_race
 
 _T = TypeVar("_T")
 
@@ -805,17 +804,14 @@ class LineageMethods:
                 statement = statement.where(c.title.is_(None))
             return int(conn.execute(statement.values(title=cleaned)).rowcount) > 0
 
-        for _ in range(TITLE_RACES):
-            try:
-                return self._write(work)
-            except DatabaseError as exc:
-                if not (isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)):
-                    raise
-                # Another session took the title meanwhile (PostgreSQL): decide again.
-                taken = exc
-        raise InvalidArgumentError(
-            f"Title '{cleaned}' is already in use by another session (taken as it was set)"
-        ) from taken
+        try:
+            return on_title_races(lambda: self._write(work))
+        except DatabaseError as exc:
+            if not title_race(exc):
+                raise
+            raise InvalidArgumentError(
+                f"Title '{cleaned}' is already in use by another session (taken as it was set)"
+            ) from exc
 
     # -- search -----------------------------------------------------------------------------
 

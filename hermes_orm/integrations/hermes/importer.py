@@ -45,7 +45,6 @@ from sqlalchemy.exc import ArgumentError, IntegrityError
 from hermes_orm import _codec, _dialects
 from hermes_orm._codec import check_session_id
 from hermes_orm.errors import (
-    DatabaseError,
     HermesOrmError,
     HistoryDivergedError,
     InvalidArgumentError,
@@ -58,16 +57,15 @@ from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
-    TITLE_RACES,
     Chunk,
     CursorMoved,
     PreparedWrite,
     SessionStore,
     check_fields,
     flush_sql,
+    on_title_races,
     prepare_many,
     take_lineage_turn,
-    title_taken,
     write_prepared,
 )
 
@@ -991,15 +989,9 @@ def _upsert_sessions(
 
     if not wanted:
         return 0
-    for _ in range(TITLE_RACES):
-        try:
-            return store.write_transaction(work)
-        except DatabaseError as exc:
-            # Another writer took a title since this transaction read who holds them
-            # (PostgreSQL): read again, and keep it in extra, as one held before.
-            if not (isinstance(exc.__cause__, IntegrityError) and title_taken(exc.__cause__)):
-                raise
-    return store.write_transaction(work)
+    # A title taken since the transaction read who holds them: read again, and keep it
+    # in extra, as one held before.
+    return on_title_races(lambda: store.write_transaction(work))
 
 
 _SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
