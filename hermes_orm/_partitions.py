@@ -22,6 +22,7 @@ The table is locked for the copy: readers and writers of messages wait.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
@@ -129,13 +130,25 @@ _TRIGGER_STATES = {"D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}
 
 
 def _quoted(name: str) -> str:
-    """``name`` as an SQL identifier (the driver reads % as its placeholders: doubled)."""
-    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
+    """``name`` as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _literal(value: str) -> str:
-    """``value`` as an SQL string literal (% doubled, as in :func:`_quoted`)."""
-    return "'" + value.replace("'", "''").replace("%", "%%") + "'"
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _runner(conn: Connection) -> Callable[[str], Any]:
+    """Run a statement without parameters on ``conn``, as written.
+
+    The statements of a rebuild are made of the catalog's text (definitions,
+    names) and may hold ``%``, which a driver of the ``format`` paramstyles
+    (psycopg, psycopg2, pg8000) reads as its placeholders even with no
+    parameters: there it is doubled.
+    """
+    percent = "%%" if conn.dialect.paramstyle in ("format", "pyformat") else "%"
+    return lambda statement: conn.exec_driver_sql(statement.replace("%", percent))
 
 
 def partition(conn: Connection, partitions: int, schema: str | None = None) -> bool:
@@ -159,7 +172,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
             f"hermes_messages is already split into {current} partitions, not {partitions}: "
             "a partitioned table is not split again"
         )
-    sql = conn.exec_driver_sql
+    sql = _runner(conn)
     table = "to_regclass('hermes_messages')"
     _refuse_what_a_rebuild_drops(conn)
     comment = sql(f"SELECT obj_description({table}, 'pg_class')").scalar()
@@ -195,11 +208,11 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         raise DatabaseError("hermes_messages has no primary key: it is not a table hermes_orm made")
     sql(f"ALTER TABLE hermes_messages RENAME TO {ASIDE}")
     for name, _ in indexes:
-        sql(f'DROP INDEX "{name}"')
+        sql(f"DROP INDEX {_quoted(name)}")
     for name, *_ in triggers:
-        sql(f'DROP TRIGGER "{name}" ON {ASIDE}')
+        sql(f"DROP TRIGGER {_quoted(name)} ON {ASIDE}")
     for name, *_ in reversed(constraints):  # foreign keys and checks, then the keys
-        sql(f'ALTER TABLE {ASIDE} DROP CONSTRAINT "{name}"')
+        sql(f"ALTER TABLE {ASIDE} DROP CONSTRAINT {_quoted(name)}")
     sql(
         f"CREATE TABLE hermes_messages (LIKE {ASIDE} INCLUDING DEFAULTS INCLUDING STORAGE "
         "INCLUDING COMMENTS) PARTITION BY HASH (session_id)"
@@ -229,10 +242,10 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
     for column, target in targets:
         sql(f"ALTER TABLE hermes_messages ALTER COLUMN {_quoted(column)} SET STATISTICS {target}")
     key = primary[0].conname
-    sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{key}" PRIMARY KEY (id, session_id)')
+    sql(f"ALTER TABLE hermes_messages ADD CONSTRAINT {_quoted(key)} PRIMARY KEY (id, session_id)")
     for name, kind, definition in constraints:
         if kind != "p":
-            sql(f'ALTER TABLE hermes_messages ADD CONSTRAINT "{name}" {definition}')
+            sql(f"ALTER TABLE hermes_messages ADD CONSTRAINT {_quoted(name)} {definition}")
     if comment is not None:  # (LIKE copies the columns' comments, not the table's)
         sql(f"COMMENT ON TABLE hermes_messages IS {_literal(str(comment))}")
     sql(f"INSERT INTO hermes_messages SELECT * FROM {ASIDE}")  # before the triggers: as stored
@@ -240,7 +253,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         sql(definition)  # they name hermes_messages, as they did when read
     for name, _, enabled in triggers:  # (made enabled, whatever the old one's state)
         if enabled in _TRIGGER_STATES:
-            sql(f'ALTER TABLE hermes_messages {_TRIGGER_STATES[enabled]} TRIGGER "{name}"')
+            sql(f"ALTER TABLE hermes_messages {_TRIGGER_STATES[enabled]} TRIGGER {_quoted(name)}")
     sql(f"DROP TABLE {ASIDE}")
     for definition in statistics:  # (named as the old table's were: made once it is gone)
         sql(definition)

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache, wraps
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
@@ -939,6 +939,26 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
         return _split(conn, partitions, schema)
 
 
+def _in_savepoint(conn: Connection, work: Callable[[], _T]) -> _T:
+    """``work()`` in a savepoint of ``conn``'s transaction, rolled back to if it fails.
+
+    On a caller's transaction (a host's ``env.py``), a failure the server did
+    not see (an error of the driver) would otherwise leave what ``work`` did
+    so far in it, for the caller to commit; one it did see would leave the
+    transaction unusable.
+    """
+    savepoint = conn.begin_nested()
+    try:
+        result = work()
+    except BaseException:
+        if savepoint.is_active and not conn.invalidated:
+            with suppress(Exception):  # (the error raised tells what happened)
+                savepoint.rollback()
+        raise
+    savepoint.commit()
+    return result
+
+
 def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
     """:func:`_partitions.partition` in ``conn``'s transaction, which a failure rolls back whole.
 
@@ -948,7 +968,7 @@ def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
         sqlalchemy.exc.DBAPIError: The connection was lost.
     """
     try:
-        done = _partitions.partition(conn, partitions, schema)
+        done = _in_savepoint(conn, lambda: _partitions.partition(conn, partitions, schema))
     except SchemaOutOfDateError as exc:  # no hermes_messages: the head is what it needs
         raise SchemaOutOfDateError(exc.current, head()) from None
     except DBAPIError as exc:

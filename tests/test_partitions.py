@@ -29,7 +29,7 @@ from hermes_orm import (
     SessionStore,
     migrations,
 )
-from tests.conftest import backend_terminated, run_cli
+from tests.conftest import backend_terminated, listening, run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
 
@@ -350,6 +350,93 @@ def test_the_tables_comment_is_carried_over(empty_pg: str) -> None:
             "SELECT obj_description('hermes_messages'::regclass, 'pg_class')"
         ).scalar()
     assert comment == said
+    engine.dispose()
+
+
+def _definitions(conn: Any) -> set[tuple[str, str]]:
+    """The host's constraints, indexes, triggers and statistics on hermes_messages, as printed."""
+    table = "'hermes_messages'::regclass"
+    rows = conn.exec_driver_sql(
+        f"SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = {table} "
+        "AND conname LIKE 'host%%' UNION ALL "
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+        f"JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = {table} "
+        "AND c.relname LIKE 'host%%' UNION ALL "
+        f"SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = {table} "
+        "AND tgname LIKE 'host%%' UNION ALL "
+        "SELECT stxname, pg_get_statisticsobjdef(oid) FROM pg_statistic_ext "
+        f"WHERE stxrelid = {table}"
+    )
+    # (an index of a partitioned table is printed as made ON ONLY it)
+    return {(name, definition.replace(" ON ONLY ", " ON ")) for name, definition in rows}
+
+
+def test_definitions_holding_percent_signs_and_quotes_are_made_again_as_they_were(
+    empty_pg: str,
+) -> None:
+    """The driver reads % as its placeholders: a definition holding one is not changed by
+    the rebuild, nor refused; names holding quotes and % are kept."""
+    engine = _migrated_with_a_turn(empty_pg)
+    with engine.begin() as conn:
+        for statement in (
+            "ALTER TABLE hermes_messages ADD CONSTRAINT host_no_double_percent "
+            "CHECK (strpos(coalesce(content, ''), '%%%%') = 0)",
+            'CREATE INDEX "host_links_100%%" ON hermes_messages (session_id) '
+            "WHERE content LIKE 'http%%'",
+            'CREATE INDEX "host_by""role" ON hermes_messages (role)',
+            "CREATE FUNCTION host_note() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$BEGIN RETURN NEW; END$$",
+            'CREATE TRIGGER "host_%%s" BEFORE INSERT ON hermes_messages FOR EACH ROW '
+            "WHEN (NEW.content LIKE '%%100%%%%') EXECUTE FUNCTION host_note()",
+            'CREATE STATISTICS "host_%%(x)s" ON session_id, role FROM hermes_messages',
+        ):
+            conn.exec_driver_sql(statement)
+        before = _definitions(conn)
+    assert len(before) == 5
+    assert migrations.partition_messages(engine, 4)
+    with engine.connect() as conn:
+        assert _definitions(conn) == before
+    with SessionStore(empty_pg) as store:  # the check still takes one %, refuses two
+        store.flush("s1", [*TURN, {"role": "user", "content": "yes, 100% sure"}])
+        with pytest.raises(DatabaseError, match="host_no_double_percent"):
+            store.append("s1", {"role": "user", "content": "100%% sure"})
+        assert len(store.get_messages("s1")) == len(TURN) + 1
+    engine.dispose()
+
+
+class _Injected(Exception):
+    """A failure of the driver's side, in the middle of a split."""
+
+
+@pytest.mark.parametrize("failure", ["driver", "server"])
+def test_a_split_failing_in_the_callers_transaction_leaves_it_as_it_was(
+    empty_pg: str, failure: str
+) -> None:
+    """On a host's transaction (its env.py), a failed split is rolled back alone: the host's
+    own work in the transaction goes on and commits, the table as it was, searched."""
+    engine = _migrated_with_a_turn(empty_pg)
+
+    def fail(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if failure == "driver" and statement.startswith("INSERT INTO hermes_messages SELECT"):
+            raise _Injected
+
+    expected = _Injected if failure == "driver" else DatabaseError
+    with engine.connect() as conn, listening(engine, "before_cursor_execute", fail):
+        with conn.begin():
+            if failure == "server":
+                conn.exec_driver_sql("CREATE VIEW host_recent AS SELECT id FROM hermes_messages")
+            with pytest.raises(expected):
+                migrations.partition_messages(conn, 4)
+            conn.exec_driver_sql("CREATE TABLE host_audit (n int)")  # the host goes on
+        tables = conn.exec_driver_sql(
+            "SELECT relname, relkind FROM pg_class WHERE relname IN "
+            "('hermes_messages', 'hermes_messages_unpartitioned', 'host_audit')"
+        ).all()
+    assert sorted(tables) == [("hermes_messages", "r"), ("host_audit", "r")]
+    assert _partitions(empty_pg) == []
+    with SessionStore(empty_pg) as store:
+        store.flush("s1", [*TURN, {"role": "user", "content": "a beacon offshore"}])
+        assert [hit.session_id for hit in store.search("beacon").hits] == ["s1"]
     engine.dispose()
 
 
