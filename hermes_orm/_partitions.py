@@ -76,7 +76,7 @@ def partition_count(conn: Connection, schema: str | None = None) -> int | None:
         SchemaOutOfDateError: There is no ``hermes_messages`` (in ``schema``): migrate first.
     """
     row = conn.exec_driver_sql(
-        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), "
+        "SELECT c.relkind::text, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), "
         "n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = to_regclass('hermes_messages')"
     ).first()
@@ -183,7 +183,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         "ORDER BY c.relname"
     ).all()
     triggers = sql(
-        "SELECT tgname, pg_get_triggerdef(oid), tgenabled FROM pg_trigger "
+        "SELECT tgname, pg_get_triggerdef(oid), tgenabled::text FROM pg_trigger "
         f"WHERE tgrelid = {table} AND NOT tgisinternal ORDER BY tgname"
     ).all()
     owner, options = sql(
@@ -200,7 +200,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
         .all()
     )
     constraints = sql(
-        "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
+        "SELECT conname, contype::text, pg_get_constraintdef(oid) FROM pg_constraint "
         f"WHERE conrelid = {table} ORDER BY contype <> 'p', conname"
     ).all()
     primary = [c for c in constraints if c.contype == "p"]

@@ -10,13 +10,15 @@ partitioned schema in CI (``pytest tests/test_flush.py tests/test_search.py
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -401,6 +403,43 @@ def test_definitions_holding_percent_signs_and_quotes_are_made_again_as_they_wer
         with pytest.raises(DatabaseError, match="host_no_double_percent"):
             store.append("s1", {"role": "user", "content": "100%% sure"})
         assert len(store.get_messages("s1")) == len(TURN) + 1
+    engine.dispose()
+
+
+def test_an_asyncpg_engine_splits_the_messages_as_psycopg_does(empty_pg: str) -> None:
+    """asyncpg reads the catalog's one-character codes as bytes, and takes % as it is."""
+    engine = _migrated_with_a_turn(empty_pg)
+    with engine.begin() as conn:
+        for statement in (
+            "ALTER TABLE hermes_messages ADD CONSTRAINT host_no_double_percent "
+            "CHECK (strpos(coalesce(content, ''), '%%%%') = 0)",
+            "CREATE FUNCTION host_note() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$BEGIN RETURN NEW; END$$",
+            "CREATE TRIGGER host_note BEFORE INSERT ON hermes_messages "
+            "FOR EACH ROW EXECUTE FUNCTION host_note()",
+            "ALTER TABLE hermes_messages DISABLE TRIGGER host_note",
+        ):
+            conn.exec_driver_sql(statement)
+        before = _definitions(conn)
+
+    async def split() -> list[bool]:
+        url = make_url(empty_pg).set(drivername="postgresql+asyncpg")
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with async_engine.begin() as conn:
+                done = [await conn.run_sync(migrations.partition_messages, 4) for _ in range(2)]
+        finally:
+            await async_engine.dispose()
+        return done
+
+    assert asyncio.run(split()) == [True, False]  # the second finds it split
+    assert len(_partitions(empty_pg)) == 4
+    with engine.connect() as conn:
+        assert _definitions(conn) == before
+        assert conn.exec_driver_sql(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'host_note' "
+            "AND tgrelid = 'hermes_messages'::regclass"
+        ).all() == [("D",)]
     engine.dispose()
 
 
