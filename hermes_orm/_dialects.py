@@ -1615,6 +1615,19 @@ def render_flush_sql(
     )
 
 
+def run_as_written(conn: Connection, statement: str) -> Any:
+    """Run ``statement``, which takes no parameters, as it is written; its result.
+
+    A statement made of the catalog's text (definitions, names) may hold
+    ``%``, which a driver of the ``format`` paramstyles (psycopg, psycopg2,
+    pg8000) reads as its placeholders even with no parameters: there it is
+    doubled.
+    """
+    if conn.dialect.paramstyle in ("format", "pyformat"):
+        statement = statement.replace("%", "%%")
+    return conn.exec_driver_sql(statement)
+
+
 def execute_driver_sql(conn: Connection, statement: str, params: Sequence[Any] = ()) -> int:
     """Run one hot statement in ``conn``'s transaction; returns its row count.
 

@@ -22,11 +22,12 @@ The table is locked for the copy: readers and writers of messages wait.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 from sqlalchemy import Connection
 
+from hermes_orm import _dialects
 from hermes_orm.errors import DatabaseError, InvalidArgumentError, SchemaOutOfDateError
 
 #: The most partitions a store's messages may be split into.
@@ -139,18 +140,6 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _runner(conn: Connection) -> Callable[[str], Any]:
-    """Run a statement without parameters on ``conn``, as written.
-
-    The statements of a rebuild are made of the catalog's text (definitions,
-    names) and may hold ``%``, which a driver of the ``format`` paramstyles
-    (psycopg, psycopg2, pg8000) reads as its placeholders even with no
-    parameters: there it is doubled.
-    """
-    percent = "%%" if conn.dialect.paramstyle in ("format", "pyformat") else "%"
-    return lambda statement: conn.exec_driver_sql(statement.replace("%", percent))
-
-
 def partition(conn: Connection, partitions: int, schema: str | None = None) -> bool:
     """Rebuild ``hermes_messages`` as ``partitions`` hash partitions, in ``conn``'s transaction.
 
@@ -172,7 +161,7 @@ def partition(conn: Connection, partitions: int, schema: str | None = None) -> b
             f"hermes_messages is already split into {current} partitions, not {partitions}: "
             "a partitioned table is not split again"
         )
-    sql = _runner(conn)
+    sql = functools.partial(_dialects.run_as_written, conn)  # (the catalog's text may hold %)
     table = "to_regclass('hermes_messages')"
     _refuse_what_a_rebuild_drops(conn)
     comment = sql(f"SELECT obj_description({table}, 'pg_class')").scalar()

@@ -514,12 +514,18 @@ def _pg_search_problems(conn: Connection) -> list[str]:
     # Made in the check's transaction: gone with it, should a statement fail.
     sql(f"CREATE TEMP TABLE {_PG_PROBE} (LIKE hermes_messages INCLUDING DEFAULTS)")
     triggers = sql(
-        "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
-        "WHERE tgrelid = 'hermes_messages'::regclass AND NOT tgisinternal "
-        "AND tgname LIKE 'hermes\\_search%%'"
-    ).scalars()
-    for definition in list(triggers):
-        sql(re.sub(r" ON \S+ FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", definition, count=1))
+        "SELECT pg_get_triggerdef(t.oid), quote_ident(n.nspname) || '.' || quote_ident(c.relname) "
+        "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE t.tgrelid = 'hermes_messages'::regclass AND NOT t.tgisinternal "
+        "AND t.tgname LIKE 'hermes\\_search%%'"
+    ).all()
+    for definition, table in triggers:
+        # The table as the definition names it (its schema's name may hold blanks).
+        probe = definition.replace(f" ON {table} FOR EACH ", f" ON {_PG_PROBE} FOR EACH ", 1)
+        if probe == definition:
+            raise DatabaseError(f"the search trigger's definition is not understood: {definition}")
+        _dialects.run_as_written(conn, probe)
     stale, first, last = 0, None, None
     while True:
         # The next batch of the ids there are (ranges of ids would walk the gaps too:

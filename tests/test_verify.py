@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.pool import NullPool
 
+import hermes_orm
 from hermes_orm import (
     DatabaseError,
     RetryPolicy,
@@ -707,6 +709,39 @@ def test_each_message_s_words_are_checked_against_what_its_triggers_compute(
     assert [h.idx for h in store.search("東京").hits] == [1]
     assert store.search("other").hits == []
     assert _search_checks(verify_database(store)) == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("makes a database of its own")
+def test_the_search_check_runs_on_tables_in_a_schema_whose_name_holds_a_blank(
+    empty_pg: str,
+) -> None:
+    """A store finding its tables through search_path, in a schema PostgreSQL quotes."""
+    with create_engine(empty_pg, poolclass=NullPool).begin() as conn:
+        conn.exec_driver_sql('CREATE SCHEMA "app data"')
+    engine = create_engine(
+        empty_pg, poolclass=NullPool, connect_args={"options": r'-csearch_path="app\ data"'}
+    )
+    hermes_orm.upgrade(engine)
+    with SessionStore(engine) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", [{"role": "user", "content": "hello zebra"}])
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE hermes_messages SET search_vector = ''::tsvector")
+        found = _search_checks(verify_database(store))
+        assert [problem for problem, _ in found] == [
+            "1 messages out of step with the index (the first: message id 1)"
+        ]
+        assert _search_checks(verify_database(store, repair=True)) == [(found[0][0], True)]
+        assert [hit.idx for hit in store.search("zebra").hits] == [0]
+    with create_engine(empty_pg, poolclass=NullPool).connect() as conn:
+        assert (
+            conn.exec_driver_sql(  # (where search_path put them)
+                'SELECT count(*) FROM "app data".hermes_messages'
+            ).scalar()
+            == 1
+        )
+    engine.dispose()
 
 
 @pytest.mark.backends("sqlite")
