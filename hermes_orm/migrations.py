@@ -241,11 +241,36 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
     # Created only when missing: a role that owns its schema may lack the right
     # to create schemas in the database, which CREATE SCHEMA IF NOT EXISTS checks first.
     if create and _missing_schema(conn, schema):
+        _refuse_shadowing(conn, schema)
         conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
     path = ", ".join(part for part in (quoted, _extension_schema(conn), before) if part)
     with _search_path(conn, path, before):
         yield
+
+
+def _refuse_shadowing(conn: Connection, schema: str) -> None:
+    """Refuse to make the schema a store on the default ``search_path`` would find first.
+
+    ``"$user"`` on the path (as by default) names the schema called as the
+    connecting role: made, it comes before ``public``, and a store there
+    (``schema=None``) would take its tables for its own.
+
+    Raises:
+        InvalidArgumentError: ``schema`` is named as the role, ``"$user"`` is on
+            the path, and the path finds a store's tables now.
+    """
+    user, path = conn.exec_driver_sql("SELECT current_user, current_setting('search_path')").one()
+    if user != schema or "$user" not in path:
+        return
+    if conn.exec_driver_sql("SELECT to_regclass('hermes_sessions')").scalar() is None:
+        return
+    raise InvalidArgumentError(
+        f'schema {schema!r} is named as the role connecting, and "$user" is on its '
+        f"search_path ({path}): made, it would come first there, and the hermes_orm store "
+        "that path finds now would find this one's tables instead. Name the schema "
+        'otherwise, or take "$user" off the role\'s search_path; nothing was migrated'
+    )
 
 
 def _missing_schema(conn: Connection, schema: str | None) -> bool:

@@ -285,6 +285,35 @@ def test_schema_names_and_conflicts_are_refused(empty_pg: str, tmp_path: Any) ->
     translated.dispose()
 
 
+def test_a_schema_named_as_the_role_that_would_hide_the_default_store_is_refused(
+    empty_pg: str,
+) -> None:
+    """The default search_path begins with "$user": a schema named as the role would come
+    before public, and the store there would find that schema's tables as its own."""
+    engine = _engine(empty_pg)
+    hermes_orm.upgrade(engine)
+    with SessionStore(engine) as store:
+        store.create_session("mine", source="cli")
+    with engine.connect() as conn:
+        role = conn.exec_driver_sql("SELECT current_user").scalar()
+    with pytest.raises(InvalidArgumentError, match="named as the role connecting"):
+        hermes_orm.upgrade(engine, schema=role)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT to_regnamespace(:s)"), {"s": role}).scalar() is None
+    with SessionStore(engine) as store:
+        assert [s["id"] for s in store.list_sessions().sessions] == ["mine"]
+    hermes_orm.upgrade(engine, schema="agents")  # named otherwise: made
+    with engine.begin() as conn:  # and with "$user" off the path, the role's name too
+        conn.exec_driver_sql(f"ALTER ROLE {role} SET search_path = public")
+    try:
+        hermes_orm.upgrade(engine, schema=role)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER ROLE {role} RESET search_path")
+    assert migrations.current(engine, schema=role) == migrations.head()
+    engine.dispose()
+
+
 def test_the_command_line_migrates_into_the_schema_of_its_url(empty_pg: str) -> None:
     import os
 
