@@ -31,7 +31,7 @@ from hermes_orm import (
     migrations,
 )
 from hermes_orm.verify import verify_database
-from tests.conftest import run_cli
+from tests.conftest import meanwhile, run_cli
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("makes databases of its own")]
 
@@ -415,6 +415,33 @@ def test_the_hermes_adapter_keeps_house_in_the_schema(empty_pg: str) -> None:
     db.vacuum()
     assert [m["content"] for m in db.get_messages("s")] == ["kept in agents"]
     store.close()
+
+
+def test_the_hermes_adapter_s_session_locks_are_the_schema_s(empty_pg: str) -> None:
+    """A session id being made in one schema holds up no one making it in another."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    dbs = []
+    for schema in ("agents", "others"):
+        hermes_orm.upgrade(_engine(empty_pg), schema=schema)
+        dbs.append(SessionDB(SessionStore(empty_pg, schema=schema)))
+    ours, theirs = dbs
+
+    def locks(statement: str) -> bool:
+        return "pg_advisory_xact_lock(hashtextextended(" in statement
+
+    def look_for_x(db: SessionDB) -> Any:  # as Hermes' API server does, making a session
+        return db._execute_write(
+            lambda conn: conn.execute("SELECT id FROM sessions WHERE id = ?", ("x",)).fetchall()
+        )
+
+    with meanwhile(ours.store.engine, locks, lambda: look_for_x(theirs), 5) as m:
+        look_for_x(ours)
+    assert m.thread is not None
+    assert m.error is None
+    assert m.first  # looked while the first schema's maker held its lock
+    for db in dbs:
+        db.store.close()
 
 
 def test_the_hermes_vacuum_in_a_schema_leaves_a_host_s_models_on_the_base_alone(

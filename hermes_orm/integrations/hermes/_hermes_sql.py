@@ -112,11 +112,18 @@ def _locked(conn: Connection, kind: str, value: Any) -> None:
 
     Hermes checks, then writes, holding SQLite's write lock: a second creator of
     the id, or of a session of the title, waits and finds the first's row.
-    PostgreSQL locks no row that is not there: this lock does it instead.
+    PostgreSQL locks no row that is not there: this lock does it instead. It is
+    the schema's (where the transaction's tables are): stores in other schemas
+    of the database do not wait for it.
     """
     if conn.dialect.name == "postgresql" and isinstance(value, str):
-        key = f"hermes_orm {kind} {value}"
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+        conn.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm ' || :kind || ' ' "
+                "|| quote_ident(current_schema()) || ' ' || :value, 0))"
+            ),
+            {"kind": kind, "value": value},
+        )
 
 
 def _id_of(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
