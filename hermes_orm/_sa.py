@@ -206,6 +206,11 @@ def awaited(awaitable: Awaitable[T]) -> T:
     return result
 
 
+def in_run_sync() -> bool:
+    """Whether this runs where an asyncio driver's blocking calls work (``run_sync``'s greenlet)."""
+    return bool(in_greenlet())
+
+
 def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
     """Roll back an aiosqlite connection SQLAlchemy is about to close after an error.
 

@@ -726,6 +726,13 @@ def check_bind(bind: Any, engine: type) -> None:
         InvalidArgumentError: ``bind`` is of another type.
     """
     if isinstance(bind, str | URL | engine):
+        if isinstance(bind, Engine) and bind.dialect.is_async and not _sa.in_run_sync():
+            # (an AsyncEngine's sync_engine: its connections work inside run_sync only)
+            raise InvalidArgumentError(
+                f"the engine's driver {bind.dialect.driver!r} is for asyncio: use "
+                "AsyncSessionStore with its AsyncEngine (or make the SessionStore inside "
+                "`await conn.run_sync(...)`, on conn.engine, and use it there)"
+            )
         return
     got = type(bind).__name__
     if isinstance(bind, Engine) or isinstance(getattr(bind, "sync_engine", None), Engine):

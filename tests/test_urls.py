@@ -368,6 +368,34 @@ def test_a_store_given_neither_a_url_nor_its_kind_of_engine_says_so(tmp_path: Pa
     asyncio.run(async_engine.dispose())
 
 
+def test_the_sync_engine_of_an_async_engine_is_refused_outside_run_sync(tmp_path: Path) -> None:
+    """Its connections block only inside ``run_sync``: elsewhere the store says what to use,
+    connecting to nothing; inside, a store made on ``conn.engine`` works there."""
+    from sqlalchemy import Connection
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from hermes_orm import InvalidArgumentError
+
+    path = tmp_path / "app.db"
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    with pytest.raises(InvalidArgumentError, match="'aiosqlite' is for asyncio: use AsyncSession"):
+        SessionStore(async_engine.sync_engine)
+    assert async_engine.sync_engine.pool.checkedout() == 0
+
+    def inside(conn: Connection) -> list[str]:
+        with SessionStore(conn.engine) as store:
+            store.upgrade()
+            store.create_session("s", source="cli")
+            return [session["id"] for session in store.list_sessions().sessions]
+
+    async def run() -> list[str]:
+        async with async_engine.connect() as conn:
+            return await conn.run_sync(inside)
+
+    assert asyncio.run(run()) == ["s"]
+    asyncio.run(async_engine.dispose())
+
+
 def test_a_url_holding_a_byte_that_is_not_utf8_is_an_invalid_url() -> None:
     """A command's argument keeps such a byte as a lone surrogate: no connection string
     can carry it to the server, and the driver's own error would be a traceback."""
