@@ -115,6 +115,22 @@ def _hide_parameter(found: re.Match[str]) -> str:
     return f"{found['query'] or found['key']}***"
 
 
+def said(exc: DBAPIError) -> str:
+    """What the database said of ``exc``, its passwords hidden (:func:`redact`), stripped.
+
+    psycopg's text holds the server's DETAIL and HINT lines (the object a
+    refused DROP depends on); asyncpg's gives the first line alone, and keeps
+    them apart: they are added as psycopg writes them.
+    """
+    text = str(exc.orig)
+    cause = getattr(exc.orig, "__cause__", None)
+    for label, name in (("DETAIL", "detail"), ("HINT", "hint")):
+        value = getattr(cause, name, None)
+        if isinstance(value, str) and value and value not in text:
+            text += f"\n{label}:  {value}"
+    return redact(text).strip()
+
+
 def redact(text: str) -> str:
     """``text`` with every password of a URL or a libpq connection string in it as ``***``.
 

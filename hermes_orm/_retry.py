@@ -143,7 +143,7 @@ class Retries:
         """
         if not _dialects.is_transient(exc):
             raise DatabaseError(
-                f"database error: {_dialects.redact(str(exc.orig))}{_dialects.pooler_hint(exc)}"
+                f"database error: {_dialects.said(exc)}{_dialects.pooler_hint(exc)}"
             ) from exc
         self.tries += 1
         policy = self.policy
@@ -169,7 +169,7 @@ class Retries:
         """Say (at INFO, on the ``hermes_orm`` logger) that a try failed, why, and what next."""
         if not logger.isEnabledFor(logging.INFO):
             return
-        text = _dialects.redact(str(exc.orig)).strip()
+        text = _dialects.said(exc)
         why = f"{type(exc.orig).__name__}: {text.splitlines()[0] if text else ''}"
         if _dialects.is_unreachable(exc):
             logger.info(
@@ -203,7 +203,7 @@ class Retries:
         ``holders`` as for :func:`hermes_orm._dialects.describe_busy`.
         """
         if _dialects.is_unreachable(exc):
-            detail = _dialects.redact(str(exc.orig)).strip() + abandoned_note(exc)
+            detail = _dialects.said(exc) + abandoned_note(exc)
             return DatabaseUnavailableError(
                 detail + _dialects.read_only_hint(exc),
                 attempts=self.tries,

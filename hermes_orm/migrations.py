@@ -188,8 +188,7 @@ def _refusals_typed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any)
         if _dialects.is_transient(exc):
             raise
         raise DatabaseError(
-            f"{name}(): database error: {_dialects.redact(str(exc.orig)).strip()}"
-            f"{_dialects.pooler_hint(exc)}"
+            f"{name}(): database error: {_dialects.said(exc)}{_dialects.pooler_hint(exc)}"
         ) from exc
 
 
@@ -817,8 +816,7 @@ def _run(
         except DBAPIError as exc:  # the revisions' transaction is rolled back whole
             _raise_if_lost(exc)
             raise DatabaseError(
-                f"cannot migrate to {args[0]!r}: {_dialects.redact(str(exc.orig))}; "
-                "nothing was migrated"
+                f"cannot migrate to {args[0]!r}: {_dialects.said(exc)}; nothing was migrated"
             ) from exc
     if after != before.revision:
         logger.info("hermes_orm schema migrated from %s to %s", before.revision or "base", after)
@@ -1009,7 +1007,7 @@ def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
         )
         raise DatabaseError(
             f"cannot split hermes_messages into {partitions} partitions: "
-            f"{_dialects.redact(str(exc.orig)).strip()}{remedy}; nothing was changed"
+            f"{_dialects.said(exc)}{remedy}; nothing was changed"
         ) from exc
     if done:
         logger.info("hermes_messages split into %d hash partitions by session_id", partitions)

@@ -465,7 +465,7 @@ def _check_search(conn: Connection, repair: bool) -> tuple[list[Problem], list[s
     except DBAPIError as exc:
         if _dialects.is_unreachable(exc):
             raise
-        failed = f"a rebuild failed: {_dialects.redact(str(exc.orig)).strip()}"
+        failed = f"a rebuild failed: {_dialects.said(exc)}"
         return [*found, Problem("search", None, failed)], unchecked
     left = _search_problems(conn, [])
     if not left:

@@ -443,6 +443,30 @@ def test_an_asyncpg_engine_splits_the_messages_as_psycopg_does(empty_pg: str) ->
     engine.dispose()
 
 
+def test_a_refusal_names_the_dependent_object_on_every_driver(empty_pg: str) -> None:
+    """The server's DETAIL, which asyncpg keeps apart from its message, is told too."""
+    engine = _migrated_with_a_turn(empty_pg)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW host_recent AS SELECT id FROM hermes_messages")
+    with pytest.raises(DatabaseError) as blocking:
+        migrations.partition_messages(engine, 4)
+
+    async def split_on_asyncpg() -> None:
+        url = make_url(empty_pg).set(drivername="postgresql+asyncpg")
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with async_engine.begin() as conn:
+                await conn.run_sync(migrations.partition_messages, 4)
+        finally:
+            await async_engine.dispose()
+
+    with pytest.raises(DatabaseError) as blocking_async:
+        asyncio.run(split_on_asyncpg())
+    for refused in (blocking, blocking_async):
+        assert "DETAIL:  view host_recent depends on" in str(refused.value), refused.value
+    engine.dispose()
+
+
 class _Injected(Exception):
     """A failure of the driver's side, in the middle of a split."""
 
