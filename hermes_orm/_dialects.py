@@ -2104,6 +2104,20 @@ def sqlstate(orig: BaseException | None) -> object:
     return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
 
 
+#: SQLSTATEs of a table or a column the database does not have.
+_NOT_THERE = frozenset({"42P01", "42703"})
+
+
+def names_what_is_not_there(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the database refusing a table or a column it does not have."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if sqlstate(exc.orig) in _NOT_THERE:
+        return True
+    said = str(exc.orig)
+    return said.startswith(("no such table", "no such column")) or " has no column named " in said
+
+
 def is_transient(exc: DBAPIError) -> bool:
     """Whether running the whole transaction again may succeed."""
     if exc.connection_invalidated:

@@ -415,7 +415,14 @@ class AsyncSessionStore(_AsyncSessions):
             await self._checkin(conn, closes)
             return result
 
-        return await self._whole(self._retrying(self._async_engine, self._retry, once))
+        try:
+            return await self._whole(self._retrying(self._async_engine, self._retry, once))
+        except DatabaseError as exc:
+            if not _dialects.names_what_is_not_there(exc.__cause__):
+                raise
+            self._schema_checked = False  # migrated meanwhile (downgraded, say)?
+            await self._ensure_schema()  # then its typed error
+            raise
 
     async def _whole(self, work: Coroutine[Any, Any, T]) -> T:
         """``work`` (a call's transactions), run to its end on a pool sharing one connection.

@@ -2268,7 +2268,16 @@ class SessionStore(_Sessions):
             self._checkin(conn, closes)
             return result
 
-        return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
+        try:
+            return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
+        except DatabaseError as exc:
+            if not _dialects.names_what_is_not_there(exc.__cause__):
+                raise
+            # The store checks the schema on its first call: one migrated since (a
+            # downgrade, say) is told as such, with what to do.
+            self._schema_checked = False
+            self._ensure_schema()
+            raise
 
     def _from_replica(self, request: Run[Any], timeout: float | None) -> Any:
         replica = self._replica_of

@@ -21,7 +21,7 @@ from pytest_alembic.tests import (  # the four built-in tests, on each backend
     test_up_down_consistency,
     test_upgrade,
 )
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -1445,3 +1445,25 @@ def test_a_downgrade_dropping_a_table_a_host_table_refers_to_is_refused(
         assert conn.exec_driver_sql("SELECT session_id FROM invoices").all() == [("s",)]
     migrations.downgrade(engine, "0012_search_folds_like_fts5")  # drops none of those
     assert migrations.current(engine) == "0012_search_folds_like_fts5"
+
+
+def test_a_store_running_while_its_schema_is_downgraded_says_what_to_do(
+    store: hermes_orm.SessionStore, engine: Engine
+) -> None:
+    """It checked the schema on its first call: a statement refused for a column the
+    downgrade took is told as the schema being out of date (nothing written), and once
+    upgraded again the store goes on."""
+    hi = {"role": "user", "content": "hi"}
+    store.create_session("s", source="cli")
+    store.flush("s", [hi])
+    migrations.downgrade(engine, "0015_search_literal_nul_escape")
+    for call in (
+        lambda: store.flush("s", [hi, {"role": "user", "content": "on"}]),
+        lambda: store.create_session("t", source="cli"),
+        lambda: store.get_session("s"),
+    ):
+        with pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"):
+            call()
+    migrations.upgrade(engine)
+    assert store.flush("s", [hi, {"role": "user", "content": "on"}]).written == 1
+    assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
