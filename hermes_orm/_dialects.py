@@ -126,7 +126,7 @@ def said(exc: DBAPIError) -> str:
     cause = getattr(exc.orig, "__cause__", None)
     for label, name in (("DETAIL", "detail"), ("HINT", "hint")):
         value = getattr(cause, name, None)
-        if isinstance(value, str) and value and value not in text:
+        if isinstance(value, str) and value and f"\n{label}:" not in text:
             text += f"\n{label}:  {value}"
     return redact(text).strip()
 

@@ -239,9 +239,10 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
     quoted = f'"{schema}"'
     # Created only when missing: a role that owns its schema may lack the right
     # to create schemas in the database, which CREATE SCHEMA IF NOT EXISTS checks first.
-    if create and _missing_schema(conn, schema):
+    if create:
         _refuse_shadowing(conn, schema)
-        conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
+        if _missing_schema(conn, schema):
+            conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
     before = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
     path = ", ".join(part for part in (quoted, _extension_schema(conn), before) if part)
     with _search_path(conn, path, before):
@@ -249,26 +250,30 @@ def _placed(conn: Connection, schema: str | None, *, create: bool = False) -> It
 
 
 def _refuse_shadowing(conn: Connection, schema: str) -> None:
-    """Refuse to make the schema a store on the default ``search_path`` would find first.
+    """Refuse to put a store's tables where one on the ``search_path`` would find them first.
 
     ``"$user"`` on the path (as by default) names the schema called as the
-    connecting role: made, it comes before ``public``, and a store there
-    (``schema=None``) would take its tables for its own.
+    connecting role, before ``public``: tables made there, a store found
+    through that path (``schema=None``) would take them for its own.
 
     Raises:
         InvalidArgumentError: ``schema`` is named as the role, ``"$user"`` is on
-            the path, and the path finds a store's tables now.
+            the connection's path, and the path finds another schema's store.
     """
     user, path = conn.exec_driver_sql("SELECT current_user, current_setting('search_path')").one()
     if user != schema or "$user" not in path:
         return
-    if conn.exec_driver_sql("SELECT to_regclass('hermes_sessions')").scalar() is None:
+    found = conn.exec_driver_sql(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass('hermes_sessions')"
+    ).scalar()
+    if found is None or found == schema:
         return
     raise InvalidArgumentError(
-        f'schema {schema!r} is named as the role connecting, and "$user" is on its '
-        f"search_path ({path}): made, it would come first there, and the hermes_orm store "
-        "that path finds now would find this one's tables instead. Name the schema "
-        'otherwise, or take "$user" off the role\'s search_path; nothing was migrated'
+        f'schema {schema!r} is named as the role connecting, and "$user" is on the '
+        f"search_path ({path}): its tables would come first there, and the hermes_orm "
+        f"store that path finds now (in {found!r}) would find them instead. Name the "
+        'schema otherwise, or take "$user" off the search_path; nothing was migrated'
     )
 
 
@@ -799,14 +804,21 @@ def _run(
             dropped = _drops(before.revision, args[0]) if downgrade else []
             if references and dropped is not None:
                 _dangling(references, dropped, args[0])  # before anything is written
-            with _extension_found(conn, schema):
-                fn(config, *args)
+            if then is None:
+                with _extension_found(conn, schema):
+                    fn(config, *args)
+            else:  # the revisions and what follows are undone together (_in_savepoint)
+
+                def migrate() -> None:
+                    with _extension_found(conn, schema):
+                        fn(config, *args)
+                    then(conn, schema)
+
+                _in_savepoint(conn, migrate)
             if references and dropped is None:  # the tables it dropped, seen afterwards
                 left = {table.lower() for table in inspect(conn).get_table_names()}
                 _dangling(references, MODEL_TABLES - left, args[0])
             after = _located(conn, schema).revision
-            if then is not None:
-                then(conn, schema)
         except CommandError as exc:  # a revision Alembic cannot find or reach, nothing run
             raise InvalidArgumentError(f"cannot migrate to {args[0]!r}: {exc}") from None
         except AssertionError:
@@ -959,7 +971,7 @@ def partition_messages(bind: Bind, partitions: int, *, schema: str | None = None
     _refuse_autocommit(bind)
     schema = store_schema(bind, schema)
     with _migrating(bind, schema) as conn:
-        return _split(conn, partitions, schema)
+        return _in_savepoint(conn, lambda: _split(conn, partitions, schema))
 
 
 def _in_savepoint(conn: Connection, work: Callable[[], _T]) -> _T:
@@ -983,7 +995,7 @@ def _in_savepoint(conn: Connection, work: Callable[[], _T]) -> _T:
 
 
 def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
-    """:func:`_partitions.partition` in ``conn``'s transaction, which a failure rolls back whole.
+    """:func:`_partitions.partition` in ``conn``'s transaction (callers undo it if it fails).
 
     Raises:
         SchemaOutOfDateError: There is no ``hermes_messages`` (in ``schema``).
@@ -991,7 +1003,7 @@ def _split(conn: Connection, partitions: int, schema: str | None) -> bool:
         sqlalchemy.exc.DBAPIError: The connection was lost.
     """
     try:
-        done = _in_savepoint(conn, lambda: _partitions.partition(conn, partitions, schema))
+        done = _partitions.partition(conn, partitions, schema)
     except SchemaOutOfDateError as exc:  # no hermes_messages: the head is what it needs
         raise SchemaOutOfDateError(exc.current, head()) from None
     except DBAPIError as exc:

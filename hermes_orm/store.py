@@ -352,10 +352,11 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
-#: Keyed by the schema the transaction's tables are in (its search_path's first:
-#: a store's schema, or the default one however it is named).
+#: Keyed by the sessions table the transaction's search_path finds, whatever path
+#: found it: stores on other tables of the database (other schemas) do not wait for it.
 _LINEAGE_LOCK = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm lineage ' || current_schema(), 0))"
+    "SELECT pg_advisory_xact_lock(hashtextextended("
+    "'hermes_orm lineage ' || to_regclass('hermes_sessions')::oid, 0))"
 )
 
 
@@ -726,13 +727,7 @@ def check_bind(bind: Any, engine: type) -> None:
         InvalidArgumentError: ``bind`` is of another type.
     """
     if isinstance(bind, str | URL | engine):
-        if isinstance(bind, Engine) and bind.dialect.is_async and not _sa.in_run_sync():
-            # (an AsyncEngine's sync_engine: its connections work inside run_sync only)
-            raise InvalidArgumentError(
-                f"the engine's driver {bind.dialect.driver!r} is for asyncio: use "
-                "AsyncSessionStore with its AsyncEngine (or make the SessionStore inside "
-                "`await conn.run_sync(...)`, on conn.engine, and use it there)"
-            )
+        _refuse_async_driver(bind)
         return
     got = type(bind).__name__
     if isinstance(bind, Engine) or isinstance(getattr(bind, "sync_engine", None), Engine):
@@ -744,6 +739,20 @@ def check_bind(bind: Any, engine: type) -> None:
     raise InvalidArgumentError(
         f"a store takes a database URL or an {engine.__name__}, got {got}{hint}"
     )
+
+
+def _refuse_async_driver(bind: Any) -> None:
+    """Refuse an Engine of an asyncio driver (an AsyncEngine's ``sync_engine``) outside run_sync.
+
+    Its connections work inside ``run_sync`` only; elsewhere the first call
+    would fail with SQLAlchemy's ``MissingGreenlet``.
+    """
+    if isinstance(bind, Engine) and bind.dialect.is_async and not _sa.in_run_sync():
+        raise InvalidArgumentError(
+            f"the engine's driver {bind.dialect.driver!r} is for asyncio: use "
+            "AsyncSessionStore with its AsyncEngine (or make the SessionStore inside "
+            "`await conn.run_sync(...)`, on conn.engine, and use it there)"
+        )
 
 
 def check_replica(primary: Any, replica: Any, engine: type) -> None:
@@ -760,6 +769,7 @@ def check_replica(primary: Any, replica: Any, engine: type) -> None:
         raise InvalidArgumentError(
             f"replica must be a URL or an {engine.__name__}, got {type(replica).__name__}"
         )
+    _refuse_async_driver(replica)
     backends = [_backend_of(bind) for bind in (primary, replica)]
     if backends != ["postgresql", "postgresql"]:
         raise InvalidArgumentError(

@@ -29,6 +29,7 @@ from hermes_orm import (
     Message,
     SchemaOutOfDateError,
     SessionStore,
+    _dialects,
     migrations,
 )
 from tests.conftest import backend_terminated, listening, run_cli
@@ -467,6 +468,33 @@ def test_a_refusal_names_the_dependent_object_on_every_driver(empty_pg: str) -> 
     engine.dispose()
 
 
+def test_what_the_database_said_reads_alike_on_psycopg_and_asyncpg(empty_pg: str) -> None:
+    """Each of DETAIL and HINT told once, even where its text is in the message already."""
+    raising = (
+        "DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the detail', HINT = 'boom'; END $$"
+    )
+    with (
+        create_engine(empty_pg, poolclass=NullPool).connect() as conn,
+        pytest.raises(DBAPIError) as psycopg_said,
+    ):
+        conn.exec_driver_sql(raising)
+
+    async def on_asyncpg() -> None:
+        url = make_url(empty_pg).set(drivername="postgresql+asyncpg")
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with async_engine.connect() as conn:
+                await conn.exec_driver_sql(raising)
+        finally:
+            await async_engine.dispose()
+
+    with pytest.raises(DBAPIError) as asyncpg_said:
+        asyncio.run(on_asyncpg())
+    for said in (psycopg_said, asyncpg_said):
+        lines = _dialects.said(said.value).splitlines()
+        assert lines[:3] == ["boom", "DETAIL:  the detail", "HINT:  boom"], lines
+
+
 class _Injected(Exception):
     """A failure of the driver's side, in the middle of a split."""
 
@@ -500,6 +528,26 @@ def test_a_split_failing_in_the_callers_transaction_leaves_it_as_it_was(
     with SessionStore(empty_pg) as store:
         store.flush("s1", [*TURN, {"role": "user", "content": "a beacon offshore"}])
         assert [hit.session_id for hit in store.search("beacon").hits] == ["s1"]
+    engine.dispose()
+
+
+def test_an_upgrade_whose_split_fails_in_the_callers_transaction_migrates_nothing(
+    empty_pg: str,
+) -> None:
+    """The revisions and the split are undone together: the host's transaction goes on,
+    its schema at the revision it was."""
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    hermes_orm.upgrade(engine, "0015_search_literal_nul_escape")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW host_recent AS SELECT id FROM hermes_messages")
+    with engine.connect() as conn:
+        with conn.begin():
+            with pytest.raises(DatabaseError, match="nothing was changed"):
+                hermes_orm.upgrade(conn, partitions=4)
+            conn.exec_driver_sql("CREATE TABLE host_audit (n int)")  # the host goes on
+        assert conn.exec_driver_sql("SELECT to_regclass('host_audit')").scalar() is not None
+    assert migrations.current(engine) == "0015_search_literal_nul_escape"
+    assert _partitions(empty_pg) == []
     engine.dispose()
 
 

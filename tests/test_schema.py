@@ -300,6 +300,13 @@ def test_a_schema_named_as_the_role_that_would_hide_the_default_store_is_refused
         hermes_orm.upgrade(engine, schema=role)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT to_regnamespace(:s)"), {"s": role}).scalar() is None
+    with engine.begin() as conn:  # made already, empty (as by CREATE SCHEMA AUTHORIZATION)
+        conn.exec_driver_sql(f"CREATE SCHEMA {role}")
+    with pytest.raises(InvalidArgumentError, match="named as the role connecting"):
+        hermes_orm.upgrade(engine, schema=role)
+    assert not _tables(engine, role)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {role}")
     with SessionStore(engine) as store:
         assert [s["id"] for s in store.list_sessions().sessions] == ["mine"]
     hermes_orm.upgrade(engine, schema="agents")  # named otherwise: made
@@ -442,6 +449,42 @@ def test_the_hermes_adapter_s_session_locks_are_the_schema_s(empty_pg: str) -> N
     assert m.first  # looked while the first schema's maker held its lock
     for db in dbs:
         db.store.close()
+
+
+def test_the_hermes_adapter_s_session_locks_hold_across_search_paths_to_one_table(
+    empty_pg: str,
+) -> None:
+    """Two stores finding the same tables by different paths (the role's schema first,
+    empty, or not at all) take the same locks: the second waits for the first."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    hermes_orm.upgrade(_engine(empty_pg))
+    admin = _engine(empty_pg)
+    with admin.begin() as conn:
+        role = conn.exec_driver_sql("SELECT current_user").scalar()
+        conn.exec_driver_sql(f"CREATE SCHEMA {role}")  # "$user" finds it first, empty
+    ours = SessionDB(SessionStore(empty_pg))
+    public_only = _engine(empty_pg, connect_args={"options": "-csearch_path=public"})
+    theirs = SessionDB(SessionStore(public_only))
+
+    def look_for_x(db: SessionDB) -> Any:
+        return db._execute_write(
+            lambda conn: conn.execute("SELECT id FROM sessions WHERE id = ?", ("x",)).fetchall()
+        )
+
+    def locks(statement: str) -> bool:
+        return "pg_advisory_xact_lock(hashtextextended(" in statement
+
+    with meanwhile(ours.store.engine, locks, lambda: look_for_x(theirs), 1) as m:
+        look_for_x(ours)
+    assert m.thread is not None
+    assert m.error is None
+    assert not m.first  # it waited for the first one's transaction to end
+    for db in (ours, theirs):
+        db.store.close()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {role}")
+    admin.dispose()
 
 
 def test_the_hermes_vacuum_in_a_schema_leaves_a_host_s_models_on_the_base_alone(

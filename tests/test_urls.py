@@ -378,8 +378,12 @@ def test_the_sync_engine_of_an_async_engine_is_refused_outside_run_sync(tmp_path
 
     path = tmp_path / "app.db"
     async_engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-    with pytest.raises(InvalidArgumentError, match="'aiosqlite' is for asyncio: use AsyncSession"):
-        SessionStore(async_engine.sync_engine)
+    for call in (
+        lambda: SessionStore(async_engine.sync_engine),
+        lambda: SessionStore(f"sqlite:///{path}", replica=async_engine.sync_engine),
+    ):
+        with pytest.raises(InvalidArgumentError, match="'aiosqlite' is for asyncio: use Async"):
+            call()
     assert async_engine.sync_engine.pool.checkedout() == 0
 
     def inside(conn: Connection) -> list[str]:

@@ -113,14 +113,14 @@ def _locked(conn: Connection, kind: str, value: Any) -> None:
     Hermes checks, then writes, holding SQLite's write lock: a second creator of
     the id, or of a session of the title, waits and finds the first's row.
     PostgreSQL locks no row that is not there: this lock does it instead. It is
-    the schema's (where the transaction's tables are): stores in other schemas
-    of the database do not wait for it.
+    the sessions table's (the one the transaction's search_path finds), whatever
+    path found it: stores on other tables of the database do not wait for it.
     """
     if conn.dialect.name == "postgresql" and isinstance(value, str):
         conn.execute(
             text(
                 "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm ' || :kind || ' ' "
-                "|| quote_ident(current_schema()) || ' ' || :value, 0))"
+                "|| to_regclass('hermes_sessions')::oid || ' ' || :value, 0))"
             ),
             {"kind": kind, "value": value},
         )
