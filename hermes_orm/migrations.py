@@ -752,7 +752,38 @@ def _drops(before: str | None, target: str) -> list[str] | None:
     return [table for revision in undone for table in TABLES_MADE_BY.get(revision, ())]
 
 
+#: How many times a migration of its own transaction is run when PostgreSQL ends it to
+#: break a deadlock with the stores' writers (the last try's error is raised).
+_DEADLOCK_TRIES = 3
+
+
 def _run(
+    bind: Bind,
+    given: str | None,
+    fn: Any,
+    revision: Any,
+    *,
+    then: Callable[[Connection, str | None], Any] | None = None,
+) -> bool:
+    """:func:`_run_once`, run again when PostgreSQL broke a deadlock by ending it.
+
+    A revision takes its tables' locks in its own order (a table's lock, then
+    another's ALTER), which writers running meanwhile may take the other way
+    round; rolled back whole, the migration runs again once they are through.
+    Not on a caller's transaction, which the deadlock ended for good.
+    """
+    own = not isinstance(bind, Connection) or not bind.in_transaction()
+    for _ in range(_DEADLOCK_TRIES - 1 if own else 0):
+        try:
+            return _run_once(bind, given, fn, revision, then=then)
+        except DatabaseError as exc:
+            if _dialects.sqlstate(getattr(exc.__cause__, "orig", None)) != "40P01":
+                raise
+            logger.info("hermes_orm migration ended by PostgreSQL to break a deadlock: again")
+    return _run_once(bind, given, fn, revision, then=then)
+
+
+def _run_once(
     bind: Bind,
     given: str | None,
     fn: Any,

@@ -1467,3 +1467,57 @@ def test_a_store_running_while_its_schema_is_downgraded_says_what_to_do(
     migrations.upgrade(engine)
     assert store.flush("s", [hi, {"role": "user", "content": "on"}]).written == 1
     assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("makes a database of its own")
+def test_an_upgrade_ended_to_break_a_deadlock_with_a_writer_runs_again(
+    empty_pg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """0015 locks the messages, 0016 alters the sessions; a writer holding a session's row
+    that then inserts a message deadlocks with it. PostgreSQL ends the migration (it waited
+    first); it runs again once the writer is through, and migrates."""
+    import threading
+
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    migrations.upgrade(engine, "0012_search_folds_like_fts5")
+    writer = engine.connect()
+    writer.exec_driver_sql(
+        "INSERT INTO hermes_sessions (id, source, started_at) VALUES ('s', 'cli', 0)"
+    )
+    writer.commit()
+    writer.exec_driver_sql("SELECT 1 FROM hermes_sessions WHERE id = 's' FOR UPDATE")
+    done: list[BaseException | None] = []
+
+    def upgrade() -> None:
+        try:
+            migrations.upgrade(engine)
+            done.append(None)
+        except BaseException as exc:  # (the test looks at it)
+            done.append(exc)
+
+    caplog.set_level("INFO", logger="hermes_orm")
+    thread = threading.Thread(target=upgrade)
+    thread.start()
+    with engine.connect() as watcher:  # the migration waits for the row's lock
+        for _ in range(500):
+            waiting = watcher.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL"
+            ).scalar()
+            if waiting:
+                break
+            time.sleep(0.01)
+    assert waiting
+    writer.exec_driver_sql(
+        "INSERT INTO hermes_messages (session_id, idx, role, digest) "
+        "VALUES ('s', 0, 'user', '\\x00')"
+    )
+    writer.commit()
+    writer.close()
+    thread.join(60)
+    assert done == [None]
+    assert "to break a deadlock" in caplog.text
+    assert migrations.current(engine) == migrations.head()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar() == 1
+    engine.dispose()
