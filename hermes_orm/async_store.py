@@ -388,6 +388,9 @@ class AsyncSessionStore(_AsyncSessions):
                 )
             except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
+            except DatabaseError as exc:
+                if not self._schema_moved(exc):
+                    raise  # (else the primary says what its schema is)
 
         async def once() -> T:
             await self._ensure_schema()  # its connection's failures are retried too
@@ -415,14 +418,16 @@ class AsyncSessionStore(_AsyncSessions):
             await self._checkin(conn, closes)
             return result
 
-        try:
-            return await self._whole(self._retrying(self._async_engine, self._retry, once))
-        except DatabaseError as exc:
-            if not _dialects.names_what_is_not_there(exc.__cause__):
+        async def on_primary() -> T:
+            try:
+                return await self._retrying(self._async_engine, self._retry, once)
+            except DatabaseError as exc:
+                if not self._schema_moved(exc):
+                    raise
+                await self._retrying(self._async_engine, self._retry, self._ensure_schema)
                 raise
-            self._schema_checked = False  # migrated meanwhile (downgraded, say)?
-            await self._ensure_schema()  # then its typed error
-            raise
+
+        return await self._whole(on_primary())
 
     async def _whole(self, work: Coroutine[Any, Any, T]) -> T:
         """``work`` (a call's transactions), run to its end on a pool sharing one connection.

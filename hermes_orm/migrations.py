@@ -261,13 +261,18 @@ def _refuse_shadowing(conn: Connection, schema: str) -> None:
             the connection's path, and the path finds another schema's store.
     """
     user, path = conn.exec_driver_sql("SELECT current_user, current_setting('search_path')").one()
-    if user != schema or "$user" not in path:
+    if user != schema:
         return
     found = conn.exec_driver_sql(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = to_regclass('hermes_sessions')"
     ).scalar()
     if found is None or found == schema:
+        return
+    # Where on the path each name is (found through it: it is there, after "$user" or not).
+    names = [part.strip() for part in str(path).split(",")]
+    names = [name[1:-1] if name[:1] == '"' else name.lower() for name in names]
+    if "$user" not in names or found not in names or names.index("$user") > names.index(found):
         return
     raise InvalidArgumentError(
         f'schema {schema!r} is named as the role connecting, and "$user" is on the '
@@ -773,13 +778,19 @@ def _run(
     Not on a caller's transaction, which the deadlock ended for good.
     """
     own = not isinstance(bind, Connection) or not bind.in_transaction()
-    for _ in range(_DEADLOCK_TRIES - 1 if own else 0):
+    for tried in range(1, _DEADLOCK_TRIES if own else 1):
         try:
             return _run_once(bind, given, fn, revision, then=then)
         except DatabaseError as exc:
             if _dialects.sqlstate(getattr(exc.__cause__, "orig", None)) != "40P01":
                 raise
-            logger.info("hermes_orm migration ended by PostgreSQL to break a deadlock: again")
+            logger.warning(
+                "hermes_orm migration ended by PostgreSQL to break a deadlock (try %d of %d), "
+                "running it again: %s",
+                tried,
+                _DEADLOCK_TRIES,
+                exc,
+            )
     return _run_once(bind, given, fn, revision, then=then)
 
 

@@ -877,6 +877,7 @@ class StoreCore:
         self._retry = retry or RetryPolicy()  # (checked by the stores: check_options)
         #: The standby serving the reads it may (see :meth:`_read_from`).
         self._replica_of: Engine | None = None
+        self._checks_schema = check_schema
         self._schema_checked = not check_schema
         #: The only user whose sessions this store sees (None: every session).
         self._user = user
@@ -921,6 +922,21 @@ class StoreCore:
         # read in conflict with its recovery) holds up every read for as long.
         self._replica_retry = dataclasses.replace(self._retry, unavailable_for=0.5, attempts=1)
         self._replica_back_at = 0.0  # while the monotonic clock is below it, reads skip it
+
+    def _schema_moved(self, exc: DatabaseError) -> bool:
+        """Whether ``exc`` may come of the schema migrated under the store; then it checks again.
+
+        A store checks the schema on its first call. A statement refused for a
+        table or a column the database does not have (a downgrade since, say)
+        sends the store, and its replica's reads, to check it again: a schema
+        that moved is then told as such, with what to do. Not for a store that
+        checks none (``check_schema=False``).
+        """
+        if not self._checks_schema or not _dialects.names_what_is_not_there(exc.__cause__):
+            return False
+        self._schema_checked = False
+        self._replica_schema_checked = False
+        return True
 
     def _on_replica(self, request: Run[Any]) -> bool:
         """Whether ``request`` goes to the replica (it has one, and it is not cooling down)."""
@@ -2265,6 +2281,9 @@ class SessionStore(_Sessions):
                 return self._from_replica(self._replica_request(request), timeout)
             except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
+            except DatabaseError as exc:
+                if not self._schema_moved(exc):
+                    raise  # (else the primary says what its schema is)
 
         def once() -> Any:
             self._ensure_schema()  # its connection's failures are retried as the work's
@@ -2281,12 +2300,9 @@ class SessionStore(_Sessions):
         try:
             return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
         except DatabaseError as exc:
-            if not _dialects.names_what_is_not_there(exc.__cause__):
+            if not self._schema_moved(exc):
                 raise
-            # The store checks the schema on its first call: one migrated since (a
-            # downgrade, say) is told as such, with what to do.
-            self._schema_checked = False
-            self._ensure_schema()
+            _retry.run_with_retry(self._engine, self._retry, self._ensure_schema, self._schema)
             raise
 
     def _from_replica(self, request: Run[Any], timeout: float | None) -> Any:

@@ -21,7 +21,7 @@ from pytest_alembic.tests import (  # the four built-in tests, on each backend
     test_up_down_consistency,
     test_upgrade,
 )
-from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy import Engine, create_engine, inspect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -38,7 +38,7 @@ from hermes_orm import (
     create_store_engine,
     migrations,
 )
-from tests.conftest import backend_terminated, frozen_revision, run_cli
+from tests.conftest import BlockingStore, backend_terminated, frozen_revision, run_cli
 
 __all__ = [
     "test_model_definitions_match_ddl",
@@ -1520,4 +1520,56 @@ def test_an_upgrade_ended_to_break_a_deadlock_with_a_writer_runs_again(
     assert migrations.current(engine) == migrations.head()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar() == 1
+    engine.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("makes a database of its own")
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_replica_read_refused_for_a_column_a_downgrade_took_goes_to_the_primary(
+    empty_pg: str, api: str
+) -> None:
+    """The replica's schema was checked once: its read refused for a missing column is
+    read on the primary, which says what to do."""
+    migrations.upgrade(create_engine(empty_pg, poolclass=NullPool))
+    if api == "sync":
+        store: Any = hermes_orm.SessionStore(empty_pg, replica=empty_pg)
+    else:
+        url = make_url(empty_pg).set(drivername="postgresql+psycopg_async")
+        check = create_engine(empty_pg, poolclass=NullPool)
+        store = BlockingStore(hermes_orm.AsyncSessionStore(url, replica=url), check)
+    store.create_session("s", source="cli")
+    assert [s["id"] for s in store.list_sessions().sessions] == ["s"]  # (on the replica)
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    migrations.downgrade(engine, "0015_search_literal_nul_escape")
+    for _ in range(2):
+        with pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"):
+            store.list_sessions()
+    migrations.upgrade(engine)
+    assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+    store.close()
+    engine.dispose()
+
+
+def test_a_store_that_checks_no_schema_is_not_made_to_by_a_missing_column(
+    tmp_path: Path,
+) -> None:
+    """``check_schema=False``: a host's trigger naming a column that is not there gives the
+    database's error, and the store's next call works, whatever revision is recorded."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = create_engine(url, poolclass=NullPool)
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '9999_newer'")
+        conn.exec_driver_sql("CREATE TABLE host_audit (id TEXT)")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER host_audit_delete AFTER DELETE ON hermes_sessions "
+            "BEGIN INSERT INTO host_audit (nope) VALUES (old.id); END"
+        )
+    with hermes_orm.SessionStore(url, check_schema=False) as store:
+        store.create_session("s", source="cli")
+        with pytest.raises(DatabaseError, match="no column named nope"):
+            store.delete_session("s")
+        store.create_session("t", source="cli")
+        assert store.get_session("s") is not None
     engine.dispose()

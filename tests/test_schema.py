@@ -310,8 +310,8 @@ def test_a_schema_named_as_the_role_that_would_hide_the_default_store_is_refused
     with SessionStore(engine) as store:
         assert [s["id"] for s in store.list_sessions().sessions] == ["mine"]
     hermes_orm.upgrade(engine, schema="agents")  # named otherwise: made
-    with engine.begin() as conn:  # and with "$user" off the path, the role's name too
-        conn.exec_driver_sql(f"ALTER ROLE {role} SET search_path = public")
+    with engine.begin() as conn:  # and with "$user" after public, the role's name too
+        conn.exec_driver_sql(f'ALTER ROLE {role} SET search_path = public, "$user"')
     try:
         hermes_orm.upgrade(engine, schema=role)
     finally:
@@ -480,6 +480,17 @@ def test_the_hermes_adapter_s_session_locks_hold_across_search_paths_to_one_tabl
     assert m.thread is not None
     assert m.error is None
     assert not m.first  # it waited for the first one's transaction to end
+    ours.store.create_session("p", source="cli")  # and the stores' lineage turn
+    with meanwhile(
+        ours.store.engine,
+        locks,
+        lambda: theirs.store.create_session("d", source="cli", parent_session_id="p"),
+        1,
+    ) as m:
+        ours.store.create_session("c", source="cli", parent_session_id="p")
+    assert m.thread is not None
+    assert m.error is None
+    assert not m.first
     for db in (ours, theirs):
         db.store.close()
     with admin.begin() as conn:
