@@ -389,8 +389,8 @@ class AsyncSessionStore(_AsyncSessions):
             except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
             except DatabaseError as exc:
-                if not self._schema_moved(exc):
-                    raise  # (else the primary says what its schema is)
+                if not self._replica_schema_moved(exc):
+                    raise
 
         async def once() -> T:
             await self._ensure_schema()  # its connection's failures are retried too

@@ -269,10 +269,11 @@ def _refuse_shadowing(conn: Connection, schema: str) -> None:
     ).scalar()
     if found is None or found == schema:
         return
-    # Where on the path each name is (found through it: it is there, after "$user" or not).
-    names = [part.strip() for part in str(path).split(",")]
-    names = [name[1:-1] if name[:1] == '"' else name.lower() for name in names]
-    if "$user" not in names or found not in names or names.index("$user") > names.index(found):
+    names = _path_names(str(path))
+    if "$user" not in names:
+        return
+    # Found through the path, it is on it (refused where it cannot be placed there).
+    if found in names and names.index(found) < names.index("$user"):
         return
     raise InvalidArgumentError(
         f'schema {schema!r} is named as the role connecting, and "$user" is on the '
@@ -280,6 +281,26 @@ def _refuse_shadowing(conn: Connection, schema: str) -> None:
         f"store that path finds now (in {found!r}) would find them instead. Name the "
         'schema otherwise, or take "$user" off the search_path; nothing was migrated'
     )
+
+
+#: One name of a ``search_path``: quoted (``""`` a quote in it), or as written.
+_PATH_NAME = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,]*?))\s*(?:,|$)')
+#: What PostgreSQL folds in a name not quoted: ASCII letters only.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _path_names(path: str) -> list[str]:
+    """The schema names of a ``search_path`` setting, as PostgreSQL reads them."""
+    names = []
+    for match in _PATH_NAME.finditer(path):
+        quoted, plain = match.groups()
+        if quoted is not None:
+            names.append(quoted.replace('""', '"'))
+        elif plain:
+            names.append(plain.translate(_ASCII_LOWER))
+        if match.end() == len(path):
+            break
+    return names
 
 
 def _missing_schema(conn: Connection, schema: str | None) -> bool:

@@ -928,14 +928,26 @@ class StoreCore:
 
         A store checks the schema on its first call. A statement refused for a
         table or a column the database does not have (a downgrade since, say)
-        sends the store, and its replica's reads, to check it again: a schema
-        that moved is then told as such, with what to do. Not for a store that
-        checks none (``check_schema=False``).
+        sends it to check the schema again: one that moved is then told as such,
+        with what to do. Not for a store that checks none (``check_schema=False``).
         """
         if not self._checks_schema or not _dialects.names_what_is_not_there(exc.__cause__):
             return False
         self._schema_checked = False
+        return True
+
+    def _replica_schema_moved(self, exc: DatabaseError) -> bool:
+        """As :meth:`_schema_moved`, for the replica's read: a miss, which the primary reads.
+
+        The replica is skipped for a while, said as a WARNING, and its schema
+        checked again when it is tried next (a downgrade it replayed is then
+        told as its schema; a table that differs from what its revision says,
+        as on a replica of another kind, again as this miss).
+        """
+        if not self._checks_schema or not _dialects.names_what_is_not_there(exc.__cause__):
+            return False
         self._replica_schema_checked = False
+        self._replica_missed(exc)
         return True
 
     def _on_replica(self, request: Run[Any]) -> bool:
@@ -1000,7 +1012,7 @@ class StoreCore:
                 if isinstance(cause, DBAPIError) and str(cause.orig).strip()
                 else str(exc)
             )
-        else:
+        else:  # (or its tables are not what its schema's revision says)
             why, detail = "not at the schema", str(exc)
         logger.warning(
             "replica %s, reading from the primary for %.0f s: %s", why, REPLICA_COOL_DOWN, detail
@@ -2282,8 +2294,8 @@ class SessionStore(_Sessions):
             except self._REPLICA_MISSES as exc:
                 self._replica_missed(exc)
             except DatabaseError as exc:
-                if not self._schema_moved(exc):
-                    raise  # (else the primary says what its schema is)
+                if not self._replica_schema_moved(exc):
+                    raise
 
         def once() -> Any:
             self._ensure_schema()  # its connection's failures are retried as the work's

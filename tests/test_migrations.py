@@ -1573,3 +1573,28 @@ def test_a_store_that_checks_no_schema_is_not_made_to_by_a_missing_column(
         store.create_session("t", source="cli")
         assert store.get_session("s") is not None
     engine.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("makes a database of its own")
+def test_a_replica_whose_table_differs_from_its_revision_is_a_miss_said_once(
+    empty_pg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its schema passes the check, its read fails on a missing column: the primary reads,
+    the replica is skipped for a while with a WARNING, the primary's schema is not doubted."""
+    engine = create_engine(empty_pg, poolclass=NullPool)
+    migrations.upgrade(engine)
+    migrations.upgrade(engine, schema="standby")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE standby.hermes_sessions DROP COLUMN history_id")
+    replica = create_engine(empty_pg, connect_args={"options": "-csearch_path=standby,public"})
+    caplog.set_level("WARNING", logger="hermes_orm")
+    with hermes_orm.SessionStore(empty_pg, replica=replica) as store:
+        store.create_session("s", source="cli")
+        for _ in range(3):
+            assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+        warned = [r for r in caplog.records if "replica" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+        assert "history_id" in warned[0].getMessage()
+    replica.dispose()
+    engine.dispose()

@@ -321,6 +321,27 @@ def test_a_schema_named_as_the_role_that_would_hide_the_default_store_is_refused
     engine.dispose()
 
 
+def test_a_search_path_is_read_as_postgresql_reads_it(empty_pg: str) -> None:
+    """Quoted names (a comma, a doubled quote in them) as written, others folded as ASCII."""
+    from hermes_orm.migrations import _path_names
+
+    written = ['"$user"', "$user", '"a,b"', '"a""b"', "Public", "Ärzte", '"Mixed Case"']
+    with _engine(empty_pg).connect() as conn:
+        for path in (", ".join(written), ",".join(written)):
+            conn.execute(text("SELECT set_config('search_path', :p, false)"), {"p": path})
+            setting = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
+            assert _path_names(str(setting)) == [
+                "$user",
+                "$user",
+                "a,b",
+                'a"b',
+                "public",
+                "Ärzte",
+                "Mixed Case",
+            ]
+    assert _path_names("") == []
+
+
 def test_the_command_line_migrates_into_the_schema_of_its_url(empty_pg: str) -> None:
     import os
 
