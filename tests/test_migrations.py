@@ -1496,7 +1496,7 @@ def test_an_upgrade_ended_to_break_a_deadlock_with_a_writer_runs_again(
         except BaseException as exc:  # (the test looks at it)
             done.append(exc)
 
-    caplog.set_level("INFO", logger="hermes_orm")
+    caplog.set_level("WARNING", logger="hermes_orm")
     thread = threading.Thread(target=upgrade)
     thread.start()
     with engine.connect() as watcher:  # the migration waits for the row's lock
