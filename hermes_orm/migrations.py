@@ -796,7 +796,8 @@ def _run(
     A revision takes its tables' locks in its own order (a table's lock, then
     another's ALTER), which writers running meanwhile may take the other way
     round; rolled back whole, the migration runs again once they are through.
-    Not on a caller's transaction, which the deadlock ended for good.
+    Not on a caller's transaction: there the error is raised, the transaction
+    the caller's to end.
     """
     own = not isinstance(bind, Connection) or not bind.in_transaction()
     for tried in range(1, _DEADLOCK_TRIES if own else 1):
