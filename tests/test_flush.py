@@ -1307,7 +1307,7 @@ def test_two_event_loops_using_one_store_at_once_get_a_typed_error(db_url: str) 
             outcomes.extend(asyncio.run(burst()))
 
     errors: list[BaseException] = []
-    for _ in range(8):  # until the loops met (most often at once)
+    for _ in range(40):  # until the loops met (most often at once; slower through a pooler)
         in_threads(loops, 2)
         errors = [r for r in outcomes if isinstance(r, BaseException)]
         if errors:
