@@ -2114,8 +2114,9 @@ def names_what_is_not_there(exc: BaseException | None) -> bool:
         return False
     if sqlstate(exc.orig) in _NOT_THERE:
         return True
-    said = str(exc.orig)
-    return said.startswith(("no such table", "no such column")) or " has no column named " in said
+    message = str(exc.orig)
+    missing = message.startswith(("no such table", "no such column"))
+    return missing or " has no column named " in message
 
 
 def is_transient(exc: DBAPIError) -> bool:

@@ -45,6 +45,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -352,22 +353,30 @@ def _is_ancestor(session_id: str, parent: str) -> Any:
     return select(up.c.id).where(up.c.id == session_id)
 
 
-#: Keyed by the sessions table the transaction's search_path finds, whatever path
-#: found it: stores on other tables of the database (other schemas) do not wait for it.
-_LINEAGE_LOCK = (
-    "SELECT pg_advisory_xact_lock(hashtextextended("
-    "'hermes_orm lineage ' || to_regclass('hermes_sessions')::oid, 0))"
-)
+def take_lock(conn: Connection, *key: str) -> None:
+    """On PostgreSQL, hermes_orm's advisory lock of ``key``, to the end of the transaction.
+
+    Keyed by the sessions table the transaction's search_path finds too, whatever
+    path found it: stores on other tables of the database (other schemas) do not
+    wait for it.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm ' || :key || ' ' "
+                "|| to_regclass('hermes_sessions')::oid, 0))"
+            ),
+            {"key": " ".join(key)},
+        )
 
 
 def take_lineage_turn(conn: Connection) -> None:
-    """On PostgreSQL, the turn of writes setting parent links in this schema (to the commit).
+    """On PostgreSQL, the turn of writes setting parent links on these tables (to the commit).
 
     Each looks for a loop after taking it, so two of them never each miss
     the link the other adds (see StoreCore._check_references).
     """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_LINEAGE_LOCK)
+    take_lock(conn, "lineage")
 
 
 #: How many tries a write setting a title gets when the title is taken meanwhile each time.

@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Table, delete, insert, select, text, update
+from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from hermes_orm._codec import check_session_id, shown
 from hermes_orm.integrations.hermes._text import row_id_equal_to
 from hermes_orm.models import Message, Session
-from hermes_orm.store import check_fields, refuse_orphans
+from hermes_orm.store import check_fields, refuse_orphans, take_lock
 
 if TYPE_CHECKING:
     from hermes_orm.integrations.hermes.sessiondb import SessionDB
@@ -116,14 +116,8 @@ def _locked(conn: Connection, kind: str, value: Any) -> None:
     the sessions table's (the one the transaction's search_path finds), whatever
     path found it: stores on other tables of the database do not wait for it.
     """
-    if conn.dialect.name == "postgresql" and isinstance(value, str):
-        conn.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(hashtextextended('hermes_orm ' || :kind || ' ' "
-                "|| to_regclass('hermes_sessions')::oid || ' ' || :value, 0))"
-            ),
-            {"kind": kind, "value": value},
-        )
+    if isinstance(value, str):
+        take_lock(conn, kind, value)
 
 
 def _id_of(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> Cursor:
