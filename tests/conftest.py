@@ -25,6 +25,7 @@ import pytest
 from pytest_alembic import Config as AlembicTestConfig
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
@@ -407,6 +408,20 @@ def listening(target: Any, name: str, fn: Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         event.remove(target, name, fn)
+
+
+def transient(backend: str) -> OperationalError:
+    """A transient error of ``backend`` as SQLAlchemy raises it, for a listener to inject."""
+    if backend == "sqlite":
+        import sqlite3
+
+        orig: Exception = sqlite3.OperationalError("database is locked")
+        orig.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    else:
+        import psycopg
+
+        orig = psycopg.errors.SerializationFailure("could not serialize access")
+    return OperationalError("injected", {}, orig)
 
 
 @contextlib.contextmanager

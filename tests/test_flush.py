@@ -40,7 +40,14 @@ from hermes_orm import (
 from hermes_orm import store as store_module
 from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.models import Message
-from tests.conftest import count_rows, fresh_store, in_threads, sync_engine, table_name
+from tests.conftest import (
+    count_rows,
+    fresh_store,
+    in_threads,
+    sync_engine,
+    table_name,
+    transient,
+)
 
 
 def conversation(turns: int, tag: str = "") -> list[dict[str, Any]]:
@@ -1016,19 +1023,6 @@ def test_a_lost_answer_to_the_one_statement_flush_then_retry_is_exact(
     sync_engine(store).dispose()
 
 
-def _transient(backend: str) -> OperationalError:
-    if backend == "sqlite":
-        import sqlite3
-
-        orig: Exception = sqlite3.OperationalError("database is locked")
-        orig.sqlite_errorcode = 5  # type: ignore[attr-defined]
-    else:
-        import psycopg
-
-        orig = psycopg.errors.SerializationFailure("could not serialize access")
-    return OperationalError("injected", {}, orig)
-
-
 def test_transient_error_mid_flush_is_retried_inside_flush(
     store: SessionStore,
     engine: Engine,
@@ -1045,7 +1039,7 @@ def test_transient_error_mid_flush_is_retried_inside_flush(
         # fail the flush's first write: the retry must start from a fresh transaction
         if not failed and _FLUSH_WRITE.match(statement):
             failed.append(statement)
-            raise _transient(backend)
+            raise transient(backend)
 
     event.listen(store.engine, "before_cursor_execute", hook)
     try:
@@ -1064,7 +1058,7 @@ def test_retry_bound_raises_a_typed_busy_error(engine: Engine, backend: str) -> 
     store.create_session("s", source="cli")
 
     def always(*_a: Any) -> None:
-        raise _transient(backend)
+        raise transient(backend)
 
     event.listen(engine, "before_cursor_execute", always)
     try:
@@ -2231,7 +2225,7 @@ def test_a_bulk_flush_retried_after_a_transient_error_is_exact(
         if _INSERT_MESSAGES.match(statement):
             inserts["n"] += 1
             if inserts["n"] == 2:
-                raise _transient(backend)
+                raise transient(backend)
 
     event.listen(store.engine, "before_cursor_execute", fail_second_insert)
     try:

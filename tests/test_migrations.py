@@ -38,7 +38,14 @@ from hermes_orm import (
     create_store_engine,
     migrations,
 )
-from tests.conftest import BlockingStore, backend_terminated, frozen_revision, run_cli
+from tests.conftest import (
+    BlockingStore,
+    backend_terminated,
+    frozen_revision,
+    listening,
+    run_cli,
+    transient,
+)
 
 __all__ = [
     "test_model_definitions_match_ddl",
@@ -1467,6 +1474,30 @@ def test_a_store_running_while_its_schema_is_downgraded_says_what_to_do(
     migrations.upgrade(engine)
     assert store.flush("s", [hi, {"role": "user", "content": "on"}]).written == 1
     assert [s["id"] for s in store.list_sessions().sessions] == ["s"]
+
+
+def test_a_store_checking_its_schema_again_retries_a_transient_error(
+    store: hermes_orm.SessionStore, engine: Engine, backend: str
+) -> None:
+    """The check a missing column sends the store to runs under the retry policy: a
+    transient error on it is tried again, and the schema is still told out of date."""
+    store.create_session("s", source="cli")
+    migrations.downgrade(engine, "0015_search_literal_nul_escape")
+    failed: list[str] = []
+
+    def busy_once(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if not failed and migrations.VERSION_TABLE in statement:
+            failed.append(statement)
+            raise transient(backend)
+
+    with (
+        listening(store.engine, "before_cursor_execute", busy_once),
+        pytest.raises(SchemaOutOfDateError, match="hermes-orm db upgrade"),
+    ):
+        store.get_session("s")
+    assert failed
+    migrations.upgrade(engine)
+    assert store.get_session("s") is not None
 
 
 @pytest.mark.postgresql
