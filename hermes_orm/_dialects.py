@@ -118,13 +118,14 @@ def _hide_parameter(found: re.Match[str]) -> str:
 def said(exc: DBAPIError) -> str:
     """What the database said of ``exc``, its passwords hidden (:func:`redact`), stripped.
 
-    psycopg's text holds the server's DETAIL and HINT lines (the object a
-    refused DROP depends on); asyncpg's gives the first line alone, and keeps
-    them apart: they are added as psycopg writes them.
+    psycopg's text holds the server's DETAIL, HINT and CONTEXT lines (the
+    object a refused DROP depends on, the function that raised); asyncpg's
+    gives the first line alone, and keeps them apart: they are added as
+    psycopg writes them.
     """
     text = str(exc.orig)
     cause = getattr(exc.orig, "__cause__", None)
-    for label, name in (("DETAIL", "detail"), ("HINT", "hint")):
+    for label, name in (("DETAIL", "detail"), ("HINT", "hint"), ("CONTEXT", "context")):
         value = getattr(cause, name, None)
         if isinstance(value, str) and value and f"\n{label}:" not in text:
             text += f"\n{label}:  {value}"

@@ -469,7 +469,8 @@ def test_a_refusal_names_the_dependent_object_on_every_driver(empty_pg: str) -> 
 
 
 def test_what_the_database_said_reads_alike_on_psycopg_and_asyncpg(empty_pg: str) -> None:
-    """Each of DETAIL and HINT told once, even where its text is in the message already."""
+    """Each of DETAIL, HINT and CONTEXT told once, even where its text is in the message
+    already."""
     raising = (
         "DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the detail', HINT = 'boom'; END $$"
     )
@@ -492,7 +493,12 @@ def test_what_the_database_said_reads_alike_on_psycopg_and_asyncpg(empty_pg: str
         asyncio.run(on_asyncpg())
     for said in (psycopg_said, asyncpg_said):
         lines = _dialects.said(said.value).splitlines()
-        assert lines[:3] == ["boom", "DETAIL:  the detail", "HINT:  boom"], lines
+        assert lines == [
+            "boom",
+            "DETAIL:  the detail",
+            "HINT:  boom",
+            "CONTEXT:  PL/pgSQL function inline_code_block line 1 at RAISE",
+        ], lines
 
 
 class _Injected(Exception):
