@@ -37,7 +37,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, StaticPool
 from sqlalchemy.util import asbool
 
 from hermes_orm import _sa
@@ -416,6 +416,8 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
     path = None
     if url.get_backend_name() == "sqlite":
         path = _sqlite_file(url)
+        if sqlite_in_memory(url) and "poolclass" not in kwargs and "pool" not in kwargs:
+            kwargs = _one_database_in_memory(make, kwargs)
         if path is not None and url.database and url.database.startswith("~"):
             url = url.set(database=str(path))
         elif path is None and _values(url.query.get("mode", "rwc")) == ("rwc",):
@@ -460,6 +462,21 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
     return engine
 
 
+def _one_database_in_memory(make: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` giving an engine on a database in memory its one connection, for every thread.
+
+    Every connection to a private in-memory database opens a database of its
+    own, empty: SQLAlchemy's pools would give another one to each thread
+    (``SingletonThreadPool``), or to each call at once (a queue pool, for the
+    URIs it takes for files). A ``StaticPool`` keeps one, which the stores take
+    in turns (:func:`_sa.thread_turn`).
+    """
+    kwargs = {**kwargs, "poolclass": StaticPool}
+    if make is create_engine:
+        kwargs["connect_args"] = {"check_same_thread": False, **kwargs.get("connect_args", {})}
+    return kwargs
+
+
 def _sqlite_file(url: URL) -> Path | None:
     """The SQLite file ``url`` names (None: in memory, or a ``file:`` URI SQLite reads).
 
@@ -469,6 +486,8 @@ def _sqlite_file(url: URL) -> Path | None:
         InvalidURLError: No file can have that name.
     """
     database = url.database
+    if database and not database.startswith("file:") and _as_uri(url):
+        _refuse_uri_options_of_a_name(url, database)
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     reason = "it holds a NUL character" if "\x00" in database else None
@@ -481,6 +500,35 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(os.path.expanduser(database))
 
 
+#: The query keys SQLAlchemy gives sqlite3 (or aiosqlite) itself; with ``uri=true``
+#: it adds the others to the database name, as a URI's query.
+_SQLITE_DRIVER_KEYS = frozenset(
+    ("uri", "timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements")
+)
+
+
+def _refuse_uri_options_of_a_name(url: URL, database: str) -> None:
+    """Refuse SQLite URI options on a database name that is no ``file:`` URI.
+
+    SQLAlchemy adds them to the name (``agent.db?mode=ro``), and SQLite reads a
+    name as a URI only when it begins with ``file:``: it would open, or create,
+    a file named so, the options doing nothing.
+
+    Raises:
+        InvalidURLError: ``url`` has such options.
+    """
+    options = sorted(set(url.query) - _SQLITE_DRIVER_KEYS)
+    if not options:
+        return
+    named = f"{database}?" + "&".join(f"{key}=..." for key in options)
+    raise InvalidURLError(
+        f"{safe_url(url)}: with uri=true SQLite reads the database name as a URI only when "
+        f"it begins with 'file:'; it would open a file named {named!r}, and "
+        f"{', '.join(options)} would do nothing. Name it as a URI: "
+        f"sqlite:///file:{database}?...&uri=true"
+    )
+
+
 def sqlite_in_memory(url: str | URL) -> bool:
     """Whether ``url`` names a SQLite database in memory, gone with its last connection.
 
@@ -489,12 +537,15 @@ def sqlite_in_memory(url: str | URL) -> bool:
     ``vfs=memdb``.
 
     Raises:
-        InvalidURLError: ``url`` is not a URL.
+        InvalidURLError: ``url`` is not a URL, or has SQLite URI options on a
+            name that is no URI.
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
         return False
     database = parsed.database or ""
+    if database and not database.startswith("file:") and _as_uri(parsed):
+        _refuse_uri_options_of_a_name(parsed, database)
     if database in ("", ":memory:"):
         return True
     query = parsed.query
@@ -1183,13 +1234,19 @@ def configure_engine(
     if not owned:
         return
     settings = sqlite_settings(sqlite_synchronous, lock_timeout)
-    memory = _sqlite_file(engine.url) is None
+    memory = sqlite_in_memory(engine.url)
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
-            _set_pragmas(cursor, settings)  # busy_timeout first: the switch below waits by it
+            _set_pragmas(cursor, settings)
             if not memory:
+                # The switch waits a moment only: a database in rollback-journal mode
+                # that another connection reads (a long read transaction) keeps it
+                # from switching for as long, and every new connection would wait
+                # the whole busy_timeout before its operation (which may go on
+                # beside that reader at once).
+                cursor.execute(f"PRAGMA busy_timeout={min(settings[0], _WAL_SWITCH_WAIT_MS)}")
                 try:
                     cursor.execute("PRAGMA journal_mode=WAL")
                 except Exception as exc:
@@ -1204,6 +1261,8 @@ def configure_engine(
                         raise
                     # (Read-only: a file, or directory, not ours to write. It is read in
                     # the mode it is in; a write fails as it would in any mode.)
+                finally:
+                    cursor.execute(f"PRAGMA busy_timeout={int(settings[0])}")
         finally:
             cursor.close()
         record.info[_APPLIED] = settings
@@ -1225,6 +1284,9 @@ def sqlite_read_only(exc: BaseException | None) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(code, int) and code & 0xFF == _SQLITE_READONLY
 
+
+#: Milliseconds a new SQLite connection waits, at most, to switch its database to WAL.
+_WAL_SWITCH_WAIT_MS = 100
 
 #: On a pool record: its connection could not switch the database to WAL yet.
 _NOT_WAL = "hermes_orm.not_wal"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -81,6 +82,29 @@ def shares_one_connection(pool: Pool) -> bool:
     application's own connection and the store's are then one.
     """
     return isinstance(pool, StaticPool | SingletonThreadPool)
+
+
+#: Per ``StaticPool``: the lock under which a blocking store uses its one connection.
+_THREAD_TURNS: weakref.WeakKeyDictionary[Pool, threading.RLock] = weakref.WeakKeyDictionary()
+_THREAD_TURNS_LOCK = threading.Lock()
+
+
+def thread_turn(pool: Pool) -> contextlib.AbstractContextManager[Any]:
+    """What a blocking store holds while it uses a connection of ``pool``.
+
+    A ``StaticPool`` gives every thread its one connection: two threads' calls
+    at once would run in one transaction, on a driver connection that must not
+    be used by two threads at a time. The stores' calls on it take turns (a
+    thread's own call within one goes on, and finds the transaction open). Other
+    pools give each its own connection: nothing is held.
+    """
+    if not isinstance(pool, StaticPool):
+        return contextlib.nullcontext()
+    with _THREAD_TURNS_LOCK:
+        turn = _THREAD_TURNS.get(pool)
+        if turn is None:
+            turn = _THREAD_TURNS[pool] = threading.RLock()
+    return turn
 
 
 def shared_connection_in_transaction(pool: Pool) -> bool:

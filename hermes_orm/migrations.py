@@ -39,7 +39,7 @@ from alembic.script.revision import ResolutionError
 from alembic.util.exc import CommandError
 from sqlalchemy import URL, Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, SingletonThreadPool
 
 from hermes_orm import _dialects, _partitions, _retry, _sa
 from hermes_orm._dialects import refuse_shared_transaction, store_schema
@@ -1250,17 +1250,40 @@ def check(bind: Bind, *, schema: str | None = None) -> None:
             (see :func:`upgrade`): an upgrade would not fix it.
     """
     schema = store_schema(bind, schema)
+    fix = None
     with _connected(bind, schema) as conn:
         located = _located(conn, schema)
         revision = located.revision
         if revision is None:
             _refuse_unversioned_tables(conn, schema)  # an upgrade would fail on them
+            fix = _fix_of_a_thread_s_own_memory(conn)
     expected = head()
     if revision == expected:
         return
     if revision is not None and revision not in _known_revisions():
         raise SchemaTooNewError(revision)
-    raise SchemaOutOfDateError(revision, expected, branch=located.table == HOST_VERSION_TABLE)
+    raise SchemaOutOfDateError(
+        revision, expected, branch=located.table == HOST_VERSION_TABLE, fix=fix
+    )
+
+
+def _fix_of_a_thread_s_own_memory(conn: Connection) -> str | None:
+    """What to do about an empty in-memory database each thread has one of (None: not one).
+
+    SQLAlchemy's default pool for ``sqlite://`` (``SingletonThreadPool``) opens
+    a database for each thread: the one the application migrated is another
+    thread's.
+    """
+    if not isinstance(conn.engine.pool, SingletonThreadPool) or not _dialects.sqlite_in_memory(
+        conn.engine.url
+    ):
+        return None
+    return (
+        "`hermes_orm.upgrade(engine)` in this thread: the engine's pool (SingletonThreadPool, "
+        "SQLAlchemy's default for an in-memory database) gives each thread a database of its "
+        "own. To share one, make the engine with poolclass=StaticPool and "
+        'connect_args={"check_same_thread": False}, or let hermes_orm make it from the URL'
+    )
 
 
 def owns_table(name: str | None, dialect: str | None = None) -> bool:

@@ -2260,7 +2260,10 @@ class SessionStore(_Sessions):
         def once() -> None:
             self._unpark()  # the pool's connection (of one, it may be the only one)
             try:
-                with _retry.connecting(self._retry.attempt_timeout):
+                with (
+                    _sa.thread_turn(self._engine.pool),
+                    _retry.connecting(self._retry.attempt_timeout),
+                ):
                     migrations.upgrade(self._engine, revision, schema=self._schema)
             except PoolTimeoutError as exc:
                 raise _dialects.pool_exhausted(exc) from exc
@@ -2270,7 +2273,7 @@ class SessionStore(_Sessions):
 
     def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            with self._connect() as conn:
+            with _sa.thread_turn(self._engine.pool), self._connect() as conn:
                 check_schema(conn, self._schema, self._retry.attempt_timeout)
             self._schema_checked = True
 
@@ -2307,16 +2310,17 @@ class SessionStore(_Sessions):
                     raise
 
         def once() -> Any:
-            self._ensure_schema()  # its connection's failures are retried as the work's
-            closes = self._closes
-            conn = self._checkout()
-            try:
-                result = attempt(conn, request, begin, self._settings, timeout)
-            except BaseException:
-                self._release(conn)  # the pool drops it if it was invalidated
-                raise
-            self._checkin(conn, closes)
-            return result
+            with _sa.thread_turn(self._engine.pool):
+                self._ensure_schema()  # its connection's failures are retried as the work's
+                closes = self._closes
+                conn = self._checkout()
+                try:
+                    result = attempt(conn, request, begin, self._settings, timeout)
+                except BaseException:
+                    self._release(conn)  # the pool drops it if it was invalidated
+                    raise
+                self._checkin(conn, closes)
+                return result
 
         try:
             return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
@@ -2331,7 +2335,7 @@ class SessionStore(_Sessions):
         assert replica is not None
 
         def once() -> Any:
-            with self._connect(replica) as conn:
+            with _sa.thread_turn(replica.pool), self._connect(replica) as conn:
                 return attempt(conn, request, (), self._replica_settings, timeout)
 
         return _retry.run_with_retry(
@@ -2377,11 +2381,12 @@ class SessionStore(_Sessions):
         has one to give.
         """
         self._unpark()
-        conn = self._connect()
-        try:
-            yield conn
-        finally:
-            conn.close()
+        with _sa.thread_turn(self._engine.pool):
+            conn = self._connect()
+            try:
+                yield conn
+            finally:
+                conn.close()
 
     def _checkout(self) -> Connection:
         """The idle connection the store kept, else one from the pool."""

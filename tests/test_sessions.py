@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from pathlib import Path
 from typing import Any
 
@@ -496,6 +497,37 @@ def test_a_store_reads_beside_a_writer_that_keeps_the_database_from_wal(
     finally:
         close()
         writer.close()
+
+
+@pytest.mark.sqlite
+def test_a_reader_keeping_the_database_from_wal_does_not_hold_up_each_call(
+    tmp_path: Path,
+) -> None:
+    """A long read transaction on a database in rollback-journal mode keeps it from
+    switching to WAL; each new connection tried for the whole busy_timeout (5 s), where
+    reads beside that reader need no wait. It tries a moment, and the file switches once
+    the reader is done."""
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    hermes_orm.upgrade(f"sqlite:///{path}")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("PRAGMA journal_mode=DELETE")
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM hermes_sessions").fetchall()
+    store = SessionStore(f"sqlite:///{path}", lock_timeout=5)
+    try:
+        began = time.monotonic()
+        for _ in range(3):
+            assert store.list_sessions().sessions == []
+        assert time.monotonic() - began < 4  # (each waited 5 s: 15 s)
+        reader.execute("COMMIT")
+        store.create_session("s", source="cli")
+        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        store.close()
+        reader.close()
 
 
 @pytest.mark.sqlite

@@ -23,6 +23,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 import hermes_orm
 from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore, async_store
+from tests.conftest import in_threads
 
 pytestmark = pytest.mark.sqlite
 
@@ -225,6 +226,116 @@ def test_concurrent_async_calls_on_one_shared_connection_take_turns(
     assert not runner.is_alive(), "the tasks hung"
     if failed:
         raise failed[0]
+
+
+IN_MEMORY = [
+    "sqlite://",
+    "sqlite:///:memory:",
+    "sqlite:///file::memory:?uri=true",
+    "sqlite:///file:x?vfs=memdb&uri=true",
+]
+
+
+def _flushed_in_threads(store: SessionStore, threads: int, turns: int) -> None:
+    """Each of ``threads`` threads flushes a session of its own, ``turns`` times, at once;
+    then each session holds its list."""
+    written: dict[str, list[dict[str, Any]]] = {}
+    failed: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        session_id = f"s{n}"
+        history: list[dict[str, Any]] = []
+        try:
+            store.create_session(session_id, source="app")
+            for i in range(turns):
+                history.append({"role": "user", "content": f"{session_id} {i}"})
+                store.flush(session_id, history)
+        except BaseException as exc:  # (raised below)
+            failed.append(exc)
+        written[session_id] = history
+
+    in_threads(agent, threads)
+    if failed:
+        raise failed[0]
+    for session_id, history in written.items():
+        assert store.get_messages(session_id) == history
+
+
+@pytest.mark.parametrize("url", IN_MEMORY)
+def test_an_in_memory_store_made_from_a_url_is_one_database_for_every_thread(url: str) -> None:
+    """Each connection to it would open a database of its own, empty: the store's engine
+    keeps one connection, which the threads' calls take in turns."""
+    store = SessionStore(url)
+    store.upgrade()
+    _flushed_in_threads(store, 4, 15)
+    store.close()
+
+
+@pytest.mark.parametrize("url", IN_MEMORY)
+def test_an_in_memory_async_store_made_from_a_url_is_one_database(url: str) -> None:
+    """Calls at once each went to a connection of their own, an empty database."""
+
+    async def main() -> None:
+        store = AsyncSessionStore(url.replace("sqlite://", "sqlite+aiosqlite://"))
+        await store.upgrade()
+
+        async def flushes(session_id: str) -> list[dict[str, Any]]:
+            await store.create_session(session_id, source="app")
+            history: list[dict[str, Any]] = []
+            for i in range(10):
+                history.append({"role": "user", "content": f"{session_id} {i}"})
+                await store.flush(session_id, history)
+            return history
+
+        sessions = [f"s{n}" for n in range(4)]
+        written = await asyncio.gather(*(flushes(s) for s in sessions))
+        for session_id, history in zip(sessions, written, strict=True):
+            assert await store.get_messages(session_id) == history
+        await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["in memory", "a file"])
+def test_threads_of_a_store_on_the_application_s_static_pool_take_turns(
+    where: str, tmp_path: Path
+) -> None:
+    """The application's engine shares one connection with every thread: two threads'
+    calls at once would use it together (and end each other's transaction)."""
+    engine = create_engine(
+        "sqlite://" if where == "in memory" else f"sqlite:///{tmp_path / 'app.db'}",
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    store = SessionStore(engine)
+    store.upgrade()
+    _flushed_in_threads(store, 4, 25)
+    store.close()
+    engine.dispose()
+
+
+def test_a_thread_s_own_empty_database_in_memory_is_told_with_what_to_do() -> None:
+    """SQLAlchemy's default pool for ``sqlite://`` opens a database per thread: the one
+    migrated is another thread's."""
+    engine = create_engine("sqlite://")
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+
+    told: list[BaseException] = []
+
+    def other_thread(_: int) -> None:
+        try:
+            store.get_session("s")
+        except hermes_orm.SchemaOutOfDateError as exc:
+            told.append(exc)
+
+    in_threads(other_thread, 1)
+    assert len(told) == 1
+    assert "poolclass=StaticPool" in str(told[0]), told
+    assert (store.get_session("s") or {})["id"] == "s"
+    store.close()
+    engine.dispose()
 
 
 def _recorded(call: Callable[[], Any], failed: list[BaseException]) -> Callable[[], None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sqlite3
 import stat
@@ -290,6 +291,47 @@ def test_a_sqlite_file_named_by_a_file_uri_is_created_owner_only(
     for path in made.values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert not (tmp_path / "ro.db").exists()
+
+
+@pytest.mark.parametrize("database", ["agent.db", ":memory:"])
+def test_sqlite_uri_options_on_a_name_that_is_no_uri_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    """SQLite reads a name as a URI only when it begins with ``file:``: it would open a
+    file named ``agent.db?mode=ro``. Refused by either store and the CLI; nothing made."""
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{database}?mode=ro&uri=true&timeout=1"
+    with pytest.raises(InvalidURLError, match=r"begins with 'file:'.* mode would do nothing"):
+        SessionStore(url)
+    with pytest.raises(InvalidURLError, match="begins with 'file:'"):
+        AsyncSessionStore(url.replace("sqlite://", "sqlite+aiosqlite://"))
+    listed = run_cli("sessions", "list", "--url", url, env={**os.environ}, cwd=tmp_path)
+    assert listed.returncode == 2, listed
+    assert "sqlite:///file:" in listed.stderr, listed.stderr
+    assert list(tmp_path.iterdir()) == []
+    with SessionStore(f"sqlite:///{database}?uri=true&timeout=1") as store:  # (no URI options)
+        store.upgrade()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_sqlite_file_named_by_a_uri_is_switched_to_wal(tmp_path: Path, api: str) -> None:
+    """As one named by a path: readers and the writer then do not wait for each other."""
+    url = f"sqlite:///file:{tmp_path / 'uri.db'}?uri=true&cache=private"
+    if api == "sync":
+        with SessionStore(url) as store:
+            store.upgrade()
+    else:
+
+        async def main() -> None:
+            store = AsyncSessionStore(url)
+            await store.upgrade()
+            await store.close()
+
+        asyncio.run(main())
+    with sqlite3.connect(tmp_path / "uri.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_a_store_shows_no_password_of_its_url() -> None:
