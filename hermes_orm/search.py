@@ -1266,8 +1266,91 @@ def _sqlite_bodies(conn: Connection, ids: list[int]) -> list[Any]:
     return [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
 
 
+#: The PostgreSQL triggers computing each message's search columns as it is
+#: written, as the migrations make them (on ``{table}``, in the functions' ``{schema}``).
+#: They fire in name order: the second narrows what the first put in ``search_cjk``.
+PG_TRIGGERS = {
+    "hermes_search_index": (
+        "CREATE TRIGGER hermes_search_index BEFORE INSERT OR UPDATE OF content, content_parts, "
+        "tool_name, tool_calls ON {table} FOR EACH ROW "
+        "EXECUTE FUNCTION {schema}.hermes_search_index()"
+    ),
+    "hermes_search_index_cjk": (
+        "CREATE TRIGGER hermes_search_index_cjk BEFORE INSERT OR UPDATE OF content, "
+        "content_parts, tool_name, tool_calls ON {table} FOR EACH ROW "
+        "WHEN (NEW.search_cjk IS NOT NULL) EXECUTE FUNCTION {schema}.hermes_search_cjk_words()"
+    ),
+}
+
+
+def _pg_trigger_states(conn: Connection) -> list[tuple[str, str, str | None]]:
+    """``(table, trigger, tgenabled)`` of each search trigger on each table of messages.
+
+    ``hermes_messages`` first, then its partitions; None: the trigger is missing.
+    """
+    names = ", ".join(f"('{name}')" for name in PG_TRIGGERS)
+    rows = conn.exec_driver_sql(
+        "WITH tables AS (SELECT 'hermes_messages'::regclass AS relid, 0 AS level "
+        "UNION SELECT relid, level FROM pg_partition_tree('hermes_messages')) "
+        "SELECT tables.relid::regclass::text, n.name, t.tgenabled::text "
+        f"FROM tables CROSS JOIN (VALUES {names}) AS n(name) "
+        "LEFT JOIN pg_trigger t ON t.tgrelid = tables.relid AND t.tgname = n.name "
+        "ORDER BY tables.level, 1, 2"
+    ).all()
+    return [(table, name, state) for table, name, state in rows]
+
+
+#: ``pg_trigger.tgenabled`` of a trigger that fires for the stores' writes.
+_FIRES = ("O", "A")
+
+
+def pg_trigger_gaps(conn: Connection) -> list[tuple[str, str, bool]]:
+    """PostgreSQL: the search triggers that would not fire, on the tables of messages.
+
+    ``hermes_messages``, and each of its partitions, as ``(table, trigger,
+    missing)``: missing, or there but disabled (or set to fire for replication
+    only). Messages written there go unindexed. A partition's gap that is the
+    partitioned table's too is told with it.
+    """
+    states = _pg_trigger_states(conn)
+    root = states[0][0]
+    at_root = {(name, state) for table, name, state in states if table == root}
+    return [
+        (table, name, state is None)
+        for table, name, state in states
+        if state not in _FIRES and (table == root or (name, state) not in at_root)
+    ]
+
+
+def pg_trigger_sql(conn: Connection, name: str, table: str) -> str:
+    """The search trigger ``name``'s ``CREATE TRIGGER`` on ``table``."""
+    schema = conn.exec_driver_sql(
+        "SELECT quote_ident(n.nspname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'hermes_messages'::regclass"
+    ).scalar_one()
+    return PG_TRIGGERS[name].format(table=table, schema=schema)
+
+
+def _restore_pg_triggers(conn: Connection) -> None:
+    """Make the search triggers fire on every table of messages again (see pg_trigger_gaps)."""
+    states = _pg_trigger_states(conn)
+    root = states[0][0]
+    missing_at_root = {name for table, name, state in states if table == root and state is None}
+    for table, name, state in states:
+        if state is None:
+            # Made on the partitioned table, it is made on each partition too.
+            if table == root or name not in missing_at_root:
+                conn.exec_driver_sql(pg_trigger_sql(conn, name, table))
+        elif state not in _FIRES:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE TRIGGER {name}")
+
+
 def rebuild(conn: Connection) -> int:
-    """Rebuild the search index from the messages; returns how many messages it covers."""
+    """Rebuild the search index from the messages; returns how many messages it covers.
+
+    On PostgreSQL the triggers computing it are made again first, or enabled,
+    where they would not fire.
+    """
     if conn.dialect.name == "sqlite":
         for statement in (
             "INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')",
@@ -1284,6 +1367,7 @@ def rebuild(conn: Connection) -> int:
         ):
             conn.exec_driver_sql(statement)
     else:
+        _restore_pg_triggers(conn)
         # Setting a watched column fires the trigger that computes body and tsvector.
         conn.exec_driver_sql("UPDATE hermes_messages SET content = content")
         for index in ("ix_hermes_search_vector", "ix_hermes_search_cjk", "ix_hermes_search_cjk_id"):

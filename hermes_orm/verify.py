@@ -511,6 +511,12 @@ def _pg_search_problems(conn: Connection) -> list[str]:
     out of step (emptied, left behind by an old version, changed by hand).
     """
     sql = conn.exec_driver_sql
+    problems = [
+        f"{table}: the search trigger {name} is "
+        f"{'missing' if missing else 'disabled'}: messages written there are not indexed "
+        "as they should be"
+        for table, name, missing in _search.pg_trigger_gaps(conn)
+    ]
     # Made in the check's transaction: gone with it, should a statement fail.
     sql(f"CREATE TEMP TABLE {_PG_PROBE} (LIKE hermes_messages INCLUDING DEFAULTS)")
     triggers = sql(
@@ -526,6 +532,9 @@ def _pg_search_problems(conn: Connection) -> list[str]:
         if probe == definition:
             raise DatabaseError(f"the search trigger's definition is not understood: {definition}")
         _dialects.run_as_written(conn, probe)
+    copied = {definition.split(" ", 3)[2] for definition, _ in triggers}
+    for name in _search.PG_TRIGGERS.keys() - copied:  # (what it computes is checked all the same)
+        sql(_search.pg_trigger_sql(conn, name, _PG_PROBE))
     stale, first, last = 0, None, None
     while True:
         # The next batch of the ids there are (ranges of ids would walk the gaps too:
@@ -547,9 +556,11 @@ def _pg_search_problems(conn: Connection) -> list[str]:
         first = first if first is not None else lowest
         sql(f"TRUNCATE {_PG_PROBE}")
     sql(f"DROP TABLE {_PG_PROBE}")
-    if not stale:
-        return []
-    return [f"{stale} messages out of step with the index (the first: message id {first})"]
+    if stale:
+        problems.append(
+            f"{stale} messages out of step with the index (the first: message id {first})"
+        )
+    return problems
 
 
 _PG_PROBE = "hermes_verify_search_probe"

@@ -22,7 +22,7 @@ from hermes_orm import (
     verify,
 )
 from hermes_orm.verify import verify_database
-from tests.conftest import count_rows, fresh_store, run_cli
+from tests.conftest import count_rows, fresh_store, run_cli, table_name
 from tests.test_cli import clean_env
 from tests.test_flush import conversation
 
@@ -709,6 +709,52 @@ def test_each_message_s_words_are_checked_against_what_its_triggers_compute(
     assert [h.idx for h in store.search("東京").hits] == [1]
     assert store.search("other").hits == []
     assert _search_checks(verify_database(store)) == []
+
+
+@pytest.mark.backends("postgresql")
+@pytest.mark.parametrize("damage", ["missing", "disabled"])
+def test_search_triggers_that_would_not_fire_are_found_and_made_to_again(
+    store: SessionStore, engine: Engine, damage: str
+) -> None:
+    """Messages written meanwhile go unindexed, the fresh words the check computes too
+    (its table copies the triggers): each trigger is told, and a repair makes it again as
+    the migrations made it (or enables it), then indexes what it missed."""
+    from hermes_orm.search import PG_TRIGGERS
+
+    messages = [{"role": "user", "content": "hello"}]
+    store.create_session("s", source="cli")
+    store.flush("s", messages)
+    messages.append({"role": "user", "content": "zebra 部署 words"})
+    table = table_name(engine, "hermes_messages")
+    definitions = (
+        "SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid), tgenabled::text "
+        "FROM pg_trigger WHERE tgname LIKE 'hermes\\_search%%' ORDER BY 1, 2"
+    )
+    with engine.begin() as conn:
+        made = conn.exec_driver_sql(definitions).all()
+        for name in PG_TRIGGERS:
+            if damage == "missing":
+                conn.exec_driver_sql(f"DROP TRIGGER {name} ON {table}")
+            else:
+                conn.exec_driver_sql(f"ALTER TABLE {table} DISABLE TRIGGER {name}")
+    store.flush("s", messages)
+    assert store.search("zebra").hits == []
+    found = [problem for problem, _ in _search_checks(verify_database(store))]
+    told = ": messages written there are not indexed as they should be"
+    assert len(found) == 3, found
+    assert found[0].endswith(
+        f"hermes_messages: the search trigger hermes_search_index is {damage}{told}"
+    )
+    assert found[1].endswith(
+        f"hermes_messages: the search trigger hermes_search_index_cjk is {damage}{told}"
+    )
+    assert found[2] == "1 messages out of step with the index (the first: message id 2)"
+    assert _search_checks(verify_database(store, repair=True)) == [(p, True) for p in found]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(definitions).all() == made
+    assert [hit.idx for hit in store.search("zebra").hits] == [1]
+    assert [hit.idx for hit in store.search("部署").hits] == [1]
+    assert verify_database(store).ok
 
 
 @pytest.mark.postgresql
