@@ -110,7 +110,7 @@ def _sessions(args: argparse.Namespace) -> int:
                 # (!s: a column your own SQL wrote may hold bytes, which take no width.)
                 print(
                     _inert(
-                        f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']:>8}  "
+                        f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']!s:>8}  "
                         f"{(s['model'] or '-')!s:<24} {s['title'] or ''}"
                     )
                 )
@@ -171,7 +171,7 @@ def _one_line(message: dict[str, Any], width: int = 100) -> str:
     if calls:
         names = [_call_name(call) for call in (calls if isinstance(calls, list) else [calls])]
         text = f"{text} -> calls {', '.join(names)}".strip()
-    line = f"{message['role']:<9} {text}"
+    line = f"{message['role']!s:<9} {text}"
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -238,7 +238,7 @@ def _search(args: argparse.Namespace) -> int:
             before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
             for hit in page.hits:
                 shown = dataclasses.replace(hit, snippet=_inert(hit.snippet))  # (same offsets)
-                where = _inert(f"{hit.session_id}[{hit.idx}] {hit.role:<9}")
+                where = _inert(f"{hit.session_id}[{hit.idx}] {hit.role!s:<9}")
                 print(f"{where} {shown.marked(before, after)}")
             if not page.hits:
                 print("no hits", file=sys.stderr)

@@ -352,22 +352,37 @@ def test_a_wal_copy_in_a_directory_not_ours_opens_as_the_readme_says(tmp_path: P
         folder.chmod(0o755)
 
 
-def test_sessions_list_shows_a_bytes_id_written_by_other_sql(tmp_path: Path) -> None:
-    """A row your own SQL gave a BLOB id is listed (as ``b'...'``), not a traceback."""
+def test_bytes_your_own_sql_wrote_are_shown_not_a_traceback(tmp_path: Path) -> None:
+    """Columns your own SQL gave BLOBs (an id, a count, a role) are shown as ``b'...'``
+    by sessions list, sessions show and search."""
     path = tmp_path / "agents.db"
     with SessionStore(f"sqlite:///{path}") as store:
         store.upgrade()
         store.create_session("abc", source="cli")
+        store.flush("abc", [{"role": "user", "content": "hello there"}])
+        store.create_session("other", source="cli")
+        store.flush("other", [{"role": "user", "content": "hello again"}])
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE hermes_sessions SET id = x'616263', source = x'636c69'")
+        conn.execute(
+            "UPDATE hermes_sessions SET id = x'616263', source = x'636c69' WHERE id = 'abc'"
+        )
+        conn.execute("UPDATE hermes_sessions SET message_count = x'01' WHERE id = 'other'")
+        conn.execute("UPDATE hermes_messages SET role = CAST('user' AS BLOB)")
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{path}"}
     table = run("sessions", "list", env=env)
     assert (table.returncode, table.stderr) == (0, "")
-    assert table.stdout.splitlines()[1].split()[:3] == ["b'abc'", "b'cli'", "0"]
+    rows = sorted(line.split()[:3] for line in table.stdout.splitlines()[1:])
+    assert rows == [["b'abc'", "b'cli'", "1"], ["other", "cli", "b'\\x01'"]]
+    shown = run("sessions", "show", "other", env=env)
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert "[0] b'user'   hello again" in shown.stdout
+    found = run("search", "hello", env=env)
+    assert (found.returncode, found.stderr) == (0, "")
+    assert "other[0] b'user'" in found.stdout
     as_json = run("sessions", "list", "--json", env=env)
     assert (as_json.returncode, as_json.stderr) == (0, "")
-    (listed,) = json.loads(as_json.stdout)
-    assert (listed["id"], listed["source"]) == ("b'abc'", "b'cli'")
+    listed = {(s["id"], s["source"]) for s in json.loads(as_json.stdout)}
+    assert listed == {("b'abc'", "b'cli'"), ("other", "cli")}
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
