@@ -402,13 +402,16 @@ def _hosts_as_query(url: str) -> str:
     return f"{head}{path or '/'}?{hosts}{'&' + query if query else ''}"
 
 
-def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
+def _create(
+    make: Callable[..., T], url: URL, kwargs: dict[str, Any], *, make_file: bool = True
+) -> T:
     """The engine ``make(url, **kwargs)``; a driver that is not installed told as such.
 
     An SQLite file (named by a path or a ``file:`` URI) is then created
-    owner-only, before SQLite opens it (on the engine's first connection)
-    world-readable; a ``~`` at the start of a path is the home directory, for
-    the engine too, so that the file SQLite opens is the one created.
+    owner-only (unless not ``make_file``), before SQLite opens it (on the
+    engine's first connection) world-readable; a ``~`` at the start of a path
+    is the home directory, for the engine too, so that the file SQLite opens
+    is the one created.
 
     Raises:
         InvalidURLError: The SQLite file cannot be created.
@@ -422,6 +425,8 @@ def _create(make: Callable[..., T], url: URL, kwargs: dict[str, Any]) -> T:
             url = url.set(database=str(path))
         elif path is None and _values(url.query.get("mode", "rwc")) == ("rwc",):
             path = _file_uri_path(url)  # (a URI of another mode creates no file)
+        if not make_file:
+            path = None
     try:
         engine = make(url, **kwargs)
     except (ImportError, NoSuchModuleError) as exc:
@@ -713,11 +718,37 @@ def create_store_engine(
     for them, which stores on it follow. ``engine_kwargs`` go to
     :func:`sqlalchemy.create_engine`.
     """
+    engine = _store_engine(
+        url,
+        sqlite_synchronous=sqlite_synchronous,
+        lock_timeout=lock_timeout,
+        pgbouncer=pgbouncer,
+        schema=schema,
+        engine_kwargs=engine_kwargs,
+    )
+    assert engine is not None
+    return engine
+
+
+def _store_engine(
+    url: str | URL,
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float = LOCK_TIMEOUT,
+    pgbouncer: bool = False,
+    schema: str | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    make_engine: bool = True,
+) -> Engine | None:
+    """:func:`create_store_engine`; only its checks, unless ``make_engine``."""
     parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
+    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs or {}, schema)
     if parsed.get_backend_name() == "postgresql":
         parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
+    if not make_engine:
+        _create(create_engine, parsed, kwargs, make_file=False).dispose()
+        return None
     engine = _create(create_engine, parsed, kwargs)
     configure_engine(
         engine,
@@ -727,6 +758,19 @@ def create_store_engine(
         owned=True,
     )
     return engine
+
+
+def check_store_url(url: str | URL) -> None:
+    """Refuse ``url`` as :func:`create_store_engine` refuses it; nothing is created.
+
+    No connection is made and no SQLite file created: what is checked is the
+    URL, its options and its driver, for the blocking store.
+
+    Raises:
+        InvalidURLError: The URL, or an option in it, cannot work.
+        UnsupportedBackendError: Another backend, or a driver not installed.
+    """
+    _store_engine(url, make_engine=False)
 
 
 def create_async_store_engine(

@@ -400,6 +400,11 @@ class Meanwhile:
 _QUALIFIER = re.compile(r'(?:"[^"]+"|\w+)\.(?=hermes_)')
 
 
+def unqualified(statement: str) -> str:
+    """``statement`` with its tables' schema left out (as run under ``--in-schema``)."""
+    return _QUALIFIER.sub("", statement)
+
+
 @contextlib.contextmanager
 def listening(target: Any, name: str, fn: Callable[..., Any]) -> Iterator[None]:
     """``fn`` listens to ``target``'s event ``name`` while the block runs."""
@@ -441,7 +446,7 @@ def meanwhile(
     def ran(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if threading.current_thread() is not caller or state.thread is not None:
             return
-        if when(_QUALIFIER.sub("", statement)):
+        if when(unqualified(statement)):
             state.thread = threading.Thread(target=state.run, args=(do,))
             state.thread.start()
             state.first = state.done.wait(wait)

@@ -29,7 +29,14 @@ from hermes_orm.errors import (
     SessionNotFoundError,
 )
 from hermes_orm.integrations.hermes import SessionDB, _hermes_sql
-from tests.conftest import fresh_store, in_threads, listening, meanwhile, table_name
+from tests.conftest import (
+    fresh_store,
+    in_threads,
+    listening,
+    meanwhile,
+    table_name,
+    unqualified,
+)
 
 # Hermes' SessionDB API is blocking: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -956,7 +963,7 @@ def test_a_title_taken_by_another_process_meanwhile_is_a_value_error(
     armed = [True]
 
     def take_it_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if armed[0] and statement.startswith("UPDATE hermes_sessions SET title"):
+        if armed[0] and unqualified(statement).startswith("UPDATE hermes_sessions SET title"):
             armed[0] = False
             other.set_session_title("b", "Shared")  # commits before our UPDATE runs
 
@@ -982,10 +989,10 @@ def test_a_title_taken_meanwhile_on_every_try_is_a_value_error(
     tries = []
 
     def take_it_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("SELECT hermes_sessions.id") and "title" in statement:
+        if unqualified(statement).startswith("SELECT hermes_sessions.id") and "title" in statement:
             for sid in ("b", "c"):  # free again: the try finds no holder
                 other.set_session_title(sid, "")
-        elif statement.startswith("UPDATE hermes_sessions SET title"):
+        elif unqualified(statement).startswith("UPDATE hermes_sessions SET title"):
             tries.append(statement)
             other.set_session_title(next(takers), "Shared")  # commits before our UPDATE
 

@@ -114,7 +114,8 @@ class Cli:
         config["hermes_orm"] = {"mode": "store", "url": url}
         (self.home / "config.yaml").write_text(json.dumps(config, indent=2))
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        """``hermes ARGS``; it must exit 0 when ``ok``."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -136,7 +137,7 @@ class Cli:
             timeout=120,
             check=False,
         )
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == 0 or not ok, done.stdout + done.stderr
         return done
 
 
@@ -186,6 +187,30 @@ def test_the_hermes_cli_keeps_its_session_in_the_database_and_resumes_it(
     reopened = store.get_session(session_id)
     assert reopened is not None
     assert (reopened["ended_at"], reopened["end_reason"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@127.0.0.1:1/db?schema=hermes-prod",
+        "postgresql://u@127.0.0.1:1/db?options=-cstatement_timeout%3D5s&pgbouncer=true",
+        "postgresql+asyncpg://u@127.0.0.1:1/db",
+        "sqlite:///{tmp}/x.db?timeout=soon",
+    ],
+)
+def test_a_url_no_store_can_be_made_from_leaves_hermes_on_its_state_db(
+    tmp_path: Path, llm: RecordingLLM, url: str
+) -> None:
+    """Refused where a store is made, not where the URL is read: every SessionDB Hermes
+    opened raised, and it kept its sessions nowhere. The plugin is off, and says why."""
+    cli = Cli(tmp_path, llm, url.format(tmp=tmp_path))
+    assert cli.run("-z", "hello").stdout.strip() == "Answer to: hello"
+    assert _state_db_messages(cli.home) == 2
+    status = cli.run("orm", "status", ok=False)
+    assert status.returncode == 1
+    assert "plugin:    off since" in status.stdout, status.stdout
+    assert "InvalidURLError" in status.stdout, status.stdout
+    assert not (tmp_path / "x.db").exists()
 
 
 # -- a real AIAgent -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from sqlalchemy.exc import DBAPIError
 from hermes_orm import _retry, cli, migrations
 from hermes_orm._dialects import (
     CONNECT_SECONDS,
+    check_store_url,
     create_store_engine,
     default_url,
     hermes_home,
@@ -158,11 +159,18 @@ def _wait(config: Mapping[str, Any], default: float = DEFAULT_WAIT) -> float:
 
 
 def _check_url(url: str) -> None:
-    """Refuse, before any turn, a URL that cannot work: unparsable, other backend, no driver."""
+    """Refuse, before any turn, a URL no store can be made from.
+
+    Unparsable, of another backend or an asyncio driver, no driver installed,
+    an option that cannot work (``?schema=``, ``options`` with
+    ``pgbouncer=true``): as a store refuses it. Nothing is connected to or
+    created.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise UnsupportedBackendError(parsed.get_backend_name())
     parsed.get_dialect().import_dbapi()
+    check_store_url(parsed)
 
 
 def hermes_state() -> tuple[HermesSessions, HermesConversation]:
