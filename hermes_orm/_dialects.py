@@ -273,6 +273,14 @@ def _utf8(url: URL) -> bool:
     return True
 
 
+def _holds_nul(url: URL) -> bool:
+    """Whether a part of ``url`` (a name, the password, a query key or value) holds a NUL."""
+    parts = [url.username, url.password, url.host, url.database]
+    for key, value in url.query.items():
+        parts += [key, *_values(value)]
+    return any(part is not None and "\x00" in str(part) for part in parts)
+
+
 def normalize_url(url: str | URL) -> URL:
     """Parse ``url``; a bare ``postgresql://`` URL gets the psycopg (3) driver.
 
@@ -313,6 +321,10 @@ def normalize_url(url: str | URL) -> URL:
                 # lone surrogate): no server connection string can hold it. (A SQLite
                 # file's name is the file system's to take.)
                 reason = "it holds a byte that is not UTF-8 text"
+            elif parsed.get_backend_name() != "sqlite" and _holds_nul(parsed):
+                # libpq stops reading a connection string at one: what follows it (the
+                # user, the password, the port) would be dropped without a word.
+                reason = "it holds a NUL character (%00)"
     if reason is not None:
         shown = safe_url(url).encode("utf-8", "replace").decode("utf-8")
         raise InvalidURLError(

@@ -455,3 +455,22 @@ def test_a_url_holding_a_byte_that_is_not_utf8_is_an_invalid_url() -> None:
             with pytest.raises(InvalidURLError, match="not UTF-8") as refused:
                 store_class(url)
             assert "secr" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:secret@127.0.0.1:1/post%00gres",
+        "postgresql://u%00x:secret@127.0.0.1:1/db",
+        "postgresql://u:sec%00ret@127.0.0.1:1/db",
+        "postgresql://u:secret@127.0.0.1:1/db?application_name=a%00b",
+    ],
+)
+def test_a_postgresql_url_holding_a_nul_is_an_invalid_url(url: str) -> None:
+    """libpq stops reading its connection string at a NUL: the user, password and port
+    after it were dropped, and the store dialled another server as another user."""
+    for store_class in (SessionStore, AsyncSessionStore):
+        with pytest.raises(InvalidURLError, match="NUL character") as refused:
+            store_class(url)
+        assert "secret" not in str(refused.value)
+        assert "sec%00ret" not in str(refused.value)
