@@ -571,6 +571,12 @@ def _read_json(text: str) -> Any:
     return value if end == len(text) else _loads(text)
 
 
+#: A boolean column's values as the message's: SQLite's 0 and 1, PostgreSQL's own.
+#: Another value (text your own SQL wrote, ``'false'``) is none of them: a KeyError,
+#: told as a value that cannot be read, where ``bool`` would read it as True.
+_FLAGS = {False: False, True: True}
+
+
 def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, Any]:
     """Rebuild the message dict from driver values in :data:`READ_COLUMNS` order.
 
@@ -585,7 +591,7 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
             if v is None
             else _read_json(v)
             if i in _READ_JSON
-            else bool(v)
+            else _FLAGS[v]
             if i in _READ_BOOL
             else v
             for i, v in enumerate(values)
@@ -704,7 +710,7 @@ def _decoder(present: int, order: str | None) -> _Decoder | None:
             values[key] = f"v{number}"
     body = ", ".join(f"{key!r}: {values[key]}" for key in keys)
     source = f"None if {' or '.join(misfits)} else {{{body}}}"
-    function: _Decoder = eval(f"lambda r: {source}", {"_read_json": _read_json, "bool": bool})
+    function: _Decoder = eval(f"lambda r: {source}", {"_read_json": _read_json, "_FLAGS": _FLAGS})
     return function
 
 
@@ -713,7 +719,7 @@ def _read_expression(column: str) -> str:
     at = f"r[{READ_COLUMNS.index(column)}]"
     if column in JSON_COLUMNS:
         return f"_read_json({at})"
-    return f"bool({at})" if column in BOOL_KEYS else at
+    return f"_FLAGS[{at}]" if column in BOOL_KEYS else at
 
 
 def row_to_message(row: Any) -> dict[str, Any]:

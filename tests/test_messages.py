@@ -508,6 +508,25 @@ def test_a_row_other_sql_damaged_is_a_database_error(
         store.get_messages(sid)
 
 
+@pytest.mark.backends("sqlite")  # (PostgreSQL's boolean column holds nothing else)
+@pytest.mark.parametrize("value", ["false", "no", 2, b"\x00"])
+def test_a_boolean_column_other_sql_gave_another_value_is_a_database_error(
+    store: SessionStore, engine: Any, value: Any
+) -> None:
+    """SQLite keeps what it is given: read as a truth value, text ``'false'`` came back
+    True, and verify --repair digested the message so misread."""
+    sid = f"flag-{next(_ids)}"
+    store.create_session(sid, source="test")
+    store.flush(sid, [{"role": "user", "content": "hi", "observed": False}])
+    with engine.begin() as conn:
+        conn.execute(
+            sql_text("UPDATE hermes_messages SET observed = :v WHERE session_id = :s"),
+            {"v": value, "s": sid},
+        )
+    with pytest.raises(DatabaseError, match="the message at position 0 holds a value that cannot"):
+        store.get_messages(sid)
+
+
 def test_keys_a_key_order_set_by_other_sql_leaves_out_are_read_after_it(
     store: SessionStore, engine: Any
 ) -> None:
