@@ -122,6 +122,12 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     the same (a database out of reach still raises).
     """
     report = Report()
+    standby = store.engine.dialect.name == "postgresql" and store.read_transaction(_in_recovery)
+    if repair and standby:
+        raise DatabaseError(
+            "the server is a standby, which may only be read (a repair cannot write it): "
+            "repair on the primary, or verify without --repair here"
+        )
     ids = store.read_transaction(
         lambda conn: list(conn.execute(select(_sessions.c.id).order_by(_sessions.c.id)).scalars())
     )
@@ -150,7 +156,10 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     # (A check alone only reads: SQLite's write lock would hold agents' flushes meanwhile.)
     lineage = store.write_transaction if repair else store.read_transaction
     report.problems.extend(lineage(lambda conn: _check_lineage(conn, repair)))
-    search, report.unchecked = store.write_transaction(lambda conn: _check_search(conn, repair))
+    # (The checks of the search index write: a table of the transaction's own, FTS5's
+    # integrity-check. A standby gives no write transaction: its check only reads.)
+    transaction = store.read_transaction if standby else store.write_transaction
+    search, report.unchecked = transaction(lambda conn: _check_search(conn, repair))
     report.problems.extend(search)
     if repair and any(p.repaired for p in report.problems):
         for session_id in {p.session_id for p in report.problems if p.session_id}:
@@ -158,11 +167,28 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     return report
 
 
+def _in_recovery(conn: Connection) -> bool:
+    """PostgreSQL: whether the server is a standby (in recovery), which may only be read."""
+    return bool(conn.exec_driver_sql("SELECT pg_is_in_recovery()").scalar())
+
+
+#: PostgreSQL's refusals of a write to what the role may only read: insufficient_privilege,
+#: read_only_sql_transaction.
+_PG_READ_ONLY = ("42501", "25006")
+
+
 def _refused_as_read_only(exc: BaseException) -> bool:
-    """Whether ``exc``, or an error it came from, is SQLite refusing to write a read-only file."""
+    """Whether ``exc``, or an error it came from, refuses a write to what may only be read.
+
+    SQLite refusing a read-only file; PostgreSQL refusing the role the right to
+    write, or a read-only transaction.
+    """
     error: BaseException | None = exc
     while error is not None:
-        if isinstance(error, DBAPIError) and _dialects.sqlite_read_only(error.orig):
+        if isinstance(error, DBAPIError) and (
+            _dialects.sqlite_read_only(error.orig)
+            or _dialects.sqlstate(error.orig) in _PG_READ_ONLY
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -475,6 +501,14 @@ def _check_search(conn: Connection, repair: bool) -> tuple[list[Problem], list[s
 
 def _search_problems(conn: Connection, unchecked: list[str]) -> list[str]:
     if conn.dialect.name != "sqlite":
+        if _in_recovery(conn):
+            # The fresh words are computed in a table of the transaction's own, which
+            # a standby cannot make: its triggers are checked alone.
+            unchecked.append(
+                "search: each message's words against what its triggers compute "
+                "(the server is a standby, which may only be read)"
+            )
+            return _pg_trigger_problems(conn)
         return _pg_search_problems(conn)
     problems = []
     for table in ("hermes_search", "hermes_search_cjk"):
@@ -502,6 +536,15 @@ def _search_problems(conn: Connection, unchecked: list[str]) -> list[str]:
 _PG_PROBE_BATCH = 20_000
 
 
+def _pg_trigger_problems(conn: Connection) -> list[str]:
+    """PostgreSQL: the search triggers that would not fire (see search.pg_trigger_gaps)."""
+    return [
+        f"{table}: the search trigger {name} is {'missing' if missing else 'disabled'}: "
+        "messages written there are not indexed as they should be"
+        for table, name, missing in _search.pg_trigger_gaps(conn)
+    ]
+
+
 def _pg_search_problems(conn: Connection) -> list[str]:
     """PostgreSQL: each message's words and CJK-like text are what its triggers compute.
 
@@ -511,12 +554,7 @@ def _pg_search_problems(conn: Connection) -> list[str]:
     out of step (emptied, left behind by an old version, changed by hand).
     """
     sql = conn.exec_driver_sql
-    problems = [
-        f"{table}: the search trigger {name} is "
-        f"{'missing' if missing else 'disabled'}: messages written there are not indexed "
-        "as they should be"
-        for table, name, missing in _search.pg_trigger_gaps(conn)
-    ]
+    problems = _pg_trigger_problems(conn)
     # Made in the check's transaction: gone with it, should a statement fail.
     sql(f"CREATE TEMP TABLE {_PG_PROBE} (LIKE hermes_messages INCLUDING DEFAULTS)")
     triggers = sql(

@@ -514,3 +514,27 @@ def test_prefer_standby_finds_the_standby_behind_the_primary(driver: str) -> Non
         assert asyncio.run(in_recovery()) is True
         standby.stop()  # none left: any server will do
         assert asyncio.run(in_recovery()) is False
+
+
+def test_verify_on_a_standby_checks_what_it_may_read_and_refuses_a_repair(
+    cluster: tuple[PostgresServer, PostgresServer],
+) -> None:
+    """Its search check ran in a write transaction, which a standby never gives: verify
+    waited for the server, then said it was out of reach. What needs a table of its own
+    is told as not checked; a repair is refused up front, saying where to run it."""
+    from hermes_orm import DatabaseError
+    from hermes_orm.verify import verify_database
+
+    primary, standby = cluster
+    with SessionStore(primary.url) as writer:
+        writer.create_session("verified-on-standby", source="cli")
+        writer.flush("verified-on-standby", [{"role": "user", "content": "hello"}])
+    _replay(standby, primary, paused=False)
+    with SessionStore(standby.url, retry=RetryPolicy(unavailable_for=0.5)) as store:
+        report = verify_database(store)
+        assert report.ok, report.problems
+        assert report.messages >= 1
+        assert len(report.unchecked) == 1, report.unchecked
+        assert "standby" in report.unchecked[0]
+        with pytest.raises(DatabaseError, match="the server is a standby"):
+            verify_database(store, repair=True)

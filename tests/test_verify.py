@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
 import hermes_orm
@@ -808,3 +808,36 @@ def test_a_rebuild_the_database_refuses_is_reported_with_what_was_repaired(
     summary = done.stdout.strip().splitlines()[-1]
     assert summary.endswith(": 3 problem(s), 1 repaired"), summary
     assert store.get_session("a")["flushed_idx"] == 6  # type: ignore[index]
+
+
+@pytest.mark.postgresql
+@pytest.mark.direct("makes a database and a role of its own")
+def test_a_repair_by_a_role_that_may_only_read_is_refused_saying_so(empty_pg: str) -> None:
+    """Each session's repair was refused by the server in turn, and the report said
+    'could not be checked: permission denied' in place of what was wrong."""
+    import uuid
+
+    hermes_orm.upgrade(empty_pg)
+    with SessionStore(empty_pg) as store:
+        store.create_session("s", source="cli")
+        store.flush("s", conversation(1))
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    owner = create_engine(empty_pg, poolclass=NullPool)
+    with owner.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_sessions SET message_count = 9")
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+        conn.exec_driver_sql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    url = make_url(empty_pg).set(username=role, password="pw")
+    try:
+        with SessionStore(url) as store:
+            found = verify_database(store)
+            assert [p.detail for p in found.problems] == ["message_count is 9, 3 are stored"], (
+                found.problems
+            )
+            with pytest.raises(DatabaseError, match="may only be read here"):
+                verify_database(store, repair=True)
+    finally:
+        with owner.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        owner.dispose()
