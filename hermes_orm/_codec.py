@@ -127,12 +127,14 @@ class EncodedMessage(NamedTuple):
             of its live messages, as Hermes Agent counts them).
         documents: The JSON columns that hold a value, as the Python objects
             their text encodes; ``None`` when there are none.
+        size: About the bytes its columns hold (the UTF-8 its digest is taken of).
     """
 
     params: tuple[Any, ...]
     digest: bytes
     tool_calls: int
     documents: dict[str, Any] | None
+    size: int
 
     @property
     def row(self) -> dict[str, Any]:
@@ -272,6 +274,9 @@ _BLAKE2B_128 = hashlib.blake2b(digest_size=16)
 _ROLE_PREFIX = _DIGEST_PREFIXES[0]
 # EncodedMessage without its generated __new__'s Python frame (the hot path).
 _new_encoded = tuple.__new__
+#: Most bytes a message's columns may hold: SQLite's longest row (SQLITE_MAX_LENGTH,
+#: as it is built by default), below the 1 GiB a PostgreSQL statement may carry.
+ROW_BYTES_MAX = 1_000_000_000
 
 #: The keys with a column of their own besides role and content, in the order a
 #: message reads back: that of assistant messages as agents build them (text and
@@ -517,12 +522,21 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             index=index,
             key=_surrogate_key(message),
         ) from exc
+    size = len(raw)
+    if size > ROW_BYTES_MAX:
+        raise InvalidMessageError(
+            f"the message takes about {size:,} bytes stored, more than a row may hold "
+            f"({ROW_BYTES_MAX:,})",
+            index=index,
+        )
     hasher = _BLAKE2B_128.copy()
     hasher.update(raw)
     params[-1] = digest = hasher.digest()
     if tool_calls and message.get("active") is False:
         tool_calls = 0
-    return _new_encoded(EncodedMessage, (tuple(params), digest, tool_calls, documents or None))
+    return _new_encoded(
+        EncodedMessage, (tuple(params), digest, tool_calls, documents or None, size)
+    )
 
 
 def tool_call_count(value: Any) -> int:

@@ -134,6 +134,8 @@ _MAX_FLOAT = sys.float_info.max
 _HINTS_MAX = 10_000
 #: Messages per INSERT of a flush; a longer flush streams in batches of this size.
 _BATCH = 500
+#: Bytes of values an INSERT of a flush holds at most, but for a row alone.
+_STATEMENT_BYTES = 64 * 2**20
 
 
 #: Messages a store remembers (copies of what it stored or verified, over all the
@@ -2708,19 +2710,28 @@ def _checked_before_last(
 def _insert_statements(
     sql: _dialects.FlushSQL, chunks: Iterable[Chunk]
 ) -> list[tuple[str, tuple[Any, ...]]]:
-    """Multi-row INSERTs of the chunks' rows (``idx`` from each chunk's cursor on)."""
+    """Multi-row INSERTs of the chunks' rows (``idx`` from each chunk's cursor on).
+
+    Each holds at most ``sql.insert_rows_max`` rows and, unless one row is
+    more, :data:`_STATEMENT_BYTES` of values: PostgreSQL refuses a statement
+    of more than 1 GiB by closing the connection.
+    """
     most = sql.insert_rows_max
     statements: list[tuple[str, tuple[Any, ...]]] = []
     params: list[Any] = []
-    rows = 0
+    rows = size = 0
     for session_id, cursor, batch, *_ in chunks:
         for idx, item in enumerate(batch, cursor):
+            size += item.size
+            if rows and size > _STATEMENT_BYTES:
+                statements.append((sql.insert_messages(rows), tuple(params)))
+                params, rows, size = [], 0, item.size
             params += (session_id, idx)
             params += item.params
             rows += 1
             if rows == most:
                 statements.append((sql.insert_messages(rows), tuple(params)))
-                params, rows = [], 0
+                params, rows, size = [], 0, 0
     if rows:
         statements.append((sql.insert_messages(rows), tuple(params)))
     return statements

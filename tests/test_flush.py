@@ -44,9 +44,11 @@ from tests.conftest import (
     count_rows,
     fresh_store,
     in_threads,
+    listening,
     sync_engine,
     table_name,
     transient,
+    unqualified,
 )
 
 
@@ -2205,6 +2207,53 @@ def test_a_bulk_flush_streams_in_batches_and_stays_atomic(store: SessionStore) -
     assert_exact(store, "bulk", msgs[:3])
     assert store.flush("bulk", msgs).written == len(msgs) - 3
     assert_exact(store, "bulk", msgs)
+
+
+@pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
+def test_a_flush_of_many_bytes_is_split_into_inserts_of_a_bounded_size(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """PostgreSQL refuses a statement of more than 1 GiB by closing the connection, which
+    the store took for a server out of reach: it sent the whole INSERT again for
+    ``unavailable_for``, then said to check the server. (The bound made small here.)"""
+    from hermes_orm import store as store_module
+
+    monkeypatch.setattr(store_module, "_STATEMENT_BYTES", 20_000)
+    store.create_session("big", source="cli")
+    history = [{"role": "user", "content": "hi"}]
+    store.flush("big", history)
+    if path == "locked read":
+        store = fresh_store(store)
+    turn = [*history, *({"role": "tool", "content": f"{i} " + "x" * 8_000} for i in range(5))]
+    inserts: list[int] = []
+
+    def seen(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+        if "INSERT INTO" in unqualified(statement) and "hermes_messages" in statement:
+            inserts.append(len(params))
+
+    with listening(store.engine, "before_cursor_execute", seen):
+        assert store.flush("big", turn).written == 5
+    assert len(inserts) == 3, inserts  # 2 + 2 + 1 rows of about 8,000 bytes
+    assert_exact(store, "big", turn)
+    assert store.flush("big", turn).written == 0
+
+
+def test_a_message_larger_than_a_row_may_hold_is_refused_before_anything_is_written(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite refused it as 'string or blob too big', PostgreSQL by closing the
+    connection: now an InvalidMessageError naming the message. (The bound made small.)"""
+    from hermes_orm import _codec
+
+    monkeypatch.setattr(_codec, "ROW_BYTES_MAX", 10_000)
+    store.create_session("big", source="cli")
+    fits = {"role": "user", "content": "x" * 9_000}
+    too_big = {"role": "tool", "content": "ok", "tool_calls": [{"a": "y" * 10_000}]}
+    with pytest.raises(InvalidMessageError, match="more than a row may hold") as refused:
+        store.flush("big", [fits, too_big])
+    assert refused.value.index == 1
+    assert_exact(store, "big", [])
+    assert store.flush("big", [fits]).written == 1
 
 
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])
