@@ -1740,6 +1740,32 @@ def test_a_lone_surrogate_is_refused_where_hermes_binds_the_text_as_given(both: 
     both.get_session("t")
 
 
+def test_session_text_holding_nul_is_refused_on_either_backend_before_any_write(
+    store: SessionStore,
+) -> None:
+    """PostgreSQL text holds no NUL: there the server refused it (untyped), after
+    update_token_counts had made the session; SQLite kept what SessionStore refuses."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    for call in (
+        lambda: db.update_system_prompt("s", "a\x00b"),
+        lambda: db.update_session_model("s", "m\x00"),
+        lambda: db.end_session("s", "r\x00"),
+        lambda: db.set_meta("k", "v\x00"),
+        lambda: db.update_token_counts("new", input_tokens=1, cost_status="ok\x00"),
+    ):
+        with pytest.raises(InvalidSessionError, match="contains NUL"):
+            call()
+    with pytest.raises(InvalidArgumentError, match="at most 255 characters"):
+        db.set_meta("k" * 256, "v")
+    session = db.get_session("s")
+    assert (session["system_prompt"], session["model"], session["ended_at"]) == (None, None, None)
+    assert db.get_meta("k") is None
+    assert db.get_session("new") is None
+    db.set_meta("k" * 255, "v")
+    assert db.get_meta("k" * 255) == "v"
+
+
 _API_INSERT = (
     "INSERT INTO sessions (id, source, model, system_prompt, started_at) VALUES (?, ?, ?, ?, ?)"
 )

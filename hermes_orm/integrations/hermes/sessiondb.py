@@ -58,7 +58,6 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
-    has_lone_surrogate,
     hermes_json,
     lookup_key,
     message_json,
@@ -569,21 +568,25 @@ def _remove_session_files(sessions_dir: Path | None, session_id: str) -> None:
             path.unlink(missing_ok=True)
 
 
+#: Longest key of the key/value store (its column's length).
+_META_KEY_MAX = 255
+
+
 def _text_of(name: str, value: Any) -> str | None:
     """``value`` for a text column, as Hermes' SQLite file stores it; refused if it is no text.
 
     Raises:
         InvalidSessionError: A value SQLite would not bind as text (a list, bytes),
-            or text with a lone surrogate (Hermes' sqlite3 refuses it too).
+            text with a lone surrogate (Hermes' sqlite3 refuses it too), or with
+            NUL, which PostgreSQL text cannot hold (refused on either backend, as
+            :class:`SessionStore` refuses it).
     """
     stored = sqlite_text(value)
     if stored is not None and not isinstance(stored, str):
         raise InvalidSessionError(f"{name} must be text, got {type(value).__name__}")
-    if stored is not None and has_lone_surrogate(stored):
-        raise InvalidSessionError(
-            f"{name} contains lone surrogate characters (not valid Unicode), got "
-            f"{_codec.shown(stored)}"
-        )
+    problem = None if stored is None else _codec.text_problem(stored)
+    if problem is not None:
+        raise InvalidSessionError(f"{name} {problem}, got {_codec.shown(stored)}")
     return stored
 
 
@@ -1589,13 +1592,14 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
 
         Raises:
             InvalidArgumentError: ``key`` is no text a row can hold (NUL, a lone
-                surrogate).
+                surrogate, more than 255 characters).
             InvalidSessionError: ``value`` is no text.
         """
         found = lookup_key(key)
-        if found is None:
+        if found is None or len(found) > _META_KEY_MAX:
             raise InvalidArgumentError(
-                f"a meta key must be text without NUL or lone surrogates, got {key!r:.80}"
+                f"a meta key must be text of at most {_META_KEY_MAX} characters without NUL "
+                f"or lone surrogates, got {key!r:.80}"
             )
         text = _text_of("value", value)
 
