@@ -431,7 +431,7 @@ def _create(
     path = None
     if url.get_backend_name() == "sqlite":
         path = _sqlite_file(url)
-        if sqlite_in_memory(url) and "poolclass" not in kwargs and "pool" not in kwargs:
+        if sqlite_in_memory(url) and _CHOSEN_POOL.isdisjoint(kwargs):
             kwargs = _one_database_in_memory(make, kwargs)
         if path is not None and url.database and url.database.startswith("~"):
             url = url.set(database=str(path))
@@ -479,6 +479,13 @@ def _create(
     return engine
 
 
+#: Engine arguments that choose a pool (or size one only a queue pool has): given
+#: one, an engine on a database in memory has the pool it says.
+_CHOSEN_POOL = frozenset(
+    ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout", "pool_use_lifo")
+)
+
+
 def _one_database_in_memory(make: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` giving an engine on a database in memory its one connection, for every thread.
 
@@ -503,8 +510,8 @@ def _sqlite_file(url: URL) -> Path | None:
         InvalidURLError: No file can have that name.
     """
     database = url.database
-    if database and not database.startswith("file:") and _as_uri(url):
-        _refuse_uri_options_of_a_name(url, database)
+    if not (database or "").startswith("file:") and _as_uri(url):
+        _refuse_uri_options_of_a_name(url, database or "")
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     reason = "it holds a NUL character" if "\x00" in database else None
@@ -542,7 +549,7 @@ def _refuse_uri_options_of_a_name(url: URL, database: str) -> None:
         f"{safe_url(url)}: with uri=true SQLite reads the database name as a URI only when "
         f"it begins with 'file:'; it would open a file named {named!r}, and "
         f"{', '.join(options)} would do nothing. Name it as a URI: "
-        f"sqlite:///file:{database}?...&uri=true"
+        f"sqlite:///file:{database or ':memory:'}?...&uri=true"
     )
 
 
@@ -561,7 +568,7 @@ def sqlite_in_memory(url: str | URL) -> bool:
     if parsed.get_backend_name() != "sqlite":
         return False
     database = parsed.database or ""
-    if database and not database.startswith("file:") and _as_uri(parsed):
+    if not database.startswith("file:") and _as_uri(parsed):
         _refuse_uri_options_of_a_name(parsed, database)
     if database in ("", ":memory:"):
         return True
@@ -730,37 +737,14 @@ def create_store_engine(
     for them, which stores on it follow. ``engine_kwargs`` go to
     :func:`sqlalchemy.create_engine`.
     """
-    engine = _store_engine(
+    parsed, kwargs, pgbouncer = _store_url(
         url,
+        engine_kwargs,
         sqlite_synchronous=sqlite_synchronous,
         lock_timeout=lock_timeout,
         pgbouncer=pgbouncer,
         schema=schema,
-        engine_kwargs=engine_kwargs,
     )
-    assert engine is not None
-    return engine
-
-
-def _store_engine(
-    url: str | URL,
-    *,
-    sqlite_synchronous: str = "FULL",
-    lock_timeout: float = LOCK_TIMEOUT,
-    pgbouncer: bool = False,
-    schema: str | None = None,
-    engine_kwargs: dict[str, Any] | None = None,
-    make_engine: bool = True,
-) -> Engine | None:
-    """:func:`create_store_engine`; only its checks, unless ``make_engine``."""
-    parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
-    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs or {}, schema)
-    if parsed.get_backend_name() == "postgresql":
-        parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
-    if not make_engine:
-        _create(create_engine, parsed, kwargs, make_file=False).dispose()
-        return None
     engine = _create(create_engine, parsed, kwargs)
     configure_engine(
         engine,
@@ -770,6 +754,24 @@ def _store_engine(
         owned=True,
     )
     return engine
+
+
+def _store_url(
+    url: str | URL,
+    engine_kwargs: dict[str, Any],
+    *,
+    sqlite_synchronous: str = "FULL",
+    lock_timeout: float = LOCK_TIMEOUT,
+    pgbouncer: bool = False,
+    schema: str | None = None,
+) -> tuple[URL, dict[str, Any], bool]:
+    """The URL, keyword arguments and PgBouncer setting of a store's engine, all checked."""
+    parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
+    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
+    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
+    if parsed.get_backend_name() == "postgresql":
+        parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
+    return parsed, kwargs, pgbouncer
 
 
 def check_store_url(url: str | URL) -> None:
@@ -782,7 +784,8 @@ def check_store_url(url: str | URL) -> None:
         InvalidURLError: The URL, or an option in it, cannot work.
         UnsupportedBackendError: Another backend, or a driver not installed.
     """
-    _store_engine(url, make_engine=False)
+    parsed, kwargs, _ = _store_url(url, {})
+    _create(create_engine, parsed, kwargs, make_file=False).dispose()
 
 
 def create_async_store_engine(
@@ -802,14 +805,16 @@ def create_async_store_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
-    engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
-    kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-            parsed = parsed.set(drivername="sqlite+aiosqlite")
-    elif parsed.get_backend_name() == "postgresql":
-        parsed = _pg_connect_args(parsed, _own_connect_args(kwargs), lock_timeout, pgbouncer)
+    parsed, kwargs, pgbouncer = _store_url(
+        url,
+        engine_kwargs,
+        sqlite_synchronous=sqlite_synchronous,
+        lock_timeout=lock_timeout,
+        pgbouncer=pgbouncer,
+        schema=schema,
+    )
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
     engine = _create(create_async_engine, parsed, kwargs)
     configure_engine(
         engine.sync_engine,

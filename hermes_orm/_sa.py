@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,10 +88,12 @@ def shares_one_connection(pool: Pool) -> bool:
 #: Per ``StaticPool``: the lock under which a blocking store uses its one connection.
 _THREAD_TURNS: weakref.WeakKeyDictionary[Pool, threading.RLock] = weakref.WeakKeyDictionary()
 _THREAD_TURNS_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a child's only thread holds none of its parent's turns
+    os.register_at_fork(after_in_child=_THREAD_TURNS.clear)
 
 
-def thread_turn(pool: Pool) -> contextlib.AbstractContextManager[Any]:
-    """What a blocking store holds while it uses a connection of ``pool``.
+def thread_turn(pool: Pool) -> threading.RLock | None:
+    """The lock a blocking store holds while it uses ``pool``'s connection (None: none).
 
     A ``StaticPool`` gives every thread its one connection: two threads' calls
     at once would run in one transaction, on a driver connection that must not
@@ -99,7 +102,7 @@ def thread_turn(pool: Pool) -> contextlib.AbstractContextManager[Any]:
     pools give each its own connection: nothing is held.
     """
     if not isinstance(pool, StaticPool):
-        return contextlib.nullcontext()
+        return None
     with _THREAD_TURNS_LOCK:
         turn = _THREAD_TURNS.get(pool)
         if turn is None:

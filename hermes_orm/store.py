@@ -52,6 +52,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import Pool
 
 from hermes_orm import _codec, _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
@@ -607,6 +608,37 @@ def _readable(what: str) -> Iterator[None]:
 #: nested too deep to be read, or of another shape than the column's (a list for
 #: the extra keys, an object for their order), a value of another type.
 _DAMAGED = (ValueError, RecursionError, TypeError, KeyError, AttributeError)
+
+
+#: Seconds a blocking store's call waits for its turn at a ``StaticPool``'s one
+#: connection (another thread's call holds it for as long as its transaction).
+_TURN_WAIT = 300.0
+
+
+@contextlib.contextmanager
+def _turn(pool: Pool) -> Iterator[None]:
+    """The thread's turn at ``pool``'s connection, if threads take turns there.
+
+    See :func:`_sa.thread_turn`.
+
+    Raises:
+        DatabaseBusyError: Another thread's call held it for :data:`_TURN_WAIT`
+            seconds (one waiting for this thread's own call, say).
+    """
+    turn = _sa.thread_turn(pool)
+    if turn is None:
+        yield
+        return
+    if not turn.acquire(timeout=_TURN_WAIT):
+        raise DatabaseBusyError(
+            f"another thread's call held the engine's one connection ({type(pool).__name__}) "
+            f"for {_TURN_WAIT:.0f} s",
+            attempts=1,
+        )
+    try:
+        yield
+    finally:
+        turn.release()
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:
@@ -2258,14 +2290,12 @@ class SessionStore(_Sessions):
         Another process's migration of the database is waited for however long
         it takes (:func:`hermes_orm.upgrade`), outside the retry bound.
         """
+        self._after_fork()
 
         def once() -> None:
             self._unpark()  # the pool's connection (of one, it may be the only one)
             try:
-                with (
-                    _sa.thread_turn(self._engine.pool),
-                    _retry.connecting(self._retry.attempt_timeout),
-                ):
+                with _turn(self._engine.pool), _retry.connecting(self._retry.attempt_timeout):
                     migrations.upgrade(self._engine, revision, schema=self._schema)
             except PoolTimeoutError as exc:
                 raise _dialects.pool_exhausted(exc) from exc
@@ -2275,7 +2305,7 @@ class SessionStore(_Sessions):
 
     def _ensure_schema(self) -> None:
         if not self._schema_checked:
-            with _sa.thread_turn(self._engine.pool), self._connect() as conn:
+            with _turn(self._engine.pool), self._connect() as conn:
                 check_schema(conn, self._schema, self._retry.attempt_timeout)
             self._schema_checked = True
 
@@ -2290,16 +2320,22 @@ class SessionStore(_Sessions):
         request = Run(work, write, once=write, snapshot=snapshot)
         return self._transaction(request)  # type: ignore[no-any-return]
 
-    def _transaction(self, request: Run[Any]) -> Any:
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's connections, pooled or kept, and its locks.
+
+        A child must not use them, nor wait for a lock another of the parent's
+        threads may have held.
+        """
         if self._forks_seen != _forks[0]:
-            # A forked child must not use its parent's connections, pooled or kept,
-            # nor a lock another of the parent's threads may have held.
             self._parked = []
             self._parked_lock = threading.Lock()
             self._engine.dispose(close=False)
             if self._replica_of is not None:
                 self._replica_of.dispose(close=False)
             self._forks_seen = _forks[0]
+
+    def _transaction(self, request: Run[Any]) -> Any:
+        self._after_fork()
         begin = self._sql.begin
         timeout = self._retry.attempt_timeout
         if self._on_replica(request):
@@ -2312,7 +2348,7 @@ class SessionStore(_Sessions):
                     raise
 
         def once() -> Any:
-            with _sa.thread_turn(self._engine.pool):
+            with _turn(self._engine.pool):
                 self._ensure_schema()  # its connection's failures are retried as the work's
                 closes = self._closes
                 conn = self._checkout()
@@ -2337,7 +2373,7 @@ class SessionStore(_Sessions):
         assert replica is not None
 
         def once() -> Any:
-            with _sa.thread_turn(replica.pool), self._connect(replica) as conn:
+            with _turn(replica.pool), self._connect(replica) as conn:
                 return attempt(conn, request, (), self._replica_settings, timeout)
 
         return _retry.run_with_retry(
@@ -2382,8 +2418,9 @@ class SessionStore(_Sessions):
         The idle connection the store kept goes back first: a pool of one still
         has one to give.
         """
+        self._after_fork()
         self._unpark()
-        with _sa.thread_turn(self._engine.pool):
+        with _turn(self._engine.pool):
             conn = self._connect()
             try:
                 yield conn

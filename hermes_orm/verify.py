@@ -122,11 +122,13 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     the same (a database out of reach still raises).
     """
     report = Report()
-    standby = store.engine.dialect.name == "postgresql" and store.read_transaction(_in_recovery)
-    if repair and standby:
+    read_only = None
+    if store.engine.dialect.name == "postgresql":
+        read_only = store.read_transaction(_pg_read_only)
+    if repair and read_only is not None:
         raise DatabaseError(
-            "the server is a standby, which may only be read (a repair cannot write it): "
-            "repair on the primary, or verify without --repair here"
+            f"{read_only}, which may only be read (a repair cannot write it): repair where "
+            "it may write (the primary), or verify without --repair here"
         )
     ids = store.read_transaction(
         lambda conn: list(conn.execute(select(_sessions.c.id).order_by(_sessions.c.id)).scalars())
@@ -158,7 +160,7 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     report.problems.extend(lineage(lambda conn: _check_lineage(conn, repair)))
     # (The checks of the search index write: a table of the transaction's own, FTS5's
     # integrity-check. A standby gives no write transaction: its check only reads.)
-    transaction = store.read_transaction if standby else store.write_transaction
+    transaction = store.write_transaction if read_only is None else store.read_transaction
     search, report.unchecked = transaction(lambda conn: _check_search(conn, repair))
     report.problems.extend(search)
     if repair and any(p.repaired for p in report.problems):
@@ -167,9 +169,19 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     return report
 
 
-def _in_recovery(conn: Connection) -> bool:
-    """PostgreSQL: whether the server is a standby (in recovery), which may only be read."""
-    return bool(conn.exec_driver_sql("SELECT pg_is_in_recovery()").scalar())
+def _pg_read_only(conn: Connection) -> str | None:
+    """PostgreSQL: why every transaction here may only read (None: they may write).
+
+    A standby (in recovery), or a role whose transactions are read-only by
+    default (``default_transaction_read_only``), which the store's writes take
+    for a standby, and wait.
+    """
+    standby, by_default = conn.exec_driver_sql(
+        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on'"
+    ).one()
+    if standby:
+        return "the server is a standby"
+    return "transactions are read-only here (default_transaction_read_only)" if by_default else None
 
 
 #: PostgreSQL's refusals of a write to what the role may only read: insufficient_privilege,
@@ -501,12 +513,13 @@ def _check_search(conn: Connection, repair: bool) -> tuple[list[Problem], list[s
 
 def _search_problems(conn: Connection, unchecked: list[str]) -> list[str]:
     if conn.dialect.name != "sqlite":
-        if _in_recovery(conn):
+        read_only = _pg_read_only(conn)
+        if read_only is not None:
             # The fresh words are computed in a table of the transaction's own, which
-            # a standby cannot make: its triggers are checked alone.
+            # a read-only transaction cannot make: its triggers are checked alone.
             unchecked.append(
                 "search: each message's words against what its triggers compute "
-                "(the server is a standby, which may only be read)"
+                f"({read_only}, which may only be read)"
             )
             return _pg_trigger_problems(conn)
         return _pg_search_problems(conn)

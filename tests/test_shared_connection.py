@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -312,6 +313,92 @@ def test_threads_of_a_store_on_the_application_s_static_pool_take_turns(
     _flushed_in_threads(store, 4, 25)
     store.close()
     engine.dispose()
+
+
+def test_pool_arguments_given_for_an_in_memory_url_keep_the_pool_they_choose() -> None:
+    """A queue pool's size given, the caller chose its pool: it is not replaced."""
+    from sqlalchemy.pool import QueuePool, SingletonThreadPool
+
+    from hermes_orm import create_store_engine
+
+    engine = create_store_engine("sqlite://", pool_size=3)
+    assert isinstance(engine.pool, SingletonThreadPool)
+    engine.dispose()
+    engine = create_store_engine("sqlite:///file::memory:?uri=true", pool_size=3, max_overflow=2)
+    assert isinstance(engine.pool, QueuePool)
+    engine.dispose()
+
+
+def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store call made from another thread inside a store call's work waits for a turn
+    the first holds until the second returns: bounded, it is a DatabaseBusyError."""
+    import concurrent.futures
+
+    from hermes_orm import DatabaseBusyError
+    from hermes_orm import store as store_module
+
+    monkeypatch.setattr(store_module, "_TURN_WAIT", 0.5)
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'app.db'}",
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+    with concurrent.futures.ThreadPoolExecutor(1) as other:
+
+        def work(_conn: Any) -> BaseException | None:
+            return other.submit(store.get_session, "s").exception(timeout=30)
+
+        raised = store.read_transaction(work)
+    assert isinstance(raised, DatabaseBusyError), raised
+    assert "another thread's call held the engine's one connection" in str(raised)
+    assert (store.get_session("s") or {})["id"] == "s"
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("call", ["connection", "upgrade"])
+def test_a_forked_child_waits_for_no_turn_its_parent_s_thread_held(call: str) -> None:
+    """A thread of the parent was inside a call at the fork: the child's lock was held
+    for good, by a thread the child does not have."""
+    import signal
+
+    store = SessionStore("sqlite://")
+    store.upgrade()
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold(_conn: Any) -> None:
+        inside.set()
+        leave.wait(30)
+
+    holder = threading.Thread(target=store.write_transaction, args=(hold,))
+    holder.start()
+    assert inside.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a hang is ended by the alarm, and fails the test
+            signal.alarm(20)
+            done = 3
+            try:
+                if call == "connection":
+                    with store.connection() as conn:
+                        conn.exec_driver_sql("SELECT 1")
+                else:
+                    store.upgrade()
+                done = 0
+            finally:
+                os._exit(done)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        leave.set()
+        holder.join()
+        store.close()
+    assert os.waitstatus_to_exitcode(status) == 0, status
 
 
 def test_a_thread_s_own_empty_database_in_memory_is_told_with_what_to_do() -> None:

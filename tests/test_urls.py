@@ -293,7 +293,7 @@ def test_a_sqlite_file_named_by_a_file_uri_is_created_owner_only(
     assert not (tmp_path / "ro.db").exists()
 
 
-@pytest.mark.parametrize("database", ["agent.db", ":memory:"])
+@pytest.mark.parametrize("database", ["agent.db", ":memory:", ""])
 def test_sqlite_uri_options_on_a_name_that_is_no_uri_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
 ) -> None:

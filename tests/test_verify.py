@@ -812,9 +812,14 @@ def test_a_rebuild_the_database_refuses_is_reported_with_what_was_repaired(
 
 @pytest.mark.postgresql
 @pytest.mark.direct("makes a database and a role of its own")
-def test_a_repair_by_a_role_that_may_only_read_is_refused_saying_so(empty_pg: str) -> None:
+@pytest.mark.parametrize("kind", ["granted SELECT only", "read-only transactions"])
+def test_a_repair_by_a_role_that_may_only_read_is_refused_saying_so(
+    empty_pg: str, kind: str
+) -> None:
     """Each session's repair was refused by the server in turn, and the report said
-    'could not be checked: permission denied' in place of what was wrong."""
+    'could not be checked: permission denied' in place of what was wrong; a role whose
+    transactions are read-only was taken for a standby, waited for, then called out of
+    reach, with or without --repair."""
     import uuid
 
     hermes_orm.upgrade(empty_pg)
@@ -827,14 +832,17 @@ def test_a_repair_by_a_role_that_may_only_read_is_refused_saying_so(empty_pg: st
         conn.exec_driver_sql("UPDATE hermes_sessions SET message_count = 9")
         conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
         conn.exec_driver_sql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+        if kind == "read-only transactions":
+            conn.exec_driver_sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+            conn.exec_driver_sql(f"ALTER ROLE {role} SET default_transaction_read_only = on")
     url = make_url(empty_pg).set(username=role, password="pw")
     try:
-        with SessionStore(url) as store:
+        with SessionStore(url, retry=RetryPolicy(unavailable_for=5)) as store:
             found = verify_database(store)
-            assert [p.detail for p in found.problems] == ["message_count is 9, 3 are stored"], (
-                found.problems
-            )
-            with pytest.raises(DatabaseError, match="may only be read here"):
+            details = [p.detail for p in found.problems]
+            assert details == ["message_count is 9, 3 are stored"], details
+            assert len(found.unchecked) == (kind == "read-only transactions"), found.unchecked
+            with pytest.raises(DatabaseError, match="may only be read"):
                 verify_database(store, repair=True)
     finally:
         with owner.begin() as conn:
