@@ -127,7 +127,8 @@ class EncodedMessage(NamedTuple):
             of its live messages, as Hermes Agent counts them).
         documents: The JSON columns that hold a value, as the Python objects
             their text encodes; ``None`` when there are none.
-        size: About the bytes its columns hold (the UTF-8 its digest is taken of).
+        size: The characters its text columns hold (JSON as stored), for the
+            bound of a statement's size.
     """
 
     params: tuple[Any, ...]
@@ -277,6 +278,9 @@ _new_encoded = tuple.__new__
 #: Most bytes a message's columns may hold: SQLite's longest row (SQLITE_MAX_LENGTH,
 #: as it is built by default), below the 1 GiB a PostgreSQL statement may carry.
 ROW_BYTES_MAX = 1_000_000_000
+#: Characters of text a row holds within ROW_BYTES_MAX whatever they are (UTF-8: at
+#: most 4 bytes each); past them, its bytes are counted.
+_ROW_CHARACTERS_SURE = ROW_BYTES_MAX // 4 - 1024
 
 #: The keys with a column of their own besides role and content, in the order a
 #: message reads back: that of assistant messages as agents build them (text and
@@ -436,6 +440,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
     extra: dict[str, Any] = {}
     exact_stamp: int | None = None
     tool_calls = 0
+    size = 0  # characters of the text columns (the rest are numbers, a digest: bounded)
     last = 0  # the read rank of the key before
     in_read_order = True
     for key, value in message.items():
@@ -462,6 +467,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                     slot = _CONTENT_PARTS
                     stored = _to_json(value, index, key, message)  # escapes any NUL
                     params[slot] = stored
+                    size += len(stored)
                     pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{_digest_text(value, stored)}"
                     continue
                 else:
@@ -475,6 +481,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
                 # PostgreSQL text cannot hold NUL; the extra JSON can (escaped), losslessly.
                 extra[key] = stored
                 continue
+            size += len(stored)
         elif (kind == _STAMP and type(value) is float and math.isfinite(value)) or (
             kind == _COUNT and type(value) is int and -_INT64 <= value < _INT64
         ):
@@ -484,6 +491,7 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             if key == "tool_calls":
                 tool_calls = tool_call_count(value)
             params[slot] = stored = _to_json(value, index, key, message)
+            size += len(stored)
             pieces[slot] = f"{_DIGEST_PREFIXES[slot]}{_digest_text(value, stored)}"
             continue
         elif kind != _BOOL or type(value) is not bool:
@@ -522,13 +530,18 @@ def encode_message(message: Any, index: int | None = None) -> EncodedMessage:
             index=index,
             key=_surrogate_key(message),
         ) from exc
-    size = len(raw)
-    if size > ROW_BYTES_MAX:
-        raise InvalidMessageError(
-            f"the message takes about {size:,} bytes stored, more than a row may hold "
-            f"({ROW_BYTES_MAX:,})",
-            index=index,
-        )
+    if params[_EXTRA] is not None:
+        size += len(params[_EXTRA])
+    if params[_KEY_ORDER] is not None:
+        size += len(params[_KEY_ORDER])
+    if size > _ROW_CHARACTERS_SURE:
+        stored_bytes = sum(len(p.encode("utf-8")) for p in params if type(p) is str)
+        if stored_bytes > ROW_BYTES_MAX:
+            raise InvalidMessageError(
+                f"the message takes {stored_bytes:,} bytes of text stored, more than a row "
+                f"may hold ({ROW_BYTES_MAX:,})",
+                index=index,
+            )
     hasher = _BLAKE2B_128.copy()
     hasher.update(raw)
     params[-1] = digest = hasher.digest()

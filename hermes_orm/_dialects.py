@@ -459,8 +459,10 @@ def _create(
         detail = f"a value it does not take, {exc}" if isinstance(exc, KeyError) else str(exc)
         if url.password:
             detail = detail.replace(str(url.password), "***")
-        # Without a query, what SQLAlchemy refused is a keyword argument of the caller's.
-        error = InvalidURLError if url.query else InvalidArgumentError
+        # Without a query, what SQLAlchemy refused is a keyword argument of the caller's
+        # (as is an argument it names as sent to create_engine).
+        given = not url.query or "sent to create_engine" in detail
+        error = InvalidArgumentError if given else InvalidURLError
         raise error(f"{safe_url(url)}: the engine cannot be made: {detail}") from None
     if isinstance(engine, Engine) and engine.dialect.is_async:
         engine.dispose()
@@ -479,11 +481,10 @@ def _create(
     return engine
 
 
-#: Engine arguments that choose a pool (or size one only a queue pool has): given
-#: one, an engine on a database in memory has the pool it says.
-_CHOSEN_POOL = frozenset(
-    ("poolclass", "pool", "pool_size", "max_overflow", "pool_timeout", "pool_use_lifo")
-)
+#: Engine arguments that choose a pool: given one, an engine on a database in memory
+#: has the pool it says. (Sizes of a queue pool alone are refused: a private database
+#: in memory is one connection's, and another would open one of its own, empty.)
+_CHOSEN_POOL = frozenset(("poolclass", "pool"))
 
 
 def _one_database_in_memory(make: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:

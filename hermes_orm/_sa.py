@@ -88,8 +88,17 @@ def shares_one_connection(pool: Pool) -> bool:
 #: Per ``StaticPool``: the lock under which a blocking store uses its one connection.
 _THREAD_TURNS: weakref.WeakKeyDictionary[Pool, threading.RLock] = weakref.WeakKeyDictionary()
 _THREAD_TURNS_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):  # a child's only thread holds none of its parent's turns
-    os.register_at_fork(after_in_child=_THREAD_TURNS.clear)
+
+
+def _no_turns_held() -> None:
+    """In a forked child, whose only thread holds none of its parent's turns (nor locks)."""
+    global _THREAD_TURNS_LOCK  # noqa: PLW0603 - made anew for the child alone
+    _THREAD_TURNS_LOCK = threading.Lock()
+    _THREAD_TURNS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_turns_held)
 
 
 def thread_turn(pool: Pool) -> threading.RLock | None:

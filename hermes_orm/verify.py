@@ -126,9 +126,10 @@ def verify_database(store: SessionStore, *, repair: bool = False) -> Report:
     if store.engine.dialect.name == "postgresql":
         read_only = store.read_transaction(_pg_read_only)
     if repair and read_only is not None:
+        where = "on the primary" if "standby" in read_only else "as a role that may write"
         raise DatabaseError(
-            f"{read_only}, which may only be read (a repair cannot write it): repair where "
-            "it may write (the primary), or verify without --repair here"
+            f"{read_only}, which may only be read (a repair cannot write it): repair "
+            f"{where}, or verify without --repair here"
         )
     ids = store.read_transaction(
         lambda conn: list(conn.execute(select(_sessions.c.id).order_by(_sessions.c.id)).scalars())

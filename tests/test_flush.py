@@ -2246,14 +2246,22 @@ def test_a_message_larger_than_a_row_may_hold_is_refused_before_anything_is_writ
     from hermes_orm import _codec
 
     monkeypatch.setattr(_codec, "ROW_BYTES_MAX", 10_000)
+    monkeypatch.setattr(_codec, "_ROW_CHARACTERS_SURE", 2_000)
     store.create_session("big", source="cli")
-    fits = {"role": "user", "content": "x" * 9_000}
-    too_big = {"role": "tool", "content": "ok", "tool_calls": [{"a": "y" * 10_000}]}
-    with pytest.raises(InvalidMessageError, match="more than a row may hold") as refused:
-        store.flush("big", [fits, too_big])
-    assert refused.value.index == 1
+    fits = {"role": "user", "content": "é" * 4_500}  # 9,000 bytes
+    # Counted as stored: JSON's false (digested as 0), 1e300 (digested as its 301 digits).
+    big_floats = {"role": "user", "content": "ok", "tool_calls": [1e300] * 40}
+    too_big = [
+        {"role": "user", "content": "é" * 5_001},
+        {"role": "tool", "content": "ok", "tool_calls": [{"a": "y" * 10_000}]},
+        {"role": "tool", "content": "ok", "tool_calls": [False] * 1_700},
+    ]
+    for message in too_big:
+        with pytest.raises(InvalidMessageError, match="more than a row may hold") as refused:
+            store.flush("big", [fits, message])
+        assert refused.value.index == 1
     assert_exact(store, "big", [])
-    assert store.flush("big", [fits]).written == 1
+    assert store.flush("big", [fits, big_floats]).written == 2
 
 
 @pytest.mark.parametrize("path", ["remembered cursor", "locked read"])

@@ -315,17 +315,18 @@ def test_threads_of_a_store_on_the_application_s_static_pool_take_turns(
     engine.dispose()
 
 
-def test_pool_arguments_given_for_an_in_memory_url_keep_the_pool_they_choose() -> None:
-    """A queue pool's size given, the caller chose its pool: it is not replaced."""
-    from sqlalchemy.pool import QueuePool, SingletonThreadPool
+def test_an_in_memory_url_keeps_a_pool_chosen_and_refuses_a_size_of_more_connections() -> None:
+    """Each connection more would open a database of its own, empty: a queue pool's size
+    is refused; a pool class given is the caller's choice."""
+    from sqlalchemy.pool import SingletonThreadPool
 
     from hermes_orm import create_store_engine
 
-    engine = create_store_engine("sqlite://", pool_size=3)
+    for url in ("sqlite://", "sqlite:///file::memory:?uri=true"):
+        with pytest.raises(InvalidArgumentError, match="pool_size"):
+            create_store_engine(url, pool_size=3)
+    engine = create_store_engine("sqlite://", poolclass=SingletonThreadPool)
     assert isinstance(engine.pool, SingletonThreadPool)
-    engine.dispose()
-    engine = create_store_engine("sqlite:///file::memory:?uri=true", pool_size=3, max_overflow=2)
-    assert isinstance(engine.pool, QueuePool)
     engine.dispose()
 
 
