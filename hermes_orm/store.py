@@ -135,7 +135,8 @@ _MAX_FLOAT = sys.float_info.max
 _HINTS_MAX = 10_000
 #: Messages per INSERT of a flush; a longer flush streams in batches of this size.
 _BATCH = 500
-#: Bytes of values an INSERT of a flush holds at most, but for a row alone.
+#: Characters of text an INSERT of a flush holds at most, but for a row alone (at
+#: most 4 bytes each in UTF-8: far below the 1 GiB a PostgreSQL statement may carry).
 _STATEMENT_BYTES = 64 * 2**20
 
 
@@ -2750,8 +2751,8 @@ def _insert_statements(
     """Multi-row INSERTs of the chunks' rows (``idx`` from each chunk's cursor on).
 
     Each holds at most ``sql.insert_rows_max`` rows and, unless one row is
-    more, :data:`_STATEMENT_BYTES` of values: PostgreSQL refuses a statement
-    of more than 1 GiB by closing the connection.
+    more, :data:`_STATEMENT_BYTES` characters of text: PostgreSQL refuses a
+    statement of more than 1 GiB by closing the connection.
     """
     most = sql.insert_rows_max
     statements: list[tuple[str, tuple[Any, ...]]] = []
