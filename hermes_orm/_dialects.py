@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -738,19 +738,29 @@ def create_store_engine(
     for them, which stores on it follow. ``engine_kwargs`` go to
     :func:`sqlalchemy.create_engine`.
     """
-    parsed, kwargs, pgbouncer = _store_url(
-        url,
-        engine_kwargs,
-        sqlite_synchronous=sqlite_synchronous,
-        lock_timeout=lock_timeout,
-        pgbouncer=pgbouncer,
-        schema=schema,
+    return _store_engine(
+        create_engine, url, engine_kwargs, (sqlite_synchronous, lock_timeout, pgbouncer, schema)
     )
-    engine = _create(create_engine, parsed, kwargs)
+
+
+#: A store engine's settings: ``sqlite_synchronous``, ``lock_timeout``, ``pgbouncer``,
+#: ``schema``.
+_Settings = tuple[str, float, bool, "str | None"]
+
+
+def _store_engine(
+    make: Callable[..., T], url: str | URL, engine_kwargs: dict[str, Any], settings: _Settings
+) -> T:
+    """The engine ``make`` (blocking or asyncio) gives for a store, set up."""
+    parsed, kwargs, pgbouncer = _store_url(url, engine_kwargs, settings)
+    if make is not create_engine and parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    engine = _create(make, parsed, kwargs)
+    blocking: Engine = getattr(engine, "sync_engine", None) or cast(Engine, engine)
     configure_engine(
-        engine,
-        sqlite_synchronous=sqlite_synchronous,
-        lock_timeout=lock_timeout,
+        blocking,
+        sqlite_synchronous=settings[0],
+        lock_timeout=settings[1],
         pgbouncer=pgbouncer,
         owned=True,
     )
@@ -760,13 +770,10 @@ def create_store_engine(
 def _store_url(
     url: str | URL,
     engine_kwargs: dict[str, Any],
-    *,
-    sqlite_synchronous: str = "FULL",
-    lock_timeout: float = LOCK_TIMEOUT,
-    pgbouncer: bool = False,
-    schema: str | None = None,
+    settings: _Settings = ("FULL", LOCK_TIMEOUT, False, None),
 ) -> tuple[URL, dict[str, Any], bool]:
     """The URL, keyword arguments and PgBouncer setting of a store's engine, all checked."""
+    sqlite_synchronous, lock_timeout, pgbouncer, schema = settings
     parsed, pgbouncer, schema = _url_options(normalize_url(url), pgbouncer, schema)
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)  # checked before anything
     kwargs: dict[str, Any] = _with_schema(parsed, engine_kwargs, schema)
@@ -806,25 +813,12 @@ def create_async_store_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    parsed, kwargs, pgbouncer = _store_url(
+    return _store_engine(
+        create_async_engine,
         url,
         engine_kwargs,
-        sqlite_synchronous=sqlite_synchronous,
-        lock_timeout=lock_timeout,
-        pgbouncer=pgbouncer,
-        schema=schema,
+        (sqlite_synchronous, lock_timeout, pgbouncer, schema),
     )
-    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-    engine = _create(create_async_engine, parsed, kwargs)
-    configure_engine(
-        engine.sync_engine,
-        sqlite_synchronous=sqlite_synchronous,
-        lock_timeout=lock_timeout,
-        pgbouncer=pgbouncer,
-        owned=True,
-    )
-    return engine
 
 
 async def _host_by_host(*args: Any, **kwargs: Any) -> Any:

@@ -2234,6 +2234,9 @@ class SessionStore(_Sessions):
         # The last connection used, idle, kept for the next operation (at most one).
         self._parked: list[Connection] = []
         self._parks = _sa.may_keep_one(engine.pool)
+        #: Whether its threads take turns at the pool's one connection (a pool given
+        #: anew by dispose() is of the same class).
+        self._takes_turns = _sa.thread_turn(engine.pool) is not None
         self._parked_lock = threading.Lock()
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
@@ -2348,18 +2351,23 @@ class SessionStore(_Sessions):
                 if not self._replica_schema_moved(exc):
                     raise
 
+        def run() -> Any:
+            self._ensure_schema()  # its connection's failures are retried as the work's
+            closes = self._closes
+            conn = self._checkout()
+            try:
+                result = attempt(conn, request, begin, self._settings, timeout)
+            except BaseException:
+                self._release(conn)  # the pool drops it if it was invalidated
+                raise
+            self._checkin(conn, closes)
+            return result
+
         def once() -> Any:
+            if not self._takes_turns:  # (no context manager on the hot path)
+                return run()
             with _turn(self._engine.pool):
-                self._ensure_schema()  # its connection's failures are retried as the work's
-                closes = self._closes
-                conn = self._checkout()
-                try:
-                    result = attempt(conn, request, begin, self._settings, timeout)
-                except BaseException:
-                    self._release(conn)  # the pool drops it if it was invalidated
-                    raise
-                self._checkin(conn, closes)
-                return result
+                return run()
 
         try:
             return _retry.run_with_retry(self._engine, self._retry, once, self._schema)
