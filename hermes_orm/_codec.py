@@ -582,7 +582,6 @@ def message_digest(message: Any, index: int | None = None) -> bytes:
 #: Columns a message is read back from, in the order :func:`decode_row` expects.
 READ_COLUMNS = ("extra", "key_order", "role", "content", "content_parts", *MESSAGE_FIELDS)
 _READ_JSON = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in JSON_COLUMNS)
-_READ_BOOL = frozenset(i for i, c in enumerate(READ_COLUMNS) if c in BOOL_KEYS)
 
 
 def _read_json(text: str) -> Any:
@@ -598,10 +597,25 @@ def _read_json(text: str) -> Any:
     return value if end == len(text) else _loads(text)
 
 
-#: A boolean column's values as the message's: SQLite's 0 and 1, PostgreSQL's own.
-#: Another value (text your own SQL wrote, ``'false'``) is none of them: a KeyError,
-#: told as a value that cannot be read, where ``bool`` would read it as True.
-_FLAGS = {False: False, True: True}
+class Flags(dict[Any, bool]):
+    """A boolean column's stored values as Python's: SQLite's 0 and 1, PostgreSQL's own.
+
+    Another value (text other SQL wrote, ``'false'``, or ``2``) is none of them:
+    a ValueError naming the column, where ``bool`` would read it as True.
+    """
+
+    def __init__(self, column: str) -> None:
+        super().__init__({False: False, True: True})
+        self.column = column
+
+    def __missing__(self, value: Any) -> bool:
+        raise ValueError(f"the column {self.column} holds {value!r}, not a boolean (0 or 1)")
+
+
+#: The boolean columns' readers, by their place in :data:`READ_COLUMNS`.
+_READ_BOOL = {i: Flags(c) for i, c in enumerate(READ_COLUMNS) if c in BOOL_KEYS}
+#: The names a compiled decoder reads (see :func:`_read_expression`).
+_DECODER_NAMES = {"_read_json": _read_json} | {f"_flag{i}": f for i, f in _READ_BOOL.items()}
 
 
 def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, Any]:
@@ -618,7 +632,7 @@ def decode_row(values: Sequence[Any], *, driver_parses_json: bool) -> dict[str, 
             if v is None
             else _read_json(v)
             if i in _READ_JSON
-            else _FLAGS[v]
+            else _READ_BOOL[i][v]
             if i in _READ_BOOL
             else v
             for i, v in enumerate(values)
@@ -737,16 +751,16 @@ def _decoder(present: int, order: str | None) -> _Decoder | None:
             values[key] = f"v{number}"
     body = ", ".join(f"{key!r}: {values[key]}" for key in keys)
     source = f"None if {' or '.join(misfits)} else {{{body}}}"
-    function: _Decoder = eval(f"lambda r: {source}", {"_read_json": _read_json, "_FLAGS": _FLAGS})
+    function: _Decoder = eval(f"lambda r: {source}", _DECODER_NAMES)
     return function
 
 
 def _read_expression(column: str) -> str:
     """How a decoder reads ``column`` (a value there) from row ``r``."""
-    at = f"r[{READ_COLUMNS.index(column)}]"
+    place = READ_COLUMNS.index(column)
     if column in JSON_COLUMNS:
-        return f"_read_json({at})"
-    return f"_FLAGS[{at}]" if column in BOOL_KEYS else at
+        return f"_read_json(r[{place}])"
+    return f"_flag{place}[r[{place}]]" if column in BOOL_KEYS else f"r[{place}]"
 
 
 def row_to_message(row: Any) -> dict[str, Any]:

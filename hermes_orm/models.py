@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Double,
     ForeignKey,
     Index,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
@@ -69,6 +71,47 @@ def _compile_sqlite_json_text(_type: Any, _compiler: Any, **_kw: Any) -> str:
 #: SQLite): numbers and strings read back exactly as flushed, and nothing
 #: queries inside them on a hot path.
 JSON_DOCUMENT = JSON(none_as_null=True).with_variant(_SQLiteJSONText(none_as_null=True), "sqlite")
+
+
+class Flag(TypeDecorator[bool]):
+    """A boolean column that reads only booleans back.
+
+    SQLite stores them as 0 and 1, and SQLAlchemy's ``Boolean`` reads any other
+    value (``'false'`` written by other SQL) as ``bool(value)``: True. This type
+    reads such a value as the damage it is, a :class:`~hermes_orm.errors.DatabaseError`
+    naming the column, as the store's own reads of messages do. (PostgreSQL's
+    ``boolean`` holds nothing else.)
+    """
+
+    impl = Boolean
+    cache_ok = True
+    #: ``flag.is_(True)`` renders ``IS true``, as on a ``Boolean`` (not a bound value).
+    coerce_to_is_types = (type(None), bool)
+
+    def __init__(self, column: str) -> None:
+        super().__init__()
+        self.column = column
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        """The driver's booleans as they are; SQLite's 0 and 1, and nothing else."""
+        if dialect.supports_native_boolean:
+            return super().result_processor(dialect, coltype)
+        from hermes_orm._codec import Flags
+        from hermes_orm.errors import DatabaseError
+
+        flags = Flags(self.column)
+
+        def read(value: Any) -> bool | None:
+            if value is None:
+                return None
+            try:
+                return flags[value]
+            except ValueError as exc:
+                raise DatabaseError(
+                    f"{exc}: other SQL wrote it (hermes_orm writes 0 and 1)"
+                ) from None
+
+        return read
 
 
 def new_history_id() -> int:
@@ -124,7 +167,9 @@ class Session(Base):
     thread_id: Mapped[str | None]
     display_name: Mapped[str | None]
     origin_json: Mapped[str | None]
-    expiry_finalized: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    expiry_finalized: Mapped[bool] = mapped_column(
+        Flag("expiry_finalized"), default=False, server_default=text("false")
+    )
     model: Mapped[str | None]
     model_config: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
     system_prompt: Mapped[str | None]
@@ -161,7 +206,9 @@ class Session(Base):
     compression_fallback_streak: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     profile_name: Mapped[str | None]
     rewind_count: Mapped[int] = mapped_column(default=0, server_default=text("0"))
-    archived: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    archived: Mapped[bool] = mapped_column(
+        Flag("archived"), default=False, server_default=text("false")
+    )
     extra: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)
 
     messages: WriteOnlyMapped[Message] = relationship(
@@ -222,9 +269,9 @@ class Message(Base):
     timestamp: Mapped[float | None]
     effect_disposition: Mapped[str | None]
     platform_message_id: Mapped[str | None]
-    observed: Mapped[bool | None]
-    active: Mapped[bool | None]
-    compacted: Mapped[bool | None]
+    observed: Mapped[bool | None] = mapped_column(Flag("observed"))
+    active: Mapped[bool | None] = mapped_column(Flag("active"))
+    compacted: Mapped[bool | None] = mapped_column(Flag("compacted"))
     api_content: Mapped[str | None]
     digest: Mapped[bytes]
     extra: Mapped[Any] = mapped_column(JSON_DOCUMENT, nullable=True)

@@ -523,8 +523,42 @@ def test_a_boolean_column_other_sql_gave_another_value_is_a_database_error(
             sql_text("UPDATE hermes_messages SET observed = :v WHERE session_id = :s"),
             {"v": value, "s": sid},
         )
-    with pytest.raises(DatabaseError, match="the message at position 0 holds a value that cannot"):
+    with pytest.raises(DatabaseError, match=r"position 0 .* the column observed holds"):
         store.get_messages(sid)
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("value", ["false", 2])
+def test_the_models_read_a_boolean_column_holding_another_value_as_damage(
+    store: SessionStore, engine: Any, value: Any
+) -> None:
+    """The ORM and Core reads of the models (``Message.to_dict()``, the Hermes
+    adapter) took SQLite's ``'false'`` for True too, through SQLAlchemy's Boolean."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session as OrmSession
+
+    from hermes_orm.models import Message, Session
+
+    sid = f"orm-flag-{next(_ids)}"
+    store.create_session(sid, source="test")
+    store.flush(sid, [{"role": "user", "content": "hi", "observed": False}])
+    with OrmSession(engine) as orm:
+        assert orm.scalars(select(Message)).one().to_dict()["observed"] is False
+        assert orm.get(Session, sid).archived is False  # type: ignore[union-attr]
+    with engine.begin() as conn:
+        conn.execute(
+            sql_text("UPDATE hermes_messages SET observed = :v WHERE session_id = :s"),
+            {"v": value, "s": sid},
+        )
+        conn.execute(
+            sql_text("UPDATE hermes_sessions SET archived = :v WHERE id = :s"),
+            {"v": value, "s": sid},
+        )
+    with OrmSession(engine) as orm:
+        with pytest.raises(DatabaseError, match=f"the column observed holds {value!r}, not a"):
+            orm.scalars(select(Message).where(Message.session_id == sid)).one()
+        with pytest.raises(DatabaseError, match=f"the column archived holds {value!r}, not a"):
+            orm.get(Session, sid)
 
 
 def test_keys_a_key_order_set_by_other_sql_leaves_out_are_read_after_it(
