@@ -92,6 +92,11 @@ class Flag(TypeDecorator[bool]):
         super().__init__()
         self.column = column
 
+    @property
+    def python_type(self) -> type[bool]:
+        """``bool`` (SQLAlchemy before 2.1 has no default for a TypeDecorator)."""
+        return bool
+
     def result_processor(self, dialect: Any, coltype: Any) -> Any:
         """The driver's booleans as they are; SQLite's 0 and 1, and nothing else."""
         if dialect.supports_native_boolean:

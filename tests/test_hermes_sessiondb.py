@@ -441,6 +441,56 @@ def test_update_token_counts_and_model_usage(both: Any) -> None:
     assert len(mine) == 3
 
 
+def test_update_token_counts_stores_a_number_given_as_the_model_as_its_text(both: Any) -> None:
+    """Hermes' file keeps ``model=5`` as ``'5'``; PostgreSQL refused COALESCE(text, integer)."""
+    both.update_token_counts("n", input_tokens=1, model=5, api_call_count=1)
+    both.update_token_counts("n", input_tokens=2, model=5.5, billing_provider=7, api_call_count=1)
+    both.get_session("n")
+    theirs, mine = _usage_rows(both.hermes, both.ours)
+    assert mine == theirs
+    assert {row[1] for row in mine} == {"5", "5.5"}, mine
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs"),
+    [
+        ("session_count", (), {"source": "cli\x00"}),
+        ("session_count", (), {"exclude_sources": ["cli\x00"]}),
+        ("session_count", (), {"cwd_prefix": "/w\x00"}),  # (SQLite's LIKE stops at NUL)
+        ("list_sessions_rich", (), {"source": "cli\x00"}),
+        ("list_sessions_rich", (), {"exclude_sources": ["cli\x00", "x"]}),
+        ("search_sessions", (), {"source": "cli\x00"}),
+        ("export_all", (), {"source": "cli\x00"}),
+        ("search_messages", ("hello",), {"source_filter": ["cli\x00"]}),
+        ("search_messages", ("hello",), {"source_filter": ["cli\x00", "cli"]}),
+        ("search_messages", ("hello",), {"exclude_sources": ["cli\x00"]}),
+        ("search_messages", ("hello",), {"role_filter": ["user\x00"]}),
+        ("prune_sessions", (), {"older_than_days": 0, "source": "cli\x00"}),
+        ("prune_sessions", (), {"older_than_days": 0, "title_like": "t\x00x"}),
+        ("prune_sessions", (), {"older_than_days": 0, "title_like": "x\x00t"}),
+        ("prune_sessions", (), {"older_than_days": 0, "provider": "p\x00"}),
+    ],
+)
+def test_a_filter_holding_nul_is_compared_as_hermes_file_compares_it(
+    both: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Hermes' file compares such text and finds no row (its LIKE reads a pattern up
+    to the NUL); PostgreSQL refused the statement (DatabaseError), and the store's
+    search the filter (SearchQueryError)."""
+    both.create_session("s", "cli", cwd="/w", title="t")
+    both.append_message("s", "user", "hello world")
+    both.end_session("s", "done")
+    if method == "search_messages":  # (the hits: Hermes' snippets differ, see test_search)
+        ids = [
+            [hit["id"] for hit in db.search_messages(*args, **kwargs)]
+            for db in (both.hermes, both.ours)
+        ]
+        assert ids[0] == ids[1]
+    else:
+        getattr(both, method)(*args, **kwargs)
+    both.session_count()
+
+
 def test_messages_as_conversation_with_lineage(both: Any) -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
     both.create_session("parent", "cli")

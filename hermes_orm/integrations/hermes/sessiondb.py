@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, delete, func, or_, select, update
+from sqlalchemy import Connection, Table, delete, false, func, or_, select, update
 
 from hermes_orm import _codec, _dialects
 from hermes_orm import search as _search
@@ -365,12 +365,31 @@ class _Descending(str):
         return str.__gt__(self, other)
 
 
+def _equal(column: Any, value: Any) -> Any:
+    """``column = value`` as Hermes' file compares it (a number as its text).
+
+    Text no row holds (with NUL or a lone surrogate) matches nothing, where
+    PostgreSQL would refuse to compare it.
+    """
+    key = lookup_key(value)
+    return false() if key is None else column == key
+
+
+def _held(values: Iterable[Any]) -> tuple[str, ...]:
+    """The items of a filter as Hermes' file compares them, without those no row holds."""
+    return tuple(key for key in map(lookup_key, values) if key is not None)
+
+
 def _like(value: Any, pattern: str) -> Any:
     """``value LIKE pattern`` as Hermes' SQLite reads it: wildcards, and no escape character.
 
     ``%`` and ``_`` are wildcards, a backslash is a backslash (PostgreSQL's LIKE
-    would take it as its escape character).
+    would take it as its escape character). SQLite's LIKE reads its pattern up
+    to a NUL, so the pattern ends there; one with a lone surrogate matches nothing.
     """
+    pattern = pattern.partition("\x00")[0]
+    if lookup_key(pattern) is None:
+        return false()
     return value.like(pattern.replace("\\", "\\\\"), escape="\\")
 
 
@@ -383,7 +402,7 @@ def _under(cwd_prefix: str) -> Any:
     """Hermes' "cwd is this directory or below it" condition."""
     prefix = cwd_prefix.rstrip("/\\") or cwd_prefix
     cwd = _sessions.c.cwd
-    return or_(cwd == prefix, _like(cwd, f"{prefix}/%"), _like(cwd, f"{prefix}\\%"))
+    return or_(_equal(cwd, prefix), _like(cwd, f"{prefix}/%"), _like(cwd, f"{prefix}\\%"))
 
 
 def _listing_where(
@@ -407,14 +426,16 @@ def _listing_where(
     c = _sessions.c
     where: list[Any] = []
     if source:
-        where.append(c.source == source)
+        where.append(_equal(c.source, source))
     if exclude_sources:
         excluded = list(exclude_sources) if isinstance(exclude_sources, Iterable) else None
         if excluded is None or not all(isinstance(s, str) for s in excluded):
             raise InvalidArgumentError(
                 f"exclude_sources must be a list of sources, got {_codec.shown(exclude_sources)}"
             )
-        where.append(c.source.not_in(excluded))
+        held = _held(excluded)
+        if held:  # (a source no row holds excludes nothing)
+            where.append(c.source.not_in(held))
     if cwd_prefix:
         where.append(_under(cwd_prefix))
     if not isinstance(min_message_count, int | float) or math.isnan(min_message_count):
@@ -484,7 +505,7 @@ def _prune_where(
         c.chat_id: chat_id,
         c.chat_type: chat_type,
     }
-    where += [column == value for column, value in exact.items() if value]
+    where += [_equal(column, value) for column, value in exact.items() if value]
     for column, needle in (
         (c.title, title_like),
         (c.model, model_like),
@@ -493,7 +514,7 @@ def _prune_where(
         if needle:
             where.append(_contains(column, needle))
     if provider:
-        where.append(func.lower(func.coalesce(c.billing_provider, "")) == provider.lower())
+        where.append(_equal(func.lower(func.coalesce(c.billing_provider, "")), provider.lower()))
     if cwd_prefix:
         where.append(_under(cwd_prefix))
     tokens = func.coalesce(c.input_tokens, 0) + func.coalesce(c.output_tokens, 0)
@@ -829,6 +850,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         estimated_cost_usd = _cost("estimated_cost_usd", estimated_cost_usd)
         actual_cost_usd = _cost("actual_cost_usd", actual_cost_usd)
         texts = {
+            "model": model,
             "cost_status": cost_status,
             "cost_source": cost_source,
             "pricing_version": pricing_version,
@@ -837,6 +859,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             "billing_mode": billing_mode,
         }
         (
+            model,
             cost_status,
             cost_source,
             pricing_version,
@@ -1233,13 +1256,16 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             return []
         # Hermes searches the first 2,048 characters of a longer query, as hermes_orm's limit.
         query = query[: _search.MAX_QUERY_CHARS]
-        if not query.strip() or source_filter == []:
+        # A filter's items as Hermes' file compares them; what no row holds matches none.
+        sources = None if source_filter is None else _held(source_filter)
+        roles = _held(role_filter) if role_filter else None
+        if not query.strip() or sources == () or roles == ():
             return []
         order = sort.strip().lower() if isinstance(sort, str) else None
         filters = _search.Filters(
-            sources=None if source_filter is None else tuple(source_filter),
-            excluded_sources=tuple(exclude_sources) if exclude_sources else None,
-            roles=tuple(role_filter) if role_filter else None,
+            sources=sources,
+            excluded_sources=_held(exclude_sources) or None if exclude_sources else None,
+            roles=roles,
             skip_rewound=not include_inactive,
             oldest_first=order == "oldest",
         )
@@ -1506,7 +1532,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             newest, newest.c.session_id == _sessions.c.id
         )
         if source:
-            query = query.where(_sessions.c.source == source)
+            query = query.where(_equal(_sessions.c.source, source))
         size, start = _window(limit, offset)  # as SQLite reads them
         query = (
             query.order_by(last_active.desc(), _sessions.c.started_at.desc(), _sessions.c.id.desc())
