@@ -541,6 +541,8 @@ from hypothesis import strategies as st  # noqa: E402
 _text = st.text(st.characters(exclude_categories=[]), max_size=30)
 # JSON values: no lone surrogates (Hermes keeps them escaped; ours replaces them, documented)
 _json_text = st.text(max_size=10)
+# ... and a JSON string Hermes dumps from any other text (NUL, CJK, emoji)
+_json_string = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
 _parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _json_text}), max_size=2)
 _calls = st.lists(
     st.fixed_dictionaries(
@@ -562,9 +564,9 @@ _appends = st.lists(
             "tool_name": st.none() | _text,
             "reasoning": st.none() | _text,
             "reasoning_details": st.none()
-            | _text  # Hermes stores json.dumps of it: a JSON string
+            | _json_string  # Hermes stores json.dumps of it
             | st.lists(st.dictionaries(_json_text, _json_text, max_size=2)),
-            "codex_message_items": st.none() | _text | st.lists(_json_text, max_size=2),
+            "codex_message_items": st.none() | _json_string | st.lists(_json_text, max_size=2),
             "token_count": st.none() | st.integers(0, 10**9),
             "finish_reason": st.none() | st.sampled_from(["stop", "tool_calls", "length"]),
             "observed": st.booleans(),
@@ -1092,9 +1094,9 @@ def test_search_filters_that_are_not_text_are_refused_on_every_backend(
         {"source_filter": [1]},
         {"role_filter": ["user", 1]},
         {"exclude_sources": [None]},
-        {"source_filter": ["cli\x00"]},
+        {"source_filter": ["cli", "\ud800"]},
     ):
-        with pytest.raises(SearchQueryError, match=r"is not a str|NUL"):
+        with pytest.raises(SearchQueryError, match=r"is not a str|surrogate"):
             db.search_messages("docker", **filters)  # type: ignore[arg-type]
     assert [hit["snippet"] for hit in db.search_messages("docker", source_filter=["cli"])] == [
         ">>>docker<<< here"

@@ -375,9 +375,12 @@ def _equal(column: Any, value: Any) -> Any:
     return false() if key is None else column == key
 
 
-def _held(values: Iterable[Any]) -> tuple[str, ...]:
-    """The items of a filter as Hermes' file compares them, without those no row holds."""
-    return tuple(key for key in map(lookup_key, values) if key is not None)
+def _held(values: Iterable[Any]) -> tuple[Any, ...]:
+    """A filter's items but text with NUL, which no row holds (nor matches in Hermes' file).
+
+    Other items stay, for the search to refuse what is no text.
+    """
+    return tuple(v for v in values if not (isinstance(v, str) and "\x00" in v))
 
 
 def _like(value: Any, pattern: str) -> Any:
@@ -1256,7 +1259,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             return []
         # Hermes searches the first 2,048 characters of a longer query, as hermes_orm's limit.
         query = query[: _search.MAX_QUERY_CHARS]
-        # A filter's items as Hermes' file compares them; what no row holds matches none.
+        # An item with NUL matches no row, as in Hermes' file: no filter of none left.
         sources = None if source_filter is None else _held(source_filter)
         roles = _held(role_filter) if role_filter else None
         if not query.strip() or sources == () or roles == ():
