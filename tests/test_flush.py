@@ -2986,8 +2986,10 @@ def test_a_write_cancelled_at_its_commit_again_and_again_is_done_when_the_call_e
             if scopes:
                 scopes.pop().cancel()
                 # The driver's thread busy a while: the COMMIT waits in its queue.
+                # (A future nobody awaits: aiosqlite before 0.22 resolves one per item.)
                 driver = _sa.aiosqlite_connection(conn)
-                driver._tx.put_nowait((None, functools.partial(time.sleep, 0.3)))
+                busy = asyncio.get_event_loop().create_future()
+                driver._tx.put_nowait((busy, functools.partial(time.sleep, 0.3)))
 
         with anyio.CancelScope() as scope:
             scopes.append(scope)
