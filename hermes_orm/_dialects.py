@@ -298,6 +298,8 @@ def normalize_url(url: str | URL) -> URL:
     # (``user:PASSWORD/db``, the ``@host`` left out).
     try:
         parsed = make_url(_hosts_as_query(url) if isinstance(url, str) else url)
+        if isinstance(url, str) and parsed.database and not _DECODES_DATABASE:
+            parsed = parsed.set(database=urllib.parse.unquote(parsed.database))
     except ValueError:
         reason = "its port is not a number"
     except (ArgumentError, TypeError) as exc:
@@ -337,6 +339,11 @@ def normalize_url(url: str | URL) -> URL:
         raise UnsupportedBackendError(parsed.get_backend_name())
     return parsed
 
+
+#: Whether SQLAlchemy decodes a URL's database name (``%40`` is ``@``), as 2.1 does; 2.0
+#: keeps it as written, and :func:`normalize_url` decodes it then: one URL names one
+#: database (or file) whichever release runs.
+_DECODES_DATABASE = make_url("sqlite:///%41").database == "A"
 
 #: Where a URL's query begins: a ``?`` and a parameter's name.
 _QUERY = re.compile(r"\?(?=[\w.-]+=)")

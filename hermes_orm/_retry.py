@@ -332,10 +332,17 @@ class Watchdog:
         return watch
 
     def disarm(self, watch: Watch) -> None:
-        """The try ended (either way): its socket is no longer watched."""
+        """The try ended (either way): its socket is no longer watched.
+
+        Once only: a second disarm (its caller's cleanup, after a Ctrl-C that
+        came as the first closed the duplicate) closes nothing, where it would
+        close whatever file or socket took the number since.
+        """
         with self._lock:
             self._watches.pop(id(watch), None)
-        os.close(watch.fd)  # the duplicate only
+            fd, watch.fd = watch.fd, -1
+        if fd >= 0:
+            os.close(fd)  # the duplicate only
 
     def _run(self) -> None:
         while True:  # the thread must outlive anything unforeseen: every store relies on it
@@ -384,8 +391,10 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
         watch.blame(exc)
         raise
     finally:
-        _watching.reset(token)
+        # Disarmed first: a Ctrl-C between the two leaves no watch armed (which would
+        # shut the kept connection's socket at its deadline) but a context variable.
         watchdog.disarm(watch)
+        _watching.reset(token)
 
 
 class _Connecting:
@@ -406,10 +415,11 @@ class _Connecting:
             self.armed.append(watch)
 
     def settled(self) -> None:
-        for watch in self.armed:
+        while self.armed:
+            watch = self.armed[-1]
             watchdog.disarm(watch)
             self.fired = self.fired or watch.fired
-        self.armed = []
+            self.armed.pop()
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, String, delete, event, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 
@@ -1130,15 +1130,17 @@ def test_insert_from_select_and_upserts_setting_counters_are_refused(engine: Eng
         ),
     ]
     if engine.dialect.name == "sqlite":
-        statements.append(
-            (
+        try:
+            double = (
                 upsert(Session)
                 .values(**row)
                 .on_conflict_do_update(index_elements=["id"], set_={"title": "t"})
-                .on_conflict_do_update(index_elements=["title"], set_={"tool_call_count": 0}),
-                None,
+                .on_conflict_do_update(index_elements=["title"], set_={"tool_call_count": 0})
             )
-        )
+        except InvalidRequestError:  # SQLAlchemy 2.0 builds one ON CONFLICT clause only
+            pass
+        else:
+            statements.append((double, None))
         statements.append((insert(Session).prefix_with("OR REPLACE").values(**row), None))
     _each_refused(engine, statements, InvalidSessionError, "cannot be set|start a stored")
     assert _state(engine) == before
@@ -1259,7 +1261,8 @@ def test_a_delete_statement_that_fails_leaves_the_callers_transaction(tmp_path: 
         orm.flush()
         event.listen(engine, "before_cursor_execute", refuse)
         try:
-            with pytest.raises(DBAPIError, match="database is locked"):
+            # (SQLAlchemy 2.0 raises a listener's driver error as it is, 2.1 wraps it.)
+            with pytest.raises((DBAPIError, sqlite3.OperationalError), match="database is locked"):
                 orm.execute(delete(Session).where(Session.id == "a"))
         finally:
             event.remove(engine, "before_cursor_execute", refuse)

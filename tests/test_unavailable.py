@@ -430,6 +430,60 @@ def test_a_deadline_shuts_the_socket_it_watched_not_one_that_took_its_number() -
         sock.close()
 
 
+def test_a_watch_disarmed_twice_closes_its_duplicate_once(tmp_path: Path) -> None:
+    """A Ctrl-C as the first disarm returns has its caller's cleanup disarm again: the
+    number, which a file of the application may hold by then, is left alone."""
+    from hermes_orm._retry import Watchdog
+
+    watchdog = Watchdog()
+    ours, peer = socket.socketpair()
+    watch = watchdog.arm(ours.fileno(), 60)
+    assert watch is not None
+    number = watch.fd
+    with (tmp_path / "app").open("w") as app:
+        watchdog.disarm(watch)
+        os.dup2(app.fileno(), number)  # the number now names the application's file
+        watchdog.disarm(watch)
+        os.write(number, b"still open")
+        os.close(number)
+    ours.close()
+    peer.close()
+
+
+def test_a_ctrl_c_as_a_try_s_watch_ends_leaves_no_watch_armed(pg_server_url: str) -> None:
+    """At whichever C call of ``watched``'s cleanup a Ctrl-C comes (where Python runs
+    signal handlers), the watch is disarmed already: left armed, it would shut the socket
+    of the kept connection at its deadline, under the next call."""
+    import sys
+
+    from hermes_orm._retry import watchdog, watched
+
+    engine = create_engine(pg_server_url, poolclass=NullPool)
+    interrupted = 0
+    with engine.connect() as conn:
+        for point in range(1, 6):
+            returns = 0
+
+            def interrupt(frame: Any, event: str, _arg: Any) -> None:
+                nonlocal returns
+                if event == "c_return" and frame.f_code.co_name == "watched":
+                    returns += 1
+                    if returns == point:  # noqa: B023 - this round's point
+                        sys.setprofile(None)
+                        raise KeyboardInterrupt
+
+            before = len(os.listdir("/proc/self/fd"))
+            with contextlib.suppress(KeyboardInterrupt), watched(conn, 60) as watch:
+                assert watch is not None
+                sys.setprofile(interrupt)
+            sys.setprofile(None)
+            interrupted += returns >= point
+            assert id(watch) not in watchdog._watches, point
+            assert len(os.listdir("/proc/self/fd")) == before, point
+    assert interrupted >= 1
+    engine.dispose()
+
+
 def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
     from hermes_orm._retry import watchdog
 
