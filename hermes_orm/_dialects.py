@@ -1290,7 +1290,7 @@ def configure_engine(
         return
     if engine.dialect.driver in ("pysqlite", "aiosqlite"):  # both bind through sqlite3
         register_sqlite_adapters()
-    if engine.dialect.driver == "aiosqlite" and not event.contains(
+    if engine.dialect.driver in ("pysqlite", "aiosqlite") and not event.contains(
         engine, "invalidate", _sa.roll_back_invalidated
     ):
         event.listen(engine, "invalidate", _sa.roll_back_invalidated)

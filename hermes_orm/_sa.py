@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -248,14 +249,19 @@ def in_run_sync() -> bool:
 
 
 def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
-    """Roll back an aiosqlite connection SQLAlchemy is about to close after an error.
+    """Roll back a SQLite connection SQLAlchemy is about to close after an error.
 
     A pool ``invalidate`` listener. SQLAlchemy invalidates a connection whose
-    statement was interrupted (a cancelled task); sqlite3 closes a connection
-    whose cursors still hold statements only when those are freed, so until
-    the garbage collector ran, its open write transaction would keep the
-    database's write lock from every other writer.
+    statement was interrupted (a cancelled task, a Ctrl-C); sqlite3 closes a
+    connection whose cursors still hold statements only when those are freed
+    (the exception's traceback holds one), so until the garbage collector ran,
+    its open write transaction would keep the database's write lock from every
+    other writer, the store's own next calls included.
     """
+    if isinstance(dbapi_connection, sqlite3.Connection):  # pysqlite
+        with contextlib.suppress(Exception):
+            dbapi_connection.rollback()
+        return
     driver = getattr(dbapi_connection, "_connection", None)
     if driver is None or not hasattr(driver, "rollback") or not in_greenlet():
         return  # at garbage collection nothing can be awaited; closing is all there is

@@ -2957,6 +2957,50 @@ def test_stores_made_and_dropped_on_an_engine_share_one_pool_listener(db_url: st
     engine.dispose()
 
 
+def test_a_ctrl_c_after_a_statement_of_a_write_leaves_no_sqlite_lock_held(tmp_path: Path) -> None:
+    """SQLAlchemy closes the connection of a statement a KeyboardInterrupt cut short;
+    sqlite3 keeps it open, its write transaction and lock too, while the exception's
+    traceback holds its cursor: every other writer, the agent's save on its way out
+    among them, was refused (DatabaseBusyError) until the garbage collector ran."""
+    import gc
+    import sys
+
+    path = tmp_path / "agent.db"
+    store = SessionStore(f"sqlite:///{path}")
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(1))
+    seen = 0
+
+    def interrupt(frame: Any, event: str, _arg: Any) -> None:
+        nonlocal seen
+        if event == "call" and frame.f_code.co_name == "post_exec":  # a statement ran
+            seen += 1
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    collecting = gc.isenabled()
+    gc.disable()  # (the collector's next run not yet due)
+    try:
+        sys.settrace(interrupt)
+        with contextlib.suppress(KeyboardInterrupt):  # after append's BEGIN IMMEDIATE
+            store.append("s", {"role": "assistant", "content": "hello"})
+        sys.settrace(None)
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # no one holds the write lock
+        other.execute("ROLLBACK")
+        other.close()
+    finally:
+        sys.settrace(None)
+        if collecting:
+            gc.enable()
+    assert seen == 1
+    store.append("s", {"role": "user", "content": "again"})
+    session = store.get_session("s")
+    assert session["flushed_idx"] == session["message_count"] == len(store.get_messages("s"))
+    store.close()
+
+
 @pytest.mark.parametrize("call", ["flush", "append"])
 def test_a_write_cancelled_at_its_commit_again_and_again_is_done_when_the_call_ends(
     tmp_path: Path, call: str
