@@ -159,3 +159,28 @@ def test_sqlalchemy_privates_are_read_in_one_module(attribute: str) -> None:
         if reached(tree, {attribute}) and name != FOREIGN_PRIVATES
     )
     assert readers == []
+
+
+def test_ci_pins_every_store_dependency_at_its_lower_bound() -> None:
+    """CI's run on the lowest releases installs what devtools/lowest_pins.py prints: each
+    dependency of the package and of its postgres and async extras, at its bound."""
+    import tomllib
+
+    from devtools.lowest_pins import EXTRAS, lowest_pins
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = list(project["dependencies"])
+    for extra in EXTRAS:
+        wanted += project["optional-dependencies"][extra]
+    pins = {
+        pin.split("[")[0].split("==")[0].lower(): pin
+        for pin in lowest_pins(root / "pyproject.toml")
+    }
+    for requirement in wanted:
+        if requirement.startswith(project["name"]):
+            continue
+        name = requirement.split("[")[0].split(">=")[0].strip().lower()
+        bound = requirement.split(">=")[1].split(",")[0].strip()
+        assert pins[name].endswith(f"=={bound}"), (requirement, pins)
+    assert "[asyncio]" in pins["sqlalchemy"]  # the async extra's, with its greenlet
