@@ -24,10 +24,14 @@ def lowest_pins(pyproject: Path) -> list[str]:
     for requirement in requirements:
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([^,;\s]+).*", requirement)
         if match is None:
-            continue  # (the package itself, named for its extras)
+            if requirement.startswith(project["name"]):
+                continue  # (the package itself, named for its extras)
+            raise SystemExit(f"no lower bound written `name>=version` in {requirement!r}")
         name, extras, lowest = match.groups()
         key = name.lower()
-        if key not in pins or extras:
+        if key in pins and not pins[key].endswith(f"=={lowest}"):
+            raise SystemExit(f"{name} has two lower bounds in pyproject: write one")
+        if key not in pins or extras:  # (with its extras, if one names them)
             pins[key] = f"{name}{extras or ''}=={lowest}"
     return sorted(pins.values())
 

@@ -1290,10 +1290,8 @@ def configure_engine(
         return
     if engine.dialect.driver in ("pysqlite", "aiosqlite"):  # both bind through sqlite3
         register_sqlite_adapters()
-    if engine.dialect.driver in ("pysqlite", "aiosqlite") and not event.contains(
-        engine, "invalidate", _sa.roll_back_invalidated
-    ):
-        event.listen(engine, "invalidate", _sa.roll_back_invalidated)
+        if not event.contains(engine, "invalidate", _sa.roll_back_invalidated):
+            event.listen(engine, "invalidate", _sa.roll_back_invalidated)
     if not owned:
         return
     settings = sqlite_settings(sqlite_synchronous, lock_timeout)

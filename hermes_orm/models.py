@@ -92,6 +92,9 @@ class Flag(TypeDecorator[bool]):
         super().__init__()
         self.column = column
 
+    def __repr__(self) -> str:
+        return f"Flag({self.column!r})"  # (as a migration would write it)
+
     @property
     def python_type(self) -> type[bool]:
         """``bool`` (SQLAlchemy before 2.1 has no default for a TypeDecorator)."""

@@ -441,6 +441,28 @@ def test_update_token_counts_and_model_usage(both: Any) -> None:
     assert len(mine) == 3
 
 
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("session_count", {"source": "cli\ud800"}),
+        ("list_sessions_rich", {"exclude_sources": ["\ud800"]}),
+        ("search_sessions", {"source": "\ud800"}),
+        ("prune_sessions", {"older_than_days": 0, "title_like": "t\x00\ud800"}),
+        ("prune_sessions", {"older_than_days": 0, "chat_id": "\ud800"}),
+    ],
+)
+def test_a_filter_holding_a_lone_surrogate_is_refused_as_hermes_refuses_it(
+    both: Any, method: str, kwargs: dict[str, Any]
+) -> None:
+    """Hermes' sqlite3 cannot encode it (a ValueError); a prune cut at the NUL before
+    the surrogate deleted what Hermes refused to."""
+    both.create_session("s", "cli")
+    both.set_session_title("s", "t")
+    both.end_session("s", "done")
+    getattr(both, method)(**kwargs)
+    assert both.session_count() == 1
+
+
 def test_update_token_counts_stores_a_number_given_as_the_model_as_its_text(both: Any) -> None:
     """Hermes' file keeps ``model=5`` as ``'5'``; PostgreSQL refused COALESCE(text, integer)."""
     both.update_token_counts("n", input_tokens=1, model=5, api_call_count=1)
@@ -477,9 +499,11 @@ def test_a_filter_holding_nul_is_compared_as_hermes_file_compares_it(
     """Hermes' file compares such text and finds no row (its LIKE reads a pattern up
     to the NUL); PostgreSQL refused the statement (DatabaseError), and the store's
     search the filter (SearchQueryError)."""
-    both.create_session("s", "cli", cwd="/w", title="t")
+    both.create_session("s", "cli", cwd="/w")
+    both.set_session_title("s", "t")
     both.append_message("s", "user", "hello world")
     both.end_session("s", "done")
+    assert both.session_count() == 1
     if method == "search_messages":  # (the hits: Hermes' snippets differ, see test_search)
         ids = [
             [hit["id"] for hit in db.search_messages(*args, **kwargs)]

@@ -39,7 +39,6 @@ from typing import IO, Any, NamedTuple, TextIO, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from sqlalchemy import URL, Connection, Engine, Table, bindparam, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 
 from hermes_orm import _codec, _dialects
@@ -2050,7 +2049,7 @@ def _refuse_same_file(src: Source, destination: SessionStore | str | URL | Engin
             if isinstance(destination, SessionStore)
             else destination.url
             if isinstance(destination, Engine)
-            else make_url(destination)
+            else _dialects.normalize_url(destination)  # (the file the store would open)
         )
         path = url.database
         backend = url.get_backend_name()

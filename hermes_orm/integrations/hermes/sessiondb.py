@@ -58,6 +58,7 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
+    has_lone_surrogate,
     hermes_json,
     lookup_key,
     message_json,
@@ -365,13 +366,26 @@ class _Descending(str):
         return str.__gt__(self, other)
 
 
+def _filter_text(value: Any) -> Any:
+    """``value``, a filter's; refused if it is text with a lone surrogate.
+
+    Raises:
+        InvalidArgumentError: It is (Hermes' sqlite3 cannot encode it either).
+    """
+    if isinstance(value, str) and has_lone_surrogate(value):
+        raise InvalidArgumentError(
+            f"a filter holds a lone surrogate (not valid Unicode): {_codec.shown(value)}"
+        )
+    return value
+
+
 def _equal(column: Any, value: Any) -> Any:
     """``column = value`` as Hermes' file compares it (a number as its text).
 
-    Text no row holds (with NUL or a lone surrogate) matches nothing, where
-    PostgreSQL would refuse to compare it.
+    Text with NUL, which no row holds, matches nothing, where PostgreSQL would
+    refuse to compare it; text with a lone surrogate is refused.
     """
-    key = lookup_key(value)
+    key = lookup_key(_filter_text(value))
     return false() if key is None else column == key
 
 
@@ -388,11 +402,9 @@ def _like(value: Any, pattern: str) -> Any:
 
     ``%`` and ``_`` are wildcards, a backslash is a backslash (PostgreSQL's LIKE
     would take it as its escape character). SQLite's LIKE reads its pattern up
-    to a NUL, so the pattern ends there; one with a lone surrogate matches nothing.
+    to a NUL, so the pattern ends there; one with a lone surrogate is refused.
     """
-    pattern = pattern.partition("\x00")[0]
-    if lookup_key(pattern) is None:
-        return false()
+    pattern = _filter_text(pattern).partition("\x00")[0]
     return value.like(pattern.replace("\\", "\\\\"), escape="\\")
 
 
@@ -436,7 +448,7 @@ def _listing_where(
             raise InvalidArgumentError(
                 f"exclude_sources must be a list of sources, got {_codec.shown(exclude_sources)}"
             )
-        held = _held(excluded)
+        held = tuple(map(_filter_text, _held(excluded)))
         if held:  # (a source no row holds excludes nothing)
             where.append(c.source.not_in(held))
     if cwd_prefix:
