@@ -415,11 +415,10 @@ class _Connecting:
             self.armed.append(watch)
 
     def settled(self) -> None:
-        while self.armed:
-            watch = self.armed[-1]
+        for watch in self.armed:  # (a disarm done twice closes nothing twice)
             watchdog.disarm(watch)
             self.fired = self.fired or watch.fired
-            self.armed.pop()
+        self.armed = []
 
 
 @contextmanager

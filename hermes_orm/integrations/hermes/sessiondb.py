@@ -1279,7 +1279,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         order = sort.strip().lower() if isinstance(sort, str) else None
         filters = _search.Filters(
             sources=sources,
-            excluded_sources=_held(exclude_sources) or None if exclude_sources else None,
+            excluded_sources=_held(exclude_sources or ()) or None,
             roles=roles,
             skip_rewound=not include_inactive,
             oldest_first=order == "oldest",
