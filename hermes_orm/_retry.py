@@ -305,7 +305,13 @@ class Watchdog:
         self._reset()
 
     def _reset(self) -> None:
-        self._lock = threading.Condition(threading.Lock())
+        # Arming and disarming take the plain lock, whose ``with`` a Ctrl-C cannot
+        # cut in two: a Condition's ``__enter__`` is Python code, and a Ctrl-C
+        # landing in it once the lock is taken would leave the lock held, and
+        # every later try of the process waiting for it.
+        self._mutex = threading.Lock()
+        #: Wakes the thread (for a new earliest deadline); its lock is ``_mutex``.
+        self._wake = threading.Condition(self._mutex)
         self._watches: dict[int, Watch] = {}
         #: When the thread wakes next (inf: when a watch is armed).
         self._wakes_at = math.inf
@@ -322,13 +328,13 @@ class Watchdog:
             watch = Watch(os.dup(fd), seconds)
         except OSError:
             return None
-        with self._lock:
+        with self._mutex:
             self._watches[id(watch)] = watch
             if self._pid != os.getpid():
                 threading.Thread(target=self._run, name="hermes_orm-deadlines", daemon=True).start()
                 self._pid = os.getpid()
             if watch.deadline < self._wakes_at:
-                self._lock.notify()
+                self._wake.notify()
         return watch
 
     def disarm(self, watch: Watch) -> None:
@@ -338,7 +344,7 @@ class Watchdog:
         came as the first closed the duplicate) closes nothing, where it would
         close whatever file or socket took the number since.
         """
-        with self._lock:
+        with self._mutex:
             self._watches.pop(id(watch), None)
             fd, watch.fd = watch.fd, -1
         if fd >= 0:
@@ -353,7 +359,7 @@ class Watchdog:
                 time.sleep(0.2)
 
     def _watch(self) -> None:
-        with self._lock:
+        with self._mutex:
             while True:
                 now = time.monotonic()
                 for key, watch in list(self._watches.items()):
@@ -370,7 +376,7 @@ class Watchdog:
                 self._wakes_at = min((w.deadline for w in watches), default=math.inf)
                 wait = self._wakes_at - now
                 # (a deadline past what a wait can take is woken for early, and looked at again)
-                self._lock.wait(None if wait == math.inf else min(wait, threading.TIMEOUT_MAX))
+                self._wake.wait(None if wait == math.inf else min(wait, threading.TIMEOUT_MAX))
 
 
 watchdog = Watchdog()

@@ -630,16 +630,23 @@ def _turn(pool: Pool) -> Iterator[None]:
     if turn is None:
         yield
         return
-    if not turn.acquire(timeout=_TURN_WAIT):
-        raise DatabaseBusyError(
-            f"another thread's call held the engine's one connection ({type(pool).__name__}) "
-            f"for {_TURN_WAIT:.0f} s",
-            attempts=1,
-        )
+    # Taken inside the try: a Ctrl-C as the acquire returns (where Python runs signal
+    # handlers) gives the turn back, where it would keep it from every other thread.
     try:
+        if not turn.acquire(timeout=_TURN_WAIT):
+            raise DatabaseBusyError(
+                f"another thread's call held the engine's one connection "
+                f"({type(pool).__name__}) for {_TURN_WAIT:.0f} s",
+                attempts=1,
+            )
         yield
     finally:
-        turn.release()
+        # No call before the release (a Ctrl-C could come after it): a turn that was
+        # never taken (the wait cut short, or timed out) is not this thread's to give.
+        try:  # noqa: SIM105 - contextlib.suppress() would be such a call
+            turn.release()
+        except RuntimeError:
+            pass
 
 
 def _write(work: Callable[[Connection], T]) -> Steps[T]:

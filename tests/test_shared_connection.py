@@ -362,6 +362,52 @@ def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
     engine.dispose()
 
 
+def test_a_ctrl_c_as_a_call_takes_its_turn_leaves_the_turn_to_the_others(tmp_path: Path) -> None:
+    """At whichever C call of taking or giving back the turn a Ctrl-C comes (where
+    Python runs signal handlers), another thread's call gets the connection at once:
+    a turn kept would have every other thread wait minutes, then fail."""
+    import sys
+
+    from hermes_orm import store as store_module
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'app.db'}",
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+    interrupted = 0
+    for point in range(1, 50):
+        returns = 0
+
+        def interrupt(frame: Any, event: str, _arg: Any) -> None:
+            nonlocal returns
+            if event == "c_return" and frame.f_code is store_module._turn.__wrapped__.__code__:
+                returns += 1
+                if returns == point:  # noqa: B023 - this round's point
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            store.get_session("s")
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.setprofile(None)
+        if returns < point:
+            break  # every point was tried
+        other = threading.Thread(target=store.get_session, args=("s",), daemon=True)
+        other.start()
+        other.join(timeout=10)
+        assert not other.is_alive(), f"the turn was kept (point {point})"
+    assert interrupted >= 2
+    store.close()
+    engine.dispose()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 @pytest.mark.parametrize("call", ["connection", "upgrade"])
 def test_a_forked_child_waits_for_no_turn_its_parent_s_thread_held(call: str) -> None:

@@ -484,6 +484,48 @@ def test_a_ctrl_c_as_a_try_s_watch_ends_leaves_no_watch_armed(pg_server_url: str
     engine.dispose()
 
 
+def test_a_ctrl_c_as_a_watch_is_armed_or_disarmed_leaves_the_watcher_usable() -> None:
+    """At whichever C call of arming or disarming a Ctrl-C comes, the watcher's lock
+    is free afterwards: held, every later try of the process would wait for it."""
+    import sys
+
+    from hermes_orm._retry import Watchdog
+
+    watchdog = Watchdog()
+    ours, peer = socket.socketpair()
+    interrupted = 0
+    for point in range(1, 200):
+        returns = 0
+
+        def interrupt(_frame: Any, event: str, _arg: Any) -> None:
+            nonlocal returns
+            if event == "c_return":
+                returns += 1
+                if returns == point:  # noqa: B023 - this round's point
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            watch = watchdog.arm(ours.fileno(), 60)
+            if watch is not None:
+                watchdog.disarm(watch)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.setprofile(None)
+        if returns < point:
+            break  # every point of arm and disarm was tried
+        # Another thread arms and disarms in time: the lock is not held.
+        again = threading.Thread(target=lambda: watchdog.disarm(watchdog.arm(ours.fileno(), 60)))
+        again.start()
+        again.join(timeout=5)
+        assert not again.is_alive(), f"the watcher's lock stayed held (point {point})"
+    assert interrupted >= 5
+    ours.close()
+    peer.close()
+
+
 def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
     from hermes_orm._retry import watchdog
 
@@ -492,7 +534,7 @@ def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
     assert watch is not None
     pid = os.fork()
     if pid == 0:  # the child: no watch, a lock it can take, the parent's duplicate closed
-        clean = not watchdog._watches and watchdog._lock.acquire(timeout=1)
+        clean = not watchdog._watches and watchdog._mutex.acquire(timeout=1)
         try:
             os.fstat(watch.fd)
         except OSError:
