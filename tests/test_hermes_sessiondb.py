@@ -1104,6 +1104,31 @@ def test_search_messages_pages_past_a_thousand_hits(store: SessionStore) -> None
     assert len(db.search_messages("needle", limit=100, offset=1_200)) == 50
 
 
+def test_a_search_reads_its_hits_as_of_one_moment(
+    store: SessionStore, elsewhere: SessionDB
+) -> None:
+    """Another process replacing the session's messages (/retry, /undo, /compress)
+    between the statement that finds the hits and those that read their sessions and
+    neighbours takes none of them away: the search answers as of its first statement."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.append_message("s", "user", "please deploy the service")
+    db.append_message("s", "assistant", "deploying now")
+    before = db.search_messages("deploy*")
+    assert len(before) == 2
+    found = re.compile(r"search_vector|hermes_search MATCH|hermes_search_cjk")
+
+    def retry() -> None:
+        elsewhere.replace_messages("s", [{"role": "user", "content": "please deploy the service"}])
+
+    with meanwhile(store.engine, lambda sql: bool(found.search(sql)), retry) as other:
+        during = db.search_messages("deploy*")
+    assert other.error is None
+    assert other.first  # it landed before the search read on
+    assert during == before
+    assert len(db.search_messages("deploy*")) == 1
+
+
 def test_search_filters_that_are_not_text_are_refused_on_every_backend(
     store: SessionStore,
 ) -> None:

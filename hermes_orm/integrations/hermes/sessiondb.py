@@ -1305,7 +1305,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                 return []
             return self._search_results(conn, hits[first:end])
 
-        return self._store.read_transaction(work)
+        # One snapshot: a hit another writer deletes between the statements that
+        # find it and the one that reads its session and neighbours is still there.
+        return self._store.read_transaction(work, snapshot=True)
 
     @staticmethod
     def _search_results(conn: Connection, hits: list[_search.SearchHit]) -> list[dict[str, Any]]:
