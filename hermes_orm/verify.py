@@ -650,9 +650,13 @@ def _words_coverage(conn: Connection) -> list[str]:
     sql = conn.exec_driver_sql
     problems = []
     block = sql("SELECT block FROM hermes_search_data WHERE id = 1").scalar()
-    rows = _varint(bytes(block)) if block else 0
     messages = sql("SELECT count(*) FROM hermes_messages").scalar_one()
-    if rows != messages:
+    if block is not None and not isinstance(block, bytes):
+        # Other SQL wrote it: FTS5 keeps a blob there (its row count first).
+        problems.append(
+            f"hermes_search's averages record holds {type(block).__name__} data, not FTS5's"
+        )
+    elif (rows := _varint(block) if block else 0) != messages:
         problems.append(f"hermes_search holds {rows} rows, {messages} messages are stored")
     definition = sql(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'hermes_search'"

@@ -343,6 +343,26 @@ def test_the_main_search_index_is_checked_row_by_row(
 
 
 @pytest.mark.backends("sqlite")
+def test_a_main_search_index_whose_averages_record_other_sql_wrote_is_rebuilt(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """FTS5 keeps a blob in that record: text there was a TypeError out of verify (and
+    --repair), where it is a problem a rebuild repairs."""
+    lists = _populate(store)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE hermes_search_data SET block = 'garbage' WHERE id = 1")
+    env = clean_env(tmp_path)
+    found = run_cli("verify", "--json", "--url", db_url, env=env)
+    assert found.returncode == 1, found.stderr
+    details = [p["detail"] for p in json.loads(found.stdout)["problems"]]
+    assert "hermes_search's averages record holds str data, not FTS5's" in details
+    repaired = run_cli("verify", "--repair", "--url", db_url, env=env)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert run_cli("verify", "--url", db_url, env=env).returncode == 0
+    assert {h.session_id for h in store.search("question").hits} == set(lists)
+
+
+@pytest.mark.backends("sqlite")
 def test_a_cjk_index_with_damaged_text_is_rebuilt_for_real(
     store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
