@@ -634,6 +634,11 @@ class Filters:
     skip_rewound: bool = False
     #: Oldest hits first (the cursor then pages forward in time).
     oldest_first: bool = False
+    #: Hits in the order of their messages' timestamps (no timestamp last, then
+    #: storage order), where a message's place in the store orders them otherwise:
+    #: the two differ for messages written with their times given, or imported
+    #: session by session. One page only, with no cursor: see :func:`run`.
+    by_time: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sources", "roles", "excluded_sources"):
@@ -811,8 +816,19 @@ def sqlite_statement(
     if paged:
         builder.add(f"{row} {later} ?")
     where = _all_of(builder.where) or "1"
-    statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {row} {order} LIMIT {limit}"
+    ordered = _ordered(filters, row, order)
+    statement = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {ordered} LIMIT {limit}"
     return statement, builder.params
+
+
+def _ordered(filters: Filters, key: str, order: str, stamp: str = "m.timestamp") -> str:
+    """The ORDER BY of hits: by ``key`` (their ids), or by ``stamp`` first (``by_time``).
+
+    Written out the same on both backends: a NULL sorts first in one, last in the other.
+    """
+    if filters.by_time:
+        return f"{stamp} {order} NULLS LAST, {key} {order}"
+    return f"{key} {order}"
 
 
 def _all_of(conditions: Sequence[str]) -> str:
@@ -965,23 +981,28 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
     order = "ASC" if filters.oldest_first else "DESC"
     where = " AND ".join(builder.where)
     if by_index and exact != relaxed:
-        candidates = f"SELECT m.id, m.session_id FROM {source} WHERE {where}"
+        kept = ("id", "session_id", *(("timestamp",) if filters.by_time else ()))
+        candidates = f"SELECT {', '.join(f'm.{c}' for c in kept)} FROM {source} WHERE {where}"
         checked = (
             f"{_SELECT}, {_pg_body('m')} FROM hermes_messages m "
             "WHERE m.id = o.id AND m.session_id = o.session_id "
             f"AND {_pg_words(by_index=False)} LIMIT 1"
         )
         statement = (
-            f"WITH c AS MATERIALIZED ({candidates}) "
-            f"SELECT h.* FROM (SELECT id, session_id FROM c ORDER BY id {order}) AS o "
-            f"CROSS JOIN LATERAL ({checked}) AS h ORDER BY o.id {order} LIMIT %s"
+            f"WITH c AS MATERIALIZED ({candidates}) SELECT h.* FROM "
+            f"(SELECT {', '.join(kept)} FROM c ORDER BY "
+            f"{_ordered(filters, 'id', order, 'timestamp')}) AS o "
+            f"CROSS JOIN LATERAL ({checked}) AS h "
+            f"ORDER BY {_ordered(filters, 'o.id', order, 'o.timestamp')} LIMIT %s"
         )
         return _PgStatement(statement, tuple(builder.params), (exact,))
-    hits = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {key} {order} LIMIT %s"
+    ordered = _ordered(filters, key, order)
+    hits = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {ordered} LIMIT %s"
     # The body (for the snippet) of the hits only: it is computed, not stored.
     statement = (
         f"SELECT h.*, {_pg_body('b')} FROM ({hits}) AS h JOIN hermes_messages b "
-        f"ON b.id = h.id AND b.session_id = h.session_id ORDER BY h.id {order}"
+        f"ON b.id = h.id AND b.session_id = h.session_id "
+        f"ORDER BY {_ordered(filters, 'h.id', order, 'h.timestamp')}"
     )
     return _PgStatement(statement, tuple(builder.params))
 
@@ -1161,6 +1182,11 @@ def _pg_rows(
     plan = _pg_compiled(query, filters, _pg_blanks(conn, _word_characters(query)))
     oldest = filters.oldest_first
     low, high = -(2**63), 2**63 - 1
+    if filters.by_time:  # (no id order to walk: the indexes find every hit, then sorted)
+        every = plan.by_index
+        return plan.parsed, list(
+            conn.exec_driver_sql(driver_sql(conn, every.sql), every.args((low, high), wanted))
+        )
     words = plan.words
     frequencies = _frequencies(conn, schema) if words else None
     window = PG_WINDOW
@@ -1213,7 +1239,9 @@ def run(
 ) -> SearchPage:
     """One page of hits for ``query`` on ``conn`` (SQLite or PostgreSQL).
 
-    ``schema``: the store's, where it has one of its own (PostgreSQL).
+    ``schema``: the store's, where it has one of its own (PostgreSQL). With
+    ``filters.by_time`` the page is the first ``limit`` hits in time order,
+    from the first (``after`` None), and has no next cursor.
 
     Raises:
         SearchQueryError: ``query`` has nothing to look for.
@@ -1252,6 +1280,8 @@ def run(
                 highlights=highlights,
             )
         )
+    if filters.by_time:  # a place in id order is none in time order
+        return SearchPage(hits, None)
     return SearchPage(hits, encode_cursor(rows[-1][0], query, filters) if more and rows else None)
 
 

@@ -857,6 +857,65 @@ def test_search_messages(both: Any) -> None:
     assert len(ours.search_messages("docker" + " " * 3_000 + "podman")) == 3
 
 
+def test_search_sorted_newest_or_oldest_goes_by_the_messages_times(both: Any) -> None:
+    """As Hermes: by timestamp, whatever order the messages were stored in (an import
+    stores a user's history session by session; a caller may give the times)."""
+    hermes, ours = both.hermes, both.ours
+    stamps = {"late": (2000.0, 2002.0, 2004.0), "early": (1001.0, 1003.0, 3005.0)}
+    texts = (
+        "deploy the stack trace collector",
+        "stack trace after deploy",
+        "部署说明 deploy notes",
+    )
+    for db in (hermes, ours):
+        for session_id, times in stamps.items():  # stored late first
+            db.create_session(session_id, "cli")
+            for n, (stamp, content) in enumerate(zip(times, texts, strict=True)):
+                role = "user" if n % 2 == 0 else "assistant"
+                db.append_message(session_id, role, content, timestamp=stamp)
+    # (CJK of 3 characters or more: Hermes' search of shorter ones ignores the sort)
+    for query in ("deploy", '"stack trace"', "部署说明", "deploy NOT collector"):
+        for kwargs in (
+            {"sort": "newest"},
+            {"sort": "oldest"},
+            {"sort": "newest", "limit": 2},
+            {"sort": " Oldest ", "limit": 2, "offset": 1},
+            {"sort": "newest", "limit": -1, "offset": 2},
+            {"sort": "oldest", "role_filter": ["user"]},
+        ):
+            expected = hermes.search_messages(query, **kwargs)
+            got = ours.search_messages(query, **kwargs)
+            assert _no_clock(_search_view(got, True)) == _no_clock(_search_view(expected, True)), (
+                query,
+                kwargs,
+            )
+    newest = [
+        (r["session_id"], r["timestamp"]) for r in ours.search_messages("deploy", sort="newest")
+    ]
+    assert newest[:2] == [("early", 3005.0), ("late", 2004.0)]
+
+
+def test_search_in_time_order_puts_messages_with_no_time_last(store: SessionStore) -> None:
+    """Messages flushed with no timestamp have none: last, newest first or oldest, on
+    both backends alike (one sorts NULL first, the other last)."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    store.flush(
+        "s",
+        [
+            {"role": "user", "content": "needle one"},
+            {"role": "user", "content": "needle two", "timestamp": 10.0},
+            {"role": "user", "content": "needle three", "timestamp": 20.0},
+            {"role": "user", "content": "needle four"},
+        ],
+    )
+    for sort, order in (("newest", [20.0, 10.0, None, None]), ("oldest", [10.0, 20.0, None, None])):
+        hits = db.search_messages("needle", sort=sort)
+        assert [hit["timestamp"] for hit in hits] == order, sort
+    ties = [hit["snippet"] for hit in db.search_messages("needle", sort="oldest")][2:]
+    assert ties == [">>>needle<<< one", ">>>needle<<< four"]  # in stored order
+
+
 def test_a_hit_next_to_structured_content_shows_it_as_hermes_does(both: Any) -> None:
     """Content given as a dict is kept as Hermes keeps it (JSON text behind a mark):
     around a hit, the value Hermes reads back, shown as no text, never the mark."""

@@ -257,6 +257,8 @@ def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
 #: Hits whose details one statement reads (an OR of a condition each: SQLite's
 #: expression trees are at most 1,000 deep).
 _SEARCH_DETAILS_BATCH = 200
+#: The LIMIT of a search in time order asked for every hit (SQLite's LIMIT -1).
+_EVERY_HIT = 2**62
 
 
 class _Sessions:
@@ -1262,9 +1264,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         The query is read by hermes_orm's search (:mod:`hermes_orm.search`), with
         Hermes' ``NOT term`` taken as ``-term``; a query with nothing to look for
         gives ``[]``, as in Hermes, and a longer one than 2,048 characters is
-        cut there, as Hermes cuts it. Hits come newest first, ``sort="oldest"``
-        reverses that; Hermes' default order is FTS5 relevance, which this
-        index does not compute. Messages taken back (``active`` 0, not
+        cut there, as Hermes cuts it. Hits come newest first in the order the
+        messages were stored, where Hermes' default order is FTS5 relevance,
+        which this index does not compute; ``sort="newest"`` and ``"oldest"``
+        order them by the messages' times, as Hermes does (ties in stored
+        order, where Hermes ranks them). Messages taken back (``active`` 0, not
         compacted) are left out unless ``include_inactive``.
         """
         if not isinstance(query, str):
@@ -1283,6 +1287,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             roles=roles,
             skip_rewound=not include_inactive,
             oldest_first=order == "oldest",
+            # As Hermes orders them: by the messages' times, ties in storage order
+            # (Hermes' by relevance, which this index does not compute).
+            by_time=order in ("newest", "oldest"),
         )
         size, first = _window(limit, offset)  # a negative limit: every hit
         end = None if size is None else first + size
@@ -1294,13 +1301,17 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             hits: list[_search.SearchHit] = []
             after = None
             try:
-                while end is None or len(hits) < end:  # pages of at most MAX_LIMIT hits
-                    wanted = _search.MAX_LIMIT if end is None else end - len(hits)
-                    page = _search.run(conn, text, filters, after, min(wanted, _search.MAX_LIMIT))
-                    hits += page.hits
-                    if page.next_cursor is None:
-                        break
-                    after = _search.decode_cursor(page.next_cursor, text, filters)
+                if filters.by_time:  # one page: time order has no cursor
+                    hits = _search.run(conn, text, filters, None, end or _EVERY_HIT).hits
+                else:
+                    while end is None or len(hits) < end:  # pages of at most MAX_LIMIT hits
+                        wanted = _search.MAX_LIMIT if end is None else end - len(hits)
+                        page_size = min(wanted, _search.MAX_LIMIT)
+                        page = _search.run(conn, text, filters, after, page_size)
+                        hits += page.hits
+                        if page.next_cursor is None:
+                            break
+                        after = _search.decode_cursor(page.next_cursor, text, filters)
             except SearchQueryError:
                 return []
             return self._search_results(conn, hits[first:end])
