@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from hermes_orm import SessionStore
 from hermes_orm.errors import (
@@ -700,6 +700,22 @@ def test_a_number_given_for_a_session_text_field_is_stored_as_its_text(
     both.create_session("t", 7)  # the source too
     both.get_session("s")
     both.get_session("t")
+
+
+def test_sessions_started_at_one_time_are_listed_in_one_order_page_after_page(
+    store: SessionStore,
+) -> None:
+    """Started the same second (a coarse clock, an import): pages repeat or skip none
+    of them, though a title set between two pages moves its row on PostgreSQL."""
+    db = SessionDB(store)
+    for session_id in ("s3", "s1", "s4", "s2"):
+        db.create_session(session_id, "cli")
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE hermes_sessions SET started_at = 1000.0"))
+    first = [row["id"] for row in db.list_sessions_rich(limit=2)]
+    db.set_session_title(first[0], "renamed")
+    second = [row["id"] for row in db.list_sessions_rich(limit=2, offset=2)]
+    assert first + second == ["s1", "s2", "s3", "s4"]
 
 
 def test_values_no_column_of_ours_can_hold_are_refused_before_anything_is_written(

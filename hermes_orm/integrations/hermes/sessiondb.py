@@ -1511,6 +1511,9 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
                     reverse=True,
                 )
             else:
+                # Ties in id order: the rows come in no order of their own (PostgreSQL's
+                # change as a row is updated), and pages must not repeat or skip one.
+                rows.sort(key=lambda r: r.id)
                 rows.sort(key=lambda r: r.started_at, reverse=True)
             size, start = _window(limit, offset)  # as SQLite's LIMIT/OFFSET: -1 is all
             page = rows[start:] if size is None else rows[start : start + size]
