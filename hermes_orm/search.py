@@ -1313,6 +1313,124 @@ PG_TRIGGERS = {
 }
 
 
+#: The SQLite triggers keeping the search index in step with the messages, as the
+#: migrations leave them at head (a test holds the two together): a trigger other
+#: SQL dropped (a tool rebuilding the table drops them all) is made again from here.
+SQLITE_TRIGGERS = {
+    "hermes_search_cjk_insert": (
+        "CREATE TRIGGER hermes_search_cjk_insert AFTER INSERT ON "
+        "hermes_messages WHEN length(CAST(new.content AS BLOB)) "
+        "!= length(new.content) OR length(CAST(new.content_parts "
+        "AS BLOB)) != length(new.content_parts) OR length(CAST(new.tool_name "
+        "AS BLOB)) != length(new.tool_name) OR length(CAST(new.tool_calls "
+        "AS BLOB)) != length(new.tool_calls) OR instr(new.content, "
+        "'\\u') > 0 OR instr(new.content_parts, '\\u') > 0 OR instr(new.tool_name, "
+        "'\\u') > 0 OR instr(new.tool_calls, '\\u') > 0 BEGIN INSERT "
+        "INTO hermes_search_cjk(rowid, body) SELECT id, body FROM "
+        "hermes_search_cjk_source WHERE id = new.id; END"
+    ),
+    "hermes_search_cjk_update_new": (
+        "CREATE TRIGGER hermes_search_cjk_update_new AFTER UPDATE "
+        "OF id, content, content_parts, tool_name, tool_calls ON "
+        "hermes_messages WHEN length(CAST(new.content AS BLOB)) "
+        "!= length(new.content) OR length(CAST(new.content_parts "
+        "AS BLOB)) != length(new.content_parts) OR length(CAST(new.tool_name "
+        "AS BLOB)) != length(new.tool_name) OR length(CAST(new.tool_calls "
+        "AS BLOB)) != length(new.tool_calls) OR instr(new.content, "
+        "'\\u') > 0 OR instr(new.content_parts, '\\u') > 0 OR instr(new.tool_name, "
+        "'\\u') > 0 OR instr(new.tool_calls, '\\u') > 0 BEGIN INSERT "
+        "INTO hermes_search_cjk(rowid, body) SELECT id, body FROM "
+        "hermes_search_cjk_source WHERE id = new.id; END"
+    ),
+    "hermes_search_delete": (
+        "CREATE TRIGGER hermes_search_delete BEFORE DELETE ON hermes_messages "
+        "BEGIN\n        INSERT INTO hermes_search(hermes_search, "
+        "rowid, body)\n            SELECT 'delete', id, body FROM "
+        "hermes_search_source WHERE id = old.id;\n        DELETE "
+        "FROM hermes_search_cjk WHERE rowid = old.id;\n    END"
+    ),
+    "hermes_search_insert": (
+        "CREATE TRIGGER hermes_search_insert AFTER INSERT ON hermes_messages "
+        "BEGIN INSERT INTO hermes_search(rowid, body) VALUES (new.id, "
+        "substr(\n    coalesce(new.content, '') || char(10) ||\n "
+        "   coalesce((SELECT group_concat(json_extract(p.value, "
+        "'$.text'), char(10))\n              FROM json_each(CASE "
+        "WHEN json_valid(new.content_parts) THEN CASE WHEN json_type(new.content_parts) "
+        "= 'array' THEN replace(replace(replace(new.content_parts, "
+        "'\\\\', char(1)), '\\u0000', '\\u0020'), char(1), '\\\\') "
+        "END END) AS p\n              WHERE CASE WHEN p.type = "
+        "'object' THEN json_type(p.value, '$.text') END = 'text'),\n "
+        "            '') || char(10) ||\n    coalesce(new.tool_name, "
+        "'') || char(10) ||\n    coalesce((SELECT group_concat(\n "
+        "                 coalesce(CASE WHEN c.type = 'object'\n "
+        "                          THEN json_extract(c.value, '$.function.name') "
+        "END, '')\n                  || char(10) ||\n          "
+        "        coalesce(CASE WHEN c.type = 'object'\n        "
+        "                   THEN json_extract(c.value, '$.function.arguments') "
+        "END, ''),\n                  char(10))\n              "
+        "FROM json_each(CASE WHEN json_valid(new.tool_calls) THEN "
+        "CASE WHEN json_type(new.tool_calls) = 'array' THEN replace(replace(replace(new.too"
+        "l_calls, '\\\\', char(1)), '\\u0000', '\\u0020'), char(1), "
+        "'\\\\') END END) AS c),\n             ''),\n    1, 16384)); "
+        "END"
+    ),
+    "hermes_search_update_new": (
+        "CREATE TRIGGER hermes_search_update_new AFTER UPDATE OF "
+        "id, content, content_parts, tool_name, tool_calls ON hermes_messages "
+        "BEGIN INSERT INTO hermes_search(rowid, body) VALUES (new.id, "
+        "substr(\n    coalesce(new.content, '') || char(10) ||\n "
+        "   coalesce((SELECT group_concat(json_extract(p.value, "
+        "'$.text'), char(10))\n              FROM json_each(CASE "
+        "WHEN json_valid(new.content_parts) THEN CASE WHEN json_type(new.content_parts) "
+        "= 'array' THEN replace(replace(replace(new.content_parts, "
+        "'\\\\', char(1)), '\\u0000', '\\u0020'), char(1), '\\\\') "
+        "END END) AS p\n              WHERE CASE WHEN p.type = "
+        "'object' THEN json_type(p.value, '$.text') END = 'text'),\n "
+        "            '') || char(10) ||\n    coalesce(new.tool_name, "
+        "'') || char(10) ||\n    coalesce((SELECT group_concat(\n "
+        "                 coalesce(CASE WHEN c.type = 'object'\n "
+        "                          THEN json_extract(c.value, '$.function.name') "
+        "END, '')\n                  || char(10) ||\n          "
+        "        coalesce(CASE WHEN c.type = 'object'\n        "
+        "                   THEN json_extract(c.value, '$.function.arguments') "
+        "END, ''),\n                  char(10))\n              "
+        "FROM json_each(CASE WHEN json_valid(new.tool_calls) THEN "
+        "CASE WHEN json_type(new.tool_calls) = 'array' THEN replace(replace(replace(new.too"
+        "l_calls, '\\\\', char(1)), '\\u0000', '\\u0020'), char(1), "
+        "'\\\\') END END) AS c),\n             ''),\n    1, 16384)); "
+        "END"
+    ),
+    "hermes_search_update_old": (
+        "CREATE TRIGGER hermes_search_update_old\n    BEFORE UPDATE "
+        "OF id, content, content_parts, tool_name, tool_calls ON "
+        "hermes_messages BEGIN\n        INSERT INTO hermes_search(hermes_search, "
+        "rowid, body)\n            SELECT 'delete', id, body FROM "
+        "hermes_search_source WHERE id = old.id;\n        DELETE "
+        "FROM hermes_search_cjk WHERE rowid = old.id;\n    END"
+    ),
+}
+
+
+def sqlite_trigger_gaps(conn: Connection) -> list[str]:
+    """SQLite: the search triggers missing from ``hermes_messages`` (messages go unindexed).
+
+    By name, as PostgreSQL's are checked: the definitions are those of the
+    database's revision, the newest of which :data:`SQLITE_TRIGGERS` holds.
+    """
+    found = set(
+        conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'hermes_messages'"
+        ).scalars()
+    )
+    return [name for name in SQLITE_TRIGGERS if name not in found]
+
+
+def _restore_sqlite_triggers(conn: Connection) -> None:
+    """Make the search triggers missing again (see :func:`sqlite_trigger_gaps`)."""
+    for name in sqlite_trigger_gaps(conn):
+        conn.exec_driver_sql(SQLITE_TRIGGERS[name])
+
+
 def _pg_trigger_states(conn: Connection) -> list[tuple[str, str, str | None]]:
     """``(table, trigger, tgenabled)`` of each search trigger on each table of messages.
 
@@ -1378,10 +1496,11 @@ def _restore_pg_triggers(conn: Connection) -> None:
 def rebuild(conn: Connection) -> int:
     """Rebuild the search index from the messages; returns how many messages it covers.
 
-    On PostgreSQL the triggers computing it are made again first, or enabled,
-    where they would not fire.
+    The triggers keeping it in step are made again first where they are
+    missing, or enabled where they would not fire (PostgreSQL).
     """
     if conn.dialect.name == "sqlite":
+        _restore_sqlite_triggers(conn)
         for statement in (
             "INSERT INTO hermes_search(hermes_search) VALUES ('delete-all')",
             "INSERT INTO hermes_search(rowid, body) SELECT id, body FROM hermes_search_source",

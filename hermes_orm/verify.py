@@ -524,7 +524,7 @@ def _search_problems(conn: Connection, unchecked: list[str]) -> list[str]:
             )
             return _pg_trigger_problems(conn)
         return _pg_search_problems(conn)
-    problems = []
+    problems = _sqlite_trigger_problems(conn)
     for table in ("hermes_search", "hermes_search_cjk"):
         try:
             conn.exec_driver_sql(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
@@ -553,10 +553,24 @@ _PG_PROBE_BATCH = 20_000
 def _pg_trigger_problems(conn: Connection) -> list[str]:
     """PostgreSQL: the search triggers that would not fire (see search.pg_trigger_gaps)."""
     return [
-        f"{table}: the search trigger {name} is {'missing' if missing else 'disabled'}: "
-        "messages written there are not indexed as they should be"
+        _trigger_problem(table, name, "missing" if missing else "disabled")
         for table, name, missing in _search.pg_trigger_gaps(conn)
     ]
+
+
+def _sqlite_trigger_problems(conn: Connection) -> list[str]:
+    """SQLite: the search triggers that are missing (see search.sqlite_trigger_gaps)."""
+    return [
+        _trigger_problem("hermes_messages", name, "missing")
+        for name in _search.sqlite_trigger_gaps(conn)
+    ]
+
+
+def _trigger_problem(table: str, name: str, state: str) -> str:
+    return (
+        f"{table}: the search trigger {name} is {state}: "
+        "messages written there are not indexed as they should be"
+    )
 
 
 def _pg_search_problems(conn: Connection) -> list[str]:

@@ -777,6 +777,62 @@ def test_search_triggers_that_would_not_fire_are_found_and_made_to_again(
     assert verify_database(store).ok
 
 
+@pytest.mark.backends("sqlite")
+def test_sqlite_search_triggers_dropped_are_found_and_made_again(
+    store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A tool rebuilding the table drops its triggers: messages written then go
+    unindexed, and went on so after a repair that only rebuilt the index."""
+    from hermes_orm.search import SQLITE_TRIGGERS
+
+    messages = [{"role": "user", "content": "hello"}]
+    store.create_session("s", source="cli")
+    store.flush("s", messages)
+    with engine.begin() as conn:
+        for name in SQLITE_TRIGGERS:
+            conn.exec_driver_sql(f"DROP TRIGGER {name}")
+    messages.append({"role": "user", "content": "zebra 部署 words"})
+    store.flush("s", messages)
+    assert store.search("zebra").hits == []
+    found = [problem for problem, _ in _search_checks(verify_database(store))]
+    told = ": messages written there are not indexed as they should be"
+    assert found[: len(SQLITE_TRIGGERS)] == [
+        f"hermes_messages: the search trigger {name} is missing{told}" for name in SQLITE_TRIGGERS
+    ]
+    env = clean_env(tmp_path)
+    repaired = run_cli("verify", "--repair", "--url", db_url, env=env)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    with engine.connect() as conn:
+        made = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        ).all()
+    assert dict(made) == SQLITE_TRIGGERS
+    messages.append({"role": "user", "content": "giraffe 部署说明 later"})
+    store.flush("s", messages)  # indexed as it is written again
+    assert [hit.idx for hit in store.search("zebra").hits] == [1]
+    assert [hit.idx for hit in store.search("giraffe").hits] == [2]
+    assert [hit.idx for hit in store.search("部署说明").hits] == [2]
+    assert run_cli("verify", "--url", db_url, env=env).returncode == 0
+
+
+@pytest.mark.backends("sqlite")
+def test_the_sqlite_triggers_verify_holds_to_are_those_the_migrations_make(
+    tmp_path: Path,
+) -> None:
+    """Both are written out (a migration never changes after release): a migration that
+    makes them anew must come with the same change to search.SQLITE_TRIGGERS."""
+    from hermes_orm.search import SQLITE_TRIGGERS
+
+    path = tmp_path / "fresh.db"
+    hermes_orm.upgrade(f"sqlite:///{path}")
+    with create_engine(f"sqlite:///{path}").connect() as conn:
+        made = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+            "AND tbl_name = 'hermes_messages'"
+        ).all()
+    assert dict(made) == SQLITE_TRIGGERS
+
+
 @pytest.mark.postgresql
 @pytest.mark.direct("makes a database of its own")
 def test_the_search_check_runs_on_tables_in_a_schema_whose_name_holds_a_blank(
