@@ -1313,100 +1313,77 @@ PG_TRIGGERS = {
 }
 
 
+#: Index the new row's body (as hermes_search_source computes it).
+_SQLITE_INDEX_WORDS = (
+    "INSERT INTO hermes_search(rowid, body) VALUES (new.id, "
+    "substr(\n    coalesce(new.content, '') || char(10) ||\n "
+    "   coalesce((SELECT group_concat(json_extract(p.value, "
+    "'$.text'), char(10))\n              FROM json_each(CASE "
+    "WHEN json_valid(new.content_parts) THEN CASE WHEN json_type(new.content_parts) "
+    "= 'array' THEN replace(replace(replace(new.content_parts, "
+    "'\\\\', char(1)), '\\u0000', '\\u0020'), char(1), '\\\\') "
+    "END END) AS p\n              WHERE CASE WHEN p.type = "
+    "'object' THEN json_type(p.value, '$.text') END = 'text'),\n "
+    "            '') || char(10) ||\n    coalesce(new.tool_name, "
+    "'') || char(10) ||\n    coalesce((SELECT group_concat(\n "
+    "                 coalesce(CASE WHEN c.type = 'object'\n "
+    "                          THEN json_extract(c.value, '$.function.name') "
+    "END, '')\n                  || char(10) ||\n          "
+    "        coalesce(CASE WHEN c.type = 'object'\n        "
+    "                   THEN json_extract(c.value, '$.function.arguments') "
+    "END, ''),\n                  char(10))\n              "
+    "FROM json_each(CASE WHEN json_valid(new.tool_calls) THEN "
+    "CASE WHEN json_type(new.tool_calls) = 'array' THEN replace(replace(replace(new.too"
+    "l_calls, '\\\\', char(1)), '\\u0000', '\\u0020'), char(1), "
+    "'\\\\') END END) AS c),\n             ''),\n    1, 16384)); "
+    "END"
+)
+#: Index the new row's body as CJK-like text, where it may hold some.
+_SQLITE_INDEX_CJK = (
+    " WHEN length(CAST(new.content AS BLOB)) != length(new.content) "
+    "OR length(CAST(new.content_parts AS BLOB)) != length(new.content_parts) "
+    "OR length(CAST(new.tool_name AS BLOB)) != length(new.tool_name) "
+    "OR length(CAST(new.tool_calls AS BLOB)) != length(new.tool_calls) "
+    "OR instr(new.content, '\\u') > 0 OR instr(new.content_parts, "
+    "'\\u') > 0 OR instr(new.tool_name, '\\u') > 0 OR instr(new.tool_calls, "
+    "'\\u') > 0 BEGIN INSERT INTO hermes_search_cjk(rowid, "
+    "body) SELECT id, body FROM hermes_search_cjk_source WHERE "
+    "id = new.id; END"
+)
+#: Take the old row's words and text out of the index.
+_SQLITE_FORGET = (
+    "\n        INSERT INTO hermes_search(hermes_search, rowid, "
+    "body)\n            SELECT 'delete', id, body FROM hermes_search_source "
+    "WHERE id = old.id;\n        DELETE FROM hermes_search_cjk "
+    "WHERE rowid = old.id;\n    END"
+)
+_SQLITE_WATCHED = "UPDATE OF id, content, content_parts, tool_name, tool_calls ON hermes_messages"
 #: The SQLite triggers keeping the search index in step with the messages, as the
-#: migrations leave them at head (a test holds the two together): a trigger other
-#: SQL dropped (a tool rebuilding the table drops them all) is made again from here.
+#: migrations leave them at head (a test holds the two together): one missing (a
+#: tool rebuilding the table drops them all) is made again from here.
 SQLITE_TRIGGERS = {
     "hermes_search_cjk_insert": (
-        "CREATE TRIGGER hermes_search_cjk_insert AFTER INSERT ON "
-        "hermes_messages WHEN length(CAST(new.content AS BLOB)) "
-        "!= length(new.content) OR length(CAST(new.content_parts "
-        "AS BLOB)) != length(new.content_parts) OR length(CAST(new.tool_name "
-        "AS BLOB)) != length(new.tool_name) OR length(CAST(new.tool_calls "
-        "AS BLOB)) != length(new.tool_calls) OR instr(new.content, "
-        "'\\u') > 0 OR instr(new.content_parts, '\\u') > 0 OR instr(new.tool_name, "
-        "'\\u') > 0 OR instr(new.tool_calls, '\\u') > 0 BEGIN INSERT "
-        "INTO hermes_search_cjk(rowid, body) SELECT id, body FROM "
-        "hermes_search_cjk_source WHERE id = new.id; END"
+        "CREATE TRIGGER hermes_search_cjk_insert AFTER INSERT ON hermes_messages"
+        + _SQLITE_INDEX_CJK
     ),
     "hermes_search_cjk_update_new": (
-        "CREATE TRIGGER hermes_search_cjk_update_new AFTER UPDATE "
-        "OF id, content, content_parts, tool_name, tool_calls ON "
-        "hermes_messages WHEN length(CAST(new.content AS BLOB)) "
-        "!= length(new.content) OR length(CAST(new.content_parts "
-        "AS BLOB)) != length(new.content_parts) OR length(CAST(new.tool_name "
-        "AS BLOB)) != length(new.tool_name) OR length(CAST(new.tool_calls "
-        "AS BLOB)) != length(new.tool_calls) OR instr(new.content, "
-        "'\\u') > 0 OR instr(new.content_parts, '\\u') > 0 OR instr(new.tool_name, "
-        "'\\u') > 0 OR instr(new.tool_calls, '\\u') > 0 BEGIN INSERT "
-        "INTO hermes_search_cjk(rowid, body) SELECT id, body FROM "
-        "hermes_search_cjk_source WHERE id = new.id; END"
+        f"CREATE TRIGGER hermes_search_cjk_update_new AFTER {_SQLITE_WATCHED}{_SQLITE_INDEX_CJK}"
     ),
     "hermes_search_delete": (
-        "CREATE TRIGGER hermes_search_delete BEFORE DELETE ON hermes_messages "
-        "BEGIN\n        INSERT INTO hermes_search(hermes_search, "
-        "rowid, body)\n            SELECT 'delete', id, body FROM "
-        "hermes_search_source WHERE id = old.id;\n        DELETE "
-        "FROM hermes_search_cjk WHERE rowid = old.id;\n    END"
+        "CREATE TRIGGER hermes_search_delete BEFORE DELETE ON hermes_messages BEGIN"
+        + _SQLITE_FORGET
     ),
     "hermes_search_insert": (
-        "CREATE TRIGGER hermes_search_insert AFTER INSERT ON hermes_messages "
-        "BEGIN INSERT INTO hermes_search(rowid, body) VALUES (new.id, "
-        "substr(\n    coalesce(new.content, '') || char(10) ||\n "
-        "   coalesce((SELECT group_concat(json_extract(p.value, "
-        "'$.text'), char(10))\n              FROM json_each(CASE "
-        "WHEN json_valid(new.content_parts) THEN CASE WHEN json_type(new.content_parts) "
-        "= 'array' THEN replace(replace(replace(new.content_parts, "
-        "'\\\\', char(1)), '\\u0000', '\\u0020'), char(1), '\\\\') "
-        "END END) AS p\n              WHERE CASE WHEN p.type = "
-        "'object' THEN json_type(p.value, '$.text') END = 'text'),\n "
-        "            '') || char(10) ||\n    coalesce(new.tool_name, "
-        "'') || char(10) ||\n    coalesce((SELECT group_concat(\n "
-        "                 coalesce(CASE WHEN c.type = 'object'\n "
-        "                          THEN json_extract(c.value, '$.function.name') "
-        "END, '')\n                  || char(10) ||\n          "
-        "        coalesce(CASE WHEN c.type = 'object'\n        "
-        "                   THEN json_extract(c.value, '$.function.arguments') "
-        "END, ''),\n                  char(10))\n              "
-        "FROM json_each(CASE WHEN json_valid(new.tool_calls) THEN "
-        "CASE WHEN json_type(new.tool_calls) = 'array' THEN replace(replace(replace(new.too"
-        "l_calls, '\\\\', char(1)), '\\u0000', '\\u0020'), char(1), "
-        "'\\\\') END END) AS c),\n             ''),\n    1, 16384)); "
-        "END"
+        "CREATE TRIGGER hermes_search_insert AFTER INSERT ON hermes_messages BEGIN "
+        + _SQLITE_INDEX_WORDS
     ),
     "hermes_search_update_new": (
-        "CREATE TRIGGER hermes_search_update_new AFTER UPDATE OF "
-        "id, content, content_parts, tool_name, tool_calls ON hermes_messages "
-        "BEGIN INSERT INTO hermes_search(rowid, body) VALUES (new.id, "
-        "substr(\n    coalesce(new.content, '') || char(10) ||\n "
-        "   coalesce((SELECT group_concat(json_extract(p.value, "
-        "'$.text'), char(10))\n              FROM json_each(CASE "
-        "WHEN json_valid(new.content_parts) THEN CASE WHEN json_type(new.content_parts) "
-        "= 'array' THEN replace(replace(replace(new.content_parts, "
-        "'\\\\', char(1)), '\\u0000', '\\u0020'), char(1), '\\\\') "
-        "END END) AS p\n              WHERE CASE WHEN p.type = "
-        "'object' THEN json_type(p.value, '$.text') END = 'text'),\n "
-        "            '') || char(10) ||\n    coalesce(new.tool_name, "
-        "'') || char(10) ||\n    coalesce((SELECT group_concat(\n "
-        "                 coalesce(CASE WHEN c.type = 'object'\n "
-        "                          THEN json_extract(c.value, '$.function.name') "
-        "END, '')\n                  || char(10) ||\n          "
-        "        coalesce(CASE WHEN c.type = 'object'\n        "
-        "                   THEN json_extract(c.value, '$.function.arguments') "
-        "END, ''),\n                  char(10))\n              "
-        "FROM json_each(CASE WHEN json_valid(new.tool_calls) THEN "
-        "CASE WHEN json_type(new.tool_calls) = 'array' THEN replace(replace(replace(new.too"
-        "l_calls, '\\\\', char(1)), '\\u0000', '\\u0020'), char(1), "
-        "'\\\\') END END) AS c),\n             ''),\n    1, 16384)); "
-        "END"
+        f"CREATE TRIGGER hermes_search_update_new AFTER {_SQLITE_WATCHED} BEGIN "
+        + _SQLITE_INDEX_WORDS
     ),
     "hermes_search_update_old": (
-        "CREATE TRIGGER hermes_search_update_old\n    BEFORE UPDATE "
-        "OF id, content, content_parts, tool_name, tool_calls ON "
-        "hermes_messages BEGIN\n        INSERT INTO hermes_search(hermes_search, "
-        "rowid, body)\n            SELECT 'delete', id, body FROM "
-        "hermes_search_source WHERE id = old.id;\n        DELETE "
-        "FROM hermes_search_cjk WHERE rowid = old.id;\n    END"
+        f"CREATE TRIGGER hermes_search_update_old\n    BEFORE {_SQLITE_WATCHED} BEGIN"
+        + _SQLITE_FORGET
     ),
 }
 

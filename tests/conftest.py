@@ -460,6 +460,36 @@ def meanwhile(
             state.thread.join(60)
 
 
+def ctrl_c_at_each_c_return(
+    call: Callable[[], Any], within: Any = None, points: int = 500
+) -> Iterator[int]:
+    """Run ``call`` once per point, a KeyboardInterrupt raised as its point-th C call
+    returns (where Python runs signal handlers); only in frames of code ``within``, if
+    given. Yields each point reached, once ``call`` ended; stops after the last.
+    """
+    for point in range(1, points):
+        returns = 0
+
+        def interrupt(frame: Any, event: str, _arg: Any) -> None:
+            nonlocal returns
+            if event == "c_return" and (within is None or frame.f_code is within):
+                returns += 1
+                if returns == point:  # noqa: B023 - this round's point
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            call()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        if returns < point:
+            return
+        yield point
+
+
 def run_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 import hermes_orm
 from hermes_orm import AsyncSessionStore, InvalidArgumentError, SessionStore, async_store
-from tests.conftest import in_threads
+from tests.conftest import ctrl_c_at_each_c_return, in_threads
 
 pytestmark = pytest.mark.sqlite
 
@@ -330,6 +330,19 @@ def test_an_in_memory_url_keeps_a_pool_chosen_and_refuses_a_size_of_more_connect
     engine.dispose()
 
 
+def _on_a_static_pool(tmp_path: Path) -> SessionStore:
+    """A store on an application's engine of one connection (a file), with session s."""
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'app.db'}",
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},
+    )
+    store = SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="app")
+    return store
+
+
 def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,14 +354,8 @@ def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
     from hermes_orm import store as store_module
 
     monkeypatch.setattr(store_module, "_TURN_WAIT", 0.5)
-    engine = create_engine(
-        f"sqlite:///{tmp_path / 'app.db'}",
-        poolclass=StaticPool,
-        connect_args={"check_same_thread": False},
-    )
-    store = SessionStore(engine)
-    store.upgrade()
-    store.create_session("s", source="app")
+    store = _on_a_static_pool(tmp_path)
+    engine = store.engine
     with concurrent.futures.ThreadPoolExecutor(1) as other:
 
         def work(_conn: Any) -> BaseException | None:
@@ -366,46 +373,20 @@ def test_a_ctrl_c_as_a_call_takes_its_turn_leaves_the_turn_to_the_others(tmp_pat
     """At whichever C call of taking or giving back the turn a Ctrl-C comes (where
     Python runs signal handlers), another thread's call gets the connection at once:
     a turn kept would have every other thread wait minutes, then fail."""
-    import sys
-
     from hermes_orm import store as store_module
 
-    engine = create_engine(
-        f"sqlite:///{tmp_path / 'app.db'}",
-        poolclass=StaticPool,
-        connect_args={"check_same_thread": False},
-    )
-    store = SessionStore(engine)
-    store.upgrade()
-    store.create_session("s", source="app")
-    interrupted = 0
-    for point in range(1, 50):
-        returns = 0
-
-        def interrupt(frame: Any, event: str, _arg: Any) -> None:
-            nonlocal returns
-            if event == "c_return" and frame.f_code is store_module._turn.__wrapped__.__code__:
-                returns += 1
-                if returns == point:  # noqa: B023 - this round's point
-                    sys.setprofile(None)
-                    raise KeyboardInterrupt
-
-        sys.setprofile(interrupt)
-        try:
-            store.get_session("s")
-        except KeyboardInterrupt:
-            interrupted += 1
-        finally:
-            sys.setprofile(None)
-        if returns < point:
-            break  # every point was tried
+    store = _on_a_static_pool(tmp_path)
+    turn = store_module._turn.__wrapped__.__code__
+    points = 0
+    for point in ctrl_c_at_each_c_return(lambda: store.get_session("s"), within=turn):
+        points += 1
         other = threading.Thread(target=store.get_session, args=("s",), daemon=True)
         other.start()
         other.join(timeout=10)
         assert not other.is_alive(), f"the turn was kept (point {point})"
-    assert interrupted >= 2
+    assert points >= 2
     store.close()
-    engine.dispose()
+    store.engine.dispose()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")

@@ -33,7 +33,7 @@ from hermes_orm import (
     create_async_store_engine,
     create_store_engine,
 )
-from tests.conftest import _create_pg_database, _drop_pg_database
+from tests.conftest import _create_pg_database, _drop_pg_database, ctrl_c_at_each_c_return
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("signals the server's own processes")]
 
@@ -487,41 +487,25 @@ def test_a_ctrl_c_as_a_try_s_watch_ends_leaves_no_watch_armed(pg_server_url: str
 def test_a_ctrl_c_as_a_watch_is_armed_or_disarmed_leaves_the_watcher_usable() -> None:
     """At whichever C call of arming or disarming a Ctrl-C comes, the watcher's lock
     is free afterwards: held, every later try of the process would wait for it."""
-    import sys
-
     from hermes_orm._retry import Watchdog
 
     watchdog = Watchdog()
     ours, peer = socket.socketpair()
-    interrupted = 0
-    for point in range(1, 200):
-        returns = 0
 
-        def interrupt(_frame: Any, event: str, _arg: Any) -> None:
-            nonlocal returns
-            if event == "c_return":
-                returns += 1
-                if returns == point:  # noqa: B023 - this round's point
-                    sys.setprofile(None)
-                    raise KeyboardInterrupt
+    def arm_and_disarm() -> None:
+        watch = watchdog.arm(ours.fileno(), 60)
+        if watch is not None:
+            watchdog.disarm(watch)
 
-        sys.setprofile(interrupt)
-        try:
-            watch = watchdog.arm(ours.fileno(), 60)
-            if watch is not None:
-                watchdog.disarm(watch)
-        except KeyboardInterrupt:
-            interrupted += 1
-        finally:
-            sys.setprofile(None)
-        if returns < point:
-            break  # every point of arm and disarm was tried
+    points = 0
+    for point in ctrl_c_at_each_c_return(arm_and_disarm):
+        points += 1
         # Another thread arms and disarms in time: the lock is not held.
-        again = threading.Thread(target=lambda: watchdog.disarm(watchdog.arm(ours.fileno(), 60)))
+        again = threading.Thread(target=arm_and_disarm, daemon=True)
         again.start()
         again.join(timeout=5)
         assert not again.is_alive(), f"the watcher's lock stayed held (point {point})"
-    assert interrupted >= 5
+    assert points >= 5
     ours.close()
     peer.close()
 
