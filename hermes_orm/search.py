@@ -634,10 +634,10 @@ class Filters:
     skip_rewound: bool = False
     #: Oldest hits first (the cursor then pages forward in time).
     oldest_first: bool = False
-    #: Hits in the order of their messages' timestamps (no timestamp last, then
-    #: storage order), where a message's place in the store orders them otherwise:
-    #: the two differ for messages written with their times given, or imported
-    #: session by session. One page only, with no cursor: see :func:`run`.
+    #: Hits in the order of their messages' timestamps (no timestamp last; ties by
+    #: storage order, the same way round), where a message's place in the store
+    #: orders them otherwise: the two differ for messages written with their times
+    #: given, or imported session by session. One page only, no cursor (see run()).
     by_time: bool = False
 
     def __post_init__(self) -> None:
@@ -1182,7 +1182,9 @@ def _pg_rows(
     plan = _pg_compiled(query, filters, _pg_blanks(conn, _word_characters(query)))
     oldest = filters.oldest_first
     low, high = -(2**63), 2**63 - 1
-    if filters.by_time:  # (no id order to walk: the indexes find every hit, then sorted)
+    if filters.by_time:
+        # No id order to walk: the indexes find every hit, then sorted (as Hermes'
+        # FTS5 search in time order sorts all its hits).
         every = plan.by_index
         return plan.parsed, list(
             conn.exec_driver_sql(driver_sql(conn, every.sql), every.args((low, high), wanted))
@@ -1246,6 +1248,8 @@ def run(
     Raises:
         SearchQueryError: ``query`` has nothing to look for.
     """
+    if filters.by_time and after is not None:
+        raise ValueError("a search in time order has one page: it takes no cursor")
     dialect = conn.dialect.name
     if dialect == "sqlite":
         parsed, statement, params = _sqlite_compiled(query, filters, after is not None, limit + 1)
@@ -1285,15 +1289,21 @@ def run(
     return SearchPage(hits, encode_cursor(rows[-1][0], query, filters) if more and rows else None)
 
 
+#: Ids a statement reading hits' bodies names at most (what every SQLite takes).
+_SQLITE_IDS = 999
+
+
 def _sqlite_bodies(conn: Connection, ids: list[int]) -> list[Any]:
-    if not ids:
-        return []
-    marks = ", ".join("?" for _ in ids)
-    # As bytes: a lone surrogate escaped in a JSON document (written by some other
-    # client) comes out of SQLite's JSON functions as bytes that are not UTF-8.
-    statement = f"SELECT id, CAST(body AS BLOB) FROM hermes_search_source WHERE id IN ({marks})"
-    rows = conn.exec_driver_sql(statement, tuple(ids)).all()
-    return [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
+    bodies = []
+    for start in range(0, len(ids), _SQLITE_IDS):
+        part = ids[start : start + _SQLITE_IDS]
+        marks = ", ".join("?" for _ in part)
+        # As bytes: a lone surrogate escaped in a JSON document (written by some other
+        # client) comes out of SQLite's JSON functions as bytes that are not UTF-8.
+        statement = f"SELECT id, CAST(body AS BLOB) FROM hermes_search_source WHERE id IN ({marks})"
+        rows = conn.exec_driver_sql(statement, tuple(part)).all()
+        bodies += [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
+    return bodies
 
 
 #: The PostgreSQL triggers computing each message's search columns as it is
@@ -1391,8 +1401,8 @@ SQLITE_TRIGGERS = {
 def sqlite_trigger_gaps(conn: Connection) -> list[str]:
     """SQLite: the search triggers missing from ``hermes_messages`` (messages go unindexed).
 
-    By name, as PostgreSQL's are checked: the definitions are those of the
-    database's revision, the newest of which :data:`SQLITE_TRIGGERS` holds.
+    By name, as PostgreSQL's are checked. :data:`SQLITE_TRIGGERS` holds their
+    definitions at head, the revision a store works on (it refuses an older one).
     """
     found = set(
         conn.exec_driver_sql(

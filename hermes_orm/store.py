@@ -627,7 +627,9 @@ def _turn(pool: Pool) -> Iterator[None]:
             seconds (one waiting for this thread's own call, say).
     """
     turn = _sa.thread_turn(pool)
-    if turn is None:
+    # A thread's own call within one (its store call inside a store.connection()
+    # block, say) goes on in the turn it holds: it neither takes nor gives one.
+    if turn is None or turn._is_owned():  # type: ignore[attr-defined]  # (RLock's own)
         yield
         return
     # Taken inside the try: a Ctrl-C as the acquire returns (where Python runs signal

@@ -1267,8 +1267,8 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         cut there, as Hermes cuts it. Hits come newest first in the order the
         messages were stored, where Hermes' default order is FTS5 relevance,
         which this index does not compute; ``sort="newest"`` and ``"oldest"``
-        order them by the messages' times, as Hermes does (ties in stored
-        order, where Hermes ranks them). Messages taken back (``active`` 0, not
+        order them by the messages' times, as Hermes does (ties newest or
+        oldest stored first, where Hermes ranks them). Messages taken back (``active`` 0, not
         compacted) are left out unless ``include_inactive``.
         """
         if not isinstance(query, str):
@@ -1287,7 +1287,7 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             roles=roles,
             skip_rewound=not include_inactive,
             oldest_first=order == "oldest",
-            # As Hermes orders them: by the messages' times, ties in storage order
+            # As Hermes orders them: by the messages' times, ties by storage order
             # (Hermes' by relevance, which this index does not compute).
             by_time=order in ("newest", "oldest"),
         )
