@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -170,6 +171,15 @@ def _of_another_loop(exc: RuntimeError) -> bool:
     return "different event loop" in str(exc) or "different loop" in str(exc)
 
 
+def _in_use_elsewhere() -> InvalidArgumentError:
+    """The error of a call made while another event loop's calls on the store are under way."""
+    return InvalidArgumentError(
+        "this AsyncSessionStore is in use by another event loop at the same time: "
+        "a store serves one event loop at a time (give each thread running a loop "
+        "its own store)"
+    )
+
+
 def _other_loop(why: str) -> InvalidArgumentError:
     """The error of an application's engine used from another event loop, and ``why``."""
     return InvalidArgumentError(
@@ -270,6 +280,10 @@ class AsyncSessionStore(_AsyncSessions):
         #: The event loop each engine's pool serves, by id: asyncpg's (whose connections
         #: belong to it), and those the store gave a new pool (see _new_pool).
         self._loops: dict[int, asyncio.AbstractEventLoop] = {}
+        #: The event loop whose calls are under way, and how many (see _transaction).
+        self._busy_loop: asyncio.AbstractEventLoop | None = None
+        self._busy_calls = 0
+        self._busy_lock = threading.Lock()
         if self._parks:
             give_back_when_full(self, engine.sync_engine)
 
@@ -357,16 +371,24 @@ class AsyncSessionStore(_AsyncSessions):
             InvalidArgumentError: Another event loop uses the store at the same time
                 (a pool, a lock, waits on one loop: see :meth:`_new_pool`).
         """
+        loop = asyncio.get_running_loop()
+        # Refused up front while another loop's calls are under way: the two would
+        # share the pool's queue, whose waits belong to one loop. Woken from the
+        # other loop's thread, a wait can miss its wake-up: that call never returned.
+        with self._busy_lock:
+            if self._busy_calls and self._busy_loop is not loop:
+                raise _in_use_elsewhere()
+            self._busy_loop = loop
+            self._busy_calls += 1
         try:
             return await self._transaction_on_this_loop(request)
         except RuntimeError as exc:
             if not _of_another_loop(exc):
                 raise
-            raise InvalidArgumentError(
-                "this AsyncSessionStore is in use by another event loop at the same time: "
-                "a store serves one event loop at a time (give each thread running a loop "
-                "its own store)"
-            ) from exc
+            raise _in_use_elsewhere() from exc
+        finally:
+            with self._busy_lock:
+                self._busy_calls -= 1
 
     async def _transaction_on_this_loop(self, request: Run[T]) -> T:
         begin = self._sql.begin

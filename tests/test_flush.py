@@ -1317,6 +1317,37 @@ def test_two_event_loops_using_one_store_at_once_get_a_typed_error(db_url: str) 
     asyncio.run(store.close())
 
 
+def test_a_call_from_another_loop_while_one_is_under_way_is_refused_up_front(
+    db_url: str,
+) -> None:
+    """Not left to meet the other loop's pool: the two would share its queue, and a
+    wait woken from the other loop's thread could miss its wake-up (a call that never
+    returned). Once the first loop's calls are done, another loop's are served."""
+    store = AsyncSessionStore(_async_url(db_url))
+    asyncio.run(store.create_session("loops", source="cli"))
+    reading, go_on = threading.Event(), threading.Event()
+
+    def held(*_args: Any) -> None:
+        if threading.current_thread().name == "first" and not reading.is_set():
+            reading.set()
+            go_on.wait(30)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", held)
+    first = threading.Thread(
+        target=lambda: asyncio.run(store.get_messages("loops")), name="first", daemon=True
+    )
+    first.start()
+    assert reading.wait(30)
+    with pytest.raises(InvalidArgumentError, match="another event loop at the same time"):
+        asyncio.run(store.get_messages("loops"))
+    go_on.set()
+    first.join(30)
+    assert not first.is_alive()
+    event.remove(store.engine.sync_engine, "before_cursor_execute", held)
+    assert asyncio.run(store.get_messages("loops")) == []
+    asyncio.run(store.close())
+
+
 @pytest.mark.postgresql
 def test_a_store_closed_with_a_call_under_way_leaves_no_connection_open(empty_pg: str) -> None:
     """close() disposes of the engine the store made; the connection of the call under way
