@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from hermes_orm import _codec
-from hermes_orm._dialects import driver_sql, fetch_driver_rows
+from hermes_orm._dialects import driver_sql, fetch_driver_rows, rows_for_values
 from hermes_orm._search_text import (
     FOLDED,
     FOLDED_TO,
@@ -1289,21 +1289,13 @@ def run(
     return SearchPage(hits, encode_cursor(rows[-1][0], query, filters) if more and rows else None)
 
 
-#: Ids a statement reading hits' bodies names at most (what every SQLite takes).
-_SQLITE_IDS = 999
-
-
 def _sqlite_bodies(conn: Connection, ids: list[int]) -> list[Any]:
-    bodies = []
-    for start in range(0, len(ids), _SQLITE_IDS):
-        part = ids[start : start + _SQLITE_IDS]
-        marks = ", ".join("?" for _ in part)
-        # As bytes: a lone surrogate escaped in a JSON document (written by some other
-        # client) comes out of SQLite's JSON functions as bytes that are not UTF-8.
-        statement = f"SELECT id, CAST(body AS BLOB) FROM hermes_search_source WHERE id IN ({marks})"
-        rows = conn.exec_driver_sql(statement, tuple(part)).all()
-        bodies += [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
-    return bodies
+    # As bytes: a lone surrogate escaped in a JSON document (written by some other
+    # client) comes out of SQLite's JSON functions as bytes that are not UTF-8.
+    rows = rows_for_values(
+        conn, "SELECT id, CAST(body AS BLOB) FROM hermes_search_source WHERE id IN ({values})", ids
+    )
+    return [(row[0], bytes(row[1]).decode("utf-8", "replace")) for row in rows]
 
 
 #: The PostgreSQL triggers computing each message's search columns as it is
