@@ -268,11 +268,29 @@ class Watch:
     __slots__ = ("deadline", "fd", "fired", "seconds")
 
     def __init__(self, fd: int, seconds: float) -> None:
-        #: The duplicate descriptor (a socket object is made of it only to shut it down).
+        #: The duplicate descriptor (a socket object is made of it only to shut it down;
+        #: -1 once closed).
         self.fd = fd
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.fired = False
+
+    @classmethod
+    def of(cls, fd: int, seconds: float) -> Watch | None:
+        """A watch, not armed yet, of the socket ``fd`` (None: ``fd`` is no socket)."""
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return None
+            return cls(os.dup(fd), seconds)
+        except OSError:
+            return None
+
+    def __del__(self) -> None:
+        # A watch dropped without its disarm (a Ctrl-C before its try began) does
+        # not keep its duplicate open. An armed one is the watchdog's, never dropped.
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
     def blame(self, exc: BaseException) -> None:
         """Mark ``exc`` as the end of a try abandoned at its deadline, if it was."""
@@ -299,9 +317,10 @@ class Watchdog:
 
     def _forked(self) -> None:
         """In a forked child: the parent's watches are not its own (their duplicates closed)."""
-        for watch in self._watches.values():
+        for watch in self._watches:
             with contextlib.suppress(OSError):
                 os.close(watch.fd)
+            watch.fd = -1
         self._reset()
 
     def _reset(self) -> None:
@@ -312,30 +331,26 @@ class Watchdog:
         self._mutex = threading.Lock()
         #: Wakes the thread (for a new earliest deadline); its lock is ``_mutex``.
         self._wake = threading.Condition(self._mutex)
-        self._watches: dict[int, Watch] = {}
+        #: The armed watches (a set: arming and disarming are one C call each, which a
+        #: Ctrl-C cannot cut in two).
+        self._watches: set[Watch] = set()
         #: When the thread wakes next (inf: when a watch is armed).
         self._wakes_at = math.inf
         self._pid = 0  # the process whose thread runs
 
-    def arm(self, fd: int, seconds: float) -> Watch | None:
-        """Watch a try on the connection whose socket is ``fd``, for ``seconds``.
+    def arm(self, watch: Watch) -> None:
+        """Start watching ``watch`` (a try on its connection), until :meth:`disarm`.
 
-        None when ``fd`` is no socket (the connection is closed already).
+        Its caller disarms it whatever happens from here on: a Ctrl-C may come
+        inside this call once the watch is registered.
         """
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                return None
-            watch = Watch(os.dup(fd), seconds)
-        except OSError:
-            return None
         with self._mutex:
-            self._watches[id(watch)] = watch
+            self._watches.add(watch)
             if self._pid != os.getpid():
                 threading.Thread(target=self._run, name="hermes_orm-deadlines", daemon=True).start()
                 self._pid = os.getpid()
             if watch.deadline < self._wakes_at:
                 self._wake.notify()
-        return watch
 
     def disarm(self, watch: Watch) -> None:
         """The try ended (either way): its socket is no longer watched.
@@ -345,8 +360,10 @@ class Watchdog:
         close whatever file or socket took the number since.
         """
         with self._mutex:
-            self._watches.pop(id(watch), None)
-            fd, watch.fd = watch.fd, -1
+            self._watches.discard(watch)
+        # (Taken after the lock: the watcher no longer sees the watch, and a Ctrl-C
+        # as the lock is let go leaves the descriptor to the watch's finalizer.)
+        fd, watch.fd = watch.fd, -1
         if fd >= 0:
             os.close(fd)  # the duplicate only
 
@@ -362,9 +379,9 @@ class Watchdog:
         with self._mutex:
             while True:
                 now = time.monotonic()
-                for key, watch in list(self._watches.items()):
+                for watch in list(self._watches):
                     if watch.deadline <= now:
-                        del self._watches[key]
+                        self._watches.remove(watch)
                         watch.fired = True
                         with contextlib.suppress(OSError):  # its peer closed it already
                             sock = socket.socket(fileno=watch.fd)
@@ -372,7 +389,7 @@ class Watchdog:
                                 sock.shutdown(socket.SHUT_RDWR)
                             finally:
                                 sock.detach()  # the try's disarm closes the descriptor
-                watches = self._watches.values()
+                watches = self._watches
                 self._wakes_at = min((w.deadline for w in watches), default=math.inf)
                 wait = self._wakes_at - now
                 # (a deadline past what a wait can take is woken for early, and looked at again)
@@ -386,12 +403,14 @@ watchdog = Watchdog()
 def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
     """Run the block on ``conn`` within a deadline of ``seconds`` (PostgreSQL; None: none)."""
     fd = None if seconds is None or conn.dialect.name != "postgresql" else _dialects.socket_of(conn)
-    watch = None if fd is None or seconds is None else watchdog.arm(fd, seconds)
+    watch = None if fd is None or seconds is None else Watch.of(fd, seconds)
     if watch is None:
         yield None
         return
-    token = _watching.set(watch)
-    try:
+    token = None
+    try:  # armed inside the try: a Ctrl-C as it is registered still disarms it
+        watchdog.arm(watch)
+        token = _watching.set(watch)
         yield watch
     except BaseException as exc:
         watch.blame(exc)
@@ -399,8 +418,13 @@ def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
     finally:
         # Disarmed first: a Ctrl-C between the two leaves no watch armed (which would
         # shut the kept connection's socket at its deadline) but a context variable.
-        watchdog.disarm(watch)
-        _watching.reset(token)
+        # One inside the disarm still resets the variable, which would keep the watch
+        # (and its duplicate descriptor) alive.
+        try:
+            watchdog.disarm(watch)
+        finally:
+            if token is not None:
+                _watching.reset(token)
 
 
 class _Connecting:
@@ -416,9 +440,10 @@ class _Connecting:
         # off) is done with: its watch ends, and its firing was its own.
         self.settled()
         self.fired = False
-        watch = watchdog.arm(fd, self.seconds)
+        watch = Watch.of(fd, self.seconds)
         if watch is not None:
-            self.armed.append(watch)
+            self.armed.append(watch)  # (first: what settles the checkout disarms it)
+            watchdog.arm(watch)
 
     def settled(self) -> None:
         for watch in self.armed:  # (a disarm done twice closes nothing twice)

@@ -462,20 +462,23 @@ def meanwhile(
 
 def ctrl_c_at_each_c_return(
     call: Callable[[], Any], within: Any = None, points: int = 500
-) -> Iterator[int]:
+) -> Iterator[tuple[int, str]]:
     """Run ``call`` once per point, a KeyboardInterrupt raised as its point-th C call
     returns (where Python runs signal handlers); only in frames of code ``within``, if
-    given. Yields each point reached, once ``call`` ended; stops after the last.
+    given. Yields each point reached, with the name of the C function that returned
+    there, once ``call`` ended; stops after the last.
     """
     for point in range(1, points):
         returns = 0
+        name = ""
 
-        def interrupt(frame: Any, event: str, _arg: Any) -> None:
-            nonlocal returns
+        def interrupt(frame: Any, event: str, arg: Any) -> None:
+            nonlocal returns, name
             if event == "c_return" and (within is None or frame.f_code is within):
                 returns += 1
                 if returns == point:  # noqa: B023 - this round's point
                     sys.setprofile(None)
+                    name = getattr(arg, "__qualname__", repr(arg))
                     raise KeyboardInterrupt
 
         sys.setprofile(interrupt)
@@ -487,7 +490,7 @@ def ctrl_c_at_each_c_return(
             sys.setprofile(None)
         if returns < point:
             return
-        yield point
+        yield point, name
 
 
 def run_cli(

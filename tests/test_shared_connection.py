@@ -378,7 +378,7 @@ def test_a_ctrl_c_as_a_call_takes_its_turn_leaves_the_turn_to_the_others(tmp_pat
     store = _on_a_static_pool(tmp_path)
     turn = store_module._turn.__wrapped__.__code__
     points = 0
-    for point in ctrl_c_at_each_c_return(lambda: store.get_session("s"), within=turn):
+    for point, _ in ctrl_c_at_each_c_return(lambda: store.get_session("s"), within=turn):
         points += 1
         other = threading.Thread(target=store.get_session, args=("s",), daemon=True)
         other.start()

@@ -405,13 +405,23 @@ def test_asyncpgs_timeout_in_the_url_is_seconds() -> None:
         create_async_store_engine("postgresql+asyncpg://u@127.0.0.1/db?timeout=soon")
 
 
+def _armed(watchdog: Any, fd: int, seconds: float) -> Any:
+    """A watch of the socket ``fd`` armed on ``watchdog`` (None: ``fd`` is no socket)."""
+    from hermes_orm._retry import Watch
+
+    watch = Watch.of(fd, seconds)
+    if watch is not None:
+        watchdog.arm(watch)
+    return watch
+
+
 def test_a_deadline_shuts_the_socket_it_watched_not_one_that_took_its_number() -> None:
     """The driver may close its descriptor first: the number's next owner is left alone."""
     from hermes_orm._retry import Watchdog
 
     watchdog = Watchdog()
     ours, peer = socket.socketpair()
-    watch = watchdog.arm(ours.fileno(), 0.1)
+    watch = _armed(watchdog, ours.fileno(), 0.1)
     assert watch is not None
     number = ours.fileno()
     other, other_peer = socket.socketpair()
@@ -437,7 +447,7 @@ def test_a_watch_disarmed_twice_closes_its_duplicate_once(tmp_path: Path) -> Non
 
     watchdog = Watchdog()
     ours, peer = socket.socketpair()
-    watch = watchdog.arm(ours.fileno(), 60)
+    watch = _armed(watchdog, ours.fileno(), 60)
     assert watch is not None
     number = watch.fd
     with (tmp_path / "app").open("w") as app:
@@ -478,10 +488,63 @@ def test_a_ctrl_c_as_a_try_s_watch_ends_leaves_no_watch_armed(pg_server_url: str
                 sys.setprofile(interrupt)
             sys.setprofile(None)
             interrupted += returns >= point
-            assert id(watch) not in watchdog._watches, point
+            assert watch not in watchdog._watches, point
             assert len(os.listdir("/proc/self/fd")) == before, point
     assert interrupted >= 1
     engine.dispose()
+
+
+def test_a_ctrl_c_anywhere_in_a_watched_try_leaves_no_watch_armed(pg_server_url: str) -> None:
+    """At whichever C call of a watched try a Ctrl-C comes, from finding the socket to
+    disarming, no watch is left armed (it would shut the kept connection's socket at
+    its deadline, under another call) and no descriptor stays open: but one, where
+    it comes as the socket's descriptor is duplicated, before anything holds it."""
+    from hermes_orm._retry import watchdog, watched
+
+    def try_once() -> None:
+        with watched(conn, 60):
+            pass
+
+    engine = create_engine(pg_server_url, poolclass=NullPool)
+    points = 0
+    with engine.connect() as conn:
+        try_once()  # (the watcher's thread started)
+        armed = set(watchdog._watches)
+        before = len(os.listdir("/proc/self/fd"))
+        for point, name in ctrl_c_at_each_c_return(try_once):
+            points += 1
+            assert set(watchdog._watches) == armed, f"a watch left armed (point {point}, {name})"
+            leaked = len(os.listdir("/proc/self/fd")) - before
+            assert leaked == (name == "dup"), f"{leaked} descriptors (point {point}, {name})"
+            before += leaked
+    assert points >= 10
+    engine.dispose()
+
+
+def test_a_ctrl_c_as_a_new_connection_is_watched_leaves_no_watch_armed() -> None:
+    """A checkout's new connection is watched from its ``connect`` listener, and the
+    watch is settled by the checkout (or the block's end): at whichever C call of
+    arming a Ctrl-C comes, the settling disarms what was armed."""
+    from hermes_orm._retry import _Connecting, watchdog
+
+    ours, peer = socket.socketpair()
+
+    def connect_and_settle() -> None:
+        connecting = _Connecting(60)
+        try:
+            connecting.arm(ours.fileno())
+        finally:
+            connecting.settled()
+
+    connect_and_settle()  # (the watcher's thread started)
+    armed = set(watchdog._watches)
+    points = 0
+    for point, name in ctrl_c_at_each_c_return(connect_and_settle):
+        points += 1
+        assert set(watchdog._watches) == armed, f"a watch left armed (point {point}, {name})"
+    assert points >= 5
+    ours.close()
+    peer.close()
 
 
 def test_a_ctrl_c_as_a_watch_is_armed_or_disarmed_leaves_the_watcher_usable() -> None:
@@ -493,12 +556,12 @@ def test_a_ctrl_c_as_a_watch_is_armed_or_disarmed_leaves_the_watcher_usable() ->
     ours, peer = socket.socketpair()
 
     def arm_and_disarm() -> None:
-        watch = watchdog.arm(ours.fileno(), 60)
+        watch = _armed(watchdog, ours.fileno(), 60)
         if watch is not None:
             watchdog.disarm(watch)
 
     points = 0
-    for point in ctrl_c_at_each_c_return(arm_and_disarm):
+    for point, _ in ctrl_c_at_each_c_return(arm_and_disarm):
         points += 1
         # Another thread arms and disarms in time: the lock is not held.
         again = threading.Thread(target=arm_and_disarm, daemon=True)
@@ -514,13 +577,14 @@ def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
     from hermes_orm._retry import watchdog
 
     ours, peer = socket.socketpair()
-    watch = watchdog.arm(ours.fileno(), 60)
+    watch = _armed(watchdog, ours.fileno(), 60)
     assert watch is not None
+    duplicate = watch.fd
     pid = os.fork()
     if pid == 0:  # the child: no watch, a lock it can take, the parent's duplicate closed
-        clean = not watchdog._watches and watchdog._mutex.acquire(timeout=1)
+        clean = not watchdog._watches and watchdog._mutex.acquire(timeout=1) and watch.fd == -1
         try:
-            os.fstat(watch.fd)
+            os.fstat(duplicate)
         except OSError:
             os._exit(0 if clean else 1)
         os._exit(2)
@@ -533,15 +597,15 @@ def test_a_forked_child_has_none_of_its_parents_deadlines() -> None:
 
 def test_the_deadline_watcher_outlives_a_deadline_too_far_and_a_file(tmp_path: Path) -> None:
     """Neither a deadline past what a wait can take nor a file's descriptor stops the thread."""
-    from hermes_orm._retry import Watchdog
+    from hermes_orm._retry import Watch, Watchdog
 
     watchdog = Watchdog()
     with (tmp_path / "file").open("w") as file:
-        assert watchdog.arm(file.fileno(), 0.05) is None  # no socket: nothing to shut down
+        assert Watch.of(file.fileno(), 0.05) is None  # no socket: nothing to shut down
     far_end, far_peer = socket.socketpair()
-    far = watchdog.arm(far_end.fileno(), 1e10)
+    far = _armed(watchdog, far_end.fileno(), 1e10)
     soon_end, soon_peer = socket.socketpair()
-    soon = watchdog.arm(soon_end.fileno(), 0.1)
+    soon = _armed(watchdog, soon_end.fileno(), 0.1)
     assert far is not None
     assert soon is not None
     deadline = time.monotonic() + 5
