@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, func, select, type_coerce, update
+from sqlalchemy import Connection, Table, Text, bindparam, func, select, type_coerce, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import NullType
 
@@ -54,7 +54,22 @@ _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
 # Read as the driver returns them (no JSON parsing on fetch): a damaged column is
 # then one message's problem, found while decoding it, not the whole query's.
-_READ = [type_coerce(_messages.c[name], NullType()) for name in _codec.READ_COLUMNS]
+#: A message's columns as stored, by dialect. PostgreSQL's JSON ones are read as their
+#: text: its driver would parse them as it fetches, and a value it cannot parse (nested
+#: too deep) would leave the whole session unchecked, where the check of each row names
+#: the message at fault. (SQLite's are text already, unless other SQL stored another type.)
+_READ = {
+    dialect: [
+        type_coerce(
+            _messages.c[name].cast(Text)
+            if dialect == "postgresql" and name in _codec.JSON_COLUMNS
+            else _messages.c[name],
+            NullType(),
+        )
+        for name in _codec.READ_COLUMNS
+    ]
+    for dialect in ("sqlite", "postgresql")
+}
 _SHOWN = 10  # positions, ids and the like listed in a problem's detail
 
 
@@ -287,7 +302,7 @@ def _inspect_session(
             _messages.c.id,
             type_coerce(_messages.c.idx, NullType()).label("idx"),
             type_coerce(_messages.c.digest, NullType()).label("digest"),
-            *_READ,
+            *_READ[conn.dialect.name],
         )
         .where(_messages.c.session_id == session_id)
         .order_by(_messages.c.idx, _messages.c.id)
@@ -332,13 +347,12 @@ def _inspect_session(
         found("history_id", f"history_id is {history!r}, not an integer from 0 to 2**63 - 1")
     digests: list[bytes | None] = []
     calls: int | None = 0
-    driver_parses_json = conn.dialect.name != "sqlite"
     for row in rows:
         try:
-            message = _codec.decode_row(row[3:], driver_parses_json=driver_parses_json)
+            message = _codec.decode_row(row[3:], driver_parses_json=False)
             encoded = _codec.encode_message(message)
         except Exception as exc:  # any damage to the row's columns
-            why = (_unreadable(row[3:]) if not driver_parses_json else None) or _why(exc)
+            why = _unreadable(row[3:]) or _why(exc)
             found(
                 "message",
                 f"the message at position {row.idx!r} (id {row.id}) cannot be read: {why}; "

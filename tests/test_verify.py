@@ -277,6 +277,39 @@ def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
     assert store.get_messages("digest-text") == fresh_store(store).get_messages("digest-text")
 
 
+def test_json_nested_too_deep_is_that_message_s_problem_and_the_rest_is_checked(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Other SQL stored tool calls nested deeper than Python's parser goes (PostgreSQL's
+    json takes them): the message at fault is named, and the session's other damage
+    is found and repaired all the same."""
+    store.create_session("deep", source="cli")
+    store.flush("deep", conversation(2, "deep"))
+    deep = "[" * 3000 + "]" * 3000
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"UPDATE {table_name(engine, 'hermes_messages')} SET tool_calls = :deep "
+                "WHERE session_id = 'deep' AND idx = 1"
+            ),
+            {"deep": deep},
+        )
+        conn.exec_driver_sql(
+            f"UPDATE {table_name(engine, 'hermes_sessions')} SET message_count = 99 "
+            "WHERE id = 'deep'"
+        )
+
+    for repair in (False, True):
+        report = verify_database(store, repair=repair)
+        problems = {p.check: p for p in report.problems if p.session_id == "deep"}
+        assert set(problems) == {"message", "message_count"}, report.problems
+        assert "position 1 (id " in problems["message"].detail
+        assert "tool_calls is JSON nested too deep" in problems["message"].detail
+        assert problems["message_count"].repaired is repair
+    left = verify_database(store)
+    assert [p.check for p in left.problems] == ["message"]
+
+
 @pytest.mark.backends("sqlite")
 def test_a_large_position_costs_no_memory_of_its_size(
     store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
