@@ -33,10 +33,10 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Table, Text, bindparam, func, select, type_coerce, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.types import NullType
 
 from hermes_orm import _codec, _dialects
@@ -285,6 +285,54 @@ def _unreadable(values: Sequence[Any]) -> str | None:
     return None
 
 
+#: What ``sqlite3`` says of a text value it cannot fetch.
+_NOT_UTF8 = "Could not decode to UTF-8"
+
+
+class _Undecodable(NamedTuple):
+    """A message row the driver could not fetch (its position, for the report)."""
+
+    id: int
+    idx: Any
+
+
+def _message_rows(conn: Connection, session_id: str) -> tuple[Sequence[Any], dict[int, str]]:
+    """The session's message rows in order, and why those that could not be fetched.
+
+    Other SQL may store text that is not UTF-8 in a SQLite column, which ``sqlite3``
+    refuses to fetch: the whole read would fail, where each such row is the problem
+    of one message. The rows are then fetched one at a time, the refused ones as
+    :class:`_Undecodable` (by id).
+    """
+    read = (
+        select(
+            _messages.c.id,
+            type_coerce(_messages.c.idx, NullType()).label("idx"),
+            type_coerce(_messages.c.digest, NullType()).label("digest"),
+            *_READ[conn.dialect.name],
+        )
+        .where(_messages.c.session_id == session_id)
+        .order_by(_messages.c.idx, _messages.c.id)
+    )
+    try:
+        return conn.execute(read).all(), {}
+    except OperationalError as exc:
+        if _NOT_UTF8 not in str(exc.orig):
+            raise
+    rows: list[Any] = []
+    undecodable: dict[int, str] = {}
+    positions = read.with_only_columns(_messages.c.id, read.selected_columns.idx)
+    for row_id, idx in conn.execute(positions):
+        try:
+            rows.extend(conn.execute(read.where(_messages.c.id == row_id)))
+        except OperationalError as exc:
+            if _NOT_UTF8 not in str(exc.orig):
+                raise
+            undecodable[row_id] = str(exc.orig)
+            rows.append(_Undecodable(row_id, idx))
+    return rows, undecodable
+
+
 def _inspect_session(
     conn: Connection, session_id: str, repair: bool
 ) -> tuple[int, list[Problem]] | None:
@@ -297,16 +345,7 @@ def _inspect_session(
             _sessions.c.id == session_id
         )
     ).scalar()
-    rows = conn.execute(
-        select(
-            _messages.c.id,
-            type_coerce(_messages.c.idx, NullType()).label("idx"),
-            type_coerce(_messages.c.digest, NullType()).label("digest"),
-            *_READ[conn.dialect.name],
-        )
-        .where(_messages.c.session_id == session_id)
-        .order_by(_messages.c.idx, _messages.c.id)
-    ).all()
+    rows, undecodable = _message_rows(conn, session_id)
     problems: list[Problem] = []
 
     def found(check: str, detail: str, *, fixable: bool = True) -> None:
@@ -348,11 +387,14 @@ def _inspect_session(
     digests: list[bytes | None] = []
     calls: int | None = 0
     for row in rows:
-        try:
-            message = _codec.decode_row(row[3:], driver_parses_json=False)
-            encoded = _codec.encode_message(message)
-        except Exception as exc:  # any damage to the row's columns
-            why = _unreadable(row[3:]) or _why(exc)
+        why = undecodable.get(row.id)
+        if why is None:
+            try:
+                message = _codec.decode_row(row[3:], driver_parses_json=False)
+                encoded = _codec.encode_message(message)
+            except Exception as exc:  # any damage to the row's columns
+                why = _unreadable(row[3:]) or _why(exc)
+        if why is not None:
             found(
                 "message",
                 f"the message at position {row.idx!r} (id {row.id}) cannot be read: {why}; "

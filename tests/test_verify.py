@@ -311,6 +311,32 @@ def test_json_nested_too_deep_is_that_message_s_problem_and_the_rest_is_checked(
 
 
 @pytest.mark.backends("sqlite")
+def test_text_that_is_not_utf8_is_that_message_s_problem_and_the_rest_is_checked(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Other SQL stored bytes that are no UTF-8 as a message's text, which sqlite3
+    refuses to fetch: the message is named, the session's other damage found."""
+    store.create_session("bytes", source="cli")
+    store.flush("bytes", conversation(2, "bytes"))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE hermes_messages SET content = CAST(X'66FF6F' AS TEXT) "
+            "WHERE session_id = 'bytes' AND idx = 2"
+        )
+        conn.exec_driver_sql("UPDATE hermes_sessions SET message_count = 99 WHERE id = 'bytes'")
+
+    for repair in (False, True):
+        report = verify_database(store, repair=repair)
+        problems = {p.check: p for p in report.problems}
+        assert set(problems) == {"message", "message_count"}, report.problems
+        assert "position 2 (id " in problems["message"].detail
+        assert "Could not decode to UTF-8 column 'content'" in problems["message"].detail
+        assert problems["message_count"].repaired is repair
+        assert report.messages == 6
+    assert [p.check for p in verify_database(store).problems] == ["message"]
+
+
+@pytest.mark.backends("sqlite")
 def test_a_large_position_costs_no_memory_of_its_size(
     store: SessionStore, engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
