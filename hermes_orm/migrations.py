@@ -509,8 +509,10 @@ def _pg_migration_lock(conn: Connection, asked: float) -> None:
 def _sqlite_write_lock(conn: Connection, asked: float) -> None:
     """``BEGIN IMMEDIATE`` on ``conn``, tried again for as long as the database is locked.
 
-    Each try waits ``busy_timeout``; the one that fails leaves no transaction behind.
+    Each try waits ``busy_timeout``; the one that fails leaves no transaction behind
+    (but the caller's, which SQLAlchemy had begun already, if ``conn`` was in one).
     """
+    callers = conn.in_transaction()
 
     def took() -> bool:
         try:
@@ -518,7 +520,8 @@ def _sqlite_write_lock(conn: Connection, asked: float) -> None:
         except OperationalError as exc:
             if not _dialects.is_transient(exc):
                 raise
-            conn.rollback()
+            if not callers:
+                conn.rollback()
             return False
         return True
 
@@ -536,13 +539,22 @@ def _lock_migration(conn: Connection) -> None:
     """Take the database's migration lock on ``conn``, waiting as long as it takes.
 
     PostgreSQL: the advisory lock, for the transaction. SQLite: the write lock,
-    by beginning the transaction with ``BEGIN IMMEDIATE``; a connection already
-    in a transaction is its owner's to have locked.
+    by beginning the transaction with ``BEGIN IMMEDIATE``; a connection whose
+    driver is in a transaction already is its owner's to have locked.
+
+    A caller's transaction that SQLAlchemy began but the driver has not yet (pysqlite
+    begins its own before the first INSERT, UPDATE or DELETE only) is begun here
+    too: the revisions' DDL would otherwise each commit on its own, and the
+    caller's rollback would undo the version row alone, leaving tables and
+    revision apart.
     """
     asked = time.monotonic()
     if conn.dialect.name == "postgresql":
         _pg_migration_lock(conn, asked)
-    elif conn.dialect.name == "sqlite" and not conn.in_transaction():
+    elif conn.dialect.name == "sqlite" and (
+        not conn.in_transaction()
+        or _sa.driver_in_transaction(conn.connection.dbapi_connection) is False
+    ):
         _sqlite_write_lock(conn, asked)
     waited = time.monotonic() - asked
     if waited >= _LONG_WAIT:
@@ -1206,6 +1218,11 @@ def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
         else []
     )
     theirs = f"; {HOST_VERSION_TABLE} holds {', '.join(sorted(shared))}, not a revision of ours"
+    ours = (
+        f"{VERSION_TABLE} is empty"
+        if inspect(conn).has_table(VERSION_TABLE, schema=schema)
+        else f"no {VERSION_TABLE}"
+    )
     # A revision of the host's that depends on ours (depends_on, a merge) leaves only
     # its own in alembic_version: our revision is then nowhere to be read.
     depended = (
@@ -1217,7 +1234,7 @@ def _refuse_unversioned_tables(conn: Connection, schema: str | None) -> None:
     )
     raise DatabaseError(
         f"{where} has tables named as hermes_orm's ({', '.join(found)}) but no hermes_orm "
-        f"schema revision (no {VERSION_TABLE}{theirs if shared else ''}): they are not "
+        f"schema revision ({ours}{theirs if shared else ''}): they are not "
         "hermes_orm's, or were made without its migrations, and migrating would collide "
         "with them; nothing was changed. Move or rename them, or give hermes_orm another "
         f"database (or PostgreSQL schema, schema=...){depended}"

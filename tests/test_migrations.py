@@ -321,13 +321,21 @@ def test_upgrade_on_a_connection_hands_it_back_as_it_came(empty_db_url: str) -> 
         assert conn.in_transaction()  # the caller's to end
         conn.commit()
     assert migrations.current(engine) == "0007_message_key_order"
-    if engine.dialect.name == "postgresql":
-        # Inside the caller's transaction, the caller's rollback undoes the migration.
-        with engine.connect() as conn:
-            conn.begin()
-            hermes_orm.upgrade(conn)
-            conn.rollback()
-        assert migrations.current(engine) == "0007_message_key_order"
+    # Inside the caller's transaction, the caller's rollback undoes the migration whole
+    # (on SQLite too, where SQLAlchemy's transaction is no driver's before a write).
+    with engine.connect() as conn:
+        conn.begin()
+        hermes_orm.upgrade(conn)
+        conn.rollback()
+    assert migrations.current(engine) == "0007_message_key_order"
+    hermes_orm.upgrade(engine)  # (the tables are those of 0007: it runs)
+    assert migrations.differences(engine) == []
+    with engine.connect() as conn:
+        conn.begin()
+        hermes_orm.downgrade(conn, "0015_search_literal_nul_escape")
+        conn.rollback()
+    assert migrations.current(engine) == migrations.head()
+    assert migrations.differences(engine) == []
     engine.dispose()
 
 
@@ -1339,9 +1347,13 @@ def test_a_downgrade_to_base_without_a_revision_of_ours(empty_db_url: str) -> No
     assert inspect(engine).get_table_names() == []
     hermes_orm.models.Base.metadata.create_all(engine)
     made = set(inspect(engine).get_table_names())
-    with pytest.raises(DatabaseError, match="tables named as hermes_orm's"):
+    with pytest.raises(DatabaseError, match=r"tables named as hermes_orm's.*no hermes_orm_alembic"):
         hermes_orm.downgrade(engine, "base")
     assert set(inspect(engine).get_table_names()) == made
+    with engine.begin() as conn:  # (as a migration other SQL cut short leaves it)
+        conn.exec_driver_sql("CREATE TABLE hermes_orm_alembic_version (version_num varchar(32))")
+    with pytest.raises(DatabaseError, match=r"\(hermes_orm_alembic_version is empty\)"):
+        hermes_orm.upgrade(engine)
     engine.dispose()
 
 
