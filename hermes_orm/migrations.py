@@ -361,7 +361,10 @@ def extension_on_path(conn: Connection) -> Iterator[None]:
             context.run_migrations()
 
     For the while, the extension's schema is last on the transaction's path; a
-    no-op where the path finds it already, and on SQLite.
+    no-op where the path finds it already, and on SQLite. Side by side, the
+    host's own revisions need none of this (:func:`upgrade` finds the extension
+    itself): leave it out, for an extension the upgrade installed in the store's
+    own schema is refused here.
 
     Raises:
         DatabaseError: pg_trgm is in another hermes_orm store's schema.

@@ -9,6 +9,7 @@ leaves hermes_orm's tables alone (``hermes_orm.migrations.include_name`` and
 """
 
 import os
+from contextlib import nullcontext
 from logging.config import fileConfig
 
 from alembic import context
@@ -39,8 +40,10 @@ def run_migrations_online() -> None:
             include_object=hermes_orm.migrations.include_object,
             render_as_batch=connection.dialect.name == "sqlite",
         )
-        # As a branch, hermes_orm's revisions find pg_trgm in a schema of its own too.
-        with context.begin_transaction(), hermes_orm.migrations.extension_on_path(connection):
+        # As a branch, hermes_orm's revisions find pg_trgm in a schema of its own too
+        # (side by side, hermes_orm.upgrade found it: the app's revisions need nothing).
+        on_path = hermes_orm.migrations.extension_on_path
+        with context.begin_transaction(), nullcontext() if SIDE_BY_SIDE else on_path(connection):
             context.run_migrations()
     engine.dispose()
 
