@@ -53,6 +53,17 @@ def observed(conn: Connection) -> bool:
     )
 
 
+def log_as_the_engine(conn: Connection) -> Connection:
+    """``conn``, logging its statements if its engine logs them now; returns ``conn``.
+
+    SQLAlchemy reads the engine's logging once, as a connection is made: a
+    connection a store keeps idle between calls would otherwise go on unseen
+    by ``echo`` turned on later (or seen after it was turned off).
+    """
+    conn._echo = conn.engine._should_log_info()
+    return conn
+
+
 def pool_has_room(pool: Pool) -> bool:
     """Whether ``pool`` could give out another connection now, without waiting.
 

@@ -679,6 +679,7 @@ class AsyncSessionStore(_AsyncSessions):
         if self._parked:
             kept = self._parked.pop()
             if not kept.invalidated and not _of_replaced_pool(kept):
+                _sa.log_as_the_engine(kept.sync_connection)  # type: ignore[arg-type]
                 return kept
             await self._to_the_end(self._release(kept))
         conn = await self._connect()

@@ -2451,7 +2451,7 @@ class SessionStore(_Sessions):
             kept = self._parked.pop() if self._parked else None
         if kept is not None:
             if not kept.invalidated and not _sa.of_replaced_pool(kept):
-                return kept
+                return _sa.log_as_the_engine(kept)
             self._release(kept)
         conn = self._connect()
         if self._sqlite is not None:

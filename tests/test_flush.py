@@ -1094,6 +1094,33 @@ def _lose_last_commits(engine: Engine, session_id: str, kept: int) -> None:
         )
 
 
+def test_sql_logging_turned_on_between_calls_shows_the_store_s_statements(
+    store: SessionStore, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store keeps a connection idle between calls: SQL logging (``echo``, or the
+    logger) the application turns on later shows the store's statements all the same."""
+    from tests.conftest import BlockingStore
+
+    # (The tests' blocking engines pool nothing: this one has the default pool.)
+    kept = store if isinstance(store, BlockingStore) else SessionStore(db_url)
+    try:
+        kept.create_session("s", source="cli")
+        history = _plain(4)
+        kept.flush("s", history[:2])  # (a connection kept)
+        with caplog.at_level(logging.INFO, logger="sqlalchemy.engine.Engine"):
+            kept.flush("s", history)
+        logged = [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy.engine")]
+        assert any("INSERT INTO" in m and "hermes_messages" in m for m in logged), logged
+        caplog.clear()
+        kept.flush("s", [*history, *_plain(1)])  # off again: nothing more is logged
+        assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.engine")]
+        assert_exact(kept, "s", [*history, *_plain(1)])
+    finally:
+        if kept is not store:
+            kept.close()
+            kept.engine.dispose()
+
+
 @pytest.mark.parametrize("verify", ["all", "last", "full"])
 def test_acknowledged_writes_the_database_lost_are_told_and_put_back(
     store: SessionStore, engine: Engine, verify: str, caplog: pytest.LogCaptureFixture

@@ -31,7 +31,13 @@ STORE_CLASSES = {
     "AsyncUserStore",
 }
 #: Private attributes of SQLAlchemy that hermes_orm reads (only in ``_sa``).
-SQLALCHEMY_PRIVATES = {"_has_events", "_echo", "_handle_dbapi_exception", "_dbapi_connection"}
+SQLALCHEMY_PRIVATES = {
+    "_has_events",
+    "_echo",
+    "_should_log_info",
+    "_handle_dbapi_exception",
+    "_dbapi_connection",
+}
 
 
 def modules() -> dict[str, ast.Module]:
