@@ -321,6 +321,45 @@ def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     both.prune_sessions(no_such_filter=1)  # both refuse
 
 
+def test_letter_case_in_filters_and_id_prefixes_is_read_as_hermes_reads_it(both: Any) -> None:
+    """Hermes' SQLite folds the case of ASCII letters alone, in LIKE and lower(): an id
+    prefix or a directory in another ASCII case is found, a title's ``Ü`` or ``П`` is
+    matched by no filter (PostgreSQL folds every letter: a prune deleted more)."""
+    both.create_session("20250612_153012_a1b2c3", "cli", cwd="/home/Me/Proj")
+    both.create_session("win", "Telegram", cwd="C:\\Proj\\Sub")
+    for sid, title in (("ru", "Привет мир"), ("de", "Über alles"), ("en", "Hello World")):
+        both.create_session(sid, "cli", model="Ünicode-Model", cwd="/home/me/proj/x")
+        both.set_session_title(sid, title)
+        both.end_session(sid, "user_exit")
+    both.update_token_counts("en", billing_provider="ÜberCloud")
+    both.update_token_counts("de", billing_provider="OpenAI")
+    assert both.resolve_session_id("20250612_153012_A1B2") == "20250612_153012_a1b2c3"
+    assert both.session_count(cwd_prefix="/HOME/me/proj") == 3  # (equal to it: exactly)
+    assert both.session_count(cwd_prefix="c:\\proj") == 1
+    for needle in ("привет", "ПРИВЕТ", "über", "ÜBER", "hello", "WORLD"):
+        both.list_prune_candidates(older_than_days=None, title_like=needle)
+    both.list_prune_candidates(older_than_days=None, model_like="ünicode")
+    both.list_prune_candidates(older_than_days=None, provider="übercloud")
+    both.list_prune_candidates(older_than_days=None, provider="OPENAI")
+    assert both.prune_sessions(older_than_days=None, title_like="über") == 0
+    assert both.prune_sessions(older_than_days=None, title_like="WORLD") == 1
+    for sid in ("ru", "de", "en"):
+        both.get_session(sid)
+
+
+def test_a_title_with_nul_names_no_session(store: SessionStore) -> None:
+    """No stored title holds NUL: looked up (``/resume <title>``), it finds none and
+    numbers nothing, where PostgreSQL would refuse the comparison (a DatabaseError)."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.set_session_title("s", "t")
+    assert db.resolve_session_by_title("t\x00u") is None
+    assert db.get_next_title_in_lineage("t\x00u") == "t\x00u"
+    assert db.get_next_title_in_lineage("t\x00u #4") == "t\x00u"
+    assert db.resolve_session_by_title("t") == "s"  # (the lookups work)
+    assert db.get_next_title_in_lineage("t") == "t #2"
+
+
 def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:
     """A backslash in a filter is a backslash, as Hermes' SQLite LIKE reads it (PostgreSQL's
     LIKE would take it as its escape character); ``%`` and ``_`` stay wildcards."""

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import HermesOrmError, InvalidArgumentError, SessionNotFoundError
-from hermes_orm.integrations.hermes._text import has_lone_surrogate, sqlite_text
+from hermes_orm.integrations.hermes._text import ascii_lower, has_lone_surrogate, sqlite_text
 from hermes_orm.models import (
     GatewayRoute,
     Message,
@@ -323,7 +323,7 @@ class GatewayMethods:
         query = (
             select(c.id, c.user_id)
             .where(
-                func.lower(c.source) == func.lower(_text("platform", platform)),
+                ascii_lower(c.source) == ascii_lower(_text("platform", platform)),
                 c.session_key.is_not(None),
                 c.chat_id == _text("chat_id", chat_id),
                 c.ended_at.is_(None),
@@ -370,7 +370,7 @@ class GatewayMethods:
             c.session_key.is_not(None), c.started_at == newest
         )
         if platform:
-            query = query.where(func.lower(c.source) == func.lower(_text("platform", platform)))
+            query = query.where(ascii_lower(c.source) == ascii_lower(_text("platform", platform)))
         if active_only:
             query = query.where(c.ended_at.is_(None))
         query = query.order_by(last_active.desc(), c.id.desc())

@@ -39,6 +39,7 @@ from hermes_orm.errors import (
     DatabaseUnavailableError,
     InvalidArgumentError,
 )
+from hermes_orm.integrations.hermes._text import ASCII_LOWER, ascii_lower
 from hermes_orm.models import CompressionLock, Message, Session
 from hermes_orm.store import on_title_races, title_race
 
@@ -64,7 +65,6 @@ _MAX_RESUME_HOPS = 32
 _ORPHAN_AGE = 7 * 86400
 _NUMBERED = re.compile(r"^(.*?) #(\d+)$")
 _NUMBER = re.compile(r"^.* #(\d+)$")
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _config(value: Any) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def _numbered_titles(base: str) -> Any:
     ``LIKE`` does; :func:`_is_numbered` makes that exact on every backend.
     """
     pattern = literal(_like_escaped(base) + " #%", Text())
-    return func.lower(_sessions.c.title).like(func.lower(pattern), escape="\\")
+    return ascii_lower(_sessions.c.title).like(ascii_lower(pattern), escape="\\")
 
 
 def _is_numbered(title: str | None, base: str) -> bool:
@@ -112,7 +112,7 @@ def _is_numbered(title: str | None, base: str) -> bool:
     if title is None or len(title) < len(base) + 2:
         return False
     head, tail = title[: len(base)], title[len(base) :]
-    return tail.startswith(" #") and head.translate(_ASCII_LOWER) == base.translate(_ASCII_LOWER)
+    return tail.startswith(" #") and head.translate(ASCII_LOWER) == base.translate(ASCII_LOWER)
 
 
 def _lineage_ids(conn: Connection, session_id: str) -> list[str]:
@@ -710,8 +710,12 @@ class LineageMethods:
         When sessions titled ``"<title> #<anything>"`` exist, the most recently
         started of them; else the session titled exactly ``title``; else None.
         The numbered prefix compares without regard to ASCII case, as in Hermes.
+        A title with NUL names none: no stored title holds one (and PostgreSQL
+        refuses to compare text with NUL).
         """
         c = _sessions.c
+        if isinstance(title, str) and "\x00" in title:
+            return None
 
         def work(conn: Connection) -> str | None:
             numbered = conn.execute(
@@ -732,10 +736,12 @@ class LineageMethods:
 
         A ``" #N"`` suffix of ``base_title`` is dropped first; the base alone
         counts as #1, so the first continuation gets #2. When no session has
-        the base title or a numbered one, the base itself.
+        the base title or a numbered one (none has a title with NUL), the base itself.
         """
         match = _NUMBERED.match(base_title)
         base = match.group(1) if match else base_title
+        if "\x00" in base:
+            return base
         c = _sessions.c
 
         def work(conn: Connection) -> list[str]:

@@ -23,7 +23,13 @@ import json
 import math
 import re
 import sqlite3
+import string
 from typing import Any
+
+from sqlalchemy import Text
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from hermes_orm import _codec
 from hermes_orm.errors import InvalidArgumentError, InvalidMessageError
@@ -31,6 +37,39 @@ from hermes_orm.errors import InvalidArgumentError, InvalidMessageError
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: A lone surrogate as JSON text writes it escaped (``\ud83d``), any case.
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+#: ``str.translate`` table folding ASCII letters alone, as SQLite's ``lower`` and ``LIKE`` do.
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+class _AsciiLower(FunctionElement[str]):
+    """``lower(x)`` as Hermes' SQLite computes it (see :func:`ascii_lower`)."""
+
+    type = Text()
+    name = "ascii_lower"
+    inherit_cache = True
+
+
+@compiles(_AsciiLower)
+def _ascii_lower_sqlite(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_AsciiLower, "postgresql")
+def _ascii_lower_postgresql(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) -> str:
+    folded = compiler.process(element.clauses, **kw)
+    return f"translate({folded}, '{string.ascii_uppercase}', '{string.ascii_lowercase}')"
+
+
+def ascii_lower(value: Any) -> Any:
+    """``value`` (an SQL expression) with ASCII letters folded, no others, as SQLite folds.
+
+    SQLite's ``lower`` (and its ``LIKE``) folds ``A`` to ``Z`` only; PostgreSQL's
+    folds every letter, so a filter Hermes reads as ``LOWER(title) LIKE ?`` would
+    match more there (``Über`` for ``über``: a prune deleting what Hermes keeps).
+    """
+    return _AsciiLower(value)
 
 
 def scrub(value: Any) -> Any:

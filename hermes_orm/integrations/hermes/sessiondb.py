@@ -58,6 +58,8 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
+    ASCII_LOWER,
+    ascii_lower,
     has_lone_surrogate,
     hermes_json,
     lookup_key,
@@ -405,14 +407,20 @@ def _like(value: Any, pattern: str) -> Any:
     ``%`` and ``_`` are wildcards, a backslash is a backslash (PostgreSQL's LIKE
     would take it as its escape character). SQLite's LIKE reads its pattern up
     to a NUL, so the pattern ends there; one with a lone surrogate is refused.
+    It ignores the case of ASCII letters, and of no others (PostgreSQL's LIKE
+    minds every case): both sides are folded so.
     """
-    pattern = _filter_text(pattern).partition("\x00")[0]
-    return value.like(pattern.replace("\\", "\\\\"), escape="\\")
+    pattern = _filter_text(pattern).partition("\x00")[0].translate(ASCII_LOWER)
+    return ascii_lower(value).like(pattern.replace("\\", "\\\\"), escape="\\")
 
 
 def _contains(column: Any, needle: str) -> Any:
-    """Hermes' case-insensitive substring match (its LIKE wildcards included)."""
-    return _like(func.lower(func.coalesce(column, "")), f"%{needle.lower()}%")
+    """Hermes' case-insensitive substring match (its LIKE wildcards included).
+
+    Hermes lowers the needle in Python (every letter) and the column in SQLite
+    (ASCII letters): a title's ``Ü`` is matched by no needle.
+    """
+    return _like(func.coalesce(column, ""), f"%{needle.lower()}%")
 
 
 def _under(cwd_prefix: str) -> Any:
@@ -531,7 +539,7 @@ def _prune_where(
         if needle:
             where.append(_contains(column, needle))
     if provider:
-        where.append(_equal(func.lower(func.coalesce(c.billing_provider, "")), provider.lower()))
+        where.append(_equal(ascii_lower(func.coalesce(c.billing_provider, "")), provider.lower()))
     if cwd_prefix:
         where.append(_under(cwd_prefix))
     tokens = func.coalesce(c.input_tokens, 0) + func.coalesce(c.output_tokens, 0)
@@ -1043,7 +1051,12 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         def work(conn: Connection) -> list[str]:
             query = (
                 select(_sessions.c.id)
-                .where(_sessions.c.id.like(f"{escaped}%", escape="\\"))
+                # (ASCII letters in either case, as Hermes' SQLite LIKE matches them)
+                .where(
+                    ascii_lower(_sessions.c.id).like(
+                        f"{escaped.translate(ASCII_LOWER)}%", escape="\\"
+                    )
+                )
                 .order_by(_sessions.c.started_at.desc())
                 .limit(2)
             )
