@@ -1266,7 +1266,13 @@ class StoreCore:
             if found is None:
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
             take_lineage_turn(conn)
-            if conn.execute(_is_ancestor(session_id, parent)).first() is not None:
+            # An id another user's session holds (or one of no user): the insert refuses it
+            # as taken, as it refuses any. Looked for, a loop would tell where the parent's
+            # lineage leads through that user's sessions. (Locked: not deleted meanwhile.)
+            elsewhere = (
+                kept is None and self._user is not None and self._held_elsewhere(conn, session_id)
+            )
+            if not elsewhere and conn.execute(_is_ancestor(session_id, parent)).first() is not None:
                 raise InvalidSessionError(
                     f"parent session {parent!r} descends from session {session_id!r}: "
                     "the lineage would loop"
@@ -1285,6 +1291,12 @@ class StoreCore:
                     else f"session {holder.id!r}"
                 )
                 raise InvalidSessionError(f"title {title!r} is already used by {by}")
+
+    @staticmethod
+    def _held_elsewhere(conn: Connection, session_id: str) -> bool:
+        """Whether a session of ``session_id`` exists (locked till the commit, if it does)."""
+        held = select(_sessions.c.id).where(_sessions.c.id == session_id)
+        return conn.execute(held.with_for_update(read=True, key_share=True)).first() is not None
 
     def _insert_ignore(self, values: dict[str, Any]) -> Any:
         make = _dialects.insert_maker(self._engine.dialect.name)

@@ -122,6 +122,19 @@ def test_a_user_store_cannot_reach_another_users_session(
             alice.ensure_session(sid, source="cli", parent_session_id="nowhere")
         refused.add(str(missing.value))
     assert refused == {"parent session 'nowhere' does not exist"}
+    # Nor where another user's sessions lead: a parent of Alice's whose lineage runs
+    # through Bob's (a session given to her), given with the id of one of those, is
+    # refused as any taken id is.
+    store.create_session("alice-fork", source="cli", user_id="alice", parent_session_id="bob-child")
+    store.create_session("bob-3", source="cli", user_id="bob")  # (off that lineage)
+    taken_ids = set()
+    for sid in ("bob-1", "bob-child", "bob-3"):
+        for make in (alice.create_session, alice.ensure_session):
+            with pytest.raises(SessionExistsError) as held:
+                make(sid, source="cli", parent_session_id="alice-fork")
+            taken_ids.add((make.__name__, str(held.value).replace(sid, "ID")))
+    assert len(taken_ids) == 2, taken_ids  # one refusal per method, whichever id
+    store.delete_session("alice-fork")
     # ... and a session of no user, asked with its id or another one.
     store.create_session("nobody-2", source="cli", title="free plans")
     refusals = set()
