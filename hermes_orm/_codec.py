@@ -76,9 +76,21 @@ MAX_DEPTH = 100
 
 
 def shown(value: Any, most: int = 80) -> str:
-    """``repr(value)`` for an error message, cut to about ``most`` characters."""
+    """``repr(value)`` for an error message, cut to about ``most`` characters.
+
+    A cut one says how long the value is (text in characters, bytes in bytes: what a
+    limit counts), else how long it is written out.
+    """
     text = repr(value)
-    return text if len(text) <= most else f"{text[: most - 15]}... ({len(text):,} chars)"
+    if len(text) <= most:
+        return text
+    if isinstance(value, str):
+        size = f"{len(value):,} characters"
+    elif isinstance(value, bytes | bytearray):
+        size = f"{len(value):,} bytes"
+    else:
+        size = f"{len(text):,} characters written out"
+    return f"{text[: most - 15]}... ({size})"
 
 
 def text_problem(text: str) -> str | None:

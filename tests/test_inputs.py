@@ -464,18 +464,25 @@ def test_a_schema_that_is_no_str_is_refused(schema: Any) -> None:
 
 
 def test_an_error_message_shows_a_long_input_cut_short(store: SessionStore) -> None:
-    """A megabyte id or cursor is not copied into the message (nor into the log)."""
+    """A megabyte id or cursor is not copied into the message (nor into the log); its
+    length is told as a limit counts it (characters, not those of its written-out form)."""
     huge = "x" * 1_000_000
-    for call, error in (
-        (lambda: store.get_session(huge), InvalidSessionError),
-        (lambda: store.list_sessions(cursor=huge), InvalidSessionError),
-        (lambda: store.search("hello", cursor=huge), SearchQueryError),
-        (lambda: store.create_session("a\x00" + huge, source="x"), InvalidSessionError),
+    for call, error, size in (
+        (lambda: store.get_session(huge), InvalidSessionError, "1,000,000"),
+        (lambda: store.list_sessions(cursor=huge), InvalidSessionError, "1,000,000"),
+        (lambda: store.search("hello", cursor=huge), SearchQueryError, "1,000,000"),
+        (
+            lambda: store.create_session("a\x00" + huge, source="x"),
+            InvalidSessionError,
+            "1,000,002",
+        ),
+        (lambda: store.create_session("i" * 256, source="x"), InvalidSessionError, "256"),
+        (lambda: store.create_session("\x01" * 300, source="x"), InvalidSessionError, "300"),
     ):
         with pytest.raises(error) as raised:
             call()
         assert len(str(raised.value)) < 300
-        assert "1,000,00" in str(raised.value)  # how long it was
+        assert f"({size} characters)" in str(raised.value)  # how long it was
 
 
 def test_an_engine_argument_sqlalchemy_refuses_is_no_url_error(tmp_path: Path) -> None:
