@@ -267,30 +267,30 @@ class Watch:
 
     __slots__ = ("deadline", "fd", "fired", "seconds")
 
-    def __init__(self, fd: int, seconds: float) -> None:
+    def __init__(self, seconds: float) -> None:
         #: The duplicate descriptor (a socket object is made of it only to shut it down;
-        #: -1 once closed).
-        self.fd = fd
+        #: -1 while there is none: not yet, or closed).
+        self.fd = -1
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.fired = False
 
     @classmethod
     def of(cls, fd: int, seconds: float) -> Watch | None:
-        """A watch, not armed yet, of the socket ``fd`` (None: ``fd`` is no socket)."""
+        """A watch, not armed yet, of the socket ``fd`` (None: ``fd`` is no socket).
+
+        The descriptor is duplicated last: a Ctrl-C as that call returns is the one
+        point where it can leak (no finalizer closes it: a ``__del__`` run as a
+        watch is freed, after every try, could swallow a Ctrl-C itself).
+        """
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 return None
-            return cls(os.dup(fd), seconds)
+            watch = cls(seconds)
+            watch.fd = os.dup(fd)
         except OSError:
             return None
-
-    def __del__(self) -> None:
-        # A watch dropped without its disarm (a Ctrl-C before its try began) does
-        # not keep its duplicate open. An armed one is the watchdog's, never dropped.
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
+        return watch
 
     def blame(self, exc: BaseException) -> None:
         """Mark ``exc`` as the end of a try abandoned at its deadline, if it was."""
@@ -301,13 +301,12 @@ class Watch:
 class Watchdog:
     """One thread that shuts down the sockets of tries past their deadlines.
 
-    Arming and disarming a watch costs a lock, a dict operation and a
-    duplicated descriptor (two system calls). The thread sleeps until the
-    earliest deadline (a new watch with an earlier one wakes it), so it does
-    not run at all while tries end in time; it fires under the lock, so a
-    socket is never shut after its try disarmed it (the connection may then
-    serve someone else). A forked child starts afresh: the parent's watches
-    are not its own.
+    Arming and disarming a watch costs a lock, a set operation and a duplicated
+    descriptor (two system calls, in :meth:`Watch.of` and :meth:`disarm`). The thread
+    sleeps until the earliest deadline (a new watch with an earlier one wakes it), so
+    it does not run at all while tries end in time; it fires under the lock, so a
+    socket is never shut after its try disarmed it (the connection may then serve
+    someone else). A forked child starts afresh: the parent's watches are not its own.
     """
 
     def __init__(self) -> None:
@@ -334,7 +333,7 @@ class Watchdog:
         #: The armed watches (a set: arming and disarming are one C call each, which a
         #: Ctrl-C cannot cut in two).
         self._watches: set[Watch] = set()
-        #: When the thread wakes next (inf: when a watch is armed).
+        #: When the thread wakes next (inf: no watch, until one is armed).
         self._wakes_at = math.inf
         self._pid = 0  # the process whose thread runs
 
@@ -359,13 +358,14 @@ class Watchdog:
         came as the first closed the duplicate) closes nothing, where it would
         close whatever file or socket took the number since.
         """
-        with self._mutex:
-            self._watches.discard(watch)
-        # (Taken after the lock: the watcher no longer sees the watch, and a Ctrl-C
-        # as the lock is let go leaves the descriptor to the watch's finalizer.)
-        fd, watch.fd = watch.fd, -1
-        if fd >= 0:
-            os.close(fd)  # the duplicate only
+        fd = -1
+        try:
+            with self._mutex:  # (the watcher fires under it: it sees the watch whole, or not)
+                fd, watch.fd = watch.fd, -1
+                self._watches.discard(watch)
+        finally:  # (a Ctrl-C as the watch is let go still closes the descriptor)
+            if fd >= 0:
+                os.close(fd)  # the duplicate only
 
     def _run(self) -> None:
         while True:  # the thread must outlive anything unforeseen: every store relies on it
@@ -403,25 +403,29 @@ watchdog = Watchdog()
 def watched(conn: Connection, seconds: float | None) -> Iterator[Watch | None]:
     """Run the block on ``conn`` within a deadline of ``seconds`` (PostgreSQL; None: none)."""
     fd = None if seconds is None or conn.dialect.name != "postgresql" else _dialects.socket_of(conn)
-    watch = None if fd is None or seconds is None else Watch.of(fd, seconds)
-    if watch is None:
+    if fd is None or seconds is None:
         yield None
         return
-    token = None
-    try:  # armed inside the try: a Ctrl-C as it is registered still disarms it
-        watchdog.arm(watch)
-        token = _watching.set(watch)
+    watch = token = None
+    # Made and armed inside the try: a Ctrl-C as the watch is registered still
+    # disarms it (left armed, it would shut the kept connection's socket at its
+    # deadline, under another call) and closes its duplicate descriptor.
+    try:
+        watch = Watch.of(fd, seconds)
+        if watch is not None:
+            watchdog.arm(watch)
+            token = _watching.set(watch)
         yield watch
     except BaseException as exc:
-        watch.blame(exc)
+        if watch is not None:
+            watch.blame(exc)
         raise
     finally:
-        # Disarmed first: a Ctrl-C between the two leaves no watch armed (which would
-        # shut the kept connection's socket at its deadline) but a context variable.
-        # One inside the disarm still resets the variable, which would keep the watch
-        # (and its duplicate descriptor) alive.
+        # Disarmed first: a Ctrl-C between the two leaves no watch armed but a context
+        # variable. One inside the disarm still resets the variable.
         try:
-            watchdog.disarm(watch)
+            if watch is not None:
+                watchdog.disarm(watch)
         finally:
             if token is not None:
                 _watching.reset(token)
