@@ -22,10 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import (
     Connection,
     Table,
-    Text,
     delete,
     func,
-    literal,
     literal_column,
     or_,
     select,
@@ -39,7 +37,7 @@ from hermes_orm.errors import (
     DatabaseUnavailableError,
     InvalidArgumentError,
 )
-from hermes_orm.integrations.hermes._text import ASCII_LOWER, ascii_lower
+from hermes_orm.integrations.hermes._text import ASCII_LOWER, ascii_like, like_escaped
 from hermes_orm.models import CompressionLock, Message, Session
 from hermes_orm.store import on_title_races, title_race
 
@@ -92,19 +90,13 @@ def _continues(row: Any) -> bool:
     )
 
 
-def _like_escaped(text: str) -> str:
-    """``text`` with LIKE's wildcards and its escape character (a backslash) escaped."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def _numbered_titles(base: str) -> Any:
     """The condition "title is ``base`` followed by `` #`` and anything".
 
     The prefix compares without regard to ASCII case, as Hermes' SQLite
     ``LIKE`` does; :func:`_is_numbered` makes that exact on every backend.
     """
-    pattern = literal(_like_escaped(base) + " #%", Text())
-    return ascii_lower(_sessions.c.title).like(ascii_lower(pattern), escape="\\")
+    return ascii_like(_sessions.c.title, like_escaped(base) + " #%")
 
 
 def _is_numbered(title: str | None, base: str) -> bool:

@@ -58,18 +58,34 @@ def _ascii_lower_sqlite(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) 
 
 @compiles(_AsciiLower, "postgresql")
 def _ascii_lower_postgresql(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) -> str:
-    folded = compiler.process(element.clauses, **kw)
-    return f"translate({folded}, '{string.ascii_uppercase}', '{string.ascii_lowercase}')"
+    # Under the C collation lower() folds ASCII letters alone (and costs less than
+    # under a locale's; a translate() of the 26 letters costs ten times more).
+    return f'lower(({compiler.process(element.clauses, **kw)}) COLLATE pg_catalog."C")'
 
 
 def ascii_lower(value: Any) -> Any:
     """``value`` (an SQL expression) with ASCII letters folded, no others, as SQLite folds.
 
     SQLite's ``lower`` (and its ``LIKE``) folds ``A`` to ``Z`` only; PostgreSQL's
-    folds every letter, so a filter Hermes reads as ``LOWER(title) LIKE ?`` would
-    match more there (``Über`` for ``über``: a prune deleting what Hermes keeps).
+    ``lower`` folds every letter (and its ``LIKE`` none), so a filter Hermes reads
+    as ``LOWER(title) LIKE ?`` would match more there (``Über`` for ``über``: a
+    prune deleting what Hermes keeps).
     """
     return _AsciiLower(value)
+
+
+def like_escaped(text: str) -> str:
+    """``text`` as a LIKE pattern of itself: its wildcards and escape (a backslash) escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def ascii_like(value: Any, pattern: str) -> Any:
+    """``value LIKE pattern`` (a backslash escaping) as Hermes' SQLite matches it.
+
+    The case of ASCII letters, and of no others, is ignored (:func:`ascii_lower`
+    of ``value``; the pattern folded likewise here).
+    """
+    return ascii_lower(value).like(pattern.translate(ASCII_LOWER), escape="\\")
 
 
 def scrub(value: Any) -> Any:

@@ -58,10 +58,11 @@ from hermes_orm.integrations.hermes._gateway import GatewayMethods, _window
 from hermes_orm.integrations.hermes._hermes_sql import HermesConnection
 from hermes_orm.integrations.hermes._lineage import LineageMethods
 from hermes_orm.integrations.hermes._text import (
-    ASCII_LOWER,
+    ascii_like,
     ascii_lower,
     has_lone_surrogate,
     hermes_json,
+    like_escaped,
     lookup_key,
     message_json,
     scrub,
@@ -410,8 +411,8 @@ def _like(value: Any, pattern: str) -> Any:
     It ignores the case of ASCII letters, and of no others (PostgreSQL's LIKE
     minds every case): both sides are folded so.
     """
-    pattern = _filter_text(pattern).partition("\x00")[0].translate(ASCII_LOWER)
-    return ascii_lower(value).like(pattern.replace("\\", "\\\\"), escape="\\")
+    pattern = _filter_text(pattern).partition("\x00")[0]
+    return ascii_like(value, pattern.replace("\\", "\\\\"))
 
 
 def _contains(column: Any, needle: str) -> Any:
@@ -1046,17 +1047,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             return None
         if self.get_session(key) is not None:
             return key
-        escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
         def work(conn: Connection) -> list[str]:
             query = (
                 select(_sessions.c.id)
-                # (ASCII letters in either case, as Hermes' SQLite LIKE matches them)
-                .where(
-                    ascii_lower(_sessions.c.id).like(
-                        f"{escaped.translate(ASCII_LOWER)}%", escape="\\"
-                    )
-                )
+                .where(ascii_like(_sessions.c.id, f"{like_escaped(key)}%"))
                 .order_by(_sessions.c.started_at.desc())
                 .limit(2)
             )
