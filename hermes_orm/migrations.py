@@ -455,16 +455,19 @@ _AUTOCOMMITS = (
 
 
 def _refuse_driver_autocommit(conn: Connection) -> None:
-    """Refuse a connection whose driver commits each statement (psycopg's ``autocommit``).
+    """Refuse a connection whose driver commits each statement (its ``autocommit``).
 
     :func:`_refuse_autocommit` sees SQLAlchemy's setting; ``autocommit=True``
-    among an engine's ``connect_args`` is seen on its connections only. (On
-    SQLite the migration's own ``BEGIN IMMEDIATE`` holds the statements together.)
+    among an engine's ``connect_args`` is seen on its connections only: psycopg's,
+    and sqlite3's (Python 3.12+), whose ``commit()`` and ``rollback()`` then do
+    nothing, so the migration's own ``BEGIN IMMEDIATE`` would never end. (SQLite's
+    ``isolation_level=None`` is no such thing: that ``BEGIN`` holds the statements
+    together, and its commit ends it.)
 
     Raises:
         InvalidArgumentError: It autocommits; nothing was run on it.
     """
-    if conn.dialect.name != "sqlite" and _dialects.driver_autocommits(conn):
+    if _dialects.driver_autocommits(conn):
         raise InvalidArgumentError(_AUTOCOMMITS.format("autocommit=True among its connect_args"))
 
 

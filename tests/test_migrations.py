@@ -1006,6 +1006,30 @@ def test_a_driver_that_autocommits_is_refused_before_anything_runs(empty_pg: str
     plain.dispose()
 
 
+def test_a_sqlite3_connection_that_autocommits_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """sqlite3's ``autocommit=True`` (Python 3.12+): its commit() and rollback() do
+    nothing, so the migration's BEGIN IMMEDIATE would never end (its write lock held
+    on the pooled connection, the migration lost with it). Made here as that
+    attribute makes it, on the Python of the run."""
+    import sqlite3
+
+    class Autocommitting(sqlite3.Connection):
+        autocommit = True
+
+    path = tmp_path / "auto.db"
+    engine = create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(path, factory=Autocommitting)
+    )
+    with engine.connect() as conn:
+        for bind in (engine, conn):
+            with pytest.raises(InvalidArgumentError, match="autocommits every statement"):
+                hermes_orm.upgrade(bind)
+    assert inspect(create_engine(f"sqlite:///{path}")).get_table_names() == []
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "setup",
     [
