@@ -1244,6 +1244,11 @@ class StoreCore:
         refused by its unique index (:func:`_title_taken`). (A parent given to
         another user meanwhile needs no lock: the child was made while it was
         this user's, as if before.)
+
+        In a user's view, an id another user's session holds (or a session of no
+        user) gets no loop check, which would tell where the parent's lineage leads
+        through that user's sessions: the insert refuses the id as taken, as it
+        refuses any, that session's row locked ``FOR KEY SHARE`` until then.
         """
         parent = values.get("parent_session_id")
         title = values.get("title")

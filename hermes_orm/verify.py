@@ -52,8 +52,6 @@ from hermes_orm.store import SessionStore
 
 _sessions: Table = Session.__table__  # type: ignore[assignment]
 _messages: Table = Message.__table__  # type: ignore[assignment]
-# Read as the driver returns them (no JSON parsing on fetch): a damaged column is
-# then one message's problem, found while decoding it, not the whole query's.
 #: A message's columns as stored, by dialect. PostgreSQL's JSON ones are read as their
 #: text: its driver would parse them as it fetches, and a value it cannot parse (nested
 #: too deep) would leave the whole session unchecked, where the check of each row names
