@@ -262,6 +262,8 @@ class AsyncSessionStore(_AsyncSessions):
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []
+        #: This store's calls waiting for a connection from the pool (see _checkin).
+        self._awaiting = 0
         #: Bumped by close(): a connection taken before it is given back, never kept.
         self._closes = 0
         #: SQLite: the settings each connection the store takes gets for its work.
@@ -682,7 +684,11 @@ class AsyncSessionStore(_AsyncSessions):
                 _sa.log_as_the_engine(kept.sync_connection)  # type: ignore[arg-type]
                 return kept
             await self._to_the_end(self._release(kept))
-        conn = await self._connect()
+        self._awaiting += 1
+        try:
+            conn = await self._connect()
+        finally:
+            self._awaiting -= 1
         if self._sqlite is not None:
             try:
                 await conn.run_sync(_dialects.take_sqlite, self._sqlite)
@@ -779,12 +785,17 @@ class AsyncSessionStore(_AsyncSessions):
         event loop; other drivers' connections belong to the loop that made them.
         One taken before the store was closed (``closes``: the count of closes
         then) goes back, and so does one the pool has none beside: another
-        task may be waiting.
+        task may be waiting. So does one while another call of this store waits
+        for a connection: the pool may have room it does not tell the waiting call
+        of (a connection cancelled as it was made frees its place, and wakes no
+        one), and only a connection given back would end the wait before the
+        pool's timeout.
         """
         room = _sa.pool_has_room(self._async_engine.sync_engine.pool)
         if (
             self._parks
             and room
+            and not self._awaiting
             and not conn.invalidated  # (see SessionStore._checkin)
             and not self._parked
             and closes == self._closes

@@ -409,6 +409,47 @@ def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None
 
 
 @pytest.mark.sqlite
+def test_an_async_call_waiting_for_a_connection_gets_the_one_the_store_would_keep(
+    tmp_path: Path,
+) -> None:
+    """aiosqlite, the application's pool of two: a call cancelled as its connection is
+    made frees its place without waking the call waiting for one, which only a
+    connection given back wakes. The store keeps none while a call of its waits: the
+    waiting call goes on at once, not at the pool's timeout."""
+    import asyncio
+    import time
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main(steps: int) -> float:
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path / f'{steps}.db'}",
+            pool_size=2,
+            max_overflow=0,
+            pool_timeout=60,
+        )
+        store = hermes_orm.AsyncSessionStore(engine)
+        await store.upgrade()
+        await store.create_session("s", source="cli")  # (its connection kept)
+        kept = asyncio.ensure_future(store.get_messages("s"))  # takes the kept one
+        cancelled = asyncio.ensure_future(store.get_messages("s"))  # makes the second
+        waiting = asyncio.ensure_future(store.get_messages("s"))  # the pool is full: waits
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        cancelled.cancel()
+        start = time.monotonic()
+        await asyncio.gather(kept, cancelled, waiting, return_exceptions=True)
+        took = time.monotonic() - start
+        assert waiting.result() == []
+        await store.close()
+        await engine.dispose()
+        return took
+
+    for steps in range(4):
+        assert asyncio.run(main(steps)) < 20, steps  # (not the 60 s of a wait to its end)
+
+
+@pytest.mark.sqlite
 def test_a_database_busy_at_the_schema_check_is_waited_for(tmp_path: Path) -> None:
     """The store's first call checks the schema: a writer holding the file meanwhile is
     waited out as the call's own work would be, not told as an error."""
