@@ -1263,19 +1263,16 @@ class StoreCore:
             .with_for_update(key_share=True)
         ).first()
         if parent is not None and (kept is None or kept.parent_session_id is None):
-            found = conn.execute(
-                select(_sessions.c.id)
-                .where(self._owned(parent))
-                .with_for_update(read=True, key_share=True)
-            ).first()
-            if found is None:
+            if not self._exists_locked(conn, self._owned(parent)):
                 raise InvalidSessionError(f"parent session {parent!r} does not exist")
             take_lineage_turn(conn)
             # An id another user's session holds (or one of no user): the insert refuses it
             # as taken, as it refuses any. Looked for, a loop would tell where the parent's
             # lineage leads through that user's sessions. (Locked: not deleted meanwhile.)
             elsewhere = (
-                kept is None and self._user is not None and self._held_elsewhere(conn, session_id)
+                kept is None
+                and self._user is not None
+                and self._exists_locked(conn, _sessions.c.id == session_id)
             )
             if not elsewhere and conn.execute(_is_ancestor(session_id, parent)).first() is not None:
                 raise InvalidSessionError(
@@ -1298,10 +1295,14 @@ class StoreCore:
                 raise InvalidSessionError(f"title {title!r} is already used by {by}")
 
     @staticmethod
-    def _held_elsewhere(conn: Connection, session_id: str) -> bool:
-        """Whether a session of ``session_id`` exists (locked till the commit, if it does)."""
-        held = select(_sessions.c.id).where(_sessions.c.id == session_id)
-        return conn.execute(held.with_for_update(read=True, key_share=True)).first() is not None
+    def _exists_locked(conn: Connection, condition: Any) -> bool:
+        """Whether a session meets ``condition``, its row read ``FOR KEY SHARE``.
+
+        (PostgreSQL: not deleted, nor its id changed, until the commit; none of its
+        updates blocked.)
+        """
+        found = select(_sessions.c.id).where(condition).with_for_update(read=True, key_share=True)
+        return conn.execute(found).first() is not None
 
     def _insert_ignore(self, values: dict[str, Any]) -> Any:
         make = _dialects.insert_maker(self._engine.dialect.name)

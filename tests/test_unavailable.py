@@ -460,40 +460,6 @@ def test_a_watch_disarmed_twice_closes_its_duplicate_once(tmp_path: Path) -> Non
     peer.close()
 
 
-def test_a_ctrl_c_as_a_try_s_watch_ends_leaves_no_watch_armed(pg_server_url: str) -> None:
-    """At whichever C call of ``watched``'s cleanup a Ctrl-C comes (where Python runs
-    signal handlers), the watch is disarmed already: left armed, it would shut the socket
-    of the kept connection at its deadline, under the next call."""
-    import sys
-
-    from hermes_orm._retry import watchdog, watched
-
-    engine = create_engine(pg_server_url, poolclass=NullPool)
-    interrupted = 0
-    with engine.connect() as conn:
-        for point in range(1, 6):
-            returns = 0
-
-            def interrupt(frame: Any, event: str, _arg: Any) -> None:
-                nonlocal returns
-                if event == "c_return" and frame.f_code.co_name == "watched":
-                    returns += 1
-                    if returns == point:  # noqa: B023 - this round's point
-                        sys.setprofile(None)
-                        raise KeyboardInterrupt
-
-            before = len(os.listdir("/proc/self/fd"))
-            with contextlib.suppress(KeyboardInterrupt), watched(conn, 60) as watch:
-                assert watch is not None
-                sys.setprofile(interrupt)
-            sys.setprofile(None)
-            interrupted += returns >= point
-            assert watch not in watchdog._watches, point
-            assert len(os.listdir("/proc/self/fd")) == before, point
-    assert interrupted >= 1
-    engine.dispose()
-
-
 def test_a_ctrl_c_anywhere_in_a_watched_try_leaves_no_watch_armed(pg_server_url: str) -> None:
     """At whichever C call of a watched try a Ctrl-C comes, from finding the socket to
     disarming, no watch is left armed (it would shut the kept connection's socket at
