@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import sqlite3
 import threading
@@ -260,24 +261,42 @@ def in_run_sync() -> bool:
 
 
 def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
-    """Roll back a SQLite connection SQLAlchemy is about to close after an error.
+    """End what a SQLite connection SQLAlchemy is about to close after an error holds.
 
     A pool ``invalidate`` listener. SQLAlchemy invalidates a connection whose
-    statement was interrupted (a cancelled task, a Ctrl-C); sqlite3 closes a
-    connection whose cursors still hold statements only when those are freed
-    (the exception's traceback holds one), so until the garbage collector ran,
-    its open write transaction would keep the database's write lock from every
-    other writer, the store's own next calls included.
+    statement was interrupted (a cancelled task, a Ctrl-C), and leaves that
+    statement's cursor open. sqlite3 closes a connection whose cursors still
+    hold statements only when those are freed (the exception's traceback holds
+    one), so until the garbage collector ran the closed connection held its
+    locks: its open write transaction kept every other writer out, the store's
+    own next calls included; a read cut short between its first row and its
+    last kept, on a database not in WAL mode, every writer from committing.
+    So every cursor of the connection is closed (its statement reset) and its
+    transaction rolled back, on the connection's own thread.
     """
     if isinstance(dbapi_connection, sqlite3.Connection):  # pysqlite
-        with contextlib.suppress(Exception):
-            dbapi_connection.rollback()
+        _end_statements(dbapi_connection)
         return
     driver = getattr(dbapi_connection, "_connection", None)
-    if driver is None or not hasattr(driver, "rollback") or not in_greenlet():
+    if driver is None or getattr(driver, "_connection", None) is None or not in_greenlet():
         return  # at garbage collection nothing can be awaited; closing is all there is
     with contextlib.suppress(Exception):
-        await_only(asyncio.shield(driver.rollback()))
+        await_only(asyncio.shield(driver._execute(_end_statements, driver._connection)))
+
+
+def _end_statements(connection: sqlite3.Connection) -> None:
+    """Close every cursor of ``connection`` and roll back its transaction; errors are ignored.
+
+    sqlite3 offers no list of a connection's cursors; each holds the
+    connection, so the garbage collector's referrers are the list (looked
+    for only as a connection is dropped after an error).
+    """
+    for referrer in gc.get_referrers(connection):
+        if isinstance(referrer, sqlite3.Cursor) and referrer.connection is connection:
+            with contextlib.suppress(sqlite3.Error):
+                referrer.close()
+    with contextlib.suppress(sqlite3.Error):
+        connection.rollback()
 
 
 def isolation_level(engine: Any) -> str | None:

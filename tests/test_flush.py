@@ -41,6 +41,7 @@ from hermes_orm import store as store_module
 from hermes_orm.async_store import AsyncSessionStore
 from hermes_orm.models import Message
 from tests.conftest import (
+    BlockingStore,
     count_rows,
     fresh_store,
     in_threads,
@@ -3056,6 +3057,71 @@ def test_a_ctrl_c_after_a_statement_of_a_write_leaves_no_sqlite_lock_held(tmp_pa
     store.append("s", {"role": "user", "content": "again"})
     session = store.get_session("s")
     assert session["flushed_idx"] == session["message_count"] == len(store.get_messages("s"))
+    store.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_read_cut_short_after_its_first_row_leaves_no_sqlite_lock_held(
+    tmp_path: Path, api: str
+) -> None:
+    """An application's SQLite database, not in WAL mode. A read a Ctrl-C (or a task's
+    cancellation) cut short after its first row left its statement open in the
+    connection SQLAlchemy closed: that connection kept its read lock, and every other
+    writer's commit was refused (database is locked) until the garbage collector ran."""
+    import gc
+    import sys
+
+    path = tmp_path / "app.db"
+    store: Any
+    if api == "sync":
+        store = SessionStore(create_engine(f"sqlite:///{path}"))
+    else:
+        app = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        store = BlockingStore(AsyncSessionStore(app), create_engine(f"sqlite:///{path}"))
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(3))
+    cut: list[str] = []
+
+    def interrupt(frame: Any, event: str, _arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "post_exec":  # a statement ran
+            sys.settrace(None)
+            cut.append("read")
+            raise KeyboardInterrupt
+
+    def cancel(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not cut and statement.startswith("SELECT"):  # cancelled as the driver runs it
+            cut.append(statement)
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+    collecting = gc.isenabled()
+    gc.disable()  # (the collector's next run not yet due)
+    try:
+        if api == "sync":
+            sys.settrace(interrupt)
+            with contextlib.suppress(KeyboardInterrupt):
+                store.list_sessions()
+            sys.settrace(None)
+        else:
+            with (
+                listening(store.async_store.engine.sync_engine, "before_cursor_execute", cancel),
+                contextlib.suppress(asyncio.CancelledError),
+            ):
+                store.list_sessions()
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE hermes_sessions SET title = 'kept' WHERE id = 's'")
+        other.execute("COMMIT")  # no one holds a lock
+        other.close()
+    finally:
+        sys.settrace(None)
+        if collecting:
+            gc.enable()
+    assert len(cut) == 1
+    assert store.get_session("s")["title"] == "kept"
     store.close()
 
 
