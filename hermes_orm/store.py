@@ -2265,6 +2265,8 @@ class SessionStore(_Sessions):
         #: anew by dispose() is of the same class).
         self._takes_turns = _sa.thread_turn(engine.pool) is not None
         self._parked_lock = threading.Lock()
+        #: How many of its calls wait for a connection of the pool (under ``_parked_lock``).
+        self._waiting = 0
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
             # threads (and other stores on the engine) never wait for it.
@@ -2360,6 +2362,7 @@ class SessionStore(_Sessions):
         if self._forks_seen != _forks[0]:
             self._parked = []
             self._parked_lock = threading.Lock()
+            self._waiting = 0  # (the parent's threads are not in this process)
             self._engine.dispose(close=False)
             if self._replica_of is not None:
                 self._replica_of.dispose(close=False)
@@ -2471,7 +2474,13 @@ class SessionStore(_Sessions):
             if not kept.invalidated and not _sa.of_replaced_pool(kept):
                 return _sa.log_as_the_engine(kept)
             self._release(kept)
-        conn = self._connect()
+        with self._parked_lock:
+            self._waiting += 1
+        try:
+            conn = self._connect()
+        finally:
+            with self._parked_lock:
+                self._waiting -= 1
         if self._sqlite is not None:
             try:
                 _dialects.take_sqlite(conn, self._sqlite)
@@ -2501,7 +2510,11 @@ class SessionStore(_Sessions):
         (a large share of the CPU time of a turn's flush on SQLite); more would
         take connections from the application's share. One taken before the
         store was closed (``closes``: the count of closes then) goes back, and
-        so does one the pool has none beside: another thread may be waiting.
+        so does one the pool has none beside: another thread may be waiting. So
+        does one while another call of this store waits for a connection: the
+        pool may have room it does not tell the waiting call of (a connection
+        that failed as it was made frees its place, and wakes no one), and only
+        a connection given back would end the wait before the pool's timeout.
         One invalidated (its try outlasted ``attempt_timeout`` as it ended, say)
         goes back at once: asked anything, it would take a connection from the
         pool, under the lock the pool's checkout listener takes.
@@ -2513,6 +2526,7 @@ class SessionStore(_Sessions):
             room = _sa.pool_has_room(self._engine.pool)
             if (
                 room
+                and not self._waiting
                 and not self._parked
                 and closes == self._closes
                 and _dialects.keeps_its_mode(conn)

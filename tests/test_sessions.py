@@ -450,6 +450,71 @@ def test_an_async_call_waiting_for_a_connection_gets_the_one_the_store_would_kee
 
 
 @pytest.mark.sqlite
+def test_a_thread_waiting_for_a_connection_gets_the_one_the_store_would_keep(
+    tmp_path: Path,
+) -> None:
+    """The application's pool of two: a connection that failed as it was made frees its
+    place without waking the thread waiting for one, which only a connection given
+    back wakes. The store keeps none while a call of its waits: the waiting call goes
+    on at once, not at the pool's timeout."""
+    import threading
+
+    from sqlalchemy import create_engine, event
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'app.db'}", pool_size=2, max_overflow=0, pool_timeout=60
+    )
+    store = hermes_orm.SessionStore(engine)
+    store.upgrade()
+    store.create_session("s", source="cli")  # (its connection kept)
+    holding, go_on, connecting, fail = (threading.Event() for _ in range(4))
+
+    def hold(*_args: Any) -> None:
+        if threading.current_thread().name == "holder":
+            holding.set()
+            go_on.wait(30)
+
+    def broken(*_args: Any) -> None:
+        if threading.current_thread().name == "connector":
+            connecting.set()
+            fail.wait(30)
+            raise RuntimeError("connection refused")
+
+    event.listen(engine, "before_cursor_execute", hold)
+    event.listen(engine, "connect", broken)
+    results: dict[str, Any] = {}
+
+    def call(name: str) -> None:
+        try:
+            results[name] = store.get_messages("s")
+        except Exception as exc:  # (looked at below)
+            results[name] = exc
+
+    threads = {
+        name: threading.Thread(target=call, args=(name,), name=name)
+        for name in ("holder", "connector", "waiter")
+    }
+    threads["holder"].start()  # takes the kept connection, and holds it
+    assert holding.wait(30)
+    threads["connector"].start()  # makes the pool's second one
+    assert connecting.wait(30)
+    threads["waiter"].start()  # the pool is full: it waits
+    time.sleep(0.5)
+    fail.set()  # the second connection fails: its place is free, and no one woken
+    threads["connector"].join(30)
+    start = time.monotonic()
+    go_on.set()
+    threads["holder"].join(90)
+    threads["waiter"].join(90)
+    took = time.monotonic() - start
+    assert isinstance(results["connector"], RuntimeError)
+    assert results["holder"] == results["waiter"] == []
+    assert took < 20  # (not the 60 s of a wait to the pool's timeout)
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.sqlite
 def test_a_database_busy_at_the_schema_check_is_waited_for(tmp_path: Path) -> None:
     """The store's first call checks the schema: a writer holding the file meanwhile is
     waited out as the call's own work would be, not told as an error."""
