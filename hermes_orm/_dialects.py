@@ -1223,6 +1223,35 @@ def driver_autocommits(conn: Connection) -> bool:
     return getattr(conn.connection.dbapi_connection, "autocommit", False) is True
 
 
+def check_sqlite_transaction_control(dbapi_connection: Any) -> None:
+    """Refuse a sqlite3 connection that keeps a transaction open at all times.
+
+    That is sqlite3's ``autocommit=False`` (Python 3.12+): it begins a deferred
+    transaction as it connects and again after each commit and rollback. No
+    write could then take SQLite's write lock before it reads (``BEGIN
+    IMMEDIATE``, which keeps two writers of one session from reading the same
+    cursor), and no PRAGMA the store sets could change. Called before anything
+    runs on the connection (pysqlite's, or the one inside aiosqlite's).
+
+    Raises:
+        InvalidArgumentError: It keeps a transaction open; nothing was run on it.
+    """
+    driver = getattr(getattr(dbapi_connection, "_connection", None), "_connection", None)
+    connection = dbapi_connection if driver is None else driver  # (aiosqlite: its sqlite3)
+    if getattr(connection, "autocommit", None) is False:
+        raise InvalidArgumentError(SQLITE_ALWAYS_IN_TRANSACTION)
+
+
+#: Why a SQLite connection of sqlite3's ``autocommit=False`` is refused.
+SQLITE_ALWAYS_IN_TRANSACTION = (
+    "this engine's SQLite connections keep a transaction open at all times "
+    "(autocommit=False among its connect_args, Python 3.12+), so no write could take "
+    "the database's write lock before it reads (BEGIN IMMEDIATE), which keeps two "
+    "writers of one session apart: give the store an engine without it (sqlite3's "
+    "default, LEGACY_TRANSACTION_CONTROL)"
+)
+
+
 def check_sqlite_transactional(conn: Connection) -> None:
     """Refuse a SQLite connection on which each statement of a transaction commits alone.
 
@@ -1298,6 +1327,7 @@ def configure_engine(
     memory = sqlite_in_memory(engine.url)
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:
+        check_sqlite_transaction_control(dbapi_connection)
         cursor = dbapi_connection.cursor()
         try:
             _set_pragmas(cursor, settings)
@@ -1409,6 +1439,7 @@ def take_sqlite(conn: Connection, settings: SQLiteSettings) -> None:
     store that used it wanted the same); otherwise its own are kept beside it
     for :func:`give_back_sqlite`.
     """
+    check_sqlite_transaction_control(conn.connection.dbapi_connection)
     info = conn.connection.info
     if info.get(_APPLIED) == settings:
         return

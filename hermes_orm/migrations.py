@@ -464,11 +464,17 @@ def _refuse_driver_autocommit(conn: Connection) -> None:
     ``isolation_level=None`` is no such thing: that ``BEGIN`` holds the statements
     together, and its commit ends it.)
 
+    sqlite3's ``autocommit=False`` (a transaction open at all times) is refused
+    too: the migration's ``BEGIN IMMEDIATE`` could never begin.
+
     Raises:
-        InvalidArgumentError: It autocommits; nothing was run on it.
+        InvalidArgumentError: It autocommits, or keeps a transaction open; nothing
+            was run on it.
     """
     if _dialects.driver_autocommits(conn):
         raise InvalidArgumentError(_AUTOCOMMITS.format("autocommit=True among its connect_args"))
+    if conn.dialect.name == "sqlite":
+        _dialects.check_sqlite_transaction_control(conn.connection.dbapi_connection)
 
 
 @contextmanager

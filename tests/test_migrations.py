@@ -1030,6 +1030,54 @@ def test_a_sqlite3_connection_that_autocommits_is_refused_before_anything_runs(
     engine.dispose()
 
 
+def _keeps_a_transaction_open() -> dict[str, Any]:
+    """The connect args of sqlite3's ``autocommit=False`` (Python 3.12+), a transaction
+    always open; on an older Python, a connection given that attribute as 3.12 has it."""
+    import sqlite3
+
+    if sys.version_info >= (3, 12):
+        return {"autocommit": False}
+
+    class KeepsATransactionOpen(sqlite3.Connection):
+        autocommit = False
+
+    return {"factory": KeepsATransactionOpen}
+
+
+def test_a_sqlite3_connection_always_in_a_transaction_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """sqlite3's ``autocommit=False`` (Python 3.12+) begins a transaction as it connects
+    and after each commit: no BEGIN IMMEDIATE can begin, no PRAGMA change. The
+    migrations and both stores refuse it, on an application's engine and on one
+    hermes_orm made, with a typed error before anything runs; the driver's "cannot
+    start a transaction within a transaction" was all they said."""
+    path = tmp_path / "kept.db"
+    url = f"sqlite:///{path}"
+    args = _keeps_a_transaction_open()
+    refused = pytest.raises(InvalidArgumentError, match="keep a transaction open at all times")
+    app = create_engine(url, connect_args=args)
+    with refused:
+        hermes_orm.upgrade(app)
+    with app.connect() as conn, refused:
+        hermes_orm.upgrade(conn)
+    assert inspect(create_engine(url)).get_table_names() == []
+    hermes_orm.upgrade(create_engine(url))  # an ordinary engine migrates it
+    for engine in (app, create_store_engine(url, connect_args=args)):
+        with refused:
+            hermes_orm.SessionStore(engine).create_session("s", source="cli")
+        engine.dispose()
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args=args)
+        with refused:
+            await hermes_orm.AsyncSessionStore(engine).create_session("s", source="cli")
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert hermes_orm.SessionStore(url).list_sessions().sessions == []
+
+
 @pytest.mark.parametrize(
     "setup",
     [
