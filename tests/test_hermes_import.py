@@ -405,6 +405,74 @@ def test_a_session_another_writer_made_first_on_another_history_is_not_written_o
     assert store.get_messages("s") == [*foreign, as_imported]
 
 
+def test_an_invalid_session_another_writer_made_first_keeps_its_row(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's session cannot be stored; an agent makes a session of that id in the
+    destination between this run's read and its insert (which then leaves it as it
+    is). The rows this run made of invalid sessions go, and that one was taken for
+    one: the agent's session, its title and extra, went, and its next flush failed."""
+    from hermes_orm.integrations.hermes import importer
+
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("x", "y"):
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "assistant", "hi", tool_calls=[{"id": "c", "n": float("nan")}])
+    hermes.close()
+    real_cursors = importer._cursors
+    agent = SessionStore(store.engine, check_schema=False)
+
+    def then_made_by_an_agent(*args: Any) -> Any:
+        read = real_cursors(*args)
+        agent.ensure_session("x", source="telegram", title="the agent's", extra={"of": "it"})
+        return read
+
+    monkeypatch.setattr(importer, "_cursors", then_made_by_an_agent)
+    report = import_state_db(source, store)
+    assert sorted(report.invalid_sessions) == ["x", "y"], report.table()
+    kept = store.get_session("x")
+    assert kept is not None
+    assert (kept["source"], kept["title"], kept["extra"]) == (
+        "telegram",
+        "the agent's",
+        {"of": "it"},
+    )
+    assert store.get_session("y") is None  # this run's own row of it went
+    assert report.sessions_written == 0
+    agent.flush("x", [{"role": "user", "content": "the agent's first"}])
+    assert [m["content"] for m in store.get_messages("x")] == ["the agent's first"]
+
+
+@pytest.mark.parametrize("change", ["rewritten shorter", "deleted"])
+def test_a_session_hermes_shortens_after_the_import_read_it_is_reported_diverged(
+    store: SessionStore, tmp_path: Path, change: str
+) -> None:
+    """Hermes rewrites a session shorter (its retry, undo, compression) or deletes it
+    after the import copied what it read: the copy is what was read, and the session is
+    reported diverged, as the next run finds it; it was reported a mismatch."""
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("a", "b"):
+        hermes.create_session(sid, source="cli")
+        for n in range(5):
+            hermes.append_message(sid, "user", content=f"{sid}{n}")
+
+    def hermes_goes_on(sid: str, _cursor: int) -> None:
+        if sid == "b":
+            if change == "deleted":
+                hermes.delete_session("a")
+            else:
+                hermes.replace_messages("a", [{"role": "user", "content": "retried"}])
+
+    report = import_state_db(source, store, batch=5, on_batch=hermes_goes_on)
+    hermes.close()
+    assert (report.diverged_sessions, report.mismatched_sessions) == (["a"], []), report.table()
+    assert [m["content"] for m in store.get_messages("a")] == [f"a{n}" for n in range(5)]
+    assert [m["content"] for m in store.get_messages("b")] == [f"b{n}" for n in range(5)]
+    again = import_state_db(source, store)
+    assert again.mismatched_sessions == []
+    assert again.diverged_sessions == ([] if change == "deleted" else ["a"])
+
+
 def test_a_run_beside_another_reads_each_session_as_one_snapshot(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -796,7 +796,7 @@ def import_state_db(
         invalid = [sid for sid in report.invalid_sessions if sid in ids]
         report.sessions_written -= _forget_new(
             store,
-            [sid for sid in invalid if sid not in cursors],
+            {sid: (by_id[sid], drawn[sid]) for sid in invalid if sid not in cursors},
             {sid: by_id[sid] for sid in invalid if sid in cursors and not cursors[sid].cursor},
         )
         left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
@@ -1793,21 +1793,26 @@ def _cursors(
 
 
 def _forget_new(
-    store: SessionStore, session_ids: list[str], made: Mapping[str, dict[str, Any]]
+    store: SessionStore,
+    new: Mapping[str, tuple[dict[str, Any], int]],
+    made: Mapping[str, dict[str, Any]],
 ) -> int:
     """Delete the rows an import made of sessions before finding them invalid.
 
     Returns how many of this run's own went (it counted them written).
 
-    ``session_ids``: this run's new ones. ``made``: ones the destination held
-    when this run began (an interrupted run may have made them), with the
-    fields this run writes of each: such a row goes only if it holds those
-    fields as written and nothing in the others (another writer's row of that
-    id differs: a title, a count, a setting of its own). Either way
-    only a row holding no message and parent to no session goes (a session
-    another writer began meanwhile keeps its row).
+    ``new``: ones the destination did not hold when this run read it, with the
+    fields this run writes of each and the history_id it drew: a row of
+    another history_id is another writer's, made between that read and this
+    run's insert (which then left it as it was). ``made``: ones the destination
+    held when this run began (an interrupted run may have made them), with the
+    fields this run writes of each. A row goes only if it holds those fields
+    as written and nothing in the others (another writer's row of that id
+    differs: a title, a count, a setting of its own), and holds no message and
+    is parent to no session (a session another writer began meanwhile keeps
+    its row).
     """
-    wanted = [*session_ids, *made]
+    wanted = [*new, *made]
     if not wanted:
         return 0
     s, child = _sessions.alias("s"), _sessions.alias("child")
@@ -1819,9 +1824,12 @@ def _forget_new(
     )
 
     def as_imported(row: Any) -> bool:
-        fields = made.get(row.id)
-        if fields is None:
-            return True  # this run's own
+        if row.id in new:
+            fields, history = new[row.id]
+            if row.history_id != history:
+                return False  # another writer's, made before this run's insert
+        else:
+            fields = made[row.id]
         stored = row._mapping
         # Every field as a run writes it (its title, or none where another session held
         # that title, then kept in extra), every other column as a new row holds it: empty.
@@ -1841,7 +1849,7 @@ def _forget_new(
         ids = [row.id for row in conn.execute(empty) if as_imported(row)]
         if ids:
             conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
-        return sum(1 for sid in ids if sid not in made)
+        return sum(1 for sid in ids if sid in new)
 
     return store.write_transaction(work)
 
@@ -1955,9 +1963,12 @@ def _verify(
     import read it is found by the next run, which compares them all. Hermes
     may append while the import runs: a session whose destination count is
     what the reader found in the source (``seen``), and less than the source
-    holds now, grew meanwhile (the next run copies the rest); any other
-    difference is a mismatch. Sessions the mirror plugin continued are left
-    out, and messages whose session has no sessions row are reported.
+    holds now, grew meanwhile (the next run copies the rest); more than the
+    source holds now, it was rewritten shorter (a retry, an undo, a
+    compression) or deleted there meanwhile, and is reported diverged, as the
+    next run would find it. Any other difference is a mismatch. Sessions the
+    mirror plugin continued are left out, and messages whose session has no
+    sessions row are reported.
     """
     ids = [sid for sid in ids if sid not in report.mirrored_sessions]
 
@@ -1994,10 +2005,12 @@ def _verify(
             if have and (digest is None or bytes(digest) != last.get(sid)):
                 report.diverged_sessions.append(sid)  # changed since it was read
             continue
-        if have == seen.get(sid, 0) < after:
-            report.grown_sessions.append(sid)
-        else:
+        if have != seen.get(sid, 0):
             report.mismatched_sessions.append(sid)
+        elif have < after:
+            report.grown_sessions.append(sid)
+        else:  # what was read is copied; the source holds less of it now
+            report.diverged_sessions.append(sid)
     if source_usage is not None:
         report.counts["session_model_usage"] = TableCount(
             sum(source_usage.get(sid, 0) for sid in [*ids, *invalid]), sum(usage.values())
