@@ -1925,6 +1925,46 @@ def test_a_session_invalid_past_its_first_batch_leaves_nothing_of_it(
     assert again.messages_written == 0
 
 
+def test_an_interrupted_import_stops_its_reader_before_checking_a_long_session_whole(
+    store: SessionStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    reader: str,
+) -> None:
+    """A Ctrl-C as the import writes, its reader checking a session longer than a batch:
+    the check ends between two batches, and the Ctrl-C reaches the caller then. It went
+    on to the session's end (seconds to minutes for a long one); a child reader,
+    killed, was taken for one that never started, and the source read again here."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("long", source="cli")
+    for i in range(200):
+        hermes.append_message("long", ("user", "assistant")[i % 2], content=f"message {i}")
+    hermes.close()
+    checking = threading.Event()
+    pages: list[int] = []
+    real_execute = importer.Source.execute
+
+    def slow_pages(self: Any, sql: str, params: Any = ()) -> Any:
+        if "ORDER BY id LIMIT ?" in sql:  # a batch of the long session's messages
+            pages.append(1)
+            checking.set()
+            time.sleep(0.05)
+        return real_execute(self, sql, params)
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        if reader == "thread":  # (the child's own pages are not seen here)
+            checking.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importer.Source, "execute", slow_pages)
+    monkeypatch.setattr(SessionStore, "write_transaction", interrupted)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        import_state_db(source, store, batch=5)
+    assert "did not start" not in caplog.text
+    assert len(pages) < 10  # of its 40 batches
+
+
 def test_a_session_with_a_usage_row_the_store_cannot_hold_is_left_whole(
     store: SessionStore, tmp_path: Path
 ) -> None:

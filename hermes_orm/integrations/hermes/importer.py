@@ -545,6 +545,8 @@ class MessageColumns:
     names: tuple[str, ...]
     read_one: str
     read_many: str
+    #: ``read_many`` from the message after the one of an ``id`` on, that ``id`` first.
+    read_after: str
     json_keys: tuple[str, ...]
     bool_keys: tuple[str, ...]
 
@@ -557,6 +559,8 @@ class MessageColumns:
             names,
             f"{head} ORDER BY id LIMIT 1 OFFSET ?",
             f"{head} ORDER BY id LIMIT ? OFFSET ?",
+            f"SELECT id, {', '.join(map(_quoted, names))} FROM messages"
+            " WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?",
             tuple(c for c in names if c in _JSON_MESSAGE),
             tuple(c for c in names if c in _BOOL_MESSAGE),
         )
@@ -1100,14 +1104,24 @@ class ReadJob:
     histories: dict[str, int]
 
 
-def read_batches(job: ReadJob) -> Iterator[_Batch]:
-    """Read and encode what each session lacks, and render the statements that write it."""
+def read_batches(job: ReadJob, stopping: threading.Event | None = None) -> Iterator[_Batch]:
+    """Read and encode what each session lacks, and render the statements that write it.
+
+    ``stopping``: set as the import ends early (an interrupt); a long check of
+    one session then ends without its answer, as nothing more is taken.
+    """
     src = open_source(job.source)
     sql = flush_sql(job.dialect)
     scratch = ImportReport()
     try:
         for group, finished in _read_groups(
-            src, job.session_ids, job.cursors, job.histories, batch=job.batch, report=scratch
+            src,
+            job.session_ids,
+            job.cursors,
+            job.histories,
+            batch=job.batch,
+            report=scratch,
+            stopping=stopping,
         ):
             yield _Batch(
                 [(chunk.session_id, chunk.cursor, len(chunk.messages)) for chunk in group],
@@ -1406,7 +1420,8 @@ _PIPE_BROKEN = (EOFError, pickle.UnpicklingError, OSError)
 @contextlib.contextmanager
 def _read_in_thread(job: ReadJob) -> Iterator[Iterator[_Batch]]:
     """Run :func:`read_batches` in a thread, from now until the block ends."""
-    with _read_ahead(read_batches(job)) as batches:
+    stopping = threading.Event()
+    with _read_ahead(read_batches(job, stopping), on_stop=stopping.set) as batches:
         yield batches
 
 
@@ -1436,6 +1451,11 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
         assert proc.stdin is not None
         assert proc.stdout is not None
         into, out = proc.stdin, proc.stdout
+        stopping = threading.Event()
+
+        def stop() -> None:
+            stopping.set()
+            proc.kill()
 
         def batches() -> Iterator[_Batch]:
             try:
@@ -1443,6 +1463,8 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
                     pickle.dump(job, into)
                 kind, payload = _read_frame(out)
             except _PIPE_BROKEN:
+                if stopping.is_set():  # killed as the import ended (an interrupt): no fallback
+                    return
                 said = _said(proc, errors)
                 _log.warning("the import's reader process did not start (%s); reading here", said)
                 yield from read_batches(job)
@@ -1460,7 +1482,7 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
                 raise payload
 
         try:
-            with _read_ahead(batches(), on_stop=proc.kill) as items:
+            with _read_ahead(batches(), on_stop=stop) as items:
                 yield items
         finally:
             proc.kill()
@@ -1577,6 +1599,7 @@ def _read_groups(
     *,
     batch: int,
     report: ImportReport,
+    stopping: threading.Event | None = None,
 ) -> Iterator[tuple[list[Chunk], int]]:
     """Read and encode what each session lacks; yield groups of about ``batch`` messages.
 
@@ -1629,7 +1652,9 @@ def _read_groups(
                         # Longer than a batch: its first is written before the rest
                         # is read, so all of it is checked first (nothing of an
                         # invalid session is written).
-                        problem = _first_problem(src, columns, sid, cursor + batch, batch)
+                        problem = _first_problem(
+                            src, columns, sid, cursor + batch, batch, stopping=stopping
+                        )
                     checked = True
                     try:
                         encoded = [
@@ -1658,21 +1683,44 @@ def _read_groups(
 
 
 def _first_problem(
-    src: Source, columns: MessageColumns, session_id: str, start: int, batch: int
+    src: Source,
+    columns: MessageColumns,
+    session_id: str,
+    start: int,
+    batch: int,
+    *,
+    stopping: threading.Event | None = None,
 ) -> str | None:
-    """Why a message of the session from ``start`` on cannot be stored, or None (all can)."""
+    """Why a message of the session from ``start`` on cannot be stored, or None (all can).
+
+    Read a batch at a time, each from the last one's last row on (by ``id``, as
+    the source orders them): an ``OFFSET`` steps over every row before it, which
+    made the check of a long session grow with its square. Once ``stopping``
+    is set, it ends between two batches (its answer then taken by no one).
+    """
+    if start == 0:
+        last = -(2**63)
+    else:
+        found = src.execute(_ID_AT, (session_id, start - 1))
+        if not found:
+            return None  # (the session holds no message from ``start`` on)
+        last = found[0][0]
     while True:
-        messages = [
-            columns.message(r) for r in src.execute(columns.read_many, (session_id, batch, start))
-        ]
+        rows = src.execute(columns.read_after, (session_id, last, batch))
+        messages = [columns.message(r[1:]) for r in rows]
         try:
             for i, message in enumerate(messages, start):
                 _codec.encode_message(message, i)
         except InvalidMessageError as exc:
             return _not_utf8(messages, start) or str(exc)
-        if len(messages) < batch:
+        if len(messages) < batch or (stopping is not None and stopping.is_set()):
             return None
         start += batch
+        last = rows[-1][0]
+
+
+#: The ``id`` of a session's message at a position (its place in ``id`` order).
+_ID_AT = "SELECT id FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?"
 
 
 def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
