@@ -771,8 +771,11 @@ def _words_coverage(conn: Connection) -> list[str]:
                 f"{len(missing)} messages are missing from hermes_search (ids {missing[:_SHOWN]})"
             )
     finally:
-        for table in _TEMP:
-            sql(f"DROP TABLE IF EXISTS temp.{table}")
+        # A connection SQLAlchemy dropped (a Ctrl-C cut a statement short) took its
+        # temporary tables with it; a statement on it would raise in the interrupt's place.
+        if not conn.invalidated:
+            for table in _TEMP:
+                sql(f"DROP TABLE IF EXISTS temp.{table}")
     return problems
 
 

@@ -984,3 +984,39 @@ def test_a_repair_by_a_role_that_may_only_read_is_refused_saying_so(
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
         owner.dispose()
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_a_ctrl_c_during_the_sqlite_index_check_is_raised_as_it_came(
+    tmp_path: Path, repair: bool
+) -> None:
+    """A KeyboardInterrupt cutting short a statement of the search index's check: its
+    cleanup ran a statement on the connection SQLAlchemy dropped, and raised
+    PendingRollbackError in the interrupt's place (an ``except Exception`` took it,
+    and the CLI said it was a database error)."""
+    store = SessionStore(f"sqlite:///{tmp_path / 's.db'}")
+    store.upgrade()
+    store.create_session("s", source="cli")
+    store.flush("s", [{"role": "user", "content": "hello world"}])
+    armed: list[str] = []
+
+    def arm(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "INTO temp.hermes_verify_indexed" in statement:
+            armed.append(statement)
+
+    def interrupt(frame: Any, event_name: str, _arg: Any) -> None:
+        if event_name == "call" and frame.f_code.co_name == "post_exec" and armed:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    event.listen(store.engine, "before_cursor_execute", arm)
+    sys.settrace(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            verify_database(store, repair=repair)
+    finally:
+        sys.settrace(None)
+    assert len(armed) == 1
+    event.remove(store.engine, "before_cursor_execute", arm)
+    assert verify_database(store).ok
+    store.close()
