@@ -193,6 +193,24 @@ def _of_replaced_pool(conn: AsyncConnection) -> bool:
     return _sa.of_replaced_pool(conn.sync_connection)  # type: ignore[arg-type]
 
 
+async def _closed(conn: AsyncConnection, driver: Any) -> None:
+    """Close ``conn``; on aiosqlite, then wait until its thread ran all it was given.
+
+    ``driver``: ``conn``'s aiosqlite connection, taken before its work (one
+    SQLAlchemy dropped no longer leads to it). A statement a cancellation
+    interrupted runs on to its end there, and so does the rollback of a
+    connection SQLAlchemy drops (see :func:`hermes_orm._sa.roll_back_invalidated`),
+    which a second cancellation leaves unawaited: until then, the thread may
+    hold the database's lock (a migration's write lock, a read's on a file not
+    in WAL mode).
+    """
+    try:
+        await conn.close()
+    finally:
+        if driver is not None:
+            await _sa.aiosqlite_drained(driver)
+
+
 def _left_in_transaction(conn: AsyncConnection) -> bool:
     """Whether ``conn``'s driver holds a transaction its adapter does not know of."""
     try:
@@ -345,12 +363,13 @@ class AsyncSessionStore(_AsyncSessions):
         async def once() -> None:
             await self._unpark()  # the pool's connection (of one, it may be the only one)
             conn = await self._connect()
+            driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
             try:
                 # No transaction begun here: upgrade() begins its own with the
                 # migration lock (SQLite's BEGIN IMMEDIATE) and commits it.
                 await conn.run_sync(migrations.upgrade, revision, schema=self._schema)
             finally:
-                await self._to_the_end(conn.close())
+                await self._to_the_end(_closed(conn, driver))
 
         await self._whole(self._retrying(self._async_engine, self._retry, once))
         self._schema_checked = False
@@ -358,10 +377,11 @@ class AsyncSessionStore(_AsyncSessions):
     async def _ensure_schema(self) -> None:
         if not self._schema_checked:
             conn = await self._connect()
+            driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
             try:
                 await conn.run_sync(check_schema, self._schema, self._retry.attempt_timeout)
             finally:
-                await self._to_the_end(conn.close())
+                await self._to_the_end(_closed(conn, driver))
             self._schema_checked = True
 
     # -- transactions --------------------------------------------------------------
@@ -690,10 +710,11 @@ class AsyncSessionStore(_AsyncSessions):
         finally:
             self._awaiting -= 1
         if self._sqlite is not None:
+            driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
             try:
                 await conn.run_sync(_dialects.take_sqlite, self._sqlite)
             except BaseException:
-                await self._to_the_end(conn.close())
+                await self._to_the_end(_closed(conn, driver))
                 raise
         return conn
 
@@ -824,12 +845,13 @@ class AsyncSessionStore(_AsyncSessions):
             conn = await self._connect(engine)
         except DBAPIError:
             return []
+        driver = _sa.aiosqlite_connection(conn.sync_connection)  # type: ignore[arg-type]
         try:
             return await conn.run_sync(_dialects.busy_holders, self._schema)
         except DBAPIError:
             return []
         finally:
-            await self._to_the_end(conn.close())
+            await self._to_the_end(_closed(conn, driver))
 
     async def rebuild_search_index(self) -> int:
         """Rebuild the search index; see :meth:`SessionStore.rebuild_search_index`."""

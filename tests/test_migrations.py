@@ -1030,6 +1030,54 @@ def test_a_sqlite3_connection_that_autocommits_is_refused_before_anything_runs(
     engine.dispose()
 
 
+def test_an_async_upgrade_cancelled_twice_ends_once_its_driver_let_the_lock_go(
+    tmp_path: Path,
+) -> None:
+    """aiosqlite, an application's engine: a task cancelled as a migration's statement
+    goes to the driver's thread, and cancelled again while SQLAlchemy drops that
+    connection. The second cancellation cut short the wait for the dropped
+    connection's rollback: upgrade() ended while the driver's thread still ran the
+    migration, its write lock held, and other writers were refused."""
+    import sqlite3
+    import time
+
+    from sqlalchemy import event
+
+    path = tmp_path / "app.db"
+
+    async def main() -> list[str]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        store = hermes_orm.AsyncSessionStore(engine)
+        cut: list[str] = []
+        busy: list[asyncio.Future[Any]] = []
+
+        def slow(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if not cut and "CREATE TABLE" in statement:  # in the migration's transaction
+                cut.append(statement)
+                sleep = conn.connection.driver_connection._execute(time.sleep, 0.5)
+                busy.append(asyncio.ensure_future(sleep))  # its thread busy next, the lock held
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                asyncio.get_running_loop().call_later(0.1, task.cancel)  # and again
+
+        event.listen(engine.sync_engine, "before_cursor_execute", slow)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.ensure_future(store.upgrade())
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE TABLE theirs (x)")
+        other.execute("COMMIT")  # no one holds the write lock
+        other.close()
+        await store.close()
+        await engine.dispose()
+        return cut
+
+    assert len(asyncio.run(main())) == 1
+    hermes_orm.upgrade(create_engine(f"sqlite:///{path}"))  # (the cancelled one left nothing)
+    assert migrations.current(create_engine(f"sqlite:///{path}")) == migrations.head()
+
+
 def _keeps_a_transaction_open() -> dict[str, Any]:
     """The connect args of sqlite3's ``autocommit=False`` (Python 3.12+), a transaction
     always open; on an older Python, a connection given that attribute as 3.12 has it."""
