@@ -2269,7 +2269,8 @@ class SessionStore(_Sessions):
         self._waiting = 0
         if self._parks:
             # The kept connection goes back as the pool runs out: the application's
-            # threads (and other stores on the engine) never wait for it.
+            # threads (and other stores on the engine) do not wait for it (but see
+            # _checkin: a failed connect frees a place without waking anyone).
             give_back_when_full(self, engine)
         #: Bumped by close(): a connection taken before it is given back, never kept.
         self._closes = 0

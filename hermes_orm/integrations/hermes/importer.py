@@ -545,7 +545,8 @@ class MessageColumns:
     names: tuple[str, ...]
     read_one: str
     read_many: str
-    #: ``read_many`` from the message after the one of an ``id`` on, that ``id`` first.
+    #: A batch of a session's messages after the one of an ``id`` (parameters: session,
+    #: id, batch size), each row's ``id`` first.
     read_after: str
     json_keys: tuple[str, ...]
     bool_keys: tuple[str, ...]
@@ -1467,7 +1468,7 @@ def _read_in_process(job: ReadJob) -> Iterator[Iterator[_Batch]]:
                     return
                 said = _said(proc, errors)
                 _log.warning("the import's reader process did not start (%s); reading here", said)
-                yield from read_batches(job)
+                yield from read_batches(job, stopping)
                 return
             while kind == "batch":
                 yield payload
@@ -1691,20 +1692,19 @@ def _first_problem(
     *,
     stopping: threading.Event | None = None,
 ) -> str | None:
-    """Why a message of the session from ``start`` on cannot be stored, or None (all can).
+    """Why a message of the session from ``start`` (1 or more) on cannot be stored, or None.
 
-    Read a batch at a time, each from the last one's last row on (by ``id``, as
-    the source orders them): an ``OFFSET`` steps over every row before it, which
-    made the check of a long session grow with its square. Once ``stopping``
-    is set, it ends between two batches (its answer then taken by no one).
+    Read a batch at a time, each after the last one's last row (by ``id``, as
+    the source orders them), not with an ``OFFSET``, which read every row
+    before it again. Hermes' index does not order a session's rows by ``id``,
+    so each batch still sorts the rest of the session: 5.8 s for a session of
+    300,000 messages, 14.7 s with the ``OFFSET``. Once ``stopping`` is set, it
+    ends between two batches (its answer then taken by no one).
     """
-    if start == 0:
-        last = -(2**63)
-    else:
-        found = src.execute(_ID_AT, (session_id, start - 1))
-        if not found:
-            return None  # (the session holds no message from ``start`` on)
-        last = found[0][0]
+    found = src.execute(_ID_AT, (session_id, start - 1))
+    if not found:
+        return None  # (the session holds no message from ``start`` on)
+    last = found[0][0]
     while True:
         rows = src.execute(columns.read_after, (session_id, last, batch))
         messages = [columns.message(r[1:]) for r in rows]
