@@ -271,8 +271,8 @@ def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> Non
     locks: its open write transaction kept every other writer out, the store's
     own next calls included; a read cut short between its first row and its
     last kept, on a database not in WAL mode, every writer from committing.
-    So every cursor of the connection is closed (its statement reset) and its
-    transaction rolled back, on the connection's own thread.
+    So its transaction is rolled back, and (not in WAL mode) every cursor of
+    the connection closed first, on the connection's own thread.
     """
     if isinstance(dbapi_connection, sqlite3.Connection):  # pysqlite
         _end_statements(dbapi_connection)
@@ -285,16 +285,31 @@ def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> Non
 
 
 def _end_statements(connection: sqlite3.Connection) -> None:
-    """Close every cursor of ``connection`` and roll back its transaction; errors are ignored.
+    """Roll back ``connection``'s transaction; not in WAL mode, close its cursors first.
 
-    sqlite3 offers no list of a connection's cursors; each holds the
-    connection, so the garbage collector's referrers are the list (looked
-    for only as a connection is dropped after an error).
+    Errors are ignored.
+
+    In WAL mode a statement left open blocks no writer (only a checkpoint past
+    it, until the garbage collector frees it), and the rollback ends what a
+    write holds. In the other modes a read left open keeps its lock, so its
+    cursor is closed. sqlite3 offers no list of a connection's cursors; each
+    holds the connection, so the garbage collector's referrers are the list:
+    a scan of every object, a few milliseconds to a tenth of a second, paid
+    only as such a connection is dropped after an error.
     """
-    for referrer in gc.get_referrers(connection):
-        if isinstance(referrer, sqlite3.Cursor) and referrer.connection is connection:
-            with contextlib.suppress(sqlite3.Error):
-                referrer.close()
+    try:
+        cursor = connection.cursor()
+        try:
+            wal = cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            cursor.close()
+    except sqlite3.Error:
+        wal = False
+    if not wal:
+        for referrer in gc.get_referrers(connection):
+            if isinstance(referrer, sqlite3.Cursor) and referrer.connection is connection:
+                with contextlib.suppress(sqlite3.Error):
+                    referrer.close()
     with contextlib.suppress(sqlite3.Error):
         connection.rollback()
 
