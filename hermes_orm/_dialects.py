@@ -1236,9 +1236,7 @@ def check_sqlite_transaction_control(dbapi_connection: Any) -> None:
     Raises:
         InvalidArgumentError: It keeps a transaction open; nothing was run on it.
     """
-    driver = getattr(getattr(dbapi_connection, "_connection", None), "_connection", None)
-    connection = dbapi_connection if driver is None else driver  # (aiosqlite: its sqlite3)
-    if getattr(connection, "autocommit", None) is False:
+    if getattr(_sa.sqlite3_connection(dbapi_connection), "autocommit", None) is False:
         raise InvalidArgumentError(SQLITE_ALWAYS_IN_TRANSACTION)
 
 

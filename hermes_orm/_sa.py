@@ -260,6 +260,18 @@ def in_run_sync() -> bool:
     return bool(in_greenlet())
 
 
+def sqlite3_connection(dbapi_connection: Any) -> Any:
+    """The ``sqlite3.Connection`` of a SQLite driver connection (pysqlite's, or aiosqlite's).
+
+    On SQLAlchemy's aiosqlite adapter, None once aiosqlite closed it. Any other
+    driver connection comes back as it is.
+    """
+    driver = getattr(dbapi_connection, "_connection", None)  # the adapter's aiosqlite.Connection
+    if driver is None or isinstance(dbapi_connection, sqlite3.Connection):
+        return dbapi_connection
+    return getattr(driver, "_connection", None)
+
+
 def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
     """End what a SQLite connection SQLAlchemy is about to close after an error holds.
 
@@ -277,11 +289,12 @@ def roll_back_invalidated(dbapi_connection: Any, _record: Any, _exc: Any) -> Non
     if isinstance(dbapi_connection, sqlite3.Connection):  # pysqlite
         _end_statements(dbapi_connection)
         return
-    driver = getattr(dbapi_connection, "_connection", None)
-    if driver is None or getattr(driver, "_connection", None) is None or not in_greenlet():
+    connection = sqlite3_connection(dbapi_connection)
+    if connection is None or connection is dbapi_connection or not in_greenlet():
         return  # at garbage collection nothing can be awaited; closing is all there is
+    driver = dbapi_connection._connection
     with contextlib.suppress(Exception):
-        await_only(asyncio.shield(driver._execute(_end_statements, driver._connection)))
+        await_only(asyncio.shield(driver._execute(_end_statements, connection)))
 
 
 def _end_statements(connection: sqlite3.Connection) -> None:

@@ -759,9 +759,7 @@ class AsyncSessionStore(_AsyncSessions):
             elif not conn.invalidated and (unsettled or (failed and _left_in_transaction(conn))):
                 await conn.invalidate()
         finally:
-            await conn.close()
-            if driver is not None:
-                await _sa.aiosqlite_drained(driver)
+            await _closed(conn, driver)
             if unsettled and backend is not None:
                 await self._backend_ended(backend.pid, deadline)
 
