@@ -1947,26 +1947,68 @@ def test_an_interrupted_import_stops_its_reader_before_checking_a_long_session_w
     hermes.close()
     checking = threading.Event()
     pages: list[int] = []
-    real_execute = importer.Source.execute
+    real_batches = importer.Source.batches
 
-    def slow_pages(self: Any, sql: str, params: Any = ()) -> Any:
-        if "ORDER BY id LIMIT ?" in sql:  # a batch of the long session's messages
+    def slow_pages(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for rows in real_batches(self, *args, **kwargs):  # a batch of the long session
             pages.append(1)
             checking.set()
             time.sleep(0.05)
-        return real_execute(self, sql, params)
+            yield rows
 
     def interrupted(*_args: Any, **_kwargs: Any) -> Any:
         if reader != "process":  # (the child's own pages are not seen here)
             checking.wait(30)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importer.Source, "execute", slow_pages)
+    monkeypatch.setattr(importer.Source, "batches", slow_pages)
     monkeypatch.setattr(SessionStore, "write_transaction", interrupted)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         import_state_db(source, store, batch=5)
     assert ("did not start" in caplog.text) is (reader == "a process that cannot start")
     assert len(pages) < 10  # of its 40 batches
+
+
+def test_the_work_of_reading_a_session_grows_with_its_length_not_its_square(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session twice as long costs SQLite about twice the work to read (counted in its
+    virtual machine's steps, on the source's connection). Each batch was read with an
+    OFFSET, which read every row before it again: four times the work, and minutes for
+    a session of a few hundred thousand messages."""
+    monkeypatch.setattr(importer, "PROCESS_READER_FROM", 10**12)  # (the reader here)
+    steps = [0]
+    real_connect = importer.Source._connect
+
+    def counted(self: Any) -> sqlite3.Connection:
+        conn = real_connect(self)
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(step, 100)
+        return conn
+
+    monkeypatch.setattr(importer.Source, "_connect", counted)
+    work = []
+    for length in (1_500, 3_000):
+        source, hermes = _real_hermes(tmp_path / str(length))
+        hermes.create_session("long", source="cli")
+        hermes.close()
+        with sqlite3.connect(source) as conn:
+            conn.executemany(
+                "INSERT INTO messages (session_id, role, content, timestamp) "
+                "VALUES ('long', 'user', ?, ?)",
+                [(f"message {i}", float(i)) for i in range(length)],
+            )
+        conn.close()
+        steps[0] = 0
+        report = import_state_db(source, f"sqlite:///{tmp_path / f'{length}.db'}", batch=50)
+        assert report.ok, report.table()
+        assert report.messages_written == length
+        work.append(steps[0])
+    assert work[1] < 2.5 * work[0], work
 
 
 def test_a_session_with_a_usage_row_the_store_cannot_hold_is_left_whole(

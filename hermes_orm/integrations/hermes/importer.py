@@ -368,6 +368,68 @@ class Source:
         finally:
             self.conn.text_factory = str
 
+    def batches(
+        self, sql: str, key: Any, *, start: int, count: int = -1, size: int
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
+        """The rows of one query, ``size`` at a time, read as :meth:`execute` reads.
+
+        ``sql`` takes ``(key, limit, offset)``: the rows from ``start`` on,
+        ``count`` of them (-1: all). It runs once, its rows fetched batch by
+        batch, so reading a long session costs its length: an ``OFFSET`` per
+        batch read every row before it again (the session's rows sorted anew
+        at each batch), quadratic in the session's length. Where
+        :meth:`execute` would read again (the file changed under an immutable
+        read, text that is not UTF-8), the query runs again from the first row
+        not yet handed out. Other reads of the source may run between two
+        batches; close the generator before the snapshot it reads in ends.
+
+        Raises:
+            StateDbError: SQLite could not read the file.
+        """
+        done = 0
+        lenient = False
+        cursor: sqlite3.Cursor | None = None
+        generation = self.generation
+        try:
+            while True:
+                if generation != self.generation:  # another read went live: a new connection
+                    cursor, generation = None, self.generation
+                rows: list[tuple[Any, ...]] | None
+                try:
+                    if cursor is None:
+                        limit = count if count < 0 else count - done
+                        cursor = self.conn.execute(sql, (key, limit, start + done))
+                    rows = cursor.fetchmany(size)
+                except sqlite3.OperationalError as exc:
+                    if "Could not decode to UTF-8" in str(exc) and not lenient:
+                        # As :meth:`_fetch` does: read again, such values as bytes.
+                        lenient, cursor = True, None
+                        self.conn.text_factory = _lenient_text
+                        continue
+                    if self.live:
+                        raise StateDbError(f"reading {self.path} failed: {exc}") from exc
+                    rows = None
+                except sqlite3.DatabaseError as exc:
+                    if self.live:
+                        raise StateDbError(f"reading {self.path} failed: {exc}") from exc
+                    rows = None  # pages changed under the read: a checkpoint ran
+                if not self.live and (
+                    rows is None or self._file_stamp() != self._stamp or self._writer_files()
+                ):
+                    self._go_live()
+                    cursor, generation = None, self.generation
+                    continue
+                assert rows is not None  # (a live read's failure raised)
+                done += len(rows)
+                yield rows
+                if len(rows) < size or done == count:
+                    return
+        finally:
+            if cursor is not None and generation == self.generation:
+                cursor.close()
+            if lenient:
+                self.conn.text_factory = str
+
     def columns(self, table: str) -> list[str]:
         """Column names of ``table``, in ``SELECT *`` order."""
         return [row[1] for row in self.execute(f"PRAGMA table_info({table})")]
@@ -545,9 +607,6 @@ class MessageColumns:
     names: tuple[str, ...]
     read_one: str
     read_many: str
-    #: A batch of a session's messages after the one of an ``id`` (parameters: session,
-    #: id, batch size), each row's ``id`` first.
-    read_after: str
     json_keys: tuple[str, ...]
     bool_keys: tuple[str, ...]
 
@@ -560,8 +619,6 @@ class MessageColumns:
             names,
             f"{head} ORDER BY id LIMIT 1 OFFSET ?",
             f"{head} ORDER BY id LIMIT ? OFFSET ?",
-            f"SELECT id, {', '.join(map(_quoted, names))} FROM messages"
-            " WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?",
             tuple(c for c in names if c in _JSON_MESSAGE),
             tuple(c for c in names if c in _BOOL_MESSAGE),
         )
@@ -1635,47 +1692,48 @@ def _read_groups(
                     finished += 1
                     continue
             checked = False
-            while True:
-                rows = src.execute(columns.read_many, (sid, batch, cursor))
-                if src.generation != generation:
-                    generation = src.generation
-                    again = _fingerprint()
-                    if cursor and (
-                        prefix(cursor, fingerprint=again) is None
-                        or again.digest() != fingerprint.digest()
-                    ):
-                        report.diverged_sessions.append(sid)
-                        break
-                if rows:
-                    messages = [columns.message(r) for r in rows]
-                    problem = None
-                    if not checked and len(rows) == batch:
-                        # Longer than a batch: its first is written before the rest
-                        # is read, so all of it is checked first (nothing of an
-                        # invalid session is written).
-                        problem = _first_problem(
-                            src, columns, sid, cursor + batch, batch, stopping=stopping
-                        )
-                    checked = True
-                    try:
-                        encoded = [
-                            _codec.encode_message(m, cursor + i) for i, m in enumerate(messages)
-                        ]
-                    except InvalidMessageError as exc:
-                        problem = _not_utf8(messages, cursor) or str(exc)
-                    if problem is not None:
-                        report.invalid_sessions[sid] = problem
-                        break
-                    group.append(Chunk(sid, cursor, encoded, before_digest, histories[sid]))
-                    for message in encoded:
-                        fingerprint.update(message.digest)
-                    size += len(rows)
-                    cursor, before_digest = cursor + len(rows), encoded[-1].digest
-                if len(rows) < batch:
-                    break  # read whole: its snapshot is let go before the group is handed on
-                if size >= batch:
-                    yield group, finished
-                    group, size, finished = [], 0, 0
+            reading = src.batches(columns.read_many, sid, start=cursor, size=batch)
+            with contextlib.closing(reading):
+                for rows in reading:
+                    if src.generation != generation:
+                        generation = src.generation
+                        again = _fingerprint()
+                        if cursor and (
+                            prefix(cursor, fingerprint=again) is None
+                            or again.digest() != fingerprint.digest()
+                        ):
+                            report.diverged_sessions.append(sid)
+                            break
+                    if rows:
+                        messages = [columns.message(r) for r in rows]
+                        problem = None
+                        if not checked and len(rows) == batch:
+                            # Longer than a batch: its first is written before the rest
+                            # is read, so all of it is checked first (nothing of an
+                            # invalid session is written).
+                            problem = _first_problem(
+                                src, columns, sid, cursor + batch, batch, stopping=stopping
+                            )
+                        checked = True
+                        try:
+                            encoded = [
+                                _codec.encode_message(m, cursor + i) for i, m in enumerate(messages)
+                            ]
+                        except InvalidMessageError as exc:
+                            problem = _not_utf8(messages, cursor) or str(exc)
+                        if problem is not None:
+                            report.invalid_sessions[sid] = problem
+                            break
+                        group.append(Chunk(sid, cursor, encoded, before_digest, histories[sid]))
+                        for message in encoded:
+                            fingerprint.update(message.digest)
+                        size += len(rows)
+                        cursor, before_digest = cursor + len(rows), encoded[-1].digest
+                    if len(rows) < batch:
+                        break  # read whole: its snapshot is let go before the group is handed on
+                    if size >= batch:
+                        yield group, finished
+                        group, size, finished = [], 0, 0
         finished += 1
         if size >= batch:
             yield group, finished
@@ -1694,33 +1752,23 @@ def _first_problem(
 ) -> str | None:
     """Why a message of the session from ``start`` (1 or more) on cannot be stored, or None.
 
-    Read a batch at a time, each after the last one's last row (by ``id``, as
-    the source orders them), not with an ``OFFSET``, which read every row
-    before it again. Hermes' index does not order a session's rows by ``id``,
-    so each batch still sorts the rest of the session: 5.8 s for a session of
-    300,000 messages, 14.7 s with the ``OFFSET``. Once ``stopping`` is set, it
-    ends between two batches (its answer then taken by no one).
+    Read a batch at a time by one query (:meth:`Source.batches`). Once
+    ``stopping`` is set, it ends between two batches (its answer then taken by
+    no one).
     """
-    found = src.execute(_ID_AT, (session_id, start - 1))
-    if not found:
-        return None  # (the session holds no message from ``start`` on)
-    last = found[0][0]
-    while True:
-        rows = src.execute(columns.read_after, (session_id, last, batch))
-        messages = [columns.message(r[1:]) for r in rows]
-        try:
-            for i, message in enumerate(messages, start):
-                _codec.encode_message(message, i)
-        except InvalidMessageError as exc:
-            return _not_utf8(messages, start) or str(exc)
-        if len(messages) < batch or (stopping is not None and stopping.is_set()):
-            return None
-        start += batch
-        last = rows[-1][0]
-
-
-#: The ``id`` of a session's message at a position (its place in ``id`` order).
-_ID_AT = "SELECT id FROM messages WHERE session_id = ? ORDER BY id LIMIT 1 OFFSET ?"
+    reading = src.batches(columns.read_many, session_id, start=start, size=batch)
+    with contextlib.closing(reading):
+        for rows in reading:
+            messages = [columns.message(r) for r in rows]
+            try:
+                for i, message in enumerate(messages, start):
+                    _codec.encode_message(message, i)
+            except InvalidMessageError as exc:
+                return _not_utf8(messages, start) or str(exc)
+            if stopping is not None and stopping.is_set():
+                return None
+            start += len(rows)
+    return None
 
 
 def _not_utf8(messages: list[dict[str, Any]], first: int) -> str | None:
@@ -1765,17 +1813,18 @@ def _checked_prefix(
     None if the source holds fewer messages, or one of them cannot be digested.
     """
     digest = None
-    for start in range(0, cursor, batch):
-        rows = src.execute(columns.read_many, (sid, min(batch, cursor - start), start))
-        for row in rows:
-            try:
-                digest = _codec.message_digest(columns.message(row))
-            except InvalidMessageError:
-                return None
-            fingerprint.update(digest)
-        if len(rows) < min(batch, cursor - start):
-            return None  # the source holds fewer messages than were imported
-    return digest
+    read = 0
+    reading = src.batches(columns.read_many, sid, start=0, count=cursor, size=batch)
+    with contextlib.closing(reading):
+        for rows in reading:
+            for row in rows:
+                try:
+                    digest = _codec.message_digest(columns.message(row))
+                except InvalidMessageError:
+                    return None
+                fingerprint.update(digest)
+            read += len(rows)
+    return digest if read == cursor else None  # fewer: fewer than were imported
 
 
 def _fingerprint() -> Any:
