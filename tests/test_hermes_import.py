@@ -1750,6 +1750,33 @@ def test_null_in_a_column_hermes_leaves_nullable_is_its_default(
     assert (store.get_session("b") or {})[column] in (0, False)
 
 
+@pytest.mark.parametrize(
+    "columns", ["", ", source TEXT, started_at REAL"], ids=["no such columns", "NULL in them"]
+)
+def test_a_hand_made_sessions_table_without_a_source_or_start_is_imported_with_the_defaults(
+    store: SessionStore, tmp_path: Path, columns: str
+) -> None:
+    """Columns hermes_orm keeps NOT NULL, missing from the table or NULL in it: its source is
+    'unknown' and its start 0.0, as a NULL in a Hermes table reads. A missing one failed the
+    whole import with a NOT NULL error, after the destination was migrated; a NULL start
+    became the column's default, a function, and the session was refused."""
+    source = tmp_path / "state.db"
+    with sqlite3.connect(source) as conn:
+        conn.execute(f"CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT{columns})")
+        conn.execute(
+            "CREATE TABLE messages "
+            "(id INTEGER PRIMARY KEY, session_id TEXT, role TEXT, content TEXT)"
+        )
+        conn.execute("INSERT INTO sessions (id, title) VALUES ('a', 'by hand')")
+        conn.execute("INSERT INTO messages (session_id, role, content) VALUES ('a', 'user', 'hi')")
+    conn.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    got = store.get_session("a") or {}
+    assert (got["source"], got["started_at"], got["title"]) == ("unknown", 0.0, "by hand")
+    assert [m["content"] for m in store.get_messages("a")] == ["hi"]
+
+
 def test_text_that_is_not_utf8_makes_only_its_session_invalid(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -514,6 +514,8 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
     select_list = ", ".join(map(_quoted, names))
     bools = sorted(_BOOL_SESSION.intersection(copied))
     defaults = [(k, v) for k, v in _SESSION_DEFAULTS.items() if k in copied]
+    # A column the table lacks (a table made by hand, not by Hermes) reads as NULL.
+    absent = [(k, v) for k, v in _SESSION_DEFAULTS.items() if k not in copied]
     rows = []
     rows_of: Counter[Any] = Counter()
     for row in src.execute(f"SELECT {select_list} FROM sessions ORDER BY rowid"):
@@ -529,6 +531,7 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
         for key, default in defaults:
             if fields[key] is None:
                 fields[key] = default
+        fields.update(absent)
         for key in bools:
             value = fields[key]
             fields[key] = None if value is None else bool(value)
@@ -566,13 +569,14 @@ def session_rows(src: Source, report: ImportReport | None = None) -> list[dict[s
 
 #: What NULL in a Hermes sessions column becomes where hermes_orm's column is NOT NULL.
 _SESSION_DEFAULTS: dict[str, Any] = {
-    "source": "unknown",
-    "started_at": 0.0,
     **{
         c.name: c.default.arg  # type: ignore[attr-defined]
         for c in _sessions.columns
         if not c.nullable and c.default is not None and c.name in SESSION_FIELDS
     },
+    # (after the columns' defaults: started_at's is the time of the insert, a function)
+    "source": "unknown",
+    "started_at": 0.0,
 }
 #: Types of values a session cannot hold: BLOBs, and text that is not UTF-8.
 _BINARY = frozenset({bytes, NotUtf8})
