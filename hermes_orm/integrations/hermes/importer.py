@@ -394,6 +394,8 @@ class Source:
             while True:
                 if generation != self.generation:  # another read went live: a new connection
                     cursor, generation = None, self.generation
+                    if lenient:
+                        self.conn.text_factory = _lenient_text
                 rows: list[tuple[Any, ...]] | None
                 try:
                     if cursor is None:
@@ -413,11 +415,15 @@ class Source:
                     if self.live:
                         raise StateDbError(f"reading {self.path} failed: {exc}") from exc
                     rows = None  # pages changed under the read: a checkpoint ran
+                except sqlite3.Error as exc:
+                    raise StateDbError(f"reading {self.path} failed: {exc}") from exc
                 if not self.live and (
                     rows is None or self._file_stamp() != self._stamp or self._writer_files()
                 ):
                     self._go_live()
                     cursor, generation = None, self.generation
+                    if lenient:  # (a new connection: its text read as this read's was)
+                        self.conn.text_factory = _lenient_text
                     continue
                 assert rows is not None  # (a live read's failure raised)
                 done += len(rows)
@@ -426,7 +432,8 @@ class Source:
                     return
         finally:
             if cursor is not None and generation == self.generation:
-                cursor.close()
+                with contextlib.suppress(sqlite3.Error):  # (the source closed first)
+                    cursor.close()
             if lenient:
                 self.conn.text_factory = str
 
