@@ -406,6 +406,48 @@ def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
 
 
 @pytest.mark.parametrize(
+    "then", ["another session's turn", "the exit", "its resumed turn", "a new conversation"]
+)
+def test_an_end_the_locked_database_refused_is_written_later_in_its_place(
+    db_url: str, status: StatusFile, store: SessionStore, then: str
+) -> None:
+    """``/new`` while another writer holds the database past the retries: the end is
+    written with the next write the database takes, or at exit, or before the session's
+    next turn (which then reopens it, or starts its next revision). It was never
+    written, and the status promised a catch-up by a turn that never comes."""
+    m = Mirror(db_url, status=status, wait=0.05)
+    m.turn("s1", _turn(1))
+    assert m._worker.drain(30)
+    with _Locked(db_url):
+        m.finalize("s1", "new_session")
+        assert m._worker.drain(60)  # the end's whole retry schedule, refused
+    assert (store.get_session("s1") or {})["ended_at"] is None
+    assert (
+        status.read()["error"]["todo"]
+        == "its end is written with the mirror's next write, or at exit"
+    )
+    if then == "another session's turn":
+        m.turn("s2", _turn(1))
+        assert m._worker.drain(30)
+        assert (store.get_session("s1") or {})["end_reason"] == "new_session"  # before the exit
+    elif then == "its resumed turn":
+        m.turn("s1", _turn(1) + _turn(2))
+    elif then == "a new conversation":
+        m.turn("s1", _turn(7))
+    m.close()
+    ended = store.get_session("s1") or {}
+    if then == "its resumed turn":  # ended, then reopened, as Hermes' own row
+        assert (ended["ended_at"], ended["end_reason"]) == (None, None)
+        assert _stored(store, "s1") == _turn(1) + _turn(2)
+    else:
+        assert ended["end_reason"] == "new_session"
+        assert _stored(store, "s1") == _turn(1)
+    if then == "a new conversation":
+        assert _stored(store, "s1#2") == _turn(7)
+    assert "error" not in status.read()
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "postgresql://hermes:S3CRET@127.0.0.1:1/nowhere",
@@ -1290,6 +1332,54 @@ def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none
     assert stored == [("question", False), ("answer", False), ("[summary]", True)]
     assert history[1][PERSISTED_MARK] is True
     flush.close()
+
+
+@pytest.mark.parametrize("lock", ["released before the end", "held past the end"])
+def test_store_modes_failed_repair_is_tried_at_the_sessions_end_then_given_up(
+    db_url: str,
+    status: StatusFile,
+    store: SessionStore,
+    lock: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``/new`` after a turn whose repair found the database locked: the repair is tried
+    then, in its place, or given up. It was kept to the exit, when another process may
+    have resumed the session and written turns: it went after them, out of order."""
+    from hermes_orm import RetryPolicy
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+    from tests._agent_runner import _Lock
+
+    hermes = SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2)
+    db = SessionDB(hermes)
+    db.create_session("a", "cli")
+    db.append_message("a", "user", "question 1")  # Hermes stored it; its answer's append failed
+    history = [
+        {"role": "user", "content": "question 1", PERSISTED_MARK: True},
+        {"role": "assistant", "content": "answer 1"},
+    ]
+    flush = StoreFlush(db_url, status=status, wait=30)
+    locked = _Lock(db_url)
+    locked.take()
+    flush.turn("a", history)  # the end-of-turn repair finds the database locked
+    if lock == "released before the end":
+        locked.release()
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        flush.finalize("a", "new_session")
+        assert flush._worker.drain(60)
+    if lock == "held past the end":
+        locked.release()
+    other = SessionDB(store)  # another process resumes the session
+    other.append_message("a", "user", "question 2")
+    other.append_message("a", "assistant", "answer 2")
+    flush.close()
+    hermes.close()
+    contents = [m["content"] for m in store.get_messages("a")]
+    if lock == "released before the end":
+        assert contents == ["question 1", "answer 1", "question 2", "answer 2"]
+    else:
+        assert contents == ["question 1", "question 2", "answer 2"]
+        assert "still not stored; they are given up" in caplog.text
 
 
 def test_the_writer_says_which_sessions_it_holds_writes_of() -> None:
