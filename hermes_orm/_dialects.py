@@ -1312,6 +1312,10 @@ def configure_engine(
                     f"{known / 1000:g} s, not {millis / 1000:g} s: give stores on one engine "
                     "the same lock_timeout"
                 )
+            if engine.dialect.driver in ("psycopg", "psycopg_async") and not event.contains(
+                engine, "checkout", _prepare_nothing
+            ):
+                event.listen(engine, "checkout", _prepare_nothing)
         return
     if engine.dialect.name != "sqlite":
         return
@@ -2149,6 +2153,22 @@ def write_begin(dialect: str) -> tuple[tuple[str, tuple[()]], ...]:
 #: Engines whose stores set ``lock_timeout`` in each transaction (behind
 #: PgBouncer), with its value in milliseconds.
 _per_transaction: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+
+
+def _prepare_nothing(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """``checkout`` listener of a psycopg engine behind PgBouncer: no prepared statements.
+
+    psycopg prepares a statement its connection ran 5 times, under a name it
+    numbers per client connection (``_pg3_0``, ...). Behind a pooler in
+    transaction mode the server connection is another client's now and then:
+    its statement of that name is run instead (another query, another
+    session's row returned) or the prepare collides. An engine hermes_orm
+    builds is made with ``prepare_threshold=None``; one passed in is given it
+    at each checkout (psycopg's setting may change on an open connection).
+    """
+    driver = record.driver_connection
+    if driver is not None and driver.prepare_threshold is not None:
+        driver.prepare_threshold = None
 
 
 def transaction_settings(

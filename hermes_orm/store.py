@@ -2203,8 +2203,9 @@ class SessionStore(_Sessions):
         pgbouncer: The PostgreSQL server is reached through PgBouncer in
             transaction pooling mode (also ``?pgbouncer=true`` in the URL): the
             store then sets ``lock_timeout`` in each of its transactions, and an
-            engine it builds prepares no statements. An Engine passed in must
-            be made so itself (psycopg: ``connect_args={"prepare_threshold": None}``).
+            engine it builds prepares no statements. A psycopg Engine passed in
+            is given ``prepare_threshold=None`` at each checkout; an asyncpg one
+            must be made so itself (see the README).
         schema: The PostgreSQL schema holding hermes_orm's tables (also
             ``?schema=NAME`` in the URL, or the engine's ``schema_translate_map``
             entry for tables with no schema). Each transaction puts it first on

@@ -182,6 +182,50 @@ def test_prepared_statements_meeting_on_one_server_connection(
         second.close()
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async"])
+def test_an_engine_passed_in_with_the_flag_prepares_nothing(
+    pg_server_url: str, pg_db: str, driver: str
+) -> None:
+    """Two applications' engines made with psycopg's defaults, each told to the store it is
+    behind the pooler: their clients share its one server connection, and no statement
+    one prepared there runs as the other's. Each prepared its own 6th call's statement
+    under the same name: the second's collided, or ran the first's, another session's
+    row returned as the one asked for."""
+    with pgbouncer(pg_server_url, pool_size=1) as pooler_url:
+        url = make_url(_stripped(through_pgbouncer(pooler_url, pg_db))).set(
+            drivername=f"postgresql+{driver}"
+        )
+
+        async def calls(first: Any, second: Any) -> None:
+            async def run(result: Any) -> Any:
+                return await result if asyncio.iscoroutine(result) else result
+
+            await run(first.create_session("seven", source="cli", title="seven"))
+            await run(second.create_session("other", source="cli", title="other"))
+            for _ in range(7):
+                assert (await run(first.get_session("seven")))["title"] == "seven"
+                listed = await run(second.list_sessions(limit=5))
+                assert sorted(row["id"] for row in listed.sessions) == ["other", "seven"]
+                assert (await run(second.get_session("other")))["title"] == "other"
+            for store in (first, second):
+                await run(store.close())
+
+        if driver == "psycopg":
+            engines = [create_engine(url) for _ in range(2)]
+            asyncio.run(calls(*(SessionStore(e, pgbouncer=True) for e in engines)))
+            for engine in engines:
+                engine.dispose()
+        else:
+
+            async def main() -> None:
+                engines = [create_async_engine(url) for _ in range(2)]
+                await calls(*(AsyncSessionStore(e, pgbouncer=True) for e in engines))
+                for engine in engines:
+                    await engine.dispose()
+
+            asyncio.run(main())
+
+
 def test_the_prepared_statement_hint_names_the_drivers_own_settings() -> None:
     """asyncpg's adapter error (as PgBouncer makes it): asyncpg's settings, not psycopg's."""
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
