@@ -1295,6 +1295,27 @@ def test_store_modes_turn_start_asks_the_writer_while_its_last_flush_still_runs(
     assert [m["content"] for m in store.get_messages("a")] == ["question", "answer"]
 
 
+def _hermes_missed_its_answer(
+    db_url: str, question: str, answer: str
+) -> tuple[SessionStore, Any, list[dict[str, Any]]]:
+    """Store mode's session ``a`` as Hermes left it: its question stored, its answer's
+    append failed. Returns the store under Hermes' SessionDB (one try per write), the
+    SessionDB, and Hermes' live list of the turn."""
+    from hermes_orm import RetryPolicy
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK
+
+    hermes = SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2)
+    db = SessionDB(hermes)
+    db.create_session("a", "cli")
+    db.append_message("a", "user", question)
+    history = [
+        {"role": "user", "content": question, PERSISTED_MARK: True},
+        {"role": "assistant", "content": answer},
+    ]
+    return hermes, db, history
+
+
 def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none(
     db_url: str, status: StatusFile, store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1303,20 +1324,13 @@ def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none
     A rewrite the database refused (locked) drops no repair: it is still
     written, first, by the rewrite that goes through.
     """
-    from hermes_orm import DatabaseBusyError, RetryPolicy
-    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm import DatabaseBusyError
     from hermes_orm.integrations.hermes import mirror as mirror_module
     from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
     from tests._agent_runner import _Lock
 
     monkeypatch.setattr(mirror_module, "CATCH_UP_PATIENCE", 0.5)
-    db = SessionDB(SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2))
-    db.create_session("a", "cli")
-    db.append_message("a", "user", "question")  # Hermes stored it; its answer's append failed
-    history = [
-        {"role": "user", "content": "question", PERSISTED_MARK: True},
-        {"role": "assistant", "content": "answer"},
-    ]
+    _, db, history = _hermes_missed_its_answer(db_url, "question", "answer")
     flush = StoreFlush(db_url, status=status, wait=30)
     db._repairs = flush
     lock = _Lock(db_url)
@@ -1345,19 +1359,11 @@ def test_store_modes_failed_repair_is_tried_at_the_sessions_end_then_given_up(
     """``/new`` after a turn whose repair found the database locked: the repair is tried
     then, in its place, or given up. It was kept to the exit, when another process may
     have resumed the session and written turns: it went after them, out of order."""
-    from hermes_orm import RetryPolicy
     from hermes_orm.integrations.hermes import SessionDB
-    from hermes_orm.integrations.hermes.mirror import PERSISTED_MARK, StoreFlush
+    from hermes_orm.integrations.hermes.mirror import StoreFlush
     from tests._agent_runner import _Lock
 
-    hermes = SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2)
-    db = SessionDB(hermes)
-    db.create_session("a", "cli")
-    db.append_message("a", "user", "question 1")  # Hermes stored it; its answer's append failed
-    history = [
-        {"role": "user", "content": "question 1", PERSISTED_MARK: True},
-        {"role": "assistant", "content": "answer 1"},
-    ]
+    hermes, _, history = _hermes_missed_its_answer(db_url, "question 1", "answer 1")
     flush = StoreFlush(db_url, status=status, wait=30)
     locked = _Lock(db_url)
     locked.take()
