@@ -65,6 +65,22 @@ def log_as_the_engine(conn: Connection) -> Connection:
     return conn
 
 
+def interrupt_behind(exc: BaseException) -> BaseException:
+    """The interrupt an assertion of SQLAlchemy's transaction bookkeeping hid, else ``exc``.
+
+    ``RootTransaction.commit`` (and its rollback) asserts in a ``finally`` that
+    the transaction ended: a Ctrl-C or a cancellation landing as the COMMIT
+    begins comes out as that ``AssertionError``, an ``Exception`` an
+    application's ``except Exception`` takes for a failed write (and swallows),
+    the interrupt in its ``__context__``.
+    """
+    if type(exc) is AssertionError:
+        context = exc.__context__
+        if context is not None and not isinstance(context, Exception):
+            return context
+    return exc
+
+
 def pool_has_room(pool: Pool) -> bool:
     """Whether ``pool`` could give out another connection now, without waiting.
 

@@ -767,7 +767,7 @@ def _attempt(
         except Exception:
             with contextlib.suppress(Exception):  # the connection is beyond use
                 conn.invalidate()
-        raise
+        raise _sa.interrupt_behind(exc)  # noqa: B904 (the interrupt, its own traceback kept)
 
 
 def check_bind(bind: Any, engine: type) -> None:

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1075,6 +1076,35 @@ def test_retry_bound_raises_a_typed_busy_error(engine: Engine, backend: str) -> 
 
 def _plain(count: int) -> list[dict[str, Any]]:
     return [{"role": "user", "content": f"line {i}"} for i in range(count)]
+
+
+@pytest.mark.apis("sync")  # (the hook below watches this thread's calls)
+@pytest.mark.parametrize("call", ["create_session", "end_session"])
+def test_a_ctrl_c_as_the_commit_begins_reaches_the_caller_as_itself(
+    store: SessionStore, call: str
+) -> None:
+    """SQLAlchemy asserts, as its commit ends, that the transaction did: a Ctrl-C landing
+    as the COMMIT begins came out as that AssertionError, which an application's
+    ``except Exception`` (Hermes' own write loop) takes for a failed write and swallows."""
+    store.create_session("s", source="cli")
+    store.flush("s", _plain(1))
+
+    def ctrl_c(frame: Any, event: str, _arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "_do_commit":
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    work = functools.partial(store.create_session, "t", source="cli")
+    if call == "end_session":
+        work = functools.partial(store.end_session, "s", "done")
+    sys.setprofile(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            work()
+    finally:
+        sys.setprofile(None)
+    assert ((store.get_session("s") or {})["ended_at"], store.get_session("t")) == (None, None)
+    assert store.flush("s", _plain(2)).written == 1  # (nothing left held)
 
 
 def _lose_last_commits(engine: Engine, session_id: str, kept: int) -> None:
