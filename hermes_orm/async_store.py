@@ -277,6 +277,8 @@ class AsyncSessionStore(_AsyncSessions):
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
+        elif replica is not None:  # (an application's: the pooler's rules too)
+            _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []

@@ -2204,7 +2204,8 @@ class SessionStore(_Sessions):
             transaction pooling mode (also ``?pgbouncer=true`` in the URL): the
             store then sets ``lock_timeout`` in each of its transactions, and an
             engine it builds prepares no statements. A psycopg Engine passed in
-            is given ``prepare_threshold=None`` at each checkout; an asyncpg one
+            (a replica's too) is given ``prepare_threshold=None`` at each
+            checkout, and its transactions ``lock_timeout``; an asyncpg one
             must be made so itself (see the README).
         schema: The PostgreSQL schema holding hermes_orm's tables (also
             ``?schema=NAME`` in the URL, or the engine's ``schema_translate_map``
@@ -2257,6 +2258,8 @@ class SessionStore(_Sessions):
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
         if isinstance(replica, str | URL):
             replica = _dialects.create_store_engine(replica, schema=schema, **settings)
+        elif replica is not None:  # (an application's: the pooler's rules too)
+            _dialects.configure_engine(replica, **settings)
         self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one).

@@ -186,8 +186,9 @@ def test_prepared_statements_meeting_on_one_server_connection(
 def test_an_engine_passed_in_with_the_flag_prepares_nothing(
     pg_server_url: str, pg_db: str, driver: str
 ) -> None:
-    """Two applications' engines made with psycopg's defaults, each told to the store it is
-    behind the pooler: their clients share its one server connection, and no statement
+    """Two applications' engines made with psycopg's defaults (and their replicas' engines),
+    each told to the store it is behind the pooler: their clients share its one server
+    connection, and no statement
     one prepared there runs as the other's. Each prepared its own 6th call's statement
     under the same name: the second's collided, or ran the first's, another session's
     row returned as the one asked for."""
@@ -204,22 +205,26 @@ def test_an_engine_passed_in_with_the_flag_prepares_nothing(
             await run(second.create_session("other", source="cli", title="other"))
             for _ in range(7):
                 assert (await run(first.get_session("seven")))["title"] == "seven"
-                listed = await run(second.list_sessions(limit=5))
-                assert sorted(row["id"] for row in listed.sessions) == ["other", "seven"]
+                for store in (first, second):
+                    listed = await run(store.list_sessions(limit=5))
+                    assert sorted(row["id"] for row in listed.sessions) == ["other", "seven"]
                 assert (await run(second.get_session("other")))["title"] == "other"
             for store in (first, second):
                 await run(store.close())
 
+        # Each with a replica engine of its own too (the same database), serving the lists.
         if driver == "psycopg":
-            engines = [create_engine(url) for _ in range(2)]
-            asyncio.run(calls(*(SessionStore(e, pgbouncer=True) for e in engines)))
+            engines = [create_engine(url) for _ in range(4)]
+            pairs = zip(engines[::2], engines[1::2], strict=True)
+            asyncio.run(calls(*(SessionStore(e, pgbouncer=True, replica=r) for e, r in pairs)))
             for engine in engines:
                 engine.dispose()
         else:
 
             async def main() -> None:
-                engines = [create_async_engine(url) for _ in range(2)]
-                await calls(*(AsyncSessionStore(e, pgbouncer=True) for e in engines))
+                engines = [create_async_engine(url) for _ in range(4)]
+                pairs = zip(engines[::2], engines[1::2], strict=True)
+                await calls(*(AsyncSessionStore(e, pgbouncer=True, replica=r) for e, r in pairs))
                 for engine in engines:
                     await engine.dispose()
 

@@ -544,7 +544,9 @@ HermesSessions = Callable[[str], dict[str, Any] | None]
 HermesConversation = Callable[[str], list[dict[str, Any]] | None]
 
 _CATCH_UP = "the next completed turn of the session catches up"
-_END_LATER = "its end is written with the mirror's next write, or at exit"
+#: A refused end is not tried again: by then the session may be resumed, ended by
+#: another process or by a compression, each with its own reason.
+_END_LOST = "its end is not written: the mirrored copy stays open until a turn resumes it"
 
 
 class Mirror:
@@ -599,10 +601,6 @@ class Mirror:
         # yet, oldest first (see _write).
         self._failing: dict[str, dict[str, Any]] = {}
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
-        # The sessions whose end failed to be written, with its reason: tried again
-        # after the next write the database takes, at exit (no turn of an ended
-        # session comes to do it), or before the session's next turn.
-        self._unended: OrderedDict[str, str] = OrderedDict()
         self._status_checked = False
 
     # -- hooks (Hermes' thread): copy, queue, wait a bounded time --------------------------
@@ -670,7 +668,7 @@ class Mirror:
         """
         deadline = time.monotonic() + timeout
         drained = self._worker.drain(timeout)
-        if drained and (self._unwritten or self._unended):
+        if drained and self._unwritten:
             self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
@@ -686,13 +684,6 @@ class Mirror:
                 len(self._unwritten),
                 ", ".join(list(self._unwritten)[:5]),
                 self._kept_elsewhere,
-            )
-        if self._unended:
-            logger.warning(
-                "hermes_orm mirror: at exit, the end of %d session(s) still not written (%s); "
-                "their mirrored copies stay open until a turn resumes them",
-                len(self._unended),
-                ", ".join(list(self._unended)[:5]),
             )
         _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
@@ -831,20 +822,9 @@ class Mirror:
         return self._write(session_id, jobs) if jobs else False
 
     def _catch_up_all(self) -> None:
-        """Write every session's lists not written yet, then the ends not written yet.
-
-        (At exit: no later turn will.)
-        """
+        """Write every session's lists not written yet (at exit: no later turn will)."""
         for session_id in list(self._unwritten):
             self._catch_up(session_id)
-        self._end_unended()
-
-    def _end_unended(self) -> None:
-        """Write the ends that failed, oldest first, while the database takes them."""
-        for session_id, reason in list(self._unended.items()):
-            self._end(session_id, reason)
-            if session_id in self._unended:  # failed again: the database still refuses
-                return
 
     def _flush(self, turn: Turn) -> None:
         """Write ``turn``'s list, after the session's earlier lists not written yet.
@@ -855,17 +835,7 @@ class Mirror:
         messages the new list lacks: it is written first, into the revision it
         continues, and the new list then starts the next revision.
         """
-        reason = self._unended.pop(turn.session_id, None)
-        if reason is not None:
-            # A turn after the session's end not written yet: the end goes first, in its
-            # place (the turn then reopens the copy if it resumes the conversation, see
-            # _resolve). Refused again, it is given up: this turn comes after it
-            # (resumed, or a new conversation, which ends the old one as rewritten).
-            self._end(turn.session_id, reason)
-            self._unended.pop(turn.session_id, None)
-        busy = self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
-        if self._unended and not busy and turn.session_id not in self._failing:
-            self._end_unended()
+        self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
 
     def _write(self, session_id: str, jobs: list[Turn]) -> bool:
         """Flush ``jobs`` (oldest first) in order; keep those that fail for a later write.
@@ -1114,7 +1084,6 @@ class Mirror:
 
     def _end(self, session_id: str, reason: str) -> None:
         # No turn comes after the end to catch up: the lists not written are tried now.
-        self._unended.pop(session_id, None)
         self._write(session_id, self._unwritten.pop(session_id, []))
 
         if session_id not in self._unwritten:  # (its lists written: the database took them)
@@ -1132,12 +1101,7 @@ class Mirror:
             _end_open(store, self._revisions(store, session_id), reason)
 
         # Still failing, its error stays on record: the session ends without all of it.
-        if self._guarded(session_id, work, catches_up=False, todo=_END_LATER) != "ran":
-            self._unended[session_id] = reason
-            while len(self._unended) > _TRACKED_MAX:
-                self._unended.popitem(last=False)
-        elif self._failing.get(session_id, {}).get("todo") == _END_LATER:
-            self._succeeded(session_id)  # the failure on record was this end's own
+        self._guarded(session_id, work, catches_up=False, todo=_END_LOST)
 
 
 def _end_open(store: SessionStore, revisions: list[dict[str, Any]], reason: str) -> None:
@@ -1545,8 +1509,14 @@ class StoreFlush(Mirror):
         with self._snapshots_lock:
             self._snapshots.pop(session_id, None)
         end = ("end", session_id, next(self._lines))
-        self._worker.submit(end, lambda: self._last_try(session_id))
-        return True
+        # Waited for as a turn's repair is: Hermes writes what it has not marked once
+        # the hook returns (``/new``), and must find the marks of what this stored.
+        return self._waited(
+            session_id,
+            end,
+            self._worker.submit(end, functools.partial(self._last_try, session_id)),
+            None,
+        )
 
     def _last_try(self, session_id: str) -> None:
         self._catch_up(session_id)
