@@ -392,9 +392,9 @@ class Source:
         generation = self.generation
         try:
             while True:
-                if generation != self.generation:  # another read went live: a new connection
+                if generation != self.generation:  # this read, or another, went live
                     cursor, generation = None, self.generation
-                    if lenient:
+                    if lenient:  # (the new connection reads text as this read did)
                         self.conn.text_factory = _lenient_text
                 rows: list[tuple[Any, ...]] | None
                 try:
@@ -420,10 +420,7 @@ class Source:
                 if not self.live and (
                     rows is None or self._file_stamp() != self._stamp or self._writer_files()
                 ):
-                    self._go_live()
-                    cursor, generation = None, self.generation
-                    if lenient:  # (a new connection: its text read as this read's was)
-                        self.conn.text_factory = _lenient_text
+                    self._go_live()  # (a new connection: taken up at the loop's top)
                     continue
                 assert rows is not None  # (a live read's failure raised)
                 done += len(rows)

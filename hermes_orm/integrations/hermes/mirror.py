@@ -1501,10 +1501,10 @@ class StoreFlush(Mirror):
     def finalize(self, session_id: str, reason: str) -> bool:
         """Forget the session's last turn; Hermes ends the session in the store itself.
 
-        Its turns whose repair failed are tried once more now, then given up: a
-        turn of this process no longer comes to write them where they belong.
-        Later (at exit), another process may have resumed the session and
-        written turns after them, and they would go after those turns.
+        Its turns whose repair failed are tried once more now, then given up: no
+        turn of this process comes to write them where they belong, and kept to
+        the exit they would land after the turns of another process that
+        resumed the session meanwhile.
         """
         with self._snapshots_lock:
             self._snapshots.pop(session_id, None)
