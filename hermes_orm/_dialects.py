@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
+    DisconnectionError,
     InvalidRequestError,
     NoSuchModuleError,
     OperationalError,
@@ -1073,10 +1074,8 @@ def _pg_connect_args(
                 f"options={given or in_url!r} with pgbouncer=true ({safe_url(url)}): PgBouncer "
                 "refuses startup options; set such settings on the server (ALTER ROLE ... SET)"
             )
-        if url.get_driver_name() == "asyncpg":
-            connect_args.setdefault("statement_cache_size", 0)
-            connect_args.setdefault("prepared_statement_name_func", _unnamed_statement)
-            return url.update_query_dict({"prepared_statement_cache_size": "0"})
+        # (asyncpg's statement caches are turned off as each connection is made:
+        # :func:`_connect_unprepared`, on every engine a store is told the flag of.)
         if url.get_driver_name() in ("psycopg", "psycopg_async"):
             connect_args.setdefault("prepare_threshold", None)
         return url
@@ -1316,6 +1315,12 @@ def configure_engine(
                 engine, "checkout", _prepare_nothing
             ):
                 event.listen(engine, "checkout", _prepare_nothing)
+            if engine.dialect.driver == "asyncpg" and not event.contains(
+                engine, "do_connect", _connect_unprepared
+            ):
+                # First: an application's own do_connect that connects ends the chain.
+                event.listen(engine, "do_connect", _connect_unprepared, insert=True)
+                event.listen(engine, "checkout", _made_unprepared)
         return
     if engine.dialect.name != "sqlite":
         return
@@ -2169,6 +2174,39 @@ def _prepare_nothing(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     driver = record.driver_connection
     if driver is not None and driver.prepare_threshold is not None:
         driver.prepare_threshold = None
+
+
+#: ``info`` key of a pool entry whose asyncpg connection :func:`_connect_unprepared` made.
+_UNPREPARED = "hermes_orm.unprepared"
+
+
+def _connect_unprepared(_dialect: Any, record: Any, _args: Any, params: dict[str, Any]) -> None:
+    """``do_connect`` listener of an asyncpg engine behind PgBouncer: it prepares nothing.
+
+    asyncpg caches the statements it prepares (its own cache, and SQLAlchemy's
+    adapter's), named from a counter each process starts at 1. Behind a pooler
+    in transaction mode they stay on whichever server connection they were
+    prepared on, where another process's statement of the same name is run in
+    their place (another query's rows returned) or collides. Both are fixed
+    when the connection is made: it gets no caches and the protocol's unnamed
+    statement, whether hermes_orm built the engine or the application did (with
+    whatever settings).
+    """
+    params["statement_cache_size"] = 0
+    params["prepared_statement_cache_size"] = 0
+    params["prepared_statement_name_func"] = _unnamed_statement
+    record.info[_UNPREPARED] = True
+
+
+def _made_unprepared(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """``checkout`` listener beside :func:`_connect_unprepared`: older connections are replaced.
+
+    A connection the pool made before a store was told of the pooler has its
+    caches: the pool closes it and connects afresh (SQLAlchemy's disconnect
+    handling on checkout), for the application's checkouts too.
+    """
+    if not record.info.get(_UNPREPARED):
+        raise DisconnectionError("made with prepared statements, which PgBouncer cannot keep")
 
 
 def transaction_settings(

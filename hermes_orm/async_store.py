@@ -232,7 +232,7 @@ class AsyncSessionStore(_AsyncSessions):
         lock_timeout: Seconds one attempt waits for a lock (see :class:`SessionStore`).
         check_schema: Refuse a database whose schema is not at the shipped head.
         pgbouncer: Reached through PgBouncer in transaction mode (see :class:`SessionStore`;
-            asyncpg engines it builds cache and name no statements).
+            asyncpg engines, built or passed in, cache and name no statements).
         schema: The PostgreSQL schema of the tables (see :class:`SessionStore`).
         replica: A PostgreSQL standby (a URL or an AsyncEngine) serving
             ``list_sessions``, ``get_messages`` and ``search`` (see :class:`SessionStore`).

@@ -2205,8 +2205,9 @@ class SessionStore(_Sessions):
             store then sets ``lock_timeout`` in each of its transactions, and an
             engine it builds prepares no statements. A psycopg Engine passed in
             (a replica's too) is given ``prepare_threshold=None`` at each
-            checkout, and its transactions ``lock_timeout``; an asyncpg one
-            must be made so itself (see the README).
+            checkout, and its transactions ``lock_timeout`` (an asyncpg
+            AsyncEngine passed to the async store makes its connections with no
+            statement cache and unnamed statements; see the README).
         schema: The PostgreSQL schema holding hermes_orm's tables (also
             ``?schema=NAME`` in the URL, or the engine's ``schema_translate_map``
             entry for tables with no schema). Each transaction puts it first on

@@ -231,6 +231,54 @@ def test_an_engine_passed_in_with_the_flag_prepares_nothing(
             asyncio.run(main())
 
 
+def test_an_asyncpg_engine_passed_in_with_the_flag_leaves_no_statement_on_the_server(
+    pg_server_url: str, pg_db: str
+) -> None:
+    """asyncpg names the statements it caches from a counter each process starts at 1,
+    and they stay on the pooler's server connection, where another process's statement
+    of the same name runs in their place. An application's engines made with asyncpg's
+    defaults (the primary's and a replica's), told to a store with the flag, prepare no
+    named statement from then on: a connection made before is replaced, and the
+    application's own queries on them are made the same way. An engine a store builds
+    for the pooler prepares none either."""
+    with pgbouncer(pg_server_url, pool_size=1) as pooler_url:
+        url = make_url(_stripped(through_pgbouncer(pooler_url, pg_db))).set(
+            drivername="postgresql+asyncpg"
+        )
+        named = text("SELECT name FROM pg_prepared_statements")
+
+        async def main() -> None:
+            engine, replica = create_async_engine(url), create_async_engine(url)
+            for one in (engine, replica):
+                async with one.connect() as conn:  # pooled, with asyncpg's caches
+                    before = set((await conn.execute(named)).scalars())
+            assert before  # asyncpg's own, left on the one server connection
+            store = AsyncSessionStore(engine, pgbouncer=True, replica=replica)
+            await store.create_session("s", source="cli")
+            for end in range(1, 5):
+                await store.flush("s", _turns(end, "s"))
+                assert await store.get_messages("s") == _turns(end, "s")
+                assert [row["id"] for row in (await store.list_sessions()).sessions] == ["s"]
+            for one in (engine, replica):
+                async with one.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                    assert set((await conn.execute(named)).scalars()) == before
+            await store.close()
+            # A store that builds its engine from the URL: the same.
+            built = AsyncSessionStore(url.render_as_string(False) + "?pgbouncer=true")
+            await built.create_session("b", source="cli")
+            for end in range(1, 5):
+                await built.flush("b", _turns(end, "b"))
+                assert await built.get_messages("b") == _turns(end, "b")
+            await built.close()
+            async with engine.connect() as conn:
+                assert set((await conn.execute(named)).scalars()) == before
+            for one in (engine, replica):
+                await one.dispose()
+
+        asyncio.run(main())
+
+
 def test_the_prepared_statement_hint_names_the_drivers_own_settings() -> None:
     """asyncpg's adapter error (as PgBouncer makes it): asyncpg's settings, not psycopg's."""
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
