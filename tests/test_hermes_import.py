@@ -2279,3 +2279,108 @@ def test_a_title_and_a_parent_link_written_as_the_import_writes_sessions(
     links = [store.get_session(sid)["parent_session_id"] for sid in "AB"]  # type: ignore[index]
     assert links == [None, "A"]
     assert verify_database(store).ok
+
+
+def test_hermes_settings_routes_and_telegram_topics_come_through_as_hermes_reads_them(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A gateway switched to store mode after an import finds its chats where it left them:
+    Hermes' key/value settings (a session's goals), its routing of chat keys to sessions
+    and Telegram's topic mode, read through the store's SessionDB as Hermes reads them."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("s1", "s2"):
+        hermes.create_session(sid, "telegram")
+    hermes.set_meta("goal:s1", '{"goal": "ship the release", "done": false}')
+    hermes.save_gateway_routing_entry("agent:main:telegram:dm:42", '{"session_id": "s1"}')
+    hermes.save_gateway_routing_entry("agent:main:cli", '{"session_id": "s2"}', scope="/srv/a")
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7", has_topics_enabled=True)
+    hermes.bind_telegram_topic(
+        chat_id="42", thread_id="9", user_id="7", session_key="agent:main:t:42:9", session_id="s1"
+    )
+    reads = [
+        lambda db: db.get_meta("goal:s1"),
+        lambda db: db.get_meta("telegram_dm_topic_schema_version"),
+        lambda db: db.load_gateway_routing_entries(),
+        lambda db: db.load_gateway_routing_entries(scope="/srv/a"),
+        lambda db: db.is_telegram_topic_mode_enabled(chat_id="42", user_id="7"),
+        lambda db: db.get_telegram_topic_binding(chat_id="42", thread_id="9"),
+        lambda db: db.list_telegram_topic_bindings_for_chat(chat_id="42"),
+    ]
+    expected = [read(hermes) for read in reads]
+    hermes.close()
+    assert all(expected[:4])
+    assert expected[-1]
+
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.settings_written == 6  # 2 settings, 2 routes, a chat's mode, a binding
+    assert [read(SessionDB(store)) for read in reads] == expected
+    for table, rows in (("state_meta", 2), ("gateway_routing", 2), ("telegram_dm_topic_mode", 1)):
+        assert (report.counts[table].source, report.counts[table].destination) == (rows, rows)
+    assert "telegram_dm_topic_bindings" in report.table()
+
+    again = import_state_db(source, store)
+    assert (again.ok, again.settings_written, again.kept_settings) == (True, 0, [])
+
+
+def test_settings_the_destination_changed_are_kept_and_newer_rows_win(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """After a switch to store mode the destination is the live store: a setting it holds
+    keeps its value (state_meta has no time to say which is newer; the report names it),
+    and a route or topic row is replaced only by a newer one. Rows the store cannot hold
+    are reported, and the rest imported."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import GatewayRoute
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s1", "telegram")
+    hermes.set_meta("mode", "from hermes")
+    hermes.set_meta("only-in-hermes", "1")
+    hermes.save_gateway_routing_entry("old", '{"session_id": "hermes"}')
+    hermes.save_gateway_routing_entry("new", '{"session_id": "hermes"}')
+    hermes.save_gateway_routing_entry("bad", '{"session_id": "x\x00"}')
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    hermes.bind_telegram_topic(
+        chat_id="42", thread_id="1", user_id="7", session_key="k1", session_id="s1"
+    )
+    hermes.close()
+    _edit_source(
+        source,
+        "UPDATE gateway_routing SET updated_at = 100 WHERE session_key = 'old'",
+        "UPDATE gateway_routing SET updated_at = 300 WHERE session_key = 'new'",
+        "INSERT INTO telegram_dm_topic_bindings"
+        " VALUES ('42', '2', '7', 'k2', 'ghost', 'auto', 1, 1)",
+        f"INSERT INTO state_meta VALUES ('{'k' * 256}', 'too long a key')",
+    )
+    ours = SessionDB(store)
+    ours.set_meta("mode", "live")
+    ours.save_gateway_routing_entry("old", '{"session_id": "live"}')
+    ours.save_gateway_routing_entry("new", '{"session_id": "live"}')
+    with store.engine.begin() as conn:  # the live rows' times: between the source's two
+        conn.execute(update(GatewayRoute).values(updated_at=200))
+
+    report = import_state_db(source, store)
+    assert not report.ok
+    assert ours.get_meta("mode") == "live"
+    assert report.kept_settings == ["state_meta ('mode')"]
+    assert ours.get_meta("only-in-hermes") == "1"
+    assert ours.load_gateway_routing_entries() == {
+        "old": '{"session_id": "live"}',  # the destination's is newer
+        "new": '{"session_id": "hermes"}',
+    }
+    assert set(report.invalid_rows) == {
+        "gateway_routing ('', 'bad')",
+        "telegram_dm_topic_bindings ('42', '2')",
+        f"state_meta ({'k' * 256!r:.37}...)",
+    }
+    assert "NUL" in report.invalid_rows["gateway_routing ('', 'bad')"]
+    assert "'ghost' is not in the destination" in report.table()
+    assert ours.get_telegram_topic_binding(chat_id="42", thread_id="1")["session_id"] == "s1"
+    assert ours.get_telegram_topic_binding(chat_id="42", thread_id="2") is None
+    assert (report.counts["gateway_routing"].source, report.counts["gateway_routing"].ok) == (
+        3,
+        False,
+    )

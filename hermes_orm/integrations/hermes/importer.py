@@ -51,6 +51,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
+from hermes_orm.integrations.hermes._side_tables import copy_side_tables
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
@@ -130,6 +131,12 @@ class ImportReport:
     amended_sessions: list[str] = field(default_factory=list)
     #: Messages of the source whose session has no sessions row, by session id: not imported.
     orphaned_messages: dict[str, int] = field(default_factory=dict)
+    #: Rows of Hermes' other tables (settings, gateway routing, Telegram topics) written.
+    settings_written: int = 0
+    #: ``state_meta`` keys the destination held with another value: its value kept.
+    kept_settings: list[str] = field(default_factory=list)
+    #: Rows of those tables the store cannot hold, each with why: not imported.
+    invalid_rows: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -144,6 +151,7 @@ class ImportReport:
             and not self.diverged_sessions
             and not self.invalid_sessions
             and not self.orphaned_messages
+            and not self.invalid_rows
         )
 
     def table(self) -> str:
@@ -166,6 +174,15 @@ class ImportReport:
             lines.append(
                 f"{sum(self.orphaned_messages.values()):,} message(s) of "
                 f"{len(self.orphaned_messages):,} sessions with no sessions row: not imported"
+            )
+        for row, reason in list(self.invalid_rows.items())[:10]:
+            lines.append(f"{row}: cannot be stored ({reason}): not imported")
+        if len(self.invalid_rows) > 10:
+            lines.append(f"{len(self.invalid_rows):,} rows of other tables not imported")
+        if self.kept_settings:
+            lines.append(
+                f"{len(self.kept_settings)} state_meta key(s) the destination held with another "
+                f"value kept it: {', '.join(self.kept_settings[:5])}"
             )
         if self.mirrored_sessions:
             lines.append(
@@ -773,6 +790,9 @@ def import_state_db(
 ) -> ImportReport:
     """Copy every session, message and per-model usage row of a Hermes state.db.
 
+    Hermes' settings (``state_meta``), gateway routing and Telegram topic tables
+    come too (see :mod:`hermes_orm.integrations.hermes._side_tables`).
+
     Args:
         source: Path of the Hermes ``state.db`` (read-only; never modified).
         destination: A :class:`SessionStore`, or a database URL or an Engine
@@ -873,9 +893,11 @@ def import_state_db(
         report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src, {*ids} - left)
+        side = copy_side_tables(store, src, report)
         if bar is not None:
             bar.update(final=True)
         _verify(store, src, ids, seen, report)
+        report.counts.update((name, TableCount(*pair)) for name, pair in side.items())
     finally:
         src.close()
         if store is not None and not isinstance(destination, SessionStore):
@@ -2204,6 +2226,7 @@ def main_import(path: str, url: str, out: TextIO = sys.stderr) -> int:
     rate = report.messages_written / report.seconds if report.seconds else 0.0
     print(
         f"wrote {report.sessions_written:,} sessions, {report.messages_written:,} messages, "
-        f"{report.usage_written:,} usage rows in {report.seconds:.1f}s ({rate:,.0f} msg/s)"
+        f"{report.usage_written:,} usage rows, {report.settings_written:,} rows of other tables "
+        f"in {report.seconds:.1f}s ({rate:,.0f} msg/s)"
     )
     return 0 if report.ok else 1
