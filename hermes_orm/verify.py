@@ -69,6 +69,8 @@ _READ = {
     for dialect in ("sqlite", "postgresql")
 }
 _SHOWN = 10  # positions, ids and the like listed in a problem's detail
+#: The session columns a check reads.
+_CHECKED = ("flushed_idx", "message_count", "tool_call_count", "history_id", "flushed_digest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,27 +262,53 @@ def _holes(positions: Sequence[int]) -> list[int]:
 
 def _unreadable(values: Sequence[Any]) -> str | None:
     """What makes a row's columns (READ_COLUMNS order, as stored) no message, if it says."""
+    held: set[Any] = set()
+    nulls: set[str] = set()
     for column, value in zip(_codec.READ_COLUMNS, values, strict=True):
         if column in _codec.JSON_COLUMNS and isinstance(value, str):
             try:
-                json.loads(value)
+                if json.loads(value) is None:
+                    nulls.add(column)  # JSON null (another client's): no value, as a NULL
+                    continue
             except ValueError:
                 return f"{column} is not valid JSON"
             except RecursionError:
                 return f"{column} is JSON nested too deep to be read"
+        if value is not None:
+            held.add("content" if column == "content_parts" else column)
     extra, order = values[0], values[1]
-    if isinstance(extra, str) and not isinstance(json.loads(extra), dict):
+    if "extra" in held and not isinstance(json.loads(extra), dict):
         return "extra is not a JSON object"
-    if isinstance(order, str):
+    if "key_order" in held:
         names = json.loads(order)
         if not isinstance(names, list):
             return "key_order is not a JSON list"
-        held = {c for c, v in zip(_codec.READ_COLUMNS, values, strict=True) if v is not None}
-        held |= set(json.loads(extra)) if isinstance(extra, str) else set()
-        for name in names:
-            if name not in held:
-                return f"key_order names {name!r}, which the row does not hold"
+        keys = held | set(json.loads(extra)) if "extra" in held else held
+        return _order_problem(names, keys, nulls)
     return None
+
+
+def _order_problem(names: list[Any], held: set[Any], nulls: set[str]) -> str | None:
+    """What makes ``key_order``'s ``names`` no order of the keys ``held``, if anything.
+
+    ``nulls``: the JSON columns holding JSON null.
+    """
+    for name in names:
+        if not isinstance(name, str):
+            return f"key_order holds {_codec.shown(name)}, which is no key"
+        if name not in held:
+            null = " (its column holds JSON null)" if name in nulls else ""
+            return f"key_order names {name!r}, which the row does not hold{null}"
+    return None
+
+
+def _cannot_read(values: Sequence[Any], exc: BaseException) -> str:
+    """Why a row's columns decode to no message: what :func:`_unreadable` finds, else ``exc``."""
+    try:
+        found = _unreadable(values)
+    except Exception:  # damage it has no words for: the decoder's own error says it
+        found = None
+    return found or _why(exc)
 
 
 #: What ``sqlite3`` says of a text value it cannot fetch.
@@ -334,15 +362,15 @@ def _message_rows(conn: Connection, session_id: str) -> tuple[Sequence[Any], dic
 def _inspect_session(
     conn: Connection, session_id: str, repair: bool
 ) -> tuple[int, list[Problem]] | None:
-    read = select(_sessions).where(_sessions.c.id == session_id)
+    # Only the columns checked, as stored: damage to another (JSON nested too deep, a
+    # flag holding a word) is no reason to leave the session's messages unchecked.
+    read = select(
+        *(type_coerce(_sessions.c[name], NullType()).label(name) for name in _CHECKED)
+    ).where(_sessions.c.id == session_id)
     session = conn.execute(read.with_for_update() if repair else read).first()
     if session is None:
         return None
-    stored_last = conn.execute(
-        select(type_coerce(_sessions.c.flushed_digest, NullType())).where(
-            _sessions.c.id == session_id
-        )
-    ).scalar()
+    stored_last = session.flushed_digest
     rows, undecodable = _message_rows(conn, session_id)
     problems: list[Problem] = []
 
@@ -391,7 +419,7 @@ def _inspect_session(
                 message = _codec.decode_row(row[3:], driver_parses_json=False)
                 encoded = _codec.encode_message(message)
             except Exception as exc:  # any damage to the row's columns
-                why = _unreadable(row[3:]) or _why(exc)
+                why = _cannot_read(row[3:], exc)
         if why is not None:
             found(
                 "message",

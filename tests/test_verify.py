@@ -310,6 +310,57 @@ def test_json_nested_too_deep_is_that_message_s_problem_and_the_rest_is_checked(
     assert [p.check for p in left.problems] == ["message"]
 
 
+def test_damage_verify_reads_past_leaves_the_session_checked_and_each_message_s_named(
+    store: SessionStore, engine: Engine
+) -> None:
+    """Other SQL damaged what verify has no check of: a sessions column (JSON nested
+    deeper than Python's parser goes), a key_order holding a list, tool calls stored as
+    JSON null that the key order names. The session is checked all the same (its wrong
+    message count found and repaired), and each message's damage is said in words."""
+    store.create_session("s", source="cli")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    store.flush(
+        "s",
+        [  # keys out of the read order: each row keeps its key_order
+            {"content": "hi", "role": "user"},
+            {"tool_calls": [call], "role": "assistant", "content": ""},
+            {"role": "tool", "content": "done", "tool_call_id": "c1"},
+        ],
+    )
+    messages, sessions = (
+        table_name(engine, "hermes_messages"),
+        table_name(engine, "hermes_sessions"),
+    )
+    with engine.begin() as conn:
+        for statement, value in (
+            (
+                f"UPDATE {sessions} SET extra = :v, message_count = 9 WHERE id = 's'",
+                "[" * 3000 + "]" * 3000,
+            ),
+            (
+                f"UPDATE {messages} SET key_order = :v WHERE session_id = 's' AND idx = 0",
+                '["role", ["x"]]',
+            ),
+            (f"UPDATE {messages} SET tool_calls = :v WHERE session_id = 's' AND idx = 1", "null"),
+        ):
+            conn.execute(text(statement), {"v": value})
+
+    for repair in (False, True):
+        report = verify_database(store, repair=repair)
+        assert {p.check for p in report.problems} == {"message", "message_count"}
+        assert [p.repaired for p in report.problems if p.check == "message_count"] == [repair]
+        said = [p.detail for p in report.problems if p.check == "message"]
+        assert len(said) == 2
+        assert "position 0 (id " in said[0]
+        assert "key_order holds ['x'], which is no key" in said[0]
+        assert "position 1 (id " in said[1]
+        assert (
+            "key_order names 'tool_calls', which the row does not hold (its column holds JSON null)"
+            in said[1]
+        )
+    assert {p.check for p in verify_database(store).problems} == {"message"}
+
+
 @pytest.mark.backends("sqlite")
 def test_text_that_is_not_utf8_is_that_message_s_problem_and_the_rest_is_checked(
     store: SessionStore, engine: Engine
