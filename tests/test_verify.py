@@ -762,6 +762,35 @@ def test_checks_without_repair_hold_no_write_lock_but_fts5_s_own(store: SessionS
     assert repaired == 4  # and a repair's of each session, and of the lineage
 
 
+@pytest.mark.backends("sqlite")
+def test_a_writer_holding_the_lock_throughout_leaves_only_fts5_s_own_check_undone(
+    store: SessionStore, db_url: str
+) -> None:
+    """An agent's long write holds SQLite's write lock past the store's waits: a check
+    still reports what it found, and says which check it could not run; a repair, which
+    must write, is refused with the busy error."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(2, "s"))
+    patient = SessionStore(db_url, retry=RetryPolicy(attempts=1), lock_timeout=0.2)
+    holder = create_engine(db_url, poolclass=NullPool)
+    with holder.connect() as conn:
+        conn.exec_driver_sql("UPDATE hermes_sessions SET message_count = 9 WHERE id = 's'")
+        conn.commit()
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        report = verify_database(patient)
+        assert [(p.check, p.session_id) for p in report.problems] == [("message_count", "s")]
+        assert report.unchecked == [
+            f"search: {table}'s integrity-check (another writer held the write lock throughout)"
+            for table in ("hermes_search", "hermes_search_cjk")
+        ]
+        with pytest.raises(hermes_orm.DatabaseBusyError):
+            verify_database(patient, repair=True)
+        conn.rollback()
+    assert verify_database(patient).unchecked == []
+    patient.close()
+    holder.dispose()
+
+
 @pytest.mark.backends("postgresql")
 def test_the_search_check_walks_the_ids_there_are_not_the_gaps_between(
     store: SessionStore, engine: Engine
