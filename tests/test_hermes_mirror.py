@@ -405,25 +405,51 @@ def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
     assert _stored(store, "other") == _turn(9)
 
 
-def test_an_end_the_locked_database_refused_is_said_to_be_lost_not_caught_up(
-    db_url: str, status: StatusFile, store: SessionStore
+@pytest.mark.parametrize(
+    "then", ["another turn", "exit", "written meanwhile", "resumed", "revised meanwhile"]
+)
+def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended(
+    db_url: str, status: StatusFile, store: SessionStore, then: str
 ) -> None:
-    """``/new`` while another writer holds the database past the retries: the end is not
-    written, and the status says so. It promised a catch-up by the session's next
-    completed turn, which an ended session never has."""
+    """``/new`` while another writer holds the database past the retries: the end is
+    written once the database takes this process's writes again (another session's
+    turn, or the exit), with the time and reason it was given, and the status cleared.
+    A session written to meanwhile (another process resumed it), or resumed here, has
+    moved on from the state that end closed: it is left open. So is one another process
+    began a new revision of (its end of this one, as ``rewritten``, not yet written)."""
     m = Mirror(db_url, status=status, wait=0.05)
     m.turn("s1", _turn(1))
     assert m._worker.drain(30)
+    ended = time.time()
     with _Locked(db_url):
         m.finalize("s1", "new_session")
         assert m._worker.drain(60)  # the end's whole retry schedule, refused
-    m.close()
+    refused = time.time()
     assert (store.get_session("s1") or {})["ended_at"] is None
     error = status.read()["error"]
     assert (error["session_id"], error["todo"]) == (
         "s1",
-        "its end is not written: the mirrored copy stays open until a turn resumes it",
+        "its end is written once the database takes this process's writes again (another "
+        "session's turn, or the exit), unless the session is written to or resumed first",
     )
+    if then == "written meanwhile":
+        store.flush("s1", _turn(1) + _turn(2))
+    if then == "resumed":  # (with nothing new yet: a turn here is this process's own)
+        m.turn("s1", _turn(1))
+    if then == "revised meanwhile":
+        store.create_session("s1#2", source="cli", parent_session_id="s1")
+    if then != "exit":
+        m.turn("s2", _turn(1))
+        assert m._worker.drain(30)
+    m.close()
+    row = store.get_session("s1") or {}
+    if then in ("another turn", "exit"):
+        assert row["end_reason"] == "new_session"
+        assert ended <= row["ended_at"] <= refused  # when it ended, not when written
+        assert status.read().get("error") is None
+    else:
+        assert (row["ended_at"], row["end_reason"]) == (None, None)
+        assert row["message_count"] == (8 if then == "written meanwhile" else 4)
 
 
 @pytest.mark.parametrize(

@@ -544,9 +544,26 @@ HermesSessions = Callable[[str], dict[str, Any] | None]
 HermesConversation = Callable[[str], list[dict[str, Any]] | None]
 
 _CATCH_UP = "the next completed turn of the session catches up"
-#: A refused end is not tried again: by then the session may be resumed, ended by
-#: another process or by a compression, each with its own reason.
-_END_LOST = "its end is not written: the mirrored copy stays open until a turn resumes it"
+_END_LOST = (
+    "its end is written once the database takes this process's writes again (another "
+    "session's turn, or the exit), unless the session is written to or resumed first"
+)
+
+
+@dataclass(frozen=True)
+class _LostEnd:
+    """An end the database refused, and the session as this process left it.
+
+    It is written later only onto that state: the revision still open, holding
+    the rows it held, and no newer revision. Anything else means another
+    writer, or a resume, or a compression, moved the session on: its end is
+    theirs to write.
+    """
+
+    revision: int
+    rows: int
+    reason: str
+    at: float
 
 
 class Mirror:
@@ -601,6 +618,8 @@ class Mirror:
         # yet, oldest first (see _write).
         self._failing: dict[str, dict[str, Any]] = {}
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
+        #: The ends the database refused, to write once it takes writes again.
+        self._lost_ends: OrderedDict[str, _LostEnd] = OrderedDict()
         self._status_checked = False
 
     # -- hooks (Hermes' thread): copy, queue, wait a bounded time --------------------------
@@ -668,7 +687,7 @@ class Mirror:
         """
         deadline = time.monotonic() + timeout
         drained = self._worker.drain(timeout)
-        if drained and self._unwritten:
+        if drained and (self._unwritten or self._lost_ends):
             self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
@@ -684,6 +703,13 @@ class Mirror:
                 len(self._unwritten),
                 ", ".join(list(self._unwritten)[:5]),
                 self._kept_elsewhere,
+            )
+        if self._lost_ends:
+            logger.warning(
+                "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
+                "(%s): their mirrored copies stay open until a turn resumes them",
+                len(self._lost_ends),
+                ", ".join(list(self._lost_ends)[:5]),
             )
         _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
@@ -822,9 +848,32 @@ class Mirror:
         return self._write(session_id, jobs) if jobs else False
 
     def _catch_up_all(self) -> None:
-        """Write every session's lists not written yet (at exit: no later turn will)."""
+        """Write every session's lists not written yet, and lost ends (at exit: no turn will)."""
         for session_id in list(self._unwritten):
             self._catch_up(session_id)
+        self._write_lost_ends()
+
+    def _write_lost_ends(self) -> None:
+        """Write the ends the database refused, each onto the state it was refused on.
+
+        One that the session has moved on from since (see :class:`_LostEnd`) is
+        given up: the state it ended is gone.
+        """
+        for session_id, lost in list(self._lost_ends.items()):
+            written: list[bool] = []
+            write = functools.partial(_end_as_left, session_id=session_id, lost=lost, out=written)
+            outcome = self._guarded(session_id, write, catches_up=False, todo=_END_LOST)
+            if outcome in ("busy", "down"):
+                return  # still refused: the next write tries again
+            del self._lost_ends[session_id]
+            if written == [True] and self._failing.get(session_id, {}).get("todo") == _END_LOST:
+                self._succeeded(session_id)  # (the end's refusal was the last on record)
+            elif written == [False]:
+                logger.info(
+                    "hermes_orm mirror: the end of session %s, refused earlier, is not written: "
+                    "the session was written to or resumed since",
+                    session_id,
+                )
 
     def _flush(self, turn: Turn) -> None:
         """Write ``turn``'s list, after the session's earlier lists not written yet.
@@ -835,7 +884,10 @@ class Mirror:
         messages the new list lacks: it is written first, into the revision it
         continues, and the new list then starts the next revision.
         """
-        self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
+        self._lost_ends.pop(turn.session_id, None)  # resumed: its end is the next one
+        busy = self._write(turn.session_id, [*self._unwritten.pop(turn.session_id, []), turn])
+        if self._lost_ends and not busy and turn.session_id not in self._unwritten:
+            self._write_lost_ends()
 
     def _write(self, session_id: str, jobs: list[Turn]) -> bool:
         """Flush ``jobs`` (oldest first) in order; keep those that fail for a later write.
@@ -1100,8 +1152,40 @@ class Mirror:
             # (into the history it continues) left open; one rewritten keeps its reason.
             _end_open(store, self._revisions(store, session_id), reason)
 
+        self._lost_ends.pop(session_id, None)  # (this end is the session's last)
+        tracked, at = self._tracked.get(session_id), time.time()
         # Still failing, its error stays on record: the session ends without all of it.
-        self._guarded(session_id, work, catches_up=False, todo=_END_LOST)
+        outcome = self._guarded(session_id, work, catches_up=False, todo=_END_LOST)
+        if (
+            outcome in ("busy", "down")
+            and tracked is not None
+            and session_id not in self._unwritten
+        ):
+            # (Its whole conversation written: the state to end is the one this process knows.)
+            rows = len(tracked.stored if tracked.rows is None else tracked.rows)
+            self._lost_ends[session_id] = _LostEnd(tracked.revision, rows, reason, at)
+            while len(self._lost_ends) > _TRACKED_MAX:
+                self._lost_ends.popitem(last=False)
+        elif outcome == "ran" and self._lost_ends:
+            self._write_lost_ends()
+
+
+def _end_as_left(store: SessionStore, *, session_id: str, lost: _LostEnd, out: list[bool]) -> None:
+    """End the session as ``lost`` says, if it is still as it was then; ``out`` gets whether."""
+    revision = revision_id(session_id, lost.revision)
+    if store.get_session(revision_id(session_id, lost.revision + 1)) is not None:
+        out.append(False)  # rewritten since, by a process that made the next revision
+        return
+    end = (
+        update(Session)
+        .where(
+            Session.id == revision,
+            Session.ended_at.is_(None),
+            Session.flushed_idx == lost.rows,
+        )
+        .values(ended_at=lost.at, end_reason=lost.reason)
+    )
+    out.append(store.write_transaction(lambda conn: conn.execute(end).rowcount) == 1)
 
 
 def _end_open(store: SessionStore, revisions: list[dict[str, Any]], reason: str) -> None:
