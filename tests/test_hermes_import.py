@@ -23,7 +23,7 @@ from hermes_orm import Message, ModelUsage, Session, SessionStore
 from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
 from hermes_orm.integrations.hermes.importer import ImportReport
 from tests._hermes import digest_file, expected_message, source_rows
-from tests.conftest import meanwhile
+from tests.conftest import fresh_store, meanwhile
 
 # the importer writes through a blocking SessionStore: its tests run on that API only.
 pytestmark = pytest.mark.apis("sync")
@@ -2384,3 +2384,91 @@ def test_settings_the_destination_changed_are_kept_and_newer_rows_win(
         3,
         False,
     )
+
+
+def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_path: Path) -> None:
+    """A session is bound to one topic. After a switch to store mode, a binding made
+    there that is newer than the source's stays, and a re-run says nothing of it; one
+    the source's is newer than gives way to it (Hermes bound the session anew). A flag
+    PostgreSQL's column cannot hold is that row's problem, not the whole copy's."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import TelegramTopicBinding
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    hermes.enable_telegram_topic_mode(chat_id="43", user_id="8")
+    for thread, sid in (("1", "s1"), ("2", "s2")):
+        hermes.create_session(sid, "telegram")
+        hermes.bind_telegram_topic(
+            chat_id="42", thread_id=thread, user_id="7", session_key=f"k{thread}", session_id=sid
+        )
+    hermes.close()
+    _edit_source(
+        source,
+        "UPDATE telegram_dm_topic_bindings SET updated_at = 100",
+        "UPDATE telegram_dm_topic_mode SET has_topics_enabled = 4294967296 WHERE chat_id = '43'",
+    )
+    first = import_state_db(source, store)
+    assert set(first.invalid_rows) == {"telegram_dm_topic_mode ('43')"}
+    assert "32-bit integer" in first.invalid_rows["telegram_dm_topic_mode ('43')"]
+    assert SessionDB(store).is_telegram_topic_mode_enabled(chat_id="42", user_id="7")
+
+    ours = SessionDB(store)
+    for thread, sid, when in (("1", "s1", 200.0), ("2", "s2", 50.0)):  # store mode binds anew
+        ours.delete_telegram_topic_binding(chat_id="42", thread_id=thread)
+        ours.bind_telegram_topic(
+            chat_id="42", thread_id=f"{thread}0", user_id="7", session_key="k", session_id=sid
+        )
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(TelegramTopicBinding)
+                .where(TelegramTopicBinding.session_id == sid)
+                .values(updated_at=when)
+            )
+    again = import_state_db(source, store)
+    assert set(again.invalid_rows) == {"telegram_dm_topic_mode ('43')"}  # nothing else said
+    assert again.settings_written == 1
+    bound = {
+        sid: ours.get_telegram_topic_binding_by_session(session_id=sid) for sid in ("s1", "s2")
+    }
+    assert (bound["s1"] or {})["thread_id"] == "10"  # store mode's, newer: kept
+    assert (bound["s2"] or {})["thread_id"] == "2"  # the source's, newer: back
+    assert ours.get_telegram_topic_binding(chat_id="42", thread_id="20") is None
+
+
+@pytest.mark.backends("postgresql")
+def test_a_binding_a_gateway_makes_as_the_import_writes_is_reported_and_the_rest_copied(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A store-mode gateway binds a session to a topic just as the import writes the
+    source's binding of it: that row is reported, and the other rows are copied."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    hermes.create_session("s1", "telegram")
+    hermes.bind_telegram_topic(
+        chat_id="42", thread_id="1", user_id="7", session_key="k1", session_id="s1"
+    )
+    hermes.set_meta("goal:s1", "ship")
+    hermes.close()
+    gateway = SessionDB(fresh_store(store))
+    bound: list[bool] = []
+
+    def meanwhile_bind(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO hermes_telegram_topic_bindings") and not bound:
+            bound.append(True)
+            gateway.bind_telegram_topic(
+                chat_id="42", thread_id="9", user_id="7", session_key="k9", session_id="s1"
+            )
+
+    event.listen(store.engine, "before_cursor_execute", meanwhile_bind)
+    try:
+        report = import_state_db(source, store)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", meanwhile_bind)
+    assert report.invalid_rows == {
+        "telegram_dm_topic_bindings ('42', '1')": "its session 's1' was bound to another meanwhile"
+    }
+    assert SessionDB(store).get_meta("goal:s1") == "ship"
+    assert SessionDB(store).get_telegram_topic_binding(chat_id="42", thread_id="9") is not None

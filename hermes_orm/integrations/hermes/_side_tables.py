@@ -11,18 +11,32 @@ by a newer row (a greater ``updated_at``); ``state_meta`` has no time, so a
 key the destination holds keeps its value there (store mode may have written
 it since), and the report names each such key whose value differs. A row the
 store cannot hold (text that is not UTF-8 or holds NUL, a key longer than its
-column, a number that is no number, a required value missing, a topic bound to
-a session the destination does not hold, or to one another topic holds there)
-is left out and reported with its reason.
+column, a number that is none or past its column's size, a required value
+missing, a topic bound to a session the destination does not hold, or bound by
+another writer as the import writes) is left out and reported with its reason.
+A session is bound to one topic: of the source's binding and the
+destination's, the newer stays.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Connection, Float, Integer, String, Table, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Table,
+    delete,
+    select,
+    tuple_,
+)
+from sqlalchemy.exc import IntegrityError
 
 from hermes_orm import _dialects
 from hermes_orm.errors import InvalidArgumentError
@@ -68,7 +82,7 @@ SIDE_TABLES = (
     ),
 )
 
-_INT64 = 2**63
+_INT64, _INT32 = 2**63, 2**31
 
 
 def _problem(column: Column[Any], value: Any, *, key: bool) -> str | None:
@@ -78,7 +92,11 @@ def _problem(column: Column[Any], value: Any, *, key: bool) -> str | None:
         return None if fine else f"{column.name} is NULL"
     kind = column.type
     if isinstance(kind, Integer):
-        fine, what = type(value) is int and -_INT64 <= value < _INT64, "an integer"
+        bound = _INT64 if isinstance(kind, BigInteger) else _INT32
+        fine, what = (
+            type(value) is int and -bound <= value < bound,
+            f"a {bound.bit_length()}-bit integer",
+        )
     elif isinstance(kind, Float):
         fine, what = type(value) in (int, float) and math.isfinite(value), "a finite number"
     elif type(value) is str:
@@ -125,6 +143,16 @@ def copy_side_tables(
     return counts
 
 
+@dataclass
+class _Outcome:
+    """What one table's copy did (kept apart until its transaction commits)."""
+
+    written: int = 0
+    kept: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    found: int = 0
+
+
 def _copy(
     store: SessionStore, side: SideTable, rows: list[dict[str, Any]], report: ImportReport
 ) -> tuple[int, int]:
@@ -141,50 +169,88 @@ def _copy(
         else:
             # A NULL where the store's column has a default: the default, as Hermes' would be.
             usable.append({k: v for k, v in row.items() if v is not None or table.c[k].nullable})
+    keys = [tuple(row.get(k) for k in key) for row in rows]
+    looked_up = [k for k in keys if all(type(v) is str for v in k)]
 
-    def work(conn: Connection) -> tuple[int, int]:
+    def work(conn: Connection) -> _Outcome:
+        done = _Outcome()
         held = _held(conn, side, [tuple(row[k] for k in key) for row in usable])
         owners = _owners(conn, side, usable)
-        written = 0
-        make = _dialects.insert_maker(conn.dialect.name)
         for row in usable:
             ident = tuple(row[k] for k in key)
-            if side.session is not None:
-                owner = owners[row[side.session]]
-                if owner is None or (owner and owner != ident):
-                    whose = "not in the destination" if owner is None else "bound to another there"
-                    report.invalid_rows[_label(side, row)] = (
-                        f"its session {row[side.session]!r} is {whose}"
-                    )
-                    continue
             have = held.get(ident)
             if have is not None:
                 if all(have.get(k) == v for k, v in row.items()):
                     continue
                 if side.stamp is None:
-                    report.kept_settings.append(_label(side, row))
+                    done.kept.append(_label(side, row))
                     continue
                 if not row[side.stamp] > have[side.stamp]:
                     continue  # the destination's is as new, or newer
-            statement = make(table).values(**row)
-            index = [table.c[k] for k in key]
-            if side.stamp is None:
-                statement = statement.on_conflict_do_nothing(index_elements=index)
-            else:
-                statement = statement.on_conflict_do_update(
-                    index_elements=index,
-                    set_={k: statement.excluded[k] for k in row if k not in key},
-                    # A writer's newer row, made meanwhile, stays.
-                    where=table.c[side.stamp] < statement.excluded[side.stamp],
-                )
-            conn.execute(statement)
-            written += 1
-        keys = [tuple(row.get(k) for k in key) for row in rows]
-        return written, len(_held(conn, side, [k for k in keys if all(type(v) is str for v in k)]))
+            if side.session is None or side.stamp is None:
+                done.written += _write(conn, side, row)
+                continue
+            refusal = _rebind(conn, side, row, owners[row[side.session]], side.stamp)
+            if refusal is None:
+                try:
+                    with conn.begin_nested():  # (a writer may bind the session meanwhile)
+                        done.written += _write(conn, side, row)
+                    owners[row[side.session]] = row
+                    continue
+                except IntegrityError:
+                    refusal = f"its session {row[side.session]!r} was bound to another meanwhile"
+            if refusal:
+                done.refused[_label(side, row)] = refusal
+        done.found = len(_held(conn, side, looked_up))
+        return done
 
-    written, found = store.write_transaction(work)
-    report.settings_written += written
-    return len(rows), found
+    done = store.write_transaction(work)
+    report.settings_written += done.written
+    report.kept_settings += done.kept
+    report.invalid_rows.update(done.refused)
+    return len(rows), done.found
+
+
+def _write(conn: Connection, side: SideTable, row: dict[str, Any]) -> int:
+    """Insert ``row``, or update the stored row of its key (only by a newer one); rows written."""
+    table, key = side.table, side.key
+    statement = _dialects.insert_maker(conn.dialect.name)(table).values(**row)
+    index = [table.c[k] for k in key]
+    if side.stamp is None:
+        statement = statement.on_conflict_do_nothing(index_elements=index)
+    else:
+        statement = statement.on_conflict_do_update(
+            index_elements=index,
+            set_={k: statement.excluded[k] for k in row if k not in key},
+            # A writer's newer row, made meanwhile, stays.
+            where=table.c[side.stamp] < statement.excluded[side.stamp],
+        )
+    # (Counted by what RETURNING gives: an INSERT's rowcount is not every driver's.)
+    return len(conn.execute(statement.returning(index[0])).all())
+
+
+def _rebind(
+    conn: Connection,
+    side: SideTable,
+    row: dict[str, Any],
+    owner: dict[str, Any] | None,
+    stamp: str,
+) -> str | None:
+    """Make way for ``row``, which binds a session: None, or why it is not written ("": skipped).
+
+    ``owner``: the destination's row binding that session ({} none, None: no such
+    session). A session is bound to one row at most: another row binding it goes
+    if ``row`` is newer (the session was bound anew in Hermes); if that one is as
+    new or newer, ``row`` is not written, and that is no problem.
+    """
+    if owner is None:
+        return f"its session {row[side.session or '']!r} is not in the destination"
+    table, key = side.table, side.key
+    if owner and any(owner[k] != row[k] for k in key):
+        if not row[stamp] > owner[stamp]:
+            return ""
+        conn.execute(delete(table).where(*(table.c[k] == owner[k] for k in key)))
+    return None
 
 
 #: Keys looked up per statement (SQLite binds at most 32,766 values; a key has two).
@@ -213,18 +279,17 @@ def _held(
 
 def _owners(
     conn: Connection, side: SideTable, rows: list[dict[str, Any]]
-) -> dict[str, tuple[Any, ...] | None]:
-    """Per session ``rows`` name: the key of the row of it stored, () none, None no session."""
+) -> dict[str, dict[str, Any] | None]:
+    """Per session ``rows`` name: the stored row binding it, {} none, None: no such session."""
     if side.session is None:
         return {}
     table, column = side.table, side.table.c[side.session]
     wanted = sorted({row[side.session] for row in rows})
-    owners: dict[str, tuple[Any, ...] | None] = dict.fromkeys(wanted)
+    owners: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
     for at in range(0, len(wanted), _CHUNK):
         part = wanted[at : at + _CHUNK]
         stored = conn.execute(select(_sessions.c.id).where(_sessions.c.id.in_(part))).scalars()
-        owners.update((sid, ()) for sid in stored)
-        bound = select(column, *(table.c[name] for name in side.key)).where(column.in_(part))
-        for sid, *ident in conn.execute(bound):
-            owners[sid] = tuple(ident)
+        owners.update((sid, {}) for sid in stored)
+        for bound in conn.execute(select(table).where(column.in_(part))):
+            owners[bound._mapping[side.session]] = dict(bound._mapping)
     return owners
