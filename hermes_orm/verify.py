@@ -380,12 +380,25 @@ def _inspect_session(
     if session is None:
         return None
     stored_last = session.flushed_digest
+    unreadable: str | None = None
+    try:
+        with conn.begin_nested():  # the whole row, as the store reads it
+            conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
+    except Exception as exc:  # (the checks below read only what they check)
+        unreadable = _why(exc)
     rows, undecodable = _message_rows(conn, session_id)
     problems: list[Problem] = []
 
     def found(check: str, detail: str, *, fixable: bool = True) -> None:
         problems.append(Problem(check, session_id, detail, repaired=repair and fixable))
 
+    if unreadable is not None:
+        found(
+            "session",
+            f"the session's row holds a value that cannot be read ({unreadable}); not "
+            "repaired: verify never rewrites a session's own fields (correct the row)",
+            fixable=False,
+        )
     n = len(rows)
     idxs = [row.idx for row in rows]
     order_known = True  # (which message is the last)

@@ -316,7 +316,8 @@ def test_damage_verify_reads_past_leaves_the_session_checked_and_each_message_s_
     """Other SQL damaged what verify has no check of: a sessions column (JSON nested
     deeper than Python's parser goes), a key_order holding a list, tool calls stored as
     JSON null that the key order names. The session is checked all the same (its wrong
-    message count found and repaired), and each message's damage is said in words."""
+    message count found and repaired), and each damage is said in words (the sessions
+    column's too: the store cannot read the row)."""
     store.create_session("s", source="cli")
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     store.flush(
@@ -342,15 +343,19 @@ def test_damage_verify_reads_past_leaves_the_session_checked_and_each_message_s_
                 '["role", ["x"]]',
             ),
             (f"UPDATE {messages} SET tool_calls = :v WHERE session_id = 's' AND idx = 1", "null"),
+            (f"UPDATE {messages} SET extra = :v WHERE session_id = 's' AND idx = 2", "null"),
         ):
             conn.execute(text(statement), {"v": value})
 
     for repair in (False, True):
         report = verify_database(store, repair=repair)
-        assert {p.check for p in report.problems} == {"message", "message_count"}
+        assert {p.check for p in report.problems} == {"session", "message", "message_count"}
         assert [p.repaired for p in report.problems if p.check == "message_count"] == [repair]
+        (row,) = [p for p in report.problems if p.check == "session"]
+        assert "the session's row holds a value that cannot be read (RecursionError" in row.detail
+        assert not row.repaired
         said = [p.detail for p in report.problems if p.check == "message"]
-        assert len(said) == 2
+        assert len(said) == 2  # (extra's JSON null reads as no extra keys: no damage)
         assert "position 0 (id " in said[0]
         assert "key_order holds ['x'], which is no key" in said[0]
         assert "position 1 (id " in said[1]
@@ -358,7 +363,7 @@ def test_damage_verify_reads_past_leaves_the_session_checked_and_each_message_s_
             "key_order names 'tool_calls', which the row does not hold (its column holds JSON null)"
             in said[1]
         )
-    assert {p.check for p in verify_database(store).problems} == {"message"}
+    assert {p.check for p in verify_database(store).problems} == {"session", "message"}
 
 
 @pytest.mark.backends("sqlite")
