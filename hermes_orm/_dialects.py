@@ -1320,6 +1320,7 @@ def configure_engine(
             ):
                 # First: an application's own do_connect that connects ends the chain.
                 event.listen(engine, "do_connect", _connect_unprepared, insert=True)
+                event.listen(engine, "connect", _made_by_creator)
                 event.listen(engine, "checkout", _made_unprepared)
         return
     if engine.dialect.name != "sqlite":
@@ -2198,15 +2199,36 @@ def _connect_unprepared(_dialect: Any, record: Any, _args: Any, params: dict[str
     record.info[_UNPREPARED] = True
 
 
+def _made_by_creator(_dbapi_connection: Any, record: Any) -> None:
+    """``connect`` listener beside :func:`_connect_unprepared`: marks a connection it did not make.
+
+    An engine given a ``creator`` (``async_creator``) makes its connections
+    without ``do_connect``, so with whatever caches its creator gave them.
+    """
+    record.info.setdefault(_UNPREPARED, False)
+
+
 def _made_unprepared(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     """``checkout`` listener beside :func:`_connect_unprepared`: older connections are replaced.
 
     A connection the pool made before a store was told of the pooler has its
     caches: the pool closes it and connects afresh (SQLAlchemy's disconnect
-    handling on checkout), for the application's checkouts too.
+    handling on checkout), for the application's checkouts too. One a
+    ``creator`` made cannot be given the settings: refused, saying so.
+
+    Raises:
+        InvalidArgumentError: The engine makes its connections with a creator.
     """
-    if not record.info.get(_UNPREPARED):
+    made = record.info.get(_UNPREPARED)
+    if made is None:
         raise DisconnectionError("made with prepared statements, which PgBouncer cannot keep")
+    if not made:
+        raise InvalidArgumentError(
+            "this asyncpg engine makes its connections with a creator (async_creator), which "
+            "a store behind PgBouncer cannot give its settings (no statement cache, unnamed "
+            "statements; SQLAlchemy's adapter caches 100 by default): build the engine from "
+            "a URL, or give the store the URL with ?pgbouncer=true"
+        )
 
 
 def transaction_settings(

@@ -574,7 +574,7 @@ class AsyncSessionStore(_AsyncSessions):
         except (TypeError, ValueError, OverflowError) as exc:
             # asyncpg checks its arguments as it connects (a parameter it does not
             # take, a port past 65535): as libpq's refusal of an option, not retried.
-            if engine.dialect.driver != "asyncpg":
+            if engine.dialect.driver != "asyncpg" or isinstance(exc, InvalidArgumentError):
                 raise
             raise DatabaseError(
                 f"{_dialects.safe_url(engine.url)}: asyncpg cannot connect with what the "

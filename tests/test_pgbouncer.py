@@ -279,6 +279,32 @@ def test_an_asyncpg_engine_passed_in_with_the_flag_leaves_no_statement_on_the_se
         asyncio.run(main())
 
 
+def test_an_asyncpg_engine_made_by_a_creator_is_refused_with_the_flag(pg_db: str) -> None:
+    """A creator makes its connections with SQLAlchemy's statement cache whatever the
+    store is told, and no ``do_connect`` runs to change it: a typed refusal saying what
+    to do, before anything is written (it was SQLAlchemy's "This connection is
+    closed", on every checkout)."""
+    url = make_url(pg_db).set(drivername="postgresql+asyncpg")
+
+    async def main() -> None:
+        import asyncpg
+
+        async def connect() -> Any:
+            return await asyncpg.connect(
+                host=url.host, port=url.port, user=url.username, database=url.database
+            )
+
+        engine = create_async_engine(url, async_creator=connect)
+        store = AsyncSessionStore(engine, pgbouncer=True)
+        with pytest.raises(InvalidArgumentError, match="makes its connections with a creator"):
+            await store.create_session("s", source="cli")
+        await store.close()
+        await engine.dispose()
+        assert SessionStore(pg_db).get_session("s") is None
+
+    asyncio.run(main())
+
+
 def test_the_prepared_statement_hint_names_the_drivers_own_settings() -> None:
     """asyncpg's adapter error (as PgBouncer makes it): asyncpg's settings, not psycopg's."""
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
