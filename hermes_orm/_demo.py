@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import Any
 from sqlalchemy import event, select
 
 from hermes_orm import migrations
-from hermes_orm._dialects import safe_url
+from hermes_orm._dialects import safe_url, sqlite_in_memory
 from hermes_orm.errors import HermesOrmError
 from hermes_orm.models import Message
 from hermes_orm.store import SessionStore
@@ -67,12 +69,17 @@ TURNS = [
 ]
 
 
+#: The statement that advances the cursor: an UPDATE of its own (SQLite), or the
+#: UPDATE inside the one statement that also inserts the rows (PostgreSQL).
+_ADVANCES = re.compile(r"\bUPDATE\s+(\S+\.)?\"?hermes_sessions\"?\s+SET\b", re.IGNORECASE)
+
+
 @contextmanager
 def _fail_cursor_update(store: SessionStore) -> Iterator[None]:
-    """Fail the UPDATE that advances the cursor, after the INSERT has run."""
+    """Fail the statement that advances the cursor, the turn's INSERT run or not."""
 
     def hook(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE HERMES_SESSIONS"):
+        if _ADVANCES.search(statement):
             raise InjectedFailure("connection reset while advancing the cursor")
 
     event.listen(store.engine, "before_cursor_execute", hook)
@@ -99,11 +106,52 @@ def _lose_commit_ack(store: SessionStore) -> Iterator[None]:
         dialect.do_commit = real  # type: ignore[method-assign]
 
 
-def _second_writer(url: str, session_id: str, messages: list[dict[str, Any]]) -> None:
-    store = SessionStore(url)
+def _second_writer(
+    where: str | SessionStore | Any, session_id: str, messages: list[dict[str, Any]]
+) -> None:
+    """Flush ``messages`` one more at a time.
+
+    Through a store of its own (on a URL or an engine), or the one given.
+    """
+    store = where if isinstance(where, SessionStore) else SessionStore(where)
     for end in range(1, len(messages) + 1):
         store.flush(session_id, messages[:end])
-    store.close()
+    if store is not where:
+        store.close()
+
+
+def _race_a_second_writer(
+    store: SessionStore, url: str, session_id: str, conversation: list[dict[str, Any]]
+) -> None:
+    """Flush ``conversation`` message by message here and in a second writer at once.
+
+    The second writer is a process of its own, but for a database in memory,
+    which only this process holds: there it is a thread with a store of its own.
+    """
+    if sqlite_in_memory(url):
+        print("turn 4: a second writer (a thread: a database in memory is this process's")
+        print("        alone) flushes the same conversation at the same time")
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                _second_writer(store.engine, session_id, conversation)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        _second_writer(store, session_id, conversation)
+        thread.join(60)
+        print(f"        second writer: {failed[0] if failed else 'done'}")
+        return
+    print("turn 4: a second process flushes the same conversation at the same time")
+    ctx = multiprocessing.get_context("spawn")
+    other = ctx.Process(target=_second_writer, args=(url, session_id, conversation))
+    other.start()
+    _second_writer(store, session_id, conversation)
+    other.join(60)
+    print(f"        second process exit status: {other.exitcode}")
 
 
 def _stored(store: SessionStore, session_id: str) -> tuple[int, int]:
@@ -132,7 +180,7 @@ def run_demo(url: str) -> int:
     for n, (question, tool, answer) in enumerate(TURNS, start=1):
         conversation.extend(_turn(n, question, tool, answer))
         if n == 2:
-            print(f"turn {n}: flush fails after the INSERT, before the cursor update ...")
+            print(f"turn {n}: flush fails as it advances the cursor, its rows sent ...")
             try:
                 with _fail_cursor_update(store):
                     store.flush(session_id, conversation)
@@ -140,9 +188,10 @@ def run_demo(url: str) -> int:
                 cursor, rows = _stored(store, session_id)
                 print(f"        failed: {exc}")
                 print(
-                    f"        database: cursor {cursor}, {rows} rows (the INSERT rolled "
-                    "back with it)"
+                    f"        database: cursor {cursor}, {rows} rows (the rows rolled back with it)"
                 )
+            else:
+                print("        (no failure came: the flush found no cursor update to fail)")
         if n == 3:
             print(f"turn {n}: the COMMIT lands but its acknowledgement is lost ...")
             try:
@@ -153,14 +202,7 @@ def run_demo(url: str) -> int:
                 print(f"        failed: {exc}")
                 print(f"        database: cursor {cursor}, {rows} rows (the turn is stored)")
         if n == 4:
-            print(f"turn {n}: a second process flushes the same conversation at the same time")
-            ctx = multiprocessing.get_context("spawn")
-            other = ctx.Process(target=_second_writer, args=(url, session_id, conversation))
-            other.start()
-            for end in range(1, len(conversation) + 1):
-                store.flush(session_id, conversation[:end])
-            other.join(60)
-            print(f"        second process exit status: {other.exitcode}")
+            _race_a_second_writer(store, url, session_id, conversation)
         result = store.flush(session_id, conversation)
         print(f"turn {n}: flush wrote {result.written} new messages, cursor {result.cursor}")
 

@@ -71,8 +71,12 @@ _PG_UNREACHABLE = {"57P01", "57P02", "57P03", "25006"}
 
 
 def hermes_home() -> Path:
-    """Directory of the embedded default database: ``$HERMES_HOME`` or ``~/.hermes``."""
-    return Path(os.environ.get("HERMES_HOME") or Path.home() / ".hermes")
+    """Directory of the embedded default database: ``$HERMES_HOME`` or ``~/.hermes``.
+
+    Blanks around ``$HERMES_HOME`` are no part of it, and blanks alone are no
+    value, as Hermes Agent reads it.
+    """
+    return Path((os.environ.get("HERMES_HOME") or "").strip() or Path.home() / ".hermes")
 
 
 def default_url() -> str:

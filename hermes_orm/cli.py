@@ -94,10 +94,10 @@ def _sessions(args: argparse.Namespace) -> int:
                 return 0
             for key, value in session.items():
                 if value is not None:
-                    print(f"{key:>34}: {_inert(str(value))}")
+                    print(f"{key:>34}: {inert(str(value))}")
             print()
             for idx, message in enumerate(messages):
-                print(f"[{idx}] {_inert(_one_line(message))}")
+                print(f"[{idx}] {inert(_one_line(message))}")
             return 0
         page = store.list_sessions(
             source=args.source, user_id=args.user_id, limit=args.limit, cursor=args.cursor
@@ -109,7 +109,7 @@ def _sessions(args: argparse.Namespace) -> int:
             for s in page.sessions:
                 # (!s: a column your own SQL wrote may hold bytes, which take no width.)
                 print(
-                    _inert(
+                    inert(
                         f"{s['id']!s:<32} {s['source']!s:<10} {s['message_count']!s:>8}  "
                         f"{(s['model'] or '-')!s:<24} {s['title'] or ''}"
                     )
@@ -155,7 +155,7 @@ _PICTURES = {
 }
 
 
-def _inert(text: str) -> str:
+def inert(text: str) -> str:
     """``text`` safe to print to a terminal (see :data:`_PICTURES`)."""
     return text.translate(_PICTURES)
 
@@ -186,7 +186,11 @@ def _text(value: Any) -> str:
     """``value`` if it is text, else its JSON ('' for None)."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):  # (a column your own SQL wrote)
+        return _shown_bytes(value)
+    return json.dumps(value, ensure_ascii=False, default=_shown_bytes)
 
 
 def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) -> str:
@@ -197,16 +201,31 @@ def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) ->
     before it would be read as an option.
     """
     query = " ".join(args.query) if hasattr(args, "query") else None
-    words = [shlex.quote(query)] if query is not None and not query.startswith("-") else []
+    words = [_word(query)] if query is not None and not query.startswith("-") else []
     for option in options:
         value = getattr(args, option)
         if value is not None:
             # As one word: a value beginning with "-" would be read as an option.
-            words.append(shlex.quote(f"--{option.replace('_', '-')}={value}"))
+            words.append(_word(f"--{option.replace('_', '-')}={value}"))
     words += ["--cursor", cursor]
     if query is not None and query.startswith("-"):
-        words += ["--", shlex.quote(query)]
+        words += ["--", _word(query)]
     return " ".join(["more:", *words])
+
+
+def _word(text: str) -> str:
+    """``text`` as one shell word that pastes back as it is.
+
+    A control character in it (an escape sequence, a line break) is written as
+    bash's ``$'...'`` escapes, never sent to the terminal raw.
+    """
+    if text == inert(text):
+        return shlex.quote(text)
+    escaped = "".join(
+        c if c == inert(c) else f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}"
+        for c in text.replace("\\", "\\\\").replace("'", "\\'")
+    )
+    return f"$'{escaped}'"
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -237,8 +256,8 @@ def _search(args: argparse.Namespace) -> int:
             # Matches in bold on a terminal, in [brackets] otherwise.
             before, after = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("[", "]")
             for hit in page.hits:
-                shown = dataclasses.replace(hit, snippet=_inert(hit.snippet))  # (same offsets)
-                where = _inert(f"{hit.session_id}[{hit.idx}] {hit.role!s:<9}")
+                shown = dataclasses.replace(hit, snippet=inert(hit.snippet))  # (same offsets)
+                where = inert(f"{hit.session_id}[{hit.idx}] {hit.role!s:<9}")
                 print(f"{where} {shown.marked(before, after)}")
             if not page.hits:
                 print("no hits", file=sys.stderr)
@@ -274,7 +293,7 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in report.problems:
             where = f"session {problem.session_id!r}" if problem.session_id else "database"
             fixed = " (repaired)" if problem.repaired else ""
-            print(_inert(f"{where}: {problem.check}: {problem.detail}{fixed}"))
+            print(inert(f"{where}: {problem.check}: {problem.detail}{fixed}"))
         for what in report.unchecked:
             print(f"not checked: {what}")
         repaired = sum(problem.repaired for problem in report.problems)

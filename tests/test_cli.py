@@ -875,8 +875,12 @@ def test_a_sqlite_database_in_memory_is_refused(
 
 
 def test_the_demo_runs_on_a_sqlite_database_in_memory(tmp_path: Path) -> None:
+    """Whole in one process: its second writer is a thread (a process of its own would
+    find a database in memory of its own, empty)."""
     result = run("--url", "sqlite://", "demo", env=clean_env(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout + result.stderr
+    assert "second writer: done" in result.stdout
+    assert "cursor 4, 4 rows" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 
@@ -903,3 +907,90 @@ def test_a_blank_revision_is_refused_before_a_file_is_made(tmp_path: Path, revis
         f"hermes-orm: revision must be 'head', 'base' or a revision id, got {revision!r}"
     ]
     assert not target.parent.exists()
+
+
+_ESCAPES = "esc\x1b]0;PWNED\x07\x1b[2J\n"
+
+
+def test_the_more_line_pastes_back_a_session_with_escapes_and_sends_none(tmp_path: Path) -> None:
+    """The ``more:`` line names the session as bash's ``$'...'`` word: pasted, it lists the
+    next page of that very session; printed, no escape reaches the terminal and no line
+    break splits it from the last line."""
+    url = session_made(
+        tmp_path, _ESCAPES, [{"role": "user", "content": f"needle {n}"} for n in range(3)]
+    )
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}
+    first = run("search", "needle", "--session", _ESCAPES, "--limit", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "\x1b" not in first.stdout
+    last = first.stdout.splitlines()[-1]
+    assert last.startswith("more: needle $'--session=esc\\x1b]0;PWNED\\x07\\x1b[2J\\x0a'")
+    pasted = subprocess.run(
+        ["bash", "-c", f'printf "%s\\0" {last.removeprefix("more: ")}'],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")[:-1]
+    rest = run("search", *(word.decode() for word in pasted), env=env)
+    assert rest.stdout.splitlines()[-1].endswith("[needle] 0"), rest.stdout + rest.stderr
+
+
+def test_sessions_show_prints_a_blob_a_row_holds_as_json_output_does(tmp_path: Path) -> None:
+    url = session_made(tmp_path, "s", [{"role": "user", "content": "fine"}])
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:  # another tool's write
+        conn.execute("UPDATE hermes_messages SET content = x'ff00fe'")
+    shown = run("sessions", "show", "s", "--url", url, env=clean_env(tmp_path))
+    assert (shown.returncode, shown.stderr) == (0, "")
+    assert "b'\\xff\\x00\\xfe'" in shown.stdout
+
+
+def test_status_shows_a_session_id_and_error_with_escapes_inert(tmp_path: Path) -> None:
+    (tmp_path / "hermes_orm_status.json").write_text(
+        json.dumps(
+            {
+                "error": {
+                    "at": 1_760_000_000,
+                    "session_id": _ESCAPES,
+                    "message": f"DatabaseError: session {_ESCAPES}",
+                    "todo": "the next completed turn of the session catches up",
+                },
+                "register_error": {"at": 1_760_000_000, "message": f"bad {_ESCAPES}"},
+            }
+        )
+    )
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    result = run("--url", url, "status", env=clean_env(tmp_path))
+    assert "\x1b" not in result.stdout
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("last error:")]
+    assert "session esc␛]0;PWNED␇␛[2J␊: DatabaseError" in line
+    assert "bad esc␛]0;PWNED" in result.stdout
+
+
+def test_a_database_url_given_as_the_state_db_is_refused_without_its_password(
+    tmp_path: Path,
+) -> None:
+    url = "postgresql://bob:S3cretPW@db.example:5432/hermes"
+    result = run("import", url, "--url", f"sqlite:///{tmp_path / 'x.db'}", env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert "S3cretPW" not in result.stdout + result.stderr
+    assert "is a database URL, not the path of a Hermes state.db" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hermes_home_of_blanks_is_no_value_as_hermes_reads_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**clean_env(tmp_path), "HERMES_HOME": "  ", "HOME": str(home)}
+    result = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (home / ".hermes" / "hermes_orm.db").exists()
+    assert not (tmp_path / "  ").exists()
+
+
+@pytest.mark.backends("postgresql")
+def test_the_demo_fails_a_flush_half_way_on_postgresql(db_url: str, tmp_path: Path) -> None:
+    """PostgreSQL advances the cursor inside the statement that inserts the rows: the demo's
+    failure is injected there, and the turn is seen rolled back whole."""
+    result = run("--url", db_url, "demo", env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "failed: connection reset while advancing the cursor" in result.stdout
+    assert "cursor 4, 4 rows" in result.stdout
+    assert "second process exit status: 0" in result.stdout

@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import queue
+import re
 import sqlite3
 import subprocess
 import sys
@@ -256,7 +257,7 @@ class Source:
         self.path = Path(path).expanduser().resolve()
         try:
             if not self.path.is_file():
-                raise StateDbError(f"no Hermes state.db at {self.path}")
+                raise StateDbError(_dialects.redact(f"no Hermes state.db at {self.path}"))
             self.live = self._writer_files()
             self._stamp = self._file_stamp()
             self.conn = self._connect()
@@ -746,6 +747,10 @@ class _Progress:
 BATCH_MAX = 1_000_000
 
 
+#: A database URL's beginning (``scheme://``), which no state.db path given by mistake holds.
+_LOOKS_LIKE_A_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_batch: Any) -> None:
     """Refuse :func:`import_state_db` arguments it cannot use, with what they must be."""
     if not isinstance(source, str | os.PathLike) or isinstance(os.fspath(source), bytes):
@@ -762,6 +767,12 @@ def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_b
         raise InvalidArgumentError(
             f"source {str(source)!r} is no file name (a NUL, or a lone surrogate)"
         ) from None
+    given = os.fsdecode(source)
+    if _LOOKS_LIKE_A_URL.match(given) and not os.path.exists(given):
+        raise InvalidArgumentError(
+            f"source {_dialects.redact(given)!r} is a database URL, not the path of a Hermes "
+            "state.db (the destination goes after it: `hermes-orm import PATH --url URL`)"
+        )
     if not isinstance(destination, SessionStore | str | URL | Engine):
         raise InvalidArgumentError(
             "destination must be a SessionStore, a database URL or an Engine, got "
@@ -2148,7 +2159,7 @@ def _verify(
             src.path,
             sum(report.orphaned_messages.values()),
             len(report.orphaned_messages),
-            ", ".join(list(report.orphaned_messages)[:10]),
+            ", ".join(map(repr, list(report.orphaned_messages)[:10])),  # (escapes shown)
         )
 
 

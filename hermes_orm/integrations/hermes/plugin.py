@@ -563,13 +563,16 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
     register_error = recorded.get("register_error")
     if isinstance(register_error, dict):
         since = _when(register_error.get("at"))
-        print(f"plugin:    off since {since}: {register_error.get('message')}")
+        print(f"plugin:    off since {since}: {cli.inert(str(register_error.get('message')))}")
         problems += 1
     error = recorded.get("error")
     if isinstance(error, dict) and error.get("url") in (None, safe_url(url)):
+        # (The session id and the error are stored text: shown inert, escapes pictured.)
         print(
-            f"last error: {_when(error.get('at'))}, session {error.get('session_id')}: "
-            f"{error.get('message')}; {error.get('todo')}"
+            cli.inert(
+                f"last error: {_when(error.get('at'))}, session {error.get('session_id')}: "
+                f"{error.get('message')}; {error.get('todo')}"
+            )
         )
         problems += 1
     else:
