@@ -1532,3 +1532,26 @@ def test_writers_of_one_status_file_keep_each_others_records(tmp_path: Path) -> 
         assert writer.exitcode == 0
     assert went_back == []
     assert StatusFile(path).read() == {"a": 999, "b": 999}
+
+
+def test_a_session_s_lists_given_up_past_the_bound_are_said_to_be(
+    tmp_path: Path, status: StatusFile, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Lists kept for a later write are bounded in sessions: the oldest session's are
+    given up, and that is said, with where they are still kept."""
+    from hermes_orm.integrations.hermes import mirror
+
+    monkeypatch.setattr(mirror, "_TRACKED_MAX", 2)
+    (tmp_path / "not-a-directory").write_text("")
+    m = Mirror(f"sqlite:///{tmp_path / 'not-a-directory' / 'x.db'}", status=status, wait=10)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        for sid in ("s1", "s2", "s3"):
+            assert m.turn(sid, _turn(1))  # ran, and failed: kept
+    given_up = [r.getMessage() for r in caplog.records if "is given up" in r.getMessage()]
+    assert given_up == [
+        "hermes_orm mirror: 2 sessions have lists not written; the oldest, session s1, is "
+        "given up (1 list(s)): its next turn, if it is resumed, catches up; Hermes' state.db "
+        "holds them (`hermes orm import` copies what is missing)"
+    ]
+    assert list(m._unwritten) == ["s2", "s3"]
+    m.close(timeout=1)

@@ -946,7 +946,15 @@ class Mirror:
         self._unwritten[session_id] = [job for run in runs for job in run]
         self._unwritten.move_to_end(session_id)
         while len(self._unwritten) > _TRACKED_MAX:
-            self._unwritten.popitem(last=False)
+            dropped, lists = self._unwritten.popitem(last=False)
+            logger.warning(
+                "hermes_orm mirror: %d sessions have lists not written; the oldest, session "
+                "%s, is given up (%d list(s)): its next turn, if it is resumed, catches up%s",
+                _TRACKED_MAX,
+                dropped,
+                len(lists),
+                self._kept_elsewhere,
+            )
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
         sid, live = turn.session_id, turn.messages
