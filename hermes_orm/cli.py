@@ -35,7 +35,12 @@ from hermes_orm._dialects import (
     safe_url,
     sqlite_in_memory,
 )
-from hermes_orm.errors import HermesOrmError, InvalidURLError, SchemaOutOfDateError
+from hermes_orm.errors import (
+    HermesOrmError,
+    InvalidArgumentError,
+    InvalidURLError,
+    SchemaOutOfDateError,
+)
 from hermes_orm.store import SessionStore
 
 if TYPE_CHECKING:
@@ -232,6 +237,13 @@ def _search(args: argparse.Namespace) -> int:
     store = SessionStore(args.url, retry=_RETRY)
     try:
         if args.query == ["rebuild"]:
+            given = [f"--{o}" for o in ("session", "source", "role", "limit", "cursor")]
+            given = [o for o in given if getattr(args, o[2:]) is not None]
+            if given:  # (the whole index is rebuilt: they would be passed over)
+                raise InvalidArgumentError(
+                    f"search rebuild rebuilds the whole index: {', '.join(given)} "
+                    "belong to a search (to look for the word, quote it: search '\"rebuild\"')"
+                )
             count = store.rebuild_search_index()
             if args.json:
                 _print_json({"rebuilt": True, "messages": count})
@@ -243,7 +255,7 @@ def _search(args: argparse.Namespace) -> int:
             session_id=args.session,
             source=args.source,
             role=args.role,
-            limit=args.limit,
+            limit=20 if args.limit is None else args.limit,
             cursor=args.cursor,
         )
         if args.json:
@@ -425,7 +437,7 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
     finder.add_argument("--session", help="only this session")
     finder.add_argument("--source", help="only sessions of this source")
     finder.add_argument("--role", help="only messages of this role")
-    finder.add_argument("--limit", type=int, default=20)
+    finder.add_argument("--limit", type=int, help="most hits on a page (default 20)")
     finder.add_argument("--cursor", help="next page: the cursor the previous page printed")
     finder.add_argument("--json", action="store_true")
     finder.set_defaults(handler=_search)

@@ -994,3 +994,18 @@ def test_the_demo_fails_a_flush_half_way_on_postgresql(db_url: str, tmp_path: Pa
     assert "failed: connection reset while advancing the cursor" in result.stdout
     assert "cursor 4, 4 rows" in result.stdout
     assert "second process exit status: 0" in result.stdout
+
+
+def test_search_rebuild_refuses_a_search_s_options_it_would_pass_over(tmp_path: Path) -> None:
+    url = session_made(tmp_path, "s", [{"role": "user", "content": "rebuild me"}])
+    env = clean_env(tmp_path)
+    refused = run("search", "rebuild", "--session", "s", "--limit", "5", "--url", url, env=env)
+    assert refused.returncode == 2
+    assert "search rebuild rebuilds the whole index: --session, --limit belong to a search" in (
+        refused.stderr
+    )
+    rebuilt = run("search", "rebuild", "--url", url, env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "search index rebuilt over 1 messages" in rebuilt.stdout
+    found = run("search", '"rebuild"', "--limit", "5", "--url", url, env=env)
+    assert "[rebuild] me" in found.stdout
