@@ -824,9 +824,13 @@ def _assemble(values: Sequence[Any]) -> dict[str, Any]:
     return message
 
 
+#: The longest session id a store takes (the column's length).
+SESSION_ID_MAX = 255
+
+
 def check_session_id(session_id: Any) -> str:
     """``session_id``, if a store takes it as one (else :class:`InvalidSessionError`)."""
-    if not isinstance(session_id, str) or not session_id or len(session_id) > 255:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > SESSION_ID_MAX:
         raise InvalidSessionError(
             "a session id must be a non-empty str of at most 255 characters, "
             f"got {shown(session_id)}"

@@ -406,7 +406,8 @@ def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
 
 
 @pytest.mark.parametrize(
-    "then", ["another turn", "exit", "written meanwhile", "resumed", "revised meanwhile"]
+    "then",
+    ["another turn", "exit", "written meanwhile", "resumed", "revised meanwhile", "exit locked"],
 )
 def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended(
     db_url: str, status: StatusFile, store: SessionStore, then: str
@@ -416,7 +417,9 @@ def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended
     turn, or the exit), with the time and reason it was given, and the status cleared.
     A session written to meanwhile (another process resumed it), or resumed here, has
     moved on from the state that end closed: it is left open. So is one another process
-    began a new revision of (its end of this one, as ``rewritten``, not yet written)."""
+    began a new revision of (its end of this one, as ``rewritten``, not yet written).
+    Either way nothing is left to do, and the status says nothing. An exit with the
+    database still locked leaves the end unwritten, and the status says that."""
     m = Mirror(db_url, status=status, wait=0.05)
     m.turn("s1", _turn(1))
     assert m._worker.drain(30)
@@ -424,29 +427,37 @@ def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended
     with _Locked(db_url):
         m.finalize("s1", "new_session")
         assert m._worker.drain(60)  # the end's whole retry schedule, refused
+        error = status.read()["error"]
+        assert (error["session_id"], error["todo"]) == (
+            "s1",
+            "its end is written once the database takes this process's writes again (another "
+            "session's turn, or the exit), unless the session is written to or resumed first",
+        )
+        if then == "exit locked":
+            m.close(timeout=60)
     refused = time.time()
     assert (store.get_session("s1") or {})["ended_at"] is None
-    error = status.read()["error"]
-    assert (error["session_id"], error["todo"]) == (
-        "s1",
-        "its end is written once the database takes this process's writes again (another "
-        "session's turn, or the exit), unless the session is written to or resumed first",
-    )
     if then == "written meanwhile":
         store.flush("s1", _turn(1) + _turn(2))
     if then == "resumed":  # (with nothing new yet: a turn here is this process's own)
         m.turn("s1", _turn(1))
     if then == "revised meanwhile":
         store.create_session("s1#2", source="cli", parent_session_id="s1")
+    if then == "exit locked":
+        assert status.read()["error"]["todo"] == (
+            "its end is not written: the mirrored copy stays open until a turn resumes it"
+        )
+        assert (store.get_session("s1") or {})["ended_at"] is None
+        return
     if then != "exit":
         m.turn("s2", _turn(1))
         assert m._worker.drain(30)
     m.close()
     row = store.get_session("s1") or {}
+    assert status.read().get("error") is None
     if then in ("another turn", "exit"):
         assert row["end_reason"] == "new_session"
         assert ended <= row["ended_at"] <= refused  # when it ended, not when written
-        assert status.read().get("error") is None
     else:
         assert (row["ended_at"], row["end_reason"]) == (None, None)
         assert row["message_count"] == (8 if then == "written meanwhile" else 4)
@@ -1555,3 +1566,35 @@ def test_a_session_s_lists_given_up_past_the_bound_are_said_to_be(
     ]
     assert list(m._unwritten) == ["s2", "s3"]
     m.close(timeout=1)
+
+
+def test_an_end_refused_for_a_session_this_process_never_wrote_is_said_to_be_given_up(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Another process wrote the session; this one knows no state to end it onto later."""
+    first = Mirror(db_url, status=status, wait=10)
+    assert first.turn("s1", _turn(1))
+    first.close()
+    m = Mirror(db_url, status=status, wait=0.05)
+    with _Locked(db_url):
+        m.finalize("s1", "new_session")
+        assert m._worker.drain(60)
+    m.close()
+    assert status.read()["error"]["todo"] == (
+        "its end is not written: the mirrored copy stays open until a turn resumes it"
+    )
+    assert (store.get_session("s1") or {})["ended_at"] is None
+
+
+def test_a_session_whose_id_leaves_no_room_for_a_revision_mark_is_ended(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Its next revision's id would be longer than any a store holds: there is none to look
+    up (the lookup was refused, and the end with it, every time)."""
+    sid = "a" * 254
+    m = Mirror(db_url, status=status, wait=10)
+    assert m.turn(sid, _turn(1))
+    assert m.finalize(sid, "new_session")
+    m.close()
+    assert (store.get_session(sid) or {})["end_reason"] == "new_session"
+    assert status.read().get("error") is None

@@ -54,7 +54,7 @@ from hermes_orm.errors import (
 )
 from hermes_orm.integrations.hermes._side_tables import copy_side_tables
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
-from hermes_orm.integrations.hermes.mirror import revision_id, same_turn
+from hermes_orm.integrations.hermes.mirror import revision_row, same_turn
 from hermes_orm.models import MODEL_USAGE_KEY, Message, ModelUsage, Session, new_history_id
 from hermes_orm.store import (
     SESSION_FIELDS,
@@ -1417,7 +1417,7 @@ def _revised_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid: s
     if row is None or row["end_reason"] != "rewritten":
         return False
     revisions = [sid]
-    while (revision := store.get_session(revision_id(sid, len(revisions) + 1))) is not None:
+    while (revision := revision_row(store, sid, len(revisions) + 1)) is not None:
         extra = revision["extra"]
         if not isinstance(extra, dict) or extra.get("hermes_session_id") != sid:
             return False

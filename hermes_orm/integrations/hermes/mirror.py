@@ -214,6 +214,12 @@ def revision_id(session_id: str, revision: int) -> str:
     return session_id if revision == 1 else f"{session_id}{REVISION_MARK}{revision}"
 
 
+def revision_row(store: SessionStore, session_id: str, revision: int) -> dict[str, Any] | None:
+    """The stored row of a revision; None: none, or its id is longer than a store takes."""
+    stored = revision_id(session_id, revision)
+    return None if len(stored) > _codec.SESSION_ID_MAX else store.get_session(stored)
+
+
 @dataclass
 class _Tracked:
     """What the writer knows of one Hermes session.
@@ -548,6 +554,8 @@ _END_LOST = (
     "its end is written once the database takes this process's writes again (another "
     "session's turn, or the exit), unless the session is written to or resumed first"
 )
+#: What a refused end that could not be written after all leaves.
+_END_GIVEN_UP = "its end is not written: the mirrored copy stays open until a turn resumes it"
 
 
 @dataclass(frozen=True)
@@ -711,6 +719,8 @@ class Mirror:
                 len(self._lost_ends),
                 ", ".join(list(self._lost_ends)[:5]),
             )
+            for session_id in self._lost_ends:
+                self._give_up_end(session_id)
         _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
         if store is not None:
@@ -821,13 +831,15 @@ class Mirror:
     def _writer(self) -> str:
         return f"{os.getpid()}:{self._mark}"
 
-    def _succeeded(self, session_id: str) -> None:
+    def _succeeded(self, session_id: str, *, quiet: bool = False) -> None:
+        """The session's failure on record is over: said (unless ``quiet``), and cleared."""
         if self._failing.pop(session_id, None) is not None:
-            logger.warning(
-                "hermes_orm mirror: session %s is written to %s again, caught up",
-                session_id,
-                safe_url(self.url),
-            )
+            if not quiet:
+                logger.warning(
+                    "hermes_orm mirror: session %s is written to %s again, caught up",
+                    session_id,
+                    safe_url(self.url),
+                )
         elif self._status_checked:
             return
         self._status_checked = True
@@ -866,7 +878,8 @@ class Mirror:
             if outcome in ("busy", "down"):
                 return  # still refused: the next write tries again
             del self._lost_ends[session_id]
-            if written == [True] and self._failing.get(session_id, {}).get("todo") == _END_LOST:
+            pending = self._failing.get(session_id, {}).get("todo") == _END_LOST
+            if written == [True] and pending:
                 self._succeeded(session_id)  # (the end's refusal was the last on record)
             elif written == [False]:
                 logger.info(
@@ -874,6 +887,24 @@ class Mirror:
                     "the session was written to or resumed since",
                     session_id,
                 )
+                if pending:  # (nothing is left to do: the session went on)
+                    self._succeeded(session_id, quiet=True)
+            else:  # another failure: given up, and the status says so
+                self._give_up_end(session_id)
+
+    def _give_up_end(self, session_id: str) -> None:
+        """Record that the session's refused end will not be written after all."""
+        error = self._failing.get(session_id)
+        if error is None or error.get("todo") != _END_LOST:
+            return
+        error = self._failing[session_id] = {**error, "todo": _END_GIVEN_UP}
+        recorded = self.status.read().get("error")
+        if (
+            isinstance(recorded, dict)
+            and recorded.get("session_id") == session_id
+            and recorded.get("process") == self._writer()
+        ):
+            self.status.write(error=error)
 
     def _flush(self, turn: Turn) -> None:
         """Write ``turn``'s list, after the session's earlier lists not written yet.
@@ -985,7 +1016,7 @@ class Mirror:
     def _revisions(self, store: SessionStore, session_id: str) -> list[dict[str, Any]]:
         """The stored revisions of a Hermes session, oldest first."""
         rows: list[dict[str, Any]] = []
-        while (row := store.get_session(revision_id(session_id, len(rows) + 1))) is not None:
+        while (row := revision_row(store, session_id, len(rows) + 1)) is not None:
             rows.append(row)
         return rows
 
@@ -1174,14 +1205,17 @@ class Mirror:
             self._lost_ends[session_id] = _LostEnd(tracked.revision, rows, reason, at)
             while len(self._lost_ends) > _TRACKED_MAX:
                 self._lost_ends.popitem(last=False)
-        elif outcome == "ran" and self._lost_ends:
-            self._write_lost_ends()
+        elif outcome == "ran":
+            if self._lost_ends:
+                self._write_lost_ends()
+        else:  # not to be tried again (refused otherwise, or no state known to end)
+            self._give_up_end(session_id)
 
 
 def _end_as_left(store: SessionStore, *, session_id: str, lost: _LostEnd, out: list[bool]) -> None:
     """End the session as ``lost`` says, if it is still as it was then; ``out`` gets whether."""
     revision = revision_id(session_id, lost.revision)
-    if store.get_session(revision_id(session_id, lost.revision + 1)) is not None:
+    if revision_row(store, session_id, lost.revision + 1) is not None:
         out.append(False)  # rewritten since, by a process that made the next revision
         return
     end = (
