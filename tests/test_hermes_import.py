@@ -2472,3 +2472,49 @@ def test_a_binding_a_gateway_makes_as_the_import_writes_is_reported_and_the_rest
     }
     assert SessionDB(store).get_meta("goal:s1") == "ship"
     assert SessionDB(store).get_telegram_topic_binding(chat_id="42", thread_id="9") is not None
+
+
+@pytest.mark.backends("postgresql")
+def test_a_binding_a_gateway_renews_as_the_import_replaces_it_stays(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """The import replaces the destination's older binding of a session with the source's
+    newer one; a gateway renews that older binding just before: the gateway's stays, and
+    the source's row is reported (the binding was read before the gateway's write)."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import TelegramTopicBinding
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    hermes.create_session("s2", "telegram")
+    hermes.bind_telegram_topic(
+        chat_id="42", thread_id="20", user_id="7", session_key="k", session_id="s2"
+    )
+    hermes.close()
+    _edit_source(source, "UPDATE telegram_dm_topic_bindings SET updated_at = 100")
+    store.create_session("s2", source="telegram")
+    ours = SessionDB(store)
+    ours.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    ours.bind_telegram_topic(
+        chat_id="42", thread_id="2", user_id="7", session_key="k", session_id="s2"
+    )
+    renew = update(TelegramTopicBinding).where(TelegramTopicBinding.session_id == "s2")
+    with store.engine.begin() as conn:
+        conn.execute(renew.values(updated_at=50))
+    gateway = fresh_store(store)
+
+    def meanwhile_renew(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("DELETE FROM hermes_telegram_topic_bindings"):
+            with gateway.engine.begin() as conn:
+                conn.execute(renew.values(updated_at=time.time()))
+
+    event.listen(store.engine, "before_cursor_execute", meanwhile_renew)
+    try:
+        report = import_state_db(source, store)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", meanwhile_renew)
+    assert report.invalid_rows == {
+        "telegram_dm_topic_bindings ('42', '20')": "its session 's2' was bound to another meanwhile"
+    }
+    assert (ours.get_telegram_topic_binding_by_session(session_id="s2") or {})["thread_id"] == "2"
+    gateway.close()

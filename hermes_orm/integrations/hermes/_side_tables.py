@@ -190,16 +190,11 @@ def _copy(
             if side.session is None or side.stamp is None:
                 done.written += _write(conn, side, row)
                 continue
-            refusal = _rebind(conn, side, row, owners[row[side.session]], side.stamp)
+            refusal = _bound(conn, side, row, owners[row[side.session]], side.stamp)
             if refusal is None:
-                try:
-                    with conn.begin_nested():  # (a writer may bind the session meanwhile)
-                        done.written += _write(conn, side, row)
-                    owners[row[side.session]] = row
-                    continue
-                except IntegrityError:
-                    refusal = f"its session {row[side.session]!r} was bound to another meanwhile"
-            if refusal:
+                owners[row[side.session]] = row
+                done.written += 1
+            elif refusal:
                 done.refused[_label(side, row)] = refusal
         done.found = len(_held(conn, side, looked_up))
         return done
@@ -229,27 +224,42 @@ def _write(conn: Connection, side: SideTable, row: dict[str, Any]) -> int:
     return len(conn.execute(statement.returning(index[0])).all())
 
 
-def _rebind(
+class _Moved(Exception):
+    """A row read is not as it was read: another writer changed it meanwhile."""
+
+
+def _bound(
     conn: Connection,
     side: SideTable,
     row: dict[str, Any],
     owner: dict[str, Any] | None,
     stamp: str,
 ) -> str | None:
-    """Make way for ``row``, which binds a session: None, or why it is not written ("": skipped).
+    """Write ``row``, which binds a session: None, or why it is not written ("": skipped).
 
-    ``owner``: the destination's row binding that session ({} none, None: no such
-    session). A session is bound to one row at most: another row binding it goes
-    if ``row`` is newer (the session was bound anew in Hermes); if that one is as
-    new or newer, ``row`` is not written, and that is no problem.
+    ``owner``: the destination's row binding that session, as read ({} none,
+    None: no such session). A session is bound to one row at most: another row
+    binding it goes if ``row`` is newer (the session was bound anew in Hermes);
+    if that one is as new or newer, ``row`` is not written, and that is no
+    problem. Both happen in a savepoint: a binding another writer made or
+    changed meanwhile (a gateway in store mode) stays, and ``row`` is reported.
     """
     if owner is None:
         return f"its session {row[side.session or '']!r} is not in the destination"
     table, key = side.table, side.key
-    if owner and any(owner[k] != row[k] for k in key):
-        if not row[stamp] > owner[stamp]:
-            return ""
-        conn.execute(delete(table).where(*(table.c[k] == owner[k] for k in key)))
+    replaces = bool(owner) and any(owner[k] != row[k] for k in key)
+    if replaces and not row[stamp] > owner[stamp]:
+        return ""
+    try:
+        with conn.begin_nested():
+            if replaces:
+                as_read = [table.c[k] == owner[k] for k in (*key, side.session or "", stamp)]
+                if conn.execute(delete(table).where(*as_read)).rowcount != 1:
+                    raise _Moved
+            if not _write(conn, side, row):
+                raise _Moved  # (a newer row of its key, written meanwhile)
+    except (IntegrityError, _Moved):
+        return f"its session {row[side.session or '']!r} was bound to another meanwhile"
     return None
 
 
