@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -218,16 +219,24 @@ def _next_page(args: argparse.Namespace, options: Sequence[str], cursor: str) ->
     return " ".join(["more:", *words])
 
 
+#: A lone surrogate: a byte of an argument that was not UTF-8, as Python holds it.
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
 def _word(text: str) -> str:
     """``text`` as one shell word that pastes back as it is.
 
     A control character in it (an escape sequence, a line break) is written as
     bash's ``$'...'`` escapes, never sent to the terminal raw.
     """
-    if text == inert(text):
+    if text == inert(text) and not _SURROGATE.search(text):
         return shlex.quote(text)
+    # Each such character as its bytes (a lone surrogate: the byte it stands for, as
+    # the argument held it): what bash's $'\\xHH' gives back in any locale.
     escaped = "".join(
-        c if c == inert(c) else f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}"
+        c
+        if c == inert(c) and not _SURROGATE.match(c)
+        else "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
         for c in text.replace("\\", "\\\\").replace("'", "\\'")
     )
     return f"$'{escaped}'"

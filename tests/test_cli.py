@@ -972,7 +972,7 @@ def test_a_database_url_given_as_the_state_db_is_refused_without_its_password(
     result = run("import", url, "--url", f"sqlite:///{tmp_path / 'x.db'}", env=clean_env(tmp_path))
     assert result.returncode == 2
     assert "S3cretPW" not in result.stdout + result.stderr
-    assert "is a database URL, not the path of a Hermes state.db" in result.stderr
+    assert "source is a URL (postgresql:/...), not the path of a Hermes state.db" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1009,3 +1009,25 @@ def test_search_rebuild_refuses_a_search_s_options_it_would_pass_over(tmp_path: 
     assert "search index rebuilt over 1 messages" in rebuilt.stdout
     found = run("search", '"rebuild"', "--limit", "5", "--url", url, env=env)
     assert "[rebuild] me" in found.stdout
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+@pytest.mark.parametrize(
+    "text",
+    ["plain", "it's", "esc\x1b]0;PWNED\x07", "back\\slash\nC1\x85\x9b5m", "bad\udcffbyte", "東京"],
+)
+def test_a_word_of_the_more_line_pastes_back_in_bash_and_prints_no_control(
+    text: str, locale: str
+) -> None:
+    from hermes_orm.cli import _word, inert
+
+    word = _word(text)
+    assert word == inert(word)
+    assert not re.search("[\ud800-\udfff]", word)
+    pasted = subprocess.run(
+        ["bash", "-c", f"printf %s {word}"],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "LC_ALL": locale},
+    ).stdout
+    assert pasted.decode("utf-8", "surrogateescape") == text

@@ -747,8 +747,9 @@ class _Progress:
 BATCH_MAX = 1_000_000
 
 
-#: A database URL's beginning (``scheme://``), which no state.db path given by mistake holds.
-_LOOKS_LIKE_A_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: A URL's beginning (``scheme:/``, blanks before it), which a state.db path does not hold
+#: (a drive letter, ``C:/``, is no scheme: a scheme here is two characters or more).
+_LOOKS_LIKE_A_URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_batch: Any) -> None:
@@ -765,13 +766,14 @@ def _check_import(source: Any, destination: Any, progress: Any, batch: Any, on_b
             raise ValueError("NUL")
     except (UnicodeError, ValueError):
         raise InvalidArgumentError(
-            f"source {str(source)!r} is no file name (a NUL, or a lone surrogate)"
+            _dialects.redact(f"source {str(source)!r} is no file name (a NUL, or a lone surrogate)")
         ) from None
     given = os.fsdecode(source)
-    if _LOOKS_LIKE_A_URL.match(given) and not os.path.exists(given):
+    if (url := _LOOKS_LIKE_A_URL.match(given)) and not os.path.exists(given):
+        # Named by its scheme alone: what follows may hold a password in any form.
         raise InvalidArgumentError(
-            f"source {_dialects.redact(given)!r} is a database URL, not the path of a Hermes "
-            "state.db (the destination goes after it: `hermes-orm import PATH --url URL`)"
+            f"source is a URL ({url[0].strip()}...), not the path of a Hermes state.db (the "
+            "destination goes after it: `hermes-orm import PATH --url URL`)"
         )
     if not isinstance(destination, SessionStore | str | URL | Engine):
         raise InvalidArgumentError(
