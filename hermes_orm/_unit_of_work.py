@@ -516,6 +516,18 @@ def _claim(given: Sequence[tuple[Any, int]]) -> _Claim | None:
     return claim
 
 
+def _messages_bind() -> dict[str, Any]:
+    """Where the rule's own statements go: the bind of hermes_orm's messages (a new dict).
+
+    An ORM session may bind tables to several databases (``binds=``, by class or
+    by declarative base). The cursor must move in the database, and the
+    transaction, its messages are inserted in, which the ORM finds by their
+    mapper: a Core statement on the sessions table would go to the session's
+    default bind instead.
+    """
+    return {"mapper": inspect(Message)}
+
+
 def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) -> None:
     """Refuse, before any cursor moves, sessions that are missing or not at a claimed cursor.
 
@@ -528,13 +540,19 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
     if len(claims) < 2:
         return  # one guarded UPDATE refuses before it writes
     c = _sessions.c
-    if session.connection().dialect.name == "sqlite":
+    bind = _messages_bind()
+    if session.connection(bind_arguments=bind).dialect.name == "sqlite":
         session.execute(
             update(_sessions).where(false()).values(flushed_idx=c.flushed_idx),
             execution_options={_PLACED: True},
+            bind_arguments=bind,
         )
     rows = session.execute(
-        select(c.id, c.flushed_idx).where(c.id.in_(sorted(claims))).order_by(c.id).with_for_update()
+        select(c.id, c.flushed_idx)
+        .where(c.id.in_(sorted(claims)))
+        .order_by(c.id)
+        .with_for_update(),
+        bind_arguments=bind,
     )
     stored = {row.id: row.flushed_idx for row in rows}
     for session_id, claim in claims.items():
@@ -566,7 +584,8 @@ def _move_cursor(
     c = _sessions.c
     # A cursor other SQL set to no position (SQLite keeps any value) moves nothing.
     statement = update(_sessions).where(c.id == session_id, c.flushed_idx >= 0)
-    if session.connection().dialect.name == "sqlite":
+    bind = _messages_bind()
+    if session.connection(bind_arguments=bind).dialect.name == "sqlite":
         statement = statement.where(func.typeof(c.flushed_idx) == "integer")
     if claim is not None:
         statement = statement.where(c.flushed_idx == claim.cursor)
@@ -578,9 +597,12 @@ def _move_cursor(
             flushed_digest=digest,
         ).returning(c.flushed_idx, c.tool_call_count),
         execution_options={_PLACED: True},
+        bind_arguments=bind,
     ).first()
     if moved is None:
-        stored = session.execute(select(c.flushed_idx).where(c.id == session_id)).first()
+        stored = session.execute(
+            select(c.flushed_idx).where(c.id == session_id), bind_arguments=bind
+        ).first()
         if stored is None:
             raise SessionNotFoundError(session_id)
         cursor = stored.flushed_idx
@@ -704,7 +726,7 @@ def _refuse_autocommit(session: OrmSession) -> None:
     Raises:
         InvalidArgumentError: The session's connection for hermes_orm's tables autocommits.
     """
-    conn = session.connection(bind_arguments={"mapper": inspect(Message)})
+    conn = session.connection(bind_arguments=_messages_bind())
     _dialects.check_transactional(conn)
     if conn.dialect.name == "postgresql":
         _dialects.check_driver_transactional(conn)

@@ -1777,3 +1777,43 @@ def test_a_host_model_on_the_base_numbers_its_key_with_big_id(engine: Engine) ->
     finally:
         table.drop(engine)
         Base.metadata.remove(table)
+
+
+def test_the_rule_moves_the_cursor_where_the_session_s_binds_put_the_messages(
+    engine: Engine, tmp_path: Any
+) -> None:
+    """A host whose ORM session binds hermes_orm's models to their own database beside its
+    default one: the cursor moves in the database, and the transaction, the messages go
+    to. It moved in the default database (which here holds hermes_orm's tables too): the
+    rows in one, the cursor in the other, silently."""
+    from sqlalchemy import create_engine
+
+    from hermes_orm.models import Base
+
+    app = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    upgrade(app)
+    for where in (SessionStore(engine), SessionStore(app)):
+        for sid in ("a", "b"):
+            where.create_session(sid, source="app")
+    with OrmSession(bind=app, binds={Base: engine}) as orm:
+        orm.add_all(  # two sessions in one flush: both checked, then both moved
+            [
+                Message(session_id="a", role="user", content="to a"),
+                Message(session_id="b", role="user", content="to b"),
+                Message(session_id="a", role="assistant", content="again a"),
+            ]
+        )
+        orm.commit()
+    ours, theirs = SessionStore(engine), SessionStore(app)
+    assert [m["content"] for m in ours.get_messages("a")] == ["to a", "again a"]
+    assert [(s["flushed_idx"], s["message_count"]) for s in map(ours.get_session, "ab")] == [
+        (2, 2),
+        (1, 1),
+    ]
+    assert [
+        (s["flushed_idx"], theirs.get_messages(s["id"])) for s in map(theirs.get_session, "ab")
+    ] == [
+        (0, []),
+        (0, []),
+    ]
+    app.dispose()
