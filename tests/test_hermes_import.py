@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -2436,6 +2437,27 @@ def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_
     assert ours.get_telegram_topic_binding(chat_id="42", thread_id="20") is None
 
 
+def _import_while(
+    store: SessionStore, source: Path, statement: str, meanwhile: Callable[[], Any]
+) -> ImportReport:
+    """Import ``source``, another writer doing ``meanwhile`` just before the import's first
+    statement that begins with ``statement`` (which it must run)."""
+    ran: list[bool] = []
+
+    def hook(_conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        if sql.startswith(statement) and not ran:
+            ran.append(True)
+            meanwhile()
+
+    event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        report = import_state_db(source, store)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", hook)
+    assert ran, f"the import ran no {statement}"
+    return report
+
+
 @pytest.mark.backends("postgresql")
 def test_a_binding_a_gateway_makes_as_the_import_writes_is_reported_and_the_rest_copied(
     store: SessionStore, tmp_path: Path
@@ -2453,20 +2475,14 @@ def test_a_binding_a_gateway_makes_as_the_import_writes_is_reported_and_the_rest
     hermes.set_meta("goal:s1", "ship")
     hermes.close()
     gateway = SessionDB(fresh_store(store))
-    bound: list[bool] = []
-
-    def meanwhile_bind(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("INSERT INTO hermes_telegram_topic_bindings") and not bound:
-            bound.append(True)
-            gateway.bind_telegram_topic(
-                chat_id="42", thread_id="9", user_id="7", session_key="k9", session_id="s1"
-            )
-
-    event.listen(store.engine, "before_cursor_execute", meanwhile_bind)
-    try:
-        report = import_state_db(source, store)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", meanwhile_bind)
+    report = _import_while(
+        store,
+        source,
+        "INSERT INTO hermes_telegram_topic_bindings",
+        lambda: gateway.bind_telegram_topic(
+            chat_id="42", thread_id="9", user_id="7", session_key="k9", session_id="s1"
+        ),
+    )
     assert report.invalid_rows == {
         "telegram_dm_topic_bindings ('42', '1')": "its session 's1' was bound to another meanwhile"
     }
@@ -2503,16 +2519,11 @@ def test_a_binding_a_gateway_renews_as_the_import_replaces_it_stays(
         conn.execute(renew.values(updated_at=50))
     gateway = fresh_store(store)
 
-    def meanwhile_renew(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("DELETE FROM hermes_telegram_topic_bindings"):
-            with gateway.engine.begin() as conn:
-                conn.execute(renew.values(updated_at=time.time()))
+    def renewed() -> None:
+        with gateway.engine.begin() as conn:
+            conn.execute(renew.values(updated_at=time.time()))
 
-    event.listen(store.engine, "before_cursor_execute", meanwhile_renew)
-    try:
-        report = import_state_db(source, store)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", meanwhile_renew)
+    report = _import_while(store, source, "DELETE FROM hermes_telegram_topic_bindings", renewed)
     assert report.invalid_rows == {
         "telegram_dm_topic_bindings ('42', '20')": "its session 's2' was bound to another meanwhile"
     }
