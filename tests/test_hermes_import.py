@@ -2529,3 +2529,39 @@ def test_a_binding_a_gateway_renews_as_the_import_replaces_it_stays(
     }
     assert (ours.get_telegram_topic_binding_by_session(session_id="s2") or {})["thread_id"] == "2"
     gateway.close()
+
+
+def test_a_topic_moved_to_another_session_frees_that_session_for_its_own_binding(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """The source moved topic 1 from s2 to s1 and bound s2 to topic 2, both newer than the
+    destination's binding of topic 1 to s2: both are copied, whatever their order (the
+    second was refused as "bound meanwhile", s2 left bound nowhere)."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import TelegramTopicBinding
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    for thread, sid in (("1", "s1"), ("2", "s2")):
+        hermes.create_session(sid, "telegram")
+        hermes.bind_telegram_topic(
+            chat_id="42", thread_id=thread, user_id="7", session_key=f"k{thread}", session_id=sid
+        )
+    hermes.close()
+    _edit_source(source, "UPDATE telegram_dm_topic_bindings SET updated_at = 300")
+    for sid in ("s1", "s2"):
+        store.create_session(sid, source="telegram")
+    ours = SessionDB(store)
+    ours.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    ours.bind_telegram_topic(
+        chat_id="42", thread_id="1", user_id="7", session_key="k", session_id="s2"
+    )
+    with store.engine.begin() as conn:
+        conn.execute(update(TelegramTopicBinding).values(updated_at=100))
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    by_session = ours.get_telegram_topic_binding_by_session
+    assert [(by_session(session_id=sid) or {}).get("thread_id") for sid in ("s1", "s2")] == [
+        "1",
+        "2",
+    ]

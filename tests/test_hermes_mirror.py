@@ -407,7 +407,15 @@ def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
 
 @pytest.mark.parametrize(
     "then",
-    ["another turn", "exit", "written meanwhile", "resumed", "revised meanwhile", "exit locked"],
+    [
+        "another turn",
+        "exit",
+        "written meanwhile",
+        "resumed",
+        "revised meanwhile",
+        "exit locked",
+        "ended again",
+    ],
 )
 def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended(
     db_url: str, status: StatusFile, store: SessionStore, then: str
@@ -443,19 +451,23 @@ def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended
         m.turn("s1", _turn(1))
     if then == "revised meanwhile":
         store.create_session("s1#2", source="cli", parent_session_id="s1")
+    if then == "ended again":  # (Hermes ends it once more: that end is written at once)
+        assert m.finalize("s1", "session_reset")
     if then == "exit locked":
         assert status.read()["error"]["todo"] == (
             "its end is not written: the mirrored copy stays open until a turn resumes it"
         )
         assert (store.get_session("s1") or {})["ended_at"] is None
         return
-    if then != "exit":
+    if then not in ("exit", "ended again"):
         m.turn("s2", _turn(1))
         assert m._worker.drain(30)
     m.close()
     row = store.get_session("s1") or {}
     assert status.read().get("error") is None
-    if then in ("another turn", "exit"):
+    if then == "ended again":
+        assert row["end_reason"] == "session_reset"
+    elif then in ("another turn", "exit"):
         assert row["end_reason"] == "new_session"
         assert ended <= row["ended_at"] <= refused  # when it ended, not when written
     else:
@@ -1598,3 +1610,29 @@ def test_a_session_whose_id_leaves_no_room_for_a_revision_mark_is_ended(
     m.close()
     assert (store.get_session(sid) or {})["end_reason"] == "new_session"
     assert status.read().get("error") is None
+
+
+def test_a_refused_end_given_up_leaves_another_process_s_error_of_the_session(
+    db_url: str, status: StatusFile, store: SessionStore
+) -> None:
+    """Another process's turn of the session failed too, its list still unwritten: this
+    process giving up its end (another writer moved the session on) must not take that
+    error off the status."""
+    p1 = Mirror(db_url, status=status, wait=5)
+    p2 = Mirror(db_url, status=status, wait=5)
+    assert p1.turn("s1", _turn(1))
+    with _Locked(db_url):
+        p1.finalize("s1", "new_session")
+        assert p1._worker.drain(30)
+        p2.turn("s1", _turn(1) + _turn(2))
+        assert p2._worker.drain(30)
+    assert status.read()["error"]["process"] == p2._writer()
+    store.flush("s1", _turn(1) + _turn(3))  # a third writer moves s1 on
+    assert p1.turn("s2", _turn(1))
+    assert p1._worker.drain(30)
+    error = status.read()["error"]
+    assert (error["process"], error["session_id"]) == (p2._writer(), "s1")
+    assert "catches up" in error["todo"]
+    assert list(p2._unwritten) == ["s1"]
+    p1.close()
+    p2.close(timeout=1)

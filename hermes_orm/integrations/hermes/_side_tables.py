@@ -190,10 +190,18 @@ def _copy(
             if side.session is None or side.stamp is None:
                 done.written += _write(conn, side, row)
                 continue
-            refusal = _bound(conn, side, row, owners[row[side.session]], side.stamp)
+            owner = owners[row[side.session]]
+            refusal = _bound(conn, side, row, owner, side.stamp)
             if refusal is None:
-                owners[row[side.session]] = row
                 done.written += 1
+                # What this write changed, for the rows after it: the session's binding
+                # moved here (its old row gone), and the session this key bound before
+                # (if another) bound nowhere now.
+                if owner:
+                    held.pop(tuple(owner[k] for k in key), None)
+                if have is not None and have[side.session] != row[side.session]:
+                    owners[have[side.session]] = {}
+                owners[row[side.session]] = held[ident] = row
             elif refusal:
                 done.refused[_label(side, row)] = refusal
         done.found = len(_held(conn, side, looked_up))

@@ -831,15 +831,14 @@ class Mirror:
     def _writer(self) -> str:
         return f"{os.getpid()}:{self._mark}"
 
-    def _succeeded(self, session_id: str, *, quiet: bool = False) -> None:
-        """The session's failure on record is over: said (unless ``quiet``), and cleared."""
+    def _succeeded(self, session_id: str) -> None:
+        """The session's failure on record is over: said, and cleared."""
         if self._failing.pop(session_id, None) is not None:
-            if not quiet:
-                logger.warning(
-                    "hermes_orm mirror: session %s is written to %s again, caught up",
-                    session_id,
-                    safe_url(self.url),
-                )
+            logger.warning(
+                "hermes_orm mirror: session %s is written to %s again, caught up",
+                session_id,
+                safe_url(self.url),
+            )
         elif self._status_checked:
             return
         self._status_checked = True
@@ -888,9 +887,24 @@ class Mirror:
                     session_id,
                 )
                 if pending:  # (nothing is left to do: the session went on)
-                    self._succeeded(session_id, quiet=True)
+                    self._forget_failure(session_id)
             else:  # another failure: given up, and the status says so
                 self._give_up_end(session_id)
+
+    def _forget_failure(self, session_id: str) -> None:
+        """Take the session's failure off this process's record, and off the status.
+
+        Off the status only as this process's error there: another process's error
+        of the session is that process's to clear.
+        """
+        self._failing.pop(session_id, None)
+        recorded = self.status.read().get("error")
+        if (
+            isinstance(recorded, dict)
+            and recorded.get("session_id") == session_id
+            and recorded.get("process") == self._writer()
+        ):
+            self.status.write(error=list(self._failing.values())[-1] if self._failing else None)
 
     def _give_up_end(self, session_id: str) -> None:
         """Record that the session's refused end will not be written after all."""
@@ -1204,8 +1218,10 @@ class Mirror:
             rows = len(tracked.stored if tracked.rows is None else tracked.rows)
             self._lost_ends[session_id] = _LostEnd(tracked.revision, rows, reason, at)
             while len(self._lost_ends) > _TRACKED_MAX:
-                self._lost_ends.popitem(last=False)
+                self._give_up_end(self._lost_ends.popitem(last=False)[0])
         elif outcome == "ran":
+            if self._failing.get(session_id, {}).get("todo") in (_END_LOST, _END_GIVEN_UP):
+                self._succeeded(session_id)  # (an earlier end's refusal: this end is written)
             if self._lost_ends:
                 self._write_lost_ends()
         else:  # not to be tried again (refused otherwise, or no state known to end)
