@@ -2387,6 +2387,21 @@ def test_settings_the_destination_changed_are_kept_and_newer_rows_win(
     )
 
 
+def _two_bound_sessions(tmp_path: Path, stamp: float, *edits: str) -> Path:
+    """A state.db of the real Hermes: Telegram chat 42's topics 1 and 2 bound to sessions s1
+    and s2 at ``stamp``, then ``edits`` made by hand."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
+    for thread, sid in (("1", "s1"), ("2", "s2")):
+        hermes.create_session(sid, "telegram")
+        hermes.bind_telegram_topic(
+            chat_id="42", thread_id=thread, user_id="7", session_key=f"k{thread}", session_id=sid
+        )
+    hermes.close()
+    _edit_source(source, f"UPDATE telegram_dm_topic_bindings SET updated_at = {stamp}", *edits)
+    return source
+
+
 def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_path: Path) -> None:
     """A session is bound to one topic. After a switch to store mode, a binding made
     there that is newer than the source's stays, and a re-run says nothing of it; one
@@ -2395,19 +2410,11 @@ def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_
     from hermes_orm.integrations.hermes import SessionDB
     from hermes_orm.models import TelegramTopicBinding
 
-    source, hermes = _real_hermes(tmp_path)
-    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
-    hermes.enable_telegram_topic_mode(chat_id="43", user_id="8")
-    for thread, sid in (("1", "s1"), ("2", "s2")):
-        hermes.create_session(sid, "telegram")
-        hermes.bind_telegram_topic(
-            chat_id="42", thread_id=thread, user_id="7", session_key=f"k{thread}", session_id=sid
-        )
-    hermes.close()
-    _edit_source(
-        source,
-        "UPDATE telegram_dm_topic_bindings SET updated_at = 100",
-        "UPDATE telegram_dm_topic_mode SET has_topics_enabled = 4294967296 WHERE chat_id = '43'",
+    source = _two_bound_sessions(
+        tmp_path,
+        100,
+        "INSERT INTO telegram_dm_topic_mode (chat_id, user_id, enabled, activated_at, updated_at,"
+        " has_topics_enabled) VALUES ('43', '8', 1, 1, 1, 4294967296)",
     )
     first = import_state_db(source, store)
     assert set(first.invalid_rows) == {"telegram_dm_topic_mode ('43')"}
@@ -2540,15 +2547,7 @@ def test_a_topic_moved_to_another_session_frees_that_session_for_its_own_binding
     from hermes_orm.integrations.hermes import SessionDB
     from hermes_orm.models import TelegramTopicBinding
 
-    source, hermes = _real_hermes(tmp_path)
-    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7")
-    for thread, sid in (("1", "s1"), ("2", "s2")):
-        hermes.create_session(sid, "telegram")
-        hermes.bind_telegram_topic(
-            chat_id="42", thread_id=thread, user_id="7", session_key=f"k{thread}", session_id=sid
-        )
-    hermes.close()
-    _edit_source(source, "UPDATE telegram_dm_topic_bindings SET updated_at = 300")
+    source = _two_bound_sessions(tmp_path, 300)
     for sid in ("s1", "s2"):
         store.create_session(sid, source="telegram")
     ours = SessionDB(store)
