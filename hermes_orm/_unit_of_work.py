@@ -721,11 +721,19 @@ def _refuse_autocommit(session: OrmSession) -> None:
     """Refuse placing messages on a connection whose statements commit one by one.
 
     The cursor would be committed moved without the rows a failing statement
-    of the same flush was to write.
+    of the same flush was to write. So it would in a session that binds
+    ``Message`` and ``Session`` to two databases (two transactions).
 
     Raises:
-        InvalidArgumentError: The session's connection for hermes_orm's tables autocommits.
+        InvalidArgumentError: The session's connection for hermes_orm's tables
+            autocommits, or its binds split them.
     """
+    if session.get_bind(mapper=inspect(Message)) is not session.get_bind(mapper=inspect(Session)):
+        raise InvalidArgumentError(
+            "this ORM session binds hermes_orm's Message and Session to different databases: "
+            "a message and its session's cursor are written in one transaction, so bind "
+            "both to one (binds={hermes_orm.models.Base: engine}); nothing was written"
+        )
     conn = session.connection(bind_arguments=_messages_bind())
     _dialects.check_transactional(conn)
     if conn.dialect.name == "postgresql":

@@ -1817,3 +1817,24 @@ def test_the_rule_moves_the_cursor_where_the_session_s_binds_put_the_messages(
         (0, []),
     ]
     app.dispose()
+
+
+def test_an_orm_session_that_splits_messages_and_sessions_between_databases_is_refused(
+    engine: Engine, tmp_path: Any
+) -> None:
+    """A message and its session's cursor are written in one transaction: binds that put
+    them in two databases are refused, before anything is written."""
+    from sqlalchemy import create_engine
+
+    other = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    upgrade(other)
+    for where in (SessionStore(engine), SessionStore(other)):
+        where.create_session("a", source="app")
+    with OrmSession(binds={Message: engine, Session: other}) as orm:
+        orm.add(Message(session_id="a", role="user", content="split"))
+        with pytest.raises(InvalidArgumentError, match="binds hermes_orm's Message and Session"):
+            orm.commit()
+    for where in (SessionStore(engine), SessionStore(other)):
+        assert where.get_messages("a") == []
+        assert (where.get_session("a") or {})["flushed_idx"] == 0
+    other.dispose()
