@@ -898,13 +898,17 @@ class Mirror:
         of the session is that process's to clear.
         """
         self._failing.pop(session_id, None)
+        if self._on_record(session_id):
+            self.status.write(error=list(self._failing.values())[-1] if self._failing else None)
+
+    def _on_record(self, session_id: str) -> bool:
+        """Whether the status's error on record is this process's, of the session."""
         recorded = self.status.read().get("error")
-        if (
+        return (
             isinstance(recorded, dict)
             and recorded.get("session_id") == session_id
             and recorded.get("process") == self._writer()
-        ):
-            self.status.write(error=list(self._failing.values())[-1] if self._failing else None)
+        )
 
     def _give_up_end(self, session_id: str) -> None:
         """Record that the session's refused end will not be written after all."""
@@ -912,12 +916,7 @@ class Mirror:
         if error is None or error.get("todo") != _END_LOST:
             return
         error = self._failing[session_id] = {**error, "todo": _END_GIVEN_UP}
-        recorded = self.status.read().get("error")
-        if (
-            isinstance(recorded, dict)
-            and recorded.get("session_id") == session_id
-            and recorded.get("process") == self._writer()
-        ):
+        if self._on_record(session_id):
             self.status.write(error=error)
 
     def _flush(self, turn: Turn) -> None:
