@@ -94,6 +94,22 @@ def pool_has_room(pool: Pool) -> bool:
     return bool(overflow < 0 or pool.checkedout() < pool.size() + overflow)
 
 
+def pool_has_waiters(pool: Pool) -> bool:
+    """Whether a task waits in ``pool``'s asyncio queue for a connection given back.
+
+    Only a bounded ``QueuePool`` makes a checkout wait. Read from the waiting
+    getters of the queue it keeps privately; where they are not found (another
+    SQLAlchemy), taken to be so.
+    """
+    if not isinstance(pool, QueuePool):
+        return False
+    queue = getattr(getattr(pool, "_pool", None), "_queue", None)
+    getters = getattr(queue, "_getters", None)
+    if getters is None:
+        return True
+    return any(not getter.done() for getter in getters)
+
+
 def may_keep_one(pool: Pool) -> bool:
     """Whether a store may keep the last connection it used, idle, from ``pool``.
 

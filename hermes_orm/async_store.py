@@ -297,7 +297,9 @@ class AsyncSessionStore(_AsyncSessions):
         self._parks = engine.dialect.driver == "aiosqlite" and _sa.may_keep_one(
             engine.sync_engine.pool
         )
-        #: Releases the pool's checkout listener started (see _give_back), held till done.
+        #: Work of its own on the pool, held till done (close() waits for it): releases the
+        #: pool's checkout listener started (see _give_back), connections made to wake a
+        #: call waiting in the pool (see _wake_a_waiter).
         self._releasing: set[asyncio.Task[None]] = set()
         #: The event loop each engine's pool serves, by id: asyncpg's (whose connections
         #: belong to it), and those the store gave a new pool (see _new_pool).
@@ -560,6 +562,9 @@ class AsyncSessionStore(_AsyncSessions):
                         raise _other_loop(why) from exc
                     await self._new_pool(engine)
                     conn = await engine.connect()
+        except asyncio.CancelledError:
+            self._wake_a_waiter(engine)
+            raise
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
         except OSError as exc:
@@ -587,6 +592,32 @@ class AsyncSessionStore(_AsyncSessions):
                 await self._to_the_end(conn.close())
                 raise
         return conn
+
+    def _wake_a_waiter(self, engine: AsyncEngine) -> None:
+        """Make a connection and give it back, for a call the pool leaves waiting.
+
+        A connection cancelled as it is made frees its place in the pool without
+        waking a task waiting in the pool's queue (only a connection given back
+        does): that task would wait out the pool's timeout beside a free place.
+        The connection is made as a task of its own, which :meth:`close` waits for
+        (at most the connect timeout).
+        """
+        task = asyncio.get_running_loop().create_task(self._made_and_given_back(engine))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _made_and_given_back(self, engine: AsyncEngine) -> None:
+        pool = engine.sync_engine.pool
+        # Checked as the task starts: the pool's checkout then takes the free place
+        # (or finds none) before anything is awaited, so this never waits in its queue.
+        if not (_sa.pool_has_room(pool) and _sa.pool_has_waiters(pool)):
+            return
+        try:
+            with _retry.connecting(self._retry.attempt_timeout):
+                conn = await engine.connect()
+            await conn.close()
+        except Exception as exc:  # (the waiting call fails or waits as it would have)
+            logger.debug("hermes_orm: a connection to wake a waiting call failed: %r", exc)
 
     async def _on_this_loop(self, engine: AsyncEngine) -> None:
         """Make sure ``engine``'s pooled asyncpg connections serve the running event loop.
@@ -808,7 +839,7 @@ class AsyncSessionStore(_AsyncSessions):
         then) goes back, and so does one the pool has none beside: another
         task may be waiting. So does one while another call of this store waits
         for a connection: the pool may have room it does not tell the waiting call
-        of (a connection cancelled as it was made frees its place, and wakes no
+        of (a connection that failed as it was made frees its place, and wakes no
         one), and only a connection given back would end the wait before the
         pool's timeout.
         """

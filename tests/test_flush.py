@@ -2097,6 +2097,55 @@ def test_many_tasks_share_a_small_pool(db_url: str, api: str) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.backends("postgresql")  # (aiosqlite's is the kept connection's test, test_sessions)
+@pytest.mark.apis("async", "asyncpg")
+@pytest.mark.parametrize("waiter", ["store", "application"])
+def test_a_connect_cancelled_in_a_full_pool_wakes_the_call_waiting_for_one(
+    db_url: str, api: str, waiter: str
+) -> None:
+    """A pool of two, the application holding one: a call cancelled as its connection
+    is made frees its place, which wakes no one waiting in the pool's queue. The store
+    makes a connection and gives it back: the waiting call (the store's, or the
+    application's own checkout) goes on at once, not at the pool's timeout."""
+    from sqlalchemy.engine import make_url
+
+    from hermes_orm import create_async_store_engine
+
+    url = make_url(db_url)
+    if api == "asyncpg":
+        url = url.set(drivername="postgresql+asyncpg")
+
+    async def main(steps: int) -> float:
+        engine = create_async_store_engine(url, pool_size=2, max_overflow=0, pool_timeout=60)
+        store = AsyncSessionStore(engine)
+        await store.ensure_session("s", source="cli")
+        async with engine.connect() as held:
+            await held.exec_driver_sql("SELECT 1")
+            cancelled = asyncio.ensure_future(store.get_messages("s"))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            if waiter == "store":
+                waiting: asyncio.Future[Any] = asyncio.ensure_future(store.get_messages("s"))
+            else:
+                waiting = asyncio.ensure_future(engine.connect().start())
+            await asyncio.sleep(0.001)  # the first connection under way, the waiter queued
+            cancelled.cancel()
+            start = time.monotonic()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            got = await waiting
+            took = time.monotonic() - start
+            if waiter == "store":
+                assert got == []
+            else:
+                await got.close()
+        await store.close()
+        await engine.dispose()
+        return took
+
+    for steps in range(4):  # (cancelled at several points of the connection's making)
+        assert asyncio.run(main(steps)) < 20, steps  # (not the 60 s of a wait to its end)
+
+
 # -- the same harness against the design this library replaces -----------------------------
 
 

@@ -412,18 +412,24 @@ def test_an_applications_sqlite_engine_is_left_as_it_was(tmp_path: Path) -> None
 def test_an_async_call_waiting_for_a_connection_gets_the_one_the_store_would_keep(
     tmp_path: Path,
 ) -> None:
-    """aiosqlite, the application's pool of two: a call cancelled as its connection is
+    """aiosqlite, the application's pool of two: a connection that failed as it was
     made frees its place without waking the call waiting for one, which only a
     connection given back wakes. The store keeps none while a call of its waits: the
     waiting call goes on at once, not at the pool's timeout."""
     import asyncio
     import time
 
+    from sqlalchemy import event
     from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.util import await_only
 
-    async def main(steps: int) -> float:
+    def named(name: str) -> bool:
+        task = asyncio.current_task()
+        return task is not None and task.get_name() == name
+
+    async def main() -> float:
         engine = create_async_engine(
-            f"sqlite+aiosqlite:///{tmp_path / f'{steps}.db'}",
+            f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
             pool_size=2,
             max_overflow=0,
             pool_timeout=60,
@@ -431,22 +437,42 @@ def test_an_async_call_waiting_for_a_connection_gets_the_one_the_store_would_kee
         store = hermes_orm.AsyncSessionStore(engine)
         await store.upgrade()
         await store.create_session("s", source="cli")  # (its connection kept)
-        kept = asyncio.ensure_future(store.get_messages("s"))  # takes the kept one
-        cancelled = asyncio.ensure_future(store.get_messages("s"))  # makes the second
-        waiting = asyncio.ensure_future(store.get_messages("s"))  # the pool is full: waits
-        for _ in range(steps):
-            await asyncio.sleep(0)
-        cancelled.cancel()
+        holding, go_on, connecting, fail = (asyncio.Event() for _ in range(4))
+
+        def hold(*_args: Any) -> None:
+            if named("holder"):
+                holding.set()
+                await_only(go_on.wait())
+
+        def broken(*_args: Any) -> None:
+            if named("connector"):
+                connecting.set()
+                await_only(fail.wait())
+                raise RuntimeError("connection refused")
+
+        event.listen(engine.sync_engine, "before_cursor_execute", hold)
+        event.listen(engine.sync_engine, "connect", broken)
+        calls = {
+            name: asyncio.create_task(store.get_messages("s"), name=name)
+            for name in ("holder", "connector")
+        }
+        await holding.wait()  # the holder took the kept connection, and holds it
+        await connecting.wait()  # the connector makes the pool's second one
+        calls["waiter"] = asyncio.create_task(store.get_messages("s"), name="waiter")
+        await asyncio.sleep(0.05)  # the waiter waits in the pool's queue
+        fail.set()
         start = time.monotonic()
-        await asyncio.gather(kept, cancelled, waiting, return_exceptions=True)
+        await asyncio.gather(calls["connector"], return_exceptions=True)
+        go_on.set()  # the holder's call ends: its connection goes back, not kept
+        assert await calls["holder"] == []
+        assert await calls["waiter"] == []
         took = time.monotonic() - start
-        assert waiting.result() == []
+        assert isinstance(calls["connector"].exception(), Exception)
         await store.close()
         await engine.dispose()
         return took
 
-    for steps in range(4):
-        assert asyncio.run(main(steps)) < 20, steps  # (not the 60 s of a wait to its end)
+    assert asyncio.run(main()) < 20  # (not the 60 s of a wait to its end)
 
 
 @pytest.mark.sqlite
