@@ -1743,6 +1743,21 @@ def test_a_session_id_no_row_can_hold_finds_nothing_and_makes_nothing(
         db.replace_messages(bad, [{"role": "user", "content": "x"}])
 
 
+def test_a_topic_binding_without_a_managed_mode_is_refused_before_anything_is_written(
+    store: SessionStore,
+) -> None:
+    """Hermes' file refuses ``managed_mode=None`` (its column is NOT NULL); the text
+    ``'None'`` is not stored in its place."""
+    db = SessionDB(store)
+    db.create_session("s", "telegram")
+    topic = {"chat_id": "c", "thread_id": "t", "user_id": "u", "session_key": "k"}
+    with pytest.raises(TypeError, match="managed_mode"):
+        db.bind_telegram_topic(**topic, session_id="s", managed_mode=None)  # type: ignore[arg-type]
+    assert db.get_telegram_topic_binding(chat_id="c", thread_id="t") is None
+    db.bind_telegram_topic(**topic, session_id="s")
+    assert db.get_telegram_topic_binding(chat_id="c", thread_id="t")["managed_mode"] == "auto"
+
+
 def test_a_session_id_given_as_a_number_is_its_text(store: SessionStore) -> None:
     db = SessionDB(store)
     db.create_session(123, "cli")

@@ -725,7 +725,7 @@ class GatewayMethods:
             "user_id": _text("user_id", str(user_id)),
             "session_key": _text("session_key", str(session_key)),
             "session_id": _key("session_id", str(session_id)),
-            "managed_mode": _text("managed_mode", str(managed_mode)),
+            "managed_mode": _key("managed_mode", managed_mode, max_length=None),
         }
         sid = values["session_id"]
 
