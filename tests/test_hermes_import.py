@@ -219,6 +219,31 @@ def test_a_rewritten_source_session_is_reported_not_overwritten(
     assert "1 diverged" in last_word.getMessage()
 
 
+def test_a_session_whose_last_copied_message_hermes_added_a_column_to_is_up_to_date(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Hermes backfills ``api_content`` on the copied message that is the session's
+    last (a turn under way): nothing to copy, the copies kept; not diverged, run
+    after run (the last messages' digests differ, as they should)."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for role, content in (("user", "hello"), ("assistant", "hi"), ("user", "question")):
+        hermes.append_message("s", role, content=content)
+    assert import_state_db(source, store).ok
+    assert hermes.set_latest_user_api_content("s", "question", "question, with context") == 1
+    hermes.close()
+    stored = store.get_messages("s")
+    for _ in range(2):
+        report = import_state_db(source, store)
+        assert report.ok, report.table()
+        assert report.diverged_sessions == report.amended_sessions == []
+        assert report.messages_written == 0
+        assert store.get_messages("s") == stored
+    # a later edit of that message is still a divergence
+    _edit_source(source, "UPDATE messages SET content = 'edited' WHERE content = 'question'")
+    assert import_state_db(source, store).diverged_sessions == ["s"]
+
+
 def test_a_copied_message_hermes_added_a_column_to_is_kept_and_the_rest_copied(
     store: SessionStore, tmp_path: Path
 ) -> None:
@@ -1743,6 +1768,7 @@ def test_a_title_moved_to_a_new_session_is_set_once_its_holder_let_it_go(
     assert report.ok, report.table()
     assert (store.get_session("a") or {})["title"] == "report (old)"
     assert (store.get_session("n") or {})["title"] == "report"
+    assert report.sessions_written == 2  # "n" made, then titled, counted once
 
 
 def test_duplicate_titles_of_an_old_state_db_are_left_to_the_newest_session(

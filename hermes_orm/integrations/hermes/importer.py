@@ -865,10 +865,11 @@ def import_state_db(
         )
         reading = _read_in_process if remaining >= PROCESS_READER_FROM else _read_in_thread
         seen = {sid: c.cursor for sid, c in cursors.items()}
+        titled_later: set[str] = set()  # new sessions whose title the second upsert sets
         # The reader starts first: it reads the first batches while new sessions are written.
         with reading(job) as batches:
             report.sessions_written = _upsert_sessions(
-                store, sessions, report, new_only=True, histories=drawn
+                store, sessions, report, new_only=True, histories=drawn, titled_later=titled_later
             )
             _copy_messages(
                 store,
@@ -881,6 +882,7 @@ def import_state_db(
                 histories=job.histories,
             )
         held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
+        as_before: set[str] = set()  # up to date, their copies kept as Hermes added to them
         for sid in held:
             theirs = _source_messages(src, sid)
             if _continued_by_mirror(store, theirs, sid) or _revised_by_mirror(store, theirs, sid):
@@ -890,6 +892,8 @@ def import_state_db(
             written = _continue_earlier_copies(store, theirs, sid)
             if written is not None:  # (none written: copied by an earlier run, up to date)
                 report.diverged_sessions.remove(sid)
+                if not written:
+                    as_before.add(sid)
                 if written:
                     report.amended_sessions.append(sid)
                     report.messages_written += written
@@ -903,13 +907,15 @@ def import_state_db(
             {sid: by_id[sid] for sid in invalid if sid in cursors and not cursors[sid].cursor},
         )
         left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
-        report.sessions_written += _upsert_sessions(store, sessions, report, skip=left)
+        report.sessions_written += _upsert_sessions(
+            store, sessions, report, skip=left, titled_later=titled_later
+        )
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src, {*ids} - left)
         side = copy_side_tables(store, src, report)
         if bar is not None:
             bar.update(final=True)
-        _verify(store, src, ids, seen, report)
+        _verify(store, src, ids, seen, report, as_before=as_before)
         report.counts.update((name, TableCount(*pair)) for name, pair in side.items())
     finally:
         src.close()
@@ -1008,13 +1014,15 @@ def _upsert_sessions(
     new_only: bool = False,
     histories: Mapping[str, int] | None = None,
     skip: Collection[str] = (),
+    titled_later: set[str] | None = None,
 ) -> int:
     """Insert new sessions and update changed ones; returns how many rows were written.
 
     ``rows`` are :func:`_linked`'s. With ``new_only``, only the sessions the
     destination lacks are inserted (before their messages), those whose title
-    the destination holds yet without it; a second call, once the messages are
-    copied, updates the others, but those in ``skip``.
+    the destination holds yet without it (added to ``titled_later``); a second
+    call, once the messages are copied, updates the others, but those in
+    ``skip``, and sets those titles (their rows not counted again).
 
     Titles are unique: the titles that change are cleared first, then set, in
     one transaction, so sessions may swap or pass on titles. A title that a
@@ -1045,6 +1053,8 @@ def _upsert_sessions(
                 continue
             if new_only:  # set by the second call, once its holder let it go
                 todo[sid] = {**fields, "title": None}
+                if titled_later is not None:
+                    titled_later.add(sid)
             elif holder not in wanted:
                 taken.append(sid)
                 todo[sid] = {
@@ -1089,7 +1099,8 @@ def _upsert_sessions(
                 .values({k: bindparam(k) for k in keys}),
                 changed,
             )
-        return inserted + len(changed)
+        again = titled_later or set()
+        return inserted + sum(1 for c in changed if c["b_id"] not in again)
 
     if not wanted:
         return 0
@@ -2093,7 +2104,13 @@ _SOURCE_COUNTS = (
 
 
 def _verify(
-    store: SessionStore, src: Source, ids: list[str], seen: dict[str, int], report: ImportReport
+    store: SessionStore,
+    src: Source,
+    ids: list[str],
+    seen: dict[str, int],
+    report: ImportReport,
+    *,
+    as_before: Collection[str],
 ) -> None:
     """Count what the destination holds against what the source holds now.
 
@@ -2108,7 +2125,9 @@ def _verify(
     compression) or deleted there meanwhile, and is reported diverged, as the
     next run would find it. Any other difference is a mismatch. Sessions the
     mirror plugin continued are left out, and messages whose session has no
-    sessions row are reported.
+    sessions row are reported. ``as_before``: sessions found up to date whose
+    stored copies Hermes only added to (``api_content`` filled in): their last
+    message's digest differs from the source's, as it should.
     """
     ids = [sid for sid in ids if sid not in report.mirrored_sessions]
 
@@ -2142,7 +2161,7 @@ def _verify(
         if sid in report.diverged_sessions or sid in report.invalid_sessions:
             continue  # reported already, as what stopped its copy
         if have == after:
-            if have and (digest is None or bytes(digest) != last.get(sid)):
+            if have and sid not in as_before and (digest is None or bytes(digest) != last.get(sid)):
                 report.diverged_sessions.append(sid)  # changed since it was read
             continue
         if have != seen.get(sid, 0):
