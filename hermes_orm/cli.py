@@ -294,7 +294,7 @@ def _import(args: argparse.Namespace) -> int:
     from hermes_orm.integrations.hermes.importer import main_import
 
     path = args.path if args.path is not None else str(hermes_home() / "state.db")
-    return main_import(path, args.url)
+    return main_import(path, args.url, restore_deleted=args.restore_deleted)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -461,6 +461,11 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
         nargs="?",
         default=None,
         help="the Hermes state.db (default: $HERMES_HOME/state.db, ~/.hermes/state.db)",
+    )
+    importer.add_argument(
+        "--restore-deleted",
+        action="store_true",
+        help="copy again the sessions deleted in the database since an earlier import",
     )
     importer.set_defaults(handler=_import, creates=True)
 

@@ -741,6 +741,7 @@ TABLES_MADE_BY: dict[str, tuple[str, ...]] = {
         "hermes_telegram_topic_bindings",
         "hermes_telegram_topic_mode",
     ),
+    "0017_imported_ledger": ("hermes_imported",),
 }
 
 

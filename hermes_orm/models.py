@@ -349,6 +349,21 @@ class Meta(Base):
     value: Mapped[str | None]
 
 
+class Imported(Base):
+    """What imports of a Hermes ``state.db`` have seen, kept when it is deleted here.
+
+    ``kind`` 'session' and ``key`` a session id: an import copied the session,
+    or found it stored. A later import leaves a session deleted since deleted
+    (see :func:`hermes_orm.integrations.hermes.import_state_db`).
+    """
+
+    __tablename__ = "hermes_imported"
+
+    kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    seen_at: Mapped[float]
+
+
 class GatewayRoute(Base):
     """A Hermes gateway's routing entry for one session key (Hermes' ``gateway_routing``)."""
 

@@ -761,6 +761,27 @@ def test_import_of_a_path_too_long_to_open_is_a_one_line_error(tmp_path: Path) -
     assert not target.exists()
 
 
+def test_import_restores_the_sessions_deleted_since_only_when_asked(tmp_path: Path) -> None:
+    from hermes_state import SessionDB as HermesSessionDB
+
+    source, target = tmp_path / "state.db", f"sqlite:///{tmp_path / 'x.db'}"
+    hermes = HermesSessionDB(source)
+    hermes.create_session("s", source="cli")
+    hermes.append_message("s", "user", content="hello")
+    hermes.close()
+    env = clean_env(tmp_path)
+    assert run("--url", target, "import", str(source), env=env).returncode == 0
+    with SessionStore(target) as store:
+        assert store.delete_session("s")
+    again = run("--url", target, "import", str(source), env=env)
+    assert again.returncode == 0, again.stdout
+    assert "1 session(s) deleted in the destination since an earlier import" in again.stdout
+    assert "wrote 0 sessions, 0 messages" in again.stdout
+    restored = run("--url", target, "import", str(source), "--restore-deleted", env=env)
+    assert restored.returncode == 0, restored.stdout
+    assert "wrote 1 sessions, 1 messages" in restored.stdout
+
+
 def test_the_next_page_is_listed_with_a_filter_beginning_with_a_dash(tmp_path: Path) -> None:
     url = sessions_made(tmp_path, 3, lambda n: {"source": "-tg", "started_at": 1_000 + n})
     env = {**clean_env(tmp_path), "HERMES_ORM_URL": url}

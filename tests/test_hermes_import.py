@@ -244,6 +244,61 @@ def test_a_session_whose_last_copied_message_hermes_added_a_column_to_is_up_to_d
     assert import_state_db(source, store).diverged_sessions == ["s"]
 
 
+def test_a_session_deleted_in_the_destination_since_an_import_is_not_copied_again(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Store mode, the command line or the API deleted an imported session: a later
+    import of the state.db still holding it leaves it deleted (even one Hermes wrote
+    to since), and says so; restore_deleted copies it again."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("a", source="cli")
+    hermes.create_session("b", source="cli")
+    hermes.create_session("c", source="cli", parent_session_id="a")
+    for sid in ("a", "b", "c"):
+        hermes.append_message(sid, "user", content=f"hello {sid}")
+    assert import_state_db(source, store).ok
+    assert store.delete_session("a")
+    hermes.append_message("a", "assistant", content="Hermes wrote on")
+    hermes.close()
+    for _ in range(2):
+        report = import_state_db(source, store)
+        assert report.ok, report.table()
+        assert report.deleted_sessions == ["a"]
+        assert report.messages_written == 0
+        assert "1 session(s) deleted in the destination" in report.table()
+        assert store.get_session("a") is None
+    # The child's link to the parent gone: kept in its extra, as any dangling link.
+    child = store.get_session("c") or {}
+    assert child["parent_session_id"] is None
+    assert child["extra"] == {"parent_session_id": "a"}
+    report = import_state_db(source, store, restore_deleted=True)
+    assert report.ok, report.table()
+    assert report.deleted_sessions == []
+    assert [m["content"] for m in store.get_messages("a")] == ["hello a", "Hermes wrote on"]
+    assert (store.get_session("c") or {})["parent_session_id"] == "a"
+    assert import_state_db(source, store).deleted_sessions == []
+
+
+def test_a_session_an_import_could_not_store_is_copied_once_it_can_be(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Only sessions the destination held once an import was done count as seen: one
+    left out (a message that is not UTF-8) is copied by the run after Hermes fixed it,
+    not taken for one deleted since."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    hermes.append_message("s", "user", content="hello")
+    hermes.close()
+    _edit_source(source, "UPDATE messages SET content = CAST(x'c3' AS TEXT)")
+    assert "s" in import_state_db(source, store).invalid_sessions
+    assert store.get_session("s") is None
+    _edit_source(source, "UPDATE messages SET content = 'hello'")
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.deleted_sessions == []
+    assert [m["content"] for m in store.get_messages("s")] == ["hello"]
+
+
 def test_a_copied_message_hermes_added_a_column_to_is_kept_and_the_rest_copied(
     store: SessionStore, tmp_path: Path
 ) -> None:
@@ -574,6 +629,7 @@ def test_not_a_state_db_is_a_typed_error(store: SessionStore, tmp_path: Path) ->
         ({"progress": "stderr"}, "progress must be None or a text stream"),
         ({"progress": True}, "progress must be None or a text stream"),
         ({"on_batch": "print"}, "on_batch must be None or a callable"),
+        ({"restore_deleted": 1}, "restore_deleted must be a bool"),
         ({"source": None}, "source must be the path of a Hermes state.db"),
         ({"source": b"state.db"}, "source must be the path of a Hermes state.db"),
         ({"source": ""}, "source is an empty path"),

@@ -64,6 +64,7 @@ OUR_TABLES = {
     "hermes_compression_locks",
     "hermes_telegram_topic_mode",
     "hermes_telegram_topic_bindings",
+    "hermes_imported",
     "hermes_orm_alembic_version",
 }
 

@@ -52,6 +52,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
+from hermes_orm.integrations.hermes._seen import record_seen, seen_sessions
 from hermes_orm.integrations.hermes._side_tables import copy_side_tables
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.integrations.hermes.mirror import revision_row, same_turn
@@ -123,6 +124,8 @@ class ImportReport:
     retitled_sessions: list[str] = field(default_factory=list)
     #: Sessions whose title a newer session of the source also held (kept in their extra).
     deduplicated_titles: list[str] = field(default_factory=list)
+    #: Sessions an earlier import saw that the destination deleted since: not copied again.
+    deleted_sessions: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
     #: Sessions whose parent link closed a loop of parents (kept in their extra).
@@ -184,6 +187,11 @@ class ImportReport:
             lines.append(
                 f"{len(self.kept_settings)} state_meta key(s) the destination held with another "
                 f"value kept it: {', '.join(self.kept_settings[:5])}"
+            )
+        if self.deleted_sessions:
+            lines.append(
+                f"{len(self.deleted_sessions)} session(s) deleted in the destination since an "
+                "earlier import were not copied again (--restore-deleted copies them)"
             )
         if self.mirrored_sessions:
             lines.append(
@@ -800,11 +808,14 @@ def import_state_db(
     progress: TextIO | None = None,
     batch: int = BATCH,
     on_batch: Callable[[str, int], None] | None = None,
+    restore_deleted: bool = False,
 ) -> ImportReport:
     """Copy every session, message and per-model usage row of a Hermes state.db.
 
     Hermes' settings (``state_meta``), gateway routing and Telegram topic tables
-    come too (see :mod:`hermes_orm.integrations.hermes._side_tables`).
+    come too (see :mod:`hermes_orm.integrations.hermes._side_tables`). A session
+    an earlier import saw that the destination deleted since is not copied
+    again (``report.deleted_sessions``; see :mod:`._seen`).
 
     Args:
         source: Path of the Hermes ``state.db`` (read-only; never modified).
@@ -813,6 +824,7 @@ def import_state_db(
         progress: Where to show progress (a bar on a terminal, lines otherwise).
         batch: Messages per transaction.
         on_batch: Called after each committed batch with (session id, cursor).
+        restore_deleted: Copy the sessions deleted since an earlier import too.
 
     Returns:
         What was written and the verification of source against destination.
@@ -820,10 +832,14 @@ def import_state_db(
     Raises:
         InvalidArgumentError: ``source`` is no path, ``destination`` no store,
             URL or Engine, ``batch`` no int from 1 to 1,000,000, ``progress``
-            has no ``write``, or ``on_batch`` is not callable: before anything
-            is read or written.
+            has no ``write``, ``on_batch`` is not callable, or
+            ``restore_deleted`` no bool: before anything is read or written.
     """
     _check_import(source, destination, progress, batch, on_batch)
+    if not isinstance(restore_deleted, bool):
+        raise InvalidArgumentError(
+            f"restore_deleted must be a bool, got {type(restore_deleted).__name__}"
+        )
     started = time.monotonic()
     # Whatever makes the source unreadable, and a destination that is the source
     # itself, is found before anything is written.
@@ -836,6 +852,10 @@ def import_state_db(
         if not isinstance(destination, SessionStore):
             store.upgrade()
         rows = session_rows(src, report)
+        recorded, deleted = seen_sessions(store, [r["id"] for r in rows])
+        if not restore_deleted and deleted:
+            report.deleted_sessions = deleted
+            rows = [r for r in rows if r["id"] not in set(deleted)]
         if _has_table(src, "session_model_usage"):
             # A session whose usage rows the store cannot hold is left as it is, whole
             # (before the links are made: a child's link to it goes to its extra).
@@ -913,6 +933,7 @@ def import_state_db(
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src, {*ids} - left)
         side = copy_side_tables(store, src, report)
+        record_seen(store, [sid for sid in ids if sid not in recorded])
         if bar is not None:
             bar.update(final=True)
         _verify(store, src, ids, seen, report, as_before=as_before)
@@ -2251,9 +2272,11 @@ def _refuse_same_file(src: Source, destination: SessionStore | str | URL | Engin
             )
 
 
-def main_import(path: str, url: str, out: TextIO = sys.stderr) -> int:
+def main_import(
+    path: str, url: str, out: TextIO = sys.stderr, *, restore_deleted: bool = False
+) -> int:
     """``hermes-orm import``: import, print the verification table, exit 1 on mismatch."""
-    report = import_state_db(path, url, progress=out)
+    report = import_state_db(path, url, progress=out, restore_deleted=restore_deleted)
     print(report.table())
     rate = report.messages_written / report.seconds if report.seconds else 0.0
     print(

@@ -1,0 +1,67 @@
+"""What imports have seen of a ``state.db``: a session deleted since is not copied back.
+
+An import records each session of the source that the destination holds once
+it is done (copied by it, or by an earlier run, the mirror plugin, store
+mode), in ``hermes_imported`` (:class:`~hermes_orm.models.Imported`). The
+record outlives the session: one deleted in the destination afterwards (by
+store mode's Hermes, the store's API, an application's SQL) is left
+deleted by the next import of a ``state.db`` that still holds it, and
+reported. A run interrupted before its end records nothing; the next run
+records what it finds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import Connection, Table, literal, select
+
+from hermes_orm import _dialects
+from hermes_orm.models import Imported, Session
+from hermes_orm.store import SessionStore
+
+_imported: Table = Imported.__table__  # type: ignore[assignment]
+_sessions: Table = Session.__table__  # type: ignore[assignment]
+
+#: The kind of the records of sessions.
+SESSION = "session"
+
+_SEEN = f"SELECT key FROM {_imported.name} WHERE kind = '{SESSION}' AND key IN ({{values}})"
+_HELD = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
+
+
+def seen_sessions(store: SessionStore, session_ids: Sequence[str]) -> tuple[set[str], list[str]]:
+    """Of ``session_ids``, those an earlier import saw, and of them those deleted since.
+
+    (Deleted: the destination no longer holds them.)
+    """
+
+    def work(conn: Connection) -> tuple[set[str], list[str]]:
+        seen = [key for (key,) in _dialects.rows_for_values(conn, _SEEN, session_ids)]
+        held = {sid for (sid,) in _dialects.rows_for_values(conn, _HELD, seen)}
+        return set(seen), [sid for sid in seen if sid not in held]
+
+    return store.read_transaction(work) if session_ids else (set(), [])
+
+
+def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
+    """Record those of ``session_ids`` the destination holds (the caller leaves out those seen)."""
+    if not session_ids:
+        return
+    now = time.time()
+
+    def work(conn: Connection) -> None:
+        insert = _dialects.insert_maker(conn.dialect.name)
+        for start in range(0, len(session_ids), 500):
+            part = session_ids[start : start + 500]
+            held = select(literal(SESSION), _sessions.c.id, literal(now)).where(
+                _sessions.c.id.in_(part)
+            )
+            conn.execute(
+                insert(_imported)
+                .from_select(["kind", "key", "seen_at"], held)
+                .on_conflict_do_nothing(index_elements=["kind", "key"])
+            )
+
+    store.write_transaction(work)
