@@ -330,11 +330,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from hermes_orm.integrations.hermes.plugin import print_status
+    from hermes_orm.integrations.hermes.plugin import clear_status, print_status
 
-    return print_status(
+    code = print_status(
         args.url, getattr(args, "url_origin", None), getattr(args, "upgrade_command", None)
     )
+    if args.clear:
+        clear_status(args.url)
+        print("cleared: the recorded error and given-up writes of this database")
+    return code
 
 
 def _in_memory(url: str) -> bool:
@@ -484,6 +488,11 @@ def add_commands(commands: Any, *, demo: bool = True) -> None:
         "status",
         help="the database, its schema, and the Hermes mirror's last error",
         parents=[url],
+    )
+    status.add_argument(
+        "--clear",
+        action="store_true",
+        help="once shown, forget the recorded error and given-up writes of the database",
     )
     status.set_defaults(handler=_status)
 

@@ -986,6 +986,35 @@ def test_status_shows_a_session_id_and_error_with_escapes_inert(tmp_path: Path) 
     assert "bad esc␛]0;PWNED" in result.stdout
 
 
+def test_status_lists_the_writes_given_up_until_cleared(tmp_path: Path) -> None:
+    """Store mode's repairs given up are lost: said until ``status --clear``; another
+    database's record stays."""
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    path = tmp_path / "hermes_orm_status.json"
+
+    def given_up(where: str, session_id: str) -> dict[str, Any]:
+        what = "the messages Hermes' own writes missed were given up at the exit"
+        return {"at": 1, "url": where, "session_id": session_id, "message": "Busy", "what": what}
+
+    error = {"at": 1, "url": url, "session_id": "a", "message": "Busy", "todo": "later"}
+    recorded = {"error": error, "given_up": [given_up(url, "a"), given_up(other, "b")]}
+    path.write_text(json.dumps(recorded))
+    env = clean_env(tmp_path)
+    shown = run("--url", url, "status", env=env)
+    assert shown.returncode == 1
+    lines = [x for x in shown.stdout.splitlines() if x.startswith("given up:")]
+    assert len(lines) == 1
+    assert "session a: the messages Hermes' own writes missed were given up" in lines[0]
+    cleared = run("--url", url, "status", "--clear", env=env)
+    assert cleared.returncode == 1  # (what it showed, before it cleared it)
+    assert "given up:" in cleared.stdout
+    after = run("--url", url, "status", env=env)
+    assert (after.returncode, "given up:" in after.stdout) == (0, False)
+    assert "last error: none" in after.stdout
+    assert json.loads(path.read_text()) == {"given_up": [given_up(other, "b")]}
+
+
 def test_a_database_url_given_as_the_state_db_is_refused_without_its_password(
     tmp_path: Path,
 ) -> None:

@@ -511,6 +511,10 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     assert len(told) == 1, caplog.text
     assert ("hermes orm import" in told[0]) is (mode == "mirror")
     assert ("kept nowhere else" in told[0]) is (mode == "store")
+    # Store mode: a resumed turn does not write them: the status keeps the loss.
+    given_up = status.read().get("given_up", [])
+    assert [e["session_id"] for e in given_up] == (["s1"] if mode == "store" else [])
+    assert ("catches up" in str(status.read().get("error"))) is (mode == "mirror")
 
 
 def test_a_mirror_leaves_another_running_one_s_error_on_record(
@@ -1419,6 +1423,12 @@ def test_store_modes_failed_repair_is_tried_at_the_sessions_end_then_given_up(
     else:
         assert contents == ["question 1", "question 2", "answer 2"]
         assert "still not stored; they are given up" in caplog.text
+        # Lost: the status no longer says a next turn catches up, and keeps the loss.
+        recorded = status.read()
+        assert "catches up" not in str(recorded.get("error"))
+        (entry,) = recorded["given_up"]
+        assert entry["session_id"] == "a"
+        assert "given up at the session's end" in entry["what"]
 
 
 def test_the_writer_says_which_sessions_it_holds_writes_of() -> None:
@@ -1557,26 +1567,38 @@ def test_writers_of_one_status_file_keep_each_others_records(tmp_path: Path) -> 
     assert StatusFile(path).read() == {"a": 999, "b": 999}
 
 
+@pytest.mark.parametrize("mode", ["mirror", "store"])
 def test_a_session_s_lists_given_up_past_the_bound_are_said_to_be(
-    tmp_path: Path, status: StatusFile, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    tmp_path: Path, status: StatusFile, monkeypatch: pytest.MonkeyPatch, caplog: Any, mode: str
 ) -> None:
     """Lists kept for a later write are bounded in sessions: the oldest session's are
-    given up, and that is said, with where they are still kept."""
+    given up, and that is said, with where they are still kept (store mode: nowhere,
+    which the status keeps)."""
     from hermes_orm.integrations.hermes import mirror
+    from hermes_orm.integrations.hermes.mirror import StoreFlush
 
     monkeypatch.setattr(mirror, "_TRACKED_MAX", 2)
     (tmp_path / "not-a-directory").write_text("")
-    m = Mirror(f"sqlite:///{tmp_path / 'not-a-directory' / 'x.db'}", status=status, wait=10)
+    kind = Mirror if mode == "mirror" else StoreFlush
+    m = kind(f"sqlite:///{tmp_path / 'not-a-directory' / 'x.db'}", status=status, wait=10)
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
         for sid in ("s1", "s2", "s3"):
             assert m.turn(sid, _turn(1))  # ran, and failed: kept
     given_up = [r.getMessage() for r in caplog.records if "is given up" in r.getMessage()]
+    left = (
+        "a resumed session's next turn catches up; Hermes' state.db holds them (`hermes orm "
+        "import` copies what is missing)"
+        if mode == "mirror"
+        else "what Hermes' own writes missed is lost: kept nowhere else, and no later turn "
+        "writes it (`hermes orm status` lists it)"
+    )
     assert given_up == [
         "hermes_orm mirror: 2 sessions have lists not written; the oldest, session s1, is "
-        "given up (1 list(s)): its next turn, if it is resumed, catches up; Hermes' state.db "
-        "holds them (`hermes orm import` copies what is missing)"
+        f"given up (1 list(s)): {left}"
     ]
     assert list(m._unwritten) == ["s2", "s3"]
+    recorded = [e["session_id"] for e in status.read().get("given_up", [])]
+    assert recorded == ([] if mode == "mirror" else ["s1"])
     m.close(timeout=1)
 
 

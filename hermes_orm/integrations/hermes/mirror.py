@@ -89,6 +89,8 @@ _RETRY = RetryPolicy(
 )
 #: Sessions whose stored history the mirror keeps in memory (the most recent).
 _TRACKED_MAX = 1000
+#: Given-up writes the status keeps (the newest).
+_GIVEN_UP_KEPT = 20
 #: Runs of lists of one session kept for a later write after theirs failed, each run
 #: a rewrite of the one before (compression, a rewind). Past this many, the oldest
 #: is given up, and said so.
@@ -469,15 +471,33 @@ class StatusFile:
 
     def write(self, **values: Any) -> None:
         """Record ``values`` (None removes a key); failures to write are only logged."""
+
+        def change(data: dict[str, Any]) -> None:
+            for key, value in values.items():
+                if value is None:
+                    data.pop(key, None)
+                else:
+                    data[key] = value
+
+        self.update(change)
+
+    def add(self, key: str, entry: dict[str, Any], keep: int) -> None:
+        """Append ``entry`` to the list recorded at ``key``, its newest ``keep`` kept."""
+
+        def change(data: dict[str, Any]) -> None:
+            entries = data.get(key)
+            entries = entries if isinstance(entries, list) else []
+            data[key] = [*entries, entry][-keep:]
+
+        self.update(change)
+
+    def update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Apply ``change`` to the record (in place) under the file's lock; failures only logged."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with self._held():
                 data = self.read()
-                for key, value in values.items():
-                    if value is None:
-                        data.pop(key, None)
-                    else:
-                        data[key] = value
+                change(data)
                 tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")  # (one at a time)
                 fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -589,8 +609,11 @@ class Mirror:
             hook) is written before the end.
     """
 
-    #: Where what was not written is kept meanwhile, as the exit's warning says it.
-    _kept_elsewhere = "; Hermes' state.db holds them (`hermes orm import` copies what is missing)"
+    #: What becomes of lists given up unwritten (at the exit, past the bound), as said.
+    _left = (
+        "a resumed session's next turn catches up; Hermes' state.db holds them "
+        "(`hermes orm import` copies what is missing)"
+    )
 
     def __init__(
         self,
@@ -706,12 +729,13 @@ class Mirror:
             return False
         if self._unwritten:
             logger.warning(
-                "hermes_orm mirror: at exit, %d session(s) still not written (%s); the next "
-                "turn of each, if it is resumed, catches up%s",
+                "hermes_orm mirror: at exit, %d session(s) still not written (%s); %s",
                 len(self._unwritten),
                 ", ".join(list(self._unwritten)[:5]),
-                self._kept_elsewhere,
+                self._left,
             )
+            for session_id in self._unwritten:
+                self._given_up(session_id, "at the exit")
         if self._lost_ends:
             logger.warning(
                 "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
@@ -910,6 +934,13 @@ class Mirror:
             and recorded.get("process") == self._writer()
         )
 
+    def _given_up(self, session_id: str, when: str) -> None:
+        """The session's lists not written are dropped ``when``: a resumed turn writes them.
+
+        (The mirror writes the whole conversation each turn; see
+        :meth:`StoreFlush._given_up` for what store mode keeps nowhere else.)
+        """
+
     def _give_up_end(self, session_id: str) -> None:
         """Record that the session's refused end will not be written after all."""
         error = self._failing.get(session_id)
@@ -991,13 +1022,14 @@ class Mirror:
         self._unwritten.move_to_end(session_id)
         while len(self._unwritten) > _TRACKED_MAX:
             dropped, lists = self._unwritten.popitem(last=False)
+            self._given_up(dropped, f"past {_TRACKED_MAX:,} sessions with lists not written")
             logger.warning(
                 "hermes_orm mirror: %d sessions have lists not written; the oldest, session "
-                "%s, is given up (%d list(s)): its next turn, if it is resumed, catches up%s",
+                "%s, is given up (%d list(s)): %s",
                 _TRACKED_MAX,
                 dropped,
                 len(lists),
-                self._kept_elsewhere,
+                self._left,
             )
 
     def _flush_in(self, store: SessionStore, turn: Turn) -> None:
@@ -1535,8 +1567,11 @@ class StoreFlush(Mirror):
     its messages are left alone (its own writes go elsewhere).
     """
 
-    # Hermes keeps these sessions in this database alone.
-    _kept_elsewhere = "; meanwhile it is kept nowhere else (Hermes keeps its sessions here alone)"
+    # Hermes keeps these sessions in this database alone: nothing else holds the repairs.
+    _left = (
+        "what Hermes' own writes missed is lost: kept nowhere else, and no later turn "
+        "writes it (`hermes orm status` lists it)"
+    )
 
     def __init__(self, url: str, *, status: StatusFile, wait: float = STORE_WAIT) -> None:
         super().__init__(url, status=status, wait=wait)
@@ -1665,10 +1700,34 @@ class StoreFlush(Mirror):
         if left:
             logger.warning(
                 "hermes_orm store: session %s ended with the messages Hermes' own writes "
-                "missed in its last turn(s) still not stored; they are given up%s",
+                "missed in its last turn(s) still not stored; they are given up: %s",
                 session_id,
-                self._kept_elsewhere,
+                self._left,
             )
+            self._given_up(session_id, "at the session's end")
+
+    def _given_up(self, session_id: str, when: str) -> None:
+        """Record on the status that the session's repairs are dropped ``when``: lost.
+
+        No later turn writes them (Hermes resumes the session from the rows it
+        finds, without them), so the session's failure on record, which says
+        the next turn catches up, goes, and the status keeps the loss instead,
+        until ``hermes orm status --clear``.
+        """
+        error = self._failing.get(session_id, {})
+        self._forget_failure(session_id)
+        entry = {
+            "at": time.time(),
+            "url": safe_url(self.url),
+            "session_id": session_id,
+            "message": error.get("message"),
+            "what": (
+                f"the messages Hermes' own writes missed were given up {when}: no later turn "
+                "writes them (only a session Hermes keeps in its state.db, as its terminal UI "
+                "does, still has them there)"
+            ),
+        }
+        self.status.add("given_up", entry, keep=_GIVEN_UP_KEPT)
 
     @staticmethod
     def _live_rows(store: SessionStore, session_id: str) -> tuple[int | None, bool]:

@@ -577,7 +577,38 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
         problems += 1
     else:
         print("last error: none")
+    given_up = [
+        entry
+        for entry in recorded.get("given_up") or []
+        if isinstance(entry, dict) and entry.get("url") in (None, safe_url(url))
+    ]
+    for entry in given_up[-5:]:
+        print(
+            cli.inert(
+                f"given up:  {_when(entry.get('at'))}, session {entry.get('session_id')}: "
+                f"{entry.get('what')} (after {entry.get('message')})"
+            )
+        )
+    if given_up:
+        print(f"{len(given_up)} write(s) given up: `status --clear` forgets them once read")
+        problems += 1
     return 1 if problems else 0
+
+
+def clear_status(url: str) -> None:
+    """Forget the error and the given-up writes recorded of the database at ``url``."""
+    mine = (None, safe_url(url))
+
+    def change(recorded: dict[str, Any]) -> None:
+        error = recorded.get("error")
+        if isinstance(error, dict) and error.get("url") in mine:
+            del recorded["error"]
+        entries = recorded.pop("given_up", None)
+        kept = [e for e in entries or [] if isinstance(e, dict) and e.get("url") not in mine]
+        if kept:
+            recorded["given_up"] = kept
+
+    status_file().update(change)
 
 
 def _uncreatable(path: Path) -> str | None:
