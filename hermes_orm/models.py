@@ -353,8 +353,11 @@ class Imported(Base):
     """What imports of a Hermes ``state.db`` have seen, kept when it is deleted here.
 
     ``kind`` 'session' and ``key`` a session id: an import copied the session,
-    or found it stored. A later import leaves a session deleted since deleted
-    (see :func:`hermes_orm.integrations.hermes.import_state_db`).
+    or found it stored. ``kind`` one of Hermes' other tables (``state_meta``,
+    ``gateway_routing``, ...) and ``key`` the JSON list of a row's key: the
+    same, of that row, whose ``updated_at`` was ``version``. A later import
+    leaves what was deleted since deleted (see
+    :func:`hermes_orm.integrations.hermes.import_state_db`).
     """
 
     __tablename__ = "hermes_imported"
@@ -362,6 +365,7 @@ class Imported(Base):
     kind: Mapped[str] = mapped_column(String(40), primary_key=True)
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     seen_at: Mapped[float]
+    version: Mapped[float | None]
 
 
 class GatewayRoute(Base):

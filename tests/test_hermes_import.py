@@ -2408,6 +2408,86 @@ def test_hermes_settings_routes_and_telegram_topics_come_through_as_hermes_reads
     assert (again.ok, again.settings_written, again.kept_settings) == (True, 0, [])
 
 
+def test_rows_store_mode_deleted_since_an_import_are_not_copied_again(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A route, a topic binding and a setting the destination deleted after an import
+    stay deleted on the next import; a row Hermes changed after that import (newer than
+    the one the import saw) is copied; restore_deleted copies the others again. So is
+    the binding of a session deleted since (its row went with it)."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import Meta
+
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("s1", "s2"):
+        hermes.create_session(sid, "telegram")
+    hermes.set_meta("goal:s1", "ship it")
+    for key in ("k1", "k2"):
+        hermes.save_gateway_routing_entry(key, '{"session_id": "s1"}')
+    hermes.enable_telegram_topic_mode(chat_id="42", user_id="7", has_topics_enabled=True)
+    for thread, sid in (("9", "s1"), ("10", "s2")):
+        hermes.bind_telegram_topic(
+            chat_id="42", thread_id=thread, user_id="7", session_key=f"t:{thread}", session_id=sid
+        )
+    assert import_state_db(source, store).ok
+    live = SessionDB(store)  # store mode, after the switch
+    live.delete_gateway_routing_entries(["k1", "k2"])
+    assert live.delete_telegram_topic_binding(chat_id="42", thread_id="9") == 1
+    store.write_transaction(lambda conn: conn.execute(delete(Meta)))
+    assert store.delete_session("s2")  # its binding goes with it
+    hermes.save_gateway_routing_entry("k2", '{"session_id": "s1", "again": true}')
+    hermes.close()
+
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.deleted_sessions == ["s2"]
+    assert sorted(report.deleted_rows) == [
+        "gateway_routing ('', 'k1')",
+        "state_meta ('goal:s1')",
+        "state_meta ('telegram_dm_topic_schema_version')",
+        "telegram_dm_topic_bindings ('42', '10')",
+        "telegram_dm_topic_bindings ('42', '9')",
+    ]
+    assert report.settings_written == 1  # k2, newer in the source than the one seen
+    assert live.load_gateway_routing_entries() == {"k2": '{"session_id": "s1", "again": true}'}
+    assert live.get_telegram_topic_binding(chat_id="42", thread_id="9") is None
+    assert live.get_meta("goal:s1") is None
+    assert "row(s) of Hermes' other tables deleted in the destination" in report.table()
+
+    restored = import_state_db(source, store, restore_deleted=True)
+    assert restored.ok, restored.table()
+    assert restored.deleted_rows == []
+    assert set(live.load_gateway_routing_entries()) == {"k1", "k2"}
+    assert live.get_meta("goal:s1") == "ship it"
+    for thread in ("9", "10"):
+        assert live.get_telegram_topic_binding(chat_id="42", thread_id=thread) is not None
+
+
+def test_the_topic_binding_of_a_session_deleted_since_goes_unrecorded_too(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A binding no import recorded (an import of an older release) of a session the
+    destination deleted since is left out with it, not refused as bound to a session
+    the destination lacks."""
+    from hermes_orm.models import Imported
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", "telegram")
+    hermes.bind_telegram_topic(
+        chat_id="42", thread_id="9", user_id="7", session_key="t:9", session_id="s"
+    )
+    hermes.close()
+    assert import_state_db(source, store).ok
+    store.write_transaction(
+        lambda conn: conn.execute(delete(Imported).where(Imported.kind != "session"))
+    )
+    assert store.delete_session("s")
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.deleted_sessions == ["s"]
+    assert report.deleted_rows == ["telegram_dm_topic_bindings ('42', '9')"]
+
+
 def test_settings_the_destination_changed_are_kept_and_newer_rows_win(
     store: SessionStore, tmp_path: Path
 ) -> None:
@@ -2486,9 +2566,10 @@ def _two_bound_sessions(tmp_path: Path, stamp: float, *edits: str) -> Path:
 
 def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_path: Path) -> None:
     """A session is bound to one topic. After a switch to store mode, a binding made
-    there that is newer than the source's stays, and a re-run says nothing of it; one
-    the source's is newer than gives way to it (Hermes bound the session anew). A flag
-    PostgreSQL's column cannot hold is that row's problem, not the whole copy's."""
+    there that is newer than the source's stays (the source's, which it replaced, left
+    deleted); one the source's is newer than gives way to it (Hermes bound the session
+    anew). A flag PostgreSQL's column cannot hold is that row's problem, not the whole
+    copy's."""
     from hermes_orm.integrations.hermes import SessionDB
     from hermes_orm.models import TelegramTopicBinding
 
@@ -2515,8 +2596,13 @@ def test_the_newest_binding_of_a_telegram_session_wins(store: SessionStore, tmp_
                 .where(TelegramTopicBinding.session_id == sid)
                 .values(updated_at=when)
             )
+    # Hermes binds s2 anew (its terminal UI still on the state.db), after store mode did.
+    _edit_source(
+        source, "UPDATE telegram_dm_topic_bindings SET updated_at = 150 WHERE thread_id = '2'"
+    )
     again = import_state_db(source, store)
-    assert set(again.invalid_rows) == {"telegram_dm_topic_mode ('43')"}  # nothing else said
+    assert set(again.invalid_rows) == {"telegram_dm_topic_mode ('43')"}  # nothing else refused
+    assert again.deleted_rows == ["telegram_dm_topic_bindings ('42', '1')"]
     assert again.settings_written == 1
     bound = {
         sid: ours.get_telegram_topic_binding_by_session(session_id=sid) for sid in ("s1", "s2")

@@ -1,4 +1,4 @@
-"""What imports have seen of a ``state.db``: a session deleted since is not copied back.
+"""What imports have seen of a ``state.db``: what was deleted since is not copied back.
 
 An import records each session of the source that the destination holds once
 it is done (copied by it, or by an earlier run, the mirror plugin, store
@@ -8,12 +8,19 @@ store mode's Hermes, the store's API, an application's SQL) is left
 deleted by the next import of a ``state.db`` that still holds it, and
 reported. A run interrupted before its end records nothing; the next run
 records what it finds.
+
+Rows of Hermes' other tables are recorded alike, in the transaction that
+copies their table, with the ``updated_at`` the source's row had: a row
+deleted since is copied again only if the source's is newer than that (Hermes
+changed it after), and a ``state_meta`` key, which has no time, never.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Table, literal, select
 
@@ -65,3 +72,49 @@ def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
             )
 
     store.write_transaction(work)
+
+
+#: Keys looked up per statement.
+_CHUNK = 500
+
+
+def _key_text(key: tuple[Any, ...]) -> str:
+    return json.dumps(list(key))
+
+
+def seen_rows(
+    conn: Connection, kind: str, keys: Sequence[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], float | None]:
+    """Of the rows of table ``kind`` with ``keys``, those an earlier import saw: their version."""
+    by_text = {_key_text(key): key for key in keys}
+    texts = list(by_text)
+    found: dict[tuple[Any, ...], float | None] = {}
+    c = _imported.c
+    for start in range(0, len(texts), _CHUNK):
+        query = select(c.key, c.version).where(
+            c.kind == kind, c.key.in_(texts[start : start + _CHUNK])
+        )
+        found.update((by_text[text], version) for text, version in conn.execute(query))
+    return found
+
+
+def record_rows(
+    conn: Connection, kind: str, versions: Mapping[tuple[Any, ...], float | None]
+) -> None:
+    """Record the rows of table ``kind`` by key, each with its version (its ``updated_at``)."""
+    if not versions:
+        return
+    now = time.time()
+    insert = _dialects.insert_maker(conn.dialect.name)
+    values = [
+        {"kind": kind, "key": _key_text(key), "seen_at": now, "version": version}
+        for key, version in versions.items()
+    ]
+    for start in range(0, len(values), _CHUNK):
+        statement = insert(_imported).values(values[start : start + _CHUNK])
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=["kind", "key"],
+                set_={"seen_at": statement.excluded.seen_at, "version": statement.excluded.version},
+            )
+        )

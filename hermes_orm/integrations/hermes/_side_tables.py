@@ -15,7 +15,9 @@ column, a number that is none or past its column's size, a required value
 missing, a topic bound to a session the destination does not hold, or bound by
 another writer as the import writes) is left out and reported with its reason.
 A session is bound to one topic: of the source's binding and the
-destination's, the newer stays.
+destination's, the newer stays. A row an earlier import saw that the
+destination deleted since (store mode did) is not copied again, unless the
+source's is newer than the one seen (see :mod:`._seen`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from hermes_orm import _dialects
 from hermes_orm.errors import InvalidArgumentError
 from hermes_orm.integrations.hermes._gateway import _text
+from hermes_orm.integrations.hermes._seen import record_rows, seen_rows
 from hermes_orm.models import GatewayRoute, Meta, Session, TelegramTopicBinding, TelegramTopicMode
 
 if TYPE_CHECKING:
@@ -124,12 +127,13 @@ def _label(side: SideTable, row: dict[str, Any]) -> str:
 
 
 def copy_side_tables(
-    store: SessionStore, src: Source, report: ImportReport
+    store: SessionStore, src: Source, report: ImportReport, *, restore_deleted: bool = False
 ) -> dict[str, tuple[int, int]]:
     """Copy each of Hermes' side tables the source holds into ``store`` (see the module).
 
-    Returns, per table copied, its rows in the source and the destination's
-    rows of those keys afterwards.
+    Returns, per table copied, its rows in the source (but those deleted in the
+    destination since an earlier import, left so unless ``restore_deleted``)
+    and the destination's rows of those keys afterwards.
     """
     counts = {}
     for side in SIDE_TABLES:
@@ -139,7 +143,7 @@ def copy_side_tables(
                 {name: value for name, value in row.items() if name in side.table.c}
                 for row in src.dicts(side.source)
             ]
-            counts[side.source] = _copy(store, side, rows, report)
+            counts[side.source] = _copy(store, side, rows, report, restore_deleted)
     return counts
 
 
@@ -150,11 +154,16 @@ class _Outcome:
     written: int = 0
     kept: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
     found: int = 0
 
 
 def _copy(
-    store: SessionStore, side: SideTable, rows: list[dict[str, Any]], report: ImportReport
+    store: SessionStore,
+    side: SideTable,
+    rows: list[dict[str, Any]],
+    report: ImportReport,
+    restore_deleted: bool,
 ) -> tuple[int, int]:
     """Write the usable ``rows`` of ``side``; returns (rows, rows of their keys stored)."""
     table, key = side.table, side.key
@@ -171,14 +180,25 @@ def _copy(
             usable.append({k: v for k, v in row.items() if v is not None or table.c[k].nullable})
     keys = [tuple(row.get(k) for k in key) for row in rows]
     looked_up = [k for k in keys if all(type(v) is str for v in k)]
+    gone = set(report.deleted_sessions)
 
     def work(conn: Connection) -> _Outcome:
         done = _Outcome()
-        held = _held(conn, side, [tuple(row[k] for k in key) for row in usable])
+        idents = [tuple(row[k] for k in key) for row in usable]
+        held = _held(conn, side, idents)
+        seen = seen_rows(conn, side.source, idents)
         owners = _owners(conn, side, usable)
         for row in usable:
             ident = tuple(row[k] for k in key)
             have = held.get(ident)
+            if have is None and ident in seen and not restore_deleted:
+                version = seen[ident]
+                if side.stamp is None or version is None or not row[side.stamp] > version:
+                    done.deleted.append(_label(side, row))
+                    continue  # deleted since an import saw it as the source holds it still
+            if side.session is not None and row[side.session] in gone:
+                done.deleted.append(_label(side, row))  # (its session deleted so: it went too)
+                continue
             if have is not None:
                 if all(have.get(k) == v for k, v in row.items()):
                     continue
@@ -204,14 +224,26 @@ def _copy(
                 owners[row[side.session]] = held[ident] = row
             elif refusal:
                 done.refused[_label(side, row)] = refusal
-        done.found = len(_held(conn, side, looked_up))
+        now = _held(conn, side, looked_up)
+        done.found = len(now)
+        versions = {
+            ident: row.get(side.stamp) if side.stamp else None
+            for ident, row in zip(idents, usable, strict=True)
+            if ident in now
+        }
+        record_rows(
+            conn,
+            side.source,
+            {i: v for i, v in versions.items() if i not in seen or seen[i] != v},
+        )
         return done
 
     done = store.write_transaction(work)
     report.settings_written += done.written
     report.kept_settings += done.kept
     report.invalid_rows.update(done.refused)
-    return len(rows), done.found
+    report.deleted_rows += done.deleted
+    return len(rows) - len(done.deleted), done.found
 
 
 def _write(conn: Connection, side: SideTable, row: dict[str, Any]) -> int:

@@ -126,6 +126,8 @@ class ImportReport:
     deduplicated_titles: list[str] = field(default_factory=list)
     #: Sessions an earlier import saw that the destination deleted since: not copied again.
     deleted_sessions: list[str] = field(default_factory=list)
+    #: Rows of Hermes' other tables deleted so (as the source still holds them), alike.
+    deleted_rows: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
     #: Sessions whose parent link closed a loop of parents (kept in their extra).
@@ -192,6 +194,12 @@ class ImportReport:
             lines.append(
                 f"{len(self.deleted_sessions)} session(s) deleted in the destination since an "
                 "earlier import were not copied again (--restore-deleted copies them)"
+            )
+        if self.deleted_rows:
+            lines.append(
+                f"{len(self.deleted_rows)} row(s) of Hermes' other tables deleted in the "
+                "destination since an earlier import were not copied again "
+                f"(--restore-deleted copies them): {', '.join(self.deleted_rows[:3])}"
             )
         if self.mirrored_sessions:
             lines.append(
@@ -815,7 +823,8 @@ def import_state_db(
     Hermes' settings (``state_meta``), gateway routing and Telegram topic tables
     come too (see :mod:`hermes_orm.integrations.hermes._side_tables`). A session
     an earlier import saw that the destination deleted since is not copied
-    again (``report.deleted_sessions``; see :mod:`._seen`).
+    again (``report.deleted_sessions``), nor is a row of those tables
+    (``report.deleted_rows``; see :mod:`._seen`).
 
     Args:
         source: Path of the Hermes ``state.db`` (read-only; never modified).
@@ -824,7 +833,7 @@ def import_state_db(
         progress: Where to show progress (a bar on a terminal, lines otherwise).
         batch: Messages per transaction.
         on_batch: Called after each committed batch with (session id, cursor).
-        restore_deleted: Copy the sessions deleted since an earlier import too.
+        restore_deleted: Copy the sessions and rows deleted since an earlier import too.
 
     Returns:
         What was written and the verification of source against destination.
@@ -932,7 +941,7 @@ def import_state_db(
         )
         if _has_table(src, "session_model_usage"):
             report.usage_written = _upsert_usage(store, src, {*ids} - left)
-        side = copy_side_tables(store, src, report)
+        side = copy_side_tables(store, src, report, restore_deleted=restore_deleted)
         record_seen(store, [sid for sid in ids if sid not in recorded])
         if bar is not None:
             bar.update(final=True)
