@@ -330,14 +330,18 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from hermes_orm.integrations.hermes.plugin import clear_status, print_status
+    from hermes_orm.integrations.hermes.plugin import clear_status, print_status, status_file
 
+    shown = status_file().read()
     code = print_status(
-        args.url, getattr(args, "url_origin", None), getattr(args, "upgrade_command", None)
+        args.url,
+        getattr(args, "url_origin", None),
+        getattr(args, "upgrade_command", None),
+        recorded=shown,
     )
     if args.clear:
-        clear_status(args.url)
-        print("cleared: the recorded error and given-up writes of this database")
+        clear_status(args.url, shown)
+        print("cleared: the error and given-up writes shown above")
     return code
 
 

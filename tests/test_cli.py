@@ -1015,6 +1015,30 @@ def test_status_lists_the_writes_given_up_until_cleared(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"given_up": [given_up(other, "b")]}
 
 
+
+def test_status_clear_forgets_only_what_it_showed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write given up as the status was shown (a Hermes still running) stays on record."""
+    from hermes_orm.integrations.hermes.mirror import StatusFile
+    from hermes_orm.integrations.hermes.plugin import clear_status
+
+    monkeypatch.setenv("HERMES_HOME", str(tmp_path))
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    status = StatusFile(tmp_path / "hermes_orm_status.json")
+    shown_entry = {"at": 1, "url": url, "session_id": "a", "what": "lost"}
+    status.add("given_up", shown_entry, keep=20)
+    status.write(error={"at": 1, "url": url, "session_id": "a", "message": "m", "todo": "t"})
+    shown = status.read()
+    newer = {"at": 2, "url": url, "session_id": "b", "what": "lost"}
+    status.add("given_up", newer, keep=20)  # recorded after the status was shown
+    status.write(error={"at": 2, "url": url, "session_id": "b", "message": "m", "todo": "t"})
+    clear_status(url, shown)
+    recorded = status.read()
+    assert recorded["given_up"] == [newer]
+    assert recorded["error"]["session_id"] == "b"
+
+
 def test_a_database_url_given_as_the_state_db_is_refused_without_its_password(
     tmp_path: Path,
 ) -> None:

@@ -279,6 +279,32 @@ def test_a_session_deleted_in_the_destination_since_an_import_is_not_copied_agai
     assert import_state_db(source, store).deleted_sessions == []
 
 
+def test_a_session_deleted_while_an_import_copies_its_new_messages_is_reported(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Store mode deletes a session the import is about to continue: reported diverged
+    (not a crash), then deleted since on the next run."""
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("a", "b"):
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "user", content=f"hi {sid}")
+    assert import_state_db(source, store).ok
+    for sid in ("a", "b"):
+        hermes.append_message(sid, "assistant", content=f"more {sid}")
+    hermes.close()
+
+    def delete_b(sid: str, _cursor: int) -> None:
+        if sid == "a" and store.get_session("b") is not None:
+            assert store.delete_session("b")
+
+    report = import_state_db(source, store, on_batch=delete_b, batch=1)
+    assert report.diverged_sessions == ["b"]
+    assert store.get_session("b") is None
+    again = import_state_db(source, store)
+    assert again.ok, again.table()
+    assert again.deleted_sessions == ["b"]
+
+
 def test_a_session_an_import_could_not_store_is_copied_once_it_can_be(
     store: SessionStore, tmp_path: Path
 ) -> None:

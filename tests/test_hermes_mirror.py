@@ -517,6 +517,28 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     assert ("catches up" in str(status.read().get("error"))) is (mode == "mirror")
 
 
+@pytest.mark.parametrize("mode", ["mirror", "store"])
+def test_writes_still_queued_at_exit_are_told_and_in_store_mode_recorded_lost(
+    tmp_path: Path, status: StatusFile, mode: str
+) -> None:
+    """The writer still busy past the exit's wait: the lists kept unwritten and the
+    writes queued are given up; store mode's are lost, and the status says so."""
+    kind = Mirror if mode == "mirror" else StoreFlush
+    (tmp_path / "not-a-directory").write_text("")
+    m = kind(f"sqlite:///{tmp_path / 'not-a-directory' / 'x.db'}", status=status, wait=10)
+    assert m.turn("s1", _turn(1))  # ran, and failed: kept
+    block = threading.Event()
+    m._worker.submit(("flush", "s2", 10**9), lambda: block.wait(10))  # a write that hangs
+    try:
+        assert not m.close(timeout=0.5)
+    finally:
+        block.set()
+    recorded = status.read()
+    lost = sorted(e["session_id"] for e in recorded.get("given_up", []))
+    assert lost == ([] if mode == "mirror" else ["s1", "s2"])
+    assert ("catches up" in str(recorded.get("error"))) is (mode == "mirror")
+
+
 def test_a_mirror_leaves_another_running_one_s_error_on_record(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:

@@ -863,8 +863,9 @@ def import_state_db(
         rows = session_rows(src, report)
         recorded, deleted = seen_sessions(store, [r["id"] for r in rows])
         if not restore_deleted and deleted:
-            report.deleted_sessions = deleted
-            rows = [r for r in rows if r["id"] not in set(deleted)]
+            gone = set(deleted)
+            report.deleted_sessions = [r["id"] for r in rows if r["id"] in gone]
+            rows = [r for r in rows if r["id"] not in gone]
         if _has_table(src, "session_model_usage"):
             # A session whose usage rows the store cannot hold is left as it is, whole
             # (before the links are made: a child's link to it goes to its extra).
@@ -1487,9 +1488,12 @@ def _continue_earlier_copies(
     ``source``: the source's messages of the session. The stored copies stay as
     they are (a stored message never changes), and the source's messages after
     them are flushed as an import copies them; returns how many, or None (the
-    session is left as it is: diverged).
+    session is left as it is: diverged; or deleted meanwhile).
     """
-    stored = store.primary_messages(sid)
+    try:
+        stored = store.primary_messages(sid)
+    except SessionNotFoundError:
+        return None  # (another writer deleted it as the import ran)
     if not stored or len(source) < len(stored):
         return None
     if not all(map(_earlier_copy, source, stored)):
@@ -1497,7 +1501,7 @@ def _continue_earlier_copies(
     tail = _Tail(len(stored), stored[-1], source[len(stored) :])
     try:
         return store.flush(sid, tail, verify="last").written
-    except (HistoryDivergedError, InvalidMessageError):
+    except (HistoryDivergedError, InvalidMessageError, SessionNotFoundError):
         return None  # another writer changed it meanwhile, or a message cannot be stored
 
 

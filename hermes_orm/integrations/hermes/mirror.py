@@ -421,9 +421,15 @@ class _Worker:
 
     def holds(self, session_id: str, kinds: tuple[str, ...]) -> bool:
         """Whether a write of one of ``kinds`` for the session is queued or running."""
+        return any(kind in kinds and sid == session_id for kind, sid, _ in self._keys())
+
+    def sessions(self) -> list[str]:
+        """The sessions whose writes are queued or running, in order."""
+        return list(dict.fromkeys(sid for _, sid, _ in self._keys() if sid))
+
+    def _keys(self) -> list[tuple[str, str, int]]:
         with self._cond:
-            keys = [*self._queue, *([self._current] if self._current is not None else [])]
-        return any(kind in kinds and sid == session_id for kind, sid, _ in keys)
+            return [*self._queue, *([self._current] if self._current is not None else [])]
 
     def drain(self, timeout: float) -> bool:
         """Wait until every queued write ran, at most ``timeout`` seconds; True if they did."""
@@ -722,10 +728,15 @@ class Mirror:
             self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
+            # (The writer still runs: its lists are read as they stand, not changed.)
+            left = list(dict.fromkeys([*self._worker.sessions(), *list(self._unwritten)]))
             logger.warning(
-                "hermes_orm mirror: writes still queued at exit; the next turn of those "
-                "sessions catches up"
+                "hermes_orm mirror: writes still queued at exit (%s); %s",
+                ", ".join(left[:5]),
+                self._left,
             )
+            for session_id in left:
+                self._given_up(session_id, "at the exit, still queued")
             return False
         if self._unwritten:
             logger.warning(

@@ -533,11 +533,17 @@ def _when(at: Any) -> str:
     return "?"
 
 
-def print_status(url: str, origin: str | None = None, upgrade: str | None = None) -> int:
+def print_status(
+    url: str,
+    origin: str | None = None,
+    upgrade: str | None = None,
+    recorded: Mapping[str, Any] | None = None,
+) -> int:
     """Print the database, its schema and the mirror's recorded errors; 0 when all is well.
 
     ``upgrade``: the command a schema behind the head is upgraded with (None:
-    the one :class:`SchemaOutOfDateError` names).
+    the one :class:`SchemaOutOfDateError` names). ``recorded``: the status
+    file's record as read (by default, read here).
     """
     problems = 0
     print(f"database:  {safe_url(url)}" + (f"  (from {origin})" if origin else ""))
@@ -559,7 +565,8 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
             print("schema:    none yet (no file yet; the mirror creates it on the first turn)")
         else:
             problems += _print_schema(engine, upgrade)
-    recorded = status_file().read()
+    if recorded is None:
+        recorded = status_file().read()
     register_error = recorded.get("register_error")
     if isinstance(register_error, dict):
         since = _when(register_error.get("at"))
@@ -582,11 +589,12 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
         for entry in recorded.get("given_up") or []
         if isinstance(entry, dict) and entry.get("url") in (None, safe_url(url))
     ]
-    for entry in given_up[-5:]:
+    for entry in given_up:
+        after = f" (after {entry['message']})" if entry.get("message") else ""
         print(
             cli.inert(
                 f"given up:  {_when(entry.get('at'))}, session {entry.get('session_id')}: "
-                f"{entry.get('what')} (after {entry.get('message')})"
+                f"{entry.get('what')}{after}"
             )
         )
     if given_up:
@@ -595,16 +603,21 @@ def print_status(url: str, origin: str | None = None, upgrade: str | None = None
     return 1 if problems else 0
 
 
-def clear_status(url: str) -> None:
-    """Forget the error and the given-up writes recorded of the database at ``url``."""
+def clear_status(url: str, shown: Mapping[str, Any]) -> None:
+    """Forget the error and the given-up writes of the database at ``url`` that were shown.
+
+    ``shown``: the record :func:`print_status` showed. What a running Hermes
+    recorded since stays, to be shown next time.
+    """
     mine = (None, safe_url(url))
+    seen = [e for e in shown.get("given_up") or [] if isinstance(e, dict) and e.get("url") in mine]
 
     def change(recorded: dict[str, Any]) -> None:
         error = recorded.get("error")
-        if isinstance(error, dict) and error.get("url") in mine:
+        if isinstance(error, dict) and error.get("url") in mine and error == shown.get("error"):
             del recorded["error"]
         entries = recorded.pop("given_up", None)
-        kept = [e for e in entries or [] if isinstance(e, dict) and e.get("url") not in mine]
+        kept = [e for e in entries or [] if e not in seen]
         if kept:
             recorded["given_up"] = kept
 
