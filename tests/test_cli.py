@@ -1015,7 +1015,6 @@ def test_status_lists_the_writes_given_up_until_cleared(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"given_up": [given_up(other, "b")]}
 
 
-
 def test_status_clear_forgets_only_what_it_showed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -305,6 +305,23 @@ def test_a_session_deleted_while_an_import_copies_its_new_messages_is_reported(
     assert again.deleted_sessions == ["b"]
 
 
+def test_a_new_invalid_parent_of_a_new_invalid_child_leaves_no_row_either(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("p", source="cli")
+    hermes.create_session("c", source="cli", parent_session_id="p")
+    for sid in ("p", "c"):
+        hermes.append_message(sid, "user", content="hello")
+    hermes.close()
+    _edit_source(source, "UPDATE messages SET content = CAST(x'c3' AS TEXT)")
+    report = import_state_db(source, store)
+    assert set(report.invalid_sessions) == {"p", "c"}
+    assert report.sessions_written == 0
+    assert store.get_session("p") is None
+    assert store.get_session("c") is None
+
+
 def test_a_session_an_import_could_not_store_is_copied_once_it_can_be(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -2031,10 +2031,12 @@ def _forget_new(
         )
 
     def work(conn: Connection) -> int:
-        ids = [row.id for row in conn.execute(empty) if as_imported(row)]
-        if ids:
+        gone: list[str] = []
+        # Again once some went: a parent to none of the rest now (its child went) goes too.
+        while ids := [row.id for row in conn.execute(empty) if as_imported(row)]:
             conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
-        return sum(1 for sid in ids if sid in new)
+            gone += ids
+        return sum(1 for sid in gone if sid in new)
 
     return store.write_transaction(work)
 
