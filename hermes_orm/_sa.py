@@ -32,7 +32,7 @@ from sqlalchemy.pool import (
     SingletonThreadPool,
     StaticPool,
 )
-from sqlalchemy.util import await_only
+from sqlalchemy.util import await_only, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
 T = TypeVar("T")
@@ -108,6 +108,16 @@ def pool_has_waiters(pool: Pool) -> bool:
     if getters is None:
         return True
     return any(not getter.done() for getter in getters)
+
+
+async def round_trip(pool: Pool) -> None:
+    """Take a connection from ``pool`` (an asyncio one: made if none is idle) and give it back.
+
+    As an ``AsyncEngine`` checks out, on the running event loop; the pool's
+    listeners (the engine's, which a dispose carries over) run as they do there.
+    """
+    fairy = await greenlet_spawn(pool.connect)
+    await greenlet_spawn(fairy.close)
 
 
 def may_keep_one(pool: Pool) -> bool:

@@ -550,6 +550,7 @@ class AsyncSessionStore(_AsyncSessions):
         engine = engine or self._async_engine
         await self._on_this_loop(engine)
         _dialects.refuse_shared_transaction(engine.sync_engine.pool)
+        pool = engine.sync_engine.pool  # (a dispose meanwhile replaces it; its waiters stay)
         try:
             with _retry.connecting(self._retry.attempt_timeout):
                 try:
@@ -561,9 +562,10 @@ class AsyncSessionStore(_AsyncSessions):
                         why = "its pool waits on the event loop it first waited on"
                         raise _other_loop(why) from exc
                     await self._new_pool(engine)
+                    pool = engine.sync_engine.pool
                     conn = await engine.connect()
         except asyncio.CancelledError:
-            self._wake_a_waiter(engine)
+            self._wake_a_waiter(pool)
             raise
         except PoolTimeoutError as exc:
             raise _dialects.pool_exhausted(exc) from exc
@@ -593,29 +595,29 @@ class AsyncSessionStore(_AsyncSessions):
                 raise
         return conn
 
-    def _wake_a_waiter(self, engine: AsyncEngine) -> None:
-        """Make a connection and give it back, for a call the pool leaves waiting.
+    def _wake_a_waiter(self, pool: Pool) -> None:
+        """Make a connection of ``pool`` and give it back, for a call it leaves waiting.
 
         A connection cancelled as it is made frees its place in the pool without
         waking a task waiting in the pool's queue (only a connection given back
         does): that task would wait out the pool's timeout beside a free place.
-        The connection is made as a task of its own, which :meth:`close` waits for
+        ``pool`` is the one the cancelled connection was of, which an engine's
+        ``dispose()`` meanwhile has replaced but not emptied of its waiters. The
+        connection is made as a task of its own, which :meth:`close` waits for
         (at most the connect timeout).
         """
-        task = asyncio.get_running_loop().create_task(self._made_and_given_back(engine))
+        task = asyncio.get_running_loop().create_task(self._made_and_given_back(pool))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _made_and_given_back(self, engine: AsyncEngine) -> None:
-        pool = engine.sync_engine.pool
+    async def _made_and_given_back(self, pool: Pool) -> None:
         # Checked as the task starts: the pool's checkout then takes the free place
         # (or finds none) before anything is awaited, so this never waits in its queue.
         if not (_sa.pool_has_room(pool) and _sa.pool_has_waiters(pool)):
             return
         try:
             with _retry.connecting(self._retry.attempt_timeout):
-                conn = await engine.connect()
-            await conn.close()
+                await _sa.round_trip(pool)
         except Exception as exc:  # (the waiting call fails or waits as it would have)
             logger.debug("hermes_orm: a connection to wake a waiting call failed: %r", exc)
 

@@ -2099,13 +2099,16 @@ def test_many_tasks_share_a_small_pool(db_url: str, api: str) -> None:
 
 @pytest.mark.apis("async", "asyncpg")
 @pytest.mark.parametrize("waiter", ["store", "application"])
+@pytest.mark.parametrize("disposed", [False, True], ids=["pool kept", "engine disposed"])
 def test_a_connect_cancelled_in_a_full_pool_wakes_the_call_waiting_for_one(
-    db_url: str, api: str, waiter: str
+    db_url: str, api: str, waiter: str, disposed: bool
 ) -> None:
     """A pool of two, the application holding one: a call cancelled as its connection
     is made frees its place, which wakes no one waiting in the pool's queue. The store
     makes a connection and gives it back: the waiting call (the store's, or the
-    application's own checkout) goes on at once, not at the pool's timeout."""
+    application's own checkout) goes on at once, not at the pool's timeout. So it does
+    when the application disposed of its engine meanwhile: the waiting call waits in
+    the pool that was, where the place was freed."""
     from sqlalchemy.engine import make_url
 
     from hermes_orm import create_async_store_engine
@@ -2131,6 +2134,8 @@ def test_a_connect_cancelled_in_a_full_pool_wakes_the_call_waiting_for_one(
             else:
                 waiting = asyncio.ensure_future(engine.connect().start())
             await asyncio.sleep(0.001)  # the first connection under way, the waiter queued
+            if disposed:
+                await engine.dispose()
             cancelled.cancel()
             start = time.monotonic()
             await asyncio.gather(cancelled, return_exceptions=True)
