@@ -354,8 +354,8 @@ class Imported(Base):
 
     ``kind`` 'session' and ``key`` a session id: an import copied the session,
     or found it stored. ``kind`` one of Hermes' other tables (``state_meta``,
-    ``gateway_routing``, ...) and ``key`` the JSON list of a row's key: the
-    same, of that row, whose ``updated_at`` was ``version``. A later import
+    ``gateway_routing``, ...) and ``key`` the SHA-256 (hex) of the JSON list of
+    a row's key: the same, of that row, whose ``updated_at`` was ``version``. A later import
     leaves what was deleted since deleted (see
     :func:`hermes_orm.integrations.hermes.import_state_db`).
     """

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -2529,6 +2530,55 @@ def test_the_topic_binding_of_a_session_deleted_since_goes_unrecorded_too(
     assert report.ok, report.table()
     assert report.deleted_sessions == ["s"]
     assert report.deleted_rows == ["telegram_dm_topic_bindings ('42', '9')"]
+
+
+def test_a_topic_store_mode_bound_anew_after_its_session_was_deleted_is_kept(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A ``/reset`` in a topic binds it to a new session; the old one is deleted. The next
+    import keeps the new binding, counts it, and calls nothing deleted."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s1", "telegram")
+    topic = {"chat_id": "42", "thread_id": "9", "user_id": "7", "session_key": "t:9"}
+    hermes.bind_telegram_topic(**topic, session_id="s1")
+    hermes.close()
+    assert import_state_db(source, store).ok
+    live = SessionDB(store)
+    live.create_session("s3", "telegram")
+    live.bind_telegram_topic(**topic, session_id="s3")
+    assert store.delete_session("s1")
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.deleted_sessions == ["s1"]
+    assert report.deleted_rows == []
+    assert (live.get_telegram_topic_binding(chat_id="42", thread_id="9") or {})[
+        "session_id"
+    ] == "s3"
+
+
+def test_a_route_of_a_key_past_an_index_entry_s_size_is_recorded(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A chat key of 700 CJK characters (2,100 bytes of UTF-8, past what a PostgreSQL
+    btree entry holds once escaped in JSON) is copied, recorded, and left deleted."""
+    from hermes_orm.integrations.hermes import SessionDB
+
+    rng = random.Random(1)  # (text an index entry's compression does not shrink enough)
+    key = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(700))
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s1", "telegram")
+    hermes.save_gateway_routing_entry(key, '{"session_id": "s1"}')
+    hermes.close()
+    assert import_state_db(source, store).ok
+    live = SessionDB(store)
+    assert list(live.load_gateway_routing_entries()) == [key]
+    live.delete_gateway_routing_entries([key])
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert len(report.deleted_rows) == 1
+    assert live.load_gateway_routing_entries() == {}
 
 
 def test_settings_the_destination_changed_are_kept_and_newer_rows_win(

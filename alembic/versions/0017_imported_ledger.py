@@ -2,12 +2,12 @@
 
 An import writes a ``hermes_imported`` row for each session it copies or finds
 already stored (``kind`` 'session', ``key`` its id), and for each row of
-Hermes' other tables (``kind`` the table's name, ``key`` the JSON list of the
-row's key, ``version`` its ``updated_at``). The row stays when the session or
-row is deleted in hermes_orm's database (by store mode's Hermes, the store's
-API, an application's SQL), so a later import of the same ``state.db`` leaves
-it deleted instead of copying it back. The table is new and empty; the
-downgrade drops it.
+Hermes' other tables (``kind`` the table's name, ``key`` the SHA-256, in hex,
+of the JSON list of the row's key, ``version`` its ``updated_at``). The row
+stays when the session or row is deleted in hermes_orm's database (by store
+mode's Hermes, the store's API, an application's SQL), so a later import of
+the same ``state.db`` leaves it deleted instead of copying it back. The table
+is new and empty; the downgrade drops it.
 
 Revision ID: 0017_imported_ledger
 Revises: 0016_session_history_id

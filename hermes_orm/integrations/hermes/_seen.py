@@ -9,14 +9,16 @@ deleted by the next import of a ``state.db`` that still holds it, and
 reported. A run interrupted before its end records nothing; the next run
 records what it finds.
 
-Rows of Hermes' other tables are recorded alike, in the transaction that
-copies their table, with the ``updated_at`` the source's row had: a row
+Rows of Hermes' other tables are recorded alike (by a digest of their key), in
+the transaction that copies their table, with the ``updated_at`` the source's
+row had: a row
 deleted since is copied again only if the source's is newer than that (Hermes
 changed it after), and a ``state_meta`` key, which has no time, never.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -79,7 +81,12 @@ _CHUNK = 500
 
 
 def _key_text(key: tuple[Any, ...]) -> str:
-    return json.dumps(list(key))
+    """The record's key of a row's key: the SHA-256 (hex) of its JSON list.
+
+    A fixed size: a route's key is text of any length, past what a btree index
+    entry holds on PostgreSQL (about 2.7 kB).
+    """
+    return hashlib.sha256(json.dumps(list(key), ensure_ascii=False).encode()).hexdigest()
 
 
 def seen_rows(

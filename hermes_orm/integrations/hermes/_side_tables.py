@@ -154,7 +154,8 @@ class _Outcome:
     written: int = 0
     kept: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
-    deleted: list[str] = field(default_factory=list)
+    #: Keys of rows left out as deleted since, with their labels.
+    deleted: dict[tuple[Any, ...], str] = field(default_factory=dict)
     found: int = 0
 
 
@@ -194,11 +195,12 @@ def _copy(
             if have is None and ident in seen and not restore_deleted:
                 version = seen[ident]
                 if side.stamp is None or version is None or not row[side.stamp] > version:
-                    done.deleted.append(_label(side, row))
+                    done.deleted[ident] = _label(side, row)
                     continue  # deleted since an import saw it as the source holds it still
             if side.session is not None and row[side.session] in gone:
-                done.deleted.append(_label(side, row))  # (its session deleted so: it went too)
-                continue
+                if have is None:  # (its session deleted so: it went too)
+                    done.deleted[ident] = _label(side, row)
+                continue  # (a key the destination bound anew keeps that binding)
             if have is not None:
                 if all(have.get(k) == v for k, v in row.items()):
                     continue
@@ -226,6 +228,8 @@ def _copy(
                 done.refused[_label(side, row)] = refusal
         now = _held(conn, side, looked_up)
         done.found = len(now)
+        # One a writer made again meanwhile (a gateway in store mode) is no longer deleted.
+        done.deleted = {k: label for k, label in done.deleted.items() if k not in now}
         versions = {
             ident: row.get(side.stamp) if side.stamp else None
             for ident, row in zip(idents, usable, strict=True)
@@ -242,7 +246,7 @@ def _copy(
     report.settings_written += done.written
     report.kept_settings += done.kept
     report.invalid_rows.update(done.refused)
-    report.deleted_rows += done.deleted
+    report.deleted_rows += done.deleted.values()
     return len(rows) - len(done.deleted), done.found
 
 

@@ -736,7 +736,10 @@ class Mirror:
                 self._left,
             )
             for session_id in left:
-                self._given_up(session_id, "at the exit, still queued")
+                when = "at the exit"
+                if session_id not in self._unwritten:
+                    when += " (the session's end-of-turn check was still queued: if any)"
+                self._given_up(session_id, when)
             return False
         if self._unwritten:
             logger.warning(
