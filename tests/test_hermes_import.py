@@ -323,6 +323,37 @@ def test_a_new_invalid_parent_of_a_new_invalid_child_leaves_no_row_either(
     assert store.get_session("c") is None
 
 
+def test_a_session_deleted_while_an_import_runs_is_not_made_again(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Store mode deletes a session the run has nothing to copy of (its usage row only):
+    the run's update of the sessions makes no empty row of it, nor its usage, and
+    reports it diverged; the next run leaves it deleted."""
+    source, hermes = _real_hermes(tmp_path)
+    for sid in ("a", "b"):
+        hermes.create_session(sid, source="cli")
+        hermes.append_message(sid, "user", content=f"hi {sid}")
+    hermes.close()
+    _edit_source(source, "INSERT INTO session_model_usage (session_id, model) VALUES ('b', 'm')")
+    assert import_state_db(source, store).ok
+    hermes = _real_hermes(tmp_path)[1]
+    hermes.append_message("a", "assistant", content="more a")
+    hermes.close()
+
+    def delete_b(sid: str, _cursor: int) -> None:
+        if sid == "a" and store.get_session("b") is not None:
+            assert store.delete_session("b")
+
+    report = import_state_db(source, store, on_batch=delete_b)
+    assert report.diverged_sessions == ["b"]
+    assert report.mismatched_sessions == []
+    assert store.get_session("b") is None
+    again = import_state_db(source, store)
+    assert again.ok, again.table()
+    assert again.deleted_sessions == ["b"]
+    assert store.get_session("b") is None
+
+
 def test_a_session_an_import_could_not_store_is_copied_once_it_can_be(
     store: SessionStore, tmp_path: Path
 ) -> None:
@@ -2556,6 +2587,36 @@ def test_a_topic_store_mode_bound_anew_after_its_session_was_deleted_is_kept(
     assert (live.get_telegram_topic_binding(chat_id="42", thread_id="9") or {})[
         "session_id"
     ] == "s3"
+
+
+@pytest.mark.parametrize("how", ["restore_deleted", "no record"])
+def test_a_binding_whose_session_store_mode_bound_anew_is_no_mismatch(
+    store: SessionStore, tmp_path: Path, how: str
+) -> None:
+    """Store mode moved a session to another topic (newer): the source's binding of it
+    is left out and said so, not counted against the destination, whether the record
+    would call it deleted or there is none (restore_deleted; an older import's
+    destination)."""
+    from hermes_orm.integrations.hermes import SessionDB
+    from hermes_orm.models import Imported
+
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s1", "telegram")
+    topic = {"chat_id": "42", "user_id": "7", "session_key": "t"}
+    hermes.bind_telegram_topic(**topic, thread_id="9", session_id="s1")
+    hermes.close()
+    assert import_state_db(source, store).ok
+    live = SessionDB(store)
+    live.delete_telegram_topic_binding(chat_id="42", thread_id="9")
+    live.bind_telegram_topic(**topic, thread_id="12", session_id="s1")
+    if how == "no record":
+        store.write_transaction(lambda conn: conn.execute(delete(Imported)))
+    report = import_state_db(source, store, restore_deleted=how == "restore_deleted")
+    assert report.ok, report.table()
+    assert report.replaced_rows == ["telegram_dm_topic_bindings ('42', '9')"]
+    assert "whose session the destination bound anew" in report.table()
+    bound = live.get_telegram_topic_binding_by_session(session_id="s1") or {}
+    assert bound["thread_id"] == "12"
 
 
 def test_a_route_of_a_key_past_an_index_entry_s_size_is_recorded(

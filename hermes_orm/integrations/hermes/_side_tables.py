@@ -132,8 +132,9 @@ def copy_side_tables(
     """Copy each of Hermes' side tables the source holds into ``store`` (see the module).
 
     Returns, per table copied, its rows in the source (but those deleted in the
-    destination since an earlier import, left so unless ``restore_deleted``)
-    and the destination's rows of those keys afterwards.
+    destination since an earlier import, left so unless ``restore_deleted``,
+    and bindings of sessions the destination bound anew since) and the
+    destination's rows of those keys afterwards.
     """
     counts = {}
     for side in SIDE_TABLES:
@@ -156,6 +157,8 @@ class _Outcome:
     refused: dict[str, str] = field(default_factory=dict)
     #: Keys of rows left out as deleted since, with their labels.
     deleted: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    #: Keys of rows left out as their session's newer binding in the destination replaced them.
+    replaced: dict[tuple[Any, ...], str] = field(default_factory=dict)
     found: int = 0
 
 
@@ -226,10 +229,13 @@ def _copy(
                 owners[row[side.session]] = held[ident] = row
             elif refusal:
                 done.refused[_label(side, row)] = refusal
+            else:  # its session bound anew in the destination since: that binding stays
+                done.replaced[ident] = _label(side, row)
         now = _held(conn, side, looked_up)
         done.found = len(now)
-        # One a writer made again meanwhile (a gateway in store mode) is no longer deleted.
+        # One a writer made again meanwhile (a gateway in store mode) is no longer left out.
         done.deleted = {k: label for k, label in done.deleted.items() if k not in now}
+        done.replaced = {k: label for k, label in done.replaced.items() if k not in now}
         versions = {
             ident: row.get(side.stamp) if side.stamp else None
             for ident, row in zip(idents, usable, strict=True)
@@ -247,7 +253,8 @@ def _copy(
     report.kept_settings += done.kept
     report.invalid_rows.update(done.refused)
     report.deleted_rows += done.deleted.values()
-    return len(rows) - len(done.deleted), done.found
+    report.replaced_rows += done.replaced.values()
+    return len(rows) - len(done.deleted) - len(done.replaced), done.found
 
 
 def _write(conn: Connection, side: SideTable, row: dict[str, Any]) -> int:

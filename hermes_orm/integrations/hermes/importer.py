@@ -128,6 +128,8 @@ class ImportReport:
     deleted_sessions: list[str] = field(default_factory=list)
     #: Rows of Hermes' other tables deleted so (as the source still holds them), alike.
     deleted_rows: list[str] = field(default_factory=list)
+    #: Topic bindings of the source whose session the destination bound anew since.
+    replaced_rows: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
     #: Sessions whose parent link closed a loop of parents (kept in their extra).
@@ -200,6 +202,11 @@ class ImportReport:
                 f"{len(self.deleted_rows)} row(s) of Hermes' other tables deleted in the "
                 "destination since an earlier import were not copied again "
                 f"(--restore-deleted copies them): {', '.join(self.deleted_rows[:3])}"
+            )
+        if self.replaced_rows:
+            lines.append(
+                f"{len(self.replaced_rows)} topic binding(s) of the source whose session the "
+                "destination bound anew since were left as the destination holds them"
             )
         if self.mirrored_sessions:
             lines.append(
@@ -1053,7 +1060,9 @@ def _upsert_sessions(
     destination lacks are inserted (before their messages), those whose title
     the destination holds yet without it (added to ``titled_later``); a second
     call, once the messages are copied, updates the others, but those in
-    ``skip``, and sets those titles (their rows not counted again).
+    ``skip``, and sets those titles (their rows not counted again). It inserts
+    none: one the destination no longer holds was deleted as the import ran
+    (:func:`_verify` reports it).
 
     Titles are unique: the titles that change are cleared first, then set, in
     one transaction, so sessions may swap or pass on titles. A title that a
@@ -1107,7 +1116,7 @@ def _upsert_sessions(
         new = [
             {**f, "history_id": drawn[sid]} if sid in drawn else f
             for sid, f in todo.items()
-            if sid not in present
+            if sid not in present and new_only
         ]
         changed = [
             {"b_id": sid, **f}
@@ -2104,9 +2113,14 @@ def _upsert_usage(store: SessionStore, src: Source, sessions: Collection[str]) -
             tuple(r[k] for k in _USAGE_KEY): r
             for r in (m._mapping for m in conn.execute(select(_usage)))
         }
+        # (A session another writer deleted as the import ran gets none: verify says so.)
+        wanted = sorted({values["session_id"] for values in rows})
+        held = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, wanted)}
         written = 0
         make = _dialects.insert_maker(conn.dialect.name)
         for values in rows:
+            if values["session_id"] not in held:
+                continue
             key = tuple(values[k] for k in _USAGE_KEY)
             have = existing.get(key)
             if have is not None and all(have[k] == v for k, v in values.items()):
@@ -2159,7 +2173,8 @@ def _verify(
     holds now, grew meanwhile (the next run copies the rest); more than the
     source holds now, it was rewritten shorter (a retry, an undo, a
     compression) or deleted there meanwhile, and is reported diverged, as the
-    next run would find it. Any other difference is a mismatch. Sessions the
+    next run would find it; so is one another writer deleted in the
+    destination meanwhile. Any other difference is a mismatch. Sessions the
     mirror plugin continued are left out, and messages whose session has no
     sessions row are reported. ``as_before``: sessions found up to date whose
     stored copies Hermes only added to (``api_content`` filled in): their last
@@ -2196,6 +2211,9 @@ def _verify(
         after = now.get(sid, 0)
         if sid in report.diverged_sessions or sid in report.invalid_sessions:
             continue  # reported already, as what stopped its copy
+        if have < 0:  # another writer deleted it as the import ran
+            report.diverged_sessions.append(sid)
+            continue
         if have == after:
             if have and sid not in as_before and (digest is None or bytes(digest) != last.get(sid)):
                 report.diverged_sessions.append(sid)  # changed since it was read
