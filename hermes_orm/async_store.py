@@ -549,8 +549,8 @@ class AsyncSessionStore(_AsyncSessions):
         """
         engine = engine or self._async_engine
         await self._on_this_loop(engine)
-        _dialects.refuse_shared_transaction(engine.sync_engine.pool)
         pool = engine.sync_engine.pool  # (a dispose meanwhile replaces it; its waiters stay)
+        _dialects.refuse_shared_transaction(pool)
         try:
             with _retry.connecting(self._retry.attempt_timeout):
                 try:

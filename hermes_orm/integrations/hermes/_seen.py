@@ -38,6 +38,13 @@ SESSION = "session"
 
 _SEEN = f"SELECT key FROM {_imported.name} WHERE kind = '{SESSION}' AND key IN ({{values}})"
 _HELD = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
+#: Keys looked up, or rows written, per statement.
+_CHUNK = 500
+
+
+def held_sessions(conn: Connection, session_ids: Sequence[str]) -> set[str]:
+    """Those of ``session_ids`` the destination holds a sessions row of."""
+    return {sid for (sid,) in _dialects.rows_for_values(conn, _HELD, session_ids)}
 
 
 def seen_sessions(store: SessionStore, session_ids: Sequence[str]) -> tuple[set[str], list[str]]:
@@ -48,7 +55,7 @@ def seen_sessions(store: SessionStore, session_ids: Sequence[str]) -> tuple[set[
 
     def work(conn: Connection) -> tuple[set[str], list[str]]:
         seen = [key for (key,) in _dialects.rows_for_values(conn, _SEEN, session_ids)]
-        held = {sid for (sid,) in _dialects.rows_for_values(conn, _HELD, seen)}
+        held = held_sessions(conn, seen)
         return set(seen), [sid for sid in seen if sid not in held]
 
     return store.read_transaction(work) if session_ids else (set(), [])
@@ -62,8 +69,8 @@ def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
 
     def work(conn: Connection) -> None:
         insert = _dialects.insert_maker(conn.dialect.name)
-        for start in range(0, len(session_ids), 500):
-            part = session_ids[start : start + 500]
+        for start in range(0, len(session_ids), _CHUNK):
+            part = session_ids[start : start + _CHUNK]
             held = select(literal(SESSION), _sessions.c.id, literal(now)).where(
                 _sessions.c.id.in_(part)
             )
@@ -74,10 +81,6 @@ def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
             )
 
     store.write_transaction(work)
-
-
-#: Keys looked up per statement.
-_CHUNK = 500
 
 
 def _key_text(key: tuple[Any, ...]) -> str:

@@ -52,7 +52,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
-from hermes_orm.integrations.hermes._seen import record_seen, seen_sessions
+from hermes_orm.integrations.hermes._seen import held_sessions, record_seen, seen_sessions
 from hermes_orm.integrations.hermes._side_tables import copy_side_tables
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.integrations.hermes.mirror import revision_row, same_turn
@@ -929,11 +929,11 @@ def import_state_db(
             written = _continue_earlier_copies(store, theirs, sid)
             if written is not None:  # (none written: copied by an earlier run, up to date)
                 report.diverged_sessions.remove(sid)
-                if not written:
-                    as_before.add(sid)
                 if written:
                     report.amended_sessions.append(sid)
                     report.messages_written += written
+                else:
+                    as_before.add(sid)
         # A session not copied (diverged, invalid, the mirror's) is left as it is, row and usage;
         # the rows of new ones found invalid with their messages go (none was written), and
         # so do those an interrupted run made of them: empty, as this run would write them.
@@ -1076,7 +1076,7 @@ def _upsert_sessions(
         # looks for a loop with this import's links). A session made meanwhile is
         # left to its writer (see _insert_sessions); a title taken meanwhile, below.
         take_lineage_turn(conn)
-        present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, list(wanted))}
+        present = held_sessions(conn, list(wanted))
         titles = {f["title"]: sid for sid, f in wanted.items() if f.get("title") is not None}
         # Who holds each title now; a holder the import updates gives it up below.
         holders = dict(_dialects.rows_for_values(conn, _TITLE_HOLDERS, list(titles)))
@@ -1149,7 +1149,6 @@ def _upsert_sessions(
     return on_title_races(lambda: store.write_transaction(work))
 
 
-_SESSION_IDS = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
 _TITLE_HOLDERS = f"SELECT id, title FROM {_sessions.name} WHERE title IN ({{values}})"
 
 
@@ -1169,7 +1168,7 @@ def _without_orphans(
 
     def work(conn: Connection) -> set[str]:
         ids = [r["id"] for r in rows]
-        present = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, ids)}
+        present = held_sessions(conn, ids)
         missing = [sid for sid in ids if sid not in present]
         return {sid for (sid,) in _dialects.rows_for_values(conn, _ORPHANED, missing)}
 
@@ -2115,7 +2114,7 @@ def _upsert_usage(store: SessionStore, src: Source, sessions: Collection[str]) -
         }
         # (A session another writer deleted as the import ran gets none: verify says so.)
         wanted = sorted({values["session_id"] for values in rows})
-        held = {sid for (sid,) in _dialects.rows_for_values(conn, _SESSION_IDS, wanted)}
+        held = held_sessions(conn, wanted)
         written = 0
         make = _dialects.insert_maker(conn.dialect.name)
         for values in rows:

@@ -573,7 +573,7 @@ def print_status(
         print(f"plugin:    off since {since}: {cli.inert(str(register_error.get('message')))}")
         problems += 1
     error = recorded.get("error")
-    if isinstance(error, dict) and error.get("url") in (None, safe_url(url)):
+    if isinstance(error, dict) and _of(error, url):
         # (The session id and the error are stored text: shown inert, escapes pictured.)
         print(
             cli.inert(
@@ -584,11 +584,7 @@ def print_status(
         problems += 1
     else:
         print("last error: none")
-    given_up = [
-        entry
-        for entry in recorded.get("given_up") or []
-        if isinstance(entry, dict) and entry.get("url") in (None, safe_url(url))
-    ]
+    given_up = _given_up_of(recorded, url)
     for entry in given_up:
         after = f" (after {entry['message']})" if entry.get("message") else ""
         print(
@@ -609,12 +605,11 @@ def clear_status(url: str, shown: Mapping[str, Any]) -> None:
     ``shown``: the record :func:`print_status` showed. What a running Hermes
     recorded since stays, to be shown next time.
     """
-    mine = (None, safe_url(url))
-    seen = [e for e in shown.get("given_up") or [] if isinstance(e, dict) and e.get("url") in mine]
+    seen = _given_up_of(shown, url)
 
     def change(recorded: dict[str, Any]) -> None:
         error = recorded.get("error")
-        if isinstance(error, dict) and error.get("url") in mine and error == shown.get("error"):
+        if isinstance(error, dict) and error == shown.get("error") and _of(error, url):
             del recorded["error"]
         entries = recorded.pop("given_up", None)
         kept = [e for e in entries or [] if e not in seen]
@@ -622,6 +617,17 @@ def clear_status(url: str, shown: Mapping[str, Any]) -> None:
             recorded["given_up"] = kept
 
     status_file().update(change)
+
+
+def _given_up_of(recorded: Mapping[str, Any], url: str) -> list[dict[str, Any]]:
+    """The given-up writes ``recorded`` holds of the database at ``url``."""
+    entries = recorded.get("given_up") or []
+    return [entry for entry in entries if isinstance(entry, dict) and _of(entry, url)]
+
+
+def _of(record: Mapping[str, Any], url: str) -> bool:
+    """Whether the status ``record`` is of the database at ``url`` (None: an older one's, any)."""
+    return record.get("url") in (None, safe_url(url))
 
 
 def _uncreatable(path: Path) -> str | None:
