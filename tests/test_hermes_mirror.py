@@ -1511,9 +1511,24 @@ def test_a_failing_session_keeps_its_error_while_others_are_written(
     error = status.read()["error"]
     assert error["session_id"] == "bad"
     assert "not mirrored while that message is in its conversation" in error["todo"]
-    assert caplog.text.count("session bad not written") == 1  # once, not once a turn
+    assert caplog.text.count("session 'bad' not written") == 1  # once, not once a turn
     assert "again" not in caplog.text
     assert _stored(store, "good") == _turn(1)
+
+
+def test_a_session_id_is_logged_as_one_escaped_line(
+    db_url: str, status: StatusFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session id is the caller's text: a newline or a terminal escape in it forges nothing."""
+    forged = "bad\nhermes_orm mirror: session ok is written again\x1b[2J"
+    m = Mirror(db_url, status=status)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        assert m.turn(forged, [{"role": "user", "content": "x", "score": float("nan")}])
+    m.close()
+    told = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert told, caplog.text
+    assert all("\n" not in line and "\x1b" not in line for line in told)
+    assert repr(forged) in told[0]
 
 
 def test_a_session_written_again_hands_the_status_to_one_still_failing(
@@ -1615,7 +1630,7 @@ def test_a_session_s_lists_given_up_past_the_bound_are_said_to_be(
         "writes it (`hermes orm status` lists it)"
     )
     assert given_up == [
-        "hermes_orm mirror: 2 sessions have lists not written; the oldest, session s1, is "
+        "hermes_orm mirror: 2 sessions have lists not written; the oldest, session 's1', is "
         f"given up (1 list(s)): {left}"
     ]
     assert list(m._unwritten) == ["s2", "s3"]

@@ -274,7 +274,7 @@ def test_what_hermes_own_writes_miss_is_stored_exactly_once(
     assert all(m["active"] is True and "timestamp" in m for m in store.get_messages("s1"))
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
     assert "Session DB append_message failed" in log
-    assert f"session s1: stored {lost} message(s) Hermes' own writes missed" in log
+    assert f"session 's1': stored {lost} message(s) Hermes' own writes missed" in log
     assert _state_db_messages(spec.hermes_home) == 0
 
 
@@ -294,8 +294,8 @@ def test_a_repair_that_failed_is_stored_before_the_next_turn_in_its_place(
     final = result["turns"][-1]["messages"]
     _assert_stored_exactly(store, "s1", final)
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1 not written to" in log  # the end-of-turn repair failed
-    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+    assert "session 's1' not written to" in log  # the end-of-turn repair failed
+    assert "session 's1': stored 1 message(s) Hermes' own writes missed" in log
 
 
 def test_a_repair_the_next_turn_still_finds_locked_keeps_that_turn_behind_it(
@@ -331,7 +331,7 @@ def _stored_exactly_past_a_failed_repair(
     assert result["faults"], "the fault was injected"
     _assert_stored_exactly(store, "s1", result["turns"][-1]["messages"])
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1 not written to" in log  # the end-of-turn repair failed
+    assert "session 's1' not written to" in log  # the end-of-turn repair failed
 
 
 def test_a_turn_undone_while_its_repair_waited_stays_undone(
@@ -373,7 +373,7 @@ def test_a_repair_outliving_the_turns_wait_is_waited_for_not_raced(
     assert result["faults"], "the fault was injected"
     _assert_stored_exactly(store, "s1", result["turns"][-1]["messages"])
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+    assert "session 's1': stored 1 message(s) Hermes' own writes missed" in log
 
 
 def test_a_gateway_session_is_repaired_past_the_row_that_opens_it(
@@ -392,7 +392,7 @@ def test_a_gateway_session_is_repaired_past_the_row_that_opens_it(
     assert core(messages[: len(second)]) == core(second)
     assert core(messages) == core(final)
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+    assert "session 's1': stored 1 message(s) Hermes' own writes missed" in log
 
 
 def test_a_session_hermes_writes_elsewhere_is_copied_on_past_a_compression(
@@ -631,7 +631,7 @@ def _assert_kept_with_the_delivery(
     assert session["flushed_idx"] == session["message_count"] == len(stored)
     assert store.get_session("s1#2") is None
     log = (spec.hermes_home / "logs" / "agent.log").read_text()
-    assert "session s1: stored 1 message(s) Hermes' own writes missed" in log
+    assert "session 's1': stored 1 message(s) Hermes' own writes missed" in log
     assert "no longer continues" not in log
     assert "not written to" not in log
 

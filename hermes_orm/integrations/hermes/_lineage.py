@@ -216,7 +216,7 @@ class LineageMethods:
         try:
             self._write(work)
         except _DB_FAILURES as exc:
-            logger.warning("record_compression_failure_cooldown(%s) failed: %s", session_id, exc)
+            logger.warning("record_compression_failure_cooldown(%r) failed: %s", session_id, exc)
 
     def get_compression_failure_cooldown(self, session_id: str) -> dict[str, Any] | None:
         """The session's compression cooldown still running, or None.
@@ -258,7 +258,7 @@ class LineageMethods:
         try:
             self._write(work)
         except _DB_FAILURES as exc:
-            logger.warning("clear_compression_failure_cooldown(%s) failed: %s", session_id, exc)
+            logger.warning("clear_compression_failure_cooldown(%r) failed: %s", session_id, exc)
 
     def get_compression_fallback_streak(self, session_id: str) -> int:
         """How many compressions in a row fell back to the deterministic summary (0 if none)."""
@@ -331,7 +331,7 @@ class LineageMethods:
         try:
             return self._write(work)
         except _DB_FAILURES as exc:
-            logger.warning("try_acquire_compression_lock(%s) failed: %s", session_id, exc)
+            logger.warning("try_acquire_compression_lock(%r) failed: %s", session_id, exc)
             return False
 
     def refresh_compression_lock(
@@ -362,7 +362,7 @@ class LineageMethods:
         try:
             return self._write(work)
         except _DB_FAILURES as exc:
-            logger.warning("refresh_compression_lock(%s) failed: %s", session_id, exc)
+            logger.warning("refresh_compression_lock(%r) failed: %s", session_id, exc)
             return False
 
     def release_compression_lock(self, session_id: str, holder: str) -> None:
@@ -383,7 +383,7 @@ class LineageMethods:
         try:
             self._write(work)
         except _DB_FAILURES as exc:
-            logger.warning("release_compression_lock(%s) failed: %s", session_id, exc)
+            logger.warning("release_compression_lock(%r) failed: %s", session_id, exc)
 
     def get_compression_lock_holder(self, session_id: str) -> str | None:
         """Who holds the session's unexpired compression lock, or None."""
@@ -533,7 +533,7 @@ class LineageMethods:
         try:
             start = self.get_compression_tip(session_id) or session_id
         except _DB_FAILURES as exc:
-            logger.warning("resolve_resume_session_id(%s): %s", session_id, exc)
+            logger.warning("resolve_resume_session_id(%r): %s", session_id, exc)
             start = session_id
         c = _sessions.c
 
@@ -564,7 +564,7 @@ class LineageMethods:
         try:
             return self._store.read_transaction(work)
         except _DB_FAILURES as exc:
-            logger.warning("resolve_resume_session_id(%s): %s", session_id, exc)
+            logger.warning("resolve_resume_session_id(%r): %s", session_id, exc)
             return start
 
     @staticmethod

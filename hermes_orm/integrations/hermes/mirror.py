@@ -732,7 +732,7 @@ class Mirror:
             left = list(dict.fromkeys([*self._worker.sessions(), *list(self._unwritten)]))
             logger.warning(
                 "hermes_orm mirror: writes still queued at exit (%s); %s",
-                ", ".join(left[:5]),
+                ", ".join(map(repr, left[:5])),
                 self._left,
             )
             for session_id in left:
@@ -745,7 +745,7 @@ class Mirror:
             logger.warning(
                 "hermes_orm mirror: at exit, %d session(s) still not written (%s); %s",
                 len(self._unwritten),
-                ", ".join(list(self._unwritten)[:5]),
+                ", ".join(map(repr, list(self._unwritten)[:5])),
                 self._left,
             )
             for session_id in self._unwritten:
@@ -755,7 +755,7 @@ class Mirror:
                 "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
                 "(%s): their mirrored copies stay open until a turn resumes them",
                 len(self._lost_ends),
-                ", ".join(list(self._lost_ends)[:5]),
+                ", ".join(map(repr, list(self._lost_ends)[:5])),
             )
             for session_id in self._lost_ends:
                 self._give_up_end(session_id)
@@ -835,7 +835,7 @@ class Mirror:
             if isinstance(exc, _DOWN):
                 return "down"
         except Exception as exc:
-            logger.exception("hermes_orm mirror: unexpected error writing session %s", session_id)
+            logger.exception("hermes_orm mirror: unexpected error writing session %r", session_id)
             self._failed(session_id, exc, todo)
         else:
             if catches_up or session_id not in self._failing:
@@ -848,7 +848,7 @@ class Mirror:
         before = self._failing.pop(session_id, None)
         if before is None or before["message"] != message:  # once per new failure, not per turn
             logger.warning(
-                "hermes_orm mirror: session %s not written to %s (%s); %s",
+                "hermes_orm mirror: session %r not written to %s (%s); %s",
                 session_id,
                 safe_url(self.url),
                 message,
@@ -873,7 +873,7 @@ class Mirror:
         """The session's failure on record is over: said, and cleared."""
         if self._failing.pop(session_id, None) is not None:
             logger.warning(
-                "hermes_orm mirror: session %s is written to %s again, caught up",
+                "hermes_orm mirror: session %r is written to %s again, caught up",
                 session_id,
                 safe_url(self.url),
             )
@@ -920,7 +920,7 @@ class Mirror:
                 self._succeeded(session_id)  # (the end's refusal was the last on record)
             elif written == [False]:
                 logger.info(
-                    "hermes_orm mirror: the end of session %s, refused earlier, is not written: "
+                    "hermes_orm mirror: the end of session %r, refused earlier, is not written: "
                     "the session was written to or resumed since",
                     session_id,
                 )
@@ -1025,7 +1025,7 @@ class Mirror:
         runs = [run[-_FALLBACKS:] for run in runs if run]
         if len(runs) > _PENDING_MAX:
             logger.warning(
-                "hermes_orm mirror: session %s was rewritten %d times while its writes failed; "
+                "hermes_orm mirror: session %r was rewritten %d times while its writes failed; "
                 "the oldest %d of its unwritten conversations are given up",
                 session_id,
                 len(runs) - 1,
@@ -1039,7 +1039,7 @@ class Mirror:
             self._given_up(dropped, f"past {_TRACKED_MAX:,} sessions with lists not written")
             logger.warning(
                 "hermes_orm mirror: %d sessions have lists not written; the oldest, session "
-                "%s, is given up (%d list(s)): %s",
+                "%r, is given up (%d list(s)): %s",
                 _TRACKED_MAX,
                 dropped,
                 len(lists),
@@ -1193,9 +1193,9 @@ class Mirror:
             if old_row.get("ended_at") is None:
                 store.end_session(old, "rewritten")
         logger.warning(
-            "hermes_orm mirror: session %s no longer continues its stored history (message %d "
-            "differs: compression, an edit or a rewind); the stored history is kept as %s and "
-            "the new one as %s",
+            "hermes_orm mirror: session %r no longer continues its stored history (message %d "
+            "differs: compression, an edit or a rewind); the stored history is kept as %r and "
+            "the new one as %r",
             sid,
             at,
             old,
@@ -1225,7 +1225,7 @@ class Mirror:
             tracked = self._resolve(store, turn)
         if not _continues(turn.messages, tracked):
             logger.info(
-                "hermes_orm mirror: Hermes' stored conversation of session %s does not continue "
+                "hermes_orm mirror: Hermes' stored conversation of session %r does not continue "
                 "the mirrored one; what it holds past it is not mirrored",
                 session_id,
             )
@@ -1308,7 +1308,7 @@ def _from_hermes(read: Callable[[str], T | None] | None, session_id: str, what: 
     try:
         return read(session_id)
     except Exception as exc:
-        logger.debug("hermes_orm mirror: cannot read Hermes' %s of %s: %s", what, session_id, exc)
+        logger.debug("hermes_orm mirror: cannot read Hermes' %s of %r: %s", what, session_id, exc)
         return None
 
 
@@ -1679,7 +1679,7 @@ class StoreFlush(Mirror):
             return False
         if not done.wait(_REPAIR_MAX):
             logger.warning(
-                "hermes_orm store: the end-of-turn flush of session %s still runs after %.0f s",
+                "hermes_orm store: the end-of-turn flush of session %r still runs after %.0f s",
                 session_id,
                 _REPAIR_MAX,
             )
@@ -1713,7 +1713,7 @@ class StoreFlush(Mirror):
         left = self._unwritten.pop(session_id, None)
         if left:
             logger.warning(
-                "hermes_orm store: session %s ended with the messages Hermes' own writes "
+                "hermes_orm store: session %r ended with the messages Hermes' own writes "
                 "missed in its last turn(s) still not stored; they are given up: %s",
                 session_id,
                 self._left,
@@ -1774,7 +1774,7 @@ class StoreFlush(Mirror):
             rewritten = self._rewrites.get(sid, 0)
         if turn.made < rewritten:
             logger.info(
-                "hermes_orm store: session %s: a conversation from before Hermes rewrote "
+                "hermes_orm store: session %r: a conversation from before Hermes rewrote "
                 "the session is not written",
                 sid,
             )
@@ -1783,7 +1783,7 @@ class StoreFlush(Mirror):
         if count is None:
             self._create(store, turn, {COPY_MARK: True})
             logger.warning(
-                "hermes_orm store: session %s was not in %s: Hermes writes it elsewhere (a "
+                "hermes_orm store: session %r was not in %s: Hermes writes it elsewhere (a "
                 "session database opened before the plugin loaded) or could not create it; "
                 "its conversation is stored here at the end of each turn",
                 sid,
@@ -1814,7 +1814,7 @@ class StoreFlush(Mirror):
             start = _missed_from(active, written, confirmed)
         if start is None:
             logger.debug(
-                "hermes_orm store: session %s differs from its stored rows at message %d; "
+                "hermes_orm store: session %r differs from its stored rows at message %d; "
                 "left as Hermes stored it",
                 sid,
                 at,
@@ -1833,7 +1833,7 @@ class StoreFlush(Mirror):
         if len(written) <= start:
             return
         logger.warning(
-            "hermes_orm store: session %s: stored %d message(s) Hermes' own writes missed "
+            "hermes_orm store: session %r: stored %d message(s) Hermes' own writes missed "
             "(messages %d to %d)",
             sid,
             len(live) - start,

@@ -414,7 +414,7 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
                 platform if isinstance(platform, str) and platform else None,
             ):
                 logger.info(
-                    "hermes_orm mirror: session %s is still being written; the agent goes on",
+                    "hermes_orm mirror: session %r is still being written; the agent goes on",
                     session_id,
                 )
         except Exception:
