@@ -1351,7 +1351,16 @@ def configure_engine(
                 # beside that reader at once).
                 cursor.execute(f"PRAGMA busy_timeout={min(settings[0], _WAL_SWITCH_WAIT_MS)}")
                 try:
-                    cursor.execute("PRAGMA journal_mode=WAL")
+                    cursor.execute(_ANOTHER_APPLICATIONS)  # (aiosqlite's returns no cursor)
+                    if cursor.fetchone() is not None:
+                        # Tables, none of them hermes_orm's: another application's
+                        # database (a mistyped URL: a store refuses it, and a command
+                        # that reads it leaves it as it was), or one the application
+                        # has yet to migrate. It keeps its mode; once migrated, the
+                        # connection that replaces this one switches it.
+                        record.info[_NOT_WAL] = True
+                    else:
+                        cursor.execute("PRAGMA journal_mode=WAL")
                 except Exception as exc:
                     code = getattr(exc, "sqlite_errorcode", None)
                     if code in _SQLITE_TRANSIENT:
@@ -1393,6 +1402,11 @@ _WAL_SWITCH_WAIT_MS = 100
 
 #: On a pool record: its connection could not switch the database to WAL yet.
 _NOT_WAL = "hermes_orm.not_wal"
+#: A row where a SQLite database holds tables but not hermes_orm's (left in its mode).
+_ANOTHER_APPLICATIONS = (
+    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND NOT EXISTS "
+    "(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hermes_sessions') LIMIT 1"
+)
 
 
 def keeps_its_mode(conn: Connection) -> bool:

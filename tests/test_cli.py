@@ -661,6 +661,44 @@ def test_status_of_a_database_holding_tables_named_as_ours_says_so(tmp_path: Pat
     assert "none yet" not in result.stdout
 
 
+def test_commands_that_read_leave_another_applications_database_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """A mistyped URL naming another application's SQLite file: refused or read, and
+    not a byte of it changed (its journal mode switched to WAL was a write)."""
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.execute("INSERT INTO users VALUES ('ada')")
+    conn.close()
+    before = path.read_bytes()
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": f"sqlite:///{path}"}
+    commands = [
+        ("sessions", "list"),
+        ("sessions", "show", "x"),
+        ("search", "foo"),
+        ("verify",),
+        ("db", "current"),
+        ("db", "check"),
+        ("status",),
+    ]
+    for args in commands:
+        result = run(*args, env=env)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        assert path.read_bytes() == before, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, no -shm
+    assert run("sessions", "list", env=env).returncode == 2  # (no hermes_orm schema)
+    upgraded = run("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    with sqlite3.connect(path) as conn:  # the application's rows kept, the tables added
+        assert conn.execute("SELECT name FROM users").fetchall() == [("ada",)]
+    conn.close()
+    assert run("sessions", "list", env=env).returncode == 0
+    with sqlite3.connect(path) as conn:  # a store that uses it switches it
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
 def test_status_of_a_server_that_answered_with_an_error_does_not_call_it_unreachable(
     empty_pg: str, tmp_path: Path
 ) -> None:

@@ -631,6 +631,42 @@ def test_a_store_reads_beside_a_writer_that_keeps_the_database_from_wal(
         writer.close()
 
 
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_another_applications_database_is_refused_and_left_in_its_mode(
+    tmp_path: Path, api: str
+) -> None:
+    """A store on a SQLite file of someone else's tables (a mistyped URL) refuses it for
+    want of the schema, and leaves the file byte for byte as it was: not switched to WAL."""
+    import asyncio
+    import sqlite3
+
+    from hermes_orm import SchemaOutOfDateError
+    from hermes_orm.async_store import AsyncSessionStore
+
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+
+    async def listed() -> None:
+        store = AsyncSessionStore(url)
+        try:
+            await store.list_sessions()
+        finally:
+            await store.close()
+
+    if api == "sync":
+        with SessionStore(url) as store, pytest.raises(SchemaOutOfDateError):
+            store.list_sessions()
+    else:
+        with pytest.raises(SchemaOutOfDateError):
+            asyncio.run(listed())
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
 @pytest.mark.sqlite
 def test_a_reader_keeping_the_database_from_wal_does_not_hold_up_each_call(
     tmp_path: Path,
