@@ -729,6 +729,16 @@ def engine_settings(
     }
 
 
+def replica_settings(engine: Engine, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the replica of a store on ``engine`` (as :func:`engine_settings`).
+
+    Behind PgBouncer when the primary is, whichever said so (``pgbouncer=True``,
+    or ``?pgbouncer=true`` in the primary's URL): a standby read directly rather
+    than through the pooler loses only its prepared statements.
+    """
+    return {**settings, "pgbouncer": settings["pgbouncer"] or engine in _per_transaction}
+
+
 def create_store_engine(
     url: str | URL,
     *,

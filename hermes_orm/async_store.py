@@ -275,6 +275,7 @@ class AsyncSessionStore(_AsyncSessions):
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
+        settings = _dialects.replica_settings(engine.sync_engine, settings)
         if isinstance(replica, str | URL):
             replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
         elif replica is not None:  # (an application's: the pooler's rules too)

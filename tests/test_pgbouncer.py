@@ -231,6 +231,45 @@ def test_an_engine_passed_in_with_the_flag_prepares_nothing(
             asyncio.run(main())
 
 
+@pytest.mark.parametrize("replica_as", ["engine", "url"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async"])
+def test_the_flag_in_the_primarys_url_holds_for_its_replica(
+    pg_server_url: str, pg_db: str, driver: str, replica_as: str
+) -> None:
+    """``?pgbouncer=true`` said once, in the primary's URL: the replica (an engine made
+    with psycopg's defaults, or a URL without the flag) is behind the pooler too. Its
+    statements were prepared on the pooler's one server connection, where the other
+    store's of the same name collided, and its URL's startup option was refused."""
+    with pgbouncer(pg_server_url, pool_size=1) as pooler_url:
+        flagged = make_url(through_pgbouncer(pooler_url, pg_db)).set(
+            drivername=f"postgresql+{driver}"
+        )
+        bare = make_url(_stripped(flagged.render_as_string(False)))
+        blocking = driver == "psycopg"
+        make = create_engine if blocking else create_async_engine
+        replicas = [make(bare) if replica_as == "engine" else bare for _ in range(2)]
+
+        async def calls() -> None:
+            async def run(result: Any) -> Any:
+                return await result if asyncio.iscoroutine(result) else result
+
+            kind: Any = SessionStore if blocking else AsyncSessionStore
+            stores = [kind(flagged, replica=replica) for replica in replicas]
+            for n, store in enumerate(stores):
+                await run(store.create_session(f"s{n}", source="cli"))
+            for _ in range(7):  # (psycopg prepares a statement at its 6th run)
+                for store in stores:
+                    listed = await run(store.list_sessions(limit=5))
+                    assert sorted(row["id"] for row in listed.sessions) == ["s0", "s1"]
+            for store in stores:
+                await run(store.close())
+            if replica_as == "engine":
+                for replica in replicas:
+                    await run(replica.dispose())
+
+        asyncio.run(calls())
+
+
 def test_an_asyncpg_engine_passed_in_with_the_flag_leaves_no_statement_on_the_server(
     pg_server_url: str, pg_db: str
 ) -> None:
