@@ -1096,6 +1096,16 @@ def test_a_hermes_home_of_blanks_is_no_value_as_hermes_reads_it(tmp_path: Path) 
     assert not (tmp_path / "  ").exists()
 
 
+def test_an_empty_hermes_orm_url_is_unset(tmp_path: Path) -> None:
+    """An empty variable (``HERMES_ORM_URL=`` in a shell script) names no database: the
+    default file, where an empty ``--url`` is refused."""
+    env = {**clean_env(tmp_path), "HERMES_ORM_URL": ""}
+    result = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hermes_orm.db").exists()
+    assert run("--url", "", "db", "current", env=env).returncode == 2
+
+
 @pytest.mark.backends("postgresql")
 def test_the_demo_fails_a_flush_half_way_on_postgresql(db_url: str, tmp_path: Path) -> None:
     """PostgreSQL advances the cursor inside the statement that inserts the rows: the demo's
