@@ -211,24 +211,31 @@ def parse_query(query: str) -> Query:
     problem = _codec.text_problem(query)
     if problem is not None:
         raise SearchQueryError(f"a search query {problem}")
-    items = _items(query)
+    # The items that say something, each with its term (None: an OR). An item of no
+    # words (`!!!`, a lone `-`) is dropped, and a run of ORs is one, so that neither
+    # turns the OR around it into the word "or": `a OR OR b`, `a OR !!! OR b`,
+    # `a OR - b` are `a OR b`.
+    kept: list[tuple[_Item, Term | None]] = []
+    for item in _items(query):
+        if item.text == "OR" and not item.quoted and not item.negated and not item.prefix:
+            if not kept or kept[-1][1] is not None:
+                kept.append((item, None))
+        elif words := _term(item):
+            kept.append((item, words))
     groups: list[list[Term]] = []
     excluded: list[Term] = []
     join_next = False
-    for position, item in enumerate(items):
-        is_or = item.text == "OR" and not item.quoted and not item.negated and not item.prefix
-        if is_or:
-            following = items[position + 1] if position + 1 < len(items) else None
+    for position, (item, found) in enumerate(kept):
+        term = found
+        if term is None:
+            following = kept[position + 1][0] if position + 1 < len(kept) else None
             # OR joins the positive term after it to the last positive term before
             # it (an exclusion between them aside: `a -b OR c` is (a OR c) -b); at
             # the start, at the end or before an exclusion, it is the word "or".
-            if groups and not join_next and following is not None and not following.negated:
+            if groups and following is not None and not following.negated:
                 join_next = True
                 continue
-        term = _term(_Item("or", False, False, True) if is_or else item)
-        if not term:
-            join_next = join_next and not item.negated
-            continue
+            term = _term(_Item("or", False, False, True))
         if item.negated:
             excluded.append(term)
         elif join_next:

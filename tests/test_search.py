@@ -77,6 +77,12 @@ def cjk(token: str) -> tuple[Leaf, ...]:
         ("--x y", Query(((words("y"),),), (words("x"),))),
         ("** docker ! ?", Query(((words("docker"),),), ())),
         ("NOT AND", Query(((words("NOT"),), (words("AND"),)), ())),
+        # a doubled OR, or nothing between two, is one OR (not the word "or")
+        ("docker OR OR podman", Query(((words("docker"), words("podman")),), ())),
+        ("docker OR !!! OR podman", Query(((words("docker"), words("podman")),), ())),
+        ("docker OR - podman", Query(((words("docker"), words("podman")),), ())),
+        ("docker OR OR", Query(((words("docker"),), (words("or"),)), ())),
+        ("OR OR docker", Query(((words("or"),), (words("docker"),)), ())),
     ],
 )
 def test_parse_query(query: str, expected: Query) -> None:
