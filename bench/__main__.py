@@ -41,8 +41,8 @@ from bench._replay import record, replay_psycopg, replay_sqlite
 from bench._workload import conversations, history
 from devtools.hermes_fixture import fixture_copy, grow
 from devtools.postgres import postgres_server
-from hermes_orm import _codec, _dialects
-from hermes_orm.store import Verify
+from hermes_orm import _dialects
+from hermes_orm.store import Verify, flush_sql
 
 _K = TypeVar("_K")
 
@@ -421,22 +421,20 @@ def flush_cost_by_length(url: str, sizes: Sizes) -> dict[str, dict[int, float]]:
 def read_vs_raw(url: str, length: int, repeat: int) -> tuple[float, float]:
     """get_messages of a ``length``-message session vs the bare driver's fetch of its rows.
 
-    The baseline runs, on ``sqlite3`` or ``psycopg`` alone, the query of the
-    columns get_messages reads, and fetches its tuples (psycopg parses the
-    JSON columns; the store reads them as text and parses them itself); the
-    store builds each message's dict.
+    The baseline runs, on ``sqlite3`` or ``psycopg`` alone, the statement
+    get_messages runs (its columns, the JSON ones as text) and fetches its
+    tuples; the store parses the JSON and builds each message's dict.
     """
     store = hermes_orm.SessionStore(url)
     sid = f"read-{length}"
     store.create_session(sid, source="bench")
     store.flush(sid, history(length))
-    columns = ", ".join(_codec.READ_COLUMNS)
-    query = f"SELECT {columns} FROM hermes_messages WHERE session_id = %s ORDER BY idx"
+    sql = flush_sql(make_url(url).get_backend_name())
+    query = f"{sql.read_messages}{sql.read_where}{sql.read_alive} ORDER BY idx"
     if url.startswith("sqlite"):
         import sqlite3
 
         conn: Any = sqlite3.connect(make_url(url).database or "")
-        query = query.replace("%s", "?")
     else:
         import psycopg
 
@@ -449,7 +447,7 @@ def read_vs_raw(url: str, length: int, repeat: int) -> tuple[float, float]:
         assert len(got) == length
         del got
         start = time.perf_counter()
-        rows = conn.execute(query, (sid,)).fetchall()
+        rows = conn.execute(query, (sid, sid)).fetchall()
         raw.append(time.perf_counter() - start)
         assert len(rows) == length
         del rows
@@ -623,6 +621,20 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
+def commit() -> str:
+    """The checkout's commit (short), with ``+changes`` when its tree differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    try:
+        head, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+    except OSError:
+        return "unknown"
+    return (f"{head}+changes" if changes else head) if head else "unknown"
+
+
 def flush_section(
     dbs: Databases, sizes: Sizes, progress: Callable[[str], None]
 ) -> tuple[list[Row], dict[str, dict[int, float]]]:
@@ -721,7 +733,7 @@ def flush_section(
             rows.append(
                 Row(
                     f"{name} get_messages of {length:,} messages (dicts) "
-                    f"vs {driver} fetchall of their columns (tuples)",
+                    f"vs {driver} fetchall of its statement (tuples)",
                     _ms(ours),
                     _ms(raw),
                     ours / raw,
@@ -906,14 +918,18 @@ produced:
 
 - **mid-persist**: the persist of one turn fails after its first message's row
   was written, before the transaction commits (a real error from the database:
-  a server-side `disk_full` on PostgreSQL, `disk I/O error` on SQLite); the
-  agent retries that turn the library's way (the turn's messages appended
-  again; hermes_orm: the same list flushed again);
-- **lost ack**: the turn's COMMIT lands, and its acknowledgement is lost (the
-  caller gets an error); the agent retries as above;
+  a server-side `disk_full` on PostgreSQL, `disk I/O error` on SQLite; a
+  statement that is a transaction of its own, as hermes_orm's flush on
+  PostgreSQL, fails after writing its rows); the agent retries that turn the
+  library's way: hermes_orm, the same list flushed again; a batch append, the
+  turn's messages appended again; ADK, the turn's events from the one that
+  failed; Hermes, as its agent does, every message of the list its appends have
+  not yet marked written;
+- **lost ack**: the turn's COMMIT (or its one statement's) lands, and its
+  acknowledgement is lost (the caller gets an error); the agent retries as above;
 - **not retried**: as mid-persist, but the agent drops that turn's persist and
-  goes on (an append API then never stores the turn; hermes_orm's next flush
-  holds the whole list).
+  goes on (a batch append then never stores the turn; hermes_orm's next flush
+  holds the whole list, and so does Hermes' next append of what is unmarked).
 
 `python -m bench.peers` runs this part alone (`--quick` for a smoke run).
 
@@ -1014,16 +1030,22 @@ def write_docs(
 
 Generated by `python -m bench` (from the repository root, after
 `pip install -e '.[bench]'`, which brings the peers below) on
-{time.strftime("%Y-%m-%d")}. Every ratio
-compares hermes_orm with its baseline measured in the same run, on an identical
-fresh database, as medians of {sizes.repeat} runs. The per-turn flush
-measurements run in {sizes.turn_repeat} rounds instead: each round runs
+{time.strftime("%Y-%m-%d")}, at commit {commit()}. Every ratio
+compares hermes_orm with its baseline measured in the same run, as medians of
+repeated runs ({sizes.repeat} or more; the import and the peers
+{sizes.import_repeat} and {sizes.peer_rounds} rounds, as said with them). The per-turn flush
+measurements run in {sizes.turn_repeat} rounds: each round runs
 hermes_orm, its replay floor and (at `synchronous=FULL`) Hermes once each, in
 an order that rotates, and a ratio is the median of the rounds' ratios, so the
 drift of a shared machine over seconds stays out of it. The run exits non-zero
 when a target is missed.
 
 Machine: {machine()}.
+
+PostgreSQL: a server of this run, with `fsync`, `synchronous_commit` and
+`full_page_writes` off for every measurement but the peers' (both sides of a
+ratio run on it alike: its absolute times are not a durable server's); the
+peers run on one at PostgreSQL's default durability (all three on).
 
 {table(rows)}
 
@@ -1064,9 +1086,10 @@ Machine: {machine()}.
   absolute rates vary from run to run, the replay's as much as the import's.
 
 - **Reads.** `get_messages` of a session's 1,000 and 10,000 messages (dicts)
-  against the bare driver (`sqlite3`, `psycopg`) running the query of the very
-  columns it reads and fetching their tuples (psycopg parses the JSON columns;
-  the store reads them as text and parses them itself); medians.
+  against the bare driver (`sqlite3`, `psycopg`) running the statement
+  `get_messages` runs for the rows (its JSON columns read as text) and
+  fetching their tuples; the store then parses the JSON and builds the
+  dicts; medians.
 - **Scale.** The same operation on a store of 1,000 sessions and on one of a
   million (written straight in SQL; sources and users spread evenly), and on a
   session of 1,000 messages and one of a million (written by a bulk flush);

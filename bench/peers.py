@@ -26,6 +26,17 @@ twice and the messages never stored, against what the agent produced:
   (hermes_orm's next flush still carries the whole list; an append API's next
   call carries the next turn only).
 
+A statement that is a transaction of its own (hermes_orm's flush on
+PostgreSQL, autocommitted) is where its failure hits: its rows are written and
+it then fails, rolled back (mid-persist), or it commits and its answer is
+replaced by an error (lost ack). Calling the persist again means: for
+hermes_orm, the same ``flush`` of the whole list; for a call per message (ADK),
+going on from the call that failed; for Hermes, what its agent does (each
+message of the list not yet marked written is appended, and marked once its
+append returned). The statement listeners make hermes_orm run its statements
+through SQLAlchemy's execution, as it does on any engine an application watches
+(its test suite injects the same failures into the driver path).
+
 A library that is not installed is skipped, with a note in the results.
 """
 
@@ -91,7 +102,8 @@ _LOST_ACK = "injected: the COMMIT was applied, its acknowledgement lost"
 class PeerResults:
     """What :func:`run` measured; a missing backend key means the library does not support it."""
 
-    #: library -> backend -> seconds per turn (p50), or the failure text.
+    #: library -> backend -> seconds per turn (a round's total over its turns; the median
+    #: of the rounds), or the failure text.
     flush: dict[str, dict[str, float | str]] = field(default_factory=dict)
     #: library -> backend -> seconds of one read of the long session (median), or failure text.
     read: dict[str, dict[str, float | str]] = field(default_factory=dict)
@@ -215,9 +227,21 @@ class _Fault:
     def _live(self) -> bool:
         return self.armed and not self.fired
 
-    def before_statement(self, sql: str, rows: int) -> str:
-        """``run``, ``fail`` (before it runs) or ``first`` (its first row only, then fail)."""
-        if not self._live() or self.scenario == ACK:
+    def before_statement(self, sql: str, rows: int, *, alone: bool = False) -> str:
+        """``run``, ``fail`` (before it runs), ``first`` (its first row only, then fail).
+
+        ``alone``: the statement is a transaction of its own (autocommitted): one
+        that writes the turn's message rows is where the failure hits, as
+        ``inside`` (its rows written, then the statement fails and they are
+        rolled back) or, for a lost acknowledgement, ``ack`` (it commits, then
+        the caller is told it failed).
+        """
+        if not self._live():
+            return "run"
+        if alone and self._insert.search(sql) and (self.scenario != ACK or self.last_call):
+            self.fired = self.wrote = True
+            return "ack" if self.scenario == ACK else "inside"
+        if self.scenario == ACK:
             return "run"
         # One transaction a turn: its next statement; one call a message: the next message.
         if self.wrote and (self.one_call or self._insert.search(sql)):
@@ -271,12 +295,24 @@ def _watch_engine(engine: Engine, fault: _Fault) -> None:
             dbapi_connection.rollback()
 
     def statement(cursor: Any, sql: str, params: Any, rows: int) -> bool | None:
-        action = fault.before_statement(sql, rows)
+        # (psycopg's connection says; an asyncio driver's cursor has none)
+        alone = postgres and getattr(getattr(cursor, "connection", None), "autocommit", 0) is True
+        action = fault.before_statement(sql, rows, alone=alone)
         if action == "fail":
             fail(cursor)
         if action == "first":
             cursor.executemany(sql, list(params)[:1])
             fail(cursor)
+        if action == "inside":
+            cursor.execute("BEGIN")  # its rows written, never committed
+            try:
+                cursor.execute(sql, params)
+                fail(cursor)
+            finally:
+                cursor.execute("ROLLBACK")
+        if action == "ack":
+            cursor.execute(sql, params)  # committed: its answer is what is lost
+            raise dbapi.OperationalError(_LOST_ACK)
         return None
 
     def do_execute(cursor: Any, sql: str, params: Any, _context: Any) -> bool | None:
@@ -466,15 +502,25 @@ async def _open_hermes_orm(target: _Target, sessions: int, fault: _Fault | None)
 
 
 class _Hermes:
+    """Hermes' agent: each message of its list not yet marked written is appended.
+
+    A message is marked once its append returned (``run_agent``'s
+    ``_db_persisted``): a retry, or the next turn, sends what a failure left
+    unmarked. The marks here are a count per session (the messages before it
+    are marked), not keys on the workload's shared dicts.
+    """
+
     def __init__(self, db: Any, fault: _Fault | None) -> None:
         self.db = db
         self.fault = fault
+        self.marked: Counter[int] = Counter()
 
     async def persist(self, s: int, turn: list[Msg], whole: list[Msg]) -> None:
-        for i, m in enumerate(turn):
+        for i in range(self.marked[s], len(whole)):
             if self.fault is not None:
-                self.fault.last_call = i == len(turn) - 1
-            hermes_append(self.db, f"s{s}", m)
+                self.fault.last_call = i == len(whole) - 1
+            hermes_append(self.db, f"s{s}", whole[i])
+            self.marked[s] = i + 1
 
     async def recover(self, s: int, exc: BaseException) -> None:
         return None
@@ -722,18 +768,21 @@ class _Adk:
         self.service = service
         self.sessions = sessions
         self.fault = fault
-        self.events: dict[int, list[Any]] = {}  # the events the agent made for a turn
+        #: The events the agent made for a turn, and how many of them were appended.
+        self.events: dict[int, tuple[list[Any], list[int]]] = {}
 
     async def persist(self, s: int, turn: list[Msg], whole: list[Msg]) -> None:
         key = id(turn)
-        # The agent makes a turn's events once; a retry appends the same events.
-        events = self.events.setdefault(key, [_adk_event(m) for m in turn])
+        # The agent makes a turn's events once; a retry goes on from the event whose
+        # append failed (the same event again: it may have been stored).
+        events, appended = self.events.setdefault(key, ([_adk_event(m) for m in turn], [0]))
         if self.fault is None:
             self.events.pop(key)
-        for i, ev in enumerate(events):
+        for i in range(appended[0], len(events)):
             if self.fault is not None:
                 self.fault.last_call = i == len(events) - 1
-            await self.service.append_event(self.sessions[s], ev)
+            await self.service.append_event(self.sessions[s], events[i])
+            appended[0] = i + 1
 
     async def recover(self, s: int, exc: BaseException) -> None:
         from google.adk.errors import StaleSessionError
@@ -864,7 +913,7 @@ def _flush_pass(
     rounds: int,
     progress: Callable[[str], None],
 ) -> tuple[dict[str, float | str], dict[str, list[float]]]:
-    """Per-turn p50 of each peer on ``backend`` (median over rounds of total / turns).
+    """Per-turn time of each peer on ``backend`` (median over rounds of total / turns).
 
     And each peer's totals, round by round.
     """
@@ -991,7 +1040,7 @@ def run(
         workdir: Where the SQLite files go.
         sessions: Sessions of the per-turn workload.
         turns: Turns of each session.
-        rounds: Rounds of the per-turn workload (the p50 is their median).
+        rounds: Rounds of the per-turn workload (the per-turn time is their median).
         quick: Small sizes (a few sessions and turns, one round): a smoke run.
         progress: Told what runs next.
     """
@@ -1072,7 +1121,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(results: PeerResults) -> str:
-    """The results as Markdown: per-turn p50, read time, failure counts, versions."""
+    """The results as Markdown: per-turn time, read time, failure counts, versions."""
     names = list(results.versions)
     measured = [n for n in names if n in results.flush or n in results.read]
     backends = [b for b in BACKENDS if any(b in results.flush.get(n, {}) for n in names)]
@@ -1084,7 +1133,7 @@ def markdown(results: PeerResults) -> str:
         return _ms(table.get(name, {}).get(backend))
 
     flush = _table(
-        ["library", *(f"{b} ms per turn (p50)" for b in backends)],
+        ["library", *(f"{b} ms per turn (median of the rounds)" for b in backends)],
         [[n, *(cell(results.flush, n, b) for b in backends)] for n in names],
     )
     read = _table(
@@ -1122,7 +1171,7 @@ def markdown(results: PeerResults) -> str:
 
 
 def chart(results: PeerResults, path: Path) -> None:
-    """A horizontal bar chart of the per-turn p50 (ms), one bar per backend, as PNG."""
+    """A horizontal bar chart of the per-turn time (ms), one bar per backend, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +84,36 @@ def test_partitions_bench_quick_run() -> None:
     table = [line for line in result.stdout.splitlines() if line.startswith("| 4,000 |")]
     assert len(table) == 2  # printed as measured, and in the table
     assert table[0].count("x |") == 2  # both ratios
+
+
+def test_the_failure_pass_hits_hermes_orms_one_statement_on_postgresql(
+    pg_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush is one autocommitted statement there: a failure at the commit after it
+    would hit a turn already stored. It hits the statement: rows written then rolled
+    back (mid-persist, not retried), or committed with its answer lost."""
+    from bench import peers
+
+    actions: list[str] = []
+    before = peers._Fault.before_statement
+
+    def watched(fault: Any, sql: str, rows: int, *, alone: bool = False) -> str:
+        actions.append(before(fault, sql, rows, alone=alone))
+        return actions[-1]
+
+    monkeypatch.setattr(peers._Fault, "before_statement", watched)
+    dbs = peers._Databases(tmp_path, pg_server_url)
+    small = peers.conversations(2, 3, seed=23)
+    hermes_orm = next(p for p in peers.PEERS if p.name == peers.HERMES_ORM)
+    try:
+        for scenario, action, seen in (
+            (peers.MID, "inside", "DatabaseError"),
+            (peers.ACK, "ack", ""),  # (the store's own retry finds the turn stored)
+            (peers.DROP, "inside", "DatabaseError"),
+        ):
+            actions.clear()
+            outcome = peers._failure_pass(dbs, peers.POSTGRESQL, hermes_orm, small, scenario)
+            assert outcome == ((0, 0), seen), scenario
+            assert [a for a in actions if a != "run"] == [action], scenario
+    finally:
+        dbs.close()
