@@ -224,17 +224,25 @@ class Rounds:
         )
 
 
-def _rounds(runs: dict[str, Callable[[], float]], repeat: int) -> Rounds:
+#: A contender of :func:`_rounds`: it prepares its run (its database copied), and
+#: returns the run, which returns the seconds it timed.
+Contender = Callable[[], Callable[[], float]]
+
+
+def _rounds(runs: dict[str, Contender], repeat: int) -> Rounds:
     """Run every contender once a round, ``repeat`` rounds, the order rotating each round.
 
     A shared machine drifts (clock, disk, neighbours) over seconds: taking each
     ratio within a round, between runs seconds apart, keeps the drift out of it.
+    Every contender of a round prepares first; then the disk is synced, so no
+    timed run flushes the copies made for it or for another.
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for order in rotations(list(runs), repeat):
-        os.sync()  # the copies just made are not flushed during a timed run
+        ready = {name: runs[name]() for name in order}
+        os.sync()
         for name in order:
-            times[name].append(runs[name]())
+            times[name].append(ready[name]())
     return Rounds(times)
 
 
@@ -250,19 +258,23 @@ def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str, *, hermes: bool
         _turn_workload(rec_store, convs)
     rec_store.close()
 
-    def ours() -> float:
-        store = hermes_orm.SessionStore(
-            f"sqlite:///{dbs.sqlite_copy(template)}", sqlite_synchronous=synchronous
-        )
-        store.get_session("s0")  # schema check and a warm connection, as in a live agent
-        elapsed = _turn_workload(store, convs)
-        store.close()
-        return elapsed
+    def ours() -> Callable[[], float]:
+        path = dbs.sqlite_copy(template)
 
-    def floor() -> float:
-        return replay_sqlite(str(dbs.sqlite_copy(template)), rec, synchronous)
+        def run() -> float:
+            store = hermes_orm.SessionStore(f"sqlite:///{path}", sqlite_synchronous=synchronous)
+            store.get_session("s0")  # schema check and a warm connection, as in a live agent
+            elapsed = _turn_workload(store, convs)
+            store.close()
+            return elapsed
 
-    runs = {"ours": ours, "floor": floor}
+        return run
+
+    def floor() -> Callable[[], float]:
+        path = dbs.sqlite_copy(template)
+        return lambda: replay_sqlite(str(path), rec, synchronous)
+
+    runs: dict[str, Contender] = {"ours": ours, "floor": floor}
     session_db = hermes_session_db() if hermes else None
     if session_db is not None:
         runs["hermes"] = lambda: hermes_turns(session_db, dbs, convs, synchronous)
@@ -280,20 +292,24 @@ def hermes_session_db() -> Any:
 
 def hermes_turns(
     session_db: Any, dbs: Databases, convs: list[list[list[dict[str, Any]]]], synchronous: str
-) -> float:
-    """Seconds of the workload through Hermes Agent's ``SessionDB.append_message``."""
+) -> Callable[[], float]:
+    """The workload through Hermes Agent's ``SessionDB.append_message``, its sessions made."""
     db = session_db(dbs.workdir / f"hermes-{time.monotonic_ns()}.db")
     db._conn.execute(f"PRAGMA synchronous={synchronous}")
     for s in range(len(convs)):
         db.create_session(f"s{s}", source="bench")
-    start = time.perf_counter()
-    for t in range(len(convs[0])):
-        for s, conv in enumerate(convs):
-            for m in conv[t]:
-                hermes_append(db, f"s{s}", m)
-    elapsed = time.perf_counter() - start
-    db.close()
-    return elapsed
+
+    def run() -> float:
+        start = time.perf_counter()
+        for t in range(len(convs[0])):
+            for s, conv in enumerate(convs):
+                for m in conv[t]:
+                    hermes_append(db, f"s{s}", m)
+        elapsed = time.perf_counter() - start
+        db.close()
+        return elapsed
+
+    return run
 
 
 def pg_turns(dbs: Databases, sizes: Sizes) -> Rounds:
@@ -306,15 +322,21 @@ def pg_turns(dbs: Databases, sizes: Sizes) -> Rounds:
         _turn_workload(rec_store, convs)
     rec_store.close()
 
-    def ours() -> float:
-        store = hermes_orm.SessionStore(dbs.pg_copy(template))
-        store.get_session("s0")
-        elapsed = _turn_workload(store, convs)
-        store.close()
-        return elapsed
+    def ours() -> Callable[[], float]:
+        url = dbs.pg_copy(template)
 
-    def floor() -> float:
-        return replay_psycopg(libpq(dbs.pg_copy(template)), rec)
+        def run() -> float:
+            store = hermes_orm.SessionStore(url)
+            store.get_session("s0")
+            elapsed = _turn_workload(store, convs)
+            store.close()
+            return elapsed
+
+        return run
+
+    def floor() -> Callable[[], float]:
+        url = libpq(dbs.pg_copy(template))
+        return lambda: replay_psycopg(url, rec)
 
     return _rounds({"ours": ours, "floor": floor}, sizes.turn_repeat)
 
@@ -337,15 +359,24 @@ def async_turns(dbs: Databases, sizes: Sizes, backend: str) -> Rounds:
         def url() -> str:
             return dbs.pg_copy(pg_template)
 
-    def sync() -> float:
-        store = hermes_orm.SessionStore(url())
-        store.get_session("s0")  # schema check and a warm connection
-        elapsed = _turn_workload(store, convs)
-        store.close()
-        return elapsed
+    def sync() -> Callable[[], float]:
+        copy = url()
 
-    async def workload() -> float:
-        store = AsyncSessionStore(url())
+        def run() -> float:
+            store = hermes_orm.SessionStore(copy)
+            store.get_session("s0")  # schema check and a warm connection
+            elapsed = _turn_workload(store, convs)
+            store.close()
+            return elapsed
+
+        return run
+
+    def async_() -> Callable[[], float]:
+        copy = url()
+        return lambda: asyncio.run(workload(copy))
+
+    async def workload(copy: str) -> float:
+        store = AsyncSessionStore(copy)
         await store.get_session("s0")
         lists: list[list[dict[str, Any]]] = [[] for _ in convs]
         start = time.perf_counter()
@@ -357,7 +388,7 @@ def async_turns(dbs: Databases, sizes: Sizes, backend: str) -> Rounds:
         await store.close()
         return elapsed
 
-    return _rounds({"sync": sync, "async": lambda: asyncio.run(workload())}, sizes.turn_repeat)
+    return _rounds({"sync": sync, "async": async_}, sizes.turn_repeat)
 
 
 def async_section(dbs: Databases, sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
