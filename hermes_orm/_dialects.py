@@ -729,13 +729,20 @@ def engine_settings(
     }
 
 
-def replica_settings(engine: Engine, settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings of the replica of a store on ``engine`` (as :func:`engine_settings`).
+def replica_settings(
+    engine: Engine, settings: dict[str, Any], replica: str | URL
+) -> dict[str, Any]:
+    """The settings of the engine a store on ``engine`` builds from its ``replica`` URL.
 
     Behind PgBouncer when the primary is, whichever said so (``pgbouncer=True``,
-    or ``?pgbouncer=true`` in the primary's URL): a standby read directly rather
-    than through the pooler loses only its prepared statements.
+    or ``?pgbouncer=true`` in the primary's URL), unless the replica's URL says
+    ``pgbouncer=`` itself: a standby read directly rather than through the
+    pooler loses only its prepared statements. (A replica engine an application
+    passes is its own, shared perhaps: only ``pgbouncer=True`` says it is behind
+    the pooler.)
     """
+    if "pgbouncer" in normalize_url(replica).query:
+        return settings
     return {**settings, "pgbouncer": settings["pgbouncer"] or engine in _per_transaction}
 
 

@@ -275,9 +275,9 @@ class AsyncSessionStore(_AsyncSessions):
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
-        settings = _dialects.replica_settings(engine.sync_engine, settings)
         if isinstance(replica, str | URL):
-            replica = _dialects.create_async_store_engine(replica, schema=schema, **settings)
+            built = _dialects.replica_settings(engine.sync_engine, settings, replica)
+            replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
             _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica

@@ -2257,9 +2257,9 @@ class SessionStore(_Sessions):
             schema = _dialects.store_schema(engine)
         super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
-        settings = _dialects.replica_settings(engine, settings)
         if isinstance(replica, str | URL):
-            replica = _dialects.create_store_engine(replica, schema=schema, **settings)
+            built = _dialects.replica_settings(engine, settings, replica)
+            replica = _dialects.create_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
             _dialects.configure_engine(replica, **settings)
         self._read_from(replica)

@@ -231,41 +231,51 @@ def test_an_engine_passed_in_with_the_flag_prepares_nothing(
             asyncio.run(main())
 
 
-@pytest.mark.parametrize("replica_as", ["engine", "url"])
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg_async"])
-def test_the_flag_in_the_primarys_url_holds_for_its_replica(
-    pg_server_url: str, pg_db: str, driver: str, replica_as: str
+def test_the_flag_in_the_primarys_url_holds_for_a_replica_url_without_its_own(
+    pg_server_url: str, pg_db: str, driver: str
 ) -> None:
-    """``?pgbouncer=true`` said once, in the primary's URL: the replica (an engine made
-    with psycopg's defaults, or a URL without the flag) is behind the pooler too. Its
-    statements were prepared on the pooler's one server connection, where the other
-    store's of the same name collided, and its URL's startup option was refused."""
+    """``?pgbouncer=true`` said once, in the primary's URL: the replica URL without the
+    flag is behind the pooler too (its startup option was refused by the pooler). A
+    replica URL saying ``pgbouncer=false`` (a standby reached directly) is taken at its
+    word, and a replica engine the application passes is left as it is: it is theirs,
+    perhaps shared by stores with other settings (``pgbouncer=True`` says it is behind)."""
+    from hermes_orm import _dialects
+
     with pgbouncer(pg_server_url, pool_size=1) as pooler_url:
         flagged = make_url(through_pgbouncer(pooler_url, pg_db)).set(
             drivername=f"postgresql+{driver}"
         )
         bare = make_url(_stripped(flagged.render_as_string(False)))
+        direct = make_url(pg_db).set(drivername=f"postgresql+{driver}")
         blocking = driver == "psycopg"
-        make = create_engine if blocking else create_async_engine
-        replicas = [make(bare) if replica_as == "engine" else bare for _ in range(2)]
+        kind: Any = SessionStore if blocking else AsyncSessionStore
+
+        def engine_of(replica: Any) -> Any:
+            return replica if blocking else replica.sync_engine
 
         async def calls() -> None:
             async def run(result: Any) -> Any:
                 return await result if asyncio.iscoroutine(result) else result
 
-            kind: Any = SessionStore if blocking else AsyncSessionStore
-            stores = [kind(flagged, replica=replica) for replica in replicas]
+            stores = [kind(flagged, replica=bare) for _ in range(2)]
             for n, store in enumerate(stores):
                 await run(store.create_session(f"s{n}", source="cli"))
             for _ in range(7):  # (psycopg prepares a statement at its 6th run)
                 for store in stores:
                     listed = await run(store.list_sessions(limit=5))
                     assert sorted(row["id"] for row in listed.sessions) == ["s0", "s1"]
-            for store in stores:
+            said = kind(flagged, replica=direct.update_query_dict({"pgbouncer": "false"}))
+            assert [r["id"] for r in (await run(said.list_sessions())).sessions] == ["s1", "s0"]
+            assert said._replica_of not in _dialects._per_transaction
+            make = create_engine if blocking else create_async_engine
+            theirs = make(direct)
+            for timeout in (5, 2):  # two stores' settings, one shared engine: both built
+                await run(kind(flagged, replica=theirs, lock_timeout=timeout).close())
+            assert engine_of(theirs) not in _dialects._per_transaction
+            await run(theirs.dispose())
+            for store in (*stores, said):
                 await run(store.close())
-            if replica_as == "engine":
-                for replica in replicas:
-                    await run(replica.dispose())
 
         asyncio.run(calls())
 

@@ -667,6 +667,26 @@ def test_another_applications_database_is_refused_and_left_in_its_mode(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
 
 
+def test_a_store_opened_before_the_hosts_migration_switches_the_file_once_migrated(
+    tmp_path: Path,
+) -> None:
+    """The connection that found no tables of ours does not stay in the pool: the one
+    after the migration switches the file to WAL (the pool kept it in rollback-journal
+    mode for its life)."""
+    import sqlite3
+
+    path = tmp_path / "host.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE host_things (x)")
+    conn.close()
+    with SessionStore(f"sqlite:///{path}") as store:
+        store.upgrade()
+        assert store.list_sessions().sessions == []
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        conn.close()
+
+
 @pytest.mark.sqlite
 def test_a_reader_keeping_the_database_from_wal_does_not_hold_up_each_call(
     tmp_path: Path,
