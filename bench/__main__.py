@@ -229,6 +229,21 @@ class Rounds:
 Contender = Callable[[], Callable[[], float]]
 
 
+def _store_run(
+    url: str, convs: list[list[list[dict[str, Any]]]], **options: Any
+) -> Callable[[], float]:
+    """The run of the turn workload ``convs`` through a ``SessionStore`` on ``url``."""
+
+    def run() -> float:
+        store = hermes_orm.SessionStore(url, **options)
+        store.get_session("s0")  # schema check and a warm connection, as in a live agent
+        elapsed = _turn_workload(store, convs)
+        store.close()
+        return elapsed
+
+    return run
+
+
 def _rounds(runs: dict[str, Contender], repeat: int) -> Rounds:
     """Run every contender once a round, ``repeat`` rounds, the order rotating each round.
 
@@ -259,16 +274,8 @@ def sqlite_turns(dbs: Databases, sizes: Sizes, synchronous: str, *, hermes: bool
     rec_store.close()
 
     def ours() -> Callable[[], float]:
-        path = dbs.sqlite_copy(template)
-
-        def run() -> float:
-            store = hermes_orm.SessionStore(f"sqlite:///{path}", sqlite_synchronous=synchronous)
-            store.get_session("s0")  # schema check and a warm connection, as in a live agent
-            elapsed = _turn_workload(store, convs)
-            store.close()
-            return elapsed
-
-        return run
+        url = f"sqlite:///{dbs.sqlite_copy(template)}"
+        return _store_run(url, convs, sqlite_synchronous=synchronous)
 
     def floor() -> Callable[[], float]:
         path = dbs.sqlite_copy(template)
@@ -323,16 +330,7 @@ def pg_turns(dbs: Databases, sizes: Sizes) -> Rounds:
     rec_store.close()
 
     def ours() -> Callable[[], float]:
-        url = dbs.pg_copy(template)
-
-        def run() -> float:
-            store = hermes_orm.SessionStore(url)
-            store.get_session("s0")
-            elapsed = _turn_workload(store, convs)
-            store.close()
-            return elapsed
-
-        return run
+        return _store_run(dbs.pg_copy(template), convs)
 
     def floor() -> Callable[[], float]:
         url = libpq(dbs.pg_copy(template))
@@ -360,16 +358,7 @@ def async_turns(dbs: Databases, sizes: Sizes, backend: str) -> Rounds:
             return dbs.pg_copy(pg_template)
 
     def sync() -> Callable[[], float]:
-        copy = url()
-
-        def run() -> float:
-            store = hermes_orm.SessionStore(copy)
-            store.get_session("s0")  # schema check and a warm connection
-            elapsed = _turn_workload(store, convs)
-            store.close()
-            return elapsed
-
-        return run
+        return _store_run(url(), convs)
 
     def async_() -> Callable[[], float]:
         copy = url()

@@ -769,20 +769,22 @@ class _Adk:
         self.sessions = sessions
         self.fault = fault
         #: The events the agent made for a turn, and how many of them were appended.
-        self.events: dict[int, tuple[list[Any], list[int]]] = {}
+        self.events: dict[int, list[Any]] = {}
+        self.appended: Counter[int] = Counter()
 
     async def persist(self, s: int, turn: list[Msg], whole: list[Msg]) -> None:
         key = id(turn)
         # The agent makes a turn's events once; a retry goes on from the event whose
         # append failed (the same event again: it may have been stored).
-        events, appended = self.events.setdefault(key, ([_adk_event(m) for m in turn], [0]))
-        if self.fault is None:
-            self.events.pop(key)
-        for i in range(appended[0], len(events)):
+        events = self.events.setdefault(key, [_adk_event(m) for m in turn])
+        for i in range(self.appended[key], len(events)):
             if self.fault is not None:
                 self.fault.last_call = i == len(events) - 1
             await self.service.append_event(self.sessions[s], events[i])
-            appended[0] = i + 1
+            self.appended[key] = i + 1
+        if self.fault is None:  # (the timed runs: nothing kept)
+            del self.events[key]
+            self.appended.pop(key, None)
 
     async def recover(self, s: int, exc: BaseException) -> None:
         from google.adk.errors import StaleSessionError
