@@ -53,6 +53,7 @@ from hermes_orm.store import (
     check_bind,
     check_options,
     check_replica,
+    check_replica_schema,
     check_schema,
     give_back_when_full,
     resume,
@@ -279,6 +280,7 @@ class AsyncSessionStore(_AsyncSessions):
             built = _dialects.replica_settings(engine.sync_engine, settings, replica)
             replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
+            check_replica_schema(replica.sync_engine, schema)  # before it is configured
             _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)

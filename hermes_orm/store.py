@@ -2261,6 +2261,7 @@ class SessionStore(_Sessions):
             built = _dialects.replica_settings(engine, settings, replica)
             replica = _dialects.create_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
+            check_replica_schema(replica, schema)  # before it is configured
             _dialects.configure_engine(replica, **settings)
         self._read_from(replica)
         self._forks_seen = _forks[0]
