@@ -2081,7 +2081,7 @@ def fetch_driver_rows(conn: Connection, statement: str, params: Sequence[Any]) -
 class Backend:
     """The server process of a PostgreSQL connection on an asyncio driver, and that connection."""
 
-    pid: int
+    pid: int | None  # (None: the process is not known, behind PgBouncer)
     driver: Any
 
     def settled(self) -> bool:
@@ -2114,7 +2114,11 @@ def backend(conn: Connection) -> Backend | None:
             pid = driver.info.backend_pid
     except Exception:  # (a driver of another shape: nothing to wait for later)
         return None
-    return Backend(int(pid), driver) if pid else None
+    if not pid:
+        return None
+    # Behind PgBouncer (pgbouncer=True) the id the driver knows is the pooler's,
+    # which no server process has.
+    return Backend(None if conn.engine in _per_transaction else int(pid), driver)
 
 
 #: Whether a server process is there still (its statement may still be running).

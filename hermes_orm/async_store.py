@@ -798,7 +798,7 @@ class AsyncSessionStore(_AsyncSessions):
                 await conn.invalidate()
         finally:
             await _closed(conn, driver)
-            if unsettled and backend is not None:
+            if unsettled and backend is not None and backend.pid is not None:
                 await self._backend_ended(backend.pid, deadline)
 
     async def _backend_ended(self, pid: int, deadline: float) -> None:
@@ -807,8 +807,8 @@ class AsyncSessionStore(_AsyncSessions):
         Looked for on another connection, each look in a transaction of its own
         (a transaction sees the server's activity as it first looked). Where
         that cannot be told (the server out of reach, the deadline passed), a
-        warning says so. Behind a pooler the id the driver knows is the
-        pooler's, which no server process has: nothing is waited for.
+        warning says so. Behind PgBouncer the process is not known: nothing is
+        waited for (a later flush still compares the cursor).
         """
         look = text(_dialects.BACKEND_ALIVE_SQL)
         try:

@@ -652,6 +652,46 @@ def test_a_task_cancelled_as_its_transaction_begins_leaves_no_connection_behind(
     direct.close()
 
 
+def test_a_cancelled_write_behind_the_pooler_looks_for_no_server_process(
+    pooled: str, pg_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id asyncpg knows is the pooler's: no server process has it. The store
+    drops the connection and looks nowhere for it (README: not waited for)."""
+    import logging
+
+    url = make_url(pooled).set(drivername="postgresql+asyncpg").render_as_string(False)
+    history, turn = _turns(2, "c"), _turns(4, "c")
+    asked: list[str] = []
+
+    async def main() -> None:
+        store = AsyncSessionStore(url)
+        event.listen(
+            store.engine.sync_engine,
+            "before_cursor_execute",
+            lambda _c, _cur, statement, *_a: asked.append(statement),
+        )
+        await store.create_session("s", source="cli")
+        await store.flush("s", history)
+        holder = create_engine(pg_db)
+        with holder.begin() as conn:  # the flush waits for the session's row
+            conn.exec_driver_sql("SELECT 1 FROM hermes_sessions WHERE id = 's' FOR UPDATE")
+            task = asyncio.ensure_future(store.flush("s", turn))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        holder.dispose()
+        assert task.cancelled()
+        assert (await store.flush("s", turn)).cursor == len(turn)
+        assert await store.get_messages("s") == turn
+        await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        asyncio.run(main())
+    assert not [s for s in asked if "pg_stat_activity" in s], asked
+    assert not [r for r in caplog.records if "cancelled write" in r.getMessage()]
+
+
 @contextlib.contextmanager
 def _pooler_of_a_server_down() -> Iterator[str]:
     """A store's URL through PgBouncer (``?pgbouncer=true``) to a database migrated to head,
