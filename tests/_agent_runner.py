@@ -247,6 +247,10 @@ def _mirror_down(spec: AgentSpec) -> Iterator[None]:
         raise ValueError(f"mirror_down_turns: unsupported mirror URL {spec.mirror_url!r}")
 
 
+#: Contexts held until the process exits (``AgentSpec.mirror_down_at_exit``).
+_HELD = contextlib.ExitStack()
+
+
 def _undo(agent: Any, db: Any, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Take back the last exchange as Hermes' CLI ``/undo`` does (``HermesCLI.undo_last``)."""
     cut = max(i for i, m in enumerate(history) if m.get("role") == "user")
@@ -335,6 +339,9 @@ def main(spec_path: str, out_path: str) -> None:
             fault.current_turn = index
         if index in spec.undo_before_turns and history:
             history = _undo(agent, db, history)
+        if spec.mirror_down_at_exit and index == len(spec.turns) - 1:
+            # Never left: the lock is held through the exit handlers, to the process's end.
+            _HELD.enter_context(_mirror_down(spec))
         down = _mirror_down(spec) if index in spec.mirror_down_turns else contextlib.nullcontext()
         with down:
             started = time.perf_counter()

@@ -329,6 +329,8 @@ class AgentSpec:
             connection holding the mirror database's write lock until the turn ends
             (or for those seconds).
         mirror_down_turns: Turn indices during which the mirror database is unavailable.
+        mirror_down_at_exit: SQLite only: the mirror database is unavailable from
+            the last turn on, until the process has exited (its lock goes with it).
         resume: Load the session's history from Hermes' SessionDB first, like
             ``hermes --resume``; a session rotated by compression continues at its tip.
         extra_config: Deep-merged into config.yaml last.
@@ -356,6 +358,7 @@ class AgentSpec:
     review: bool = False
     hermes_fault: dict[str, Any] | None = None
     mirror_down_turns: list[int] = field(default_factory=list)
+    mirror_down_at_exit: bool = False
     resume: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
     close_persist: bool = False

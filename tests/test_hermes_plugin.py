@@ -206,6 +206,26 @@ def test_a_turn_with_the_mirror_unavailable_loses_nothing(
     assert "error" not in StatusFile(spec.hermes_home / "hermes_orm_status.json").read()
 
 
+@pytest.mark.backends("sqlite")
+def test_writes_left_at_exit_are_told_in_the_agents_log(
+    spec: AgentSpec, store: SessionStore, tmp_path: Path
+) -> None:
+    """An application's own AIAgent, made after the plugin loaded, sets up Hermes' logging
+    with an exit handler that stops its log writer: the mirror's close, which warns of
+    the writes it gives up at exit, runs before it."""
+    spec.turns = ["one", "two"]
+    spec.mirror_down_at_exit = True
+    result = run_agent(spec, tmp_path / "out.json")
+    log = (spec.hermes_home / "logs" / "agent.log").read_text()
+    assert "writes still queued at exit ('s1')" in log, log[-2000:]
+    status = StatusFile(spec.hermes_home / "hermes_orm_status.json").read()
+    assert "s1" in json.dumps(status)  # (recorded there too, as before)
+    # The next turn of the session, in another process, catches up exactly.
+    spec.mirror_down_at_exit, spec.resume, spec.turns = False, True, ["three"]
+    result = run_agent(spec, tmp_path / "out2.json")
+    _assert_mirrored(store, "s1", result["turns"][-1]["messages"])
+
+
 def test_the_background_review_never_enters_the_users_session(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, llm: FakeLLM
 ) -> None:

@@ -655,6 +655,8 @@ class Mirror:
         # yet, oldest first (see _write).
         self._failing: dict[str, dict[str, Any]] = {}
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
+        #: The session whose lists :meth:`_catch_up` writes now (taken out of _unwritten).
+        self._catching_up: str | None = None
         #: The ends the database refused, to write once it takes writes again.
         self._lost_ends: OrderedDict[str, _LostEnd] = OrderedDict()
         self._status_checked = False
@@ -729,7 +731,9 @@ class Mirror:
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
             # (The writer still runs: its lists are read as they stand, not changed.)
-            left = list(dict.fromkeys([*self._worker.sessions(), *list(self._unwritten)]))
+            catching_up = self._catching_up
+            pending = [*self._worker.sessions(), *list(self._unwritten)]
+            left = list(dict.fromkeys([*([catching_up] if catching_up else []), *pending]))
             logger.warning(
                 "hermes_orm mirror: writes still queued at exit (%s); %s",
                 ", ".join(map(repr, left[:5])),
@@ -737,7 +741,7 @@ class Mirror:
             )
             for session_id in left:
                 when = "at the exit"
-                if session_id not in self._unwritten:
+                if session_id not in self._unwritten and session_id != catching_up:
                     when += " (the session's end-of-turn check was still queued: if any)"
                 self._given_up(session_id, when)
             return False
@@ -894,7 +898,13 @@ class Mirror:
     def _catch_up(self, session_id: str) -> bool:
         """Write the session's lists not written yet; whether the database was busy for them."""
         jobs = self._unwritten.pop(session_id, None)
-        return self._write(session_id, jobs) if jobs else False
+        if not jobs:
+            return False
+        self._catching_up = session_id  # (out of _unwritten meanwhile: close() names it)
+        try:
+            return self._write(session_id, jobs)
+        finally:
+            self._catching_up = None
 
     def _catch_up_all(self) -> None:
         """Write every session's lists not written yet, and lost ends (at exit: no turn will)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import functools
 import logging
 import os
 import sys
@@ -448,6 +449,39 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
     return hooks
 
 
+class _CloseAtExit:
+    """``close`` run at exit, registered again at the first hook call, so it runs early.
+
+    Exit handlers run the last registered first. An agent made after the plugin
+    loaded (an application's own ``AIAgent``, where Hermes' CLI sets up logging
+    first) sets up Hermes' logging then, with an exit handler that stops the
+    thread writing its log files: a warning the mirror's close gives after it
+    (writes still queued at exit) would never reach ``agent.log``. Registered
+    again once the agent runs, close runs before it.
+    """
+
+    def __init__(self, close: Callable[[], object]) -> None:
+        self._close = close
+        self._lock = threading.Lock()
+        self._moved = False
+        atexit.register(close)
+
+    def hook(self, callback: Callable[..., Any]) -> Callable[..., Any]:
+        """``callback``, moving the exit handler the first time one of them is called."""
+
+        @functools.wraps(callback)
+        def called(*args: Any, **kwargs: Any) -> Any:
+            if not self._moved:
+                with self._lock:
+                    if not self._moved:
+                        atexit.unregister(self._close)
+                        atexit.register(self._close)
+                        self._moved = True
+            return callback(*args, **kwargs)
+
+        return called
+
+
 def register(ctx: Any) -> None:
     """Hermes' plugin entry: the ``hermes orm`` command, the mirror's hooks, store mode.
 
@@ -495,9 +529,9 @@ def register(ctx: Any) -> None:
             wait=wait,
             hermes_conversation=conversations,
         )
+    at_exit = _CloseAtExit(mirror.close)
     for name, callback in make_hooks(mirror).items():
-        ctx.register_hook(name, callback)
-    atexit.register(mirror.close)
+        ctx.register_hook(name, at_exit.hook(callback))
 
 
 # -- hermes orm ...  ------------------------------------------------------------------------
