@@ -1601,6 +1601,10 @@ class FlushSQL:
     #: one row's placeholders in it. None where a flush is several statements.
     once_heads: tuple[str, str] | None = None
     once_row: str = ""
+    #: Sessions one :meth:`advance_many` UPDATE moves at most: SQLite parses its
+    #: chain of ORs a level deeper a session (at most 1,000 levels), and each
+    #: session takes up to 12 of the statement's parameters.
+    advance_sessions_max: int = 256
 
     inserts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
     onces: dict[tuple[int, bool], str] = field(default_factory=dict, repr=False, compare=False)
@@ -1826,6 +1830,7 @@ def render_flush_sql(
         read_owned=f" AND session_id IN (SELECT id FROM {sessions} WHERE user_id = {mark})",
         once_heads=once_heads,
         once_row=once_row,
+        advance_sessions_max=min(256, _max_parameters(dialect) // 12),
     )
 
 
@@ -2413,7 +2418,8 @@ def is_transient(exc: DBAPIError) -> bool:
 def refused_for_good(orig: BaseException | None) -> bool:
     """Whether the server (or a pooler in front of it) refused the connection for good.
 
-    Or libpq could not use a connection option it was given: no try would.
+    Or libpq could not use a connection option it was given, or refused a statement
+    before sending it (more parameters than its protocol carries): no try would.
     """
     message = str(orig).lower()
     return any(refusal in message for refusal in _REFUSALS)
@@ -2595,6 +2601,8 @@ _REFUSALS = (
     "definition of service",  # definition of service "x" not found
     "service file",  # service file "..." not found
     "invalid port number",  # invalid port number: "99999"
+    # libpq, to a statement of more parameters than its protocol carries (nothing sent).
+    "number of parameters must be between",
 )
 
 #: duplicate_prepared_statement, invalid_sql_statement_name ("prepared statement

@@ -308,8 +308,8 @@ class PreparedWrite:
     """Driver statements storing several sessions' messages, built ahead of the write."""
 
     inserts: list[tuple[str, tuple[Any, ...]]]
-    advance: tuple[str, tuple[Any, ...]]
-    sessions: int
+    #: The UPDATEs moving the cursors, each with how many sessions it moves.
+    advances: list[tuple[str, tuple[Any, ...], int]]
 
 
 class CursorMoved(Exception):
@@ -2729,18 +2729,22 @@ def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWr
     """
     if len({chunk[0] for chunk in chunks}) != len(chunks):
         raise ValueError("a session may appear once in a prepared write")
-    cursors: list[Any] = []
-    digests: list[Any] = []
-    calls: list[Any] = []
-    expected: list[Any] = []
-    for session_id, cursor, batch, digest, history in chunks:
-        cursors += (session_id, cursor + len(batch))
-        digests += (session_id, batch[-1].digest if batch else digest)
-        calls += (session_id, sum(map(_TOOL_CALLS, batch)))
-        expected += (session_id, cursor, digest, history) if cursor else (session_id, cursor)
-    advance = sql.advance_many([chunk.cursor != 0 for chunk in chunks])
-    params = (*cursors, *cursors, *digests, *calls, *expected)
-    return PreparedWrite(_insert_statements(sql, chunks), (advance, params), len(chunks))
+    advances = []
+    most = sql.advance_sessions_max
+    for start in range(0, len(chunks), most):
+        some = chunks[start : start + most]
+        cursors: list[Any] = []
+        digests: list[Any] = []
+        calls: list[Any] = []
+        expected: list[Any] = []
+        for session_id, cursor, batch, digest, history in some:
+            cursors += (session_id, cursor + len(batch))
+            digests += (session_id, batch[-1].digest if batch else digest)
+            calls += (session_id, sum(map(_TOOL_CALLS, batch)))
+            expected += (session_id, cursor, digest, history) if cursor else (session_id, cursor)
+        advance = sql.advance_many([chunk.cursor != 0 for chunk in some])
+        advances.append((advance, (*cursors, *cursors, *digests, *calls, *expected), len(some)))
+    return PreparedWrite(_insert_statements(sql, chunks), advances)
 
 
 def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
@@ -2750,10 +2754,11 @@ def write_prepared(conn: Connection, prepared: PreparedWrite) -> None:
         CursorMoved: A cursor was not where the chunk said (nothing to keep:
             the caller rolls the transaction back).
     """
-    if _dialects.execute_driver_script(conn, [*prepared.inserts, prepared.advance]) != (
-        prepared.sessions
-    ):
-        raise CursorMoved
+    if prepared.inserts:
+        _dialects.execute_driver_script(conn, prepared.inserts)
+    for advance, params, sessions in prepared.advances:
+        if _dialects.execute_driver_script(conn, [(advance, params)]) != sessions:
+            raise CursorMoved
 
 
 def _advance(

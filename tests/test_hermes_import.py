@@ -187,6 +187,30 @@ def test_incremental_import_copies_only_what_hermes_appended(
     assert store.get_messages(sid)[-1]["content"] == parts
 
 
+def test_a_batch_of_a_thousand_short_sessions_and_more_is_imported(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """A gateway's short sessions: one batch holds more sessions than one UPDATE may move
+    (SQLite parses no chain of a thousand ORs; PostgreSQL's protocol carries 65,535
+    parameters), and so does a rerun after Hermes added a message to each."""
+    source, hermes = _real_hermes(tmp_path)
+    sessions = 1_100
+    for n in range(sessions):
+        hermes.create_session(f"g{n}", source="telegram")
+        hermes.append_message(f"g{n}", "user", content=f"hi {n}")
+        hermes.append_message(f"g{n}", "assistant", content=f"hello {n}")
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert (report.sessions_written, report.messages_written) == (sessions, 2 * sessions)
+    for n in range(sessions):
+        hermes.append_message(f"g{n}", "user", content="again")
+    hermes.close()
+    report = import_state_db(source, store)
+    assert report.ok, report.table()
+    assert report.messages_written == sessions
+    assert_same_as_source(store, source)
+
+
 def test_a_rewritten_source_session_is_reported_not_overwritten(
     store: SessionStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -113,6 +113,26 @@ def test_a_hung_server_connection_is_abandoned_at_the_deadline_and_the_flush_goe
     assert any("no answer within attempt_timeout" in m for m in told), told
 
 
+def test_a_statement_of_more_parameters_than_the_protocol_carries_is_no_outage(
+    pg_db: str,
+) -> None:
+    """libpq refuses it before sending anything, as an error without a SQLSTATE, as it
+    says a connection is lost: no try would do better, so it is not waited out."""
+    from sqlalchemy.exc import DBAPIError
+
+    from hermes_orm._dialects import is_unreachable
+
+    engine = create_engine(pg_db, poolclass=NullPool)
+    with engine.connect() as conn:
+        with pytest.raises(DBAPIError) as err:
+            conn.exec_driver_sql("SELECT " + ", ".join(["%s"] * 70_000), tuple(range(70_000)))
+        assert "number of parameters" in str(err.value)
+        assert not is_unreachable(err.value)
+        conn.rollback()
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1  # (the connection is fine)
+    engine.dispose()
+
+
 def test_a_cancelled_read_on_a_hung_connection_is_not_waited_for_as_a_write(
     pg_server_url: str, pg_db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
