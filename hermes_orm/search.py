@@ -876,17 +876,6 @@ def _pg_words(by_index: bool) -> str:
     return _pg_match(f"m.search_vector @@ (SELECT {_PG_TSQUERY})", by_index)
 
 
-def _pg_phrases() -> str:
-    """The tsquery of a parameter matched, phrases and all, on ``m``'s words with their places.
-
-    The stored vectors hold the words alone (migration 0018): a phrase is
-    checked on the vector of the message's body computed afresh, only on rows
-    already found to hold all its words. Always a row filter, made once per
-    statement as :func:`_pg_words` makes it.
-    """
-    return f"(hermes_search_words({_pg_body('m')}) @@ (SELECT {_PG_TSQUERY})) IS TRUE"
-
-
 #: A tsquery parameter as the vectors hold words: lowered, then the letters FTS5
 #: folds further folded, as the trigger folds them (after lower(), which may
 #: make a final sigma of a capital one).
@@ -908,11 +897,8 @@ def _pg_terms(terms: Sequence[Term], builder: _Builder, by_index: bool) -> str:
             builder.params.append(f"%{_like_escaped(token)}%")
             match = _pg_match(f"m.search_cjk {operator} %s", by_index)
             return f"({_PG_UNSEGMENTED} AND {match})"
-        builder.params.append(_tsquery_leaf(leaf, phrases=False))
-        if len(leaf.tokens) == 1:
-            return _pg_words(by_index)
         builder.params.append(_tsquery_leaf(leaf))
-        return f"({_pg_words(by_index)} AND {_pg_phrases()})"
+        return _pg_words(by_index)
 
     return _any_of_all(terms, condition)
 
@@ -954,10 +940,9 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
     without it the search conditions are row filters only, so the rows come in
     id order from the primary key (or the CJK-like bodies' index) over the range.
 
-    A phrase is a recheck of each row holding its words (no stored vector
-    holds the words' places): by the indexes, the rows holding its words are
-    found first, and the phrase is checked on them in id order, only until the
-    page is full; in id order, its words are checked first too.
+    A phrase is a recheck of each row's vector (positions are not in the
+    index): by the indexes, the rows holding its words are found first, and the
+    phrase is checked on them in id order, only until the page is full.
     """
     builder = _Builder("%s")
     # Substrings first: a cheap test on the few CJK-like rows spares the others'
@@ -975,14 +960,10 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
         exact = " & ".join(_tsquery_terms(g) for g in words)
         relaxed = " & ".join(_tsquery_terms(g, phrases=False) for g in words)
         if word_excluded:
-            exact += " & !" + _tsquery_terms(word_excluded)
-        # What the stored words can tell: an excluded phrase may hold them apart.
-        single = [t for t in word_excluded if all(len(leaf.tokens) == 1 for leaf in t)]
-        if single:
-            relaxed += " & !" + _tsquery_terms(single)
-        builder.add(_pg_words(by_index), relaxed)
-        if exact != relaxed and not by_index:
-            builder.add(_pg_phrases(), exact)
+            excluded = " & !" + _tsquery_terms(word_excluded)
+            exact, relaxed = exact + excluded, relaxed + excluded
+        searched = relaxed if by_index else exact
+        builder.add(_pg_words(by_index), searched)
     source = "hermes_messages m"
     if by_index:
         if _filters(filters, builder, "postgresql"):
@@ -1012,7 +993,7 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
         checked = (
             f"{_SELECT}, {_pg_body('m')} FROM hermes_messages m "
             "WHERE m.id = o.id AND m.session_id = o.session_id "
-            f"AND {_pg_phrases()} LIMIT 1"
+            f"AND {_pg_words(by_index=False)} LIMIT 1"
         )
         statement = (
             f"WITH c AS MATERIALIZED ({candidates}) SELECT h.* FROM "
@@ -1024,12 +1005,10 @@ def postgresql_statement(query: Query, filters: Filters, by_index: bool) -> _PgS
         return _PgStatement(statement, tuple(builder.params), (exact,))
     ordered = _ordered(filters, key, order)
     hits = f"{_SELECT} FROM {source} WHERE {where} ORDER BY {ordered} LIMIT %s"
-    # The body (for the snippet) of the hits only: it is computed, not stored. A
-    # subquery per hit, looked up by the primary key however few hits the plan
-    # expects (a join could be planned to read the whole table for one).
+    # The body (for the snippet) of the hits only: it is computed, not stored.
     statement = (
-        f"SELECT h.*, (SELECT {_pg_body('b')} FROM hermes_messages b "
-        f"WHERE b.id = h.id AND b.session_id = h.session_id) FROM ({hits}) AS h "
+        f"SELECT h.*, {_pg_body('b')} FROM ({hits}) AS h JOIN hermes_messages b "
+        f"ON b.id = h.id AND b.session_id = h.session_id "
         f"ORDER BY {_ordered(filters, 'h.id', order, 'h.timestamp')}"
     )
     return _PgStatement(statement, tuple(builder.params))

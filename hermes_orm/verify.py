@@ -732,8 +732,7 @@ def _pg_search_problems(conn: Connection) -> list[str]:
             break
         count, lowest = sql(
             f"SELECT count(*), min(m.id) FROM hermes_messages m JOIN {_PG_PROBE} p "
-            # (The words: a vector stored before migration 0018 holds their places too.)
-            "ON p.id = m.id WHERE strip(m.search_vector) IS DISTINCT FROM strip(p.search_vector) "
+            "ON p.id = m.id WHERE m.search_vector IS DISTINCT FROM p.search_vector "
             "OR m.search_cjk IS DISTINCT FROM p.search_cjk"
         ).one()
         stale += count

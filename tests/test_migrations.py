@@ -598,9 +598,9 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     def found(query: str) -> list[int]:
         return sorted(hit.idx for hit in store.search(query).hits)
 
-    def vectors(column: str = "search_vector") -> list[str]:
+    def vectors() -> list[str]:
         with engine.connect() as conn:
-            statement = f"SELECT {column}::text FROM hermes_messages ORDER BY idx"
+            statement = "SELECT search_vector::text FROM hermes_messages ORDER BY idx"
             return list(conn.exec_driver_sql(statement).scalars())
 
     as_0011 = vectors()
@@ -613,7 +613,7 @@ def test_0012_folds_the_vectors_a_populated_database_holds(empty_pg: str) -> Non
     assert found("plain") == [2]
     assert vectors()[2] == as_0011[2]  # a message without such letters is not rewritten
     assert found("ssss*") == [4]
-    upgraded = vectors("strip(search_vector)")  # (0018 stores the words alone)
+    upgraded = vectors()
     with engine.begin() as conn:  # the trigger makes each row's vector anew
         conn.exec_driver_sql("UPDATE hermes_messages SET content = content")
     assert vectors() == upgraded
@@ -654,65 +654,6 @@ def test_0015_indexes_again_the_messages_holding_a_literal_nul_escape(db_url: st
     with store_before_0016(engine) as store:
         assert found() == [0]
         assert verify_database(store).problems == []
-    migrations.upgrade(engine)
-    engine.dispose()
-
-
-@pytest.mark.postgresql
-def test_0018_stores_the_words_alone_and_its_downgrade_gives_their_places_back(
-    empty_pg: str,
-) -> None:
-    """Vectors written before 0018 keep their places and are searched as those after it,
-    phrases included; the downgrade computes again those stored without places."""
-    from hermes_orm.verify import verify_database
-
-    texts = ["a stack trace here", "trace the stack", "stack overflow", "no such words"]
-    engine = create_store_engine(empty_pg, poolclass=NullPool)
-    migrations.upgrade(engine, "0017_imported_ledger")
-    before = hermes_orm.SessionStore(engine, check_schema=False)
-    before.create_session("old", source="cli")
-    before.flush("old", [{"role": "user", "content": t} for t in texts])
-
-    def vectors(where: str = "") -> dict[tuple[str, int], str]:
-        with engine.connect() as conn:
-            statement = f"SELECT session_id, idx, search_vector::text FROM hermes_messages {where}"
-            return {(sid, idx): vector for sid, idx, vector in conn.exec_driver_sql(statement)}
-
-    def found(store: hermes_orm.SessionStore, query: str) -> list[tuple[str, int]]:
-        return sorted((hit.session_id, hit.idx) for hit in store.search(query).hits)
-
-    as_0017 = vectors()
-    assert all(":" in vector for vector in as_0017.values())  # (their places)
-    migrations.upgrade(engine)
-    store = hermes_orm.SessionStore(engine)
-    store.create_session("new", source="cli")
-    store.flush("new", [{"role": "user", "content": t} for t in texts])
-    assert vectors("WHERE session_id = 'old'") == as_0017  # nothing rewritten
-    stored = vectors("WHERE session_id = 'new'")
-    assert [stored[("new", i)] for i in range(4)] == [
-        "'a' 'here' 'stack' 'trace'",
-        "'stack' 'the' 'trace'",
-        "'overflow' 'stack'",
-        "'no' 'such' 'words'",
-    ]
-    for query, idxs in [
-        ('"stack trace"', [0]),
-        ('"trace the"', [1]),
-        ('stack -"stack trace"', [1, 2]),
-        ('"stack trace" OR overflow', [0, 2]),
-        ("stack trace", [0, 1]),
-    ]:
-        assert found(store, query) == [(sid, i) for sid in ("new", "old") for i in idxs], query
-    assert verify_database(store).problems == []
-    migrations.downgrade(engine, "0017_imported_ledger")
-    assert vectors() == {**as_0017, **{("new", idx): v for (_, idx), v in as_0017.items()}}
-    with engine.connect() as conn:
-        assert (
-            conn.exec_driver_sql(
-                "SELECT count(*) FROM pg_proc WHERE proname = 'hermes_search_words'"
-            ).scalar_one()
-            == 0
-        )
     migrations.upgrade(engine)
     engine.dispose()
 
