@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,34 @@ def test_writes_left_at_exit_are_told_in_the_agents_log(
     spec.mirror_down_at_exit, spec.resume, spec.turns = False, True, ["three"]
     result = run_agent(spec, tmp_path / "out2.json")
     _assert_mirrored(store, "s1", result["turns"][-1]["messages"])
+
+
+@pytest.mark.parametrize("first_hook", ["a turn", "at exit"])
+def test_the_mirror_closes_before_and_after_exit_handlers_registered_since(
+    first_hook: str,
+) -> None:
+    """Registered as the plugin loads, close runs after Hermes' CLI cleanup (which ends
+    the session through the hooks); once a turn ran, it runs before the exit handler of
+    the logging an AIAgent made since set up, too. A first hook call as the process
+    exits leaves the late close in place."""
+    script = f"""
+import atexit
+from hermes_orm.integrations.hermes.plugin import _CloseAtExit
+at_exit = _CloseAtExit(lambda: print("close", flush=True))
+hook = at_exit.hook(lambda **kw: print("hook", kw["event"], flush=True))
+atexit.register(lambda: hook(event="finalize"))  # the CLI's cleanup
+atexit.register(lambda: print("logging stops", flush=True))  # an AIAgent made since
+if {first_hook == "a turn"}:
+    hook(event="turn")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.splitlines()
+    if first_hook == "a turn":
+        assert lines == ["hook turn", "close", "logging stops", "hook finalize", "close"]
+    else:
+        assert lines == ["logging stops", "hook finalize", "close"]
 
 
 def test_the_background_review_never_enters_the_users_session(

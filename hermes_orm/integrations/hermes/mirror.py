@@ -81,6 +81,8 @@ T = TypeVar("T")
 DEFAULT_WAIT = 1.0
 #: Seconds the process waits at exit for writes still queued.
 EXIT_WAIT = 5.0
+#: Seconds a close waits after an earlier one gave up on queued writes.
+_CLOSED_AGAIN_WAIT = 1.0
 #: Seconds one write attempt waits for a lock, and the retries after it: a locked
 #: database gives up after a few seconds and the next turn tries again.
 _LOCK_TIMEOUT = 1.0
@@ -657,6 +659,10 @@ class Mirror:
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
         #: The session whose lists :meth:`_catch_up` writes now (taken out of _unwritten).
         self._catching_up: str | None = None
+        #: Whether a close gave up on writes still queued, and the sessions it named
+        #: (see :meth:`close`).
+        self._closed_undrained = False
+        self._told_at_exit: set[str] = set()
         #: The ends the database refused, to write once it takes writes again.
         self._lost_ends: OrderedDict[str, _LostEnd] = OrderedDict()
         self._status_checked = False
@@ -724,16 +730,31 @@ class Mirror:
         Lists whose write failed are tried once more first: no turn of theirs
         comes after the exit to catch them up.
         """
+        if self._closed_undrained:
+            # An earlier close (the plugin's early one) found the database not taking
+            # the writes: waiting that long again would double the exit's wait.
+            timeout = min(timeout, _CLOSED_AGAIN_WAIT)
         deadline = time.monotonic() + timeout
         drained = self._worker.drain(timeout)
+        if drained:  # (the writer idle: its lists may change here)
+            for session_id in self._told_at_exit:  # given up by an earlier close
+                self._unwritten.pop(session_id, None)
         if drained and (self._unwritten or self._lost_ends):
             self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
             # (The writer still runs: its lists are read as they stand, not changed.)
-            catching_up = self._catching_up
+            # _unwritten read on both sides of the session being caught up: one it takes
+            # out is named by one of the three, until written.
             pending = [*self._worker.sessions(), *list(self._unwritten)]
-            left = list(dict.fromkeys([*([catching_up] if catching_up else []), *pending]))
+            catching_up = self._catching_up
+            pending += [*([catching_up] if catching_up else []), *list(self._unwritten)]
+            # (One an earlier close told of is not told, nor recorded, again.)
+            left = [sid for sid in dict.fromkeys(pending) if sid not in self._told_at_exit]
+            self._told_at_exit.update(left)
+            self._closed_undrained = True
+            if not left:
+                return False
             logger.warning(
                 "hermes_orm mirror: writes still queued at exit (%s); %s",
                 ", ".join(map(repr, left[:5])),
@@ -745,14 +766,16 @@ class Mirror:
                     when += " (the session's end-of-turn check was still queued: if any)"
                 self._given_up(session_id, when)
             return False
-        if self._unwritten:
+        unwritten = [sid for sid in self._unwritten if sid not in self._told_at_exit]
+        self._told_at_exit.update(unwritten)
+        if unwritten:
             logger.warning(
                 "hermes_orm mirror: at exit, %d session(s) still not written (%s); %s",
-                len(self._unwritten),
-                ", ".join(map(repr, list(self._unwritten)[:5])),
+                len(unwritten),
+                ", ".join(map(repr, unwritten[:5])),
                 self._left,
             )
-            for session_id in self._unwritten:
+            for session_id in unwritten:
                 self._given_up(session_id, "at the exit")
         if self._lost_ends:
             logger.warning(
@@ -897,12 +920,11 @@ class Mirror:
 
     def _catch_up(self, session_id: str) -> bool:
         """Write the session's lists not written yet; whether the database was busy for them."""
-        jobs = self._unwritten.pop(session_id, None)
-        if not jobs:
-            return False
-        self._catching_up = session_id  # (out of _unwritten meanwhile: close() names it)
+        # Named before it leaves _unwritten, until it is written or back there (see close()).
+        self._catching_up = session_id
         try:
-            return self._write(session_id, jobs)
+            jobs = self._unwritten.pop(session_id, None)
+            return self._write(session_id, jobs) if jobs else False
         finally:
             self._catching_up = None
 

@@ -450,33 +450,37 @@ def make_hooks(mirror: Mirror) -> dict[str, Callable[..., None]]:
 
 
 class _CloseAtExit:
-    """``close`` run at exit, registered again at the first hook call, so it runs early.
+    """``close`` run at exit, late and, once the agent has run, early too.
 
-    Exit handlers run the last registered first. An agent made after the plugin
-    loaded (an application's own ``AIAgent``, where Hermes' CLI sets up logging
-    first) sets up Hermes' logging then, with an exit handler that stops the
-    thread writing its log files: a warning the mirror's close gives after it
-    (writes still queued at exit) would never reach ``agent.log``. Registered
-    again once the agent runs, close runs before it.
+    Exit handlers run the last registered first. Registered as the plugin
+    loads, close runs after those registered later: Hermes' CLI cleanup, which
+    ends the session through the hooks (its end is then written). But an agent
+    made after the plugin loaded (an application's own ``AIAgent``; Hermes' CLI
+    sets up logging first) sets up Hermes' logging then, with an exit handler
+    that stops the thread writing its log files: a warning close gives after it
+    (writes still queued at exit) would never reach ``agent.log``. So the first
+    hook call registers close once more, to run before those (the late run
+    then writes what came since, such as the CLI's session end). A first hook
+    call from an exit handler changes nothing: the late one is still to come,
+    and close may run twice.
     """
 
     def __init__(self, close: Callable[[], object]) -> None:
         self._close = close
         self._lock = threading.Lock()
-        self._moved = False
+        self._early = False
         atexit.register(close)
 
     def hook(self, callback: Callable[..., Any]) -> Callable[..., Any]:
-        """``callback``, moving the exit handler the first time one of them is called."""
+        """``callback``, registering the early close the first time one of them is called."""
 
         @functools.wraps(callback)
         def called(*args: Any, **kwargs: Any) -> Any:
-            if not self._moved:
+            if not self._early:
                 with self._lock:
-                    if not self._moved:
-                        atexit.unregister(self._close)
+                    if not self._early:
                         atexit.register(self._close)
-                        self._moved = True
+                    self._early = True
             return callback(*args, **kwargs)
 
         return called
