@@ -269,10 +269,13 @@ class AsyncSessionStore(_AsyncSessions):
             _dialects.check_transactional(bind.sync_engine)
             schema = _dialects.store_schema(bind.sync_engine, schema)
             engine = bind
-            _dialects.configure_engine(bind.sync_engine, **settings)
         else:
             engine = _dialects.create_async_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine.sync_engine)
+        if isinstance(replica, AsyncEngine):
+            check_replica_schema(replica.sync_engine, schema)  # before either is configured
+        if engine is bind:
+            _dialects.configure_engine(engine.sync_engine, **settings)
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
@@ -280,7 +283,6 @@ class AsyncSessionStore(_AsyncSessions):
             built = _dialects.replica_settings(engine.sync_engine, settings, replica)
             replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
-            check_replica_schema(replica.sync_engine, schema)  # before it is configured
             _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)

@@ -2251,17 +2251,19 @@ class SessionStore(_Sessions):
             _dialects.check_transactional(bind)
             schema = _dialects.store_schema(bind, schema)
             engine = bind
-            _dialects.configure_engine(bind, **settings)
         else:
             engine = _dialects.create_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine)
+        if isinstance(replica, Engine):
+            check_replica_schema(replica, schema)  # before either engine is configured
+        if engine is bind:
+            _dialects.configure_engine(engine, **settings)
         super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
         if isinstance(replica, str | URL):
             built = _dialects.replica_settings(engine, settings, replica)
             replica = _dialects.create_store_engine(replica, schema=schema, **built)
         elif replica is not None:  # (an application's: the pooler's rules too)
-            check_replica_schema(replica, schema)  # before it is configured
             _dialects.configure_engine(replica, **settings)
         self._read_from(replica)
         self._forks_seen = _forks[0]

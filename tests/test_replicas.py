@@ -414,9 +414,9 @@ def test_a_replica_in_another_schema_is_refused() -> None:
         store_class(bind, **options)
 
 
-def test_a_refused_replica_engine_is_left_as_it_was() -> None:
-    """Refused before the store gives it its settings: another store behind the pooler,
-    with another lock_timeout, may still run on it."""
+def test_a_refused_replica_leaves_the_engines_as_they_were() -> None:
+    """Refused before the store gives either engine its settings: another store behind
+    the pooler, with another lock_timeout, may still run on each."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     other = {"schema_translate_map": {None: "other"}}
@@ -424,10 +424,12 @@ def test_a_refused_replica_engine_is_left_as_it_was() -> None:
         (SessionStore, "postgresql+psycopg://u@h/db", create_engine),
         (AsyncSessionStore, "postgresql+asyncpg://u@h/db", create_async_engine),
     ]:
-        replica = make(url, execution_options=other)
-        with pytest.raises(InvalidArgumentError, match="name the same schema for both"):
-            store_class(url, pgbouncer=True, lock_timeout=1, replica=replica)
-        store_class(replica, pgbouncer=True, lock_timeout=2)
+        for primary in (url, make(url)):
+            replica = make(url, execution_options=other)
+            with pytest.raises(InvalidArgumentError, match="name the same schema for both"):
+                store_class(primary, pgbouncer=True, lock_timeout=1, replica=replica)
+            store_class(replica, pgbouncer=True, lock_timeout=2)
+            store_class(primary, pgbouncer=True, lock_timeout=2)
 
 
 @pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
