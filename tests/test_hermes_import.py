@@ -191,8 +191,8 @@ def test_a_batch_of_a_thousand_short_sessions_and_more_is_imported(
     store: SessionStore, tmp_path: Path
 ) -> None:
     """A gateway's short sessions: one batch holds more sessions than one UPDATE may move
-    (SQLite parses no chain of a thousand ORs; PostgreSQL's protocol carries 65,535
-    parameters), and so does a rerun after Hermes added a message to each."""
+    (SQLite parses no chain of a thousand ORs), and so does a rerun after Hermes added a
+    message to each."""
     source, hermes = _real_hermes(tmp_path)
     sessions = 1_100
     for n in range(sessions):
@@ -209,6 +209,29 @@ def test_a_batch_of_a_thousand_short_sessions_and_more_is_imported(
     assert report.ok, report.table()
     assert report.messages_written == sessions
     assert_same_as_source(store, source)
+
+
+@pytest.mark.backends("postgresql")
+def test_a_prepared_write_of_more_sessions_than_a_statement_may_name(store: SessionStore) -> None:
+    """7,000 new sessions' cursors at 10 parameters each: one UPDATE would hold more
+    than the 65,535 PostgreSQL's protocol carries."""
+    from sqlalchemy import insert
+
+    from hermes_orm._codec import encode_message
+    from hermes_orm.store import Chunk, flush_sql, prepare_many, write_prepared
+
+    ids = [f"p{n}" for n in range(7_000)]
+    with store.engine.begin() as conn:
+        conn.execute(insert(Session), [{"id": sid, "source": "cli"} for sid in ids])
+    message = {"role": "user", "content": "hi"}
+    chunks = [Chunk(sid, 0, [encode_message(message, 0)], None) for sid in ids]
+    with store.engine.begin() as conn:
+        write_prepared(conn, prepare_many(flush_sql("postgresql"), chunks))
+    for sid in (ids[0], ids[-1]):
+        assert store.get_messages(sid) == [message]
+        session = store.get_session(sid)
+        assert session is not None
+        assert session["flushed_idx"] == session["message_count"] == 1
 
 
 def test_a_rewritten_source_session_is_reported_not_overwritten(
