@@ -1737,6 +1737,17 @@ def stream_rows_for_values(conn: Connection, query: str, values: Sequence[Any]) 
         yield from conn.exec_driver_sql(statement, part, execution_options={"yield_per": 5_000})
 
 
+#: Values one ``IN (...)`` list names at most: within every driver's parameter
+#: limit (SQLite's 999 before 3.32 too), however many a caller passes.
+IN_LIST_MAX = 500
+
+
+def in_parts(values: Sequence[T], size: int = IN_LIST_MAX) -> Iterator[Sequence[T]]:
+    """``values`` in consecutive parts of at most ``size``, each for one ``IN`` list."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 def _for_values(
     conn: Connection, query: str, values: Sequence[Any]
 ) -> Iterator[tuple[str, tuple[Any, ...]]]:

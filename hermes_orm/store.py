@@ -1368,25 +1368,29 @@ class StoreCore:
         def work(conn: Connection) -> int:
             ids = list(pick(conn))
             picked[:] = ids
-            if not ids:
-                return 0
-            # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
-            conn.execute(delete(_messages).where(_messages.c.session_id.in_(ids)))
-            conn.execute(
-                update(_sessions)
-                .where(_sessions.c.parent_session_id.in_(ids))
-                .values(parent_session_id=None)
-            )
-            # Forgotten before the commit: a caller cancelled once it is done (an
-            # asyncio task) must leave no cursor that a session made anew under
-            # the same id would be checked against (and warned about).
-            for session_id in ids:
-                self.forget_cursor(session_id)
-            return int(conn.execute(delete(_sessions).where(_sessions.c.id.in_(ids))).rowcount)
+            deleted = 0
+            for some in _dialects.in_parts(ids):  # (a prune may pick many thousands)
+                # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
+                conn.execute(delete(_messages).where(_messages.c.session_id.in_(some)))
+                conn.execute(
+                    update(_sessions)
+                    .where(_sessions.c.parent_session_id.in_(some))
+                    .values(parent_session_id=None)
+                )
+                # Forgotten before the commit: a caller cancelled once it is done (an
+                # asyncio task) must leave no cursor that a session made anew under
+                # the same id would be checked against (and warned about).
+                for session_id in some:
+                    self.forget_cursor(session_id)
+                gone = conn.execute(delete(_sessions).where(_sessions.c.id.in_(some)))
+                deleted += int(gone.rowcount)
+            return deleted
 
         def found(conn: Connection, _deleted: int) -> bool:
-            left = select(_sessions.c.id).where(_sessions.c.id.in_(picked))
-            return conn.execute(left).first() is None
+            return all(
+                conn.execute(select(_sessions.c.id).where(_sessions.c.id.in_(some))).first() is None
+                for some in _dialects.in_parts(picked)
+            )
 
         deleted: int = yield Run(work, write=True, once=True, found=found)
         return deleted

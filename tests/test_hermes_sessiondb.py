@@ -287,6 +287,50 @@ def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
     assert both.delete_session("root") is False
 
 
+def test_a_prune_of_more_sessions_than_a_statement_may_name(
+    store: SessionStore, backend: str
+) -> None:
+    """A gateway's many short sessions: 70,000 (PostgreSQL's protocol carries 65,535
+    parameters; a SQLite build may take as few as 32,766), pruned at once with their
+    messages, a child of one of them kept without its link."""
+    count = 70_000
+    numbers = (
+        "generate_series(1, :n) AS g(i)"
+        if backend == "postgresql"
+        else "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
+        "SELECT i FROM g)"
+    )
+
+    def made() -> None:
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO hermes_sessions (id, source, started_at, ended_at) "
+                    f"SELECT 'g' || i, 'telegram', 1000, 2000 FROM {numbers}"
+                ),
+                {"n": count},
+            )
+        store.create_session("child", source="cli", parent_session_id=f"g{count}")
+        store.flush(f"g{count}", [{"role": "user", "content": "hi"}])
+
+    def only_the_child_left() -> None:
+        assert db.session_count() == 1
+        child = store.get_session("child")
+        assert child is not None
+        assert child["parent_session_id"] is None
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM hermes_messages").scalar() == 0
+        db.delete_session("child")
+
+    db = SessionDB(store)
+    made()
+    assert db.prune_sessions(older_than_days=1) == count
+    only_the_child_left()
+    made()  # and named one by one
+    assert db.delete_sessions([f"g{i}" for i in range(1, count + 1)]) == count
+    only_the_child_left()
+
+
 def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     import time
 

@@ -305,9 +305,13 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
     ids = list(conn.execute(query).scalars())
     if not ids or conn.dialect.name != "postgresql":
         return ids
-    mine = _sessions.c.id.in_(ids)
-    conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
-    return list(conn.execute(query.where(mine)).scalars())
+    ids.sort()  # (locked in id order, a part at a time)
+    kept: list[str] = []
+    for some in _dialects.in_parts(ids):
+        mine = _sessions.c.id.in_(some)
+        conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
+        kept += conn.execute(query.where(mine)).scalars()
+    return kept
 
 
 def started_before(older_than_days: Any) -> float:
@@ -957,13 +961,17 @@ class UpkeepMethods:
         listed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
-            # Their rows locked first (PostgreSQL), as delete_session's.
-            listed[:] = conn.execute(
-                select(_sessions.c.id)
-                .where(_sessions.c.id.in_(wanted))
-                .order_by(_sessions.c.id)
-                .with_for_update()
-            ).scalars()
+            # Their rows locked first (PostgreSQL), as delete_session's: in id order.
+            listed[:] = [
+                sid
+                for some in _dialects.in_parts(wanted)
+                for sid in conn.execute(
+                    select(_sessions.c.id)
+                    .where(_sessions.c.id.in_(some))
+                    .order_by(_sessions.c.id)
+                    .with_for_update()
+                ).scalars()
+            ]
             return [*listed, *_delegates_of(conn, listed)] if listed else []
 
         return len(listed) if self._delete_picked(pick, sessions_dir) else 0
