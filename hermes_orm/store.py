@@ -2661,6 +2661,10 @@ def _check_user_id(user_id: Any) -> str:
     """The user of a scoped store: a non-empty str a database can compare."""
     if not isinstance(user_id, str) or not user_id:
         raise InvalidSessionError(f"a user id must be a non-empty str, got {user_id!r}")
+    if len(user_id) > _INDEXED_TEXT_MAX:  # (no session may hold it: its writes would fail)
+        raise InvalidSessionError(
+            f"a user id holds at most {_INDEXED_TEXT_MAX} characters, got {len(user_id)}"
+        )
     return _check_filter("user_id", user_id)  # type: ignore[return-value]
 
 

@@ -274,7 +274,7 @@ def test_a_store_and_its_users_view_take_turns_on_the_remembered_cursor(
     assert store.get_messages("a1") == messages
 
 
-@pytest.mark.parametrize("user_id", [None, "", 5, "nul\x00", "\ud800"])
+@pytest.mark.parametrize("user_id", [None, "", 5, "nul\x00", "\ud800", "u" * 513])
 def test_a_user_store_needs_a_user_id_a_database_can_compare(
     store: SessionStore, user_id: Any
 ) -> None:
