@@ -507,8 +507,8 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     m = kind("postgresql://hermes@127.0.0.1:1/nowhere", status=status, wait=10)
     assert m.turn("s1", _turn(1))  # ran, and failed
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
+        m.close(final=False)  # (the plugin's early close, then its last)
         m.close()
-        m.close()  # (the plugin's late close: nothing told, nor recorded, twice)
     told = [r.getMessage() for r in caplog.records if "at exit" in r.getMessage()]
     assert len(told) == 1, caplog.text
     assert ("hermes orm import" in told[0]) is (mode == "mirror")
@@ -517,6 +517,27 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     given_up = status.read().get("given_up", [])
     assert [e["session_id"] for e in given_up] == (["s1"] if mode == "store" else [])
     assert ("catches up" in str(status.read().get("error"))) is (mode == "mirror")
+
+
+def test_only_the_last_close_gives_up_what_the_database_would_not_take(
+    db_url: str, status: StatusFile, store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin's early close, before the exit steps of what was set up since it
+    loaded, tells of it; the last, after them, writes it once the database takes it,
+    and records a loss only of what is still not written."""
+    m = StoreFlush(db_url, status=status, wait=10)
+    with caplog.at_level(logging.WARNING, logger="hermes_orm"), _Locked(db_url):
+        assert m.turn("s1", _turn(1))  # ran, and failed: kept
+        m.close(final=False)
+    told = [r.getMessage() for r in caplog.records if "at exit" in r.getMessage()]
+    assert len(told) == 1, caplog.text
+    assert "given_up" not in status.read()
+    assert m.close()  # the database back: written
+    assert [(row["role"], row["content"]) for row in _stored(store, "s1")] == [
+        (row["role"], row["content"]) for row in _turn(1)
+    ]
+    assert "given_up" not in status.read()
+    assert len([r for r in caplog.records if "at exit" in r.getMessage()]) == 1
 
 
 @pytest.mark.parametrize("mode", ["mirror", "store"])
@@ -532,9 +553,9 @@ def test_writes_still_queued_at_exit_are_told_and_in_store_mode_recorded_lost(
     block = threading.Event()
     m._worker.submit(("flush", "s2", 10**9), lambda: block.wait(10))  # a write that hangs
     try:
-        assert not m.close(timeout=0.5)
+        assert not m.close(timeout=0.5, final=False)  # (the plugin's early close)
         began = time.monotonic()
-        assert not m.close()  # the plugin's late close: a short wait, nothing twice
+        assert not m.close()  # its last: a short wait, nothing twice
         assert time.monotonic() - began < EXIT_WAIT / 2
     finally:
         block.set()

@@ -233,13 +233,13 @@ def test_the_mirror_closes_before_and_after_exit_handlers_registered_since(
     first_hook: str,
 ) -> None:
     """Registered as the plugin loads, close runs after Hermes' CLI cleanup (which ends
-    the session through the hooks); once a turn ran, it runs before the exit handler of
-    the logging an AIAgent made since set up, too. A first hook call as the process
-    exits leaves the late close in place."""
+    the session through the hooks); once a turn ran, also before the exit handler of
+    the logging an AIAgent set up since the plugin loaded. A first hook call as the
+    process exits leaves the late close in place."""
     script = f"""
 import atexit
 from hermes_orm.integrations.hermes.plugin import _CloseAtExit
-at_exit = _CloseAtExit(lambda: print("close", flush=True))
+at_exit = _CloseAtExit(lambda final=True: print("close", final, flush=True))
 hook = at_exit.hook(lambda **kw: print("hook", kw["event"], flush=True))
 atexit.register(lambda: hook(event="finalize"))  # the CLI's cleanup
 atexit.register(lambda: print("logging stops", flush=True))  # an AIAgent made since
@@ -251,9 +251,15 @@ if {first_hook == "a turn"}:
     )
     lines = done.stdout.splitlines()
     if first_hook == "a turn":
-        assert lines == ["hook turn", "close", "logging stops", "hook finalize", "close"]
+        assert lines == [
+            "hook turn",
+            "close False",  # (it tells; the final one gives up)
+            "logging stops",
+            "hook finalize",
+            "close True",
+        ]
     else:
-        assert lines == ["logging stops", "hook finalize", "close"]
+        assert lines == ["logging stops", "hook finalize", "close True"]
 
 
 def test_the_background_review_never_enters_the_users_session(

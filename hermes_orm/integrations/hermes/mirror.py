@@ -659,8 +659,8 @@ class Mirror:
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
         #: The session whose lists :meth:`_catch_up` writes now (taken out of _unwritten).
         self._catching_up: str | None = None
-        #: Whether a close gave up on writes still queued, and the sessions it named
-        #: (see :meth:`close`).
+        #: Whether a close gave up waiting for writes still queued, and what closes
+        #: told of (sessions, and "end ID" for a session's end; see :meth:`close`).
         self._closed_undrained = False
         self._told_at_exit: set[str] = set()
         #: The ends the database refused, to write once it takes writes again.
@@ -724,74 +724,80 @@ class Mirror:
         done = self._worker.submit(end, lambda: self._end(session_id, reason))
         return done.wait(self.wait)
 
-    def close(self, timeout: float = EXIT_WAIT) -> bool:
+    def close(self, timeout: float = EXIT_WAIT, *, final: bool = True) -> bool:
         """Wait for queued writes (at most ``timeout`` seconds), then close the store.
 
         Lists whose write failed are tried once more first: no turn of theirs
-        comes after the exit to catch them up.
+        comes after the exit to catch them up. What is still not written is
+        told on the log (each session once, however many closes), and, by the
+        ``final`` close only, given up: an earlier one (the plugin's, before
+        the exit steps of what was set up since) leaves it to the writer, and
+        to the CLI's session end, until the last.
         """
         if self._closed_undrained:
-            # An earlier close (the plugin's early one) found the database not taking
-            # the writes: waiting that long again would double the exit's wait.
+            # An earlier close found the database not taking the writes: waiting
+            # that long again would double the exit's wait.
             timeout = min(timeout, _CLOSED_AGAIN_WAIT)
         deadline = time.monotonic() + timeout
         drained = self._worker.drain(timeout)
-        if drained:  # (the writer idle: its lists may change here)
-            for session_id in self._told_at_exit:  # given up by an earlier close
-                self._unwritten.pop(session_id, None)
         if drained and (self._unwritten or self._lost_ends):
             self._worker.submit(("catch up", "", next(self._lines)), self._catch_up_all)
             drained = self._worker.drain(max(0.0, deadline - time.monotonic()))
         if not drained:
+            self._closed_undrained = True
             # (The writer still runs: its lists are read as they stand, not changed.)
             # _unwritten read on both sides of the session being caught up: one it takes
             # out is named by one of the three, until written.
             pending = [*self._worker.sessions(), *list(self._unwritten)]
             catching_up = self._catching_up
             pending += [*([catching_up] if catching_up else []), *list(self._unwritten)]
-            # (One an earlier close told of is not told, nor recorded, again.)
-            left = [sid for sid in dict.fromkeys(pending) if sid not in self._told_at_exit]
-            self._told_at_exit.update(left)
-            self._closed_undrained = True
-            if not left:
-                return False
-            logger.warning(
-                "hermes_orm mirror: writes still queued at exit (%s); %s",
-                ", ".join(map(repr, left[:5])),
-                self._left,
-            )
-            for session_id in left:
+            left = list(dict.fromkeys(pending))
+            told = self._first_told(left)
+            if told:
+                logger.warning(
+                    "hermes_orm mirror: writes still queued at exit (%s); %s",
+                    ", ".join(map(repr, told[:5])),
+                    self._left,
+                )
+            for session_id in left if final else ():
                 when = "at the exit"
                 if session_id not in self._unwritten and session_id != catching_up:
                     when += " (the session's end-of-turn check was still queued: if any)"
                 self._given_up(session_id, when)
             return False
-        unwritten = [sid for sid in self._unwritten if sid not in self._told_at_exit]
-        self._told_at_exit.update(unwritten)
-        if unwritten:
+        unwritten = list(self._unwritten)
+        told = self._first_told(unwritten)
+        if told:
             logger.warning(
                 "hermes_orm mirror: at exit, %d session(s) still not written (%s); %s",
-                len(unwritten),
-                ", ".join(map(repr, unwritten[:5])),
+                len(told),
+                ", ".join(map(repr, told[:5])),
                 self._left,
             )
-            for session_id in unwritten:
-                self._given_up(session_id, "at the exit")
-        if self._lost_ends:
+        for session_id in unwritten if final else ():
+            self._given_up(session_id, "at the exit")
+        ends = self._first_told([f"end {session_id}" for session_id in self._lost_ends])
+        if ends:
             logger.warning(
                 "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
                 "(%s): their mirrored copies stay open until a turn resumes them",
-                len(self._lost_ends),
-                ", ".join(map(repr, list(self._lost_ends)[:5])),
+                len(ends),
+                ", ".join(repr(item.removeprefix("end ")) for item in ends[:5]),
             )
-            for session_id in self._lost_ends:
-                self._give_up_end(session_id)
+        for session_id in self._lost_ends if final else ():
+            self._give_up_end(session_id)
         _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
         if store is not None:
             store.close()
             store.engine.dispose()  # made by _open: the store does not own it
         return True
+
+    def _first_told(self, what: list[str]) -> list[str]:
+        """Those of ``what`` no close has told of yet, now told."""
+        new = [item for item in what if item not in self._told_at_exit]
+        self._told_at_exit.update(new)
+        return new
 
     # -- the writer thread ---------------------------------------------------------------
 

@@ -459,13 +459,14 @@ class _CloseAtExit:
     sets up logging first) sets up Hermes' logging then, with an exit handler
     that stops the thread writing its log files: a warning close gives after it
     (writes still queued at exit) would never reach ``agent.log``. So the first
-    hook call registers close once more, to run before those (the late run
-    then writes what came since, such as the CLI's session end). A first hook
-    call from an exit handler changes nothing: the late one is still to come,
-    and close may run twice.
+    hook call registers close once more, to run before those (``final=False``:
+    it tells of what is not written yet; the late run, which writes what came
+    since, such as the CLI's session end, gives up what is still not). A first
+    hook call from an exit handler changes nothing: the late one is still to
+    come.
     """
 
-    def __init__(self, close: Callable[[], object]) -> None:
+    def __init__(self, close: Callable[..., object]) -> None:
         self._close = close
         self._lock = threading.Lock()
         self._early = False
@@ -479,7 +480,7 @@ class _CloseAtExit:
             if not self._early:
                 with self._lock:
                     if not self._early:
-                        atexit.register(self._close)
+                        atexit.register(self._close, final=False)
                     self._early = True
             return callback(*args, **kwargs)
 
