@@ -331,6 +331,35 @@ def test_a_prune_of_more_sessions_than_a_statement_may_name(
     only_the_child_left()
 
 
+def test_listing_and_counting_more_sessions_than_a_statement_may_name(
+    store: SessionStore, backend: str
+) -> None:
+    """70,000 sessions with a child each: the listing's previews and the picker's count of
+    roots look their sessions up a part at a time, past PostgreSQL's 65,535 parameters."""
+    count = 70_000
+    numbers = (
+        "generate_series(1, :n) AS g(i)"
+        if backend == "postgresql"
+        else "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
+        "SELECT i FROM g)"
+    )
+    with store.engine.begin() as conn:
+        for made in ("'g' || i, NULL", "'c' || i, 'g' || i"):
+            conn.execute(
+                text(
+                    "INSERT INTO hermes_sessions (id, parent_session_id, source, started_at) "
+                    f"SELECT {made}, 'telegram', i FROM {numbers}"
+                ),
+                {"n": count},
+            )
+    store.flush("g1", [{"role": "user", "content": "the first"}])
+    db = SessionDB(store)
+    assert db.session_count(exclude_children=True) == count
+    listed = db.list_sessions_rich(limit=-1)
+    assert len(listed) == count
+    assert {row["id"]: row["preview"] for row in listed}["g1"] == "the first"
+
+
 def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     import time
 

@@ -236,15 +236,17 @@ def _previews(conn: Connection, session_ids: list[str]) -> dict[str, str]:
     """Each session's first user message (by time, then insertion), as Hermes previews it."""
     from hermes_orm._codec import row_to_message
 
-    if not session_ids:
-        return {}
-    query = (
-        select(_messages)
-        .where(_messages.c.session_id.in_(session_ids), _messages.c.role == "user")
-        .order_by(_messages.c.session_id, _messages.c.timestamp, _messages.c.id)
-    )
     previews: dict[str, str] = {}
-    for row in conn.execute(query):
+    rows = (
+        row
+        for some in _dialects.in_parts(session_ids)  # (a listing of every session: many)
+        for row in conn.execute(
+            select(_messages)
+            .where(_messages.c.session_id.in_(some), _messages.c.role == "user")
+            .order_by(_messages.c.session_id, _messages.c.timestamp, _messages.c.id)
+        )
+    )
+    for row in rows:
         if row.session_id in previews:
             continue
         text = _hermes_content_text(row_to_message(row))
@@ -1457,12 +1459,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
             rows = conn.execute(
                 select(c.id, c.parent_session_id, c.model_config, c.started_at).where(*where)
             ).all()
-            parent_ids = {r.parent_session_id for r in rows} - {None}
+            parent_ids = sorted({r.parent_session_id for r in rows} - {None})
             parents = {
                 p.id: p
-                for p in conn.execute(
-                    select(c.id, c.end_reason, c.ended_at).where(c.id.in_(parent_ids))
-                )
+                for some in _dialects.in_parts(parent_ids)
+                for p in conn.execute(select(c.id, c.end_reason, c.ended_at).where(c.id.in_(some)))
             }
             return sum(1 for r in rows if _listable(r, parents))
 
