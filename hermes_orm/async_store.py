@@ -272,17 +272,18 @@ class AsyncSessionStore(_AsyncSessions):
         else:
             engine = _dialects.create_async_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine.sync_engine)
-        if isinstance(replica, AsyncEngine):
-            check_replica_schema(replica.sync_engine, schema)  # before either is configured
+        self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
+        # The replica checked, or made, before an application's engine is configured.
+        if isinstance(replica, str | URL):
+            built = _dialects.replica_settings(engine.sync_engine, settings, replica)
+            replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
+        if replica is not None:
+            check_replica_schema(replica.sync_engine, schema)
         if engine is bind:
             _dialects.configure_engine(engine.sync_engine, **settings)
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
-        self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
-        if isinstance(replica, str | URL):
-            built = _dialects.replica_settings(engine.sync_engine, settings, replica)
-            replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
-        elif replica is not None:  # (an application's: the pooler's rules too)
+        if replica is not None and not self._owns_replica:  # (the pooler's rules too)
             _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)

@@ -2258,16 +2258,17 @@ class SessionStore(_Sessions):
         else:
             engine = _dialects.create_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine)
-        if isinstance(replica, Engine):
-            check_replica_schema(replica, schema)  # before either engine is configured
-        if engine is bind:
-            _dialects.configure_engine(engine, **settings)
-        super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
+        # The replica checked, or made, before an application's engine is configured.
         if isinstance(replica, str | URL):
             built = _dialects.replica_settings(engine, settings, replica)
             replica = _dialects.create_store_engine(replica, schema=schema, **built)
-        elif replica is not None:  # (an application's: the pooler's rules too)
+        if replica is not None:
+            check_replica_schema(replica, schema)
+        if engine is bind:
+            _dialects.configure_engine(engine, **settings)
+        super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
+        if replica is not None and not self._owns_replica:  # (the pooler's rules too)
             _dialects.configure_engine(replica, **settings)
         self._read_from(replica)
         self._forks_seen = _forks[0]

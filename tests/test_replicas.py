@@ -19,7 +19,13 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
 from devtools.postgres import PostgresServer, local_postgres, local_standby
-from hermes_orm import AsyncSessionStore, InvalidArgumentError, RetryPolicy, SessionStore
+from hermes_orm import (
+    AsyncSessionStore,
+    InvalidArgumentError,
+    InvalidURLError,
+    RetryPolicy,
+    SessionStore,
+)
 from tests.conftest import BlockingStore
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.direct("starts a primary and a standby")]
@@ -429,6 +435,12 @@ def test_a_refused_replica_leaves_the_engines_as_they_were() -> None:
             with pytest.raises(InvalidArgumentError, match="name the same schema for both"):
                 store_class(primary, pgbouncer=True, lock_timeout=1, replica=replica)
             store_class(replica, pgbouncer=True, lock_timeout=2)
+            store_class(primary, pgbouncer=True, lock_timeout=2)
+        # A replica URL refused as it is made leaves the application's engine alike.
+        for refused in (f"{url}?schema=other", f"{url}?pgbouncer=maybe"):
+            primary = make(url)
+            with pytest.raises((InvalidArgumentError, InvalidURLError)):
+                store_class(primary, pgbouncer=True, lock_timeout=1, replica=refused)
             store_class(primary, pgbouncer=True, lock_timeout=2)
 
 
