@@ -287,6 +287,16 @@ def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
     assert both.delete_session("root") is False
 
 
+def _numbers(backend: str) -> str:
+    """A FROM item of the numbers 1 to the parameter ``n``, as column ``i``."""
+    if backend == "postgresql":
+        return "generate_series(1, :n) AS g(i)"
+    return (
+        "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
+        "SELECT i FROM g)"
+    )
+
+
 def test_a_prune_of_more_sessions_than_a_statement_may_name(
     store: SessionStore, backend: str
 ) -> None:
@@ -294,12 +304,7 @@ def test_a_prune_of_more_sessions_than_a_statement_may_name(
     parameters; a SQLite build may take as few as 32,766), pruned at once with their
     messages, a child of one of them kept without its link."""
     count = 70_000
-    numbers = (
-        "generate_series(1, :n) AS g(i)"
-        if backend == "postgresql"
-        else "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
-        "SELECT i FROM g)"
-    )
+    numbers = _numbers(backend)
 
     def made() -> None:
         with store.engine.begin() as conn:
@@ -337,12 +342,7 @@ def test_listing_and_counting_more_sessions_than_a_statement_may_name(
     """70,000 sessions with a child each: the listing's previews and the picker's count of
     roots look their sessions up a part at a time, past PostgreSQL's 65,535 parameters."""
     count = 70_000
-    numbers = (
-        "generate_series(1, :n) AS g(i)"
-        if backend == "postgresql"
-        else "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
-        "SELECT i FROM g)"
-    )
+    numbers = _numbers(backend)
     with store.engine.begin() as conn:
         for made in ("'g' || i, NULL", "'c' || i, 'g' || i"):
             conn.execute(
