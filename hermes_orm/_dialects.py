@@ -1297,6 +1297,27 @@ def check_sqlite_transactional(conn: Connection) -> None:
         )
 
 
+def check_configurable(
+    engine: Engine, *, lock_timeout: float = LOCK_TIMEOUT, pgbouncer: bool = False, **_: Any
+) -> None:
+    """Raise as :func:`configure_engine` would, changing nothing.
+
+    Raises:
+        InvalidArgumentError: ``engine`` serves stores behind PgBouncer with
+            another ``lock_timeout``.
+    """
+    if not pgbouncer or engine.dialect.name != "postgresql":
+        return
+    millis = _millis(lock_timeout)
+    known = _per_transaction.get(engine, millis)
+    if known != millis:
+        raise InvalidArgumentError(
+            f"this engine already serves a store behind PgBouncer with lock_timeout="
+            f"{known / 1000:g} s, not {millis / 1000:g} s: give stores on one engine "
+            "the same lock_timeout"
+        )
+
+
 def configure_engine(
     engine: Engine,
     *,
@@ -1321,17 +1342,11 @@ def configure_engine(
             another ``lock_timeout``.
     """
     engine_settings(sqlite_synchronous, lock_timeout, pgbouncer)
+    check_configurable(engine, lock_timeout=lock_timeout, pgbouncer=pgbouncer)
     watch_new_connections(engine)
     if engine.dialect.name == "postgresql":
         if pgbouncer:
-            millis = _millis(lock_timeout)
-            known = _per_transaction.setdefault(engine, millis)
-            if known != millis:
-                raise InvalidArgumentError(
-                    f"this engine already serves a store behind PgBouncer with lock_timeout="
-                    f"{known / 1000:g} s, not {millis / 1000:g} s: give stores on one engine "
-                    "the same lock_timeout"
-                )
+            _per_transaction.setdefault(engine, _millis(lock_timeout))
             if engine.dialect.driver in ("psycopg", "psycopg_async") and not event.contains(
                 engine, "checkout", _prepare_nothing
             ):

@@ -279,6 +279,11 @@ class AsyncSessionStore(_AsyncSessions):
             replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
         if replica is not None:
             check_replica_schema(replica.sync_engine, schema)
+        # An application's engines are changed only once both are found fit.
+        theirs = [e for e in (bind, None if self._owns_replica else replica) if e is not None]
+        for app_engine in theirs:
+            if isinstance(app_engine, AsyncEngine):
+                _dialects.check_configurable(app_engine.sync_engine, **settings)
         if engine is bind:
             _dialects.configure_engine(engine.sync_engine, **settings)
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)

@@ -2265,6 +2265,11 @@ class SessionStore(_Sessions):
             replica = _dialects.create_store_engine(replica, schema=schema, **built)
         if replica is not None:
             check_replica_schema(replica, schema)
+        # An application's engines are changed only once both are found fit.
+        theirs = [e for e in (bind, None if self._owns_replica else replica) if e is not None]
+        for app_engine in theirs:
+            if isinstance(app_engine, Engine):
+                _dialects.check_configurable(app_engine, **settings)
         if engine is bind:
             _dialects.configure_engine(engine, **settings)
         super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)

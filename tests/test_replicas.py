@@ -436,6 +436,12 @@ def test_a_refused_replica_leaves_the_engines_as_they_were() -> None:
                 store_class(primary, pgbouncer=True, lock_timeout=1, replica=replica)
             store_class(replica, pgbouncer=True, lock_timeout=2)
             store_class(primary, pgbouncer=True, lock_timeout=2)
+        # A replica engine serving stores with another lock_timeout: the primary untouched.
+        primary, replica = make(url), make(url)
+        store_class(replica, pgbouncer=True, lock_timeout=1)
+        with pytest.raises(InvalidArgumentError, match="lock_timeout=1 s, not 5 s"):
+            store_class(primary, pgbouncer=True, lock_timeout=5, replica=replica)
+        store_class(primary, pgbouncer=True, lock_timeout=2)
         # A replica URL refused as it is made leaves the application's engine alike.
         for refused in (f"{url}?schema=other", f"{url}?pgbouncer=maybe"):
             primary = make(url)
