@@ -509,6 +509,7 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     with caplog.at_level(logging.WARNING, logger="hermes_orm"):
         m.close(final=False)  # (the plugin's early close, then its last)
         m.close()
+        m.close()  # (a close more gives nothing up twice)
     told = [r.getMessage() for r in caplog.records if "at exit" in r.getMessage()]
     assert len(told) == 1, caplog.text
     assert ("hermes orm import" in told[0]) is (mode == "mirror")
@@ -1695,6 +1696,26 @@ def test_a_session_whose_id_leaves_no_room_for_a_revision_mark_is_ended(
     m.close()
     assert (store.get_session(sid) or {})["end_reason"] == "new_session"
     assert status.read().get("error") is None
+
+
+def test_a_refused_end_is_given_up_by_the_last_close_with_the_writer_busy(
+    db_url: str, status: StatusFile
+) -> None:
+    """The early close told of it; the last, its wait run out, gives it up all the same."""
+    m = Mirror(db_url, status=status, wait=5)
+    assert m.turn("s1", _turn(1))
+    with _Locked(db_url):
+        m.finalize("s1", "user_exit")
+        assert m._worker.drain(30)
+        assert "written once the database takes" in status.read()["error"]["todo"]
+        m.close(timeout=60, final=False)  # (the database still refuses it)
+    block = threading.Event()
+    m._worker.submit(("flush", "s2", 10**9), lambda: block.wait(10))  # a write that hangs
+    try:
+        assert not m.close(timeout=0.5)
+    finally:
+        block.set()
+    assert "not written: the mirrored copy stays open" in status.read()["error"]["todo"]
 
 
 def test_a_refused_end_given_up_leaves_another_process_s_error_of_the_session(

@@ -663,6 +663,8 @@ class Mirror:
         #: told of (sessions, and "end ID" for a session's end; see :meth:`close`).
         self._closed_undrained = False
         self._told_at_exit: set[str] = set()
+        #: Sessions a final close gave up (see :meth:`close`).
+        self._given_up_at_exit: set[str] = set()
         #: The ends the database refused, to write once it takes writes again.
         self._lost_ends: OrderedDict[str, _LostEnd] = OrderedDict()
         self._status_checked = False
@@ -759,11 +761,12 @@ class Mirror:
                     ", ".join(map(repr, told[:5])),
                     self._left,
                 )
-            for session_id in left if final else ():
+            for session_id in self._first_given_up(left) if final else ():
                 when = "at the exit"
                 if session_id not in self._unwritten and session_id != catching_up:
                     when += " (the session's end-of-turn check was still queued: if any)"
                 self._given_up(session_id, when)
+            self._tell_lost_ends(final)
             return False
         unwritten = list(self._unwritten)
         told = self._first_told(unwritten)
@@ -774,18 +777,10 @@ class Mirror:
                 ", ".join(map(repr, told[:5])),
                 self._left,
             )
-        for session_id in unwritten if final else ():
+        for session_id in self._first_given_up(unwritten) if final else ():
             self._given_up(session_id, "at the exit")
-        ends = self._first_told([f"end {session_id}" for session_id in self._lost_ends])
-        if ends:
-            logger.warning(
-                "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
-                "(%s): their mirrored copies stay open until a turn resumes them",
-                len(ends),
-                ", ".join(repr(item.removeprefix("end ")) for item in ends[:5]),
-            )
-        for session_id in self._lost_ends if final else ():
-            self._give_up_end(session_id)
+            self._unwritten.pop(session_id, None)  # (the writer idle: not tried again)
+        self._tell_lost_ends(final)
         _OPEN_MARKS.discard(self._mark)  # (its errors on record: another's to take off)
         store, self._store = self._store, None
         if store is not None:
@@ -798,6 +793,25 @@ class Mirror:
         new = [item for item in what if item not in self._told_at_exit]
         self._told_at_exit.update(new)
         return new
+
+    def _first_given_up(self, sessions: list[str]) -> list[str]:
+        """Those of ``sessions`` no final close has given up yet, now given up."""
+        new = [session_id for session_id in sessions if session_id not in self._given_up_at_exit]
+        self._given_up_at_exit.update(new)
+        return new
+
+    def _tell_lost_ends(self, final: bool) -> None:
+        """Tell of the ends the database refused (each once); the ``final`` close gives up."""
+        ends = self._first_told([f"end {session_id}" for session_id in self._lost_ends])
+        if ends:
+            logger.warning(
+                "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
+                "(%s): their mirrored copies stay open until a turn resumes them",
+                len(ends),
+                ", ".join(repr(item.removeprefix("end ")) for item in ends[:5]),
+            )
+        for session_id in list(self._lost_ends) if final else ():
+            self._give_up_end(session_id)  # (the status only: safe while the writer runs)
 
     # -- the writer thread ---------------------------------------------------------------
 
