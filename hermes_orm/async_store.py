@@ -53,8 +53,8 @@ from hermes_orm.store import (
     check_bind,
     check_options,
     check_replica,
-    check_replica_schema,
     check_schema,
+    configure_engines,
     give_back_when_full,
     resume,
 )
@@ -273,23 +273,19 @@ class AsyncSessionStore(_AsyncSessions):
             engine = _dialects.create_async_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine.sync_engine)
         self._owns_replica = replica is not None and not isinstance(replica, AsyncEngine)
-        # The replica checked, or made, before an application's engine is configured.
+        # The replica made (and checked) before an application's engines are configured.
         if isinstance(replica, str | URL):
             built = _dialects.replica_settings(engine.sync_engine, settings, replica)
             replica = _dialects.create_async_store_engine(replica, schema=schema, **built)
-        if replica is not None:
-            check_replica_schema(replica.sync_engine, schema)
-        # An application's engines are changed only once both are found fit.
-        theirs = [e for e in (bind, None if self._owns_replica else replica) if e is not None]
-        for app_engine in theirs:
-            if isinstance(app_engine, AsyncEngine):
-                _dialects.check_configurable(app_engine.sync_engine, **settings)
-        if engine is bind:
-            _dialects.configure_engine(engine.sync_engine, **settings)
+        configure_engines(
+            engine.sync_engine,
+            None if replica is None else replica.sync_engine,
+            settings,
+            schema=schema,
+            made=(self._owns_engine, self._owns_replica),
+        )
         super().__init__(engine.sync_engine, retry=retry, check_schema=check_schema, schema=schema)
         self._async_engine = engine
-        if replica is not None and not self._owns_replica:  # (the pooler's rules too)
-            _dialects.configure_engine(replica.sync_engine, **settings)
         self._async_replica = replica
         self._read_from(None if replica is None else replica.sync_engine)
         self._parked: list[AsyncConnection] = []

@@ -857,6 +857,33 @@ def check_replica_schema(replica: Engine, schema: str | None) -> None:
         )
 
 
+def configure_engines(
+    engine: Engine,
+    replica: Engine | None,
+    settings: dict[str, Any],
+    *,
+    schema: str | None,
+    made: tuple[bool, bool],
+) -> None:
+    """Give an application's engines (not ``made`` by the store) the store's settings.
+
+    Both are checked first, the replica's schema too: a store refused leaves
+    them as they were. (The replica gets the pooler's rules too.)
+
+    Raises:
+        InvalidArgumentError: The replica puts hermes_orm's tables in another
+            schema, or an engine serves stores behind PgBouncer with another
+            ``lock_timeout``.
+    """
+    if replica is not None:
+        check_replica_schema(replica, schema)
+    theirs = [e for e, own in ((engine, made[0]), (replica, made[1])) if e is not None and not own]
+    for app_engine in theirs:
+        _dialects.check_configurable(app_engine, **settings)
+    for app_engine in theirs:
+        _dialects.configure_engine(app_engine, **settings)
+
+
 def _backend_of(bind: Any) -> str:
     if isinstance(bind, str | URL):
         return _dialects.normalize_url(bind).get_backend_name()
@@ -962,8 +989,6 @@ class StoreCore:
         self._replica_of = replica
         if replica is None:
             return
-        # (Refused before it ever connected: an engine that did not holds nothing.)
-        check_replica_schema(replica, self._schema)
         _dialects.watch_new_connections(replica)
         self._replica_settings = _dialects.transaction_settings(replica, self._schema)
         #: Whether the replica's schema was found at this hermes_orm's head (or
@@ -2259,22 +2284,14 @@ class SessionStore(_Sessions):
             engine = _dialects.create_store_engine(bind, schema=schema, **settings)
             schema = _dialects.store_schema(engine)
         self._owns_replica = replica is not None and not isinstance(replica, Engine)
-        # The replica checked, or made, before an application's engine is configured.
+        # The replica made (and checked) before an application's engines are configured.
         if isinstance(replica, str | URL):
             built = _dialects.replica_settings(engine, settings, replica)
             replica = _dialects.create_store_engine(replica, schema=schema, **built)
-        if replica is not None:
-            check_replica_schema(replica, schema)
-        # An application's engines are changed only once both are found fit.
-        theirs = [e for e in (bind, None if self._owns_replica else replica) if e is not None]
-        for app_engine in theirs:
-            if isinstance(app_engine, Engine):
-                _dialects.check_configurable(app_engine, **settings)
-        if engine is bind:
-            _dialects.configure_engine(engine, **settings)
+        configure_engines(
+            engine, replica, settings, schema=schema, made=(self._owns_engine, self._owns_replica)
+        )
         super().__init__(engine, retry=retry, check_schema=check_schema, schema=schema)
-        if replica is not None and not self._owns_replica:  # (the pooler's rules too)
-            _dialects.configure_engine(replica, **settings)
         self._read_from(replica)
         self._forks_seen = _forks[0]
         # The last connection used, idle, kept for the next operation (at most one).
