@@ -1768,10 +1768,8 @@ def _for_values(
 ) -> Iterator[tuple[str, tuple[Any, ...]]]:
     """Each statement of ``query`` for a part of ``values``, with that part."""
     mark = _marks(conn.dialect.name)[0]
-    per = max(1, min(500, _max_parameters(conn.dialect.name)))
-    for start in range(0, len(values), per):
-        part = tuple(values[start : start + per])
-        yield driver_sql(conn, query.format(values=", ".join([mark] * len(part)))), part
+    for part in in_parts(values):
+        yield driver_sql(conn, query.format(values=", ".join([mark] * len(part)))), tuple(part)
 
 
 def rows_insert(

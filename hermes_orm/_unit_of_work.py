@@ -891,10 +891,6 @@ def _keeps_the_id(clause: Any, value: Any) -> bool:
     )
 
 
-#: How many session ids one statement applying the ON DELETE rules names.
-_IDS_AT_ONCE = 500
-
-
 def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
     """Run a DELETE statement on ``hermes_sessions`` with its ON DELETE rules applied.
 
@@ -927,8 +923,7 @@ def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
     result = state.invoke_statement()  # failing, it wrote nothing: the caller's to handle
     try:
         ids = sorted(picked)
-        for at in range(0, len(ids), _IDS_AT_ONCE):
-            some = ids[at : at + _IDS_AT_ONCE]
+        for some in _dialects.in_parts(ids):
             still = select(_sessions.c.id).where(_sessions.c.id.in_(some))
             kept = set(connection.execute(still).scalars())
             gone = [session_id for session_id in some if session_id not in kept]

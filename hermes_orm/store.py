@@ -2763,9 +2763,7 @@ def prepare_many(sql: _dialects.FlushSQL, chunks: Sequence[Chunk]) -> PreparedWr
     if len({chunk[0] for chunk in chunks}) != len(chunks):
         raise ValueError("a session may appear once in a prepared write")
     advances = []
-    most = sql.advance_sessions_max
-    for start in range(0, len(chunks), most):
-        some = chunks[start : start + most]
+    for some in _dialects.in_parts(chunks, sql.advance_sessions_max):
         cursors: list[Any] = []
         digests: list[Any] = []
         calls: list[Any] = []

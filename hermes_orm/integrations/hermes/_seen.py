@@ -38,8 +38,6 @@ SESSION = "session"
 
 _SEEN = f"SELECT key FROM {_imported.name} WHERE kind = '{SESSION}' AND key IN ({{values}})"
 _HELD = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
-#: Keys looked up, or rows written, per statement.
-_CHUNK = 500
 
 
 def held_sessions(conn: Connection, session_ids: Sequence[str]) -> set[str]:
@@ -69,8 +67,7 @@ def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
 
     def work(conn: Connection) -> None:
         insert = _dialects.insert_maker(conn.dialect.name)
-        for start in range(0, len(session_ids), _CHUNK):
-            part = session_ids[start : start + _CHUNK]
+        for part in _dialects.in_parts(session_ids):
             held = select(literal(SESSION), _sessions.c.id, literal(now)).where(
                 _sessions.c.id.in_(part)
             )
@@ -100,10 +97,8 @@ def seen_rows(
     texts = list(by_text)
     found: dict[tuple[Any, ...], float | None] = {}
     c = _imported.c
-    for start in range(0, len(texts), _CHUNK):
-        query = select(c.key, c.version).where(
-            c.kind == kind, c.key.in_(texts[start : start + _CHUNK])
-        )
+    for part in _dialects.in_parts(texts):
+        query = select(c.key, c.version).where(c.kind == kind, c.key.in_(part))
         found.update((by_text[text], version) for text, version in conn.execute(query))
     return found
 
@@ -120,8 +115,8 @@ def record_rows(
         {"kind": kind, "key": _key_text(key), "seen_at": now, "version": version}
         for key, version in versions.items()
     ]
-    for start in range(0, len(values), _CHUNK):
-        statement = insert(_imported).values(values[start : start + _CHUNK])
+    for part in _dialects.in_parts(values):
+        statement = insert(_imported).values(part)
         conn.execute(
             statement.on_conflict_do_update(
                 index_elements=["kind", "key"],

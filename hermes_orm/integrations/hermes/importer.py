@@ -1107,8 +1107,7 @@ def _upsert_sessions(
         # The rows the destination holds (typed, to compare).
         existing = {}
         update = [sid for sid in todo if sid in present]
-        for start in range(0, len(update), 500):
-            chunk = update[start : start + 500]
+        for chunk in _dialects.in_parts(update):
             for r in conn.execute(select(_sessions).where(_sessions.c.id.in_(chunk))):
                 existing[r.id] = r._mapping
         # One statement each, run for many rows: every row has the same keys.
@@ -1127,8 +1126,7 @@ def _upsert_sessions(
         cleared = [
             c["b_id"] for c in changed if existing[c["b_id"]]["title"] not in (None, c["title"])
         ]
-        for start in range(0, len(cleared), 500):
-            chunk = cleared[start : start + 500]
+        for chunk in _dialects.in_parts(cleared):
             conn.execute(_sessions.update().where(_sessions.c.id.in_(chunk)).values(title=None))
         inserted = _insert_sessions(conn, new) if new else 0
         if changed:

@@ -659,10 +659,11 @@ class Mirror:
         self._unwritten: OrderedDict[str, list[Turn]] = OrderedDict()
         #: The session whose lists :meth:`_catch_up` writes now (taken out of _unwritten).
         self._catching_up: str | None = None
-        #: Whether a close gave up waiting for writes still queued, and what closes
-        #: told of (sessions, and "end ID" for a session's end; see :meth:`close`).
+        #: Whether a close gave up waiting for writes still queued, and the sessions
+        #: (their writes, their refused ends) closes told of (see :meth:`close`).
         self._closed_undrained = False
         self._told_at_exit: set[str] = set()
+        self._ends_told_at_exit: set[str] = set()
         #: Sessions a final close gave up (see :meth:`close`).
         self._given_up_at_exit: set[str] = set()
         #: The ends the database refused, to write once it takes writes again.
@@ -754,14 +755,14 @@ class Mirror:
             catching_up = self._catching_up
             pending += [*([catching_up] if catching_up else []), *list(self._unwritten)]
             left = list(dict.fromkeys(pending))
-            told = self._first_told(left)
+            told = self._not_yet(self._told_at_exit, left)
             if told:
                 logger.warning(
                     "hermes_orm mirror: writes still queued at exit (%s); %s",
                     ", ".join(map(repr, told[:5])),
                     self._left,
                 )
-            for session_id in self._first_given_up(left) if final else ():
+            for session_id in self._not_yet(self._given_up_at_exit, left) if final else ():
                 when = "at the exit"
                 if session_id not in self._unwritten and session_id != catching_up:
                     when += " (the session's end-of-turn check was still queued: if any)"
@@ -769,7 +770,7 @@ class Mirror:
             self._tell_lost_ends(final)
             return False
         unwritten = list(self._unwritten)
-        told = self._first_told(unwritten)
+        told = self._not_yet(self._told_at_exit, unwritten)
         if told:
             logger.warning(
                 "hermes_orm mirror: at exit, %d session(s) still not written (%s); %s",
@@ -777,7 +778,7 @@ class Mirror:
                 ", ".join(map(repr, told[:5])),
                 self._left,
             )
-        for session_id in self._first_given_up(unwritten) if final else ():
+        for session_id in self._not_yet(self._given_up_at_exit, unwritten) if final else ():
             self._given_up(session_id, "at the exit")
             self._unwritten.pop(session_id, None)  # (the writer idle: not tried again)
         self._tell_lost_ends(final)
@@ -788,27 +789,22 @@ class Mirror:
             store.engine.dispose()  # made by _open: the store does not own it
         return True
 
-    def _first_told(self, what: list[str]) -> list[str]:
-        """Those of ``what`` no close has told of yet, now told."""
-        new = [item for item in what if item not in self._told_at_exit]
-        self._told_at_exit.update(new)
-        return new
-
-    def _first_given_up(self, sessions: list[str]) -> list[str]:
-        """Those of ``sessions`` no final close has given up yet, now given up."""
-        new = [session_id for session_id in sessions if session_id not in self._given_up_at_exit]
-        self._given_up_at_exit.update(new)
+    @staticmethod
+    def _not_yet(done: set[str], what: list[str]) -> list[str]:
+        """Those of ``what`` not in ``done`` (told of, or given up, by a close), now added."""
+        new = [item for item in what if item not in done]
+        done.update(new)
         return new
 
     def _tell_lost_ends(self, final: bool) -> None:
         """Tell of the ends the database refused (each once); the ``final`` close gives up."""
-        ends = self._first_told([f"end {session_id}" for session_id in self._lost_ends])
+        ends = self._not_yet(self._ends_told_at_exit, list(self._lost_ends))
         if ends:
             logger.warning(
                 "hermes_orm mirror: at exit, the end of %d session(s) is still not written "
                 "(%s): their mirrored copies stay open until a turn resumes them",
                 len(ends),
-                ", ".join(repr(item.removeprefix("end ")) for item in ends[:5]),
+                ", ".join(map(repr, ends[:5])),
             )
         for session_id in list(self._lost_ends) if final else ():
             self._give_up_end(session_id)  # (the status only: safe while the writer runs)
