@@ -1413,7 +1413,7 @@ def test_text_not_utf8_in_a_batch_read_again_live_is_still_only_its_sessions_pro
     with src.snapshot():
         batches = list(src.batches(columns.read_many, "s", start=0, size=5))
     assert src.live
-    rows = [row for batch in batches for row in batch]
+    rows = [row for batch, _ in batches for row in batch]
     assert len(rows) == 12
     assert [v for row in rows for v in row if type(v) is importer.NotUtf8] == [b"\xffA"]
     src.close()
@@ -2933,3 +2933,71 @@ def test_a_topic_moved_to_another_session_frees_that_session_for_its_own_binding
         "1",
         "2",
     ]
+
+
+def _large_outputs(tmp_path: Path, count: int, chars: int) -> Path:
+    """A state.db the real Hermes wrote: session "big" of ``count`` tool outputs of
+    ``chars`` characters, and session "small" of two short messages."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("big", source="cli")
+    for i in range(count):
+        hermes.append_message(
+            "big", "tool", content=f"{i:03}" + "o" * chars, tool_call_id=f"c{i}", tool_name="read"
+        )
+    hermes.create_session("small", source="cli")
+    hermes.append_message("small", "user", content="hi")
+    hermes.append_message("small", "assistant", content="hello")
+    hermes.close()
+    return source
+
+
+def test_a_batch_of_large_messages_ends_at_its_bound_in_text(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """Tool outputs of megabytes: a batch (a transaction, and what the import holds in
+    memory a few at a time) ends once its messages hold BATCH_BYTES of text, however
+    few they are. It ended at 8,000 messages only: 400 outputs of 1 MB held 600 MB."""
+    monkeypatch.setattr(importer, "BATCH_BYTES", 250_000)
+    source = _large_outputs(tmp_path, 12, 100_000)
+    batches: list[tuple[str, int]] = []
+    report = import_state_db(source, store, on_batch=lambda *b: batches.append(b))
+    assert report.ok
+    assert [cursor for sid, cursor in batches if sid == "big"] == [3, 6, 9, 12]
+    assert ("small", 2) in batches
+    assert_same_as_source(store, source)
+
+
+def test_a_session_split_by_its_bytes_is_checked_whole_before_its_first_batch(
+    store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """A session longer than one batch by its text, not its count: a message it cannot
+    take near its end still leaves nothing of the session written."""
+    monkeypatch.setattr(importer, "BATCH_BYTES", 250_000)
+    source = _large_outputs(tmp_path, 12, 100_000)
+    _a_message_no_store_takes(source, "big")
+    report = import_state_db(source, store)
+    assert set(report.invalid_sessions) == {"big"}
+    assert store.get_session("big") is None
+    assert [m["content"] for m in store.get_messages("small")] == ["hi", "hello"]
+
+
+def test_the_source_reads_a_batch_a_few_rows_at_a_time_up_to_its_bound(
+    tmp_path: Path,
+) -> None:
+    """``Source.batches`` fetches one row, then as many as the ones so far say fit in
+    what is left: a batch of large rows stops near the bound, and says whether more
+    may follow (a full one may be the last: the next is then empty; one that ends
+    the ``count`` asked for says none)."""
+    source = _large_outputs(tmp_path, 7, 1_000)
+    src = importer.open_source(source)
+    columns = importer.MessageColumns.of(src.columns("messages"))
+    with src.snapshot():
+        by_bytes = list(src.batches(columns.read_many, "big", start=0, size=100, max_bytes=2_500))
+        by_count = list(src.batches(columns.read_many, "big", start=1, size=3, max_bytes=10**9))
+        counted = list(src.batches(columns.read_many, "big", start=0, count=6, size=3))
+    src.close()
+    assert [(len(rows), more) for rows, more in by_bytes] == [(3, True), (3, True), (1, False)]
+    assert [(len(rows), more) for rows, more in by_count] == [(3, True), (3, True), (0, False)]
+    assert [(len(rows), more) for rows, more in counted] == [(3, True), (3, False)]
+    contents = [row[columns.names.index("content")][:3] for rows, _ in by_bytes for row in rows]
+    assert contents == [f"{i:03}" for i in range(7)]

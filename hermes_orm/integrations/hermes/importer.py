@@ -82,6 +82,13 @@ CONTENT_JSON_PREFIX = "\x00json:"
 #: search index segments to merge); 20,000 was no faster. A batch holds the
 #: destination's write lock for well under a second.
 BATCH = 8000
+#: Characters of text (and bytes of blobs) after which a batch ends before its
+#: ``batch`` messages: a Hermes message may hold a tool's output of megabytes, and a
+#: batch is in memory whole (read, encoded, handed to the writer, a few at once), so
+#: what an import holds follows its batches' bytes more than their messages.
+BATCH_BYTES = 16 * 2**20
+#: Rows fetched at a time while a batch is read (fewer once they are seen to be large).
+_FETCH_ROWS = 256
 #: Session columns whose Hermes value is kept as is but whose meaning is ours.
 _COUNTERS = ("message_count", "tool_call_count")
 _BOOL_SESSION = frozenset({"expiry_finalized", "archived"})
@@ -410,9 +417,22 @@ class Source:
             self.conn.text_factory = str
 
     def batches(
-        self, sql: str, key: Any, *, start: int, count: int = -1, size: int
-    ) -> Generator[list[tuple[Any, ...]], None, None]:
+        self,
+        sql: str,
+        key: Any,
+        *,
+        start: int,
+        count: int = -1,
+        size: int,
+        max_bytes: int | None = None,
+    ) -> Generator[tuple[list[tuple[Any, ...]], bool], None, None]:
         """The rows of one query, ``size`` at a time, read as :meth:`execute` reads.
+
+        Each item is a batch of rows and whether more may follow. A batch ends
+        at ``size`` rows, or sooner once its text and blobs reach ``max_bytes``
+        (None: :data:`BATCH_BYTES`; the rows are fetched a few at a time): a batch of
+        large tool outputs is held in memory whole, and what a batch costs in
+        memory follows its bytes more than its rows.
 
         ``sql`` takes ``(key, limit, offset)``: the rows from ``start`` on,
         ``count`` of them (-1: all). It runs once, its rows fetched batch by
@@ -429,6 +449,7 @@ class Source:
         """
         done = 0
         lenient = False
+        bound = BATCH_BYTES if max_bytes is None else max_bytes
         cursor: sqlite3.Cursor | None = None
         generation = self.generation
         try:
@@ -442,7 +463,7 @@ class Source:
                     if cursor is None:
                         limit = count if count < 0 else count - done
                         cursor = self.conn.execute(sql, (key, limit, start + done))
-                    rows = cursor.fetchmany(size)
+                    rows, more = _fetch_batch(cursor, size, bound)
                 except sqlite3.OperationalError as exc:
                     if "Could not decode to UTF-8" in str(exc) and not lenient:
                         # As :meth:`_fetch` does: read again, such values as bytes.
@@ -465,8 +486,9 @@ class Source:
                     continue
                 assert rows is not None  # (a live read's failure raised)
                 done += len(rows)
-                yield rows
-                if len(rows) < size or done == count:
+                more = more and done != count
+                yield rows, more
+                if not more:
                     return
         finally:
             if cursor is not None and generation == self.generation:
@@ -489,6 +511,33 @@ class Source:
     def close(self) -> None:
         """Close the connection."""
         self.conn.close()
+
+
+_SIZED = frozenset((str, bytes, NotUtf8))
+
+
+def _fetch_batch(
+    cursor: sqlite3.Cursor, size: int, max_bytes: int
+) -> tuple[list[tuple[Any, ...]], bool]:
+    """Up to ``size`` rows of ``cursor``, fewer if they hold ``max_bytes``; more may follow.
+
+    The rows come a few at a time: one, then at most as many as so far (up to
+    :data:`_FETCH_ROWS`) and as the ones so far say fit in what is left, so a
+    batch of megabyte messages ends near the bound, not at ``size`` of them.
+    """
+    rows: list[tuple[Any, ...]] = []
+    held = 0
+    step = 1
+    while True:
+        fetched = cursor.fetchmany(step)
+        rows += fetched
+        held += sum(len(v) for row in fetched for v in row if v.__class__ in _SIZED)
+        if len(fetched) < step:
+            return rows, False
+        if len(rows) >= size or held >= max_bytes:
+            return rows, True
+        per_row = held // len(rows) + 1
+        step = max(1, min(size - len(rows), len(rows), _FETCH_ROWS, (max_bytes - held) // per_row))
 
 
 def open_source(path: str | Path) -> Source:
@@ -838,7 +887,7 @@ def import_state_db(
         destination: A :class:`SessionStore`, or a database URL or an Engine
             (migrated to head).
         progress: Where to show progress (a bar on a terminal, lines otherwise).
-        batch: Messages per transaction.
+        batch: Messages per transaction (fewer once they hold :data:`BATCH_BYTES`).
         on_batch: Called after each committed batch with (session id, cursor).
         restore_deleted: Copy the sessions and rows deleted since an earlier import too.
 
@@ -889,7 +938,13 @@ def import_state_db(
         # the first check it, as those of the sessions held check theirs.
         drawn = {sid: new_history_id() for sid in ids if sid not in histories}
         job = ReadJob(
-            src.path, store.engine.dialect.name, ids, cursors, batch, {**histories, **drawn}
+            src.path,
+            store.engine.dialect.name,
+            ids,
+            cursors,
+            batch,
+            BATCH_BYTES,
+            {**histories, **drawn},
         )
         # About what is left to copy (sessions the destination holds more of make it low).
         remaining = total - sum(c.cursor for c in cursors.values())
@@ -1249,6 +1304,8 @@ class ReadJob:
     session_ids: list[str]
     cursors: dict[str, Copied]
     batch: int
+    #: A batch's bound in characters of text (see :data:`BATCH_BYTES`).
+    batch_bytes: int
     #: Each session's history_id: as read (those held), as drawn (those made).
     histories: dict[str, int]
 
@@ -1269,6 +1326,7 @@ def read_batches(job: ReadJob, stopping: threading.Event | None = None) -> Itera
             job.cursors,
             job.histories,
             batch=job.batch,
+            batch_bytes=job.batch_bytes,
             report=scratch,
             stopping=stopping,
         ):
@@ -1750,13 +1808,15 @@ def _read_groups(
     histories: dict[str, int],
     *,
     batch: int,
+    batch_bytes: int,
     report: ImportReport,
     stopping: threading.Event | None = None,
 ) -> Iterator[tuple[list[Chunk], int]]:
     """Read and encode what each session lacks; yield groups of about ``batch`` messages.
 
     Each item is a group to write in one transaction and how many sessions
-    were finished while reading it. A session the destination holds messages
+    were finished while reading it; a group also ends once its messages hold
+    ``batch_bytes`` characters of text. A session the destination holds messages
     of is first checked: the source's first messages must be those stored
     (their fingerprints match), else it is reported as diverged.
 
@@ -1768,10 +1828,12 @@ def _read_groups(
     """
     columns = MessageColumns.of(src.columns("messages"))
     group: list[Chunk] = []
-    size = finished = 0
+    size = held = finished = 0
     for sid in session_ids:
         cursor, stored = cursors.get(sid, _NOTHING_COPIED)
-        prefix = functools.partial(_checked_prefix, src, columns, sid, batch=batch)
+        prefix = functools.partial(
+            _checked_prefix, src, columns, sid, batch=batch, max_bytes=batch_bytes
+        )
         with src.snapshot():
             generation = src.generation
             fingerprint = _fingerprint()  # of the digests of the messages up to the cursor
@@ -1786,9 +1848,11 @@ def _read_groups(
                     finished += 1
                     continue
             checked = False
-            reading = src.batches(columns.read_many, sid, start=cursor, size=batch)
+            reading = src.batches(
+                columns.read_many, sid, start=cursor, size=batch, max_bytes=batch_bytes
+            )
             with contextlib.closing(reading):
-                for rows in reading:
+                for rows, more in reading:
                     if src.generation != generation:
                         generation = src.generation
                         again = _fingerprint()
@@ -1801,12 +1865,18 @@ def _read_groups(
                     if rows:
                         messages = [columns.message(r) for r in rows]
                         problem = None
-                        if not checked and len(rows) == batch:
+                        if not checked and more:
                             # Longer than a batch: its first is written before the rest
                             # is read, so all of it is checked first (nothing of an
                             # invalid session is written).
                             problem = _first_problem(
-                                src, columns, sid, cursor + batch, batch, stopping=stopping
+                                src,
+                                columns,
+                                sid,
+                                cursor + len(rows),
+                                batch,
+                                max_bytes=batch_bytes,
+                                stopping=stopping,
                             )
                         checked = True
                         try:
@@ -1822,16 +1892,17 @@ def _read_groups(
                         for message in encoded:
                             fingerprint.update(message.digest)
                         size += len(rows)
+                        held += sum(message.size for message in encoded)
                         cursor, before_digest = cursor + len(rows), encoded[-1].digest
-                    if len(rows) < batch:
+                    if not more:
                         break  # read whole: its snapshot is let go before the group is handed on
-                    if size >= batch:
+                    if size >= batch or held >= batch_bytes:
                         yield group, finished
-                        group, size, finished = [], 0, 0
+                        group, size, held, finished = [], 0, 0, 0
         finished += 1
-        if size >= batch:
+        if size >= batch or held >= batch_bytes:
             yield group, finished
-            group, size, finished = [], 0, 0
+            group, size, held, finished = [], 0, 0, 0
     yield group, finished
 
 
@@ -1842,6 +1913,7 @@ def _first_problem(
     start: int,
     batch: int,
     *,
+    max_bytes: int,
     stopping: threading.Event | None = None,
 ) -> str | None:
     """Why a message of the session from ``start`` (1 or more) on cannot be stored, or None.
@@ -1850,9 +1922,11 @@ def _first_problem(
     ``stopping`` is set, it ends between two batches (its answer then taken by
     no one).
     """
-    reading = src.batches(columns.read_many, session_id, start=start, size=batch)
+    reading = src.batches(
+        columns.read_many, session_id, start=start, size=batch, max_bytes=max_bytes
+    )
     with contextlib.closing(reading):
-        for rows in reading:
+        for rows, _ in reading:
             messages = [columns.message(r) for r in rows]
             try:
                 for i, message in enumerate(messages, start):
@@ -1900,7 +1974,14 @@ def _holds_source_prefix(
 
 
 def _checked_prefix(
-    src: Source, columns: MessageColumns, sid: str, cursor: int, *, batch: int, fingerprint: Any
+    src: Source,
+    columns: MessageColumns,
+    sid: str,
+    cursor: int,
+    *,
+    batch: int,
+    fingerprint: Any,
+    max_bytes: int | None = None,
 ) -> bytes | None:
     """The digest of the source's message ``cursor - 1``; those up to it fed to ``fingerprint``.
 
@@ -1908,9 +1989,11 @@ def _checked_prefix(
     """
     digest = None
     read = 0
-    reading = src.batches(columns.read_many, sid, start=0, count=cursor, size=batch)
+    reading = src.batches(
+        columns.read_many, sid, start=0, count=cursor, size=batch, max_bytes=max_bytes
+    )
     with contextlib.closing(reading):
-        for rows in reading:
+        for rows, _ in reading:
             for row in rows:
                 try:
                     digest = _codec.message_digest(columns.message(row))
