@@ -7,7 +7,11 @@ record outlives the session: one deleted in the destination afterwards (by
 store mode's Hermes, the store's API, an application's SQL) is left
 deleted by the next import of a ``state.db`` that still holds it, and
 reported. A run interrupted before its end records nothing; the next run
-records what it finds.
+records what it finds. A session whose copy the run found to be the source's
+exactly also has the source's number of messages recorded (the record's
+``version``): a later run that finds the source still at that number, and the
+destination's messages up to it the source's, knows the destination continued
+the session (store mode, the store's API), not that Hermes cut it shorter.
 
 Rows of Hermes' other tables are recorded alike (by a digest of their key), in
 the transaction that copies their table, with the ``updated_at`` the source's
@@ -57,6 +61,50 @@ def seen_sessions(store: SessionStore, session_ids: Sequence[str]) -> tuple[set[
         return set(seen), [sid for sid in seen if sid not in held]
 
     return store.read_transaction(work) if session_ids else (set(), [])
+
+
+def copied_counts(store: SessionStore, session_ids: Sequence[str]) -> dict[str, int]:
+    """The source's number of messages recorded for each of ``session_ids`` (see the module).
+
+    Sessions recorded without one (by an earlier release, or never found the
+    source's exactly) are left out.
+    """
+    c = _imported.c
+
+    def work(conn: Connection) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for part in _dialects.in_parts(list(session_ids)):
+            query = select(c.key, c.version).where(
+                c.kind == SESSION, c.key.in_(part), c.version.is_not(None)
+            )
+            found.update((key, int(version)) for key, version in conn.execute(query))
+        return found
+
+    return store.read_transaction(work) if session_ids else {}
+
+
+def record_copied(store: SessionStore, counts: Mapping[str, int]) -> None:
+    """Record each session of ``counts`` as seen, its copy the source's ``counts[sid]`` messages."""
+    if not counts:
+        return
+    now = time.time()
+    values = [
+        {"kind": SESSION, "key": sid, "seen_at": now, "version": float(n)}
+        for sid, n in counts.items()
+    ]
+
+    def work(conn: Connection) -> None:
+        insert = _dialects.insert_maker(conn.dialect.name)
+        for part in _dialects.in_parts(values):
+            statement = insert(_imported).values(part)
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["kind", "key"],
+                    set_={"version": statement.excluded.version},
+                )
+            )
+
+    store.write_transaction(work)
 
 
 def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
