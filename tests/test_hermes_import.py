@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import delete, event, select, text, update
 
 from devtools.hermes_fixture import fixture_copy, grow
-from hermes_orm import Message, ModelUsage, Session, SessionStore
+from hermes_orm import Message, ModelUsage, Session, SessionStore, create_store_engine
 from hermes_orm.integrations.hermes import StateDbError, import_state_db, importer
 from hermes_orm.integrations.hermes.importer import ImportReport
 from tests._hermes import digest_file, expected_message, source_rows
@@ -3017,6 +3017,79 @@ def _large_outputs(tmp_path: Path, count: int, chars: int) -> Path:
     return source
 
 
+@pytest.mark.parametrize(
+    "copied_since",
+    ["by a run cut short", "by the mirror plugin", "by the mirror plugin, no run since"],
+)
+def test_a_session_copied_on_since_the_count_was_recorded_is_not_taken_as_continued(
+    store: SessionStore, tmp_path: Path, copied_since: str
+) -> None:
+    """The source's count recorded by a run goes once the session's copy goes on from
+    the source (a run that wrote a batch, then stopped; a run that found the mirror
+    plugin went on with it), and the messages past it must be as store mode writes
+    them, each with its time (the agent's list, which the mirror stores, has none):
+    Hermes cutting those messages in the state.db since is a divergence. The count
+    stayed, and the session read as continued in the destination, up to date."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("a", source="cli")
+    hermes.append_message("a", "user", content="q1")
+    hermes.append_message("a", "assistant", content="a1")
+    assert import_state_db(source, store).ok  # (records 2)
+    hermes.append_message("a", "user", content="q2")
+    hermes.append_message("a", "assistant", content="a2")
+    hermes.close()
+    if copied_since == "by a run cut short":
+
+        def stop(_sid: str, _cursor: int) -> None:
+            raise KeyboardInterrupt  # after the batch's commit
+
+        with pytest.raises(KeyboardInterrupt):
+            import_state_db(source, store, on_batch=stop)
+    elif copied_since == "by the mirror plugin":  # (an agent's list with times)
+        timed = [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+        live = [{"role": r, "content": c, "timestamp": 5.0} for r, c in timed]
+        _mirror_turn(store, tmp_path, "a", live, "cli")
+        assert import_state_db(source, store).mirrored_sessions == ["a"]
+    else:
+        _mirror_two_turns(store, tmp_path, "a", "cli")
+    assert [m["content"] for m in store.get_messages("a")] == ["q1", "a1", "q2", "a2"]
+    _edit_source(source, "DELETE FROM messages WHERE content IN ('q2', 'a2')")  # an undo
+    report = import_state_db(source, store)
+    assert report.diverged_sessions == ["a"]
+    assert not report.continued_sessions
+
+
+def test_the_records_of_an_import_fit_a_sqlite_of_999_parameters_a_statement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 sessions and 300 routing entries recorded (four values a record) on a SQLite
+    taking 999 parameters a statement (before 3.32): 500 records went in one INSERT,
+    refused once everything else was written."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    source, hermes = _real_hermes(tmp_path)
+    for i in range(300):
+        hermes.create_session(f"s{i}", source="cli")
+        hermes.append_message(f"s{i}", "user", content="hi")
+        hermes.save_gateway_routing_entry(f"k{i}", "{}")
+    hermes.close()
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'small.db'}")
+
+    @event.listens_for(engine, "connect")
+    def bounded(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    with SessionStore(engine) as store:
+        store.upgrade()
+        report = import_state_db(source, store)
+        assert report.ok, report.table()
+        with engine.connect() as conn:
+            kinds = conn.execute(
+                text("SELECT kind, count(*), count(version) FROM hermes_imported GROUP BY kind")
+            ).all()
+    assert sorted(map(tuple, kinds)) == [("gateway_routing", 300, 300), ("session", 300, 300)]
+    engine.dispose()
+
+
 def test_a_batch_of_large_messages_ends_at_its_bound_in_text(
     store: SessionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
@@ -3045,6 +3118,55 @@ def test_a_session_split_by_its_bytes_is_checked_whole_before_its_first_batch(
     assert set(report.invalid_sessions) == {"big"}
     assert store.get_session("big") is None
     assert [m["content"] for m in store.get_messages("small")] == ["hi", "hello"]
+
+
+def test_a_batch_of_large_rows_after_many_short_ones_stays_near_its_bound(
+    tmp_path: Path,
+) -> None:
+    """300 short messages, then 100 of 1,000 characters: the rows so far say nothing of
+    the next ones, so a fetch takes at most _FETCH_ROWS of them, sized by the largest so
+    far. As many rows as so far (up to 256) were fetched at once: all 100 large ones."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("s", source="cli")
+    for i in range(400):
+        hermes.append_message("s", "tool", content=f"{i:03}" + "o" * (1_000 if i >= 300 else 0))
+    hermes.close()
+    src = importer.open_source(source)
+    columns = importer.MessageColumns.of(src.columns("messages"))
+    with src.snapshot():
+        batches = list(src.batches(columns.read_many, "s", start=0, size=500, max_bytes=5_000))
+    src.close()
+    content = columns.names.index("content")
+    texts = [sum(len(row[content]) for row in rows) for rows, _ in batches]
+    assert sum(len(rows) for rows, _ in batches) == 400
+    assert max(texts) <= 5_000 + importer._FETCH_ROWS * 1_003 < 100 * 1_003
+
+
+def test_the_verification_reads_the_last_messages_a_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every session's last message is read to check the copy, each one possibly a large
+    output: a batch at a time (its bound in text), not all at once."""
+    import tracemalloc
+
+    monkeypatch.setattr(importer, "BATCH_BYTES", 200_000)
+    source, hermes = _real_hermes(tmp_path)
+    for i in range(30):
+        hermes.create_session(f"s{i}", source="cli")
+        hermes.append_message(f"s{i}", "tool", content=f"{i:03}" + "o" * 100_000)
+    hermes.close()
+    src = importer.open_source(source)
+    tracemalloc.start()
+    try:
+        with src.snapshot():
+            digests = importer._last_digests(src, [f"s{i}" for i in range(30)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        src.close()
+    assert sorted(digests) == sorted(f"s{i}" for i in range(30))
+    assert None not in digests.values()
+    assert peak < 1_500_000  # (all 30 at once: over 3,000,000)
 
 
 def test_the_source_reads_a_batch_a_few_rows_at_a_time_up_to_its_bound(

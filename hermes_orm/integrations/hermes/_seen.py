@@ -11,7 +11,10 @@ records what it finds. A session whose copy the run found to be the source's
 exactly also has the source's number of messages recorded (the record's
 ``version``): a later run that finds the source still at that number, and the
 destination's messages up to it the source's, knows the destination continued
-the session (store mode, the store's API), not that Hermes cut it shorter.
+the session (store mode), not that Hermes cut it shorter. The number goes
+(NULL) as an import writes messages of the session, in the transaction that
+writes them, and as a run finds the mirror plugin continued it: the messages
+past it may then be the source's, which Hermes may cut since.
 
 Rows of Hermes' other tables are recorded alike (by a digest of their key), in
 the transaction that copies their table, with the ``updated_at`` the source's
@@ -28,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, literal, select
+from sqlalchemy import Connection, Table, literal, select, update
 
 from hermes_orm import _dialects
 from hermes_orm.models import Imported, Session
@@ -39,6 +42,9 @@ _sessions: Table = Session.__table__  # type: ignore[assignment]
 
 #: The kind of the records of sessions.
 SESSION = "session"
+#: Records one INSERT writes: four parameters each, within the 999 a statement may
+#: hold on SQLite before 3.32 (or a build bounded so).
+_ROWS = 200
 
 _SEEN = f"SELECT key FROM {_imported.name} WHERE kind = '{SESSION}' AND key IN ({{values}})"
 _HELD = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
@@ -83,19 +89,22 @@ def copied_counts(store: SessionStore, session_ids: Sequence[str]) -> dict[str, 
     return store.read_transaction(work) if session_ids else {}
 
 
-def record_copied(store: SessionStore, counts: Mapping[str, int]) -> None:
-    """Record each session of ``counts`` as seen, its copy the source's ``counts[sid]`` messages."""
+def record_copied(store: SessionStore, counts: Mapping[str, int | None]) -> None:
+    """Record each session of ``counts`` as seen, its copy the source's ``counts[sid]`` messages.
+
+    None: no number (see the module).
+    """
     if not counts:
         return
     now = time.time()
     values = [
-        {"kind": SESSION, "key": sid, "seen_at": now, "version": float(n)}
+        {"kind": SESSION, "key": sid, "seen_at": now, "version": None if n is None else float(n)}
         for sid, n in counts.items()
     ]
 
     def work(conn: Connection) -> None:
         insert = _dialects.insert_maker(conn.dialect.name)
-        for part in _dialects.in_parts(values):
+        for part in _dialects.in_parts(values, _ROWS):
             statement = insert(_imported).values(part)
             conn.execute(
                 statement.on_conflict_do_update(
@@ -105,6 +114,17 @@ def record_copied(store: SessionStore, counts: Mapping[str, int]) -> None:
             )
 
     store.write_transaction(work)
+
+
+def forget_copied(conn: Connection, session_ids: Sequence[str]) -> None:
+    """Drop the source's number of messages recorded for ``session_ids`` (see the module)."""
+    c = _imported.c
+    for part in _dialects.in_parts(session_ids):
+        conn.execute(
+            update(_imported)
+            .where(c.kind == SESSION, c.key.in_(part), c.version.is_not(None))
+            .values(version=None)
+        )
 
 
 def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:
@@ -163,7 +183,7 @@ def record_rows(
         {"kind": kind, "key": _key_text(key), "seen_at": now, "version": version}
         for key, version in versions.items()
     ]
-    for part in _dialects.in_parts(values):
+    for part in _dialects.in_parts(values, _ROWS):
         statement = insert(_imported).values(part)
         conn.execute(
             statement.on_conflict_do_update(

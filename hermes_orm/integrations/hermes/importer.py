@@ -54,6 +54,7 @@ from hermes_orm.errors import (
 )
 from hermes_orm.integrations.hermes._seen import (
     copied_counts,
+    forget_copied,
     held_sessions,
     record_copied,
     record_seen,
@@ -93,8 +94,8 @@ BATCH = 8000
 #: batch is in memory whole (read, encoded, handed to the writer, a few at once), so
 #: what an import holds follows its batches' bytes more than their messages.
 BATCH_BYTES = 16 * 2**20
-#: Rows fetched at a time while a batch is read (fewer once they are seen to be large).
-_FETCH_ROWS = 256
+#: Most rows fetched at a time while a batch is read (fewer once they are seen to be large).
+_FETCH_ROWS = 32
 #: Session columns whose Hermes value is kept as is but whose meaning is ours.
 _COUNTERS = ("message_count", "tool_call_count")
 _BOOL_SESSION = frozenset({"expiry_finalized", "archived"})
@@ -536,23 +537,25 @@ def _fetch_batch(
 ) -> tuple[list[tuple[Any, ...]], bool]:
     """Up to ``size`` rows of ``cursor``, fewer if they hold ``max_bytes``; more may follow.
 
-    The rows come a few at a time: one, then at most as many as so far (up to
-    :data:`_FETCH_ROWS`) and as the ones so far say fit in what is left, so a
-    batch of megabyte messages ends near the bound, not at ``size`` of them.
+    The rows come a few at a time: one, then as many as fit in what is left
+    were each the largest so far, at most :data:`_FETCH_ROWS`; so a batch ends
+    at most that many rows past the bound, not at ``size`` megabyte messages.
     """
     rows: list[tuple[Any, ...]] = []
-    held = 0
+    held = largest = 0
     step = 1
     while True:
         fetched = cursor.fetchmany(step)
         rows += fetched
-        held += sum(len(v) for row in fetched for v in row if v.__class__ in _SIZED)
+        for row in fetched:
+            length = sum(len(v) for v in row if v.__class__ in _SIZED)
+            held += length
+            largest = max(largest, length)
         if len(fetched) < step:
             return rows, False
         if len(rows) >= size or held >= max_bytes:
             return rows, True
-        per_row = held // len(rows) + 1
-        step = max(1, min(size - len(rows), len(rows), _FETCH_ROWS, (max_bytes - held) // per_row))
+        step = max(1, min(size - len(rows), _FETCH_ROWS, (max_bytes - held) // (largest + 1)))
 
 
 def open_source(path: str | Path) -> Source:
@@ -1033,7 +1036,8 @@ def import_state_db(
         record_seen(store, [sid for sid in ids if sid not in recorded])
         if bar is not None:
             bar.update(final=True)
-        record_copied(store, _verify(store, src, ids, seen, report, as_before=as_before))
+        same = _verify(store, src, ids, seen, report, as_before=as_before)
+        record_copied(store, {**dict.fromkeys(report.mirrored_sessions), **same})
         report.counts.update((name, TableCount(*pair)) for name, pair in side.items())
     finally:
         src.close()
@@ -1412,6 +1416,7 @@ def _copy_messages(
                 write_prepared(conn, prepared)
             except IntegrityError:
                 raise CursorMoved from None
+            forget_copied(conn, [sid for sid, _, _ in item.pieces])
             return [(sid, count, cursor + count) for sid, cursor, count in item.pieces]
 
         return work
@@ -1450,6 +1455,7 @@ def _copy_messages(
                     done.append((sid, -1, -1))
                     continue
                 done.append((sid, result.written, result.cursor))
+            forget_copied(conn, [sid for sid, written, _ in done if written > 0])
             return done
 
         return work
@@ -1575,11 +1581,14 @@ def _continued_here(
     """Whether the destination continued ``sid`` after an import found its copy the source's.
 
     ``copied``: how many messages the source held then (the import's record,
-    :func:`~hermes_orm.integrations.hermes._seen.copied_counts`). The source
-    must hold as many still, and the destination more, its first ones each the
-    source's (or an :func:`_earlier_copy` of it). Hermes cutting the session
-    shorter since (a retry, an undo) leaves the source fewer; Hermes writing on
-    in the source too leaves it more: a divergence, either way.
+    :func:`~hermes_orm.integrations.hermes._seen.copied_counts`, dropped
+    since if an import or the mirror plugin wrote messages of the session). The
+    source must hold as many still, and the destination more, its first ones
+    each the source's (or an :func:`_earlier_copy` of it), the others as store
+    mode writes them (Hermes' rows, each with its time; the agent's list, which
+    the mirror plugin stores, has none). Hermes cutting the session shorter
+    since (a retry, an undo) leaves the source fewer; Hermes writing on in the
+    source too leaves it more: a divergence, either way.
     """
     if copied is None or len(source) != copied:
         return False
@@ -1587,7 +1596,11 @@ def _continued_here(
         stored = store.primary_messages(sid)
     except SessionNotFoundError:
         return False  # (another writer deleted it as the import ran)
-    return len(stored) > copied and all(map(_earlier_copy, source, stored[:copied]))
+    return (
+        len(stored) > copied
+        and all(map(_earlier_copy, source, stored[:copied]))
+        and all("timestamp" in message for message in stored[copied:])
+    )
 
 
 def _continue_earlier_copies(
@@ -1609,6 +1622,7 @@ def _continue_earlier_copies(
     if not all(map(_earlier_copy, source, stored)):
         return None
     tail = _Tail(len(stored), stored[-1], source[len(stored) :])
+    store.write_transaction(lambda conn: forget_copied(conn, [sid]))  # (before: none left)
     try:
         return store.flush(sid, tail, verify="last").written
     except (HistoryDivergedError, InvalidMessageError, SessionNotFoundError):
@@ -2301,7 +2315,7 @@ def _verify(
     compression) or deleted there meanwhile, and is reported diverged, as the
     next run would find it; so is one another writer deleted in the
     destination meanwhile. Any other difference is a mismatch. Sessions the
-    mirror plugin continued are left out, and messages whose session has no
+    mirror plugin or the destination continued are left out, and messages whose session has no
     sessions row are reported. ``as_before``: sessions found up to date whose
     stored copies Hermes only added to (``api_content`` filled in): their last
     message's digest differs from the source's, as it should.
@@ -2376,17 +2390,22 @@ def _last_digests(src: Source, session_ids: list[str]) -> dict[str, bytes | None
     """The digest of each session's last message in the source (None: none it can digest)."""
     columns = MessageColumns.of(src.columns("messages"))
     wanted = set(session_ids)
-    rows = src.execute(
+    # Read a batch at a time (the last message of every session may be a large output).
+    last = (
         f"SELECT session_id, {', '.join(map(_quoted, columns.names))} FROM messages"
-        " WHERE id IN (SELECT max(id) FROM messages GROUP BY session_id)"
+        " WHERE id IN (SELECT max(id) FROM messages WHERE session_id IS NOT ?"
+        " GROUP BY session_id) ORDER BY id LIMIT ? OFFSET ?"
     )
     digests: dict[str, bytes | None] = {}
-    for sid, *row in rows:
-        if sid in wanted:
-            try:
-                digests[sid] = _codec.message_digest(columns.message(row))
-            except InvalidMessageError:
-                digests[sid] = None
+    reading = src.batches(last, None, start=0, size=BATCH)
+    with contextlib.closing(reading):
+        for rows, _ in reading:
+            for sid, *row in rows:
+                if sid in wanted:
+                    try:
+                        digests[sid] = _codec.message_digest(columns.message(row))
+                    except InvalidMessageError:
+                        digests[sid] = None
     return digests
 
 
