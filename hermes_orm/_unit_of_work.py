@@ -533,7 +533,7 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
 
     Needed when several sessions' cursors move in one go: a refusal after the
     first one moved would leave it moved. The rows are locked (``FOR UPDATE``
-    on PostgreSQL), in id order; on SQLite, which has no row locks, the
+    on PostgreSQL), in id order, 500 at a time; on SQLite, which has no row locks, the
     database's write lock is taken first (a write that changes nothing), so no
     other writer moves a cursor between the check and the moves.
     """
@@ -547,14 +547,13 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
             execution_options={_PLACED: True},
             bind_arguments=bind,
         )
-    rows = session.execute(
-        select(c.id, c.flushed_idx)
-        .where(c.id.in_(sorted(claims)))
-        .order_by(c.id)
-        .with_for_update(),
-        bind_arguments=bind,
-    )
-    stored = {row.id: row.flushed_idx for row in rows}
+    stored: dict[str, int] = {}
+    for part in _dialects.in_parts(sorted(claims)):  # (each IN list within the driver's bounds)
+        rows = session.execute(
+            select(c.id, c.flushed_idx).where(c.id.in_(part)).order_by(c.id).with_for_update(),
+            bind_arguments=bind,
+        )
+        stored.update((row.id, row.flushed_idx) for row in rows)
     for session_id, claim in claims.items():
         if session_id not in stored:
             raise SessionNotFoundError(session_id)

@@ -360,6 +360,40 @@ def test_listing_and_counting_more_sessions_than_a_statement_may_name(
     assert {row["id"]: row["preview"] for row in listed}["g1"] == "the first"
 
 
+def test_a_walk_and_a_delete_of_more_sessions_and_keys_than_a_statement_may_name(
+    store: SessionStore, backend: str
+) -> None:
+    """Hermes' walk of a lineage (its recursive SQL on ``db._conn``) through one level of
+    70,000 children, and a gateway forgetting 70,000 routing keys at once: each looks
+    its ids up a part at a time, past PostgreSQL's 65,535 parameters."""
+    count = 70_000
+    store.create_session("root", source="telegram")
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO hermes_sessions (id, parent_session_id, source, started_at) "
+                f"SELECT 'c' || i, 'root', 'telegram', i FROM {_numbers(backend)}"
+            ),
+            {"n": count},
+        )
+    db = SessionDB(store)
+    walk = (
+        "WITH RECURSIVE descendants(id, parent_session_id, started_at) AS ("
+        " SELECT id, parent_session_id, started_at FROM sessions WHERE id = ?"
+        " UNION"
+        " SELECT s.id, s.parent_session_id, s.started_at"
+        " FROM sessions s"
+        " JOIN descendants d ON s.parent_session_id = d.id"
+        ") SELECT id, parent_session_id, started_at FROM descendants"
+    )
+    found = db._conn.execute(walk, ("root",)).fetchall()
+    assert len(found) == count + 1
+    assert {row["parent_session_id"] for row in found} == {None, "root"}
+    db.replace_gateway_routing_entries({f"k{i}": "{}" for i in range(count + 1)})
+    db.delete_gateway_routing_entries([f"k{i}" for i in range(count)])
+    assert db.load_gateway_routing_entries() == {f"k{count}": "{}"}
+
+
 def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     import time
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, String, delete, event, insert, literal, select, update
+from sqlalchemy import Engine, String, delete, event, insert, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
@@ -940,6 +940,47 @@ def test_no_writer_moves_a_cursor_between_the_check_of_several_and_their_moves(
     assert [type(exc) for exc in between] == [DatabaseBusyError]
     assert [m["content"] for m in store.get_messages("a")] == ["a0", "a1"]
     assert [m["content"] for m in store.get_messages("b")] == ["b0", "b1"]
+
+
+@pytest.mark.heavy  # (66,000 cursors moved one UPDATE each: about 90 s on PostgreSQL)
+def test_an_orm_flush_into_more_sessions_than_a_statement_may_name(
+    engine: Engine, backend: str
+) -> None:
+    """A message into each of 66,000 sessions in one ORM flush: their check before any
+    cursor moves locks them a part at a time (in id order still). It named them all in
+    one IN list, past PostgreSQL's 65,535 parameters (and a SQLite build's 32,766)."""
+    count = 66_000
+    numbers = (
+        "generate_series(1, :n) AS g(i)"
+        if backend == "postgresql"
+        else "(WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n)"
+        " SELECT i FROM g)"
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO hermes_sessions (id, source, started_at) "
+                f"SELECT 'g' || i, 'app', 1000 FROM {numbers}"
+            ),
+            {"n": count},
+        )
+    with OrmSession(engine) as orm:
+        orm.add_all(
+            Message(session_id=f"g{i}", role="user", content=f"m{i}") for i in range(1, count + 1)
+        )
+        orm.commit()
+    with engine.connect() as conn:
+        placed = conn.execute(
+            text(
+                "SELECT count(*), min(idx), max(idx), count(DISTINCT session_id)"
+                " FROM hermes_messages"
+            )
+        ).one()
+        cursors = conn.execute(
+            text("SELECT min(flushed_idx), max(flushed_idx) FROM hermes_sessions")
+        ).one()
+    assert tuple(placed) == (count, 0, 0, count)
+    assert tuple(cursors) == (1, 1)
 
 
 def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:

@@ -483,9 +483,10 @@ class GatewayMethods:
         where = _key("scope", scope, max_length=None)
 
         def work(conn: Connection) -> None:
-            conn.execute(
-                delete(_routes).where(_routes.c.scope == where, _routes.c.session_key.in_(keys))
-            )
+            for part in _dialects.in_parts(keys):  # (any number of keys, one transaction)
+                conn.execute(
+                    delete(_routes).where(_routes.c.scope == where, _routes.c.session_key.in_(part))
+                )
 
         self._write(work)
 

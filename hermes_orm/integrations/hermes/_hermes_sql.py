@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Table, delete, insert, select, update
 
 from hermes_orm._codec import check_session_id, shown
+from hermes_orm._dialects import in_parts
 from hermes_orm.integrations.hermes._text import row_id_equal_to
 from hermes_orm.models import Message, Session
 from hermes_orm.store import check_fields, refuse_orphans, take_lock
@@ -183,13 +184,14 @@ def _descendants(_db: SessionDB, conn: Connection, params: tuple[Any, ...]) -> C
     seen = {row[0] for row in found}
     level = list(seen)
     while level:  # (a UNION: a loop in the links ends where it meets a session seen)
-        children = conn.execute(select(*columns).where(_sessions.c.parent_session_id.in_(level)))
-        level = []
-        for row in children:
-            if row[0] not in seen:
-                seen.add(row[0])
-                found.append(row)
-                level.append(row[0])
+        parents, level = level, []
+        for part in in_parts(parents):
+            children = conn.execute(select(*columns).where(_sessions.c.parent_session_id.in_(part)))
+            for row in children:
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    found.append(row)
+                    level.append(row[0])
     return _rows(["id", "parent_session_id", "started_at"], found)
 
 
