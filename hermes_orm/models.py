@@ -353,11 +353,9 @@ class Imported(Base):
     """What imports of a Hermes ``state.db`` have seen, kept when it is deleted here.
 
     ``kind`` 'session' and ``key`` a session id: an import copied the session,
-    or found it stored; ``version``, how many messages the source held when an
-    import last found the copy to be the source's (NULL: none did). ``kind`` one
-    of Hermes' other tables (``state_meta``, ``gateway_routing``, ...) and
-    ``key`` the SHA-256 (hex) of the JSON list of a row's key: the same, of that
-    row, whose ``updated_at`` was ``version``. A later import
+    or found it stored. ``kind`` one of Hermes' other tables (``state_meta``,
+    ``gateway_routing``, ...) and ``key`` the SHA-256 (hex) of the JSON list of
+    a row's key: the same, of that row, whose ``updated_at`` was ``version``. A later import
     leaves what was deleted since deleted (see
     :func:`hermes_orm.integrations.hermes.import_state_db`).
     """

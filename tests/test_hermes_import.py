@@ -1631,9 +1631,6 @@ def test_messages_without_a_sessions_row_are_reported(
 def test_a_rerun_leaves_a_session_that_went_on_in_the_destination_as_it_is(
     store: SessionStore, tmp_path: Path
 ) -> None:
-    """Store mode went on with a session an import copied, the state.db left as it was:
-    every later run reports it continued, up to date (exit 0), and writes none of it.
-    It was reported diverged (exit 1) on every run."""
     from hermes_orm.integrations.hermes import SessionDB
 
     source, hermes = _real_hermes(tmp_path)
@@ -1651,75 +1648,12 @@ def test_a_rerun_leaves_a_session_that_went_on_in_the_destination_as_it_is(
     before = store.get_session("a")
     with store.engine.connect() as conn:
         usage = conn.execute(select(ModelUsage)).all()
-    for _ in range(2):
-        report = import_state_db(source, store)
-        assert report.continued_sessions == ["a"]
-        assert report.ok, report.table()
-        assert not report.diverged_sessions
-        assert "1 session(s) continued in the destination" in report.table()
-        assert report.sessions_written == report.usage_written == report.messages_written == 0
-        assert store.get_session("a") == before
-        with store.engine.connect() as conn:
-            assert conn.execute(select(ModelUsage)).all() == usage
-
-
-def _continued_in_store_mode(store: SessionStore, tmp_path: Path) -> Path:
-    """A state.db the real Hermes wrote (session "a" of q1 a1, "e" of none), imported,
-    then both sessions continued by Hermes in store mode."""
-    from hermes_orm.integrations.hermes import SessionDB
-
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("a", source="cli")
-    hermes.append_message("a", "user", content="q1")
-    hermes.append_message("a", "assistant", content="a1")
-    hermes.create_session("e", source="cli")
-    hermes.close()
-    assert import_state_db(source, store).ok
-    ours = SessionDB(store)
-    for sid in ("a", "e"):
-        ours.append_message(sid, "user", content="q2 in store mode")
-    return source
-
-
-@pytest.mark.parametrize(
-    "hermes_then",
-    ["left it", "cut it shorter", "wrote on too", "rewrote its last", "rewrote it shorter"],
-)
-def test_a_session_continued_in_the_destination_is_up_to_date_only_if_hermes_left_it(
-    store: SessionStore, tmp_path: Path, hermes_then: str
-) -> None:
-    """A session store mode continued after an import is up to date while the state.db
-    holds what the import copied, as many messages, the same ones. Hermes cutting it
-    shorter (an undo), writing on in the state.db too, or rewriting a message, leaves
-    the two histories apart: diverged, and the destination's copy left as it is."""
-    source = _continued_in_store_mode(store, tmp_path)
-    edits = {
-        "left it": [],
-        "cut it shorter": ["DELETE FROM messages WHERE content = 'a1'"],
-        "wrote on too": [
-            "INSERT INTO messages (session_id, role, content, timestamp)"
-            " VALUES ('a', 'user', 'q2 in the state.db', 1.0)"
-        ],
-        "rewrote its last": ["UPDATE messages SET content = 'a1 again' WHERE content = 'a1'"],
-        "rewrote it shorter": [  # as many as copied, by an undo and a new message
-            "DELETE FROM messages WHERE content = 'a1'",
-            "INSERT INTO messages (session_id, role, content, timestamp)"
-            " VALUES ('a', 'assistant', 'another a1', 1.0)",
-        ],
-    }[hermes_then]
-    if edits:
-        _edit_source(source, *edits)
-    before = store.get_messages("a")
     report = import_state_db(source, store)
-    assert "e" in report.continued_sessions  # (an empty one, left as Hermes had it)
-    if hermes_then == "left it":
-        assert report.continued_sessions == ["a", "e"]
-        assert report.ok, report.table()
-    else:
-        assert report.diverged_sessions == ["a"]
-        assert not report.ok
-    assert store.get_messages("a") == before
-    assert report.messages_written == 0
+    assert report.diverged_sessions == ["a"]
+    assert report.sessions_written == report.usage_written == 0
+    assert store.get_session("a") == before
+    with store.engine.connect() as conn:
+        assert conn.execute(select(ModelUsage)).all() == usage
 
 
 def _mirror_two_turns(store: SessionStore, tmp_path: Path, sid: str, platform: str) -> None:
@@ -3017,48 +2951,6 @@ def _large_outputs(tmp_path: Path, count: int, chars: int) -> Path:
     return source
 
 
-@pytest.mark.parametrize(
-    "copied_since",
-    ["by a run cut short", "by the mirror plugin", "by the mirror plugin, no run since"],
-)
-def test_a_session_copied_on_since_the_count_was_recorded_is_not_taken_as_continued(
-    store: SessionStore, tmp_path: Path, copied_since: str
-) -> None:
-    """The source's count recorded by a run goes once the session's copy goes on from
-    the source (a run that wrote a batch, then stopped; a run that found the mirror
-    plugin went on with it), and the messages past it must be as store mode writes
-    them, each with its time (the agent's list, which the mirror stores, has none):
-    Hermes cutting those messages in the state.db since is a divergence. The count
-    stayed, and the session read as continued in the destination, up to date."""
-    source, hermes = _real_hermes(tmp_path)
-    hermes.create_session("a", source="cli")
-    hermes.append_message("a", "user", content="q1")
-    hermes.append_message("a", "assistant", content="a1")
-    assert import_state_db(source, store).ok  # (records 2)
-    hermes.append_message("a", "user", content="q2")
-    hermes.append_message("a", "assistant", content="a2")
-    hermes.close()
-    if copied_since == "by a run cut short":
-
-        def stop(_sid: str, _cursor: int) -> None:
-            raise KeyboardInterrupt  # after the batch's commit
-
-        with pytest.raises(KeyboardInterrupt):
-            import_state_db(source, store, on_batch=stop)
-    elif copied_since == "by the mirror plugin":  # (an agent's list with times)
-        timed = [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
-        live = [{"role": r, "content": c, "timestamp": 5.0} for r, c in timed]
-        _mirror_turn(store, tmp_path, "a", live, "cli")
-        assert import_state_db(source, store).mirrored_sessions == ["a"]
-    else:
-        _mirror_two_turns(store, tmp_path, "a", "cli")
-    assert [m["content"] for m in store.get_messages("a")] == ["q1", "a1", "q2", "a2"]
-    _edit_source(source, "DELETE FROM messages WHERE content IN ('q2', 'a2')")  # an undo
-    report = import_state_db(source, store)
-    assert report.diverged_sessions == ["a"]
-    assert not report.continued_sessions
-
-
 def test_the_records_of_an_import_fit_a_sqlite_of_999_parameters_a_statement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -3086,7 +2978,7 @@ def test_the_records_of_an_import_fit_a_sqlite_of_999_parameters_a_statement(
             kinds = conn.execute(
                 text("SELECT kind, count(*), count(version) FROM hermes_imported GROUP BY kind")
             ).all()
-    assert sorted(map(tuple, kinds)) == [("gateway_routing", 300, 300), ("session", 300, 300)]
+    assert sorted(map(tuple, kinds)) == [("gateway_routing", 300, 300), ("session", 300, 0)]
     engine.dispose()
 
 

@@ -7,14 +7,7 @@ record outlives the session: one deleted in the destination afterwards (by
 store mode's Hermes, the store's API, an application's SQL) is left
 deleted by the next import of a ``state.db`` that still holds it, and
 reported. A run interrupted before its end records nothing; the next run
-records what it finds. A session whose copy the run found to be the source's
-exactly also has the source's number of messages recorded (the record's
-``version``): a later run that finds the source still at that number, and the
-destination's messages up to it the source's, knows the destination continued
-the session (store mode), not that Hermes cut it shorter. The number goes
-(NULL) as an import writes messages of the session, in the transaction that
-writes them, and as a run finds the mirror plugin continued it: the messages
-past it may then be the source's, which Hermes may cut since.
+records what it finds.
 
 Rows of Hermes' other tables are recorded alike (by a digest of their key), in
 the transaction that copies their table, with the ``updated_at`` the source's
@@ -31,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, literal, select, update
+from sqlalchemy import Connection, Table, literal, select
 
 from hermes_orm import _dialects
 from hermes_orm.models import Imported, Session
@@ -67,64 +60,6 @@ def seen_sessions(store: SessionStore, session_ids: Sequence[str]) -> tuple[set[
         return set(seen), [sid for sid in seen if sid not in held]
 
     return store.read_transaction(work) if session_ids else (set(), [])
-
-
-def copied_counts(store: SessionStore, session_ids: Sequence[str]) -> dict[str, int]:
-    """The source's number of messages recorded for each of ``session_ids`` (see the module).
-
-    Sessions recorded without one (by an earlier release, or never found the
-    source's exactly) are left out.
-    """
-    c = _imported.c
-
-    def work(conn: Connection) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for part in _dialects.in_parts(list(session_ids)):
-            query = select(c.key, c.version).where(
-                c.kind == SESSION, c.key.in_(part), c.version.is_not(None)
-            )
-            found.update((key, int(version)) for key, version in conn.execute(query))
-        return found
-
-    return store.read_transaction(work) if session_ids else {}
-
-
-def record_copied(store: SessionStore, counts: Mapping[str, int | None]) -> None:
-    """Record each session of ``counts`` as seen, its copy the source's ``counts[sid]`` messages.
-
-    None: no number (see the module).
-    """
-    if not counts:
-        return
-    now = time.time()
-    values = [
-        {"kind": SESSION, "key": sid, "seen_at": now, "version": None if n is None else float(n)}
-        for sid, n in counts.items()
-    ]
-
-    def work(conn: Connection) -> None:
-        insert = _dialects.insert_maker(conn.dialect.name)
-        for part in _dialects.in_parts(values, _ROWS):
-            statement = insert(_imported).values(part)
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["kind", "key"],
-                    set_={"version": statement.excluded.version},
-                )
-            )
-
-    store.write_transaction(work)
-
-
-def forget_copied(conn: Connection, session_ids: Sequence[str]) -> None:
-    """Drop the source's number of messages recorded for ``session_ids`` (see the module)."""
-    c = _imported.c
-    for part in _dialects.in_parts(session_ids):
-        conn.execute(
-            update(_imported)
-            .where(c.kind == SESSION, c.key.in_(part), c.version.is_not(None))
-            .values(version=None)
-        )
 
 
 def record_seen(store: SessionStore, session_ids: Sequence[str]) -> None:

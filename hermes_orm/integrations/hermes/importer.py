@@ -52,14 +52,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
-from hermes_orm.integrations.hermes._seen import (
-    copied_counts,
-    forget_copied,
-    held_sessions,
-    record_copied,
-    record_seen,
-    seen_sessions,
-)
+from hermes_orm.integrations.hermes._seen import held_sessions, record_seen, seen_sessions
 from hermes_orm.integrations.hermes._side_tables import copy_side_tables
 from hermes_orm.integrations.hermes._text import may_escape_surrogates, scrub_json
 from hermes_orm.integrations.hermes.mirror import revision_row, same_turn
@@ -146,9 +139,6 @@ class ImportReport:
     replaced_rows: list[str] = field(default_factory=list)
     #: Sessions the Hermes mirror plugin continued in the destination: up to date, left alone.
     mirrored_sessions: list[str] = field(default_factory=list)
-    #: Sessions the destination continued (store mode, the store's API) after an import
-    #: found its copy the source's, the source unchanged since: up to date, left alone.
-    continued_sessions: list[str] = field(default_factory=list)
     #: Sessions whose parent link closed a loop of parents (kept in their extra).
     unlooped_sessions: list[str] = field(default_factory=list)
     #: Sessions whose copied rows Hermes changed in place since (columns an upgrade
@@ -229,12 +219,6 @@ class ImportReport:
             lines.append(
                 f"{len(self.mirrored_sessions)} session(s) continued by the Hermes mirror plugin "
                 "in the destination: up to date, left as they are"
-            )
-        if self.continued_sessions:
-            lines.append(
-                f"{len(self.continued_sessions)} session(s) continued in the destination "
-                "(store mode) since an import copied them, unchanged in the source: up to "
-                "date, left as they are"
             )
         if self.unlooped_sessions:
             lines.append(
@@ -992,17 +976,12 @@ def import_state_db(
                 histories=job.histories,
             )
         held = [sid for sid in report.diverged_sessions if cursors.get(sid, _NOTHING_COPIED)[0]]
-        copied = copied_counts(store, held)
         as_before: set[str] = set()  # up to date, their copies kept as Hermes added to them
         for sid in held:
             theirs = _source_messages(src, sid)
             if _continued_by_mirror(store, theirs, sid) or _revised_by_mirror(store, theirs, sid):
                 report.diverged_sessions.remove(sid)
                 report.mirrored_sessions.append(sid)
-                continue
-            if _continued_here(store, theirs, sid, copied.get(sid)):
-                report.diverged_sessions.remove(sid)
-                report.continued_sessions.append(sid)
                 continue
             written = _continue_earlier_copies(store, theirs, sid)
             if written is not None:  # (none written: copied by an earlier run, up to date)
@@ -1021,12 +1000,7 @@ def import_state_db(
             {sid: (by_id[sid], drawn[sid]) for sid in invalid if sid not in cursors},
             {sid: by_id[sid] for sid in invalid if sid in cursors and not cursors[sid].cursor},
         )
-        left = {
-            *report.diverged_sessions,
-            *report.invalid_sessions,
-            *report.mirrored_sessions,
-            *report.continued_sessions,
-        }
+        left = {*report.diverged_sessions, *report.invalid_sessions, *report.mirrored_sessions}
         report.sessions_written += _upsert_sessions(
             store, sessions, report, skip=left, titled_later=titled_later
         )
@@ -1036,8 +1010,7 @@ def import_state_db(
         record_seen(store, [sid for sid in ids if sid not in recorded])
         if bar is not None:
             bar.update(final=True)
-        same = _verify(store, src, ids, seen, report, as_before=as_before)
-        record_copied(store, {**dict.fromkeys(report.mirrored_sessions), **same})
+        _verify(store, src, ids, seen, report, as_before=as_before)
         report.counts.update((name, TableCount(*pair)) for name, pair in side.items())
     finally:
         src.close()
@@ -1416,7 +1389,6 @@ def _copy_messages(
                 write_prepared(conn, prepared)
             except IntegrityError:
                 raise CursorMoved from None
-            forget_copied(conn, [sid for sid, _, _ in item.pieces])
             return [(sid, count, cursor + count) for sid, cursor, count in item.pieces]
 
         return work
@@ -1455,7 +1427,6 @@ def _copy_messages(
                     done.append((sid, -1, -1))
                     continue
                 done.append((sid, result.written, result.cursor))
-            forget_copied(conn, [sid for sid, written, _ in done if written > 0])
             return done
 
         return work
@@ -1575,34 +1546,6 @@ def _revised_by_mirror(store: SessionStore, source: list[dict[str, Any]], sid: s
 _ADDED_IN_PLACE = ("api_content",)
 
 
-def _continued_here(
-    store: SessionStore, source: list[dict[str, Any]], sid: str, copied: int | None
-) -> bool:
-    """Whether the destination continued ``sid`` after an import found its copy the source's.
-
-    ``copied``: how many messages the source held then (the import's record,
-    :func:`~hermes_orm.integrations.hermes._seen.copied_counts`, dropped
-    since if an import or the mirror plugin wrote messages of the session). The
-    source must hold as many still, and the destination more, its first ones
-    each the source's (or an :func:`_earlier_copy` of it), the others as store
-    mode writes them (Hermes' rows, each with its time; the agent's list, which
-    the mirror plugin stores, has none). Hermes cutting the session shorter
-    since (a retry, an undo) leaves the source fewer; Hermes writing on in the
-    source too leaves it more: a divergence, either way.
-    """
-    if copied is None or len(source) != copied:
-        return False
-    try:
-        stored = store.primary_messages(sid)
-    except SessionNotFoundError:
-        return False  # (another writer deleted it as the import ran)
-    return (
-        len(stored) > copied
-        and all(map(_earlier_copy, source, stored[:copied]))
-        and all("timestamp" in message for message in stored[copied:])
-    )
-
-
 def _continue_earlier_copies(
     store: SessionStore, source: list[dict[str, Any]], sid: str
 ) -> int | None:
@@ -1622,7 +1565,6 @@ def _continue_earlier_copies(
     if not all(map(_earlier_copy, source, stored)):
         return None
     tail = _Tail(len(stored), stored[-1], source[len(stored) :])
-    store.write_transaction(lambda conn: forget_copied(conn, [sid]))  # (before: none left)
     try:
         return store.flush(sid, tail, verify="last").written
     except (HistoryDivergedError, InvalidMessageError, SessionNotFoundError):
@@ -2301,7 +2243,7 @@ def _verify(
     report: ImportReport,
     *,
     as_before: Collection[str],
-) -> dict[str, int]:
+) -> None:
     """Count what the destination holds against what the source holds now.
 
     Messages are counted as rows on both sides, per session, and the digest
@@ -2315,17 +2257,12 @@ def _verify(
     compression) or deleted there meanwhile, and is reported diverged, as the
     next run would find it; so is one another writer deleted in the
     destination meanwhile. Any other difference is a mismatch. Sessions the
-    mirror plugin or the destination continued are left out, and messages whose session has no
+    mirror plugin continued are left out, and messages whose session has no
     sessions row are reported. ``as_before``: sessions found up to date whose
     stored copies Hermes only added to (``api_content`` filled in): their last
     message's digest differs from the source's, as it should.
-
-    Returns:
-        The sessions whose copy is the source's, with their number of messages.
     """
-    left_out = {*report.mirrored_sessions, *report.continued_sessions}
-    ids = [sid for sid in ids if sid not in left_out]
-    same: dict[str, int] = {}
+    ids = [sid for sid in ids if sid not in report.mirrored_sessions]
 
     def work(conn: Connection) -> tuple[dict[str, tuple[int, Any]], dict[str, int]]:
         counted = _dialects.rows_for_values(conn, _COUNT_MESSAGES, ids)
@@ -2362,8 +2299,6 @@ def _verify(
         if have == after:
             if have and sid not in as_before and (digest is None or bytes(digest) != last.get(sid)):
                 report.diverged_sessions.append(sid)  # changed since it was read
-            else:
-                same[sid] = have
             continue
         if have != seen.get(sid, 0):
             report.mismatched_sessions.append(sid)
@@ -2383,7 +2318,6 @@ def _verify(
             len(report.orphaned_messages),
             ", ".join(map(repr, list(report.orphaned_messages)[:10])),  # (escapes shown)
         )
-    return same
 
 
 def _last_digests(src: Source, session_ids: list[str]) -> dict[str, bytes | None]:
