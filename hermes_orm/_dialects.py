@@ -1763,6 +1763,18 @@ def in_parts(values: Sequence[T], size: int = IN_LIST_MAX) -> Iterator[Sequence[
         yield values[start : start + size]
 
 
+def lock_order(column: Any, dialect: str) -> Any:
+    """``column`` to ORDER BY rows locked a part at a time of ids Python ``sorted()``.
+
+    PostgreSQL orders text by the database's collation (ICU, ``en_US``: ``a``
+    before ``B``), which ``sorted()`` (code points: ``B`` first) may not agree
+    with: two writers locking the same rows in parts could then take them in
+    opposite orders, and deadlock. ``"C"`` orders by bytes, which in UTF-8 is
+    the code points' order.
+    """
+    return column.collate("C") if dialect == "postgresql" else column
+
+
 def _for_values(
     conn: Connection, query: str, values: Sequence[Any]
 ) -> Iterator[tuple[str, tuple[Any, ...]]]:

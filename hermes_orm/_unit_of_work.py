@@ -541,16 +541,18 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
         return  # one guarded UPDATE refuses before it writes
     c = _sessions.c
     bind = _messages_bind()
-    if session.connection(bind_arguments=bind).dialect.name == "sqlite":
+    dialect = session.connection(bind_arguments=bind).dialect.name
+    if dialect == "sqlite":
         session.execute(
             update(_sessions).where(false()).values(flushed_idx=c.flushed_idx),
             execution_options={_PLACED: True},
             bind_arguments=bind,
         )
     stored: dict[str, int] = {}
+    order = _dialects.lock_order(c.id, dialect)
     for part in _dialects.in_parts(sorted(claims)):  # (each IN list within the driver's bounds)
         rows = session.execute(
-            select(c.id, c.flushed_idx).where(c.id.in_(part)).order_by(c.id).with_for_update(),
+            select(c.id, c.flushed_idx).where(c.id.in_(part)).order_by(order).with_for_update(),
             bind_arguments=bind,
         )
         stored.update((row.id, row.flushed_idx) for row in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -11,11 +12,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, String, delete, event, insert, literal, select, text, update
+from sqlalchemy import (
+    Engine,
+    String,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.pool import NullPool
 
 from hermes_orm import (
     DatabaseBusyError,
@@ -981,6 +996,80 @@ def test_an_orm_flush_into_more_sessions_than_a_statement_may_name(
         ).one()
     assert tuple(placed) == (count, 0, 0, count)
     assert tuple(cursors) == (1, 1)
+
+
+def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
+    pg_server_url: str,
+) -> None:
+    """An ORM flush into 501 sessions locks their rows 500 at a time, in the order Python
+    sorts their ids; a flush into two of them (one statement) takes them in that order
+    too. On a database of ICU's collation (``a`` before ``B``; by code points ``B``
+    comes first) that one statement took ``a``, then waited for ``B``, which the first
+    flush held while it waited for ``a``: a deadlock, and one flush refused."""
+    admin = create_engine(pg_server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    name = f"hermes_icu_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+            "ICU_LOCALE 'en-US' LOCALE 'C'"
+        )
+    engine = create_engine(make_url(pg_server_url).set(database=name), poolclass=NullPool)
+    try:
+        upgrade(engine)
+        many = [f"A{i:03}" for i in range(499)] + ["B", "a"]
+        store = SessionStore(engine)
+        for sid in many:
+            store.create_session(sid, source="app")
+        store.close()
+        first = threading.current_thread()
+        failures: list[BaseException] = []
+
+        def flush(ids: list[str]) -> None:
+            try:
+                with OrmSession(engine) as orm:
+                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in ids)
+                    orm.commit()
+            except BaseException as exc:
+                failures.append(exc)
+
+        other = threading.Thread(target=flush, args=(["a", "B"],))
+        started: list[bool] = []
+
+        def second_flush_waits(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if "FOR UPDATE" not in statement or threading.current_thread() is not first:
+                return
+            if started:
+                return
+            started.append(True)  # the first part locked (B among them): the other flush now
+            other.start()
+            deadline = time.monotonic() + 20
+            with admin.connect() as conn:
+                while (
+                    time.monotonic() < deadline
+                    and not conn.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                        "AND wait_event_type = 'Lock'",
+                        (name,),
+                    ).scalar()
+                ):
+                    time.sleep(0.05)
+
+        event.listen(engine, "after_cursor_execute", second_flush_waits)
+        flush(many)
+        other.join(30)
+        assert failures == []
+        with engine.connect() as conn:
+            counts = dict(
+                conn.execute(
+                    select(Message.session_id, func.count()).group_by(Message.session_id)
+                ).all()
+            )
+        assert counts == {**dict.fromkeys(many, 1), "a": 2, "B": 2}
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:

@@ -307,9 +307,10 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
         return ids
     ids.sort()  # (locked in id order, a part at a time)
     kept: list[str] = []
+    order = _dialects.lock_order(_sessions.c.id, conn.dialect.name)
     for some in _dialects.in_parts(ids):
         mine = _sessions.c.id.in_(some)
-        conn.execute(select(_sessions.c.id).where(mine).order_by(_sessions.c.id).with_for_update())
+        conn.execute(select(_sessions.c.id).where(mine).order_by(order).with_for_update())
         kept += conn.execute(query.where(mine)).scalars()
     return kept
 
@@ -962,13 +963,14 @@ class UpkeepMethods:
 
         def pick(conn: Connection) -> list[str]:
             # Their rows locked first (PostgreSQL), as delete_session's: in id order.
+            order = _dialects.lock_order(_sessions.c.id, conn.dialect.name)
             listed[:] = [
                 sid
                 for some in _dialects.in_parts(wanted)
                 for sid in conn.execute(
                     select(_sessions.c.id)
                     .where(_sessions.c.id.in_(some))
-                    .order_by(_sessions.c.id)
+                    .order_by(order)
                     .with_for_update()
                 ).scalars()
             ]
