@@ -287,6 +287,19 @@ def test_export_and_delete_with_delegates(both: Any, tmp_path: Path) -> None:
     assert both.delete_session("root") is False
 
 
+#: Hermes' walk of a session's lineage (its dashboard's), as it writes it.
+_HERMES_WALK = (
+    "\n            WITH RECURSIVE descendants(id, parent_session_id, started_at) AS (\n"
+    "                SELECT id, parent_session_id, started_at FROM sessions WHERE id = ?\n"
+    "                UNION\n"
+    "                SELECT s.id, s.parent_session_id, s.started_at\n"
+    "                FROM sessions s\n"
+    "                JOIN descendants d ON s.parent_session_id = d.id\n"
+    "            )\n"
+    "            SELECT id, parent_session_id, started_at FROM descendants\n            "
+)
+
+
 def _numbers(backend: str) -> str:
     """A FROM item of the numbers 1 to the parameter ``n``, as column ``i``."""
     if backend == "postgresql":
@@ -377,16 +390,7 @@ def test_a_walk_and_a_delete_of_more_sessions_and_keys_than_a_statement_may_name
             {"n": count},
         )
     db = SessionDB(store)
-    walk = (
-        "WITH RECURSIVE descendants(id, parent_session_id, started_at) AS ("
-        " SELECT id, parent_session_id, started_at FROM sessions WHERE id = ?"
-        " UNION"
-        " SELECT s.id, s.parent_session_id, s.started_at"
-        " FROM sessions s"
-        " JOIN descendants d ON s.parent_session_id = d.id"
-        ") SELECT id, parent_session_id, started_at FROM descendants"
-    )
-    found = db._conn.execute(walk, ("root",)).fetchall()
+    found = db._conn.execute(_HERMES_WALK, ("root",)).fetchall()
     assert len(found) == count + 1
     assert {row["parent_session_id"] for row in found} == {None, "root"}
     db.replace_gateway_routing_entries({f"k{i}": "{}" for i in range(count + 1)})
@@ -2006,16 +2010,7 @@ def test_hermes_sql_on_the_connection_answers_as_on_hermes_own(both: Any) -> Non
         assert _no_clock(answers[0]) == _no_clock(answers[1]), sql
         return answers[1]
 
-    walk = (
-        "\n            WITH RECURSIVE descendants(id, parent_session_id, started_at) AS (\n"
-        "                SELECT id, parent_session_id, started_at FROM sessions WHERE id = ?\n"
-        "                UNION\n"
-        "                SELECT s.id, s.parent_session_id, s.started_at\n"
-        "                FROM sessions s\n"
-        "                JOIN descendants d ON s.parent_session_id = d.id\n"
-        "            )\n"
-        "            SELECT id, parent_session_id, started_at FROM descendants\n            "
-    )
+    walk = _HERMES_WALK
     assert [r["id"] for r in rows(walk, "root")] == ["child", "grandchild", "root"]
     assert rows(walk, "missing") == []
     message_id = ours.get_messages("child")[0]["id"]
