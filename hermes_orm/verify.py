@@ -35,7 +35,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Table, Text, bindparam, func, select, type_coerce, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    Text,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.types import NullType
 
@@ -71,6 +83,20 @@ _READ = {
 _SHOWN = 10  # positions, ids and the like listed in a problem's detail
 #: The session columns a check reads.
 _CHECKED = ("flushed_idx", "message_count", "tool_call_count", "history_id", "flushed_digest")
+
+
+def _as_stored(column: Any, dialect: str) -> Any:
+    """``column`` read as stored, for its check (a position, a count, a digest).
+
+    On SQLite another client may store text in it, not always UTF-8 (``CAST(x AS
+    TEXT)`` of a digest), which ``sqlite3`` refuses to fetch: text is read as its
+    bytes in a literal (``X'FF00'``), still text, so found stored as text and
+    repaired from the rows.
+    """
+    if dialect == "sqlite":
+        shown = literal("X'") + func.hex(column) + literal("'")
+        column = case((func.typeof(column) == "text", shown), else_=column)
+    return type_coerce(column, NullType())
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,12 +365,13 @@ def _message_rows(conn: Connection, session_id: str) -> tuple[Sequence[Any], dic
     of one message. The rows are then fetched one at a time, the refused ones as
     :class:`_Undecodable` (by id).
     """
+    dialect = conn.dialect.name
     read = (
         select(
             _messages.c.id,
-            type_coerce(_messages.c.idx, NullType()).label("idx"),
-            type_coerce(_messages.c.digest, NullType()).label("digest"),
-            *_READ[conn.dialect.name],
+            _as_stored(_messages.c.idx, dialect).label("idx"),
+            _as_stored(_messages.c.digest, dialect).label("digest"),
+            *_READ[dialect],
         )
         .where(_messages.c.session_id == session_id)
         .order_by(_messages.c.idx, _messages.c.id)
@@ -374,7 +401,7 @@ def _inspect_session(
     # Only the columns checked, as stored: damage to another (JSON nested too deep, a
     # flag holding a word) is no reason to leave the session's messages unchecked.
     read = select(
-        *(type_coerce(_sessions.c[name], NullType()).label(name) for name in _CHECKED)
+        *(_as_stored(_sessions.c[name], conn.dialect.name).label(name) for name in _CHECKED)
     ).where(_sessions.c.id == session_id)
     session = conn.execute(read.with_for_update() if repair else read).first()
     if session is None:
@@ -382,8 +409,9 @@ def _inspect_session(
     stored_last = session.flushed_digest
     unreadable: str | None = None
     try:
-        with conn.begin_nested():  # the whole row, as the store reads it
-            conn.execute(select(_sessions).where(_sessions.c.id == session_id)).first()
+        with conn.begin_nested():  # the rest of the row, as the store reads it
+            rest = [c for c in _sessions.c if c.name not in _CHECKED]
+            conn.execute(select(*rest).where(_sessions.c.id == session_id)).first()
     except Exception as exc:  # (the checks below read only what they check)
         unreadable = _why(exc)
     rows, undecodable = _message_rows(conn, session_id)
@@ -520,7 +548,9 @@ def _check_orphans(conn: Connection) -> list[Problem]:
     """Messages whose session does not exist: reported, never repaired (see the module)."""
     orphans = conn.execute(
         select(_messages.c.session_id, func.count())
-        .where(_messages.c.session_id.not_in(select(_sessions.c.id)))
+        # (an anti-join: NOT IN (SELECT ...) is hashed only while the ids fit in
+        # PostgreSQL's hash_mem, then rescanned for every message)
+        .where(~exists().where(_sessions.c.id == _messages.c.session_id))
         .group_by(_messages.c.session_id)
         .order_by(_messages.c.session_id)
     ).all()
@@ -554,8 +584,8 @@ def _check_lineage(conn: Connection, repair: bool) -> list[Problem]:
     ).all()
     parents = {child: parent_id for child, parent_id, _ in rows}
     problems = []
-    for child, parent_id, exists in rows:
-        if exists:
+    for child, parent_id, found in rows:
+        if found:
             continue
         detail = f"parent session {parent_id!r} does not exist"
         if not repair:
