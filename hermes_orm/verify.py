@@ -39,6 +39,7 @@ from sqlalchemy import (
     Connection,
     Table,
     Text,
+    and_,
     bindparam,
     case,
     exists,
@@ -85,17 +86,22 @@ _SHOWN = 10  # positions, ids and the like listed in a problem's detail
 _CHECKED = ("flushed_idx", "message_count", "tool_call_count", "history_id", "flushed_digest")
 
 
+#: The characters text of ASCII only is made of (trimmed away: nothing left).
+_ASCII = "".join(map(chr, range(1, 128)))
+
+
 def _as_stored(column: Any, dialect: str) -> Any:
     """``column`` read as stored, for its check (a position, a count, a digest).
 
     On SQLite another client may store text in it, not always UTF-8 (``CAST(x AS
-    TEXT)`` of a digest), which ``sqlite3`` refuses to fetch: text is read as its
-    bytes in a literal (``X'FF00'``), still text, so found stored as text and
-    repaired from the rows.
+    TEXT)`` of a digest), which ``sqlite3`` refuses to fetch: text with other than
+    ASCII characters is read as its bytes in a literal (``X'FF00'``), still text,
+    so found stored as text and repaired from the rows.
     """
     if dialect == "sqlite":
+        ascii_only = func.trim(column, literal(_ASCII)) == ""
         shown = literal("X'") + func.hex(column) + literal("'")
-        column = case((func.typeof(column) == "text", shown), else_=column)
+        column = case((and_(func.typeof(column) == "text", ~ascii_only), shown), else_=column)
     return type_coerce(column, NullType())
 
 
@@ -507,6 +513,17 @@ def _inspect_session(
         found("flushed_digest", f"flushed_digest is stored as {type(stored_last).__name__}")
     elif (None if stored_last is None else bytes(stored_last)) != last:
         found("flushed_digest", "flushed_digest is not the digest of the last message")
+    for name in ("tool_call_count", "flushed_digest"):
+        # Not checked while the messages above are unread (nothing to set it from), it
+        # still may hold text, which the store cannot read: said, not repaired.
+        value = getattr(session, name)
+        if isinstance(value, str) and not any(p.check == name for p in problems):
+            found(
+                name,
+                f"{name} is stored as text ({value}); not repaired until the messages "
+                "are (then set from them)",
+                fixable=False,
+            )
     if repair and any(p.repaired for p in problems):
         # A history the stores that remember this session's cursor must not take as theirs.
         values: dict[str, Any] = {"flushed_idx": n, "message_count": n}

@@ -275,6 +275,7 @@ def test_a_damaged_row_is_its_sessions_problem_and_the_others_are_checked(
     assert "key_order is JSON nested too deep" in problems["order-deep", "message"]
     assert "stored as str" in problems["digest-text", "digest"]
     assert "stored as str" in problems["digest-cast", "digest"]
+    assert "not whole numbers: ['x']" in problems["idx-text", "positions"]  # (ASCII as is)
     assert problems["cursor-cast", "cursor"] == "flushed_idx is X'FF', 7 messages are stored"
     # Which message is last is unknown while a position is no number: not judged.
     assert ("idx-text-1", "flushed_digest") not in problems
@@ -611,6 +612,28 @@ def test_a_flush_landing_while_a_session_is_checked_is_neither_blocked_nor_a_pro
     assert report.messages == 2  # the moment before the flush
     after = verify_database(store)
     assert (after.problems, after.messages) == ([], len(messages))
+
+
+@pytest.mark.backends("sqlite")  # (PostgreSQL's column types refuse these values)
+@pytest.mark.parametrize("column", ["tool_call_count", "flushed_digest"])
+def test_a_counter_the_store_cannot_read_is_said_while_its_check_cannot_run(
+    store: SessionStore, engine: Engine, column: str
+) -> None:
+    """Text that is not UTF-8 in a column checked against the messages, which cannot be
+    checked while a message is unreadable: still reported (not repaired: nothing to set
+    it from), where it went unsaid and the store's reads of the session kept failing."""
+    store.create_session("s", source="cli")
+    store.flush("s", conversation(2))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE hermes_messages SET tool_calls = '{bad' WHERE session_id = 's' AND idx = 5"
+        )
+        conn.exec_driver_sql(f"UPDATE hermes_sessions SET {column} = CAST(X'FF' AS TEXT)")
+    report = verify_database(store, repair=True)
+    found = {p.check: p for p in report.problems}
+    assert found["message"].repaired is False
+    assert found[column].repaired is False
+    assert "X'FF'" in found[column].detail
 
 
 @pytest.mark.backends("postgresql")
