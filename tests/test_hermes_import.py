@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, select, text, update
+from sqlalchemy import delete, event, func, select, text, update
 
 from devtools.hermes_fixture import fixture_copy, grow
 from hermes_orm import Message, ModelUsage, Session, SessionStore, create_store_engine
@@ -1257,6 +1257,33 @@ def _a_message_no_store_takes(source: Path, sid: str) -> None:
         "INSERT INTO messages (session_id, role, content, timestamp) "
         f"VALUES ('{sid}', 'tool', 'output', 'not a time')",  # SQLite stores any type
     )
+
+
+@pytest.mark.heavy  # (66,000 sessions read one by one: about a minute on PostgreSQL)
+def test_more_new_sessions_found_invalid_than_a_statement_may_name_leave_no_row(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """66,000 new sessions each with a message the store cannot take: their rows, made
+    before their messages were read, go again a part at a time. One IN list named them
+    all, past PostgreSQL's 65,535 parameters, and the import failed at its end."""
+    count = 66_000
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("good", source="cli")
+    hermes.append_message("good", "user", content="hi")
+    hermes.close()
+    _edit_source(
+        source,
+        "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < 66000) "
+        "INSERT INTO sessions (id, source, started_at) SELECT 'bad' || i, 'cli', i FROM g",
+        "INSERT INTO messages (session_id, role, content, timestamp) "
+        "SELECT id, 'tool', 'output', 'not a time' FROM sessions WHERE id LIKE 'bad%'",
+    )
+    report = import_state_db(source, store)
+    assert len(report.invalid_sessions) == count
+    assert report.sessions_written == 1
+    assert [m["content"] for m in store.get_messages("good")] == ["hi"]
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Session)).scalar() == 1
 
 
 def test_the_empty_row_an_interrupted_run_made_of_an_invalid_session_goes(

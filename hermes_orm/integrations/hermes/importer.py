@@ -2094,7 +2094,7 @@ def _forget_new(
     s, child = _sessions.alias("s"), _sessions.alias("child")
     empty = (
         select(s)
-        .where(s.c.id.in_(wanted), s.c.flushed_idx == 0)
+        .where(s.c.flushed_idx == 0)
         .where(~select(child.c.id).where(child.c.parent_session_id == s.c.id).exists())
         .where(~select(_messages.c.id).where(_messages.c.session_id == s.c.id).exists())
     )
@@ -2123,10 +2123,20 @@ def _forget_new(
 
     def work(conn: Connection) -> int:
         gone: list[str] = []
+        went = True
         # Again once some went: a parent to none of the rest now (its child went) goes too.
-        while ids := [row.id for row in conn.execute(empty) if as_imported(row)]:
-            conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
-            gone += ids
+        while went:
+            went = False
+            for part in _dialects.in_parts(wanted):  # (a run may find many invalid)
+                ids = [
+                    row.id
+                    for row in conn.execute(empty.where(s.c.id.in_(part)))
+                    if as_imported(row)
+                ]
+                if ids:
+                    conn.execute(_sessions.delete().where(_sessions.c.id.in_(ids)))
+                    gone += ids
+                    went = True
         return sum(1 for sid in gone if sid in new)
 
     return store.write_transaction(work)
