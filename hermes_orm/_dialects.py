@@ -1798,8 +1798,13 @@ def rows_insert(
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ",
         f"({values})",
-        max(1, min(500, _max_parameters(dialect) // len(columns))),
+        rows_per_statement(dialect, len(columns)),
     )
+
+
+def rows_per_statement(dialect: str, columns: int) -> int:
+    """Rows of ``columns`` values one multi-row statement holds (see :func:`rows_insert`)."""
+    return max(1, min(500, _max_parameters(dialect) // columns))
 
 
 def render_flush_sql(

@@ -35,9 +35,6 @@ _sessions: Table = Session.__table__  # type: ignore[assignment]
 
 #: The kind of the records of sessions.
 SESSION = "session"
-#: Records one INSERT writes: four parameters each, within the 999 a statement may
-#: hold on SQLite before 3.32 (or a build bounded so).
-_ROWS = 200
 
 _SEEN = f"SELECT key FROM {_imported.name} WHERE kind = '{SESSION}' AND key IN ({{values}})"
 _HELD = f"SELECT id FROM {_sessions.name} WHERE id IN ({{values}})"
@@ -118,7 +115,9 @@ def record_rows(
         {"kind": kind, "key": _key_text(key), "seen_at": now, "version": version}
         for key, version in versions.items()
     ]
-    for part in _dialects.in_parts(values, _ROWS):
+    # (four values a record: within the parameters a statement may hold, 999 on SQLite
+    # before 3.32)
+    for part in _dialects.in_parts(values, _dialects.rows_per_statement(conn.dialect.name, 4)):
         statement = insert(_imported).values(part)
         conn.execute(
             statement.on_conflict_do_update(
