@@ -374,6 +374,28 @@ def take_lock(conn: Connection, *key: str) -> None:
         )
 
 
+def lock_with_children(conn: Connection, session_ids: Sequence[str]) -> None:
+    """On PostgreSQL, lock the rows of ``session_ids`` and of their children, in lock order.
+
+    Taken before their children's links are cut: an UPDATE of the links locks
+    the children as it finds them, and against a writer taking some of the
+    same rows in lock order (an ORM flush into several sessions) that could
+    deadlock. The order is :func:`_dialects.lock_order`'s, 500 ids at a time.
+    """
+    dialect = conn.dialect.name
+    if dialect != "postgresql":
+        return  # SQLite's writer holds the whole database
+    c = _sessions.c
+    order = _dialects.lock_order(c.id, dialect)
+    for part in _dialects.in_parts(sorted(session_ids)):
+        conn.execute(
+            select(c.id)
+            .where(or_(c.id.in_(part), c.parent_session_id.in_(part)))
+            .order_by(order)
+            .with_for_update()
+        ).all()
+
+
 def take_lineage_turn(conn: Connection) -> None:
     """On PostgreSQL, the turn of writes setting parent links on these tables (to the commit).
 
@@ -1378,15 +1400,23 @@ class StoreCore:
         check_session_id(session_id)
         if self._user is None:
             return self._delete_sessions_steps(lambda _conn: [session_id])
-        # Locked as it is picked (PostgreSQL): a session given to another user
-        # meanwhile is not picked, and is not given away before it is deleted.
-        mine = select(_sessions.c.id).where(self._owned(session_id)).with_for_update()
-        return self._delete_sessions_steps(lambda conn: conn.execute(mine).scalars().all())
+        mine = select(_sessions.c.id).where(self._owned(session_id))
 
-    def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:
+        def pick(conn: Connection) -> Sequence[str]:
+            # Read once its row is locked (PostgreSQL): a session given to another
+            # user meanwhile is not picked, and is not given away before it is deleted.
+            lock_with_children(conn, [session_id])
+            return conn.execute(mine).scalars().all()
+
+        return self._delete_sessions_steps(pick, locked=True)
+
+    def _delete_sessions_steps(
+        self, pick: Callable[[Connection], Sequence[str]], *, locked: bool = False
+    ) -> Steps[int]:
         """Delete the sessions ``pick`` names (in the same transaction) and their messages.
 
         Their children lose the parent link. Returns how many sessions went.
+        ``locked``: ``pick`` took :func:`lock_with_children` of what it picks.
         """
         picked: list[str] = []
 
@@ -1395,6 +1425,8 @@ class StoreCore:
             picked[:] = ids
             deleted = 0
             for some in _dialects.in_parts(ids):  # (a prune may pick many thousands)
+                if not locked:
+                    lock_with_children(conn, some)
                 # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
                 conn.execute(delete(_messages).where(_messages.c.session_id.in_(some)))
                 conn.execute(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -998,6 +999,40 @@ def test_an_orm_flush_into_more_sessions_than_a_statement_may_name(
     assert tuple(cursors) == (1, 1)
 
 
+@contextlib.contextmanager
+def _own_database(pg_server_url: str, name: str, options: str = "") -> Iterator[Engine]:
+    """A database of its own on the test server, migrated, dropped after (with ``options``)."""
+    admin = create_engine(pg_server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    name = f"{name}_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0 {options}')
+    engine = create_engine(make_url(pg_server_url).set(database=name), poolclass=NullPool)
+    try:
+        upgrade(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def _lock_waiters(engine: Engine, count: int) -> None:
+    """Wait (up to 20 s) until ``count`` connections to ``engine``'s database wait for a lock."""
+    deadline = time.monotonic() + 20
+    with engine.connect() as conn:
+        while (
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).scalar_one()
+            < count
+        ):
+            assert time.monotonic() < deadline, f"fewer than {count} waiting for a lock"
+            conn.rollback()  # (a transaction reads pg_stat_activity once)
+            time.sleep(0.05)
+
+
 def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
     pg_server_url: str,
 ) -> None:
@@ -1006,16 +1041,9 @@ def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
     too. On a database of ICU's collation (``a`` before ``B``; by code points ``B``
     comes first) that one statement took ``a``, then waited for ``B``, which the first
     flush held while it waited for ``a``: a deadlock, and one flush refused."""
-    admin = create_engine(pg_server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    name = f"hermes_icu_{os.getpid()}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(
-            f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
-            "ICU_LOCALE 'en-US' LOCALE 'C'"
-        )
-    engine = create_engine(make_url(pg_server_url).set(database=name), poolclass=NullPool)
-    try:
-        upgrade(engine)
+    with _own_database(
+        pg_server_url, "hermes_icu", "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'"
+    ) as engine:
         many = [f"A{i:03}" for i in range(499)] + ["B", "a"]
         store = SessionStore(engine)
         for sid in many:
@@ -1042,17 +1070,7 @@ def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
                 return
             started.append(True)  # the first part locked (B among them): the other flush now
             other.start()
-            deadline = time.monotonic() + 20
-            with admin.connect() as conn:
-                while (
-                    time.monotonic() < deadline
-                    and not conn.exec_driver_sql(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                        "AND wait_event_type = 'Lock'",
-                        (name,),
-                    ).scalar()
-                ):
-                    time.sleep(0.05)
+            _lock_waiters(engine, 1)
 
         event.listen(engine, "after_cursor_execute", second_flush_waits)
         flush(many)
@@ -1065,11 +1083,79 @@ def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
                 ).all()
             )
         assert counts == {**dict.fromkeys(many, 1), "a": 2, "B": 2}
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+
+
+def _deleter(store: SessionStore, how: str) -> Callable[[], object]:
+    """A call deleting session ``P`` through ``how``."""
+    if how == "store":
+        return lambda: store.delete_session("P")
+    if how == "user":
+        return lambda: store.for_user("u").delete_session("P")
+    from hermes_orm.integrations.hermes import SessionDB
+
+    if how == "hermes":
+        return lambda: SessionDB(store).delete_session("P")
+    if how == "hermes empty":
+        return lambda: SessionDB(store).delete_empty_sessions()
+    return lambda: SessionDB(store).delete_sessions(["P"])
+
+
+@pytest.mark.parametrize("how", ["store", "user", "hermes", "hermes many", "hermes empty"])
+def test_deleting_a_parent_takes_its_childrens_rows_in_the_order_a_flush_does(
+    pg_server_url: str, how: str
+) -> None:
+    """Deleting a session locks its row and its children's in the one lock order
+    before it unlinks the children. The UPDATE of their links took them as it
+    scanned them (``b``, made first, then ``a``), while an ORM flush into both took
+    ``a`` and waited for ``b`` (held here a moment by a third transaction): a
+    deadlock, which PostgreSQL broke by refusing one of them."""
+    with _own_database(pg_server_url, "hermes_unlink") as engine:
+        store = SessionStore(engine)
+        owned = store.for_user("u")
+        owned.create_session("P", source="app")
+        owned.end_session("P", "done")  # (ended and empty: what delete_empty_sessions takes)
+        for child in ("b", "a"):
+            owned.create_session(child, source="app", parent_session_id="P")
+        deadlocks = text(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+        with engine.connect() as conn:
+            before = conn.execute(deadlocks).scalar_one()
+        failures: list[BaseException] = []
+
+        def flush() -> None:
+            try:
+                with OrmSession(engine) as orm:
+                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in "ab")
+                    orm.commit()
+            except BaseException as exc:
+                failures.append(exc)
+
+        with engine.connect() as holder:
+            # A key-share lock on b (as a message insert takes): the flush's FOR UPDATE
+            # waits for it, an UPDATE of b's link does not.
+            holder.execute(text("SELECT 1 FROM hermes_sessions WHERE id = 'b' FOR KEY SHARE"))
+            flusher = threading.Thread(target=flush)
+            flusher.start()
+            _lock_waiters(engine, 1)  # the flush holds a and waits for b
+            deleter = threading.Thread(target=_deleter(store, how))
+            deleter.start()
+            _lock_waiters(engine, 2)
+            holder.commit()
+        flusher.join(30)
+        deleter.join(30)
+        store.close()
+        assert failures == []
+        with engine.connect() as conn:
+            assert conn.execute(deadlocks).scalar_one() == before
+            rows = conn.execute(
+                text(
+                    "SELECT s.id, s.parent_session_id, s.flushed_idx, count(m.id) "
+                    "FROM hermes_sessions s LEFT JOIN hermes_messages m ON m.session_id = s.id "
+                    "GROUP BY s.id ORDER BY s.id"
+                )
+            ).all()
+        assert [tuple(r) for r in rows] == [("a", None, 1, 1), ("b", None, 1, 1)]
 
 
 def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:
