@@ -541,13 +541,10 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
         return  # one guarded UPDATE refuses before it writes
     c = _sessions.c
     bind = _messages_bind()
-    dialect = session.connection(bind_arguments=bind).dialect.name
+    connection = session.connection(bind_arguments=bind)
+    dialect = connection.dialect.name
     if dialect == "sqlite":
-        session.execute(
-            update(_sessions).where(false()).values(flushed_idx=c.flushed_idx),
-            execution_options={_PLACED: True},
-            bind_arguments=bind,
-        )
+        _take_sqlite_write_lock(connection)
     stored: dict[str, int] = {}
     order = _dialects.lock_order(c.id, dialect)
     for part in _dialects.in_parts(sorted(claims)):  # (each IN list within the driver's bounds)
@@ -561,6 +558,19 @@ def _check_sessions(session: OrmSession, claims: Mapping[str, _Claim | None]) ->
             raise SessionNotFoundError(session_id)
         if claim is not None and claim.cursor != stored[session_id]:
             raise claim.refused(stored[session_id])
+
+
+def _take_sqlite_write_lock(connection: Connection) -> None:
+    """Take SQLite's write lock on ``connection`` now: a write that changes nothing.
+
+    Until a transaction writes, another writer may commit between two of its
+    reads (sqlite3 begins it at its first write).
+    """
+    c = _sessions.c
+    connection.execute(
+        update(_sessions).where(false()).values(flushed_idx=c.flushed_idx),
+        execution_options={_PLACED: True},  # the rule's own statement
+    )
 
 
 def _move_cursor(
@@ -658,11 +668,18 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
     # New sessions by id: a message may name one by id (no relationship set).
     pending: dict[str, Session] = {}
     flushed: Iterable[Any] = session.new
+    # New sessions a flush of some objects leaves out, by id: none of their messages goes.
+    left_out: dict[str, Session] = {}
     if instances is not None:  # insertion ordered still: idx follows the order of add()
         given = set(map(id, instances))
         flushed = [obj for obj in flushed if id(obj) in given]
         ctx.attributes[_LEFT_OUT] = {
             id(obj) for obj in session.new if isinstance(obj, Message) and id(obj) not in given
+        }
+        left_out = {
+            obj.id: obj
+            for obj in session.new
+            if isinstance(obj, Session) and id(obj) not in given and isinstance(obj.id, str)
         }
     for obj in flushed:  # insertion ordered: idx follows the order of add()
         if isinstance(obj, Session):
@@ -682,7 +699,13 @@ def assign_message_positions(session: OrmSession, ctx: UOWTransaction, instances
     for session_id, (key, new) in groups.items():
         parent = key if isinstance(key, Session) else pending.get(session_id)
         if parent is None:
-            parent = _loaded_session(session, session_id)
+            parent = left_out.get(session_id) or _loaded_session(session, session_id)
+        if left_out and parent is not None and left_out.get(session_id) is parent:
+            # It would go in later, its counters then at 0 under the messages placed now.
+            raise InvalidSessionError(
+                f"session {session_id!r} is new and not among the objects flushed: flush it "
+                "with its messages"
+            )
         encoded = [_encode(message, offset) for offset, message in enumerate(new)]
         for message in new:
             _set_by_rule(message, token, _IDX_STARTS)  # an idx left by a failed flush: unset
@@ -777,6 +800,9 @@ def _advance(
     else:
         cursor = _move_cursor(session, session_id, encoded, claim, parent)
         moved = True
+        if parent is not None:
+            # Made in this transaction, a rollback makes it new again, holding these.
+            _rule_set[parent] = (token, {key: getattr(parent, key) for key in _COUNTERS})
     for offset, (message, item) in enumerate(zip(new, encoded, strict=True)):
         for column, value in item.row.items():
             setattr(message, column, value)
@@ -913,6 +939,9 @@ def _delete_sessions(state: ORMExecuteState) -> Result[Any] | None:
             "this form of DELETE on hermes_sessions cannot be run with its ON DELETE rules "
             "applied; delete Session objects, or use SessionStore.delete_session"
         )
+    # Locked first: a session another writer makes meanwhile is either picked here or
+    # made after the DELETE, never deleted without what hangs on it.
+    _take_sqlite_write_lock(connection)
     chosen = select(_sessions.c.id)
     if statement.whereclause is not None:
         chosen = chosen.where(statement.whereclause)

@@ -1704,6 +1704,103 @@ def test_a_flush_of_some_objects_places_only_those(engine: Engine) -> None:
     assert [m["content"] for m in store.get_messages("part")] == ["one", "two"]
 
 
+@pytest.mark.parametrize("named", ["by object", "by id"])
+def test_a_flush_of_messages_without_their_new_session_is_refused(
+    engine: Engine, named: str
+) -> None:
+    """The session would go in later, its counters then at 0 under its stored message:
+    its cursor behind its messages, and every later write to it refused."""
+    with OrmSession(engine) as orm:
+        chat = Session(id="fresh", source="app")
+        orm.add(chat)
+        message = (
+            Message(session=chat, role="user", content="hi")
+            if named == "by object"
+            else Message(session_id="fresh", role="user", content="hi")
+        )
+        orm.add(message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # flush(objects) in 2.1
+            with pytest.raises(InvalidSessionError, match="not among the objects flushed"):
+                orm.flush([message])
+            assert message.idx is None  # nothing placed
+            orm.flush([chat, message])
+        orm.commit()
+    assert _stored(engine, "fresh") == ([0], 1, 1)
+
+
+def test_a_new_session_whose_cursor_moved_is_added_again_after_a_rollback(
+    engine: Engine,
+) -> None:
+    """A new session flushed alone, then a message into it (its cursor moved by the
+    UPDATE of a stored row), then the transaction rolled back: both are new again,
+    and the session's counters count as unset, as the README says."""
+    with OrmSession(engine) as orm:
+        chat = Session(id="again", source="app")
+        orm.add(chat)
+        orm.flush()  # as an autoflush would
+        message = Message(session=chat, role="user", content="hi")
+        orm.add(message)
+        orm.flush()
+        assert chat.flushed_idx == 1
+        orm.rollback()
+        orm.add_all([chat, message])
+        orm.commit()
+    assert _stored(engine, "again") == ([0], 1, 1)
+
+
+@pytest.mark.backends("sqlite")
+def test_a_session_made_while_a_delete_statement_runs_keeps_its_messages(
+    tmp_path: Any,
+) -> None:
+    """On SQLite with foreign keys off, the rule reads the ids a delete(Session) picks,
+    then deletes and applies the ON DELETE rules to them. It read them before the
+    transaction held the write lock: a session another writer made in between, of the
+    statement's WHERE, went without its messages."""
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+    store.create_session("made meanwhile", source="app")
+    store.flush("made meanwhile", [{"role": "user", "content": "m0"}])
+    writer = SessionStore(create_engine(engine.url))  # another process, in real life
+    finished: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            writer.create_session("late", source="tmp")
+            writer.flush("late", [{"role": "user", "content": "l0"}])
+            finished.append(None)
+        except BaseException as exc:
+            finished.append(exc)
+
+    thread = threading.Thread(target=write)
+
+    def between(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.startswith("SELECT hermes_sessions.id") and not thread.is_alive():
+            thread.start()
+            thread.join(1)  # done meanwhile, unless it waits for this transaction
+
+    event.listen(engine, "after_cursor_execute", between)
+    try:
+        with OrmSession(engine) as orm:
+            orm.execute(delete(Session).where(Session.source == "tmp"))
+            orm.commit()
+    finally:
+        event.remove(engine, "after_cursor_execute", between)
+    thread.join(30)
+    assert finished == [None]
+    with engine.connect() as conn:
+        orphans = conn.execute(
+            text(
+                "SELECT count(*) FROM hermes_messages m WHERE NOT EXISTS "
+                "(SELECT 1 FROM hermes_sessions s WHERE s.id = m.session_id)"
+            )
+        ).scalar_one()
+    assert orphans == 0
+    assert [m["content"] for m in writer.get_messages("late")] == ["l0"]
+    writer.close()
+    store.close()
+    engine.dispose()
+
+
 def test_an_autocommit_connection_is_refused_before_anything_is_written(
     engine: Engine,
 ) -> None:
