@@ -593,6 +593,9 @@ class Run(Generic[T]):
     bounded: bool = True
     #: A read the store's replica may serve (``replica=``), if it has one.
     replica: bool = False
+    #: Given the replica's connection and result: raises :class:`SessionNotFoundError`
+    #: when the result may only show that the replica lags (the primary then reads).
+    lagging: Callable[[Connection, T], None] | None = field(default=None, compare=False)
     #: A read whose statements all see one moment of the database, locking nothing
     #: (see :func:`_dialects.begin_snapshot`).
     snapshot: bool = False
@@ -611,8 +614,13 @@ class Run(Generic[T]):
 Steps = Generator[Run[Any], Any, T]
 
 
-def _read(work: Callable[[Connection], T], *, replica: bool = False) -> Steps[T]:
-    return (yield Run(work, write=False, replica=replica))  # type: ignore[no-any-return]
+def _read(
+    work: Callable[[Connection], T],
+    *,
+    replica: bool = False,
+    lagging: Callable[[Connection, T], None] | None = None,
+) -> Steps[T]:
+    return (yield Run(work, write=False, replica=replica, lagging=lagging))  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -1064,14 +1072,18 @@ class StoreCore:
         A standby that has not replayed an upgrade yet (or a replica that is
         another database) would fail the read on a missing column or table.
         """
-        if self._replica_schema_checked:
+        work, lagging = request.work, request.lagging
+        if self._replica_schema_checked and lagging is None:
             return request
-        work = request.work
 
         def checked(conn: Connection) -> T:
-            migrations.check(conn, schema=self._schema)
-            self._replica_schema_checked = True
-            return work(conn)
+            if not self._replica_schema_checked:
+                migrations.check(conn, schema=self._schema)
+                self._replica_schema_checked = True
+            result = work(conn)
+            if lagging is not None:
+                lagging(conn, result)
+            return result
 
         return dataclasses.replace(request, work=checked)
 
@@ -2003,9 +2015,17 @@ class StoreCore:
             # A scoped store's filter narrows, never widens: another user's
             # messages are not there.
             return _read(lambda _conn: SearchPage(hits=[], next_cursor=None))
+        session_id = filters.session_id
+
+        def lagging(conn: Connection, page: SearchPage) -> None:
+            # No hit in a session the replica does not have yet: the primary may have some.
+            if session_id is not None and not page.hits and _missing(conn, session_id):
+                raise SessionNotFoundError(session_id)
+
         return _read(
             lambda conn: _search.run(conn, query, filters, after, limit, schema=self._schema),
             replica=True,
+            lagging=lagging,
         )
 
 
@@ -2729,6 +2749,11 @@ def _optional_str(name: str, value: Any) -> str | None:
     if value is not None and (problem := _codec.text_problem(value)) is not None:
         raise SearchQueryError(f"{name} {value!r} {problem}")
     return value
+
+
+def _missing(conn: Connection, session_id: str) -> bool:
+    """Whether the database ``conn`` reads holds no session ``session_id``."""
+    return conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id)).first() is None
 
 
 def _session_filter(session_id: Any) -> str | None:

@@ -118,6 +118,7 @@ def test_listing_reading_and_search_come_from_the_standby(
         try:
             later = f"later-{api}"
             store.create_session(later, source="cli")
+            store.flush(later, [{"role": "user", "content": "harbour lights"}])
             turn = [
                 {"role": "user", "content": "where is the lighthouse"},
                 {"role": "assistant", "content": "past the harbour"},
@@ -130,8 +131,11 @@ def test_listing_reading_and_search_come_from_the_standby(
             assert later not in listed
             assert store.search("harbour", session_id=first).hits == []
             assert store.get_session(later) is not None  # not a listed read: the primary's
-            # A session the standby does not have yet is read from the primary.
-            assert store.get_messages(later) == []
+            # A session the standby does not have yet is read from the primary, and
+            # so is a search in it (the standby has no hit there).
+            assert [m["content"] for m in store.get_messages(later)] == ["harbour lights"]
+            assert [h.session_id for h in store.search("harbour", session_id=later).hits] == [later]
+            assert store.search("nowhere", session_id=later).hits == []
         finally:
             _replay(standby, primary, paused=False)
         assert store.get_messages(first) == turn
