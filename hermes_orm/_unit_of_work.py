@@ -380,8 +380,10 @@ def _refuse_unplaced(
             _refuse_counters(statement, rows, insert=isinstance(statement, Insert))
         return
     raise InvalidMessageError(
-        "the legacy bulk API (bulk_save_objects, bulk_insert_mappings, "
-        f"bulk_update_mappings) writes messages without positions: {_SUPPORTED}"
+        "a write to hermes_messages outside a flush, on a connection an ORM session with "
+        "the position rule began on (the legacy bulk API: bulk_save_objects, "
+        "bulk_insert_mappings, bulk_update_mappings; or a Core statement), writes messages "
+        f"without positions: {_SUPPORTED}"
     )
 
 

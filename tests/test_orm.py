@@ -729,6 +729,26 @@ def test_the_legacy_bulk_api_is_refused_before_a_message_is_written(engine: Engi
         assert last.content == "placed"
 
 
+def test_a_core_insert_on_a_connection_the_rule_watches_is_refused_as_such(
+    engine: Engine,
+) -> None:
+    """Once an ORM session with the rule began on the application's connection, a Core
+    INSERT of a message there is refused (it places nothing), and the error says so,
+    not only the legacy bulk API."""
+    _two_sessions(engine)
+    before = _state(engine)
+    row = {"session_id": "a", "idx": 5, "role": "user", "content": "core", "digest": b"d"}
+    with engine.connect() as conn:
+        with OrmSession(bind=conn) as orm:
+            orm.add(Message(session_id="b", role="user", content="placed"))
+            orm.flush()
+        conn.rollback()
+        with pytest.raises(InvalidMessageError, match="or a Core statement"):
+            conn.execute(insert(Message.__table__), [row])
+        conn.rollback()
+    assert _state(engine) == before
+
+
 def test_the_legacy_bulk_api_moves_no_session_counter(engine: Engine) -> None:
     """Its writes into hermes_sessions run no ORM event either: the rule refuses a
     counter they set (or start above 0) at the connection; other columns stay open."""
