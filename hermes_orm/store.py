@@ -374,26 +374,29 @@ def take_lock(conn: Connection, *key: str) -> None:
         )
 
 
-def lock_with_children(conn: Connection, session_ids: Sequence[str]) -> None:
-    """On PostgreSQL, lock the rows of ``session_ids`` and of their children, in lock order.
+def _lock_children(conn: Connection, session_ids: Sequence[str]) -> None:
+    """On PostgreSQL, lock the children of ``session_ids`` in lock order, before their links go.
 
-    Taken before their children's links are cut: an UPDATE of the links locks
-    the children as it finds them, and against a writer taking some of the
-    same rows in lock order (an ORM flush into several sessions) that could
-    deadlock. The order is :func:`_dialects.lock_order`'s, 500 ids at a time.
+    The UPDATE that cuts the links would lock them as it finds them, while a
+    writer taking several of them in lock order (an ORM flush into several
+    sessions) holds some: the two could deadlock. Taken as that UPDATE takes
+    them (``FOR NO KEY UPDATE``: a foreign key's check of a child still
+    passes), in :func:`_dialects.lock_order`, after the sessions themselves
+    (locked as they were picked: a writer holding a key-share lock on one of
+    them, having made a child, is waited for before any child is taken).
+    ``session_ids`` is at most one ``IN`` list's worth; a delete of more
+    goes a part at a time, so its children are in lock order within a part.
     """
     dialect = conn.dialect.name
     if dialect != "postgresql":
         return  # SQLite's writer holds the whole database
     c = _sessions.c
-    order = _dialects.lock_order(c.id, dialect)
-    for part in _dialects.in_parts(sorted(session_ids)):
-        conn.execute(
-            select(c.id)
-            .where(or_(c.id.in_(part), c.parent_session_id.in_(part)))
-            .order_by(order)
-            .with_for_update()
-        ).all()
+    conn.execute(
+        select(c.id)
+        .where(c.parent_session_id.in_(session_ids))
+        .order_by(_dialects.lock_order(c.id, dialect))
+        .with_for_update(key_share=True)
+    ).all()
 
 
 def take_lineage_turn(conn: Connection) -> None:
@@ -1410,25 +1413,16 @@ class StoreCore:
 
     def _delete_session(self, session_id: str) -> Steps[int]:
         check_session_id(session_id)
-        if self._user is None:
-            return self._delete_sessions_steps(lambda _conn: [session_id])
-        mine = select(_sessions.c.id).where(self._owned(session_id))
+        # Locked as it is picked (PostgreSQL), before its children (see _lock_children):
+        # a session given to another user meanwhile is not picked by a user's view, and
+        # is not given away before it is deleted.
+        mine = select(_sessions.c.id).where(self._owned(session_id)).with_for_update()
+        return self._delete_sessions_steps(lambda conn: conn.execute(mine).scalars().all())
 
-        def pick(conn: Connection) -> Sequence[str]:
-            # Read once its row is locked (PostgreSQL): a session given to another
-            # user meanwhile is not picked, and is not given away before it is deleted.
-            lock_with_children(conn, [session_id])
-            return conn.execute(mine).scalars().all()
-
-        return self._delete_sessions_steps(pick, locked=True)
-
-    def _delete_sessions_steps(
-        self, pick: Callable[[Connection], Sequence[str]], *, locked: bool = False
-    ) -> Steps[int]:
+    def _delete_sessions_steps(self, pick: Callable[[Connection], Sequence[str]]) -> Steps[int]:
         """Delete the sessions ``pick`` names (in the same transaction) and their messages.
 
         Their children lose the parent link. Returns how many sessions went.
-        ``locked``: ``pick`` took :func:`lock_with_children` of what it picks.
         """
         picked: list[str] = []
 
@@ -1437,10 +1431,9 @@ class StoreCore:
             picked[:] = ids
             deleted = 0
             for some in _dialects.in_parts(ids):  # (a prune may pick many thousands)
-                if not locked:
-                    lock_with_children(conn, some)
                 # Explicit, so it holds on engines without SQLite's foreign_keys pragma.
                 conn.execute(delete(_messages).where(_messages.c.session_id.in_(some)))
+                _lock_children(conn, some)
                 conn.execute(
                     update(_sessions)
                     .where(_sessions.c.parent_session_id.in_(some))

@@ -826,6 +826,43 @@ def test_deleting_a_session_on_an_engine_without_foreign_keys_takes_what_hangs_o
     engine.dispose()
 
 
+@pytest.mark.parametrize("how", ["store", "user", "hermes", "hermes many", "hermes empty"])
+def test_deleting_a_parent_waits_for_a_writer_that_made_a_child_before_taking_children(
+    pg_server_url: str, how: str
+) -> None:
+    """A transaction that made a child of ``P`` holds a key-share lock on ``P`` (its
+    foreign key) and may then write into another child, ``C``. The delete locks ``P``
+    first, so it waits for that transaction before it takes ``C`` (``C`` comes first
+    in the lock order: locking the children first would deadlock here)."""
+    with _own_database(pg_server_url, "hermes_made_child") as engine:
+        store = SessionStore(engine)
+        owned = store.for_user("u")
+        owned.create_session("P", source="app")
+        owned.end_session("P", "done")
+        owned.create_session("C", source="app", parent_session_id="P")
+        deadlocks = text(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+        with engine.connect() as conn:
+            before = conn.execute(deadlocks).scalar_one()
+        deleter = threading.Thread(target=_deleter(store, how))
+        with OrmSession(engine) as orm:
+            orm.add(Session(id="N", source="app", parent_session_id="P"))
+            orm.flush()  # a key-share lock on P, to the commit
+            deleter.start()
+            _lock_waiters(engine, 1)  # the delete waits for P
+            orm.add(Message(session_id="C", role="user", content="m"))
+            orm.commit()
+        deleter.join(30)
+        store.close()
+        with engine.connect() as conn:
+            assert conn.execute(deadlocks).scalar_one() == before
+            rows = conn.execute(
+                text("SELECT id, parent_session_id, flushed_idx FROM hermes_sessions ORDER BY id")
+            ).all()
+        assert [tuple(r) for r in rows] == [("C", None, 1), ("N", None, 0)]
+
+
 # -- objects flushed once more after a flush that did not land ------------------------------
 
 
@@ -1124,11 +1161,11 @@ def _deleter(store: SessionStore, how: str) -> Callable[[], object]:
 def test_deleting_a_parent_takes_its_childrens_rows_in_the_order_a_flush_does(
     pg_server_url: str, how: str
 ) -> None:
-    """Deleting a session locks its row and its children's in the one lock order
-    before it unlinks the children. The UPDATE of their links took them as it
-    scanned them (``b``, made first, then ``a``), while an ORM flush into both took
-    ``a`` and waited for ``b`` (held here a moment by a third transaction): a
-    deadlock, which PostgreSQL broke by refusing one of them."""
+    """Deleting a session locks its children's rows in the lock order before it
+    unlinks them. The UPDATE of their links took them as it scanned them (``b``,
+    made first, then ``a``), while an ORM flush into both took ``a`` and waited for
+    ``b`` (held here a moment by a third transaction): a deadlock, which PostgreSQL
+    broke by refusing one of them."""
     with _own_database(pg_server_url, "hermes_unlink") as engine:
         store = SessionStore(engine)
         owned = store.for_user("u")

@@ -63,7 +63,7 @@ from hermes_orm.integrations.hermes._text import (
 )
 from hermes_orm.migrations import MODEL_TABLES
 from hermes_orm.models import Message, ModelUsage, Session, new_history_id
-from hermes_orm.store import lock_with_children, refuse_orphans, take_lineage_turn, title_taken
+from hermes_orm.store import refuse_orphans, take_lineage_turn, title_taken
 
 _T = TypeVar("_T")
 
@@ -307,9 +307,11 @@ def _picked_under_lock(conn: Connection, query: Any) -> list[str]:
         return ids
     ids.sort()  # (locked in id order, a part at a time)
     kept: list[str] = []
+    order = _dialects.lock_order(_sessions.c.id, conn.dialect.name)
     for some in _dialects.in_parts(ids):
-        lock_with_children(conn, some)  # (their children's links are cut next)
-        kept += conn.execute(query.where(_sessions.c.id.in_(some))).scalars()
+        mine = _sessions.c.id.in_(some)
+        conn.execute(select(_sessions.c.id).where(mine).order_by(order).with_for_update())
+        kept += conn.execute(query.where(mine)).scalars()
     return kept
 
 
@@ -960,13 +962,18 @@ class UpkeepMethods:
         listed: list[str] = []
 
         def pick(conn: Connection) -> list[str]:
-            # Their rows locked first (PostgreSQL), as delete_session's, with their children's.
-            listed[:] = []
-            for some in _dialects.in_parts(wanted):
-                lock_with_children(conn, some)
-                listed.extend(
-                    conn.execute(select(_sessions.c.id).where(_sessions.c.id.in_(some))).scalars()
-                )
+            # Their rows locked first (PostgreSQL), as delete_session's: in id order.
+            order = _dialects.lock_order(_sessions.c.id, conn.dialect.name)
+            listed[:] = [
+                sid
+                for some in _dialects.in_parts(wanted)
+                for sid in conn.execute(
+                    select(_sessions.c.id)
+                    .where(_sessions.c.id.in_(some))
+                    .order_by(order)
+                    .with_for_update()
+                ).scalars()
+            ]
             return [*listed, *_delegates_of(conn, listed)] if listed else []
 
         return len(listed) if self._delete_picked(pick, sessions_dir) else 0

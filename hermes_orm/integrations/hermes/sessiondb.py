@@ -78,7 +78,7 @@ from hermes_orm.integrations.hermes._upkeep import (
     started_before,
 )
 from hermes_orm.models import MODEL_USAGE_KEY, Message, Meta, ModelUsage, Session, new_history_id
-from hermes_orm.store import SessionStore, lock_with_children
+from hermes_orm.store import SessionStore
 
 _T = TypeVar("_T")
 
@@ -1605,11 +1605,11 @@ class SessionDB(LineageMethods, GatewayMethods, UpkeepMethods):
         """
 
         def pick(conn: Connection) -> list[str]:
-            # Its row locked first (PostgreSQL), with its children's: a delegate made
-            # meanwhile waits, and finds no parent, rather than being missed and left
-            # behind unlinked.
-            lock_with_children(conn, [session_id])
-            found = conn.execute(select(_sessions.c.id).where(_sessions.c.id == session_id))
+            # Its row locked first (PostgreSQL): a delegate made meanwhile waits, and
+            # finds no parent, rather than being missed and left behind unlinked.
+            found = conn.execute(
+                select(_sessions.c.id).where(_sessions.c.id == session_id).with_for_update()
+            )
             if found.first() is None:
                 return []
             return [session_id, *_delegates_of(conn, [session_id])]
