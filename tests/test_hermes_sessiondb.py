@@ -432,6 +432,76 @@ def test_prune_sessions_with_filters(both: Any, tmp_path: Path) -> None:
     both.prune_sessions(no_such_filter=1)  # both refuse
 
 
+@pytest.mark.parametrize(
+    "bound", ["started_before", "max_messages", "max_tokens", "max_cost", "max_tool_calls"]
+)
+def test_a_nan_prune_bound_matches_nothing(both: Any, bound: str) -> None:
+    """Hermes' sqlite3 binds NaN as NULL: nothing matches. PostgreSQL orders NaN above
+    every number: every ended session matched, and a prune deleted them all."""
+    both.create_session("done", "cli")
+    both.end_session("done", "user_exit")
+    assert both.list_prune_candidates(**{bound: math.nan}) == []
+    assert both.prune_sessions(older_than_days=None, **{bound: math.nan}) == 0
+    assert both.archive_sessions(**{bound: math.nan}) == 0
+    both.get_session("done")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"started_before": "2030-01-01"},
+        {"min_messages": "1"},
+        {"max_cost": [1]},
+        {"title_like": 5},
+        {"cwd_prefix": 5},
+        {"provider": b"x"},
+        {"archived": "no"},
+    ],
+    ids=repr,
+)
+def test_a_prune_filter_of_the_wrong_kind_is_refused(
+    store: SessionStore, given: dict[str, Any]
+) -> None:
+    """Hermes' file orders text above every number (its prune then takes every ended
+    session), PostgreSQL refuses the comparison, and a text filter that is no text
+    failed untyped: refused with InvalidArgumentError on either backend, nothing gone."""
+    db = SessionDB(store)
+    db.create_session("done", "cli")
+    db.end_session("done", "user_exit")
+    with pytest.raises(InvalidArgumentError):
+        db.prune_sessions(older_than_days=None, **given)
+    with pytest.raises(InvalidArgumentError):
+        db.list_prune_candidates(**given)
+    assert db.get_session("done") is not None
+    # An int past 64 bits compares as the float it is near.
+    assert [row["id"] for row in db.list_prune_candidates(max_messages=2**64)] == ["done"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"estimated_cost_usd": math.nan},
+        {"estimated_cost_usd": math.inf},
+        {"model": "m\x00x"},
+        {"task": "t\x00x"},
+        {"input_tokens": 1.5},
+        {"output_tokens": "lots"},
+        {"reasoning_tokens": 2**64},
+        {"model": b"bytes-model"},
+    ],
+    ids=repr,
+)
+def test_auxiliary_usage_no_column_holds_is_refused_before_the_session_is_made(
+    store: SessionStore, given: dict[str, Any]
+) -> None:
+    db = SessionDB(store)
+    options = {"task": "summary", "model": "m", **given}
+    task = options.pop("task")
+    with pytest.raises(InvalidSessionError):
+        db.record_auxiliary_usage("aux", task, **options)
+    assert db.get_session("aux") is None
+
+
 def test_letter_case_in_filters_and_id_prefixes_is_read_as_hermes_reads_it(both: Any) -> None:
     """Hermes' SQLite folds the case of ASCII letters alone, in LIKE and lower(): an id
     prefix or a directory in another ASCII case is found, a title's ``Ü`` or ``П`` is
@@ -1662,6 +1732,45 @@ def test_a_compression_cooldown_of_none_is_stored_as_none(both: Any) -> None:
         assert db.get_compression_failure_cooldown("s")["error"] == "too long"
     both.record_compression_failure_cooldown("s", None)  # Hermes stores NULL: none running
     assert both.get_compression_failure_cooldown("s") is None
+
+
+def test_a_compression_cooldown_or_lock_expiry_of_nan_is_none(both: Any) -> None:
+    """Hermes' sqlite3 binds NaN as NULL: no cooldown, and no lock (its expiry may
+    not be NULL). PostgreSQL stored the NaN: a lock that never expired."""
+    both.create_session("s", "cli")
+    both.record_compression_failure_cooldown("s", math.nan, "too long")
+    assert both.get_compression_failure_cooldown("s") is None
+    assert both.try_acquire_compression_lock("s", "me", ttl_seconds=math.nan) is False
+    assert both.try_acquire_compression_lock("s", "other") is True
+    assert both.refresh_compression_lock("s", "other", ttl_seconds=math.nan) is False
+    assert both.get_compression_lock_holder("s") == "other"
+
+
+def test_what_postgresql_text_cannot_hold_in_compression_state(store: SessionStore) -> None:
+    """A cooldown's error (shown to the user) keeps the cooldown, its NUL replaced; a
+    lock's holder with NUL or a lone surrogate is refused, on either backend (PostgreSQL
+    refused it only as it wrote: the cooldown was lost, the lock taken on SQLite alone)."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.record_compression_failure_cooldown("s", time.time() + 600, "bad\x00byte")
+    assert db.get_compression_failure_cooldown("s")["error"] == "bad\ufffdbyte"  # type: ignore[index]
+    for holder in ("h\x00", "h\ud800"):
+        with pytest.raises(InvalidArgumentError, match="holder"):
+            db.try_acquire_compression_lock("s", holder)
+        with pytest.raises(InvalidArgumentError, match="holder"):
+            db.refresh_compression_lock("s", holder)
+    assert db.get_compression_lock_holder("s") is None
+    with pytest.raises(InvalidArgumentError, match="64 bits"):
+        db.set_compression_fallback_streak("s", 2**63)
+    assert db.get_compression_fallback_streak("s") == 0
+
+
+def test_a_recent_messages_limit_past_64_bits_is_no_limit(store: SessionStore) -> None:
+    """As every other window of the adapter reads it (SQLite could not bind it)."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.append_message("s", "user", content="hello")
+    assert [m["preview"] for m in db.list_recent_user_messages("s", limit=2**64)] == ["hello"]
 
 
 def _append_lost_at_commit(monkeypatch: pytest.MonkeyPatch, committed: bool) -> None:

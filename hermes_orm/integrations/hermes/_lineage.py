@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -30,14 +31,20 @@ from sqlalchemy import (
     update,
 )
 
-from hermes_orm import _dialects
+from hermes_orm import _codec, _dialects
 from hermes_orm.errors import (
     DatabaseBusyError,
     DatabaseError,
     DatabaseUnavailableError,
     InvalidArgumentError,
 )
-from hermes_orm.integrations.hermes._text import ASCII_LOWER, ascii_like, like_escaped
+from hermes_orm.integrations.hermes._text import (
+    ASCII_LOWER,
+    ascii_like,
+    has_lone_surrogate,
+    like_escaped,
+    scrub,
+)
 from hermes_orm.models import CompressionLock, Message, Session
 from hermes_orm.store import on_title_races, title_race
 
@@ -204,7 +211,11 @@ class LineageMethods:
         if not session_id:
             return
         until = None if cooldown_until is None else float(cooldown_until)
-        message = None if error is None else str(error)
+        if until is not None and math.isnan(until):
+            until = None  # as Hermes' sqlite3 binds NaN: no cooldown
+        # Shown to the user only: what PostgreSQL text cannot hold is replaced, not
+        # refused (the cooldown would be lost with it).
+        message = None if error is None else scrub(str(error)).replace("\x00", "\ufffd")
 
         def work(conn: Connection) -> None:
             conn.execute(
@@ -274,10 +285,13 @@ class LineageMethods:
         Raises:
             ValueError: ``streak`` is no integer.
             TypeError: ``streak`` is no integer.
+            InvalidArgumentError: ``streak`` is past what a 64-bit column holds.
         """
         if not session_id:
             return
         normalized = max(0, int(streak))
+        if normalized >= 2**63:
+            raise InvalidArgumentError(f"a fallback streak past 64 bits: {normalized}")
 
         def work(conn: Connection) -> None:
             conn.execute(
@@ -307,9 +321,11 @@ class LineageMethods:
         """
         if not session_id or holder is None:
             return False
-        holder = str(holder)
+        holder = _holder(holder)
         now = time.time()
         expires_at = now + float(ttl_seconds)
+        if math.isnan(expires_at):
+            return False  # Hermes' file stores no such lock (NaN binds as NULL)
 
         def work(conn: Connection) -> bool:
             conn.execute(
@@ -344,15 +360,18 @@ class LineageMethods:
         """
         if not session_id or not holder:
             return False
+        holder = _holder(holder)
         now = time.time()
         expires_at = now + float(ttl_seconds)
+        if math.isnan(expires_at):
+            return False  # Hermes' file stores no NaN expiry (it binds as NULL)
 
         def work(conn: Connection) -> bool:
             statement = (
                 update(_locks)
                 .where(
                     _locks.c.session_id == session_id,
-                    _locks.c.holder == str(holder),
+                    _locks.c.holder == holder,
                     _locks.c.expires_at >= now,
                 )
                 .values(expires_at=expires_at)
@@ -843,3 +862,18 @@ class LineageMethods:
 
         order = sorted(range(len(candidates)), key=lambda i: (rank(candidates[i]), i))
         return [candidates[i] for i in order[:limit]]
+
+
+def _holder(holder: Any) -> str:
+    """A compression lock's holder, as its text.
+
+    Raises:
+        InvalidArgumentError: It holds NUL or a lone surrogate, which PostgreSQL
+            text cannot hold (nor Hermes' sqlite3 encode).
+    """
+    text = str(holder)
+    if "\x00" in text or has_lone_surrogate(text):
+        raise InvalidArgumentError(
+            f"a compression lock's holder holds NUL or a lone surrogate: {_codec.shown(text)}"
+        )
+    return text

@@ -50,6 +50,7 @@ from hermes_orm.errors import (
     InvalidSessionError,
     SessionNotFoundError,
 )
+from hermes_orm.integrations.hermes._gateway import _window
 from hermes_orm.integrations.hermes._text import (
     least_row_id_from,
     lookup_key,
@@ -840,8 +841,9 @@ class UpkeepMethods:
         if not include_inactive:
             query = query.where(_ACTIVE)
         query = query.order_by(_messages.c.idx.desc())
-        if int(limit) >= 0:  # a negative limit is none, as in SQLite
-            query = query.limit(int(limit))
+        size, _ = _window(limit, 0)  # a negative limit is none, as in SQLite
+        if size is not None:
+            query = query.limit(size)
 
         def work(conn: Connection) -> list[dict[str, Any]]:
             out = []
@@ -879,19 +881,42 @@ class UpkeepMethods:
         The session's own counters stay as they are; the session is created
         if missing. Its route is the call's own (``unknown`` model and empty
         provider when not given), never the session's.
+
+        Raises:
+            InvalidSessionError: A count, cost or text no column holds (as
+                :meth:`update_token_counts` refuses it), before anything is written.
         """
+        from hermes_orm.integrations.hermes.sessiondb import _cost, _count, _text_of
+
         if not session_id or not task:
             return
+        # Checked before the session is made: what no column holds is refused first.
+        route = {
+            name: _text_of(name, value)
+            for name, value in (
+                ("task", task),
+                ("model", model or "unknown"),
+                ("billing_provider", billing_provider or ""),
+                ("billing_base_url", billing_base_url or ""),
+            )
+        }
+        tokens = {
+            name: _count(name, value) or 0
+            for name, value in (
+                ("input_tokens", input_tokens),
+                ("output_tokens", output_tokens),
+                ("cache_read_tokens", cache_read_tokens),
+                ("cache_write_tokens", cache_write_tokens),
+                ("reasoning_tokens", reasoning_tokens),
+            )
+        }
+        cost = _cost("estimated_cost_usd", estimated_cost_usd) or 0.0
         self.ensure_session(session_id, "unknown")
         now = time.time()
         counts = {
             "api_call_count": 1,
-            "input_tokens": input_tokens or 0,
-            "output_tokens": output_tokens or 0,
-            "cache_read_tokens": cache_read_tokens or 0,
-            "cache_write_tokens": cache_write_tokens or 0,
-            "reasoning_tokens": reasoning_tokens or 0,
-            "estimated_cost_usd": float(estimated_cost_usd or 0.0),
+            **tokens,
+            "estimated_cost_usd": cost,
             "actual_cost_usd": 0.0,
         }
 
@@ -899,11 +924,8 @@ class UpkeepMethods:
             make = _dialects.insert_maker(conn.dialect.name)
             statement = make(_usage).values(
                 session_id=session_id,
-                model=model or "unknown",
-                billing_provider=billing_provider or "",
-                billing_base_url=billing_base_url or "",
+                **route,
                 billing_mode="",
-                task=task,
                 first_seen=now,
                 last_seen=now,
                 **counts,

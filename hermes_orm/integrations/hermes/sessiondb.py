@@ -33,13 +33,14 @@ import functools
 import inspect
 import json
 import math
+import operator
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Table, delete, false, func, or_, select, update
 
@@ -519,13 +520,19 @@ def _prune_where(
     min_tool_calls: int | None = None,
     max_tool_calls: int | None = None,
 ) -> list[Any]:
-    """The prune filters of Hermes' ``SessionDB`` as conditions (only ended sessions)."""
+    """The prune filters of Hermes' ``SessionDB`` as conditions (only ended sessions).
+
+    Raises:
+        InvalidArgumentError: A bound that is no number (Hermes' file orders text
+            above every number: every session would match), a text filter that
+            is no text, or ``archived`` that is no bool.
+    """
     c = _sessions.c
     where: list[Any] = [c.ended_at.is_not(None)]
     if started_before is not None:
-        where.append(c.started_at < started_before)
+        where.append(_bounded(c.started_at, operator.lt, "started_before", started_before))
     if started_after is not None:
-        where.append(c.started_at >= started_after)
+        where.append(_bounded(c.started_at, operator.ge, "started_after", started_after))
     exact = {
         c.source: source,
         c.end_reason: end_reason,
@@ -534,34 +541,67 @@ def _prune_where(
         c.chat_type: chat_type,
     }
     where += [_equal(column, value) for column, value in exact.items() if value]
-    for column, needle in (
-        (c.title, title_like),
-        (c.model, model_like),
-        (c.git_branch, branch_like),
+    for name, column, needle in (
+        ("title_like", c.title, title_like),
+        ("model_like", c.model, model_like),
+        ("branch_like", c.git_branch, branch_like),
     ):
         if needle:
-            where.append(_contains(column, needle))
+            where.append(_contains(column, _filter_str(name, needle)))
     if provider:
+        provider = _filter_str("provider", provider)
         where.append(_equal(ascii_lower(func.coalesce(c.billing_provider, "")), provider.lower()))
     if cwd_prefix:
-        where.append(_under(cwd_prefix))
+        where.append(_under(_filter_str("cwd_prefix", cwd_prefix)))
     tokens = func.coalesce(c.input_tokens, 0) + func.coalesce(c.output_tokens, 0)
     cost = func.coalesce(c.actual_cost_usd, c.estimated_cost_usd, 0)
     tool_calls = func.coalesce(c.tool_call_count, 0)
     bounds = (
-        (c.message_count, min_messages, max_messages),
-        (tokens, min_tokens, max_tokens),
-        (cost, min_cost, max_cost),
-        (tool_calls, min_tool_calls, max_tool_calls),
+        ("messages", c.message_count, min_messages, max_messages),
+        ("tokens", tokens, min_tokens, max_tokens),
+        ("cost", cost, min_cost, max_cost),
+        ("tool_calls", tool_calls, min_tool_calls, max_tool_calls),
     )
-    for expression, low, high in bounds:
+    for name, expression, low, high in bounds:
         if low is not None:
-            where.append(expression >= low)
+            where.append(_bounded(expression, operator.ge, f"min_{name}", low))
         if high is not None:
-            where.append(expression <= high)
+            where.append(_bounded(expression, operator.le, f"max_{name}", high))
     if archived is not None:
-        where.append(c.archived.is_(archived))
+        if not isinstance(archived, bool | int) or archived not in (0, 1):
+            raise InvalidArgumentError(f"archived must be a bool, got {_codec.shown(archived)}")
+        where.append(c.archived.is_(bool(archived)))
     return where
+
+
+def _bounded(expression: Any, compare: Callable[[Any, Any], Any], name: str, bound: Any) -> Any:
+    """``compare(expression, bound)``, a prune filter's bound, as Hermes' file compares it.
+
+    NaN, which Hermes' sqlite3 binds as NULL, matches nothing (PostgreSQL would
+    order it above every number); a bool is its int; an int past 64 bits
+    compares as the float it is near.
+
+    Raises:
+        InvalidArgumentError: ``bound`` is no number.
+    """
+    if not isinstance(bound, int | float):
+        raise InvalidArgumentError(f"{name} must be a number, got {_codec.shown(bound)}")
+    if isinstance(bound, float) and math.isnan(bound):
+        return false()
+    if isinstance(bound, int):
+        bound = int(bound) if -(2**63) <= bound < 2**63 else float(bound)
+    return compare(expression, bound)
+
+
+def _filter_str(name: str, value: Any) -> str:
+    """A text filter's value (its lone surrogates refused by :func:`_filter_text`).
+
+    Raises:
+        InvalidArgumentError: It is no text.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be text, got {_codec.shown(value)}")
+    return cast(str, _filter_text(value))
 
 
 def _add_usage(
