@@ -353,6 +353,55 @@ def test_a_session_deleted_while_an_import_copies_its_new_messages_is_reported(
     assert again.deleted_sessions == ["b"]
 
 
+def test_sessions_hermes_makes_or_deletes_while_an_import_runs_are_reported(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """The import lists the source's sessions once, as it begins. One Hermes deleted
+    before the copy reached it stayed in the destination, empty, and the report was ok;
+    one Hermes made meanwhile was named nowhere (exit 0, every count "yes")."""
+    source, hermes = _real_hermes(tmp_path)
+    hermes.create_session("a", source="cli")
+    hermes.append_message("a", "user", content="hi a")
+    hermes.create_session("empty", source="cli")
+    hermes.close()
+    changed: list[bool] = []
+
+    def hermes_goes_on(_sid: str, _cursor: int) -> None:
+        if changed:
+            return
+        changed.append(True)
+        live = _real_hermes(tmp_path)[1]
+        live.delete_session("empty")
+        live.create_session("new", source="cli")
+        live.append_message("new", "user", content="made meanwhile")
+        live.close()
+
+    report = import_state_db(source, store, on_batch=hermes_goes_on)
+    assert changed
+    assert report.diverged_sessions == ["empty"]
+    assert report.appeared_sessions == ["new"]
+    assert "1 session(s) appeared in the source during the import" in report.table()
+    assert not report.ok
+    again = import_state_db(source, store)
+    assert [m["content"] for m in store.get_messages("new")] == ["made meanwhile"]
+    assert again.appeared_sessions == []
+
+
+def test_a_report_says_how_many_sessions_it_does_not_name(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    source, hermes = _real_hermes(tmp_path)
+    for n in range(12):
+        hermes.create_session(f"s{n:02}", source="cli")
+        hermes.append_message(f"s{n:02}", "user", content="one")
+    hermes.close()
+    assert import_state_db(source, store).ok
+    _edit_source(source, "UPDATE messages SET content = 'rewritten'")
+    table = import_state_db(source, store).table()
+    assert table.count("(diverged)") == 10
+    assert "... and 2 more session(s) diverged" in table
+
+
 def test_a_new_invalid_parent_of_a_new_invalid_child_leaves_no_row_either(
     store: SessionStore, tmp_path: Path
 ) -> None:

@@ -127,6 +127,8 @@ class ImportReport:
     mismatched_sessions: list[str] = field(default_factory=list)
     diverged_sessions: list[str] = field(default_factory=list)
     grown_sessions: list[str] = field(default_factory=list)
+    #: Sessions the source gained while the import ran: not copied (the next run copies them).
+    appeared_sessions: list[str] = field(default_factory=list)
     invalid_sessions: dict[str, str] = field(default_factory=dict)
     retitled_sessions: list[str] = field(default_factory=list)
     #: Sessions whose title a newer session of the source also held (kept in their extra).
@@ -179,10 +181,13 @@ class ImportReport:
             lines.append(f"{name:<22} {count.source:>10,} {count.destination:>12,}  {mark}")
         for sid in self.mismatched_sessions[:10]:
             lines.append(f"session {sid!r}: message count differs")
+        _more(lines, self.mismatched_sessions, "with a message count that differs")
         for sid in self.diverged_sessions[:10]:
             lines.append(f"session {sid!r}: stored messages differ from the source (diverged)")
+        _more(lines, self.diverged_sessions, "diverged")
         for sid, reason in list(self.invalid_sessions.items())[:10]:
             lines.append(f"session {sid!r}: cannot be stored ({reason})")
+        _more(lines, self.invalid_sessions, "that cannot be stored")
         for sid, n in list(self.orphaned_messages.items())[:10]:
             lines.append(f"session {sid!r}: {n:,} message(s) but no sessions row: not imported")
         if len(self.orphaned_messages) > 10:
@@ -247,7 +252,18 @@ class ImportReport:
                 f"{len(self.grown_sessions)} session(s) grew in the source during the import: "
                 "run it again to copy the rest"
             )
+        if self.appeared_sessions:
+            lines.append(
+                f"{len(self.appeared_sessions)} session(s) appeared in the source during the "
+                "import: run it again to copy them"
+            )
         return "\n".join(lines)
+
+
+def _more(lines: list[str], named: Collection[str], what: str) -> None:
+    """Past the 10 sessions a report names: how many more there are (``ImportReport`` has all)."""
+    if len(named) > 10:
+        lines.append(f"... and {len(named) - 10:,} more session(s) {what}")
 
 
 class NotUtf8(bytes):
@@ -919,6 +935,7 @@ def import_state_db(
         if not isinstance(destination, SessionStore):
             store.upgrade()
         rows = session_rows(src, report)
+        listed = {*(r["id"] for r in rows), *report.invalid_sessions}  # the source's, then
         recorded, deleted = seen_sessions(store, [r["id"] for r in rows])
         if not restore_deleted and deleted:
             gone = set(deleted)
@@ -1010,7 +1027,7 @@ def import_state_db(
         record_seen(store, [sid for sid in ids if sid not in recorded])
         if bar is not None:
             bar.update(final=True)
-        _verify(store, src, ids, seen, report, as_before=as_before)
+        _verify(store, src, ids, seen, report, as_before=as_before, listed=listed)
         report.counts.update((name, TableCount(*pair)) for name, pair in side.items())
     finally:
         src.close()
@@ -2253,6 +2270,7 @@ def _verify(
     report: ImportReport,
     *,
     as_before: Collection[str],
+    listed: Collection[str],
 ) -> None:
     """Count what the destination holds against what the source holds now.
 
@@ -2270,7 +2288,10 @@ def _verify(
     mirror plugin continued are left out, and messages whose session has no
     sessions row are reported. ``as_before``: sessions found up to date whose
     stored copies Hermes only added to (``api_content`` filled in): their last
-    message's digest differs from the source's, as it should.
+    message's digest differs from the source's, as it should. ``listed``: the
+    sessions the source held as the import began; one it holds now beside them
+    appeared meanwhile (the next run copies it), and one it no longer holds was
+    deleted there meanwhile: diverged, even if it had no message to copy.
     """
     ids = [sid for sid in ids if sid not in report.mirrored_sessions]
 
@@ -2288,6 +2309,7 @@ def _verify(
             else:
                 report.orphaned_messages[_shown(sid)] = n
         last = _last_digests(src, [sid for sid in ids if counts.get(sid, (0,))[0]])
+        present = {_shown(sid) for (sid,) in src.execute("SELECT id FROM sessions")}
         source_usage = (
             dict(src.execute("SELECT session_id, count(*) FROM session_model_usage GROUP BY 1"))
             if _has_table(src, "session_model_usage")
@@ -2303,7 +2325,7 @@ def _verify(
         after = now.get(sid, 0)
         if sid in report.diverged_sessions or sid in report.invalid_sessions:
             continue  # reported already, as what stopped its copy
-        if have < 0:  # another writer deleted it as the import ran
+        if have < 0 or sid not in present:  # deleted as the import ran (here, or there)
             report.diverged_sessions.append(sid)
             continue
         if have == after:
@@ -2316,6 +2338,7 @@ def _verify(
             report.grown_sessions.append(sid)
         else:  # what was read is copied; the source holds less of it now
             report.diverged_sessions.append(sid)
+    report.appeared_sessions = [sid for sid in present if sid not in listed]
     if source_usage is not None:
         report.counts["session_model_usage"] = TableCount(
             sum(source_usage.get(sid, 0) for sid in [*ids, *invalid]), sum(usage.values())
