@@ -381,11 +381,14 @@ def _lock_children(conn: Connection, session_ids: Sequence[str]) -> None:
     writer taking several of them in lock order (an ORM flush into several
     sessions) holds some: the two could deadlock. Taken as that UPDATE takes
     them (``FOR NO KEY UPDATE``: a foreign key's check of a child still
-    passes), in :func:`_dialects.lock_order`, after the sessions themselves
-    (locked as they were picked: a writer holding a key-share lock on one of
-    them, having made a child, is waited for before any child is taken).
-    ``session_ids`` is at most one ``IN`` list's worth; a delete of more
-    goes a part at a time, so its children are in lock order within a part.
+    passes), in :func:`_dialects.lock_order`. A user view and the Hermes
+    adapter lock the sessions themselves first, as they pick them (a writer
+    holding a key-share lock on one, having made a child, is then waited for
+    before any child is taken; an ORM flush into a session and a child that
+    comes first in lock order can still deadlock with them);
+    ``SessionStore.delete_session`` locks its session last (the opposite
+    trade). ``session_ids`` is at most one ``IN`` list's worth; a delete of
+    more goes a part at a time, its children in lock order within a part.
     """
     dialect = conn.dialect.name
     if dialect != "postgresql":
@@ -1413,9 +1416,13 @@ class StoreCore:
 
     def _delete_session(self, session_id: str) -> Steps[int]:
         check_session_id(session_id)
-        # Locked as it is picked (PostgreSQL), before its children (see _lock_children):
-        # a session given to another user meanwhile is not picked by a user's view, and
-        # is not given away before it is deleted.
+        if self._user is None:
+            # Not read first: messages left by a delete with SQLite's foreign keys off go
+            # too. Its row is locked last (the DELETE), after its children in lock order
+            # (see _lock_children), as an ORM flush into it and a child takes them.
+            return self._delete_sessions_steps(lambda _conn: [session_id])
+        # Locked as it is picked (PostgreSQL): a session given to another user
+        # meanwhile is not picked, and is not given away before it is deleted.
         mine = select(_sessions.c.id).where(self._owned(session_id)).with_for_update()
         return self._delete_sessions_steps(lambda conn: conn.execute(mine).scalars().all())
 

@@ -826,14 +826,16 @@ def test_deleting_a_session_on_an_engine_without_foreign_keys_takes_what_hangs_o
     engine.dispose()
 
 
-@pytest.mark.parametrize("how", ["store", "user", "hermes", "hermes many", "hermes empty"])
+@pytest.mark.parametrize("how", ["user", "hermes", "hermes many", "hermes empty"])
 def test_deleting_a_parent_waits_for_a_writer_that_made_a_child_before_taking_children(
     pg_server_url: str, how: str
 ) -> None:
     """A transaction that made a child of ``P`` holds a key-share lock on ``P`` (its
-    foreign key) and may then write into another child, ``C``. The delete locks ``P``
-    first, so it waits for that transaction before it takes ``C`` (``C`` comes first
-    in the lock order: locking the children first would deadlock here)."""
+    foreign key) and may then write into another child, ``C``. A user view and the
+    Hermes adapter lock ``P`` first, so they wait for that transaction before they take
+    ``C`` (``C`` comes first in the lock order: locking the children first would
+    deadlock here). ``SessionStore.delete_session`` takes ``P`` last, as an ORM flush
+    into ``P`` and ``C`` does: it deadlocks here, and retries."""
     with _own_database(pg_server_url, "hermes_made_child") as engine:
         store = SessionStore(engine)
         owned = store.for_user("u")
@@ -1479,6 +1481,22 @@ def test_a_delete_statement_on_an_engine_without_foreign_keys_takes_what_hangs_o
     store.create_session("a", source="app")  # the same id again: nothing of the old one
     assert store.get_messages("a") == []
     assert store.flush("a", [{"role": "user", "content": "new"}]).cursor == 1
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_delete_session_takes_the_messages_a_delete_without_foreign_keys_left(
+    tmp_path: Any,
+) -> None:
+    """Another client deleted a session row with foreign keys off: its messages stay,
+    and block the id. delete_session of that id deletes them (no row is needed)."""
+    engine, store = _app_engine_without_foreign_keys(tmp_path)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM hermes_sessions WHERE id = 'b'"))
+    assert store.delete_session("b") is False  # no session of that id
+    store.create_session("b", source="app")
+    assert store.get_messages("b") == []
     store.close()
     engine.dispose()
 
