@@ -372,18 +372,19 @@ def test_sessions_hermes_makes_or_deletes_while_an_import_runs_are_reported(
         changed.append(True)
         live = _real_hermes(tmp_path)[1]
         live.delete_session("empty")
-        live.create_session("new", source="cli")
-        live.append_message("new", "user", content="made meanwhile")
+        for sid in ("new", "also new"):
+            live.create_session(sid, source="cli")
+            live.append_message(sid, "user", content="made meanwhile")
         live.close()
 
     report = import_state_db(source, store, on_batch=hermes_goes_on)
     assert changed
     assert report.diverged_sessions == ["empty"]
-    assert report.appeared_sessions == ["new"]
-    assert "1 session(s) appeared in the source during the import" in report.table()
-    assert not report.ok
+    assert report.appeared_sessions == ["new", "also new"]  # in the source's order
+    assert "2 session(s) appeared in the source during the import" in report.table()
+    assert not report.ok  # (the deleted one: appeared ones alone are fine, as grown ones)
     again = import_state_db(source, store)
-    assert [m["content"] for m in store.get_messages("new")] == ["made meanwhile"]
+    assert [m["content"] for m in store.get_messages("also new")] == ["made meanwhile"]
     assert again.appeared_sessions == []
 
 

@@ -502,6 +502,20 @@ def test_auxiliary_usage_no_column_holds_is_refused_before_the_session_is_made(
     assert db.get_session("aux") is None
 
 
+def test_auxiliary_usage_takes_a_cost_as_hermes_floats_it(both: Any, store: SessionStore) -> None:
+    """Hermes' pricing gives a Decimal; Hermes stores float() of the cost."""
+    from decimal import Decimal
+
+    both.create_session("aux", "cli")
+    for cost in (Decimal("0.25"), "0.5", True):
+        both.record_auxiliary_usage("aux", "summary", model="m", estimated_cost_usd=cost)
+    total = "SELECT sum(estimated_cost_usd) FROM {} WHERE session_id = 'aux'"
+    theirs = both.hermes._conn.execute(total.format("session_model_usage")).fetchone()[0]
+    with store.engine.connect() as conn:
+        ours = conn.execute(text(total.format("hermes_session_model_usage"))).scalar_one()
+    assert theirs == ours == 1.75
+
+
 def test_letter_case_in_filters_and_id_prefixes_is_read_as_hermes_reads_it(both: Any) -> None:
     """Hermes' SQLite folds the case of ASCII letters alone, in LIKE and lower(): an id
     prefix or a directory in another ASCII case is found, a title's ``Ü`` or ``П`` is

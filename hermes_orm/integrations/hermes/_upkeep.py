@@ -886,7 +886,7 @@ class UpkeepMethods:
             InvalidSessionError: A count, cost or text no column holds (as
                 :meth:`update_token_counts` refuses it), before anything is written.
         """
-        from hermes_orm.integrations.hermes.sessiondb import _cost, _count, _text_of
+        from hermes_orm.integrations.hermes.sessiondb import _count, _text_of
 
         if not session_id or not task:
             return
@@ -910,7 +910,15 @@ class UpkeepMethods:
                 ("reasoning_tokens", reasoning_tokens),
             )
         }
-        cost = _cost("estimated_cost_usd", estimated_cost_usd) or 0.0
+        try:  # what Hermes' float() takes (its pricing gives a Decimal), but NaN or infinity
+            cost = float(estimated_cost_usd or 0.0)
+        except (TypeError, ValueError, OverflowError):
+            cost = math.nan
+        if not math.isfinite(cost):
+            raise InvalidSessionError(
+                "estimated_cost_usd must be a finite number, got "
+                f"{_codec.shown(estimated_cost_usd)}"
+            )
         self.ensure_session(session_id, "unknown")
         now = time.time()
         counts = {

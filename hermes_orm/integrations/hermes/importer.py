@@ -158,7 +158,11 @@ class ImportReport:
 
     @property
     def ok(self) -> bool:
-        """Nothing mismatched, diverged, invalid or left out (sessions that grew are fine)."""
+        """Nothing mismatched, diverged, invalid or left out.
+
+        Sessions that grew, or appeared, in the source while the import ran are
+        fine: what the run read is copied, and the next run copies the rest.
+        """
         counts_ok = all(c.ok for c in self.counts.values()) or (
             self.grown_sessions and not self.mismatched_sessions
         )
@@ -2309,7 +2313,10 @@ def _verify(
             else:
                 report.orphaned_messages[_shown(sid)] = n
         last = _last_digests(src, [sid for sid in ids if counts.get(sid, (0,))[0]])
-        present = {_shown(sid) for (sid,) in src.execute("SELECT id FROM sessions")}
+        # (In the source's order, as the report's other lists; a dict for the lookups.)
+        present = dict.fromkeys(
+            _shown(sid) for (sid,) in src.execute("SELECT id FROM sessions ORDER BY rowid")
+        )
         source_usage = (
             dict(src.execute("SELECT session_id, count(*) FROM session_model_usage GROUP BY 1"))
             if _has_table(src, "session_model_usage")
