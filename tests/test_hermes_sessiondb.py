@@ -1935,7 +1935,11 @@ def test_a_retry_whose_own_read_fails_is_settled_by_the_next(
     assert [r["content"] for r in db.get_messages("s")] == ["q", "m"]
 
 
-@pytest.mark.parametrize("bad", ["a\ud800b", "a\x00b", ["s"], {"s": 1}, b"s"], ids=repr)
+#: Session ids no row can hold: text no backend stores or compares, and what is no text.
+_NO_ROW_IDS = ["a\ud800b", "a\x00b", ["s"], {"s": 1}, b"s"]
+
+
+@pytest.mark.parametrize("bad", _NO_ROW_IDS, ids=repr)
 def test_a_session_id_no_row_can_hold_finds_nothing_and_makes_nothing(
     store: SessionStore, bad: Any
 ) -> None:
@@ -1975,6 +1979,16 @@ def test_a_session_id_no_row_can_hold_finds_nothing_and_makes_nothing(
         SessionNotFoundError, match=re.escape(repr(bad if isinstance(bad, str) else repr(bad)))
     ):
         db.replace_messages(bad, [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("bad", _NO_ROW_IDS, ids=repr)
+def test_a_bulk_delete_skips_the_ids_no_row_can_hold(store: SessionStore, bad: Any) -> None:
+    """Hermes' file finds no row for an id with NUL; PostgreSQL refused to compare it (a
+    DatabaseError), and both backends' drivers failed to encode a lone surrogate."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    assert db.delete_sessions([bad]) == 0
+    assert db.delete_sessions([bad, "s"]) == 1
 
 
 def test_a_topic_binding_without_a_managed_mode_is_refused_before_anything_is_written(

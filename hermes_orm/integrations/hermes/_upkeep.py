@@ -981,12 +981,14 @@ class UpkeepMethods:
     def delete_sessions(self, session_ids: list[str], sessions_dir: Path | None = None) -> int:
         """Delete the listed sessions (and their delegate sub-agent sessions) at once.
 
-        Ids that are not sessions, not strings or empty are skipped, each id
-        counts once; other children of a deleted session lose the link. With
+        Ids that are not sessions, not strings or empty are skipped, as are
+        ids no row can hold (with NUL or a lone surrogate); each id counts
+        once; other children of a deleted session lose the link. With
         ``sessions_dir``, their transcript files there go too. Returns how
         many of the listed sessions were deleted.
         """
-        wanted = sorted({sid for sid in session_ids or () if isinstance(sid, str) and sid})
+        ids = session_ids or ()
+        wanted = sorted({sid for sid in ids if isinstance(sid, str) and lookup_key(sid)})
         if not wanted:
             return 0
         listed: list[str] = []
