@@ -1991,6 +1991,18 @@ def test_a_bulk_delete_skips_the_ids_no_row_can_hold(store: SessionStore, bad: A
     assert db.delete_sessions([bad, "s"]) == 1
 
 
+@pytest.mark.parametrize("bad", _NO_ROW_IDS, ids=repr)
+def test_a_cron_job_whose_id_no_session_id_can_hold_has_no_runs(
+    store: SessionStore, bad: Any
+) -> None:
+    """Hermes' file finds no run of a job id with NUL; PostgreSQL refused to compare it (a
+    DatabaseError), and both backends' drivers failed to encode a lone surrogate."""
+    db = SessionDB(store)
+    db.create_session("cron_j_1", "cron")
+    assert db.list_cron_job_runs(bad) == []
+    assert [run["id"] for run in db.list_cron_job_runs("j")] == ["cron_j_1"]
+
+
 def test_a_topic_binding_without_a_managed_mode_is_refused_before_anything_is_written(
     store: SessionStore,
 ) -> None:

@@ -21,7 +21,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hermes_orm import _codec, _dialects
 from hermes_orm.errors import HermesOrmError, InvalidArgumentError, SessionNotFoundError
-from hermes_orm.integrations.hermes._text import ascii_lower, has_lone_surrogate, sqlite_text
+from hermes_orm.integrations.hermes._text import (
+    ascii_lower,
+    has_lone_surrogate,
+    lookup_key,
+    sqlite_text,
+)
 from hermes_orm.models import (
     GatewayRoute,
     Message,
@@ -602,11 +607,14 @@ class GatewayMethods:
         """The run sessions of one cron job, newest first, with ``last_active`` and ``preview``.
 
         Runs are the ``cron`` sessions whose id starts with ``cron_<job_id>_``
-        (case-sensitive; ``cron_<job_id>2_...`` is another job's).
+        (case-sensitive; ``cron_<job_id>2_...`` is another job's). A job id
+        with NUL or a lone surrogate, which no session id holds, has none.
         """
         c = _sessions.c
-        prefix = f"cron_{job_id}_"
+        prefix = lookup_key(f"cron_{job_id}_")
         size, start = _window(limit, offset)
+        if prefix is None:
+            return []
         query = (
             select(_sessions, _last_active())
             .where(
