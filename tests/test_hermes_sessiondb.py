@@ -2294,6 +2294,32 @@ def test_session_text_holding_nul_is_refused_on_either_backend_before_any_write(
     assert db.get_meta("k" * 255) == "v"
 
 
+def test_repo_roots_are_backfilled_by_cwd_as_hermes_file_compares_it(both: Any) -> None:
+    """A number is compared as its text, text with NUL matches no cwd: PostgreSQL refused
+    both comparisons (a DatabaseError), after SQLite had answered as Hermes' file does."""
+    both.create_session("s", "cli")
+    both.create_session("t", "cli")
+    both.update_session_cwd("s", "1")
+    both.update_session_cwd("t", "/w")
+    both.backfill_repo_roots({"/w\x00": "/nul", 1: "/one", b"/w": "/bytes"})
+    assert both.get_session("s")["git_repo_root"] == "/one"
+    assert both.get_session("t")["git_repo_root"] is None
+    both.backfill_repo_roots({"/w\ud800": "/r"})  # Hermes' sqlite3 cannot encode it: both raise
+
+
+def test_a_repo_root_no_session_can_hold_is_refused_before_any_is_backfilled(
+    store: SessionStore,
+) -> None:
+    """SQLite kept a root with NUL, which PostgreSQL text cannot hold (a DatabaseError)."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.update_session_cwd("s", "/w")
+    for root in ("/r\x00", "/r\ud800", ["/r"]):
+        with pytest.raises(InvalidSessionError, match="git_repo_root"):
+            db.backfill_repo_roots({"/w": "/ok", "/v": root})
+    assert db.get_session("s")["git_repo_root"] is None  # type: ignore[index]
+
+
 _API_INSERT = (
     "INSERT INTO sessions (id, source, model, system_prompt, started_at) VALUES (?, ?, ?, ?, ?)"
 )

@@ -1524,18 +1524,32 @@ class UpkeepMethods:
     def backfill_repo_roots(self, cwd_to_root: dict[str, str]) -> None:
         """Give sessions without a git repo root the one resolved for their cwd.
 
-        A recorded root is never replaced; empty roots and cwds are ignored.
+        A recorded root is never replaced; empty roots and cwds are ignored. A
+        cwd is compared as Hermes' file compares it: a number as its text, text
+        with NUL or what is no text with no session's.
+
+        Raises:
+            InvalidArgumentError: A cwd with a lone surrogate (Hermes' sqlite3
+                cannot encode it either).
+            InvalidSessionError: A root no session can hold (NUL, a lone
+                surrogate, no text), before anything is written.
         """
-        pairs = [(cwd, root) for cwd, root in cwd_to_root.items() if cwd and root]
+        from hermes_orm.integrations.hermes.sessiondb import _equal, _text_of
+
+        s = _sessions.c
+        pairs = [
+            (_equal(s.cwd, cwd), _text_of("git_repo_root", root))
+            for cwd, root in cwd_to_root.items()
+            if cwd and root
+        ]
         if not pairs:
             return
-        s = _sessions.c
 
         def work(conn: Connection) -> None:
-            for cwd, root in pairs:
+            for at_cwd, root in pairs:
                 conn.execute(
                     update(_sessions)
-                    .where(s.cwd == cwd, func.coalesce(s.git_repo_root, "") == "")
+                    .where(at_cwd, func.coalesce(s.git_repo_root, "") == "")
                     .values(git_repo_root=root)
                 )
 
