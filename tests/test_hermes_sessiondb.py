@@ -2294,6 +2294,26 @@ def test_session_text_holding_nul_is_refused_on_either_backend_before_any_write(
     assert db.get_meta("k" * 255) == "v"
 
 
+@pytest.mark.parametrize("bad", ["/w\x00", "/w\ud800"], ids=repr)
+def test_a_cwd_no_session_can_hold_is_refused_before_it_is_written(
+    store: SessionStore, bad: str
+) -> None:
+    """SQLite kept NUL, which PostgreSQL text cannot hold (a DatabaseError there); a lone
+    surrogate raised the driver's UnicodeEncodeError on both."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    for args in ((bad,), ("/w", bad), ("/w", "main", bad), (["/w"],)):
+        with pytest.raises(InvalidSessionError):
+            db.update_session_cwd("s", *args)
+    session = db.get_session("s")
+    assert session is not None
+    assert (session["cwd"], session["git_branch"], session["git_repo_root"]) == (None,) * 3
+    db.update_session_cwd("s", 5, " main ")  # (a number is its text, as in Hermes' file)
+    session = db.get_session("s")
+    assert session is not None
+    assert (session["cwd"], session["git_branch"]) == ("5", "main")
+
+
 def test_repo_roots_are_backfilled_by_cwd_as_hermes_file_compares_it(both: Any) -> None:
     """A number is compared as its text, text with NUL matches no cwd: PostgreSQL refused
     both comparisons (a DatabaseError), after SQLite had answered as Hermes' file does."""

@@ -1509,16 +1509,22 @@ class UpkeepMethods:
 
         An empty branch or repo root (a failed probe) leaves the one recorded;
         an empty ``cwd`` or session id does nothing.
+
+        Raises:
+            InvalidSessionError: A value no session can hold (NUL, a lone
+                surrogate, no text), before anything is written.
         """
+        from hermes_orm.integrations.hermes.sessiondb import _text_of
+
         if not session_id or not cwd:
             return
-        values: dict[str, Any] = {"cwd": cwd}
+        values: dict[str, Any] = {"cwd": _text_of("cwd", cwd)}
         branch = (git_branch or "").strip()
         root = (git_repo_root or "").strip()
         if branch:
-            values["git_branch"] = branch
+            values["git_branch"] = _text_of("git_branch", branch)
         if root:
-            values["git_repo_root"] = root
+            values["git_repo_root"] = _text_of("git_repo_root", root)
         self._update_session(session_id, values)
 
     def backfill_repo_roots(self, cwd_to_root: dict[str, str]) -> None:
