@@ -555,6 +555,19 @@ def test_a_title_with_nul_names_no_session(store: SessionStore) -> None:
     assert db.get_next_title_in_lineage("t") == "t #2"
 
 
+@pytest.mark.parametrize("title", ["5", 5, "t\x00", "t\ud800", None, ["t"]], ids=repr)
+def test_a_title_is_resolved_as_it_is_looked_up(store: SessionStore, title: Any) -> None:
+    """``resolve_session_by_title`` reads a title as ``get_session_by_title`` does (a number
+    as its text, what no title holds as none): it raised the driver's UnicodeEncodeError
+    for a lone surrogate, and an AttributeError for what is no text."""
+    db = SessionDB(store)
+    db.create_session("s", "cli")
+    db.set_session_title("s", "5")
+    found = db.get_session_by_title(title)
+    assert db.resolve_session_by_title(title) == (None if found is None else found["id"])
+    assert (found is not None) is (title in ("5", 5))
+
+
 def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:
     """A backslash in a filter is a backslash, as Hermes' SQLite LIKE reads it (PostgreSQL's
     LIKE would take it as its escape character); ``%`` and ``_`` stay wildcards."""

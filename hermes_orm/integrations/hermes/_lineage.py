@@ -43,6 +43,7 @@ from hermes_orm.integrations.hermes._text import (
     ascii_like,
     has_lone_surrogate,
     like_escaped,
+    lookup_key,
     scrub,
 )
 from hermes_orm.models import CompressionLock, Message, Session
@@ -721,23 +722,25 @@ class LineageMethods:
         When sessions titled ``"<title> #<anything>"`` exist, the most recently
         started of them; else the session titled exactly ``title``; else None.
         The numbered prefix compares without regard to ASCII case, as in Hermes.
-        A title with NUL names none: no stored title holds one (and PostgreSQL
-        refuses to compare text with NUL).
+        The title is read as ``get_session_by_title`` reads it: a number as its
+        text; text with NUL or a lone surrogate, or what is no text, names none
+        (no stored title holds it).
         """
         c = _sessions.c
-        if isinstance(title, str) and "\x00" in title:
+        key = lookup_key(title)
+        if key is None:
             return None
 
         def work(conn: Connection) -> str | None:
             numbered = conn.execute(
                 select(c.id, c.title)
-                .where(_numbered_titles(title))
+                .where(_numbered_titles(key))
                 .order_by(c.started_at.desc(), c.id.desc())
             ).all()
             for row in numbered:
-                if _is_numbered(row.title, title):
+                if _is_numbered(row.title, key):
                     return str(row.id)
-            exact = conn.execute(select(c.id).where(c.title == title).limit(1)).scalar()
+            exact = conn.execute(select(c.id).where(c.title == key).limit(1)).scalar()
             return None if exact is None else str(exact)
 
         return self._store.read_transaction(work)
