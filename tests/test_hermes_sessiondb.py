@@ -542,15 +542,19 @@ def test_letter_case_in_filters_and_id_prefixes_is_read_as_hermes_reads_it(both:
         both.get_session(sid)
 
 
-def test_a_title_with_nul_names_no_session(store: SessionStore) -> None:
-    """No stored title holds NUL: looked up (``/resume <title>``), it finds none and
-    numbers nothing, where PostgreSQL would refuse the comparison (a DatabaseError)."""
+@pytest.mark.parametrize("bad", ["\x00", "\ud800"], ids=repr)
+def test_a_title_with_nul_or_a_lone_surrogate_names_no_session(
+    store: SessionStore, bad: str
+) -> None:
+    """No stored title holds NUL or a lone surrogate: looked up (``/resume <title>``), it
+    finds none and numbers nothing, where PostgreSQL would refuse to compare NUL (a
+    DatabaseError) and both drivers fail to encode a lone surrogate."""
     db = SessionDB(store)
     db.create_session("s", "cli")
     db.set_session_title("s", "t")
-    assert db.resolve_session_by_title("t\x00u") is None
-    assert db.get_next_title_in_lineage("t\x00u") == "t\x00u"
-    assert db.get_next_title_in_lineage("t\x00u #4") == "t\x00u"
+    assert db.resolve_session_by_title(f"t{bad}u") is None
+    assert db.get_next_title_in_lineage(f"t{bad}u") == f"t{bad}u"
+    assert db.get_next_title_in_lineage(f"t{bad}u #4") == f"t{bad}u"
     assert db.resolve_session_by_title("t") == "s"  # (the lookups work)
     assert db.get_next_title_in_lineage("t") == "t #2"
 
@@ -566,6 +570,15 @@ def test_a_title_is_resolved_as_it_is_looked_up(store: SessionStore, title: Any)
     found = db.get_session_by_title(title)
     assert db.resolve_session_by_title(title) == (None if found is None else found["id"])
     assert (found is not None) is (title in ("5", 5))
+
+
+def test_the_next_title_after_what_is_no_text_is_refused(both: Any) -> None:
+    """Hermes' regex raises a TypeError; the adapter's error is typed."""
+    for title in (5, None, ["t"]):
+        with pytest.raises(TypeError):
+            both.hermes.get_next_title_in_lineage(title)
+        with pytest.raises(InvalidArgumentError, match="base_title must be text"):
+            both.ours.get_next_title_in_lineage(title)
 
 
 def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:

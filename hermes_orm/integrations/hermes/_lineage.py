@@ -750,11 +750,18 @@ class LineageMethods:
 
         A ``" #N"`` suffix of ``base_title`` is dropped first; the base alone
         counts as #1, so the first continuation gets #2. When no session has
-        the base title or a numbered one (none has a title with NUL), the base itself.
+        the base title or a numbered one (none has a title with NUL or a lone
+        surrogate), the base itself.
+
+        Raises:
+            InvalidArgumentError: ``base_title`` is no text (Hermes' regex raises a
+                TypeError).
         """
+        if not isinstance(base_title, str):
+            raise InvalidArgumentError(f"base_title must be text, got {_codec.shown(base_title)}")
         match = _NUMBERED.match(base_title)
         base = match.group(1) if match else base_title
-        if "\x00" in base:
+        if lookup_key(base) is None:
             return base
         c = _sessions.c
 
