@@ -581,6 +581,21 @@ def test_the_next_title_after_what_is_no_text_is_refused(both: Any) -> None:
             both.ours.get_next_title_in_lineage(title)
 
 
+def test_a_search_by_id_refuses_a_query_or_a_limit_of_another_type(both: Any) -> None:
+    """Hermes raises an AttributeError or a TypeError; the adapter's error is typed, as
+    ``list_sessions_rich``'s for such a limit."""
+    both.create_session("s1", "cli")
+    for kwargs in ({"query": 1}, {"query": ["s"]}, {"query": "s", "limit": "x"}):
+        with pytest.raises((AttributeError, TypeError)):
+            both.hermes.search_sessions_by_id(**kwargs)
+        with pytest.raises(InvalidArgumentError, match="must be"):
+            both.ours.search_sessions_by_id(**kwargs)
+    assert both.search_sessions_by_id("", limit="x") == []  # nothing to look for
+    assert both.search_sessions_by_id(None) == []
+    assert both.search_sessions_by_id("s", limit=-1) == []
+    assert [row["id"] for row in both.search_sessions_by_id("S1", limit=True)] == ["s1"]
+
+
 def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:
     """A backslash in a filter is a backslash, as Hermes' SQLite LIKE reads it (PostgreSQL's
     LIKE would take it as its escape character); ``%`` and ``_`` stay wildcards."""

@@ -38,6 +38,7 @@ from hermes_orm.errors import (
     DatabaseUnavailableError,
     InvalidArgumentError,
 )
+from hermes_orm.integrations.hermes._gateway import _window
 from hermes_orm.integrations.hermes._text import (
     ASCII_LOWER,
     ascii_like,
@@ -851,8 +852,18 @@ class LineageMethods:
         conversation shows as its live continuation, with ``_lineage_root_id``);
         exact id matches come first, then prefix matches, then the rest, each
         group most recently active first.
+
+        Raises:
+            InvalidArgumentError: ``query`` is no text, or ``limit`` no integer
+                (as ``list_sessions_rich`` reads it; Hermes raises an
+                AttributeError or a TypeError).
         """
+        if query and not isinstance(query, str):
+            raise InvalidArgumentError(f"query must be text, got {_codec.shown(query)}")
         needle = (query or "").strip().lower()
+        if needle:
+            _window(limit, 0)  # (one that is no integer: refused as list_sessions_rich refuses it)
+            limit = int(limit)
         if not needle or limit <= 0:
             return []
         candidates = self.list_sessions_rich(
