@@ -596,6 +596,22 @@ def test_a_search_by_id_refuses_a_query_or_a_limit_of_another_type(both: Any) ->
     assert [row["id"] for row in both.search_sessions_by_id("S1", limit=True)] == ["s1"]
 
 
+def test_a_title_that_is_no_text_is_refused_before_it_is_set(both: Any) -> None:
+    """Hermes' regex raises a TypeError; the adapter's error is typed. An empty one
+    clears the title, as in Hermes."""
+    both.create_session("s", "cli")
+    both.set_session_title("s", "t")
+    for title in (5, 1.5, b"t", ["t"]):
+        for set_title in ("set_session_title", "set_auto_title_if_empty"):
+            with pytest.raises(TypeError):
+                getattr(both.hermes, set_title)("s", title)
+            with pytest.raises(InvalidSessionError, match="title must be text"):
+                getattr(both.ours, set_title)("s", title)
+    assert both.get_session_title("s") == "t"
+    both.set_session_title("s", 0)
+    assert both.get_session_title("s") is None
+
+
 def test_filters_on_windows_paths_and_backslashes(both: Any) -> None:
     """A backslash in a filter is a backslash, as Hermes' SQLite LIKE reads it (PostgreSQL's
     LIKE would take it as its escape character); ``%`` and ``_`` stay wildcards."""

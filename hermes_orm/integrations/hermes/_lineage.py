@@ -787,7 +787,7 @@ class LineageMethods:
         hidden from the session list: the user could not free it otherwise).
 
         Raises:
-            ValueError: Too long, or used by another session.
+            ValueError: Too long, used by another session, or no text.
         """
         return self._set_title(session_id, title, only_if_empty=False)
 
@@ -802,7 +802,7 @@ class LineageMethods:
             or does not exist.
 
         Raises:
-            ValueError: The title is too long, or another session has it.
+            ValueError: The title is too long, another session has it, or it is no text.
         """
         return self._set_title(session_id, title, only_if_empty=True)
 

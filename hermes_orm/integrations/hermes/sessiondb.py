@@ -164,9 +164,12 @@ def sanitize_title(title: str | None) -> str | None:
 
     Raises:
         InvalidArgumentError: Longer than :data:`MAX_TITLE_LENGTH` once cleaned.
+        InvalidSessionError: No text (Hermes' regex raises a TypeError).
     """
     if not title:
         return None
+    if not isinstance(title, str):
+        raise InvalidSessionError(f"a title must be text, got {_codec.shown(title)}")
     cleaned = _INVISIBLE.sub("", _CONTROL.sub("", scrub(title)))
     cleaned = re.sub(r"\s+", " ", cleaned).strip()
     if not cleaned:
