@@ -2308,6 +2308,20 @@ def test_a_message_id_of_any_type_is_read_as_hermes_file_reads_it(both: Any, giv
         ours.rewind_to_message("s", 2**70)
 
 
+def test_a_window_or_bookend_that_is_no_number_is_refused(both: Any) -> None:
+    """Hermes compares them with 0 first (a TypeError); the adapter's error is typed."""
+    both.create_session("s", "cli")
+    first = both.append_message("s", "user", "hello")
+    for name, value in (("window", "3"), ("window", None), ("bookend", "3"), ("bookend", None)):
+        views = ["get_anchored_view"] + (["get_messages_around"] if name == "window" else [])
+        for view in views:
+            with pytest.raises(TypeError):
+                getattr(both.hermes, view)("s", first, **{name: value})
+            with pytest.raises(InvalidArgumentError, match=f"{name} must be a number"):
+                getattr(both.ours, view)("s", first, **{name: value})
+    both.get_anchored_view("s", first, window=-1, bookend=True)
+
+
 def test_a_lone_surrogate_is_refused_where_hermes_binds_the_text_as_given(both: Any) -> None:
     """Hermes replaces lone surrogates in a message's content, tool name and reasoning only;
     elsewhere its sqlite3 refuses them (a ValueError, nothing written): so does the adapter."""

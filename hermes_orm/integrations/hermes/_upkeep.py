@@ -110,6 +110,17 @@ def _stamp(value: Any, default: float) -> float:
         return default
 
 
+def _how_many(name: str, value: Any) -> Any:
+    """A number of messages Hermes compares with 0 first: a negative one is 0.
+
+    Raises:
+        InvalidArgumentError: No number (Hermes' comparison raises a TypeError).
+    """
+    if not isinstance(value, int | float):
+        raise InvalidArgumentError(f"{name} must be a number, got {_codec.shown(value)}")
+    return max(0, value)
+
+
 def _stored_message(msg: dict[str, Any], stamp: float) -> dict[str, Any]:
     """The message Hermes writes for a transcript rewrite of ``msg`` (as ``append_message`` does).
 
@@ -744,8 +755,11 @@ class UpkeepMethods:
         Inactive rows included. ``messages_before``/``messages_after`` count
         those returned on each side (less than ``window``: the session ends
         there); a message not in the session gives an empty window.
+
+        Raises:
+            InvalidArgumentError: ``window`` is no number.
         """
-        window = max(0, window)
+        window = _how_many("window", window)
         c = _messages.c
         around = row_id_equal_to("around_message_id", around_message_id)
 
@@ -785,8 +799,11 @@ class UpkeepMethods:
         ``bookend_start``/``bookend_end`` are the first/last ``bookend``
         messages of those roles with text, outside the window. ``keep_roles``
         None keeps every role. A message not in the session gives empty lists.
+
+        Raises:
+            InvalidArgumentError: ``window`` or ``bookend`` is no number.
         """
-        bookend = max(0, bookend)
+        bookend = _how_many("bookend", bookend)
         around = self.get_messages_around(session_id, around_message_id, window=window)
         rows: list[dict[str, Any]] = around["window"]
         empty: dict[str, Any] = {"bookend_start": [], "bookend_end": []}
