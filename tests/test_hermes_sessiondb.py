@@ -656,6 +656,19 @@ def test_session_count_filters(both: Any) -> None:
     both.session_count(include_archived=True)
 
 
+@pytest.mark.parametrize("method", ["session_count", "list_sessions_rich"])
+def test_a_cwd_prefix_that_is_no_text_is_refused(both: Any, method: str) -> None:
+    """Hermes' ``rstrip`` of it raises an AttributeError (bytes: a TypeError); the adapter's
+    error is typed."""
+    both.create_session("s", "cli", cwd="5")
+    for prefix in (5, ["/w"], b"/w"):
+        with pytest.raises((AttributeError, TypeError)):
+            getattr(both.hermes, method)(cwd_prefix=prefix)
+        with pytest.raises(InvalidArgumentError, match="cwd_prefix must be text"):
+            getattr(both.ours, method)(cwd_prefix=prefix)
+    getattr(both, method)(cwd_prefix=0)  # (none: every session, as in Hermes)
+
+
 def _usage_rows(
     hermes: Any, ours: SessionDB
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:

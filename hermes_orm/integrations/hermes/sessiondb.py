@@ -453,7 +453,8 @@ def _listing_where(
 
     Raises:
         InvalidArgumentError: ``exclude_sources`` holds nothing to compare (no
-            list of text), or ``min_message_count`` is no number.
+            list of text), ``cwd_prefix`` is no text (Hermes' ``rstrip`` raises an
+            AttributeError), or ``min_message_count`` is no number.
     """
     c = _sessions.c
     where: list[Any] = []
@@ -469,6 +470,8 @@ def _listing_where(
         if held:  # (a source no row holds excludes nothing)
             where.append(c.source.not_in(held))
     if cwd_prefix:
+        if not isinstance(cwd_prefix, str):
+            raise InvalidArgumentError(f"cwd_prefix must be text, got {_codec.shown(cwd_prefix)}")
         where.append(_under(cwd_prefix))
     if not isinstance(min_message_count, int | float) or math.isnan(min_message_count):
         raise InvalidArgumentError(
