@@ -826,6 +826,58 @@ def test_deleting_a_session_on_an_engine_without_foreign_keys_takes_what_hangs_o
     engine.dispose()
 
 
+def test_deleting_a_session_takes_it_after_its_children_as_a_flush_into_both_does(
+    pg_server_url: str,
+) -> None:
+    """An ORM flush into a session ``P`` and its child ``C`` locks ``C``, then ``P`` (the
+    lock order). ``SessionStore.delete_session("P")`` takes ``C`` before ``P`` too: had
+    it locked ``P`` as it began, each would hold a row the other waits for."""
+    with _own_database(pg_server_url, "hermes_parent_last") as engine:
+        store = SessionStore(engine)
+        store.create_session("P", source="app")
+        store.create_session("C", source="app", parent_session_id="P")
+        deadlocks = text(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+        with engine.connect() as conn:
+            before = conn.execute(deadlocks).scalar_one()
+        failures: list[BaseException] = []
+
+        def flush() -> None:
+            try:
+                with OrmSession(engine) as orm:
+                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in "PC")
+                    orm.commit()
+            except BaseException as exc:
+                failures.append(exc)
+
+        flusher = threading.Thread(target=flush)
+        deleter = threading.current_thread()
+
+        def flush_now(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if threading.current_thread() is not deleter or flusher.ident is not None:
+                return  # (once)
+            if "FOR UPDATE" not in statement and not statement.startswith("DELETE"):
+                return  # (the store's own settings, before the delete's work)
+            flusher.start()  # after the delete's first statement
+            flusher.join(3)  # done, unless it waits for a row the delete holds
+
+        event.listen(engine, "after_cursor_execute", flush_now)
+        try:
+            assert store.delete_session("P")
+        finally:
+            event.remove(engine, "after_cursor_execute", flush_now)
+        flusher.join(30)
+        store.close()
+        assert failures == []
+        with engine.connect() as conn:
+            assert conn.execute(deadlocks).scalar_one() == before
+            rows = conn.execute(
+                text("SELECT id, parent_session_id, flushed_idx FROM hermes_sessions ORDER BY id")
+            ).all()
+        assert [tuple(r) for r in rows] == [("C", None, 1)]
+
+
 @pytest.mark.parametrize("how", ["user", "hermes", "hermes many", "hermes empty"])
 def test_deleting_a_parent_waits_for_a_writer_that_made_a_child_before_taking_children(
     pg_server_url: str, how: str
