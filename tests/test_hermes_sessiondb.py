@@ -2335,6 +2335,18 @@ def test_a_window_or_bookend_that_is_no_number_is_refused(both: Any) -> None:
     both.get_anchored_view("s", first, window=-1, bookend=True)
 
 
+def test_a_window_past_what_a_position_holds_is_the_whole_session(both: Any) -> None:
+    """Positions are 32-bit on PostgreSQL: a window of 2**31 or more failed there alone
+    (and one past 64 bits on SQLite, untyped), where Hermes reads the whole session."""
+    both.create_session("s", "cli")
+    ids = [both.append_message("s", "user", f"m{n}") for n in range(3)]
+    around = both.get_messages_around("s", ids[1], window=2**40)
+    assert around["messages_before"] == around["messages_after"] == 1
+    both.get_anchored_view("s", ids[1], window=2**40)
+    whole = both.ours.get_messages_around("s", ids[1], window=2**64)
+    assert [m["content"] for m in whole["window"]] == ["m0", "m1", "m2"]
+
+
 def test_a_lone_surrogate_is_refused_where_hermes_binds_the_text_as_given(both: Any) -> None:
     """Hermes replaces lone surrogates in a message's content, tool name and reasoning only;
     elsewhere its sqlite3 refuses them (a ValueError, nothing written): so does the adapter."""
@@ -2386,7 +2398,7 @@ def test_a_cwd_no_session_can_hold_is_refused_before_it_is_written(
     surrogate raised the driver's UnicodeEncodeError on both."""
     db = SessionDB(store)
     db.create_session("s", "cli")
-    for args in ((bad,), ("/w", bad), ("/w", "main", bad), (["/w"],)):
+    for args in ((bad,), ("/w", bad), ("/w", "main", bad), (["/w"],), ("/w", 5), ("/w", "", 5)):
         with pytest.raises(InvalidSessionError):
             db.update_session_cwd("s", *args)
     session = db.get_session("s")

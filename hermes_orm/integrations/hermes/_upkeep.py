@@ -771,9 +771,12 @@ class UpkeepMethods:
                 ).scalar()
             if anchor is None:
                 return {"window": [], "messages_before": 0, "messages_after": 0}
+            # Within the column's range (32 bits on PostgreSQL): a window past it is all.
+            top = 2**31 - 1 if conn.dialect.name == "postgresql" else 2**63 - 1
+            low, high = max(anchor - window, 0), min(anchor + window, top)
             rows = conn.execute(
                 select(_messages)
-                .where(c.session_id == session_id, c.idx.between(anchor - window, anchor + window))
+                .where(c.session_id == session_id, c.idx.between(low, high))
                 .order_by(c.idx)
             ).all()
             return {
@@ -1535,6 +1538,9 @@ class UpkeepMethods:
 
         if not session_id or not cwd:
             return
+        for name, value in (("git_branch", git_branch), ("git_repo_root", git_repo_root)):
+            if value and not isinstance(value, str):  # (Hermes' strip() fails on it)
+                raise InvalidSessionError(f"{name} must be text, got {_codec.shown(value)}")
         values: dict[str, Any] = {"cwd": _text_of("cwd", cwd)}
         branch = (git_branch or "").strip()
         root = (git_repo_root or "").strip()
