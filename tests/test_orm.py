@@ -9,11 +9,12 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Connection,
     Engine,
     String,
     create_engine,
@@ -836,20 +837,9 @@ def test_deleting_a_session_takes_it_after_its_children_as_a_flush_into_both_doe
         store = SessionStore(engine)
         store.create_session("P", source="app")
         store.create_session("C", source="app", parent_session_id="P")
-        deadlocks = text(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-        with engine.connect() as conn:
-            before = conn.execute(deadlocks).scalar_one()
+        before = _deadlocks(engine)
         failures: list[BaseException] = []
-
-        def flush() -> None:
-            try:
-                with OrmSession(engine) as orm:
-                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in "PC")
-                    orm.commit()
-            except BaseException as exc:
-                failures.append(exc)
+        flush = _flush_into(engine, "PC", failures)
 
         flusher = threading.Thread(target=flush)
         deleter = threading.current_thread()
@@ -869,13 +859,7 @@ def test_deleting_a_session_takes_it_after_its_children_as_a_flush_into_both_doe
             event.remove(engine, "after_cursor_execute", flush_now)
         flusher.join(30)
         store.close()
-        assert failures == []
-        with engine.connect() as conn:
-            assert conn.execute(deadlocks).scalar_one() == before
-            rows = conn.execute(
-                text("SELECT id, parent_session_id, flushed_idx FROM hermes_sessions ORDER BY id")
-            ).all()
-        assert [tuple(r) for r in rows] == [("C", None, 1)]
+        assert _settled(engine, before, failures) == [("C", None, 1)]
 
 
 @pytest.mark.parametrize("how", ["user", "hermes", "hermes many", "hermes empty"])
@@ -894,11 +878,7 @@ def test_deleting_a_parent_waits_for_a_writer_that_made_a_child_before_taking_ch
         owned.create_session("P", source="app")
         owned.end_session("P", "done")
         owned.create_session("C", source="app", parent_session_id="P")
-        deadlocks = text(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-        with engine.connect() as conn:
-            before = conn.execute(deadlocks).scalar_one()
+        before = _deadlocks(engine)
         deleter = threading.Thread(target=_deleter(store, how))
         with OrmSession(engine) as orm:
             orm.add(Session(id="N", source="app", parent_session_id="P"))
@@ -909,12 +889,7 @@ def test_deleting_a_parent_waits_for_a_writer_that_made_a_child_before_taking_ch
             orm.commit()
         deleter.join(30)
         store.close()
-        with engine.connect() as conn:
-            assert conn.execute(deadlocks).scalar_one() == before
-            rows = conn.execute(
-                text("SELECT id, parent_session_id, flushed_idx FROM hermes_sessions ORDER BY id")
-            ).all()
-        assert [tuple(r) for r in rows] == [("C", None, 1), ("N", None, 0)]
+        assert _settled(engine, before, []) == [("C", None, 1), ("N", None, 0)]
 
 
 # -- objects flushed once more after a flush that did not land ------------------------------
@@ -1128,6 +1103,43 @@ def _own_database(pg_server_url: str, name: str, options: str = "") -> Iterator[
         admin.dispose()
 
 
+def _deadlocks(bind: Engine | Connection) -> int:
+    """How many deadlocks PostgreSQL has broken in ``bind``'s database so far."""
+    query = text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    if isinstance(bind, Connection):
+        return int(bind.execute(query).scalar_one())
+    with bind.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _settled(engine: Engine, before: int, failures: list[BaseException]) -> list[tuple[Any, ...]]:
+    """After a race: no writer failed, no deadlock was broken; each session's id, parent
+    link and cursor."""
+    assert failures == []
+    with engine.connect() as conn:
+        assert _deadlocks(conn) == before
+        rows = conn.execute(
+            text("SELECT id, parent_session_id, flushed_idx FROM hermes_sessions ORDER BY id")
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def _flush_into(
+    engine: Engine, ids: Iterable[str], failures: list[BaseException]
+) -> Callable[[], None]:
+    """An ORM flush of one message into each session of ``ids``, its failure kept."""
+
+    def flush() -> None:
+        try:
+            with OrmSession(engine) as orm:
+                orm.add_all(Message(session_id=sid, role="user", content="m") for sid in ids)
+                orm.commit()
+        except BaseException as exc:
+            failures.append(exc)
+
+    return flush
+
+
 def _lock_waiters(engine: Engine, count: int) -> None:
     """Wait (up to 20 s) until ``count`` connections to ``engine``'s database wait for a lock."""
     deadline = time.monotonic() + 20
@@ -1162,16 +1174,7 @@ def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
         store.close()
         first = threading.current_thread()
         failures: list[BaseException] = []
-
-        def flush(ids: list[str]) -> None:
-            try:
-                with OrmSession(engine) as orm:
-                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in ids)
-                    orm.commit()
-            except BaseException as exc:
-                failures.append(exc)
-
-        other = threading.Thread(target=flush, args=(["a", "B"],))
+        other = threading.Thread(target=_flush_into(engine, ["a", "B"], failures))
         started: list[bool] = []
 
         def second_flush_waits(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
@@ -1184,7 +1187,7 @@ def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
             _lock_waiters(engine, 1)
 
         event.listen(engine, "after_cursor_execute", second_flush_waits)
-        flush(many)
+        _flush_into(engine, many, failures)()
         other.join(30)
         assert failures == []
         with engine.connect() as conn:
@@ -1227,20 +1230,9 @@ def test_deleting_a_parent_takes_its_childrens_rows_in_the_order_a_flush_does(
         owned.end_session("P", "done")  # (ended and empty: what delete_empty_sessions takes)
         for child in ("b", "a"):
             owned.create_session(child, source="app", parent_session_id="P")
-        deadlocks = text(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-        with engine.connect() as conn:
-            before = conn.execute(deadlocks).scalar_one()
+        before = _deadlocks(engine)
         failures: list[BaseException] = []
-
-        def flush() -> None:
-            try:
-                with OrmSession(engine) as orm:
-                    orm.add_all(Message(session_id=sid, role="user", content="m") for sid in "ab")
-                    orm.commit()
-            except BaseException as exc:
-                failures.append(exc)
+        flush = _flush_into(engine, "ab", failures)
 
         with engine.connect() as holder:
             # A key-share lock on b (as a message insert takes): the flush's FOR UPDATE
@@ -1256,17 +1248,7 @@ def test_deleting_a_parent_takes_its_childrens_rows_in_the_order_a_flush_does(
         flusher.join(30)
         deleter.join(30)
         store.close()
-        assert failures == []
-        with engine.connect() as conn:
-            assert conn.execute(deadlocks).scalar_one() == before
-            rows = conn.execute(
-                text(
-                    "SELECT s.id, s.parent_session_id, s.flushed_idx, count(m.id) "
-                    "FROM hermes_sessions s LEFT JOIN hermes_messages m ON m.session_id = s.id "
-                    "GROUP BY s.id ORDER BY s.id"
-                )
-            ).all()
-        assert [tuple(r) for r in rows] == [("a", None, 1, 1), ("b", None, 1, 1)]
+        assert _settled(engine, before, failures) == [("a", None, 1), ("b", None, 1)]
 
 
 def test_without_the_rule_a_message_left_placed_by_a_rollback_is_refused(engine: Engine) -> None:
@@ -1914,14 +1896,12 @@ def test_a_session_made_while_a_delete_statement_runs_keeps_its_messages(
         event.remove(engine, "after_cursor_execute", between)
     thread.join(30)
     assert finished == [None]
+    orphans = (
+        "SELECT count(*) FROM hermes_messages m WHERE NOT EXISTS "
+        "(SELECT 1 FROM hermes_sessions s WHERE s.id = m.session_id)"
+    )
     with engine.connect() as conn:
-        orphans = conn.execute(
-            text(
-                "SELECT count(*) FROM hermes_messages m WHERE NOT EXISTS "
-                "(SELECT 1 FROM hermes_sessions s WHERE s.id = m.session_id)"
-            )
-        ).scalar_one()
-    assert orphans == 0
+        assert conn.exec_driver_sql(orphans).scalar_one() == 0
     assert [m["content"] for m in writer.get_messages("late")] == ["l0"]
     writer.close()
     store.close()
