@@ -42,7 +42,6 @@ from hermes_orm.integrations.hermes._gateway import _window
 from hermes_orm.integrations.hermes._text import (
     ASCII_LOWER,
     ascii_like,
-    has_lone_surrogate,
     like_escaped,
     lookup_key,
     scrub,
@@ -893,8 +892,7 @@ def _holder(holder: Any) -> str:
             text cannot hold (nor Hermes' sqlite3 encode).
     """
     text = str(holder)
-    if "\x00" in text or has_lone_surrogate(text):
-        raise InvalidArgumentError(
-            f"a compression lock's holder holds NUL or a lone surrogate: {_codec.shown(text)}"
-        )
+    problem = _codec.text_problem(text)
+    if problem is not None:
+        raise InvalidArgumentError(f"a compression lock's holder {problem}: {_codec.shown(text)}")
     return text

@@ -771,9 +771,9 @@ class UpkeepMethods:
                 ).scalar()
             if anchor is None:
                 return {"window": [], "messages_before": 0, "messages_after": 0}
-            # Within the column's range (32 bits on PostgreSQL): a window past it is all.
-            top = 2**31 - 1 if conn.dialect.name == "postgresql" else 2**63 - 1
-            low, high = max(anchor - window, 0), min(anchor + window, top)
+            # Within the positions' range (32-bit ints, as the ORM rule bounds them on
+            # both backends): a window past it is all.
+            low, high = max(anchor - window, 0), min(anchor + window, 2**31 - 1)
             rows = conn.execute(
                 select(_messages)
                 .where(c.session_id == session_id, c.idx.between(low, high))
