@@ -1636,6 +1636,63 @@ def test_a_source_a_writer_keeps_locked_is_said_to_be_so(
     assert not destination.exists()
 
 
+def test_a_long_session_of_a_rollback_journal_source_keeps_hermes_waiting_for_its_read_only(
+    store: SessionStore, tmp_path: Path, reader: str
+) -> None:
+    """In rollback-journal mode a read transaction holds every writer of the file off.
+
+    A session is read as of one moment, however many transactions the destination
+    takes to write it: Hermes' commit, tried as the first of those lands, must
+    wait for the read alone, not for the rest of the copy.
+    """
+    source = fixture_copy(tmp_path)
+    conn = sqlite3.connect(source, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=DELETE")  # Hermes' fallback where WAL cannot work
+    first = conn.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1").fetchone()[0]
+    conn.execute(
+        "INSERT INTO sessions (id, source, started_at, message_count) "
+        "VALUES ('long', 'cli', 1, 200)"
+    )
+    conn.executemany(
+        "INSERT INTO messages (session_id, role, content, timestamp) VALUES ('long', ?, ?, ?)",
+        [("user" if n % 2 else "assistant", f"{n} " + "x" * 2000, n) for n in range(200)],
+    )
+    # Hermes mid-write: its -journal makes the import read through SQLite's locks.
+    hermes = sqlite3.connect(source, isolation_level=None, timeout=0.5)
+    hermes.execute("BEGIN IMMEDIATE")
+    hermes.execute(
+        "INSERT INTO messages (session_id, role, content, timestamp) VALUES (?, 'user', 'new', 2)",
+        (first,),
+    )
+    hermes.execute("UPDATE sessions SET message_count = message_count + 1 WHERE id = ?", (first,))
+    committed: list[str] = []
+
+    def commit_once(session_id: str, cursor: int) -> None:
+        if session_id == "long" and not committed:
+            assert cursor < 200  # more of it to write
+            try:
+                hermes.execute("COMMIT")
+                committed.append("ok")
+            except sqlite3.OperationalError as exc:
+                committed.append(str(exc))
+
+    try:
+        report = import_state_db(source, store, batch=10, on_batch=commit_once)
+    finally:
+        if hermes.in_transaction:
+            hermes.execute("ROLLBACK")
+        hermes.close()
+        conn.close()
+    assert committed == ["ok"]
+    assert not report.diverged_sessions, report.table()
+    assert not report.mismatched_sessions, report.table()
+    assert [m["content"].split()[0] for m in store.get_messages("long")] == [
+        str(n) for n in range(200)
+    ]
+    assert import_state_db(source, store).ok
+    assert_same_as_source(store, source)
+
+
 def test_a_session_hermes_compacts_between_its_batches_is_not_stored_torn(
     store: SessionStore, tmp_path: Path, reader: str
 ) -> None:

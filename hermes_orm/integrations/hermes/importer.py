@@ -316,6 +316,7 @@ class Source:
         #: How many times the source was reopened live (a read before may be of another state).
         self.generation = 0
         self._snapshot = False
+        self._blocks_writers: bool | None = None
         try:
             tables = {
                 r[0] for r in self.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -372,8 +373,21 @@ class Source:
         self.live = True
         self.generation += 1
         self.conn = self._connect()
+        self._blocks_writers = None
         if self._snapshot:
             self._begin()
+
+    def blocks_writers(self) -> bool:
+        """Whether a read transaction here keeps the file's writers waiting until it ends.
+
+        So it does on a file read live that is not in WAL mode (Hermes'
+        rollback-journal fallback): the read's shared lock holds off every
+        commit. In WAL mode, and on a file read as immutable, nothing waits.
+        """
+        if self._blocks_writers is None:
+            mode = self.execute("PRAGMA journal_mode")[0][0] if self.live else "immutable"
+            self._blocks_writers = self.live and str(mode).lower() != "wal"
+        return self._blocks_writers
 
     def _begin(self) -> None:
         try:
@@ -1847,7 +1861,9 @@ def _read_groups(
     many batches it takes: Hermes may rewrite a session in place meanwhile. If
     the source changed between two of its reads (it went live), what was read
     of it before must be what it holds now, else the session is reported as
-    diverged, its copy left at what was read before.
+    diverged, its copy left at what was read before. Where that read holds the
+    source's writers off (:meth:`Source.blocks_writers`), a session's groups are
+    kept in a :class:`_Spool` and handed on once its read has ended.
     """
     columns = MessageColumns.of(src.columns("messages"))
     group: list[Chunk] = []
@@ -1857,7 +1873,8 @@ def _read_groups(
         prefix = functools.partial(
             _checked_prefix, src, columns, sid, batch=batch, max_bytes=batch_bytes
         )
-        with src.snapshot():
+        spool: _Spool | None = None
+        with src.snapshot(), contextlib.ExitStack() as spooled:
             generation = src.generation
             fingerprint = _fingerprint()  # of the digests of the messages up to the cursor
             before_digest = None
@@ -1920,13 +1937,56 @@ def _read_groups(
                     if not more:
                         break  # read whole: its snapshot is let go before the group is handed on
                     if size >= batch or held >= batch_bytes:
-                        yield group, finished
+                        if spool is None and src.blocks_writers():
+                            spool = spooled.enter_context(_Spool())
+                        if spool is None:
+                            yield group, finished
+                        elif stopping is not None and stopping.is_set():
+                            break  # (nothing more is taken)
+                        else:
+                            spool.put((group, finished))
                         group, size, held, finished = [], 0, 0, 0
+            if spool is not None:
+                spooled.pop_all()  # (read back below, once the read transaction has ended)
+        if spool is not None:
+            with spool:
+                yield from spool.items()
         finished += 1
         if size >= batch or held >= batch_bytes:
             yield group, finished
             group, size, held, finished = [], 0, 0, 0
     yield group, finished
+
+
+class _Spool:
+    """Groups of one session kept on disk while the source's read holds its writers off.
+
+    A session is read as of one moment, a read transaction on the source. In
+    Hermes' rollback-journal mode that transaction's shared lock keeps every
+    Hermes commit waiting; handed on group by group, a long session would hold
+    it for as long as the destination takes to write it. Its groups are
+    written here instead and handed on once the read has ended: Hermes waits
+    for the read alone.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by __exit__)
+        self._count = 0
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._file.close()
+
+    def put(self, item: tuple[list[Chunk], int]) -> None:
+        pickle.dump(item, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._count += 1
+
+    def items(self) -> Iterator[tuple[list[Chunk], int]]:
+        self._file.seek(0)
+        for _ in range(self._count):
+            yield pickle.load(self._file)  # (this process wrote it)
 
 
 def _first_problem(
