@@ -661,6 +661,7 @@ def test_status_of_a_database_holding_tables_named_as_ours_says_so(tmp_path: Pat
     assert "none yet" not in result.stdout
 
 
+@pytest.mark.heavy
 def test_commands_that_read_leave_another_applications_database_as_it_was(
     tmp_path: Path,
 ) -> None:
@@ -699,6 +700,7 @@ def test_commands_that_read_leave_another_applications_database_as_it_was(
     conn.close()
 
 
+@pytest.mark.heavy
 def test_status_of_a_server_that_answered_with_an_error_does_not_call_it_unreachable(
     empty_pg: str, tmp_path: Path
 ) -> None:

@@ -319,6 +319,7 @@ def test_side_by_side(empty_db_url: str, serve: Any) -> None:
     assert _versions(url, migrations.VERSION_TABLE) == set()
 
 
+@pytest.mark.heavy
 def test_as_a_branch(empty_db_url: str, serve: Any) -> None:
     url = empty_db_url
     if url.startswith("postgresql"):  # pg_trgm where the path does not look (a managed service)

@@ -187,6 +187,7 @@ def test_incremental_import_copies_only_what_hermes_appended(
     assert store.get_messages(sid)[-1]["content"] == parts
 
 
+@pytest.mark.heavy
 def test_a_batch_of_a_thousand_short_sessions_and_more_is_imported(
     store: SessionStore, tmp_path: Path
 ) -> None:
@@ -921,6 +922,7 @@ def test_killed_import_resumes_with_every_row_once(
     store.close()
 
 
+@pytest.mark.heavy
 def test_import_while_hermes_is_writing(store: SessionStore, tmp_path: Path, reader: str) -> None:
     from hermes_state import SessionDB
 

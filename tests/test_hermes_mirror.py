@@ -418,6 +418,7 @@ def test_a_session_id_used_again_while_its_last_turn_waits_loses_nothing(
         "ended again",
     ],
 )
+@pytest.mark.heavy
 def test_an_end_the_locked_database_refused_is_written_onto_the_session_it_ended(
     db_url: str, status: StatusFile, store: SessionStore, then: str
 ) -> None:
@@ -520,6 +521,7 @@ def test_sessions_left_unwritten_at_exit_are_told_where_they_are(
     assert ("catches up" in str(status.read().get("error"))) is (mode == "mirror")
 
 
+@pytest.mark.heavy
 def test_only_the_last_close_gives_up_what_the_database_would_not_take(
     db_url: str, status: StatusFile, store: SessionStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1119,6 +1121,7 @@ def test_hermes_orm_argument_errors_do_not_show_the_password(tmp_path: Path) -> 
         assert "hermes:***@db.example" in refused.stderr, refused.stderr
 
 
+@pytest.mark.heavy
 def test_hermes_orm_commands_work_on_the_mirror_database(tmp_path: Path) -> None:
     home = tmp_path / "home"
     _write_config(home, "plugins:\n  enabled: [hermes_orm]\n")
@@ -1397,6 +1400,7 @@ def _hermes_missed_its_answer(
     return hermes, db, history
 
 
+@pytest.mark.heavy
 def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none(
     db_url: str, status: StatusFile, store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1430,6 +1434,7 @@ def test_store_modes_rewrite_takes_the_repairs_first_and_a_failed_one_drops_none
 
 
 @pytest.mark.parametrize("lock", ["released before the end", "held past the end"])
+@pytest.mark.heavy
 def test_store_modes_failed_repair_is_tried_at_the_sessions_end_then_given_up(
     db_url: str,
     status: StatusFile,
@@ -1601,6 +1606,7 @@ def _record_in_turns(path: str, key: str, times: int, go: Any) -> None:
         status.write(**{key: n})
 
 
+@pytest.mark.heavy
 def test_writers_of_one_status_file_keep_each_others_records(tmp_path: Path) -> None:
     """Two Hermes processes on one home record their errors in one file: neither's write
     puts back what the other had just changed."""
@@ -1698,6 +1704,7 @@ def test_a_session_whose_id_leaves_no_room_for_a_revision_mark_is_ended(
     assert status.read().get("error") is None
 
 
+@pytest.mark.heavy
 def test_a_refused_end_is_given_up_by_the_last_close_with_the_writer_busy(
     db_url: str, status: StatusFile
 ) -> None:
@@ -1718,6 +1725,7 @@ def test_a_refused_end_is_given_up_by_the_last_close_with_the_writer_busy(
     assert "not written: the mirrored copy stays open" in status.read()["error"]["todo"]
 
 
+@pytest.mark.heavy
 def test_a_refused_end_given_up_leaves_another_process_s_error_of_the_session(
     db_url: str, status: StatusFile, store: SessionStore
 ) -> None:

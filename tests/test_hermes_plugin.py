@@ -165,6 +165,7 @@ def test_hermes_own_store_failing_mid_turn_leaves_the_mirror_exact(
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-one-session", "compressed-away"])
+@pytest.mark.heavy
 def test_a_last_turn_that_failed_is_mirrored_by_the_sessions_end(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, llm: FakeLLM, in_place: bool
 ) -> None:
@@ -193,6 +194,7 @@ def test_a_last_turn_that_failed_is_mirrored_by_the_sessions_end(
         assert parent["end_reason"] == "compression"
 
 
+@pytest.mark.heavy
 def test_a_turn_with_the_mirror_unavailable_loses_nothing(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, backend: str
 ) -> None:
@@ -209,6 +211,7 @@ def test_a_turn_with_the_mirror_unavailable_loses_nothing(
 
 
 @pytest.mark.backends("sqlite")
+@pytest.mark.heavy
 def test_writes_left_at_exit_are_told_in_the_agents_log(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:
@@ -262,6 +265,7 @@ if {first_hook == "a turn"}:
         assert lines == ["logging stops", "hook finalize", "close True"]
 
 
+@pytest.mark.heavy
 def test_the_background_review_never_enters_the_users_session(
     spec: AgentSpec, store: SessionStore, tmp_path: Path, llm: FakeLLM
 ) -> None:
@@ -331,6 +335,7 @@ def test_a_process_killed_mid_turn_is_resumed_exactly(
     _assert_mirrored(store, "s1", final)
 
 
+@pytest.mark.heavy
 def test_imported_history_is_continued_without_duplicates(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:

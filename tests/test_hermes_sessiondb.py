@@ -310,6 +310,7 @@ def _numbers(backend: str) -> str:
     )
 
 
+@pytest.mark.heavy
 def test_a_prune_of_more_sessions_than_a_statement_may_name(
     store: SessionStore, backend: str
 ) -> None:
@@ -349,6 +350,7 @@ def test_a_prune_of_more_sessions_than_a_statement_may_name(
     only_the_child_left()
 
 
+@pytest.mark.heavy
 def test_listing_and_counting_more_sessions_than_a_statement_may_name(
     store: SessionStore, backend: str
 ) -> None:
@@ -373,6 +375,7 @@ def test_listing_and_counting_more_sessions_than_a_statement_may_name(
     assert {row["id"]: row["preview"] for row in listed}["g1"] == "the first"
 
 
+@pytest.mark.heavy
 def test_a_walk_and_a_delete_of_more_sessions_and_keys_than_a_statement_may_name(
     store: SessionStore, backend: str
 ) -> None:

@@ -141,6 +141,7 @@ class Cli:
         return done
 
 
+@pytest.mark.heavy
 def test_the_hermes_cli_keeps_its_session_in_the_database_and_resumes_it(
     tmp_path: Path, llm: RecordingLLM, db_url: str, store: SessionStore
 ) -> None:
@@ -278,6 +279,7 @@ def test_what_hermes_own_writes_miss_is_stored_exactly_once(
     assert _state_db_messages(spec.hermes_home) == 0
 
 
+@pytest.mark.heavy
 def test_a_repair_that_failed_is_stored_before_the_next_turn_in_its_place(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:
@@ -298,6 +300,7 @@ def test_a_repair_that_failed_is_stored_before_the_next_turn_in_its_place(
     assert "session 's1': stored 1 message(s) Hermes' own writes missed" in log
 
 
+@pytest.mark.heavy
 def test_a_repair_the_next_turn_still_finds_locked_keeps_that_turn_behind_it(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:
@@ -313,6 +316,7 @@ def test_a_repair_the_next_turn_still_finds_locked_keeps_that_turn_behind_it(
     _stored_exactly_past_a_failed_repair(spec, store, tmp_path)
 
 
+@pytest.mark.heavy
 def test_hermes_writing_the_message_its_failed_repair_holds_stores_it_once(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:
@@ -334,6 +338,7 @@ def _stored_exactly_past_a_failed_repair(
     assert "session 's1' not written to" in log  # the end-of-turn repair failed
 
 
+@pytest.mark.heavy
 def test_a_turn_undone_while_its_repair_waited_stays_undone(
     spec: AgentSpec, store: SessionStore, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ def _check(outcomes: dict[str, str]) -> None:
 
 
 @pytest.mark.sqlite
+@pytest.mark.heavy
 def test_hermes_sessiondb_suite_on_sqlite(tmp_path: Path) -> None:
     _check(_run(tmp_path, {}))
 

@@ -1156,6 +1156,7 @@ def _lock_waiters(engine: Engine, count: int) -> None:
             time.sleep(0.05)
 
 
+@pytest.mark.heavy
 def test_rows_locked_a_part_at_a_time_come_in_one_order_whatever_the_collation(
     pg_server_url: str,
 ) -> None:

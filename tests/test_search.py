@@ -1513,6 +1513,7 @@ _CJK_TEXT = st.lists(
 
 
 @pytest.mark.postgresql
+@pytest.mark.heavy
 def test_a_cjk_like_message_keeps_only_its_words_in_such_scripts(empty_pg: str) -> None:
     """``search_cjk`` holds the body's blank-separated words that hold a CJK-like character.
 
