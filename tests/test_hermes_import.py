@@ -1671,12 +1671,12 @@ def test_a_long_session_of_a_rollback_journal_source_keeps_hermes_waiting_for_it
 
     def commit_once(session_id: str, cursor: int) -> None:
         if session_id == "long" and not committed:
-            assert cursor < 200  # more of it to write
             try:
                 hermes.execute("COMMIT")
                 committed.append("ok")
             except sqlite3.OperationalError as exc:
                 committed.append(str(exc))
+                hermes.execute("ROLLBACK")  # (its pending lock would hold the import's reads)
 
     try:
         report = import_state_db(source, store, batch=10, on_batch=commit_once)
