@@ -78,7 +78,7 @@ def test_hermes_sessiondb_suite_on_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgresql
-@pytest.mark.heavy  # the default suite runs it on SQLite; CI on both
+@pytest.mark.heavy  # (CI runs it on both backends)
 def test_hermes_sessiondb_suite_on_postgresql(tmp_path: Path, pg_server_url: str) -> None:
     server = make_url(pg_server_url).set(drivername="postgresql+psycopg")
     admin = create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT")
