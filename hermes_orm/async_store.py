@@ -35,6 +35,7 @@ from sqlalchemy.pool import Pool
 
 from hermes_orm import _dialects, _retry, _sa, migrations
 from hermes_orm import search as _search
+from hermes_orm import store as _store
 from hermes_orm._retry import Retries, RetryPolicy
 from hermes_orm.errors import (
     DatabaseError,
@@ -57,6 +58,7 @@ from hermes_orm.store import (
     configure_engines,
     give_back_when_full,
     resume,
+    turn_busy,
 )
 
 T = TypeVar("T")
@@ -915,7 +917,58 @@ _TURNS: weakref.WeakKeyDictionary[Pool, dict[int, _Turns]] = weakref.WeakKeyDict
 
 @contextlib.asynccontextmanager
 async def _turn(pool: Pool) -> AsyncIterator[None]:
-    """Wait for this call's turn on ``pool`` (in the running event loop); hand it on after."""
+    """Wait for this call's turn on ``pool`` (in the running event loop); hand it on after.
+
+    Then for the turn of its event loop's thread among the others' (see
+    :func:`_thread_turn`).
+    """
+    async with _loop_turn(pool), _thread_turn(pool):
+        yield
+
+
+#: Longest pause between two tries of a call waiting for another thread's turn to end.
+_THREAD_TURN_POLL = 0.05
+
+
+@contextlib.asynccontextmanager
+async def _thread_turn(pool: Pool) -> AsyncIterator[None]:
+    """The turn of this event loop's thread at ``pool``'s one connection, as blocking stores take.
+
+    Stores of event loops in two threads (each ``asyncio.run`` of its own) on one
+    ``StaticPool`` must not use its connection at once: SQLAlchemy's asyncio
+    adapter waits for it on a lock of the first loop that waited, which a release
+    from the other thread does not wake (the call never returned). The lock is the
+    blocking stores' (:func:`hermes_orm._sa.thread_turn`), tried without blocking
+    the loop, and waited for as long as they wait.
+
+    Raises:
+        DatabaseBusyError: Another thread's call held it for ``store.TURN_WAIT`` seconds.
+    """
+    turn = _sa.thread_turn(pool)
+    if turn is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _store.TURN_WAIT
+    pause = 0.001
+    # Given back only if taken: the thread may hold it otherwise (a blocking store's
+    # connection() block open across an await), and a cancelled wait took nothing.
+    taken = False
+    try:
+        while not (taken := turn.acquire(blocking=False)):
+            if loop.time() >= deadline:
+                raise turn_busy(pool)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _THREAD_TURN_POLL)
+        yield
+    finally:
+        if taken:
+            turn.release()
+
+
+@contextlib.asynccontextmanager
+async def _loop_turn(pool: Pool) -> AsyncIterator[None]:
+    """Wait for this call's turn on ``pool`` among the calls of the running event loop."""
     loop = asyncio.get_running_loop()
     of_pool = _TURNS.setdefault(pool, {})
     turns = of_pool.setdefault(id(loop), _Turns())

@@ -649,7 +649,16 @@ _DAMAGED = (ValueError, RecursionError, TypeError, KeyError, AttributeError)
 
 #: Seconds a blocking store's call waits for its turn at a ``StaticPool``'s one
 #: connection (another thread's call holds it for as long as its transaction).
-_TURN_WAIT = 300.0
+TURN_WAIT = 300.0
+
+
+def turn_busy(pool: Pool) -> DatabaseBusyError:
+    """What a call that waited :data:`TURN_WAIT` seconds for its turn at ``pool`` raises."""
+    return DatabaseBusyError(
+        f"another thread's call held the engine's one connection "
+        f"({type(pool).__name__}) for {TURN_WAIT:.0f} s",
+        attempts=1,
+    )
 
 
 @contextlib.contextmanager
@@ -659,7 +668,7 @@ def _turn(pool: Pool) -> Iterator[None]:
     See :func:`_sa.thread_turn`.
 
     Raises:
-        DatabaseBusyError: Another thread's call held it for :data:`_TURN_WAIT`
+        DatabaseBusyError: Another thread's call held it for :data:`TURN_WAIT`
             seconds (one waiting for this thread's own call, say).
     """
     turn = _sa.thread_turn(pool)
@@ -671,12 +680,8 @@ def _turn(pool: Pool) -> Iterator[None]:
     # Taken inside the try: a Ctrl-C as the acquire returns (where Python runs signal
     # handlers) gives the turn back, where it would keep it from every other thread.
     try:
-        if not turn.acquire(timeout=_TURN_WAIT):
-            raise DatabaseBusyError(
-                f"another thread's call held the engine's one connection "
-                f"({type(pool).__name__}) for {_TURN_WAIT:.0f} s",
-                attempts=1,
-            )
+        if not turn.acquire(timeout=TURN_WAIT):
+            raise turn_busy(pool)
         yield
     finally:
         # No call before the release (a Ctrl-C could come after it): a turn that was

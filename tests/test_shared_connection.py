@@ -315,6 +315,53 @@ def test_threads_of_a_store_on_the_application_s_static_pool_take_turns(
     engine.dispose()
 
 
+def test_async_stores_of_event_loops_in_two_threads_take_turns_at_one_connection() -> None:
+    """Each thread runs an event loop of its own, with a store of its own, on one engine
+    of one in-memory connection. SQLAlchemy's asyncio adapter waits for that connection
+    on a lock of one loop: used by both at once, calls were refused, then one never
+    returned, its transaction left open on the database."""
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    turns = 40
+
+    async def prepare() -> None:
+        store = AsyncSessionStore(engine)
+        await store.upgrade()
+        for n in range(2):
+            await store.create_session(f"t{n}", source="app")
+
+    asyncio.run(prepare())
+    errors: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        async def main() -> None:
+            store = AsyncSessionStore(engine)
+            history: list[dict[str, Any]] = []
+            for i in range(turns):
+                history.append({"role": "user", "content": f"t{n} {i}"})
+                await store.flush(f"t{n}", history)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # (the test looks at it)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(n,), daemon=True) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not [thread for thread in threads if thread.is_alive()], "a call never returned"
+    assert errors == []
+
+    async def read() -> list[list[str]]:
+        store = AsyncSessionStore(engine)
+        stored = [await store.get_messages(f"t{n}") for n in range(2)]
+        await engine.dispose()
+        return [[m["content"] for m in messages] for messages in stored]
+
+    assert asyncio.run(read()) == [[f"t{n} {i}" for i in range(turns)] for n in range(2)]
+
+
 def test_an_in_memory_url_keeps_a_pool_chosen_and_refuses_a_size_of_more_connections() -> None:
     """Each connection more would open a database of its own, empty: a queue pool's size
     is refused; a pool class given is the caller's choice."""
@@ -353,7 +400,7 @@ def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
     from hermes_orm import DatabaseBusyError
     from hermes_orm import store as store_module
 
-    monkeypatch.setattr(store_module, "_TURN_WAIT", 0.5)
+    monkeypatch.setattr(store_module, "TURN_WAIT", 0.5)
     store = _on_a_static_pool(tmp_path)
     engine = store.engine
     with concurrent.futures.ThreadPoolExecutor(1) as other:
@@ -367,6 +414,89 @@ def test_a_call_waiting_for_its_turn_past_the_bound_is_a_busy_error(
     assert (store.get_session("s") or {})["id"] == "s"
     store.close()
     engine.dispose()
+
+
+def test_an_async_call_waiting_for_another_thread_s_turn_past_the_bound_is_a_busy_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread holds the turn at the engine's one connection (a blocking store's
+    call in its transaction): an event loop's call waits for it as long, then says so."""
+    from hermes_orm import DatabaseBusyError, _sa
+    from hermes_orm import store as store_module
+
+    monkeypatch.setattr(store_module, "TURN_WAIT", 0.5)
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    store = AsyncSessionStore(engine)
+
+    async def prepare() -> None:
+        await store.upgrade()
+        await store.create_session("s", source="app")
+
+    asyncio.run(prepare())
+    turn = _sa.thread_turn(engine.sync_engine.pool)
+    assert turn is not None
+    with turn:  # held by this thread; the store's call runs in another's loop
+        outcome: list[BaseException | None] = []
+        other = threading.Thread(
+            target=lambda: outcome.append(_raised(lambda: asyncio.run(store.get_session("s"))))
+        )
+        other.start()
+        other.join(30)
+    assert isinstance(outcome[0], DatabaseBusyError), outcome
+    assert "another thread's call held the engine's one connection" in str(outcome[0])
+
+    async def after() -> Any:
+        found = await store.get_session("s")
+        await engine.dispose()
+        return found
+
+    assert asyncio.run(after())["id"] == "s"
+
+
+def test_an_async_call_cancelled_as_it_waits_for_another_thread_s_turn_takes_none() -> None:
+    """Cancelled while another thread holds the turn: it ends there, and the turn, once
+    given back, is every thread's again."""
+    from hermes_orm import _sa
+
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    store = AsyncSessionStore(engine)
+
+    async def prepare() -> None:
+        await store.upgrade()
+        await store.create_session("s", source="app")
+
+    asyncio.run(prepare())
+    turn = _sa.thread_turn(engine.sync_engine.pool)
+    assert turn is not None
+
+    async def cut_short() -> Any:
+        return await asyncio.wait_for(store.get_session("s"), 0.2)
+
+    with turn:
+        outcome: list[BaseException | None] = []
+        other = threading.Thread(
+            target=lambda: outcome.append(_raised(lambda: asyncio.run(cut_short())))
+        )
+        other.start()
+        other.join(30)
+    assert isinstance(outcome[0], TimeoutError), outcome
+    taken = threading.Thread(
+        target=lambda: outcome.append(_raised(lambda: asyncio.run(cut_short())))
+    )
+    taken.start()
+    taken.join(30)
+    assert outcome[1] is None
+    assert turn.acquire(blocking=False)  # nobody kept it
+    turn.release()
+    asyncio.run(engine.dispose())
+
+
+def _raised(call: Callable[[], Any]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # (the test looks at it)
+        return exc
+    return None
 
 
 def test_a_ctrl_c_as_a_call_takes_its_turn_leaves_the_turn_to_the_others(tmp_path: Path) -> None:
