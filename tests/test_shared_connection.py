@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -421,41 +421,34 @@ def test_an_async_call_waiting_for_another_thread_s_turn_past_the_bound_is_a_bus
 ) -> None:
     """Another thread holds the turn at the engine's one connection (a blocking store's
     call in its transaction): an event loop's call waits for it as long, then says so."""
-    from hermes_orm import DatabaseBusyError, _sa
+    from hermes_orm import DatabaseBusyError
     from hermes_orm import store as store_module
 
     monkeypatch.setattr(store_module, "TURN_WAIT", 0.5)
-    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
-    store = AsyncSessionStore(engine)
-
-    async def prepare() -> None:
-        await store.upgrade()
-        await store.create_session("s", source="app")
-
-    asyncio.run(prepare())
-    turn = _sa.thread_turn(engine.sync_engine.pool)
-    assert turn is not None
+    engine, store, turn = _an_in_memory_async_store()
     with turn:  # held by this thread; the store's call runs in another's loop
-        outcome: list[BaseException | None] = []
-        other = threading.Thread(
-            target=lambda: outcome.append(_raised(lambda: asyncio.run(store.get_session("s"))))
-        )
-        other.start()
-        other.join(30)
-    assert isinstance(outcome[0], DatabaseBusyError), outcome
-    assert "another thread's call held the engine's one connection" in str(outcome[0])
-
-    async def after() -> Any:
-        found = await store.get_session("s")
-        await engine.dispose()
-        return found
-
-    assert asyncio.run(after())["id"] == "s"
+        raised = _in_another_loop(store.get_session("s"))
+    assert isinstance(raised, DatabaseBusyError), raised
+    assert "another thread's call held the engine's one connection" in str(raised)
+    assert _in_another_loop(store.get_session("s")) is None  # (its turn now)
+    asyncio.run(engine.dispose())
 
 
 def test_an_async_call_cancelled_as_it_waits_for_another_thread_s_turn_takes_none() -> None:
     """Cancelled while another thread holds the turn: it ends there, and the turn, once
     given back, is every thread's again."""
+    engine, store, turn = _an_in_memory_async_store()
+    with turn:
+        raised = _in_another_loop(asyncio.wait_for(store.get_session("s"), 0.2))
+    assert isinstance(raised, TimeoutError), raised
+    assert _in_another_loop(asyncio.wait_for(store.get_session("s"), 0.2)) is None
+    assert turn.acquire(blocking=False)  # nobody kept it
+    turn.release()
+    asyncio.run(engine.dispose())
+
+
+def _an_in_memory_async_store() -> tuple[Any, AsyncSessionStore, Any]:
+    """An engine of one in-memory connection, a store holding session "s", and the turn."""
     from hermes_orm import _sa
 
     engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
@@ -468,35 +461,24 @@ def test_an_async_call_cancelled_as_it_waits_for_another_thread_s_turn_takes_non
     asyncio.run(prepare())
     turn = _sa.thread_turn(engine.sync_engine.pool)
     assert turn is not None
-
-    async def cut_short() -> Any:
-        return await asyncio.wait_for(store.get_session("s"), 0.2)
-
-    with turn:
-        outcome: list[BaseException | None] = []
-        other = threading.Thread(
-            target=lambda: outcome.append(_raised(lambda: asyncio.run(cut_short())))
-        )
-        other.start()
-        other.join(30)
-    assert isinstance(outcome[0], TimeoutError), outcome
-    taken = threading.Thread(
-        target=lambda: outcome.append(_raised(lambda: asyncio.run(cut_short())))
-    )
-    taken.start()
-    taken.join(30)
-    assert outcome[1] is None
-    assert turn.acquire(blocking=False)  # nobody kept it
-    turn.release()
-    asyncio.run(engine.dispose())
+    return engine, store, turn
 
 
-def _raised(call: Callable[[], Any]) -> BaseException | None:
-    try:
-        call()
-    except BaseException as exc:  # (the test looks at it)
-        return exc
-    return None
+def _in_another_loop(call: Coroutine[Any, Any, Any]) -> BaseException | None:
+    """What ``call`` raised, run to its end in an event loop of another thread."""
+    raised: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            asyncio.run(call)
+        except BaseException as exc:  # (the test looks at it)
+            raised[0] = exc
+
+    other = threading.Thread(target=run)
+    other.start()
+    other.join(30)
+    assert not other.is_alive()
+    return raised[0]
 
 
 def test_a_ctrl_c_as_a_call_takes_its_turn_leaves_the_turn_to_the_others(tmp_path: Path) -> None:
