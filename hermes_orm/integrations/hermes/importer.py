@@ -1971,7 +1971,6 @@ class _Spool:
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by __exit__)
-        self._count = 0
 
     def __enter__(self) -> _Spool:
         return self
@@ -1980,13 +1979,16 @@ class _Spool:
         self._file.close()
 
     def put(self, item: tuple[list[Chunk], int]) -> None:
-        pickle.dump(item, self._file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._count += 1
+        write_frame(self._file, item)  # (framed as the reader process's output is)
 
     def items(self) -> Iterator[tuple[list[Chunk], int]]:
         self._file.seek(0)
-        for _ in range(self._count):
-            yield pickle.load(self._file)  # (this process wrote it)
+        while True:
+            try:
+                item = _read_frame(self._file)
+            except EOFError:  # (the last one read)
+                return
+            yield item
 
 
 def _first_problem(
